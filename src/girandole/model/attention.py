@@ -1,0 +1,167 @@
+"""Paged attention over a flat KV cache, for one flattened batch of many sequences.
+
+The ModelRunner sets an `AttentionMetadata` for the duration of a forward pass
+(`with attention_context(meta): model(...)`); every `Attention` layer reads it. Without a
+context (a model run on its own, as in the reference tests) a layer does plain causal
+attention over the tokens it is given, treated as one sequence starting at position 0.
+
+KV cache layout, per layer: `k_cache`, `v_cache` of shape [num_slots, num_kv_heads, head_dim]
+where num_slots = num_blocks * block_size; a token's slot is block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about the flattened batch of T new tokens from S sequences."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot that each new token's K/V is written to
+    query_lens: list[int]  # new tokens of each sequence, in batch order (sum = T)
+    context_lens: list[int]  # keys each sequence attends to: cached + new tokens
+    # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1.
+    context_slots: list[torch.Tensor]
+    # Decode-only batches (every query_len == 1) use one padded gather instead of a loop:
+    decode_slots: torch.Tensor | None = None  # [S, L_max] long, padding points at slot 0
+    decode_positions: torch.Tensor | None = None  # [S] long: position of each query token
+    decode_valid: torch.Tensor | None = None  # [S, L_max] bool: key index < context_len
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata | None) -> Iterator[None]:
+    global _current
+    previous, _current = _current, meta
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and optionally sliding-window) mask: [len(q_pos), len(k_pos)] bool, True = attend."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention with grouped KV heads, reading and writing the paged cache.
+
+    Inputs are already projected, normed and rotated: q [T, H, D], k and v [T, Hkv, D].
+    Returns [T, H * D] in q's dtype. Math runs in the cache dtype (fp32 on CPU: bf16 SDPA is
+    about 10x slower there; see shared/reference/deps.md).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        self.k_cache: torch.Tensor | None = None  # bound by the ModelRunner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out_dtype = q.dtype
+        meta = _current
+        if meta is None or self.k_cache is None:
+            positions = torch.arange(q.shape[0], device=q.device)
+            out = self._attend(q.float(), k.float(), v.float(), positions, positions)
+            return out.to(out_dtype).reshape(q.shape[0], -1)
+
+        cache_dtype = self.k_cache.dtype
+        self.k_cache[meta.slot_mapping] = k.to(cache_dtype)
+        self.v_cache[meta.slot_mapping] = v.to(cache_dtype)
+        q = q.to(cache_dtype)
+
+        if meta.decode_slots is not None:
+            out = self._attend_decode(q, meta)
+        else:
+            outs = []
+            start = 0
+            for qlen, ctx, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
+                qi = q[start : start + qlen]
+                start += qlen
+                k_pos = torch.arange(ctx, device=q.device)
+                q_pos = k_pos[ctx - qlen :]
+                outs.append(
+                    self._attend(qi, self.k_cache[slots], self.v_cache[slots], q_pos, k_pos)
+                )
+            out = torch.cat(outs, dim=0)
+        return out.to(out_dtype).reshape(out.shape[0], -1)
+
+    def _scores_softcap(self) -> bool:
+        return self.logit_softcap is not None and self.logit_softcap > 0
+
+    def _attend(
+        self,
+        q: torch.Tensor,  # [Tq, H, D]
+        k: torch.Tensor,  # [Tk, Hkv, D]
+        v: torch.Tensor,
+        q_pos: torch.Tensor,  # [Tq]
+        k_pos: torch.Tensor,  # [Tk]
+    ) -> torch.Tensor:  # [Tq, H, D]
+        mask = _window_mask(q_pos, k_pos, self.sliding_window)
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if self._scores_softcap():
+            out = self._manual(qh, kh, vh, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+        return out.transpose(0, 1)
+
+    def _attend_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q [S, H, D] (one token per sequence); keys gathered into [S, L, Hkv, D].
+        k = self.k_cache[meta.decode_slots].transpose(1, 2)  # [S, Hkv, L, D]
+        v = self.v_cache[meta.decode_slots].transpose(1, 2)
+        mask = meta.decode_valid
+        if self.sliding_window is not None:
+            k_idx = torch.arange(mask.shape[1], device=q.device)
+            mask = mask & (meta.decode_positions[:, None] - k_idx[None, :] < self.sliding_window)
+        mask = mask[:, None, None, :]  # [S, 1, 1, L]
+        qh = q[:, :, None, :]  # [S, H, 1, D]
+        if self._scores_softcap():
+            out = self._manual(qh, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                qh, k, v, attn_mask=mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+        return out[:, :, 0, :]  # [S, H, D]
+
+    def _manual(self, q, k, v, mask):
+        """Softmax attention with tanh soft-capping of the scores (Gemma 2 style)."""
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=-3)
+            v = v.repeat_interleave(rep, dim=-3)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        cap = self.logit_softcap
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
