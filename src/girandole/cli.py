@@ -1,0 +1,51 @@
+"""Command line: `girandole serve | generate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from girandole import LLM, SamplingParams
+
+    llm = LLM(model=args.model)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_tokens, seed=args.seed,
+    )
+    out = llm.generate([args.prompt], params)[0]
+    sys.stdout.write(args.prompt + out.text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="girandole", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt on the command line")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="path to a .gguf file or HF folder")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_cmd_generate)
+
+    try:
+        from girandole.api.server import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
