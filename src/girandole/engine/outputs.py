@@ -1,0 +1,38 @@
+"""What the engine reports about a request after each step it took part in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens sampled since the previous output of this request
+    new_text: str  # text since the previous output: UTF-8 complete, stop strings trimmed
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_output_tokens: int = 0  # all tokens sampled so far, EOS included
+    # Timings (seconds, time.monotonic()) for perf metrics; filled by the engine.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompletionOutput:
+    """Final result of one prompt in the synchronous `LLM.generate`."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    num_cached_tokens: int = 0
