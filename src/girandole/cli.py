@@ -11,8 +11,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     llm = LLM(model=args.model)
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_tokens=args.max_tokens, seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
     )
     out = llm.generate([args.prompt], params)[0]
     sys.stdout.write(args.prompt + out.text + "\n")

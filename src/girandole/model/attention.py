@@ -130,7 +130,11 @@ class Attention(nn.Module):
             out = self._manual(qh, kh, vh, mask)
         else:
             out = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask, scale=self.scale,
+                qh,
+                kh,
+                vh,
+                attn_mask=mask,
+                scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
         return out.transpose(0, 1)
@@ -149,7 +153,11 @@ class Attention(nn.Module):
             out = self._manual(qh, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(
-                qh, k, v, attn_mask=mask, scale=self.scale,
+                qh,
+                k,
+                v,
+                attn_mask=mask,
+                scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
         return out[:, :, 0, :]  # [S, H, D]

@@ -1,0 +1,159 @@
+"""AsyncEngine: the engine loop on its own thread, with an asyncio interface for the server.
+
+The loop thread owns the LLMEngine. Requests and aborts reach it through a command queue; its
+outputs go back to each request's asyncio.Queue on the caller's event loop. Torch releases the
+GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from girandole.engine.engine import EngineConfig, LLMEngine
+from girandole.engine.outputs import RequestOutput
+from girandole.sampling.params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineConfig"]
+
+logger = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.engine = LLMEngine(config)
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="girandole-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Raises ValueError before the first output for bad input.
+
+        Closing or cancelling the iterator (a client that went away) aborts the request.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}")
+        self.engine.check_request(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(_ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id already in use: {request_id}")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send("add", (request_id, list(prompt_token_ids), params, kwargs))
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    break
+        finally:
+            if not finished:
+                self._send("abort", request_id)
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            self._streams.pop(request_id, None)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt, params, kwargs = payload
+                try:
+                    self.engine.add_request(request_id, prompt, params, **kwargs)
+                except Exception as exc:
+                    self._deliver(request_id, exc)
+            elif kind == "abort":
+                out = self.engine.abort(payload)
+                if out is not None:
+                    self._deliver(payload, out)
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    self._fail_all(exc)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """A step failed outside any one request: end every request in flight with the error."""
+        logger.exception("engine step failed; aborting the requests in flight")
+        for request_id in list(self.engine.seqs):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))

@@ -1,0 +1,103 @@
+"""ModelRunner: owns the model and its KV cache, turns a scheduled batch into one forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from girandole.engine.sequence import Sequence
+from girandole.model.attention import Attention, AttentionMetadata, attention_context
+from girandole.model.config import ModelConfig
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        device: torch.device,
+        block_size: int,
+        kv_cache_bytes: int,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.block_size = block_size
+        # fp32 attention on CPU (bf16 SDPA is ~10x slower there), bf16 on GPU.
+        self.kv_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
+        per_block = per_token * block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
+        self.num_blocks = max(1, kv_cache_bytes // per_block)
+        num_slots = self.num_blocks * block_size
+        for layer in self.attn_layers:
+            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
+            # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self._block_offsets = torch.arange(block_size, dtype=torch.long)
+
+    def _context_slots(self, seq: Sequence, context_len: int) -> torch.Tensor:
+        table = torch.tensor(
+            seq.block_table[: -(-context_len // self.block_size)], dtype=torch.long
+        )
+        return (table[:, None] * self.block_size + self._block_offsets).flatten()[:context_len]
+
+    @torch.inference_mode()
+    def execute(
+        self, seqs: list[Sequence], num_new_tokens: list[int], logit_rows: list[list[int]]
+    ) -> torch.Tensor | None:
+        """Run one forward over the new tokens of `seqs`.
+
+        `logit_rows[i]` lists which of seq i's new tokens (0-based within this step's chunk)
+        need logits. Returns float32 logits [sum(len(rows)), vocab] in that order, or None.
+        """
+        input_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        context_slots: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        for seq, n in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots = self._context_slots(seq, end)
+            context_lens.append(end)
+            context_slots.append(slots)
+            slot_mapping.append(slots[start:end])
+
+        decode_only = all(n == 1 for n in num_new_tokens)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            query_lens=list(num_new_tokens),
+            context_lens=context_lens,
+            context_slots=[s.to(self.device) for s in context_slots],
+        )
+        if decode_only:
+            max_len = max(context_lens)
+            padded = torch.zeros(len(seqs), max_len, dtype=torch.long)
+            valid = torch.zeros(len(seqs), max_len, dtype=torch.bool)
+            for i, s in enumerate(context_slots):
+                padded[i, : len(s)] = s
+                valid[i, : len(s)] = True
+            meta.decode_slots = padded.to(self.device)
+            meta.decode_valid = valid.to(self.device)
+            meta.decode_positions = torch.tensor(
+                [c - 1 for c in context_lens], dtype=torch.long, device=self.device
+            )
+
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        with attention_context(meta):
+            hidden = self.model(ids, pos)
+
+        rows: list[int] = []
+        offset = 0
+        for n, wanted in zip(num_new_tokens, logit_rows):
+            rows.extend(offset + r for r in wanted)
+            offset += n
+        if not rows:
+            return None
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, index)).float()

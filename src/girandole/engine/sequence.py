@@ -1,0 +1,78 @@
+"""Sequence: one request's tokens, KV blocks and progress inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from girandole.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from girandole.engine.outputs import FinishReason
+    from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        prefix_cache_max_len: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        # Tokens whose K/V are in the cache (prefix hits included); the rest still need a forward.
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (reported in usage)
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
+        self.last_block_hash: int | None = None  # chain hash of the last of those blocks
+        self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
+        self.prefix_cache_max_len = prefix_cache_max_len  # cap on reused prompt tokens (0 = off)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.num_preemptions = 0
+        # Seeded requests draw from their own generator, so batch neighbours cannot change them.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.stop_matcher: StopStringMatcher | None = None
+        self.num_emitted_tokens = 0  # output tokens already reported to the caller
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,62 @@
+"""LLM: the synchronous interface for scripts. `LLM().generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from girandole.engine.engine import EngineConfig, LLMEngine
+from girandole.engine.outputs import CompletionOutput
+from girandole.sampling.params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Run every prompt to completion in one continuous batch; results in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+
+        ids: list[str] = []
+        prompt_ids: dict[str, list[int]] = {}
+        for prompt, p in zip(prompts, params):
+            tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(rid, tokens, p)
+            ids.append(rid)
+            prompt_ids[rid] = tokens
+
+        tokens_out: dict[str, list[int]] = {rid: [] for rid in ids}
+        text_out: dict[str, list[str]] = {rid: [] for rid in ids}
+        results: dict[str, CompletionOutput] = {}
+        while len(results) < len(ids):
+            for out in self.engine.step():
+                if out.request_id not in tokens_out:
+                    continue
+                tokens_out[out.request_id].extend(out.new_token_ids)
+                text_out[out.request_id].append(out.new_text)
+                if out.finished:
+                    results[out.request_id] = CompletionOutput(
+                        prompt_token_ids=prompt_ids[out.request_id],
+                        token_ids=tokens_out[out.request_id],
+                        text="".join(text_out[out.request_id]),
+                        finish_reason=out.finish_reason,
+                        num_cached_tokens=out.num_cached_tokens,
+                    )
+        return [results[rid] for rid in ids]
