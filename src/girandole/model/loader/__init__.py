@@ -1,0 +1,133 @@
+"""load_model: a GGUF file or Hugging Face folder -> (model, ModelConfig), in one of two modes.
+
+- "reference": float32 weights (dequantized), float32 compute: matches transformers.
+- "fast" (default): on CPU, weight-only int8/int4 packed linears with bf16 activations and an
+  int8 embedding table (see model/quant.py); on CUDA, bf16 weights and plain F.linear.
+
+Fast-mode CPU models are cached (pickled module, memory-mapped on load) in
+`cache_dir()/packed`, keyed by the source file and the model code, so a second load of the
+default model takes about a second instead of a GGUF parse and requantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from girandole.model.config import ModelConfig
+from girandole.model.default import cache_dir, resolve_model_path
+from girandole.model.layers import MODES, Builder
+from girandole.model.spec import ArchSpec
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def _model_class(arch: str) -> type[nn.Module]:
+    if arch == "gemma3":
+        from girandole.model.gemma3 import Gemma3ForCausalLM
+
+        return Gemma3ForCausalLM
+    if arch == "llama":
+        from girandole.model.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    if arch == "qwen2":
+        from girandole.model.qwen import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM
+    if arch == "qwen3":
+        from girandole.model.qwen import Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM
+    raise ValueError(f"unsupported model architecture: {arch!r}")
+
+
+def read_checkpoint(path: Path):
+    """(ArchSpec, ModelConfig, weights) of a GGUF file or HF folder."""
+    if path.is_dir():
+        from girandole.model.loader.safetensors import read_safetensors
+
+        return read_safetensors(path)
+    from girandole.model.loader.gguf import read_gguf
+
+    return read_gguf(path)
+
+
+def build_model(spec: ArchSpec, weights, mode: str, device: torch.device) -> nn.Module:
+    builder = Builder(weights, mode, device)
+    with torch.no_grad():
+        model = _model_class(spec.architecture)(spec, builder)
+    return model.eval().requires_grad_(False)
+
+
+def _code_hash() -> str:
+    folder = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(str(CACHE_FORMAT).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(path: Path) -> Path:
+    if path.is_dir():
+        st = max((p.stat() for p in path.iterdir() if p.is_file()), key=lambda s: s.st_mtime_ns)
+        key = hashlib.sha256(f"{path.resolve()}-{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        key = f"{path.name}-{key}"
+    else:
+        from girandole.model.loader.gguf_file import file_key
+
+        key = file_key(path)
+    return cache_dir() / "packed" / f"{key}-{_code_hash()}.pt"
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    mode: str = "fast",
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+) -> tuple[nn.Module, ModelConfig]:
+    """Load a model for inference. `path` None is the default model (Gemma 3 270M Q4_K_M)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    path = resolve_model_path(path)
+
+    cached = use_cache and mode == "fast" and device.type == "cpu"
+    cache_file = _cache_path(path) if cached else None
+    if cache_file is not None and cache_file.exists():
+        try:
+            blob = torch.load(cache_file, mmap=True, weights_only=False)
+            return blob["model"], blob["config"]
+        except Exception as exc:  # a damaged cache file is rebuilt
+            log.warning("ignoring unreadable model cache %s: %s", cache_file, exc)
+
+    spec, config, weights = read_checkpoint(path)
+    model = build_model(spec, weights, mode, torch.device("cpu"))
+    if device.type != "cpu":
+        model = model.to(device)
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        try:
+            torch.save({"model": model, "config": config}, tmp)
+            os.replace(tmp, cache_file)
+        except OSError as exc:
+            log.warning("could not write model cache %s: %s", cache_file, exc)
+            tmp.unlink(missing_ok=True)
+    return model, config
+
+
+__all__ = ["load_model", "build_model", "read_checkpoint"]

@@ -1,0 +1,299 @@
+"""Building blocks shared by every architecture: norms, rotary embeddings, linear layers
+(dense or weight-only quantized), embeddings, LM head, gated MLP, self-attention block.
+
+Numerics: the residual stream, norms and rotary run in float32 in every mode; linear layers
+take float32 and return float32, whatever they compute in inside (fp32 in `reference` mode,
+bf16 packed kernels in `fast` mode on CPU, bf16 on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from girandole.model.attention import Attention
+from girandole.model.quant import Int4Linear, Int8Linear, int4_supported, quantize_int8_rows
+from girandole.model.spec import Weights
+
+MODES = ("fast", "reference")
+# GGUF storage types that fast mode (CPU) packs as int4 group-32; everything else goes to int8
+# per channel (the nearest packed format at or above the stored precision).
+INT4_QTYPES = {"Q4_0", "Q4_1", "Q4_K"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, in float32 (Gemma's +1 is already in `weight`)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: dict[str, Any] | None = None,
+    freq_factors: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] as transformers computes them (float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if freq_factors is not None:  # llama.cpp stores llama3 scaling as per-frequency divisors
+        return inv_freq / freq_factors.float()
+    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if rope_type == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type: {rope_type!r}")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions: forward(positions [T]) -> (cos, sin) [T, D/2]."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float())
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NeoX / transformers) rotary embedding. x [T, H, D], cos/sin [T, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers, embeddings, LM head
+
+
+class DenseLinear(nn.Module):
+    """Plain linear in a fixed weight dtype (fp32 reference; bf16 on CUDA); returns float32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+
+
+class DenseEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table as int8 rows with a float32 scale each, dequantized per lookup."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        q, scale = quantize_int8_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale[ids][:, None]
+
+
+class Int8LMHead(nn.Module):
+    """Logits from an int8 per-row weight [V, H] (shared with an Int8Embedding when tied).
+
+    Few rows: torch's int8pack kernel (bf16 activations); many rows (echo with logprobs):
+    bf16 matmuls over vocabulary chunks dequantized on the fly, which is faster there.
+    """
+
+    CHUNK = 32768
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if xb.shape[0] < 32:
+            return torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale).float()
+        vocab = self.qweight.shape[0]
+        out = torch.empty(xb.shape[0], vocab, dtype=torch.float32)
+        for start in range(0, vocab, self.CHUNK):
+            stop = min(start + self.CHUNK, vocab)
+            w = self.qweight[start:stop].to(torch.bfloat16) * self.scale[start:stop, None]
+            out[:, start:stop] = F.linear(xb, w)
+        return out
+
+
+class DenseLMHead(nn.Module):
+    def __init__(self, weight: nn.Parameter | torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        if isinstance(weight, nn.Parameter) and weight.dtype == dtype:
+            self.weight = weight  # tied: the same parameter as the embedding
+        else:
+            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+class Builder:
+    """Turns checkpoint tensors into modules for one mode and device."""
+
+    def __init__(self, weights: Weights, mode: str, device: torch.device) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.weights = weights
+        self.mode = mode
+        self.device = device
+        self.quantize = mode == "fast" and device.type == "cpu"
+        self.dtype = torch.float32 if mode == "reference" else torch.bfloat16
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.weights.get(name)
+
+    def norm(self, name: str, eps: float) -> RMSNorm:
+        return RMSNorm(self.tensor(name), eps)
+
+    def linear(self, names: list[str], bias: bool = False) -> nn.Module:
+        """One linear over the concatenated output rows of `names` (e.g. q, k, v)."""
+        ws = [self.tensor(f"{n}.weight") for n in names]
+        weight = torch.cat(ws, dim=0) if len(ws) > 1 else ws[0]
+        b = None
+        if bias or any(f"{n}.bias" in self.weights for n in names):
+            bs = [
+                self.tensor(f"{n}.bias") if f"{n}.bias" in self.weights else torch.zeros(w.shape[0])
+                for n, w in zip(names, ws)
+            ]
+            b = torch.cat(bs)
+        if not self.quantize:
+            return DenseLinear(weight, b, self.dtype)
+        qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
+        if qtypes <= INT4_QTYPES and int4_supported(weight):
+            return Int4Linear(weight, b)
+        return Int8Linear(weight, b)
+
+    def embedding_and_head(self, tie: bool) -> tuple[nn.Module, nn.Module]:
+        emb = self.tensor("token_embd.weight")
+        if self.quantize:
+            embedding = Int8Embedding(emb)
+            if tie or "output.weight" not in self.weights:
+                head = Int8LMHead(embedding.qweight, embedding.scale)
+            else:
+                q, scale = quantize_int8_rows(self.tensor("output.weight"))
+                head = Int8LMHead(q, scale)
+            return embedding, head
+        embedding = DenseEmbedding(emb, self.dtype)
+        del emb
+        if tie or "output.weight" not in self.weights:
+            head = DenseLMHead(embedding.weight, self.dtype)
+        else:
+            head = DenseLMHead(self.tensor("output.weight"), self.dtype)
+        return embedding, head
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one linear."""
+
+    def __init__(self, b: Builder, prefix: str, intermediate: int, act: str) -> None:
+        super().__init__()
+        self.gate_up = b.linear([f"{prefix}.ffn_gate", f"{prefix}.ffn_up"])
+        self.down = b.linear([f"{prefix}.ffn_down"])
+        self.intermediate = intermediate
+        if act == "silu":
+            self.act = F.silu
+        elif act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = _gelu_tanh
+        elif act == "gelu":
+            self.act = F.gelu
+        else:
+            raise ValueError(f"unsupported activation: {act!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        gate, up = gu[..., : self.intermediate], gu[..., self.intermediate :]
+        return self.down(self.act(gate) * up)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, optional per-head QK RMSNorm, rotary, paged attention, output."""
+
+    def __init__(
+        self,
+        b: Builder,
+        prefix: str,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        scale: float,
+        qk_norm: bool,
+        sliding_window: int | None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.qkv = b.linear([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"])
+        self.q_norm = b.norm(f"{prefix}.attn_q_norm.weight", eps) if qk_norm else None
+        self.k_norm = b.norm(f"{prefix}.attn_k_norm.weight", eps) if qk_norm else None
+        self.o_proj = b.linear([f"{prefix}.attn_output"])
+        self.attn = Attention(
+            num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_softcap
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        q = qkv[:, : h * d].view(t, h, d)
+        k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v))

@@ -1,0 +1,62 @@
+"""Llama family (Llama 2/3 incl. "llama3" rope scaling, Mistral, SmolLM, TinyLlama): pre-norm
+decoder layers with SiLU gated MLP; the same module serves Qwen 2/3 through flags
+(QKV bias, QK norm; see qwen.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from girandole.model.layers import Builder, GatedMLP, RMSNorm, Rotary, SelfAttention, rope_inv_freq
+from girandole.model.spec import ArchSpec
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, b: Builder, spec: ArchSpec, i: int) -> None:
+        super().__init__()
+        p = f"blk.{i}"
+        eps = spec.rms_norm_eps
+        window = spec.sliding_windows[i] if spec.sliding_windows else None
+        self.attn_norm = b.norm(f"{p}.attn_norm.weight", eps)
+        self.self_attn = SelfAttention(
+            b,
+            p,
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            eps,
+            scale=spec.head_dim**-0.5,
+            qk_norm=spec.qk_norm,
+            sliding_window=window,
+        )
+        self.ffn_norm = b.norm(f"{p}.ffn_norm.weight", eps)
+        self.mlp = GatedMLP(b, p, spec.intermediate_size, spec.hidden_act)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.attn_norm(x), *rope)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T]) -> hidden [T, H] before the final norm;
+    compute_logits(hidden rows [N, H]) -> float32 logits [N, V] (applies the final norm)."""
+
+    def __init__(self, spec: ArchSpec, b: Builder) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed, self.lm_head = b.embedding_and_head(tie=spec.tie_embeddings)
+        self.layers = nn.ModuleList(LlamaLayer(b, spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(b.tensor("output_norm.weight"), spec.rms_norm_eps)
+        freq_factors = b.tensor("rope_freqs.weight") if b.has("rope_freqs.weight") else None
+        inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling, freq_factors)
+        self.rotary = Rotary(inv_freq)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        rope = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, rope)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))

@@ -1,0 +1,172 @@
+"""GGUF checkpoints: metadata -> ArchSpec/ModelConfig, tensors -> float32 (dequantized)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from girandole.model.config import ModelConfig
+from girandole.model.gemma3 import LOCAL_ROPE_THETA, default_sliding_windows
+from girandole.model.loader.gguf_file import open_gguf
+from girandole.model.spec import SUPPORTED_ARCHITECTURES, ArchSpec
+
+# Tokens that end a turn in chat-tuned vocabularies; each one present is an extra stop id.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return value
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's Q/K row permutation (interleaved -> rotate-half rope)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFWeights:
+    """Tensors of a GGUF file under their own (GGUF) names, dequantized on request."""
+
+    def __init__(self, reader, spec: ArchSpec) -> None:
+        self.reader = reader
+        self.spec = spec
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def qtype(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def get(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists [in, out]
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as exc:
+            raise ValueError(f"cannot read tensor {name} ({t.tensor_type.name}): {exc}") from exc
+        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+        spec = self.spec
+        if spec.architecture == "llama" and out.dim() >= 1:
+            if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
+                out = _unpermute(out, spec.num_heads)
+            elif re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", name):
+                out = _unpermute(out, spec.num_kv_heads)
+        return out
+
+
+def _eos_ids(reader, tokens: list[str] | None) -> list[int]:
+    ids: list[int] = []
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ):
+        v = _field(reader, key)
+        if v is not None and int(v) not in ids:
+            ids.append(int(v))
+    if tokens is not None:
+        for tok in END_OF_TURN_TOKENS:
+            try:
+                i = tokens.index(tok)
+            except ValueError:
+                continue
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeights]:
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise ValueError(f"GGUF file has no general.architecture: {path}")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported model architecture {arch!r} in {path.name} "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+
+    def a(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"GGUF file has no token_embd.weight tensor: {path}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = a("vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None:
+        vocab = int(tensors["token_embd.weight"].shape[1])
+    hidden = int(a("embedding_length"))
+    num_heads = int(a("attention.head_count"))
+    kv = a("attention.head_count_kv", num_heads)
+    num_kv = int(kv if np.isscalar(kv) else kv[0])
+    head_dim = int(a("attention.key_length", hidden // num_heads))
+    num_layers = int(a("block_count"))
+    ctx = int(a("context_length", 4096))
+
+    rope_scaling = None
+    scaling_type = a("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise ValueError(f"unsupported rope scaling {scaling_type!r} in {path.name}")
+        rope_scaling = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+
+    spec = ArchSpec(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(a("feed_forward_length")),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        max_position=ctx,
+        rope_scaling=rope_scaling,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+    )
+    window = a("attention.sliding_window")
+    if arch == "gemma3":
+        spec.sliding_windows = default_sliding_windows(num_layers, int(window or 512))
+        spec.rope_local_theta = LOCAL_ROPE_THETA
+        spec.query_pre_attn_scalar = float(head_dim)
+        spec.hidden_act = "gelu_pytorch_tanh"
+        spec.final_logit_softcap = a("final_logit_softcapping")
+        spec.attn_logit_softcap = a("attn_logit_softcapping")
+    else:
+        spec.sliding_windows = [int(window) if window else None] * num_layers
+
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    config = ModelConfig(
+        architecture=arch,
+        vocab_size=spec.vocab_size,
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        max_position=ctx,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=_eos_ids(reader, tokens),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", bos is not None)),
+        name=str(_field(reader, "general.name", path.stem)),
+        generation_config={},
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )
+    return spec, config, GGUFWeights(reader, spec)
