@@ -69,6 +69,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(
             self.tokenizer.stop_token_ids
         )
+        self._eos_tuple = tuple(sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []
 
@@ -103,12 +104,15 @@ class LLMEngine:
         if request_id in self.seqs:
             raise ValueError(f"request id already in use: {request_id}")
         self.check_request(prompt_token_ids, params)
+        if params.prompt_logprobs is not None:
+            # Cached prompt positions have no logits to score: recompute the whole prompt.
+            prefix_cache_max_len = 0
         seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)
         self.seqs[request_id] = seq
-        if params.max_tokens == 0:  # nothing to generate (scoring requests)
+        if params.max_tokens == 0 and params.prompt_logprobs is None:  # nothing to compute
             self._finish(seq, "length")
             self._finished_early.append(self._output(seq, [], ""))
             return
@@ -141,24 +145,46 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            logit_rows.append([n - 1] if seq.num_computed_tokens + n == len(seq) else [])
+            logit_rows.append(self._logit_rows(seq, n))
 
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, logit_rows)
+        hidden = self.runner.execute(batch.seqs, batch.num_new_tokens, logit_rows)
 
         sampling_seqs: list[Sequence] = []
+        sample_hidden: list[int] = []  # row of each sampling sequence in `hidden`
+        row = 0
         for seq, n, rows in zip(batch.seqs, batch.num_new_tokens, logit_rows):
+            start = seq.num_computed_tokens
+            if seq.prompt_logprobs is not None and rows:
+                self._collect_prompt_logprobs(seq, start, rows, hidden[row : row + len(rows)])
             seq.num_computed_tokens += n
             self.kv_cache.register_full_blocks(seq)
-            if rows:
+            if seq.num_computed_tokens == len(seq) and seq.params.max_tokens == 0:
+                # A scoring request (echo + logprobs, max_tokens 0) ends after its prefill.
+                outputs.append(self._finish_with_text(seq, "length", []))
+            elif rows and rows[-1] == n - 1 and seq.num_computed_tokens == len(seq):
                 sampling_seqs.append(seq)
-        if logits is None:
+                sample_hidden.append(row + len(rows) - 1)
+            row += len(rows)
+        if not sampling_seqs:
             return outputs
 
-        tokens = self.sampler(logits, [SamplerRow(s.params, s.generator) for s in sampling_seqs])
+        logits = self.runner.compute_logits(hidden[torch.tensor(sample_hidden)])
+        rows_in = [
+            SamplerRow(
+                s.params,
+                s.generator,
+                s.token_ids,
+                s.num_prompt_tokens,
+                self._eos_tuple,
+                s.sampler_state,
+            )
+            for s in sampling_seqs
+        ]
+        results = self.sampler(logits, rows_in)
         now = time.monotonic()
-        for seq, token in zip(sampling_seqs, tokens):
+        for seq, result in zip(sampling_seqs, results):
             try:
-                out = self._append_token(seq, token, now)
+                out = self._append_token(seq, result, now)
             except Exception as exc:  # one request's failure must not take the batch down
                 logger.exception("request %s failed after sampling", seq.request_id)
                 self.scheduler.remove(seq)
@@ -168,8 +194,47 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+    @staticmethod
+    def _logit_rows(seq: Sequence, n: int) -> list[int]:
+        """Which of this step's new tokens of `seq` need logits."""
+        start = seq.num_computed_tokens
+        rows = []
+        if seq.prompt_logprobs is not None:
+            # Position p predicts prompt token p + 1; skip what a preempted run already has.
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            rows = list(range(first - start, min(start + n, seq.num_prompt_tokens - 1) - start))
+        wants_sample = seq.params.max_tokens > 0
+        if wants_sample and start + n == len(seq) and (not rows or rows[-1] != n - 1):
+            rows.append(n - 1)
+        return rows
+
+    _PROMPT_LOGITS_CHUNK = 32  # rows per LM-head call: a row of logits is 1 MiB for Gemma
+
+    def _collect_prompt_logprobs(
+        self, seq: Sequence, start: int, rows: list[int], hidden: torch.Tensor
+    ) -> None:
+        from girandole.sampling.sampler import SampleResult, top_logprobs
+
+        n_top = seq.params.prompt_logprobs
+        for c in range(0, len(rows), self._PROMPT_LOGITS_CHUNK):
+            chunk = rows[c : c + self._PROMPT_LOGITS_CHUNK]
+            positions = [start + r for r in chunk]
+            keep = [i for i, p in enumerate(positions) if p + 1 < seq.num_prompt_tokens]
+            if not keep:
+                continue
+            logits = self.runner.compute_logits(hidden[c : c + len(chunk)][torch.tensor(keep)])
+            lp = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor([seq.token_ids[positions[i] + 1] for i in keep])
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            tops = top_logprobs(lp, n_top)
+            for t, v, top in zip(targets.tolist(), chosen, tops):
+                seq.prompt_logprobs.append(SampleResult(t, v, v, top))
+
+    def _append_token(self, seq: Sequence, result, now: float) -> RequestOutput:
+        token = result.token_id
         seq.token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(result)
         if seq.first_token_time is None:
             seq.first_token_time = now
         params = seq.params
@@ -222,6 +287,13 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
 
     def _output(self, seq: Sequence, new_tokens: list[int], text: str) -> RequestOutput:
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            if seq.is_finished or seq.num_computed_tokens >= seq.num_prompt_tokens:
+                prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_tokens,
@@ -236,6 +308,8 @@ class LLMEngine:
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
             finished_time=seq.finished_time,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # -- introspection -----------------------------------------------------------------------

@@ -24,6 +24,11 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # With SamplingParams.logprobs: one SampleResult (girandole.sampling.sampler) per new token.
+    logprobs: list | None = None
+    # With SamplingParams.prompt_logprobs, on the first output: one per prompt token, the first
+    # None (no context to predict it from).
+    prompt_logprobs: list | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -36,3 +41,5 @@ class CompletionOutput:
     text: str
     finish_reason: FinishReason | None
     num_cached_tokens: int = 0
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None

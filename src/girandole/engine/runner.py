@@ -50,7 +50,8 @@ class ModelRunner:
         """Run one forward over the new tokens of `seqs`.
 
         `logit_rows[i]` lists which of seq i's new tokens (0-based within this step's chunk)
-        need logits. Returns float32 logits [sum(len(rows)), vocab] in that order, or None.
+        need logits. Returns their final hidden states [sum(len(rows)), hidden] in that order
+        (None if no row is wanted); `compute_logits` turns them into logits.
         """
         input_ids: list[int] = []
         positions: list[int] = []
@@ -100,4 +101,9 @@ class ModelRunner:
         if not rows:
             return None
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, index)).float()
+        return hidden.index_select(0, index)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] on the CPU for hidden states [N, hidden]."""
+        return self.model.compute_logits(hidden).float().cpu()

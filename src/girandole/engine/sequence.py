@@ -52,7 +52,11 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.detokenizer: IncrementalDetokenizer | None = None
         self.stop_matcher: StopStringMatcher | None = None
-        self.num_emitted_tokens = 0  # output tokens already reported to the caller
+        self.sampler_state: dict = {}  # per-request sampler state (Mirostat's mu)
+        # Echo with logprobs: entry i is prompt token i's logprob (None for the first token).
+        self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
+        self.prompt_logprobs_sent = False
+        self.pending_logprobs: list = []  # logprobs of sampled tokens not yet reported
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -1,7 +1,8 @@
-"""SamplingParams: how one request picks its tokens and when it stops."""
+"""SamplingParams: how one request picks its tokens, what it reports, and when it stops."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -11,34 +12,84 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
+    typical_p: float = 1.0  # locally typical sampling; 1 = off
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop token ids are suppressed until this many tokens exist
     stop: list[str] = field(default_factory=list)  # stop strings, trimmed from the text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # Penalties: presence/frequency (OpenAI semantics, over generated tokens) and repetition
+    # (multiplicative, CTRL-style, over prompt and generated tokens).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Mirostat v2: target surprise (tau) and learning rate (eta); None = off.
+    mirostat_target: float | None = None
+    mirostat_lr: float = 0.1
+    # Introspection: top-N alternatives per generated token (None = no logprobs; 0 = only the
+    # chosen token's) and per prompt token (echo with logprobs).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any value outside its range."""
-        if not self.temperature >= 0:  # also rejects NaN
+
+        def finite(name: str) -> float:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return value
+
+        if not finite("temperature") >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < finite("top_p") <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
+        if not 0 <= finite("min_p") <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < finite("typical_p") <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= finite(name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < finite("repetition_penalty") <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for token, bias in self.logit_bias.items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
+        if self.mirostat_target is not None:
+            if not finite("mirostat_target") >= 0:
+                raise ValueError(f"mirostat_target must be >= 0, got {self.mirostat_target}")
+            if not finite("mirostat_lr") > 0:
+                raise ValueError(f"mirostat_lr must be > 0, got {self.mirostat_lr}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )

@@ -1,13 +1,15 @@
 """Sampler: turns a batch of logits into next tokens, each row with its own parameters.
 
-Every filter runs as one tensor operation over the rows that use it. Sampling is inverse-CDF
-with one uniform draw per row: a seeded row draws from its own generator, so what else is in the
-batch never changes its choice.
+Order (as vLLM): raw log-softmax for `logprob` → logit bias, min-tokens EOS suppression,
+penalties → temperature → top-k → top-p → min-p → typical-p → Mirostat → draw. Each step runs as
+one tensor operation over the rows that use it. Drawing is inverse-CDF with one uniform per row:
+a seeded row draws from its own generator, so its batch neighbours never change its choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +23,27 @@ _TOP_P_CANDIDATES = 256
 @dataclass
 class SamplerRow:
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)  # prompt + output so far
+    num_prompt_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    state: dict = field(default_factory=dict)  # per-request sampler state (Mirostat's mu)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # the model's raw log-softmax of the chosen token
+    sampling_logprob: float | None = None  # after bias, penalties, temperature and filters
+    top_logprobs: list[tuple[int, float]] | None = None  # raw top-N, most likely first
+
+
+def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """The n most likely (token id, logprob) pairs of each row of a [R, V] logprob tensor."""
+    if n <= 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    values, ids = logprobs.topk(n, dim=-1)
+    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
 
 
 class Sampler:
@@ -32,46 +54,114 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
-        """logits: float32 [B, V] (modified in place). Returns one token id per row."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
+        """logits: float32 [B, V], modified in place. Returns one result per row."""
         B = logits.shape[0]
-        out = torch.empty(B, dtype=torch.long)
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+        self._apply_bias_and_penalties(logits, rows)
+
+        chosen = torch.empty(B, dtype=torch.long)
+        sampling_lp = torch.zeros(B, dtype=torch.float64)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
             idx = torch.tensor(greedy)
-            out[idx] = logits.index_select(0, idx.to(logits.device)).argmax(dim=-1).cpu()
+            g = logits.index_select(0, idx)
+            ids = g.argmax(dim=-1)
+            chosen[idx] = ids
+            if any(want_lp[i] for i in greedy):
+                lp = torch.log_softmax(g, dim=-1).gather(1, ids[:, None])[:, 0]
+                sampling_lp[idx] = lp.double()
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             idx = torch.tensor(sampled)
-            probs = self._probs(
-                logits.index_select(0, idx.to(logits.device)), [rows[i] for i in sampled]
-            )
-            out[idx] = self._draw(probs, [rows[i] for i in sampled])
-        return out.tolist()
+            sub_rows = [rows[i] for i in sampled]
+            probs = self._probs(logits.index_select(0, idx), sub_rows)
+            ids, p = self._draw(probs, sub_rows)
+            chosen[idx] = ids
+            sampling_lp[idx] = torch.log(p)
+
+        results = [SampleResult(int(t)) for t in chosen.tolist()]
+        if raw_lp is not None:
+            chosen_lp = raw_lp.gather(1, chosen[:, None])[:, 0].tolist()
+            for i, r in enumerate(rows):
+                if want_lp[i]:
+                    res = results[i]
+                    res.logprob = chosen_lp[i]
+                    res.sampling_logprob = float(sampling_lp[i])
+                    res.top_logprobs = top_logprobs(raw_lp[i : i + 1], r.params.logprobs)[0]
+        return results
+
+    # -- logit processors ------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_bias_and_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
+        V = logits.shape[-1]
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.logit_bias:
+                ids = torch.tensor([t for t in p.logit_bias if 0 <= t < V], dtype=torch.long)
+                vals = torch.tensor(
+                    [b for t, b in p.logit_bias.items() if 0 <= t < V], dtype=logits.dtype
+                )
+                logits[i].index_add_(0, ids, vals)
+            if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if 0 <= t < V]
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+        pen = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+        if not pen:
+            return
+        # Token counts of each penalised row's output, and which tokens its prompt holds.
+        counts = torch.zeros(len(pen), V, dtype=logits.dtype)
+        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool)
+        for j, i in enumerate(pen):
+            r = rows[i]
+            out = r.token_ids[r.num_prompt_tokens :]
+            if out:
+                counts[j].index_add_(0, torch.tensor(out), torch.ones(len(out), dtype=logits.dtype))
+            if r.num_prompt_tokens:
+                in_prompt[j, torch.tensor(r.token_ids[: r.num_prompt_tokens])] = True
+        idx = torch.tensor(pen)
+        sub = logits.index_select(0, idx)
+        rep = torch.tensor([rows[i].params.repetition_penalty for i in pen], dtype=logits.dtype)
+        seen = in_prompt | (counts > 0)
+        penalised = torch.where(sub > 0, sub / rep[:, None], sub * rep[:, None])
+        sub = torch.where(seen, penalised, sub)
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], dtype=logits.dtype)
+        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], dtype=logits.dtype)
+        sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
+        logits[idx] = sub
 
     def _probs(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-        dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in rows], device=dev)
-        logits = logits / temps[:, None]
-        probs = torch.softmax(logits, dim=-1)
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+        probs = torch.softmax(logits / temps[:, None], dim=-1)
 
         top_ks = [r.params.top_k for r in rows]
         if any(k > 0 for k in top_ks):
-            kmax = max(top_ks)
-            values = probs.topk(min(kmax, probs.shape[-1]), dim=-1).values
-            k_idx = torch.tensor([max(k, 1) - 1 for k in top_ks], device=dev)
+            values = probs.topk(min(max(top_ks), probs.shape[-1]), dim=-1).values
+            k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks])
             kth = values.gather(1, k_idx[:, None])
-            kth[torch.tensor(top_ks, device=dev) == 0] = 0.0
+            kth[torch.tensor(top_ks) == 0] = 0.0
             probs = probs.masked_fill(probs < kth, 0.0)
 
-        top_ps = torch.tensor([r.params.top_p for r in rows], device=dev)
+        top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype)
         if bool((top_ps < 1.0).any()):
             probs = self._top_p(probs, top_ps)
 
-        min_ps = torch.tensor([r.params.min_p for r in rows], device=dev)
+        min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype)
         if bool((min_ps > 0).any()):
             threshold = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
             probs = probs.masked_fill(probs < threshold, 0.0)
+
+        typical = [i for i, r in enumerate(rows) if r.params.typical_p < 1.0]
+        for i in typical:
+            probs[i] = self._typical(probs[i], rows[i].params.typical_p)
+        for i, r in enumerate(rows):
+            if r.params.mirostat_target is not None:
+                probs[i] = self._mirostat_filter(probs[i], r)
         return probs
 
     @staticmethod
@@ -94,12 +184,50 @@ class Sampler:
             cutoff[i] = row_values[j]
         return probs.masked_fill(probs < cutoff[:, None], 0.0)
 
-    def _draw(self, probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    @staticmethod
+    def _typical(p: torch.Tensor, mass: float) -> torch.Tensor:
+        """Locally typical sampling: keep the tokens whose surprise is closest to the entropy."""
+        q = p / p.sum()
+        logq = torch.log(q.clamp_min(1e-30))
+        entropy = -(q * logq).sum()
+        order = (-logq - entropy).abs().argsort()
+        cum = q[order].cumsum(0)
+        last = int(
+            torch.searchsorted(cum, torch.tensor(mass, dtype=cum.dtype)).clamp(max=len(q) - 1)
+        )
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[order[: last + 1]] = True
+        return p.masked_fill(~keep, 0.0)
+
+    @staticmethod
+    def _mirostat_filter(p: torch.Tensor, row: SamplerRow) -> torch.Tensor:
+        """Mirostat v2: drop tokens whose surprise exceeds mu (the most likely one always stays)."""
+        tau = row.params.mirostat_target
+        mu = row.state.setdefault("mirostat_mu", 2.0 * tau)
+        q = p / p.sum()
+        surprise = -torch.log2(q.clamp_min(1e-30))
+        keep = surprise <= mu
+        keep[q.argmax()] = True
+        return p.masked_fill(~keep, 0.0)
+
+    def _draw(
+        self, probs: torch.Tensor, rows: list[SamplerRow]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token per row; also returns its probability under the filtered distribution."""
         u = torch.empty(len(rows), dtype=torch.float64)
         for i, r in enumerate(rows):
             u[i] = torch.rand(1, generator=r.generator or self.generator, dtype=torch.float64)
-        cdf = probs.double().cumsum(dim=-1).cpu()
-        point = u * cdf[:, -1]
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1]
         # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
-        idx = torch.searchsorted(cdf, point[:, None], side="right")[:, 0]
-        return idx.clamp(max=probs.shape[-1] - 1)
+        idx = torch.searchsorted(cdf, (u * total)[:, None], side="right")[:, 0]
+        idx = idx.clamp(max=probs.shape[-1] - 1)
+        p = probs.double().gather(1, idx[:, None])[:, 0] / total
+        for i, r in enumerate(rows):
+            if r.params.mirostat_target is not None:  # Mirostat v2 learning step
+                surprise = -math.log2(max(float(p[i]), 1e-30))
+                mu = r.state["mirostat_mu"]
+                r.state["mirostat_mu"] = mu - r.params.mirostat_lr * (
+                    surprise - r.params.mirostat_target
+                )
+        return idx, p
