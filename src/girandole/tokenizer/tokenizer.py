@@ -1,0 +1,172 @@
+"""`Tokenizer`: a `tokenizers.Tokenizer` plus the metadata the server needs around it."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from girandole.tokenizer.meta import TokenizerMeta
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def byte_level_decoder_map() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _decoder_kind(hf: HFTokenizer) -> str:
+    """'byte_level' (GPT-2 style), 'sentencepiece' (▁ and <0xNN> byte fallback) or 'other'."""
+    if hf.decoder is None:
+        return "other"
+    spec = json.loads(hf.decoder.__getstate__())
+    parts = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+    types = {p.get("type") for p in parts}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if "ByteFallback" in types or "Metaspace" in types:
+        return "sentencepiece"
+    if any(p.get("type") == "Replace" and p.get("content") == " " for p in parts):
+        return "sentencepiece"
+    return "other"
+
+
+class Tokenizer:
+    """Encode/decode plus model metadata; built by `load_tokenizer` from a GGUF or HF folder.
+
+    Attributes:
+        hf: the underlying `tokenizers.Tokenizer` (thread-safe; shared, do not mutate).
+        vocab_size: number of ids, added tokens included.
+        bos_token_id / eos_token_id: ids or None; bos_token / eos_token: their strings.
+        stop_token_ids: every end-of-generation id (EOS, EOT/EOM, and special tokens such as
+            `<end_of_turn>`, `<|im_end|>`, `<|eot_id|>`; Gemma: [1, 106]).
+        add_bos: whether `encode` prepends BOS by default (from the model's metadata).
+        chat_template: the model's Jinja chat template, or None.
+    """
+
+    def __init__(self, hf: HFTokenizer, meta: TokenizerMeta, name: str = "") -> None:
+        self.hf = hf
+        self.meta = meta
+        self.name = name
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id: int | None = meta.bos_token_id
+        self.eos_token_id: int | None = meta.eos_token_id
+        self.bos_token: str | None = meta.bos_token
+        self.eos_token: str | None = meta.eos_token
+        self.stop_token_ids: list[int] = list(meta.stop_token_ids)
+        self.add_bos: bool = meta.add_bos and meta.bos_token_id is not None
+        self.chat_template: str | None = meta.chat_template
+        added = hf.get_added_tokens_decoder()
+        self._added: dict[int, str] = {i: a.content for i, a in added.items()}
+        self._special: frozenset[int] = frozenset(i for i, a in added.items() if a.special)
+        self._kind = _decoder_kind(hf)
+        self._bytes_cache: dict[int, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+    # -- encode / decode ---------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`.
+
+        Special-token strings in the text (e.g. "<start_of_turn>") become their special ids, as
+        llama.cpp and Fireworks do for raw prompts. `add_bos=None` follows the model's metadata
+        (`self.add_bos`). BOS is never doubled: if the text already starts with the BOS string
+        (e.g. a rendered chat template), no second BOS is added. No EOS is ever appended.
+        """
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
+        """`encode` for many texts at once (tokenizers runs them in parallel)."""
+        out = [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_token_id is not None:
+            for ids in out:
+                if not ids or ids[0] != self.bos_token_id:
+                    ids.insert(0, self.bos_token_id)
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special (control) tokens are dropped when `skip_special_tokens`.
+        Invalid UTF-8 from byte tokens becomes U+FFFD."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- per-token views -----------------------------------------------------------------------
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (e.g. '▁world', '<0xE2>', 'Ġworld'), not its text."""
+        return self.hf.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        """True for special (control) tokens: BOS/EOS/PAD, `<start_of_turn>`, `<|im_end|>`..."""
+        return token_id in self._special
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes token `token_id` stands for: a byte-fallback token `<0xE2>` gives
+        b'\\xe2', '▁' gives a space, byte-level (GPT-2) pieces map back to their bytes, added and
+        special tokens give their UTF-8 text. For logprobs `bytes` and grammar engines."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"token id {token_id} out of range (vocab_size={self.vocab_size})")
+        out = self._compute_token_bytes(token_id)
+        self._bytes_cache[token_id] = out
+        return out
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        added = self._added.get(token_id)
+        piece = self.hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._kind == "sentencepiece":
+            m = _BYTE_TOKEN.match(piece)
+            if m is not None:
+                return bytes([int(m.group(1), 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        if added is not None:
+            return added.encode("utf-8")
+        if self._kind == "byte_level":
+            table = byte_level_decoder_map()
+            try:
+                return bytes(table[c] for c in piece)
+            except KeyError:
+                return piece.encode("utf-8")
+        return self.hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def token_str(self, token_id: int) -> str:
+        """The token's text as printed in logprobs `tokens`: its bytes decoded as UTF-8, or for a
+        token that is not valid UTF-8 on its own (a lone byte of a multi-byte character) a form
+        like 'bytes:\\xe2' (OpenAI's convention)."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
