@@ -64,11 +64,11 @@ def test_chunked_prefill_and_tiny_budget(tiny_llama_dir):
 
 
 def test_preemption_when_blocks_run_out(tiny_llama_dir):
-    # Room for about 48 tokens: five prompts growing by 20 tokens each cannot all fit.
+    # Room for about 80 tokens: five prompts growing by 20 tokens each cannot all fit.
     probe = make_llm(tiny_llama_dir, block_size=4, kv_cache_gb=0.01)
     per_token = probe.engine.runner.num_blocks * 4 / (0.01 * (1 << 30))
-    llm = make_llm(tiny_llama_dir, block_size=4, kv_cache_gb=48 / per_token / (1 << 30))
-    assert llm.engine.kv_cache.num_blocks <= 12
+    llm = make_llm(tiny_llama_dir, block_size=4, kv_cache_gb=80 / per_token / (1 << 30))
+    assert llm.engine.kv_cache.num_blocks <= 20
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     outs = llm.generate(PROMPTS, params)
     assert llm.engine.scheduler.num_preemptions > 0
