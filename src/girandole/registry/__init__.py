@@ -1,0 +1,1 @@
+"""Models, deployments and API keys that this server knows."""

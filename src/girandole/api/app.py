@@ -1,0 +1,44 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from girandole import __version__
+from girandole.api.errors import install_error_handlers
+from girandole.api.routes import completions, health, models
+from girandole.api.state import AppState
+
+INFERENCE_PREFIXES = ("/inference/v1", "/v1")
+
+
+def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
+    """Build the app around `state`. With `load_in_background`, the model is loaded in a thread
+    started at start-up, while the server already answers (/health says 503 until ready)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load_in_background and state.engine is None:
+            threading.Thread(target=state.load, name="girandole-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            state.shutdown()
+
+    app = FastAPI(
+        title="girandole",
+        version=__version__,
+        description="Fireworks AI-compatible inference API",
+        lifespan=lifespan,
+    )
+    app.state.girandole = state
+    install_error_handlers(app)
+    for prefix in INFERENCE_PREFIXES:
+        app.include_router(completions.router, prefix=prefix, tags=["inference"])
+        app.include_router(models.router, prefix=prefix, tags=["models"])
+    app.include_router(health.router)
+    return app

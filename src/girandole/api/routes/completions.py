@@ -1,0 +1,61 @@
+"""POST /v1/completions (also under /inference/v1)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from girandole.api import completions
+from girandole.api.auth import require_api_key
+from girandole.api.body import read_body
+from girandole.api.disconnect import ClientDisconnected, unless_disconnected
+from girandole.api.errors import model_not_found, new_request_id
+from girandole.api.schemas.completions import CompletionRequest
+from girandole.api.sse import SSEResponse
+from girandole.api.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
+from girandole.api.validation import check_not_both, parse_json_object, validate_model
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
+    }
+}
+CLIENT_CLOSED = 499  # nginx's code: nobody reads it, but logs show what happened
+
+
+@router.post("/completions", openapi_extra=_BODY_DOC, summary="Create a text completion")
+async def create_completion(request: Request) -> Response:
+    state = request.app.state.girandole
+    request_id = new_request_id()
+    request.state.request_id = request_id
+    data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
+    model = data.get("model")
+    if isinstance(model, str):
+        if state.registry.resolve(model, request.headers.get("fireworks-deployment")) is None:
+            raise model_not_found()
+    strip_unsupported(data, COMPLETIONS_UNSUPPORTED)
+    check_not_both(data, "max_tokens", "max_completion_tokens")
+    req = validate_model(CompletionRequest, data)
+    engine = state.require_engine()
+    job = await completions.prepare(engine, req, request_id, req.model, state.context_length)
+    headers = {"x-request-id": request.headers.get("x-request-id") or request_id}
+    try:
+        fanout = await unless_disconnected(request, completions.start(engine, job))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    if job.stream:
+        body = completions.stream(job, fanout, state.settings.stream_usage)
+        return SSEResponse(body, headers=headers)
+    try:
+        result = await unless_disconnected(request, completions.collect(job, fanout))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        with contextlib.suppress(Exception):
+            fanout.close()
+    return JSONResponse(result, headers=headers)

@@ -1,0 +1,17 @@
+"""GET /health: 503 while the model loads (or failed to), 200 once it serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+
+@router.get("/health", summary="Liveness and readiness")
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state.girandole
+    body: dict = {"status": state.status, "model": state.served.name}
+    if state.status == "failed":
+        body["error"] = state.error
+    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)

@@ -1,0 +1,24 @@
+"""GET /v1/models and /v1/models/{name} in Fireworks' list shape."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from girandole.api.auth import require_api_key
+from girandole.api.errors import model_not_found
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models", summary="List the models this server serves")
+async def list_models(request: Request) -> dict:
+    registry = request.app.state.girandole.registry
+    return {"object": "list", "data": [m.to_list_entry() for m in registry.models()]}
+
+
+@router.get("/models/{name:path}", summary="Describe one model")
+async def get_model(name: str, request: Request) -> dict:
+    served = request.app.state.girandole.registry.get(name)
+    if served is None:
+        raise model_not_found()
+    return served.to_list_entry()

@@ -1,0 +1,1 @@
+"""Pydantic request schemas of the inference API."""

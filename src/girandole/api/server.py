@@ -1,0 +1,198 @@
+"""`girandole serve`: the HTTP server on uvicorn (uvloop + httptools).
+
+The socket opens at once; the model loads in a thread meanwhile (a progress line on stderr,
+/health 503 until it is ready, then 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+from girandole.api.settings import ServerSettings
+from girandole.model.default import DEFAULT_MODEL_ID
+
+logger = logging.getLogger("girandole.api")
+
+ENV_PREFIX = "GIRANDOLE_"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = _env(name)
+    return [k.strip() for k in value.split(",") if k.strip()] if value else []
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the Fireworks-compatible inference API over HTTP",
+        description="Serve the Fireworks-compatible inference API. Every flag can also be set"
+        " with the environment variable shown.",
+    )
+    p.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="bind address [GIRANDOLE_HOST]"
+    )
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="[GIRANDOLE_PORT]")
+    p.add_argument(
+        "--model",
+        default=_env("MODEL"),
+        help="a .gguf file or HF folder; default: Gemma 3 270M [GIRANDOLE_MODEL]",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        default=None,
+        help="accept this bearer key (repeatable); none: the server is open"
+        " [GIRANDOLE_API_KEY, comma-separated]",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        default=_env("API_KEYS_FILE"),
+        help="file with one key a line [GIRANDOLE_API_KEYS_FILE]",
+    )
+    p.add_argument(
+        "--account",
+        default=_env("ACCOUNT", "fireworks"),
+        help="account of the served model [GIRANDOLE_ACCOUNT]",
+    )
+    p.add_argument(
+        "--model-id",
+        default=_env("MODEL_ID", DEFAULT_MODEL_ID),
+        help="served as accounts/<account>/models/<model-id> [GIRANDOLE_MODEL_ID]",
+    )
+    p.add_argument(
+        "--deployment-id",
+        default=_env("DEPLOYMENT_ID"),
+        help="its deployment accounts/<account>/deployments/<id>; default: the model id"
+        " [GIRANDOLE_DEPLOYMENT_ID]",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=float(_env("KV_CACHE_GB")) if _env("KV_CACHE_GB") else None,
+        help="memory for the KV cache [GIRANDOLE_KV_CACHE_GB]",
+    )
+    p.add_argument(
+        "--stream-usage",
+        choices=["separate", "finish"],
+        default=_env("STREAM_USAGE", "separate"),
+        help="where streamed usage goes: a final chunk with choices [] (Fireworks 2026, default)"
+        " or on each finish chunk (2025) [GIRANDOLE_STREAM_USAGE]",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=int(_env("MAX_REQUEST_BYTES", str(16 * 1024 * 1024))),
+        help="larger request bodies get 413 [GIRANDOLE_MAX_REQUEST_BYTES]",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="[GIRANDOLE_LOG_LEVEL]",
+    )
+    p.set_defaults(func=_cmd_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        api_keys=list(keys),
+        api_keys_file=args.api_keys_file,
+        account=args.account,
+        model_id=args.model_id,
+        deployment_id=args.deployment_id,
+        kv_cache_gb=args.kv_cache_gb,
+        max_request_bytes=args.max_request_bytes,
+        stream_usage=args.stream_usage,
+        log_level=args.log_level,
+    )
+
+
+def _show_loading(state, stop: threading.Event) -> None:
+    """A progress line on stderr while the model loads."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=None,
+        desc=f"Loading {state.served.name}",
+        bar_format="{desc}: {elapsed}",
+        file=sys.stderr,
+        disable=None,  # off when stderr is not a terminal
+    )
+    while state.status == "loading" and not stop.wait(0.25):
+        bar.refresh()
+    bar.close()
+    if state.status == "ready":
+        logger.info(
+            "model %s ready in %.1f s (context %d tokens)",
+            state.served.name,
+            state.load_seconds or 0.0,
+            state.served.context_length or 0,
+        )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from girandole.api.app import create_app
+    from girandole.api.state import AppState
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        state = AppState(settings)
+    except (ValueError, OSError) as exc:
+        print(f"girandole serve: {exc}", file=sys.stderr)
+        return 2
+    if state.keys.open:
+        logger.warning(
+            "no API keys configured: the server is open to anyone who can reach %s:%d"
+            " (use --api-key or --api-keys-file)",
+            settings.host,
+            settings.port,
+        )
+    else:
+        logger.info("%d API key(s) configured", len(state.keys))
+    app = create_app(state, load_in_background=True)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    stop = threading.Event()
+
+    def watch() -> None:
+        _show_loading(state, stop)
+        if state.status == "failed":
+            logger.error("the model failed to load: %s; stopping", state.error)
+            server.should_exit = True
+
+    threading.Thread(target=watch, name="girandole-progress", daemon=True).start()
+    start = time.monotonic()
+    server.run()
+    stop.set()
+    if state.status == "failed":
+        return 1
+    logger.info("server stopped after %.0f s", time.monotonic() - start)
+    return 0

@@ -1,0 +1,28 @@
+"""Server settings: the `girandole serve` flags, each with a GIRANDOLE_* environment variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from girandole.model.default import DEFAULT_MODEL_ID
+
+UsagePlacement = Literal["separate", "finish"]
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None  # .gguf file or HF folder; None = the default model
+    api_keys: list[str] = field(default_factory=list)
+    api_keys_file: str | None = None
+    account: str = "fireworks"
+    model_id: str = DEFAULT_MODEL_ID
+    deployment_id: str | None = None  # None: same as model_id
+    kv_cache_gb: float | None = None
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
+    # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).
+    stream_usage: UsagePlacement = "separate"
+    log_level: str = "info"

@@ -1,0 +1,27 @@
+"""Server-sent events framing: `data: <json>\\n\\n` events ended by `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response. Starlette cancels the body iterator when the client goes."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+        merged = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        merged.update(headers or {})
+        super().__init__(body, status_code=200, headers=merged, media_type=self.media_type)

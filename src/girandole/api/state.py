@@ -1,0 +1,105 @@
+"""What the running server holds: settings, registry, keys, and the engine once it is loaded."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from girandole.api.errors import APIError, unavailable
+from girandole.api.settings import ServerSettings
+from girandole.registry.keys import ApiKeyStore, read_keys_file
+from girandole.registry.models import ModelRegistry, ServedModel
+from girandole.registry.naming import deployment_name, is_valid_id, model_name
+
+logger = logging.getLogger("girandole.api")
+
+Status = Literal["loading", "ready", "failed"]
+
+
+class AppState:
+    def __init__(self, settings: ServerSettings, engine: Any = None) -> None:
+        for what, value in (("account", settings.account), ("model id", settings.model_id)):
+            if not is_valid_id(value):
+                raise ValueError(
+                    f"{what} {value!r} is not a valid Fireworks id: 1-63 characters of a-z, 0-9"
+                    " and '-', starting with a letter, not ending with '-'"
+                )
+        self.settings = settings
+        keys = list(settings.api_keys)
+        if settings.api_keys_file:
+            keys += read_keys_file(settings.api_keys_file)
+        self.keys = ApiKeyStore(keys)
+        self.registry = ModelRegistry(settings.account)
+        self.served = ServedModel(
+            name=model_name(settings.account, settings.model_id), owned_by=settings.account
+        )
+        self.registry.add_model(
+            self.served,
+            deployment_name(settings.account, settings.deployment_id or settings.model_id),
+        )
+        self.engine: Any = None
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._lock = threading.Lock()
+        if engine is not None:
+            self.attach_engine(engine)
+
+    def attach_engine(self, engine: Any) -> None:
+        config = engine.model_config
+        self.served.context_length = self.context_length_of(engine)
+        self.served.supports_chat = bool(getattr(config, "chat_template", None))
+        self.served.created = int(time.time())
+        with self._lock:
+            self.engine = engine
+            self.status = "ready"
+
+    @staticmethod
+    def context_length_of(engine: Any) -> int:
+        limit = getattr(engine, "max_model_len", None)
+        return int(limit or engine.model_config.max_position)
+
+    @property
+    def context_length(self) -> int:
+        return self.context_length_of(self.require_engine())
+
+    def require_engine(self) -> Any:
+        engine = self.engine
+        if engine is None:
+            if self.status == "failed":
+                raise APIError(
+                    503,
+                    f"The model failed to load: {self.error}",
+                    type="service_unavailable",
+                    code="UNAVAILABLE",
+                )
+            raise unavailable("The model is still loading; retry shortly")
+        return engine
+
+    def load(self) -> None:
+        """Build the engine (blocking; run it in a thread). Records failure instead of raising."""
+        from girandole.engine.async_engine import AsyncEngine, EngineConfig
+
+        start = time.monotonic()
+        try:
+            kwargs: dict[str, Any] = {"model": self.settings.model}
+            if self.settings.kv_cache_gb is not None:
+                kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
+            engine = AsyncEngine(EngineConfig(**kwargs))
+        except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+            logger.exception("loading the model failed")
+            return
+        self.load_seconds = time.monotonic() - start
+        self.attach_engine(engine)
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001
+                logger.exception("engine shutdown failed")
