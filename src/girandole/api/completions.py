@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,9 +135,11 @@ def _engine_error(exc: Exception) -> APIError:
     return internal_error()
 
 
-async def start(engine: Any, job: CompletionJob) -> ChoiceFanout:
+async def start(
+    engine: Any, job: CompletionJob, on_abort: Callable[[int], None] | None = None
+) -> ChoiceFanout:
     """Start the engine requests; a request the engine rejects becomes a 400."""
-    fanout = ChoiceFanout(engine, job.choices)
+    fanout = ChoiceFanout(engine, job.choices, on_abort)
     try:
         await fanout.start()
     except Exception as exc:  # noqa: BLE001

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,14 @@ class ChoiceRequest:
 
 
 class ChoiceFanout:
-    def __init__(self, engine: Any, choices: list[ChoiceRequest]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        choices: list[ChoiceRequest],
+        on_abort: Callable[[int], None] | None = None,
+    ) -> None:
         self.engine = engine
+        self.on_abort = on_abort  # told how many requests close() aborted
         self.choices = choices
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
@@ -60,20 +66,6 @@ class ChoiceFanout:
                 raise result
 
     async def _pump(self, choice: ChoiceRequest, first: asyncio.Future) -> None:
-        if choice.params.max_tokens == 0:
-            # Nothing to generate: answer without the engine (the prompt was checked already).
-            out = RequestOutput(
-                request_id=choice.request_id,
-                new_token_ids=[],
-                new_text="",
-                finished=True,
-                finish_reason="length",
-                num_prompt_tokens=len(choice.prompt_token_ids),
-            )
-            first.set_result(None)
-            self._queue.put_nowait((choice.index, out))
-            self._queue.put_nowait((choice.index, _DONE))
-            return
         self._unfinished.add(choice.request_id)
         gen = None
         try:
@@ -119,6 +111,8 @@ class ChoiceFanout:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
+        if self._unfinished and self.on_abort is not None:
+            self.on_abort(len(self._unfinished))
         for request_id in list(self._unfinished):
             try:
                 self.engine.abort(request_id)

@@ -5,7 +5,7 @@
 - A token-id prompt is used verbatim: no BOS is added.
 - `context_length_exceeded_behavior`: `truncate` (default) lowers max_tokens to
   `context - prompt`; `error` answers 400 when prompt + max_tokens exceeds the context. A prompt
-  longer than the context alone is a 400 either way.
+  that alone fills the context (or more) is a 400 either way.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def fit_max_tokens(
     num_prompt_tokens: int, max_tokens: int, context_length: int, behavior: str
 ) -> int:
     """The max_tokens to run with, or a 400 per `context_length_exceeded_behavior`."""
-    if num_prompt_tokens > context_length:
+    if num_prompt_tokens >= context_length:
         raise bad_request(
             f"The prompt is too long: {num_prompt_tokens}, model maximum context length:"
             f" {context_length}",

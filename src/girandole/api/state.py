@@ -43,6 +43,7 @@ class AppState:
         self.status: Status = "loading"
         self.error: str | None = None
         self.load_seconds: float | None = None
+        self.num_aborted_requests = 0  # engine requests aborted because their client went away
         self._lock = threading.Lock()
         if engine is not None:
             self.attach_engine(engine)
@@ -95,6 +96,20 @@ class AppState:
             return
         self.load_seconds = time.monotonic() - start
         self.attach_engine(engine)
+
+    def count_aborted(self, n: int) -> None:
+        self.num_aborted_requests += n
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "model": self.served.name}
+        if self.status == "failed":
+            body["error"] = self.error
+        engine = self.engine
+        if engine is not None:
+            stats = getattr(engine, "stats", None)
+            body["engine"] = dict(stats()) if callable(stats) else {}
+            body["num_aborted_requests"] = self.num_aborted_requests
+        return body
 
     def shutdown(self) -> None:
         engine, self.engine = self.engine, None

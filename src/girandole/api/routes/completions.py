@@ -45,7 +45,9 @@ async def create_completion(request: Request) -> Response:
     job = await completions.prepare(engine, req, request_id, req.model, state.context_length)
     headers = {"x-request-id": request.headers.get("x-request-id") or request_id}
     try:
-        fanout = await unless_disconnected(request, completions.start(engine, job))
+        fanout = await unless_disconnected(
+            request, completions.start(engine, job, state.count_aborted)
+        )
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     if job.stream:

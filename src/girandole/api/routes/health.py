@@ -11,7 +11,5 @@ router = APIRouter()
 @router.get("/health", summary="Liveness and readiness")
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.girandole
-    body: dict = {"status": state.status, "model": state.served.name}
-    if state.status == "failed":
-        body["error"] = state.error
+    body = state.health()
     return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
