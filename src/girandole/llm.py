@@ -35,15 +35,19 @@ class LLM:
 
         ids: list[str] = []
         prompt_ids: dict[str, list[int]] = {}
+        params_of: dict[str, SamplingParams] = {}
         for prompt, p in zip(prompts, params):
             tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(rid, tokens, p)
             ids.append(rid)
             prompt_ids[rid] = tokens
+            params_of[rid] = p
 
         tokens_out: dict[str, list[int]] = {rid: [] for rid in ids}
         text_out: dict[str, list[str]] = {rid: [] for rid in ids}
+        logprobs_out: dict[str, list] = {rid: [] for rid in ids}
+        prompt_logprobs_out: dict[str, list | None] = {}
         results: dict[str, CompletionOutput] = {}
         while len(results) < len(ids):
             for out in self.engine.step():
@@ -51,6 +55,10 @@ class LLM:
                     continue
                 tokens_out[out.request_id].extend(out.new_token_ids)
                 text_out[out.request_id].append(out.new_text)
+                if out.logprobs:
+                    logprobs_out[out.request_id].extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs_out[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     results[out.request_id] = CompletionOutput(
                         prompt_token_ids=prompt_ids[out.request_id],
@@ -58,5 +66,9 @@ class LLM:
                         text="".join(text_out[out.request_id]),
                         finish_reason=out.finish_reason,
                         num_cached_tokens=out.num_cached_tokens,
+                        logprobs=logprobs_out[out.request_id]
+                        if params_of[out.request_id].logprobs is not None
+                        else None,
+                        prompt_logprobs=prompt_logprobs_out.get(out.request_id),
                     )
         return [results[rid] for rid in ids]

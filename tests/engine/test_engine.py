@@ -42,9 +42,7 @@ def llm(tiny_llama_dir):
 
 
 def expected(llm: LLM, n: int) -> list[list[int]]:
-    return [
-        naive_greedy(llm.engine.model, llm.tokenizer.encode(p), n) for p in PROMPTS
-    ]
+    return [naive_greedy(llm.engine.model, llm.tokenizer.encode(p), n) for p in PROMPTS]
 
 
 def test_batched_greedy_matches_full_recompute(llm):

@@ -131,6 +131,7 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs, self._finished_early = self._finished_early, []
         batch = self.scheduler.schedule()

@@ -1,0 +1,187 @@
+"""Each sampling parameter checked numerically against a direct computation on the logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from girandole import LLM, SamplingParams
+from girandole.sampling.sampler import Sampler, SamplerRow
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(
+        model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
+    )
+
+
+def full_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits at every position from one plain forward, no cache: [len(ids), V]."""
+    with torch.inference_mode():
+        model = llm.engine.model
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))).float()
+
+
+def test_logit_bias_forces_token(llm):
+    target = 42
+    out = llm.generate(
+        "Once upon a time",
+        SamplingParams(temperature=1.0, max_tokens=6, logit_bias={target: 100}, ignore_eos=True),
+    )[0]
+    assert out.token_ids == [target] * 6
+
+
+def test_min_tokens_suppresses_eos(llm):
+    eos = llm.engine.model_config.eos_token_ids[0]
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=5, logit_bias={eos: 100})
+    out = llm.generate("Once upon a time", params)[0]
+    assert len(out.token_ids) == 6 and out.token_ids[-1] == eos
+    assert out.finish_reason == "stop"
+
+
+def test_penalties_change_exactly_the_penalised_logits():
+    V = 10
+    logits = torch.linspace(-2.0, 2.5, V)[None, :].repeat(1, 1)
+    prompt, output = [1, 7], [3, 3, 8]
+    params = SamplingParams(
+        temperature=0, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25
+    )
+    row = SamplerRow(params, None, prompt + output, len(prompt))
+    got = logits.clone()
+    Sampler._apply_bias_and_penalties(got, [row])
+    want = logits.clone()[0]
+    for t in set(prompt + output):
+        want[t] = want[t] / 1.5 if want[t] > 0 else want[t] * 1.5
+    for t in set(output):
+        want[t] -= 0.5 * output.count(t) + 0.25
+    assert torch.allclose(got[0], want)
+    untouched = [t for t in range(V) if t not in prompt + output]
+    assert torch.equal(got[0, untouched], logits[0, untouched])
+
+
+def test_greedy_logprobs_match_reference_forward(llm):
+    prompt = llm.tokenizer.encode("The quick brown fox")
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
+    )[0]
+    ids = prompt + out.token_ids
+    ref = torch.log_softmax(full_logits(llm, ids), dim=-1)
+    for i, (tok, res) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert res.token_id == tok
+        assert res.logprob == pytest.approx(float(row[tok]), abs=1e-4)
+        top_ids = [t for t, _ in res.top_logprobs]
+        assert top_ids == row.topk(3).indices.tolist()
+
+
+def test_echo_prompt_logprobs_equal_one_reference_forward(llm):
+    prompt = llm.tokenizer.encode("It kept its keys and values in pages, shared prefixes")
+    # Warm the prefix cache with the same prompt: scored positions must still be computed.
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    assert out.token_ids == [] and out.finish_reason == "length"
+    ref = torch.log_softmax(full_logits(llm, prompt), dim=-1)
+    want = [float(ref[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    got = [r.logprob for r in out.prompt_logprobs[1:]]
+    assert out.prompt_logprobs[0] is None
+    assert got == pytest.approx(want, abs=1e-4)
+    assert sum(got) == pytest.approx(sum(want), abs=1e-3)
+
+
+def test_echo_logprobs_with_chunked_prefill(tiny_llama_dir):
+    llm = LLM(
+        model=str(tiny_llama_dir),
+        mode="reference",
+        device="cpu",
+        block_size=4,
+        kv_cache_gb=0.01,
+        max_num_batched_tokens=8,
+        max_num_seqs=2,
+    )
+    prompt = llm.tokenizer.encode("It kept its keys and values in pages, shared prefixes")
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    ref = torch.log_softmax(full_logits(llm, prompt), dim=-1)
+    want = [float(ref[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert [r.logprob for r in out.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)
+
+
+def test_top_p_and_top_k_keep_the_right_sets():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    logits = probs.log()
+    sampler = Sampler(seed=0)
+    p = sampler._probs(logits.clone(), [SamplerRow(SamplingParams(top_p=0.8))])
+    assert (p[0] > 0).tolist() == [True, True, True, False, False]
+    p = sampler._probs(logits.clone(), [SamplerRow(SamplingParams(top_k=2))])
+    assert (p[0] > 0).tolist() == [True, True, False, False, False]
+    p = sampler._probs(logits.clone(), [SamplerRow(SamplingParams(min_p=0.3))])
+    assert (p[0] > 0).tolist() == [True, True, True, False, False]
+
+
+def test_typical_p_keeps_tokens_nearest_the_entropy():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    entropy = -(probs * probs.log()).sum()
+    order = ((-probs.log()) - entropy).abs().argsort().tolist()
+    kept = Sampler._typical(probs.clone(), 0.5)
+    cum, want = 0.0, set()
+    for t in order:
+        want.add(t)
+        cum += float(probs[t])
+        if cum >= 0.5:
+            break
+    assert {i for i in range(4) if kept[i] > 0} == want
+
+
+def test_mirostat_updates_mu_and_truncates(llm):
+    row = SamplerRow(SamplingParams(temperature=1.0, mirostat_target=1.0, mirostat_lr=0.5))
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -3.0]])
+    sampler = Sampler(seed=1)
+    p = sampler._probs(logits.clone(), [row])
+    q = torch.softmax(logits[0], -1)
+    allowed = (-torch.log2(q) <= 2.0).tolist()
+    assert ((p[0] > 0).tolist()) == [a or i == 0 for i, a in enumerate(allowed)]
+    result = sampler(logits.clone(), [row])[0]
+    assert row.state["mirostat_mu"] != 2.0 and math.isfinite(row.state["mirostat_mu"])
+    assert 0 <= result.token_id < 5
+
+
+def test_sampling_logprob_reflects_temperature(llm):
+    out = llm.generate(
+        "Once", SamplingParams(temperature=0.5, top_k=3, max_tokens=3, seed=3, logprobs=0)
+    )[0]
+    for res in out.logprobs:
+        assert res.sampling_logprob >= res.logprob - 1e-6  # sharper and truncated
+        assert res.top_logprobs == []
+
+
+def test_determinism_in_a_mixed_busy_batch(llm):
+    target = SamplingParams(
+        temperature=0.9,
+        top_p=0.95,
+        repetition_penalty=1.2,
+        max_tokens=12,
+        seed=99,
+        logprobs=2,
+        ignore_eos=True,
+    )
+    alone = llm.generate("The quick brown fox", target)[0]
+    others = []
+    for i in range(30):
+        others.append(
+            SamplingParams(
+                temperature=0.3 + 0.05 * i,
+                top_k=i % 7,
+                presence_penalty=0.1 * (i % 3),
+                max_tokens=4 + i % 9,
+                seed=None if i % 2 else i,
+                ignore_eos=True,
+            )
+        )
+    prompts = ["Once upon a time"] * 15 + ["def main():"] * 15 + ["The quick brown fox"]
+    outs = llm.generate(prompts, others + [target])
+    assert outs[-1].token_ids == alone.token_ids
+    assert [r.logprob for r in outs[-1].logprobs] == pytest.approx(
+        [r.logprob for r in alone.logprobs], abs=1e-5
+    )
