@@ -1,0 +1,169 @@
+"""The default GGUF's tokenizer against transformers' GGUF conversion, plus the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_metadata(tok):
+    assert tok.vocab_size == 262144
+    assert (tok.bos_token_id, tok.eos_token_id) == (2, 1)
+    assert (tok.bos_token, tok.eos_token) == ("<bos>", "<eos>")
+    assert tok.stop_token_ids == [1, 106]
+    assert tok.add_bos is True
+    assert tok.chat_template is None
+    assert tok.is_special(2) and tok.is_special(105) and tok.is_special(106) and tok.is_special(0)
+    assert not tok.is_special(107)  # "\n" is user-defined, not special
+    assert not tok.is_special(9259)
+
+
+def test_known_ids(tok):
+    assert tok.encode("<bos>Hello world") == [2, 9259, 1902]
+    assert tok.encode("Hello world") == [2, 9259, 1902]
+    assert tok.encode("Hello world", add_bos=False) == [9259, 1902]
+    assert tok.encode("<start_of_turn>user\nHello<end_of_turn>\n") == [
+        2, 105, 2364, 107, 9259, 106, 107,
+    ]  # fmt: skip
+    assert tok.encode("") == [2]
+    assert tok.encode("", add_bos=False) == []
+
+
+def test_same_tokenizer_json_as_transformers(tok, ref):
+    """Our own GGUF build is the very tokenizer transformers builds."""
+    ours = json.loads(tok.hf.to_str())
+    theirs = json.loads(ref.backend_tokenizer.to_str())
+    assert ours == theirs
+
+
+def test_encode_decode_match_transformers(tok, ref, text):
+    ids = tok.encode(text, add_bos=False)
+    assert ids == ref(text, add_special_tokens=False).input_ids
+    with_bos = tok.encode(text)
+    assert with_bos == (ids if ids[:1] == [2] else [2, *ids])
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
+    if "<" not in text:  # no special-token strings: decode is the exact inverse
+        assert tok.decode(ids) == text
+
+
+def test_encode_batch(tok, texts):
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_token_bytes_concatenate_to_text(tok, text):
+    ids = tok.encode(text, add_bos=False)
+    joined = b"".join(tok.token_bytes(i) for i in ids)
+    assert joined == tok.decode(ids, skip_special_tokens=False).encode("utf-8")
+    if "\u2581" not in text:  # a literal '▁' reads back as a space (as in decode)
+        assert joined == text.encode("utf-8")
+
+
+def test_token_bytes_and_str(tok):
+    byte_e2 = tok.token_to_id("<0xE2>")
+    assert tok.token_bytes(byte_e2) == b"\xe2"
+    assert tok.token_str(byte_e2) == "bytes:\\xe2"
+    a = tok.token_to_id("<0x41>")
+    assert tok.token_bytes(a) == b"A" and tok.token_str(a) == "A"
+    world = tok.encode(" world", add_bos=False)
+    assert len(world) == 1
+    assert tok.token_bytes(world[0]) == b" world" and tok.token_str(world[0]) == " world"
+    assert tok.token_bytes(106) == b"<end_of_turn>"
+    assert tok.token_str(107) == "\n"
+    spaces = tok.encode("    ", add_bos=False)
+    assert [tok.token_str(i) for i in spaces] == ["    "]
+    with pytest.raises(IndexError):
+        tok.token_bytes(tok.vocab_size)
+
+
+def test_emoji_uses_byte_tokens(tok):
+    """At least one emoji falls back to byte tokens: the detokenizer tests rely on it."""
+    ids = tok.encode("🌁🎴", add_bos=False)
+    pieces = [tok.id_to_token(i) for i in ids]
+    assert len(ids) == 8 and all(p.startswith("<0x") for p in pieces), pieces
+
+
+def test_cached_reload_needs_no_gguf_parse(tok, gguf_path, tok_cache_dir):
+    """A second process loads from the cache: no gguf or transformers import, same ids."""
+    from girandole.tokenizer.loader import gguf_cache_path
+
+    os.environ["GIRANDOLE_CACHE_DIR"], old = (
+        str(tok_cache_dir),
+        os.environ.get("GIRANDOLE_CACHE_DIR"),
+    )
+    try:
+        entry = gguf_cache_path(gguf_path)
+    finally:
+        if old is None:
+            del os.environ["GIRANDOLE_CACHE_DIR"]
+        else:
+            os.environ["GIRANDOLE_CACHE_DIR"] = old
+    assert (entry / "tokenizer.json").is_file() and (entry / "meta.json").is_file()
+    assert [p.name for p in entry.parent.iterdir() if p.name.startswith(".")] == []
+
+    code = textwrap.dedent(
+        f"""
+        import json, sys, time
+        t = time.perf_counter()
+        from girandole.tokenizer import load_tokenizer
+        tok = load_tokenizer({str(gguf_path)!r})
+        dt = time.perf_counter() - t
+        print(json.dumps({{
+            "seconds": dt,
+            "gguf": "gguf" in sys.modules,
+            "transformers": "transformers" in sys.modules,
+            "ids": tok.encode("<start_of_turn>user\\nHello<end_of_turn>\\n"),
+            "stop": tok.stop_token_ids,
+        }}))
+        """
+    )
+    env = dict(os.environ, GIRANDOLE_CACHE_DIR=str(tok_cache_dir))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"cached tokenizer load in a fresh process: {result['seconds']:.2f} s")
+    assert result["gguf"] is False and result["transformers"] is False
+    assert result["ids"] == [2, 105, 2364, 107, 9259, 106, 107]
+    assert result["stop"] == [1, 106]
+
+
+def test_damaged_cache_is_rebuilt(gguf_path, tmp_path, monkeypatch, tok):
+    """A damaged cache entry is replaced (the conversion reuses this process's GGUF parse)."""
+    from girandole.tokenizer.loader import gguf_cache_path, load_gguf_tokenizer
+
+    monkeypatch.setenv("GIRANDOLE_CACHE_DIR", str(tmp_path))
+    entry = gguf_cache_path(gguf_path)
+    entry.mkdir(parents=True)
+    (entry / "tokenizer.json").write_text("{not json")
+    (entry / "meta.json").write_text("{}")
+    again = load_gguf_tokenizer(gguf_path)
+    assert again.encode("Hello world") == [2, 9259, 1902]
+    assert json.loads((entry / "meta.json").read_text())["stop_token_ids"] == [1, 106]
+
+
+def test_load_tokenizer_default_is_shared(gguf_path):
+    from girandole.tokenizer import load_tokenizer
+
+    a = load_tokenizer(None)
+    assert a is load_tokenizer(gguf_path)
+    assert a.encode("Hello world") == [2, 9259, 1902]
+
+
+def test_bad_paths(tmp_path):
+    from girandole.tokenizer import load_tokenizer
+
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path)  # a folder without tokenizer.json
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(ValueError):
+        load_tokenizer(tmp_path / "x.bin")
