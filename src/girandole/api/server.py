@@ -82,6 +82,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="memory for the KV cache [GIRANDOLE_KV_CACHE_GB]",
     )
     p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=int(_env("MAX_MODEL_LEN")) if _env("MAX_MODEL_LEN") else None,
+        help="cap the context length (tokens) [GIRANDOLE_MAX_MODEL_LEN]",
+    )
+    p.add_argument(
         "--stream-usage",
         choices=["separate", "finish"],
         default=_env("STREAM_USAGE", "separate"),
@@ -116,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         model_id=args.model_id,
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
+        max_model_len=args.max_model_len,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,

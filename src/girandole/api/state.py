@@ -88,6 +88,8 @@ class AppState:
             kwargs: dict[str, Any] = {"model": self.settings.model}
             if self.settings.kv_cache_gb is not None:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
+            if self.settings.max_model_len is not None:
+                kwargs["max_model_len"] = self.settings.max_model_len
             engine = AsyncEngine(EngineConfig(**kwargs))
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
