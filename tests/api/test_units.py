@@ -1,0 +1,218 @@
+"""Parts of the API that need no server: schemas and messages, naming, keys, limits, SSE."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from girandole.api.errors import APIError
+from girandole.api.prompts import fit_max_tokens
+from girandole.api.sampling import build_params, choice_seed, sampling_defaults
+from girandole.api.schemas.completions import CompletionRequest
+from girandole.api.sse import DONE, sse_event
+from girandole.api.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
+from girandole.api.validation import parse_json_object, validate_model
+from girandole.registry.keys import ApiKeyStore
+from girandole.registry.models import ModelRegistry, ServedModel
+from girandole.registry.naming import parse_model_ref
+
+
+def error_of(body: dict) -> APIError:
+    with pytest.raises(APIError) as info:
+        strip_unsupported(body, COMPLETIONS_UNSUPPORTED)
+        validate_model(CompletionRequest, body)
+    assert info.value.status_code == 400
+    return info.value
+
+
+def req(**kw) -> dict:
+    return {"model": "m", "prompt": "p", **kw}
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hi", ["hi"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2], [[1, 2]]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
+        ("", [""]),
+    ],
+)
+def test_prompt_forms(prompt, expected):
+    assert validate_model(CompletionRequest, req(prompt=prompt)).prompts() == expected
+
+
+@pytest.mark.parametrize("prompt", [5, [], [[]], [True], [-1], ["a", 1], [[1], "a"], {"a": 1}, None])
+def test_bad_prompts_name_the_field(prompt):
+    err = error_of(req(prompt=prompt))
+    assert "field: 'prompt'" in err.message
+    assert err.param == "prompt"
+
+
+def test_extra_field_message_matches_fireworks():
+    err = error_of(req(reset_prompt_cache=True))
+    assert err.message == "Extra inputs are not permitted, field: 'reset_prompt_cache', value: True"
+    err = error_of(req(stream_options={"include_usage": True, "x": 1}))
+    assert err.message == "Extra inputs are not permitted, field: 'stream_options.x', value: 1"
+    err = error_of(req(best_of=2, suffix="x"))
+    assert err.message.startswith("2 request validation errors:\n  Extra inputs are not permitted")
+    assert "field: 'best_of'" in err.message and "field: 'suffix'" in err.message
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", 2.5), ("temperature", -0.1), ("temperature", "1"), ("temperature", True),
+        ("top_p", 1.5), ("top_k", 101), ("top_k", -1), ("top_k", 1.5), ("min_p", 2),
+        ("n", 0), ("n", 129), ("n", 1.0), ("max_tokens", -1), ("max_tokens", "5"),
+        ("max_completion_tokens", -3), ("seed", 2**64), ("seed", 1.5), ("stop", ["a"] * 5),
+        ("stop", 5), ("stop", [1]), ("stream", "yes"), ("ignore_eos", 1), ("user", 5),
+        ("context_length_exceeded_behavior", "drop"), ("stream_options", 1),
+        ("stream_options", {"include_usage": "yes"}), ("model", 5),
+    ],
+)  # fmt: skip
+def test_type_and_range_errors_name_the_field(field, value):
+    err = error_of(req(**{field: value}))
+    assert f"field: '{field}" in err.message
+    assert err.param.split(".")[0] == field
+
+
+def test_limits_accepted_at_the_edges():
+    body = req(temperature=2, top_p=0, top_k=100, min_p=1, n=128, stop=["a", "b", "c", "d"])
+    r = validate_model(CompletionRequest, body)
+    assert r.stop_list() == ["a", "b", "c", "d"]
+    assert validate_model(CompletionRequest, req(temperature=0, n=1, stop="x")).stop_list() == ["x"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logprobs", 1), ("logprobs", True), ("echo", True), ("frequency_penalty", 0.5),
+     ("logit_bias", {"1": 5}), ("response_format", {"type": "json_object"}), ("raw_output", True),
+     ("images", ["data:image/png;base64,AA=="]), ("stream_options", {"include_internal_content": True})],
+)  # fmt: skip
+def test_unsupported_fields_are_400_naming_them(field, value):
+    err = error_of(req(**{field: value}))
+    assert "not supported" in err.message
+    assert err.param.split(".")[0] == field
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logprobs", None), ("logprobs", False), ("echo", False), ("frequency_penalty", 0),
+     ("presence_penalty", 0.0), ("repetition_penalty", 1), ("logit_bias", {}),
+     ("response_format", {"type": "text"}), ("service_tier", "default"), ("typical_p", 1.0)],
+)  # fmt: skip
+def test_unsupported_fields_accept_noop_values(field, value):
+    body = req(**{field: value})
+    strip_unsupported(body, COMPLETIONS_UNSUPPORTED)
+    assert field not in body
+    validate_model(CompletionRequest, body)
+
+
+def test_noop_check_is_type_exact():
+    with pytest.raises(APIError):  # 0 is not False
+        strip_unsupported(req(echo=0), COMPLETIONS_UNSUPPORTED)
+    with pytest.raises(APIError):  # False is not 0
+        strip_unsupported(req(frequency_penalty=False), COMPLETIONS_UNSUPPORTED)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"   ", b"{", b"[1]", b'"x"', b"\xff\xfe", b'{"a": NaN}', b"[" * 100000]
+)
+def test_bad_json_bodies_are_400(raw):
+    with pytest.raises(APIError) as info:
+        parse_json_object(raw)
+    assert info.value.status_code == 400
+
+
+def test_context_length_rules():
+    assert fit_max_tokens(10, 5, 100, "truncate") == 5
+    assert fit_max_tokens(10, 500, 100, "truncate") == 90
+    assert fit_max_tokens(10, 90, 100, "error") == 90
+    with pytest.raises(APIError, match="maximum context length is 100"):
+        fit_max_tokens(10, 91, 100, "error")
+    for behavior in ("truncate", "error"):
+        with pytest.raises(APIError, match="The prompt is too long: 100, model maximum context"):
+            fit_max_tokens(100, 1, 100, behavior)
+
+
+def test_choice_seeds_differ_and_keep_choice_zero():
+    assert choice_seed(None, 3) is None
+    assert choice_seed(42, 0) == 42
+    seeds = {choice_seed(42, k) for k in range(128)}
+    assert len(seeds) == 128 and all(0 <= s < 2**63 for s in seeds if s != 42)
+
+
+def test_sampling_params_from_fields():
+    defaults = sampling_defaults({"temperature": 0.7, "top_k": 64})
+    p = build_params({"top_p": 0.9}, defaults, max_tokens=7, stop=["\n"], seed=1)
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens, p.stop, p.seed) == (
+        0.7, 64, 0.9, 7, ["\n"], 1,
+    )  # fmt: skip
+    greedy = build_params({"top_p": 0}, sampling_defaults(None), max_tokens=1, stop=[], seed=None)
+    assert greedy.top_k == 1 and greedy.greedy
+    with pytest.raises(APIError) as info:
+        build_params({}, defaults, max_tokens=1, stop=[""], seed=None)
+    assert info.value.param == "stop"
+
+
+@pytest.mark.parametrize(
+    "value, model, deployment",
+    [
+        ("accounts/fireworks/models/gemma-3-270m", "accounts/fireworks/models/gemma-3-270m", None),
+        ("gemma-3-270m", "accounts/fireworks/models/gemma-3-270m", None),
+        ("fireworks/gemma-3-270m", "accounts/fireworks/models/gemma-3-270m", None),
+        ("accounts/fireworks/models/gemma-3-270m#accounts/alice/deployments/d1",
+         "accounts/fireworks/models/gemma-3-270m", "accounts/alice/deployments/d1"),
+        ("fireworks/gemma-3-270m#alice/12345678",
+         "accounts/fireworks/models/gemma-3-270m", "accounts/alice/deployments/12345678"),
+        ("accounts/alice/deployments/d1", None, "accounts/alice/deployments/d1"),
+    ],
+)  # fmt: skip
+def test_model_names(value, model, deployment):
+    ref = parse_model_ref(value, "fireworks")
+    assert (ref.model, ref.deployment) == (model, deployment)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "accounts/A/models/b", "a/b/c", "accounts/a/models/b#", "x#y", "-a"]
+)
+def test_malformed_model_names(value):
+    assert parse_model_ref(value, "fireworks") is None
+
+
+def test_registry_resolution():
+    reg = ModelRegistry("fireworks")
+    served = ServedModel("accounts/fireworks/models/m", "fireworks", context_length=8)
+    reg.add_model(served, "accounts/fireworks/deployments/m")
+    dep = "accounts/fireworks/deployments/m"
+    assert reg.resolve("accounts/fireworks/models/m").deployment.name == dep
+    assert reg.resolve(f"accounts/fireworks/models/m#{dep}").model is served
+    assert reg.resolve(dep).model is served
+    assert reg.resolve("m", deployment_header=dep).model is served
+    assert reg.resolve("m", deployment_header="fireworks/m").model is served
+    assert reg.resolve("accounts/fireworks/models/other") is None
+    assert reg.resolve("m#accounts/fireworks/deployments/other") is None
+    assert reg.resolve("m", deployment_header="accounts/fireworks/deployments/other") is None
+    assert reg.resolve(f"m#{dep}", deployment_header="fireworks/other") is None
+    assert reg.resolve("accounts/bob/models/m") is None
+    entry = served.to_list_entry()
+    assert entry["id"] == "accounts/fireworks/models/m" and entry["context_length"] == 8
+    assert {"object", "created", "owned_by", "kind", "supports_chat"} <= set(entry)
+
+
+def test_key_store():
+    assert ApiKeyStore().open
+    keys = ApiKeyStore(["k1", "k2"])
+    assert not keys.open and len(keys) == 2
+    assert keys.check("k1") and keys.check("k2")
+    assert not keys.check("k3") and not keys.check("") and not keys.check("k1 ")
+
+
+def test_sse_framing():
+    event = sse_event({"a": "é", "b": None})
+    assert event == 'data: {"a":"é","b":null}\n\n'.encode()
+    assert json.loads(event[6:]) == {"a": "é", "b": None}
+    assert DONE == b"data: [DONE]\n\n"
