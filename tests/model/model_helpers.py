@@ -1,0 +1,166 @@
+"""Helpers for the model tests: tiny random HF checkpoints, and running a model the way the
+engine does (a flattened multi-sequence batch over a small paged KV cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from girandole.model.attention import Attention, AttentionMetadata, attention_context
+
+VOCAB = 300
+
+
+def tiny_hf_config(kind: str):
+    """A transformers config with tiny sizes for one architecture variant."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if kind == "llama":
+        return tf.LlamaConfig(**common, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if kind == "llama3":  # rope scaling "llama3", tied embeddings (as Llama 3.2 1B)
+        return tf.LlamaConfig(
+            **common,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    if kind == "mistral":  # sliding window shorter than the test prompts
+        return tf.MistralConfig(**common, sliding_window=5, head_dim=16)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if kind == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    if kind == "gemma3":
+        return tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 7, "num_key_value_heads": 1},
+            head_dim=32,
+            sliding_window=5,
+            query_pre_attn_scalar=24,
+        )
+    raise ValueError(kind)
+
+
+def write_tiny_hf(kind: str, folder: Path, seed: int = 0):
+    """Write a random tiny checkpoint (config.json + model.safetensors); returns the HF model."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_hf_config(kind)
+    cls = tf.Gemma3ForCausalLM if kind == "gemma3" else tf.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
+    model = model.float().eval()
+    with torch.no_grad():  # random init leaves norms at their identity value: perturb them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def attention_layers(model) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+class PagedRunner:
+    """Runs a model over a paged KV cache as the engine does: one flattened batch per step."""
+
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+        self.model = model
+        self.block_size = block_size
+        layers = attention_layers(model)
+        device = next(model.buffers(), torch.empty(0)).device
+        for layer in layers:
+            shape = (num_blocks * block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, device=device)
+            layer.v_cache = torch.zeros(shape, device=device)
+        gen = torch.Generator().manual_seed(seed)
+        self.free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
+        self.blocks: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+
+    def close(self) -> None:
+        for layer in attention_layers(self.model):
+            layer.k_cache = layer.v_cache = None
+
+    def _slot(self, seq: int, pos: int) -> int:
+        blocks = self.blocks.setdefault(seq, [])
+        while len(blocks) * self.block_size <= pos:
+            blocks.append(self.free.pop())
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def step(self, new_tokens: dict[int, list[int]], decode: bool = False) -> torch.Tensor:
+        """Append `new_tokens` per sequence id; returns float32 logits [T, V] for all new rows."""
+        ids, positions, slots, qlens, ctxs, ctx_slots = [], [], [], [], [], []
+        for seq, toks in new_tokens.items():
+            start = self.lens.get(seq, 0)
+            for j, tok in enumerate(toks):
+                ids.append(tok)
+                positions.append(start + j)
+                slots.append(self._slot(seq, start + j))
+            self.lens[seq] = start + len(toks)
+            qlens.append(len(toks))
+            ctxs.append(self.lens[seq])
+            ctx_slots.append(torch.tensor([self._slot(seq, p) for p in range(self.lens[seq])]))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            query_lens=qlens,
+            context_lens=ctxs,
+            context_slots=ctx_slots,
+        )
+        if decode:
+            assert all(q == 1 for q in qlens)
+            width = max(ctxs)
+            pad = torch.zeros(len(ctxs), width, dtype=torch.long)
+            valid = torch.zeros(len(ctxs), width, dtype=torch.bool)
+            for i, s in enumerate(ctx_slots):
+                pad[i, : len(s)] = s
+                valid[i, : len(s)] = True
+            meta.decode_slots = pad
+            meta.decode_valid = valid
+            meta.decode_positions = torch.tensor(positions)
+        with torch.inference_mode(), attention_context(meta):
+            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+            return self.model.compute_logits(hidden)
+
+
+def paged_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: one batched prefill, batched decodes."""
+    runner = PagedRunner(model, num_blocks=sum(len(p) + max_new for p in prompts) // 4 + 8)
+    try:
+        logits = runner.step(dict(enumerate(prompts)))
+        ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+        nxt = logits[ends].argmax(-1).tolist()
+        outs = [[t] for t in nxt]
+        for _ in range(max_new - 1):
+            logits = runner.step({i: [o[-1]] for i, o in enumerate(outs)}, decode=True)
+            for i, t in enumerate(logits.argmax(-1).tolist()):
+                outs[i].append(t)
+        return outs
+    finally:
+        runner.close()
