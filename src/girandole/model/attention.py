@@ -93,8 +93,9 @@ class Attention(nn.Module):
             return out.to(out_dtype).reshape(q.shape[0], -1)
 
         cache_dtype = self.k_cache.dtype
-        self.k_cache[meta.slot_mapping] = k.to(cache_dtype)
-        self.v_cache[meta.slot_mapping] = v.to(cache_dtype)
+        # index_copy_/index_select: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
+        self.k_cache.index_copy_(0, meta.slot_mapping, k.to(cache_dtype))
+        self.v_cache.index_copy_(0, meta.slot_mapping, v.to(cache_dtype))
         q = q.to(cache_dtype)
 
         if meta.decode_slots is not None:
@@ -107,9 +108,9 @@ class Attention(nn.Module):
                 start += qlen
                 k_pos = torch.arange(ctx, device=q.device)
                 q_pos = k_pos[ctx - qlen :]
-                outs.append(
-                    self._attend(qi, self.k_cache[slots], self.v_cache[slots], q_pos, k_pos)
-                )
+                ki = self.k_cache.index_select(0, slots)
+                vi = self.v_cache.index_select(0, slots)
+                outs.append(self._attend(qi, ki, vi, q_pos, k_pos))
             out = torch.cat(outs, dim=0)
         return out.to(out_dtype).reshape(out.shape[0], -1)
 
@@ -141,8 +142,11 @@ class Attention(nn.Module):
 
     def _attend_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [S, H, D] (one token per sequence); keys gathered into [S, L, Hkv, D].
-        k = self.k_cache[meta.decode_slots].transpose(1, 2)  # [S, Hkv, L, D]
-        v = self.v_cache[meta.decode_slots].transpose(1, 2)
+        S, L = meta.decode_slots.shape
+        flat = meta.decode_slots.reshape(-1)
+        k = self.k_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
+        v = self.v_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, Hkv, L, D]
         mask = meta.decode_valid
         if self.sliding_window is not None:
             k_idx = torch.arange(mask.shape[1], device=q.device)
