@@ -44,7 +44,7 @@ def test_stop_split_every_way(include_stop):
     for pieces in all_splits(text, 3):
         out, stopped, m = run(["\n\nUser:"], pieces, include_stop)
         assert (out, stopped) == (expected, True), pieces
-        assert m.stop == "\n\nUser:"
+        assert m.matched == "\n\nUser:"
 
 
 def test_stop_split_char_by_char_and_held_back():

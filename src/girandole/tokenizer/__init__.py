@@ -7,11 +7,27 @@ stop strings and chat templates.
     det = IncrementalDetokenizer(tok, prompt_ids=ids)
     stop = StopStringMatcher(["\\n\\n"])
     text, stopped = stop.feed(det.add([new_id]))
+    prompt = render_chat_for(tok, messages)   # model's template or the built-in for its family
 """
 
+from girandole.tokenizer.chat_template import (
+    ChatTemplateError,
+    load_chat_template,
+    render_chat,
+    render_chat_for,
+)
 from girandole.tokenizer.detokenizer import IncrementalDetokenizer
 from girandole.tokenizer.loader import load_tokenizer
 from girandole.tokenizer.stop import StopStringMatcher
 from girandole.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["IncrementalDetokenizer", "StopStringMatcher", "Tokenizer", "load_tokenizer"]
+__all__ = [
+    "ChatTemplateError",
+    "IncrementalDetokenizer",
+    "StopStringMatcher",
+    "Tokenizer",
+    "load_chat_template",
+    "load_tokenizer",
+    "render_chat",
+    "render_chat_for",
+]

@@ -17,10 +17,10 @@ class StopStringMatcher:
 
     When several stop strings occur, the one that completes first in the text wins (ties: the one
     starting first), so the result does not depend on how the text was split into pieces.
-    `stop` is the stop string that matched, or None.
+    `matched` is the stop string that matched, or None (Fireworks/vLLM `stop_reason`).
     """
 
-    __slots__ = ("stops", "include_stop", "_held", "_max_hold", "stopped", "stop")
+    __slots__ = ("stops", "include_stop", "_held", "_max_hold", "stopped", "matched")
 
     def __init__(self, stops: Iterable[str] | None, include_stop: bool = False) -> None:
         self.stops: list[str] = sorted({s for s in (stops or []) if s}, key=len)
@@ -28,7 +28,7 @@ class StopStringMatcher:
         self._held = ""
         self._max_hold = max((len(s) for s in self.stops), default=1) - 1
         self.stopped = False
-        self.stop: str | None = None
+        self.matched: str | None = None
 
     def _find(self, text: str) -> tuple[int, str] | None:
         best: tuple[int, int, str] | None = None  # (end, start, stop)
@@ -60,7 +60,7 @@ class StopStringMatcher:
         found = self._find(buf)
         if found is not None:
             start, stop = found
-            self.stopped, self.stop, self._held = True, stop, ""
+            self.stopped, self.matched, self._held = True, stop, ""
             return buf[: start + len(stop)] if self.include_stop else buf[:start], True
         k = self._hold_len(buf)
         if k:
