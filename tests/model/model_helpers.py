@@ -164,3 +164,112 @@ def paged_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int
         return outs
     finally:
         runner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes them
+
+
+def _permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's LlamaModel.permute (rotate-half -> interleaved rows)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def write_tiny_gguf(hf_model, arch: str, path: Path, qtypes: dict[str, str]) -> None:
+    """Write `hf_model` as a GGUF (`arch` "llama" or "gemma3"). `qtypes` maps a GGUF tensor
+    suffix (e.g. "attn_q") to a quantization type name; others stay F32. The HF model's
+    weights are replaced in place by their quantized-then-dequantized values, so it is the
+    transformers reference for exactly the weights in the file."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    theta = cfg.rope_parameters.get("full_attention", cfg.rope_parameters).get("rope_theta")
+    w.add_rope_freq_base(float(theta))
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+
+    state = hf_model.state_dict()
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            name = "output"
+        elif hf_name == "model.embed_tokens.weight":
+            name = "token_embd"
+        elif hf_name == "model.norm.weight":
+            name = "output_norm"
+        else:
+            parts = hf_name.split(".")
+            i, rest = parts[2], ".".join(parts[3:-1])
+            if rest == "post_attention_layernorm":
+                gname = "post_attention_norm" if arch == "gemma3" else "ffn_norm"
+            else:
+                gname = _HF_TO_GGUF[rest]
+            name = f"blk.{i}.{gname}"
+        suffix = name.split(".")[-1]
+        kind = hf_name.rsplit(".", 1)[1]  # weight or bias
+        data = tensor.detach().float().clone()
+        qtype = qtypes.get(suffix) if kind == "weight" and data.dim() == 2 else None
+        if qtype is not None:
+            qt = gguf.GGMLQuantizationType[qtype]
+            raw = quantize(data.numpy(), qt)
+            data = torch.from_numpy(np.array(dequantize(raw, qt), dtype=np.float32))
+            with torch.no_grad():
+                tensor.copy_(data)  # the HF reference now holds exactly the file's values
+        out = data
+        if arch == "gemma3" and "norm" in name:
+            out = out + 1.0
+        if arch == "llama" and suffix in ("attn_q", "attn_k"):
+            n = cfg.num_attention_heads if suffix == "attn_q" else cfg.num_key_value_heads
+            out = _permute_rope(out, n)
+        arr = out.numpy().astype(np.float32)
+        if qtype is not None:
+            qt = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(f"{name}.{kind}", quantize(arr, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(f"{name}.{kind}", arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

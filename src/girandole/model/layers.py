@@ -185,6 +185,8 @@ class Builder:
         return name in self.weights
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.weights:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
         return self.weights.get(name)
 
     def norm(self, name: str, eps: float) -> RMSNorm:
@@ -205,6 +207,11 @@ class Builder:
             return DenseLinear(weight, b, self.dtype)
         qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
         if qtypes <= INT4_QTYPES and int4_supported(weight):
+            exact = getattr(self.weights, "int4_groups", None)
+            groups = [exact(f"{n}.weight") for n in names] if exact else [None]
+            if all(g is not None for g in groups):
+                q, scale, offset = (torch.cat(parts, dim=0) for parts in zip(*groups))
+                return Int4Linear(None, b, groups=(q, scale, offset + 8.0 * scale))
             return Int4Linear(weight, b)
         return Int8Linear(weight, b)
 

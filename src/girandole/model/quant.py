@@ -74,11 +74,17 @@ class Int4Linear(nn.Module):
     """Weight-only int4 (group 32, asymmetric) linear on torch's CPU int4pack kernel."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_dense: bool = True
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
+        keep_dense: bool = True,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """From a float weight [N, K] (requantized on a min/max grid), or from `groups`:
+        the exact (q [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) of a 4-bit file type."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, scale, zero = quantize_int4_groups(weight)
+        q, scale, zero = groups if groups is not None else quantize_int4_groups(weight)
+        self.out_features, self.in_features = q.shape
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.register_buffer("packed", packed)
@@ -86,7 +92,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         if keep_dense:
             g = INT4_GROUP
-            n, k = weight.shape
+            n, k = q.shape
             deq = (q.reshape(n, k // g, g) - 8).float() * scale[..., None] + zero[..., None]
             self.register_buffer("dense", deq.reshape(n, k).to(torch.bfloat16))
         else:

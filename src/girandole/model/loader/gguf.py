@@ -65,6 +65,52 @@ class GGUFWeights:
                 out = _unpermute(out, spec.num_kv_heads)
         return out
 
+    def int4_groups(self, name: str):
+        """Exact 4-bit groups (see decode_int4_groups) of a Q4_0/Q4_1/Q4_K tensor, else None."""
+        t = self.tensors[name]
+        qtype = t.tensor_type.name
+        if qtype not in ("Q4_0", "Q4_1", "Q4_K") or len(t.shape) != 2:
+            return None
+        if self.spec.architecture == "llama" and re.search(r"attn_[qk]\.", name):
+            return None  # permuted rows: use the float path
+        cols, rows = (int(d) for d in t.shape.tolist())
+        return decode_int4_groups(t.data, qtype, rows, cols)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)[:, 0]
+
+
+def decode_int4_groups(data: np.ndarray, qtype: str, rows: int, cols: int):
+    """Exact groups of 32 of a 4-bit GGUF type: (q [rows, cols] int in 0..15, scale, offset
+    [rows, cols/32]) with value = q * scale + offset. None for other types."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if qtype in ("Q4_0", "Q4_1"):
+        size = 18 if qtype == "Q4_0" else 20
+        b = blocks.reshape(-1, size)
+        d = _f16(b, 0)
+        offset = -8.0 * d if qtype == "Q4_0" else _f16(b, 2)
+        qs = b[:, size - 16 :]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [n_blocks, 32]
+        scale = d
+    elif qtype == "Q4_K":
+        from gguf.quants import Q4_K
+
+        b = blocks.reshape(-1, 144)
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, m = Q4_K.get_scale_min(b[:, 4:16])
+        qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(-1, 8, 32).reshape(-1, 32)
+        scale = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+        offset = -(dmin[:, None] * m.astype(np.float32)).reshape(-1)
+    else:
+        return None
+    groups = cols // 32
+    q_t = torch.from_numpy(q.astype(np.int32)).reshape(rows, cols)
+    scale_t = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).reshape(rows, groups)
+    off_t = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32)).reshape(rows, groups)
+    return q_t, scale_t, off_t
+
 
 def _eos_ids(reader, tokens: list[str] | None) -> list[int]:
     ids: list[int] = []
