@@ -81,6 +81,12 @@ def test_token_bytes_and_str(tok):
     assert [tok.token_str(i) for i in spaces] == ["    "]
     with pytest.raises(IndexError):
         tok.token_bytes(tok.vocab_size)
+    table = tok.token_bytes_table()
+    assert (
+        len(table) == tok.vocab_size
+        and table[byte_e2] == b"\xe2"
+        and table[106] == b"<end_of_turn>"
+    )
 
 
 def test_emoji_uses_byte_tokens(tok):

@@ -161,6 +161,10 @@ class Tokenizer:
                 return piece.encode("utf-8")
         return self.hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
+    def token_bytes_table(self) -> list[bytes]:
+        """`token_bytes` of every id, index = id (for grammar engines: xgrammar's RAW vocab)."""
+        return [self.token_bytes(i) for i in range(self.vocab_size)]
+
     def token_str(self, token_id: int) -> str:
         """The token's text as printed in logprobs `tokens`: its bytes decoded as UTF-8, or for a
         token that is not valid UTF-8 on its own (a lone byte of a multi-byte character) a form
