@@ -20,13 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-API_KEY = "test-key-1"
-OTHER_KEY = "test-key-2"
-ACCOUNT = "fireworks"
-MODEL_ID = "gemma-3-270m"
-MODEL = f"accounts/{ACCOUNT}/models/{MODEL_ID}"
-DEPLOYMENT = f"accounts/{ACCOUNT}/deployments/{MODEL_ID}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api_helpers import API_KEY, OTHER_KEY, ROOT  # noqa: E402
 
 
 def free_port() -> int:
@@ -124,7 +120,9 @@ def write_eos_model(folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     # the model engineer's helper in tests/conftest.py, loaded under a name of its own
-    spec = importlib.util.spec_from_file_location("_girandole_root_conftest", ROOT / "tests/conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_root_conftest", ROOT / "tests/conftest.py"
+    )
     helpers = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, helpers)
     spec.loader.exec_module(helpers)

@@ -44,7 +44,9 @@ def test_prompt_forms(prompt, expected):
     assert validate_model(CompletionRequest, req(prompt=prompt)).prompts() == expected
 
 
-@pytest.mark.parametrize("prompt", [5, [], [[]], [True], [-1], ["a", 1], [[1], "a"], {"a": 1}, None])
+@pytest.mark.parametrize(
+    "prompt", [5, [], [[]], [True], [-1], ["a", 1], [[1], "a"], {"a": 1}, None]
+)
 def test_bad_prompts_name_the_field(prompt):
     err = error_of(req(prompt=prompt))
     assert "field: 'prompt'" in err.message
@@ -119,7 +121,19 @@ def test_noop_check_is_type_exact():
 
 
 @pytest.mark.parametrize(
-    "raw", [b"", b"   ", b"{", b"[1]", b'"x"', b"\xff\xfe", b'{"a": NaN}', b"[" * 100000]
+    "raw",
+    [
+        b"",
+        b"   ",
+        b"{",
+        b"[1]",
+        b'"x"',
+        b"\xff\xfe",
+        b'{"a": NaN}',
+        b"[" * 100000,
+        b'{"p": ["\\ud800"]}',
+        b'{"\\udfff": 1}',
+    ],
 )
 def test_bad_json_bodies_are_400(raw):
     with pytest.raises(APIError) as info:

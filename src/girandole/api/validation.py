@@ -86,7 +86,30 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"Request body must be a JSON object, got {type(data).__name__}")
+    _check_strings(data, "")
     return data
+
+
+def _check_strings(value: Any, path: str) -> None:
+    """JSON may spell unpaired UTF-16 surrogates ("\\ud800"); no tokenizer can take them."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                field = where or "body"
+                raise bad_request(
+                    f"Request body field '{field}' contains an unpaired UTF-16 surrogate",
+                    field.split("[")[0] or None,
+                ) from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, where))
+                stack.append((child, f"{where}.{key}" if where else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
 
 
 def validate_model(schema: type[M], data: dict[str, Any]) -> M:

@@ -1,0 +1,46 @@
+"""Small helpers for the API tests: posting, and reading an SSE stream as the wire shows it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-1"
+OTHER_KEY = "test-key-2"
+ACCOUNT = "fireworks"
+MODEL_ID = "gemma-3-270m"
+MODEL = f"accounts/{ACCOUNT}/models/{MODEL_ID}"
+DEPLOYMENT = f"accounts/{ACCOUNT}/deployments/{MODEL_ID}"
+
+
+def post(server, body: dict[str, Any] | bytes | str, path: str = "/v1/completions", **kw):
+    headers = dict(server.headers)
+    headers.update(kw.pop("headers", {}))
+    if isinstance(body, dict):
+        body = (
+            {"model": MODEL, **body} if "model" not in body and kw.pop("add_model", True) else body
+        )
+        return httpx.post(server.url + path, json=body, headers=headers, timeout=120, **kw)
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=120, **kw)
+
+
+def sse_events(server, body: dict[str, Any], path: str = "/v1/completions") -> list[Any]:
+    """Every `data:` payload of a streamed completion, JSON-decoded ('[DONE]' kept as a string)."""
+    events: list[Any] = []
+    with httpx.stream(
+        "POST", server.url + path, json={"model": MODEL, "stream": True, **body},
+        headers=server.headers, timeout=120,
+    ) as r:  # fmt: skip
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode("utf-8")
+    assert raw.endswith("\n\n")
+    for block in raw.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: ") :]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events

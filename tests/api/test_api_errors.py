@@ -1,0 +1,222 @@
+"""Every 400/401/404/405/413 case over real HTTP, with Fireworks' error body; no input gives a 5xx."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from api_helpers import DEPLOYMENT, MODEL, OTHER_KEY, post
+
+pytestmark = pytest.mark.slow
+
+
+def assert_error(r: httpx.Response, status: int, *fragments: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    for fragment in fragments:
+        assert fragment in error["message"], error["message"]
+    assert body["request_id"]
+    return error
+
+
+# -- 400: the body --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"{", "not valid JSON"),
+        (b"", "empty"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"model": "m", "prompt": NaN}', "not valid JSON"),
+    ],
+)
+def test_malformed_bodies(server, raw, fragment):
+    assert_error(post(server, raw), 400, fragment)
+
+
+def test_missing_fields(server):
+    assert_error(post(server, {"model": MODEL}), 400, "Field required, field: 'prompt'")
+    assert_error(post(server, {"prompt": "x"}, add_model=False), 400, "field: 'model'")
+
+
+def test_unknown_field_message(server):
+    error = assert_error(post(server, {"prompt": "x", "foo": 1}), 400)
+    assert error["message"] == "Extra inputs are not permitted, field: 'foo', value: 1"
+    assert error["param"] == "foo"
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", 3), ("temperature", "hot"), ("top_p", 1.5), ("top_k", 101),
+        ("min_p", -0.5), ("n", 0), ("n", 129), ("n", 1.5), ("max_tokens", -1),
+        ("max_tokens", "10"), ("stop", ["a", "b", "c", "d", "e"]), ("stop", 3),
+        ("stream", "yes"), ("seed", 2**70), ("context_length_exceeded_behavior", "x"),
+        ("stream_options", {"include_usage": 1}),
+    ],
+)  # fmt: skip
+def test_bad_values_name_the_field(server, field, value):
+    error = assert_error(post(server, {"prompt": "x", field: value}), 400, f"field: '{field}")
+    assert error["param"].split(".")[0] == field
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], 7, [1.5], [-3], ["a", [1]]])
+def test_bad_prompts(server, prompt):
+    assert_error(post(server, {"prompt": prompt}), 400, "field: 'prompt'")
+
+
+def test_token_id_out_of_vocabulary(server):
+    assert_error(post(server, {"prompt": [2, 10**9]}), 400, "out of range")
+
+
+def test_max_tokens_and_max_completion_tokens_together(server):
+    r = post(server, {"prompt": "x", "max_tokens": 2, "max_completion_tokens": 2})
+    assert_error(r, 400, "max_tokens", "max_completion_tokens")
+    r = post(server, {"prompt": "x", "max_completion_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logprobs", 2), ("echo", True), ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}),
+     ("response_format", {"type": "json_object"}), ("raw_output", True), ("top_logprobs", 2)],
+)  # fmt: skip
+def test_later_fields_are_unsupported_not_ignored(server, field, value):
+    error = assert_error(post(server, {"prompt": "x", field: value}), 400, "not supported")
+    assert error["param"] == field
+
+
+def test_noop_values_of_later_fields_are_accepted(server):
+    body = {"prompt": "x", "max_tokens": 1, "echo": False, "logprobs": None,
+            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}  # fmt: skip
+    assert post(server, body).status_code == 200
+
+
+def test_context_length_errors(server):
+    context = (
+        server.health()["engine"]["max_model_len"]
+        if "max_model_len" in server.health()["engine"]
+        else None
+    )
+    models = httpx.get(server.url + "/v1/models", headers=server.headers).json()
+    context = context or models["data"][0]["context_length"]
+    too_long = [2] * context
+    assert_error(post(server, {"prompt": too_long}), 400, "The prompt is too long")
+    r = post(
+        server,
+        {"prompt": [2, 651], "max_tokens": context, "context_length_exceeded_behavior": "error"},
+    )
+    assert_error(r, 400, "maximum context length")
+
+
+# -- 401 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="},
+     {"Authorization": "Bearer"}, {"Authorization": "test-key-1"}],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/v1/completions"), ("GET", "/inference/v1/models")]
+)
+def test_unauthorized(server, headers, method, path):
+    r = httpx.request(
+        method, server.url + path, json={"model": MODEL, "prompt": "x"}, headers=headers
+    )
+    error = assert_error(r, 401)
+    assert error["code"] == "UNAUTHORIZED"
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_every_configured_key_works(server):
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"})
+    assert r.status_code == 200
+
+
+def test_auth_comes_before_body_checks(server):
+    r = httpx.post(
+        server.url + "/v1/completions", content=b"{", headers={"Authorization": "Bearer x"}
+    )
+    assert r.status_code == 401
+
+
+def test_health_needs_no_key(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# -- 404 / 405 --------------------------------------------------------------------------------
+
+
+NOT_FOUND = "Model not found, inaccessible, and/or not deployed"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "accounts/fireworks/models/deepseek-v3p1",
+        "accounts/other/models/gemma-3-270m",
+        f"{MODEL}#accounts/fireworks/deployments/nope",
+        "accounts/fireworks/deployments/nope",
+        "not a model name",
+        "",
+    ],
+)
+def test_unknown_model_is_fireworks_404(server, model):
+    error = assert_error(post(server, {"model": model, "prompt": "x"}), 404)
+    assert error == {**error, "message": NOT_FOUND, "code": "NOT_FOUND", "param": "model"}
+
+
+def test_deployment_header_must_match(server):
+    r = post(
+        server,
+        {"prompt": "x"},
+        headers={"fireworks-deployment": "accounts/fireworks/deployments/x"},
+    )
+    assert_error(r, 404, NOT_FOUND)
+    r = post(server, {"prompt": "x", "max_tokens": 1}, headers={"fireworks-deployment": DEPLOYMENT})
+    assert r.status_code == 200
+
+
+def test_unknown_model_in_models_route(server):
+    r = httpx.get(server.url + "/v1/models/accounts/fireworks/models/nope", headers=server.headers)
+    assert_error(r, 404, NOT_FOUND)
+
+
+def test_unknown_path_and_wrong_method(server):
+    assert_error(httpx.get(server.url + "/v1/nothing-here", headers=server.headers), 404)
+    r = httpx.get(server.url + "/v1/completions", headers=server.headers)
+    assert_error(r, 405)
+
+
+# -- no 5xx, whatever comes in ----------------------------------------------------------------
+
+HOSTILE = [
+    b'{"model": "m", "prompt": "x", "max_tokens": 1e400}',
+    b'{"model": "m", "prompt": "x", "temperature": 1e400}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "max_tokens": 99999999999999999999999,'
+    b' "context_length_exceeded_behavior": "error"}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "seed": -99999999999999999999999}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "\\ud800"}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "stop": ["\\u0000"], "max_tokens": 1}',
+    b'{"model": {"a": 1}, "prompt": "x"}',
+    b'{"model": null, "prompt": null}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "n": 128, "max_tokens": 0}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": [[1], [2], [3]], "max_tokens": 0}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "top_p": 0, "max_tokens": 1}',
+    b"null",
+    b"\x00" * 100,
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE)
+def test_hostile_bodies_never_give_5xx(server, raw):
+    r = post(server, raw)
+    assert r.status_code < 500, r.text
+    assert "message" in r.json().get("error", {}) or r.status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
