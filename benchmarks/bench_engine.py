@@ -1,0 +1,605 @@
+"""Offline engine benchmark: girandole vs llama.cpp vs transformers on the default model.
+
+    .venv/bin/python benchmarks/bench_engine.py            # full run (about 8 minutes, 2 cores)
+    .venv/bin/python benchmarks/bench_engine.py --quick    # about 3 minutes
+    .venv/bin/python benchmarks/bench_engine.py --engines girandole --concurrency 1,16
+
+Measures, on the same GGUF (Gemma 3 270M Q4_K_M) and the same random token-id prompts:
+
+- single-stream decode tok/s: one request, time from its first output token to its last
+  (prefill excluded), over --decode-tokens tokens after a short prompt;
+- prefill tok/s: a --prefill-len token prompt with max_tokens=1, prompt length / time to first token;
+- total output tok/s with N concurrent requests (--input-len prompt tokens, --output-len output
+  tokens each, greedy, ignore_eos): all N submitted at once, total output tokens / wall time.
+
+Each engine runs in its own subprocess (its own memory and threads) and reports JSON back; each
+cell is repeated (--repeats) and the median is reported. llama.cpp's Python binding has no batched
+API: its N-request cells run the requests one after another (as its own server without slots
+would); see bench_server.py for llama.cpp's batching server. transformers (fp32, the GGUF
+dequantized) is slow on CPU, so its larger concurrency cells are skipped by default
+(--hf-max-concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    fmt,
+    loadavg,
+    log,
+    machine_lines,
+    make_prompt,
+    markdown_table,
+    median,
+    ratio,
+    rss_mib,
+)
+
+ENGINES = ("girandole", "llama.cpp", "transformers")
+
+
+# --------------------------------------------------------------------------------------------
+# Engine adapters (run inside the worker subprocess)
+# --------------------------------------------------------------------------------------------
+
+
+class GirandoleEngine:
+    name = "girandole"
+    sequential = False
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        from girandole import LLM, SamplingParams
+
+        self.SamplingParams = SamplingParams
+        self.llm = LLM(model=spec["model"], **spec.get("girandole_opts", {}))
+        self.engine = self.llm.engine
+        self._n = 0
+        cfg = self.engine.config
+        self.notes = [
+            f"girandole mode={cfg.mode} device={self.engine.device} kv_cache_gb={cfg.kv_cache_gb} "
+            f"max_num_seqs={cfg.max_num_seqs} max_num_batched_tokens={cfg.max_num_batched_tokens}"
+        ]
+
+    @staticmethod
+    def version() -> str:
+        import torch
+
+        import girandole
+
+        return f"girandole {girandole.__version__} (torch {torch.__version__})"
+
+    def _params(self, max_tokens: int):
+        return self.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+    def _stream(self, prompt: list[int], max_tokens: int) -> tuple[float, list[tuple[float, int]]]:
+        """Run one request alone; return its start time and (time, n_new_tokens) per output."""
+        self._n += 1
+        rid = f"bench-{self._n}"
+        events: list[tuple[float, int]] = []
+        t0 = time.perf_counter()
+        self.engine.add_request(rid, list(prompt), self._params(max_tokens))
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.request_id == rid and out.new_token_ids:
+                    events.append((time.perf_counter(), len(out.new_token_ids)))
+                if out.request_id == rid and out.num_cached_tokens:
+                    raise RuntimeError("unexpected prefix-cache hit in the benchmark")
+        return t0, events
+
+    def decode(self, prompt: list[int], n_tokens: int) -> dict:
+        _, ev = self._stream(prompt, n_tokens)
+        n_after_first = sum(n for _, n in ev[1:])
+        return {"tok_s": n_after_first / (ev[-1][0] - ev[0][0]), "tokens": n_after_first + ev[0][1]}
+
+    def prefill(self, prompt: list[int]) -> dict:
+        t0, ev = self._stream(prompt, 1)
+        ttft = ev[0][0] - t0
+        return {"tok_s": len(prompt) / ttft, "ttft_s": ttft}
+
+    def batch(self, prompts: list[list[int]], out_len: int) -> dict:
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, self._params(out_len))
+        wall = time.perf_counter() - t0
+        n = sum(len(o.token_ids) for o in outs)
+        if n != len(prompts) * out_len:
+            raise RuntimeError(f"expected {len(prompts) * out_len} output tokens, got {n}")
+        if any(o.num_cached_tokens for o in outs):
+            raise RuntimeError("unexpected prefix-cache hit in the benchmark")
+        return {"tok_s": n / wall, "wall_s": wall, "tokens": n}
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+    sequential = True  # the Python binding serves one sequence at a time
+
+    def __init__(self, spec: dict) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=spec["model"],
+            n_threads=spec["threads"],
+            n_threads_batch=spec["threads"],
+            n_ctx=spec["n_ctx"],
+            n_batch=512,
+            verbose=False,
+        )
+        self.notes = [
+            f"llama.cpp n_threads={spec['threads']} n_ctx={spec['n_ctx']} n_batch=512; "
+            "N-request cells run sequentially (the Python binding has no batched API)"
+        ]
+
+    @staticmethod
+    def version() -> str:
+        import llama_cpp
+
+        return f"llama-cpp-python {llama_cpp.__version__}"
+
+    def _gen(self, prompt: list[int], n_tokens: int) -> tuple[float, list[float]]:
+        self.llm.reset()  # no KV reuse between prompts: each one is computed from scratch
+        times: list[float] = []
+        t0 = time.perf_counter()
+        for _tok in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            times.append(time.perf_counter())
+            if len(times) >= n_tokens:
+                break
+        return t0, times
+
+    def decode(self, prompt: list[int], n_tokens: int) -> dict:
+        _, times = self._gen(prompt, n_tokens)
+        return {"tok_s": (len(times) - 1) / (times[-1] - times[0]), "tokens": len(times)}
+
+    def prefill(self, prompt: list[int]) -> dict:
+        t0, times = self._gen(prompt, 1)
+        ttft = times[0] - t0
+        return {"tok_s": len(prompt) / ttft, "ttft_s": ttft}
+
+    def batch(self, prompts: list[list[int]], out_len: int) -> dict:
+        t0 = time.perf_counter()
+        n = 0
+        for p in prompts:
+            _, times = self._gen(p, out_len)
+            n += len(times)
+        wall = time.perf_counter() - t0
+        return {"tok_s": n / wall, "wall_s": wall, "tokens": n}
+
+
+class TransformersEngine:
+    name = "transformers"
+    sequential = False
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        path = Path(spec["model"])
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        attn = getattr(self.model.config, "_attn_implementation", "?")
+        self.notes = [f"transformers fp32 (GGUF dequantized), attn={attn}, model.generate, greedy"]
+
+    @staticmethod
+    def version() -> str:
+        import torch
+        import transformers
+
+        return f"transformers {transformers.__version__} (torch {torch.__version__})"
+
+    def _generate(self, prompts: list[list[int]], n_tokens: int, streamer=None):
+        torch = self.torch
+        ids = torch.tensor(prompts, dtype=torch.long)  # [batch, len]: equal lengths, no padding
+        with torch.inference_mode():
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=streamer,
+            )
+
+    def decode(self, prompt: list[int], n_tokens: int) -> dict:
+        class Clock:
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.prompt_seen = False
+
+            def put(self, value) -> None:
+                if not self.prompt_seen:  # the first put() is the prompt itself
+                    self.prompt_seen = True
+                    return
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        clock = Clock()
+        self._generate([prompt], n_tokens, clock)
+        t = clock.times
+        return {"tok_s": (len(t) - 1) / (t[-1] - t[0]), "tokens": len(t)}
+
+    def prefill(self, prompt: list[int]) -> dict:
+        t0 = time.perf_counter()
+        self._generate([prompt], 1)
+        ttft = time.perf_counter() - t0
+        return {"tok_s": len(prompt) / ttft, "ttft_s": ttft}
+
+    def batch(self, prompts: list[list[int]], out_len: int) -> dict:
+        t0 = time.perf_counter()
+        out = self._generate(prompts, out_len)
+        wall = time.perf_counter() - t0
+        n = (out.shape[1] - len(prompts[0])) * out.shape[0]
+        return {"tok_s": n / wall, "wall_s": wall, "tokens": int(n)}
+
+
+ADAPTERS = {
+    "girandole": GirandoleEngine,
+    "llama.cpp": LlamaCppEngine,
+    "transformers": TransformersEngine,
+}
+
+
+def run_worker(engine_name: str, spec: dict) -> dict:
+    """Load one engine and run every measurement of the spec; return the JSON-able result."""
+    cls = ADAPTERS[engine_name]
+    res: dict = {"engine": engine_name, "version": cls.version(), "cells": {}, "skipped": {}}
+    t0 = time.perf_counter()
+    eng = cls(spec)
+    res["load_s"] = time.perf_counter() - t0
+    res["memory_after_load"] = rss_mib()
+    res["notes"] = list(eng.notes)
+    tag = f"[{engine_name}]"
+    log(f"{tag} loaded in {res['load_s']:.1f}s, {res['memory_after_load']}")
+
+    # Warm-up: one short request and one small batch (first-call costs out of the way).
+    eng.decode(make_prompt(32, "warmup-decode"), 8)
+    eng.batch([make_prompt(64, f"warmup-batch-{i}") for i in range(2)], 4)
+
+    reps = spec["repeats"]
+    runs = []
+    for r in range(reps):
+        runs.append(
+            eng.decode(make_prompt(spec["decode_prompt_len"], f"decode-{r}"), spec["decode_tokens"])
+        )
+        log(f"{tag} decode rep {r}: {runs[-1]['tok_s']:.1f} tok/s")
+    res["cells"]["decode"] = {"runs": runs, "median_tok_s": median([x["tok_s"] for x in runs])}
+
+    runs = []
+    for r in range(reps):
+        runs.append(eng.prefill(make_prompt(spec["prefill_len"], f"prefill-{r}")))
+        log(f"{tag} prefill rep {r}: {runs[-1]['tok_s']:.1f} tok/s")
+    res["cells"]["prefill"] = {
+        "runs": runs,
+        "median_tok_s": median([x["tok_s"] for x in runs]),
+        "median_ttft_s": median([x["ttft_s"] for x in runs]),
+    }
+
+    max_conc = spec["max_concurrency"].get(engine_name)
+    for n in spec["concurrency"]:
+        key = f"batch{n}"
+        if max_conc is not None and n > max_conc:
+            res["skipped"][key] = (
+                f"skipped (> --{'hf' if engine_name == 'transformers' else 'llama'}-max-concurrency {max_conc})"
+            )
+            continue
+        cell_reps = reps
+        if n >= spec["big_cell"] and (eng.sequential or engine_name == "transformers"):
+            cell_reps = 1  # a sequential or very slow engine: one run of a long cell is enough
+        runs = []
+        for r in range(cell_reps):
+            prompts = [make_prompt(spec["input_len"], f"batch{n}-{r}-{i}") for i in range(n)]
+            runs.append(eng.batch(prompts, spec["output_len"]))
+            log(
+                f"{tag} {n} concurrent, rep {r}: {runs[-1]['tok_s']:.1f} tok/s ({runs[-1]['wall_s']:.1f}s)"
+            )
+        res["cells"][key] = {
+            "runs": runs,
+            "median_tok_s": median([x["tok_s"] for x in runs]),
+            "mode": "sequential" if eng.sequential else "batched",
+        }
+    res["memory_end"] = rss_mib()
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_engine_subprocess(name: str, spec: dict, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        out_path,
+    ]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        return {"engine": name, "error": f"timed out after {timeout:.0f}s"}
+    try:
+        text = Path(out_path).read_text()
+        Path(out_path).unlink()
+    except OSError:
+        text = ""
+    if rc != 0 or not text:
+        return {"engine": name, "error": f"worker exited with {rc}"}
+    res = json.loads(text)
+    res["elapsed_s"] = time.perf_counter() - t0
+    return res
+
+
+def cell(res: dict, key: str, field: str = "median_tok_s") -> float | None:
+    return (res.get("cells", {}).get(key) or {}).get(field)
+
+
+def build_table(results: dict[str, dict], spec: dict) -> str:
+    names = [n for n in ENGINES if n in results]
+    header = ["metric", *names]
+    has_ratio = "girandole" in results and "llama.cpp" in results
+    if has_ratio:
+        header.append("girandole / llama.cpp")
+
+    def row(
+        label: str, key: str, field: str = "median_tok_s", digits: int = 1, ratio_ok: bool = True
+    ):
+        cells = []
+        for n in names:
+            r = results[n]
+            if "error" in r:
+                cells.append("error")
+            elif key in r.get("skipped", {}):
+                cells.append("skipped")
+            else:
+                v = cell(r, key, field)
+                suffix = ""
+                if (
+                    key.startswith("batch")
+                    and v is not None
+                    and r["cells"][key].get("mode") == "sequential"
+                ):
+                    suffix = " (seq.)"
+                cells.append(fmt(v, digits) + suffix)
+        out = [label, *cells]
+        if has_ratio:
+            out.append(
+                ratio(
+                    cell(results["girandole"], key, field), cell(results["llama.cpp"], key, field)
+                )
+                if ratio_ok
+                else "-"
+            )
+        return out
+
+    rows = [
+        row(f"single-stream decode, tok/s ({spec['decode_tokens']} tokens)", "decode"),
+        row(f"prefill {spec['prefill_len']} tokens, tok/s", "prefill"),
+        row(f"prefill {spec['prefill_len']} tokens, TTFT s", "prefill", "median_ttft_s", 2),
+    ]
+    for n in spec["concurrency"]:
+        rows.append(
+            row(
+                f"{n} concurrent ({spec['input_len']} in / {spec['output_len']} out), total output tok/s",
+                f"batch{n}",
+            )
+        )
+    mem = ["peak RSS, MiB"]
+    load = ["load time, s"]
+    for n in names:
+        r = results[n]
+        mem.append(
+            fmt((r.get("memory_end") or {}).get("peak_rss_mib"), 0) if "error" not in r else "error"
+        )
+        load.append(fmt(r.get("load_s")) if "error" not in r else "error")
+    if has_ratio:
+        g = (results["girandole"].get("memory_end") or {}).get("peak_rss_mib")
+        lc = (results["llama.cpp"].get("memory_end") or {}).get("peak_rss_mib")
+        mem.append(ratio(g, lc))
+        load.append("-")
+    rows += [mem, load]
+    return markdown_table(header, rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="comma-separated subset of " + ",".join(ENGINES),
+    )
+    p.add_argument("--model", default=None, help="GGUF path (default: girandole's default model)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--decode-prompt-len", type=int, default=16)
+    p.add_argument(
+        "--hf-max-concurrency", type=int, default=4, help="skip larger transformers cells"
+    )
+    p.add_argument(
+        "--llama-max-concurrency", type=int, default=64, help="skip larger llama.cpp cells"
+    )
+    p.add_argument(
+        "--big-cell", type=int, default=16, help="llama.cpp/transformers cells this big run once"
+    )
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="girandole's KV cache size")
+    p.add_argument(
+        "--girandole-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra EngineConfig field for girandole, e.g. max_num_batched_tokens=1024",
+    )
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per engine subprocess")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 repeat, concurrency 1,4,16, 64 decode tokens, llama.cpp up to 16, transformers up to 1",
+    )
+    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        res = run_worker(args.worker, json.loads(args.spec))
+        Path(args.out).write_text(json.dumps(res))
+        return 0
+
+    if args.quick:
+        args.repeats = min(args.repeats, 1)
+        if args.concurrency == "1,4,16,64":
+            args.concurrency = "1,4,16"
+        args.decode_tokens = min(args.decode_tokens, 64)
+        args.llama_max_concurrency = min(args.llama_max_concurrency, 16)
+        args.hf_max_concurrency = min(args.hf_max_concurrency, 1)
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for e in engines:
+        if e not in ENGINES:
+            raise SystemExit(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if args.model is None:
+        from girandole.model.default import default_model_path
+
+        args.model = str(default_model_path())
+    concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    girandole_opts = dict(kv.split("=", 1) for kv in args.girandole_opt)
+    girandole_opts = {k: _value(v) for k, v in girandole_opts.items()}
+    if args.kv_cache_gb is not None:
+        girandole_opts["kv_cache_gb"] = args.kv_cache_gb
+    need_ctx = max(
+        args.prefill_len + 8,
+        args.input_len + args.output_len + 8,
+        args.decode_prompt_len + args.decode_tokens + 8,
+    )
+    spec = {
+        "model": args.model,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "concurrency": concurrency,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "prefill_len": args.prefill_len,
+        "decode_tokens": args.decode_tokens,
+        "decode_prompt_len": args.decode_prompt_len,
+        "big_cell": args.big_cell,
+        "max_concurrency": {
+            "transformers": args.hf_max_concurrency,
+            "llama.cpp": args.llama_max_concurrency,
+        },
+        "n_ctx": 1 << (need_ctx - 1).bit_length(),
+        "girandole_opts": girandole_opts,
+    }
+
+    header = machine_lines()
+    header.append(f"model: {args.model}")
+    header.append(f"threads: {args.threads}; repeats per cell: {args.repeats} (median reported)")
+    load_before = loadavg()
+    for line in header:
+        log(line)
+    log(f"load average before: {load_before}")
+
+    results: dict[str, dict] = {}
+    t_start = time.perf_counter()
+    for name in engines:
+        log(f"--- {name} ---")
+        results[name] = run_engine_subprocess(name, spec, args.timeout)
+        if "error" in results[name]:
+            log(f"{name}: {results[name]['error']}")
+    load_after = loadavg()
+
+    print()
+    for line in header:
+        print(line)
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(f"total benchmark time: {time.perf_counter() - t_start:.0f}s")
+    print()
+    print(build_table(results, spec))
+    print()
+    for name in engines:
+        r = results[name]
+        if "error" in r:
+            print(f"- {name}: ERROR {r['error']}")
+            continue
+        print(f"- {r['version']}; " + "; ".join(r.get("notes", [])))
+        for key, why in r.get("skipped", {}).items():
+            print(f"  - {key}: {why}")
+    print("- (seq.): the engine served the N requests one after another (no batching);")
+    print("  decode excludes prefill (first token to last); prefill = prompt tokens / TTFT;")
+    print("  concurrent cells: total output tokens / wall time, prefill included.")
+    print()
+    print("all runs (tok/s):")
+    for name in engines:
+        r = results[name]
+        for key, c in r.get("cells", {}).items():
+            runs = ", ".join(fmt(x["tok_s"]) for x in c["runs"])
+            print(f"  {name:12s} {key:8s} {runs}")
+    from common import dump_json
+
+    dump_json(
+        args.json,
+        {
+            "header": header,
+            "load_before": load_before,
+            "load_after": load_after,
+            "spec": spec,
+            "results": results,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

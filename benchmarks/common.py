@@ -1,0 +1,187 @@
+"""Helpers shared by the benchmark scripts: workloads, machine facts, statistics, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BOS_ID = 2  # Gemma's <bos>; every prompt starts with it, as the tokenizer would add it
+# Random prompt tokens come from this range: ordinary vocabulary pieces, no special tokens.
+TOKEN_RANGE = (1000, 200_000)
+
+
+def make_prompt(n_tokens: int, key: str) -> list[int]:
+    """A random prompt of exactly n_tokens ids (BOS first), the same for every engine.
+
+    Each call site passes its own key (cell, repeat, request index), so no two prompts share a
+    prefix beyond BOS: prefix caches get no hits and every engine computes the whole prompt.
+    """
+    rng = random.Random(key)
+    return [BOS_ID] + [rng.randrange(*TOKEN_RANGE) for _ in range(n_tokens - 1)]
+
+
+def make_text_prompt(n_tokens: int, key: str) -> str:
+    """A random text of about n_tokens Gemma tokens (common English words, one token each mostly).
+
+    Servers take text; one common word is about one token, so the count is close, not exact.
+    """
+    rng = random.Random(key)
+    return " ".join(rng.choice(_WORDS) for _ in range(n_tokens))
+
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this "
+    "be or has had not but first one their its new after who they have two been also other more "
+    "time all year city when there some into most only over state world school during three "
+    "under between about while many where later made these both such than during water house "
+    "river music game team party film life early north south east west member second small "
+    "great old long high large work name part place group number people system family war "
+    "season public general court area day line power village church land book story series"
+).split()
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return None
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def machine_lines() -> list[str]:
+    mem = mem_total_gib()
+    return [
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs"
+        + (f", {mem:.0f} GiB RAM" if mem else "")
+        + f", {platform.system()} {platform.release()}",
+        f"python {platform.python_version()}, girandole commit {git_commit()}",
+    ]
+
+
+def rss_mib() -> dict[str, float]:
+    """Current and peak resident memory of this process, MiB (from /proc/self/status)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def proc_rss_mib(pid: int) -> dict[str, float]:
+    """Current and peak resident memory of another process, MiB."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def log(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def dump_json(path: str | None, data: object) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2))
