@@ -79,8 +79,9 @@ def test_token_bytes_and_str(tok):
     assert tok.token_str(107) == "\n"
     spaces = tok.encode("    ", add_bos=False)
     assert [tok.token_str(i) for i in spaces] == ["    "]
+    assert tok.token_bytes(tok.vocab_size + 5) == b"" and tok.token_str(tok.vocab_size) == ""
     with pytest.raises(IndexError):
-        tok.token_bytes(tok.vocab_size)
+        tok.token_bytes(-1)
     table = tok.token_bytes_table()
     assert (
         len(table) == tok.vocab_size

@@ -12,6 +12,7 @@ stop strings and chat templates.
 
 from girandole.tokenizer.chat_template import (
     ChatTemplateError,
+    encode_chat,
     load_chat_template,
     render_chat,
     render_chat_for,
@@ -23,6 +24,7 @@ from girandole.tokenizer.tokenizer import Tokenizer
 
 __all__ = [
     "ChatTemplateError",
+    "encode_chat",
     "IncrementalDetokenizer",
     "StopStringMatcher",
     "Tokenizer",

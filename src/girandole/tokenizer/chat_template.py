@@ -16,6 +16,8 @@ Typical use from the API:
 
     text = render_chat_for(tok, messages, template=override, add_generation_prompt=True)
     prompt_ids = tok.encode(text)
+    # or both at once, optionally with Fireworks' safe_tokenization:
+    text, prompt_ids = encode_chat(tok, messages, override, safe_tokenization=True)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -374,6 +377,62 @@ def render_chat_for(
     kwargs.setdefault("bos_token", tok.bos_token)
     kwargs.setdefault("eos_token", tok.eos_token)
     return render_chat(messages, template, family, **kwargs)
+
+
+_special_res: dict[int, tuple[Tokenizer, re.Pattern[str]]] = {}
+
+
+def _special_re(tok: Tokenizer) -> re.Pattern[str]:
+    hit = _special_res.get(id(tok))
+    if hit is None or hit[0] is not tok:
+        words = sorted(tok.special_tokens, key=len, reverse=True)
+        pattern = re.compile("|".join(re.escape(w) for w in words)) if words else re.compile("(?!)")
+        hit = _special_res[id(tok)] = (tok, pattern)
+    return hit[1]
+
+
+def _mark(obj: Any, pattern: re.Pattern[str]) -> Any:
+    """Wrap special-token strings inside user-supplied strings in markers (values, not keys)."""
+    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
+
+    if isinstance(obj, str):
+        obj = obj.replace(MARK_START, "").replace(MARK_END, "")
+        return pattern.sub(lambda m: f"{MARK_START}{m.group(0)}{MARK_END}", obj)
+    if isinstance(obj, Mapping):
+        return {k: _mark(v, pattern) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark(v, pattern) for v in obj]
+    return obj
+
+
+def encode_chat(
+    tok: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    template: str | None = None,
+    *,
+    safe_tokenization: bool = False,
+    **kwargs: Any,
+) -> tuple[str, list[int]]:
+    """Render and tokenize a chat: `(prompt_text, prompt_ids)`.
+
+    The text is `render_chat_for(tok, messages, template, **kwargs)`; the ids are its `encode`
+    (BOS added per metadata unless the template wrote it). With `safe_tokenization` (Fireworks'
+    chat field), special-token strings inside the messages and tools are read as plain text, so
+    a user cannot inject `<end_of_turn>` or `<|im_start|>`; the template's own markers stay
+    special.
+    """
+    if not safe_tokenization:
+        text = render_chat_for(tok, messages, template, **kwargs)
+        return text, tok.encode(text)
+    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
+
+    pattern = _special_re(tok)
+    marked_messages = _mark(list(messages), pattern)
+    if kwargs.get("tools") is not None:
+        kwargs["tools"] = _mark(kwargs["tools"], pattern)
+    marked = render_chat_for(tok, marked_messages, template, **kwargs)
+    text = marked.replace(MARK_START, "").replace(MARK_END, "")
+    return text, tok.encode_marked(marked)
 
 
 def load_chat_template(value: str | os.PathLike) -> str:

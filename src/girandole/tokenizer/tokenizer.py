@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -12,6 +13,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from girandole.tokenizer.meta import TokenizerMeta
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+# private-use characters that mark user-supplied special-token strings (safe tokenization)
+MARK_START = "\U000f0000"
+MARK_END = "\U000f0001"
+_MARKED = re.compile(f"{MARK_START}(.*?){MARK_END}", re.DOTALL)
+_LONE_MARK = re.compile(f"[{MARK_START}{MARK_END}]")
 
 
 @lru_cache(maxsize=1)
@@ -78,26 +85,63 @@ class Tokenizer:
         self._special: frozenset[int] = frozenset(i for i, a in added.items() if a.special)
         self._kind = _decoder_kind(hf)
         self._bytes_cache: dict[int, bytes] = {}
+        self._plain_hf: HFTokenizer | None = None  # copy that reads special strings as text
+        self._plain_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
     # -- encode / decode ---------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, *, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of `text`.
 
         Special-token strings in the text (e.g. "<start_of_turn>") become their special ids, as
-        llama.cpp and Fireworks do for raw prompts. `add_bos=None` follows the model's metadata
-        (`self.add_bos`). BOS is never doubled: if the text already starts with the BOS string
-        (e.g. a rendered chat template), no second BOS is added. No EOS is ever appended.
+        llama.cpp and Fireworks do for raw prompts; with `parse_special=False` they are read as
+        plain text instead (Fireworks' `safe_tokenization`). `add_bos=None` follows the model's
+        metadata (`self.add_bos`). BOS is never doubled: if the text already starts with the BOS
+        string (e.g. a rendered chat template), no second BOS is added. No EOS is ever appended.
         """
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        hf = self.hf if parse_special else self._plain()
+        return self._with_bos(hf.encode(text, add_special_tokens=False).ids, add_bos)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def _plain(self) -> HFTokenizer:
+        """A copy of `hf` that encodes special-token strings as text (built on first use)."""
+        with self._plain_lock:
+            if self._plain_hf is None:
+                plain = HFTokenizer.from_str(self.hf.to_str())
+                plain.encode_special_tokens = True
+                self._plain_hf = plain
+            return self._plain_hf
+
+    def encode_marked(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Encode text in which user-supplied special-token strings were wrapped in
+        `MARK_START`/`MARK_END` (see `chat_template.encode_chat`): marked spans are read as plain
+        text, the rest (the template's own control tokens) as usual. Markers never reach the ids."""
+        ids: list[int] = []
+        for i, part in enumerate(_MARKED.split(text)):
+            plain = i % 2 == 1
+            hf = self._plain() if plain else self.hf
+            # a lone marker (a template cut a marked span) still breaks the text, so that the
+            # text on either side cannot join into a control token
+            for piece in _LONE_MARK.split(part):
+                if piece:
+                    ids.extend(hf.encode(piece, add_special_tokens=False).ids)
+        return self._with_bos(ids, add_bos)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The strings of all special (control) tokens."""
+        return [self._added[i] for i in sorted(self._special)]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
         """`encode` for many texts at once (tokenizers runs them in parallel)."""
@@ -131,12 +175,15 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for: a byte-fallback token `<0xE2>` gives
         b'\\xe2', '▁' gives a space, byte-level (GPT-2) pieces map back to their bytes, added and
-        special tokens give their UTF-8 text. For logprobs `bytes` and grammar engines."""
+        special tokens give their UTF-8 text; ids past the tokenizer's vocabulary (padded embedding
+        rows) give b''. For logprobs `bytes` and grammar engines."""
         cached = self._bytes_cache.get(token_id)
         if cached is not None:
             return cached
-        if not 0 <= token_id < self.vocab_size:
-            raise IndexError(f"token id {token_id} out of range (vocab_size={self.vocab_size})")
+        if token_id >= self.vocab_size:
+            return b""  # the model's embedding may be padded past the tokenizer's vocabulary
+        if token_id < 0:
+            raise IndexError(f"token id {token_id} is negative")
         out = self._compute_token_bytes(token_id)
         self._bytes_cache[token_id] = out
         return out
