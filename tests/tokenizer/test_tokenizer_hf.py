@@ -178,3 +178,31 @@ def test_sentencepiece_style_folder(spm_dir):
     assert _stream(tok, body) == text
     prompt = tok.encode("The quick brown fox")
     assert _stream(tok, body, prompt) == tok.decode(prompt + body)[len(tok.decode(prompt)) :]
+
+
+def test_cache_write_is_atomic_under_races(tmp_path, qwen_dir):
+    """Many writers of one cache entry: every reader sees a whole entry, no temp folders stay."""
+    import threading
+
+    from girandole.tokenizer.loader import _read_cached, _write_cache
+
+    tok = load_tokenizer(qwen_dir)
+    entry = tmp_path / "tokenizers" / "v1-x"
+    errors = []
+
+    def write():
+        try:
+            _write_cache(entry, tok.hf, tok.meta)
+            assert _read_cached(entry) is not None
+        except Exception as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    hf, meta = _read_cached(entry)
+    assert meta == tok.meta and hf.get_vocab_size() == tok.vocab_size
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["v1-x"]
