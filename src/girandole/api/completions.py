@@ -30,6 +30,7 @@ from girandole.api.sampling import build_params, choice_seed, sampling_defaults
 from girandole.api.schemas.completions import CompletionRequest
 from girandole.api.sse import DONE, sse_event
 from girandole.engine.outputs import RequestOutput
+from girandole.sampling.params import SamplingParams
 
 logger = logging.getLogger("girandole.api")
 
@@ -62,6 +63,23 @@ class CompletionJob:
         return choice_index // self.n
 
 
+# Request fields that map straight onto SamplingParams (see `build_params`).
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "ignore_eos"}
+
+
+def choice_params(req: Any, defaults: dict[str, Any], max_tokens: int, k: int) -> SamplingParams:
+    """Sample k's SamplingParams. Shared with /chat/completions (`girandole.api.chat`), whose
+    request model has the same sampling fields: read fields that only one of the two has with
+    `getattr(req, name, None)`."""
+    return build_params(
+        req.model_dump(include=SAMPLING_FIELDS),
+        defaults,
+        max_tokens=max_tokens,
+        stop=req.stop_list(),
+        seed=choice_seed(req.seed, k),
+    )
+
+
 async def prepare(
     engine: Any, req: CompletionRequest, request_id: str, model: str, context_length: int
 ) -> CompletionJob:
@@ -73,18 +91,11 @@ async def prepare(
         requested = DEFAULT_MAX_TOKENS
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(getattr(config, "generation_config", None))
-    fields = req.model_dump(include={"temperature", "top_p", "top_k", "min_p", "ignore_eos"})
     choices: list[ChoiceRequest] = []
     for i, ids in enumerate(prompts):
         max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior)
         for k in range(n):
-            params = build_params(
-                fields,
-                defaults,
-                max_tokens=max_tokens,
-                stop=req.stop_list(),
-                seed=choice_seed(req.seed, k),
-            )
+            params = choice_params(req, defaults, max_tokens, k)
             index = i * n + k
             choices.append(ChoiceRequest(index, i, ids, params, f"{request_id}-{index}"))
     include_usage = True
