@@ -143,7 +143,8 @@ def open_server(tmp_path_factory) -> Server:
     model = write_eos_model(tmp / "eos-model")
     srv = start_server(
         tmp, "--model", str(model), "--model-id", "tiny-eos", "--account", "testing",
-        "--kv-cache-gb", "0.01", api_key=None,
+        "--kv-cache-gb", "0.01", "--max-model-len", "64", "--max-request-bytes", "65536",
+        api_key=None,
     )  # fmt: skip
     yield srv
     stop_server(srv)
