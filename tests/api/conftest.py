@@ -2,7 +2,9 @@
 
 - `server`: the real default model (Gemma 3 270M), with API keys. Started once per session.
 - `open_server`: no keys (open), serving a tiny random Llama whose logits are all zero and whose
-  EOS is token 0, so greedy decoding emits EOS at once: a model that always stops on EOS.
+  EOS is token 0, so greedy decoding emits EOS at once: a model that always stops on EOS. Its
+  context is capped at 64 tokens, its bodies at 64 KiB, and it streams usage the 2025 way (on
+  each finish chunk).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def open_server(tmp_path_factory) -> Server:
     srv = start_server(
         tmp, "--model", str(model), "--model-id", "tiny-eos", "--account", "testing",
         "--kv-cache-gb", "0.01", "--max-model-len", "64", "--max-request-bytes", "65536",
-        api_key=None,
+        "--stream-usage", "finish", api_key=None,
     )  # fmt: skip
     yield srv
     stop_server(srv)
