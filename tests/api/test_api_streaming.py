@@ -1,0 +1,117 @@
+"""SSE on the wire: framing, finish and usage chunks, n>1, stop strings split across tokens,
+multi-byte characters."""
+
+from __future__ import annotations
+
+import pytest
+from api_helpers import MODEL, post, sse_events
+
+pytestmark = pytest.mark.slow
+
+
+def texts_of(events) -> list[str]:
+    return [
+        e["choices"][0]["text"] for e in events[:-1] if e["choices"] and e["choices"][0]["text"]
+    ]
+
+
+def test_stream_framing(server):
+    events = sse_events(server, {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    *content, finish, usage = chunks
+    for c in content:
+        (choice,) = c["choices"]
+        assert choice["text"] and choice["finish_reason"] is None and choice["logprobs"] is None
+        assert c["usage"] is None
+    assert finish["choices"] == [
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    ]
+    assert finish["usage"] is None
+    # Fireworks' 2026 placement: usage alone on a last chunk with empty choices
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 5
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 5
+    assert "cached_tokens" in usage["usage"]["prompt_tokens_details"]
+
+
+def test_stream_without_usage(server):
+    events = sse_events(
+        server, {"prompt": "Hi", "max_tokens": 2, "stream_options": {"include_usage": False}}
+    )
+    assert events[-1] == "[DONE]"
+    assert all(e["usage"] is None and e["choices"] for e in events[:-1])
+
+
+def test_stream_n_and_prompts(server):
+    events = sse_events(
+        server, {"prompt": ["One", "Two"], "n": 2, "max_tokens": 3, "temperature": 0}
+    )
+    chunks = events[:-1]
+    finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(c["choices"][0]["index"] for c in finishes) == [0, 1, 2, 3]
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    by_index: dict[int, str] = {}
+    for c in chunks[:-1]:
+        choice = c["choices"][0]
+        by_index[choice["index"]] = by_index.get(choice["index"], "") + choice["text"]
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3]
+
+
+@pytest.fixture(scope="module")
+def greedy_pieces(server) -> tuple[dict, list[str]]:
+    body = {"prompt": "The history of the Roman Empire", "max_tokens": 16, "temperature": 0}
+    return body, texts_of(sse_events(server, body))
+
+
+def split_stop(pieces: list[str]) -> tuple[str, int]:
+    """A stop string made of the end of one streamed piece and the start of the next, whose
+    first occurrence in the text is there; and where that occurrence starts."""
+    text = "".join(pieces)
+    offset = 0
+    for a, b in zip(pieces, pieces[1:], strict=False):
+        offset += len(a)
+        if len(a) >= 2 and len(b) >= 2:
+            stop = a[-2:] + b[:2]
+            if text.find(stop) == offset - 2:
+                return stop, offset - 2
+    raise AssertionError(f"no usable piece boundary in {pieces!r}")
+
+
+def test_stop_string_split_across_tokens(server, greedy_pieces):
+    body, pieces = greedy_pieces
+    full = "".join(pieces)
+    stop, at = split_stop(pieces)
+    r = post(server, {**body, "stop": [stop]}).json()
+    assert r["choices"][0]["text"] == full[:at]
+    assert r["choices"][0]["finish_reason"] == "stop"
+    events = sse_events(server, {**body, "stop": stop})
+    assert "".join(texts_of(events)) == full[:at]
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert stop not in "".join(texts_of(events))
+
+
+def test_stop_string_at_the_start(server, greedy_pieces):
+    body, pieces = greedy_pieces
+    r = post(server, {**body, "stop": pieces[0][:3]}).json()
+    assert r["choices"][0]["text"] == ""
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] >= 1
+
+
+def test_multibyte_characters_are_never_split(server):
+    body = {"prompt": "日本の首都は東京です。中国の首都は", "max_tokens": 12, "temperature": 0}
+    pieces = texts_of(sse_events(server, body))
+    assert all("\ufffd" not in p for p in pieces)
+    whole = post(server, body).json()["choices"][0]["text"]
+    assert "".join(pieces) == whole
+    assert any(ord(ch) > 0x2E80 for ch in whole)
+
+
+def test_errors_before_streaming_are_plain_json(server):
+    r = post(server, {"prompt": "x", "stream": True, "temperature": 9})
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/json")
