@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from girandole import __version__
 from girandole.api.errors import install_error_handlers
-from girandole.api.routes import completions, health, models
+from girandole.api.routes import chat, completions, health, models
 from girandole.api.state import AppState
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
@@ -39,6 +39,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_error_handlers(app)
     for prefix in INFERENCE_PREFIXES:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
+        app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     app.include_router(health.router)
     return app

@@ -88,6 +88,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="cap the context length (tokens) [GIRANDOLE_MAX_MODEL_LEN]",
     )
     p.add_argument(
+        "--chat-template",
+        default=_env("CHAT_TEMPLATE"),
+        help="chat template for /chat/completions: a Jinja file, a tokenizer_config.json, or a"
+        " built-in family (gemma, llama3, llama2, chatml); default: the model's, else the"
+        " built-in one of its family [GIRANDOLE_CHAT_TEMPLATE]",
+    )
+    p.add_argument(
         "--stream-usage",
         choices=["separate", "finish"],
         default=_env("STREAM_USAGE", "separate"),
@@ -123,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
+        chat_template=args.chat_template,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,

@@ -39,6 +39,11 @@ class AppState:
             self.served,
             deployment_name(settings.account, settings.deployment_id or settings.model_id),
         )
+        self.chat_template: str | None = None  # --chat-template, loaded (fails start-up if bad)
+        if settings.chat_template:
+            from girandole.tokenizer.chat_template import load_chat_template
+
+            self.chat_template = load_chat_template(settings.chat_template)
         self.engine: Any = None
         self.status: Status = "loading"
         self.error: str | None = None
@@ -51,7 +56,13 @@ class AppState:
     def attach_engine(self, engine: Any) -> None:
         config = engine.model_config
         self.served.context_length = self.context_length_of(engine)
-        self.served.supports_chat = bool(getattr(config, "chat_template", None))
+        from girandole.api.chat import chat_template_for
+
+        tokenizer = getattr(engine, "tokenizer", None)
+        self.served.supports_chat = bool(
+            getattr(config, "chat_template", None)
+            or (tokenizer is not None and chat_template_for(tokenizer, self.chat_template))
+        )
         self.served.created = int(time.time())
         with self._lock:
             self.engine = engine

@@ -89,3 +89,45 @@ def strip_unsupported(body: dict[str, Any], table: dict[str, Callable[[Any], boo
 
 def unsupported_field(name: str) -> APIError:
     return bad_request(f"Field '{name}' is not supported by this server yet", param=name)
+
+
+# /chat/completions: the same fields, except those chat implements (logprobs, top_logprobs,
+# raw_output) and those chat does not have (images: rejected as extra inputs), plus chat's own.
+# Kept as its own table: when /completions implements a field, chat still rejects it until the
+# chat schema gains it too.
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "typical_p": _one,
+    "frequency_penalty": _zero,
+    "presence_penalty": _zero,
+    "repetition_penalty": _one,
+    "mirostat_target": _never,
+    "mirostat_lr": _never,
+    "logit_bias": _empty,
+    "echo": _is(False),
+    "echo_last": _never,
+    "response_format": lambda v: v == {"type": "text"},
+    "tools": _empty,
+    "tool_choice": _is("auto", "none"),  # no-ops without tools
+    "parallel_tool_calls": _is(True, False),
+    "functions": _empty,
+    "function_call": _is("auto", "none"),
+    "prompt_token_ids": _never,
+    "return_token_ids": _is(False),
+    "perf_metrics_in_response": _is(False),
+    "prompt_cache_key": _never,
+    "prompt_cache_isolation_key": _never,
+    "prompt_cache_max_len": _never,
+    "service_tier": _is("auto", "default"),
+    "speculation": _never,
+    "prediction": _never,
+    "metadata": _never,
+    "reasoning_effort": _never,
+    "reasoning_history": _never,
+    "thinking": _never,
+    "sampling_mask": _never,
+    "include_routing_matrix": _is(False),
+    "stream_options.include_internal_content": _is(False),
+    "stream_options.buffer_tokens": _never,
+    "stream_options.buffer_ms": _never,
+    "stream_options.buffer_mode": _never,
+}

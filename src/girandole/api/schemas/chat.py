@@ -1,0 +1,127 @@
+"""`POST /v1/chat/completions` request body: the fields this server supports today.
+
+Messages follow Fireworks' schema (`additionalProperties: false`): `role`, `content` (a string,
+a list of parts, or null), `reasoning_content`, `tool_calls`, `tool_call_id`; anything else
+(`name` included) is a 400. Fields of the reference that later work adds (tools,
+response_format, penalties, ...) are in `girandole.api.unsupported.CHAT_UNSUPPORTED` until they
+work here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from girandole.api.schemas.common import (
+    MaxTokens,
+    MinP,
+    N,
+    Seed,
+    Stop,
+    StreamOptions,
+    StrictModel,
+    Temperature,
+    TopK,
+    TopP,
+    one_error,
+)
+
+MAX_TOP_LOGPROBS = 5  # Fireworks' default --max-logprobs
+
+
+class ImageURL(StrictModel):
+    url: str
+    detail: str | None = None
+    max_long_side_pixel: int | None = None
+
+
+class VideoURL(StrictModel):
+    url: str
+    detail: str | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    sample_fps: float | None = None
+    spatial_limit: int | None = None
+    max_long_side_pixel: int | None = None
+
+
+class ContentPart(StrictModel):
+    type: Literal["text", "image_url", "video_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
+
+
+Content = Annotated[
+    str | list[ContentPart] | None,
+    one_error("content_type", "Input should be a string, an array of content parts, or null"),
+]
+
+
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Content = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it: content parts as dicts, None fields left
+        out (templates test `message.tool_calls is defined`)."""
+        return self.model_dump(exclude_none=True) | {"content": self.content_value()}
+
+    def content_value(self) -> Any:
+        if isinstance(self.content, list):
+            return [part.model_dump(exclude_none=True) for part in self.content]
+        return self.content
+
+
+Logprobs = Annotated[
+    bool | Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None,
+    one_error(
+        "logprobs_type", f"Input should be a boolean or an integer from 0 to {MAX_TOP_LOGPROBS}"
+    ),
+]
+
+
+class ChatCompletionRequest(StrictModel):
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    n: N = None
+    seed: Seed = None
+    stop: Stop = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None
+    user: str | None = None
+    context_length_exceeded_behavior: Literal["truncate", "error"] | None = None
+    # true: OpenAI's content format; an int N: the legacy format with N alternatives
+    logprobs: Logprobs = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
+    prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
+    safe_tokenization: bool | None = None
+    raw_output: bool | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
