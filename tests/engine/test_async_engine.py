@@ -13,8 +13,13 @@ from girandole.engine.async_engine import AsyncEngine, EngineConfig
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
     eng = AsyncEngine(
-        EngineConfig(model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4,
-                     kv_cache_gb=0.01)
+        EngineConfig(
+            model=str(tiny_llama_dir),
+            mode="reference",
+            device="cpu",
+            block_size=4,
+            kv_cache_gb=0.01,
+        )
     )
     yield eng
     eng.shutdown()
@@ -35,8 +40,12 @@ def test_concurrent_streams_and_abort(engine):
 
     async def main():
         full = asyncio.create_task(
-            collect(engine, prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-                    "full")
+            collect(
+                engine,
+                prompt,
+                SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                "full",
+            )
         )
         seen = 0
         async for out in engine.generate(
@@ -67,7 +76,9 @@ def test_bad_request_raises_before_streaming(engine):
                 pass
         # Others are unaffected.
         return await collect(
-            engine, engine.tokenizer.encode("Hi"), SamplingParams(temperature=0, max_tokens=3),
+            engine,
+            engine.tokenizer.encode("Hi"),
+            SamplingParams(temperature=0, max_tokens=3),
             "after",
         )
 

@@ -71,6 +71,11 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
         self.engine.check_request(prompt_token_ids, params)
+        if params.grammar is not None and "compiled_grammar" not in kwargs:
+            # Compiling can take tens of ms (large schemas more): keep it off the engine loop.
+            kwargs["compiled_grammar"] = await asyncio.to_thread(
+                self.engine.grammars.compile, params.grammar
+            )
         request_id = request_id or f"req-{next(_ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id already in use: {request_id}")

@@ -13,6 +13,7 @@ from girandole.engine.outputs import FinishReason, RequestOutput
 from girandole.engine.runner import ModelRunner
 from girandole.engine.scheduler import Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence, SequenceStatus
+from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler, SamplerRow
 
@@ -70,6 +71,7 @@ class LLMEngine:
             self.tokenizer.stop_token_ids
         )
         self._eos_tuple = tuple(sorted(self.eos_token_ids))
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self._finished_early: list[RequestOutput] = []
 
@@ -98,7 +100,10 @@ class LLMEngine:
         *,
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
+        compiled_grammar=None,
     ) -> None:
+        """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
+        compiled here if not given."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -111,6 +116,9 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)
+        if params.grammar is not None:
+            compiled = compiled_grammar or self.grammars.compile(params.grammar)
+            seq.grammar = SequenceGrammar(compiled, params.grammar)
         self.seqs[request_id] = seq
         if params.max_tokens == 0 and params.prompt_logprobs is None:  # nothing to compute
             self._finish(seq, "length")
@@ -178,6 +186,7 @@ class LLMEngine:
                 s.num_prompt_tokens,
                 self._eos_tuple,
                 s.sampler_state,
+                s.grammar,
             )
             for s in sampling_seqs
         ]
@@ -232,7 +241,15 @@ class LLMEngine:
                 seq.prompt_logprobs.append(SampleResult(t, v, v, top))
 
     def _append_token(self, seq: Sequence, result, now: float) -> RequestOutput:
+        if result.dead_end:  # the grammar allows no token: end rather than emit garbage
+            return self._finish_with_text(
+                seq, "stop", [], stop_reason="grammar_dead_end", flush=True
+            )
         token = result.token_id
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            return self._finish_with_text(
+                seq, "stop", [], stop_reason="grammar_rejected", flush=True
+            )
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)

@@ -57,6 +57,7 @@ class Sequence:
         self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
         self.prompt_logprobs_sent = False
         self.pending_logprobs: list = []  # logprobs of sampled tokens not yet reported
+        self.grammar = None  # SequenceGrammar when the output is constrained
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from girandole.sampling.grammar import GrammarSpec
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +34,8 @@ class SamplingParams:
     # chosen token's) and per prompt token (echo with logprobs).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Constrained decoding (response_format, tools): the output must match this grammar.
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -28,6 +28,7 @@ class SamplerRow:
     num_prompt_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
     state: dict = field(default_factory=dict)  # per-request sampler state (Mirostat's mu)
+    grammar: object | None = None  # a SequenceGrammar (girandole.sampling.grammar)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SampleResult:
     logprob: float | None = None  # the model's raw log-softmax of the chosen token
     sampling_logprob: float | None = None  # after bias, penalties, temperature and filters
     top_logprobs: list[tuple[int, float]] | None = None  # raw top-N, most likely first
+    dead_end: bool = False  # the grammar allowed no token at all: nothing was chosen
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
@@ -61,6 +63,7 @@ class Sampler:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
         self._apply_bias_and_penalties(logits, rows)
+        dead = self._apply_grammars(logits, rows)
 
         chosen = torch.empty(B, dtype=torch.long)
         sampling_lp = torch.zeros(B, dtype=torch.float64)
@@ -83,6 +86,8 @@ class Sampler:
             sampling_lp[idx] = torch.log(p)
 
         results = [SampleResult(int(t)) for t in chosen.tolist()]
+        for i in dead:
+            results[i].dead_end = True
         if raw_lp is not None:
             chosen_lp = raw_lp.gather(1, chosen[:, None])[:, 0].tolist()
             for i, r in enumerate(rows):
@@ -134,6 +139,27 @@ class Sampler:
         pres = torch.tensor([rows[i].params.presence_penalty for i in pen], dtype=logits.dtype)
         sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
         logits[idx] = sub
+
+    @staticmethod
+    def _apply_grammars(logits: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
+        """Mask each constrained row to its grammar's allowed tokens; returns rows left with none.
+
+        Those rows get a uniform dummy distribution so the batch still samples; their result is
+        flagged and discarded by the engine.
+        """
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if not constrained:
+            return []
+        from girandole.sampling.grammar import allocate_bitmask, apply_bitmask
+
+        bitmask = allocate_bitmask(logits.shape[0], logits.shape[-1])
+        for i in constrained:
+            rows[i].grammar.fill_bitmask(bitmask, i)
+        apply_bitmask(logits, bitmask, constrained)
+        dead = [i for i in constrained if not bool(torch.isfinite(logits[i]).any())]
+        for i in dead:
+            logits[i] = 0.0
+        return dead
 
     def _probs(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)

@@ -1,0 +1,137 @@
+"""Constrained decoding with xgrammar: JSON (any object or a schema), GBNF/EBNF and regex.
+
+A `GrammarSpec` (plain data, from the request) is compiled once per distinct text by the
+`GrammarCache` of a tokenizer; compiling happens in the caller's thread, off the engine loop.
+Each constrained sequence holds its own `GrammarMatcher`; every step the engine fills one bitmask
+row per constrained sequence and the Sampler applies it before choosing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+GrammarKind = Literal["json_object", "json_schema", "gbnf", "regex"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    kind: GrammarKind
+    text: str = ""  # the schema as JSON text, the GBNF grammar or the regex; "" for json_object
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | str) -> GrammarSpec:
+        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        return cls("json_schema", text)
+
+    def describe(self) -> str:
+        """The grammar as shown in raw_output.grammar."""
+        return "json_object" if self.kind == "json_object" else self.text
+
+
+class GrammarError(ValueError):
+    """The grammar or schema is invalid or uses something the grammar engine does not support."""
+
+
+class GrammarCache:
+    """Compiled grammars of one tokenizer, keyed by spec (LRU)."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_entries: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the model's (logits) vocabulary, may exceed the tokenizer's
+        self.max_entries = max_entries
+        self._compiler = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            import xgrammar as xgr
+
+            tok = self.tokenizer
+            # Raw bytes per token; special tokens map to b"" so no grammar can ever emit them.
+            vocab = [
+                b"" if tok.is_special(i) else tok.token_bytes(i) for i in range(tok.vocab_size)
+            ]
+            info = xgr.TokenizerInfo(
+                vocab,
+                xgr.VocabType.RAW,
+                vocab_size=self.vocab_size,
+                stop_token_ids=list(tok.stop_token_ids),
+            )
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+    def compile(self, spec: GrammarSpec):
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+            compiler = self._get_compiler()
+        try:
+            if spec.kind == "json_object":  # any JSON object, compact like the schema case
+                compiled = compiler.compile_json_schema(
+                    '{"type": "object"}', strict_mode=False, any_whitespace=False
+                )
+            elif spec.kind == "json_schema":
+                try:
+                    json.loads(spec.text)
+                except json.JSONDecodeError as exc:
+                    raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
+                # Compact JSON: with free whitespace, small models can loop on blank space forever.
+                compiled = compiler.compile_json_schema(
+                    spec.text, strict_mode=True, any_whitespace=False
+                )
+            elif spec.kind == "gbnf":
+                compiled = compiler.compile_grammar(spec.text)
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.text)
+            else:
+                raise GrammarError(f"unknown grammar kind: {spec.kind}")
+        except GrammarError:
+            raise
+        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with a clear text
+            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return compiled
+
+
+class SequenceGrammar:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, compiled, spec: GrammarSpec) -> None:
+        import xgrammar as xgr
+
+        self.spec = spec
+        self.matcher = xgr.GrammarMatcher(compiled)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(batch, vocab_size)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set the disallowed tokens of `logits[rows]` to -inf; bitmask row r masks logits row r."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

@@ -1,0 +1,83 @@
+"""Constrained decoding in the engine: grammars hold on a random model, beside free requests."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from girandole import LLM, SamplingParams
+from girandole.sampling.grammar import GrammarError, GrammarSpec
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(
+        model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
+    )
+
+
+def test_fixed_answers_gbnf(llm):
+    spec = GrammarSpec("gbnf", 'root ::= "yes" | "no" | "maybe " [0-9]+')
+    for seed in range(6):
+        out = llm.generate(
+            "Answer:", SamplingParams(temperature=1.0, seed=seed, max_tokens=20, grammar=spec)
+        )[0]
+        assert re.fullmatch(r"yes|no|maybe [0-9]+", out.text), out.text
+        if out.text in ("yes", "no"):
+            assert out.finish_reason == "stop"
+
+
+def test_json_schema_on_random_model(llm):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["a", "b"]}, "n": {"type": "boolean"}},
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
+    out = llm.generate(
+        "JSON:",
+        SamplingParams(
+            temperature=0.7, seed=1, max_tokens=60, grammar=GrammarSpec.json_schema(schema)
+        ),
+    )[0]
+    assert out.finish_reason == "stop", out.text
+    value = json.loads(out.text)
+    assert value["answer"] in ("a", "b") and isinstance(value["n"], bool)
+
+
+def test_mixed_batch_constrained_and_free(llm):
+    spec = GrammarSpec("regex", "[0-9]{3}-[a-c]{2}")
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            seed=i,
+            max_tokens=20,
+            grammar=spec if i % 2 else None,
+            ignore_eos=not i % 2,
+        )
+        for i in range(8)
+    ]
+    free_alone = llm.generate("Once upon", params[0])[0].token_ids
+    outs = llm.generate(["Once upon"] * 8, params)
+    for i, out in enumerate(outs):
+        if i % 2:
+            assert re.fullmatch("[0-9]{3}-[a-c]{2}", out.text), out.text
+        else:
+            assert len(out.token_ids) == 20
+    assert outs[0].token_ids == free_alone
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (GrammarSpec("gbnf", "root ::= ("), "gbnf"),
+        (GrammarSpec("json_schema", "{not json"), "not valid JSON"),
+        (GrammarSpec("regex", "(unclosed"), "regex"),
+    ],
+)
+def test_bad_grammars_raise_before_generation(llm, spec, message):
+    with pytest.raises(GrammarError, match=message):
+        llm.generate("x", SamplingParams(max_tokens=5, grammar=spec))
+    assert not llm.engine.has_unfinished_requests()
