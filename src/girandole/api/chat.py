@@ -110,7 +110,9 @@ def _check_parts(messages: list[ChatMessage]) -> None:
                     where,
                 )
             if part.text is None:
-                raise bad_request(f"A text part needs 'text', field: '{where}.text'", where)
+                raise bad_request(
+                    f"A text part needs 'text', field: '{where}.text'", where + ".text"
+                )
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -270,6 +272,7 @@ async def prepare(
             " family): use /completions, or start the server with --chat-template",
             "messages",
         )
+    _check_parts(req.messages)
     size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
     if size < _INLINE_CHARS:
         prompt = build_prompt(tokenizer, req, template)
