@@ -234,7 +234,9 @@ class LLMEngine:
                 continue
             logits = self.runner.compute_logits(hidden[c : c + len(chunk)][torch.tensor(keep)])
             lp = torch.log_softmax(logits, dim=-1)
-            targets = torch.tensor([seq.token_ids[positions[i] + 1] for i in keep])
+            targets = torch.tensor(
+                [seq.token_ids[positions[i] + 1] for i in keep], device=logits.device
+            )
             chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
             tops = top_logprobs(lp, n_top)
             for t, v, top in zip(targets.tolist(), chosen, tops):

@@ -105,5 +105,5 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [N, vocab] on the CPU for hidden states [N, hidden]."""
-        return self.model.compute_logits(hidden).float().cpu()
+        """float32 logits [N, vocab] for hidden states [N, hidden], on the model's device."""
+        return self.model.compute_logits(hidden).float()

@@ -134,4 +134,4 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     """Set the disallowed tokens of `logits[rows]` to -inf; bitmask row r masks logits row r."""
     import xgrammar as xgr
 
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

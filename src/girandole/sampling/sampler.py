@@ -65,11 +65,12 @@ class Sampler:
         self._apply_bias_and_penalties(logits, rows)
         dead = self._apply_grammars(logits, rows)
 
-        chosen = torch.empty(B, dtype=torch.long)
-        sampling_lp = torch.zeros(B, dtype=torch.float64)
+        dev = logits.device
+        chosen = torch.empty(B, dtype=torch.long, device=dev)
+        sampling_lp = torch.zeros(B, dtype=torch.float64, device=dev)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
-            idx = torch.tensor(greedy)
+            idx = torch.tensor(greedy, device=dev)
             g = logits.index_select(0, idx)
             ids = g.argmax(dim=-1)
             chosen[idx] = ids
@@ -78,7 +79,7 @@ class Sampler:
                 sampling_lp[idx] = lp.double()
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            idx = torch.tensor(sampled)
+            idx = torch.tensor(sampled, device=dev)
             sub_rows = [rows[i] for i in sampled]
             probs = self._probs(logits.index_select(0, idx), sub_rows)
             ids, p = self._draw(probs, sub_rows)
@@ -106,9 +107,13 @@ class Sampler:
         for i, r in enumerate(rows):
             p = r.params
             if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if 0 <= t < V], dtype=torch.long)
+                ids = torch.tensor(
+                    [t for t in p.logit_bias if 0 <= t < V], dtype=torch.long, device=logits.device
+                )
                 vals = torch.tensor(
-                    [b for t, b in p.logit_bias.items() if 0 <= t < V], dtype=logits.dtype
+                    [b for t, b in p.logit_bias.items() if 0 <= t < V],
+                    dtype=logits.dtype,
+                    device=logits.device,
                 )
                 logits[i].index_add_(0, ids, vals)
             if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
@@ -120,23 +125,34 @@ class Sampler:
         if not pen:
             return
         # Token counts of each penalised row's output, and which tokens its prompt holds.
-        counts = torch.zeros(len(pen), V, dtype=logits.dtype)
-        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool)
+        dev = logits.device
+        counts = torch.zeros(len(pen), V, dtype=logits.dtype, device=dev)
+        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool, device=dev)
         for j, i in enumerate(pen):
             r = rows[i]
             out = r.token_ids[r.num_prompt_tokens :]
             if out:
-                counts[j].index_add_(0, torch.tensor(out), torch.ones(len(out), dtype=logits.dtype))
+                counts[j].index_add_(
+                    0,
+                    torch.tensor(out, device=dev),
+                    torch.ones(len(out), dtype=logits.dtype, device=dev),
+                )
             if r.num_prompt_tokens:
-                in_prompt[j, torch.tensor(r.token_ids[: r.num_prompt_tokens])] = True
-        idx = torch.tensor(pen)
+                in_prompt[j, torch.tensor(r.token_ids[: r.num_prompt_tokens], device=dev)] = True
+        idx = torch.tensor(pen, device=dev)
         sub = logits.index_select(0, idx)
-        rep = torch.tensor([rows[i].params.repetition_penalty for i in pen], dtype=logits.dtype)
+        rep = torch.tensor(
+            [rows[i].params.repetition_penalty for i in pen], dtype=logits.dtype, device=dev
+        )
         seen = in_prompt | (counts > 0)
         penalised = torch.where(sub > 0, sub / rep[:, None], sub * rep[:, None])
         sub = torch.where(seen, penalised, sub)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], dtype=logits.dtype)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], dtype=logits.dtype)
+        freq = torch.tensor(
+            [rows[i].params.frequency_penalty for i in pen], dtype=logits.dtype, device=dev
+        )
+        pres = torch.tensor(
+            [rows[i].params.presence_penalty for i in pen], dtype=logits.dtype, device=dev
+        )
         sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
         logits[idx] = sub
 
@@ -162,22 +178,23 @@ class Sampler:
         return dead
 
     def _probs(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+        dev = logits.device
+        temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=dev)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
 
         top_ks = [r.params.top_k for r in rows]
         if any(k > 0 for k in top_ks):
             values = probs.topk(min(max(top_ks), probs.shape[-1]), dim=-1).values
-            k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks])
+            k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks], device=dev)
             kth = values.gather(1, k_idx[:, None])
-            kth[torch.tensor(top_ks) == 0] = 0.0
+            kth[torch.tensor(top_ks, device=dev) == 0] = 0.0
             probs = probs.masked_fill(probs < kth, 0.0)
 
-        top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype)
+        top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=dev)
         if bool((top_ps < 1.0).any()):
             probs = self._top_p(probs, top_ps)
 
-        min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype)
+        min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype, device=dev)
         if bool((min_ps > 0).any()):
             threshold = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
             probs = probs.masked_fill(probs < threshold, 0.0)
@@ -219,7 +236,9 @@ class Sampler:
         order = (-logq - entropy).abs().argsort()
         cum = q[order].cumsum(0)
         last = int(
-            torch.searchsorted(cum, torch.tensor(mass, dtype=cum.dtype)).clamp(max=len(q) - 1)
+            torch.searchsorted(cum, torch.tensor(mass, dtype=cum.dtype, device=cum.device)).clamp(
+                max=len(q) - 1
+            )
         )
         keep = torch.zeros_like(p, dtype=torch.bool)
         keep[order[: last + 1]] = True
@@ -243,6 +262,7 @@ class Sampler:
         u = torch.empty(len(rows), dtype=torch.float64)
         for i, r in enumerate(rows):
             u[i] = torch.rand(1, generator=r.generator or self.generator, dtype=torch.float64)
+        u = u.to(probs.device)
         cdf = probs.double().cumsum(dim=-1)
         total = cdf[:, -1]
         # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
