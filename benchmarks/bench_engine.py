@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     rss_mib,
 )
 
-ENGINES = ("girandole", "llama.cpp", "transformers")
+ENGINES = ("girandole", "llama.cpp", "llama-server", "transformers")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +176,105 @@ class LlamaCppEngine:
         return {"tok_s": n / wall, "wall_s": wall, "tokens": n}
 
 
+class LlamaServerEngine:
+    """llama.cpp's own server (llama-server, --parallel slots, continuous batching), driven with
+    non-streaming /completion requests of token ids: llama.cpp's batched numbers."""
+
+    name = "llama-server"
+    sequential = False
+
+    def __init__(self, spec: dict) -> None:
+        import httpx
+        from common import find_llama_server, free_port
+
+        binary = find_llama_server(spec.get("llama_server_bin"))
+        if binary is None:
+            raise RuntimeError("no llama-server binary (see benchmarks/build_llama_server.sh)")
+        self.slots = max(spec["concurrency"] or [1])
+        per_slot = max(spec["prefill_len"], spec["input_len"] + spec["output_len"]) + 64
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        t = str(spec["threads"])
+        cmd = [binary, "-m", spec["model"], "--host", "127.0.0.1", "--port", str(port),
+               "-t", t, "-tb", t, "-c", str(self.slots * per_slot), "--parallel", str(self.slots),
+               "--cont-batching", "--no-webui"]  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        import atexit
+
+        atexit.register(self.stop)
+        self.client = httpx.Client(timeout=600)
+        t0 = time.perf_counter()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"llama-server exited with {self.proc.returncode}; see {self.log.name}"
+                )
+            try:
+                if self.client.get(self.base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 120:
+                raise RuntimeError(f"llama-server not ready; see {self.log.name}")
+            time.sleep(0.3)
+        self.binary = binary
+        self.notes = [
+            f"llama-server --parallel {self.slots} -c {self.slots * per_slot} -t {t}: non-streaming "
+            "/completion requests of token ids, all N at once; decode and prefill from its own "
+            "timings (predicted_per_second, prompt_per_second); peak RSS is the server's"
+        ]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    @staticmethod
+    def version() -> str:
+        import llama_cpp
+
+        return f"llama-server built from llama-cpp-python {llama_cpp.__version__}'s llama.cpp"
+
+    def _body(self, prompt: list[int], n: int) -> dict:
+        return {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
+                "ignore_eos": True, "cache_prompt": False}  # fmt: skip
+
+    def _one(self, prompt: list[int], n: int) -> dict:
+        r = self.client.post(self.base + "/completion", json=self._body(prompt, n))
+        r.raise_for_status()
+        return r.json()
+
+    def decode(self, prompt: list[int], n_tokens: int) -> dict:
+        out = self._one(prompt, n_tokens)
+        return {"tok_s": out["timings"]["predicted_per_second"], "tokens": out["tokens_predicted"]}
+
+    def prefill(self, prompt: list[int]) -> dict:
+        t0 = time.perf_counter()
+        out = self._one(prompt, 1)
+        wall = time.perf_counter() - t0
+        tm = out["timings"]
+        return {"tok_s": tm["prompt_per_second"], "ttft_s": tm["prompt_ms"] / 1000, "wall_s": wall}
+
+    def batch(self, prompts: list[list[int]], out_len: int) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outs = list(pool.map(lambda p: self._one(p, out_len), prompts))
+        wall = time.perf_counter() - t0
+        n = sum(o["tokens_predicted"] for o in outs)
+        return {"tok_s": n / wall, "wall_s": wall, "tokens": n}
+
+    def memory(self) -> dict:
+        from common import proc_rss_mib
+
+        return proc_rss_mib(self.proc.pid)
+
+
 class TransformersEngine:
     name = "transformers"
     sequential = False
@@ -255,6 +354,7 @@ class TransformersEngine:
 ADAPTERS = {
     "girandole": GirandoleEngine,
     "llama.cpp": LlamaCppEngine,
+    "llama-server": LlamaServerEngine,
     "transformers": TransformersEngine,
 }
 
@@ -266,7 +366,7 @@ def run_worker(engine_name: str, spec: dict) -> dict:
     t0 = time.perf_counter()
     eng = cls(spec)
     res["load_s"] = time.perf_counter() - t0
-    res["memory_after_load"] = rss_mib()
+    res["memory_after_load"] = eng.memory() if hasattr(eng, "memory") else rss_mib()
     res["notes"] = list(eng.notes)
     tag = f"[{engine_name}]"
     log(f"{tag} loaded in {res['load_s']:.1f}s, {res['memory_after_load']}")
@@ -317,7 +417,9 @@ def run_worker(engine_name: str, spec: dict) -> dict:
             "median_tok_s": median([x["tok_s"] for x in runs]),
             "mode": "sequential" if eng.sequential else "batched",
         }
-    res["memory_end"] = rss_mib()
+    res["memory_end"] = eng.memory() if hasattr(eng, "memory") else rss_mib()
+    if hasattr(eng, "stop"):
+        eng.stop()
     return res
 
 
@@ -370,13 +472,10 @@ def cell(res: dict, key: str, field: str = "median_tok_s") -> float | None:
 def build_table(results: dict[str, dict], spec: dict) -> str:
     names = [n for n in ENGINES if n in results]
     header = ["metric", *names]
-    has_ratio = "girandole" in results and "llama.cpp" in results
-    if has_ratio:
-        header.append("girandole / llama.cpp")
+    peers = [n for n in ("llama.cpp", "llama-server") if "girandole" in results and n in results]
+    header += [f"girandole / {peer}" for peer in peers]
 
-    def row(
-        label: str, key: str, field: str = "median_tok_s", digits: int = 1, ratio_ok: bool = True
-    ):
+    def row(label: str, key: str, field: str = "median_tok_s", digits: int = 1) -> list[str]:
         cells = []
         for n in names:
             r = results[n]
@@ -386,24 +485,16 @@ def build_table(results: dict[str, dict], spec: dict) -> str:
                 cells.append("skipped")
             else:
                 v = cell(r, key, field)
-                suffix = ""
-                if (
-                    key.startswith("batch")
-                    and v is not None
-                    and r["cells"][key].get("mode") == "sequential"
-                ):
-                    suffix = " (seq.)"
-                cells.append(fmt(v, digits) + suffix)
-        out = [label, *cells]
-        if has_ratio:
-            out.append(
-                ratio(
-                    cell(results["girandole"], key, field), cell(results["llama.cpp"], key, field)
+                seq = (
+                    key.startswith("batch") and r["cells"].get(key, {}).get("mode") == "sequential"
                 )
-                if ratio_ok
-                else "-"
-            )
-        return out
+                cells.append(fmt(v, digits) + (" (seq.)" if seq and v is not None else ""))
+        g = results.get("girandole", {})
+        return [
+            label,
+            *cells,
+            *(ratio(cell(g, key, field), cell(results[p], key, field)) for p in peers),
+        ]
 
     rows = [
         row(f"single-stream decode, tok/s ({spec['decode_tokens']} tokens)", "decode"),
@@ -411,26 +502,21 @@ def build_table(results: dict[str, dict], spec: dict) -> str:
         row(f"prefill {spec['prefill_len']} tokens, TTFT s", "prefill", "median_ttft_s", 2),
     ]
     for n in spec["concurrency"]:
-        rows.append(
-            row(
-                f"{n} concurrent ({spec['input_len']} in / {spec['output_len']} out), total output tok/s",
-                f"batch{n}",
-            )
-        )
-    mem = ["peak RSS, MiB"]
-    load = ["load time, s"]
-    for n in names:
-        r = results[n]
-        mem.append(
-            fmt((r.get("memory_end") or {}).get("peak_rss_mib"), 0) if "error" not in r else "error"
-        )
-        load.append(fmt(r.get("load_s")) if "error" not in r else "error")
-    if has_ratio:
-        g = (results["girandole"].get("memory_end") or {}).get("peak_rss_mib")
-        lc = (results["llama.cpp"].get("memory_end") or {}).get("peak_rss_mib")
-        mem.append(ratio(g, lc))
-        load.append("-")
-    rows += [mem, load]
+        label = f"{n} concurrent ({spec['input_len']} in / {spec['output_len']} out), output tok/s"
+        rows.append(row(label, f"batch{n}"))
+
+    def stat(r: dict, what: str) -> float | None:
+        if what == "mem":
+            return (r.get("memory_end") or {}).get("peak_rss_mib")
+        return r.get("load_s")
+
+    for label, what, digits in (("peak RSS, MiB", "mem", 0), ("load time, s", "load", 1)):
+        out = [label]
+        for n in names:
+            out.append("error" if "error" in results[n] else fmt(stat(results[n], what), digits))
+        g = results.get("girandole", {})
+        out += [ratio(stat(g, what), stat(results[p], what)) for p in peers]
+        rows.append(out)
     return markdown_table(header, rows)
 
 
@@ -440,10 +526,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--engines",
-        default=",".join(ENGINES),
-        help="comma-separated subset of " + ",".join(ENGINES),
+        default=None,
+        help="comma-separated subset of " + ",".join(ENGINES) + " (default: all; llama-server "
+        "only if a binary is found, see benchmarks/build_llama_server.sh)",
     )
     p.add_argument("--model", default=None, help="GGUF path (default: girandole's default model)")
+    p.add_argument("--llama-server-bin", default=None, help="path of a llama-server binary")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
     p.add_argument("--concurrency", default="1,4,16,64")
@@ -506,7 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         args.llama_max_concurrency = min(args.llama_max_concurrency, 16)
         args.hf_max_concurrency = min(args.hf_max_concurrency, 1)
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    from common import find_llama_server
+
+    if args.engines is None:
+        have_server = find_llama_server(args.llama_server_bin) is not None
+        engines = [e for e in ENGINES if e != "llama-server" or have_server]
+    else:
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
         if e not in ENGINES:
             raise SystemExit(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
@@ -541,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "n_ctx": 1 << (need_ctx - 1).bit_length(),
         "girandole_opts": girandole_opts,
+        "llama_server_bin": args.llama_server_bin,
     }
 
     header = machine_lines()

@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     dump_json,
+    find_llama_server,
     fmt,
     free_port,
     loadavg,
@@ -240,17 +240,6 @@ class LlamaCppPythonServer(Server):
             "stream": True,
             "logit_bias": {str(t): -100 for t in GEMMA_EOS_IDS},
         }
-
-
-def find_llama_server(explicit: str | None) -> str | None:
-    for cand in (
-        explicit,
-        os.environ.get("LLAMA_SERVER_BIN"),
-        str(Path(sys.executable).with_name("llama-server")),
-    ):
-        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
-            return cand
-    return shutil.which("llama-server")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -185,3 +186,14 @@ def log(*args: object) -> None:
 def dump_json(path: str | None, data: object) -> None:
     if path:
         Path(path).write_text(json.dumps(data, indent=2))
+
+
+def find_llama_server(explicit: str | None) -> str | None:
+    for cand in (
+        explicit,
+        os.environ.get("LLAMA_SERVER_BIN"),
+        str(Path(sys.executable).with_name("llama-server")),
+    ):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return shutil.which("llama-server")
