@@ -198,6 +198,17 @@ def test_end_of_turn_ends_generation_and_supports_chat(family_server):
     assert entry0["token"] == FAMILIES[family][0][0]
 
 
+def test_default_max_tokens_is_2048(family_server):
+    family, server, ref = family_server
+    body = {
+        "model": model_of(server),
+        "messages": [U1],
+        "context_length_exceeded_behavior": "error",
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "max_tokens (2048)" in r.json()["error"]["message"]
+
+
 def test_bad_chat_template_stops_serve(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "girandole.cli", "serve", "--chat-template",
