@@ -11,7 +11,8 @@ Prompt:
   chat (`supports_chat: false` in /models, 400 here).
 - A system message with empty content is left out ("to completely omit the system prompt, set
   its content to an empty string").
-- A final assistant message is continued: rendered open, without a generation prompt.
+- A final assistant message is continued: rendered open, without a generation prompt (an empty
+  one is dropped instead, which leaves the generation prompt).
 - BOS is not doubled: templates that write it get no second one from the tokenizer.
 - `prompt_truncate_len`: while the prompt has more tokens than that, the oldest turns go (a turn
   starts at a user message, so roles still alternate); the system prompt and the last user turn
@@ -123,6 +124,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.role == "system" and flatten_content(message.content_value()) == "":
             continue
         out.append(message.template_dict())
+    final = out[-1] if out else None
+    if (
+        final is not None
+        and final["role"] == "assistant"
+        and flatten_content(final.get("content")) == ""
+        and not final.get("tool_calls")
+    ):
+        out.pop()  # nothing to continue: an empty answer is a plain generation prompt
     if not out:
         raise bad_request(
             "messages has nothing to send to the model: only system messages with empty content",
