@@ -230,3 +230,84 @@ def test_sse_framing():
     assert event == 'data: {"a":"é","b":null}\n\n'.encode()
     assert json.loads(event[6:]) == {"a": "é", "b": None}
     assert DONE == b"data: [DONE]\n\n"
+
+
+# -- the app without a model: loading state, settings, last-resort 500 --------------------------
+
+
+def test_app_while_loading():
+    from fastapi.testclient import TestClient
+
+    from girandole.api.app import create_app
+    from girandole.api.settings import ServerSettings
+    from girandole.api.state import AppState
+
+    app = create_app(AppState(ServerSettings(api_keys=["k"])))
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(app) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        body = {"model": "accounts/fireworks/models/gemma-3-270m", "prompt": "x"}
+        r = client.post("/inference/v1/completions", json=body, headers=auth)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE"
+        assert "loading" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        r = client.get("/v1/models", headers=auth)
+        assert r.status_code == 200 and "context_length" not in r.json()["data"][0]
+        assert client.get("/v1/models").status_code == 401
+        assert client.post("/v1/completions", json=body).status_code == 401
+
+
+def test_unexpected_errors_become_fireworks_500():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from girandole.api.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/boom")
+    assert r.status_code == 500
+    assert r.json()["error"]["message"] == "Internal server error"
+
+
+def test_serve_flags_and_environment(tmp_path, monkeypatch):
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+    from girandole.api.state import AppState
+
+    def parse(*argv):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv]))
+
+    s = parse()
+    assert (s.host, s.port, s.account, s.model_id, s.api_keys) == (
+        "127.0.0.1", 8000, "fireworks", "gemma-3-270m", [],
+    )  # fmt: skip
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nfile-key\n\n")
+    s = parse("--api-key", "a", "--api-key", "b", "--api-keys-file", str(keys_file), "--port", "9")
+    assert s.api_keys == ["a", "b"] and s.port == 9
+    state = AppState(s)
+    assert all(state.keys.check(k) for k in ("a", "b", "file-key"))
+    assert not state.keys.check("# comment")
+    monkeypatch.setenv("GIRANDOLE_PORT", "1234")
+    monkeypatch.setenv("GIRANDOLE_API_KEY", "x, y")
+    monkeypatch.setenv("GIRANDOLE_ACCOUNT", "acme")
+    monkeypatch.setenv("GIRANDOLE_MODEL_ID", "my-model")
+    monkeypatch.setenv("GIRANDOLE_KV_CACHE_GB", "0.25")
+    s = parse()
+    assert (s.port, s.api_keys, s.account, s.model_id, s.kv_cache_gb) == (
+        1234, ["x", "y"], "acme", "my-model", 0.25,
+    )  # fmt: skip
+    assert AppState(s).served.name == "accounts/acme/models/my-model"
+    with pytest.raises(ValueError, match="not a valid Fireworks id"):
+        AppState(parse("--model-id", "Bad_Id"))
