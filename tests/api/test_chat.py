@@ -180,6 +180,12 @@ def test_fireworks_sdk(fw, oai):
         if c.choices
     )  # fmt: skip
     assert text == r.choices[0].message.content
+    # n=2, logprobs and stop through the Fireworks SDK too
+    r2 = fw.chat.completions.create(n=2, logprobs=True, top_logprobs=1, stop=["\n\n\n"], **kw)
+    assert [c.index for c in r2.choices] == [0, 1]
+    assert r2.choices[0].message.content == r2.choices[1].message.content == text
+    content = r2.choices[0].logprobs.content
+    assert len(content) == r2.usage.completion_tokens // 2 and len(content[0].top_logprobs) == 1
 
 
 def test_n2_seeded(oai):

@@ -209,6 +209,20 @@ def test_default_max_tokens_is_2048(family_server):
     assert r.status_code == 400 and "max_tokens (2048)" in r.json()["error"]["message"]
 
 
+def test_client_disconnect_aborts(family_server):
+    family, server, ref = family_server
+    # temperature 1 on all-zero logits: uniform over the vocabulary, so mostly visible text
+    body = {"model": model_of(server), "messages": [U1], "max_tokens": 1000, "ignore_eos": True,
+            "temperature": 1.0, "stream": True}  # fmt: skip
+    before = server.health()["num_aborted_requests"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line:
+                break  # hang up after the first content chunk
+    server.wait_idle()
+    assert server.health()["num_aborted_requests"] == before + 1
+
+
 def test_bad_chat_template_stops_serve(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "girandole.cli", "serve", "--chat-template",
