@@ -217,3 +217,22 @@ def test_async_clients_concurrently(server):
 
     results = asyncio.run(run())
     assert all(r.usage.completion_tokens == 3 for r in results)
+
+
+def test_async_fireworks_stream_and_request_id(server):
+    async def run() -> list:
+        client = fireworks.AsyncFireworks(api_key=API_KEY, base_url=server.url, max_retries=0)
+        stream = await client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=3, stream=True
+        )
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1].usage.completion_tokens == 3
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+        headers={**server.headers, "x-request-id": "trace-123"},
+    )
+    assert r.headers["x-request-id"] == "trace-123"
+    assert r.json()["id"].startswith("cmpl-")
