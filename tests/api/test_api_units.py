@@ -311,3 +311,23 @@ def test_serve_flags_and_environment(tmp_path, monkeypatch):
     assert AppState(s).served.name == "accounts/acme/models/my-model"
     with pytest.raises(ValueError, match="not a valid Fireworks id"):
         AppState(parse("--model-id", "Bad_Id"))
+
+
+def test_openapi_document_refs_resolve():
+    from fastapi.testclient import TestClient
+
+    from girandole.api.app import create_app
+    from girandole.api.settings import ServerSettings
+    from girandole.api.state import AppState
+
+    with TestClient(create_app(AppState(ServerSettings()))) as client:
+        doc = client.get("/openapi.json").json()
+    text = json.dumps(doc)
+    assert "#/$defs/" not in text
+    schemas = doc["components"]["schemas"]
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "#/components/schemas/')[1:]}:
+        assert ref in schemas, ref
+    for prefix in ("/v1", "/inference/v1"):
+        body = doc["paths"][prefix + "/completions"]["post"]["requestBody"]
+        schema = body["content"]["application/json"]["schema"]
+        assert schema["additionalProperties"] is False and "prompt" in schema["properties"]

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from girandole import __version__
 from girandole.api.errors import install_error_handlers
+from girandole.api.openapi import install_openapi
 from girandole.api.routes import chat, completions, health, models
 from girandole.api.state import AppState
 
@@ -42,4 +43,5 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     app.include_router(health.router)
+    install_openapi(app)
     return app
