@@ -78,6 +78,12 @@ def test_truncation_keeps_system_and_whole_recent_turns(tokenizer):
     assert err.value.status_code == 400 and err.value.param == "prompt_truncate_len"
 
 
+def test_truncation_of_a_lone_system_message_is_a_400(tokenizer):
+    with pytest.raises(APIError) as err:
+        build_prompt(tokenizer, request([SYSTEM], prompt_truncate_len=1), GEMMA_TEMPLATE)
+    assert err.value.status_code == 400 and err.value.param == "prompt_truncate_len"
+
+
 def test_truncation_keeps_a_continued_final_message(tokenizer):
     messages = [*turns(3), {"role": "user", "content": "Go on"},
                 {"role": "assistant", "content": "Well, the"}]  # fmt: skip

@@ -188,11 +188,12 @@ def _truncate(
             lo = mid + 1
     if best is not None:
         return best
-    if system:
+    tail = body[starts[-1] if starts else 0 :]
+    if system and tail:
         found = attempt(False, starts[-1] if starts else 0)
         if found is not None:
             return found
-    kept = len(_encode(tokenizer, body[starts[-1] if starts else 0 :], template, safe)[1])
+    kept = len(_encode(tokenizer, tail or system, template, safe)[1])
     raise bad_request(
         f"prompt_truncate_len is {limit} tokens, but the last turn alone takes {kept}"
         f" (the whole prompt: {len(full[1])})",
