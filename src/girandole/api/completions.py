@@ -142,6 +142,11 @@ def _engine_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
+    if type(exc).__name__ == "EngineDeadError":
+        logger.error("the engine is not running: %s", exc)
+        return APIError(
+            503, "The engine is not running", type="service_unavailable", code="UNAVAILABLE"
+        )
     logger.error("request failed in the engine", exc_info=exc)
     return internal_error()
 

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from girandole.api.errors import bad_request
+
+logger = logging.getLogger("girandole.api")
 
 # Prompts shorter than this are tokenized on the event loop; longer ones in a thread.
 _INLINE_CHARS = 2048
@@ -28,10 +31,14 @@ async def tokenize_prompts(
 ) -> list[list[int]]:
     if prompts and isinstance(prompts[0], str):
         texts: list[str] = prompts  # type: ignore[assignment]
-        if sum(len(t) for t in texts) < _INLINE_CHARS:
-            ids = _encode_all(tokenizer, texts)
-        else:
-            ids = await asyncio.to_thread(_encode_all, tokenizer, texts)
+        try:
+            if sum(len(t) for t in texts) < _INLINE_CHARS:
+                ids = _encode_all(tokenizer, texts)
+            else:
+                ids = await asyncio.to_thread(_encode_all, tokenizer, texts)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer bug must not become a 500
+            logger.exception("tokenizing a prompt failed")
+            raise bad_request(f"The prompt could not be tokenized: {exc}", "prompt") from None
         for i, seq in enumerate(ids):
             if not seq:
                 where = "prompt" if len(ids) == 1 else f"prompt[{i}]"
