@@ -18,11 +18,34 @@ INT4_GROUP = 32
 DENSE_MIN_ROWS = 16
 
 
+CHUNK_ROWS = 16384  # rows per step when quantizing big tables (bounds temporary memory)
+
+
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: w ~ q * scale[:, None]. Returns (int8 [N, K], float32 [N])."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    for a in range(0, n, CHUNK_ROWS):
+        wc = w[a : a + CHUNK_ROWS].float()
+        sc = (wc.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q[a : a + CHUNK_ROWS] = torch.round(wc / sc[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[a : a + CHUNK_ROWS] = sc
+    return q, scale
+
+
+def quantize_int8_groups(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per group of `group` inputs (as GGUF's Q8_0, which it reproduces
+    exactly): w ~ q * scale[:, k // group]. Returns (int8 [N, K], float32 [N, K/group])."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, k // group, dtype=torch.float32)
+    for a in range(0, n, CHUNK_ROWS):
+        wc = w[a : a + CHUNK_ROWS].float().reshape(-1, k // group, group)
+        sc = (wc.abs().amax(dim=2) / 127.0).clamp(min=1e-12)
+        qc = torch.round(wc / sc[..., None]).clamp(-127, 127).to(torch.int8)
+        q[a : a + CHUNK_ROWS] = qc.reshape(-1, k)
+        scale[a : a + CHUNK_ROWS] = sc
     return q, scale
 
 
@@ -116,3 +139,60 @@ class Int4Linear(nn.Module):
 def int4_supported(weight: torch.Tensor) -> bool:
     n, k = weight.shape
     return k % INT4_GROUP == 0 and k % 64 == 0 and n % 8 == 0
+
+
+def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, sz
+
+
+class Int4x2Linear(nn.Module):
+    """Exact 5- to 8-bit group-32 weights (GGUF Q5_0, Q8_0) as two int4 matmuls.
+
+    A level q in 0..255 (value = q * scale + offset) splits into nibbles q = lo + 16 * hi, so
+    W = (lo - 8) * scale + (16 * hi * scale + 8 * scale + offset): two int4-packed matrices in
+    torch's convention (dequant (n - 8) * s + z). About the bytes of int8, without int8's
+    per-row requantization error."""
+
+    def __init__(
+        self,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        keep_dense: bool = True,
+    ) -> None:
+        super().__init__()
+        q, scale, offset = groups
+        self.out_features, self.in_features = q.shape
+        lo, hi = q & 15, q >> 4
+        # bf16 rounds each group's zero point by up to 2^-9 of its size, an error shared by the
+        # whole group: keep both zero points small. Each group's `hi` is shifted by `c` to sit
+        # around 8 (c = 7 for Q5_0's one high bit, 0 for Q8_0's full nibble).
+        n, k = q.shape
+        hi_g = hi.reshape(n, k // INT4_GROUP, INT4_GROUP)
+        c = 8 - (hi_g.amax(dim=-1) + 1) // 2  # [N, K/g]
+        hi = (hi_g + c[..., None]).reshape(n, k)
+        self.lo_packed, self.lo_sz = _pack_int4(lo, scale, torch.zeros_like(scale))
+        zero_hi = offset + 8.0 * scale - (c - 8).float() * 16.0 * scale
+        self.hi_packed, self.hi_sz = _pack_int4(hi, 16.0 * scale, zero_hi)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        if keep_dense:
+            n, k = q.shape
+            g = INT4_GROUP
+            deq = q.reshape(n, k // g, g).float() * scale[..., None] + offset[..., None]
+            self.register_buffer("dense", deq.reshape(n, k).to(torch.bfloat16))
+        else:
+            self.register_buffer("dense", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
+            y = F.linear(x2, self.dense).float()
+        else:
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x2, self.lo_packed, INT4_GROUP, self.lo_sz).float()
+            y += mm(x2, self.hi_packed, INT4_GROUP, self.hi_sz).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape, self.out_features)

@@ -56,7 +56,10 @@ class GGUFWeights:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as exc:
             raise ValueError(f"cannot read tensor {name} ({t.tensor_type.name}): {exc}") from exc
-        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:  # a view of the file
+            arr = np.array(arr, copy=True, order="C")
+        out = torch.from_numpy(arr)
         spec = self.spec
         if spec.architecture == "llama" and out.dim() >= 1:
             if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
@@ -65,34 +68,54 @@ class GGUFWeights:
                 out = _unpermute(out, spec.num_kv_heads)
         return out
 
-    def int4_groups(self, name: str):
-        """Exact 4-bit groups (see decode_int4_groups) of a Q4_0/Q4_1/Q4_K tensor, else None."""
+    def int_groups(self, name: str):
+        """Exact integer groups of 32 (see decode_int_groups) of a Q4_0/Q4_1/Q4_K/Q5_0/Q8_0
+        tensor, or None for other types."""
         t = self.tensors[name]
         qtype = t.tensor_type.name
-        if qtype not in ("Q4_0", "Q4_1", "Q4_K") or len(t.shape) != 2:
+        if qtype not in INT_GROUP_QTYPES or len(t.shape) != 2:
             return None
-        if self.spec.architecture == "llama" and re.search(r"attn_[qk]\.", name):
-            return None  # permuted rows: use the float path
         cols, rows = (int(d) for d in t.shape.tolist())
-        return decode_int4_groups(t.data, qtype, rows, cols)
+        q, scale, offset = decode_int_groups(t.data, qtype, rows, cols)
+        spec = self.spec
+        if spec.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.weight", name):
+            heads = spec.num_heads if ".attn_q." in name else spec.num_kv_heads
+            q, scale, offset = (_unpermute(x, heads) for x in (q, scale, offset))
+        return q, scale, offset
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)[:, 0]
 
 
-def decode_int4_groups(data: np.ndarray, qtype: str, rows: int, cols: int):
-    """Exact groups of 32 of a 4-bit GGUF type: (q [rows, cols] int in 0..15, scale, offset
-    [rows, cols/32]) with value = q * scale + offset. None for other types."""
+INT_GROUP_QTYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q8_0")
+
+
+def decode_int_groups(data: np.ndarray, qtype: str, rows: int, cols: int):
+    """Exact groups of 32 of an integer GGUF type: (q [rows, cols] int32 levels (0..15 for
+    4-bit types, 0..31 for Q5_0, 0..255 for Q8_0), scale, offset [rows, cols/32] float32)
+    with value = q * scale + offset."""
     blocks = np.asarray(data, dtype=np.uint8).reshape(-1)
     if qtype in ("Q4_0", "Q4_1"):
         size = 18 if qtype == "Q4_0" else 20
         b = blocks.reshape(-1, size)
-        d = _f16(b, 0)
-        offset = -8.0 * d if qtype == "Q4_0" else _f16(b, 2)
+        scale = _f16(b, 0)
+        offset = -8.0 * scale if qtype == "Q4_0" else _f16(b, 2)
         qs = b[:, size - 16 :]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [n_blocks, 32]
-        scale = d
+    elif qtype == "Q5_0":
+        b = blocks.reshape(-1, 22)
+        scale = _f16(b, 0)
+        offset = -16.0 * scale
+        qh = b[:, 2:6].copy().view(np.uint32)  # [n_blocks, 1]
+        high = ((qh >> np.arange(32, dtype=np.uint32)[None, :]) & 1).astype(np.uint8)
+        qs = b[:, 6:22]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1) | (high << 4)
+    elif qtype == "Q8_0":
+        b = blocks.reshape(-1, 34)
+        scale = _f16(b, 0)
+        offset = -128.0 * scale
+        q = b[:, 2:34].view(np.int8).astype(np.int32) + 128
     elif qtype == "Q4_K":
         from gguf.quants import Q4_K
 
@@ -100,13 +123,13 @@ def decode_int4_groups(data: np.ndarray, qtype: str, rows: int, cols: int):
         d, dmin = _f16(b, 0), _f16(b, 2)
         sc, m = Q4_K.get_scale_min(b[:, 4:16])
         qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(-1, 8, 32).reshape(-1, 32)
+        q = (qs & 0x0F).reshape(-1, 32)
         scale = (d[:, None] * sc.astype(np.float32)).reshape(-1)
         offset = -(dmin[:, None] * m.astype(np.float32)).reshape(-1)
     else:
-        return None
+        raise ValueError(f"no integer group decoding for {qtype}")
     groups = cols // 32
-    q_t = torch.from_numpy(q.astype(np.int32)).reshape(rows, cols)
+    q_t = torch.from_numpy(np.ascontiguousarray(q, dtype=np.int32)).reshape(rows, cols)
     scale_t = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).reshape(rows, groups)
     off_t = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32)).reshape(rows, groups)
     return q_t, scale_t, off_t

@@ -1,0 +1,81 @@
+"""Fast mode vs reference mode on public-domain prose (tests/data), teacher-forced, and the
+bare forward timings of both modes.
+
+    .venv/bin/python benchmarks/model_accuracy.py [--model PATH] [--speed] [--threads 2]
+
+Prints top-1 agreement of fast with reference, both perplexities, and (with --speed) the median
+time of model forward + logits of the last row at T=1 and T=512 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from girandole.model.evaluate import compare, teacher_forced
+from girandole.model.loader import load_model
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+TEXTS = ("pride_and_prejudice_ch1.txt", "declaration_of_independence.txt")
+
+
+def documents(model_path) -> list[list[int]]:
+    from girandole.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_path)
+    return [tok.encode((DATA / name).read_text()) for name in TEXTS]
+
+
+def time_forward(model, t: int, repeats: int) -> float:
+    ids = torch.randint(10, 1000, (t,))
+    pos = torch.arange(t)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            model.compute_logits(model(ids, pos)[-1:])
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None, help="GGUF file or HF folder (default model if unset)")
+    ap.add_argument("--speed", action="store_true", help="also time the forward at T=1 and 512")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    docs = documents(args.model)
+    t0 = time.perf_counter()
+    ref, _ = load_model(args.model, mode="reference", device="cpu")
+    t1 = time.perf_counter()
+    fast, config = load_model(args.model, mode="fast", device="cpu")
+    t2 = time.perf_counter()
+    print(f"model: {config.name}  load reference {t1 - t0:.1f} s, fast {t2 - t1:.1f} s")
+
+    r = teacher_forced(ref, docs)
+    f = teacher_forced(fast, docs)
+    stats = compare(r, f)
+    print(f"texts: {', '.join(TEXTS)} ({int(stats['tokens'])} predicted tokens)")
+    print(f"top-1 agreement fast vs reference: {stats['top1_agreement'] * 100:.2f} %")
+    print(
+        f"perplexity: reference {stats['ppl_reference']:.3f}, fast {stats['ppl_candidate']:.3f} "
+        f"({stats['ppl_rel_diff'] * 100:+.2f} %)"
+    )
+    if args.speed:
+        print("| mode | T=1 forward+logits (ms) | T=512 forward+last logits (ms) |")
+        print("|---|---|---|")
+        for name, model in (("fast", fast), ("reference", ref)):
+            print(
+                f"| {name} | {time_forward(model, 1, 30):.1f} | {time_forward(model, 512, 3):.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
