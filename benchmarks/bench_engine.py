@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    LoadSampler,
     fmt,
     loadavg,
     log,
@@ -236,8 +237,20 @@ class LlamaServerEngine:
     @staticmethod
     def version() -> str:
         import llama_cpp
+        from common import find_llama_server
 
-        return f"llama-server built from llama-cpp-python {llama_cpp.__version__}'s llama.cpp"
+        text = ""
+        try:
+            out = subprocess.run(
+                [find_llama_server(None) or "llama-server", "--version"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            text = " ".join(x for x in (out.stdout + out.stderr).splitlines() if "version" in x)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return f"llama-server ({text.strip() or '?'}; llama-cpp-python {llama_cpp.__version__} sources)"
 
     def _body(self, prompt: list[int], n: int) -> dict:
         return {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
@@ -648,17 +661,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     t_start = time.perf_counter()
-    for name in engines:
-        log(f"--- {name} ---")
-        results[name] = run_engine_subprocess(name, spec, args.timeout)
-        if "error" in results[name]:
-            log(f"{name}: {results[name]['error']}")
+    with LoadSampler() as sampler:
+        for name in engines:
+            log(f"--- {name} ---")
+            results[name] = run_engine_subprocess(name, spec, args.timeout)
+            if "error" in results[name]:
+                log(f"{name}: {results[name]['error']}")
     load_after = loadavg()
 
     print()
     for line in header:
         print(line)
     print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(sampler.summary())
     print(f"total benchmark time: {time.perf_counter() - t_start:.0f}s")
     print()
     print(build_table(results, spec))
@@ -688,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "header": header,
             "load_before": load_before,
+            "load_during": sampler.summary(),
             "load_after": load_after,
             "spec": spec,
             "results": results,

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    LoadSampler,
     dump_json,
     find_llama_server,
     fmt,
@@ -188,6 +189,7 @@ class LlamaServerBin(Server):
             "-c", str(self.ctx),
             "--parallel", str(self.slots),
             "--cont-batching",
+            "--no-webui",
         ]  # fmt: skip
 
     def version(self) -> str:
@@ -503,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     try:
-        for server in servers:
-            results[server.name] = asyncio.run(bench_server(server, args))
+        with LoadSampler() as sampler:
+            for server in servers:
+                results[server.name] = asyncio.run(bench_server(server, args))
     finally:
         for server in servers:
             server.stop()
@@ -514,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in header:
         print(line)
     print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(sampler.summary())
     print(f"total benchmark time: {time.perf_counter() - t0:.0f}s")
     print()
     print(build_table(results, args.concurrency_list))
@@ -543,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "header": header,
             "load_before": load_before,
+            "load_during": sampler.summary(),
             "load_after": load_after,
             "results": results,
         },

@@ -197,3 +197,59 @@ def find_llama_server(explicit: str | None) -> str | None:
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return cand
     return shutil.which("llama-server")
+
+
+class LoadSampler:
+    """Samples the 1-minute load average and the machine's busy CPU fraction in the background.
+
+    The benchmarks themselves keep about `threads` cores busy; anything above that is other work
+    sharing the machine (and makes every number here slower and noisier).
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        import threading
+
+        self.interval = interval
+        self.loads: list[float] = []
+        self.busy: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    def _run(self) -> None:
+        try:
+            prev = self._cpu_times()
+        except OSError:
+            prev = None
+        while not self._stop.wait(self.interval):
+            self.loads.append(os.getloadavg()[0])
+            if prev is not None:
+                cur = self._cpu_times()
+                total, idle = cur[0] - prev[0], cur[1] - prev[1]
+                if total > 0:
+                    self.busy.append(1 - idle / total)
+                prev = cur
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def summary(self) -> str:
+        if not self.loads:
+            return "load not sampled"
+        s = (
+            f"1-min load average during the run: mean {statistics.mean(self.loads):.1f}, "
+            f"max {max(self.loads):.1f} ({os.cpu_count()} CPUs)"
+        )
+        if self.busy:
+            s += f"; CPUs busy {100 * statistics.mean(self.busy):.0f}% on average"
+        return s
