@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,7 +46,7 @@ from typing import Any
 
 from girandole.api import completions
 from girandole.api.completions import ChoiceState, CompletionJob, _engine_error, _record, _usage
-from girandole.api.errors import bad_request
+from girandole.api.errors import APIError, bad_request
 from girandole.api.fanout import ChoiceFanout, ChoiceRequest
 from girandole.api.logprob_formats import LogprobsMode, LogprobTracker
 from girandole.api.prompts import fit_max_tokens
@@ -59,6 +60,8 @@ from girandole.tokenizer.chat_template import (
     flatten_content,
     guess_family,
 )
+
+logger = logging.getLogger("girandole.api")
 
 DEFAULT_MAX_TOKENS = 2048
 # Conversations with more characters than this are rendered and tokenized in a thread.
@@ -216,6 +219,11 @@ def build_prompt(
             )
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a tokenizer bug must not become a 500
+        logger.exception("tokenizing a chat prompt failed")
+        raise bad_request(f"The chat prompt could not be tokenized: {exc}", "messages") from None
     if not ids:
         raise bad_request("The prompt is empty after applying the chat template", "messages")
     return ChatPrompt(text, ids)
