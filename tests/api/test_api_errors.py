@@ -145,6 +145,11 @@ def test_auth_comes_before_body_checks(server):
     assert r.status_code == 401
 
 
+def test_health_was_503_while_loading_then_200(server):
+    # the socket opens before the model has loaded (about a second at best)
+    assert server.health_codes[0] == 503 and server.health_codes[-1] == 200
+
+
 def test_health_needs_no_key(server):
     assert httpx.get(server.url + "/health").status_code == 200
 

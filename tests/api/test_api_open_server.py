@@ -14,9 +14,10 @@ def complete(server, **body) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", json={"model": MODEL, **body}, timeout=60)
 
 
-def test_health_was_503_while_loading_then_200(open_server):
+def test_health_is_200_when_ready(open_server):
+    # this model loads in a blink: /health may never have been seen answering 503
     codes = open_server.health_codes
-    assert codes[0] == 503 and codes[-1] == 200
+    assert codes[-1] == 200 and all(code == 503 for code in codes[:-1])
     assert open_server.health()["status"] == "ready"
 
 
