@@ -132,6 +132,8 @@ def family_server(request, tmp_path_factory):
         template = tmp / "chatml.jinja"
         template.write_text(QWEN2_TEMPLATE)
         args += ["--chat-template", str(template)]
+    if family == "llama2":  # the 2025 placement of streamed usage: on each finish chunk
+        args += ["--stream-usage", "finish"]
     server = _servers.start_server(tmp, *args, api_key=None)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     ref = transformers.PreTrainedTokenizerFast(
@@ -207,6 +209,23 @@ def test_default_max_tokens_is_2048(family_server):
     }
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and "max_tokens (2048)" in r.json()["error"]["message"]
+
+
+def test_stream_usage_placement(family_server):
+    family, server, ref = family_server
+    body = {"model": model_of(server), "messages": [U1], "n": 2, "temperature": 0, "stream": True}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    blocks = [b[len("data: ") :] for b in r.text.split("\n\n") if b]
+    assert blocks[-1] == "[DONE]"
+    chunks = [json.loads(b) for b in blocks[:-1]]
+    finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["finish_reason"] for c in finishes] == ["stop", "stop"]
+    if family == "llama2":  # --stream-usage finish: a running total on each finish chunk
+        assert [c["usage"]["completion_tokens"] for c in finishes] == [1, 2]
+        assert all(c["choices"] for c in chunks)
+    else:
+        assert all(c["usage"] is None for c in finishes)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
 
 
 def test_client_disconnect_aborts(family_server):
