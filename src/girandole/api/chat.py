@@ -257,7 +257,6 @@ class ChatJob:
     logprobs_mode: LogprobsMode | None = None
     num_top_logprobs: int = 0
     raw_output: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def new_chat_id() -> str:
@@ -335,10 +334,7 @@ class _Choice:
     state: ChoiceState
     tracker: LogprobTracker
     token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def text_length(self) -> int:
-        return sum(len(t) for t in self.state.text)
+    text_length: int = 0  # characters of content so far
 
 
 def _choices(cj: ChatJob) -> dict[int, _Choice]:
@@ -351,6 +347,7 @@ def _choices(cj: ChatJob) -> dict[int, _Choice]:
 def _add(cj: ChatJob, choice: _Choice, out: Any) -> list:
     _record(choice.state, out)
     choice.token_ids.extend(out.new_token_ids)
+    choice.text_length += len(out.new_text)
     if cj.logprobs_mode is None:
         return []
     return choice.tracker.add(out.logprobs, choice.text_length)
