@@ -43,7 +43,13 @@ CONVERSATIONS = {
     "multi": [U1, A1, U2],
     "system-multi": [SYSTEM, U1, A1, U2],
     "continue": [SYSTEM, U1, {"role": "assistant", "content": "Sure: the answer"}],
-}
+    "tool": [
+        U1,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        {"role": "tool", "content": "4", "tool_call_id": "c1"},
+    ],
+}  # fmt: skip
 
 # Qwen2's template: ChatML with a default system prompt; served through --chat-template, it
 # shows the flag overrides the built-in ChatML template.
@@ -165,6 +171,8 @@ def test_prompt_matches_transformers(family_server):
     family, server, ref = family_server
     model = model_of(server)
     for name, messages in CONVERSATIONS.items():
+        if name == "tool" and family == "llama2":
+            continue  # Llama 2's template has no tool role (roles must alternate)
         r = httpx.post(
             server.url + "/v1/chat/completions",
             json={"model": model, "messages": messages, "max_tokens": 1, "temperature": 0,
