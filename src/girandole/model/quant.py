@@ -56,13 +56,18 @@ def quantize_int4_groups(
     that use the whole 0..15 range). Returns (q int32 [N, K] in 0..15, scale [N, K/g],
     zero [N, K/g]) with w ~ (q - 8) * scale + zero (torch's int4pack convention)."""
     n, k = w.shape
-    wg = w.float().reshape(n, k // group, group)
-    lo = wg.amin(dim=-1, keepdim=True)
-    hi = wg.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-    q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
-    zero = lo + 8.0 * scale
-    return q, scale.squeeze(-1), zero.squeeze(-1)
+    q = torch.empty(n, k, dtype=torch.int32)
+    scale = torch.empty(n, k // group)
+    zero = torch.empty(n, k // group)
+    for a in range(0, n, CHUNK_ROWS):
+        wg = w[a : a + CHUNK_ROWS].float().reshape(-1, k // group, group)
+        lo = wg.amin(dim=-1, keepdim=True)
+        hi = wg.amax(dim=-1, keepdim=True)
+        sc = ((hi - lo) / 15.0).clamp(min=1e-12)
+        q[a : a + CHUNK_ROWS] = torch.round((wg - lo) / sc).clamp(0, 15).reshape(-1, k)
+        scale[a : a + CHUNK_ROWS] = sc.squeeze(-1)
+        zero[a : a + CHUNK_ROWS] = (lo + 8.0 * sc).squeeze(-1)
+    return q, scale, zero
 
 
 class Int8Linear(nn.Module):
@@ -138,10 +143,10 @@ class Int4Linear(nn.Module):
 
 def int4_supported(weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return k % INT4_GROUP == 0 and k % 64 == 0 and n % 8 == 0
+    return k % INT4_GROUP == 0 and k % 64 == 0 and n % 16 == 0
 
 
-def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, sz
@@ -172,9 +177,9 @@ class Int4x2Linear(nn.Module):
         hi_g = hi.reshape(n, k // INT4_GROUP, INT4_GROUP)
         c = 8 - (hi_g.amax(dim=-1) + 1) // 2  # [N, K/g]
         hi = (hi_g + c[..., None]).reshape(n, k)
-        self.lo_packed, self.lo_sz = _pack_int4(lo, scale, torch.zeros_like(scale))
+        self.lo_packed, self.lo_sz = pack_int4(lo, scale, torch.zeros_like(scale))
         zero_hi = offset + 8.0 * scale - (c - 8).float() * 16.0 * scale
-        self.hi_packed, self.hi_sz = _pack_int4(hi, 16.0 * scale, zero_hi)
+        self.hi_packed, self.hi_sz = pack_int4(hi, 16.0 * scale, zero_hi)
         self.register_buffer("bias", None if bias is None else bias.float())
         if keep_dense:
             n, k = q.shape
