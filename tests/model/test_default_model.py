@@ -1,0 +1,128 @@
+"""The real default model (Gemma 3 270M Q4_K_M GGUF): configuration, greedy continuations
+identical to transformers' fp32 run, and fast mode against reference mode on prose."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import paged_greedy
+
+from girandole.model.evaluate import compare, teacher_forced
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+GREEDY = DATA / "gemma3_270m_greedy.json"
+TEXTS = ("pride_and_prejudice_ch1.txt", "declaration_of_independence.txt")
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Once upon a time, in a small village by the sea,",
+    "<start_of_turn>user\nWhat is the tallest mountain in the world?<end_of_turn>\n"
+    "<start_of_turn>model\n",
+    "1, 2, 3, 5, 8, 13,",
+    "The theory of relativity states that",
+]
+NEW_TOKENS = 32
+
+
+def transformers_greedy(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """transformers' own fp32 greedy run on the GGUF (it dequantizes every tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    from girandole.model.default import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            gen = hf.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+            )
+            outs.append(gen[0, len(ids) :].tolist())
+    return outs
+
+
+def test_config(default_reference):
+    _model, config = default_reference
+    assert config.architecture == "gemma3"
+    assert (config.vocab_size, config.hidden_size, config.num_layers) == (262144, 640, 18)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 1, 256)
+    assert config.max_position == 32768
+    assert config.bos_token_id == 2 and config.add_bos_token
+    assert config.eos_token_ids == [1, 106]
+    assert config.name == "Gemma 3 270m"
+
+
+def test_attention_layers(default_fast):
+    from girandole.model.attention import Attention
+
+    model, _ = default_fast
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(layers) == 18
+    windows = [layer.sliding_window for layer in layers]
+    assert windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
+    assert all(layer.scale == 256**-0.5 for layer in layers)
+
+
+def test_greedy_matches_transformers(default_reference):
+    """Reference mode, batched paged prefill + decode, against the stored transformers run
+    (regenerate live with GIRANDOLE_LIVE_TRANSFORMERS=1)."""
+    model, _ = default_reference
+    expected = json.loads(GREEDY.read_text())
+    prompt_ids = [case["prompt_ids"] for case in expected]
+    want = [case["transformers_greedy"] for case in expected]
+    if os.environ.get("GIRANDOLE_LIVE_TRANSFORMERS"):
+        want = transformers_greedy(prompt_ids)
+    got = paged_greedy(model, prompt_ids, NEW_TOKENS)
+    assert got == want
+
+
+def test_fast_greedy_close_to_reference(default_fast):
+    """Fast mode picks the same greedy tokens for most of each continuation (a near-tie
+    can flip one choice, after which the texts diverge)."""
+    model, _ = default_fast
+    expected = json.loads(GREEDY.read_text())
+    got = paged_greedy(model, [c["prompt_ids"] for c in expected], NEW_TOKENS)
+    same_prefix = []
+    for out, case in zip(got, expected):
+        ref = case["transformers_greedy"]
+        n = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref))
+        same_prefix.append(n)
+    assert sum(n == NEW_TOKENS for n in same_prefix) >= len(expected) // 2, same_prefix
+    assert min(same_prefix) >= 4, same_prefix
+
+
+@pytest.fixture(scope="module")
+def prose_ids():
+    from girandole.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    docs = [tok.encode((DATA / name).read_text()) for name in TEXTS]
+    assert sum(len(d) for d in docs) >= 2000
+    return docs
+
+
+def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids):
+    """Teacher-forced over ~2,700 tokens: top-1 agreement >= 97 %, perplexity within 3 %,
+    both for the prefill path (many rows: bf16 matmuls) and the decode path (packed kernels)."""
+    import girandole.model.quant as quant
+
+    ref = teacher_forced(default_reference[0], prose_ids)
+    prefill = compare(ref, teacher_forced(default_fast[0], prose_ids))
+    saved = quant.DENSE_MIN_ROWS
+    quant.DENSE_MIN_ROWS = 1 << 30  # force the decode-path kernels for every row count
+    try:
+        decode = compare(ref, teacher_forced(default_fast[0], prose_ids, chunk=16))
+    finally:
+        quant.DENSE_MIN_ROWS = saved
+    for stats in (prefill, decode):
+        assert stats["top1_agreement"] >= 0.97, stats
+        assert abs(stats["ppl_rel_diff"]) <= 0.03, stats
