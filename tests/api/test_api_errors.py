@@ -82,8 +82,8 @@ def test_max_tokens_and_max_completion_tokens_together(server):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("logprobs", 2), ("echo", True), ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}),
-     ("response_format", {"type": "json_object"}), ("raw_output", True), ("top_logprobs", 2)],
+    [("speculation", "abc"), ("prediction", "abc"), ("metadata", {"a": "b"}),
+     ("images", ["data:image/png;base64,AA=="]), ("reasoning_effort", "low")],
 )  # fmt: skip
 def test_later_fields_are_unsupported_not_ignored(server, field, value):
     error = assert_error(post(server, {"prompt": "x", field: value}), 400, "not supported")
@@ -92,7 +92,8 @@ def test_later_fields_are_unsupported_not_ignored(server, field, value):
 
 def test_noop_values_of_later_fields_are_accepted(server):
     body = {"prompt": "x", "max_tokens": 1, "echo": False, "logprobs": None,
-            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}  # fmt: skip
+            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "images": [],
+            "service_tier": "auto", "include_routing_matrix": False}  # fmt: skip
     assert post(server, body).status_code == 200
 
 

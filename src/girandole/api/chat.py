@@ -22,35 +22,38 @@ Prompt:
   tokenizer's stop tokens, so it ends generation, like EOS, and counts as a completion token.
 
 Responses: `max_tokens` defaults to 2048 (Fireworks' chat guide); usage as /completions (template
-tokens and BOS in `prompt_tokens`). Logprobs: `logprobs: true` (+ `top_logprobs`) gives the
-content format, an integer the legacy format (`girandole.api.logprob_formats`). `raw_output`
-gives `choices[].raw_output` with `prompt_fragments` (the fed prompt as text pieces and the ids
-of special tokens, BOS included), `prompt_token_ids`, `completion` and `completion_token_ids`.
+tokens and BOS in `prompt_tokens`). Logprobs, echo (the templated prompt's text before the
+answer), raw_output, return_token_ids, perf metrics and prompt-cache keys work as on
+/completions (`girandole.api.introspection`, one formatter for both endpoints).
 
 Streaming: per choice a role chunk (`delta: {"role": "assistant"}`), sent first for every choice,
-then content chunks (each with its tokens' logprobs when asked), then a `delta: {}` chunk with
-`finish_reason` (and `raw_output`); choices interleave, each chunk carries one choice's `index`.
+then content chunks (each with its tokens' logprobs and `token_ids` when asked), then a
+`delta: {}` chunk with `finish_reason` (and `raw_output`); choices interleave, each chunk carries one choice's `index`.
 Usage is placed as in /completions (`--stream-usage`), then `data: [DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from girandole.api import completions
 from girandole.api.completions import ChoiceState, CompletionJob, _engine_error, _record, _usage
 from girandole.api.errors import APIError, bad_request
 from girandole.api.fanout import ChoiceFanout, ChoiceRequest
-from girandole.api.logprob_formats import LogprobsMode, LogprobTracker
+from girandole.api.introspection import (  # noqa: F401 - prompt_fragments re-exported
+    OutputOptions,
+    cache_kwargs,
+    output_options,
+    prompt_fragments,
+)
 from girandole.api.prompts import fit_max_tokens
-from girandole.api.sampling import sampling_defaults
+from girandole.api.sampling import applied_options, parse_logit_bias, sampling_defaults
 from girandole.api.schemas.chat import ChatCompletionRequest, ChatMessage
 from girandole.api.sse import DONE, sse_event
 from girandole.tokenizer.chat_template import (
@@ -229,23 +232,6 @@ def build_prompt(
     return ChatPrompt(text, ids)
 
 
-def prompt_fragments(tokenizer: Any, ids: list[int]) -> list[str | int]:
-    """The fed prompt as Fireworks' `prompt_fragments`: runs of text, and special tokens by id."""
-    out: list[str | int] = []
-    run: list[int] = []
-    for token in ids:
-        if tokenizer.is_special(token):
-            if run:
-                out.append(tokenizer.decode(run, skip_special_tokens=False))
-                run = []
-            out.append(token)
-        else:
-            run.append(token)
-    if run:
-        out.append(tokenizer.decode(run, skip_special_tokens=False))
-    return out
-
-
 # -- the job -----------------------------------------------------------------------------------
 
 
@@ -254,24 +240,14 @@ class ChatJob:
     job: CompletionJob  # what the completions service runs and counts
     prompt: ChatPrompt
     tokenizer: Any
-    logprobs_mode: LogprobsMode | None = None
-    num_top_logprobs: int = 0
-    raw_output: bool = False
+
+    @property
+    def options(self) -> OutputOptions:
+        return self.job.options
 
 
 def new_chat_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
-
-
-def _logprobs_request(req: ChatCompletionRequest) -> tuple[LogprobsMode | None, int]:
-    lp = req.logprobs
-    if lp is None or lp is False:
-        if req.top_logprobs:
-            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        return None, 0
-    if lp is True:
-        return "content", req.top_logprobs or 0
-    return "legacy", req.top_logprobs if req.top_logprobs is not None else lp
 
 
 async def prepare(
@@ -281,6 +257,7 @@ async def prepare(
     model: str,
     context_length: int,
     template: str | None,
+    headers: Any = None,
 ) -> ChatJob:
     tokenizer = engine.tokenizer
     if template is None:
@@ -299,7 +276,9 @@ async def prepare(
     for token in prompt.token_ids:
         if token >= vocab:  # a template writing a token the model lacks
             raise bad_request(f"Token id {token} of the chat prompt is out of range", "messages")
-    mode, num_top = _logprobs_request(req)
+    options = output_options(req)
+    logit_bias = parse_logit_bias(req.logit_bias, vocab)
+    engine_kwargs = cache_kwargs(req, headers)
     requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     if requested is None:
         requested = DEFAULT_MAX_TOKENS
@@ -309,9 +288,12 @@ async def prepare(
     n = req.n or 1
     choices = []
     for k in range(n):
-        params = completions.choice_params(req, defaults, max_tokens, k)
-        params = dataclasses.replace(params, logprobs=num_top if mode else None)
-        choices.append(ChoiceRequest(k, 0, prompt.token_ids, params, f"{request_id}-{k}"))
+        params = completions.choice_params(
+            req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
+        )
+        choices.append(
+            ChoiceRequest(k, 0, prompt.token_ids, params, f"{request_id}-{k}", engine_kwargs)
+        )
     include_usage = not (req.stream_options and req.stream_options.include_usage is False)
     job = CompletionJob(
         id=request_id,
@@ -322,93 +304,69 @@ async def prepare(
         choices=choices,
         stream=bool(req.stream),
         include_usage=include_usage,
+        tokenizer=tokenizer,
+        options=options,
+        sampling_options=applied_options(choices[0].params),
     )
-    return ChatJob(job, prompt, tokenizer, mode, num_top, bool(req.raw_output))
+    return ChatJob(job, prompt, tokenizer)
 
 
 # -- responses ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _Choice:
-    state: ChoiceState
-    tracker: LogprobTracker
-    token_ids: list[int] = field(default_factory=list)
-    text_length: int = 0  # characters of content so far
-
-
-def _choices(cj: ChatJob) -> dict[int, _Choice]:
-    return {
-        c.index: _Choice(ChoiceState(), LogprobTracker(cj.tokenizer, cj.num_top_logprobs))
-        for c in cj.job.choices
-    }
-
-
-def _add(cj: ChatJob, choice: _Choice, out: Any) -> list:
-    _record(choice.state, out)
-    choice.token_ids.extend(out.new_token_ids)
-    choice.text_length += len(out.new_text)
-    if cj.logprobs_mode is None:
-        return []
-    return choice.tracker.add(out.logprobs, choice.text_length)
-
-
-def _raw_output(cj: ChatJob, choice: _Choice) -> dict[str, Any]:
-    return {
-        "prompt_fragments": prompt_fragments(cj.tokenizer, cj.prompt.token_ids),
-        "prompt_token_ids": list(cj.prompt.token_ids),
-        "completion": cj.tokenizer.decode(choice.token_ids, skip_special_tokens=False),
-        "completion_token_ids": list(choice.token_ids),
-    }
-
-
 async def collect(cj: ChatJob, fanout: ChoiceFanout) -> dict[str, Any]:
     """The whole (non-streamed) response body."""
     job = cj.job
-    choices = _choices(cj)
+    states = {c.index: ChoiceState() for c in job.choices}
+    outputs = completions.new_outputs(job)
     try:
         async for index, out in fanout.events():
-            _add(cj, choices[index], out)
+            _record(states[index], out)
+            outputs[index].add(out)
     except Exception as exc:  # noqa: BLE001
         raise _engine_error(exc) from None
     finally:
         fanout.close()
     body = []
-    for index in sorted(choices):
-        c = choices[index]
-        entry: dict[str, Any] = {
-            "index": index,
-            "message": {"role": "assistant", "content": "".join(c.state.text)},
-            "logprobs": None,
-            "finish_reason": c.state.finish_reason,
-        }
-        if cj.logprobs_mode is not None:
-            entry["logprobs"] = c.tracker.format(c.tracker.entries, cj.logprobs_mode)
-        if cj.raw_output:
-            entry["raw_output"] = _raw_output(cj, c)
-        body.append(entry)
-    states = {i: c.state for i, c in choices.items()}
-    return {
+    for index in sorted(states):
+        o = outputs[index]
+        body.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": o.full_text},
+                "logprobs": o.logprobs(o.tracker.entries),
+                "finish_reason": states[index].finish_reason,
+                **o.extras(),
+            }
+        )
+    usage = completions.finish_metrics(job, states, outputs)
+    result: dict[str, Any] = {
         "id": job.id,
         "object": "chat.completion",
         "created": job.created,
         "model": job.model,
         "choices": body,
-        "usage": _usage(job, states),
+        "usage": usage,
     }
+    if cj.options.perf_metrics:
+        result["perf_metrics"] = job.perf_metrics
+    return result
 
 
-def _chunk(job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-    return sse_event(
-        {
-            "id": job.id,
-            "object": "chat.completion.chunk",
-            "created": job.created,
-            "model": job.model,
-            "choices": choices,
-            "usage": usage,
-        }
-    )
+def _chunk(
+    job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None, perf: Any = None
+) -> bytes:
+    body = {
+        "id": job.id,
+        "object": "chat.completion.chunk",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": usage,
+    }
+    if perf is not None:
+        body["perf_metrics"] = perf
+    return sse_event(body)
 
 
 def _delta(
@@ -422,30 +380,43 @@ async def stream(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Closing it (client gone) aborts the engine requests."""
     job = cj.job
-    choices = _choices(cj)
-    states = {i: c.state for i, c in choices.items()}
+    opts = cj.options
+    states = {c.index: ChoiceState() for c in job.choices}
+    outputs = completions.new_outputs(job)
+    unfinished = len(states)
+    separate = job.include_usage and usage_placement != "finish"
     try:
-        for index in sorted(choices):
-            yield _chunk(job, [_delta(index, {"role": "assistant"})])
+        for index in sorted(states):
+            first = _delta(index, {"role": "assistant"})
+            if opts.return_token_ids:
+                first["prompt_token_ids"] = list(outputs[index].prompt_ids)
+            yield _chunk(job, [first])
         async for index, out in fanout.events():
-            choice = choices[index]
-            entries = _add(cj, choice, out)
-            if out.new_text or entries:
-                logprobs = None
-                if cj.logprobs_mode is not None:
-                    logprobs = choice.tracker.format(entries, cj.logprobs_mode)
-                delta = {"content": out.new_text}
-                yield _chunk(job, [_delta(index, delta, logprobs=logprobs)])
+            state, o = states[index], outputs[index]
+            _record(state, out)
+            update = o.add(out)
+            extras = opts.return_token_ids and bool(update.token_ids)
+            if update.text or update.entries or extras:
+                c = _delta(index, {"content": update.text}, logprobs=o.logprobs(update.entries))
+                if opts.return_token_ids:
+                    c["token_ids"] = update.token_ids
+                yield _chunk(job, [c])
             if out.finished:
-                usage = None
+                unfinished -= 1
+                usage = perf = None
+                if unfinished == 0:
+                    finish_usage = completions.finish_metrics(job, states, outputs)
+                    if opts.perf_metrics and not separate:
+                        perf = job.perf_metrics
                 if job.include_usage and usage_placement == "finish":
-                    usage = _usage(job, states)
-                final = _delta(index, {}, choice.state.finish_reason)
-                if cj.raw_output:
-                    final["raw_output"] = _raw_output(cj, choice)
-                yield _chunk(job, [final], usage)
-        if job.include_usage and usage_placement != "finish":
-            yield _chunk(job, [], _usage(job, states))
+                    usage = finish_usage if unfinished == 0 else _usage(job, states)
+                final = _delta(index, {}, state.finish_reason)
+                if opts.raw_output:
+                    final["raw_output"] = o.raw_output()
+                yield _chunk(job, [final], usage, perf)
+        if separate:
+            perf = job.perf_metrics if opts.perf_metrics else None
+            yield _chunk(job, [], completions.finish_metrics(job, states, outputs), perf)
         yield DONE
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
         error = _engine_error(exc)

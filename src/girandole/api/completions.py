@@ -13,6 +13,12 @@ choice, then (unless `stream_options.include_usage` is false) a usage chunk, the
 final chunk with `choices: []`; with "finish" (the 2025 recordings) each finish chunk carries the
 usage so far. An error after the stream started is sent as `data: {"error": {...}}` and the
 stream ends without `[DONE]`.
+
+Logprobs, echo, raw_output, return_token_ids, perf metrics and prompt-cache keys are shared
+with chat (`girandole.api.introspection`). In streams: echoed prompt text (and its logprobs)
+leads each choice's first chunk, `prompt_token_ids` rides each choice's first chunk and
+`token_ids` every chunk, `raw_output` the choice's finish chunk, and `perf_metrics` the final
+chunk (the usage chunk, or the last finish chunk when usage rides the finish chunks or is off).
 """
 
 from __future__ import annotations
@@ -25,8 +31,21 @@ from typing import Any
 
 from girandole.api.errors import APIError, bad_request, internal_error
 from girandole.api.fanout import ChoiceFanout, ChoiceRequest
+from girandole.api.introspection import (
+    ChoiceOutput,
+    OutputOptions,
+    cache_kwargs,
+    output_options,
+    perf_metrics,
+)
 from girandole.api.prompts import fit_max_tokens, tokenize_prompts
-from girandole.api.sampling import build_params, choice_seed, sampling_defaults
+from girandole.api.sampling import (
+    applied_options,
+    build_params,
+    choice_seed,
+    parse_logit_bias,
+    sampling_defaults,
+)
 from girandole.api.schemas.completions import CompletionRequest
 from girandole.api.sse import DONE, sse_event
 from girandole.engine.outputs import RequestOutput
@@ -58,33 +77,63 @@ class CompletionJob:
     choices: list[ChoiceRequest]
     stream: bool
     include_usage: bool
+    tokenizer: Any = None
+    options: OutputOptions = field(default_factory=OutputOptions)
+    received: float = field(default_factory=time.monotonic)  # the route sets when it got it
+    prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
+    sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
+    perf_metrics: dict[str, Any] | None = None  # set once every choice finished
 
     def prompt_index(self, choice_index: int) -> int:
         return choice_index // self.n
 
 
 # Request fields that map straight onto SamplingParams (see `build_params`).
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "ignore_eos"}
+SAMPLING_FIELDS = {
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "ignore_eos", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "mirostat_target", "mirostat_lr",
+}  # fmt: skip
 
 
-def choice_params(req: Any, defaults: dict[str, Any], max_tokens: int, k: int) -> SamplingParams:
+def choice_params(
+    req: Any,
+    defaults: dict[str, Any],
+    max_tokens: int,
+    k: int,
+    *,
+    logit_bias: dict[int, float] | None = None,
+    options: OutputOptions | None = None,
+) -> SamplingParams:
     """Sample k's SamplingParams. Shared with /chat/completions (`girandole.api.chat`), whose
     request model has the same sampling fields: read fields that only one of the two has with
-    `getattr(req, name, None)`."""
-    return build_params(
+    `getattr(req, name, None)`. `options` sets logprobs and prompt_logprobs."""
+    params = build_params(
         req.model_dump(include=SAMPLING_FIELDS),
         defaults,
         max_tokens=max_tokens,
         stop=req.stop_list(),
         seed=choice_seed(req.seed, k),
+        logit_bias=logit_bias,
     )
+    if options is not None and options.logprobs_mode is not None:
+        params.logprobs = options.num_top
+        params.prompt_logprobs = options.prompt_logprobs
+    return params
 
 
 async def prepare(
-    engine: Any, req: CompletionRequest, request_id: str, model: str, context_length: int
+    engine: Any,
+    req: CompletionRequest,
+    request_id: str,
+    model: str,
+    context_length: int,
+    headers: Any = None,
 ) -> CompletionJob:
     config = engine.model_config
     prompts = await tokenize_prompts(engine.tokenizer, req.prompts(), config.vocab_size)
+    options = output_options(req)
+    logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
+    engine_kwargs = cache_kwargs(req, headers)
     n = req.n or 1
     requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     if requested is None:
@@ -95,9 +144,13 @@ async def prepare(
     for i, ids in enumerate(prompts):
         max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior)
         for k in range(n):
-            params = choice_params(req, defaults, max_tokens, k)
+            params = choice_params(
+                req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
+            )
             index = i * n + k
-            choices.append(ChoiceRequest(index, i, ids, params, f"{request_id}-{index}"))
+            choices.append(
+                ChoiceRequest(index, i, ids, params, f"{request_id}-{index}", engine_kwargs)
+            )
     include_usage = True
     if req.stream_options is not None and req.stream_options.include_usage is False:
         include_usage = False
@@ -110,6 +163,9 @@ async def prepare(
         choices=choices,
         stream=bool(req.stream),
         include_usage=include_usage,
+        tokenizer=engine.tokenizer,
+        options=options,
+        sampling_options=applied_options(choices[0].params),
     )
 
 
@@ -163,50 +219,78 @@ async def start(
     return fanout
 
 
+def new_outputs(job: CompletionJob) -> dict[int, ChoiceOutput]:
+    return {
+        c.index: ChoiceOutput(job.tokenizer, job.options, c.prompt_token_ids) for c in job.choices
+    }
+
+
+def finish_metrics(
+    job: CompletionJob, states: dict[int, ChoiceState], outputs: dict[int, ChoiceOutput]
+) -> dict[str, Any]:
+    """Usage and perf metrics once every choice finished (perf also kept on the job)."""
+    usage = _usage(job, states)
+    lasts = [o.last for o in outputs.values()]
+    job.perf_metrics = perf_metrics(usage, lasts, job.received, job.prepared)
+    return usage
+
+
 async def collect(job: CompletionJob, fanout: ChoiceFanout) -> dict[str, Any]:
     """The whole (non-streamed) response body."""
     states = {c.index: ChoiceState() for c in job.choices}
+    outputs = new_outputs(job)
     try:
         async for index, out in fanout.events():
             _record(states[index], out)
+            outputs[index].add(out)
     except Exception as exc:  # noqa: BLE001
         raise _engine_error(exc) from None
     finally:
         fanout.close()
-    choices = [
-        {
-            "index": index,
-            "text": "".join(states[index].text),
-            "logprobs": None,
-            "finish_reason": states[index].finish_reason,
-        }
-        for index in sorted(states)
-    ]
-    return {
+    choices = []
+    for index in sorted(states):
+        o = outputs[index]
+        choices.append(
+            {
+                "index": index,
+                "text": o.full_text,
+                "logprobs": o.logprobs(o.tracker.entries),
+                "finish_reason": states[index].finish_reason,
+                **o.extras(),
+            }
+        )
+    usage = finish_metrics(job, states, outputs)
+    body: dict[str, Any] = {
         "id": job.id,
         "object": "text_completion",
         "created": job.created,
         "model": job.model,
         "choices": choices,
-        "usage": _usage(job, states),
+        "usage": usage,
     }
+    if job.options.perf_metrics:
+        body["perf_metrics"] = job.perf_metrics
+    return body
 
 
-def _chunk(job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-    return sse_event(
-        {
-            "id": job.id,
-            "object": "text_completion",
-            "created": job.created,
-            "model": job.model,
-            "choices": choices,
-            "usage": usage,
-        }
-    )
+def _chunk(
+    job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None, perf: Any = None
+) -> bytes:
+    body = {
+        "id": job.id,
+        "object": "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": usage,
+    }
+    if perf is not None:
+        body["perf_metrics"] = perf
+    return sse_event(body)
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def stream(
@@ -214,19 +298,45 @@ async def stream(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Closing it (client gone) aborts the engine requests."""
     states = {c.index: ChoiceState() for c in job.choices}
+    outputs = new_outputs(job)
+    opts = job.options
+    sent_prompt_ids: set[int] = set()
+    unfinished = len(states)
+    separate = job.include_usage and usage_placement != "finish"
     try:
         async for index, out in fanout.events():
-            state = states[index]
+            state, o = states[index], outputs[index]
             _record(state, out)
-            if out.new_text:
-                yield _chunk(job, [_choice(index, out.new_text, None)])
+            update = o.add(out)
+            extras = opts.return_token_ids and bool(update.token_ids)
+            if update.text or update.entries or extras:
+                c = _choice(index, update.text, None, o.logprobs(update.entries))
+                if opts.return_token_ids:
+                    if index not in sent_prompt_ids:
+                        c["prompt_token_ids"] = list(o.prompt_ids)
+                        sent_prompt_ids.add(index)
+                    c["token_ids"] = update.token_ids
+                yield _chunk(job, [c])
             if out.finished:
-                usage = None
+                unfinished -= 1
+                usage = perf = None
+                if unfinished == 0:
+                    finish_usage = finish_metrics(job, states, outputs)
+                    if opts.perf_metrics and not separate:
+                        perf = job.perf_metrics
                 if job.include_usage and usage_placement == "finish":
-                    usage = _usage(job, states)
-                yield _chunk(job, [_choice(index, "", state.finish_reason)], usage)
-        if job.include_usage and usage_placement != "finish":
-            yield _chunk(job, [], _usage(job, states))
+                    usage = finish_usage if unfinished == 0 else _usage(job, states)
+                final = _choice(index, "", state.finish_reason)
+                if opts.return_token_ids and index not in sent_prompt_ids:
+                    final["prompt_token_ids"] = list(o.prompt_ids)
+                    final["token_ids"] = []
+                    sent_prompt_ids.add(index)
+                if opts.raw_output:
+                    final["raw_output"] = o.raw_output()
+                yield _chunk(job, [final], usage, perf)
+        if separate:
+            perf = job.perf_metrics if opts.perf_metrics else None
+            yield _chunk(job, [], finish_metrics(job, states, outputs), perf)
         yield DONE
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
         error = _engine_error(exc)

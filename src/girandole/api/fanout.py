@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from girandole.api import tracking
 from girandole.engine.outputs import RequestOutput
 from girandole.sampling.params import SamplingParams
 
@@ -30,6 +31,8 @@ class ChoiceRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str
+    # AsyncEngine.generate keyword arguments: cache_salt, prefix_cache_max_len
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class ChoiceFanout:
@@ -50,6 +53,7 @@ class ChoiceFanout:
 
     async def start(self) -> None:
         """Start every choice; raise the first choice's error if any fails before its first output."""
+        await tracking.before_engine(self.choices)  # prompt limit, admission queue (429/503)
         loop = asyncio.get_running_loop()
         for choice in self.choices:
             first = loop.create_future()
@@ -69,12 +73,15 @@ class ChoiceFanout:
         self._unfinished.add(choice.request_id)
         gen = None
         try:
-            gen = self.engine.generate(choice.prompt_token_ids, choice.params, choice.request_id)
+            gen = self.engine.generate(
+                choice.prompt_token_ids, choice.params, choice.request_id, **choice.engine_kwargs
+            )
             async for out in gen:
                 if out.finished:
                     self._unfinished.discard(choice.request_id)
                 if not first.done():
                     first.set_result(None)
+                tracking.on_output(choice.request_id, out)  # usage, TTFT, inter-token latency
                 self._queue.put_nowait((choice.index, out))
         except asyncio.CancelledError:
             raise

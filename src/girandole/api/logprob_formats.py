@@ -8,6 +8,10 @@
   "text_offset", "token_ids"}`; each `top_logprobs` map holds the top N and always the sampled
   token (so up to N + 1 entries).
 
+With echo, the echoed prompt tokens come first (see `girandole.api.introspection`); the first
+prompt token has no context: null `token_logprobs`/`top_logprobs` in the legacy format, 0.0 in
+the content format.
+
 Every sampled token gets an entry, the end-of-turn/EOS token included (it is counted in
 `completion_tokens` too; its `token` is its special string, e.g. "<end_of_turn>", and it adds no
 text). `text_offset` is the character offset in the returned text where the token's text starts:
@@ -87,8 +91,9 @@ def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
         "content": [
             {
                 "token": e.token,
-                "logprob": e.logprob,
-                "sampling_logprob": e.sampling_logprob,
+                # null only for an echoed first prompt token (no context): a number here
+                "logprob": 0.0 if e.logprob is None else e.logprob,
+                "sampling_logprob": 0.0 if e.sampling_logprob is None else e.sampling_logprob,
                 "bytes": e.bytes,
                 "token_id": e.token_id,
                 "text_offset": e.text_offset,
@@ -108,8 +113,11 @@ def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
 
 
 def legacy_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
-    tops: list[dict[str, float]] = []
+    tops: list[dict[str, float] | None] = []
     for e in entries:
+        if e.logprob is None and not e.top:
+            tops.append(None)  # an echoed first prompt token: nothing predicts it
+            continue
         top: dict[str, float] = {}
         for tid, lp in [*e.top, (e.token_id, e.logprob)]:
             if lp is None:

@@ -14,9 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from girandole.api.schemas.common import (
+    MAX_TOP_LOGPROBS,  # noqa: F401 - re-exported
     MaxTokens,
     MinP,
     N,
+    SamplingFields,
     Seed,
     Stop,
     StreamOptions,
@@ -26,8 +28,6 @@ from girandole.api.schemas.common import (
     TopP,
     one_error,
 )
-
-MAX_TOP_LOGPROBS = 5  # Fireworks' default --max-logprobs
 
 
 class ImageURL(StrictModel):
@@ -89,15 +89,7 @@ class ChatMessage(StrictModel):
         return self.content
 
 
-Logprobs = Annotated[
-    bool | Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None,
-    one_error(
-        "logprobs_type", f"Input should be a boolean or an integer from 0 to {MAX_TOP_LOGPROBS}"
-    ),
-]
-
-
-class ChatCompletionRequest(StrictModel):
+class ChatCompletionRequest(SamplingFields):
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: MaxTokens = None
@@ -114,12 +106,8 @@ class ChatCompletionRequest(StrictModel):
     ignore_eos: bool | None = None
     user: str | None = None
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = None
-    # true: OpenAI's content format; an int N: the legacy format with N alternatives
-    logprobs: Logprobs = None
-    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
     safe_tokenization: bool | None = None
-    raw_output: bool | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

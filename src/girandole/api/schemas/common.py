@@ -59,3 +59,45 @@ MinP = Annotated[float | None, Field(ge=0, le=1)]
 MaxTokens = Annotated[int | None, Field(ge=0)]
 N = Annotated[int | None, Field(ge=1, le=128)]
 Seed = Annotated[int | None, Field(ge=SEED_MIN, le=SEED_MAX)]
+
+# Sampling and introspection fields shared by /completions and /chat/completions.
+MAX_TOP_LOGPROBS = 5  # Fireworks' default --max-logprobs
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]  # presence_penalty, frequency_penalty
+RepetitionPenalty = Annotated[float | None, Field(gt=0, le=2)]
+TypicalP = Annotated[float | None, Field(gt=0, le=1)]
+MirostatTarget = Annotated[float | None, Field(ge=0)]
+MirostatLR = Annotated[float | None, Field(gt=0)]
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]] | None
+Logprobs = Annotated[
+    bool | Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None,
+    one_error(
+        "logprobs_type", f"Input should be a boolean or an integer from 0 to {MAX_TOP_LOGPROBS}"
+    ),
+]
+TopLogprobs = Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+EchoLast = Annotated[int | None, Field(ge=0)]
+PromptCacheMaxLen = Annotated[int | None, Field(ge=0)]
+
+
+class SamplingFields(StrictModel):
+    """Fields of both request bodies: the penalties and filters beyond temperature/top-k/top-p,
+    the introspection switches, and prompt-cache control (girandole.api.introspection)."""
+
+    typical_p: TypicalP = None
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    mirostat_target: MirostatTarget = None
+    mirostat_lr: MirostatLR = None
+    logit_bias: LogitBias = None
+    # true: OpenAI's content format; an int N: the legacy format with N alternatives
+    logprobs: Logprobs = None
+    top_logprobs: TopLogprobs = None
+    echo: bool | None = None
+    echo_last: EchoLast = None
+    raw_output: bool | None = None
+    return_token_ids: bool | None = None
+    perf_metrics_in_response: bool | None = None
+    prompt_cache_key: str | None = None  # session affinity: one replica here, so a no-op
+    prompt_cache_isolation_key: str | None = None
+    prompt_cache_max_len: PromptCacheMaxLen = None

@@ -16,8 +16,8 @@ from girandole.api.schemas.common import (
     N,
     Seed,
     Stop,
+    SamplingFields,
     StreamOptions,
-    StrictModel,
     Temperature,
     TopK,
     TopP,
@@ -38,7 +38,7 @@ Prompt = Annotated[
 ]
 
 
-class CompletionRequest(StrictModel):
+class CompletionRequest(SamplingFields):
     model: str
     prompt: Prompt
     max_tokens: MaxTokens = None
