@@ -1,4 +1,4 @@
-"""Command line: `girandole serve | generate`."""
+"""Command line: `girandole serve | generate | keys | usage`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_cmd_generate)
 
+    from girandole.registry.admin_cli import add_admin_parsers
+
+    add_admin_parsers(sub)
     try:
         from girandole.api.server import add_serve_parser
     except ImportError:

@@ -72,6 +72,8 @@ def start_server(tmp: Path, *args: str, api_key: str | None, timeout: float = 30
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "--data-dir" not in args:  # keys database and usage rows: never the user's own
+        args = (*args, "--data-dir", str(tmp / f"data-{port}"))
     cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), *args]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from girandole import __version__
 from girandole.api.errors import install_error_handlers
 from girandole.api.openapi import install_openapi
-from girandole.api.routes import chat, completions, health, models
+from girandole.api.routes import chat, completions, health, models, ops
 from girandole.api.state import AppState
+from girandole.api.tracking import RequestTracker
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
 
@@ -43,5 +44,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     app.include_router(health.router)
+    app.include_router(ops.router)
+    app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)
     return app

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from girandole.api.errors import unauthorized
-
 
 def bearer_token(header: str | None) -> str | None:
     if not header:
@@ -17,14 +15,7 @@ def bearer_token(header: str | None) -> str | None:
 
 
 async def require_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 unless the server is open or the request carries a known key."""
-    keys = request.app.state.girandole.keys
-    if keys.open:
-        return
-    token = bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise unauthorized(
-            "Missing API key: send it in the header 'Authorization: Bearer <API_KEY>'"
-        )
-    if not keys.check(token):
-        raise unauthorized()
+    """FastAPI dependency: 401 unless the server is open or the request carries a live key (the
+    `--api-key` ones or the keys database's); then the key's rate limits (429), and 503 while
+    the server drains. See `girandole.api.ops.ServerOps.authorize`."""
+    await request.app.state.girandole.ops.authorize(request)

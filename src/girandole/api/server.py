@@ -113,11 +113,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["critical", "error", "warning", "info", "debug"],
         help="[GIRANDOLE_LOG_LEVEL]",
     )
+    from girandole.api.serve_ops import add_ops_arguments
+
+    add_ops_arguments(p)
     p.set_defaults(func=_cmd_serve)
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from girandole.api.serve_ops import ops_settings
+
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
     return ServerSettings(
         host=args.host,
@@ -134,6 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,
+        **ops_settings(args),
     )
 
 
@@ -164,12 +170,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from girandole.api.app import create_app
+    from girandole.api.jsonlog import configure_logging
+    from girandole.api.serve_ops import DrainingServer
     from girandole.api.state import AppState
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         state = AppState(settings)
     except (ValueError, OSError) as exc:
@@ -192,9 +198,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
+        log_config=None,  # configure_logging's handler (JSON lines) for uvicorn's logs too
+        access_log=False,  # girandole.access logs each request, with its request id
+        timeout_graceful_shutdown=settings.drain_seconds,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, state)
     stop = threading.Event()
 
     def watch() -> None:
@@ -207,6 +215,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     start = time.monotonic()
     server.run()
     stop.set()
+    state.ops.close()  # usage rows of requests cut off at the end of the grace period
     if state.status == "failed":
         return 1
     logger.info("server stopped after %.0f s", time.monotonic() - start)

@@ -28,3 +28,13 @@ class ServerSettings:
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).
     stream_usage: UsagePlacement = "separate"
     log_level: str = "info"
+    log_format: str = "json"  # "json" (one object a line) or "text"
+    # Keys database and usage rows (girandole.db); None: in memory (tests building apps directly)
+    data_dir: str | None = None
+    rate_limit_rpm: int | None = None  # default per-key requests/minute (keys may override)
+    rate_limit_tpm: int | None = None  # default per-key tokens/minute (keys may override)
+    max_concurrent_requests: int = 64  # inference requests at the engine at once
+    max_queued_requests: int = 256  # more wait in the admission queue, then 429
+    queue_timeout: float = 30.0  # seconds in the queue before a 503
+    max_prompt_tokens: int | None = None  # None: the context length
+    drain_seconds: float = 30.0  # SIGTERM: wait this long for requests in flight, then exit 0

@@ -50,6 +50,9 @@ class AppState:
         self.load_seconds: float | None = None
         self.num_aborted_requests = 0  # engine requests aborted because their client went away
         self._lock = threading.Lock()
+        from girandole.api.ops import ServerOps
+
+        self.ops = ServerOps(self)  # keys database, limits, queue, usage, metrics, draining
         if engine is not None:
             self.attach_engine(engine)
 
@@ -131,3 +134,4 @@ class AppState:
                 engine.shutdown()
             except Exception:  # noqa: BLE001
                 logger.exception("engine shutdown failed")
+        self.ops.close()

@@ -34,6 +34,15 @@ class ApiKeyStore:
     def __len__(self) -> int:
         return len(self._digests)
 
+    def find(self, presented: str) -> int | None:
+        """The index of the matching key, or None; compares against every key, in constant time."""
+        candidate = _digest(presented)
+        found = None
+        for i, digest in enumerate(self._digests):
+            if hmac.compare_digest(candidate, digest):
+                found = i
+        return found
+
     def check(self, presented: str) -> bool:
         """Constant-time in the key's content: digests are compared whole, against every key."""
         candidate = _digest(presented)

@@ -46,8 +46,9 @@ async def create_completion(request: Request) -> Response:
     request.state.request_id = request_id
     data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
     model = data.get("model")
-    if isinstance(model, str):  # 404 for unknown models and other accounts' models
-        state.ops.resolve(request, model, request.headers.get("fireworks-deployment"))
+    if isinstance(model, str):  # unknown models and other accounts' models alike: 404
+        if state.ops.resolve(request, model, request.headers.get("fireworks-deployment")) is None:
+            raise model_not_found()
     state.ops.check_prompt_size(data)
     strip_unsupported(data, COMPLETIONS_UNSUPPORTED)
     check_not_both(data, "max_tokens", "max_completion_tokens")

@@ -1,0 +1,122 @@
+"""`girandole serve` flags for the operational side (keys database, limits, queue, logs,
+draining) and the uvicorn server that drains on SIGTERM.
+
+On SIGTERM (or Ctrl-C) the server stops accepting connections, `/ready` answers 503, requests in
+flight run to their end for up to `--drain-seconds`, those still running then are cut off (and
+accounted as aborted), usage rows are written, and the process exits 0 (uvicorn alone would
+re-raise the signal: exit 143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get("GIRANDOLE_" + name)
+
+
+def _int(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
+
+
+def add_ops_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=_env("DATA_DIR"),
+        help="folder of girandole.db (API keys, usage); default: the cache folder"
+        " [GIRANDOLE_DATA_DIR]",
+    )
+    p.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=_int("RATE_LIMIT_RPM"),
+        help="requests per minute per key, unless the key has its own; default: no limit"
+        " [GIRANDOLE_RATE_LIMIT_RPM]",
+    )
+    p.add_argument(
+        "--rate-limit-tpm",
+        type=int,
+        default=_int("RATE_LIMIT_TPM"),
+        help="tokens (prompt + completion) per minute per key, unless the key has its own;"
+        " default: no limit [GIRANDOLE_RATE_LIMIT_TPM]",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=_int("MAX_CONCURRENT_REQUESTS") or 64,
+        help="inference requests at the engine at once [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=_int("MAX_QUEUED_REQUESTS") if _env("MAX_QUEUED_REQUESTS") else 256,
+        help="more wait in a queue, up to this many (then 429) [GIRANDOLE_MAX_QUEUED_REQUESTS]",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=float(_env("QUEUE_TIMEOUT") or 30),
+        help="seconds a request may wait in the queue (then 503) [GIRANDOLE_QUEUE_TIMEOUT]",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=_int("MAX_PROMPT_TOKENS"),
+        help="longer prompts get 400; default: the context length [GIRANDOLE_MAX_PROMPT_TOKENS]",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(_env("DRAIN_SECONDS") or 30),
+        help="on SIGTERM, let requests in flight finish for up to this long, then exit 0"
+        " [GIRANDOLE_DRAIN_SECONDS]",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=_env("LOG_FORMAT") or "json",
+        help="json: one object a line, with request ids [GIRANDOLE_LOG_FORMAT]",
+    )
+
+
+def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = args.data_dir
+    if not data_dir:
+        from girandole.model.default import cache_dir
+
+        data_dir = str(cache_dir())
+    return {
+        "data_dir": data_dir,
+        "rate_limit_rpm": args.rate_limit_rpm,
+        "rate_limit_tpm": args.rate_limit_tpm,
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "queue_timeout": args.queue_timeout,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "drain_seconds": args.drain_seconds,
+        "log_format": args.log_format,
+    }
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT drains (/ready 503 at once) and ends with exit 0."""
+
+    def __init__(self, config: uvicorn.Config, state: Any) -> None:
+        super().__init__(config)
+        self.girandole_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.girandole_state.ops.start_draining()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has shut down (exit 143 for SIGTERM):
+        # a drained server has stopped cleanly, so it exits 0 instead.
+        if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
+            self._captured_signals.remove(sig)

@@ -1,0 +1,146 @@
+"""`girandole keys create|list|revoke` and `girandole usage`: manage the keys database and read
+the usage rows, in the same data folder as `girandole serve --data-dir` (default: the cache
+folder). They work while a server runs: a revoked key is refused from its next request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from girandole.registry.keystore import Database
+from girandole.registry.naming import is_valid_id
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("GIRANDOLE_DATA_DIR"),
+        help="folder of girandole.db; default: the cache folder [GIRANDOLE_DATA_DIR]",
+    )
+
+
+def _open(args: argparse.Namespace) -> Database:
+    folder = args.data_dir
+    if not folder:
+        from girandole.model.default import cache_dir
+
+        folder = str(cache_dir())
+    return Database.in_folder(folder)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    if not is_valid_id(args.account):
+        print(f"girandole keys: {args.account!r} is not a valid account id", file=sys.stderr)
+        return 2
+    db = _open(args)
+    key, info = db.create_key(args.account, args.name or "", args.rpm, args.tpm)
+    if args.json:
+        print(json.dumps({"key": key, "id": info.id, "account": info.account}))
+    else:
+        print(f"created key {info.id} for account {info.account}; it is shown only now:")
+        print(key)
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = _open(args).list_keys(args.account)
+    if args.json:
+        print(json.dumps([k.__dict__ for k in keys]))
+        return 0
+    rows = [["ID", "ACCOUNT", "NAME", "CREATED", "REVOKED", "RPM", "TPM"]]
+    for k in keys:
+        rows.append(
+            [
+                k.id,
+                k.account,
+                k.name or "-",
+                _when(k.created),
+                _when(k.revoked),
+                str(k.rpm or "-"),
+                str(k.tpm or "-"),
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    db = _open(args)
+    failed = 0
+    for key_id in args.key_ids:
+        if db.revoke_key(key_id):
+            print(f"revoked {key_id}")
+        else:
+            print(f"girandole keys: no live key with id {key_id!r}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    since = time.time() - args.hours * 3600 if args.hours else None
+    rows = _open(args).usage_summary(args.by, args.account, since)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = [[args.by.upper(), "REQUESTS", "ABORTED", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
+              "AVG TTFT s", "AVG TIME s"]]  # fmt: skip
+    for r in rows:
+        table.append(
+            [
+                str(r[args.by]) if r[args.by] is not None else "-",
+                r["requests"],
+                r["aborted"],
+                r["errors"],
+                r["prompt_tokens"],
+                r["cached_tokens"],
+                r["completion_tokens"],
+                f"{r['avg_ttft_s']:.3f}" if r["avg_ttft_s"] is not None else "-",
+                f"{r['avg_duration_s']:.3f}" if r["avg_duration_s"] is not None else "-",
+            ]
+        )
+    print(_table(table))
+    return 0
+
+
+def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed in girandole.db)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="create a key for an account and print it once")
+    create.add_argument("--account", required=True, help="the account the key belongs to")
+    create.add_argument("--name", default="", help="a label to tell keys apart")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute for it")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute for it")
+    create.add_argument("--json", action="store_true")
+    _data_dir_arg(create)
+    create.set_defaults(func=_cmd_keys_create)
+    lst = ksub.add_parser("list", help="list keys (never the keys themselves)")
+    lst.add_argument("--account", default=None)
+    lst.add_argument("--json", action="store_true")
+    _data_dir_arg(lst)
+    lst.set_defaults(func=_cmd_keys_list)
+    revoke = ksub.add_parser("revoke", help="revoke keys by id (takes effect at once)")
+    revoke.add_argument("key_ids", nargs="+", metavar="KEY_ID")
+    _data_dir_arg(revoke)
+    revoke.set_defaults(func=_cmd_keys_revoke)
+
+    usage = sub.add_parser("usage", help="summarize usage: requests and tokens")
+    usage.add_argument(
+        "--by", choices=["account", "key_id", "model", "endpoint", "status"], default="account"
+    )
+    usage.add_argument("--account", default=None, help="only this account")
+    usage.add_argument("--hours", type=float, default=None, help="only the last N hours")
+    usage.add_argument("--json", action="store_true")
+    _data_dir_arg(usage)
+    usage.set_defaults(func=_cmd_usage)

@@ -1,0 +1,246 @@
+"""The server's embedded database (SQLite, `girandole.db` in the data folder): API keys and usage.
+
+Keys look like `gk_<key id>_<secret>`. Only the SHA-256 digest of the whole key is stored, with
+its id, account, name and limits; the key itself is shown once, when it is created. A presented
+key is found by its id (not secret), then its digest is compared with `hmac.compare_digest`, so
+the comparison takes the same time whatever the secret's content.
+
+Revocation takes effect at once on a running server: every authentication reads the key's row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DB_NAME = "girandole.db"
+KEY_PREFIX = "gk_"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    digest BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL,
+    rpm INTEGER,
+    tpm INTEGER
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    account TEXT,
+    key_id TEXT,
+    model TEXT,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    stream INTEGER NOT NULL DEFAULT 0,
+    aborted INTEGER NOT NULL DEFAULT 0,
+    num_choices INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    queue_s REAL,
+    ttft_s REAL,
+    duration_s REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_account_time ON usage (account, time);
+"""
+
+USAGE_COLUMNS = (
+    "time",
+    "request_id",
+    "account",
+    "key_id",
+    "model",
+    "endpoint",
+    "status",
+    "stream",
+    "aborted",
+    "num_choices",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "queue_s",
+    "ttft_s",
+    "duration_s",
+)
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def key_id_of(key: str) -> str | None:
+    """The id part of a `gk_<id>_<secret>` key, or None when the key has another shape."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = key[len(KEY_PREFIX) :].partition("_")
+    if not sep or not key_id or not secret:
+        return None
+    return key_id
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    account: str
+    name: str
+    created: float
+    revoked: float | None
+    rpm: int | None  # requests per minute; None: the server's default
+    tpm: int | None  # tokens (prompt + completion) per minute; None: the server's default
+
+
+class Database:
+    """One SQLite connection shared by threads (serialized by a lock); WAL so that the
+    `girandole keys|usage` commands can read and write while a server runs."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = str(path) if path is not None else ":memory:"
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=10
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            if path is not None:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+        self._has_keys = False
+
+    @classmethod
+    def in_folder(cls, folder: str | Path) -> Database:
+        return cls(Path(folder) / DB_NAME)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create_key(
+        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+    ) -> tuple[str, KeyInfo]:
+        """A new key for `account`: (the key, shown only now; its row)."""
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        created = time.time()
+        self.execute(
+            "INSERT INTO api_keys (id, account, name, digest, created, rpm, tpm)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key_id, account, name, digest(key), created, rpm, tpm),
+        )
+        return key, KeyInfo(key_id, account, name, created, None, rpm, tpm)
+
+    def list_keys(self, account: str | None = None) -> list[KeyInfo]:
+        sql = "SELECT id, account, name, created, revoked, rpm, tpm FROM api_keys"
+        params: tuple = ()
+        if account is not None:
+            sql += " WHERE account = ?"
+            params = (account,)
+        return [KeyInfo(*row) for row in self.execute(sql + " ORDER BY created", params)]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key by id; False when no such key (or it was already revoked)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (time.time(), key_id),
+            )
+            return cur.rowcount > 0
+
+    def has_keys(self) -> bool:
+        """Whether any key was ever created (revoked ones count: revoking every key must not
+        open the server)."""
+        if not self._has_keys:
+            self._has_keys = bool(self.execute("SELECT EXISTS (SELECT 1 FROM api_keys)")[0][0])
+        return self._has_keys
+
+    def authenticate(self, key: str) -> KeyInfo | None:
+        """The key's row when `key` is a live key of this database, else None."""
+        key_id = key_id_of(key)
+        if key_id is None:
+            return None
+        rows = self.execute(
+            "SELECT id, account, name, created, revoked, rpm, tpm, digest FROM api_keys"
+            " WHERE id = ?",
+            (key_id,),
+        )
+        if not rows:
+            return None
+        *fields, stored = rows[0]
+        if not hmac.compare_digest(digest(key), stored):
+            return None
+        info = KeyInfo(*fields)
+        return None if info.revoked is not None else info
+
+    # -- usage -----------------------------------------------------------------------------
+
+    def insert_usage(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        placeholders = ", ".join("?" for _ in USAGE_COLUMNS)
+        values = [tuple(row.get(c) for c in USAGE_COLUMNS) for row in rows]
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES ({placeholders})",
+                    values,
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def usage_summary(
+        self, by: str = "account", account: str | None = None, since: float | None = None
+    ) -> list[dict]:
+        """Totals grouped by `by` (account, key_id, model, endpoint or status)."""
+        if by not in ("account", "key_id", "model", "endpoint", "status"):
+            raise ValueError(f"cannot group usage by {by!r}")
+        where, params = [], []
+        if account is not None:
+            where.append("account = ?")
+            params.append(account)
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        sql = (
+            f"SELECT {by}, COUNT(*), SUM(aborted), SUM(status >= 400), SUM(prompt_tokens),"
+            " SUM(cached_tokens), SUM(completion_tokens), AVG(ttft_s), AVG(duration_s)"
+            " FROM usage"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" GROUP BY {by} ORDER BY {by}"
+        names = (
+            by,
+            "requests",
+            "aborted",
+            "errors",
+            "prompt_tokens",
+            "cached_tokens",
+            "completion_tokens",
+            "avg_ttft_s",
+            "avg_duration_s",
+        )
+        return [dict(zip(names, row)) for row in self.execute(sql, tuple(params))]
+
+    def count_usage(self) -> int:
+        return int(self.execute("SELECT COUNT(*) FROM usage")[0][0])
