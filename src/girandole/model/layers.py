@@ -136,10 +136,15 @@ class Int8Embedding(nn.Module):
 
     GROUP = 32
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """From a float weight, or from `groups` = (int8 [V, H], scale [V, H/32])."""
         super().__init__()
-        self.hidden = weight.shape[1]
-        q, scale = quantize_int8_groups(weight, self.GROUP)
+        q, scale = groups if groups is not None else quantize_int8_groups(weight, self.GROUP)
+        self.hidden = q.shape[1]
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
 
@@ -182,8 +187,8 @@ class QuantLMHead(nn.Module):
             p, z = pack_int4(*quantize_int4_groups(rows))
             packed.append(p)
             sz.append(z)
-        self.packed = torch.cat(packed)
-        self.scale_zeros = torch.cat(sz, dim=1)
+        self.register_buffer("packed", torch.cat(packed))
+        self.register_buffer("scale_zeros", torch.cat(sz, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -270,16 +275,22 @@ class Builder:
             return Int4Linear(weight, b)
         return Int8Linear(weight, b)
 
+    def _int8_table(self, name: str) -> Int8Embedding:
+        direct = getattr(self.weights, "int8_groups", None)
+        groups = direct(name) if direct is not None and name in self.weights else None
+        if groups is not None:
+            return Int8Embedding(None, groups=groups)
+        return Int8Embedding(self.tensor(name))
+
     def embedding_and_head(self, tie: bool) -> tuple[nn.Module, nn.Module]:
-        emb = self.tensor("token_embd.weight")
         if self.quantize:
-            embedding = Int8Embedding(emb)
-            del emb
+            embedding = self._int8_table("token_embd.weight")
             if tie or "output.weight" not in self.weights:
                 table = embedding
             else:
-                table = Int8Embedding(self.tensor("output.weight"))
+                table = self._int8_table("output.weight")
             return embedding, QuantLMHead(table)
+        emb = self.tensor("token_embd.weight")
         embedding = DenseEmbedding(emb, self.dtype)
         del emb
         if tie or "output.weight" not in self.weights:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from girandole.model.attention import current_decode_rows
+
 INT4_GROUP = 32
 # Above this many rows a bf16 F.linear beats the packed kernels (measured on the 2-core CPU).
 DENSE_MIN_ROWS = 16
@@ -70,6 +72,34 @@ def quantize_int4_groups(
     return q, scale, zero
 
 
+def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """forward() of the quantized linears: packed kernel (`self._packed`) for decode rows, bf16
+    `self.dense` for prefill rows.
+
+    Inside an engine step the ModelRunner puts decode tokens first and says how many there are
+    (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
+    tokens share the step: results are batch-invariant. On its own, the row count decides.
+    """
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+    m = x2.shape[0]
+    if self.dense is None:
+        k = m
+    else:
+        k = current_decode_rows()
+        if k is None:
+            k = m if m < DENSE_MIN_ROWS else 0
+    if k >= m:
+        y = self._packed(x2)
+    elif k == 0:
+        y = F.linear(x2, self.dense).float()
+    else:
+        y = torch.cat([self._packed(x2[:k]), F.linear(x2[k:], self.dense).float()])
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*shape, self.out_features)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T + b with int8 per-output-channel weights (bf16 activations)."""
 
@@ -85,17 +115,10 @@ class Int8Linear(nn.Module):
         dense = (q.float() * scale[:, None]).to(torch.bfloat16) if keep_dense else None
         self.register_buffer("dense", dense)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
-            y = F.linear(x2, self.dense)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-        y = y.float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape, self.out_features)
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale).float()
+
+    forward = dual_kernel_forward
 
 
 class Int4Linear(nn.Module):
@@ -126,19 +149,11 @@ class Int4Linear(nn.Module):
         else:
             self.register_buffer("dense", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
-            y = F.linear(x2, self.dense)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.packed, INT4_GROUP, self.scale_zeros
-            )
-        y = y.float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape, self.out_features)
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return mm(x2, self.packed, INT4_GROUP, self.scale_zeros).float()
+
+    forward = dual_kernel_forward
 
 
 def int4_supported(weight: torch.Tensor) -> bool:
@@ -177,9 +192,13 @@ class Int4x2Linear(nn.Module):
         hi_g = hi.reshape(n, k // INT4_GROUP, INT4_GROUP)
         c = 8 - (hi_g.amax(dim=-1) + 1) // 2  # [N, K/g]
         hi = (hi_g + c[..., None]).reshape(n, k)
-        self.lo_packed, self.lo_sz = pack_int4(lo, scale, torch.zeros_like(scale))
+        lo_packed, lo_sz = pack_int4(lo, scale, torch.zeros_like(scale))
+        self.register_buffer("lo_packed", lo_packed)
+        self.register_buffer("lo_sz", lo_sz)
         zero_hi = offset + 8.0 * scale - (c - 8).float() * 16.0 * scale
-        self.hi_packed, self.hi_sz = pack_int4(hi, 16.0 * scale, zero_hi)
+        hi_packed, hi_sz = pack_int4(hi, 16.0 * scale, zero_hi)
+        self.register_buffer("hi_packed", hi_packed)
+        self.register_buffer("hi_sz", hi_sz)
         self.register_buffer("bias", None if bias is None else bias.float())
         if keep_dense:
             n, k = q.shape
@@ -189,15 +208,10 @@ class Int4x2Linear(nn.Module):
         else:
             self.register_buffer("dense", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
-            y = F.linear(x2, self.dense).float()
-        else:
-            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = mm(x2, self.lo_packed, INT4_GROUP, self.lo_sz).float()
-            y += mm(x2, self.hi_packed, INT4_GROUP, self.hi_sz).float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape, self.out_features)
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.lo_packed, INT4_GROUP, self.lo_sz).float()
+        y += mm(x2, self.hi_packed, INT4_GROUP, self.hi_sz).float()
+        return y
+
+    forward = dual_kernel_forward

@@ -68,6 +68,18 @@ class GGUFWeights:
                 out = _unpermute(out, spec.num_kv_heads)
         return out
 
+    def int8_groups(self, name: str):
+        """(int8 [N, K], float32 scale [N, K/32]) of a Q8_0 tensor without dequantizing it
+        (a quarter of the memory for a 262k-row embedding table), else None."""
+        t = self.tensors[name]
+        if t.tensor_type.name != "Q8_0" or len(t.shape) != 2:
+            return None
+        cols, rows = (int(d) for d in t.shape.tolist())
+        b = np.asarray(t.data, dtype=np.uint8).reshape(-1, 34)
+        scale = torch.from_numpy(_f16(b, 0)).reshape(rows, cols // 32)
+        q = torch.from_numpy(np.ascontiguousarray(b[:, 2:34]).view(np.int8)).reshape(rows, cols)
+        return q, scale
+
     def int_groups(self, name: str):
         """Exact integer groups of 32 (see decode_int_groups) of a Q4_0/Q4_1/Q4_K/Q5_0/Q8_0
         tensor, or None for other types."""
