@@ -141,6 +141,17 @@ def write_eos_model(folder: Path) -> Path:
     return folder
 
 
+def write_tiny_llama_for_ops(folder: Path) -> Path:
+    """The model engineer's random tiny Llama (generates until max_tokens with ignore_eos)."""
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_root_conftest", ROOT / "tests/conftest.py"
+    )
+    helpers = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, helpers)
+    spec.loader.exec_module(helpers)
+    return helpers.write_tiny_llama(folder)
+
+
 @pytest.fixture(scope="session")
 def open_server(tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("open-server")

@@ -208,7 +208,7 @@ class ServerOps:
         if principal is not None and principal.key_id is not None:
             fields["account"] = principal.account
             fields["key_id"] = principal.key_id
-        if is_inference(record):
+        if is_inference(record) and principal is not None:  # 401s are not anyone's usage
             prompt, cached, completion = record.usage()
             aborted = record.aborted
             self.metrics.prompt_tokens.inc(prompt)
@@ -217,7 +217,7 @@ class ServerOps:
             self.metrics.duration.observe(duration)
             if aborted:
                 self.metrics.aborted.inc()
-            if principal is not None and (prompt or completion):
+            if prompt or completion:
                 self.limiter.debit(principal.limit_key, prompt + completion, principal.tpm)
             ttft = (
                 record.first_token_time - record.start
@@ -228,8 +228,8 @@ class ServerOps:
                 {
                     "time": record.wall_start,
                     "request_id": record.request_id,
-                    "account": principal.account if principal else None,
-                    "key_id": principal.key_id if principal else None,
+                    "account": principal.account,
+                    "key_id": principal.key_id,
                     "model": record.model,
                     "endpoint": endpoint,
                     "status": status,

@@ -28,8 +28,9 @@ class Bucket:
         self.updated = time.monotonic()
 
     def refill(self, now: float) -> None:
-        self.level = min(float(self.limit), self.level + (now - self.updated) * self.rate)
-        self.updated = now
+        elapsed = max(0.0, now - self.updated)
+        self.level = min(float(self.limit), self.level + elapsed * self.rate)
+        self.updated = max(now, self.updated)
 
     def seconds_until(self, level: float) -> float:
         return max(0.0, (level - self.level) / self.rate)
@@ -102,7 +103,7 @@ class RateLimiter:
         for name, bucket in (("requests", requests), ("tokens", tokens)):
             if bucket is None:
                 continue
-            remaining = max(0, math.floor(bucket.level))
+            remaining = max(0, math.floor(bucket.level + 1e-6))
             headers[f"x-ratelimit-limit-{name}"] = str(bucket.limit)
             headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
             near |= remaining < NEAR_CAPACITY * bucket.limit

@@ -181,7 +181,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"girandole serve: {exc}", file=sys.stderr)
         return 2
-    if state.keys.open:
+    if state.ops.open:
         logger.warning(
             "no API keys configured: the server is open to anyone who can reach %s:%d"
             " (use --api-key or --api-keys-file)",
@@ -189,7 +189,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings.port,
         )
     else:
-        logger.info("%d API key(s) configured", len(state.keys))
+        logger.info(
+            "%d API key(s) from flags; keys database %s", len(state.keys), state.ops.db.path
+        )
     app = create_app(state, load_in_background=True)
     config = uvicorn.Config(
         app,

@@ -1,0 +1,262 @@
+"""Keys database, account isolation, revocation, usage rows, rate limits, the admission queue,
+/metrics, /ready, JSON logs, and SIGTERM drain, on a tiny-model server of its own with a keys
+database (no `--api-key`): one slot at the engine, one in the queue, a 1 s queue timeout.
+
+The SIGTERM test stops the server, so it is the last one in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api_helpers import ROOT  # noqa: E402
+from conftest import start_server, stop_server  # noqa: E402
+
+ACCOUNT = "testing"
+MODEL = f"accounts/{ACCOUNT}/models/tiny"
+
+
+def cli(data_dir: Path, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "girandole.cli", *args, "--data-dir", str(data_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout
+
+
+def new_key(data_dir: Path, account: str, *extra: str) -> dict:
+    return json.loads(cli(data_dir, "keys", "create", "--account", account, "--json", *extra))
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    from conftest import write_tiny_llama_for_ops
+
+    tmp = tmp_path_factory.mktemp("guarded")
+    data = tmp / "data"
+    keys = {
+        "alice": new_key(data, ACCOUNT, "--name", "alice"),
+        "bob": new_key(data, "bob"),
+        "limited": new_key(data, ACCOUNT, "--rpm", "2"),
+    }
+    model = write_tiny_llama_for_ops(tmp / "tiny")
+    srv = start_server(
+        tmp, "--model", str(model), "--model-id", "tiny", "--account", ACCOUNT,
+        "--data-dir", str(data), "--kv-cache-gb", "0.02", "--max-model-len", "512",
+        "--max-concurrent-requests", "1", "--max-queued-requests", "1",
+        "--queue-timeout", "1", "--drain-seconds", "60",
+        api_key=keys["alice"]["key"],
+    )  # fmt: skip
+    srv.data_dir = data
+    srv.keys = keys
+    yield srv
+    if srv.process.poll() is None:
+        stop_server(srv)
+
+
+def complete(srv, key: str | None, model: str = MODEL, **body):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": model, "prompt": "hello", "max_tokens": 2, **body}
+    return httpx.post(srv.url + "/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def usage_rows(srv) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(srv.data_dir / "girandole.db") as db:
+        return db.execute(
+            "SELECT request_id, account, key_id, model, status, aborted, prompt_tokens,"
+            " completion_tokens, stream FROM usage ORDER BY id"
+        ).fetchall()
+
+
+def wait_rows(srv, n: int, timeout: float = 10) -> list[tuple]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = usage_rows(srv)
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_keys_cli_never_shows_keys(guarded):
+    listing = cli(guarded.data_dir, "keys", "list")
+    for info in guarded.keys.values():
+        assert info["id"] in listing
+        assert info["key"] not in listing
+    raw = (guarded.data_dir / "girandole.db").read_bytes()
+    for info in guarded.keys.values():
+        assert info["key"].encode() not in raw  # stored hashed
+
+
+def test_key_reaches_only_its_accounts_models(guarded):
+    r = complete(guarded, guarded.keys["alice"]["key"])
+    assert r.status_code == 200, r.text
+    for model in (MODEL, "tiny", f"{MODEL}#accounts/{ACCOUNT}/deployments/tiny"):
+        r = complete(guarded, guarded.keys["bob"]["key"], model=model)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["message"] == "Model not found, inaccessible, and/or not deployed"
+    unknown = complete(guarded, guarded.keys["bob"]["key"], model="accounts/bob/models/nope")
+    assert unknown.json()["error"] == r.json()["error"]  # the same as a model that is absent
+    bob = {"Authorization": f"Bearer {guarded.keys['bob']['key']}"}
+    alice = {"Authorization": f"Bearer {guarded.keys['alice']['key']}"}
+    assert httpx.get(guarded.url + "/v1/models", headers=bob).json()["data"] == []
+    assert [
+        m["id"] for m in httpx.get(guarded.url + "/v1/models", headers=alice).json()["data"]
+    ] == [MODEL]
+    assert httpx.get(guarded.url + f"/v1/models/{MODEL}", headers=bob).status_code == 404
+    r = httpx.post(
+        guarded.url + "/v1/chat/completions", headers=bob,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    )  # fmt: skip
+    assert r.status_code == 404
+
+
+def test_missing_wrong_and_revoked_keys(guarded):
+    assert complete(guarded, None).status_code == 401
+    assert complete(guarded, "gk_nope_nope").status_code == 401
+    assert complete(guarded, "not-a-key").status_code == 401
+    info = new_key(guarded.data_dir, ACCOUNT, "--name", "short-lived")
+    assert complete(guarded, info["key"]).status_code == 200  # a key made while serving works
+    assert f"revoked {info['id']}" in cli(guarded.data_dir, "keys", "revoke", info["id"])
+    r = complete(guarded, info["key"])
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "UNAUTHORIZED"
+
+
+def test_usage_rows_and_summary(guarded):
+    before = len(wait_rows(guarded, 0))
+    key = guarded.keys["alice"]
+    r = complete(guarded, key["key"], max_tokens=3, ignore_eos=True)
+    assert r.status_code == 200
+    rows = wait_rows(guarded, before + 1)
+    request_id, account, key_id, model, status, aborted, prompt, completion, _ = rows[-1]
+    assert (request_id, account, key_id, model, status, aborted) == (
+        r.json()["id"], ACCOUNT, key["id"], MODEL, 200, 0
+    )  # fmt: skip
+    assert (prompt, completion) == (r.json()["usage"]["prompt_tokens"], 3)
+    summary = json.loads(cli(guarded.data_dir, "usage", "--by", "key_id", "--json"))
+    mine = next(s for s in summary if s["key_id"] == key["id"])
+    assert mine["requests"] >= 2 and mine["completion_tokens"] >= 3
+    assert "REQUESTS" in cli(guarded.data_dir, "usage")
+
+
+def test_rate_limit_429_with_headers(guarded):
+    key = guarded.keys["limited"]["key"]
+    first = complete(guarded, key)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    second = complete(guarded, key)
+    assert second.status_code == 200
+    assert second.headers["x-ratelimit-over-limit"] == "yes"
+    third = complete(guarded, key)
+    assert third.status_code == 429, third.text
+    assert int(third.headers["retry-after"]) >= 1
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"
+    assert third.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert "2 requests per minute" in third.json()["error"]["message"]
+    # other keys are not affected
+    assert complete(guarded, guarded.keys["alice"]["key"]).status_code == 200
+
+
+def _slow_request(srv, key: str, results: list, max_tokens: int = 40) -> None:
+    results.append(complete(srv, key, max_tokens=max_tokens, ignore_eos=True))
+
+
+def test_queue_overflow_429_then_timeout_503(guarded):
+    key = guarded.keys["alice"]["key"]
+    results: list = []
+    holder = threading.Thread(target=_slow_request, args=(guarded, key, results))
+    holder.start()
+    deadline = time.monotonic() + 20
+    while guarded.health()["engine"]["num_running"] == 0:  # the slot is taken
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    waiter: list = []
+    queued = threading.Thread(target=lambda: waiter.append(complete(guarded, key)))
+    queued.start()
+    time.sleep(0.3)  # now in the queue (1 place)
+    overflow = complete(guarded, key)
+    assert overflow.status_code == 429, overflow.text
+    assert "at capacity" in overflow.json()["error"]["message"]
+    queued.join(30)
+    holder.join(60)
+    assert waiter[0].status_code == 503, waiter[0].text  # waited 1 s, the slot stayed taken
+    assert "saturated" in waiter[0].json()["error"]["message"]
+    assert results[0].status_code == 200
+    metrics = httpx.get(guarded.url + "/metrics").text
+    assert 'girandole_requests_total{endpoint="completions",status="429"}' in metrics
+    assert 'girandole_requests_total{endpoint="completions",status="503"}' in metrics
+    assert complete(guarded, key).status_code == 200  # serving again
+
+
+def test_metrics_ready_and_request_ids(guarded):
+    r = complete(guarded, guarded.keys["alice"]["key"], stream=True)
+    assert r.status_code == 200
+    metrics = httpx.get(guarded.url + "/metrics")
+    assert metrics.status_code == 200
+    text = metrics.text
+    for name in (
+        'girandole_requests_total{endpoint="completions",status="200"}',
+        "girandole_prompt_tokens_total",
+        "girandole_completion_tokens_total",
+        "girandole_time_to_first_token_seconds_bucket",
+        "girandole_inter_token_latency_seconds_bucket",
+        "girandole_num_requests_running",
+        "girandole_num_requests_waiting",
+        "girandole_kv_cache_usage_ratio",
+        "girandole_prefix_cache_hit_rate",
+    ):
+        assert name in text, name
+    assert httpx.get(guarded.url + "/ready").json() == {"status": "ready"}
+    # x-request-id: echoed on successes and errors alike; JSON access lines carry it
+    for key in (guarded.keys["alice"]["key"], None):
+        r = httpx.post(
+            guarded.url + "/v1/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+            headers={"x-request-id": "trace-123", **({"Authorization": f"Bearer {key}"} if key else {})},
+        )  # fmt: skip
+        assert r.headers["x-request-id"] == "trace-123"
+    time.sleep(0.2)
+    lines = [json.loads(x) for x in guarded.log().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x["logger"] == "girandole.access"]
+    assert any(
+        x.get("client_request_id") == "trace-123" or x["request_id"] == "trace-123" for x in access
+    )
+    assert all("request_id" in x and "status" in x for x in access)
+    for info in guarded.keys.values():
+        assert info["key"] not in guarded.log()  # keys never logged
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(guarded):
+    key = guarded.keys["alice"]["key"]
+    before = len(wait_rows(guarded, 0))
+    results: list = []
+    slow = threading.Thread(target=_slow_request, args=(guarded, key, results, 30))
+    slow.start()
+    deadline = time.monotonic() + 20
+    while guarded.health()["engine"]["num_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    guarded.process.send_signal(signal.SIGTERM)
+    slow.join(60)
+    assert results and results[0].status_code == 200, results
+    assert results[0].json()["usage"]["completion_tokens"] == 30  # ran to its end
+    assert guarded.process.wait(60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(guarded.url + "/health", timeout=2)
+    rows = usage_rows(guarded)
+    assert len(rows) == before + 1  # recorded before exit
+    assert rows[-1][0] == results[0].json()["id"] and rows[-1][5] == 0
