@@ -21,6 +21,7 @@ from girandole.model.quant import (
     Int4Linear,
     Int4x2Linear,
     Int8Linear,
+    dense_linear,
     int4_supported,
     pack_int4,
     quantize_int4_groups,
@@ -118,7 +119,10 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+        x = x.to(self.weight.dtype)
+        shape = x.shape[:-1]
+        y = dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.float().reshape(*shape, self.out_features)
 
 
 class DenseEmbedding(nn.Module):
@@ -174,6 +178,7 @@ class QuantLMHead(nn.Module):
 
     CHUNK = 32768
     REFINE_MARGIN = 8.0
+    MAX_REFINE = 1024  # candidates per row at most (then the top 1024 by the kernel's logits)
 
     def __init__(self, table: Int8Embedding) -> None:
         super().__init__()
@@ -207,7 +212,13 @@ class QuantLMHead(nn.Module):
                 w = self.table.rows(torch.arange(start, stop)).to(torch.bfloat16)
                 out[:, start:stop] = F.linear(xb, w)
         top = out.amax(dim=-1, keepdim=True)
-        rows, cols = torch.nonzero(out >= top - self.REFINE_MARGIN, as_tuple=True)
+        near = out >= top - self.REFINE_MARGIN
+        if int(near.sum()) > self.MAX_REFINE * out.shape[0]:  # a flat distribution: cap the work
+            cols = out.topk(self.MAX_REFINE, dim=-1).indices
+            rows = torch.arange(out.shape[0])[:, None].expand_as(cols)
+            rows, cols = rows.reshape(-1), cols.reshape(-1)
+        else:
+            rows, cols = torch.nonzero(near, as_tuple=True)
         out[rows, cols] = (self.table.rows(cols) * x[rows]).sum(dim=-1)
         return out
 

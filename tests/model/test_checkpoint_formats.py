@@ -1,0 +1,57 @@
+"""Checkpoint details: sharded safetensors, HF folder metadata, the fast-mode model cache."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from model_helpers import hf_logits, write_tiny_gguf, write_tiny_hf
+
+from girandole.model.loader import load_model
+
+IDS = [1, 17, 42, 99, 5, 250, 7, 7, 31]
+
+
+def _logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
+
+
+def test_sharded_safetensors_and_folder_metadata(tmp_path):
+    hf = write_tiny_hf("qwen2", tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    folder = tmp_path / "sharded"
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [2, 7], "temperature": 0.7, "top_p": 0.8})
+    )
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "add_bos_token": False})
+    )
+    model, config = load_model(folder, mode="reference", device="cpu")
+    torch.testing.assert_close(_logits(model), hf_logits(hf, IDS), atol=1e-4, rtol=0)
+    assert config.generation_config["temperature"] == 0.7
+    assert config.eos_token_ids == [2, 7]
+    assert config.chat_template == template
+    assert config.add_bos_token is False
+    assert config.name == "sharded"
+
+
+def test_fast_model_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIRANDOLE_CACHE_DIR", str(tmp_path / "cache"))
+    hf = write_tiny_hf("gemma3", tmp_path / "hf", seed=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(hf, "gemma3", path, {"attn_q": "Q8_0", "ffn_up": "Q4_0"})
+    first, config1 = load_model(path, mode="fast", device="cpu")
+    cached = list((tmp_path / "cache" / "packed").glob("*.pt"))
+    assert len(cached) == 1
+    second, config2 = load_model(path, mode="fast", device="cpu")
+    assert second is not first
+    assert config2 == config1
+    torch.testing.assert_close(_logits(second), _logits(first), atol=0, rtol=0)
+    # A damaged cache file is rebuilt, not fatal.
+    cached[0].write_bytes(b"garbage")
+    third, _ = load_model(path, mode="fast", device="cpu")
+    torch.testing.assert_close(_logits(third), _logits(first), atol=0, rtol=0)
