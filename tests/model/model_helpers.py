@@ -196,7 +196,7 @@ _HF_TO_GGUF = {
 
 
 def write_tiny_gguf(hf_model, arch: str, path: Path, qtypes: dict[str, str]) -> None:
-    """Write `hf_model` as a GGUF (`arch` "llama" or "gemma3"). `qtypes` maps a GGUF tensor
+    """Write `hf_model` as a GGUF (`arch` "llama", "gemma3", "qwen2" or "qwen3"). `qtypes` maps a GGUF tensor
     suffix (e.g. "attn_q") to a quantization type name; others stay F32. The HF model's
     weights are replaced in place by their quantized-then-dequantized values, so it is the
     transformers reference for exactly the weights in the file."""
@@ -228,6 +228,25 @@ def write_tiny_gguf(hf_model, arch: str, path: Path, qtypes: dict[str, str]) -> 
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
+
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores the scaling as frequency divisors
+        import math
+
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1.0)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
 
     state = hf_model.state_dict()
     for hf_name, tensor in state.items():
