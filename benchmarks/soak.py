@@ -1,0 +1,343 @@
+"""Soak test: many concurrent clients against a real `girandole serve`, then check nothing leaked.
+
+64 clients (by default) send a fixed number of requests between them: completions and chat,
+streaming and not, random sampling parameters and lengths, and about one in six hangs up on
+purpose (at once, after a random delay, or mid-stream after a few events). Afterwards:
+
+- every request that was not aborted completed correctly (200, the right number of choices,
+  a finish reason, usage consistent with max_tokens, streams ending in [DONE]);
+- the engine is idle and its KV blocks in use are back to zero;
+- the server's memory (RSS) after the run is flat against a sample taken after warm-up;
+- the usage table holds exactly one row per request sent (aborted ones included).
+
+It prints a summary ending in `loss = N` (requests lost or wrong); exit status 0 when every
+check passes.
+
+    .venv/bin/python benchmarks/soak.py                       # default model, 512 requests
+    .venv/bin/python benchmarks/soak.py --requests 2000 --clients 64 --model PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    ok: int = 0
+    aborted: int = 0
+    wrong: list[str] = field(default_factory=list)
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, data_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port),
+           "--data-dir", str(data_dir), "--log-level", "warning",
+           "--max-concurrent-requests", str(args.clients)]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.model_id:
+        cmd += ["--model-id", args.model_id]
+    if args.kv_cache_gb:
+        cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    log = open(data_dir / "server.log", "wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server not ready in time")
+
+
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Write a haiku about the sea.",
+    "List three colours:",
+    "In 1905, Albert Einstein",
+    "The quick brown fox",
+    "Translate to French: good morning",
+]
+
+
+def random_body(rng: random.Random, model: str) -> tuple[str, dict]:
+    chat = rng.random() < 0.4
+    body: dict = {
+        "model": model,
+        "max_tokens": rng.randint(1, 24),
+        "stream": rng.random() < 0.5,
+    }
+    if rng.random() < 0.7:
+        body["temperature"] = round(rng.uniform(0, 1.5), 2)
+    if rng.random() < 0.3:
+        body["top_p"] = round(rng.uniform(0.1, 1), 2)
+    if rng.random() < 0.3:
+        body["top_k"] = rng.randint(0, 50)
+    if rng.random() < 0.2:
+        body["n"] = 2
+    if rng.random() < 0.2:
+        body["seed"] = rng.randint(0, 2**31)
+    if rng.random() < 0.15:
+        body["stop"] = [rng.choice([".", "\n", " the"])]
+    prompt = rng.choice(PROMPTS) * rng.randint(1, 4)
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        return "/v1/chat/completions", body
+    body["prompt"] = prompt
+    return "/v1/completions", body
+
+
+def check_response(path: str, body: dict, status: int, payload) -> str | None:
+    """None when the response is right; else what is wrong."""
+    if status != 200:
+        return f"status {status}: {str(payload)[:200]}"
+    n = body.get("n", 1)
+    if body["stream"]:
+        events = payload
+        if not events or events[-1] != "[DONE]":
+            return "stream did not end with [DONE]"
+        finishes = [
+            c for e in events[:-1] if isinstance(e, dict) for c in e.get("choices", [])
+            if c.get("finish_reason")
+        ]  # fmt: skip
+        if len(finishes) != n:
+            return f"{len(finishes)} finish reasons for n={n}"
+        usage = next((e["usage"] for e in reversed(events[:-1]) if e.get("usage")), None)
+    else:
+        choices = payload.get("choices", [])
+        if len(choices) != n or any(c.get("finish_reason") is None for c in choices):
+            return f"choices {choices!r:.200}"
+        usage = payload.get("usage")
+    if (
+        not usage
+        or usage["completion_tokens"] > n * body["max_tokens"]
+        or usage["prompt_tokens"] < 1
+    ):
+        return f"usage {usage}"
+    return None
+
+
+async def normal_request(client: httpx.AsyncClient, url: str, headers, path, body, tally: Tally):
+    try:
+        if body["stream"]:
+            events = []
+            async with client.stream("POST", url + path, json=body, headers=headers) as r:
+                status = r.status_code
+                raw = (await r.aread()).decode()
+            if status == 200:
+                for block in raw.split("\n\n"):
+                    if block.startswith("data: "):
+                        data = block[6:]
+                        events.append(data if data == "[DONE]" else json.loads(data))
+            payload = events if status == 200 else raw
+        else:
+            r = await client.post(url + path, json=body, headers=headers)
+            status, payload = r.status_code, (r.json() if r.status_code == 200 else r.text)
+    except Exception as exc:  # noqa: BLE001
+        tally.wrong.append(f"{path}: {type(exc).__name__}: {exc}")
+        return
+    problem = check_response(path, body, status, payload)
+    if problem:
+        tally.wrong.append(f"{path} {json.dumps(body)[:200]}: {problem}")
+    else:
+        tally.ok += 1
+
+
+async def aborted_request(port: int, key: str, path: str, body: dict, rng: random.Random):
+    """Send the whole request on a raw socket, then hang up: at once, after a delay, or (streams)
+    after a few events. The server has the request either way, so it must account for it."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + data)
+        await writer.drain()
+        how = rng.random()
+        if how < 0.3:
+            return "at once"
+        if body["stream"] and how < 0.8:
+            want = rng.randint(1, 6)
+            seen = 0
+            while seen < want:
+                chunk = await asyncio.wait_for(reader.read(4096), 60)
+                if not chunk:
+                    break
+                seen += chunk.count(b"\n\n")
+            return "mid-stream"
+        await asyncio.sleep(rng.uniform(0.01, 1.0))
+        return "after a delay"
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def run_load(args, url: str, port: int, key: str, model: str, tally: Tally, on_warm) -> None:
+    rng = random.Random(args.seed)
+    plan = [
+        (rng.random() < args.abort_rate, *random_body(rng, model)) for _ in range(args.requests)
+    ]
+    next_index = 0
+    warm_at = max(1, args.requests // 4)
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker(wid: int) -> None:
+            nonlocal next_index
+            wrng = random.Random(args.seed * 1000 + wid)
+            while next_index < len(plan):
+                abort, path, body = plan[next_index]
+                next_index += 1
+                tally.sent += 1
+                if tally.sent == warm_at:
+                    on_warm()
+                if abort:
+                    how = await aborted_request(port, key, path, body, wrng)
+                    tally.aborted += 1
+                    tally.by_kind[how] = tally.by_kind.get(how, 0) + 1
+                else:
+                    await normal_request(client, url, headers, path, body, tally)
+
+        await asyncio.gather(*(worker(i) for i in range(args.clients)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--abort-rate", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="a .gguf or HF folder; default: the default model")
+    p.add_argument("--model-id", default=None)
+    p.add_argument("--kv-cache-gb", type=float, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--rss-slack", type=float, default=0.10, help="allowed RSS growth after warm-up")
+    args = p.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="girandole-soak-"))
+    created = subprocess.run(
+        [sys.executable, "-m", "girandole.cli", "keys", "create", "--account", "fireworks",
+         "--name", "soak", "--json", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    key_info = json.loads(created.stdout)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, data_dir, port)
+    try:
+        wait_ready(url, proc)
+        model = httpx.get(
+            url + "/v1/models", headers={"Authorization": f"Bearer {key_info['key']}"}
+        ).json()["data"][0]["id"]
+        server = psutil.Process(proc.pid)
+        rss: dict[str, float] = {"start": server.memory_info().rss}
+
+        def on_warm() -> None:
+            rss["warm"] = server.memory_info().rss
+
+        tally = Tally()
+        start = time.monotonic()
+        asyncio.run(run_load(args, url, port, key_info["key"], model, tally, on_warm))
+        elapsed = time.monotonic() - start
+
+        # idle: nothing running, KV blocks back to zero
+        deadline = time.monotonic() + 60
+        while True:
+            health = httpx.get(url + "/health", timeout=10).json()
+            engine = health["engine"]
+            idle = engine["num_running"] == 0 and engine["num_waiting"] == 0
+            if idle and engine["kv_blocks_used"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        rss["end"] = server.memory_info().rss
+        # usage rows: one per request sent
+        deadline = time.monotonic() + 30
+        while True:
+            with sqlite3.connect(data_dir / "girandole.db") as db:
+                rows, aborted_rows = db.execute(
+                    "SELECT COUNT(*), SUM(aborted) FROM usage WHERE key_id = ?", (key_info["id"],)
+                ).fetchone()
+            if rows >= tally.sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    finally:
+        proc.terminate()
+        code = proc.wait(120)
+
+    growth = (rss["end"] - rss.get("warm", rss["start"])) / rss.get("warm", rss["start"])
+    checks = {
+        "every non-aborted request completed correctly": not tally.wrong,
+        "engine idle, KV blocks in use back to 0": idle and engine["kv_blocks_used"] == 0,
+        f"memory flat after warm-up (RSS growth {growth:+.1%} <= {args.rss_slack:.0%})": growth
+        <= args.rss_slack,
+        f"usage rows ({rows}) == requests sent ({tally.sent})": rows == tally.sent,
+        f"server exited 0 on SIGTERM (got {code})": code == 0,
+    }
+    loss = len(tally.wrong) + abs(rows - tally.sent)
+    print(f"soak: {tally.sent} requests from {args.clients} clients in {elapsed:.1f} s"
+          f" ({tally.sent / elapsed:.1f} req/s)")  # fmt: skip
+    print(f"  completed ok {tally.ok}, aborted on purpose {tally.aborted} {tally.by_kind},"
+          f" usage rows {rows} (aborted {aborted_rows})")  # fmt: skip
+    print(f"  engine at the end: {engine}")
+    print(f"  server RSS: start {rss['start'] / 2**20:.0f} MiB, after warm-up"
+          f" {rss.get('warm', 0) / 2**20:.0f} MiB, end {rss['end'] / 2**20:.0f} MiB")  # fmt: skip
+    ttft = [
+        x
+        for x in metrics.splitlines()
+        if x.startswith("girandole_time_to_first_token_seconds_count")
+    ]
+    print(f"  {ttft[0] if ttft else ''}")
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    for w in tally.wrong[:20]:
+        print(f"  wrong: {w}")
+    print(f"loss = {loss}")
+    return 0 if all(checks.values()) and loss == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
