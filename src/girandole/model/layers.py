@@ -361,8 +361,14 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.qkv = b.linear([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"])
-        self.q_norm = b.norm(f"{prefix}.attn_q_norm.weight", eps) if qk_norm else None
-        self.k_norm = b.norm(f"{prefix}.attn_k_norm.weight", eps) if qk_norm else None
+        self.eps = eps
+        if qk_norm:  # one norm over q and k heads together: weight [H + Hkv, D]
+            wq = b.tensor(f"{prefix}.attn_q_norm.weight").float()
+            wk = b.tensor(f"{prefix}.attn_k_norm.weight").float()
+            qk_w = torch.cat([wq.expand(num_heads, head_dim), wk.expand(num_kv_heads, head_dim)])
+            self.register_buffer("qk_norm_weight", qk_w.contiguous())
+        else:
+            self.qk_norm_weight = None
         self.o_proj = b.linear([f"{prefix}.attn_output"])
         self.attn = Attention(
             num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_softcap
@@ -372,12 +378,9 @@ class SelfAttention(nn.Module):
         t = x.shape[0]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)
-        q = qkv[:, : h * d].view(t, h, d)
-        k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
-        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v))
+        qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)  # q and k heads, normed and rotated
+        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)  # together: fewer small ops per layer
+        if self.qk_norm_weight is not None:
+            qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight
+        qk = apply_rope(qk, cos, sin)
+        return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v))
