@@ -96,3 +96,23 @@ def test_llama_gguf_loads_in_transformers_too(tiny_gguf):
     ).eval()
     ids = PROMPTS[0]
     torch.testing.assert_close(hf_logits(other, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_gpu_form_runs_and_is_close(tiny_gguf):
+    """Fast mode as built for CUDA (bf16 dense weights, no CPU packed kernels), run here on
+    the CPU: the same model code as the GPU will run."""
+    from girandole.model.layers import DenseLinear
+    from girandole.model.loader import build_model, read_checkpoint
+
+    _kind, path, _hf = tiny_gguf
+    spec, _config, weights = read_checkpoint(path)
+    gpu_form = build_model(spec, weights, "fast", torch.device("cuda"))
+    linears = [m for m in gpu_form.modules() if isinstance(m, DenseLinear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    ref, _ = load_model(path, mode="reference", device="cpu")
+    ids = PROMPTS[0]
+    with torch.inference_mode():
+        a = ref.compute_logits(ref(torch.tensor(ids), torch.arange(len(ids))))
+        b = gpu_form.compute_logits(gpu_form(torch.tensor(ids), torch.arange(len(ids))))
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99

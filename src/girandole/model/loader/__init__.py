@@ -61,6 +61,9 @@ def read_checkpoint(path: Path):
 
 
 def build_model(spec: ArchSpec, weights, mode: str, device: torch.device) -> nn.Module:
+    """Build the network in CPU memory, in the form `mode` takes on `device` (packed
+    quantized linears for fast mode on CPU, bf16 dense weights for fast mode elsewhere);
+    the caller moves it to `device`."""
     builder = Builder(weights, mode, device)
     with torch.no_grad():
         model = _model_class(spec.architecture)(spec, builder)
@@ -114,7 +117,7 @@ def load_model(
             log.warning("ignoring unreadable model cache %s: %s", cache_file, exc)
 
     spec, config, weights = read_checkpoint(path)
-    model = build_model(spec, weights, mode, torch.device("cpu"))
+    model = build_model(spec, weights, mode, device)
     if device.type != "cpu":
         model = model.to(device)
 
