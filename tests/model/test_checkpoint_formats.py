@@ -40,7 +40,10 @@ def test_sharded_safetensors_and_folder_metadata(tmp_path):
 
 
 def test_fast_model_cache_round_trip(tmp_path, monkeypatch):
+    import girandole.model.loader as loader
+
     monkeypatch.setenv("GIRANDOLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(loader, "CACHE_MIN_BYTES", 0)
     hf = write_tiny_hf("gemma3", tmp_path / "hf", seed=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(hf, "gemma3", path, {"attn_q": "Q8_0", "ffn_up": "Q4_0"})
@@ -55,3 +58,8 @@ def test_fast_model_cache_round_trip(tmp_path, monkeypatch):
     cached[0].write_bytes(b"garbage")
     third, _ = load_model(path, mode="fast", device="cpu")
     torch.testing.assert_close(_logits(third), _logits(first), atol=0, rtol=0)
+    # An entry for older model code is replaced, not kept beside the new one.
+    stale = cached[0].with_name(cached[0].name.rsplit("-", 1)[0] + "-0123456789abcdef.pt")
+    cached[0].rename(stale)
+    load_model(path, mode="fast", device="cpu")
+    assert [p.name for p in (tmp_path / "cache" / "packed").glob("*.pt")] == [cached[0].name]

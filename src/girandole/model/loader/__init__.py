@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,10 @@ from girandole.model.spec import ArchSpec
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+# Only checkpoints at least this big get a packed-model cache entry (small ones build in
+# well under a second), and entries unused this long are pruned.
+CACHE_MIN_BYTES = 32 << 20
+CACHE_MAX_AGE_S = 3 * 24 * 3600
 
 
 def _model_class(arch: str) -> type[nn.Module]:
@@ -81,6 +86,27 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _source_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return path.stat().st_size
+
+
+def _prune_cache(keep: Path) -> None:
+    """Drop older entries for the same checkpoint and entries unused for CACHE_MAX_AGE_S
+    (unlinking a file another process has mapped is safe: the mapping keeps it alive)."""
+    prefix = keep.name.rsplit("-", 1)[0] + "-"
+    now = time.time()
+    for other in keep.parent.glob("*.pt"):
+        if other == keep:
+            continue
+        try:
+            if other.name.startswith(prefix) or now - other.stat().st_atime > CACHE_MAX_AGE_S:
+                other.unlink()
+        except OSError:
+            pass
+
+
 def _cache_path(path: Path) -> Path:
     if path.is_dir():
         st = max((p.stat() for p in path.iterdir() if p.is_file()), key=lambda s: s.st_mtime_ns)
@@ -107,7 +133,12 @@ def load_model(
     device = torch.device(device)
     path = resolve_model_path(path)
 
-    cached = use_cache and mode == "fast" and device.type == "cpu"
+    cached = (
+        use_cache
+        and mode == "fast"
+        and device.type == "cpu"
+        and _source_bytes(path) >= CACHE_MIN_BYTES
+    )
     cache_file = _cache_path(path) if cached else None
     if cache_file is not None and cache_file.exists():
         try:
@@ -127,6 +158,7 @@ def load_model(
         try:
             torch.save({"model": model, "config": config}, tmp)
             os.replace(tmp, cache_file)
+            _prune_cache(cache_file)
         except OSError as exc:
             log.warning("could not write model cache %s: %s", cache_file, exc)
             tmp.unlink(missing_ok=True)
