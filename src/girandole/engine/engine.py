@@ -149,6 +149,20 @@ class LLMEngine:
         if not batch.seqs:
             return outputs
 
+        # Decode tokens first: linears choose their kernel by a token's role (decode or
+        # prefill), which the runner tells them as a count of leading rows.
+        order = sorted(
+            range(len(batch.seqs)),
+            key=lambda i: (
+                not (
+                    batch.num_new_tokens[i] == 1
+                    and batch.seqs[i].num_computed_tokens >= batch.seqs[i].num_prompt_tokens
+                )
+            ),
+        )
+        batch.seqs = [batch.seqs[i] for i in order]
+        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
+
         now = time.monotonic()
         logit_rows: list[list[int]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -232,7 +246,9 @@ class LLMEngine:
             keep = [i for i, p in enumerate(positions) if p + 1 < seq.num_prompt_tokens]
             if not keep:
                 continue
-            logits = self.runner.compute_logits(hidden[c : c + len(chunk)][torch.tensor(keep)])
+            logits = self.runner.compute_logits(
+                hidden[c : c + len(chunk)][torch.tensor(keep)], batch_invariant=False
+            )
             lp = torch.log_softmax(logits, dim=-1)
             targets = torch.tensor(
                 [seq.token_ids[positions[i] + 1] for i in keep], device=logits.device

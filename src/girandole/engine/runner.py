@@ -68,8 +68,16 @@ class ModelRunner:
             context_slots.append(slots)
             slot_mapping.append(slots[start:end])
 
-        decode_only = all(n == 1 for n in num_new_tokens)
+        # The padded batched decode path is for GPUs; on CPU attention runs per sequence so that
+        # each sequence's numbers do not depend on its batch neighbours.
+        decode_only = self.device.type != "cpu" and all(n == 1 for n in num_new_tokens)
+        num_decode_rows = 0  # the engine orders decode tokens first
+        for seq, n in zip(seqs, num_new_tokens):
+            if n != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+                break
+            num_decode_rows += 1
         meta = AttentionMetadata(
+            num_decode_rows=num_decode_rows,
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
@@ -103,7 +111,19 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return hidden.index_select(0, index)
 
+    # LM heads may pick a kernel by row count (the CPU int8 head switches to bf16 matmuls for
+    # many rows); sampling rows go through in slices this small so every row takes the same path.
+    SAMPLING_ROWS_PER_CALL = 16
+
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden], on the model's device."""
-        return self.model.compute_logits(hidden).float()
+        step = self.SAMPLING_ROWS_PER_CALL
+        if not batch_invariant or hidden.shape[0] <= step or self.device.type != "cpu":
+            return self.model.compute_logits(hidden).float()
+        return torch.cat(
+            [
+                self.model.compute_logits(hidden[i : i + step]).float()
+                for i in range(0, hidden.shape[0], step)
+            ]
+        )

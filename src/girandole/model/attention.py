@@ -29,13 +29,26 @@ class AttentionMetadata:
     context_lens: list[int]  # keys each sequence attends to: cached + new tokens
     # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1.
     context_slots: list[torch.Tensor]
-    # Decode-only batches (every query_len == 1) use one padded gather instead of a loop:
+    # Decode-only batches on GPU (every query_len == 1) use one padded gather instead of a loop:
     decode_slots: torch.Tensor | None = None  # [S, L_max] long, padding points at slot 0
     decode_positions: torch.Tensor | None = None  # [S] long: position of each query token
     decode_valid: torch.Tensor | None = None  # [S, L_max] bool: key index < context_len
+    # The first this-many tokens of the batch are decode tokens (one generated token of a
+    # sequence); linears with two kernels pick theirs by this role, not by the row count.
+    num_decode_rows: int | None = None
 
 
 _current: AttentionMetadata | None = None
+
+# torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
+# rounding differs; padding every sequence's queries to this many rows keeps each row's result
+# the same whether it is computed in decode or inside a prefill chunk of any size.
+MIN_QUERY_ROWS = 8
+
+
+def current_decode_rows() -> int | None:
+    """Leading decode rows of the batch being computed, or None outside an engine step."""
+    return None if _current is None else _current.num_decode_rows
 
 
 @contextlib.contextmanager
@@ -101,6 +114,9 @@ class Attention(nn.Module):
         if meta.decode_slots is not None:
             out = self._attend_decode(q, meta)
         else:
+            # One sequence at a time, each query row padded to MIN_QUERY_ROWS: a row's result then
+            # depends only on its own sequence, never on what else shares the step (batch
+            # invariance: a seeded request samples the same tokens alone or in a busy batch).
             outs = []
             start = 0
             for qlen, ctx, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
@@ -108,9 +124,13 @@ class Attention(nn.Module):
                 start += qlen
                 k_pos = torch.arange(ctx, device=q.device)
                 q_pos = k_pos[ctx - qlen :]
+                if qlen < MIN_QUERY_ROWS:
+                    extra = MIN_QUERY_ROWS - qlen
+                    qi = torch.cat([qi, qi[-1:].expand(extra, -1, -1)])
+                    q_pos = torch.cat([q_pos, q_pos[-1:].expand(extra)])
                 ki = self.k_cache.index_select(0, slots)
                 vi = self.v_cache.index_select(0, slots)
-                outs.append(self._attend(qi, ki, vi, q_pos, k_pos))
+                outs.append(self._attend(qi, ki, vi, q_pos, k_pos)[:qlen])
             out = torch.cat(outs, dim=0)
         return out.to(out_dtype).reshape(out.shape[0], -1)
 

@@ -213,12 +213,13 @@ class QuantLMHead(nn.Module):
                 out[:, start:stop] = F.linear(xb, w)
         top = out.amax(dim=-1, keepdim=True)
         near = out >= top - self.REFINE_MARGIN
-        if int(near.sum()) > self.MAX_REFINE * out.shape[0]:  # a flat distribution: cap the work
-            cols = out.topk(self.MAX_REFINE, dim=-1).indices
-            rows = torch.arange(out.shape[0])[:, None].expand_as(cols)
-            rows, cols = rows.reshape(-1), cols.reshape(-1)
-        else:
-            rows, cols = torch.nonzero(near, as_tuple=True)
+        # A flat distribution: cap the work at its MAX_REFINE best. Decided per row, so that a
+        # row's logits never depend on the other rows of the batch.
+        flat = near.sum(dim=-1) > self.MAX_REFINE
+        if bool(flat.any()):
+            kth = out[flat].topk(self.MAX_REFINE, dim=-1).values[:, -1:]
+            near[flat] &= out[flat] >= kth
+        rows, cols = torch.nonzero(near, as_tuple=True)
         out[rows, cols] = (self.table.rows(cols) * x[rows]).sum(dim=-1)
         return out
 

@@ -72,6 +72,20 @@ def quantize_int4_groups(
     return q, scale, zero
 
 
+# oneDNN's bf16 matmul rounds differently for fewer than 4 rows on some shapes (K=2048 here);
+# padding to 4 rows keeps a row's result independent of how many rows share the call.
+MIN_DENSE_ROWS = 4
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear whose per-row result does not depend on the number of rows (on CPU)."""
+    m = x.shape[0]
+    if m >= MIN_DENSE_ROWS or x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    padded = torch.cat([x, x.new_zeros(MIN_DENSE_ROWS - m, x.shape[1])])
+    return F.linear(padded, weight, bias)[:m]
+
+
 def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     """forward() of the quantized linears: packed kernel (`self._packed`) for decode rows, bf16
     `self.dense` for prefill rows.
@@ -92,9 +106,9 @@ def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     if k >= m:
         y = self._packed(x2)
     elif k == 0:
-        y = F.linear(x2, self.dense).float()
+        y = dense_linear(x2, self.dense).float()
     else:
-        y = torch.cat([self._packed(x2[:k]), F.linear(x2[k:], self.dense).float()])
+        y = torch.cat([self._packed(x2[:k]), dense_linear(x2[k:], self.dense).float()])
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*shape, self.out_features)
