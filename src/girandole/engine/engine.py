@@ -268,6 +268,9 @@ class LLMEngine:
             return self._finish_with_text(
                 seq, "stop", [], stop_reason="grammar_rejected", flush=True
             )
+        if seq.grammar is not None and seq.grammar.is_terminated:
+            # the grammar took its stop token: nothing may follow, even with ignore_eos
+            return self._finish_with_text(seq, "stop", [token], stop_reason=token)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)
