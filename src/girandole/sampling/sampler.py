@@ -210,7 +210,9 @@ class Sampler:
     @staticmethod
     def _top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
         """Keep the smallest set of most likely tokens whose mass reaches top_p (ties kept)."""
-        total = probs.sum(dim=-1)
+        # cumsum, not sum: torch's sum over one long row rounds differently from the same row
+        # in a batch; a row's cutoff must not depend on its batch neighbours.
+        total = probs.cumsum(dim=-1)[:, -1]
         k = min(_TOP_P_CANDIDATES, probs.shape[-1])
         values = probs.topk(k, dim=-1).values  # sorted descending
         mass = values.cumsum(dim=-1)
