@@ -42,7 +42,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from girandole.api import completions
+from girandole.api import completions, structured
+from girandole.api import tools as tools_api
 from girandole.api.completions import ChoiceState, CompletionJob, _engine_error, _record, _usage
 from girandole.api.errors import APIError, bad_request
 from girandole.api.fanout import ChoiceFanout, ChoiceRequest
@@ -147,7 +148,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def _encode(
-    tokenizer: Any, messages: list[dict[str, Any]], template: str, safe: bool
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    template: str,
+    safe: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
     cont = messages[-1]["role"] == "assistant"
     return encode_chat(
@@ -157,6 +162,7 @@ def _encode(
         safe_tokenization=safe,
         add_generation_prompt=not cont,
         continue_final_message=cont,
+        tools=tools,
     )
 
 
@@ -167,6 +173,7 @@ def _truncate(
     safe: bool,
     limit: int,
     full: tuple[str, list[int]],
+    tools: list[dict[str, Any]] | None = None,
 ) -> ChatPrompt:
     """Drop the oldest turns (then the system prompt) until the prompt has <= limit tokens."""
     system = messages[:1] if messages[0]["role"] == "system" else []
@@ -178,7 +185,7 @@ def _truncate(
 
     def attempt(keep_system: bool, start: int) -> ChatPrompt | None:
         msgs = (system if keep_system else []) + body[start:]
-        text, ids = _encode(tokenizer, msgs, template, safe)
+        text, ids = _encode(tokenizer, msgs, template, safe, tools)
         if len(ids) > limit:
             return None
         return ChatPrompt(text, ids, len(messages) - len(msgs))
@@ -199,7 +206,7 @@ def _truncate(
         found = attempt(False, starts[-1] if starts else 0)
         if found is not None:
             return found
-    kept = len(_encode(tokenizer, tail or system, template, safe)[1])
+    kept = len(_encode(tokenizer, tail or system, template, safe, tools)[1])
     raise bad_request(
         f"prompt_truncate_len is {limit} tokens, but the last turn alone takes {kept}"
         f" (the whole prompt: {len(full[1])})",
@@ -211,14 +218,17 @@ def build_prompt(
     tokenizer: Any,
     req: ChatCompletionRequest,
     template: str,
+    plan: tools_api.ToolPlan | None = None,
 ) -> ChatPrompt:
     messages = template_messages(req.messages)
+    # tools into the prompt: the template's own way, else a system text (girandole.api.tools)
+    messages, tools = tools_api.prompt_messages(messages, plan, template)
     safe = bool(req.safe_tokenization)
     try:
-        text, ids = _encode(tokenizer, messages, template, safe)
+        text, ids = _encode(tokenizer, messages, template, safe, tools)
         if req.prompt_truncate_len is not None and len(ids) > req.prompt_truncate_len:
             return _truncate(
-                tokenizer, messages, template, safe, req.prompt_truncate_len, (text, ids)
+                tokenizer, messages, template, safe, req.prompt_truncate_len, (text, ids), tools
             )
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -240,6 +250,7 @@ class ChatJob:
     job: CompletionJob  # what the completions service runs and counts
     prompt: ChatPrompt
     tokenizer: Any
+    tools: tools_api.ToolPlan | None = None  # declared tools: calls are looked for in the output
 
     @property
     def options(self) -> OutputOptions:
@@ -267,11 +278,23 @@ async def prepare(
             "messages",
         )
     _check_parts(req.messages)
+    plan = tools_api.plan_tools(req, template)
+    grammar = structured.response_format_grammar(req.response_format)
+    grammar_param = "response_format"
+    if plan is not None and plan.grammar is not None:
+        if grammar is not None:
+            raise bad_request(
+                "response_format cannot be combined with a forced tool call (tool_choice"
+                " 'required' or a named function)",
+                "response_format",
+            )
+        grammar, grammar_param = plan.grammar, "tools"
+    await structured.check_grammar(engine, grammar, grammar_param)
     size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
     if size < _INLINE_CHARS:
-        prompt = build_prompt(tokenizer, req, template)
+        prompt = build_prompt(tokenizer, req, template, plan)
     else:
-        prompt = await asyncio.to_thread(build_prompt, tokenizer, req, template)
+        prompt = await asyncio.to_thread(build_prompt, tokenizer, req, template, plan)
     vocab = engine.model_config.vocab_size
     for token in prompt.token_ids:
         if token >= vocab:  # a template writing a token the model lacks
@@ -291,6 +314,7 @@ async def prepare(
         params = completions.choice_params(
             req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
         )
+        params.grammar = grammar
         choices.append(
             ChoiceRequest(k, 0, prompt.token_ids, params, f"{request_id}-{k}", engine_kwargs)
         )
@@ -308,7 +332,7 @@ async def prepare(
         options=options,
         sampling_options=applied_options(choices[0].params),
     )
-    return ChatJob(job, prompt, tokenizer)
+    return ChatJob(job, prompt, tokenizer, plan)
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -330,12 +354,15 @@ async def collect(cj: ChatJob, fanout: ChoiceFanout) -> dict[str, Any]:
     body = []
     for index in sorted(states):
         o = outputs[index]
+        message, finish_reason = tools_api.finish_message(
+            cj.tools, o.full_text, states[index].finish_reason
+        )
         body.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": o.full_text},
+                "message": message,
                 "logprobs": o.logprobs(o.tracker.entries),
-                "finish_reason": states[index].finish_reason,
+                "finish_reason": finish_reason,
                 **o.extras(),
             }
         )
@@ -383,6 +410,7 @@ async def stream(
     opts = cj.options
     states = {c.index: ChoiceState() for c in job.choices}
     outputs = completions.new_outputs(job)
+    calls = {i: tools_api.ToolStream(cj.tools) for i in states}  # content or tool-call deltas
     unfinished = len(states)
     separate = job.include_usage and usage_placement != "finish"
     try:
@@ -396,11 +424,19 @@ async def stream(
             _record(state, out)
             update = o.add(out)
             extras = opts.return_token_ids and bool(update.token_ids)
-            if update.text or update.entries or extras:
-                c = _delta(index, {"content": update.text}, logprobs=o.logprobs(update.entries))
-                if opts.return_token_ids:
-                    c["token_ids"] = update.token_ids
-                yield _chunk(job, [c])
+            deltas = calls[index].feed(update.text)
+            if out.finished:
+                tail, state.finish_reason = calls[index].finish(state.finish_reason)
+                deltas += tail
+            if deltas or update.entries or extras:
+                for j, delta in enumerate(deltas or [{"content": update.text}]):
+                    if j > 0:
+                        yield _chunk(job, [_delta(index, delta)])
+                        continue
+                    c = _delta(index, delta, logprobs=o.logprobs(update.entries))
+                    if opts.return_token_ids:
+                        c["token_ids"] = update.token_ids
+                    yield _chunk(job, [c])
             if out.finished:
                 unfinished -= 1
                 usage = perf = None

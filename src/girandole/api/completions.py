@@ -220,9 +220,13 @@ async def start(
 
 
 def new_outputs(job: CompletionJob) -> dict[int, ChoiceOutput]:
-    return {
+    outputs = {
         c.index: ChoiceOutput(job.tokenizer, job.options, c.prompt_token_ids) for c in job.choices
     }
+    for c in job.choices:  # raw_output.grammar: the grammar constrained decoding used
+        if c.params.grammar is not None:
+            outputs[c.index].grammar = c.params.grammar.describe()
+    return outputs
 
 
 def finish_metrics(

@@ -37,7 +37,6 @@ _never: Callable[[Any], bool] = lambda v: False  # noqa: E731
 # field -> which non-null values are no-ops (null is always one). Dotted names are nested.
 COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "images": _empty,
-    "response_format": lambda v: v == {"type": "text"},
     "service_tier": _is("auto", "default"),
     "speculation": _never,
     "prediction": _never,
@@ -79,12 +78,6 @@ def unsupported_field(name: str) -> APIError:
 # Kept as its own table: when /completions implements a field, chat still rejects it until the
 # chat schema gains it too.
 CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: v == {"type": "text"},
-    "tools": _empty,
-    "tool_choice": _is("auto", "none"),  # no-ops without tools
-    "parallel_tool_calls": _is(True, False),
-    "functions": _empty,
-    "function_call": _is("auto", "none"),
     "prompt_token_ids": _never,
     "service_tier": _is("auto", "default"),
     "speculation": _never,

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from girandole.api import completions
+from girandole.api import completions, structured
 from girandole.api.auth import require_api_key
 from girandole.api.body import read_body
 from girandole.api.disconnect import ClientDisconnected, unless_disconnected
@@ -57,6 +57,7 @@ async def create_completion(request: Request) -> Response:
     job = await completions.prepare(
         engine, req, request_id, req.model, state.context_length, request.headers
     )
+    await structured.apply_response_format(engine, req, job.choices)
     job.received = received
     headers = response_headers(request, request_id, job.sampling_options)
     try:

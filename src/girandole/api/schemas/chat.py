@@ -28,6 +28,13 @@ from girandole.api.schemas.common import (
     TopP,
     one_error,
 )
+from girandole.api.schemas.structured import (
+    FunctionCallChoice,
+    FunctionDef,
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+)
 
 
 class ImageURL(StrictModel):
@@ -108,6 +115,12 @@ class ChatCompletionRequest(SamplingFields):
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = None
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
     safe_tokenization: bool | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None  # deprecated: read as tools
+    function_call: FunctionCallChoice = None  # deprecated: read as tool_choice
+    response_format: ResponseFormat | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

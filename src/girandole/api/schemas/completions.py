@@ -14,15 +14,16 @@ from girandole.api.schemas.common import (
     MaxTokens,
     MinP,
     N,
+    SamplingFields,
     Seed,
     Stop,
-    SamplingFields,
     StreamOptions,
     Temperature,
     TopK,
     TopP,
     one_error,
 )
+from girandole.api.schemas.structured import ResponseFormat
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Annotated[
@@ -55,6 +56,7 @@ class CompletionRequest(SamplingFields):
     ignore_eos: bool | None = None
     user: str | None = None
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = None
+    response_format: ResponseFormat | None = None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts: strings or token-id lists."""

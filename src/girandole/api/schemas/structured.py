@@ -18,7 +18,10 @@ from pydantic import Field
 
 from girandole.api.schemas.common import StrictModel, one_error
 
-Schema = dict[str, Any] | bool
+Schema = Annotated[
+    dict[str, Any] | bool,
+    one_error("schema_type", "Input should be a JSON schema: an object or a boolean"),
+]
 
 
 class JSONSchemaFormat(StrictModel):

@@ -1,0 +1,194 @@
+"""Structured output without a server: response_format to grammars, schema checks, the tool-call
+prompt, schema, parser and stream (girandole.api.structured, girandole.api.tools)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from girandole.api.errors import APIError
+from girandole.api.schemas.chat import ChatCompletionRequest
+from girandole.api.schemas.structured import ResponseFormat, Tool
+from girandole.api.structured import check_schema, response_format_grammar
+from girandole.api.tools import (
+    ToolPlan,
+    ToolStream,
+    call_schema,
+    parse_calls,
+    plan_tools,
+    prompt_messages,
+    scan_calls,
+)
+from girandole.tokenizer.chat_template import GEMMA_TEMPLATE
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"]}}}  # fmt: skip
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {
+    "type": "object", "$defs": {"t": {"type": "string"}},
+    "properties": {"text": {"$ref": "#/$defs/t"}}}}}  # fmt: skip
+
+
+def rf(**kw) -> ResponseFormat:
+    return ResponseFormat.model_validate(kw)
+
+
+def test_response_format_grammars():
+    assert response_format_grammar(None) is None
+    assert response_format_grammar(rf(type="text")) is None
+    assert response_format_grammar(rf(type="json_object")).kind == "json_object"
+    schema = {"type": "object", "properties": {"z": {}, "a": {}}}
+    spec = response_format_grammar(rf(type="json_object", schema=schema))
+    assert spec.kind == "json_schema" and list(json.loads(spec.text)["properties"]) == ["z", "a"]
+    spec = response_format_grammar(
+        rf(type="json_schema", json_schema={"name": "x", "schema": schema})
+    )
+    assert spec.kind == "json_schema" and spec.describe() == spec.text
+    spec = response_format_grammar(rf(type="grammar", grammar='root ::= "a"'))
+    assert (spec.kind, spec.text) == ("gbnf", 'root ::= "a"')
+
+
+@pytest.mark.parametrize(
+    "schema,ok",
+    [
+        (
+            {"type": "object", "properties": {"not": {"type": "string"}}},
+            True,
+        ),  # a name, not a keyword
+        ({"type": "string", "format": "email", "title": "t", "x-vendor": 1}, True),
+        ({"allOf": [{"type": "integer"}]}, True),
+        ({"anyOf": [{"type": "integer"}, {"not": {}}]}, False),
+        ({"items": [{"type": "string"}, {"if": {}}]}, False),
+        ({"$defs": {"a": {"dependentRequired": {}}}}, False),
+        ({"allOf": [{"type": "integer"}, {"minimum": 1}]}, False),
+        ({"type": "array", "uniqueItems": False}, True),
+        ({"properties": []}, False),
+        (True, True),
+    ],
+)
+def test_check_schema(schema, ok):
+    if ok:
+        check_schema(schema, "p")
+    else:
+        with pytest.raises(APIError) as exc:
+            check_schema(schema, "p")
+        assert exc.value.param == "p"
+
+
+def _req(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    )
+
+
+def test_plan_tools():
+    assert plan_tools(_req(), GEMMA_TEMPLATE) is None
+    assert plan_tools(_req(tools=[], tool_choice="auto"), GEMMA_TEMPLATE) is None
+    plan = plan_tools(_req(tools=[ADD, NOTE]), GEMMA_TEMPLATE)
+    assert (plan.mode, plan.allowed, plan.grammar, plan.native) == (
+        "auto", ["add", "note"], None, False)  # fmt: skip
+    plan = plan_tools(_req(tools=[ADD, NOTE], tool_choice="any"), "{{ tools }}")
+    assert plan.mode == "required" and plan.parallel and plan.native
+    assert plan.grammar.kind == "json_schema"
+    plan = plan_tools(
+        _req(tools=[ADD, NOTE], tool_choice={"type": "function", "name": "note"}), None
+    )
+    assert plan.allowed == ["note"] and not plan.parallel
+    plan = plan_tools(_req(functions=[ADD["function"]], function_call={"name": "add"}), None)
+    assert plan.mode == "required" and plan.allowed == ["add"]
+    with pytest.raises(APIError):
+        plan_tools(_req(tools=[ADD], functions=[ADD["function"]]), None)
+
+
+def test_call_schema_moves_defs_and_validates():
+    jsonschema = pytest.importorskip("jsonschema")
+    tools = [Tool.model_validate(ADD), Tool.model_validate(NOTE)]
+    schema = call_schema(tools, parallel=True)
+    assert "note__t" in schema["$defs"]
+    good = [{"name": "add", "arguments": {"a": 1, "b": 2}},
+            [{"name": "note", "arguments": {"text": "x"}}]]  # fmt: skip
+    for value in good:
+        jsonschema.validate(value, schema)
+    for value in [{"name": "add", "arguments": {"a": 1}}, {"name": "note", "arguments": {"text": 1}},
+                  [], {"name": "sub", "arguments": {}}]:  # fmt: skip
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(value, schema)
+
+
+def test_prompt_messages_without_native_tools():
+    plan = plan_tools(_req(tools=[ADD]), GEMMA_TEMPLATE)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}},
+            {"id": "c2", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        {"role": "tool", "tool_call_id": "c2", "content": "0"},
+        {"role": "user", "content": "thanks"},
+    ]  # fmt: skip
+    out, tools = prompt_messages(messages, plan, GEMMA_TEMPLATE)
+    assert tools is None
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("Be brief.\n\nYou can call these functions:")
+    assert out[2]["content"] == (
+        '[{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {}}]'
+    )
+    assert out[3]["content"] == "Result of add (call c1): 5\n\nResult of add (call c2): 0\n\nthanks"
+    # a template that renders tools itself gets them, and the messages as they are
+    out, tools = prompt_messages(messages, plan, "{% for t in tools %}{% endfor %}")
+    assert out is messages and tools[0]["function"]["name"] == "add"
+
+
+def test_scan_and_parse_calls():
+    text = (
+        '[{"name": "add", "arguments": {"a": [1, "}"], "b": 2}}, {"name": "note", "arguments": {}}]'
+    )
+    spans = scan_calls(text)
+    assert [s.name for s in spans] == ["add", "note"]
+    assert text[spans[0].args_start : spans[0].args_end] == '{"a": [1, "}"], "b": 2}'
+    calls = parse_calls(text, ["add", "note"])
+    assert [(c.name, c.arguments) for c in calls] == [
+        ("add", '{"a": [1, "}"], "b": 2}'), ("note", "{}")]  # fmt: skip
+    assert parse_calls(text, ["add"]) is None  # note is not allowed
+    fenced = '```json\n{"name": "add", "parameters": {"a": 1}}\n```'
+    assert parse_calls(fenced, ["add"])[0].arguments == '{"a": 1}'
+    assert parse_calls('{"name": "add", "arguments": "{\\"a\\": 1}"}', ["add"])[0].arguments == (
+        '{"a": 1}')  # fmt: skip
+    for bad in ['Sure! {"name": "add"}', '{"name": "add", "arguments": 3}', "[]", '{"name": "add"',
+                '{"name": "add", "arguments": {}, "x": 1}']:  # fmt: skip
+        assert parse_calls(bad, ["add"]) is None, bad
+    partial = scan_calls('{"name": "add", "arguments": {"a": 1')
+    assert partial[0].name == "add" and partial[0].args_end is None
+
+
+def _plan(mode: str) -> ToolPlan:
+    return ToolPlan([], mode, ["add"], True, False)
+
+
+def _replay(stream: ToolStream, text: str, step: int = 3):
+    deltas = []
+    for i in range(0, len(text), step):
+        deltas += stream.feed(text[i : i + step])
+    tail, finish = stream.finish("stop")
+    return deltas + tail, finish
+
+
+def test_tool_stream():
+    call = '{"name": "add", "arguments": {"a": 12, "b": 3}}'
+    deltas, finish = _replay(ToolStream(_plan("required")), call)
+    assert finish == "tool_calls"
+    header = deltas[0]["tool_calls"][0]
+    assert header["function"] == {"name": "add", "arguments": ""} and header["id"]
+    args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:])
+    assert args == '{"a": 12, "b": 3}' and len(deltas) > 3
+    # auto: JSON-looking output is held back, then sent as a call or as content
+    deltas, finish = _replay(ToolStream(_plan("auto")), " " + call)
+    assert finish == "tool_calls" and len(deltas) == 2
+    deltas, finish = _replay(ToolStream(_plan("auto")), '{"x": 1}')
+    assert (deltas, finish) == ([{"content": '{"x": 1}'}], "stop")
+    deltas, finish = _replay(ToolStream(_plan("auto")), "Hello there")
+    assert "".join(d["content"] for d in deltas) == "Hello there" and len(deltas) > 1
+    deltas, _ = _replay(ToolStream(None), call)
+    assert "".join(d["content"] for d in deltas) == call
