@@ -372,110 +372,223 @@ ADAPTERS = {
 }
 
 
-def run_worker(engine_name: str, spec: dict) -> dict:
-    """Load one engine and run every measurement of the spec; return the JSON-able result."""
+def serve_worker(engine_name: str, spec: dict) -> int:
+    """Worker process: load one engine, then answer JSON commands, one a line, until "quit".
+
+    The protocol uses this process's original stdout; fd 1 is pointed at stderr so that what the
+    libraries print cannot corrupt it.
+    """
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+
     cls = ADAPTERS[engine_name]
-    res: dict = {"engine": engine_name, "version": cls.version(), "cells": {}, "skipped": {}}
-    t0 = time.perf_counter()
-    eng = cls(spec)
-    res["load_s"] = time.perf_counter() - t0
-    res["memory_after_load"] = eng.memory() if hasattr(eng, "memory") else rss_mib()
-    res["notes"] = list(eng.notes)
-    tag = f"[{engine_name}]"
-    log(f"{tag} loaded in {res['load_s']:.1f}s, {res['memory_after_load']}")
+    try:
+        t0 = time.perf_counter()
+        eng = cls(spec)
+        load_s = time.perf_counter() - t0
+        mem = eng.memory() if hasattr(eng, "memory") else rss_mib()
+        log(f"[{engine_name}] loaded in {load_s:.1f}s, {mem}")
+        # Warm-up: one short request and one small batch (first-call costs out of the way).
+        eng.decode(make_prompt(32, "warmup-decode"), 8)
+        eng.batch([make_prompt(64, f"warmup-batch-{i}") for i in range(2)], 4)
+        reply({"ok": True, "version": cls.version(), "load_s": load_s, "memory_after_load": mem,
+               "notes": list(eng.notes), "sequential": eng.sequential})  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        import traceback
 
-    # Warm-up: one short request and one small batch (first-call costs out of the way).
-    eng.decode(make_prompt(32, "warmup-decode"), 8)
-    eng.batch([make_prompt(64, f"warmup-batch-{i}") for i in range(2)], 4)
+        traceback.print_exc()
+        reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "quit":
+                break
+            if op == "decode":
+                out = eng.decode(cmd["prompt"], cmd["n"])
+            elif op == "prefill":
+                out = eng.prefill(cmd["prompt"])
+            elif op == "batch":
+                out = eng.batch(cmd["prompts"], cmd["n"])
+            elif op == "memory":
+                out = eng.memory() if hasattr(eng, "memory") else rss_mib()
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply({"ok": True, "result": out})
+        except Exception as exc:  # noqa: BLE001
+            import traceback
 
-    reps = spec["repeats"]
-    runs = []
-    for r in range(reps):
-        runs.append(
-            eng.decode(make_prompt(spec["decode_prompt_len"], f"decode-{r}"), spec["decode_tokens"])
-        )
-        log(f"{tag} decode rep {r}: {runs[-1]['tok_s']:.1f} tok/s")
-    res["cells"]["decode"] = {"runs": runs, "median_tok_s": median([x["tok_s"] for x in runs])}
-
-    runs = []
-    for r in range(reps):
-        runs.append(eng.prefill(make_prompt(spec["prefill_len"], f"prefill-{r}")))
-        log(f"{tag} prefill rep {r}: {runs[-1]['tok_s']:.1f} tok/s")
-    res["cells"]["prefill"] = {
-        "runs": runs,
-        "median_tok_s": median([x["tok_s"] for x in runs]),
-        "median_ttft_s": median([x["ttft_s"] for x in runs]),
-    }
-
-    max_conc = spec["max_concurrency"].get(engine_name)
-    for n in spec["concurrency"]:
-        key = f"batch{n}"
-        if max_conc is not None and n > max_conc:
-            res["skipped"][key] = (
-                f"skipped (> --{'hf' if engine_name == 'transformers' else 'llama'}-max-concurrency {max_conc})"
-            )
-            continue
-        cell_reps = reps
-        if n >= spec["big_cell"] and (eng.sequential or engine_name == "transformers"):
-            cell_reps = 1  # a sequential or very slow engine: one run of a long cell is enough
-        runs = []
-        for r in range(cell_reps):
-            prompts = [make_prompt(spec["input_len"], f"batch{n}-{r}-{i}") for i in range(n)]
-            runs.append(eng.batch(prompts, spec["output_len"]))
-            log(
-                f"{tag} {n} concurrent, rep {r}: {runs[-1]['tok_s']:.1f} tok/s ({runs[-1]['wall_s']:.1f}s)"
-            )
-        res["cells"][key] = {
-            "runs": runs,
-            "median_tok_s": median([x["tok_s"] for x in runs]),
-            "mode": "sequential" if eng.sequential else "batched",
-        }
-    res["memory_end"] = eng.memory() if hasattr(eng, "memory") else rss_mib()
+            traceback.print_exc()
+            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     if hasattr(eng, "stop"):
         eng.stop()
-    return res
+    return 0
 
 
-# --------------------------------------------------------------------------------------------
-# Driver
-# --------------------------------------------------------------------------------------------
+class WorkerProc:
+    """The driver's handle on one engine's worker subprocess."""
+
+    def __init__(self, name: str, spec: dict) -> None:
+        self.name = name
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        cmd = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+
+    def _read(self, timeout: float) -> dict:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.kill()
+            return {"ok": False, "error": f"timed out after {timeout:.0f}s"}
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"ok": False, "error": f"worker exited with {self.proc.wait()}"}
+        return json.loads(line)
+
+    def hello(self, timeout: float) -> dict:
+        return self._read(timeout)
+
+    def call(self, timeout: float, **cmd) -> dict:
+        if self.proc.poll() is not None:
+            return {"ok": False, "error": "worker is not running"}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def run_engine_subprocess(name: str, spec: dict, timeout: float) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out_path = f.name
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--spec",
-        json.dumps(spec),
-        "--out",
-        out_path,
-    ]
-    t0 = time.perf_counter()
+def plan_cells(spec: dict, engines: list[str]) -> list[tuple[str, str, int, dict]]:
+    """Every measurement as (engine, cell key, repeat, command), in run order.
+
+    Interleaved (default): for each cell and repeat, every engine in turn (the order rotating with
+    the repeat), so slow drifts in machine load hit all engines alike. Otherwise engine by engine.
+    """
+    reps = spec["repeats"]
+    cells: list[tuple[str, int, dict]] = []
+    for r in range(reps):
+        prompt = make_prompt(spec["decode_prompt_len"], f"decode-{r}")
+        cells.append(("decode", r, {"op": "decode", "prompt": prompt, "n": spec["decode_tokens"]}))
+    for r in range(reps):
+        cells.append(
+            (
+                "prefill",
+                r,
+                {"op": "prefill", "prompt": make_prompt(spec["prefill_len"], f"prefill-{r}")},
+            )
+        )
+    for n in spec["concurrency"]:
+        for r in range(reps):
+            prompts = [make_prompt(spec["input_len"], f"batch{n}-{r}-{i}") for i in range(n)]
+            cells.append(
+                (f"batch{n}", r, {"op": "batch", "prompts": prompts, "n": spec["output_len"]})
+            )
+    tasks = []
+    for key, r, cmd in cells:
+        for i in range(len(engines)):
+            name = engines[(i + r) % len(engines)]
+            tasks.append((name, key, r, cmd))
+    if not spec["interleave"]:
+        tasks.sort(key=lambda t: engines.index(t[0]))  # stable: keeps the cell order per engine
+    return tasks
+
+
+def skip_reason(spec: dict, name: str, key: str, rep: int, sequential: bool) -> str | None:
+    if not key.startswith("batch"):
+        return None
+    n = int(key[5:])
+    max_conc = spec["max_concurrency"].get(name)
+    if max_conc is not None and n > max_conc:
+        flag = "hf" if name == "transformers" else "llama"
+        return f"skipped (> --{flag}-max-concurrency {max_conc})"
+    if rep > 0 and n >= spec["big_cell"] and (sequential or name == "transformers"):
+        return "once"  # a sequential or very slow engine: one run of a long cell is enough
+    return None
+
+
+def run_all(spec: dict, engines: list[str], timeout: float) -> dict[str, dict]:
+    results: dict[str, dict] = {n: {"engine": n, "cells": {}, "skipped": {}} for n in engines}
+    workers: dict[str, WorkerProc] = {}
+    tasks = plan_cells(spec, engines)
+    last_task = {name: i for i, (name, *_rest) in enumerate(tasks)}
+
+    def start(name: str) -> WorkerProc | None:
+        if name not in workers:
+            log(f"--- starting {name} ---")
+            w = WorkerProc(name, spec)
+            hello = w.hello(timeout)
+            workers[name] = w
+            if not hello.get("ok"):
+                results[name]["error"] = hello.get("error", "?")
+                log(f"[{name}] failed to start: {results[name]['error']}")
+            else:
+                results[name].update({k: v for k, v in hello.items() if k != "ok"})
+        return workers[name] if "error" not in results[name] else None
+
     try:
-        proc = subprocess.run(cmd, env=env, timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        return {"engine": name, "error": f"timed out after {timeout:.0f}s"}
-    try:
-        text = Path(out_path).read_text()
-        Path(out_path).unlink()
-    except OSError:
-        text = ""
-    if rc != 0 or not text:
-        return {"engine": name, "error": f"worker exited with {rc}"}
-    res = json.loads(text)
-    res["elapsed_s"] = time.perf_counter() - t0
-    return res
+        if spec["interleave"]:
+            for name in engines:  # load them one at a time, before any measurement
+                start(name)
+        for i, (name, key, rep, cmd) in enumerate(tasks):
+            w = start(name)
+            if w is not None:
+                why = skip_reason(spec, name, key, rep, results[name].get("sequential", False))
+                if why and why != "once":
+                    results[name]["skipped"][key] = why
+                elif why is None:
+                    t0 = time.perf_counter()
+                    out = w.call(timeout, **cmd)
+                    c = results[name]["cells"].setdefault(key, {"runs": []})
+                    if not out.get("ok"):
+                        c.setdefault("errors", []).append(out.get("error"))
+                        log(f"[{name}] {key} rep {rep}: ERROR {out.get('error')}")
+                    else:
+                        c["runs"].append(out["result"])
+                        log(f"[{name}] {key} rep {rep}: {out['result']['tok_s']:.1f} tok/s "
+                            f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+            if last_task[name] == i and name in workers:
+                if "error" not in results[name]:
+                    mem = workers[name].call(60, op="memory")
+                    results[name]["memory_end"] = mem.get("result") or {}
+                workers[name].close()
+    finally:
+        for w in workers.values():
+            w.kill()
+
+    for r in results.values():
+        for key, c in r["cells"].items():
+            c["median_tok_s"] = median([x["tok_s"] for x in c["runs"]])
+            if key == "prefill":
+                c["median_ttft_s"] = median([x["ttft_s"] for x in c["runs"]])
+            if key.startswith("batch"):
+                c["mode"] = "sequential" if r.get("sequential") else "batched"
+    return results
 
 
 def cell(res: dict, key: str, field: str = "median_tok_s") -> float | None:
@@ -570,7 +683,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra EngineConfig field for girandole, e.g. max_num_batched_tokens=1024",
     )
-    p.add_argument("--timeout", type=float, default=1200, help="seconds per engine subprocess")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per load or measurement")
+    p.add_argument(
+        "--one-engine-at-a-time",
+        action="store_true",
+        help="run all cells of one engine, stop it, then the next (default: all engines loaded "
+        "at once and every cell run on each in turn, so load drifts hit them alike)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -579,7 +698,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -595,9 +713,7 @@ def _value(text: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        res = run_worker(args.worker, json.loads(args.spec))
-        Path(args.out).write_text(json.dumps(res))
-        return 0
+        return serve_worker(args.worker, json.loads(args.spec))
 
     if args.quick:
         args.repeats = min(args.repeats, 1)
@@ -649,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_ctx": 1 << (need_ctx - 1).bit_length(),
         "girandole_opts": girandole_opts,
         "llama_server_bin": args.llama_server_bin,
+        "interleave": not args.one_engine_at_a_time,
     }
 
     header = machine_lines()
@@ -659,14 +776,9 @@ def main(argv: list[str] | None = None) -> int:
         log(line)
     log(f"load average before: {load_before}")
 
-    results: dict[str, dict] = {}
     t_start = time.perf_counter()
     with LoadSampler() as sampler:
-        for name in engines:
-            log(f"--- {name} ---")
-            results[name] = run_engine_subprocess(name, spec, args.timeout)
-            if "error" in results[name]:
-                log(f"{name}: {results[name]['error']}")
+        results = run_all(spec, engines, args.timeout)
     load_after = loadavg()
 
     print()
@@ -686,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {r['version']}; " + "; ".join(r.get("notes", [])))
         for key, why in r.get("skipped", {}).items():
             print(f"  - {key}: {why}")
+        for key, c in r.get("cells", {}).items():
+            for err in c.get("errors", []):
+                print(f"  - {key}: ERROR {err}")
     print("- (seq.): the engine served the N requests one after another (no batching);")
     print("  decode excludes prefill (first token to last); prefill = prompt tokens / TTFT;")
     print("  concurrent cells: total output tokens / wall time, prefill included.")
