@@ -4,14 +4,16 @@
     .venv/bin/python benchmarks/bench_server.py --quick    # 1/4/16 clients
     .venv/bin/python benchmarks/bench_server.py --servers girandole --concurrency 16
 
-The script starts each server itself on a free 127.0.0.1 port (same GGUF, 2 threads), waits until
-it is ready, sends one warm-up request, then for each concurrency N runs N streaming clients
+The script starts each server itself on a free 127.0.0.1 port (same GGUF, 2 threads), one after
+the other, waits until it is ready and sends one warm-up request; then for each concurrency N, on
+each server in turn (the order rotating from cell to cell, so load drifts on a shared machine hit
+both alike; only one server is under load at a time), it runs N streaming clients
 (httpx, asyncio) that together send max(N * --rounds, --min-requests) completions: about
 --prompt-tokens tokens of random English words (a different prompt each, so no prefix-cache
 hits), --max-tokens output tokens, greedy, ignore_eos. It reports per cell: total output tok/s
 (all output tokens / wall time of the cell), TTFT p50/p99 (request sent to first text chunk),
 inter-token latency p50/p99 (gaps between streamed text chunks, all requests pooled) and TPOT
-p50 ((end - first chunk) / (tokens - 1) per request); then it stops the server.
+p50 ((end - first chunk) / (tokens - 1) per request). It stops the servers at the end.
 
 llama.cpp's server: the `llama-server` binary (built from the llama-cpp-python source package by
 benchmarks/build_llama_server.sh; found via --llama-server-bin, $LLAMA_SERVER_BIN, next to this
@@ -331,44 +333,59 @@ async def run_cell(client, server: Server, n_clients: int, n_requests: int, args
     }
 
 
-async def bench_server(server: Server, args) -> dict:
+async def bench_servers(servers: list[Server], args) -> dict[str, dict]:
+    """Start every server, then run each concurrency cell on each server in turn (the order
+    rotating), so drifts in machine load hit them alike; stop them all at the end."""
     import httpx
 
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    res: dict = {"server": server.name, "notes": server.notes, "cells": {}}
+    results = {s.name: {"server": s.name, "notes": s.notes, "cells": {}} for s in servers}
+    live: list[Server] = []
     async with httpx.AsyncClient(
         limits=limits, timeout=httpx.Timeout(args.request_timeout)
     ) as client:
-        server.start()
         try:
-            res["version"] = server.version()
-            res["startup_s"] = await server.wait_ready(client, args.startup_timeout)
-            res["pid"] = server.proc.pid
-            log(f"[{server.name}] ready in {res['startup_s']:.1f}s (model {server.model})")
-            warm = await one_request(client, server, make_text_prompt(32, "warmup"), 8)
-            if "error" in warm:
-                raise RuntimeError(f"warm-up request failed: {warm['error']}")
-            res["memory_after_warmup"] = proc_rss_mib(server.proc.pid)
-            for n in args.concurrency_list:
+            for server in servers:  # one at a time: loading is CPU-heavy
+                res = results[server.name]
+                server.start()
+                try:
+                    res["version"] = server.version()
+                    res["startup_s"] = await server.wait_ready(client, args.startup_timeout)
+                    res["pid"] = server.proc.pid
+                    log(f"[{server.name}] ready in {res['startup_s']:.1f}s (model {server.model})")
+                    warm = await one_request(client, server, make_text_prompt(32, "warmup"), 8)
+                    if "error" in warm:
+                        raise RuntimeError(f"warm-up request failed: {warm['error']}")
+                    res["memory_after_warmup"] = proc_rss_mib(server.proc.pid)
+                    live.append(server)
+                except Exception as exc:  # noqa: BLE001
+                    res["error"] = f"{type(exc).__name__}: {exc}"
+                    log(f"[{server.name}] ERROR {res['error']}")
+                    server.stop()
+            for i, n in enumerate(args.concurrency_list):
                 n_requests = max(n * args.rounds, args.min_requests)
-                cell = await run_cell(client, server, n, n_requests, args, f"c{n}")
-                res["cells"][str(n)] = cell
-                log(
-                    f"[{server.name}] {n} clients, {n_requests} requests: {fmt(cell['tok_s'])} tok/s, "
-                    f"TTFT p50 {fmt(cell['ttft_p50'], 2)}s, ITL p50 {fmt(1000 * (cell['itl_p50'] or 0))}ms"
-                    + (
-                        f", {cell['num_errors']} errors: {cell['errors'][:1]}"
-                        if cell["num_errors"]
-                        else ""
+                order = live[i % len(live) :] + live[: i % len(live)] if live else []
+                if args.fixed_order:
+                    order = live
+                for server in order:
+                    cell = await run_cell(client, server, n, n_requests, args, f"c{n}")
+                    results[server.name]["cells"][str(n)] = cell
+                    log(
+                        f"[{server.name}] {n} clients, {n_requests} requests: "
+                        f"{fmt(cell['tok_s'])} tok/s, TTFT p50 {fmt(cell['ttft_p50'], 2)}s, "
+                        f"ITL p50 {fmt(1000 * (cell['itl_p50'] or 0))}ms"
+                        + (
+                            f", {cell['num_errors']} errors: {cell['errors'][:1]}"
+                            if cell["num_errors"]
+                            else ""
+                        )
                     )
-                )
-            res["memory_end"] = proc_rss_mib(server.proc.pid)
-        except Exception as exc:  # noqa: BLE001
-            res["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"[{server.name}] ERROR {res['error']}")
+            for server in live:
+                results[server.name]["memory_end"] = proc_rss_mib(server.proc.pid)
         finally:
-            server.stop()
-    return res
+            for server in servers:
+                server.stop()
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +473,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="clients 1,4,16")
+    p.add_argument(
+        "--fixed-order",
+        action="store_true",
+        help="same server order in every cell (default: the order rotates cell by cell)",
+    )
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     return p.parse_args(argv)
 
@@ -502,12 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in header:
         log(line)
     load_before = loadavg()
-    results: dict[str, dict] = {}
     t0 = time.perf_counter()
     try:
         with LoadSampler() as sampler:
-            for server in servers:
-                results[server.name] = asyncio.run(bench_server(server, args))
+            results = asyncio.run(bench_servers(servers, args))
     finally:
         for server in servers:
             server.stop()
