@@ -218,13 +218,8 @@ async def aborted_request(port: int, key: str, path: str, body: dict, rng: rando
             pass
 
 
-async def run_load(args, url: str, port: int, key: str, model: str, tally: Tally, on_warm) -> None:
-    rng = random.Random(args.seed)
-    plan = [
-        (rng.random() < args.abort_rate, *random_body(rng, model)) for _ in range(args.requests)
-    ]
+async def run_load(args, url: str, port: int, key: str, plan: list, tally: Tally) -> None:
     next_index = 0
-    warm_at = max(1, args.requests // 4)
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
@@ -236,8 +231,6 @@ async def run_load(args, url: str, port: int, key: str, model: str, tally: Tally
                 abort, path, body = plan[next_index]
                 next_index += 1
                 tally.sent += 1
-                if tally.sent == warm_at:
-                    on_warm()
                 if abort:
                     how = await aborted_request(port, key, path, body, wrng)
                     tally.aborted += 1
@@ -246,6 +239,19 @@ async def run_load(args, url: str, port: int, key: str, model: str, tally: Tally
                     await normal_request(client, url, headers, path, body, tally)
 
         await asyncio.gather(*(worker(i) for i in range(args.clients)))
+
+
+def wait_idle(url: str, timeout: float = 60) -> tuple[bool, dict]:
+    """Wait until nothing runs and no KV block is in use; (whether it got there, engine stats)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        engine = httpx.get(url + "/health", timeout=10).json()["engine"]
+        idle = engine["num_running"] == 0 and engine["num_waiting"] == 0
+        if idle and engine["kv_blocks_used"] == 0:
+            return True, engine
+        if time.monotonic() > deadline:
+            return False, engine
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -281,23 +287,19 @@ def main() -> int:
         server = psutil.Process(proc.pid)
         rss: dict[str, float] = {"start": server.memory_info().rss}
 
-        def on_warm() -> None:
-            rss["warm"] = server.memory_info().rss
-
+        rng = random.Random(args.seed)
+        plan = [
+            (rng.random() < args.abort_rate, *random_body(rng, model)) for _ in range(args.requests)
+        ]
+        warm = max(args.clients, args.requests // 4)  # warm-up: then RSS is sampled
         tally = Tally()
         start = time.monotonic()
-        asyncio.run(run_load(args, url, port, key_info["key"], model, tally, on_warm))
+        asyncio.run(run_load(args, url, port, key_info["key"], plan[:warm], tally))
+        wait_idle(url)
+        rss["warm"] = server.memory_info().rss
+        asyncio.run(run_load(args, url, port, key_info["key"], plan[warm:], tally))
         elapsed = time.monotonic() - start
-
-        # idle: nothing running, KV blocks back to zero
-        deadline = time.monotonic() + 60
-        while True:
-            health = httpx.get(url + "/health", timeout=10).json()
-            engine = health["engine"]
-            idle = engine["num_running"] == 0 and engine["num_waiting"] == 0
-            if idle and engine["kv_blocks_used"] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        idle, engine = wait_idle(url)
         rss["end"] = server.memory_info().rss
         # usage rows: one per request sent
         deadline = time.monotonic() + 30
@@ -317,7 +319,7 @@ def main() -> int:
     growth = (rss["end"] - rss.get("warm", rss["start"])) / rss.get("warm", rss["start"])
     checks = {
         "every non-aborted request completed correctly": not tally.wrong,
-        "engine idle, KV blocks in use back to 0": idle and engine["kv_blocks_used"] == 0,
+        "engine idle, KV blocks in use back to 0": idle,
         f"memory flat after warm-up (RSS growth {growth:+.1%} <= {args.rss_slack:.0%})": growth
         <= args.rss_slack,
         f"usage rows ({rows}) == requests sent ({tally.sent})": rows == tally.sent,
