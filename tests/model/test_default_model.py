@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_helpers import paged_greedy
 
-from girandole.model.evaluate import compare, teacher_forced
+from girandole.model.evaluate import TeacherForced, compare, teacher_forced
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,8 @@ def prose_ids():
 
 def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids):
     """Teacher-forced over ~2,700 tokens: top-1 agreement >= 97 %, perplexity within 3 %,
-    both for the prefill path (many rows: bf16 matmuls) and the decode path (packed kernels)."""
+    for the prefill path (many rows: bf16 matmuls), and for the decode path (packed kernels)
+    on the first text (~1,070 tokens; the benchmark reports it on both)."""
     import girandole.model.quant as quant
 
     ref = teacher_forced(default_reference[0], prose_ids)
@@ -120,7 +121,9 @@ def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids)
     saved = quant.DENSE_MIN_ROWS
     quant.DENSE_MIN_ROWS = 1 << 30  # force the decode-path kernels for every row count
     try:
-        decode = compare(ref, teacher_forced(default_fast[0], prose_ids, chunk=16))
+        n = len(prose_ids[0]) - 1  # the reference run's entries for the first text
+        first = TeacherForced(ref.nll[:n], ref.top1[:n])
+        decode = compare(first, teacher_forced(default_fast[0], prose_ids[:1], chunk=16))
     finally:
         quant.DENSE_MIN_ROWS = saved
     for stats in (prefill, decode):
