@@ -145,6 +145,7 @@ def test_hostile_bodies_get_no_5xx(open_server):
     r = httpx.post(
         open_server.url + "/v1/completions",
         json={"model": "accounts/testing/models/tiny-eos", "prompt": "hi", "max_tokens": 2},
+        timeout=120,
     )
     assert r.status_code == 200  # still serving
 
@@ -186,6 +187,6 @@ def test_ten_megabyte_prompts_are_refused_quickly(server):
     assert time.monotonic() - start < 60  # refused before tokenizing (10 MB: ~10 s a prompt)
     ok = httpx.post(
         server.url + "/v1/completions", headers=server.headers,
-        json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=120,
     )  # fmt: skip
     assert ok.status_code == 200

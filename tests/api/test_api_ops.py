@@ -118,7 +118,7 @@ def test_key_reaches_only_its_accounts_models(guarded):
     assert httpx.get(guarded.url + f"/v1/models/{MODEL}", headers=bob).status_code == 404
     r = httpx.post(
         guarded.url + "/v1/chat/completions", headers=bob,
-        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, timeout=60,
     )  # fmt: skip
     assert r.status_code == 404
 
@@ -227,6 +227,7 @@ def test_metrics_ready_and_request_ids(guarded):
             guarded.url + "/v1/completions",
             json={"model": MODEL, "prompt": "x", "max_tokens": 1},
             headers={"x-request-id": "trace-123", **({"Authorization": f"Bearer {key}"} if key else {})},
+            timeout=60,
         )  # fmt: skip
         assert r.headers["x-request-id"] == "trace-123"
     time.sleep(0.2)
