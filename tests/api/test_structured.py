@@ -1,0 +1,474 @@
+"""Structured output on the real default model: response_format (JSON schema, JSON object, GBNF)
+on /completions and /chat/completions, tool calls through the openai client, and the 400s.
+
+Requests go out concurrently (a few batches), so the engine decodes constrained and free rows
+in the same batches. Strings in the schemas have a maxLength so every output is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from api_helpers import API_KEY, MODEL, post
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+S = {"type": "string", "maxLength": 16}
+
+
+def _schemas() -> list[tuple[str, dict]]:
+    """50 schemas: ten families (nested objects, arrays, enums, ranges, optional fields, unions,
+    $ref, tuples...) in five variants each."""
+    out = []
+    colors = ["red", "green", "blue", "black", "white", "amber", "teal"]
+    for v in range(5):
+        lo, hi = -5 * v, 10 + 20 * v
+        enum = colors[v : v + 3]
+        out += [
+            (
+                "a person",
+                {
+                    "type": "object",
+                    "properties": {"name": S, "age": {"type": "integer", "minimum": 0,
+                                                      "maximum": 100 + v}},
+                    "required": ["name", "age"],
+                    "additionalProperties": False,
+                },
+            ),
+            (
+                "a product colour and size",
+                {
+                    "type": "object",
+                    "properties": {
+                        "color": {"type": "string", "enum": enum},
+                        "size": {"enum": ["S", "M", "L", v]},
+                    },
+                    "required": ["color", "size"],
+                },
+            ),
+            (
+                "a measurement",
+                {
+                    "type": "object",
+                    "properties": {
+                        "value": {"type": "integer", "minimum": lo, "maximum": hi},
+                        "ratio": {"type": "number", "minimum": 0, "maximum": 1 + v},
+                        "unit": {"const": "cm"},
+                    },
+                    "required": ["value", "ratio", "unit"],
+                },
+            ),
+            (
+                "a shipping address",
+                {
+                    "type": "object",
+                    "properties": {
+                        "to": S,
+                        "address": {
+                            "type": "object",
+                            "properties": {
+                                "city": S,
+                                "zip": {"type": "string", "pattern": "[0-9]{5}"},
+                                "geo": {
+                                    "type": "object",
+                                    "properties": {"lat": {"type": "integer", "minimum": -90,
+                                                           "maximum": 90},
+                                                   "lon": {"type": "integer", "minimum": -180,
+                                                           "maximum": 180}},
+                                    "required": ["lat", "lon"],
+                                },
+                            },
+                            "required": ["city", "zip"] + (["geo"] if v % 2 else []),
+                        },
+                    },
+                    "required": ["to", "address"],
+                },
+            ),
+            (
+                "a shopping list",
+                {
+                    "type": "object",
+                    "properties": {
+                        "items": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"name": S, "qty": {"type": "integer",
+                                                                  "minimum": 1, "maximum": 9}},
+                                "required": ["name", "qty"],
+                            },
+                            "minItems": 1,
+                            "maxItems": 1 + v % 3,
+                        }
+                    },
+                    "required": ["items"],
+                },
+            ),
+            (
+                "a user profile",
+                {
+                    "type": "object",
+                    "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                                   "nick": S, "bio": S, "admin": {"type": "boolean"}},
+                    "required": ["id"] if v % 2 else ["id", "admin"],
+                },
+            ),
+            (
+                "a flag and an optional note",
+                {
+                    "type": "object",
+                    "properties": {"ok": {"type": "boolean"},
+                                   "note": {"type": ["string", "null"], "maxLength": 12}},
+                    "required": ["ok", "note"],
+                },
+            ),
+            (
+                "a value that is a number or a word",
+                {
+                    "type": "object",
+                    "properties": {"value": {"anyOf": [{"type": "integer", "minimum": 0,
+                                                        "maximum": 99}, S]},
+                                   "kind": {"enum": ["a", "b"]}},
+                    "required": ["value", "kind"],
+                },
+            ),
+            (
+                "a small tree",
+                {
+                    "$defs": {"leaf": {"type": "object", "properties": {"label": S},
+                                       "required": ["label"]}},
+                    "type": "object",
+                    "properties": {"root": {"$ref": "#/$defs/leaf"},
+                                   "children": {"type": "array", "items": {"$ref": "#/$defs/leaf"},
+                                                "maxItems": 2}},
+                    "required": ["root", "children"],
+                },
+            ),
+            (
+                "a point and tags",
+                {
+                    "type": "object",
+                    "properties": {
+                        "point": {"type": "array",
+                                  "prefixItems": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                  {"type": "integer", "minimum": 0, "maximum": 9}],
+                                  "items": False, "minItems": 2},
+                        "tags": {"type": "array", "items": {"enum": enum}, "minItems": v % 2,
+                                 "maxItems": 3},
+                    },
+                    "required": ["point", "tags"],
+                },
+            ),
+        ]  # fmt: skip
+    return out
+
+
+SCHEMAS = _schemas()
+
+
+def _body(i: int, what: str, schema: dict) -> tuple[str, dict]:
+    common = {"model": MODEL, "max_tokens": 300, "temperature": 0.7, "seed": i}
+    if i % 2:  # chat, the json_schema form
+        return CHAT, {
+            **common,
+            "messages": [{"role": "user", "content": f"Give me {what} as JSON."}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": f"s{i}", "schema": schema}},
+        }  # fmt: skip
+    # completions, the legacy json_object + schema form
+    return "/v1/completions", {
+        **common,
+        "prompt": f"Here is {what} as JSON: ",
+        "response_format": {"type": "json_object", "schema": schema},
+    }
+
+
+async def _send_all(server, requests: list[tuple[str, dict]], batch: int) -> list[dict]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    out: list[dict] = []
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=600) as client:
+        for start in range(0, len(requests), batch):
+            part = requests[start : start + batch]
+            rs = await asyncio.gather(*(client.post(p, json=b) for p, b in part))
+            for r in rs:
+                assert r.status_code == 200, r.text
+                out.append(r.json())
+    return out
+
+
+def _output(body: dict) -> tuple[str, str]:
+    choice = body["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return text, choice["finish_reason"]
+
+
+@pytest.mark.timeout(1200)  # one batch of 50 short outputs: about a minute on a quiet machine
+def test_fifty_json_schemas_validate(server):
+    assert len(SCHEMAS) == 50
+    requests = [_body(i, what, schema) for i, (what, schema) in enumerate(SCHEMAS)]
+    bodies = asyncio.run(_send_all(server, requests, batch=50))
+    for (what, schema), body in zip(SCHEMAS, bodies):
+        text, finish = _output(body)
+        assert finish == "stop", (what, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+GBNF = {
+    "arithmetic": (
+        'root ::= num (" " op " " num){1,3}\nop ::= "+" | "-" | "*" | "/"\nnum ::= [1-9] [0-9]{0,2}',
+        r"[1-9][0-9]{0,2}( [-+*/] [1-9][0-9]{0,2}){1,3}",
+        "Write an arithmetic expression: ",
+    ),
+    "list": (
+        'root ::= item ("\\n" item){0,3}\nitem ::= "- " [a-z]{1,12}',
+        r"- [a-z]{1,12}(\n- [a-z]{1,12}){0,3}",
+        "A shopping list:\n",
+    ),
+    "answers": (
+        'root ::= "yes" | "no" | "maybe"',
+        r"yes|no|maybe",
+        "Is the sky blue? Answer: ",
+    ),
+}
+
+
+def test_gbnf_grammars_and_a_mixed_batch(server):
+    """GBNF outputs lie in their grammar; free requests decode beside them in the same batches."""
+    requests = []
+    for grammar, _, prompt in GBNF.values():
+        for seed in range(4):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 60, "temperature": 1.0,
+                    "seed": seed, "response_format": {"type": "grammar", "grammar": grammar}}  # fmt: skip
+            requests.append(("/v1/completions", body))
+    free = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True,
+            "temperature": 0}  # fmt: skip
+    json_chat = {"model": MODEL, "max_tokens": 200, "messages": [{"role": "user", "content": "Hi"}],
+                 "response_format": {"type": "json_object"}}  # fmt: skip
+    mixed = [("/v1/completions", free)] * 3 + [(CHAT, json_chat)] * 2
+    bodies = asyncio.run(_send_all(server, requests + mixed, batch=len(requests) + len(mixed)))
+    k = 0
+    for name, (_, pattern, _) in GBNF.items():
+        for _ in range(4):
+            text, finish = _output(bodies[k])
+            k += 1
+            assert re.fullmatch(pattern, text), (name, text)
+            assert finish == "stop", (name, text)
+    free_texts = set()
+    for body in bodies[k : k + 3]:
+        text, finish = _output(body)
+        assert finish == "length" and body["usage"]["completion_tokens"] == 24
+        free_texts.add(text)
+    assert len(free_texts) == 1  # greedy free rows agree whatever their neighbours' masks
+    for body in bodies[k + 3 :]:
+        text, finish = _output(body)
+        assert finish == "stop" and isinstance(json.loads(text), dict), text
+
+
+def test_raw_output_shows_the_grammar(server):
+    grammar = 'root ::= "yes" | "no"'
+    r = post(server, {"messages": [{"role": "user", "content": "Yes?"}], "raw_output": True,
+                      "response_format": {"type": "grammar", "grammar": grammar}}, path=CHAT)  # fmt: skip
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] in ("yes", "no")
+    assert choice["raw_output"]["grammar"] == grammar
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20},
+                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}  # fmt: skip
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer", "minimum": -999, "maximum": 999},
+                           "b": {"type": "integer", "minimum": -999, "maximum": 999}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}  # fmt: skip
+TOOLS = [WEATHER, ADD]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/inference/v1", api_key=API_KEY, max_retries=0)
+
+
+def _check_call(call, names=("get_weather", "add")) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+def test_tool_call_required_and_named(client):
+    """Forced calls (sent concurrently): required without parallel calls, a named function, the
+    flat allowed_tools form, and `any` with parallel calls (one call or an array)."""
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    add = [{"role": "user", "content": "Add 2 and 3."}]
+    cases = [
+        (weather, "required", {"parallel_tool_calls": False}, ("get_weather", "add")),
+        (add, {"type": "function", "function": {"name": "add"}}, {}, ("add",)),
+        (add, {"type": "allowed_tools", "allowed_tools": {"mode": "required",
+                                                          "tools": [{"type": "function",
+                                                                     "name": "get_weather"}]}},
+         {}, ("get_weather",)),
+        (add, "any", {}, ("get_weather", "add")),
+    ]  # fmt: skip
+
+    def send(case):
+        messages, tool_choice, extra, _ = case
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice,
+            max_tokens=150, seed=1, **extra,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(send, cases))
+    for (_, tool_choice, extra, names), r in zip(cases, responses):
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", (tool_choice, choice)
+        assert choice.message.content is None and choice.message.tool_calls
+        if extra or isinstance(tool_choice, dict) and tool_choice["type"] == "function":
+            assert len(choice.message.tool_calls) == 1  # no parallel calls
+        for call in choice.message.tool_calls:
+            _check_call(call, names)
+
+
+def test_tool_call_stream(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
+        tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=120, stream=True, temperature=0,
+    )  # fmt: skip
+    calls: dict[int, dict] = {}
+    finish = None
+    fragments = 0
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        for tc in delta.tool_calls or []:
+            if tc.id is not None:  # the header fragment: id, type and name, first
+                assert tc.index not in calls and tc.function.name == "get_weather"
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+            fragments += 1
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert fragments > 2  # the arguments arrive as several fragments
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
+
+
+def test_tool_auto_detects_a_call_and_results_go_back(client):
+    # auto: free decoding, a call recognised in the output. Here response_format forces the
+    # output into the call format, so the detection has something to recognise.
+    call_format = {"type": "object", "properties": {"name": {"const": "add"},
+                                                    "arguments": PARAMS["add"]},
+                   "required": ["name", "arguments"]}  # fmt: skip
+    ask = [{"role": "user", "content": "Add 2 and 3."}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=TOOLS, max_tokens=100, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": call_format}},
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    _check_call(call, ("add",))
+    # the call and its result go back through the template; tool_choice none: plain content
+    history = ask + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "5"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=history, tools=TOOLS, tool_choice="none", max_tokens=8,
+        extra_body={"raw_output": True},
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None
+    prompt = "".join(f for f in choice.model_extra["raw_output"]["prompt_fragments"]
+                     if isinstance(f, str))  # fmt: skip
+    assert f"Result of add (call {call.id}): 5" in prompt
+    assert "You can call these functions" not in prompt  # none: the tools are not described
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+U1 = {"role": "user", "content": "Hi"}
+BAD = [
+    ({"prompt": "x", "response_format": {"type": "json_object", "schema": {"type": "strnig"}}},
+     "response_format", "Unsupported type"),
+    ({"prompt": "x", "response_format": {"type": "json_object",
+                                         "schema": {"type": "object", "properties": {
+                                             "a": {"type": "string", "pattern": "(open"}}}}},
+     "response_format", "Regex"),
+    ({"prompt": "x", "response_format": {"type": "json_object", "schema": {
+        "type": "object", "properties": {"a": {"if": {}, "then": {}}}}}},
+     "response_format.schema", "Unsupported JSON schema keyword if at '/properties/a/if'"),
+    ({"prompt": "x", "response_format": {"type": "json_object",
+                                         "schema": {"type": "array", "uniqueItems": True}}},
+     "response_format.schema", "uniqueItems"),
+    ({"prompt": "x", "response_format": {"type": "json_object", "schema": [1]}},
+     "response_format.schema", None),
+    ({"prompt": "x", "response_format": {"type": "grammar", "grammar": "root ::= foo"}},
+     "response_format", 'Rule "foo" is not defined'),
+    ({"prompt": "x", "response_format": {"type": "grammar", "grammar": 'root ::= "a" |'}},
+     "response_format", "EBNF parser error"),
+    ({"prompt": "x", "response_format": {"type": "grammar"}}, "response_format.grammar", None),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type", None),
+    ({"messages": [U1], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "format": "ssn"}}}},
+     "response_format.json_schema.schema", "format 'ssn'"),
+    ({"messages": [U1], "tools": [ADD], "tool_choice": {"type": "function",
+                                                       "function": {"name": "nope"}}},
+     "tool_choice", "nope"),
+    ({"messages": [U1], "tool_choice": "required"}, "tool_choice", None),
+    ({"messages": [U1], "tools": [ADD], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format", None),
+    ({"messages": [U1], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"not": {}}}}}}]},
+     "tools.0.function.parameters", None),
+    ({"messages": [U1], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]}, "tools.0.function.parameters", None),
+    ({"messages": [U1], "tools": [ADD, ADD]}, "tools", "unique"),
+    ({"messages": [U1], "tools": [{"type": "web_search", "function": {"name": "f"}}]},
+     "tools.0.type", None),
+    ({"messages": [U1], "tools": [ADD], "tool_choice": "sometimes"}, "tool_choice", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body,param,text", BAD, ids=[p for _, p, _ in BAD])
+def test_bad_structured_requests_are_400(server, body, param, text):
+    path = CHAT if "messages" in body else "/v1/completions"
+    r = post(server, {"max_tokens": 4, **body}, path=path)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    if text:
+        assert text in error["message"], error
