@@ -436,7 +436,6 @@ def test_chat_cached_tokens(server):
 # -- determinism -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="engine batch invariance")
 def test_seeded_request_alone_and_beside_30_others(server):
     target = {"model": MODEL, "prompt": "The weather today", "max_tokens": 8, "seed": 1234,
               "temperature": 0.9, "top_k": 40, "logprobs": True, "top_logprobs": 2}  # fmt: skip
