@@ -7,6 +7,11 @@ of words; and a mixed batch (half free, half JSON). Every row runs exactly --tok
 (ignore_eos; the grammars never complete), the prefill step is left out, and the table gives the
 median decode-step time and its overhead over free decoding at the same batch size.
 
+Step times swing with machine load, so a second table times the grammar work alone, as the
+engine does it each step: filling every constrained row's bitmask (xgrammar) and applying the
+masks to the [batch, vocab] logits, with each row's matcher inside a JSON string (the widest
+mask) or between GBNF words. That cost is the per-token overhead, whatever the model costs.
+
     .venv/bin/python benchmarks/bench_grammar.py [--batch 1,4,16] [--tokens 48] [--repeats 3]
 """
 
@@ -23,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_text_prompt  # noqa: E402
 
 from girandole import LLM, SamplingParams  # noqa: E402
-from girandole.sampling.grammar import GrammarSpec  # noqa: E402
+from girandole.sampling.grammar import (  # noqa: E402
+    GrammarSpec,
+    SequenceGrammar,
+    allocate_bitmask,
+    apply_bitmask,
+)
 
 JSON = GrammarSpec.json_schema(
     '{"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}'
@@ -60,6 +70,30 @@ def step_times(llm: LLM, batch: int, tokens: int, grammar_of, key: str) -> list[
     return times
 
 
+def mask_times(llm: LLM, batch: int, spec: GrammarSpec, prefix: str, repeats: int) -> float:
+    """Median ms of one step's grammar work (fill each row's bitmask, apply them) at `batch`."""
+    import torch
+
+    compiled = llm.engine.grammars.compile(spec)
+    vocab = llm.engine.model_config.vocab_size
+    rows = []
+    for _ in range(batch):
+        g = SequenceGrammar(compiled, spec)
+        for token in llm.tokenizer.encode(prefix, add_bos=False):
+            assert g.accept(token), (prefix, token)
+        rows.append(g)
+    bitmask = allocate_bitmask(batch, vocab)
+    logits = torch.randn(batch, vocab)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i, g in enumerate(rows):
+            g.fill_bitmask(bitmask, i)
+        apply_bitmask(logits, bitmask, list(range(batch)))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: the default model)")
@@ -88,6 +122,16 @@ def main() -> None:
             f"{(medians[n] - free) / batch:+.2f} ms/token)"
             for n in list(MODES)[1:]
         ]
+        print(f"| {batch} | {' | '.join(cells)} |", flush=True)
+    print()
+    print("grammar work per decode step alone, median ms (per row)")
+    print("| batch | json, inside a string | gbnf, after a word |")
+    print("|---|---|---|")
+    for batch in (int(b) for b in args.batch.split(",")):
+        cells = []
+        for spec, prefix in ((JSON, '{"text": "The'), (GBNF, "Once upon")):
+            ms = mask_times(llm, batch, spec, prefix, 50)
+            cells.append(f"{ms:.3f} ({ms / batch:.3f})")
         print(f"| {batch} | {' | '.join(cells)} |", flush=True)
 
 
