@@ -192,3 +192,12 @@ def test_tool_stream():
     assert "".join(d["content"] for d in deltas) == "Hello there" and len(deltas) > 1
     deltas, _ = _replay(ToolStream(None), call)
     assert "".join(d["content"] for d in deltas) == call
+
+
+def test_deep_schema_is_a_400():
+    schema: dict = {"type": "integer"}
+    for _ in range(100):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(APIError) as exc:
+        check_schema(schema, "response_format.schema")
+    assert "deeper than" in exc.value.message

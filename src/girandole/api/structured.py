@@ -73,11 +73,19 @@ _SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
 _SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
 
 
+MAX_SCHEMA_DEPTH = 64  # nested subschemas; deeper is a 400 (the grammar compiler recurses)
+
+
 def check_schema(schema: Any, param: str, where: str = "") -> None:
-    """Raise a 400 naming the field for a schema that is not an object or boolean, or that uses
-    a keyword the grammar engine cannot enforce."""
+    """Raise a 400 naming the field for a schema that is not an object or boolean, that nests
+    too deeply, or that uses a keyword the grammar engine cannot enforce."""
     if isinstance(schema, bool):
         return
+    if where.count("/") > 2 * MAX_SCHEMA_DEPTH:
+        raise bad_request(
+            f"The JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, field: '{param}'",
+            param,
+        )
     if not isinstance(schema, dict):
         raise bad_request(
             f"Invalid JSON schema at '{where or '#'}': a schema must be an object or a boolean,"
