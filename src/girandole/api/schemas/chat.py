@@ -2,9 +2,8 @@
 
 Messages follow Fireworks' schema (`additionalProperties: false`): `role`, `content` (a string,
 a list of parts, or null), `reasoning_content`, `tool_calls`, `tool_call_id`; anything else
-(`name` included) is a 400. Fields of the reference that later work adds (tools,
-response_format, penalties, ...) are in `girandole.api.unsupported.CHAT_UNSUPPORTED` until they
-work here.
+(`name` included) is a 400. Tools and response_format: `girandole.api.schemas.structured`.
+Fields of the reference not implemented yet are in `girandole.api.unsupported.CHAT_UNSUPPORTED`.
 """
 
 from __future__ import annotations
