@@ -85,10 +85,11 @@ def test_greedy_matches_transformers(default_reference):
     assert got == want
 
 
-def test_fast_greedy_close_to_reference(default_fast):
-    """Fast mode picks the same greedy tokens for most of each continuation (a near-tie
-    can flip one choice, after which the texts diverge)."""
+def test_fast_greedy_close_to_reference(default_fast, default_reference):
+    """Fast mode picks the same greedy tokens as transformers' fp32 run, except where the
+    reference itself has a near-tie (top two logits within 0.1): each difference is explained."""
     model, _ = default_fast
+    ref_model, _ = default_reference
     expected = json.loads(GREEDY.read_text())
     got = paged_greedy(model, [c["prompt_ids"] for c in expected], NEW_TOKENS)
     same_prefix = []
@@ -96,8 +97,16 @@ def test_fast_greedy_close_to_reference(default_fast):
         ref = case["transformers_greedy"]
         n = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref))
         same_prefix.append(n)
+        if n == len(ref):
+            continue
+        ids = case["prompt_ids"] + ref[:n]
+        with torch.inference_mode():
+            hidden = ref_model(torch.tensor(ids), torch.arange(len(ids)))
+            top2 = ref_model.compute_logits(hidden[-1:])[0].topk(2)
+        gap = float(top2.values[0] - top2.values[1])
+        assert gap < 0.1, (same_prefix, n, gap)
+        assert out[n] in top2.indices.tolist(), (n, out[n], top2.indices.tolist())
     assert sum(n == NEW_TOKENS for n in same_prefix) >= len(expected) // 2, same_prefix
-    assert min(same_prefix) >= 4, same_prefix
 
 
 @pytest.fixture(scope="module")
