@@ -186,8 +186,11 @@ def _call_text(calls: list[dict[str, Any]]) -> str:
 def prompt_messages(
     messages: list[dict[str, Any]], plan: ToolPlan | None, template: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The messages for the template, and its `tools` variable (None: none)."""
-    if template_handles_tools(template):
+    """The messages for the template, and its `tools` variable (None: none).
+
+    A request without tools keeps its messages as they are (tool-role turns included): the
+    template renders them in the model's own format, or rejects them with a 400."""
+    if plan is None or template_handles_tools(template):
         tools = None
         if plan is not None and plan.mode != "none":
             tools = [t.model_dump(exclude_none=True) for t in plan.tools]
