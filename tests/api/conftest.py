@@ -149,7 +149,7 @@ def write_tiny_llama_for_ops(folder: Path) -> Path:
     helpers = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, helpers)
     spec.loader.exec_module(helpers)
-    return helpers.write_tiny_llama(folder)
+    return helpers.write_tiny_llama(folder, max_position_embeddings=8192)
 
 
 @pytest.fixture(scope="session")

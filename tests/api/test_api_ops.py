@@ -21,7 +21,24 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_helpers import ROOT  # noqa: E402
-from conftest import start_server, stop_server  # noqa: E402
+
+
+def _api_conftest():
+    """tests/api/conftest.py by path: a bare `import conftest` finds whichever conftest module
+    another test folder put first on sys.path when the whole suite runs."""
+    import importlib.util
+
+    name = "_girandole_api_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+start_server = _api_conftest().start_server
+stop_server = _api_conftest().stop_server
 
 ACCOUNT = "testing"
 MODEL = f"accounts/{ACCOUNT}/models/tiny"
@@ -41,7 +58,7 @@ def new_key(data_dir: Path, account: str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    from conftest import write_tiny_llama_for_ops
+    write_tiny_llama_for_ops = _api_conftest().write_tiny_llama_for_ops
 
     tmp = tmp_path_factory.mktemp("guarded")
     data = tmp / "data"
@@ -53,7 +70,7 @@ def guarded(tmp_path_factory):
     model = write_tiny_llama_for_ops(tmp / "tiny")
     srv = start_server(
         tmp, "--model", str(model), "--model-id", "tiny", "--account", ACCOUNT,
-        "--data-dir", str(data), "--kv-cache-gb", "0.02", "--max-model-len", "512",
+        "--data-dir", str(data), "--kv-cache-gb", "0.02", "--max-model-len", "8192",
         "--max-concurrent-requests", "1", "--max-queued-requests", "1",
         "--queue-timeout", "1", "--drain-seconds", "60",
         api_key=keys["alice"]["key"],
@@ -178,7 +195,8 @@ def _slow_request(srv, key: str, results: list, max_tokens: int = 40) -> None:
 def test_queue_overflow_429_then_timeout_503(guarded):
     key = guarded.keys["alice"]["key"]
     results: list = []
-    holder = threading.Thread(target=_slow_request, args=(guarded, key, results))
+    # Long enough to hold the slot through the 1 s queue timeout on a fast machine.
+    holder = threading.Thread(target=_slow_request, args=(guarded, key, results, 6000))
     holder.start()
     deadline = time.monotonic() + 20
     while guarded.health()["engine"]["num_running"] == 0:  # the slot is taken
@@ -245,7 +263,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(guarded):
     key = guarded.keys["alice"]["key"]
     before = len(wait_rows(guarded, 0))
     results: list = []
-    slow = threading.Thread(target=_slow_request, args=(guarded, key, results, 30))
+    # Long enough to be seen running (a short one can finish between two polls).
+    slow = threading.Thread(target=_slow_request, args=(guarded, key, results, 2000))
     slow.start()
     deadline = time.monotonic() + 20
     while guarded.health()["engine"]["num_running"] == 0:
@@ -254,7 +273,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(guarded):
     guarded.process.send_signal(signal.SIGTERM)
     slow.join(60)
     assert results and results[0].status_code == 200, results
-    assert results[0].json()["usage"]["completion_tokens"] == 30  # ran to its end
+    assert results[0].json()["usage"]["completion_tokens"] == 2000  # ran to its end
     assert guarded.process.wait(60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(guarded.url + "/health", timeout=2)
