@@ -367,33 +367,14 @@ async def collect(cj: ChatJob, fanout: ChoiceFanout) -> dict[str, Any]:
             }
         )
     usage = completions.finish_metrics(job, states, outputs)
-    result: dict[str, Any] = {
-        "id": job.id,
-        "object": "chat.completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": body,
-        "usage": usage,
-    }
-    if cj.options.perf_metrics:
-        result["perf_metrics"] = job.perf_metrics
-    return result
+    perf = job.perf_metrics if cj.options.perf_metrics else None
+    return completions.envelope(job, "chat.completion", body, usage, perf)
 
 
 def _chunk(
     job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None, perf: Any = None
 ) -> bytes:
-    body = {
-        "id": job.id,
-        "object": "chat.completion.chunk",
-        "created": job.created,
-        "model": job.model,
-        "choices": choices,
-        "usage": usage,
-    }
-    if perf is not None:
-        body["perf_metrics"] = perf
-    return sse_event(body)
+    return sse_event(completions.envelope(job, "chat.completion.chunk", choices, usage, perf))
 
 
 def _delta(

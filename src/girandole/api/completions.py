@@ -264,25 +264,17 @@ async def collect(job: CompletionJob, fanout: ChoiceFanout) -> dict[str, Any]:
             }
         )
     usage = finish_metrics(job, states, outputs)
+    perf = job.perf_metrics if job.options.perf_metrics else None
+    return envelope(job, "text_completion", choices, usage, perf)
+
+
+def envelope(
+    job: CompletionJob, obj: str, choices: list[dict[str, Any]], usage: Any, perf: Any = None
+) -> dict[str, Any]:
+    """The body around the choices, shared by completions and chat, whole and in chunks."""
     body: dict[str, Any] = {
         "id": job.id,
-        "object": "text_completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": choices,
-        "usage": usage,
-    }
-    if job.options.perf_metrics:
-        body["perf_metrics"] = job.perf_metrics
-    return body
-
-
-def _chunk(
-    job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None, perf: Any = None
-) -> bytes:
-    body = {
-        "id": job.id,
-        "object": "text_completion",
+        "object": obj,
         "created": job.created,
         "model": job.model,
         "choices": choices,
@@ -290,7 +282,13 @@ def _chunk(
     }
     if perf is not None:
         body["perf_metrics"] = perf
-    return sse_event(body)
+    return body
+
+
+def _chunk(
+    job: CompletionJob, choices: list[dict[str, Any]], usage: Any = None, perf: Any = None
+) -> bytes:
+    return sse_event(envelope(job, "text_completion", choices, usage, perf))
 
 
 def _choice(index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> dict:

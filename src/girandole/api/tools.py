@@ -188,9 +188,11 @@ def prompt_messages(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages for the template, and its `tools` variable (None: none).
 
-    A request without tools keeps its messages as they are (tool-role turns included): the
-    template renders them in the model's own format, or rejects them with a 400."""
-    if plan is None or template_handles_tools(template):
+    A request without tools keeps its messages as they are (tool-role turns in the model's own
+    format) unless the template insists that roles alternate (Gemma, Llama 2): those get the
+    rewrite below."""
+    alternates = template is None or "must alternate" in template
+    if template_handles_tools(template) or (plan is None and not alternates):
         tools = None
         if plan is not None and plan.mode != "none":
             tools = [t.model_dump(exclude_none=True) for t in plan.tools]
