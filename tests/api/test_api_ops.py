@@ -196,7 +196,7 @@ def test_queue_overflow_429_then_timeout_503(guarded):
     key = guarded.keys["alice"]["key"]
     results: list = []
     # Long enough to hold the slot through the 1 s queue timeout on a fast machine.
-    holder = threading.Thread(target=_slow_request, args=(guarded, key, results, 6000))
+    holder = threading.Thread(target=_slow_request, args=(guarded, key, results, 2500))
     holder.start()
     deadline = time.monotonic() + 20
     while guarded.health()["engine"]["num_running"] == 0:  # the slot is taken
@@ -210,7 +210,7 @@ def test_queue_overflow_429_then_timeout_503(guarded):
     assert overflow.status_code == 429, overflow.text
     assert "at capacity" in overflow.json()["error"]["message"]
     queued.join(30)
-    holder.join(60)
+    holder.join(240)
     assert waiter[0].status_code == 503, waiter[0].text  # waited 1 s, the slot stayed taken
     assert "saturated" in waiter[0].json()["error"]["message"]
     assert results[0].status_code == 200
