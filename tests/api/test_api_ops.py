@@ -188,35 +188,48 @@ def test_rate_limit_429_with_headers(guarded):
     assert complete(guarded, guarded.keys["alice"]["key"]).status_code == 200
 
 
-def _slow_request(srv, key: str, results: list, max_tokens: int = 40) -> None:
-    results.append(complete(srv, key, max_tokens=max_tokens, ignore_eos=True))
+def _open_stream(srv, key: str, max_tokens: int):
+    """A streaming request that is in the engine once this returns (its first chunk came)."""
+    cm = httpx.stream(
+        "POST", srv.url + "/v1/completions", timeout=300,
+        json={"model": MODEL, "prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True,
+              "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    )  # fmt: skip
+    response = cm.__enter__()
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data: "):
+            break
+    return cm, response, lines
 
 
 def test_queue_overflow_429_then_timeout_503(guarded):
     key = guarded.keys["alice"]["key"]
-    results: list = []
-    # Long enough to hold the slot through the 1 s queue timeout on a fast machine.
-    holder = threading.Thread(target=_slow_request, args=(guarded, key, results, 2500))
-    holder.start()
-    deadline = time.monotonic() + 20
-    while guarded.health()["engine"]["num_running"] == 0:  # the slot is taken
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    waiter: list = []
-    queued = threading.Thread(target=lambda: waiter.append(complete(guarded, key)))
-    queued.start()
-    time.sleep(0.3)  # now in the queue (1 place)
-    overflow = complete(guarded, key)
-    assert overflow.status_code == 429, overflow.text
-    assert "at capacity" in overflow.json()["error"]["message"]
-    queued.join(30)
-    holder.join(240)
-    assert waiter[0].status_code == 503, waiter[0].text  # waited 1 s, the slot stayed taken
-    assert "saturated" in waiter[0].json()["error"]["message"]
-    assert results[0].status_code == 200
+    # The slot is held by an open stream (closed at the end, which aborts it): no race with
+    # the machine's speed.
+    cm, holder, _ = _open_stream(guarded, key, 8000)
+    try:
+        assert holder.status_code == 200
+        waiter: list = []
+        queued = threading.Thread(target=lambda: waiter.append(complete(guarded, key)))
+        queued.start()
+        time.sleep(0.3)  # now in the queue (1 place)
+        overflow = complete(guarded, key)
+        assert overflow.status_code == 429, overflow.text
+        assert "at capacity" in overflow.json()["error"]["message"]
+        queued.join(30)
+        assert waiter[0].status_code == 503, waiter[0].text  # waited 1 s, the slot stayed taken
+        assert "saturated" in waiter[0].json()["error"]["message"]
+    finally:
+        cm.__exit__(None, None, None)
     metrics = httpx.get(guarded.url + "/metrics").text
     assert 'girandole_requests_total{endpoint="completions",status="429"}' in metrics
     assert 'girandole_requests_total{endpoint="completions",status="503"}' in metrics
+    deadline = time.monotonic() + 60
+    while guarded.health()["engine"]["num_running"]:  # the abort frees the slot
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert complete(guarded, key).status_code == 200  # serving again
 
 
@@ -262,21 +275,17 @@ def test_metrics_ready_and_request_ids(guarded):
 def test_sigterm_drains_in_flight_requests_then_exits_0(guarded):
     key = guarded.keys["alice"]["key"]
     before = len(wait_rows(guarded, 0))
-    results: list = []
-    # Long enough to be seen running (a short one can finish between two polls).
-    slow = threading.Thread(target=_slow_request, args=(guarded, key, results, 2000))
-    slow.start()
-    deadline = time.monotonic() + 20
-    while guarded.health()["engine"]["num_running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    guarded.process.send_signal(signal.SIGTERM)
-    slow.join(60)
-    assert results and results[0].status_code == 200, results
-    assert results[0].json()["usage"]["completion_tokens"] == 2000  # ran to its end
+    cm, response, lines = _open_stream(guarded, key, 200)  # in flight when the signal comes
+    try:
+        guarded.process.send_signal(signal.SIGTERM)
+        chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    finally:
+        cm.__exit__(None, None, None)
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] == 200  # ran to its end
     assert guarded.process.wait(60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(guarded.url + "/health", timeout=2)
     rows = usage_rows(guarded)
     assert len(rows) == before + 1  # recorded before exit
-    assert rows[-1][0] == results[0].json()["id"] and rows[-1][5] == 0
+    assert rows[-1][0] == chunks[-1]["id"] and rows[-1][5] == 0
