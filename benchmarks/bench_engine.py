@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    CpuMeter,
     LoadSampler,
     fmt,
     loadavg,
@@ -484,36 +485,31 @@ class WorkerProc:
             self.proc.wait()
 
 
-def plan_cells(spec: dict, engines: list[str]) -> list[tuple[str, str, int, dict]]:
-    """Every measurement as (engine, cell key, repeat, command), in run order.
+def make_command(spec: dict, key: str, rep: int, attempt: int = 0) -> dict:
+    """The command of one measurement; a retry gets fresh prompts (no prefix-cache hits)."""
+    tag = f"{key}-{rep}" + (f"-retry{attempt}" if attempt else "")
+    if key == "decode":
+        prompt = make_prompt(spec["decode_prompt_len"], f"decode-{tag}")
+        return {"op": "decode", "prompt": prompt, "n": spec["decode_tokens"]}
+    if key == "prefill":
+        return {"op": "prefill", "prompt": make_prompt(spec["prefill_len"], f"prefill-{tag}")}
+    n = int(key[5:])
+    prompts = [make_prompt(spec["input_len"], f"{tag}-{i}") for i in range(n)]
+    return {"op": "batch", "prompts": prompts, "n": spec["output_len"]}
+
+
+def plan_cells(spec: dict, engines: list[str]) -> list[tuple[str, str, int]]:
+    """Every measurement as (engine, cell key, repeat), in run order.
 
     Interleaved (default): for each cell and repeat, every engine in turn (the order rotating with
     the repeat), so slow drifts in machine load hit all engines alike. Otherwise engine by engine.
     """
-    reps = spec["repeats"]
-    cells: list[tuple[str, int, dict]] = []
-    for r in range(reps):
-        prompt = make_prompt(spec["decode_prompt_len"], f"decode-{r}")
-        cells.append(("decode", r, {"op": "decode", "prompt": prompt, "n": spec["decode_tokens"]}))
-    for r in range(reps):
-        cells.append(
-            (
-                "prefill",
-                r,
-                {"op": "prefill", "prompt": make_prompt(spec["prefill_len"], f"prefill-{r}")},
-            )
-        )
-    for n in spec["concurrency"]:
-        for r in range(reps):
-            prompts = [make_prompt(spec["input_len"], f"batch{n}-{r}-{i}") for i in range(n)]
-            cells.append(
-                (f"batch{n}", r, {"op": "batch", "prompts": prompts, "n": spec["output_len"]})
-            )
+    keys = ["decode", "prefill"] + [f"batch{n}" for n in spec["concurrency"]]
     tasks = []
-    for key, r, cmd in cells:
-        for i in range(len(engines)):
-            name = engines[(i + r) % len(engines)]
-            tasks.append((name, key, r, cmd))
+    for key in keys:
+        for r in range(spec["repeats"]):
+            for i in range(len(engines)):
+                tasks.append((engines[(i + r) % len(engines)], key, r))
     if not spec["interleave"]:
         tasks.sort(key=lambda t: engines.index(t[0]))  # stable: keeps the cell order per engine
     return tasks
@@ -532,11 +528,42 @@ def skip_reason(spec: dict, name: str, key: str, rep: int, sequential: bool) -> 
     return None
 
 
+def run_measurement(
+    spec: dict, w: WorkerProc, name: str, key: str, rep: int, c: dict, meter, timeout: float
+) -> None:
+    """One measurement: wait for a quiet machine, run, and rerun (fresh prompts) if other work
+    took more than --retry-above of the machine meanwhile."""
+    for attempt in range(spec["retries"] + 1):
+        waited, before = meter.wait_quiet(spec["quiet_below"], spec["max_wait"])
+        if waited > 3:
+            log(f"  waited {waited:.0f}s for a quiet machine (others at {100 * before:.0f}%)")
+        t0 = time.perf_counter()
+        a = meter.snapshot()
+        out = w.call(timeout, **make_command(spec, key, rep, attempt))
+        foreign = meter.foreign(a, meter.snapshot())
+        dt = time.perf_counter() - t0
+        if not out.get("ok"):
+            c.setdefault("errors", []).append(out.get("error"))
+            log(f"[{name}] {key} rep {rep}: ERROR {out.get('error')}")
+            return
+        res = out["result"]
+        res["others_cpu"] = foreign
+        res["waited_s"] = waited
+        log(f"[{name}] {key} rep {rep}: {res['tok_s']:.1f} tok/s ({dt:.1f}s, others used "
+            f"{100 * foreign:.0f}% of the CPUs)")  # fmt: skip
+        if foreign <= spec["retry_above"] or attempt == spec["retries"]:
+            c["runs"].append(res)
+            return
+        c.setdefault("discarded", []).append(res)
+        log(f"  discarded: other work used {100 * foreign:.0f}% of the CPUs; running it again")
+
+
 def run_all(spec: dict, engines: list[str], timeout: float) -> dict[str, dict]:
     results: dict[str, dict] = {n: {"engine": n, "cells": {}, "skipped": {}} for n in engines}
     workers: dict[str, WorkerProc] = {}
     tasks = plan_cells(spec, engines)
     last_task = {name: i for i, (name, *_rest) in enumerate(tasks)}
+    meter = CpuMeter()
 
     def start(name: str) -> WorkerProc | None:
         if name not in workers:
@@ -555,23 +582,15 @@ def run_all(spec: dict, engines: list[str], timeout: float) -> dict[str, dict]:
         if spec["interleave"]:
             for name in engines:  # load them one at a time, before any measurement
                 start(name)
-        for i, (name, key, rep, cmd) in enumerate(tasks):
+        for i, (name, key, rep) in enumerate(tasks):
             w = start(name)
             if w is not None:
                 why = skip_reason(spec, name, key, rep, results[name].get("sequential", False))
                 if why and why != "once":
                     results[name]["skipped"][key] = why
                 elif why is None:
-                    t0 = time.perf_counter()
-                    out = w.call(timeout, **cmd)
                     c = results[name]["cells"].setdefault(key, {"runs": []})
-                    if not out.get("ok"):
-                        c.setdefault("errors", []).append(out.get("error"))
-                        log(f"[{name}] {key} rep {rep}: ERROR {out.get('error')}")
-                    else:
-                        c["runs"].append(out["result"])
-                        log(f"[{name}] {key} rep {rep}: {out['result']['tok_s']:.1f} tok/s "
-                            f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+                    run_measurement(spec, w, name, key, rep, c, meter, timeout)
             if last_task[name] == i and name in workers:
                 if "error" not in results[name]:
                     mem = workers[name].call(60, op="memory")
@@ -685,6 +704,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds per load or measurement")
     p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.1,
+        help="before each measurement, wait until other processes use at most this share of "
+        "the machine's CPUs (1 = never wait)",
+    )
+    p.add_argument("--max-wait", type=float, default=300, help="longest wait for quiet, seconds")
+    p.add_argument(
+        "--retry-above",
+        type=float,
+        default=0.25,
+        help="rerun a measurement (fresh prompts) when other processes used more than this share "
+        "of the CPUs while it ran",
+    )
+    p.add_argument("--retries", type=int, default=2, help="reruns per measurement at most")
+    p.add_argument(
         "--one-engine-at-a-time",
         action="store_true",
         help="run all cells of one engine, stop it, then the next (default: all engines loaded "
@@ -766,6 +801,10 @@ def main(argv: list[str] | None = None) -> int:
         "girandole_opts": girandole_opts,
         "llama_server_bin": args.llama_server_bin,
         "interleave": not args.one_engine_at_a_time,
+        "quiet_below": args.quiet_below,
+        "max_wait": args.max_wait,
+        "retry_above": args.retry_above,
+        "retries": args.retries,
     }
 
     header = machine_lines()
@@ -786,6 +825,21 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
     print(sampler.summary())
+    shares = [
+        x.get("others_cpu", 0)
+        for r in results.values()
+        for c in r.get("cells", {}).values()
+        for x in c["runs"]
+    ]
+    reruns = sum(
+        len(c.get("discarded", [])) for r in results.values() for c in r.get("cells", {}).values()
+    )
+    if shares:
+        print(
+            f"other processes' share of the CPUs during the kept measurements: median "
+            f"{100 * median(shares):.0f}%, max {100 * max(shares):.0f}%; {reruns} measurements "
+            f"rerun because others used over {100 * spec['retry_above']:.0f}%"
+        )
     print(f"total benchmark time: {time.perf_counter() - t_start:.0f}s")
     print()
     print(build_table(results, spec))
@@ -805,12 +859,15 @@ def main(argv: list[str] | None = None) -> int:
     print("  decode excludes prefill (first token to last); prefill = prompt tokens / TTFT;")
     print("  concurrent cells: total output tokens / wall time, prefill included.")
     print()
-    print("all runs (tok/s):")
+    print("all runs, tok/s (share of the CPUs used by other processes meanwhile):")
     for name in engines:
         r = results[name]
         for key, c in r.get("cells", {}).items():
-            runs = ", ".join(fmt(x["tok_s"]) for x in c["runs"])
-            print(f"  {name:12s} {key:8s} {runs}")
+            runs = ", ".join(
+                f"{fmt(x['tok_s'])} ({100 * x.get('others_cpu', 0):.0f}%)" for x in c["runs"]
+            )
+            dropped = len(c.get("discarded", []))
+            print(f"  {name:12s} {key:8s} {runs}" + (f"; {dropped} rerun" if dropped else ""))
     from common import dump_json
 
     dump_json(

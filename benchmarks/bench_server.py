@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    CpuMeter,
     LoadSampler,
     dump_json,
     find_llama_server,
@@ -340,6 +341,7 @@ async def bench_servers(servers: list[Server], args) -> dict[str, dict]:
 
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     results = {s.name: {"server": s.name, "notes": s.notes, "cells": {}} for s in servers}
+    meter = CpuMeter()
     live: list[Server] = []
     async with httpx.AsyncClient(
         limits=limits, timeout=httpx.Timeout(args.request_timeout)
@@ -368,18 +370,33 @@ async def bench_servers(servers: list[Server], args) -> dict[str, dict]:
                 if args.fixed_order:
                     order = live
                 for server in order:
-                    cell = await run_cell(client, server, n, n_requests, args, f"c{n}")
-                    results[server.name]["cells"][str(n)] = cell
-                    log(
-                        f"[{server.name}] {n} clients, {n_requests} requests: "
-                        f"{fmt(cell['tok_s'])} tok/s, TTFT p50 {fmt(cell['ttft_p50'], 2)}s, "
-                        f"ITL p50 {fmt(1000 * (cell['itl_p50'] or 0))}ms"
-                        + (
-                            f", {cell['num_errors']} errors: {cell['errors'][:1]}"
-                            if cell["num_errors"]
-                            else ""
+                    for attempt in range(args.retries + 1):
+                        waited, _ = await asyncio.to_thread(
+                            meter.wait_quiet, args.quiet_below, args.max_wait
                         )
-                    )
+                        if waited > 3:
+                            log(f"  waited {waited:.0f}s for a quiet machine")
+                        a = meter.snapshot()
+                        key = f"c{n}" + (f"-retry{attempt}" if attempt else "")
+                        cell = await run_cell(client, server, n, n_requests, args, key)
+                        cell["others_cpu"] = meter.foreign(a, meter.snapshot())
+                        cell["waited_s"] = waited
+                        log(
+                            f"[{server.name}] {n} clients, {n_requests} requests: "
+                            f"{fmt(cell['tok_s'])} tok/s, TTFT p50 {fmt(cell['ttft_p50'], 2)}s, "
+                            f"ITL p50 {fmt(1000 * (cell['itl_p50'] or 0))}ms, others used "
+                            f"{100 * cell['others_cpu']:.0f}% of the CPUs"
+                            + (
+                                f", {cell['num_errors']} errors: {cell['errors'][:1]}"
+                                if cell["num_errors"]
+                                else ""
+                            )
+                        )
+                        if cell["others_cpu"] <= args.retry_above or attempt == args.retries:
+                            break
+                        log("  discarded: too much other work meanwhile; running it again")
+                    cell["reruns"] = attempt
+                    results[server.name]["cells"][str(n)] = cell
             for server in live:
                 results[server.name]["memory_end"] = proc_rss_mib(server.proc.pid)
         finally:
@@ -474,6 +491,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="clients 1,4,16")
     p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.1,
+        help="before each cell, wait until other processes use at most this share of "
+        "the CPUs (1 = never wait)",
+    )
+    p.add_argument("--max-wait", type=float, default=300, help="longest wait for quiet, seconds")
+    p.add_argument(
+        "--retry-above",
+        type=float,
+        default=0.25,
+        help="rerun a cell when other processes used more than this share meanwhile",
+    )
+    p.add_argument("--retries", type=int, default=1, help="reruns per cell at most")
+    p.add_argument(
         "--fixed-order",
         action="store_true",
         help="same server order in every cell (default: the order rotates cell by cell)",
@@ -561,6 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         for n, c in cells.items():
             if c["num_errors"]:
                 print(f"  - {n} clients: {c['num_errors']} failed requests, e.g. {c['errors'][0]}")
+    shares = [c.get("others_cpu", 0) for r in results.values() for c in r.get("cells", {}).values()]
+    if shares:
+        reruns = sum(
+            c.get("reruns", 0) for r in results.values() for c in r.get("cells", {}).values()
+        )
+        print(
+            f"- other processes' share of the CPUs during the kept cells: median "
+            f"{100 * median(shares):.0f}%, max {100 * max(shares):.0f}%; {reruns} cells rerun"
+        )
     print(f"- server logs: {logdir}")
     dump_json(
         args.json,

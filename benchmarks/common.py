@@ -253,3 +253,81 @@ class LoadSampler:
         if self.busy:
             s += f"; CPUs busy {100 * statistics.mean(self.busy):.0f}% on average"
         return s
+
+
+def _jiffies(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks; 0 if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class CpuMeter:
+    """How much of the machine's CPU *other* work used over an interval.
+
+    Other work = all busy CPU time (/proc/stat) minus the time of this process and its
+    descendants (the engine workers, the servers under test). As a fraction of the whole machine
+    (1.0 = every core busy with others' work). Linux only; elsewhere it reports 0.
+    """
+
+    def __init__(self, root: int | None = None) -> None:
+        self.root = root or os.getpid()
+        self.ok = Path("/proc/stat").exists()
+
+    def snapshot(self) -> tuple[int, int, dict[int, int]]:
+        if not self.ok:
+            return 0, 0, {}
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        ours = {pid: _jiffies(pid) for pid in _descendants(self.root)}
+        return sum(fields[:8]), idle, ours
+
+    @staticmethod
+    def foreign(a: tuple[int, int, dict[int, int]], b: tuple[int, int, dict[int, int]]) -> float:
+        total = b[0] - a[0]
+        if total <= 0:
+            return 0.0
+        busy = total - (b[1] - a[1])
+        # Our processes' time over the interval: processes alive at both ends, plus new ones.
+        ours = sum(j - a[2].get(pid, 0) for pid, j in b[2].items())
+        return max(0.0, min(1.0, (busy - ours) / total))
+
+    def measure(self, seconds: float) -> float:
+        a = self.snapshot()
+        time.sleep(seconds)
+        return self.foreign(a, self.snapshot())
+
+    def wait_quiet(
+        self, threshold: float, max_wait: float, window: float = 2.0
+    ) -> tuple[float, float]:
+        """Wait until others use at most `threshold` of the machine over a `window`-second
+        interval (or max_wait passed). Returns (seconds waited, last measured share)."""
+        t0 = time.perf_counter()
+        if not self.ok or threshold >= 1:
+            return 0.0, 0.0
+        while True:
+            share = self.measure(window)
+            waited = time.perf_counter() - t0
+            if share <= threshold or waited >= max_wait:
+                return waited, share
