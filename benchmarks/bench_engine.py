@@ -1,8 +1,8 @@
 """Offline engine benchmark: girandole vs llama.cpp vs transformers on the default model.
 
-    .venv/bin/python benchmarks/bench_engine.py            # full run (about 8 minutes, 2 cores)
+    .venv/bin/python benchmarks/bench_engine.py            # full run (about 10 minutes, 2 cores)
     .venv/bin/python benchmarks/bench_engine.py --quick    # about 3 minutes
-    .venv/bin/python benchmarks/bench_engine.py --engines girandole --concurrency 1,16
+    .venv/bin/python benchmarks/bench_engine.py --engines girandole,llama-server --concurrency 16
 
 Measures, on the same GGUF (Gemma 3 270M Q4_K_M) and the same random token-id prompts:
 
@@ -12,12 +12,17 @@ Measures, on the same GGUF (Gemma 3 270M Q4_K_M) and the same random token-id pr
 - total output tok/s with N concurrent requests (--input-len prompt tokens, --output-len output
   tokens each, greedy, ignore_eos): all N submitted at once, total output tokens / wall time.
 
-Each engine runs in its own subprocess (its own memory and threads) and reports JSON back; each
-cell is repeated (--repeats) and the median is reported. llama.cpp's Python binding has no batched
-API: its N-request cells run the requests one after another (as its own server without slots
-would); see bench_server.py for llama.cpp's batching server. transformers (fp32, the GGUF
-dequantized) is slow on CPU, so its larger concurrency cells are skipped by default
-(--hf-max-concurrency).
+Engines: girandole (`LLM`), llama.cpp's Python binding (`llama_cpp.Llama`: no batched API, so
+its N-request cells run the requests one after another), llama.cpp's own batching server
+(`llama-server`, if a binary is found: see build_llama_server.sh) and transformers (fp32, the
+GGUF dequantized; slow on CPU, so its larger cells are skipped, --hf-max-concurrency).
+
+Each engine runs in its own worker subprocess (its own memory and threads), all loaded at the
+start and idle while another measures; every cell is run on each engine in turn (interleaved, so
+drifts in machine load hit them alike), repeated (--repeats; --big-repeats for 64+ requests) and
+the median reported. On a shared machine each measurement first waits until other processes use
+under --quiet-below of the CPUs, and is rerun with fresh prompts if they took more than
+--retry-above while it ran; the share is printed next to every run.
 """
 
 from __future__ import annotations
@@ -199,7 +204,7 @@ class LlamaServerEngine:
         t = str(spec["threads"])
         cmd = [binary, "-m", spec["model"], "--host", "127.0.0.1", "--port", str(port),
                "-t", t, "-tb", t, "-c", str(self.slots * per_slot), "--parallel", str(self.slots),
-               "--cont-batching", "--no-webui"]  # fmt: skip
+               "--cont-batching", "--no-webui", "--cache-ram", "0"]  # fmt: skip
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         import atexit
@@ -222,7 +227,7 @@ class LlamaServerEngine:
             time.sleep(0.3)
         self.binary = binary
         self.notes = [
-            f"llama-server --parallel {self.slots} -c {self.slots * per_slot} -t {t}: non-streaming "
+            f"llama-server --parallel {self.slots} -c {self.slots * per_slot} -t {t} --cache-ram 0: non-streaming "
             "/completion requests of token ids, all N at once; decode and prefill from its own "
             "timings (predicted_per_second, prompt_per_second); peak RSS is the server's"
         ]
@@ -525,6 +530,8 @@ def skip_reason(spec: dict, name: str, key: str, rep: int, sequential: bool) -> 
         return f"skipped (> --{flag}-max-concurrency {max_conc})"
     if rep > 0 and n >= spec["big_cell"] and (sequential or name == "transformers"):
         return "once"  # a sequential or very slow engine: one run of a long cell is enough
+    if n >= 64 and rep >= spec["big_repeats"]:
+        return "once"  # the 64-request cells are long: fewer repeats (--big-repeats)
     return None
 
 
@@ -689,7 +696,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-max-concurrency", type=int, default=4, help="skip larger transformers cells"
     )
     p.add_argument(
-        "--llama-max-concurrency", type=int, default=64, help="skip larger llama.cpp cells"
+        "--llama-max-concurrency",
+        type=int,
+        default=16,
+        help="skip larger cells of the llama.cpp binding (it serves requests one after another, "
+        "so its rate is flat in N; llama-server has the batched numbers)",
+    )
+    p.add_argument(
+        "--big-repeats", type=int, default=2, help="repeats of the cells with 64+ requests"
     )
     p.add_argument(
         "--big-cell", type=int, default=16, help="llama.cpp/transformers cells this big run once"
@@ -793,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens": args.decode_tokens,
         "decode_prompt_len": args.decode_prompt_len,
         "big_cell": args.big_cell,
+        "big_repeats": args.big_repeats,
         "max_concurrency": {
             "transformers": args.hf_max_concurrency,
             "llama.cpp": args.llama_max_concurrency,

@@ -176,7 +176,7 @@ class LlamaServerBin(Server):
         self.slots = args.llama_slots or max(args.concurrency_list)
         self.ctx = self.slots * (args.prompt_tokens * 2 + args.max_tokens + 64)
         self.notes = [
-            f"llama-server ({binary}), --parallel {self.slots} slots, -c {self.ctx}, "
+            f"llama-server ({binary}), --parallel {self.slots} slots, -c {self.ctx}, --cache-ram 0, "
             f"{args.threads} threads, continuous batching"
         ]
 
@@ -193,6 +193,8 @@ class LlamaServerBin(Server):
             "--parallel", str(self.slots),
             "--cont-batching",
             "--no-webui",
+            "--cache-ram", "0",  # prompts never repeat: the host-RAM prompt cache only adds RSS
+            *self.args.llama_arg,
         ]  # fmt: skip
 
     def version(self) -> str:
@@ -483,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="llama-server --parallel (default: max clients)",
     )
+    p.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument")
     p.add_argument("--girandole-kv-cache-gb", type=float, default=None)
     p.add_argument(
         "--girandole-arg", action="append", default=[], help="extra `girandole serve` argument"
