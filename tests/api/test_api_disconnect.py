@@ -31,12 +31,12 @@ def test_streaming_disconnect_aborts(server):
         headers=server.headers, timeout=60,
     ) as r:  # fmt: skip
         assert r.status_code == 200
-        got = []
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                got.append(line)
-            if len(got) >= 3:
-                break
+        # Hold the line iterator: breaking out of a `for` over iter_lines() closes the generator,
+        # and with it httpx's connection, before the health check below.
+        lines = r.iter_lines()
+        got = 0
+        while got < 3:
+            got += next(lines).startswith("data: ")
         engine = server.health()["engine"]
         assert engine["num_running"] + engine["num_waiting"] >= 1  # still in the engine
     body = wait_for_aborts(server, before, 2)
