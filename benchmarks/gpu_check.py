@@ -105,7 +105,7 @@ def engine_vs_hf(folder: Path):
     prompts = ["Once upon a time", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     same = []
-    for p, o in zip(prompts, outs):
+    for o in outs:
         ids = torch.tensor([o.prompt_token_ids], device=DEV)
         g = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
         same.append(g[0, ids.shape[1]:].tolist() == o.token_ids)

@@ -118,7 +118,7 @@ class Attention(nn.Module):
             # tokens alone or in a busy batch).
             outs = []
             start = 0
-            for qlen, ctx, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
+            for qlen, slots in zip(meta.query_lens, meta.context_slots):
                 qi = q[start : start + qlen]
                 start += qlen
                 ki = self.k_cache.index_select(0, slots)
