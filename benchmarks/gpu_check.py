@@ -35,9 +35,13 @@ def section(name):
                 results[name] = fn(*a, **k)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
-            print(f"== {name} ({time.time() - t:.1f} s)\n{json.dumps(results[name], indent=1)}",
-                  flush=True)
+            print(
+                f"== {name} ({time.time() - t:.1f} s)\n{json.dumps(results[name], indent=1)}",
+                flush=True,
+            )
+
         return run
+
     return wrap
 
 
@@ -80,18 +84,36 @@ def write_gemma_270m_shaped(folder: Path, tokenizer_dir: Path) -> None:
     import transformers as tf
 
     cfg = tf.Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-        query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
-        max_position_embeddings=32768, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+        max_position_embeddings=32768,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = tf.Gemma3ForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder)
     shutil.copy(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}
-    ))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+            }
+        )
+    )
 
 
 @section("B1. Gemma-3-270M shapes, fp32: engine greedy on CUDA vs transformers generate")
@@ -108,7 +130,7 @@ def engine_vs_hf(folder: Path):
     for o in outs:
         ids = torch.tensor([o.prompt_token_ids], device=DEV)
         g = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
-        same.append(g[0, ids.shape[1]:].tolist() == o.token_ids)
+        same.append(g[0, ids.shape[1] :].tolist() == o.token_ids)
     return {"identical_greedy_24_tokens": same}
 
 
@@ -120,8 +142,13 @@ def throughput(folder: Path, quick: bool = False):
 
     table = {}
     concs, hf_concs, n_out = ([1, 4], [1], 8) if quick else ([1, 16, 64, 256], [1, 16, 64], 128)
-    llm = LLM(model=str(folder), device=DEV, kv_cache_gb=1 if quick else 16, max_num_seqs=256,
-              max_num_batched_tokens=8192)
+    llm = LLM(
+        model=str(folder),
+        device=DEV,
+        kv_cache_gb=1 if quick else 16,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+    )
     tok = llm.tokenizer
     base = tok.encode("The quick brown fox jumps over the lazy dog. " * 40)
     prompt = base[:256]
@@ -142,7 +169,9 @@ def throughput(folder: Path, quick: bool = False):
     for conc in concs:
         prompts = [[2] + [(i * 7919 + j) % 200000 + 1000 for j in range(255)] for i in range(conc)]
         t = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=n_out, ignore_eos=True))
+        outs = llm.generate(
+            prompts, SamplingParams(temperature=0.8, max_tokens=n_out, ignore_eos=True)
+        )
         dt = time.perf_counter() - t
         table[f"girandole total out tok/s @{conc}"] = sum(len(o.token_ids) for o in outs) / dt
     del llm
@@ -151,8 +180,10 @@ def throughput(folder: Path, quick: bool = False):
 
     hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEV)
     for conc in hf_concs:
-        ids = torch.tensor([[2] + [(i * 7919 + j) % 200000 + 1000 for j in range(255)]
-                            for i in range(conc)], device=DEV)
+        ids = torch.tensor(
+            [[2] + [(i * 7919 + j) % 200000 + 1000 for j in range(255)] for i in range(conc)],
+            device=DEV,
+        )
         hf.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
         sync()
         t = time.perf_counter()
@@ -173,7 +204,9 @@ def main() -> None:
     args = ap.parse_args()
     global DEV
     DEV = args.device
-    print(torch.__version__, DEV, torch.cuda.get_device_name(0) if DEV == "cuda" else "", flush=True)
+    print(
+        torch.__version__, DEV, torch.cuda.get_device_name(0) if DEV == "cuda" else "", flush=True
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if not args.only_throughput:
