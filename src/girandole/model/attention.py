@@ -138,7 +138,7 @@ class Attention(nn.Module):
         qlen, ctx = q.shape[0], k.shape[0]
         k_pos = torch.arange(ctx, device=q.device)
         q_pos = k_pos[ctx - qlen :]
-        if self._scores_softcap():
+        if self._scores_softcap() or q.device.type != "cpu":  # GPUs: GQA kernels of their own
             return self._attend(q, k, v, q_pos, k_pos)
         rep = self.num_heads // self.num_kv_heads
         rows = max(qlen, -(-MIN_FOLDED_ROWS // rep))  # pad: too few rows take another path
