@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -54,3 +55,29 @@ def test_non_streaming_disconnect_aborts(server):
         server.url + "/v1/completions", json={**LONG, "max_tokens": 1}, headers=server.headers
     )
     assert r.status_code == 200
+
+
+def test_disconnect_during_prefill_aborts(server):
+    """A client that hangs up while its long prompt is still being prefilled: the request ends
+    before its first token and its KV blocks are freed."""
+    before = server.wait_idle()["num_aborted_requests"]
+    rid = f"prefill-hangup-{time.monotonic_ns()}"
+    prompt = "word " * 10000  # ~10k tokens: seconds of prefill on a CPU
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/completions",
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 5},
+            headers={**server.headers, "x-request-id": rid},
+            timeout=1.0,
+        )
+    body = wait_for_aborts(server, before, 1)
+    assert body["engine"]["kv_blocks_used"] == 0
+    deadline = time.monotonic() + 10
+    while True:  # the access-log line of that request
+        lines = [ln for ln in server.log().splitlines() if rid in ln and '"aborted"' in ln]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    record = json.loads(lines[0])
+    assert record["aborted"] is True and record["completion_tokens"] == 0
+    assert record["prompt_tokens"] > 5000

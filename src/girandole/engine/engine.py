@@ -204,10 +204,12 @@ class LLMEngine:
             )
             for s in sampling_seqs
         ]
-        results = self.sampler(logits, rows_in)
+        results = self._sample(logits, rows_in, hidden, sample_hidden)
         now = time.monotonic()
         for seq, result in zip(sampling_seqs, results):
             try:
+                if isinstance(result, Exception):
+                    raise result
                 out = self._append_token(seq, result, now)
             except Exception as exc:  # one request's failure must not take the batch down
                 logger.exception("request %s failed after sampling", seq.request_id)
@@ -217,6 +219,35 @@ class LLMEngine:
                 out.extra["error"] = f"{type(exc).__name__}: {exc}"
             outputs.append(out)
         return outputs
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplerRow],
+        hidden: torch.Tensor,
+        sample_hidden: list[int],
+    ) -> list:
+        """Sample every row at once; if that raises, each row alone, so that one request's
+        failure (a grammar matcher that throws, say) ends that request only. The others get what
+        they would have got: the sampler and the LM head are batch-invariant, and seeded
+        generators are rewound first. Returns a SampleResult or the exception, per row."""
+        states = [r.generator.get_state() if r.generator is not None else None for r in rows]
+        try:
+            return self.sampler(logits, rows)
+        except Exception as exc:  # noqa: BLE001 - find the culprit below
+            if len(rows) == 1:
+                return [exc]
+            logger.exception("sampling %d rows failed; sampling each alone", len(rows))
+        results: list = []
+        for row, state, h in zip(rows, states, sample_hidden):
+            if state is not None:
+                row.generator.set_state(state)
+            try:
+                alone = self.runner.compute_logits(hidden[h : h + 1])
+                results.append(self.sampler(alone, [row])[0])
+            except Exception as exc:  # noqa: BLE001 - reported on that request
+                results.append(exc)
+        return results
 
     @staticmethod
     def _logit_rows(seq: Sequence, n: int) -> list[int]:
