@@ -250,8 +250,9 @@ def test_gbnf_grammars_and_a_mixed_batch(server):
             requests.append(("/v1/completions", body))
     free = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True,
             "temperature": 0}  # fmt: skip
+    # greedy: sampled, a JSON string can legitimately run on past max_tokens
     json_chat = {"model": MODEL, "max_tokens": 200, "messages": [{"role": "user", "content": "Hi"}],
-                 "response_format": {"type": "json_object"}}  # fmt: skip
+                 "response_format": {"type": "json_object"}, "temperature": 0}  # fmt: skip
     mixed = [("/v1/completions", free)] * 3 + [(CHAT, json_chat)] * 2
     bodies = asyncio.run(_send_all(server, requests + mixed, batch=len(requests) + len(mixed)))
     k = 0

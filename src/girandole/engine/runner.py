@@ -111,15 +111,17 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return hidden.index_select(0, index)
 
-    # LM heads may pick a kernel by row count (the CPU int8 head switches to bf16 matmuls for
-    # many rows); sampling rows go through in slices this small so every row takes the same path.
+    # Float LM heads' matmuls may round a row differently with the row count; sampling rows go
+    # through them in slices this small so every row takes the same path. Heads whose rows are
+    # exact at any count (`row_invariant`: the CPU int8 head) take every row at once.
     SAMPLING_ROWS_PER_CALL = 16
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden], on the model's device."""
         step = self.SAMPLING_ROWS_PER_CALL
-        if not batch_invariant or hidden.shape[0] <= step or self.device.type != "cpu":
+        whole = getattr(getattr(self.model, "lm_head", None), "row_invariant", False)
+        if whole or not batch_invariant or hidden.shape[0] <= step or self.device.type != "cpu":
             return self.model.compute_logits(hidden).float()
         return torch.cat(
             [

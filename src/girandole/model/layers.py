@@ -177,6 +177,7 @@ class QuantLMHead(nn.Module):
     ~170 candidates) are those of the exact weights.
     """
 
+    row_invariant = True  # a row's logits are the same whatever else shares the call
     CHUNK = 32768
     REFINE_MARGIN = 8.0
     REFINE_TOP = 128  # candidates per row at most: its best by the coarse logits
