@@ -6,7 +6,8 @@
 
 Fast-mode CPU models are cached (pickled module, memory-mapped on load) in
 `cache_dir()/packed`, keyed by the source file and the model code, so a second load of the
-default model takes about a second instead of a GGUF parse and requantization.
+default model takes about a second instead of a GGUF parse and requantization. A missing entry
+is built in a child process, so the serving process never holds the build's transient memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +143,8 @@ def load_model(
         and _source_bytes(path) >= CACHE_MIN_BYTES
     )
     cache_file = _cache_path(path) if cached else None
+    if cache_file is not None and not cache_file.exists():
+        _build_cache_in_child(path, cache_file)
     if cache_file is not None and cache_file.exists():
         try:
             blob = torch.load(cache_file, mmap=True, weights_only=False)
@@ -153,16 +158,48 @@ def load_model(
         model = model.to(device)
 
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        try:
-            torch.save({"model": model, "config": config}, tmp)
-            os.replace(tmp, cache_file)
-            _prune_cache(cache_file)
-        except OSError as exc:
-            log.warning("could not write model cache %s: %s", cache_file, exc)
-            tmp.unlink(missing_ok=True)
+        _save_cache(model, config, cache_file)
     return model, config
+
+
+def _save_cache(model: nn.Module, config: ModelConfig, cache_file: Path) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    try:
+        torch.save({"model": model, "config": config}, tmp)
+        os.replace(tmp, cache_file)
+        _prune_cache(cache_file)
+    except OSError as exc:
+        log.warning("could not write model cache %s: %s", cache_file, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def build_cache_entry(path: str, cache_file: str) -> None:
+    """Entry point of the child process that builds a packed-model cache entry."""
+    spec, config, weights = read_checkpoint(Path(path))
+    model = build_model(spec, weights, "fast", torch.device("cpu"))
+    _save_cache(model, config, Path(cache_file))
+
+
+def _build_cache_in_child(path: Path, cache_file: Path) -> None:
+    """Build the packed model in a child process that saves it to `cache_file`: the build's
+    transient memory (about 1.6 GiB for the default model, which glibc keeps mapped after it is
+    freed) never lands in the serving process, which then maps the file. On failure the caller
+    builds in-process."""
+    code = "import sys; from girandole.model.loader import build_cache_entry as b; b(*sys.argv[1:])"
+    log.info("building the packed model cache for %s (once per model and version)", path.name)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(cache_file)],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("building the model cache in a child process failed: %s", exc)
+        return
+    if done.returncode != 0:
+        log.warning("building the model cache in a child process failed: %s", done.stderr[-2000:])
 
 
 __all__ = ["load_model", "build_model", "read_checkpoint"]
