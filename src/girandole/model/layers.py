@@ -170,11 +170,12 @@ class QuantLMHead(nn.Module):
     not depend on how many rows share the call (batch invariance) and any number of rows can go
     in one call: 12.9 ms for 16 rows, 40 ms for 64 on the 2-core CPU (torch's int4pack kernel
     took 18 and 73), 4.2 ms for one. On the default model every logit is within about 1 (1.75
-    at worst; 0.8 near the top) of the exact one. Every logit within `REFINE_MARGIN` of a
-    row's maximum is then recomputed in float32 from `table` (the group-int8 weight: the
-    embedding table when tied), so the greedy choice, the top log-probabilities and the head of
-    the sampling distribution (every token within a factor e^-8 of the most likely: a median of
-    ~170 candidates) are those of the exact weights.
+    at worst; 0.8 near the top) of the exact one. A row's best `REFINE_TOP` coarse logits that lie
+    within `REFINE_MARGIN` of its maximum are then recomputed in float32 from `table` (the
+    group-int8 weight: the embedding table when tied), so the greedy choice, the top
+    log-probabilities and the head of the sampling distribution are those of the exact weights.
+    Measured on the default model (benchmarks/model_accuracy.py): perplexity +0.29 % over the
+    float32 reference on the decode path, top-1 agreement 99.1 %.
     """
 
     row_invariant = True  # a row's logits are the same whatever else shares the call
