@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CpuMeter,
     LoadSampler,
+    add_quiet_options,
     fmt,
     loadavg,
     log,
@@ -717,22 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra EngineConfig field for girandole, e.g. max_num_batched_tokens=1024",
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds per load or measurement")
-    p.add_argument(
-        "--quiet-below",
-        type=float,
-        default=0.1,
-        help="before each measurement, wait until other processes use at most this share of "
-        "the machine's CPUs (1 = never wait)",
-    )
-    p.add_argument("--max-wait", type=float, default=300, help="longest wait for quiet, seconds")
-    p.add_argument(
-        "--retry-above",
-        type=float,
-        default=0.25,
-        help="rerun a measurement (fresh prompts) when other processes used more than this share "
-        "of the CPUs while it ran",
-    )
-    p.add_argument("--retries", type=int, default=2, help="reruns per measurement at most")
+    add_quiet_options(p, "measurement", retries=2)
     p.add_argument(
         "--one-engine-at-a-time",
         action="store_true",

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CpuMeter,
     LoadSampler,
+    add_quiet_options,
     dump_json,
     find_llama_server,
     fmt,
@@ -493,21 +494,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="clients 1,4,16")
-    p.add_argument(
-        "--quiet-below",
-        type=float,
-        default=0.1,
-        help="before each cell, wait until other processes use at most this share of "
-        "the CPUs (1 = never wait)",
-    )
-    p.add_argument("--max-wait", type=float, default=300, help="longest wait for quiet, seconds")
-    p.add_argument(
-        "--retry-above",
-        type=float,
-        default=0.25,
-        help="rerun a cell when other processes used more than this share meanwhile",
-    )
-    p.add_argument("--retries", type=int, default=1, help="reruns per cell at most")
+    add_quiet_options(p, "cell", retries=1)
     p.add_argument(
         "--fixed-order",
         action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -331,3 +332,23 @@ class CpuMeter:
             waited = time.perf_counter() - t0
             if share <= threshold or waited >= max_wait:
                 return waited, share
+
+
+def add_quiet_options(p: argparse.ArgumentParser, what: str, retries: int) -> None:
+    """Options for a shared machine: wait for quiet before each `what`, rerun a disturbed one."""
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.1,
+        help=f"before each {what}, wait until other processes use at most this share of the "
+        "CPUs (1 = never wait)",
+    )
+    p.add_argument("--max-wait", type=float, default=300, help="longest wait for quiet, seconds")
+    p.add_argument(
+        "--retry-above",
+        type=float,
+        default=0.25,
+        help=f"rerun a {what} (fresh prompts) when other processes used more than this share of "
+        "the CPUs while it ran",
+    )
+    p.add_argument("--retries", type=int, default=retries, help=f"reruns per {what} at most")
