@@ -153,12 +153,7 @@ class LLMEngine:
         # prefill), which the runner tells them as a count of leading rows.
         order = sorted(
             range(len(batch.seqs)),
-            key=lambda i: (
-                not (
-                    batch.num_new_tokens[i] == 1
-                    and batch.seqs[i].num_computed_tokens >= batch.seqs[i].num_prompt_tokens
-                )
-            ),
+            key=lambda i: not batch.seqs[i].is_decode(batch.num_new_tokens[i]),
         )
         batch.seqs = [batch.seqs[i] for i in order]
         batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]

@@ -73,7 +73,7 @@ class ModelRunner:
         decode_only = self.device.type != "cpu" and all(n == 1 for n in num_new_tokens)
         num_decode_rows = 0  # the engine orders decode tokens first
         for seq, n in zip(seqs, num_new_tokens):
-            if n != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+            if not seq.is_decode(n):
                 break
             num_decode_rows += 1
         meta = AttentionMetadata(

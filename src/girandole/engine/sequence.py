@@ -78,6 +78,11 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
+    def is_decode(self, num_new_tokens: int) -> bool:
+        """Whether this step's `num_new_tokens` of the sequence are one generated token (decode),
+        as opposed to prompt tokens (prefill)."""
+        return num_new_tokens == 1 and self.num_computed_tokens >= self.num_prompt_tokens
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

@@ -136,18 +136,21 @@ class Attention(nn.Module):
         decode row needs no mask at all.
         """
         qlen, ctx = q.shape[0], k.shape[0]
-        k_pos = torch.arange(ctx, device=q.device)
-        q_pos = k_pos[ctx - qlen :]
-        if self._scores_softcap() or q.device.type != "cpu":  # GPUs: GQA kernels of their own
+        generic = self._scores_softcap() or q.device.type != "cpu"  # GPUs: GQA kernels of their own
+        masked = qlen > 1 or (self.sliding_window is not None and ctx > self.sliding_window)
+        if generic or masked:
+            k_pos = torch.arange(ctx, device=q.device)
+            q_pos = k_pos[ctx - qlen :]
+        if generic:
             return self._attend(q, k, v, q_pos, k_pos)
         rep = self.num_heads // self.num_kv_heads
         rows = max(qlen, -(-MIN_FOLDED_ROWS // rep))  # pad: too few rows take another path
-        if rows > qlen:
+        if rows > qlen:  # padding rows repeat the last query, at its position
             q = torch.cat([q, q[-1:].expand(rows - qlen, -1, -1)])
-            q_pos = torch.cat([q_pos, q_pos[-1:].expand(rows - qlen)])
         mask = None
-        if qlen > 1 or (self.sliding_window is not None and ctx > self.sliding_window):
-            mask = _window_mask(q_pos, k_pos, self.sliding_window).repeat(rep, 1)
+        if masked:
+            mask = _window_mask(q_pos, k_pos, self.sliding_window)
+            mask = torch.cat([mask, mask[-1:].expand(rows - qlen, -1)]).repeat(rep, 1)
         # 4-D inputs: torch's fused (flash) CPU kernel takes only those.
         qf = q.transpose(0, 1).reshape(1, self.num_kv_heads, rep * rows, self.head_dim)
         kf, vf = k.transpose(0, 1)[None], v.transpose(0, 1)[None]

@@ -294,9 +294,6 @@ class Builder:
                 table = embedding
             else:
                 table = self._int8_table("output.weight")
-            if table.hidden % 64:  # the int4 packing needs K % 64 == 0
-                rows = table.rows(torch.arange(table.qweight.shape[0]))
-                return embedding, DenseLMHead(rows, torch.bfloat16)
             return embedding, QuantLMHead(table)
         emb = self.tensor("token_embd.weight")
         embedding = DenseEmbedding(emb, self.dtype)
