@@ -1,0 +1,116 @@
+// Weight-quantized GEMM for decode rows on x86 CPUs with AVX512-BF16.
+//
+//   y[M][N] (fp32) = x[M][K] (bf16) . W[N][K]^T,   W = bf16(q * scale + offset)
+//
+// with q an integer level (4 or 8 bits) and (scale, offset) per output row and group of 32
+// inputs: GGUF's Q4_K/Q4_0/Q4_1 (4 bits) and Q5_0/Q6_K/Q8_0 (up to 8 bits) exactly.
+//
+// Why not torch's int4 kernel: it dequantizes the weights again for every 4 rows of x, so a
+// 16-row decode step costs 4x a 1-row one, and a 5-bit group needs two int4 matmuls. Here a
+// panel of 16 output channels x 32 inputs is dequantized once into bf16 (1 KiB, in L1) and
+// reused for every row.
+//
+// Batch invariance: every row is computed by the same sequence of instructions whatever M is
+// (rows are independent; a row's sum always runs over the groups and pairs in the same order),
+// so a row's result does not depend on the other rows of the call.
+//
+// Layouts (made by girandole/model/wq_kernel.py). Channels go in chunks of CHUNK blocks of 16
+// (the last chunk may have fewer blocks); within a chunk, group by group, so each thread
+// reads two sequential streams:
+//   q:      [chunk][K/32][block][16 pairs][32 values]; value i of pair p is channel
+//           c = i / 2 (i < 16) or 8 + (i - 16) / 2 of the block, input k = 32 g + 2 p + i % 2.
+//           8 bits: one byte per value; 4 bits: 16 bytes per pair, byte i = value i | value
+//           (i + 16) << 4.
+//   params: [chunk][K/32][block][2][16] float32: the block's 16 scales, then 16 offsets.
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline void dequant_panel(const uint8_t *q, int bits, const float *params,
+                                 __m512i *panel) {
+    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i hi_idx =
+        _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    const __m512 s = _mm512_loadu_ps(params), o = _mm512_loadu_ps(params + 16);
+    const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s), s_hi = _mm512_permutexvar_ps(hi_idx, s);
+    const __m512 o_lo = _mm512_permutexvar_ps(lo_idx, o), o_hi = _mm512_permutexvar_ps(hi_idx, o);
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int p = 0; p < 16; p++) {
+        __m512i lo, hi;
+        if (bits == 4) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * p)));
+            lo = _mm512_and_si512(v, nibble);
+            hi = _mm512_srli_epi32(v, 4);
+        } else {
+            lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * p)));
+            hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * p + 16)));
+        }
+        // q * scale + offset in two roundings (no FMA, -ffp-contract=off): the same float the
+        // bf16 dense copy of the weight was made from.
+        __m512 wl = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s_lo), o_lo);
+        __m512 wh = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), s_hi), o_hi);
+        panel[p] = (__m512i)_mm512_cvtne2ps_pbh(wh, wl);  // low half from wl
+    }
+}
+
+#define PAIR(xrow, p) ((__m512bh)_mm512_set1_epi32(*(const int32_t *)((xrow) + 2 * (p))))
+
+// Adds one group's contribution to MT rows x BT channel blocks of y, accumulating in registers
+// (MT * BT independent chains keep the dot-product unit busy). Inlined with constant MT, BT.
+static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t K, float *y,
+                                                       int64_t N, const __m512i *panels, int MT,
+                                                       int BT, int first) {
+    __m512 acc[4][4];
+    for (int r = 0; r < MT; r++)
+        for (int b = 0; b < BT; b++)
+            acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * N + 16 * b);
+    for (int p = 0; p < 16; p++) {
+        for (int r = 0; r < MT; r++) {
+            __m512bh xr = PAIR(x + r * K, p);
+            for (int b = 0; b < BT; b++)
+                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, (__m512bh)panels[16 * b + p]);
+        }
+    }
+    for (int r = 0; r < MT; r++)
+        for (int b = 0; b < BT; b++) _mm512_storeu_ps(y + r * N + 16 * b, acc[r][b]);
+}
+
+// One group of BT channel blocks for all M rows: 4 rows at a time, then one by one.
+static inline __attribute__((always_inline)) void group_rows(const uint16_t *xg, int64_t M,
+                                                             int64_t K, float *yb, int64_t N,
+                                                             const __m512i *panels, int BT,
+                                                             int first) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile(xg + m * K, K, yb + m * N, N, panels, 4, BT, first);
+    for (; m < M; m++) tile(xg + m * K, K, yb + m * N, N, panels, 1, BT, first);
+}
+
+// Channels are taken CHUNK blocks (64) at a time: CHUNK panels dequantized per group, then
+// every row.
+#define CHUNK 4
+
+void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
+             const float *params, int64_t N, float *y, int nthreads) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
+    const int64_t pair_bytes = bits == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < nchunks; c++) {
+        __m512i panels[16 * CHUNK];
+        const int64_t nb0 = c * CHUNK;
+        const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t blk = nb0 * groups + g * bt;  // first block of this chunk-group
+            for (int b = 0; b < bt; b++)
+                dequant_panel(q + (blk + b) * group_bytes, bits, params + 32 * (blk + b),
+                              panels + 16 * b);
+            const uint16_t *xg = x + 32 * g;
+            float *yb = y + 16 * nb0;
+            switch (bt) {
+            case 4: group_rows(xg, M, K, yb, N, panels, 4, g == 0); break;
+            case 3: group_rows(xg, M, K, yb, N, panels, 3, g == 0); break;
+            case 2: group_rows(xg, M, K, yb, N, panels, 2, g == 0); break;
+            default: group_rows(xg, M, K, yb, N, panels, 1, g == 0); break;
+            }
+        }
+    }
+}

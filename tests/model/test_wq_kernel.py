@@ -1,0 +1,71 @@
+"""The native weight-quantized GEMM (girandole/model/csrc/wq_gemm.c): its results against a
+float64 product with the same bf16 weights, row invariance, and the quantized linears that
+use it against torch's int4 kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from girandole.model import quant, wq_kernel
+
+pytestmark = pytest.mark.skipif(
+    not wq_kernel.available(),
+    reason="native kernel unavailable here (needs an x86 CPU with AVX512-BF16 and a C compiler)",
+)
+
+
+def _levels(n: int, k: int, top: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, top, (n, k), generator=g, dtype=torch.int32)
+    scale = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    offset = -scale * (top / 2) + torch.randn(n, k // 32, generator=g) * 1e-3
+    return q, scale, offset
+
+
+def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
+    n, k = q.shape
+    w = q.float().reshape(n, k // 32, 32) * scale[..., None] + offset[..., None]
+    w = w.reshape(n, k).to(torch.bfloat16).double()
+    return x.to(torch.bfloat16).double() @ w.t()
+
+
+# N = 80 and 48: the last chunk of 64 channels is partial; 8-bit levels as Q5_0 / Q8_0 give.
+@pytest.mark.parametrize("n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16)])
+def test_matches_float64_product(n, k, top):
+    q, scale, offset = _levels(n, k, top, seed=n + k)
+    packed, params, bits = wq_kernel.pack(q, scale, offset)
+    assert bits == (4 if top <= 16 else 8)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(1))
+    y = wq_kernel.gemm(x, packed, params, bits, n)
+    expected = _expected(x, q, scale, offset)
+    err = (y.double() - expected).abs().max() / expected.abs().max()
+    assert err < 1e-5, f"relative error {err:.2e}"
+
+
+def test_rows_do_not_depend_on_their_neighbours():
+    q, scale, offset = _levels(192, 256, 32, seed=3)
+    packed, params, bits = wq_kernel.pack(q, scale, offset)
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(2))
+    whole = wq_kernel.gemm(x, packed, params, bits, 192)
+    for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37)):
+        assert torch.equal(wq_kernel.gemm(x[rows], packed, params, bits, 192), whole[rows])
+
+
+@pytest.mark.parametrize("top", [16, 32])
+def test_quantized_linears_agree_with_torch_int4_kernels(top):
+    """The same layer through the native kernel (forward) and torch's int4pack kernels
+    (`_packed`, the fallback): both compute with the same weights, within bf16 rounding."""
+    q, scale, offset = _levels(128, 256, top, seed=top)
+    if top == 16:
+        layer = quant.Int4Linear(None, groups=(q, scale, offset + 8.0 * scale))
+    else:
+        layer = quant.Int4x2Linear((q, scale, offset))
+    assert layer.native_bits == (4 if top == 16 else 8)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
+    native = layer(x)
+    fallback = layer._packed(x.to(torch.bfloat16))
+    expected = _expected(x, q, scale, offset).float()
+    scale_ = expected.abs().max()
+    assert (native - expected).abs().max() / scale_ < 1e-5
+    assert (fallback - expected).abs().max() / scale_ < 2e-2
