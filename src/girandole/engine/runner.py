@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from girandole.engine.sequence import Sequence
+from girandole.model import native
 from girandole.model.attention import Attention, AttentionMetadata, attention_context
 from girandole.model.config import ModelConfig
 
@@ -83,6 +84,10 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
         )
+        if self.device.type == "cpu" and num_decode_rows and native.library() is not None:
+            lens = torch.tensor([0] + context_lens[:num_decode_rows], dtype=torch.long)
+            meta.native_decode_offsets = lens.cumsum(0)
+            meta.native_decode_slots = torch.cat(context_slots[:num_decode_rows])
         if decode_only:
             max_len = max(context_lens)
             padded = torch.zeros(len(seqs), max_len, dtype=torch.long)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from girandole.model import decode_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -36,6 +38,10 @@ class AttentionMetadata:
     # The first this-many tokens of the batch are decode tokens (one generated token of a
     # sequence); linears with two kernels pick theirs by this role, not by the row count.
     num_decode_rows: int | None = None
+    # CPU with native kernels: the decode sequences' context slots concatenated, and where each
+    # starts ([num_decode_rows + 1]), for girandole.model.decode_attention.
+    native_decode_slots: torch.Tensor | None = None
+    native_decode_offsets: torch.Tensor | None = None
 
 
 _current: AttentionMetadata | None = None
@@ -115,16 +121,33 @@ class Attention(nn.Module):
         else:
             # One sequence at a time: a row's result then depends only on its own sequence, never
             # on what else shares the step (batch invariance: a seeded request samples the same
-            # tokens alone or in a busy batch).
+            # tokens alone or in a busy batch). Decode rows (first in the batch) go to the
+            # native kernel where there is one: it reads the cache in place.
             outs = []
-            start = 0
-            for qlen, slots in zip(meta.query_lens, meta.context_slots):
+            first = 0
+            if meta.native_decode_offsets is not None and decode_attention.supported(
+                self.head_dim, self.k_cache, self.logit_softcap
+            ):
+                first = len(meta.native_decode_offsets) - 1
+                outs.append(
+                    decode_attention.decode_attention(
+                        q[:first],
+                        self.k_cache,
+                        self.v_cache,
+                        meta.native_decode_slots,
+                        meta.native_decode_offsets,
+                        self.sliding_window,
+                        self.scale,
+                    )
+                )
+            start = first
+            for qlen, slots in zip(meta.query_lens[first:], meta.context_slots[first:]):
                 qi = q[start : start + qlen]
                 start += qlen
                 ki = self.k_cache.index_select(0, slots)
                 vi = self.v_cache.index_select(0, slots)
                 outs.append(self._attend_sequence(qi, ki, vi))
-            out = torch.cat(outs, dim=0)
+            out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         return out.to(out_dtype).reshape(out.shape[0], -1)
 
     def _attend_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,169 @@
+// Decode attention on CPU (AVX512, float32): one query token per sequence against its keys in
+// the paged KV cache, read in place through the sequence's slot list (no gather copy).
+//
+// Work is split into tasks of (sequence, KV head, chunk of KEY_CHUNK keys), spread over the
+// threads; each task computes its chunk's softmax partials (max, sum, weighted values) and the
+// chunks of a head are then combined in order. Every number depends only on the sequence's own
+// query and keys and on fixed chunk boundaries, never on the batch or the thread count: a
+// sequence gets the same result alone or in any batch.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define KEY_CHUNK 128
+#define MAX_REP 8  // query heads per KV head handled together (more: in several passes)
+
+// e^x for x <= 0 (scores minus their max): Cephes' polynomial, about 1 ulp.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+// Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence.
+// m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
+static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cache,
+                           const float *v_cache, int64_t row_stride, const int64_t *slots,
+                           int64_t j0, int64_t j1, float scale, float *m, float *l, float *o) {
+    float s[MAX_REP][KEY_CHUNK];
+    const int64_t n = j1 - j0;
+    for (int h = 0; h < nh; h++) m[h] = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        const float *kj = k_cache + slots[j0 + j] * row_stride;
+        for (int h = 0; h < nh; h++) {
+            const float *qh = q + h * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), acc);
+            const float sc = _mm512_reduce_add_ps(acc) * scale;
+            s[h][j] = sc;
+            if (sc > m[h]) m[h] = sc;
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        const __m512 mh = _mm512_set1_ps(m[h]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s[h] + j), mh));
+            p = _mm512_maskz_mov_ps(k, p);
+            _mm512_mask_storeu_ps(s[h] + j, k, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        l[h] = _mm512_reduce_add_ps(sum);
+    }
+    // o[h] = sum_j p[h][j] * v_j, 64 dims of up to 4 heads at a time (16 accumulators).
+    for (int h0 = 0; h0 < nh; h0 += 4) {
+        const int hn = nh - h0 < 4 ? nh - h0 : 4;
+        for (int64_t d = 0; d < D; d += 64) {
+            const int dn = D - d < 64 ? (int)((D - d) / 16) : 4;
+            __m512 acc[4][4];
+            for (int h = 0; h < 4; h++)
+                for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                const float *vj = v_cache + slots[j0 + j] * row_stride + d;
+                __m512 v[4];
+                for (int c = 0; c < dn; c++) v[c] = _mm512_loadu_ps(vj + 16 * c);
+                for (int h = 0; h < hn; h++) {
+                    const __m512 p = _mm512_set1_ps(s[h0 + h][j]);
+                    for (int c = 0; c < dn; c++) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
+                }
+            }
+            for (int h = 0; h < hn; h++)
+                for (int c = 0; c < dn; c++)
+                    _mm512_storeu_ps(o + (int64_t)(h0 + h) * D + d + 16 * c, acc[h][c]);
+        }
+    }
+}
+
+// q, out: [S, H, D]; k_cache, v_cache: [slots, Hkv, D]; slots: the cache slot of every key
+// position of each sequence, concatenated (sequence i's at offsets[i] .. offsets[i + 1]).
+// window > 0: only the last `window` keys (sliding-window layers). D % 16 == 0.
+void decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                      const int64_t *slots, const int64_t *offsets, int64_t S, int64_t H,
+                      int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
+                      int nthreads) {
+    const int64_t rep = H / Hkv, row_stride = Hkv * D;
+    int64_t *first = malloc(sizeof(int64_t) * (S + 1));  // first task of each sequence
+    int64_t ntasks = 0;
+    for (int64_t i = 0; i < S; i++) {
+        int64_t ctx = offsets[i + 1] - offsets[i];
+        int64_t start = window > 0 && ctx > window ? ctx - window : 0;
+        first[i] = ntasks;
+        ntasks += Hkv * ((ctx - start + KEY_CHUNK - 1) / KEY_CHUNK);
+    }
+    first[S] = ntasks;
+    // Per task: rep maxima, rep sums, rep * D weighted values.
+    const int64_t per_task = rep * (D + 2);
+    float *part = malloc(sizeof(float) * (ntasks * per_task + 1));
+
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; t++) {
+        int64_t i = 0;  // the task's sequence: binary search in first[]
+        for (int64_t lo = 0, hi = S - 1; lo <= hi;) {
+            int64_t mid = (lo + hi) / 2;
+            if (first[mid] <= t) {
+                i = mid;
+                lo = mid + 1;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        const int64_t ctx = offsets[i + 1] - offsets[i];
+        const int64_t start = window > 0 && ctx > window ? ctx - window : 0;
+        const int64_t nchunks = (ctx - start + KEY_CHUNK - 1) / KEY_CHUNK;
+        const int64_t g = (t - first[i]) / nchunks, c = (t - first[i]) % nchunks;
+        const int64_t j0 = start + c * KEY_CHUNK;
+        const int64_t j1 = j0 + KEY_CHUNK < ctx ? j0 + KEY_CHUNK : ctx;
+        float *pm = part + t * per_task, *pl = pm + rep, *po = pl + rep;
+        for (int64_t h0 = 0; h0 < rep; h0 += MAX_REP) {
+            const int nh = rep - h0 < MAX_REP ? (int)(rep - h0) : MAX_REP;
+            chunk_partials(q + (i * H + g * rep + h0) * D, nh, D, k_cache + g * D, v_cache + g * D,
+                           row_stride, slots + offsets[i], j0, j1, scale, pm + h0, pl + h0,
+                           po + h0 * D);
+        }
+    }
+
+    // Combine each head's chunks in order.
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t ig = 0; ig < S * Hkv; ig++) {
+        const int64_t i = ig / Hkv, g = ig % Hkv;
+        const int64_t nchunks = (first[i + 1] - first[i]) / Hkv;
+        const float *base = part + (first[i] + g * nchunks) * per_task;
+        for (int64_t h = 0; h < rep; h++) {
+            float mx = -INFINITY;
+            for (int64_t c = 0; c < nchunks; c++) {
+                const float mc = base[c * per_task + h];
+                if (mc > mx) mx = mc;
+            }
+            float total = 0.0f;
+            float *dst = out + (i * H + g * rep + h) * D;
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_setzero_ps());
+            for (int64_t c = 0; c < nchunks; c++) {
+                const float *pc = base + c * per_task;
+                const __m512 w = exp512(_mm512_set1_ps(pc[h] - mx));
+                total += _mm512_cvtss_f32(w) * pc[rep + h];
+                const float *oc = pc + 2 * rep + h * D;
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(dst + d, _mm512_fmadd_ps(w, _mm512_loadu_ps(oc + d),
+                                                              _mm512_loadu_ps(dst + d)));
+            }
+            const __m512 inv = _mm512_set1_ps(1.0f / total);
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(dst + d), inv));
+        }
+    }
+    free(part);
+    free(first);
+}

@@ -1,0 +1,96 @@
+"""girandole's native CPU kernels (csrc/*.c), compiled on first use and loaded with ctypes.
+
+The C sources are compiled with the system's C compiler into one shared library in the cache
+folder (about two seconds, once per source version) and called through ctypes, which releases
+the GIL. They need an x86 CPU with AVX512-BF16 and a C compiler; without either (or with
+GIRANDOLE_NATIVE_KERNELS=0) `library()` is None and callers use torch's kernels instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.c"))
+FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+    "-ffp-contract=off",  # rounding exactly as written (see wq_gemm.c)
+    "-fopenmp",  # resolves to the libgomp torch has loaded: one thread pool
+    "-shared",
+    "-fPIC",
+]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+
+i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    # x, M, K, q, bits, params, N, y, nthreads
+    "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
+    # q, k_cache, v_cache, slots, offsets, S, H, Hkv, D, window, scale, out, nthreads
+    "decode_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
+}
+
+
+def _cpu_supported() -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(f in flags for f in CPU_FLAGS)
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}.so")
+    subprocess.run(
+        [compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("GIRANDOLE_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+        return None
+    from girandole.model.default import cache_dir
+
+    h = hashlib.sha256(" ".join(FLAGS).encode())
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    target = cache_dir() / "kernels" / f"girandole-native-{h.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("native CPU kernels unavailable, using torch's: %s", detail)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib
