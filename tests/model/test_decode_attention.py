@@ -12,7 +12,7 @@ from girandole.model.attention import Attention
 
 pytestmark = pytest.mark.skipif(
     not decode_attention.supported(16, torch.zeros(1), None),
-    reason="native kernels unavailable here (need an x86 CPU with AVX512-BF16 and a C compiler)",
+    reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 
 # Context lengths around the kernel's 128-key chunks, and one longer than a window.

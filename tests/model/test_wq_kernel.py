@@ -11,7 +11,7 @@ from girandole.model import quant, wq_kernel
 
 pytestmark = pytest.mark.skipif(
     not wq_kernel.available(),
-    reason="native kernel unavailable here (needs an x86 CPU with AVX512-BF16 and a C compiler)",
+    reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 
 

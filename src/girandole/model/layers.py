@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from girandole.model import int8_head
 from girandole.model.attention import Attention
 from girandole.model.quant import (
     INT4_GROUP,
@@ -166,10 +167,11 @@ class QuantLMHead(nn.Module):
     against the hidden state quantized to int8 per row, with the top candidates recomputed
     exactly.
 
-    The integer matmul (`torch._int_mm`, VNNI on x86) accumulates exactly, so a row's logits do
-    not depend on how many rows share the call (batch invariance) and any number of rows can go
-    in one call: 12.9 ms for 16 rows, 40 ms for 64 on the 2-core CPU (torch's int4pack kernel
-    took 18 and 73), 4.2 ms for one. On the default model every logit is within about 1 (1.75
+    The integer matmul (girandole's native VNNI kernel, int8_head, or `torch._int_mm`: the same
+    integers) accumulates exactly, so a row's logits do not depend on how many rows share the
+    call (batch invariance) and any number of rows can go in one call: on the 2-core CPU 7.9 ms
+    for 16 rows and 36 ms for 64 natively (`_int_mm`: 12.6 and 59; torch's int4pack kernel took
+    18 and 73), 2.5 ms for one. On the default model every logit is within about 1 (1.75
     at worst; 0.8 near the top) of the exact one. A row's best `REFINE_TOP` coarse logits that lie
     within `REFINE_MARGIN` of its maximum are then recomputed in float32 from `table` (the
     group-int8 weight: the embedding table when tied), so the greedy choice, the top
@@ -196,12 +198,22 @@ class QuantLMHead(nn.Module):
             scale.append(sc)
         self.register_buffer("qweight", torch.cat(q))  # [V, H]
         self.register_buffer("qscale", torch.cat(scale))  # [V]
+        # The native kernel's layout of the same weight (from the memory-mapped model cache only
+        # the one in use is read into memory).
+        vocab, hidden = self.qweight.shape
+        native = int8_head.supports(vocab, hidden)
+        packed, wsum = int8_head.pack(self.qweight) if native else (None, None)
+        self.register_buffer("native_packed", packed)
+        self.register_buffer("native_wsum", wsum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        out = torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale)
+        if self.native_packed is not None and int8_head.available():  # the same numbers
+            out = int8_head.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
+        else:
+            out = torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale)
         # The row's best REFINE_TOP by the coarse logits, those within REFINE_MARGIN of its top
         # recomputed exactly: decided per row, never by the other rows of the batch.
         vals, idx = out.topk(min(self.REFINE_TOP, out.shape[-1]), dim=-1)

@@ -2,7 +2,7 @@
 
 The C sources are compiled with the system's C compiler into one shared library in the cache
 folder (about two seconds, once per source version) and called through ctypes, which releases
-the GIL. They need an x86 CPU with AVX512-BF16 and a C compiler; without either (or with
+the GIL. They need an x86 CPU with AVX512-BF16 and VNNI and a C compiler; without either (or with
 GIRANDOLE_NATIVE_KERNELS=0) `library()` is None and callers use torch's kernels instead.
 """
 
@@ -28,19 +28,22 @@ FLAGS = [
     "-mavx512vl",
     "-mavx512dq",
     "-mavx512bf16",
+    "-mavx512vnni",
     "-mfma",
     "-ffp-contract=off",  # rounding exactly as written (see wq_gemm.c)
     "-fopenmp",  # resolves to the libgomp torch has loaded: one thread pool
     "-shared",
     "-fPIC",
 ]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     # x, M, K, q, bits, params, N, y, nthreads
     "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, offsets, S, H, Hkv, D, window, scale, out, nthreads
+    # x, M, K, w, wsum, xs, ws, N, y, nthreads
+    "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     "decode_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
 }
 
