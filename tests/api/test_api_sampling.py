@@ -16,10 +16,11 @@ import torch
 from api_helpers import API_KEY, MODEL, post, sse_events
 
 CHAT = "/v1/chat/completions"
-# At least 16 tokens: a plain forward then takes the same (dense bf16) kernels as the server's
-# prefill, so prompt positions match to float rounding. Generated tokens after the first come from
-# decode steps, which fast mode runs on packed int4 kernels: their logprobs differ from a plain
-# forward by up to ~0.2, so those are checked with DECODE_TOL, and argmax only where clear.
+# At least 16 tokens: a plain forward then takes the same kernels as the server's prefill (with
+# girandole's native CPU kernels, the same for any row count), so prompt positions match to float
+# rounding. Without native kernels, generated tokens after the first come from decode steps on
+# torch's packed int4 kernels: their logprobs differ from a plain forward by up to ~0.2, so those
+# are checked with DECODE_TOL, and argmax only where clear.
 PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
 TOL = 1e-3
 DECODE_TOL = 0.3

@@ -77,6 +77,8 @@ class ModelRunner:
             if not seq.is_decode(n):
                 break
             num_decode_rows += 1
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(
             num_decode_rows=num_decode_rows,
             slot_mapping=torch.cat(slot_mapping).to(self.device),
@@ -84,10 +86,15 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
         )
-        if self.device.type == "cpu" and num_decode_rows and native.library() is not None:
-            lens = torch.tensor([0] + context_lens[:num_decode_rows], dtype=torch.long)
-            meta.native_decode_offsets = lens.cumsum(0)
-            meta.native_decode_slots = torch.cat(context_slots[:num_decode_rows])
+        if self.device.type == "cpu" and native.library() is not None:
+            starts: list[int] = []
+            offset = 0
+            for n, ctx in zip(num_new_tokens, context_lens):
+                starts.extend([offset] * n)
+                offset += ctx
+            meta.native_slots = torch.cat(context_slots)
+            meta.native_starts = torch.tensor(starts, dtype=torch.long)
+            meta.native_lens = pos + 1
         if decode_only:
             max_len = max(context_lens)
             padded = torch.zeros(len(seqs), max_len, dtype=torch.long)
@@ -101,8 +108,6 @@ class ModelRunner:
                 [c - 1 for c in context_lens], dtype=torch.long, device=self.device
             )
 
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         with attention_context(meta):
             hidden = self.model(ids, pos)
 

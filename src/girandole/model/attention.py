@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import decode_attention
+from girandole.model import paged_attention
 
 
 @dataclass
@@ -38,10 +38,12 @@ class AttentionMetadata:
     # The first this-many tokens of the batch are decode tokens (one generated token of a
     # sequence); linears with two kernels pick theirs by this role, not by the row count.
     num_decode_rows: int | None = None
-    # CPU with native kernels: the decode sequences' context slots concatenated, and where each
-    # starts ([num_decode_rows + 1]), for girandole.model.decode_attention.
-    native_decode_slots: torch.Tensor | None = None
-    native_decode_offsets: torch.Tensor | None = None
+    # CPU with native kernels (girandole.model.paged_attention), per query row: where its
+    # sequence's slots start in `native_slots` (every sequence's context_slots, concatenated)
+    # and how many keys it sees.
+    native_slots: torch.Tensor | None = None
+    native_starts: torch.Tensor | None = None
+    native_lens: torch.Tensor | None = None
 
 
 _current: AttentionMetadata | None = None
@@ -107,7 +109,23 @@ class Attention(nn.Module):
         out_dtype = q.dtype
         meta = _current
         if meta is None or self.k_cache is None:  # the same kernels as inside the engine
-            out = self._attend_sequence(q.float(), k.float(), v.float())
+            q, k, v = q.float(), k.float(), v.float()
+            if paged_attention.supported(self.head_dim, k, self.logit_softcap):
+                # k, v as a cache of their own, slot i holding position i.
+                t = q.shape[0]
+                lens = torch.arange(1, t + 1)
+                out = paged_attention.paged_attention(
+                    q,
+                    k.contiguous(),
+                    v.contiguous(),
+                    torch.arange(t),
+                    torch.zeros_like(lens),
+                    lens,
+                    self.sliding_window,
+                    self.scale,
+                )
+            else:
+                out = self._attend_sequence(q, k, v)
             return out.to(out_dtype).reshape(q.shape[0], -1)
 
         cache_dtype = self.k_cache.dtype
@@ -118,36 +136,33 @@ class Attention(nn.Module):
 
         if meta.decode_slots is not None:
             out = self._attend_decode(q, meta)
+        elif meta.native_lens is not None and paged_attention.supported(
+            self.head_dim, self.k_cache, self.logit_softcap
+        ):
+            # Every row, decode or prefill, through one kernel that reads the cache in place.
+            out = paged_attention.paged_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.native_slots,
+                meta.native_starts,
+                meta.native_lens,
+                self.sliding_window,
+                self.scale,
+            )
         else:
             # One sequence at a time: a row's result then depends only on its own sequence, never
             # on what else shares the step (batch invariance: a seeded request samples the same
-            # tokens alone or in a busy batch). Decode rows (first in the batch) go to the
-            # native kernel where there is one: it reads the cache in place.
+            # tokens alone or in a busy batch).
             outs = []
-            first = 0
-            if meta.native_decode_offsets is not None and decode_attention.supported(
-                self.head_dim, self.k_cache, self.logit_softcap
-            ):
-                first = len(meta.native_decode_offsets) - 1
-                outs.append(
-                    decode_attention.decode_attention(
-                        q[:first],
-                        self.k_cache,
-                        self.v_cache,
-                        meta.native_decode_slots,
-                        meta.native_decode_offsets,
-                        self.sliding_window,
-                        self.scale,
-                    )
-                )
-            start = first
-            for qlen, slots in zip(meta.query_lens[first:], meta.context_slots[first:]):
+            start = 0
+            for qlen, slots in zip(meta.query_lens, meta.context_slots):
                 qi = q[start : start + qlen]
                 start += qlen
                 ki = self.k_cache.index_select(0, slots)
                 vi = self.v_cache.index_select(0, slots)
                 outs.append(self._attend_sequence(qi, ki, vi))
-            out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+            out = torch.cat(outs, dim=0)
         return out.to(out_dtype).reshape(out.shape[0], -1)
 
     def _attend_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,10 @@ i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c
 SIGNATURES = {
     # x, M, K, q, bits, params, N, y, nthreads
     "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
-    # q, k_cache, v_cache, slots, offsets, S, H, Hkv, D, window, scale, out, nthreads
     # x, M, K, w, wsum, xs, ws, N, y, nthreads
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
-    "decode_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
+    # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads
+    "paged_attention": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
 }
 
 

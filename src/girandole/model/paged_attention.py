@@ -1,6 +1,7 @@
-"""Native decode attention on CPU (csrc/decode_attention.c): one query token per sequence
-against its keys, read in place from the paged KV cache (no gather), parallel over sequences,
-KV heads and chunks of keys. A sequence's result does not depend on its batch neighbours.
+"""Native paged attention on CPU (csrc/paged_attention.c): query rows against the keys they
+see, read in place from the paged KV cache (no gather), parallel over rows, KV heads and chunks
+of keys. A row's result depends only on its own query and keys: not on its batch neighbours,
+on how its prompt was chunked, or on being a decode or a prefill token.
 Available where girandole.model.native builds (x86 with AVX512 and a C compiler)."""
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ def supported(head_dim: int, cache: torch.Tensor, softcap: float | None) -> bool
     )
 
 
-def decode_attention(
-    q: torch.Tensor,  # [S, H, D] float32, one query per sequence
+def paged_attention(
+    q: torch.Tensor,  # [S, H, D] float32: S query rows
     k_cache: torch.Tensor,  # [slots, Hkv, D] float32
     v_cache: torch.Tensor,
-    slots: torch.Tensor,  # int64: every sequence's key slots, concatenated
-    offsets: torch.Tensor,  # int64 [S + 1]: sequence i's slots are slots[offsets[i]:offsets[i+1]]
+    slots: torch.Tensor,  # int64: cache slots of the rows' sequences' positions, concatenated
+    starts: torch.Tensor,  # int64 [S]: where row i's sequence starts in `slots`
+    lens: torch.Tensor,  # int64 [S]: keys row i sees (its position + 1)
     window: int | None,
     scale: float,
 ) -> torch.Tensor:  # [S, H, D]
@@ -34,12 +36,13 @@ def decode_attention(
     q = q.float().contiguous()
     s, h, d = q.shape
     out = torch.empty_like(q)
-    lib.decode_attention(
+    lib.paged_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         slots.data_ptr(),
-        offsets.data_ptr(),
+        starts.data_ptr(),
+        lens.data_ptr(),
         s,
         h,
         k_cache.shape[1],

@@ -1,11 +1,12 @@
-// Decode attention on CPU (AVX512, float32): one query token per sequence against its keys in
-// the paged KV cache, read in place through the sequence's slot list (no gather copy).
+// Paged attention on CPU (AVX512, float32), one query row at a time: each query token against
+// the keys it sees (causal, optionally a sliding window) in the paged KV cache, read in place
+// through its sequence's slot list (no gather copy).
 //
-// Work is split into tasks of (sequence, KV head, chunk of KEY_CHUNK keys), spread over the
+// Work is split into tasks of (query row, KV head, chunk of KEY_CHUNK keys), spread over the
 // threads; each task computes its chunk's softmax partials (max, sum, weighted values) and the
-// chunks of a head are then combined in order. Every number depends only on the sequence's own
-// query and keys and on fixed chunk boundaries, never on the batch or the thread count: a
-// sequence gets the same result alone or in any batch.
+// chunks of a head are then combined in order. Every number depends only on the row's own query
+// and keys and on fixed chunk boundaries: never on the batch, on how a prompt was split into
+// chunks, on whether the row is a decode or a prefill token, or on the thread count.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -87,18 +88,18 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
     }
 }
 
-// q, out: [S, H, D]; k_cache, v_cache: [slots, Hkv, D]; slots: the cache slot of every key
-// position of each sequence, concatenated (sequence i's at offsets[i] .. offsets[i + 1]).
-// window > 0: only the last `window` keys (sliding-window layers). D % 16 == 0.
-void decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                      const int64_t *slots, const int64_t *offsets, int64_t S, int64_t H,
-                      int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
-                      int nthreads) {
+// q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
+// cache slots slots[starts[i]] .. slots[starts[i] + lens[i] - 1] (its positions 0 .. lens[i] - 1;
+// the query is at the last). window > 0: only the last `window` keys. D % 16 == 0.
+void paged_attention(const float *q, const float *k_cache, const float *v_cache,
+                     const int64_t *slots, const int64_t *starts, const int64_t *lens, int64_t S,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
+                     int nthreads) {
     const int64_t rep = H / Hkv, row_stride = Hkv * D;
     int64_t *first = malloc(sizeof(int64_t) * (S + 1));  // first task of each sequence
     int64_t ntasks = 0;
     for (int64_t i = 0; i < S; i++) {
-        int64_t ctx = offsets[i + 1] - offsets[i];
+        int64_t ctx = lens[i];
         int64_t start = window > 0 && ctx > window ? ctx - window : 0;
         first[i] = ntasks;
         ntasks += Hkv * ((ctx - start + KEY_CHUNK - 1) / KEY_CHUNK);
@@ -120,7 +121,7 @@ void decode_attention(const float *q, const float *k_cache, const float *v_cache
                 hi = mid - 1;
             }
         }
-        const int64_t ctx = offsets[i + 1] - offsets[i];
+        const int64_t ctx = lens[i];
         const int64_t start = window > 0 && ctx > window ? ctx - window : 0;
         const int64_t nchunks = (ctx - start + KEY_CHUNK - 1) / KEY_CHUNK;
         const int64_t g = (t - first[i]) / nchunks, c = (t - first[i]) % nchunks;
@@ -130,7 +131,7 @@ void decode_attention(const float *q, const float *k_cache, const float *v_cache
         for (int64_t h0 = 0; h0 < rep; h0 += MAX_REP) {
             const int nh = rep - h0 < MAX_REP ? (int)(rep - h0) : MAX_REP;
             chunk_partials(q + (i * H + g * rep + h0) * D, nh, D, k_cache + g * D, v_cache + g * D,
-                           row_stride, slots + offsets[i], j0, j1, scale, pm + h0, pl + h0,
+                           row_stride, slots + starts[i], j0, j1, scale, pm + h0, pl + h0,
                            po + h0 * D);
         }
     }

@@ -1,0 +1,73 @@
+"""Native paged attention (girandole/model/csrc/paged_attention.c) against the torch path it
+replaces on CPU, with scattered cache slots, sliding windows and several query heads per KV
+head; and a row's result is the same alone, in a batch, or as any row of a prefill chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from girandole.model import paged_attention
+from girandole.model.attention import Attention
+
+pytestmark = pytest.mark.skipif(
+    not paged_attention.supported(16, torch.zeros(1), None),
+    reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
+)
+
+# Context lengths around the kernel's 128-key chunks, and one longer than a window.
+CONTEXTS = [1, 5, 127, 128, 129, 300, 700]
+
+
+def _cache(g, kv_heads, head_dim, num_slots=4096):
+    k_cache = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    return k_cache, v_cache
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 256), (8, 2, 64), (6, 2, 48)])
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_rows_match_torch_attention(heads, kv_heads, head_dim, window):
+    g = torch.Generator().manual_seed(heads * head_dim + (window or 0))
+    k_cache, v_cache = _cache(g, kv_heads, head_dim)
+    scale = head_dim**-0.5
+    layer = Attention(heads, kv_heads, head_dim, scale, window)
+    perm = torch.randperm(len(k_cache), generator=g)
+    slots = list(torch.split(perm[: sum(CONTEXTS)], CONTEXTS))
+    lens = torch.tensor(CONTEXTS)
+    starts = lens.cumsum(0) - lens
+    q = torch.randn(len(CONTEXTS), heads, head_dim, generator=g)
+
+    out = paged_attention.paged_attention(
+        q, k_cache, v_cache, torch.cat(slots), starts, lens, window, scale
+    )
+    for i in range(len(CONTEXTS)):
+        expected = layer._attend_sequence(q[i : i + 1], k_cache[slots[i]], v_cache[slots[i]])[0]
+        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=2e-6)
+        alone = paged_attention.paged_attention(
+            q[i : i + 1], k_cache, v_cache, slots[i], starts[:1] * 0, lens[i : i + 1], window, scale
+        )
+        assert torch.equal(alone[0], out[i])
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_prefill_rows_are_causal_and_chunking_free(window):
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, n = 4, 1, 64, 300
+    k_cache, v_cache = _cache(g, kv_heads, head_dim)
+    slots = torch.randperm(len(k_cache), generator=g)[:n]
+    q = torch.randn(n, heads, head_dim, generator=g)
+    scale = head_dim**-0.5
+    layer = Attention(heads, kv_heads, head_dim, scale, window)
+
+    def rows(lo: int, hi: int) -> torch.Tensor:  # positions lo..hi-1 as one chunk
+        lens = torch.arange(lo + 1, hi + 1)
+        return paged_attention.paged_attention(
+            q[lo:hi], k_cache, v_cache, slots, torch.zeros_like(lens), lens, window, scale
+        )
+
+    whole = rows(0, n)
+    expected = layer._attend_sequence(q, k_cache[slots], v_cache[slots])
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=2e-6)
+    assert torch.equal(torch.cat([rows(0, 97), rows(97, 250), rows(250, n)]), whole)
+    assert torch.equal(rows(n - 1, n), whole[-1:])  # the last row as a decode token
