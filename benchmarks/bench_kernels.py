@@ -1,0 +1,142 @@
+"""girandole's native CPU kernels against the torch kernels they replace, at the default
+model's shapes (Gemma 3 270M: 18 layers, hidden 640, 4 query heads / 1 KV head of 256, 262k
+vocabulary), with random weights of the same formats.
+
+    .venv/bin/python benchmarks/bench_kernels.py [--rows 1,4,16,64] [--threads 2]
+
+Prints median milliseconds per decode step's worth of each operation:
+- linears: the 18 layers' qkv, o, gate_up, down (Q5_0-like 5-bit and Q4_K-like 4-bit groups of
+  32): native wq_gemm vs torch's int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16
+  F.linear on dense weights;
+- LM head coarse logits: native int8_gemm vs torch._int_mm (the same integers);
+- attention: native paged attention reading the cache in place vs gather + torch SDPA (the
+  GQA heads folded into query rows), one query per sequence at 304 keys in 16-slot blocks, 18 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from girandole.model import int8_head, paged_attention, quant, wq_kernel
+from girandole.model.attention import Attention
+
+LAYERS = 18
+SHAPES = {"qkv": (1536, 640, 32), "o": (640, 1024, 16), "gate_up": (4096, 640, 32)}
+SHAPES["down"] = (640, 2048, 16)
+VOCAB, HIDDEN = 262144, 640
+BLOCK = 16  # KV cache block size, tokens
+
+
+def median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        for n, k, levels in SHAPES.values():
+            q = torch.randint(0, levels, (n, k), generator=g, dtype=torch.int32)
+            scale = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3
+            offset = -scale * levels / 2
+            if levels == 16:
+                layer = quant.Int4Linear(None, groups=(q, scale, offset + 8 * scale))
+            else:
+                layer = quant.Int4x2Linear((q, scale, offset))
+            layers.append(layer)
+    out = {"native": [], "torch int4pack": [], "bf16 F.linear": []}
+    for m in rows:
+        xs = {k: torch.randn(m, k).to(torch.bfloat16) for k in (640, 1024, 2048)}
+        out["native"].append(
+            median_ms(lambda xs=xs: [quant.native_forward(t, xs[t.in_features]) for t in layers])
+        )
+        out["torch int4pack"].append(
+            median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t in layers])
+        )
+        out["bf16 F.linear"].append(
+            median_ms(lambda xs=xs: [F.linear(xs[t.in_features], t.dense) for t in layers])
+        )
+    return [(f"linears, {name}", v) for name, v in out.items()]
+
+
+def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (VOCAB, HIDDEN), generator=g, dtype=torch.int8)
+    ws = torch.rand(VOCAB, generator=g) * 0.01
+    packed, wsum = int8_head.pack(w)
+    native, torch_mm = [], []
+    for m in rows:
+        xq = torch.randint(-127, 128, (m, HIDDEN), generator=g, dtype=torch.int8)
+        sx = torch.rand(m, 1, generator=g)
+        native.append(median_ms(lambda xq=xq, sx=sx: int8_head.int8_gemm(xq, sx, packed, wsum, ws)))
+        torch_mm.append(
+            median_ms(lambda xq=xq, sx=sx: torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws))
+        )
+    return [("LM head, native int8", native), ("LM head, torch._int_mm", torch_mm)]
+
+
+def attention(rows: list[int], context: int = 304) -> list[tuple[str, list[float]]]:
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim = 4, 1, 256
+    slots_total = max(rows) * context * 2
+    caches = [
+        (torch.randn(slots_total, kv_heads, dim), torch.randn(slots_total, kv_heads, dim))
+        for _ in range(LAYERS)
+    ]
+    layer = Attention(heads, kv_heads, dim, dim**-0.5, 512)
+    native, torch_path = [], []
+    for m in rows:
+        # Paged like the engine's cache: blocks of 16 consecutive slots, scattered.
+        blocks = torch.randperm(slots_total // BLOCK, generator=g)[: m * context // BLOCK]
+        perm = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+        per_seq = list(perm.split(context))
+        q = torch.randn(m, heads, dim, generator=g)
+        starts = torch.arange(m) * context
+        lens = torch.full((m,), context)
+
+        def run_native(q=q, perm=perm, starts=starts, lens=lens):
+            for k, v in caches:
+                paged_attention.paged_attention(q, k, v, perm, starts, lens, 512, layer.scale)
+
+        def run_torch(q=q, per_seq=per_seq):
+            for k, v in caches:
+                for i, s in enumerate(per_seq):
+                    layer._attend_sequence(q[i : i + 1], k.index_select(0, s), v.index_select(0, s))
+
+        native.append(median_ms(run_native))
+        torch_path.append(median_ms(run_torch))
+    return [("attention, native paged", native), ("attention, gather + SDPA", torch_path)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", default="1,4,16,64", help="rows (sequences) per call")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not wq_kernel.available():
+        raise SystemExit(
+            "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
+        )
+    rows = [int(r) for r in args.rows.split(",")]
+    table = linears(rows) + lm_head(rows) + attention(rows)
+    print(f"threads: {args.threads}; median ms per decode step's worth (18 layers)")
+    print("| operation | " + " | ".join(f"{m} rows" for m in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name, values in table:
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+
+
+if __name__ == "__main__":
+    main()
