@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from girandole.model import int8_head, paged_attention, quant, wq_kernel
+from girandole.model import int8_head, native, paged_attention, quant
 from girandole.model.attention import Attention
 
 LAYERS = 18
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not wq_kernel.available():
+    if not native.available():
         raise SystemExit(
             "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
         )

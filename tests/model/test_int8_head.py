@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from girandole.model import int8_head
+from girandole.model import int8_head, native
 
 pytestmark = pytest.mark.skipif(
-    not int8_head.available(),
+    not native.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from girandole.model import quant, wq_kernel
+from girandole.model import native, quant, wq_kernel
 
 pytestmark = pytest.mark.skipif(
-    not wq_kernel.available(),
+    not native.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 

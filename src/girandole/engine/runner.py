@@ -86,7 +86,7 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
         )
-        if self.device.type == "cpu" and native.library() is not None:
+        if self.device.type == "cpu" and native.available():
             starts: list[int] = []
             offset = 0
             for n, ctx in zip(num_new_tokens, context_lens):

@@ -13,10 +13,6 @@ def supports(n: int, k: int) -> bool:
     return n % 16 == 0 and k % 4 == 0
 
 
-def available() -> bool:
-    return native.library() is not None
-
-
 def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 weight [N, K] -> (kernel layout [N/16][K/4][16][4] int8, per-row sums int32)."""
     n, k = w.shape

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import int8_head
+from girandole.model import int8_head, native
 from girandole.model.attention import Attention
 from girandole.model.quant import (
     INT4_GROUP,
@@ -210,7 +210,7 @@ class QuantLMHead(nn.Module):
         x = x.float()
         sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        if self.native_packed is not None and int8_head.available():  # the same numbers
+        if self.native_packed is not None and native.available():  # the same numbers
             out = int8_head.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
         else:
             out = torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale)

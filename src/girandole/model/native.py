@@ -97,3 +97,8 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = argtypes
         fn.restype = None
     return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loadable here."""
+    return library() is not None

@@ -13,7 +13,7 @@ from girandole.model import native
 
 def supported(head_dim: int, cache: torch.Tensor, softcap: float | None) -> bool:
     return (
-        native.library() is not None
+        native.available()
         and cache.device.type == "cpu"
         and cache.dtype == torch.float32
         and head_dim % 16 == 0

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import wq_kernel
+from girandole.model import native, wq_kernel
 from girandole.model.attention import current_decode_rows
 
 INT4_GROUP = 32
@@ -103,7 +103,7 @@ def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape[:-1]
     x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
     m = x2.shape[0]
-    if self.native_bits and wq_kernel.available():  # one row-invariant kernel for every row
+    if self.native_bits and native.available():  # one row-invariant kernel for every row
         y = native_forward(self, x2)
         if self.bias is not None:
             y = y + self.bias

@@ -16,10 +16,6 @@ BLOCK_N = 16
 CHUNK = 4  # blocks per chunk, as in the C source
 
 
-def available() -> bool:
-    return native.library() is not None
-
-
 def supports(n: int, k: int) -> bool:
     return n % BLOCK_N == 0 and k % GROUP == 0
 
