@@ -13,6 +13,7 @@
 #include <stdlib.h>
 
 #define KEY_CHUNK 128
+#define PREFETCH_AHEAD 16  // keys
 #define MAX_REP 8  // query heads per KV head handled together (more: in several passes)
 
 // e^x for x <= 0 (scores minus their max): Cephes' polynomial, about 1 ulp.
@@ -40,8 +41,19 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
     float s[MAX_REP][KEY_CHUNK];
     const int64_t n = j1 - j0;
     for (int h = 0; h < nh; h++) m[h] = -INFINITY;
+    for (int64_t j = 0; j < n && j < PREFETCH_AHEAD; j++) {
+        const char *kn = (const char *)(k_cache + slots[j0 + j] * row_stride);
+        for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
+    }
     for (int64_t j = 0; j < n; j++) {
         const float *kj = k_cache + slots[j0 + j] * row_stride;
+        // The rows are scattered (paged): fetch a later key and this key's value ahead of use.
+        if (j + PREFETCH_AHEAD < n) {
+            const char *kn = (const char *)(k_cache + slots[j0 + j + PREFETCH_AHEAD] * row_stride);
+            for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
+        }
+        const char *vp = (const char *)(v_cache + slots[j0 + j] * row_stride);
+        for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
         for (int h = 0; h < nh; h++) {
             const float *qh = q + h * D;
             __m512 acc = _mm512_setzero_ps();
