@@ -27,3 +27,51 @@ def test_bitwise_equal_to_torch_int_mm(n, k, rows):
     got = int8_head.int8_gemm(xq, sx, packed, wsum, ws)
     expected = torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws)
     assert torch.equal(got, expected)
+
+
+def _torch_refine(logits, x, table, margin, top):
+    """QuantLMHead's refinement in torch ops (its fallback path)."""
+    vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
+    keep = vals >= vals[:, :1] - margin
+    rows = torch.arange(logits.shape[0]).unsqueeze(1).expand_as(idx)[keep]
+    cols = idx[keep]
+    out = logits.clone()
+    out[rows, cols] = (table.rows(cols) * x[rows]).sum(dim=-1)
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("spread", [0.5, 20.0])  # most of the vocabulary within the margin, or few
+def test_refine_matches_the_torch_refinement(rows, spread):
+    from girandole.model.layers import Int8Embedding
+
+    g = torch.Generator().manual_seed(rows)
+    vocab, hidden, margin, top = 4099, 64, 8.0, 128
+    table = Int8Embedding(torch.randn(vocab, hidden, generator=g) * 0.1)
+    x = torch.randn(rows, hidden, generator=g)
+    coarse = torch.randn(rows, vocab, generator=g) * spread
+    coarse[0, :40] = coarse[0].max()  # ties at the top: the lower token ids win
+    expected = _torch_refine(coarse, x, table, margin, top)
+    got = coarse.clone()
+    int8_head.refine(got, x, table.qweight, table.scale, margin, top)
+    changed_got = got != coarse
+    changed_expected = expected != coarse
+    assert torch.equal(changed_got, changed_expected)  # the same candidates
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # A row's result does not depend on the rows beside it.
+    alone = coarse[-1:].clone()
+    int8_head.refine(alone, x[-1:], table.qweight, table.scale, margin, top)
+    assert torch.equal(alone, got[-1:])
+
+
+def test_native_argmax_is_torchs():
+    from girandole.sampling.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (5, 16, 17, 1000, 262144):
+        x = torch.randn(4, vocab, generator=g)
+        x[0, vocab // 2] = x.max() + 1
+        x[1, -1] = float("nan")  # torch: the first NaN
+        x[2] = float("-inf")
+        x[3] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties: the first maximum
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

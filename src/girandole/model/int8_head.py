@@ -47,3 +47,32 @@ def int8_gemm(
         torch.get_num_threads(),
     )
     return y
+
+
+def refine(
+    logits: torch.Tensor,  # float32 [M, V] coarse, contiguous: candidates overwritten in place
+    x: torch.Tensor,  # float32 [M, H]
+    table_q: torch.Tensor,  # int8 [V, H]
+    table_scale: torch.Tensor,  # float32 [V, H / 32]
+    margin: float,
+    top: int,
+) -> None:
+    """Recompute exactly each row's best `top` coarse logits within `margin` of its maximum
+    (csrc/logits.c)."""
+    lib = native.library()
+    assert lib is not None, "native kernels not available"
+    assert logits.is_contiguous() and logits.dtype == torch.float32
+    x = x.float().contiguous()
+    m, v = logits.shape
+    lib.lm_head_refine(
+        logits.data_ptr(),
+        m,
+        v,
+        x.data_ptr(),
+        x.shape[1],
+        table_q.data_ptr(),
+        table_scale.data_ptr(),
+        margin,
+        top,
+        torch.get_num_threads(),
+    )

@@ -178,6 +178,9 @@ class QuantLMHead(nn.Module):
     log-probabilities and the head of the sampling distribution are those of the exact weights.
     Measured on the default model (benchmarks/model_accuracy.py): perplexity +0.29 % over the
     float32 reference on the decode path, top-1 agreement 99.1 %.
+    With the native kernels the refinement runs fused (csrc/logits.c: a pass for the maximum,
+    one for the candidates, then their dot products; for 16 rows ~1 ms instead of ~5 ms of
+    topk, gathers and sums).
     """
 
     row_invariant = True  # a row's logits are the same whatever else shares the call
@@ -212,6 +215,16 @@ class QuantLMHead(nn.Module):
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
         if self.native_packed is not None and native.available():  # the same numbers
             out = int8_head.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
+            if self.table.hidden % Int8Embedding.GROUP == 0:  # the same refinement, fused
+                int8_head.refine(
+                    out,
+                    x,
+                    self.table.qweight,
+                    self.table.scale,
+                    self.REFINE_MARGIN,
+                    self.REFINE_TOP,
+                )
+                return out
         else:
             out = torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale)
         # The row's best REFINE_TOP by the coarse logits, those within REFINE_MARGIN of its top

@@ -1,0 +1,138 @@
+// Row-wise passes over [M, V] float32 logits (AVX512), rows spread over the threads and each
+// row's result computed by one thread alone: a row's numbers never depend on the other rows.
+//
+// - lm_head_refine: the LM head's refinement step (QuantLMHead in girandole/model/layers.py).
+//   A row's candidates are its coarse logits within `margin` of the row's maximum, at most `top`
+//   of them (the largest; equal values: the lower token id first). Each candidate is recomputed
+//   exactly: the dot product of the hidden state with the table row dequantized (int8 times its
+//   group's scale, float32).
+// - argmax_rows: the first index of each row's maximum, or of its first NaN (torch.argmax's).
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define GROUP 32  // table scale group (Int8Embedding.GROUP)
+
+typedef struct {
+    float v;
+    int32_t i;
+} cand_t;
+
+// A strict total order: larger value first, then lower index.
+static inline int before(cand_t a, cand_t b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+
+// Reorders c[0..n) so that its first k elements are the k first by `before` (quickselect). The
+// order is strict, so the chosen set is the same whatever the algorithm's path.
+static void select_first(cand_t *c, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const cand_t pivot = c[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(c[i], pivot)) i++;
+            while (before(pivot, c[j])) j--;
+            if (i <= j) {
+                const cand_t t = c[i];
+                c[i] = c[j];
+                c[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+static float row_max(const float *row, int64_t V) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t v = 0;
+    for (; v + 16 <= V; v += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + v));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; v < V; v++) m = row[v] > m ? row[v] : m;
+    return m;
+}
+
+// The exact logit: x . (q * scale), float32.
+static float exact_logit(const int8_t *q, const float *scale, const float *x, int64_t H) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < H; k += 16) {
+        const __m512 qf =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+        const __m512 w = _mm512_mul_ps(qf, _mm512_set1_ps(scale[k / GROUP]));
+        acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// logits [M, V] (coarse; candidates overwritten with exact values), x [M, H] float32,
+// table_q int8 [V, H], table_scale float32 [V, H / GROUP]; H % 32 == 0.
+void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t H,
+                    const int8_t *table_q, const float *table_scale, float margin, int64_t top,
+                    int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t m = 0; m < M; m++) {
+        float *row = logits + m * V;
+        const float threshold = row_max(row, V) - margin;
+        const __m512 thr = _mm512_set1_ps(threshold);
+        int32_t *ids = malloc(sizeof(int32_t) * (V + 16));
+        int64_t n = 0;
+        int64_t v = 0;
+        for (; v + 16 <= V; v += 16) {
+            const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), thr, _CMP_GE_OQ);
+            if (k) {
+                const __m512i idx = _mm512_add_epi32(
+                    _mm512_set1_epi32((int32_t)v),
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+                _mm512_mask_compressstoreu_epi32(ids + n, k, idx);
+                n += __builtin_popcount(k);
+            }
+        }
+        for (; v < V; v++)
+            if (row[v] >= threshold) ids[n++] = (int32_t)v;
+        if (n > top) {  // keep the `top` largest
+            cand_t *c = malloc(sizeof(cand_t) * n);
+            for (int64_t j = 0; j < n; j++) c[j] = (cand_t){row[ids[j]], ids[j]};
+            select_first(c, n, top);
+            for (int64_t j = 0; j < top; j++) ids[j] = c[j].i;
+            n = top;
+            free(c);
+        }
+        const float *xm = x + m * H;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = ids[j];
+            row[t] = exact_logit(table_q + t * H, table_scale + t * (H / GROUP), xm, H);
+        }
+        free(ids);
+    }
+}
+
+void argmax_rows(const float *logits, int64_t M, int64_t V, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = logits + m * V;
+        // torch's answer with NaNs: the first NaN. Otherwise the first maximum.
+        const float mx = row_max(row, V);
+        int64_t found = -1, v = 0;
+        for (; v + 16 <= V && found < 0; v += 16) {
+            const __m512 x = _mm512_loadu_ps(row + v);
+            const __mmask16 k = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            if (k) found = v + __builtin_ctz(k);
+        }
+        for (; v < V && found < 0; v++)
+            if (isnan(row[v])) found = v;
+        for (v = 0; found < 0 && v + 16 <= V; v += 16) {
+            const __mmask16 k =
+                _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), _mm512_set1_ps(mx), _CMP_EQ_OQ);
+            if (k) found = v + __builtin_ctz(k);
+        }
+        for (; v < V && found < 0; v++)
+            if (row[v] == mx) found = v;
+        out[m] = found < 0 ? 0 : found;
+    }
+}
