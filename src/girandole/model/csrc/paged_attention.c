@@ -37,23 +37,26 @@ static inline __m512 exp512(__m512 x) {
 // m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
 static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cache,
                            const float *v_cache, int64_t row_stride, const int64_t *slots,
-                           int64_t j0, int64_t j1, float scale, float *m, float *l, float *o) {
+                           int64_t j0, int64_t j1, float scale, int prefetch, float *m, float *l,
+                           float *o) {
     float s[MAX_REP][KEY_CHUNK];
     const int64_t n = j1 - j0;
     for (int h = 0; h < nh; h++) m[h] = -INFINITY;
-    for (int64_t j = 0; j < n && j < PREFETCH_AHEAD; j++) {
+    for (int64_t j = 0; prefetch && j < n && j < PREFETCH_AHEAD; j++) {
         const char *kn = (const char *)(k_cache + slots[j0 + j] * row_stride);
         for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
     }
     for (int64_t j = 0; j < n; j++) {
         const float *kj = k_cache + slots[j0 + j] * row_stride;
         // The rows are scattered (paged): fetch a later key and this key's value ahead of use.
-        if (j + PREFETCH_AHEAD < n) {
+        if (prefetch && j + PREFETCH_AHEAD < n) {
             const char *kn = (const char *)(k_cache + slots[j0 + j + PREFETCH_AHEAD] * row_stride);
             for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
         }
-        const char *vp = (const char *)(v_cache + slots[j0 + j] * row_stride);
-        for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
+        if (prefetch) {
+            const char *vp = (const char *)(v_cache + slots[j0 + j] * row_stride);
+            for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
+        }
         for (int h = 0; h < nh; h++) {
             const float *qh = q + h * D;
             __m512 acc = _mm512_setzero_ps();
@@ -140,11 +143,14 @@ void paged_attention(const float *q, const float *k_cache, const float *v_cache,
         const int64_t j0 = start + c * KEY_CHUNK;
         const int64_t j1 = j0 + KEY_CHUNK < ctx ? j0 + KEY_CHUNK : ctx;
         float *pm = part + t * per_task, *pl = pm + rep, *po = pl + rep;
+        // Prefetching pays for keys coming from memory: a sequence's first row here (a decode
+        // row, or a prompt chunk's first); its later rows find the same keys in the caches.
+        const int prefetch = i == 0 || starts[i - 1] != starts[i];
         for (int64_t h0 = 0; h0 < rep; h0 += MAX_REP) {
             const int nh = rep - h0 < MAX_REP ? (int)(rep - h0) : MAX_REP;
             chunk_partials(q + (i * H + g * rep + h0) * D, nh, D, k_cache + g * D, v_cache + g * D,
-                           row_stride, slots + starts[i], j0, j1, scale, pm + h0, pl + h0,
-                           po + h0 * D);
+                           row_stride, slots + starts[i], j0, j1, scale, prefetch, pm + h0,
+                           pl + h0, po + h0 * D);
         }
     }
 
