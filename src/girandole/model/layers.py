@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import int8_head, native
+from girandole.model import gated_act, int8_head, native
 from girandole.model.attention import Attention
 from girandole.model.quant import (
     INT4_GROUP,
@@ -342,17 +342,25 @@ class GatedMLP(nn.Module):
         self.gate_up = b.linear([f"{prefix}.ffn_gate", f"{prefix}.ffn_up"])
         self.down = b.linear([f"{prefix}.ffn_down"])
         self.intermediate = intermediate
+        self.native_act: str | None = None  # its name in girandole.model.gated_act
         if act == "silu":
             self.act = F.silu
+            self.native_act = "silu"
         elif act in ("gelu_pytorch_tanh", "gelu_tanh"):
             self.act = _gelu_tanh
+            self.native_act = "gelu_tanh"
         elif act == "gelu":
             self.act = F.gelu
         else:
             raise ValueError(f"unsupported activation: {act!r}")
+        # The fused kernel writes bf16: only where the down projection casts to bf16 anyway.
+        if not isinstance(self.down, (Int8Linear, Int4Linear, Int4x2Linear)):
+            self.native_act = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
+        if gated_act.supported(gu, self.native_act):
+            return self.down(gated_act.gated_act(gu, self.native_act))
         gate, up = gu[..., : self.intermediate], gu[..., self.intermediate :]
         return self.down(self.act(gate) * up)
 
