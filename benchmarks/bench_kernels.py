@@ -9,6 +9,8 @@ Prints median milliseconds per decode step's worth of each operation:
   32): native wq_gemm vs torch's int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16
   F.linear on dense weights;
 - LM head coarse logits: native int8_gemm vs torch._int_mm (the same integers);
+- LM head refinement (candidates recomputed exactly) and the greedy argmax: native vs torch ops;
+- MLP activation (gelu_tanh(gate) * up to bf16): native gated_act vs torch ops;
 - attention: native paged attention reading the cache in place vs gather + torch SDPA (the
   GQA heads folded into query rows), one query per sequence at 304 keys in 16-slot blocks, 18 layers.
 """
@@ -22,8 +24,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from girandole.model import int8_head, native, paged_attention, quant
+from girandole.model import gated_act, int8_head, native, paged_attention, quant
 from girandole.model.attention import Attention
+from girandole.model.layers import Int8Embedding, QuantLMHead
+from girandole.sampling.sampler import argmax_rows
 
 LAYERS = 18
 SHAPES = {"qkv": (1536, 640, 32), "o": (640, 1024, 16), "gate_up": (4096, 640, 32)}
@@ -86,6 +90,62 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
     return [("LM head, native int8", native), ("LM head, torch._int_mm", torch_mm)]
 
 
+def lm_head_refine(rows: list[int]) -> list[tuple[str, list[float]]]:
+    """The refinement after the coarse logits: candidates within the margin (at most 128 per
+    row) recomputed from the group-int8 table; also the greedy argmax over the vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    table = Int8Embedding(torch.randn(VOCAB, HIDDEN, generator=g) * 0.05)
+    margin, top = QuantLMHead.REFINE_MARGIN, QuantLMHead.REFINE_TOP
+    native, torch_ops, arg_native, arg_torch = [], [], [], []
+    for m in rows:
+        x = torch.randn(m, HIDDEN, generator=g)
+        coarse = torch.randn(m, VOCAB, generator=g) * 3
+
+        def run_torch(coarse=coarse, x=x):
+            out = coarse.clone()
+            vals, idx = out.topk(top, dim=-1)
+            keep = vals >= vals[:, :1] - margin
+            r = torch.arange(out.shape[0]).unsqueeze(1).expand_as(idx)[keep]
+            c = idx[keep]
+            out[r, c] = (table.rows(c) * x[r]).sum(dim=-1)
+
+        def run_native(coarse=coarse, x=x):
+            int8_head.refine(coarse.clone(), x, table.qweight, table.scale, margin, top)
+
+        native.append(median_ms(run_native))
+        torch_ops.append(median_ms(run_torch))
+        arg_native.append(median_ms(lambda coarse=coarse: argmax_rows(coarse)))
+        arg_torch.append(median_ms(lambda coarse=coarse: coarse.argmax(dim=-1)))
+    return [
+        ("LM head refinement, native (`logits.c`)", native),
+        ("LM head refinement, torch topk + gather", torch_ops),
+        ("greedy argmax, native (`logits.c`)", arg_native),
+        ("greedy argmax, torch", arg_torch),
+    ]
+
+
+def mlp_activation(rows: list[int]) -> list[tuple[str, list[float]]]:
+    """gelu_tanh(gate) * up to the down projection's bf16 input, 18 layers."""
+    native, torch_ops = [], []
+    for m in rows:
+        gu = torch.randn(m, 4096)
+
+        def run_torch(gu=gu):
+            for _ in range(LAYERS):
+                (F.gelu(gu[:, :2048], approximate="tanh") * gu[:, 2048:]).to(torch.bfloat16)
+
+        def run_native(gu=gu):
+            for _ in range(LAYERS):
+                gated_act.gated_act(gu, "gelu_tanh")
+
+        native.append(median_ms(run_native))
+        torch_ops.append(median_ms(run_torch))
+    return [
+        ("MLP activation, native (`gated_act.c`)", native),
+        ("MLP activation, torch", torch_ops),
+    ]
+
+
 def attention(rows: list[int], context: int = 304) -> list[tuple[str, list[float]]]:
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, dim = 4, 1, 256
@@ -130,7 +190,13 @@ def main() -> None:
             "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
         )
     rows = [int(r) for r in args.rows.split(",")]
-    table = linears(rows) + lm_head(rows) + attention(rows)
+    table = (
+        linears(rows)
+        + lm_head(rows)
+        + lm_head_refine(rows)
+        + mlp_activation(rows)
+        + attention(rows)
+    )
     print(f"threads: {args.threads}; median ms per decode step's worth (18 layers)")
     print("| operation | " + " | ".join(f"{m} rows" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))

@@ -12,7 +12,6 @@ from torch import nn
 from girandole.model.layers import (
     Builder,
     GatedMLP,
-    RMSNorm,
     Rotary,
     SelfAttention,
     rope_inv_freq,
@@ -69,7 +68,7 @@ class Gemma3ForCausalLM(nn.Module):
         # transformers multiplies by the normalizer cast to the weights' dtype (fp32 here).
         self.embed_scale = float(torch.tensor(math.sqrt(spec.hidden_size), dtype=torch.float32))
         self.layers = nn.ModuleList(Gemma3Layer(b, spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(b.tensor("output_norm.weight"), spec.rms_norm_eps)
+        self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         self.rotary_global = Rotary(
             rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         )

@@ -45,15 +45,49 @@ BF16_QTYPES: set[str] = set()
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim, in float32 (Gemma's +1 is already in `weight`)."""
+    """x / rms(x) * weight over the last dim, in float32 (Gemma's +1 is already in `weight`).
+    `fused`: one native pass where the kernels are built (fast mode; reference mode keeps
+    torch's ops, the same as transformers')."""
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.float(), requires_grad=False)
         self.eps = eps
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() == 2 and fused_rms_norm_supported(x):
+            return fused_rms_norm(x, self.weight.view(1, -1), self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
+
+
+def fused_rms_norm_supported(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and native.available()
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Native RMSNorm (csrc/rms_norm.c) of float32 x [T, P * D] (rows contiguous, any row
+    stride) as T x P rows of D, row p weighted by weight[p] ([P, D]): returns [T, P, D]
+    (P = 1: [T, D])."""
+    lib = native.library()
+    assert lib is not None, "native kernels not available"
+    p, d = weight.shape
+    t = x.shape[0]
+    assert x.stride(-1) == 1 and x.shape[-1] == p * d
+    weight = weight.float().contiguous()
+    out = torch.empty(t, p, d, dtype=torch.float32)
+    lib.rms_norm(
+        x.data_ptr(),
+        t,
+        p,
+        d,
+        x.stride(0),
+        weight.data_ptr(),
+        eps,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out.view(t, d) if p == 1 else out
 
 
 def rope_inv_freq(
@@ -270,7 +304,7 @@ class Builder:
         return self.weights.get(name)
 
     def norm(self, name: str, eps: float) -> RMSNorm:
-        return RMSNorm(self.tensor(name), eps)
+        return RMSNorm(self.tensor(name), eps, fused=self.mode == "fast")
 
     def linear(self, names: list[str], bias: bool = False) -> nn.Module:
         """One linear over the concatenated output rows of `names` (e.g. q, k, v)."""
@@ -396,6 +430,7 @@ class SelfAttention(nn.Module):
             self.register_buffer("qk_norm_weight", qk_w.contiguous())
         else:
             self.qk_norm_weight = None
+        self.fused_norm = b.mode == "fast"
         self.o_proj = b.linear([f"{prefix}.attn_output"])
         self.attn = Attention(
             num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_softcap
@@ -407,7 +442,9 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)  # q and k heads, normed and rotated
         v = qkv[:, (h + hkv) * d :].view(t, hkv, d)  # together: fewer small ops per layer
-        if self.qk_norm_weight is not None:
+        if self.qk_norm_weight is not None and self.fused_norm and fused_rms_norm_supported(qkv):
+            qk = fused_rms_norm(qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps)
+        elif self.qk_norm_weight is not None:
             qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight
         qk = apply_rope(qk, cos, sin)
         return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v))

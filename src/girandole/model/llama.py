@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from girandole.model.layers import Builder, GatedMLP, RMSNorm, Rotary, SelfAttention, rope_inv_freq
+from girandole.model.layers import Builder, GatedMLP, Rotary, SelfAttention, rope_inv_freq
 from girandole.model.spec import ArchSpec
 
 
@@ -46,7 +46,7 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.embed, self.lm_head = b.embedding_and_head(tie=spec.tie_embeddings)
         self.layers = nn.ModuleList(LlamaLayer(b, spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(b.tensor("output_norm.weight"), spec.rms_norm_eps)
+        self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         freq_factors = b.tensor("rope_freqs.weight") if b.has("rope_freqs.weight") else None
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling, freq_factors)
         self.rotary = Rotary(inv_freq)
