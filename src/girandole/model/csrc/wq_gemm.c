@@ -87,6 +87,7 @@ static inline __attribute__((always_inline)) void group_rows(const uint16_t *xg,
 // Channels are taken CHUNK blocks (64) at a time: CHUNK panels dequantized per group, then
 // every row.
 #define CHUNK 4
+#define PREFETCH_GROUPS 1
 
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
              const float *params, int64_t N, float *y, int nthreads) {
@@ -100,6 +101,13 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
         const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
         for (int64_t g = 0; g < groups; g++) {
             const int64_t blk = nb0 * groups + g * bt;  // first block of this chunk-group
+            // The next group's levels, fetched into L1 while this group computes (16 rows: 8.0
+            // -> 5.9 ms per step; further ahead, or across chunks, measured slower).
+            if (g + PREFETCH_GROUPS < groups) {
+                const uint8_t *next = q + (blk + PREFETCH_GROUPS * bt) * group_bytes;
+                for (int64_t b = 0; b < bt * group_bytes; b += 64)
+                    _mm_prefetch((const char *)next + b, _MM_HINT_T0);
+            }
             for (int b = 0; b < bt; b++)
                 dequant_panel(q + (blk + b) * group_bytes, bits, params + 32 * (blk + b),
                               panels + 16 * b);
