@@ -18,12 +18,19 @@
 static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t K, const int8_t *w,
                                                        int64_t quads, const __m512i *wsum128,
                                                        const float *xs, const __m512 *ws,
-                                                       float *y, int64_t N, int MT, int BT) {
+                                                       float *y, int64_t N, int MT, int BT,
+                                                       const int8_t *pf) {
     __m512i acc[4][BLOCKS];
     for (int r = 0; r < MT; r++)
         for (int b = 0; b < BT; b++) acc[r][b] = _mm512_setzero_si512();
     const __m512i flip = _mm512_set1_epi32((int)0x80808080u);
     for (int64_t k4 = 0; k4 < quads; k4++) {
+        if (pf) {  // the next task's weights (as many bytes as this one's), 4 lines a step
+            _mm_prefetch((const char *)pf + 256 * k4, _MM_HINT_T1);
+            _mm_prefetch((const char *)pf + 256 * k4 + 64, _MM_HINT_T1);
+            _mm_prefetch((const char *)pf + 256 * k4 + 128, _MM_HINT_T1);
+            _mm_prefetch((const char *)pf + 256 * k4 + 192, _MM_HINT_T1);
+        }
         __m512i wv[BLOCKS];
         for (int b = 0; b < BT; b++)
             wv[b] = _mm512_loadu_si512((const void *)(w + (b * quads + k4) * 64));
@@ -45,7 +52,8 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
 static inline __attribute__((always_inline)) void task(const int8_t *x, int64_t M, int64_t K,
                                                        const int8_t *w, const int32_t *wsum,
                                                        const float *xs, const float *wscale,
-                                                       float *y, int64_t N, int BT) {
+                                                       float *y, int64_t N, int BT,
+                                                       const int8_t *pf) {
     const int64_t quads = K / 4;
     __m512i wsum128[BLOCKS];
     __m512 ws[BLOCKS];
@@ -55,8 +63,11 @@ static inline __attribute__((always_inline)) void task(const int8_t *x, int64_t 
     }
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        tile(x + m * K, K, w, quads, wsum128, xs + m, ws, y + m * N, N, 4, BT);
-    for (; m < M; m++) tile(x + m * K, K, w, quads, wsum128, xs + m, ws, y + m * N, N, 1, BT);
+        tile(x + m * K, K, w, quads, wsum128, xs + m, ws, y + m * N, N, 4, BT,
+             m == 0 ? pf : NULL);
+    for (; m < M; m++)
+        tile(x + m * K, K, w, quads, wsum128, xs + m, ws, y + m * N, N, 1, BT,
+             m == 0 ? pf : NULL);
 }
 
 void int8_gemm(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const int32_t *wsum,
@@ -68,11 +79,12 @@ void int8_gemm(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const int
         const int bt = nblocks - nb < BLOCKS ? (int)(nblocks - nb) : BLOCKS;
         const int8_t *wt = w + nb * 16 * K;
         float *yt = y + 16 * nb;
+        const int8_t *pf = t + 1 < ntasks && bt == BLOCKS ? wt + BLOCKS * 16 * K : NULL;
         switch (bt) {
-        case 4: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 4); break;
-        case 3: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 3); break;
-        case 2: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 2); break;
-        default: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 1); break;
+        case 4: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 4, pf); break;
+        case 3: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 3, pf); break;
+        case 2: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 2, pf); break;
+        default: task(x, M, K, wt, wsum + 16 * nb, xs, wscale + 16 * nb, yt, N, 1, pf); break;
         }
     }
 }
