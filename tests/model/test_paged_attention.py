@@ -71,3 +71,22 @@ def test_prefill_rows_are_causal_and_chunking_free(window):
     torch.testing.assert_close(whole, expected, rtol=1e-5, atol=2e-6)
     assert torch.equal(torch.cat([rows(0, 97), rows(97, 250), rows(250, n)]), whole)
     assert torch.equal(rows(n - 1, n), whole[-1:])  # the last row as a decode token
+
+
+@pytest.mark.parametrize("head_dim", [256, 64])
+def test_four_head_fast_path_is_the_generic_path(head_dim):
+    """Four query heads per KV head take a register-blocked path; each head's numbers are
+    bitwise those of the generic path (one query head per KV head)."""
+    g = torch.Generator().manual_seed(head_dim)
+    k_cache, v_cache = _cache(g, 1, head_dim)
+    slots = torch.randperm(len(k_cache), generator=g)[:300]
+    lens = torch.tensor([1, 130, 300])
+    starts = torch.zeros(3, dtype=torch.long)
+    q = torch.randn(3, 4, head_dim, generator=g)
+    scale = head_dim**-0.5
+    grouped = paged_attention.paged_attention(q, k_cache, v_cache, slots, starts, lens, None, scale)
+    for h in range(4):
+        single = paged_attention.paged_attention(
+            q[:, h : h + 1].contiguous(), k_cache, v_cache, slots, starts, lens, None, scale
+        )
+        assert torch.equal(single[:, 0], grouped[:, h])

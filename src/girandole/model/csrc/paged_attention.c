@@ -33,6 +33,27 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+// out[h][16 c ..] = sum_j p[h][j] * v_j[16 c ..] for HN heads (rows of p: KEY_CHUNK apart) and
+// CN vectors of 16 dims, summed in key order. Inlined with constant HN, CN.
+static inline __attribute__((always_inline)) void weighted_values(
+    const float *p, const int64_t *slots, int64_t n, const float *v_cache, int64_t row_stride,
+    float *out, int64_t out_stride, int HN, int CN) {
+    __m512 acc[4][4];
+    for (int h = 0; h < HN; h++)
+        for (int c = 0; c < CN; c++) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = v_cache + slots[j] * row_stride;
+        __m512 v[4];
+        for (int c = 0; c < CN; c++) v[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int h = 0; h < HN; h++) {
+            const __m512 ph = _mm512_set1_ps(p[h * KEY_CHUNK + j]);
+            for (int c = 0; c < CN; c++) acc[h][c] = _mm512_fmadd_ps(ph, v[c], acc[h][c]);
+        }
+    }
+    for (int h = 0; h < HN; h++)
+        for (int c = 0; c < CN; c++) _mm512_storeu_ps(out + h * out_stride + 16 * c, acc[h][c]);
+}
+
 // Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence.
 // m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
 static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cache,
@@ -57,11 +78,41 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
             const char *vp = (const char *)(v_cache + slots[j0 + j] * row_stride);
             for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
         }
+        if (nh == 4 && D % 64 == 0) {  // the key's 64-dim blocks loaded once for the 4 heads
+            __m512 a[4][4];
+            for (int h = 0; h < 4; h++)
+                for (int c = 0; c < 4; c++) a[h][c] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 64) {
+                __m512 kv[4];
+                for (int c = 0; c < 4; c++) kv[c] = _mm512_loadu_ps(kj + d + 16 * c);
+                for (int h = 0; h < 4; h++)
+                    for (int c = 0; c < 4; c++)
+                        a[h][c] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d + 16 * c), kv[c],
+                                                  a[h][c]);
+            }
+            for (int h = 0; h < 4; h++) {  // the same sums, in the same order, as below
+                const __m512 acc = _mm512_add_ps(_mm512_add_ps(a[h][0], a[h][1]),
+                                                 _mm512_add_ps(a[h][2], a[h][3]));
+                const float sc = _mm512_reduce_add_ps(acc) * scale;
+                s[h][j] = sc;
+                if (sc > m[h]) m[h] = sc;
+            }
+            continue;
+        }
         for (int h = 0; h < nh; h++) {
             const float *qh = q + h * D;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t d = 0; d < D; d += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), acc);
+            // Four independent chains (a single one would wait on each FMA's latency).
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t d = 0;
+            for (; d + 64 <= D; d += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16), _mm512_loadu_ps(kj + d + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32), _mm512_loadu_ps(kj + d + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48), _mm512_loadu_ps(kj + d + 48), a3);
+            }
+            for (; d < D; d += 16)
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), a0);
+            const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
             const float sc = _mm512_reduce_add_ps(acc) * scale;
             s[h][j] = sc;
             if (sc > m[h]) m[h] = sc;
@@ -84,21 +135,19 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
         const int hn = nh - h0 < 4 ? nh - h0 : 4;
         for (int64_t d = 0; d < D; d += 64) {
             const int dn = D - d < 64 ? (int)((D - d) / 16) : 4;
-            __m512 acc[4][4];
-            for (int h = 0; h < 4; h++)
-                for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j++) {
-                const float *vj = v_cache + slots[j0 + j] * row_stride + d;
-                __m512 v[4];
-                for (int c = 0; c < dn; c++) v[c] = _mm512_loadu_ps(vj + 16 * c);
-                for (int h = 0; h < hn; h++) {
-                    const __m512 p = _mm512_set1_ps(s[h0 + h][j]);
-                    for (int c = 0; c < dn; c++) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
-                }
-            }
-            for (int h = 0; h < hn; h++)
-                for (int c = 0; c < dn; c++)
-                    _mm512_storeu_ps(o + (int64_t)(h0 + h) * D + d + 16 * c, acc[h][c]);
+            const float *vd = v_cache + d;
+            float *od = o + (int64_t)h0 * D + d;
+            // Constant tile sizes keep the accumulators in registers (runtime ones spill them).
+            if (hn == 4 && dn == 4)
+                weighted_values(s[h0], slots + j0, n, vd, row_stride, od, D, 4, 4);
+            else if (dn == 4)
+                for (int h = 0; h < hn; h++)
+                    weighted_values(s[h0 + h], slots + j0, n, vd, row_stride, od + h * D, D, 1, 4);
+            else
+                for (int h = 0; h < hn; h++)
+                    for (int c = 0; c < dn; c++)
+                        weighted_values(s[h0 + h], slots + j0, n, vd + 16 * c, row_stride,
+                                        od + h * D + 16 * c, D, 1, 1);
         }
     }
 }
