@@ -63,6 +63,7 @@ def refine(
     assert lib is not None, "native kernels not available"
     assert logits.is_contiguous() and logits.dtype == torch.float32
     x = x.float().contiguous()
+    table_q, table_scale = table_q.contiguous(), table_scale.float().contiguous()
     m, v = logits.shape
     lib.lm_head_refine(
         logits.data_ptr(),

@@ -20,7 +20,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.c"))
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))
+HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = [
     "-O3",
     "-mavx512f",
@@ -89,7 +91,7 @@ def library() -> ctypes.CDLL | None:
     from girandole.model.default import cache_dir
 
     h = hashlib.sha256(" ".join(FLAGS).encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
     target = cache_dir() / "kernels" / f"girandole-native-{h.hexdigest()[:16]}.so"
     try:

@@ -6,25 +6,11 @@
 //   act 0: silu(x)      = x / (1 + e^-x)
 //   act 1: gelu_tanh(x) = 0.5 x (1 + tanh(y)) = x / (1 + e^(-2y)),  y = sqrt(2/pi) (x + 0.044715 x^3)
 //
-// e^x by Cephes' polynomial (about 1 ulp); elementwise, so every row is independent.
+// Elementwise (e^x from simd_math.h), so every row is independent.
 #include <immintrin.h>
 #include <stdint.h>
 
-static inline __m512 exp512_any(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
+#include "simd_math.h"
 
 static inline __m512 act512(__m512 x, int act) {
     __m512 z;  // act(x) = x / (1 + e^z)
@@ -36,7 +22,7 @@ static inline __m512 act512(__m512 x, int act) {
                                        _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
         z = _mm512_mul_ps(_mm512_set1_ps(-2.0f), y);
     }
-    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512_any(z)));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(z)));
 }
 
 // gu: float32 [T, 2I]; out: bfloat16 [T, I]; I % 16 == 0.

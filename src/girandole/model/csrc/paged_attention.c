@@ -12,26 +12,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd_math.h"
+
 #define KEY_CHUNK 128
 #define PREFETCH_AHEAD 16  // keys
 #define MAX_REP 8  // query heads per KV head handled together (more: in several passes)
-
-// e^x for x <= 0 (scores minus their max): Cephes' polynomial, about 1 ulp.
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
 
 // out[h][16 c ..] = sum_j p[h][j] * v_j[16 c ..] for HN heads (rows of p: KEY_CHUNK apart) and
 // CN vectors of 16 dims, summed in key order. Inlined with constant HN, CN.
