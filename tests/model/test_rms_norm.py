@@ -38,3 +38,17 @@ def test_per_head_norm_reads_heads_in_place(dim):
     expected = F.rms_norm(qk.reshape(rows, heads + kv_heads, dim), (dim,), None, 1e-6) * w
     assert got.shape == (rows, heads + kv_heads, dim)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [256, 40])
+def test_norm_with_rotary_is_bitwise_norm_then_apply_rope(dim):
+    from girandole.model.layers import Rotary, apply_rope, rope_inv_freq
+
+    g = torch.Generator().manual_seed(dim + 1)
+    rows, heads = 7, 5
+    qkv = torch.randn(rows, (heads + 1) * dim, generator=g) * 3
+    w = torch.randn(heads, dim, generator=g)
+    cos, sin = Rotary(rope_inv_freq(dim, 10000.0))(torch.arange(100, 100 + rows))
+    qk = qkv[:, : heads * dim]
+    fused = fused_rms_norm(qk, w, 1e-6, (cos, sin))
+    assert torch.equal(fused, apply_rope(fused_rms_norm(qk, w, 1e-6), cos, sin))

@@ -65,16 +65,25 @@ def fused_rms_norm_supported(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and native.available()
 
 
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def fused_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Native RMSNorm (csrc/rms_norm.c) of float32 x [T, P * D] (rows contiguous, any row
     stride) as T x P rows of D, row p weighted by weight[p] ([P, D]): returns [T, P, D]
-    (P = 1: [T, D])."""
+    (P = 1: [T, D]). `rope` = (cos, sin) [T, D/2]: then also apply_rope, bitwise."""
     lib = native.library()
     assert lib is not None, "native kernels not available"
     p, d = weight.shape
     t = x.shape[0]
     assert x.stride(-1) == 1 and x.shape[-1] == p * d
     weight = weight.float().contiguous()
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (r.float().contiguous() for r in rope)
+        assert cos.shape == (t, d // 2) and sin.shape == (t, d // 2)
     out = torch.empty(t, p, d, dtype=torch.float32)
     lib.rms_norm(
         x.data_ptr(),
@@ -84,6 +93,8 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         x.stride(0),
         weight.data_ptr(),
         eps,
+        None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
     )
@@ -443,8 +454,10 @@ class SelfAttention(nn.Module):
         qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)  # q and k heads, normed and rotated
         v = qkv[:, (h + hkv) * d :].view(t, hkv, d)  # together: fewer small ops per layer
         if self.qk_norm_weight is not None and self.fused_norm and fused_rms_norm_supported(qkv):
-            qk = fused_rms_norm(qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps)
-        elif self.qk_norm_weight is not None:
-            qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight
-        qk = apply_rope(qk, cos, sin)
+            # Norm and rotary in one pass (bitwise apply_rope of the norm's output).
+            qk = fused_rms_norm(qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps, (cos, sin))
+        else:
+            if self.qk_norm_weight is not None:
+                qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight
+            qk = apply_rope(qk, cos, sin)
         return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v))

@@ -53,8 +53,8 @@ SIGNATURES = {
     "argmax_rows": [ptr, i64, i64, ptr, c_int],
     # gu, T, I, act, out, nthreads
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
-    # x, T, P, D, stride, w, eps, out, nthreads
-    "rms_norm": [ptr, i64, i64, i64, i64, ptr, f32, ptr, c_int],
+    # x, T, P, D, stride, w, eps, cos, sin, out, nthreads
+    "rms_norm": [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr, c_int],
 }
 
 

@@ -5,12 +5,31 @@
 // rows of a group contiguous); row p of every group uses weight row p (w: [P, D]). A plain
 // norm is P = 1; the per-head QK norm is P = heads, reading the q and k heads in place from the
 // fused QKV output. out: [T, P, D] contiguous. Every row is computed alone (batch invariant).
+// cos, sin ([T, D/2], or NULL): the rotary embedding of group t's position, applied after the norm.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
+// Rotate-half rotary embedding of one row in place, rounded as torch's
+// cat((x1 * c - x2 * s, x2 * c + x1 * s)) is (a multiply, a multiply, then the sum).
+static void rope_row(float *o, int64_t D, const float *c, const float *s) {
+    const int64_t half = D / 2;
+    int64_t i = 0;
+    for (; i + 16 <= half; i += 16) {
+        const __m512 a = _mm512_loadu_ps(o + i), b = _mm512_loadu_ps(o + half + i);
+        const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+        _mm512_storeu_ps(o + i, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv)));
+        _mm512_storeu_ps(o + half + i, _mm512_add_ps(_mm512_mul_ps(b, cv), _mm512_mul_ps(a, sv)));
+    }
+    for (; i < half; i++) {
+        const float a = o[i], b = o[half + i];
+        o[i] = a * c[i] - b * s[i];
+        o[half + i] = b * c[i] + a * s[i];
+    }
+}
+
 void rms_norm(const float *x, int64_t T, int64_t P, int64_t D, int64_t stride, const float *w,
-              float eps, float *out, int nthreads) {
+              float eps, const float *cos, const float *sin, float *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < T * P; r++) {
         const int64_t t = r / P, p = r % P;
@@ -31,5 +50,6 @@ void rms_norm(const float *x, int64_t T, int64_t P, int64_t D, int64_t stride, c
             _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + d), vi),
                                                   _mm512_loadu_ps(wr + d)));
         for (; d < D; d++) o[d] = xr[d] * inv * wr[d];
+        if (cos) rope_row(o, D, cos + t * (D / 2), sin + t * (D / 2));
     }
 }
