@@ -387,7 +387,7 @@ def test_sampling_options_header_reports_defaults_and_values(server):
 
 
 def test_generation_config_defaults():
-    from girandole.api.sampling import build_params, sampling_defaults
+    from girandole.api.serving.params import build_params, sampling_defaults
 
     defaults = sampling_defaults({"temperature": 0.6, "top_k": 20, "top_p": 0.95,
                                   "typical_p": 0.9, "repetition_penalty": 1.1, "do_sample": True})  # fmt: skip

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from girandole.api.errors import APIError
-from girandole.api.prompts import fit_max_tokens
-from girandole.api.sampling import build_params, choice_seed, sampling_defaults
-from girandole.api.schemas.completions import CompletionRequest
-from girandole.api.sse import DONE, sse_event
-from girandole.api.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
-from girandole.api.validation import parse_json_object, validate_model
+from girandole.api.completions.schema import CompletionRequest
+from girandole.api.http.errors import APIError
+from girandole.api.http.sse import DONE, sse_event
+from girandole.api.http.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
+from girandole.api.http.validation import parse_json_object, validate_model
+from girandole.api.serving.params import build_params, choice_seed, sampling_defaults
+from girandole.api.serving.prompt import fit_max_tokens
 from girandole.registry.keys import ApiKeyStore
 from girandole.registry.models import ModelRegistry, ServedModel
 from girandole.registry.naming import parse_model_ref
@@ -262,7 +262,7 @@ def test_unexpected_errors_become_fireworks_500():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from girandole.api.errors import install_error_handlers
+    from girandole.api.http.errors import install_error_handlers
 
     app = FastAPI()
     install_error_handlers(app)

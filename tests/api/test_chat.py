@@ -331,7 +331,7 @@ def test_unknown_model_and_no_op_fields(server):
 
 def test_tool_role_messages_reach_the_template(server):
     # Gemma's template has no tool role: calls are written into the assistant turn and results
-    # become a user turn (girandole.api.tools), so roles still alternate
+    # become a user turn (girandole.api.chat.tools), so roles still alternate
     messages = [U1, {"role": "assistant", "content": None,
                      "tool_calls": [{"id": "c1", "type": "function",
                                      "function": {"name": "f", "arguments": "{}"}}]},

@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from girandole.api.chat import build_prompt, chat_template_for, model_family, prompt_fragments
-from girandole.api.errors import APIError
-from girandole.api.logprob_formats import LogprobTracker, content_format, legacy_format
-from girandole.api.schemas.chat import ChatCompletionRequest
+from girandole.api.chat.prompt import build_prompt
+from girandole.api.chat.schema import ChatCompletionRequest
+from girandole.api.http.errors import APIError
+from girandole.api.serving.choice import prompt_fragments
+from girandole.api.serving.logprobs import LogprobTracker, content_format, legacy_format
 from girandole.sampling.sampler import SampleResult
 from girandole.tokenizer import load_tokenizer
-from girandole.tokenizer.chat_template import GEMMA_TEMPLATE
+from girandole.tokenizer.chat_template import GEMMA_TEMPLATE, chat_template_for, model_family
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 

@@ -1,5 +1,6 @@
 """Structured output without a server: response_format to grammars, schema checks, the tool-call
-prompt, schema, parser and stream (girandole.api.structured, girandole.api.tools)."""
+prompt, schema, parser and stream (girandole.api.serving.structured, girandole.api.chat.tools,
+girandole.api.chat.tool_calls)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,12 @@ import json
 
 import pytest
 
-from girandole.api.errors import APIError
-from girandole.api.schemas.chat import ChatCompletionRequest
-from girandole.api.schemas.structured import ResponseFormat, Tool
-from girandole.api.structured import check_schema, response_format_grammar
-from girandole.api.tools import (
-    ToolPlan,
-    ToolStream,
-    call_schema,
-    parse_calls,
-    plan_tools,
-    prompt_messages,
-    scan_calls,
-)
+from girandole.api.chat.schema import ChatCompletionRequest, Tool
+from girandole.api.chat.tool_calls import ToolStream, parse_calls, scan_calls
+from girandole.api.chat.tools import ToolPlan, call_schema, plan_tools, prompt_messages
+from girandole.api.http.errors import APIError
+from girandole.api.http.schema import ResponseFormat
+from girandole.api.serving.structured import check_schema, response_format_grammar
 from girandole.tokenizer.chat_template import GEMMA_TEMPLATE
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {

@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from girandole import __version__
-from girandole.api.errors import install_error_handlers
-from girandole.api.openapi import install_openapi
-from girandole.api.routes import chat, completions, health, models, ops
+from girandole.api.chat import route as chat
+from girandole.api.completions import route as completions
+from girandole.api.http.errors import install_error_handlers
+from girandole.api.http.openapi import install_openapi
+from girandole.api.models import route as models
+from girandole.api.ops import routes as ops
+from girandole.api.ops.tracking import RequestTracker
 from girandole.api.state import AppState
-from girandole.api.tracking import RequestTracker
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
 
@@ -43,7 +46,6 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
-    app.include_router(health.router)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)

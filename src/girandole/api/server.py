@@ -113,7 +113,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["critical", "error", "warning", "info", "debug"],
         help="[GIRANDOLE_LOG_LEVEL]",
     )
-    from girandole.api.serve_ops import add_ops_arguments
+    from girandole.api.ops.flags import add_ops_arguments
 
     add_ops_arguments(p)
     p.set_defaults(func=_cmd_serve)
@@ -121,7 +121,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    from girandole.api.serve_ops import ops_settings
+    from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
     return ServerSettings(
@@ -170,8 +170,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from girandole.api.app import create_app
-    from girandole.api.jsonlog import configure_logging
-    from girandole.api.serve_ops import DrainingServer
+    from girandole.api.ops.flags import DrainingServer
+    from girandole.api.ops.jsonlog import configure_logging
     from girandole.api.state import AppState
 
     settings = settings_from_args(args)

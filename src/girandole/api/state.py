@@ -7,11 +7,14 @@ import threading
 import time
 from typing import Any, Literal
 
-from girandole.api.errors import APIError, unavailable
+from girandole.api.http.errors import APIError, unavailable
+from girandole.api.ops.server_ops import ServerOps
 from girandole.api.settings import ServerSettings
+from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore, read_keys_file
 from girandole.registry.models import ModelRegistry, ServedModel
 from girandole.registry.naming import deployment_name, is_valid_id, model_name
+from girandole.tokenizer.chat_template import chat_template_for, load_chat_template
 
 logger = logging.getLogger("girandole.api")
 
@@ -19,7 +22,7 @@ Status = Literal["loading", "ready", "failed"]
 
 
 class AppState:
-    def __init__(self, settings: ServerSettings, engine: Any = None) -> None:
+    def __init__(self, settings: ServerSettings, engine: EngineClient | None = None) -> None:
         for what, value in (("account", settings.account), ("model id", settings.model_id)):
             if not is_valid_id(value):
                 raise ValueError(
@@ -41,30 +44,25 @@ class AppState:
         )
         self.chat_template: str | None = None  # --chat-template, loaded (fails start-up if bad)
         if settings.chat_template:
-            from girandole.tokenizer.chat_template import load_chat_template
-
             self.chat_template = load_chat_template(settings.chat_template)
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
         self.status: Status = "loading"
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.num_aborted_requests = 0  # engine requests aborted because their client went away
         self._lock = threading.Lock()
-        from girandole.api.ops import ServerOps
-
-        self.ops = ServerOps(self)  # keys database, limits, queue, usage, metrics, draining
+        # keys database, limits, queue, usage, metrics, draining
+        self.ops = ServerOps(
+            settings, self.keys, self.registry, self.served, lambda: (self.status, self.engine)
+        )
         if engine is not None:
             self.attach_engine(engine)
 
-    def attach_engine(self, engine: Any) -> None:
-        config = engine.model_config
+    def attach_engine(self, engine: EngineClient) -> None:
         self.served.context_length = self.context_length_of(engine)
-        from girandole.api.chat import chat_template_for
-
-        tokenizer = getattr(engine, "tokenizer", None)
         self.served.supports_chat = bool(
-            getattr(config, "chat_template", None)
-            or (tokenizer is not None and chat_template_for(tokenizer, self.chat_template))
+            engine.model_config.chat_template
+            or chat_template_for(engine.tokenizer, self.chat_template)
         )
         self.served.created = int(time.time())
         with self._lock:
@@ -72,15 +70,14 @@ class AppState:
             self.status = "ready"
 
     @staticmethod
-    def context_length_of(engine: Any) -> int:
-        limit = getattr(engine, "max_model_len", None)
-        return int(limit or engine.model_config.max_position)
+    def context_length_of(engine: EngineClient) -> int:
+        return int(engine.max_model_len or engine.model_config.max_position)
 
     @property
     def context_length(self) -> int:
         return self.context_length_of(self.require_engine())
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         engine = self.engine
         if engine is None:
             if self.status == "failed":
@@ -122,8 +119,7 @@ class AppState:
             body["error"] = self.error
         engine = self.engine
         if engine is not None:
-            stats = getattr(engine, "stats", None)
-            body["engine"] = dict(stats()) if callable(stats) else {}
+            body["engine"] = dict(engine.stats())
             body["num_aborted_requests"] = self.num_aborted_requests
         return body
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import RequestOutput
+from girandole.sampling.grammar import GrammarSpec
 from girandole.sampling.params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineConfig"]
@@ -99,6 +100,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Any:
+        """The compiled grammar of `spec` (cached by the engine); GrammarError for a bad one.
+        It runs in a thread, off both the event loop and the engine loop."""
+        return await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopped = True

@@ -172,6 +172,26 @@ def guess_family(tok: Tokenizer) -> str:
     return "chatml"
 
 
+def model_family(tok: Tokenizer) -> str | None:
+    """The built-in template family of a tokenizer, or None when its vocabulary has no chat
+    markers (guess_family's ChatML fallback is not taken for a tokenizer without <|im_start|>)."""
+    family = guess_family(tok)
+    if family == "chatml" and tok.token_to_id("<|im_start|>") is None:
+        return None
+    return family
+
+
+def chat_template_for(tok: Tokenizer, override: str | None = None) -> str | None:
+    """The template chat requests are rendered with: `--chat-template`, the model's, or the
+    built-in one of its family; None when there is none."""
+    if override:
+        return override
+    if tok.chat_template:
+        return tok.chat_template
+    family = model_family(tok)
+    return builtin_template(family) if family else None
+
+
 # -- the sandbox -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,316 @@
+"""Tool calls out of a chat choice's output (the prompt side: `girandole.api.chat.tools`).
+
+The output.
+- `tool_choice` `"required"`/`"any"`, a named function, or `allowed_tools` in mode `required`:
+  decoding is constrained to a call (a JSON schema: `name` one of the allowed names, then
+  `arguments` that function's `parameters` schema); with `parallel_tool_calls` (the default,
+  true) the model may instead write an array of calls. A named function is always one call.
+- `"auto"` (the default with tools): decoding is free; the output is a call when the whole of
+  it (trimmed, a Markdown code fence around it removed) parses as a call or an array of calls in
+  the format above, to allowed functions, with object arguments (`"parameters"` is read as a
+  synonym of `"arguments"`). Otherwise it is plain content.
+- A call gives `message.tool_calls` (`id` `call_<24 hex>`, `type: "function"`, `function.name`,
+  `function.arguments`: the arguments exactly as the model wrote them, a JSON string) with
+  `content: null` and `finish_reason: "tool_calls"`.
+- Streaming: per call, one chunk with `index`, `id`, `type` and `function.name` (and arguments
+  `""`), then the arguments as string fragments as they are generated. Constrained output is
+  known to be a call from its first token; under `auto`, output that starts with `{`, `[` or a
+  code fence is held back until it ends and then sent as calls (header chunk and one arguments
+  chunk each) or as content.
+- `response_format` together with a forced call is a 400; with `auto` the response_format
+  grammar applies and a call is still recognised in the output.
+- The deprecated `functions`/`function_call` are read as `tools`/`tool_choice`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from girandole.api.chat.tools import ARGUMENT_KEYS, ToolPlan
+
+
+@dataclass
+class CallSpan:
+    """Where one call sits in the output text, as far as it has been written."""
+
+    name: str | None = None
+    args_start: int | None = None
+    args_end: int | None = None  # exclusive; None while the arguments are still open
+
+
+@dataclass
+class _Frame:
+    kind: str  # "obj" | "arr"
+    call: CallSpan | None = None  # this object is a call
+    args_of: CallSpan | None = None  # this container is a call's arguments
+    key: str | None = None
+    expect_key: bool = False
+
+
+def _string_end(text: str, i: int) -> int | None:
+    j = i + 1
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+        elif c == '"':
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def scan_calls(text: str) -> list[CallSpan]:
+    """The calls in a (possibly unfinished) JSON call or array of calls: their names once
+    written, and the span of their arguments. Stops at the first thing it cannot read."""
+    calls: list[CallSpan] = []
+    stack: list[_Frame] = []
+    i, n = 0, len(text)
+
+    def value_start(pos: int) -> CallSpan | None:
+        top = stack[-1] if stack else None
+        if top is not None and top.call is not None and top.key in ARGUMENT_KEYS:
+            top.call.args_start = pos
+            return top.call
+        return None
+
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+            continue
+        top = stack[-1] if stack else None
+        if top is not None and top.kind == "obj" and top.expect_key:
+            if c == '"':
+                end = _string_end(text, i)
+                if end is None:
+                    break
+                try:
+                    top.key = json.loads(text[i:end])
+                except ValueError:
+                    break
+                i = end
+            elif c == ":":
+                top.expect_key = False
+                i += 1
+            elif c == "}":
+                stack.pop()
+                i += 1
+                if top.args_of is not None:
+                    top.args_of.args_end = i
+            else:
+                break
+            continue
+        if c == ",":
+            if top is not None and top.kind == "obj":
+                top.expect_key, top.key = True, None
+            i += 1
+            continue
+        if c in "}]":
+            if not stack:
+                break
+            frame = stack.pop()
+            i += 1
+            if frame.args_of is not None:
+                frame.args_of.args_end = i
+            continue
+        owner = value_start(i)
+        if c in "{[":
+            frame = _Frame("obj" if c == "{" else "arr", args_of=owner)
+            if c == "{" and (not stack or (len(stack) == 1 and stack[0].kind == "arr")):
+                if not stack or stack[0].call is None:
+                    frame.call = CallSpan()
+                    calls.append(frame.call)
+            frame.expect_key = c == "{"
+            stack.append(frame)
+            i += 1
+            continue
+        if c == '"':
+            end = _string_end(text, i)
+            if end is None:
+                break
+            if top is not None and top.call is not None and top.key == "name":
+                try:
+                    top.call.name = json.loads(text[i:end])
+                except ValueError:
+                    break
+        else:
+            end = i
+            while end < n and text[end] not in ",}] \t\r\n":
+                end += 1
+            if end == n:
+                break  # a number or literal that may go on
+        if owner is not None:
+            owner.args_end = end
+        i = end
+    return calls
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text, as written
+
+
+def parse_calls(text: str, allowed: list[str]) -> list[ParsedCall] | None:
+    """The calls in a finished output, or None when it is not (only) calls to allowed tools."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    if not body or body[0] not in "{[":
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        return None
+    spans = scan_calls(body)
+    out = []
+    for k, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("name") not in allowed:
+            return None
+        keys = [key for key in ARGUMENT_KEYS if key in item]
+        if set(item) - {"name", *keys} or len(keys) > 1:
+            return None
+        arguments = item[keys[0]] if keys else {}
+        if isinstance(arguments, str):  # arguments written as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+            raw = None
+        else:
+            span = spans[k] if k < len(spans) else None
+            ok = span is not None and span.args_start is not None and span.args_end is not None
+            raw = body[span.args_start : span.args_end] if ok else None
+        if not isinstance(arguments, dict):
+            return None
+        out.append(ParsedCall(item["name"], raw or json.dumps(arguments, ensure_ascii=False)))
+    return out
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def tool_calls_json(calls: list[ParsedCall]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        }
+        for c in calls
+    ]
+
+
+def finish_message(
+    plan: ToolPlan | None, text: str, finish_reason: str | None
+) -> tuple[dict[str, Any], str | None]:
+    """The non-streamed `message` and `finish_reason` of a choice whose output is `text`."""
+    if plan is not None and plan.detects_calls:
+        calls = parse_calls(text, plan.allowed)
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}
+            return message, "tool_calls"
+    return {"role": "assistant", "content": text}, finish_reason
+
+
+@dataclass
+class ToolStream:
+    """Turns one choice's text deltas into chat deltas: content, or tool-call fragments."""
+
+    plan: ToolPlan | None
+    text: str = ""
+    mode: str = "undecided"  # "content" | "calls" (streamed as written) | "held" (auto, JSON)
+    headers: list[str] = field(default_factory=list)  # call ids sent, per call
+    sent: list[int] = field(default_factory=list)  # argument characters sent, per call
+    is_call: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plan is None or not self.plan.detects_calls:
+            self.mode = "content"
+        elif self.plan.mode == "required":
+            self.mode = "calls"
+
+    def feed(self, new_text: str) -> list[dict[str, Any]]:
+        if self.mode == "content":
+            return [{"content": new_text}] if new_text else []
+        self.text += new_text
+        if self.mode == "undecided":
+            head = self.text.lstrip()
+            if not head:
+                return []
+            if head[0] in "{[`":
+                self.mode = "held"
+                return []
+            self.mode = "content"
+            return [{"content": self.text}]
+        if self.mode == "calls":
+            return self._stream_calls()
+        return []
+
+    def _stream_calls(self) -> list[dict[str, Any]]:
+        deltas = []
+        for k, span in enumerate(scan_calls(self.text)):
+            if span.name is None:
+                break
+            if k >= len(self.headers):
+                call_id = new_call_id()
+                self.headers.append(call_id)
+                self.sent.append(0)
+                deltas.append(_call_delta(k, call_id, span.name, ""))
+            if span.args_start is None:
+                continue
+            end = span.args_end if span.args_end is not None else len(self.text)
+            start = span.args_start + self.sent[k]
+            if end > start:
+                deltas.append(_args_delta(k, self.text[start:end]))
+                self.sent[k] = end - span.args_start
+        return deltas
+
+    def finish(self, finish_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """The last deltas of the choice and its finish_reason."""
+        if self.mode == "content":
+            return [], finish_reason
+        if self.mode == "undecided":  # only blanks so far
+            return ([{"content": self.text}] if self.text else []), finish_reason
+        assert self.plan is not None
+        calls = parse_calls(self.text, self.plan.allowed)
+        if self.mode == "calls":
+            deltas = self._stream_calls()
+            return deltas, "tool_calls" if calls else finish_reason
+        if not calls:
+            return [{"content": self.text}], finish_reason
+        deltas = []
+        for k, call in enumerate(calls):
+            deltas.append(_call_delta(k, new_call_id(), call.name, ""))
+            deltas.append(_args_delta(k, call.arguments))
+        return deltas, "tool_calls"
+
+
+def _call_delta(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "tool_calls": [
+            {
+                "index": index,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        ]
+    }
+
+
+def _args_delta(index: int, fragment: str) -> dict[str, Any]:
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}

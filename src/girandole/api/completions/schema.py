@@ -1,0 +1,39 @@
+"""`POST /v1/completions` request body: the fields this server supports today.
+
+Fields of Fireworks' schema that later work adds are listed in `girandole.api.http.unsupported`;
+they are answered with a 400 naming them until they are implemented here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from girandole.api.http.schema import RequestFields, one_error
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = Annotated[
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)],
+    one_error(
+        "prompt_type",
+        "Input should be a string, an array of strings, a non-empty array of token ids (integers"
+        " >= 0) or an array of such arrays",
+    ),
+]
+
+
+class CompletionRequest(RequestFields):
+    prompt: Prompt
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a list of prompts: strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]

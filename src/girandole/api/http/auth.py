@@ -1,0 +1,21 @@
+"""Bearer-key authentication for the inference routes."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency: 401 unless the server is open or the request carries a live key (the
+    `--api-key` ones or the keys database's); then the key's rate limits (429), and 503 while
+    the server drains. See `girandole.api.ops.server_ops.ServerOps.authorize`."""
+    await request.app.state.girandole.ops.authorize(request)

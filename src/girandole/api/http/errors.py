@@ -1,0 +1,197 @@
+"""Fireworks-shaped error bodies, and the exception that carries one to the HTTP layer.
+
+Validation errors are worded as Fireworks words them: pydantic's message followed by the field,
+e.g. `Extra inputs are not permitted, field: 'reset_prompt_cache', value: True`; several errors
+as `2 request validation errors:\n  <first>; <second>`.
+
+Every error body has `error.message` (what both SDKs read). The shape follows what Fireworks
+was seen to return:
+
+    {"error": {"object": "error", "type": "invalid_request_error", "code": "invalid_request_error",
+               "message": "...", "param": "temperature"}, "request_id": "..."}
+
+404 for a model uses Fireworks' exact message and code (`NOT_FOUND`), which some clients match.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("girandole.api")
+
+MODEL_NOT_FOUND = "Model not found, inaccessible, and/or not deployed"
+
+
+class APIError(Exception):
+    """An error answered with a Fireworks error body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.code = code or type
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        return {
+            "error": {
+                "object": "error",
+                "type": self.type,
+                "code": self.code,
+                "message": self.message,
+                "param": self.param,
+            },
+            "request_id": request_id or new_request_id(),
+        }
+
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            self.body(request_id), status_code=self.status_code, headers=self.headers
+        )
+
+
+def new_request_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def model_not_found() -> APIError:
+    return APIError(404, MODEL_NOT_FOUND, type="error", code="NOT_FOUND", param="model")
+
+
+def unauthorized(message: str = "The API key you provided is invalid.") -> APIError:
+    return APIError(
+        401,
+        message,
+        type="authentication_error",
+        code="UNAUTHORIZED",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def payload_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"Request body is larger than the server's limit of {limit} bytes",
+        code="PAYLOAD_TOO_LARGE",
+    )
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(
+        503, message, type="service_unavailable", code="UNAVAILABLE", headers={"Retry-After": "1"}
+    )
+
+
+def too_many_requests(message: str) -> APIError:
+    return APIError(429, message, type="rate_limit_error", code="RESOURCE_EXHAUSTED")
+
+
+def internal_error() -> APIError:
+    return APIError(500, "Internal server error", type="internal_error", code="INTERNAL")
+
+
+_MAX_VALUE_CHARS = 100
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts)
+
+
+def _value_text(value: Any) -> str | None:
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "...'"
+    return None  # objects and arrays are not repeated back
+
+
+def format_error(err: dict[str, Any]) -> str:
+    field = _field_name(err.get("loc", ()))
+    message = err.get("msg", "Invalid value")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    text = f"{message}, field: '{field}'" if field else message
+    if err.get("type") != "missing":
+        value = _value_text(err.get("input"))
+        if value is not None:
+            text += f", value: {value}"
+    return text
+
+
+def format_errors(errors: Sequence[dict[str, Any]]) -> str:
+    if len(errors) == 1:
+        return format_error(errors[0])
+    body = "; ".join(format_error(e) for e in errors)
+    return f"{len(errors)} request validation errors:\n  {body}"
+
+
+def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
+    for err in errors:
+        field = _field_name(err.get("loc", ()))
+        if field:
+            return field
+    return None
+
+
+_STATUS_CODES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    404: ("error", "NOT_FOUND"),
+    405: ("invalid_request_error", "METHOD_NOT_ALLOWED"),
+    413: ("invalid_request_error", "PAYLOAD_TOO_LARGE"),
+    422: ("invalid_request_error", "INVALID_ARGUMENT"),
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the app as a Fireworks error body; nothing escapes as a bare 500."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_, code = _STATUS_CODES.get(exc.status_code, ("error", "UNKNOWN"))
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Not found: {request.method} {request.url.path}"
+        error = APIError(exc.status_code, message, type=type_, code=code, headers=exc.headers)
+        return error.response(request_id_of(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return bad_request(format_errors(exc.errors())).response(request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return internal_error().response(request_id_of(request))
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)

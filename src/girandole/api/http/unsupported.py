@@ -1,0 +1,81 @@
+"""Fields of Fireworks' request schema that this server does not implement yet.
+
+A request that uses one gets a 400 naming it, never a silent no-op. A value that asks for
+exactly what the server does anyway (null, `echo: false`, `frequency_penalty: 0`, ...) is
+accepted, so clients that send every field with its default keep working.
+
+When a later piece of work implements a field: delete its entry here and add it to the schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from girandole.api.http.errors import APIError, bad_request
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    # `type(v) is type(x)`: True must not pass for 1, nor 0 for False
+    return lambda v: any(v == x and type(v) is type(x) for x in values)
+
+
+def _zero(v: Any) -> bool:
+    return type(v) in (int, float) and v == 0
+
+
+def _one(v: Any) -> bool:
+    return type(v) in (int, float) and v == 1
+
+
+def _empty(v: Any) -> bool:
+    return v in ({}, [])
+
+
+_never: Callable[[Any], bool] = lambda v: False  # noqa: E731
+
+# field -> which non-null values are no-ops (null is always one). Dotted names are nested.
+# Fields neither endpoint implements yet.
+COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "service_tier": _is("auto", "default"),
+    "speculation": _never,
+    "prediction": _never,
+    "metadata": _never,
+    "reasoning_effort": _never,
+    "reasoning_history": _never,
+    "thinking": _never,
+    "sampling_mask": _never,
+    "include_routing_matrix": _is(False),
+    "stream_options.include_internal_content": _is(False),
+    "stream_options.buffer_tokens": _never,
+    "stream_options.buffer_ms": _never,
+    "stream_options.buffer_mode": _never,
+}
+COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {"images": _empty, **COMMON_UNSUPPORTED}
+# /chat/completions: chat implements logprobs, top_logprobs and raw_output, and has no `images`
+# (an extra input). Its own table, so that when /completions implements a common field, chat
+# still rejects it until the chat schema gains it too.
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "prompt_token_ids": _never,
+    **COMMON_UNSUPPORTED,
+}
+
+
+def strip_unsupported(body: dict[str, Any], table: dict[str, Callable[[Any], bool]]) -> None:
+    """Remove no-op uses of unsupported fields from `body`; raise a 400 for any real use."""
+    for name, is_noop in table.items():
+        parent: Any = body
+        *path, leaf = name.split(".")
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or leaf not in parent:
+            continue
+        value = parent[leaf]
+        if value is None or is_noop(value):
+            del parent[leaf]
+            continue
+        raise unsupported_field(name)
+
+
+def unsupported_field(name: str) -> APIError:
+    return bad_request(f"Field '{name}' is not supported by this server yet", param=name)

@@ -1,0 +1,99 @@
+"""A request body from bytes to a validated model: the size limit, JSON, then the schema, each
+failure a 400 (413 for size) that says what is wrong."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from girandole.api.http.errors import (
+    APIError,
+    bad_request,
+    first_field,
+    format_errors,
+    payload_too_large,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise payload_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise payload_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not raw.strip():
+        raise bad_request("Request body is empty: expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(
+            f"Request body is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise bad_request(
+            f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"Request body must be a JSON object, got {type(data).__name__}")
+    _check_strings(data, "")
+    return data
+
+
+def _check_strings(value: Any, path: str) -> None:
+    """JSON may spell unpaired UTF-16 surrogates ("\\ud800"); no tokenizer can take them."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                field = where or "body"
+                raise bad_request(
+                    f"Request body field '{field}' contains an unpaired UTF-16 surrogate",
+                    field.split("[")[0] or None,
+                ) from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, where))
+                stack.append((child, f"{where}.{key}" if where else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+
+
+def validate_model(schema: type[M], data: dict[str, Any]) -> M:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise bad_request(format_errors(errors), param=first_field(errors)) from None
+    except RecursionError:
+        raise bad_request("Request body is nested too deeply") from None
+
+
+def check_not_both(data: dict[str, Any], a: str, b: str) -> None:
+    if data.get(a) is not None and data.get(b) is not None:
+        raise APIError(400, f"Only one of '{a}' and '{b}' may be set", param=b)

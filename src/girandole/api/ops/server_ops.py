@@ -1,0 +1,328 @@
+"""The server's operational side, in one object hung on `AppState.ops`: keys database and
+authentication, per-key rate limits, the admission queue, usage accounting, metrics, the
+access log, and draining on shutdown. Built from the settings, the `--api-key` keys and the
+model registry; it sees the model's state only through `engine_status`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from girandole.api.http.auth import bearer_token
+from girandole.api.http.errors import APIError, bad_request, unauthorized
+from girandole.api.ops.admission import Admission
+from girandole.api.ops.metrics import Metrics
+from girandole.api.ops.ratelimit import RateLimiter
+from girandole.api.ops.tracking import Principal, RequestRecord, record_of
+from girandole.api.serving.choice import Choice
+from girandole.api.settings import ServerSettings
+from girandole.engine.protocol import EngineClient
+from girandole.registry.keys import ApiKeyStore
+from girandole.registry.keystore import Database
+from girandole.registry.models import ModelRegistry, ServedModel
+from girandole.registry.usage import UsageRecorder
+
+# how the model is doing: its load status ("loading", "ready", "failed") and the engine once ready
+EngineStatus = Callable[[], tuple[str, EngineClient | None]]
+
+access_log = logging.getLogger("girandole.access")
+logger = logging.getLogger("girandole.api")
+
+OPEN = Principal(account=None, key_id=None)
+
+# How many characters one token of a prompt may stand for at most, to refuse a prompt that
+# cannot fit the context before spending seconds tokenizing it (10 MB: about 10 s of a core).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def endpoint_of(path: str) -> str:
+    """A short route label for metrics and usage rows (unknown paths share one label)."""
+    for prefix in ("/inference/v1", "/v1"):
+        if path.startswith(prefix + "/"):
+            rest = path[len(prefix) :]
+            if rest == "/completions":
+                return "completions"
+            if rest == "/chat/completions":
+                return "chat_completions"
+            if rest == "/models" or rest.startswith("/models/"):
+                return "models"
+    if path in ("/health", "/ready", "/metrics"):
+        return path[1:]
+    return "other"
+
+
+def is_inference(record: RequestRecord) -> bool:
+    return record.method == "POST" and endpoint_of(record.path) in (
+        "completions",
+        "chat_completions",
+    )
+
+
+class ServerOps:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        keys: ApiKeyStore,
+        registry: ModelRegistry,
+        served: ServedModel,
+        engine_status: EngineStatus,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.registry = registry
+        self.served = served
+        self.engine_status = engine_status
+        data_dir = settings.data_dir
+        self.db = Database.in_folder(data_dir) if data_dir else Database(None)
+        self.usage = UsageRecorder(self.db)
+        self.limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        self.admission = Admission(
+            settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout
+        )
+        self.max_prompt_tokens = settings.max_prompt_tokens
+        self.metrics = Metrics(self._gauges)
+        self.draining = False
+        self._closed = False
+
+    # -- authentication and access -----------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.keys.open and not self.db.has_keys()
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if self.open:
+            return OPEN
+        token = bearer_token(authorization)
+        if token is None:
+            raise unauthorized(
+                "Missing API key: send it in the header 'Authorization: Bearer <API_KEY>'"
+            )
+        info = self.db.authenticate(token)
+        if info is not None:
+            return Principal(info.account, info.id, info.rpm, info.tpm)
+        index = self.keys.find(token)
+        if index is not None:
+            return Principal(self.settings.account, f"static-{index}")
+        raise unauthorized()
+
+    async def authorize(self, request: Any) -> Principal:
+        """The inference routes' dependency: who is asking (401), may they now (429, 503)."""
+        principal = self.authenticate(request.headers.get("authorization"))
+        request.state.principal = principal
+        record = record_of(request)
+        if record is not None:
+            record.principal = principal
+        if request.method == "POST":
+            if self.draining:
+                raise APIError(
+                    503,
+                    "The server is shutting down; retry on another replica",
+                    type="service_unavailable",
+                    code="UNAVAILABLE",
+                    headers={"Retry-After": "1"},
+                )
+            try:
+                headers = self.limiter.admit(principal.limit_key, principal.rpm, principal.tpm)
+            except APIError:
+                self.metrics.rate_limited.inc()
+                raise
+            if record is not None:
+                record.headers.update(headers)
+        return principal
+
+    def can_see(self, principal: Principal | None, owner: str) -> bool:
+        return principal is None or principal.account is None or principal.account == owner
+
+    def resolve(self, request: Any, model: str, deployment_header: str | None) -> Any:
+        """Resolve `model` for this request's key; None (a 404) for a model of another account
+        too, as if it did not exist."""
+        resolved = self.registry.resolve(model, deployment_header)
+        record = record_of(request)
+        principal = record.principal if record is not None else None
+        if resolved is None or not self.can_see(principal, resolved.model.owned_by):
+            return None
+        if record is not None:
+            record.model = resolved.model.name
+        return resolved
+
+    def check_prompt_size(self, data: dict) -> None:
+        """Refuse, before tokenizing, a prompt too long in characters to fit any context."""
+        limit = self.max_prompt_tokens or self.served.context_length
+        if not limit:
+            return
+        chars = _text_chars(data.get("prompt")) + _text_chars(data.get("messages"))
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            raise bad_request(
+                f"The prompt is too long: {chars} characters, far above the limit of {limit}"
+                " tokens",
+                "messages" if "messages" in data else "prompt",
+            )
+
+    # -- the serving pipeline's hook ---------------------------------------------------------
+
+    async def admit(self, record: RequestRecord | None, choices: list[Choice]) -> None:
+        """Before a request's engine requests start: the prompt-length limit, then a slot in the
+        admission queue (waits; 429 when the queue is full, 503 after the timeout). The record
+        then accounts for the choices."""
+        if self.max_prompt_tokens:
+            for choice in choices:
+                n = len(choice.prompt_token_ids)
+                if n > self.max_prompt_tokens:
+                    raise bad_request(
+                        f"The prompt is too long: {n} tokens, this server's limit is"
+                        f" {self.max_prompt_tokens}",
+                        "prompt",
+                    )
+        if record is None or record.admitted:
+            return
+        try:
+            record.queue_s = await self.admission.acquire()
+        except APIError:
+            self.metrics.rate_limited.inc()
+            raise
+        record.admitted = True
+        self.metrics.queue_time.observe(record.queue_s)
+        record.choices = choices
+
+    # -- the end of a request ----------------------------------------------------------------
+
+    def finish(self, record: RequestRecord) -> None:
+        try:
+            self._finish(record)
+        except Exception:  # noqa: BLE001 - accounting must never break serving
+            logger.exception("accounting for request %s failed", record.request_id)
+
+    def _finish(self, record: RequestRecord) -> None:
+        if record.admitted:
+            record.admitted = False
+            self.admission.release()
+        status = record.status or 500
+        endpoint = endpoint_of(record.path)
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        duration = time.monotonic() - record.start
+        fields: dict[str, Any] = {
+            "request_id": record.request_id,
+            "method": record.method,
+            "path": record.path if endpoint != "other" else record.path[:200],
+            "status": status,
+            "duration_ms": round(duration * 1000, 1),
+        }
+        if record.client_request_id and record.client_request_id != record.request_id:
+            fields["client_request_id"] = record.client_request_id
+        principal = record.principal
+        if principal is not None and principal.key_id is not None:
+            fields["account"] = principal.account
+            fields["key_id"] = principal.key_id
+        if is_inference(record) and principal is not None:  # 401s are not anyone's usage
+            usage = record.usage()
+            prompt, cached = usage.prompt_tokens, usage.cached_tokens
+            completion = usage.completion_tokens
+            aborted = record.aborted
+            self.metrics.prompt_tokens.inc(prompt)
+            self.metrics.cached_tokens.inc(cached)
+            self.metrics.completion_tokens.inc(completion)
+            self.metrics.duration.observe(duration)
+            if aborted:
+                self.metrics.aborted.inc()
+            if prompt or completion:
+                self.limiter.debit(principal.limit_key, prompt + completion, principal.tpm)
+            ttft = (
+                record.first_token_time - record.start
+                if record.first_token_time is not None
+                else None
+            )
+            self.usage.record(
+                {
+                    "time": record.wall_start,
+                    "request_id": record.request_id,
+                    "account": principal.account,
+                    "key_id": principal.key_id,
+                    "model": record.model,
+                    "endpoint": endpoint,
+                    "status": status,
+                    "stream": int(record.stream),
+                    "aborted": int(aborted),
+                    "num_choices": len(record.choices),
+                    "prompt_tokens": prompt,
+                    "cached_tokens": cached,
+                    "completion_tokens": completion,
+                    "queue_s": record.queue_s,
+                    "ttft_s": ttft,
+                    "duration_s": duration,
+                }
+            )
+            fields.update(
+                model=record.model,
+                stream=record.stream,
+                aborted=aborted,
+                prompt_tokens=prompt,
+                cached_tokens=cached,
+                completion_tokens=completion,
+            )
+            if ttft is not None:
+                fields["ttft_ms"] = round(ttft * 1000, 1)
+        level = logging.INFO if endpoint not in ("health", "ready", "metrics") else logging.DEBUG
+        access_log.log(
+            level, "%s %s %d", record.method, fields["path"], status, extra={"fields": fields}
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _gauges(self) -> dict[str, Any]:
+        _, engine = self.engine_status()
+        stats = {}
+        if engine is not None:
+            try:
+                stats = dict(engine.stats())
+            except Exception:  # noqa: BLE001
+                stats = {}
+        return {
+            "ready": self.ready()[0],
+            "draining": self.draining,
+            "active": self.admission.num_active,
+            "queued": self.admission.num_queued,
+            "engine": stats,
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        status, engine = self.engine_status()
+        if status != "ready" or engine is None:
+            return False, status
+        return True, "ready"
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            logger.info(
+                "draining: %d request(s) in flight, %d queued",
+                self.admission.num_active,
+                self.admission.num_queued,
+            )
+
+    def close(self) -> None:
+        """Write every usage row still queued (the end of a clean shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.usage.close()
+
+
+def _text_chars(value: Any, depth: int = 0) -> int:
+    """Characters of text in a prompt or messages value (strings anywhere inside it)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:
+        return 0
+    if isinstance(value, list):
+        return sum(_text_chars(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v, depth + 1) for v in value.values())
+    return 0
+
+
+__all__ = ["ServerOps", "endpoint_of"]

@@ -1,1 +1,0 @@
-"""Pydantic request schemas of the inference API."""

@@ -1,0 +1,146 @@
+"""A validated request made ready to run: its choices (one engine request each, prompt-major:
+prompt i, sample k has index i * n + k), their SamplingParams, and what the response echoes.
+
+Omitted fields take the model's defaults (`girandole.api.serving.params`); `max_tokens` falls
+back to the endpoint's default and is fitted to the context per prompt
+(`girandole.api.serving.prompt`). Prompt cache: `prompt_cache_isolation_key` (or the
+`x-prompt-cache-isolation-key` header; the field wins) salts the prefix-cache hashes, so
+different keys never share blocks; `prompt_cache_max_len` caps the reused prefix (0 = no reuse).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from girandole.api.http.schema import RequestFields
+from girandole.api.serving.choice import Choice, OutputOptions, output_options
+from girandole.api.serving.params import (
+    applied_options,
+    build_params,
+    choice_seed,
+    parse_logit_bias,
+    sampling_defaults,
+)
+from girandole.api.serving.prompt import fit_max_tokens
+from girandole.engine.protocol import EngineClient
+from girandole.sampling.grammar import GrammarSpec
+from girandole.sampling.params import SamplingParams
+
+# Request fields that map straight onto SamplingParams (see `build_params`).
+SAMPLING_FIELDS = {
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "ignore_eos", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "mirostat_target", "mirostat_lr",
+}  # fmt: skip
+
+
+@dataclass
+class Job:
+    """A request ready to run: its choices and what the response needs to echo."""
+
+    id: str
+    model: str  # as the client sent it
+    n: int
+    choices: list[Choice]
+    stream: bool
+    include_usage: bool
+    options: OutputOptions
+    received: float  # when the server got the request (time.monotonic)
+    prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
+    created: int = field(default_factory=lambda: int(time.time()))
+    sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
+    perf_metrics: dict[str, Any] | None = None  # set once every choice finished
+
+
+def cache_kwargs(req: RequestFields, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    """AsyncEngine.generate's prefix-cache arguments from the request and its headers."""
+    salt = req.prompt_cache_isolation_key
+    if salt is None and headers is not None:
+        salt = headers.get("x-prompt-cache-isolation-key") or None
+    out: dict[str, Any] = {}
+    if salt is not None:
+        out["cache_salt"] = salt
+    if req.prompt_cache_max_len is not None:
+        out["prefix_cache_max_len"] = req.prompt_cache_max_len
+    return out
+
+
+def choice_params(
+    req: RequestFields,
+    defaults: dict[str, Any],
+    max_tokens: int,
+    k: int,
+    *,
+    logit_bias: dict[int, float] | None = None,
+    options: OutputOptions | None = None,
+) -> SamplingParams:
+    """Sample k's SamplingParams. `options` sets logprobs and prompt_logprobs."""
+    params = build_params(
+        req.model_dump(include=SAMPLING_FIELDS),
+        defaults,
+        max_tokens=max_tokens,
+        stop=req.stop_list(),
+        seed=choice_seed(req.seed, k),
+        logit_bias=logit_bias,
+    )
+    if options is not None and options.logprobs_mode is not None:
+        params.logprobs = options.num_top
+        params.prompt_logprobs = options.prompt_logprobs
+    return params
+
+
+def build_job(
+    engine: EngineClient,
+    req: RequestFields,
+    request_id: str,
+    prompts: list[list[int]],
+    *,
+    default_max_tokens: int,
+    context_length: int,
+    grammar: GrammarSpec | None,
+    received: float,
+    headers: Mapping[str, str] | None = None,
+) -> Job:
+    """The request's choices: n samples of each prompt, each with its SamplingParams."""
+    config = engine.model_config
+    options = output_options(req)
+    logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
+    engine_kwargs = cache_kwargs(req, headers)
+    n = req.n or 1
+    requested = req.requested_max_tokens(default_max_tokens)
+    behavior = req.context_length_exceeded_behavior or "truncate"
+    defaults = sampling_defaults(config.generation_config)
+    choices: list[Choice] = []
+    for i, ids in enumerate(prompts):
+        max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior)
+        for k in range(n):
+            params = choice_params(
+                req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
+            )
+            params.grammar = grammar
+            index = i * n + k
+            choices.append(
+                Choice(
+                    index,
+                    i,
+                    ids,
+                    params,
+                    f"{request_id}-{index}",
+                    engine.tokenizer,
+                    options,
+                    engine_kwargs,
+                )  # fmt: skip
+            )
+    return Job(
+        id=request_id,
+        model=req.model,
+        n=n,
+        choices=choices,
+        stream=bool(req.stream),
+        include_usage=req.include_usage,
+        options=options,
+        received=received,
+        sampling_options=applied_options(choices[0].params),
+    )

@@ -1,0 +1,134 @@
+"""Logprobs in the response formats of Fireworks' API, from the engine's `SampleResult`s.
+
+- Content format (`logprobs: true`, OpenAI's chat format, Fireworks' `NewLogProbs`):
+  `{"content": [{"token", "logprob", "sampling_logprob", "bytes", "token_id", "text_offset",
+  "top_logprobs": [{"token", "logprob", "token_id", "bytes"}]}]}` with exactly `top_logprobs`
+  alternatives per position (the model's raw top-k, most likely first).
+- Legacy format (an integer `logprobs: N`): `{"tokens", "token_logprobs", "top_logprobs",
+  "text_offset", "token_ids"}`; each `top_logprobs` map holds the top N and always the sampled
+  token (so up to N + 1 entries).
+
+With echo, the echoed prompt tokens come first (see `girandole.api.serving.choice`); the first
+prompt token has no context: null `token_logprobs`/`top_logprobs` in the legacy format, 0.0 in
+the content format.
+
+Every sampled token gets an entry, the end-of-turn/EOS token included (it is counted in
+`completion_tokens` too; its `token` is its special string, e.g. "<end_of_turn>", and it adds no
+text). `text_offset` is the character offset in the returned text where the token's text starts:
+tokens are decoded one after another (special tokens add nothing), and an offset never points
+past the text returned so far (text held back for a possible stop string, or trimmed stop
+strings, put the offset at the end of the text).
+
+Use one `LogprobTracker` per choice: feed it each engine output's `logprobs` together with the
+length of the choice's text after that output.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LogprobsMode = Literal["content", "legacy"]
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float | None
+    sampling_logprob: float | None
+    text_offset: int
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+class LogprobTracker:
+    """Turns one choice's SampleResults into TokenLogprobs with text offsets."""
+
+    def __init__(self, tokenizer: Any, num_top: int) -> None:
+        self.tokenizer = tokenizer
+        self.num_top = num_top
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0  # characters the tokens so far decode to
+        self.entries: list[TokenLogprob] = []
+
+    def add(self, results: list[Any] | None, text_length: int) -> list[TokenLogprob]:
+        """The entries for `results` (one engine output's), given the choice's text length
+        after that output. Also kept in `self.entries`."""
+        new: list[TokenLogprob] = []
+        for r in results or []:
+            tok = self.tokenizer
+            offset = min(self._chars, text_length)
+            if not tok.is_special(r.token_id):
+                raw = tok.token_bytes(r.token_id)
+                self._chars += len(self._decoder.decode(raw))
+            top = list(r.top_logprobs or [])[: self.num_top]
+            new.append(
+                TokenLogprob(
+                    token_id=r.token_id,
+                    token=tok.token_str(r.token_id),
+                    bytes=list(tok.token_bytes(r.token_id)),
+                    logprob=r.logprob,
+                    sampling_logprob=r.sampling_logprob,
+                    text_offset=offset,
+                    top=top,
+                )
+            )
+        self.entries.extend(new)
+        return new
+
+    def format(self, entries: list[TokenLogprob], mode: LogprobsMode) -> dict[str, Any]:
+        return (
+            content_format(self.tokenizer, entries)
+            if mode == "content"
+            else legacy_format(self.tokenizer, entries)
+        )
+
+
+def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                # null only for an echoed first prompt token (no context): a number here
+                "logprob": 0.0 if e.logprob is None else e.logprob,
+                "sampling_logprob": 0.0 if e.sampling_logprob is None else e.sampling_logprob,
+                "bytes": e.bytes,
+                "token_id": e.token_id,
+                "text_offset": e.text_offset,
+                "top_logprobs": [
+                    {
+                        "token": tokenizer.token_str(tid),
+                        "logprob": lp,
+                        "token_id": tid,
+                        "bytes": list(tokenizer.token_bytes(tid)),
+                    }
+                    for tid, lp in e.top
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+def legacy_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
+    tops: list[dict[str, float] | None] = []
+    for e in entries:
+        if e.logprob is None and not e.top:
+            tops.append(None)  # an echoed first prompt token: nothing predicts it
+            continue
+        top: dict[str, float] = {}
+        for tid, lp in [*e.top, (e.token_id, e.logprob)]:
+            if lp is None:
+                continue
+            key = tokenizer.token_str(tid)
+            top[key] = max(lp, top.get(key, lp))
+        tops.append(top)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": [e.text_offset for e in entries],
+        "token_ids": [e.token_id for e in entries],
+    }

@@ -1,0 +1,117 @@
+"""One inference request from its HTTP body to its response, for every endpoint.
+
+    body -> validated request (the endpoint's schema) -> the endpoint's response shape
+    -> grammar (response_format, or a forced tool call) -> prompt token ids (the endpoint's)
+    -> Job: choices, one engine request each -> admission (ops) -> fan-out to the engine
+    -> one collect loop or one stream loop -> the response
+
+An endpoint family gives only what differs (`Endpoint`); its route handler is one call of
+`serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from girandole.api.http.disconnect import with_cancellation
+from girandole.api.http.errors import model_not_found
+from girandole.api.http.schema import RequestFields
+from girandole.api.http.sse import SSEResponse
+from girandole.api.http.unsupported import strip_unsupported
+from girandole.api.http.validation import (
+    check_not_both,
+    parse_json_object,
+    read_body,
+    validate_model,
+)
+from girandole.api.ops.tracking import record_of
+from girandole.api.serving.fanout import ChoiceFanout
+from girandole.api.serving.job import Job, build_job
+from girandole.api.serving.response import ResponseShape, collect, engine_error, stream
+from girandole.api.serving.structured import request_grammar
+from girandole.api.serving.usage import perf_headers
+from girandole.engine.protocol import EngineClient
+
+if TYPE_CHECKING:
+    from girandole.api.state import AppState
+
+
+class Endpoint(Protocol):
+    """What differs between inference endpoints."""
+
+    schema: type[RequestFields]
+    unsupported: dict[str, Callable[[Any], bool]]  # girandole.api.http.unsupported
+    id_prefix: str  # of response ids: "cmpl-", "chatcmpl-"
+    default_max_tokens: int
+
+    def shape(self, state: AppState, engine: EngineClient, req: Any) -> ResponseShape:
+        """How this request's response is written (a 400 for what the endpoint cannot do)."""
+        ...
+
+    async def prompts(self, engine: EngineClient, req: Any, shape: Any) -> list[list[int]]:
+        """The request's prompts as token ids."""
+        ...
+
+
+async def serve(request: Request, endpoint: Endpoint) -> Response:
+    """The whole of an inference route."""
+    received = time.monotonic()
+    state: AppState = request.app.state.girandole
+    request_id = endpoint.id_prefix + uuid.uuid4().hex
+    request.state.request_id = request_id
+    data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
+    model = data.get("model")
+    if isinstance(model, str):  # unknown models and other accounts' models alike: 404
+        if state.ops.resolve(request, model, request.headers.get("fireworks-deployment")) is None:
+            raise model_not_found()
+    state.ops.check_prompt_size(data)
+    strip_unsupported(data, endpoint.unsupported)
+    check_not_both(data, "max_tokens", "max_completion_tokens")
+    req = validate_model(endpoint.schema, data)
+    engine = state.require_engine()
+    shape = endpoint.shape(state, engine, req)
+    grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
+    prompts = await endpoint.prompts(engine, req, shape)
+    job = build_job(
+        engine,
+        req,
+        request_id,
+        prompts,
+        default_max_tokens=endpoint.default_max_tokens,
+        context_length=state.context_length,
+        grammar=grammar,
+        received=received,
+        headers=request.headers,
+    )
+    return await run(request, state, engine, job, shape)
+
+
+@with_cancellation
+async def run(
+    request: Request, state: AppState, engine: EngineClient, job: Job, shape: ResponseShape
+) -> Response:
+    """Admit the job, start its engine requests, and answer: whole, or as a stream."""
+    headers = {
+        "x-request-id": request.headers.get("x-request-id") or job.id,
+        "fireworks-sampling-options": json.dumps(job.sampling_options, separators=(",", ":")),
+    }
+    record = record_of(request)
+    await state.ops.admit(record, job.choices)  # prompt limit; admission queue (429/503)
+    fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
+    try:
+        await fanout.start()
+    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+        raise engine_error(exc) from None
+    if job.stream:
+        body = stream(job, shape, fanout, state.settings.stream_usage)
+        return SSEResponse(body, headers=headers)
+    result = await collect(job, shape, fanout)
+    headers.update(perf_headers(job.perf_metrics or {}))
+    return JSONResponse(result, headers=headers)

@@ -1,0 +1,52 @@
+"""What every prompt form shares once it is token ids: the context-length rules, and work on
+long prompts kept off the event loop.
+
+`context_length_exceeded_behavior`: `truncate` (default) lowers max_tokens to
+`context - prompt`; `error` answers 400 when prompt + max_tokens exceeds the context. A prompt
+that alone fills the context (or more) is a 400 either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from girandole.api.http.errors import bad_request
+
+T = TypeVar("T")
+
+# Prompts (or conversations) of fewer characters than this are tokenized on the event loop;
+# longer ones in a thread.
+INLINE_CHARS = 2048
+
+
+async def off_loop_if_long(num_chars: int, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)`, in a thread when the text it works on is long."""
+    if num_chars < INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def fit_max_tokens(
+    num_prompt_tokens: int, max_tokens: int, context_length: int, behavior: str
+) -> int:
+    """The max_tokens to run with, or a 400 per `context_length_exceeded_behavior`."""
+    if num_prompt_tokens >= context_length:
+        raise bad_request(
+            f"The prompt is too long: {num_prompt_tokens}, model maximum context length:"
+            f" {context_length}",
+            "prompt",
+        )
+    room = context_length - num_prompt_tokens
+    if max_tokens <= room:
+        return max_tokens
+    if behavior == "error":
+        raise bad_request(
+            f"This model's maximum context length is {context_length} tokens, but the prompt"
+            f" ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs"
+            f" {num_prompt_tokens + max_tokens}. Lower max_tokens, or set"
+            " context_length_exceeded_behavior to 'truncate'",
+            "max_tokens",
+        )
+    return room

@@ -1,0 +1,192 @@
+"""`response_format` to the engine's GrammarSpec, and the checks that make bad input a 400.
+
+- `text` (or none): free decoding.
+- `json_object`: any JSON object; with the legacy `schema` field, that schema.
+- `json_schema`: `json_schema.schema` (no schema: any JSON object). `strict` is accepted; the
+  output always follows the schema (there is no lenient mode).
+- `grammar`: a GBNF grammar (llama.cpp's dialect, as xgrammar reads it; the start rule is `root`).
+
+The JSON the engine writes is compact (`{"a": 1, "b": [1, 2]}`: one space after `:` and `,`, no
+other whitespace), with the properties in the schema's order.
+
+Schemas: xgrammar enforces types, properties/required/additionalProperties, items/prefixItems,
+min/maxItems, enum/const, anyOf/oneOf (read as anyOf), $ref/$defs, numeric ranges and
+multipleOf, string lengths, patterns and the common formats. Keywords it would silently ignore
+(`not`, `if`/`then`/`else`, `allOf` with more than one schema, `uniqueItems: true`,
+`dependentRequired`, `dependentSchemas`, `dependencies`, `minContains`/`maxContains`, unknown
+`format`s) are a 400: the output could not be trusted to validate. Annotations (`title`,
+`description`, `default`, `examples`, ...) are fine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from girandole.api.http.errors import bad_request
+from girandole.api.http.schema import ResponseFormat
+from girandole.engine.protocol import EngineClient
+from girandole.sampling.grammar import GrammarError, GrammarSpec
+
+# Validation keywords the grammar engine would not enforce.
+UNSUPPORTED_KEYWORDS = {
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "minContains",
+    "maxContains",
+    "$dynamicRef",
+    "$recursiveRef",
+}
+SUPPORTED_FORMATS = {
+    "email",
+    "date",
+    "time",
+    "date-time",
+    "duration",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "uuid",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+}
+# keyword -> how its value holds subschemas
+_SCHEMA_VALUED = {
+    "items",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "propertyNames",
+    "contains",
+    "additionalItems",
+}
+_SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
+
+
+MAX_SCHEMA_DEPTH = 64  # nested subschemas; deeper is a 400 (the grammar compiler recurses)
+
+
+def check_schema(schema: Any, param: str, where: str = "") -> None:
+    """Raise a 400 naming the field for a schema that is not an object or boolean, that nests
+    too deeply, or that uses a keyword the grammar engine cannot enforce."""
+    if isinstance(schema, bool):
+        return
+    if where.count("/") > 2 * MAX_SCHEMA_DEPTH:
+        raise bad_request(
+            f"The JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, field: '{param}'",
+            param,
+        )
+    if not isinstance(schema, dict):
+        raise bad_request(
+            f"Invalid JSON schema at '{where or '#'}': a schema must be an object or a boolean,"
+            f" field: '{param}'",
+            param,
+        )
+    for key, value in schema.items():
+        here = f"{where}/{key}"
+        if key in UNSUPPORTED_KEYWORDS:
+            raise _unsupported(key, here, param)
+        if key == "uniqueItems" and value is True:
+            raise _unsupported(key, here, param)
+        if key == "allOf" and isinstance(value, list) and len(value) > 1:
+            raise _unsupported("allOf (with more than one schema)", here, param)
+        if key == "format" and isinstance(value, str) and value not in SUPPORTED_FORMATS:
+            raise _unsupported(f"format '{value}'", here, param)
+        if key in _SCHEMA_VALUED and isinstance(value, (dict, bool)):
+            check_schema(value, param, here)
+        elif key == "items" and isinstance(value, list):  # draft-7 tuple form
+            for i, sub in enumerate(value):
+                check_schema(sub, param, f"{here}/{i}")
+        elif key in _SCHEMA_LISTS:
+            if not isinstance(value, list):
+                raise bad_request(
+                    f"Invalid JSON schema at '{here}': '{key}' must be an array of schemas,"
+                    f" field: '{param}'",
+                    param,
+                )
+            for i, sub in enumerate(value):
+                check_schema(sub, param, f"{here}/{i}")
+        elif key in _SCHEMA_MAPS:
+            if not isinstance(value, dict):
+                raise bad_request(
+                    f"Invalid JSON schema at '{here}': '{key}' must be an object of schemas,"
+                    f" field: '{param}'",
+                    param,
+                )
+            for name, sub in value.items():
+                check_schema(sub, param, f"{here}/{name}")
+
+
+def _unsupported(what: str, where: str, param: str) -> Exception:
+    return bad_request(
+        f"Unsupported JSON schema keyword {what} at '{where}': constrained decoding cannot"
+        f" enforce it, field: '{param}'",
+        param,
+    )
+
+
+def response_format_grammar(rf: ResponseFormat | None) -> GrammarSpec | None:
+    """The grammar a `response_format` asks for (None: free text). Raises a 400 for bad input."""
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "grammar":
+        if not rf.grammar or not rf.grammar.strip():
+            raise bad_request(
+                "response_format of type 'grammar' needs a non-empty 'grammar' (GBNF)",
+                "response_format.grammar",
+            )
+        return GrammarSpec("gbnf", rf.grammar)
+    if rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise bad_request(
+                "response_format of type 'json_schema' needs 'json_schema'",
+                "response_format.json_schema",
+            )
+        schema, param = rf.json_schema.schema_, "response_format.json_schema.schema"
+    else:
+        schema, param = rf.schema_, "response_format.schema"
+    if schema is None:
+        return GrammarSpec("json_object")
+    check_schema(schema, param)
+    # keep the schema's property order: it is the order the properties are written in
+    return GrammarSpec.json_schema(json.dumps(schema, ensure_ascii=False))
+
+
+async def request_grammar(
+    engine: EngineClient, rf: ResponseFormat | None, forced: GrammarSpec | None = None
+) -> GrammarSpec | None:
+    """The one place a request's output constraint is decided: its `response_format`, or
+    `forced` (chat's grammar for a forced tool call), never both. The grammar is compiled now
+    (off the event loop; the engine caches it, so its own compile is then a cache hit), so an
+    invalid schema or grammar is a 400 naming its field before any engine request starts. The
+    message is the grammar engine's."""
+    grammar, param = response_format_grammar(rf), "response_format"
+    if forced is not None:
+        if grammar is not None:
+            raise bad_request(
+                "response_format cannot be combined with a forced tool call (tool_choice"
+                " 'required' or a named function)",
+                "response_format",
+            )
+        grammar, param = forced, "tools"
+    if grammar is not None:
+        try:
+            await engine.compile_grammar(grammar)
+        except GrammarError as exc:
+            raise bad_request(f"{_clean(str(exc))}, field: '{param}'", param) from None
+    return grammar
+
+
+def _clean(message: str) -> str:
+    # xgrammar's messages carry a time and a C++ source location: "[08:45:08] /x/y.cc:820: "
+    return " ".join(re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", message).split())

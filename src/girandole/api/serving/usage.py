@@ -1,0 +1,83 @@
+"""Usage and perf metrics, counted here once for responses and for accounting alike (the rules:
+`girandole.api.completions`). A response counts its choices as it has shown them
+(`Choice.sent`); accounting (usage rows, metrics, token rate limits) as the engine produced them
+(`Choice.generated`): the same once the response has ended, and also right for a response its
+client cut off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from girandole.api.serving.choice import Choice
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    def body(self) -> dict[str, Any]:
+        """The `usage` object of a response."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def count_usage(
+    choices: Iterable[Choice], progress: Literal["sent", "generated"] = "sent"
+) -> Usage:
+    """The usage of a request's choices, as its response showed them or as the engine made them."""
+    prompts: dict[int, int] = {}
+    cached: dict[int, int] = {}
+    completion = 0
+    for choice in choices:
+        done = getattr(choice, progress)
+        p = choice.prompt_index
+        prompts[p] = choice.num_prompt_tokens
+        cached[p] = min(cached.get(p, done.num_cached_tokens), done.num_cached_tokens)
+        completion += done.num_output_tokens
+    return Usage(sum(prompts.values()), sum(cached.values()), completion)
+
+
+def perf_metrics(
+    usage: Usage, outputs: list[Any], received: float, prepared: float
+) -> dict[str, Any]:
+    """Fireworks' `perf_metrics` (seconds) from the choices' last engine outputs. `received`:
+    when the server got the request; `prepared`: when it was tokenized (time.monotonic)."""
+    outs = [o for o in outputs if o is not None]
+
+    def first(name: str) -> float | None:
+        values = [getattr(o, name) for o in outs if getattr(o, name, None) is not None]
+        return min(values) if values else None
+
+    arrival = first("arrival_time") or prepared
+    scheduled = first("first_scheduled_time")
+    finished_values = [o.finished_time for o in outs if o.finished_time is not None]
+    finished = max(finished_values) if finished_values else None
+    first_token = first("first_token_time") or finished
+    metrics: dict[str, Any] = {
+        "prompt-tokens": usage.prompt_tokens,
+        "cached-prompt-tokens": usage.cached_tokens,
+        "tokenizer-duration": prepared - received,
+    }
+    if first_token is not None:
+        metrics["server-time-to-first-token"] = first_token - received
+    if finished is not None:
+        metrics["server-processing-time"] = finished - received
+    if scheduled is not None:
+        metrics["prefill-queue-duration"] = scheduled - arrival
+        if first_token is not None:
+            metrics["prefill-duration"] = first_token - scheduled
+    if first_token is not None and finished is not None:
+        metrics["generation-duration"] = finished - first_token
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def perf_headers(metrics: dict[str, Any]) -> dict[str, str]:
+    return {f"fireworks-{k}": str(v) for k, v in metrics.items()}

@@ -1,0 +1,44 @@
+"""The engine as the API server sees it (vLLM's `EngineClient` idea): what `girandole.api` may
+call, and nothing else. `AsyncEngine` is the implementation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from girandole.engine.outputs import RequestOutput
+from girandole.model.config import ModelConfig
+from girandole.sampling.grammar import GrammarSpec
+from girandole.sampling.params import SamplingParams
+from girandole.tokenizer.tokenizer import Tokenizer
+
+
+class EngineClient(Protocol):
+    @property
+    def model_config(self) -> ModelConfig: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; ValueError before the first output for bad input."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Any:
+        """Compile (or find cached) the grammar of `spec`; GrammarError for a bad one."""
+        ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def shutdown(self) -> None: ...
