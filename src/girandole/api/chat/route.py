@@ -3,18 +3,13 @@ route."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
-
 from girandole.api.chat.prompt import chat_prompt, check_parts
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
 from girandole.api.chat.tools import plan_tools
-from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import bad_request
-from girandole.api.http.openapi import body_doc
 from girandole.api.http.unsupported import CHAT_UNSUPPORTED
-from girandole.api.serving.pipeline import serve
+from girandole.api.serving.pipeline import Endpoint, inference_router
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
 from girandole.tokenizer.chat_template import chat_template_for
@@ -22,13 +17,8 @@ from girandole.tokenizer.chat_template import chat_template_for
 DEFAULT_MAX_TOKENS = 2048  # Fireworks' chat guide
 
 
-class Chat:
+class Chat(Endpoint):
     """Messages through the chat template; choices written as `message`/`delta`, with tools."""
-
-    schema = ChatCompletionRequest
-    unsupported = CHAT_UNSUPPORTED
-    id_prefix = "chatcmpl-"
-    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def shape(self, state: AppState, engine: EngineClient, req: ChatCompletionRequest) -> ChatShape:
         template = chat_template_for(engine.tokenizer, state.chat_template)
@@ -49,14 +39,7 @@ class Chat:
         return [prompt.token_ids]
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
-ENDPOINT = Chat()
-
-
-@router.post(
-    "/chat/completions",
-    openapi_extra=body_doc(ChatCompletionRequest),
-    summary="Create a chat completion",
+ENDPOINT = Chat(ChatCompletionRequest, CHAT_UNSUPPORTED, "chatcmpl-", DEFAULT_MAX_TOKENS)
+router = inference_router(
+    ENDPOINT, "/chat/completions", "create_chat_completion", "Create a chat completion"
 )
-async def create_chat_completion(request: Request) -> Response:
-    return await serve(request, ENDPOINT)

@@ -17,6 +17,10 @@ from typing import Any
 
 import uvicorn
 
+from girandole.api.settings import ServerSettings
+
+DEFAULTS = ServerSettings()  # the one set of defaults
+
 
 def _env(name: str) -> str | None:
     return os.environ.get("GIRANDOLE_" + name)
@@ -51,19 +55,21 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrent-requests",
         type=int,
-        default=_int("MAX_CONCURRENT_REQUESTS") or 64,
+        default=_int("MAX_CONCURRENT_REQUESTS") or DEFAULTS.max_concurrent_requests,
         help="inference requests at the engine at once [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
     )
     p.add_argument(
         "--max-queued-requests",
         type=int,
-        default=_int("MAX_QUEUED_REQUESTS") if _env("MAX_QUEUED_REQUESTS") else 256,
+        default=_int("MAX_QUEUED_REQUESTS")
+        if _env("MAX_QUEUED_REQUESTS")
+        else DEFAULTS.max_queued_requests,
         help="more wait in a queue, up to this many (then 429) [GIRANDOLE_MAX_QUEUED_REQUESTS]",
     )
     p.add_argument(
         "--queue-timeout",
         type=float,
-        default=float(_env("QUEUE_TIMEOUT") or 30),
+        default=float(_env("QUEUE_TIMEOUT") or DEFAULTS.queue_timeout),
         help="seconds a request may wait in the queue (then 503) [GIRANDOLE_QUEUE_TIMEOUT]",
     )
     p.add_argument(
@@ -75,7 +81,7 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-seconds",
         type=float,
-        default=float(_env("DRAIN_SECONDS") or 30),
+        default=float(_env("DRAIN_SECONDS") or DEFAULTS.drain_seconds),
         help="on SIGTERM, let requests in flight finish for up to this long, then exit 0"
         " [GIRANDOLE_DRAIN_SECONDS]",
     )

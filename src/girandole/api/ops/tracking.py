@@ -15,7 +15,7 @@ import contextvars
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.usage import Usage, count_usage
 from girandole.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from girandole.api.ops.server_ops import ServerOps
 
 CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "girandole_request", default=None
@@ -63,7 +66,7 @@ class RequestRecord:
     headers: dict[str, str] = field(default_factory=dict)  # added to the response
     fallback_id: str = field(default_factory=lambda: "req-" + uuid.uuid4().hex)
     response_id: str | None = None
-    ops: Any = None  # the ServerOps that will account for it
+    ops: ServerOps | None = None  # the ServerOps that will account for it
 
     @property
     def request_id(self) -> str:
@@ -113,7 +116,7 @@ class RequestTracker:
     """ASGI middleware: a record per HTTP request, `x-request-id` on every response (the
     client's, else the response id), and `ops.finish(record)` when the response is over."""
 
-    def __init__(self, app: ASGIApp, ops: Any) -> None:
+    def __init__(self, app: ASGIApp, ops: ServerOps) -> None:
         self.app = app
         self.ops = ops
 

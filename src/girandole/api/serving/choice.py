@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.errors import bad_request
+from girandole.api.http.schema import RequestFields
 from girandole.api.serving.logprobs import LogprobsMode, LogprobTracker, content_format
 from girandole.engine.outputs import RequestOutput
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import SampleResult
+from girandole.tokenizer.tokenizer import Tokenizer
 
 # the engine's finish reasons as the API names them
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "error"}
@@ -62,7 +64,7 @@ class OutputOptions:
         return self.num_top if wants_echo and self.logprobs_mode is not None else None
 
 
-def output_options(req: Any) -> OutputOptions:
+def output_options(req: RequestFields) -> OutputOptions:
     lp, top = req.logprobs, req.top_logprobs
     if lp is None or lp is False:
         if top:
@@ -75,22 +77,22 @@ def output_options(req: Any) -> OutputOptions:
     return OutputOptions(
         logprobs_mode=mode,
         num_top=num_top,
-        echo=bool(getattr(req, "echo", None)),
-        echo_last=getattr(req, "echo_last", None),
+        echo=bool(req.echo),
+        echo_last=req.echo_last,
         raw_output=bool(req.raw_output),
         return_token_ids=bool(req.return_token_ids),
         perf_metrics=bool(req.perf_metrics_in_response),
     )
 
 
-def plain_text(tokenizer: Any, ids: list[int]) -> str:
+def plain_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     """The text of `ids` as logprob offsets count it: token bytes, special tokens left out."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     parts = [decoder.decode(tokenizer.token_bytes(t)) for t in ids if not tokenizer.is_special(t)]
     return "".join(parts) + decoder.decode(b"", final=True)
 
 
-def prompt_fragments(tokenizer: Any, ids: list[int]) -> list[str | int]:
+def prompt_fragments(tokenizer: Tokenizer, ids: list[int]) -> list[str | int]:
     """The fed prompt as Fireworks' `prompt_fragments`: runs of text, and special tokens by id."""
     out: list[str | int] = []
     run: list[int] = []
@@ -142,7 +144,7 @@ class Choice:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         options: OutputOptions,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:

@@ -5,8 +5,8 @@
     -> Job: choices, one engine request each -> admission (ops) -> fan-out to the engine
     -> one collect loop or one stream loop -> the response
 
-An endpoint family gives only what differs (`Endpoint`); its route handler is one call of
-`serve`.
+An endpoint family gives only what differs (an `Endpoint`); its route (`inference_router`) is
+one call of `serve`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.errors import model_not_found
+from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import RequestFields
 from girandole.api.http.sse import SSEResponse
 from girandole.api.http.unsupported import strip_unsupported
@@ -43,8 +46,9 @@ if TYPE_CHECKING:
     from girandole.api.state import AppState
 
 
-class Endpoint(Protocol):
-    """What differs between inference endpoints."""
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between inference endpoints: an endpoint family subclasses it."""
 
     schema: type[RequestFields]
     unsupported: dict[str, Callable[[Any], bool]]  # girandole.api.http.unsupported
@@ -53,11 +57,29 @@ class Endpoint(Protocol):
 
     def shape(self, state: AppState, engine: EngineClient, req: Any) -> ResponseShape:
         """How this request's response is written (a 400 for what the endpoint cannot do)."""
-        ...
+        return ResponseShape()
 
     async def prompts(self, engine: EngineClient, req: Any, shape: Any) -> list[list[int]]:
         """The request's prompts as token ids."""
-        ...
+        raise NotImplementedError
+
+
+def inference_router(endpoint: Endpoint, path: str, name: str, summary: str) -> APIRouter:
+    """The endpoint's POST route (bearer key required): one call of `serve`."""
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    async def handler(request: Request) -> Response:
+        return await serve(request, endpoint)
+
+    router.add_api_route(
+        path,
+        handler,
+        methods=["POST"],
+        name=name,
+        summary=summary,
+        openapi_extra=body_doc(endpoint.schema),
+    )
+    return router
 
 
 async def serve(request: Request, endpoint: Endpoint) -> Response:
