@@ -216,7 +216,8 @@ def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
         start = next(i for i, line in enumerate(lines) if " listening on " in line)
         block = "\n".join(lines[start : start + 8])
         assert f"listening on http://127.0.0.1:{port}" in block
-        assert "accounts/fireworks/models/gemma-3-270m" in block  # the default --model-id
+        assert "accounts/fireworks/models/tiny-llama" in block  # --model-id from the repo id
+        assert "accounts/fireworks/deployments/tiny-llama" in block
         assert f"{REPO}, from the Hugging Face cache" in block
         assert "none: the server is open to anyone who can reach" in block
         assert any(line.endswith(" INFO  Application startup complete.") for line in lines)

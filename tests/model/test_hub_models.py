@@ -3,8 +3,10 @@ huggingface_hub cache that the tests lay out themselves (there is no network her
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from model_helpers import write_tiny_gguf, write_tiny_hf
 
 from girandole import LLM, SamplingParams
 from girandole.model.default import resolve_model_path
-from girandole.model.hub import ModelSourceError
+from girandole.model.hub import ModelSourceError, model_id_of, parse_repo_model
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -110,6 +112,31 @@ def test_errors_name_the_repo_and_the_problem(offline, model, revision, expected
         assert str(offline.path) in str(info.value) and "HF_HUB_OFFLINE is set" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "model, model_id",
+    [
+        ("Qwen/Qwen3-0.6B", "qwen3-0-6b"),
+        ("meta-llama/Llama-3.2-1B-Instruct", "llama-3-2-1b-instruct"),
+        ("unsloth/gemma-3-1b-it-GGUF:gemma-3-1b-it-Q4_K_M.gguf", "gemma-3-1b-it-q4-k-m"),
+        ("org/7b-chat", "b-chat"),
+        ("org/___", "model"),
+    ],
+)
+def test_served_model_id_of_a_repo_id(model, model_id):
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+    from girandole.registry.naming import is_valid_id
+
+    assert model_id_of(parse_repo_model(model)) == model_id and is_valid_id(model_id)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    settings = settings_from_args(parser.parse_args(["serve", "--model", model]))
+    assert settings.model_id == model_id
+    named = parser.parse_args(["serve", "--model", model, "--model-id", "mine"])
+    assert settings_from_args(named).model_id == "mine"
+
+
 def test_a_path_that_is_no_repo_id_is_still_a_missing_path(offline):
     with pytest.raises(FileNotFoundError, match="model path does not exist"):
         resolve_model_path("/nonexistent/model.gguf")
@@ -176,3 +203,52 @@ def test_no_network_falls_back_to_the_cache(hub, tmp_path):
     assert missing.returncode == 2
     assert "model tiny-org/missing is not in the Hugging Face cache" in missing.stderr
     assert "the Hugging Face Hub could not be reached" in missing.stderr
+
+
+class _HubErrors(http.server.BaseHTTPRequestHandler):
+    """The Hub's answers to a model look-up that fails: its status and X-Error-Code header."""
+
+    ANSWERS = {
+        "org/missing": (404, "RepoNotFound"),
+        "org/gated": (403, "GatedRepo"),
+        "org/name/revision/v9": (404, "RevisionNotFound"),
+        "org/down": (503, None),
+    }
+
+    def do_GET(self) -> None:
+        repo = self.path.split("?")[0].removeprefix("/api/models/")
+        status, code = self.ANSWERS.get(repo, (500, None))
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_hub_answers_become_errors_naming_the_repo(hub, monkeypatch):
+    """Online, the Hub's refusals (a local server answering as the Hub does) are named."""
+    from huggingface_hub import constants
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cases = [
+        ("org/missing", None, "model org/missing not found on the Hugging Face Hub"),
+        ("org/gated", None, "model org/gated is gated: accept its terms"),
+        ("org/name", "v9", "model org/name has no revision 'v9'"),
+        ("org/down", None, "the Hugging Face Hub could not be reached (HfHubHTTPError"),
+    ]
+    try:
+        for model, revision, expected in cases:
+            with pytest.raises(ModelSourceError) as info:
+                resolve_model_path(model, revision)
+            assert expected in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -73,8 +73,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--model-id",
-        default=_env("MODEL_ID", DEFAULT_MODEL_ID),
-        help="served as accounts/<account>/models/<model-id> [GIRANDOLE_MODEL_ID]",
+        default=_env("MODEL_ID"),
+        help="served as accounts/<account>/models/<model-id>; default: from the repo id"
+        " (Qwen/Qwen3-0.6B: qwen3-0-6b), else gemma-3-270m [GIRANDOLE_MODEL_ID]",
     )
     p.add_argument(
         "--deployment-id",
@@ -127,6 +128,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+def _default_model_id(model: str | None) -> str:
+    """The repo's name for a repo id; gemma-3-270m for the default model and local paths."""
+    from pathlib import Path
+
+    from girandole.model.hub import model_id_of, parse_repo_model
+
+    if model is None or Path(model).expanduser().exists():
+        return DEFAULT_MODEL_ID
+    try:
+        ref = parse_repo_model(model)
+    except ValueError:  # a bad file name: the start-up error names it
+        return DEFAULT_MODEL_ID
+    return model_id_of(ref) if ref is not None else DEFAULT_MODEL_ID
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.serve_ops import ops_settings
 
@@ -139,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_keys=list(keys),
         api_keys_file=args.api_keys_file,
         account=args.account,
-        model_id=args.model_id,
+        model_id=args.model_id or _default_model_id(args.model),
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
@@ -190,6 +206,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log_format = choose_log_format(settings.log_format, sys.stderr)
     configure_logging(settings.log_level, log_format)
     source = describe_source(settings.model, settings.revision)
+    if log_format == "json" and settings.model is not None:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
             settings.model = str(resolve_model_path(settings.model, settings.revision))

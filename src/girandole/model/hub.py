@@ -53,6 +53,15 @@ def parse_repo_model(model: str, revision: str | None = None) -> RepoModel | Non
     return RepoModel(repo_id, filename or None, revision or None)
 
 
+def model_id_of(ref: RepoModel) -> str:
+    """A Fireworks model id for a repo id (`Qwen/Qwen3-0.6B` -> `qwen3-0-6b`; the GGUF file's
+    name when one is named): a-z, 0-9 and '-', starting with a letter, at most 63 characters."""
+    name = Path(ref.filename).stem if ref.filename else ref.repo_id.split("/")[1]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = re.sub(r"^[^a-z]+", "", slug)[:63].rstrip("-")
+    return slug or "model"
+
+
 def fetch_model(ref: RepoModel) -> Path:
     """The local path (a .gguf file or a checkpoint folder) of `ref`, downloaded if need be."""
     from huggingface_hub import constants
@@ -67,7 +76,10 @@ def fetch_model(ref: RepoModel) -> Path:
         except ModelSourceError:
             raise
         except Exception as exc:  # noqa: BLE001 - no network, Hub down: try the cache
-            reason = f"the Hugging Face Hub could not be reached ({type(exc).__name__}: {exc})"
+            first_line = (str(exc).splitlines() or [""])[0]
+            reason = (
+                f"the Hugging Face Hub could not be reached ({type(exc).__name__}: {first_line})"
+            )
     if files is None:
         files = _cached_files(ref, reason)
     filename = _choose_file(ref, files, reason)
@@ -100,6 +112,7 @@ def fetch_model(ref: RepoModel) -> Path:
         raise ModelSourceError(
             f"model {ref}: download failed: {type(exc).__name__}: {exc}"
         ) from exc
+    log.info("model %s: %s", ref, path)
     return Path(path)
 
 
