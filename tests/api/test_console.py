@@ -181,11 +181,14 @@ def test_serve_errors_name_the_repo(hub_cache):
     missing = serve("--model", "tiny-org/missing")
     assert missing.returncode == 2
     assert missing.stderr.splitlines()[-1].startswith(
-        "girandole serve: model tiny-org/missing is not in the Hugging Face cache"
+        "girandole serve: model tiny-org/missing is neither a local path nor in the Hugging Face cache"
     )
     revision = serve("--model", REPO, "--revision", "v9")
     assert revision.returncode == 2
-    assert f"model {REPO} (revision v9) is not in the Hugging Face cache" in revision.stderr
+    assert (
+        f"model {REPO} (revision v9) is neither a local path nor in the Hugging Face cache"
+        in revision.stderr
+    )
 
 
 def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):

@@ -85,8 +85,16 @@ def test_local_path_wins_over_a_repo_id(offline, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "model, revision, expected",
     [
-        ("tiny-org/missing", None, "model tiny-org/missing is not in the Hugging Face cache"),
-        ("tiny-org/tiny-llama", "v2", "tiny-org/tiny-llama (revision v2) is not in the Hugging"),
+        (
+            "tiny-org/missing",
+            None,
+            "model tiny-org/missing is neither a local path nor in the Hugging Face cache",
+        ),
+        (
+            "tiny-org/tiny-llama",
+            "v2",
+            "tiny-org/tiny-llama (revision v2) is neither a local path nor in the Hugging",
+        ),
         (
             "tiny-org/tiny-gguf",
             None,
@@ -97,8 +105,7 @@ def test_local_path_wins_over_a_repo_id(offline, tmp_path, monkeypatch):
             "tiny-org/tiny-gguf:tiny-q4.gguf",
             None,
             "tiny-org/tiny-gguf has no file tiny-q4.gguf in the Hugging Face cache (HF_HUB_OFFLINE"
-            " is set); its .gguf files in the Hugging Face cache (HF_HUB_OFFLINE is set):"
-            " tiny-f32.gguf, tiny-q8.gguf",
+            " is set); the .gguf files there: tiny-f32.gguf, tiny-q8.gguf",
         ),
         ("tiny-org/no-weights", None, "tiny-org/no-weights has no .gguf file and no config.json"),
         ("tiny-org/tiny-llama:model.bin", None, "after 'org/name:' give a .gguf file"),
@@ -108,7 +115,7 @@ def test_errors_name_the_repo_and_the_problem(offline, model, revision, expected
     with pytest.raises(ModelSourceError) as info:
         resolve_model_path(model, revision)
     assert expected in str(info.value)
-    if "not in the Hugging Face cache" in expected:
+    if "nor in the Hugging" in expected:
         assert str(offline.path) in str(info.value) and "HF_HUB_OFFLINE is set" in str(info.value)
 
 
@@ -142,6 +149,8 @@ def test_a_path_that_is_no_repo_id_is_still_a_missing_path(offline):
         resolve_model_path("/nonexistent/model.gguf")
     with pytest.raises(FileNotFoundError, match="model path does not exist"):
         resolve_model_path("./tiny-org/tiny-llama/extra")
+    with pytest.raises(FileNotFoundError, match="model path does not exist"):
+        resolve_model_path("models/tiny.gguf")
 
 
 def test_llm_by_repo_id_generates_as_the_local_checkpoint(offline):
@@ -181,7 +190,7 @@ def test_cli_generate_by_repo_id_and_revision(hub, tmp_path):
 def test_cli_errors_are_one_clear_line(hub, tmp_path):
     missing = generate(hub, "--model", "tiny-org/missing")
     assert missing.returncode == 2
-    assert missing.stderr.startswith("girandole generate: model tiny-org/missing is not in the")
+    assert missing.stderr.startswith("girandole generate: model tiny-org/missing is neither a")
     assert "Traceback" not in missing.stderr
     several = generate(hub, "--model", "tiny-org/tiny-gguf")
     assert several.returncode == 2 and "name one as tiny-org/tiny-gguf:FILE" in several.stderr
@@ -201,7 +210,10 @@ def test_no_network_falls_back_to_the_cache(hub, tmp_path):
     assert ok.stdout.startswith("Once upon a time")
     missing = generate(hub, "--model", "tiny-org/missing", **env)
     assert missing.returncode == 2
-    assert "model tiny-org/missing is not in the Hugging Face cache" in missing.stderr
+    assert (
+        "model tiny-org/missing is neither a local path nor in the Hugging Face cache"
+        in missing.stderr
+    )
     assert "the Hugging Face Hub could not be reached" in missing.stderr
 
 
@@ -239,7 +251,11 @@ def test_hub_answers_become_errors_naming_the_repo(hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     cases = [
-        ("org/missing", None, "model org/missing not found on the Hugging Face Hub"),
+        (
+            "org/missing",
+            None,
+            "model org/missing is neither a local path nor a model on the Hugging Face Hub",
+        ),
         ("org/gated", None, "model org/gated is gated: accept its terms"),
         ("org/name", "v9", "model org/name has no revision 'v9'"),
         ("org/down", None, "the Hugging Face Hub could not be reached (HfHubHTTPError"),

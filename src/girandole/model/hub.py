@@ -44,8 +44,8 @@ class RepoModel:
 def parse_repo_model(model: str, revision: str | None = None) -> RepoModel | None:
     """`org/name` or `org/name:file.gguf` as a RepoModel; None when `model` is not a repo id."""
     repo_id, sep, filename = model.partition(":")
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
-        return None
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith(".gguf"):
+        return None  # a .gguf name is a file path that does not exist
     if sep and not filename.endswith(".gguf"):
         raise ModelSourceError(
             f"model {model!r}: after 'org/name:' give a .gguf file of the repo, got {filename!r}"
@@ -106,13 +106,11 @@ def fetch_model(ref: RepoModel) -> Path:
                 allow_patterns=CHECKPOINT_PATTERNS,
                 local_files_only=local_only,
             )
-    except ModelSourceError:
-        raise
     except Exception as exc:  # noqa: BLE001 - named with the repo, as every failure here
         raise ModelSourceError(
             f"model {ref}: download failed: {type(exc).__name__}: {exc}"
         ) from exc
-    log.info("model %s: %s", ref, path)
+    log.info("model %s: in %s", ref, path)
     return Path(path)
 
 
@@ -140,7 +138,8 @@ def _hub_files(ref: RepoModel) -> list[str]:
         ) from exc
     except RepositoryNotFoundError as exc:
         raise ModelSourceError(
-            f"model {ref.repo_id} not found on the Hugging Face Hub (if it is private, log in:"
+            f"model {ref.repo_id} is neither a local path nor a model on the Hugging Face Hub"
+            " (if it is private, log in:"
             " `hf auth login`, or set HF_TOKEN)"
         ) from exc
     except RevisionNotFoundError as exc:
@@ -169,7 +168,8 @@ def _cached_files(ref: RepoModel, reason: str | None) -> list[str]:
     folder = _snapshot_folder(ref)
     if folder is None:
         raise ModelSourceError(
-            f"model {ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}:"
+            f"model {ref} is neither a local path nor in the Hugging Face cache"
+            f" ({constants.HF_HUB_CACHE}), and {reason}:"
             " run once with network access to download it"
         )
     return sorted(
@@ -185,7 +185,7 @@ def _choose_file(ref: RepoModel, files: list[str], reason: str | None) -> str | 
     if ref.filename is not None:
         if ref.filename in files:
             return ref.filename
-        listing = f"; its .gguf files{where}: {', '.join(ggufs)}" if ggufs else ""
+        listing = f"; the .gguf files there: {', '.join(ggufs)}" if ggufs else ""
         raise ModelSourceError(f"model {ref.repo_id} has no file {ref.filename}{where}{listing}")
     if "config.json" in files and any(f.endswith(".safetensors") for f in files):
         return None
