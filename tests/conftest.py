@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,74 @@ def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face hub cache laid out as huggingface_hub writes it (no network in the tests):
+#   models--<org>--<name>/blobs/<etag>               the file's bytes (sha256 for LFS files,
+#                                                     the git blob sha1 for small text files)
+#   models--<org>--<name>/snapshots/<commit>/<file>  relative links to the blobs
+#   models--<org>--<name>/refs/<branch or tag>       the commit hash
+
+
+def write_hub_snapshot(
+    cache: Path, repo_id: str, files: dict[str, Path], refs: tuple[str, ...] = ("main",)
+) -> str:
+    """Add one commit of `repo_id` holding `files` (repo path -> local file); returns its hash."""
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repr((repo_id, sorted(files))).encode() + os.urandom(8)).hexdigest()
+    for name, source in files.items():
+        data = source.read_bytes()
+        if name.endswith((".safetensors", ".gguf")):
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
+@dataclass
+class HubCache:
+    """The cache folder, and for each model laid out there, its local twin to compare with."""
+
+    path: Path
+    commits: dict[str, str] = field(default_factory=dict)  # "<repo>@<ref>" -> commit
+    sources: dict[str, Path] = field(default_factory=dict)  # "<repo>@<ref>" -> local folder
+
+    def add(self, repo_id: str, files: dict[str, Path], ref: str = "main") -> str:
+        commit = write_hub_snapshot(self.path, repo_id, files, (ref,))
+        self.commits[f"{repo_id}@{ref}"] = commit
+        return commit
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A subprocess environment that reads this cache, offline."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        return {**env, "HF_HUB_CACHE": str(self.path), "HF_HUB_OFFLINE": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> HubCache:
+    """`tiny-org/tiny-llama` (main: the tiny Llama of seed 0; tag v1: seed 1) and
+    `tiny-org/no-weights` (a README only)."""
+    root = tmp_path_factory.mktemp("hub")
+    hub = HubCache(root / "hub")
+    for ref, seed in (("main", 0), ("v1", 1)):
+        folder = write_tiny_llama(root / f"llama-seed{seed}", seed=seed)
+        files = {p.name: p for p in folder.iterdir() if p.is_file()}
+        hub.add("tiny-org/tiny-llama", files, ref)
+        hub.sources[f"tiny-org/tiny-llama@{ref}"] = folder
+    readme = root / "README.md"
+    readme.write_text("# no weights here\n")
+    hub.add("tiny-org/no-weights", {"README.md": readme})
+    return hub

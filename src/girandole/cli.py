@@ -9,7 +9,11 @@ import sys
 def _cmd_generate(args: argparse.Namespace) -> int:
     from girandole import LLM, SamplingParams
 
-    llm = LLM(model=args.model)
+    try:
+        llm = LLM(model=args.model, revision=args.revision)
+    except (ValueError, OSError) as exc:  # a bad or missing model, named in the message
+        print(f"girandole generate: {exc}", file=sys.stderr)
+        return 2
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -28,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete one prompt on the command line")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="path to a .gguf file or HF folder")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, an HF folder, or a Hugging Face repo id (org/name, or"
+        " org/name:file.gguf); default: Gemma 3 270M",
+    )
+    gen.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -13,7 +13,16 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+    def __init__(
+        self, model: str | None = None, revision: str | None = None, **engine_kwargs
+    ) -> None:
+        """`model`: a .gguf file, an HF folder, a Hugging Face repo id (`org/name`, or
+        `org/name:file.gguf`, fetched at `revision` into huggingface_hub's cache), or None for
+        the default model."""
+        if model is not None:
+            from girandole.model.default import resolve_model_path
+
+            model = str(resolve_model_path(model, revision))
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

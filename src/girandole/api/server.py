@@ -44,7 +44,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--model",
         default=_env("MODEL"),
-        help="a .gguf file or HF folder; default: Gemma 3 270M [GIRANDOLE_MODEL]",
+        help="a .gguf file, an HF folder, or a Hugging Face repo id (org/name, or"
+        " org/name:file.gguf for one of a repo's GGUF files), downloaded into the Hugging Face"
+        " cache before the server starts; default: Gemma 3 270M [GIRANDOLE_MODEL]",
+    )
+    p.add_argument(
+        "--revision",
+        default=_env("REVISION"),
+        help="branch, tag or commit of a repo id; default: main [GIRANDOLE_REVISION]",
     )
     p.add_argument(
         "--api-key",
@@ -66,8 +73,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--model-id",
-        default=_env("MODEL_ID", DEFAULT_MODEL_ID),
-        help="served as accounts/<account>/models/<model-id> [GIRANDOLE_MODEL_ID]",
+        default=_env("MODEL_ID"),
+        help="served as accounts/<account>/models/<model-id>; default: from the repo id"
+        " (Qwen/Qwen3-0.6B: qwen3-0-6b), else gemma-3-270m [GIRANDOLE_MODEL_ID]",
     )
     p.add_argument(
         "--deployment-id",
@@ -120,6 +128,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+def _default_model_id(model: str | None) -> str:
+    """The repo's name for a repo id; gemma-3-270m for the default model and local paths."""
+    from pathlib import Path
+
+    from girandole.model.hub import model_id_of, parse_repo_model
+
+    if model is None or Path(model).expanduser().exists():
+        return DEFAULT_MODEL_ID
+    try:
+        ref = parse_repo_model(model)
+    except ValueError:  # a bad file name: the start-up error names it
+        return DEFAULT_MODEL_ID
+    return model_id_of(ref) if ref is not None else DEFAULT_MODEL_ID
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.ops.flags import ops_settings
 
@@ -128,10 +151,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         model=args.model,
+        revision=args.revision,
         api_keys=list(keys),
         api_keys_file=args.api_keys_file,
         account=args.account,
-        model_id=args.model_id,
+        model_id=args.model_id or _default_model_id(args.model),
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
@@ -153,6 +177,7 @@ def _show_loading(state, stop: threading.Event) -> None:
         bar_format="{desc}: {elapsed}",
         file=sys.stderr,
         disable=None,  # off when stderr is not a terminal
+        leave=False,  # the "ready" log line replaces it
     )
     while state.status == "loading" and not stop.wait(0.25):
         bar.refresh()
@@ -170,13 +195,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from girandole.api.app import create_app
+    from girandole.api.banner import banner_of, bound_port, describe_source
     from girandole.api.ops.flags import DrainingServer
     from girandole.api.ops.jsonlog import configure_logging
     from girandole.api.state import AppState
+    from girandole.api.textlog import choose_log_format
+    from girandole.model.default import resolve_model_path
 
     settings = settings_from_args(args)
-    configure_logging(settings.log_level, settings.log_format)
+    log_format = choose_log_format(settings.log_format, sys.stderr)
+    configure_logging(settings.log_level, log_format)
+    source = describe_source(settings.model, settings.revision)
+    if log_format == "json" and settings.model is not None:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
+        if settings.model is not None:  # a repo id is downloaded here, before the socket opens
+            settings.model = str(resolve_model_path(settings.model, settings.revision))
         state = AppState(settings)
     except (ValueError, OSError) as exc:
         print(f"girandole serve: {exc}", file=sys.stderr)
@@ -208,6 +244,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def watch() -> None:
+        while not server.started:  # the banner once the socket is open
+            if stop.wait(0.05):
+                return
+        banner_of(state, bound_port(server, settings.port), source).announce(log_format, sys.stderr)
         _show_loading(state, stop)
         if state.status == "failed":
             logger.error("the model failed to load: %s; stopping", state.error)

@@ -14,7 +14,8 @@ UsagePlacement = Literal["separate", "finish"]
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = None  # .gguf file or HF folder; None = the default model
+    model: str | None = None  # .gguf file, HF folder or HF repo id; None = the default model
+    revision: str | None = None  # of a repo id: branch, tag or commit; None = main
     api_keys: list[str] = field(default_factory=list)
     api_keys_file: str | None = None
     account: str = "fireworks"
@@ -28,7 +29,7 @@ class ServerSettings:
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).
     stream_usage: UsagePlacement = "separate"
     log_level: str = "info"
-    log_format: str = "json"  # "json" (one object a line) or "text"
+    log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal
     # Keys database and usage rows (girandole.db); None: in memory (tests building apps directly)
     data_dir: str | None = None
     rate_limit_rpm: int | None = None  # default per-key requests/minute (keys may override)

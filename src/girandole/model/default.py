@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
 DEFAULT_GGUF_NAME = "gemma-3-270m-Q4_K_M.gguf"
@@ -32,13 +35,22 @@ def default_model_path() -> Path:
     return target
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """None means the default model; anything else must be an existing .gguf file or HF folder."""
+def resolve_model_path(model: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """The local checkpoint of `model`: None is the default model; an existing path is used as
+    it is (a .gguf file or HF folder); otherwise `org/name` or `org/name:file.gguf` is a Hugging
+    Face repo id, fetched at `revision` into huggingface_hub's cache (see model/hub.py)."""
     if model is None:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model path does not exist: {path}")
+        from girandole.model.hub import fetch_model, parse_repo_model
+
+        ref = parse_repo_model(str(model), revision)
+        if ref is None:
+            raise FileNotFoundError(f"model path does not exist: {path}")
+        return resolve_model_path(fetch_model(ref))
+    if revision is not None:
+        log.warning("revision %r ignored: %s is a local path", revision, path)
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"model file must be a .gguf file, got: {path}")
     if path.is_dir() and not (path / "config.json").exists():

@@ -63,6 +63,9 @@ class ModelRegistry:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def deployments(self) -> list[Deployment]:
+        return list(self._deployments.values())
+
     def get(self, name: str) -> ServedModel | None:
         ref = parse_model_ref(name, self.default_account)
         if ref is None or ref.model is None or ref.deployment is not None:

@@ -87,9 +87,10 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-format",
-        choices=["json", "text"],
-        default=_env("LOG_FORMAT") or "json",
-        help="json: one object a line, with request ids [GIRANDOLE_LOG_FORMAT]",
+        choices=["auto", "json", "text"],
+        default=_env("LOG_FORMAT") or "auto",
+        help="json: one object a line, with request ids; text: readable lines; auto (default):"
+        " text when stderr is a terminal, else json [GIRANDOLE_LOG_FORMAT]",
     )
 
 

@@ -42,7 +42,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        from girandole.api.textlog import TextFormatter, is_terminal
+
+        handler.setFormatter(TextFormatter(color=is_terminal(sys.stderr)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

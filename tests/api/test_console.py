@@ -1,0 +1,237 @@
+"""First contact at a terminal: readable logs at a terminal and JSON lines elsewhere, the start-up
+banner (URL, model, deployment, keys, a curl line that works), and `serve --model org/name`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from api_helpers import ROOT
+
+from girandole.api.banner import Banner, client_url
+from girandole.api.textlog import TextFormatter, choose_log_format
+
+
+def _api_conftest():
+    """tests/api/conftest.py by path (a bare `import conftest` may find another folder's)."""
+    import importlib.util
+
+    name = "_girandole_api_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+free_port = _api_conftest().free_port
+start_server = _api_conftest().start_server
+stop_server = _api_conftest().stop_server
+
+REPO = "tiny-org/tiny-llama"
+MODEL = "accounts/testing/models/tiny"
+DEPLOYMENT = "accounts/testing/deployments/tiny-dep"
+KEY = "sk-console-test"
+
+
+# -- the choice of format, and the text lines ------------------------------------------------
+
+
+def test_auto_is_text_at_a_terminal_and_json_elsewhere(tmp_path):
+    master, slave = os.openpty()
+    with open(slave, "w") as tty, open(tmp_path / "log", "w") as file:
+        assert choose_log_format("auto", tty) == "text"
+        assert choose_log_format("auto", file) == "json"
+        read, write = os.pipe()
+        with open(write, "w") as pipe:
+            assert choose_log_format("auto", pipe) == "json"
+        os.close(read)
+        for stream in (tty, file):
+            assert choose_log_format("json", stream) == "json"
+            assert choose_log_format("text", stream) == "text"
+    os.close(master)
+    with pytest.raises(ValueError, match="log format must be one of"):
+        choose_log_format("yaml", sys.stderr)
+
+
+def test_text_line_of_an_access_record():
+    record = logging.LogRecord("girandole.access", logging.INFO, __file__, 1, "%s %s %d",
+                               ("POST", "/v1/completions", 200), None)  # fmt: skip
+    record.fields = {"request_id": "cmpl-1", "duration_ms": 41.3, "prompt_tokens": 5,
+                     "cached_tokens": 0, "completion_tokens": 16, "ttft_ms": 12.0,
+                     "key_id": "k1", "aborted": False}  # fmt: skip
+    line = TextFormatter().format(record)
+    assert line.endswith(
+        " INFO  POST /v1/completions 200 in 41.3 ms, 5+16 tokens, ttft 12.0 ms, key k1  [req cmpl-1]"
+    )
+    warning = logging.LogRecord("girandole.model", logging.WARNING, __file__, 1, "odd", (), None)
+    assert TextFormatter().format(warning).endswith(" WARNING odd  (girandole.model)")
+    assert "\033[33m" in TextFormatter(color=True).format(warning)
+
+
+# -- the banner ------------------------------------------------------------------------------
+
+
+def test_client_url_reaches_wildcard_binds_through_loopback():
+    assert client_url("0.0.0.0", 80) == "http://127.0.0.1:80"
+    assert client_url("::", 80) == "http://[::1]:80"
+    assert client_url("::1", 80) == "http://[::1]:80"
+    assert client_url("10.1.2.3", 8000) == "http://10.1.2.3:8000"
+    assert client_url("example.internal", 8000) == "http://example.internal:8000"
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_banner_text(keys):
+    banner = Banner("http://127.0.0.1:8000", MODEL, DEPLOYMENT, "from /m.gguf", keys, "loading")
+    text = banner.text()
+    assert text.splitlines()[0].endswith(" listening on http://127.0.0.1:8000")
+    for fact in (MODEL, DEPLOYMENT, "from /m.gguf", "loading the model in the background"):
+        assert fact in text
+    assert banner.curl() in text
+    assert ("Authorization: Bearer $API_KEY" in banner.curl()) == keys
+    assert ('API keys    required: send "Authorization: Bearer <key>"' in text) == keys
+    assert ("none: the server is open to anyone who can reach" in text) == (not keys)
+    ready = Banner(banner.url, MODEL, DEPLOYMENT, "x", keys, "ready")
+    assert "  status      ready\n" in ready.text()
+
+
+def run_curl(line: str, **env: str) -> dict:
+    """Run a banner's curl line in a shell, as a user pasting it would."""
+    assert line.startswith("curl ")
+    done = subprocess.run(["bash", "-c", line + " -sS --max-time 120"], capture_output=True,
+                          text=True, timeout=150, env={**os.environ, **env})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+# -- real servers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_server(hub_cache, tmp_path_factory):
+    """`serve --model tiny-org/tiny-llama --revision v1` from the laid-out cache, offline, with a
+    key, its stderr a file (not a terminal): JSON lines."""
+    tmp = tmp_path_factory.mktemp("hub-server")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in hub_cache.env(GIRANDOLE_CACHE_DIR=str(tmp / "cache")).items():
+            mp.setenv(name, value)
+        srv = start_server(
+            tmp, "--model", REPO, "--revision", "v1", "--api-key", KEY, "--account", "testing",
+            "--model-id", "tiny", "--deployment-id", "tiny-dep", "--kv-cache-gb", "0.01",
+            api_key=KEY,
+        )  # fmt: skip
+    yield srv
+    stop_server(srv)
+
+
+def log_lines(server) -> list[dict]:
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # every line is JSON (stderr is no terminal)
+
+
+def test_served_by_repo_id_at_its_revision(hub_server, hub_cache):
+    from girandole import LLM, SamplingParams
+
+    models = httpx.get(hub_server.url + "/v1/models", headers=hub_server.headers).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    r = httpx.post(hub_server.url + "/v1/completions", json=body, headers=hub_server.headers,
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    for ref in ("v1", "main"):
+        llm = LLM(model=str(hub_cache.sources[f"{REPO}@{ref}"]), kv_cache_gb=0.01)
+        ref_text = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=8))
+        assert (r.json()["choices"][0]["text"] == ref_text[0].text) == (ref == "v1")
+
+
+def test_json_banner_and_its_curl_line(hub_server):
+    (banner,) = [line for line in log_lines(hub_server) if "curl" in line]
+    assert banner["message"] == f"listening on {hub_server.url}"
+    assert banner["url"] == hub_server.url
+    assert banner["model"] == MODEL and banner["deployment"] == DEPLOYMENT
+    assert banner["keys_required"] is True
+    assert banner["source"] == f"{REPO} at revision v1, from the Hugging Face cache"
+    assert banner["status"] in ("loading", "ready")
+    assert any(
+        line["message"].startswith(f"model {MODEL} ready in") for line in log_lines(hub_server)
+    )
+    out = run_curl(banner["curl"], API_KEY=KEY)
+    assert out["model"] == MODEL and out["usage"]["completion_tokens"] == 32
+    refused = run_curl(banner["curl"], API_KEY="sk-wrong")
+    assert "error" in refused
+
+
+def test_serve_errors_name_the_repo(hub_cache):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", "0", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env=hub_cache.env())  # fmt: skip
+
+    missing = serve("--model", "tiny-org/missing")
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines()[-1].startswith(
+        "girandole serve: model tiny-org/missing is neither a local path nor in the Hugging Face cache"
+    )
+    revision = serve("--model", REPO, "--revision", "v9")
+    assert revision.returncode == 2
+    assert (
+        f"model {REPO} (revision v9) is neither a local path nor in the Hugging Face cache"
+        in revision.stderr
+    )
+
+
+def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
+    """`girandole serve` with its stderr a terminal (a pty): readable lines, the banner block,
+    then the ready line; the banner's curl line (an open server: no key) answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--model", REPO,
+           "--kv-cache-gb", "0.01", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    env = hub_cache.env(GIRANDOLE_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    env.pop("GIRANDOLE_LOG_FORMAT", None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+                            cwd=ROOT)  # fmt: skip
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 300
+        while b" ready in " not in out:
+            assert time.monotonic() < deadline and proc.poll() is None, out.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+        text = out.decode(errors="replace").replace("\r\n", "\n")
+        lines = text.splitlines()
+        assert not any(line.lstrip().startswith("{") for line in lines), text
+        start = next(i for i, line in enumerate(lines) if " listening on " in line)
+        block = "\n".join(lines[start : start + 8])
+        assert f"listening on http://127.0.0.1:{port}" in block
+        assert "accounts/fireworks/models/tiny-llama" in block  # --model-id from the repo id
+        assert "accounts/fireworks/deployments/tiny-llama" in block
+        assert f"{REPO}, from the Hugging Face cache" in block
+        assert "none: the server is open to anyone who can reach" in block
+        assert any(line.endswith(" INFO  Application startup complete.") for line in lines)
+        curl = next(line for line in lines if line.startswith("  try ")).split(None, 1)[1]
+        assert "Authorization" not in curl
+        assert run_curl(curl)["usage"]["completion_tokens"] == 32
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
