@@ -79,11 +79,29 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, let requests in flight finish for up to this long, then exit 0"
         " [GIRANDOLE_DRAIN_SECONDS]",
     )
+    add_connection_arguments(p)
     p.add_argument(
         "--log-format",
         choices=["json", "text"],
         default=_env("LOG_FORMAT") or "json",
         help="json: one object a line, with request ids [GIRANDOLE_LOG_FORMAT]",
+    )
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=_int("MAX_CONNECTIONS"),
+        help="connections held at once; above it the longest-idle one is closed; default: from"
+        " the open-file limit (raised to its hard limit at start-up) [GIRANDOLE_MAX_CONNECTIONS]",
+    )
+    p.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=float(_env("REQUEST_READ_TIMEOUT") or 30),
+        help="seconds a connection has to send a whole request (head and body), then it is"
+        " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
 
 
@@ -103,6 +121,8 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_prompt_tokens": args.max_prompt_tokens,
         "drain_seconds": args.drain_seconds,
         "log_format": args.log_format,
+        "max_connections": args.max_connections,
+        "request_read_timeout": args.request_read_timeout,
     }
 
 

@@ -170,6 +170,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from girandole.api.app import create_app
+    from girandole.api.connections import (
+        ConnectionGuard,
+        default_max_connections,
+        raise_open_file_limit,
+    )
     from girandole.api.jsonlog import configure_logging
     from girandole.api.serve_ops import DrainingServer
     from girandole.api.state import AppState
@@ -193,12 +198,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "%d API key(s) from flags; keys database %s", len(state.keys), state.ops.db.path
         )
     app = create_app(state, load_in_background=True)
+    file_limit = raise_open_file_limit()
+    guard = ConnectionGuard(
+        settings.max_connections or default_max_connections(file_limit),
+        settings.request_read_timeout,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guard.protocol_class(),  # uvicorn's httptools protocol, with the guard
         log_level=settings.log_level,
         log_config=None,  # configure_logging's handler (JSON lines) for uvicorn's logs too
         access_log=False,  # girandole.access logs each request, with its request id

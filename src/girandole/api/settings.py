@@ -38,3 +38,6 @@ class ServerSettings:
     queue_timeout: float = 30.0  # seconds in the queue before a 503
     max_prompt_tokens: int | None = None  # None: the context length
     drain_seconds: float = 30.0  # SIGTERM: wait this long for requests in flight, then exit 0
+    # Connections held at once (the longest-idle is closed above it); None: from the file limit
+    max_connections: int | None = None
+    request_read_timeout: float = 30.0  # a connection must send a whole request within this
