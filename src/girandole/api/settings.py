@@ -40,4 +40,5 @@ class ServerSettings:
     drain_seconds: float = 30.0  # SIGTERM: wait this long for requests in flight, then exit 0
     # Connections held at once (the longest-idle is closed above it); None: from the file limit
     max_connections: int | None = None
-    request_read_timeout: float = 30.0  # a connection must send a whole request within this
+    request_read_timeout: float = 30.0
+    engine_stall_seconds: float = 60.0  # /health 503 when work waits and no step ends this long  # a connection must send a whole request within this

@@ -125,6 +125,11 @@ class AppState:
             stats = getattr(engine, "stats", None)
             body["engine"] = dict(stats()) if callable(stats) else {}
             body["num_aborted_requests"] = self.num_aborted_requests
+            stalled = engine.seconds_stalled()
+            if self.status == "ready" and stalled > self.settings.engine_stall_seconds:
+                # work waits but no step has finished for long: not serving, whatever loaded
+                body["status"] = "stalled"
+                body["error"] = f"the engine has not finished a step for {stalled:.0f} s"
         return body
 
     def shutdown(self) -> None:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +38,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self._last_progress = time.monotonic()  # last finished step, or last idle wait
         self._thread = threading.Thread(target=self._loop, name="girandole-engine", daemon=True)
         self._thread.start()
 
@@ -54,6 +56,12 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def seconds_stalled(self) -> float:
+        """How long the loop has had work without finishing a step (0 when idle or moving)."""
+        if not self._thread.is_alive():
+            return float("inf")
+        return max(0.0, time.monotonic() - self._last_progress)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -145,14 +153,17 @@ class AsyncEngine:
             while not self._stopped:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._last_progress = time.monotonic()
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    self._last_progress = time.monotonic()
                     continue
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
                     self._fail_all(exc)
                     continue
+                self._last_progress = time.monotonic()
                 for out in outputs:
                     self._deliver(out.request_id, out)
 

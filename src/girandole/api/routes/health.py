@@ -1,4 +1,5 @@
-"""GET /health: 503 while the model loads (or failed to), 200 once it serves."""
+"""GET /health: 503 while the model loads (or failed to, or the engine stalls), 200 once it
+serves."""
 
 from __future__ import annotations
 
@@ -12,4 +13,4 @@ router = APIRouter()
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.girandole
     body = state.health()
-    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
