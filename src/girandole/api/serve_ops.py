@@ -103,6 +103,13 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a connection has to send a whole request (head and body), then it is"
         " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
+    p.add_argument(
+        "--engine-stall-seconds",
+        type=float,
+        default=float(_env("ENGINE_STALL_SECONDS") or 60),
+        help="/health answers 503 when work waits and no engine step has ended for this long"
+        " [GIRANDOLE_ENGINE_STALL_SECONDS]",
+    )
 
 
 def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,6 +130,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "log_format": args.log_format,
         "max_connections": args.max_connections,
         "request_read_timeout": args.request_read_timeout,
+        "engine_stall_seconds": args.engine_stall_seconds,
     }
 
 
