@@ -1,7 +1,7 @@
 """Abuse replay: the hostile patterns of the hardening issue against a running girandole server,
-each while a normal client keeps sending a small completion (a server it starts itself holds
-at most 1,024 connections, so the idle-socket pattern shows the cap at work). Loopback only, bounded in count
-and time; stops by itself.
+each while a normal client keeps sending a small completion (a server it starts itself holds at
+most 1,024 connections, so the idle-socket pattern shows the cap at work). Loopback only,
+bounded in count and time; stops by itself.
 
 Per pattern it prints the status codes the abuser saw and the p50 latency of the normal request
 sent meanwhile, beside its p50 on the idle server: the target is at most 3x.
