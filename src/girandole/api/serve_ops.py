@@ -104,6 +104,13 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
     p.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=float(_env("GRAMMAR_COMPILE_TIMEOUT") or 10),
+        help="a response_format schema, tools or grammar still compiling after this many"
+        " seconds gets 400 [GIRANDOLE_GRAMMAR_COMPILE_TIMEOUT]",
+    )
+    p.add_argument(
         "--engine-stall-seconds",
         type=float,
         default=float(_env("ENGINE_STALL_SECONDS") or 60),
@@ -131,6 +138,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_connections": args.max_connections,
         "request_read_timeout": args.request_read_timeout,
         "engine_stall_seconds": args.engine_stall_seconds,
+        "grammar_compile_timeout": args.grammar_compile_timeout,
     }
 
 

@@ -41,4 +41,5 @@ class ServerSettings:
     # Connections held at once (the longest-idle is closed above it); None: from the file limit
     max_connections: int | None = None
     request_read_timeout: float = 30.0
+    grammar_compile_timeout: float = 10.0  # a schema or grammar compiling longer: 400
     engine_stall_seconds: float = 60.0  # /health 503 when work waits and no step ends this long  # a connection must send a whole request within this

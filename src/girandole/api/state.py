@@ -104,7 +104,10 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
-            engine = AsyncEngine(EngineConfig(**kwargs))
+            engine = AsyncEngine(
+                EngineConfig(**kwargs),
+                grammar_compile_timeout=self.settings.grammar_compile_timeout,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"

@@ -20,7 +20,6 @@ multipleOf, string lengths, patterns and the common formats. Keywords it would s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import Any
@@ -166,11 +165,10 @@ async def check_grammar(engine: Any, spec: GrammarSpec | None, param: str) -> No
     """Compile `spec` now (off the event loop; the engine caches it, so its own compile is then
     a cache hit), so an invalid schema or grammar is a 400 naming `param` before any request
     starts. The message is the grammar engine's."""
-    grammars = getattr(getattr(engine, "engine", None), "grammars", None)
-    if spec is None or grammars is None:
+    if spec is None:
         return
     try:
-        await asyncio.to_thread(grammars.compile, spec)
+        await engine.compile_grammar(spec)
     except GrammarError as exc:
         raise bad_request(f"{_clean(str(exc))}, field: '{param}'", param) from None
 
