@@ -198,6 +198,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from girandole.api.banner import banner_of, bound_port, describe_source
     from girandole.api.ops.flags import DrainingServer
     from girandole.api.ops.jsonlog import configure_logging
+    from girandole.api.http.connections import (
+        ConnectionGuard,
+        default_max_connections,
+        raise_open_file_limit,
+    )
     from girandole.api.state import AppState
     from girandole.api.textlog import choose_log_format
     from girandole.model.default import resolve_model_path
@@ -229,12 +234,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "%d API key(s) from flags; keys database %s", len(state.keys), state.ops.db.path
         )
     app = create_app(state, load_in_background=True)
+    file_limit = raise_open_file_limit()
+    guard = ConnectionGuard(
+        settings.max_connections or default_max_connections(file_limit),
+        settings.request_read_timeout,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guard.protocol_class(),  # uvicorn's httptools protocol, with the guard
         log_level=settings.log_level,
         log_config=None,  # configure_logging's handler (JSON lines) for uvicorn's logs too
         access_log=False,  # girandole.access logs each request, with its request id

@@ -39,3 +39,8 @@ class ServerSettings:
     queue_timeout: float = 30.0  # seconds in the queue before a 503
     max_prompt_tokens: int | None = None  # None: the context length
     drain_seconds: float = 30.0  # SIGTERM: wait this long for requests in flight, then exit 0
+    # Connections held at once (the longest-idle is closed above it); None: from the file limit
+    max_connections: int | None = None
+    request_read_timeout: float = 30.0  # a connection must send a whole request within this
+    grammar_compile_timeout: float = 10.0  # a schema or grammar compiling longer: 400
+    engine_stall_seconds: float = 60.0  # /health 503 when work waits and no step ends this long

@@ -101,7 +101,10 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
-            engine = AsyncEngine(EngineConfig(**kwargs))
+            engine = AsyncEngine(
+                EngineConfig(**kwargs),
+                grammar_compile_timeout=self.settings.grammar_compile_timeout,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"
@@ -121,6 +124,11 @@ class AppState:
         if engine is not None:
             body["engine"] = dict(engine.stats())
             body["num_aborted_requests"] = self.num_aborted_requests
+            stalled = engine.seconds_stalled()
+            if self.status == "ready" and stalled > self.settings.engine_stall_seconds:
+                # work waits but no step has finished for long: not serving, whatever loaded
+                body["status"] = "stalled"
+                body["error"] = f"the engine has not finished a step for {stalled:.0f} s"
         return body
 
     def shutdown(self) -> None:

@@ -12,12 +12,15 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import RequestOutput
+from girandole.sampling.compile_pool import CompilePool
 from girandole.sampling.grammar import GrammarSpec
+from girandole.sampling.grammar_limits import check_grammar_size
 from girandole.sampling.params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineConfig"]
@@ -31,13 +34,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, grammar_compile_timeout: float = 10.0
+    ) -> None:
         self.engine = LLMEngine(config)
+        self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self._last_progress = time.monotonic()  # last finished step, or last idle wait
         self._thread = threading.Thread(target=self._loop, name="girandole-engine", daemon=True)
         self._thread.start()
 
@@ -56,6 +63,12 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def seconds_stalled(self) -> float:
+        """How long the loop has had work without finishing a step (0 when idle or moving)."""
+        if not self._thread.is_alive():
+            return float("inf")
+        return max(0.0, time.monotonic() - self._last_progress)
+
     # -- public API ----------------------------------------------------------------------------
 
     async def generate(
@@ -73,10 +86,7 @@ class AsyncEngine:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
         self.engine.check_request(prompt_token_ids, params)
         if params.grammar is not None and "compiled_grammar" not in kwargs:
-            # Compiling can take tens of ms (large schemas more): keep it off the engine loop.
-            kwargs["compiled_grammar"] = await asyncio.to_thread(
-                self.engine.grammars.compile, params.grammar
-            )
+            kwargs["compiled_grammar"] = await self.compile_grammar(params.grammar)
         request_id = request_id or f"req-{next(_ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id already in use: {request_id}")
@@ -98,15 +108,20 @@ class AsyncEngine:
                 self._send("abort", request_id)
             self._streams.pop(request_id, None)
 
+    async def compile_grammar(self, spec: GrammarSpec) -> Any:
+        """Compile (or find cached) a grammar off the event loop and the engine loop, in the
+        grammar pool. GrammarError for a bad or oversized grammar, CompileTimeout past the
+        deadline; a caller that goes away cancels a compile that has not started."""
+        check_grammar_size(spec)
+        return await self.grammar_pool.run(
+            lambda: self.engine.grammars.compile(spec), spec.kind.replace("_", " ")
+        )
+
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
-    async def compile_grammar(self, spec: GrammarSpec) -> Any:
-        """The compiled grammar of `spec` (cached by the engine); GrammarError for a bad one.
-        It runs in a thread, off both the event loop and the engine loop."""
-        return await asyncio.to_thread(self.engine.grammars.compile, spec)
-
     def shutdown(self, timeout: float = 5.0) -> None:
+        self.grammar_pool.close()
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout)
@@ -151,14 +166,17 @@ class AsyncEngine:
             while not self._stopped:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._last_progress = time.monotonic()
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    self._last_progress = time.monotonic()
                     continue
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
                     self._fail_all(exc)
                     continue
+                self._last_progress = time.monotonic()
                 for out in outputs:
                     self._deliver(out.request_id, out)
 

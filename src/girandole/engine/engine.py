@@ -383,7 +383,7 @@ class LLMEngine:
         kv = self.kv_cache
         return {
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": self.scheduler.num_waiting,
             "kv_blocks_total": kv.num_blocks,
             "kv_blocks_used": kv.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,

@@ -39,21 +39,37 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._num_removed_waiting = 0  # finished sequences still in `waiting`, dropped lazily
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) - self._num_removed_waiting
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.num_waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finish or abort)."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        """Take a sequence out of the queues and free its blocks (finish or abort).
+
+        O(1) for a waiting sequence: it is marked finished and dropped when the queue reaches
+        it (or at the next compaction), so aborting many queued requests stays linear.
+        """
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)  # at most max_num_seqs long
+        elif seq.status is SequenceStatus.WAITING:
+            self._num_removed_waiting += 1
+            if self._num_removed_waiting > 64 and 2 * self._num_removed_waiting > len(self.waiting):
+                self._compact_waiting(seq)
+        seq.status = SequenceStatus.FINISHED
         self.kv_cache.free(seq)
+
+    def _compact_waiting(self, removed: Sequence) -> None:
+        self.waiting = deque(s for s in self.waiting if not s.is_finished and s is not removed)
+        self._num_removed_waiting = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -99,6 +115,10 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.is_finished:  # removed while waiting
+                self.waiting.popleft()
+                self._num_removed_waiting -= 1
+                continue
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, budget)

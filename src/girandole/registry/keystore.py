@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import threading
@@ -100,6 +101,16 @@ class KeyInfo:
     tpm: int | None  # tokens (prompt + completion) per minute; None: the server's default
 
 
+def _make_private(path: Path) -> None:
+    """Key digests and usage are the owner's alone: a folder we create 0700, the database 0600
+    (an existing folder keeps its mode: it may be shared, e.g. --data-dir /tmp)."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        path.parent.chmod(0o700)  # mkdir's mode passes through the umask
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    path.chmod(0o600)
+
+
 class Database:
     """One SQLite connection shared by threads (serialized by a lock); WAL so that the
     `girandole keys|usage` commands can read and write while a server runs."""
@@ -107,7 +118,7 @@ class Database:
     def __init__(self, path: str | Path | None) -> None:
         self.path = str(path) if path is not None else ":memory:"
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(path))
         self._conn = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=10
         )
@@ -117,6 +128,11 @@ class Database:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
+        if path is not None:
+            for suffix in ("-wal", "-shm"):  # SQLite copies the database's mode; make sure
+                extra = Path(self.path + suffix)
+                if extra.exists():
+                    extra.chmod(0o600)
         self._has_keys = False
 
     @classmethod

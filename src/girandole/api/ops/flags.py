@@ -85,12 +85,44 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, let requests in flight finish for up to this long, then exit 0"
         " [GIRANDOLE_DRAIN_SECONDS]",
     )
+    add_connection_arguments(p)
     p.add_argument(
         "--log-format",
         choices=["auto", "json", "text"],
         default=_env("LOG_FORMAT") or "auto",
         help="json: one object a line, with request ids; text: readable lines; auto (default):"
         " text when stderr is a terminal, else json [GIRANDOLE_LOG_FORMAT]",
+    )
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=_int("MAX_CONNECTIONS"),
+        help="connections held at once; above it the longest-idle one is closed; default: from"
+        " the open-file limit (raised to its hard limit at start-up) [GIRANDOLE_MAX_CONNECTIONS]",
+    )
+    p.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=float(_env("REQUEST_READ_TIMEOUT") or DEFAULTS.request_read_timeout),
+        help="seconds a connection has to send a whole request (head and body), then it is"
+        " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
+    )
+    p.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=float(_env("GRAMMAR_COMPILE_TIMEOUT") or DEFAULTS.grammar_compile_timeout),
+        help="a response_format schema, tools or grammar still compiling after this many"
+        " seconds gets 400 [GIRANDOLE_GRAMMAR_COMPILE_TIMEOUT]",
+    )
+    p.add_argument(
+        "--engine-stall-seconds",
+        type=float,
+        default=float(_env("ENGINE_STALL_SECONDS") or DEFAULTS.engine_stall_seconds),
+        help="/health answers 503 when work waits and no engine step has ended for this long"
+        " [GIRANDOLE_ENGINE_STALL_SECONDS]",
     )
 
 
@@ -110,6 +142,10 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_prompt_tokens": args.max_prompt_tokens,
         "drain_seconds": args.drain_seconds,
         "log_format": args.log_format,
+        "max_connections": args.max_connections,
+        "request_read_timeout": args.request_read_timeout,
+        "engine_stall_seconds": args.engine_stall_seconds,
+        "grammar_compile_timeout": args.grammar_compile_timeout,
     }
 
 

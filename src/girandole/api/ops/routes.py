@@ -16,7 +16,7 @@ router = APIRouter()
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.girandole
     body = state.health()
-    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
 @router.get("/ready", summary="Readiness: 200 when the model is loaded and not draining")

@@ -1,0 +1,272 @@
+"""Hostile clients: idle sockets, slow heads and bodies, oversized work per request. Each test
+failed before the fix it covers. The server: a tiny model that stops at once, keys required, a
+small connection cap and a short read timeout."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import start_server, stop_server, write_eos_model
+
+KEY = "hardening-key"
+MODEL = "accounts/testing/models/tiny-eos"
+MAX_CONNECTIONS = 40
+READ_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guarded")
+    model = write_eos_model(tmp / "eos-model")
+    srv = start_server(
+        tmp, "--model", str(model), "--model-id", "tiny-eos", "--account", "testing",
+        "--kv-cache-gb", "0.01", "--max-model-len", "64", "--api-key", KEY,
+        "--max-connections", str(MAX_CONNECTIONS),
+        "--request-read-timeout", str(READ_TIMEOUT),
+        api_key=KEY,
+    )  # fmt: skip
+    yield srv
+    stop_server(srv)
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.settimeout(5)
+    return s
+
+
+def _closed_by_server(s: socket.socket, wait: float) -> bool:
+    """True when the server closed the socket (EOF or reset) within `wait` seconds."""
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _complete(server) -> httpx.Response:
+    return httpx.post(
+        server.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 1},
+        headers=server.headers,
+        timeout=30,
+    )
+
+
+def test_idle_sockets_beyond_the_cap_are_closed_and_clients_still_served(guarded):
+    idle = [_connect(guarded.port) for _ in range(3 * MAX_CONNECTIONS)]
+    try:
+        # a new client is served while the idle ones hold more than the cap
+        assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+        assert _complete(guarded).status_code == 200
+        closed = sum(_closed_by_server(s, 0.05) for s in idle)
+        assert closed >= 2 * MAX_CONNECTIONS - 2, closed  # the oldest idle ones made room
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_socket_that_sends_nothing_is_closed_after_the_read_timeout(guarded):
+    with _connect(guarded.port) as s:
+        assert _closed_by_server(s, READ_TIMEOUT + 3)
+
+
+def test_a_slow_request_head_is_closed_after_the_read_timeout(guarded):
+    with _connect(guarded.port) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(READ_TIMEOUT / 2)
+        s.sendall(b"X-Slow: 1\r\n")  # still dribbling: the deadline is the whole request's
+        assert _closed_by_server(s, READ_TIMEOUT + 3)
+
+
+def test_keep_alive_connections_stay_usable(guarded):
+    with httpx.Client(base_url=guarded.url, headers=guarded.headers, timeout=30) as client:
+        for _ in range(3):
+            r = client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}
+            )
+            assert r.status_code == 200
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit(guarded):
+    limits = open(f"/proc/{guarded.process.pid}/limits").read()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line
+
+
+def _metric(server, endpoint: str, status: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    needle = f'girandole_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    for line in text.splitlines():
+        if line.startswith(needle):
+            return float(line[len(needle) :])
+    return 0.0
+
+
+def test_a_client_that_drops_while_sending_its_body_is_a_499_not_a_500(guarded):
+    before_500 = _metric(guarded, "completions", "500")
+    before_499 = _metric(guarded, "completions", "499")
+    with _connect(guarded.port) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100000\r\n\r\n"
+            b'{"prompt": "' + b"a" * 1000
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while _metric(guarded, "completions", "499") == before_499 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(guarded, "completions", "499") == before_499 + 1
+    assert _metric(guarded, "completions", "500") == before_500
+    assert "Traceback" not in guarded.log()
+
+
+def test_response_headers_stay_small_with_a_huge_logit_bias(guarded):
+    bias = {str(i): 0.5 for i in range(8000)}
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 1, "logit_bias": bias},
+        headers=guarded.headers,
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert all(len(v) <= 2048 for v in r.headers.values()), max(map(len, r.headers.values()))
+    assert sum(len(k) + len(v) for k, v in r.headers.items()) < 8192
+    options = __import__("json").loads(r.headers["fireworks-sampling-options"])
+    assert options["logit_bias_count"] == 8000 and "logit_bias" not in options
+
+
+def test_small_logit_bias_is_still_reported_in_full(guarded):
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 1, "logit_bias": {"5": 2}},
+        headers=guarded.headers,
+        timeout=30,
+    )
+    options = __import__("json").loads(r.headers["fireworks-sampling-options"])
+    assert options["logit_bias"] == {"5": 2}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_by_content_type_is_a_415(guarded, content_type):
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        content=b'{"model": "%s", "prompt": "hi", "max_tokens": 1}' % MODEL.encode(),
+        headers={**guarded.headers, "Content-Type": content_type},
+        timeout=30,
+    )
+    assert r.status_code == 415, r.text
+    assert "Content-Type" in r.json()["error"]["message"]
+
+
+def test_json_content_types_are_accepted(guarded):
+    for content_type in ("application/json", "application/json; charset=utf-8", None):
+        headers = dict(guarded.headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        r = httpx.post(
+            guarded.url + "/v1/completions",
+            content=b'{"model": "%s", "prompt": "hi", "max_tokens": 1}' % MODEL.encode(),
+            headers=headers,
+            timeout=30,
+        )
+        assert r.status_code == 200, (content_type, r.text)
+
+
+def test_openapi_documents_the_error_responses(guarded):
+    doc = httpx.get(guarded.url + "/openapi.json", timeout=10).json()
+    op = doc["paths"]["/v1/completions"]["post"]
+    for code in ("400", "401", "404", "413", "415", "429", "503"):
+        assert code in op["responses"], sorted(op["responses"])
+    error = op["responses"]["400"]["content"]["application/json"]["schema"]
+    assert error  # Fireworks' error body, by reference or inline
+
+
+def test_too_many_choices_is_a_400_naming_the_setting(guarded):
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        json={"model": MODEL, "prompt": ["a"] * 2000, "n": 128, "max_tokens": 1},
+        headers=guarded.headers,
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "max-choices-per-request" in error["message"] and "256000" in error["message"]
+    # the server stays healthy and fast
+    assert _complete(guarded).status_code == 200
+
+
+def _rf(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"response_format": _rf({"enum": [f"v{i}" for i in range(100_000)]})}, "bytes"),
+        (
+            {
+                "response_format": _rf(
+                    {
+                        "type": "object",
+                        "properties": {f"p{i}": {"type": "integer"} for i in range(5000)},
+                    }
+                )
+            },  # fmt: skip
+            "object properties",
+        ),
+        (
+            {
+                "response_format": _rf(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "a": {"const": "a" * 100_000},
+                            "b": {"enum": ["b" * 100_000]},
+                        },
+                    }
+                )
+            },  # fmt: skip
+            "characters",
+        ),
+        ({"response_format": _rf({"$ref": "http://127.0.0.1:9/s.json"})}, "not local"),
+    ],
+)
+def test_grammar_bombs_are_refused_at_once_naming_the_limit(guarded, body, words):
+    start = time.monotonic()
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 1, **body},
+        headers=guarded.headers,
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text[:500]
+    assert words in r.json()["error"]["message"]
+    assert time.monotonic() - start < 20  # refused before compiling: compiles took minutes
+
+
+def test_thousands_of_tools_are_refused(guarded):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"f{i}",
+                "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            },
+        }  # fmt: skip
+        for i in range(3000)
+    ]
+    r = httpx.post(
+        guarded.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": tools},
+        headers=guarded.headers,
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text[:500]
+    assert "tools" in r.json()["error"]["message"]

@@ -1,0 +1,38 @@
+"""The keys database holds key digests and usage: only its owner may read it."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_data_folder_and_database_are_private(tmp_path):
+    data = tmp_path / "fresh" / "data"
+    subprocess.run(
+        [sys.executable, "-m", "girandole.cli", "keys", "create", "--account", "a",
+         "--data-dir", str(data)],
+        check=True, capture_output=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert mode(data) == 0o700
+    for f in data.iterdir():
+        if f.name.startswith("girandole.db"):
+            assert mode(f) == 0o600, (f, oct(mode(f)))
+
+
+def test_an_existing_shared_folder_keeps_its_mode_but_the_database_is_private(tmp_path):
+    from girandole.registry.keystore import Database
+
+    tmp_path.chmod(0o755)
+    db = Database.in_folder(tmp_path)
+    db.create_key(account="a")
+    db.close()
+    assert mode(tmp_path) == 0o755
+    assert mode(tmp_path / "girandole.db") == 0o600
