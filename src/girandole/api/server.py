@@ -196,13 +196,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from girandole.api.app import create_app
     from girandole.api.banner import banner_of, bound_port, describe_source
-    from girandole.api.ops.flags import DrainingServer
-    from girandole.api.ops.jsonlog import configure_logging
     from girandole.api.http.connections import (
         ConnectionGuard,
         default_max_connections,
         raise_open_file_limit,
     )
+    from girandole.api.ops.flags import DrainingServer
+    from girandole.api.ops.jsonlog import configure_logging
     from girandole.api.state import AppState
     from girandole.api.textlog import choose_log_format
     from girandole.model.default import resolve_model_path
