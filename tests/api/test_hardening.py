@@ -4,11 +4,13 @@ small connection cap and a short read timeout."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import httpx
 import pytest
+from api_helpers import post
 from conftest import start_server, stop_server, write_eos_model
 
 KEY = "hardening-key"
@@ -127,18 +129,14 @@ def test_a_client_that_drops_while_sending_its_body_is_a_499_not_a_500(guarded):
     assert "Traceback" not in guarded.log()
 
 
-def test_response_headers_stay_small_with_a_huge_logit_bias(guarded):
+def test_response_headers_stay_small_with_a_huge_logit_bias(server):
+    # the default model: its vocabulary holds 8,000 token ids
     bias = {str(i): 0.5 for i in range(8000)}
-    r = httpx.post(
-        guarded.url + "/v1/completions",
-        json={"model": MODEL, "prompt": "hi", "max_tokens": 1, "logit_bias": bias},
-        headers=guarded.headers,
-        timeout=30,
-    )
+    r = post(server, {"prompt": "hi", "max_tokens": 1, "logit_bias": bias})
     assert r.status_code == 200, r.text
     assert all(len(v) <= 2048 for v in r.headers.values()), max(map(len, r.headers.values()))
     assert sum(len(k) + len(v) for k, v in r.headers.items()) < 8192
-    options = __import__("json").loads(r.headers["fireworks-sampling-options"])
+    options = json.loads(r.headers["fireworks-sampling-options"])
     assert options["logit_bias_count"] == 8000 and "logit_bias" not in options
 
 
@@ -149,7 +147,7 @@ def test_small_logit_bias_is_still_reported_in_full(guarded):
         headers=guarded.headers,
         timeout=30,
     )
-    options = __import__("json").loads(r.headers["fireworks-sampling-options"])
+    options = json.loads(r.headers["fireworks-sampling-options"])
     assert options["logit_bias"] == {"5": 2}
 
 
@@ -270,3 +268,78 @@ def test_thousands_of_tools_are_refused(guarded):
     )
     assert r.status_code == 400, r.text[:500]
     assert "tools" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory):
+    """A random tiny Llama that generates until max_tokens: 4 choice slots, no queue, and a
+    2 s drain period."""
+    from conftest import write_tiny_llama_for_ops
+
+    tmp = tmp_path_factory.mktemp("busy")
+    model = write_tiny_llama_for_ops(tmp / "tiny")
+    srv = start_server(
+        tmp, "--model", str(model), "--model-id", "tiny", "--account", "testing",
+        "--kv-cache-gb", "0.05", "--max-model-len", "8192",
+        "--max-concurrent-requests", "4", "--max-queued-requests", "0",
+        "--drain-seconds", "2", api_key=None,
+    )  # fmt: skip
+    yield srv
+    if srv.process.poll() is None:
+        stop_server(srv)
+
+
+def _long_stream(server, n: int):
+    return httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={
+            "model": "accounts/testing/models/tiny",
+            "prompt": "x",
+            "n": n,
+            "stream": True,
+            "max_tokens": 6000,
+            "ignore_eos": True,
+            "temperature": 1.0,
+        },  # fmt: skip
+        timeout=60,
+    )
+
+
+def test_admission_counts_choices_not_requests(busy):
+    with _long_stream(busy, 4) as r:  # takes all four slots
+        assert r.status_code == 200
+        lines = r.iter_lines()  # held: a dropped iterator closes the stream
+        next(lines)
+        other = httpx.post(
+            busy.url + "/v1/completions",
+            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+            timeout=30,
+        )
+        assert other.status_code == 429, other.text  # before: a request was one slot
+        assert "4 choices running" in other.json()["error"]["message"]
+    busy.wait_idle()
+    ok = httpx.post(
+        busy.url + "/v1/completions",
+        json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+        timeout=30,
+    )
+    assert ok.status_code == 200
+
+
+def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event(busy):
+    import signal
+
+    events = []
+    with _long_stream(busy, 1) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        events.append(next(lines))
+        busy.process.send_signal(signal.SIGTERM)
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert busy.process.wait(30) == 0
+    last = json.loads(events[-1])
+    assert "error" in last, events[-3:]
+    assert last["error"]["code"] == "UNAVAILABLE" and "drain" in last["error"]["message"]

@@ -34,7 +34,9 @@ class ServerSettings:
     data_dir: str | None = None
     rate_limit_rpm: int | None = None  # default per-key requests/minute (keys may override)
     rate_limit_tpm: int | None = None  # default per-key tokens/minute (keys may override)
-    max_concurrent_requests: int = 64  # inference requests at the engine at once
+    # Engine sequences (choices: prompts x n of each request) admitted at once; more queue
+    max_concurrent_requests: int = 64
+    max_choices_per_request: int = 256  # prompts x n of one request; more is a 400
     max_queued_requests: int = 256  # more wait in the admission queue, then 429
     queue_timeout: float = 30.0  # seconds in the queue before a 503
     max_prompt_tokens: int | None = None  # None: the context length

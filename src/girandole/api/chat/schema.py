@@ -19,6 +19,8 @@ from girandole.api.http.schema import (
     one_error,
 )
 
+MAX_TOOLS = 128  # tools (or functions) in one request
+
 # Tools: `[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]`,
 # names `a-zA-Z0-9_-`, at most 64 characters. `tool_choice`: `"auto"`, `"none"`, `"required"`,
 # `"any"` (= required), `{"type": "function", "function": {"name"}}` or `{"type": "function",
@@ -150,8 +152,11 @@ class ChatCompletionRequest(RequestFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
     safe_tokenization: bool | None = None
-    tools: list[Tool] | None = None
+    # OpenAI's limit too; each tool's schema joins the grammar a tool call is decoded with
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
-    functions: list[FunctionDef] | None = None  # deprecated: read as tools
+    functions: Annotated[list[FunctionDef], Field(max_length=MAX_TOOLS)] | None = (
+        None  # deprecated: read as tools
+    )
     function_call: FunctionCallChoice = None  # deprecated: read as tool_choice

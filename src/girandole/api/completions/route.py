@@ -15,6 +15,9 @@ DEFAULT_MAX_TOKENS = 16
 class Completions(Endpoint):
     """Prompts as text or token ids; choices written as `text` (the pipeline's default shape)."""
 
+    def num_prompts(self, req: CompletionRequest) -> int:
+        return len(req.prompts())
+
     async def prompts(
         self, engine: EngineClient, req: CompletionRequest, shape: ResponseShape
     ) -> list[list[int]]:

@@ -22,8 +22,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from girandole.api.http.disconnect import CLIENT_CLOSED, ClientDisconnected
 
 logger = logging.getLogger("girandole.api")
 
@@ -99,6 +101,10 @@ def payload_too_large(limit: int) -> APIError:
     )
 
 
+def unsupported_media_type(message: str) -> APIError:
+    return APIError(415, message, code="UNSUPPORTED_MEDIA_TYPE")
+
+
 def unavailable(message: str) -> APIError:
     return APIError(
         503, message, type="service_unavailable", code="UNAVAILABLE", headers={"Retry-After": "1"}
@@ -163,6 +169,7 @@ _STATUS_CODES = {
     404: ("error", "NOT_FOUND"),
     405: ("invalid_request_error", "METHOD_NOT_ALLOWED"),
     413: ("invalid_request_error", "PAYLOAD_TOO_LARGE"),
+    415: ("invalid_request_error", "UNSUPPORTED_MEDIA_TYPE"),
     422: ("invalid_request_error", "INVALID_ARGUMENT"),
 }
 
@@ -186,6 +193,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return bad_request(format_errors(exc.errors())).response(request_id_of(request))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_left(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; logs and metrics do
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,31 +7,55 @@ import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
+from girandole.api.http.disconnect import ClientDisconnected
 from girandole.api.http.errors import (
     APIError,
     bad_request,
     first_field,
     format_errors,
     payload_too_large,
+    unsupported_media_type,
 )
 
 M = TypeVar("M", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request: 415 for another Content-Type, 413 above `limit`;
+    ClientDisconnected (a 499, the client's fault) when the client leaves while sending it."""
+    check_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise payload_too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise payload_too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise payload_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
     return b"".join(chunks)
+
+
+def check_content_type(content_type: str | None) -> None:
+    """JSON, or no Content-Type at all (curl -d without -H sends form-urlencoded: that is a 415
+    too, so the mistake shows)."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise unsupported_media_type(
+        f"Content-Type {content_type.split(';', 1)[0].strip()!r} is not supported: send the body"
+        " as JSON with 'Content-Type: application/json'"
+    )
 
 
 def _reject_constant(name: str) -> Any:

@@ -56,7 +56,14 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         "--max-concurrent-requests",
         type=int,
         default=_int("MAX_CONCURRENT_REQUESTS") or DEFAULTS.max_concurrent_requests,
-        help="inference requests at the engine at once [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
+        help="choices at the engine at once: a request of P prompts with n choices counts"
+        " P x n (capped at this); more wait in the queue [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
+    )
+    p.add_argument(
+        "--max-choices-per-request",
+        type=int,
+        default=_int("MAX_CHOICES_PER_REQUEST") or DEFAULTS.max_choices_per_request,
+        help="prompts x n of one request; more is a 400 [GIRANDOLE_MAX_CHOICES_PER_REQUEST]",
     )
     p.add_argument(
         "--max-queued-requests",
@@ -142,6 +149,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_prompt_tokens": args.max_prompt_tokens,
         "drain_seconds": args.drain_seconds,
         "log_format": args.log_format,
+        "max_choices_per_request": args.max_choices_per_request,
         "max_connections": args.max_connections,
         "request_read_timeout": args.request_read_timeout,
         "engine_stall_seconds": args.engine_stall_seconds,

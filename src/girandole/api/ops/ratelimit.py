@@ -2,8 +2,9 @@
 
 Each key has two token buckets that refill continuously (limit / 60 per second, holding at most
 one minute's worth). A request needs one whole request token and a token bucket that is not in
-debt; its actual tokens are debited when it ends, so a large request can push the bucket below
-zero and the next ones wait until it refills. Over a limit: 429 with `Retry-After` (and
+debt; its prompt tokens (every choice's) are debited when it is admitted and its completion
+tokens when it ends, so a large request pushes the bucket below zero at once and the next ones
+wait until it refills. Over a limit: 429 with `Retry-After` (and
 `retry-after-ms`, which both Fireworks SDKs honour). Every answer carries Fireworks'
 `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` and, near capacity,
 `x-ratelimit-over-limit: yes`, plus the same pair for tokens.
@@ -88,13 +89,13 @@ class RateLimiter:
         return headers
 
     def debit(self, key: str, num_tokens: int, tpm: int | None = None) -> None:
-        """Charge the tokens a finished request used."""
+        """Charge tokens: a request's prompts when it is admitted, the rest when it ends."""
         tpm = tpm if tpm is not None else self.default_tpm
         with self._lock:
             bucket = self._bucket(key, "tokens", tpm)
             if bucket is not None:
                 bucket.refill(time.monotonic())
-                bucket.level -= num_tokens
+                bucket.level = min(float(bucket.limit), bucket.level - num_tokens)  # < 0: refund
 
     @staticmethod
     def _headers(requests: Bucket | None, tokens: Bucket | None) -> dict[str, str]:

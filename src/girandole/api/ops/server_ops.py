@@ -5,18 +5,21 @@ model registry; it sees the model's state only through `engine_status`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from girandole.api.http.auth import bearer_token
-from girandole.api.http.errors import APIError, bad_request, unauthorized
+from girandole.api.http.errors import APIError, bad_request, unauthorized, unavailable
 from girandole.api.ops.admission import Admission
 from girandole.api.ops.metrics import Metrics
 from girandole.api.ops.ratelimit import RateLimiter
 from girandole.api.ops.tracking import Principal, RequestRecord, record_of
 from girandole.api.serving.choice import Choice
+from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.settings import ServerSettings
 from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore
@@ -84,6 +87,7 @@ class ServerOps:
         self.max_prompt_tokens = settings.max_prompt_tokens
         self.metrics = Metrics(self._gauges)
         self.draining = False
+        self._streams: weakref.WeakSet[ChoiceFanout] = weakref.WeakSet()
         self._closed = False
 
     # -- authentication and access -----------------------------------------------------------
@@ -161,6 +165,17 @@ class ServerOps:
                 "messages" if "messages" in data else "prompt",
             )
 
+    def check_choices(self, num_prompts: int, n: int) -> None:
+        """Refuse, before any work, a request of more engine sequences than the setting allows."""
+        limit = self.settings.max_choices_per_request
+        if num_prompts * n > limit:
+            raise bad_request(
+                f"The request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n}"
+                f" choices; this server's limit is {limit} per request"
+                " (--max-choices-per-request)",
+                "n" if num_prompts == 1 else "prompt",
+            )
+
     # -- the serving pipeline's hook ---------------------------------------------------------
 
     async def admit(self, record: RequestRecord | None, choices: list[Choice]) -> None:
@@ -179,13 +194,20 @@ class ServerOps:
         if record is None or record.admitted:
             return
         try:
-            record.queue_s = await self.admission.acquire()
+            record.queue_s = await self.admission.acquire(len(choices))
         except APIError:
             self.metrics.rate_limited.inc()
             raise
+        record.choices = choices  # before `admitted`: release() frees len(record.choices)
         record.admitted = True
         self.metrics.queue_time.observe(record.queue_s)
-        record.choices = choices
+        # tokens count as they are admitted, not only when the request ends: a huge request
+        # puts its key's token bucket in debt at once, and the next ones wait
+        principal = record.principal
+        if principal is not None:
+            prompt_tokens = sum(len(c.prompt_token_ids) for c in choices)
+            self.limiter.debit(principal.limit_key, prompt_tokens, principal.tpm)
+            record.prepaid_tokens = prompt_tokens
 
     # -- the end of a request ----------------------------------------------------------------
 
@@ -198,7 +220,7 @@ class ServerOps:
     def _finish(self, record: RequestRecord) -> None:
         if record.admitted:
             record.admitted = False
-            self.admission.release()
+            self.admission.release(len(record.choices))
         status = record.status or 500
         endpoint = endpoint_of(record.path)
         self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -227,8 +249,9 @@ class ServerOps:
             self.metrics.duration.observe(duration)
             if aborted:
                 self.metrics.aborted.inc()
-            if prompt or completion:
-                self.limiter.debit(principal.limit_key, prompt + completion, principal.tpm)
+            owed = prompt + completion - record.prepaid_tokens  # prompts were charged at admit
+            if owed:
+                self.limiter.debit(principal.limit_key, owed, principal.tpm)
             ttft = (
                 record.first_token_time - record.start
                 if record.first_token_time is not None
@@ -295,13 +318,35 @@ class ServerOps:
             return False, status
         return True, "ready"
 
+    def track_stream(self, fanout: ChoiceFanout) -> None:
+        """A stream in flight: cut with an error event if it outlasts the drain period."""
+        self._streams.add(fanout)
+
     def start_draining(self) -> None:
         if not self.draining:
             self.draining = True
             logger.info(
-                "draining: %d request(s) in flight, %d queued",
+                "draining: %d choice(s) in flight, %d request(s) queued",
                 self.admission.num_active,
                 self.admission.num_queued,
+            )
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # a second before uvicorn cuts the connections: time for the error event to go out
+            loop.call_later(max(0.0, self.settings.drain_seconds - 1.0), self._cut_streams)
+
+    def _cut_streams(self) -> None:
+        streams = list(self._streams)
+        if streams:
+            logger.warning("drain period over: ending %d stream(s) with an error", len(streams))
+        for fanout in streams:
+            fanout.cut(
+                unavailable(
+                    "The server is shutting down and its drain period ended before this"
+                    " response did; retry the request"
+                )
             )
 
     def close(self) -> None:

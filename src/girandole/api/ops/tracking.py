@@ -60,6 +60,7 @@ class RequestRecord:
     status: int | None = None
     stream: bool = False
     admitted: bool = False
+    prepaid_tokens: int = 0  # prompt tokens charged to the key's token bucket at admission
     queue_s: float | None = None
     first_token_time: float | None = None
     choices: list[Choice] = field(default_factory=list)  # set when admitted

@@ -111,6 +111,10 @@ class ChoiceFanout:
                 assert isinstance(item, RequestOutput)
                 yield choice, item
 
+    def cut(self, error: Exception) -> None:
+        """End the consumer's events with `error` now (the server's drain deadline)."""
+        self._queue.put_nowait((None, error))  # type: ignore[arg-type]
+
     def close(self) -> None:
         """Cancel whatever still runs and abort its engine requests. Safe to call twice."""
         if self._closed:

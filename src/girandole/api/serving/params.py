@@ -110,6 +110,9 @@ def build_params(
         raise bad_request(message, param) from None
 
 
+MAX_LOGIT_BIAS_IN_HEADER = 64  # entries shown in fireworks-sampling-options; above it, a count
+
+
 def applied_options(params: SamplingParams) -> dict[str, Any]:
     """The sampling values a request ran with, for the `fireworks-sampling-options` header."""
     out: dict[str, Any] = {
@@ -126,7 +129,10 @@ def applied_options(params: SamplingParams) -> dict[str, Any]:
     if params.mirostat_target is not None:
         out["mirostat_target"] = params.mirostat_target
         out["mirostat_lr"] = params.mirostat_lr
-    if params.logit_bias:
+    if len(params.logit_bias) > MAX_LOGIT_BIAS_IN_HEADER:
+        # a header stays small: HTTP clients (httpx) refuse to read responses with huge ones
+        out["logit_bias_count"] = len(params.logit_bias)
+    elif params.logit_bias:
         out["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
     if params.seed is not None:
         out["seed"] = params.seed

@@ -59,6 +59,10 @@ class Endpoint:
         """How this request's response is written (a 400 for what the endpoint cannot do)."""
         return ResponseShape()
 
+    def num_prompts(self, req: Any) -> int:
+        """How many prompts the request holds (each runs `n` choices)."""
+        return 1
+
     async def prompts(self, engine: EngineClient, req: Any, shape: Any) -> list[list[int]]:
         """The request's prompts as token ids."""
         raise NotImplementedError
@@ -97,6 +101,7 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
     strip_unsupported(data, endpoint.unsupported)
     check_not_both(data, "max_tokens", "max_completion_tokens")
     req = validate_model(endpoint.schema, data)
+    state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
     engine = state.require_engine()
     shape = endpoint.shape(state, engine, req)
     grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
@@ -132,6 +137,7 @@ async def run(
     except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
         raise engine_error(exc) from None
     if job.stream:
+        state.ops.track_stream(fanout)
         body = stream(job, shape, fanout, state.settings.stream_usage)
         return SSEResponse(body, headers=headers)
     result = await collect(job, shape, fanout)
