@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,15 @@ def sse_events(server, body: dict[str, Any], path: str = "/v1/completions") -> l
         data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def api_conftest():
+    """tests/api/conftest.py by path: a bare `import conftest` finds whichever conftest module
+    another test folder put first on sys.path when the whole suite runs."""
+    name = "_girandole_api_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -20,25 +20,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from api_helpers import ROOT  # noqa: E402
+from api_helpers import ROOT, api_conftest  # noqa: E402
 
-
-def _api_conftest():
-    """tests/api/conftest.py by path: a bare `import conftest` finds whichever conftest module
-    another test folder put first on sys.path when the whole suite runs."""
-    import importlib.util
-
-    name = "_girandole_api_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-start_server = _api_conftest().start_server
-stop_server = _api_conftest().stop_server
+start_server = api_conftest().start_server
+stop_server = api_conftest().stop_server
 
 ACCOUNT = "testing"
 MODEL = f"accounts/{ACCOUNT}/models/tiny"
@@ -58,7 +43,7 @@ def new_key(data_dir: Path, account: str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    write_tiny_llama_for_ops = _api_conftest().write_tiny_llama_for_ops
+    write_tiny_llama_for_ops = api_conftest().write_tiny_llama_for_ops
 
     tmp = tmp_path_factory.mktemp("guarded")
     data = tmp / "data"

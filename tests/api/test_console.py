@@ -12,32 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import ROOT
+from api_helpers import ROOT, api_conftest
 
 from girandole.api.banner import Banner, client_url
 from girandole.api.textlog import TextFormatter, choose_log_format
 
-
-def _api_conftest():
-    """tests/api/conftest.py by path (a bare `import conftest` may find another folder's)."""
-    import importlib.util
-
-    name = "_girandole_api_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-free_port = _api_conftest().free_port
-start_server = _api_conftest().start_server
-stop_server = _api_conftest().stop_server
+free_port = api_conftest().free_port
+start_server = api_conftest().start_server
+stop_server = api_conftest().stop_server
 
 REPO = "tiny-org/tiny-llama"
 MODEL = "accounts/testing/models/tiny"

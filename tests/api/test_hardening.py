@@ -10,8 +10,12 @@ import time
 
 import httpx
 import pytest
-from api_helpers import post
-from conftest import start_server, stop_server, write_eos_model
+from api_helpers import api_conftest, post
+
+start_server = api_conftest().start_server
+stop_server = api_conftest().stop_server
+write_eos_model = api_conftest().write_eos_model
+write_tiny_llama_for_ops = api_conftest().write_tiny_llama_for_ops
 
 KEY = "hardening-key"
 MODEL = "accounts/testing/models/tiny-eos"
@@ -274,8 +278,6 @@ def test_thousands_of_tools_are_refused(guarded):
 def busy(tmp_path_factory):
     """A random tiny Llama that generates until max_tokens: 4 choice slots, no queue, and a
     2 s drain period."""
-    from conftest import write_tiny_llama_for_ops
-
     tmp = tmp_path_factory.mktemp("busy")
     model = write_tiny_llama_for_ops(tmp / "tiny")
     srv = start_server(
