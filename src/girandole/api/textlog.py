@@ -32,7 +32,7 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 def choose_log_format(requested: str, stream: TextIO) -> str:
-    """ "json" or "text": `requested` unless it is "auto", then text exactly at a terminal."""
+    """The format to use: `requested`, or for "auto", text at a terminal and json elsewhere."""
     if requested not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {requested!r}")
     if requested != "auto":
