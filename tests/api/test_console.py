@@ -76,7 +76,9 @@ def test_text_line_of_an_access_record():
         " INFO  POST /v1/completions 200 in 41.3 ms, 5+16 tokens, ttft 12.0 ms, key k1  [req cmpl-1]"
     )
     warning = logging.LogRecord("girandole.model", logging.WARNING, __file__, 1, "odd", (), None)
-    assert TextFormatter().format(warning).endswith(" WARNING odd  (girandole.model)")
+    assert TextFormatter().format(warning).endswith(" WARNING odd")
+    warning.name = "transformers"
+    assert TextFormatter().format(warning).endswith(" WARNING odd  (transformers)")
     assert "\033[33m" in TextFormatter(color=True).format(warning)
 
 
