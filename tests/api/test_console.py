@@ -61,7 +61,9 @@ def test_text_line_of_an_access_record():
         " INFO  POST /v1/completions 200 in 41.3 ms, 5+16 tokens, ttft 12.0 ms, key k1  [req cmpl-1]"
     )
     warning = logging.LogRecord("girandole.model", logging.WARNING, __file__, 1, "odd", (), None)
-    assert TextFormatter().format(warning).endswith(" WARNING odd  (girandole.model)")
+    assert TextFormatter().format(warning).endswith(" WARNING odd")
+    warning.name = "transformers"
+    assert TextFormatter().format(warning).endswith(" WARNING odd  (transformers)")
     assert "\033[33m" in TextFormatter(color=True).format(warning)
 
 
@@ -86,7 +88,13 @@ def test_banner_text(keys):
     assert banner.curl() in text
     assert ("Authorization: Bearer $API_KEY" in banner.curl()) == keys
     assert ('API keys    required: send "Authorization: Bearer <key>"' in text) == keys
-    assert ("none: the server is open to anyone who can reach" in text) == (not keys)
+    assert ("none: the server is open to anyone on this machine" in text) == (not keys)
+    for bind, who in (("0.0.0.0", "anyone who can reach this machine (it listens on every"),
+                      ("::", "anyone who can reach this machine (it listens on every"),
+                      ("localhost", "anyone on this machine"),
+                      ("10.1.2.3", "anyone who can reach 10.1.2.3")):  # fmt: skip
+        opened = Banner(client_url(bind, 80), MODEL, DEPLOYMENT, "x", False, "ready", bind)
+        assert f"API keys    none: the server is open to {who}" in opened.text()
     ready = Banner(banner.url, MODEL, DEPLOYMENT, "x", keys, "ready")
     assert "  status      ready\n" in ready.text()
 
@@ -207,7 +215,7 @@ def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
         assert "accounts/fireworks/models/tiny-llama" in block  # --model-id from the repo id
         assert "accounts/fireworks/deployments/tiny-llama" in block
         assert f"{REPO}, from the Hugging Face cache" in block
-        assert "none: the server is open to anyone who can reach" in block
+        assert "none: the server is open to anyone on this machine" in block
         assert any(line.endswith(" INFO  Application startup complete.") for line in lines)
         curl = next(line for line in lines if line.startswith("  try ")).split(None, 1)[1]
         assert "Authorization" not in curl

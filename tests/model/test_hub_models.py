@@ -217,36 +217,95 @@ def test_no_network_falls_back_to_the_cache(hub, tmp_path):
     assert "the Hugging Face Hub could not be reached" in missing.stderr
 
 
-class _HubErrors(http.server.BaseHTTPRequestHandler):
-    """The Hub's answers to a model look-up that fails: its status and X-Error-Code header."""
+class LocalHub(http.server.BaseHTTPRequestHandler):
+    """A server on 127.0.0.1 answering as the Hugging Face Hub does for the calls a download
+    makes (model info, file tree, file HEAD and GET), for the repos in REPOS, and with the Hub's
+    refusals (status and X-Error-Code header) for the names in REFUSALS."""
 
-    ANSWERS = {
+    REPOS: dict[str, dict[str, bytes]] = {}  # repo id -> file name -> bytes (commit "main")
+    REFUSALS = {
         "org/missing": (404, "RepoNotFound"),
         "org/gated": (403, "GatedRepo"),
         "org/name/revision/v9": (404, "RevisionNotFound"),
         "org/down": (503, None),
     }
 
-    def do_GET(self) -> None:
-        repo = self.path.split("?")[0].removeprefix("/api/models/")
-        status, code = self.ANSWERS.get(repo, (500, None))
+    @staticmethod
+    def commit(repo: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(repo.encode()).hexdigest()
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
         self.send_response(status)
-        if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("Content-Length", "0")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _api(self, path: str) -> None:
+        import json
+
+        rest = path.removeprefix("/api/models/")
+        if rest in self.REFUSALS:
+            status, code = self.REFUSALS[rest]
+            return self._send(status, headers={"X-Error-Code": code} if code else {})
+        repo, _, tail = rest.partition("/revision/")
+        if "/tree/" in rest:
+            repo, _, tail = rest.partition("/tree/")
+        files = self.REPOS.get(repo)
+        if files is None:
+            return self._send(404, headers={"X-Error-Code": "RepoNotFound"})
+        if "/tree/" in rest:
+            body = [{"type": "file", "path": n, "size": len(b), "oid": self.commit(n)}
+                    for n, b in files.items()]  # fmt: skip
+        else:
+            body = {"id": repo, "sha": self.commit(repo),
+                    "siblings": [{"rfilename": n} for n in files]}  # fmt: skip
+        self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path.startswith("/api/models/"):
+            return self._api(path)
+        repo, _, rest = path.lstrip("/").partition("/resolve/")
+        name = rest.partition("/")[2]
+        data = self.REPOS.get(repo, {}).get(name)
+        if data is None:
+            return self._send(404, headers={"X-Error-Code": "EntryNotFound"})
+        etag = self.commit(repo + name)
+        headers = {"X-Repo-Commit": self.commit(repo), "ETag": f'"{etag}"'}
+        self._send(200, data, headers)
+
+    do_HEAD = do_GET
 
     def log_message(self, *args) -> None:
         pass
 
 
-def test_hub_answers_become_errors_naming_the_repo(hub, monkeypatch):
-    """Online, the Hub's refusals (a local server answering as the Hub does) are named."""
+@pytest.fixture()
+def local_hub(hub):
+    main = hub.sources["tiny-org/tiny-llama@main"]
+    LocalHub.REPOS = {
+        "hub-org/tiny-llama": {p.name: p.read_bytes() for p in main.iterdir() if p.is_file()},
+        "hub-org/tiny-gguf": {
+            n: (hub.sources["gguf"] / n).read_bytes() for n in ("tiny-q8.gguf", "README.md")
+        },
+    }
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LocalHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_answers_become_errors_naming_the_repo(hub, local_hub, monkeypatch):
+    """Online, the Hub's refusals are named."""
     from huggingface_hub import constants
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubErrors)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "ENDPOINT", local_hub)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -260,11 +319,35 @@ def test_hub_answers_become_errors_naming_the_repo(hub, monkeypatch):
         ("org/name", "v9", "model org/name has no revision 'v9'"),
         ("org/down", None, "the Hugging Face Hub could not be reached (HfHubHTTPError"),
     ]
-    try:
-        for model, revision, expected in cases:
-            with pytest.raises(ModelSourceError) as info:
-                resolve_model_path(model, revision)
-            assert expected in str(info.value)
-    finally:
-        server.shutdown()
-        server.server_close()
+    for model, revision, expected in cases:
+        with pytest.raises(ModelSourceError) as info:
+            resolve_model_path(model, revision)
+        assert expected in str(info.value)
+
+
+def test_download_into_the_cache_then_serve_offline_from_it(hub, local_hub, tmp_path):
+    """Online (the local Hub): `generate --model org/name` downloads the checkpoint into an
+    empty cache, with huggingface_hub's progress bars, then generates as the local copy does;
+    offline afterwards, the same name is served from what was downloaded."""
+    cache = tmp_path / "hub"
+    env = {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": local_hub, "HF_HUB_OFFLINE": "0",
+           "GIRANDOLE_CACHE_DIR": str(tmp_path / "girandole")}  # fmt: skip
+    online = generate(hub, "--model", "hub-org/tiny-llama", "--max-tokens", "8", **env)
+    assert online.returncode == 0, online.stderr
+    assert "100%" in online.stderr  # the download's progress bar
+    snapshot = (
+        cache / "models--hub-org--tiny-llama" / "snapshots" / LocalHub.commit("hub-org/tiny-llama")
+    )
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in snapshot.iterdir()
+    }
+    llm = LLM(model=str(hub.sources["tiny-org/tiny-llama@main"]), kv_cache_gb=0.01)
+    text = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=8))
+    assert online.stdout == "Once upon a time" + text[0].text + "\n"
+    offline = generate(hub, "--model", "hub-org/tiny-llama", "--max-tokens", "8",
+                       **{**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert offline.returncode == 0 and offline.stdout == online.stdout, offline.stderr
+    gguf = generate(hub, "--model", "hub-org/tiny-gguf", "--max-tokens", "2", **env)
+    assert gguf.returncode == 0, gguf.stderr
+    folder = cache / "models--hub-org--tiny-gguf" / "snapshots"
+    assert [p.name for p in folder.glob("*/*")] == ["tiny-q8.gguf"]  # the README stays there

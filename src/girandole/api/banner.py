@@ -30,6 +30,7 @@ class Banner:
     source: str  # where the weights come from: the default model, a path, a repo id
     keys_required: bool
     status: str  # "loading", "ready" or "failed"
+    bind: str = "127.0.0.1"  # the address it listens on (--host)
 
     def curl(self) -> str:
         body = json.dumps({"model": self.model, "prompt": TRY_PROMPT, "max_tokens": 32})
@@ -53,7 +54,7 @@ class Banner:
         keys = (
             'required: send "Authorization: Bearer <key>"'
             if self.keys_required
-            else f"none: the server is open to anyone who can reach {self.url}"
+            else f"none: the server is open to {_who_reaches(self.bind)}"
         )
         rows = [
             ("model", self.model),
@@ -89,7 +90,19 @@ def banner_of(state: Any, port: int, source: str) -> Banner:
         source=source,
         keys_required=not state.ops.open,
         status=state.status,
+        bind=state.settings.host,
     )
+
+
+def _who_reaches(host: str) -> str:
+    """Who can send requests to a server bound to `host`."""
+    if host in ("", "0.0.0.0", "::"):
+        return "anyone who can reach this machine (it listens on every interface)"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    return "anyone on this machine" if loopback else f"anyone who can reach {host}"
 
 
 def bound_port(server: Any, default: int) -> int:

@@ -21,6 +21,7 @@ LOG_FORMATS = ("auto", "json", "text")
 
 _COLORS = {"WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[1;31m", "DEBUG": "\033[2m"}
 _RESET = "\033[0m"
+_OWN_LOGGERS = ("girandole", "uvicorn")
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -32,7 +33,7 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 def choose_log_format(requested: str, stream: TextIO) -> str:
-    """ "json" or "text": `requested` unless it is "auto", then text exactly at a terminal."""
+    """The format to use: `requested`, or for "auto", text at a terminal and json elsewhere."""
     if requested not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {requested!r}")
     if requested != "auto":
@@ -62,8 +63,8 @@ class TextFormatter(logging.Formatter):
             request_id = fields.get("request_id")
         elif (current := CURRENT.get()) is not None:
             request_id = current.request_id
-        if record.levelno >= logging.WARNING and not record.name.startswith("uvicorn"):
-            line += f"  ({record.name})"  # where a warning comes from
+        if record.levelno >= logging.WARNING and not record.name.startswith(_OWN_LOGGERS):
+            line += f"  ({record.name})"  # a library's warning says where it comes from
         if request_id:
             line += f"  [req {request_id}]"
         if record.exc_info:
