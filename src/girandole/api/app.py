@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from girandole import __version__
+from girandole.api.deployments import install_deployments
 from girandole.api.errors import install_error_handlers
 from girandole.api.openapi import install_openapi
 from girandole.api.routes import chat, completions, health, models, ops
@@ -26,9 +27,11 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_in_background and state.engine is None:
             threading.Thread(target=state.load, name="girandole-load", daemon=True).start()
+        app.state.deployments.start()
         try:
             yield
         finally:
+            app.state.deployments.shutdown()
             state.shutdown()
 
     app = FastAPI(
@@ -43,6 +46,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
+    install_deployments(app, state, INFERENCE_PREFIXES)
     app.include_router(health.router)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)
