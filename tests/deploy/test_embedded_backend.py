@@ -179,3 +179,36 @@ def test_a_replica_that_cannot_start(models, tmp_path):
         assert info.value.status == 503 and "failed" in info.value.message
     finally:
         manager.shutdown()
+
+
+def test_update_restarts_on_a_new_context_length(models):
+    manager = make_manager(models)
+    name = "accounts/t/deployments/ctx"
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a", "maxContextLength": 128}, "ctx")
+        wait_ready(manager, "ctx")
+        assert manager.engine_for(name).max_model_len == 128
+        updated = manager.update("t", "ctx", {"maxContextLength": 64, "description": "shorter"})
+        assert updated["state"] == "UPDATING"
+        assert wait_ready(manager, "ctx")["maxContextLength"] == 64
+        assert manager.engine_for(name).max_model_len == 64
+        same = manager.update("t", "ctx", {"description": "no restart"})
+        assert same["state"] == "READY" and same["replicaCount"] == 1
+    finally:
+        manager.shutdown()
+
+
+def test_a_removed_base_model(models):
+    manager = make_manager(models)
+    try:
+        manager.create(
+            "t", {"baseModel": "accounts/t/models/b"}, "orphan", disable_auto_deploy=True
+        )
+        assert manager.catalog.remove("accounts/t/models/b")
+        with pytest.raises(DeploymentError) as info:
+            manager.scale("t", "orphan", 1)
+        assert info.value.status == 400 and "no longer in the model registry" in info.value.message
+        manager.delete("t", "orphan")  # stopping and deleting need no model
+        assert manager.get("t", "orphan")["state"] == "DELETED"
+    finally:
+        manager.shutdown()

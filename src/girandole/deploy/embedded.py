@@ -111,7 +111,9 @@ class EmbeddedBackend(Backend):
             if n == 0 or replica is not None:
                 return
             needed = replica_bytes(spec)
-            used = self.in_use_bytes() + sum(r.reserved_bytes for r in self._replicas.values())
+            used = self.in_use_bytes() + sum(
+                r.reserved_bytes for r in self._replicas.values() if r.state != "failed"
+            )
             if used + needed > self.budget_bytes:
                 raise DeploymentError(
                     400,

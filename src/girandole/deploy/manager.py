@@ -110,7 +110,7 @@ class DeploymentManager:
             if record.deleted or record.desired_replica_count == 0:
                 continue
             try:
-                self.backend.scale(self._spec(record), min(record.desired_replica_count, 1))
+                self._scale(record, min(record.desired_replica_count, 1))
             except DeploymentError as exc:
                 self._set_failed(record, exc.message)
         self._autoscaler = threading.Thread(
@@ -166,7 +166,7 @@ class DeploymentManager:
                     else "choose another deploymentId",
                 )
             if record.desired_replica_count:
-                self.backend.scale(self._spec(record), record.desired_replica_count)
+                self._scale(record, record.desired_replica_count)
             if not self.store.insert(record):
                 raise _exists(record.name, "choose another deploymentId")
         logger.info("deployment %s created (%s)", record.name, record.base_model)
@@ -207,13 +207,16 @@ class DeploymentManager:
                 max(updated.desired_replica_count, updated.min_replica_count),
                 updated.max_replica_count,
             )
-            restart = self._spec(updated) != self._spec(record) and bool(
-                self.backend.stats(updated.name).ready
-                + self.backend.stats(updated.name).initializing
+            stats = self.backend.stats(updated.name)
+            # a replica runs its spec: a new context length means a new engine
+            restart = (
+                stats.ready + stats.initializing > 0
+                and desired > 0
+                and updated.max_context_length != record.max_context_length
             )
             if desired != record.desired_replica_count or restart:
-                self.backend.scale(self._spec(updated), desired)
-                if restart and desired:
+                self._scale(updated, desired)
+                if restart:
                     updated.state = "UPDATING"
             updated.desired_replica_count = desired
             updated.update_time = time.time()
@@ -245,7 +248,7 @@ class DeploymentManager:
                     f" ({record.min_replica_count}); lower minReplicaCount first",
                     "replicaCount",
                 )
-            self.backend.scale(self._spec(record), replica_count)
+            self._scale(record, replica_count)
             record.desired_replica_count = replica_count
             if replica_count and record.state == "FAILED":
                 record.state, record.status_code, record.status_message = "UPDATING", "OK", ""
@@ -256,7 +259,7 @@ class DeploymentManager:
     def delete(self, account: str, deployment_id: str, *, hard: bool = False) -> None:
         with self._lock:
             record = self._record(account, deployment_id, deleted_ok=hard)
-            self.backend.scale(self._spec(record), 0)
+            self._scale(record, 0)
             if hard:
                 self.store.remove(account, deployment_id)
             else:
@@ -274,10 +277,9 @@ class DeploymentManager:
                     f"Deployment {record.name} is not deleted",
                     code="FAILED_PRECONDITION",
                 )
-            self.catalog_check(record)
             record.desired_replica_count = self._initial_replicas(record, False)
             if record.desired_replica_count:
-                self.backend.scale(self._spec(record), record.desired_replica_count)
+                self._scale(record, record.desired_replica_count)
             record.state = "CREATING" if record.desired_replica_count else "READY"
             record.status_code, record.status_message = "OK", ""
             record.delete_time = None
@@ -291,8 +293,10 @@ class DeploymentManager:
         """The engine that serves a request for deployment `name` (accounts/<a>/deployments/<d>).
         A deployment at zero replicas answers Fireworks' 503 DEPLOYMENT_SCALING_UP and starts a
         replica; the request is not queued (clients retry)."""
-        _, account, _, deployment_id = name.split("/")
-        record = self._record(account, deployment_id)
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+            raise not_found(name)
+        record = self._record(parts[1], parts[3])
         engines = self.backend.engines(name)
         if engines:
             self.backend.touch(name)
@@ -315,7 +319,7 @@ class DeploymentManager:
         with self._lock:
             if record.desired_replica_count == 0:
                 try:
-                    self.backend.scale(self._spec(record), 1)
+                    self._scale(record, 1)
                 except DeploymentError as exc:
                     raise DeploymentError(
                         503, exc.message, code="UNAVAILABLE", type="service_unavailable"
@@ -335,13 +339,12 @@ class DeploymentManager:
         body["replicaStats"] = stats.to_json()
         return body
 
-    def catalog_check(self, record: DeploymentRecord) -> None:
-        if self.catalog.get(record.base_model) is None:
-            raise invalid(
-                f"The base model {record.base_model} of {record.name} is no longer in the model"
-                " registry",
-                "baseModel",
-            )
+    def _scale(self, record: DeploymentRecord, n: int) -> None:
+        """Ask the backend for n replicas (stopping needs no base model: it may be gone)."""
+        if n == 0:
+            self.backend.scale(ReplicaSpec(record.name, None, self.kv_cache_gb, None), 0)
+        else:
+            self.backend.scale(self._spec(record), n)
 
     def _base_model(self, account: str, text: str) -> Any:
         ref = parse_model_ref(text, account)
@@ -377,6 +380,12 @@ class DeploymentManager:
 
     def _spec(self, record: DeploymentRecord) -> ReplicaSpec:
         model = self.catalog.get(record.base_model)
+        if model is None:
+            raise invalid(
+                f"The base model {record.base_model} of {record.name} is no longer in the model"
+                " registry: add it again with `girandole models add`",
+                "baseModel",
+            )
         return ReplicaSpec(
             deployment=record.name,
             model=model.source if model is not None else None,
@@ -427,7 +436,7 @@ class DeploymentManager:
                     current = self.store.get(record.account, record.deployment_id)
                     if current is None or current.deleted or current.desired_replica_count == 0:
                         continue
-                    self.backend.scale(self._spec(current), 0)
+                    self._scale(current, 0)
                     current.desired_replica_count = 0
                     current.update_time = time.time()
                     self.store.save(current)

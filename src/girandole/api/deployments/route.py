@@ -76,13 +76,10 @@ def read_masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
     if not read_mask or read_mask.strip() in ("*", "**"):
         return body
     fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
-    unknown = [f for f in fields if f not in body and f not in _OPTIONAL_FIELDS]
+    unknown = [f for f in fields if f not in body and f not in DeploymentBody.model_fields]
     if unknown:
         raise APIError(400, f"readMask: unknown field {unknown[0]!r}", param="readMask")
     return {f: body[f] for f in fields if f in body}
-
-
-_OPTIONAL_FIELDS = {"deleteTime", "acceleratorType", "acceleratorCount", "precision", "annotations"}
 
 
 # Routes with a ':verb' suffix come first: the plain `{deployment_id}` pattern would take them.
