@@ -196,7 +196,7 @@ def test_list_pages_filters_and_orders(plane):
             {"baseModel": BASE_MODEL, "autoscalingPolicy": {"scaleDownWindow": "2h"}},
             {},
             "autoscalingPolicy.scaleDownWindow",
-            "at most 1h",
+            "at most 3600s",
         ),
         (
             {"baseModel": BASE_MODEL, "autoscalingPolicy": {"loadTargets": {"gpu": 1}}},

@@ -122,6 +122,14 @@ def test_fields_and_defaults():
         ({"maxContextLength": -1}, "maxContextLength"),
         ({"autoscalingPolicy": {"loadTargets": {"default": 1.5}}}, "autoscalingPolicy.loadTargets"),
         ({"autoscalingPolicy": {"scalingSchedules": [{}]}}, "autoscalingPolicy.scalingSchedules"),
+        (
+            {"autoscalingPolicy": {"scaleToZeroWindow": "9" * 400 + "h"}},
+            "autoscalingPolicy.scaleToZeroWindow",
+        ),
+        (
+            {"autoscalingPolicy": {"scaleToZeroWindow": "169h"}},
+            "autoscalingPolicy.scaleToZeroWindow",
+        ),
     ],
 )
 def test_refused_fields(fields, param):

@@ -29,6 +29,8 @@ LOAD_TARGETS = (
     "prompt_tokens_per_second",
 )
 MAX_WINDOW_S = 3600.0  # scaleUpWindow and scaleDownWindow: at most one hour (Fireworks' limit)
+# scaleToZeroWindow: at most 7 days, after which Fireworks deletes an idle deployment anyway.
+MAX_SCALE_TO_ZERO_S = 7 * 24 * 3600.0
 
 DEPLOYMENT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -175,7 +177,7 @@ class AutoscalingPolicy:
             elif key == "scaleDownWindow":
                 policy.scale_down_window = _window(value, param, MAX_WINDOW_S)
             elif key == "scaleToZeroWindow":
-                policy.scale_to_zero_window = _window(value, param, None)
+                policy.scale_to_zero_window = _window(value, param, MAX_SCALE_TO_ZERO_S)
             elif key == "loadTargets":
                 policy.load_targets = parse_load_targets(value)
             elif key == "scalingSchedules":
@@ -190,10 +192,11 @@ class AutoscalingPolicy:
         return policy
 
 
-def _window(value: Any, param: str, maximum: float | None) -> float:
+def _window(value: Any, param: str, maximum: float) -> float:
     seconds = parse_duration(value, param)
-    if maximum is not None and seconds > maximum:
-        raise invalid(f"{param} must be at most 1h, got {value!r}", param)
+    if seconds > maximum:
+        limit = format_duration(maximum)
+        raise invalid(f"{param} must be at most {limit}, got {value!r}", param)
     return seconds
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from girandole.api.body import read_body
 from girandole.api.deployments.schema import DeploymentBody, ScaleBody
 from girandole.api.errors import APIError, request_id_of
+from girandole.api.tracking import record_of
 from girandole.api.validation import parse_json_object, validate_model
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentError
@@ -33,10 +34,19 @@ from girandole.registry.models import PUBLIC_ACCOUNT
 from girandole.registry.naming import is_valid_id, model_name
 
 
-async def authorize_account(request: Request, account: str) -> str:
-    """401 without a live key; 403 when the key belongs to another account."""
+def _authenticate(request: Request) -> Any:
+    """Who is asking (401 without a live key), noted for the access log."""
     principal = request.app.state.girandole.ops.authenticate(request.headers.get("authorization"))
     request.state.principal = principal
+    record = record_of(request)
+    if record is not None:
+        record.principal = principal
+    return principal
+
+
+async def authorize_account(request: Request, account: str) -> str:
+    """401 without a live key; 403 when the key belongs to another account."""
+    principal = _authenticate(request)
     if not is_valid_id(account):
         raise APIError(
             400,
@@ -52,6 +62,12 @@ async def authorize_account(request: Request, account: str) -> str:
             code="PERMISSION_DENIED",
         )
     return account
+
+
+def _body_doc(schema: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body by hand (see api/openapi.py)."""
+    content = {"application/json": {"schema": schema.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 router = APIRouter(tags=["deployments"])
@@ -85,7 +101,11 @@ def read_masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
 # Routes with a ':verb' suffix come first: the plain `{deployment_id}` pattern would take them.
 
 
-@router.patch("/accounts/{account}/deployments/{deployment_id}:scale", summary="Scale a deployment")
+@router.patch(
+    "/accounts/{account}/deployments/{deployment_id}:scale",
+    openapi_extra=_body_doc(ScaleBody),
+    summary="Scale a deployment",
+)
 async def scale_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
     body = await read_json(request, ScaleBody)
     manager_of(request).scale(account, deployment_id, body.replicaCount)
@@ -99,7 +119,11 @@ async def undelete_deployment(deployment_id: str, request: Request, account: str
     return manager_of(request).undelete(account, deployment_id)
 
 
-@router.post("/accounts/{account}/deployments", summary="Create a deployment")
+@router.post(
+    "/accounts/{account}/deployments",
+    openapi_extra=_body_doc(DeploymentBody),
+    summary="Create a deployment",
+)
 async def create_deployment(
     request: Request,
     account: str = Account,
@@ -150,7 +174,11 @@ async def get_deployment(
     return read_masked(manager_of(request).get(account, deployment_id), read_mask)
 
 
-@router.patch("/accounts/{account}/deployments/{deployment_id}", summary="Update a deployment")
+@router.patch(
+    "/accounts/{account}/deployments/{deployment_id}",
+    openapi_extra=_body_doc(DeploymentBody),
+    summary="Update a deployment",
+)
 async def update_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
     body = await read_json(request, DeploymentBody)
     return manager_of(request).update(account, deployment_id, body.fields())
@@ -199,10 +227,7 @@ async def _readable_account(request: Request, account: str) -> str:
     """Every key may read the public catalog (account `fireworks`); other accounts' models
     only their own keys."""
     if account == PUBLIC_ACCOUNT:
-        principal = request.app.state.girandole.ops.authenticate(
-            request.headers.get("authorization")
-        )
-        request.state.principal = principal
+        _authenticate(request)
         return account
     return await authorize_account(request, account)
 
