@@ -239,8 +239,8 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
 
     manager = embedded_manager(state.settings, state.ops.db)
     app.state.deployments = manager
-    for prefix in prefixes:
-        app.include_router(router, prefix=prefix)
+    for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
+        app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
 
     @app.exception_handler(DeploymentError)
     async def _deployment_error(request: Request, exc: DeploymentError) -> JSONResponse:
