@@ -1,4 +1,4 @@
-"""Command line: `girandole serve | generate | keys | usage`."""
+"""Command line: `girandole serve | generate | keys | usage | deployment | models`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     from girandole.registry.admin_cli import add_admin_parsers
 
     add_admin_parsers(sub)
+    from girandole.deploy.cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     try:
         from girandole.api.server import add_serve_parser
     except ImportError:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from girandole import __version__
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
+from girandole.api.deployments import install_deployments
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
 from girandole.api.models import route as models
@@ -29,9 +30,11 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_in_background and state.engine is None:
             threading.Thread(target=state.load, name="girandole-load", daemon=True).start()
+        app.state.deployments.start()
         try:
             yield
         finally:
+            app.state.deployments.shutdown()
             state.shutdown()
 
     app = FastAPI(
@@ -46,6 +49,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
+    install_deployments(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)

@@ -1,9 +1,13 @@
-"""The models and deployments this server serves, and how a request's model string finds one."""
+"""The models and deployments this server serves, how a request's model string finds one, and the
+catalog of base models that deployments are created from."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from girandole.registry.naming import ModelRef, parse_deployment_header, parse_model_ref
 
@@ -101,3 +105,97 @@ class ModelRegistry:
             if deployment.model == served.name and deployment.default:
                 return Resolved(served, deployment)
         return None
+
+
+# -- base models: what a deployment can be created from -------------------------------------
+
+PUBLIC_ACCOUNT = "fireworks"  # its models are every account's to deploy, as Fireworks' catalog
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w./-]+)?$")
+
+_CATALOG_SCHEMA = """CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    created REAL NOT NULL
+)"""
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """A model of the catalog: `name` accounts/<a>/models/<m>, loaded from `source` (a .gguf
+    file, an HF folder or a Hugging Face repo id; None: the default model)."""
+
+    name: str
+    source: str | None
+    created: float
+    built_in: bool = False  # the default model and the server's own: not removable
+
+    @property
+    def account(self) -> str:
+        return self.name.split("/")[1]
+
+    def to_json(self) -> dict:
+        """Fireworks' `Model` shape (the fields this server knows)."""
+        return {
+            "name": self.name,
+            "displayName": self.name.rsplit("/", 1)[1],
+            "kind": "HF_BASE_MODEL",
+            "state": "READY",
+            "public": self.account == PUBLIC_ACCOUNT,
+            "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+        }
+
+
+def check_model_source(source: str) -> str:
+    """An existing .gguf file or model folder (made absolute), or a repo id; else ValueError."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if _REPO_ID_RE.match(source):
+        return source
+    raise ValueError(
+        f"{source!r} is neither an existing .gguf file or model folder nor a Hugging Face repo"
+        " id (org/name, or org/name:file.gguf)"
+    )
+
+
+class ModelCatalog:
+    """The base models of the server's database, with the built-in ones (the default model and
+    the model the server serves) always present. Read from the database at each call, so a
+    `girandole models add` is seen by a running server at once."""
+
+    def __init__(self, db: Any, built_in: list[CatalogModel]) -> None:
+        self.db = db
+        self.built_in = {m.name: m for m in built_in}
+        db.execute(_CATALOG_SCHEMA)
+
+    def add(self, name: str, source: str) -> CatalogModel:
+        if name in self.built_in or self.get(name) is not None:
+            raise ValueError(f"model {name} already exists")
+        model = CatalogModel(name, check_model_source(source), time.time())
+        self.db.execute(
+            "INSERT INTO models (name, source, created) VALUES (?, ?, ?)",
+            (model.name, model.source, model.created),
+        )
+        return model
+
+    def remove(self, name: str) -> bool:
+        if name in self.built_in:
+            raise ValueError(f"model {name} is built in and cannot be removed")
+        rows = self.db.execute("DELETE FROM models WHERE name = ? RETURNING name", (name,))
+        return bool(rows)
+
+    def get(self, name: str) -> CatalogModel | None:
+        if name in self.built_in:
+            return self.built_in[name]
+        rows = self.db.execute("SELECT name, source, created FROM models WHERE name = ?", (name,))
+        return CatalogModel(*rows[0]) if rows else None
+
+    def list(self, account: str | None = None) -> list[CatalogModel]:
+        stored = [
+            CatalogModel(*row)
+            for row in self.db.execute("SELECT name, source, created FROM models")
+        ]
+        models = sorted(self.built_in.values(), key=lambda m: m.name) + sorted(
+            stored, key=lambda m: m.name
+        )
+        return [m for m in models if account is None or m.account == account]

@@ -1,0 +1,256 @@
+"""Routes of the deployments control plane (Fireworks' Gateway REST API shapes):
+
+    POST   /v1/accounts/{a}/deployments            create (?deploymentId, validateOnly, ...)
+    GET    /v1/accounts/{a}/deployments            list (pageSize, pageToken, filter, orderBy,
+                                                   showDeleted, readMask)
+    GET    /v1/accounts/{a}/deployments/{d}        get
+    PATCH  /v1/accounts/{a}/deployments/{d}        update
+    DELETE /v1/accounts/{a}/deployments/{d}        soft delete (?hard=true: for good)
+    PATCH  /v1/accounts/{a}/deployments/{d}:scale  {"replicaCount": N}
+    POST   /v1/accounts/{a}/deployments/{d}:undelete
+    GET    /v1/accounts/{a}/models[/{m}]           the base models a deployment can use
+
+also under /inference/v1 (the fireworks-ai SDK's base_url ".../inference"). A key manages only
+its own account's deployments; on an open server (no keys) every account is open.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from girandole.api.deployments.schema import DeploymentBody, ScaleBody
+from girandole.api.http.errors import APIError, request_id_of
+from girandole.api.http.validation import parse_json_object, read_body, validate_model
+from girandole.api.ops.tracking import record_of
+from girandole.deploy.manager import DeploymentManager
+from girandole.registry.deployments import DeploymentError
+from girandole.registry.list_query import QueryError, camel, page
+from girandole.registry.models import PUBLIC_ACCOUNT
+from girandole.registry.naming import is_valid_id, model_name
+
+
+def _authenticate(request: Request) -> Any:
+    """Who is asking (401 without a live key), noted for the access log."""
+    principal = request.app.state.girandole.ops.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal
+    record = record_of(request)
+    if record is not None:
+        record.principal = principal
+    return principal
+
+
+async def authorize_account(request: Request, account: str) -> str:
+    """401 without a live key; 403 when the key belongs to another account."""
+    principal = _authenticate(request)
+    if not is_valid_id(account):
+        raise APIError(
+            400,
+            f"{account!r} is not a valid account id: 1-63 characters of a-z, 0-9 and '-'",
+            param="account",
+        )
+    if principal.account is not None and principal.account != account:
+        raise APIError(
+            403,
+            f"This API key belongs to account {principal.account}; it cannot manage account"
+            f" {account}",
+            type="error",
+            code="PERMISSION_DENIED",
+        )
+    return account
+
+
+def _body_doc(schema: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body by hand (see api/openapi.py)."""
+    content = {"application/json": {"schema": schema.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+router = APIRouter(tags=["deployments"])
+Account = Depends(authorize_account)
+
+
+def manager_of(request: Request) -> DeploymentManager:
+    return request.app.state.deployments
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: Request, schema: type[M]) -> M:
+    """The body as `schema` (JSON whatever the content type, as the inference routes read it)."""
+    raw = await read_body(request, request.app.state.girandole.settings.max_request_bytes)
+    return validate_model(schema, parse_json_object(raw) if raw.strip() else {})
+
+
+def read_masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
+    """Only the top-level fields named in `readMask` ("" or "*": every field)."""
+    if not read_mask or read_mask.strip() in ("*", "**"):
+        return body
+    fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
+    unknown = [f for f in fields if f not in body and f not in DeploymentBody.model_fields]
+    if unknown:
+        raise APIError(400, f"readMask: unknown field {unknown[0]!r}", param="readMask")
+    return {f: body[f] for f in fields if f in body}
+
+
+# Routes with a ':verb' suffix come first: the plain `{deployment_id}` pattern would take them.
+
+
+@router.patch(
+    "/accounts/{account}/deployments/{deployment_id}:scale",
+    openapi_extra=_body_doc(ScaleBody),
+    summary="Scale a deployment",
+)
+async def scale_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
+    body = await read_json(request, ScaleBody)
+    manager_of(request).scale(account, deployment_id, body.replicaCount)
+    return {}
+
+
+@router.post(
+    "/accounts/{account}/deployments/{deployment_id}:undelete", summary="Undelete a deployment"
+)
+async def undelete_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
+    return manager_of(request).undelete(account, deployment_id)
+
+
+@router.post(
+    "/accounts/{account}/deployments",
+    openapi_extra=_body_doc(DeploymentBody),
+    summary="Create a deployment",
+)
+async def create_deployment(
+    request: Request,
+    account: str = Account,
+    deployment_id: str | None = Query(default=None, alias="deploymentId"),
+    validate_only: bool = Query(default=False, alias="validateOnly"),
+    disable_auto_deploy: bool = Query(default=False, alias="disableAutoDeploy"),
+) -> dict:
+    body = await read_json(request, DeploymentBody)
+    return manager_of(request).create(
+        account,
+        body.fields(),
+        deployment_id,
+        validate_only=validate_only,
+        disable_auto_deploy=disable_auto_deploy,
+    )
+
+
+@router.get("/accounts/{account}/deployments", summary="List deployments")
+async def list_deployments(
+    request: Request,
+    account: str = Account,
+    page_size: int | None = Query(default=None, alias="pageSize"),
+    page_token: str | None = Query(default=None, alias="pageToken"),
+    filter: str | None = Query(default=None),
+    order_by: str | None = Query(default=None, alias="orderBy"),
+    show_deleted: bool = Query(default=False, alias="showDeleted"),
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    listing = manager_of(request).list(
+        account,
+        page_size=page_size,
+        page_token=page_token,
+        filter=filter,
+        order_by=order_by,
+        show_deleted=show_deleted,
+    )
+    listing["deployments"] = [read_masked(d, read_mask) for d in listing["deployments"]]
+    return listing
+
+
+@router.get("/accounts/{account}/deployments/{deployment_id}", summary="Get a deployment")
+async def get_deployment(
+    deployment_id: str,
+    request: Request,
+    account: str = Account,
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    return read_masked(manager_of(request).get(account, deployment_id), read_mask)
+
+
+@router.patch(
+    "/accounts/{account}/deployments/{deployment_id}",
+    openapi_extra=_body_doc(DeploymentBody),
+    summary="Update a deployment",
+)
+async def update_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
+    body = await read_json(request, DeploymentBody)
+    return manager_of(request).update(account, deployment_id, body.fields())
+
+
+@router.delete("/accounts/{account}/deployments/{deployment_id}", summary="Delete a deployment")
+async def delete_deployment(
+    deployment_id: str,
+    request: Request,
+    account: str = Account,
+    hard: bool = Query(default=False),
+    ignore_checks: bool = Query(default=False, alias="ignoreChecks"),
+) -> dict:
+    manager_of(request).delete(account, deployment_id, hard=hard)
+    return {}
+
+
+@router.get("/accounts/{account}/models", summary="List the base models of an account")
+async def list_models(
+    account: str,
+    request: Request,
+    page_size: int | None = Query(default=None, alias="pageSize"),
+    page_token: str | None = Query(default=None, alias="pageToken"),
+) -> dict:
+    account = await _readable_account(request, account)
+    models = [m.to_json() for m in manager_of(request).catalog.list(account)]
+    try:
+        items, next_token = page(models, page_size, page_token)
+    except QueryError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    return {"models": items, "nextPageToken": next_token, "totalSize": len(models)}
+
+
+@router.get("/accounts/{account}/models/{model_id}", summary="Get a base model")
+async def get_model(account: str, model_id: str, request: Request) -> dict:
+    account = await _readable_account(request, account)
+    model = manager_of(request).catalog.get(model_name(account, model_id))
+    if model is None:
+        raise APIError(
+            404, f"Model {model_name(account, model_id)} not found", type="error", code="NOT_FOUND"
+        )
+    return model.to_json()
+
+
+async def _readable_account(request: Request, account: str) -> str:
+    """Every key may read the public catalog (account `fireworks`); other accounts' models
+    only their own keys."""
+    if account == PUBLIC_ACCOUNT:
+        _authenticate(request)
+        return account
+    return await authorize_account(request, account)
+
+
+def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> DeploymentManager:
+    """Serve the control plane under each of `prefixes` (/v1 and /inference/v1), over the
+    embedded backend and the server's database; the app's lifespan starts and stops it."""
+    from girandole.deploy.setup import embedded_manager
+
+    manager = embedded_manager(state.settings, state.ops.db)
+    app.state.deployments = manager
+    for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
+        app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
+
+    @app.exception_handler(DeploymentError)
+    async def _deployment_error(request: Request, exc: DeploymentError) -> JSONResponse:
+        error = APIError(
+            exc.status,
+            exc.message,
+            type=exc.type or "invalid_request_error",
+            code=exc.code,
+            param=exc.param,
+            headers=exc.headers,
+        )
+        return error.response(request_id_of(request))
+
+    return manager

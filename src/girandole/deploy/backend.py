@@ -1,0 +1,74 @@
+"""What the control plane asks of a backend: run N replicas of a deployment, say how they are,
+and give the engines of the ready ones. The embedded backend (embedded.py) runs them as engines
+of this process; a Ray Serve backend places them over a cluster."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from girandole.registry.deployments import Hardware
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every replica of a deployment runs; a changed spec restarts the replicas."""
+
+    deployment: str  # accounts/<a>/deployments/<d>
+    model: str | None  # a .gguf file, HF folder or repo id; None: the default model
+    kv_cache_gb: float
+    max_model_len: int | None  # None: the model's context
+
+
+@dataclass
+class ReplicaStats:
+    pending_scheduling: int = 0
+    downloading_model: int = 0
+    initializing: int = 0
+    ready: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "pendingSchedulingReplicaCount": self.pending_scheduling,
+            "downloadingModelReplicaCount": self.downloading_model,
+            "initializingReplicaCount": self.initializing,
+            "readyReplicaCount": self.ready,
+        }
+
+
+# Called from the backend's threads when a replica becomes ready (error None) or fails to start.
+ReplicaListener = Callable[[str, str | None], None]
+
+
+class Backend(ABC):
+    name: str  # for messages: "embedded"
+    hardware: Hardware
+
+    @abstractmethod
+    def check_replica_count(self, n: int, param: str) -> None:
+        """Raise DeploymentError (400, saying why) when this backend cannot run n replicas."""
+
+    @abstractmethod
+    def scale(self, spec: ReplicaSpec, n: int) -> None:
+        """Move the deployment toward n replicas and return at once; replicas start and stop in
+        the background. Raises DeploymentError when they cannot start (memory)."""
+
+    @abstractmethod
+    def stats(self, deployment: str) -> ReplicaStats: ...
+
+    @abstractmethod
+    def engines(self, deployment: str) -> list[Any]:
+        """The engines of the deployment's ready replicas (AsyncEngine's interface)."""
+
+    @abstractmethod
+    def idle_since(self, deployment: str) -> float | None:
+        """When the deployment last served a request or became ready (None: no replica)."""
+
+    @abstractmethod
+    def touch(self, deployment: str) -> None:
+        """A request went to the deployment (resets the scale-to-zero clock)."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...

@@ -1,0 +1,459 @@
+"""DeploymentManager: the control plane's operations (create, get, list, update, scale, delete,
+undelete) on the deployments table, carried out by a backend, and the autoscaler that keeps
+each deployment within its policy (at least `minReplicaCount`; to zero after
+`scaleToZeroWindow` without requests when the minimum is 0).
+
+A new (or undeleted) deployment starts with one replica unless `disableAutoDeploy` or a
+`maxReplicaCount` of 0 says otherwise. Its state: CREATING until a replica is ready, then READY;
+UPDATING while a changed `maxContextLength` restarts it; FAILED (with `status`) when a replica
+cannot start; DELETED after a soft delete. `desiredReplicaCount` is stored, so a restarted
+server brings back the replicas it ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+import threading
+import time
+from typing import Any
+
+from girandole.deploy.backend import Backend, ReplicaSpec
+from girandole.registry import list_query
+from girandole.registry.deployments import (
+    DEPLOYMENT_ID_RE,
+    DeploymentError,
+    DeploymentRecord,
+    DeploymentStore,
+    apply_fields,
+    invalid,
+    not_found,
+)
+from girandole.registry.models import PUBLIC_ACCOUNT, ModelCatalog
+from girandole.registry.naming import parse_model_ref
+
+logger = logging.getLogger("girandole.deploy")
+
+SCALING_UP_MESSAGE = (
+    "Deployment is currently scaled to zero and is scaling up. Please retry your request in a"
+    " few minutes."
+)
+AUTOSCALE_PERIOD_S = 1.0
+
+# The top-level fields a list filter or orderBy may name.
+LIST_FIELDS = {
+    "name",
+    "displayName",
+    "description",
+    "baseModel",
+    "state",
+    "status",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "replicaCount",
+    "desiredReplicaCount",
+    "autoscalingPolicy",
+    "maxContextLength",
+    "createTime",
+    "updateTime",
+    "deleteTime",
+    "annotations",
+}
+
+
+def scaling_up() -> DeploymentError:
+    """Fireworks' answer to a request for a deployment at zero replicas (not queued)."""
+    return DeploymentError(
+        503,
+        SCALING_UP_MESSAGE,
+        code="DEPLOYMENT_SCALING_UP",
+        type="error",
+        headers={"Retry-After": "5"},
+    )
+
+
+def new_deployment_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return secrets.choice(string.ascii_lowercase) + "".join(
+        secrets.choice(alphabet) for _ in range(7)
+    )
+
+
+class DeploymentManager:
+    def __init__(
+        self,
+        store: DeploymentStore,
+        catalog: ModelCatalog,
+        backend: Backend,
+        *,
+        kv_cache_gb: float,
+        max_model_len: int | None = None,
+        reserved: set[str] = frozenset(),
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.backend = backend
+        self.kv_cache_gb = kv_cache_gb
+        self.max_model_len = max_model_len  # the server's cap, when maxContextLength is 0
+        self.reserved = set(reserved)  # deployment names the server itself serves
+        backend.listener = self._on_replica
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._autoscaler: threading.Thread | None = None
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring back the replicas of the stored deployments, and start the autoscaler."""
+        for record in self.store.list():
+            if record.deleted or record.desired_replica_count == 0:
+                continue
+            try:
+                self._scale(record, min(record.desired_replica_count, 1))
+            except DeploymentError as exc:
+                self._set_failed(record, exc.message)
+        self._autoscaler = threading.Thread(
+            target=self._autoscale_loop, name="girandole-autoscaler", daemon=True
+        )
+        self._autoscaler.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._autoscaler is not None:
+            self._autoscaler.join(5)
+        self.backend.shutdown()
+
+    # -- the control plane -----------------------------------------------------------------
+
+    def create(
+        self,
+        account: str,
+        body: dict[str, Any],
+        deployment_id: str | None = None,
+        *,
+        validate_only: bool = False,
+        disable_auto_deploy: bool = False,
+    ) -> dict[str, Any]:
+        if deployment_id is None or deployment_id == "":
+            deployment_id = new_deployment_id()
+        elif not DEPLOYMENT_ID_RE.match(deployment_id):
+            raise invalid(
+                f"deploymentId {deployment_id!r} is not valid: 1-63 characters of a-z, 0-9 and"
+                " '-', not starting or ending with '-'",
+                "deploymentId",
+            )
+        base_model = body.get("baseModel")
+        if not base_model or not isinstance(base_model, str):
+            raise invalid("baseModel is required: the model to deploy", "baseModel")
+        model = self._base_model(account, base_model)
+        record = DeploymentRecord(account, deployment_id, model.name)
+        record = apply_fields(record, body, self.backend.hardware, creating=True)
+        self._check_counts(record)
+        record.desired_replica_count = self._initial_replicas(record, disable_auto_deploy)
+        record.state = "CREATING" if record.desired_replica_count else "READY"
+        if record.name in self.reserved:
+            raise _exists(record.name, "it is the server's own deployment")
+        if validate_only:
+            return self.view(record)
+        with self._lock:
+            existing = self.store.get(account, deployment_id)
+            if existing is not None:
+                raise _exists(
+                    record.name,
+                    "it is deleted: undelete it, or delete it with hard=true first"
+                    if existing.deleted
+                    else "choose another deploymentId",
+                )
+            if record.desired_replica_count:
+                self._scale(record, record.desired_replica_count)
+            if not self.store.insert(record):
+                raise _exists(record.name, "choose another deploymentId")
+        logger.info("deployment %s created (%s)", record.name, record.base_model)
+        return self.view(record)
+
+    def get(self, account: str, deployment_id: str) -> dict[str, Any]:
+        return self.view(self._record(account, deployment_id, deleted_ok=True))
+
+    def list(
+        self,
+        account: str,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        filter: str | None = None,
+        order_by: str | None = None,
+        show_deleted: bool = False,
+    ) -> dict[str, Any]:
+        try:
+            condition = list_query.parse_filter(filter, LIST_FIELDS)
+            order = list_query.parse_order_by(order_by, LIST_FIELDS) or [("createTime", False)]
+            views = [
+                self.view(r) for r in self.store.list(account) if show_deleted or not r.deleted
+            ]
+            views = [v for v in views if condition.matches(v)]
+            list_query.sort_resources(views, [*order, ("name", False)])
+            items, next_token = list_query.page(views, page_size, page_token)
+        except list_query.QueryError as exc:
+            raise invalid(str(exc), exc.param) from None
+        return {"deployments": items, "nextPageToken": next_token, "totalSize": len(views)}
+
+    def update(self, account: str, deployment_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            record = self._record(account, deployment_id)
+            updated = apply_fields(record, body, self.backend.hardware, creating=False)
+            self._check_counts(updated)
+            desired = min(
+                max(updated.desired_replica_count, updated.min_replica_count),
+                updated.max_replica_count,
+            )
+            stats = self.backend.stats(updated.name)
+            # a replica runs its spec: a new context length means a new engine
+            restart = (
+                stats.ready + stats.initializing > 0
+                and desired > 0
+                and updated.max_context_length != record.max_context_length
+            )
+            if desired != record.desired_replica_count or restart:
+                self._scale(updated, desired)
+                if restart:
+                    updated.state = "UPDATING"
+            updated.desired_replica_count = desired
+            updated.update_time = time.time()
+            self.store.save(updated)
+        return self.view(updated)
+
+    def scale(self, account: str, deployment_id: str, replica_count: Any) -> None:
+        if (
+            isinstance(replica_count, bool)
+            or not isinstance(replica_count, int)
+            or replica_count < 0
+        ):
+            raise invalid(
+                f"replicaCount must be a non-negative integer, got {replica_count!r}",
+                "replicaCount",
+            )
+        with self._lock:
+            record = self._record(account, deployment_id)
+            self.backend.check_replica_count(replica_count, "replicaCount")
+            if replica_count > record.max_replica_count:
+                raise invalid(
+                    f"replicaCount {replica_count} is above the deployment's maxReplicaCount"
+                    f" ({record.max_replica_count}); raise maxReplicaCount first",
+                    "replicaCount",
+                )
+            if replica_count < record.min_replica_count:
+                raise invalid(
+                    f"replicaCount {replica_count} is below the deployment's minReplicaCount"
+                    f" ({record.min_replica_count}); lower minReplicaCount first",
+                    "replicaCount",
+                )
+            self._scale(record, replica_count)
+            record.desired_replica_count = replica_count
+            if replica_count and record.state == "FAILED":
+                record.state, record.status_code, record.status_message = "UPDATING", "OK", ""
+            record.update_time = time.time()
+            self.store.save(record)
+        logger.info("deployment %s scaled to %d", record.name, replica_count)
+
+    def delete(self, account: str, deployment_id: str, *, hard: bool = False) -> None:
+        with self._lock:
+            record = self._record(account, deployment_id, deleted_ok=hard)
+            self._scale(record, 0)
+            if hard:
+                self.store.remove(account, deployment_id)
+            else:
+                record.state = "DELETED"
+                record.delete_time = record.update_time = time.time()
+                self.store.save(record)
+        logger.info("deployment %s deleted%s", record.name, " (hard)" if hard else "")
+
+    def undelete(self, account: str, deployment_id: str) -> dict[str, Any]:
+        with self._lock:
+            record = self._record(account, deployment_id, deleted_ok=True)
+            if not record.deleted:
+                raise DeploymentError(
+                    400,
+                    f"Deployment {record.name} is not deleted",
+                    code="FAILED_PRECONDITION",
+                )
+            record.desired_replica_count = self._initial_replicas(record, False)
+            if record.desired_replica_count:
+                self._scale(record, record.desired_replica_count)
+            record.state = "CREATING" if record.desired_replica_count else "READY"
+            record.status_code, record.status_message = "OK", ""
+            record.delete_time = None
+            record.update_time = time.time()
+            self.store.save(record)
+        return self.view(record)
+
+    # -- the data path ---------------------------------------------------------------------
+
+    def engine_for(self, name: str) -> Any:
+        """The engine that serves a request for deployment `name` (accounts/<a>/deployments/<d>).
+        A deployment at zero replicas answers Fireworks' 503 DEPLOYMENT_SCALING_UP and starts a
+        replica; the request is not queued (clients retry)."""
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+            raise not_found(name)
+        record = self._record(parts[1], parts[3])
+        engines = self.backend.engines(name)
+        if engines:
+            self.backend.touch(name)
+            return engines[0]
+        if record.state == "FAILED":
+            raise DeploymentError(
+                503,
+                f"Deployment {name} failed: {record.status_message}",
+                code="UNAVAILABLE",
+                type="service_unavailable",
+            )
+        if record.max_replica_count == 0:
+            raise DeploymentError(
+                503,
+                f"Deployment {name} is scaled down (maxReplicaCount is 0); raise its"
+                " maxReplicaCount to serve it",
+                code="UNAVAILABLE",
+                type="service_unavailable",
+            )
+        with self._lock:
+            if record.desired_replica_count == 0:
+                try:
+                    self._scale(record, 1)
+                except DeploymentError as exc:
+                    raise DeploymentError(
+                        503, exc.message, code="UNAVAILABLE", type="service_unavailable"
+                    ) from None
+                record.desired_replica_count = 1
+                record.update_time = time.time()
+                self.store.save(record)
+        raise scaling_up()
+
+    # -- views and helpers -----------------------------------------------------------------
+
+    def view(self, record: DeploymentRecord) -> dict[str, Any]:
+        """The Deployment as the API shows it: stored fields plus the replicas' state."""
+        body = record.to_json()
+        stats = self.backend.stats(record.name)
+        body["replicaCount"] = stats.ready
+        body["replicaStats"] = stats.to_json()
+        return body
+
+    def _scale(self, record: DeploymentRecord, n: int) -> None:
+        """Ask the backend for n replicas (stopping needs no base model: it may be gone)."""
+        if n == 0:
+            self.backend.scale(ReplicaSpec(record.name, None, self.kv_cache_gb, None), 0)
+        else:
+            self.backend.scale(self._spec(record), n)
+
+    def _base_model(self, account: str, text: str) -> Any:
+        ref = parse_model_ref(text, account)
+        model = None
+        if ref is not None and ref.model is not None and ref.deployment is None:
+            model = self.catalog.get(ref.model)
+        if model is None or model.account not in (account, PUBLIC_ACCOUNT):
+            raise invalid(
+                f"baseModel {text!r} is not a model of this server's registry (see GET"
+                f" /v1/accounts/{account}/models; add one with `girandole models add`)",
+                "baseModel",
+            )
+        return model
+
+    def _record(
+        self, account: str, deployment_id: str, *, deleted_ok: bool = False
+    ) -> DeploymentRecord:
+        record = self.store.get(account, deployment_id)
+        name = f"accounts/{account}/deployments/{deployment_id}"
+        if record is None or (record.deleted and not deleted_ok):
+            raise not_found(name)
+        return record
+
+    def _check_counts(self, record: DeploymentRecord) -> None:
+        self.backend.check_replica_count(record.min_replica_count, "minReplicaCount")
+        self.backend.check_replica_count(record.max_replica_count, "maxReplicaCount")
+
+    @staticmethod
+    def _initial_replicas(record: DeploymentRecord, disable_auto_deploy: bool) -> int:
+        if disable_auto_deploy:
+            return record.min_replica_count
+        return max(record.min_replica_count, min(record.max_replica_count, 1))
+
+    def _spec(self, record: DeploymentRecord) -> ReplicaSpec:
+        model = self.catalog.get(record.base_model)
+        if model is None:
+            raise invalid(
+                f"The base model {record.base_model} of {record.name} is no longer in the model"
+                " registry: add it again with `girandole models add`",
+                "baseModel",
+            )
+        return ReplicaSpec(
+            deployment=record.name,
+            model=model.source if model is not None else None,
+            kv_cache_gb=self.kv_cache_gb,
+            max_model_len=record.max_context_length or self.max_model_len,
+        )
+
+    def _on_replica(self, name: str, error: str | None) -> None:
+        _, account, _, deployment_id = name.split("/")
+        with self._lock:
+            record = self.store.get(account, deployment_id)
+            if record is None or record.deleted:
+                return
+            if error is not None:
+                self._set_failed(record, error)
+            elif record.state in ("CREATING", "UPDATING", "FAILED"):
+                record.state, record.status_code, record.status_message = "READY", "OK", ""
+                record.update_time = time.time()
+                self.store.save(record)
+                logger.info("deployment %s ready", name)
+
+    def _set_failed(self, record: DeploymentRecord, message: str) -> None:
+        record.state, record.status_code = "FAILED", "INTERNAL"
+        record.status_message = f"A replica failed to start: {message}"
+        record.update_time = time.time()
+        self.store.save(record)
+
+    def _autoscale_loop(self) -> None:
+        while not self._stop.wait(AUTOSCALE_PERIOD_S):
+            try:
+                self.autoscale_once(time.time())
+            except Exception:  # noqa: BLE001 - the next period tries again
+                logger.exception("autoscaling failed")
+
+    def autoscale_once(self, now: float) -> None:
+        """Scale idle deployments with minReplicaCount 0 to zero after their scaleToZeroWindow."""
+        for record in self.store.list():
+            if record.deleted or record.desired_replica_count == 0 or record.min_replica_count:
+                continue
+            since = self.backend.idle_since(record.name)
+            if since is None:
+                continue
+            if any(_busy(engine) for engine in self.backend.engines(record.name)):
+                self.backend.touch(record.name)
+                continue
+            if now - since >= record.autoscaling_policy.scale_to_zero_window:
+                with self._lock:
+                    current = self.store.get(record.account, record.deployment_id)
+                    if current is None or current.deleted or current.desired_replica_count == 0:
+                        continue
+                    self._scale(current, 0)
+                    current.desired_replica_count = 0
+                    current.update_time = time.time()
+                    self.store.save(current)
+                logger.info(
+                    "deployment %s scaled to zero after %.0f s idle", record.name, now - since
+                )
+
+
+def _busy(engine: Any) -> bool:
+    stats = engine.stats()
+    return bool(stats.get("num_running") or stats.get("num_waiting"))
+
+
+def _exists(name: str, hint: str) -> DeploymentError:
+    return DeploymentError(
+        409, f"Deployment {name} already exists: {hint}", code="ALREADY_EXISTS", type="error"
+    )
+
+
+__all__ = ["DeploymentManager", "SCALING_UP_MESSAGE", "scaling_up"]

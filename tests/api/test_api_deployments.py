@@ -1,0 +1,376 @@
+"""The deployments control plane against a real `girandole serve` (the tiny EOS model as its own
+model) with the real fireworks-ai SDK, plain HTTP and the `girandole deployment` CLI: a
+deployment of a second tiny model (added with `girandole models add`) comes up READY with an
+engine, scales to zero and back, is deleted and undeleted, and survives a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+import pytest
+from conftest import start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
+
+from girandole.registry.keystore import Database
+
+ACCOUNT = "acme"
+BASE_MODEL = f"accounts/{ACCOUNT}/models/tiny-llama"
+
+
+def girandole(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "girandole.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+class Plane:
+    """A server with keys of two accounts and a second model in its catalog."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = tmp / "data"
+        db = Database.in_folder(self.data)
+        self.key, _ = db.create_key(ACCOUNT)
+        self.other_key, _ = db.create_key("other")
+        db.close()
+        added = girandole(
+            "models", "add", "--data-dir", str(self.data), "--account", ACCOUNT,
+            "tiny-llama", str(write_tiny_llama_for_ops(tmp / "tiny-llama")),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        self.eos = write_eos_model(tmp / "eos")
+        self.server = self.start()
+
+    def start(self):
+        return start_server(
+            self.tmp, "--model", str(self.eos), "--model-id", "tiny-eos", "--account", ACCOUNT,
+            "--kv-cache-gb", "0.01", "--data-dir", str(self.data), api_key=self.key,
+        )  # fmt: skip
+
+    def client(self, key: str | None = None, inference: bool = False) -> fireworks.Fireworks:
+        base = self.server.url + ("/inference" if inference else "")
+        return fireworks.Fireworks(
+            api_key=key or self.key, account_id=ACCOUNT, base_url=base, max_retries=0
+        )
+
+    def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"} if key != "" else {}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
+
+    def wait(self, deployment_id: str, ready: int, timeout: float = 120):
+        """Wait until the deployment is READY with `ready` replicas ready."""
+        fw = self.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            d = fw.deployments.get(deployment_id)
+            if d.state == "READY" and d.replica_stats.ready_replica_count == ready:
+                return d
+            assert d.state != "FAILED", d.status
+            assert time.monotonic() < deadline, d
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory) -> Plane:
+    p = Plane(tmp_path_factory.mktemp("deployments"))
+    yield p
+    stop_server(p.server)
+
+
+def test_sdk_lifecycle(plane):
+    fw = plane.client(inference=True)  # the SDK's base_url ".../inference"
+    created = fw.deployments.create(
+        base_model=BASE_MODEL,
+        deployment_id="life",
+        display_name="tiny llama",
+        min_replica_count=0,
+        max_replica_count=1,
+        autoscaling_policy={
+            "scale_up_window": "15s",
+            "scale_down_window": "5m",
+            "scale_to_zero_window": "1h",
+            "load_targets": {"default": 0.6, "concurrent_requests": 4},
+        },
+        max_context_length=128,
+    )
+    assert created.name == f"accounts/{ACCOUNT}/deployments/life"
+    assert created.state == "CREATING" and created.desired_replica_count == 1
+    policy = created.autoscaling_policy
+    assert (policy.scale_up_window, policy.scale_down_window) == ("15s", "300s")
+    assert policy.load_targets == {"default": 0.6, "concurrent_requests": 4}
+
+    ready = plane.wait("life", 1)
+    assert ready.replica_count == 1 and ready.replica_stats.initializing_replica_count == 0
+    assert ready.max_context_length == 128 and ready.display_name == "tiny llama"
+    assert ready.base_model == BASE_MODEL and ready.status.code == "OK"
+
+    fw = plane.client()  # the server root as base_url: /v1/accounts/...
+    assert fw.deployments.scale("life", replica_count=0) == {}
+    at_zero = plane.wait("life", 0)
+    assert at_zero.replica_count == 0 and at_zero.desired_replica_count == 0
+    fw.deployments.scale("life", replica_count=1)
+    assert plane.wait("life", 1).replica_count == 1
+
+    updated = fw.deployments.update("life", base_model=BASE_MODEL, description="updated")
+    assert updated.description == "updated" and updated.display_name == "tiny llama"
+
+    assert fw.deployments.delete("life") == {}
+    gone = fw.deployments.get("life")
+    assert gone.state == "DELETED" and gone.delete_time is not None and gone.replica_count == 0
+    assert "life" not in [d.name.rsplit("/", 1)[1] for d in fw.deployments.list()]
+    listed = [d.name.rsplit("/", 1)[1] for d in fw.deployments.list(show_deleted=True)]
+    assert "life" in listed
+    with pytest.raises(fireworks.NotFoundError):
+        fw.deployments.scale("life", replica_count=1)
+
+    back = fw.deployments.undelete("life", body={})
+    assert back.state == "CREATING" and back.delete_time is None
+    assert plane.wait("life", 1).description == "updated"
+    fw.deployments.delete("life", hard=True)
+    with pytest.raises(fireworks.NotFoundError):
+        fw.deployments.get("life")
+
+
+def test_list_pages_filters_and_orders(plane):
+    fw = plane.client()
+    for i, name in enumerate(["list-b", "list-a", "list-c"]):
+        fw.deployments.create(
+            base_model=BASE_MODEL,
+            deployment_id=name,
+            display_name=f"n{i}",
+            disable_auto_deploy=True,  # no replica: min 0
+        )
+    ids = [d.name.rsplit("/", 1)[1] for d in fw.deployments.list(page_size=1)]  # 3 pages
+    assert [i for i in ids if i.startswith("list-")] == ["list-b", "list-a", "list-c"]
+
+    page = plane.http("GET", f"/v1/accounts/{ACCOUNT}/deployments", params={"pageSize": 2}).json()
+    assert len(page["deployments"]) == 2 and page["nextPageToken"]
+    assert page["totalSize"] == len(ids)
+
+    by_name = fw.deployments.list(order_by="name desc", filter='name:"list-"')
+    assert [d.name.rsplit("/", 1)[1] for d in by_name] == ["list-c", "list-b", "list-a"]
+    one = fw.deployments.list(filter='displayName = "n1" AND state = READY')
+    assert [d.name.rsplit("/", 1)[1] for d in one] == ["list-a"]
+    either = fw.deployments.list(filter="display_name=n0 OR display_name=n2", order_by="name")
+    assert [d.name.rsplit("/", 1)[1] for d in either] == ["list-b", "list-c"]
+    masked = plane.http(
+        "GET", f"/v1/accounts/{ACCOUNT}/deployments/list-a", params={"readMask": "name,state"}
+    ).json()
+    assert masked == {"name": f"accounts/{ACCOUNT}/deployments/list-a", "state": "READY"}
+    for name in ["list-a", "list-b", "list-c"]:
+        fw.deployments.delete(name, hard=True)
+
+
+@pytest.mark.parametrize(
+    "body, query, param, words",
+    [
+        ({"baseModel": BASE_MODEL, "maxReplicaCount": 2}, {}, "maxReplicaCount", "Ray"),
+        ({"baseModel": BASE_MODEL, "minReplicaCount": 2}, {}, "minReplicaCount", "Ray"),
+        (
+            {"baseModel": BASE_MODEL, "acceleratorType": "NVIDIA_H100_80GB"},
+            {},
+            "acceleratorType",
+            "not available on this server",
+        ),
+        ({"baseModel": BASE_MODEL, "precision": "FP8"}, {}, "precision", "cannot be honoured"),
+        ({"baseModel": BASE_MODEL, "draftModel": "x"}, {}, "draftModel", "speculative"),
+        ({"baseModel": BASE_MODEL, "colour": "red"}, {}, "colour", "Extra inputs"),
+        ({"baseModel": BASE_MODEL, "minReplicaCount": "1"}, {}, "minReplicaCount", "integer"),
+        (
+            {"baseModel": BASE_MODEL, "autoscalingPolicy": {"scaleUpWindow": "soon"}},
+            {},
+            "autoscalingPolicy.scaleUpWindow",
+            "not a duration",
+        ),
+        (
+            {"baseModel": BASE_MODEL, "autoscalingPolicy": {"scaleDownWindow": "2h"}},
+            {},
+            "autoscalingPolicy.scaleDownWindow",
+            "at most 3600s",
+        ),
+        (
+            {"baseModel": BASE_MODEL, "autoscalingPolicy": {"loadTargets": {"gpu": 1}}},
+            {},
+            "autoscalingPolicy.loadTargets",
+            "Unknown load target",
+        ),
+        ({"baseModel": "accounts/acme/models/nope"}, {}, "baseModel", "girandole models add"),
+        ({"baseModel": "accounts/other/models/x"}, {}, "baseModel", "not a model"),
+        ({}, {}, "baseModel", "required"),
+        ({"baseModel": BASE_MODEL}, {"deploymentId": "Bad_Id"}, "deploymentId", "not valid"),
+        (
+            {"baseModel": BASE_MODEL, "minReplicaCount": 1, "maxReplicaCount": 0},
+            {},
+            "minReplicaCount",
+            "above maxReplicaCount",
+        ),
+    ],
+)
+def test_create_refusals(plane, body, query, param, words):
+    r = plane.http("POST", f"/v1/accounts/{ACCOUNT}/deployments", json=body, params=query)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_other_refusals(plane):
+    base = f"/v1/accounts/{ACCOUNT}/deployments"
+    fw = plane.client()
+    fw.deployments.create(base_model="tiny-llama", deployment_id="taken", disable_auto_deploy=True)
+    r = plane.http("POST", base, json={"baseModel": BASE_MODEL}, params={"deploymentId": "taken"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "ALREADY_EXISTS"
+    # the server's own deployment is not the control plane's to take
+    r = plane.http(
+        "POST", base, json={"baseModel": BASE_MODEL}, params={"deploymentId": "tiny-eos"}
+    )
+    assert r.status_code == 409, r.text
+    r = plane.http("PATCH", base + "/taken:scale", json={"replicaCount": 2})
+    assert r.status_code == 400 and "Ray" in r.json()["error"]["message"]
+    r = plane.http("PATCH", base + "/taken:scale", json={"replicaCount": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "replicaCount"
+    r = plane.http("PATCH", base + "/taken", json={"baseModel": "accounts/fireworks/models/x"})
+    assert r.status_code == 400 and "cannot change" in r.json()["error"]["message"]
+    r = plane.http("POST", base + "/taken:undelete", json={})
+    assert r.status_code == 400 and "not deleted" in r.json()["error"]["message"]
+    for method, path in [("GET", "/nope"), ("DELETE", "/nope"), ("PATCH", "/nope:scale")]:
+        r = plane.http(method, base + path, json={} if method == "PATCH" else None)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND", r.text
+    for params in [{"filter": "state ~ READY"}, {"filter": "colour = red"}, {"orderBy": "x"}]:
+        r = plane.http("GET", base, params=params)
+        assert r.status_code == 400, (params, r.text)
+    r = plane.http("GET", base, params={"pageToken": "garbage"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pageToken"
+    r = plane.http("POST", base, content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    fw.deployments.delete("taken", hard=True)
+
+
+def test_keys_manage_their_own_account(plane):
+    r = plane.http("GET", f"/v1/accounts/{ACCOUNT}/deployments", key="")
+    assert r.status_code == 401
+    r = plane.http("GET", f"/v1/accounts/{ACCOUNT}/deployments", key="gk_nope_nope")
+    assert r.status_code == 401
+    r = plane.http("GET", f"/v1/accounts/{ACCOUNT}/deployments", key=plane.other_key)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "PERMISSION_DENIED"
+    r = plane.http(
+        "POST",
+        f"/inference/v1/accounts/{ACCOUNT}/deployments",
+        key=plane.other_key,
+        json={"baseModel": BASE_MODEL},
+    )
+    assert r.status_code == 403
+    # the other account can deploy public models only, not acme's
+    r = plane.http(
+        "POST", "/v1/accounts/other/deployments", key=plane.other_key,
+        json={"baseModel": BASE_MODEL}, params={"disableAutoDeploy": "true"},
+    )  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "baseModel"
+    r = plane.http(
+        "POST", "/v1/accounts/other/deployments", key=plane.other_key,
+        json={"baseModel": "accounts/fireworks/models/gemma-3-270m"},
+        params={"validateOnly": "true"},
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json()["name"].startswith("accounts/other/deployments/")
+    assert (
+        plane.http("GET", "/v1/accounts/other/deployments", key=plane.other_key).json()[
+            "deployments"
+        ]
+        == []
+    )  # validateOnly created nothing
+
+    # the model catalog: the public one for every key, an account's own for its keys
+    public = plane.http("GET", "/v1/accounts/fireworks/models", key=plane.other_key).json()
+    assert [m["name"] for m in public["models"]] == ["accounts/fireworks/models/gemma-3-270m"]
+    own = plane.http("GET", f"/inference/v1/accounts/{ACCOUNT}/models").json()
+    assert {m["name"] for m in own["models"]} == {BASE_MODEL, f"accounts/{ACCOUNT}/models/tiny-eos"}
+    assert plane.http("GET", f"/v1/accounts/{ACCOUNT}/models/tiny-llama").json()["name"] == (
+        BASE_MODEL
+    )
+    r = plane.http("GET", f"/v1/accounts/{ACCOUNT}/models", key=plane.other_key)
+    assert r.status_code == 403
+    assert plane.http("GET", f"/v1/accounts/{ACCOUNT}/models/nope").status_code == 404
+
+
+def test_cli(plane):
+    env = {
+        "GIRANDOLE_BASE_URL": plane.server.url,
+        "GIRANDOLE_API_KEY": plane.key,
+        "GIRANDOLE_ACCOUNT": ACCOUNT,
+    }
+    created = girandole(
+        "deployment", "create", "tiny-llama", "--deployment-id", "cli", "--min-replica-count", "0",
+        "--max-replica-count", "1", "--scale-up-window", "20s", "--scale-down-window", "1m",
+        "--scale-to-zero-window", "2h", "--load-targets", "default=0.5,requests_per_second=3",
+        "--wait", "--json", env=env,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    d = json.loads(created.stdout)
+    assert d["state"] == "READY" and d["replicaCount"] == 1
+    assert d["autoscalingPolicy"] == {
+        "scaleUpWindow": "20s",
+        "scaleDownWindow": "60s",
+        "scaleToZeroWindow": "7200s",
+        "loadTargets": {"default": 0.5, "requests_per_second": 3.0},
+    }
+    listed = girandole("deployment", "list", env=env)
+    assert listed.returncode == 0 and f"accounts/{ACCOUNT}/deployments/cli" in listed.stdout
+    shown = girandole("deployment", "get", f"accounts/{ACCOUNT}/deployments/cli", env=env)
+    assert "State:" in shown.stdout and "READY" in shown.stdout, shown.stdout
+    updated = girandole(
+        "deployment", "update", "cli", "--display-name", "from cli", "--json", env=env
+    )
+    assert json.loads(updated.stdout)["displayName"] == "from cli"
+    scaled = girandole("deployment", "scale", "cli", "--replica-count", "0", "--wait", env=env)
+    assert scaled.returncode == 0, scaled.stderr
+    assert plane.client().deployments.get("cli").replica_count == 0
+    refused = girandole("deployment", "scale", "cli", "--replica-count", "2", env=env)
+    assert refused.returncode == 1 and "Ray" in refused.stderr and "HTTP 400" in refused.stderr
+    deleted = girandole("deployment", "delete", "cli", env=env)
+    assert deleted.returncode == 0
+    assert plane.client().deployments.get("cli").state == "DELETED"
+    undeleted = girandole("deployment", "undelete", "cli", "--json", env=env)
+    assert json.loads(undeleted.stdout)["state"] == "CREATING"
+    assert girandole("deployment", "delete", "cli", "--hard", env=env).returncode == 0
+    missing = girandole("deployment", "get", "cli", env=env)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    bad = girandole("deployment", "create", "tiny-llama", "--load-targets", "oops", env=env)
+    assert bad.returncode == 2 and "key=value" in bad.stderr
+    away = girandole("deployment", "list", env={**env, "GIRANDOLE_BASE_URL": "http://127.0.0.1:9"})
+    assert away.returncode == 1 and "cannot reach" in away.stderr
+
+
+def test_restart_brings_deployments_back(tmp_path):
+    plane = Plane(tmp_path)
+    try:
+        fw = plane.client()
+        fw.deployments.create(base_model=BASE_MODEL, deployment_id="kept", display_name="k")
+        plane.wait("kept", 1)
+        fw.deployments.create(base_model=BASE_MODEL, deployment_id="zero")
+        plane.wait("zero", 1)
+        fw.deployments.scale("zero", replica_count=0)
+        fw.deployments.create(base_model=BASE_MODEL, deployment_id="gone")
+        fw.deployments.delete("gone")
+        stop_server(plane.server)
+
+        plane.server = plane.start()
+        fw = plane.client()
+        kept = plane.wait("kept", 1)  # its replica started again
+        assert kept.display_name == "k" and kept.replica_count == 1
+        zero = fw.deployments.get("zero")
+        assert zero.state == "READY" and zero.desired_replica_count == 0
+        assert zero.replica_count == 0
+        assert fw.deployments.get("gone").state == "DELETED"
+        names = {d.name.rsplit("/", 1)[1] for d in fw.deployments.list(show_deleted=True)}
+        assert names == {"kept", "zero", "gone"}
+    finally:
+        stop_server(plane.server)

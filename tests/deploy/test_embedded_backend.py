@@ -1,0 +1,214 @@
+"""The deployment manager over the embedded backend, in-process, with real engines of real tiny
+checkpoints: two models side by side, each deployment's engine generating; scale from zero
+(Fireworks' 503 DEPLOYMENT_SCALING_UP, then a replica); scale to zero after the window; the
+memory budget; a replica that cannot start."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from girandole import SamplingParams
+from girandole.deploy.backend import ReplicaSpec
+from girandole.deploy.embedded import EmbeddedBackend, replica_bytes
+from girandole.deploy.manager import SCALING_UP_MESSAGE, DeploymentManager
+from girandole.registry.deployments import DeploymentError, DeploymentStore, Hardware
+from girandole.registry.keystore import Database
+from girandole.registry.models import ModelCatalog
+
+CPU = Hardware(None, 0, "CPU only")
+KV_GB = 0.01
+
+
+def _write_tiny_llama(folder: Path, seed: int) -> Path:
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
+    )
+    helpers = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, helpers)
+    spec.loader.exec_module(helpers)
+    return helpers.write_tiny_llama(folder, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("deploy-models")
+    return {"a": _write_tiny_llama(tmp / "a", 0), "b": _write_tiny_llama(tmp / "b", 1)}
+
+
+def make_manager(models: dict[str, Path], budget: int = 1 << 40) -> DeploymentManager:
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    for key, path in models.items():
+        catalog.add(f"accounts/t/models/{key}", str(path))
+    backend = EmbeddedBackend(CPU, budget)
+    return DeploymentManager(DeploymentStore(db), catalog, backend, kv_cache_gb=KV_GB)
+
+
+def wait_ready(manager: DeploymentManager, deployment_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        d = manager.get("t", deployment_id)
+        if d["state"] == "READY" and d["replicaCount"] == d["desiredReplicaCount"]:
+            return d
+        assert d["state"] != "FAILED", d["status"]
+        assert time.monotonic() < deadline, d
+        time.sleep(0.05)
+
+
+def generate(engine, text: str, n: int) -> list[int]:
+    async def run() -> list[int]:
+        prompt = engine.tokenizer.encode(text)
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        tokens: list[int] = []
+        async for out in engine.generate(prompt, params):
+            tokens += out.new_token_ids
+        return tokens
+
+    return asyncio.run(run())
+
+
+def test_two_models_side_by_side(models):
+    manager = make_manager(models)
+    try:
+        for key in "ab":
+            created = manager.create("t", {"baseModel": f"accounts/t/models/{key}"}, f"dep-{key}")
+            assert created["state"] == "CREATING"
+            assert created["replicaStats"]["initializingReplicaCount"] == 1
+        a, b = (wait_ready(manager, f"dep-{k}") for k in "ab")
+        assert a["replicaStats"]["readyReplicaCount"] == b["replicaStats"]["readyReplicaCount"] == 1
+        engine_a = manager.engine_for("accounts/t/deployments/dep-a")
+        engine_b = manager.engine_for("accounts/t/deployments/dep-b")
+        assert engine_a is not engine_b
+        assert Path(engine_a.engine.model_path) == models["a"]
+        assert Path(engine_b.engine.model_path) == models["b"]
+        out_a = generate(engine_a, "Once upon a time", 8)
+        out_b = generate(engine_b, "Once upon a time", 8)
+        assert len(out_a) == len(out_b) == 8
+        assert out_a != out_b  # two different random checkpoints
+    finally:
+        manager.shutdown()
+
+
+def test_scale_from_zero_answers_503_then_serves(models):
+    manager = make_manager(models)
+    name = "accounts/t/deployments/z"
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "z")
+        wait_ready(manager, "z")
+        manager.scale("t", "z", 0)
+        assert manager.get("t", "z")["replicaCount"] == 0
+        with pytest.raises(DeploymentError) as info:
+            manager.engine_for(name)
+        error = info.value
+        assert (error.status, error.code, error.type) == (503, "DEPLOYMENT_SCALING_UP", "error")
+        assert error.message == SCALING_UP_MESSAGE
+        assert manager.get("t", "z")["desiredReplicaCount"] == 1  # the request started one
+        ready = wait_ready(manager, "z")
+        assert ready["replicaCount"] == 1
+        assert len(generate(manager.engine_for(name), "Hello", 4)) == 4
+    finally:
+        manager.shutdown()
+
+
+def test_scale_to_zero_after_the_window(models):
+    manager = make_manager(models)
+    try:
+        policy = {"scaleToZeroWindow": "30s"}
+        manager.create(
+            "t", {"baseModel": "accounts/t/models/a", "autoscalingPolicy": policy}, "idle"
+        )
+        manager.create(
+            "t",
+            {"baseModel": "accounts/t/models/b", "minReplicaCount": 1, "autoscalingPolicy": policy},
+            "kept",
+        )
+        wait_ready(manager, "idle")
+        wait_ready(manager, "kept")
+        manager.autoscale_once(time.time() + 10)  # within the window: nothing changes
+        assert manager.get("t", "idle")["replicaCount"] == 1
+        manager.autoscale_once(time.time() + 31)
+        idle = manager.get("t", "idle")
+        assert idle["desiredReplicaCount"] == 0 and idle["replicaCount"] == 0
+        kept = manager.get("t", "kept")  # minReplicaCount 1 keeps its replica
+        assert kept["desiredReplicaCount"] == 1 and kept["replicaCount"] == 1
+    finally:
+        manager.shutdown()
+
+
+def test_memory_budget(models):
+    one = replica_bytes(ReplicaSpec("", str(models["a"]), KV_GB, None))
+    manager = make_manager(models, budget=one + one // 2)
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "first")
+        with pytest.raises(DeploymentError) as info:
+            manager.create("t", {"baseModel": "accounts/t/models/b"}, "second")
+        assert info.value.status == 400 and info.value.code == "RESOURCE_EXHAUSTED"
+        assert "accounts/t/deployments/first" in info.value.message
+        with pytest.raises(DeploymentError):
+            manager.get("t", "second")  # nothing was created
+        manager.create(
+            "t", {"baseModel": "accounts/t/models/b"}, "second", disable_auto_deploy=True
+        )
+        wait_ready(manager, "first")
+        manager.scale("t", "first", 0)  # frees its share of the budget
+        manager.scale("t", "second", 1)
+        assert wait_ready(manager, "second")["replicaCount"] == 1
+    finally:
+        manager.shutdown()
+
+
+def test_a_replica_that_cannot_start(models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    manager = make_manager({**models, "broken": tmp_path / "empty"})
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/broken"}, "broken")
+        deadline = time.monotonic() + 30
+        while (d := manager.get("t", "broken"))["state"] != "FAILED":
+            assert time.monotonic() < deadline, d
+            time.sleep(0.05)
+        assert d["status"]["code"] == "INTERNAL"
+        assert "failed to start" in d["status"]["message"] and d["replicaCount"] == 0
+        with pytest.raises(DeploymentError) as info:
+            manager.engine_for("accounts/t/deployments/broken")
+        assert info.value.status == 503 and "failed" in info.value.message
+    finally:
+        manager.shutdown()
+
+
+def test_update_restarts_on_a_new_context_length(models):
+    manager = make_manager(models)
+    name = "accounts/t/deployments/ctx"
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a", "maxContextLength": 128}, "ctx")
+        wait_ready(manager, "ctx")
+        assert manager.engine_for(name).max_model_len == 128
+        updated = manager.update("t", "ctx", {"maxContextLength": 64, "description": "shorter"})
+        assert updated["state"] == "UPDATING"
+        assert wait_ready(manager, "ctx")["maxContextLength"] == 64
+        assert manager.engine_for(name).max_model_len == 64
+        same = manager.update("t", "ctx", {"description": "no restart"})
+        assert same["state"] == "READY" and same["replicaCount"] == 1
+    finally:
+        manager.shutdown()
+
+
+def test_a_removed_base_model(models):
+    manager = make_manager(models)
+    try:
+        manager.create(
+            "t", {"baseModel": "accounts/t/models/b"}, "orphan", disable_auto_deploy=True
+        )
+        assert manager.catalog.remove("accounts/t/models/b")
+        with pytest.raises(DeploymentError) as info:
+            manager.scale("t", "orphan", 1)
+        assert info.value.status == 400 and "no longer in the model registry" in info.value.message
+        manager.delete("t", "orphan")  # stopping and deleting need no model
+        assert manager.get("t", "orphan")["state"] == "DELETED"
+    finally:
+        manager.shutdown()
