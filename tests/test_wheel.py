@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,16 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the CPU wheel, as the Makefile installs it
 MODEL = "accounts/fireworks/models/gemma-3-270m"
+COPY_IGNORE = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "node_modules",
+)
 
 SCHEMA = {
     "type": "object",
@@ -54,8 +65,14 @@ WEATHER = {
 }
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without what would show the venv our sources (PYTHONPATH=src holds a
+    girandole that pip would take as installed)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def _run(cmd: list[str], **kw) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
 
 
@@ -69,7 +86,9 @@ def _free_port() -> int:
 def installed(tmp_path_factory) -> Path:
     """The venv's bin folder, the wheel (no extras) installed in it."""
     tmp = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp / "dist"), str(ROOT)])
+    source = tmp / "source"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*COPY_IGNORE))
+    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp / "dist"), str(source)])
     (wheel,) = (tmp / "dist").glob("girandole-*.whl")
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])  # no system site packages
@@ -84,7 +103,7 @@ def server(installed, tmp_path_factory):
     """`girandole serve` from the venv on a free loopback port, with its own empty cache."""
     tmp = tmp_path_factory.mktemp("serve")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = _clean_env()
     env.update(GIRANDOLE_CACHE_DIR=str(tmp / "cache"), PYTHONUNBUFFERED="1")
     log_path = tmp / "server.log"
     cmd = [str(installed / "girandole"), "serve", "--port", str(port),
