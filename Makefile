@@ -10,8 +10,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	# xgrammar (structured output) declares triton, a 286 MB GPU compiler it does not need on CPU.
-	$(VENV)/bin/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -8,9 +8,18 @@ of words; and a mixed batch (half free, half JSON). Every row runs exactly --tok
 median decode-step time and its overhead over free decoding at the same batch size.
 
 Step times swing with machine load, so a second table times the grammar work alone, as the
-engine does it each step: filling every constrained row's bitmask (xgrammar) and applying the
-masks to the [batch, vocab] logits, with each row's matcher inside a JSON string (the widest
-mask) or between GBNF words. That cost is the per-token overhead, whatever the model costs.
+engine does it each step: fill every constrained row's bitmask, apply the masks to the
+[batch, vocab] logits, and let each row's matcher take its next token, the rows writing a long
+JSON string (the widest masks) or GBNF words. It counts CPU time on one torch thread: that cost
+is the per-token overhead, whatever the model and the machine's load cost. The first table
+times compiling: the token table (once per tokenizer), then each grammar up to its first mask.
+
+--compare FILE runs the grammar-work and compile tables with another implementation of
+girandole.sampling.grammar as well (the same interface), interleaved in the same process, then
+the decode-step table under it: how the grammar engine was chosen (docs/benchmarks.md), e.g.
+llguidance's (`pip install llguidance` first):
+
+    .venv/bin/python benchmarks/bench_grammar.py --compare benchmarks/grammar_llguidance.py
 
     .venv/bin/python benchmarks/bench_grammar.py [--batch 1,4,16] [--tokens 48] [--repeats 3]
 """
@@ -18,22 +27,24 @@ mask) or between GBNF words. That cost is the per-token overhead, whatever the m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from common import make_text_prompt  # noqa: E402
 
+import girandole.engine.engine as engine_module  # noqa: E402
+import girandole.sampling.grammar as grammar_module  # noqa: E402
 from girandole import LLM, SamplingParams  # noqa: E402
-from girandole.sampling.grammar import (  # noqa: E402
-    GrammarSpec,
-    SequenceGrammar,
-    allocate_bitmask,
-    apply_bitmask,
-)
+from girandole.sampling.grammar import GrammarSpec  # noqa: E402
 
 JSON = GrammarSpec.json_schema(
     '{"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}'
@@ -45,6 +56,35 @@ MODES = {
     "gbnf": lambda i: GBNF,
     "mixed (half json)": lambda i: JSON if i % 2 else None,
 }
+# A tool call's schema (two functions, as api/tools.py builds it; properties in this order).
+TOOLS = GrammarSpec.json_schema(
+    json.dumps(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": name},
+                        "arguments": {
+                            "type": "object",
+                            "properties": {
+                                "city": {"type": "string"},
+                                "unit": {"enum": ["celsius", "fahrenheit"]},
+                                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                            },
+                            "required": ["city"],
+                        },
+                    },
+                    "required": ["name", "arguments"],
+                }
+                for name in ("get_weather", "get_forecast")
+            ]
+        }
+    )
+)
+
+
+TEXT = (Path(__file__).resolve().parents[1] / "tests/data/pride_and_prejudice_ch1.txt").read_text()
 
 
 def step_times(llm: LLM, batch: int, tokens: int, grammar_of, key: str) -> list[float]:
@@ -70,38 +110,90 @@ def step_times(llm: LLM, batch: int, tokens: int, grammar_of, key: str) -> list[
     return times
 
 
-def mask_times(llm: LLM, batch: int, spec: GrammarSpec, prefix: str, repeats: int) -> float:
-    """Median ms of one step's grammar work (fill each row's bitmask, apply them) at `batch`."""
-    import torch
+def text_tokens(llm: LLM) -> dict[str, list[int]]:
+    """What each grammar's rows write in the grammar-work table: a long JSON string (inside it
+    the mask allows almost every token) and words (a GBNF rule llguidance and xgrammar both
+    walk at each step)."""
+    words = " ".join(
+        w for w in ("".join(c for c in word if c.isalpha()) for word in TEXT.split()) if w
+    )
+    encode = llm.tokenizer.encode
+    return {
+        "json": encode('{"text": "' + words, add_bos=False),
+        "gbnf": encode(words, add_bos=False),
+    }
 
-    compiled = llm.engine.grammars.compile(spec)
-    vocab = llm.engine.model_config.vocab_size
+
+def mask_times(g: ModuleType, cache, batch: int, spec: GrammarSpec, tokens: list[int],
+               steps: int) -> list[float]:  # fmt: skip
+    """CPU ms of each step's grammar work at `batch`, with the grammar module `g`: fill every
+    row's bitmask, apply the masks to the logits, and each row takes its next token of
+    `tokens` (the rows start 7 tokens apart, so their masks differ)."""
+    compiled = cache.compile(spec)
     rows = []
-    for _ in range(batch):
-        g = SequenceGrammar(compiled, spec)
-        for token in llm.tokenizer.encode(prefix, add_bos=False):
-            assert g.accept(token), (prefix, token)
-        rows.append(g)
-    bitmask = allocate_bitmask(batch, vocab)
-    logits = torch.randn(batch, vocab)
+    for b in range(batch):
+        row = g.SequenceGrammar(compiled, spec)
+        for token in tokens[: b * 7]:  # the rows at different places
+            assert row.accept(token)
+        rows.append((row, iter(tokens[b * 7 :])))
+    bitmask = g.allocate_bitmask(batch, cache.vocab_size)
+    logits = torch.randn(batch, cache.vocab_size)
     times = []
-    for _ in range(repeats):
+    for _ in range(steps):
+        step_logits = logits.clone()
+        start = time.process_time()
+        for i, (row, _) in enumerate(rows):
+            row.fill_bitmask(bitmask, i)
+        g.apply_bitmask(step_logits, bitmask, list(range(batch)))
+        for row, rest in rows:
+            assert row.accept(next(rest))
+        times.append((time.process_time() - start) * 1000)
+    return times
+
+
+def compile_times(llm: LLM, g: ModuleType) -> list[float]:
+    """ms to build the token table (a new GrammarCache's first compile, of a one-letter regex),
+    then for each grammar: compile it and fill its first mask (llguidance builds its lexer
+    lazily, so compiling alone would leave work for the first step)."""
+    cache = g.GrammarCache(llm.tokenizer, llm.engine.model_config.vocab_size)
+    start = time.perf_counter()
+    cache.compile(GrammarSpec("regex", "a"))
+    out = [(time.perf_counter() - start) * 1000]
+    bitmask = g.allocate_bitmask(1, cache.vocab_size)
+    for spec in (JSON, TOOLS, GBNF):
         start = time.perf_counter()
-        for i, g in enumerate(rows):
-            g.fill_bitmask(bitmask, i)
-        apply_bitmask(logits, bitmask, list(range(batch)))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        g.SequenceGrammar(cache.compile(spec), spec).fill_bitmask(bitmask, 0)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="model path (default: the default model)")
-    ap.add_argument("--batch", default="1,4,16")
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    llm = LLM(model=args.model)
+def load_module(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("grammar_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def engine_grammar(llm: LLM, g: ModuleType):
+    """Run the engine with the grammar module `g` instead of girandole's own."""
+    saved = (llm.engine.grammars, engine_module.SequenceGrammar)
+    names = ("allocate_bitmask", "apply_bitmask")  # the Sampler imports these at each step
+    saved_fns = [getattr(grammar_module, n) for n in names]
+    llm.engine.grammars = g.GrammarCache(llm.tokenizer, llm.engine.model_config.vocab_size)
+    engine_module.SequenceGrammar = g.SequenceGrammar
+    for n in names:
+        setattr(grammar_module, n, getattr(g, n))
+    try:
+        yield
+    finally:
+        llm.engine.grammars, engine_module.SequenceGrammar = saved
+        for n, fn in zip(names, saved_fns):
+            setattr(grammar_module, n, fn)
+
+
+def decode_table(llm: LLM, args) -> None:
     for spec in (JSON, GBNF):  # compile (and build the vocabulary table) outside the timings
         llm.engine.grammars.compile(spec)
     step_times(llm, 2, 4, MODES["mixed (half json)"], "warmup")
@@ -109,7 +201,7 @@ def main() -> None:
           f"{args.repeats} repeats")  # fmt: skip
     print(f"| batch | {' | '.join(MODES)} |")
     print("|---|" + "---|" * len(MODES))
-    for batch in (int(b) for b in args.batch.split(",")):
+    for batch in args.batches:
         medians = {}
         for name, grammar_of in MODES.items():
             times = []
@@ -124,15 +216,66 @@ def main() -> None:
         ]
         print(f"| {batch} | {' | '.join(cells)} |", flush=True)
     print()
-    print("grammar work per decode step alone, median ms (per row)")
-    print("| batch | json, inside a string | gbnf, after a word |")
-    print("|---|---|---|")
-    for batch in (int(b) for b in args.batch.split(",")):
-        cells = []
-        for spec, prefix in ((JSON, '{"text": "The'), (GBNF, "Once upon")):
-            ms = mask_times(llm, batch, spec, prefix, 50)
-            cells.append(f"{ms:.3f} ({ms / batch:.3f})")
-        print(f"| {batch} | {' | '.join(cells)} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model path (default: the default model)")
+    ap.add_argument("--batch", default="1,4,16")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare", default=None, help="another grammar.py, timed beside ours")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batch.split(",")]
+    llm = LLM(model=args.model)
+    impls = {"xgrammar (girandole.sampling.grammar)": grammar_module}
+    if args.compare:
+        impls[args.compare] = load_module(args.compare)
+
+    print("compile, median ms of 3: token table | json schema | tool call | gbnf (to 1st mask)")
+    print("| grammar module | token table | json schema | tool call | gbnf |")
+    print("|---|---|---|---|---|")
+    runs: dict[str, list[list[float]]] = {name: [] for name in impls}
+    for _ in range(3):  # interleaved: machine load drifts alike for both
+        for name, g in impls.items():
+            runs[name].append(compile_times(llm, g))
+    for name, rows in runs.items():
+        cells = [f"{statistics.median(col):.1f}" for col in zip(*rows)]
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+    print()
+
+    print("grammar work per decode step alone (fill, apply, accept), CPU ms on one thread,")
+    print("median and mean of 200 steps (per row)")
+    print("| grammar module | batch | json, in a long string | gbnf, words |")
+    print("|---|---|---|---|")
+    caches = {
+        name: g.GrammarCache(llm.tokenizer, llm.engine.model_config.vocab_size)
+        for name, g in impls.items()
+    }
+    texts = text_tokens(llm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time is then the work's, not the thread pool's waiting
+    for batch in args.batches:
+        work: dict[tuple[str, int], list[float]] = {}
+        for _ in range(4):  # interleaved, 50 steps at a time
+            for name, g in impls.items():
+                for k, (spec, key) in enumerate(((JSON, "json"), (GBNF, "gbnf"))):
+                    work.setdefault((name, k), []).extend(
+                        mask_times(g, caches[name], batch, spec, texts[key], 50)
+                    )
+        for name in impls:
+            cells = []
+            for k in range(2):
+                med, mean = statistics.median(work[(name, k)]), statistics.mean(work[(name, k)])
+                cells.append(f"{med:.3f}, {mean:.3f} ({med / batch:.3f}, {mean / batch:.3f})")
+            print(f"| {name} | {batch} | {' | '.join(cells)} |", flush=True)
+    torch.set_num_threads(threads)
+    print()
+
+    for name, g in impls.items():
+        print(f"## {name}")
+        with engine_grammar(llm, g) if g is not grammar_module else contextlib.nullcontext():
+            decode_table(llm, args)
 
 
 if __name__ == "__main__":
