@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from girandole.engine.sequence import Sequence
-from girandole.model import native
+from girandole.model import kernels
 from girandole.model.attention import Attention, AttentionMetadata, attention_context
 from girandole.model.config import ModelConfig
 
@@ -86,7 +86,7 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
         )
-        if self.device.type == "cpu" and native.available():
+        if self.device.type == "cpu" and kernels.available():
             starts: list[int] = []
             offset = 0
             for n, ctx in zip(num_new_tokens, context_lens):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import paged_attention
+from girandole.model.kernels import paged_attention
 
 
 @dataclass
@@ -38,7 +38,7 @@ class AttentionMetadata:
     # The first this-many tokens of the batch are decode tokens (one generated token of a
     # sequence); linears with two kernels pick theirs by this role, not by the row count.
     num_decode_rows: int | None = None
-    # CPU with native kernels (girandole.model.paged_attention), per query row: where its
+    # CPU with native kernels (girandole.model.kernels.paged_attention), per query row: where its
     # sequence's slots start in `native_slots` (every sequence's context_slots, concatenated)
     # and how many keys it sees.
     native_slots: torch.Tensor | None = None

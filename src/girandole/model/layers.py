@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import gated_act, int8_head, native
+from girandole.model import kernels
 from girandole.model.attention import Attention
+from girandole.model.kernels import gated_act, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
     INT4_GROUP,
     Int4Linear,
@@ -56,49 +57,9 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 2 and fused_rms_norm_supported(x):
-            return fused_rms_norm(x, self.weight.view(1, -1), self.eps)
+        if self.fused and x.dim() == 2 and rms_norm.supported(x):
+            return rms_norm.rms_norm(x, self.weight.view(1, -1), self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
-
-
-def fused_rms_norm_supported(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and native.available()
-
-
-def fused_rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Native RMSNorm (csrc/rms_norm.c) of float32 x [T, P * D] (rows contiguous, any row
-    stride) as T x P rows of D, row p weighted by weight[p] ([P, D]): returns [T, P, D]
-    (P = 1: [T, D]). `rope` = (cos, sin) [T, D/2]: then also apply_rope, bitwise."""
-    lib = native.library()
-    assert lib is not None, "native kernels not available"
-    p, d = weight.shape
-    t = x.shape[0]
-    assert x.stride(-1) == 1 and x.shape[-1] == p * d
-    weight = weight.float().contiguous()
-    cos = sin = None
-    if rope is not None:
-        cos, sin = (r.float().contiguous() for r in rope)
-        assert cos.shape == (t, d // 2) and sin.shape == (t, d // 2)
-    out = torch.empty(t, p, d, dtype=torch.float32)
-    lib.rms_norm(
-        x.data_ptr(),
-        t,
-        p,
-        d,
-        x.stride(0),
-        weight.data_ptr(),
-        eps,
-        None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out.view(t, d) if p == 1 else out
 
 
 def rope_inv_freq(
@@ -212,7 +173,7 @@ class QuantLMHead(nn.Module):
     against the hidden state quantized to int8 per row, with the top candidates recomputed
     exactly.
 
-    The integer matmul (girandole's native VNNI kernel, int8_head, or `torch._int_mm`: the same
+    The integer matmul (girandole's native VNNI kernel, kernels.int8_gemm, or `torch._int_mm`: the same
     integers) accumulates exactly, so a row's logits do not depend on how many rows share the
     call (batch invariance) and any number of rows can go in one call: on the 2-core CPU 7.9 ms
     for 16 rows and 36 ms for 64 natively (`_int_mm`: 12.6 and 59; torch's int4pack kernel took
@@ -249,8 +210,8 @@ class QuantLMHead(nn.Module):
         # The native kernel's layout of the same weight (from the memory-mapped model cache only
         # the one in use is read into memory).
         vocab, hidden = self.qweight.shape
-        native = int8_head.supports(vocab, hidden)
-        packed, wsum = int8_head.pack(self.qweight) if native else (None, None)
+        native = int8_gemm.supports(vocab, hidden)
+        packed, wsum = int8_gemm.pack(self.qweight) if native else (None, None)
         self.register_buffer("native_packed", packed)
         self.register_buffer("native_wsum", wsum)
 
@@ -258,10 +219,10 @@ class QuantLMHead(nn.Module):
         x = x.float()
         sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        if self.native_packed is not None and native.available():  # the same numbers
-            out = int8_head.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
+        if self.native_packed is not None and kernels.available():  # the same numbers
+            out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
             if self.table.hidden % Int8Embedding.GROUP == 0:  # the same refinement, fused
-                int8_head.refine(
+                logits.refine(
                     out,
                     x,
                     self.table.qweight,
@@ -453,9 +414,11 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)  # q and k heads, normed and rotated
         v = qkv[:, (h + hkv) * d :].view(t, hkv, d)  # together: fewer small ops per layer
-        if self.qk_norm_weight is not None and self.fused_norm and fused_rms_norm_supported(qkv):
+        if self.qk_norm_weight is not None and self.fused_norm and rms_norm.supported(qkv):
             # Norm and rotary in one pass (bitwise apply_rope of the norm's output).
-            qk = fused_rms_norm(qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps, (cos, sin))
+            qk = rms_norm.rms_norm(
+                qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps, (cos, sin)
+            )
         else:
             if self.qk_norm_weight is not None:
                 qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight

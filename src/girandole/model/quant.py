@@ -1,7 +1,7 @@
 """Weight-only quantized linear layers and embeddings for CPU inference.
 
 Where the CPU and a C compiler allow (AVX512-BF16), the group-quantized linears (Int4Linear,
-Int4x2Linear) run every row on girandole's native kernel (wq_kernel: weights dequantized to
+Int4x2Linear) run every row on girandole's native kernel (kernels.wq_gemm: weights dequantized to
 bf16 once per 16x32 panel and reused for all rows, each row computed independently): faster
 than torch's kernels at 1 row, 2.4x at 16, and than a bf16 F.linear at 512.
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import native, wq_kernel
+from girandole.model import kernels
 from girandole.model.attention import current_decode_rows
+from girandole.model.kernels import wq_gemm
 
 INT4_GROUP = 32
 # Above this many rows a bf16 F.linear beats the packed kernels (measured on the 2-core CPU).
@@ -103,7 +104,7 @@ def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape[:-1]
     x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
     m = x2.shape[0]
-    if self.native_bits and native.available():  # one row-invariant kernel for every row
+    if self.native_bits and kernels.available():  # one row-invariant kernel for every row
         y = native_forward(self, x2)
         if self.bias is not None:
             y = y + self.bias
@@ -128,12 +129,12 @@ def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
 def register_native(
     module: nn.Module, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 ) -> None:
-    """Also keep the weight in the native kernel's layout (girandole.model.wq_kernel): levels
+    """Also keep the weight in the native kernel's layout (girandole.model.kernels.wq_gemm): levels
     q [N, K] with w = q * scale + offset per group of 32. Both layouts are stored; from the
     memory-mapped model cache only the one in use is ever read into memory."""
     n, k = q.shape
-    if wq_kernel.supports(n, k):
-        packed, params, bits = wq_kernel.pack(q, scale, offset)
+    if wq_gemm.supports(n, k):
+        packed, params, bits = wq_gemm.pack(q, scale, offset)
     else:
         packed = params = None
         bits = 0
@@ -143,7 +144,7 @@ def register_native(
 
 
 def native_forward(module: nn.Module, x2: torch.Tensor) -> torch.Tensor:
-    return wq_kernel.gemm(
+    return wq_gemm.gemm(
         x2,
         module.native_packed,
         module.native_params,
