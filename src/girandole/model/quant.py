@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from girandole.model import kernels
-from girandole.model.attention import current_decode_rows
+from girandole.model.context import current_decode_rows
 from girandole.model.kernels import wq_gemm
 
 INT4_GROUP = 32
