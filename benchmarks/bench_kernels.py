@@ -64,7 +64,7 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
     for m in rows:
         xs = {k: torch.randn(m, k).to(torch.bfloat16) for k in (640, 1024, 2048)}
         out["native"].append(
-            median_ms(lambda xs=xs: [quant.native_forward(t, xs[t.in_features]) for t in layers])
+            median_ms(lambda xs=xs: [t.native_forward(xs[t.in_features]) for t in layers])
         )
         out["torch int4pack"].append(
             median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t in layers])
