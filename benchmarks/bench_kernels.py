@@ -24,10 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from girandole.model import gated_act, int8_head, native, paged_attention, quant
+from girandole.model import kernels, quant
 from girandole.model.attention import Attention
+from girandole.model.kernels import gated_act, int8_gemm, paged_attention
+from girandole.model.kernels.logits import argmax_rows, refine
 from girandole.model.layers import Int8Embedding, QuantLMHead
-from girandole.sampling.sampler import argmax_rows
 
 LAYERS = 18
 SHAPES = {"qkv": (1536, 640, 32), "o": (640, 1024, 16), "gate_up": (4096, 640, 32)}
@@ -63,7 +64,7 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
     for m in rows:
         xs = {k: torch.randn(m, k).to(torch.bfloat16) for k in (640, 1024, 2048)}
         out["native"].append(
-            median_ms(lambda xs=xs: [quant.native_forward(t, xs[t.in_features]) for t in layers])
+            median_ms(lambda xs=xs: [t.native_forward(xs[t.in_features]) for t in layers])
         )
         out["torch int4pack"].append(
             median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t in layers])
@@ -78,12 +79,12 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
     g = torch.Generator().manual_seed(1)
     w = torch.randint(-127, 128, (VOCAB, HIDDEN), generator=g, dtype=torch.int8)
     ws = torch.rand(VOCAB, generator=g) * 0.01
-    packed, wsum = int8_head.pack(w)
+    packed, wsum = int8_gemm.pack(w)
     native, torch_mm = [], []
     for m in rows:
         xq = torch.randint(-127, 128, (m, HIDDEN), generator=g, dtype=torch.int8)
         sx = torch.rand(m, 1, generator=g)
-        native.append(median_ms(lambda xq=xq, sx=sx: int8_head.int8_gemm(xq, sx, packed, wsum, ws)))
+        native.append(median_ms(lambda xq=xq, sx=sx: int8_gemm.int8_gemm(xq, sx, packed, wsum, ws)))
         torch_mm.append(
             median_ms(lambda xq=xq, sx=sx: torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws))
         )
@@ -110,7 +111,7 @@ def lm_head_refine(rows: list[int]) -> list[tuple[str, list[float]]]:
             out[r, c] = (table.rows(c) * x[r]).sum(dim=-1)
 
         def run_native(coarse=coarse, x=x):
-            int8_head.refine(coarse.clone(), x, table.qweight, table.scale, margin, top)
+            refine(coarse.clone(), x, table.qweight, table.scale, margin, top)
 
         native.append(median_ms(run_native))
         torch_ops.append(median_ms(run_torch))
@@ -185,7 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not native.available():
+    if not kernels.available():
         raise SystemExit(
             "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
         )

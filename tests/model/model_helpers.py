@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from girandole.model.attention import Attention, AttentionMetadata, attention_context
+from girandole.model.attention import Attention
+from girandole.model.context import ForwardContext, PaddedDecode, forward_context
 
 VOCAB = 300
 
@@ -127,7 +128,7 @@ class PagedRunner:
             qlens.append(len(toks))
             ctxs.append(self.lens[seq])
             ctx_slots.append(torch.tensor([self._slot(seq, p) for p in range(self.lens[seq])]))
-        meta = AttentionMetadata(
+        ctx = ForwardContext(
             slot_mapping=torch.tensor(slots),
             query_lens=qlens,
             context_lens=ctxs,
@@ -135,16 +136,8 @@ class PagedRunner:
         )
         if decode:
             assert all(q == 1 for q in qlens)
-            width = max(ctxs)
-            pad = torch.zeros(len(ctxs), width, dtype=torch.long)
-            valid = torch.zeros(len(ctxs), width, dtype=torch.bool)
-            for i, s in enumerate(ctx_slots):
-                pad[i, : len(s)] = s
-                valid[i, : len(s)] = True
-            meta.decode_slots = pad
-            meta.decode_valid = valid
-            meta.decode_positions = torch.tensor(positions)
-        with torch.inference_mode(), attention_context(meta):
+            ctx.padded_decode = PaddedDecode.build(ctx_slots, torch.device("cpu"))
+        with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(torch.tensor(ids), torch.tensor(positions))
             return self.model.compute_logits(hidden)
 

@@ -1,4 +1,4 @@
-"""The native gated activation (girandole/model/csrc/gated_act.c): act(gate) * up rounded once to
+"""The native gated activation (girandole/model/kernels/csrc/gated_act.c): act(gate) * up rounded once to
 bfloat16, as accurate as torch's float32 ops or better, against a float64 computation."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from girandole.model import gated_act, native
+from girandole.model import kernels
+from girandole.model.kernels import gated_act
 
 pytestmark = pytest.mark.skipif(
-    not native.available(),
+    not kernels.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 

@@ -1,4 +1,4 @@
-"""Native paged attention (girandole/model/csrc/paged_attention.c) against the torch path it
+"""Native paged attention (girandole/model/kernels/csrc/paged_attention.c) against the torch path it
 replaces on CPU, with scattered cache slots, sliding windows and several query heads per KV
 head; and a row's result is the same alone, in a batch, or as any row of a prefill chunk."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from girandole.model import paged_attention
 from girandole.model.attention import Attention
+from girandole.model.kernels import paged_attention
 
 pytestmark = pytest.mark.skipif(
     not paged_attention.supported(16, torch.zeros(1), None),

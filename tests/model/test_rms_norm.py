@@ -1,4 +1,4 @@
-"""The native RMSNorm (girandole/model/csrc/rms_norm.c) against torch's, plain and per head
+"""The native RMSNorm (girandole/model/kernels/csrc/rms_norm.c) against torch's, plain and per head
 (the QK norm reading q and k heads in place from the fused QKV output)."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from girandole.model import native
-from girandole.model.layers import RMSNorm, fused_rms_norm
+from girandole.model import kernels
+from girandole.model.kernels.rms_norm import rms_norm as fused_rms_norm
+from girandole.model.layers import RMSNorm
 
 pytestmark = pytest.mark.skipif(
-    not native.available(),
+    not kernels.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 

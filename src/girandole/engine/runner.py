@@ -1,14 +1,22 @@
-"""ModelRunner: owns the model and its KV cache, turns a scheduled batch into one forward."""
+"""ModelRunner: owns the model, its KV cache and the sampler; runs a scheduled batch (one
+forward, the logits it needs, prompt logprobs) and returns each sequence's sampled token."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
+from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
-from girandole.model import native
-from girandole.model.attention import Attention, AttentionMetadata, attention_context
+from girandole.model import kernels
+from girandole.model.attention import Attention
 from girandole.model.config import ModelConfig
+from girandole.model.context import ForwardContext, NativeSlots, PaddedDecode, forward_context
+from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -19,6 +27,8 @@ class ModelRunner:
         device: torch.device,
         block_size: int,
         kv_cache_bytes: int,
+        sampler: Sampler | None = None,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.model = model
         self.config = config
@@ -37,12 +47,163 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
             layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self._block_offsets = torch.arange(block_size, dtype=torch.long)
+        self.sampler = sampler or Sampler()
+        self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
+
+    # -- a step: forward, logits, sampling ---------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampleResult | Exception | None]:
+        """Compute `batch`: one forward, the prompt logprobs it asks for, and a token for every
+        sequence whose prompt (or last token) is now complete. Returns per sequence its
+        SampleResult, the exception that sampling it raised, or None (nothing sampled)."""
+        logit_rows = [self._logit_rows(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        hidden = self.execute(batch.seqs, batch.num_new_tokens, logit_rows)
+        sampling: list[int] = []  # batch index of each sampling sequence
+        sample_hidden: list[int] = []  # its row in `hidden`
+        row = 0
+        for i, (seq, n, rows) in enumerate(zip(batch.seqs, batch.num_new_tokens, logit_rows)):
+            if seq.prompt_logprobs is not None and rows:
+                self._collect_prompt_logprobs(seq, rows, hidden[row : row + len(rows)])
+            row += len(rows)
+            if self._samples(seq, n):
+                sampling.append(i)
+                sample_hidden.append(row - 1)
+        results: list[SampleResult | Exception | None] = [None] * len(batch.seqs)
+        if sampling:
+            seqs = [batch.seqs[i] for i in sampling]
+            for i, result in zip(sampling, self._sample(seqs, hidden, sample_hidden)):
+                results[i] = result
+        return results
+
+    @staticmethod
+    def _samples(seq: Sequence, n: int) -> bool:
+        """Whether this step's `n` new tokens of `seq` complete it, so that it samples a token."""
+        return seq.params.max_tokens > 0 and seq.num_computed_tokens + n == len(seq)
+
+    @classmethod
+    def _logit_rows(cls, seq: Sequence, n: int) -> list[int]:
+        """Which of this step's new tokens of `seq` need logits."""
+        start = seq.num_computed_tokens
+        rows = []
+        if seq.prompt_logprobs is not None:
+            # Position p predicts prompt token p + 1; skip what a preempted run already has.
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            rows = list(range(first - start, min(start + n, seq.num_prompt_tokens - 1) - start))
+        if cls._samples(seq, n) and (not rows or rows[-1] != n - 1):
+            rows.append(n - 1)
+        return rows
+
+    def _sample(
+        self, seqs: list[Sequence], hidden: torch.Tensor, sample_hidden: list[int]
+    ) -> list[SampleResult | Exception]:
+        """Sample every row at once; if that raises, each row alone, so that one request's
+        failure (a grammar matcher that throws, say) ends that request only. The others get what
+        they would have got: the sampler and the LM head are batch-invariant, and seeded
+        generators are rewound first. Returns a SampleResult or the exception, per row."""
+        rows = [
+            SamplerRow(
+                s.params,
+                s.generator,
+                s.token_ids,
+                s.num_prompt_tokens,
+                self.eos_token_ids,
+                s.sampler_state,
+                s.grammar,
+            )
+            for s in seqs
+        ]
+        states = [r.generator.get_state() if r.generator is not None else None for r in rows]
+        logits = self.compute_logits(hidden[torch.tensor(sample_hidden)])
+        try:
+            return self.sampler(logits, rows)
+        except Exception as exc:  # noqa: BLE001 - find the culprit below
+            if len(rows) == 1:
+                return [exc]
+            logger.exception("sampling %d rows failed; sampling each alone", len(rows))
+        results: list[SampleResult | Exception] = []
+        for row, state, h in zip(rows, states, sample_hidden):
+            if state is not None:
+                row.generator.set_state(state)
+            try:
+                alone = self.compute_logits(hidden[h : h + 1])
+                results.append(self.sampler(alone, [row])[0])
+            except Exception as exc:  # noqa: BLE001 - reported on that request
+                results.append(exc)
+        return results
+
+    _PROMPT_LOGITS_CHUNK = 32  # rows per LM-head call: a row of logits is 1 MiB for Gemma
+
+    def _collect_prompt_logprobs(self, seq: Sequence, rows: list[int], hidden: torch.Tensor):
+        """Append to seq.prompt_logprobs the logprobs of the prompt tokens that this step's
+        `rows` (their hidden states) predict."""
+        n_top = seq.params.prompt_logprobs
+        start = seq.num_computed_tokens
+        for c in range(0, len(rows), self._PROMPT_LOGITS_CHUNK):
+            chunk = rows[c : c + self._PROMPT_LOGITS_CHUNK]
+            positions = [start + r for r in chunk]
+            keep = [i for i, p in enumerate(positions) if p + 1 < seq.num_prompt_tokens]
+            if not keep:
+                continue
+            logits = self.compute_logits(
+                hidden[c : c + len(chunk)][torch.tensor(keep)], batch_invariant=False
+            )
+            lp = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(
+                [seq.token_ids[positions[i] + 1] for i in keep], device=logits.device
+            )
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            tops = top_logprobs(lp, n_top)
+            for t, v, top in zip(targets.tolist(), chosen, tops):
+                seq.prompt_logprobs.append(SampleResult(t, v, v, top))
+
+    # -- the forward ---------------------------------------------------------------------------
 
     def _context_slots(self, seq: Sequence, context_len: int) -> torch.Tensor:
         table = torch.tensor(
             seq.block_table[: -(-context_len // self.block_size)], dtype=torch.long
         )
         return (table[:, None] * self.block_size + self._block_offsets).flatten()[:context_len]
+
+    def prepare(
+        self, seqs: list[Sequence], num_new_tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Token ids [T], positions [T] and the forward's context for the new tokens of `seqs`
+        (decode tokens first, as the scheduler orders them)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        context_slots: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        num_decode_rows = 0
+        for seq, n in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots = self._context_slots(seq, end)
+            context_lens.append(end)
+            context_slots.append(slots)
+            slot_mapping.append(slots[start:end])
+            if num_decode_rows == len(context_lens) - 1 and seq.is_decode(n):
+                num_decode_rows += 1
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ctx = ForwardContext(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            query_lens=list(num_new_tokens),
+            context_lens=context_lens,
+            context_slots=[s.to(self.device) for s in context_slots],
+            num_decode_rows=num_decode_rows,
+        )
+        if self.device.type == "cpu":
+            if kernels.available():
+                ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
+        elif all(n == 1 for n in num_new_tokens):
+            # The padded batched decode path is for GPUs; on CPU attention runs per sequence so
+            # that each sequence's numbers do not depend on its batch neighbours.
+            ctx.padded_decode = PaddedDecode.build(context_slots, self.device)
+        return ids, pos, ctx
 
     @torch.inference_mode()
     def execute(
@@ -54,61 +215,8 @@ class ModelRunner:
         need logits. Returns their final hidden states [sum(len(rows)), hidden] in that order
         (None if no row is wanted); `compute_logits` turns them into logits.
         """
-        input_ids: list[int] = []
-        positions: list[int] = []
-        context_lens: list[int] = []
-        context_slots: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        for seq, n in zip(seqs, num_new_tokens):
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots = self._context_slots(seq, end)
-            context_lens.append(end)
-            context_slots.append(slots)
-            slot_mapping.append(slots[start:end])
-
-        # The padded batched decode path is for GPUs; on CPU attention runs per sequence so that
-        # each sequence's numbers do not depend on its batch neighbours.
-        decode_only = self.device.type != "cpu" and all(n == 1 for n in num_new_tokens)
-        num_decode_rows = 0  # the engine orders decode tokens first
-        for seq, n in zip(seqs, num_new_tokens):
-            if not seq.is_decode(n):
-                break
-            num_decode_rows += 1
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(
-            num_decode_rows=num_decode_rows,
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            query_lens=list(num_new_tokens),
-            context_lens=context_lens,
-            context_slots=[s.to(self.device) for s in context_slots],
-        )
-        if self.device.type == "cpu" and native.available():
-            starts: list[int] = []
-            offset = 0
-            for n, ctx in zip(num_new_tokens, context_lens):
-                starts.extend([offset] * n)
-                offset += ctx
-            meta.native_slots = torch.cat(context_slots)
-            meta.native_starts = torch.tensor(starts, dtype=torch.long)
-            meta.native_lens = pos + 1
-        if decode_only:
-            max_len = max(context_lens)
-            padded = torch.zeros(len(seqs), max_len, dtype=torch.long)
-            valid = torch.zeros(len(seqs), max_len, dtype=torch.bool)
-            for i, s in enumerate(context_slots):
-                padded[i, : len(s)] = s
-                valid[i, : len(s)] = True
-            meta.decode_slots = padded.to(self.device)
-            meta.decode_valid = valid.to(self.device)
-            meta.decode_positions = torch.tensor(
-                [c - 1 for c in context_lens], dtype=torch.long, device=self.device
-            )
-
-        with attention_context(meta):
+        ids, pos, ctx = self.prepare(seqs, num_new_tokens)
+        with forward_context(ctx):
             hidden = self.model(ids, pos)
 
         rows: list[int] = []

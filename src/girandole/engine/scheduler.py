@@ -2,8 +2,9 @@
 
 Running sequences go first (one decode token each, or the next chunk of a prefill), then waiting
 ones are admitted while the token budget, the sequence cap and the free KV blocks allow. Decode
-tokens and prefill chunks share one step. When a running sequence cannot get a block, the most
-recently admitted one is preempted (its blocks freed, recomputed later from its tokens).
+tokens and prefill chunks share one step, decode tokens first. When a running sequence cannot
+get a block, the most recently admitted one is preempted (its blocks freed, recomputed later
+from its tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    def order_decode_first(self) -> None:
+        """Decode tokens first: linears choose their kernel by a token's role (decode or
+        prefill), which the runner tells them as a count of leading rows."""
+        order = sorted(
+            range(len(self.seqs)), key=lambda i: not self.seqs[i].is_decode(self.num_new_tokens[i])
+        )
+        self.seqs = [self.seqs[i] for i in order]
+        self.num_new_tokens = [self.num_new_tokens[i] for i in order]
 
 
 class Scheduler:
@@ -131,4 +141,12 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        batch.order_decode_first()
         return batch
+
+    def mark_computed(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens are in the KV cache: advance each sequence, and offer its blocks
+        that became full to the prefix cache."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.kv_cache.register_full_blocks(seq)

@@ -1,9 +1,9 @@
 """Paged attention over a flat KV cache, for one flattened batch of many sequences.
 
-The ModelRunner sets an `AttentionMetadata` for the duration of a forward pass
-(`with attention_context(meta): model(...)`); every `Attention` layer reads it. Without a
-context (a model run on its own, as in the reference tests) a layer does plain causal
-attention over the tokens it is given, treated as one sequence starting at position 0.
+Every `Attention` layer reads the forward's context (girandole.model.context), which the
+ModelRunner sets for the duration of a forward pass. Without a context (a model run on its own,
+as in the reference tests) a layer does plain causal attention over the tokens it is given,
+treated as one sequence starting at position 0.
 
 KV cache layout, per layer: `k_cache`, `v_cache` of shape [num_slots, num_kv_heads, head_dim]
 where num_slots = num_blocks * block_size; a token's slot is block_id * block_size + offset.
@@ -11,62 +11,17 @@ where num_slots = num_blocks * block_size; a token's slot is block_id * block_si
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import paged_attention
-
-
-@dataclass
-class AttentionMetadata:
-    """What attention needs to know about the flattened batch of T new tokens from S sequences."""
-
-    slot_mapping: torch.Tensor  # [T] long: cache slot that each new token's K/V is written to
-    query_lens: list[int]  # new tokens of each sequence, in batch order (sum = T)
-    context_lens: list[int]  # keys each sequence attends to: cached + new tokens
-    # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1.
-    context_slots: list[torch.Tensor]
-    # Decode-only batches on GPU (every query_len == 1) use one padded gather instead of a loop:
-    decode_slots: torch.Tensor | None = None  # [S, L_max] long, padding points at slot 0
-    decode_positions: torch.Tensor | None = None  # [S] long: position of each query token
-    decode_valid: torch.Tensor | None = None  # [S, L_max] bool: key index < context_len
-    # The first this-many tokens of the batch are decode tokens (one generated token of a
-    # sequence); linears with two kernels pick theirs by this role, not by the row count.
-    num_decode_rows: int | None = None
-    # CPU with native kernels (girandole.model.paged_attention), per query row: where its
-    # sequence's slots start in `native_slots` (every sequence's context_slots, concatenated)
-    # and how many keys it sees.
-    native_slots: torch.Tensor | None = None
-    native_starts: torch.Tensor | None = None
-    native_lens: torch.Tensor | None = None
-
-
-_current: AttentionMetadata | None = None
+from girandole.model.context import ForwardContext, PaddedDecode, get_context
+from girandole.model.kernels import paged_attention
 
 # torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
 # rounding differs; padding every sequence's (folded) query rows to this many keeps each row's
 # result the same whether it is computed in decode or inside a prefill chunk of any size.
 MIN_FOLDED_ROWS = 4
-
-
-def current_decode_rows() -> int | None:
-    """Leading decode rows of the batch being computed, or None outside an engine step."""
-    return None if _current is None else _current.num_decode_rows
-
-
-@contextlib.contextmanager
-def attention_context(meta: AttentionMetadata | None) -> Iterator[None]:
-    global _current
-    previous, _current = _current, meta
-    try:
-        yield
-    finally:
-        _current = previous
 
 
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -83,7 +38,7 @@ class Attention(nn.Module):
 
     Inputs are already projected, normed and rotated: q [T, H, D], k and v [T, Hkv, D].
     Returns [T, H * D] in q's dtype. Math runs in the cache dtype (fp32 on CPU: bf16 SDPA is
-    about 10x slower there; see shared/reference/deps.md).
+    about 10x slower there).
     """
 
     def __init__(
@@ -106,64 +61,55 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out_dtype = q.dtype
-        meta = _current
-        if meta is None or self.k_cache is None:  # the same kernels as inside the engine
-            q, k, v = q.float(), k.float(), v.float()
-            if paged_attention.supported(self.head_dim, k, self.logit_softcap):
-                # k, v as a cache of their own, slot i holding position i.
-                t = q.shape[0]
-                lens = torch.arange(1, t + 1)
-                out = paged_attention.paged_attention(
-                    q,
-                    k.contiguous(),
-                    v.contiguous(),
-                    torch.arange(t),
-                    torch.zeros_like(lens),
-                    lens,
-                    self.sliding_window,
-                    self.scale,
-                )
-            else:
-                out = self._attend_sequence(q, k, v)
-            return out.to(out_dtype).reshape(q.shape[0], -1)
-
+        ctx = get_context()
+        if ctx is None or self.k_cache is None:
+            out = self._attend_alone(q.float(), k.float(), v.float())
+            return out.to(q.dtype).reshape(q.shape[0], -1)
         cache_dtype = self.k_cache.dtype
         # index_copy_/index_select: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
-        self.k_cache.index_copy_(0, meta.slot_mapping, k.to(cache_dtype))
-        self.v_cache.index_copy_(0, meta.slot_mapping, v.to(cache_dtype))
-        q = q.to(cache_dtype)
-
-        if meta.decode_slots is not None:
-            out = self._attend_decode(q, meta)
-        elif meta.native_lens is not None and paged_attention.supported(
+        self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))
+        self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
+        qc = q.to(cache_dtype)
+        if ctx.padded_decode is not None:
+            out = self._attend_decode(qc, ctx.padded_decode)
+        elif ctx.native is not None and paged_attention.supported(
             self.head_dim, self.k_cache, self.logit_softcap
         ):
             # Every row, decode or prefill, through one kernel that reads the cache in place.
-            out = paged_attention.paged_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.native_slots,
-                meta.native_starts,
-                meta.native_lens,
-                self.sliding_window,
-                self.scale,
-            )
+            n = ctx.native
+            out = self._native(qc, self.k_cache, self.v_cache, n.slots, n.starts, n.lens)
         else:
-            # One sequence at a time: a row's result then depends only on its own sequence, never
-            # on what else shares the step (batch invariance: a seeded request samples the same
-            # tokens alone or in a busy batch).
-            outs = []
-            start = 0
-            for qlen, slots in zip(meta.query_lens, meta.context_slots):
-                qi = q[start : start + qlen]
-                start += qlen
-                ki = self.k_cache.index_select(0, slots)
-                vi = self.v_cache.index_select(0, slots)
-                outs.append(self._attend_sequence(qi, ki, vi))
-            out = torch.cat(outs, dim=0)
-        return out.to(out_dtype).reshape(out.shape[0], -1)
+            out = self._attend_each_sequence(qc, ctx)
+        return out.to(q.dtype).reshape(out.shape[0], -1)
+
+    def _attend_alone(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """No cache: q, k, v are one sequence from position 0, through the engine's kernels."""
+        if not paged_attention.supported(self.head_dim, k, self.logit_softcap):
+            return self._attend_sequence(q, k, v)
+        t = q.shape[0]  # k, v as a cache of their own, slot i holding position i
+        lens = torch.arange(1, t + 1)
+        return self._native(
+            q, k.contiguous(), v.contiguous(), torch.arange(t), torch.zeros_like(lens), lens
+        )
+
+    def _native(self, q, k_cache, v_cache, slots, starts, lens) -> torch.Tensor:
+        return paged_attention.paged_attention(
+            q, k_cache, v_cache, slots, starts, lens, self.sliding_window, self.scale
+        )
+
+    def _attend_each_sequence(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One sequence at a time: a row's result then depends only on its own sequence, never
+        on what else shares the step (batch invariance: a seeded request samples the same
+        tokens alone or in a busy batch)."""
+        outs = []
+        start = 0
+        for qlen, slots in zip(ctx.query_lens, ctx.context_slots):
+            qi = q[start : start + qlen]
+            start += qlen
+            ki = self.k_cache.index_select(0, slots)
+            vi = self.v_cache.index_select(0, slots)
+            outs.append(self._attend_sequence(qi, ki, vi))
+        return torch.cat(outs, dim=0)
 
     def _attend_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The last len(q) positions of one sequence whose keys are k, v [ctx, Hkv, D].
@@ -221,17 +167,17 @@ class Attention(nn.Module):
             )
         return out.transpose(0, 1)
 
-    def _attend_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend_decode(self, q: torch.Tensor, decode: PaddedDecode) -> torch.Tensor:
         # q [S, H, D] (one token per sequence); keys gathered into [S, L, Hkv, D].
-        S, L = meta.decode_slots.shape
-        flat = meta.decode_slots.reshape(-1)
+        S, L = decode.slots.shape
+        flat = decode.slots.reshape(-1)
         k = self.k_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
         v = self.v_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, Hkv, L, D]
-        mask = meta.decode_valid
+        mask = decode.valid
         if self.sliding_window is not None:
             k_idx = torch.arange(mask.shape[1], device=q.device)
-            mask = mask & (meta.decode_positions[:, None] - k_idx[None, :] < self.sliding_window)
+            mask = mask & (decode.positions[:, None] - k_idx[None, :] < self.sliding_window)
         mask = mask[:, None, None, :]  # [S, 1, 1, L]
         qh = q[:, :, None, :]  # [S, H, 1, D]
         if self._scores_softcap():

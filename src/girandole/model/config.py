@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from girandole.model.spec import ArchSpec
 
 
 @dataclass
@@ -23,3 +26,33 @@ class ModelConfig:
     # Sampling defaults from the checkpoint (HF generation_config.json); empty for GGUF.
     generation_config: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ArchSpec,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: list[int],
+        add_bos_token: bool,
+        name: str,
+        generation_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+    ) -> ModelConfig:
+        """The network's shape from `spec`; tokens, name and defaults from the checkpoint."""
+        return cls(
+            architecture=spec.architecture,
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            max_position=spec.max_position,
+            bos_token_id=bos_token_id,
+            eos_token_ids=eos_token_ids,
+            add_bos_token=add_bos_token,
+            name=name,
+            generation_config=generation_config or {},
+            chat_template=chat_template,
+        )

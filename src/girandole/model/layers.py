@@ -1,5 +1,6 @@
 """Building blocks shared by every architecture: norms, rotary embeddings, linear layers
-(dense or weight-only quantized), embeddings, LM head, gated MLP, self-attention block.
+(dense here, weight-only quantized in quant.py), embeddings, LM head, gated MLP, self-attention
+block, and the Builder that makes them from checkpoint tensors.
 
 Numerics: the residual stream, norms and rotary run in float32 in every mode; linear layers
 take float32 and return float32, whatever they compute in inside (fp32 in `reference` mode,
@@ -15,29 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import gated_act, int8_head, native
+from girandole.model import kernels
 from girandole.model.attention import Attention
+from girandole.model.kernels import gated_act, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
-    INT4_GROUP,
-    Int4Linear,
-    Int4x2Linear,
-    Int8Linear,
+    BF16_QTYPES,
+    GroupLevels,
+    PackedLinear,
     dense_linear,
-    int4_supported,
     quantize_int8_groups,
     quantize_int8_rows,
+    quantized_linear,
 )
 from girandole.model.spec import Weights
 
 MODES = ("fast", "reference")
-# GGUF storage types that fast mode (CPU) packs as int4 group-32; everything else goes to int8
-# per channel (the nearest packed format at or above the stored precision).
-INT4_QTYPES = {"Q4_0", "Q4_1", "Q4_K"}
-# Types fast mode keeps as bf16 weights. Empty: Q6_K (9 of the default model's ffn_down) goes
-# to int8 groups of 32 as two int4 matmuls, measured against bf16 there: decode-path top-1
-# agreement 98.74 % vs 99.15 %, perplexity +0.61 % vs +0.36 %, decode step ~5 % faster.
-# (int8 per row instead cost ~1 % of agreement.)
-BF16_QTYPES: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,49 +49,9 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 2 and fused_rms_norm_supported(x):
-            return fused_rms_norm(x, self.weight.view(1, -1), self.eps)
+        if self.fused and x.dim() == 2 and rms_norm.supported(x):
+            return rms_norm.rms_norm(x, self.weight.view(1, -1), self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
-
-
-def fused_rms_norm_supported(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and native.available()
-
-
-def fused_rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Native RMSNorm (csrc/rms_norm.c) of float32 x [T, P * D] (rows contiguous, any row
-    stride) as T x P rows of D, row p weighted by weight[p] ([P, D]): returns [T, P, D]
-    (P = 1: [T, D]). `rope` = (cos, sin) [T, D/2]: then also apply_rope, bitwise."""
-    lib = native.library()
-    assert lib is not None, "native kernels not available"
-    p, d = weight.shape
-    t = x.shape[0]
-    assert x.stride(-1) == 1 and x.shape[-1] == p * d
-    weight = weight.float().contiguous()
-    cos = sin = None
-    if rope is not None:
-        cos, sin = (r.float().contiguous() for r in rope)
-        assert cos.shape == (t, d // 2) and sin.shape == (t, d // 2)
-    out = torch.empty(t, p, d, dtype=torch.float32)
-    lib.rms_norm(
-        x.data_ptr(),
-        t,
-        p,
-        d,
-        x.stride(0),
-        weight.data_ptr(),
-        eps,
-        None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out.view(t, d) if p == 1 else out
 
 
 def rope_inv_freq(
@@ -212,20 +165,16 @@ class QuantLMHead(nn.Module):
     against the hidden state quantized to int8 per row, with the top candidates recomputed
     exactly.
 
-    The integer matmul (girandole's native VNNI kernel, int8_head, or `torch._int_mm`: the same
+    The integer matmul (the native VNNI kernel kernels.int8_gemm, or `torch._int_mm`: the same
     integers) accumulates exactly, so a row's logits do not depend on how many rows share the
-    call (batch invariance) and any number of rows can go in one call: on the 2-core CPU 7.9 ms
-    for 16 rows and 36 ms for 64 natively (`_int_mm`: 12.6 and 59; torch's int4pack kernel took
-    18 and 73), 2.5 ms for one. On the default model every logit is within about 1 (1.75
-    at worst; 0.8 near the top) of the exact one. A row's best `REFINE_TOP` coarse logits that lie
-    within `REFINE_MARGIN` of its maximum are then recomputed in float32 from `table` (the
-    group-int8 weight: the embedding table when tied), so the greedy choice, the top
-    log-probabilities and the head of the sampling distribution are those of the exact weights.
-    Measured on the default model (benchmarks/model_accuracy.py): perplexity +0.29 % over the
-    float32 reference on the decode path, top-1 agreement 99.1 %.
-    With the native kernels the refinement runs fused (csrc/logits.c: a pass for the maximum,
-    one for the candidates, then their dot products; for 16 rows ~1 ms instead of ~5 ms of
-    topk, gathers and sums).
+    call (batch invariance) and any number of rows can go in one call, faster than torch's
+    int4pack kernel at every row count. The coarse logits are close to the exact ones but not
+    equal: a row's best `REFINE_TOP` coarse logits that lie within `REFINE_MARGIN` of its
+    maximum are then recomputed in float32 from `table` (the group-int8 weight: the embedding
+    table when tied), so the greedy choice, the top log-probabilities and the head of the
+    sampling distribution are those of the exact weights. With the native kernels the
+    refinement runs fused (csrc/logits.c: a pass for the maximum, one for the candidates, then
+    their dot products). Timings and accuracy on the default model: docs/benchmarks.md.
     """
 
     row_invariant = True  # a row's logits are the same whatever else shares the call
@@ -249,8 +198,8 @@ class QuantLMHead(nn.Module):
         # The native kernel's layout of the same weight (from the memory-mapped model cache only
         # the one in use is read into memory).
         vocab, hidden = self.qweight.shape
-        native = int8_head.supports(vocab, hidden)
-        packed, wsum = int8_head.pack(self.qweight) if native else (None, None)
+        native = int8_gemm.supports(vocab, hidden)
+        packed, wsum = int8_gemm.pack(self.qweight) if native else (None, None)
         self.register_buffer("native_packed", packed)
         self.register_buffer("native_wsum", wsum)
 
@@ -258,10 +207,10 @@ class QuantLMHead(nn.Module):
         x = x.float()
         sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        if self.native_packed is not None and native.available():  # the same numbers
-            out = int8_head.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
+        if self.native_packed is not None and kernels.available():  # the same numbers
+            out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
             if self.table.hidden % Int8Embedding.GROUP == 0:  # the same refinement, fused
-                int8_head.refine(
+                logits.refine(
                     out,
                     x,
                     self.table.qweight,
@@ -333,22 +282,19 @@ class Builder:
         qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
         if qtypes & BF16_QTYPES:
             return DenseLinear(weight, b, torch.bfloat16)
+        return quantized_linear(weight, b, qtypes, lambda: self._exact_groups(names))
+
+    def _exact_groups(self, names: list[str]) -> GroupLevels | None:
+        """The checkpoint's own group-32 integer levels of `names`, stacked; None where any of
+        them has none (a float or K-quant type that is not stored in groups of 32)."""
         exact = getattr(self.weights, "int_groups", None)
-        if exact is not None and int4_supported(weight):
-            groups = [exact(f"{n}.weight") for n in names]
-            if all(g is not None for g in groups):
-                q, scale, offset = (torch.cat(parts, dim=0) for parts in zip(*groups))
-                if int(q.max()) <= 15:
-                    return Int4Linear(None, b, groups=(q, scale, offset + 8.0 * scale))
-                return Int4x2Linear((q, scale, offset), b)
-        if not int4_supported(weight):
-            return Int8Linear(weight, b)
-        if qtypes <= INT4_QTYPES:
-            return Int4Linear(weight, b)
-        # Float (or other) weights: int8 per group of 32 (as Q8_0), as two int4 matmuls: about
-        # 3x less error than int8 per row (see quant.Int4x2Linear).
-        q, scale = quantize_int8_groups(weight, INT4_GROUP)
-        return Int4x2Linear((q.to(torch.int32) + 128, scale, -128.0 * scale), b)
+        if exact is None:
+            return None
+        groups = [exact(f"{n}.weight") for n in names]
+        if any(g is None for g in groups):
+            return None
+        q, scale, offset = (torch.cat(parts, dim=0) for parts in zip(*groups))
+        return q, scale, offset
 
     def _int8_table(self, name: str) -> Int8Embedding:
         direct = getattr(self.weights, "int8_groups", None)
@@ -399,7 +345,7 @@ class GatedMLP(nn.Module):
         else:
             raise ValueError(f"unsupported activation: {act!r}")
         # The fused kernel writes bf16: only where the down projection casts to bf16 anyway.
-        if not isinstance(self.down, (Int8Linear, Int4Linear, Int4x2Linear)):
+        if not isinstance(self.down, PackedLinear):
             self.native_act = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -453,9 +399,11 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)  # q and k heads, normed and rotated
         v = qkv[:, (h + hkv) * d :].view(t, hkv, d)  # together: fewer small ops per layer
-        if self.qk_norm_weight is not None and self.fused_norm and fused_rms_norm_supported(qkv):
+        if self.qk_norm_weight is not None and self.fused_norm and rms_norm.supported(qkv):
             # Norm and rotary in one pass (bitwise apply_rope of the norm's output).
-            qk = fused_rms_norm(qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps, (cos, sin))
+            qk = rms_norm.rms_norm(
+                qkv[:, : (h + hkv) * d], self.qk_norm_weight, self.eps, (cos, sin)
+            )
         else:
             if self.qk_norm_weight is not None:
                 qk = F.rms_norm(qk, (d,), None, self.eps) * self.qk_norm_weight

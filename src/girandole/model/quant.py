@@ -1,29 +1,41 @@
-"""Weight-only quantized linear layers and embeddings for CPU inference.
+"""Weight-only quantized linear layers for CPU inference, and which one a GGUF type gets.
 
 Where the CPU and a C compiler allow (AVX512-BF16), the group-quantized linears (Int4Linear,
-Int4x2Linear) run every row on girandole's native kernel (wq_kernel: weights dequantized to
-bf16 once per 16x32 panel and reused for all rows, each row computed independently): faster
-than torch's kernels at 1 row, 2.4x at 16, and than a bf16 F.linear at 512.
+Int4x2Linear) run every row on girandole's native kernel (kernels.wq_gemm: weights dequantized to
+bf16 once per 16x32 panel and reused for all rows, each row computed independently), faster than
+torch's kernels and than a bf16 F.linear at every row count (docs/benchmarks.md).
 
 Otherwise torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve
-decode rows; they are fast only with bf16 activations (see shared/reference/deps.md section 5),
-so these layers take any activation dtype, run the matmul in bf16 and return float32. For many
-rows (prefill) a plain bf16 `F.linear` beats both kernels; a layer that keeps a bf16 copy of its
-weight uses it above `dense_min_rows` rows.
+decode rows; they are fast only with bf16 activations, so these layers take any activation
+dtype, run the matmul in bf16 and return float32. For many rows (prefill) a plain bf16
+`F.linear` beats both kernels; a layer that keeps a bf16 copy of its weight uses it from
+`DENSE_MIN_ROWS` rows on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model import native, wq_kernel
-from girandole.model.attention import current_decode_rows
+from girandole.model import kernels
+from girandole.model.context import current_decode_rows
+from girandole.model.kernels import wq_gemm
 
 INT4_GROUP = 32
-# Above this many rows a bf16 F.linear beats the packed kernels (measured on the 2-core CPU).
+# From this many rows on a bf16 F.linear beats torch's packed kernels.
 DENSE_MIN_ROWS = 16
+# GGUF storage types that fast mode (CPU) packs as int4 group-32 when the file has no exact
+# integer levels to keep; float weights go to int8 groups of 32 (as Q8_0).
+INT4_QTYPES = {"Q4_0", "Q4_1", "Q4_K"}
+# Types fast mode keeps as bf16 weights. Empty: Q6_K (the default model's 9 ffn_down) is more
+# accurate and faster as int8 groups of 32 than as bf16 (figures in docs/benchmarks.md).
+BF16_QTYPES: set[str] = set()
+
+# Integer levels of a group-32 weight: q [N, K], scale and offset [N, K/32], w = q * scale + offset.
+GroupLevels = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 CHUNK_ROWS = 16384  # rows per step when quantizing big tables (bounds temporary memory)
@@ -92,90 +104,103 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(padded, weight, bias)[:m]
 
 
-def dual_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """forward() of the quantized linears: packed kernel (`self._packed`) for decode rows, bf16
-    `self.dense` for prefill rows.
+class PackedLinear(nn.Module):
+    """Base of the weight-only quantized linears: y = x @ W.T + b for float32 (or any) x,
+    returned in float32. Subclasses store their packing and supply `_packed(x2)`, a torch packed
+    kernel on bf16 rows; this base owns `forward`, the bf16 `dense` copy for prefill rows and
+    the native kernel's layout (`native_packed`, `native_params`, `native_bits` > 0 when stored).
 
+    forward: where the native layout is stored and the kernels are built, every row runs on it
+    (one row-invariant kernel). Otherwise `_packed` serves decode rows and `dense` prefill rows.
     Inside an engine step the ModelRunner puts decode tokens first and says how many there are
     (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
     tokens share the step: results are batch-invariant. On its own, the row count decides.
     """
-    shape = x.shape[:-1]
-    x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-    m = x2.shape[0]
-    if self.native_bits and native.available():  # one row-invariant kernel for every row
-        y = native_forward(self, x2)
+
+    native_bits = 0  # 0: no native layout stored
+
+    def __init__(
+        self, shape: tuple[int, int], bias: torch.Tensor | None, dense: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("dense", dense)
+
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        """float32 [M, N] for bf16 rows x2 [M, K], on a torch packed kernel."""
+        raise NotImplementedError
+
+    def _store_native(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        """Also keep the weight in the native kernel's layout (kernels.wq_gemm): levels q [N, K]
+        with w = q * scale + offset per group of 32. Both layouts are stored; from the
+        memory-mapped model cache only the one in use is ever read into memory."""
+        n, k = q.shape
+        if wq_gemm.supports(n, k):
+            packed, params, bits = wq_gemm.pack(q, scale, offset)
+        else:
+            packed = params = None
+            bits = 0
+        self.register_buffer("native_packed", packed)
+        self.register_buffer("native_params", params)
+        self.native_bits = bits
+
+    def native_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        return wq_gemm.gemm(
+            x2, self.native_packed, self.native_params, self.native_bits, self.out_features
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.native_bits and kernels.available():
+            y = self.native_forward(x2)
+        else:
+            y = self._decode_or_dense(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape, self.out_features)
-    if self.dense is None:
-        k = m
-    else:
-        k = current_decode_rows()
-        if k is None:
-            k = m if m < DENSE_MIN_ROWS else 0
-    if k >= m:
-        y = self._packed(x2)
-    elif k == 0:
-        y = dense_linear(x2, self.dense).float()
-    else:
-        y = torch.cat([self._packed(x2[:k]), dense_linear(x2[k:], self.dense).float()])
-    if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*shape, self.out_features)
+
+    def _decode_or_dense(self, x2: torch.Tensor) -> torch.Tensor:
+        m = x2.shape[0]
+        if self.dense is None:
+            k = m
+        else:
+            k = current_decode_rows()
+            if k is None:
+                k = m if m < DENSE_MIN_ROWS else 0
+        if k >= m:
+            return self._packed(x2)
+        if k == 0:
+            return dense_linear(x2, self.dense).float()
+        return torch.cat([self._packed(x2[:k]), dense_linear(x2[k:], self.dense).float()])
 
 
-def register_native(
-    module: nn.Module, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-) -> None:
-    """Also keep the weight in the native kernel's layout (girandole.model.wq_kernel): levels
-    q [N, K] with w = q * scale + offset per group of 32. Both layouts are stored; from the
-    memory-mapped model cache only the one in use is ever read into memory."""
-    n, k = q.shape
-    if wq_kernel.supports(n, k):
-        packed, params, bits = wq_kernel.pack(q, scale, offset)
-    else:
-        packed = params = None
-        bits = 0
-    module.register_buffer("native_packed", packed)
-    module.register_buffer("native_params", params)
-    module.native_bits = bits
+def group_dense(levels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] of levels * scale + offset per group of INT4_GROUP inputs."""
+    n, k = levels.shape
+    g = INT4_GROUP
+    w = levels.reshape(n, k // g, g).float() * scale[..., None] + offset[..., None]
+    return w.reshape(n, k).to(torch.bfloat16)
 
 
-def native_forward(module: nn.Module, x2: torch.Tensor) -> torch.Tensor:
-    return wq_kernel.gemm(
-        x2,
-        module.native_packed,
-        module.native_params,
-        module.native_bits,
-        module.out_features,
-    )
-
-
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + b with int8 per-output-channel weights (bf16 activations)."""
-
-    native_bits = 0  # per-row scales: not a layout of the native kernel
+class Int8Linear(PackedLinear):
+    """int8 per-output-channel weights (w = q * scale[n]) on torch's int8pack kernel."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_dense: bool = True
     ) -> None:
-        super().__init__()
         q, scale = quantize_int8_rows(weight)
-        self.out_features, self.in_features = weight.shape
+        dense = (q.float() * scale[:, None]).to(torch.bfloat16) if keep_dense else None
+        super().__init__(weight.shape, bias, dense)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.float())
-        dense = (q.float() * scale[:, None]).to(torch.bfloat16) if keep_dense else None
-        self.register_buffer("dense", dense)
 
     def _packed(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale).float()
 
-    forward = dual_kernel_forward
 
-
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     """Weight-only int4 (group 32, asymmetric) linear on torch's CPU int4pack kernel."""
 
     def __init__(
@@ -187,28 +212,17 @@ class Int4Linear(nn.Module):
     ) -> None:
         """From a float weight [N, K] (requantized on a min/max grid), or from `groups`:
         the exact (q [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) of a 4-bit file type."""
-        super().__init__()
         q, scale, zero = groups if groups is not None else quantize_int4_groups(weight)
-        self.out_features, self.in_features = q.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        dense = group_dense(q - 8, scale, zero) if keep_dense else None
+        super().__init__(q.shape, bias, dense)
+        packed, sz = pack_int4(q, scale, zero)
         self.register_buffer("packed", packed)
-        self.register_buffer("scale_zeros", sz.to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.float())
-        register_native(self, q, scale, zero - 8.0 * scale)
-        if keep_dense:
-            g = INT4_GROUP
-            n, k = q.shape
-            deq = (q.reshape(n, k // g, g) - 8).float() * scale[..., None] + zero[..., None]
-            self.register_buffer("dense", deq.reshape(n, k).to(torch.bfloat16))
-        else:
-            self.register_buffer("dense", None)
+        self.register_buffer("scale_zeros", sz)
+        self._store_native(q, scale, zero - 8.0 * scale)
 
     def _packed(self, x2: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         return mm(x2, self.packed, INT4_GROUP, self.scale_zeros).float()
-
-    forward = dual_kernel_forward
 
 
 def int4_supported(weight: torch.Tensor) -> bool:
@@ -217,12 +231,14 @@ def int4_supported(weight: torch.Tensor) -> bool:
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """torch's int4pack layout of levels q [N, K] in 0..15 (w = (q - 8) * scale + zero), and its
+    bf16 scale-and-zero table [K/32, N, 2]."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, sz
 
 
-class Int4x2Linear(nn.Module):
+class Int4x2Linear(PackedLinear):
     """Exact 5- to 8-bit group-32 weights (GGUF Q5_0, Q8_0) as two int4 matmuls.
 
     A level q in 0..255 (value = q * scale + offset) splits into nibbles q = lo + 16 * hi, so
@@ -231,14 +247,10 @@ class Int4x2Linear(nn.Module):
     per-row requantization error."""
 
     def __init__(
-        self,
-        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        bias: torch.Tensor | None = None,
-        keep_dense: bool = True,
+        self, groups: GroupLevels, bias: torch.Tensor | None = None, keep_dense: bool = True
     ) -> None:
-        super().__init__()
         q, scale, offset = groups
-        self.out_features, self.in_features = q.shape
+        super().__init__(q.shape, bias, group_dense(q, scale, offset) if keep_dense else None)
         lo, hi = q & 15, q >> 4
         # bf16 rounds each group's zero point by up to 2^-9 of its size, an error shared by the
         # whole group: keep both zero points small. Each group's `hi` is shifted by `c` to sit
@@ -254,15 +266,7 @@ class Int4x2Linear(nn.Module):
         hi_packed, hi_sz = pack_int4(hi, 16.0 * scale, zero_hi)
         self.register_buffer("hi_packed", hi_packed)
         self.register_buffer("hi_sz", hi_sz)
-        self.register_buffer("bias", None if bias is None else bias.float())
-        register_native(self, q, scale, offset)
-        if keep_dense:
-            n, k = q.shape
-            g = INT4_GROUP
-            deq = q.reshape(n, k // g, g).float() * scale[..., None] + offset[..., None]
-            self.register_buffer("dense", deq.reshape(n, k).to(torch.bfloat16))
-        else:
-            self.register_buffer("dense", None)
+        self._store_native(q, scale, offset)
 
     def _packed(self, x2: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -270,4 +274,27 @@ class Int4x2Linear(nn.Module):
         y += mm(x2, self.hi_packed, INT4_GROUP, self.hi_sz).float()
         return y
 
-    forward = dual_kernel_forward
+
+def quantized_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    qtypes: set[str],
+    exact_groups: Callable[[], GroupLevels | None],
+) -> PackedLinear:
+    """The packed linear for a float `weight` [N, K] stored in the checkpoint as `qtypes` (fast
+    mode on CPU). `exact_groups()`: the file's own group-32 integer levels, where it has them
+    (kept exactly, so the numbers are the file's), else None."""
+    if not int4_supported(weight):
+        return Int8Linear(weight, bias)
+    groups = exact_groups()
+    if groups is not None:
+        q, scale, offset = groups
+        if int(q.max()) <= 15:
+            return Int4Linear(None, bias, groups=(q, scale, offset + 8.0 * scale))
+        return Int4x2Linear(groups, bias)
+    if qtypes <= INT4_QTYPES:
+        return Int4Linear(weight, bias)
+    # Float (or other) weights: int8 per group of 32 (as Q8_0), as two int4 matmuls: about
+    # 3x less error than int8 per row.
+    q, scale = quantize_int8_groups(weight, INT4_GROUP)
+    return Int4x2Linear((q.to(torch.int32) + 128, scale, -128.0 * scale), bias)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from girandole.model import native
+from girandole.model.kernels.logits import argmax_rows
 from girandole.sampling.params import SamplingParams
 
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
@@ -47,20 +47,6 @@ def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]
         return [[] for _ in range(logprobs.shape[0])]
     values, ids = logprobs.topk(n, dim=-1)
     return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
-
-
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's first index of its maximum, as `logits.argmax(dim=-1)`: natively on CPU
-    (torch's CPU argmax is scalar, ~10x slower over a 262k vocabulary)."""
-    lib = native.library() if logits.device.type == "cpu" else None
-    if lib is None or logits.dtype != torch.float32 or logits.dim() != 2:
-        return logits.argmax(dim=-1)
-    logits = logits.contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.long)
-    lib.argmax_rows(
-        logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads()
-    )
-    return out
 
 
 class Sampler:

@@ -234,20 +234,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
         spec.sliding_windows = [int(window) if window else None] * num_layers
 
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    config = ModelConfig(
-        architecture=arch,
-        vocab_size=spec.vocab_size,
-        hidden_size=hidden,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv,
-        head_dim=head_dim,
-        max_position=ctx,
+    config = ModelConfig.from_spec(
+        spec,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=_eos_ids(reader, tokens),
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", bos is not None)),
         name=str(_field(reader, "general.name", path.stem)),
-        generation_config={},
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
     return spec, config, GGUFWeights(reader, spec)

@@ -222,15 +222,8 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
     if add_bos is None:
         add_bos = arch in ("llama", "gemma3") and bos is not None
 
-    config = ModelConfig(
-        architecture=arch,
-        vocab_size=spec.vocab_size,
-        hidden_size=hidden,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=head_dim,
-        max_position=max_pos,
+    config = ModelConfig.from_spec(
+        spec,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos,
         add_bos_token=bool(add_bos),

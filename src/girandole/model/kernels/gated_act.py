@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from girandole.model import native
+from girandole.model.kernels import loader
 
 ACTS = {"silu": 0, "gelu_tanh": 1}
 
@@ -17,13 +17,13 @@ def supported(gu: torch.Tensor, act: str | None) -> bool:
         and gu.dtype == torch.float32
         and gu.dim() == 2
         and gu.shape[1] % 32 == 0
-        and native.available()
+        and loader.available()
     )
 
 
 def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
     """bfloat16 [T, I] = act(gu[:, :I]) * gu[:, I:] for float32 gu [T, 2I]."""
-    lib = native.library()
+    lib = loader.library()
     assert lib is not None, "native kernels not available"
     gu = gu.contiguous()
     t, i = gu.shape[0], gu.shape[1] // 2

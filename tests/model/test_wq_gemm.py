@@ -1,4 +1,4 @@
-"""The native weight-quantized GEMM (girandole/model/csrc/wq_gemm.c): its results against a
+"""The native weight-quantized GEMM (girandole/model/kernels/csrc/wq_gemm.c): its results against a
 float64 product with the same bf16 weights, row invariance, and the quantized linears that
 use it against torch's int4 kernels."""
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from girandole.model import native, quant, wq_kernel
+from girandole.model import kernels, quant
+from girandole.model.kernels import wq_gemm
 
 pytestmark = pytest.mark.skipif(
-    not native.available(),
+    not kernels.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 
@@ -34,10 +35,10 @@ def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
 @pytest.mark.parametrize("n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16)])
 def test_matches_float64_product(n, k, top):
     q, scale, offset = _levels(n, k, top, seed=n + k)
-    packed, params, bits = wq_kernel.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset)
     assert bits == (4 if top <= 16 else 8)
     x = torch.randn(13, k, generator=torch.Generator().manual_seed(1))
-    y = wq_kernel.gemm(x, packed, params, bits, n)
+    y = wq_gemm.gemm(x, packed, params, bits, n)
     expected = _expected(x, q, scale, offset)
     err = (y.double() - expected).abs().max() / expected.abs().max()
     assert err < 1e-5, f"relative error {err:.2e}"
@@ -45,11 +46,11 @@ def test_matches_float64_product(n, k, top):
 
 def test_rows_do_not_depend_on_their_neighbours():
     q, scale, offset = _levels(192, 256, 32, seed=3)
-    packed, params, bits = wq_kernel.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset)
     x = torch.randn(37, 256, generator=torch.Generator().manual_seed(2))
-    whole = wq_kernel.gemm(x, packed, params, bits, 192)
+    whole = wq_gemm.gemm(x, packed, params, bits, 192)
     for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37)):
-        assert torch.equal(wq_kernel.gemm(x[rows], packed, params, bits, 192), whole[rows])
+        assert torch.equal(wq_gemm.gemm(x[rows], packed, params, bits, 192), whole[rows])
 
 
 @pytest.mark.parametrize("top", [16, 32])

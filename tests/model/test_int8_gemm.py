@@ -1,4 +1,4 @@
-"""The native int8 GEMM of the LM head (girandole/model/csrc/int8_gemm.c) gives bitwise the
+"""The native int8 GEMM of the LM head (girandole/model/kernels/csrc/int8_gemm.c) gives bitwise the
 coarse logits of torch._int_mm, for any number of rows."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from girandole.model import int8_head, native
+from girandole.model import kernels
+from girandole.model.kernels import int8_gemm, logits
 
 pytestmark = pytest.mark.skipif(
-    not native.available(),
+    not kernels.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
 
@@ -23,8 +24,8 @@ def test_bitwise_equal_to_torch_int_mm(n, k, rows):
     x = torch.randn(rows, k, generator=g) * 3
     sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
     xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-    packed, wsum = int8_head.pack(w)
-    got = int8_head.int8_gemm(xq, sx, packed, wsum, ws)
+    packed, wsum = int8_gemm.pack(w)
+    got = int8_gemm.int8_gemm(xq, sx, packed, wsum, ws)
     expected = torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws)
     assert torch.equal(got, expected)
 
@@ -53,19 +54,19 @@ def test_refine_matches_the_torch_refinement(rows, spread):
     coarse[0, :40] = coarse[0].max()  # ties at the top: the lower token ids win
     expected = _torch_refine(coarse, x, table, margin, top)
     got = coarse.clone()
-    int8_head.refine(got, x, table.qweight, table.scale, margin, top)
+    logits.refine(got, x, table.qweight, table.scale, margin, top)
     changed_got = got != coarse
     changed_expected = expected != coarse
     assert torch.equal(changed_got, changed_expected)  # the same candidates
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # A row's result does not depend on the rows beside it.
     alone = coarse[-1:].clone()
-    int8_head.refine(alone, x[-1:], table.qweight, table.scale, margin, top)
+    logits.refine(alone, x[-1:], table.qweight, table.scale, margin, top)
     assert torch.equal(alone, got[-1:])
 
 
 def test_native_argmax_is_torchs():
-    from girandole.sampling.sampler import argmax_rows
+    from girandole.model.kernels.logits import argmax_rows
 
     g = torch.Generator().manual_seed(0)
     for vocab in (5, 16, 17, 1000, 262144):

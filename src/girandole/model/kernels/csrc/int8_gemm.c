@@ -9,7 +9,7 @@
 // vpdpbusd multiplies unsigned by signed bytes, so x is offset by 128 (its sign bit flipped)
 // and 128 * sum_k w[n][k] (`wsum`) is subtracted.
 //
-// Layout of w (made by girandole/model/int8_head.py): [N/16][K/4][16 channels][4 inputs].
+// Layout of w (made by kernels/int8_gemm.py): [N/16][K/4][16 channels][4 inputs].
 #include <immintrin.h>
 #include <stdint.h>
 

@@ -1,4 +1,4 @@
-"""girandole's native CPU kernels (csrc/*.c), compiled on first use and loaded with ctypes.
+"""The native CPU kernels' loader: csrc/*.c compiled on first use and loaded with ctypes.
 
 The C sources are compiled with the system's C compiler into one shared library in the cache
 folder (about two seconds, once per source version) and called through ctypes, which releases

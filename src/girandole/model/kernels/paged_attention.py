@@ -2,18 +2,18 @@
 see, read in place from the paged KV cache (no gather), parallel over rows, KV heads and chunks
 of keys. A row's result depends only on its own query and keys: not on its batch neighbours,
 on how its prompt was chunked, or on being a decode or a prefill token.
-Available where girandole.model.native builds (x86 with AVX512 and a C compiler)."""
+Available where the kernels build (x86 with AVX512 and a C compiler)."""
 
 from __future__ import annotations
 
 import torch
 
-from girandole.model import native
+from girandole.model.kernels import loader
 
 
 def supported(head_dim: int, cache: torch.Tensor, softcap: float | None) -> bool:
     return (
-        native.available()
+        loader.available()
         and cache.device.type == "cpu"
         and cache.dtype == torch.float32
         and head_dim % 16 == 0
@@ -31,7 +31,7 @@ def paged_attention(
     window: int | None,
     scale: float,
 ) -> torch.Tensor:  # [S, H, D]
-    lib = native.library()
+    lib = loader.library()
     assert lib is not None, "native kernels not available"
     q = q.float().contiguous()
     s, h, d = q.shape

@@ -14,7 +14,7 @@
 // (rows are independent; a row's sum always runs over the groups and pairs in the same order),
 // so a row's result does not depend on the other rows of the call.
 //
-// Layouts (made by girandole/model/wq_kernel.py). Channels go in chunks of CHUNK blocks of 16
+// Layouts (made by kernels/wq_gemm.py). Channels go in chunks of CHUNK blocks of 16
 // (the last chunk may have fewer blocks); within a chunk, group by group, so each thread
 // reads two sequential streams:
 //   q:      [chunk][K/32][block][16 pairs][32 values]; value i of pair p is channel

@@ -2,14 +2,14 @@
 
 `pack` turns integer levels q [N, K] with (scale, offset) per row and group of 32 inputs into
 the kernel's layout; `gemm` runs it. Rows are computed independently (batch invariant).
-Available where girandole.model.native builds (x86 with AVX512-BF16 and a C compiler).
+Available where the kernels build (x86 with AVX512-BF16 and a C compiler).
 """
 
 from __future__ import annotations
 
 import torch
 
-from girandole.model import native
+from girandole.model.kernels import loader
 
 GROUP = 32
 BLOCK_N = 16
@@ -48,7 +48,7 @@ def gemm(
     x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, bits: int, out_features: int
 ) -> torch.Tensor:
     """float32 [M, N] = x [M, K] (cast to bf16) times the packed weight's transpose."""
-    lib = native.library()
+    lib = loader.library()
     assert lib is not None, "native kernels not available"
     x = x.to(torch.bfloat16).contiguous()
     m, k = x.shape

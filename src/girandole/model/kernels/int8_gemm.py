@@ -1,12 +1,12 @@
 """Native int8 GEMM (csrc/int8_gemm.c) for the LM head's coarse logits: bitwise the result of
-`torch._int_mm(x, w.t()).float() * xs * ws`, faster for a few rows. Available where
-girandole.model.native builds (x86 with AVX512-VNNI and a C compiler)."""
+`torch._int_mm(x, w.t()).float() * xs * ws`, faster for a few rows. Available where the
+kernels build (x86 with AVX512-VNNI and a C compiler)."""
 
 from __future__ import annotations
 
 import torch
 
-from girandole.model import native
+from girandole.model.kernels import loader
 
 
 def supports(n: int, k: int) -> bool:
@@ -27,7 +27,7 @@ def int8_gemm(
     wsum: torch.Tensor,
     ws: torch.Tensor,  # float32 [N]: row scales of w
 ) -> torch.Tensor:  # float32 [M, N]
-    lib = native.library()
+    lib = loader.library()
     assert lib is not None, "native kernels not available"
     xq = xq.contiguous()
     xs = xs.float().reshape(-1).contiguous()
@@ -47,33 +47,3 @@ def int8_gemm(
         torch.get_num_threads(),
     )
     return y
-
-
-def refine(
-    logits: torch.Tensor,  # float32 [M, V] coarse, contiguous: candidates overwritten in place
-    x: torch.Tensor,  # float32 [M, H]
-    table_q: torch.Tensor,  # int8 [V, H]
-    table_scale: torch.Tensor,  # float32 [V, H / 32]
-    margin: float,
-    top: int,
-) -> None:
-    """Recompute exactly each row's best `top` coarse logits within `margin` of its maximum
-    (csrc/logits.c)."""
-    lib = native.library()
-    assert lib is not None, "native kernels not available"
-    assert logits.is_contiguous() and logits.dtype == torch.float32
-    x = x.float().contiguous()
-    table_q, table_scale = table_q.contiguous(), table_scale.float().contiguous()
-    m, v = logits.shape
-    lib.lm_head_refine(
-        logits.data_ptr(),
-        m,
-        v,
-        x.data_ptr(),
-        x.shape[1],
-        table_q.data_ptr(),
-        table_scale.data_ptr(),
-        margin,
-        top,
-        torch.get_num_threads(),
-    )

@@ -1,0 +1,151 @@
+"""Postprocessing of a step: each sampled token appended to its sequence, checked against EOS,
+stop tokens, stop strings, the grammar and the length limits, detokenized, and reported as a
+RequestOutput (girandole.engine.outputs). Finished sequences leave the scheduler here."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from girandole.engine.outputs import FinishReason, RequestOutput
+from girandole.engine.scheduler import ScheduledBatch, Scheduler
+from girandole.engine.sequence import Sequence, SequenceStatus
+from girandole.sampling.sampler import SampleResult
+
+logger = logging.getLogger(__name__)
+
+
+class Postprocessor:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        seqs: dict[str, Sequence],
+        eos_token_ids: set[int],
+        max_model_len: int,
+    ) -> None:
+        self.scheduler = scheduler
+        self.seqs = seqs  # the engine's live requests by id: finished ones are dropped
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+
+    def __call__(
+        self, batch: ScheduledBatch, results: list[SampleResult | Exception | None]
+    ) -> list[RequestOutput]:
+        """Outputs of a computed step; `results[i]`: batch.seqs[i]'s sampled token, the error
+        that sampling it raised, or None where nothing was sampled (a prefill chunk)."""
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for seq, result in zip(batch.seqs, results):
+            if result is None:
+                if seq.num_computed_tokens == len(seq) and seq.params.max_tokens == 0:
+                    # A scoring request (echo + logprobs, max_tokens 0) ends after its prefill.
+                    outputs.append(self.finish(seq, "length", []))
+                continue
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                out = self.append_token(seq, result, now)
+            except Exception as exc:  # one request's failure must not take the batch down
+                logger.exception("request %s failed after sampling", seq.request_id)
+                out = self.abort(seq)
+                out.extra["error"] = f"{type(exc).__name__}: {exc}"
+            outputs.append(out)
+        return outputs
+
+    def append_token(self, seq: Sequence, result: SampleResult, now: float) -> RequestOutput:
+        if result.dead_end:  # the grammar allows no token: end rather than emit garbage
+            return self.finish(seq, "stop", [], stop_reason="grammar_dead_end", flush=True)
+        token = result.token_id
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            return self.finish(seq, "stop", [], stop_reason="grammar_rejected", flush=True)
+        if seq.grammar is not None and seq.grammar.is_terminated:
+            # the grammar took its stop token: nothing may follow, even with ignore_eos
+            return self.finish(seq, "stop", [token], stop_reason=token)
+        seq.token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(result)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return self.finish(seq, "stop", [token], stop_reason=token)
+        if token in params.stop_token_ids:
+            return self.finish(seq, "stop", [token], stop_reason=token)
+
+        text = seq.detokenizer.add([token])
+        if seq.stop_matcher is not None:
+            text, stopped = seq.stop_matcher.feed(text)
+            if stopped:
+                reason = getattr(seq.stop_matcher, "matched", None)
+                return self.finish(seq, "stop", [token], text, stop_reason=reason)
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return self.finish(seq, "length", [token], text, flush=True)
+        return request_output(seq, [token], text)
+
+    def finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        new_tokens: list[int],
+        text: str = "",
+        *,
+        stop_reason: str | int | None = None,
+        flush: bool | None = None,
+    ) -> RequestOutput:
+        """Finish `seq`; unless a stop string ended it, release the text still held back."""
+        if flush is None:
+            flush = not isinstance(stop_reason, str)
+        if flush:
+            tail = seq.detokenizer.flush()
+            if seq.stop_matcher is not None:
+                tail, stopped = seq.stop_matcher.feed(tail)
+                if stopped:
+                    stop_reason, reason = getattr(seq.stop_matcher, "matched", None), "stop"
+                else:
+                    tail += seq.stop_matcher.flush()
+            text += tail
+        seq.stop_reason = stop_reason
+        self.scheduler.remove(seq)
+        self.mark_finished(seq, reason)
+        return request_output(seq, new_tokens, text)
+
+    def abort(self, seq: Sequence) -> RequestOutput:
+        """End `seq` where it stands, without flushing held-back text."""
+        self.scheduler.remove(seq)
+        self.mark_finished(seq, "abort")
+        return request_output(seq, [], "")
+
+    def mark_finished(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finished_time = time.monotonic()
+        self.seqs.pop(seq.request_id, None)
+
+
+def request_output(seq: Sequence, new_tokens: list[int], text: str) -> RequestOutput:
+    """What `seq` reports now: `new_tokens` and `text` since its previous output, the logprobs
+    gathered since then, and its prompt logprobs once they are complete."""
+    logprobs = None
+    if seq.params.logprobs is not None:
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+    prompt_logprobs = None
+    if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+        if seq.is_finished or seq.num_computed_tokens >= seq.num_prompt_tokens:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+    return RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=new_tokens,
+        new_text=text,
+        finished=seq.is_finished,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        arrival_time=seq.arrival_time,
+        first_scheduled_time=seq.first_scheduled_time,
+        first_token_time=seq.first_token_time,
+        finished_time=seq.finished_time,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )

@@ -1,0 +1,96 @@
+"""The forward pass's context (nano-vllm's utils/context.py): what the ModelRunner tells every
+layer about the flattened batch of T new tokens from S sequences that it is computing.
+
+Attention reads where each token's keys and values live in the paged cache; the quantized
+linears read how many leading rows are decode tokens. The runner sets it for the duration of a
+forward (`with forward_context(ctx): model(...)`). Without a context (a model run on its own,
+as in the reference tests) layers treat their input as one sequence starting at position 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PaddedDecode:
+    """Decode-only batches on GPU (every query_len == 1): one padded gather instead of a loop."""
+
+    slots: torch.Tensor  # [S, L_max] long, padding points at slot 0
+    positions: torch.Tensor  # [S] long: position of each query token
+    valid: torch.Tensor  # [S, L_max] bool: key index < context_len
+
+    @classmethod
+    def build(cls, context_slots: list[torch.Tensor], device: torch.device) -> PaddedDecode:
+        lens = [len(s) for s in context_slots]
+        padded = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        valid = torch.zeros(len(lens), max(lens), dtype=torch.bool)
+        for i, s in enumerate(context_slots):
+            padded[i, : len(s)] = s
+            valid[i, : len(s)] = True
+        positions = torch.tensor([n - 1 for n in lens], dtype=torch.long)
+        return cls(padded.to(device), positions.to(device), valid.to(device))
+
+
+@dataclass
+class NativeSlots:
+    """The native paged attention kernel's view (CPU), per query row: where its sequence's slots
+    start in `slots` (every sequence's context slots, concatenated) and how many keys it sees."""
+
+    slots: torch.Tensor  # long: cache slots of every sequence's positions, concatenated
+    starts: torch.Tensor  # [T] long
+    lens: torch.Tensor  # [T] long: the row's position + 1
+
+    @classmethod
+    def build(
+        cls, query_lens: list[int], context_slots: list[torch.Tensor], positions: torch.Tensor
+    ) -> NativeSlots:
+        starts: list[int] = []
+        offset = 0
+        for n, slots in zip(query_lens, context_slots):
+            starts.extend([offset] * n)
+            offset += len(slots)
+        return cls(torch.cat(context_slots), torch.tensor(starts, dtype=torch.long), positions + 1)
+
+
+@dataclass
+class ForwardContext:
+    """The batch of T new tokens from S sequences, in batch order."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot that each new token's K/V is written to
+    query_lens: list[int]  # new tokens of each sequence (sum = T)
+    context_lens: list[int]  # keys each sequence attends to: cached + new tokens
+    # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1.
+    context_slots: list[torch.Tensor]
+    # The first this-many tokens of the batch are decode tokens (one generated token of a
+    # sequence); linears with two kernels pick theirs by this role, not by the row count.
+    num_decode_rows: int | None = None
+    padded_decode: PaddedDecode | None = None  # set for the GPU's padded decode path
+    native: NativeSlots | None = None  # set where the native attention kernel may run
+
+
+_current: ForwardContext | None = None
+
+
+def get_context() -> ForwardContext | None:
+    """The context of the forward being computed, or None outside an engine step."""
+    return _current
+
+
+def current_decode_rows() -> int | None:
+    """Leading decode rows of the batch being computed, or None outside an engine step."""
+    return None if _current is None else _current.num_decode_rows
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext | None) -> Iterator[None]:
+    global _current
+    previous, _current = _current, ctx
+    try:
+        yield
+    finally:
+        _current = previous

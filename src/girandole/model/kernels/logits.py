@@ -1,0 +1,52 @@
+"""Native passes over rows of logits (csrc/logits.c): the LM head's exact refinement of its
+coarse logits, and each row's argmax. Available where the kernels build (x86 with AVX512)."""
+
+from __future__ import annotations
+
+import torch
+
+from girandole.model.kernels import loader
+
+
+def refine(
+    logits: torch.Tensor,  # float32 [M, V] coarse, contiguous: candidates overwritten in place
+    x: torch.Tensor,  # float32 [M, H]
+    table_q: torch.Tensor,  # int8 [V, H]
+    table_scale: torch.Tensor,  # float32 [V, H / 32]
+    margin: float,
+    top: int,
+) -> None:
+    """Recompute exactly each row's best `top` coarse logits within `margin` of its maximum
+    (csrc/logits.c)."""
+    lib = loader.library()
+    assert lib is not None, "native kernels not available"
+    assert logits.is_contiguous() and logits.dtype == torch.float32
+    x = x.float().contiguous()
+    table_q, table_scale = table_q.contiguous(), table_scale.float().contiguous()
+    m, v = logits.shape
+    lib.lm_head_refine(
+        logits.data_ptr(),
+        m,
+        v,
+        x.data_ptr(),
+        x.shape[1],
+        table_q.data_ptr(),
+        table_scale.data_ptr(),
+        margin,
+        top,
+        torch.get_num_threads(),
+    )
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its maximum, as `logits.argmax(dim=-1)`: natively on CPU
+    (torch's CPU argmax is scalar, ~10x slower over a 262k vocabulary)."""
+    lib = loader.library() if logits.device.type == "cpu" else None
+    if lib is None or logits.dtype != torch.float32 or logits.dim() != 2:
+        return logits.argmax(dim=-1)
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    lib.argmax_rows(
+        logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads()
+    )
+    return out
