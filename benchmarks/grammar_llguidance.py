@@ -20,36 +20,17 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import llguidance as llg
 import numpy as np
 import torch
 
-GrammarKind = Literal["json_object", "json_schema", "gbnf", "regex"]
+from girandole.sampling.grammar import GrammarError, GrammarSpec  # the engine-neutral parts
 
 # Compact JSON (one space after ':' and ','): with free whitespace, small models can loop on
 # blank space forever.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    kind: GrammarKind
-    text: str = ""  # the schema as JSON text, the GBNF grammar or the regex; "" for json_object
-
-    @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str) -> GrammarSpec:
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
-        return cls("json_schema", text)
-
-    def describe(self) -> str:
-        """The grammar as shown in raw_output.grammar."""
-        return "json_object" if self.kind == "json_object" else self.text
-
-
-class GrammarError(ValueError):
-    """The grammar or schema is invalid or uses something the grammar engine does not support."""
 
 
 # -- schemas --------------------------------------------------------------------------------------

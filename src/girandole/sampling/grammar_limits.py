@@ -105,14 +105,14 @@ class _Counts:
                     " the schema itself ('#/...') are resolved; this server fetches nothing"
                 )
             for key, value in node.items():
-                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                if key in SCHEMA_MAPS and isinstance(value, dict):
                     if key == "properties":
                         self.properties += len(value)
                         self.literal(list(value), limits, "property names")
                     stack.extend(value.values())
-                elif key in _SCHEMA_LISTS and isinstance(value, list):
+                elif key in SCHEMA_LISTS and isinstance(value, list):
                     stack.extend(value)
-                elif key in _SCHEMA_VALUED:
+                elif key in SCHEMA_VALUED:
                     stack.extend(value if isinstance(value, list) else [value])
                 elif key == "enum" and isinstance(value, list):
                     self.enum_values += len(value)
@@ -126,7 +126,7 @@ class _Counts:
 
 # Keywords whose values are subschemas: a single one (or a list, for old-style `items`), a list
 # of them, or a map of names to them. Everything else (default, examples, ...) is data.
-_SCHEMA_VALUED = {
+SCHEMA_VALUED = {
     "items",
     "additionalProperties",
     "unevaluatedProperties",
@@ -139,5 +139,5 @@ _SCHEMA_VALUED = {
     "then",
     "else",
 }
-_SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
-_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}

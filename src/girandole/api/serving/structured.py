@@ -28,6 +28,7 @@ from girandole.api.http.errors import bad_request
 from girandole.api.http.schema import ResponseFormat
 from girandole.engine.protocol import EngineClient
 from girandole.sampling.grammar import GrammarError, GrammarSpec
+from girandole.sampling.grammar_limits import SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_VALUED
 
 # Validation keywords the grammar engine would not enforce.
 UNSUPPORTED_KEYWORDS = {
@@ -59,20 +60,6 @@ SUPPORTED_FORMATS = {
     "json-pointer",
     "relative-json-pointer",
 }
-# keyword -> how its value holds subschemas
-_SCHEMA_VALUED = {
-    "items",
-    "additionalProperties",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "propertyNames",
-    "contains",
-    "additionalItems",
-}
-_SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
-_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
-
-
 MAX_SCHEMA_DEPTH = 64  # nested subschemas; deeper is a 400 (the grammar compiler recurses)
 
 
@@ -102,12 +89,12 @@ def check_schema(schema: Any, param: str, where: str = "") -> None:
             raise _unsupported("allOf (with more than one schema)", here, param)
         if key == "format" and isinstance(value, str) and value not in SUPPORTED_FORMATS:
             raise _unsupported(f"format '{value}'", here, param)
-        if key in _SCHEMA_VALUED and isinstance(value, (dict, bool)):
+        if key in SCHEMA_VALUED and isinstance(value, (dict, bool)):
             check_schema(value, param, here)
         elif key == "items" and isinstance(value, list):  # draft-7 tuple form
             for i, sub in enumerate(value):
                 check_schema(sub, param, f"{here}/{i}")
-        elif key in _SCHEMA_LISTS:
+        elif key in SCHEMA_LISTS:
             if not isinstance(value, list):
                 raise bad_request(
                     f"Invalid JSON schema at '{here}': '{key}' must be an array of schemas,"
@@ -116,7 +103,7 @@ def check_schema(schema: Any, param: str, where: str = "") -> None:
                 )
             for i, sub in enumerate(value):
                 check_schema(sub, param, f"{here}/{i}")
-        elif key in _SCHEMA_MAPS:
+        elif key in SCHEMA_MAPS:
             if not isinstance(value, dict):
                 raise bad_request(
                     f"Invalid JSON schema at '{here}': '{key}' must be an object of schemas,"
