@@ -259,3 +259,12 @@ def test_models_lists_the_reachable_deployments(routed):
     assert entries[f"{MODEL}#{SECOND}"]["context_length"] == SECOND_CONTEXT
     assert entries[f"{MODEL}#{FIRST}"]["supports_chat"] is True
     assert [m.id for m in routed.openai(routed.other_key).models.list()] == []
+
+
+def test_prompt_size_is_checked_against_the_deployments_context(routed):
+    with pytest.raises(openai.BadRequestError) as info:
+        routed.openai().completions.create(
+            model=f"{MODEL}#{SECOND}", prompt="a" * (SECOND_CONTEXT * 64 + 1), max_tokens=1
+        )
+    message = info.value.body["message"]
+    assert f"limit of {SECOND_CONTEXT} tokens" in message and "characters" in message, message

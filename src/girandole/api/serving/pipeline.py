@@ -1,6 +1,7 @@
 """One inference request from its HTTP body to its response, for every endpoint.
 
-    body -> validated request (the endpoint's schema) -> the endpoint's response shape
+    body -> the model's engine (target.py: the server's own, or a deployment's; 404, 503)
+    -> validated request (the endpoint's schema) -> the endpoint's response shape
     -> grammar (response_format, or a forced tool call) -> prompt token ids (the endpoint's)
     -> Job: choices, one engine request each -> admission (ops) -> fan-out to the engine
     -> one collect loop or one stream loop -> the response
@@ -97,7 +98,7 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
     target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
         target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
-    state.ops.check_prompt_size(data)
+    state.ops.check_prompt_size(data, target.context_length if target is not None else None)
     strip_unsupported(data, endpoint.unsupported)
     check_not_both(data, "max_tokens", "max_completion_tokens")
     req = validate_model(endpoint.schema, data)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 class Target:
     model: str  # accounts/<a>/models/<m>, for usage rows and the access log
     deployment: str | None  # a managed deployment; None: the server's own engine
+    context_length: int | None = None  # a deployment's, when known before its engine runs
 
 
 def resolve_target(
@@ -64,7 +65,10 @@ def resolve_target(
             raise model_not_found()
     if record is not None:
         record.model = found.base_model
-    return Target(found.base_model, found.name)
+    context_length = found.max_context_length or None
+    for engine in manager.backend.engines(found.name)[:1]:
+        context_length = context_length or state.context_length_of(engine)
+    return Target(found.base_model, found.name, context_length)
 
 
 def engine_of(request: Any, state: AppState, target: Target | None) -> EngineClient:
