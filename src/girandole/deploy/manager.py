@@ -329,6 +329,29 @@ class DeploymentManager:
                 self.store.save(record)
         raise scaling_up()
 
+    def find(self, name: str) -> DeploymentRecord | None:
+        """The live (not deleted) deployment named accounts/<a>/deployments/<d>, or None."""
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
+            return None
+        record = self.store.get(parts[1], parts[3])
+        return None if record is None or record.deleted else record
+
+    def default_deployment(self, model: str, account: str | None) -> DeploymentRecord | None:
+        """The deployment a request naming only `model` goes to: the first one created of that
+        model among `account`'s live deployments (None: every account's)."""
+        records = [r for r in self.store.list(account) if not r.deleted and r.base_model == model]
+        return min(records, key=lambda r: (r.create_time, r.name), default=None)
+
+    def reachable(self, account: str | None) -> list[DeploymentRecord]:
+        """The live deployments of `account` (None: all), oldest first."""
+        records = [r for r in self.store.list(account) if not r.deleted]
+        return sorted(records, key=lambda r: (r.create_time, r.name))
+
+    def touch(self, name: str) -> None:
+        """A request is under way on deployment `name`: its scale-to-zero clock starts over."""
+        self.backend.touch(name)
+
     # -- views and helpers -----------------------------------------------------------------
 
     def view(self, record: DeploymentRecord) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from girandole.registry.naming import ModelRef, parse_deployment_header, parse_model_ref
+from girandole.registry.naming import ModelRef, parse_model_ref, parse_request_model
 
 
 @dataclass
@@ -78,16 +78,9 @@ class ModelRegistry:
 
     def resolve(self, model: str, deployment_header: str | None = None) -> Resolved | None:
         """Find what serves `model` (plus the `fireworks-deployment` header); None means 404."""
-        ref = parse_model_ref(model, self.default_account)
+        ref = parse_request_model(model, deployment_header, self.default_account)
         if ref is None:
             return None
-        if deployment_header is not None and deployment_header.strip():
-            header_deployment = parse_deployment_header(deployment_header)
-            if header_deployment is None:
-                return None
-            if ref.deployment is not None and ref.deployment != header_deployment:
-                return None
-            ref = ModelRef(model=ref.model, deployment=header_deployment)
         return self._resolve_ref(ref)
 
     def _resolve_ref(self, ref: ModelRef) -> Resolved | None:

@@ -87,3 +87,19 @@ def parse_model_ref(value: str, default_account: str) -> ModelRef | None:
 def parse_deployment_header(value: str) -> str | None:
     """The `fireworks-deployment` header: `accounts/<a>/deployments/<d>` or `<a>/<d>`."""
     return _parse_deployment(value.strip())
+
+
+def parse_request_model(
+    value: str, deployment_header: str | None, default_account: str
+) -> ModelRef | None:
+    """The `model` field with the `fireworks-deployment` header; None (a 404) when either is
+    malformed or they name different deployments."""
+    ref = parse_model_ref(value, default_account)
+    if ref is None or deployment_header is None or not deployment_header.strip():
+        return ref
+    header_deployment = parse_deployment_header(deployment_header)
+    if header_deployment is None:
+        return None
+    if ref.deployment is not None and ref.deployment != header_deployment:
+        return None
+    return ModelRef(model=ref.model, deployment=header_deployment)

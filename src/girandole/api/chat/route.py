@@ -21,7 +21,9 @@ class Chat(Endpoint):
     """Messages through the chat template; choices written as `message`/`delta`, with tools."""
 
     def shape(self, state: AppState, engine: EngineClient, req: ChatCompletionRequest) -> ChatShape:
-        template = chat_template_for(engine.tokenizer, state.chat_template)
+        # --chat-template is the server's own model's; a deployment's engine uses its model's
+        override = state.chat_template if engine is state.engine else None
+        template = chat_template_for(engine.tokenizer, override)
         if template is None:
             raise bad_request(
                 "This model has no chat template (none in its files and no built-in one for its"

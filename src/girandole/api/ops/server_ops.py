@@ -152,9 +152,10 @@ class ServerOps:
             record.model = resolved.model.name
         return resolved
 
-    def check_prompt_size(self, data: dict) -> None:
-        """Refuse, before tokenizing, a prompt too long in characters to fit any context."""
-        limit = self.max_prompt_tokens or self.served.context_length
+    def check_prompt_size(self, data: dict, context_length: int | None = None) -> None:
+        """Refuse, before tokenizing, a prompt too long in characters to fit any context (the
+        server's model's, or `context_length`: a deployment's)."""
+        limit = self.max_prompt_tokens or context_length or self.served.context_length
         if not limit:
             return
         chars = _text_chars(data.get("prompt")) + _text_chars(data.get("messages"))

@@ -1,6 +1,7 @@
 """One inference request from its HTTP body to its response, for every endpoint.
 
-    body -> validated request (the endpoint's schema) -> the endpoint's response shape
+    body -> the model's engine (target.py: the server's own, or a deployment's; 404, 503)
+    -> validated request (the endpoint's schema) -> the endpoint's response shape
     -> grammar (response_format, or a forced tool call) -> prompt token ids (the endpoint's)
     -> Job: choices, one engine request each -> admission (ops) -> fan-out to the engine
     -> one collect loop or one stream loop -> the response
@@ -23,7 +24,6 @@ from fastapi.responses import JSONResponse, Response
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
-from girandole.api.http.errors import model_not_found
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import RequestFields
 from girandole.api.http.sse import SSEResponse
@@ -39,6 +39,7 @@ from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
 from girandole.api.serving.response import ResponseShape, collect, engine_error, stream
 from girandole.api.serving.structured import request_grammar
+from girandole.api.serving.target import Target, engine_of, resolve_target, touch
 from girandole.api.serving.usage import perf_headers
 from girandole.engine.protocol import EngineClient
 
@@ -94,15 +95,15 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
     request.state.request_id = request_id
     data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
     model = data.get("model")
+    target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
-        if state.ops.resolve(request, model, request.headers.get("fireworks-deployment")) is None:
-            raise model_not_found()
-    state.ops.check_prompt_size(data)
+        target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
+    state.ops.check_prompt_size(data, target.context_length if target is not None else None)
     strip_unsupported(data, endpoint.unsupported)
     check_not_both(data, "max_tokens", "max_completion_tokens")
     req = validate_model(endpoint.schema, data)
     state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
-    engine = state.require_engine()
+    engine = engine_of(request, state, target)
     shape = endpoint.shape(state, engine, req)
     grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
     prompts = await endpoint.prompts(engine, req, shape)
@@ -112,17 +113,22 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
         request_id,
         prompts,
         default_max_tokens=endpoint.default_max_tokens,
-        context_length=state.context_length,
+        context_length=state.context_length_of(engine),
         grammar=grammar,
         received=received,
         headers=request.headers,
     )
-    return await run(request, state, engine, job, shape)
+    return await run(request, state, engine, job, shape, target)
 
 
 @with_cancellation
 async def run(
-    request: Request, state: AppState, engine: EngineClient, job: Job, shape: ResponseShape
+    request: Request,
+    state: AppState,
+    engine: EngineClient,
+    job: Job,
+    shape: ResponseShape,
+    target: Target | None,
 ) -> Response:
     """Admit the job, start its engine requests, and answer: whole, or as a stream."""
     headers = {
@@ -131,6 +137,7 @@ async def run(
     }
     record = record_of(request)
     await state.ops.admit(record, job.choices)  # prompt limit; admission queue (429/503)
+    touch(request, target)  # the wait for admission is no idle time of the deployment
     fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
     try:
         await fanout.start()

@@ -1,0 +1,84 @@
+"""Which engine serves an inference request.
+
+The server's own model (and its own deployment) runs on the server's engine. Any other
+`accounts/<a>/models/<m>` goes to that model's default deployment (the first one created of the
+key's account), and `...#accounts/<a>/deployments/<d>` or the `fireworks-deployment` header to
+the one named, on the engine of a replica of it (`DeploymentManager.engine_for`: 503
+DEPLOYMENT_SCALING_UP from zero). A key reaches only its own account's deployments; a model or
+deployment it cannot reach is a 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from girandole.api.http.errors import model_not_found
+from girandole.api.ops.tracking import record_of
+from girandole.engine.protocol import EngineClient
+from girandole.registry.models import PUBLIC_ACCOUNT
+from girandole.registry.naming import parse_request_model
+
+if TYPE_CHECKING:
+    from girandole.api.state import AppState
+    from girandole.deploy.manager import DeploymentManager
+
+
+@dataclass(frozen=True)
+class Target:
+    model: str  # accounts/<a>/models/<m>, for usage rows and the access log
+    deployment: str | None  # a managed deployment; None: the server's own engine
+    context_length: int | None = None  # a deployment's, when known before its engine runs
+
+
+def resolve_target(
+    request: Any, state: AppState, model: str, deployment_header: str | None
+) -> Target:
+    """The model and deployment a request's `model` (and header) name; 404 when unreachable."""
+    own = state.ops.resolve(request, model, deployment_header)
+    if own is not None:
+        return Target(own.model.name, None)
+    manager: DeploymentManager | None = getattr(request.app.state, "deployments", None)
+    ref = parse_request_model(model, deployment_header, state.settings.account)
+    if manager is None or ref is None:
+        raise model_not_found()
+    record = record_of(request)
+    principal = record.principal if record is not None else None
+    account = principal.account if principal is not None else None  # None: an open server
+    if ref.deployment is not None:
+        found = manager.find(ref.deployment)
+        if (
+            found is None
+            or not state.ops.can_see(principal, found.account)
+            or (ref.model is not None and ref.model != found.base_model)
+        ):
+            raise model_not_found()
+    else:
+        catalog_model = manager.catalog.get(ref.model or "")
+        if catalog_model is None or (
+            catalog_model.account != PUBLIC_ACCOUNT
+            and not state.ops.can_see(principal, catalog_model.account)
+        ):
+            raise model_not_found()
+        found = manager.default_deployment(catalog_model.name, account)
+        if found is None:  # in the catalog but not deployed
+            raise model_not_found()
+    if record is not None:
+        record.model = found.base_model
+    context_length = found.max_context_length or None
+    for engine in manager.backend.engines(found.name)[:1]:
+        context_length = context_length or state.context_length_of(engine)
+    return Target(found.base_model, found.name, context_length)
+
+
+def engine_of(request: Any, state: AppState, target: Target | None) -> EngineClient:
+    """The engine that runs the request (503 while the model loads or the deployment is at 0)."""
+    if target is None or target.deployment is None:
+        return state.require_engine()
+    return request.app.state.deployments.engine_for(target.deployment)
+
+
+def touch(request: Any, target: Target | None) -> None:
+    """The request still holds its deployment (after waiting for admission): keep it up."""
+    if target is not None and target.deployment is not None:
+        request.app.state.deployments.touch(target.deployment)
