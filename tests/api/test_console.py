@@ -160,7 +160,9 @@ def test_json_banner_and_its_curl_line(hub_server):
         line["message"].startswith(f"model {MODEL} ready in") for line in log_lines(hub_server)
     )
     out = run_curl(banner["curl"], API_KEY=KEY)
-    assert out["model"] == MODEL and out["usage"]["completion_tokens"] == 32
+    # sampled (the curl line sets no temperature): a random tiny model may meet EOS before 32
+    assert out["model"] == MODEL and 0 < out["usage"]["completion_tokens"] <= 32
+    assert out["choices"][0]["finish_reason"] in ("length", "stop")
     refused = run_curl(banner["curl"], API_KEY="sk-wrong")
     assert "error" in refused
 
@@ -219,7 +221,7 @@ def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
         assert any(line.endswith(" INFO  Application startup complete.") for line in lines)
         curl = next(line for line in lines if line.startswith("  try ")).split(None, 1)[1]
         assert "Authorization" not in curl
-        assert run_curl(curl)["usage"]["completion_tokens"] == 32
+        assert 0 < run_curl(curl)["usage"]["completion_tokens"] <= 32  # sampled: EOS may come
     finally:
         proc.send_signal(signal.SIGINT)
         try:
