@@ -34,7 +34,10 @@ class Lease:
 def replica(tiny_llama_dir):
     engine = AsyncEngine(
         EngineConfig(
-            model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4,
+            model=str(tiny_llama_dir),
+            mode="reference",
+            device="cpu",
+            block_size=4,
             kv_cache_gb=0.01,
         )
     )

@@ -81,6 +81,7 @@ class ReplicaServer:
         self.token = secrets.token_hex(16)
         self.on_request_ended: RequestEnded | None = None
         self.num_connections = 0
+        self.active: set[str] = set()  # request ids running on the port
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
@@ -111,7 +112,11 @@ class ReplicaServer:
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
+    def is_active(self, request_id: str) -> bool:
+        return request_id in self.active
+
     def request_ended(self, request_id: str) -> None:
+        self.active.discard(request_id)
         if self.on_request_ended is not None:
             self.on_request_ended(request_id)
 
@@ -134,6 +139,7 @@ class ReplicaServer:
                     if request_id in conn.tasks:
                         conn.send(request_id, RemoteError("value", f"duplicate id {request_id}"))
                         continue
+                    self.active.add(request_id)
                     conn.tasks[request_id] = asyncio.create_task(
                         conn.run_request(request_id, prompt, params, kwargs)
                     )
