@@ -246,8 +246,9 @@ def test_autoscale_up_under_load_and_down_to_zero(plane):
 
     async def load():
         async def one(i):
-            await client.completions.create(model=name, prompt=f"load {i}", max_tokens=3000,
-                                            extra_body={"ignore_eos": True})  # fmt: skip
+            while True:  # busy until the replicas are counted
+                await client.completions.create(model=name, prompt=f"load {i}", max_tokens=3000,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
 
         tasks = [asyncio.create_task(one(i)) for i in range(6)]
         peak = 0
@@ -272,6 +273,18 @@ def test_autoscale_up_under_load_and_down_to_zero(plane):
         if r.status_code == 200:
             break
         assert r.status_code == 503 and time.monotonic() < deadline, r.text
+    fw.deployments.delete("elastic")
+
+
+def test_manual_scale(plane):
+    fw = plane.fw()
+    fw.deployments.create(base_model=MODEL, deployment_id="manual", max_replica_count=2)
+    plane.wait("manual", 1)
+    assert fw.deployments.scale("manual", replica_count=2) == {}
+    assert plane.wait("manual", 2).desired_replica_count == 2
+    fw.deployments.scale("manual", replica_count=1)
+    plane.wait("manual", 1)
+    fw.deployments.delete("manual")
 
 
 def test_delete_takes_the_replicas_away(plane):

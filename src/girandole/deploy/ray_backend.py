@@ -34,6 +34,7 @@ logger = logging.getLogger("girandole.deploy")
 
 REPLICA_BATCH_SLOTS = 64  # EngineConfig.max_num_seqs: what loadTargets.default is a fraction of
 STATUS_PERIOD_S = 1.0
+LOOK_BACK_MIN_S = 11.0
 SESSION_DRAIN_TIMEOUT_S = 30.0
 
 
@@ -96,8 +97,9 @@ def autoscaling_config(
         "upscale_delay_s": policy.scale_up_window,
         "downscale_delay_s": policy.scale_down_window,
         "downscale_to_zero_delay_s": policy.scale_to_zero_window,
-        # the windows are the delays; the load is averaged over the shorter of them
-        "look_back_period_s": max(2.0, min(30.0, policy.scale_up_window)),
+        # the windows are the delays; the load is averaged over the scale-up window, within
+        # what Serve allows (more than its 10 s metrics interval) and its 30 s default
+        "look_back_period_s": max(LOOK_BACK_MIN_S, min(30.0, policy.scale_up_window)),
     }
 
 

@@ -147,8 +147,8 @@ class ReplicaServer:
                     task = conn.tasks.get(message[1])
                     if task is not None:
                         task.cancel()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the peer went away, or the replica stops
         except Exception:  # noqa: BLE001 - a broken peer must not take the replica down
             logger.exception("the replica's connection failed")
         finally:
