@@ -11,6 +11,7 @@ real one. Two Ray messages per request, none per token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -31,6 +32,11 @@ class GirandoleReplica:
         import torch
 
         from girandole.deploy.replica_server import ReplicaServer
+
+        # Ray starts workers niced (worker_niceness) to keep its own daemons responsive; an
+        # engine is the work itself, so it runs at the normal priority where it may
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         from girandole.engine.async_engine import AsyncEngine, EngineConfig
 
         threads = config.get("threads") or len(os.sched_getaffinity(0))
