@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_server.py            # 1/4/16/64 clients, both servers
     .venv/bin/python benchmarks/bench_server.py --quick    # 1/4/16 clients
     .venv/bin/python benchmarks/bench_server.py --servers girandole --concurrency 16
+    .venv/bin/python benchmarks/bench_server.py --servers girandole,girandole-ray --concurrency 16
 
 The script starts each server itself on a free 127.0.0.1 port (same GGUF, 2 threads), one after
 the other, waits until it is ready and sends one warm-up request; then for each concurrency N, on
@@ -66,6 +67,7 @@ class Server:
     completions_path = "/v1/completions"
     ready_path = "/health"
     batching = True
+    stop_timeout = 15.0
 
     def __init__(self, args: argparse.Namespace, logdir: Path) -> None:
         self.args = args
@@ -129,7 +131,7 @@ class Server:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(15)
+            self.proc.wait(self.stop_timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
@@ -165,6 +167,22 @@ class GirandoleServer(Server):
         r = await client.get(self.base + "/inference/v1/models", timeout=10)
         data = r.json().get("data") or []
         self.model = data[0]["id"] if data else "accounts/fireworks/models/gemma-3-270m"
+
+
+class GirandoleRayServer(GirandoleServer):
+    """`girandole serve --ray`: the same model as one Ray Serve replica on a local cluster that
+    the server starts (tokens from the replica's own port; docs/deployments.md)."""
+
+    name = "girandole --ray"
+    stop_timeout = 90.0  # Ray Serve and the local cluster stop with the server
+
+    def command(self) -> list[str]:
+        return super().command() + ["--ray"]
+
+    def version(self) -> str:
+        import ray
+
+        return f"{super().version()} on Ray Serve {ray.__version__}"
 
 
 class LlamaServerBin(Server):
@@ -521,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [s.strip() for s in args.servers.split(",") if s.strip()]:
         if name == "girandole":
             servers.append(GirandoleServer(args, logdir))
+        elif name in ("girandole-ray", "ray"):
+            servers.append(GirandoleRayServer(args, logdir))
         elif name in ("llama.cpp", "llama-cpp", "llama"):
             binary = (
                 find_llama_server(args.llama_server_bin) if args.llama_server != "python" else None

@@ -121,6 +121,36 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["critical", "error", "warning", "info", "debug"],
         help="[GIRANDOLE_LOG_LEVEL]",
     )
+    ray = p.add_argument_group("Ray Serve (pip install 'girandole[ray]')")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=_env("RAY"),
+        metavar="ADDRESS",
+        help="run deployments (the server's own model too) as Ray Serve replicas: on the"
+        " cluster at ADDRESS, or without it on a local cluster of this server's [GIRANDOLE_RAY]",
+    )
+    ray.add_argument(
+        "--ray-router",
+        default=_env("RAY_ROUTER", "prefix"),
+        choices=["prefix", "round_robin", "least_loaded"],
+        help="how requests pick a replica: the one holding the prompt's prefix (else the least"
+        " loaded), each in turn, or Ray's power of two choices [GIRANDOLE_RAY_ROUTER]",
+    )
+    ray.add_argument(
+        "--ray-replica-cpus",
+        type=float,
+        default=float(_env("RAY_REPLICA_CPUS", "1")),
+        help="Ray CPUs each replica reserves [GIRANDOLE_RAY_REPLICA_CPUS]",
+    )
+    ray.add_argument(
+        "--ray-replicas-per-node",
+        type=int,
+        default=int(_env("RAY_REPLICAS_PER_NODE", "1")),
+        help="replicas of one deployment on one node; 0: no limit (a CPU replica uses every"
+        " core of its node) [GIRANDOLE_RAY_REPLICAS_PER_NODE]",
+    )
     from girandole.api.ops.flags import add_ops_arguments
 
     add_ops_arguments(p)
@@ -163,6 +193,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,
+        ray=args.ray,
+        ray_router=args.ray_router,
+        ray_replica_cpus=args.ray_replica_cpus,
+        ray_replicas_per_node=args.ray_replicas_per_node,
         **ops_settings(args),
     )
 

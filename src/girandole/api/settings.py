@@ -46,3 +46,9 @@ class ServerSettings:
     request_read_timeout: float = 30.0  # a connection must send a whole request within this
     grammar_compile_timeout: float = 10.0  # a schema or grammar compiling longer: 400
     engine_stall_seconds: float = 60.0  # /health 503 when work waits and no step ends this long
+    # Ray Serve backend: "local" (a cluster of this server's own) or a cluster's address;
+    # None: the embedded backend
+    ray: str | None = None
+    ray_router: str = "prefix"  # prefix, round_robin, least_loaded
+    ray_replica_cpus: float = 1.0  # Ray CPUs a replica reserves
+    ray_replicas_per_node: int = 1  # replicas of one deployment on a node; 0: no limit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from girandole.api.http.errors import APIError, unavailable
@@ -46,6 +47,8 @@ class AppState:
         if settings.chat_template:
             self.chat_template = load_chat_template(settings.chat_template)
         self.engine: EngineClient | None = None
+        # Builds the engine of the server's own model; None: an AsyncEngine in this process
+        self.engine_factory: Callable[[], EngineClient] | None = None
         self.status: Status = "loading"
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -101,10 +104,13 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
-            engine = AsyncEngine(
-                EngineConfig(**kwargs),
-                grammar_compile_timeout=self.settings.grammar_compile_timeout,
-            )
+            if self.engine_factory is not None:
+                engine = self.engine_factory()
+            else:
+                engine = AsyncEngine(
+                    EngineConfig(**kwargs),
+                    grammar_compile_timeout=self.settings.grammar_compile_timeout,
+                )
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"

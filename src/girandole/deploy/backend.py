@@ -45,15 +45,22 @@ ReplicaListener = Callable[[str, str | None], None]
 class Backend(ABC):
     name: str  # for messages: "embedded"
     hardware: Hardware
+    autoscales = False  # True: the backend scales by load itself (Ray Serve's autoscaler)
 
     @abstractmethod
     def check_replica_count(self, n: int, param: str) -> None:
         """Raise DeploymentError (400, saying why) when this backend cannot run n replicas."""
 
     @abstractmethod
-    def scale(self, spec: ReplicaSpec, n: int) -> None:
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
         """Move the deployment toward n replicas and return at once; replicas start and stop in
-        the background. Raises DeploymentError when they cannot start (memory)."""
+        the background. `record` (the DeploymentRecord) carries the replica range and
+        autoscaling policy. Raises DeploymentError when they cannot start (memory)."""
+
+    def wake(self, deployment: str) -> None:
+        """A request found the deployment without a ready replica (an autoscaling backend
+        starts one; the others are scaled by the manager)."""
+        return None
 
     @abstractmethod
     def stats(self, deployment: str) -> ReplicaStats: ...

@@ -98,7 +98,7 @@ class EmbeddedBackend(Backend):
                 param,
             )
 
-    def scale(self, spec: ReplicaSpec, n: int) -> None:
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
         self.check_replica_count(n, "replicaCount")
         with self._lock:
             replica = self._replicas.get(spec.deployment)

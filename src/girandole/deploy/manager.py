@@ -109,8 +109,9 @@ class DeploymentManager:
         for record in self.store.list():
             if record.deleted or record.desired_replica_count == 0:
                 continue
+            count = record.desired_replica_count
             try:
-                self._scale(record, min(record.desired_replica_count, 1))
+                self._scale(record, count if self.backend.autoscales else min(count, 1))
             except DeploymentError as exc:
                 self._set_failed(record, exc.message)
         self._autoscaler = threading.Thread(
@@ -327,7 +328,15 @@ class DeploymentManager:
                 record.desired_replica_count = 1
                 record.update_time = time.time()
                 self.store.save(record)
+            else:
+                self.backend.wake(name)
         raise scaling_up()
+
+    def serve_own(self, spec: ReplicaSpec, timeout: float = 1800.0) -> Any:
+        """Run the server's own model as one replica of this backend (Ray) and wait for it: the
+        engine of the server's own deployment."""
+        self.backend.scale(spec, 1)
+        return self.backend.wait_ready(spec.deployment, timeout)
 
     def find(self, name: str) -> DeploymentRecord | None:
         """The live (not deleted) deployment named accounts/<a>/deployments/<d>, or None."""
@@ -365,9 +374,9 @@ class DeploymentManager:
     def _scale(self, record: DeploymentRecord, n: int) -> None:
         """Ask the backend for n replicas (stopping needs no base model: it may be gone)."""
         if n == 0:
-            self.backend.scale(ReplicaSpec(record.name, None, self.kv_cache_gb, None), 0)
+            self.backend.scale(ReplicaSpec(record.name, None, self.kv_cache_gb, None), 0, record)
         else:
-            self.backend.scale(self._spec(record), n)
+            self.backend.scale(self._spec(record), n, record)
 
     def _base_model(self, account: str, text: str) -> Any:
         ref = parse_model_ref(text, account)
@@ -444,7 +453,10 @@ class DeploymentManager:
                 logger.exception("autoscaling failed")
 
     def autoscale_once(self, now: float) -> None:
-        """Scale idle deployments with minReplicaCount 0 to zero after their scaleToZeroWindow."""
+        """Scale idle deployments with minReplicaCount 0 to zero after their scaleToZeroWindow
+        (a backend that autoscales, Ray Serve, does it itself)."""
+        if self.backend.autoscales:
+            return
         for record in self.store.list():
             if record.deleted or record.desired_replica_count == 0 or record.min_replica_count:
                 continue

@@ -1,12 +1,13 @@
 """Build the deployment manager of a server from its settings: the model catalog (the default
-model and the server's own always in it), the embedded backend and its memory budget."""
+model and the server's own always in it), and the backend: embedded (its memory budget) or,
+with `--ray`, Ray Serve."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from girandole.deploy.backend import ReplicaSpec
+from girandole.deploy.backend import Backend, ReplicaSpec
 from girandole.deploy.embedded import EmbeddedBackend, default_budget_bytes, replica_bytes
 from girandole.deploy.hardware import detect_hardware
 from girandole.deploy.manager import DeploymentManager
@@ -32,22 +33,48 @@ def built_in_models(settings: Any) -> list[CatalogModel]:
     return list(models.values())
 
 
-def embedded_manager(settings: Any, db: Database) -> DeploymentManager:
+def own_spec(settings: Any) -> ReplicaSpec:
+    """The replica of the server's own model and deployment."""
+    return ReplicaSpec(
+        deployment_name(settings.account, settings.deployment_id or settings.model_id),
+        settings.model,
+        settings.kv_cache_gb or DEFAULT_KV_CACHE_GB,
+        settings.max_model_len,
+    )
+
+
+def deployment_manager(settings: Any, db: Database) -> DeploymentManager:
     kv_cache_gb = settings.kv_cache_gb or DEFAULT_KV_CACHE_GB
-    own = ReplicaSpec("", settings.model, kv_cache_gb, settings.max_model_len)
+    own = own_spec(settings)
+    backend: Backend
+    if getattr(settings, "ray", None):
+        from girandole.deploy.ray_backend import RayBackend, RayOptions
 
-    def own_bytes() -> int:
-        try:
-            return replica_bytes(own)
-        except Exception:  # noqa: BLE001 - an estimate; the model's own load reports errors
-            return 0
+        address = None if settings.ray == "local" else settings.ray
+        backend = RayBackend(
+            detect_hardware(),
+            RayOptions(
+                address=address,
+                router=settings.ray_router,
+                replica_cpus=settings.ray_replica_cpus,
+                replicas_per_node=settings.ray_replicas_per_node or None,
+                grammar_compile_timeout=settings.grammar_compile_timeout,
+            ),
+        )
+    else:
 
-    backend = EmbeddedBackend(detect_hardware(), default_budget_bytes(), own_bytes)
+        def own_bytes() -> int:
+            try:
+                return replica_bytes(own)
+            except Exception:  # noqa: BLE001 - an estimate; the model's own load reports errors
+                return 0
+
+        backend = EmbeddedBackend(detect_hardware(), default_budget_bytes(), own_bytes)
     return DeploymentManager(
         DeploymentStore(db),
         ModelCatalog(db, built_in_models(settings)),
         backend,
         kv_cache_gb=kv_cache_gb,
         max_model_len=settings.max_model_len,
-        reserved={deployment_name(settings.account, settings.deployment_id or settings.model_id)},
+        reserved={own.deployment},
     )

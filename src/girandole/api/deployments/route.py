@@ -234,9 +234,11 @@ async def _readable_account(request: Request, account: str) -> str:
 def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> DeploymentManager:
     """Serve the control plane under each of `prefixes` (/v1 and /inference/v1), over the
     embedded backend and the server's database; the app's lifespan starts and stops it."""
-    from girandole.deploy.setup import embedded_manager
+    from girandole.deploy.setup import deployment_manager, own_spec
 
-    manager = embedded_manager(state.settings, state.ops.db)
+    manager = deployment_manager(state.settings, state.ops.db)
+    if manager.backend.autoscales:  # the server's own model runs as a replica too (Ray)
+        state.engine_factory = lambda: manager.serve_own(own_spec(state.settings))
     app.state.deployments = manager
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))

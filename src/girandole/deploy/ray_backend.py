@@ -1,0 +1,460 @@
+"""The Ray Serve backend: each deployment is a Ray Serve application of GirandoleReplica replicas,
+placed anywhere in the cluster, scaled by Ray Serve's autoscaler from the deployment's policy.
+
+- Placement, health checks, restarts and scaling are Ray Serve's; the routing decision is its
+  request router's (ray_router.py: prefix-aware by default). Tokens go from the replica's own port
+  to this process (remote_engine.py), never through Ray's proxy (none is started).
+- Fireworks' autoscalingPolicy maps onto Serve's AutoscalingConfig one to one: min/max replicas,
+  `scaleUpWindow` -> upscale_delay_s, `scaleDownWindow` -> downscale_delay_s,
+  `scaleToZeroWindow` -> downscale_to_zero_delay_s, `loadTargets.concurrent_requests` (or
+  `default`, a fraction of a replica's batch slots) -> target_ongoing_requests.
+- A `:scale N` is carried out at once and held for a window, after which Ray's autoscaler decides
+  again: up to N, a floor of N (min_replicas) for `scaleDownWindow`; down to N, a cap of N
+  (max_replicas) for `scaleUpWindow`; to 0, the application is deleted.
+- Every call into Ray's control plane runs on one thread of its own; a poller reads Serve's
+  status each second, so the API's event loop never waits on Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from girandole.deploy.backend import Backend, ReplicaListener, ReplicaSpec, ReplicaStats
+from girandole.deploy.remote_engine import RemoteEngine, ReplicaLost
+from girandole.registry.deployments import Hardware
+
+logger = logging.getLogger("girandole.deploy")
+
+REPLICA_BATCH_SLOTS = 64  # EngineConfig.max_num_seqs: what loadTargets.default is a fraction of
+STATUS_PERIOD_S = 1.0
+LOOK_BACK_MIN_S = 11.0
+SESSION_DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local cluster for the server's lifetime
+    router: str = "prefix"  # prefix, round_robin, least_loaded (Ray's power of two choices)
+    replica_cpus: float = 1.0  # Ray CPUs each replica reserves
+    replicas_per_node: int | None = 1  # None: no limit
+    replica_threads: int | None = None  # torch threads of a replica; None: its node's cores
+    grammar_compile_timeout: float = 10.0
+    max_ongoing_requests: int = 1024  # per replica; the engine queues what it cannot batch
+
+
+@dataclass
+class ScalingPolicy:
+    """The part of a deployment record that becomes Ray Serve's autoscaling config."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    scale_up_window: float = 30.0
+    scale_down_window: float = 600.0
+    scale_to_zero_window: float = 3600.0
+    load_targets: dict[str, float] = field(default_factory=lambda: {"default": 0.8})
+
+    @classmethod
+    def of(cls, record: Any) -> ScalingPolicy:
+        policy = record.autoscaling_policy
+        return cls(
+            min_replicas=record.min_replica_count,
+            max_replicas=max(record.max_replica_count, 1),
+            scale_up_window=policy.scale_up_window,
+            scale_down_window=policy.scale_down_window,
+            scale_to_zero_window=policy.scale_to_zero_window,
+            load_targets=dict(policy.load_targets),
+        )
+
+    def target_ongoing_requests(self) -> float:
+        if "concurrent_requests" in self.load_targets:
+            return max(float(self.load_targets["concurrent_requests"]), 0.1)
+        return max(1.0, float(self.load_targets.get("default", 0.8)) * REPLICA_BATCH_SLOTS)
+
+
+def autoscaling_config(
+    policy: ScalingPolicy, initial: int, floor: int | None = None, cap: int | None = None
+) -> dict[str, Any]:
+    """Serve's AutoscalingConfig for `policy`, starting at `initial` replicas, with a manual
+    scale's floor or cap while it holds."""
+    low, high = policy.min_replicas, policy.max_replicas
+    if floor is not None:
+        low, high = max(low, floor), max(high, floor)
+    if cap is not None:
+        high = max(1, min(high, cap))
+        low = min(low, high)
+    return {
+        "min_replicas": low,
+        "max_replicas": high,
+        "initial_replicas": min(max(initial, low), high),
+        "target_ongoing_requests": policy.target_ongoing_requests(),
+        "upscale_delay_s": policy.scale_up_window,
+        "downscale_delay_s": policy.scale_down_window,
+        "downscale_to_zero_delay_s": policy.scale_to_zero_window,
+        # the windows are the delays; the load is averaged over the scale-up window, within
+        # what Serve allows (more than its 10 s metrics interval) and its 30 s default
+        "look_back_period_s": max(LOOK_BACK_MIN_S, min(30.0, policy.scale_up_window)),
+    }
+
+
+def app_name_of(deployment: str) -> str:
+    """Serve's application name of accounts/<a>/deployments/<d>."""
+    _, account, _, deployment_id = deployment.split("/")
+    return f"girandole--{account}--{deployment_id}"
+
+
+@dataclass
+class _App:
+    spec: ReplicaSpec
+    policy: ScalingPolicy
+    initial: int
+    floor: int | None = None
+    cap: int | None = None
+    hold_until: float = 0.0
+    handle: Any = None
+    engine: RemoteEngine | None = None
+    stats: ReplicaStats = field(default_factory=ReplicaStats)
+    state: str = "deploying"  # deploying, ready, failed
+    error: str | None = None
+    last_used: float = field(default_factory=time.time)
+    generation: int = 0  # bumped by each (re)deploy, so a stale describe is dropped
+
+
+@dataclass
+class RayLease:
+    host: str
+    port: int
+    token: str
+    replica_id: str
+    session: Any = None
+
+    def release(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+
+        async def drain() -> None:
+            # the replica ends the session once the request ends on its port
+            try:
+                async with asyncio.timeout(SESSION_DRAIN_TIMEOUT_S):
+                    async for _ in session:
+                        pass
+            except BaseException:  # noqa: BLE001 - a replica gone: nothing left to release
+                with contextlib.suppress(Exception):
+                    session.cancel()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(drain())
+
+
+class RayBackend(Backend):
+    name = "ray"
+    autoscales = True
+
+    def __init__(
+        self, hardware: Hardware, options: RayOptions, listener: ReplicaListener | None = None
+    ) -> None:
+        self.hardware = hardware
+        self.options = options
+        self.listener = listener
+        self._apps: dict[str, _App] = {}
+        self._lock = threading.RLock()
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="girandole-ray")
+        self._started_ray = False
+        self._ray_error: str | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._tokenizers: dict[str | None, Any] = {}
+        self._control.submit(self._connect)
+
+    # -- Ray's control plane (the control thread) -------------------------------------------
+
+    def _connect(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if not ray.is_initialized():
+                if self.options.address:
+                    ray.init(address=self.options.address, namespace="girandole")
+                else:
+                    ray.init(namespace="girandole", include_dashboard=False)
+                    self._started_ray = True
+            serve.start(proxy_location="Disabled")
+        except Exception as exc:  # noqa: BLE001 - every deployment reports it
+            logger.exception("connecting to Ray failed")
+            self._ray_error = f"{type(exc).__name__}: {exc}"
+            return
+        logger.info(
+            "Ray Serve ready (%s cluster, %s routing)",
+            "local" if self._started_ray else self.options.address,
+            self.options.router,
+        )
+        self._poller = threading.Thread(target=self._poll, name="girandole-ray-status", daemon=True)
+        self._poller.start()
+
+    def _deploy(self, name: str, app: _App) -> None:
+        from ray import serve
+
+        from girandole.deploy.ray_replica import GirandoleReplica
+        from girandole.deploy.ray_router import ROUTERS
+
+        if self._ray_error is not None:
+            self._failed(name, app, f"Ray is not available: {self._ray_error}")
+            return
+        options: dict[str, Any] = {
+            "name": "replica",
+            "max_ongoing_requests": self.options.max_ongoing_requests,
+            "autoscaling_config": autoscaling_config(app.policy, app.initial, app.floor, app.cap),
+            "ray_actor_options": {"num_cpus": self.options.replica_cpus},
+            "health_check_period_s": 2,
+            "health_check_timeout_s": 30,
+            "graceful_shutdown_timeout_s": 10,
+        }
+        if self.options.replicas_per_node:
+            options["max_replicas_per_node"] = self.options.replicas_per_node
+        router = ROUTERS.get(self.options.router)
+        if router is not None:
+            options["request_router_config"] = {
+                "request_router_class": f"{router.__module__}:{router.__name__}",
+                "request_routing_stats_period_s": 1,
+            }
+        config = {
+            "deployment": name,
+            "model": app.spec.model,
+            "kv_cache_gb": app.spec.kv_cache_gb,
+            "max_model_len": app.spec.max_model_len,
+            "threads": self.options.replica_threads,
+            "grammar_compile_timeout": self.options.grammar_compile_timeout,
+        }
+        try:
+            target = serve.deployment(GirandoleReplica).options(**options).bind(config)
+            serve._run(target, _blocking=False, name=app_name_of(name), route_prefix=None)
+            app.handle = serve.get_deployment_handle("replica", app_name_of(name))
+        except Exception as exc:  # noqa: BLE001 - the deployment's status reports it
+            logger.exception("deploying %s on Ray Serve failed", name)
+            self._failed(name, app, f"{type(exc).__name__}: {exc}")
+
+    def _delete(self, name: str, engine: RemoteEngine | None) -> None:
+        from ray import serve
+
+        if engine is not None:
+            engine.shutdown()
+        if self._ray_error is None:
+            with contextlib.suppress(Exception):
+                serve.delete(app_name_of(name), _blocking=False)
+
+    def _poll(self) -> None:
+        from ray import serve
+
+        while not self._stop.wait(STATUS_PERIOD_S):
+            try:
+                status = serve.status()
+            except Exception:  # noqa: BLE001 - Ray restarting: try again
+                logger.debug("serve.status failed", exc_info=True)
+                continue
+            with self._lock:
+                apps = list(self._apps.items())
+            for name, app in apps:
+                self._observe(name, app, status.applications.get(app_name_of(name)))
+            self._expire_holds(time.time())
+
+    def _observe(self, name: str, app: _App, overview: Any) -> None:
+        if overview is None:
+            return
+        dep = overview.deployments.get("replica")
+        states = {
+            str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()
+        }
+        running = states.get("RUNNING", 0)
+        app.stats = ReplicaStats(
+            initializing=states.get("STARTING", 0) + states.get("RECOVERING", 0),
+            ready=running,
+        )
+        if dep is not None and str(getattr(dep.status, "value", dep.status)) == "DEPLOY_FAILED":
+            if app.state != "failed":
+                self._failed(name, app, dep.message or "the replicas failed to start")
+            return
+        if running and app.engine is None and app.handle is not None:
+            self._attach_engine(name, app)
+
+    def _attach_engine(self, name: str, app: _App) -> None:
+        generation = app.generation
+        try:
+            info = app.handle.describe.remote().result(timeout_s=120)
+            tokenizer = self._tokenizer(app.spec.model)
+        except Exception as exc:  # noqa: BLE001 - the next poll tries again
+            logger.warning("describing a replica of %s failed: %s", name, exc)
+            return
+        engine = RemoteEngine(
+            info["model_config"],
+            tokenizer,
+            info["max_model_len"],
+            self._acquirer(name, app),
+            self.options.grammar_compile_timeout,
+            name=name,
+        )
+        with self._lock:
+            if self._apps.get(name) is not app or app.generation != generation:
+                engine.shutdown()
+                return
+            app.engine, app.state, app.error = engine, "ready", None
+            app.last_used = time.time()
+        logger.info("deployment %s has a ready replica on Ray Serve", name)
+        if self.listener is not None:
+            self.listener(name, None)
+
+    def _tokenizer(self, model: str | None) -> Any:
+        if model not in self._tokenizers:
+            from girandole.model.default import resolve_model_path
+            from girandole.tokenizer import load_tokenizer
+
+            self._tokenizers[model] = load_tokenizer(resolve_model_path(model))
+        return self._tokenizers[model]
+
+    def _acquirer(self, name: str, app: _App):
+        from girandole.deploy.ray_router import RouteKey, prefix_hashes
+
+        async def acquire(prompt: list[int], request_id: str, kwargs: dict) -> RayLease:
+            key = RouteKey(request_id, prefix_hashes(prompt, kwargs.get("cache_salt")))
+            session = app.handle.options(stream=True).session.remote(key)
+            try:
+                where = await session.__anext__()
+            except Exception as exc:  # noqa: BLE001 - a replica gone between routing and call
+                raise ReplicaLost(f"no replica of {name} took the request: {exc}") from None
+            app.last_used = time.time()
+            return RayLease(session=session, **where)
+
+        return acquire
+
+    def _failed(self, name: str, app: _App, message: str) -> None:
+        app.state, app.error = "failed", message
+        if self.listener is not None:
+            self.listener(name, message)
+
+    def _expire_holds(self, now: float) -> None:
+        """A manual scale's floor or cap ends after its window: Ray's autoscaler decides again."""
+        with self._lock:
+            expired = [
+                (n, a)
+                for n, a in self._apps.items()
+                if (a.floor is not None or a.cap is not None) and now >= a.hold_until
+            ]
+            for _, app in expired:
+                app.floor = app.cap = None
+        for name, app in expired:
+            self._control.submit(self._deploy, name, app)
+
+    # -- the Backend interface --------------------------------------------------------------
+
+    def check_replica_count(self, n: int, param: str) -> None:
+        return None  # Ray places as many as the cluster holds; the rest wait for resources
+
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
+        name = spec.deployment
+        policy = ScalingPolicy.of(record) if record is not None else ScalingPolicy(n, max(n, 1))
+        with self._lock:
+            app = self._apps.get(name)
+            if n == 0:
+                if app is not None:
+                    del self._apps[name]
+                    self._control.submit(self._delete, name, app.engine)
+                return
+            if app is None or app.spec != spec or app.state == "failed":
+                old = app.engine if app is not None else None
+                app = _App(spec, policy, n)
+                if old is not None:
+                    old.shutdown()
+                self._apps[name] = app
+            else:
+                app.policy = policy
+                running = app.stats.ready + app.stats.initializing
+                now = time.time()
+                app.floor = app.cap = None
+                if n > running:
+                    app.floor, app.hold_until = n, now + policy.scale_down_window
+                elif n < running:
+                    app.cap, app.hold_until = n, now + policy.scale_up_window
+            app.generation += 1
+        self._control.submit(self._deploy, name, app)
+
+    def wake(self, deployment: str) -> None:
+        """A request found no replica: a ping through Serve makes its autoscaler start one
+        (the request itself was answered 503, as Fireworks answers it)."""
+        app = self._apps.get(deployment)
+        if app is None or app.handle is None:
+            return
+        with contextlib.suppress(Exception):
+            app.handle.ping.remote()
+
+    def stats(self, deployment: str) -> ReplicaStats:
+        app = self._apps.get(deployment)
+        if app is None or app.state == "failed":
+            return ReplicaStats()
+        if app.stats.ready == 0 and app.stats.initializing == 0 and app.engine is None:
+            return ReplicaStats(pending_scheduling=1)
+        return app.stats
+
+    def engines(self, deployment: str) -> list[Any]:
+        app = self._apps.get(deployment)
+        if app is None or app.engine is None or app.stats.ready == 0:
+            return []
+        return [app.engine]
+
+    def idle_since(self, deployment: str) -> float | None:
+        app = self._apps.get(deployment)
+        return app.last_used if app is not None and app.engine is not None else None
+
+    def touch(self, deployment: str) -> None:
+        app = self._apps.get(deployment)
+        if app is not None:
+            app.last_used = time.time()
+
+    def wait_ready(self, deployment: str, timeout: float) -> RemoteEngine:
+        """Block until the deployment has a ready replica (the server's own model at start-up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            app = self._apps.get(deployment)
+            if app is None:
+                raise RuntimeError(f"{deployment} is not deployed")
+            if app.state == "failed":
+                raise RuntimeError(app.error or "the replica failed to start")
+            if app.engine is not None and app.stats.ready:
+                return app.engine
+            if self._ray_error is not None:
+                raise RuntimeError(f"Ray is not available: {self._ray_error}")
+            time.sleep(0.2)
+        raise TimeoutError(f"no replica of {deployment} became ready in {timeout:.0f} s")
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            apps, self._apps = list(self._apps.items()), {}
+        for _, app in apps:
+            if app.engine is not None:
+                app.engine.shutdown()
+        self._control.submit(self._stop_ray, [name for name, _ in apps]).result(timeout=120)
+        self._control.shutdown(wait=False)
+
+    def _stop_ray(self, names: list[str]) -> None:
+        import ray
+        from ray import serve
+
+        if self._ray_error is not None or not ray.is_initialized():
+            return
+        try:
+            if self._started_ray:
+                serve.shutdown()
+                ray.shutdown()
+            else:  # a cluster of others: take only our applications away
+                for name in names:
+                    serve.delete(app_name_of(name))
+        except Exception:  # noqa: BLE001 - stopping anyway
+            logger.exception("stopping Ray Serve failed")

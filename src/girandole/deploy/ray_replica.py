@@ -1,0 +1,119 @@
+"""GirandoleReplica: one replica of a deployment on Ray Serve, a girandole engine with its own
+port (ReplicaServer).
+
+Ray Serve places it, health-checks it, scales it and routes to it; tokens never cross Ray. A
+request's `session` is the routing decision: Ray's request router picks this replica, the call
+yields the port's address (and its secret) to the ingress, and stays open until the request ends
+on the port, so Ray's count of ongoing requests (what its autoscaler and routers read) is the
+real one. Two Ray messages per request, none per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from ray import serve
+
+from girandole.deploy.ray_router import RouteKey
+
+logger = logging.getLogger("girandole.deploy")
+
+# A session whose request never reached the port (the ingress went away) ends after this.
+SESSION_START_TIMEOUT_S = 60.0
+
+
+class GirandoleReplica:
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+        import torch
+
+        from girandole.deploy.replica_server import ReplicaServer
+
+        # Ray starts workers niced (worker_niceness) to keep its own daemons responsive; an
+        # engine is the work itself, so it runs at the normal priority where it may
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        from girandole.engine.async_engine import AsyncEngine, EngineConfig
+
+        threads = config.get("threads") or len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, int(threads)))
+        engine_config: dict[str, Any] = {
+            "model": config.get("model"),
+            "kv_cache_gb": config["kv_cache_gb"],
+        }
+        if config.get("max_model_len"):
+            engine_config["max_model_len"] = config["max_model_len"]
+        self.engine = AsyncEngine(
+            EngineConfig(**engine_config),
+            grammar_compile_timeout=config.get("grammar_compile_timeout", 10.0),
+        )
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.server = ReplicaServer(self.engine, host=ray.util.get_node_ip_address()).start()
+        self.server.on_request_ended = self._request_ended
+        self._sessions: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        logger.info(
+            "replica %s of %s serving on %s:%d",
+            self.replica_id,
+            config.get("deployment"),
+            self.server.host,
+            self.server.port,
+        )
+
+    def _request_ended(self, request_id: str) -> None:
+        entry = self._sessions.get(request_id)
+        if entry is not None:
+            loop, event = entry
+            loop.call_soon_threadsafe(event.set)
+
+    def address(self) -> dict[str, Any]:
+        return {
+            "host": self.server.host,
+            "port": self.server.port,
+            "token": self.server.token,
+            "replica_id": self.replica_id,
+        }
+
+    async def session(self, key: RouteKey):
+        """Yield where to send the request, then hold until it ends on the port."""
+        event = asyncio.Event()
+        self._sessions[key.request_id] = (asyncio.get_running_loop(), event)
+        try:
+            yield self.address()
+            while not event.is_set():
+                try:
+                    await asyncio.wait_for(event.wait(), SESSION_START_TIMEOUT_S)
+                except TimeoutError:
+                    if not self.server.is_active(key.request_id):
+                        return
+        finally:
+            self._sessions.pop(key.request_id, None)
+
+    async def describe(self) -> dict[str, Any]:
+        """What the ingress needs besides the tokenizer: the model's config and context."""
+        return {
+            "model_config": self.engine.model_config,
+            "max_model_len": self.engine.max_model_len,
+            **self.address(),
+        }
+
+    async def ping(self) -> bool:
+        """A request that only wakes the deployment (Ray scales it from zero to serve it)."""
+        return True
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return dict(self.engine.stats())
+
+    def check_health(self) -> None:
+        if self.engine.seconds_stalled() == float("inf"):
+            raise RuntimeError("the engine loop is not running")
+
+    def __del__(self) -> None:
+        server, engine = getattr(self, "server", None), getattr(self, "engine", None)
+        if server is not None:
+            server.stop()
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,258 @@
+"""RemoteEngine: the EngineClient of a deployment whose replicas run elsewhere (Ray Serve).
+
+The API server (the ingress) keeps everything it does for a local engine: keys, admission,
+tokenizing, usage, metrics. Per engine request, `acquire` picks a replica (Ray Serve's request
+router: prefix-aware) and leases it; the request then goes to the replica's own port over a
+connection shared by all requests to that replica (ReplicaConnection), and its outputs come
+back the same way. A replica that dies ends its requests with a 503 naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from girandole.deploy.replica_wire import RemoteError, encode, hello, read_frame
+from girandole.engine.outputs import RequestOutput
+from girandole.sampling.compile_pool import CompilePool
+from girandole.sampling.grammar import GrammarCache, GrammarSpec
+from girandole.sampling.grammar_limits import check_grammar_size
+from girandole.sampling.params import SamplingParams
+
+logger = logging.getLogger("girandole.deploy")
+_ids = itertools.count()
+
+
+class ReplicaLost(RuntimeError):
+    """The replica serving a request stopped (or could not be reached) mid-request."""
+
+
+def replica_lost_error(message: str) -> Exception:
+    from girandole.api.http.errors import APIError
+
+    return APIError(503, message, type="service_unavailable", code="UNAVAILABLE")
+
+
+class ReplicaLease(Protocol):
+    """A replica chosen for one request, held until `release` (Ray counts it as ongoing)."""
+
+    host: str
+    port: int
+    token: str
+    replica_id: str
+
+    def release(self) -> None: ...
+
+
+Acquire = Callable[[list[int], str, dict[str, Any]], Awaitable[ReplicaLease]]
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class ReplicaConnection:
+    """One TCP connection to a replica's port, shared by every request sent to it."""
+
+    def __init__(self, host: str, port: int, token: str, replica_id: str) -> None:
+        self.host, self.port, self.token, self.replica_id = host, port, token, replica_id
+        self.streams: dict[str, _Stream] = {}
+        self.stats: dict[str, float] = {}
+        self.closed = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(hello(self.token))
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        error = "the connection closed"
+        try:
+            while True:
+                message = await read_frame(reader)
+                if message[0] == "out":
+                    for request_id, item in message[1]:
+                        stream = self.streams.get(request_id)
+                        if stream is not None:
+                            stream.queue.put_nowait(item)
+                elif message[0] == "stats":
+                    self.stats = message[1]
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except asyncio.CancelledError:
+            error = "the ingress closed the connection"
+        finally:
+            self.closed = True
+            lost = ReplicaLost(f"replica {self.replica_id} stopped ({error})")
+            for stream in self.streams.values():
+                stream.queue.put_nowait(lost)
+
+    def send(self, message: Any) -> None:
+        if self.closed or self._writer is None or self._writer.is_closing():
+            raise ReplicaLost(f"replica {self.replica_id} is not reachable")
+        self._writer.write(encode(message))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+
+
+class RemoteEngine:
+    """EngineClient over leased replicas (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_config: Any,
+        tokenizer: Any,
+        max_model_len: int,
+        acquire: Acquire,
+        grammar_compile_timeout: float = 10.0,
+        name: str = "",
+    ) -> None:
+        self._model_config = model_config
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self.acquire = acquire
+        self.name = name
+        self.connections: dict[tuple[str, int], ReplicaConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future] = {}
+        self._where: dict[str, ReplicaConnection] = {}  # request id -> its replica
+        self.grammars = GrammarCache(tokenizer, model_config.vocab_size)
+        self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
+
+    @property
+    def model_config(self) -> Any:
+        return self._model_config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def _connection(self, lease: ReplicaLease) -> ReplicaConnection:
+        key = (lease.host, lease.port)
+        conn = self.connections.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._connecting[key] = future
+        try:
+            conn = ReplicaConnection(lease.host, lease.port, lease.token, lease.replica_id)
+            await conn.open()
+            self.connections[key] = conn
+            future.set_result(conn)
+            return conn
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            self._connecting.pop(key, None)
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[RequestOutput]:
+        params.validate()
+        request_id = request_id or f"remote-{next(_ids)}"
+        if request_id in self._where:
+            raise ValueError(f"request id already in use: {request_id}")
+        try:
+            lease = await self.acquire(list(prompt_token_ids), request_id, kwargs)
+        except ReplicaLost as exc:
+            raise replica_lost_error(str(exc)) from None
+        finished = False
+        conn: ReplicaConnection | None = None
+        stream = _Stream()
+        try:
+            try:
+                conn = await self._connection(lease)
+            except OSError as exc:
+                raise replica_lost_error(
+                    f"replica {lease.replica_id} is not reachable at"
+                    f" {lease.host}:{lease.port}: {exc}"
+                ) from None
+            conn.streams[request_id] = stream
+            self._where[request_id] = conn
+            conn.send(("add", request_id, list(prompt_token_ids), params, kwargs))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, RemoteError):
+                    if item.kind == "value":
+                        raise ValueError(item.message)
+                    raise replica_lost_error(
+                        f"the engine of replica {lease.replica_id} failed: {item.message}"
+                    )
+                if isinstance(item, ReplicaLost):
+                    raise replica_lost_error(
+                        f"{item}: the request was cut off; retry it (another replica serves it)"
+                    )
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        except ReplicaLost as exc:
+            raise replica_lost_error(str(exc)) from None
+        finally:
+            self._where.pop(request_id, None)
+            if conn is not None:
+                conn.streams.pop(request_id, None)
+                if not finished:
+                    with contextlib.suppress(ReplicaLost):
+                        conn.send(("abort", request_id))
+            lease.release()
+
+    def abort(self, request_id: str) -> None:
+        conn = self._where.get(request_id)
+        if conn is not None:
+            with contextlib.suppress(ReplicaLost):
+                conn.send(("abort", request_id))
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Any:
+        """Compiled here to answer a bad grammar with a 400 before any replica is asked; the
+        replica compiles it again (its own cache)."""
+        check_grammar_size(spec)
+        return await self.grammar_pool.run(
+            lambda: self.grammars.compile(spec), spec.kind.replace("_", " ")
+        )
+
+    def replica_stats(self) -> dict[str, dict[str, float]]:
+        """The last stats each connected replica reported (replica id -> stats)."""
+        return {c.replica_id: dict(c.stats) for c in self.connections.values() if not c.closed}
+
+    def stats(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for stats in self.replica_stats().values():
+            for key, value in stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def seconds_stalled(self) -> float:
+        return 0.0  # each replica's health is Ray Serve's to check (check_health)
+
+    def shutdown(self) -> None:
+        self.grammar_pool.close()
+        for conn in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.connections.clear()

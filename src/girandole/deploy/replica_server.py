@@ -1,0 +1,177 @@
+"""ReplicaServer: a replica's own port, where the ingress sends engine requests and reads their
+outputs straight from the engine, with no Ray hop per token (docs/deployments.md measures why).
+
+It runs an event loop on a thread of its own beside the engine's, so Ray's replica loop is never
+on the token path. Each connection multiplexes many requests (replica_wire.py); outputs of one
+engine step leave in one frame. A connection that closes aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from girandole.deploy.replica_wire import RemoteError, encode, read_frame, read_hello
+
+logger = logging.getLogger("girandole.deploy")
+
+# Called on the server's loop when a request ends (finished, aborted or its connection lost).
+RequestEnded = Callable[[str], None]
+STATS_PERIOD_S = 1.0
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    if isinstance(exc, ValueError):
+        return RemoteError("value", str(exc))
+    if type(exc).__name__ == "EngineDeadError":
+        return RemoteError("dead", str(exc))
+    return RemoteError("internal", f"{type(exc).__name__}: {exc}")
+
+
+class _Connection:
+    def __init__(self, server: ReplicaServer, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.writer = writer
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.pending: list[tuple[str, Any]] = []
+        self.flush_scheduled = False
+
+    def send(self, request_id: str, item: Any) -> None:
+        """Queue an output; everything queued in this loop iteration leaves in one frame."""
+        self.pending.append((request_id, item))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.pending and not self.writer.is_closing():
+            self.writer.write(encode(("out", self.pending)))
+        self.pending = []
+
+    async def run_request(
+        self, request_id: str, prompt: list[int], params: Any, kwargs: dict
+    ) -> None:
+        try:
+            async for out in self.server.engine.generate(prompt, params, request_id, **kwargs):
+                self.send(request_id, out)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the ingress reports it to the client
+            self.send(request_id, remote_error(exc))
+        finally:
+            self.tasks.pop(request_id, None)
+            self.server.request_ended(request_id)
+
+    def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()  # the engine aborts a request whose stream is closed
+
+
+class ReplicaServer:
+    def __init__(self, engine: Any, host: str = "127.0.0.1") -> None:
+        self.engine = engine
+        self.host = host
+        self.port = 0
+        self.token = secrets.token_hex(16)
+        self.on_request_ended: RequestEnded | None = None
+        self.num_connections = 0
+        self.active: set[str] = set()  # request ids running on the port
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="girandole-replica", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> ReplicaServer:
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._server is None:
+            raise RuntimeError("the replica's port did not open")
+        return self
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._server = self.loop.run_until_complete(
+                asyncio.start_server(self._serve, self.host, 0)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+        finally:
+            self._ready.set()
+        self.loop.run_forever()
+        # stopped: end the connections' tasks on this loop before closing it
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def is_active(self, request_id: str) -> bool:
+        return request_id in self.active
+
+    def request_ended(self, request_id: str) -> None:
+        self.active.discard(request_id)
+        if self.on_request_ended is not None:
+            self.on_request_ended(request_id)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            if not await asyncio.wait_for(read_hello(reader, self.token), 10):
+                logger.warning("a connection to the replica's port without its token: closed")
+                writer.close()
+                return
+        if writer.is_closing():
+            return
+        conn = _Connection(self, writer)
+        self.num_connections += 1
+        reporter = asyncio.create_task(self._report_stats(writer))
+        try:
+            while True:
+                message = await read_frame(reader)
+                if message[0] == "add":
+                    _, request_id, prompt, params, kwargs = message
+                    if request_id in conn.tasks:
+                        conn.send(request_id, RemoteError("value", f"duplicate id {request_id}"))
+                        continue
+                    self.active.add(request_id)
+                    conn.tasks[request_id] = asyncio.create_task(
+                        conn.run_request(request_id, prompt, params, kwargs)
+                    )
+                elif message[0] == "abort":
+                    task = conn.tasks.get(message[1])
+                    if task is not None:
+                        task.cancel()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the peer went away, or the replica stops
+        except Exception:  # noqa: BLE001 - a broken peer must not take the replica down
+            logger.exception("the replica's connection failed")
+        finally:
+            self.num_connections -= 1
+            reporter.cancel()
+            conn.close()
+            writer.close()
+
+    async def _report_stats(self, writer: asyncio.StreamWriter) -> None:
+        """The engine's stats every second: the ingress's gauges of this replica."""
+        while not writer.is_closing():
+            writer.write(encode(("stats", dict(self.engine.stats()))))
+            await asyncio.sleep(STATS_PERIOD_S)
+
+    def stop(self) -> None:
+        loop = self.loop
+        if loop is None or not loop.is_running():
+            return
+
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(close(), loop)
+        self._thread.join(5)

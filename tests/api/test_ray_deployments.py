@@ -1,0 +1,295 @@
+"""Deployments on Ray Serve: `girandole serve --ray ADDRESS` against a Ray cluster of two
+simulated nodes (ray.cluster_utils.Cluster), with tiny models, the real fireworks-ai and openai
+clients and the CLI. The server's own model runs as a Ray replica too; deployments of a second
+model scale to two replicas (one per node), route by name and by #deployment, autoscale up
+under load and down to zero (503 DEPLOYMENT_SCALING_UP, then ready), survive a replica killed
+under load, and send a shared prefix to the replica that has it cached."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+import openai
+import pytest
+from conftest import start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
+
+from girandole.registry.keystore import Database
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs girandole[ray]")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ACCOUNT = "acme"
+MODEL = f"accounts/{ACCOUNT}/models/tiny-llama"
+LONG = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+
+# Serve's autoscaling metrics every half second (the defaults suit minutes-long windows)
+FAST_METRICS = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_RECORD_INTERVAL_S": "0.25",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_RECORD_INTERVAL_S": "0.25",
+}
+
+
+def girandole(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "girandole.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class RayPlane:
+    def __init__(self, tmp: Path) -> None:
+        os.environ.update(FAST_METRICS)
+        # two nodes of 3 Ray CPUs each: the own model, two deployments of two replicas
+        self.cluster = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args={"num_cpus": 3, "include_dashboard": False},
+        )
+        self.cluster.add_node(num_cpus=3)
+        self.data = tmp / "data"
+        db = Database.in_folder(self.data)
+        self.key, _ = db.create_key(ACCOUNT)
+        db.close()
+        added = girandole(
+            "models", "add", "--data-dir", str(self.data), "--account", ACCOUNT,
+            "tiny-llama", str(write_tiny_llama_for_ops(tmp / "tiny-llama")),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        eos = write_eos_model(tmp / "eos")
+        self.server = start_server(
+            tmp, "--ray", self.cluster.address, "--model", str(eos), "--model-id", "tiny-eos",
+            "--account", ACCOUNT, "--kv-cache-gb", "0.02", "--data-dir", str(self.data),
+            api_key=self.key, timeout=600,
+        )  # fmt: skip
+
+    def fw(self) -> fireworks.Fireworks:
+        return fireworks.Fireworks(
+            api_key=self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
+        )
+
+    def oai(self) -> openai.OpenAI:
+        return openai.OpenAI(api_key=self.key, base_url=self.server.url + "/v1", max_retries=0)
+
+    def http(self, method: str, path: str, headers: dict | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.key}", **(headers or {})}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=120, **kw)
+
+    def get(self, deployment_id: str):
+        return self.fw().deployments.get(deployment_id)
+
+    def wait(self, deployment_id: str, ready: int, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.get(deployment_id)
+            if d.state == "READY" and d.replica_count == ready:
+                return d
+            assert d.state != "FAILED", d.status
+            assert time.monotonic() < deadline, d
+            time.sleep(0.3)
+
+    def complete(self, model: str, prompt: str, **extra):
+        return self.http(
+            "POST", "/v1/completions", json={"model": model, "prompt": prompt, **extra}
+        )
+
+    def close(self) -> None:
+        stop_server(self.server)
+        self.cluster.shutdown()
+        for name in FAST_METRICS:
+            os.environ.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    p = RayPlane(tmp_path_factory.mktemp("ray"))
+    yield p
+    p.close()
+
+
+def replica_pids(app: str) -> list[int]:
+    """The processes of an application's replicas (Ray titles them ray::ServeReplica:<app>)."""
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_own_model_runs_on_a_replica(plane):
+    out = plane.oai().completions.create(
+        model=f"accounts/{ACCOUNT}/models/tiny-eos", prompt="Hello", max_tokens=4, temperature=0
+    )
+    assert out.choices[0].finish_reason == "stop" and out.usage.prompt_tokens > 0
+    assert replica_pids(f"girandole--{ACCOUNT}--tiny-eos")  # not in the server's process
+    health = plane.http("GET", "/health").json()
+    assert health["status"] == "ready" and "num_running" in health["engine"]
+
+
+def test_two_replicas_one_per_node_and_routing(plane):
+    fw = plane.fw()
+    fw.deployments.create(
+        base_model=MODEL, deployment_id="pair", min_replica_count=2, max_replica_count=2
+    )
+    d = plane.wait("pair", 2)
+    assert d.replica_stats.ready_replica_count == 2
+    pids = replica_pids(f"girandole--{ACCOUNT}--pair")
+    assert len(pids) == 2
+    # one per node: the two simulated nodes' raylets are their parents' parents, different
+    nodes = {_node_of(pid) for pid in pids}
+    assert len(nodes) == 2, nodes
+
+    by_model = plane.complete(MODEL, "Once upon", max_tokens=5, temperature=0)
+    by_name = plane.complete(f"{MODEL}#accounts/{ACCOUNT}/deployments/pair", "Once upon",
+                             max_tokens=5, temperature=0)  # fmt: skip
+    by_header = plane.http(
+        "POST", "/v1/completions",
+        json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0},
+        headers={"fireworks-deployment": f"accounts/{ACCOUNT}/deployments/pair"},
+    )  # fmt: skip
+    texts = {r.json()["choices"][0]["text"] for r in (by_model, by_name, by_header)}
+    assert [r.status_code for r in (by_model, by_name, by_header)] == [200, 200, 200]
+    assert len(texts) == 1  # greedy: every replica answers the same
+    listed = {m.id for m in plane.oai().models.list()}
+    assert f"{MODEL}#accounts/{ACCOUNT}/deployments/pair" in listed
+
+    cli = girandole("deployment", "list", "--base-url", plane.server.url,
+                    "--api-key", plane.key, "--account", ACCOUNT)  # fmt: skip
+    assert cli.returncode == 0 and "pair" in cli.stdout, cli.stderr
+
+
+def _node_of(pid: int) -> int:
+    """The raylet a worker hangs under (worker -> raylet)."""
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return ppid
+
+
+def test_prefix_goes_to_the_replica_that_cached_it(plane):
+    shared = " ".join(f"w{i}" for i in range(120))
+    cached = []
+    for suffix in ("alpha", "beta", "gamma", "delta"):
+        r = plane.complete(f"{MODEL}#accounts/{ACCOUNT}/deployments/pair",
+                           f"{shared} {suffix}", max_tokens=2)  # fmt: skip
+        assert r.status_code == 200, r.text
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[0] == 0 and all(c >= 64 for c in cached[1:]), cached
+
+
+def test_replica_killed_under_load(plane):
+    name = f"{MODEL}#accounts/{ACCOUNT}/deployments/pair"
+    before = _usage_rows(plane)
+
+    async def stream(i: int):
+        body = {"model": name, "prompt": f"story {i}", "stream": True, "ignore_eos": True,
+                "max_tokens": 4000, "temperature": 0}  # fmt: skip
+        headers = {"Authorization": f"Bearer {plane.key}"}
+        async with httpx.AsyncClient(timeout=120) as http:
+            url = plane.server.url + "/v1/completions"
+            async with http.stream("POST", url, json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    return ("error", (await r.aread()).decode())
+                n = 0
+                async for line in r.aiter_lines():
+                    if line.startswith('data: {"error"'):
+                        return ("error", line)  # the stream's error event
+                    n += line.startswith("data: {")
+                return ("done", n)
+
+    async def run():
+        tasks = [asyncio.create_task(stream(i)) for i in range(6)]
+        await asyncio.sleep(1.5)
+        pids = replica_pids(f"girandole--{ACCOUNT}--pair")
+        os.kill(pids[0], signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    errors = [r for r in results if r[0] == "error"]
+    done = [r for r in results if r[0] == "done"]
+    assert errors and done, results  # the killed replica's streams end, the others finish
+    assert all("replica" in message for _, message in errors), errors
+    # a new request is served while Ray replaces the replica
+    assert plane.complete(name, "after", max_tokens=3).status_code == 200
+    d = plane.wait("pair", 2)  # replaced
+    assert d.replica_stats.ready_replica_count == 2
+    time.sleep(1)
+    assert _usage_rows(plane) - before >= len(results)  # every request has its usage row
+
+
+def _usage_rows(plane) -> int:
+    db = Database.in_folder(plane.data)
+    try:
+        return db.count_usage()
+    finally:
+        db.close()
+
+
+def test_autoscale_up_under_load_and_down_to_zero(plane):
+    fw = plane.fw()
+    fw.deployments.create(
+        base_model=MODEL, deployment_id="elastic", min_replica_count=0, max_replica_count=2,
+        autoscaling_policy={"scale_up_window": "1s", "scale_down_window": "2s",
+                            "scale_to_zero_window": "4s",
+                            "load_targets": {"concurrent_requests": 1}},
+    )  # fmt: skip
+    plane.wait("elastic", 1)
+    name = f"{MODEL}#accounts/{ACCOUNT}/deployments/elastic"
+    client = openai.AsyncOpenAI(api_key=plane.key, base_url=plane.server.url + "/v1",
+                                max_retries=0)  # fmt: skip
+
+    async def load():
+        async def one(i):
+            while True:  # busy until the replicas are counted
+                await client.completions.create(model=name, prompt=f"load {i}", max_tokens=3000,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+
+        tasks = [asyncio.create_task(one(i)) for i in range(6)]
+        peak = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and peak < 2:
+            await asyncio.sleep(0.5)
+            peak = max(peak, plane.get("elastic").replica_count or 0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return peak
+
+    assert asyncio.run(load()) == 2  # scaled up under load
+    plane.wait("elastic", 0, timeout=120)  # idle: down to zero
+    r = plane.complete(name, "wake up", max_tokens=2)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "DEPLOYMENT_SCALING_UP"
+    deadline = time.monotonic() + 120
+    while True:  # the 503 started a replica: retries get through
+        time.sleep(1)
+        r = plane.complete(name, "wake up", max_tokens=2)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+    fw.deployments.delete("elastic")
+
+
+def test_manual_scale(plane):
+    fw = plane.fw()
+    fw.deployments.create(base_model=MODEL, deployment_id="manual", max_replica_count=2)
+    plane.wait("manual", 1)
+    assert fw.deployments.scale("manual", replica_count=2) == {}
+    assert plane.wait("manual", 2).desired_replica_count == 2
+    fw.deployments.scale("manual", replica_count=1)
+    plane.wait("manual", 1)
+    fw.deployments.delete("manual")
+
+
+def test_delete_takes_the_replicas_away(plane):
+    plane.fw().deployments.delete("pair")
+    deadline = time.monotonic() + 60
+    while replica_pids(f"girandole--{ACCOUNT}--pair"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -1,0 +1,57 @@
+"""Fireworks' autoscaling policy as Ray Serve's AutoscalingConfig, and a manual scale's hold."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray", reason="the Ray backend needs girandole[ray]")
+
+from ray.serve.config import AutoscalingConfig  # noqa: E402
+
+from girandole.deploy.ray_backend import (  # noqa: E402
+    REPLICA_BATCH_SLOTS,
+    ScalingPolicy,
+    app_name_of,
+    autoscaling_config,
+)
+from girandole.deploy.ray_router import PREFIX_BLOCK_TOKENS, prefix_hashes  # noqa: E402
+
+
+def test_policy_maps_one_to_one():
+    policy = ScalingPolicy(0, 4, 30.0, 600.0, 3600.0, {"concurrent_requests": 8})
+    config = autoscaling_config(policy, initial=1)
+    assert config["min_replicas"] == 0 and config["max_replicas"] == 4
+    assert config["initial_replicas"] == 1
+    assert config["target_ongoing_requests"] == 8
+    assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (30.0, 600.0)
+    assert config["downscale_to_zero_delay_s"] == 3600.0
+    AutoscalingConfig(**config)  # Ray accepts it
+
+
+def test_default_load_target_is_a_fraction_of_the_batch():
+    policy = ScalingPolicy(load_targets={"default": 0.5})
+    assert policy.target_ongoing_requests() == 0.5 * REPLICA_BATCH_SLOTS
+
+
+def test_manual_scale_holds_a_floor_or_a_cap():
+    policy = ScalingPolicy(1, 3)
+    up = autoscaling_config(policy, initial=1, floor=3)
+    assert (up["min_replicas"], up["max_replicas"], up["initial_replicas"]) == (3, 3, 3)
+    down = autoscaling_config(ScalingPolicy(2, 4), initial=2, cap=1)
+    assert (down["min_replicas"], down["max_replicas"]) == (1, 1)
+    for config in (up, down):
+        AutoscalingConfig(**config)
+
+
+def test_prefix_hashes_are_chained_whole_blocks():
+    a = prefix_hashes(list(range(40)))
+    b = prefix_hashes(list(range(32)) + [99] * 8)
+    assert len(a) == 40 // PREFIX_BLOCK_TOKENS == len(b)
+    assert a[:2] == b[:2]  # same first 32 tokens: same first two blocks
+    c = prefix_hashes([7] + list(range(1, 40)))
+    assert not set(a) & set(c)  # a different first token changes every later hash
+    assert prefix_hashes(list(range(40)), salt="x") != a  # cache_salt separates them
+
+
+def test_app_names():
+    assert app_name_of("accounts/acme/deployments/pair") == "girandole--acme--pair"

@@ -1,0 +1,153 @@
+"""The token path without Ray: a ReplicaServer around a real engine, a RemoteEngine leasing it.
+Outputs equal the local engine's; bad input is a ValueError; aborts free the replica's slots; a
+connection without the token is closed; a replica that stops ends requests with a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+import pytest
+
+from girandole import SamplingParams
+from girandole.api.http.errors import APIError
+from girandole.deploy.remote_engine import RemoteEngine
+from girandole.deploy.replica_server import ReplicaServer
+from girandole.deploy.replica_wire import encode
+from girandole.engine.async_engine import AsyncEngine, EngineConfig
+
+
+@dataclass
+class Lease:
+    host: str
+    port: int
+    token: str
+    replica_id: str = "r0"
+    released: int = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_llama_dir):
+    engine = AsyncEngine(
+        EngineConfig(
+            model=str(tiny_llama_dir),
+            mode="reference",
+            device="cpu",
+            block_size=4,
+            kv_cache_gb=0.01,
+        )
+    )
+    server = ReplicaServer(engine).start()
+    yield server
+    server.stop()
+    engine.shutdown()
+
+
+def remote_of(server: ReplicaServer, leases: list) -> RemoteEngine:
+    engine = server.engine
+
+    async def acquire(prompt, request_id, kwargs):
+        lease = Lease(server.host, server.port, server.token)
+        leases.append(lease)
+        return lease
+
+    return RemoteEngine(engine.model_config, engine.tokenizer, engine.max_model_len, acquire)
+
+
+async def run(engine, prompt, params, rid):
+    outs = []
+    async for out in engine.generate(prompt, params, rid):
+        outs.append(out)
+    return outs
+
+
+def test_outputs_equal_the_local_engine(replica):
+    leases: list = []
+    remote = remote_of(replica, leases)
+    prompt = replica.engine.tokenizer.encode("Once upon a time")
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+
+    async def both():
+        local = await run(replica.engine, prompt, params, "local-1")
+        many = await asyncio.gather(*(run(remote, prompt, params, f"r-{i}") for i in range(4)))
+        return local, many
+
+    local, many = asyncio.run(both())
+    want = [t for o in local for t in o.new_token_ids]
+    for outs in many:
+        assert [t for o in outs for t in o.new_token_ids] == want
+        assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in local)
+        assert outs[-1].finished and outs[-1].finish_reason == local[-1].finish_reason
+        assert len(outs[-1].logprobs or []) == len(local[-1].logprobs or [])
+    assert [lease.released for lease in leases] == [1, 1, 1, 1]
+    assert len(remote.connections) == 1  # one connection carries every request
+    remote.shutdown()
+
+
+def test_bad_input_is_a_value_error(replica):
+    remote = remote_of(replica, [])
+    vocab = replica.engine.model_config.vocab_size
+
+    async def bad():
+        with pytest.raises(ValueError, match="out of range"):
+            await run(remote, [vocab + 5], SamplingParams(max_tokens=2), "bad-1")
+
+    asyncio.run(bad())
+    remote.shutdown()
+
+
+def test_abort_frees_the_replica(replica):
+    leases: list = []
+    remote = remote_of(replica, leases)
+    prompt = replica.engine.tokenizer.encode("Hello")
+
+    async def cut():
+        gen = remote.generate(prompt, SamplingParams(max_tokens=10_000, ignore_eos=True), "long")
+        await gen.__anext__()
+        await gen.aclose()  # the client went away
+        for _ in range(100):
+            stats = replica.engine.stats()
+            if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(cut())
+    assert leases[0].released == 1
+    remote.shutdown()
+
+
+def test_a_connection_without_the_token_is_closed(replica):
+    with socket.create_connection((replica.host, replica.port), timeout=5) as sock:
+        sock.sendall(encode(("hello", "not-the-token")))
+        sock.settimeout(5)
+        assert sock.recv(100) == b""  # closed without a frame
+
+
+def test_a_stopped_replica_ends_requests_with_a_503(tiny_llama_dir):
+    engine = AsyncEngine(
+        EngineConfig(model=str(tiny_llama_dir), mode="reference", device="cpu", kv_cache_gb=0.01)
+    )
+    server = ReplicaServer(engine).start()
+    remote = remote_of(server, [])
+    prompt = engine.tokenizer.encode("Hello")
+
+    async def cut():
+        gen = remote.generate(prompt, SamplingParams(max_tokens=10_000, ignore_eos=True), "x")
+        await gen.__anext__()
+        for conn in remote.connections.values():  # the replica's side of the socket goes away
+            conn._writer.transport.abort()  # type: ignore[union-attr]
+        with pytest.raises(APIError) as info:
+            async for _ in gen:
+                pass
+        return info.value
+
+    error = asyncio.run(cut())
+    assert error.status_code == 503 and "replica r0 stopped" in error.message
+    remote.shutdown()
+    server.stop()
+    engine.shutdown()
