@@ -278,8 +278,13 @@ def test_autoscale_up_under_load_and_down_to_zero(plane):
 
 def test_manual_scale(plane):
     fw = plane.fw()
-    fw.deployments.create(base_model=MODEL, deployment_id="manual", max_replica_count=2)
+    fw.deployments.create(  # a rate target: our own policy on Ray's controller
+        base_model=MODEL, deployment_id="manual", max_replica_count=2,
+        autoscaling_policy={"load_targets": {"tokens_generated_per_second": 100000}},
+    )  # fmt: skip
     plane.wait("manual", 1)
+    name = f"{MODEL}#accounts/{ACCOUNT}/deployments/manual"
+    assert plane.complete(name, "rates", max_tokens=4).status_code == 200
     assert fw.deployments.scale("manual", replica_count=2) == {}
     assert plane.wait("manual", 2).desired_replica_count == 2
     fw.deployments.scale("manual", replica_count=1)

@@ -55,3 +55,28 @@ def test_prefix_hashes_are_chained_whole_blocks():
 
 def test_app_names():
     assert app_name_of("accounts/acme/deployments/pair") == "girandole--acme--pair"
+
+
+class Context:
+    """What Ray's controller hands a policy (the fields FireworksLoadPolicy reads)."""
+
+    def __init__(self, ongoing: float, replicas: int, **rates: dict[str, float]) -> None:
+        self.total_num_requests = ongoing
+        self.current_num_replicas = replicas
+        self.aggregated_metrics = rates
+
+
+def test_rate_targets_use_our_policy():
+    from girandole.deploy.ray_policy import FireworksLoadPolicy
+
+    policy = ScalingPolicy(1, 8, load_targets={"default": 0.8, "tokens_generated_per_second": 100})
+    config = autoscaling_config(policy, initial=1)
+    assert config["policy"]["policy_function"].endswith(":FireworksLoadPolicy")
+    AutoscalingConfig(**config)  # Ray accepts it (and pickles the policy)
+    fn = FireworksLoadPolicy(**config["policy"]["policy_kwargs"])
+    # 3 replicas generating 450 tok/s in all, few requests: 4.5 replicas' worth of tokens
+    ctx = Context(3, 3, tokens_generated_per_second={"r1": 150.0, "r2": 150.0, "r3": 150.0})
+    assert fn(ctx)[0] == 4.5
+    # the ongoing requests still count: 200 requests at 0.8 x 64 per replica
+    assert fn(Context(200, 3))[0] == 200 / (0.8 * REPLICA_BATCH_SLOTS)
+    assert "policy" not in autoscaling_config(ScalingPolicy(), initial=1)  # Ray's own default

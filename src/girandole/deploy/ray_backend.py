@@ -7,7 +7,9 @@ placed anywhere in the cluster, scaled by Ray Serve's autoscaler from the deploy
 - Fireworks' autoscalingPolicy maps onto Serve's AutoscalingConfig one to one: min/max replicas,
   `scaleUpWindow` -> upscale_delay_s, `scaleDownWindow` -> downscale_delay_s,
   `scaleToZeroWindow` -> downscale_to_zero_delay_s, `loadTargets.concurrent_requests` (or
-  `default`, a fraction of a replica's batch slots) -> target_ongoing_requests.
+  `default`, a fraction of a replica's batch slots) -> target_ongoing_requests; the rate targets
+  (`requests_per_second`, `tokens_generated_per_second`, `prompt_tokens_per_second`) through a
+  policy of ours on the replicas' reported rates (ray_policy.py).
 - A `:scale N` is carried out at once and held for a window, after which Ray's autoscaler decides
   again: up to N, a floor of N (min_replicas) for `scaleDownWindow`; down to N, a cap of N
   (max_replicas) for `scaleUpWindow`; to 0, the application is deleted.
@@ -83,13 +85,15 @@ def autoscaling_config(
 ) -> dict[str, Any]:
     """Serve's AutoscalingConfig for `policy`, starting at `initial` replicas, with a manual
     scale's floor or cap while it holds."""
+    from girandole.deploy.ray_policy import RATE_TARGETS, FireworksLoadPolicy
+
     low, high = policy.min_replicas, policy.max_replicas
     if floor is not None:
         low, high = max(low, floor), max(high, floor)
     if cap is not None:
         high = max(1, min(high, cap))
         low = min(low, high)
-    return {
+    config: dict[str, Any] = {
         "min_replicas": low,
         "max_replicas": high,
         "initial_replicas": min(max(initial, low), high),
@@ -101,6 +105,16 @@ def autoscaling_config(
         # what Serve allows (more than its 10 s metrics interval) and its 30 s default
         "look_back_period_s": max(LOOK_BACK_MIN_S, min(30.0, policy.scale_up_window)),
     }
+    rates = {k: v for k, v in policy.load_targets.items() if k in RATE_TARGETS}
+    if rates:  # rates per replica too: a policy of ours over the replicas' reported rates
+        config["policy"] = {
+            "policy_function": f"{FireworksLoadPolicy.__module__}:FireworksLoadPolicy",
+            "policy_kwargs": {
+                "targets": rates,
+                "target_ongoing_requests": config["target_ongoing_requests"],
+            },
+        }
+    return config
 
 
 def app_name_of(deployment: str) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 from ray import serve
@@ -55,6 +56,7 @@ class GirandoleReplica:
         self.server = ReplicaServer(self.engine, host=ray.util.get_node_ip_address()).start()
         self.server.on_request_ended = self._request_ended
         self._sessions: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._last_rates: tuple[float, tuple[int, int, int]] = (time.monotonic(), (0, 0, 0))
         logger.info(
             "replica %s of %s serving on %s:%d",
             self.replica_id,
@@ -103,6 +105,18 @@ class GirandoleReplica:
     async def ping(self) -> bool:
         """A request that only wakes the deployment (Ray scales it from zero to serve it)."""
         return True
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Rates since the last report, per second: what loadTargets' rate targets compare with
+        (ray_policy.py)."""
+        now = time.monotonic()
+        server = self.server
+        totals = (server.num_requests, server.num_generated_tokens, server.num_prompt_tokens)
+        last_time, last = self._last_rates
+        self._last_rates = (now, totals)
+        dt = max(now - last_time, 1e-3)
+        names = ("requests_per_second", "tokens_generated_per_second", "prompt_tokens_per_second")
+        return {name: (total - before) / dt for name, total, before in zip(names, totals, last)}
 
     def record_routing_stats(self) -> dict[str, Any]:
         return dict(self.engine.stats())

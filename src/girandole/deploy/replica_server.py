@@ -59,6 +59,7 @@ class _Connection:
     ) -> None:
         try:
             async for out in self.server.engine.generate(prompt, params, request_id, **kwargs):
+                self.server.num_generated_tokens += len(out.new_token_ids)
                 self.send(request_id, out)
         except asyncio.CancelledError:
             pass
@@ -82,6 +83,10 @@ class ReplicaServer:
         self.on_request_ended: RequestEnded | None = None
         self.num_connections = 0
         self.active: set[str] = set()  # request ids running on the port
+        # totals since start, for the rates the autoscaler reads
+        self.num_requests = 0
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
@@ -140,6 +145,8 @@ class ReplicaServer:
                         conn.send(request_id, RemoteError("value", f"duplicate id {request_id}"))
                         continue
                     self.active.add(request_id)
+                    self.num_requests += 1
+                    self.num_prompt_tokens += len(prompt)
                     conn.tasks[request_id] = asyncio.create_task(
                         conn.run_request(request_id, prompt, params, kwargs)
                     )
