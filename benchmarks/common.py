@@ -79,6 +79,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets the CPU kernels (and llama.cpp's) choose between, as /proc/cpuinfo names
+# them: a table per machine kind in docs/benchmarks.md is keyed by these.
+ISA_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_isa() -> str:
+    """The CPU's vector and matrix extensions among ISA_FLAGS, and its vendor."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    flags: set[str] = set()
+    vendor = "?"
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+        elif line.startswith("vendor_id"):
+            vendor = line.split(":", 1)[1].strip()
+        if flags and vendor != "?":
+            break
+    return f"{vendor}; " + (" ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2")
+
+
 def mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -116,6 +142,7 @@ def machine_lines() -> list[str]:
         f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs"
         + (f", {mem:.0f} GiB RAM" if mem else "")
         + f", {platform.system()} {platform.release()}",
+        f"isa: {cpu_isa()}",
         f"python {platform.python_version()}, girandole commit {git_commit()}",
     ]
 

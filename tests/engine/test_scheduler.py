@@ -141,3 +141,39 @@ def test_remove_frees_blocks_of_running_and_waiting_sequences():
     sched.remove(a)
     assert sched.kv_cache.num_used_blocks == 0
     assert not sched.has_work()
+
+
+# -- the prefill cap while decodes run (engine/step_budget.py gives it) ---------------------
+
+
+def step_capped(sched: Scheduler, cap) -> ScheduledBatch:
+    batch = sched.schedule(cap)
+    sched.mark_computed(batch)
+    for s in batch.seqs:
+        if s.num_computed_tokens == len(s):
+            s.token_ids.append(SAMPLED)
+    return batch
+
+
+def test_decodes_run_beside_a_capped_prefill():
+    sched = make(budget=32)
+    for rid in "ab":
+        sched.add(seq(rid, 4, first=10 * ord(rid)))
+    step_capped(sched, None)  # a and b prefilled: they decode from now on
+    sched.add(seq("long", 40, first=500))
+    cap = lambda rows: 6 if rows else None  # noqa: E731
+    assert scheduled(step_capped(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
+    assert scheduled(step_capped(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
+    # without decodes the whole budget goes to the prompt
+    solo = make(budget=32)
+    solo.add(seq("long", 40))
+    assert scheduled(step_capped(solo, cap)) == [("long", 32)]
+
+
+def test_a_cap_of_zero_skips_prefill_but_not_decodes():
+    sched = make(budget=32)
+    sched.add(seq("a", 4))
+    step_capped(sched, None)
+    sched.add(seq("b", 10, first=100))
+    assert scheduled(step_capped(sched, lambda rows: 0)) == [("a", 1)]
+    assert scheduled(step_capped(sched, None)) == [("a", 1), ("b", 10)]

@@ -96,6 +96,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="cap the context length (tokens) [GIRANDOLE_MAX_MODEL_LEN]",
     )
     p.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=float(v) if (v := _env("TARGET_ITL_MS")) else None,
+        help="while streams decode, cap each step's prompt tokens so a step takes about this"
+        " long (default 250; 0: no cap) [GIRANDOLE_TARGET_ITL_MS]",
+    )
+    p.add_argument(
         "--chat-template",
         default=_env("CHAT_TEMPLATE"),
         help="chat template for /chat/completions: a Jinja file, a tokenizer_config.json, or a"
@@ -189,6 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
+        target_itl_ms=args.target_itl_ms,
         chat_template=args.chat_template,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,

@@ -104,6 +104,8 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
+            if self.settings.target_itl_ms is not None:
+                kwargs["target_itl_ms"] = self.settings.target_itl_ms or None
             if self.engine_factory is not None:
                 engine = self.engine_factory()
             else:

@@ -13,6 +13,7 @@ from girandole.engine.postprocess import Postprocessor, request_output
 from girandole.engine.runner import ModelRunner
 from girandole.engine.scheduler import Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence
+from girandole.engine.step_budget import StepBudget
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler
@@ -29,6 +30,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache size
     seed: int | None = None  # seed of the generator that unseeded requests draw from
+    # While decodes run, a step's prompt tokens are capped so it takes about this long (the
+    # streams' inter-token latency); None: the token budget alone (engine/step_budget.py)
+    target_itl_ms: float | None = 250.0
 
 
 class LLMEngine:
@@ -75,6 +79,8 @@ class LLMEngine:
             self.scheduler, self.seqs, self.eos_token_ids, self.max_model_len
         )
         self._finished_early: list[RequestOutput] = []
+        target = config.target_itl_ms
+        self.step_budget = StepBudget(target / 1000 if target else None)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -142,16 +148,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> run -> postprocess."""
         outputs, self._finished_early = self._finished_early, []
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.step_budget.prefill_cap)
         for seq in batch.out_of_blocks:
             outputs.append(self.postprocess.finish(seq, "length", []))
         if not batch.seqs:
             return outputs
         now = time.monotonic()
-        for seq in batch.seqs:
+        decode_rows = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+            decode_rows += seq.is_decode(n)
         results = self.runner.run(batch)
+        prefill_tokens = sum(batch.num_new_tokens) - decode_rows
+        self.step_budget.observe(decode_rows, prefill_tokens, time.monotonic() - now)
         self.scheduler.mark_computed(batch)
         outputs.extend(self.postprocess(batch, results))
         return outputs

@@ -4,12 +4,14 @@ Running sequences go first (one decode token each, or the next chunk of a prefil
 ones are admitted while the token budget, the sequence cap and the free KV blocks allow. Decode
 tokens and prefill chunks share one step, decode tokens first. When a running sequence cannot
 get a block, the most recently admitted one is preempted (its blocks freed, recomputed later
-from its tokens).
+from its tokens). While decodes run, the prompt tokens of a step may be capped further
+(`prefill_cap`, from engine/step_budget.py) so that a long prefill chunk never stalls streams.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from girandole.engine.kv_cache import KVCacheManager
@@ -89,15 +91,29 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, prefill_cap: Callable[[int], int | None] | None = None) -> ScheduledBatch:
+        """The next step's work. `prefill_cap(decode_rows)`: the most prompt tokens a step that
+        carries that many decodes may take (None: the token budget alone)."""
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = False
+        prefill_left = budget
+        if prefill_cap is not None:
+            decode_rows = sum(1 for s in self.running if s.is_decode(s.num_uncomputed_tokens))
+            cap = prefill_cap(decode_rows)
+            if cap is not None:
+                prefill_left = cap
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            decode = seq.is_decode(n)
+            if not decode:
+                n = min(n, prefill_left)
+                if n <= 0:  # a prefill chunk waits for the next step; decodes go on
+                    i += 1
+                    continue
             while not self.kv_cache.allocate(seq, n):
                 victim = self.running[-1]
                 if victim is seq:
@@ -114,6 +130,8 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            if not decode:
+                prefill_left -= n
             i += 1
 
         # Admit new work only when nothing had to be preempted: it would just thrash.
@@ -122,6 +140,7 @@ class Scheduler:
             and not batch.out_of_blocks
             and self.waiting
             and budget > 0
+            and prefill_left > 0
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
@@ -131,7 +150,7 @@ class Scheduler:
                 continue
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, prefill_left)
             if not self.kv_cache.allocate(seq, n):
                 self.kv_cache.free(seq)  # release prefix hits; try again next step
                 break
@@ -141,6 +160,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            prefill_left -= n
         batch.order_decode_first()
         return batch
 
