@@ -39,10 +39,11 @@ class AppState:
         self.served = ServedModel(
             name=model_name(settings.account, settings.model_id), owned_by=settings.account
         )
-        self.registry.add_model(
-            self.served,
-            deployment_name(settings.account, settings.deployment_id or settings.model_id),
+        # the server's own deployment: accounts/<a>/deployments/<deployment id or model id>
+        self.deployment = deployment_name(
+            settings.account, settings.deployment_id or settings.model_id
         )
+        self.registry.add_model(self.served, self.deployment)
         self.chat_template: str | None = None  # --chat-template, loaded (fails start-up if bad)
         if settings.chat_template:
             self.chat_template = load_chat_template(settings.chat_template)

@@ -1,6 +1,7 @@
-"""`girandole keys create|list|revoke` and `girandole usage`: manage the keys database and read
-the usage rows, in the same data folder as `girandole serve --data-dir` (default: the cache
-folder). They work while a server runs: a revoked key is refused from its next request."""
+"""`girandole keys create|list|update|revoke` and `girandole usage`: manage the keys database and
+read the usage rows, in the same data folder as `girandole serve --data-dir` (default: the cache
+folder). They work while a server runs: a revoked key is refused from its next request, and a
+changed role applies from it too."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from girandole.registry.keystore import Database
 from girandole.registry.naming import is_valid_id
+from girandole.registry.roles import DEFAULT_ROLE, ROLES
 
 
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -45,11 +47,13 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
         print(f"girandole keys: {args.account!r} is not a valid account id", file=sys.stderr)
         return 2
     db = _open(args)
-    key, info = db.create_key(args.account, args.name or "", args.rpm, args.tpm)
+    key, info = db.create_key(args.account, args.name or "", args.rpm, args.tpm, args.role)
     if args.json:
-        print(json.dumps({"key": key, "id": info.id, "account": info.account}))
+        print(json.dumps({"key": key, "id": info.id, "account": info.account, "role": info.role}))
     else:
-        print(f"created key {info.id} for account {info.account}; it is shown only now:")
+        print(
+            f"created key {info.id} ({info.role}) for account {info.account}; it is shown only now:"
+        )
         print(key)
     return 0
 
@@ -59,12 +63,13 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([k.__dict__ for k in keys]))
         return 0
-    rows = [["ID", "ACCOUNT", "NAME", "CREATED", "REVOKED", "RPM", "TPM"]]
+    rows = [["ID", "ACCOUNT", "ROLE", "NAME", "CREATED", "REVOKED", "RPM", "TPM"]]
     for k in keys:
         rows.append(
             [
                 k.id,
                 k.account,
+                k.role,
                 k.name or "-",
                 _when(k.created),
                 _when(k.revoked),
@@ -73,6 +78,14 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
             ]
         )
     print(_table(rows))
+    return 0
+
+
+def _cmd_keys_update(args: argparse.Namespace) -> int:
+    if not _open(args).set_role(args.key_id, args.role):
+        print(f"girandole keys: no live key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"key {args.key_id} now has role {args.role}")
     return 0
 
 
@@ -114,6 +127,12 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+_ROLE_HELP = (
+    "user (default): inference and managing the account's deployments; inference-user:"
+    " inference and reading deployments and models only"
+)
+
+
 def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser("keys", help="manage API keys (stored hashed in girandole.db)")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -122,6 +141,7 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--name", default="", help="a label to tell keys apart")
     create.add_argument("--rpm", type=int, default=None, help="requests per minute for it")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute for it")
+    create.add_argument("--role", choices=ROLES, default=DEFAULT_ROLE, help=_ROLE_HELP)
     create.add_argument("--json", action="store_true")
     _data_dir_arg(create)
     create.set_defaults(func=_cmd_keys_create)
@@ -130,6 +150,11 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--json", action="store_true")
     _data_dir_arg(lst)
     lst.set_defaults(func=_cmd_keys_list)
+    update = ksub.add_parser("update", help="change a key's role (from its next request)")
+    update.add_argument("key_id", metavar="KEY_ID")
+    update.add_argument("--role", choices=ROLES, required=True, help=_ROLE_HELP)
+    _data_dir_arg(update)
+    update.set_defaults(func=_cmd_keys_update)
     revoke = ksub.add_parser("revoke", help="revoke keys by id (takes effect at once)")
     revoke.add_argument("key_ids", nargs="+", metavar="KEY_ID")
     _data_dir_arg(revoke)

@@ -1,7 +1,7 @@
 """The server's embedded database (SQLite, `girandole.db` in the data folder): API keys and usage.
 
 Keys look like `gk_<key id>_<secret>`. Only the SHA-256 digest of the whole key is stored, with
-its id, account, name and limits; the key itself is shown once, when it is created. A presented
+its id, account, name, role (registry/roles.py) and limits; the key itself is shown once, when it is created. A presented
 key is found by its id (not secret), then its digest is compared with `hmac.compare_digest`, so
 the comparison takes the same time whatever the secret's content.
 
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from girandole.registry.roles import DEFAULT_ROLE, check_role
+
 DB_NAME = "girandole.db"
 KEY_PREFIX = "gk_"
 
@@ -32,7 +34,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created REAL NOT NULL,
     revoked REAL,
     rpm INTEGER,
-    tpm INTEGER
+    tpm INTEGER,
+    role TEXT NOT NULL DEFAULT 'user'
 );
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -99,6 +102,7 @@ class KeyInfo:
     revoked: float | None
     rpm: int | None  # requests per minute; None: the server's default
     tpm: int | None  # tokens (prompt + completion) per minute; None: the server's default
+    role: str = DEFAULT_ROLE  # registry/roles.py
 
 
 def _make_private(path: Path) -> None:
@@ -128,12 +132,26 @@ class Database:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
+            self._add_role_column()
         if path is not None:
             for suffix in ("-wal", "-shm"):  # SQLite copies the database's mode; make sure
                 extra = Path(self.path + suffix)
                 if extra.exists():
                     extra.chmod(0o600)
         self._has_keys = False
+
+    def _add_role_column(self) -> None:
+        """A database made before keys had roles gets the column; its keys become `user`s."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(api_keys)")}
+        if "role" in columns:
+            return
+        try:
+            self._conn.execute(
+                f"ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT '{DEFAULT_ROLE}'"
+            )
+        except sqlite3.OperationalError as exc:  # another process added it first
+            if "duplicate column" not in str(exc):
+                raise
 
     @classmethod
     def in_folder(cls, folder: str | Path) -> Database:
@@ -150,21 +168,36 @@ class Database:
     # -- keys ------------------------------------------------------------------------------
 
     def create_key(
-        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+        self,
+        account: str,
+        name: str = "",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        role: str = DEFAULT_ROLE,
     ) -> tuple[str, KeyInfo]:
         """A new key for `account`: (the key, shown only now; its row)."""
+        check_role(role)
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         created = time.time()
         self.execute(
-            "INSERT INTO api_keys (id, account, name, digest, created, rpm, tpm)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key_id, account, name, digest(key), created, rpm, tpm),
+            "INSERT INTO api_keys (id, account, name, digest, created, rpm, tpm, role)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, account, name, digest(key), created, rpm, tpm, role),
         )
-        return key, KeyInfo(key_id, account, name, created, None, rpm, tpm)
+        return key, KeyInfo(key_id, account, name, created, None, rpm, tpm, role)
+
+    def set_role(self, key_id: str, role: str) -> bool:
+        """Give a live key another role (from its next request); False when no such key."""
+        check_role(role)
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE api_keys SET role = ? WHERE id = ? AND revoked IS NULL", (role, key_id)
+            )
+            return cur.rowcount > 0
 
     def list_keys(self, account: str | None = None) -> list[KeyInfo]:
-        sql = "SELECT id, account, name, created, revoked, rpm, tpm FROM api_keys"
+        sql = "SELECT id, account, name, created, revoked, rpm, tpm, role FROM api_keys"
         params: tuple = ()
         if account is not None:
             sql += " WHERE account = ?"
@@ -193,7 +226,7 @@ class Database:
         if key_id is None:
             return None
         rows = self.execute(
-            "SELECT id, account, name, created, revoked, rpm, tpm, digest FROM api_keys"
+            "SELECT id, account, name, created, revoked, rpm, tpm, role, digest FROM api_keys"
             " WHERE id = ?",
             (key_id,),
         )

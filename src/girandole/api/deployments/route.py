@@ -11,7 +11,8 @@
     GET    /v1/accounts/{a}/models[/{m}]           the base models a deployment can use
 
 also under /inference/v1 (the fireworks-ai SDK's base_url ".../inference"). A key manages only
-its own account's deployments; on an open server (no keys) every account is open.
+its own account's deployments, and only when its role allows changes (an `inference-user` key
+reads them only); on an open server (no keys) every account is open.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from pydantic import BaseModel
 from girandole.api.deployments.schema import DeploymentBody, ScaleBody
 from girandole.api.http.errors import APIError, request_id_of
 from girandole.api.http.validation import parse_json_object, read_body, validate_model
+from girandole.api.ops.replica_gauges import install_replica_gauges
 from girandole.api.ops.tracking import record_of
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentError
 from girandole.registry.list_query import QueryError, camel, page
 from girandole.registry.models import PUBLIC_ACCOUNT
 from girandole.registry.naming import is_valid_id, model_name
+from girandole.registry.roles import USER, may_change_resources
+
+READ_METHODS = ("GET", "HEAD")  # every role may read; the others change the control plane
 
 
 def _authenticate(request: Request) -> Any:
@@ -44,7 +49,8 @@ def _authenticate(request: Request) -> Any:
 
 
 async def authorize_account(request: Request, account: str) -> str:
-    """401 without a live key; 403 when the key belongs to another account."""
+    """401 without a live key; 403 when the key belongs to another account, or when it asks to
+    change something and its role may only read (registry/roles.py)."""
     principal = _authenticate(request)
     if not is_valid_id(account):
         raise APIError(
@@ -57,6 +63,15 @@ async def authorize_account(request: Request, account: str) -> str:
             403,
             f"This API key belongs to account {principal.account}; it cannot manage account"
             f" {account}",
+            type="error",
+            code="PERMISSION_DENIED",
+        )
+    if request.method not in READ_METHODS and not may_change_resources(principal.role):
+        raise APIError(
+            403,
+            f"This API key has role {principal.role}, which may run inference and read"
+            f" deployments and models but not change them; {request.method} {request.url.path}"
+            f" needs a key with role {USER} (`girandole keys update KEY_ID --role {USER}`)",
             type="error",
             code="PERMISSION_DENIED",
         )
@@ -240,6 +255,7 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
     if manager.backend.autoscales:  # the server's own model runs as a replica too (Ray)
         state.engine_factory = lambda: manager.serve_own(own_spec(state.settings))
     app.state.deployments = manager
+    install_replica_gauges(state, manager)
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
 

@@ -10,9 +10,11 @@ from fastapi import APIRouter, Depends, Request
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import model_not_found
+from girandole.api.serving.target import reachable_deployment
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentRecord
 from girandole.registry.models import ServedModel
+from girandole.registry.naming import ModelRef, parse_model_ref
 from girandole.tokenizer.chat_template import chat_template_for
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -51,10 +53,28 @@ def _deployed_model(manager: DeploymentManager, record: DeploymentRecord) -> Ser
 
 @router.get("/models/{name:path}", summary="Describe one model")
 async def get_model(name: str, request: Request) -> dict:
+    """One id of `GET /v1/models`: the server's own model (or `<model>#<its deployment>`), a
+    model with a deployment the key can reach, `<model>#<deployment>` or a deployment's name
+    (`#` sent as %23); 404 for anything else, as for a model of another account."""
     state = request.app.state.girandole
-    served = state.registry.get(name)
-    if served is None or not state.ops.can_see(
-        getattr(request.state, "principal", None), served.owned_by
-    ):
+    principal = getattr(request.state, "principal", None)
+    ref = parse_model_ref(name, state.settings.account)
+    if ref is None:
         raise model_not_found()
-    return served.to_list_entry()
+    own = state.registry.resolve(name)
+    if own is not None:
+        if not state.ops.can_see(principal, own.model.owned_by):
+            raise model_not_found()
+        return replace(own.model, name=_id_of(ref)).to_list_entry()
+    manager = request.app.state.deployments
+    record = reachable_deployment(state, manager, principal, ref)
+    if record is None:
+        raise model_not_found()
+    return replace(_deployed_model(manager, record), name=_id_of(ref)).to_list_entry()
+
+
+def _id_of(ref: ModelRef) -> str:
+    """The full name of what was asked for, as `GET /v1/models` spells its ids."""
+    if ref.model is not None and ref.deployment is not None:
+        return f"{ref.model}#{ref.deployment}"
+    return ref.model or ref.deployment or ""

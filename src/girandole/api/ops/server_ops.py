@@ -25,6 +25,7 @@ from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore
 from girandole.registry.keystore import Database
 from girandole.registry.models import ModelRegistry, ServedModel
+from girandole.registry.roles import USER
 from girandole.registry.usage import UsageRecorder
 
 # how the model is doing: its load status ("loading", "ready", "failed") and the engine once ready
@@ -106,10 +107,10 @@ class ServerOps:
             )
         info = self.db.authenticate(token)
         if info is not None:
-            return Principal(info.account, info.id, info.rpm, info.tpm)
+            return Principal(info.account, info.id, info.rpm, info.tpm, info.role)
         index = self.keys.find(token)
         if index is not None:
-            return Principal(self.settings.account, f"static-{index}")
+            return Principal(self.settings.account, f"static-{index}", role=USER)
         raise unauthorized()
 
     async def authorize(self, request: Any) -> Principal:

@@ -36,12 +36,13 @@ _MAX_CLIENT_ID = 128
 
 @dataclass
 class Principal:
-    """Who sent a request: the key's account and id (None, None on an open server)."""
+    """Who sent a request: the key's account, id and role (None on an open server)."""
 
     account: str | None
     key_id: str | None
     rpm: int | None = None
     tpm: int | None = None
+    role: str | None = None  # registry/roles.py
 
     @property
     def limit_key(self) -> str:

@@ -17,11 +17,13 @@ from girandole.api.http.errors import model_not_found
 from girandole.api.ops.tracking import record_of
 from girandole.engine.protocol import EngineClient
 from girandole.registry.models import PUBLIC_ACCOUNT
-from girandole.registry.naming import parse_request_model
+from girandole.registry.naming import ModelRef, parse_request_model
 
 if TYPE_CHECKING:
+    from girandole.api.ops.tracking import Principal
     from girandole.api.state import AppState
     from girandole.deploy.manager import DeploymentManager
+    from girandole.registry.deployments import DeploymentRecord
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,26 @@ def resolve_target(
         return Target(own.model.name, None)
     manager: DeploymentManager | None = getattr(request.app.state, "deployments", None)
     ref = parse_request_model(model, deployment_header, state.settings.account)
-    if manager is None or ref is None:
-        raise model_not_found()
     record = record_of(request)
     principal = record.principal if record is not None else None
-    account = principal.account if principal is not None else None  # None: an open server
+    found = None
+    if manager is not None and ref is not None:
+        found = reachable_deployment(state, manager, principal, ref)
+    if found is None:
+        raise model_not_found()
+    if record is not None:
+        record.model = found.base_model
+    context_length = found.max_context_length or None
+    for engine in manager.backend.engines(found.name)[:1]:
+        context_length = context_length or state.context_length_of(engine)
+    return Target(found.base_model, found.name, context_length)
+
+
+def reachable_deployment(
+    state: AppState, manager: DeploymentManager, principal: Principal | None, ref: ModelRef
+) -> DeploymentRecord | None:
+    """The managed deployment `ref` names, when `principal`'s key may reach it; None (a 404)
+    otherwise: the deployment named, or the model's default deployment of the key's account."""
     if ref.deployment is not None:
         found = manager.find(ref.deployment)
         if (
@@ -52,23 +69,16 @@ def resolve_target(
             or not state.ops.can_see(principal, found.account)
             or (ref.model is not None and ref.model != found.base_model)
         ):
-            raise model_not_found()
-    else:
-        catalog_model = manager.catalog.get(ref.model or "")
-        if catalog_model is None or (
-            catalog_model.account != PUBLIC_ACCOUNT
-            and not state.ops.can_see(principal, catalog_model.account)
-        ):
-            raise model_not_found()
-        found = manager.default_deployment(catalog_model.name, account)
-        if found is None:  # in the catalog but not deployed
-            raise model_not_found()
-    if record is not None:
-        record.model = found.base_model
-    context_length = found.max_context_length or None
-    for engine in manager.backend.engines(found.name)[:1]:
-        context_length = context_length or state.context_length_of(engine)
-    return Target(found.base_model, found.name, context_length)
+            return None
+        return found
+    catalog_model = manager.catalog.get(ref.model or "")
+    if catalog_model is None or (
+        catalog_model.account != PUBLIC_ACCOUNT
+        and not state.ops.can_see(principal, catalog_model.account)
+    ):
+        return None
+    account = principal.account if principal is not None else None  # None: an open server
+    return manager.default_deployment(catalog_model.name, account)  # None: not deployed
 
 
 def engine_of(request: Any, state: AppState, target: Target | None) -> EngineClient:
