@@ -203,14 +203,25 @@ def test_replica_killed_under_load(plane):
                     n += line.startswith("data: {")
                 return ("done", n)
 
+    gauges: list[str] = []
+
     async def run():
         tasks = [asyncio.create_task(stream(i)) for i in range(6)]
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)
+        async with httpx.AsyncClient(timeout=30) as http:  # each replica's gauges, under load
+            text = (await http.get(plane.server.url + "/metrics")).text
+        gauges.extend(
+            line for line in text.splitlines()
+            if line.startswith("girandole:num_requests_running")
+            and f'deployment="accounts/{ACCOUNT}/deployments/pair"' in line
+        )  # fmt: skip
         pids = replica_pids(f"girandole--{ACCOUNT}--pair")
         os.kill(pids[0], signal.SIGKILL)
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
+    assert len(gauges) == 2, gauges  # one series per replica, the load spread over both
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in gauges) >= 1, gauges
     errors = [r for r in results if r[0] == "error"]
     done = [r for r in results if r[0] == "done"]
     assert errors and done, results  # the killed replica's streams end, the others finish

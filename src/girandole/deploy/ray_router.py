@@ -6,7 +6,8 @@ token blocks instead of text: the ingress hashes the prompt's first blocks (chai
 hash stands for the whole prefix up to it, as the engine's prefix cache does) and the router
 remembers which hashes it sent where. When the replica with the longest match is busier than
 the least loaded by `imbalance` requests, load wins (least loaded). Requests with no match go
-to the least loaded replica (Ray probes the queue lengths of one rank of candidates).
+to the least loaded replica: the one with the fewest requests this router has in flight there
+(Ray's queue-length cache lags a burst of requests that arrive together).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class PrefixAwareRouter(RequestRouter):
     def initialize_state(self, imbalance: int = 8, **kwargs) -> None:
         self.imbalance = imbalance
         self.sent: dict[str, OrderedDict[int, None]] = {}  # replica id -> hashes sent there
+        self.inflight: dict[str, int] = {}  # replica id -> requests routed, not completed
+        self._turn = itertools.count()
         self.num_prefix_routed = 0
         self.num_load_routed = 0
 
@@ -71,7 +74,16 @@ class PrefixAwareRouter(RequestRouter):
         return 0
 
     def _queue_len(self, replica: RunningReplica) -> int:
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return self.inflight.get(replica.replica_id.unique_id, 0)
+
+    def _by_load(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
+        """Least loaded first, one replica a rank (Ray takes the first that has room). Ties
+        rotate: a burst is chosen before any of it is counted as routed."""
+        turn = next(self._turn)
+        ordered = sorted(replicas, key=lambda r: r.replica_id.unique_id)
+        n = len(ordered)
+        ranked = sorted(range(n), key=lambda i: (self._queue_len(ordered[i]), (i - turn) % n))
+        return [[ordered[i]] for i in ranked]
 
     async def choose_replicas(
         self,
@@ -79,23 +91,27 @@ class PrefixAwareRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         key = route_key_of(pending_request)
-        if key is None or not key.prefix_hashes or len(candidate_replicas) < 2:
+        if len(candidate_replicas) < 2:
             return [candidate_replicas]
+        if key is None or not key.prefix_hashes:
+            return self._by_load(candidate_replicas)
         scored = [
             (self._match(r.replica_id.unique_id, key.prefix_hashes), r) for r in candidate_replicas
         ]
         best_match, best = max(scored, key=lambda s: (s[0], -self._queue_len(s[1])))
         if best_match == 0:
             self.num_load_routed += 1
-            return [candidate_replicas]
+            return self._by_load(candidate_replicas)
         least = min(self._queue_len(r) for r in candidate_replicas)
         if self._queue_len(best) - least > self.imbalance:
             self.num_load_routed += 1
-            return [candidate_replicas]
+            return self._by_load(candidate_replicas)
         self.num_prefix_routed += 1
         return [[best], [r for r in candidate_replicas if r is not best]]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
+        rid = replica_id.unique_id
+        self.inflight[rid] = self.inflight.get(rid, 0) + 1
         key = route_key_of(pending_request)
         if key is None or not key.prefix_hashes:
             return
@@ -106,9 +122,15 @@ class PrefixAwareRouter(RequestRouter):
         while len(seen) > MAX_HASHES_PER_REPLICA:
             seen.popitem(last=False)
 
+    def on_request_completed(self, replica_id, internal_request_id) -> None:
+        rid = replica_id.unique_id
+        if self.inflight.get(rid):
+            self.inflight[rid] -= 1
+
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         self.sent.pop(replica_id.unique_id, None)
+        self.inflight.pop(replica_id.unique_id, None)
 
 
 class RoundRobinRouter(RequestRouter):
