@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from girandole.api.datasets.route import created_by, listing, masked, new_dataset
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
 from girandole.api.serving.target import resolve_target
 from girandole.batch.lines import InputError, parse_parameters, read_input
 from girandole.batch.runner import MAX_INPUT_LINES, BatchRunner
@@ -147,7 +148,11 @@ async def cancel_job(job_id: str, request: Request, account: str = Account) -> d
     return store_of(request).get_job(account, job_id) or body
 
 
-@router.post("/accounts/{account}/batchInferenceJobs", summary="Create a batch inference job")
+@router.post(
+    "/accounts/{account}/batchInferenceJobs",
+    summary="Create a batch inference job",
+    openapi_extra=body_doc(BatchJobBody),
+)
 async def create_job(
     request: Request,
     account: str = Account,

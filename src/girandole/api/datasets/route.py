@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
 from girandole.batch.store import BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
@@ -208,7 +209,7 @@ def check_signature(
     method: str, account: str, dataset_id: str, name: str, expires: int, signature: str
 ) -> None:
     expected = _signature(method, account, dataset_id, name, expires)
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise APIError(403, "The URL's signature is not valid", code="PERMISSION_DENIED")
     if expires < time.time():
         raise APIError(
@@ -301,6 +302,7 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
 @router.post(
     "/accounts/{account}/datasets/{dataset_id}:getUploadEndpoint",
     summary="Signed URLs to PUT a dataset's files to",
+    openapi_extra=body_doc(UploadEndpointBody),
 )
 async def get_upload_endpoint(dataset_id: str, request: Request, account: str = Account) -> dict:
     get_or_404(request, account, dataset_id)
@@ -362,6 +364,7 @@ async def put_file(
     account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str
 ) -> Response:
     check_signature("PUT", account, dataset_id, filename, expires, signature)
+    check_filename(filename)
     store = store_of(request)
     if store.get_dataset(account, dataset_id) is None:
         raise not_found(account, dataset_id)
@@ -380,7 +383,11 @@ async def get_file(
     return FileResponse(path, media_type="application/jsonl")
 
 
-@router.post("/accounts/{account}/datasets", summary="Create a dataset")
+@router.post(
+    "/accounts/{account}/datasets",
+    summary="Create a dataset",
+    openapi_extra=body_doc(CreateDatasetBody),
+)
 async def create_dataset(request: Request, account: str = Account) -> dict:
     body = await read_json(request, CreateDatasetBody)
     store = store_of(request)
@@ -435,7 +442,11 @@ async def get_dataset(
     return masked(get_or_404(request, account, dataset_id), read_mask)
 
 
-@router.patch("/accounts/{account}/datasets/{dataset_id}", summary="Update a dataset")
+@router.patch(
+    "/accounts/{account}/datasets/{dataset_id}",
+    summary="Update a dataset",
+    openapi_extra=body_doc(DatasetFields),
+)
 async def update_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
     body = get_or_404(request, account, dataset_id)
     fields = check_fields(await read_json(request, DatasetFields))
