@@ -374,3 +374,48 @@ def test_cli(batch, tmp_path):
     assert missing.returncode == 1 and "not found" in missing.stderr
     unreadable = girandole("create", str(tmp_path / "none.jsonl"), "--model", MODEL)
     assert unreadable.returncode == 1 and "cannot read" in unreadable.stderr
+
+
+def test_interactive_requests_take_the_capacity(batch):
+    """While 16 interactive streams (the runner's --batch-max-in-flight) run, the job submits no
+    new line; it goes on once they end."""
+    import threading
+
+    batch.upload("yield-input", [chat_line(i, max_tokens=4) for i in range(300)])
+    fw = batch.client()
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="yield", model=MODEL, input_dataset_id="yield-input"
+    )
+    batch.wait("yield", lambda j: (j.job_progress.total_processed_requests or 0) >= 10)
+    streaming = threading.Barrier(17)
+    ended: list[float] = []
+
+    def interactive(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 600, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        headers = {"Authorization": f"Bearer {batch.key}"}
+        url = batch.server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=300) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)  # streaming: it holds its admission slot
+            streaming.wait()
+            for _ in lines:
+                pass
+        ended.append(time.monotonic())
+
+    threads = [threading.Thread(target=interactive, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    streaming.wait()
+    time.sleep(1.0)  # the lines in flight when they came finish
+    before = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+    time.sleep(1.5)
+    after = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+    checked = time.monotonic()
+    for t in threads:
+        t.join()
+    assert len(ended) == 16 and min(ended) > checked  # the streams still ran throughout
+    assert after == before < 300
+    job = batch.wait("yield", lambda j: j.state == "JOB_STATE_COMPLETED")
+    assert job.job_progress.successfully_processed_requests == 300
