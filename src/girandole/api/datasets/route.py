@@ -277,7 +277,7 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
     store = store_of(request)
     body = get_or_404(request, account, dataset_id)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_FILE_BYTES:
+    if declared.isdecimal() and int(declared) > MAX_FILE_BYTES:
         raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes")
     data = b""
     async for chunk in request.stream():
@@ -312,7 +312,7 @@ async def get_upload_endpoint(dataset_id: str, request: Request, account: str = 
     urls = {}
     for name, size in body.filenameToSize.items():
         check_filename(name, "filenameToSize")
-        if not str(size).isdigit() or int(size) > MAX_FILE_BYTES:
+        if not str(size).isdecimal() or int(size) > MAX_FILE_BYTES:  # "²" is a digit, not int
             raise bad_request(
                 f"filenameToSize[{name!r}]: the size must be a number of bytes up to"
                 f" {MAX_FILE_BYTES}, got {size!r}",
