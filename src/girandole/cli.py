@@ -1,4 +1,4 @@
-"""Command line: `girandole serve | generate | keys | usage | deployment | models`."""
+"""Command line: `girandole serve | generate | keys | usage | deployment | models | batch`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from girandole.deploy.cli import add_deploy_parsers
 
     add_deploy_parsers(sub)
+    from girandole.batch.cli import add_batch_parser
+
+    add_batch_parser(sub)
     try:
         from girandole.api.server import add_serve_parser
     except ImportError:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from girandole import __version__
+from girandole.api.batch import install_batch
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
@@ -31,9 +32,11 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         if load_in_background and state.engine is None:
             threading.Thread(target=state.load, name="girandole-load", daemon=True).start()
         app.state.deployments.start()
+        app.state.batch.start()
         try:
             yield
         finally:
+            await app.state.batch.shutdown()  # before the engines stop: its lines run again
             app.state.deployments.shutdown()
             state.shutdown()
 
@@ -50,6 +53,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     install_deployments(app, state, INFERENCE_PREFIXES)
+    install_batch(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)

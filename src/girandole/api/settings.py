@@ -40,6 +40,7 @@ class ServerSettings:
     max_choices_per_request: int = 256  # prompts x n of one request; more is a 400
     max_queued_requests: int = 256  # more wait in the admission queue, then 429
     queue_timeout: float = 30.0  # seconds in the queue before a 503
+    batch_max_in_flight: int = 16  # batch lines at once, interactive choices included
     max_prompt_tokens: int | None = None  # None: the context length
     drain_seconds: float = 30.0  # SIGTERM: wait this long for requests in flight, then exit 0
     # Connections held at once (the longest-idle is closed above it); None: from the file limit

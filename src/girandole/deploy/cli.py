@@ -23,12 +23,14 @@ class CLIError(Exception):
 
 
 class ControlPlane:
-    def __init__(self, base_url: str, api_key: str | None, account: str) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, account: str, resource: str = "deployments"
+    ) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60)
-        self.prefix = f"/v1/accounts/{account}/deployments"
+        self.prefix = f"/v1/accounts/{account}" + (f"/{resource}" if resource else "")
 
     def call(self, method: str, path: str = "", **kwargs: Any) -> Any:
         import httpx

@@ -60,6 +60,13 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         " P x n (capped at this); more wait in the queue [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
     )
     p.add_argument(
+        "--batch-max-in-flight",
+        type=int,
+        default=_int("BATCH_MAX_IN_FLIGHT") or DEFAULTS.batch_max_in_flight,
+        help="batch job lines at the engine at once, fewer while interactive requests run"
+        " (together they stay within it) [GIRANDOLE_BATCH_MAX_IN_FLIGHT]",
+    )
+    p.add_argument(
         "--max-choices-per-request",
         type=int,
         default=_int("MAX_CHOICES_PER_REQUEST") or DEFAULTS.max_choices_per_request,
@@ -146,6 +153,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_concurrent_requests": args.max_concurrent_requests,
         "max_queued_requests": args.max_queued_requests,
         "queue_timeout": args.queue_timeout,
+        "batch_max_in_flight": args.batch_max_in_flight,
         "max_prompt_tokens": args.max_prompt_tokens,
         "drain_seconds": args.drain_seconds,
         "log_format": args.log_format,

@@ -106,6 +106,11 @@ def record_of(scope_or_request: Any) -> RequestRecord | None:
     return (scope.get("state") or {}).get(_RECORD_KEY)
 
 
+def attach_record(scope: dict[str, Any], record: RequestRecord) -> None:
+    """Hang `record` on an ASGI scope as the middleware does (a request made in-process)."""
+    scope.setdefault("state", {})[_RECORD_KEY] = record
+
+
 def _client_id(headers: Headers) -> str | None:
     value = headers.get("x-request-id")
     if not value:

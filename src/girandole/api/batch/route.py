@@ -1,0 +1,267 @@
+"""Routes of Fireworks' batch inference jobs, as the fireworks-ai SDK's
+`client.batch_inference_jobs` calls them:
+
+    POST   /v1/accounts/{a}/batchInferenceJobs?batchInferenceJobId=  create
+    GET    /v1/accounts/{a}/batchInferenceJobs                       list (pageSize, pageToken,
+                                                                     filter, orderBy, readMask)
+    GET    /v1/accounts/{a}/batchInferenceJobs/{j}                   get
+    DELETE /v1/accounts/{a}/batchInferenceJobs/{j}                   stop it and delete it (its
+                                                                     output dataset stays)
+    POST   /v1/accounts/{a}/batchInferenceJobs/{j}:cancel            stop it, keep what is done
+
+also under /inference/v1. Creating checks the whole input file (a 400 names the first bad line)
+and the model (404 when the key cannot reach it), and creates the output dataset; the job then
+waits (JOB_STATE_PENDING) for the runner (girandole.batch.runner).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict
+
+from girandole.api.datasets.route import created_by, listing, masked, new_dataset
+from girandole.api.deployments.route import Account, read_json
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
+from girandole.api.serving.target import resolve_target
+from girandole.batch.lines import InputError, parse_parameters, read_input
+from girandole.batch.runner import MAX_INPUT_LINES, BatchRunner
+from girandole.batch.store import (
+    CANCELLED,
+    FINAL,
+    PENDING,
+    BatchStore,
+    dataset_name,
+    job_name,
+    now_text,
+)
+from girandole.registry.naming import is_valid_id
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class InferenceParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    maxTokens: int | None = None
+    temperature: float | None = None
+    topP: float | None = None
+    topK: int | None = None
+    n: int | None = None
+    extraBody: str | None = None
+
+
+class BatchJobBody(BaseModel):
+    model_config = STRICT
+
+    displayName: str | None = None
+    model: str | None = None
+    inputDatasetId: str | None = None
+    outputDatasetId: str | None = None
+    inferenceParameters: InferenceParameters | None = None
+    precision: str | None = None
+    continuedFromJobName: str | None = None
+
+
+router = APIRouter(tags=["batch"])
+
+
+def store_of(request: Request) -> BatchStore:
+    return request.app.state.batch_store
+
+
+def runner_of(request: Request) -> BatchRunner:
+    return request.app.state.batch
+
+
+def get_or_404(request: Request, account: str, job_id: str) -> dict[str, Any]:
+    found = store_of(request).get_job(account, job_id)
+    if found is None:
+        raise APIError(
+            404,
+            f"Batch inference job {job_name(account, job_id)} not found",
+            type="error",
+            code="NOT_FOUND",
+        )
+    return found
+
+
+def own_dataset_id(account: str, value: str, param: str) -> str:
+    """A dataset id of `account` from `d` or `accounts/<account>/datasets/<d>`."""
+    parts = value.split("/")
+    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "datasets":
+        if parts[1] != account:
+            raise bad_request(f"{param}: a batch job reads and writes its own account's datasets"
+                              f" (accounts/{account}/datasets/...), not {value!r}", param)  # fmt: skip
+        value = parts[3]
+    if not is_valid_id(value):
+        raise bad_request(f"{param}: {value!r} is not a dataset id or name", param)
+    return value
+
+
+def check_unsupported(body: BatchJobBody) -> None:
+    if body.precision not in (None, "PRECISION_UNSPECIFIED"):
+        raise bad_request(
+            f"precision {body.precision!r}: a batch job runs at the precision the model is"
+            " served at here; leave precision unset",
+            "precision",
+        )
+    if body.continuedFromJobName:
+        raise bad_request(
+            "continuedFromJobName is not supported: a job stopped by a restart resumes by itself",
+            "continuedFromJobName",
+        )
+
+
+def input_lines(request: Request, account: str, input_id: str) -> int:
+    """How many lines the input dataset has, after checking them all (400 naming a bad one)."""
+    store = store_of(request)
+    dataset = store.get_dataset(account, input_id)
+    name = dataset_name(account, input_id)
+    if dataset is None:
+        raise bad_request(f"inputDatasetId: {name} does not exist", "inputDatasetId")
+    files = store.dataset_files(account, input_id)
+    if dataset.get("state") != "READY" or not files:
+        raise bad_request(
+            f"inputDatasetId: {name} has no uploaded file yet (state {dataset.get('state')})",
+            "inputDatasetId",
+        )
+    try:
+        data = b"".join(p.read_bytes() for p in files)
+        return len(read_input(data, MAX_INPUT_LINES))
+    except InputError as exc:
+        raise bad_request(f"inputDatasetId: {name}: {exc}", "inputDatasetId") from None
+
+
+@router.post("/accounts/{account}/batchInferenceJobs/{job_id}:cancel", summary="Cancel a batch job")
+async def cancel_job(job_id: str, request: Request, account: str = Account) -> dict:
+    body = get_or_404(request, account, job_id)
+    if body["state"] not in FINAL:
+        store = store_of(request)
+        body["state"] = CANCELLED
+        body["status"] = {"code": "CANCELLED", "message": "cancelled by the user"}
+        store.save_job(account, job_id, body)
+        runner_of(request).stop_job(account, job_id, CANCELLED)
+    return store_of(request).get_job(account, job_id) or body
+
+
+@router.post(
+    "/accounts/{account}/batchInferenceJobs",
+    summary="Create a batch inference job",
+    openapi_extra=body_doc(BatchJobBody),
+)
+async def create_job(
+    request: Request,
+    account: str = Account,
+    job_id: str | None = Query(default=None, alias="batchInferenceJobId"),
+) -> dict:
+    body = await read_json(request, BatchJobBody)
+    check_unsupported(body)
+    if job_id is None:
+        job_id = "batch-" + uuid.uuid4().hex[:12]
+    elif not is_valid_id(job_id):
+        raise bad_request(
+            f"batchInferenceJobId {job_id!r} is not a valid id: 1-63 characters of a-z, 0-9 and"
+            " '-', starting with a letter",
+            "batchInferenceJobId",
+        )
+    if not body.model:
+        raise bad_request("model is required: the model the job runs", "model")
+    if not body.inputDatasetId:
+        raise bad_request("inputDatasetId is required: the dataset of requests", "inputDatasetId")
+    state = request.app.state.girandole
+    resolve_target(request, state, body.model, None)  # 404 when out of reach
+    parameters = body.inferenceParameters.model_dump(exclude_none=True) if body.inferenceParameters else {}  # fmt: skip
+    try:
+        parse_parameters(parameters)
+    except InputError as exc:
+        raise bad_request(str(exc), "inferenceParameters") from None
+    input_id = own_dataset_id(account, body.inputDatasetId, "inputDatasetId")
+    total = input_lines(request, account, input_id)
+    output_id = own_dataset_id(
+        account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
+    )
+    store = store_of(request)
+    if store.get_job(account, job_id) is not None:
+        raise APIError(
+            409,
+            f"Batch inference job {job_name(account, job_id)} already exists",
+            type="error",
+            code="ALREADY_EXISTS",
+        )
+    by = created_by(request)
+    output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
+    if not store.insert_dataset(account, output_id, output):
+        raise bad_request(
+            f"outputDatasetId: {dataset_name(account, output_id)} already exists; name a new one",
+            "outputDatasetId",
+        )
+    now = now_text()
+    job = {
+        "name": job_name(account, job_id),
+        "displayName": body.displayName or job_id,
+        "model": body.model,
+        "inputDatasetId": dataset_name(account, input_id),
+        "outputDatasetId": dataset_name(account, output_id),
+        "inferenceParameters": parameters,
+        "state": PENDING,
+        "status": {"code": "OK", "message": ""},
+        "jobProgress": {"totalInputRequests": total},
+        "createTime": now,
+        "updateTime": now,
+        "createdBy": by,
+        "precision": body.precision or "PRECISION_UNSPECIFIED",
+    }
+    principal = getattr(request.state, "principal", None)
+    store.insert_job(account, job_id, principal.key_id if principal else None, job)
+    runner_of(request).notify()
+    return store.get_job(account, job_id) or job
+
+
+@router.get("/accounts/{account}/batchInferenceJobs", summary="List batch inference jobs")
+async def list_jobs(
+    request: Request,
+    account: str = Account,
+    page_size: int | None = Query(default=None, alias="pageSize"),
+    page_token: str | None = Query(default=None, alias="pageToken"),
+    filter: str | None = Query(default=None),
+    order_by: str | None = Query(default=None, alias="orderBy"),
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    items = store_of(request).list_jobs(account)
+    return listing(items, "batchInferenceJobs", page_size, page_token, filter, order_by, read_mask)
+
+
+@router.get("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Get a batch job")
+async def get_job(
+    job_id: str,
+    request: Request,
+    account: str = Account,
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    return masked(get_or_404(request, account, job_id), read_mask)
+
+
+@router.delete("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Delete a batch job")
+async def delete_job(job_id: str, request: Request, account: str = Account) -> dict:
+    get_or_404(request, account, job_id)
+    runner_of(request).stop_job(account, job_id, "deleted")
+    store_of(request).delete_job(account, job_id)
+    return {}
+
+
+def install_batch(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> BatchRunner:
+    """The datasets and batch jobs routes under each of `prefixes`, and the runner (the app's
+    lifespan starts and stops it)."""
+    from girandole.api.batch.runtime import build_runner
+    from girandole.api.datasets.route import router as datasets_router
+
+    runner = build_runner(app, state)
+    for prefix in prefixes:  # the OpenAPI document shows the /v1 copy
+        shown = prefix.startswith("/v1")
+        app.include_router(datasets_router, prefix=prefix, include_in_schema=shown)
+        app.include_router(router, prefix=prefix, include_in_schema=shown)
+    return runner

@@ -1,0 +1,464 @@
+"""Routes of Fireworks' datasets API, as the fireworks-ai SDK's `client.datasets` calls them:
+
+    POST   /v1/accounts/{a}/datasets                        create {datasetId, dataset{...}}
+    GET    /v1/accounts/{a}/datasets                        list (pageSize, pageToken, filter,
+                                                            orderBy, readMask)
+    GET    /v1/accounts/{a}/datasets/{d}                    get
+    PATCH  /v1/accounts/{a}/datasets/{d}                    update (displayName, format, ...)
+    DELETE /v1/accounts/{a}/datasets/{d}                    delete, with its files
+    POST   /v1/accounts/{a}/datasets/{d}:upload             one file, multipart/form-data `file`
+    POST   /v1/accounts/{a}/datasets/{d}:getUploadEndpoint  {filenameToSize} -> signed PUT URLs
+    POST   /v1/accounts/{a}/datasets/{d}:validateUpload     the PUT files checked: READY
+    GET    /v1/accounts/{a}/datasets/{d}:getDownloadEndpoint  signed GET URLs of its files
+    PUT|GET /v1/accounts/{a}/datasets/{d}/files/{name}?expires=&signature=  the signed URLs
+
+also under /inference/v1. The signed URLs carry an HMAC of the method, the file and an expiry
+(an hour) made with a secret of this server process: they need no key, as a bucket's would not.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from girandole.api.deployments.route import Account, read_json
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
+from girandole.batch.store import BatchStore, dataset_name, is_valid_filename, now_text
+from girandole.registry.list_query import (
+    QueryError,
+    camel,
+    page,
+    parse_filter,
+    parse_order_by,
+    sort_resources,
+)
+from girandole.registry.naming import is_valid_id
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+MAX_FILE_BYTES = 500 * 1024 * 1024  # Fireworks' limit on a batch input dataset
+URL_LIFETIME_S = 3600
+_SECRET = secrets.token_bytes(32)
+_FORMATS = ("FORMAT_UNSPECIFIED", "CHAT", "COMPLETION", "RL")
+
+
+class DatasetFields(BaseModel):
+    model_config = STRICT
+
+    displayName: str | None = None
+    format: str | None = None
+    exampleCount: str | int | None = None
+    externalUrl: str | None = None
+    sourceJobName: str | None = None
+    userUploaded: dict[str, Any] | None = None
+    evalProtocol: Any = None
+    evaluationResult: Any = None
+    splitted: Any = None
+    transformed: Any = None
+
+
+class CreateDatasetBody(BaseModel):
+    model_config = STRICT
+
+    datasetId: str
+    dataset: DatasetFields
+    sourceDatasetId: str | None = None
+
+
+class UploadEndpointBody(BaseModel):
+    model_config = STRICT
+
+    filenameToSize: dict[str, str | int]
+    readMask: str | None = None
+
+
+router = APIRouter(tags=["datasets"])
+
+
+def store_of(request: Request) -> BatchStore:
+    return request.app.state.batch_store
+
+
+def not_found(account: str, dataset_id: str) -> APIError:
+    name = dataset_name(account, dataset_id)
+    return APIError(404, f"Dataset {name} not found", type="error", code="NOT_FOUND")
+
+
+def get_or_404(request: Request, account: str, dataset_id: str) -> dict[str, Any]:
+    found = store_of(request).get_dataset(account, dataset_id)
+    if found is None:
+        raise not_found(account, dataset_id)
+    return found
+
+
+def masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
+    """Only the top-level fields named in `readMask` ("" or "*": every field)."""
+    if not read_mask or read_mask.strip() in ("*", "**"):
+        return body
+    fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
+    return {f: body[f] for f in fields if f in body}
+
+
+def listing(
+    items: list[dict[str, Any]],
+    key: str,
+    page_size: int | None,
+    page_token: str | None,
+    filter: str | None,
+    order_by: str | None,
+    read_mask: str | None,
+) -> dict[str, Any]:
+    """One page of `items` filtered and ordered as AIP-160/132 list queries ask."""
+    fields = {f for item in items for f in item} | {"name", "createTime", "state", "displayName"}
+    try:
+        chosen = [r for r in items if parse_filter(filter, fields).matches(r)]
+        sort_resources(chosen, parse_order_by(order_by, fields))
+        items, next_token = page(chosen, page_size, page_token)
+    except QueryError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    return {
+        key: [masked(r, read_mask) for r in items],
+        "nextPageToken": next_token,
+        "totalSize": len(chosen),
+    }
+
+
+def new_dataset(account: str, dataset_id: str, fields: dict[str, Any], by: str) -> dict[str, Any]:
+    now = now_text()
+    body = {
+        "name": dataset_name(account, dataset_id),
+        "displayName": fields.get("displayName") or dataset_id,
+        "createTime": now,
+        "updateTime": now,
+        "createdBy": by,
+        "state": "UPLOADING",
+        "status": {"code": "OK", "message": ""},
+        "format": fields.get("format") or "FORMAT_UNSPECIFIED",
+        "exampleCount": "0",
+        "userUploaded": fields.get("userUploaded") or {},
+    }
+    if fields.get("sourceJobName"):
+        body["sourceJobName"] = fields["sourceJobName"]
+    return body
+
+
+def check_fields(fields: DatasetFields) -> dict[str, Any]:
+    if fields.externalUrl:
+        raise bad_request(
+            "externalUrl (a dataset in a cloud bucket) is not supported by this server: upload"
+            " the file with :upload or :getUploadEndpoint",
+            "dataset.externalUrl",
+        )
+    if fields.format is not None and fields.format not in _FORMATS:
+        raise bad_request(
+            f"dataset.format must be one of {', '.join(_FORMATS)}, got {fields.format!r}",
+            "dataset.format",
+        )
+    return fields.model_dump(exclude_none=True)
+
+
+def created_by(request: Request) -> str:
+    principal = getattr(request.state, "principal", None)
+    return (principal.key_id if principal is not None else None) or "anonymous"
+
+
+def count_lines(paths: list[Any]) -> int:
+    count = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            count += sum(1 for line in f if line.strip())
+    return count
+
+
+def mark_ready(store: BatchStore, account: str, dataset_id: str, body: dict[str, Any]) -> None:
+    body["state"] = "READY"
+    body["exampleCount"] = str(count_lines(store.dataset_files(account, dataset_id)))
+    store.save_dataset(account, dataset_id, body)
+
+
+# -- signed file URLs --------------------------------------------------------------------------
+
+
+def _signature(method: str, account: str, dataset_id: str, filename: str, expires: int) -> str:
+    message = f"{method}\n{account}/{dataset_id}/{filename}\n{expires}".encode()
+    return hmac.new(_SECRET, message, hashlib.sha256).hexdigest()
+
+
+def signed_url(request: Request, method: str, account: str, dataset_id: str, name: str) -> str:
+    """The file's URL on this server as the client reached it (/v1 or /inference/v1)."""
+    prefix = "/inference/v1" if request.url.path.startswith("/inference/") else "/v1"
+    expires = int(time.time()) + URL_LIFETIME_S
+    signature = _signature(method, account, dataset_id, name, expires)
+    base = str(request.base_url).rstrip("/")
+    path = f"{prefix}/accounts/{account}/datasets/{dataset_id}/files/{quote(name)}"
+    return f"{base}{path}?expires={expires}&signature={signature}"
+
+
+def check_signature(
+    method: str, account: str, dataset_id: str, name: str, expires: int, signature: str
+) -> None:
+    expected = _signature(method, account, dataset_id, name, expires)
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        raise APIError(403, "The URL's signature is not valid", code="PERMISSION_DENIED")
+    if expires < time.time():
+        raise APIError(
+            403,
+            "The URL has expired: ask for a new one (:getUploadEndpoint, :getDownloadEndpoint)",
+            code="PERMISSION_DENIED",
+        )
+
+
+def check_filename(name: str, param: str = "filename") -> None:
+    if not is_valid_filename(name):
+        raise bad_request(
+            f"{name!r} is not a valid file name: 1-200 characters of A-Z, a-z, 0-9, '.', '_'"
+            " and '-'",
+            param,
+        )
+
+
+async def receive_file(request: Request, store: BatchStore, account: str, dataset_id: str,
+                       name: str) -> int:  # fmt: skip
+    """Stream the request body into the dataset's file `name` (413 above the limit)."""
+    folder = store.dataset_dir(account, dataset_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{name}.partial"
+    size = 0
+    try:
+        with open(partial, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_FILE_BYTES:
+                    raise APIError(
+                        413, f"The file is larger than this server's limit of {MAX_FILE_BYTES}"
+                        " bytes", code="PAYLOAD_TOO_LARGE",
+                    )  # fmt: skip
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, folder / name)
+    finally:
+        partial.unlink(missing_ok=True)
+    return size
+
+
+def multipart_file(content_type: str, data: bytes) -> tuple[str, bytes]:
+    """The `file` part of a multipart/form-data body: (its file name, its bytes)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise APIError(
+            415,
+            "Send the file as multipart/form-data with a part named 'file'",
+            code="UNSUPPORTED_MEDIA_TYPE",
+        )
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
+    for part in message.iter_parts() if message.is_multipart() else ():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_filename() or "input.jsonl", part.get_payload(decode=True) or b""
+    raise bad_request("The form has no part named 'file' (the dataset file)", "file")
+
+
+# -- routes: ':verb' ones first (the plain `{dataset_id}` pattern would take them) ------------
+
+
+@router.post("/accounts/{account}/datasets/{dataset_id}:upload", summary="Upload a dataset file")
+async def upload(dataset_id: str, request: Request, account: str = Account) -> dict:
+    store = store_of(request)
+    body = get_or_404(request, account, dataset_id)
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > MAX_FILE_BYTES:
+        raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes")
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_FILE_BYTES:
+            raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes")
+    filename, content = multipart_file(request.headers.get("content-type", ""), data)
+    filename = os.path.basename(filename)
+    check_filename(filename, "file")
+    store.write_file(account, dataset_id, filename, content)
+    mark_ready(store, account, dataset_id, body)
+    return {
+        "id": body["name"],
+        "bytes": len(content),
+        "created_at": int(time.time()),
+        "filename": filename,
+        "object": "file",
+        "purpose": "batch",
+    }
+
+
+@router.post(
+    "/accounts/{account}/datasets/{dataset_id}:getUploadEndpoint",
+    summary="Signed URLs to PUT a dataset's files to",
+    openapi_extra=body_doc(UploadEndpointBody),
+)
+async def get_upload_endpoint(dataset_id: str, request: Request, account: str = Account) -> dict:
+    get_or_404(request, account, dataset_id)
+    body = await read_json(request, UploadEndpointBody)
+    if not body.filenameToSize:
+        raise bad_request("filenameToSize must name at least one file", "filenameToSize")
+    urls = {}
+    for name, size in body.filenameToSize.items():
+        check_filename(name, "filenameToSize")
+        if not str(size).isdecimal() or int(size) > MAX_FILE_BYTES:  # "²" is a digit, not int
+            raise bad_request(
+                f"filenameToSize[{name!r}]: the size must be a number of bytes up to"
+                f" {MAX_FILE_BYTES}, got {size!r}",
+                "filenameToSize",
+            )
+        urls[name] = signed_url(request, "PUT", account, dataset_id, name)
+    return {"filenameToSignedUrls": urls}
+
+
+@router.post(
+    "/accounts/{account}/datasets/{dataset_id}:validateUpload",
+    summary="Mark a dataset uploaded through its signed URLs ready",
+)
+async def validate_upload(dataset_id: str, request: Request, account: str = Account) -> dict:
+    store = store_of(request)
+    body = get_or_404(request, account, dataset_id)
+    if not store.dataset_files(account, dataset_id):
+        raise APIError(
+            400,
+            f"Dataset {body['name']} has no file yet: PUT it to a URL of :getUploadEndpoint",
+            code="FAILED_PRECONDITION",
+        )
+    mark_ready(store, account, dataset_id, body)
+    return {}
+
+
+@router.get(
+    "/accounts/{account}/datasets/{dataset_id}:getDownloadEndpoint",
+    summary="Signed URLs to GET a dataset's files from",
+)
+async def get_download_endpoint(
+    dataset_id: str,
+    request: Request,
+    account: str = Account,
+    download_lineage: bool = Query(default=False, alias="downloadLineage"),
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    get_or_404(request, account, dataset_id)
+    files = store_of(request).dataset_files(account, dataset_id)
+    return {
+        "filenameToSignedUrls": {
+            p.name: signed_url(request, "GET", account, dataset_id, p.name) for p in files
+        }
+    }
+
+
+@router.put("/accounts/{account}/datasets/{dataset_id}/files/{filename}", include_in_schema=False)
+async def put_file(
+    account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str
+) -> Response:
+    check_signature("PUT", account, dataset_id, filename, expires, signature)
+    check_filename(filename)
+    store = store_of(request)
+    if store.get_dataset(account, dataset_id) is None:
+        raise not_found(account, dataset_id)
+    await receive_file(request, store, account, dataset_id, filename)
+    return Response(status_code=200)
+
+
+@router.get("/accounts/{account}/datasets/{dataset_id}/files/{filename}", include_in_schema=False)
+async def get_file(
+    account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str
+) -> Response:
+    check_signature("GET", account, dataset_id, filename, expires, signature)
+    path = store_of(request).dataset_dir(account, dataset_id) / filename
+    if not is_valid_filename(filename) or not path.is_file():
+        raise APIError(404, f"No file {filename!r} in that dataset", type="error", code="NOT_FOUND")
+    return FileResponse(path, media_type="application/jsonl")
+
+
+@router.post(
+    "/accounts/{account}/datasets",
+    summary="Create a dataset",
+    openapi_extra=body_doc(CreateDatasetBody),
+)
+async def create_dataset(request: Request, account: str = Account) -> dict:
+    body = await read_json(request, CreateDatasetBody)
+    store = store_of(request)
+    if not is_valid_id(body.datasetId):
+        raise bad_request(
+            f"datasetId {body.datasetId!r} is not a valid id: 1-63 characters of a-z, 0-9 and"
+            " '-', starting with a letter",
+            "datasetId",
+        )
+    dataset = new_dataset(account, body.datasetId, check_fields(body.dataset), created_by(request))
+    source = None
+    if body.sourceDatasetId:
+        source_id = body.sourceDatasetId.rsplit("/", 1)[-1]
+        source = store.get_dataset(account, source_id)
+        if source is None:
+            raise bad_request(
+                f"sourceDatasetId: {dataset_name(account, source_id)} does not exist",
+                "sourceDatasetId",
+            )
+    if not store.insert_dataset(account, body.datasetId, dataset):
+        raise APIError(
+            409, f"Dataset {dataset['name']} already exists", type="error", code="ALREADY_EXISTS"
+        )
+    if source is not None:
+        for path in store.dataset_files(account, source_id):
+            store.write_file(account, body.datasetId, path.name, path.read_bytes())
+        mark_ready(store, account, body.datasetId, dataset)
+    return dataset
+
+
+@router.get("/accounts/{account}/datasets", summary="List datasets")
+async def list_datasets(
+    request: Request,
+    account: str = Account,
+    page_size: int | None = Query(default=None, alias="pageSize"),
+    page_token: str | None = Query(default=None, alias="pageToken"),
+    filter: str | None = Query(default=None),
+    order_by: str | None = Query(default=None, alias="orderBy"),
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    items = store_of(request).list_datasets(account)
+    return listing(items, "datasets", page_size, page_token, filter, order_by, read_mask)
+
+
+@router.get("/accounts/{account}/datasets/{dataset_id}", summary="Get a dataset")
+async def get_dataset(
+    dataset_id: str,
+    request: Request,
+    account: str = Account,
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    return masked(get_or_404(request, account, dataset_id), read_mask)
+
+
+@router.patch(
+    "/accounts/{account}/datasets/{dataset_id}",
+    summary="Update a dataset",
+    openapi_extra=body_doc(DatasetFields),
+)
+async def update_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
+    body = get_or_404(request, account, dataset_id)
+    fields = check_fields(await read_json(request, DatasetFields))
+    for key in ("displayName", "format", "userUploaded"):
+        if key in fields:
+            body[key] = fields[key]
+    store_of(request).save_dataset(account, dataset_id, body)
+    return body
+
+
+@router.delete("/accounts/{account}/datasets/{dataset_id}", summary="Delete a dataset")
+async def delete_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
+    get_or_404(request, account, dataset_id)
+    store_of(request).delete_dataset(account, dataset_id)
+    return {}

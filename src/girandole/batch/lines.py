@@ -1,0 +1,151 @@
+"""A batch job's input: JSONL lines `{"custom_id": "...", "body": {...}}` (OpenAI's batch line
+shape; `url` and `method` may be given too). The body is a chat completions request (with
+`messages`) or a completions request (with `prompt`); `url` picks the endpoint when both could
+apply. The file is checked whole when the job is created (a 400 names the first bad line); what
+only the endpoint can judge (a bad temperature, an unknown field) becomes that line's error in
+the error file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+_URLS = {
+    CHAT: CHAT,
+    "/chat/completions": CHAT,
+    "/inference/v1/chat/completions": CHAT,
+    COMPLETIONS: COMPLETIONS,
+    "/completions": COMPLETIONS,
+    "/inference/v1/completions": COMPLETIONS,
+}
+MAX_CUSTOM_ID = 512
+
+# inferenceParameters -> the request field each fills in a body that does not set it
+_PARAMETERS = {
+    "maxTokens": "max_tokens",
+    "temperature": "temperature",
+    "topP": "top_p",
+    "topK": "top_k",
+    "n": "n",
+}
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InputLine:
+    line: int  # its index among the file's non-empty lines
+    custom_id: str
+    url: str  # CHAT or COMPLETIONS
+    body: dict[str, Any]
+
+
+def read_input(data: bytes, max_lines: int) -> list[InputLine]:
+    """The file's lines, checked: JSON objects with a unique string `custom_id` and an object
+    `body` holding `messages` or `prompt`."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the input is not UTF-8 text: {exc}") from None
+    lines: list[InputLine] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        if len(lines) >= max_lines:
+            raise InputError(f"the input has more than {max_lines} lines, this server's limit")
+        item = _parse_line(number, raw)
+        custom_id = item["custom_id"]
+        if custom_id in seen:
+            raise InputError(
+                f"line {number}: custom_id {custom_id!r} is used again (first on line"
+                f" {seen[custom_id]}); each line needs its own"
+            )
+        seen[custom_id] = number
+        lines.append(InputLine(len(lines), custom_id, _url_of(number, item), item["body"]))
+    if not lines:
+        raise InputError("the input has no lines: one JSON object per line is expected")
+    return lines
+
+
+def _parse_line(number: int, raw: str) -> dict[str, Any]:
+    try:
+        item = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"line {number} is not valid JSON: {exc.msg}") from None
+    if not isinstance(item, dict):
+        raise InputError(f"line {number}: expected a JSON object with custom_id and body")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID:
+        raise InputError(
+            f"line {number}: custom_id must be a non-empty string of at most {MAX_CUSTOM_ID}"
+            " characters"
+        )
+    if not isinstance(item.get("body"), dict):
+        raise InputError(f"line {number}: body must be a JSON object (the request)")
+    method = item.get("method", "POST")
+    if method != "POST":
+        raise InputError(f"line {number}: method must be POST, got {method!r}")
+    return item
+
+
+def _url_of(number: int, item: dict[str, Any]) -> str:
+    url = item.get("url")
+    if url is not None:
+        if url not in _URLS:
+            raise InputError(
+                f"line {number}: url {url!r} is not one a batch job runs: {CHAT} or {COMPLETIONS}"
+            )
+        return _URLS[url]
+    body = item["body"]
+    if "messages" in body:
+        return CHAT
+    if "prompt" in body:
+        return COMPLETIONS
+    raise InputError(
+        f"line {number}: body has neither messages (a chat completion) nor prompt (a completion)"
+    )
+
+
+def parse_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The request fields a job's `inferenceParameters` fill in (extraBody: a JSON object as a
+    string, merged too)."""
+    fields: dict[str, Any] = {}
+    for key, value in (parameters or {}).items():
+        if key == "extraBody":
+            if value in (None, ""):
+                continue
+            try:
+                extra = json.loads(value) if isinstance(value, str) else None
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"inferenceParameters.extraBody is not valid JSON: {exc.msg}"
+                ) from None
+            if not isinstance(extra, dict):
+                raise InputError(
+                    "inferenceParameters.extraBody must be a JSON object written as a string,"
+                    ' e.g. "{\\"stop\\": [\\"\\\\n\\"]}"'
+                )
+            fields.update(extra)
+        elif key in _PARAMETERS:
+            if value is not None:
+                fields[_PARAMETERS[key]] = value
+        else:
+            known = ", ".join([*_PARAMETERS, "extraBody"])
+            raise InputError(f"inferenceParameters.{key} is not a parameter (known: {known})")
+    return fields
+
+
+def request_body(line: InputLine, model: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The request a line runs: its body, the job's parameters where the body sets none, the
+    job's model, not streamed."""
+    body = {**parameters, **line.body}
+    body["model"] = model
+    body["stream"] = False
+    return body

@@ -1,0 +1,292 @@
+"""Datasets and batch jobs in the server's database (girandole.db), dataset files under
+`<data_dir>/datasets/<account>/<dataset_id>/`.
+
+A job's result rows (`batch_results`) are keyed by (account, job, input line): a line's result
+is committed before it counts, and a line with a row is never run again, so a job killed
+halfway and resumed gives every custom_id exactly once. The output dataset's files
+(`results.jsonl`, `errors.jsonl`) are written from these rows when the job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from girandole.registry.deployments import format_time
+from girandole.registry.keystore import Database
+
+RESULTS_FILE = "results.jsonl"
+ERRORS_FILE = "errors.jsonl"
+
+# JOB_STATE_* values a job passes through here (Fireworks' enum has more)
+CREATING = "JOB_STATE_CREATING"
+PENDING = "JOB_STATE_PENDING"
+RUNNING = "JOB_STATE_RUNNING"
+WRITING_RESULTS = "JOB_STATE_WRITING_RESULTS"
+COMPLETED = "JOB_STATE_COMPLETED"
+FAILED = "JOB_STATE_FAILED"
+CANCELLED = "JOB_STATE_CANCELLED"
+RUNNABLE = (PENDING, RUNNING, WRITING_RESULTS)  # picked up again after a restart
+FINAL = (COMPLETED, FAILED, CANCELLED)
+
+_FILENAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS datasets (
+        account TEXT NOT NULL,
+        dataset_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (account, dataset_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS batch_jobs (
+        account TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        key_id TEXT,
+        created REAL NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (account, job_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS batch_results (
+        account TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        custom_id TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, job_id, line)
+    )""",
+)
+
+
+def dataset_name(account: str, dataset_id: str) -> str:
+    return f"accounts/{account}/datasets/{dataset_id}"
+
+
+def job_name(account: str, job_id: str) -> str:
+    return f"accounts/{account}/batchInferenceJobs/{job_id}"
+
+
+def is_valid_filename(name: str) -> bool:
+    return bool(_FILENAME.match(name)) and name not in (".", "..")
+
+
+def now_text() -> str:
+    return format_time(time.time()) or ""
+
+
+@dataclass(frozen=True)
+class LineResult:
+    """What one input line gave: the output (or error) file's line and its token counts."""
+
+    line: int
+    custom_id: str
+    ok: bool
+    body: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class BatchStore:
+    """The datasets, batch_jobs and batch_results tables, and the dataset files."""
+
+    def __init__(self, db: Database, folder: str | Path) -> None:
+        self.db = db
+        self.folder = Path(folder)
+        for statement in _SCHEMA:
+            db.execute(statement)
+
+    # -- datasets ----------------------------------------------------------------------------
+
+    def dataset_dir(self, account: str, dataset_id: str) -> Path:
+        return self.folder / account / dataset_id
+
+    def insert_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> bool:
+        """False when a dataset of that id exists."""
+        rows = self.db.execute(
+            "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING dataset_id",
+            (account, dataset_id, json.dumps(body)),
+        )
+        return bool(rows)
+
+    def save_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> None:
+        body["updateTime"] = now_text()
+        self.db.execute(
+            "UPDATE datasets SET body = ? WHERE account = ? AND dataset_id = ?",
+            (json.dumps(body), account, dataset_id),
+        )
+
+    def get_dataset(self, account: str, dataset_id: str) -> dict[str, Any] | None:
+        rows = self.db.execute(
+            "SELECT body FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
+        )
+        return json.loads(rows[0][0]) if rows else None
+
+    def list_datasets(self, account: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT body FROM datasets WHERE account = ? ORDER BY dataset_id", (account,)
+        )
+        return [json.loads(body) for (body,) in rows]
+
+    def delete_dataset(self, account: str, dataset_id: str) -> None:
+        self.db.execute(
+            "DELETE FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
+        )
+        folder = self.dataset_dir(account, dataset_id)
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+
+    def dataset_files(self, account: str, dataset_id: str) -> list[Path]:
+        folder = self.dataset_dir(account, dataset_id)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def write_file(self, account: str, dataset_id: str, filename: str, data: bytes) -> Path:
+        """Write a dataset file whole (through a temporary file: a reader never sees half)."""
+        folder = self.dataset_dir(account, dataset_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / filename
+        partial = folder / f".{filename}.partial"
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        return path
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def insert_job(self, account: str, job_id: str, key_id: str | None, body: dict) -> bool:
+        rows = self.db.execute(
+            "INSERT INTO batch_jobs (account, job_id, key_id, created, body) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING job_id",
+            (account, job_id, key_id, time.time(), json.dumps(body)),
+        )
+        return bool(rows)
+
+    def save_job(self, account: str, job_id: str, body: dict[str, Any]) -> None:
+        body["updateTime"] = now_text()
+        self.db.execute(
+            "UPDATE batch_jobs SET body = ? WHERE account = ? AND job_id = ?",
+            (json.dumps(body), account, job_id),
+        )
+
+    def get_job(self, account: str, job_id: str) -> dict[str, Any] | None:
+        rows = self.db.execute(
+            "SELECT body FROM batch_jobs WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+        return self.with_progress(account, job_id, json.loads(rows[0][0])) if rows else None
+
+    def job_key(self, account: str, job_id: str) -> str | None:
+        rows = self.db.execute(
+            "SELECT key_id FROM batch_jobs WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+        return rows[0][0] if rows else None
+
+    def list_jobs(self, account: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT job_id, body FROM batch_jobs WHERE account = ? ORDER BY created", (account,)
+        )
+        return [self.with_progress(account, j, json.loads(body)) for j, body in rows]
+
+    def runnable_jobs(self) -> list[tuple[str, str]]:
+        """(account, job id) of the jobs to run, oldest first."""
+        rows = self.db.execute("SELECT account, job_id, body FROM batch_jobs ORDER BY created")
+        return [(a, j) for a, j, body in rows if json.loads(body).get("state") in RUNNABLE]
+
+    def delete_job(self, account: str, job_id: str) -> None:
+        self.db.execute(
+            "DELETE FROM batch_results WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+        self.db.execute(
+            "DELETE FROM batch_jobs WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+
+    # -- results -----------------------------------------------------------------------------
+
+    def record_result(self, account: str, job_id: str, result: LineResult) -> bool:
+        """Commit one line's result; False when the line already has one (it never runs twice)
+        or the job no longer runs (cancelled or deleted while the line ran)."""
+        rows = self.db.execute(
+            "INSERT INTO batch_results (account, job_id, line, custom_id, ok, body, prompt_tokens,"
+            " completion_tokens, cached_tokens) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+            " WHERE EXISTS (SELECT 1 FROM batch_jobs WHERE account = ? AND job_id = ?"
+            " AND json_extract(body, '$.state') = ?)"
+            " ON CONFLICT DO NOTHING RETURNING line",
+            (
+                account,
+                job_id,
+                result.line,
+                result.custom_id,
+                int(result.ok),
+                json.dumps(result.body, separators=(",", ":")),
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.cached_tokens,
+                account,
+                job_id,
+                RUNNING,
+            ),
+        )
+        return bool(rows)
+
+    def done_lines(self, account: str, job_id: str) -> set[int]:
+        rows = self.db.execute(
+            "SELECT line FROM batch_results WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+        return {line for (line,) in rows}
+
+    def result_lines(self, account: str, job_id: str, ok: bool) -> list[str]:
+        rows = self.db.execute(
+            "SELECT body FROM batch_results WHERE account = ? AND job_id = ? AND ok = ?"
+            " ORDER BY line",
+            (account, job_id, int(ok)),
+        )
+        return [body for (body,) in rows]
+
+    def with_progress(self, account: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The job with its `jobProgress` counted from its result rows."""
+        processed, succeeded, prompt, completion, cached = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(ok), 0), COALESCE(SUM(prompt_tokens), 0),"
+            " COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cached_tokens), 0)"
+            " FROM batch_results WHERE account = ? AND job_id = ?",
+            (account, job_id),
+        )[0]
+        total = int(body.get("jobProgress", {}).get("totalInputRequests") or 0)
+        body["jobProgress"] = {
+            "percent": int(100 * processed / total) if total else 0,
+            "epoch": 0,
+            "totalInputRequests": total,
+            "totalProcessedRequests": processed,
+            "successfullyProcessedRequests": succeeded,
+            "failedRequests": processed - succeeded,
+            "outputRows": succeeded,
+            "inputTokens": prompt,
+            "outputTokens": completion,
+            "cachedInputTokenCount": cached,
+        }
+        return body
+
+    def write_outputs(self, account: str, job_id: str, output_dataset_id: str) -> int:
+        """The output dataset's results.jsonl and errors.jsonl from the result rows; the number
+        of result lines."""
+        count = 0
+        for ok, filename in ((True, RESULTS_FILE), (False, ERRORS_FILE)):
+            lines = self.result_lines(account, job_id, ok)
+            data = "".join(line + "\n" for line in lines).encode()
+            self.write_file(account, output_dataset_id, filename, data)
+            if ok:
+                count = len(lines)
+        return count

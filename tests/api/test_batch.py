@@ -1,0 +1,421 @@
+"""Batch inference jobs against a real `girandole serve` (a tiny random Llama with the ChatML
+template) with the real fireworks-ai SDK (`client.datasets`, `client.batch_inference_jobs`),
+plain HTTP and the `girandole batch` CLI: a job's results keyed by custom_id with an error file;
+a 500-line job killed (SIGKILL) halfway and resumed after a restart gives every custom_id
+exactly once; cancel; bad inputs are 400s naming the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+import pytest
+from conftest import start_server, stop_server, write_tiny_llama_for_ops
+
+from girandole.registry.keystore import Database
+
+ACCOUNT = "acme"
+MODEL = f"accounts/{ACCOUNT}/models/tiny"
+
+
+def chat_line(i: int, **body) -> dict:
+    messages = [{"role": "user", "content": f"Say something about the number {i}."}]
+    return {"custom_id": f"req-{i}", "body": {"messages": messages, **body}}
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+class Batch:
+    """A server with keys of two accounts in its database, restartable on the same data."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = tmp / "data"
+        db = Database.in_folder(self.data)
+        self.key, _ = db.create_key(ACCOUNT)
+        self.other_key, _ = db.create_key("other")
+        db.close()
+        self.model = write_tiny_llama_for_ops(tmp / "tiny")
+        self.server = self.start()
+
+    def start(self):
+        return start_server(
+            self.tmp, "--model", str(self.model), "--model-id", "tiny", "--account", ACCOUNT,
+            "--chat-template", "chatml", "--kv-cache-gb", "0.05", "--data-dir", str(self.data),
+            api_key=self.key,
+        )  # fmt: skip
+
+    def client(self, inference: bool = False, key: str | None = None) -> fireworks.Fireworks:
+        base = self.server.url + ("/inference" if inference else "")
+        return fireworks.Fireworks(
+            api_key=key or self.key, account_id=ACCOUNT, base_url=base, max_retries=0
+        )
+
+    def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
+
+    def upload(self, dataset_id: str, lines: list[dict] | bytes) -> None:
+        fw = self.client()
+        fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
+        data = lines if isinstance(lines, bytes) else jsonl(lines)
+        fw.datasets.upload(dataset_id, file=("input.jsonl", data))
+
+    def wait(self, job_id: str, until, timeout: float = 240):
+        fw = self.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            job = fw.batch_inference_jobs.get(job_id)
+            if until(job):
+                return job
+            assert job.state not in ("JOB_STATE_FAILED",), job.status
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+
+    def download(self, dataset: str) -> dict[str, list[dict]]:
+        """The output dataset's files, through the SDK's signed download URLs."""
+        urls = self.client().datasets.get_download_endpoint(dataset.rsplit("/", 1)[-1])
+        files = {}
+        for name, url in urls.filename_to_signed_urls.items():
+            response = httpx.get(url, timeout=60)  # no key: the URL is signed
+            assert response.status_code == 200, response.text
+            files[name] = [json.loads(line) for line in response.text.splitlines()]
+        return files
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> Batch:
+    b = Batch(tmp_path_factory.mktemp("batch"))
+    yield b
+    stop_server(b.server)
+
+
+def test_sdk_job_end_to_end(batch):
+    lines = [chat_line(i) for i in range(6)]
+    lines.append({"custom_id": "completion", "body": {"prompt": "Once upon", "max_tokens": 3}})
+    lines.append(chat_line(99, temperature=-1))  # the endpoint refuses it: the error file
+    batch.upload("e2e-input", lines)
+    fw = batch.client()
+    assert fw.datasets.get("e2e-input").state == "READY"
+    assert fw.datasets.get("e2e-input").example_count == "8"
+    job = fw.batch_inference_jobs.create(
+        batch_inference_job_id="e2e",
+        display_name="end to end",
+        model=MODEL,
+        input_dataset_id=f"accounts/{ACCOUNT}/datasets/e2e-input",
+        output_dataset_id=f"accounts/{ACCOUNT}/datasets/e2e-output",
+        inference_parameters={"max_tokens": 5, "temperature": 0.0, "extra_body": '{"seed": 1}'},
+    )
+    assert job.name == f"accounts/{ACCOUNT}/batchInferenceJobs/e2e"
+    assert job.state in ("JOB_STATE_PENDING", "JOB_STATE_RUNNING")
+    assert job.job_progress.total_input_requests == 8
+    assert job.inference_parameters.max_tokens == 5
+    done = batch.wait("e2e", lambda j: j.state == "JOB_STATE_COMPLETED")
+    progress = done.job_progress
+    assert progress.percent == 100
+    assert (progress.total_processed_requests, progress.successfully_processed_requests) == (8, 7)
+    assert progress.failed_requests == 1 and progress.output_rows == 7
+    assert progress.input_tokens > 0 and progress.output_tokens > 0
+    assert done.output_dataset_id == f"accounts/{ACCOUNT}/datasets/e2e-output"
+
+    output = fw.datasets.get("e2e-output")
+    assert output.state == "READY" and output.source_job_name == done.name
+    files = batch.download(done.output_dataset_id)
+    results = {r["custom_id"]: r for r in files["results.jsonl"]}
+    assert set(results) == {f"req-{i}" for i in range(6)} | {"completion"}
+    chat = results["req-0"]["response"]
+    assert chat["status_code"] == 200 and results["req-0"]["error"] is None
+    assert chat["body"]["object"] == "chat.completion"
+    assert chat["body"]["model"] == MODEL
+    assert chat["body"]["usage"]["completion_tokens"] <= 5  # the job's maxTokens
+    assert results["completion"]["response"]["body"]["object"] == "text_completion"
+    assert results["completion"]["response"]["body"]["usage"]["completion_tokens"] <= 3
+    assert sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results.values()) == (
+        progress.output_tokens
+    )
+    (error,) = files["errors.jsonl"]
+    assert error["custom_id"] == "req-99" and error["response"]["status_code"] == 400
+    assert "temperature" in error["error"]["message"]
+
+    # every line ran through the serving pipeline: a usage row each, on the job's account
+    db = Database.in_folder(batch.data)
+    try:
+        rows = db.execute(
+            "SELECT COUNT(*), SUM(completion_tokens) FROM usage WHERE account = ?"
+            " AND request_id IN (SELECT json_extract(body, '$.response.request_id')"
+            " FROM batch_results WHERE job_id = 'e2e' AND ok = 1)",
+            (ACCOUNT,),
+        )
+    finally:
+        db.close()
+    assert rows[0] == (7, progress.output_tokens)
+
+    listed = list(fw.batch_inference_jobs.list(filter='state = "JOB_STATE_COMPLETED"'))
+    assert "e2e" in [j.name.rsplit("/", 1)[-1] for j in listed]
+
+
+def test_sdk_upload_endpoint_under_inference(batch):
+    """The SDK with base_url ".../inference": signed PUT URLs, validateUpload, a job."""
+    fw = batch.client(inference=True)
+    fw.datasets.create(dataset_id="signed-input", dataset={})
+    data = jsonl([chat_line(i) for i in range(3)])
+    urls = fw.datasets.get_upload_endpoint(
+        "signed-input", filename_to_size={"input.jsonl": str(len(data))}
+    ).filename_to_signed_urls
+    assert "/inference/v1/accounts/acme/datasets/signed-input/files/" in urls["input.jsonl"]
+    assert fw.datasets.get("signed-input").state == "UPLOADING"
+    tampered = urls["input.jsonl"].replace("signature=", "signature=0")
+    assert httpx.put(tampered, content=data).status_code == 403
+    assert httpx.put(urls["input.jsonl"], content=data).status_code == 200
+    fw.datasets.validate_upload("signed-input", body={})
+    assert fw.datasets.get("signed-input").example_count == "3"
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="signed",
+        model=MODEL,
+        input_dataset_id="signed-input",
+        inference_parameters={"max_tokens": 2},
+    )
+    job = batch.wait("signed", lambda j: j.state == "JOB_STATE_COMPLETED")
+    assert job.output_dataset_id == f"accounts/{ACCOUNT}/datasets/signed-output"
+    assert len(batch.download(job.output_dataset_id)["results.jsonl"]) == 3
+    fw.batch_inference_jobs.delete("signed")
+    with pytest.raises(fireworks.NotFoundError):
+        fw.batch_inference_jobs.get("signed")
+
+
+def test_kill_halfway_and_resume(batch):
+    """SIGKILL the server while a 500-line job runs; after a restart the job resumes and every
+    custom_id is in the results exactly once."""
+    batch.upload("big-input", [chat_line(i) for i in range(500)])
+    fw = batch.client()
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="big",
+        model=MODEL,
+        input_dataset_id="big-input",
+        inference_parameters={"max_tokens": 6},
+    )
+    halfway = batch.wait("big", lambda j: (j.job_progress.total_processed_requests or 0) >= 120)
+    assert halfway.state == "JOB_STATE_RUNNING"
+    batch.server.process.send_signal(signal.SIGKILL)
+    batch.server.process.wait(30)
+    db = Database.in_folder(batch.data)
+    try:
+        (before,) = db.execute("SELECT COUNT(*) FROM batch_results WHERE job_id = 'big'")[0]
+    finally:
+        db.close()
+    assert 120 <= before < 500, before  # killed halfway
+
+    batch.server = batch.start()
+    job = batch.wait("big", lambda j: j.state == "JOB_STATE_COMPLETED")
+    assert job.job_progress.total_processed_requests == 500
+    assert job.job_progress.successfully_processed_requests == 500
+    files = batch.download(job.output_dataset_id)
+    ids = [r["custom_id"] for r in files["results.jsonl"]]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(500))  # each exactly once
+    assert files["errors.jsonl"] == []
+    assert f"{500 - before} of 500 lines to run" in batch.server.log()
+
+
+def test_cancel(batch):
+    batch.upload("cancel-input", [chat_line(i) for i in range(400)])
+    fw = batch.client()
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="cancel-me",
+        model=MODEL,
+        input_dataset_id="cancel-input",
+        inference_parameters={"max_tokens": 8},
+    )
+    batch.wait("cancel-me", lambda j: (j.job_progress.total_processed_requests or 0) >= 20)
+    r = batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/cancel-me:cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "JOB_STATE_CANCELLED"
+    job = batch.wait("cancel-me", lambda j: j.state == "JOB_STATE_CANCELLED")
+    processed = job.job_progress.total_processed_requests
+    assert 20 <= processed < 400
+    time.sleep(1.0)
+    later = fw.batch_inference_jobs.get("cancel-me")
+    assert later.job_progress.total_processed_requests == processed  # nothing more ran
+    files = batch.download(job.output_dataset_id)  # what was done is kept
+    assert len(files["results.jsonl"]) == processed
+    batch.server.wait_idle()
+
+
+def _error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b'{"custom_id": "a", "body": {"messages": []}}\nnot json\n', ["line 2", "JSON"]),
+        (jsonl([chat_line(1), chat_line(1)]), ["line 2", "req-1", "used again"]),
+        (jsonl([{"custom_id": "a"}]), ["line 1", "body"]),
+        (jsonl([{"custom_id": 7, "body": {}}]), ["line 1", "custom_id"]),
+        (jsonl([{"custom_id": "a", "body": {"input": "x"}}]), ["line 1", "messages", "prompt"]),
+        (jsonl([{"custom_id": "a", "url": "/v1/embeddings", "body": {}}]), ["url"]),
+        (b"\n\n", ["no lines"]),
+    ],
+)
+def test_bad_input_files_are_400(batch, content, words):
+    dataset_id = f"bad-{abs(hash(content)) % 10**8}"
+    batch.upload(dataset_id, content)
+    r = batch.http(
+        "POST",
+        f"/v1/accounts/{ACCOUNT}/batchInferenceJobs",
+        json={"model": MODEL, "inputDatasetId": dataset_id},
+    )
+    error = _error(r, 400, *words)
+    assert error["param"] == "inputDatasetId"
+
+
+def test_bad_requests(batch):
+    batch.upload("ok-input", [chat_line(1)])
+    base = f"/v1/accounts/{ACCOUNT}/batchInferenceJobs"
+    good = {"model": MODEL, "inputDatasetId": "ok-input"}
+
+    def create(body, **params):
+        return batch.http("POST", base, json=body, params=params)
+
+    _error(create({"inputDatasetId": "ok-input"}), 400, "model is required")
+    _error(create({"model": MODEL}), 400, "inputDatasetId is required")
+    _error(create({**good, "model": "accounts/acme/models/nope"}), 404)
+    _error(create({**good, "inputDatasetId": "missing"}), 400, "does not exist")
+    _error(create({**good, "inputDatasetId": "accounts/other/datasets/x"}), 400, "own account")
+    _error(create({**good, "precision": "FP8"}), 400, "precision")
+    _error(create({**good, "continuedFromJobName": "x"}), 400, "continuedFromJobName")
+    _error(create({**good, "inferenceParameters": {"maxTokens": "many"}}), 400, "maxTokens")
+    _error(create({**good, "inferenceParameters": {"extraBody": "{"}}), 400, "extraBody")
+    _error(create({**good, "inferenceParameters": {"extraBody": "[1]"}}), 400, "extraBody")
+    _error(create({**good, "bogus": 1}), 400, "bogus")
+    _error(create(good, batchInferenceJobId="Not_Valid"), 400, "batchInferenceJobId")
+    assert create(good, batchInferenceJobId="twice").status_code == 200
+    _error(create(good, batchInferenceJobId="twice"), 409, "already exists")
+    _error(batch.http("GET", base + "/nope"), 404, "not found")
+    _error(batch.http("POST", base + "/nope:cancel"), 404)
+    # another account's key cannot touch acme's jobs or datasets
+    _error(batch.http("GET", base, key=batch.other_key), 403)
+    _error(batch.http("GET", f"/v1/accounts/{ACCOUNT}/datasets", key=batch.other_key), 403)
+    _error(batch.http("GET", base, key="wrong"), 401)
+    # datasets
+    datasets = f"/v1/accounts/{ACCOUNT}/datasets"
+    _error(batch.http("POST", datasets, json={"datasetId": "x"}), 400, "dataset")
+    _error(
+        batch.http("POST", datasets, json={"datasetId": "Bad!", "dataset": {}}), 400, "datasetId"
+    )
+    _error(batch.http("POST", datasets, json={"datasetId": "ok-input", "dataset": {}}), 409)
+    _error(
+        batch.http("POST", datasets, json={"datasetId": "u", "dataset": {"externalUrl": "gs://b"}}),
+        400,
+        "externalUrl",
+    )
+    batch.http("POST", datasets, json={"datasetId": "empty", "dataset": {}})
+    _error(create({**good, "inputDatasetId": "empty"}), 400, "no uploaded file")
+    _error(batch.http("POST", datasets + "/empty:validateUpload", json={}), 400, "no file")
+    _error(
+        batch.http(
+            "POST", datasets + "/empty:getUploadEndpoint", json={"filenameToSize": {"../x": "1"}}
+        ),
+        400,
+        "file name",
+    )
+    _error(batch.http("POST", datasets + "/empty:upload", content=b"{}"), 415, "multipart")
+    _error(batch.http("POST", datasets + "/empty:upload", files={"other": b"x"}), 400, "'file'")
+    _error(batch.http("GET", datasets + "/nope"), 404)
+    _error(batch.http("GET", datasets, params={"filter": "state = = 1"}), 400, "filter")
+
+
+def test_cli(batch, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([chat_line(i) for i in range(5)]))
+    env = {
+        **os.environ,
+        "GIRANDOLE_BASE_URL": batch.server.url,
+        "GIRANDOLE_API_KEY": batch.key,
+        "GIRANDOLE_ACCOUNT": ACCOUNT,
+    }
+
+    def girandole(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "girandole.cli", "batch", *args],
+            capture_output=True, text=True, env=env, timeout=240,
+        )  # fmt: skip
+
+    out = tmp_path / "out.jsonl"
+    created = girandole(
+        "create", str(requests), "--model", MODEL, "--job-id", "cli", "--max-tokens", "3",
+        "--wait", "--output", str(out),
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert "JOB_STATE_COMPLETED" in created.stdout and "5/5" in created.stdout
+    assert sorted(json.loads(line)["custom_id"] for line in out.read_text().splitlines()) == [
+        f"req-{i}" for i in range(5)
+    ]
+    assert (tmp_path / "out.errors.jsonl").read_text() == ""
+    got = girandole("get", f"accounts/{ACCOUNT}/batchInferenceJobs/cli", "--json")
+    assert json.loads(got.stdout)["jobProgress"]["successfullyProcessedRequests"] == 5
+    listed = girandole("list")
+    assert listed.returncode == 0 and "cli" in listed.stdout and "100%" in listed.stdout
+    cancelled = girandole("cancel", "cli")  # already done: stays COMPLETED
+    assert cancelled.returncode == 0 and "JOB_STATE_COMPLETED" in cancelled.stdout
+    missing = girandole("get", "nope")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    unreadable = girandole("create", str(tmp_path / "none.jsonl"), "--model", MODEL)
+    assert unreadable.returncode == 1 and "cannot read" in unreadable.stderr
+
+
+def test_interactive_requests_take_the_capacity(batch):
+    """While 16 interactive streams (the runner's --batch-max-in-flight) run, the job submits no
+    new line; it goes on once they end."""
+    import threading
+
+    batch.upload("yield-input", [chat_line(i, max_tokens=4) for i in range(300)])
+    fw = batch.client()
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="yield", model=MODEL, input_dataset_id="yield-input"
+    )
+    batch.wait("yield", lambda j: (j.job_progress.total_processed_requests or 0) >= 10)
+    streaming = threading.Barrier(17)
+    ended: list[float] = []
+
+    def interactive(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 600, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        headers = {"Authorization": f"Bearer {batch.key}"}
+        url = batch.server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=300) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)  # streaming: it holds its admission slot
+            streaming.wait()
+            for _ in lines:
+                pass
+        ended.append(time.monotonic())
+
+    threads = [threading.Thread(target=interactive, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    streaming.wait()
+    time.sleep(1.0)  # the lines in flight when they came finish
+    before = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+    time.sleep(1.5)
+    after = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+    checked = time.monotonic()
+    for t in threads:
+        t.join()
+    assert len(ended) == 16 and min(ended) > checked  # the streams still ran throughout
+    assert after == before < 300
+    job = batch.wait("yield", lambda j: j.state == "JOB_STATE_COMPLETED")
+    assert job.job_progress.successfully_processed_requests == 300

@@ -1,0 +1,106 @@
+"""The batch job's parts alone: reading an input file, the job's parameters, and the result rows
+of BatchStore (a line's result is written once, and not after its job stopped running)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from girandole.batch.lines import (
+    CHAT,
+    COMPLETIONS,
+    InputError,
+    parse_parameters,
+    read_input,
+    request_body,
+)
+from girandole.batch.runner import line_result
+from girandole.batch.store import CANCELLED, RUNNING, BatchStore, LineResult
+from girandole.registry.keystore import Database
+
+
+def jsonl(*items) -> bytes:
+    return "".join((i if isinstance(i, str) else json.dumps(i)) + "\n" for i in items).encode()
+
+
+def test_read_input_lines_and_endpoints():
+    data = jsonl(
+        {"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}]}},
+        "",
+        {"custom_id": "b", "body": {"prompt": "Once"}},
+        {"custom_id": "c", "url": "/v1/completions", "method": "POST", "body": {"prompt": "x"}},
+    )
+    lines = read_input(data, 10)
+    assert [(line.line, line.custom_id, line.url) for line in lines] == [
+        (0, "a", CHAT),
+        (1, "b", COMPLETIONS),
+        (2, "c", COMPLETIONS),
+    ]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\xff\n", "UTF-8"),
+        (jsonl("[1]"), "line 1: expected a JSON object"),
+        (jsonl({"custom_id": "", "body": {}}), "line 1: custom_id"),
+        (jsonl({"custom_id": "x" * 600, "body": {}}), "line 1: custom_id"),
+        (jsonl({"custom_id": "a", "body": "hi"}), "line 1: body must be a JSON object"),
+        (jsonl({"custom_id": "a", "method": "GET", "body": {}}), "method must be POST"),
+        (
+            jsonl({"custom_id": "a", "body": {"prompt": "x"}}, {"custom_id": "a", "body": {}}),
+            "line 2: custom_id 'a' is used again (first on line 1)",
+        ),
+        (jsonl(*({"custom_id": str(i), "body": {"prompt": "x"}} for i in range(4))), "more than 3"),
+    ],
+)
+def test_read_input_errors_name_the_line(data, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_input(data, 3)
+
+
+def test_parameters_fill_what_the_body_leaves():
+    params = parse_parameters(
+        {"maxTokens": 5, "temperature": 0.5, "topK": 3, "extraBody": '{"stop": ["\\n"], "seed": 1}'}
+    )
+    assert params == {"max_tokens": 5, "temperature": 0.5, "top_k": 3, "stop": ["\n"], "seed": 1}
+    (line,) = read_input(jsonl({"custom_id": "a", "body": {"prompt": "x", "max_tokens": 9,
+                                                         "model": "other", "stream": True}}), 1)  # fmt: skip
+    body = request_body(line, "accounts/a/models/m", params)
+    assert body["max_tokens"] == 9 and body["temperature"] == 0.5  # the body's own value wins
+    assert body["model"] == "accounts/a/models/m" and body["stream"] is False
+    with pytest.raises(InputError, match="extraBody is not valid JSON"):
+        parse_parameters({"extraBody": "{"})
+    with pytest.raises(InputError, match="must be a JSON object"):
+        parse_parameters({"extraBody": "[1]"})
+    with pytest.raises(InputError, match="inferenceParameters.bogus"):
+        parse_parameters({"bogus": 1})
+
+
+def test_a_line_result_is_written_once_and_only_while_its_job_runs(tmp_path):
+    store = BatchStore(Database(None), tmp_path)
+    store.insert_job(
+        "acme", "j", "key1", {"state": RUNNING, "jobProgress": {"totalInputRequests": 2}}
+    )
+    (line,) = read_input(jsonl({"custom_id": "a", "body": {"prompt": "x"}}), 1)
+    ok = {"id": "cmpl-1", "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                   "prompt_tokens_details": {"cached_tokens": 1}}}  # fmt: skip
+    result = line_result(line, 200, ok)
+    assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (3, 2, 1)
+    assert store.record_result("acme", "j", result)
+    assert not store.record_result("acme", "j", result)  # the line has its result already
+    progress = store.get_job("acme", "j")["jobProgress"]
+    assert progress["totalProcessedRequests"] == 1 and progress["percent"] == 50
+    assert progress["inputTokens"] == 3 and progress["cachedInputTokenCount"] == 1
+
+    store.save_job("acme", "j", {"state": CANCELLED, "jobProgress": {"totalInputRequests": 2}})
+    late = LineResult(1, "b", False, {"custom_id": "b"})
+    assert not store.record_result("acme", "j", late)  # finished after the cancel: not written
+    assert store.done_lines("acme", "j") == {0}
+    error = line_result(line, 400, {"error": {"code": "invalid_request_error", "message": "no"}})
+    assert not error.ok and error.body["error"] == {
+        "code": "invalid_request_error",
+        "message": "no",
+    }
+    assert error.body["response"]["status_code"] == 400
