@@ -204,8 +204,9 @@ def test_chat_continues_the_answer_from_an_alternative(open_server, page):
 
 def test_parameters_panel_sends_every_field_and_shows_defaults(open_server, page):
     open_page(page, open_server)
-    assert page.get_attribute("#p-temperature", "placeholder") == "1"
+    assert page.get_attribute("#p-temperature", "placeholder") == "1"  # the API's fallback
     assert page.get_attribute("#p-max_tokens", "placeholder") == "2048"  # chat's default
+    assert page.evaluate("state.applied") == {}
     sent = posts(page)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     fill(page, max_tokens=16, top_p=0.9, top_k=40, min_p=0.05, typical_p=0.95,
@@ -236,7 +237,9 @@ def test_parameters_panel_sends_every_field_and_shows_defaults(open_server, page
     assert "temperature" not in body  # left empty: the server's default applies
     answer = json.loads(page.text_content(".msg.assistant .text"))
     assert isinstance(answer["ok"], bool)
-    # the sampling-options header told the page what ran: the omitted temperature's default
+    # the sampling-options header told the page what ran: for the omitted temperature, the
+    # model's default (the default GGUF has no generation config: 1), now the placeholder
+    assert page.evaluate("state.applied") == {"temperature": 1}
     assert page.get_attribute("#p-temperature", "placeholder") == "1"
     assert '"top_k":40' in page.text_content("#applied")
 
@@ -349,3 +352,22 @@ def test_code_snippets_run_as_shown(keyed_server, context, page, tmp_path):
     script.write_text(snippet(page, "js"))
     out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout == text + "\n", out
+
+
+def test_n_choices_stream_side_by_side(open_server, page):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "n": 2, "seed": 3, "ignore_eos": True}
+    expected = [c["text"] for c in api(open_server, COMPLETIONS, body)["choices"]]
+    assert expected[0] != expected[1]  # seeded: different choices that repeat
+    open_page(page, open_server)
+    page.uncheck("#use-chat")
+    fill(page, max_tokens=6, n=2, seed=3)
+    page.check("#p-ignore_eos")
+    page.fill("#raw-prompt", body["prompt"])
+    page.click("#raw-send")
+    finished(page, "#raw-output")
+    assert page.text_content("#raw-output .choices span") == "choice 1/2"
+    assert page.text_content("#raw-output .text") == expected[0]
+    page.click("#raw-output .choices button >> nth=1")
+    assert page.text_content("#raw-output .choices span") == "choice 2/2"
+    assert page.text_content("#raw-output .text") == expected[1]
+    assert "completion 12 tokens" in page.text_content("#raw-output .stats")

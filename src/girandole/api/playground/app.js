@@ -107,7 +107,7 @@ async function streamRequest(path, body, signal, onEvent) {
 
 // ---------------------------------------------------------------- the API key
 
-let keyResolve = null;
+let keyWaiters = []; // requests waiting for the dialog's answer, to retry or give up
 
 function askKey(reason) {
   const dialog = $("key-dialog");
@@ -117,7 +117,7 @@ function askKey(reason) {
   $("key-input").value = apiKey();
   if (!dialog.open) dialog.showModal();
   $("key-input").focus();
-  return new Promise((resolve) => { keyResolve = resolve; });
+  return new Promise((resolve) => { keyWaiters.push(resolve); });
 }
 
 function keyDialogClosed() {
@@ -127,11 +127,11 @@ function keyDialogClosed() {
   } else if (choice === "forget") {
     localStorage.removeItem(KEY_STORE);
   }
-  const resolve = keyResolve;
-  keyResolve = null;
-  if (resolve) resolve(choice === "save" && Boolean(apiKey()));
+  const waiters = keyWaiters;
+  keyWaiters = [];
+  for (const resolve of waiters) resolve(choice === "save" && Boolean(apiKey()));
   // asked from the button (no request waiting to retry): list the models the new key sees
-  else if (choice === "save" || choice === "forget") loadModels();
+  if (!waiters.length && (choice === "save" || choice === "forget")) loadModels();
 }
 
 // ---------------------------------------------------------------- models
@@ -371,11 +371,14 @@ function stats(usage, perf, started, firstToken, m) {
     out.prompt = usage.prompt_tokens;
     out.cached = (usage.prompt_tokens_details || {}).cached_tokens ?? out.cached;
     out.completion = usage.completion_tokens;
-  } else {
-    out.completion = m.choices.reduce((sum, c) => sum + (c.tokens ? c.tokens.length : 0), 0);
+  } else if (m.choices.every((c) => c.tokens)) {
+    // stopped: no usage came; the logprob entries count the tokens received
+    out.completion = m.choices.reduce((sum, c) => sum + c.tokens.length, 0);
   }
+  // tokens after each choice's first, over the time from the first token to the last
   const generating = perf ? perf["generation-duration"] : elapsed - (out.ttft || 0);
-  if (out.completion > 1 && generating > 0) out.tps = (out.completion - 1) / generating;
+  const after = (out.completion ?? 0) - m.choices.length;
+  if (after > 0 && generating > 0) out.tps = after / generating;
   return out;
 }
 
