@@ -18,6 +18,7 @@ from girandole.api.http.openapi import install_openapi
 from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
+from girandole.api.playground import route as playground
 from girandole.api.state import AppState
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
@@ -55,6 +56,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
+    app.include_router(playground.router)  # the page at / and /playground
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)
     return app

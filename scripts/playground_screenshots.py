@@ -1,0 +1,132 @@
+"""Screenshots of the playground's modes for the docs: docs/playground/{chat,raw,tokens,code,key}.png.
+
+Starts `girandole serve` (the default model, with a key) on a free loopback port, drives the page
+in headless Chromium (Debian's /usr/bin/chromium, else Playwright's own) and stops the server.
+
+    .venv/bin/python scripts/playground_screenshots.py [--out docs/playground]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from playwright.sync_api import Page, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-playground-screenshots"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(data_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", KEY,
+           "--data-dir", data_dir, "--kv-cache-gb", "0.5"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"girandole serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("the server did not become ready in 300 s")
+
+
+def ready(page: Page, url: str) -> None:
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+
+
+def done(page: Page, pane: str = "#messages") -> None:
+    page.wait_for_selector(f"{pane} .msg:last-child .stats", timeout=300_000)
+
+
+def shoot(page: Page, out: Path, name: str) -> None:
+    page.screenshot(path=str(out / f"{name}.png"))
+    print(out / f"{name}.png")
+
+
+def screenshots(url: str, out: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        viewport = {"width": 1280, "height": 800}
+
+        # keys on, no key yet: the page asks for one
+        page = browser.new_page(viewport=viewport)
+        page.goto(url + "/")
+        page.locator("#key-dialog").wait_for(state="visible")
+        shoot(page, out, "key")
+        page.close()
+
+        context = browser.new_context(viewport=viewport)
+        context.add_init_script(f"localStorage.setItem('girandole.apiKey', {json.dumps(KEY)})")
+        page = context.new_page()
+        ready(page, url)
+        page.fill("#p-max_tokens", "24")
+        page.fill("#p-temperature", "0")
+        page.fill("#system", "You are a helpful assistant.")
+        page.fill("#input", "What is the capital of France?")
+        page.click("#send")
+        done(page)
+        page.fill("#input", "And of Italy?")
+        page.click("#send")
+        done(page)
+        shoot(page, out, "chat")
+
+        page.click(".msg.assistant >> nth=-1 >> .act-tokens")
+        page.locator(".msg.assistant >> nth=-1 >> .tok").nth(2).click()
+        shoot(page, out, "tokens")
+        page.mouse.click(5, 5)
+
+        page.fill("#input", "Write a haiku about the sea.")
+        page.click("#view-code")
+        page.click(".tabs button[data-lang=openai]")
+        shoot(page, out, "code")
+        page.click("#code-dialog button[value=close]")
+
+        page.uncheck("#use-chat")
+        page.fill("#p-max_tokens", "40")
+        page.fill("#raw-prompt", "The three primary colours are")
+        page.click("#raw-send")
+        done(page, "#raw-output")
+        shoot(page, out, "raw")
+        context.close()
+        browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "playground")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc, url = serve(data_dir)
+        try:
+            screenshots(url, args.out)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,869 @@
+// The girandole playground: plain JavaScript against the server's own API (same origin).
+// Chat goes to /v1/chat/completions, raw text ("Use chat template" unchecked) to
+// /v1/completions; both stream (SSE) and ask for perf metrics and logprobs for the token view.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "girandole.apiKey";
+const EXPORT_FORMAT = "girandole-playground/1";
+
+// Number fields of the parameters panel, in the order the request lists them.
+const NUMBER_FIELDS = [
+  "max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty",
+  "frequency_penalty", "repetition_penalty", "mirostat_target", "mirostat_lr", "seed", "n",
+];
+const INT_FIELDS = new Set(["max_tokens", "top_k", "seed", "n", "top_logprobs"]);
+// What the server applies to an omitted field when the model's generation config says nothing
+// (girandole/api/serving/params.py); replaced by the fireworks-sampling-options header's values.
+const FALLBACKS = {
+  temperature: 1, top_p: 1, top_k: 0, min_p: 0, typical_p: 1, presence_penalty: 0,
+  frequency_penalty: 0, repetition_penalty: 1,
+};
+// Arguments the openai SDK's create() names; anything else travels in extra_body.
+const OPENAI_ARGS = new Set([
+  "model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop",
+  "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+  "response_format", "echo", "user",
+]);
+
+const state = {
+  models: [], // /v1/models entries
+  messages: [], // chat turns: {role, choices: [{content, tokens, finish_reason}], sel, stats}
+  raw: null, // raw mode's last completion, same shape as an assistant message
+  controller: null, // AbortController of the running request
+  applied: {}, // fireworks-sampling-options of the last response
+};
+
+// ---------------------------------------------------------------- API calls
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(status ? `${status}: ${message}` : message);
+    this.status = status;
+  }
+}
+
+function apiKey() {
+  return localStorage.getItem(KEY_STORE) || "";
+}
+
+async function errorMessage(res) {
+  const text = await res.text();
+  try {
+    return JSON.parse(text).error.message || text;
+  } catch {
+    return text || res.statusText;
+  }
+}
+
+// fetch with the stored key; a 401 asks for a key and tries again.
+async function apiFetch(path, { body, signal } = {}) {
+  for (;;) {
+    const headers = {};
+    if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const res = await fetch(path, {
+      method: body === undefined ? "GET" : "POST",
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+    if (res.status === 401) {
+      const message = await errorMessage(res);
+      if (await askKey(message)) continue;
+      throw new ApiError(401, message);
+    }
+    if (!res.ok) throw new ApiError(res.status, await errorMessage(res));
+    return res;
+  }
+}
+
+// POST a streaming request; `onEvent` gets each JSON payload of the SSE stream.
+async function streamRequest(path, body, signal, onEvent) {
+  const res = await apiFetch(path, { body, signal });
+  showApplied(res.headers.get("fireworks-sampling-options"));
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        const payload = JSON.parse(data);
+        if (payload.error) throw new ApiError(0, payload.error.message);
+        onEvent(payload);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the API key
+
+let keyWaiters = []; // requests waiting for the dialog's answer, to retry or give up
+
+function askKey(reason) {
+  const dialog = $("key-dialog");
+  $("key-reason").textContent = reason
+    ? `The server answered 401: ${reason}. Enter an API key.`
+    : "The key sent as Authorization: Bearer … to this server.";
+  $("key-input").value = apiKey();
+  if (!dialog.open) dialog.showModal();
+  $("key-input").focus();
+  return new Promise((resolve) => { keyWaiters.push(resolve); });
+}
+
+function keyDialogClosed() {
+  const choice = $("key-dialog").returnValue;
+  if (choice === "save" && $("key-input").value.trim()) {
+    localStorage.setItem(KEY_STORE, $("key-input").value.trim());
+  } else if (choice === "forget") {
+    localStorage.removeItem(KEY_STORE);
+  }
+  const waiters = keyWaiters;
+  keyWaiters = [];
+  for (const resolve of waiters) resolve(choice === "save" && Boolean(apiKey()));
+  // asked from the button (no request waiting to retry): list the models the new key sees
+  if (!waiters.length && (choice === "save" || choice === "forget")) loadModels();
+}
+
+// ---------------------------------------------------------------- models
+
+async function loadModels() {
+  try {
+    const res = await apiFetch("/v1/models");
+    state.models = (await res.json()).data;
+  } catch (err) {
+    showError(`Could not list models: ${err.message}`);
+    return;
+  }
+  const select = $("model");
+  const previous = select.value;
+  select.replaceChildren(...state.models.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.id;
+    const [base, deployment] = m.id.split("#");
+    option.textContent = deployment ? `${base} on ${deployment.split("/").pop()}` : m.id;
+    return option;
+  }));
+  if (state.models.some((m) => m.id === previous)) select.value = previous;
+  modelChanged();
+  hideError();
+}
+
+function currentModel() {
+  return state.models.find((m) => m.id === $("model").value);
+}
+
+function modelChanged() {
+  const model = currentModel();
+  const chat = !model || model.supports_chat !== false;
+  $("use-chat").disabled = !chat;
+  if (!chat) $("use-chat").checked = false;
+  modeChanged();
+}
+
+function chatMode() {
+  return $("use-chat").checked;
+}
+
+function modeChanged() {
+  $("chat-pane").hidden = !chatMode();
+  $("raw-pane").hidden = chatMode();
+  const max = $("p-max_tokens");
+  max.placeholder = chatMode() ? max.dataset.defaultChat : max.dataset.defaultRaw;
+}
+
+// ---------------------------------------------------------------- parameters
+
+function showDefaults() {
+  for (const [name, value] of Object.entries(FALLBACKS)) {
+    $(`p-${name}`).placeholder = String(state.applied[name] ?? value);
+  }
+}
+
+// The fireworks-sampling-options header: the values the server ran with. For the fields this
+// request left out, they are the model's defaults: show them as placeholders.
+function showApplied(header) {
+  if (!header) return;
+  let applied;
+  try {
+    applied = JSON.parse(header);
+  } catch {
+    return;
+  }
+  for (const name of Object.keys(FALLBACKS)) {
+    if ($(`p-${name}`).value === "" && name in applied) state.applied[name] = applied[name];
+  }
+  showDefaults();
+  $("applied").textContent = `Last request ran with: ${JSON.stringify(applied)}`;
+}
+
+function readNumber(name) {
+  const input = $(`p-${name}`);
+  if (input.value.trim() === "") return undefined;
+  const value = Number(input.value);
+  if (!Number.isFinite(value) || (INT_FIELDS.has(name) && !Number.isInteger(value))) {
+    throw new Error(`${name} must be ${INT_FIELDS.has(name) ? "an integer" : "a number"}`);
+  }
+  return value;
+}
+
+function readJSON(id, name) {
+  const text = $(id).value.trim();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new Error(`${name} is not valid JSON: ${err.message}`);
+  }
+}
+
+// The sampling fields of the panel, as the request sends them (empty fields left out).
+function samplingFields() {
+  const out = {};
+  for (const name of NUMBER_FIELDS) {
+    const value = readNumber(name);
+    if (value !== undefined) out[name] = value;
+  }
+  const stop = $("p-stop").value.split("\n").filter((s) => s !== "");
+  if (stop.length) out.stop = stop.length === 1 ? stop[0] : stop;
+  const bias = readJSON("p-logit_bias", "logit_bias");
+  if (bias !== undefined) out.logit_bias = bias;
+  if ($("p-logprobs").checked) {
+    out.logprobs = true;
+    const top = readNumber("top_logprobs");
+    if (top !== undefined) out.top_logprobs = top;
+  }
+  if ($("p-ignore_eos").checked) out.ignore_eos = true;
+  const format = $("p-format").value;
+  if (format === "json_object") {
+    const schema = readJSON("p-schema", "JSON schema");
+    out.response_format = schema === undefined ? { type: "json_object" }
+      : { type: "json_object", schema };
+  } else if (format === "json_schema") {
+    const schema = readJSON("p-schema", "JSON schema");
+    if (schema === undefined) throw new Error("JSON schema: write a schema in the box");
+    out.response_format = { type: "json_schema", json_schema: { name: "schema", schema } };
+  } else if (format === "grammar") {
+    const grammar = $("p-schema").value;
+    if (!grammar.trim()) throw new Error("GBNF grammar: write a grammar in the box");
+    out.response_format = { type: "grammar", grammar };
+  }
+  return out;
+}
+
+function formatChanged() {
+  const format = $("p-format").value;
+  $("schema-box").hidden = format === "text";
+  $("schema-label").textContent = format === "grammar" ? "GBNF grammar (start rule root)"
+    : format === "json_object" ? "JSON schema (optional)" : "JSON schema";
+}
+
+// ---------------------------------------------------------------- requests
+
+function chatMessages(upTo = state.messages.length) {
+  const out = [];
+  const system = $("system").value;
+  if (system.trim()) out.push({ role: "system", content: system });
+  for (const m of state.messages.slice(0, upTo)) out.push({ role: m.role, content: text(m) });
+  return out;
+}
+
+// The request the page would send now: the conversation (plus the composer's text), or the raw
+// prompt. `extra` holds what only the page needs (streaming, token ids, perf metrics).
+function currentRequest({ extra = false } = {}) {
+  const body = { model: $("model").value };
+  if (chatMode()) {
+    body.messages = chatMessages();
+    const pending = $("input").value;
+    if (pending.trim()) body.messages.push({ role: "user", content: pending });
+  } else {
+    body.prompt = $("raw-prompt").value;
+  }
+  Object.assign(body, samplingFields());
+  if (extra) Object.assign(body, pageFields());
+  return body;
+}
+
+function pageFields() {
+  return { stream: true, return_token_ids: true, perf_metrics_in_response: true };
+}
+
+function text(m) {
+  return m.choices[m.sel].content;
+}
+
+function newMessage(role, content = "") {
+  return { role, choices: [{ content, tokens: null, finish_reason: null }], sel: 0, stats: null };
+}
+
+// Stream one request into assistant message `m` (its choices grow as chunks arrive).
+async function run(path, body, m, { onDone } = {}) {
+  hideError();
+  const controller = new AbortController();
+  state.controller = controller;
+  setBusy(true);
+  const started = performance.now();
+  let firstToken = null;
+  let usage = null;
+  let perf = null;
+  let redraw = 0;
+  const schedule = () => {
+    if (!redraw) redraw = requestAnimationFrame(() => { redraw = 0; render(); });
+  };
+  try {
+    await streamRequest(path, body, controller.signal, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      if (chunk.perf_metrics) perf = chunk.perf_metrics;
+      for (const c of chunk.choices || []) {
+        while (m.choices.length <= c.index) m.choices.push({ content: "", tokens: null, finish_reason: null });
+        const choice = m.choices[c.index];
+        const piece = c.delta ? c.delta.content : c.text;
+        if (piece) {
+          if (firstToken === null) firstToken = performance.now();
+          choice.content += piece;
+        }
+        // the first request's prompt only: a continuation's prompt also holds generated tokens
+        if (c.prompt_token_ids && !choice.prompt_ids) choice.prompt_ids = c.prompt_token_ids;
+        const entries = c.logprobs && c.logprobs.content;
+        if (entries) choice.tokens = (choice.tokens || []).concat(entries);
+        if (c.finish_reason) choice.finish_reason = c.finish_reason;
+      }
+      schedule();
+    });
+  } catch (err) {
+    if (err.name === "AbortError") {
+      for (const choice of m.choices) choice.finish_reason = choice.finish_reason || "stopped";
+    } else {
+      m.error = err.message;
+      showError(err.message);
+    }
+  } finally {
+    if (redraw) cancelAnimationFrame(redraw);
+    state.controller = null;
+    setBusy(false);
+  }
+  m.stats = stats(usage, perf, started, firstToken, m);
+  if (onDone) onDone();
+  render();
+}
+
+// Per-message figures: the server's perf metrics when the stream finished, else the page's own.
+function stats(usage, perf, started, firstToken, m) {
+  const out = { finish: m.choices.map((c) => c.finish_reason || "?").join(", ") };
+  if (perf) {
+    out.ttft = perf["server-time-to-first-token"];
+    out.prompt = perf["prompt-tokens"];
+    out.cached = perf["cached-prompt-tokens"];
+  } else if (firstToken !== null) {
+    out.ttft = (firstToken - started) / 1000;
+  }
+  const elapsed = (performance.now() - started) / 1000;
+  if (usage) {
+    out.prompt = usage.prompt_tokens;
+    out.cached = (usage.prompt_tokens_details || {}).cached_tokens ?? out.cached;
+    out.completion = usage.completion_tokens;
+  } else if (m.choices.every((c) => c.tokens)) {
+    // stopped: no usage came; the logprob entries count the tokens received
+    out.completion = m.choices.reduce((sum, c) => sum + c.tokens.length, 0);
+  }
+  // tokens after each choice's first, over the time from the first token to the last
+  const generating = perf ? perf["generation-duration"] : elapsed - (out.ttft || 0);
+  const after = (out.completion ?? 0) - m.choices.length;
+  if (after > 0 && generating > 0) out.tps = after / generating;
+  return out;
+}
+
+function statsText(s) {
+  const parts = [];
+  if (s.ttft !== undefined) parts.push(`TTFT ${(s.ttft * 1000).toFixed(0)} ms`);
+  if (s.tps !== undefined) parts.push(`${s.tps.toFixed(1)} tok/s`);
+  if (s.prompt !== undefined) parts.push(`prompt ${s.prompt} tokens (${s.cached ?? 0} cached)`);
+  if (s.completion !== undefined) parts.push(`completion ${s.completion} tokens`);
+  parts.push(`finish: ${s.finish}`);
+  return parts.join(" · ");
+}
+
+function withFields(body) {
+  try {
+    return Object.assign(body, samplingFields(), pageFields());
+  } catch (err) {
+    showError(err.message);
+    return null;
+  }
+}
+
+async function sendChat() {
+  if (state.controller) return;
+  const pending = $("input").value;
+  if (pending.trim()) {
+    state.messages.push(newMessage("user", pending));
+    $("input").value = "";
+  }
+  if (!state.messages.length) return;
+  await replyAt(state.messages.length);
+}
+
+// Generate the assistant turn at index `at` (everything from there on is dropped).
+async function replyAt(at) {
+  const body = withFields({ model: $("model").value, messages: chatMessages(at) });
+  if (!body) return;
+  state.messages.splice(at);
+  const m = newMessage("assistant");
+  state.messages.push(m);
+  render();
+  await run("/v1/chat/completions", body, m);
+}
+
+async function sendRaw() {
+  if (state.controller) return;
+  const body = withFields({ model: $("model").value, prompt: $("raw-prompt").value });
+  if (!body) return;
+  state.raw = newMessage("assistant");
+  render();
+  await run("/v1/completions", body, state.raw);
+}
+
+// Token view: take token `t` of choice `choice` of message `m`, replace it with `alt` and let
+// the model go on from there. Raw mode sends the exact token ids (prompt + kept tokens + alt) as
+// a raw completion; chat mode sends the kept text as the assistant turn to continue.
+async function continueFrom(m, alt, t) {
+  if (state.controller) return;
+  const choice = m.choices[m.sel];
+  const chosen = { ...alt, top_logprobs: choice.tokens[t].top_logprobs };
+  const kept = choice.tokens.slice(0, t).concat([chosen]);
+  const fields = withFields({ model: $("model").value });
+  if (!fields) return;
+  fields.n = 1;
+  let path;
+  if (m === state.raw) {
+    path = "/v1/completions";
+    fields.prompt = (choice.prompt_ids || []).concat(kept.map((e) => e.token_id));
+  } else {
+    path = "/v1/chat/completions";
+    const at = state.messages.indexOf(m);
+    fields.messages = chatMessages(at);
+    fields.messages.push({ role: "assistant", content: tokensText(kept) });
+    state.messages.splice(at + 1);
+  }
+  m.choices = [{ content: tokensText(kept), tokens: kept, finish_reason: null,
+                 prompt_ids: choice.prompt_ids }];
+  m.sel = 0;
+  hidePopup();
+  render();
+  await run(path, fields, m);
+}
+
+function tokensText(entries) {
+  const bytes = entries.flatMap((e) => e.bytes || Array.from(new TextEncoder().encode(e.token)));
+  return new TextDecoder().decode(new Uint8Array(bytes));
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+function setBusy(busy) {
+  for (const id of ["send", "raw-send"]) $(id).disabled = busy;
+  for (const id of ["stop", "raw-stop"]) $(id).hidden = !busy;
+  document.body.classList.toggle("busy", busy);
+}
+
+// ---------------------------------------------------------------- rendering
+
+function render() {
+  $("messages").replaceChildren(...state.messages.map((m, i) => renderMessage(m, i)));
+  $("raw-output").replaceChildren(...(state.raw ? [renderMessage(state.raw, -1)] : []));
+  $("raw-append").disabled = !state.raw || Boolean(state.controller);
+  const list = chatMode() ? $("messages") : $("raw-output");
+  if (state.controller) list.lastElementChild?.scrollIntoView({ block: "end" });
+}
+
+function button(label, title, action) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.title = title;
+  b.className = `act-${label.toLowerCase()}`;
+  b.addEventListener("click", action);
+  b.disabled = Boolean(state.controller);
+  return b;
+}
+
+function renderMessage(m, i) {
+  const li = document.createElement("li");
+  li.className = `msg ${m.role}`;
+  const head = document.createElement("div");
+  head.className = "head";
+  const role = document.createElement("span");
+  role.className = "role";
+  role.textContent = i < 0 ? "completion" : m.role;
+  head.append(role);
+  if (m.choices.length > 1) head.append(choiceSwitcher(m));
+  const actions = document.createElement("span");
+  actions.className = "msg-actions";
+  const choice = m.choices[m.sel];
+  if (choice.tokens && choice.tokens.length) {
+    actions.append(button(m.showTokens ? "Text" : "Tokens", "Show the answer as tokens coloured by probability",
+      () => { m.showTokens = !m.showTokens; render(); }));
+  }
+  if (i >= 0) {
+    actions.append(
+      button("Edit", "Edit this message", () => { m.editing = true; render(); }),
+      button("Regenerate", m.role === "assistant" ? "Generate this answer again" : "Answer this message again",
+        () => replyAt(m.role === "assistant" ? i : i + 1)),
+      button("Delete", "Delete this message", () => { state.messages.splice(i, 1); render(); }),
+    );
+  }
+  head.append(actions);
+  li.append(head);
+  li.append(m.editing ? editor(m) : m.showTokens ? tokenView(m) : textView(m));
+  if (m.stats) {
+    const s = document.createElement("div");
+    s.className = "stats";
+    s.textContent = statsText(m.stats);
+    li.append(s);
+  }
+  return li;
+}
+
+function textView(m) {
+  const div = document.createElement("div");
+  div.className = "text";
+  div.textContent = text(m);
+  if (m.role === "assistant" && state.controller && !text(m)) div.classList.add("waiting");
+  return div;
+}
+
+function editor(m) {
+  const box = document.createElement("div");
+  box.className = "editor";
+  const area = document.createElement("textarea");
+  area.value = text(m);
+  area.rows = Math.min(12, Math.max(2, area.value.split("\n").length));
+  const save = button("Save", "Keep the edit", () => {
+    const choice = m.choices[m.sel];
+    choice.content = area.value;
+    choice.tokens = null; // the edited text no longer matches the model's tokens
+    m.editing = false;
+    m.showTokens = false;
+    render();
+  });
+  const cancel = button("Cancel", "Drop the edit", () => { m.editing = false; render(); });
+  box.append(area, save, cancel);
+  return box;
+}
+
+function choiceSwitcher(m) {
+  const span = document.createElement("span");
+  span.className = "choices";
+  const label = document.createElement("span");
+  label.textContent = `choice ${m.sel + 1}/${m.choices.length}`;
+  span.append(
+    button("‹", "Previous choice", () => { m.sel = (m.sel + m.choices.length - 1) % m.choices.length; render(); }),
+    label,
+    button("›", "Next choice", () => { m.sel = (m.sel + 1) % m.choices.length; render(); }),
+  );
+  return span;
+}
+
+// Probability 0 is red, 1 green.
+function colour(logprob) {
+  const p = Math.exp(logprob);
+  return `hsl(${Math.round(p * 120)}, 75%, 82%)`;
+}
+
+function tokenView(m) {
+  const div = document.createElement("div");
+  div.className = "text tokens";
+  m.choices[m.sel].tokens.forEach((entry, t) => {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = entry.token;
+    span.style.background = colour(entry.logprob);
+    span.title = `${entry.token_id}: p=${Math.exp(entry.logprob).toFixed(3)}`;
+    span.addEventListener("click", (event) => {
+      event.stopPropagation();
+      showPopup(span, m, entry, t);
+    });
+    div.append(span);
+  });
+  return div;
+}
+
+function showPopup(anchor, m, entry, t) {
+  const popup = $("token-popup");
+  const rows = [
+    `<div class="pick"><b>${escapeHTML(JSON.stringify(entry.token))}</b> id ${entry.token_id}</div>`,
+    `<div>logprob ${entry.logprob.toFixed(4)} · p ${(Math.exp(entry.logprob) * 100).toFixed(2)}%</div>`,
+  ];
+  if (entry.sampling_logprob !== undefined && entry.sampling_logprob !== null) {
+    rows.push(`<div>after sampling filters: logprob ${entry.sampling_logprob.toFixed(4)}</div>`);
+  }
+  popup.innerHTML = `${rows.join("")}<div class="alts-title">Top alternatives (choose one to continue from it)</div>`;
+  const list = document.createElement("ol");
+  list.className = "alts";
+  for (const alt of entry.top_logprobs || []) {
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "alt";
+    b.dataset.token = alt.token;
+    b.textContent = `${JSON.stringify(alt.token)}  ${(Math.exp(alt.logprob) * 100).toFixed(2)}%`;
+    b.style.background = colour(alt.logprob);
+    b.disabled = Boolean(state.controller);
+    b.addEventListener("click", () => continueFrom(m, alt, t));
+    li.append(b);
+    list.append(li);
+  }
+  popup.append(list);
+  const box = anchor.getBoundingClientRect();
+  popup.style.left = `${Math.min(box.left + window.scrollX, window.innerWidth - 320)}px`;
+  popup.style.top = `${box.bottom + window.scrollY + 4}px`;
+  popup.hidden = false;
+}
+
+function hidePopup() {
+  $("token-popup").hidden = true;
+}
+
+function escapeHTML(s) {
+  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+}
+
+// ---------------------------------------------------------------- view code
+
+function pyLiteral(value, indent = "") {
+  if (value === null || value === undefined) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value === "number") return String(value);
+  if (typeof value === "string") return JSON.stringify(value);
+  const inner = `${indent}    `;
+  if (Array.isArray(value)) {
+    if (!value.length) return "[]";
+    return `[\n${value.map((v) => inner + pyLiteral(v, inner)).join(",\n")},\n${indent}]`;
+  }
+  const entries = Object.entries(value);
+  if (!entries.length) return "{}";
+  return `{\n${entries.map(([k, v]) => `${inner}${JSON.stringify(k)}: ${pyLiteral(v, inner)}`).join(",\n")},\n${indent}}`;
+}
+
+function shellQuote(s) {
+  return `'${s.replace(/'/g, "'\\''")}'`;
+}
+
+function pythonCall(call, args) {
+  return `${call}(\n${Object.entries(args).map(([k, v]) => `    ${k}=${pyLiteral(v, "    ")},`).join("\n")}\n)`;
+}
+
+const SNIPPETS = {
+  curl(body, path, key) {
+    const lines = [`curl ${location.origin}/inference${path}`];
+    if (key) lines.push(`-H ${shellQuote(`Authorization: Bearer ${key}`)}`);
+    lines.push("-H 'Content-Type: application/json'");
+    lines.push(`-d ${shellQuote(JSON.stringify(body, null, 2))}`);
+    return lines.join(" \\\n  ");
+  },
+  openai(body, path, key) {
+    const args = {};
+    const extra = {};
+    for (const [k, v] of Object.entries(body)) (OPENAI_ARGS.has(k) ? args : extra)[k] = v;
+    if (Object.keys(extra).length) args.extra_body = extra;
+    const method = path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
+    const show = path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
+    return [
+      "from openai import OpenAI",
+      "",
+      `client = OpenAI(base_url=${JSON.stringify(`${location.origin}/inference/v1`)}, api_key=${JSON.stringify(key || "unused")})`,
+      `response = ${pythonCall(method, args)}`,
+      `print(${show})`,
+    ].join("\n");
+  },
+  fireworks(body, path, key) {
+    const method = path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
+    const show = path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
+    return [
+      "from fireworks import Fireworks",
+      "",
+      `client = Fireworks(base_url=${JSON.stringify(location.origin)}, api_key=${JSON.stringify(key || "unused")})`,
+      `response = ${pythonCall(method, body)}`,
+      `print(${show})`,
+    ].join("\n");
+  },
+  js(body, path, key) {
+    const headers = { "Content-Type": "application/json" };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const show = path.includes("chat") ? "body.choices[0].message.content" : "body.choices[0].text";
+    return [
+      "// Node 18+ (save as request.mjs, run: node request.mjs) or a browser console",
+      `const response = await fetch(${JSON.stringify(`${location.origin}/inference${path}`)}, {`,
+      '  method: "POST",',
+      `  headers: ${JSON.stringify(headers)},`,
+      `  body: JSON.stringify(${JSON.stringify(body, null, 2).replace(/\n/g, "\n  ")}),`,
+      "});",
+      "const body = await response.json();",
+      `console.log(response.ok ? ${show} : body);`,
+    ].join("\n");
+  },
+};
+
+let codeLang = "curl";
+
+function showCode() {
+  let body;
+  try {
+    body = currentRequest();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  const path = chatMode() ? "/v1/chat/completions" : "/v1/completions";
+  $("code").textContent = SNIPPETS[codeLang](body, path, apiKey());
+  for (const b of document.querySelectorAll(".tabs button")) {
+    b.classList.toggle("active", b.dataset.lang === codeLang);
+  }
+  if (!$("code-dialog").open) $("code-dialog").showModal();
+}
+
+async function copyCode() {
+  const code = $("code").textContent;
+  try {
+    await navigator.clipboard.writeText(code);
+  } catch {
+    // no clipboard permission (plain http on another host): select the text instead
+    const range = document.createRange();
+    range.selectNodeContents($("code"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    document.execCommand("copy");
+  }
+  $("copy-code").textContent = "Copied";
+  setTimeout(() => { $("copy-code").textContent = "Copy"; }, 1500);
+}
+
+// ---------------------------------------------------------------- export and import
+
+function panelValues() {
+  const out = {};
+  for (const input of $("params").querySelectorAll("input, select, textarea")) {
+    out[input.id] = input.type === "checkbox" ? input.checked : input.value;
+  }
+  return out;
+}
+
+function exportConversation() {
+  const data = {
+    format: EXPORT_FORMAT,
+    exported: new Date().toISOString(),
+    model: $("model").value,
+    use_chat_template: chatMode(),
+    system: $("system").value,
+    messages: state.messages.map(({ role, choices, sel, stats }) => ({ role, choices, sel, stats })),
+    raw: { prompt: $("raw-prompt").value, completion: state.raw },
+    parameters: panelValues(),
+  };
+  const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "girandole-conversation.json";
+  a.click();
+  URL.revokeObjectURL(a.href);
+}
+
+async function importConversation(file) {
+  let data;
+  try {
+    data = JSON.parse(await file.text());
+    if (data.format !== EXPORT_FORMAT || !Array.isArray(data.messages)) {
+      throw new Error(`not a ${EXPORT_FORMAT} export`);
+    }
+  } catch (err) {
+    showError(`Could not import ${file.name}: ${err.message}`);
+    return;
+  }
+  if (state.models.some((m) => m.id === data.model)) $("model").value = data.model;
+  $("use-chat").checked = data.use_chat_template !== false;
+  $("system").value = data.system || "";
+  state.messages = data.messages.map((m) => ({ ...newMessage(m.role), ...m }));
+  $("raw-prompt").value = (data.raw && data.raw.prompt) || "";
+  state.raw = (data.raw && data.raw.completion) || null;
+  for (const [id, value] of Object.entries(data.parameters || {})) {
+    const input = $(id);
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = Boolean(value);
+    else input.value = value;
+  }
+  formatChanged();
+  modelChanged();
+  hideError();
+  render();
+}
+
+// ---------------------------------------------------------------- wiring
+
+function init() {
+  $("model").addEventListener("change", modelChanged);
+  $("use-chat").addEventListener("change", () => { modeChanged(); render(); });
+  $("composer").addEventListener("submit", (event) => { event.preventDefault(); sendChat(); });
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      sendChat();
+    }
+  });
+  $("raw-send").addEventListener("click", sendRaw);
+  $("stop").addEventListener("click", stop);
+  $("raw-stop").addEventListener("click", stop);
+  $("raw-append").addEventListener("click", () => {
+    if (!state.raw) return;
+    $("raw-prompt").value += text(state.raw);
+    state.raw = null;
+    render();
+  });
+  $("p-format").addEventListener("change", formatChanged);
+  $("view-code").addEventListener("click", showCode);
+  $("copy-code").addEventListener("click", copyCode);
+  for (const b of document.querySelectorAll(".tabs button")) {
+    b.addEventListener("click", () => { codeLang = b.dataset.lang; showCode(); });
+  }
+  $("export").addEventListener("click", exportConversation);
+  $("import").addEventListener("change", (event) => {
+    if (event.target.files[0]) importConversation(event.target.files[0]);
+    event.target.value = "";
+  });
+  $("clear").addEventListener("click", () => {
+    state.messages = [];
+    state.raw = null;
+    render();
+  });
+  $("key-button").addEventListener("click", () => askKey(""));
+  $("key-dialog").addEventListener("close", keyDialogClosed);
+  document.addEventListener("click", (event) => {
+    if (!$("token-popup").contains(event.target)) hidePopup();
+  });
+  showDefaults();
+  formatChanged();
+  modeChanged();
+  render();
+  loadModels();
+}
+
+init();

@@ -1,0 +1,71 @@
+"""The playground page in a real headless Chromium (Playwright's sync API) against real servers
+with the default model (Gemma 3 270M): `open_server` without keys, `keyed_server` with one.
+
+Chromium: Debian's package (/usr/bin/chromium, installed by .ci/run when missing), else the
+browser Playwright downloads (`playwright install chromium`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "api"))
+
+from api_helpers import API_KEY, api_conftest  # noqa: E402
+
+start_server = api_conftest().start_server
+stop_server = api_conftest().stop_server
+
+# the server's defaults would make a CPU test slow: chat answers up to 2048 tokens
+MAX_TOKENS = "8"
+
+
+def _serve(tmp_path_factory, name: str, *args: str, api_key: str | None):
+    server = start_server(tmp_path_factory.mktemp(name), "--kv-cache-gb", "0.5", *args,
+                          api_key=api_key)  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def open_server(tmp_path_factory):
+    yield from _serve(tmp_path_factory, "open", api_key=None)
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory):
+    yield from _serve(tmp_path_factory, "keyed", "--api-key", API_KEY, api_key=API_KEY)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser) -> Iterator:
+    """A fresh browser profile per test (its own localStorage), allowed to use the clipboard."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context):
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    assert not errors, f"the page's script failed: {errors}"
