@@ -22,7 +22,9 @@ logger = logging.getLogger("girandole.api")
 
 class ResponseShape:
     """How an endpoint writes a choice on the wire; the loops here do the rest. The defaults
-    are /completions' (`text`); chat overrides them (`message`, `delta`, tool calls)."""
+    are /completions' (`text`); chat overrides them (`message`, `delta`, tool calls). An
+    endpoint of another API (Messages, Responses) replaces the loops: `collect_body`,
+    `stream_body`."""
 
     object = "text_completion"  # of a whole response
     chunk_object = "text_completion"  # of a stream chunk
@@ -48,6 +50,16 @@ class ResponseShape:
     def finish_piece(self) -> dict[str, Any]:
         """The output fields of a choice's finish chunk."""
         return {"text": ""}
+
+    async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
+        """The whole response body."""
+        return await collect(job, self, fanout)
+
+    def stream_body(
+        self, job: Job, fanout: ChoiceFanout, usage_placement: str
+    ) -> AsyncIterator[bytes]:
+        """The SSE body."""
+        return stream(job, self, fanout, usage_placement)
 
 
 def engine_error(exc: Exception) -> APIError:
