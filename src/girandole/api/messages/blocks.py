@@ -48,13 +48,14 @@ class OutputBlocks:
         self.blocks: list[Block] = []
         self._open: Block | None = None
         self._call_blocks: dict[int, Block] = {}  # chat's call index -> its block
+        self.finish_reason: str | None = None  # once finished
 
-    def feed(self, choice: Choice, text: str, finished: bool) -> list[Event]:
-        """The events of new `text`; when `finished`, the last ones (and the choice's
-        finish_reason becomes "tool_calls" if its output is calls)."""
+    def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
+        """The events of new `text`; when `finished` (with the engine's finish_reason), the last
+        ones, and `finish_reason` becomes the choice's ("tool_calls" if its output is calls)."""
         deltas = self.calls.feed(text)
         if finished:
-            tail, choice.finish_reason = self.calls.finish(choice.finish_reason)
+            tail, self.finish_reason = self.calls.finish(finish_reason)
             deltas += tail
         events: list[Event] = []
         for delta in deltas:
@@ -94,6 +95,14 @@ class OutputBlocks:
     def _close(self) -> list[Event]:
         block, self._open = self._open, None
         return [("stop", block, "")] if block is not None else []
+
+
+def feed_choice(blocks: OutputBlocks, choice: Choice, text: str, finished: bool) -> list[Event]:
+    """`blocks.feed` for a choice: its finish_reason becomes the blocks' once finished."""
+    events = blocks.feed(text, finished, choice.finish_reason)
+    if finished:
+        choice.finish_reason = blocks.finish_reason
+    return events
 
 
 async def read_all(fanout: ChoiceFanout) -> None:

@@ -57,8 +57,7 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     if system:
         out.append({"role": "system", "content": system})
     for i, message in enumerate(req.messages):
-        content = message.content
-        blocks = [TextBlock(type="text", text=content)] if isinstance(content, str) else content
+        blocks = message.content
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(blocks):

@@ -22,6 +22,8 @@ MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "mcp_servers": lambda v: v == [],
     "context_management": lambda v: False,
     "inference_geo": lambda v: False,
+    "speed": lambda v: v == "standard",
+    "diagnostics": lambda v: False,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 
 from girandole.api.chat.schema import MAX_TOOLS, ToolName
 from girandole.api.http.schema import (
@@ -17,7 +17,6 @@ from girandole.api.http.schema import (
     Temperature,
     TopK,
     TopP,
-    one_error,
 )
 
 
@@ -74,10 +73,14 @@ Block = Annotated[
     TextBlock | MediaBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
     Field(discriminator="type"),
 ]
-Content = Annotated[
-    str | list[Block],
-    one_error("content_type", "Input should be a string or an array of content blocks"),
-]
+
+
+def _text_as_block(value: Any) -> Any:
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+# a string is one text block (so that errors in blocks name the block)
+Content = Annotated[list[Block], BeforeValidator(_text_as_block)]
 
 
 class Message(StrictModel):
@@ -155,3 +158,4 @@ class MessagesRequest(StrictModel):
     thinking: ThinkingConfig | None = None  # only "disabled" (girandole.api.messages.route)
     output_config: OutputConfig | None = None
     raw_output: bool | None = None  # Fireworks' extension
+    cache_control: CacheControl | None = None  # a hint, as on blocks

@@ -9,7 +9,7 @@ from typing import Any
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, read_all
+from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice, read_all
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -87,7 +87,7 @@ class MessagesShape(TranslatedShape):
         await read_all(fanout)
         (choice,) = job.choices
         blocks = OutputBlocks(self.plan)
-        blocks.feed(choice, choice.full_text, True)
+        feed_choice(blocks, choice, choice.full_text, True)
         body = self.message(job, [content_block(b, whole=True) for b in blocks.blocks])
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
         usage = finish_metrics(job)
@@ -110,7 +110,7 @@ class MessagesShape(TranslatedShape):
             yield event("ping")
             async for c, out in fanout.events():
                 update = c.add(out)
-                for what, block, text in blocks.feed(c, update.text, out.finished):
+                for what, block, text in feed_choice(blocks, c, update.text, out.finished):
                     if what == "start":
                         block_json = content_block(block, whole=False)
                         yield event("content_block_start", index=block.index,

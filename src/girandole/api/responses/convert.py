@@ -45,13 +45,8 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input as stored items, each with an id."""
-    if req.input is None:
-        return []
-    if isinstance(req.input, str):
-        text = [{"type": "input_text", "text": req.input}]
-        return [{"id": new_id("msg"), "type": "message", "role": "user", "content": text}]
     items = []
-    for i, item in enumerate(req.input):
+    for i, item in enumerate(req.input or []):
         where = f"input.{i}"
         if isinstance(item, MessageItem):
             parts = _parts(item.content, item.role, where + ".content")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from girandole.api.chat.schema import MAX_TOOLS, ToolName
 from girandole.api.http.schema import Schema, StrictModel, Temperature, TopP
@@ -81,6 +81,16 @@ Item = Annotated[
 ]
 
 
+def _text_as_item(value: Any) -> Any:
+    return (
+        [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+    )
+
+
+# a string is one user message (so that errors in items name the item)
+Input = Annotated[list[Item], BeforeValidator(_text_as_item)]
+
+
 class FunctionTool(StrictModel):
     type: Literal["function"]
     name: ToolName
@@ -147,7 +157,7 @@ class StreamOptions(StrictModel):
 
 class ResponsesRequest(StrictModel):
     model: str
-    input: str | list[Item] | None = None
+    input: Input | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
     store: bool | None = None  # default true

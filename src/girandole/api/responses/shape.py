@@ -11,7 +11,7 @@ from typing import Any
 
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, read_all
+from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice, read_all
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.responses.convert import new_id
 from girandole.api.responses.schema import ResponsesRequest
@@ -128,7 +128,7 @@ class ResponsesShape(TranslatedShape):
         await read_all(fanout)
         (choice,) = job.choices
         blocks = OutputBlocks(self.plan)
-        blocks.feed(choice, choice.full_text, True)
+        feed_choice(blocks, choice, choice.full_text, True)
         return self.finish(job, choice, blocks)
 
     async def stream_body(
@@ -150,7 +150,7 @@ class ResponsesShape(TranslatedShape):
             yield event("response.in_progress", response=started)
             async for c, out in fanout.events():
                 update = c.add(out)
-                for what, block, text in blocks.feed(c, update.text, out.finished):
+                for what, block, text in feed_choice(blocks, c, update.text, out.finished):
                     for name, fields in self.block_events(what, block, text):
                         yield event(name, **fields)
             # `response.completed` whatever the status (the SDK's stream helper waits for it)
