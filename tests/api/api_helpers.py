@@ -58,3 +58,22 @@ def api_conftest():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def usage_row(server, request_id: str, timeout: float = 10) -> list[tuple]:
+    """The usage rows (endpoint, status, prompt and completion tokens) of one request in the
+    server's keys database (`--data-dir` as `start_server` sets it), once written."""
+    import sqlite3
+    import time
+
+    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT endpoint, status, prompt_tokens, completion_tokens FROM usage"
+                " WHERE request_id = ?", (request_id,),
+            ).fetchall()  # fmt: skip
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)

@@ -6,15 +6,13 @@ usage rows."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 
 import anthropic
 import fireworks
 import httpx
 import jsonschema
 import pytest
-from api_helpers import API_KEY, MODEL
+from api_helpers import API_KEY, MODEL, usage_row
 
 pytestmark = pytest.mark.slow
 
@@ -250,17 +248,7 @@ def test_sdk_raises_bad_request(client):
 
 def test_usage_rows_and_metrics(server, client):
     r = client.messages.create(model=MODEL, max_tokens=3, messages=ASK)
-    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
-    deadline = time.monotonic() + 10
-    while True:
-        with sqlite3.connect(db) as conn:
-            rows = conn.execute(
-                "SELECT endpoint, status, prompt_tokens, completion_tokens FROM usage"
-                " WHERE request_id = ?", (r.id,),
-            ).fetchall()  # fmt: skip
-        if rows or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    rows = usage_row(server, r.id)
     assert rows == [("messages", 200, r.usage.input_tokens, r.usage.output_tokens)]
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'endpoint="messages"' in metrics

@@ -6,14 +6,12 @@ schemas, a key that sees only its account's responses, the 400s."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL
+from api_helpers import API_KEY, MODEL, usage_row
 
 from girandole.registry.keystore import Database
 
@@ -250,15 +248,5 @@ def test_bad_requests_name_the_field(server, body, field):
 
 def test_usage_row(server, client):
     r = client.responses.create(model=MODEL, input="Hello", max_output_tokens=3)
-    db = data_dir(server) / "girandole.db"
-    deadline = time.monotonic() + 10
-    while True:
-        with sqlite3.connect(db) as conn:
-            rows = conn.execute(
-                "SELECT endpoint, status, prompt_tokens, completion_tokens FROM usage"
-                " WHERE request_id = ?", (r.id,),
-            ).fetchall()  # fmt: skip
-        if rows or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    rows = usage_row(server, r.id)
     assert rows == [("responses", 200, r.usage.input_tokens, r.usage.output_tokens)]

@@ -16,8 +16,6 @@ from typing import Any, Literal
 from girandole.api.chat.tool_calls import ToolStream
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
-from girandole.api.serving.fanout import ChoiceFanout
-from girandole.api.serving.response import engine_error
 
 
 @dataclass
@@ -103,14 +101,3 @@ def feed_choice(blocks: OutputBlocks, choice: Choice, text: str, finished: bool)
     if finished:
         choice.finish_reason = blocks.finish_reason
     return events
-
-
-async def read_all(fanout: ChoiceFanout) -> None:
-    """Read every engine output into its choice (a whole response); engine errors as 4xx/5xx."""
-    try:
-        async for choice, out in fanout.events():
-            choice.add(out)
-    except Exception as exc:  # noqa: BLE001
-        raise engine_error(exc) from None
-    finally:
-        fanout.close()

@@ -9,12 +9,12 @@ from typing import Any
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice, read_all
+from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
-from girandole.api.serving.response import engine_error, finish_metrics
+from girandole.api.serving.response import engine_error, finish_metrics, read_all
 
 # APIError.type (and status) -> Anthropic's error type
 ERROR_TYPES = {

@@ -11,14 +11,14 @@ from typing import Any
 
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice, read_all
+from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.responses.convert import new_id
 from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
-from girandole.api.serving.response import engine_error, finish_metrics
+from girandole.api.serving.response import engine_error, finish_metrics, read_all
 from girandole.api.serving.usage import Usage
 
 

@@ -106,8 +106,8 @@ def finish_metrics(job: Job) -> Usage:
     return usage
 
 
-async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[str, Any]:
-    """The whole (non-streamed) response body."""
+async def read_all(fanout: ChoiceFanout) -> None:
+    """Read every engine output into its choice (a whole response); engine errors as 4xx/5xx."""
     try:
         async for choice, out in fanout.events():
             choice.add(out)
@@ -115,6 +115,11 @@ async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[
         raise engine_error(exc) from None
     finally:
         fanout.close()
+
+
+async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[str, Any]:
+    """The whole (non-streamed) response body."""
+    await read_all(fanout)
     bodies = []
     for c in sorted(job.choices, key=lambda c: c.index):
         body = _choice(c, shape.whole(c), c.logprobs(c.tracker.entries))
