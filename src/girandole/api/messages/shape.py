@@ -15,6 +15,7 @@ from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
+from girandole.api.serving.usage import Usage
 
 # APIError.type (and status) -> Anthropic's error type
 ERROR_TYPES = {
@@ -37,6 +38,11 @@ def anthropic_error(error: APIError, request_id: str | None = None) -> dict[str,
     if request_id is not None:
         body["request_id"] = request_id
     return body
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    """Anthropic's usage: every prompt token is an input token (template and cached ones too)."""
+    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
 
 
 def tool_use_id(call_id: str | None) -> str:
@@ -90,9 +96,7 @@ class MessagesShape(TranslatedShape):
         feed_choice(blocks, choice, choice.full_text, True)
         body = self.message(job, [content_block(b, whole=True) for b in blocks.blocks])
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
-        usage = finish_metrics(job)
-        body["usage"] = {"input_tokens": usage.prompt_tokens,
-                         "output_tokens": usage.completion_tokens}  # fmt: skip
+        body["usage"] = usage_json(finish_metrics(job))
         if job.options.raw_output:
             body["raw_output"] = choice.raw_output()
         return body
@@ -123,12 +127,10 @@ class MessagesShape(TranslatedShape):
                         yield event("content_block_delta", index=block.index, delta=delta)
                     else:
                         yield event("content_block_stop", index=block.index)
-            usage = finish_metrics(job)
+            usage = usage_json(finish_metrics(job))
             stop_reason, stop_sequence = self.stop_reason(choice)
             delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
-            usage_json = {"input_tokens": usage.prompt_tokens,
-                          "output_tokens": usage.completion_tokens}  # fmt: skip
-            yield event("message_delta", delta=delta, usage=usage_json)
+            yield event("message_delta", delta=delta, usage=usage)
             yield event("message_stop")
         except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
             yield sse_named_event("error", anthropic_error(engine_error(exc)))
