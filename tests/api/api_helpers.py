@@ -17,6 +17,14 @@ ACCOUNT = "fireworks"
 MODEL_ID = "gemma-3-270m"
 MODEL = f"accounts/{ACCOUNT}/models/{MODEL_ID}"
 DEPLOYMENT = f"accounts/{ACCOUNT}/deployments/{MODEL_ID}"
+# A function's parameters with bounded values (a forced call's output stays short).
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20},
+                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}  # fmt: skip
 
 
 def post(server, body: dict[str, Any] | bytes | str, path: str = "/v1/completions", **kw):

@@ -12,21 +12,15 @@ import fireworks
 import httpx
 import jsonschema
 import pytest
-from api_helpers import API_KEY, MODEL, usage_row
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, usage_row
 
 pytestmark = pytest.mark.slow
 
 WEATHER = {
     "name": "get_weather",
     "description": "The current weather of a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20},
-                       "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}  # fmt: skip
+    "input_schema": WEATHER_PARAMETERS,
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = {"temperature": 0}  # the SDK has no temperature argument any more: sent as extra_body
 

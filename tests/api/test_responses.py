@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL, usage_row
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, usage_row
 
 from girandole.registry.keystore import Database
 
@@ -21,14 +21,8 @@ WEATHER = {
     "type": "function",
     "name": "get_weather",
     "description": "The current weather of a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20},
-                       "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}  # fmt: skip
+    "parameters": WEATHER_PARAMETERS,
+}
 QUESTION = "What is the capital of France?"
 
 
