@@ -17,6 +17,14 @@ ACCOUNT = "fireworks"
 MODEL_ID = "gemma-3-270m"
 MODEL = f"accounts/{ACCOUNT}/models/{MODEL_ID}"
 DEPLOYMENT = f"accounts/{ACCOUNT}/deployments/{MODEL_ID}"
+# A function's parameters with bounded values (a forced call's output stays short).
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20},
+                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}  # fmt: skip
 
 
 def post(server, body: dict[str, Any] | bytes | str, path: str = "/v1/completions", **kw):
@@ -58,3 +66,22 @@ def api_conftest():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def usage_row(server, request_id: str, timeout: float = 10) -> list[tuple]:
+    """The usage rows (endpoint, status, prompt and completion tokens) of one request in the
+    server's keys database (`--data-dir` as `start_server` sets it), once written."""
+    import sqlite3
+    import time
+
+    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT endpoint, status, prompt_tokens, completion_tokens FROM usage"
+                " WHERE request_id = ?", (request_id,),
+            ).fetchall()  # fmt: skip
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)

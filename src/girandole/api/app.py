@@ -15,10 +15,12 @@ from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
+from girandole.api.messages import route as messages
 from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
 from girandole.api.playground import route as playground
+from girandole.api.responses import route as responses
 from girandole.api.state import AppState
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
@@ -52,6 +54,9 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     for prefix in INFERENCE_PREFIXES:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
+        app.include_router(messages.router, prefix=prefix, tags=["inference"])
+        app.include_router(responses.router, prefix=prefix, tags=["inference"])
+        app.include_router(responses.stored, prefix=prefix, tags=["responses"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)

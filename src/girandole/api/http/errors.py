@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -179,7 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response(request_id_of(request))
+        return error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -188,11 +188,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"Not found: {request.method} {request.url.path}"
         error = APIError(exc.status_code, message, type=type_, code=code, headers=exc.headers)
-        return error.response(request_id_of(request))
+        return error_response(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return bad_request(format_errors(exc.errors())).response(request_id_of(request))
+        return error_response(request, bad_request(format_errors(exc.errors())))
 
     @app.exception_handler(ClientDisconnected)
     async def _client_left(request: Request, exc: ClientDisconnected) -> Response:
@@ -201,8 +201,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return internal_error().response(request_id_of(request))
+        return error_response(request, internal_error())
 
 
 def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
+
+
+# A route of another API's shape sets `request.state.error_body` (a dependency that runs before
+# authentication): Anthropic's on /messages.
+ErrorBody = Callable[[APIError, str | None], dict[str, Any]]
+
+
+def error_response(request: Request, error: APIError) -> JSONResponse:
+    """The error in the route's body shape: Fireworks' unless the route set its own."""
+    body_of: ErrorBody = getattr(request.state, "error_body", None) or APIError.body
+    return JSONResponse(
+        body_of(error, request_id_of(request)),
+        status_code=error.status_code,
+        headers=error.headers,
+    )

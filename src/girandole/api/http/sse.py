@@ -16,6 +16,11 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
+def sse_named_event(name: str, payload: dict[str, Any]) -> bytes:
+    """An event with an `event:` line (Anthropic's and OpenAI Responses' streams name theirs)."""
+    return b"event: " + name.encode("utf-8") + b"\n" + sse_event(payload)
+
+
 class SSEResponse(StreamingResponse):
     """A text/event-stream response. Starlette cancels the body iterator when the client goes."""
 

@@ -39,6 +39,8 @@ OPEN = Principal(account=None, key_id=None)
 # How many characters one token of a prompt may stand for at most, to refuse a prompt that
 # cannot fit the context before spending seconds tokenizing it (10 MB: about 10 s of a core).
 MAX_CHARS_PER_TOKEN = 64
+# the body fields that make a prompt (/completions, chat and Messages, Responses)
+PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions")
 
 
 def endpoint_of(path: str) -> str:
@@ -50,6 +52,12 @@ def endpoint_of(path: str) -> str:
                 return "completions"
             if rest == "/chat/completions":
                 return "chat_completions"
+            if rest == "/messages":
+                return "messages"
+            if rest == "/responses":
+                return "responses"
+            if rest.startswith("/responses/"):
+                return "stored_responses"
             if rest == "/models" or rest.startswith("/models/"):
                 return "models"
     if path in ("/health", "/ready", "/metrics"):
@@ -61,6 +69,8 @@ def is_inference(record: RequestRecord) -> bool:
     return record.method == "POST" and endpoint_of(record.path) in (
         "completions",
         "chat_completions",
+        "messages",
+        "responses",
     )
 
 
@@ -97,13 +107,16 @@ class ServerOps:
     def open(self) -> bool:
         return self.keys.open and not self.db.has_keys()
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        """The key's principal: `Authorization: Bearer <key>`, else `x-api-key: <key>` (what
+        Anthropic's clients send)."""
         if self.open:
             return OPEN
-        token = bearer_token(authorization)
-        if token is None:
+        token = bearer_token(authorization) or (api_key.strip() if api_key else None)
+        if not token:
             raise unauthorized(
                 "Missing API key: send it in the header 'Authorization: Bearer <API_KEY>'"
+                " (or 'x-api-key: <API_KEY>')"
             )
         info = self.db.authenticate(token)
         if info is not None:
@@ -115,7 +128,8 @@ class ServerOps:
 
     async def authorize(self, request: Any) -> Principal:
         """The inference routes' dependency: who is asking (401), may they now (429, 503)."""
-        principal = self.authenticate(request.headers.get("authorization"))
+        headers = request.headers
+        principal = self.authenticate(headers.get("authorization"), headers.get("x-api-key"))
         request.state.principal = principal
         record = record_of(request)
         if record is not None:
@@ -159,12 +173,12 @@ class ServerOps:
         limit = self.max_prompt_tokens or context_length or self.served.context_length
         if not limit:
             return
-        chars = _text_chars(data.get("prompt")) + _text_chars(data.get("messages"))
+        chars = sum(_text_chars(data.get(name)) for name in PROMPT_FIELDS)
         if chars > limit * MAX_CHARS_PER_TOKEN:
             raise bad_request(
                 f"The prompt is too long: {chars} characters, far above the limit of {limit}"
                 " tokens",
-                "messages" if "messages" in data else "prompt",
+                next((name for name in PROMPT_FIELDS if name in data), "prompt"),
             )
 
     def check_choices(self, num_prompts: int, n: int) -> None:

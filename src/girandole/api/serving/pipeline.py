@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from girandole.api.http.validation import (
 from girandole.api.ops.tracking import record_of
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
-from girandole.api.serving.response import ResponseShape, collect, engine_error, stream
+from girandole.api.serving.response import ResponseShape, engine_error
 from girandole.api.serving.structured import request_grammar
 from girandole.api.serving.target import Target, engine_of, resolve_target, touch
 from girandole.api.serving.usage import perf_headers
@@ -68,10 +68,20 @@ class Endpoint:
         """The request's prompts as token ids."""
         raise NotImplementedError
 
+    async def parse(self, request: Request, state: AppState, data: dict[str, Any]) -> Any:
+        """The validated request from its JSON body (an endpoint of another API translates it
+        here into the request its prompts and shape read)."""
+        strip_unsupported(data, self.unsupported)
+        check_not_both(data, "max_tokens", "max_completion_tokens")
+        return validate_model(self.schema, data)
 
-def inference_router(endpoint: Endpoint, path: str, name: str, summary: str) -> APIRouter:
-    """The endpoint's POST route (bearer key required): one call of `serve`."""
-    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+def inference_router(
+    endpoint: Endpoint, path: str, name: str, summary: str, before_auth: Sequence[Any] = ()
+) -> APIRouter:
+    """The endpoint's POST route (bearer key required): one call of `serve`. `before_auth`:
+    dependencies that run first (a route's own error shape, so that a 401 has it too)."""
+    router = APIRouter(dependencies=[*before_auth, Depends(require_api_key)])
 
     async def handler(request: Request) -> Response:
         return await serve(request, endpoint)
@@ -99,9 +109,7 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
         target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
     state.ops.check_prompt_size(data, target.context_length if target is not None else None)
-    strip_unsupported(data, endpoint.unsupported)
-    check_not_both(data, "max_tokens", "max_completion_tokens")
-    req = validate_model(endpoint.schema, data)
+    req = await endpoint.parse(request, state, data)
     state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
     engine = engine_of(request, state, target)
     shape = endpoint.shape(state, engine, req)
@@ -145,8 +153,8 @@ async def run(
         raise engine_error(exc) from None
     if job.stream:
         state.ops.track_stream(fanout)
-        body = stream(job, shape, fanout, state.settings.stream_usage)
+        body = shape.stream_body(job, fanout, state.settings.stream_usage)
         return SSEResponse(body, headers=headers)
-    result = await collect(job, shape, fanout)
+    result = await shape.collect_body(job, fanout)
     headers.update(perf_headers(job.perf_metrics or {}))
     return JSONResponse(result, headers=headers)

@@ -22,7 +22,9 @@ logger = logging.getLogger("girandole.api")
 
 class ResponseShape:
     """How an endpoint writes a choice on the wire; the loops here do the rest. The defaults
-    are /completions' (`text`); chat overrides them (`message`, `delta`, tool calls)."""
+    are /completions' (`text`); chat overrides them (`message`, `delta`, tool calls). An
+    endpoint of another API (Messages, Responses) replaces the loops: `collect_body`,
+    `stream_body`."""
 
     object = "text_completion"  # of a whole response
     chunk_object = "text_completion"  # of a stream chunk
@@ -48,6 +50,16 @@ class ResponseShape:
     def finish_piece(self) -> dict[str, Any]:
         """The output fields of a choice's finish chunk."""
         return {"text": ""}
+
+    async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
+        """The whole response body."""
+        return await collect(job, self, fanout)
+
+    def stream_body(
+        self, job: Job, fanout: ChoiceFanout, usage_placement: str
+    ) -> AsyncIterator[bytes]:
+        """The SSE body."""
+        return stream(job, self, fanout, usage_placement)
 
 
 def engine_error(exc: Exception) -> APIError:
@@ -94,8 +106,8 @@ def finish_metrics(job: Job) -> Usage:
     return usage
 
 
-async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[str, Any]:
-    """The whole (non-streamed) response body."""
+async def read_all(fanout: ChoiceFanout) -> None:
+    """Read every engine output into its choice (a whole response); engine errors as 4xx/5xx."""
     try:
         async for choice, out in fanout.events():
             choice.add(out)
@@ -103,6 +115,11 @@ async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[
         raise engine_error(exc) from None
     finally:
         fanout.close()
+
+
+async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[str, Any]:
+    """The whole (non-streamed) response body."""
+    await read_all(fanout)
     bodies = []
     for c in sorted(job.choices, key=lambda c: c.index):
         body = _choice(c, shape.whole(c), c.logprobs(c.tracker.entries))

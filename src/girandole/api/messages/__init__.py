@@ -1,0 +1,45 @@
+"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API on the chat pipeline.
+
+Point the `anthropic` SDK at `base_url="http://<host>/inference"`. The key comes as
+`x-api-key` or `Authorization: Bearer`; `anthropic-version` and `anthropic-beta` are ignored.
+
+Request (`schema.py`), translated into a chat request (`convert.py`), so the chat template,
+tools and tool-call recognition are chat's (`girandole.api.chat`):
+- `system`: a string or text blocks (joined by a blank line): the system message.
+- `messages`: `user`/`assistant` turns of a string or blocks. `text` blocks are the text (a
+  turn's text blocks joined: by a blank line in user turns, directly in assistant turns);
+  `tool_use` blocks (assistant) become the turn's tool calls (`input` as JSON arguments);
+  `tool_result` blocks (user) become tool messages before the turn's text (content a string or
+  text blocks; `is_error` prefixes `Error: `); `thinking`/`redacted_thinking` blocks are left
+  out; `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
+  merged. A final assistant turn is continued (a prefill).
+- `max_tokens` (required, >= 1; fitted to the context as chat fits it), `stop_sequences` (at
+  most 4, as `stop` elsewhere), `temperature` (0-2), `top_p`, `top_k` (0-100), `metadata`
+  (`user_id`, kept as the request's user), `raw_output` (Fireworks: the prompt as fed and the
+  raw completion, whole responses only).
+- `tools` (`name`, `description`, `input_schema`): function tools. Server tools (a `type` other
+  than `custom`) are a 400. `tool_choice`: `auto`, `any` (a call is forced by grammar), `tool`
+  (that one, forced), `none` (tools not described); `disable_parallel_tool_use` allows one call.
+- `output_config.format` (`{"type": "json_schema", "schema"}`): the output follows the schema
+  (chat's response_format). `output_config.effort` and `thinking` other than `disabled`: 400.
+- `cache_control` is accepted anywhere Anthropic takes it and changes nothing (the prefix cache
+  is automatic).
+
+Response: `{"id": "msg_...", "type": "message", "role": "assistant", "model" (as sent),
+"content": [text and tool_use blocks], "stop_reason", "stop_sequence", "usage":
+{"input_tokens", "output_tokens"}}`. `stop_reason`: `tool_use` (calls recognised, as chat's
+finish_reason "tool_calls"; each call a `tool_use` block, `id` `toolu_<hex>`, `input` the
+arguments), `max_tokens`, `stop_sequence` (with the sequence), else `end_turn`.
+`input_tokens` counts every prompt token, template tokens and cached ones included.
+
+Streaming (`stream: true`): named SSE events as Anthropic sends them: `message_start` (the
+message, empty content, input_tokens), `ping`, then per block `content_block_start`,
+`content_block_delta` (`text_delta`, or `input_json_delta` with the call's arguments in
+fragments) and `content_block_stop`, then `message_delta` (stop_reason, stop_sequence, usage)
+and `message_stop`. An error after the stream began is an `error` event.
+
+Errors on this route have Anthropic's shape: `{"type": "error", "error": {"type":
+"invalid_request_error", "message": ...}, "request_id"}` (types by status: 401
+authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error, 503
+overloaded_error, 500 api_error); the message names the field as elsewhere.
+"""

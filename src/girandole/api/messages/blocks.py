@@ -1,0 +1,103 @@
+"""A choice's output as a list of blocks (text, tool calls) for the APIs that write blocks:
+Anthropic's content blocks, OpenAI Responses' output items.
+
+Chat's `ToolStream` decides what the output is (content, or calls recognised in it, streamed
+as written) and says it as chat deltas; `OutputBlocks` turns those deltas into block events:
+a block starts, grows (text, or a call's arguments as JSON text), and stops. A whole response
+feeds the whole text at once and reads `blocks`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from girandole.api.chat.tool_calls import ToolStream
+from girandole.api.chat.tools import ToolPlan
+from girandole.api.serving.choice import Choice
+
+
+@dataclass
+class Block:
+    type: Literal["text", "call"]
+    index: int  # in the output
+    text: str = ""  # the text, or the call's arguments (JSON text)
+    call_id: str | None = None
+    name: str | None = None
+
+    def arguments(self) -> dict[str, Any] | None:
+        """A call's arguments as an object; None when they are not (cut short by max_tokens)."""
+        try:
+            value = json.loads(self.text or "{}")
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+
+Event = tuple[Literal["start", "delta", "stop"], Block, str]  # (what, block, new text)
+
+
+class OutputBlocks:
+    """One choice's blocks, built from its text as it arrives."""
+
+    def __init__(self, plan: ToolPlan | None) -> None:
+        self.calls = ToolStream(plan)
+        self.blocks: list[Block] = []
+        self._open: Block | None = None
+        self._call_blocks: dict[int, Block] = {}  # chat's call index -> its block
+        self.finish_reason: str | None = None  # once finished
+
+    def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
+        """The events of new `text`; when `finished` (with the engine's finish_reason), the last
+        ones, and `finish_reason` becomes the choice's ("tool_calls" if its output is calls)."""
+        deltas = self.calls.feed(text)
+        if finished:
+            tail, self.finish_reason = self.calls.finish(finish_reason)
+            deltas += tail
+        events: list[Event] = []
+        for delta in deltas:
+            events += self._apply(delta)
+        if finished:
+            events += self._close()
+        return events
+
+    def _apply(self, delta: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        text = delta.get("content")
+        if text:
+            if self._open is None or self._open.type != "text":
+                events += self._start(Block("text", len(self.blocks)))
+            assert self._open is not None
+            self._open.text += text
+            events.append(("delta", self._open, text))
+        for call in delta.get("tool_calls") or []:
+            function = call["function"]
+            if "id" in call:  # a call's header: a block of its own
+                block = Block("call", len(self.blocks), call_id=call["id"], name=function["name"])
+                events += self._start(block)
+                self._call_blocks[call["index"]] = block
+            block = self._call_blocks[call["index"]]
+            fragment = function.get("arguments") or ""
+            if fragment:
+                block.text += fragment
+                events.append(("delta", block, fragment))
+        return events
+
+    def _start(self, block: Block) -> list[Event]:
+        events = self._close()
+        self.blocks.append(block)
+        self._open = block
+        return events + [("start", block, "")]
+
+    def _close(self) -> list[Event]:
+        block, self._open = self._open, None
+        return [("stop", block, "")] if block is not None else []
+
+
+def feed_choice(blocks: OutputBlocks, choice: Choice, text: str, finished: bool) -> list[Event]:
+    """`blocks.feed` for a choice: its finish_reason becomes the blocks' once finished."""
+    events = blocks.feed(text, finished, choice.finish_reason)
+    if finished:
+        choice.finish_reason = blocks.finish_reason
+    return events

@@ -1,0 +1,178 @@
+"""An Anthropic Messages request as a chat request (the rules: `girandole.api.messages`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from girandole.api.http.errors import bad_request
+from girandole.api.messages.schema import (
+    MessagesRequest,
+    TextBlock,
+    ToolChoiceAny,
+    ToolChoiceAuto,
+    ToolChoiceNone,
+    ToolChoiceTool,
+    ToolResultBlock,
+)
+from girandole.api.messages.translated import TranslatedChat, to_chat
+
+SKIPPED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning: not shown to the model
+
+
+def system_text(system: str | list[TextBlock] | None) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    return "\n\n".join(block.text for block in system)
+
+
+def _unsupported_block(kind: str, where: str) -> Exception:
+    return bad_request(
+        f"Content blocks of type '{kind}' are not supported: this model takes text only,"
+        f" field: '{where}'",
+        where,
+    )
+
+
+def _result_text(block: ToolResultBlock, where: str) -> str:
+    content = block.content
+    if content is None or isinstance(content, str):
+        text = content or ""
+    else:
+        parts = []
+        for k, part in enumerate(content):
+            if part.type != "text":
+                raise _unsupported_block(part.type, f"{where}.content.{k}")
+            parts.append(part.text)
+        text = "\n\n".join(parts)
+    return f"Error: {text}" if block.is_error else text
+
+
+def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation as chat messages: tool_result blocks become tool messages (before the
+    user's text of the same turn), tool_use blocks the assistant's tool_calls; consecutive
+    turns of one role are merged, as Anthropic does."""
+    out: list[dict[str, Any]] = []
+    system = system_text(req.system)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, message in enumerate(req.messages):
+        blocks = message.content
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for j, block in enumerate(blocks):
+            where = f"messages.{i}.content.{j}"
+            if block.type == "text":
+                texts.append(block.text)
+            elif block.type in SKIPPED_BLOCKS:
+                continue
+            elif block.type == "tool_use" and message.role == "assistant":
+                arguments = json.dumps(block.input, ensure_ascii=False)
+                function = {"name": block.name, "arguments": arguments}
+                calls.append({"id": block.id, "type": "function", "function": function})
+            elif block.type == "tool_result" and message.role == "user":
+                result = _result_text(block, where)
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
+            elif block.type in ("tool_use", "tool_result"):
+                raise bad_request(
+                    f"A '{block.type}' block cannot be in a message of role '{message.role}',"
+                    f" field: '{where}'",
+                    where,
+                )
+            else:
+                raise _unsupported_block(block.type, where)
+        text = ("" if message.role == "assistant" else "\n\n").join(texts)
+        if not texts and not calls:
+            continue
+        last = out[-1] if out else None
+        if last is not None and last["role"] == message.role and not last.get("tool_calls"):
+            last["content"] = _join(last["content"], text, message.role)
+            if calls:
+                last["tool_calls"] = calls
+            continue
+        turn: dict[str, Any] = {"role": message.role, "content": text if texts else None}
+        if calls:
+            turn["tool_calls"] = calls
+        out.append(turn)
+    return out
+
+
+def _join(before: str | None, text: str, role: str) -> str:
+    if not before:
+        return text
+    return before + ("" if role == "assistant" else "\n\n") + text if text else before
+
+
+def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, bool | None]:
+    """Chat's tools, tool_choice and parallel_tool_calls."""
+    tools = None
+    if req.tools is not None:
+        tools = []
+        for i, tool in enumerate(req.tools):
+            if tool.type not in (None, "custom"):
+                raise bad_request(
+                    f"Tool type '{tool.type}' is not supported: this server runs no server tools,"
+                    f" field: 'tools.{i}.type'",
+                    f"tools.{i}.type",
+                )
+            if tool.input_schema is None:
+                raise bad_request(
+                    f"Field required, field: 'tools.{i}.input_schema'", f"tools.{i}.input_schema"
+                )
+            function = {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.input_schema,
+                "strict": tool.strict,
+            }
+            tools.append({"type": "function", "function": function})
+    choice = req.tool_choice
+    parallel = None
+    if isinstance(choice, ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool):
+        if choice.disable_parallel_tool_use:
+            parallel = False
+    if isinstance(choice, ToolChoiceAuto):
+        return tools, "auto", parallel
+    if isinstance(choice, ToolChoiceAny):
+        return tools, "required", parallel
+    if isinstance(choice, ToolChoiceTool):
+        return tools, {"type": "function", "function": {"name": choice.name}}, parallel
+    if isinstance(choice, ToolChoiceNone):
+        return tools, "none", parallel
+    return tools, None, parallel
+
+
+def to_chat_request(req: MessagesRequest) -> TranslatedChat:
+    if req.thinking is not None and req.thinking.type != "disabled":
+        raise bad_request(
+            'Field \'thinking\' is not supported by this server yet (only {"type": "disabled"})',
+            "thinking",
+        )
+    config = req.output_config
+    if config is not None and config.effort is not None:
+        raise bad_request(
+            "Field 'output_config.effort' is not supported by this server yet",
+            "output_config.effort",
+        )
+    response_format = None
+    if config is not None and config.format is not None:
+        schema = {"name": "output", "schema": config.format.schema_}
+        response_format = {"type": "json_schema", "json_schema": schema}
+    tools, tool_choice, parallel = chat_tools(req)
+    fields = {
+        "model": req.model,
+        "messages": chat_messages(req),
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "stop": req.stop_sequences,
+        "stream": req.stream,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel,
+        "response_format": response_format,
+        "raw_output": req.raw_output,
+        "user": req.metadata.user_id if req.metadata is not None else None,
+    }
+    return to_chat(fields, req)

@@ -1,0 +1,49 @@
+"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API, run as chat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, Request
+
+from girandole.api.chat.shape import ChatShape
+from girandole.api.messages.convert import to_chat_request
+from girandole.api.messages.schema import MessagesRequest
+from girandole.api.messages.shape import MessagesShape, anthropic_error
+from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint
+from girandole.api.serving.pipeline import inference_router
+from girandole.api.state import AppState
+
+# Fields no client needs for plain use, accepted only when they ask for nothing.
+MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "service_tier": lambda v: v in ("auto", "standard_only"),
+    "container": lambda v: False,
+    "mcp_servers": lambda v: v == [],
+    "context_management": lambda v: False,
+    "inference_geo": lambda v: False,
+    "speed": lambda v: v == "standard",
+    "diagnostics": lambda v: False,
+}
+
+
+class Messages(TranslatedEndpoint):
+    async def translate(
+        self, request: Request, state: AppState, source: MessagesRequest
+    ) -> TranslatedChat:
+        return to_chat_request(source)
+
+    def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
+        return MessagesShape(chat, req.stop_list())
+
+
+async def anthropic_errors(request: Request) -> None:
+    """Errors on this route, 401s included, in Anthropic's shape."""
+    request.state.error_body = anthropic_error
+
+
+ENDPOINT = Messages(MessagesRequest, MESSAGES_UNSUPPORTED, "msg_", 0)
+router = inference_router(
+    ENDPOINT, "/messages", "create_message", "Create a message (Anthropic's Messages API)",
+    before_auth=[Depends(anthropic_errors)],
+)  # fmt: skip

@@ -1,0 +1,161 @@
+"""`POST /v1/messages` request body: Anthropic's Messages API as Fireworks serves it.
+
+Strict like the other endpoints: unknown fields are a 400 naming them. Content blocks are told
+apart by `type`; `image` and `document` blocks parse (so the error can say what is missing) but
+this text-only server answers them with a 400 (`girandole.api.messages.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field
+
+from girandole.api.chat.schema import MAX_TOOLS, ToolName
+from girandole.api.http.schema import (
+    StrictModel,
+    Temperature,
+    TopK,
+    TopP,
+)
+
+
+class CacheControl(StrictModel):
+    type: Literal["ephemeral"]
+    ttl: str | None = None  # a caching hint: the prefix cache here is automatic
+
+
+class TextBlock(StrictModel):
+    type: Literal["text"]
+    text: str
+    cache_control: CacheControl | None = None
+    citations: Annotated[list[Any], Field(max_length=0)] | None = None
+
+
+class MediaBlock(StrictModel):
+    """An image or a document: read so that the error names it, never sent to the model."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image", "document"]
+
+
+class ToolUseBlock(StrictModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: CacheControl | None = None
+
+
+ResultPart = Annotated[TextBlock | MediaBlock, Field(discriminator="type")]
+
+
+class ToolResultBlock(StrictModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[ResultPart] | None = None
+    is_error: bool | None = None
+    cache_control: CacheControl | None = None
+
+
+class ThinkingBlock(StrictModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(StrictModel):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+Block = Annotated[
+    TextBlock | MediaBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+def _text_as_block(value: Any) -> Any:
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+# a string is one text block (so that errors in blocks name the block)
+Content = Annotated[list[Block], BeforeValidator(_text_as_block)]
+
+
+class Message(StrictModel):
+    role: Literal["user", "assistant"]
+    content: Content
+
+
+class Tool(StrictModel):
+    name: ToolName
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None  # required of custom tools (convert.py)
+    type: str | None = None  # "custom"; Anthropic's server tools are a 400
+    strict: bool | None = None
+    cache_control: CacheControl | None = None
+
+
+class ToolChoiceAuto(StrictModel):
+    type: Literal["auto"]
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceAny(StrictModel):
+    type: Literal["any"]
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceTool(StrictModel):
+    type: Literal["tool"]
+    name: ToolName
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceNone(StrictModel):
+    type: Literal["none"]
+
+
+ToolChoice = Annotated[
+    ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone,
+    Field(discriminator="type"),
+]
+
+
+class Metadata(StrictModel):
+    user_id: str | None = None
+
+
+class ThinkingConfig(StrictModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class OutputFormat(StrictModel):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(StrictModel):
+    effort: Literal["low", "medium", "high", "max"] | None = None
+    format: OutputFormat | None = None
+
+
+class MessagesRequest(StrictModel):
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)]  # required, as at Anthropic
+    system: str | list[TextBlock] | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    metadata: Metadata | None = None
+    thinking: ThinkingConfig | None = None  # only "disabled" (girandole.api.messages.route)
+    output_config: OutputConfig | None = None
+    raw_output: bool | None = None  # Fireworks' extension
+    cache_control: CacheControl | None = None  # a hint, as on blocks

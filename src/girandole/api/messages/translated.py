@@ -1,0 +1,61 @@
+"""An endpoint of another API run as chat: its body is validated against its own schema, then
+translated into a chat request (`TranslatedChat`), so the chat template, tools, tool-call
+parsing, structured output, sampling and usage are chat's. Only the wire shape is its own.
+Anthropic's Messages and OpenAI's Responses are such endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from girandole.api.chat.route import Chat
+from girandole.api.chat.schema import ChatCompletionRequest
+from girandole.api.chat.shape import ChatShape
+from girandole.api.http.unsupported import strip_unsupported
+from girandole.api.http.validation import validate_model
+from girandole.api.serving.response import ResponseShape
+from girandole.api.state import AppState
+from girandole.engine.protocol import EngineClient
+
+
+class TranslatedChat(ChatCompletionRequest):
+    """A chat request made from another API's request, which it carries (`source`)."""
+
+    source: Any = None
+
+
+def to_chat(fields: dict[str, Any], source: Any) -> TranslatedChat:
+    """The chat request of `fields` (chat's names; None values left out). The source request was
+    validated with chat's limits, so a 400 here is rare (and names chat's field)."""
+    req = validate_model(TranslatedChat, {k: v for k, v in fields.items() if v is not None})
+    req.source = source
+    return req
+
+
+class TranslatedShape(ResponseShape):
+    """A response shape over chat's: its template and tool plan (the prompt reads them)."""
+
+    def __init__(self, chat: ChatShape) -> None:
+        self.template = chat.template
+        self.plan = chat.plan
+        self.forced_grammar = chat.forced_grammar
+
+
+class TranslatedEndpoint(Chat):
+    """Chat's prompt and tools under another API's request and response shapes."""
+
+    async def parse(self, request: Request, state: AppState, data: dict[str, Any]) -> Any:
+        strip_unsupported(data, self.unsupported)
+        return await self.translate(request, state, validate_model(self.schema, data))
+
+    async def translate(self, request: Request, state: AppState, source: Any) -> TranslatedChat:
+        """The chat request that runs `source` (a 400 for what chat cannot express)."""
+        raise NotImplementedError
+
+    def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> ResponseShape:
+        return self.wire_shape(super().shape(state, engine, req), req)
+
+    def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> TranslatedShape:
+        """How the response is written, given chat's shape (its template and tool plan)."""
+        raise NotImplementedError

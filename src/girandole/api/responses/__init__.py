@@ -1,0 +1,57 @@
+"""POST /v1/responses (also under /inference/v1): OpenAI's Responses API on the chat pipeline,
+and the stored responses. Point the openai SDK at `base_url="http://<host>/inference/v1"`.
+
+Request (`schema.py`), translated into a chat request (`convert.py`), so the chat template,
+tools, tool-call recognition and structured output are chat's (`girandole.api.chat`):
+- `input`: a string (one user message) or items: `message` (`role` user, assistant, system or
+  `developer` (= system); `content` a string or `input_text`/`output_text`/`refusal` parts;
+  image, file and audio parts are a 400), `function_call` (the assistant's call: `call_id`,
+  `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
+  `reasoning` items are left out; other item types are a 400. Consecutive messages of one role
+  are merged; function_call items join the assistant message before them as its tool calls.
+- `instructions`: the system message, first. Not carried over by `previous_response_id` (as at
+  OpenAI): send it again with each turn that needs it.
+- `previous_response_id`: the stored response's conversation (its input items, then its output
+  items), then this request's input. A response this key's account did not store is a 400
+  naming the field.
+- `store` (default true): keep the response (`registry/responses.py`); false: it is answered,
+  with an id, but cannot be retrieved or chained from.
+- `max_output_tokens` (default 2048, fitted to the context as chat fits it), `temperature`
+  (0-2), `top_p`, `tools` (function tools: `name`, `description`, `parameters`, `strict`; other
+  tool types are a 400), `tool_choice` (`none`, `auto`, `required`, `{"type": "function",
+  "name"}`, `{"type": "allowed_tools", "mode", "tools"}`), `parallel_tool_calls`,
+  `text.format` (`text`, `json_object`, `json_schema` with `schema`: chat's response_format),
+  `metadata` (at most 16 string pairs, echoed and stored), `user` / `safety_identifier` (the
+  request's user), `prompt_cache_key` (as on chat), `truncation: "disabled"`,
+  `stream_options.include_obfuscation` (accepted; no padding is sent).
+- Not run here, a 400 unless the value asks for nothing: `background` (false), `service_tier`
+  (auto, default), `include` ([]), `reasoning` ({}), `max_tool_calls`, `top_logprobs` (0),
+  `conversation`, `prompt`, `prompt_cache_retention`, `text.verbosity` other than `medium`,
+  `truncation: "auto"`.
+
+Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",
+...}` with the request's parameters echoed (`temperature`/`top_p` as applied). `status` is
+`completed`, or `incomplete` (`incomplete_details.reason: "max_output_tokens"`) when the output
+reached max_output_tokens. `output`: a `message` item (`msg_<hex>`, one `output_text` part) or,
+when chat recognises calls in the output, one `function_call` item per call (`fc_<hex>`,
+`call_id` `call_<hex>`, `arguments` as the model wrote them). `usage`: `input_tokens`
+(`input_tokens_details.cached_tokens`), `output_tokens`, `total_tokens`, and the same counts as
+Fireworks names them (`prompt_tokens`, `completion_tokens`).
+
+Streaming (`stream: true`): named SSE events, each with `sequence_number` from 0:
+`response.created`, `response.in_progress`; per text item `response.output_item.added`,
+`response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
+`response.content_part.done`, `response.output_item.done`; per call `response.output_item.added`,
+`response.function_call_arguments.delta`..., `response.function_call_arguments.done`,
+`response.output_item.done`; then `response.completed` with the whole response, whatever its
+status (an incomplete one too: the openai SDK's stream helper waits for that event). An error
+after the stream began is an `error` event (`code`, `message`, `param`). A stored streamed
+response is saved when it completes.
+
+Stored responses (`route.py`; the key's account only, an open server's shared): `GET
+/v1/responses/{id}`, `DELETE /v1/responses/{id}` (`{"id", "object": "response.deleted",
+"deleted": true}`), `GET /v1/responses?limit&after&before` (newest first: `{"object": "list",
+"data", "first_id", "last_id", "has_more"}`, limit 1-100, default 20) and `GET
+/v1/responses/{id}/input_items?limit&after&before&order` (the conversation's input items, earlier
+turns included, `desc` by default). Kept until deleted. An unknown id is a 404.
+"""

@@ -1,0 +1,144 @@
+"""A Responses request as a chat request (the rules: `girandole.api.responses`): input items
+(stored as OpenAI writes them) to chat messages, tools and text.format to chat's fields."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from girandole.api.http.errors import bad_request
+from girandole.api.responses.schema import (
+    AllowedToolsChoice,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionChoice,
+    FunctionTool,
+    MessageItem,
+    ResponsesRequest,
+)
+
+SKIPPED_ITEMS = ("reasoning",)  # earlier reasoning: not shown to the model
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
+    """Content as OpenAI lists it: a string becomes one input_text (output_text for the
+    assistant) part; parts other than text are a 400."""
+    kind = "output_text" if role == "assistant" else "input_text"
+    if isinstance(content, str):
+        part: dict[str, Any] = {"type": kind, "text": content}
+        return [part | {"annotations": []}] if kind == "output_text" else [part]
+    parts = []
+    for k, p in enumerate(content):
+        if p.type not in ("input_text", "output_text", "refusal"):
+            raise bad_request(
+                f"Content parts of type '{p.type}' are not supported: this model takes text"
+                f" only, field: '{where}.{k}'",
+                f"{where}.{k}",
+            )
+        parts.append(p.model_dump(exclude_none=True))
+    return parts
+
+
+def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as stored items, each with an id."""
+    items = []
+    for i, item in enumerate(req.input or []):
+        where = f"input.{i}"
+        if isinstance(item, MessageItem):
+            parts = _parts(item.content, item.role, where + ".content")
+            items.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role,
+                          "content": parts, "status": item.status or "completed"})  # fmt: skip
+        elif isinstance(item, FunctionCallItem):
+            items.append(item.model_dump(exclude_none=True) | {"id": item.id or new_id("fc"),
+                                                               "status": "completed"})  # fmt: skip
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output
+            if not isinstance(output, str):
+                output = _text(_parts(output, "tool", where + ".output"))
+            items.append({"id": item.id or new_id("fco"), "type": "function_call_output",
+                          "call_id": item.call_id, "output": output,
+                          "status": "completed"})  # fmt: skip
+        elif item.type not in SKIPPED_ITEMS:
+            raise bad_request(
+                f"Input items of type '{item.type}' are not supported by this server,"
+                f" field: '{where}.type'",
+                f"{where}.type",
+            )
+    return items
+
+
+def _text(parts: list[dict[str, Any]]) -> str:
+    return "".join(p.get("text") or p.get("refusal") or "" for p in parts)
+
+
+def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation as chat messages: `developer` is `system`, function_call items become
+    the assistant's tool_calls, function_call_output items tool messages; consecutive messages
+    of one role are merged."""
+    out: list[dict[str, Any]] = []
+    if instructions:
+        out.append({"role": "system", "content": instructions})
+    for item in items:
+        last = out[-1] if out else None
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            text = _text(item["content"])
+            if last is not None and last["role"] == role and not last.get("tool_calls"):
+                sep = "" if role == "assistant" else "\n\n"
+                last["content"] = (last["content"] or "") + (sep if last["content"] else "") + text
+            else:
+                out.append({"role": role, "content": text})
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    return out
+
+
+def chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """Chat's tools and tool_choice."""
+    tools = None
+    if req.tools is not None:
+        tools = []
+        for i, tool in enumerate(req.tools):
+            if not isinstance(tool, FunctionTool):
+                raise bad_request(
+                    f"Tools of type '{tool.type}' are not supported: this server runs function"
+                    f" tools only, field: 'tools.{i}.type'",
+                    f"tools.{i}.type",
+                )
+            function = tool.model_dump(exclude_none=True, exclude={"type"})
+            tools.append({"type": "function", "function": function})
+    choice = req.tool_choice
+    if isinstance(choice, FunctionChoice):
+        return tools, {"type": "function", "function": {"name": choice.name}}
+    if isinstance(choice, AllowedToolsChoice):
+        allowed = [{"type": "function", "name": t.name} for t in choice.tools]
+        return tools, {"type": "allowed_tools",
+                       "allowed_tools": {"mode": choice.mode, "tools": allowed}}  # fmt: skip
+    return tools, choice
+
+
+def response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    """Chat's response_format from `text.format`."""
+    fmt = req.text.format if req.text is not None else None
+    if fmt is None or fmt.type != "json_schema":
+        return {"type": fmt.type} if fmt is not None else None
+    if fmt.schema_ is None:
+        raise bad_request("Field required, field: 'text.format.schema'", "text.format.schema")
+    schema = {"name": fmt.name, "schema": fmt.schema_, "description": fmt.description,
+              "strict": fmt.strict}  # fmt: skip
+    return {
+        "type": "json_schema",
+        "json_schema": {k: v for k, v in schema.items() if v is not None},
+    }

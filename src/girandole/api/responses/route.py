@@ -1,0 +1,190 @@
+"""POST /v1/responses (also under /inference/v1), run as chat; GET and DELETE
+/v1/responses/{id}, GET /v1/responses (list) and GET /v1/responses/{id}/input_items over the
+stored responses of the key's account."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from girandole.api.chat.route import DEFAULT_MAX_TOKENS
+from girandole.api.chat.shape import ChatShape
+from girandole.api.http.auth import require_api_key
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint, to_chat
+from girandole.api.ops.tracking import record_of
+from girandole.api.responses.convert import (
+    chat_messages,
+    chat_tools,
+    input_items,
+    response_format,
+)
+from girandole.api.responses.schema import ResponsesRequest
+from girandole.api.responses.shape import Conversation, ResponsesShape
+from girandole.api.serving.pipeline import inference_router
+from girandole.api.state import AppState
+from girandole.registry.responses import ResponseStore
+
+MAX_LIST = 100  # items in one page of a list
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+# Fields of OpenAI's request this server does not run, accepted only when they ask for nothing.
+RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "background": lambda v: v is False,
+    "service_tier": lambda v: v in ("auto", "default"),
+    "include": lambda v: v == [],
+    "reasoning": lambda v: v == {} or v == {"effort": None},
+    "max_tool_calls": _never,
+    "top_logprobs": lambda v: v == 0,
+    "conversation": _never,
+    "prompt": _never,
+    "prompt_cache_retention": _never,
+}
+
+
+def account_of(request: Request) -> str:
+    """Whose responses a request sees: its key's account ("" on an open server)."""
+    record = record_of(request)
+    principal = record.principal if record is not None else None
+    principal = principal or getattr(request.state, "principal", None)
+    return (principal.account if principal is not None else None) or ""
+
+
+def store_of(request: Request) -> ResponseStore:
+    app_state = request.app.state
+    store = getattr(app_state, "response_store", None)
+    if store is None:
+        store = app_state.response_store = ResponseStore(app_state.girandole.ops.db)
+    return store
+
+
+def not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", code="NOT_FOUND")
+
+
+class Responses(TranslatedEndpoint):
+    async def translate(
+        self, request: Request, state: AppState, source: ResponsesRequest
+    ) -> TranslatedChat:
+        account, store = account_of(request), store_of(request)
+        items: list[dict[str, Any]] = []
+        if source.previous_response_id is not None:
+            previous = store.get(account, source.previous_response_id)
+            if previous is None:
+                raise bad_request(
+                    f"Previous response with id '{source.previous_response_id}' not found,"
+                    " field: 'previous_response_id'",
+                    "previous_response_id",
+                )
+            items = previous.input_items + previous.body["output"]
+        items += input_items(source)
+        messages = chat_messages(source.instructions, items)
+        if not messages:
+            raise bad_request("The conversation is empty: send 'input'", "input")
+        tools, tool_choice = chat_tools(source)
+        fields = {
+            "model": source.model,
+            "messages": messages,
+            "max_tokens": source.max_output_tokens,
+            "temperature": source.temperature,
+            "top_p": source.top_p,
+            "stream": source.stream,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": source.parallel_tool_calls,
+            "response_format": response_format(source),
+            "user": source.user or source.safety_identifier,
+            "prompt_cache_key": source.prompt_cache_key,
+        }
+
+        def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+            store.put(account, body, conversation)
+
+        keep = source.store is not False
+        return to_chat(fields, Conversation(source, items, save if keep else None))
+
+    def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
+        return ResponsesShape(chat, req.source)
+
+
+ENDPOINT = Responses(ResponsesRequest, RESPONSES_UNSUPPORTED, "resp_", DEFAULT_MAX_TOKENS)
+router = inference_router(
+    ENDPOINT, "/responses", "create_response", "Create a response (OpenAI's Responses API)"
+)
+stored = APIRouter(dependencies=[Depends(require_api_key)])
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIST)]
+
+
+@stored.get("/responses/{response_id}", name="get_response", summary="Get a stored response")
+async def get_response(request: Request, response_id: str, stream: bool = False) -> Any:
+    if stream:
+        raise bad_request("Streaming a stored response is not supported, field: 'stream'", "stream")
+    found = store_of(request).get(account_of(request), response_id)
+    if found is None:
+        raise not_found(response_id)
+    return found.body
+
+
+@stored.delete(
+    "/responses/{response_id}", name="delete_response", summary="Delete a stored response"
+)
+async def delete_response(request: Request, response_id: str) -> Any:
+    if not store_of(request).delete(account_of(request), response_id):
+        raise not_found(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True,
+            "message": f"Response {response_id} deleted"}  # fmt: skip
+
+
+@stored.get("/responses", name="list_responses", summary="List stored responses, newest first")
+async def list_responses(
+    request: Request, limit: Limit = 20, after: str | None = None, before: str | None = None
+) -> Any:
+    page = store_of(request).list(account_of(request), limit, after, before)
+    return _list_body(page.items, page.has_more)
+
+
+@stored.get(
+    "/responses/{response_id}/input_items",
+    name="list_input_items",
+    summary="The input items of a stored response (its whole conversation)",
+)
+async def list_input_items(
+    request: Request,
+    response_id: str,
+    limit: Limit = 20,
+    after: str | None = None,
+    before: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> Any:
+    found = store_of(request).get(account_of(request), response_id)
+    if found is None:
+        raise not_found(response_id)
+    items = found.input_items if order == "asc" else found.input_items[::-1]
+    ids = [item.get("id") for item in items]
+    start, end = 0, len(items)
+    for cursor, param in ((after, "after"), (before, "before")):
+        if cursor is not None and cursor not in ids:
+            raise bad_request(f"No input item with id '{cursor}', field: '{param}'", param)
+    if after is not None:
+        start = ids.index(after) + 1
+    if before is not None:
+        end = ids.index(before)
+    window = items[start:end]
+    return _list_body(window[:limit], len(window) > limit)
+
+
+def _list_body(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": has_more,
+    }

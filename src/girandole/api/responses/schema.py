@@ -1,0 +1,177 @@
+"""`POST /v1/responses` request body: OpenAI's Responses API, the fields this server runs.
+
+Strict like the other endpoints. Input items and tools are told apart by `type` (a message
+item may leave it out); items and tools of kinds this server does not run parse loosely so
+that the 400 can name them (`girandole.api.responses.convert`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag
+
+from girandole.api.chat.schema import MAX_TOOLS, ToolName
+from girandole.api.http.schema import Schema, StrictModel, Temperature, TopP
+
+
+class TextPart(StrictModel):
+    type: Literal["input_text", "output_text", "refusal"]
+    text: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class OtherPart(StrictModel):
+    """An image, file or audio part: read so that the error names it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["input_image", "input_file", "input_audio"]
+
+
+Part = Annotated[TextPart | OtherPart, Field(discriminator="type")]
+Content = str | list[Part]
+
+
+class MessageItem(StrictModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+
+class FunctionCallItem(StrictModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(StrictModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Content
+    id: str | None = None
+    status: str | None = None
+
+
+class OtherItem(StrictModel):
+    """Reasoning items (left out of the prompt) and kinds this server does not run (a 400)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else "message"
+    return kind if kind in ("message", "function_call", "function_call_output") else "other"
+
+
+Item = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[OtherItem, Tag("other")],
+    Discriminator(_item_kind),
+]
+
+
+def _text_as_item(value: Any) -> Any:
+    return (
+        [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+    )
+
+
+# a string is one user message (so that errors in items name the item)
+Input = Annotated[list[Item], BeforeValidator(_text_as_item)]
+
+
+class FunctionTool(StrictModel):
+    type: Literal["function"]
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class OtherTool(StrictModel):
+    """A built-in tool (web search, file search, MCP...): this server runs none (a 400)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+
+
+def _tool_kind(value: Any) -> str:
+    return "function" if isinstance(value, dict) and value.get("type") == "function" else "other"
+
+
+ResponsesTool = Annotated[
+    Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
+    Discriminator(_tool_kind),
+]
+
+
+class FunctionChoice(StrictModel):
+    type: Literal["function"]
+    name: ToolName
+
+
+class AllowedTool(StrictModel):
+    type: Literal["function"]
+    name: ToolName
+
+
+class AllowedToolsChoice(StrictModel):
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: Annotated[list[AllowedTool], Field(min_length=1)]
+
+
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | FunctionChoice | AllowedToolsChoice,
+    Field(union_mode="left_to_right"),
+]
+
+
+class TextFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: Schema | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(StrictModel):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # the only one a model without the knob has
+
+
+class StreamOptions(StrictModel):
+    include_obfuscation: bool | None = None  # no obfuscation padding is sent either way
+
+
+class ResponsesRequest(StrictModel):
+    model: str
+    input: Input | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None  # default true
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    max_output_tokens: Annotated[int | None, Field(ge=1)] = None
+    tools: Annotated[list[ResponsesTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    truncation: Literal["disabled"] | None = None

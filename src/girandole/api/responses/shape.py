@@ -1,0 +1,193 @@
+"""How a Responses response is written: the `response` object whole, or OpenAI's `response.*`
+event stream (the contract: `girandole.api.responses`). A stored response is saved when it
+ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from girandole.api.chat.shape import ChatShape
+from girandole.api.http.sse import sse_named_event
+from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice
+from girandole.api.messages.translated import TranslatedShape
+from girandole.api.responses.convert import new_id
+from girandole.api.responses.schema import ResponsesRequest
+from girandole.api.serving.choice import Choice
+from girandole.api.serving.fanout import ChoiceFanout
+from girandole.api.serving.job import Job
+from girandole.api.serving.response import engine_error, finish_metrics, read_all
+from girandole.api.serving.usage import Usage
+
+
+@dataclass
+class Conversation:
+    """What a Responses request runs: its request, the input items of the whole conversation
+    (earlier turns first), and where it is saved (None: `store: false`)."""
+
+    request: ResponsesRequest
+    items: list[dict[str, Any]]
+    save: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
+    item_ids: dict[int, str] = field(default_factory=dict)  # block index -> output item id
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """OpenAI's Responses usage, with Fireworks' names for the same counts."""
+    total = usage.prompt_tokens + usage.completion_tokens
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": total,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+    }
+
+
+class ResponsesShape(TranslatedShape):
+    def __init__(self, chat: ChatShape, conversation: Conversation) -> None:
+        super().__init__(chat)
+        self.conversation = conversation
+
+    # -- the objects -------------------------------------------------------------------------
+
+    def item_id(self, block: Block) -> str:
+        ids = self.conversation.item_ids
+        if block.index not in ids:
+            ids[block.index] = new_id("msg" if block.type == "text" else "fc")
+        return ids[block.index]
+
+    def item(self, block: Block, status: str) -> dict[str, Any]:
+        """A block as an output item (`in_progress` ones as `output_item.added` shows them)."""
+        done = status != "in_progress"
+        if block.type == "text":
+            content = [self.part(block.text)] if done else []
+            return {"id": self.item_id(block), "type": "message", "status": status,
+                    "role": "assistant", "content": content}  # fmt: skip
+        return {"id": self.item_id(block), "type": "function_call", "status": status,
+                "call_id": block.call_id, "name": block.name,
+                "arguments": block.text if done else ""}  # fmt: skip
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def response(
+        self, job: Job, status: str, output: list[dict[str, Any]], usage: Usage | None
+    ) -> dict[str, Any]:
+        req = self.conversation.request
+        params = job.choices[0].params
+        fmt = req.text.format if req.text is not None else None
+        text_format = fmt.model_dump(exclude_none=True, by_alias=True) if fmt else {"type": "text"}
+        tool_choice = req.tool_choice or "auto"
+        if not isinstance(tool_choice, str):
+            tool_choice = tool_choice.model_dump(exclude_none=True)
+        incomplete = status == "incomplete"
+        return {
+            "id": job.id,
+            "object": "response",
+            "created_at": job.created,
+            "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": job.model,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": None, "summary": None},
+            "store": self.conversation.save is not None,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "text": {"format": text_format},
+            "tool_choice": tool_choice,
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "truncation": "disabled",
+            "usage": usage_json(usage) if usage is not None else None,
+            "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def finish(self, job: Job, choice: Choice, blocks: OutputBlocks) -> dict[str, Any]:
+        """The finished response object, saved if stored."""
+        status = "incomplete" if choice.finish_reason == "length" else "completed"
+        output = [self.item(b, status) for b in blocks.blocks]
+        body = self.response(job, status, output, finish_metrics(job))
+        if self.conversation.save is not None:
+            self.conversation.save(body, self.conversation.items)
+        return body
+
+    # -- the loops ---------------------------------------------------------------------------
+
+    async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
+        await read_all(fanout)
+        (choice,) = job.choices
+        blocks = OutputBlocks(self.plan)
+        feed_choice(blocks, choice, choice.full_text, True)
+        return self.finish(job, choice, blocks)
+
+    async def stream_body(
+        self, job: Job, fanout: ChoiceFanout, usage_placement: str
+    ) -> AsyncIterator[bytes]:
+        sequence = 0
+
+        def event(name: str, /, **fields: Any) -> bytes:
+            nonlocal sequence
+            payload = {"type": name, "sequence_number": sequence, **fields}
+            sequence += 1
+            return sse_named_event(name, payload)
+
+        (choice,) = job.choices
+        blocks = OutputBlocks(self.plan)
+        try:
+            started = self.response(job, "in_progress", [], None)
+            yield event("response.created", response=started)
+            yield event("response.in_progress", response=started)
+            async for c, out in fanout.events():
+                update = c.add(out)
+                for what, block, text in feed_choice(blocks, c, update.text, out.finished):
+                    for name, fields in self.block_events(what, block, text):
+                        yield event(name, **fields)
+            # `response.completed` whatever the status (the SDK's stream helper waits for it)
+            yield event("response.completed", response=self.finish(job, choice, blocks))
+        except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+            error = engine_error(exc)
+            yield event("error", code=error.code, message=error.message, param=error.param)
+        finally:
+            fanout.close()
+
+    def block_events(self, what: str, block: Block, text: str) -> list[tuple[str, dict[str, Any]]]:
+        """The `response.*` events of one block event."""
+        where = {"item_id": self.item_id(block), "output_index": block.index}
+        if block.type == "text":
+            at = where | {"content_index": 0}
+            if what == "start":
+                return [
+                    ("response.output_item.added",
+                     {"output_index": block.index, "item": self.item(block, "in_progress")}),
+                    ("response.content_part.added", at | {"part": self.part("")}),
+                ]  # fmt: skip
+            if what == "delta":
+                return [("response.output_text.delta", at | {"delta": text, "logprobs": []})]
+            return [
+                ("response.output_text.done", at | {"text": block.text, "logprobs": []}),
+                ("response.content_part.done", at | {"part": self.part(block.text)}),
+                ("response.output_item.done",
+                 {"output_index": block.index, "item": self.item(block, "completed")}),
+            ]  # fmt: skip
+        if what == "start":
+            item = self.item(block, "in_progress")
+            return [("response.output_item.added", {"output_index": block.index, "item": item})]
+        if what == "delta":
+            return [("response.function_call_arguments.delta", where | {"delta": text})]
+        return [
+            ("response.function_call_arguments.done",
+             where | {"name": block.name, "arguments": block.text}),
+            ("response.output_item.done",
+             {"output_index": block.index, "item": self.item(block, "completed")}),
+        ]  # fmt: skip

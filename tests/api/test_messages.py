@@ -1,0 +1,248 @@
+"""POST /v1/messages (Anthropic's Messages API) on the real server and default model, driven by
+the real `anthropic` SDK, the fireworks-ai SDK and raw HTTP: whole and streamed messages, a
+tool_use round trip, stop sequences, structured output, Anthropic's error shape, x-api-key,
+usage rows."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import fireworks
+import httpx
+import jsonschema
+import pytest
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, usage_row
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The current weather of a city",
+    "input_schema": WEATHER_PARAMETERS,
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+GREEDY = {"temperature": 0}  # the SDK has no temperature argument any more: sent as extra_body
+
+
+@pytest.fixture(scope="module")
+def client(server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url + "/inference", api_key=API_KEY, max_retries=0)
+
+
+def post(server, body: dict, headers: dict | None = None) -> httpx.Response:
+    headers = server.headers if headers is None else headers
+    return httpx.post(server.url + "/inference/v1/messages", json=body, headers=headers,
+                      timeout=120)  # fmt: skip
+
+
+def test_message_whole(client, tokenizer):
+    r = client.messages.create(
+        model=MODEL, max_tokens=8, system=[{"type": "text", "text": "Be terse."}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
+        extra_body={**GREEDY, "raw_output": True},
+    )  # fmt: skip
+    assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_")
+    assert r.model == MODEL and r.stop_reason in ("end_turn", "max_tokens")
+    assert r.stop_sequence is None
+    (block,) = r.content
+    assert block.type == "text" and block.text
+    raw = r.model_extra["raw_output"]
+    assert r.usage.input_tokens == len(raw["prompt_token_ids"])
+    assert r.usage.output_tokens == len(raw["completion_token_ids"]) <= 8
+    # the system text and the user's, through the chat template, as chat would feed them
+    prompt = "".join(f for f in raw["prompt_fragments"] if isinstance(f, str))
+    assert "Be terse.\n\nName a colour." in prompt
+    assert raw["completion"].startswith(block.text)
+
+
+def test_message_equals_chat_completion(client, server):
+    """The same conversation through chat gives the same prompt and the same greedy answer."""
+    r = client.messages.create(
+        model=MODEL, max_tokens=12, system="You answer in French.", messages=ASK, extra_body=GREEDY
+    )
+    chat = httpx.post(
+        server.url + "/v1/chat/completions", headers=server.headers, timeout=120,
+        json={"model": MODEL, "max_tokens": 12, "temperature": 0,
+              "messages": [{"role": "system", "content": "You answer in French."}, *ASK]},
+    ).json()  # fmt: skip
+    assert r.content[0].text == chat["choices"][0]["message"]["content"]
+    assert r.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    assert r.usage.output_tokens == chat["usage"]["completion_tokens"]
+
+
+def test_stream_matches_whole(client):
+    kwargs = dict(model=MODEL, max_tokens=16, messages=ASK, extra_body=GREEDY)
+    whole = client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(texts) > 1 and "".join(texts) == whole.content[0].text
+    assert final.content[0].text == whole.content[0].text
+    assert final.stop_reason == whole.stop_reason
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (
+        whole.usage.input_tokens, whole.usage.output_tokens,
+    )  # fmt: skip
+
+
+def test_stream_event_sequence(server):
+    names = []
+    with httpx.stream(
+        "POST", server.url + "/v1/messages", headers=server.headers, timeout=120,
+        json={"model": MODEL, "max_tokens": 6, "messages": ASK, "stream": True, **GREEDY},
+    ) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    for block in raw.strip().split("\n\n"):
+        event, data = block.split("\n")
+        name = event.removeprefix("event: ")
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == name
+        names.append(name)
+        if name == "message_start":
+            assert payload["message"]["usage"]["input_tokens"] > 0
+            assert payload["message"]["content"] == [] and payload["message"]["stop_reason"] is None
+        if name == "message_delta":
+            assert payload["usage"]["output_tokens"] == 6
+            assert payload["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert names[:3] == ["message_start", "ping", "content_block_start"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) == {"content_block_delta"}
+
+
+def test_tool_use_round_trip(client):
+    """A forced call (tool_choice tool), its input valid for the schema; its result goes back as
+    a tool_result block and the model answers in text."""
+    r = client.messages.create(
+        model=MODEL, max_tokens=60, messages=ASK, tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )  # fmt: skip
+    assert r.stop_reason == "tool_use"
+    (call,) = r.content
+    assert call.type == "tool_use" and call.name == "get_weather" and call.id.startswith("toolu_")
+    jsonschema.validate(call.input, WEATHER["input_schema"])
+    history = [
+        *ASK,
+        {"role": "assistant", "content": [c.model_dump(exclude_none=True) for c in r.content]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": call.id, "content": "21 degrees, sunny"},
+            {"type": "text", "text": "Answer in one sentence."},
+        ]},
+    ]  # fmt: skip
+    r = client.messages.create(
+        model=MODEL, max_tokens=12, messages=history, tools=[WEATHER],
+        tool_choice={"type": "none"}, extra_body={**GREEDY, "raw_output": True},
+    )  # fmt: skip
+    assert r.stop_reason in ("end_turn", "max_tokens")
+    assert [b.type for b in r.content] == ["text"]
+    prompt = "".join(f for f in r.model_extra["raw_output"]["prompt_fragments"]
+                     if isinstance(f, str))  # fmt: skip
+    # chat's rendering of the call and of its result, then the text of the same turn
+    assert json.dumps({"name": "get_weather", "arguments": call.input}) in prompt
+    assert f"Result of get_weather (call {call.id}): 21 degrees, sunny\n\nAnswer in" in prompt
+
+
+def test_tool_use_streamed(client):
+    with client.messages.stream(
+        model=MODEL, max_tokens=80, messages=ASK, tools=[WEATHER], extra_body=GREEDY,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},  # one call, not an array
+    ) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_message()
+    deltas = [e for e in events if e.type == "content_block_delta"]
+    assert len(deltas) > 2 and {e.delta.type for e in deltas} == {"input_json_delta"}
+    partial = "".join(e.delta.partial_json for e in deltas)
+    assert final.stop_reason == "tool_use"
+    (call,) = final.content
+    assert call.type == "tool_use" and json.loads(partial) == call.input
+    jsonschema.validate(call.input, WEATHER["input_schema"])
+
+
+def test_stop_sequence(server):
+    """Greedy output first, then the same request stopped at a piece of it."""
+    body = {"model": MODEL, "max_tokens": 16, "messages": ASK, **GREEDY}
+    text = post(server, body).json()["content"][0]["text"]
+    word = text.split()[1] if len(text.split()) > 1 else text[2:5]
+    r = post(server, {**body, "stop_sequences": ["zzzz", word]}).json()
+    assert r["stop_reason"] == "stop_sequence" and r["stop_sequence"] == word
+    assert r["content"][0]["text"] == text[: text.index(word)]
+
+
+def test_output_config_json_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"type": "integer", "minimum": 1,
+                                                        "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False}  # fmt: skip
+    r = client.messages.create(
+        model=MODEL, max_tokens=60, messages=[{"role": "user", "content": "A city as JSON"}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r.content[0].text), schema)
+
+
+def test_fireworks_sdk_messages(server):
+    fw = fireworks.Fireworks(base_url=server.url, api_key=API_KEY, max_retries=0)
+    r = fw.messages.create(model=MODEL, max_tokens=4, messages=ASK, temperature=0)
+    assert r.type == "message" and r.content[0].type == "text" and r.stop_reason == "max_tokens"
+    assert r.to_dict()["usage"]["output_tokens"] == 4  # not a field of its response type
+
+
+def test_x_api_key_and_anthropic_errors(server):
+    body = {"model": MODEL, "max_tokens": 2, "messages": ASK}
+    assert post(server, body, headers={"x-api-key": API_KEY}).status_code == 200
+    for headers in ({}, {"x-api-key": "wrong"}):
+        r = post(server, body, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "authentication_error"
+    r = post(server, {**body, "model": "accounts/fireworks/models/nope"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+            "type": "url", "url": "http://x/y.png"}}]}]}, "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "b",
+                                                     "input": {}}]}]}, "messages.0.content.0"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+        ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"output_config": {"effort": "high"}}, "output_config.effort"),
+        ({"container": "c1"}, "container"),
+    ],
+)  # fmt: skip
+def test_bad_requests_name_the_field(server, change, field):
+    body = {"model": MODEL, "max_tokens": 2, "messages": ASK}
+    body.update(change)
+    body = {k: v for k, v in body.items() if v is not None}
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert field in error["error"]["message"], error
+
+
+def test_sdk_raises_bad_request(client):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=MODEL, max_tokens=0, messages=ASK)
+    assert "max_tokens" in info.value.body["error"]["message"]
+
+
+def test_usage_rows_and_metrics(server, client):
+    r = client.messages.create(model=MODEL, max_tokens=3, messages=ASK)
+    rows = usage_row(server, r.id)
+    assert rows == [("messages", 200, r.usage.input_tokens, r.usage.output_tokens)]
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'endpoint="messages"' in metrics

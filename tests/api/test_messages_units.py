@@ -1,0 +1,211 @@
+"""Messages and Responses pieces without a server: requests translated into chat messages and
+tools, chat's output deltas as blocks, and the stored responses table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from girandole.api.chat.schema import FunctionDef, Tool
+from girandole.api.chat.tools import ToolPlan, call_grammar
+from girandole.api.http.errors import APIError
+from girandole.api.http.validation import validate_model
+from girandole.api.messages.blocks import OutputBlocks
+from girandole.api.messages.convert import chat_messages as anthropic_messages
+from girandole.api.messages.convert import to_chat_request
+from girandole.api.messages.schema import MessagesRequest
+from girandole.api.responses.convert import chat_messages, chat_tools, input_items
+from girandole.api.responses.schema import ResponsesRequest
+from girandole.registry.keystore import Database
+from girandole.registry.responses import ResponseStore
+
+ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+       "required": ["a", "b"]}  # fmt: skip
+
+
+def anthropic(**body) -> MessagesRequest:
+    return validate_model(MessagesRequest, {"model": "m", "max_tokens": 8, **body})
+
+
+def responses(**body) -> ResponsesRequest:
+    return validate_model(ResponsesRequest, {"model": "m", **body})
+
+
+def test_anthropic_conversation_as_chat_messages():
+    req = anthropic(
+        system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind.",
+                                                         "cache_control": {"type": "ephemeral"}}],
+        messages=[
+            {"role": "user", "content": "Add 2 and 3."},
+            {"role": "user", "content": [{"type": "text", "text": "Quickly."}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "easy", "signature": "s"},
+                {"type": "text", "text": "Calling add."},
+                {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2, "b": 3}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "5"},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
+                 "content": [{"type": "text", "text": "boom"}]},
+                {"type": "text", "text": "Thanks."},
+            ]},
+            {"role": "assistant", "content": "The answer is"},
+        ],
+    )  # fmt: skip
+    assert anthropic_messages(req) == [
+        {"role": "system", "content": "Be brief.\n\nBe kind."},
+        {"role": "user", "content": "Add 2 and 3.\n\nQuickly."},  # consecutive turns merged
+        {"role": "assistant", "content": "Calling add.", "tool_calls": [
+            {"id": "toolu_1", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "5"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "The answer is"},  # continued (a prefill)
+    ]  # fmt: skip
+
+
+def test_anthropic_fields_as_chat_fields():
+    tools = [{"name": "add", "description": "Adds", "input_schema": ADD}]
+    chat = to_chat_request(anthropic(
+        messages=[{"role": "user", "content": "hi"}], tools=tools, stop_sequences=["\n\n"],
+        tool_choice={"type": "tool", "name": "add", "disable_parallel_tool_use": True},
+        temperature=0.5, top_k=4, metadata={"user_id": "u1"},
+        output_config={"format": {"type": "json_schema", "schema": ADD}},
+    ))  # fmt: skip
+    assert chat.tools[0].function.parameters == ADD and chat.tools[0].function.name == "add"
+    assert chat.tool_choice.function_name() == "add" and chat.parallel_tool_calls is False
+    assert (chat.temperature, chat.top_k, chat.user, chat.stop) == (0.5, 4, "u1", ["\n\n"])
+    assert chat.response_format.json_schema.schema_ == ADD
+    for choice, expected in (({"type": "any"}, "required"), ({"type": "auto"}, "auto"),
+                             ({"type": "none"}, "none")):  # fmt: skip
+        chat = to_chat_request(anthropic(messages=[{"role": "user", "content": "hi"}],
+                                         tools=tools, tool_choice=choice))  # fmt: skip
+        assert chat.tool_choice == expected
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+         "messages.0.content.0"),
+        ({"messages": [{"role": "assistant", "content": [
+            {"type": "tool_result", "tool_use_id": "x"}]}]}, "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"}},
+         "thinking"),
+    ],
+)  # fmt: skip
+def test_anthropic_what_chat_cannot_say(body, field):
+    with pytest.raises(APIError) as info:
+        to_chat_request(anthropic(**body))
+    assert info.value.status_code == 400 and info.value.param == field
+
+
+def test_responses_items_as_chat_messages():
+    req = responses(input=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Add 2 and 3."}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": "Calling add."},
+        {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": '{"a":2}'},
+        {"type": "function_call", "call_id": "call_2", "name": "add", "arguments": '{"a":3}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "5"},
+        {"type": "function_call_output", "call_id": "call_2",
+         "output": [{"type": "input_text", "text": "6"}]},
+    ])  # fmt: skip
+    items = input_items(req)
+    assert len({item["id"] for item in items}) == len(items) == 7  # the reasoning left out
+    assert items[0]["content"] == [{"type": "input_text", "text": "Be brief."}]
+    assert items[2]["content"] == [{"type": "output_text", "text": "Calling add.",
+                                    "annotations": []}]  # fmt: skip
+    assert chat_messages("Instructions.", items) == [
+        {"role": "system", "content": "Instructions.\n\nBe brief."},
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "content": "Calling add.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add",
+                                                              "arguments": '{"a":2}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "add",
+                                                              "arguments": '{"a":3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "6"},
+    ]  # fmt: skip
+
+
+def test_responses_tools_and_choice():
+    tool = {"type": "function", "name": "add", "parameters": ADD, "strict": True}
+    tools, choice = chat_tools(responses(input="x", tools=[tool], tool_choice="required"))
+    assert tools == [{"type": "function", "function": {"name": "add", "parameters": ADD,
+                                                       "strict": True}}]  # fmt: skip
+    assert choice == "required"
+    _, choice = chat_tools(responses(input="x", tools=[tool],
+                                     tool_choice={"type": "function", "name": "add"}))  # fmt: skip
+    assert choice == {"type": "function", "function": {"name": "add"}}
+    allowed = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function",
+                                                                   "name": "add"}]}  # fmt: skip
+    _, choice = chat_tools(responses(input="x", tools=[tool], tool_choice=allowed))
+    assert choice["allowed_tools"] == {"mode": "auto", "tools": [{"type": "function",
+                                                                  "name": "add"}]}  # fmt: skip
+
+
+def _plan(mode: str) -> ToolPlan:
+    tools = [Tool(type="function", function=FunctionDef(name="add", parameters=ADD))]
+    grammar = call_grammar(tools, False) if mode == "required" else None
+    return ToolPlan(tools, mode, ["add"], parallel=False, native=False, grammar=grammar)
+
+
+def test_blocks_of_text():
+    blocks = OutputBlocks(None)
+    events = blocks.feed("Hello", False) + blocks.feed(" world", True, "length")
+    assert [(what, b.index, text) for what, b, text in events] == [
+        ("start", 0, ""), ("delta", 0, "Hello"), ("delta", 0, " world"), ("stop", 0, "")
+    ]  # fmt: skip
+    assert blocks.finish_reason == "length" and blocks.blocks[0].text == "Hello world"
+
+
+def test_blocks_of_a_forced_call_stream_its_arguments():
+    blocks = OutputBlocks(_plan("required"))
+    text = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    events = []
+    for k in range(0, len(text), 7):
+        events += blocks.feed(text[k : k + 7], k + 7 >= len(text), "stop")
+    (call,) = blocks.blocks
+    assert call.type == "call" and call.name == "add" and call.call_id.startswith("call_")
+    assert call.arguments() == {"a": 2, "b": 3} and blocks.finish_reason == "tool_calls"
+    assert events[0][0] == "start" and events[-1][0] == "stop"
+    deltas = [text for what, _, text in events if what == "delta"]
+    assert len(deltas) > 1 and "".join(deltas) == call.text
+
+
+def test_blocks_under_auto_a_call_or_text():
+    blocks = OutputBlocks(_plan("auto"))
+    events = blocks.feed('{"name": "add", "arguments": {"a": 1, "b": 1}}', True, "stop")
+    assert [b.type for b in blocks.blocks] == ["call"] and blocks.finish_reason == "tool_calls"
+    assert [what for what, _, _ in events] == ["start", "delta", "stop"]
+    blocks = OutputBlocks(_plan("auto"))
+    blocks.feed("No call", True, "stop")
+    assert [b.type for b in blocks.blocks] == ["text"] and blocks.finish_reason == "stop"
+
+
+def test_cut_call_arguments_are_not_an_object():
+    blocks = OutputBlocks(_plan("required"))
+    blocks.feed('{"name": "add", "arguments": {"a": 2', True, "length")
+    assert blocks.blocks[0].arguments() is None and blocks.finish_reason == "length"
+
+
+def test_response_store_per_account_and_pages():
+    store = ResponseStore(Database(None))
+    for i in range(5):
+        body = {"id": f"resp_{i}", "created_at": 0, "output": [], "n": i}
+        store.put("a" if i != 2 else "b", body, [{"id": f"msg_{i}"}])
+    found = store.get("a", "resp_1")
+    assert found.body["n"] == 1 and found.input_items == [{"id": "msg_1"}]
+    assert store.get("b", "resp_1") is None and store.get("a", "resp_2") is None
+    first = store.list("a", 2)
+    assert [r["id"] for r in first.items] == ["resp_4", "resp_3"] and first.has_more
+    second = store.list("a", 2, after="resp_3")
+    assert [r["id"] for r in second.items] == ["resp_1", "resp_0"] and not second.has_more
+    assert [r["id"] for r in store.list("a", 1, before="resp_1").items] == ["resp_3"]
+    assert not store.delete("b", "resp_1") and store.delete("a", "resp_1")
+    assert store.get("a", "resp_1") is None
+    assert json.dumps([r["id"] for r in store.list("b", 10).items]) == '["resp_2"]'

@@ -1,0 +1,246 @@
+"""POST /v1/responses (OpenAI's Responses API) and the stored responses, on the real server and
+default model, driven by the openai SDK's `client.responses` and raw HTTP: whole and streamed
+responses, previous_response_id chaining, store, a function tool round trip, text.format
+schemas, a key that sees only its account's responses, the 400s."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, usage_row
+
+from girandole.registry.keystore import Database
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather of a city",
+    "parameters": WEATHER_PARAMETERS,
+}
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/inference/v1", api_key=API_KEY, max_retries=0)
+
+
+def data_dir(server):
+    return server.log_path.parent / f"data-{server.port}"
+
+
+def post(server, body: dict, headers: dict | None = None) -> httpx.Response:
+    headers = server.headers if headers is None else headers
+    return httpx.post(server.url + "/v1/responses", json={"model": MODEL, **body},
+                      headers=headers, timeout=120)  # fmt: skip
+
+
+def test_create_retrieve_delete(client, server):
+    r = client.responses.create(
+        model=MODEL, input=QUESTION, instructions="Be terse.", max_output_tokens=8,
+        temperature=0, metadata={"case": "basic"},
+    )  # fmt: skip
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.status in ("completed", "incomplete") and r.store is True
+    assert r.instructions == "Be terse." and r.metadata == {"case": "basic"}
+    (item,) = r.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    assert r.output_text and r.output_text == item.content[0].text
+    # the same conversation through chat: the same prompt and the same greedy answer
+    chat = httpx.post(
+        server.url + "/v1/chat/completions", headers=server.headers, timeout=120,
+        json={"model": MODEL, "max_tokens": 8, "temperature": 0, "messages": [
+            {"role": "system", "content": "Be terse."}, {"role": "user", "content": QUESTION}]},
+    ).json()  # fmt: skip
+    assert r.output_text == chat["choices"][0]["message"]["content"]
+    assert r.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    assert r.usage.output_tokens == chat["usage"]["completion_tokens"]
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert (r.status == "incomplete") == (chat["choices"][0]["finish_reason"] == "length")
+    got = client.responses.retrieve(r.id)
+    assert got.model_dump() == r.model_dump()
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(r.id)
+
+
+def test_previous_response_id_chains_the_conversation(client):
+    first = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=6,
+                                    temperature=0)  # fmt: skip
+    second = client.responses.create(
+        model=MODEL, input="And of Italy?", previous_response_id=first.id, max_output_tokens=6,
+        temperature=0,
+    )  # fmt: skip
+    assert second.previous_response_id == first.id
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [(i.type, i.role) for i in items] == [
+        ("message", "user"), ("message", "assistant"), ("message", "user")
+    ]  # fmt: skip
+    assert items[1].id == first.output[0].id  # the first response's output item itself
+    assert items[2].content[0].text == "And of Italy?"
+    # the conversation sent explicitly gives the same prompt and the same answer
+    explicit = client.responses.create(
+        model=MODEL, max_output_tokens=6, temperature=0, store=False,
+        input=[{"role": "user", "content": QUESTION},
+               {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And of Italy?"}],
+    )  # fmt: skip
+    assert explicit.usage.input_tokens == second.usage.input_tokens
+    assert explicit.output_text == second.output_text
+    # input_items pages: newest first by default
+    page = client.responses.input_items.list(second.id, limit=2)
+    assert [i.id for i in page.data] == [items[2].id, items[1].id] and page.has_more
+    rest = client.responses.input_items.list(second.id, limit=2, after=page.data[-1].id)
+    assert [i.id for i in rest.data] == [items[0].id] and not rest.has_more
+
+
+def test_store_false(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="Hi", previous_response_id=r.id,
+                                max_output_tokens=2)  # fmt: skip
+    assert info.value.body["param"] == "previous_response_id"
+
+
+def test_stream_matches_whole(client):
+    kwargs = dict(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0)
+    whole = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    names = [e.type for e in events]
+    assert names[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert names[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]  # fmt: skip
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.output_text == final.output_text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.status == whole.status
+    assert client.responses.retrieve(final.id).output_text == final.output_text  # stored too
+
+
+def test_function_tool_round_trip(client):
+    ask = "What is the weather in Paris?"
+    r = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=80)  # fmt: skip
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id.startswith("call_") and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "21 C, sunny"}
+    answer = client.responses.create(
+        model=MODEL, previous_response_id=r.id, input=[result], tools=[WEATHER],
+        tool_choice="none", max_output_tokens=8, temperature=0,
+    )  # fmt: skip
+    assert [o.type for o in answer.output] == ["message"] and answer.output_text
+    kinds = [i.type for i in client.responses.input_items.list(answer.id, order="asc").data]
+    assert kinds == ["message", "function_call", "function_call_output"]
+    # the same history sent explicitly: the same prompt
+    explicit = client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": ask},
+                            {"type": "function_call", "call_id": call.call_id,
+                             "name": call.name, "arguments": call.arguments}, result],
+        tools=[WEATHER], tool_choice="none", max_output_tokens=8, temperature=0, store=False,
+    )  # fmt: skip
+    assert explicit.usage.input_tokens == answer.usage.input_tokens
+    assert explicit.output_text == answer.output_text
+
+
+def test_function_call_streamed(client):
+    with client.responses.stream(
+        model=MODEL, input="Weather in Oslo?", tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+    ) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    (call,) = final.output
+    assert len(deltas) > 2 and "".join(deltas) == done.arguments == call.arguments
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+
+
+def test_text_format_json_schema(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0,
+                                                       "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+    r = client.responses.create(
+        model=MODEL, input="A person as JSON", max_output_tokens=60,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "person"
+
+
+def test_list_and_accounts(client, server):
+    made = [client.responses.create(model=MODEL, input=f"Count to {i}", max_output_tokens=1)
+            for i in range(3)]  # fmt: skip
+    listing = httpx.get(server.url + "/v1/responses", params={"limit": 2},
+                        headers=server.headers, timeout=30).json()  # fmt: skip
+    assert listing["object"] == "list" and listing["has_more"]
+    assert [r["id"] for r in listing["data"]] == [made[2].id, made[1].id]  # newest first
+    after = httpx.get(server.url + "/v1/responses", params={"limit": 1, "after": made[1].id},
+                      headers=server.headers, timeout=30).json()  # fmt: skip
+    assert [r["id"] for r in after["data"]] == [made[0].id]
+    # a key of another account sees none of them
+    other_key, _ = Database.in_folder(data_dir(server)).create_key("other-account")
+    other = {"Authorization": f"Bearer {other_key}"}
+    rid = made[0].id
+    for method, path in (("GET", f"/v1/responses/{rid}"), ("DELETE", f"/v1/responses/{rid}"),
+                         ("GET", f"/v1/responses/{rid}/input_items")):  # fmt: skip
+        assert httpx.request(method, server.url + path, headers=other).status_code == 404
+    assert httpx.get(server.url + "/v1/responses", headers=other).json()["data"] == []
+    assert client.responses.retrieve(rid).id == rid  # still there for its own account
+    assert httpx.get(server.url + "/v1/responses").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"input": "x", "temperature": 5}, "temperature"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "frequency_penalty": 1}, "frequency_penalty"),
+        ({}, "input"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0.type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+         "input.0.content.0"),
+        ({"input": [{"role": "critic", "content": "x"}]}, "input.0.message.role"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "no"}},
+         "tool_choice"),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
+         "text.format.schema"),
+        ({"input": "x", "truncation": "auto"}, "truncation"),
+        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
+        ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ],
+)  # fmt: skip
+def test_bad_requests_name_the_field(server, body, field):
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"], r.json()
+
+
+def test_usage_row(server, client):
+    r = client.responses.create(model=MODEL, input="Hello", max_output_tokens=3)
+    rows = usage_row(server, r.id)
+    assert rows == [("responses", 200, r.usage.input_tokens, r.usage.output_tokens)]
