@@ -12,11 +12,13 @@ from girandole import __version__
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
+from girandole.api.embeddings import route as embeddings
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
 from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
+from girandole.api.rerank import route as rerank
 from girandole.api.state import AppState
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
@@ -49,6 +51,9 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
+        app.include_router(embeddings.router, prefix=prefix, tags=["inference"])
+        app.include_router(rerank.router, prefix=prefix, tags=["inference"])
+    app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)

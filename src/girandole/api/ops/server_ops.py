@@ -51,6 +51,8 @@ def endpoint_of(path: str) -> str:
                 return "chat_completions"
             if rest == "/models" or rest.startswith("/models/"):
                 return "models"
+            if rest in ("/embeddings", "/rerank"):
+                return rest[1:]
     if path in ("/health", "/ready", "/metrics"):
         return path[1:]
     return "other"
@@ -60,6 +62,8 @@ def is_inference(record: RequestRecord) -> bool:
     return record.method == "POST" and endpoint_of(record.path) in (
         "completions",
         "chat_completions",
+        "embeddings",
+        "rerank",
     )
 
 
