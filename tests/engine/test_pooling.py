@@ -119,3 +119,22 @@ def test_pooling_request_must_not_generate(llm):
         llm.engine.add_request(
             "x", [1, 2, 3], SamplingParams(max_tokens=4), pooling=PoolingParams()
         )
+
+
+def test_scoring_only_the_last_prompt_tokens(llm):
+    """prompt_logprobs_last (rerank's query likelihood): the same logprobs as scoring the whole
+    prompt, for the last N tokens only."""
+    ids = llm.tokenizer.encode(TEXTS[3])
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    full = llm.generate(ids, params)[0].prompt_logprobs
+    engine = llm.engine
+    engine.add_request("last", ids, SamplingParams(max_tokens=0, prompt_logprobs=0),
+                       prompt_logprobs_last=5)  # fmt: skip
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    last = outputs[-1].prompt_logprobs
+    assert len(last) == len(full) == len(ids)
+    assert last[:-5] == [None] * (len(ids) - 5)
+    for a, b in zip(last[-5:], full[-5:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5

@@ -104,10 +104,12 @@ class LLMEngine:
         prefix_cache_max_len: int | None = None,
         compiled_grammar=None,
         pooling: PoolingParams | None = None,
+        prompt_logprobs_last: int | None = None,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
         compiled here if not given. With `pooling`, a prefill-only request that reports its
-        prompt's pooled hidden state (girandole.engine.pooling)."""
+        prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
+        only the prompt's last N tokens (the others' prompt logprobs are None)."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -120,6 +122,9 @@ class LLMEngine:
             prefix_cache_max_len = 0
         seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
         seq.pooling = pooling
+        if seq.prompt_logprobs is not None and prompt_logprobs_last is not None:
+            # the runner scores from the first position not yet in the list
+            seq.prompt_logprobs = [None] * max(1, len(prompt_token_ids) - prompt_logprobs_last)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)

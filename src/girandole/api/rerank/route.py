@@ -44,7 +44,8 @@ class Rerank(PrefillEndpoint):
                     f" {len(head) + len(query)} tokens, model maximum context length: {limit}",
                     "documents",
                 )
-            out.append(Prefill(head + query, {}, score=True))
+            kwargs = {"prompt_logprobs_last": len(query)}  # only the query is scored
+            out.append(Prefill(head + query, kwargs, score=True))
         return out
 
     def ranked(
