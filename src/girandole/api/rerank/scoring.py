@@ -12,7 +12,8 @@ passage among four each): query likelihood ranked every relevant passage first (
 cosine of mean-pooled embeddings (girandole.engine.pooling) reached MRR 0.86-0.92 and the last
 position's 0.92-0.96, with the default model.
 
-A request's `task` replaces the default instruction.
+A request's `task` replaces the default instruction (with Fireworks' example task, "Given a
+web search query, retrieve relevant passages that answer the query", MRR 1.0 on the same set).
 """
 
 from __future__ import annotations
