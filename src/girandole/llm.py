@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import CompletionOutput
+from girandole.engine.pooling import PoolingParams
 from girandole.sampling.params import SamplingParams
 
 Prompt = str | list[int]
@@ -80,4 +81,28 @@ class LLM:
                         else None,
                         prompt_logprobs=prompt_logprobs_out.get(out.request_id),
                     )
+        return [results[rid] for rid in ids]
+
+    def embed(
+        self, prompts: Prompt | Sequence[Prompt], pooling: PoolingParams | None = None
+    ) -> list[list[float]]:
+        """Each prompt's pooled final hidden state (girandole.engine.pooling; not normalised),
+        in prompt order, all prompts in one continuous batch. Strings get BOS as in `generate`."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        ids: list[str] = []
+        for prompt in prompts:
+            tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(
+                rid, tokens, SamplingParams(max_tokens=0), pooling=pooling or PoolingParams()
+            )
+            ids.append(rid)
+        results: dict[str, list[float]] = {}
+        while len(results) < len(ids):
+            for out in self.engine.step():
+                if out.finished and out.embedding is not None:
+                    results[out.request_id] = out.embedding
         return [results[rid] for rid in ids]

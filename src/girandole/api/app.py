@@ -13,6 +13,7 @@ from girandole.api.batch import install_batch
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
+from girandole.api.embeddings import route as embeddings
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
 from girandole.api.messages import route as messages
@@ -20,6 +21,7 @@ from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
 from girandole.api.playground import route as playground
+from girandole.api.rerank import route as rerank
 from girandole.api.responses import route as responses
 from girandole.api.state import AppState
 
@@ -58,6 +60,9 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(responses.router, prefix=prefix, tags=["inference"])
         app.include_router(responses.stored, prefix=prefix, tags=["responses"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
+        app.include_router(embeddings.router, prefix=prefix, tags=["inference"])
+        app.include_router(rerank.router, prefix=prefix, tags=["inference"])
+    app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)

@@ -9,6 +9,7 @@ import torch
 
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.outputs import RequestOutput
+from girandole.engine.pooling import PoolingParams
 from girandole.engine.postprocess import Postprocessor, request_output
 from girandole.engine.runner import ModelRunner
 from girandole.engine.scheduler import Scheduler, SchedulerConfig
@@ -108,18 +109,28 @@ class LLMEngine:
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
         compiled_grammar=None,
+        pooling: PoolingParams | None = None,
+        prompt_logprobs_last: int | None = None,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
-        compiled here if not given."""
+        compiled here if not given. With `pooling`, a prefill-only request that reports its
+        prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
+        only the prompt's last N tokens (the others' prompt logprobs are None)."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
             raise ValueError(f"request id already in use: {request_id}")
         self.check_request(prompt_token_ids, params)
-        if params.prompt_logprobs is not None:
-            # Cached prompt positions have no logits to score: recompute the whole prompt.
+        if pooling is not None:
+            pooling.validate(params.max_tokens)
+        if params.prompt_logprobs is not None or pooling is not None:
+            # Cached prompt positions have no hidden states to score or pool: compute them all.
             prefix_cache_max_len = 0
         seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
+        seq.pooling = pooling
+        if seq.prompt_logprobs is not None and prompt_logprobs_last is not None:
+            # the runner scores from the first position not yet in the list
+            seq.prompt_logprobs = [None] * max(1, len(prompt_token_ids) - prompt_logprobs_last)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)
@@ -127,7 +138,8 @@ class LLMEngine:
             compiled = compiled_grammar or self.grammars.compile(params.grammar)
             seq.grammar = SequenceGrammar(compiled, params.grammar)
         self.seqs[request_id] = seq
-        if params.max_tokens == 0 and params.prompt_logprobs is None:  # nothing to compute
+        if params.max_tokens == 0 and params.prompt_logprobs is None and pooling is None:
+            # nothing to compute
             self.postprocess.mark_finished(seq, "length")
             self._finished_early.append(request_output(seq, [], ""))
             return

@@ -84,7 +84,10 @@ class KVCacheManager:
             self.num_prefix_hits += num_hit
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Hash the blocks that became full and computed, so later requests can reuse them."""
+        """Hash the blocks that became full and computed, so later requests can reuse them.
+        Pooling requests' blocks stay private (girandole.engine.pooling)."""
+        if seq.pooling is not None:
+            return
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         prev = seq.last_block_hash

@@ -29,6 +29,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs, on the first output: one per prompt token, the first
     # None (no context to predict it from).
     prompt_logprobs: list | None = None
+    # A pooling request's vector, on its finished output (girandole.engine.pooling).
+    embedding: list[float] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ import logging
 import time
 
 from girandole.engine.outputs import FinishReason, RequestOutput
+from girandole.engine.pooling import pooled
 from girandole.engine.scheduler import ScheduledBatch, Scheduler
 from girandole.engine.sequence import Sequence, SequenceStatus
 from girandole.sampling.sampler import SampleResult
@@ -38,7 +39,7 @@ class Postprocessor:
         for seq, result in zip(batch.seqs, results):
             if result is None:
                 if seq.num_computed_tokens == len(seq) and seq.params.max_tokens == 0:
-                    # A scoring request (echo + logprobs, max_tokens 0) ends after its prefill.
+                    # A scoring or pooling request (max_tokens 0) ends after its prefill.
                     outputs.append(self.finish(seq, "length", []))
                 continue
             try:
@@ -148,4 +149,5 @@ def request_output(seq: Sequence, new_tokens: list[int], text: str) -> RequestOu
         finished_time=seq.finished_time,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        embedding=pooled(seq) if seq.is_finished else None,
     )

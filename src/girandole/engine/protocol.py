@@ -30,7 +30,10 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; ValueError before the first output for bad input."""
+        """Stream a request's outputs; ValueError before the first output for bad input.
+        `kwargs` go to LLMEngine.add_request: cache_salt, prefix_cache_max_len,
+        compiled_grammar, pooling (a prefill-only request returning its pooled hidden state),
+        prompt_logprobs_last."""
         ...
 
     def abort(self, request_id: str) -> None: ...

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from girandole.engine import pooling
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
 from girandole.model import kernels
@@ -65,6 +66,10 @@ class ModelRunner:
         for i, (seq, n, rows) in enumerate(zip(batch.seqs, batch.num_new_tokens, logit_rows)):
             if seq.prompt_logprobs is not None and rows:
                 self._collect_prompt_logprobs(seq, rows, hidden[row : row + len(rows)])
+            if seq.pooling is not None:
+                pooling.accumulate(
+                    seq, seq.num_computed_tokens, self.model.norm(hidden[row : row + n])
+                )
             row += len(rows)
             if self._samples(seq, n):
                 sampling.append(i)
@@ -84,6 +89,8 @@ class ModelRunner:
     @classmethod
     def _logit_rows(cls, seq: Sequence, n: int) -> list[int]:
         """Which of this step's new tokens of `seq` need logits."""
+        if seq.pooling is not None:  # every new token's hidden state is pooled
+            return list(range(n))
         start = seq.num_computed_tokens
         rows = []
         if seq.prompt_logprobs is not None:

@@ -58,6 +58,8 @@ class Sequence:
         self.prompt_logprobs_sent = False
         self.pending_logprobs: list = []  # logprobs of sampled tokens not yet reported
         self.grammar = None  # SequenceGrammar when the output is constrained
+        self.pooling = None  # PoolingParams of an embedding request (girandole.engine.pooling)
+        self.pooling_state = None  # its running sum over the prompt's hidden states
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

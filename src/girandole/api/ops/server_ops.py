@@ -60,6 +60,8 @@ def endpoint_of(path: str) -> str:
                 return "stored_responses"
             if rest == "/models" or rest.startswith("/models/"):
                 return "models"
+            if rest in ("/embeddings", "/rerank"):
+                return rest[1:]
     if path in ("/health", "/ready", "/metrics"):
         return path[1:]
     return "other"
@@ -71,6 +73,8 @@ def is_inference(record: RequestRecord) -> bool:
         "chat_completions",
         "messages",
         "responses",
+        "embeddings",
+        "rerank",
     )
 
 

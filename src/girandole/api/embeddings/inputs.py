@@ -1,0 +1,69 @@
+"""Embedding inputs to token ids.
+
+- A string is tokenized with the model's tokenizer (BOS as the model's metadata says), as a
+  /completions prompt is.
+- A token-id list is used verbatim.
+- An object fills `prompt_template`'s `{field}` slots with its fields (`{{` and `}}` stand for
+  braces); the text is then tokenized as a string. Anything else in braces is a 400.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from girandole.api.completions.prompt import tokenize_prompts
+from girandole.api.http.errors import APIError, bad_request
+from girandole.engine.protocol import EngineClient
+
+_SLOT = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def fill_template(template: str, fields: dict[str, Any], index: int) -> str:
+    def slot(match: re.Match) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        if name is None or not name.isidentifier():
+            raise bad_request(
+                f"prompt_template: {token!r} is not a {{field}} slot (use {{{{ and }}}} for"
+                " literal braces)",
+                "prompt_template",
+            )
+        if name not in fields:
+            raise bad_request(
+                f"input[{index}] has no field '{name}', which prompt_template uses", "input"
+            )
+        value = fields[name]
+        return value if isinstance(value, str) else str(value)
+
+    return _SLOT.sub(slot, template)
+
+
+async def input_token_ids(
+    engine: EngineClient, inputs: list, template: str | None
+) -> list[list[int]]:
+    """Each input's token ids; 400s name `input` or `prompt_template`."""
+    if isinstance(inputs[0], dict):
+        if template is None:
+            raise bad_request("Input objects need a prompt_template to fill", "input")
+        inputs = [fill_template(template, fields, i) for i, fields in enumerate(inputs)]
+    elif template is not None:
+        raise bad_request(
+            "prompt_template is filled from input objects: send input as an object or an"
+            " array of objects",
+            "prompt_template",
+        )
+    try:
+        ids = await tokenize_prompts(engine.tokenizer, inputs, engine.model_config.vocab_size)
+    except APIError as exc:  # the completions wording names `prompt`: say `input`
+        raise bad_request(exc.message.replace("prompt", "input"), "input") from None
+    limit = engine.max_model_len
+    for i, seq in enumerate(ids):
+        if len(seq) >= limit:
+            raise bad_request(
+                f"input[{i}] is too long: {len(seq)} tokens, model maximum context length: {limit}",
+                "input",
+            )
+    return ids

@@ -1,0 +1,74 @@
+"""POST /v1/embeddings (also under /inference/v1): OpenAI's response shape with `usage`.
+
+Each input is one prefill-only engine request, batched in the engine's steps with generation
+rows; its vector is the mean of the prompt's final hidden states after the model's final norm
+(girandole.engine.pooling says why). `normalize: true` scales it to unit L2 norm (Fireworks'
+default is false: the raw mean). `dimensions: d` keeps the first d values and renormalises them
+(Matryoshka truncation). `encoding_format: "base64"` sends each vector as the base64 of its
+little-endian float32 bytes, as OpenAI's SDK decodes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from typing import Any
+
+from girandole.api.embeddings.inputs import input_token_ids
+from girandole.api.embeddings.schema import EMBEDDINGS_UNSUPPORTED, EmbeddingRequest
+from girandole.api.http.errors import bad_request
+from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
+from girandole.engine.outputs import RequestOutput
+from girandole.engine.pooling import PoolingParams
+from girandole.engine.protocol import EngineClient
+
+POOLING = PoolingParams("mean")
+
+
+def l2_normalize(vector: list[float]) -> list[float]:
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
+def encode(vector: list[float], encoding_format: str | None) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+class Embeddings(PrefillEndpoint):
+    def input_chars(self, data: dict[str, Any]) -> Any:
+        return data.get("input")
+
+    async def requests(self, engine: EngineClient, req: EmbeddingRequest) -> list[Prefill]:
+        hidden_size = engine.model_config.hidden_size
+        if req.dimensions is not None and req.dimensions > hidden_size:
+            raise bad_request(
+                f"dimensions is {req.dimensions}, above this model's {hidden_size}", "dimensions"
+            )
+        ids = await input_token_ids(engine, req.inputs(), req.prompt_template)
+        return [Prefill(seq, {"pooling": POOLING}) for seq in ids]
+
+    def respond(
+        self, engine: EngineClient, req: EmbeddingRequest, outputs: list[RequestOutput]
+    ) -> dict[str, Any]:
+        data = []
+        for i, out in enumerate(outputs):
+            vector = out.embedding or []
+            if req.dimensions is not None:
+                vector = l2_normalize(vector[: req.dimensions])
+            elif req.normalize:
+                vector = l2_normalize(vector)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": encode(vector, req.encoding_format),
+                }
+            )
+        return {"object": "list", "data": data, "model": req.model}
+
+
+ENDPOINT = Embeddings(EmbeddingRequest, EMBEDDINGS_UNSUPPORTED, "embd-")
+router = prefill_router(ENDPOINT, "/embeddings", "create_embeddings", "Create embeddings")

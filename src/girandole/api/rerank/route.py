@@ -1,0 +1,95 @@
+"""POST /v1/rerank (also under /inference/v1): Fireworks' rerank; POST /v2/rerank: Cohere's.
+
+Each document is one prefill-only engine request scored by query likelihood
+(girandole.api.rerank.scoring), batched in the engine's steps with everything else.
+
+Fireworks' response: `{"object": "list", "model", "data": [{"index", "relevance_score",
+"document"}], "usage"}`, `data` sorted by `relevance_score`, highest first, cut to `top_n`;
+`document` (the text) unless `return_documents` is false. Cohere's (`/v2/rerank`, for Cohere-
+and vLLM-style clients): `{"id", "results": [{"index", "relevance_score", "document":
+{"text"}}], "meta": {"billed_units": {"input_tokens"}}}`, documents only when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from girandole.api.http.errors import bad_request
+from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
+from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
+from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
+from girandole.engine.outputs import RequestOutput
+from girandole.engine.protocol import EngineClient
+
+
+class Rerank(PrefillEndpoint):
+    def input_chars(self, data: dict[str, Any]) -> Any:
+        return [data.get("query"), data.get("documents")]
+
+    async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
+        tok = engine.tokenizer
+        query = query_tokens(tok, req.query)
+        if not query:
+            raise bad_request("The query is empty after tokenization", "query")
+        limit = engine.max_model_len
+        cap = getattr(req, "max_tokens_per_doc", None)
+        out = []
+        for i, document in enumerate(req.documents):
+            head = document_prompt(tok, document, getattr(req, "task", None))
+            if cap is not None:
+                head = head[:cap]
+            if len(head) + len(query) >= limit:
+                raise bad_request(
+                    f"documents[{i}] and the query are too long together:"
+                    f" {len(head) + len(query)} tokens, model maximum context length: {limit}",
+                    "documents",
+                )
+            kwargs = {"prompt_logprobs_last": len(query)}  # only the query is scored
+            out.append(Prefill(head + query, kwargs, score=True))
+        return out
+
+    def ranked(
+        self, engine: EngineClient, req: Any, outputs: list[RequestOutput]
+    ) -> list[tuple[int, float]]:
+        """(document index, relevance score), best first, cut to top_n."""
+        num_query = len(query_tokens(engine.tokenizer, req.query))
+        scores = [
+            (i, relevance(out.prompt_logprobs or [], num_query)) for i, out in enumerate(outputs)
+        ]
+        scores.sort(key=lambda s: -s[1])
+        return scores[: req.top_n] if req.top_n is not None else scores
+
+    def respond(
+        self, engine: EngineClient, req: RerankRequest, outputs: list[RequestOutput]
+    ) -> dict[str, Any]:
+        data = []
+        for index, score in self.ranked(engine, req, outputs):
+            entry: dict[str, Any] = {"index": index, "relevance_score": score}
+            if req.return_documents is not False:
+                entry["document"] = req.documents[index]
+            data.append(entry)
+        return {"object": "list", "model": req.model, "data": data}
+
+
+class CohereRerank(Rerank):
+    def respond(
+        self, engine: EngineClient, req: CohereRerankRequest, outputs: list[RequestOutput]
+    ) -> dict[str, Any]:
+        results = []
+        for index, score in self.ranked(engine, req, outputs):
+            entry: dict[str, Any] = {"index": index, "relevance_score": score}
+            if req.return_documents:
+                entry["document"] = {"text": req.documents[index]}
+            results.append(entry)
+        return {"results": results}
+
+    def usage_fields(self, request_id: str, prompt_tokens: int) -> dict[str, Any]:
+        return {"id": request_id, "meta": {"billed_units": {"input_tokens": prompt_tokens}}}
+
+
+ENDPOINT = Rerank(RerankRequest, {}, "rerank-")
+router = prefill_router(ENDPOINT, "/rerank", "rerank", "Rerank documents by relevance to a query")
+COHERE_ENDPOINT = CohereRerank(CohereRerankRequest, {}, "rerank-")
+cohere_router = prefill_router(
+    COHERE_ENDPOINT, "/v2/rerank", "rerank_cohere", "Rerank documents (Cohere's v2 shape)"
+)

@@ -1,0 +1,174 @@
+"""Prefill-only requests (embeddings, rerank) from their HTTP body to their response.
+
+    body -> the model's engine (target.py) -> validated request (the endpoint's schema)
+    -> engine requests as Choices (the endpoint's: pooled vectors or scored prompts)
+    -> admission (ops) -> fan-out to the engine -> each choice's final output
+    -> the endpoint's response body
+
+The same operations as generation: the bearer key, rate limits, the admission queue, metrics
+and the usage row (prompt tokens; nothing is generated) come from `ServerOps` through the
+request's record, which is the fan-out's observer. An endpoint gives only its schema, its
+engine requests and its response (`PrefillEndpoint`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from girandole.api.http.auth import require_api_key
+from girandole.api.http.disconnect import with_cancellation
+from girandole.api.http.errors import APIError
+from girandole.api.http.openapi import body_doc
+from girandole.api.http.unsupported import strip_unsupported
+from girandole.api.http.validation import parse_json_object, read_body, validate_model
+from girandole.api.ops.tracking import record_of
+from girandole.api.serving.choice import Choice, OutputOptions
+from girandole.api.serving.fanout import ChoiceFanout
+from girandole.api.serving.response import engine_error
+from girandole.api.serving.target import engine_of, resolve_target, touch
+from girandole.api.serving.usage import count_usage
+from girandole.engine.outputs import RequestOutput
+from girandole.engine.protocol import EngineClient
+from girandole.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from girandole.api.state import AppState
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One engine request of a prefill-only endpoint: a prompt, and either a pooling method
+    (a vector comes back) or `score` (the prompt's own log-probabilities come back)."""
+
+    prompt_token_ids: list[int]
+    engine_kwargs: dict[str, Any]  # AsyncEngine.generate's: pooling=PoolingParams(...)
+    score: bool = False  # prompt_logprobs: each prompt token's log-probability
+
+
+@dataclass(frozen=True)
+class PrefillEndpoint:
+    """What differs between prefill-only endpoints: subclassed by embeddings and rerank."""
+
+    schema: type
+    unsupported: dict[str, Any]  # girandole.api.http.unsupported tables
+    id_prefix: str
+
+    def input_chars(self, data: dict[str, Any]) -> Any:
+        """The body's text, to refuse a hopelessly long one before tokenizing it."""
+        return None
+
+    async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
+        raise NotImplementedError
+
+    def respond(
+        self, engine: EngineClient, req: Any, outputs: list[RequestOutput]
+    ) -> dict[str, Any]:
+        """The response body from each request's final output (in `requests`' order)."""
+        raise NotImplementedError
+
+    def usage_fields(self, request_id: str, prompt_tokens: int) -> dict[str, Any]:
+        """What the body adds about its cost: OpenAI's `usage` (nothing is generated)."""
+        return {"usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def prefill_router(endpoint: PrefillEndpoint, path: str, name: str, summary: str) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    async def handler(request: Request) -> Response:
+        return await serve_prefill(request, endpoint)
+
+    router.add_api_route(
+        path,
+        handler,
+        methods=["POST"],
+        name=name,
+        summary=summary,
+        openapi_extra=body_doc(endpoint.schema),
+    )
+    return router
+
+
+async def serve_prefill(request: Request, endpoint: PrefillEndpoint) -> Response:
+    state: AppState = request.app.state.girandole
+    request_id = endpoint.id_prefix + uuid.uuid4().hex
+    request.state.request_id = request_id
+    data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
+    model = data.get("model")
+    target = None
+    if isinstance(model, str):
+        target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
+    state.ops.check_prompt_size(
+        {"prompt": endpoint.input_chars(data)},
+        target.context_length if target is not None else None,
+    )
+    strip_unsupported(data, endpoint.unsupported)
+    req = validate_model(endpoint.schema, data)
+    engine = engine_of(request, state, target)
+    prefills = await endpoint.requests(engine, req)
+    choices = [
+        Choice(
+            i,
+            i,
+            p.prompt_token_ids,
+            SamplingParams(max_tokens=0, prompt_logprobs=0 if p.score else None),
+            f"{request_id}-{i}",
+            engine.tokenizer,
+            OutputOptions(),
+            p.engine_kwargs,
+        )
+        for i, p in enumerate(prefills)
+    ]
+    return await _run(request, state, engine, endpoint, req, choices, target)
+
+
+@with_cancellation
+async def _run(
+    request: Request,
+    state: AppState,
+    engine: EngineClient,
+    endpoint: PrefillEndpoint,
+    req: Any,
+    choices: list[Choice],
+    target: Any,
+) -> Response:
+    record = record_of(request)
+    if record is not None and record.model is None:
+        record.model = state.served.name
+    await state.ops.admit(record, choices)  # prompt limit; admission queue (429/503)
+    touch(request, target)
+    started = time.monotonic()
+    fanout = ChoiceFanout(engine, choices, observer=record, on_abort=state.count_aborted)
+    try:
+        await fanout.start()
+        final: dict[int, RequestOutput] = {}
+        async for choice, out in fanout.events():
+            choice.sent.advance(out)
+            if out.finished:
+                final[choice.index] = out
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+        raise engine_error(exc) from None
+    finally:
+        fanout.close()
+    missing = [c.index for c in choices if c.index not in final or final[c.index].extra]
+    if missing:  # an engine request that ended without its result (aborted, failed)
+        raise engine_error(RuntimeError(f"input {missing[0]} ended without a result"))
+    outputs = [final[c.index] for c in choices]
+    body = endpoint.respond(engine, req, outputs)
+    if "model" in body and body["model"] is None:  # no model named: the server's own
+        body["model"] = state.served.name
+    usage = count_usage(choices)
+    body.update(endpoint.usage_fields(request.state.request_id, usage.prompt_tokens))
+    headers = {
+        "x-request-id": request.headers.get("x-request-id") or request.state.request_id,
+        "fireworks-prompt-tokens": str(usage.prompt_tokens),
+        "fireworks-server-processing-time": str(round(time.monotonic() - started, 6)),
+    }
+    return JSONResponse(body, headers=headers)

@@ -1,0 +1,121 @@
+"""POST /v1/rerank on the real default model: Fireworks' shape (`data` sorted by
+`relevance_score`, `top_n`, `return_documents`, `task`, usage), Cohere's on /v2/rerank, the
+ordering on a small labelled set (against the cosine of the server's own embeddings), and a
+400 naming the field for bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from api_helpers import MODEL, post
+from rerank_set import SET
+
+TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def rerank(server, path: str = "/inference/v1/rerank", **body):
+    return post(server, body, path)
+
+
+def reciprocal_rank(scores: list[float]) -> float:
+    """Scores of (relevant, distractors...): 1 / the relevant one's rank (ties count against)."""
+    return 1 / (1 + sum(1 for s in scores[1:] if s >= scores[0]))
+
+
+def rerank_scores(server, query: str, docs: list[str], **extra) -> list[float]:
+    r = rerank(server, query=query, documents=docs, **extra)
+    assert r.status_code == 200, r.text
+    by_index = {d["index"]: d["relevance_score"] for d in r.json()["data"]}
+    return [by_index[i] for i in range(len(docs))]
+
+
+def cosine_scores(server, query: str, docs: list[str]) -> list[float]:
+    r = post(server, {"input": [query, *docs], "normalize": True}, "/v1/embeddings")
+    vecs = [d["embedding"] for d in r.json()["data"]]
+    return [sum(a * b for a, b in zip(vecs[0], v)) for v in vecs[1:]]
+
+
+def test_fireworks_shape(server, tokenizer):
+    query, relevant, others = SET[0]
+    docs = [others[0], relevant, others[1], others[2]]
+    r = rerank(server, query=query, documents=docs)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == MODEL
+    data = body["data"]
+    assert sorted(d["index"] for d in data) == [0, 1, 2, 3]
+    scores = [d["relevance_score"] for d in data]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert data[0]["index"] == 1 and data[0]["document"] == relevant
+    assert all(d["document"] == docs[d["index"]] for d in data)
+    assert (
+        body["usage"]["prompt_tokens"]
+        == body["usage"]["total_tokens"]
+        > 4 * len(tokenizer.encode(query, add_bos=False))
+    )
+    top = rerank(server, query=query, documents=docs, top_n=2, return_documents=False).json()
+    assert [d["index"] for d in top["data"]] == [d["index"] for d in data[:2]]
+    assert all("document" not in d for d in top["data"])
+    for a, b in zip(top["data"], data):
+        assert math.isclose(a["relevance_score"], b["relevance_score"], rel_tol=1e-5)
+
+
+def test_model_may_be_null_and_v1_path(server):
+    r = rerank(server, path="/v1/rerank", model=None, query="hi", documents=["hello", "bye"])
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL
+
+
+def test_cohere_shape_on_v2(server):
+    query, relevant, others = SET[1]
+    docs = [*others, relevant]
+    r = rerank(server, path="/v2/rerank", query=query, documents=docs, top_n=2,
+               return_documents=True)  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["results"][0] == {
+        "index": 3,
+        "relevance_score": body["results"][0]["relevance_score"],
+        "document": {"text": relevant},
+    }
+    assert len(body["results"]) == 2 and body["id"].startswith("rerank-")
+    assert body["meta"]["billed_units"]["input_tokens"] > 0
+
+
+def test_ordering_on_labelled_set(server):
+    """Query likelihood (the server's scorer) against the cosine of its own embeddings."""
+    ranks = {"rerank": [], "rerank+task": [], "cosine": []}
+    for query, relevant, others in SET:
+        docs = [relevant, *others]
+        ranks["rerank"].append(reciprocal_rank(rerank_scores(server, query, docs)))
+        ranks["rerank+task"].append(reciprocal_rank(rerank_scores(server, query, docs, task=TASK)))
+        ranks["cosine"].append(reciprocal_rank(cosine_scores(server, query, docs)))
+    mrr = {k: sum(v) / len(v) for k, v in ranks.items()}
+    print("MRR on the labelled set:", mrr)
+    assert mrr["rerank"] >= 0.95, mrr
+    assert mrr["rerank+task"] >= 0.9, mrr
+    assert mrr["rerank"] > mrr["cosine"], mrr
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"query": "q", "documents": []}, "documents"),
+        ({"query": "q"}, "documents"),
+        ({"documents": ["d"]}, "query"),
+        ({"query": "", "documents": ["d"]}, "query"),
+        ({"query": "q", "documents": ["d", ""]}, "documents"),
+        ({"query": "q", "documents": "d"}, "documents"),
+        ({"query": "q", "documents": ["d"], "top_n": 0}, "top_n"),
+        ({"query": "q", "documents": ["d"], "return_documents": "no"}, "return_documents"),
+        ({"query": "q", "documents": ["d"], "task": ""}, "task"),
+        ({"query": "q", "documents": ["d"], "rank_fields": ["x"]}, "rank_fields"),
+        ({"query": "q", "documents": ["x " * 200000]}, "documents"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(server, body, field):
+    r = rerank(server, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field or field in error["message"], error
