@@ -101,6 +101,9 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
+            kwargs["ngram_speculation_length"] = self.settings.ngram_speculation_length
+            kwargs["draft_model"] = self.settings.draft_model
+            kwargs["draft_token_count"] = self.settings.draft_token_count
             engine = AsyncEngine(
                 EngineConfig(**kwargs),
                 grammar_compile_timeout=self.settings.grammar_compile_timeout,

@@ -13,6 +13,7 @@ from girandole.engine.postprocess import Postprocessor, request_output
 from girandole.engine.runner import ModelRunner
 from girandole.engine.scheduler import Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence
+from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler
@@ -29,6 +30,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache size
     seed: int | None = None  # seed of the generator that unseeded requests draw from
+    # Speculative decoding for every request (girandole.engine.speculation): n-gram lookup
+    # proposing this many tokens, or a draft model with the same tokenizer.
+    ngram_speculation_length: int = 0
+    draft_model: str | None = None
+    draft_token_count: int = 4
 
 
 class LLMEngine:
@@ -69,12 +75,37 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
+        self.speculator = self._speculator(config, device)
         self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.postprocess = Postprocessor(
             self.scheduler, self.seqs, self.eos_token_ids, self.max_model_len
         )
         self._finished_early: list[RequestOutput] = []
+
+    def _speculator(self, config: EngineConfig, device: torch.device) -> Speculator:
+        if config.ngram_speculation_length < 0 or config.draft_token_count < 1:
+            raise ValueError("ngram_speculation_length must be >= 0, draft_token_count >= 1")
+        if config.ngram_speculation_length and config.draft_model:
+            raise ValueError("n-gram speculation and a draft model are mutually exclusive")
+        draft = None
+        if config.draft_model:
+            from girandole.model.default import resolve_model_path
+
+            draft = DraftModel.load(
+                resolve_model_path(config.draft_model),
+                config.mode,
+                device,
+                config.block_size,
+                int(config.kv_cache_gb * (1 << 30)),
+                self.model_config.vocab_size,
+            )
+        spec = SpeculationConfig(
+            ngram_length=config.ngram_speculation_length,
+            draft_model=config.draft_model,
+            draft_token_count=config.draft_token_count,
+        )
+        return Speculator(spec, self.max_model_len, draft)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -87,6 +118,9 @@ class LLMEngine:
         for t in prompt_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab})")
+        for t in params.speculation or []:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"speculation token id {t!r} is out of range [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"The prompt is too long: {len(prompt_token_ids)}, model maximum context length: "
@@ -120,6 +154,7 @@ class LLMEngine:
         if params.grammar is not None:
             compiled = compiled_grammar or self.grammars.compile(params.grammar)
             seq.grammar = SequenceGrammar(compiled, params.grammar)
+        self.speculator.start(seq)
         self.seqs[request_id] = seq
         if params.max_tokens == 0 and params.prompt_logprobs is None:  # nothing to compute
             self.postprocess.mark_finished(seq, "length")
@@ -142,6 +177,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> run -> postprocess."""
         outputs, self._finished_early = self._finished_early, []
+        self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         for seq in batch.out_of_blocks:
             outputs.append(self.postprocess.finish(seq, "length", []))
@@ -153,7 +189,9 @@ class LLMEngine:
                 seq.first_scheduled_time = now
         results = self.runner.run(batch)
         self.scheduler.mark_computed(batch)
+        self.speculator.record(batch, results)
         outputs.extend(self.postprocess(batch, results))
+        self.speculator.settle(batch, self.kv_cache)
         return outputs
 
     # -- introspection -----------------------------------------------------------------------

@@ -29,6 +29,10 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs, on the first output: one per prompt token, the first
     # None (no context to predict it from).
     prompt_logprobs: list | None = None
+    # Speculative decoding so far (girandole.engine.speculation.speculation_counts): tokens
+    # "proposed" and "accepted", and with a prediction "prediction_tokens" (its length) and
+    # "prediction_matched" (its tokens accepted). Empty when the request does not speculate.
+    speculation: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
