@@ -166,7 +166,9 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
             return None
-        return self.postprocess.abort(seq)
+        out = self.postprocess.abort(seq)
+        self.speculator.release(seq)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_early)

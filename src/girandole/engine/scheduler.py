@@ -102,6 +102,10 @@ class Scheduler:
             # proposals beyond the budget wait for a later step
             del seq.spec_token_ids[max(0, n - seq.num_uncomputed_tokens) :]
             while not self.kv_cache.allocate(seq, n):
+                if seq.spec_token_ids:  # proposals never cost a sequence its place
+                    seq.spec_token_ids = []
+                    n = min(seq.num_uncomputed_tokens, budget)
+                    continue
                 victim = self.running[-1]
                 if victim is seq:
                     if len(self.running) == 1 and not batch.seqs:

@@ -154,6 +154,8 @@ class Speculator:
         """Accepted proposals are tokens now: their K/V positions count as computed; blocks that
         only rejected positions used go back."""
         for seq in batch.seqs:
+            if seq.is_finished:
+                self.release(seq)
             if not seq.spec_token_ids:
                 continue
             seq.spec_token_ids = []
@@ -163,13 +165,14 @@ class Speculator:
             kv_cache.trim(seq, len(seq))
             kv_cache.register_full_blocks(seq)
 
+    def release(self, seq: Sequence) -> None:
+        """A finished (or aborted) sequence gives back its draft model's KV blocks."""
+        if self._drafting.pop(seq.request_id, None) is not None:
+            self.draft.release(seq)
+
     def _release_finished(self) -> None:
-        if self.draft is None:
-            return
-        for request_id, seq in list(self._drafting.items()):
-            if seq.is_finished:
-                self.draft.release(seq)
-                del self._drafting[request_id]
+        for seq in [s for s in self._drafting.values() if s.is_finished]:
+            self.release(seq)
 
 
 def ngram_proposal(tokens: list[int], k: int) -> list[int]:
