@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 NGRAM_MAX = 4
 NGRAM_MIN = 2
 RESYNC_MAX = 8
+RESYNC_MIN = 2  # one common token (a comma, " the") would re-sync anywhere
+# A prediction's proposal length starts here, doubles while everything is accepted (up to
+# prediction_token_count) and halves at each rejection: a wrong prediction costs little.
+PREDICTION_WINDOW_START = 4
 
 
 @dataclass
@@ -54,6 +58,7 @@ class SpeculationState:
     prediction: list[int] | None = None  # the request's predicted output, tokenized
     cursor: int = 0  # index in `prediction` of the token expected next
     synced_len: int = 0  # len(seq) when `cursor` was last known to be in step with the output
+    window: int = PREDICTION_WINDOW_START  # tokens proposed from the prediction per step
     source: str | None = None  # where this step's proposal came from
     num_proposed: int = 0
     num_accepted: int = 0
@@ -134,7 +139,8 @@ class Speculator:
                 return []
             state.cursor = found
         state.synced_len = len(seq)
-        return pred[state.cursor : state.cursor + min(limit, self.config.prediction_token_count)]
+        window = min(limit, state.window, self.config.prediction_token_count)
+        return pred[state.cursor : state.cursor + window]
 
     # -- after a step ------------------------------------------------------------------------
 
@@ -149,6 +155,10 @@ class Speculator:
             state.num_accepted += accepted
             if state.source == "prediction":
                 state.num_prediction_matched += accepted
+                if accepted == len(seq.spec_token_ids):
+                    state.window = min(2 * state.window, self.config.prediction_token_count)
+                else:
+                    state.window = max(1, state.window // 2)
 
     def settle(self, batch: ScheduledBatch, kv_cache: KVCacheManager) -> None:
         """Accepted proposals are tokens now: their K/V positions count as computed; blocks that
@@ -198,10 +208,13 @@ def ngram_proposal(tokens: list[int], k: int) -> list[int]:
 def resync(output: list[int], prediction: list[int], cursor: int) -> int | None:
     """Where in `prediction` the output continues: just after the longest suffix of `output`
     (RESYNC_MAX tokens at most) found in it, the occurrence nearest `cursor` preferred. None if
-    not even the last token occurs. An empty output continues at the start."""
+    not RESYNC_MIN tokens occur (but a 1-token output may match the prediction's start). An
+    empty output continues at the start."""
     if not output:
         return 0
-    for n in range(min(RESYNC_MAX, len(output)), 0, -1):
+    if len(output) == 1:
+        return 1 if prediction[:1] == output else None
+    for n in range(min(RESYNC_MAX, len(output)), RESYNC_MIN - 1, -1):
         suffix = output[-n:]
         best: int | None = None
         for start in range(len(prediction) - n + 1):
