@@ -1,7 +1,7 @@
 """Speculative decoding on the default model (Gemma 3 270M), single stream, greedy.
 
     .venv/bin/python benchmarks/bench_speculation.py            # about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_speculation.py --repeats 1 --json out.json
+    .venv/bin/python benchmarks/bench_speculation.py --repeats 1 --max-tokens 96 --json out.json
 
 Tasks:
 - rewrite: the model copies a ~300-token passage in which 3 small edits were made; with
@@ -74,6 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ngram", type=int, default=8, help="--ngram-speculation-length")
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the whole passage")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -86,7 +87,7 @@ def main() -> None:
     prompt = tok.encode(copy_prompt(edited(PASSAGE)))
     n_passage = len(tok.encode(PASSAGE, add_bos=False, parse_special=False))
     prediction = tok.encode(PASSAGE, add_bos=False, parse_special=False)
-    max_tokens = n_passage + 8
+    max_tokens = args.max_tokens or n_passage + 8
     greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
     predicted = SamplingParams(temperature=0, max_tokens=max_tokens, speculation=prediction)
     cells = {
