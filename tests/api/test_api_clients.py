@@ -175,7 +175,7 @@ def test_sdk_errors_map_to_their_exceptions(server, oai, fw):
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=MODEL, prompt="x")
     with pytest.raises(fireworks.BadRequestError, match="not supported"):
-        fw.completions.create(model=MODEL, prompt="x", speculation="abc")
+        fw.completions.create(model=MODEL, prompt="x", extra_body={"include_routing_matrix": True})
     with pytest.raises(fireworks.NotFoundError):
         fw.completions.create(model="accounts/fireworks/models/nope", prompt="x")
 

@@ -90,7 +90,7 @@ def test_limits_accepted_at_the_edges():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("speculation", "abc"), ("metadata", {"a": "b"}), ("service_tier", "flex"),
+    [("include_routing_matrix", True), ("metadata", {"a": "b"}), ("service_tier", "flex"),
      ("images", ["data:image/png;base64,AA=="]), ("stream_options", {"include_internal_content": True})],
 )  # fmt: skip
 def test_unsupported_fields_are_400_naming_them(field, value):
@@ -101,7 +101,7 @@ def test_unsupported_fields_are_400_naming_them(field, value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("images", []), ("speculation", None), ("include_routing_matrix", False),
+    [("images", []), ("metadata", None), ("include_routing_matrix", False),
      ("service_tier", "default")],
 )  # fmt: skip
 def test_unsupported_fields_accept_noop_values(field, value):

@@ -103,6 +103,25 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         " long (default 250; 0: no cap) [GIRANDOLE_TARGET_ITL_MS]",
     )
     p.add_argument(
+        "--ngram-speculation-length",
+        type=int,
+        default=int(_env("NGRAM_SPECULATION_LENGTH", "0")),
+        help="speculative decoding by n-gram lookup over each request's prompt and output:"
+        " tokens proposed per step, 0 = off [GIRANDOLE_NGRAM_SPECULATION_LENGTH]",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=_env("DRAFT_MODEL"),
+        help="speculative decoding with this draft model (.gguf, HF folder or repo id), which"
+        " must share the model's tokenizer [GIRANDOLE_DRAFT_MODEL]",
+    )
+    p.add_argument(
+        "--draft-token-count",
+        type=int,
+        default=int(_env("DRAFT_TOKEN_COUNT", "4")),
+        help="tokens the draft model proposes per step [GIRANDOLE_DRAFT_TOKEN_COUNT]",
+    )
+    p.add_argument(
         "--chat-template",
         default=_env("CHAT_TEMPLATE"),
         help="chat template for /chat/completions: a Jinja file, a tokenizer_config.json, or a"
@@ -184,6 +203,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
+    if args.ngram_speculation_length < 0 or args.draft_token_count < 1:
+        raise SystemExit("--ngram-speculation-length must be >= 0, --draft-token-count >= 1")
+    if args.ngram_speculation_length and args.draft_model:
+        raise SystemExit("--ngram-speculation-length and --draft-model are mutually exclusive")
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -198,6 +221,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_model_len=args.max_model_len,
         target_itl_ms=args.target_itl_ms,
         chat_template=args.chat_template,
+        ngram_speculation_length=args.ngram_speculation_length,
+        draft_model=args.draft_model,
+        draft_token_count=args.draft_token_count,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,

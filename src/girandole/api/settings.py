@@ -25,6 +25,11 @@ class ServerSettings:
     max_model_len: int | None = None  # cap on the context; None: the model's (and KV cache's)
     target_itl_ms: float | None = None  # None: EngineConfig's; 0: no cap on prefill chunks
     chat_template: str | None = None  # --chat-template: a file, a family name or a template
+    # Speculative decoding for every request (girandole.engine.speculation): n-gram lookup
+    # proposing this many tokens, or a draft model with the model's tokenizer; exclusive.
+    ngram_speculation_length: int = 0
+    draft_model: str | None = None
+    draft_token_count: int = 4
     max_request_bytes: int = 16 * 1024 * 1024
     # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).

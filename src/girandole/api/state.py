@@ -107,6 +107,9 @@ class AppState:
                 kwargs["max_model_len"] = self.settings.max_model_len
             if self.settings.target_itl_ms is not None:
                 kwargs["target_itl_ms"] = self.settings.target_itl_ms or None
+            kwargs["ngram_speculation_length"] = self.settings.ngram_speculation_length
+            kwargs["draft_model"] = self.settings.draft_model
+            kwargs["draft_token_count"] = self.settings.draft_token_count
             if self.engine_factory is not None:
                 engine = self.engine_factory()
             else:

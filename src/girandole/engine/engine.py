@@ -14,6 +14,7 @@ from girandole.engine.postprocess import Postprocessor, request_output
 from girandole.engine.runner import ModelRunner
 from girandole.engine.scheduler import Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence
+from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
@@ -34,6 +35,11 @@ class EngineConfig:
     # While decodes run, a step's prompt tokens are capped so it takes about this long (the
     # streams' inter-token latency); None: the token budget alone (engine/step_budget.py)
     target_itl_ms: float | None = 250.0
+    # Speculative decoding for every request (girandole.engine.speculation): n-gram lookup
+    # proposing this many tokens, or a draft model with the same tokenizer.
+    ngram_speculation_length: int = 0
+    draft_model: str | None = None
+    draft_token_count: int = 4
 
 
 class LLMEngine:
@@ -74,6 +80,7 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
+        self.speculator = self._speculator(config, device)
         self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.postprocess = Postprocessor(
@@ -82,6 +89,30 @@ class LLMEngine:
         self._finished_early: list[RequestOutput] = []
         target = config.target_itl_ms
         self.step_budget = StepBudget(target / 1000 if target else None)
+
+    def _speculator(self, config: EngineConfig, device: torch.device) -> Speculator:
+        if config.ngram_speculation_length < 0 or config.draft_token_count < 1:
+            raise ValueError("ngram_speculation_length must be >= 0, draft_token_count >= 1")
+        if config.ngram_speculation_length and config.draft_model:
+            raise ValueError("n-gram speculation and a draft model are mutually exclusive")
+        draft = None
+        if config.draft_model:
+            from girandole.model.default import resolve_model_path
+
+            draft = DraftModel.load(
+                resolve_model_path(config.draft_model),
+                config.mode,
+                device,
+                config.block_size,
+                int(config.kv_cache_gb * (1 << 30)),
+                self.model_config.vocab_size,
+            )
+        spec = SpeculationConfig(
+            ngram_length=config.ngram_speculation_length,
+            draft_model=config.draft_model,
+            draft_token_count=config.draft_token_count,
+        )
+        return Speculator(spec, self.max_model_len, draft)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -94,6 +125,9 @@ class LLMEngine:
         for t in prompt_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab})")
+        for t in params.speculation or []:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"speculation token id {t!r} is out of range [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"The prompt is too long: {len(prompt_token_ids)}, model maximum context length: "
@@ -137,6 +171,7 @@ class LLMEngine:
         if params.grammar is not None:
             compiled = compiled_grammar or self.grammars.compile(params.grammar)
             seq.grammar = SequenceGrammar(compiled, params.grammar)
+        self.speculator.start(seq)
         self.seqs[request_id] = seq
         if params.max_tokens == 0 and params.prompt_logprobs is None and pooling is None:
             # nothing to compute
@@ -149,7 +184,9 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
             return None
-        return self.postprocess.abort(seq)
+        out = self.postprocess.abort(seq)
+        self.speculator.release(seq)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_early)
@@ -160,6 +197,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> run -> postprocess."""
         outputs, self._finished_early = self._finished_early, []
+        self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule(self.step_budget.prefill_cap)
         for seq in batch.out_of_blocks:
             outputs.append(self.postprocess.finish(seq, "length", []))
@@ -175,7 +213,9 @@ class LLMEngine:
         prefill_tokens = sum(batch.num_new_tokens) - decode_rows
         self.step_budget.observe(decode_rows, prefill_tokens, time.monotonic() - now)
         self.scheduler.mark_computed(batch)
+        self.speculator.record(batch, results)
         outputs.extend(self.postprocess(batch, results))
+        self.speculator.settle(batch, self.kv_cache)
         return outputs
 
     # -- introspection -----------------------------------------------------------------------

@@ -130,6 +130,20 @@ class KVCacheManager:
             seq.block_table.append(block_id)
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks of `seq` past its first `num_tokens` tokens (positions that held
+        rejected proposals: never hashed, so they go to the front of the free queue)."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self.free_queue.appendleft(block_id)
+                else:
+                    self.free_queue.append(block_id)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         # Free in reverse so a sequence's last blocks are evicted before its first ones,
         # which are the ones most likely shared as a prefix.

@@ -31,6 +31,10 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     # A pooling request's vector, on its finished output (girandole.engine.pooling).
     embedding: list[float] | None = None
+    # Speculative decoding so far (girandole.engine.speculation.speculation_counts): tokens
+    # "proposed" and "accepted", and with a prediction "prediction_tokens" (its length) and
+    # "prediction_matched" (its tokens accepted). Empty when the request does not speculate.
+    speculation: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 

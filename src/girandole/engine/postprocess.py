@@ -4,6 +4,7 @@ RequestOutput (girandole.engine.outputs). Finished sequences leave the scheduler
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -11,6 +12,7 @@ from girandole.engine.outputs import FinishReason, RequestOutput
 from girandole.engine.pooling import pooled
 from girandole.engine.scheduler import ScheduledBatch, Scheduler
 from girandole.engine.sequence import Sequence, SequenceStatus
+from girandole.engine.speculation import speculation_counts
 from girandole.sampling.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
@@ -30,10 +32,13 @@ class Postprocessor:
         self.max_model_len = max_model_len
 
     def __call__(
-        self, batch: ScheduledBatch, results: list[SampleResult | Exception | None]
+        self,
+        batch: ScheduledBatch,
+        results: list[SampleResult | list[SampleResult] | Exception | None],
     ) -> list[RequestOutput]:
-        """Outputs of a computed step; `results[i]`: batch.seqs[i]'s sampled token, the error
-        that sampling it raised, or None where nothing was sampled (a prefill chunk)."""
+        """Outputs of a computed step; `results[i]`: batch.seqs[i]'s sampled token (tokens, for a
+        row that verified proposals), the error that sampling it raised, or None where nothing
+        was sampled (a prefill chunk)."""
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for seq, result in zip(batch.seqs, results):
@@ -45,13 +50,40 @@ class Postprocessor:
             try:
                 if isinstance(result, Exception):
                     raise result
-                out = self.append_token(seq, result, now)
+                if isinstance(result, list):
+                    out = self.append_tokens(seq, result, now)
+                else:
+                    out = self.append_token(seq, result, now)
             except Exception as exc:  # one request's failure must not take the batch down
                 logger.exception("request %s failed after sampling", seq.request_id)
                 out = self.abort(seq)
                 out.extra["error"] = f"{type(exc).__name__}: {exc}"
             outputs.append(out)
         return outputs
+
+    def append_tokens(
+        self, seq: Sequence, results: list[SampleResult], now: float
+    ) -> RequestOutput:
+        """Several tokens of one step (accepted proposals and the token after them), checked one
+        by one: a stop condition met midway ends the sequence there and drops the rest."""
+        outs: list[RequestOutput] = []
+        for result in results:
+            outs.append(self.append_token(seq, result, now))
+            if seq.is_finished:
+                break
+        if len(outs) == 1:
+            return outs[0]
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [lp for o in outs for lp in o.logprobs or []]
+        prompt_logprobs = next((o.prompt_logprobs for o in outs if o.prompt_logprobs), None)
+        return dataclasses.replace(
+            outs[-1],
+            new_token_ids=[t for o in outs for t in o.new_token_ids],
+            new_text="".join(o.new_text for o in outs),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def append_token(self, seq: Sequence, result: SampleResult, now: float) -> RequestOutput:
         if result.dead_end:  # the grammar allows no token: end rather than emit garbage
@@ -135,6 +167,7 @@ def request_output(seq: Sequence, new_tokens: list[int], text: str) -> RequestOu
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
     return RequestOutput(
         request_id=seq.request_id,
+        speculation=speculation_counts(seq),
         new_token_ids=new_tokens,
         new_text=text,
         finished=seq.is_finished,

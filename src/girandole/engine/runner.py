@@ -15,6 +15,7 @@ from girandole.model import kernels
 from girandole.model.attention import Attention
 from girandole.model.config import ModelConfig
 from girandole.model.context import ForwardContext, NativeSlots, PaddedDecode, forward_context
+from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,19 @@ class ModelRunner:
     # -- a step: forward, logits, sampling ---------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampleResult | Exception | None]:
+    def run(
+        self, batch: ScheduledBatch
+    ) -> list[SampleResult | list[SampleResult] | Exception | None]:
         """Compute `batch`: one forward, the prompt logprobs it asks for, and a token for every
         sequence whose prompt (or last token) is now complete. Returns per sequence its
-        SampleResult, the exception that sampling it raised, or None (nothing sampled)."""
+        SampleResult (a list of them for a row that verified proposed tokens: the accepted ones
+        and one more), the exception that sampling it raised, or None (nothing sampled)."""
         logit_rows = [self._logit_rows(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         hidden = self.execute(batch.seqs, batch.num_new_tokens, logit_rows)
         sampling: list[int] = []  # batch index of each sampling sequence
         sample_hidden: list[int] = []  # its row in `hidden`
+        results: list[SampleResult | list[SampleResult] | Exception | None]
+        results = [None] * len(batch.seqs)
         row = 0
         for i, (seq, n, rows) in enumerate(zip(batch.seqs, batch.num_new_tokens, logit_rows)):
             if seq.prompt_logprobs is not None and rows:
@@ -71,10 +77,11 @@ class ModelRunner:
                     seq, seq.num_computed_tokens, self.model.norm(hidden[row : row + n])
                 )
             row += len(rows)
-            if self._samples(seq, n):
+            if self._samples(seq, n) and seq.spec_token_ids:
+                results[i] = self._verify(seq, hidden[row - 1 - len(seq.spec_token_ids) : row])
+            elif self._samples(seq, n):
                 sampling.append(i)
                 sample_hidden.append(row - 1)
-        results: list[SampleResult | Exception | None] = [None] * len(batch.seqs)
         if sampling:
             seqs = [batch.seqs[i] for i in sampling]
             for i, result in zip(sampling, self._sample(seqs, hidden, sample_hidden)):
@@ -83,8 +90,10 @@ class ModelRunner:
 
     @staticmethod
     def _samples(seq: Sequence, n: int) -> bool:
-        """Whether this step's `n` new tokens of `seq` complete it, so that it samples a token."""
-        return seq.params.max_tokens > 0 and seq.num_computed_tokens + n == len(seq)
+        """Whether this step's `n` new tokens of `seq` complete it (with the tokens it proposed),
+        so that it samples a token."""
+        end = len(seq) + len(seq.spec_token_ids)
+        return seq.params.max_tokens > 0 and seq.num_computed_tokens + n == end
 
     @classmethod
     def _logit_rows(cls, seq: Sequence, n: int) -> list[int]:
@@ -97,9 +106,33 @@ class ModelRunner:
             # Position p predicts prompt token p + 1; skip what a preempted run already has.
             first = max(start, len(seq.prompt_logprobs) - 1)
             rows = list(range(first - start, min(start + n, seq.num_prompt_tokens - 1) - start))
-        if cls._samples(seq, n) and (not rows or rows[-1] != n - 1):
-            rows.append(n - 1)
+        if cls._samples(seq, n):
+            # the last token's position, and one per proposed token before it
+            for r in range(n - 1 - len(seq.spec_token_ids), n):
+                if not rows or rows[-1] < r:
+                    rows.append(r)
         return rows
+
+    def _verify(self, seq: Sequence, hidden: torch.Tensor) -> list[SampleResult] | Exception:
+        """The tokens a row that proposed tokens emits (girandole.sampling.rejection); hidden:
+        its k + 1 positions' final hidden states."""
+        proposal = seq.spec_token_ids
+        rows = [
+            SamplerRow(
+                seq.params,
+                seq.generator,
+                seq.token_ids + proposal[:j],
+                seq.num_prompt_tokens,
+                self.eos_token_ids,
+                seq.sampler_state,
+            )
+            for j in range(len(proposal) + 1)
+        ]
+        try:
+            return verify(self.sampler, self.compute_logits(hidden), rows, proposal)
+        except Exception as exc:  # noqa: BLE001 - reported on that request
+            logger.exception("verifying %s's proposed tokens failed", seq.request_id)
+            return exc
 
     def _sample(
         self, seqs: list[Sequence], hidden: torch.Tensor, sample_hidden: list[int]
@@ -183,17 +216,22 @@ class ModelRunner:
         context_slots: list[torch.Tensor] = []
         slot_mapping: list[torch.Tensor] = []
         num_decode_rows = 0
+        leading_decodes = True  # every sequence so far decodes
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
             input_ids.extend(seq.token_ids[start:end])
+            if end > len(seq):  # proposed tokens, verified by this forward
+                input_ids.extend(seq.spec_token_ids[: end - len(seq)])
             positions.extend(range(start, end))
             slots = self._context_slots(seq, end)
             context_lens.append(end)
             context_slots.append(slots)
             slot_mapping.append(slots[start:end])
-            if num_decode_rows == len(context_lens) - 1 and seq.is_decode(n):
-                num_decode_rows += 1
+            if leading_decodes and seq.is_decode(n):
+                num_decode_rows += n  # a decode token and the proposed tokens after it
+            else:
+                leading_decodes = False
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         ctx = ForwardContext(

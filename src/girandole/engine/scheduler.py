@@ -85,6 +85,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self.kv_cache.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -99,7 +100,11 @@ class Scheduler:
         preempted = False
         prefill_left = budget
         if prefill_cap is not None:
-            decode_rows = sum(1 for s in self.running if s.is_decode(s.num_uncomputed_tokens))
+            decode_rows = sum(
+                1
+                for s in self.running
+                if s.is_decode(s.num_uncomputed_tokens + len(s.spec_token_ids))
+            )
             cap = prefill_cap(decode_rows)
             if cap is not None:
                 prefill_left = cap
@@ -107,7 +112,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens + len(seq.spec_token_ids), budget)
+            # proposals beyond the budget wait for a later step
+            del seq.spec_token_ids[max(0, n - seq.num_uncomputed_tokens) :]
             decode = seq.is_decode(n)
             if not decode:
                 n = min(n, prefill_left)
@@ -115,6 +122,10 @@ class Scheduler:
                     i += 1
                     continue
             while not self.kv_cache.allocate(seq, n):
+                if seq.spec_token_ids:  # proposals never cost a sequence its place
+                    seq.spec_token_ids = []
+                    n = min(seq.num_uncomputed_tokens, budget)
+                    continue
                 victim = self.running[-1]
                 if victim is seq:
                     if len(self.running) == 1 and not batch.seqs:
@@ -166,7 +177,8 @@ class Scheduler:
 
     def mark_computed(self, batch: ScheduledBatch) -> None:
         """The batch's tokens are in the KV cache: advance each sequence, and offer its blocks
-        that became full to the prefix cache."""
+        that became full to the prefix cache. Proposed tokens are not counted: the speculation
+        step (girandole.engine.speculation) counts those it accepts once they are tokens."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.spec_token_ids)
             self.kv_cache.register_full_blocks(seq)

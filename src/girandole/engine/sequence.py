@@ -60,6 +60,10 @@ class Sequence:
         self.grammar = None  # SequenceGrammar when the output is constrained
         self.pooling = None  # PoolingParams of an embedding request (girandole.engine.pooling)
         self.pooling_state = None  # its running sum over the prompt's hidden states
+        # Speculative decoding (girandole.engine.speculation): tokens proposed for this step,
+        # verified by the forward that computes them; never part of token_ids until accepted.
+        self.spec_token_ids: list[int] = []
+        self.speculation = None  # SpeculationState: the request's proposer state and counts
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -81,9 +85,12 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     def is_decode(self, num_new_tokens: int) -> bool:
-        """Whether this step's `num_new_tokens` of the sequence are one generated token (decode),
-        as opposed to prompt tokens (prefill)."""
-        return num_new_tokens == 1 and self.num_computed_tokens >= self.num_prompt_tokens
+        """Whether this step's `num_new_tokens` of the sequence are one generated token (decode)
+        and the tokens proposed after it, as opposed to prompt tokens (prefill)."""
+        return (
+            num_new_tokens == 1 + len(self.spec_token_ids)
+            and self.num_computed_tokens >= self.num_prompt_tokens
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -36,6 +36,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Constrained decoding (response_format, tools): the output must match this grammar.
     grammar: GrammarSpec | None = None
+    # Speculative decoding: token ids of the expected output (`prediction`/`speculation`),
+    # proposed to the model and verified; what is generated does not depend on them.
+    speculation: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

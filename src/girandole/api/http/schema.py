@@ -127,6 +127,31 @@ class ResponseFormat(StrictModel):
     grammar: str | None = None
 
 
+class PredictionPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(StrictModel):
+    """OpenAI's predicted output: the text the completion is expected to mostly repeat."""
+
+    type: Literal["content"]
+    content: str | list[PredictionPart]
+
+
+PredictionField = Annotated[
+    Prediction | str | None,
+    one_error(
+        "prediction_type",
+        'Input should be a string or {"type": "content", "content": a string or text parts}',
+    ),
+]
+SpeculationField = Annotated[
+    str | list[Annotated[int, Field(ge=0)]] | None,
+    one_error("speculation_type", "Input should be a string or an array of token ids"),
+]
+
+
 class RequestFields(SamplingFields):
     """The body of /completions and /chat/completions but for the prompt: each endpoint's
     schema adds `prompt` or `messages` and its own fields."""
@@ -147,6 +172,9 @@ class RequestFields(SamplingFields):
     user: str | None = None
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = None
     response_format: ResponseFormat | None = None
+    # speculative decoding: the expected output (girandole.api.serving.speculation)
+    prediction: PredictionField = None
+    speculation: SpeculationField = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

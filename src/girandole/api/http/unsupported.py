@@ -38,8 +38,6 @@ _never: Callable[[Any], bool] = lambda v: False  # noqa: E731
 # Fields neither endpoint implements yet.
 COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "service_tier": _is("auto", "default"),
-    "speculation": _never,
-    "prediction": _never,
     "metadata": _never,
     "reasoning_effort": _never,
     "reasoning_history": _never,

@@ -25,6 +25,7 @@ from girandole.api.serving.params import (
     sampling_defaults,
 )
 from girandole.api.serving.prompt import fit_max_tokens
+from girandole.api.serving.speculation import speculation_tokens
 from girandole.engine.protocol import EngineClient
 from girandole.sampling.grammar import GrammarSpec
 from girandole.sampling.params import SamplingParams
@@ -112,6 +113,7 @@ def build_job(
     requested = req.requested_max_tokens(default_max_tokens)
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
+    speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size)
     choices: list[Choice] = []
     for i, ids in enumerate(prompts):
         max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior)
@@ -120,6 +122,7 @@ def build_job(
                 req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
             )
             params.grammar = grammar
+            params.speculation = speculation
             index = i * n + k
             choices.append(
                 Choice(

@@ -76,7 +76,26 @@ def perf_metrics(
             metrics["prefill-duration"] = first_token - scheduled
     if first_token is not None and finished is not None:
         metrics["generation-duration"] = finished - first_token
+    metrics.update(speculation_metrics([getattr(o, "speculation", None) or {} for o in outs]))
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def speculation_metrics(counts: list[dict[str, int]]) -> dict[str, Any]:
+    """Speculative decoding's perf metrics over the choices' counts (RequestOutput.speculation):
+    the prediction's tokens and how many of them were accepted, and the fraction of all
+    proposed tokens (prediction, n-gram or draft model) that were accepted."""
+    counts = [c for c in counts if c]
+    metrics: dict[str, Any] = {}
+    with_prediction = [c for c in counts if "prediction_tokens" in c]
+    if with_prediction:
+        metrics["speculation-prompt-tokens"] = sum(c["prediction_tokens"] for c in with_prediction)
+        metrics["speculation-prompt-matched-tokens"] = sum(
+            c["prediction_matched"] for c in with_prediction
+        )
+    proposed = sum(c["proposed"] for c in counts)
+    if proposed:
+        metrics["speculation-acceptance"] = sum(c["accepted"] for c in counts) / proposed
+    return metrics
 
 
 def perf_headers(metrics: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,44 @@
+"""`prediction` and `speculation`: the expected output, as token ids for the engine's proposer
+(girandole.engine.speculation). Fireworks turns `prediction` (OpenAI's predicted outputs) into
+`speculation`; a request gives one or the other. Text is tokenized once, without BOS or special
+tokens (a prediction is output text, never control tokens); token ids must be in the vocabulary.
+"""
+
+from __future__ import annotations
+
+from girandole.api.http.errors import bad_request
+from girandole.api.http.schema import Prediction, RequestFields
+from girandole.tokenizer.tokenizer import Tokenizer
+
+
+def prediction_text(prediction: Prediction | str) -> str:
+    if isinstance(prediction, str):
+        return prediction
+    content = prediction.content
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def speculation_tokens(
+    req: RequestFields, tokenizer: Tokenizer, vocab_size: int
+) -> list[int] | None:
+    """The request's expected output as token ids; None without one. 400 for a bad one."""
+    if req.prediction is not None and req.speculation is not None:
+        raise bad_request(
+            "give either 'prediction' or 'speculation' (its native form), not both", "prediction"
+        )
+    if req.prediction is not None:
+        text = prediction_text(req.prediction)
+        return tokenizer.encode(text, add_bos=False, parse_special=False) or None
+    spec = req.speculation
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return tokenizer.encode(spec, add_bos=False, parse_special=False) or None
+    for t in spec:
+        if not 0 <= t < vocab_size:
+            raise bad_request(
+                f"speculation token id {t} is out of range [0, {vocab_size})", "speculation"
+            )
+    return list(spec) or None

@@ -1,0 +1,320 @@
+"""Speculative decoding: tokens proposed before a step, verified by the step's one forward.
+
+Before each step the Speculator gives every running sequence that is decoding up to k proposed
+tokens (`Sequence.spec_token_ids`). The scheduler gives such a row 1 + k new tokens, the runner
+computes logits at all of them and keeps what girandole.sampling.rejection accepts; afterwards
+`settle` marks the accepted positions computed and gives back the blocks that only rejected
+positions used. Proposed tokens never enter `token_ids` before they are accepted, so the prefix
+cache (which hashes `token_ids` up to `num_computed_tokens`) never sees them.
+
+Sources, in order of preference:
+- the request's prediction (`prediction` / `speculation`): tokens of the expected output; the
+  proposal continues from where the output last matched it (re-found by the output's longest
+  suffix that occurs in it after a divergence);
+- a draft model with the same tokenizer (`draft_model`), greedy, with its own KV cache;
+- n-gram lookup (`ngram_speculation_length`): the tokens that followed the latest earlier
+  occurrence of the sequence's last few tokens in its prompt and output.
+
+Rows with a grammar or Mirostat do not speculate: their token choice depends on state (the
+matcher, Mirostat's mu) that would have to be rolled back per position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from girandole.engine.kv_cache import KVCacheManager
+from girandole.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from girandole.engine.runner import ModelRunner
+    from girandole.engine.scheduler import ScheduledBatch
+
+# Longest / shortest suffix looked up by n-gram proposals and prediction re-synchronisation.
+NGRAM_MAX = 4
+NGRAM_MIN = 2
+RESYNC_MAX = 8
+RESYNC_MIN = 2  # one common token (a comma, " the") would re-sync anywhere
+# A prediction's proposal length starts here, doubles while everything is accepted (up to
+# prediction_token_count) and halves at each rejection: a wrong prediction costs little.
+PREDICTION_WINDOW_START = 4
+
+
+@dataclass
+class SpeculationConfig:
+    ngram_length: int = 0  # tokens proposed by n-gram lookup; 0 = off
+    draft_model: str | None = None  # a model with the target's tokenizer; None = off
+    draft_token_count: int = 4  # tokens the draft model proposes per step
+    prediction_token_count: int = 16  # tokens proposed per step from a request's prediction
+
+
+@dataclass
+class SpeculationState:
+    """One sequence's proposer state and counts (reported in perf_metrics)."""
+
+    prediction: list[int] | None = None  # the request's predicted output, tokenized
+    cursor: int = 0  # index in `prediction` of the token expected next
+    synced_len: int = 0  # len(seq) when `cursor` was last known to be in step with the output
+    window: int = PREDICTION_WINDOW_START  # tokens proposed from the prediction per step
+    source: str | None = None  # where this step's proposal came from
+    num_proposed: int = 0
+    num_accepted: int = 0
+    num_prediction_matched: int = 0  # accepted tokens that came from the prediction
+    draft: Sequence | None = field(default=None, repr=False)  # the draft model's copy
+
+
+class Speculator:
+    def __init__(
+        self, config: SpeculationConfig, max_model_len: int, draft: DraftModel | None = None
+    ) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.draft = draft
+        self._drafting: dict[str, Sequence] = {}  # request id -> target, while it has a draft
+
+    @property
+    def enabled_for_all(self) -> bool:
+        return self.config.ngram_length > 0 or self.draft is not None
+
+    def start(self, seq: Sequence) -> None:
+        """Attach the state of a new request (its prediction, if any)."""
+        prediction = seq.params.speculation
+        if prediction or self.enabled_for_all:
+            seq.speculation = SpeculationState(prediction=list(prediction or []) or None)
+
+    # -- before a step -----------------------------------------------------------------------
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set `spec_token_ids` of every running sequence that decodes and may speculate."""
+        self._release_finished()
+        wanting_draft: list[tuple[Sequence, int]] = []
+        for seq in running:
+            seq.spec_token_ids = []
+            state = seq.speculation
+            if state is None:
+                continue
+            state.source = None
+            limit = self._limit(seq)
+            if limit <= 0:
+                continue
+            if state.prediction is not None:
+                proposal = self._from_prediction(seq, state, limit)
+                if proposal:
+                    seq.spec_token_ids, state.source = proposal, "prediction"
+                    continue
+            if self.draft is not None:
+                wanting_draft.append((seq, min(limit, self.config.draft_token_count)))
+            elif self.config.ngram_length > 0:
+                proposal = ngram_proposal(seq.token_ids, min(limit, self.config.ngram_length))
+                if proposal:
+                    seq.spec_token_ids, state.source = proposal, "ngram"
+        if wanting_draft:
+            for (seq, _), proposal in zip(wanting_draft, self.draft.propose(wanting_draft)):
+                self._drafting[seq.request_id] = seq
+                if proposal:
+                    seq.spec_token_ids, seq.speculation.source = proposal, "draft"
+
+    def _limit(self, seq: Sequence) -> int:
+        """How many tokens `seq` may propose now: it must be decoding, and accepting them all
+        plus one must stay within max_tokens and the context."""
+        p = seq.params
+        if seq.num_uncomputed_tokens != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+            return 0
+        if seq.grammar is not None or p.mirostat_target is not None:
+            return 0
+        return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
+
+    def _from_prediction(self, seq: Sequence, state: SpeculationState, limit: int) -> list[int]:
+        pred = state.prediction
+        new = seq.token_ids[max(state.synced_len, seq.num_prompt_tokens) :]
+        if state.synced_len and pred[state.cursor : state.cursor + len(new)] == new:
+            state.cursor += len(new)
+        else:
+            found = resync(seq.output_token_ids, pred, state.cursor)
+            if found is None:
+                state.synced_len = 0  # out of step: look again after the next token
+                return []
+            state.cursor = found
+        state.synced_len = len(seq)
+        window = min(limit, state.window, self.config.prediction_token_count)
+        return pred[state.cursor : state.cursor + window]
+
+    # -- after a step ------------------------------------------------------------------------
+
+    def record(self, batch: ScheduledBatch, results: list) -> None:
+        """Count, per speculating row, what was proposed and accepted."""
+        for seq, result in zip(batch.seqs, results):
+            if not seq.spec_token_ids or not isinstance(result, list):
+                continue
+            state = seq.speculation
+            accepted = len(result) - 1
+            state.num_proposed += len(seq.spec_token_ids)
+            state.num_accepted += accepted
+            if state.source == "prediction":
+                state.num_prediction_matched += accepted
+                if accepted == len(seq.spec_token_ids):
+                    state.window = min(2 * state.window, self.config.prediction_token_count)
+                else:
+                    state.window = max(1, state.window // 2)
+
+    def settle(self, batch: ScheduledBatch, kv_cache: KVCacheManager) -> None:
+        """Accepted proposals are tokens now: their K/V positions count as computed; blocks that
+        only rejected positions used go back."""
+        for seq in batch.seqs:
+            if seq.is_finished:
+                self.release(seq)
+            if not seq.spec_token_ids:
+                continue
+            seq.spec_token_ids = []
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens = len(seq) - 1  # all but the token sampled last
+            kv_cache.trim(seq, len(seq))
+            kv_cache.register_full_blocks(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """A finished (or aborted) sequence gives back its draft model's KV blocks."""
+        if self._drafting.pop(seq.request_id, None) is not None:
+            self.draft.release(seq)
+
+    def _release_finished(self) -> None:
+        for seq in [s for s in self._drafting.values() if s.is_finished]:
+            self.release(seq)
+
+
+def ngram_proposal(tokens: list[int], k: int) -> list[int]:
+    """The k tokens that followed an earlier occurrence of the longest suffix of `tokens`
+    (NGRAM_MAX down to NGRAM_MIN tokens long); [] if none occurs. The latest occurrence with k
+    tokens after it is preferred (in a repeating stretch the latest one runs into the end)."""
+    size = len(tokens)
+    for n in range(min(NGRAM_MAX, size - 1), NGRAM_MIN - 1, -1):
+        suffix = tokens[size - n :]
+        last = suffix[-1]
+        partial: int | None = None
+        # `end`: where an occurrence ends; it must end before the suffix itself does
+        for end in range(size - 2, n - 2, -1):
+            if tokens[end] == last and tokens[end - n + 1 : end + 1] == suffix:
+                if end + k < size:
+                    return tokens[end + 1 : end + 1 + k]
+                partial = end
+        if partial is not None:
+            return tokens[partial + 1 : partial + 1 + k]
+    return []
+
+
+def resync(output: list[int], prediction: list[int], cursor: int) -> int | None:
+    """Where in `prediction` the output continues: just after the longest suffix of `output`
+    (RESYNC_MAX tokens at most) found in it, the occurrence nearest `cursor` preferred. None if
+    not RESYNC_MIN tokens occur (but a 1-token output may match the prediction's start). An
+    empty output continues at the start."""
+    if not output:
+        return 0
+    if len(output) == 1:
+        return 1 if prediction[:1] == output else None
+    for n in range(min(RESYNC_MAX, len(output)), RESYNC_MIN - 1, -1):
+        suffix = output[-n:]
+        best: int | None = None
+        for start in range(len(prediction) - n + 1):
+            if prediction[start] == suffix[0] and prediction[start : start + n] == suffix:
+                after = start + n
+                if best is None or abs(after - cursor) < abs(best - cursor):
+                    best = after
+        if best is not None:
+            return best
+    return None
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer that proposes tokens greedily; its own runner and
+    KV cache. Its copy of each sequence keeps the K/V of the tokens it has seen; after a step
+    the positions past the first token that differs from the target's are recomputed."""
+
+    def __init__(self, runner: ModelRunner, kv_cache: KVCacheManager) -> None:
+        self.runner = runner
+        self.kv_cache = kv_cache
+
+    @classmethod
+    def load(
+        cls, path: str, mode: str, device: torch.device, block_size: int, kv_bytes: int, vocab: int
+    ) -> DraftModel:
+        from girandole.engine.runner import ModelRunner
+        from girandole.model.loader import load_model
+
+        model, config = load_model(path, mode=mode, device=device)
+        if config.vocab_size != vocab:
+            raise ValueError(
+                f"draft model {path} has a vocabulary of {config.vocab_size} tokens, the model "
+                f"{vocab}: a draft model must share the model's tokenizer"
+            )
+        runner = ModelRunner(model, config, device, block_size, kv_bytes)
+        return cls(runner, KVCacheManager(runner.num_blocks, block_size))
+
+    def release(self, seq: Sequence) -> None:
+        state = seq.speculation
+        if state is not None and state.draft is not None:
+            self.kv_cache.free(state.draft)
+            state.draft = None
+
+    @torch.inference_mode()
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k greedy tokens for each (sequence, k); [] where the draft's cache is full."""
+        drafts: list[Sequence | None] = []
+        for seq, _ in wanted:
+            drafts.append(self._sync(seq))
+        proposals: list[list[int]] = [[] for _ in wanted]
+        for step in range(max(k for _, k in wanted)):
+            active = [i for i, (_, k) in enumerate(wanted) if drafts[i] is not None and step < k]
+            seqs, counts = [], []
+            for i in active:
+                d = drafts[i]
+                n = len(d) - d.num_computed_tokens
+                if not self.kv_cache.allocate(d, n):
+                    self.release(wanted[i][0])
+                    drafts[i] = None
+                    continue
+                seqs.append(d)
+                counts.append(n)
+            if not seqs:
+                break
+            hidden = self.runner.execute(seqs, counts, [[n - 1] for n in counts])
+            tokens = self.runner.compute_logits(hidden).argmax(dim=-1).tolist()
+            for d, n, t in zip(seqs, counts, tokens):
+                d.num_computed_tokens += n
+                d.token_ids.append(t)
+            for i in active:
+                if drafts[i] is not None:
+                    proposals[i].append(drafts[i].token_ids[-1])
+        return proposals
+
+    def _sync(self, seq: Sequence) -> Sequence:
+        """The draft's copy of `seq`, holding `seq`'s tokens, with K/V kept up to the first
+        position where its previous tokens (its own proposals) and the target's differ."""
+        state = seq.speculation
+        d = state.draft
+        if d is None:
+            d = state.draft = Sequence(seq.request_id, seq.token_ids, seq.params)
+            return d
+        same = min(d.num_computed_tokens, len(seq) - 1)
+        for i in range(seq.num_prompt_tokens, same):
+            if d.token_ids[i] != seq.token_ids[i]:
+                same = i
+                break
+        d.token_ids = list(seq.token_ids)
+        d.num_computed_tokens = same
+        self.kv_cache.trim(d, same)
+        return d
+
+
+def speculation_counts(seq: Sequence) -> dict[str, int]:
+    """What a RequestOutput reports about a sequence's speculation (empty without any)."""
+    state = seq.speculation
+    if state is None:
+        return {}
+    counts = {"proposed": state.num_proposed, "accepted": state.num_accepted}
+    if state.prediction is not None:
+        counts["prediction_tokens"] = len(state.prediction)
+        counts["prediction_matched"] = state.num_prediction_matched
+    return counts

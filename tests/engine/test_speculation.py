@@ -1,0 +1,341 @@
+"""Speculative decoding on tiny random checkpoints: proposals from a prediction, n-gram lookup or
+a draft model never change what is generated (greedy: token for token; sampling: the
+distribution), stop conditions hold mid-acceptance, and rejected positions leave no trace in the
+KV cache or the prefix cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from girandole import LLM, SamplingParams
+from girandole.engine.speculation import ngram_proposal, resync
+from girandole.sampling.grammar import GrammarSpec
+from girandole.sampling.sampler import Sampler, SamplerRow
+
+
+def _root_conftest():
+    """tests/conftest.py (its tiny-checkpoint writer and training text) by path."""
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    module = sys.modules.setdefault(spec.name, module)
+    if not hasattr(module, "write_tiny_llama"):
+        spec.loader.exec_module(module)
+    return module
+
+
+TRAIN_TEXT = _root_conftest().TRAIN_TEXT
+
+# Prompts of varied length and content: slices of the tiny tokenizer's training text and
+# random bytes, so that greedy outputs range from loops to noise.
+_rng = random.Random(0)
+PROMPTS = [TRAIN_TEXT[a : a + n] for a, n in ((0, 16), (40, 60), (90, 9), (150, 120), (230, 33))]
+PROMPTS += ["".join(_rng.choice("abcdefgh ijk.\n") for _ in range(_rng.randint(3, 50)))
+            for _ in range(11)]  # fmt: skip
+
+
+def make_llm(path, **kw) -> LLM:
+    kw.setdefault("mode", "reference")
+    kw.setdefault("device", "cpu")
+    kw.setdefault("block_size", 4)
+    kw.setdefault("kv_cache_gb", 0.01)
+    return LLM(model=str(path), **kw)
+
+
+def run(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> list[dict]:
+    """Every request through the engine at once; per request its tokens, text, finish reason
+    and last speculation counts."""
+    engine = llm.engine
+    results = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), p)
+        results.append({"tokens": [], "text": "", "finish": None, "spec": {}})
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            r = results[int(out.request_id[1:])]
+            r["tokens"] += out.new_token_ids
+            r["text"] += out.new_text
+            r["spec"] = out.speculation
+            if out.finished:
+                r["finish"] = out.finish_reason
+    assert engine.kv_cache.num_used_blocks == 0  # every block back, rejected positions too
+    return results
+
+
+def edited(tokens: list[int], seed: int) -> list[int]:
+    """`tokens` with a few edits: a token changed, one dropped, one inserted."""
+    rng = random.Random(seed)
+    out = list(tokens)
+    for _ in range(3):
+        i = rng.randrange(len(out))
+        kind = rng.choice("cdi")
+        if kind == "c":
+            out[i] = (out[i] + 1 + rng.randrange(50)) % 300
+        elif kind == "d":
+            del out[i]
+        else:
+            out.insert(i, rng.randrange(300))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return make_llm(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def baseline(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    return run(llm, PROMPTS, [greedy] * len(PROMPTS))
+
+
+def test_greedy_same_tokens_with_prediction(llm, baseline):
+    params = []
+    for i, b in enumerate(baseline):
+        # even rows: an edited copy of the output; odd rows: no prediction, beside them
+        spec = edited(b["tokens"], i) if i % 2 == 0 else None
+        params.append(SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                     speculation=spec))  # fmt: skip
+    outs = run(llm, PROMPTS, params)
+    assert [o["tokens"] for o in outs] == [b["tokens"] for b in baseline]
+    assert [o["text"] for o in outs] == [b["text"] for b in baseline]
+    for i, o in enumerate(outs):
+        if i % 2:
+            assert o["spec"] == {}
+        else:
+            assert o["spec"]["prediction_tokens"] == len(params[i].speculation)
+            assert o["spec"]["prediction_matched"] == o["spec"]["accepted"] > 0
+    accepted = sum(o["spec"].get("accepted", 0) for o in outs)
+    assert accepted >= 0.5 * sum(len(b["tokens"]) for b in baseline[::2])
+
+
+@pytest.mark.parametrize("draft_seed", [0, 1])
+def test_greedy_same_tokens_with_ngram_and_draft(tiny_llama_dir, tmp_path, baseline, draft_seed):
+    """n-gram lookup, and a draft model: the model itself (accepts everything) or a different
+    random model with the same tokenizer (accepts little)."""
+    greedy = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(PROMPTS)
+    if draft_seed == 0:
+        ngram = run(make_llm(tiny_llama_dir, ngram_speculation_length=3), PROMPTS, greedy)
+        assert [o["tokens"] for o in ngram] == [b["tokens"] for b in baseline]
+        assert sum(o["spec"]["accepted"] for o in ngram) > 0
+        draft_dir = tiny_llama_dir
+    else:
+        draft_dir = _root_conftest().write_tiny_llama(tmp_path / "draft", seed=draft_seed)
+    draft = make_llm(tiny_llama_dir, draft_model=str(draft_dir), draft_token_count=3)
+    outs = run(draft, PROMPTS, greedy)
+    assert [o["tokens"] for o in outs] == [b["tokens"] for b in baseline]
+    proposed = sum(o["spec"]["proposed"] for o in outs)
+    accepted = sum(o["spec"]["accepted"] for o in outs)
+    assert proposed > 0
+    if draft_seed == 0:
+        assert accepted == proposed  # the model drafting for itself
+    assert draft.engine.speculator.draft.kv_cache.num_used_blocks == 0
+
+
+def test_penalties_bias_and_min_tokens_see_accepted_tokens(llm):
+    """Each verified position is processed with the proposals before it as output: penalties,
+    logit_bias and min_tokens give what plain decoding gives."""
+    kinds = [
+        dict(frequency_penalty=1.5),
+        dict(presence_penalty=2.0, repetition_penalty=1.4),
+        dict(logit_bias={70: 5.0, 101: -100.0}),
+        dict(min_tokens=30, stop_token_ids=[70, 101]),
+    ]
+    for kw in kinds:
+        plain = [SamplingParams(temperature=0, max_tokens=30, **kw)] * 6
+        base = run(llm, PROMPTS[:6], plain)
+        spec = [
+            SamplingParams(temperature=0, max_tokens=30, speculation=b["tokens"] + [70] * 8, **kw)
+            for b in base
+        ]
+        outs = run(llm, PROMPTS[:6], spec)
+        assert [o["tokens"] for o in outs] == [b["tokens"] for b in base], kw
+        assert [o["finish"] for o in outs] == [b["finish"] for b in base], kw
+        assert sum(o["spec"]["accepted"] for o in outs) > 0
+
+
+def test_stop_conditions_mid_acceptance(llm, baseline):
+    """A prediction that runs past a stop token, a stop string or max_tokens: nothing is
+    emitted past them."""
+    for i, b in enumerate(baseline[:8]):
+        tokens = b["tokens"]
+        cut = 7 + i
+        prediction = tokens + tokens  # proposes well past every limit
+        cases = [
+            dict(max_tokens=cut),
+            dict(max_tokens=40, stop_token_ids=[tokens[cut]]),
+            dict(max_tokens=40, stop=[llm.tokenizer.decode(tokens[cut : cut + 2])[:3] or "x"]),
+        ]
+        for kw in cases:
+            plain = run(llm, [PROMPTS[i]], [SamplingParams(temperature=0, **kw)])[0]
+            spec = run(llm, [PROMPTS[i]], [SamplingParams(temperature=0, speculation=prediction,
+                                                          **kw)])[0]  # fmt: skip
+            assert spec["tokens"] == plain["tokens"], kw
+            assert spec["text"] == plain["text"], kw
+            assert spec["finish"] == plain["finish"], kw
+
+
+def test_preemption_and_prefix_cache_see_only_verified_tokens(tiny_llama_dir, baseline):
+    """Room for about 80 tokens: speculating rows get preempted and recomputed; the prefix
+    cache's blocks hold only tokens that were generated (never a rejected proposal)."""
+    probe = make_llm(tiny_llama_dir)
+    per_token = probe.engine.runner.num_blocks * 4 / (0.01 * (1 << 30))
+    llm = make_llm(tiny_llama_dir, kv_cache_gb=80 / per_token / (1 << 30))
+    # prompts short enough that each request fits alone
+    chosen = [i for i, p in enumerate(PROMPTS) if len(llm.tokenizer.encode(p)) <= 30][:6]
+    assert len(chosen) == 6
+    prompts = [PROMPTS[i] for i in chosen]
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                       speculation=edited(baseline[i]["tokens"], 100 + i))
+        for i in chosen
+    ]  # fmt: skip
+    outs = run(llm, prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o["tokens"] for o in outs] == [baseline[i]["tokens"] for i in chosen]
+    # every cached block is a block of some request's real tokens, at its place
+    real = set()
+    for prompt, o in zip(prompts, outs):
+        ids = llm.tokenizer.encode(prompt) + o["tokens"]
+        real |= {tuple(ids[j : j + 4]) for j in range(0, len(ids) - 3, 4)}
+    cached = [b.token_ids for b in llm.engine.kv_cache.blocks if b.hash is not None]
+    assert cached and all(t in real for t in cached)
+
+
+def test_grammar_rows_do_not_speculate(llm):
+    grammar = GrammarSpec("regex", r"[a-z ]{5,20}")
+    plain = run(llm, PROMPTS[:2], [SamplingParams(temperature=0, max_tokens=20,
+                                                  grammar=grammar)] * 2)  # fmt: skip
+    spec = [
+        SamplingParams(temperature=0, max_tokens=20, grammar=grammar, speculation=p["tokens"])
+        for p in plain
+    ]
+    outs = run(llm, PROMPTS[:2], spec)
+    assert [o["tokens"] for o in outs] == [p["tokens"] for p in plain]
+    assert all(o["spec"]["proposed"] == 0 for o in outs)
+
+
+def test_seeded_sampling_reproducible_and_batch_invariant(llm, baseline):
+    seeded = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=30, seed=42, ignore_eos=True,
+                            speculation=baseline[1]["tokens"])  # fmt: skip
+    alone = run(llm, [PROMPTS[1]], [seeded])[0]
+    again = run(llm, [PROMPTS[1]], [seeded])[0]
+    assert alone["tokens"] == again["tokens"]
+    others = [
+        SamplingParams(temperature=0.7, top_k=5, max_tokens=25, ignore_eos=True,
+                       speculation=baseline[0]["tokens"]),
+        SamplingParams(temperature=0, max_tokens=8),
+        SamplingParams(temperature=1.2, max_tokens=20, seed=7, speculation=[70] * 30),
+    ]  # fmt: skip
+    mixed = run(llm, [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+                [others[0], seeded, others[1], others[2]])  # fmt: skip
+    assert mixed[1]["tokens"] == alone["tokens"]
+    assert mixed[1]["spec"] == alone["spec"]
+
+
+# -- the distribution of sampled tokens ------------------------------------------------------
+
+
+def _chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square quantile for a normal quantile z (Wilson-Hilferty); 3.29: p = 0.0005."""
+    a = 2.0 / (9.0 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def _bins(counts: dict[int, int], probs: torch.Tensor) -> list[tuple[int, float]]:
+    """(observed, expected) per token expected at least 5 times, the rarer ones pooled."""
+    n = sum(counts.values())
+    bins: list[tuple[int, float]] = []
+    rest_obs, rest_exp = 0, 0.0
+    for t, e in enumerate((probs * n).tolist()):
+        if e >= 5:
+            bins.append((counts.get(t, 0), e))
+        else:
+            rest_obs += counts.get(t, 0)
+            rest_exp += e
+    if rest_exp > 0:
+        bins.append((rest_obs, rest_exp))
+    return bins
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(temperature=0.4), dict(temperature=0.5, top_k=20, repetition_penalty=1.3, top_p=0.95)],
+)
+def test_sampled_tokens_keep_their_distribution(tiny_llama_dir, kw):
+    """With the second and third tokens always proposed, each sampled token given the ones
+    before it follows the model's distribution (processed as the sampler does without
+    speculation): Pearson's chi-square over thousands of samples."""
+    llm = make_llm(tiny_llama_dir, seed=1)  # its draws repeat from run to run
+    engine = llm.engine
+    # a prompt after which the random model is fairly sure of its next tokens (at these
+    # temperatures), so that proposing them is often right and sometimes wrong
+    text = PROMPTS[8]
+    prompt = llm.tokenizer.encode(text)
+    g = run(llm, [text], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])
+    g1, g2, g3 = g[0]["tokens"]
+    n = 2000
+    params = SamplingParams(max_tokens=3, ignore_eos=True, speculation=[g1, g2, g3], **kw)
+    outs = run(llm, [text] * n, [params] * n)
+    assert sum(o["spec"].get("accepted", 0) for o in outs) > n / 10  # proposals were verified
+
+    def exact(context: list[int]) -> torch.Tensor:
+        ids = prompt + context
+        with torch.inference_mode():
+            hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)))
+            logits = engine.model.compute_logits(hidden[-1:]).float()
+            row = SamplerRow(SamplingParams(**kw), None, ids, len(prompt))
+            Sampler._apply_bias_and_penalties(logits, [row])
+            probs = Sampler()._probs(logits, [row])[0].double()
+        return probs / probs.sum()
+
+    # token 2 among the samples whose token 1 was g1; token 3 among those that began g1, g2
+    for context in ([g1], [g1, g2]):
+        counts: dict[int, int] = {}
+        for o in outs:
+            if o["tokens"][: len(context)] == context:
+                t = o["tokens"][len(context)]
+                counts[t] = counts.get(t, 0) + 1
+        m = sum(counts.values())
+        assert m >= 300, (context, m)
+        bins = _bins(counts, exact(context))
+        # Pearson's chi-square, and no bin off by more than 4 standard deviations
+        stat = sum((o - e) ** 2 / e for o, e in bins)
+        assert stat < _chi_square_critical(len(bins) - 1), (context, stat, bins)
+        for o, e in bins:
+            assert abs(o - e) < 4 * math.sqrt(e * (1 - e / m)) + 1, (context, o, e)
+
+
+# -- proposers ------------------------------------------------------------------------------
+
+
+def test_ngram_proposal():
+    assert ngram_proposal([1, 2, 3, 4, 5, 1, 2], 3) == [3, 4, 5]
+    assert ngram_proposal([1, 2, 3, 1, 2], 5) == [3, 1, 2]  # as much as there is
+    assert ngram_proposal([9, 1, 2, 3, 1, 2], 2) == [3, 1]
+    assert ngram_proposal([1, 2, 3, 4], 3) == []  # the suffix occurs nowhere else
+    # the longest suffix wins: [7, 1, 2] occurred before 8, [1, 2] alone before 5
+    assert ngram_proposal([7, 1, 2, 8, 1, 2, 5, 7, 1, 2], 1) == [8]
+    # in a repeating stretch, an occurrence with k tokens after it
+    assert ngram_proposal([4] * 8, 3) == [4, 4, 4]
+
+
+def test_resync_finds_where_the_output_continues():
+    pred = [10, 11, 12, 13, 14, 15, 16]
+    assert resync([], pred, 0) == 0
+    assert resync([10, 11, 12], pred, 3) == 3
+    assert resync([10], pred, 0) == 1
+    assert resync([11], pred, 0) is None  # one token re-syncs only at the start
+    assert resync([10, 11, 99, 13, 14], pred, 3) == 5  # an edit: two tokens after it re-sync
+    assert resync([10, 11, 99, 13], pred, 3) is None  # one common token is not enough
+    assert resync([10, 11, 99], pred, 3) is None
+    # the occurrence nearest the cursor
+    assert resync([5, 14, 1], [14, 1, 7, 14, 1, 8, 14, 1], 4) == 5
