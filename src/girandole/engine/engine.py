@@ -102,9 +102,11 @@ class LLMEngine:
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
         compiled_grammar=None,
+        priority: int = 0,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
-        compiled here if not given."""
+        compiled here if not given. `priority`: its scheduling tier (1: service_tier
+        "priority")."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -113,7 +115,9 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             # Cached prompt positions have no logits to score: recompute the whole prompt.
             prefix_cache_max_len = 0
-        seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
+        seq = Sequence(
+            request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, priority
+        )
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)

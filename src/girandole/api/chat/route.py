@@ -4,6 +4,7 @@ route."""
 from __future__ import annotations
 
 from girandole.api.chat.prompt import chat_prompt, check_parts
+from girandole.api.chat.reasoning import THINK_END, plan_reasoning
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
 from girandole.api.chat.tools import plan_tools
@@ -31,13 +32,17 @@ class Chat(Endpoint):
                 "messages",
             )
         check_parts(req.messages)
-        return ChatShape(template, plan_tools(req, template))
+        reasoning = plan_reasoning(req, template)  # a 400 when asked of a model that cannot
+        think_end = engine.tokenizer.token_to_id(THINK_END) if reasoning is not None else None
+        return ChatShape(template, plan_tools(req, template), reasoning, think_end)
 
     async def prompts(
         self, engine: EngineClient, req: ChatCompletionRequest, shape: ChatShape
     ) -> list[list[int]]:
         vocab_size = engine.model_config.vocab_size
-        prompt = await chat_prompt(engine.tokenizer, req, shape.template, shape.plan, vocab_size)
+        prompt = await chat_prompt(
+            engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning
+        )
         return [prompt.token_ids]
 
 

@@ -148,6 +148,30 @@ class ChatMessage(StrictModel):
         return self.content
 
 
+# Reasoning (girandole.api.chat.reasoning): `true` is "medium" and `false` "none" (as Fireworks
+# reads them); an integer is a token cap on reasoning.
+Effort = Literal["none", "low", "medium", "high", "xhigh", "max", "adaptive"]
+ReasoningEffort = Annotated[
+    Effort | bool | Annotated[int, Field(ge=0)] | None,
+    one_error(
+        "reasoning_effort_type",
+        "Input should be 'none', 'low', 'medium', 'high', 'xhigh', 'max', 'adaptive', a boolean"
+        " or a number of tokens",
+    ),
+]
+
+
+class Thinking(StrictModel):
+    """Anthropic's form: `{"type": "enabled", "budget_tokens": N}`, `{"type": "disabled"}`,
+    `{"type": "adaptive"}`; `effort` overrides `reasoning_effort`."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Annotated[int, Field(ge=1024)] | None = None
+    effort: Effort | None = None
+    keep: Literal["all"] | None = None
+    budget_end_str: str | None = None
+
+
 class ChatCompletionRequest(RequestFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
@@ -160,3 +184,6 @@ class ChatCompletionRequest(RequestFields):
         None  # deprecated: read as tools
     )
     function_call: FunctionCallChoice = None  # deprecated: read as tool_choice
+    reasoning_effort: ReasoningEffort = None
+    reasoning_history: Literal["disabled", "interleaved", "preserved"] | None = None
+    thinking: Thinking | None = None

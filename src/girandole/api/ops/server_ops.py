@@ -179,7 +179,9 @@ class ServerOps:
 
     # -- the serving pipeline's hook ---------------------------------------------------------
 
-    async def admit(self, record: RequestRecord | None, choices: list[Choice]) -> None:
+    async def admit(
+        self, record: RequestRecord | None, choices: list[Choice], priority: bool = False
+    ) -> None:
         """Before a request's engine requests start: the prompt-length limit, then a slot in the
         admission queue (waits; 429 when the queue is full, 503 after the timeout). The record
         then accounts for the choices."""
@@ -195,7 +197,7 @@ class ServerOps:
         if record is None or record.admitted:
             return
         try:
-            record.queue_s = await self.admission.acquire(len(choices))
+            record.queue_s = await self.admission.acquire(len(choices), priority)
         except APIError:
             self.metrics.rate_limited.inc()
             raise

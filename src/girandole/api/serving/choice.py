@@ -169,6 +169,7 @@ class Choice:
         self.text_length = 0
         self.token_ids: list[int] = []  # generated
         self.last: RequestOutput | None = None  # the latest engine output the response read
+        self.reasoning_tokens: int | None = None  # set by a shape that splits out reasoning
 
     @property
     def num_prompt_tokens(self) -> int:

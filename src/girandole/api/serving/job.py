@@ -47,7 +47,8 @@ class Job:
     stream: bool
     include_usage: bool
     options: OutputOptions
-    received: float  # when the server got the request (time.monotonic)
+    received: float
+    priority: bool = False  # service_tier "priority": first in the admission and engine queues  # when the server got the request (time.monotonic)
     prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
@@ -108,6 +109,9 @@ def build_job(
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
     engine_kwargs = cache_kwargs(req, headers)
+    priority = req.service_tier == "priority"
+    if priority:
+        engine_kwargs["priority"] = 1
     n = req.n or 1
     requested = req.requested_max_tokens(default_max_tokens)
     behavior = req.context_length_exceeded_behavior or "truncate"
@@ -142,5 +146,6 @@ def build_job(
         include_usage=req.include_usage,
         options=options,
         received=received,
+        priority=priority,
         sampling_options=applied_options(choices[0].params),
     )
