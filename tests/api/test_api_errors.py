@@ -82,7 +82,7 @@ def test_max_tokens_and_max_completion_tokens_together(server):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("speculation", "abc"), ("prediction", "abc"), ("metadata", {"a": "b"}),
+    [("speculation", "abc"), ("prediction", "abc"), ("include_routing_matrix", True),
      ("images", ["data:image/png;base64,AA=="]), ("reasoning_effort", "low")],
 )  # fmt: skip
 def test_later_fields_are_unsupported_not_ignored(server, field, value):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.sequence import Sequence, SequenceStatus
 
-
 PRIORITY_SHARE = 4  # priority admissions per default-tier admission while both tiers wait
 
 

@@ -85,3 +85,7 @@ class ChatShape(ResponseShape):
 
     def finish_piece(self) -> dict[str, Any]:
         return {"delta": {}}
+
+    def add_internal_content(self, body: dict[str, Any], token_ids: list[int]) -> None:
+        content = {"token_id": token_ids[-1], "token_ids": list(token_ids)}
+        body["delta"] = {**body["delta"], "internal_content": content}

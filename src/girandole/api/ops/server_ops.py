@@ -6,6 +6,7 @@ model registry; it sees the model's state only through `engine_status`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -278,6 +279,7 @@ class ServerOps:
                     "queue_s": record.queue_s,
                     "ttft_s": ttft,
                     "duration_s": duration,
+                    "metadata": json.dumps(record.metadata) if record.metadata else None,
                 }
             )
             fields.update(

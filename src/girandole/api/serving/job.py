@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.schema import RequestFields
+from girandole.api.serving.buffering import StreamBuffer
 from girandole.api.serving.choice import Choice, OutputOptions, output_options
 from girandole.api.serving.params import (
     applied_options,
@@ -48,7 +49,10 @@ class Job:
     include_usage: bool
     options: OutputOptions
     received: float
-    priority: bool = False  # service_tier "priority": first in the admission and engine queues  # when the server got the request (time.monotonic)
+    priority: bool = False  # service_tier "priority": first in the admission and engine queues
+    metadata: dict[str, str] | None = None  # kept with the request's usage row
+    buffer: StreamBuffer | None = None  # stream_options.buffer_*: chunks coalesced
+    internal_content: bool = False  # stream_options.include_internal_content  # when the server got the request (time.monotonic)
     prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
@@ -147,5 +151,8 @@ def build_job(
         options=options,
         received=received,
         priority=priority,
+        metadata=req.metadata,
+        buffer=StreamBuffer.of(req.stream_options),
+        internal_content=bool(req.stream_options and req.stream_options.include_internal_content),
         sampling_options=applied_options(choices[0].params),
     )

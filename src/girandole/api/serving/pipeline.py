@@ -136,6 +136,8 @@ async def run(
         "fireworks-sampling-options": json.dumps(job.sampling_options, separators=(",", ":")),
     }
     record = record_of(request)
+    if record is not None:
+        record.metadata = job.metadata
     # prompt limit; admission queue (429/503), priority requests first
     await state.ops.admit(record, job.choices, job.priority)
     touch(request, target)  # the wait for admission is no idle time of the deployment
