@@ -11,6 +11,7 @@ weights only choose how the tokens spell it.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -449,3 +450,39 @@ def test_bad_metadata_is_a_400(qwen):
         r = raw(qwen, {"messages": HI, "max_tokens": 1, "metadata": metadata})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+
+
+# -- sampling_mask -------------------------------------------------------------------------------
+
+
+def test_sampling_mask_reports_the_tokens_sampling_allowed(qwen):
+    base = {"prompt": "once", "max_tokens": 4, "ignore_eos": True, "logprobs": True,
+            "top_logprobs": 5, "seed": 7}  # fmt: skip
+    # top_k 5: five tokens allowed at every step, and the chosen one is among them
+    r = raw(qwen, {**base, "top_k": 5, "sampling_mask": "non_zero_list"}, "/v1/completions")
+    for entry in r.json()["choices"][0]["logprobs"]["content"]:
+        assert entry["sampling_mask_count"] == 5 == len(entry["sampling_mask"])
+        assert entry["token_id"] in entry["sampling_mask"]
+        assert set(entry["sampling_mask"]) == {t["token_id"] for t in entry["top_logprobs"]}
+    # greedy: only the argmax; the buffer is a bitmask of the same set
+    r = oa(qwen).chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=3, temperature=0, logprobs=True,
+        extra_body={"sampling_mask": "non_zero_buffer"},
+    )  # fmt: skip
+    for entry in r.choices[0].logprobs.content:
+        extra = entry.model_extra
+        bits = base64.b64decode(extra["sampling_mask"])
+        allowed = [i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1]
+        assert allowed == [entry.model_extra["token_id"]] and extra["sampling_mask_count"] == 1
+    # count only; top_p 1, temperature 1: the whole vocabulary
+    r = raw(qwen, {**base, "sampling_mask": "count", "top_k": 0, "temperature": 1},
+            "/v1/completions")  # fmt: skip
+    for entry in r.json()["choices"][0]["logprobs"]["content"]:
+        assert "sampling_mask" not in entry and entry["sampling_mask_count"] == 322
+
+
+def test_sampling_mask_needs_content_logprobs(qwen):
+    for extra in ({}, {"logprobs": 2}):
+        r = raw(qwen, {"prompt": "x", "max_tokens": 1, "sampling_mask": "count", **extra},
+                "/v1/completions")  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_mask", r.text

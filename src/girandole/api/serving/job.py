@@ -93,6 +93,7 @@ def choice_params(
     if options is not None and options.logprobs_mode is not None:
         params.logprobs = options.num_top
         params.prompt_logprobs = options.prompt_logprobs
+        params.sampling_mask = options.sampling_mask
     return params
 
 
