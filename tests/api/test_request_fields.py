@@ -486,3 +486,28 @@ def test_sampling_mask_needs_content_logprobs(qwen):
         r = raw(qwen, {"prompt": "x", "max_tokens": 1, "sampling_mask": "count", **extra},
                 "/v1/completions")  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_mask", r.text
+
+
+# -- prompt_token_ids (chat) ---------------------------------------------------------------------
+
+
+def test_chat_prompt_token_ids_skip_the_template(qwen):
+    templated = raw(qwen, {"messages": HI, "max_tokens": 4, "temperature": 0,
+                           "raw_output": True, "reasoning_effort": "none"})  # fmt: skip
+    ids = templated.json()["choices"][0]["raw_output"]["prompt_token_ids"]
+    r = oa(qwen).chat.completions.create(
+        model=MODEL, messages=[], max_tokens=4, temperature=0,
+        extra_body={"prompt_token_ids": ids, "raw_output": True, "messages": None},
+    )  # fmt: skip
+    assert r.choices[0].model_extra["raw_output"]["prompt_token_ids"] == ids
+    assert r.choices[0].message.content == templated.json()["choices"][0]["message"]["content"]
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_prompt_token_ids_errors(qwen):
+    for body, param in (({"messages": HI, "prompt_token_ids": [1, 2]}, "prompt_token_ids"),
+                        ({}, "messages"),
+                        ({"prompt_token_ids": [10**6]}, "prompt_token_ids"),
+                        ({"prompt_token_ids": []}, "prompt_token_ids")):  # fmt: skip
+        r = raw(qwen, {"max_tokens": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

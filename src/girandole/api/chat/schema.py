@@ -173,7 +173,11 @@ class Thinking(StrictModel):
 
 
 class ChatCompletionRequest(RequestFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # one of the two: messages through the template, or the prompt's token ids as they are
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = (
+        None
+    )
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
     safe_tokenization: bool | None = None
     # OpenAI's limit too; each tool's schema joins the grammar a tool call is decoded with

@@ -51,7 +51,9 @@ COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "thinking": lambda v: isinstance(v, dict) and v.get("type") == "disabled",
     **COMMON_UNSUPPORTED,
 }
-_CHAT_ONLY = "only on /v1/chat/completions: a /completions prompt is raw text, with no chat template"
+_CHAT_ONLY = (
+    "only on /v1/chat/completions: a /completions prompt is raw text, with no chat template"
+)
 REASONS: dict[str, str] = {
     "images": "this model takes text only",
     "include_routing_matrix": "this model has no mixture-of-experts router",
@@ -62,10 +64,7 @@ REASONS: dict[str, str] = {
 # /chat/completions: chat implements logprobs, top_logprobs and raw_output, and has no `images`
 # (an extra input). Its own table, so that when /completions implements a common field, chat
 # still rejects it until the chat schema gains it too.
-CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "prompt_token_ids": _never,
-    **COMMON_UNSUPPORTED,
-}
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {**COMMON_UNSUPPORTED}
 
 
 def strip_unsupported(body: dict[str, Any], table: dict[str, Callable[[Any], bool]]) -> None:
