@@ -511,3 +511,17 @@ def test_chat_prompt_token_ids_errors(qwen):
                         ({"prompt_token_ids": []}, "prompt_token_ids")):  # fmt: skip
         r = raw(qwen, {"max_tokens": 1, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_echoed_prompt_is_content_and_only_the_output_is_split(qwen):
+    # the prompt ends inside a <think> block: echo must not turn the prompt into reasoning
+    messages = [*HI, {"role": "assistant", "content": "<think>\nLet me see"}]
+    grammar = {"type": "grammar", "grammar": 'root ::= " more\\n</think>\\n\\nDone."'}
+    body = {"messages": messages, "max_tokens": 64, "response_format": grammar, "echo": True}
+    message = raw(qwen, body).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == " more"
+    assert message["content"].endswith("<think>\nLet me seeDone.")
+    chunks = _chunks(qwen, {**body, "ignore_eos": False}, "/v1/chat/completions")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == " more"
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]

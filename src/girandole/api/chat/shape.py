@@ -31,6 +31,7 @@ class ChatShape(ResponseShape):
         self.think_end_id = think_end_id  # the </think> token, to count reasoning tokens
         self._calls: dict[int, ToolStream] = {}  # per choice: content or tool-call deltas
         self._splitters: dict[int, ReasoningSplitter] = {}
+        self._echoed: set[int] = set()  # choices whose echoed prompt was passed on
 
     def _splitter(self, choice: Choice) -> ReasoningSplitter:
         splitter = self._splitters.get(choice.index)
@@ -43,6 +44,15 @@ class ChatShape(ResponseShape):
             self._splitters[choice.index] = splitter
         return splitter
 
+    def _echo_split(self, choice: Choice, text: str) -> tuple[str, str]:
+        """(the echoed prompt, the generated text) of a choice's text: an echo is content, and
+        only what the model generated is split into reasoning and answer."""
+        if not choice.echo_text or choice.index in self._echoed:
+            return "", text
+        self._echoed.add(choice.index)
+        echo = choice.echo_text
+        return (echo, text[len(echo) :]) if text.startswith(echo) else ("", text)
+
     def _count(self, choice: Choice, splitter: ReasoningSplitter) -> None:
         choice.reasoning_tokens = reasoning_tokens(
             splitter, choice.token_ids, choice.tokenizer, self.think_end_id
@@ -51,10 +61,11 @@ class ChatShape(ResponseShape):
     def whole(self, choice: Choice) -> dict[str, Any]:
         text, reasoning = choice.full_text, None
         if self.reasoning is not None:
+            echo, generated = self._echo_split(choice, text)
             splitter = self._splitter(choice)
-            splitter.feed(choice.full_text, final=True)
+            splitter.feed(generated, final=True)
             reasoning = splitter.reasoning_text if splitter.reasoned else None
-            text = splitter.content_text
+            text = echo + splitter.content_text
             self._count(choice, splitter)
         message, choice.finish_reason = finish_message(self.plan, text, choice.finish_reason)
         if self.reasoning is not None:
@@ -68,6 +79,8 @@ class ChatShape(ResponseShape):
         calls = self._calls.setdefault(choice.index, ToolStream(self.plan))
         deltas: list[dict[str, Any]] = []
         if self.reasoning is not None:
+            echo, text = self._echo_split(choice, text)
+            deltas += calls.feed(echo) if echo else []
             splitter = self._splitter(choice)
             reasoning, text = splitter.feed(text, final=finished)
             if reasoning:
