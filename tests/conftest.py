@@ -155,3 +155,61 @@ def hub_cache(tmp_path_factory) -> HubCache:
     readme.write_text("# no weights here\n")
     hub.add("tiny-org/no-weights", {"README.md": readme})
     return hub
+
+
+QWEN3_TEMPLATE = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
+
+
+def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen3 with a byte-level BPE tokenizer holding Qwen's chat tokens
+    (`<|im_start|>`, `<|im_end|>` (EOS), `<|endoftext|>`; `<think>`/`</think>` as plain added
+    tokens, as Qwen3's are) and Qwen3's chat template (thinking on unless
+    `enable_thinking=false`), saved as safetensors."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TRAIN_TEXT], trainer)
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "tokenizer_class": "Qwen2Tokenizer",
+                "chat_template": QWEN3_TEMPLATE.read_text(),
+            }
+        )
+    )
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        pad_token_id=tok.token_to_id("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -82,7 +82,7 @@ def test_max_tokens_and_max_completion_tokens_together(server):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("include_routing_matrix", True), ("metadata", {"a": "b"}),
+    [("include_routing_matrix", True),
      ("images", ["data:image/png;base64,AA=="]), ("reasoning_effort", "low")],
 )  # fmt: skip
 def test_later_fields_are_unsupported_not_ignored(server, field, value):

@@ -90,8 +90,8 @@ def test_limits_accepted_at_the_edges():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("include_routing_matrix", True), ("metadata", {"a": "b"}), ("service_tier", "flex"),
-     ("images", ["data:image/png;base64,AA=="]), ("stream_options", {"include_internal_content": True})],
+    [("include_routing_matrix", True), ("reasoning_effort", "high"),
+     ("thinking", {"type": "enabled"}), ("images", ["data:image/png;base64,AA=="])],
 )  # fmt: skip
 def test_unsupported_fields_are_400_naming_them(field, value):
     err = error_of(req(**{field: value}))
@@ -101,8 +101,9 @@ def test_unsupported_fields_are_400_naming_them(field, value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("images", []), ("metadata", None), ("include_routing_matrix", False),
-     ("service_tier", "default")],
+    [("images", []), ("include_routing_matrix", False),
+     ("reasoning_effort", "none"), ("reasoning_effort", False), ("thinking", {"type": "disabled"}),
+     ("reasoning_history", "disabled")],
 )  # fmt: skip
 def test_unsupported_fields_accept_noop_values(field, value):
     body = req(**{field: value})
@@ -115,9 +116,7 @@ def test_noop_check_is_type_exact():
     with pytest.raises(APIError):  # 0 is not False
         strip_unsupported(req(include_routing_matrix=0), COMPLETIONS_UNSUPPORTED)
     with pytest.raises(APIError):  # 0 is not False
-        strip_unsupported(
-            req(stream_options={"include_internal_content": 0}), COMPLETIONS_UNSUPPORTED
-        )
+        strip_unsupported(req(reasoning_effort=0), COMPLETIONS_UNSUPPORTED)
 
 
 @pytest.mark.parametrize(

@@ -145,11 +145,13 @@ class LLMEngine:
         compiled_grammar=None,
         pooling: PoolingParams | None = None,
         prompt_logprobs_last: int | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
         compiled here if not given. With `pooling`, a prefill-only request that reports its
         prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
-        only the prompt's last N tokens (the others' prompt logprobs are None)."""
+        only the prompt's last N tokens (the others' prompt logprobs are None). `priority`: its
+        scheduling tier (1: service_tier "priority")."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -160,7 +162,9 @@ class LLMEngine:
         if params.prompt_logprobs is not None or pooling is not None:
             # Cached prompt positions have no hidden states to score or pool: compute them all.
             prefix_cache_max_len = 0
-        seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
+        seq = Sequence(
+            request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, priority
+        )
         seq.pooling = pooling
         if seq.prompt_logprobs is not None and prompt_logprobs_last is not None:
             # the runner scores from the first position not yet in the list

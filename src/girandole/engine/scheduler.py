@@ -6,6 +6,11 @@ tokens and prefill chunks share one step, decode tokens first. When a running se
 get a block, the most recently admitted one is preempted (its blocks freed, recomputed later
 from its tokens). While decodes run, the prompt tokens of a step may be capped further
 (`prefill_cap`, from engine/step_budget.py) so that a long prefill chunk never stalls streams.
+
+Waiting sequences queue per tier (`Sequence.priority`: Fireworks' `service_tier: "priority"`
+is 1, the default tier 0), first come first served within a tier. The priority tier goes first,
+but while both tiers wait, one admission in every `PRIORITY_SHARE + 1` goes to the default tier,
+so a steady stream of priority requests slows the default tier and never starves it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.sequence import Sequence, SequenceStatus
+
+PRIORITY_SHARE = 4  # priority admissions per default-tier admission while both tiers wait
 
 
 @dataclass
@@ -49,17 +56,23 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # the default tier
+        self.priority_waiting: deque[Sequence] = deque()  # service_tier "priority"
         self.running: list[Sequence] = []
-        self._num_removed_waiting = 0  # finished sequences still in `waiting`, dropped lazily
+        # finished sequences still in a waiting queue, dropped lazily
+        self._num_removed_waiting = 0
+        self._priority_streak = 0  # priority admissions since the default tier's last one
         self.num_preemptions = 0
 
+    def _queue_of(self, seq: Sequence) -> deque[Sequence]:
+        return self.priority_waiting if seq.priority > 0 else self.waiting
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._queue_of(seq).append(seq)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) - self._num_removed_waiting
+        return len(self.waiting) + len(self.priority_waiting) - self._num_removed_waiting
 
     def has_work(self) -> bool:
         return bool(self.num_waiting or self.running)
@@ -74,14 +87,37 @@ class Scheduler:
             self.running.remove(seq)  # at most max_num_seqs long
         elif seq.status is SequenceStatus.WAITING:
             self._num_removed_waiting += 1
-            if self._num_removed_waiting > 64 and 2 * self._num_removed_waiting > len(self.waiting):
+            queued = len(self.waiting) + len(self.priority_waiting)
+            if self._num_removed_waiting > 64 and 2 * self._num_removed_waiting > queued:
                 self._compact_waiting(seq)
         seq.status = SequenceStatus.FINISHED
         self.kv_cache.free(seq)
 
     def _compact_waiting(self, removed: Sequence) -> None:
-        self.waiting = deque(s for s in self.waiting if not s.is_finished and s is not removed)
+        def kept(queue: deque[Sequence]) -> deque[Sequence]:
+            return deque(s for s in queue if not s.is_finished and s is not removed)
+
+        self.waiting = kept(self.waiting)
+        self.priority_waiting = kept(self.priority_waiting)
         self._num_removed_waiting = 0
+
+    def _next_queue(self) -> deque[Sequence] | None:
+        """The queue whose head is admitted next (finished heads dropped), None when both are
+        empty: the priority tier, unless the default tier waits and its turn has come."""
+        for queue in (self.priority_waiting, self.waiting):
+            while queue and queue[0].is_finished:  # removed while waiting
+                queue.popleft()
+                self._num_removed_waiting -= 1
+        if self.priority_waiting and not (self.waiting and self._priority_streak >= PRIORITY_SHARE):
+            return self.priority_waiting
+        return self.waiting or None
+
+    def _admitted(self, queue: deque[Sequence]) -> None:
+        queue.popleft()
+        if queue is self.priority_waiting and self.waiting:
+            self._priority_streak += 1
+        else:
+            self._priority_streak = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -90,7 +126,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._queue_of(seq).appendleft(seq)
 
     def schedule(self, prefill_cap: Callable[[int], int | None] | None = None) -> ScheduledBatch:
         """The next step's work. `prefill_cap(decode_rows)`: the most prompt tokens a step that
@@ -149,23 +185,21 @@ class Scheduler:
         while (
             not preempted
             and not batch.out_of_blocks
-            and self.waiting
             and budget > 0
             and prefill_left > 0
             and len(self.running) < self.config.max_num_seqs
         ):
-            seq = self.waiting[0]
-            if seq.is_finished:  # removed while waiting
-                self.waiting.popleft()
-                self._num_removed_waiting -= 1
-                continue
+            queue = self._next_queue()
+            if queue is None:
+                break
+            seq = queue[0]
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, budget, prefill_left)
             if not self.kv_cache.allocate(seq, n):
                 self.kv_cache.free(seq)  # release prefix hits; try again next step
                 break
-            self.waiting.popleft()
+            self._admitted(queue)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

@@ -29,6 +29,7 @@ class Sequence:
         params: SamplingParams,
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.params = params
@@ -42,6 +43,7 @@ class Sequence:
         self.last_block_hash: int | None = None  # chain hash of the last of those blocks
         self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
         self.prefix_cache_max_len = prefix_cache_max_len  # cap on reused prompt tokens (0 = off)
+        self.priority = priority  # scheduling tier: 1 for service_tier "priority", else 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None

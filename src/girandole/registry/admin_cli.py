@@ -103,7 +103,18 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     since = time.time() - args.hours * 3600 if args.hours else None
-    rows = _open(args).usage_summary(args.by, args.account, since)
+    metadata = {}
+    for pair in args.metadata:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            print(f"girandole usage: --metadata takes KEY=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+        metadata[key] = value
+    try:
+        rows = _open(args).usage_summary(args.by, args.account, since, metadata)
+    except ValueError as exc:
+        print(f"girandole usage: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -162,7 +173,17 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
 
     usage = sub.add_parser("usage", help="summarize usage: requests and tokens")
     usage.add_argument(
-        "--by", choices=["account", "key_id", "model", "endpoint", "status"], default="account"
+        "--by",
+        default="account",
+        help="account (default), key_id, model, endpoint, status, or metadata.KEY (a key of the"
+        " requests' `metadata`)",
+    )
+    usage.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only requests whose metadata has KEY=VALUE (repeatable: all of them)",
     )
     usage.add_argument("--account", default=None, help="only this account")
     usage.add_argument("--hours", type=float, default=None, help="only the last N hours")

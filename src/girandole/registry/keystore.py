@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
@@ -54,7 +55,8 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     queue_s REAL,
     ttft_s REAL,
-    duration_s REAL NOT NULL
+    duration_s REAL NOT NULL,
+    metadata TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_account_time ON usage (account, time);
 """
@@ -76,7 +78,15 @@ USAGE_COLUMNS = (
     "queue_s",
     "ttft_s",
     "duration_s",
+    "metadata",  # the request's `metadata` as JSON, or NULL
 )
+
+
+def _json_path(key: str) -> str:
+    """SQLite's JSON path of one metadata key (quoted: keys may hold dots or spaces)."""
+    if '"' in key or "\\" in key:
+        raise ValueError(f"metadata keys with quotes or backslashes cannot be queried: {key!r}")
+    return f'$."{key}"'
 
 
 def digest(key: str) -> bytes:
@@ -133,6 +143,9 @@ class Database:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
             self._add_role_column()
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(usage)")}
+            if "metadata" not in columns:  # a database from before the column
+                self._conn.execute("ALTER TABLE usage ADD COLUMN metadata TEXT")
         if path is not None:
             for suffix in ("-wal", "-shm"):  # SQLite copies the database's mode; make sure
                 extra = Path(self.path + suffix)
@@ -258,26 +271,41 @@ class Database:
                 raise
 
     def usage_summary(
-        self, by: str = "account", account: str | None = None, since: float | None = None
+        self,
+        by: str = "account",
+        account: str | None = None,
+        since: float | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> list[dict]:
-        """Totals grouped by `by` (account, key_id, model, endpoint or status)."""
-        if by not in ("account", "key_id", "model", "endpoint", "status"):
+        """Totals grouped by `by` (account, key_id, model, endpoint, status, or `metadata.<key>`:
+        a key of the requests' metadata), of the rows whose metadata has every pair of
+        `metadata`."""
+        where: list[str] = []
+        params: list = []
+        if by.startswith("metadata."):
+            column = "json_extract(metadata, ?)"
+            params.append(_json_path(by[len("metadata.") :]))
+        elif by in ("account", "key_id", "model", "endpoint", "status"):
+            column = by
+        else:
             raise ValueError(f"cannot group usage by {by!r}")
-        where, params = [], []
         if account is not None:
             where.append("account = ?")
             params.append(account)
         if since is not None:
             where.append("time >= ?")
             params.append(since)
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(metadata, ?) = ?")
+            params += [_json_path(key), value]
         sql = (
-            f"SELECT {by}, COUNT(*), SUM(aborted), SUM(status >= 400), SUM(prompt_tokens),"
-            " SUM(cached_tokens), SUM(completion_tokens), AVG(ttft_s), AVG(duration_s)"
-            " FROM usage"
+            f"SELECT {column} AS grp, COUNT(*), SUM(aborted), SUM(status >= 400),"
+            " SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), AVG(ttft_s),"
+            " AVG(duration_s) FROM usage"
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" GROUP BY {by} ORDER BY {by}"
+        sql += " GROUP BY grp ORDER BY grp"
         names = (
             by,
             "requests",
@@ -290,6 +318,14 @@ class Database:
             "avg_duration_s",
         )
         return [dict(zip(names, row)) for row in self.execute(sql, tuple(params))]
+
+    def usage_rows(self, request_id: str) -> list[dict]:
+        """The usage rows of one request id (its metadata decoded)."""
+        sql = f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage WHERE request_id = ? ORDER BY id"
+        rows = [dict(zip(USAGE_COLUMNS, row)) for row in self.execute(sql, (request_id,))]
+        for row in rows:
+            row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else None
+        return rows
 
     def count_usage(self) -> int:
         return int(self.execute("SELECT COUNT(*) FROM usage")[0][0])

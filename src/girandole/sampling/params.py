@@ -34,6 +34,9 @@ class SamplingParams:
     # chosen token's) and per prompt token (echo with logprobs).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # With logprobs: also report, per generated token, which tokens the sampling distribution
+    # allowed (non-zero probability): "count", "non_zero_list" or "non_zero_buffer".
+    sampling_mask: str | None = None
     # Constrained decoding (response_format, tools): the output must match this grammar.
     grammar: GrammarSpec | None = None
     # Speculative decoding: token ids of the expected output (`prediction`/`speculation`),

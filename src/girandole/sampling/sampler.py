@@ -39,6 +39,8 @@ class SampleResult:
     sampling_logprob: float | None = None  # after bias, penalties, temperature and filters
     top_logprobs: list[tuple[int, float]] | None = None  # raw top-N, most likely first
     dead_end: bool = False  # the grammar allowed no token at all: nothing was chosen
+    # params.sampling_mask: the tokens the sampling distribution allowed (non-zero probability)
+    sampling_mask: list[int] | None = None
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
@@ -90,6 +92,8 @@ class Sampler:
         results = [SampleResult(int(t)) for t in chosen.tolist()]
         for i in dead:
             results[i].dead_end = True
+        if any(r.params.sampling_mask is not None for r in rows):
+            self._masks(results, rows, sampled, probs if sampled else None, set(dead))
         if raw_lp is not None:
             chosen_lp = raw_lp.gather(1, chosen[:, None])[:, 0].tolist()
             for i, r in enumerate(rows):
@@ -99,6 +103,27 @@ class Sampler:
                     res.sampling_logprob = float(sampling_lp[i])
                     res.top_logprobs = top_logprobs(raw_lp[i : i + 1], r.params.logprobs)[0]
         return results
+
+    @staticmethod
+    def _masks(
+        results: list[SampleResult],
+        rows: list[SamplerRow],
+        sampled: list[int],
+        probs: torch.Tensor | None,
+        dead: set[int],
+    ) -> None:
+        """The non-zero set of each row's sampling distribution, for rows that ask for it:
+        greedy rows allow only their argmax; a grammar dead end allows nothing."""
+        position = {row: j for j, row in enumerate(sampled)}
+        for i, r in enumerate(rows):
+            if r.params.sampling_mask is None:
+                continue
+            if i in dead:
+                results[i].sampling_mask = []
+            elif i in position and probs is not None:
+                results[i].sampling_mask = probs[position[i]].nonzero()[:, 0].tolist()
+            else:
+                results[i].sampling_mask = [results[i].token_id]
 
     # -- logit processors ------------------------------------------------------------------
 

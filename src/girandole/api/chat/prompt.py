@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from girandole.api.chat.reasoning import ReasoningPlan, apply_history
 from girandole.api.chat.schema import ChatCompletionRequest, ChatMessage
 from girandole.api.chat.tools import ToolPlan, prompt_messages
 from girandole.api.http.errors import APIError, bad_request
@@ -72,9 +73,10 @@ def _encode(
     template: str,
     safe: bool,
     tools: list[dict[str, Any]] | None = None,
+    reasoning: ReasoningPlan | None = None,
 ) -> tuple[str, list[int]]:
     cont = messages[-1]["role"] == "assistant"
-    return encode_chat(
+    text, ids = encode_chat(
         tokenizer,
         messages,
         template,
@@ -82,7 +84,12 @@ def _encode(
         add_generation_prompt=not cont,
         continue_final_message=cont,
         tools=tools,
+        **(reasoning.template_kwargs() if reasoning is not None else {}),
     )
+    suffix = reasoning.prompt_suffix(template, text, cont) if reasoning is not None else ""
+    if suffix:  # thinking off in a template without a switch for it: an empty thinking block
+        text, ids = text + suffix, ids + tokenizer.encode(suffix, add_bos=False)
+    return text, ids
 
 
 def _truncate(
@@ -93,6 +100,7 @@ def _truncate(
     limit: int,
     full: tuple[str, list[int]],
     tools: list[dict[str, Any]] | None = None,
+    reasoning: ReasoningPlan | None = None,
 ) -> ChatPrompt:
     """Drop the oldest turns (then the system prompt) until the prompt has <= limit tokens."""
     system = messages[:1] if messages[0]["role"] == "system" else []
@@ -104,7 +112,7 @@ def _truncate(
 
     def attempt(keep_system: bool, start: int) -> ChatPrompt | None:
         msgs = (system if keep_system else []) + body[start:]
-        text, ids = _encode(tokenizer, msgs, template, safe, tools)
+        text, ids = _encode(tokenizer, msgs, template, safe, tools, reasoning)
         if len(ids) > limit:
             return None
         return ChatPrompt(text, ids, len(messages) - len(msgs))
@@ -125,7 +133,7 @@ def _truncate(
         found = attempt(False, starts[-1] if starts else 0)
         if found is not None:
             return found
-    kept = len(_encode(tokenizer, tail or system, template, safe, tools)[1])
+    kept = len(_encode(tokenizer, tail or system, template, safe, tools, reasoning)[1])
     raise bad_request(
         f"prompt_truncate_len is {limit} tokens, but the last turn alone takes {kept}"
         f" (the whole prompt: {len(full[1])})",
@@ -138,16 +146,20 @@ def build_prompt(
     req: ChatCompletionRequest,
     template: str,
     plan: ToolPlan | None = None,
+    reasoning: ReasoningPlan | None = None,
 ) -> ChatPrompt:
     messages = template_messages(req.messages)
+    if reasoning is not None:  # earlier turns' reasoning as reasoning_history asks
+        messages = apply_history(messages, reasoning.history)
     # tools into the prompt: the template's own way, else a system text (girandole.api.chat.tools)
     messages, tools = prompt_messages(messages, plan, template)
     safe = bool(req.safe_tokenization)
     try:
-        text, ids = _encode(tokenizer, messages, template, safe, tools)
+        text, ids = _encode(tokenizer, messages, template, safe, tools, reasoning)
         if req.prompt_truncate_len is not None and len(ids) > req.prompt_truncate_len:
+            limit = req.prompt_truncate_len
             return _truncate(
-                tokenizer, messages, template, safe, req.prompt_truncate_len, (text, ids), tools
+                tokenizer, messages, template, safe, limit, (text, ids), tools, reasoning
             )
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -167,10 +179,11 @@ async def chat_prompt(
     template: str,
     plan: ToolPlan | None,
     vocab_size: int,
+    reasoning: ReasoningPlan | None = None,
 ) -> ChatPrompt:
     """The request's prompt (long conversations rendered and tokenized in a thread)."""
     size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
-    prompt = await off_loop_if_long(size, build_prompt, tokenizer, req, template, plan)
+    prompt = await off_loop_if_long(size, build_prompt, tokenizer, req, template, plan, reasoning)
     for token in prompt.token_ids:
         if token >= vocab_size:  # a template writing a token the model lacks
             raise bad_request(f"Token id {token} of the chat prompt is out of range", "messages")

@@ -4,6 +4,7 @@ route."""
 from __future__ import annotations
 
 from girandole.api.chat.prompt import chat_prompt, check_parts
+from girandole.api.chat.reasoning import THINK_END, plan_reasoning
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
 from girandole.api.chat.tools import plan_tools
@@ -30,14 +31,39 @@ class Chat(Endpoint):
                 " family): use /completions, or start the server with --chat-template",
                 "messages",
             )
-        check_parts(req.messages)
-        return ChatShape(template, plan_tools(req, template))
+        if (req.messages is None) == (req.prompt_token_ids is None):
+            both = req.messages is not None
+            raise bad_request(
+                "Send either messages or prompt_token_ids (a prompt already templated and"
+                f" tokenized), {'not both' if both else 'one of them is required'}",
+                "prompt_token_ids" if both else "messages",
+            )
+        if req.messages is not None:
+            check_parts(req.messages)
+        reasoning = plan_reasoning(req, template)  # a 400 when asked of a model that cannot
+        think_end = engine.tokenizer.token_to_id(THINK_END) if reasoning is not None else None
+        return ChatShape(template, plan_tools(req, template), reasoning, think_end)
 
     async def prompts(
         self, engine: EngineClient, req: ChatCompletionRequest, shape: ChatShape
     ) -> list[list[int]]:
         vocab_size = engine.model_config.vocab_size
-        prompt = await chat_prompt(engine.tokenizer, req, shape.template, shape.plan, vocab_size)
+        if req.prompt_token_ids is not None:  # the template is skipped: the ids as they are
+            ids = list(req.prompt_token_ids)
+            for token in ids:
+                if token >= vocab_size:
+                    raise bad_request(
+                        f"Token id {token} in prompt_token_ids is out of range: the vocabulary"
+                        f" has {vocab_size} tokens",
+                        "prompt_token_ids",
+                    )
+            if shape.reasoning is not None:
+                text = engine.tokenizer.decode(ids, skip_special_tokens=False)
+                shape.reasoning.prompt_suffix(shape.template, text, continued=True)
+            return [ids]
+        prompt = await chat_prompt(
+            engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning
+        )
         return [prompt.token_ids]
 
 

@@ -148,8 +148,36 @@ class ChatMessage(StrictModel):
         return self.content
 
 
+# Reasoning (girandole.api.chat.reasoning): `true` is "medium" and `false` "none" (as Fireworks
+# reads them); an integer is a token cap on reasoning.
+Effort = Literal["none", "low", "medium", "high", "xhigh", "max", "adaptive"]
+ReasoningEffort = Annotated[
+    Effort | bool | Annotated[int, Field(ge=0)] | None,
+    one_error(
+        "reasoning_effort_type",
+        "Input should be 'none', 'low', 'medium', 'high', 'xhigh', 'max', 'adaptive', a boolean"
+        " or a number of tokens",
+    ),
+]
+
+
+class Thinking(StrictModel):
+    """Anthropic's form: `{"type": "enabled", "budget_tokens": N}`, `{"type": "disabled"}`,
+    `{"type": "adaptive"}`; `effort` overrides `reasoning_effort`."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Annotated[int, Field(ge=1024)] | None = None
+    effort: Effort | None = None
+    keep: Literal["all"] | None = None
+    budget_end_str: str | None = None
+
+
 class ChatCompletionRequest(RequestFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # one of the two: messages through the template, or the prompt's token ids as they are
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = (
+        None
+    )
     prompt_truncate_len: Annotated[int | None, Field(ge=1)] = None
     safe_tokenization: bool | None = None
     # OpenAI's limit too; each tool's schema joins the grammar a tool call is decoded with
@@ -160,3 +188,6 @@ class ChatCompletionRequest(RequestFields):
         None  # deprecated: read as tools
     )
     function_call: FunctionCallChoice = None  # deprecated: read as tool_choice
+    reasoning_effort: ReasoningEffort = None
+    reasoning_history: Literal["disabled", "interleaved", "preserved"] | None = None
+    thinking: Thinking | None = None

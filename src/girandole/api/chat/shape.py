@@ -1,10 +1,12 @@
 """How a chat choice is written: a `message` whole, `delta`s in a stream (a role chunk first),
-tool calls recognised in the output (`girandole.api.chat.tool_calls`)."""
+reasoning split from the answer (`girandole.api.chat.reasoning`), tool calls recognised in the
+answer (`girandole.api.chat.tool_calls`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from girandole.api.chat.reasoning import ReasoningPlan, ReasoningSplitter, reasoning_tokens
 from girandole.api.chat.tool_calls import ToolStream, finish_message
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
@@ -15,16 +17,59 @@ class ChatShape(ResponseShape):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, template: str, plan: ToolPlan | None) -> None:
+    def __init__(
+        self,
+        template: str,
+        plan: ToolPlan | None,
+        reasoning: ReasoningPlan | None = None,
+        think_end_id: int | None = None,
+    ) -> None:
         self.template = template
         self.plan = plan  # declared tools: calls are looked for in the output
         self.forced_grammar = plan.grammar if plan is not None else None
+        self.reasoning = reasoning  # a template that can think: its output is split
+        self.think_end_id = think_end_id  # the </think> token, to count reasoning tokens
         self._calls: dict[int, ToolStream] = {}  # per choice: content or tool-call deltas
+        self._splitters: dict[int, ReasoningSplitter] = {}
+        self._echoed: set[int] = set()  # choices whose echoed prompt was passed on
+
+    def _splitter(self, choice: Choice) -> ReasoningSplitter:
+        splitter = self._splitters.get(choice.index)
+        if splitter is None:
+            plan = self.reasoning
+            if plan is not None and plan.enabled is False:  # thinking off: all of it is content
+                splitter = ReasoningSplitter(state="content")
+            else:
+                splitter = ReasoningSplitter.for_prompt(plan is not None and plan.opens_in_prompt)
+            self._splitters[choice.index] = splitter
+        return splitter
+
+    def _echo_split(self, choice: Choice, text: str) -> tuple[str, str]:
+        """(the echoed prompt, the generated text) of a choice's text: an echo is content, and
+        only what the model generated is split into reasoning and answer."""
+        if not choice.echo_text or choice.index in self._echoed:
+            return "", text
+        self._echoed.add(choice.index)
+        echo = choice.echo_text
+        return (echo, text[len(echo) :]) if text.startswith(echo) else ("", text)
+
+    def _count(self, choice: Choice, splitter: ReasoningSplitter) -> None:
+        choice.reasoning_tokens = reasoning_tokens(
+            splitter, choice.token_ids, choice.tokenizer, self.think_end_id
+        )
 
     def whole(self, choice: Choice) -> dict[str, Any]:
-        message, choice.finish_reason = finish_message(
-            self.plan, choice.full_text, choice.finish_reason
-        )
+        text, reasoning = choice.full_text, None
+        if self.reasoning is not None:
+            echo, generated = self._echo_split(choice, text)
+            splitter = self._splitter(choice)
+            splitter.feed(generated, final=True)
+            reasoning = splitter.reasoning_text if splitter.reasoned else None
+            text = echo + splitter.content_text
+            self._count(choice, splitter)
+        message, choice.finish_reason = finish_message(self.plan, text, choice.finish_reason)
+        if self.reasoning is not None:
+            message["reasoning_content"] = reasoning or None
         return {"message": message}
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
@@ -32,7 +77,17 @@ class ChatShape(ResponseShape):
 
     def pieces(self, choice: Choice, text: str, finished: bool) -> list[dict[str, Any]]:
         calls = self._calls.setdefault(choice.index, ToolStream(self.plan))
-        deltas = calls.feed(text)
+        deltas: list[dict[str, Any]] = []
+        if self.reasoning is not None:
+            echo, text = self._echo_split(choice, text)
+            deltas += calls.feed(echo) if echo else []
+            splitter = self._splitter(choice)
+            reasoning, text = splitter.feed(text, final=finished)
+            if reasoning:
+                deltas.append({"reasoning_content": reasoning})
+            if finished:
+                self._count(choice, splitter)
+        deltas += calls.feed(text) if text else []
         if finished:
             tail, choice.finish_reason = calls.finish(choice.finish_reason)
             deltas += tail
@@ -43,3 +98,7 @@ class ChatShape(ResponseShape):
 
     def finish_piece(self) -> dict[str, Any]:
         return {"delta": {}}
+
+    def add_internal_content(self, body: dict[str, Any], token_ids: list[int]) -> None:
+        content = {"token_id": token_ids[-1], "token_ids": list(token_ids)}
+        body["delta"] = {**body["delta"], "internal_content": content}

@@ -51,6 +51,19 @@ Stop = Annotated[
 
 class StreamOptions(StrictModel):
     include_usage: bool | None = None  # Fireworks' default is on
+    # adds `internal_content` (the token ids behind each chunk) to every chunk's choice
+    include_internal_content: bool | None = None
+    # chunk coalescing (girandole.api.serving.buffering)
+    buffer_tokens: Annotated[int, Field(ge=1)] | None = None
+    buffer_ms: Annotated[float, Field(ge=0)] | None = None
+    buffer_mode: Literal["any", "all"] | None = None
+
+
+# metadata: OpenAI's limits (16 pairs, keys up to 64 characters, values up to 512)
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+Metadata = Annotated[
+    dict[MetadataKey, Annotated[str, Field(max_length=512)]] | None, Field(max_length=16)
+]
 
 
 Temperature = Annotated[float | None, Field(ge=0, le=2)]
@@ -175,6 +188,11 @@ class RequestFields(SamplingFields):
     # speculative decoding: the expected output (girandole.api.serving.speculation)
     prediction: PredictionField = None
     speculation: SpeculationField = None
+    # only "priority" changes anything: ahead of the default tier in both queues
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    metadata: Metadata = None  # kept with the request's usage row
+    # per-token sampling mask in content-format logprobs (girandole.api.serving.logprobs)
+    sampling_mask: Literal["count", "non_zero_list", "non_zero_buffer"] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

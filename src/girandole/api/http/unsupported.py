@@ -1,8 +1,10 @@
-"""Fields of Fireworks' request schema that this server does not implement yet.
+"""Fields of Fireworks' request schema that this server cannot honour: what a text-only dense
+model cannot do (images, a mixture-of-experts routing matrix), reasoning on /completions (its
+prompt is raw text: no template to turn thinking on or off), and fields not implemented yet.
 
-A request that uses one gets a 400 naming it, never a silent no-op. A value that asks for
-exactly what the server does anyway (null, `echo: false`, `frequency_penalty: 0`, ...) is
-accepted, so clients that send every field with its default keep working.
+A request that uses one gets a 400 naming it and saying why (`REASONS`), never a silent no-op. A
+value that asks for exactly what the server does anyway (null, `images: []`, ...) is accepted, so
+clients that send every field with its default keep working.
 
 When a later piece of work implements a field: delete its entry here and add it to the schema.
 """
@@ -37,26 +39,30 @@ _never: Callable[[Any], bool] = lambda v: False  # noqa: E731
 # field -> which non-null values are no-ops (null is always one). Dotted names are nested.
 # Fields neither endpoint implements yet.
 COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "service_tier": _is("auto", "default"),
-    "metadata": _never,
-    "reasoning_effort": _never,
-    "reasoning_history": _never,
-    "thinking": _never,
-    "sampling_mask": _never,
     "include_routing_matrix": _is(False),
-    "stream_options.include_internal_content": _is(False),
-    "stream_options.buffer_tokens": _never,
-    "stream_options.buffer_ms": _never,
-    "stream_options.buffer_mode": _never,
 }
-COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {"images": _empty, **COMMON_UNSUPPORTED}
+COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "images": _empty,
+    # reasoning asks for nothing when it turns thinking off (false is read as "none")
+    "reasoning_effort": _is("none", False),
+    "reasoning_history": _is("disabled", "interleaved", "preserved"),
+    "thinking": lambda v: isinstance(v, dict) and v.get("type") == "disabled",
+    **COMMON_UNSUPPORTED,
+}
+_CHAT_ONLY = (
+    "only on /v1/chat/completions: a /completions prompt is raw text, with no chat template"
+)
+REASONS: dict[str, str] = {
+    "images": "this model takes text only",
+    "include_routing_matrix": "this model has no mixture-of-experts router",
+    "reasoning_effort": "reasoning is controlled " + _CHAT_ONLY,
+    "thinking": "reasoning is controlled " + _CHAT_ONLY,
+    "reasoning_history": "reasoning is controlled " + _CHAT_ONLY,
+}
 # /chat/completions: chat implements logprobs, top_logprobs and raw_output, and has no `images`
 # (an extra input). Its own table, so that when /completions implements a common field, chat
 # still rejects it until the chat schema gains it too.
-CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "prompt_token_ids": _never,
-    **COMMON_UNSUPPORTED,
-}
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {**COMMON_UNSUPPORTED}
 
 
 def strip_unsupported(body: dict[str, Any], table: dict[str, Callable[[Any], bool]]) -> None:
@@ -76,4 +82,7 @@ def strip_unsupported(body: dict[str, Any], table: dict[str, Callable[[Any], boo
 
 
 def unsupported_field(name: str) -> APIError:
-    return bad_request(f"Field '{name}' is not supported by this server yet", param=name)
+    reason = REASONS.get(name)
+    if reason is None:
+        return bad_request(f"Field '{name}' is not supported by this server yet", param=name)
+    return bad_request(f"Field '{name}' is not supported here: {reason}", param=name)

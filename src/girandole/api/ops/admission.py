@@ -1,7 +1,11 @@
 """The admission queue: at most `max_active` inference requests at the engine; up to
-`max_queued` more wait (first come, first served) for at most `timeout` seconds. A request that
-finds the queue full gets 429 at once; one that waits too long gets 503. Memory stays bounded
-however many clients come."""
+`max_queued` more wait (first come, first served within a tier) for at most `timeout` seconds. A
+request that finds the queue full gets 429 at once; one that waits too long gets 503. Memory
+stays bounded however many clients come.
+
+`service_tier: "priority"` requests wait in a queue of their own that is served first; while
+both tiers wait, one grant in every `PRIORITY_SHARE + 1` goes to the default tier (the engine's
+Scheduler orders its waiting sequences the same way), so the default tier is never starved."""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import collections
 import time
 
 from girandole.api.http.errors import APIError, too_many_requests
+from girandole.engine.scheduler import PRIORITY_SHARE
+
+Waiters = collections.deque[tuple[asyncio.Future, int]]
 
 
 class Admission:
@@ -23,18 +30,21 @@ class Admission:
         self.num_active = 0  # choices holding slots
         self.num_rejected = 0
         self.num_timed_out = 0
-        self._waiters: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self._waiters: Waiters = collections.deque()  # the default tier
+        self._priority_waiters: Waiters = collections.deque()
+        self._priority_streak = 0  # priority grants since the default tier's last one
 
     @property
     def num_queued(self) -> int:
-        return sum(1 for f, _ in self._waiters if not f.done())
+        waiting = (*self._waiters, *self._priority_waiters)
+        return sum(1 for f, _ in waiting if not f.done())
 
     def weight(self, num_choices: int) -> int:
         return min(max(1, num_choices), self.max_active)
 
-    async def acquire(self, num_choices: int = 1) -> float:
-        """Take slots for `num_choices` (seconds waited). Pair each success with one
-        `release(num_choices)`."""
+    async def acquire(self, num_choices: int = 1, priority: bool = False) -> float:
+        """Take slots for `num_choices` (seconds waited); `priority`: service_tier "priority".
+        Pair each success with one `release(num_choices)`."""
         weight = self.weight(num_choices)
         if self.num_active + weight <= self.max_active and not self.num_queued:
             self.num_active += weight
@@ -50,7 +60,8 @@ class Admission:
             raise error
         start = time.monotonic()
         future = asyncio.get_running_loop().create_future()
-        self._waiters.append((future, weight))
+        (self._priority_waiters if priority else self._waiters).append((future, weight))
+        self._grant()  # a priority request may pass default-tier waiters that do not fit
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except TimeoutError:
@@ -81,14 +92,27 @@ class Admission:
         self.num_active -= self.weight(num_choices)
         self._grant()
 
+    def _next_queue(self) -> Waiters | None:
+        """The queue whose head is granted next (cancelled heads dropped): the priority tier,
+        unless the default tier waits and its turn has come."""
+        for queue in (self._priority_waiters, self._waiters):
+            while queue and queue[0][0].done():  # cancelled or timed out
+                queue.popleft()
+        if self._priority_waiters and not (
+            self._waiters and self._priority_streak >= PRIORITY_SHARE
+        ):
+            return self._priority_waiters
+        return self._waiters or None
+
     def _grant(self) -> None:
-        while self._waiters:
-            future, weight = self._waiters[0]
-            if future.done():  # cancelled or timed out
-                self._waiters.popleft()
-                continue
+        while (queue := self._next_queue()) is not None:
+            future, weight = queue[0]
             if self.num_active + weight > self.max_active:
                 return  # first come, first served: the head waits for room
-            self._waiters.popleft()
+            queue.popleft()
+            if queue is self._priority_waiters and self._waiters:
+                self._priority_streak += 1
+            else:
+                self._priority_streak = 0
             self.num_active += weight
             future.set_result(None)

@@ -6,6 +6,7 @@ model registry; it sees the model's state only through `engine_status`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -198,7 +199,9 @@ class ServerOps:
 
     # -- the serving pipeline's hook ---------------------------------------------------------
 
-    async def admit(self, record: RequestRecord | None, choices: list[Choice]) -> None:
+    async def admit(
+        self, record: RequestRecord | None, choices: list[Choice], priority: bool = False
+    ) -> None:
         """Before a request's engine requests start: the prompt-length limit, then a slot in the
         admission queue (waits; 429 when the queue is full, 503 after the timeout). The record
         then accounts for the choices."""
@@ -214,7 +217,7 @@ class ServerOps:
         if record is None or record.admitted:
             return
         try:
-            record.queue_s = await self.admission.acquire(len(choices))
+            record.queue_s = await self.admission.acquire(len(choices), priority)
         except APIError:
             self.metrics.rate_limited.inc()
             raise
@@ -295,6 +298,7 @@ class ServerOps:
                     "queue_s": record.queue_s,
                     "ttft_s": ttft,
                     "duration_s": duration,
+                    "metadata": json.dumps(record.metadata) if record.metadata else None,
                 }
             )
             fields.update(

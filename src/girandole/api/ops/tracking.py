@@ -63,6 +63,7 @@ class RequestRecord:
     admitted: bool = False
     prepaid_tokens: int = 0  # prompt tokens charged to the key's token bucket at admission
     queue_s: float | None = None
+    metadata: dict[str, str] | None = None  # the request's `metadata`, kept with its usage row
     first_token_time: float | None = None
     choices: list[Choice] = field(default_factory=list)  # set when admitted
     headers: dict[str, str] = field(default_factory=dict)  # added to the response

@@ -51,6 +51,7 @@ class OutputOptions:
     raw_output: bool = False
     return_token_ids: bool = False
     perf_metrics: bool = False
+    sampling_mask: str | None = None  # "count", "non_zero_list" or "non_zero_buffer"
 
     def echo_count(self, num_prompt_tokens: int) -> int:
         if self.echo_last is not None:
@@ -74,6 +75,11 @@ def output_options(req: RequestFields) -> OutputOptions:
         mode, num_top = "content", top or 0
     else:
         mode, num_top = "legacy", top if top is not None else lp
+    if req.sampling_mask is not None and mode != "content":
+        raise bad_request(
+            "sampling_mask is reported in the content logprobs format: set logprobs to true",
+            "sampling_mask",
+        )
     return OutputOptions(
         logprobs_mode=mode,
         num_top=num_top,
@@ -82,6 +88,7 @@ def output_options(req: RequestFields) -> OutputOptions:
         raw_output=bool(req.raw_output),
         return_token_ids=bool(req.return_token_ids),
         perf_metrics=bool(req.perf_metrics_in_response),
+        sampling_mask=req.sampling_mask,
     )
 
 
@@ -164,11 +171,12 @@ class Choice:
         count = options.echo_count(len(prompt_token_ids))
         self.echo_ids = prompt_token_ids[len(prompt_token_ids) - count :] if count else []
         self.echo_text = plain_text(tokenizer, self.echo_ids) if count else ""
-        self.tracker = LogprobTracker(tokenizer, options.num_top)
+        self.tracker = LogprobTracker(tokenizer, options.num_top, options.sampling_mask)
         self.text: list[str] = []
         self.text_length = 0
         self.token_ids: list[int] = []  # generated
         self.last: RequestOutput | None = None  # the latest engine output the response read
+        self.reasoning_tokens: int | None = None  # set by a shape that splits out reasoning
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.schema import RequestFields
+from girandole.api.serving.buffering import StreamBuffer
 from girandole.api.serving.choice import Choice, OutputOptions, output_options
 from girandole.api.serving.params import (
     applied_options,
@@ -48,7 +49,11 @@ class Job:
     stream: bool
     include_usage: bool
     options: OutputOptions
-    received: float  # when the server got the request (time.monotonic)
+    received: float
+    priority: bool = False  # service_tier "priority": first in the admission and engine queues
+    metadata: dict[str, str] | None = None  # kept with the request's usage row
+    buffer: StreamBuffer | None = None  # stream_options.buffer_*: chunks coalesced
+    internal_content: bool = False  # stream_options.include_internal_content  # when the server got the request (time.monotonic)
     prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
@@ -89,6 +94,7 @@ def choice_params(
     if options is not None and options.logprobs_mode is not None:
         params.logprobs = options.num_top
         params.prompt_logprobs = options.prompt_logprobs
+        params.sampling_mask = options.sampling_mask
     return params
 
 
@@ -109,6 +115,9 @@ def build_job(
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
     engine_kwargs = cache_kwargs(req, headers)
+    priority = req.service_tier == "priority"
+    if priority:
+        engine_kwargs["priority"] = 1
     n = req.n or 1
     requested = req.requested_max_tokens(default_max_tokens)
     behavior = req.context_length_exceeded_behavior or "truncate"
@@ -145,5 +154,9 @@ def build_job(
         include_usage=req.include_usage,
         options=options,
         received=received,
+        priority=priority,
+        metadata=req.metadata,
+        buffer=StreamBuffer.of(req.stream_options),
+        internal_content=bool(req.stream_options and req.stream_options.include_internal_content),
         sampling_options=applied_options(choices[0].params),
     )

@@ -25,9 +25,12 @@ length of the choice's text after that output.
 
 from __future__ import annotations
 
+import base64
 import codecs
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 LogprobsMode = Literal["content", "legacy"]
 
@@ -41,14 +44,16 @@ class TokenLogprob:
     sampling_logprob: float | None
     text_offset: int
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    mask: dict[str, Any] | None = None  # sampling_mask's fields (content format)
 
 
 class LogprobTracker:
     """Turns one choice's SampleResults into TokenLogprobs with text offsets."""
 
-    def __init__(self, tokenizer: Any, num_top: int) -> None:
+    def __init__(self, tokenizer: Any, num_top: int, mask_mode: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.num_top = num_top
+        self.mask_mode = mask_mode  # sampling_mask
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._chars = 0  # characters the tokens so far decode to
         self.entries: list[TokenLogprob] = []
@@ -73,6 +78,7 @@ class LogprobTracker:
                     sampling_logprob=r.sampling_logprob,
                     text_offset=offset,
                     top=top,
+                    mask=mask_fields(self.mask_mode, getattr(r, "sampling_mask", None)),
                 )
             )
         self.entries.extend(new)
@@ -84,6 +90,24 @@ class LogprobTracker:
             if mode == "content"
             else legacy_format(self.tokenizer, entries)
         )
+
+
+def mask_fields(mode: str | None, allowed: list[int] | None) -> dict[str, Any] | None:
+    """A content entry's `sampling_mask` fields: `sampling_mask_count` (how many tokens the
+    sampling distribution allowed) always; `sampling_mask` the allowed ids ("non_zero_list") or
+    a bitmask of them, base64, bit i of byte i // 8 (least significant first) for token i
+    ("non_zero_buffer"). None for prompt tokens (echo): nothing was sampled there."""
+    if mode is None or allowed is None:
+        return None
+    out: dict[str, Any] = {"sampling_mask_count": len(allowed)}
+    if mode == "non_zero_list":
+        out["sampling_mask"] = list(allowed)
+    elif mode == "non_zero_buffer":
+        flags = np.zeros(max(allowed) + 1 if allowed else 0, dtype=np.uint8)
+        flags[allowed] = 1
+        bits = np.packbits(flags, bitorder="little").tobytes()
+        out["sampling_mask"] = base64.b64encode(bits).decode("ascii")
+    return out
 
 
 def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -106,6 +130,7 @@ def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
                     }
                     for tid, lp in e.top
                 ],
+                **(e.mask or {}),
             }
             for e in entries
         ]

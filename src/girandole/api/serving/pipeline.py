@@ -144,7 +144,10 @@ async def run(
         "fireworks-sampling-options": json.dumps(job.sampling_options, separators=(",", ":")),
     }
     record = record_of(request)
-    await state.ops.admit(record, job.choices)  # prompt limit; admission queue (429/503)
+    if record is not None:
+        record.metadata = job.metadata
+    # prompt limit; admission queue (429/503), priority requests first
+    await state.ops.admit(record, job.choices, job.priority)
     touch(request, target)  # the wait for admission is no idle time of the deployment
     fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
     try:

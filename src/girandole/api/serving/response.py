@@ -61,6 +61,11 @@ class ResponseShape:
         """The SSE body."""
         return stream(job, self, fanout, usage_placement)
 
+    def add_internal_content(self, body: dict[str, Any], token_ids: list[int]) -> None:
+        """`stream_options.include_internal_content`: the token ids behind a chunk (`token_id`
+        the last of them, `token_ids` all: coalesced chunks and held-back text have several)."""
+        body["internal_content"] = {"token_id": token_ids[-1], "token_ids": list(token_ids)}
+
 
 def engine_error(exc: Exception) -> APIError:
     """What the client is told of an error from the engine: bad input is a 400."""
@@ -155,7 +160,11 @@ async def stream(
                 yield chunk([with_prompt_ids(c, _choice(c, opening))])
         async for c, out in fanout.events():
             update = c.add(out)
-            extras = opts.return_token_ids and bool(update.token_ids)
+            if job.buffer is not None:  # coalesced: held until due (all of it at the finish)
+                update = job.buffer.push(c.index, update, out.finished)
+                if update is None:
+                    continue
+            extras = (opts.return_token_ids or job.internal_content) and bool(update.token_ids)
             pieces = shape.pieces(c, update.text, out.finished)
             if pieces or update.entries or extras:
                 for j, piece in enumerate(pieces or [shape.text_piece(update.text)]):
@@ -165,6 +174,8 @@ async def stream(
                     body = with_prompt_ids(c, _choice(c, piece, c.logprobs(update.entries)))
                     if opts.return_token_ids:
                         body["token_ids"] = update.token_ids
+                    if job.internal_content and update.token_ids:
+                        shape.add_internal_content(body, update.token_ids)
                     yield chunk([body])
             if out.finished:
                 unfinished -= 1

@@ -18,15 +18,19 @@ class Usage:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int | None = None  # a model that reasons: its completion tokens spent so
 
     def body(self) -> dict[str, Any]:
         """The `usage` object of a response."""
-        return {
+        body: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "completion_tokens": self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.reasoning_tokens is not None:
+            body["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return body
 
 
 def count_usage(
@@ -36,13 +40,16 @@ def count_usage(
     prompts: dict[int, int] = {}
     cached: dict[int, int] = {}
     completion = 0
+    reasoning: int | None = None
     for choice in choices:
+        if choice.reasoning_tokens is not None:
+            reasoning = (reasoning or 0) + choice.reasoning_tokens
         done = getattr(choice, progress)
         p = choice.prompt_index
         prompts[p] = choice.num_prompt_tokens
         cached[p] = min(cached.get(p, done.num_cached_tokens), done.num_cached_tokens)
         completion += done.num_output_tokens
-    return Usage(sum(prompts.values()), sum(cached.values()), completion)
+    return Usage(sum(prompts.values()), sum(cached.values()), completion, reasoning)
 
 
 def perf_metrics(

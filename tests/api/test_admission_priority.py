@@ -1,0 +1,67 @@
+"""The admission queue's tiers on their own: a priority request is granted before default ones
+that queued earlier, the default tier gets one grant in every PRIORITY_SHARE + 1 while both
+wait, and a priority request passes a default head that does not fit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from girandole.api.ops.admission import Admission
+from girandole.engine.scheduler import PRIORITY_SHARE
+
+
+async def _grant_order(requests: list[tuple[str, bool]]) -> list[str]:
+    """Queue `requests` (name, priority) behind one held slot, then free slots one at a time."""
+    admission = Admission(max_active=1, max_queued=100, timeout=30)
+    await admission.acquire()
+    order: list[str] = []
+
+    async def one(name: str, priority: bool) -> None:
+        await admission.acquire(1, priority)
+        order.append(name)
+
+    tasks = []
+    for name, priority in requests:
+        tasks.append(asyncio.create_task(one(name, priority)))
+        await asyncio.sleep(0)  # queued in this order
+    for _ in range(len(requests) + 1):
+        admission.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    return order
+
+
+def test_priority_requests_are_granted_first():
+    order = asyncio.run(_grant_order([("d1", False), ("d2", False), ("p1", True), ("p2", True)]))
+    assert order == ["p1", "p2", "d1", "d2"]
+
+
+def test_the_default_tier_keeps_a_share():
+    requests = [("d1", False), ("d2", False)] + [(f"p{i}", True) for i in range(2 * PRIORITY_SHARE)]
+    order = asyncio.run(_grant_order(requests))
+    assert order.index("d1") == PRIORITY_SHARE
+    assert order.index("d2") == 2 * PRIORITY_SHARE + 1
+
+
+def test_a_priority_request_passes_a_default_head_that_does_not_fit():
+    async def scenario() -> list[str]:
+        admission = Admission(max_active=4, max_queued=10, timeout=30)
+        await admission.acquire(2)
+        order: list[str] = []
+
+        async def one(name: str, weight: int, priority: bool) -> None:
+            await admission.acquire(weight, priority)
+            order.append(name)
+
+        big = asyncio.create_task(one("big", 4, False))  # waits for all 4 slots
+        await asyncio.sleep(0)
+        small = asyncio.create_task(one("small-priority", 1, True))  # fits beside the holder
+        await asyncio.sleep(0)
+        await small
+        assert order == ["small-priority"] and admission.num_queued == 1
+        admission.release(2)
+        admission.release(1)
+        await big
+        return order
+
+    assert asyncio.run(scenario()) == ["small-priority", "big"]

@@ -1,0 +1,105 @@
+"""The reasoning pieces on their own: the plan a request's fields make (and the 400s), earlier
+turns' reasoning per reasoning_history, and the output split, streamed in any cut."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from girandole.api.chat.reasoning import (
+    EMPTY_THINKING,
+    ReasoningSplitter,
+    apply_history,
+    plan_reasoning,
+    split_reasoning,
+)
+from girandole.api.chat.schema import ChatCompletionRequest
+from girandole.api.http.errors import APIError
+from girandole.api.http.validation import validate_model
+from girandole.tokenizer.chat_template import CHATML_TEMPLATE
+
+QWEN3 = "{%- if enable_thinking is defined and enable_thinking is false %}<think>{% endif %}"
+R1 = "{{ '<|Assistant|><think>\\n' }}"  # DeepSeek-R1's generation prompt opens the block
+
+
+def req(**fields) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return validate_model(ChatCompletionRequest, body)
+
+
+@pytest.mark.parametrize(
+    "fields, enabled, effort",
+    [({}, None, None), ({"reasoning_effort": True}, True, "medium"),
+     ({"reasoning_effort": False}, False, None), ({"reasoning_effort": "low"}, True, "low"),
+     ({"thinking": {"type": "disabled"}}, False, None),
+     ({"thinking": {"type": "enabled", "budget_tokens": 4096}}, True, None),
+     ({"thinking": {"type": "adaptive"}}, None, None),
+     ({"reasoning_effort": "none", "thinking": {"type": "enabled", "effort": "high"}}, True, "high")],
+)  # fmt: skip
+def test_plans(fields, enabled, effort):
+    plan = plan_reasoning(req(**fields), QWEN3)
+    assert (plan.enabled, plan.effort) == (enabled, effort)
+
+
+def test_a_template_that_cannot_reason():
+    with pytest.raises(APIError) as err:
+        plan_reasoning(req(reasoning_effort="high"), CHATML_TEMPLATE)
+    assert err.value.status_code == 400 and "cannot reason" in err.value.message
+    with pytest.raises(APIError):
+        plan_reasoning(req(thinking={"type": "enabled", "budget_tokens": 1024}), CHATML_TEMPLATE)
+    for asks_nothing in ({}, {"reasoning_effort": "none"}, {"reasoning_effort": False},
+                         {"thinking": {"type": "disabled"}}, {"reasoning_history": "preserved"}):  # fmt: skip
+        assert plan_reasoning(req(**asks_nothing), CHATML_TEMPLATE) is None
+
+
+def test_thinking_off_without_a_switch_closes_the_block():
+    plan = plan_reasoning(req(reasoning_effort="none"), R1)
+    assert plan.prompt_suffix(R1, "<|Assistant|><think>\n", continued=False) == "\n</think>\n\n"
+    assert not plan.opens_in_prompt
+    assert plan.prompt_suffix(R1, "<|Assistant|>", continued=False) == EMPTY_THINKING
+    on = plan_reasoning(req(), R1)
+    assert on.prompt_suffix(R1, "<|Assistant|><think>\n", continued=False) == ""
+    assert on.opens_in_prompt
+
+
+def test_history():
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "<think>x</think>A", "reasoning_content": "old"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "", "reasoning_content": "new", "tool_calls": []},
+        {"role": "tool", "content": "1"},
+    ]
+    kept = lambda ms: [m.get("reasoning_content") for m in ms if m["role"] == "assistant"]  # noqa: E731
+    assert kept(apply_history(messages, None)) == ["old", "new"]
+    assert kept(apply_history(messages, "preserved")) == ["old", "new"]
+    assert kept(apply_history(messages, "interleaved")) == [None, "new"]
+    disabled = apply_history(messages, "disabled")
+    assert kept(disabled) == [None, None] and disabled[1]["content"] == "A"
+
+
+CASES = [
+    ("<think>\nhmm\nyes\n</think>\n\nAnswer.", False, ("hmm\nyes", "Answer.")),
+    ("hmm</think>\n\nAns", True, ("hmm", "Ans")),
+    ("\nAns <think>x", False, (None, "\nAns <think>x")),
+    ("<think>\nstill thinking", False, ("still thinking", "")),
+    ("<thi", False, (None, "<thi")),
+]
+
+
+@pytest.mark.parametrize("text, opens, expected", CASES)
+def test_split_whole_and_streamed_in_any_cut(text, opens, expected):
+    assert split_reasoning(text, opens) == expected
+    rng = random.Random(0)
+    for _ in range(100):
+        splitter = ReasoningSplitter.for_prompt(opens)
+        reasoning = content = ""
+        i = 0
+        while i < len(text):
+            j = i + rng.randint(1, 4)
+            r, c = splitter.feed(text[i:j])
+            reasoning, content, i = reasoning + r, content + c, j
+        r, c = splitter.finish()
+        reasoning, content = reasoning + r, content + c
+        assert (reasoning if splitter.reasoned else None, content) == expected
