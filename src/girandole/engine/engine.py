@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from girandole.engine.kv_cache import KVCacheManager
+from girandole.engine.lora_manager import LoRAManager
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.postprocess import Postprocessor, request_output
 from girandole.engine.runner import ModelRunner
@@ -29,6 +30,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache size
     seed: int | None = None  # seed of the generator that unseeded requests draw from
+    max_loras: int = 8  # LoRA adapters resident at once (any number may be loaded)
+    merge_lora: str | None = None  # a PEFT adapter folder merged into the weights at load
 
 
 class LLMEngine:
@@ -43,7 +46,10 @@ class LLMEngine:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
         self.tokenizer = load_tokenizer(path)
-        self.model, self.model_config = load_model(path, mode=config.mode, device=device)
+        self.model, self.model_config = load_model(
+            path, mode=config.mode, device=device, merge_adapter=config.merge_lora
+        )
+        self.loras = LoRAManager(self.model, device, config.max_loras)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(
             self.tokenizer.stop_token_ids
         )
@@ -69,6 +75,7 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
+        self.scheduler.admit = self.loras.admit
         self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.postprocess = Postprocessor(
@@ -102,9 +109,10 @@ class LLMEngine:
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
         compiled_grammar=None,
+        adapter: str | None = None,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
-        compiled here if not given."""
+        compiled here if not given. `adapter`: the name of a loaded LoRA adapter to run."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -113,7 +121,10 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             # Cached prompt positions have no logits to score: recompute the whole prompt.
             prefix_cache_max_len = 0
-        seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len)
+        lora = self.loras.get(adapter) if adapter is not None else None
+        seq = Sequence(
+            request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, lora
+        )
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)

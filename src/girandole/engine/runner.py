@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
 from girandole.model import kernels
@@ -195,6 +196,7 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
             num_decode_rows=num_decode_rows,
+            lora=lora_batch(seqs, num_new_tokens, self.device),
         )
         if self.device.type == "cpu":
             if kernels.available():

@@ -10,6 +10,7 @@ from its tokens).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from girandole.engine.kv_cache import KVCacheManager
@@ -51,6 +52,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._num_removed_waiting = 0  # finished sequences still in `waiting`, dropped lazily
         self.num_preemptions = 0
+        # Whether a waiting sequence may start beside `running` (the LoRA manager's resident
+        # adapter slots); None: always.
+        self.admit: Callable[[Sequence, list[Sequence]], bool] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -129,6 +133,8 @@ class Scheduler:
                 self.waiting.popleft()
                 self._num_removed_waiting -= 1
                 continue
+            if self.admit is not None and not self.admit(seq, self.running):
+                break
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, budget)
