@@ -122,9 +122,7 @@ class LLMEngine:
             # Cached prompt positions have no logits to score: recompute the whole prompt.
             prefix_cache_max_len = 0
         lora = self.loras.get(adapter) if adapter is not None else None
-        seq = Sequence(
-            request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, lora
-        )
+        seq = Sequence(request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, lora)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         if params.stop:
             seq.stop_matcher = StopStringMatcher(params.stop)
