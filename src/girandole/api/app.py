@@ -14,6 +14,7 @@ from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
+from girandole.api.lora import install_lora
 from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
@@ -50,6 +51,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(models.router, prefix=prefix, tags=["models"])
     install_deployments(app, state, INFERENCE_PREFIXES)
+    install_lora(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)

@@ -101,6 +101,7 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
+            kwargs["max_loras"] = self.settings.max_loras
             engine = AsyncEngine(
                 EngineConfig(**kwargs),
                 grammar_compile_timeout=self.settings.grammar_compile_timeout,
