@@ -154,3 +154,30 @@ def test_unsupported_adapters_are_refused(llama_and_qwen3, tmp_path):
         read_adapter(tmp_path / "embed", spec)
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
         read_adapter(tmp_path, spec)
+
+
+def test_native_kernel_equals_torch_path(tiny):
+    """The native CPU kernel (csrc/lora.c) and torch's gathered matmuls give the same rows."""
+    from girandole.model import kernels
+
+    if not kernels.available():
+        pytest.skip("native kernels not built on this machine")
+    _folder, _hf, model, adapters = tiny
+    order = [None, "all", "attn", "rslora", "all"]
+    prompts = {i: PROMPTS[i % len(PROMPTS)] for i in range(len(order))}
+    per_seq = {i: adapters[n][1] if n else None for i, n in enumerate(order)}
+    rows: dict[object, list[int]] = {}
+    offset = 0
+    for i, ids in prompts.items():
+        if per_seq[i] is not None:
+            rows.setdefault(order[i], []).extend(range(offset, offset + len(ids)))
+        offset += len(ids)
+    segments = [(adapters[n][1], torch.tensor(r)) for n, r in rows.items()]
+    out = {}
+    for native in (True, False):
+        runner = PagedRunner(model)
+        try:
+            out[native] = runner.step(prompts, lora=LoRABatch(segments, native=native))
+        finally:
+            runner.close()
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)

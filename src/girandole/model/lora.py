@@ -10,7 +10,8 @@ group contributes zero rows.
 
 In a forward, `LoRALinear` wraps a base linear and reads the batch's `LoRABatch` from the
 forward context: for each adapter present, its rows are gathered, multiplied by A then B, and
-added back (the segmented matmul of punica / S-LoRA). Rows of the base model cost nothing.
+added back (the segmented matmul of punica / S-LoRA; on CPU one native call per linear,
+kernels/csrc/lora.c). Rows of the base model cost nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from girandole.model.context import get_context
+from girandole.model.kernels import lora as lora_kernel
 from girandole.model.spec import ArchSpec
 
 MAX_RANK = 64
@@ -84,10 +86,10 @@ def module_shapes(spec: ArchSpec) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class LoRAWeights:
-    """One fused linear's adapter: delta(x) = (x @ a.T) @ b.T, the scaling already in b."""
+    """One fused linear's adapter: delta(x) = (x @ a.T) @ bt, the scaling already in bt."""
 
     a: torch.Tensor  # [R, in]
-    b: torch.Tensor  # [out, R]
+    bt: torch.Tensor  # [R, out]: B transposed (rows of the native kernel's axpy)
 
 
 @dataclass
@@ -109,13 +111,13 @@ class LoRAAdapter:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def nbytes(self) -> int:
-        return sum(w.a.nbytes + w.b.nbytes for w in self.fused.values())
+        return sum(w.a.nbytes + w.bt.nbytes for w in self.fused.values())
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> LoRAAdapter:
         """Place the fused weights on `device` (in place); returns self."""
         for key, w in self.fused.items():
             self.fused[key] = LoRAWeights(
-                w.a.to(device, dtype).contiguous(), w.b.to(device, dtype).contiguous()
+                w.a.to(device, dtype).contiguous(), w.bt.to(device, dtype).contiguous()
             )
         return self
 
@@ -251,7 +253,7 @@ def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWei
             for j, m in enumerate(present):
                 row = sum(outs[: members.index(m)])
                 b[row : row + shapes[m][0], j * r : (j + 1) * r] = adapter.raw[(layer, m)][1] * s
-            fused[(layer, linear)] = LoRAWeights(a.contiguous(), b.contiguous())
+            fused[(layer, linear)] = LoRAWeights(a.contiguous(), b.t().contiguous())
     return fused
 
 
@@ -262,21 +264,36 @@ def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWei
 @dataclass
 class LoRABatch:
     """Which rows of the forward's T tokens run which adapter; rows of no segment run the base.
-    `rows` None: every row."""
+    `rows` None: every row. `slots` int32 [T]: each row's segment index, -1 for the base (the
+    native kernel's view of the same thing; built from the segments when not given)."""
 
     segments: list[tuple[LoRAAdapter, torch.Tensor | None]]
+    slots: torch.Tensor | None = None
+    native: bool = True  # use the native kernel where it is built (CPU)
 
     def apply(self, layer: int, linear: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for adapter, rows in self.segments:
-            w = adapter.fused.get((layer, linear))
+        weights = [a.fused.get((layer, linear)) for a, _ in self.segments]
+        if self.native and lora_kernel.supported(x, y):
+            pairs = [None if w is None else (w.a, w.bt) for w in weights]
+            lora_kernel.lora_apply(x, y, self._slots(x.shape[0]), pairs)
+            return y
+        for (_, rows), w in zip(self.segments, weights):
             if w is None:
                 continue
             if rows is None:
-                y += (x.to(w.a.dtype) @ w.a.t()) @ w.b.t()
+                y += (x.to(w.a.dtype) @ w.a.t()) @ w.bt
             else:
                 xs = x.index_select(0, rows).to(w.a.dtype)
-                y.index_add_(0, rows, ((xs @ w.a.t()) @ w.b.t()).to(y.dtype))
+                y.index_add_(0, rows, ((xs @ w.a.t()) @ w.bt).to(y.dtype))
         return y
+
+    def _slots(self, num_rows: int) -> torch.Tensor:
+        if self.slots is None:
+            slots = torch.full((num_rows,), -1, dtype=torch.int32)
+            for s, (_, rows) in enumerate(self.segments):
+                slots[slice(None) if rows is None else rows.cpu()] = s
+            self.slots = slots
+        return self.slots
 
 
 class LoRALinear(nn.Module):
