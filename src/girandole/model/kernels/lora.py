@@ -10,7 +10,7 @@ import torch
 
 from girandole.model.kernels import loader
 
-MAX_RANK = 192  # the scratch row of csrc/lora.c: three fused projections of rank 64
+MAX_RANK = 192  # csrc/lora.c's: three fused projections of rank 64
 
 
 def supported(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -44,7 +44,6 @@ def lora_apply(
         if w is not None:
             assert w[0].shape[0] <= MAX_RANK and w[0].shape[1] == k and w[1].shape[1] == n
             a[s], bt[s], rank[s] = w[0].data_ptr(), w[1].data_ptr(), w[0].shape[0]
-    h = torch.empty(t, MAX_RANK, dtype=torch.float32)
     lib.lora_apply(
         x.data_ptr(),
         t,
@@ -55,6 +54,5 @@ def lora_apply(
         ctypes.addressof(rank),
         n,
         y.data_ptr(),
-        h.data_ptr(),
         torch.get_num_threads(),
     )

@@ -23,35 +23,44 @@ static inline float dot(const float *a, const float *b, int64_t k) {
     return _mm512_reduce_add_ps(acc);
 }
 
-// x [T, K], y [T, N] (both float32, rows contiguous); slot [T]; a, bt, rank: per slot.
-// h: scratch float32 [T, MAX_RANK].
-void lora_apply(const float *x, int64_t T, int64_t K, const int32_t *slot, const int64_t *a,
-                const int64_t *bt, const int64_t *rank, int64_t N, float *y, float *h,
-                int nthreads) {
-    // h = A x, one dot product per (row, rank index)
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < T * MAX_RANK; i++) {
-        const int64_t t = i / MAX_RANK, r = i % MAX_RANK;
-        const int32_t s = slot[t];
-        if (s < 0 || r >= rank[s]) continue;
-        h[i] = dot((const float *)a[s] + r * K, x + t * K, K);
-    }
-    // y += Bt^T h, over chunks of 64 output columns
-    const int64_t chunks = (N + 63) / 64;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < T * chunks; i++) {
-        const int64_t t = i / chunks, n0 = (i % chunks) * 64;
-        const int32_t s = slot[t];
-        if (s < 0) continue;
-        const float *b = (const float *)bt[s];
-        const float *ht = h + t * MAX_RANK;
-        float *yt = y + t * N;
-        for (int64_t n = n0; n < n0 + 64 && n < N; n += 16) {
-            const __mmask16 m = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-            __m512 acc = _mm512_maskz_loadu_ps(m, yt + n);
-            for (int64_t r = 0; r < rank[s]; r++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(ht[r]), _mm512_maskz_loadu_ps(m, b + r * N + n), acc);
-            _mm512_mask_storeu_ps(yt + n, m, acc);
+// y_t += Bt^T h over 128 columns at a time: 8 accumulators, each row of Bt read contiguously.
+static inline void project_back(const float *h, int64_t R, const float *bt, int64_t N, float *y) {
+    int64_t n = 0;
+    for (; n + 128 <= N; n += 128) {
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_loadu_ps(y + n + 16 * j);
+        for (int64_t r = 0; r < R; r++) {
+            const __m512 hr = _mm512_set1_ps(h[r]);
+            const float *b = bt + r * N + n;
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(hr, _mm512_loadu_ps(b + 16 * j), acc[j]);
         }
+        for (int j = 0; j < 8; j++) _mm512_storeu_ps(y + n + 16 * j, acc[j]);
+    }
+    for (; n < N; n += 16) {
+        const __mmask16 m = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+        __m512 acc = _mm512_maskz_loadu_ps(m, y + n);
+        for (int64_t r = 0; r < R; r++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), _mm512_maskz_loadu_ps(m, bt + r * N + n), acc);
+        _mm512_mask_storeu_ps(y + n, m, acc);
+    }
+}
+
+// x [T, K], y [T, N] (both float32, rows contiguous); slot [T]; a, bt, rank: per slot (a rank
+// of 0: the adapter does not target this linear). One parallel region over the rows; a batch
+// too small to share out runs on one thread (a region's start and end cost more than it).
+void lora_apply(const float *x, int64_t T, int64_t K, const int32_t *slot, const int64_t *a,
+                const int64_t *bt, const int64_t *rank, int64_t N, float *y, int nthreads) {
+    int64_t work = 0;
+    for (int64_t t = 0; t < T; t++)
+        if (slot[t] >= 0) work += rank[slot[t]] * (K + N);
+    if (work < (1 << 20)) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int64_t t = 0; t < T; t++) {
+        const int32_t s = slot[t];
+        if (s < 0 || rank[s] == 0) continue;
+        float h[MAX_RANK];
+        const float *as = (const float *)a[s];
+        for (int64_t r = 0; r < rank[s]; r++) h[r] = dot(as + r * K, x + t * K, K);
+        project_back(h, rank[s], (const float *)bt[s], N, y + t * N);
     }
 }
