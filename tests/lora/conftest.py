@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-# pytest runs with --import-mode=importlib: make the helpers importable by the tests here.
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "model"))
+# pytest runs with --import-mode=importlib: make the helpers importable by the tests here
+# (appended, so that other test folders' `import conftest` still finds their own), and
+# tests/model/model_helpers.py under its own name.
+sys.path.append(str(Path(__file__).parent))
+if "model_helpers" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(
+        "model_helpers", Path(__file__).parent.parent / "model" / "model_helpers.py"
+    )
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["model_helpers"] = _module
+    _spec.loader.exec_module(_module)
 
 ADAPTERS = ("a1", "a2", "a3", "a4")
 
