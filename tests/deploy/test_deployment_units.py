@@ -117,7 +117,7 @@ def test_fields_and_defaults():
         ({"acceleratorType": "NVIDIA_H200_141GB"}, "acceleratorType"),
         ({"acceleratorCount": 1}, "acceleratorCount"),
         ({"precision": "BF16"}, "precision"),
-        ({"enableAddons": True}, "enableAddons"),
+        ({"numPeftDeviceCached": 4}, "numPeftDeviceCached"),
         ({"displayName": "x" * 64}, "displayName"),
         ({"maxContextLength": -1}, "maxContextLength"),
         ({"autoscalingPolicy": {"loadTargets": {"default": 1.5}}}, "autoscalingPolicy.loadTargets"),

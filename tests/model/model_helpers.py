@@ -115,8 +115,11 @@ class PagedRunner:
             blocks.append(self.free.pop())
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def step(self, new_tokens: dict[int, list[int]], decode: bool = False) -> torch.Tensor:
-        """Append `new_tokens` per sequence id; returns float32 logits [T, V] for all new rows."""
+    def step(
+        self, new_tokens: dict[int, list[int]], decode: bool = False, lora=None
+    ) -> torch.Tensor:
+        """Append `new_tokens` per sequence id; returns float32 logits [T, V] for all new rows.
+        `lora`: the forward's LoRABatch (model/lora.py), if any."""
         ids, positions, slots, qlens, ctxs, ctx_slots = [], [], [], [], [], []
         for seq, toks in new_tokens.items():
             start = self.lens.get(seq, 0)
@@ -133,6 +136,7 @@ class PagedRunner:
             query_lens=qlens,
             context_lens=ctxs,
             context_slots=ctx_slots,
+            lora=lora,
         )
         if decode:
             assert all(q == 1 for q in qlens)

@@ -16,6 +16,7 @@ from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
 from girandole.api.http.errors import install_error_handlers
 from girandole.api.http.openapi import install_openapi
+from girandole.api.lora import install_lora
 from girandole.api.messages import route as messages
 from girandole.api.models import route as models
 from girandole.api.ops import routes as ops
@@ -65,6 +66,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
+    install_lora(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.include_router(playground.router)  # the page at / and /playground
     app.add_middleware(RequestTracker, ops=state.ops)

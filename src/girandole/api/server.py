@@ -90,6 +90,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="memory for the KV cache [GIRANDOLE_KV_CACHE_GB]",
     )
     p.add_argument(
+        "--max-loras",
+        type=int,
+        default=int(_env("MAX_LORAS") or 8),
+        help="LoRA adapters resident per engine at once; others wait, least recently used"
+        " evicted [GIRANDOLE_MAX_LORAS, default 8]",
+    )
+    p.add_argument(
         "--max-model-len",
         type=int,
         default=int(_env("MAX_MODEL_LEN")) if _env("MAX_MODEL_LEN") else None,
@@ -220,6 +227,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
         target_itl_ms=args.target_itl_ms,
+        max_loras=args.max_loras,
         chat_template=args.chat_template,
         ngram_speculation_length=args.ngram_speculation_length,
         draft_model=args.draft_model,

@@ -24,6 +24,7 @@ class ServerSettings:
     kv_cache_gb: float | None = None
     max_model_len: int | None = None  # cap on the context; None: the model's (and KV cache's)
     target_itl_ms: float | None = None  # None: EngineConfig's; 0: no cap on prefill chunks
+    max_loras: int = 8  # LoRA adapters resident per engine at once (any number may be loaded)
     chat_template: str | None = None  # --chat-template: a file, a family name or a template
     # Speculative decoding for every request (girandole.engine.speculation): n-gram lookup
     # proposing this many tokens, or a draft model with the model's tokenizer; exclusive.

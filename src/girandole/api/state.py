@@ -110,6 +110,7 @@ class AppState:
             kwargs["ngram_speculation_length"] = self.settings.ngram_speculation_length
             kwargs["draft_model"] = self.settings.draft_model
             kwargs["draft_token_count"] = self.settings.draft_token_count
+            kwargs["max_loras"] = self.settings.max_loras
             if self.engine_factory is not None:
                 engine = self.engine_factory()
             else:

@@ -20,6 +20,7 @@ class ReplicaSpec:
     model: str | None  # a .gguf file, HF folder or repo id; None: the default model
     kv_cache_gb: float
     max_model_len: int | None  # None: the model's context
+    merge_lora: str | None = None  # a PEFT LoRA folder merged into the weights at load
 
 
 @dataclass

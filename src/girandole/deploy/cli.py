@@ -343,17 +343,18 @@ def _catalog(args: argparse.Namespace) -> Any:
     from girandole.registry.models import PUBLIC_ACCOUNT, CatalogModel, ModelCatalog
     from girandole.registry.naming import model_name
 
-    default = CatalogModel(model_name(PUBLIC_ACCOUNT, DEFAULT_MODEL_ID), None, 0.0, True)
+    default = CatalogModel(model_name(PUBLIC_ACCOUNT, DEFAULT_MODEL_ID), None, 0.0, built_in=True)
     return ModelCatalog(_open(args), [default])
 
 
-def _model_name(args: argparse.Namespace) -> str:
+def _model_name(args: argparse.Namespace, text: str | None = None) -> str:
     from girandole.registry.naming import parse_model_ref
 
-    ref = parse_model_ref(args.name, args.account)
+    text = args.name if text is None else text
+    ref = parse_model_ref(text, args.account)
     if ref is None or ref.model is None or ref.deployment is not None:
         raise CLIError(
-            f"{args.name!r} is not a model name: accounts/<a>/models/<m>, <a>/<m> or <m>"
+            f"{text!r} is not a model name: accounts/<a>/models/<m>, <a>/<m> or <m>"
             " (1-63 characters of a-z, 0-9 and '-')"
         )
     return ref.model
@@ -361,20 +362,28 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def _cmd_models_add(args: argparse.Namespace) -> int:
     try:
-        model = _catalog(args).add(_model_name(args), args.source)
+        catalog = _catalog(args)
+        base = _model_name(args, args.base) if args.base else None
+        model = catalog.add(_model_name(args), args.source, base)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    print(f"added {model.name} from {model.source}")
+    kind = f"LoRA adapter of {model.base_model}" if model.is_adapter else "model"
+    print(f"added {kind} {model.name} from {model.source}")
     return 0
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     models = _catalog(args).list(args.account if args.only_account else None)
     if args.json:
-        print(json.dumps([{"name": m.name, "source": m.source} for m in models]))
+        print(
+            json.dumps(
+                [{"name": m.name, "source": m.source, "baseModel": m.base_model} for m in models]
+            )
+        )
         return 0
     for m in models:
-        print(f"{m.name}  {m.source or '(the default model)'}")
+        lora = f"  (LoRA of {m.base_model})" if m.is_adapter else ""
+        print(f"{m.name}  {m.source or '(the default model)'}{lora}")
     return 0
 
 
@@ -393,12 +402,18 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     from girandole.registry.admin_cli import _data_dir_arg
 
     models = subparsers.add_parser(
-        "models", help="the base models deployments are created from (the server's database)"
+        "models",
+        help="the base models and LoRA adapters deployments use (the server's database)",
     )
     sub = models.add_subparsers(dest="action", required=True)
     p = sub.add_parser("add", help="add a base model")
     p.add_argument("name", help="accounts/<a>/models/<m>, or <m> of --account")
-    p.add_argument("source", help="a .gguf file, an HF model folder, or a Hugging Face repo id")
+    p.add_argument(
+        "source",
+        help="a .gguf file, an HF model folder, or a Hugging Face repo id; with --base, a PEFT"
+        " LoRA adapter folder",
+    )
+    p.add_argument("--base", help="the adapter's base model (a model of the registry)")
     p.set_defaults(func=_run(_cmd_models_add))
     p = sub.add_parser("list", help="list the base models")
     p.add_argument("--only-account", action="store_true", help="only --account's models")
@@ -417,5 +432,8 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_deploy_parsers(subparsers: argparse._SubParsersAction) -> None:
+    from girandole.deploy.lora_cli import add_lora_parser
+
     add_deployment_parser(subparsers)
     add_models_parser(subparsers)
+    add_lora_parser(subparsers)

@@ -145,6 +145,8 @@ class EmbeddedBackend(Backend):
             kwargs: dict[str, Any] = {"model": spec.model, "kv_cache_gb": spec.kv_cache_gb}
             if spec.max_model_len:
                 kwargs["max_model_len"] = spec.max_model_len
+            if spec.merge_lora:
+                kwargs["merge_lora"] = spec.merge_lora
             engine = AsyncEngine(EngineConfig(**kwargs))
         except Exception as exc:  # noqa: BLE001 - the deployment's status reports it
             logger.exception("a replica of %s failed to start", spec.deployment)

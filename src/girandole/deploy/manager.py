@@ -418,11 +418,20 @@ class DeploymentManager:
                 " registry: add it again with `girandole models add`",
                 "baseModel",
             )
+        merge_lora = None
+        if model.is_adapter:  # a deployment of an adapter: merged into its base at load
+            merge_lora, model = model.source, self.catalog.get(model.base_model)
+            if model is None:
+                raise invalid(
+                    f"The base model of {record.base_model} is no longer in the model registry",
+                    "baseModel",
+                )
         return ReplicaSpec(
             deployment=record.name,
-            model=model.source if model is not None else None,
+            model=model.source,
             kv_cache_gb=self.kv_cache_gb,
             max_model_len=record.max_context_length or self.max_model_len,
+            merge_lora=merge_lora,
         )
 
     def _on_replica(self, name: str, error: str | None) -> None:

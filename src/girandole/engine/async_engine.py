@@ -85,6 +85,8 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
         self.engine.check_request(prompt_token_ids, params)
+        if kwargs.get("adapter") is not None:
+            self.engine.loras.get(kwargs["adapter"])  # ValueError: not loaded here
         if params.grammar is not None and "compiled_grammar" not in kwargs:
             kwargs["compiled_grammar"] = await self.compile_grammar(params.grammar)
         request_id = request_id or f"req-{next(_ids)}"
@@ -119,6 +121,22 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
+
+    # -- LoRA adapters (engine/lora_manager.py) ----------------------------------------------
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Read, check and register a PEFT LoRA adapter under `name`, off the event loop;
+        AdapterError (a ValueError) when it does not fit this model. Requests may name it as
+        soon as this returns; running requests are not disturbed."""
+        adapter = await asyncio.to_thread(self.engine.loras.read, name, path)
+        self.engine.loras.register(adapter)
+
+    def unload_lora(self, name: str) -> bool:
+        """New requests can no longer name `name`; those accepted finish. False: not loaded."""
+        return self.engine.loras.unregister(name)
+
+    def lora_names(self) -> list[str]:
+        return self.engine.loras.names()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.grammar_pool.close()

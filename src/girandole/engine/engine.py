@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from girandole.engine.kv_cache import KVCacheManager
+from girandole.engine.lora_manager import LoRAManager
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.pooling import PoolingParams
 from girandole.engine.postprocess import Postprocessor, request_output
@@ -40,6 +41,8 @@ class EngineConfig:
     ngram_speculation_length: int = 0
     draft_model: str | None = None
     draft_token_count: int = 4
+    max_loras: int = 8  # LoRA adapters resident at once (any number may be loaded)
+    merge_lora: str | None = None  # a PEFT adapter folder merged into the weights at load
 
 
 class LLMEngine:
@@ -54,7 +57,10 @@ class LLMEngine:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
         self.tokenizer = load_tokenizer(path)
-        self.model, self.model_config = load_model(path, mode=config.mode, device=device)
+        self.model, self.model_config = load_model(
+            path, mode=config.mode, device=device, merge_adapter=config.merge_lora
+        )
+        self.loras = LoRAManager(self.model, device, config.max_loras)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(
             self.tokenizer.stop_token_ids
         )
@@ -81,6 +87,7 @@ class LLMEngine:
             self.kv_cache,
         )
         self.speculator = self._speculator(config, device)
+        self.scheduler.admit = self.loras.admit
         self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.postprocess = Postprocessor(
@@ -146,12 +153,14 @@ class LLMEngine:
         pooling: PoolingParams | None = None,
         prompt_logprobs_last: int | None = None,
         priority: int = 0,
+        adapter: str | None = None,
     ) -> None:
         """Queue a request. `compiled_grammar`: params.grammar compiled ahead (off this thread);
         compiled here if not given. With `pooling`, a prefill-only request that reports its
         prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
         only the prompt's last N tokens (the others' prompt logprobs are None). `priority`: its
-        scheduling tier (1: service_tier "priority")."""
+        scheduling tier (1: service_tier "priority"). `adapter`: the name of a loaded LoRA
+        adapter to run."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -162,8 +171,15 @@ class LLMEngine:
         if params.prompt_logprobs is not None or pooling is not None:
             # Cached prompt positions have no hidden states to score or pool: compute them all.
             prefix_cache_max_len = 0
+        lora = self.loras.get(adapter) if adapter is not None else None
         seq = Sequence(
-            request_id, prompt_token_ids, params, cache_salt, prefix_cache_max_len, priority
+            request_id,
+            prompt_token_ids,
+            params,
+            cache_salt,
+            prefix_cache_max_len,
+            priority=priority,
+            lora=lora,
         )
         seq.pooling = pooling
         if seq.prompt_logprobs is not None and prompt_logprobs_last is not None:

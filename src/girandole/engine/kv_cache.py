@@ -2,7 +2,7 @@
 
 A block holds `block_size` consecutive tokens of one sequence. A full block's hash chains the
 previous block's hash with its own token ids (and the sequence's cache salt for the first
-block), so equal hashes mean equal whole prefixes. Freed blocks keep their hash and go to the
+block, and its LoRA adapter), so equal hashes mean equal whole prefixes. Freed blocks keep their hash and go to the
 back of the free queue: they stay reusable until allocation reaches them (LRU eviction).
 """
 
@@ -48,7 +48,7 @@ class KVCacheManager:
     # -- prefix cache ---------------------------------------------------------------------
 
     def _chain_hash(self, seq: Sequence, prev: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((prev if prev is not None else ("salt", seq.cache_salt), tokens))
+        return hash((prev if prev is not None else seq.prefix_salt, tokens))
 
     def match_prefix(self, seq: Sequence, max_cached_tokens: int | None = None) -> None:
         """Attach cached blocks for the longest matching prefix of a sequence with no blocks yet.

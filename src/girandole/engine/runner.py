@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from girandole.engine import pooling
+from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
 from girandole.model import kernels
@@ -240,6 +241,7 @@ class ModelRunner:
             context_lens=context_lens,
             context_slots=[s.to(self.device) for s in context_slots],
             num_decode_rows=num_decode_rows,
+            lora=lora_batch(seqs, num_new_tokens, self.device),
         )
         if self.device.type == "cpu":
             if kernels.available():

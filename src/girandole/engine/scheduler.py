@@ -63,6 +63,9 @@ class Scheduler:
         self._num_removed_waiting = 0
         self._priority_streak = 0  # priority admissions since the default tier's last one
         self.num_preemptions = 0
+        # Whether a waiting sequence may start beside `running` (the LoRA manager's resident
+        # adapter slots); None: always.
+        self.admit: Callable[[Sequence, list[Sequence]], bool] | None = None
 
     def _queue_of(self, seq: Sequence) -> deque[Sequence]:
         return self.priority_waiting if seq.priority > 0 else self.waiting
@@ -193,6 +196,8 @@ class Scheduler:
             if queue is None:
                 break
             seq = queue[0]
+            if self.admit is not None and not self.admit(seq, self.running):
+                break
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, budget, prefill_left)

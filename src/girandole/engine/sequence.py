@@ -12,6 +12,7 @@ from girandole.sampling.params import SamplingParams
 
 if TYPE_CHECKING:
     from girandole.engine.outputs import FinishReason
+    from girandole.model.lora import LoRAAdapter
     from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -30,6 +31,7 @@ class Sequence:
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
         priority: int = 0,
+        lora: LoRAAdapter | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
@@ -44,6 +46,8 @@ class Sequence:
         self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
         self.prefix_cache_max_len = prefix_cache_max_len  # cap on reused prompt tokens (0 = off)
         self.priority = priority  # scheduling tier: 1 for service_tier "priority", else 0
+        self.lora_source = lora  # the LoRA adapter the request runs (None: the base model)
+        self.lora: LoRAAdapter | None = None  # its resident copy, set at admission
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
@@ -93,6 +97,17 @@ class Sequence:
             num_new_tokens == 1 + len(self.spec_token_ids)
             and self.num_computed_tokens >= self.num_prompt_tokens
         )
+
+    @property
+    def adapter(self) -> str | None:
+        """The LoRA adapter's name (None: the base model)."""
+        return None if self.lora_source is None else self.lora_source.name
+
+    @property
+    def prefix_salt(self) -> tuple:
+        """What the first block's prefix-cache hash is salted with: adapters never share."""
+        uid = None if self.lora_source is None else self.lora_source.uid
+        return ("salt", self.cache_salt) if uid is None else ("salt", self.cache_salt, uid)
 
     @property
     def is_finished(self) -> bool:

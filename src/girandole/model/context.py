@@ -12,8 +12,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from girandole.model.lora import LoRABatch
 
 
 @dataclass
@@ -71,6 +75,7 @@ class ForwardContext:
     num_decode_rows: int | None = None
     padded_decode: PaddedDecode | None = None  # set for the GPU's padded decode path
     native: NativeSlots | None = None  # set where the native attention kernel may run
+    lora: LoRABatch | None = None  # rows that run an adapter (model/lora.py); None: base only
 
 
 _current: ForwardContext | None = None

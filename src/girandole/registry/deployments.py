@@ -40,7 +40,6 @@ UNSUPPORTED_FEATURES = {
     "draftTokenCount": "speculative decoding with a draft model",
     "ngramSpeculationLength": "n-gram speculation",
     "enableMtp": "multi-token prediction",
-    "enableAddons": "LoRA addons",
     "enableHotLoad": "hot loading of model versions",
     "enableHotReloadLatestAddon": "hot loading of model versions",
     "hotLoadBucketUrl": "hot loading of model versions",
@@ -73,7 +72,14 @@ OUTPUT_ONLY = (
     "cluster",
 )
 # Accepted and kept as given: they change nothing here (expireTime no longer does at Fireworks).
-KEPT_AS_GIVEN = ("annotations", "expireTime", "pricingPlanId", "disableDeploymentSizeValidation")
+# enableAddons: every deployment takes LoRA addons here (deployedModels).
+KEPT_AS_GIVEN = (
+    "annotations",
+    "expireTime",
+    "pricingPlanId",
+    "disableDeploymentSizeValidation",
+    "enableAddons",
+)
 
 
 class DeploymentError(Exception):

@@ -108,8 +108,10 @@ _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w./-]+)?$")
 _CATALOG_SCHEMA = """CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
     source TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    base TEXT
 )"""
+_COLUMNS = "name, source, created, base"
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,12 @@ class CatalogModel:
     name: str
     source: str | None
     created: float
+    base_model: str | None = None  # a LoRA adapter's base model (source: its PEFT folder)
     built_in: bool = False  # the default model and the server's own: not removable
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_model is not None
 
     @property
     def account(self) -> str:
@@ -128,14 +135,17 @@ class CatalogModel:
 
     def to_json(self) -> dict:
         """Fireworks' `Model` shape (the fields this server knows)."""
-        return {
+        body = {
             "name": self.name,
             "displayName": self.name.rsplit("/", 1)[1],
-            "kind": "HF_BASE_MODEL",
+            "kind": "HF_PEFT_ADDON" if self.is_adapter else "HF_BASE_MODEL",
             "state": "READY",
             "public": self.account == PUBLIC_ACCOUNT,
             "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
         }
+        if self.is_adapter:
+            body["peftDetails"] = {"baseModel": self.base_model}
+        return body
 
 
 def check_model_source(source: str) -> str:
@@ -151,6 +161,17 @@ def check_model_source(source: str) -> str:
     )
 
 
+def check_adapter_source(source: str) -> str:
+    """An existing PEFT LoRA folder (made absolute); else ValueError."""
+    path = Path(source).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{source!r} is not a PEFT LoRA adapter folder (adapter_config.json and"
+            " adapter_model.safetensors)"
+        )
+    return str(path.resolve())
+
+
 class ModelCatalog:
     """The base models of the server's database, with the built-in ones (the default model and
     the model the server serves) always present. Read from the database at each call, so a
@@ -160,14 +181,27 @@ class ModelCatalog:
         self.db = db
         self.built_in = {m.name: m for m in built_in}
         db.execute(_CATALOG_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(models)")}
+        if "base" not in columns:  # a database written before LoRA adapters
+            db.execute("ALTER TABLE models ADD COLUMN base TEXT")
 
-    def add(self, name: str, source: str) -> CatalogModel:
+    def add(self, name: str, source: str, base: str | None = None) -> CatalogModel:
+        """Add a base model, or with `base` a PEFT LoRA adapter folder of that base model."""
         if name in self.built_in or self.get(name) is not None:
             raise ValueError(f"model {name} already exists")
-        model = CatalogModel(name, check_model_source(source), time.time())
+        if base is not None:
+            # A base not stored here may be a server's own model (`--model`, not in the
+            # database): loading the adapter onto a deployment checks it against that model.
+            base_model = self.get(base)
+            if base_model is not None and base_model.is_adapter:
+                raise ValueError(f"base model {base} is itself a LoRA adapter")
+            source = check_adapter_source(source)
+        else:
+            source = check_model_source(source)
+        model = CatalogModel(name, source, time.time(), base)
         self.db.execute(
-            "INSERT INTO models (name, source, created) VALUES (?, ?, ?)",
-            (model.name, model.source, model.created),
+            "INSERT INTO models (name, source, created, base) VALUES (?, ?, ?, ?)",
+            (model.name, model.source, model.created, model.base_model),
         )
         return model
 
@@ -180,14 +214,11 @@ class ModelCatalog:
     def get(self, name: str) -> CatalogModel | None:
         if name in self.built_in:
             return self.built_in[name]
-        rows = self.db.execute("SELECT name, source, created FROM models WHERE name = ?", (name,))
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM models WHERE name = ?", (name,))
         return CatalogModel(*rows[0]) if rows else None
 
     def list(self, account: str | None = None) -> list[CatalogModel]:
-        stored = [
-            CatalogModel(*row)
-            for row in self.db.execute("SELECT name, source, created FROM models")
-        ]
+        stored = [CatalogModel(*row) for row in self.db.execute(f"SELECT {_COLUMNS} FROM models")]
         models = sorted(self.built_in.values(), key=lambda m: m.name) + sorted(
             stored, key=lambda m: m.name
         )

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import model_not_found
+from girandole.api.lora.listing import adapter_entries
 from girandole.api.serving.target import reachable_deployment
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentRecord
@@ -35,6 +36,7 @@ async def list_models(request: Request) -> dict:
             if name not in listed:
                 listed.add(name)
                 entries.append(replace(served, name=name).to_list_entry())
+    entries += adapter_entries(request, account, listed)  # LoRA adapters on deployments
     return {"object": "list", "data": entries}
 
 

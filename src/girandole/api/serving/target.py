@@ -5,7 +5,9 @@ The server's own model (and its own deployment) runs on the server's engine. Any
 key's account), and `...#accounts/<a>/deployments/<d>` or the `fireworks-deployment` header to
 the one named, on the engine of a replica of it (`DeploymentManager.engine_for`: 503
 DEPLOYMENT_SCALING_UP from zero). A key reaches only its own account's deployments; a model or
-deployment it cannot reach is a 404, as if it did not exist.
+deployment it cannot reach is a 404, as if it did not exist. A LoRA adapter's name goes to its
+DeployedModel (the one on the deployment named, else its default one) and runs the adapter on
+that deployment's engine (the server's own included).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from girandole.api.http.errors import model_not_found
 from girandole.api.ops.tracking import record_of
+from girandole.api.serving.adapter import AdapterEngine
 from girandole.engine.protocol import EngineClient
 from girandole.registry.models import PUBLIC_ACCOUNT
 from girandole.registry.naming import ModelRef, parse_request_model
@@ -22,6 +25,7 @@ from girandole.registry.naming import ModelRef, parse_request_model
 if TYPE_CHECKING:
     from girandole.api.ops.tracking import Principal
     from girandole.api.state import AppState
+    from girandole.deploy.lora import DeployedModelManager
     from girandole.deploy.manager import DeploymentManager
     from girandole.registry.deployments import DeploymentRecord
 
@@ -31,6 +35,7 @@ class Target:
     model: str  # accounts/<a>/models/<m>, for usage rows and the access log
     deployment: str | None  # a managed deployment; None: the server's own engine
     context_length: int | None = None  # a deployment's, when known before its engine runs
+    adapter: str | None = None  # a LoRA adapter (its model name) run on the deployment
 
 
 def resolve_target(
@@ -44,6 +49,17 @@ def resolve_target(
     ref = parse_request_model(model, deployment_header, state.settings.account)
     record = record_of(request)
     principal = record.principal if record is not None else None
+    account = principal.account if principal is not None else None  # None: an open server
+    lora: DeployedModelManager | None = getattr(request.app.state, "lora", None)
+    if (
+        lora is not None
+        and ref is not None
+        and ref.model is not None
+        and lora.is_adapter(ref.model)
+    ):
+        target = _adapter_target(request, state, lora, ref, principal, account)
+        if target is not None:
+            return target
     found = None
     if manager is not None and ref is not None:
         found = reachable_deployment(state, manager, principal, ref)
@@ -81,11 +97,47 @@ def reachable_deployment(
     return manager.default_deployment(catalog_model.name, account)  # None: not deployed
 
 
+def _adapter_target(
+    request: Any,
+    state: AppState,
+    lora: DeployedModelManager,
+    ref: ModelRef,
+    principal: Any,
+    account: str | None,
+) -> Target | None:
+    """The target of a request for a LoRA adapter: its DeployedModel on the deployment named,
+    else its default one. None: not loaded anywhere reachable (a deployment created from the
+    adapter, which merged it, may still serve it)."""
+    adapter = lora.catalog.get(ref.model)
+    if adapter.account != PUBLIC_ACCOUNT and not state.ops.can_see(principal, adapter.account):
+        raise model_not_found()
+    deployed = lora.find(ref.model, ref.deployment, account)
+    if deployed is None:
+        return None
+    record = record_of(request)
+    if record is not None:
+        record.model = ref.model
+    if deployed.deployment == lora.own_deployment:
+        return Target(ref.model, None, adapter=ref.model)
+    found = request.app.state.deployments.find(deployed.deployment)
+    if found is None:
+        raise model_not_found()
+    context_length = found.max_context_length or None
+    for engine in lora.engines_of(found.name)[:1]:
+        context_length = context_length or state.context_length_of(engine)
+    return Target(ref.model, found.name, context_length, adapter=ref.model)
+
+
 def engine_of(request: Any, state: AppState, target: Target | None) -> EngineClient:
-    """The engine that runs the request (503 while the model loads or the deployment is at 0)."""
+    """The engine that runs the request (503 while the model loads or the deployment is at 0);
+    for a LoRA adapter, that engine running the adapter."""
     if target is None or target.deployment is None:
-        return state.require_engine()
-    return request.app.state.deployments.engine_for(target.deployment)
+        engine = state.require_engine()
+    else:
+        engine = request.app.state.deployments.engine_for(target.deployment)
+    if target is not None and target.adapter is not None:
+        return AdapterEngine(engine, target.adapter, request.app.state.lora)
+    return engine
 
 
 def touch(request: Any, target: Target | None) -> None:

@@ -55,6 +55,8 @@ SIGNATURES = {
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
     # x, T, P, D, stride, w, eps, cos, sin, out, nthreads
     "rms_norm": [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr, c_int],
+    # x, T, K, slot, a, bt, rank, N, y, nthreads
+    "lora_apply": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
 }
 
 

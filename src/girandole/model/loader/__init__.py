@@ -127,8 +127,11 @@ def load_model(
     mode: str = "fast",
     device: str | torch.device | None = None,
     use_cache: bool = True,
+    merge_adapter: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
-    """Load a model for inference. `path` None is the default model (Gemma 3 270M Q4_K_M)."""
+    """Load a model for inference. `path` None is the default model (Gemma 3 270M Q4_K_M).
+    `merge_adapter`: a PEFT LoRA folder whose weights are merged in before the model is built
+    (and quantized), so it runs at the base model's speed."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if device is None:
@@ -138,6 +141,7 @@ def load_model(
 
     cached = (
         use_cache
+        and merge_adapter is None
         and mode == "fast"
         and device.type == "cpu"
         and _source_bytes(path) >= CACHE_MIN_BYTES
@@ -153,6 +157,10 @@ def load_model(
             log.warning("ignoring unreadable model cache %s: %s", cache_file, exc)
 
     spec, config, weights = read_checkpoint(path)
+    if merge_adapter is not None:
+        from girandole.model.lora import MergedWeights, read_adapter
+
+        weights = MergedWeights(weights, read_adapter(merge_adapter, spec))
     model = build_model(spec, weights, mode, device)
     if device.type != "cpu":
         model = model.to(device)

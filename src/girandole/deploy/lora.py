@@ -1,0 +1,334 @@
+"""DeployedModelManager: LoRA adapters of the model registry loaded onto deployments of their
+base model (Fireworks' deployedModels), and which adapter a request's model string runs where.
+
+Loading checks the adapter against the deployment's model on each running replica (a 400 naming
+what does not fit) and registers it there; the record is then DEPLOYED. A deployment with no
+replica running yet (scaled to zero, still loading) keeps the record DEPLOYING: each replica
+loads the adapter on the first request for it, so replicas started later (a scale from zero, a
+restart of the server) serve it too. Unloading stops new requests at once; requests already
+running on the adapter finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+import time
+from collections.abc import Callable
+from typing import Any
+
+from girandole.deploy.manager import DeploymentManager
+from girandole.registry import list_query
+from girandole.registry.deployed_models import DeployedModelRecord, DeployedModelStore
+from girandole.registry.deployments import DeploymentError, invalid
+from girandole.registry.models import PUBLIC_ACCOUNT, CatalogModel
+from girandole.registry.naming import (
+    deployment_name,
+    is_valid_id,
+    parse_deployment_header,
+    parse_model_ref,
+)
+
+logger = logging.getLogger("girandole.deploy")
+
+LIST_FIELDS = {
+    "name",
+    "displayName",
+    "description",
+    "model",
+    "deployment",
+    "default",
+    "public",
+    "serverless",
+    "state",
+    "createTime",
+    "updateTime",
+}
+UPDATABLE = {"displayName", "description", "default", "public"}
+IGNORED_ON_WRITE = {"name", "state", "status", "createTime", "updateTime", "serverless"}
+
+
+def not_found(name: str) -> DeploymentError:
+    return DeploymentError(404, f"DeployedModel {name} not found", code="NOT_FOUND", type="error")
+
+
+class DeployedModelManager:
+    def __init__(
+        self,
+        store: DeployedModelStore,
+        deployments: DeploymentManager,
+        own_deployment: str,
+        own_model: str,
+        own_engine: Callable[[], Any],
+    ) -> None:
+        self.store = store
+        self.deployments = deployments
+        self.catalog = deployments.catalog
+        self.own_deployment = own_deployment  # the server's own deployment (its own engine)
+        self.own_model = own_model
+        self._own_engine = own_engine
+        self._loading: dict[tuple[int, str], asyncio.Future] = {}
+
+    # -- the control plane -----------------------------------------------------------------
+
+    async def load(self, account: str, body: dict[str, Any]) -> dict[str, Any]:
+        _check_fields(body, creating=True)
+        adapter = self._adapter(account, body.get("model"))
+        deployment = self._deployment(account, body.get("deployment"))
+        self._check_base(adapter, deployment)
+        existing = [r for r in self.store.list(account) if r.model == adapter.name]
+        if any(r.deployment == deployment for r in existing):
+            raise DeploymentError(
+                409,
+                f"{adapter.name} is already loaded on {deployment}",
+                code="ALREADY_EXISTS",
+                type="error",
+            )
+        record = DeployedModelRecord(
+            account,
+            _new_id(adapter.name.rsplit("/", 1)[1]),
+            adapter.name,
+            deployment,
+            display_name=body.get("displayName") or "",
+            description=body.get("description") or "",
+            default=bool(body.get("default")) or not existing,
+            public=bool(body.get("public")),
+        )
+        engines = self.engines_of(deployment)
+        for engine in engines:  # a bad adapter is a 400 before anything is stored
+            await self._load_on(engine, adapter)
+        record.state = "DEPLOYED" if engines else "DEPLOYING"
+        if record.default:
+            self._clear_default(account, adapter.name, keep=record.id)
+        self.store.save(record)
+        logger.info("LoRA %s loaded on %s (%s)", adapter.name, deployment, record.state)
+        return record.to_json()
+
+    def get(self, account: str, deployed_model_id: str) -> dict[str, Any]:
+        return self._record(account, deployed_model_id).to_json()
+
+    def list(
+        self,
+        account: str,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        filter: str | None = None,
+        order_by: str | None = None,
+    ) -> dict[str, Any]:
+        try:
+            condition = list_query.parse_filter(filter, LIST_FIELDS)
+            order = list_query.parse_order_by(order_by, LIST_FIELDS) or [("name", False)]
+            views = [r.to_json() for r in self.store.list(account)]
+            views = [v for v in views if condition.matches(v)]
+            list_query.sort_resources(views, [*order, ("name", False)])
+            items, next_token = list_query.page(views, page_size, page_token)
+        except list_query.QueryError as exc:
+            raise invalid(str(exc), exc.param) from None
+        return {"deployedModels": items, "nextPageToken": next_token, "totalSize": len(views)}
+
+    def update(self, account: str, deployed_model_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        _check_fields(body, creating=False)
+        record = self._record(account, deployed_model_id)
+        for key, current in (("model", record.model), ("deployment", record.deployment)):
+            if key in body and body[key] not in (None, "", current):
+                raise invalid(
+                    f"{key} of a DeployedModel cannot be changed (it is {current}); unload it"
+                    " and load the adapter again",
+                    key,
+                )
+        if body.get("displayName") is not None:
+            record.display_name = body["displayName"]
+        if body.get("description") is not None:
+            record.description = body["description"]
+        if body.get("public") is not None:
+            record.public = bool(body["public"])
+        if body.get("default") is not None:
+            record.default = bool(body["default"])
+            if record.default:
+                self._clear_default(account, record.model, keep=record.id)
+        record.update_time = time.time()
+        self.store.save(record)
+        if not record.default:
+            self._ensure_a_default(account, record.model)
+            record = self._record(account, deployed_model_id)
+        return record.to_json()
+
+    def unload(self, account: str, deployed_model_id: str) -> None:
+        record = self._record(account, deployed_model_id)
+        record.state, record.update_time = "UNDEPLOYING", time.time()
+        self.store.save(record)
+        for engine in self.engines_of(record.deployment):
+            unload = getattr(engine, "unload_lora", None)
+            if unload is not None:
+                unload(record.model)
+        self.store.remove(account, deployed_model_id)
+        if record.default:
+            self._ensure_a_default(account, record.model)
+        logger.info("LoRA %s unloaded from %s", record.model, record.deployment)
+
+    # -- the data path ---------------------------------------------------------------------
+
+    def is_adapter(self, model: str | None) -> bool:
+        found = self.catalog.get(model or "")
+        return found is not None and found.is_adapter
+
+    def find(
+        self, model: str, deployment: str | None, account: str | None
+    ) -> DeployedModelRecord | None:
+        """The DeployedModel a request for adapter `model` (on `deployment`, else the default
+        one) goes to, among `account`'s (None: every account's)."""
+        records = [
+            r
+            for r in self.store.list(account)
+            if r.model == model and r.state != "UNDEPLOYING"
+            and (deployment is None or r.deployment == deployment)
+        ]  # fmt: skip
+        if deployment is None:
+            records.sort(key=lambda r: (not r.default, r.create_time))
+        return records[0] if records else None
+
+    def reachable(self, account: str | None) -> list[DeployedModelRecord]:
+        records = [r for r in self.store.list(account) if r.state != "UNDEPLOYING"]
+        return sorted(records, key=lambda r: (r.create_time, r.name))
+
+    async def ensure_loaded(self, engine: Any, model: str) -> None:
+        """Load adapter `model` on `engine` if that replica does not hold it yet."""
+        names = getattr(engine, "lora_names", None)
+        if names is None or model in names():
+            return
+        adapter = self.catalog.get(model)
+        if adapter is None or not adapter.is_adapter:
+            raise invalid(f"{model} is no longer a LoRA adapter of the model registry", "model")
+        await self._load_on(engine, adapter)
+        for record in self.store.list():
+            if record.model == model and record.state == "DEPLOYING":
+                if engine in self.engines_of(record.deployment):
+                    record.state, record.update_time = "DEPLOYED", time.time()
+                    self.store.save(record)
+
+    def engines_of(self, deployment: str) -> list[Any]:
+        if deployment == self.own_deployment:
+            engine = self._own_engine()
+            return [] if engine is None else [engine]
+        return list(self.deployments.backend.engines(deployment))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _load_on(self, engine: Any, adapter: CatalogModel) -> None:
+        """Register `adapter` on one replica (once, however many requests ask at the same time);
+        400 when it does not fit the replica's model."""
+        load = getattr(engine, "load_lora", None)
+        if load is None:
+            raise invalid("this deployment's replicas cannot load LoRA adapters", "deployment")
+        key = (id(engine), adapter.name)
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load(adapter.name, adapter.source))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        try:
+            await asyncio.shield(pending)
+        except ValueError as exc:  # AdapterError: it does not fit this base model
+            raise invalid(f"LoRA adapter {adapter.name} cannot be loaded: {exc}", "model") from None
+
+    def _adapter(self, account: str, text: Any) -> CatalogModel:
+        if not text or not isinstance(text, str):
+            raise invalid("model is required: the LoRA adapter to load", "model")
+        ref = parse_model_ref(text, account)
+        model = None
+        if ref is not None and ref.model is not None and ref.deployment is None:
+            model = self.catalog.get(ref.model)
+        if model is None or model.account not in (account, PUBLIC_ACCOUNT):
+            raise invalid(
+                f"model {text!r} is not a model of this server's registry (add an adapter with"
+                " `girandole models add NAME ADAPTER-FOLDER --base MODEL`)",
+                "model",
+            )
+        if not model.is_adapter:
+            raise invalid(
+                f"model {model.name} is a base model, not a LoRA adapter: deploy it with"
+                " POST /v1/accounts/{a}/deployments",
+                "model",
+            )
+        return model
+
+    def _deployment(self, account: str, text: Any) -> str:
+        if not text or not isinstance(text, str):
+            raise invalid("deployment is required: the deployment of the base model", "deployment")
+        name = parse_deployment_header(text)
+        if name is None and is_valid_id(text):
+            name = deployment_name(account, text)
+        if name is None:
+            raise invalid(
+                f"deployment {text!r} is not a deployment name (accounts/<a>/deployments/<d>)",
+                "deployment",
+            )
+        if name.split("/")[1] != account:
+            raise invalid(f"deployment {name} is not one of account {account}'s", "deployment")
+        if name != self.own_deployment and self.deployments.find(name) is None:
+            raise DeploymentError(
+                404, f"Deployment {name} not found", code="NOT_FOUND", type="error"
+            )
+        return name
+
+    def _check_base(self, adapter: CatalogModel, deployment: str) -> None:
+        if deployment == self.own_deployment:
+            served = self.own_model
+        else:
+            served = self.deployments.find(deployment).base_model
+        if served == adapter.base_model:
+            return
+        a, b = self.catalog.get(adapter.base_model), self.catalog.get(served)
+        if a is not None and b is not None and a.source == b.source and not b.is_adapter:
+            return  # two names of the same weights
+        raise invalid(
+            f"LoRA adapter {adapter.name} is for base model {adapter.base_model}, but"
+            f" deployment {deployment} serves {served}",
+            "deployment",
+        )
+
+    def _record(self, account: str, deployed_model_id: str) -> DeployedModelRecord:
+        record = self.store.get(account, deployed_model_id)
+        if record is None:
+            raise not_found(f"accounts/{account}/deployedModels/{deployed_model_id}")
+        return record
+
+    def _clear_default(self, account: str, model: str, keep: str) -> None:
+        for other in self.store.list(account):
+            if other.model == model and other.id != keep and other.default:
+                other.default, other.update_time = False, time.time()
+                self.store.save(other)
+
+    def _ensure_a_default(self, account: str, model: str) -> None:
+        """A model loaded somewhere keeps a default DeployedModel: the oldest one."""
+        records = sorted(
+            (r for r in self.store.list(account) if r.model == model), key=lambda r: r.create_time
+        )
+        if records and not any(r.default for r in records):
+            records[0].default, records[0].update_time = True, time.time()
+            self.store.save(records[0])
+
+
+def _check_fields(body: dict[str, Any], creating: bool) -> None:
+    allowed = UPDATABLE | IGNORED_ON_WRITE | {"model", "deployment"}
+    for key, value in body.items():
+        if key not in allowed:
+            raise invalid(f"Unknown field {key}", key)
+        if key == "serverless" and value:
+            raise invalid("serverless: a LoRA addon runs on a dedicated deployment", key)
+        if key in ("displayName", "description", "model", "deployment") and value is not None:
+            if not isinstance(value, str):
+                raise invalid(f"{key} must be a string", key)
+        if key in ("default", "public") and value is not None and not isinstance(value, bool):
+            raise invalid(f"{key} must be true or false", key)
+    if len(body.get("displayName") or "") >= 64:
+        raise invalid("displayName must be shorter than 64 characters", "displayName")
+
+
+def _new_id(model_id: str) -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    suffix = "".join(secrets.choice(alphabet) for _ in range(8))
+    return f"{model_id[:54]}-{suffix}"

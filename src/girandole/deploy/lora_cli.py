@@ -1,0 +1,118 @@
+"""`girandole lora load|unload|list|get`, like firectl's load-lora / unload-lora, talking to a
+running server's deployedModels routes (GIRANDOLE_BASE_URL, GIRANDOLE_API_KEY,
+GIRANDOLE_ACCOUNT)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
+
+
+def _plane(args: argparse.Namespace) -> ControlPlane:
+    plane = ControlPlane(args.base_url, args.api_key, args.account)
+    plane.prefix = f"/v1/accounts/{args.account}/deployedModels"
+    return plane
+
+
+def _model(args: argparse.Namespace) -> str:
+    text = args.model
+    return text if text.startswith("accounts/") else f"accounts/{args.account}/models/{text}"
+
+
+def _deployment(args: argparse.Namespace, text: str) -> str:
+    if text.startswith("accounts/"):
+        return text
+    return f"accounts/{args.account}/deployments/{text.rsplit('/', 1)[-1]}"
+
+
+def _show(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return
+    default = "  (default)" if record.get("default") else ""
+    print(
+        f"{record['name']}  {record['model']} on {record['deployment']}  {record['state']}{default}"
+    )
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    body = {"model": _model(args), "deployment": _deployment(args, args.deployment)}
+    if args.default:
+        body["default"] = True
+    if args.display_name:
+        body["displayName"] = args.display_name
+    _show(args, _plane(args).call("POST", json=body))
+    return 0
+
+
+def _all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    plane, items, token = _plane(args), [], None
+    while True:
+        params = {"pageSize": 200, **({"pageToken": token} if token else {})}
+        page = plane.call("GET", params=params)
+        items += page.get("deployedModels", [])
+        token = page.get("nextPageToken")
+        if not token:
+            return items
+
+
+def _cmd_unload(args: argparse.Namespace) -> int:
+    model = _model(args)
+    matches = [
+        r
+        for r in _all(args)
+        if r["model"] == model
+        and (args.deployment is None or r["deployment"] == _deployment(args, args.deployment))
+    ]
+    if not matches:
+        where = f" on {_deployment(args, args.deployment)}" if args.deployment else ""
+        raise CLIError(f"{model} is not loaded{where}")
+    if len(matches) > 1:
+        raise CLIError(
+            f"{model} is loaded on {len(matches)} deployments: name one with --deployment"
+        )
+    _plane(args).call("DELETE", "/" + matches[0]["name"].rsplit("/", 1)[1])
+    print(f"unloaded {model} from {matches[0]['deployment']}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    items = _all(args)
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    for record in items:
+        _show(args, record)
+    return 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    _show(args, _plane(args).call("GET", "/" + args.id.rsplit("/", 1)[-1]))
+    return 0
+
+
+def add_lora_parser(subparsers: argparse._SubParsersAction) -> None:
+    lora = subparsers.add_parser(
+        "lora", help="load LoRA adapters onto deployments of a running server (deployedModels)"
+    )
+    sub = lora.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("load", help="load an adapter of the model registry onto a deployment")
+    p.add_argument("model", help="the adapter: accounts/<a>/models/<m>, or <m> of --account")
+    p.add_argument("--deployment", required=True, help="its id or accounts/<a>/deployments/<d>")
+    p.add_argument("--default", action="store_true", help="requests without '#' go here")
+    p.add_argument("--display-name")
+    p.set_defaults(func=_run(_cmd_load))
+    p = sub.add_parser("unload", help="unload an adapter from a deployment")
+    p.add_argument("model")
+    p.add_argument("--deployment", help="needed when the adapter is on several deployments")
+    p.set_defaults(func=_run(_cmd_unload))
+    p = sub.add_parser("list", help="list the adapters loaded on the account's deployments")
+    p.set_defaults(func=_run(_cmd_list))
+    p = sub.add_parser("get", help="show one DeployedModel")
+    p.add_argument("id", help="its id or accounts/<a>/deployedModels/<id>")
+    p.set_defaults(func=_run(_cmd_get))
+    for p in sub.choices.values():
+        _connection_args(p)

@@ -1,0 +1,232 @@
+"""LoRA addons against a real `girandole serve` (a tiny Llama as its own model): adapters added
+with `girandole models add --base`, loaded with the fireworks-ai SDK's `client.lora` and the
+`girandole lora` CLI, addressed by name with the openai client (with and without
+`#deployment`), listed in /v1/models, refused with a 4xx when they do not fit, and merged into
+a deployment created from one."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+import openai
+import pytest
+from lora_helpers import write_peft_adapter
+
+from girandole.registry.keystore import Database
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCOUNT = "acme"
+OWN = f"accounts/{ACCOUNT}/deployments/tiny"
+
+
+def _api_conftest():
+    """tests/api/conftest.py (start_server, stop_server), under a name of its own."""
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_api_conftest", ROOT / "tests/api/conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def girandole(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "girandole.cli", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=120,
+    )
+
+
+def model(name: str) -> str:
+    return f"accounts/{ACCOUNT}/models/{name}"
+
+
+class LoraServer:
+    def __init__(self, tmp: Path, tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
+        import transformers as tf
+
+        self.api = _api_conftest()
+        self.data = tmp / "data"
+        db = Database.in_folder(self.data)
+        self.key, _ = db.create_key(ACCOUNT)
+        db.close()
+        # an adapter of another architecture (shapes that do not fit the tiny Llama)
+        qwen = tf.Qwen3ForCausalLM(
+            tf.Qwen3Config(
+                vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            )
+        )  # fmt: skip
+        write_peft_adapter(qwen, tmp / "qwen-adapter")
+        for name, source, base in (
+            ("lora-a", adapters["a1"], "tiny"),
+            ("lora-b", adapters["a2"], "tiny"),
+            ("lora-qwen", tmp / "qwen-adapter", "tiny"),
+            ("lora-other", adapters["a3"], "other-base"),
+        ):
+            added = girandole(
+                "models", "add", "--data-dir", str(self.data), "--account", ACCOUNT,
+                name, str(source), "--base", model(base),
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            assert "LoRA adapter of" in added.stdout
+        self.server = self.api.start_server(
+            tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
+            "--kv-cache-gb", "0.02", "--data-dir", str(self.data), "--max-loras", "2",
+            api_key=self.key,
+        )  # fmt: skip
+        self.env = {"GIRANDOLE_BASE_URL": self.server.url, "GIRANDOLE_API_KEY": self.key}
+
+    def sdk(self) -> fireworks.Fireworks:
+        return fireworks.Fireworks(
+            api_key=self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
+        )
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(api_key=self.key, base_url=self.server.url + "/v1", max_retries=0)
+
+    def complete(self, name: str, prompt: str = "Once upon a time") -> str:
+        out = self.openai().completions.create(
+            model=name, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return out.choices[0].text
+
+    def http(self, method: str, path: str, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "girandole.cli", *args, "--account", ACCOUNT],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            timeout=120,
+        )
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_llama_dir, llama_adapters):
+    s = LoraServer(tmp_path_factory.mktemp("lora-api"), tiny_llama_dir, llama_adapters)
+    yield s
+    s.api.stop_server(s.server)
+
+
+def test_sdk_load_list_get_update_unload(srv):
+    fw = srv.sdk()
+    base = srv.complete(model("tiny"))
+    loaded = fw.lora.load(model=model("lora-a"), deployment=OWN)
+    assert loaded.model == model("lora-a") and loaded.deployment == OWN
+    assert loaded.state == "DEPLOYED" and loaded.default is True
+    assert loaded.name.startswith(f"accounts/{ACCOUNT}/deployedModels/lora-a-")
+    dm_id = loaded.name.rsplit("/", 1)[1]
+
+    assert [d.name for d in fw.lora.list()] == [loaded.name]
+    got = fw.lora.get(dm_id)
+    assert got.model == model("lora-a") and got.state == "DEPLOYED"
+    updated = fw.lora.update(dm_id, display_name="my adapter", description="test")
+    assert updated.display_name == "my adapter" and updated.description == "test"
+    assert fw.lora.get(dm_id).display_name == "my adapter"
+
+    # the openai client addresses the adapter by name, with or without the deployment
+    with_adapter = srv.complete(model("lora-a"))
+    assert with_adapter != base
+    assert srv.complete(f"{model('lora-a')}#{OWN}") == with_adapter
+    assert srv.complete(model("tiny")) == base  # the base model is unchanged beside it
+
+    ids = [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
+    assert model("lora-a") in ids and f"{model('lora-a')}#{OWN}" in ids
+
+    assert fw.lora.unload(dm_id) == {}
+    assert list(fw.lora.list()) == []
+    gone = srv.http(
+        "POST", "/v1/completions", json={"model": model("lora-a"), "prompt": "hi", "max_tokens": 2}
+    )
+    assert gone.status_code == 404, gone.text
+    with pytest.raises(fireworks.NotFoundError):
+        fw.lora.get(dm_id)
+
+
+def test_adapters_side_by_side_and_chat(srv):
+    fw = srv.sdk()
+    a = fw.lora.load(model=model("lora-a"), deployment=OWN)
+    b = fw.lora.load(model=model("lora-b"), deployment="tiny")
+    try:
+        outs = {name: srv.complete(model(name)) for name in ("lora-a", "lora-b", "tiny")}
+        assert len(set(outs.values())) == 3
+        chat = srv.openai().chat.completions.create(
+            model=model("lora-b"),
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert chat.model == model("lora-b") and chat.choices[0].message.content is not None
+    finally:
+        fw.lora.unload(a.name.rsplit("/", 1)[1])
+        fw.lora.unload(b.name.rsplit("/", 1)[1])
+
+
+def test_adapters_that_do_not_fit_are_400(srv):
+    def load(body: dict) -> httpx.Response:
+        return srv.http("POST", f"/v1/accounts/{ACCOUNT}/deployedModels", json=body)
+
+    r = load({"model": model("lora-qwen"), "deployment": OWN})
+    assert r.status_code == 400 and "trained for another base model" in r.json()["error"]["message"]
+    r = load({"model": model("lora-other"), "deployment": OWN})
+    assert r.status_code == 400 and "is for base model" in r.json()["error"]["message"]
+    r = load({"model": model("tiny"), "deployment": OWN})
+    assert r.status_code == 400 and "not a LoRA adapter" in r.json()["error"]["message"]
+    r = load({"model": model("nope"), "deployment": OWN})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = load({"model": model("lora-a"), "deployment": f"accounts/{ACCOUNT}/deployments/nope"})
+    assert r.status_code == 404
+    r = load({"model": model("lora-a")})
+    assert r.status_code == 400 and "deployment is required" in r.json()["error"]["message"]
+    r = load({"model": model("lora-a"), "deployment": OWN, "bogus": 1})
+    assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
+    assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/deployedModels").json()["deployedModels"] == []
+    r = srv.http(
+        "POST", "/v1/completions", json={"model": model("lora-b"), "prompt": "hi", "max_tokens": 2}
+    )
+    assert r.status_code == 404  # in the registry, loaded nowhere
+
+
+def test_cli_load_list_unload(srv):
+    loaded = srv.cli("lora", "load", "lora-b", "--deployment", "tiny")
+    assert loaded.returncode == 0, loaded.stderr
+    assert model("lora-b") in loaded.stdout and "DEPLOYED" in loaded.stdout
+    again = srv.cli("lora", "load", "lora-b", "--deployment", "tiny")
+    assert again.returncode == 1 and "already loaded" in again.stderr
+    listed = srv.cli("lora", "list")
+    assert listed.returncode == 0 and model("lora-b") in listed.stdout
+    assert srv.complete(model("lora-b")) != srv.complete(model("tiny"))
+    unloaded = srv.cli("lora", "unload", "lora-b")
+    assert unloaded.returncode == 0, unloaded.stderr
+    assert srv.cli("lora", "list").stdout.strip() == ""
+    missing = srv.cli("lora", "unload", "lora-b")
+    assert missing.returncode == 1 and "not loaded" in missing.stderr
+
+
+def test_deployment_of_an_adapter_merges_it(srv):
+    fw = srv.sdk()
+    created = fw.deployments.create(base_model=model("lora-a"), deployment_id="merged")
+    assert created.base_model == model("lora-a")
+    deadline = time.monotonic() + 120
+    while fw.deployments.get("merged").state != "READY":
+        assert fw.deployments.get("merged").state != "FAILED"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    merged = srv.complete(f"{model('lora-a')}#accounts/{ACCOUNT}/deployments/merged")
+    assert merged == srv.complete(model("lora-a"))  # by name: its one deployment
+    assert merged != srv.complete(model("tiny"))
+    fw.deployments.delete("merged", hard=True)
