@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from girandole.api.datasets.route import created_by, listing, masked, new_dataset
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.list_params import ListParams, ListQuery
 from girandole.api.http.openapi import body_doc
 from girandole.api.serving.target import resolve_target
 from girandole.batch.lines import InputError, parse_parameters, read_input
@@ -225,14 +226,9 @@ async def create_job(
 async def list_jobs(
     request: Request,
     account: str = Account,
-    page_size: int | None = Query(default=None, alias="pageSize"),
-    page_token: str | None = Query(default=None, alias="pageToken"),
-    filter: str | None = Query(default=None),
-    order_by: str | None = Query(default=None, alias="orderBy"),
-    read_mask: str | None = Query(default=None, alias="readMask"),
+    query: ListParams = ListQuery,
 ) -> dict:
-    items = store_of(request).list_jobs(account)
-    return listing(items, "batchInferenceJobs", page_size, page_token, filter, order_by, read_mask)
+    return listing(store_of(request).list_jobs(account), "batchInferenceJobs", query)
 
 
 @router.get("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Get a batch job")

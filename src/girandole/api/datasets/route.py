@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict
 
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.batch.store import BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
-    camel,
     page,
     parse_filter,
     parse_order_by,
@@ -103,32 +103,21 @@ def get_or_404(request: Request, account: str, dataset_id: str) -> dict[str, Any
 
 
 def masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
-    """Only the top-level fields named in `readMask` ("" or "*": every field)."""
-    if not read_mask or read_mask.strip() in ("*", "**"):
-        return body
-    fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
-    return {f: body[f] for f in fields if f in body}
+    """`readMask` on a dataset or job (a field it does not have is left out)."""
+    return read_masked(body, read_mask, known=None)
 
 
-def listing(
-    items: list[dict[str, Any]],
-    key: str,
-    page_size: int | None,
-    page_token: str | None,
-    filter: str | None,
-    order_by: str | None,
-    read_mask: str | None,
-) -> dict[str, Any]:
+def listing(items: list[dict[str, Any]], key: str, query: ListParams) -> dict[str, Any]:
     """One page of `items` filtered and ordered as AIP-160/132 list queries ask."""
     fields = {f for item in items for f in item} | {"name", "createTime", "state", "displayName"}
     try:
-        chosen = [r for r in items if parse_filter(filter, fields).matches(r)]
-        sort_resources(chosen, parse_order_by(order_by, fields))
-        items, next_token = page(chosen, page_size, page_token)
+        chosen = [r for r in items if parse_filter(query.filter, fields).matches(r)]
+        sort_resources(chosen, parse_order_by(query.order_by, fields))
+        items, next_token = page(chosen, query.page_size, query.page_token)
     except QueryError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     return {
-        key: [masked(r, read_mask) for r in items],
+        key: [masked(r, query.read_mask) for r in items],
         "nextPageToken": next_token,
         "totalSize": len(chosen),
     }
@@ -422,14 +411,9 @@ async def create_dataset(request: Request, account: str = Account) -> dict:
 async def list_datasets(
     request: Request,
     account: str = Account,
-    page_size: int | None = Query(default=None, alias="pageSize"),
-    page_token: str | None = Query(default=None, alias="pageToken"),
-    filter: str | None = Query(default=None),
-    order_by: str | None = Query(default=None, alias="orderBy"),
-    read_mask: str | None = Query(default=None, alias="readMask"),
+    query: ListParams = ListQuery,
 ) -> dict:
-    items = store_of(request).list_datasets(account)
-    return listing(items, "datasets", page_size, page_token, filter, order_by, read_mask)
+    return listing(store_of(request).list_datasets(account), "datasets", query)
 
 
 @router.get("/accounts/{account}/datasets/{dataset_id}", summary="Get a dataset")

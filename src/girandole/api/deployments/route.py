@@ -25,12 +25,14 @@ from pydantic import BaseModel
 
 from girandole.api.deployments.schema import DeploymentBody, ScaleBody
 from girandole.api.http.errors import APIError, request_id_of
+from girandole.api.http.list_params import ListParams, ListQuery
+from girandole.api.http.list_params import read_masked as masked_fields
 from girandole.api.http.validation import parse_json_object, read_body, validate_model
 from girandole.api.ops.replica_gauges import install_replica_gauges
 from girandole.api.ops.tracking import record_of
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentError
-from girandole.registry.list_query import QueryError, camel, page
+from girandole.registry.list_query import QueryError, page
 from girandole.registry.models import PUBLIC_ACCOUNT
 from girandole.registry.naming import is_valid_id, model_name
 from girandole.registry.roles import USER, may_change_resources
@@ -102,14 +104,8 @@ async def read_json(request: Request, schema: type[M]) -> M:
 
 
 def read_masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
-    """Only the top-level fields named in `readMask` ("" or "*": every field)."""
-    if not read_mask or read_mask.strip() in ("*", "**"):
-        return body
-    fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
-    unknown = [f for f in fields if f not in body and f not in DeploymentBody.model_fields]
-    if unknown:
-        raise APIError(400, f"readMask: unknown field {unknown[0]!r}", param="readMask")
-    return {f: body[f] for f in fields if f in body}
+    """`readMask` on a Deployment (its request fields are known even when unset)."""
+    return masked_fields(body, read_mask, DeploymentBody.model_fields)
 
 
 # Routes with a ':verb' suffix come first: the plain `{deployment_id}` pattern would take them.
@@ -159,22 +155,18 @@ async def create_deployment(
 async def list_deployments(
     request: Request,
     account: str = Account,
-    page_size: int | None = Query(default=None, alias="pageSize"),
-    page_token: str | None = Query(default=None, alias="pageToken"),
-    filter: str | None = Query(default=None),
-    order_by: str | None = Query(default=None, alias="orderBy"),
+    query: ListParams = ListQuery,
     show_deleted: bool = Query(default=False, alias="showDeleted"),
-    read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
     listing = manager_of(request).list(
         account,
-        page_size=page_size,
-        page_token=page_token,
-        filter=filter,
-        order_by=order_by,
+        page_size=query.page_size,
+        page_token=query.page_token,
+        filter=query.filter,
+        order_by=query.order_by,
         show_deleted=show_deleted,
     )
-    listing["deployments"] = [read_masked(d, read_mask) for d in listing["deployments"]]
+    listing["deployments"] = [read_masked(d, query.read_mask) for d in listing["deployments"]]
     return listing
 
 

@@ -19,11 +19,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 
 from girandole.api.deployments.route import Account
-from girandole.api.http.errors import APIError
+from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.validation import parse_json_object, read_body
 from girandole.deploy.lora import DeployedModelManager
 from girandole.registry.deployed_models import DeployedModelStore
-from girandole.registry.list_query import camel
 from girandole.registry.naming import deployment_name, model_name
 
 router = APIRouter(tags=["lora"])
@@ -59,16 +58,6 @@ async def _body(request: Request) -> dict[str, Any]:
     return parse_json_object(raw) if raw.strip() else {}
 
 
-def _masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
-    if not read_mask or read_mask.strip() in ("*", "**"):
-        return body
-    fields = [camel(f.strip()) for f in read_mask.split(",") if f.strip()]
-    unknown = [f for f in fields if f not in body]
-    if unknown:
-        raise APIError(400, f"readMask: unknown field {unknown[0]!r}", param="readMask")
-    return {f: body[f] for f in fields}
-
-
 @router.post("/accounts/{account}/deployedModels", openapi_extra=_BODY_DOC, summary="Load a LoRA")
 async def load_lora(
     request: Request,
@@ -82,16 +71,16 @@ async def load_lora(
 async def list_loras(
     request: Request,
     account: str = Account,
-    page_size: int | None = Query(default=None, alias="pageSize"),
-    page_token: str | None = Query(default=None, alias="pageToken"),
-    filter: str | None = Query(default=None),
-    order_by: str | None = Query(default=None, alias="orderBy"),
-    read_mask: str | None = Query(default=None, alias="readMask"),
+    query: ListParams = ListQuery,
 ) -> dict:
     listing = lora_of(request).list(
-        account, page_size=page_size, page_token=page_token, filter=filter, order_by=order_by
+        account,
+        page_size=query.page_size,
+        page_token=query.page_token,
+        filter=query.filter,
+        order_by=query.order_by,
     )
-    listing["deployedModels"] = [_masked(d, read_mask) for d in listing["deployedModels"]]
+    listing["deployedModels"] = [read_masked(d, query.read_mask) for d in listing["deployedModels"]]
     return listing
 
 
@@ -102,7 +91,7 @@ async def get_lora(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return _masked(lora_of(request).get(account, deployed_model_id), read_mask)
+    return read_masked(lora_of(request).get(account, deployed_model_id), read_mask)
 
 
 @router.patch(
