@@ -40,6 +40,8 @@ class TranslatedShape(ResponseShape):
         self.template = chat.template
         self.plan = chat.plan
         self.forced_grammar = chat.forced_grammar
+        self.reasoning = chat.reasoning  # the prompt is built as chat's (thinking on or off)
+        self.think_end_id = chat.think_end_id
 
 
 class TranslatedEndpoint(Chat):
