@@ -150,7 +150,10 @@ def part_routing(prefix_tokens: int, per_prefix: int) -> list[str]:
     prompts = workload(prefix_tokens, per_prefix)
     results = {}
     for router in ("prefix", "round_robin"):
-        server = Serve("--ray", "--ray-router", router, "--ray-replicas-per-node", "0")
+        server = Serve(
+            "--ray", "--ray-router", router, "--ray-replicas-per-node", "0",
+            "--ray-replica-cpus", "0.5",  # three replicas (the own model too) on 2 cores
+        )  # fmt: skip
         server.wait_ready()
         r = httpx.post(
             server.url + f"/v1/accounts/{ACCOUNT}/deployments?deploymentId=pair", timeout=60,
