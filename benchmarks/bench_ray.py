@@ -146,13 +146,14 @@ async def send_all(url: str, name: str, prompts: list[str]) -> tuple[int, int]:
     return cached, total
 
 
-def part_routing(prefix_tokens: int, per_prefix: int) -> list[str]:
+def part_routing(prefix_tokens: int, per_prefix: int, kv_cache_gb: float | None) -> list[str]:
     prompts = workload(prefix_tokens, per_prefix)
     results = {}
     for router in ("prefix", "round_robin"):
         server = Serve(
             "--ray", "--ray-router", router, "--ray-replicas-per-node", "0",
             "--ray-replica-cpus", "0.5",  # three replicas (the own model too) on 2 cores
+            *(["--kv-cache-gb", str(kv_cache_gb)] if kv_cache_gb else []),
         )  # fmt: skip
         server.wait_ready()
         r = httpx.post(
@@ -192,6 +193,13 @@ def main() -> int:
     p.add_argument("--part", choices=["cost", "routing", "all"], default="all")
     p.add_argument("--prefix-tokens", type=int, default=200, help="words in each shared prefix")
     p.add_argument("--per-prefix", type=int, default=6, help="questions per prefix")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="each replica's KV cache: small enough that one replica cannot hold every prefix"
+        " is where routing matters most",
+    )
     args = p.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     out = machine_lines()
@@ -199,7 +207,7 @@ def main() -> int:
         out += ["", "## Cost of the Ray path", "", *part_cost()]
     if args.part in ("routing", "all"):
         out += ["", f"## Prefix-aware routing, 8 prefixes x {args.per_prefix} over 2 replicas", "",
-                *part_routing(args.prefix_tokens, args.per_prefix)]  # fmt: skip
+                *part_routing(args.prefix_tokens, args.per_prefix, args.kv_cache_gb)]  # fmt: skip
     print("\n".join(out))
     return 0
 
