@@ -284,6 +284,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from girandole.model.default import resolve_model_path
 
     settings = settings_from_args(args)
+    if settings.ray:
+        try:
+            import ray.serve  # noqa: F401 - the `ray` extra
+        except ImportError:
+            print(
+                "girandole serve: --ray needs Ray Serve: pip install 'girandole[ray]'",
+                file=sys.stderr,
+            )
+            return 2
     log_format = choose_log_format(settings.log_format, sys.stderr)
     configure_logging(settings.log_level, log_format)
     source = describe_source(settings.model, settings.revision)
