@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from girandole import SamplingParams
-from girandole.deploy.backend import ReplicaSpec
+from girandole.deploy.backend import EngineOptions, ReplicaSpec
 from girandole.deploy.embedded import EmbeddedBackend, replica_bytes
 from girandole.deploy.manager import SCALING_UP_MESSAGE, DeploymentManager
 from girandole.registry.deployments import DeploymentError, DeploymentStore, Hardware
@@ -41,13 +41,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"a": _write_tiny_llama(tmp / "a", 0), "b": _write_tiny_llama(tmp / "b", 1)}
 
 
-def make_manager(models: dict[str, Path], budget: int = 1 << 40) -> DeploymentManager:
+def make_manager(
+    models: dict[str, Path], budget: int = 1 << 40, options: EngineOptions | None = None
+) -> DeploymentManager:
     db = Database(None)
     catalog = ModelCatalog(db, [])
     for key, path in models.items():
         catalog.add(f"accounts/t/models/{key}", str(path))
     backend = EmbeddedBackend(CPU, budget)
-    return DeploymentManager(DeploymentStore(db), catalog, backend, kv_cache_gb=KV_GB)
+    extra = {"options": options} if options is not None else {}
+    return DeploymentManager(DeploymentStore(db), catalog, backend, kv_cache_gb=KV_GB, **extra)
 
 
 def wait_ready(manager: DeploymentManager, deployment_id: str, timeout: float = 60) -> dict:
@@ -91,6 +94,39 @@ def test_two_models_side_by_side(models):
         out_b = generate(engine_b, "Once upon a time", 8)
         assert len(out_a) == len(out_b) == 8
         assert out_a != out_b  # two different random checkpoints
+    finally:
+        manager.shutdown()
+
+
+def test_the_servers_engine_flags_reach_every_deployment(models):
+    """`girandole serve --target-itl-ms/--ngram-speculation-length/--max-loras ...` hold for the
+    engines of deployments too, not only for the server's own model."""
+    settings = type(
+        "Settings",
+        (),
+        dict(
+            target_itl_ms=0,
+            ngram_speculation_length=3,
+            draft_model=None,
+            draft_token_count=5,
+            max_loras=2,
+            grammar_compile_timeout=4.0,
+        ),
+    )()
+    options = EngineOptions.from_settings(settings)
+    assert options.target_itl_ms is None  # 0: the step budget off
+    manager = make_manager(models, options=options)
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "flags")
+        wait_ready(manager, "flags")
+        engine = manager.engine_for("accounts/t/deployments/flags")
+        config = engine.engine.config
+        assert config.target_itl_ms is None
+        assert config.ngram_speculation_length == 3
+        assert config.draft_token_count == 5
+        assert config.max_loras == 2
+        assert engine.grammar_pool.timeout == 4.0
+        assert config.kv_cache_gb == KV_GB
     finally:
         manager.shutdown()
 

@@ -96,28 +96,15 @@ class AppState:
 
     def load(self) -> None:
         """Build the engine (blocking; run it in a thread). Records failure instead of raising."""
-        from girandole.engine.async_engine import AsyncEngine, EngineConfig
 
         start = time.monotonic()
         try:
-            kwargs: dict[str, Any] = {"model": self.settings.model}
-            if self.settings.kv_cache_gb is not None:
-                kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
-            if self.settings.max_model_len is not None:
-                kwargs["max_model_len"] = self.settings.max_model_len
-            if self.settings.target_itl_ms is not None:
-                kwargs["target_itl_ms"] = self.settings.target_itl_ms or None
-            kwargs["ngram_speculation_length"] = self.settings.ngram_speculation_length
-            kwargs["draft_model"] = self.settings.draft_model
-            kwargs["draft_token_count"] = self.settings.draft_token_count
-            kwargs["max_loras"] = self.settings.max_loras
             if self.engine_factory is not None:
                 engine = self.engine_factory()
             else:
-                engine = AsyncEngine(
-                    EngineConfig(**kwargs),
-                    grammar_compile_timeout=self.settings.grammar_compile_timeout,
-                )
+                from girandole.deploy.setup import own_spec
+
+                engine = own_spec(self.settings).start_engine()
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"

@@ -13,6 +13,34 @@ from girandole.registry.deployments import Hardware
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """The server's engine flags, the same for every replica of every deployment (embedded or
+    on Ray): what `girandole serve` was told beyond the model and its memory."""
+
+    target_itl_ms: float | None = 250.0  # None: the token budget alone
+    ngram_speculation_length: int = 0
+    draft_model: str | None = None
+    draft_token_count: int = 4
+    max_loras: int = 8
+    grammar_compile_timeout: float = 10.0  # seconds
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineOptions:
+        itl = getattr(settings, "target_itl_ms", None)
+        return cls(
+            target_itl_ms=cls.target_itl_ms if itl is None else (itl or None),  # 0: off
+            ngram_speculation_length=getattr(settings, "ngram_speculation_length", 0) or 0,
+            draft_model=getattr(settings, "draft_model", None),
+            draft_token_count=getattr(settings, "draft_token_count", None) or 4,
+            max_loras=getattr(settings, "max_loras", None) or 8,
+            grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
+        )
+
+
+DEFAULT_ENGINE_OPTIONS = EngineOptions()
+
+
+@dataclass(frozen=True)
 class ReplicaSpec:
     """What every replica of a deployment runs; a changed spec restarts the replicas."""
 
@@ -21,6 +49,31 @@ class ReplicaSpec:
     kv_cache_gb: float
     max_model_len: int | None  # None: the model's context
     merge_lora: str | None = None  # a PEFT LoRA folder merged into the weights at load
+    options: EngineOptions = DEFAULT_ENGINE_OPTIONS
+
+    def engine_config(self) -> Any:
+        """The EngineConfig of one replica (imported here: the engine pulls in torch)."""
+        from girandole.engine.engine import EngineConfig
+
+        return EngineConfig(
+            model=self.model,
+            kv_cache_gb=self.kv_cache_gb,
+            max_model_len=self.max_model_len,
+            merge_lora=self.merge_lora,
+            target_itl_ms=self.options.target_itl_ms,
+            ngram_speculation_length=self.options.ngram_speculation_length,
+            draft_model=self.options.draft_model,
+            draft_token_count=self.options.draft_token_count,
+            max_loras=self.options.max_loras,
+        )
+
+    def start_engine(self) -> Any:
+        """A replica's AsyncEngine, loaded (blocking: minutes for a large model)."""
+        from girandole.engine.async_engine import AsyncEngine
+
+        return AsyncEngine(
+            self.engine_config(), grammar_compile_timeout=self.options.grammar_compile_timeout
+        )
 
 
 @dataclass

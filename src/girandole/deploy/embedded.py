@@ -137,17 +137,10 @@ class EmbeddedBackend(Backend):
         return ", ".join(names) or "nothing"
 
     def _load(self, replica: Replica) -> None:
-        from girandole.engine.async_engine import AsyncEngine, EngineConfig
-
         spec = replica.spec
         error = None
         try:
-            kwargs: dict[str, Any] = {"model": spec.model, "kv_cache_gb": spec.kv_cache_gb}
-            if spec.max_model_len:
-                kwargs["max_model_len"] = spec.max_model_len
-            if spec.merge_lora:
-                kwargs["merge_lora"] = spec.merge_lora
-            engine = AsyncEngine(EngineConfig(**kwargs))
+            engine = spec.start_engine()
         except Exception as exc:  # noqa: BLE001 - the deployment's status reports it
             logger.exception("a replica of %s failed to start", spec.deployment)
             error = f"{type(exc).__name__}: {exc}"

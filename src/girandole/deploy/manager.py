@@ -19,7 +19,12 @@ import threading
 import time
 from typing import Any
 
-from girandole.deploy.backend import Backend, ReplicaSpec
+from girandole.deploy.backend import (
+    DEFAULT_ENGINE_OPTIONS,
+    Backend,
+    EngineOptions,
+    ReplicaSpec,
+)
 from girandole.registry import list_query
 from girandole.registry.deployments import (
     DEPLOYMENT_ID_RE,
@@ -89,6 +94,7 @@ class DeploymentManager:
         *,
         kv_cache_gb: float,
         max_model_len: int | None = None,
+        options: EngineOptions = DEFAULT_ENGINE_OPTIONS,
         reserved: set[str] = frozenset(),
     ) -> None:
         self.store = store
@@ -96,6 +102,7 @@ class DeploymentManager:
         self.backend = backend
         self.kv_cache_gb = kv_cache_gb
         self.max_model_len = max_model_len  # the server's cap, when maxContextLength is 0
+        self.options = options  # the server's engine flags, for every replica
         self.reserved = set(reserved)  # deployment names the server itself serves
         backend.listener = self._on_replica
         self._lock = threading.RLock()
@@ -432,6 +439,7 @@ class DeploymentManager:
             kv_cache_gb=self.kv_cache_gb,
             max_model_len=record.max_context_length or self.max_model_len,
             merge_lora=merge_lora,
+            options=self.options,
         )
 
     def _on_replica(self, name: str, error: str | None) -> None:

@@ -240,14 +240,7 @@ class RayBackend(Backend):
                 "request_router_class": f"{router.__module__}:{router.__name__}",
                 "request_routing_stats_period_s": 1,
             }
-        config = {
-            "deployment": name,
-            "model": app.spec.model,
-            "kv_cache_gb": app.spec.kv_cache_gb,
-            "max_model_len": app.spec.max_model_len,
-            "threads": self.options.replica_threads,
-            "grammar_compile_timeout": self.options.grammar_compile_timeout,
-        }
+        config = {"spec": app.spec, "threads": self.options.replica_threads}
         try:
             target = serve.deployment(GirandoleReplica).options(**options).bind(config)
             serve._run(target, _blocking=False, name=app_name_of(name), route_prefix=None)

@@ -38,20 +38,10 @@ class GirandoleReplica:
         # engine is the work itself, so it runs at the normal priority where it may
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 0)
-        from girandole.engine.async_engine import AsyncEngine, EngineConfig
-
         threads = config.get("threads") or len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, int(threads)))
-        engine_config: dict[str, Any] = {
-            "model": config.get("model"),
-            "kv_cache_gb": config["kv_cache_gb"],
-        }
-        if config.get("max_model_len"):
-            engine_config["max_model_len"] = config["max_model_len"]
-        self.engine = AsyncEngine(
-            EngineConfig(**engine_config),
-            grammar_compile_timeout=config.get("grammar_compile_timeout", 10.0),
-        )
+        spec = config["spec"]  # deploy.backend.ReplicaSpec
+        self.engine = spec.start_engine()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.server = ReplicaServer(self.engine, host=ray.util.get_node_ip_address()).start()
         self.server.on_request_ended = self._request_ended
@@ -60,7 +50,7 @@ class GirandoleReplica:
         logger.info(
             "replica %s of %s serving on %s:%d",
             self.replica_id,
-            config.get("deployment"),
+            spec.deployment,
             self.server.host,
             self.server.port,
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from girandole.deploy.backend import Backend, ReplicaSpec
+from girandole.deploy.backend import Backend, EngineOptions, ReplicaSpec
 from girandole.deploy.embedded import EmbeddedBackend, default_budget_bytes, replica_bytes
 from girandole.deploy.hardware import detect_hardware
 from girandole.deploy.manager import DeploymentManager
@@ -40,6 +40,7 @@ def own_spec(settings: Any) -> ReplicaSpec:
         settings.model,
         settings.kv_cache_gb or DEFAULT_KV_CACHE_GB,
         settings.max_model_len,
+        options=EngineOptions.from_settings(settings),
     )
 
 
@@ -76,5 +77,6 @@ def deployment_manager(settings: Any, db: Database) -> DeploymentManager:
         backend,
         kv_cache_gb=kv_cache_gb,
         max_model_len=settings.max_model_len,
+        options=own.options,
         reserved={own.deployment},
     )
