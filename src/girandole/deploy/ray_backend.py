@@ -337,7 +337,12 @@ class RayBackend(Backend):
         from girandole.deploy.ray_router import RouteKey, prefix_hashes
 
         async def acquire(prompt: list[int], request_id: str, kwargs: dict) -> RayLease:
-            key = RouteKey(request_id, prefix_hashes(prompt, kwargs.get("cache_salt")))
+            adapter = kwargs.get("adapter")
+            # salted as the engine's prefix cache is: an adapter's blocks are its own
+            salt = (
+                kwargs.get("cache_salt") if adapter is None else (kwargs.get("cache_salt"), adapter)
+            )
+            key = RouteKey(request_id, prefix_hashes(prompt, salt), adapter)
             session = app.handle.options(stream=True).session.remote(key)
             try:
                 where = await session.__anext__()
