@@ -156,7 +156,7 @@ class DeployedModelManager:
         record = self._record(account, deployed_model_id)
         record.state, record.update_time = "UNDEPLOYING", time.time()
         self.store.save(record)
-        for engine in self.engines_of(record.deployment):
+        for engine in self.engines_of(record.deployment, ready=False):
             unload = getattr(engine, "unload_lora", None)
             if unload is not None:
                 unload(record.model)
@@ -205,11 +205,14 @@ class DeployedModelManager:
                     record.state, record.update_time = "DEPLOYED", time.time()
                     self.store.save(record)
 
-    def engines_of(self, deployment: str) -> list[Any]:
+    def engines_of(self, deployment: str, ready: bool = True) -> list[Any]:
+        """The engines of the deployment's ready replicas (ready=False: every engine, as an
+        unload needs)."""
         if deployment == self.own_deployment:
             engine = self._own_engine()
             return [] if engine is None else [engine]
-        return list(self.deployments.backend.engines(deployment))
+        backend = self.deployments.backend
+        return list(backend.engines(deployment) if ready else backend.all_engines(deployment))
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -427,6 +427,10 @@ class RayBackend(Backend):
             return []
         return [app.engine]
 
+    def all_engines(self, deployment: str) -> list[Any]:
+        app = self._apps.get(deployment)
+        return [] if app is None or app.engine is None else [app.engine]
+
     def idle_since(self, deployment: str) -> float | None:
         app = self._apps.get(deployment)
         return app.last_used if app is not None and app.engine is not None else None
