@@ -3,7 +3,9 @@ simulated nodes (ray.cluster_utils.Cluster), with tiny models, the real firework
 clients and the CLI. The server's own model runs as a Ray replica too; deployments of a second
 model scale to two replicas (one per node), route by name and by #deployment, autoscale up
 under load and down to zero (503 DEPLOYMENT_SCALING_UP, then ready), survive a replica killed
-under load, and send a shared prefix to the replica that has it cached."""
+under load, and send a shared prefix to the replica that has it cached. A LoRA adapter loaded
+with the SDK's `client.lora.load` onto the two-replica deployment answers as on the embedded
+server, its requests go to the replica that holds it, and unloading drops it from both."""
 
 from __future__ import annotations
 
@@ -62,9 +64,11 @@ class RayPlane:
         db = Database.in_folder(self.data)
         self.key, _ = db.create_key(ACCOUNT)
         db.close()
+        self.tmp = tmp
+        self.tiny = write_tiny_llama_for_ops(tmp / "tiny-llama")
         added = girandole(
             "models", "add", "--data-dir", str(self.data), "--account", ACCOUNT,
-            "tiny-llama", str(write_tiny_llama_for_ops(tmp / "tiny-llama")),
+            "tiny-llama", str(self.tiny),
         )  # fmt: skip
         assert added.returncode == 0, added.stderr
         eos = write_eos_model(tmp / "eos")
@@ -181,6 +185,95 @@ def test_prefix_goes_to_the_replica_that_cached_it(plane):
         assert r.status_code == 200, r.text
         cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached[0] == 0 and all(c >= 64 for c in cached[1:]), cached
+
+
+def _adapter_gauges(plane, deployment: str) -> dict[str, float]:
+    """girandole:lora_adapters of each replica of `deployment` (replica id -> adapters held)."""
+    text = plane.http("GET", "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("girandole:lora_adapters{") and f'deployment="{deployment}"' in line:
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            out[replica] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _wait_gauges(plane, deployment: str, check) -> dict[str, float]:
+    deadline = time.monotonic() + 30
+    while True:  # replicas report their stats every second
+        gauges = _adapter_gauges(plane, deployment)
+        if check(gauges):
+            return gauges
+        assert time.monotonic() < deadline, gauges
+        time.sleep(0.3)
+
+
+def test_lora_adapter_on_two_replicas(plane):
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_lora_helpers", Path(__file__).parents[1] / "lora" / "lora_helpers.py"
+    )
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    folder = plane.tmp / "lora-ray"
+    hf = AutoModelForCausalLM.from_pretrained(plane.tiny).float().eval()
+    helpers.write_peft_adapter(hf, folder, rank=8, alpha=16, seed=3, std=0.3)
+    adapter = f"accounts/{ACCOUNT}/models/lora-ray"
+    pair = f"accounts/{ACCOUNT}/deployments/pair"
+    embedded_data = plane.tmp / "embedded-data"
+    for data in (plane.data, embedded_data):
+        added = girandole("models", "add", "--data-dir", str(data), "--account", ACCOUNT,
+                          "lora-ray", str(folder), "--base", MODEL)  # fmt: skip
+        assert added.returncode == 0, added.stderr
+    # the same adapter and greedy requests on an embedded server of the same model
+    embedded = start_server(
+        plane.tmp, "--model", str(plane.tiny), "--model-id", "tiny-llama", "--account", ACCOUNT,
+        "--kv-cache-gb", "0.02", "--data-dir", str(embedded_data), api_key=None,
+    )  # fmt: skip
+    prompts = [f"Tell me story number {i}" for i in range(4)]
+    greedy = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    try:
+        loaded = httpx.post(
+            embedded.url + f"/v1/accounts/{ACCOUNT}/deployedModels",
+            json={"model": adapter, "deployment": f"accounts/{ACCOUNT}/deployments/tiny-llama"},
+            timeout=60,
+        )
+        assert loaded.status_code == 200, loaded.text
+        want = []
+        for prompt in prompts:
+            r = httpx.post(embedded.url + "/v1/completions", timeout=60,
+                           json={"model": adapter, "prompt": prompt, **greedy})  # fmt: skip
+            assert r.status_code == 200, r.text
+            want.append(r.json()["choices"][0]["text"])
+    finally:
+        stop_server(embedded)
+
+    base_model = f"{MODEL}#{pair}"
+    for i in range(4):  # short prompts, no shared prefix: by load, so both replicas are connected
+        assert plane.complete(base_model, f"base {i}", max_tokens=2).status_code == 200
+    fw = plane.fw()
+    dm = fw.lora.load(model=adapter, deployment=pair)
+    assert dm.state == "DEPLOYED" and dm.default is True
+    got = []
+    for prompt in prompts:
+        r = plane.complete(adapter, prompt, **greedy)
+        assert r.status_code == 200, r.text
+        got.append(r.json()["choices"][0]["text"])
+    assert got == want  # the adapter's output, as the embedded server gives it
+    assert plane.complete(base_model, prompts[0], **greedy).json()["choices"][0]["text"] != want[0]
+    # every request for it went to the replica that read it at the load: only it holds it
+    gauges = _wait_gauges(plane, pair, lambda g: len(g) == 2 and sum(g.values()) >= 1)
+    assert sorted(gauges.values()) == [0.0, 1.0], gauges
+    ids = [m.id for m in plane.oai().models.list()]
+    assert adapter in ids and f"{adapter}#{pair}" in ids
+
+    assert fw.lora.unload(dm.name.rsplit("/", 1)[1]) == {}
+    _wait_gauges(plane, pair, lambda g: len(g) == 2 and sum(g.values()) == 0)
+    gone = plane.complete(adapter, prompts[0], max_tokens=2)
+    assert gone.status_code == 404, gone.text
 
 
 def test_replica_killed_under_load(plane):

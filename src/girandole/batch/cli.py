@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from girandole.cli_tables import fields, table
 from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
 
 FINAL = ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
@@ -88,9 +89,7 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
         ("Create Time", job.get("createTime")),
         ("Update Time", job.get("updateTime")),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key + ':':<{width + 1}} {value}")
+    print(fields(rows))
 
 
 def _wait(plane: ControlPlane, job_id: str, timeout: float) -> dict[str, Any]:
@@ -162,20 +161,14 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    plane = _plane(args)
-    jobs: list[dict[str, Any]] = []
-    token = ""
-    while True:
-        page = plane.call("GET", "/batchInferenceJobs", params={"pageToken": token})
-        jobs += page.get("batchInferenceJobs", [])
-        token = page.get("nextPageToken") or ""
-        if not token:
-            break
+    jobs = _plane(args).list_all("/batchInferenceJobs", "batchInferenceJobs")
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
-    for job in jobs:
-        print(f"{job['name'].rsplit('/', 1)[-1]:<24} {progress_line(job)}  {job['model']}")
+    if jobs:
+        rows = [["ID", "PROGRESS", "MODEL"]]
+        rows += [[_job_id(job["name"]), progress_line(job), job["model"]] for job in jobs]
+        print(table(rows))
     return 0
 
 

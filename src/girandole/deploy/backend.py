@@ -123,6 +123,11 @@ class Backend(ABC):
     def engines(self, deployment: str) -> list[Any]:
         """The engines of the deployment's ready replicas (AsyncEngine's interface)."""
 
+    def all_engines(self, deployment: str) -> list[Any]:
+        """Every engine of the deployment, ready or not: where an adapter unload must reach
+        (the Ray backend's ingress engine keeps the deployment's adapters at zero replicas)."""
+        return self.engines(deployment)
+
     @abstractmethod
     def idle_since(self, deployment: str) -> float | None:
         """When the deployment last served a request or became ready (None: no replica)."""

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from girandole.cli_tables import fields, table
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 
@@ -47,6 +49,18 @@ class ControlPlane:
             message = body.get("error", {}).get("message") if isinstance(body, dict) else None
             raise CLIError(f"{message or response.text} (HTTP {response.status_code})")
         return body
+
+    def list_all(
+        self, path: str, key: str, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every item of a paged list (`key` in each page), following nextPageToken."""
+        params, items = dict(params or {}), []
+        while True:
+            page = self.call("GET", path, params=params)
+            items += page.get(key, [])
+            if not page.get("nextPageToken"):
+                return items
+            params["pageToken"] = page["nextPageToken"]
 
 
 def _plane(args: argparse.Namespace) -> ControlPlane:
@@ -135,9 +149,7 @@ def _show(args: argparse.Namespace, deployment: dict[str, Any]) -> None:
     ]
     if deployment.get("deleteTime"):
         rows.append(("Delete Time", deployment["deleteTime"]))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key + ':':<{width + 1}} {value}")
+    print(fields(rows))
 
 
 def _wait(plane: ControlPlane, deployment_id: str, timeout: float) -> dict[str, Any]:
@@ -180,13 +192,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         params["filter"] = args.filter
     if args.order_by:
         params["orderBy"] = args.order_by
-    deployments: list[dict[str, Any]] = []
-    while True:
-        page = plane.call("GET", "", params=params)
-        deployments += page["deployments"]
-        if not page.get("nextPageToken"):
-            break
-        params["pageToken"] = page["nextPageToken"]
+    deployments = plane.list_all("", "deployments", params)
     if args.json:
         print(json.dumps(deployments, indent=2))
         return 0
@@ -201,9 +207,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 d.get("createTime", ""),
             ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(table(rows))
     return 0
 
 

@@ -23,13 +23,9 @@ from girandole.deploy.manager import DeploymentManager
 from girandole.registry import list_query
 from girandole.registry.deployed_models import DeployedModelRecord, DeployedModelStore
 from girandole.registry.deployments import DeploymentError, invalid
-from girandole.registry.models import PUBLIC_ACCOUNT, CatalogModel
-from girandole.registry.naming import (
-    deployment_name,
-    is_valid_id,
-    parse_deployment_header,
-    parse_model_ref,
-)
+from girandole.registry.deployments import not_found as deployment_not_found
+from girandole.registry.models import CatalogModel
+from girandole.registry.naming import deployment_name, is_valid_id, parse_deployment_header
 
 logger = logging.getLogger("girandole.deploy")
 
@@ -160,7 +156,7 @@ class DeployedModelManager:
         record = self._record(account, deployed_model_id)
         record.state, record.update_time = "UNDEPLOYING", time.time()
         self.store.save(record)
-        for engine in self.engines_of(record.deployment):
+        for engine in self.engines_of(record.deployment, ready=False):
             unload = getattr(engine, "unload_lora", None)
             if unload is not None:
                 unload(record.model)
@@ -209,11 +205,14 @@ class DeployedModelManager:
                     record.state, record.update_time = "DEPLOYED", time.time()
                     self.store.save(record)
 
-    def engines_of(self, deployment: str) -> list[Any]:
+    def engines_of(self, deployment: str, ready: bool = True) -> list[Any]:
+        """The engines of the deployment's ready replicas (ready=False: every engine, as an
+        unload needs)."""
         if deployment == self.own_deployment:
             engine = self._own_engine()
             return [] if engine is None else [engine]
-        return list(self.deployments.backend.engines(deployment))
+        backend = self.deployments.backend
+        return list(backend.engines(deployment) if ready else backend.all_engines(deployment))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -237,11 +236,8 @@ class DeployedModelManager:
     def _adapter(self, account: str, text: Any) -> CatalogModel:
         if not text or not isinstance(text, str):
             raise invalid("model is required: the LoRA adapter to load", "model")
-        ref = parse_model_ref(text, account)
-        model = None
-        if ref is not None and ref.model is not None and ref.deployment is None:
-            model = self.catalog.get(ref.model)
-        if model is None or model.account not in (account, PUBLIC_ACCOUNT):
+        model = self.deployments.registry_model(account, text)
+        if model is None:
             raise invalid(
                 f"model {text!r} is not a model of this server's registry (add an adapter with"
                 " `girandole models add NAME ADAPTER-FOLDER --base MODEL`)",
@@ -269,9 +265,7 @@ class DeployedModelManager:
         if name.split("/")[1] != account:
             raise invalid(f"deployment {name} is not one of account {account}'s", "deployment")
         if name != self.own_deployment and self.deployments.find(name) is None:
-            raise DeploymentError(
-                404, f"Deployment {name} not found", code="NOT_FOUND", type="error"
-            )
+            raise deployment_not_found(name)
         return name
 
     def _check_base(self, adapter: CatalogModel, deployment: str) -> None:

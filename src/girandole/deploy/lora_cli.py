@@ -8,6 +8,7 @@ import argparse
 import json
 from typing import Any
 
+from girandole.cli_tables import fields, table
 from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
 
 
@@ -32,10 +33,16 @@ def _show(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(record, indent=2))
         return
-    default = "  (default)" if record.get("default") else ""
-    print(
-        f"{record['name']}  {record['model']} on {record['deployment']}  {record['state']}{default}"
-    )
+    rows = [
+        ("Name", record["name"]),
+        ("Model", record["model"]),
+        ("Deployment", record["deployment"]),
+        ("State", record["state"]),
+        ("Default", "yes" if record.get("default") else "no"),
+    ]
+    if record.get("displayName"):
+        rows.append(("Display Name", record["displayName"]))
+    print(fields(rows))
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -49,14 +56,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    plane, items, token = _plane(args), [], None
-    while True:
-        params = {"pageSize": 200, **({"pageToken": token} if token else {})}
-        page = plane.call("GET", params=params)
-        items += page.get("deployedModels", [])
-        token = page.get("nextPageToken")
-        if not token:
-            return items
+    return _plane(args).list_all("", "deployedModels", {"pageSize": 200})
 
 
 def _cmd_unload(args: argparse.Namespace) -> int:
@@ -84,8 +84,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
-    for record in items:
-        _show(args, record)
+    if items:
+        rows = [["NAME", "MODEL", "DEPLOYMENT", "STATE", "DEFAULT"]]
+        for r in items:
+            default = "yes" if r.get("default") else ""
+            rows.append([r["name"], r["model"], r["deployment"], r["state"], default])
+        print(table(rows))
     return 0
 
 

@@ -385,12 +385,20 @@ class DeploymentManager:
         else:
             self.backend.scale(self._spec(record), n, record)
 
-    def _base_model(self, account: str, text: str) -> Any:
+    def registry_model(self, account: str, text: str) -> Any:
+        """The model of the registry that `text` (accounts/<a>/models/<m>, or <m> of `account`)
+        names, if `account` may use it (its own, or the public catalog's); else None."""
         ref = parse_model_ref(text, account)
         model = None
         if ref is not None and ref.model is not None and ref.deployment is None:
             model = self.catalog.get(ref.model)
         if model is None or model.account not in (account, PUBLIC_ACCOUNT):
+            return None
+        return model
+
+    def _base_model(self, account: str, text: str) -> Any:
+        model = self.registry_model(account, text)
+        if model is None:
             raise invalid(
                 f"baseModel {text!r} is not a model of this server's registry (see GET"
                 f" /v1/accounts/{account}/models; add one with `girandole models add`)",

@@ -330,7 +330,12 @@ class RayBackend(Backend):
         from girandole.deploy.ray_router import RouteKey, prefix_hashes
 
         async def acquire(prompt: list[int], request_id: str, kwargs: dict) -> RayLease:
-            key = RouteKey(request_id, prefix_hashes(prompt, kwargs.get("cache_salt")))
+            adapter = kwargs.get("adapter")
+            # salted as the engine's prefix cache is: an adapter's blocks are its own
+            salt = (
+                kwargs.get("cache_salt") if adapter is None else (kwargs.get("cache_salt"), adapter)
+            )
+            key = RouteKey(request_id, prefix_hashes(prompt, salt), adapter)
             session = app.handle.options(stream=True).session.remote(key)
             try:
                 where = await session.__anext__()
@@ -414,6 +419,10 @@ class RayBackend(Backend):
         if app is None or app.engine is None or app.stats.ready == 0:
             return []
         return [app.engine]
+
+    def all_engines(self, deployment: str) -> list[Any]:
+        app = self._apps.get(deployment)
+        return [] if app is None or app.engine is None else [app.engine]
 
     def idle_since(self, deployment: str) -> float | None:
         app = self._apps.get(deployment)

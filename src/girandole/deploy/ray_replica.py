@@ -109,7 +109,9 @@ class GirandoleReplica:
         return {name: (total - before) / dt for name, total, before in zip(names, totals, last)}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return dict(self.engine.stats())
+        """The engine's load, and the LoRA adapters this replica holds (the router prefers a
+        replica that holds a request's adapter)."""
+        return {**self.engine.stats(), "adapters": self.engine.lora_names()}
 
     def check_health(self) -> None:
         if self.engine.seconds_stalled() == float("inf"):

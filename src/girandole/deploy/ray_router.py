@@ -8,12 +8,18 @@ remembers which hashes it sent where. When the replica with the longest match is
 the least loaded by `imbalance` requests, load wins (least loaded). Requests with no match go
 to the least loaded replica: the one with the fewest requests this router has in flight there
 (Ray's queue-length cache lags a burst of requests that arrive together).
+
+A request for a LoRA adapter goes first to a replica that holds the adapter (the ones it reports
+in its routing stats, and those this router sent it to), unless that replica is busier than the
+least loaded by `imbalance`; among those, prefix then load decide. A replica without the adapter
+reads it on the request (replica_adapters.py): routing never fails for want of one.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -32,7 +38,7 @@ class RouteKey:
     adapter: str | None = None
 
 
-def prefix_hashes(prompt: list[int], salt: str | None = None) -> tuple[int, ...]:
+def prefix_hashes(prompt: list[int], salt: Hashable = None) -> tuple[int, ...]:
     """Chained hashes of the prompt's whole blocks (a salt, e.g. cache_salt, starts the chain)."""
     out = []
     h = hash(("girandole", salt))
@@ -59,9 +65,11 @@ class PrefixAwareRouter(RequestRouter):
         self.imbalance = imbalance
         self.sent: dict[str, OrderedDict[int, None]] = {}  # replica id -> hashes sent there
         self.inflight: dict[str, int] = {}  # replica id -> requests routed, not completed
+        self.adapters_sent: dict[str, set[str]] = {}  # replica id -> LoRA adapters sent there
         self._turn = itertools.count()
         self.num_prefix_routed = 0
         self.num_load_routed = 0
+        self.num_adapter_routed = 0
 
     def _match(self, replica_id: str, hashes: tuple[int, ...]) -> int:
         """How many leading blocks of the prompt were sent to this replica before."""
@@ -85,6 +93,13 @@ class PrefixAwareRouter(RequestRouter):
         ranked = sorted(range(n), key=lambda i: (self._queue_len(ordered[i]), (i - turn) % n))
         return [[ordered[i]] for i in ranked]
 
+    def _holds(self, replica: RunningReplica, adapter: str) -> bool:
+        """Whether the replica holds the adapter: it says so, or a request for it went there."""
+        if adapter in self.adapters_sent.get(replica.replica_id.unique_id, ()):
+            return True
+        stats = getattr(replica, "routing_stats", None) or {}
+        return adapter in (stats.get("adapters") or ())
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -93,7 +108,30 @@ class PrefixAwareRouter(RequestRouter):
         key = route_key_of(pending_request)
         if len(candidate_replicas) < 2:
             return [candidate_replicas]
-        if key is None or not key.prefix_hashes:
+        if key is None:
+            return self._by_load(candidate_replicas)
+        if key.adapter is not None:
+            least = min(self._queue_len(r) for r in candidate_replicas)
+            holders = [
+                r
+                for r in candidate_replicas
+                if self._holds(r, key.adapter) and self._queue_len(r) - least <= self.imbalance
+            ]
+            if holders and len(holders) < len(candidate_replicas):
+                self.num_adapter_routed += 1
+                held = {id(r) for r in holders}
+                others = [r for r in candidate_replicas if id(r) not in held]
+                return self._by_affinity(holders, key) + self._by_load(others)
+        return self._by_affinity(candidate_replicas, key)
+
+    def _by_affinity(
+        self, candidate_replicas: list[RunningReplica], key: RouteKey
+    ) -> list[list[RunningReplica]]:
+        """The replica sent the longest prefix of the prompt first, unless it is too busy;
+        otherwise least loaded first."""
+        if len(candidate_replicas) < 2:
+            return [candidate_replicas]
+        if not key.prefix_hashes:
             return self._by_load(candidate_replicas)
         scored = [
             (self._match(r.replica_id.unique_id, key.prefix_hashes), r) for r in candidate_replicas
@@ -113,9 +151,13 @@ class PrefixAwareRouter(RequestRouter):
         rid = replica_id.unique_id
         self.inflight[rid] = self.inflight.get(rid, 0) + 1
         key = route_key_of(pending_request)
-        if key is None or not key.prefix_hashes:
+        if key is None:
             return
-        seen = self.sent.setdefault(replica_id.unique_id, OrderedDict())
+        if key.adapter is not None:  # the replica reads it for this request if it had not
+            self.adapters_sent.setdefault(rid, set()).add(key.adapter)
+        if not key.prefix_hashes:
+            return
+        seen = self.sent.setdefault(rid, OrderedDict())
         for h in key.prefix_hashes:
             seen[h] = None
             seen.move_to_end(h)
@@ -131,6 +173,7 @@ class PrefixAwareRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.sent.pop(replica_id.unique_id, None)
         self.inflight.pop(replica_id.unique_id, None)
+        self.adapters_sent.pop(replica_id.unique_id, None)
 
 
 class RoundRobinRouter(RequestRouter):

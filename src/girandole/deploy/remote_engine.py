@@ -5,6 +5,10 @@ tokenizing, usage, metrics. Per engine request, `acquire` picks a replica (Ray S
 router: prefix-aware) and leases it; the request then goes to the replica's own port over a
 connection shared by all requests to that replica (ReplicaConnection), and its outputs come
 back the same way. A replica that dies ends its requests with a 503 naming it.
+
+LoRA adapters loaded onto the deployment are kept here (name -> folder); a request for one
+carries the folder, and a replica that does not hold it yet reads it first
+(replica_adapters.py). The router prefers replicas that hold it (ray_router.py).
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ Acquire = Callable[[list[int], str, dict[str, Any]], Awaitable[ReplicaLease]]
 @dataclass
 class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Call:
+    """One request on a leased replica."""
+
+    request_id: str
+    lease: ReplicaLease
+    conn: ReplicaConnection | None = None
+    stream: _Stream = field(default_factory=_Stream)
+    finished: bool = False
 
 
 class ReplicaConnection:
@@ -128,6 +143,7 @@ class RemoteEngine:
         self.connections: dict[tuple[str, int], ReplicaConnection] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future] = {}
         self._where: dict[str, ReplicaConnection] = {}  # request id -> its replica
+        self.adapters: dict[str, str] = {}  # the deployment's LoRA adapters: name -> folder
         self.grammars = GrammarCache(tokenizer, model_config.vocab_size)
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
 
@@ -166,6 +182,56 @@ class RemoteEngine:
         finally:
             self._connecting.pop(key, None)
 
+    @contextlib.asynccontextmanager
+    async def _on_replica(
+        self, prompt: list[int], request_id: str, kwargs: dict[str, Any]
+    ) -> AsyncIterator[_Call]:
+        """Lease a replica for one request and open its stream there; on exit the stream
+        closes (an abort when it did not finish) and the lease is released."""
+        if request_id in self._where:
+            raise ValueError(f"request id already in use: {request_id}")
+        try:
+            lease = await self.acquire(prompt, request_id, kwargs)
+        except ReplicaLost as exc:
+            raise replica_lost_error(str(exc)) from None
+        call = _Call(request_id, lease)
+        try:
+            try:
+                call.conn = await self._connection(lease)
+            except OSError as exc:
+                raise replica_lost_error(
+                    f"replica {lease.replica_id} is not reachable at"
+                    f" {lease.host}:{lease.port}: {exc}"
+                ) from None
+            call.conn.streams[request_id] = call.stream
+            self._where[request_id] = call.conn
+            yield call
+        except ReplicaLost as exc:
+            raise replica_lost_error(str(exc)) from None
+        finally:
+            self._where.pop(request_id, None)
+            if call.conn is not None:
+                call.conn.streams.pop(request_id, None)
+                if not call.finished:
+                    with contextlib.suppress(ReplicaLost):
+                        call.conn.send(("abort", request_id))
+            lease.release()
+
+    @staticmethod
+    async def _next(call: _Call) -> Any:
+        """The request's next item from its replica; errors raised as the API reports them."""
+        item = await call.stream.queue.get()
+        replica = call.lease.replica_id
+        if isinstance(item, RemoteError):
+            if item.kind == "value":
+                raise ValueError(item.message)
+            raise replica_lost_error(f"the engine of replica {replica} failed: {item.message}")
+        if isinstance(item, ReplicaLost):
+            raise replica_lost_error(
+                f"{item}: the request was cut off; retry it (another replica serves it)"
+            )
+        return item
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -174,53 +240,46 @@ class RemoteEngine:
         **kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
         params.validate()
+        adapter = kwargs.get("adapter")
+        if adapter is not None:
+            path = self.adapters.get(adapter)
+            if path is None:
+                raise ValueError(f"LoRA adapter {adapter!r} is not loaded on this deployment")
+            kwargs["adapter_path"] = path  # the replica reads it if it does not hold it yet
         request_id = request_id or f"remote-{next(_ids)}"
-        if request_id in self._where:
-            raise ValueError(f"request id already in use: {request_id}")
-        try:
-            lease = await self.acquire(list(prompt_token_ids), request_id, kwargs)
-        except ReplicaLost as exc:
-            raise replica_lost_error(str(exc)) from None
-        finished = False
-        conn: ReplicaConnection | None = None
-        stream = _Stream()
-        try:
-            try:
-                conn = await self._connection(lease)
-            except OSError as exc:
-                raise replica_lost_error(
-                    f"replica {lease.replica_id} is not reachable at"
-                    f" {lease.host}:{lease.port}: {exc}"
-                ) from None
-            conn.streams[request_id] = stream
-            self._where[request_id] = conn
-            conn.send(("add", request_id, list(prompt_token_ids), params, kwargs))
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, RemoteError):
-                    if item.kind == "value":
-                        raise ValueError(item.message)
-                    raise replica_lost_error(
-                        f"the engine of replica {lease.replica_id} failed: {item.message}"
-                    )
-                if isinstance(item, ReplicaLost):
-                    raise replica_lost_error(
-                        f"{item}: the request was cut off; retry it (another replica serves it)"
-                    )
-                finished = item.finished
+        prompt = list(prompt_token_ids)
+        async with self._on_replica(prompt, request_id, kwargs) as call:
+            call.conn.send(("add", request_id, prompt, params, kwargs))
+            while not call.finished:
+                item = await self._next(call)
+                call.finished = item.finished
                 yield item
-                if finished:
-                    break
-        except ReplicaLost as exc:
-            raise replica_lost_error(str(exc)) from None
-        finally:
-            self._where.pop(request_id, None)
-            if conn is not None:
-                conn.streams.pop(request_id, None)
-                if not finished:
-                    with contextlib.suppress(ReplicaLost):
-                        conn.send(("abort", request_id))
-            lease.release()
+
+    # -- LoRA adapters: the deployment's, read by each replica on first use ------------------
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Add adapter `name` (folder `path`) to the deployment: one replica reads and checks
+        it now (ValueError when it does not fit), the others on their first request for it
+        (replica_adapters.py says why)."""
+        request_id = f"lora-{next(_ids)}"
+        async with self._on_replica([], request_id, {"adapter": name}) as call:
+            call.conn.send(("lora", request_id, name, path))
+            await self._next(call)  # AdapterLoaded
+            call.finished = True
+        self.adapters[name] = path
+
+    def unload_lora(self, name: str) -> bool:
+        """New requests can no longer name `name`; every replica connected (each that may hold
+        it: a replica reads an adapter only for a request sent from here) drops it."""
+        if self.adapters.pop(name, None) is None:
+            return False
+        for conn in self.connections.values():
+            with contextlib.suppress(ReplicaLost):
+                conn.send(("unload", name))
+        return True
+
+    def lora_names(self) -> list[str]:
+        return sorted(self.adapters)
 
     def abort(self, request_id: str) -> None:
         conn = self._where.get(request_id)

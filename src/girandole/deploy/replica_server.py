@@ -16,7 +16,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from girandole.deploy.replica_wire import RemoteError, encode, read_frame, read_hello
+from girandole.deploy.replica_adapters import ReplicaAdapters
+from girandole.deploy.replica_wire import (
+    AdapterLoaded,
+    RemoteError,
+    encode,
+    read_frame,
+    read_hello,
+)
 
 logger = logging.getLogger("girandole.deploy")
 
@@ -58,12 +65,28 @@ class _Connection:
         self, request_id: str, prompt: list[int], params: Any, kwargs: dict
     ) -> None:
         try:
+            path = kwargs.pop("adapter_path", None)
+            if path is not None:  # an adapter of the deployment, read here on first use
+                await self.server.adapters.ensure(kwargs["adapter"], path)
             async for out in self.server.engine.generate(prompt, params, request_id, **kwargs):
                 self.server.num_generated_tokens += len(out.new_token_ids)
                 self.send(request_id, out)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - the ingress reports it to the client
+            self.send(request_id, remote_error(exc))
+        finally:
+            self.tasks.pop(request_id, None)
+            self.server.request_ended(request_id)
+
+    async def load_adapter(self, request_id: str, name: str, path: str) -> None:
+        """The ingress loads an adapter onto the deployment: this replica reads and checks it."""
+        try:
+            await self.server.adapters.ensure(name, path)
+            self.send(request_id, AdapterLoaded(name))
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a 400 (does not fit) or 503 at the ingress
             self.send(request_id, remote_error(exc))
         finally:
             self.tasks.pop(request_id, None)
@@ -77,6 +100,7 @@ class _Connection:
 class ReplicaServer:
     def __init__(self, engine: Any, host: str = "127.0.0.1") -> None:
         self.engine = engine
+        self.adapters = ReplicaAdapters(engine)
         self.host = host
         self.port = 0
         self.token = secrets.token_hex(16)
@@ -154,6 +178,14 @@ class ReplicaServer:
                     task = conn.tasks.get(message[1])
                     if task is not None:
                         task.cancel()
+                elif message[0] == "lora":
+                    _, request_id, name, path = message
+                    self.active.add(request_id)
+                    conn.tasks[request_id] = asyncio.create_task(
+                        conn.load_adapter(request_id, name, path)
+                    )
+                elif message[0] == "unload":
+                    self.adapters.unload(message[1])
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the peer went away, or the replica stops
         except Exception:  # noqa: BLE001 - a broken peer must not take the replica down

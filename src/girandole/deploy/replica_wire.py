@@ -7,9 +7,13 @@ secret, a random token that reaches the ingress through Ray (itself trusted); an
 closes the connection before any other frame is read.
 
     ingress -> replica: ("hello", token) then ("add", request_id, prompt, params, kwargs)
-                        and ("abort", request_id)
-    replica -> ingress: ("out", [(request_id, RequestOutput | RemoteError), ...]): the outputs
-                        of one engine step, coalesced into one frame
+                        and ("abort", request_id); LoRA adapters: ("lora", request_id, name,
+                        path) loads one (answered like a request, by AdapterLoaded or a
+                        RemoteError), ("unload", name) drops one; an "add" for an adapter
+                        carries its folder in kwargs["adapter_path"] (replica_adapters.py)
+    replica -> ingress: ("out", [(request_id, RequestOutput | AdapterLoaded | RemoteError),
+                        ...]): the outputs of one engine step, coalesced into one frame;
+                        ("stats", engine stats) every second
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ class RemoteError:
 
     kind: str  # "value": bad input (a 400), "grammar", "dead": the engine stopped, "internal"
     message: str
+
+
+@dataclass
+class AdapterLoaded:
+    """The answer to a ("lora", ...) request: the replica holds the adapter."""
+
+    name: str
 
 
 def encode(message: Any) -> bytes:

@@ -250,4 +250,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,
+            "lora_adapters": len(self.loras.registered),  # registered, resident or not
         }

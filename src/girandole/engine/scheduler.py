@@ -11,6 +11,10 @@ Waiting sequences queue per tier (`Sequence.priority`: Fireworks' `service_tier:
 is 1, the default tier 0), first come first served within a tier. The priority tier goes first,
 but while both tiers wait, one admission in every `PRIORITY_SHARE + 1` goes to the default tier,
 so a steady stream of priority requests slows the default tier and never starves it.
+
+A request whose LoRA adapter cannot be made resident (every `--max-loras` slot is in use) does
+not hold up the requests behind it: base-model requests pass it, and requests for resident
+adapters pass it a bounded number of times, so it is never starved (`_may_pass`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.sequence import Sequence, SequenceStatus
 
 PRIORITY_SHARE = 4  # priority admissions per default-tier admission while both tiers wait
+# A waiting request whose LoRA adapter has no slot lets the requests behind it start: base-model
+# requests always, requests for resident adapters this many times (then it gets the next slot).
+MAX_LORA_PASSES = 16
+PASS_SCAN_DEPTH = 256  # how far behind a blocked head the scheduler looks
 
 
 @dataclass
@@ -66,6 +74,8 @@ class Scheduler:
         # Whether a waiting sequence may start beside `running` (the LoRA manager's resident
         # adapter slots); None: always.
         self.admit: Callable[[Sequence, list[Sequence]], bool] | None = None
+        self._blocked: Sequence | None = None  # the head waiting for a LoRA slot
+        self._num_passed = 0  # adapter requests admitted past it
 
     def _queue_of(self, seq: Sequence) -> deque[Sequence]:
         return self.priority_waiting if seq.priority > 0 else self.waiting
@@ -115,7 +125,31 @@ class Scheduler:
             return self.priority_waiting
         return self.waiting or None
 
-    def _admitted(self, queue: deque[Sequence]) -> None:
+    def _may_pass(self, queue: deque[Sequence]) -> int | None:
+        """The head of `queue` waits for a LoRA slot (every resident adapter is in use): the
+        index of the first sequence behind it that may start instead, None if none may.
+
+        A base-model request never takes a slot, so it always passes. A request for a resident
+        adapter keeps that adapter in use, so it passes only `MAX_LORA_PASSES` times per
+        blocked head; then the resident adapters drain and the head gets its slot."""
+        head = queue[0]
+        if self._blocked is not head:
+            self._blocked, self._num_passed = head, 0
+        for i in range(1, min(len(queue), PASS_SCAN_DEPTH)):
+            seq = queue[i]
+            if seq.is_finished:
+                continue
+            if seq.lora_source is None:
+                return i
+            if self._num_passed < MAX_LORA_PASSES and self.admit(seq, self.running):
+                self._num_passed += 1
+                return i
+        return None
+
+    def _admitted(self, queue: deque[Sequence], index: int = 0) -> None:
+        if index:
+            del queue[index]
+            return  # passing a blocked head is not a tier's turn
         queue.popleft()
         if queue is self.priority_waiting and self.waiting:
             self._priority_streak += 1
@@ -195,16 +229,20 @@ class Scheduler:
             queue = self._next_queue()
             if queue is None:
                 break
-            seq = queue[0]
-            if self.admit is not None and not self.admit(seq, self.running):
-                break
+            index = 0
+            if self.admit is not None and not self.admit(queue[0], self.running):
+                found = self._may_pass(queue)
+                if found is None:
+                    break
+                index = found
+            seq = queue[index]
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, budget, prefill_left)
             if not self.kv_cache.allocate(seq, n):
                 self.kv_cache.free(seq)  # release prefix hits; try again next step
                 break
-            self._admitted(queue)
+            self._admitted(queue, index)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

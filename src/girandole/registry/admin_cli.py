@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from girandole.cli_tables import table
 from girandole.registry.keystore import Database
 from girandole.registry.naming import is_valid_id
 from girandole.registry.roles import DEFAULT_ROLE, ROLES
@@ -35,11 +36,6 @@ def _open(args: argparse.Namespace) -> Database:
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
@@ -77,7 +73,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
                 str(k.tpm or "-"),
             ]
         )
-    print(_table(rows))
+    print(table(rows))
     return 0
 
 
@@ -118,10 +114,10 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = [[args.by.upper(), "REQUESTS", "ABORTED", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
+    summary = [[args.by.upper(), "REQUESTS", "ABORTED", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
               "AVG TTFT s", "AVG TIME s"]]  # fmt: skip
     for r in rows:
-        table.append(
+        summary.append(
             [
                 str(r[args.by]) if r[args.by] is not None else "-",
                 r["requests"],
@@ -134,7 +130,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
                 f"{r['avg_duration_s']:.3f}" if r["avg_duration_s"] is not None else "-",
             ]
         )
-    print(_table(table))
+    print(table(summary))
     return 0
 
 

@@ -5,6 +5,7 @@ pointed at them):
     girandole:num_requests_waiting{deployment, replica}   requests queued in the engine
     girandole:num_requests_running{deployment, replica}   requests the engine is running
     girandole:kv_cache_usage_perc{deployment, replica}    KV-cache blocks in use, 0..1
+    girandole:lora_adapters{deployment, replica}          LoRA adapters the replica holds
 
 one series per replica: the server's own model (its deployment, replica "0") and every ready
 replica of every managed deployment. They are read when /metrics is scraped, from each engine's
@@ -77,6 +78,11 @@ class ReplicaGauges(Collector):
             "share of the replica's KV-cache blocks in use (0..1)",
             labels=LABELS,
         )
+        adapters = GaugeMetricFamily(
+            "girandole:lora_adapters",
+            "LoRA adapters the replica holds (registered; --max-loras of them resident)",
+            labels=LABELS,
+        )
         for load in self.read():
             labels = [load.deployment, load.replica]
             stats = load.stats
@@ -85,9 +91,11 @@ class ReplicaGauges(Collector):
             total = float(stats.get("kv_blocks_total") or 0)
             used = float(stats.get("kv_blocks_used") or 0)
             kv_usage.add_metric(labels, used / total if total else 0.0)
+            adapters.add_metric(labels, float(stats.get("lora_adapters") or 0))
         yield waiting
         yield running
         yield kv_usage
+        yield adapters
 
 
 def install_replica_gauges(state: AppState, manager: DeploymentManager) -> None:
