@@ -1,28 +1,29 @@
 """The admission queue's tiers on their own: a priority request is granted before default ones
 that queued earlier, the default tier gets one grant in every PRIORITY_SHARE + 1 while both
-wait, and a priority request passes a default head that does not fit."""
+wait, and a priority request passes a default head that does not fit. Batch-job lines (tier
+BATCH_TIER) are granted only while no interactive request waits."""
 
 from __future__ import annotations
 
 import asyncio
 
 from girandole.api.ops.admission import Admission
-from girandole.engine.scheduler import PRIORITY_SHARE
+from girandole.engine.scheduler import BATCH_TIER, PRIORITY_SHARE
 
 
-async def _grant_order(requests: list[tuple[str, bool]]) -> list[str]:
-    """Queue `requests` (name, priority) behind one held slot, then free slots one at a time."""
+async def _grant_order(requests: list[tuple[str, int]]) -> list[str]:
+    """Queue `requests` (name, tier) behind one held slot, then free slots one at a time."""
     admission = Admission(max_active=1, max_queued=100, timeout=30)
     await admission.acquire()
     order: list[str] = []
 
-    async def one(name: str, priority: bool) -> None:
-        await admission.acquire(1, priority)
+    async def one(name: str, tier: int) -> None:
+        await admission.acquire(1, tier)
         order.append(name)
 
     tasks = []
-    for name, priority in requests:
-        tasks.append(asyncio.create_task(one(name, priority)))
+    for name, tier in requests:
+        tasks.append(asyncio.create_task(one(name, tier)))
         await asyncio.sleep(0)  # queued in this order
     for _ in range(len(requests) + 1):
         admission.release()
@@ -65,3 +66,39 @@ def test_a_priority_request_passes_a_default_head_that_does_not_fit():
         return order
 
     assert asyncio.run(scenario()) == ["small-priority", "big"]
+
+
+def test_batch_lines_are_granted_after_interactive_requests_that_queued_later():
+    requests = [("b1", BATCH_TIER), ("b2", BATCH_TIER), ("d", 0), ("p", 1), ("b3", BATCH_TIER)]
+    assert asyncio.run(_grant_order(requests)) == ["p", "d", "b1", "b2", "b3"]
+
+
+def test_batch_lines_leave_the_priority_share_alone():
+    requests = [("b", BATCH_TIER), ("d1", 0), ("d2", 0)]
+    requests += [(f"p{i}", 1) for i in range(2 * PRIORITY_SHARE)]
+    order = asyncio.run(_grant_order(requests))
+    assert order.index("d1") == PRIORITY_SHARE
+    assert order.index("d2") == 2 * PRIORITY_SHARE + 1
+    assert order[-1] == "b"
+
+
+def test_an_interactive_request_passes_a_batch_head_that_does_not_fit():
+    async def scenario() -> list[str]:
+        admission = Admission(max_active=4, max_queued=10, timeout=30)
+        await admission.acquire(2)
+        order: list[str] = []
+
+        async def one(name: str, weight: int, tier: int) -> None:
+            await admission.acquire(weight, tier)
+            order.append(name)
+
+        lines = asyncio.create_task(one("batch", 4, BATCH_TIER))  # waits for all 4 slots
+        await asyncio.sleep(0)
+        await one("interactive", 2, 0)  # fits beside the holder: granted at once
+        assert order == ["interactive"] and admission.num_queued == 1
+        admission.release(2)
+        admission.release(2)
+        await lines
+        return order
+
+    assert asyncio.run(scenario()) == ["interactive", "batch"]

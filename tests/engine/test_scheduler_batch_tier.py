@@ -6,18 +6,11 @@ interactive is there."""
 
 from __future__ import annotations
 
+from scheduler_helpers import make, scheduled, step
+
 from girandole import SamplingParams
-from girandole.engine.kv_cache import KVCacheManager
-from girandole.engine.scheduler import BATCH_TIER, ScheduledBatch, Scheduler, SchedulerConfig
+from girandole.engine.scheduler import BATCH_TIER
 from girandole.engine.sequence import Sequence, SequenceStatus
-
-BS = 4  # tokens per block
-SAMPLED = 7
-
-
-def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
-    return Scheduler(config, KVCacheManager(num_blocks, BS))
 
 
 def seq(rid: str, n: int = 4, tier: int = 0) -> Sequence:
@@ -29,20 +22,6 @@ def seq(rid: str, n: int = 4, tier: int = 0) -> Sequence:
 
 def batch_line(rid: str, n: int = 4) -> Sequence:
     return seq(rid, n, BATCH_TIER)
-
-
-def step(sched: Scheduler, cap=None) -> ScheduledBatch:
-    """One engine step without a model: schedule, compute, sample for completed sequences."""
-    batch = sched.schedule(cap)
-    sched.mark_computed(batch)
-    for s in batch.seqs:
-        if s.num_computed_tokens == len(s):
-            s.token_ids.append(SAMPLED)
-    return batch
-
-
-def scheduled(batch: ScheduledBatch) -> list[tuple[str, int]]:
-    return [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
 
 
 def test_interactive_sequences_are_admitted_before_earlier_batch_lines():

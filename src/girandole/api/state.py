@@ -105,6 +105,8 @@ class AppState:
                 kwargs["kv_cache_gb"] = self.settings.kv_cache_gb
             if self.settings.max_model_len is not None:
                 kwargs["max_model_len"] = self.settings.max_model_len
+            if self.settings.max_num_seqs is not None:
+                kwargs["max_num_seqs"] = self.settings.max_num_seqs
             if self.settings.target_itl_ms is not None:
                 kwargs["target_itl_ms"] = self.settings.target_itl_ms or None
             kwargs["ngram_speculation_length"] = self.settings.ngram_speculation_length
