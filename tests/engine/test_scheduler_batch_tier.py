@@ -183,3 +183,16 @@ def test_removed_batch_lines_are_skipped_and_compacted():
     assert sched.num_waiting == 50 and len(sched.batch_waiting) < 200
     sched.add(seq("i"))
     assert scheduled(sched.schedule()) == [("i", 4)]
+
+
+def test_no_batch_line_is_admitted_while_an_interactive_sequence_waits():
+    sched = make(num_blocks=4)
+    sched.add(seq("a", 12))  # three of the four blocks
+    step(sched)
+    sched.add(seq("i", 8))  # needs two: waits, and no batch row holds any to give
+    sched.add(batch_line("b", 4))  # one would fit, but i came first in tier order
+    assert scheduled(step(sched)) == [("a", 1)]
+    assert sched.waiting[0].request_id == "i" and sched.batch_waiting[0].request_id == "b"
+    sched.remove(sched.running[0])
+    assert scheduled(step(sched)) == [("i", 8)]  # its prefill alone
+    assert scheduled(step(sched)) == [("i", 1), ("b", 4)]

@@ -13,12 +13,12 @@ but while both tiers wait, one admission in every `PRIORITY_SHARE + 1` goes to t
 so a steady stream of priority requests slows the default tier and never starves it.
 
 Batch-job lines (`BATCH_TIER`, any priority below 0) take only what interactive sequences (the
-other tiers) leave: interactive work is scheduled and admitted first; a step that carries an
-interactive prefill carries no batch rows at all (the newcomer's first token comes as fast as on
-an idle engine; the batch rows keep their blocks and go on next step); an interactive newcomer
-that finds no free block or sequence slot preempts running batch rows, and batch rows are the
-first victims when running sequences need blocks. Without interactive work, batch rows run as
-any others.
+other tiers) leave: interactive work is scheduled and admitted first, and no line is admitted
+while an interactive sequence waits; a step that carries an interactive prefill carries no batch
+rows at all (the newcomer's first token comes as fast as on an idle engine; the batch rows keep
+their blocks and go on next step); an interactive newcomer that finds no free block or sequence
+slot preempts running batch rows, and batch rows are the first victims when running sequences
+need blocks. Without interactive work, batch rows run as any others.
 """
 
 from __future__ import annotations
@@ -194,7 +194,8 @@ class Scheduler:
         # no prompt tokens so far: the cap counts every decode that may run
         step.prefill_left = self._prefill_left(prefill_cap, step.order, step.budget)
         self._schedule_running(batch, step, batch_tier=True)
-        self._admit_waiting(batch, step, batch_tier=True)
+        if self._next_queue(batch_tier=False) is None:  # a line never takes a newcomer's blocks
+            self._admit_waiting(batch, step, batch_tier=True)
         batch.order_decode_first()
         return batch
 
