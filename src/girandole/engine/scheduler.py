@@ -162,9 +162,12 @@ class Scheduler:
         elif queue is not self.batch_waiting:
             self._priority_streak = 0
 
-    def _preempt(self, seq: Sequence, step: _Step) -> None:
+    def _preempt(self, seq: Sequence, step: _Step | None = None) -> None:
+        """Free a running sequence's blocks and queue it again at the head of its tier (it is
+        recomputed from its tokens); `step`: the step being scheduled, which it leaves."""
         self.running.remove(seq)
-        step.order.remove(seq)  # never one already scheduled: victims come after `cursor`
+        if step is not None:
+            step.order.remove(seq)  # never one already scheduled: victims come after `cursor`
         seq.spec_token_ids = []
         self.kv_cache.free(seq)
         seq.status = SequenceStatus.WAITING
