@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from girandole.api.ops.admission import Admission
 from girandole.engine.scheduler import BATCH_TIER, PRIORITY_SHARE
 
@@ -44,28 +46,33 @@ def test_the_default_tier_keeps_a_share():
     assert order.index("d2") == 2 * PRIORITY_SHARE + 1
 
 
-def test_a_priority_request_passes_a_default_head_that_does_not_fit():
+@pytest.mark.parametrize(
+    "head_tier, passer_tier",
+    [(0, 1), (BATCH_TIER, 0)],
+    ids=["priority-passes-default", "default-passes-batch"],
+)
+def test_a_request_of_a_higher_tier_passes_a_lower_head_that_does_not_fit(head_tier, passer_tier):
     async def scenario() -> list[str]:
         admission = Admission(max_active=4, max_queued=10, timeout=30)
         await admission.acquire(2)
         order: list[str] = []
 
-        async def one(name: str, weight: int, priority: bool) -> None:
-            await admission.acquire(weight, priority)
+        async def one(name: str, weight: int, tier: int) -> None:
+            await admission.acquire(weight, tier)
             order.append(name)
 
-        big = asyncio.create_task(one("big", 4, False))  # waits for all 4 slots
+        big = asyncio.create_task(one("big", 4, head_tier))  # waits for all 4 slots
         await asyncio.sleep(0)
-        small = asyncio.create_task(one("small-priority", 1, True))  # fits beside the holder
+        small = asyncio.create_task(one("small", 1, passer_tier))  # fits beside the holder
         await asyncio.sleep(0)
         await small
-        assert order == ["small-priority"] and admission.num_queued == 1
+        assert order == ["small"] and admission.num_queued == 1
         admission.release(2)
         admission.release(1)
         await big
         return order
 
-    assert asyncio.run(scenario()) == ["small-priority", "big"]
+    assert asyncio.run(scenario()) == ["small", "big"]
 
 
 def test_batch_lines_are_granted_after_interactive_requests_that_queued_later():
@@ -80,25 +87,3 @@ def test_batch_lines_leave_the_priority_share_alone():
     assert order.index("d1") == PRIORITY_SHARE
     assert order.index("d2") == 2 * PRIORITY_SHARE + 1
     assert order[-1] == "b"
-
-
-def test_an_interactive_request_passes_a_batch_head_that_does_not_fit():
-    async def scenario() -> list[str]:
-        admission = Admission(max_active=4, max_queued=10, timeout=30)
-        await admission.acquire(2)
-        order: list[str] = []
-
-        async def one(name: str, weight: int, tier: int) -> None:
-            await admission.acquire(weight, tier)
-            order.append(name)
-
-        lines = asyncio.create_task(one("batch", 4, BATCH_TIER))  # waits for all 4 slots
-        await asyncio.sleep(0)
-        await one("interactive", 2, 0)  # fits beside the holder: granted at once
-        assert order == ["interactive"] and admission.num_queued == 1
-        admission.release(2)
-        admission.release(2)
-        await lines
-        return order
-
-    assert asyncio.run(scenario()) == ["interactive", "batch"]
