@@ -1,28 +1,31 @@
 """The admission queue's tiers on their own: a priority request is granted before default ones
 that queued earlier, the default tier gets one grant in every PRIORITY_SHARE + 1 while both
-wait, and a priority request passes a default head that does not fit."""
+wait, and a priority request passes a default head that does not fit. Batch-job lines (tier
+BATCH_TIER) are granted only while no interactive request waits."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from girandole.api.ops.admission import Admission
-from girandole.engine.scheduler import PRIORITY_SHARE
+from girandole.engine.scheduler import BATCH_TIER, PRIORITY_SHARE
 
 
-async def _grant_order(requests: list[tuple[str, bool]]) -> list[str]:
-    """Queue `requests` (name, priority) behind one held slot, then free slots one at a time."""
+async def _grant_order(requests: list[tuple[str, int]]) -> list[str]:
+    """Queue `requests` (name, tier) behind one held slot, then free slots one at a time."""
     admission = Admission(max_active=1, max_queued=100, timeout=30)
     await admission.acquire()
     order: list[str] = []
 
-    async def one(name: str, priority: bool) -> None:
-        await admission.acquire(1, priority)
+    async def one(name: str, tier: int) -> None:
+        await admission.acquire(1, tier)
         order.append(name)
 
     tasks = []
-    for name, priority in requests:
-        tasks.append(asyncio.create_task(one(name, priority)))
+    for name, tier in requests:
+        tasks.append(asyncio.create_task(one(name, tier)))
         await asyncio.sleep(0)  # queued in this order
     for _ in range(len(requests) + 1):
         admission.release()
@@ -43,25 +46,44 @@ def test_the_default_tier_keeps_a_share():
     assert order.index("d2") == 2 * PRIORITY_SHARE + 1
 
 
-def test_a_priority_request_passes_a_default_head_that_does_not_fit():
+@pytest.mark.parametrize(
+    "head_tier, passer_tier",
+    [(0, 1), (BATCH_TIER, 0)],
+    ids=["priority-passes-default", "default-passes-batch"],
+)
+def test_a_request_of_a_higher_tier_passes_a_lower_head_that_does_not_fit(head_tier, passer_tier):
     async def scenario() -> list[str]:
         admission = Admission(max_active=4, max_queued=10, timeout=30)
         await admission.acquire(2)
         order: list[str] = []
 
-        async def one(name: str, weight: int, priority: bool) -> None:
-            await admission.acquire(weight, priority)
+        async def one(name: str, weight: int, tier: int) -> None:
+            await admission.acquire(weight, tier)
             order.append(name)
 
-        big = asyncio.create_task(one("big", 4, False))  # waits for all 4 slots
+        big = asyncio.create_task(one("big", 4, head_tier))  # waits for all 4 slots
         await asyncio.sleep(0)
-        small = asyncio.create_task(one("small-priority", 1, True))  # fits beside the holder
+        small = asyncio.create_task(one("small", 1, passer_tier))  # fits beside the holder
         await asyncio.sleep(0)
         await small
-        assert order == ["small-priority"] and admission.num_queued == 1
+        assert order == ["small"] and admission.num_queued == 1
         admission.release(2)
         admission.release(1)
         await big
         return order
 
-    assert asyncio.run(scenario()) == ["small-priority", "big"]
+    assert asyncio.run(scenario()) == ["small", "big"]
+
+
+def test_batch_lines_are_granted_after_interactive_requests_that_queued_later():
+    requests = [("b1", BATCH_TIER), ("b2", BATCH_TIER), ("d", 0), ("p", 1), ("b3", BATCH_TIER)]
+    assert asyncio.run(_grant_order(requests)) == ["p", "d", "b1", "b2", "b3"]
+
+
+def test_batch_lines_leave_the_priority_share_alone():
+    requests = [("b", BATCH_TIER), ("d1", 0), ("d2", 0)]
+    requests += [(f"p{i}", 1) for i in range(2 * PRIORITY_SHARE)]
+    order = asyncio.run(_grant_order(requests))
+    assert order.index("d1") == PRIORITY_SHARE
+    assert order.index("d2") == 2 * PRIORITY_SHARE + 1
+    assert order[-1] == "b"

@@ -4,36 +4,15 @@ sequence that cannot grow even alone."""
 
 from __future__ import annotations
 
+from scheduler_helpers import SAMPLED, make, scheduled, step
+
 from girandole import SamplingParams
-from girandole.engine.kv_cache import KVCacheManager
-from girandole.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence, SequenceStatus
-
-BS = 4  # tokens per block
-SAMPLED = 7  # the token every completed sequence "samples" in these tests
-
-
-def make(num_blocks: int = 64, budget: int = 16, max_seqs: int = 8) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
-    return Scheduler(config, KVCacheManager(num_blocks, BS))
 
 
 def seq(rid: str, n: int, first: int = 0) -> Sequence:
     return Sequence(rid, list(range(first, first + n)), SamplingParams(max_tokens=100))
-
-
-def step(sched: Scheduler) -> ScheduledBatch:
-    """One engine step without a model: schedule, compute, sample for completed sequences."""
-    batch = sched.schedule()
-    sched.mark_computed(batch)
-    for s in batch.seqs:
-        if s.num_computed_tokens == len(s):
-            s.token_ids.append(SAMPLED)
-    return batch
-
-
-def scheduled(batch: ScheduledBatch) -> list[tuple[str, int]]:
-    return [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
 
 
 def test_a_long_prompt_is_chunked_by_the_token_budget():
@@ -146,34 +125,25 @@ def test_remove_frees_blocks_of_running_and_waiting_sequences():
 # -- the prefill cap while decodes run (engine/step_budget.py gives it) ---------------------
 
 
-def step_capped(sched: Scheduler, cap) -> ScheduledBatch:
-    batch = sched.schedule(cap)
-    sched.mark_computed(batch)
-    for s in batch.seqs:
-        if s.num_computed_tokens == len(s):
-            s.token_ids.append(SAMPLED)
-    return batch
-
-
 def test_decodes_run_beside_a_capped_prefill():
     sched = make(budget=32)
     for rid in "ab":
         sched.add(seq(rid, 4, first=10 * ord(rid)))
-    step_capped(sched, None)  # a and b prefilled: they decode from now on
+    step(sched, None)  # a and b prefilled: they decode from now on
     sched.add(seq("long", 40, first=500))
     cap = lambda rows: 6 if rows else None  # noqa: E731
-    assert scheduled(step_capped(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
-    assert scheduled(step_capped(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
+    assert scheduled(step(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
+    assert scheduled(step(sched, cap)) == [("a", 1), ("b", 1), ("long", 6)]
     # without decodes the whole budget goes to the prompt
     solo = make(budget=32)
     solo.add(seq("long", 40))
-    assert scheduled(step_capped(solo, cap)) == [("long", 32)]
+    assert scheduled(step(solo, cap)) == [("long", 32)]
 
 
 def test_a_cap_of_zero_skips_prefill_but_not_decodes():
     sched = make(budget=32)
     sched.add(seq("a", 4))
-    step_capped(sched, None)
+    step(sched, None)
     sched.add(seq("b", 10, first=100))
-    assert scheduled(step_capped(sched, lambda rows: 0)) == [("a", 1)]
-    assert scheduled(step_capped(sched, None)) == [("a", 1), ("b", 10)]
+    assert scheduled(step(sched, lambda rows: 0)) == [("a", 1)]
+    assert scheduled(step(sched, None)) == [("a", 1), ("b", 10)]

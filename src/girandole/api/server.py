@@ -103,6 +103,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="cap the context length (tokens) [GIRANDOLE_MAX_MODEL_LEN]",
     )
     p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=int(_env("MAX_NUM_SEQS")) if _env("MAX_NUM_SEQS") else None,
+        help="sequences (choices) the engine runs at once; more wait in its queue, batch-job"
+        " lines after interactive ones [GIRANDOLE_MAX_NUM_SEQS, default 64]",
+    )
+    p.add_argument(
         "--target-itl-ms",
         type=float,
         default=float(v) if (v := _env("TARGET_ITL_MS")) else None,
@@ -210,6 +217,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise SystemExit("--max-num-seqs must be >= 1")
     if args.ngram_speculation_length < 0 or args.draft_token_count < 1:
         raise SystemExit("--ngram-speculation-length must be >= 0, --draft-token-count >= 1")
     if args.ngram_speculation_length and args.draft_model:
@@ -226,6 +235,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
         target_itl_ms=args.target_itl_ms,
         max_loras=args.max_loras,
         chat_template=args.chat_template,

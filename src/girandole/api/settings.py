@@ -23,6 +23,7 @@ class ServerSettings:
     deployment_id: str | None = None  # None: same as model_id
     kv_cache_gb: float | None = None
     max_model_len: int | None = None  # cap on the context; None: the model's (and KV cache's)
+    max_num_seqs: int | None = None  # sequences the engine runs at once; None: EngineConfig's
     target_itl_ms: float | None = None  # None: EngineConfig's; 0: no cap on prefill chunks
     max_loras: int = 8  # LoRA adapters resident per engine at once (any number may be loaded)
     chat_template: str | None = None  # --chat-template: a file, a family name or a template

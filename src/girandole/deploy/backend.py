@@ -22,6 +22,7 @@ class EngineOptions:
     draft_model: str | None = None
     draft_token_count: int = 4
     max_loras: int = 8
+    max_num_seqs: int = 64  # sequences running at once in one replica
     grammar_compile_timeout: float = 10.0  # seconds
 
     @classmethod
@@ -33,6 +34,7 @@ class EngineOptions:
             draft_model=getattr(settings, "draft_model", None),
             draft_token_count=getattr(settings, "draft_token_count", None) or 4,
             max_loras=getattr(settings, "max_loras", None) or 8,
+            max_num_seqs=getattr(settings, "max_num_seqs", None) or 64,
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
         )
 
@@ -65,6 +67,7 @@ class ReplicaSpec:
             draft_model=self.options.draft_model,
             draft_token_count=self.options.draft_token_count,
             max_loras=self.options.max_loras,
+            max_num_seqs=self.options.max_num_seqs,
         )
 
     def start_engine(self) -> Any:

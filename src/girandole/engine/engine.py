@@ -159,8 +159,8 @@ class LLMEngine:
         compiled here if not given. With `pooling`, a prefill-only request that reports its
         prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
         only the prompt's last N tokens (the others' prompt logprobs are None). `priority`: its
-        scheduling tier (1: service_tier "priority"). `adapter`: the name of a loaded LoRA
-        adapter to run."""
+        scheduling tier (1: service_tier "priority", -1: a batch-job line). `adapter`: the name
+        of a loaded LoRA adapter to run."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
@@ -248,6 +248,7 @@ class LLMEngine:
             "kv_blocks_total": kv.num_blocks,
             "kv_blocks_used": kv.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_batch_yields": self.scheduler.num_batch_yields,
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,
             "lora_adapters": len(self.loras.registered),  # registered, resident or not

@@ -12,6 +12,14 @@ is 1, the default tier 0), first come first served within a tier. The priority t
 but while both tiers wait, one admission in every `PRIORITY_SHARE + 1` goes to the default tier,
 so a steady stream of priority requests slows the default tier and never starves it.
 
+Batch-job lines (`BATCH_TIER`, any priority below 0) take only what interactive sequences (the
+other tiers) leave: interactive work is scheduled and admitted first, and no line is admitted
+while an interactive sequence waits; a step that carries an interactive prefill carries no batch
+rows at all (the newcomer's first token comes as fast as on an idle engine; the batch rows keep
+their blocks and go on next step); an interactive newcomer that finds no free block or sequence
+slot preempts running batch rows, and batch rows are the first victims when running sequences
+need blocks. Without interactive work, batch rows run as any others.
+
 A request whose LoRA adapter cannot be made resident (every `--max-loras` slot is in use) does
 not hold up the requests behind it: base-model requests pass it, and requests for resident
 adapters pass it a bounded number of times, so it is never starved (`_may_pass`).
@@ -31,6 +39,11 @@ PRIORITY_SHARE = 4  # priority admissions per default-tier admission while both 
 # requests always, requests for resident adapters this many times (then it gets the next slot).
 MAX_LORA_PASSES = 16
 PASS_SCAN_DEPTH = 256  # how far behind a blocked head the scheduler looks
+BATCH_TIER = -1  # Sequence.priority of batch-job lines: below every interactive tier
+
+
+def is_batch(seq: Sequence) -> bool:
+    return seq.priority < 0
 
 
 @dataclass
@@ -59,6 +72,22 @@ class ScheduledBatch:
         self.seqs = [self.seqs[i] for i in order]
         self.num_new_tokens = [self.num_new_tokens[i] for i in order]
 
+    def has_prefill(self) -> bool:
+        return any(not s.is_decode(n) for s, n in zip(self.seqs, self.num_new_tokens))
+
+
+@dataclass
+class _Step:
+    """What is left of one step while it is being scheduled."""
+
+    budget: int  # tokens
+    prefill_left: int  # prompt tokens
+    # Running sequences in scheduling order, interactive first: those before `cursor` are
+    # scheduled (or passed over), the rest are not yet, and preemption victims come from the end.
+    order: list[Sequence]
+    cursor: int = 0
+    preempted: bool = False
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
@@ -66,11 +95,13 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: deque[Sequence] = deque()  # the default tier
         self.priority_waiting: deque[Sequence] = deque()  # service_tier "priority"
+        self.batch_waiting: deque[Sequence] = deque()  # batch-job lines
         self.running: list[Sequence] = []
         # finished sequences still in a waiting queue, dropped lazily
         self._num_removed_waiting = 0
         self._priority_streak = 0  # priority admissions since the default tier's last one
         self.num_preemptions = 0
+        self.num_batch_yields = 0  # steps that left running batch rows out for a newcomer
         # Whether a waiting sequence may start beside `running` (the LoRA manager's resident
         # adapter slots); None: always.
         self.admit: Callable[[Sequence, list[Sequence]], bool] | None = None
@@ -78,14 +109,19 @@ class Scheduler:
         self._num_passed = 0  # adapter requests admitted past it
 
     def _queue_of(self, seq: Sequence) -> deque[Sequence]:
-        return self.priority_waiting if seq.priority > 0 else self.waiting
+        if seq.priority > 0:
+            return self.priority_waiting
+        return self.batch_waiting if is_batch(seq) else self.waiting
+
+    def _queues(self) -> tuple[deque[Sequence], ...]:
+        return (self.priority_waiting, self.waiting, self.batch_waiting)
 
     def add(self, seq: Sequence) -> None:
         self._queue_of(seq).append(seq)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + len(self.priority_waiting) - self._num_removed_waiting
+        return sum(len(q) for q in self._queues()) - self._num_removed_waiting
 
     def has_work(self) -> bool:
         return bool(self.num_waiting or self.running)
@@ -100,7 +136,7 @@ class Scheduler:
             self.running.remove(seq)  # at most max_num_seqs long
         elif seq.status is SequenceStatus.WAITING:
             self._num_removed_waiting += 1
-            queued = len(self.waiting) + len(self.priority_waiting)
+            queued = sum(len(q) for q in self._queues())
             if self._num_removed_waiting > 64 and 2 * self._num_removed_waiting > queued:
                 self._compact_waiting(seq)
         seq.status = SequenceStatus.FINISHED
@@ -112,15 +148,19 @@ class Scheduler:
 
         self.waiting = kept(self.waiting)
         self.priority_waiting = kept(self.priority_waiting)
+        self.batch_waiting = kept(self.batch_waiting)
         self._num_removed_waiting = 0
 
-    def _next_queue(self) -> deque[Sequence] | None:
-        """The queue whose head is admitted next (finished heads dropped), None when both are
-        empty: the priority tier, unless the default tier waits and its turn has come."""
-        for queue in (self.priority_waiting, self.waiting):
+    def _next_queue(self, batch_tier: bool) -> deque[Sequence] | None:
+        """The queue whose head is admitted next (finished heads dropped), None when it is
+        empty. Interactive: the priority tier, unless the default tier waits and its turn has
+        come. Batch: the batch tier's own queue."""
+        for queue in self._queues():
             while queue and queue[0].is_finished:  # removed while waiting
                 queue.popleft()
                 self._num_removed_waiting -= 1
+        if batch_tier:
+            return self.batch_waiting or None
         if self.priority_waiting and not (self.waiting and self._priority_streak >= PRIORITY_SHARE):
             return self.priority_waiting
         return self.waiting or None
@@ -153,11 +193,15 @@ class Scheduler:
         queue.popleft()
         if queue is self.priority_waiting and self.waiting:
             self._priority_streak += 1
-        else:
+        elif queue is not self.batch_waiting:
             self._priority_streak = 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, step: _Step | None = None) -> None:
+        """Free a running sequence's blocks and queue it again at the head of its tier (it is
+        recomputed from its tokens); `step`: the step being scheduled, which it leaves."""
         self.running.remove(seq)
+        if step is not None:
+            step.order.remove(seq)  # never one already scheduled: victims come after `cursor`
         seq.spec_token_ids = []
         self.kv_cache.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -169,88 +213,128 @@ class Scheduler:
         """The next step's work. `prefill_cap(decode_rows)`: the most prompt tokens a step that
         carries that many decodes may take (None: the token budget alone)."""
         batch = ScheduledBatch()
+        # stable: interactive first, so batch rows are scheduled last and preempted first
+        order = sorted(self.running, key=is_batch)
+        interactive = [s for s in order if not is_batch(s)]
         budget = self.config.max_num_batched_tokens
-        preempted = False
-        prefill_left = budget
-        if prefill_cap is not None:
-            decode_rows = sum(
-                1
-                for s in self.running
-                if s.is_decode(s.num_uncomputed_tokens + len(s.spec_token_ids))
-            )
-            cap = prefill_cap(decode_rows)
-            if cap is not None:
-                prefill_left = cap
+        step = _Step(budget, self._prefill_left(prefill_cap, interactive, budget), order)
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens + len(seq.spec_token_ids), budget)
+        self._schedule_running(batch, step, batch_tier=False)
+        self._admit_waiting(batch, step, batch_tier=False)
+        if batch.has_prefill():
+            # an interactive prefill: batch rows sit this step out, so its first token comes
+            # as soon as on an idle engine
+            if any(is_batch(s) for s in step.order[step.cursor :]):
+                self.num_batch_yields += 1
+            batch.order_decode_first()
+            return batch
+        # no prompt tokens so far: the cap counts every decode that may run
+        step.prefill_left = self._prefill_left(prefill_cap, step.order, step.budget)
+        self._schedule_running(batch, step, batch_tier=True)
+        if self._next_queue(batch_tier=False) is None:  # a line never takes a newcomer's blocks
+            self._admit_waiting(batch, step, batch_tier=True)
+        batch.order_decode_first()
+        return batch
+
+    @staticmethod
+    def _prefill_left(
+        prefill_cap: Callable[[int], int | None] | None, running: list[Sequence], budget: int
+    ) -> int:
+        """The prompt tokens a step may carry beside the decodes of `running`."""
+        if prefill_cap is None:
+            return budget
+        decode_rows = sum(
+            1 for s in running if s.is_decode(s.num_uncomputed_tokens + len(s.spec_token_ids))
+        )
+        cap = prefill_cap(decode_rows)
+        return budget if cap is None else cap
+
+    def _schedule_running(self, batch: ScheduledBatch, step: _Step, batch_tier: bool) -> None:
+        """Running sequences of one side (interactive, or batch rows) into the step, in order,
+        while the budget lasts."""
+        while step.cursor < len(step.order) and step.budget > 0:
+            seq = step.order[step.cursor]
+            if is_batch(seq) != batch_tier:
+                return  # the interactive side ends where the batch rows begin
+            n = min(seq.num_uncomputed_tokens + len(seq.spec_token_ids), step.budget)
             # proposals beyond the budget wait for a later step
             del seq.spec_token_ids[max(0, n - seq.num_uncomputed_tokens) :]
             decode = seq.is_decode(n)
             if not decode:
-                n = min(n, prefill_left)
+                n = min(n, step.prefill_left)
                 if n <= 0:  # a prefill chunk waits for the next step; decodes go on
-                    i += 1
+                    step.cursor += 1
                     continue
             while not self.kv_cache.allocate(seq, n):
                 if seq.spec_token_ids:  # proposals never cost a sequence its place
                     seq.spec_token_ids = []
-                    n = min(seq.num_uncomputed_tokens, budget)
+                    n = min(seq.num_uncomputed_tokens, step.budget)
                     continue
-                victim = self.running[-1]
+                victim = step.order[-1]
                 if victim is seq:
                     if len(self.running) == 1 and not batch.seqs:
                         batch.out_of_blocks.append(seq)
+                        step.cursor += 1
                     else:
-                        self._preempt(seq)
-                    seq = None
-                    break
-                self._preempt(victim)
-                preempted = True
-            if seq is None:
-                break
+                        self._preempt(seq, step)
+                    return
+                self._preempt(victim, step)
+                step.preempted = True
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget -= n
+            step.budget -= n
             if not decode:
-                prefill_left -= n
-            i += 1
+                step.prefill_left -= n
+            step.cursor += 1
 
-        # Admit new work only when nothing had to be preempted: it would just thrash.
+    def _admit_waiting(self, batch: ScheduledBatch, step: _Step, batch_tier: bool) -> None:
+        """Waiting sequences of one side into the step, in their tiers' order. Admit new work
+        only when nothing had to be preempted: it would just thrash."""
         while (
-            not preempted
+            not step.preempted
             and not batch.out_of_blocks
-            and budget > 0
-            and prefill_left > 0
-            and len(self.running) < self.config.max_num_seqs
+            and step.budget > 0
+            and step.prefill_left > 0
         ):
-            queue = self._next_queue()
+            queue = self._next_queue(batch_tier)
             if queue is None:
-                break
+                return
             index = 0
             if self.admit is not None and not self.admit(queue[0], self.running):
                 found = self._may_pass(queue)
                 if found is None:
-                    break
+                    return
                 index = found
             seq = queue[index]
+            if len(self.running) >= self.config.max_num_seqs and not self._yield_batch_row(
+                seq, step
+            ):
+                return
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
-            n = min(seq.num_uncomputed_tokens, budget, prefill_left)
-            if not self.kv_cache.allocate(seq, n):
-                self.kv_cache.free(seq)  # release prefix hits; try again next step
-                break
+            n = min(seq.num_uncomputed_tokens, step.budget, step.prefill_left)
+            while not self.kv_cache.allocate(seq, n):
+                if not self._yield_batch_row(seq, step):
+                    self.kv_cache.free(seq)  # release prefix hits; try again next step
+                    return
             self._admitted(queue, index)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget -= n
-            prefill_left -= n
-        batch.order_decode_first()
-        return batch
+            step.budget -= n
+            step.prefill_left -= n
+
+    def _yield_batch_row(self, newcomer: Sequence, step: _Step) -> bool:
+        """Preempt the most recently admitted running batch row not yet in this step, for an
+        interactive newcomer; False when there is none (or the newcomer is batch work)."""
+        victim = step.order[-1] if step.order else None
+        if is_batch(newcomer) or victim is None or not is_batch(victim):
+            return False
+        if step.order.index(victim) < step.cursor:
+            return False  # already scheduled this step
+        self._preempt(victim, step)
+        return True
 
     def mark_computed(self, batch: ScheduledBatch) -> None:
         """The batch's tokens are in the KV cache: advance each sequence, and offer its blocks

@@ -45,7 +45,8 @@ class Sequence:
         self.last_block_hash: int | None = None  # chain hash of the last of those blocks
         self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
         self.prefix_cache_max_len = prefix_cache_max_len  # cap on reused prompt tokens (0 = off)
-        self.priority = priority  # scheduling tier: 1 for service_tier "priority", else 0
+        # scheduling tier: 1 for service_tier "priority", -1 for batch-job lines, else 0
+        self.priority = priority
         self.lora_source = lora  # the LoRA adapter the request runs (None: the base model)
         self.lora: LoRAAdapter | None = None  # its resident copy, set at admission
         self.status = SequenceStatus.WAITING

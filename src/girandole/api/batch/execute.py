@@ -1,7 +1,9 @@
 """One batch line run through the same serving pipeline as an HTTP request: the line's body
 becomes an in-process request to the chat or completions endpoint (`serving.pipeline.serve`),
 carrying a request record of the job's account and key, so it is validated, admitted, run and
-accounted for (a usage row, the access log) exactly as if a client had sent it."""
+accounted for (a usage row, the access log) exactly as if a client had sent it. It runs in the
+batch tier (`BATCH_TIER`): after every interactive request in the admission queue and in the
+engine's scheduler."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from girandole.api.http.errors import APIError, internal_error
 from girandole.api.ops.tracking import Principal, RequestRecord, attach_record
 from girandole.api.serving.pipeline import serve
 from girandole.batch.lines import CHAT
+from girandole.engine.scheduler import BATCH_TIER
 
 logger = logging.getLogger("girandole.batch")
 
@@ -62,7 +65,7 @@ async def execute(
     record = RequestRecord("POST", path, label, principal=principal)  # no ops: not in the
     attach_record(request.scope, record)  # interactive latency histograms
     try:
-        response = await serve(request, endpoint)
+        response = await serve(request, endpoint, tier=BATCH_TIER)
         record.status = response.status_code
         return response.status_code, json.loads(bytes(response.body))
     except APIError as exc:

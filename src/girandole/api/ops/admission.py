@@ -5,7 +5,9 @@ stays bounded however many clients come.
 
 `service_tier: "priority"` requests wait in a queue of their own that is served first; while
 both tiers wait, one grant in every `PRIORITY_SHARE + 1` goes to the default tier (the engine's
-Scheduler orders its waiting sequences the same way), so the default tier is never starved."""
+Scheduler orders its waiting sequences the same way), so the default tier is never starved.
+Batch-job lines (tier `BATCH_TIER`) wait in a third queue, granted only while no interactive
+request waits."""
 
 from __future__ import annotations
 
@@ -32,18 +34,20 @@ class Admission:
         self.num_timed_out = 0
         self._waiters: Waiters = collections.deque()  # the default tier
         self._priority_waiters: Waiters = collections.deque()
+        self._batch_waiters: Waiters = collections.deque()  # batch-job lines
         self._priority_streak = 0  # priority grants since the default tier's last one
 
     @property
     def num_queued(self) -> int:
-        waiting = (*self._waiters, *self._priority_waiters)
+        waiting = (*self._waiters, *self._priority_waiters, *self._batch_waiters)
         return sum(1 for f, _ in waiting if not f.done())
 
     def weight(self, num_choices: int) -> int:
         return min(max(1, num_choices), self.max_active)
 
-    async def acquire(self, num_choices: int = 1, priority: bool = False) -> float:
-        """Take slots for `num_choices` (seconds waited); `priority`: service_tier "priority".
+    async def acquire(self, num_choices: int = 1, tier: int = 0) -> float:
+        """Take slots for `num_choices` (seconds waited); `tier`: 1 for service_tier
+        "priority", 0 the default, below 0 a batch-job line (`Sequence.priority`'s tiers).
         Pair each success with one `release(num_choices)`."""
         weight = self.weight(num_choices)
         if self.num_active + weight <= self.max_active and not self.num_queued:
@@ -60,8 +64,8 @@ class Admission:
             raise error
         start = time.monotonic()
         future = asyncio.get_running_loop().create_future()
-        (self._priority_waiters if priority else self._waiters).append((future, weight))
-        self._grant()  # a priority request may pass default-tier waiters that do not fit
+        self._queue_of(tier).append((future, weight))
+        self._grant()  # a request of a higher tier may pass waiters that do not fit
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except TimeoutError:
@@ -92,17 +96,22 @@ class Admission:
         self.num_active -= self.weight(num_choices)
         self._grant()
 
+    def _queue_of(self, tier: int) -> Waiters:
+        if tier > 0:
+            return self._priority_waiters
+        return self._batch_waiters if tier < 0 else self._waiters
+
     def _next_queue(self) -> Waiters | None:
         """The queue whose head is granted next (cancelled heads dropped): the priority tier,
-        unless the default tier waits and its turn has come."""
-        for queue in (self._priority_waiters, self._waiters):
+        unless the default tier waits and its turn has come; batch lines when neither waits."""
+        for queue in (self._priority_waiters, self._waiters, self._batch_waiters):
             while queue and queue[0][0].done():  # cancelled or timed out
                 queue.popleft()
         if self._priority_waiters and not (
             self._waiters and self._priority_streak >= PRIORITY_SHARE
         ):
             return self._priority_waiters
-        return self._waiters or None
+        return self._waiters or self._batch_waiters or None
 
     def _grant(self) -> None:
         while (queue := self._next_queue()) is not None:
@@ -112,7 +121,7 @@ class Admission:
             queue.popleft()
             if queue is self._priority_waiters and self._waiters:
                 self._priority_streak += 1
-            else:
+            elif queue is not self._batch_waiters:
                 self._priority_streak = 0
             self.num_active += weight
             future.set_result(None)

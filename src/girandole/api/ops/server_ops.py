@@ -200,11 +200,11 @@ class ServerOps:
     # -- the serving pipeline's hook ---------------------------------------------------------
 
     async def admit(
-        self, record: RequestRecord | None, choices: list[Choice], priority: bool = False
+        self, record: RequestRecord | None, choices: list[Choice], tier: int = 0
     ) -> None:
         """Before a request's engine requests start: the prompt-length limit, then a slot in the
-        admission queue (waits; 429 when the queue is full, 503 after the timeout). The record
-        then accounts for the choices."""
+        admission queue of its `tier` (waits; 429 when the queue is full, 503 after the
+        timeout). The record then accounts for the choices."""
         if self.max_prompt_tokens:
             for choice in choices:
                 n = len(choice.prompt_token_ids)
@@ -217,7 +217,7 @@ class ServerOps:
         if record is None or record.admitted:
             return
         try:
-            record.queue_s = await self.admission.acquire(len(choices), priority)
+            record.queue_s = await self.admission.acquire(len(choices), tier)
         except APIError:
             self.metrics.rate_limited.inc()
             raise

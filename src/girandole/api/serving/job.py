@@ -49,11 +49,13 @@ class Job:
     stream: bool
     include_usage: bool
     options: OutputOptions
-    received: float
-    priority: bool = False  # service_tier "priority": first in the admission and engine queues
+    received: float  # when the server got the request (time.monotonic)
+    # the admission and engine queues' tier: 1 service_tier "priority", 0 the default, -1 a
+    # batch-job line (girandole.engine.scheduler.BATCH_TIER)
+    tier: int = 0
     metadata: dict[str, str] | None = None  # kept with the request's usage row
     buffer: StreamBuffer | None = None  # stream_options.buffer_*: chunks coalesced
-    internal_content: bool = False  # stream_options.include_internal_content  # when the server got the request (time.monotonic)
+    internal_content: bool = False  # stream_options.include_internal_content
     prepared: float = field(default_factory=time.monotonic)  # tokenized, ready to run
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
@@ -109,15 +111,19 @@ def build_job(
     grammar: GrammarSpec | None,
     received: float,
     headers: Mapping[str, str] | None = None,
+    tier: int | None = None,
 ) -> Job:
-    """The request's choices: n samples of each prompt, each with its SamplingParams."""
+    """The request's choices: n samples of each prompt, each with its SamplingParams. `tier`:
+    the scheduling tier when the server sets it (batch lines), else the request's
+    service_tier."""
     config = engine.model_config
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
     engine_kwargs = cache_kwargs(req, headers)
-    priority = req.service_tier == "priority"
-    if priority:
-        engine_kwargs["priority"] = 1
+    if tier is None:
+        tier = 1 if req.service_tier == "priority" else 0
+    if tier:
+        engine_kwargs["priority"] = tier
     n = req.n or 1
     requested = req.requested_max_tokens(default_max_tokens)
     behavior = req.context_length_exceeded_behavior or "truncate"
@@ -154,7 +160,7 @@ def build_job(
         include_usage=req.include_usage,
         options=options,
         received=received,
-        priority=priority,
+        tier=tier,
         metadata=req.metadata,
         buffer=StreamBuffer.of(req.stream_options),
         internal_content=bool(req.stream_options and req.stream_options.include_internal_content),

@@ -7,7 +7,8 @@
     -> one collect loop or one stream loop -> the response
 
 An endpoint family gives only what differs (an `Endpoint`); its route (`inference_router`) is
-one call of `serve`.
+one call of `serve`. The way in, up to the engine (`receive`), is also the prefill-only
+endpoints' (prefill.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,54 +80,103 @@ class Endpoint:
 def inference_router(
     endpoint: Endpoint, path: str, name: str, summary: str, before_auth: Sequence[Any] = ()
 ) -> APIRouter:
-    """The endpoint's POST route (bearer key required): one call of `serve`. `before_auth`:
-    dependencies that run first (a route's own error shape, so that a 401 has it too)."""
-    router = APIRouter(dependencies=[*before_auth, Depends(require_api_key)])
+    """The endpoint's POST route: one call of `serve`."""
 
     async def handler(request: Request) -> Response:
         return await serve(request, endpoint)
 
+    return post_route(handler, endpoint.schema, path, name, summary, before_auth)
+
+
+def post_route(
+    handler: Callable[[Request], Awaitable[Response]],
+    schema: type,
+    path: str,
+    name: str,
+    summary: str,
+    before_auth: Sequence[Any] = (),
+) -> APIRouter:
+    """An inference route: POST `path` (bearer key required) answered by `handler`, its body
+    documented by `schema`. `before_auth`: dependencies that run first (a route's own error
+    shape, so that a 401 has it too)."""
+    router = APIRouter(dependencies=[*before_auth, Depends(require_api_key)])
     router.add_api_route(
         path,
         handler,
         methods=["POST"],
         name=name,
         summary=summary,
-        openapi_extra=body_doc(endpoint.schema),
+        openapi_extra=body_doc(schema),
     )
     return router
 
 
-async def serve(request: Request, endpoint: Endpoint) -> Response:
-    """The whole of an inference route."""
+@dataclass(frozen=True)
+class Received:
+    """A request past the way in that every inference route shares (`receive`)."""
+
+    state: AppState
+    request_id: str
+    received: float  # when the server got it (time.monotonic)
+    target: Target | None  # the model it names (None: none named, the server's own)
+    req: Any  # the endpoint's validated request
+    engine: EngineClient  # the engine that runs it
+
+
+async def receive(
+    request: Request,
+    id_prefix: str,
+    parse: Callable[[AppState, dict[str, Any]], Awaitable[Any]],
+    prompt_fields: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: data,
+) -> Received:
+    """The way in of every inference route, generation and prefill-only alike: the body (size
+    limit, a JSON object) -> the model's target (404) -> a hopelessly long prompt refused
+    before any tokenizing (`prompt_fields`: the body's prompt text by field) -> the endpoint's
+    validated request (`parse`; 400s) -> the engine that runs it (503)."""
     received = time.monotonic()
     state: AppState = request.app.state.girandole
-    request_id = endpoint.id_prefix + uuid.uuid4().hex
+    request_id = id_prefix + uuid.uuid4().hex
     request.state.request_id = request_id
     data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
     model = data.get("model")
     target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
         target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
-    state.ops.check_prompt_size(data, target.context_length if target is not None else None)
-    req = await endpoint.parse(request, state, data)
-    state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
+    state.ops.check_prompt_size(
+        prompt_fields(data), target.context_length if target is not None else None
+    )
+    req = await parse(state, data)
     engine = engine_of(request, state, target)
+    return Received(state, request_id, received, target, req, engine)
+
+
+async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -> Response:
+    """The whole of an inference route. `tier`: the scheduling tier the server gives the
+    request (batch-job lines: girandole.engine.scheduler.BATCH_TIER); None: its service_tier."""
+
+    async def parse(state: AppState, data: dict[str, Any]) -> Any:
+        req = await endpoint.parse(request, state, data)
+        state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
+        return req
+
+    got = await receive(request, endpoint.id_prefix, parse)
+    state, engine, req = got.state, got.engine, got.req
     shape = endpoint.shape(state, engine, req)
     grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
     prompts = await endpoint.prompts(engine, req, shape)
     job = build_job(
         engine,
         req,
-        request_id,
+        got.request_id,
         prompts,
         default_max_tokens=endpoint.default_max_tokens,
         context_length=state.context_length_of(engine),
         grammar=grammar,
-        received=received,
+        received=got.received,
         headers=request.headers,
+        tier=tier,
     )
-    return await run(request, state, engine, job, shape, target)
+    return await run(request, state, engine, job, shape, got.target)
 
 
 @with_cancellation
@@ -146,8 +196,8 @@ async def run(
     record = record_of(request)
     if record is not None:
         record.metadata = job.metadata
-    # prompt limit; admission queue (429/503), priority requests first
-    await state.ops.admit(record, job.choices, job.priority)
+    # prompt limit; admission queue (429/503), by tier: priority, default, batch lines
+    await state.ops.admit(record, job.choices, job.tier)
     touch(request, target)  # the wait for admission is no idle time of the deployment
     fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
     try:

@@ -14,24 +14,22 @@ engine requests and its response (`PrefillEndpoint`).
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.errors import APIError
-from girandole.api.http.openapi import body_doc
 from girandole.api.http.unsupported import strip_unsupported
-from girandole.api.http.validation import parse_json_object, read_body, validate_model
+from girandole.api.http.validation import validate_model
 from girandole.api.ops.tracking import record_of
 from girandole.api.serving.choice import Choice, OutputOptions
 from girandole.api.serving.fanout import ChoiceFanout
+from girandole.api.serving.pipeline import post_route, receive
 from girandole.api.serving.response import engine_error
-from girandole.api.serving.target import engine_of, resolve_target, touch
+from girandole.api.serving.target import touch
 from girandole.api.serving.usage import count_usage
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.protocol import EngineClient
@@ -78,53 +76,36 @@ class PrefillEndpoint:
 
 
 def prefill_router(endpoint: PrefillEndpoint, path: str, name: str, summary: str) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_api_key)])
-
     async def handler(request: Request) -> Response:
         return await serve_prefill(request, endpoint)
 
-    router.add_api_route(
-        path,
-        handler,
-        methods=["POST"],
-        name=name,
-        summary=summary,
-        openapi_extra=body_doc(endpoint.schema),
-    )
-    return router
+    return post_route(handler, endpoint.schema, path, name, summary)
 
 
 async def serve_prefill(request: Request, endpoint: PrefillEndpoint) -> Response:
-    state: AppState = request.app.state.girandole
-    request_id = endpoint.id_prefix + uuid.uuid4().hex
-    request.state.request_id = request_id
-    data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
-    model = data.get("model")
-    target = None
-    if isinstance(model, str):
-        target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
-    state.ops.check_prompt_size(
-        {"prompt": endpoint.input_chars(data)},
-        target.context_length if target is not None else None,
+    async def parse(state: AppState, data: dict[str, Any]) -> Any:
+        strip_unsupported(data, endpoint.unsupported)
+        return validate_model(endpoint.schema, data)
+
+    got = await receive(
+        request, endpoint.id_prefix, parse, lambda data: {"prompt": endpoint.input_chars(data)}
     )
-    strip_unsupported(data, endpoint.unsupported)
-    req = validate_model(endpoint.schema, data)
-    engine = engine_of(request, state, target)
-    prefills = await endpoint.requests(engine, req)
+    engine = got.engine
+    prefills = await endpoint.requests(engine, got.req)
     choices = [
         Choice(
             i,
             i,
             p.prompt_token_ids,
             SamplingParams(max_tokens=0, prompt_logprobs=0 if p.score else None),
-            f"{request_id}-{i}",
+            f"{got.request_id}-{i}",
             engine.tokenizer,
             OutputOptions(),
             p.engine_kwargs,
         )
         for i, p in enumerate(prefills)
     ]
-    return await _run(request, state, engine, endpoint, req, choices, target)
+    return await _run(request, got.state, engine, endpoint, got.req, choices, got.target)
 
 
 @with_cancellation
