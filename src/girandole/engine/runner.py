@@ -15,11 +15,31 @@ from girandole.engine.sequence import Sequence
 from girandole.model import kernels
 from girandole.model.attention import Attention
 from girandole.model.config import ModelConfig
-from girandole.model.context import ForwardContext, NativeSlots, PaddedDecode, forward_context
+from girandole.model.context import (
+    ForwardContext,
+    NativeSlots,
+    PaddedDecode,
+    PagedTables,
+    forward_context,
+)
 from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+def _gpu_path(device: torch.device, wanted: bool | None) -> bool:
+    if not wanted and (wanted is not None or device.type != "cuda"):
+        return False  # the CPU path: triton is not even imported
+    from girandole.model.kernels import triton_paged_attention
+
+    if wanted is None:
+        if not triton_paged_attention.available():
+            logger.warning("triton is not installed: attention runs without the paged kernels")
+            return False
+    elif wanted and not triton_paged_attention.available():
+        raise ValueError("the GPU path needs triton (pip install triton)")
+    return True
 
 
 class ModelRunner:
@@ -32,8 +52,12 @@ class ModelRunner:
         kv_cache_bytes: int,
         sampler: Sampler | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        gpu_path: bool | None = None,
     ) -> None:
         self.model = model
+        # The GPU path (Triton paged attention over block tables): on by default on CUDA where
+        # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
+        self.gpu_path = _gpu_path(device, gpu_path)
         self.config = config
         self.device = device
         self.block_size = block_size
@@ -239,11 +263,22 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            context_slots=[s.to(self.device) for s in context_slots],
+            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
+            context_slots=(
+                context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
+            ),
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
-        if self.device.type == "cpu":
+        if self.gpu_path:
+            ctx.paged = PagedTables.build(
+                [s.block_table for s in seqs],
+                list(num_new_tokens),
+                context_lens,
+                self.block_size,
+                self.device,
+            )
+        elif self.device.type == "cpu":
             if kernels.available():
                 ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
         elif all(n == 1 for n in num_new_tokens):
