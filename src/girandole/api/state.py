@@ -111,6 +111,7 @@ class AppState:
             kwargs["draft_model"] = self.settings.draft_model
             kwargs["draft_token_count"] = self.settings.draft_token_count
             kwargs["max_loras"] = self.settings.max_loras
+            kwargs["enforce_eager"] = self.settings.enforce_eager
             if self.engine_factory is not None:
                 engine = self.engine_factory()
             else:

@@ -47,6 +47,8 @@ class EngineConfig:
     # The GPU path (Triton paged attention, GpuSampler): None = on for CUDA. True on CPU runs
     # it there too (tests and benchmarks/gpu_check.py --smoke, under TRITON_INTERPRET=1).
     gpu_path: bool | None = None
+    # The GPU path's decode steps run as CUDA graphs captured at start-up; True: always eager.
+    enforce_eager: bool = False
 
 
 class LLMEngine:
@@ -79,6 +81,7 @@ class LLMEngine:
             sampler_cls(config.seed),
             tuple(sorted(self.eos_token_ids)),
             gpu_path,
+            0 if config.enforce_eager else config.max_num_seqs,
         )
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
         capacity = self.runner.num_blocks * config.block_size

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from girandole.engine import pooling
+from girandole.engine.cuda_graphs import DecodeGraphs
 from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
@@ -53,7 +54,10 @@ class ModelRunner:
         sampler: Sampler | None = None,
         eos_token_ids: tuple[int, ...] = (),
         gpu_path: bool | None = None,
+        decode_graphs_max_batch: int = 0,
     ) -> None:
+        """`decode_graphs_max_batch`: on the GPU path, run decode steps of up to this many
+        sequences as CUDA graphs (engine/cuda_graphs.py; 0: eager, as --enforce-eager)."""
         self.model = model
         # The GPU path (Triton paged attention over block tables): on by default on CUDA where
         # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
@@ -68,6 +72,9 @@ class ModelRunner:
         per_block = per_token * block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
         self.num_blocks = max(1, kv_cache_bytes // per_block)
         num_slots = self.num_blocks * block_size
+        graphs = self.gpu_path and decode_graphs_max_batch > 0
+        if graphs:  # one block past the cache's: the padding rows' scratch slot
+            num_slots += block_size
         for layer in self.attn_layers:
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
             # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
@@ -76,6 +83,17 @@ class ModelRunner:
         self._block_offsets = torch.arange(block_size, dtype=torch.long)
         self.sampler = sampler or Sampler()
         self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
+        self.graphs: DecodeGraphs | None = None
+        if graphs:
+            self.graphs = DecodeGraphs(
+                model,
+                device,
+                block_size,
+                decode_graphs_max_batch,
+                max_blocks_per_seq=min(self.num_blocks, -(-config.max_position // block_size)),
+                scratch_slot=self.num_blocks * block_size,
+            )
+            self.graphs.capture()
 
     # -- a step: forward, logits, sampling ---------------------------------------------------
 
@@ -298,8 +316,11 @@ class ModelRunner:
         (None if no row is wanted); `compute_logits` turns them into logits.
         """
         ids, pos, ctx = self.prepare(seqs, num_new_tokens)
-        with forward_context(ctx):
-            hidden = self.model(ids, pos)
+        if self.graphs is not None and self.graphs.can_run(ctx):
+            hidden = self.graphs.run(ids, pos, ctx)
+        else:
+            with forward_context(ctx):
+                hidden = self.model(ids, pos)
 
         rows: list[int] = []
         offset = 0
