@@ -135,3 +135,47 @@ def test_bf16_cache(kernels):
         q.bfloat16().float(), k_cache[s].bfloat16().float(), v_cache[s].bfloat16().float()
     )
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+# The model shapes of benchmarks/gpu_check.py: Gemma-3-270M (window), Qwen2.5-0.5B (a group of
+# 7), Llama-3.2-1B, a soft-capped one, and an fp32 cache.
+CUDA_SHAPES = [
+    (4, 1, 256, 512, None, "bf16"),
+    (14, 2, 64, None, None, "bf16"),
+    (32, 8, 64, None, None, "bf16"),
+    (8, 4, 128, 4096, 50.0, "bf16"),
+    (4, 2, 128, None, None, "fp32"),
+]
+
+
+def test_kernels_compile_for_hopper():
+    """What the interpreter does not check (constexpr globals, tile shapes, shared memory):
+    both kernels compile to sm_90 cubins for each shape, within its shared memory, in a
+    process without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+
+    from triton.backends.nvidia import driver  # noqa: F401 - the CUDA backend is installed
+
+    script = (
+        "import json, sys\n"
+        "from girandole.model.kernels import triton_paged_attention as t\n"
+        f"shapes = {CUDA_SHAPES!r}\n"
+        "print(json.dumps([t.compile_for_cuda(90, *s) for s in shapes]))\n"
+    )
+    from pathlib import Path
+
+    import girandole
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    src = str(Path(girandole.__file__).parents[1])  # this checkout's sources
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for shared in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert set(shared) == {"_decode_kernel", "_prefill_kernel"}
+        assert all(0 < b <= 227 * 1024 for b in shared.values())

@@ -29,10 +29,6 @@ except ImportError:  # the CPU-only install: the engine never asks for these ker
     triton = None
     tl = None
 
-# A finite "minus infinity" for the running max: a block whose keys are all masked then gives
-# exp(-inf - m) = 0 instead of exp(-inf - -inf) = nan.
-_NEG_BIG = -1.0e30
-
 
 def available() -> bool:
     return triton is not None
@@ -49,6 +45,9 @@ def _next_pow2(n: int) -> int:
 
 
 if triton is not None:
+    # A finite "minus infinity" for the running max: a block whose keys are all masked then
+    # gives exp(-inf - m) = 0 instead of exp(-inf - -inf) = nan.
+    _NEG_BIG = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _softcap(s, cap):
@@ -231,6 +230,41 @@ if triton is not None:
         )
 
 
+def decode_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+) -> dict:
+    """The decode kernel's constexprs and launch options for a layer's shape."""
+    group = num_heads // num_kv_heads
+    return dict(
+        GROUP=group,
+        BLOCK_G=max(16, _next_pow2(group)),  # tl.dot wants every side >= 16 on GPUs
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_N=64 if head_dim <= 128 else 32,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_F32=_interpreted(),
+        num_warps=4,
+    )
+
+
+def prefill_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+) -> dict:
+    """The prefill kernel's constexprs and launch options for a layer's shape."""
+    return dict(
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_M=64 if head_dim <= 128 else 32,
+        BLOCK_N=64 if head_dim <= 64 else 32,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_F32=_interpreted(),
+        num_warps=4 if head_dim <= 128 else 8,
+    )
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
     assert triton is not None, "triton is not installed"
     _, num_heads, head_dim = q.shape
@@ -254,7 +288,6 @@ def paged_decode(
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
-    group = num_heads // num_kv_heads
     grid = (q.shape[0], num_kv_heads)
     _decode_kernel[grid](
         q,
@@ -274,15 +307,7 @@ def paged_decode(
         float(softcap or 0.0),
         int(window or 0),
         block_size,
-        GROUP=group,
-        BLOCK_G=max(16, _next_pow2(group)),  # tl.dot wants every side >= 16 on GPUs
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, _next_pow2(head_dim)),
-        BLOCK_N=64 if head_dim <= 128 else 32,
-        USE_SOFTCAP=bool(softcap),
-        USE_WINDOW=bool(window),
-        DOT_F32=_interpreted(),
-        num_warps=4,
+        **decode_config(num_heads, num_kv_heads, head_dim, window, softcap),
     )
     return out
 
@@ -303,9 +328,8 @@ def paged_prefill(
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
-    block_m = 64 if head_dim <= 128 else 32
-    block_n = 64 if head_dim <= 64 else 32
-    grid = (context_lens.shape[0], triton.cdiv(max_query_len, block_m), num_heads)
+    config = prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    grid = (context_lens.shape[0], triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -325,14 +349,46 @@ def paged_prefill(
         float(softcap or 0.0),
         int(window or 0),
         block_size,
-        GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, _next_pow2(head_dim)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        USE_SOFTCAP=bool(softcap),
-        USE_WINDOW=bool(window),
-        DOT_F32=_interpreted(),
-        num_warps=4 if head_dim <= 128 else 8,
+        **config,
     )
     return out
+
+
+def compile_for_cuda(
+    arch: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None,
+    dtype: str = "bf16",
+) -> dict[str, int]:
+    """Compile both kernels for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through
+    triton's bundled ptxas, as the launchers would for this layer shape. Catches what the
+    interpreter does not check (globals, tile shapes, shared memory). Returns each kernel's
+    shared memory in bytes. Needs a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {"scale": "fp32", "softcap": "fp32"}
+    for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+        types[name] = f"*{dtype}"
+    for name in ("bt_ptr", "lens_ptr", "qstart_ptr"):
+        types[name] = "*i32"
+    shared = {}
+    for kernel, config in (
+        (_decode_kernel, decode_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+        (_prefill_kernel, prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+    ):
+        config = dict(config, DOT_F32=False)
+        num_warps = config.pop("num_warps")
+        signature = {
+            a: "constexpr" if a in config else types.get(a, "i32") for a in kernel.arg_names
+        }
+        source = ASTSource(kernel, signature, config)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        )
+        assert "cubin" in compiled.asm
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    return shared
