@@ -30,17 +30,17 @@ logger = logging.getLogger(__name__)
 
 
 def _gpu_path(device: torch.device, wanted: bool | None) -> bool:
-    if not wanted and (wanted is not None or device.type != "cuda"):
+    """Whether a runner takes the GPU path: as `wanted`, or (None) on CUDA where triton imports."""
+    if wanted is False or (wanted is None and device.type != "cuda"):
         return False  # the CPU path: triton is not even imported
     from girandole.model.kernels import triton_paged_attention
 
-    if wanted is None:
-        if not triton_paged_attention.available():
-            logger.warning("triton is not installed: attention runs without the paged kernels")
-            return False
-    elif wanted and not triton_paged_attention.available():
+    if triton_paged_attention.available():
+        return True
+    if wanted:
         raise ValueError("the GPU path needs triton (pip install triton)")
-    return True
+    logger.warning("triton is not installed: attention runs without the paged kernels")
+    return False
 
 
 class ModelRunner:
