@@ -156,7 +156,11 @@ def test_kernels_compile_for_hopper():
     import subprocess
     import sys
 
-    from triton.backends.nvidia import driver  # noqa: F401 - the CUDA backend is installed
+    nvidia = pytest.importorskip("triton.backends.nvidia")
+    from pathlib import Path
+
+    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").is_file():
+        pytest.skip("triton's CUDA backend has no bundled ptxas here")
 
     script = (
         "import json, sys\n"
@@ -164,8 +168,6 @@ def test_kernels_compile_for_hopper():
         f"shapes = {CUDA_SHAPES!r}\n"
         "print(json.dumps([t.compile_for_cuda(90, *s) for s in shapes]))\n"
     )
-    from pathlib import Path
-
     import girandole
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
