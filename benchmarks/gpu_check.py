@@ -1,16 +1,25 @@
-"""One-shot GPU check (run on a lent H100/H200): model correctness on CUDA and an engine
-throughput table, side by side with transformers on the same GPU.
+"""The one GPU check (run on a lent H100/H200; within 8 minutes on an H200): correctness per
+architecture and a throughput table, side by side with transformers on the same GPU.
 
-The default GGUF (253 MB) cannot travel to the GPU machine, so part B uses a random-weight model
-with exactly Gemma 3 270M's shapes and the real Gemma tokenizer (carried as tokenizer.json).
+A. logits: our CUDA forward vs transformers on tiny random checkpoints, fp32 and bf16.
+B. engine: greedy continuations (reference mode, fp32) equal to transformers `generate` per
+   architecture; fast-mode (bf16) logprobs of the same tokens within tolerance of reference mode.
+C. throughput, bf16, random weights with the shapes of Gemma-3-270M, Qwen2.5-0.5B and
+   Llama-3.2-1B (256-token prompts, 128 output tokens): total output tok/s at 1 / 16 / 64 / 256
+   concurrent requests, transformers `generate` (dynamic cache) and transformers with a static
+   cache and `torch.compile` in the same run, batch-1 decode as a share of the HBM roofline.
+Writes gpu_check.json and gpu_check.md (markdown tables) to --out. Work past --budget-s is
+skipped and marked so in the tables.
 
-    python benchmarks/gpu_check.py --tokenizer DIR_WITH_tokenizer.json --out OUT_DIR
+    python benchmarks/gpu_check.py [--tokenizer DIR_WITH_GEMMA_tokenizer.json] --out OUT_DIR
+    python benchmarks/gpu_check.py --smoke --out /tmp/x   # CPU: tiny shapes, TRITON_INTERPRET
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,6 +34,10 @@ sys.path.insert(0, str(ROOT / "tests" / "model"))
 
 results: dict = {}
 DEV = "cuda"
+SMOKE = False
+DEADLINE = float("inf")  # time.monotonic() after which remaining work is skipped
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]
+HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # for the roofline
 
 
 def section(name):
@@ -45,7 +58,39 @@ def section(name):
     return wrap
 
 
-@section("A. tiny checkpoints: our CUDA logits vs transformers on CUDA")
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def out_of_time() -> bool:
+    return time.monotonic() > DEADLINE
+
+
+def engine_kwargs(**extra) -> dict:
+    """The LLM's settings here: on CPU (--smoke) the GPU path runs under the interpreter."""
+    kw = dict(device=DEV, **extra)
+    if DEV != "cuda":
+        kw["gpu_path"] = True
+    return kw
+
+
+def write_wordlevel_tokenizer(folder: Path, vocab_size: int, bos: int = 1, eos: int = 2) -> None:
+    """A tokenizer of `vocab_size` word tokens (t0, t1, ...) for random-weight models whose real
+    tokenizer is not at hand: prompts here are token ids, the tokenizer only has to load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": f"t{bos}", "eos_token": f"t{eos}", "add_bos_token": False})
+    )
+
+
+@section("A. tiny checkpoints: our logits vs transformers")
 def correctness(tmp: Path):
     from model_helpers import write_tiny_hf
 
@@ -53,7 +98,7 @@ def correctness(tmp: Path):
 
     out = {}
     prompts = [[1, 5, 9, 23, 44, 71, 100, 3, 8], [1, 200, 201, 17, 5, 5, 5, 90, 12, 13, 14, 15]]
-    for kind in ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]:
+    for kind in ARCHS:
         folder = tmp / kind
         hf = write_tiny_hf(kind, folder).to(DEV)
         row = {}
@@ -73,152 +118,378 @@ def correctness(tmp: Path):
     return out
 
 
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+@section("B. engine per architecture: greedy vs transformers, fast vs reference logprobs")
+def engine_per_arch(tmp: Path):
+    import transformers as tf
+    from model_helpers import VOCAB
+
+    from girandole import LLM, SamplingParams
+
+    out = {}
+    prompts = [[1, 5, 9, 23, 44, 71, 100, 3, 8], [1, 200, 201, 17] + [5] * 30, [1, 7]]
+    n_new = 16
+    for kind in ARCHS:
+        folder = tmp / kind  # written by part A
+        write_wordlevel_tokenizer(folder, VOCAB)
+        hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEV)
+        ref = LLM(model=str(folder), **engine_kwargs(mode="reference", kv_cache_gb=0.05))
+        greedy = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+        outs = ref.generate(prompts, greedy)
+        same = []
+        for p, o in zip(prompts, outs):
+            ids = torch.tensor([p], device=DEV)
+            g = hf.generate(
+                ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0
+            )
+            same.append(g[0, len(p) :].tolist() == o.token_ids)
+        # Both modes score the same token sequences (prompt + reference continuation).
+        seqs = [p + o.token_ids for p, o in zip(prompts, outs)]
+        echo = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        ref_lp = [[r.logprob for r in o.prompt_logprobs[1:]] for o in ref.generate(seqs, echo)]
+        del ref
+        fast = LLM(model=str(folder), **engine_kwargs(mode="fast", kv_cache_gb=0.05))
+        fast_lp = [[r.logprob for r in o.prompt_logprobs[1:]] for o in fast.generate(seqs, echo)]
+        del fast
+        diff = max(abs(a - b) for x, y in zip(ref_lp, fast_lp) for a, b in zip(x, y))
+        out[kind] = {"greedy_equal_transformers": same, "fast_vs_reference_logprob_max_diff": diff}
+    return out
 
 
-def write_gemma_270m_shaped(folder: Path, tokenizer_dir: Path) -> None:
+# -- part C: model shapes with random weights ---------------------------------------------------
+
+
+def shape_config(name: str):
+    """transformers config with the shapes of a real model (tiny stand-ins under --smoke)."""
+    import transformers as tf
+
+    if SMOKE:
+        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512)
+        small.update(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        if name == "gemma-3-270m":
+            return tf.Gemma3TextConfig(
+                **small,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=64,
+                sliding_window=32,
+            )
+        return tf.LlamaConfig(**small, num_attention_heads=4, num_key_value_heads=2)
+    if name == "gemma-3-270m":
+        return tf.Gemma3TextConfig(
+            vocab_size=262144,
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+            query_pre_attn_scalar=256,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            max_position_embeddings=32768,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    if name == "qwen2.5-0.5b":
+        return tf.Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        )
+    if name == "llama-3.2-1b":
+        return tf.LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            bos_token_id=128000,
+            eos_token_id=128001,
+        )
+    raise ValueError(name)
+
+
+def write_shaped(name: str, folder: Path, tokenizer_dir: Path | None) -> int:
+    """Random bf16 weights with `name`'s shapes; returns the parameter count."""
     import shutil
 
     import transformers as tf
 
-    cfg = tf.Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=18,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        sliding_window=512,
-        query_pre_attn_scalar=256,
-        rope_theta=1_000_000.0,
-        rope_local_base_freq=10_000.0,
-        max_position_embeddings=32768,
-        bos_token_id=2,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
+    cfg = shape_config(name)
     torch.manual_seed(0)
-    model = tf.Gemma3ForCausalLM(cfg).to(torch.bfloat16)
+    cls = tf.Gemma3ForCausalLM if name.startswith("gemma") else tf.AutoModelForCausalLM
+    with torch.device(DEV):
+        model = cls(cfg) if cls is tf.Gemma3ForCausalLM else cls.from_config(cfg)
+    model = model.to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     model.save_pretrained(folder)
-    shutil.copy(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<bos>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "add_bos_token": True,
-            }
+    del model
+    if tokenizer_dir is not None and name.startswith("gemma") and not SMOKE:
+        shutil.copy(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True})
         )
-    )
+    else:
+        write_wordlevel_tokenizer(folder, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+    return n_params
 
 
-@section("B1. Gemma-3-270M shapes, fp32: engine greedy on CUDA vs transformers generate")
-def engine_vs_hf(folder: Path):
-    import transformers as tf
+def prompts_for(conc: int, length: int, vocab: int) -> list[list[int]]:
+    return [
+        [(i * 7919 + j * 104729) % (vocab - 10) + 5 for j in range(length)] for i in range(conc)
+    ]
 
+
+def hbm_gbps() -> float | None:
+    if DEV != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in HBM_GBPS.items() if k in name), None)
+
+
+def engine_throughput(
+    folder: Path, vocab: int, concs, n_out: int, p_len: int, eager: bool = False
+) -> dict:
     from girandole import LLM, SamplingParams
 
-    llm = LLM(model=str(folder), mode="reference", device=DEV, kv_cache_gb=2)
-    hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEV)
-    prompts = ["Once upon a time", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    same = []
-    for o in outs:
-        ids = torch.tensor([o.prompt_token_ids], device=DEV)
-        g = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
-        same.append(g[0, ids.shape[1] :].tolist() == o.token_ids)
-    return {"identical_greedy_24_tokens": same}
-
-
-@section("B2. Gemma-3-270M shapes, bf16: throughput (girandole engine vs transformers)")
-def throughput(folder: Path, quick: bool = False):
-    import transformers as tf
-
-    from girandole import LLM, SamplingParams
-
-    table = {}
-    concs, hf_concs, n_out = ([1, 4], [1], 8) if quick else ([1, 16, 64, 256], [1, 16, 64], 128)
+    row: dict = {}
+    t = time.perf_counter()
     llm = LLM(
         model=str(folder),
-        device=DEV,
-        kv_cache_gb=1 if quick else 16,
-        max_num_seqs=256,
+        **engine_kwargs(kv_cache_gb=0.2 if SMOKE else 16, max_num_seqs=256),
         max_num_batched_tokens=8192,
+        enforce_eager=eager,
     )
-    tok = llm.tokenizer
-    base = tok.encode("The quick brown fox jumps over the lazy dog. " * 40)
-    prompt = base[:256]
+    row["load_and_capture_s"] = time.perf_counter() - t
+    graphs = llm.engine.runner.graphs
+    row["graph_buckets"] = sorted(graphs.graphs) if graphs is not None else []
     eng = llm.engine
+    prompt = prompts_for(1, p_len, vocab)[0]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm
-    # single-stream decode: steps after the first token
-    eng.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=129, ignore_eos=True))
-    eng.step()
+    eng.add_request(
+        "d", prompt, SamplingParams(temperature=0, max_tokens=n_out + 1, ignore_eos=True)
+    )
+    eng.step()  # the prompt and the first token
     sync()
     t = time.perf_counter()
     while eng.has_unfinished_requests():
         eng.step()
-    table["girandole decode tok/s (1 stream)"] = 128 / (time.perf_counter() - t)
-    p512 = base[:512]
+    sync()
+    row["decode_1_stream"] = n_out / (time.perf_counter() - t)
+    long = prompts_for(1, 2 * p_len, vocab)
     t = time.perf_counter()
-    llm.generate([p512], SamplingParams(temperature=0, max_tokens=1))
-    table["girandole prefill tok/s (512)"] = 512 / (time.perf_counter() - t)
+    llm.generate(long, SamplingParams(temperature=0, max_tokens=1))
+    row["prefill"] = 2 * p_len / (time.perf_counter() - t)
     for conc in concs:
-        prompts = [[2] + [(i * 7919 + j) % 200000 + 1000 for j in range(255)] for i in range(conc)]
+        if out_of_time():
+            row[f"@{conc}"] = None
+            continue
+        params = SamplingParams(temperature=0.8, max_tokens=n_out, ignore_eos=True)
         t = time.perf_counter()
-        outs = llm.generate(
-            prompts, SamplingParams(temperature=0.8, max_tokens=n_out, ignore_eos=True)
-        )
-        dt = time.perf_counter() - t
-        table[f"girandole total out tok/s @{conc}"] = sum(len(o.token_ids) for o in outs) / dt
-    del llm
+        outs = llm.generate(prompts_for(conc, p_len, vocab), params)
+        row[f"@{conc}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+    del llm, eng
     if DEV == "cuda":
         torch.cuda.empty_cache()
+    return row
+
+
+def hf_throughput(folder: Path, vocab: int, concs, n_out: int, p_len: int, compiled: bool):
+    """transformers generate, greedy: dynamic cache, or a static cache and torch.compile."""
+    import transformers as tf
 
     hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEV)
-    for conc in hf_concs:
-        ids = torch.tensor(
-            [[2] + [(i * 7919 + j) % 200000 + 1000 for j in range(255)] for i in range(conc)],
-            device=DEV,
-        )
-        hf.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
+    extra = {}
+    if compiled:
+        extra["cache_implementation"] = "static"
+        # Inductor's CUDA graphs on the GPU; under --smoke only the wiring is exercised.
+        backend = "inductor" if DEV == "cuda" else "eager"
+        mode = "reduce-overhead" if DEV == "cuda" else None
+        hf.forward = torch.compile(hf.forward, backend=backend, mode=mode)
+    row: dict = {}
+    for conc in concs:
+        if out_of_time():
+            row[f"@{conc}"] = None
+            continue
+        ids = torch.tensor(prompts_for(conc, p_len, vocab), device=DEV)
+        kw = dict(do_sample=False, pad_token_id=0, **extra)
+        warm = n_out if compiled else 4  # a static cache compiles for its full length
+        hf.generate(ids, max_new_tokens=warm, min_new_tokens=warm, **kw)
         sync()
         t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False)
+        hf.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, **kw)
         sync()
-        table[f"transformers total out tok/s @{conc}"] = conc * n_out / (time.perf_counter() - t)
-    return {k: round(v, 1) for k, v in table.items()}
+        row[f"@{conc}"] = conc * n_out / (time.perf_counter() - t)
+    del hf
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+@section("C. throughput, bf16, random weights with real models' shapes")
+def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
+    """girandole for every model first, then transformers, then transformers compiled (the
+    slowest to set up): what the budget cuts is the comparison, not our own rows."""
+    concs = [1, 4] if SMOKE else [1, 16, 64, 256]
+    n_out, p_len = (4, 16) if SMOKE else (128, 256)
+    out: dict = {}
+    for name in models:
+        if out_of_time():
+            out[name] = {"skipped": "time budget"}
+            continue
+        folder = tmp / name
+        n_params = write_shaped(name, folder, tokenizer_dir)
+        vocab = shape_config(name).vocab_size
+        row: dict = {"params": n_params, "vocab": vocab}
+        row["girandole"] = engine_throughput(folder, vocab, concs, n_out, p_len)
+        if name == models[0]:  # what the decode graphs bring
+            row["girandole --enforce-eager"] = engine_throughput(
+                folder, vocab, concs[:2], n_out, p_len, eager=True
+            )
+        bw = hbm_gbps()
+        if bw is not None:
+            roofline = bw * 1e9 / (2 * n_params)  # every bf16 weight read once per token
+            row["roofline_tok_s"] = roofline
+            row["decode_share_of_roofline"] = row["girandole"]["decode_1_stream"] / roofline
+        out[name] = row
+    written = [n for n in models if "girandole" in out[n]]
+    for name in written:
+        hf_concs = [c for c in concs if c <= 64]
+        row = out[name]
+        row["transformers"] = hf_throughput(tmp / name, row["vocab"], hf_concs, n_out, p_len, False)
+    for name in written[:1]:  # compile time: the first model only
+        row = out[name]
+        row["transformers static+compile"] = hf_throughput(
+            tmp / name, row["vocab"], concs[:1] if SMOKE else [1, 16], n_out, p_len, True
+        )
+    return out
+
+
+# -- the markdown report ----------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "skipped"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown() -> str:
+    lines = [f"# gpu_check ({DEV}, torch {torch.__version__})", ""]
+    a = results.get("A. tiny checkpoints: our logits vs transformers", {})
+    b = results.get(
+        "B. engine per architecture: greedy vs transformers, fast vs reference logprobs"
+    )
+    if a and "error" not in a:
+        lines += [
+            "| architecture | reference max abs diff | fast max abs diff | fast top-1 | "
+            "greedy = transformers | fast vs reference logprob max diff |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kind, row in a.items():
+            e = (b or {}).get(kind, {})
+            lines.append(
+                f"| {kind} | {row['reference']['max_abs_diff']:.2g} | "
+                f"{row['fast']['max_abs_diff']:.2g} | {row['fast']['top1_agreement']:.2f} | "
+                f"{e.get('greedy_equal_transformers', '-')} | "
+                f"{_fmt(e.get('fast_vs_reference_logprob_max_diff', '-'))} |"
+            )
+        lines.append("")
+    c = results.get("C. throughput, bf16, random weights with real models' shapes", {})
+    if c and "error" not in c:
+        concs = [1, 4] if SMOKE else [1, 16, 64, 256]
+        lines += [
+            "Total output tok/s at N concurrent requests:",
+            "",
+            "| model shape | engine | " + " | ".join(str(n) for n in concs) + " |",
+            "|---|---|" + "---|" * len(concs),
+        ]
+        for name, row in c.items():
+            systems = ("girandole", "girandole --enforce-eager", "transformers")
+            for system in (*systems, "transformers static+compile"):
+                if system in row:
+                    cells = [_fmt(row[system].get(f"@{n}", "-")) for n in concs]
+                    lines.append(f"| {name} | {system} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| model shape | params | batch-1 decode tok/s | HBM roofline tok/s | share | "
+            "prefill tok/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in c.items():
+            if "girandole" not in row:
+                continue
+            share = row.get("decode_share_of_roofline")
+            lines.append(
+                f"| {name} | {row['params'] / 1e6:.4g} M | "
+                f"{_fmt(row['girandole']['decode_1_stream'])} | "
+                f"{_fmt(row.get('roofline_tok_s', '-'))} | "
+                f"{'-' if share is None else f'{share:.1%}'} | "
+                f"{_fmt(row['girandole']['prefill'])} |"
+            )
+    errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    if errors:
+        lines += ["", "Sections that failed (see gpu_check.json): " + ", ".join(errors)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, help="folder with Gemma's tokenizer.json")
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--skip-throughput", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="tiny throughput run (CPU smoke test)")
-    ap.add_argument("--only-throughput", action="store_true")
-    args = ap.parse_args()
-    global DEV
-    DEV = args.device
-    print(
-        torch.__version__, DEV, torch.cuda.get_device_name(0) if DEV == "cuda" else "", flush=True
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, TRITON_INTERPRET=1")
+    ap.add_argument(
+        "--budget-s", type=float, help="skip work past this (default 450 s; none with --smoke)"
     )
+    ap.add_argument("--models", default="gemma-3-270m,qwen2.5-0.5b,llama-3.2-1b")
+    ap.add_argument("--skip-correctness", action="store_true")
+    args = ap.parse_args()
+    global DEV, SMOKE, DEADLINE
+    SMOKE = args.smoke
+    if SMOKE:
+        DEV = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    budget = args.budget_s if args.budget_s is not None else (None if SMOKE else 450.0)
+    DEADLINE = time.monotonic() + budget if budget is not None else float("inf")
+    print(torch.__version__, DEV, torch.cuda.get_device_name(0) if DEV == "cuda" else "")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if not args.only_throughput:
+        if not args.skip_correctness:
             correctness(tmp)
-        folder = tmp / "gemma-270m-shaped"
-        write_gemma_270m_shaped(folder, args.tokenizer)
-        if not args.only_throughput:
-            engine_vs_hf(folder)
-        if not args.skip_throughput:
-            throughput(folder, args.quick)
+            engine_per_arch(tmp)
+        throughput(tmp, args.tokenizer, args.models.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
+    (args.out / "gpu_check.md").write_text(markdown())
+    print(markdown())
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="tokens the draft model proposes per step [GIRANDOLE_DRAFT_TOKEN_COUNT]",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=_env("ENFORCE_EAGER", "") not in ("", "0"),
+        help="on a GPU, run decode steps eagerly instead of as CUDA graphs captured at start-up"
+        " [GIRANDOLE_ENFORCE_EAGER]",
+    )
+    p.add_argument(
         "--chat-template",
         default=_env("CHAT_TEMPLATE"),
         help="chat template for /chat/completions: a Jinja file, a tokenizer_config.json, or a"
@@ -242,6 +249,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ngram_speculation_length=args.ngram_speculation_length,
         draft_model=args.draft_model,
         draft_token_count=args.draft_token_count,
+        enforce_eager=args.enforce_eager,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,

@@ -32,6 +32,7 @@ class ServerSettings:
     ngram_speculation_length: int = 0
     draft_model: str | None = None
     draft_token_count: int = 4
+    enforce_eager: bool = False  # GPU: decode steps eager, no CUDA graphs
     max_request_bytes: int = 16 * 1024 * 1024
     # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).

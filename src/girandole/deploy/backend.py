@@ -23,6 +23,7 @@ class EngineOptions:
     draft_token_count: int = 4
     max_loras: int = 8
     max_num_seqs: int = 64  # sequences running at once in one replica
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
     grammar_compile_timeout: float = 10.0  # seconds
 
     @classmethod
@@ -35,6 +36,7 @@ class EngineOptions:
             draft_token_count=getattr(settings, "draft_token_count", None) or 4,
             max_loras=getattr(settings, "max_loras", None) or 8,
             max_num_seqs=getattr(settings, "max_num_seqs", None) or 64,
+            enforce_eager=bool(getattr(settings, "enforce_eager", False)),
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
         )
 
@@ -68,6 +70,7 @@ class ReplicaSpec:
             draft_token_count=self.options.draft_token_count,
             max_loras=self.options.max_loras,
             max_num_seqs=self.options.max_num_seqs,
+            enforce_eager=self.options.enforce_eager,
         )
 
     def start_engine(self) -> Any:

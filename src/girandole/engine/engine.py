@@ -17,6 +17,7 @@ from girandole.engine.scheduler import Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence
 from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
+from girandole.sampling.gpu_sampler import GpuSampler
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler
@@ -43,6 +44,11 @@ class EngineConfig:
     draft_token_count: int = 4
     max_loras: int = 8  # LoRA adapters resident at once (any number may be loaded)
     merge_lora: str | None = None  # a PEFT adapter folder merged into the weights at load
+    # The GPU path (Triton paged attention, GpuSampler): None = on for CUDA. True on CPU runs
+    # it there too (tests and benchmarks/gpu_check.py --smoke, under TRITON_INTERPRET=1).
+    gpu_path: bool | None = None
+    # The GPU path's decode steps run as CUDA graphs captured at start-up; True: always eager.
+    enforce_eager: bool = False
 
 
 class LLMEngine:
@@ -64,14 +70,18 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(
             self.tokenizer.stop_token_ids
         )
+        gpu_path = device.type == "cuda" if config.gpu_path is None else config.gpu_path
+        sampler_cls = GpuSampler if gpu_path else Sampler
         self.runner = ModelRunner(
             self.model,
             self.model_config,
             device,
             config.block_size,
             int(config.kv_cache_gb * (1 << 30)),
-            Sampler(config.seed),
+            sampler_cls(config.seed),
             tuple(sorted(self.eos_token_ids)),
+            gpu_path,
+            0 if config.enforce_eager else config.max_num_seqs,
         )
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
         capacity = self.runner.num_blocks * config.block_size

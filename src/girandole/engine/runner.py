@@ -9,17 +9,38 @@ import torch
 from torch import nn
 
 from girandole.engine import pooling
+from girandole.engine.cuda_graphs import DecodeGraphs
 from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
 from girandole.model import kernels
 from girandole.model.attention import Attention
 from girandole.model.config import ModelConfig
-from girandole.model.context import ForwardContext, NativeSlots, PaddedDecode, forward_context
+from girandole.model.context import (
+    ForwardContext,
+    NativeSlots,
+    PaddedDecode,
+    PagedTables,
+    forward_context,
+)
 from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+def _gpu_path(device: torch.device, wanted: bool | None) -> bool:
+    """Whether a runner takes the GPU path: as `wanted`, or (None) on CUDA where triton imports."""
+    if wanted is False or (wanted is None and device.type != "cuda"):
+        return False  # the CPU path: triton is not even imported
+    from girandole.model.kernels import triton_paged_attention
+
+    if triton_paged_attention.available():
+        return True
+    if wanted:
+        raise ValueError("the GPU path needs triton (pip install triton)")
+    logger.warning("triton is not installed: attention runs without the paged kernels")
+    return False
 
 
 class ModelRunner:
@@ -32,8 +53,15 @@ class ModelRunner:
         kv_cache_bytes: int,
         sampler: Sampler | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        gpu_path: bool | None = None,
+        decode_graphs_max_batch: int = 0,
     ) -> None:
+        """`decode_graphs_max_batch`: on the GPU path, run decode steps of up to this many
+        sequences as CUDA graphs (engine/cuda_graphs.py; 0: eager, as --enforce-eager)."""
         self.model = model
+        # The GPU path (Triton paged attention over block tables): on by default on CUDA where
+        # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
+        self.gpu_path = _gpu_path(device, gpu_path)
         self.config = config
         self.device = device
         self.block_size = block_size
@@ -44,6 +72,9 @@ class ModelRunner:
         per_block = per_token * block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
         self.num_blocks = max(1, kv_cache_bytes // per_block)
         num_slots = self.num_blocks * block_size
+        graphs = self.gpu_path and decode_graphs_max_batch > 0
+        if graphs:  # one block past the cache's: the padding rows' scratch slot
+            num_slots += block_size
         for layer in self.attn_layers:
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
             # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
@@ -52,6 +83,17 @@ class ModelRunner:
         self._block_offsets = torch.arange(block_size, dtype=torch.long)
         self.sampler = sampler or Sampler()
         self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
+        self.graphs: DecodeGraphs | None = None
+        if graphs:
+            self.graphs = DecodeGraphs(
+                model,
+                device,
+                block_size,
+                decode_graphs_max_batch,
+                max_blocks_per_seq=min(self.num_blocks, -(-config.max_position // block_size)),
+                scratch_slot=self.num_blocks * block_size,
+            )
+            self.graphs.capture()
 
     # -- a step: forward, logits, sampling ---------------------------------------------------
 
@@ -239,11 +281,22 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            context_slots=[s.to(self.device) for s in context_slots],
+            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
+            context_slots=(
+                context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
+            ),
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
-        if self.device.type == "cpu":
+        if self.gpu_path:
+            ctx.paged = PagedTables.build(
+                [s.block_table for s in seqs],
+                list(num_new_tokens),
+                context_lens,
+                self.block_size,
+                self.device,
+            )
+        elif self.device.type == "cpu":
             if kernels.available():
                 ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
         elif all(n == 1 for n in num_new_tokens):
@@ -263,8 +316,11 @@ class ModelRunner:
         (None if no row is wanted); `compute_logits` turns them into logits.
         """
         ids, pos, ctx = self.prepare(seqs, num_new_tokens)
-        with forward_context(ctx):
-            hidden = self.model(ids, pos)
+        if self.graphs is not None and self.graphs.can_run(ctx):
+            hidden = self.graphs.run(ids, pos, ctx)
+        else:
+            with forward_context(ctx):
+                hidden = self.model(ids, pos)
 
         rows: list[int] = []
         offset = 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model.context import ForwardContext, PaddedDecode, get_context
+from girandole.model.context import ForwardContext, PaddedDecode, PagedTables, get_context
 from girandole.model.kernels import paged_attention
 
 # torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
@@ -70,7 +70,9 @@ class Attention(nn.Module):
         self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))
         self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         qc = q.to(cache_dtype)
-        if ctx.padded_decode is not None:
+        if ctx.paged is not None:
+            out = self._attend_paged(qc, ctx.paged)
+        elif ctx.padded_decode is not None:
             out = self._attend_decode(qc, ctx.padded_decode)
         elif ctx.native is not None and paged_attention.supported(
             self.head_dim, self.k_cache, self.logit_softcap
@@ -81,6 +83,37 @@ class Attention(nn.Module):
         else:
             out = self._attend_each_sequence(qc, ctx)
         return out.to(q.dtype).reshape(out.shape[0], -1)
+
+    def _attend_paged(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
+        """The GPU path: Triton kernels reading the cache in place through block tables."""
+        from girandole.model.kernels import triton_paged_attention as kernels
+
+        softcap = self.logit_softcap if self._scores_softcap() else None
+        if t.decode_only:
+            return kernels.paged_decode(
+                q,
+                self.k_cache,
+                self.v_cache,
+                t.block_tables,
+                t.context_lens,
+                t.block_size,
+                self.scale,
+                self.sliding_window,
+                softcap,
+            )
+        return kernels.paged_prefill(
+            q,
+            self.k_cache,
+            self.v_cache,
+            t.block_tables,
+            t.query_start,
+            t.context_lens,
+            t.max_query_len,
+            t.block_size,
+            self.scale,
+            self.sliding_window,
+            softcap,
+        )
 
     def _attend_alone(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """No cache: q, k, v are one sequence from position 0, through the engine's kernels."""

@@ -62,6 +62,52 @@ class NativeSlots:
 
 
 @dataclass
+class PagedTables:
+    """The Triton kernels' view (the GPU path, model/kernels/triton_paged_attention.py): block
+    tables and lengths as int32 device tensors, read in place by the kernels."""
+
+    block_tables: torch.Tensor  # [S, max_blocks] int32; unused entries 0
+    context_lens: torch.Tensor  # [S] int32: cached + new tokens of each sequence
+    query_start: torch.Tensor  # [S + 1] int32: sequence i's rows are [start[i], start[i+1])
+    max_query_len: int
+    block_size: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        query_lens: list[int],
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> PagedTables:
+        """From each sequence's block ids (only those its context uses are kept), in one copy to
+        the device."""
+        s = len(query_lens)
+        width = max(1, max(-(-n // block_size) for n in context_lens))
+        host = torch.zeros(s * width + s + s + 1, dtype=torch.int32)
+        tables = host[: s * width].view(s, width)
+        for i, (table, n) in enumerate(zip(block_tables, context_lens)):
+            used = -(-n // block_size)
+            tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
+        host[s * width : s * width + s] = torch.tensor(context_lens, dtype=torch.int32)
+        starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0)
+        host[s * width + s :] = starts
+        dev = host.to(device)
+        return cls(
+            dev[: s * width].view(s, width),
+            dev[s * width : s * width + s],
+            dev[s * width + s :],
+            max(query_lens),
+            block_size,
+        )
+
+
+@dataclass
 class ForwardContext:
     """The batch of T new tokens from S sequences, in batch order."""
 
@@ -75,6 +121,7 @@ class ForwardContext:
     num_decode_rows: int | None = None
     padded_decode: PaddedDecode | None = None  # set for the GPU's padded decode path
     native: NativeSlots | None = None  # set where the native attention kernel may run
+    paged: PagedTables | None = None  # set on the GPU path: the Triton kernels run
     lora: LoRABatch | None = None  # rows that run an adapter (model/lora.py); None: base only
 
 

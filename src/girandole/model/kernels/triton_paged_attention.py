@@ -1,0 +1,394 @@
+"""Paged attention in Triton for CUDA: query rows read their keys and values in place from the
+paged KV cache through block tables (no gather, no padding to the longest context).
+
+The cache is the engine's slot layout, [num_slots, Hkv, D] with num_slots = num_blocks *
+block_size (the same memory as [num_blocks, block_size, Hkv, D]): position p of a sequence lives
+in slot block_table[p // block_size] * block_size + p % block_size.
+
+Two kernels (online softmax, fp32 accumulators, bf16 or fp32 cache):
+- `paged_decode`: one query row per sequence; a program per (sequence, KV head) computes the
+  whole GQA group of query heads that share the KV head, so each key is read once.
+- `paged_prefill`: varlen and causal; sequence i's query rows are the last query_len_i
+  positions of its context_len_i keys (chunked prefill over a cached prefix, or a decode row).
+Both take Gemma's sliding window and tanh logit soft-cap.
+
+`TRITON_INTERPRET=1` runs them on CPU tensors (the tests do); `available()` says whether triton
+can be imported at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: the engine never asks for these kernels there
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _interpreted() -> bool:
+    """Under TRITON_INTERPRET the kernels upcast their tiles to fp32 before tl.dot: the
+    interpreter multiplies bf16 tiles as their raw 16-bit patterns (numpy has no bf16)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+    # A finite "minus infinity" for the running max: a block whose keys are all masked then
+    # gives exp(-inf - m) = 0 instead of exp(-inf - -inf) = nan.
+    _NEG_BIG = tl.constexpr(-1.0e30)
+
+    @triton.jit
+    def _softcap(s, cap):
+        # cap * tanh(s / cap), tanh through exp: tl has no tanh that the interpreter also runs.
+        x = s / cap
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        lens_ptr,
+        out_ptr,
+        stride_qs,
+        stride_qh,
+        stride_ks,
+        stride_kh,
+        stride_bt,
+        stride_os,
+        stride_oh,
+        scale,
+        softcap,
+        window,
+        block_size,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        ctx_len = tl.load(lens_ptr + seq)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        q_pos = ctx_len - 1
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(q_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, ctx_len, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            valid = pos < ctx_len
+            if USE_WINDOW:
+                valid = valid & (q_pos - pos < window)
+            blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=valid, other=0)
+            slot = blk.to(tl.int64) * block_size + pos % block_size
+            kv_mask = valid[:, None] & d_mask[None, :]
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            if USE_SOFTCAP:
+                s = _softcap(s, softcap)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        # A padded row (context_len 0) saw no key: zeros, not 0 / 0.
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        qstart_ptr,
+        lens_ptr,
+        out_ptr,
+        stride_qt,
+        stride_qh,
+        stride_ks,
+        stride_kh,
+        stride_bt,
+        stride_ot,
+        stride_oh,
+        scale,
+        softcap,
+        window,
+        block_size,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        mb = tl.program_id(1)
+        head = tl.program_id(2)
+        kvh = head // GROUP
+        q_start = tl.load(qstart_ptr + seq)
+        q_len = tl.load(qstart_ptr + seq + 1) - q_start
+        if mb * BLOCK_M >= q_len:
+            return
+        ctx_len = tl.load(lens_ptr + seq)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < q_len
+        q_pos = ctx_len - q_len + offs_m
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        q_off = (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        first_pos = ctx_len - q_len + mb * BLOCK_M
+        hi = tl.minimum(ctx_len, first_pos + BLOCK_M)  # one past the block's last query position
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            in_ctx = pos < ctx_len
+            valid = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                valid = valid & (q_pos[:, None] - pos[None, :] < window)
+            blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=in_ctx, other=0)
+            slot = blk.to(tl.int64) * block_size + pos % block_size
+            kv_mask = in_ctx[:, None] & d_mask[None, :]
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            if USE_SOFTCAP:
+                s = _softcap(s, softcap)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        o_off = (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
+        tl.store(
+            out_ptr + o_off,
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+def decode_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+) -> dict:
+    """The decode kernel's constexprs and launch options for a layer's shape."""
+    group = num_heads // num_kv_heads
+    return dict(
+        GROUP=group,
+        BLOCK_G=max(16, _next_pow2(group)),  # tl.dot wants every side >= 16 on GPUs
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_N=64 if head_dim <= 128 else 32,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_F32=_interpreted(),
+        num_warps=4,
+    )
+
+
+def prefill_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+) -> dict:
+    """The prefill kernel's constexprs and launch options for a layer's shape."""
+    return dict(
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, _next_pow2(head_dim)),
+        BLOCK_M=64 if head_dim <= 128 else 32,
+        BLOCK_N=64 if head_dim <= 64 else 32,
+        USE_SOFTCAP=bool(softcap),
+        USE_WINDOW=bool(window),
+        DOT_F32=_interpreted(),
+        num_warps=4 if head_dim <= 128 else 8,
+    )
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
+    assert triton is not None, "triton is not installed"
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    assert k_cache.shape[2] == head_dim and num_heads % num_kv_heads == 0
+    assert q.stride(2) == 1 and k_cache.is_contiguous()
+    return num_heads, num_kv_heads, head_dim
+
+
+def paged_decode(
+    q: torch.Tensor,  # [S, H, D]: one query row per sequence, at position context_len - 1
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    context_lens: torch.Tensor,  # [S] int32: keys each row sees (0: a padding row, gets zeros)
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [S, H, D] in the cache dtype
+    num_heads, num_kv_heads, head_dim = _check(q, k_cache)
+    q = q.to(k_cache.dtype)
+    out = torch.empty_like(q)
+    grid = (q.shape[0], num_kv_heads)
+    _decode_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        float(softcap or 0.0),
+        int(window or 0),
+        block_size,
+        **decode_config(num_heads, num_kv_heads, head_dim, window, softcap),
+    )
+    return out
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [T, H, D]: every sequence's query rows, in sequence order
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    query_start: torch.Tensor,  # [S + 1] int32: sequence i's rows are q[start[i]:start[i+1]]
+    context_lens: torch.Tensor,  # [S] int32: cached + new keys of each sequence
+    max_query_len: int,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [T, H, D] in the cache dtype
+    num_heads, num_kv_heads, head_dim = _check(q, k_cache)
+    q = q.to(k_cache.dtype)
+    out = torch.empty_like(q)
+    config = prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    grid = (context_lens.shape[0], triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start,
+        context_lens,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        float(softcap or 0.0),
+        int(window or 0),
+        block_size,
+        **config,
+    )
+    return out
+
+
+def compile_for_cuda(
+    arch: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None,
+    dtype: str = "bf16",
+) -> dict[str, int]:
+    """Compile both kernels for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through
+    triton's bundled ptxas, as the launchers would for this layer shape. Catches what the
+    interpreter does not check (globals, tile shapes, shared memory). Returns each kernel's
+    shared memory in bytes. Needs a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {"scale": "fp32", "softcap": "fp32"}
+    for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+        types[name] = f"*{dtype}"
+    for name in ("bt_ptr", "lens_ptr", "qstart_ptr"):
+        types[name] = "*i32"
+    shared = {}
+    for kernel, config in (
+        (_decode_kernel, decode_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+        (_prefill_kernel, prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+    ):
+        config = dict(config, DOT_F32=False)
+        num_warps = config.pop("num_warps")
+        signature = {
+            a: "constexpr" if a in config else types.get(a, "i32") for a in kernel.arg_names
+        }
+        source = ASTSource(kernel, signature, config)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        )
+        assert "cubin" in compiled.asm
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    return shared

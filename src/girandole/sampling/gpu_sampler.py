@@ -1,0 +1,200 @@
+"""GpuSampler: the Sampler's work as batched tensor ops on the logits' device, with one host
+sync per step (the sampled ids, their logprobs and the top alternatives come back in one copy).
+
+Same order and semantics as Sampler (logit bias, min-tokens EOS suppression, penalties →
+temperature → top-k → top-p → min-p → draw): every step is one op over the whole batch, and
+decisions that Sampler takes by reading the tensors (which rows use top-p, how many top-k
+candidates) are taken here from the rows' parameters on the host. Draws are inverse-CDF with
+one uniform per row from the row's own generator (the unseeded rows' from the sampler's), the
+same stream as Sampler: a seeded row draws what it would draw alone.
+
+Rows that need the host (a grammar, typical-p, Mirostat, a sampling mask) send their whole step
+to Sampler's path, which gives the same results with more syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow
+
+
+def _needs_host(row: SamplerRow) -> bool:
+    p = row.params
+    return (
+        row.grammar is not None
+        or p.typical_p < 1.0
+        or p.mirostat_target is not None
+        or p.sampling_mask is not None
+    )
+
+
+def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
+    """[len(lists), longest] long tensor of `lists`, padded with `pad` (built on the host)."""
+    width = max(1, max(len(x) for x in lists))
+    out = torch.full((len(lists), width), pad, dtype=torch.long)
+    for i, x in enumerate(lists):
+        if x:
+            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return out
+
+
+class GpuSampler(Sampler):
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
+        """logits: float32 [B, V] on any device, modified in place. One result per row."""
+        if any(_needs_host(r) for r in rows):
+            return super().__call__(logits, rows)
+        return self._sample_batched(logits, rows)
+
+    def _sample_batched(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
+        dev = logits.device
+        B = logits.shape[0]
+        n_top = max((r.params.logprobs or 0) for r in rows)
+        want_lp = any(r.params.logprobs is not None for r in rows)
+        raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+
+        self._bias_and_penalties(logits, rows)
+        greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
+        greedy_ids = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        chosen = greedy_ids
+        sampling_lp = torch.zeros(B, dtype=torch.float64, device=dev)
+        if want_lp:
+            lp = torch.log_softmax(logits, dim=-1).gather(1, greedy_ids[:, None])[:, 0]
+            sampling_lp = torch.where(greedy, lp.double(), sampling_lp)
+        if sampled:
+            probs = self._probs_batched(logits, rows)
+            u = torch.zeros(B, dtype=torch.float64)
+            for i in sampled:  # one uniform per sampling row, in row order, as Sampler draws
+                gen = rows[i].generator or self.generator
+                u[i] = torch.rand(1, generator=gen, dtype=torch.float64)
+            drawn, p = self._draw_batched(probs, u.to(dev, non_blocking=True))
+            chosen = torch.where(greedy, greedy_ids, drawn)
+            sampling_lp = torch.where(greedy, sampling_lp, torch.log(p))
+
+        # Everything the host needs, in one float64 tensor and one copy: ids (< 2**53, exact),
+        # the chosen token's raw and sampling logprobs, and the top-n raw alternatives.
+        parts = [chosen.double()[:, None], sampling_lp[:, None]]
+        if raw_lp is not None:
+            parts.append(raw_lp.gather(1, chosen[:, None]).double())
+            if n_top:
+                values, ids = raw_lp.topk(n_top, dim=-1)
+                parts += [ids.double(), values.double()]
+        host = torch.cat(parts, dim=1).cpu().tolist()
+
+        results = []
+        for r, h in zip(rows, host):
+            res = SampleResult(int(h[0]))
+            n = r.params.logprobs
+            if n is not None:
+                res.logprob = h[2]
+                res.sampling_logprob = h[1]
+                ids, values = h[3 : 3 + n_top], h[3 + n_top : 3 + 2 * n_top]
+                res.top_logprobs = [(int(t), v) for t, v in zip(ids[:n], values[:n])]
+            results.append(res)
+        return results
+
+    # -- logit processors, batched -------------------------------------------------------------
+
+    @staticmethod
+    def _bias_and_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
+        dev, V = logits.device, logits.shape[-1]
+        bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
+        for i, r in enumerate(rows):
+            p = r.params
+            for t, b in p.logit_bias.items():
+                if 0 <= t < V:
+                    bias_rows.append(i)
+                    bias_ids.append(t)
+                    bias_vals.append(b)
+            if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if 0 <= t < V]
+                ban_rows += [i] * len(banned)
+                ban_ids += banned
+        if bias_rows:
+            index = torch.tensor([bias_rows, bias_ids], dtype=torch.long).to(dev)
+            vals = torch.tensor(bias_vals, dtype=logits.dtype).to(dev)
+            logits.index_put_((index[0], index[1]), vals, accumulate=True)
+        if ban_rows:
+            index = torch.tensor([ban_rows, ban_ids], dtype=torch.long).to(dev)
+            logits[index[0], index[1]] = float("-inf")
+
+        pen = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+        if not pen:
+            return
+        # Output token counts and prompt membership, scattered from padded id lists; the pad
+        # id V lands in a spare last column that is dropped.
+        outputs = _padded([rows[i].token_ids[rows[i].num_prompt_tokens :] for i in pen], V).to(dev)
+        prompts = _padded([rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen], V).to(dev)
+        counts = torch.zeros(len(pen), V + 1, dtype=logits.dtype, device=dev)
+        counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
+        counts = counts[:, :V]
+        in_prompt = torch.zeros(len(pen), V + 1, dtype=torch.bool, device=dev)
+        in_prompt.scatter_(1, prompts, True)
+        in_prompt = in_prompt[:, :V]
+        params = torch.tensor(
+            [
+                [
+                    rows[i].params.repetition_penalty,
+                    rows[i].params.frequency_penalty,
+                    rows[i].params.presence_penalty,
+                ]
+                for i in pen
+            ],
+            dtype=logits.dtype,
+        ).to(dev)
+        rep, freq, pres = params[:, 0:1], params[:, 1:2], params[:, 2:3]
+        idx = torch.tensor(pen, dtype=torch.long).to(dev)
+        sub = logits.index_select(0, idx)
+        seen = in_prompt | (counts > 0)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub -= freq * counts + pres * (counts > 0).to(logits.dtype)
+        logits[idx] = sub
+
+    @staticmethod
+    def _probs_batched(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        """Every row's filtered sampling distribution (greedy rows' too: their draw is unused)."""
+        dev = logits.device
+        temps = [r.params.temperature if not r.params.greedy else 1.0 for r in rows]
+        temps_t = torch.tensor(temps, dtype=logits.dtype).to(dev)
+        probs = torch.softmax(logits / temps_t[:, None], dim=-1)
+        V = probs.shape[-1]
+
+        top_ks = [r.params.top_k for r in rows]
+        if any(k > 0 for k in top_ks):
+            values = probs.topk(min(max(top_ks), V), dim=-1).values
+            k_idx = [min(max(k, 1), values.shape[-1]) - 1 for k in top_ks]
+            kth = values.gather(1, torch.tensor(k_idx, dtype=torch.long).to(dev)[:, None])
+            off = torch.tensor([k == 0 for k in top_ks]).to(dev)
+            kth = kth.masked_fill(off[:, None], 0.0)
+            probs = probs.masked_fill(probs < kth, 0.0)
+
+        top_ps = [r.params.top_p for r in rows]
+        if any(p < 1.0 for p in top_ps):
+            # The smallest set of most likely tokens whose mass reaches top_p (ties kept);
+            # cumsum for the total, as Sampler, so a row's cutoff ignores its neighbours.
+            total = probs.cumsum(dim=-1)[:, -1]
+            ordered = probs.sort(dim=-1, descending=True).values
+            mass = ordered.cumsum(dim=-1)
+            top_p_t = torch.tensor(top_ps, dtype=probs.dtype).to(dev)
+            j = torch.searchsorted(mass, (top_p_t * total)[:, None]).clamp(max=V - 1)
+            cutoff = ordered.gather(1, j).masked_fill(top_p_t[:, None] >= 1.0, 0.0)
+            probs = probs.masked_fill(probs < cutoff, 0.0)
+
+        min_ps = [r.params.min_p for r in rows]
+        if any(p > 0 for p in min_ps):
+            min_p_t = torch.tensor(min_ps, dtype=probs.dtype).to(dev)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p_t[:, None]
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    @staticmethod
+    def _draw_batched(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse-CDF draw per row at uniform u [B]; also the chosen token's probability."""
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1]
+        # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
+        idx = torch.searchsorted(cdf, (u * total)[:, None], side="right")[:, 0]
+        idx = idx.clamp(max=probs.shape[-1] - 1)
+        p = probs.double().gather(1, idx[:, None])[:, 0] / total
+        return idx, p
