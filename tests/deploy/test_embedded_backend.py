@@ -110,6 +110,8 @@ def test_the_servers_engine_flags_reach_every_deployment(models):
             draft_model=None,
             draft_token_count=5,
             max_loras=2,
+            max_num_seqs=5,
+            enforce_eager=True,
             grammar_compile_timeout=4.0,
         ),
     )()
@@ -125,6 +127,7 @@ def test_the_servers_engine_flags_reach_every_deployment(models):
         assert config.ngram_speculation_length == 3
         assert config.draft_token_count == 5
         assert config.max_loras == 2
+        assert config.max_num_seqs == 5 and config.enforce_eager
         assert engine.grammar_pool.timeout == 4.0
         assert config.kv_cache_gb == KV_GB
     finally:
