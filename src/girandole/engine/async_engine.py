@@ -37,7 +37,7 @@ class AsyncEngine:
     def __init__(
         self, config: EngineConfig | None = None, grammar_compile_timeout: float = 10.0
     ) -> None:
-        self.engine = LLMEngine(config)
+        self.engine: LLMEngine
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -45,8 +45,22 @@ class AsyncEngine:
         self._stopped = False
         self._error: BaseException | None = None
         self._last_progress = time.monotonic()  # last finished step, or last idle wait
-        self._thread = threading.Thread(target=self._loop, name="girandole-engine", daemon=True)
+        # The engine thread loads the model too, so that it is the only thread whose torch work
+        # starts an OpenMP team. A second team (the loading thread's, whose workers live as
+        # long as it does) puts more OpenMP threads than CPUs on libgomp's books, and libgomp
+        # then stops spinning between parallel regions: each of a step's hundreds of kernels
+        # waits on a futex wake. In a Ray replica (whose __init__ thread outlives the load)
+        # that made decode steps 1.7x slower.
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(config, loaded, failure), name="girandole-engine", daemon=True
+        )
         self._thread.start()
+        loaded.wait()
+        if failure:
+            self.grammar_pool.close()
+            raise failure[0]
 
     @property
     def model_config(self):
@@ -176,6 +190,18 @@ class AsyncEngine:
                 out = self.engine.abort(payload)
                 if out is not None:
                     self._deliver(payload, out)
+
+    def _run(
+        self, config: EngineConfig | None, loaded: threading.Event, failure: list[BaseException]
+    ) -> None:
+        try:
+            self.engine = LLMEngine(config)
+        except BaseException as exc:  # noqa: BLE001 - raised by the constructor
+            failure.append(exc)
+            return
+        finally:
+            loaded.set()
+        self._loop()
 
     def _loop(self) -> None:
         import torch
