@@ -18,6 +18,7 @@ from typing import Any
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import RequestOutput
+from girandole.engine.passing_thread import run_in_passing_thread
 from girandole.sampling.compile_pool import CompilePool
 from girandole.sampling.grammar import GrammarSpec
 from girandole.sampling.grammar_limits import check_grammar_size
@@ -142,7 +143,7 @@ class AsyncEngine:
         """Read, check and register a PEFT LoRA adapter under `name`, off the event loop;
         AdapterError (a ValueError) when it does not fit this model. Requests may name it as
         soon as this returns; running requests are not disturbed."""
-        adapter = await asyncio.to_thread(self.engine.loras.read, name, path)
+        adapter = await run_in_passing_thread(self.engine.loras.read, name, path)
         self.engine.loras.register(adapter)
 
     def unload_lora(self, name: str) -> bool:
