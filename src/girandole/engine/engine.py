@@ -43,6 +43,8 @@ class EngineConfig:
     draft_token_count: int = 4
     max_loras: int = 8  # LoRA adapters resident at once (any number may be loaded)
     merge_lora: str | None = None  # a PEFT adapter folder merged into the weights at load
+    # Sliding-window layers keep only their window's KV blocks (engine/kv_groups.py).
+    sliding_window_cache: bool = True
 
 
 class LLMEngine:
@@ -72,16 +74,20 @@ class LLMEngine:
             int(config.kv_cache_gb * (1 << 30)),
             Sampler(config.seed),
             tuple(sorted(self.eos_token_ids)),
+            config.sliding_window_cache,
         )
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
-        capacity = self.runner.num_blocks * config.block_size
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.block_size, self.runner.kv_windows
+        )
+        step_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        capacity = self.kv_cache.max_tokens(step_tokens)
         self.max_model_len = min(
             self.model_config.max_position, config.max_model_len or capacity, capacity
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+                max_num_batched_tokens=step_tokens,
                 max_model_len=self.max_model_len,
             ),
             self.kv_cache,
@@ -245,7 +251,7 @@ class LLMEngine:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": self.scheduler.num_waiting,
-            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_total": kv.num_usable_blocks,
             "kv_blocks_used": kv.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": kv.num_prefix_queries,

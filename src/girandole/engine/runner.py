@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from girandole.engine import pooling
+from girandole.engine.kv_groups import bind_kv_cache, bytes_per_block, group_layers
 from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
@@ -32,7 +33,10 @@ class ModelRunner:
         kv_cache_bytes: int,
         sampler: Sampler | None = None,
         eos_token_ids: tuple[int, ...] = (),
+        sliding_window_cache: bool = True,
     ) -> None:
+        """`sliding_window_cache`: sliding-window layers keep only their window's blocks
+        (engine/kv_groups.py); off, every layer keeps every position."""
         self.model = model
         self.config = config
         self.device = device
@@ -40,15 +44,12 @@ class ModelRunner:
         # fp32 attention on CPU (bf16 SDPA is ~10x slower there), bf16 on GPU.
         self.kv_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
-        per_block = per_token * block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
-        self.num_blocks = max(1, kv_cache_bytes // per_block)
-        num_slots = self.num_blocks * block_size
-        for layer in self.attn_layers:
-            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
-            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.kv_groups = group_layers(self.attn_layers, sliding_window_cache)
+        self.kv_windows = [g.window for g in self.kv_groups]
+        per_block = bytes_per_block(self.kv_groups, block_size, self.kv_dtype)
+        reserved = 1 if any(w is not None for w in self.kv_windows) else 0  # the null block
+        self.num_blocks = max(1 + reserved, kv_cache_bytes // per_block)
+        bind_kv_cache(self.kv_groups, self.num_blocks, block_size, self.kv_dtype, device)
         self._block_offsets = torch.arange(block_size, dtype=torch.long)
         self.sampler = sampler or Sampler()
         self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
@@ -200,10 +201,8 @@ class ModelRunner:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _context_slots(self, seq: Sequence, context_len: int) -> torch.Tensor:
-        table = torch.tensor(
-            seq.block_table[: -(-context_len // self.block_size)], dtype=torch.long
-        )
+    def _context_slots(self, table: list[int], context_len: int) -> torch.Tensor:
+        table = torch.tensor(table[: -(-context_len // self.block_size)], dtype=torch.long)
         return (table[:, None] * self.block_size + self._block_offsets).flatten()[:context_len]
 
     def prepare(
@@ -214,8 +213,6 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
-        context_slots: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
         num_decode_rows = 0
         leading_decodes = True  # every sequence so far decodes
         for seq, n in zip(seqs, num_new_tokens):
@@ -225,32 +222,51 @@ class ModelRunner:
             if end > len(seq):  # proposed tokens, verified by this forward
                 input_ids.extend(seq.spec_token_ids[: end - len(seq)])
             positions.extend(range(start, end))
-            slots = self._context_slots(seq, end)
             context_lens.append(end)
-            context_slots.append(slots)
-            slot_mapping.append(slots[start:end])
             if leading_decodes and seq.is_decode(n):
                 num_decode_rows += n  # a decode token and the proposed tokens after it
             else:
                 leading_decodes = False
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        ctx = ForwardContext(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
+        shared = dict(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            context_slots=[s.to(self.device) for s in context_slots],
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
+        )
+        groups = [
+            self._group_context(seqs, g, context_lens, pos, shared)
+            for g in range(len(self.kv_groups))
+        ]
+        ctx = groups[0]
+        if len(groups) > 1:
+            ctx.groups = groups
+        return ids, pos, ctx
+
+    def _group_context(
+        self, seqs: list[Sequence], g: int, context_lens: list[int], pos: torch.Tensor, shared
+    ) -> ForwardContext:
+        """The forward's context for KV cache group g's layers: where they write and read."""
+        context_slots: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        for seq, end in zip(seqs, context_lens):
+            slots = self._context_slots(seq.block_tables[g], end)
+            context_slots.append(slots)
+            slot_mapping.append(slots[seq.num_computed_tokens : end])
+        ctx = ForwardContext(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            context_slots=[s.to(self.device) for s in context_slots],
+            **shared,
         )
         if self.device.type == "cpu":
             if kernels.available():
                 ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
-        elif all(n == 1 for n in num_new_tokens):
+        elif all(n == 1 for n in ctx.query_lens):
             # The padded batched decode path is for GPUs; on CPU attention runs per sequence so
             # that each sequence's numbers do not depend on its batch neighbours.
             ctx.padded_decode = PaddedDecode.build(context_slots, self.device)
-        return ids, pos, ctx
+        return ctx
 
     @torch.inference_mode()
     def execute(

@@ -76,6 +76,9 @@ class ForwardContext:
     padded_decode: PaddedDecode | None = None  # set for the GPU's padded decode path
     native: NativeSlots | None = None  # set where the native attention kernel may run
     lora: LoRABatch | None = None  # rows that run an adapter (model/lora.py); None: base only
+    # Per KV cache group (engine/kv_groups.py), the context its layers read: the same batch
+    # with that group's slots. None: one group, whose slots are the fields above.
+    groups: list[ForwardContext] | None = None
 
 
 _current: ForwardContext | None = None
