@@ -201,9 +201,12 @@ class ModelRunner:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _context_slots(self, table: list[int], context_len: int) -> torch.Tensor:
-        table = torch.tensor(table[: -(-context_len // self.block_size)], dtype=torch.long)
-        return (table[:, None] * self.block_size + self._block_offsets).flatten()[:context_len]
+    def _context_slots(self, tables: list[list[int]], context_len: int) -> torch.Tensor:
+        """[groups, context_len] long: the cache slot of every position, per KV cache group."""
+        num = -(-context_len // self.block_size)
+        table = torch.tensor([t[:num] for t in tables], dtype=torch.long)
+        slots = table[:, :, None] * self.block_size + self._block_offsets
+        return slots.flatten(1)[:, :context_len]
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
@@ -235,8 +238,9 @@ class ModelRunner:
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
+        slots = [self._context_slots(s.block_tables, end) for s, end in zip(seqs, context_lens)]
         groups = [
-            self._group_context(seqs, g, context_lens, pos, shared)
+            self._group_context(seqs, [s[g] for s in slots], pos, shared)
             for g in range(len(self.kv_groups))
         ]
         ctx = groups[0]
@@ -245,15 +249,10 @@ class ModelRunner:
         return ids, pos, ctx
 
     def _group_context(
-        self, seqs: list[Sequence], g: int, context_lens: list[int], pos: torch.Tensor, shared
+        self, seqs: list[Sequence], context_slots: list[torch.Tensor], pos: torch.Tensor, shared
     ) -> ForwardContext:
-        """The forward's context for KV cache group g's layers: where they write and read."""
-        context_slots: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        for seq, end in zip(seqs, context_lens):
-            slots = self._context_slots(seq.block_tables[g], end)
-            context_slots.append(slots)
-            slot_mapping.append(slots[seq.num_computed_tokens : end])
+        """The forward's context for one KV cache group's layers: where they write and read."""
+        slot_mapping = [s[seq.num_computed_tokens :] for seq, s in zip(seqs, context_slots)]
         ctx = ForwardContext(
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             context_slots=[s.to(self.device) for s in context_slots],
