@@ -4,6 +4,7 @@ forward, the logits it needs, prompt logprobs) and returns each sequence's sampl
 from __future__ import annotations
 
 import logging
+from array import array
 
 import torch
 from torch import nn
@@ -201,12 +202,29 @@ class ModelRunner:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _context_slots(self, tables: list[list[int]], context_len: int) -> torch.Tensor:
-        """[groups, context_len] long: the cache slot of every position, per KV cache group."""
-        num = -(-context_len // self.block_size)
-        table = torch.tensor([t[:num] for t in tables], dtype=torch.long)
-        slots = table[:, :, None] * self.block_size + self._block_offsets
-        return slots.flatten(1)[:, :context_len]
+    def _group_slots(
+        self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every KV cache group's cache slots of the batch's blocks at once: [groups, B *
+        block_size] long, each sequence's blocks 0..ceil(context_len / block_size)-1 in turn;
+        the index there of each new token [T]; where each sequence starts there [S]."""
+        bs = self.block_size
+        nums = [-(-end // bs) for end in context_lens]
+        flat_tables: list[int] = []
+        for g in range(len(self.kv_groups)):
+            for seq, n in zip(seqs, nums):
+                flat_tables.extend(seq.block_tables[g][:n])
+        # array -> frombuffer: several times faster than torch.tensor on a list of ints
+        tables = torch.frombuffer(array("q", flat_tables), dtype=torch.long)
+        tables = tables.view(len(self.kv_groups), -1)
+        slots = (tables[:, :, None] * bs + self._block_offsets).flatten(1)
+        sizes = torch.tensor(nums, dtype=torch.long) * bs
+        starts = torch.cumsum(sizes, 0) - sizes
+        qlens = torch.tensor(query_lens, dtype=torch.long)
+        first_new = starts + torch.tensor(context_lens, dtype=torch.long) - qlens
+        qstarts = torch.cumsum(qlens, 0) - qlens
+        new = torch.arange(int(qlens.sum())) + torch.repeat_interleave(first_new - qstarts, qlens)
+        return slots, new, starts
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
@@ -238,9 +256,13 @@ class ModelRunner:
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
-        slots = [self._context_slots(s.block_tables, end) for s, end in zip(seqs, context_lens)]
+        flat, new, starts = self._group_slots(seqs, num_new_tokens, context_lens)
+        native = self.device.type == "cpu" and kernels.available()
+        row_starts = (
+            torch.repeat_interleave(starts, torch.tensor(num_new_tokens)) if native else None
+        )
         groups = [
-            self._group_context(seqs, [s[g] for s in slots], pos, shared)
+            self._group_context(flat[g], new, row_starts, pos, shared)
             for g in range(len(self.kv_groups))
         ]
         ctx = groups[0]
@@ -249,19 +271,27 @@ class ModelRunner:
         return ids, pos, ctx
 
     def _group_context(
-        self, seqs: list[Sequence], context_slots: list[torch.Tensor], pos: torch.Tensor, shared
+        self,
+        slots: torch.Tensor,
+        new: torch.Tensor,
+        row_starts: torch.Tensor | None,
+        pos: torch.Tensor,
+        shared: dict,
     ) -> ForwardContext:
-        """The forward's context for one KV cache group's layers: where they write and read."""
-        slot_mapping = [s[seq.num_computed_tokens :] for seq, s in zip(seqs, context_slots)]
+        """The forward's context for one KV cache group's layers: where they write and read.
+        `slots`: its slots of every sequence's blocks, concatenated; `new`: the new tokens'
+        indices in it; `row_starts`: where each new token's sequence starts in it (the native
+        kernel's view, None without it)."""
+        sizes = [-(-end // self.block_size) * self.block_size for end in shared["context_lens"]]
+        context_slots = [s[:end] for s, end in zip(slots.split(sizes), shared["context_lens"])]
         ctx = ForwardContext(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            slot_mapping=slots.index_select(0, new).to(self.device),
             context_slots=[s.to(self.device) for s in context_slots],
             **shared,
         )
-        if self.device.type == "cpu":
-            if kernels.available():
-                ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
-        elif all(n == 1 for n in ctx.query_lens):
+        if row_starts is not None:
+            ctx.native = NativeSlots(slots, row_starts, pos + 1)
+        elif self.device.type != "cpu" and all(n == 1 for n in ctx.query_lens):
             # The padded batched decode path is for GPUs; on CPU attention runs per sequence so
             # that each sequence's numbers do not depend on its batch neighbours.
             ctx.padded_decode = PaddedDecode.build(context_slots, self.device)
