@@ -41,19 +41,25 @@ def bucket_for(n: int, buckets: list[int]) -> int | None:
 
 
 class StaticBuffers:
-    """The graphs' inputs, sized for the largest bucket; bucket b uses the first b rows."""
+    """The graphs' inputs, sized for the largest bucket; bucket b uses the first b rows. Cache
+    slots and block tables per KV cache group (engine/kv_groups.py)."""
 
     def __init__(
-        self, max_batch_size: int, max_blocks_per_seq: int, scratch_slot: int, device
+        self,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        scratch_slot: int,
+        device,
+        num_kv_groups: int = 1,
     ) -> None:
         self.scratch_slot = scratch_slot
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.slot_mapping = torch.full(
-            (max_batch_size,), scratch_slot, dtype=torch.long, device=device
+            (num_kv_groups, max_batch_size), scratch_slot, dtype=torch.long, device=device
         )
         self.block_tables = torch.zeros(
-            max_batch_size, max_blocks_per_seq, dtype=torch.int32, device=device
+            num_kv_groups, max_batch_size, max_blocks_per_seq, dtype=torch.int32, device=device
         )
         self.context_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         # every row is one query token: row i's queries are [i, i + 1)
@@ -62,36 +68,41 @@ class StaticBuffers:
     def fill(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, bucket: int):
         """Copy a decode step's n rows into the first n entries; rows n..bucket-1 are padding."""
         n = ids.shape[0]
-        t = ctx.paged
         self.input_ids[:n].copy_(ids)
         self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(ctx.slot_mapping)
-        width = t.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(t.block_tables)
-        self.context_lens[:n].copy_(t.context_lens)
+        for g, group in enumerate(ctx.groups or [ctx]):
+            t = group.paged
+            self.slot_mapping[g, :n].copy_(group.slot_mapping)
+            self.block_tables[g, :n, : t.block_tables.shape[1]].copy_(t.block_tables)
+        self.context_lens[:n].copy_(ctx.paged.context_lens)
         if bucket > n:
             self.input_ids[n:bucket].zero_()
             self.positions[n:bucket].zero_()
-            self.slot_mapping[n:bucket].fill_(self.scratch_slot)
+            self.slot_mapping[:, n:bucket].fill_(self.scratch_slot)
             self.context_lens[n:bucket].zero_()
 
     def context(self, bucket: int, block_size: int) -> ForwardContext:
         """The forward context that a bucket's graph is captured (and replayed) with."""
-        paged = PagedTables(
-            self.block_tables[:bucket],
-            self.context_lens[:bucket],
-            self.query_start[: bucket + 1],
-            max_query_len=1,
-            block_size=block_size,
-        )
-        return ForwardContext(
-            slot_mapping=self.slot_mapping[:bucket],
-            query_lens=[1] * bucket,
-            context_lens=[],
-            context_slots=[],
-            num_decode_rows=bucket,
-            paged=paged,
-        )
+        groups = [
+            ForwardContext(
+                slot_mapping=self.slot_mapping[g, :bucket],
+                query_lens=[1] * bucket,
+                context_lens=[],
+                context_slots=[],
+                num_decode_rows=bucket,
+                paged=PagedTables(
+                    self.block_tables[g, :bucket],
+                    self.context_lens[:bucket],
+                    self.query_start[: bucket + 1],
+                    max_query_len=1,
+                    block_size=block_size,
+                ),
+            )
+            for g in range(self.block_tables.shape[0])
+        ]
+        if len(groups) > 1:
+            groups[0].groups = groups
+        return groups[0]
 
 
 class DecodeGraphs:
@@ -104,12 +115,15 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         scratch_slot: int,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        num_kv_groups: int = 1,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.buckets = batch_buckets(max_batch_size)
-        self.buffers = StaticBuffers(max_batch_size, max_blocks_per_seq, scratch_slot, device)
+        self.buffers = StaticBuffers(
+            max_batch_size, max_blocks_per_seq, scratch_slot, device, num_kv_groups
+        )
         self.memory_budget_bytes = memory_budget_bytes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: torch.Tensor | None = None  # [max_batch_size, hidden], graphs write here

@@ -49,6 +49,8 @@ class EngineConfig:
     gpu_path: bool | None = None
     # The GPU path's decode steps run as CUDA graphs captured at start-up; True: always eager.
     enforce_eager: bool = False
+    # Sliding-window layers keep only their window's KV blocks (engine/kv_groups.py).
+    sliding_window_cache: bool = True
 
 
 class LLMEngine:
@@ -82,16 +84,20 @@ class LLMEngine:
             tuple(sorted(self.eos_token_ids)),
             gpu_path,
             0 if config.enforce_eager else config.max_num_seqs,
+            config.sliding_window_cache,
         )
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
-        capacity = self.runner.num_blocks * config.block_size
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.block_size, self.runner.kv_windows
+        )
+        step_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        capacity = self.kv_cache.max_tokens(step_tokens)
         self.max_model_len = min(
             self.model_config.max_position, config.max_model_len or capacity, capacity
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+                max_num_batched_tokens=step_tokens,
                 max_model_len=self.max_model_len,
             ),
             self.kv_cache,
@@ -255,7 +261,7 @@ class LLMEngine:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": self.scheduler.num_waiting,
-            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_total": kv.num_usable_blocks,
             "kv_blocks_used": kv.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_batch_yields": self.scheduler.num_batch_yields,

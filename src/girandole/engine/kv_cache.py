@@ -1,9 +1,17 @@
-"""KVCacheManager: paged KV blocks with prefix caching by chained block hashes.
+"""KVCacheManager: paged KV blocks with prefix caching by chained block hashes, for one or more
+KV cache groups (the hybrid layout of engine/kv_groups.py).
 
-A block holds `block_size` consecutive tokens of one sequence. A full block's hash chains the
-previous block's hash with its own token ids (and the sequence's cache salt for the first
-block, and its LoRA adapter), so equal hashes mean equal whole prefixes. Freed blocks keep their hash and go to the
-back of the free queue: they stay reusable until allocation reaches them (LRU eviction).
+A block holds `block_size` consecutive tokens of one sequence for the layers of one group. A full
+block's hash chains the previous block's hash with its own token ids (and the sequence's cache
+salt for the first block, and its LoRA adapter), so equal hashes mean equal whole prefixes; the
+cache is keyed by (group, hash). Freed blocks keep their hash and go to the back of the free
+queue: they stay reusable until allocation reaches them (LRU eviction).
+
+Every group draws from the one pool of blocks, and a sequence has one block table per group.
+A full-attention group keeps a block for every position. A sliding-window group's queries read
+only the last `window` keys, so a block that lies wholly before the window of the sequence's next
+query is released at once (it keeps its hash for prefix reuse) and its table entry becomes
+NULL_BLOCK, a reserved block that is never written: its slots may be gathered, never attended.
 """
 
 from __future__ import annotations
@@ -13,22 +21,31 @@ from dataclasses import dataclass, field
 
 from girandole.engine.sequence import Sequence
 
+NULL_BLOCK = 0  # with a sliding-window group: the table entry of a released block
+UNBOUNDED = 1 << 40  # max_tokens of a cache whose every group slides
+
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: tuple[int, int] | None = None  # (group, chained hash) while it holds a cached prefix
     token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, windows: list[int | None] | None = None
+    ) -> None:
+        """`windows`: per KV cache group, its layers' sliding window (None: full attention);
+        default one full-attention group."""
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.windows = list(windows) if windows else [None]
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: deque[int] = deque(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.num_reserved = 1 if any(w is not None for w in self.windows) else 0
+        self.free_queue: deque[int] = deque(range(self.num_reserved, num_blocks))
+        self.hash_to_block: dict[tuple[int, int], int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, tokens found
 
@@ -39,49 +56,121 @@ class KVCacheManager:
         return len(self.free_queue)
 
     @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - self.num_reserved
+
+    @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_queue)
+        return self.num_usable_blocks - len(self.free_queue)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _first_needed(self, window: int | None, position: int) -> int:
+        """The first block a query at `position` (and every later one) reads."""
+        return 0 if window is None else max(0, position - window + 1) // self.block_size
+
+    def resident_blocks(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks a sequence of `num_tokens` tokens holds, computed in steps of at most
+        `chunk` tokens: every group's blocks for a step's keys, its new tokens included."""
+        total = 0
+        for w in self.windows:
+            blocks = self.blocks_needed(num_tokens)
+            if w is not None:  # the window of a step's first query, and the step's new tokens
+                blocks = min(blocks, self.blocks_needed(w - 1 + chunk) + 1)
+            total += blocks
+        return total
+
+    def max_tokens(self, chunk: int) -> int:
+        """The longest sequence that fits in the cache alone (see resident_blocks); when every
+        group slides, any length that fits at all (UNBOUNDED)."""
+        usable = self.num_usable_blocks
+        if None not in self.windows:
+            return UNBOUNDED if self.resident_blocks(UNBOUNDED, chunk) <= usable else 0
+        lo, hi = 0, usable * self.block_size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.resident_blocks(mid, chunk) <= usable:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _tables(self, seq: Sequence) -> list[list[int]]:
+        if len(seq.block_tables) != len(self.windows):
+            assert not any(seq.block_tables), "a sequence belongs to one cache layout"
+            seq.block_tables = [[] for _ in self.windows]
+        return seq.block_tables
 
     # -- prefix cache ---------------------------------------------------------------------
 
     def _chain_hash(self, seq: Sequence, prev: int | None, tokens: tuple[int, ...]) -> int:
         return hash((prev if prev is not None else seq.prefix_salt, tokens))
 
+    def _cached(self, group: int, h: int, tokens: tuple[int, ...]) -> int | None:
+        block_id = self.hash_to_block.get((group, h))
+        if block_id is None or self.blocks[block_id].token_ids != tokens:
+            return None
+        return block_id
+
     def match_prefix(self, seq: Sequence, max_cached_tokens: int | None = None) -> None:
         """Attach cached blocks for the longest matching prefix of a sequence with no blocks yet.
 
-        At least one token is always left to compute, because the last prompt position's logits
-        are needed to sample from.
+        A prefix of k blocks matches when every full-attention group holds all k blocks and
+        every sliding-window group the blocks that the next query's window reads. At least one
+        token is always left to compute, because the last prompt position's logits are needed
+        to sample from.
         """
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        tables = self._tables(seq)
+        assert not any(tables) and seq.num_computed_tokens == 0
         limit = len(seq) - 1
         if max_cached_tokens is not None:
             limit = min(limit, max_cached_tokens)
-        prev: int | None = None
         bs = self.block_size
+        hashes: list[int] = []
+        # found[g][i]: group g's cached block for block i, or None
+        found: list[list[int | None]] = [[] for _ in self.windows]
+        prev: int | None = None
         for i in range(limit // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self._chain_hash(seq, prev, tokens)
-            block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            hits = [self._cached(g, h, tokens) for g in range(len(self.windows))]
+            if any(b is None for g, b in enumerate(hits) if self.windows[g] is None):
                 break
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self.free_queue.remove(block_id)  # revive a freed block still holding its data
-            block.ref_count += 1
-            seq.block_table.append(block_id)
+            if all(b is None for b in hits):
+                break
+            hashes.append(h)
+            for g, b in enumerate(hits):
+                found[g].append(b)
             prev = h
-        num_hit = len(seq.block_table) * bs
+        k = len(hashes)
+        while k > 0 and not self._window_cached(found, k):
+            k -= 1
+        for g, table in enumerate(tables):
+            first = self._first_needed(self.windows[g], k * bs)
+            table.extend([NULL_BLOCK] * first)
+            for block_id in found[g][first:k]:
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    self.free_queue.remove(block_id)  # revive a freed block still holding data
+                block.ref_count += 1
+                table.append(block_id)
+        num_hit = k * bs
         seq.num_computed_tokens = num_hit
-        seq.num_hashed_blocks = len(seq.block_table)
-        seq.last_block_hash = prev
+        seq.num_hashed_blocks = k
+        seq.last_block_hash = hashes[k - 1] if k else None
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = num_hit
             self.num_prefix_queries += seq.num_prompt_tokens
             self.num_prefix_hits += num_hit
+
+    def _window_cached(self, found: list[list[int | None]], k: int) -> bool:
+        """Whether every group holds the blocks that a query after k blocks reads."""
+        for g, w in enumerate(self.windows):
+            first = self._first_needed(w, k * self.block_size)
+            if any(b is None for b in found[g][first:k]):
+                return False
+        return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks that became full and computed, so later requests can reuse them.
@@ -89,19 +178,23 @@ class KVCacheManager:
         if seq.pooling is not None:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        tables = self._tables(seq)
+        num_full = min(seq.num_computed_tokens // bs, len(tables[0]))
         prev = seq.last_block_hash
         for i in range(seq.num_hashed_blocks, num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self._chain_hash(seq, prev, tokens)
-            block = self.blocks[seq.block_table[i]]
-            if h not in self.hash_to_block:
-                block.hash = h
-                block.token_ids = tokens
-                self.hash_to_block[h] = block.block_id
-            elif block.hash is None:
-                # Same content already cached in another block: keep this one private.
-                block.token_ids = tokens
+            for g, table in enumerate(tables):
+                if table[i] == NULL_BLOCK and self.num_reserved:
+                    continue  # released before it was registered
+                block = self.blocks[table[i]]
+                if (g, h) not in self.hash_to_block:
+                    block.hash = (g, h)
+                    block.token_ids = tokens
+                    self.hash_to_block[(g, h)] = block.block_id
+                elif block.hash is None:
+                    # Same content already cached in another block: keep this one private.
+                    block.token_ids = tokens
             prev = h
         if num_full > seq.num_hashed_blocks:
             seq.num_hashed_blocks = num_full
@@ -109,53 +202,77 @@ class KVCacheManager:
 
     # -- allocation -----------------------------------------------------------------------
 
+    def _outside_window(self, seq: Sequence) -> list[tuple[list[int], int]]:
+        """(table, index) of the blocks no query of `seq` from its next position on reads."""
+        out = []
+        for w, table in zip(self.windows, self._tables(seq)):
+            if w is None:
+                continue
+            # released blocks form a prefix of the table: walk back to it
+            i = min(self._first_needed(w, seq.num_computed_tokens), len(table)) - 1
+            while i >= 0 and table[i] != NULL_BLOCK:
+                out.append((table, i))
+                i -= 1
+        return out
+
+    def _num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        return sum(max(0, needed - len(table)) for table in self._tables(seq))
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= len(self.free_queue)
+        free = len(self.free_queue) + len(self._outside_window(seq))
+        return self._num_new_blocks(seq, num_new_tokens) <= free
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give `seq` enough blocks for `num_new_tokens` more tokens; False if too few are free."""
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if needed > len(self.free_queue):
+        """Give `seq` enough blocks for `num_new_tokens` more tokens in every group (after
+        releasing its sliding-window blocks that no query reads again); False if too few are
+        free."""
+        for table, i in reversed(self._outside_window(seq)):  # oldest positions evicted first
+            self._release(table[i])
+            table[i] = NULL_BLOCK
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        if self._num_new_blocks(seq, num_new_tokens) > len(self.free_queue):
             return False
-        for _ in range(needed):
-            block_id = self.free_queue.popleft()
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict the cached prefix this block held
-                if self.hash_to_block.get(block.hash) == block_id:
-                    del self.hash_to_block[block.hash]
-                block.hash = None
-            block.token_ids = ()
-            block.ref_count = 1
-            seq.block_table.append(block_id)
+        for table in seq.block_tables:
+            for _ in range(needed - len(table)):
+                block_id = self.free_queue.popleft()
+                block = self.blocks[block_id]
+                if block.hash is not None:  # evict the cached prefix this block held
+                    if self.hash_to_block.get(block.hash) == block_id:
+                        del self.hash_to_block[block.hash]
+                    block.hash = None
+                block.token_ids = ()
+                block.ref_count = 1
+                table.append(block_id)
         return True
+
+    def _release(self, block_id: int) -> None:
+        if block_id == NULL_BLOCK and self.num_reserved:
+            return
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is None:
+                self.free_queue.appendleft(block_id)  # nothing worth keeping: reuse first
+            else:
+                self.free_queue.append(block_id)
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Give back the blocks of `seq` past its first `num_tokens` tokens (positions that held
         rejected proposals: never hashed, so they go to the front of the free queue)."""
         keep = self.blocks_needed(num_tokens)
-        for block_id in reversed(seq.block_table[keep:]):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_queue.appendleft(block_id)
-                else:
-                    self.free_queue.append(block_id)
-        del seq.block_table[keep:]
+        for table in self._tables(seq):
+            for block_id in reversed(table[keep:]):
+                self._release(block_id)
+            del table[keep:]
 
     def free(self, seq: Sequence) -> None:
         # Free in reverse so a sequence's last blocks are evicted before its first ones,
         # which are the ones most likely shared as a prefix.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_queue.appendleft(block_id)  # nothing worth keeping: reuse first
-                else:
-                    self.free_queue.append(block_id)
-        seq.block_table = []
+        for table in seq.block_tables:
+            for block_id in reversed(table):
+                self._release(block_id)
+        seq.block_tables = [[] for _ in self.windows]
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None

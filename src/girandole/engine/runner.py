@@ -4,12 +4,14 @@ forward, the logits it needs, prompt logprobs) and returns each sequence's sampl
 from __future__ import annotations
 
 import logging
+from array import array
 
 import torch
 from torch import nn
 
 from girandole.engine import pooling
 from girandole.engine.cuda_graphs import DecodeGraphs
+from girandole.engine.kv_groups import bind_kv_cache, bytes_per_block, group_layers
 from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
@@ -55,9 +57,12 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...] = (),
         gpu_path: bool | None = None,
         decode_graphs_max_batch: int = 0,
+        sliding_window_cache: bool = True,
     ) -> None:
         """`decode_graphs_max_batch`: on the GPU path, run decode steps of up to this many
-        sequences as CUDA graphs (engine/cuda_graphs.py; 0: eager, as --enforce-eager)."""
+        sequences as CUDA graphs (engine/cuda_graphs.py; 0: eager, as --enforce-eager).
+        `sliding_window_cache`: sliding-window layers keep only their window's blocks
+        (engine/kv_groups.py); off, every layer keeps every position."""
         self.model = model
         # The GPU path (Triton paged attention over block tables): on by default on CUDA where
         # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
@@ -68,18 +73,21 @@ class ModelRunner:
         # fp32 attention on CPU (bf16 SDPA is ~10x slower there), bf16 on GPU.
         self.kv_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
-        per_block = per_token * block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
-        self.num_blocks = max(1, kv_cache_bytes // per_block)
-        num_slots = self.num_blocks * block_size
+        self.kv_groups = group_layers(self.attn_layers, sliding_window_cache)
+        self.kv_windows = [g.window for g in self.kv_groups]
+        per_block = bytes_per_block(self.kv_groups, block_size, self.kv_dtype)
+        reserved = 1 if any(w is not None for w in self.kv_windows) else 0  # the null block
+        self.num_blocks = max(1 + reserved, kv_cache_bytes // per_block)
         graphs = self.gpu_path and decode_graphs_max_batch > 0
-        if graphs:  # one block past the cache's: the padding rows' scratch slot
-            num_slots += block_size
-        for layer in self.attn_layers:
-            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
-            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        bind_kv_cache(
+            self.kv_groups,
+            self.num_blocks,
+            block_size,
+            self.kv_dtype,
+            device,
+            # one block past the cache's: the padding rows' scratch slot
+            extra_blocks=1 if graphs else 0,
+        )
         self._block_offsets = torch.arange(block_size, dtype=torch.long)
         self.sampler = sampler or Sampler()
         self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
@@ -92,6 +100,7 @@ class ModelRunner:
                 decode_graphs_max_batch,
                 max_blocks_per_seq=min(self.num_blocks, -(-config.max_position // block_size)),
                 scratch_slot=self.num_blocks * block_size,
+                num_kv_groups=len(self.kv_groups),
             )
             self.graphs.capture()
 
@@ -242,11 +251,29 @@ class ModelRunner:
 
     # -- the forward ---------------------------------------------------------------------------
 
-    def _context_slots(self, seq: Sequence, context_len: int) -> torch.Tensor:
-        table = torch.tensor(
-            seq.block_table[: -(-context_len // self.block_size)], dtype=torch.long
-        )
-        return (table[:, None] * self.block_size + self._block_offsets).flatten()[:context_len]
+    def _group_slots(
+        self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every KV cache group's cache slots of the batch's blocks at once: [groups, B *
+        block_size] long, each sequence's blocks 0..ceil(context_len / block_size)-1 in turn;
+        the index there of each new token [T]; where each sequence starts there [S]."""
+        bs = self.block_size
+        nums = [-(-end // bs) for end in context_lens]
+        flat_tables: list[int] = []
+        for g in range(len(self.kv_groups)):
+            for seq, n in zip(seqs, nums):
+                flat_tables.extend(seq.block_tables[g][:n])
+        # array -> frombuffer: several times faster than torch.tensor on a list of ints
+        tables = torch.frombuffer(array("q", flat_tables), dtype=torch.long)
+        tables = tables.view(len(self.kv_groups), -1)
+        slots = (tables[:, :, None] * bs + self._block_offsets).flatten(1)
+        sizes = torch.tensor(nums, dtype=torch.long) * bs
+        starts = torch.cumsum(sizes, 0) - sizes
+        qlens = torch.tensor(query_lens, dtype=torch.long)
+        first_new = starts + torch.tensor(context_lens, dtype=torch.long) - qlens
+        qstarts = torch.cumsum(qlens, 0) - qlens
+        new = torch.arange(int(qlens.sum())) + torch.repeat_interleave(first_new - qstarts, qlens)
+        return slots, new, starts
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
@@ -256,8 +283,6 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
-        context_slots: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
         num_decode_rows = 0
         leading_decodes = True  # every sequence so far decodes
         for seq, n in zip(seqs, num_new_tokens):
@@ -267,43 +292,76 @@ class ModelRunner:
             if end > len(seq):  # proposed tokens, verified by this forward
                 input_ids.extend(seq.spec_token_ids[: end - len(seq)])
             positions.extend(range(start, end))
-            slots = self._context_slots(seq, end)
             context_lens.append(end)
-            context_slots.append(slots)
-            slot_mapping.append(slots[start:end])
             if leading_decodes and seq.is_decode(n):
                 num_decode_rows += n  # a decode token and the proposed tokens after it
             else:
                 leading_decodes = False
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        ctx = ForwardContext(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
+        shared = dict(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
-            context_slots=(
-                context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
-            ),
             num_decode_rows=num_decode_rows,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
-        if self.gpu_path:
-            ctx.paged = PagedTables.build(
-                [s.block_table for s in seqs],
+        flat, new, starts = self._group_slots(seqs, num_new_tokens, context_lens)
+        native = not self.gpu_path and self.device.type == "cpu" and kernels.available()
+        row_starts = (
+            torch.repeat_interleave(starts, torch.tensor(num_new_tokens)) if native else None
+        )
+        num_groups = len(self.kv_groups)
+        paged: list[PagedTables | None] = [None] * num_groups
+        if self.gpu_path:  # the Triton kernels read each group's block tables
+            paged = PagedTables.build_groups(
+                [[s.block_tables[g] for s in seqs] for g in range(num_groups)],
                 list(num_new_tokens),
                 context_lens,
                 self.block_size,
                 self.device,
             )
-        elif self.device.type == "cpu":
-            if kernels.available():
-                ctx.native = NativeSlots.build(ctx.query_lens, context_slots, pos)
-        elif all(n == 1 for n in num_new_tokens):
+        groups = [
+            self._group_context(flat[g], new, row_starts, pos, shared, paged[g])
+            for g in range(num_groups)
+        ]
+        ctx = groups[0]
+        if len(groups) > 1:
+            ctx.groups = groups
+        return ids, pos, ctx
+
+    def _group_context(
+        self,
+        slots: torch.Tensor,
+        new: torch.Tensor,
+        row_starts: torch.Tensor | None,
+        pos: torch.Tensor,
+        shared: dict,
+        paged: PagedTables | None,
+    ) -> ForwardContext:
+        """The forward's context for one KV cache group's layers: where they write and read.
+        `slots`: its slots of every sequence's blocks, concatenated; `new`: the new tokens'
+        indices in it; `row_starts`: where each new token's sequence starts in it (the native
+        kernel's view, None without it); `paged`: its block tables on the GPU path."""
+        sizes = [-(-end // self.block_size) * self.block_size for end in shared["context_lens"]]
+        context_slots = [s[:end] for s, end in zip(slots.split(sizes), shared["context_lens"])]
+        ctx = ForwardContext(
+            slot_mapping=slots.index_select(0, new).to(self.device),
+            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
+            context_slots=(
+                context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
+            ),
+            paged=paged,
+            **shared,
+        )
+        if paged is not None:  # the GPU path: the Triton kernels read the block tables
+            return ctx
+        if row_starts is not None:
+            ctx.native = NativeSlots(slots, row_starts, pos + 1)
+        elif self.device.type != "cpu" and all(n == 1 for n in ctx.query_lens):
             # The padded batched decode path is for GPUs; on CPU attention runs per sequence so
             # that each sequence's numbers do not depend on its batch neighbours.
             ctx.padded_decode = PaddedDecode.build(context_slots, self.device)
-        return ids, pos, ctx
+        return ctx
 
     @torch.inference_mode()
     def execute(

@@ -40,7 +40,7 @@ class Sequence:
         # Tokens whose K/V are in the cache (prefix hits included); the rest still need a forward.
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (reported in usage)
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = [[]]  # one per KV cache group (engine/kv_cache.py)
         self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
         self.last_block_hash: int | None = None  # chain hash of the last of those blocks
         self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
@@ -78,6 +78,12 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first KV cache group's block table (a model without sliding-window layers has
+        only that group)."""
+        return self.block_tables[0]
 
     @property
     def num_output_tokens(self) -> int:

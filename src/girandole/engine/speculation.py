@@ -249,7 +249,11 @@ class DraftModel:
                 f"draft model {path} has a vocabulary of {config.vocab_size} tokens, the model "
                 f"{vocab}: a draft model must share the model's tokenizer"
             )
-        runner = ModelRunner(model, config, device, block_size, kv_bytes)
+        # Every position kept: a step may take back the draft's last proposals (_sync), whose
+        # queries read keys that a sliding window would already have released.
+        runner = ModelRunner(
+            model, config, device, block_size, kv_bytes, sliding_window_cache=False
+        )
         return cls(runner, KVCacheManager(runner.num_blocks, block_size))
 
     def release(self, seq: Sequence) -> None:

@@ -59,12 +59,15 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap
         self.k_cache: torch.Tensor | None = None  # bound by the ModelRunner
         self.v_cache: torch.Tensor | None = None
+        self.kv_group = 0  # which of the forward context's groups holds this layer's slots
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         if ctx is None or self.k_cache is None:
             out = self._attend_alone(q.float(), k.float(), v.float())
             return out.to(q.dtype).reshape(q.shape[0], -1)
+        if ctx.groups is not None:
+            ctx = ctx.groups[self.kv_group]
         cache_dtype = self.k_cache.dtype
         # index_copy_/index_select: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
         self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))

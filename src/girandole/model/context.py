@@ -10,8 +10,10 @@ as in the reference tests) layers treat their input as one sequence starting at 
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,24 +89,36 @@ class PagedTables:
     ) -> PagedTables:
         """From each sequence's block ids (only those its context uses are kept), in one copy to
         the device."""
-        s = len(query_lens)
-        width = max(1, max(-(-n // block_size) for n in context_lens))
-        host = torch.zeros(s * width + s + s + 1, dtype=torch.int32)
-        tables = host[: s * width].view(s, width)
-        for i, (table, n) in enumerate(zip(block_tables, context_lens)):
-            used = -(-n // block_size)
-            tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
-        host[s * width : s * width + s] = torch.tensor(context_lens, dtype=torch.int32)
-        starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0)
-        host[s * width + s :] = starts
-        dev = host.to(device)
-        return cls(
-            dev[: s * width].view(s, width),
-            dev[s * width : s * width + s],
-            dev[s * width + s :],
-            max(query_lens),
-            block_size,
-        )
+        return cls.build_groups([block_tables], query_lens, context_lens, block_size, device)[0]
+
+    @classmethod
+    def build_groups(
+        cls,
+        group_tables: list[list[list[int]]],
+        query_lens: list[int],
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> list[PagedTables]:
+        """One PagedTables per KV cache group (engine/kv_groups.py) from each group's block
+        tables, sharing the lengths; every group's tables in one copy to the device."""
+        s, g = len(query_lens), len(group_tables)
+        used = [-(-n // block_size) for n in context_lens]
+        width = max(1, *used)
+        flat = array("i")  # every group's [S, width] table, then the lengths and starts
+        for block_tables in group_tables:
+            for table, k in zip(block_tables, used):
+                flat.extend(table[:k])
+                flat.extend([0] * (width - k))
+        flat.extend(context_lens)
+        flat.extend(accumulate(query_lens, initial=0))
+        size = g * s * width
+        # array -> frombuffer: one host tensor without a Python loop over its elements
+        dev = torch.frombuffer(flat, dtype=torch.int32).to(device)
+        lens, starts = dev[size : size + s], dev[size + s :]
+        return [
+            cls(t, lens, starts, max(query_lens), block_size) for t in dev[:size].view(g, s, width)
+        ]
 
 
 @dataclass
@@ -123,6 +137,9 @@ class ForwardContext:
     native: NativeSlots | None = None  # set where the native attention kernel may run
     paged: PagedTables | None = None  # set on the GPU path: the Triton kernels run
     lora: LoRABatch | None = None  # rows that run an adapter (model/lora.py); None: base only
+    # Per KV cache group (engine/kv_groups.py), the context its layers read: the same batch
+    # with that group's slots. None: one group, whose slots are the fields above.
+    groups: list[ForwardContext] | None = None
 
 
 _current: ForwardContext | None = None

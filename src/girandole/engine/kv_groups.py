@@ -1,0 +1,86 @@
+"""KV cache groups: how the attention layers share the paged KV cache (vLLM's hybrid layout).
+
+Layers of one kind (full attention, or one sliding window) are cut into groups of `group_size`
+layers; the j-th layer of every group writes to the same pair of cache tensors, so one block id
+names `block_size` tokens' K/V in each of its group's layers, and every group draws its blocks
+from one pool. The cache budget is then never split ahead of use: a short sequence holds a block
+per group for each of its blocks (as many bytes as with one table), and a long sequence's
+sliding-window groups hold only the blocks of their window (engine/kv_cache.py), whatever mix
+of short and long sequences runs. A static split into a full and a sliding pool would have to
+guess that mix and would strand whichever pool the traffic does not fill.
+
+Gemma 3 270M (3 global, 15 sliding layers): 6 groups of 3 layers, one global and five sliding.
+A model without sliding layers, or whose layers differ in KV shape, has one group of all its
+layers, each with its own tensors: the layout before groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from girandole.model.attention import Attention
+
+
+@dataclass
+class KVCacheGroup:
+    window: int | None  # the layers' sliding window; None: full attention
+    layers: list[Attention]
+
+
+def group_layers(layers: list[Attention], windowed: bool = True) -> list[KVCacheGroup]:
+    """The layers' KV cache groups, full-attention groups first (one group unless `windowed`
+    and some layers slide)."""
+    kinds: dict[int | None, list[Attention]] = {}
+    for layer in layers:
+        kinds.setdefault(layer.sliding_window, []).append(layer)
+    shapes = {(a.num_kv_heads, a.head_dim) for a in layers}
+    if not windowed or set(kinds) == {None} or len(shapes) > 1:
+        return [KVCacheGroup(None, list(layers))]
+    size = min(len(group) for group in kinds.values())
+    order = sorted(kinds, key=lambda w: (w is not None, w or 0))
+    return [
+        KVCacheGroup(w, kinds[w][i : i + size])
+        for w in order
+        for i in range(0, len(kinds[w]), size)
+    ]
+
+
+def bind_kv_cache(
+    groups: list[KVCacheGroup],
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device,
+    extra_blocks: int = 0,
+) -> None:
+    """Give every layer its cache tensors [(num_blocks + extra_blocks) * block_size, Hkv, D]
+    and its group. `extra_blocks` lie past the pool's ids (the CUDA graphs' scratch slot)."""
+    num_slots = (num_blocks + extra_blocks) * block_size
+    width = max(len(g.layers) for g in groups)
+    tensors = []
+    for j in range(width):
+        first = next(g.layers[j] for g in groups if j < len(g.layers))
+        shape = (num_slots, first.num_kv_heads, first.head_dim)
+        # torch.zeros maps untouched pages lazily: memory grows only as the cache is used.
+        tensors.append(
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+        )
+    for g, group in enumerate(groups):
+        for j, layer in enumerate(group.layers):
+            layer.k_cache, layer.v_cache = tensors[j]
+            layer.kv_group = g
+
+
+def bytes_per_block(groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block id: its tokens' K and V in one layer of each tensor pair."""
+    width = max(len(g.layers) for g in groups)
+    per_token = 0
+    for j in range(width):
+        layer = next(g.layers[j] for g in groups if j < len(g.layers))
+        per_token += 2 * layer.num_kv_heads * layer.head_dim
+    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
