@@ -243,7 +243,6 @@ class LlamaServerEngine:
 
     @staticmethod
     def version() -> str:
-        import llama_cpp
         from common import find_llama_server
 
         text = ""
@@ -257,7 +256,7 @@ class LlamaServerEngine:
             text = " ".join(x for x in (out.stdout + out.stderr).splitlines() if "version" in x)
         except (OSError, subprocess.SubprocessError):
             pass
-        return f"llama-server ({text.strip() or '?'}; llama-cpp-python {llama_cpp.__version__} sources)"
+        return f"llama-server ({text.strip() or '?'})"
 
     def _body(self, prompt: list[int], n: int) -> dict:
         return {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
