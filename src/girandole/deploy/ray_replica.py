@@ -27,6 +27,13 @@ logger = logging.getLogger("girandole.deploy")
 SESSION_START_TIMEOUT_S = 60.0
 
 
+def _renice_threads(nice: int) -> None:
+    """Every thread of this process at `nice` (on Linux a nice value is per thread)."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 class GirandoleReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         import ray
@@ -34,10 +41,12 @@ class GirandoleReplica:
 
         from girandole.deploy.replica_server import ReplicaServer
 
-        # Ray starts workers niced (worker_niceness) to keep its own daemons responsive; an
-        # engine is the work itself, so it runs at the normal priority where it may
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        # Ray starts workers niced (worker_niceness) to keep its own daemons responsive; a
+        # replica is the work itself, so all its threads run at the normal priority where they
+        # may: the engine (started below, it inherits this thread's) and Ray's own threads of
+        # this process, whose `session` calls are on every request's path (niced, they waited
+        # for the engine's steps under load: TTFT p50 at 16 clients was 1.3x the embedded one).
+        _renice_threads(0)
         threads = config.get("threads") or len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, int(threads)))
         spec = config["spec"]  # deploy.backend.ReplicaSpec
