@@ -142,7 +142,7 @@ def test_no_blocks_kept(server):
         ({"input": 3}, "input"),
         ({"input": ["x"] * 2049}, "input"),
         ({"input": [1, 10**9]}, "input"),
-        ({"input": "x" * 40000 * 4}, "input"),
+        ({"input": "x" * 8 * 40000}, "input"),  # 40,001 tokens: past 32,768 positions
         ({"input": {"text": "hi"}}, "input"),
         ({"input": {"text": "hi"}, "prompt_template": "{other}"}, "input"),
         ({"input": {"text": "hi"}, "prompt_template": "{text.upper}"}, "prompt_template"),
