@@ -8,6 +8,10 @@ C. throughput, bf16, random weights with the shapes of Gemma-3-270M, Qwen2.5-0.5
    Llama-3.2-1B (256-token prompts, 128 output tokens): total output tok/s at 1 / 16 / 64 / 256
    concurrent requests, transformers `generate` (dynamic cache) and transformers with a static
    cache and `torch.compile` in the same run, batch-1 decode as a share of the HBM roofline.
+D. split-K decode kernel (run before C: seconds): paged_decode split vs one pass vs torch at
+   Gemma-3-270M's attention shapes, batch 1 / 16 / 64 at contexts 512 / 4K / 16K: max abs
+   error, microseconds per call (CUDA events, median of 20, replaying a CUDA graph of the call
+   and eager), the heuristic's partition count.
 Writes gpu_check.json and gpu_check.md (markdown tables) to --out. Work past --budget-s is
 skipped and marked so in the tables.
 
@@ -152,6 +156,110 @@ def engine_per_arch(tmp: Path):
         del fast
         diff = max(abs(a - b) for x, y in zip(ref_lp, fast_lp) for a, b in zip(x, y))
         out[kind] = {"greedy_equal_transformers": same, "fast_vs_reference_logprob_max_diff": diff}
+    return out
+
+
+# -- part D: the split-K decode kernel --------------------------------------------------------
+
+
+def _time_us(fn, iters: int) -> float:
+    """Median microseconds of fn() (CUDA events on the GPU, a clock elsewhere)."""
+    times = []
+    for _ in range(iters):
+        if DEV == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def _decode_reference(q, k_cache, v_cache, tables, ctx: int, block: int, scale: float):
+    """fp32 torch attention of each row over its first ctx keys, gathered by block table."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    offs = torch.arange(block, device=q.device)
+    slots = (tables.long()[:, :, None] * block + offs).reshape(batch, -1)[:, :ctx]
+    k, v = k_cache[slots].float(), v_cache[slots].float()  # [B, ctx, Hkv, D]
+    qg = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    p = torch.softmax(torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale, -1)
+    return torch.einsum("bkgn,bnkd->bkgd", p, v).reshape(batch, heads, head_dim)
+
+
+SPLIT_SECTION = "D. split-K decode kernel: split vs one pass vs torch (Gemma-3-270M attention)"
+
+
+@section(SPLIT_SECTION)
+def split_decode():
+    """Global-attention layers of Gemma-3-270M (4 query heads, 1 KV head, head_dim 256) over a
+    cache of scattered 16-token blocks; every row at the same context. Times are the kernel
+    call alone: replayed from a CUDA graph of it (as the engine's decode graphs run it), and
+    eager (Python launch overhead included). Under --smoke: tiny shapes, the interpreter."""
+    from girandole.model.kernels import triton_paged_attention as kernels
+
+    cfg = shape_config("gemma-3-270m")
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    scale = cfg.query_pre_attn_scalar**-0.5
+    block = 16
+    cuda = DEV == "cuda"
+    batches, contexts = ([1, 16, 64], [512, 4096, 16384]) if not SMOKE else ([1, 2], [40, 100])
+    fixed = [4, 16, 64] if not SMOKE else [2, 3]
+    iters = 20 if cuda else 2
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sms = kernels.sm_count(torch.device(DEV))
+    out: dict = {"shape": dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, block=block)}
+    out.update(sms=sms, dtype=str(dtype), iters=iters, rows={})
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for batch in batches:
+        for ctx in contexts:
+            key = f"batch {batch}, context {ctx}"
+            if out_of_time():
+                out["rows"][key] = None
+                continue
+            width = -(-ctx // block)
+            n_blocks = batch * width
+
+            def randn(*shape):
+                return torch.randn(*shape, generator=g, device=DEV).to(dtype)
+
+            k_cache = randn(n_blocks * block, kv_heads, head_dim)
+            v_cache = randn(n_blocks * block, kv_heads, head_dim)
+            tables = torch.randperm(n_blocks, generator=g, device=DEV).int().view(batch, width)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            q = randn(batch, heads, head_dim)
+            want = _decode_reference(q, k_cache, v_cache, tables, ctx, block, scale)
+            auto = kernels.decode_partitions(batch, kv_heads, width, block, head_dim, None, sms)
+            row: dict = {"heuristic_partitions": auto}
+            args = (q, k_cache, v_cache, tables, lens, block, scale)
+            for parts in dict.fromkeys([1, auto, *fixed]):
+
+                def call(parts=parts, args=args):
+                    return kernels.paged_decode(*args, num_partitions=parts)
+
+                got = call()  # compiles
+                cell = {"max_abs_err": float((got.float() - want).abs().max())}
+                cell["eager_us"] = _time_us(call, iters)
+                if cuda:
+                    try:
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            static = call()
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        cell["graph_equals_eager"] = bool(torch.equal(static, got))
+                        cell["graph_us"] = _time_us(graph.replay, iters)
+                        del graph, static
+                    except Exception as e:  # noqa: BLE001 - recorded, the others still run
+                        cell["graph_error"] = repr(e)[:300]
+                row[f"P={parts}"] = cell
+            out["rows"][key] = row
+            del args, k_cache, v_cache, tables, want  # before the next shape's
     return out
 
 
@@ -400,6 +508,48 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _split_markdown(d) -> list[str]:
+    if not d or "error" in d:
+        return []
+    rows = d["rows"]
+    counts = list(dict.fromkeys(k for r in rows.values() if r for k in r if k.startswith("P=")))
+    counts = sorted(counts, key=lambda k: int(k[2:]))
+    shape = d["shape"]
+    lines = [
+        "",
+        f"Split-K decode ({shape['heads']} q heads, {shape['kv_heads']} KV head, head_dim "
+        f"{shape['head_dim']}, block {shape['block']}, {d['dtype']}, {d['sms']} SMs): "
+        f"microseconds per call, CUDA graph replay / eager (median of {d['iters']}), at P "
+        "partitions (P=1: the one-pass kernel); max abs error against fp32 torch:",
+        "",
+        "| batch, context | heuristic P | " + " | ".join(counts) + " | max abs err (all P) |",
+        "|---|---|" + "---|" * len(counts) + "---|",
+    ]
+    for key, row in rows.items():
+        if row is None:
+            lines.append(f"| {key} | skipped |" + " |" * (len(counts) + 1))
+            continue
+        cells = []
+        for c in counts:
+            cell = row.get(c)
+            if cell is None:
+                cells.append("-")
+                continue
+            graph = cell.get("graph_us")
+            graph = "graph failed" if "graph_error" in cell else _fmt_us(graph)
+            differs = " (graph != eager)" if cell.get("graph_equals_eager") is False else ""
+            cells.append(f"{graph} / {_fmt_us(cell['eager_us'])}{differs}")
+        err = max(row[c]["max_abs_err"] for c in counts if c in row)
+        lines.append(
+            f"| {key} | {row['heuristic_partitions']} | " + " | ".join(cells) + f" | {err:.2g} |"
+        )
+    return lines
+
+
+def _fmt_us(v) -> str:
+    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
 def markdown() -> str:
     lines = [f"# gpu_check ({DEV}, torch {torch.__version__})", ""]
     a = results.get("A. tiny checkpoints: our logits vs transformers", {})
@@ -453,6 +603,7 @@ def markdown() -> str:
                 f"{'-' if share is None else f'{share:.1%}'} | "
                 f"{_fmt(row['girandole']['prefill'])} |"
             )
+    lines += _split_markdown(results.get(SPLIT_SECTION))
     errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Sections that failed (see gpu_check.json): " + ", ".join(errors)]
@@ -483,6 +634,7 @@ def main() -> None:
         if not args.skip_correctness:
             correctness(tmp)
             engine_per_arch(tmp)
+        split_decode()
         throughput(tmp, args.tokenizer, args.models.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))

@@ -93,6 +93,35 @@ def test_generate_with_graphs_equals_eager_and_cpu_path(tiny_llama_dir):
         assert [o.token_ids for o in eager.generate(batch, params)] == want
 
 
+def test_generate_with_split_decode(tiny_llama_dir, monkeypatch):
+    """Split-K decode (forced: a pretend 64-SM device, 4-token partitions) in the graphs'
+    padded steps (their full-width block tables, padding rows) and in eager steps: the CPU
+    path's tokens."""
+    from girandole.model.kernels import triton_paged_attention as kernels
+
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 64)
+    monkeypatch.setattr(kernels, "MIN_PARTITION_TOKENS", 4)
+    counts = []
+    split = kernels._split_decode
+
+    def spy(*args):
+        counts.append(args[10])  # num_partitions
+        return split(*args)
+
+    monkeypatch.setattr(kernels, "_split_decode", spy)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    cpu = LLM(
+        model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
+    )
+    want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
+    for kwargs in ({}, {"enforce_eager": True}):
+        counts.clear()
+        assert [
+            o.token_ids for o in _engine(tiny_llama_dir, **kwargs).generate(PROMPTS, params)
+        ] == want
+        assert counts and min(counts) > 1, counts
+
+
 def test_serve_enforce_eager_flag():
     import argparse
 

@@ -1,7 +1,8 @@
 """The Triton paged attention kernels (girandole/model/kernels/triton_paged_attention.py) under
 Triton's CPU interpreter, against the engine's own attention (Attention._attend_sequence over the
-keys gathered through the block table): decode and varlen prefill, head_dim 64/128/256, GQA
-groups 1/4/8, sliding window and soft-cap on and off, ragged lengths, scattered blocks."""
+keys gathered through the block table): decode (one pass and split-K) and varlen prefill,
+head_dim 64/128/256 (and 80 for split-K), GQA groups 1/3/4/8, sliding window and soft-cap on and
+off, ragged lengths, scattered blocks; the split-K heuristic's partition counts."""
 
 from __future__ import annotations
 
@@ -137,6 +138,194 @@ def test_bf16_cache(kernels):
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+# -- split-K decode ------------------------------------------------------------------------
+
+SPLIT_SHAPES = [  # (kv_heads, group, head_dim): partition units of 64, 32 and 64 tokens
+    (2, 1, 64),
+    (1, 4, 256),
+    (2, 3, 80),  # a group and a head_dim that are not powers of 2
+]
+# A padding row, rows shorter than one unit, rows over one to five units (7 partitions: more
+# than any row has units).
+SPLIT_LENS = [0, 1, 17, 150, 70, 33]
+
+
+def _attend_range(q, k, v, lo, hi, q_pos, scale, window, softcap):
+    """fp64 torch reference of one decode row (q [H, D], k and v [ctx, Hkv, D] by position)
+    over the keys at positions [lo, hi) in the window: each query head's normalised output
+    [H, D] and log-sum-exp [H]."""
+    heads, kv_heads = q.shape[0], k.shape[1]
+    pos = torch.arange(lo, hi)
+    if window:
+        pos = pos[q_pos - pos < window]
+    kk = k[pos].double().repeat_interleave(heads // kv_heads, 1)  # [n, H, D]
+    vv = v[pos].double().repeat_interleave(heads // kv_heads, 1)
+    s = torch.einsum("hd,nhd->hn", q.double(), kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return torch.einsum("hn,nhd->hd", torch.softmax(s, 1), vv), torch.logsumexp(s, 1)
+
+
+def _partition_ranges(ctx_len, parts, unit, window):
+    """The kernel's cut of a row's attended keys: whole units from the window's first unit."""
+    lo = max(ctx_len - window, 0) // unit * unit if window else 0
+    units = -(-(ctx_len - lo) // unit)
+    per = -(-units // parts)
+    return [(lo + p * per * unit, min(lo + (p + 1) * per * unit, ctx_len)) for p in range(parts)]
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim", SPLIT_SHAPES)
+@pytest.mark.parametrize("window,softcap", [(None, None), (24, None), (None, 30.0), (100, 50.0)])
+def test_split_decode_matches_engine_attention_and_one_pass(
+    kernels, kv_heads, group, head_dim, window, softcap
+):
+    g = torch.Generator().manual_seed(kv_heads * 77 + group * 7 + head_dim + (window or 0))
+    k_cache, v_cache, tables, slots = _paged(g, SPLIT_LENS, kv_heads, head_dim)
+    heads, scale = kv_heads * group, head_dim**-0.5
+    layer = Attention(heads, kv_heads, head_dim, scale, window, softcap)
+    q = torch.randn(len(SPLIT_LENS), heads, head_dim, generator=g)
+    lens = torch.tensor(SPLIT_LENS, dtype=torch.int32)
+    args = (q, k_cache, v_cache, tables, lens, BLOCK_SIZE, scale, window, softcap)
+
+    one_pass = kernels.paged_decode(*args, num_partitions=1)
+    for parts in (2, 3, 7):
+        out = kernels.paged_decode(*args, num_partitions=parts)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))  # the padding row
+        torch.testing.assert_close(out, one_pass, rtol=1e-5, atol=1e-6)
+        for i, s in enumerate(slots):
+            if len(s):
+                expected = layer._attend_sequence(q[i : i + 1], k_cache[s], v_cache[s])[0]
+                torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_split_partitions_and_their_merge(kernels):
+    """Stage 1 by itself: every partition's output and log-sum-exp equal to torch over that
+    partition's keys (units from the window's first unit; empty partitions: zeros, -1e30).
+    Then the merge: stage 2 equals the reference, and a wrong weighting would not (each
+    partition alone, or their plain average, is far from it on rows over several partitions),
+    so the reference comparisons above catch a broken merge."""
+    kv_heads, group, head_dim, window, softcap = 2, 2, 64, 100, 30.0
+    lens_list = [0, 1, 64, 65, 200, 130]
+    parts, unit = 3, kernels.partition_unit(BLOCK_SIZE, head_dim)
+    g = torch.Generator().manual_seed(11)
+    k_cache, v_cache, tables, slots = _paged(g, lens_list, kv_heads, head_dim)
+    heads, scale = kv_heads * group, head_dim**-0.5
+    q = torch.randn(len(lens_list), heads, head_dim, generator=g)
+    # Sharper scores than unit-variance keys give: partitions' log-sum-exps far apart.
+    q = q * 3
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    config = kernels.decode_config(heads, kv_heads, head_dim, window, softcap)
+    part_out, part_lse = kernels._decode_partials(
+        q, k_cache, v_cache, tables, lens, BLOCK_SIZE, scale, window, softcap, parts, config
+    )
+    merged = torch.empty_like(q)
+    kernels._merge_partials(part_out, part_lse, merged)
+
+    spanning = 0
+    for i, n in enumerate(lens_list):
+        ranges = _partition_ranges(n, parts, unit, window)
+        k, v = k_cache[slots[i].long()], v_cache[slots[i].long()]  # by position
+        nonempty = []
+        for p, (lo, hi) in enumerate(ranges):
+            if hi <= lo:  # past the row's keys
+                assert torch.equal(part_lse[i, :, p], torch.full((heads,), -1e30))
+                assert torch.equal(part_out[i, :, p], torch.zeros(heads, head_dim))
+                continue
+            nonempty.append(p)
+            want_out, want_lse = _attend_range(q[i], k, v, lo, hi, n - 1, scale, window, softcap)
+            torch.testing.assert_close(part_out[i, :, p].double(), want_out, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(part_lse[i, :, p].double(), want_lse, rtol=1e-5, atol=1e-5)
+        if n == 0:
+            assert not nonempty and torch.equal(merged[i], torch.zeros_like(merged[i]))
+            continue
+        expected, _ = _attend_range(q[i], k, v, 0, n, n - 1, scale, window, softcap)
+        torch.testing.assert_close(merged[i].double(), expected, rtol=1e-4, atol=1e-5)
+        if len(nonempty) > 1:
+            spanning += 1
+            for p in nonempty:
+                assert (part_out[i, :, p].double() - expected).abs().max() > 1e-2
+            average = part_out[i, :, nonempty].double().mean(1)
+            assert (average - expected).abs().max() > 1e-2
+    assert spanning >= 2  # 130 and 200 keys: a window over two and three units
+
+
+def test_split_decode_bf16_cache(kernels):
+    g = torch.Generator().manual_seed(6)
+    k_cache, v_cache, tables, _ = _paged(g, [150, 40], 1, 128)
+    q = torch.randn(2, 4, 128, generator=g)
+    lens = torch.tensor([150, 40], dtype=torch.int32)
+    args = (q, k_cache.bfloat16(), v_cache.bfloat16(), tables, lens, BLOCK_SIZE, 128**-0.5)
+    out = kernels.paged_decode(*args, num_partitions=3)
+    assert out.dtype == torch.bfloat16
+    one_pass = kernels.paged_decode(*args, num_partitions=1)
+    torch.testing.assert_close(out.float(), one_pass.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_partitions_heuristic(kernels):
+    parts = kernels.decode_partitions
+    limit = kernels.MAX_PARTITIONS
+    # No SMs (CPU, the interpreter): one pass, whatever the shape.
+    assert parts(1, 1, 2048, 16, 256, None, 0) == 1
+    # Programs (rows x KV heads) that fill the SMs: one pass.
+    assert parts(132, 1, 2048, 16, 256, None, 132) == 1
+    assert parts(66, 2, 2048, 16, 64, None, 132) == 1
+    assert parts(300, 8, 2048, 16, 64, None, 132) == 1
+    # A table shorter than two partitions of MIN_PARTITION_TOKENS: one pass.
+    short = 2 * kernels.MIN_PARTITION_TOKENS // 16 - 1
+    assert parts(1, 1, short, 16, 256, None, 132) == 1
+    # Batch 1 over 32K keys on an H200: the cap.
+    assert parts(1, 1, 2048, 16, 256, None, 132) == limit
+    # Enough partitions for PROGRAMS_PER_SM programs an SM, no more.
+    n = parts(16, 1, 2048, 16, 256, None, 132)
+    assert n == -(-kernels.PROGRAMS_PER_SM * 132 // 16)
+    assert 16 * (n - 1) < kernels.PROGRAMS_PER_SM * 132 <= 16 * n
+    # Gemma 3's 512-token window: at most its span's worth of MIN_PARTITION_TOKENS partitions.
+    unit = kernels.partition_unit(16, 256)
+    windowed = parts(1, 1, 2048, 16, 256, 512, 132)
+    assert 1 < windowed <= (512 + unit) // kernels.MIN_PARTITION_TOKENS
+    assert windowed < parts(1, 1, 2048, 16, 256, None, 132)
+    assert parts(1, 1, 2048, 16, 256, 128, 132) == 1
+    # Never past the cap, never below 1; more rows never more partitions.
+    for sms in (0, 1, 8, 132, 1000):
+        counts = [parts(b, 2, 4096, 16, 128, None, sms) for b in (1, 2, 4, 16, 64, 256)]
+        assert all(1 <= c <= limit for c in counts)
+        assert counts == sorted(counts, reverse=True)
+
+
+def test_heuristic_count_ignores_context_lens(kernels, monkeypatch):
+    """On a (pretend) 8-SM device, paged_decode's own choice splits a batch of 2 over a
+    40-block table; the count comes from the shapes only (the same for any step's lengths: a
+    CUDA graph replays its captured grid), and the split output is right for short and empty
+    rows too."""
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 8)
+    seen = []
+    split = kernels._split_decode
+
+    def spy(*args):
+        seen.append(args[10])  # num_partitions
+        return split(*args)
+
+    monkeypatch.setattr(kernels, "_split_decode", spy)
+    g = torch.Generator().manual_seed(9)
+    k_cache, v_cache, tables, slots = _paged(g, [600, 90], 1, 64)
+    tables = torch.cat([tables, torch.zeros(2, 40 - tables.shape[1], dtype=torch.int32)], 1)
+    q = torch.randn(2, 2, 64, generator=g)
+    layer = Attention(2, 1, 64, 0.125)
+    want = kernels.decode_partitions(2, 1, 40, BLOCK_SIZE, 64, None, 8)
+    assert want > 1
+    for step_lens in ([600, 90], [90, 0], [1, 75]):  # each row's first keys of its table
+        lens = torch.tensor(step_lens, dtype=torch.int32)
+        out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BLOCK_SIZE, 0.125)
+        for i, n in enumerate(step_lens):
+            if n == 0:
+                assert torch.equal(out[i], torch.zeros_like(out[i]))
+                continue
+            s = slots[i][:n]
+            expected = layer._attend_sequence(q[i : i + 1], k_cache[s], v_cache[s])[0]
+            torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-5)
+    assert seen == [want] * 3
+
+
 # The model shapes of benchmarks/gpu_check.py: Gemma-3-270M (window), Qwen2.5-0.5B (a group of
 # 7), Llama-3.2-1B, a soft-capped one, and an fp32 cache.
 CUDA_SHAPES = [
@@ -150,8 +339,8 @@ CUDA_SHAPES = [
 
 def test_kernels_compile_for_hopper():
     """What the interpreter does not check (constexpr globals, tile shapes, shared memory):
-    both kernels compile to sm_90 cubins for each shape, within its shared memory, in a
-    process without TRITON_INTERPRET."""
+    every kernel (decode one pass, split-K's two stages, prefill) compiles to sm_90 cubins for
+    each shape, within its shared memory, in a process without TRITON_INTERPRET."""
     import json
     import subprocess
     import sys
@@ -179,5 +368,10 @@ def test_kernels_compile_for_hopper():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for shared in json.loads(done.stdout.strip().splitlines()[-1]):
-        assert set(shared) == {"_decode_kernel", "_prefill_kernel"}
+        assert set(shared) == {
+            "_decode_kernel",
+            "_decode_split_kernel",
+            "_decode_reduce_kernel",
+            "_prefill_kernel",
+        }
         assert all(0 < b <= 227 * 1024 for b in shared.values())

@@ -18,6 +18,8 @@ can be imported at all.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -56,6 +58,90 @@ if triton is not None:
         return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
     @triton.jit
+    def _attend_keys(
+        q,
+        k_ptr,
+        v_ptr,
+        bt_row_ptr,
+        kvh,
+        stride_ks,
+        stride_kh,
+        scale,
+        softcap,
+        window,
+        block_size,
+        lo,
+        hi,
+        q_pos,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        """Online softmax of one decode row's GQA group over the keys at positions [lo, hi):
+        returns the running max, the sum of exponentials and the unnormalised output."""
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            valid = pos < hi
+            if USE_WINDOW:
+                valid = valid & (q_pos - pos < window)
+            blk = tl.load(bt_row_ptr + pos // block_size, mask=valid, other=0)
+            slot = blk.to(tl.int64) * block_size + pos % block_size
+            kv_mask = valid[:, None] & d_mask[None, :]
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            if USE_SOFTCAP:
+                s = _softcap(s, softcap)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _load_group_query(
+        q_ptr,
+        seq,
+        kvh,
+        stride_qs,
+        stride_qh,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        """The query rows of the GQA group that shares KV head `kvh`, padded to BLOCK_G rows."""
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+            mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            q = q.to(tl.float32)
+        return q
+
+    @triton.jit
     def _decode_kernel(
         q_ptr,
         k_ptr,
@@ -86,57 +172,185 @@ if triton is not None:
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         ctx_len = tl.load(lens_ptr + seq)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        g_mask = g < GROUP
-        d_mask = d < HEAD_DIM
-        heads = kvh * GROUP + g
-        q = tl.load(
-            q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
-            mask=g_mask[:, None] & d_mask[None, :],
-            other=0.0,
+        q = _load_group_query(
+            q_ptr, seq, kvh, stride_qs, stride_qh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_F32
         )
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         q_pos = ctx_len - 1
         lo = 0
         if USE_WINDOW:
             lo = tl.maximum(q_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-        for start in range(lo, ctx_len, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            valid = pos < ctx_len
-            if USE_WINDOW:
-                valid = valid & (q_pos - pos < window)
-            blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=valid, other=0)
-            slot = blk.to(tl.int64) * block_size + pos % block_size
-            kv_mask = valid[:, None] & d_mask[None, :]
-            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            if USE_SOFTCAP:
-                s = _softcap(s, softcap)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
+        m_i, l_i, acc = _attend_keys(
+            q,
+            k_ptr,
+            v_ptr,
+            bt_ptr + seq * stride_bt,
+            kvh,
+            stride_ks,
+            stride_kh,
+            scale,
+            softcap,
+            window,
+            block_size,
+            lo,
+            ctx_len,
+            q_pos,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            USE_SOFTCAP,
+            USE_WINDOW,
+            DOT_F32,
+        )
         # A padded row (context_len 0) saw no key: zeros, not 0 / 0.
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kvh * GROUP + g
         tl.store(
             out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
             out.to(out_ptr.dtype.element_ty),
-            mask=g_mask[:, None] & d_mask[None, :],
+            mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
+        )
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        lens_ptr,
+        part_out_ptr,
+        part_lse_ptr,
+        stride_qs,
+        stride_qh,
+        stride_ks,
+        stride_kh,
+        stride_bt,
+        stride_pos,
+        stride_poh,
+        stride_pop,
+        stride_pls,
+        stride_plh,
+        scale,
+        softcap,
+        window,
+        block_size,
+        num_parts,
+        part_unit,
+        GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        USE_SOFTCAP: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        """Stage 1 of split-K decode: partition `part` of the keys a decode row attends to.
+        The attended range [lo, ctx_len) (lo: the window's first unit) is cut into num_parts
+        runs of whole units (part_unit tokens: a multiple of both the KV block size and
+        BLOCK_N), so each partition reads whole cache blocks and whole tiles; the partition's
+        normalised output and log-sum-exp go to the fp32 scratch for stage 2. A partition past
+        the range (short rows, padding rows) writes an empty result (lse -1e30, zeros)."""
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        ctx_len = tl.load(lens_ptr + seq)
+        q = _load_group_query(
+            q_ptr, seq, kvh, stride_qs, stride_qh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_F32
+        )
+        q_pos = ctx_len - 1
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(q_pos - window + 1, 0) // part_unit * part_unit
+        units = (ctx_len - lo + part_unit - 1) // part_unit
+        per_part = (units + num_parts - 1) // num_parts
+        start = lo + part * per_part * part_unit
+        end = tl.minimum(start + per_part * part_unit, ctx_len)
+        m_i, l_i, acc = _attend_keys(
+            q,
+            k_ptr,
+            v_ptr,
+            bt_ptr + seq * stride_bt,
+            kvh,
+            stride_ks,
+            stride_kh,
+            scale,
+            softcap,
+            window,
+            block_size,
+            start,
+            end,
+            q_pos,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            USE_SOFTCAP,
+            USE_WINDOW,
+            DOT_F32,
+        )
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), _NEG_BIG)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_mask = g < GROUP
+        heads = kvh * GROUP + g
+        row = seq * stride_pos + heads * stride_poh + part * stride_pop
+        tl.store(
+            part_out_ptr + row[:, None] + d[None, :],
+            out,
+            mask=g_mask[:, None] & (d < HEAD_DIM)[None, :],
+        )
+        tl.store(part_lse_ptr + seq * stride_pls + heads * stride_plh + part, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        part_out_ptr,
+        part_lse_ptr,
+        out_ptr,
+        stride_pos,
+        stride_poh,
+        stride_pop,
+        stride_pls,
+        stride_plh,
+        stride_os,
+        stride_oh,
+        num_parts,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """Stage 2 of split-K decode: one query head of one row, its partitions' outputs
+        weighted by exp(lse - max lse). Empty partitions weigh exp(-1e30 - max) = 0; a row whose
+        partitions are all empty (context 0) averages their zeros: zeros."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        p = tl.arange(0, BLOCK_P)
+        d = tl.arange(0, BLOCK_D)
+        p_mask = p < num_parts
+        d_mask = d < HEAD_DIM
+        lse = tl.load(
+            part_lse_ptr + seq * stride_pls + head * stride_plh + p, mask=p_mask, other=_NEG_BIG
+        )
+        w = tl.where(p_mask, tl.exp(lse - tl.max(lse, 0)), 0.0)
+        parts = tl.load(
+            part_out_ptr
+            + seq * stride_pos
+            + head * stride_poh
+            + p[:, None] * stride_pop
+            + d[None, :],
+            mask=p_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(
+            out_ptr + seq * stride_os + head * stride_oh + d,
+            out.to(out_ptr.dtype.element_ty),
+            mask=d_mask,
         )
 
     @triton.jit
@@ -248,6 +462,20 @@ def decode_config(
     )
 
 
+def reduce_config(head_dim: int, num_partitions: int) -> dict:
+    """The split-K merge kernel's constexprs: one query head's partitions as one tile, its
+    loads all in flight at once (8 warps past 4096 values: at 64 partitions of head_dim 256,
+    ptxas gives 4 warps 234 registers a thread, 8 warps 211, neither spilling)."""
+    block_d = max(16, _next_pow2(head_dim))
+    block_p = max(2, _next_pow2(num_partitions))
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_P=block_p,
+        num_warps=8 if block_p * block_d > 4096 else 4,
+    )
+
+
 def prefill_config(
     num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
 ) -> dict:
@@ -274,6 +502,60 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
     return num_heads, num_kv_heads, head_dim
 
 
+# The split-K heuristic's knobs (to tune on the H200: docs/gpu.md).
+MIN_PARTITION_TOKENS = 256  # shorter partitions cost more in launch and merge than they save
+MAX_PARTITIONS = 64
+PROGRAMS_PER_SM = 2  # a second resident program per SM hides the other's load latency
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter has none to
+    fill, so decode there never splits unless a caller asks)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def partition_unit(block_size: int, head_dim: int) -> int:
+    """A partition's length granule in tokens: whole KV blocks and whole BLOCK_N tiles."""
+    block_n = decode_config(1, 1, head_dim, None, None)["BLOCK_N"]
+    return math.lcm(block_size, block_n)
+
+
+def decode_partitions(
+    batch: int,
+    num_kv_heads: int,
+    max_blocks: int,
+    block_size: int,
+    head_dim: int,
+    window: int | None,
+    sms: int,
+) -> int:
+    """How many partitions split-K decode cuts each row's keys into (1: the one-pass kernel).
+
+    Only host ints known when a CUDA graph is captured: the batch (the graph's bucket, padding
+    rows included) and the block table's width (max blocks per sequence of the graph's static
+    buffers), never the step's context lengths. A captured graph replays the grid and scratch
+    sizes it was captured with, so a count read from the data would be frozen at its capture
+    value anyway, and reading it would cost a device-to-host sync per step. Rows shorter than
+    the table's width get shorter partitions (each row's range is cut into the same count),
+    so a bucket's count fits every step it replays.
+
+    One-pass when the batch's programs (one per row and KV head) already fill the SMs, or when
+    the longest attended span (the table's width, or the window for a sliding-window layer)
+    has fewer than two partitions of MIN_PARTITION_TOKENS. Otherwise enough partitions for
+    PROGRAMS_PER_SM programs per SM, each at least MIN_PARTITION_TOKENS long."""
+    programs = batch * num_kv_heads
+    if sms <= 0 or programs >= sms:
+        return 1
+    span = max_blocks * block_size
+    if window:
+        span = min(span, window + partition_unit(block_size, head_dim))
+    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+    return max(1, min(wanted, span // MIN_PARTITION_TOKENS, MAX_PARTITIONS))
+
+
 def paged_decode(
     q: torch.Tensor,  # [S, H, D]: one query row per sequence, at position context_len - 1
     k_cache: torch.Tensor,  # [num_slots, Hkv, D]
@@ -284,10 +566,39 @@ def paged_decode(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    num_partitions: int | None = None,  # None: decode_partitions' choice; 1: one pass
 ) -> torch.Tensor:  # [S, H, D] in the cache dtype
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
+    if num_partitions is None:
+        num_partitions = decode_partitions(
+            q.shape[0],
+            num_kv_heads,
+            block_tables.shape[1],
+            block_size,
+            head_dim,
+            window,
+            sm_count(q.device),
+        )
+    assert num_partitions >= 1, num_partitions
+    config = decode_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    if num_partitions > 1:
+        _split_decode(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            out,
+            block_size,
+            scale,
+            window,
+            softcap,
+            num_partitions,
+            config,
+        )
+        return out
     grid = (q.shape[0], num_kv_heads)
     _decode_kernel[grid](
         q,
@@ -307,9 +618,111 @@ def paged_decode(
         float(softcap or 0.0),
         int(window or 0),
         block_size,
-        **decode_config(num_heads, num_kv_heads, head_dim, window, softcap),
+        **config,
     )
     return out
+
+
+def _split_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    out: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    num_partitions: int,
+    config: dict,
+) -> None:
+    """Split-K (flash-decoding): stage 1 over (row, KV head, partition) into fp32 scratch,
+    stage 2 merges each query head's partitions by their log-sum-exp into `out`. The scratch
+    comes from torch.empty per call: under CUDA graph capture, from the graph's pool."""
+    part_out, part_lse = _decode_partials(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        block_size,
+        scale,
+        window,
+        softcap,
+        num_partitions,
+        config,
+    )
+    _merge_partials(part_out, part_lse, out)
+
+
+def _decode_partials(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    num_partitions: int,
+    config: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: each partition's normalised output [S, H, P, D] and log-sum-exp [S, H, P]
+    (fp32; an empty partition: zeros and -1e30)."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    part_out = torch.empty(
+        rows, num_heads, num_partitions, head_dim, dtype=torch.float32, device=q.device
+    )
+    part_lse = torch.empty(rows, num_heads, num_partitions, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(rows, num_kv_heads, num_partitions)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        part_out,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        scale,
+        float(softcap or 0.0),
+        int(window or 0),
+        block_size,
+        num_partitions,
+        partition_unit(block_size, head_dim),
+        **config,
+    )
+    return part_out, part_lse
+
+
+def _merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Stage 2: out[s, h] = the partitions' outputs weighted by exp(lse - max lse)."""
+    rows, num_heads, num_partitions, head_dim = part_out.shape
+    _decode_reduce_kernel[(rows, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        num_partitions,
+        **reduce_config(head_dim, num_partitions),
+    )
 
 
 def paged_prefill(
@@ -363,10 +776,11 @@ def compile_for_cuda(
     softcap: float | None,
     dtype: str = "bf16",
 ) -> dict[str, int]:
-    """Compile both kernels for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through
-    triton's bundled ptxas, as the launchers would for this layer shape. Catches what the
-    interpreter does not check (globals, tile shapes, shared memory). Returns each kernel's
-    shared memory in bytes. Needs a process without TRITON_INTERPRET."""
+    """Compile every kernel (decode one pass, split-K's two stages at MAX_PARTITIONS, prefill)
+    for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through triton's bundled ptxas,
+    as the launchers would for this layer shape. Catches what the interpreter does not check
+    (globals, tile shapes, shared memory). Returns each kernel's shared memory in bytes. Needs a
+    process without TRITON_INTERPRET."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -375,12 +789,17 @@ def compile_for_cuda(
         types[name] = f"*{dtype}"
     for name in ("bt_ptr", "lens_ptr", "qstart_ptr"):
         types[name] = "*i32"
+    for name in ("part_out_ptr", "part_lse_ptr"):
+        types[name] = "*fp32"
+    decode = decode_config(num_heads, num_kv_heads, head_dim, window, softcap)
     shared = {}
     for kernel, config in (
-        (_decode_kernel, decode_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+        (_decode_kernel, decode),
+        (_decode_split_kernel, decode),
+        (_decode_reduce_kernel, reduce_config(head_dim, MAX_PARTITIONS)),
         (_prefill_kernel, prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)),
     ):
-        config = dict(config, DOT_F32=False)
+        config = dict(config, DOT_F32=False) if "DOT_F32" in config else dict(config)
         num_warps = config.pop("num_warps")
         signature = {
             a: "constexpr" if a in config else types.get(a, "i32") for a in kernel.arg_names
