@@ -10,9 +10,14 @@ same stream as Sampler: a seeded row draws what it would draw alone.
 
 Rows that need the host (a grammar, typical-p, Mirostat, a sampling mask) send their whole step
 to Sampler's path, which gives the same results with more syncs.
+
+`launch` / `finish` split a step at that sync for overlap scheduling (engine/engine.py): the
+sampled ids stay on the device for the next step's inputs while the host copy is under way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +44,19 @@ def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class PendingSample:
+    """A launched sampling step (GpuSampler.launch): `ids` [B] on the device now, the results
+    once `GpuSampler.finish` has waited for `host`."""
+
+    rows: list[SamplerRow]
+    ids: torch.Tensor
+    host: torch.Tensor | None = None  # the packed results, on the host once `event` is done
+    n_top: int = 0
+    event: object | None = None  # a CUDA event recorded after the copy (None: done)
+    results: list[SampleResult] | None = None
+
+
 class GpuSampler(Sampler):
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
         """logits: float32 [B, V] on any device, modified in place. One result per row."""
@@ -47,6 +65,51 @@ class GpuSampler(Sampler):
         return self._sample_batched(logits, rows)
 
     def _sample_batched(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
+        return self.finish(self.launch(logits, rows))
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> PendingSample:
+        """Sample every row without waiting for the device: the chosen ids stay on the device
+        (the next step's inputs may gather from them) and their host copy is under way;
+        `finish` waits for it. Rows that need the host are sampled now (Sampler's path)."""
+        if any(_needs_host(r) for r in rows):
+            results = super().__call__(logits, rows)
+            ids = torch.tensor([r.token_id for r in results], dtype=torch.long)
+            return PendingSample(rows, ids.to(logits.device), results=results)
+        chosen, packed, n_top = self._sample_on_device(logits, rows)
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return PendingSample(rows, chosen, host, n_top, event)
+        return PendingSample(rows, chosen, packed, n_top)
+
+    @staticmethod
+    def finish(pending: PendingSample) -> list[SampleResult]:
+        """The results of a launched sampling step (waits for its one device-to-host copy)."""
+        if pending.results is not None:
+            return pending.results
+        if pending.event is not None:
+            pending.event.synchronize()
+        results = []
+        n_top = pending.n_top
+        for r, h in zip(pending.rows, pending.host.tolist()):
+            res = SampleResult(int(h[0]))
+            n = r.params.logprobs
+            if n is not None:
+                res.logprob = h[2]
+                res.sampling_logprob = h[1]
+                ids, values = h[3 : 3 + n_top], h[3 + n_top : 3 + 2 * n_top]
+                res.top_logprobs = [(int(t), v) for t, v in zip(ids[:n], values[:n])]
+            results.append(res)
+        pending.results = results
+        return results
+
+    def _sample_on_device(
+        self, logits: torch.Tensor, rows: list[SamplerRow]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The chosen ids [B] and everything the host needs about them, both on the logits'
+        device, and the number of top alternatives packed."""
         dev = logits.device
         B = logits.shape[0]
         n_top = max((r.params.logprobs or 0) for r in rows)
@@ -80,19 +143,7 @@ class GpuSampler(Sampler):
             if n_top:
                 values, ids = raw_lp.topk(n_top, dim=-1)
                 parts += [ids.double(), values.double()]
-        host = torch.cat(parts, dim=1).cpu().tolist()
-
-        results = []
-        for r, h in zip(rows, host):
-            res = SampleResult(int(h[0]))
-            n = r.params.logprobs
-            if n is not None:
-                res.logprob = h[2]
-                res.sampling_logprob = h[1]
-                ids, values = h[3 : 3 + n_top], h[3 + n_top : 3 + 2 * n_top]
-                res.top_logprobs = [(int(t), v) for t, v in zip(ids[:n], values[:n])]
-            results.append(res)
-        return results
+        return chosen, torch.cat(parts, dim=1), n_top
 
     # -- logit processors, batched -------------------------------------------------------------
 
