@@ -156,20 +156,32 @@ def _texts(engine: LLMEngine, tokens: list[int]) -> list[str]:
     return [engine.tokenizer.decode([t]) for t in tokens]
 
 
-def test_stop_never_leaks_the_token_in_flight(engines):
+def test_stop_never_leaks_the_token_in_flight(engines, monkeypatch):
     """A row that ends at step N was already in step N+1: that token never comes out, in the
-    stream or in usage, and the row's blocks are freed (checked by _drive)."""
+    stream or in usage, and the row's blocks are freed (checked by _drive). A row that ends by
+    count (max_tokens) is known to end: it is never scheduled past its last token."""
     out = _probe(engines, PROMPTS[3])
     stop_text = "".join(_texts(engines[0], out))[3:5]
     params = _greedy(10, stop=[stop_text])
-    arrivals = {0: [("s", PROMPTS[3], params), ("t", PROMPTS[0], _greedy(3, stop_token_ids=[]))]}
+    arrivals = {0: [("s", PROMPTS[3], params), ("t", PROMPTS[0], _greedy(3))]}
     sync, overlap = engines
+    sampled: list[str] = []  # request ids, once per launched step that samples them
+    launch = overlap.runner.launch
+
+    def counting(batch, inputs=None):
+        step = launch(batch, inputs)
+        sampled.extend(batch.seqs[i].request_id for i in step.sampling)
+        return step
+
+    monkeypatch.setattr(overlap.runner, "launch", counting)
     want, _ = _drive(sync, arrivals)
     got, log = _drive(overlap, arrivals)
     assert got == want
     streamed = [t for o in log if o.request_id == "s" for t in o.new_token_ids]
     assert streamed == want["s"]["tokens"] == out[: len(streamed)]
     assert len(streamed) < 10 and want["s"]["finish"] == ("stop", stop_text)
+    assert sampled.count("s") == len(streamed) + 1  # one step past the stop, dropped
+    assert sampled.count("t") == 3  # max_tokens: never one more
 
 
 def test_abort_during_an_overlapped_step(engines):
