@@ -272,7 +272,13 @@ def hbm_gbps() -> float | None:
 
 
 def engine_throughput(
-    folder: Path, vocab: int, concs, n_out: int, p_len: int, eager: bool = False
+    folder: Path,
+    vocab: int,
+    concs,
+    n_out: int,
+    p_len: int,
+    eager: bool = False,
+    overlap: bool | None = None,
 ) -> dict:
     from girandole import LLM, SamplingParams
 
@@ -283,7 +289,10 @@ def engine_throughput(
         **engine_kwargs(kv_cache_gb=0.2 if SMOKE else 16, max_num_seqs=256),
         max_num_batched_tokens=8192,
         enforce_eager=eager,
+        # None: on for CUDA; under --smoke (CPU) the default rows run it too
+        overlap_scheduling=overlap if overlap is not None else (True if SMOKE else None),
     )
+    row["overlap_scheduling"] = llm.engine.overlap
     row["load_and_capture_s"] = time.perf_counter() - t
     graphs = llm.engine.runner.graphs
     row["graph_buckets"] = sorted(graphs.graphs) if graphs is not None else []
@@ -366,10 +375,14 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
         vocab = shape_config(name).vocab_size
         row: dict = {"params": n_params, "vocab": vocab}
         row["girandole"] = engine_throughput(folder, vocab, concs, n_out, p_len)
-        if name == models[0]:  # what the decode graphs bring
+        if name == models[0]:  # what the decode graphs and overlap scheduling bring
             row["girandole --enforce-eager"] = engine_throughput(
                 folder, vocab, concs[:2], n_out, p_len, eager=True
             )
+            if not out_of_time():
+                row["girandole --no-overlap-scheduling"] = engine_throughput(
+                    folder, vocab, concs[:2], n_out, p_len, overlap=False
+                )
         bw = hbm_gbps()
         if bw is not None:
             roofline = bw * 1e9 / (2 * n_params)  # every bf16 weight read once per token
@@ -431,7 +444,12 @@ def markdown() -> str:
             "|---|---|" + "---|" * len(concs),
         ]
         for name, row in c.items():
-            systems = ("girandole", "girandole --enforce-eager", "transformers")
+            systems = (
+                "girandole",
+                "girandole --enforce-eager",
+                "girandole --no-overlap-scheduling",
+                "transformers",
+            )
             for system in (*systems, "transformers static+compile"):
                 if system in row:
                     cells = [_fmt(row[system].get(f"@{n}", "-")) for n in concs]
