@@ -25,6 +25,7 @@ from girandole.model.context import (
     PaddedDecode,
     PagedTables,
     forward_context,
+    to_device,
 )
 from girandole.sampling.gpu_sampler import PendingSample
 from girandole.sampling.rejection import verify
@@ -176,7 +177,7 @@ class ModelRunner:
         states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
         try:
             step.pending = self.sampler.launch(
-                self.compute_logits(hidden[torch.tensor(sample_hidden)]),
+                self.compute_logits(hidden.index_select(0, self._index(sample_hidden))),
                 [self._sampler_row(s) for s in seqs],
             )
         except Exception:  # noqa: BLE001 - `_sample` finds the failing row
@@ -261,6 +262,9 @@ class ModelRunner:
             logger.exception("verifying %s's proposed tokens failed", seq.request_id)
             return exc
 
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
+
     def _sampler_row(self, seq: Sequence) -> SamplerRow:
         return SamplerRow(
             seq.params,
@@ -281,7 +285,7 @@ class ModelRunner:
         generators are rewound first. Returns a SampleResult or the exception, per row."""
         rows = [self._sampler_row(s) for s in seqs]
         states = [r.generator.get_state() if r.generator is not None else None for r in rows]
-        logits = self.compute_logits(hidden[torch.tensor(sample_hidden)])
+        logits = self.compute_logits(hidden.index_select(0, self._index(sample_hidden)))
         try:
             return self.sampler(logits, rows)
         except Exception as exc:  # noqa: BLE001 - find the culprit below
@@ -372,8 +376,8 @@ class ModelRunner:
                 num_decode_rows += n  # a decode token and the proposed tokens after it
             else:
                 leading_decodes = False
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids = to_device(torch.tensor(input_ids, dtype=torch.long), self.device)
+        pos = to_device(torch.tensor(positions, dtype=torch.long), self.device)
         shared = dict(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
@@ -420,7 +424,7 @@ class ModelRunner:
         sizes = [-(-end // self.block_size) * self.block_size for end in shared["context_lens"]]
         context_slots = [s[:end] for s, end in zip(slots.split(sizes), shared["context_lens"])]
         ctx = ForwardContext(
-            slot_mapping=slots.index_select(0, new).to(self.device),
+            slot_mapping=to_device(slots.index_select(0, new), self.device),
             # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
             context_slots=(
                 context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
@@ -469,7 +473,7 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = to_device(torch.tensor(rows, dtype=torch.long), self.device)
         return hidden.index_select(0, index)
 
     def _gather_inputs(
@@ -489,8 +493,8 @@ class ModelRunner:
                     src.append(j)
             offset += n
         if dst:
-            index = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
-            source = torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)
+            index = to_device(torch.tensor(dst, dtype=torch.long), self.device)
+            source = to_device(torch.tensor(src, dtype=torch.long), self.device)
             ids[index] = inputs.ids.index_select(0, source)
 
     # Float LM heads' matmuls may round a row differently with the row count; sampling rows go

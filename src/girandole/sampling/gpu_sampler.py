@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from girandole.model.context import to_device
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow
 
 
@@ -74,7 +75,7 @@ class GpuSampler(Sampler):
         if any(_needs_host(r) for r in rows):
             results = super().__call__(logits, rows)
             ids = torch.tensor([r.token_id for r in results], dtype=torch.long)
-            return PendingSample(rows, ids.to(logits.device), results=results)
+            return PendingSample(rows, to_device(ids, logits.device), results=results)
         chosen, packed, n_top = self._sample_on_device(logits, rows)
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -117,7 +118,7 @@ class GpuSampler(Sampler):
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
 
         self._bias_and_penalties(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
+        greedy = to_device(torch.tensor([r.params.greedy for r in rows]), dev)
         greedy_ids = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         chosen = greedy_ids
@@ -131,7 +132,7 @@ class GpuSampler(Sampler):
             for i in sampled:  # one uniform per sampling row, in row order, as Sampler draws
                 gen = rows[i].generator or self.generator
                 u[i] = torch.rand(1, generator=gen, dtype=torch.float64)
-            drawn, p = self._draw_batched(probs, u.to(dev, non_blocking=True))
+            drawn, p = self._draw_batched(probs, to_device(u, dev))
             chosen = torch.where(greedy, greedy_ids, drawn)
             sampling_lp = torch.where(greedy, sampling_lp, torch.log(p))
 
@@ -163,11 +164,11 @@ class GpuSampler(Sampler):
                 ban_rows += [i] * len(banned)
                 ban_ids += banned
         if bias_rows:
-            index = torch.tensor([bias_rows, bias_ids], dtype=torch.long).to(dev)
-            vals = torch.tensor(bias_vals, dtype=logits.dtype).to(dev)
+            index = to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.long), dev)
+            vals = to_device(torch.tensor(bias_vals, dtype=logits.dtype), dev)
             logits.index_put_((index[0], index[1]), vals, accumulate=True)
         if ban_rows:
-            index = torch.tensor([ban_rows, ban_ids], dtype=torch.long).to(dev)
+            index = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.long), dev)
             logits[index[0], index[1]] = float("-inf")
 
         pen = [i for i, r in enumerate(rows) if r.params.uses_penalties]
@@ -175,27 +176,34 @@ class GpuSampler(Sampler):
             return
         # Output token counts and prompt membership, scattered from padded id lists; the pad
         # id V lands in a spare last column that is dropped.
-        outputs = _padded([rows[i].token_ids[rows[i].num_prompt_tokens :] for i in pen], V).to(dev)
-        prompts = _padded([rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen], V).to(dev)
+        outputs = to_device(
+            _padded([rows[i].token_ids[rows[i].num_prompt_tokens :] for i in pen], V), dev
+        )
+        prompts = to_device(
+            _padded([rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen], V), dev
+        )
         counts = torch.zeros(len(pen), V + 1, dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
         counts = counts[:, :V]
         in_prompt = torch.zeros(len(pen), V + 1, dtype=torch.bool, device=dev)
         in_prompt.scatter_(1, prompts, True)
         in_prompt = in_prompt[:, :V]
-        params = torch.tensor(
-            [
+        params = to_device(
+            torch.tensor(
                 [
-                    rows[i].params.repetition_penalty,
-                    rows[i].params.frequency_penalty,
-                    rows[i].params.presence_penalty,
-                ]
-                for i in pen
-            ],
-            dtype=logits.dtype,
-        ).to(dev)
+                    [
+                        rows[i].params.repetition_penalty,
+                        rows[i].params.frequency_penalty,
+                        rows[i].params.presence_penalty,
+                    ]
+                    for i in pen
+                ],
+                dtype=logits.dtype,
+            ),
+            dev,
+        )
         rep, freq, pres = params[:, 0:1], params[:, 1:2], params[:, 2:3]
-        idx = torch.tensor(pen, dtype=torch.long).to(dev)
+        idx = to_device(torch.tensor(pen, dtype=torch.long), dev)
         sub = logits.index_select(0, idx)
         seen = in_prompt | (counts > 0)
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
@@ -207,7 +215,7 @@ class GpuSampler(Sampler):
         """Every row's filtered sampling distribution (greedy rows' too: their draw is unused)."""
         dev = logits.device
         temps = [r.params.temperature if not r.params.greedy else 1.0 for r in rows]
-        temps_t = torch.tensor(temps, dtype=logits.dtype).to(dev)
+        temps_t = to_device(torch.tensor(temps, dtype=logits.dtype), dev)
         probs = torch.softmax(logits / temps_t[:, None], dim=-1)
         V = probs.shape[-1]
 
@@ -215,8 +223,8 @@ class GpuSampler(Sampler):
         if any(k > 0 for k in top_ks):
             values = probs.topk(min(max(top_ks), V), dim=-1).values
             k_idx = [min(max(k, 1), values.shape[-1]) - 1 for k in top_ks]
-            kth = values.gather(1, torch.tensor(k_idx, dtype=torch.long).to(dev)[:, None])
-            off = torch.tensor([k == 0 for k in top_ks]).to(dev)
+            kth = values.gather(1, to_device(torch.tensor(k_idx, dtype=torch.long), dev)[:, None])
+            off = to_device(torch.tensor([k == 0 for k in top_ks]), dev)
             kth = kth.masked_fill(off[:, None], 0.0)
             probs = probs.masked_fill(probs < kth, 0.0)
 
@@ -227,14 +235,14 @@ class GpuSampler(Sampler):
             total = probs.cumsum(dim=-1)[:, -1]
             ordered = probs.sort(dim=-1, descending=True).values
             mass = ordered.cumsum(dim=-1)
-            top_p_t = torch.tensor(top_ps, dtype=probs.dtype).to(dev)
+            top_p_t = to_device(torch.tensor(top_ps, dtype=probs.dtype), dev)
             j = torch.searchsorted(mass, (top_p_t * total)[:, None]).clamp(max=V - 1)
             cutoff = ordered.gather(1, j).masked_fill(top_p_t[:, None] >= 1.0, 0.0)
             probs = probs.masked_fill(probs < cutoff, 0.0)
 
         min_ps = [r.params.min_p for r in rows]
         if any(p > 0 for p in min_ps):
-            min_p_t = torch.tensor(min_ps, dtype=probs.dtype).to(dev)
+            min_p_t = to_device(torch.tensor(min_ps, dtype=probs.dtype), dev)
             threshold = probs.max(dim=-1, keepdim=True).values * min_p_t[:, None]
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
