@@ -309,6 +309,8 @@ def engine_throughput(
         eng.step()
     sync()
     row["decode_1_stream"] = n_out / (time.perf_counter() - t)
+    if DEV == "cuda" and eng.overlap:
+        row["syncs_in_overlapped_steps"] = sync_probe(eng, vocab, p_len)
     long = prompts_for(1, 2 * p_len, vocab)
     t = time.perf_counter()
     llm.generate(long, SamplingParams(temperature=0, max_tokens=1))
@@ -325,6 +327,33 @@ def engine_throughput(
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def sync_probe(eng, vocab: int, p_len: int) -> dict:
+    """Host syncs while an overlapped engine decodes 4 streams for 8 steps (torch's sync debug
+    mode; CUDA only): each one makes the host wait for the step in flight, which undoes the
+    overlap. Expected: none (the wait for a step's ids is an event, not flagged)."""
+    import warnings
+
+    from girandole import SamplingParams
+
+    params = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True)
+    for i, prompt in enumerate(prompts_for(4, p_len, vocab)):
+        eng.add_request(f"sync-probe-{i}", prompt, params)
+    for _ in range(4):  # the prefills, and decoding under way
+        eng.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(8):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    while eng.has_unfinished_requests():
+        eng.step()
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught})
+    return {"count": len(caught), "where": where[:8]}
 
 
 def hf_throughput(folder: Path, vocab: int, concs, n_out: int, p_len: int, compiled: bool):
@@ -471,6 +500,14 @@ def markdown() -> str:
                 f"{'-' if share is None else f'{share:.1%}'} | "
                 f"{_fmt(row['girandole']['prefill'])} |"
             )
+        for name, row in c.items():
+            probe = row.get("girandole", {}).get("syncs_in_overlapped_steps")
+            if probe is not None:
+                where = f" ({', '.join(probe['where'])})" if probe["where"] else ""
+                lines += [
+                    "",
+                    f"{name}: host syncs in 8 overlapped decode steps: {probe['count']}{where}",
+                ]
     errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Sections that failed (see gpu_check.json): " + ", ".join(errors)]
