@@ -24,13 +24,13 @@ PROMPTS = [[5, 9, 14, 22, 31], LONG, [7, 8, 9], [40, 41, 42, 43, 44, 45], LONG[:
 
 def _engine(model_dir, overlap: bool | None, **kwargs) -> LLMEngine:
     kwargs.setdefault("gpu_path", True)
+    kwargs.setdefault("kv_cache_gb", 0.01)
     return LLMEngine(
         EngineConfig(
             model=str(model_dir),
             mode="reference",
             device="cpu",
             block_size=4,
-            kv_cache_gb=0.01,
             max_num_batched_tokens=16,
             max_num_seqs=8,
             overlap_scheduling=overlap,
@@ -57,6 +57,8 @@ def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, list]
         assert "finish" not in r, f"{out.request_id}: output after its last"
         r["tokens"] += out.new_token_ids
         r["text"] += out.new_text
+        if out.prompt_logprobs is not None:
+            r["prompt_logprobs"] = len(out.prompt_logprobs)
         if out.finished:
             r["finish"] = (out.finish_reason, out.stop_reason)
             r["usage"] = (out.num_prompt_tokens, out.num_output_tokens)
@@ -140,7 +142,11 @@ def test_mixed_batch_equals_synchronous(engines):
             ),
             ("stop-string", PROMPTS[3], _greedy(10, stop=[stop_text])),
         ],
-        5: [("logprobs", PROMPTS[3], SamplingParams(max_tokens=5, seed=2, logprobs=2))],
+        5: [
+            ("logprobs", PROMPTS[3], SamplingParams(max_tokens=5, seed=2, logprobs=2)),
+            ("echo", PROMPTS[1], SamplingParams(max_tokens=2, seed=7, prompt_logprobs=1)),
+            ("score", PROMPTS[0], SamplingParams(max_tokens=0, prompt_logprobs=1)),
+        ],
     }
     want, overlapped = _both(engines, arrivals)
     assert overlapped > 5  # not vacuous: most steps overlapped
@@ -150,6 +156,23 @@ def test_mixed_batch_equals_synchronous(engines):
     assert want["stop-string"]["finish"] == ("stop", stop_text)
     assert stop_text not in want["stop-string"]["text"]
     assert len(want["stop-string"]["tokens"]) < 10
+    assert want["echo"]["prompt_logprobs"] == len(PROMPTS[1]) and len(want["echo"]["tokens"]) == 2
+    assert want["score"]["prompt_logprobs"] == len(PROMPTS[0]) and want["score"]["tokens"] == []
+
+
+def test_preemption_under_overlap(tiny_llama_dir):
+    """A KV cache of a few dozen blocks: rows with a token in flight are preempted and
+    recomputed (from the real token, placed by then); outputs still equal."""
+    small = dict(kv_cache_gb=0.00003)  # 15 blocks of 4 tokens
+    pair = (_engine(tiny_llama_dir, False, **small), _engine(tiny_llama_dir, True, **small))
+    params = [_greedy(14), SamplingParams(max_tokens=14, seed=3, temperature=0.9, top_k=20)]
+    arrivals = {
+        0: [(f"r{i}", PROMPTS[i % 4][:20], params[i % 2]) for i in range(4)],
+        3: [(f"r{i}", PROMPTS[i % 4][:20], params[i % 2]) for i in range(4, 6)],
+    }
+    _, overlapped = _both(pair, arrivals)
+    assert overlapped > 0
+    assert pair[0].stats()["num_preemptions"] > 0 and pair[1].stats()["num_preemptions"] > 0
 
 
 def _texts(engine: LLMEngine, tokens: list[int]) -> list[str]:
@@ -224,9 +247,12 @@ def test_abort_during_an_overlapped_step(engines):
 
 
 def test_fallback_rows_mixed_in(engines):
-    """A grammar row and penalty rows need the previous token on the host: while they decode,
-    steps run synchronously; free rows around them still match, and overlap resumes."""
+    """A grammar row, penalty rows and a predicted-output row need the previous token on the
+    host: while they decode, steps run synchronously; free rows around them still match, and
+    overlap resumes. min_tokens needs only the count (the placeholder keeps it): it overlaps."""
     spec = GrammarSpec("regex", "[0-9]{3}-[a-c]{2}")
+    predicted = _probe(engines, PROMPTS[0], 8)
+    predicted[5] = (predicted[5] + 1) % 300  # one miss: proposals rejected midway, then resync
     arrivals = {
         0: [
             ("free", PROMPTS[0], _greedy(14)),
@@ -243,6 +269,7 @@ def test_fallback_rows_mixed_in(engines):
                 PROMPTS[4],
                 SamplingParams(max_tokens=5, seed=8, repetition_penalty=1.3),
             ),
+            ("prediction", PROMPTS[0], _greedy(8, speculation=predicted)),
             (
                 "min-tokens",
                 PROMPTS[0],
@@ -253,6 +280,7 @@ def test_fallback_rows_mixed_in(engines):
     want, overlapped = _both(engines, arrivals)
     assert want["free"]["finish"] == ("length", None) and len(want["free"]["tokens"]) == 14
     assert len(want["min-tokens"]["tokens"]) >= 6
+    assert want["prediction"]["tokens"][:5] == predicted[:5]
     assert overlapped > 0  # once the fallback rows are done
 
 
