@@ -247,9 +247,9 @@ def test_abort_during_an_overlapped_step(engines):
 
 
 def test_fallback_rows_mixed_in(engines):
-    """A grammar row, penalty rows and a predicted-output row need the previous token on the
-    host: while they decode, steps run synchronously; free rows around them still match, and
-    overlap resumes. min_tokens needs only the count (the placeholder keeps it): it overlaps."""
+    """A grammar row and a predicted-output row need the previous token on the host: while
+    they decode, steps run synchronously; free rows around them still match, and overlap
+    resumes. min_tokens needs only the count (the placeholder keeps it): it overlaps."""
     spec = GrammarSpec("regex", "[0-9]{3}-[a-c]{2}")
     predicted = _probe(engines, PROMPTS[0], 8)
     predicted[5] = (predicted[5] + 1) % 300  # one miss: proposals rejected midway, then resync
@@ -282,6 +282,36 @@ def test_fallback_rows_mixed_in(engines):
     assert len(want["min-tokens"]["tokens"]) >= 6
     assert want["prediction"]["tokens"][:5] == predicted[:5]
     assert overlapped > 0  # once the fallback rows are done
+
+
+def test_penalty_rows_overlap(engines, monkeypatch):
+    """Presence, frequency and repetition penalties count the token in flight on the device;
+    a grammar row arriving mid-way sends its first step to Sampler's host path, which waits
+    for those tokens instead."""
+    sync, overlap = engines
+    strong = dict(frequency_penalty=1.5, presence_penalty=1.0, repetition_penalty=1.5)
+    spec = GrammarSpec("regex", "[0-9]{3}-[a-c]{2}")
+    arrivals = {
+        0: [
+            ("pen-greedy", PROMPTS[0], _greedy(16, **strong)),
+            ("pen-seeded", PROMPTS[3], SamplingParams(max_tokens=16, seed=9, **strong)),
+            ("free", PROMPTS[2], _greedy(16)),
+        ],
+        6: [("grammar", PROMPTS[2], SamplingParams(max_tokens=2, seed=3, grammar=spec))],
+    }
+    host_steps = []  # Sampler's host path taken with tokens in flight
+    launch = overlap.runner.sampler.launch
+
+    def watching(logits, rows, last=None):
+        if last is not None and any(r.grammar is not None for r in rows):
+            host_steps.append(len(last.rows))
+        return launch(logits, rows, last)
+
+    monkeypatch.setattr(overlap.runner.sampler, "launch", watching)
+    want, overlapped = _both(engines, arrivals)
+    assert overlapped >= 10 and host_steps
+    # the penalties bite: without them the greedy row repeats itself
+    assert len(set(want["pen-greedy"]["tokens"])) == 16
 
 
 def test_overlapped_steps_are_counted_in_stats(engines):

@@ -283,8 +283,9 @@ class LLMEngine:
     # step N+1 result is then dropped (never emitted nor counted) and its blocks freed as
     # usual. Count-based ends are known at launch (`ends_pending`): such rows are not
     # scheduled again. A sequence whose next step needs step N's token on the host (a grammar,
-    # penalties over its output, proposals, a host-side sampler) makes the engine finish step
-    # N first: that step runs as the synchronous one does.
+    # proposals, a host-side sampler) makes the engine finish step N first: that step runs as
+    # the synchronous one does. Penalties count step N's token on the device (GpuSampler's
+    # LastTokens); a step that takes Sampler's host path anyway waits for those tokens there.
 
     def _overlapped_step(self) -> list[RequestOutput]:
         outputs, self._finished_early = self._finished_early, []
@@ -411,7 +412,6 @@ def _needs_host_tokens(seq: Sequence) -> bool:
     p = seq.params
     return (
         seq.grammar is not None
-        or p.uses_penalties  # GpuSampler counts output tokens from the host's list
         or p.typical_p < 1.0
         or p.mirostat_target is not None
         or p.sampling_mask is not None

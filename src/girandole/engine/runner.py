@@ -27,7 +27,7 @@ from girandole.model.context import (
     forward_context,
     to_device,
 )
-from girandole.sampling.gpu_sampler import PendingSample
+from girandole.sampling.gpu_sampler import LastTokens, PendingSample
 from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
 
@@ -179,6 +179,7 @@ class ModelRunner:
             step.pending = self.sampler.launch(
                 self.compute_logits(hidden.index_select(0, self._index(sample_hidden))),
                 [self._sampler_row(s) for s in seqs],
+                self._last_tokens(seqs, inputs),
             )
         except Exception:  # noqa: BLE001 - `_sample` finds the failing row
             logger.exception("launching the sampling of %d rows failed", len(seqs))
@@ -190,6 +191,16 @@ class ModelRunner:
             ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
             step.pending = PendingSample([], ids_t, results=done)
         return step
+
+    def _last_tokens(self, seqs: list[Sequence], inputs: StepInputs | None) -> LastTokens | None:
+        """Which sampling rows' last token is still on the device (in `inputs`), and those."""
+        if inputs is None:
+            return None
+        at = [(k, inputs.rows[id(s)]) for k, s in enumerate(seqs) if id(s) in inputs.rows]
+        if not at:
+            return None
+        source = self._index([j for _, j in at])
+        return LastTokens([k for k, _ in at], inputs.ids.index_select(0, source))
 
     def _forward(self, batch: ScheduledBatch, inputs: StepInputs | None):
         """The forward of `batch`, prompt logprobs and pooling, and proposals verified: the

@@ -58,6 +58,15 @@ class PendingSample:
     results: list[SampleResult] | None = None
 
 
+@dataclass
+class LastTokens:
+    """Rows (indices into a step's rows) whose last token is still on the device, and those
+    tokens [len(rows)] (overlap scheduling: the previous step's sampled ids)."""
+
+    rows: list[int]
+    ids: torch.Tensor
+
+
 class GpuSampler(Sampler):
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
         """logits: float32 [B, V] on any device, modified in place. One result per row."""
@@ -68,15 +77,22 @@ class GpuSampler(Sampler):
     def _sample_batched(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
         return self.finish(self.launch(logits, rows))
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> PendingSample:
+    def launch(
+        self, logits: torch.Tensor, rows: list[SamplerRow], last: LastTokens | None = None
+    ) -> PendingSample:
         """Sample every row without waiting for the device: the chosen ids stay on the device
         (the next step's inputs may gather from them) and their host copy is under way;
-        `finish` waits for it. Rows that need the host are sampled now (Sampler's path)."""
+        `finish` waits for it. Rows that need the host are sampled now (Sampler's path).
+        `last`: rows whose last token is still on the device (a placeholder in `token_ids`):
+        the penalties count it there; Sampler's path waits for it and writes it in."""
         if any(_needs_host(r) for r in rows):
+            if last is not None:
+                for i, token in zip(last.rows, last.ids.tolist()):
+                    rows[i].token_ids[-1] = token
             results = super().__call__(logits, rows)
             ids = torch.tensor([r.token_id for r in results], dtype=torch.long)
             return PendingSample(rows, to_device(ids, logits.device), results=results)
-        chosen, packed, n_top = self._sample_on_device(logits, rows)
+        chosen, packed, n_top = self._sample_on_device(logits, rows, last)
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -107,7 +123,7 @@ class GpuSampler(Sampler):
         return results
 
     def _sample_on_device(
-        self, logits: torch.Tensor, rows: list[SamplerRow]
+        self, logits: torch.Tensor, rows: list[SamplerRow], last: LastTokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The chosen ids [B] and everything the host needs about them, both on the logits'
         device, and the number of top alternatives packed."""
@@ -117,7 +133,7 @@ class GpuSampler(Sampler):
         want_lp = any(r.params.logprobs is not None for r in rows)
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
 
-        self._bias_and_penalties(logits, rows)
+        self._bias_and_penalties(logits, rows, last)
         greedy = to_device(torch.tensor([r.params.greedy for r in rows]), dev)
         greedy_ids = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -149,7 +165,9 @@ class GpuSampler(Sampler):
     # -- logit processors, batched -------------------------------------------------------------
 
     @staticmethod
-    def _bias_and_penalties(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
+    def _bias_and_penalties(
+        logits: torch.Tensor, rows: list[SamplerRow], last: LastTokens | None = None
+    ) -> None:
         dev, V = logits.device, logits.shape[-1]
         bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
         for i, r in enumerate(rows):
@@ -179,6 +197,16 @@ class GpuSampler(Sampler):
         outputs = to_device(
             _padded([rows[i].token_ids[rows[i].num_prompt_tokens :] for i in pen], V), dev
         )
+        if last is not None:  # last tokens still on the device: into their placeholders' cells
+            where = {i: k for k, i in enumerate(last.rows)}
+            at = [(j, where[i]) for j, i in enumerate(pen) if i in where]
+            if at:
+                cols = [
+                    len(rows[pen[j]].token_ids) - rows[pen[j]].num_prompt_tokens - 1 for j, _ in at
+                ]
+                index = to_device(torch.tensor([[j for j, _ in at], cols], dtype=torch.long), dev)
+                source = to_device(torch.tensor([k for _, k in at], dtype=torch.long), dev)
+                outputs[index[0], index[1]] = last.ids.index_select(0, source)
         prompts = to_device(
             _padded([rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen], V), dev
         )
