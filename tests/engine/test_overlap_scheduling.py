@@ -303,13 +303,16 @@ def test_penalty_rows_overlap(engines, monkeypatch):
     launch = overlap.runner.sampler.launch
 
     def watching(logits, rows, last=None):
+        pending = launch(logits, rows, last)
         if last is not None and any(r.grammar is not None for r in rows):
-            host_steps.append(len(last.rows))
-        return launch(logits, rows, last)
+            # the host path sampled with the real tokens in the placeholders' cells
+            real = last.ids.tolist()
+            host_steps.append([rows[i].token_ids[-1] for i in last.rows] == real)
+        return pending
 
     monkeypatch.setattr(overlap.runner.sampler, "launch", watching)
     want, overlapped = _both(engines, arrivals)
-    assert overlapped >= 10 and host_steps
+    assert overlapped >= 10 and host_steps and all(host_steps)
     # the penalties bite: without them the greedy row repeats itself
     assert len(set(want["pen-greedy"]["tokens"])) == 16
 

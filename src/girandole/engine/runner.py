@@ -175,17 +175,21 @@ class ModelRunner:
             return step
         seqs = [batch.seqs[i] for i in sampling]
         states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        last = self._last_tokens(seqs, inputs)
         try:
             step.pending = self.sampler.launch(
                 self.compute_logits(hidden.index_select(0, self._index(sample_hidden))),
                 [self._sampler_row(s) for s in seqs],
-                self._last_tokens(seqs, inputs),
+                last,
             )
         except Exception:  # noqa: BLE001 - `_sample` finds the failing row
             logger.exception("launching the sampling of %d rows failed", len(seqs))
             for s, state in zip(seqs, states):  # the launch may have drawn their uniforms
                 if state is not None:
                     s.generator.set_state(state)
+            if last is not None:  # `_sample` reads the rows' last tokens on the host
+                for k, token in zip(last.rows, last.ids.tolist()):
+                    seqs[k].token_ids[-1] = token
             done = self._sample(seqs, hidden, sample_hidden)
             ids = [r.token_id if isinstance(r, SampleResult) else 0 for r in done]
             ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
