@@ -61,7 +61,7 @@ def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, list]
             r["prompt_logprobs"] = len(out.prompt_logprobs)
         if out.finished:
             r["finish"] = (out.finish_reason, out.stop_reason)
-            r["usage"] = (out.num_prompt_tokens, out.num_output_tokens)
+            r["usage"] = (out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
 
     step = 0
     last = max([*arrivals, *aborts])
@@ -94,12 +94,17 @@ def _both(engines, arrivals, aborts=None):
 
 
 def _probe(engines, prompt, n=10) -> list[int]:
-    """What the synchronous engine generates greedily for `prompt`."""
-    got, _ = _drive(
-        engines[0],
-        {0: [(f"probe-{len(prompt)}-{prompt[0]}", prompt, _greedy(n))]},
-    )
-    return next(iter(got.values()))["tokens"]
+    """What the engines generate greedily for `prompt` (both run it: their prefix caches stay
+    alike, so that cached-token counts compare)."""
+    rid = f"probe-{_probe.count}"
+    _probe.count += 1
+    want, _ = _drive(engines[0], {0: [(rid, prompt, _greedy(n))]})
+    got, _ = _drive(engines[1], {0: [(rid, prompt, _greedy(n))]})
+    assert got == want
+    return want[rid]["tokens"]
+
+
+_probe.count = 0
 
 
 def _greedy(max_tokens, **kw) -> SamplingParams:
@@ -207,8 +212,9 @@ def test_stop_never_leaks_the_token_in_flight(engines, monkeypatch):
     assert sampled.count("t") == 3  # max_tokens: never one more
 
 
-def test_abort_during_an_overlapped_step(engines):
-    sync, overlap = engines
+def test_abort_during_an_overlapped_step(tiny_llama_dir):
+    # engines of its own: the shared ones keep alike prefix caches (cached-token counts)
+    sync, overlap = _engine(tiny_llama_dir, False), _engine(tiny_llama_dir, True)
     arrivals = {
         0: [
             ("a", PROMPTS[0], _greedy(12)),
