@@ -380,7 +380,13 @@ def hbm_gbps() -> float | None:
 
 
 def engine_throughput(
-    folder: Path, vocab: int, concs, n_out: int, p_len: int, eager: bool = False
+    folder: Path,
+    vocab: int,
+    concs,
+    n_out: int,
+    p_len: int,
+    eager: bool = False,
+    overlap: bool | None = None,
 ) -> dict:
     from girandole import LLM, SamplingParams
 
@@ -391,7 +397,10 @@ def engine_throughput(
         **engine_kwargs(kv_cache_gb=0.2 if SMOKE else 16, max_num_seqs=256),
         max_num_batched_tokens=8192,
         enforce_eager=eager,
+        # None: on for CUDA; under --smoke (CPU) the default rows run it too
+        overlap_scheduling=overlap if overlap is not None else (True if SMOKE else None),
     )
+    row["overlap_scheduling"] = llm.engine.overlap
     row["load_and_capture_s"] = time.perf_counter() - t
     graphs = llm.engine.runner.graphs
     row["graph_buckets"] = sorted(graphs.graphs) if graphs is not None else []
@@ -408,6 +417,8 @@ def engine_throughput(
         eng.step()
     sync()
     row["decode_1_stream"] = n_out / (time.perf_counter() - t)
+    if DEV == "cuda" and eng.overlap:
+        row["syncs_in_overlapped_steps"] = sync_probe(eng, vocab, p_len)
     long = prompts_for(1, 2 * p_len, vocab)
     t = time.perf_counter()
     llm.generate(long, SamplingParams(temperature=0, max_tokens=1))
@@ -424,6 +435,33 @@ def engine_throughput(
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def sync_probe(eng, vocab: int, p_len: int) -> dict:
+    """Host syncs while an overlapped engine decodes 4 streams for 8 steps (torch's sync debug
+    mode; CUDA only): each one makes the host wait for the step in flight, which undoes the
+    overlap. Expected: none (the wait for a step's ids is an event, not flagged)."""
+    import warnings
+
+    from girandole import SamplingParams
+
+    params = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True)
+    for i, prompt in enumerate(prompts_for(4, p_len, vocab)):
+        eng.add_request(f"sync-probe-{i}", prompt, params)
+    for _ in range(4):  # the prefills, and decoding under way
+        eng.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(8):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    while eng.has_unfinished_requests():
+        eng.step()
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught})
+    return {"count": len(caught), "where": where[:8]}
 
 
 def hf_throughput(folder: Path, vocab: int, concs, n_out: int, p_len: int, compiled: bool):
@@ -474,10 +512,14 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
         vocab = shape_config(name).vocab_size
         row: dict = {"params": n_params, "vocab": vocab}
         row["girandole"] = engine_throughput(folder, vocab, concs, n_out, p_len)
-        if name == models[0]:  # what the decode graphs bring
+        if name == models[0]:  # what the decode graphs and overlap scheduling bring
             row["girandole --enforce-eager"] = engine_throughput(
                 folder, vocab, concs[:2], n_out, p_len, eager=True
             )
+            if not out_of_time():
+                row["girandole --no-overlap-scheduling"] = engine_throughput(
+                    folder, vocab, concs[:2], n_out, p_len, overlap=False
+                )
         bw = hbm_gbps()
         if bw is not None:
             roofline = bw * 1e9 / (2 * n_params)  # every bf16 weight read once per token
@@ -581,7 +623,12 @@ def markdown() -> str:
             "|---|---|" + "---|" * len(concs),
         ]
         for name, row in c.items():
-            systems = ("girandole", "girandole --enforce-eager", "transformers")
+            systems = (
+                "girandole",
+                "girandole --enforce-eager",
+                "girandole --no-overlap-scheduling",
+                "transformers",
+            )
             for system in (*systems, "transformers static+compile"):
                 if system in row:
                     cells = [_fmt(row[system].get(f"@{n}", "-")) for n in concs]
@@ -603,6 +650,14 @@ def markdown() -> str:
                 f"{'-' if share is None else f'{share:.1%}'} | "
                 f"{_fmt(row['girandole']['prefill'])} |"
             )
+        for name, row in c.items():
+            probe = row.get("girandole", {}).get("syncs_in_overlapped_steps")
+            if probe is not None:
+                where = f" ({', '.join(probe['where'])})" if probe["where"] else ""
+                lines += [
+                    "",
+                    f"{name}: host syncs in 8 overlapped decode steps: {probe['count']}{where}",
+                ]
     lines += _split_markdown(results.get(SPLIT_SECTION))
     errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     if errors:

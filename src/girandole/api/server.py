@@ -143,6 +143,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         " [GIRANDOLE_ENFORCE_EAGER]",
     )
     p.add_argument(
+        "--no-overlap-scheduling",
+        dest="overlap_scheduling",
+        action="store_const",
+        const=False,
+        default=False if _env("NO_OVERLAP_SCHEDULING", "") not in ("", "0") else None,
+        help="on a GPU, postprocess each step before scheduling the next, instead of scheduling"
+        " it while the step runs [GIRANDOLE_NO_OVERLAP_SCHEDULING]",
+    )
+    p.add_argument(
         "--chat-template",
         default=_env("CHAT_TEMPLATE"),
         help="chat template for /chat/completions: a Jinja file, a tokenizer_config.json, or a"
@@ -250,6 +259,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         draft_model=args.draft_model,
         draft_token_count=args.draft_token_count,
         enforce_eager=args.enforce_eager,
+        overlap_scheduling=args.overlap_scheduling,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         log_level=args.log_level,

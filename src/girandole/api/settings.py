@@ -33,6 +33,8 @@ class ServerSettings:
     draft_model: str | None = None
     draft_token_count: int = 4
     enforce_eager: bool = False  # GPU: decode steps eager, no CUDA graphs
+    # GPU: schedule step N+1 while step N runs (None: on; False: --no-overlap-scheduling)
+    overlap_scheduling: bool | None = None
     max_request_bytes: int = 16 * 1024 * 1024
     # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).

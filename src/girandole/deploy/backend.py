@@ -24,6 +24,7 @@ class EngineOptions:
     max_loras: int = 8
     max_num_seqs: int = 64  # sequences running at once in one replica
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    overlap_scheduling: bool | None = None  # GPU: None = on; False: synchronous steps
     grammar_compile_timeout: float = 10.0  # seconds
 
     @classmethod
@@ -37,6 +38,7 @@ class EngineOptions:
             max_loras=getattr(settings, "max_loras", None) or 8,
             max_num_seqs=getattr(settings, "max_num_seqs", None) or 64,
             enforce_eager=bool(getattr(settings, "enforce_eager", False)),
+            overlap_scheduling=getattr(settings, "overlap_scheduling", None),
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
         )
 
@@ -71,6 +73,7 @@ class ReplicaSpec:
             max_loras=self.options.max_loras,
             max_num_seqs=self.options.max_num_seqs,
             enforce_eager=self.options.enforce_eager,
+            overlap_scheduling=self.options.overlap_scheduling,
         )
 
     def start_engine(self) -> Any:

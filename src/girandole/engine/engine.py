@@ -12,8 +12,8 @@ from girandole.engine.lora_manager import LoRAManager
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.pooling import PoolingParams
 from girandole.engine.postprocess import Postprocessor, request_output
-from girandole.engine.runner import ModelRunner
-from girandole.engine.scheduler import Scheduler, SchedulerConfig
+from girandole.engine.runner import LaunchedStep, ModelRunner
+from girandole.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from girandole.engine.sequence import Sequence
 from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
@@ -51,6 +51,10 @@ class EngineConfig:
     enforce_eager: bool = False
     # Sliding-window layers keep only their window's KV blocks (engine/kv_groups.py).
     sliding_window_cache: bool = True
+    # Overlap scheduling on the GPU path: the host schedules and prepares step N+1 while step
+    # N runs on the device (`LLMEngine.step`). None: on for the GPU path on CUDA; True runs it
+    # on CPU too (the tests); never without the GPU path or with engine-wide speculation.
+    overlap_scheduling: bool | None = None
 
 
 class LLMEngine:
@@ -112,6 +116,13 @@ class LLMEngine:
         self._finished_early: list[RequestOutput] = []
         target = config.target_itl_ms
         self.step_budget = StepBudget(target / 1000 if target else None)
+        wanted = config.overlap_scheduling
+        if wanted is None:
+            wanted = self.runner.gpu_path and device.type == "cuda"
+        # On the CPU path the forward is synchronous and uses every core: nothing to overlap.
+        self.overlap = bool(wanted and self.runner.gpu_path and not self.speculator.enabled_for_all)
+        self._inflight: LaunchedStep | None = None  # the step on the device (overlap)
+        self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
 
     def _speculator(self, config: EngineConfig, device: torch.device) -> Speculator:
         if config.ngram_speculation_length < 0 or config.draft_token_count < 1:
@@ -220,18 +231,22 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.is_finished:
             return None
+        self._drop_pending(seq)  # its in-flight token is never emitted
         out = self.postprocess.abort(seq)
         self.speculator.release(seq)
         return out
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self._finished_early)
+        return self.scheduler.has_work() or bool(self._finished_early) or self._inflight is not None
 
     # -- stepping ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """One engine step: schedule -> run -> postprocess."""
+        """One engine step: schedule -> run -> postprocess. With overlap scheduling, schedule
+        and launch step N+1 while step N is on the device, then postprocess step N."""
+        if self.overlap:
+            return self._overlapped_step()
         outputs, self._finished_early = self._finished_early, []
         self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule(self.step_budget.prefill_cap)
@@ -239,20 +254,134 @@ class LLMEngine:
             outputs.append(self.postprocess.finish(seq, "length", []))
         if not batch.seqs:
             return outputs
-        now = time.monotonic()
-        decode_rows = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-            decode_rows += seq.is_decode(n)
+        now = self._started(batch)
         results = self.runner.run(batch)
-        prefill_tokens = sum(batch.num_new_tokens) - decode_rows
-        self.step_budget.observe(decode_rows, prefill_tokens, time.monotonic() - now)
+        self._observe(batch, now)
         self.scheduler.mark_computed(batch)
         self.speculator.record(batch, results)
         outputs.extend(self.postprocess(batch, results))
         self.speculator.settle(batch, self.kv_cache)
         return outputs
+
+    def _started(self, batch: ScheduledBatch) -> float:
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        return now
+
+    def _observe(self, batch: ScheduledBatch, start: float) -> None:
+        self.step_budget.observe(*_step_shape(batch), time.monotonic() - start)
+
+    # -- overlap scheduling --------------------------------------------------------------------
+    #
+    # Step N's sampled ids stay on the device; each sequence that sampled gets a placeholder
+    # token (`Sequence.num_pending_tokens`), so the scheduler sees its real length and
+    # allocates the slot, and step N+1's forward takes the real id by a gather from step N's
+    # ids (ModelRunner.launch with StepInputs). Step N is postprocessed after step N+1 is
+    # launched: the placeholder makes way for the real token, which may end the sequence; its
+    # step N+1 result is then dropped (never emitted nor counted) and its blocks freed as
+    # usual. Count-based ends are known at launch (`ends_pending`): such rows are not
+    # scheduled again. A sequence whose next step needs step N's token on the host (a grammar,
+    # proposals, a host-side sampler) makes the engine finish step N first: that step runs as
+    # the synchronous one does. Penalties count step N's token on the device (GpuSampler's
+    # LastTokens); a step that takes Sampler's host path anyway waits for those tokens there.
+
+    def _overlapped_step(self) -> list[RequestOutput]:
+        outputs, self._finished_early = self._finished_early, []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._may_overlap(prev):
+            outputs.extend(self._complete(prev))
+            prev = None
+        self.speculator.propose(self.scheduler.running)
+        batch = self.scheduler.schedule(self.step_budget.prefill_cap)
+        late: list[Sequence] = []  # out of blocks with a token in flight: ends after it
+        for seq in batch.out_of_blocks:
+            if seq.num_pending_tokens:
+                late.append(seq)
+            else:
+                outputs.append(self.postprocess.finish(seq, "length", []))
+        step = None
+        if batch.seqs:
+            if any(s.spec_token_ids for s in batch.seqs):
+                # proposals are verified at once and settled after postprocessing: this step
+                # runs synchronously (no sequence with a token in flight speculates)
+                if prev is not None:
+                    outputs.extend(self._complete(prev))
+                    prev = None
+                for seq in late:
+                    if not seq.is_finished:
+                        outputs.append(self.postprocess.finish(seq, "length", []))
+                now = self._started(batch)
+                results = self.runner.run(batch)
+                self._observe(batch, now)
+                self.scheduler.mark_computed(batch)
+                self.speculator.record(batch, results)
+                outputs.extend(self.postprocess(batch, results))
+                self.speculator.settle(batch, self.kv_cache)
+                return outputs
+            now = self._started(batch)
+            inputs = prev.inputs() if prev is not None else None
+            shape = _step_shape(batch)  # before the step's tokens count as computed
+            step = self.runner.launch(batch, inputs)
+            step.start_time, step.shape = now, shape
+            if prev is not None:
+                self.num_overlapped_steps += 1
+        if prev is not None:
+            outputs.extend(self._complete(prev))
+        for seq in late:
+            if not seq.is_finished:
+                outputs.append(self.postprocess.finish(seq, "length", []))
+        if step is not None:
+            self._launched(step)
+            self._inflight = step
+        return outputs
+
+    def _launched(self, step: LaunchedStep) -> None:
+        """After step N-1's postprocessing (its real tokens are in place): count step N's
+        tokens computed (the prefix cache hashes them) and give every row that sampled a
+        placeholder for its token in flight."""
+        batch = step.batch
+        live = ScheduledBatch(
+            [s for s in batch.seqs if not s.is_finished],
+            [n for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished],
+        )
+        self.scheduler.mark_computed(live)
+        for i in step.sampling:
+            seq = batch.seqs[i]
+            if seq.is_finished:
+                continue
+            seq.token_ids.append(0)  # the placeholder: never read by a forward
+            seq.num_pending_tokens += 1
+            if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                seq.ends_pending = True
+
+    def _drop_pending(self, seq: Sequence) -> None:
+        if seq.num_pending_tokens:
+            del seq.token_ids[-seq.num_pending_tokens :]
+            seq.num_pending_tokens = 0
+        seq.ends_pending = False
+
+    def _complete(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's sampled ids and postprocess it."""
+        results = step.results(self.runner.sampler)
+        # the time from launch to results: about the device's time for the step
+        self.step_budget.observe(*step.shape, time.monotonic() - step.start_time)
+        for i in step.sampling:
+            self._drop_pending(step.batch.seqs[i])  # the real token takes its place
+        outputs = self.postprocess(step.batch, results)
+        self.speculator.settle(step.batch, self.kv_cache)
+        return outputs
+
+    def _may_overlap(self, prev: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before `prev` is postprocessed: no sequence
+        with a token in flight needs it on the host to sample its next one, and none
+        speculates (its proposals continue from that token)."""
+        for i in prev.sampling:
+            seq = prev.batch.seqs[i]
+            if not seq.is_finished and _needs_host_tokens(seq):
+                return False
+        return not any(s.speculation is not None for s in self.scheduler.running)
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -268,4 +397,23 @@ class LLMEngine:
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,
             "lora_adapters": len(self.loras.registered),  # registered, resident or not
+            "num_overlapped_steps": self.num_overlapped_steps,
         }
+
+
+def _step_shape(batch: ScheduledBatch) -> tuple[int, int]:
+    """A scheduled step's decode rows and prompt tokens."""
+    decode_rows = sum(s.is_decode(n) for s, n in zip(batch.seqs, batch.num_new_tokens))
+    return decode_rows, sum(batch.num_new_tokens) - decode_rows
+
+
+def _needs_host_tokens(seq: Sequence) -> bool:
+    """Whether sampling the sequence's next token reads its previous one on the host."""
+    p = seq.params
+    return (
+        seq.grammar is not None
+        or p.typical_p < 1.0
+        or p.mirostat_target is not None
+        or p.sampling_mask is not None
+        or seq.speculation is not None
+    )

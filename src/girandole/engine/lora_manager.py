@@ -20,6 +20,7 @@ from torch import nn
 
 from girandole.engine.sequence import Sequence
 from girandole.model import lora
+from girandole.model.context import to_device
 from girandole.model.lora import LoRAAdapter, LoRABatch
 
 _uids = itertools.count(1)
@@ -126,6 +127,6 @@ def lora_batch(
         return None
     segments = []
     for uid, r in rows.items():
-        index = None if len(r) == offset else torch.tensor(r, dtype=torch.long, device=device)
+        index = None if len(r) == offset else to_device(torch.tensor(r, dtype=torch.long), device)
         segments.append((adapters[uid], index))
     return LoRABatch(segments)

@@ -42,6 +42,8 @@ class Postprocessor:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for seq, result in zip(batch.seqs, results):
+            if seq.is_finished:  # ended (or aborted) while this step was in flight: dropped
+                continue
             if result is None:
                 if seq.num_computed_tokens == len(seq) and seq.params.max_tokens == 0:
                     # A scoring or pooling request (max_tokens 0) ends after its prefill.

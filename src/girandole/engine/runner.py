@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +25,9 @@ from girandole.model.context import (
     PaddedDecode,
     PagedTables,
     forward_context,
+    to_device,
 )
+from girandole.sampling.gpu_sampler import LastTokens, PendingSample
 from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
 
@@ -43,6 +46,45 @@ def _gpu_path(device: torch.device, wanted: bool | None) -> bool:
         raise ValueError("the GPU path needs triton (pip install triton)")
     logger.warning("triton is not installed: attention runs without the paged kernels")
     return False
+
+
+@dataclass
+class StepInputs:
+    """Input tokens that are still on the device (overlap scheduling): `rows[id(seq)]` is the
+    index in `ids` of the token that seq's last position takes, sampled by the step before,
+    whose host copy is still a placeholder in `seq.token_ids`."""
+
+    ids: torch.Tensor
+    rows: dict[int, int]
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are enqueued (ModelRunner.launch): `sampling` lists
+    the batch rows that sample, whose ids are `pending.ids` on the device."""
+
+    batch: ScheduledBatch
+    partial: list  # per batch row: a result known at launch (prompt-only rows: None)
+    sampling: list[int]
+    pending: PendingSample | None = None
+    start_time: float = 0.0
+    shape: tuple[int, int] = (0, 0)  # decode rows, prompt tokens (the step budget's view)
+
+    def inputs(self) -> StepInputs | None:
+        """What the next step's rows read from this step's sampled ids."""
+        if self.pending is None:
+            return None
+        return StepInputs(
+            self.pending.ids, {id(self.batch.seqs[i]): j for j, i in enumerate(self.sampling)}
+        )
+
+    def results(self, sampler) -> list[SampleResult | list[SampleResult] | Exception | None]:
+        """Every row's result, as `ModelRunner.run` gives them (waits for the device)."""
+        results = list(self.partial)
+        if self.pending is not None:
+            for i, result in zip(self.sampling, sampler.finish(self.pending)):
+                results[i] = result
+        return results
 
 
 class ModelRunner:
@@ -108,14 +150,67 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, batch: ScheduledBatch
+        self, batch: ScheduledBatch, inputs: StepInputs | None = None
     ) -> list[SampleResult | list[SampleResult] | Exception | None]:
         """Compute `batch`: one forward, the prompt logprobs it asks for, and a token for every
         sequence whose prompt (or last token) is now complete. Returns per sequence its
         SampleResult (a list of them for a row that verified proposed tokens: the accepted ones
-        and one more), the exception that sampling it raised, or None (nothing sampled)."""
+        and one more), the exception that sampling it raised, or None (nothing sampled).
+        `inputs`: input tokens still on the device (overlap scheduling)."""
+        results, sampling, hidden, sample_hidden = self._forward(batch, inputs)
+        if sampling:
+            seqs = [batch.seqs[i] for i in sampling]
+            for i, result in zip(sampling, self._sample(seqs, hidden, sample_hidden)):
+                results[i] = result
+        return results
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, inputs: StepInputs | None = None) -> LaunchedStep:
+        """`run` without waiting for the device (GpuSampler only): the forward and sampling are
+        enqueued, the sampled ids stay on the device for the next step's inputs, and
+        `LaunchedStep.results()` waits for them. A step that verifies proposals runs whole."""
+        results, sampling, hidden, sample_hidden = self._forward(batch, inputs)
+        step = LaunchedStep(batch, results, sampling)
+        if not sampling:
+            return step
+        seqs = [batch.seqs[i] for i in sampling]
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        last = self._last_tokens(seqs, inputs)
+        try:
+            step.pending = self.sampler.launch(
+                self.compute_logits(hidden.index_select(0, self._index(sample_hidden))),
+                [self._sampler_row(s) for s in seqs],
+                last,
+            )
+        except Exception:  # noqa: BLE001 - `_sample` finds the failing row
+            logger.exception("launching the sampling of %d rows failed", len(seqs))
+            for s, state in zip(seqs, states):  # the launch may have drawn their uniforms
+                if state is not None:
+                    s.generator.set_state(state)
+            if last is not None:  # `_sample` reads the rows' last tokens on the host
+                for k, token in zip(last.rows, last.ids.tolist()):
+                    seqs[k].token_ids[-1] = token
+            done = self._sample(seqs, hidden, sample_hidden)
+            ids = [r.token_id if isinstance(r, SampleResult) else 0 for r in done]
+            ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+            step.pending = PendingSample([], ids_t, results=done)
+        return step
+
+    def _last_tokens(self, seqs: list[Sequence], inputs: StepInputs | None) -> LastTokens | None:
+        """Which sampling rows' last token is still on the device (in `inputs`), and those."""
+        if inputs is None:
+            return None
+        at = [(k, inputs.rows[id(s)]) for k, s in enumerate(seqs) if id(s) in inputs.rows]
+        if not at:
+            return None
+        source = self._index([j for _, j in at])
+        return LastTokens([k for k, _ in at], inputs.ids.index_select(0, source))
+
+    def _forward(self, batch: ScheduledBatch, inputs: StepInputs | None):
+        """The forward of `batch`, prompt logprobs and pooling, and proposals verified: the
+        results so far, which batch rows sample, the hidden states, and those rows' in them."""
         logit_rows = [self._logit_rows(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
-        hidden = self.execute(batch.seqs, batch.num_new_tokens, logit_rows)
+        hidden = self.execute(batch.seqs, batch.num_new_tokens, logit_rows, inputs)
         sampling: list[int] = []  # batch index of each sampling sequence
         sample_hidden: list[int] = []  # its row in `hidden`
         results: list[SampleResult | list[SampleResult] | Exception | None]
@@ -134,11 +229,7 @@ class ModelRunner:
             elif self._samples(seq, n):
                 sampling.append(i)
                 sample_hidden.append(row - 1)
-        if sampling:
-            seqs = [batch.seqs[i] for i in sampling]
-            for i, result in zip(sampling, self._sample(seqs, hidden, sample_hidden)):
-                results[i] = result
-        return results
+        return results, sampling, hidden, sample_hidden
 
     @staticmethod
     def _samples(seq: Sequence, n: int) -> bool:
@@ -186,6 +277,20 @@ class ModelRunner:
             logger.exception("verifying %s's proposed tokens failed", seq.request_id)
             return exc
 
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
+
+    def _sampler_row(self, seq: Sequence) -> SamplerRow:
+        return SamplerRow(
+            seq.params,
+            seq.generator,
+            seq.token_ids,
+            seq.num_prompt_tokens,
+            self.eos_token_ids,
+            seq.sampler_state,
+            seq.grammar,
+        )
+
     def _sample(
         self, seqs: list[Sequence], hidden: torch.Tensor, sample_hidden: list[int]
     ) -> list[SampleResult | Exception]:
@@ -193,20 +298,9 @@ class ModelRunner:
         failure (a grammar matcher that throws, say) ends that request only. The others get what
         they would have got: the sampler and the LM head are batch-invariant, and seeded
         generators are rewound first. Returns a SampleResult or the exception, per row."""
-        rows = [
-            SamplerRow(
-                s.params,
-                s.generator,
-                s.token_ids,
-                s.num_prompt_tokens,
-                self.eos_token_ids,
-                s.sampler_state,
-                s.grammar,
-            )
-            for s in seqs
-        ]
+        rows = [self._sampler_row(s) for s in seqs]
         states = [r.generator.get_state() if r.generator is not None else None for r in rows]
-        logits = self.compute_logits(hidden[torch.tensor(sample_hidden)])
+        logits = self.compute_logits(hidden.index_select(0, self._index(sample_hidden)))
         try:
             return self.sampler(logits, rows)
         except Exception as exc:  # noqa: BLE001 - find the culprit below
@@ -297,8 +391,8 @@ class ModelRunner:
                 num_decode_rows += n  # a decode token and the proposed tokens after it
             else:
                 leading_decodes = False
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids = to_device(torch.tensor(input_ids, dtype=torch.long), self.device)
+        pos = to_device(torch.tensor(positions, dtype=torch.long), self.device)
         shared = dict(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
@@ -345,7 +439,7 @@ class ModelRunner:
         sizes = [-(-end // self.block_size) * self.block_size for end in shared["context_lens"]]
         context_slots = [s[:end] for s, end in zip(slots.split(sizes), shared["context_lens"])]
         ctx = ForwardContext(
-            slot_mapping=slots.index_select(0, new).to(self.device),
+            slot_mapping=to_device(slots.index_select(0, new), self.device),
             # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
             context_slots=(
                 context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
@@ -365,15 +459,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, seqs: list[Sequence], num_new_tokens: list[int], logit_rows: list[list[int]]
+        self,
+        seqs: list[Sequence],
+        num_new_tokens: list[int],
+        logit_rows: list[list[int]],
+        inputs: StepInputs | None = None,
     ) -> torch.Tensor | None:
         """Run one forward over the new tokens of `seqs`.
 
         `logit_rows[i]` lists which of seq i's new tokens (0-based within this step's chunk)
         need logits. Returns their final hidden states [sum(len(rows)), hidden] in that order
-        (None if no row is wanted); `compute_logits` turns them into logits.
+        (None if no row is wanted); `compute_logits` turns them into logits. `inputs`: tokens
+        still on the device, gathered into their rows here (overlap scheduling).
         """
         ids, pos, ctx = self.prepare(seqs, num_new_tokens)
+        if inputs is not None:
+            self._gather_inputs(ids, seqs, num_new_tokens, inputs)
         if self.graphs is not None and self.graphs.can_run(ctx):
             hidden = self.graphs.run(ids, pos, ctx)
         else:
@@ -387,8 +488,29 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        index = to_device(torch.tensor(rows, dtype=torch.long), self.device)
         return hidden.index_select(0, index)
+
+    def _gather_inputs(
+        self, ids: torch.Tensor, seqs: list[Sequence], num_new_tokens: list[int], inputs: StepInputs
+    ) -> None:
+        """Put the previous step's sampled ids, on the device, where `ids` holds placeholders:
+        each such sequence's last token (one gather, no host sync)."""
+        dst: list[int] = []
+        src: list[int] = []
+        offset = 0
+        for seq, n in zip(seqs, num_new_tokens):
+            j = inputs.rows.get(id(seq))
+            if j is not None:
+                p = len(seq) - 1 - seq.num_computed_tokens  # the last token, in this chunk
+                if 0 <= p < n:
+                    dst.append(offset + p)
+                    src.append(j)
+            offset += n
+        if dst:
+            index = to_device(torch.tensor(dst, dtype=torch.long), self.device)
+            source = to_device(torch.tensor(src, dtype=torch.long), self.device)
+            ids[index] = inputs.ids.index_select(0, source)
 
     # Float LM heads' matmuls may round a row differently with the row count; sampling rows go
     # through them in slices this small so every row takes the same path. Heads whose rows are

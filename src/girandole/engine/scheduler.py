@@ -213,8 +213,9 @@ class Scheduler:
         """The next step's work. `prefill_cap(decode_rows)`: the most prompt tokens a step that
         carries that many decodes may take (None: the token budget alone)."""
         batch = ScheduledBatch()
-        # stable: interactive first, so batch rows are scheduled last and preempted first
-        order = sorted(self.running, key=is_batch)
+        # stable: interactive first, so batch rows are scheduled last and preempted first;
+        # a sequence whose in-flight token is its last sits out (overlap scheduling)
+        order = sorted((s for s in self.running if not s.ends_pending), key=is_batch)
         interactive = [s for s in order if not is_batch(s)]
         budget = self.config.max_num_batched_tokens
         step = _Step(budget, self._prefill_left(prefill_cap, interactive, budget), order)

@@ -71,6 +71,11 @@ class Sequence:
         # verified by the forward that computes them; never part of token_ids until accepted.
         self.spec_token_ids: list[int] = []
         self.speculation = None  # SpeculationState: the request's proposer state and counts
+        # Overlap scheduling (engine/engine.py): the last token is a placeholder while the step
+        # that sampled it is in flight (its id is on the device); `ends_pending`: that token
+        # is its last (max_tokens or the context reached), so it is not scheduled again.
+        self.num_pending_tokens = 0
+        self.ends_pending = False
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

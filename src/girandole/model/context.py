@@ -114,11 +114,21 @@ class PagedTables:
         flat.extend(accumulate(query_lens, initial=0))
         size = g * s * width
         # array -> frombuffer: one host tensor without a Python loop over its elements
-        dev = torch.frombuffer(flat, dtype=torch.int32).to(device)
+        dev = to_device(torch.frombuffer(flat, dtype=torch.int32), device)
         lens, starts = dev[size : size + s], dev[size + s :]
         return [
             cls(t, lens, starts, max(query_lens), block_size) for t in dev[:size].view(g, s, width)
         ]
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor `t` on `device`. To a GPU the copy is asynchronous, from pinned memory: a
+    plain copy from pageable memory synchronizes the stream, so the host would wait for the
+    step in flight (overlap scheduling, engine/engine.py). On the host: `t` itself."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
