@@ -114,7 +114,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=float,
         default=float(v) if (v := _env("TARGET_ITL_MS")) else None,
         help="while streams decode, cap each step's prompt tokens so a step takes about this"
-        " long (default 250; 0: no cap) [GIRANDOLE_TARGET_ITL_MS]",
+        " long, or twice its decodes' own time if that is longer (default 100; 0: no cap)"
+        " [GIRANDOLE_TARGET_ITL_MS]",
     )
     p.add_argument(
         "--ngram-speculation-length",

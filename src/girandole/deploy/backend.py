@@ -17,7 +17,7 @@ class EngineOptions:
     """The server's engine flags, the same for every replica of every deployment (embedded or
     on Ray): what `girandole serve` was told beyond the model and its memory."""
 
-    target_itl_ms: float | None = 250.0  # None: the token budget alone
+    target_itl_ms: float | None = 100.0  # None: the token budget alone
     ngram_speculation_length: int = 0
     draft_model: str | None = None
     draft_token_count: int = 4

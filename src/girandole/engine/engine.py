@@ -36,7 +36,7 @@ class EngineConfig:
     seed: int | None = None  # seed of the generator that unseeded requests draw from
     # While decodes run, a step's prompt tokens are capped so it takes about this long (the
     # streams' inter-token latency); None: the token budget alone (engine/step_budget.py)
-    target_itl_ms: float | None = 250.0
+    target_itl_ms: float | None = 100.0
     # Speculative decoding for every request (girandole.engine.speculation): n-gram lookup
     # proposing this many tokens, or a draft model with the same tokenizer.
     ngram_speculation_length: int = 0
