@@ -254,12 +254,17 @@ class LLMEngine:
             outputs.append(self.postprocess.finish(seq, "length", []))
         if not batch.seqs:
             return outputs
+        outputs.extend(self._run_whole(batch))
+        return outputs
+
+    def _run_whole(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Run `batch` and postprocess it before returning: the synchronous step's body."""
         now = self._started(batch)
         results = self.runner.run(batch)
         self._observe(batch, now)
         self.scheduler.mark_computed(batch)
         self.speculator.record(batch, results)
-        outputs.extend(self.postprocess(batch, results))
+        outputs = self.postprocess(batch, results)
         self.speculator.settle(batch, self.kv_cache)
         return outputs
 
@@ -312,13 +317,7 @@ class LLMEngine:
                 for seq in late:
                     if not seq.is_finished:
                         outputs.append(self.postprocess.finish(seq, "length", []))
-                now = self._started(batch)
-                results = self.runner.run(batch)
-                self._observe(batch, now)
-                self.scheduler.mark_computed(batch)
-                self.speculator.record(batch, results)
-                outputs.extend(self.postprocess(batch, results))
-                self.speculator.settle(batch, self.kv_cache)
+                outputs.extend(self._run_whole(batch))
                 return outputs
             now = self._started(batch)
             inputs = prev.inputs() if prev is not None else None
