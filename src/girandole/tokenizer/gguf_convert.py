@@ -5,7 +5,8 @@ files (`tokenizer.ggml.model='llama'`, architecture gemma/gemma2/gemma3) we buil
 ourselves with `tokenizers` alone; the result is the same `tokenizer.json`, byte for byte, as
 transformers' GGUF conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), which the
 tests check. Any other tokenizer type falls back to that transformers conversion (the optional
-`girandole[convert]` extra); it is done once and cached by `girandole.tokenizer.loader`.
+`girandole[convert]` extra adds what it needs beside transformers); it is done once and cached by
+`girandole.tokenizer.loader`.
 
 Parsing the GGUF (about 9 s for Gemma's 262k vocabulary) is shared with the weight loader through
 `girandole.model.loader.gguf_file.open_gguf`.
