@@ -17,7 +17,7 @@ from girandole.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfi
 from girandole.engine.sequence import Sequence
 from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
-from girandole.sampling.gpu_sampler import GpuSampler
+from girandole.sampling.gpu_sampler import GpuSampler, needs_host
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler
@@ -408,11 +408,4 @@ def _step_shape(batch: ScheduledBatch) -> tuple[int, int]:
 
 def _needs_host_tokens(seq: Sequence) -> bool:
     """Whether sampling the sequence's next token reads its previous one on the host."""
-    p = seq.params
-    return (
-        seq.grammar is not None
-        or p.typical_p < 1.0
-        or p.mirostat_target is not None
-        or p.sampling_mask is not None
-        or seq.speculation is not None
-    )
+    return needs_host(seq.params, seq.grammar) or seq.speculation is not None

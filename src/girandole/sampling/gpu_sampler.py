@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from girandole.model.context import to_device
+from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow
 
 
-def _needs_host(row: SamplerRow) -> bool:
-    p = row.params
+def needs_host(params: SamplingParams, grammar: object | None) -> bool:
+    """Whether a row takes Sampler's host path (its draw reads host state: the grammar's
+    matcher, typical-p, Mirostat, a sampling mask). Overlap scheduling asks the same."""
     return (
-        row.grammar is not None
-        or p.typical_p < 1.0
-        or p.mirostat_target is not None
-        or p.sampling_mask is not None
+        grammar is not None
+        or params.typical_p < 1.0
+        or params.mirostat_target is not None
+        or params.sampling_mask is not None
     )
 
 
@@ -70,7 +72,7 @@ class LastTokens:
 class GpuSampler(Sampler):
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
         """logits: float32 [B, V] on any device, modified in place. One result per row."""
-        if any(_needs_host(r) for r in rows):
+        if any(needs_host(r.params, r.grammar) for r in rows):
             return super().__call__(logits, rows)
         return self._sample_batched(logits, rows)
 
@@ -85,7 +87,7 @@ class GpuSampler(Sampler):
         `finish` waits for it. Rows that need the host are sampled now (Sampler's path).
         `last`: rows whose last token is still on the device (a placeholder in `token_ids`):
         the penalties count it there; Sampler's path waits for it and writes it in."""
-        if any(_needs_host(r) for r in rows):
+        if any(needs_host(r.params, r.grammar) for r in rows):
             if last is not None:
                 for i, token in zip(last.rows, last.ids.tolist()):
                     rows[i].token_ids[-1] = token
