@@ -6,9 +6,10 @@ vocabulary), with random weights of the same formats.
 
 Prints median milliseconds per decode step's worth of each operation:
 - linears: the 18 layers' qkv, o, gate_up, down (Q5_0-like 5-bit and Q4_K-like 4-bit groups of
-  32): native wq_gemm vs torch's int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16
-  F.linear on dense weights;
-- LM head coarse logits: native int8_gemm vs torch._int_mm (the same integers);
+  32): native wq_gemm on AMX tiles (where the CPU has them) and on AVX512-BF16 vs torch's
+  int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16 F.linear on dense weights
+  (oneDNN: AMX where the CPU has it);
+- LM head coarse logits: native int8_gemm on AMX and on VNNI vs torch._int_mm (the same integers);
 - LM head refinement (candidates recomputed exactly) and the greedy argmax: native vs torch ops;
 - MLP activation (gelu_tanh(gate) * up to bf16): native gated_act vs torch ops;
 - attention: native paged attention reading the cache in place vs gather + torch SDPA (the
@@ -19,16 +20,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from girandole.model import kernels, quant
 from girandole.model.attention import Attention
-from girandole.model.kernels import gated_act, int8_gemm, paged_attention
+from girandole.model.kernels import gated_act, int8_gemm, loader, paged_attention, wq_gemm
 from girandole.model.kernels.logits import argmax_rows, refine
 from girandole.model.layers import Int8Embedding, QuantLMHead
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_lines  # noqa: E402
 
 LAYERS = 18
 SHAPES = {"qkv": (1536, 640, 32), "o": (640, 1024, 16), "gate_up": (4096, 640, 32)}
@@ -60,12 +66,22 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
             else:
                 layer = quant.Int4x2Linear((q, scale, offset))
             layers.append(layer)
-    out = {"native": [], "torch int4pack": [], "bf16 F.linear": []}
+    paths = {"native AMX": True} if loader.amx() else {}
+    paths["native AVX512"] = False
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    out.update({"torch int4pack": [], "bf16 F.linear": []})
     for m in rows:
         xs = {k: torch.randn(m, k).to(torch.bfloat16) for k in (640, 1024, 2048)}
-        out["native"].append(
-            median_ms(lambda xs=xs: [t.native_forward(xs[t.in_features]) for t in layers])
-        )
+        for name, amx in paths.items():
+
+            def run(xs=xs, amx=amx):
+                for t in layers:
+                    wq_gemm.gemm(
+                        xs[t.in_features], t.native_packed, t.native_params, t.native_bits,
+                        t.out_features, amx=amx,
+                    )  # fmt: skip
+
+            out[name].append(median_ms(run))
         out["torch int4pack"].append(
             median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t in layers])
         )
@@ -80,15 +96,25 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
     w = torch.randint(-127, 128, (VOCAB, HIDDEN), generator=g, dtype=torch.int8)
     ws = torch.rand(VOCAB, generator=g) * 0.01
     packed, wsum = int8_gemm.pack(w)
-    native, torch_mm = [], []
+    paths = {"native int8 AMX": True} if loader.amx() else {}
+    paths["native int8 VNNI"] = False
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    out["torch._int_mm"] = []
     for m in rows:
         xq = torch.randint(-127, 128, (m, HIDDEN), generator=g, dtype=torch.int8)
         sx = torch.rand(m, 1, generator=g)
-        native.append(median_ms(lambda xq=xq, sx=sx: int8_gemm.int8_gemm(xq, sx, packed, wsum, ws)))
-        torch_mm.append(
+        for name, amx in paths.items():
+            out[name].append(
+                median_ms(
+                    lambda xq=xq, sx=sx, amx=amx: int8_gemm.int8_gemm(
+                        xq, sx, packed, wsum, ws, amx=amx
+                    )
+                )
+            )
+        out["torch._int_mm"].append(
             median_ms(lambda xq=xq, sx=sx: torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws))
         )
-    return [("LM head, native int8", native), ("LM head, torch._int_mm", torch_mm)]
+    return [(f"LM head, {name}", v) for name, v in out.items()]
 
 
 def lm_head_refine(rows: list[int]) -> list[tuple[str, list[float]]]:
@@ -184,6 +210,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", default="1,4,16,64", help="rows (sequences) per call")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--only", default=None, help="comma-separated: linears,lm_head,refine,mlp,attention"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.available():
@@ -191,13 +220,16 @@ def main() -> None:
             "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
         )
     rows = [int(r) for r in args.rows.split(",")]
-    table = (
-        linears(rows)
-        + lm_head(rows)
-        + lm_head_refine(rows)
-        + mlp_activation(rows)
-        + attention(rows)
-    )
+    parts = {
+        "linears": linears,
+        "lm_head": lm_head,
+        "refine": lm_head_refine,
+        "mlp": mlp_activation,
+        "attention": attention,
+    }
+    chosen = args.only.split(",") if args.only else list(parts)
+    table = [row for name in chosen for row in parts[name](rows)]
+    print("\n".join(machine_lines()))
     print(f"threads: {args.threads}; median ms per decode step's worth (18 layers)")
     print("| operation | " + " | ".join(f"{m} rows" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))

@@ -1,5 +1,6 @@
-"""The native int8 GEMM of the LM head (girandole/model/kernels/csrc/int8_gemm.c) gives bitwise the
-coarse logits of torch._int_mm, for any number of rows."""
+"""The native int8 GEMM of the LM head (girandole/model/kernels/csrc/int8_gemm.c, and its AMX twin
+in amx.c where the CPU has AMX) gives bitwise the coarse logits of torch._int_mm, for any number
+of rows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from girandole.model import kernels
-from girandole.model.kernels import int8_gemm, logits
+from girandole.model.kernels import int8_gemm, loader, logits
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(),
@@ -15,9 +16,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Both kernels on a CPU with AMX; the VNNI one alone elsewhere.
+PATHS = [
+    pytest.param(False, id="vnni"),
+    pytest.param(True, id="amx", marks=pytest.mark.skipif(not loader.amx(), reason="no AMX here")),
+]
+
+
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("n,k", [(4096, 640), (80, 64), (16, 4)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17])
-def test_bitwise_equal_to_torch_int_mm(n, k, rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17, 40])
+def test_bitwise_equal_to_torch_int_mm(n, k, rows, amx):
     g = torch.Generator().manual_seed(n + k + rows)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     ws = torch.rand(n, generator=g) * 0.01
@@ -25,7 +34,7 @@ def test_bitwise_equal_to_torch_int_mm(n, k, rows):
     sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
     xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
     packed, wsum = int8_gemm.pack(w)
-    got = int8_gemm.int8_gemm(xq, sx, packed, wsum, ws)
+    got = int8_gemm.int8_gemm(xq, sx, packed, wsum, ws, amx=amx)  # (K % 64: VNNI)
     expected = torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws)
     assert torch.equal(got, expected)
 

@@ -1,19 +1,30 @@
-"""The native weight-quantized GEMM (girandole/model/kernels/csrc/wq_gemm.c): its results against a
-float64 product with the same bf16 weights, row invariance, and the quantized linears that
-use it against torch's int4 kernels."""
+"""The native weight-quantized GEMM (girandole/model/kernels/csrc/wq_gemm.c, and its AMX twin in
+amx.c where the CPU has AMX): its results against a float64 product with the same bf16 weights,
+row invariance, and the quantized linears that use it against torch's int4 kernels."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from girandole.model import kernels, quant
-from girandole.model.kernels import wq_gemm
+from girandole.model.kernels import loader, wq_gemm
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(),
     reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
 )
+
+
+# Both kernels on a CPU with AMX; the AVX512 one alone elsewhere.
+PATHS = [
+    pytest.param(False, id="avx512"),
+    pytest.param(True, id="amx", marks=pytest.mark.skipif(not loader.amx(), reason="no AMX here")),
+]
 
 
 def _levels(n: int, k: int, top: int, seed: int):
@@ -32,25 +43,47 @@ def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
 
 
 # N = 80 and 48: the last chunk of 64 channels is partial; 8-bit levels as Q5_0 / Q8_0 give.
+# 13 rows: one partial AMX tile; 37: two whole ones and a partial one.
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("rows", [1, 13, 37])
 @pytest.mark.parametrize("n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16)])
-def test_matches_float64_product(n, k, top):
+def test_matches_float64_product(n, k, top, rows, amx):
     q, scale, offset = _levels(n, k, top, seed=n + k)
     packed, params, bits = wq_gemm.pack(q, scale, offset)
     assert bits == (4 if top <= 16 else 8)
-    x = torch.randn(13, k, generator=torch.Generator().manual_seed(1))
-    y = wq_gemm.gemm(x, packed, params, bits, n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    y = wq_gemm.gemm(x, packed, params, bits, n, amx=amx)
     expected = _expected(x, q, scale, offset)
     err = (y.double() - expected).abs().max() / expected.abs().max()
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
-def test_rows_do_not_depend_on_their_neighbours():
+@pytest.mark.parametrize("amx", PATHS)
+def test_rows_do_not_depend_on_their_neighbours(amx):
+    """A row's result is the same bits whatever shares the call: alone, in a partial tile, at
+    another position of a tile, or across tiles (the AMX kernel's tiles hold 16 rows)."""
     q, scale, offset = _levels(192, 256, 32, seed=3)
     packed, params, bits = wq_gemm.pack(q, scale, offset)
     x = torch.randn(37, 256, generator=torch.Generator().manual_seed(2))
-    whole = wq_gemm.gemm(x, packed, params, bits, 192)
-    for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37)):
-        assert torch.equal(wq_gemm.gemm(x[rows], packed, params, bits, 192), whole[rows])
+    whole = wq_gemm.gemm(x, packed, params, bits, 192, amx=amx)
+    for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37), slice(16, 33)):
+        assert torch.equal(wq_gemm.gemm(x[rows], packed, params, bits, 192, amx=amx), whole[rows])
+
+
+def test_amx_is_the_default_where_it_runs_and_can_be_switched_off():
+    """On a CPU with AMX the linears take it for every row count (one kernel keeps rows
+    batch-invariant); GIRANDOLE_AMX=0 keeps them on AVX512."""
+    code = "from girandole.model.kernels import loader; print(loader.amx())"
+    for value, expected in (("1", str(loader.amx())), ("0", "False")):
+        env = {**os.environ, "GIRANDOLE_AMX": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+    if loader.amx():
+        q, scale, offset = _levels(64, 64, 16, seed=5)
+        packed, params, bits = wq_gemm.pack(q, scale, offset)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+        default = wq_gemm.gemm(x, packed, params, bits, 64)
+        assert torch.equal(default, wq_gemm.gemm(x, packed, params, bits, 64, amx=True))
 
 
 @pytest.mark.parametrize("top", [16, 32])

@@ -1,12 +1,17 @@
 """Native int8 GEMM (csrc/int8_gemm.c) for the LM head's coarse logits: bitwise the result of
-`torch._int_mm(x, w.t()).float() * xs * ws`, faster for a few rows. Available where the
-kernels build (x86 with AVX512-VNNI and a C compiler)."""
+`torch._int_mm(x, w.t()).float() * xs * ws`, faster for a few rows. From AMX_MIN_ROWS rows
+on, on the AMX tiles where the CPU has them (csrc/amx.c: the same integers, so the same logits
+bitwise). Available where the kernels build (x86 with AVX512-VNNI and a C compiler)."""
 
 from __future__ import annotations
 
 import torch
 
 from girandole.model.kernels import loader
+
+# Rows from which the AMX kernel is faster than the VNNI one (both exact; measured by
+# benchmarks/bench_kernels.py on a Xeon with AMX).
+AMX_MIN_ROWS = 4
 
 
 def supports(n: int, k: int) -> bool:
@@ -26,6 +31,7 @@ def int8_gemm(
     packed: torch.Tensor,
     wsum: torch.Tensor,
     ws: torch.Tensor,  # float32 [N]: row scales of w
+    amx: bool | None = None,  # force AMX (True) or VNNI (False); None: by rows, where AMX runs
 ) -> torch.Tensor:  # float32 [M, N]
     lib = loader.library()
     assert lib is not None, "native kernels not available"
@@ -34,6 +40,22 @@ def int8_gemm(
     m, k = xq.shape
     n = ws.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
+    if amx is None:
+        amx = m >= AMX_MIN_ROWS and loader.amx()
+    assert not amx or loader.amx(), "AMX kernels not available"
+    if amx and k % 64 == 0:
+        lib.int8_gemm_amx(
+            xq.data_ptr(),
+            m,
+            k,
+            packed.data_ptr(),
+            xs.data_ptr(),
+            ws.data_ptr(),
+            n,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return y
     lib.int8_gemm(
         xq.data_ptr(),
         m,

@@ -4,6 +4,11 @@ The C sources are compiled with the system's C compiler into one shared library 
 folder (about two seconds, once per source version) and called through ctypes, which releases
 the GIL. They need an x86 CPU with AVX512-BF16 and VNNI and a C compiler; without either (or with
 GIRANDOLE_NATIVE_KERNELS=0) `library()` is None and callers use torch's kernels instead.
+
+On a CPU with AMX (Intel Xeon, Sapphire Rapids and later) whose kernel grants the tile state,
+`amx()` is true and the linears and the LM head run on the matrix units (csrc/amx.c);
+GIRANDOLE_AMX=0 keeps them on the AVX512 kernels. A compiler without AMX support builds the
+rest alone.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.c"))
 HEADERS = sorted(CSRC.glob("*.h"))
+AMX_SOURCES = [CSRC / "amx.c"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 FLAGS = [
     "-O3",
     "-mavx512f",
@@ -38,6 +45,7 @@ FLAGS = [
     "-fPIC",
 ]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 
 i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
@@ -58,16 +66,38 @@ SIGNATURES = {
     # x, T, K, slot, a, bt, rank, N, y, nthreads
     "lora_apply": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
 }
+AMX_SIGNATURES = {
+    "amx_init": [],
+    # x, M, K, q, bits, params, N, y, nthreads
+    "wq_gemm_amx": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
+    # x, M, K, w, xs, ws, N, y, nthreads
+    "int8_gemm_amx": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int],
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty off Linux)."""
+    if sys.platform != "linux":
+        return frozenset()
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
 
 
 def _cpu_supported() -> bool:
-    if sys.platform != "linux":
-        return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return all(f in flags for f in CPU_FLAGS)
+    return all(f in cpu_flags() for f in CPU_FLAGS)
+
+
+def _compile(compiler: str, flags: list[str], sources: list[Path], out: Path) -> None:
+    subprocess.run(
+        [compiler, *flags, *map(str, sources), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _build(target: Path) -> None:
@@ -76,13 +106,12 @@ def _build(target: Path) -> None:
         raise OSError("no C compiler found")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}.so")
-    subprocess.run(
-        [compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        _compile(compiler, FLAGS + AMX_FLAGS, SOURCES, tmp)
+    except subprocess.CalledProcessError as exc:
+        log.info("building the native kernels without AMX: %s", exc.stderr)
+        rest = [s for s in SOURCES if s not in AMX_SOURCES]
+        _compile(compiler, FLAGS, rest, tmp)
     os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
 
 
@@ -92,7 +121,7 @@ def library() -> ctypes.CDLL | None:
         return None
     from girandole.model.default import cache_dir
 
-    h = hashlib.sha256(" ".join(FLAGS).encode())
+    h = hashlib.sha256(" ".join(FLAGS + AMX_FLAGS).encode())
     for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
     target = cache_dir() / "kernels" / f"girandole-native-{h.hexdigest()[:16]}.so"
@@ -108,7 +137,28 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    for name, argtypes in AMX_SIGNATURES.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:  # absent where the compiler could not build amx.c
+            fn.argtypes = argtypes
+            fn.restype = c_int if name == "amx_init" else None
     return lib
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether the AMX kernels run here: built, on a CPU with AMX tiles for bf16 and int8,
+    granted the tile state by the OS (requested once per process), and not switched off by
+    GIRANDOLE_AMX=0."""
+    lib = library()
+    if lib is None or os.environ.get("GIRANDOLE_AMX", "1") == "0":
+        return False
+    if not hasattr(lib, "amx_init") or not all(f in cpu_flags() for f in AMX_CPU_FLAGS):
+        return False
+    if not lib.amx_init():
+        log.warning("the OS refused AMX tile state: using the AVX512 kernels")
+        return False
+    return True
 
 
 def available() -> bool:

@@ -1,8 +1,10 @@
 """Native weight-quantized GEMM (csrc/wq_gemm.c) for the group-quantized linears.
 
 `pack` turns integer levels q [N, K] with (scale, offset) per row and group of 32 inputs into
-the kernel's layout; `gemm` runs it. Rows are computed independently (batch invariant).
-Available where the kernels build (x86 with AVX512-BF16 and a C compiler).
+the kernel's layout; `gemm` runs it: on the AMX tiles where the CPU has them (csrc/amx.c, for
+every row count: one kernel keeps rows batch-invariant), else on AVX512-BF16. Rows are computed
+independently (batch invariant). Available where the kernels build (x86 with AVX512-BF16 and a
+C compiler).
 """
 
 from __future__ import annotations
@@ -45,15 +47,27 @@ def pack(
 
 
 def gemm(
-    x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, bits: int, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    params: torch.Tensor,
+    bits: int,
+    out_features: int,
+    amx: bool | None = None,
 ) -> torch.Tensor:
-    """float32 [M, N] = x [M, K] (cast to bf16) times the packed weight's transpose."""
+    """float32 [M, N] = x [M, K] (cast to bf16) times the packed weight's transpose. `amx`:
+    force the AMX (True) or AVX512 (False) kernel; None: AMX where it runs."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     x = x.to(torch.bfloat16).contiguous()
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
-    lib.wq_gemm(
+    if m == 0:
+        return y
+    if amx is None:
+        amx = loader.amx()
+    assert not amx or loader.amx(), "AMX kernels not available"
+    fn = lib.wq_gemm_amx if amx else lib.wq_gemm
+    fn(
         x.data_ptr(),
         m,
         k,

@@ -1,0 +1,207 @@
+// The matrix units of Intel Xeons (AMX: Sapphire Rapids and later) for the two GEMMs of a
+// decode or prefill step, on the same weight layouts as their AVX512 kernels:
+//
+// - wq_gemm_amx: the group-quantized linears (wq_gemm.c's layout). A 16-channel x 32-input
+//   panel dequantized to bf16 (dequant_panel, the same bf16 weights) is exactly an AMX "B" tile
+//   in VNNI layout; 16 rows of x are an "A" tile; TDPBF16PS accumulates in float32. The panels
+//   of a chunk are dequantized once and kept (L2) for every 16-row tile of x.
+// - int8_gemm_amx: the LM head's coarse logits (int8_gemm.c's layout [N/16][K/4][16][4], which
+//   is the VNNI layout of a B tile: 16 rows of 4 inputs x 16 channels). TDPBSSD sums exactly in
+//   int32, so the logits are bitwise int8_gemm's.
+//
+// Batch invariance: a row of C is computed from its own row of A alone, by the same tile
+// operations in the same order whatever M is and wherever the row sits in its tile, so a row's
+// result never depends on the other rows (tests/model/test_amx.py). The bf16 linears therefore
+// take this path for every M on a CPU with AMX (a switch to the AVX512 kernel at small M would
+// change a row's last bits with the batch size); the int8 head may switch freely (exact).
+//
+// Linux grants AMX's 8 KiB of tile state per process on request (amx_init); where it is
+// refused, or the CPU lacks AMX, the callers use the AVX512 kernels.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "wq_panel.h"
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+// 1 where the kernel may use AMX tiles (the OS granted the tile data state), else 0.
+int amx_init(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+// Tiles 0-3: C (rows x 16 float32 or int32), 4: A (rows x 64 bytes), 5-7: B (16 x 64 bytes).
+static void configure(int rows) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) {
+        cfg.rows[t] = (uint8_t)rows;
+        cfg.colsb[t] = 64;
+    }
+    for (int t = 5; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// ---- group-quantized linears (bf16) -------------------------------------------------------
+
+#define CHUNK 4  // 16-channel blocks per task, as in wq_gemm.c
+#define PANEL_BYTES 1024
+
+// C[b] += A . B(panel b) for the bt blocks of one group; B tiles rotate over 5-7 so that a
+// load need not wait for the previous product to release its register.
+#define WQ_STEP(b, t) \
+    _tile_loadd(t, panels + (b) * PANEL_BYTES, 64); \
+    _tile_dpbf16ps(b, 4, t)
+
+static inline __attribute__((always_inline)) void wq_group(const uint8_t *panels, int bt) {
+    WQ_STEP(0, 5);
+    if (bt > 1) { WQ_STEP(1, 6); }
+    if (bt > 2) { WQ_STEP(2, 7); }
+    if (bt > 3) { WQ_STEP(3, 5); }
+}
+
+static inline void store_c(float *y, int64_t N, int bt) {
+    const int64_t stride = N * (int64_t)sizeof(float);
+    _tile_stored(0, y, stride);
+    if (bt > 1) _tile_stored(1, y + 16, stride);
+    if (bt > 2) _tile_stored(2, y + 32, stride);
+    if (bt > 3) _tile_stored(3, y + 48, stride);
+}
+
+static inline void zero_c(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+static __thread uint8_t *panel_buffer;
+static __thread int64_t panel_buffer_bytes;
+
+static uint8_t *panels_for(int64_t bytes) {
+    if (bytes > panel_buffer_bytes) {
+        free(panel_buffer);
+        panel_buffer = aligned_alloc(64, (size_t)bytes);
+        panel_buffer_bytes = panel_buffer ? bytes : 0;
+    }
+    return panel_buffer;
+}
+
+void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
+                 const float *params, int64_t N, float *y, int nthreads) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
+    const int64_t pair_bytes = bits == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+    const int64_t x_stride = K * (int64_t)sizeof(uint16_t);
+#pragma omp parallel num_threads(nthreads)
+    {
+        // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
+        uint8_t *buf = panels_for(groups * CHUNK * PANEL_BYTES);
+        int rows = M < 16 ? (int)M : 16;
+        configure(rows);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t nb0 = c * CHUNK;
+            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (r != rows) {
+                    rows = r;
+                    configure(rows);
+                }
+                zero_c();
+                for (int64_t g = 0; g < groups; g++) {
+                    uint8_t *panels = buf + g * CHUNK * PANEL_BYTES;
+                    if (m0 == 0) {  // dequantized on the first row tile, kept for the others
+                        const int64_t blk = nb0 * groups + g * bt;
+                        if (g + 1 < groups) {
+                            const uint8_t *next = q + (blk + bt) * group_bytes;
+                            for (int64_t b = 0; b < bt * group_bytes; b += 64)
+                                _mm_prefetch((const char *)next + b, _MM_HINT_T0);
+                        }
+                        for (int b = 0; b < bt; b++)
+                            dequant_panel(q + (blk + b) * group_bytes, bits,
+                                          params + 32 * (blk + b),
+                                          (__m512i *)(panels + b * PANEL_BYTES));
+                    }
+                    _tile_loadd(4, x + m0 * K + 32 * g, x_stride);
+                    wq_group(panels, bt);
+                }
+                store_c(y + m0 * N + 16 * nb0, N, bt);
+            }
+        }
+        _tile_release();
+    }
+}
+
+// ---- int8 LM head -------------------------------------------------------------------------
+
+#define HEAD_BLOCKS 4  // 16-channel blocks per task, as in int8_gemm.c
+
+#define I8_STEP(b, t) \
+    _tile_loadd(t, wt + ((int64_t)(b) * quads + 16 * kc) * 64, 64); \
+    _tile_dpbssd(b, 4, t)
+
+// Requires K % 64 == 0 (one A tile row holds 64 inputs).
+void int8_gemm_amx(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const float *xs,
+                   const float *wscale, int64_t N, float *y, int nthreads) {
+    const int64_t nblocks = N / 16, ntasks = (nblocks + HEAD_BLOCKS - 1) / HEAD_BLOCKS;
+    const int64_t quads = K / 4, kchunks = K / 64;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int32_t acc[HEAD_BLOCKS][16][16];
+        int rows = M < 16 ? (int)M : 16;
+        configure(rows);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntasks; t++) {
+            const int64_t nb = t * HEAD_BLOCKS;
+            const int bt = nblocks - nb < HEAD_BLOCKS ? (int)(nblocks - nb) : HEAD_BLOCKS;
+            const int8_t *wt = w + nb * 16 * K;
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (r != rows) {
+                    rows = r;
+                    configure(rows);
+                }
+                zero_c();
+                for (int64_t kc = 0; kc < kchunks; kc++) {
+                    _tile_loadd(4, x + m0 * K + 64 * kc, K);
+                    I8_STEP(0, 5);
+                    if (bt > 1) { I8_STEP(1, 6); }
+                    if (bt > 2) { I8_STEP(2, 7); }
+                    if (bt > 3) { I8_STEP(3, 5); }
+                }
+                _tile_stored(0, acc[0], 64);
+                if (bt > 1) _tile_stored(1, acc[1], 64);
+                if (bt > 2) _tile_stored(2, acc[2], 64);
+                if (bt > 3) _tile_stored(3, acc[3], 64);
+                // The same two float multiplications as int8_gemm.c, in the same order.
+                for (int i = 0; i < r; i++) {
+                    const __m512 sx = _mm512_set1_ps(xs[m0 + i]);
+                    float *yr = y + (m0 + i) * N + 16 * nb;
+                    for (int b = 0; b < bt; b++) {
+                        const __m512 v =
+                            _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)acc[b][i]));
+                        const __m512 ws = _mm512_loadu_ps(wscale + 16 * (nb + b));
+                        _mm512_storeu_ps(yr + 16 * b, _mm512_mul_ps(_mm512_mul_ps(v, sx), ws));
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+}
