@@ -125,7 +125,9 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                 }
                 zero_c();
                 for (int64_t g = 0; g < groups; g++) {
-                    uint8_t *panels = buf + g * CHUNK * PANEL_BYTES;
+                    // One row tile: the same 4 KiB for every group (stays in L1); more: every
+                    // group's panels kept for the next tiles.
+                    uint8_t *panels = M <= 16 ? buf : buf + g * CHUNK * PANEL_BYTES;
                     if (m0 == 0) {  // dequantized on the first row tile, kept for the others
                         const int64_t blk = nb0 * groups + g * bt;
                         if (g + 1 < groups) {
