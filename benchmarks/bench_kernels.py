@@ -59,7 +59,8 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
     for _ in range(LAYERS):
         for n, k, levels in SHAPES.values():
             q = torch.randint(0, levels, (n, k), generator=g, dtype=torch.int32)
-            scale = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3
+            # fp16 scales, as GGUF stores them (so q * scale + offset is exact, as in the file)
+            scale = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()
             offset = -scale * levels / 2
             if levels == 16:
                 layer = quant.Int4Linear(None, groups=(q, scale, offset + 8 * scale))

@@ -16,20 +16,35 @@ from girandole.model.kernels import loader
 GROUP = 32
 BLOCK_N = 16
 CHUNK = 4  # blocks per chunk, as in the C source
+FUSED = 16  # or'ed into bits where q * scale + offset is exact in float32 (WQ_FUSED in C)
 
 
 def supports(n: int, k: int) -> bool:
     return n % BLOCK_N == 0 and k % GROUP == 0
 
 
+def exact_in_float32(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> bool:
+    """Whether q * scale + offset, per group of 32, is the same computed in float32 (a multiply
+    and an add, each rounded) as exactly (float64 holds these products and sums exactly)."""
+    n, k = q.shape
+    levels = q.reshape(n, k // GROUP, GROUP)
+    rounded = levels.float() * scale.float()[..., None] + offset.float()[..., None]
+    exact = levels.double() * scale.double()[..., None] + offset.double()[..., None]
+    return bool(torch.equal(rounded.double(), exact))
+
+
 def pack(
     q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Levels q [N, K] (0..15 or 0..255), scale and offset [N, K/32] (w = q * scale + offset)
-    -> (packed uint8 weights, float32 params, bits) in the kernel's layout (see the C source)."""
+    -> (packed uint8 weights, float32 params, bits) in the kernel's layout (see the C source).
+    `bits`: 4 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in float32
+    (then the kernel's one FMA gives the same floats as a multiply and an add)."""
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = 4 if int(q.max()) <= 15 else 8
+    if exact_in_float32(q, scale, offset):
+        bits |= FUSED
     # [block, c, g, pair, e] -> [block, g, pair, c, e]: a pair's 32 values are (channel, input).
     v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     v = v.reshape(nb, g, GROUP // 2, 32)

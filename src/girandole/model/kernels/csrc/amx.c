@@ -105,7 +105,7 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                  const float *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t pair_bytes = bits == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+    const int64_t pair_bytes = (bits & ~WQ_FUSED) == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
     const int64_t x_stride = K * (int64_t)sizeof(uint16_t);
 #pragma omp parallel num_threads(nthreads)
     {

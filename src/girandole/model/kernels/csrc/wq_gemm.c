@@ -2,7 +2,8 @@
 //
 //   y[M][N] (fp32) = x[M][K] (bf16) . W[N][K]^T,   W = bf16(q * scale + offset)
 //
-// with q an integer level (4 or 8 bits) and (scale, offset) per output row and group of 32
+// with q an integer level (4 or 8 bits, `bits`; or'ed with WQ_FUSED where q * scale + offset is
+// exact in float32) and (scale, offset) per output row and group of 32
 // inputs: GGUF's Q4_K/Q4_0/Q4_1 (4 bits) and Q5_0/Q6_K/Q8_0 (up to 8 bits) exactly.
 //
 // Why not torch's int4 kernel: it dequantizes the weights again for every 4 rows of x, so a
@@ -68,7 +69,7 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
              const float *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t pair_bytes = bits == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+    const int64_t pair_bytes = (bits & ~WQ_FUSED) == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; c++) {
         __m512i panels[16 * CHUNK];
