@@ -27,10 +27,15 @@ PATHS = [
 ]
 
 
-def _levels(n: int, k: int, top: int, seed: int):
+def _levels(n: int, k: int, top: int, seed: int, as_gguf: bool = False):
+    """Random levels, scales and offsets; `as_gguf`: float16 scales and offsets of whole levels
+    (as Q4_0/Q5_0/Q8_0 store them), so q * scale + offset is exact and the kernel fuses it."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, top, (n, k), generator=g, dtype=torch.int32)
     scale = torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3
+    if as_gguf:
+        scale = scale.half().float()
+        return q, scale, -scale * (top // 2)
     offset = -scale * (top / 2) + torch.randn(n, k // 32, generator=g) * 1e-3
     return q, scale, offset
 
@@ -45,12 +50,14 @@ def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
 # N = 80 and 48: the last chunk of 64 channels is partial; 8-bit levels as Q5_0 / Q8_0 give.
 # 13 rows: one partial AMX tile; 37: two whole ones and a partial one.
 @pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("as_gguf", [False, True], ids=["float", "gguf"])
 @pytest.mark.parametrize("rows", [1, 13, 37])
 @pytest.mark.parametrize("n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16)])
-def test_matches_float64_product(n, k, top, rows, amx):
-    q, scale, offset = _levels(n, k, top, seed=n + k)
+def test_matches_float64_product(n, k, top, rows, amx, as_gguf):
+    q, scale, offset = _levels(n, k, top, seed=n + k, as_gguf=as_gguf)
     packed, params, bits = wq_gemm.pack(q, scale, offset)
     assert bits & ~wq_gemm.FUSED == (4 if top <= 16 else 8)
+    assert bool(bits & wq_gemm.FUSED) == as_gguf
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     y = wq_gemm.gemm(x, packed, params, bits, n, amx=amx)
     expected = _expected(x, q, scale, offset)

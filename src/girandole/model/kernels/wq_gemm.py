@@ -43,8 +43,6 @@ def pack(
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = 4 if int(q.max()) <= 15 else 8
-    if exact_in_float32(q, scale, offset):
-        bits |= FUSED
     # [block, c, g, pair, e] -> [block, g, pair, c, e]: a pair's 32 values are (channel, input).
     v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     v = v.reshape(nb, g, GROUP // 2, 32)
@@ -58,6 +56,8 @@ def pack(
     for c0 in range(0, nb, CHUNK):
         packed_parts.append(v[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1))
         param_parts.append(params[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1))
+    if exact_in_float32(q, scale, offset):
+        bits |= FUSED
     return torch.cat(packed_parts), torch.cat(param_parts).contiguous(), bits
 
 
