@@ -9,7 +9,8 @@ Prints median milliseconds per decode step's worth of each operation:
   32): native wq_gemm on AMX tiles (where the CPU has them) and on AVX512-BF16 vs torch's
   int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16 F.linear on dense weights
   (oneDNN: AMX where the CPU has it);
-- LM head coarse logits: native int8_gemm on AMX and on VNNI vs torch._int_mm (the same integers);
+- LM head coarse logits: the native 4-bit kernel QuantLMHead uses (int4_head, 5 bits a weight)
+  vs native int8_gemm on AMX and on VNNI vs torch._int_mm (the same integers);
 - LM head refinement (candidates recomputed exactly) and the greedy argmax: native vs torch ops;
 - MLP activation (gelu_tanh(gate) * up to bf16): native gated_act vs torch ops;
 - attention: native paged attention reading the cache in place vs gather + torch SDPA (the
@@ -29,7 +30,14 @@ import torch.nn.functional as F
 
 from girandole.model import kernels, quant
 from girandole.model.attention import Attention
-from girandole.model.kernels import gated_act, int8_gemm, loader, paged_attention, wq_gemm
+from girandole.model.kernels import (
+    gated_act,
+    int4_head,
+    int8_gemm,
+    loader,
+    paged_attention,
+    wq_gemm,
+)
 from girandole.model.kernels.logits import argmax_rows, refine
 from girandole.model.layers import Int8Embedding, QuantLMHead
 
@@ -100,7 +108,9 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
     paths = {"native int8 AMX": True} if loader.amx() else {}
     paths["native int8 VNNI"] = False
     out: dict[str, list[float]] = {name: [] for name in paths}
+    out["native int4 g32 (used)"] = []
     out["torch._int_mm"] = []
+    w4 = int4_head.pack(*int4_head.quantize(w.float() * 0.01))
     for m in rows:
         xq = torch.randint(-127, 128, (m, HIDDEN), generator=g, dtype=torch.int8)
         sx = torch.rand(m, 1, generator=g)
@@ -112,6 +122,9 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
                     )
                 )
             )
+        out["native int4 g32 (used)"].append(
+            median_ms(lambda xq=xq, sx=sx: int4_head.gemm(xq, sx, w4, VOCAB))
+        )
         out["torch._int_mm"].append(
             median_ms(lambda xq=xq, sx=sx: torch._int_mm(xq, w.t()).float().mul_(sx).mul_(ws))
         )
@@ -119,15 +132,17 @@ def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:
 
 
 def lm_head_refine(rows: list[int]) -> list[tuple[str, list[float]]]:
-    """The refinement after the coarse logits: candidates within the margin (at most 128 per
-    row) recomputed from the group-int8 table; also the greedy argmax over the vocabulary."""
+    """The refinement after the coarse logits: candidates within the margin (at most
+    REFINE_TOP per row) recomputed from the group-int8 table; also the greedy argmax over the
+    vocabulary. Coarse logits with the default model's spread (std 6: about 1,500 tokens within
+    the margin of 12, as on real text)."""
     g = torch.Generator().manual_seed(3)
     table = Int8Embedding(torch.randn(VOCAB, HIDDEN, generator=g) * 0.05)
     margin, top = QuantLMHead.REFINE_MARGIN, QuantLMHead.REFINE_TOP
     native, torch_ops, arg_native, arg_torch = [], [], [], []
     for m in rows:
         x = torch.randn(m, HIDDEN, generator=g)
-        coarse = torch.randn(m, VOCAB, generator=g) * 3
+        coarse = torch.randn(m, VOCAB, generator=g) * 6
 
         def run_torch(coarse=coarse, x=x):
             out = coarse.clone()

@@ -18,7 +18,7 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.attention import Attention
-from girandole.model.kernels import gated_act, int8_gemm, logits, rms_norm
+from girandole.model.kernels import gated_act, int4_head, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
     BF16_QTYPES,
     GroupLevels,
@@ -161,66 +161,77 @@ class Int8Embedding(nn.Module):
 
 
 class QuantLMHead(nn.Module):
-    """Logits from an int8 copy of the output weight [V, H] (one scale per vocabulary row)
-    against the hidden state quantized to int8 per row, with the top candidates recomputed
-    exactly.
+    """Coarse logits from a quantized copy of the output weight [V, H] against the hidden state
+    quantized to int8 per row, with each row's top candidates recomputed exactly.
 
-    The integer matmul (the native VNNI kernel kernels.int8_gemm, or `torch._int_mm`: the same
-    integers) accumulates exactly, so a row's logits do not depend on how many rows share the
-    call (batch invariance) and any number of rows can go in one call, faster than torch's
-    int4pack kernel at every row count. The coarse logits are close to the exact ones but not
-    equal: a row's best `REFINE_TOP` coarse logits that lie within `REFINE_MARGIN` of its
-    maximum are then recomputed in float32 from `table` (the group-int8 weight: the embedding
-    table when tied), so the greedy choice, the top log-probabilities and the head of the
-    sampling distribution are those of the exact weights. With the native kernels the
-    refinement runs fused (csrc/logits.c: a pass for the maximum, one for the candidates, then
-    their dot products). Timings and accuracy on the default model: docs/benchmarks.md.
+    The coarse copy: with the native kernels, 4-bit levels with a float16 scale and minimum per
+    group of 32 (kernels.int4_head: 5 bits a weight, a decode step streams 105 MB instead of
+    168 MB for a 262k vocabulary); otherwise int8 with one scale per vocabulary row
+    (`torch._int_mm`, or the native int8 kernel where the 4-bit copy cannot hold the weights).
+    Rows are computed independently, so a row's logits do not depend on how many rows share the
+    call (batch invariance). A row's best `REFINE_TOP` coarse logits within `REFINE_MARGIN` of
+    its maximum are then recomputed in float32 from `table` (the group-int8 weight: the
+    embedding table when tied), so the greedy choice, the top log-probabilities and the head of
+    the sampling distribution are those of the exact weights. The margin covers the 4-bit copy's
+    error with room (on the default model its coarse logits are off by 0.7 on average and 4.5 at
+    most; the true top token ranks at most 11th); margin 12 and 1024 candidates keep the
+    distribution closer to the exact one than the int8 copy with margin 8 and 128 did (total
+    variation at temperature 1, median 1.2e-3 vs 2.6e-3; top-5 log-probabilities within 8e-3 vs
+    3e-2). With the native kernels the refinement runs fused (csrc/logits.c). Timings and
+    accuracy on the default model: docs/benchmarks.md.
     """
 
     row_invariant = True  # a row's logits are the same whatever else shares the call
     CHUNK = 32768
-    REFINE_MARGIN = 8.0
-    REFINE_TOP = 128  # candidates per row at most: its best by the coarse logits
+    REFINE_MARGIN = 12.0
+    REFINE_TOP = 512  # candidates per row at most: its best by the coarse logits
 
     def __init__(self, table: Int8Embedding) -> None:
         super().__init__()
         self.table = table
-        vocab = table.qweight.shape[0]
-        q, scale = [], []
+        vocab, hidden = table.qweight.shape
+        # The 4-bit copy where it holds the weights (float16 parameters), else int8 alone.
+        use4 = int4_head.supports(vocab, hidden, float(table.scale.abs().max()) * 127.0)
+        q, scale, q4 = [], [], []
         for start in range(0, vocab, self.CHUNK):  # chunks bound the temporary memory
-            qc, sc = quantize_int8_rows(
-                table.rows(torch.arange(start, min(start + self.CHUNK, vocab)))
-            )
+            rows = table.rows(torch.arange(start, min(start + self.CHUNK, vocab)))
+            qc, sc = quantize_int8_rows(rows)
             q.append(qc)
             scale.append(sc)
+            if use4:
+                q4.append(int4_head.quantize(rows))
         self.register_buffer("qweight", torch.cat(q))  # [V, H]
         self.register_buffer("qscale", torch.cat(scale))  # [V]
-        # The native kernel's layout of the same weight (from the memory-mapped model cache only
-        # the one in use is read into memory).
-        vocab, hidden = self.qweight.shape
-        native = int8_gemm.supports(vocab, hidden)
-        packed, wsum = int8_gemm.pack(self.qweight) if native else (None, None)
+        # The native kernels' layout (from the memory-mapped model cache only the one in use is
+        # read into memory).
+        packed4 = int4_head.pack(*(torch.cat(parts) for parts in zip(*q4))) if use4 else None
+        self.register_buffer("native4_packed", packed4)
+        native8 = packed4 is None and int8_gemm.supports(vocab, hidden)
+        packed, wsum = int8_gemm.pack(self.qweight) if native8 else (None, None)
         self.register_buffer("native_packed", packed)
         self.register_buffer("native_wsum", wsum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+    def coarse(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """float32 [M, V] coarse logits of float32 rows x, and whether they came from a native
+        kernel."""
         sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        if self.native_packed is not None and kernels.available():  # the same numbers
-            out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
-            if self.table.hidden % Int8Embedding.GROUP == 0:  # the same refinement, fused
-                logits.refine(
-                    out,
-                    x,
-                    self.table.qweight,
-                    self.table.scale,
-                    self.REFINE_MARGIN,
-                    self.REFINE_TOP,
-                )
-                return out
-        else:
-            out = torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale)
+        if kernels.available():
+            if self.native4_packed is not None:
+                return int4_head.gemm(xq, sx, self.native4_packed, self.qweight.shape[0]), True
+            if self.native_packed is not None:  # the same numbers as torch._int_mm
+                out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
+                return out, True
+        return torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        out, native = self.coarse(x)
+        if native and self.table.hidden % Int8Embedding.GROUP == 0:  # the refinement, fused
+            logits.refine(
+                out, x, self.table.qweight, self.table.scale, self.REFINE_MARGIN, self.REFINE_TOP
+            )
+            return out
         # The row's best REFINE_TOP by the coarse logits, those within REFINE_MARGIN of its top
         # recomputed exactly: decided per row, never by the other rows of the batch.
         vals, idx = out.topk(min(self.REFINE_TOP, out.shape[-1]), dim=-1)

@@ -55,6 +55,8 @@ SIGNATURES = {
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads
     "paged_attention": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
+    # x, M, K, w, xs, N, y, nthreads
+    "int4_head_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, c_int],
     # logits, M, V, x, H, table_q, table_scale, margin, top, nthreads
     "lm_head_refine": [ptr, i64, i64, ptr, i64, ptr, ptr, f32, i64, c_int],
     # logits, M, V, out, nthreads

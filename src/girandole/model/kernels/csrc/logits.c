@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define GROUP 32  // table scale group (Int8Embedding.GROUP)
 
@@ -75,12 +76,17 @@ static float exact_logit(const int8_t *q, const float *scale, const float *x, in
 void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t H,
                     const int8_t *table_q, const float *table_scale, float margin, int64_t top,
                     int nthreads) {
+    // Each row's candidates (a row's choice is its own), then every (row, candidate) dot product
+    // spread over the threads: a single decode row's hundreds of candidates use them all.
+    if (top > V) top = V;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(M * top + 1));  // row m's at m * top
+    int64_t *counts = malloc(sizeof(int64_t) * (size_t)(M + 1));
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t m = 0; m < M; m++) {
-        float *row = logits + m * V;
+        const float *row = logits + m * V;
+        int32_t *rid = malloc(sizeof(int32_t) * (size_t)(V + 16));
         const float threshold = row_max(row, V) - margin;
         const __m512 thr = _mm512_set1_ps(threshold);
-        int32_t *ids = malloc(sizeof(int32_t) * (V + 16));
         int64_t n = 0;
         int64_t v = 0;
         for (; v + 16 <= V; v += 16) {
@@ -89,27 +95,47 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
                 const __m512i idx = _mm512_add_epi32(
                     _mm512_set1_epi32((int32_t)v),
                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-                _mm512_mask_compressstoreu_epi32(ids + n, k, idx);
+                _mm512_mask_compressstoreu_epi32(rid + n, k, idx);
                 n += __builtin_popcount(k);
             }
         }
         for (; v < V; v++)
-            if (row[v] >= threshold) ids[n++] = (int32_t)v;
+            if (row[v] >= threshold) rid[n++] = (int32_t)v;
         if (n > top) {  // keep the `top` largest
             cand_t *c = malloc(sizeof(cand_t) * n);
-            for (int64_t j = 0; j < n; j++) c[j] = (cand_t){row[ids[j]], ids[j]};
+            for (int64_t j = 0; j < n; j++) c[j] = (cand_t){row[rid[j]], rid[j]};
             select_first(c, n, top);
-            for (int64_t j = 0; j < top; j++) ids[j] = c[j].i;
+            for (int64_t j = 0; j < top; j++) rid[j] = c[j].i;
             n = top;
             free(c);
         }
-        const float *xm = x + m * H;
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t t = ids[j];
-            row[t] = exact_logit(table_q + t * H, table_scale + t * (H / GROUP), xm, H);
-        }
-        free(ids);
+        memcpy(ids + m * top, rid, sizeof(int32_t) * (size_t)n);
+        free(rid);
+        counts[m] = n;
     }
+    // Candidates in row-major order: [start[m], start[m] + counts[m]) are row m's.
+    int64_t total = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t n = counts[m];
+        counts[m] = total;
+        total += n;
+    }
+    counts[M] = total;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < total; j++) {
+        int64_t lo = 0, hi = M - 1;  // the row holding candidate j: counts[m] <= j < counts[m+1]
+        while (lo < hi) {
+            const int64_t mid = (lo + hi + 1) / 2;
+            if (counts[mid] <= j)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        const int64_t t = ids[lo * top + (j - counts[lo])];
+        logits[lo * V + t] = exact_logit(table_q + t * H, table_scale + t * (H / GROUP), x + lo * H, H);
+    }
+    free(counts);
+    free(ids);
 }
 
 void argmax_rows(const float *logits, int64_t M, int64_t V, int64_t *out, int nthreads) {
