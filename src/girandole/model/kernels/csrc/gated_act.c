@@ -28,6 +28,7 @@ static inline __m512 act512(__m512 x, int act) {
 // gu: float32 [T, 2I]; out: bfloat16 [T, I]; I % 16 == 0.
 void gated_act(const float *gu, int64_t T, int64_t I, int act, uint16_t *out, int nthreads) {
     const int64_t per_row = I / 16;
+    if (T * I < 4096) nthreads = 1;  // a decode row's activation: cheaper on one thread
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < T * per_row; t++) {
         const int64_t row = t / per_row, i = (t % per_row) * 16;

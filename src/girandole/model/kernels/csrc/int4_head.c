@@ -29,12 +29,17 @@
 static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t K,
                                                        const float *xsum, int64_t groups,
                                                        const uint8_t *w, const float *xs,
-                                                       float *y, int64_t N, int MT, int bt) {
+                                                       float *y, int64_t N, int MT, int bt,
+                                                       const uint8_t *pf) {
     const __m512i nibble = _mm512_set1_epi8(15);
     __m512 acc[4][BLOCKS];
     for (int r = 0; r < MT; r++)
         for (int b = 0; b < bt; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
+        if (pf) {  // the next task's lines on their way, as many as this group's
+            for (int64_t i = 0; i < bt * BLOCK_BYTES; i += 64)
+                _mm_prefetch((const char *)pf + g * bt * BLOCK_BYTES + i, _MM_HINT_T1);
+        }
         for (int b = 0; b < bt; b++) {
             const uint8_t *blk = w + (g * bt + b) * BLOCK_BYTES;
             __m512i dot[4];
@@ -68,12 +73,15 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
 static inline __attribute__((always_inline)) void task(const int8_t *x, int64_t M, int64_t K,
                                                        const float *xsum, int64_t groups,
                                                        const uint8_t *w, const float *xs,
-                                                       float *y, int64_t N, int bt) {
+                                                       float *y, int64_t N, int bt,
+                                                       const uint8_t *pf) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        tile(x + m * K, K, xsum + m * groups, groups, w, xs + m, y + m * N, N, 4, bt);
+        tile(x + m * K, K, xsum + m * groups, groups, w, xs + m, y + m * N, N, 4, bt,
+             m == 0 ? pf : NULL);
     for (; m < M; m++)
-        tile(x + m * K, K, xsum + m * groups, groups, w, xs + m, y + m * N, N, 1, bt);
+        tile(x + m * K, K, xsum + m * groups, groups, w, xs + m, y + m * N, N, 1, bt,
+             m == 0 ? pf : NULL);
 }
 
 // x int8 [M][K], xs float [M], w (layout above) for N channels; y float [M][N]. K % 32 == 0,
@@ -96,11 +104,13 @@ void int4_head_gemm(const int8_t *x, int64_t M, int64_t K, const uint8_t *w, con
         const int bt = nblocks - nb < BLOCKS ? (int)(nblocks - nb) : BLOCKS;
         const uint8_t *wt = w + nb * groups * BLOCK_BYTES;
         float *yt = y + 16 * nb;
+        // Only ahead of a whole task: the next one starts right after this one.
+        const uint8_t *pf = t + 1 < ntasks && bt == BLOCKS ? wt + BLOCKS * groups * BLOCK_BYTES : NULL;
         switch (bt) {
-        case 4: task(x, M, K, xsum, groups, wt, xs, yt, N, 4); break;
-        case 3: task(x, M, K, xsum, groups, wt, xs, yt, N, 3); break;
-        case 2: task(x, M, K, xsum, groups, wt, xs, yt, N, 2); break;
-        default: task(x, M, K, xsum, groups, wt, xs, yt, N, 1); break;
+        case 4: task(x, M, K, xsum, groups, wt, xs, yt, N, 4, pf); break;
+        case 3: task(x, M, K, xsum, groups, wt, xs, yt, N, 3, pf); break;
+        case 2: task(x, M, K, xsum, groups, wt, xs, yt, N, 2, pf); break;
+        default: task(x, M, K, xsum, groups, wt, xs, yt, N, 1, pf); break;
         }
     }
     free(xsum);

@@ -30,6 +30,8 @@ static void rope_row(float *o, int64_t D, const float *c, const float *s) {
 
 void rms_norm(const float *x, int64_t T, int64_t P, int64_t D, int64_t stride, const float *w,
               float eps, const float *cos, const float *sin, float *out, int nthreads) {
+    // A decode row's few KiB cost less than waking the other threads (a step has ~100 norms).
+    if (T * P * D < 8192) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < T * P; r++) {
         const int64_t t = r / P, p = r % P;
