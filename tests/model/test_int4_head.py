@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from girandole.model import kernels
-from girandole.model.kernels import int4_head
+from girandole.model.kernels import int4_head, loader
 from girandole.model.layers import Int8Embedding, QuantLMHead
 
 pytestmark = pytest.mark.skipif(
@@ -47,6 +47,19 @@ def test_matches_float64_product(n, k, rows):
     for r in (slice(0, 1), slice(rows - 1, rows), slice(1, rows)):
         if r.start < r.stop:
             assert torch.equal(int4_head.gemm(xq[r], sx[r], packed, n), got[r])
+
+
+@pytest.mark.skipif(not loader.amx(), reason="no AMX here")
+@pytest.mark.parametrize("n,k", [(4096, 640), (80, 96), (272, 64)])
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 37])
+def test_amx_kernel_gives_the_same_bits(n, k, rows):
+    """The AMX kernel sums each group's integers on the tiles and then takes the VNNI kernel's
+    float steps in its order: the same logits bitwise, so the head may switch by row count."""
+    g = torch.Generator().manual_seed(n + rows)
+    packed = int4_head.pack(*int4_head.quantize(torch.randn(n, k, generator=g) * 0.05))
+    xq, sx = _int8_rows(torch.randn(rows, k, generator=g) * 3)
+    amx = int4_head.gemm(xq, sx, packed, n, amx=True)
+    assert torch.equal(amx, int4_head.gemm(xq, sx, packed, n, amx=False))
 
 
 def test_head_refines_the_top_candidates_exactly():

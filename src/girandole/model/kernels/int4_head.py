@@ -1,7 +1,9 @@
 """Native coarse logits from a 4-bit copy of the LM head (csrc/int4_head.c): 4-bit levels with a
 float16 scale and minimum per row and group of 32 inputs, against the int8-quantized hidden
 state. 5 bits a weight where the int8 copy takes 8; QuantLMHead recomputes its candidates
-exactly. Available where the kernels build (x86 with AVX512-VNNI and a C compiler)."""
+exactly. From AMX_MIN_ROWS rows on, on the AMX tiles where the CPU has them (csrc/amx.c: the
+same int32 group sums and float steps, so bitwise the same logits). Available where the kernels
+build (x86 with AVX512-VNNI and a C compiler)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ GROUP = 32
 BLOCK = 16  # channels per block
 TASK = 4  # blocks per task, as in the C source
 FP16_MAX = 60000.0
+# Rows from which the AMX kernel is the faster (both give the same bits; bench_kernels.py).
+AMX_MIN_ROWS = 4
 
 
 def supports(n: int, k: int, weight_absmax: float) -> bool:
@@ -61,8 +65,11 @@ def pack(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.T
     return torch.cat(parts)
 
 
-def gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """float32 [M, N] coarse logits: int8 rows xq [M, K] with row scales xs [M] (or [M, 1])."""
+def gemm(
+    xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, n: int, amx: bool | None = None
+) -> torch.Tensor:
+    """float32 [M, N] coarse logits: int8 rows xq [M, K] with row scales xs [M] (or [M, 1]).
+    `amx`: force the AMX (True) or VNNI (False) kernel; None: by rows, where AMX runs."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     xq = xq.contiguous()
@@ -71,7 +78,11 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, n: int) -> to
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return y
-    lib.int4_head_gemm(
+    if amx is None:
+        amx = m >= AMX_MIN_ROWS and loader.amx()
+    assert not amx or loader.amx(), "AMX kernels not available"
+    fn = lib.int4_head_gemm_amx if amx else lib.int4_head_gemm
+    fn(
         xq.data_ptr(), m, k, packed.data_ptr(), xs.data_ptr(), n, y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

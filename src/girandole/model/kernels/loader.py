@@ -74,6 +74,8 @@ AMX_SIGNATURES = {
     "wq_gemm_amx": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
     # x, M, K, w, xs, ws, N, y, nthreads
     "int8_gemm_amx": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int],
+    # x, M, K, w, xs, N, y, nthreads
+    "int4_head_gemm_amx": [ptr, i64, i64, ptr, ptr, i64, ptr, c_int],
 }
 
 

@@ -207,3 +207,111 @@ void int8_gemm_amx(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const
         _tile_release();
     }
 }
+
+// ---- 4-bit LM head (int4_head.c's layout) -------------------------------------------------
+//
+// Per group of 32 inputs, TDPBSUD gives each row's exact int32 dot with a block's levels (x
+// signed, levels unsigned): the integers int4_head.c sums with VNNI. The float steps after it
+// are int4_head.c's, in its order, so the logits are bitwise the same: the head may switch
+// between the two kernels by row count without changing a row's numbers.
+
+#define HEAD4_BLOCK_BYTES 320
+#define HEAD4_BLOCKS 4
+
+// C 0-3: rows x 16 int32; A (4): rows x 32 int8 (one group of x); B (5): 8 quads x 64 bytes.
+static void configure_head4(int rows) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) {
+        cfg.rows[t] = (uint8_t)rows;
+        cfg.colsb[t] = 64;
+    }
+    cfg.rows[4] = (uint8_t)rows;
+    cfg.colsb[4] = 32;
+    cfg.rows[5] = 8;
+    cfg.colsb[5] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+#define HEAD4_STEP(b)                                          \
+    _tile_zero(b);                                             \
+    _tile_loadd(5, quads[b], 64);                              \
+    _tile_dpbsud(b, 4, 5);                                     \
+    _tile_stored(b, dots[b], 64)
+
+void int4_head_gemm_amx(const int8_t *x, int64_t M, int64_t K, const uint8_t *w,
+                        const float *xs, int64_t N, float *y, int nthreads) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const int64_t ntasks = (nblocks + HEAD4_BLOCKS - 1) / HEAD4_BLOCKS;
+    float *xsum = malloc(sizeof(float) * (size_t)(M * groups + 1));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t s = 0;
+            for (int k = 0; k < 32; k++) s += x[m * K + 32 * g + k];
+            xsum[m * groups + g] = (float)s;
+        }
+    const __m512i nibble = _mm512_set1_epi8(15);
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint8_t quads[HEAD4_BLOCKS][8][64] __attribute__((aligned(64)));
+        int32_t dots[HEAD4_BLOCKS][16][16] __attribute__((aligned(64)));
+        __m512 acc[16][HEAD4_BLOCKS];
+        int rows = M < 16 ? (int)M : 16;
+        configure_head4(rows);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntasks; t++) {
+            const int64_t nb = t * HEAD4_BLOCKS;
+            const int bt =
+                nblocks - nb < HEAD4_BLOCKS ? (int)(nblocks - nb) : HEAD4_BLOCKS;
+            const uint8_t *wt = w + nb * groups * HEAD4_BLOCK_BYTES;
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (r != rows) {
+                    rows = r;
+                    configure_head4(rows);
+                }
+                for (int i = 0; i < r; i++)
+                    for (int b = 0; b < bt; b++) acc[i][b] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < groups; g++) {
+                    const uint8_t *grp = wt + g * bt * HEAD4_BLOCK_BYTES;
+                    // Levels as B tiles: quad 2j = line j's low nibbles, 2j + 1 its high ones.
+                    for (int b = 0; b < bt; b++)
+                        for (int j = 0; j < 4; j++) {
+                            const __m512i v = _mm512_loadu_si512(
+                                (const void *)(grp + b * HEAD4_BLOCK_BYTES + 64 * j));
+                            _mm512_store_si512((void *)quads[b][2 * j], _mm512_and_si512(v, nibble));
+                            _mm512_store_si512((void *)quads[b][2 * j + 1],
+                                               _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+                        }
+                    _tile_loadd(4, x + m0 * K + 32 * g, K);
+                    HEAD4_STEP(0);
+                    if (bt > 1) { HEAD4_STEP(1); }
+                    if (bt > 2) { HEAD4_STEP(2); }
+                    if (bt > 3) { HEAD4_STEP(3); }
+                    for (int b = 0; b < bt; b++) {
+                        const uint8_t *blk = grp + b * HEAD4_BLOCK_BYTES;
+                        const __m512 scale =
+                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+                        const __m512 mn =
+                            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
+                        for (int i = 0; i < r; i++) {
+                            const __m512i dot = _mm512_load_si512((const void *)dots[b][i]);
+                            acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][b]);
+                            acc[i][b] = _mm512_fmadd_ps(
+                                mn, _mm512_set1_ps(xsum[(m0 + i) * groups + g]), acc[i][b]);
+                        }
+                    }
+                }
+                for (int i = 0; i < r; i++) {
+                    const __m512 sx = _mm512_set1_ps(xs[m0 + i]);
+                    for (int b = 0; b < bt; b++)
+                        _mm512_storeu_ps(y + (m0 + i) * N + 16 * (nb + b),
+                                         _mm512_mul_ps(acc[i][b], sx));
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(xsum);
+}
