@@ -14,6 +14,7 @@
 #include <string.h>
 
 #define GROUP 32  // table scale group (Int8Embedding.GROUP)
+#define REFINE_AHEAD 6  // candidates whose table rows are fetched ahead of their dot product
 
 typedef struct {
     float v;
@@ -121,19 +122,31 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
         total += n;
     }
     counts[M] = total;
+    // Flat (row, token) pairs, so a thread can fetch the table rows a few candidates ahead: the
+    // candidates are scattered over the 178 MB table and each costs a memory round trip.
+    int32_t *flat_m = malloc(sizeof(int32_t) * (size_t)(total + 1));
+    int32_t *flat_t = malloc(sizeof(int32_t) * (size_t)(total + 1));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = counts[m]; j < counts[m + 1]; j++) {
+            flat_m[j] = (int32_t)m;
+            flat_t[j] = ids[m * top + (j - counts[m])];
+        }
+    const int64_t row_bytes = H, scale_bytes = (H / GROUP) * (int64_t)sizeof(float);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
-        int64_t lo = 0, hi = M - 1;  // the row holding candidate j: counts[m] <= j < counts[m+1]
-        while (lo < hi) {
-            const int64_t mid = (lo + hi + 1) / 2;
-            if (counts[mid] <= j)
-                lo = mid;
-            else
-                hi = mid - 1;
+        if (j + REFINE_AHEAD < total) {
+            const int64_t ahead = flat_t[j + REFINE_AHEAD];
+            for (int64_t b = 0; b < row_bytes; b += 64)
+                _mm_prefetch((const char *)(table_q + ahead * H) + b, _MM_HINT_T0);
+            for (int64_t b = 0; b < scale_bytes; b += 64)
+                _mm_prefetch((const char *)(table_scale + ahead * (H / GROUP)) + b, _MM_HINT_T0);
         }
-        const int64_t t = ids[lo * top + (j - counts[lo])];
-        logits[lo * V + t] = exact_logit(table_q + t * H, table_scale + t * (H / GROUP), x + lo * H, H);
+        const int64_t m = flat_m[j], t = flat_t[j];
+        logits[m * V + t] =
+            exact_logit(table_q + t * H, table_scale + t * (H / GROUP), x + m * H, H);
     }
+    free(flat_t);
+    free(flat_m);
     free(counts);
     free(ids);
 }
