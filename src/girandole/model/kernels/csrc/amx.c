@@ -24,6 +24,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "int4_head.h"
 #include "wq_panel.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -40,21 +41,24 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tile_config;
 
-// Tiles 0-3: C (rows x 16 float32 or int32), 4: A (rows x 64 bytes), 5-7: B (16 x 64 bytes).
-static void configure(int rows) {
+// Tiles 0-3: C (rows x 16 float32 or int32), 4: A (rows x a_bytes), 5-7: B (b_rows x 64 bytes).
+static void configure_tiles(int rows, int a_bytes, int b_rows) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 5; t++) {
         cfg.rows[t] = (uint8_t)rows;
-        cfg.colsb[t] = 64;
+        cfg.colsb[t] = t == 4 ? (uint16_t)a_bytes : 64;
     }
     for (int t = 5; t < 8; t++) {
-        cfg.rows[t] = 16;
+        cfg.rows[t] = (uint8_t)b_rows;
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
 }
+
+// The linears and the int8 head: A holds 64 bytes of a row (32 bf16 or 64 int8), B 16 rows.
+static void configure(int rows) { configure_tiles(rows, 64, 16); }
 
 // ---- group-quantized linears (bf16) -------------------------------------------------------
 
@@ -80,6 +84,17 @@ static inline void store_c(float *y, int64_t N, int bt) {
     if (bt > 1) _tile_stored(1, y + 16, stride);
     if (bt > 2) _tile_stored(2, y + 32, stride);
     if (bt > 3) _tile_stored(3, y + 48, stride);
+}
+
+// The rows of the tile at m0 (16, or the last tile's rest), reconfiguring the tiles when that
+// differs from the `rows` they hold.
+static inline int tile_rows(int64_t M, int64_t m0, int *rows, void (*config)(int)) {
+    const int r = M - m0 < 16 ? (int)(M - m0) : 16;
+    if (r != *rows) {
+        *rows = r;
+        config(r);
+    }
+    return r;
 }
 
 static inline void zero_c(void) {
@@ -118,11 +133,7 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
             const int64_t nb0 = c * CHUNK;
             const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
-                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
-                if (r != rows) {
-                    rows = r;
-                    configure(rows);
-                }
+                const int r = tile_rows(M, m0, &rows, configure);
                 zero_c();
                 for (int64_t g = 0; g < groups; g++) {
                     // One row tile: the same 4 KiB for every group (stays in L1); more: every
@@ -174,11 +185,7 @@ void int8_gemm_amx(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const
             const int bt = nblocks - nb < HEAD_BLOCKS ? (int)(nblocks - nb) : HEAD_BLOCKS;
             const int8_t *wt = w + nb * 16 * K;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
-                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
-                if (r != rows) {
-                    rows = r;
-                    configure(rows);
-                }
+                const int r = tile_rows(M, m0, &rows, configure);
                 zero_c();
                 for (int64_t kc = 0; kc < kchunks; kc++) {
                     _tile_loadd(4, x + m0 * K + 64 * kc, K);
@@ -218,21 +225,8 @@ void int8_gemm_amx(const int8_t *x, int64_t M, int64_t K, const int8_t *w, const
 #define HEAD4_BLOCK_BYTES 320
 #define HEAD4_BLOCKS 4
 
-// C 0-3: rows x 16 int32; A (4): rows x 32 int8 (one group of x); B (5): 8 quads x 64 bytes.
-static void configure_head4(int rows) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 4; t++) {
-        cfg.rows[t] = (uint8_t)rows;
-        cfg.colsb[t] = 64;
-    }
-    cfg.rows[4] = (uint8_t)rows;
-    cfg.colsb[4] = 32;
-    cfg.rows[5] = 8;
-    cfg.colsb[5] = 64;
-    _tile_loadconfig(&cfg);
-}
+// The 4-bit head: A holds one group of a row (32 int8), B one group's 8 quads of 16 channels.
+static void configure_head4(int rows) { configure_tiles(rows, 32, 8); }
 
 #define HEAD4_STEP(b)                                          \
     _tile_zero(b);                                             \
@@ -244,13 +238,7 @@ void int4_head_gemm_amx(const int8_t *x, int64_t M, int64_t K, const uint8_t *w,
                         const float *xs, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t ntasks = (nblocks + HEAD4_BLOCKS - 1) / HEAD4_BLOCKS;
-    float *xsum = malloc(sizeof(float) * (size_t)(M * groups + 1));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            int32_t s = 0;
-            for (int k = 0; k < 32; k++) s += x[m * K + 32 * g + k];
-            xsum[m * groups + g] = (float)s;
-        }
+    float *xsum = int4_head_group_sums(x, M, K);
     const __m512i nibble = _mm512_set1_epi8(15);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -266,11 +254,7 @@ void int4_head_gemm_amx(const int8_t *x, int64_t M, int64_t K, const uint8_t *w,
                 nblocks - nb < HEAD4_BLOCKS ? (int)(nblocks - nb) : HEAD4_BLOCKS;
             const uint8_t *wt = w + nb * groups * HEAD4_BLOCK_BYTES;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
-                const int r = M - m0 < 16 ? (int)(M - m0) : 16;
-                if (r != rows) {
-                    rows = r;
-                    configure_head4(rows);
-                }
+                const int r = tile_rows(M, m0, &rows, configure_head4);
                 for (int i = 0; i < r; i++)
                     for (int b = 0; b < bt; b++) acc[i][b] = _mm512_setzero_ps();
                 for (int64_t g = 0; g < groups; g++) {

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "int4_head.h"
+
 #define BLOCK_BYTES 320
 #define BLOCKS 4  // 16-channel blocks per task (64 channels)
 
@@ -90,14 +92,7 @@ void int4_head_gemm(const int8_t *x, int64_t M, int64_t K, const uint8_t *w, con
                     int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t ntasks = (nblocks + BLOCKS - 1) / BLOCKS;
-    // Each row's group sums of x (the minimums' term), once per call.
-    float *xsum = malloc(sizeof(float) * (size_t)(M * groups + 1));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            int32_t s = 0;
-            for (int k = 0; k < 32; k++) s += x[m * K + 32 * g + k];
-            xsum[m * groups + g] = (float)s;
-        }
+    float *xsum = int4_head_group_sums(x, M, K);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < ntasks; t++) {
         const int64_t nb = t * BLOCKS;
