@@ -104,6 +104,18 @@ static inline void zero_c(void) {
     _tile_zero(3);
 }
 
+// One group's bt panels, from the block `blk` of the layout on, into `panels`; the next
+// group's levels prefetched meanwhile.
+static inline void dequant_group(const uint8_t *q, int bits, const float *params, int64_t blk,
+                                 int bt, int64_t group_bytes, uint8_t *panels) {
+    const uint8_t *next = q + (blk + bt) * group_bytes;
+    for (int64_t b = 0; b < bt * group_bytes; b += 64)
+        _mm_prefetch((const char *)next + b, _MM_HINT_T0);
+    for (int b = 0; b < bt; b++)
+        dequant_panel(q + (blk + b) * group_bytes, bits, params + 32 * (blk + b),
+                      (__m512i *)(panels + b * PANEL_BYTES));
+}
+
 static __thread uint8_t *panel_buffer;
 static __thread int64_t panel_buffer_bytes;
 
@@ -125,7 +137,8 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
 #pragma omp parallel num_threads(nthreads)
     {
         // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
-        uint8_t *buf = panels_for(groups * CHUNK * PANEL_BYTES);
+        uint8_t *buf = panels_for((groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
+#define slot(g) (buf + (M <= 16 ? ((g) & 1) : (g)) * CHUNK * PANEL_BYTES)
         int rows = M < 16 ? (int)M : 16;
         configure(rows);
 #pragma omp for schedule(static)
@@ -135,28 +148,21 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int r = tile_rows(M, m0, &rows, configure);
                 zero_c();
+                // On the first row tile each group's panels are dequantized one group ahead of
+                // their products (the tile loads then find them stored); one row tile cycles
+                // two 4 KiB slots (L1), more keep every group's panels for the next tiles.
+                if (m0 == 0) dequant_group(q, bits, params, nb0 * groups, bt, group_bytes, slot(0));
                 for (int64_t g = 0; g < groups; g++) {
-                    // One row tile: the same 4 KiB for every group (stays in L1); more: every
-                    // group's panels kept for the next tiles.
-                    uint8_t *panels = M <= 16 ? buf : buf + g * CHUNK * PANEL_BYTES;
-                    if (m0 == 0) {  // dequantized on the first row tile, kept for the others
-                        const int64_t blk = nb0 * groups + g * bt;
-                        if (g + 1 < groups) {
-                            const uint8_t *next = q + (blk + bt) * group_bytes;
-                            for (int64_t b = 0; b < bt * group_bytes; b += 64)
-                                _mm_prefetch((const char *)next + b, _MM_HINT_T0);
-                        }
-                        for (int b = 0; b < bt; b++)
-                            dequant_panel(q + (blk + b) * group_bytes, bits,
-                                          params + 32 * (blk + b),
-                                          (__m512i *)(panels + b * PANEL_BYTES));
-                    }
+                    if (m0 == 0 && g + 1 < groups)
+                        dequant_group(q, bits, params, nb0 * groups + (g + 1) * bt, bt,
+                                      group_bytes, slot(g + 1));
                     _tile_loadd(4, x + m0 * K + 32 * g, x_stride);
-                    wq_group(panels, bt);
+                    wq_group(slot(g), bt);
                 }
                 store_c(y + m0 * N + 16 * nb0, N, bt);
             }
         }
+#undef slot
         _tile_release();
     }
 }
