@@ -5,6 +5,7 @@ row invariance, and the quantized linears that use it against torch's int4 kerne
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,24 @@ def test_rows_do_not_depend_on_their_neighbours(amx):
     whole = wq_gemm.gemm(x, packed, params, bits, 192, amx=amx)
     for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37), slice(16, 33)):
         assert torch.equal(wq_gemm.gemm(x[rows], packed, params, bits, 192, amx=amx), whole[rows])
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_compiler_without_amx_builds_the_rest(tmp_path):
+    """Where the C compiler rejects the AMX flags, the other kernels are built without amx.c
+    and the AVX512 ones serve every call."""
+    cc = tmp_path / "cc"
+    cc.write_text(
+        '#!/bin/sh\nfor a in "$@"; do case "$a" in -mamx*) echo "unknown $a" >&2; exit 1;; esac\n'
+        'done\nexec gcc "$@"\n'
+    )
+    cc.chmod(0o755)
+    code = "from girandole.model.kernels import loader; print(loader.available(), loader.amx())"
+    env = {**os.environ, "CC": str(cc), "GIRANDOLE_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.split() == ["True", "False"], out.stderr
 
 
 def test_amx_is_the_default_where_it_runs_and_can_be_switched_off():
