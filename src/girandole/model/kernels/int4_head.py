@@ -79,10 +79,7 @@ def gemm(
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return y
-    if amx is None:
-        amx = m >= AMX_MIN_ROWS and loader.amx()
-    assert not amx or loader.amx(), "AMX kernels not available"
-    fn = lib.int4_head_gemm_amx if amx else lib.int4_head_gemm
+    fn = lib.int4_head_gemm_amx if loader.use_amx(amx, m, AMX_MIN_ROWS) else lib.int4_head_gemm
     fn(
         xq.data_ptr(), m, k, packed.data_ptr(), xs.data_ptr(), n, y.data_ptr(),
         torch.get_num_threads(),

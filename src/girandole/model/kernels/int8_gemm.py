@@ -40,10 +40,7 @@ def int8_gemm(
     m, k = xq.shape
     n = ws.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    if amx is None:
-        amx = m >= AMX_MIN_ROWS and loader.amx()
-    assert not amx or loader.amx(), "AMX kernels not available"
-    if amx and k % 64 == 0:
+    if loader.use_amx(amx, m, AMX_MIN_ROWS) and k % 64 == 0:
         lib.int8_gemm_amx(
             xq.data_ptr(),
             m,

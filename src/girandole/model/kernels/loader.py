@@ -168,3 +168,12 @@ def amx() -> bool:
 def available() -> bool:
     """Whether the native kernels are built and loadable here."""
     return library() is not None
+
+
+def use_amx(force: bool | None, rows: int, min_rows: int = 0) -> bool:
+    """Whether a kernel call takes its AMX twin: `force` where given (True only where AMX
+    runs), else from `min_rows` rows on where AMX runs."""
+    if force is None:
+        return rows >= min_rows and amx()
+    assert not force or amx(), "AMX kernels not available"
+    return force

@@ -78,10 +78,7 @@ def gemm(
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m == 0:
         return y
-    if amx is None:
-        amx = loader.amx()
-    assert not amx or loader.amx(), "AMX kernels not available"
-    fn = lib.wq_gemm_amx if amx else lib.wq_gemm
+    fn = lib.wq_gemm_amx if loader.use_amx(amx, m) else lib.wq_gemm
     fn(
         x.data_ptr(),
         m,

@@ -1,5 +1,5 @@
-// The matrix units of Intel Xeons (AMX: Sapphire Rapids and later) for the two GEMMs of a
-// decode or prefill step, on the same weight layouts as their AVX512 kernels:
+// The matrix units of Intel Xeons (AMX: Sapphire Rapids and later) for the GEMMs of a decode or
+// prefill step, on the same weight layouts as their AVX512 kernels:
 //
 // - wq_gemm_amx: the group-quantized linears (wq_gemm.c's layout). A 16-channel x 32-input
 //   panel dequantized to bf16 (dequant_panel, the same bf16 weights) is exactly an AMX "B" tile
@@ -8,10 +8,11 @@
 // - int8_gemm_amx: the LM head's coarse logits (int8_gemm.c's layout [N/16][K/4][16][4], which
 //   is the VNNI layout of a B tile: 16 rows of 4 inputs x 16 channels). TDPBSSD sums exactly in
 //   int32, so the logits are bitwise int8_gemm's.
+// - int4_head_gemm_amx: the 4-bit LM head (int4_head.c's layout), bitwise int4_head_gemm's (below).
 //
 // Batch invariance: a row of C is computed from its own row of A alone, by the same tile
 // operations in the same order whatever M is and wherever the row sits in its tile, so a row's
-// result never depends on the other rows (tests/model/test_amx.py). The bf16 linears therefore
+// result never depends on the other rows (tests/model/test_wq_gemm.py, test_int4_head.py). The bf16 linears therefore
 // take this path for every M on a CPU with AMX (a switch to the AVX512 kernel at small M would
 // change a row's last bits with the batch size); the int8 head may switch freely (exact).
 //
@@ -132,7 +133,7 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                  const float *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t pair_bytes = (bits & ~WQ_FUSED) == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+    const int64_t group_bytes = 16 * wq_pair_bytes(bits);
     const int64_t x_stride = K * (int64_t)sizeof(uint16_t);
 #pragma omp parallel num_threads(nthreads)
     {

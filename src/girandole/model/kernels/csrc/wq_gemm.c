@@ -69,7 +69,7 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
              const float *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t pair_bytes = (bits & ~WQ_FUSED) == 4 ? 16 : 32, group_bytes = 16 * pair_bytes;
+    const int64_t group_bytes = 16 * wq_pair_bytes(bits);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; c++) {
         __m512i panels[16 * CHUNK];

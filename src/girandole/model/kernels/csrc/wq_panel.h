@@ -8,6 +8,9 @@
 // Or'ed into `bits`: every weight's q * scale + offset is exact in float32 (see dequant_panel).
 #define WQ_FUSED 16
 
+// Bytes of one (channel, input) pair vector of levels: 16 at 4 bits, 32 at 8.
+static inline int64_t wq_pair_bytes(int bits) { return (bits & ~WQ_FUSED) == 4 ? 16 : 32; }
+
 static inline void dequant_panel(const uint8_t *q, int bits, const float *params,
                                  __m512i *panel){
     const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
