@@ -25,7 +25,7 @@ from conftest import start_server, stop_server, write_eos_model, write_tiny_llam
 
 from girandole.registry.keystore import Database
 
-ray = pytest.importorskip("ray", reason="the Ray backend needs girandole[ray]")
+ray = pytest.importorskip("ray", reason="the Ray backend needs ray[serve]")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 ACCOUNT = "acme"

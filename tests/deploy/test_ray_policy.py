@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("ray", reason="the Ray backend needs girandole[ray]")
+pytest.importorskip("ray", reason="the Ray backend needs ray[serve]")
 
 from ray.serve.config import AutoscalingConfig  # noqa: E402
 

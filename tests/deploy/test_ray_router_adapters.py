@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("ray", reason="the Ray backend needs girandole[ray]")
+pytest.importorskip("ray", reason="the Ray backend needs ray[serve]")
 
 from girandole.deploy.ray_router import PrefixAwareRouter, RouteKey  # noqa: E402
 

@@ -178,7 +178,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=["critical", "error", "warning", "info", "debug"],
         help="[GIRANDOLE_LOG_LEVEL]",
     )
-    ray = p.add_argument_group("Ray Serve (pip install 'girandole[ray]')")
+    ray = p.add_argument_group("Ray Serve (ray[serve], a dependency)")
     ray.add_argument(
         "--ray",
         nargs="?",
@@ -315,10 +315,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.ray:
         try:
-            import ray.serve  # noqa: F401 - the `ray` extra
+            import ray.serve  # noqa: F401 - a dependency, but a platform may lack its wheel
         except ImportError:
             print(
-                "girandole serve: --ray needs Ray Serve: pip install 'girandole[ray]'",
+                "girandole serve: --ray needs Ray Serve: pip install 'ray[serve]'",
                 file=sys.stderr,
             )
             return 2
