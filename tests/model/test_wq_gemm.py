@@ -48,17 +48,25 @@ def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
     return x.to(torch.bfloat16).double() @ w.t()
 
 
-# N = 80 and 48: the last chunk of 64 channels is partial; 8-bit levels as Q5_0 / Q8_0 give.
-# 13 rows: one partial AMX tile; 37: two whole ones and a partial one.
+# N = 80 and 48: the last chunk of 64 channels is partial. Levels below 16 are stored in 4 bits,
+# below 32 (Q5_0) in 5, others (Q6_K, Q8_0) in 8. 13 rows: one partial AMX tile; 37: two whole
+# ones and a partial one.
 @pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("as_gguf", [False, True], ids=["float", "gguf"])
 @pytest.mark.parametrize("rows", [1, 13, 37])
-@pytest.mark.parametrize("n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16)])
+@pytest.mark.parametrize(
+    "n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16), (64, 128, 64)]
+)
 def test_matches_float64_product(n, k, top, rows, amx, as_gguf):
     q, scale, offset = _levels(n, k, top, seed=n + k, as_gguf=as_gguf)
     packed, params, bits = wq_gemm.pack(q, scale, offset)
-    assert bits & ~wq_gemm.FUSED == (4 if top <= 16 else 8)
+    level_bits = {16: 4, 32: 5}.get(top, 8)
+    assert bits & wq_gemm.LEVEL_BITS == level_bits
+    assert packed.numel() == n * k * level_bits // 8
     assert bool(bits & wq_gemm.FUSED) == as_gguf
+    # GGUF's float16 scales (and offsets of whole levels) are stored as float16: half the bytes.
+    assert bool(bits & wq_gemm.HALF) == as_gguf
+    assert params.dtype == (torch.float16 if as_gguf else torch.float32)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     y = wq_gemm.gemm(x, packed, params, bits, n, amx=amx)
     expected = _expected(x, q, scale, offset)
@@ -121,7 +129,7 @@ def test_quantized_linears_agree_with_torch_int4_kernels(top):
         layer = quant.Int4Linear(None, groups=(q, scale, offset + 8.0 * scale))
     else:
         layer = quant.Int4x2Linear((q, scale, offset))
-    assert layer.native_bits & ~wq_gemm.FUSED == (4 if top == 16 else 8)
+    assert layer.native_bits & wq_gemm.LEVEL_BITS == (4 if top == 16 else 5)
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
     native = layer(x)
     fallback = layer._packed(x.to(torch.bfloat16))

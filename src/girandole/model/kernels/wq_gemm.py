@@ -9,6 +9,8 @@ C compiler).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from girandole.model.kernels import loader
@@ -16,7 +18,9 @@ from girandole.model.kernels import loader
 GROUP = 32
 BLOCK_N = 16
 CHUNK = 4  # blocks per chunk, as in the C source
+LEVEL_BITS = 15  # the levels' width, 4, 5 or 8, in these bits of `bits` (WQ_LEVEL_BITS in C)
 FUSED = 16  # or'ed into bits where q * scale + offset is exact in float32 (WQ_FUSED in C)
+HALF = 32  # or'ed into bits where the scales and offsets are stored as float16 (WQ_HALF in C)
 
 
 def supports(n: int, k: int) -> bool:
@@ -33,24 +37,46 @@ def exact_in_float32(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor)
     return bool(torch.equal(rounded.double(), exact))
 
 
+def exact_in_float16(*values: torch.Tensor) -> bool:
+    """Whether every value is a float16 number (GGUF's scales, and offsets of whole levels)."""
+    return all(torch.equal(v.float().half().float(), v.float()) for v in values)
+
+
+def level_bits(q: torch.Tensor) -> int:
+    top = int(q.max())
+    return 4 if top <= 15 else 5 if top <= 31 else 8
+
+
 def pack(
     q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Levels q [N, K] (0..15 or 0..255), scale and offset [N, K/32] (w = q * scale + offset)
-    -> (packed uint8 weights, float32 params, bits) in the kernel's layout (see the C source).
-    `bits`: 4 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in float32
-    (then the kernel's one FMA gives the same floats as a multiply and an add)."""
+    """Levels q [N, K] (0..15, 0..31 or 0..255), scale and offset [N, K/32] (w = q * scale +
+    offset) -> (packed uint8 weights, params, bits) in the kernel's layout (csrc/wq_panel.h).
+    `bits`: 4, 5 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in
+    float32 (then the kernel's one FMA gives the same floats as a multiply and an add), and HALF
+    where the params are float16 numbers (then stored so: half the bytes)."""
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
-    bits = 4 if int(q.max()) <= 15 else 8
+    bits = level_bits(q)
     # [block, c, g, pair, e] -> [block, g, pair, c, e]: a pair's 32 values are (channel, input).
     v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     v = v.reshape(nb, g, GROUP // 2, 32)
-    if bits == 4:
-        v = v[..., :16] | (v[..., 16:] << 4)
+    if bits in (4, 5):
+        low = v & 15
+        parts = [(low[..., :16] | (low[..., 16:] << 4)).reshape(nb, g, -1)]
+        if bits == 5:  # bit 4 of value i as bit i of its pair's little-endian 32-bit word
+            top = (v >> 4).to(torch.int64) << torch.arange(32)
+            word = top.sum(-1)
+            word = (word - (word >= 2**31).long() * 2**32).to(torch.int32)  # bit 31: the sign
+            parts.append(word.contiguous().view(torch.uint8).reshape(nb, g, -1))
+        v = torch.cat(parts, dim=-1)
+    v = v.reshape(nb, g, -1)
     # [block, c, g] scale and offset -> [block, g, 2, c].
+    half = exact_in_float16(scale, offset)
     params = torch.stack([scale.float(), offset.float()], dim=1)  # [N, 2, g]
     params = params.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
+    if half:
+        params = params.half()
     # Chunks of CHUNK blocks, each stored group-major: [chunk][g][block]...
     packed_parts, param_parts = [], []
     for c0 in range(0, nb, CHUNK):
@@ -58,6 +84,8 @@ def pack(
         param_parts.append(params[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1))
     if exact_in_float32(q, scale, offset):
         bits |= FUSED
+    if half:
+        bits |= HALF
     return torch.cat(packed_parts), torch.cat(param_parts).contiguous(), bits
 
 
@@ -71,23 +99,33 @@ def gemm(
 ) -> torch.Tensor:
     """float32 [M, N] = x [M, K] (cast to bf16) times the packed weight's transpose. `amx`:
     force the AMX (True) or AVX512 (False) kernel; None: AMX where it runs."""
+    x = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return y
+    fn, args = bind(x, packed, params, bits, y, amx)
+    fn(*args)
+    return y
+
+
+def bind(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    params: torch.Tensor,
+    bits: int,
+    y: torch.Tensor,
+    amx: bool | None = None,
+    threads: int | None = None,
+) -> tuple[Callable, tuple]:
+    """The native call computing y [M, N] (float32, contiguous) from bf16 x [M, K]
+    (contiguous): the function and its arguments, to call now or replay (engine/cpu_graphs.py)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
-    x = x.to(torch.bfloat16).contiguous()
+    assert x.dtype == torch.bfloat16 and x.is_contiguous() and y.is_contiguous()
     m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.float32)
-    if m == 0:
-        return y
     fn = lib.wq_gemm_amx if loader.use_amx(amx, m) else lib.wq_gemm
-    fn(
-        x.data_ptr(),
-        m,
-        k,
-        packed.data_ptr(),
-        bits,
-        params.data_ptr(),
-        out_features,
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return y
+    threads = torch.get_num_threads() if threads is None else threads
+    return fn, (
+        x.data_ptr(), m, k, packed.data_ptr(), bits, params.data_ptr(), y.shape[1],
+        y.data_ptr(), threads,
+    )  # fmt: skip

@@ -107,13 +107,14 @@ static inline void zero_c(void) {
 
 // One group's bt panels, from the block `blk` of the layout on, into `panels`; the next
 // group's levels prefetched meanwhile.
-static inline void dequant_group(const uint8_t *q, int bits, const float *params, int64_t blk,
+static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *params, int64_t blk,
                                  int bt, int64_t group_bytes, uint8_t *panels) {
+    const int64_t param_bytes = wq_param_bytes(bits);
     const uint8_t *next = q + (blk + bt) * group_bytes;
     for (int64_t b = 0; b < bt * group_bytes; b += 64)
         _mm_prefetch((const char *)next + b, _MM_HINT_T0);
     for (int b = 0; b < bt; b++)
-        dequant_panel(q + (blk + b) * group_bytes, bits, params + 32 * (blk + b),
+        dequant_panel(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
                       (__m512i *)(panels + b * PANEL_BYTES));
 }
 
@@ -130,10 +131,10 @@ static uint8_t *panels_for(int64_t bytes) {
 }
 
 void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
-                 const float *params, int64_t N, float *y, int nthreads) {
+                 const uint8_t *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t group_bytes = 16 * wq_pair_bytes(bits);
+    const int64_t group_bytes = wq_group_bytes(bits);
     const int64_t x_stride = K * (int64_t)sizeof(uint16_t);
 #pragma omp parallel num_threads(nthreads)
     {

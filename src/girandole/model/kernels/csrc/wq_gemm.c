@@ -2,9 +2,9 @@
 //
 //   y[M][N] (fp32) = x[M][K] (bf16) . W[N][K]^T,   W = bf16(q * scale + offset)
 //
-// with q an integer level (4 or 8 bits, `bits`; or'ed with WQ_FUSED where q * scale + offset is
-// exact in float32) and (scale, offset) per output row and group of 32
-// inputs: GGUF's Q4_K/Q4_0/Q4_1 (4 bits) and Q5_0/Q6_K/Q8_0 (up to 8 bits) exactly.
+// with q an integer level (4, 5 or 8 bits; `bits` and its flags: wq_panel.h) and (scale, offset)
+// per output row and group of 32 inputs: GGUF's Q4_K/Q4_0/Q4_1 (4 bits), Q5_0/Q5_1/Q5_K (5) and
+// Q6_K/Q8_0 (8) exactly.
 //
 // Why not torch's int4 kernel: it dequantizes the weights again for every 4 rows of x, so a
 // 16-row decode step costs 4x a 1-row one, and a 5-bit group needs two int4 matmuls. Here a
@@ -20,9 +20,9 @@
 // reads two sequential streams:
 //   q:      [chunk][K/32][block][16 pairs][32 values]; value i of pair p is channel
 //           c = i / 2 (i < 16) or 8 + (i - 16) / 2 of the block, input k = 32 g + 2 p + i % 2.
-//           8 bits: one byte per value; 4 bits: 16 bytes per pair, byte i = value i | value
-//           (i + 16) << 4.
-//   params: [chunk][K/32][block][2][16] float32: the block's 16 scales, then 16 offsets.
+//           Bytes per value: wq_panel.h (4 and 5 bits are packed).
+//   params: [chunk][K/32][block][2][16] float32 (float16 with WQ_HALF): the block's 16 scales,
+//           then 16 offsets.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -66,10 +66,10 @@ static inline __attribute__((always_inline)) void group_rows(const uint16_t *xg,
 #define PREFETCH_GROUPS 1
 
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
-             const float *params, int64_t N, float *y, int nthreads) {
+             const uint8_t *params, int64_t N, float *y, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t group_bytes = 16 * wq_pair_bytes(bits);
+    const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; c++) {
         __m512i panels[16 * CHUNK];
@@ -85,7 +85,7 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
                     _mm_prefetch((const char *)next + b, _MM_HINT_T0);
             }
             for (int b = 0; b < bt; b++)
-                dequant_panel(q + (blk + b) * group_bytes, bits, params + 32 * (blk + b),
+                dequant_panel(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
                               panels + 16 * b);
             const uint16_t *xg = x + 32 * g;
             float *yb = y + 16 * nb0;
