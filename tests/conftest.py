@@ -213,3 +213,8 @@ def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> Path:
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))

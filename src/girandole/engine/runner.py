@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from girandole.engine import pooling
+from girandole.engine.cpu_graphs import CpuDecodeGraphs
 from girandole.engine.cuda_graphs import DecodeGraphs
 from girandole.engine.kv_groups import bind_kv_cache, bytes_per_block, group_layers
 from girandole.engine.lora_manager import lora_batch
@@ -101,8 +102,9 @@ class ModelRunner:
         decode_graphs_max_batch: int = 0,
         sliding_window_cache: bool = True,
     ) -> None:
-        """`decode_graphs_max_batch`: on the GPU path, run decode steps of up to this many
-        sequences as CUDA graphs (engine/cuda_graphs.py; 0: eager, as --enforce-eager).
+        """`decode_graphs_max_batch`: run decode steps of up to this many sequences as graphs:
+        CUDA graphs on the GPU path (engine/cuda_graphs.py), recorded native kernel calls on
+        the CPU (engine/cpu_graphs.py); 0: eager, as --enforce-eager.
         `sliding_window_cache`: sliding-window layers keep only their window's blocks
         (engine/kv_groups.py); off, every layer keeps every position."""
         self.model = model
@@ -134,6 +136,11 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
         self.eos_token_ids = eos_token_ids  # the sampler's min_tokens suppresses these
         self.graphs: DecodeGraphs | None = None
+        self.cpu_graphs: CpuDecodeGraphs | None = None
+        if decode_graphs_max_batch > 0 and not self.gpu_path and device.type == "cpu":
+            self.cpu_graphs = CpuDecodeGraphs.build(
+                model, len(self.kv_groups), decode_graphs_max_batch
+            )
         if graphs:
             self.graphs = DecodeGraphs(
                 model,
@@ -477,6 +484,8 @@ class ModelRunner:
             self._gather_inputs(ids, seqs, num_new_tokens, inputs)
         if self.graphs is not None and self.graphs.can_run(ctx):
             hidden = self.graphs.run(ids, pos, ctx)
+        elif self.cpu_graphs is not None and self.cpu_graphs.can_run(ids, ctx):
+            hidden = self.cpu_graphs.run(ids, pos, ctx)
         else:
             with forward_context(ctx):
                 hidden = self.model(ids, pos)

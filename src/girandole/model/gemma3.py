@@ -76,12 +76,20 @@ class Gemma3ForCausalLM(nn.Module):
         self.final_logit_softcap = spec.final_logit_softcap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids) * self.embed_scale
+        x = self.embed_tokens(input_ids)
+        for layer, rope in zip(self.layers, self.rope_tables(positions)):
+            x = layer(x, rope)
+        return x
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids) * self.embed_scale
+
+    def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin) at `positions`: local layers share one, global ones
+        the other."""
         rope_global = self.rotary_global(positions)
         rope_local = self.rotary_local(positions)
-        for layer in self.layers:
-            x = layer(x, rope_local if layer.is_local else rope_global)
-        return x
+        return [rope_local if layer.is_local else rope_global for layer in self.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden))

@@ -52,11 +52,17 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(inv_freq)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        rope = self.rotary(positions)
-        for layer in self.layers:
+        x = self.embed_tokens(input_ids)
+        for layer, rope in zip(self.layers, self.rope_tables(positions)):
             x = layer(x, rope)
         return x
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin) at `positions`: one for all."""
+        return [self.rotary(positions)] * len(self.layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

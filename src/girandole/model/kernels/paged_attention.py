@@ -6,6 +6,8 @@ Available where the kernels build (x86 with AVX512 and a C compiler)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from girandole.model.kernels import loader
@@ -31,25 +33,35 @@ def paged_attention(
     window: int | None,
     scale: float,
 ) -> torch.Tensor:  # [S, H, D]
+    q = q.float().contiguous()
+    out = torch.empty_like(q)
+    fn, args = bind(q, k_cache, v_cache, slots, starts, lens, window, scale, out)
+    fn(*args)
+    return out
+
+
+def bind(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    window: int | None,
+    scale: float,
+    out: torch.Tensor,
+    threads: int | None = None,
+) -> tuple[Callable, tuple]:
+    """The native call writing `out` [S, H, D] from q [S, H, D] (both contiguous float32); the
+    kernel reads `slots` as far as `starts` and `lens` say. The function and its arguments, to
+    call now or replay (engine/cpu_graphs.py)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
-    q = q.float().contiguous()
+    assert q.is_contiguous() and out.is_contiguous() and q.dtype == torch.float32
     s, h, d = q.shape
-    out = torch.empty_like(q)
-    lib.paged_attention(
-        q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        slots.data_ptr(),
-        starts.data_ptr(),
-        lens.data_ptr(),
-        s,
-        h,
-        k_cache.shape[1],
-        d,
-        window or 0,
-        scale,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out
+    threads = torch.get_num_threads() if threads is None else threads
+    return lib.paged_attention, (
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+        starts.data_ptr(), lens.data_ptr(), s, h, k_cache.shape[1], d, window or 0, scale,
+        out.data_ptr(), threads,
+    )  # fmt: skip

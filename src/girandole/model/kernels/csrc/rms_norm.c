@@ -6,6 +6,7 @@
 // norm is P = 1; the per-head QK norm is P = heads, reading the q and k heads in place from the
 // fused QKV output. out: [T, P, D] contiguous. Every row is computed alone (batch invariant).
 // cos, sin ([T, D/2], or NULL): the rotary embedding of group t's position, applied after the norm.
+// w NULL: no norm, the rows copied (then rotated): the rotary alone, for models without QK norm.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -36,8 +37,13 @@ void rms_norm(const float *x, int64_t T, int64_t P, int64_t D, int64_t stride, c
     for (int64_t r = 0; r < T * P; r++) {
         const int64_t t = r / P, p = r % P;
         const float *xr = x + t * stride + p * D;
-        const float *wr = w + p * D;
+        const float *wr = w ? w + p * D : 0;
         float *o = out + r * D;
+        if (!w) {
+            for (int64_t d = 0; d < D; d++) o[d] = xr[d];
+            if (cos) rope_row(o, D, cos + t * (D / 2), sin + t * (D / 2));
+            continue;
+        }
         __m512 acc = _mm512_setzero_ps();
         int64_t d = 0;
         for (; d + 16 <= D; d += 16) {

@@ -1,0 +1,283 @@
+"""CpuDecodeGraphs: decode steps on the native CPU kernels replayed as recorded lists of calls
+(the CPU's counterpart of cuda_graphs.py).
+
+A decode step of the default model is ~350 native kernel calls. Eagerly each goes through
+nn.Module calls, context lookups, dtype and shape checks, tensor allocations and ctypes argument
+conversion: ~4 ms of an ~18 ms batch-1 step on a 2-core host, more than the attention and the
+norms together. A graph here is the step's calls for one row count M recorded once, every
+argument fixed (pointers into static buffers: the residual stream, each layer's outputs, the
+rotary tables, the cache slots); a step copies its inputs (embedded tokens, rotary tables, cache
+slots) into those buffers and calls the list (~1 us a call).
+
+The calls, their order, their kernels and their inputs are the eager forward's, so a step's
+numbers are bitwise the eager step's (tests/engine/test_cpu_graphs.py): the graphs change only
+what a step costs. They serve decode steps (every sequence one new token, no LoRA rows) of a
+model whose layers are the shared blocks (layers.py: RMSNorm, SelfAttention with native paged
+attention, GatedMLP with native activation, quantized linears on wq_gemm); anything else runs
+eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from girandole.model import kernels
+from girandole.model.attention import Attention
+from girandole.model.context import ForwardContext
+from girandole.model.kernels import gated_act, paged_attention, rms_norm, wq_gemm
+from girandole.model.layers import GatedMLP, RMSNorm, SelfAttention
+from girandole.model.lora import LoRALinear
+from girandole.model.quant import PackedLinear
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 256  # decode steps of more rows run eagerly (their glue is a small share)
+MAX_GRAPHS = 16  # graphs kept, the least recently used dropped first
+# Context slots (all rows together) a graph's buffers hold beyond a step's when it is recorded,
+# at least MIN_SLOT_CAPACITY: room to grow before re-recording.
+SLOT_HEADROOM = 2048
+MIN_SLOT_CAPACITY = 4096
+
+
+def _base(linear: nn.Module) -> nn.Module:
+    """The base linear of a LoRA-wrapped one (graphs run only steps without adapter rows)."""
+    return linear.base if isinstance(linear, LoRALinear) else linear
+
+
+def _native_linear(linear: nn.Module) -> bool:
+    linear = _base(linear)
+    return isinstance(linear, PackedLinear) and bool(linear.native_bits)
+
+
+def _native_norm(norm: nn.Module | None) -> bool:
+    return norm is None or (isinstance(norm, RMSNorm) and norm.fused)
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether every layer of `model` is made of the blocks a graph records, on native kernels."""
+    if not kernels.available() or not hasattr(model, "rope_tables"):
+        return False
+    for layer in getattr(model, "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not isinstance(attn, SelfAttention) or not isinstance(mlp, GatedMLP):
+            return False
+        norms = [
+            layer.attn_norm,
+            layer.ffn_norm,
+            getattr(layer, "post_attn_norm", None),
+            getattr(layer, "post_ffn_norm", None),
+        ]
+        if not all(_native_norm(n) for n in norms):
+            return False
+        if attn.qk_norm_weight is not None and not attn.fused_norm:
+            return False
+        a = attn.attn
+        if a.k_cache is None or not paged_attention.supported(
+            a.head_dim, a.k_cache, a.logit_softcap
+        ):
+            return False
+        linears = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down]
+        if not all(_native_linear(x) for x in linears) or mlp.native_act is None:
+            return False
+        if any(_base(x).bias is not None for x in (attn.o_proj, mlp.gate_up, mlp.down)):
+            return False
+    return True
+
+
+class _GroupSlots:
+    """One KV cache group's static inputs: where the new tokens' K/V go, and the slots, starts
+    and lengths the attention kernel reads."""
+
+    def __init__(self, rows: int, capacity: int) -> None:
+        self.slot_mapping = torch.zeros(rows, dtype=torch.long)
+        self.slots = torch.zeros(capacity, dtype=torch.long)
+        self.starts = torch.zeros(rows, dtype=torch.long)
+        self.lens = torch.ones(rows, dtype=torch.long)
+
+    def fill(self, ctx: ForwardContext) -> None:
+        n = ctx.native
+        self.slot_mapping.copy_(ctx.slot_mapping)
+        self.slots[: n.slots.shape[0]].copy_(n.slots)
+        self.starts.copy_(n.starts)
+        self.lens.copy_(n.lens)
+
+
+class CpuDecodeGraph:
+    """The recorded calls of a decode step of `rows` rows (slot capacity: the most context slots
+    of all rows together it can read)."""
+
+    def __init__(self, model: nn.Module, rows: int, capacity: int, num_groups: int) -> None:
+        self.model = model
+        self.rows = rows
+        self.capacity = capacity
+        self.threads = torch.get_num_threads()
+        self.groups = [_GroupSlots(rows, capacity) for _ in range(num_groups)]
+        self.x = torch.zeros(rows, model.layers[0].attn_norm.weight.shape[0])
+        self.ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id of an eager table
+        self.calls: list[tuple[Callable, tuple]] = []
+        # alive while the calls point into them
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self._rope_index: list[int] = []  # per layer: which of `ropes`
+        self._record()
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def _buffer(self, tag: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A static buffer for call site `tag`, shared by every layer (a layer's intermediates
+        are dead once it has run): 18 layers take one layer's memory."""
+        key = (tag, shape, dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(*shape, dtype=dtype)
+        return self.buffers[key]
+
+    def _call(self, bound: tuple[Callable, tuple]) -> None:
+        self.calls.append(bound)
+
+    def _torch(self, fn: Callable, *args) -> None:
+        self.calls.append((fn, args))
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        out = self._buffer("norm", self.rows, 1, x.shape[1])
+        w = norm.weight.view(1, -1)
+        self._call(rms_norm.bind(x, w, norm.eps, None, out, threads=self.threads))
+        return out.view(self.rows, -1)
+
+    def _linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 or bf16 [M, K]; returns float32 [M, N] as PackedLinear.forward does."""
+        linear = _base(linear)
+        if x.dtype != torch.bfloat16:
+            xb = self._buffer("bf16", self.rows, x.shape[1], dtype=torch.bfloat16)
+            self._torch(xb.copy_, x)
+            x = xb
+        y = self._buffer("linear", self.rows, linear.out_features)
+        self._call(
+            wq_gemm.bind(
+                x,
+                linear.native_packed,
+                linear.native_params,
+                linear.native_bits,
+                y,
+                threads=self.threads,
+            )
+        )
+        if linear.bias is not None:
+            self._torch(y.add_, linear.bias)
+        return y
+
+    def _attention(self, attn: SelfAttention, x: torch.Tensor, rope) -> torch.Tensor:
+        m = self.rows
+        h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = self._linear(attn.qkv, x)
+        qk = self._buffer("qk", m, h + hkv, d)
+        weight = attn.qk_norm_weight  # None: rotary alone (the kernel copies, then rotates)
+        self._call(
+            rms_norm.bind(
+                qkv[:, : (h + hkv) * d], weight, attn.eps, rope, qk, heads=h + hkv,
+                threads=self.threads,
+            )
+        )  # fmt: skip
+        a: Attention = attn.attn
+        g = self.groups[a.kv_group]
+        v = qkv[:, (h + hkv) * d :].view(m, hkv, d)
+        self._torch(a.k_cache.index_copy_, 0, g.slot_mapping, qk[:, h:])
+        self._torch(a.v_cache.index_copy_, 0, g.slot_mapping, v)
+        q = qk[:, :h]
+        if not q.is_contiguous():
+            q_buf = self._buffer("q", m, h, d)
+            self._torch(q_buf.copy_, q)
+            q = q_buf
+        out = self._buffer("attention", m, h, d)
+        self._call(
+            paged_attention.bind(
+                q, a.k_cache, a.v_cache, g.slots, g.starts, g.lens, a.sliding_window, a.scale,
+                out, threads=self.threads,
+            )
+        )  # fmt: skip
+        return self._linear(attn.o_proj, out.view(m, h * d))
+
+    def _mlp(self, mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
+        gu = self._linear(mlp.gate_up, x)
+        act = self._buffer("act", self.rows, gu.shape[1] // 2, dtype=torch.bfloat16)
+        self._call(gated_act.bind(gu, mlp.native_act, act, threads=self.threads))
+        return self._linear(mlp.down, act)
+
+    def _record(self) -> None:
+        x, m = self.x, self.rows
+        d_rope = [layer.self_attn.head_dim // 2 for layer in self.model.layers]
+        # One static (cos, sin) per distinct eager table (Gemma: local and global).
+        probe = self.model.rope_tables(torch.zeros(1, dtype=torch.long))
+        for layer_idx, table in enumerate(probe):
+            key = next((k for k, t in enumerate(probe[:layer_idx]) if t is table), layer_idx)
+            if key not in self.ropes:
+                shape = (m, d_rope[layer_idx])
+                self.ropes[key] = (
+                    self._buffer(f"cos{key}", *shape),
+                    self._buffer(f"sin{key}", *shape),
+                )
+            self._rope_index.append(key)
+        for layer, key in zip(self.model.layers, self._rope_index):
+            t = self._attention(layer.self_attn, self._norm(layer.attn_norm, x), self.ropes[key])
+            post = getattr(layer, "post_attn_norm", None)
+            self._torch(x.add_, self._norm(post, t) if post is not None else t)
+            t = self._mlp(layer.mlp, self._norm(layer.ffn_norm, x))
+            post = getattr(layer, "post_ffn_norm", None)
+            self._torch(x.add_, self._norm(post, t) if post is not None else t)
+
+    # -- a step ---------------------------------------------------------------------------------
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The hidden states [M, H] (this graph's buffer: valid until its next run)."""
+        self.x.copy_(self.model.embed_tokens(ids))
+        tables = self.model.rope_tables(positions)
+        for key, (cos, sin) in self.ropes.items():
+            cos.copy_(tables[key][0])
+            sin.copy_(tables[key][1])
+        for group, gctx in zip(self.groups, ctx.groups or [ctx]):
+            group.fill(gctx)
+        for fn, args in self.calls:
+            fn(*args)
+        return self.x
+
+
+class CpuDecodeGraphs:
+    """The graphs of the row counts recently seen, recorded on first use."""
+
+    def __init__(self, model: nn.Module, num_groups: int, max_rows: int = MAX_ROWS) -> None:
+        self.model = model
+        self.num_groups = num_groups
+        self.max_rows = min(max_rows, MAX_ROWS)
+        self.graphs: OrderedDict[int, CpuDecodeGraph] = OrderedDict()
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, num_groups: int, max_rows: int = MAX_ROWS
+    ) -> CpuDecodeGraphs | None:
+        """The graphs of `model`, or None where its layers are not all recordable."""
+        return cls(model, num_groups, max_rows) if supported(model) else None
+
+    def can_run(self, ids: torch.Tensor, ctx: ForwardContext) -> bool:
+        groups = ctx.groups or [ctx]
+        return (
+            0 < ids.shape[0] <= self.max_rows
+            and ctx.lora is None
+            and all(n == 1 for n in ctx.query_lens)
+            and all(g.native is not None for g in groups)
+        )
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        m = ids.shape[0]
+        need = max(g.native.slots.shape[0] for g in ctx.groups or [ctx])
+        graph = self.graphs.get(m)
+        if graph is None or graph.capacity < need or graph.threads != torch.get_num_threads():
+            capacity = max(need + SLOT_HEADROOM, MIN_SLOT_CAPACITY)
+            graph = CpuDecodeGraph(self.model, m, capacity, self.num_groups)
+            self.graphs[m] = graph
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(m)
+        return graph.run(ids, positions, ctx)

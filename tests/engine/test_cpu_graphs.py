@@ -1,0 +1,118 @@
+"""Decode steps as recorded native kernel calls (girandole/engine/cpu_graphs.py): a graph's step
+is bitwise the eager forward's, for the default model (Gemma 3: post norms, local and global
+rotary tables, sliding-window KV groups) and tiny Llama (rotary without QK norm) and Qwen 3 (QK
+norm) checkpoints; generation with graphs equals generation without, through re-recording when
+the context outgrows a graph's slot buffers; steps a graph cannot run stay eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from girandole import LLM, SamplingParams
+from girandole.engine import cpu_graphs
+from girandole.model import kernels
+from girandole.model.context import forward_context
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(),
+    reason="native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)",
+)
+
+
+def _llm(model=None, **kwargs) -> LLM:
+    kwargs.setdefault("kv_cache_gb", 0.05)
+    return LLM(model=None if model is None else str(model), mode="fast", device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return _llm(max_num_seqs=8)
+
+
+def _step_both_ways(llm: LLM, prompts: list[list[int]]) -> None:
+    engine, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = [f"s{i}-{len(prompts)}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    engine.step()  # the prompts (chunked or not) and their first tokens
+    while engine.scheduler.waiting:
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert batch.num_new_tokens == [1] * len(prompts)
+    tokens, pos, ctx = runner.prepare(batch.seqs, batch.num_new_tokens)
+    assert runner.cpu_graphs is not None and runner.cpu_graphs.can_run(tokens, ctx)
+    with torch.inference_mode():
+        with forward_context(ctx):
+            eager = runner.model(tokens, pos)
+        graph = runner.cpu_graphs.run(tokens, pos, ctx)
+    assert torch.equal(graph, eager)
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+
+
+PROMPTS = [[2, 9, 27, 81, 50, 7, 11], [5 + i for i in range(40)], [7, 7, 8]]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_default_model_step_is_the_eager_step(default_llm, rows):
+    assert len(default_llm.engine.runner.kv_groups) > 1  # local and global layers' groups
+    _step_both_ways(default_llm, PROMPTS[:rows])
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen3"])
+def test_tiny_models_step_is_the_eager_step(which, tiny_llama_dir, tiny_qwen3_dir):
+    llm = _llm(tiny_llama_dir if which == "llama" else tiny_qwen3_dir, block_size=4)
+    _step_both_ways(llm, PROMPTS)
+    _step_both_ways(llm, PROMPTS[:1])
+
+
+def _generate(llm: LLM, prompts: list[str], max_tokens: int = 24):
+    params = [
+        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True),
+        SamplingParams(
+            temperature=0.9, seed=7, max_tokens=max_tokens * 2 // 3, logprobs=3, ignore_eos=True
+        ),
+        SamplingParams(
+            temperature=0.7, top_p=0.9, seed=3, max_tokens=max_tokens // 3, ignore_eos=True
+        ),
+    ]
+    outs = llm.generate(prompts, params[: len(prompts)])
+    return [(o.token_ids, [(lp.logprob, lp.top_logprobs) for lp in o.logprobs or []]) for o in outs]
+
+
+def test_generation_equals_eager_through_re_recording(default_llm, monkeypatch):
+    """Three requests of different lengths (the batch shrinks as they finish: graphs of 3, 2
+    and 1 rows), graphs re-recorded as the slots outgrow them: the same tokens and log
+    probabilities as with --enforce-eager."""
+    monkeypatch.setattr(cpu_graphs, "MIN_SLOT_CAPACITY", 16)
+    monkeypatch.setattr(cpu_graphs, "SLOT_HEADROOM", 16)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    graphs = default_llm.engine.runner.cpu_graphs
+    graphs.graphs.clear()
+    recorded = []
+    real = cpu_graphs.CpuDecodeGraph.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        recorded.append((self.rows, self.capacity))
+
+    monkeypatch.setattr(cpu_graphs.CpuDecodeGraph, "__init__", spy)
+    with_graphs = _generate(default_llm, prompts)
+    assert {rows for rows, _ in recorded} == {1, 2, 3}
+    assert len(recorded) > 3  # some row count re-recorded for more slots
+    eager = _llm(max_num_seqs=8, enforce_eager=True)
+    assert eager.engine.runner.cpu_graphs is None
+    assert _generate(eager, prompts) == with_graphs
+
+
+def test_prefill_steps_stay_eager(default_llm):
+    engine, runner = default_llm.engine, default_llm.engine.runner
+    engine.add_request("p", [2, 5, 9, 11], SamplingParams(max_tokens=2))
+    batch = engine.scheduler.schedule()  # a prefill
+    tokens, _, ctx = runner.prepare(batch.seqs, batch.num_new_tokens)
+    assert not runner.cpu_graphs.can_run(tokens, ctx)
+    engine.abort("p")
+    engine.step()
