@@ -140,8 +140,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--enforce-eager",
         action="store_true",
         default=_env("ENFORCE_EAGER", "") not in ("", "0"),
-        help="on a GPU, run decode steps eagerly instead of as CUDA graphs captured at start-up"
-        " [GIRANDOLE_ENFORCE_EAGER]",
+        help="run decode steps eagerly instead of as graphs (CUDA graphs captured at start-up on"
+        " a GPU; recorded native kernel calls on a CPU) [GIRANDOLE_ENFORCE_EAGER]",
     )
     p.add_argument(
         "--no-overlap-scheduling",

@@ -23,7 +23,7 @@ class EngineOptions:
     draft_token_count: int = 4
     max_loras: int = 8
     max_num_seqs: int = 64  # sequences running at once in one replica
-    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # no decode graphs (CUDA on GPU, recorded calls on CPU)
     overlap_scheduling: bool | None = None  # GPU: None = on; False: synchronous steps
     grammar_compile_timeout: float = 10.0  # seconds
 
