@@ -116,3 +116,25 @@ def test_prefill_steps_stay_eager(default_llm):
     assert not runner.cpu_graphs.can_run(tokens, ctx)
     engine.abort("p")
     engine.step()
+
+
+def test_caches_bound_anew_are_recorded_anew(default_llm):
+    """A graph points into the KV caches it was recorded with: where the runner's layers hold
+    other cache tensors, the graphs are recorded again (and the old tensors left alone)."""
+    runner = default_llm.engine.runner
+    _step_both_ways(default_llm, PROMPTS[:2])
+    first = runner.cpu_graphs.graphs[2]
+    attns = runner.attn_layers
+    old = [(a.k_cache, a.v_cache) for a in attns]
+    try:
+        for a in attns:
+            a.k_cache, a.v_cache = a.k_cache.clone(), a.v_cache.clone()
+        untouched = [t.clone() for pair in old for t in pair]
+        _step_both_ways(default_llm, PROMPTS[:2])
+        assert runner.cpu_graphs.graphs[2] is not first
+        assert all(torch.equal(t, u) for t, u in zip((t for p in old for t in p), untouched))
+    finally:  # back to the original tensors, with what the step wrote
+        for a, (k, v) in zip(attns, old):
+            k.copy_(a.k_cache)
+            v.copy_(a.v_cache)
+            a.k_cache, a.v_cache = k, v

@@ -89,6 +89,12 @@ def supported(model: nn.Module) -> bool:
     return True
 
 
+def cache_key(attns: list[Attention]) -> tuple[int, ...]:
+    """The identities of the KV caches a graph's calls write and read (equal keys: a recorded
+    graph still points at the live caches; the runner binds them once, so this only guards)."""
+    return tuple(id(t) for a in attns for t in (a.k_cache, a.v_cache))
+
+
 class _GroupSlots:
     """One KV cache group's static inputs: where the new tokens' K/V go, and the slots, starts
     and lengths the attention kernel reads."""
@@ -122,8 +128,11 @@ class CpuDecodeGraph:
         self.calls: list[tuple[Callable, tuple]] = []
         # alive while the calls point into them
         self.buffers: dict[tuple, torch.Tensor] = {}
+        # The weights and caches the calls point into, held so that they outlive the graph.
+        self.held: list[torch.Tensor] = []
         self._rope_index: list[int] = []  # per layer: which of `ropes`
         self._record()
+        self.key = cache_key([layer.self_attn.attn for layer in model.layers])
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -150,6 +159,7 @@ class CpuDecodeGraph:
     def _linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x: float32 or bf16 [M, K]; returns float32 [M, N] as PackedLinear.forward does."""
         linear = _base(linear)
+        self.held += [linear.native_packed, linear.native_params]
         if x.dtype != torch.bfloat16:
             xb = self._buffer("bf16", self.rows, x.shape[1], dtype=torch.bfloat16)
             self._torch(xb.copy_, x)
@@ -182,6 +192,7 @@ class CpuDecodeGraph:
             )
         )  # fmt: skip
         a: Attention = attn.attn
+        self.held += [a.k_cache, a.v_cache]
         g = self.groups[a.kv_group]
         v = qkv[:, (h + hkv) * d :].view(m, hkv, d)
         self._torch(a.k_cache.index_copy_, 0, g.slot_mapping, qk[:, h:])
@@ -251,6 +262,7 @@ class CpuDecodeGraphs:
         self.model = model
         self.num_groups = num_groups
         self.max_rows = min(max_rows, MAX_ROWS)
+        self.attns = [layer.self_attn.attn for layer in model.layers]
         self.graphs: OrderedDict[int, CpuDecodeGraph] = OrderedDict()
 
     @classmethod
@@ -273,6 +285,9 @@ class CpuDecodeGraphs:
         m = ids.shape[0]
         need = max(g.native.slots.shape[0] for g in ctx.groups or [ctx])
         graph = self.graphs.get(m)
+        if graph is not None and graph.key != cache_key(self.attns):
+            self.graphs.clear()  # the caches were bound anew: record again
+            graph = None
         if graph is None or graph.capacity < need or graph.threads != torch.get_num_threads():
             capacity = max(need + SLOT_HEADROOM, MIN_SLOT_CAPACITY)
             graph = CpuDecodeGraph(self.model, m, capacity, self.num_groups)
