@@ -195,8 +195,9 @@ class CpuDecodeGraph:
         self.held += [a.k_cache, a.v_cache]
         g = self.groups[a.kv_group]
         v = qkv[:, (h + hkv) * d :].view(m, hkv, d)
-        self._torch(a.k_cache.index_copy_, 0, g.slot_mapping, qk[:, h:])
-        self._torch(a.v_cache.index_copy_, 0, g.slot_mapping, v)
+        self._call(
+            paged_attention.bind_write_kv(qk[:, h:], v, a.k_cache, a.v_cache, g.slot_mapping)
+        )
         q = qk[:, :h]
         if not q.is_contiguous():
             q_buf = self._buffer("q", m, h, d)

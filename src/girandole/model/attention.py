@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from girandole.model.context import ForwardContext, PaddedDecode, PagedTables, get_context
+from girandole.model.kernels import available as kernels_available
 from girandole.model.kernels import paged_attention
 
 # torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
@@ -69,9 +70,12 @@ class Attention(nn.Module):
         if ctx.groups is not None:
             ctx = ctx.groups[self.kv_group]
         cache_dtype = self.k_cache.dtype
-        # index_copy_/index_select: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
-        self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))
-        self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
+        if ctx.native is not None and self._native_write(k, v):
+            paged_attention.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        else:
+            # index_copy_: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
+            self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))
+            self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         qc = q.to(cache_dtype)
         if ctx.paged is not None:
             out = self._attend_paged(qc, ctx.paged)
@@ -86,6 +90,16 @@ class Attention(nn.Module):
         else:
             out = self._attend_each_sequence(qc, ctx)
         return out.to(q.dtype).reshape(out.shape[0], -1)
+
+    def _native_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the step's keys and values go to the cache natively (CPU, float32)."""
+        return (
+            self.k_cache.dtype == torch.float32
+            and self.k_cache.device.type == "cpu"
+            and paged_attention.rows_contiguous(k)
+            and paged_attention.rows_contiguous(v)
+            and kernels_available()
+        )
 
     def _attend_paged(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
         """The GPU path: Triton kernels reading the cache in place through block tables."""

@@ -63,6 +63,8 @@ SIGNATURES = {
     "argmax_rows": [ptr, i64, i64, ptr, c_int],
     # gu, T, I, act, out, nthreads
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
+    # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache
+    "kv_cache_write": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
     # x, T, P, D, stride, w, eps, cos, sin, out, nthreads
     "rms_norm": [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr, c_int],
     # x, T, K, slot, a, bt, rank, N, y, nthreads

@@ -65,3 +65,36 @@ def bind(
         starts.data_ptr(), lens.data_ptr(), s, h, k_cache.shape[1], d, window or 0, scale,
         out.data_ptr(), threads,
     )  # fmt: skip
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
+) -> None:
+    """k_cache[slots[i]] = k[i] and v_cache[slots[i]] = v[i] (as index_copy_ does)."""
+    fn, args = bind_write_kv(k, v, k_cache, v_cache, slots)
+    fn(*args)
+
+
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Whether each row of t [T, Hkv, D] is one contiguous run of Hkv * D floats."""
+    return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
+def bind_write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
+) -> tuple[Callable, tuple]:
+    """The native call of `write_kv`: k, v [T, Hkv, D] float32 with contiguous rows (any row
+    stride), caches [slots, Hkv, D] contiguous, slots [T] int64. The function and its
+    arguments, to call now or replay (engine/cpu_graphs.py)."""
+    lib = loader.library()
+    assert lib is not None, "native kernels not available"
+    assert rows_contiguous(k) and rows_contiguous(v) and k.shape == v.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert slots.dtype == torch.long and slots.is_contiguous()
+    assert k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+    width = k.shape[1] * k.shape[2]
+    assert k_cache.shape[1] * k_cache.shape[2] == width and slots.shape[0] == k.shape[0]
+    return lib.kv_cache_write, (
+        k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
+        width, k_cache.data_ptr(), v_cache.data_ptr(),
+    )  # fmt: skip

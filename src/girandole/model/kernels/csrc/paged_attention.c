@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd_math.h"
 
@@ -219,4 +220,16 @@ void paged_attention(const float *q, const float *k_cache, const float *v_cache,
     }
     free(part);
     free(first);
+}
+
+// The step's new keys and values into their cache slots: row i of k and v (`width` floats each,
+// rows `k_stride` / `v_stride` floats apart) to slot slots[i] of the caches (rows of `width`).
+// A copy, as torch's index_copy_, without its per-call overhead (two calls a layer).
+void kv_cache_write(const float *k, const float *v, int64_t k_stride, int64_t v_stride,
+                    const int64_t *slots, int64_t rows, int64_t width, float *k_cache,
+                    float *v_cache) {
+    for (int64_t i = 0; i < rows; i++) {
+        memcpy(k_cache + slots[i] * width, k + i * k_stride, sizeof(float) * (size_t)width);
+        memcpy(v_cache + slots[i] * width, v + i * v_stride, sizeof(float) * (size_t)width);
+    }
 }
