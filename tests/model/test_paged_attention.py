@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from girandole.model.attention import Attention
+from girandole.model.kernels import available as kernels_available
 from girandole.model.kernels import paged_attention
 
 pytestmark = pytest.mark.skipif(
@@ -90,3 +91,19 @@ def test_four_head_fast_path_is_the_generic_path(head_dim):
             q[:, h : h + 1].contiguous(), k_cache, v_cache, slots, starts, lens, None, scale
         )
         assert torch.equal(single[:, 0], grouped[:, h])
+
+
+@pytest.mark.skipif(not kernels_available(), reason="native kernels unavailable here")
+def test_native_kv_write_is_index_copy():
+    """The native write of a step's keys and values (rows read at any row stride, as the QKV
+    output's views are) puts the same floats in the same slots as index_copy_, nothing else."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, 6, 32, generator=g)  # 4 query heads, then 1 key and 1 value head
+    k, v = qkv[:, 4:5], qkv[:, 5:6]
+    slots = torch.tensor([7, 0, 31, 12, 3])
+    caches = [torch.randn(40, 1, 32, generator=g) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    expected[0].index_copy_(0, slots, k)
+    expected[1].index_copy_(0, slots, v)
+    paged_attention.write_kv(k, v, caches[0], caches[1], slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
