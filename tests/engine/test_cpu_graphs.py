@@ -138,3 +138,28 @@ def test_caches_bound_anew_are_recorded_anew(default_llm):
             k.copy_(a.k_cache)
             v.copy_(a.v_cache)
             a.k_cache, a.v_cache = k, v
+
+
+def test_draft_model_proposes_through_graphs(tiny_llama_dir):
+    """A draft model's proposals after the first are one-token decode steps: on CPU they run
+    as graphs too. The model drafting for itself: every proposal accepted (the graph's greedy
+    token is the verifying forward's), and the tokens of plain decoding."""
+    prompts = [[2, 9, 27, 81, 50, 7, 11], [5 + i for i in range(20)]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = _llm(tiny_llama_dir, block_size=4).generate(prompts, params)
+    spec = _llm(tiny_llama_dir, block_size=4, draft_model=str(tiny_llama_dir), draft_token_count=3)
+    draft_runner = spec.engine.speculator.draft.runner
+    assert draft_runner.cpu_graphs is not None
+    engine = spec.engine
+    tokens: dict[str, list[int]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            counts[out.request_id] = out.speculation
+    assert [tokens[str(i)] for i in range(len(prompts))] == [o.token_ids for o in plain]
+    assert draft_runner.cpu_graphs.graphs  # recorded and used
+    for c in counts.values():
+        assert c["accepted"] == c["proposed"] > 0

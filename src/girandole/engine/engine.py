@@ -140,6 +140,8 @@ class LLMEngine:
                 config.block_size,
                 int(config.kv_cache_gb * (1 << 30)),
                 self.model_config.vocab_size,
+                # CPU graphs for the draft's decode steps; a GPU draft stays eager
+                0 if config.enforce_eager or device.type != "cpu" else config.max_num_seqs,
             )
         spec = SpeculationConfig(
             ngram_length=config.ngram_speculation_length,

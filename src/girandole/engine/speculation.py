@@ -238,8 +238,17 @@ class DraftModel:
 
     @classmethod
     def load(
-        cls, path: str, mode: str, device: torch.device, block_size: int, kv_bytes: int, vocab: int
+        cls,
+        path: str,
+        mode: str,
+        device: torch.device,
+        block_size: int,
+        kv_bytes: int,
+        vocab: int,
+        decode_graphs_max_batch: int = 0,
     ) -> DraftModel:
+        """`decode_graphs_max_batch`: as ModelRunner's (the draft's proposals after the first
+        are decode steps of one token per sequence: on CPU, replayed graphs)."""
         from girandole.engine.runner import ModelRunner
         from girandole.model.loader import load_model
 
@@ -252,7 +261,13 @@ class DraftModel:
         # Every position kept: a step may take back the draft's last proposals (_sync), whose
         # queries read keys that a sliding window would already have released.
         runner = ModelRunner(
-            model, config, device, block_size, kv_bytes, sliding_window_cache=False
+            model,
+            config,
+            device,
+            block_size,
+            kv_bytes,
+            decode_graphs_max_batch=decode_graphs_max_batch,
+            sliding_window_cache=False,
         )
         return cls(runner, KVCacheManager(runner.num_blocks, block_size))
 
