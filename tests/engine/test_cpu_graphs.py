@@ -163,3 +163,29 @@ def test_draft_model_proposes_through_graphs(tiny_llama_dir):
     assert draft_runner.cpu_graphs.graphs  # recorded and used
     for c in counts.values():
         assert c["accepted"] == c["proposed"] > 0
+
+
+def test_verify_steps_run_as_graphs(tiny_llama_dir):
+    """A step that verifies proposed tokens (here a prediction of the output) has several rows
+    of one sequence: it runs as a graph of that many rows, with the tokens and log
+    probabilities of plain decoding."""
+    llm = _llm(tiny_llama_dir, block_size=4, max_num_seqs=4)
+    prompts = [[2, 9, 27, 81, 50, 7, 11], [5 + i for i in range(20)]]
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True)
+    plain = llm.generate(prompts, params)
+    llm.engine.runner.cpu_graphs.graphs.clear()
+    predicted = [
+        SamplingParams(
+            temperature=0, max_tokens=20, logprobs=2, ignore_eos=True, speculation=o.token_ids
+        )
+        for o in plain
+    ]
+    spec = llm.generate(prompts, predicted)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+    # (sampling_logprob is the verifier's own float64 figure: compared are the reported ones)
+    def reported(outs):
+        return [[(r.token_id, r.logprob, r.top_logprobs) for r in o.logprobs] for o in outs]
+
+    assert reported(spec) == reported(plain)
+    assert max(llm.engine.runner.cpu_graphs.graphs) > len(prompts)  # verify rows

@@ -11,10 +11,12 @@ slots) into those buffers and calls the list (~1 us a call).
 
 The calls, their order, their kernels and their inputs are the eager forward's, so a step's
 numbers are bitwise the eager step's (tests/engine/test_cpu_graphs.py): the graphs change only
-what a step costs. They serve decode steps (every sequence one new token, no LoRA rows) of a
-model whose layers are the shared blocks (layers.py: RMSNorm, SelfAttention with native paged
-attention, GatedMLP with native activation, quantized linears on wq_gemm); anything else runs
-eagerly.
+what a step costs. They serve decode steps (each sequence's new token, and the tokens proposed
+after it when speculating; no LoRA rows) of a model whose layers are the shared blocks
+(layers.py: RMSNorm, SelfAttention with native paged attention, GatedMLP with native
+activation, quantized linears on wq_gemm); anything else runs eagerly. A row is a token at its
+position with its own slots, so a verify step's rows (several of one sequence) fit the same
+graph as a decode step of as many rows.
 """
 
 from __future__ import annotations
@@ -278,7 +280,9 @@ class CpuDecodeGraphs:
         return (
             0 < ids.shape[0] <= self.max_rows
             and ctx.lora is None
-            and all(n == 1 for n in ctx.query_lens)
+            # every row a decode token, or a token proposed after one (speculation's verify
+            # step): the rows of such steps stay few; prompt chunks run eagerly
+            and ctx.num_decode_rows == ids.shape[0]
             and all(g.native is not None for g in groups)
         )
 

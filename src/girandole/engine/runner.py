@@ -102,9 +102,10 @@ class ModelRunner:
         decode_graphs_max_batch: int = 0,
         sliding_window_cache: bool = True,
     ) -> None:
-        """`decode_graphs_max_batch`: run decode steps of up to this many sequences as graphs:
-        CUDA graphs on the GPU path (engine/cuda_graphs.py), recorded native kernel calls on
-        the CPU (engine/cpu_graphs.py); 0: eager, as --enforce-eager.
+        """`decode_graphs_max_batch`: run decode steps as graphs: on the GPU path CUDA graphs
+        for up to this many sequences (engine/cuda_graphs.py); on the CPU (any value > 0)
+        recorded native kernel calls, decode and verify steps of up to cpu_graphs.MAX_ROWS rows
+        (engine/cpu_graphs.py); 0: eager, as --enforce-eager.
         `sliding_window_cache`: sliding-window layers keep only their window's blocks
         (engine/kv_groups.py); off, every layer keeps every position."""
         self.model = model
@@ -138,9 +139,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.cpu_graphs: CpuDecodeGraphs | None = None
         if decode_graphs_max_batch > 0 and not self.gpu_path and device.type == "cpu":
-            self.cpu_graphs = CpuDecodeGraphs.build(
-                model, len(self.kv_groups), decode_graphs_max_batch
-            )
+            # rows, not sequences: a verify step has several rows a sequence
+            self.cpu_graphs = CpuDecodeGraphs.build(model, len(self.kv_groups))
         if graphs:
             self.graphs = DecodeGraphs(
                 model,
