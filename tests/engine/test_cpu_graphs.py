@@ -1,7 +1,7 @@
 """Decode steps as recorded native kernel calls (girandole/engine/cpu_graphs.py): a graph's step
 is bitwise the eager forward's, for the default model (Gemma 3: post norms, local and global
-rotary tables, sliding-window KV groups) and tiny Llama (rotary without QK norm) and Qwen 3 (QK
-norm) checkpoints; generation with graphs equals generation without, through re-recording when
+rotary tables, sliding-window KV groups) and tiny Llama (rotary without QK norm), Qwen 2 (QKV
+bias) and Qwen 3 (QK norm) checkpoints; generation with graphs equals generation without, through re-recording when
 the context outgrows a graph's slot buffers; steps a graph cannot run stay eager."""
 
 from __future__ import annotations
@@ -28,6 +28,41 @@ def _llm(model=None, **kwargs) -> LLM:
 @pytest.fixture(scope="module")
 def default_llm():
     return _llm(max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tiny_llama_dir, tmp_path_factory):
+    """A random 2-layer Qwen2 (biases on Q, K and V) with the tiny Llama's tokenizer."""
+    import json
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    for f in tiny_llama_dir.glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=cfg["bos_token_id"],
+        eos_token_id=cfg["eos_token_id"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def _step_both_ways(llm: LLM, prompts: list[list[int]]) -> None:
@@ -62,9 +97,12 @@ def test_default_model_step_is_the_eager_step(default_llm, rows):
     _step_both_ways(default_llm, PROMPTS[:rows])
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen3"])
-def test_tiny_models_step_is_the_eager_step(which, tiny_llama_dir, tiny_qwen3_dir):
-    llm = _llm(tiny_llama_dir if which == "llama" else tiny_qwen3_dir, block_size=4)
+@pytest.mark.parametrize("which", ["llama", "qwen2", "qwen3"])
+def test_tiny_models_step_is_the_eager_step(which, tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir):
+    path = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir, "qwen3": tiny_qwen3_dir}[which]
+    llm = _llm(path, block_size=4)
+    if which == "qwen2":  # the QKV bias is added in the graph as in the eager forward
+        assert llm.engine.runner.model.layers[0].self_attn.qkv.bias is not None
     _step_both_ways(llm, PROMPTS)
     _step_both_ways(llm, PROMPTS[:1])
 

@@ -38,7 +38,7 @@ from girandole.model.quant import PackedLinear
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 256  # decode steps of more rows run eagerly (their glue is a small share)
+MAX_ROWS = 256  # steps of more rows run eagerly (their glue is a small share of them)
 MAX_GRAPHS = 16  # graphs kept, the least recently used dropped first
 # Context slots (all rows together) a graph's buffers hold beyond a step's when it is recorded,
 # at least MIN_SLOT_CAPACITY: room to grow before re-recording.
@@ -86,8 +86,6 @@ def supported(model: nn.Module) -> bool:
         linears = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down]
         if not all(_native_linear(x) for x in linears) or mlp.native_act is None:
             return False
-        if any(_base(x).bias is not None for x in (attn.o_proj, mlp.gate_up, mlp.down)):
-            return False
     return True
 
 
@@ -126,7 +124,8 @@ class CpuDecodeGraph:
         self.threads = torch.get_num_threads()
         self.groups = [_GroupSlots(rows, capacity) for _ in range(num_groups)]
         self.x = torch.zeros(rows, model.layers[0].attn_norm.weight.shape[0])
-        self.ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by id of an eager table
+        # (cos, sin) buffers, keyed by the first layer that uses that rotary table
+        self.ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: list[tuple[Callable, tuple]] = []
         # alive while the calls point into them
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -135,6 +134,7 @@ class CpuDecodeGraph:
         self._rope_index: list[int] = []  # per layer: which of `ropes`
         self._record()
         self.key = cache_key([layer.self_attn.attn for layer in model.layers])
+        logger.debug("recorded a CPU decode graph: %d rows, %d calls", rows, len(self.calls))
 
     # -- recording ------------------------------------------------------------------------------
 
