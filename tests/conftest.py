@@ -48,6 +48,17 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     )
 
 
+# The tiny random checkpoints' shape (Llama and Qwen2 writers).
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+
 def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     """A random 2-layer Llama with the tiny tokenizer, saved as safetensors."""
     import torch
@@ -58,12 +69,7 @@ def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     cfg = dict(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        **TINY_SHAPE,
         bos_token_id=tok.token_to_id("<s>"),
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=0,
@@ -218,3 +224,35 @@ def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory) -> Path:
     return write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def write_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2 (biases on Q, K and V, drawn non-zero) with the tiny tokenizer,
+    saved as safetensors."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    write_tiny_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        **TINY_SHAPE,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))

@@ -30,41 +30,6 @@ def default_llm():
     return _llm(max_num_seqs=8)
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_dir(tiny_llama_dir, tmp_path_factory):
-    """A random 2-layer Qwen2 (biases on Q, K and V) with the tiny Llama's tokenizer."""
-    import json
-    import shutil
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    for f in tiny_llama_dir.glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
-    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=cfg["bos_token_id"],
-        eos_token_id=cfg["eos_token_id"],
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def _step_both_ways(llm: LLM, prompts: list[list[int]]) -> None:
     engine, runner = llm.engine, llm.engine.runner
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
