@@ -48,28 +48,27 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     )
 
 
-# The tiny random checkpoints' shape (Llama and Qwen2 writers).
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
-
-
-def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A random 2-layer Llama with the tiny tokenizer, saved as safetensors."""
+def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overrides) -> Path:
+    """A random 2-layer Llama with the tiny tokenizer, saved as safetensors. `family="qwen2"`:
+    the same as a Qwen2 (biases on Q, K and V, drawn non-zero)."""
     import torch
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
     write_tiny_tokenizer(folder)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     cfg = dict(
         vocab_size=tok.get_vocab_size(),
-        **TINY_SHAPE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
         bos_token_id=tok.token_to_id("<s>"),
         eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=0,
@@ -79,9 +78,14 @@ def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    # Spread the logits so that greedy choices are not decided by rounding noise.
+    model = model_cls(config_cls(**cfg))
     with torch.no_grad():
+        if family == "qwen2":
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+        # Spread the logits so that greedy choices are not decided by rounding noise.
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -226,33 +230,6 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
     return write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
-def write_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2 (biases on Q, K and V, drawn non-zero) with the tiny tokenizer,
-    saved as safetensors."""
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    write_tiny_tokenizer(folder)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=tok.get_vocab_size(),
-        **TINY_SHAPE,
-        bos_token_id=tok.token_to_id("<s>"),
-        eos_token_id=tok.token_to_id("</s>"),
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
-    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2"), family="qwen2")

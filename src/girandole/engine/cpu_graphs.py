@@ -90,8 +90,8 @@ def supported(model: nn.Module) -> bool:
 
 
 def cache_key(attns: list[Attention]) -> tuple[int, ...]:
-    """The identities of the KV caches a graph's calls write and read (equal keys: a recorded
-    graph still points at the live caches; the runner binds them once, so this only guards)."""
+    """The identities of the layers' KV caches (unchanged: the recorded graphs point at the live
+    caches; the runner binds them once, so this only guards)."""
     return tuple(id(t) for a in attns for t in (a.k_cache, a.v_cache))
 
 
@@ -129,11 +129,8 @@ class CpuDecodeGraph:
         self.calls: list[tuple[Callable, tuple]] = []
         # alive while the calls point into them
         self.buffers: dict[tuple, torch.Tensor] = {}
-        # The weights and caches the calls point into, held so that they outlive the graph.
-        self.held: list[torch.Tensor] = []
         self._rope_index: list[int] = []  # per layer: which of `ropes`
         self._record()
-        self.key = cache_key([layer.self_attn.attn for layer in model.layers])
         logger.debug("recorded a CPU decode graph: %d rows, %d calls", rows, len(self.calls))
 
     # -- recording ------------------------------------------------------------------------------
@@ -161,7 +158,6 @@ class CpuDecodeGraph:
     def _linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x: float32 or bf16 [M, K]; returns float32 [M, N] as PackedLinear.forward does."""
         linear = _base(linear)
-        self.held += [linear.native_packed, linear.native_params]
         if x.dtype != torch.bfloat16:
             xb = self._buffer("bf16", self.rows, x.shape[1], dtype=torch.bfloat16)
             self._torch(xb.copy_, x)
@@ -194,7 +190,6 @@ class CpuDecodeGraph:
             )
         )  # fmt: skip
         a: Attention = attn.attn
-        self.held += [a.k_cache, a.v_cache]
         g = self.groups[a.kv_group]
         v = qkv[:, (h + hkv) * d :].view(m, hkv, d)
         self._call(
@@ -261,24 +256,22 @@ class CpuDecodeGraph:
 class CpuDecodeGraphs:
     """The graphs of the row counts recently seen, recorded on first use."""
 
-    def __init__(self, model: nn.Module, num_groups: int, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, model: nn.Module, num_groups: int) -> None:
         self.model = model
         self.num_groups = num_groups
-        self.max_rows = min(max_rows, MAX_ROWS)
         self.attns = [layer.self_attn.attn for layer in model.layers]
+        self.key = cache_key(self.attns)  # the caches the graphs were recorded with
         self.graphs: OrderedDict[int, CpuDecodeGraph] = OrderedDict()
 
     @classmethod
-    def build(
-        cls, model: nn.Module, num_groups: int, max_rows: int = MAX_ROWS
-    ) -> CpuDecodeGraphs | None:
+    def build(cls, model: nn.Module, num_groups: int) -> CpuDecodeGraphs | None:
         """The graphs of `model`, or None where its layers are not all recordable."""
-        return cls(model, num_groups, max_rows) if supported(model) else None
+        return cls(model, num_groups) if supported(model) else None
 
     def can_run(self, ids: torch.Tensor, ctx: ForwardContext) -> bool:
         groups = ctx.groups or [ctx]
         return (
-            0 < ids.shape[0] <= self.max_rows
+            0 < ids.shape[0] <= MAX_ROWS
             and ctx.lora is None
             # every row a decode token, or a token proposed after one (speculation's verify
             # step): the rows of such steps stay few; prompt chunks run eagerly
@@ -289,10 +282,11 @@ class CpuDecodeGraphs:
     def run(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         m = ids.shape[0]
         need = max(g.native.slots.shape[0] for g in ctx.groups or [ctx])
+        key = cache_key(self.attns)
+        if key != self.key:  # the caches were bound anew: every graph points at the old ones
+            self.graphs.clear()
+            self.key = key
         graph = self.graphs.get(m)
-        if graph is not None and graph.key != cache_key(self.attns):
-            self.graphs.clear()  # the caches were bound anew: record again
-            graph = None
         if graph is None or graph.capacity < need or graph.threads != torch.get_num_threads():
             capacity = max(need + SLOT_HEADROOM, MIN_SLOT_CAPACITY)
             graph = CpuDecodeGraph(self.model, m, capacity, self.num_groups)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from girandole.model.context import ForwardContext, PaddedDecode, PagedTables, get_context
-from girandole.model.kernels import available as kernels_available
 from girandole.model.kernels import paged_attention
 
 # torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
@@ -70,7 +69,7 @@ class Attention(nn.Module):
         if ctx.groups is not None:
             ctx = ctx.groups[self.kv_group]
         cache_dtype = self.k_cache.dtype
-        if ctx.native is not None and self._native_write(k, v):
+        if ctx.native is not None and paged_attention.write_kv_supported(k, v, self.k_cache):
             paged_attention.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         else:
             # index_copy_: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
@@ -90,16 +89,6 @@ class Attention(nn.Module):
         else:
             out = self._attend_each_sequence(qc, ctx)
         return out.to(q.dtype).reshape(out.shape[0], -1)
-
-    def _native_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether the step's keys and values go to the cache natively (CPU, float32)."""
-        return (
-            self.k_cache.dtype == torch.float32
-            and self.k_cache.device.type == "cpu"
-            and paged_attention.rows_contiguous(k)
-            and paged_attention.rows_contiguous(v)
-            and kernels_available()
-        )
 
     def _attend_paged(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
         """The GPU path: Triton kernels reading the cache in place through block tables."""

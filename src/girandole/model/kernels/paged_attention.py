@@ -80,6 +80,17 @@ def rows_contiguous(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
 
 
+def write_kv_supported(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether `write_kv` takes these keys and values into this (CPU, float32) cache."""
+    return (
+        cache.dtype == torch.float32
+        and cache.device.type == "cpu"
+        and rows_contiguous(k)
+        and rows_contiguous(v)
+        and loader.available()
+    )
+
+
 def bind_write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
 ) -> tuple[Callable, tuple]:
