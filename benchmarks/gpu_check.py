@@ -12,8 +12,11 @@ D. split-K decode kernel (run before C: seconds): paged_decode split vs one pass
    Gemma-3-270M's attention shapes, batch 1 / 16 / 64 at contexts 512 / 4K / 16K: max abs
    error, microseconds per call (CUDA events, median of 20, replaying a CUDA graph of the call
    and eager), the heuristic's partition count.
-Writes gpu_check.json and gpu_check.md (markdown tables) to --out. Work past --budget-s is
-skipped and marked so in the tables.
+   The first model's default engine is also profiled (torch.profiler) over 8 decode steps of
+   1 and 256 streams: wall vs device-busy ms a step, the top ops in decode_profile.txt.
+Writes gpu_check.json and gpu_check.md (markdown tables) to --out after every section, so a run
+cut off by its time limit leaves what it did; an engine that fails leaves the other rows. Work
+past --budget-s is skipped and marked so in the tables.
 
     python benchmarks/gpu_check.py [--tokenizer DIR_WITH_GEMMA_tokenizer.json] --out OUT_DIR
     python benchmarks/gpu_check.py --smoke --out /tmp/x   # CPU: tiny shapes, TRITON_INTERPRET
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "model"))
 
 results: dict = {}
+OUT: Path | None = None  # where save() writes the report (--out)
 DEV = "cuda"
 SMOKE = False
 DEADLINE = float("inf")  # time.monotonic() after which remaining work is skipped
@@ -56,10 +60,35 @@ def section(name):
                 f"== {name} ({time.time() - t:.1f} s)\n{json.dumps(results[name], indent=1)}",
                 flush=True,
             )
+            save()
 
         return run
 
     return wrap
+
+
+def save() -> None:
+    """Write the report so far: a run cut off by its time limit still leaves its tables."""
+    if OUT is None:
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "gpu_check.json").write_text(json.dumps(results, indent=1))
+    (OUT / "gpu_check.md").write_text(markdown())
+
+
+def isolated(fn, *args, **kwargs) -> dict:
+    """fn's row, or its error: one engine that fails leaves the others' rows (and frees what
+    it held on the GPU before the next one loads)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception:
+        return {"error": traceback.format_exc()[-3000:]}
+    finally:
+        import gc
+
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def sync() -> None:
@@ -387,6 +416,7 @@ def engine_throughput(
     p_len: int,
     eager: bool = False,
     overlap: bool | None = None,
+    profile_as: str | None = None,
 ) -> dict:
     from girandole import LLM, SamplingParams
 
@@ -419,6 +449,11 @@ def engine_throughput(
     row["decode_1_stream"] = n_out / (time.perf_counter() - t)
     if DEV == "cuda" and eng.overlap:
         row["syncs_in_overlapped_steps"] = sync_probe(eng, vocab, p_len)
+    if profile_as is not None:
+        row["decode_profile"] = {
+            str(n): isolated(profile_decode, eng, vocab, p_len, n, f"{profile_as}, {n} streams")
+            for n in ([1, 4] if SMOKE else [1, 256])
+        }
     long = prompts_for(1, 2 * p_len, vocab)
     t = time.perf_counter()
     llm.generate(long, SamplingParams(temperature=0, max_tokens=1))
@@ -464,6 +499,60 @@ def sync_probe(eng, vocab: int, p_len: int) -> dict:
     return {"count": len(caught), "where": where[:8]}
 
 
+PROFILE_FILE = "decode_profile.txt"
+
+
+def profile_decode(eng, vocab: int, p_len: int, streams: int, title: str, steps: int = 8) -> dict:
+    """Where a decode step's time goes, with `streams` sequences decoding: torch.profiler over
+    `steps` engine steps. Wall ms per step against the device's busy ms per step (the sum of
+    its kernels' times) says whether the step is bound by the host (Python, launches) or by
+    the GPU; the top ops by device and by host time go to OUT/decode_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from girandole import SamplingParams
+
+    params = SamplingParams(temperature=0.8, max_tokens=steps + 24, ignore_eos=True)
+    for i, prompt in enumerate(prompts_for(streams, p_len, vocab)):
+        eng.add_request(f"profile-{streams}-{i}", prompt, params)
+    seqs = lambda: [s for s in eng.scheduler.running]  # noqa: E731
+    for _ in range(64):  # the prefills, then every stream decoding
+        eng.step()
+        if len(seqs()) == streams and all(s.is_decode for s in seqs()):
+            break
+    for _ in range(2):
+        eng.step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync()
+        wall = time.perf_counter() - t
+    while eng.has_unfinished_requests():
+        eng.step()
+    events = prof.key_averages()
+    row: dict = {"wall_ms_per_step": 1e3 * wall / steps}
+    if DEV == "cuda":
+
+        def device_us(e) -> float:
+            return getattr(e, "self_device_time_total", None) or getattr(
+                e, "self_cuda_time_total", 0.0
+            )
+
+        row["device_busy_ms_per_step"] = sum(device_us(e) for e in events) / 1e3 / steps
+        row["kernels_per_step"] = sum(e.count for e in events if device_us(e) > 0) / steps
+        by_device = events.table(sort_by="self_device_time_total", row_limit=25)
+    else:
+        by_device = ""
+    by_host = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    if OUT is not None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        with open(OUT / PROFILE_FILE, "a") as f:
+            f.write(f"# {title}: {json.dumps(row)}\n\n{by_device}\n{by_host}\n\n")
+    return row
+
+
 def hf_throughput(folder: Path, vocab: int, concs, n_out: int, p_len: int, compiled: bool):
     """transformers generate, greedy: dynamic cache, or a static cache and torch.compile."""
     import transformers as tf
@@ -496,13 +585,17 @@ def hf_throughput(folder: Path, vocab: int, concs, n_out: int, p_len: int, compi
     return row
 
 
-@section("C. throughput, bf16, random weights with real models' shapes")
+THROUGHPUT_SECTION = "C. throughput, bf16, random weights with real models' shapes"
+
+
+@section(THROUGHPUT_SECTION)
 def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
     """girandole for every model first, then transformers, then transformers compiled (the
     slowest to set up): what the budget cuts is the comparison, not our own rows."""
     concs = [1, 4] if SMOKE else [1, 16, 64, 256]
     n_out, p_len = (4, 16) if SMOKE else (128, 256)
     out: dict = {}
+    results[THROUGHPUT_SECTION] = out  # saved as it fills
     for name in models:
         if out_of_time():
             out[name] = {"skipped": "time budget"}
@@ -511,30 +604,50 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
         n_params = write_shaped(name, folder, tokenizer_dir)
         vocab = shape_config(name).vocab_size
         row: dict = {"params": n_params, "vocab": vocab}
-        row["girandole"] = engine_throughput(folder, vocab, concs, n_out, p_len)
-        if name == models[0]:  # what the decode graphs and overlap scheduling bring
-            row["girandole --enforce-eager"] = engine_throughput(
-                folder, vocab, concs[:2], n_out, p_len, eager=True
+        out[name] = row
+        first = name == models[0]
+        row["girandole"] = isolated(
+            engine_throughput,
+            folder,
+            vocab,
+            concs,
+            n_out,
+            p_len,
+            profile_as=name if first else None,
+        )
+        save()
+        if first:  # what the decode graphs and overlap scheduling bring
+            row["girandole --enforce-eager"] = isolated(
+                engine_throughput, folder, vocab, concs[:2], n_out, p_len, eager=True
             )
             if not out_of_time():
-                row["girandole --no-overlap-scheduling"] = engine_throughput(
-                    folder, vocab, concs[:2], n_out, p_len, overlap=False
+                row["girandole --no-overlap-scheduling"] = isolated(
+                    engine_throughput, folder, vocab, concs[:2], n_out, p_len, overlap=False
                 )
+            save()
         bw = hbm_gbps()
-        if bw is not None:
+        if bw is not None and "decode_1_stream" in row["girandole"]:
             roofline = bw * 1e9 / (2 * n_params)  # every bf16 weight read once per token
             row["roofline_tok_s"] = roofline
             row["decode_share_of_roofline"] = row["girandole"]["decode_1_stream"] / roofline
-        out[name] = row
     written = [n for n in models if "girandole" in out[n]]
     for name in written:
         hf_concs = [c for c in concs if c <= 64]
         row = out[name]
-        row["transformers"] = hf_throughput(tmp / name, row["vocab"], hf_concs, n_out, p_len, False)
+        row["transformers"] = isolated(
+            hf_throughput, tmp / name, row["vocab"], hf_concs, n_out, p_len, False
+        )
+        save()
     for name in written[:1]:  # compile time: the first model only
         row = out[name]
-        row["transformers static+compile"] = hf_throughput(
-            tmp / name, row["vocab"], concs[:1] if SMOKE else [1, 16], n_out, p_len, True
+        row["transformers static+compile"] = isolated(
+            hf_throughput,
+            tmp / name,
+            row["vocab"],
+            concs[:1] if SMOKE else [1, 16],
+            n_out,
+            p_len,
+            True,
         )
     return out
 
@@ -613,7 +726,7 @@ def markdown() -> str:
                 f"{_fmt(e.get('fast_vs_reference_logprob_max_diff', '-'))} |"
             )
         lines.append("")
-    c = results.get("C. throughput, bf16, random weights with real models' shapes", {})
+    c = results.get(THROUGHPUT_SECTION, {})
     if c and "error" not in c:
         concs = [1, 4] if SMOKE else [1, 16, 64, 256]
         lines += [
@@ -630,7 +743,9 @@ def markdown() -> str:
                 "transformers",
             )
             for system in (*systems, "transformers static+compile"):
-                if system in row:
+                if system in row and "error" in row[system]:
+                    lines.append(f"| {name} | {system} | failed (gpu_check.json) |")
+                elif system in row:
                     cells = [_fmt(row[system].get(f"@{n}", "-")) for n in concs]
                     lines.append(f"| {name} | {system} | " + " | ".join(cells) + " |")
         lines += [
@@ -640,7 +755,7 @@ def markdown() -> str:
             "|---|---|---|---|---|---|",
         ]
         for name, row in c.items():
-            if "girandole" not in row:
+            if "decode_1_stream" not in row.get("girandole", {}):
                 continue
             share = row.get("decode_share_of_roofline")
             lines.append(
@@ -650,6 +765,22 @@ def markdown() -> str:
                 f"{'-' if share is None else f'{share:.1%}'} | "
                 f"{_fmt(row['girandole']['prefill'])} |"
             )
+        for name, row in c.items():
+            for n, p in row.get("girandole", {}).get("decode_profile", {}).items():
+                if "error" in p:
+                    lines += ["", f"{name}: the profile of {n} streams failed (gpu_check.json)"]
+                    continue
+                busy = p.get("device_busy_ms_per_step")
+                where = (
+                    f", device busy {busy:.2f} ms of it, {p['kernels_per_step']:.0f} kernels"
+                    if busy is not None
+                    else ""
+                )
+                lines += [
+                    "",
+                    f"{name}, {n} streams decoding: {p['wall_ms_per_step']:.2f} ms a step"
+                    f"{where} ({PROFILE_FILE})",
+                ]
         for name, row in c.items():
             probe = row.get("girandole", {}).get("syncs_in_overlapped_steps")
             if probe is not None:
@@ -676,8 +807,10 @@ def main() -> None:
     ap.add_argument("--models", default="gemma-3-270m,qwen2.5-0.5b,llama-3.2-1b")
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
-    global DEV, SMOKE, DEADLINE
+    global DEV, SMOKE, DEADLINE, OUT
     SMOKE = args.smoke
+    OUT = args.out
+    (OUT / PROFILE_FILE).unlink(missing_ok=True)
     if SMOKE:
         DEV = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
@@ -691,9 +824,7 @@ def main() -> None:
             engine_per_arch(tmp)
         split_decode()
         throughput(tmp, args.tokenizer, args.models.split(","))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
-    (args.out / "gpu_check.md").write_text(markdown())
+    save()
     print(markdown())
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     sys.exit(1 if failed else 0)
