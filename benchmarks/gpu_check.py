@@ -8,12 +8,14 @@ C. throughput, bf16, random weights with the shapes of Gemma-3-270M, Qwen2.5-0.5
    Llama-3.2-1B (256-token prompts, 128 output tokens): total output tok/s at 1 / 16 / 64 / 256
    concurrent requests, transformers `generate` (dynamic cache) and transformers with a static
    cache and `torch.compile` in the same run, batch-1 decode as a share of the HBM roofline.
+   The first model also runs with --enforce-eager, --no-overlap-scheduling and unfused layers
+   (GIRANDOLE_FUSED_LAYERS=0, model/fused_layers.py) at 1 and 16 requests; its default engine
+   is profiled (torch.profiler) over 8 decode steps of 1 and 256 streams: wall vs device-busy
+   ms a step, the top ops in decode_profile.txt.
 D. split-K decode kernel (run before C: seconds): paged_decode split vs one pass vs torch at
    Gemma-3-270M's attention shapes, batch 1 / 16 / 64 at contexts 512 / 4K / 16K: max abs
    error, microseconds per call (CUDA events, median of 20, replaying a CUDA graph of the call
    and eager), the heuristic's partition count.
-   The first model's default engine is also profiled (torch.profiler) over 8 decode steps of
-   1 and 256 streams: wall vs device-busy ms a step, the top ops in decode_profile.txt.
 Writes gpu_check.json and gpu_check.md (markdown tables) to --out after every section, so a run
 cut off by its time limit leaves what it did; an engine that fails leaves the other rows. Work
 past --budget-s is skipped and marked so in the tables.
@@ -417,11 +419,14 @@ def engine_throughput(
     eager: bool = False,
     overlap: bool | None = None,
     profile_as: str | None = None,
+    fused: bool = True,
 ) -> dict:
     from girandole import LLM, SamplingParams
+    from girandole.model import fused_layers
 
     row: dict = {}
     t = time.perf_counter()
+    fused_layers.ENABLED = fused  # read by every forward, the graphs' capture included
     llm = LLM(
         model=str(folder),
         **engine_kwargs(kv_cache_gb=0.2 if SMOKE else 16, max_num_seqs=256),
@@ -467,6 +472,7 @@ def engine_throughput(
         outs = llm.generate(prompts_for(conc, p_len, vocab), params)
         row[f"@{conc}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     del llm, eng
+    fused_layers.ENABLED = True
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -624,6 +630,10 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
                 row["girandole --no-overlap-scheduling"] = isolated(
                     engine_throughput, folder, vocab, concs[:2], n_out, p_len, overlap=False
                 )
+            if not out_of_time():
+                row["girandole, unfused layers"] = isolated(
+                    engine_throughput, folder, vocab, concs[:2], n_out, p_len, fused=False
+                )
             save()
         bw = hbm_gbps()
         if bw is not None and "decode_1_stream" in row["girandole"]:
@@ -740,6 +750,7 @@ def markdown() -> str:
                 "girandole",
                 "girandole --enforce-eager",
                 "girandole --no-overlap-scheduling",
+                "girandole, unfused layers",
                 "transformers",
             )
             for system in (*systems, "transformers static+compile"):

@@ -90,6 +90,12 @@ class Attention(nn.Module):
             out = self._attend_each_sequence(qc, ctx)
         return out.to(q.dtype).reshape(out.shape[0], -1)
 
+    def attend_written(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
+        """The GPU path once this step's k and v are in the cache (model/fused_layers.py):
+        q [T, H, D] in the cache's dtype -> [T, H * D] in it."""
+        out = self._attend_paged(q, t)
+        return out.reshape(out.shape[0], -1)
+
     def _attend_paged(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
         """The GPU path: Triton kernels reading the cache in place through block tables."""
         from girandole.model.kernels import triton_paged_attention as kernels

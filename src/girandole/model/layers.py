@@ -357,6 +357,7 @@ class GatedMLP(nn.Module):
             self.act = F.gelu
         else:
             raise ValueError(f"unsupported activation: {act!r}")
+        self.act_name = self.native_act or act  # silu, gelu_tanh or gelu
         # The fused kernel writes bf16: only where the down projection casts to bf16 anyway.
         if not isinstance(self.down, PackedLinear):
             self.native_act = None

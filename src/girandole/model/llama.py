@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from girandole.model import fused_layers
+from girandole.model.context import get_context
 from girandole.model.layers import Builder, GatedMLP, Rotary, SelfAttention, rope_inv_freq
 from girandole.model.spec import ArchSpec
 
@@ -53,7 +55,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        for layer, rope in zip(self.layers, self.rope_tables(positions)):
+        ropes = self.rope_tables(positions)
+        if fused_layers.applies(self, get_context()):  # the GPU path
+            return fused_layers.forward(self, x, ropes)
+        for layer, rope in zip(self.layers, ropes):
             x = layer(x, rope)
         return x
 
