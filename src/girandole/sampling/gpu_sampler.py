@@ -23,7 +23,15 @@ import torch
 
 from girandole.model.context import to_device
 from girandole.sampling.params import SamplingParams
-from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow
+from girandole.sampling.sampler import (
+    Sampler,
+    SampleResult,
+    SamplerRow,
+    chunk_cdf,
+    draw_uniforms,
+    inverse_cdf,
+    tempered_probs,
+)
 
 
 def needs_host(params: SamplingParams, grammar: object | None) -> bool:
@@ -147,10 +155,9 @@ class GpuSampler(Sampler):
         if sampled:
             probs = self._probs_batched(logits, rows)
             u = torch.zeros(B, dtype=torch.float64)
-            for i in sampled:  # one uniform per sampling row, in row order, as Sampler draws
-                gen = rows[i].generator or self.generator
-                u[i] = torch.rand(1, generator=gen, dtype=torch.float64)
-            drawn, p = self._draw_batched(probs, to_device(u, dev))
+            # one uniform per sampling row, in row order, as Sampler draws
+            u[sampled] = draw_uniforms([rows[i] for i in sampled], self.generator)
+            drawn, p = inverse_cdf(probs, to_device(u, dev))
             chosen = torch.where(greedy, greedy_ids, drawn)
             sampling_lp = torch.where(greedy, sampling_lp, torch.log(p))
 
@@ -246,7 +253,7 @@ class GpuSampler(Sampler):
         dev = logits.device
         temps = [r.params.temperature if not r.params.greedy else 1.0 for r in rows]
         temps_t = to_device(torch.tensor(temps, dtype=logits.dtype), dev)
-        probs = torch.softmax(logits / temps_t[:, None], dim=-1)
+        probs = tempered_probs(logits, temps_t)  # in place: logits are not read after this
         V = probs.shape[-1]
 
         top_ks = [r.params.top_k for r in rows]
@@ -261,8 +268,8 @@ class GpuSampler(Sampler):
         top_ps = [r.params.top_p for r in rows]
         if any(p < 1.0 for p in top_ps):
             # The smallest set of most likely tokens whose mass reaches top_p (ties kept);
-            # cumsum for the total, as Sampler, so a row's cutoff ignores its neighbours.
-            total = probs.cumsum(dim=-1)[:, -1]
+            # chunk_cdf for the total, as Sampler, so a row's cutoff ignores its neighbours.
+            total = chunk_cdf(probs)[:, -1].to(probs.dtype)
             ordered = probs.sort(dim=-1, descending=True).values
             mass = ordered.cumsum(dim=-1)
             top_p_t = to_device(torch.tensor(top_ps, dtype=probs.dtype), dev)
@@ -276,14 +283,3 @@ class GpuSampler(Sampler):
             threshold = probs.max(dim=-1, keepdim=True).values * min_p_t[:, None]
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
-
-    @staticmethod
-    def _draw_batched(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse-CDF draw per row at uniform u [B]; also the chosen token's probability."""
-        cdf = probs.double().cumsum(dim=-1)
-        total = cdf[:, -1]
-        # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
-        idx = torch.searchsorted(cdf, (u * total)[:, None], side="right")[:, 0]
-        idx = idx.clamp(max=probs.shape[-1] - 1)
-        p = probs.double().gather(1, idx[:, None])[:, 0] / total
-        return idx, p

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 
 from girandole.model.kernels.logits import argmax_rows
-from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
+from girandole.sampling.sampler import (
+    Sampler,
+    SampleResult,
+    SamplerRow,
+    inverse_cdf,
+    top_logprobs,
+)
 
 
 def verify(
@@ -83,9 +89,6 @@ def verify(
 
 
 def _draw(p: torch.Tensor, generator: torch.Generator) -> int:
-    """Inverse-CDF draw of one token from the float64 distribution `p` (summing to 1)."""
+    """Inverse-CDF draw of one token from the float64 distribution `p`."""
     u = torch.rand(1, generator=generator, dtype=torch.float64).to(p.device)
-    cdf = p.cumsum(dim=0)
-    # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
-    idx = int(torch.searchsorted(cdf, u * cdf[-1], side="right")[0])
-    return min(idx, p.shape[0] - 1)
+    return int(inverse_cdf(p[None], u)[0][0])

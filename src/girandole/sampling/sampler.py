@@ -19,6 +19,8 @@ from girandole.sampling.params import SamplingParams
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
 # is sorted only for rows whose nucleus is wider than that.
 _TOP_P_CANDIDATES = 256
+# Inverse-CDF draws find the point's chunk of this many tokens first, then the token inside it.
+DRAW_CHUNK = 1024
 
 
 @dataclass
@@ -49,6 +51,66 @@ def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]
         return [[] for _ in range(logprobs.shape[0])]
     values, ids = logprobs.topk(n, dim=-1)
     return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+
+
+def tempered_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """Each row's sampling weights exp((logits - max) / temperature): softmax without its
+    division (the most likely token weighs exactly 1; every consumer divides by the row's
+    total where it needs probabilities). Computed in place in `logits`, which it returns: a
+    [B, V] temporary costs more than the arithmetic on CPU (fresh pages)."""
+    logits.div_(temps[:, None])
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    return logits.exp_()
+
+
+def chunk_cdf(weights: torch.Tensor) -> torch.Tensor:
+    """float64 [B, ceil(V / DRAW_CHUNK)]: each row's cumulative weight at the end of each chunk
+    of DRAW_CHUNK tokens; the last column is the row's total. One pass over the weights; a
+    row's numbers do not depend on its batch neighbours (each chunk is one reduction)."""
+    b, v = weights.shape
+    full = v // DRAW_CHUNK * DRAW_CHUNK
+    parts = [weights[:, :full].reshape(b, -1, DRAW_CHUNK).sum(dim=-1)] if full else []
+    if full < v:
+        parts.append(weights[:, full:].sum(dim=-1, keepdim=True))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return sums.double().cumsum(dim=-1)
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token at the point u [B] (in [0, 1), float64) of its weights' CDF, and that
+    token's probability (float64). Two levels, so no [B, V] cumulative sum: the chunk holding
+    the point (chunk_cdf), then the token inside that chunk. The chosen token never has weight
+    0 (side="right": the first position whose cumulative weight exceeds the point)."""
+    b, v = weights.shape
+    cdf = chunk_cdf(weights)
+    total = cdf[:, -1]
+    point = (u * total)[:, None]
+    chunk = torch.searchsorted(cdf, point, side="right").clamp(max=cdf.shape[1] - 1)
+    before = torch.where(chunk > 0, cdf.gather(1, (chunk - 1).clamp(min=0)), 0.0)
+    offsets = torch.arange(DRAW_CHUNK, device=weights.device)
+    cols = chunk * DRAW_CHUNK + offsets  # [B, DRAW_CHUNK]
+    inside = cols < v
+    vals = weights.gather(1, cols.clamp(max=v - 1)).masked_fill(~inside, 0.0).double()
+    k = torch.searchsorted(vals.cumsum(dim=-1) + before, point, side="right")
+    # Past the chunk's end only by rounding (its sum and its running sum differ in the last
+    # bits): its last token with weight.
+    last = torch.where(vals > 0, offsets, -1).amax(dim=-1, keepdim=True)
+    k = torch.where(k >= DRAW_CHUNK, last, k)
+    idx = (chunk * DRAW_CHUNK + k)[:, 0]
+    return idx, weights.gather(1, idx[:, None])[:, 0].double() / total
+
+
+def draw_uniforms(rows: list[SamplerRow], shared: torch.Generator) -> torch.Tensor:
+    """One float64 uniform per row, in row order, each from the row's generator or `shared`:
+    the shared rows' draws in one call (the same numbers as one call each)."""
+    u = torch.empty(len(rows), dtype=torch.float64)
+    own = [i for i, r in enumerate(rows) if r.generator is not None]
+    if len(own) < len(rows):
+        rest = [i for i, r in enumerate(rows) if r.generator is None]
+        u[rest] = torch.rand(len(rest), generator=shared, dtype=torch.float64)
+    for i in own:
+        u[i] = torch.rand(1, generator=rows[i].generator, dtype=torch.float64)
+    return u
 
 
 class Sampler:
@@ -84,7 +146,9 @@ class Sampler:
         if sampled:
             idx = torch.tensor(sampled, device=dev)
             sub_rows = [rows[i] for i in sampled]
-            probs = self._probs(logits.index_select(0, idx), sub_rows)
+            # _probs works in place: on the logits themselves when no row reads them after
+            sub = logits if len(sampled) == B else logits.index_select(0, idx)
+            probs = self._probs(sub, sub_rows)
             ids, p = self._draw(probs, sub_rows)
             chosen[idx] = ids
             sampling_lp[idx] = torch.log(p)
@@ -206,7 +270,7 @@ class Sampler:
     def _probs(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         dev = logits.device
         temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=dev)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
+        probs = tempered_probs(logits, temps)
 
         top_ks = [r.params.top_k for r in rows]
         if any(k > 0 for k in top_ks):
@@ -214,7 +278,7 @@ class Sampler:
             k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks], device=dev)
             kth = values.gather(1, k_idx[:, None])
             kth[torch.tensor(top_ks, device=dev) == 0] = 0.0
-            probs = probs.masked_fill(probs < kth, 0.0)
+            probs.masked_fill_(probs < kth, 0.0)
 
         top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=dev)
         if bool((top_ps < 1.0).any()):
@@ -223,7 +287,7 @@ class Sampler:
         min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype, device=dev)
         if bool((min_ps > 0).any()):
             threshold = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
-            probs = probs.masked_fill(probs < threshold, 0.0)
+            probs.masked_fill_(probs < threshold, 0.0)
 
         typical = [i for i, r in enumerate(rows) if r.params.typical_p < 1.0]
         for i in typical:
@@ -236,24 +300,34 @@ class Sampler:
     @staticmethod
     def _top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
         """Keep the smallest set of most likely tokens whose mass reaches top_p (ties kept)."""
-        # cumsum, not sum: torch's sum over one long row rounds differently from the same row
-        # in a batch; a row's cutoff must not depend on its batch neighbours.
-        total = probs.cumsum(dim=-1)[:, -1]
+        # chunk_cdf, not sum: torch's sum over one long row rounds differently from the same
+        # row in a batch; a row's cutoff must not depend on its batch neighbours.
+        total = chunk_cdf(probs)[:, -1].to(probs.dtype)
         k = min(_TOP_P_CANDIDATES, probs.shape[-1])
         values = probs.topk(k, dim=-1).values  # sorted descending
         mass = values.cumsum(dim=-1)
         target = top_ps * total
         cutoff = torch.zeros_like(total)
+        vocab = probs.shape[-1]
         for i in range(probs.shape[0]):
             if top_ps[i] >= 1.0:
                 continue
             row_values, row_mass = values[i], mass[i]
-            if row_mass[-1] < target[i]:  # nucleus wider than the candidates: sort everything
-                row_values = probs[i].sort(descending=True).values
+            while row_mass[-1] < target[i] and len(row_values) < vocab:
+                # A nucleus wider than the candidates: more of them, at least as many as the
+                # missing mass needs (none weighs more than the last candidate); past a quarter
+                # of the vocabulary, a sort is cheaper. The top n of a sort either way, so the
+                # cutoff is the full sort's.
+                need = len(row_values) + float((target[i] - row_mass[-1]) / row_values[-1])
+                n = vocab if 4 * need >= vocab else 1 << int(2 * need).bit_length()
+                if n >= vocab:
+                    row_values = probs[i].sort(descending=True).values
+                else:
+                    row_values = probs[i].topk(n).values
                 row_mass = row_values.cumsum(dim=0)
             j = int(torch.searchsorted(row_mass, target[i]).clamp(max=len(row_values) - 1))
             cutoff[i] = row_values[j]
-        return probs.masked_fill(probs < cutoff[:, None], 0.0)
+        return probs.masked_fill_(probs < cutoff[:, None], 0.0)
 
     @staticmethod
     def _typical(p: torch.Tensor, mass: float) -> torch.Tensor:
@@ -287,16 +361,8 @@ class Sampler:
         self, probs: torch.Tensor, rows: list[SamplerRow]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one token per row; also returns its probability under the filtered distribution."""
-        u = torch.empty(len(rows), dtype=torch.float64)
-        for i, r in enumerate(rows):
-            u[i] = torch.rand(1, generator=r.generator or self.generator, dtype=torch.float64)
-        u = u.to(probs.device)
-        cdf = probs.double().cumsum(dim=-1)
-        total = cdf[:, -1]
-        # side="right": the first token whose cumulative mass exceeds the point never has p = 0.
-        idx = torch.searchsorted(cdf, (u * total)[:, None], side="right")[:, 0]
-        idx = idx.clamp(max=probs.shape[-1] - 1)
-        p = probs.double().gather(1, idx[:, None])[:, 0] / total
+        u = draw_uniforms(rows, self.generator).to(probs.device)
+        idx, p = inverse_cdf(probs, u)
         for i, r in enumerate(rows):
             if r.params.mirostat_target is not None:  # Mirostat v2 learning step
                 surprise = -math.log2(max(float(p[i]), 1e-30))
