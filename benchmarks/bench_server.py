@@ -11,10 +11,11 @@ each server in turn (the order rotating from cell to cell, so load drifts on a s
 both alike; only one server is under load at a time), it runs N streaming clients
 (httpx, asyncio) that together send max(N * --rounds, --min-requests) completions: about
 --prompt-tokens tokens of random English words (a different prompt each, so no prefix-cache
-hits), --max-tokens output tokens, greedy, ignore_eos. It reports per cell: total output tok/s
-(all output tokens / wall time of the cell), TTFT p50/p99 (request sent to first text chunk),
-inter-token latency p50/p99 (gaps between streamed text chunks, all requests pooled) and TPOT
-p50 ((end - first chunk) / (tokens - 1) per request). It stops the servers at the end.
+hits), --max-tokens output tokens, greedy (or --temperature, --top-p), ignore_eos. It reports
+per cell: total output tok/s (all output tokens / wall time of the cell), TTFT p50/p99 (request
+sent to first text chunk), inter-token latency p50/p99 (gaps between streamed text chunks, all
+requests pooled) and TPOT p50 ((end - first chunk) / (tokens - 1) per request). It stops the
+servers at the end.
 
 llama.cpp's server: the `llama-server` binary (built from the llama-cpp-python source package by
 benchmarks/build_llama_server.sh; found via --llama-server-bin, $LLAMA_SERVER_BIN, next to this
@@ -60,6 +61,15 @@ from common import (  # noqa: E402
 GEMMA_EOS_IDS = (1, 106)  # <eos>, <end_of_turn>: banned by logit_bias where ignore_eos is missing
 
 
+def sampling(args) -> dict:
+    """The requests' sampling fields: greedy, or --temperature / --top-p. top_k 0 and min_p 0
+    turn off llama.cpp's default top-k 40 and min-p 0.05 (girandole has neither by default):
+    both servers sample the same distribution."""
+    if args.temperature == 0:
+        return {"temperature": 0}
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": 0, "min_p": 0.0}
+
+
 class Server:
     """A server process started by this script; stopped by stop() (or at exit)."""
 
@@ -92,7 +102,7 @@ class Server:
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
-            "temperature": 0,
+            **sampling(self.args),
             "stream": True,
             "ignore_eos": True,
             "stream_options": {"include_usage": True},
@@ -262,7 +272,7 @@ class LlamaCppPythonServer(Server):
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
-            "temperature": 0,
+            **sampling(self.args),
             "stream": True,
             "logit_bias": {str(t): -100 for t in GEMMA_EOS_IDS},
         }
@@ -491,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prompt-tokens", type=int, default=256, help="about this many prompt tokens")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0")
     p.add_argument(
         "--llama-server",
         choices=["auto", "bin", "python"],
@@ -560,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_lines() + [
         f"model: {args.model_path}",
         f"threads: {args.threads}; prompts: about {args.prompt_tokens} tokens of random words; "
-        f"{args.max_tokens} output tokens, greedy, ignore_eos; requests per cell: "
+        f"{args.max_tokens} output tokens, {sampling(args)}, ignore_eos; requests per cell: "
         f"max(clients x {args.rounds}, {args.min_requests})",
     ]
     for line in header:

@@ -520,13 +520,20 @@ def profile_decode(eng, vocab: int, p_len: int, streams: int, title: str, steps:
     params = SamplingParams(temperature=0.8, max_tokens=steps + 24, ignore_eos=True)
     for i, prompt in enumerate(prompts_for(streams, p_len, vocab)):
         eng.add_request(f"profile-{streams}-{i}", prompt, params)
-    seqs = lambda: [s for s in eng.scheduler.running]  # noqa: E731
+
+    def decoding() -> bool:  # every stream past its prompt
+        running = eng.scheduler.running
+        return len(running) == streams and all(
+            s.num_computed_tokens >= s.num_prompt_tokens for s in running
+        )
+
     for _ in range(64):  # the prefills, then every stream decoding
         eng.step()
-        if len(seqs()) == streams and all(s.is_decode for s in seqs()):
+        if decoding():
             break
     for _ in range(2):
         eng.step()
+    ready = decoding()  # else the profile holds prefill steps too
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -538,7 +545,7 @@ def profile_decode(eng, vocab: int, p_len: int, streams: int, title: str, steps:
     while eng.has_unfinished_requests():
         eng.step()
     events = prof.key_averages()
-    row: dict = {"wall_ms_per_step": 1e3 * wall / steps}
+    row: dict = {"wall_ms_per_step": 1e3 * wall / steps, "all_decoding": ready}
     if DEV == "cuda":
 
         def device_us(e) -> float:
