@@ -85,3 +85,19 @@ def test_native_argmax_is_torchs():
         x[2] = float("-inf")
         x[3] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties: the first maximum
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_native_top_values_are_torchs():
+    """Each row's n largest values, largest first, as torch.topk's values: ties, zeros, rows
+    with fewer finite values than n (-inf, as torch), a vocabulary not a multiple of 16, and
+    n from 1 to the whole row (the buffer cut back many times or never)."""
+    from girandole.model.kernels.logits import top_values
+
+    g = torch.Generator().manual_seed(0)
+    for vocab, n in ((37, 5), (37, 37), (1000, 1), (5003, 256), (262144, 40), (262144, 4096)):
+        x = torch.softmax(torch.randn(4, vocab, generator=g) * 3, dim=-1)
+        x[:, ::7] = 0.0  # what top-k / top-p masks leave
+        x[1, 10:] = float("-inf")
+        x[2] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties everywhere
+        x[3, : vocab // 2] = x[3].max()  # ties at the top
+        assert torch.equal(top_values(x, n), x.topk(n, dim=-1).values)

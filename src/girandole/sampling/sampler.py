@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from girandole.model.kernels.logits import argmax_rows
+from girandole.model.kernels.logits import argmax_rows, top_values
 from girandole.sampling.params import SamplingParams
 
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
@@ -274,7 +274,7 @@ class Sampler:
 
         top_ks = [r.params.top_k for r in rows]
         if any(k > 0 for k in top_ks):
-            values = probs.topk(min(max(top_ks), probs.shape[-1]), dim=-1).values
+            values = top_values(probs, min(max(top_ks), probs.shape[-1]))
             k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks], device=dev)
             kth = values.gather(1, k_idx[:, None])
             kth[torch.tensor(top_ks, device=dev) == 0] = 0.0
@@ -304,7 +304,7 @@ class Sampler:
         # row in a batch; a row's cutoff must not depend on its batch neighbours.
         total = chunk_cdf(probs)[:, -1].to(probs.dtype)
         k = min(_TOP_P_CANDIDATES, probs.shape[-1])
-        values = probs.topk(k, dim=-1).values  # sorted descending
+        values = top_values(probs, k)  # sorted descending
         mass = values.cumsum(dim=-1)
         target = top_ps * total
         cutoff = torch.zeros_like(total)
@@ -323,7 +323,7 @@ class Sampler:
                 if n >= vocab:
                     row_values = probs[i].sort(descending=True).values
                 else:
-                    row_values = probs[i].topk(n).values
+                    row_values = top_values(probs[i : i + 1], n)[0]
                 row_mass = row_values.cumsum(dim=0)
             j = int(torch.searchsorted(row_mass, target[i]).clamp(max=len(row_values) - 1))
             cutoff[i] = row_values[j]

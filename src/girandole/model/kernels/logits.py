@@ -1,5 +1,6 @@
 """Native passes over rows of logits (csrc/logits.c): the LM head's exact refinement of its
-coarse logits, and each row's argmax. Available where the kernels build (x86 with AVX512)."""
+coarse logits, each row's argmax and its largest values. Available where the kernels build (x86
+with AVX512); elsewhere torch's ops give the same answers."""
 
 from __future__ import annotations
 
@@ -48,5 +49,20 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.long)
     lib.argmax_rows(
         logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
+def top_values(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's n largest values, largest first: `x.topk(n, dim=-1).values` for float32 rows
+    without NaNs (n <= the row length), natively on CPU in one pass (torch's CPU topk takes
+    ~6 ms for 16 rows of Gemma's 262k vocabulary, this ~1 ms)."""
+    lib = loader.library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or n > x.shape[1] or n < 1:
+        return x.topk(n, dim=-1).values
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib.top_values_rows(
+        x.data_ptr(), x.shape[0], x.shape[1], n, out.data_ptr(), torch.get_num_threads()
     )
     return out

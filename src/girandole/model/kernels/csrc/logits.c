@@ -7,6 +7,8 @@
 //   exactly: the dot product of the hidden state with the table row dequantized (int8 times its
 //   group's scale, float32).
 // - argmax_rows: the first index of each row's maximum, or of its first NaN (torch.argmax's).
+// - top_values_rows: each row's n largest values, largest first (torch.topk's values, without
+//   NaNs): the samplers' top-k and top-p candidates.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -173,5 +175,85 @@ void argmax_rows(const float *logits, int64_t M, int64_t V, int64_t *out, int nt
         for (; v < V && found < 0; v++)
             if (row[v] == mx) found = v;
         out[m] = found < 0 ? 0 : found;
+    }
+}
+
+// Reorders c[0..len) so that its first k elements are the k largest (quickselect).
+static void select_largest(float *c, int64_t len, int64_t k) {
+    int64_t lo = 0, hi = len - 1;
+    while (lo < hi) {
+        const float pivot = c[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (c[i] > pivot) i++;
+            while (pivot > c[j]) j--;
+            if (i <= j) {
+                const float t = c[i];
+                c[i] = c[j];
+                c[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+static int larger_first(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+// One pass per row: values above a running threshold go to a buffer of 4n + 16 (compress-store);
+// when it is full it is cut back to its n largest, whose smallest becomes the threshold. A value
+// equal to the threshold can be left out: the n largest values stay the same multiset. Rows
+// with fewer than n values above -inf end in -inf.
+void top_values_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * V;
+        const int64_t cap = 4 * n + 16;
+        float *buf = malloc(cap * sizeof(float));
+        int64_t len = 0, v = 0;
+        float t = -INFINITY;
+        for (; v + 16 <= V; v += 16) {
+            const __m512 xv = _mm512_loadu_ps(row + v);
+            __mmask16 k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
+            if (!k) continue;
+            if (len + 16 > cap) {
+                select_largest(buf, len, n);
+                len = n;
+                t = buf[0];
+                for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
+                k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
+            }
+            _mm512_mask_compressstoreu_ps(buf + len, k, xv);
+            len += __builtin_popcount(k);
+        }
+        for (; v < V; v++) {
+            if (!(row[v] > t)) continue;
+            if (len == cap) {
+                select_largest(buf, len, n);
+                len = n;
+                t = buf[0];
+                for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
+                if (!(row[v] > t)) continue;
+            }
+            buf[len++] = row[v];
+        }
+        if (len > n) {
+            select_largest(buf, len, n);
+            len = n;
+        }
+        qsort(buf, len, sizeof(float), larger_first);
+        float *o = out + m * n;
+        memcpy(o, buf, len * sizeof(float));
+        for (int64_t i = len; i < n; i++) o[i] = -INFINITY;
+        free(buf);
     }
 }
