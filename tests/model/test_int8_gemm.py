@@ -101,3 +101,26 @@ def test_native_top_values_are_torchs():
         x[2] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties everywhere
         x[3, : vocab // 2] = x[3].max()  # ties at the top
         assert torch.equal(top_values(x, n), x.topk(n, dim=-1).values)
+
+
+def test_native_sampling_weights_are_torchs():
+    """exp(x / t - max(x / t)) per row in place, within float32 rounding of torch's ops; exactly
+    0 for -inf (banned) tokens and at or below the floor, exactly 1 at the maximum; the same
+    non-zero set as tempered_probs' torch path."""
+    from girandole.model.kernels.logits import sampling_weights
+    from girandole.sampling.sampler import WEIGHT_FLOOR, tempered_probs
+
+    g = torch.Generator().manual_seed(0)
+    temps = torch.tensor([0.5, 1.0, 0.8, 2.0, 1e-3])
+    for vocab in (5, 37, 1000, 262144):
+        x = torch.randn(5, vocab, generator=g) * 4
+        x[:, ::5] = float("-inf")
+        d = x / temps[:, None] - (x / temps[:, None]).amax(dim=-1, keepdim=True)
+        want = torch.where(d > WEIGHT_FLOOR, d.exp(), 0.0)
+        got = x.clone()
+        assert sampling_weights(got, temps)
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, rtol=3e-7, atol=0)
+        assert (got.amax(dim=-1) == 1.0).all() and (got[:, ::5] == 0).all()
+        torch_path = tempered_probs(x.clone().to(torch.float64), temps.double()).float()
+        assert torch.equal(torch_path > 0, got > 0)

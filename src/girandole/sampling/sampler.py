@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from girandole.model.kernels.logits import argmax_rows, top_values
+from girandole.model.kernels.logits import argmax_rows, sampling_weights, top_values
 from girandole.sampling.params import SamplingParams
 
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
@@ -21,6 +21,8 @@ from girandole.sampling.params import SamplingParams
 _TOP_P_CANDIDATES = 256
 # Inverse-CDF draws find the point's chunk of this many tokens first, then the token inside it.
 DRAW_CHUNK = 1024
+# Sampling weights are exp(x / t - max): 0 at or below this exponent (csrc/logits.c's floor).
+WEIGHT_FLOOR = -87.0
 
 
 @dataclass
@@ -57,9 +59,15 @@ def tempered_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     """Each row's sampling weights exp((logits - max) / temperature): softmax without its
     division (the most likely token weighs exactly 1; every consumer divides by the row's
     total where it needs probabilities). Computed in place in `logits`, which it returns: a
-    [B, V] temporary costs more than the arithmetic on CPU (fresh pages)."""
+    [B, V] temporary costs more than the arithmetic on CPU (fresh pages). On CPU one native
+    kernel does it in two passes over the rows; elsewhere torch's ops. A token more than
+    WEIGHT_FLOOR below the maximum after the division (a banned one at -inf too) weighs exactly 0
+    on every device (the native exp stops there)."""
+    if sampling_weights(logits, temps):
+        return logits
     logits.div_(temps[:, None])
     logits.sub_(logits.amax(dim=-1, keepdim=True))
+    logits.masked_fill_(logits <= WEIGHT_FLOOR, float("-inf"))
     return logits.exp_()
 
 

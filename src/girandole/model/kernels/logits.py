@@ -66,3 +66,17 @@ def top_values(x: torch.Tensor, n: int) -> torch.Tensor:
         x.data_ptr(), x.shape[0], x.shape[1], n, out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+def sampling_weights(x: torch.Tensor, temps: torch.Tensor) -> bool:
+    """exp(x / t - max(x / t)) per row, in place (a banned -inf token weighs 0), natively on
+    CPU in two passes instead of torch's five; False (x untouched) where the kernels cannot run
+    it, and the caller uses torch's ops."""
+    lib = loader.library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return False
+    temps = temps.to(torch.float32).contiguous()
+    lib.sampling_weights_rows(
+        x.data_ptr(), temps.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()
+    )
+    return True

@@ -9,7 +9,10 @@
 // - argmax_rows: the first index of each row's maximum, or of its first NaN (torch.argmax's).
 // - top_values_rows: each row's n largest values, largest first (torch.topk's values, without
 //   NaNs): the samplers' top-k and top-p candidates.
+// - sampling_weights_rows: each row's exp(x / t - max(x / t)) in place (the samplers' weights;
+//   0 below e^-87, -inf included).
 #include <immintrin.h>
+#include "simd_math.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -255,5 +258,34 @@ void top_values_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out
         memcpy(o, buf, len * sizeof(float));
         for (int64_t i = len; i < n; i++) o[i] = -INFINITY;
         free(buf);
+    }
+}
+
+// Two passes a row instead of torch's five (divide, max, subtract, exp, each over the whole
+// [M, V]): the max of x (x / t's max is max(x) / t: rounding a division by t > 0 keeps the
+// order), then x / t - that, its exp written back. A token at -inf (banned), or more than 87
+// below the maximum after the division, weighs exactly 0.
+void sampling_weights_rows(float *x, const float *temps, int64_t M, int64_t V, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        float *row = x + m * V;
+        const float t = temps[m];
+        const float mx = row_max(row, V) / t;
+        const __m512 tv = _mm512_set1_ps(t), mv = _mm512_set1_ps(mx);
+        // exp512 clamps at -87: anything below weighs 0 (as -inf, a banned token, does), so
+        // a row's non-zero set is the tokens within e^87 of its most likely one.
+        const __m512 floor = _mm512_set1_ps(-87.0f);
+        int64_t v = 0;
+        for (; v + 16 <= V; v += 16) {
+            const __m512 d = _mm512_sub_ps(_mm512_div_ps(_mm512_loadu_ps(row + v), tv), mv);
+            const __mmask16 live = _mm512_cmp_ps_mask(d, floor, _CMP_GT_OQ);
+            _mm512_storeu_ps(row + v, _mm512_maskz_mov_ps(live, exp512(d)));
+        }
+        if (v < V) {
+            const __mmask16 tail = (__mmask16)((1u << (V - v)) - 1);
+            const __m512 d = _mm512_sub_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(tail, row + v), tv), mv);
+            const __mmask16 live = _mm512_cmp_ps_mask(d, floor, _CMP_GT_OQ) & tail;
+            _mm512_mask_storeu_ps(row + v, tail, _mm512_maskz_mov_ps(live, exp512(d)));
+        }
     }
 }
