@@ -29,32 +29,41 @@ typedef struct {
 // A strict total order: larger value first, then lower index.
 static inline int before(cand_t a, cand_t b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
 
-// Reorders c[0..n) so that its first k elements are the k first by `before` (quickselect). The
-// order is strict, so the chosen set is the same whatever the algorithm's path.
-static void select_first(cand_t *c, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const cand_t pivot = c[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (before(c[i], pivot)) i++;
-            while (before(pivot, c[j])) j--;
-            if (i <= j) {
-                const cand_t t = c[i];
-                c[i] = c[j];
-                c[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (k - 1 <= j)
-            hi = j;
-        else if (k - 1 >= i)
-            lo = i;
-        else
-            break;
+// Quickselect: reorders c[0..n) so that its first k elements are the k first by BEFORE. With a
+// strict order the chosen set is the same whatever the algorithm's path.
+#define DEFINE_SELECT(NAME, TYPE, BEFORE)                       \
+    static void NAME(TYPE *c, int64_t n, int64_t k) {           \
+        int64_t lo = 0, hi = n - 1;                             \
+        while (lo < hi) {                                       \
+            const TYPE pivot = c[lo + (hi - lo) / 2];           \
+            int64_t i = lo, j = hi;                             \
+            while (i <= j) {                                    \
+                while (BEFORE(c[i], pivot)) i++;                \
+                while (BEFORE(pivot, c[j])) j--;                \
+                if (i <= j) {                                   \
+                    const TYPE t = c[i];                        \
+                    c[i] = c[j];                                \
+                    c[j] = t;                                   \
+                    i++;                                        \
+                    j--;                                        \
+                }                                               \
+            }                                                   \
+            if (k - 1 <= j)                                     \
+                hi = j;                                         \
+            else if (k - 1 >= i)                                \
+                lo = i;                                         \
+            else                                                \
+                break;                                          \
+        }                                                       \
     }
-}
+
+// The refinement's candidates: the `top` first by `before`.
+DEFINE_SELECT(select_first, cand_t, before)
+
+static inline int larger(float a, float b) { return a > b; }
+
+// The k largest values first (their order among equals does not matter: values only).
+DEFINE_SELECT(select_largest, float, larger)
 
 static float row_max(const float *row, int64_t V) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -181,35 +190,17 @@ void argmax_rows(const float *logits, int64_t M, int64_t V, int64_t *out, int nt
     }
 }
 
-// Reorders c[0..len) so that its first k elements are the k largest (quickselect).
-static void select_largest(float *c, int64_t len, int64_t k) {
-    int64_t lo = 0, hi = len - 1;
-    while (lo < hi) {
-        const float pivot = c[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (c[i] > pivot) i++;
-            while (pivot > c[j]) j--;
-            if (i <= j) {
-                const float t = c[i];
-                c[i] = c[j];
-                c[j] = t;
-                i++;
-                j--;
-            }
-        }
-        if (k - 1 <= j)
-            hi = j;
-        else if (k - 1 >= i)
-            lo = i;
-        else
-            break;
-    }
-}
-
 static int larger_first(const void *a, const void *b) {
     const float x = *(const float *)a, y = *(const float *)b;
     return (x < y) - (x > y);
+}
+
+// Cuts buf[0..len) back to its n largest values; returns the smallest of them.
+static float cut_back(float *buf, int64_t len, int64_t n) {
+    select_largest(buf, len, n);
+    float t = buf[0];
+    for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
+    return t;
 }
 
 // One pass per row: values above a running threshold go to a buffer of 4n + 16 (compress-store);
@@ -229,10 +220,8 @@ void top_values_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out
             __mmask16 k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
             if (!k) continue;
             if (len + 16 > cap) {
-                select_largest(buf, len, n);
+                t = cut_back(buf, len, n);
                 len = n;
-                t = buf[0];
-                for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
                 k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
             }
             _mm512_mask_compressstoreu_ps(buf + len, k, xv);
@@ -241,10 +230,8 @@ void top_values_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out
         for (; v < V; v++) {
             if (!(row[v] > t)) continue;
             if (len == cap) {
-                select_largest(buf, len, n);
+                t = cut_back(buf, len, n);
                 len = n;
-                t = buf[0];
-                for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
                 if (!(row[v] > t)) continue;
             }
             buf[len++] = row[v];
