@@ -186,3 +186,15 @@ def test_determinism_in_a_mixed_busy_batch(llm):
     assert [r.logprob for r in outs[-1].logprobs] == pytest.approx(
         [r.logprob for r in alone.logprobs], abs=1e-5
     )
+
+
+def test_tiny_temperatures_sample_greedily(llm):
+    """Temperatures the API accepts down to float's smallest (where logits / t overflow) give
+    the greedy tokens, with finite logprobs."""
+    prompt = llm.tokenizer.encode("The quick brown fox")
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=1))[0]
+    for t in (1e-45, 1e-30, 1e-6):
+        params = SamplingParams(temperature=t, max_tokens=6, logprobs=1, seed=3)
+        out = llm.generate([prompt], params)[0]
+        assert out.token_ids == greedy.token_ids
+        assert all(math.isfinite(lp.logprob) for lp in out.logprobs)

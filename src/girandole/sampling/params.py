@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from girandole.sampling.grammar import GrammarSpec
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): at 1e-5 the most likely token
+# already outweighs one 0.01 logit behind it by e^1000; at ~1e-38 x / t overflows.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -96,7 +100,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperature 0 (or below GREEDY_BELOW, where x / t overflows float32 for a tiny
+        enough t and the distribution is one-hot anyway), or top-k 1."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def uses_penalties(self) -> bool:

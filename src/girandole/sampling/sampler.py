@@ -101,8 +101,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     vals = weights.gather(1, cols.clamp(max=v - 1)).masked_fill(~inside, 0.0).double()
     k = torch.searchsorted(vals.cumsum(dim=-1) + before, point, side="right")
     # Past the chunk's end only by rounding (its sum and its running sum differ in the last
-    # bits): its last token with weight.
-    last = torch.where(vals > 0, offsets, -1).amax(dim=-1, keepdim=True)
+    # bits): its last token with weight (a row without weight, which no caller sends: its first).
+    last = torch.where(vals > 0, offsets, 0).amax(dim=-1, keepdim=True)
     k = torch.where(k >= DRAW_CHUNK, last, k)
     idx = (chunk * DRAW_CHUNK + k)[:, 0]
     return idx, weights.gather(1, idx[:, None])[:, 0].double() / total
