@@ -322,12 +322,12 @@ class Sampler:
                 continue
             row_values, row_mass = values[i], mass[i]
             while row_mass[-1] < target[i] and len(row_values) < vocab:
-                # A nucleus wider than the candidates: more of them, at least as many as the
-                # missing mass needs (none weighs more than the last candidate); past a quarter
-                # of the vocabulary, a sort is cheaper. The top n of a sort either way, so the
-                # cutoff is the full sort's.
+                # A nucleus wider than the candidates: more of them, twice as many as the
+                # missing mass needs at least (none weighs more than the last candidate); past
+                # half the vocabulary, a sort. The top n of a sort either way, so the cutoff is
+                # the full sort's.
                 need = len(row_values) + float((target[i] - row_mass[-1]) / row_values[-1])
-                n = vocab if 4 * need >= vocab else 1 << int(2 * need).bit_length()
+                n = vocab if 2 * need >= vocab else 1 << int(2 * need).bit_length()
                 if n >= vocab:
                     row_values = probs[i].sort(descending=True).values
                 else:
