@@ -198,3 +198,30 @@ def test_tiny_temperatures_sample_greedily(llm):
         out = llm.generate([prompt], params)[0]
         assert out.token_ids == greedy.token_ids
         assert all(math.isfinite(lp.logprob) for lp in out.logprobs)
+
+
+def test_greedy_sampling_logprob_with_and_without_processors():
+    """A greedy row whose logits nothing changed reports its raw logprob as its sampling
+    logprob; beside a row with a logit bias (the batch computes both), each still gets its own;
+    top logprobs of mixed widths come from one batched top-n."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    raw = torch.log_softmax(logits, dim=-1)
+    plain = SamplerRow(SamplingParams(temperature=0, logprobs=3))
+    biased = SamplerRow(SamplingParams(temperature=0, logprobs=1, logit_bias={7: 5.0}))
+    wide = SamplerRow(SamplingParams(temperature=0, logprobs=5))
+    for rows in ([plain, wide, plain], [plain, biased, wide]):
+        results = Sampler(seed=0)(logits.clone(), rows)
+        for i, (res, row) in enumerate(zip(results, rows)):
+            assert res.logprob == pytest.approx(float(raw[i, res.token_id]), abs=1e-6)
+            n = row.params.logprobs
+            values, ids = raw[i].topk(n)
+            assert res.top_logprobs == list(zip(ids.tolist(), values.tolist()))
+            if row is biased:
+                biased_logits = logits[i].clone()
+                biased_logits[7] += 5.0
+                want = torch.log_softmax(biased_logits, dim=-1)[res.token_id]
+                assert res.sampling_logprob == pytest.approx(float(want), abs=1e-6)
+                assert res.sampling_logprob != pytest.approx(res.logprob, abs=1e-3)
+            else:
+                assert res.sampling_logprob == pytest.approx(res.logprob, abs=1e-6)

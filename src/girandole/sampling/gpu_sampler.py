@@ -30,6 +30,7 @@ from girandole.sampling.sampler import (
     chunk_cdf,
     draw_uniforms,
     inverse_cdf,
+    keeps_raw_logits,
     tempered_probs,
 )
 
@@ -149,8 +150,11 @@ class GpuSampler(Sampler):
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         chosen = greedy_ids
         sampling_lp = torch.zeros(B, dtype=torch.float64, device=dev)
-        if want_lp:
-            lp = torch.log_softmax(logits, dim=-1).gather(1, greedy_ids[:, None])[:, 0]
+        if want_lp:  # logits as the model gave them: the raw logprob is the sampling one
+            source = raw_lp if all(keeps_raw_logits(r) for r in rows) else None
+            if source is None:
+                source = torch.log_softmax(logits, dim=-1)
+            lp = source.gather(1, greedy_ids[:, None])[:, 0]
             sampling_lp = torch.where(greedy, lp.double(), sampling_lp)
         if sampled:
             probs = self._probs_batched(logits, rows)
