@@ -56,13 +56,13 @@ def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]
 
 
 def tempered_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
-    """Each row's sampling weights exp((logits - max) / temperature): softmax without its
-    division (the most likely token weighs exactly 1; every consumer divides by the row's
-    total where it needs probabilities). Computed in place in `logits`, which it returns: a
-    [B, V] temporary costs more than the arithmetic on CPU (fresh pages). On CPU one native
-    kernel does it in two passes over the rows; elsewhere torch's ops. A token more than
-    WEIGHT_FLOOR below the maximum after the division (a banned one at -inf too) weighs exactly 0
-    on every device (the native exp stops there)."""
+    """Each row's sampling weights exp(x / t - max(x / t)) for logits x at temperature t:
+    softmax without its division (the most likely token weighs exactly 1; every consumer
+    divides by the row's total where it needs probabilities). Computed in place in `logits`,
+    which it returns: a [B, V] temporary costs more than the arithmetic on CPU (fresh pages).
+    On CPU one native kernel does it in two passes over the rows; elsewhere torch's ops. A
+    token more than WEIGHT_FLOOR below the maximum after the division (a banned one at -inf
+    too) weighs exactly 0 on every device (the native exp stops there)."""
     if sampling_weights(logits, temps):
         return logits
     logits.div_(temps[:, None])
