@@ -124,3 +124,22 @@ def test_native_sampling_weights_are_torchs():
         assert (got.amax(dim=-1) == 1.0).all() and (got[:, ::5] == 0).all()
         torch_path = tempered_probs(x.clone().to(torch.float64), temps.double()).float()
         assert torch.equal(torch_path > 0, got > 0)
+
+
+def test_native_top_is_torchs_with_ties_by_index():
+    """Each row's n largest values and their indices, equal values in index order (torch's
+    stable descending sort's first n); a row with fewer than n values above -inf is torch's."""
+    from girandole.model.kernels.logits import top
+
+    g = torch.Generator().manual_seed(1)
+    for vocab, n in ((37, 5), (37, 37), (1000, 1), (5003, 20), (262144, 5)):
+        x = torch.log_softmax(torch.randn(4, vocab, generator=g) * 3, dim=-1)
+        x[2] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties everywhere
+        x[3, : vocab // 2] = x[3].max()  # ties at the top
+        values, ids = top(x, n)
+        want = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, want.values[:, :n]) and torch.equal(ids, want.indices[:, :n])
+    x = torch.zeros(2, 40)
+    x[0, 3:] = float("-inf")
+    values, ids = top(x, 5)
+    assert torch.equal(values, x.topk(5, dim=-1).values)

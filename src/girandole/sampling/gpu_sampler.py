@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from girandole.model.context import to_device
+from girandole.model.kernels.logits import top
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import (
     Sampler,
@@ -171,7 +172,7 @@ class GpuSampler(Sampler):
         if raw_lp is not None:
             parts.append(raw_lp.gather(1, chosen[:, None]).double())
             if n_top:
-                values, ids = raw_lp.topk(n_top, dim=-1)
+                values, ids = top(raw_lp, n_top)  # torch's topk off the CPU
                 parts += [ids.double(), values.double()]
         return chosen, torch.cat(parts, dim=1), n_top
 

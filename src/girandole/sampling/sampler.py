@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from girandole.model.kernels.logits import argmax_rows, sampling_weights, top_values
+from girandole.model.kernels.logits import argmax_rows, sampling_weights, top, top_values
 from girandole.sampling.params import SamplingParams
 
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
@@ -51,8 +51,8 @@ def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]
     """The n most likely (token id, logprob) pairs of each row of a [R, V] logprob tensor."""
     if n <= 0:
         return [[] for _ in range(logprobs.shape[0])]
-    values, ids = logprobs.topk(n, dim=-1)
-    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+    values, ids = top(logprobs, n)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def tempered_probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,8 @@ SIGNATURES = {
     "top_values_rows": [ptr, i64, i64, i64, ptr, c_int],
     # x, temps, M, V, nthreads
     "sampling_weights_rows": [ptr, ptr, i64, i64, c_int],
+    # x, M, V, n, out_values, out_ids, nthreads
+    "top_rows": [ptr, i64, i64, i64, ptr, ptr, c_int],
     # gu, T, I, act, out, nthreads
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache

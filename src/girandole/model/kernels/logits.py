@@ -68,6 +68,30 @@ def top_values(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def top(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's n largest values and their indices, largest first (equal values: the lower
+    index first): `x.topk(n, dim=-1)`, natively on CPU in one pass (the top logprobs: 16 rows
+    of 262k, ~4 ms in torch)."""
+    lib = loader.library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not 1 <= n <= x.shape[1]:
+        return x.topk(n, dim=-1)
+    x = x.contiguous()
+    values = torch.empty(x.shape[0], n, dtype=torch.float32)
+    ids = torch.empty(x.shape[0], n, dtype=torch.long)
+    lib.top_rows(
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        n,
+        values.data_ptr(),
+        ids.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if bool((ids[:, -1] < 0).any()):  # a row with fewer than n values above -inf
+        return x.topk(n, dim=-1)
+    return values, ids
+
+
 def sampling_weights(x: torch.Tensor, temps: torch.Tensor) -> bool:
     """exp(x / t - max(x / t)) per row, in place (a banned -inf token weighs 0), natively on
     CPU in two passes instead of torch's five; False (x untouched) where the kernels cannot run

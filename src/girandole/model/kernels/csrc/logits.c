@@ -9,6 +9,8 @@
 // - argmax_rows: the first index of each row's maximum, or of its first NaN (torch.argmax's).
 // - top_values_rows: each row's n largest values, largest first (torch.topk's values, without
 //   NaNs): the samplers' top-k and top-p candidates.
+// - top_rows: each row's n first (value, index) by `before` (torch.topk's, ties by index): the
+//   top logprobs.
 // - sampling_weights_rows: each row's exp(x / t - max(x / t)) in place (the samplers' weights;
 //   0 below e^-87, -inf included).
 #include <immintrin.h>
@@ -276,5 +278,69 @@ void sampling_weights_rows(float *x, const float *temps, int64_t M, int64_t V, i
             const __mmask16 live = _mm512_cmp_ps_mask(d, floor, _CMP_GT_OQ) & tail;
             _mm512_mask_storeu_ps(row + v, tail, _mm512_maskz_mov_ps(live, exp512(d)));
         }
+    }
+}
+
+static int before_first(const void *a, const void *b) {
+    return before(*(const cand_t *)a, *(const cand_t *)b) ? -1 : 1;
+}
+
+// Cuts c[0..len) back to its n first by `before`; returns the value of the last of them.
+static float cut_back_cands(cand_t *c, int64_t len, int64_t n) {
+    select_first(c, len, n);
+    float t = c[0].v;
+    for (int64_t i = 1; i < n; i++) t = c[i].v < t ? c[i].v : t;
+    return t;
+}
+
+// top_values_rows with indices: a value equal to the threshold that comes later has a higher
+// index, so it ranks after every kept one and can be left out. Rows with fewer than n values
+// above -inf get index -1 past them (the caller asks torch then).
+void top_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out_v, int64_t *out_i,
+              int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * V;
+        const int64_t cap = 4 * n + 16;
+        cand_t *buf = malloc(cap * sizeof(cand_t));
+        int64_t len = 0, v = 0;
+        float t = -INFINITY;
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        float vals[16];
+        int32_t ids[16];
+        for (; v + 16 <= V; v += 16) {
+            const __m512 xv = _mm512_loadu_ps(row + v);
+            __mmask16 k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
+            if (!k) continue;
+            if (len + 16 > cap) {
+                t = cut_back_cands(buf, len, n);
+                len = n;
+                k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
+            }
+            _mm512_storeu_ps(vals, _mm512_maskz_compress_ps(k, xv));
+            const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)v));
+            _mm512_storeu_si512(ids, _mm512_maskz_compress_epi32(k, idx));
+            const int cnt = __builtin_popcount(k);
+            for (int j = 0; j < cnt; j++) buf[len++] = (cand_t){vals[j], ids[j]};
+        }
+        for (; v < V; v++) {
+            if (!(row[v] > t)) continue;
+            if (len == cap) {
+                t = cut_back_cands(buf, len, n);
+                len = n;
+                if (!(row[v] > t)) continue;
+            }
+            buf[len++] = (cand_t){row[v], (int32_t)v};
+        }
+        if (len > n) {
+            select_first(buf, len, n);
+            len = n;
+        }
+        qsort(buf, len, sizeof(cand_t), before_first);
+        for (int64_t j = 0; j < n; j++) {
+            out_v[m * n + j] = j < len ? buf[j].v : -INFINITY;
+            out_i[m * n + j] = j < len ? buf[j].i : -1;
+        }
+        free(buf);
     }
 }
