@@ -61,8 +61,6 @@ SIGNATURES = {
     "lm_head_refine": [ptr, i64, i64, ptr, i64, ptr, ptr, f32, i64, c_int],
     # logits, M, V, out, nthreads
     "argmax_rows": [ptr, i64, i64, ptr, c_int],
-    # x, M, V, n, out, nthreads
-    "top_values_rows": [ptr, i64, i64, i64, ptr, c_int],
     # x, temps, M, V, nthreads
     "sampling_weights_rows": [ptr, ptr, i64, i64, c_int],
     # x, M, V, n, out_values, out_ids, nthreads

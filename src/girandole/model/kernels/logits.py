@@ -53,21 +53,6 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def top_values(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row's n largest values, largest first: `x.topk(n, dim=-1).values` for float32 rows
-    without NaNs (n <= the row length), natively on CPU in one pass (torch's CPU topk takes
-    ~6 ms for 16 rows of Gemma's 262k vocabulary, this ~1 ms)."""
-    lib = loader.library() if x.device.type == "cpu" else None
-    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or n > x.shape[1] or n < 1:
-        return x.topk(n, dim=-1).values
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    lib.top_values_rows(
-        x.data_ptr(), x.shape[0], x.shape[1], n, out.data_ptr(), torch.get_num_threads()
-    )
-    return out
-
-
 def top(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's n largest values and their indices, largest first (equal values: the lower
     index first): `x.topk(n, dim=-1)`, natively on CPU in one pass (the top logprobs: 16 rows
@@ -104,3 +89,9 @@ def sampling_weights(x: torch.Tensor, temps: torch.Tensor) -> bool:
         x.data_ptr(), temps.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()
     )
     return True
+
+
+def top_values(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's n largest values, largest first (`x.topk(n, dim=-1).values`; natively on CPU:
+    16 rows of 262k, n = 256, ~4 ms in torch, ~0.8 here): the samplers' candidates."""
+    return top(x, n)[0]

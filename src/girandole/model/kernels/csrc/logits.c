@@ -7,10 +7,8 @@
 //   exactly: the dot product of the hidden state with the table row dequantized (int8 times its
 //   group's scale, float32).
 // - argmax_rows: the first index of each row's maximum, or of its first NaN (torch.argmax's).
-// - top_values_rows: each row's n largest values, largest first (torch.topk's values, without
-//   NaNs): the samplers' top-k and top-p candidates.
 // - top_rows: each row's n first (value, index) by `before` (torch.topk's, ties by index): the
-//   top logprobs.
+//   samplers' top-k and top-p candidates and the top logprobs.
 // - sampling_weights_rows: each row's exp(x / t - max(x / t)) in place (the samplers' weights;
 //   0 below e^-87, -inf included).
 #include <immintrin.h>
@@ -59,13 +57,8 @@ static inline int before(cand_t a, cand_t b) { return a.v > b.v || (a.v == b.v &
         }                                                       \
     }
 
-// The refinement's candidates: the `top` first by `before`.
+// The refinement's candidates and top_rows': the first by `before`.
 DEFINE_SELECT(select_first, cand_t, before)
-
-static inline int larger(float a, float b) { return a > b; }
-
-// The k largest values first (their order among equals does not matter: values only).
-DEFINE_SELECT(select_largest, float, larger)
 
 static float row_max(const float *row, int64_t V) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -192,66 +185,6 @@ void argmax_rows(const float *logits, int64_t M, int64_t V, int64_t *out, int nt
     }
 }
 
-static int larger_first(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x < y) - (x > y);
-}
-
-// Cuts buf[0..len) back to its n largest values; returns the smallest of them.
-static float cut_back(float *buf, int64_t len, int64_t n) {
-    select_largest(buf, len, n);
-    float t = buf[0];
-    for (int64_t i = 1; i < n; i++) t = buf[i] < t ? buf[i] : t;
-    return t;
-}
-
-// One pass per row: values above a running threshold go to a buffer of 4n + 16 (compressed);
-// when it is full it is cut back to its n largest, whose smallest becomes the threshold. A value
-// equal to the threshold can be left out: the n largest values stay the same multiset. Rows
-// with fewer than n values above -inf end in -inf.
-void top_values_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * V;
-        const int64_t cap = 4 * n + 16;
-        float *buf = malloc(cap * sizeof(float));
-        int64_t len = 0, v = 0;
-        float t = -INFINITY;
-        for (; v + 16 <= V; v += 16) {
-            const __m512 xv = _mm512_loadu_ps(row + v);
-            __mmask16 k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
-            if (!k) continue;
-            if (len + 16 > cap) {
-                t = cut_back(buf, len, n);
-                len = n;
-                k = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(t), _CMP_GT_OQ);
-            }
-            // compress in a register, then a plain store (room for 16 is kept): AMD's Zen 4
-            // microcodes a compress straight to memory
-            _mm512_storeu_ps(buf + len, _mm512_maskz_compress_ps(k, xv));
-            len += __builtin_popcount(k);
-        }
-        for (; v < V; v++) {
-            if (!(row[v] > t)) continue;
-            if (len == cap) {
-                t = cut_back(buf, len, n);
-                len = n;
-                if (!(row[v] > t)) continue;
-            }
-            buf[len++] = row[v];
-        }
-        if (len > n) {
-            select_largest(buf, len, n);
-            len = n;
-        }
-        qsort(buf, len, sizeof(float), larger_first);
-        float *o = out + m * n;
-        memcpy(o, buf, len * sizeof(float));
-        for (int64_t i = len; i < n; i++) o[i] = -INFINITY;
-        free(buf);
-    }
-}
-
 // Two passes a row instead of torch's five (divide, max, subtract, exp, each over the whole
 // [M, V]): the max of x (x / t's max is max(x) / t: rounding a division by t > 0 keeps the
 // order), then x / t - that, its exp written back. A token at -inf (banned), or more than 87
@@ -293,9 +226,12 @@ static float cut_back_cands(cand_t *c, int64_t len, int64_t n) {
     return t;
 }
 
-// top_values_rows with indices: a value equal to the threshold that comes later has a higher
-// index, so it ranks after every kept one and can be left out. Rows with fewer than n values
-// above -inf get index -1 past them (the caller asks torch then).
+// One pass per row: candidates above a running threshold go to a buffer of 4n + 16 (compressed
+// in registers: AMD's Zen 4 microcodes a compress straight to memory); when it is full it is
+// cut back to its n first, whose last value becomes the threshold. A value equal to the
+// threshold that comes later has a higher index, so it ranks after every kept one and can be
+// left out. Rows with fewer than n values above -inf get index -1 past them (the caller asks
+// torch then).
 void top_rows(const float *x, int64_t M, int64_t V, int64_t n, float *out_v, int64_t *out_i,
               int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
