@@ -410,7 +410,19 @@ def hbm_gbps() -> float | None:
     return next((v for k, v in HBM_GBPS.items() if k in name), None)
 
 
-def engine_throughput(
+def engine_throughput(*args, fused: bool = True, **kwargs) -> dict:
+    """_engine_throughput's row with the fused layers on or off (read by every forward, the
+    graphs' capture included), back on afterwards whatever happens."""
+    from girandole.model import fused_layers
+
+    fused_layers.ENABLED = fused
+    try:
+        return _engine_throughput(*args, **kwargs)
+    finally:
+        fused_layers.ENABLED = True
+
+
+def _engine_throughput(
     folder: Path,
     vocab: int,
     concs,
@@ -419,14 +431,11 @@ def engine_throughput(
     eager: bool = False,
     overlap: bool | None = None,
     profile_as: str | None = None,
-    fused: bool = True,
 ) -> dict:
     from girandole import LLM, SamplingParams
-    from girandole.model import fused_layers
 
     row: dict = {}
     t = time.perf_counter()
-    fused_layers.ENABLED = fused  # read by every forward, the graphs' capture included
     llm = LLM(
         model=str(folder),
         **engine_kwargs(kv_cache_gb=0.2 if SMOKE else 16, max_num_seqs=256),
@@ -472,7 +481,6 @@ def engine_throughput(
         outs = llm.generate(prompts_for(conc, p_len, vocab), params)
         row[f"@{conc}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     del llm, eng
-    fused_layers.ENABLED = True
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return row

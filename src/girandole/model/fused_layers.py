@@ -74,15 +74,29 @@ def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, lin.weight, lin.bias)
 
 
-def forward(
+def decoder_forward(
+    model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The forward of Gemma 3 and the Llama family: embeddings, then every layer with its
+    rotary tables; the hidden states before the final norm. Fused on the GPU path (`applies`),
+    module by module elsewhere."""
+    x = model.embed_tokens(input_ids)
+    ropes = model.rope_tables(positions)
+    ctx = get_context()
+    if applies(model, ctx):
+        return _fused(model, ctx, x, ropes)
+    for layer, rope in zip(model.layers, ropes):
+        x = layer(x, rope)
+    return x
+
+
+def _fused(
     model: nn.Module,
+    ctx: ForwardContext,
     x: torch.Tensor,
     ropes: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """The layers on embeddings x [T, hidden] float32 (consumed: updated in place) with each
-    layer's rotary tables; returns the hidden states before the final norm, as the model's
-    forward does."""
-    ctx = get_context()
+    """The layers on embeddings x [T, hidden] float32 (consumed: updated in place)."""
     layers = model.layers
     dtype = _dense(layers[0].self_attn.qkv).weight.dtype
     first = layers[0].attn_norm

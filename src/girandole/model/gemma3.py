@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from girandole.model import fused_layers
-from girandole.model.context import get_context
 from girandole.model.layers import (
     Builder,
     GatedMLP,
@@ -78,13 +77,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.final_logit_softcap = spec.final_logit_softcap
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        ropes = self.rope_tables(positions)
-        if fused_layers.applies(self, get_context()):  # the GPU path
-            return fused_layers.forward(self, x, ropes)
-        for layer, rope in zip(self.layers, ropes):
-            x = layer(x, rope)
-        return x
+        return fused_layers.decoder_forward(self, input_ids, positions)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale

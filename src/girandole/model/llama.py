@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from girandole.model import fused_layers
-from girandole.model.context import get_context
 from girandole.model.layers import Builder, GatedMLP, Rotary, SelfAttention, rope_inv_freq
 from girandole.model.spec import ArchSpec
 
@@ -54,13 +53,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(inv_freq)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        ropes = self.rope_tables(positions)
-        if fused_layers.applies(self, get_context()):  # the GPU path
-            return fused_layers.forward(self, x, ropes)
-        for layer, rope in zip(self.layers, ropes):
-            x = layer(x, rope)
-        return x
+        return fused_layers.decoder_forward(self, input_ids, positions)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)

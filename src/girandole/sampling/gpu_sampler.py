@@ -152,7 +152,8 @@ class GpuSampler(Sampler):
         chosen = greedy_ids
         sampling_lp = torch.zeros(B, dtype=torch.float64, device=dev)
         if want_lp:  # logits as the model gave them: the raw logprob is the sampling one
-            source = raw_lp if all(keeps_raw_logits(r) for r in rows) else None
+            plain = all(keeps_raw_logits(r) for r in rows if r.params.greedy)
+            source = raw_lp if plain else None
             if source is None:
                 source = torch.log_softmax(logits, dim=-1)
             lp = source.gather(1, greedy_ids[:, None])[:, 0]
