@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     median,
     ratio,
     rss_mib,
+    use_model_vocabulary,
 )
 
 ENGINES = ("girandole", "llama.cpp", "llama-server", "transformers")
@@ -399,6 +400,8 @@ def serve_worker(engine_name: str, spec: dict) -> int:
         mem = eng.memory() if hasattr(eng, "memory") else rss_mib()
         log(f"[{engine_name}] loaded in {load_s:.1f}s, {mem}")
         # Warm-up: one short request and one small batch (first-call costs out of the way).
+        if spec["other_vocabulary"]:
+            use_model_vocabulary(spec["model"])
         eng.decode(make_prompt(32, "warmup-decode"), 8)
         eng.batch([make_prompt(64, f"warmup-batch-{i}") for i in range(2)], 4)
         reply({"ok": True, "version": cls.version(), "load_s": load_s, "memory_after_load": mem,
@@ -767,10 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     for e in engines:
         if e not in ENGINES:
             raise SystemExit(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
-    if args.model is None:
-        from girandole.model.default import default_model_path
+    from girandole.model.default import default_model_path
 
+    if args.model is None:
         args.model = str(default_model_path())
+    other_vocabulary = args.model != str(default_model_path())
+    if other_vocabulary:
+        use_model_vocabulary(args.model)
     concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     girandole_opts = dict(kv.split("=", 1) for kv in args.girandole_opt)
     girandole_opts = {k: _value(v) for k, v in girandole_opts.items()}
@@ -783,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     spec = {
         "model": args.model,
+        "other_vocabulary": other_vocabulary,
         "threads": args.threads,
         "repeats": args.repeats,
         "concurrency": concurrency,

@@ -75,7 +75,8 @@ def main() -> None:
     header = ["cache", "layout", "groups", "blocks", "longest sequence",
               f"{args.seq_len}-token sequences at once", "tokens held"]  # fmt: skip
     rows = []
-    for gb, dtype, name in ((1.0, torch.float32, "1 GiB fp32 (CPU default)"),
+    for gb, dtype, name in ((1.0, torch.float16, "1 GiB fp16 (CPU default)"),
+                            (1.0, torch.float32, "1 GiB fp32 (CPU, --kv-cache-dtype float32)"),
                             (4.0, torch.bfloat16, "4 GiB bf16 (GPU)"),
                             (16.0, torch.bfloat16, "16 GiB bf16 (GPU)")):  # fmt: skip
         before, after = row(gb, dtype, args.block_size, args.seq_len, args.chunk)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's `llama-server` and `llama-bench` from the llama-cpp-python source package
-# (the same llama.cpp revision as the installed Python binding) and put them next to the venv's
+# Build llama.cpp's `llama-server`, `llama-bench` and `llama-quantize` (shaped_gguf.py) from the
+# llama-cpp-python source package (the same llama.cpp revision as the installed Python binding)
+# and put them next to the venv's
 # Python, where bench_server.py finds them. Needs cmake, ninja (or make) and a C++17 compiler;
 # no network beyond PyPI. About 15 minutes on 2 cores.
 #
@@ -41,7 +42,8 @@ cmake -S "$SRC" -B "$WORK/build" "${GEN[@]}" \
   -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-nice -n 10 cmake --build "$WORK/build" --target llama-server llama-bench -j "$JOBS"
+nice -n 10 cmake --build "$WORK/build" --target llama-server llama-bench llama-quantize -j "$JOBS"
 
-install -m 755 "$WORK/build/bin/llama-server" "$WORK/build/bin/llama-bench" "$VENV/bin/"
-echo "installed $VENV/bin/llama-server and $VENV/bin/llama-bench"
+install -m 755 "$WORK/build/bin/llama-server" "$WORK/build/bin/llama-bench" \
+    "$WORK/build/bin/llama-quantize" "$VENV/bin/"
+echo "installed $VENV/bin/llama-server, llama-bench and llama-quantize"

@@ -31,6 +31,19 @@ def make_prompt(n_tokens: int, key: str) -> list[int]:
     return [BOS_ID] + [rng.randrange(*TOKEN_RANGE) for _ in range(n_tokens - 1)]
 
 
+def use_model_vocabulary(gguf_path: str) -> None:
+    """Draw make_prompt's ids from another GGUF's vocabulary (its BOS, and ids below its size)
+    instead of Gemma's: for benchmarks of other models (`--model`)."""
+    global BOS_ID, TOKEN_RANGE
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    size = len(fields["tokenizer.ggml.tokens"].data)
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    BOS_ID = int(bos.parts[bos.data[0]][0]) if bos is not None else BOS_ID
+    TOKEN_RANGE = (min(TOKEN_RANGE[0], size // 4), min(TOKEN_RANGE[1], size))
+
+
 def make_text_prompt(n_tokens: int, key: str) -> str:
     """A random text of about n_tokens Gemma tokens (common English words, one token each mostly).
 

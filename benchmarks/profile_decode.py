@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_decode.py                 # batch 1 and 16, 32 steps each
     .venv/bin/python benchmarks/profile_decode.py --batch 4 --steps 64 --context 256
+    .venv/bin/python benchmarks/profile_decode.py --model other.gguf  # another GGUF
 
 Prefills --batch random prompts of --context tokens, then profiles --steps engine steps that are
 decode-only (one new token per sequence). Prints the step time, the top torch ops by self CPU
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import log, make_prompt  # noqa: E402
+from common import log, make_prompt, use_model_vocabulary  # noqa: E402
 
 
 def prefill(llm, batch: int, context: int, steps: int, key: str) -> None:
@@ -92,6 +93,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--model", default=None, help="a GGUF path (default: the default model)")
     args = p.parse_args()
 
     import torch
@@ -100,7 +102,9 @@ def main() -> int:
     from girandole import LLM
 
     t0 = time.perf_counter()
-    llm = LLM()
+    if args.model is not None:
+        use_model_vocabulary(args.model)
+    llm = LLM() if args.model is None else LLM(model=args.model)
     log(f"loaded in {time.perf_counter() - t0:.1f}s")
     prefill(llm, 1, 16, 8, "warmup")
     drain(llm)

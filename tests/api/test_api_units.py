@@ -312,6 +312,38 @@ def test_serve_flags_and_environment(tmp_path, monkeypatch):
         AppState(parse("--model-id", "Bad_Id"))
 
 
+def test_kv_cache_dtype_flag(monkeypatch):
+    """--kv-cache-dtype (or its variable) reaches each replica's EngineConfig; a bad value in
+    the variable (argparse checks only the command line) ends start-up naming the flag."""
+    import argparse
+
+    from girandole.api.server import (
+        KV_CACHE_DTYPE_CHOICES,
+        add_serve_parser,
+        settings_from_args,
+    )
+    from girandole.deploy.backend import EngineOptions, ReplicaSpec
+    from girandole.engine.kv_groups import KV_CACHE_DTYPES
+
+    def parse(*argv):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv]))
+
+    def engine_dtype(settings) -> str:
+        spec = ReplicaSpec("d", None, 1.0, None, options=EngineOptions.from_settings(settings))
+        return spec.engine_config().kv_cache_dtype
+
+    assert KV_CACHE_DTYPE_CHOICES == tuple(KV_CACHE_DTYPES)
+    assert engine_dtype(parse()) == "auto"
+    assert engine_dtype(parse("--kv-cache-dtype", "float32")) == "float32"
+    monkeypatch.setenv("GIRANDOLE_KV_CACHE_DTYPE", "float16")
+    assert engine_dtype(parse()) == "float16"
+    monkeypatch.setenv("GIRANDOLE_KV_CACHE_DTYPE", "fp8")
+    with pytest.raises(SystemExit, match="--kv-cache-dtype must be one of auto, float32"):
+        parse()
+
+
 def test_openapi_document_refs_resolve():
     from fastapi.testclient import TestClient
 

@@ -107,3 +107,49 @@ def test_native_kv_write_is_index_copy():
     expected[1].index_copy_(0, slots, v)
     paged_attention.write_kv(k, v, caches[0], caches[1], slots)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 256), (16, 8, 128), (6, 2, 48)])
+@pytest.mark.parametrize("window", [None, 100])
+def test_float16_cache_is_the_float32_kernel_on_the_widened_cache(
+    heads, kv_heads, head_dim, window
+):
+    """Over a float16 cache the kernel widens each value as it loads it: bitwise the float32
+    kernel's output on the same cache widened to float32 (decode rows and a prefill chunk)."""
+    g = torch.Generator().manual_seed(heads + head_dim)
+    k16, v16 = (c.half() for c in _cache(g, kv_heads, head_dim))
+    k32, v32 = k16.float(), v16.float()
+    scale = head_dim**-0.5
+    perm = torch.randperm(len(k16), generator=g)
+    slots = torch.cat(list(torch.split(perm[: sum(CONTEXTS)], CONTEXTS)))
+    lens = torch.tensor(CONTEXTS)
+    starts = lens.cumsum(0) - lens
+    q = torch.randn(len(CONTEXTS), heads, head_dim, generator=g)
+    half = paged_attention.paged_attention(q, k16, v16, slots, starts, lens, window, scale)
+    full = paged_attention.paged_attention(q, k32, v32, slots, starts, lens, window, scale)
+    assert torch.equal(half, full)
+    chunk = torch.arange(250, 301)  # positions 250..300 of the 300-token sequence
+    prefill = torch.randn(len(chunk), heads, head_dim, generator=g)
+    at = torch.full_like(chunk, int(starts[5]))
+    assert torch.equal(
+        paged_attention.paged_attention(prefill, k16, v16, slots, at, chunk, window, scale),
+        paged_attention.paged_attention(prefill, k32, v32, slots, at, chunk, window, scale),
+    )
+
+
+@pytest.mark.skipif(not kernels_available(), reason="native kernels unavailable here")
+def test_native_kv_write_into_float16_rounds_as_torch():
+    """Into a float16 cache each value is rounded to the nearest half as torch's .half() does
+    (width not a multiple of 16 included); beyond the half range it is clamped to +-65504."""
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(5, 6, 24, generator=g) * 3
+    qkv[0, 4, :3] = torch.tensor([1e6, -1e6, 65519.0])
+    k, v = qkv[:, 4:5], qkv[:, 5:6]
+    slots = torch.tensor([7, 0, 31, 12, 3])
+    caches = [torch.randn(40, 1, 24, generator=g).half() for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    expected[0].index_copy_(0, slots, k.clamp(-65504, 65504).half())
+    expected[1].index_copy_(0, slots, v.clamp(-65504, 65504).half())
+    paged_attention.write_kv(k, v, caches[0], caches[1], slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    assert caches[0][7, 0, :3].tolist() == [65504.0, -65504.0, 65504.0]

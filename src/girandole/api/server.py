@@ -21,6 +21,10 @@ logger = logging.getLogger("girandole.api")
 ENV_PREFIX = "GIRANDOLE_"
 
 
+# engine/kv_groups.KV_CACHE_DTYPES' names (not imported: the engine pulls in torch)
+KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "float16")
+
+
 def _env(name: str, default=None):
     return os.environ.get(ENV_PREFIX + name, default)
 
@@ -88,6 +92,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=float,
         default=float(_env("KV_CACHE_GB")) if _env("KV_CACHE_GB") else None,
         help="memory for the KV cache [GIRANDOLE_KV_CACHE_GB]",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPE_CHOICES,
+        default=_env("KV_CACHE_DTYPE") or "auto",
+        help="the KV cache's element type: auto = bf16 on a GPU, float16 on a CPU with the"
+        " native kernels (float32 in reference mode or without them); float32 or float16 on a"
+        " CPU [GIRANDOLE_KV_CACHE_DTYPE, default auto]",
     )
     p.add_argument(
         "--max-loras",
@@ -240,6 +252,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit("--ngram-speculation-length must be >= 0, --draft-token-count >= 1")
     if args.ngram_speculation_length and args.draft_model:
         raise SystemExit("--ngram-speculation-length and --draft-model are mutually exclusive")
+    if args.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:  # argparse skips an env default
+        raise SystemExit(
+            f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)},"
+            f" not {args.kv_cache_dtype!r}"
+        )
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -251,6 +268,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         model_id=args.model_id or _default_model_id(args.model),
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         target_itl_ms=args.target_itl_ms,

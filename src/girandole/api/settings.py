@@ -22,6 +22,7 @@ class ServerSettings:
     model_id: str = DEFAULT_MODEL_ID
     deployment_id: str | None = None  # None: same as model_id
     kv_cache_gb: float | None = None
+    kv_cache_dtype: str = "auto"  # "auto", or on CPU "float32" / "float16" (engine/kv_groups.py)
     max_model_len: int | None = None  # cap on the context; None: the model's (and KV cache's)
     max_num_seqs: int | None = None  # sequences the engine runs at once; None: EngineConfig's
     target_itl_ms: float | None = None  # None: EngineConfig's; 0: no cap on prefill chunks

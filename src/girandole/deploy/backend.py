@@ -26,6 +26,7 @@ class EngineOptions:
     enforce_eager: bool = False  # no decode graphs (CUDA on GPU, recorded calls on CPU)
     overlap_scheduling: bool | None = None  # GPU: None = on; False: synchronous steps
     grammar_compile_timeout: float = 10.0  # seconds
+    kv_cache_dtype: str = "auto"  # engine/kv_groups.py
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineOptions:
@@ -40,6 +41,7 @@ class EngineOptions:
             enforce_eager=bool(getattr(settings, "enforce_eager", False)),
             overlap_scheduling=getattr(settings, "overlap_scheduling", None),
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
+            kv_cache_dtype=getattr(settings, "kv_cache_dtype", None) or "auto",
         )
 
 
@@ -74,6 +76,7 @@ class ReplicaSpec:
             max_num_seqs=self.options.max_num_seqs,
             enforce_eager=self.options.enforce_eager,
             overlap_scheduling=self.options.overlap_scheduling,
+            kv_cache_dtype=self.options.kv_cache_dtype,
         )
 
     def start_engine(self) -> Any:

@@ -29,6 +29,9 @@ class EngineConfig:
     mode: str = "fast"  # "fast" (quantized linears on CPU) or "reference" (float32)
     device: str | None = None  # None: cuda if available, else cpu
     kv_cache_gb: float = 1.0
+    # The KV cache's element type: "auto" (bf16 on GPU; float16 on CPU in fast mode with the
+    # native kernels, else float32), or "float32" / "float16" on CPU (engine/kv_groups.py)
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -89,6 +92,8 @@ class LLMEngine:
             gpu_path,
             0 if config.enforce_eager else config.max_num_seqs,
             config.sliding_window_cache,
+            config.mode,
+            config.kv_cache_dtype,
         )
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks, config.block_size, self.runner.kv_windows
@@ -142,6 +147,7 @@ class LLMEngine:
                 self.model_config.vocab_size,
                 # CPU graphs for the draft's decode steps; a GPU draft stays eager
                 0 if config.enforce_eager or device.type != "cpu" else config.max_num_seqs,
+                config.kv_cache_dtype,
             )
         spec = SpeculationConfig(
             ngram_length=config.ngram_speculation_length,

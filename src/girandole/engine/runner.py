@@ -13,7 +13,12 @@ from torch import nn
 from girandole.engine import pooling
 from girandole.engine.cpu_graphs import CpuDecodeGraphs
 from girandole.engine.cuda_graphs import DecodeGraphs
-from girandole.engine.kv_groups import bind_kv_cache, bytes_per_block, group_layers
+from girandole.engine.kv_groups import (
+    bind_kv_cache,
+    bytes_per_block,
+    group_layers,
+    kv_cache_dtype,
+)
 from girandole.engine.lora_manager import lora_batch
 from girandole.engine.scheduler import ScheduledBatch
 from girandole.engine.sequence import Sequence
@@ -101,13 +106,17 @@ class ModelRunner:
         gpu_path: bool | None = None,
         decode_graphs_max_batch: int = 0,
         sliding_window_cache: bool = True,
+        mode: str = "fast",
+        kv_dtype_setting: str = "auto",
     ) -> None:
         """`decode_graphs_max_batch`: run decode steps as graphs: on the GPU path CUDA graphs
         for up to this many sequences (engine/cuda_graphs.py); on the CPU (any value > 0)
         recorded native kernel calls, decode and verify steps of up to cpu_graphs.MAX_ROWS rows
         (engine/cpu_graphs.py); 0: eager, as --enforce-eager.
         `sliding_window_cache`: sliding-window layers keep only their window's blocks
-        (engine/kv_groups.py); off, every layer keeps every position."""
+        (engine/kv_groups.py); off, every layer keeps every position. `mode` (the model's:
+        "fast" or "reference") and `kv_dtype_setting` choose the cache's element type
+        (kv_groups.kv_cache_dtype)."""
         self.model = model
         # The GPU path (Triton paged attention over block tables): on by default on CUDA where
         # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
@@ -115,9 +124,12 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.block_size = block_size
-        # fp32 attention on CPU (bf16 SDPA is ~10x slower there), bf16 on GPU.
-        self.kv_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        # bf16 on GPU; on CPU float16 storage read in float32 where the native kernel reads
+        # every layer (fast mode), else float32 (engine/kv_groups.py)
+        self.kv_dtype = kv_cache_dtype(
+            kv_dtype_setting, device, mode, self.attn_layers, self.gpu_path
+        )
         self.kv_groups = group_layers(self.attn_layers, sliding_window_cache)
         self.kv_windows = [g.window for g in self.kv_groups]
         per_block = bytes_per_block(self.kv_groups, block_size, self.kv_dtype)

@@ -246,6 +246,7 @@ class DraftModel:
         kv_bytes: int,
         vocab: int,
         decode_graphs_max_batch: int = 0,
+        kv_dtype_setting: str = "auto",
     ) -> DraftModel:
         """`decode_graphs_max_batch`: as ModelRunner's (the draft's proposals after the first
         are decode steps of one token per sequence: on CPU, replayed graphs)."""
@@ -268,6 +269,8 @@ class DraftModel:
             kv_bytes,
             decode_graphs_max_batch=decode_graphs_max_batch,
             sliding_window_cache=False,
+            mode=mode,
+            kv_dtype_setting=kv_dtype_setting,
         )
         return cls(runner, KVCacheManager(runner.num_blocks, block_size))
 

@@ -37,8 +37,9 @@ class Attention(nn.Module):
     """Scaled dot-product attention with grouped KV heads, reading and writing the paged cache.
 
     Inputs are already projected, normed and rotated: q [T, H, D], k and v [T, Hkv, D].
-    Returns [T, H * D] in q's dtype. Math runs in the cache dtype (fp32 on CPU: bf16 SDPA is
-    about 10x slower there).
+    Returns [T, H * D] in q's dtype. Math runs in the cache dtype (bf16 on GPU), or in fp32 for
+    a CPU cache (fp32, or fp16 storage widened as it is read: bf16 SDPA is about 10x slower
+    there).
     """
 
     def __init__(
@@ -75,7 +76,8 @@ class Attention(nn.Module):
             # index_copy_: 2-D advanced indexing of a large cache is ~1000x slower on CPU.
             self.k_cache.index_copy_(0, ctx.slot_mapping, k.to(cache_dtype))
             self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
-        qc = q.to(cache_dtype)
+        # a float16 cache is CPU storage only: it is read in float32 (the native kernel widens it)
+        qc = q.to(torch.float32 if cache_dtype == torch.float16 else cache_dtype)
         if ctx.paged is not None:
             out = self._attend_paged(qc, ctx.paged)
         elif ctx.padded_decode is not None:
@@ -151,8 +153,8 @@ class Attention(nn.Module):
         for qlen, slots in zip(ctx.query_lens, ctx.context_slots):
             qi = q[start : start + qlen]
             start += qlen
-            ki = self.k_cache.index_select(0, slots)
-            vi = self.v_cache.index_select(0, slots)
+            ki = self.k_cache.index_select(0, slots).to(q.dtype)
+            vi = self.v_cache.index_select(0, slots).to(q.dtype)
             outs.append(self._attend_sequence(qi, ki, vi))
         return torch.cat(outs, dim=0)
 
@@ -218,6 +220,7 @@ class Attention(nn.Module):
         flat = decode.slots.reshape(-1)
         k = self.k_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
         v = self.v_cache.index_select(0, flat).view(S, L, self.num_kv_heads, self.head_dim)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, Hkv, L, D]
         mask = decode.valid
         if self.sliding_window is not None:

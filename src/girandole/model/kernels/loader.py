@@ -55,6 +55,7 @@ SIGNATURES = {
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads
     "paged_attention": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
+    "paged_attention_f16": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, c_int],
     # x, M, K, w, xs, N, y, nthreads
     "int4_head_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, c_int],
     # logits, M, V, x, H, table_q, table_scale, margin, top, nthreads
@@ -69,6 +70,7 @@ SIGNATURES = {
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache
     "kv_cache_write": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
+    "kv_cache_write_f16": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
     # x, T, P, D, stride, w, eps, cos, sin, out, nthreads
     "rms_norm": [ptr, i64, i64, i64, i64, ptr, f32, ptr, ptr, ptr, c_int],
     # x, T, K, slot, a, bt, rank, N, y, nthreads

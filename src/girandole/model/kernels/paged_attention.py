@@ -2,7 +2,10 @@
 see, read in place from the paged KV cache (no gather), parallel over rows, KV heads and chunks
 of keys. A row's result depends only on its own query and keys: not on its batch neighbours,
 on how its prompt was chunked, or on being a decode or a prefill token.
-Available where the kernels build (x86 with AVX512 and a C compiler)."""
+Available where the kernels build (x86 with AVX512 and a C compiler).
+
+The cache is float32 or float16 (CACHE_DTYPES; the engine's default on CPU is float16: half the
+bytes, `kv_cache_dtype`); queries, outputs and all arithmetic are float32 either way."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import torch
 
 from girandole.model.kernels import loader
 
+CACHE_DTYPES = (torch.float32, torch.float16)
+
 
 def supported(head_dim: int, cache: torch.Tensor, softcap: float | None) -> bool:
     return (
         loader.available()
         and cache.device.type == "cpu"
-        and cache.dtype == torch.float32
+        and cache.dtype in CACHE_DTYPES
         and head_dim % 16 == 0
         and not softcap
     )
@@ -58,9 +63,11 @@ def bind(
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert q.is_contiguous() and out.is_contiguous() and q.dtype == torch.float32
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     s, h, d = q.shape
     threads = torch.get_num_threads() if threads is None else threads
-    return lib.paged_attention, (
+    fn = lib.paged_attention_f16 if k_cache.dtype == torch.float16 else lib.paged_attention
+    return fn, (
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
         starts.data_ptr(), lens.data_ptr(), s, h, k_cache.shape[1], d, window or 0, scale,
         out.data_ptr(), threads,
@@ -81,9 +88,9 @@ def rows_contiguous(t: torch.Tensor) -> bool:
 
 
 def write_kv_supported(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether `write_kv` takes these keys and values into this (CPU, float32) cache."""
+    """Whether `write_kv` takes these keys and values into this (CPU, float32 or float16) cache."""
     return (
-        cache.dtype == torch.float32
+        cache.dtype in CACHE_DTYPES
         and cache.device.type == "cpu"
         and rows_contiguous(k)
         and rows_contiguous(v)
@@ -95,17 +102,19 @@ def bind_write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
 ) -> tuple[Callable, tuple]:
     """The native call of `write_kv`: k, v [T, Hkv, D] float32 with contiguous rows (any row
-    stride), caches [slots, Hkv, D] contiguous, slots [T] int64. The function and its
-    arguments, to call now or replay (engine/cpu_graphs.py)."""
+    stride), caches [slots, Hkv, D] contiguous (float32, or float16: rounded to nearest, beyond
+    the half range clamped to +-65504), slots [T] int64. The function and its arguments, to
+    call now or replay (engine/cpu_graphs.py)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert rows_contiguous(k) and rows_contiguous(v) and k.shape == v.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert slots.dtype == torch.long and slots.is_contiguous()
-    assert k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     width = k.shape[1] * k.shape[2]
     assert k_cache.shape[1] * k_cache.shape[2] == width and slots.shape[0] == k.shape[0]
-    return lib.kv_cache_write, (
+    fn = lib.kv_cache_write_f16 if k_cache.dtype == torch.float16 else lib.kv_cache_write
+    return fn, (
         k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
         width, k_cache.data_ptr(), v_cache.data_ptr(),
     )  # fmt: skip

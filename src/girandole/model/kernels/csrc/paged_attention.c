@@ -7,6 +7,11 @@
 // chunks of a head are then combined in order. Every number depends only on the row's own query
 // and keys and on fixed chunk boundaries: never on the batch, on how a prompt was split into
 // chunks, on whether the row is a decode or a prefill token, or on the thread count.
+//
+// The cache holds float32 or float16 (`_f16` entry points: half the bytes a step reads, where a
+// model with many KV heads spends most of a batched decode step on this kernel). Half keys and
+// values are widened to float32 as they are loaded (exactly), so the f16 kernel's numbers are the
+// float32 kernel's on the widened cache; all arithmetic is float32.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -18,19 +23,28 @@
 #define KEY_CHUNK 128
 #define PREFETCH_AHEAD 16  // keys
 #define MAX_REP 8  // query heads per KV head handled together (more: in several passes)
+#define F16_MAX 65504.0f
+
+// 16 cache elements from element index i of a float32 (half = 0) or float16 (half = 1) cache.
+// Inlined with a constant `half`: each kernel below is compiled once per cache type.
+static inline __attribute__((always_inline)) __m512 load16(const void *base, int64_t i, int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    return _mm512_loadu_ps((const float *)base + i);
+}
 
 // out[h][16 c ..] = sum_j p[h][j] * v_j[16 c ..] for HN heads (rows of p: KEY_CHUNK apart) and
-// CN vectors of 16 dims, summed in key order. Inlined with constant HN, CN.
+// CN vectors of 16 dims, summed in key order; v_j at element slots[j] * row_stride of v_cache.
+// Inlined with constant HN, CN, half.
 static inline __attribute__((always_inline)) void weighted_values(
-    const float *p, const int64_t *slots, int64_t n, const float *v_cache, int64_t row_stride,
-    float *out, int64_t out_stride, int HN, int CN) {
+    const float *p, const int64_t *slots, int64_t n, const void *v_cache, int64_t row_stride,
+    float *out, int64_t out_stride, int HN, int CN, int half) {
     __m512 acc[4][4];
     for (int h = 0; h < HN; h++)
         for (int c = 0; c < CN; c++) acc[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
-        const float *vj = v_cache + slots[j] * row_stride;
+        const int64_t vj = slots[j] * row_stride;
         __m512 v[4];
-        for (int c = 0; c < CN; c++) v[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int c = 0; c < CN; c++) v[c] = load16(v_cache, vj + 16 * c, half);
         for (int h = 0; h < HN; h++) {
             const __m512 ph = _mm512_set1_ps(p[h * KEY_CHUNK + j]);
             for (int c = 0; c < CN; c++) acc[h][c] = _mm512_fmadd_ps(ph, v[c], acc[h][c]);
@@ -40,29 +54,31 @@ static inline __attribute__((always_inline)) void weighted_values(
         for (int c = 0; c < CN; c++) _mm512_storeu_ps(out + h * out_stride + 16 * c, acc[h][c]);
 }
 
-// Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence.
+// Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence; the
+// caches' element 0 is this KV head's first dim of slot 0 (rows row_stride elements apart).
 // m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
-static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cache,
-                           const float *v_cache, int64_t row_stride, const int64_t *slots,
-                           int64_t j0, int64_t j1, float scale, int prefetch, float *m, float *l,
-                           float *o) {
+static inline __attribute__((always_inline)) void chunk_partials_t(
+    const float *q, int nh, int64_t D, const void *k_cache, const void *v_cache,
+    int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1, float scale, int prefetch,
+    float *m, float *l, float *o, int half) {
     float s[MAX_REP][KEY_CHUNK];
-    const int64_t n = j1 - j0;
+    const int64_t n = j1 - j0, row_bytes = D * (half ? 2 : 4), elt = half ? 2 : 4;
+    const char *kbytes = (const char *)k_cache, *vbytes = (const char *)v_cache;
     for (int h = 0; h < nh; h++) m[h] = -INFINITY;
     for (int64_t j = 0; prefetch && j < n && j < PREFETCH_AHEAD; j++) {
-        const char *kn = (const char *)(k_cache + slots[j0 + j] * row_stride);
-        for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
+        const char *kn = kbytes + slots[j0 + j] * row_stride * elt;
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
     }
     for (int64_t j = 0; j < n; j++) {
-        const float *kj = k_cache + slots[j0 + j] * row_stride;
+        const int64_t kj = slots[j0 + j] * row_stride;
         // The rows are scattered (paged): fetch a later key and this key's value ahead of use.
         if (prefetch && j + PREFETCH_AHEAD < n) {
-            const char *kn = (const char *)(k_cache + slots[j0 + j + PREFETCH_AHEAD] * row_stride);
-            for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
+            const char *kn = kbytes + slots[j0 + j + PREFETCH_AHEAD] * row_stride * elt;
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
         }
         if (prefetch) {
-            const char *vp = (const char *)(v_cache + slots[j0 + j] * row_stride);
-            for (int64_t b = 0; b < D * 4; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
+            const char *vp = vbytes + kj * elt;
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
         }
         if (nh == 4 && D % 64 == 0) {  // the key's 64-dim blocks loaded once for the 4 heads
             __m512 a[4][4];
@@ -70,7 +86,7 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
                 for (int c = 0; c < 4; c++) a[h][c] = _mm512_setzero_ps();
             for (int64_t d = 0; d < D; d += 64) {
                 __m512 kv[4];
-                for (int c = 0; c < 4; c++) kv[c] = _mm512_loadu_ps(kj + d + 16 * c);
+                for (int c = 0; c < 4; c++) kv[c] = load16(k_cache, kj + d + 16 * c, half);
                 for (int h = 0; h < 4; h++)
                     for (int c = 0; c < 4; c++)
                         a[h][c] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d + 16 * c), kv[c],
@@ -91,13 +107,16 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int64_t d = 0;
             for (; d + 64 <= D; d += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16), _mm512_loadu_ps(kj + d + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32), _mm512_loadu_ps(kj + d + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48), _mm512_loadu_ps(kj + d + 48), a3);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16),
+                                     load16(k_cache, kj + d + 16, half), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32),
+                                     load16(k_cache, kj + d + 32, half), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48),
+                                     load16(k_cache, kj + d + 48, half), a3);
             }
             for (; d < D; d += 16)
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kj + d), a0);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half), a0);
             const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
             const float sc = _mm512_reduce_add_ps(acc) * scale;
             s[h][j] = sc;
@@ -121,31 +140,44 @@ static void chunk_partials(const float *q, int nh, int64_t D, const float *k_cac
         const int hn = nh - h0 < 4 ? nh - h0 : 4;
         for (int64_t d = 0; d < D; d += 64) {
             const int dn = D - d < 64 ? (int)((D - d) / 16) : 4;
-            const float *vd = v_cache + d;
+            const void *vd = vbytes + d * elt;
             float *od = o + (int64_t)h0 * D + d;
             // Constant tile sizes keep the accumulators in registers (runtime ones spill them).
             if (hn == 4 && dn == 4)
-                weighted_values(s[h0], slots + j0, n, vd, row_stride, od, D, 4, 4);
+                weighted_values(s[h0], slots + j0, n, vd, row_stride, od, D, 4, 4, half);
             else if (dn == 4)
                 for (int h = 0; h < hn; h++)
-                    weighted_values(s[h0 + h], slots + j0, n, vd, row_stride, od + h * D, D, 1, 4);
+                    weighted_values(s[h0 + h], slots + j0, n, vd, row_stride, od + h * D, D, 1, 4,
+                                    half);
             else
                 for (int h = 0; h < hn; h++)
                     for (int c = 0; c < dn; c++)
-                        weighted_values(s[h0 + h], slots + j0, n, vd + 16 * c, row_stride,
-                                        od + h * D + 16 * c, D, 1, 1);
+                        weighted_values(s[h0 + h], slots + j0, n, (const char *)vd + 16 * c * elt,
+                                        row_stride, od + h * D + 16 * c, D, 1, 1, half);
         }
     }
+}
+
+// chunk_partials_t compiled for each cache type.
+static void chunk_partials_f32(const float *q, int nh, int64_t D, const void *k, const void *v,
+                               int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1,
+                               float scale, int prefetch, float *m, float *l, float *o) {
+    chunk_partials_t(q, nh, D, k, v, row_stride, slots, j0, j1, scale, prefetch, m, l, o, 0);
+}
+
+static void chunk_partials_f16(const float *q, int nh, int64_t D, const void *k, const void *v,
+                               int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1,
+                               float scale, int prefetch, float *m, float *l, float *o) {
+    chunk_partials_t(q, nh, D, k, v, row_stride, slots, j0, j1, scale, prefetch, m, l, o, 1);
 }
 
 // q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
 // cache slots slots[starts[i]] .. slots[starts[i] + lens[i] - 1] (its positions 0 .. lens[i] - 1;
 // the query is at the last). window > 0: only the last `window` keys. D % 16 == 0.
-void paged_attention(const float *q, const float *k_cache, const float *v_cache,
-                     const int64_t *slots, const int64_t *starts, const int64_t *lens, int64_t S,
-                     int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
-                     int nthreads) {
-    const int64_t rep = H / Hkv, row_stride = Hkv * D;
+static void attend(const float *q, const void *k_cache, const void *v_cache, const int64_t *slots,
+                   const int64_t *starts, const int64_t *lens, int64_t S, int64_t H, int64_t Hkv,
+                   int64_t D, int64_t window, float scale, float *out, int nthreads, int half) {
+    const int64_t rep = H / Hkv, row_stride = Hkv * D, elt = half ? 2 : 4;
     int64_t *first = malloc(sizeof(int64_t) * (S + 1));  // first task of each sequence
     int64_t ntasks = 0;
     for (int64_t i = 0; i < S; i++) {
@@ -183,9 +215,13 @@ void paged_attention(const float *q, const float *k_cache, const float *v_cache,
         const int prefetch = i == 0 || starts[i - 1] != starts[i];
         for (int64_t h0 = 0; h0 < rep; h0 += MAX_REP) {
             const int nh = rep - h0 < MAX_REP ? (int)(rep - h0) : MAX_REP;
-            chunk_partials(q + (i * H + g * rep + h0) * D, nh, D, k_cache + g * D, v_cache + g * D,
-                           row_stride, slots + starts[i], j0, j1, scale, prefetch, pm + h0,
-                           pl + h0, po + h0 * D);
+            const float *qh = q + (i * H + g * rep + h0) * D;
+            const void *kg = (const char *)k_cache + g * D * elt;
+            const void *vg = (const char *)v_cache + g * D * elt;
+            (half ? chunk_partials_f16 : chunk_partials_f32)(qh, nh, D, kg, vg, row_stride,
+                                                             slots + starts[i], j0, j1, scale,
+                                                             prefetch, pm + h0, pl + h0,
+                                                             po + h0 * D);
         }
     }
 
@@ -222,6 +258,21 @@ void paged_attention(const float *q, const float *k_cache, const float *v_cache,
     free(first);
 }
 
+void paged_attention(const float *q, const float *k_cache, const float *v_cache,
+                     const int64_t *slots, const int64_t *starts, const int64_t *lens, int64_t S,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
+                     int nthreads) {
+    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads, 0);
+}
+
+// The same over a float16 cache (uint16_t: IEEE half bits).
+void paged_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                         const int64_t *slots, const int64_t *starts, const int64_t *lens,
+                         int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale,
+                         float *out, int nthreads) {
+    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads, 1);
+}
+
 // The step's new keys and values into their cache slots: row i of k and v (`width` floats each,
 // rows `k_stride` / `v_stride` floats apart) to slot slots[i] of the caches (rows of `width`).
 // A copy, as torch's index_copy_, without its per-call overhead (two calls a layer).
@@ -231,5 +282,26 @@ void kv_cache_write(const float *k, const float *v, int64_t k_stride, int64_t v_
     for (int64_t i = 0; i < rows; i++) {
         memcpy(k_cache + slots[i] * width, k + i * k_stride, sizeof(float) * (size_t)width);
         memcpy(v_cache + slots[i] * width, v + i * v_stride, sizeof(float) * (size_t)width);
+    }
+}
+
+// kv_cache_write into a float16 cache: each value rounded to the nearest half (ties to even, as
+// torch's .half()), beyond the half range clamped to +-65504 instead of becoming infinite.
+void kv_cache_write_f16(const float *k, const float *v, int64_t k_stride, int64_t v_stride,
+                        const int64_t *slots, int64_t rows, int64_t width, uint16_t *k_cache,
+                        uint16_t *v_cache) {
+    const __m512 hi = _mm512_set1_ps(F16_MAX), lo = _mm512_set1_ps(-F16_MAX);
+    for (int64_t i = 0; i < rows; i++) {
+        for (int t = 0; t < 2; t++) {
+            const float *src = t ? v + i * v_stride : k + i * k_stride;
+            uint16_t *dst = (t ? v_cache : k_cache) + slots[i] * width;
+            for (int64_t d = 0; d < width; d += 16) {
+                const __mmask16 m = width - d >= 16 ? 0xFFFF : (__mmask16)((1u << (width - d)) - 1);
+                __m512 x = _mm512_maskz_loadu_ps(m, src + d);
+                x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);  // NaN: max/min return the bound
+                const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                _mm256_mask_storeu_epi16(dst + d, m, h);
+            }
+        }
     }
 }
