@@ -4,7 +4,9 @@ bare forward timings of both modes.
     .venv/bin/python benchmarks/model_accuracy.py [--model PATH] [--speed] [--threads 2]
 
 Prints top-1 agreement of fast with reference, both perplexities, and (with --speed) the median
-time of model forward + logits of the last row at T=1 and T=512 tokens.
+time of model forward + logits of the last row at T=1 and T=512 tokens. The engine rows run the
+texts through the fast engine (prompt logprobs: 512-token chunks whose queries read the earlier
+chunks' keys from the paged KV cache), with each KV cache element type.
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ def documents(model_path) -> list[list[int]]:
 
     tok = load_tokenizer(model_path)
     return [tok.encode((DATA / name).read_text()) for name in TEXTS]
+
+
+def engine_teacher_forced(model_path, docs: list[list[int]], kv_cache_dtype: str):
+    """teacher_forced through the fast engine: each document's prompt logprobs."""
+    from girandole import LLM, SamplingParams
+    from girandole.model.evaluate import TeacherForced
+
+    llm = LLM(model=model_path, kv_cache_dtype=kv_cache_dtype, max_model_len=4096)
+    outs = llm.generate(docs, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0))
+    nll, top1 = [], []
+    for out in outs:
+        for r in out.prompt_logprobs[1:]:  # the first token has no context
+            nll.append(-r.logprob)
+            top1.append(r.top_logprobs[0][0])
+    return TeacherForced(torch.tensor(nll, dtype=torch.float64), torch.tensor(top1))
 
 
 def time_forward(model, ids: list[int], repeats: int) -> tuple[float, float]:
@@ -73,7 +90,16 @@ def main() -> None:
         print(f"perplexity, reference mode: {prefill['ppl_reference']:.3f}")
         print("| fast-mode path | top-1 agreement with reference | perplexity | vs reference |")
         print("|---|---|---|---|")
-        for name, st in (("prefill (bf16 matmuls)", prefill), ("decode (packed kernels)", decode)):
+        engine = {
+            dt: compare(r, engine_teacher_forced(args.model, docs, dt))
+            for dt in ("float32", "float16")
+        }
+        for name, st in (
+            ("prefill (bf16 matmuls)", prefill),
+            ("decode (packed kernels)", decode),
+            ("engine, float32 KV cache", engine["float32"]),
+            ("engine, float16 KV cache (default)", engine["float16"]),
+        ):
             print(
                 f"| {name} | {st['top1_agreement'] * 100:.2f} % | {st['ppl_candidate']:.3f} "
                 f"| {st['ppl_rel_diff'] * 100:+.2f} % |"

@@ -138,3 +138,24 @@ def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids)
     for stats in (prefill, decode):
         assert stats["top1_agreement"] >= 0.97, stats
         assert abs(stats["ppl_rel_diff"]) <= 0.03, stats
+
+
+def test_engine_accuracy_on_prose_with_float16_kv_cache(default_reference, prose_ids):
+    """The fast engine's own path over the same texts (prompt logprobs: 512-token chunks whose
+    queries read the earlier chunks' keys from the paged cache, float16 by default on CPU):
+    within the same bounds of reference mode."""
+    from girandole import LLM, SamplingParams
+    from girandole.model import kernels
+
+    llm = LLM(max_model_len=4096)
+    assert llm.engine.runner.kv_dtype == (torch.float16 if kernels.available() else torch.float32)
+    outs = llm.generate(prose_ids, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    entries = [r for out in outs for r in out.prompt_logprobs[1:]]
+    engine = TeacherForced(
+        torch.tensor([-r.logprob for r in entries], dtype=torch.float64),
+        torch.tensor([r.top_logprobs[0][0] for r in entries]),
+    )
+    stats = compare(teacher_forced(default_reference[0], prose_ids), engine)
+    assert stats["tokens"] == sum(len(d) - 1 for d in prose_ids)
+    assert stats["top1_agreement"] >= 0.97, stats
+    assert abs(stats["ppl_rel_diff"]) <= 0.03, stats
