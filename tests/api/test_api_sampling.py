@@ -40,18 +40,32 @@ def model():
     return m, config
 
 
-def ref_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """log-softmax at every position from one plain forward: [len(ids), V]."""
-    m, _ = model
-    with torch.inference_mode():
-        hidden = m(torch.tensor(ids), torch.arange(len(ids)))
-        return torch.log_softmax(m.compute_logits(hidden).float(), dim=-1)
-
-
 def ref_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits at every position from one plain forward (the prefill's kernels), its keys and
+    values rounded to the served engine's KV cache element type as the server stores them
+    (float16 on CPU with the native kernels, read back in float32): [len(ids), V]."""
+    from girandole.engine.kv_groups import kv_cache_dtype
+    from girandole.model.attention import Attention
+
     m, _ = model
-    with torch.inference_mode():
-        return m.compute_logits(m(torch.tensor(ids), torch.arange(len(ids)))).float()
+    layers = [a for a in m.modules() if isinstance(a, Attention)]
+    dtype = kv_cache_dtype("auto", torch.device("cpu"), "fast", layers, False)
+    alone = Attention._attend_alone
+
+    def stored(self, q, k, v):
+        return alone(self, q, k.to(dtype).float(), v.to(dtype).float())
+
+    Attention._attend_alone = stored
+    try:
+        with torch.inference_mode():
+            return m.compute_logits(m(torch.tensor(ids), torch.arange(len(ids)))).float()
+    finally:
+        Attention._attend_alone = alone
+
+
+def ref_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax at every position of ref_logits: [len(ids), V]."""
+    return torch.log_softmax(ref_logits(model, ids), dim=-1)
 
 
 def clear_argmax(row: torch.Tensor, margin: float = 0.5) -> int | None:
