@@ -58,7 +58,12 @@ PROMPTS = [[2, 9, 27, 81, 50, 7, 11], [5 + i for i in range(40)], [7, 7, 8]]
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_default_model_step_is_the_eager_step(default_llm, rows):
+    from girandole.model.quant import ConcatLinear
+
     assert len(default_llm.engine.runner.kv_groups) > 1  # local and global layers' groups
+    # half its layers store v in Q8_0 beside q and k in Q5_0: those QKVs are recorded by part
+    qkvs = [layer.self_attn.qkv for layer in default_llm.engine.runner.model.layers]
+    assert sum(isinstance(q, ConcatLinear) for q in qkvs) == 9
     _step_both_ways(default_llm, PROMPTS[:rows])
 
 

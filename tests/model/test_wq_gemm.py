@@ -137,3 +137,39 @@ def test_quantized_linears_agree_with_torch_int4_kernels(top):
     scale_ = expected.abs().max()
     assert (native - expected).abs().max() / scale_ < 1e-5
     assert (fallback - expected).abs().max() / scale_ < 2e-2
+
+
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("rows", [1, 13, 37])
+def test_output_rows_at_a_stride_write_only_their_columns(rows, amx):
+    """A column slice of a wider output (rows `ldy` floats apart) gets bitwise the contiguous
+    result, and the columns around it are untouched: the parts of a ConcatLinear."""
+    q, scale, offset = _levels(80, 96, 32, seed=rows)
+    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    alone = wq_gemm.gemm(x, packed, params, bits, 80, amx=amx)
+    wide = torch.full((rows, 200), 7.0)
+    fn, args = wq_gemm.bind(x, packed, params, bits, wide[:, 48:128], amx=amx)
+    fn(*args)
+    assert torch.equal(wide[:, 48:128], alone)
+    assert bool((wide[:, :48] == 7.0).all()) and bool((wide[:, 128:] == 7.0).all())
+
+
+def test_concat_linear_packs_each_part_at_its_width():
+    """Parts stored at different widths (4-bit levels, then 8-bit ones, as q/k in Q4_K and v in
+    Q6_K): each keeps its own layout; the output is their outputs side by side, plus the bias,
+    on the native kernel (each part into its columns) and on torch's kernels alike."""
+    q1, s1, o1 = _levels(64, 128, 16, seed=1, as_gguf=True)
+    q2, s2, o2 = _levels(32, 128, 256, seed=2, as_gguf=True)
+    qk = quant.Int4Linear(None, bias=torch.randn(64), groups=(q1, s1, o1 + 8.0 * s1))
+    v = quant.Int4x2Linear((q2, s2, o2), bias=torch.randn(32))
+    biases = torch.cat([qk.bias, v.bias])
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(3))
+    separate = torch.cat([qk(x), v(x)], dim=1)
+    fallback = torch.cat([qk._decode_or_dense(x.bfloat16()), v._decode_or_dense(x.bfloat16())], 1)
+    layer = quant.ConcatLinear([qk, v])
+    assert (layer.out_features, layer.in_features) == (96, 128)
+    assert qk.native_bits & wq_gemm.LEVEL_BITS == 4 and v.native_bits & wq_gemm.LEVEL_BITS == 8
+    assert layer.native_bits and qk.bias is None and torch.equal(layer.bias, biases)
+    assert torch.equal(layer(x), separate)
+    assert torch.equal(layer._decode_or_dense(x.bfloat16()), fallback)  # biases: in forward

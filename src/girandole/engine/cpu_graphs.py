@@ -34,7 +34,7 @@ from girandole.model.context import ForwardContext
 from girandole.model.kernels import gated_act, paged_attention, rms_norm, wq_gemm
 from girandole.model.layers import GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
-from girandole.model.quant import PackedLinear
+from girandole.model.quant import ConcatLinear, PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +163,19 @@ class CpuDecodeGraph:
             self._torch(xb.copy_, x)
             x = xb
         y = self._buffer("linear", self.rows, linear.out_features)
-        self._call(
-            wq_gemm.bind(
-                x,
-                linear.native_packed,
-                linear.native_params,
-                linear.native_bits,
-                y,
-                threads=self.threads,
+        # a ConcatLinear's parts each write their columns of y
+        parts = linear.columns() if isinstance(linear, ConcatLinear) else [(linear, 0, None)]
+        for part, start, stop in parts:
+            self._call(
+                wq_gemm.bind(
+                    x,
+                    part.native_packed,
+                    part.native_params,
+                    part.native_bits,
+                    y[:, start:stop],
+                    threads=self.threads,
+                )
             )
-        )
         if linear.bias is not None:
             self._torch(y.add_, linear.bias)
         return y

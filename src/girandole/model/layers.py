@@ -21,6 +21,7 @@ from girandole.model.attention import Attention
 from girandole.model.kernels import gated_act, int4_head, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
     BF16_QTYPES,
+    ConcatLinear,
     GroupLevels,
     PackedLinear,
     dense_linear,
@@ -280,7 +281,21 @@ class Builder:
         return RMSNorm(self.tensor(name), eps, fused=self.mode == "fast")
 
     def linear(self, names: list[str], bias: bool = False) -> nn.Module:
-        """One linear over the concatenated output rows of `names` (e.g. q, k, v)."""
+        """One linear over the concatenated output rows of `names` (e.g. q, k, v). Quantized,
+        names stored in different GGUF types are packed run by run (consecutive names of one
+        type together), each at its own width (quant.ConcatLinear)."""
+        if self.quantize and len(names) > 1:
+            runs: list[list[str]] = []
+            for n in names:
+                qtype = self.weights.qtype(f"{n}.weight")
+                if runs and self.weights.qtype(f"{runs[-1][0]}.weight") == qtype:
+                    runs[-1].append(n)
+                else:
+                    runs.append([n])
+            if len(runs) > 1:
+                parts = [self.linear(run, bias) for run in runs]
+                if all(isinstance(p, PackedLinear) for p in parts):
+                    return ConcatLinear(parts)
         ws = [self.tensor(f"{n}.weight") for n in names]
         weight = torch.cat(ws, dim=0) if len(ws) > 1 else ws[0]
         b = None

@@ -275,6 +275,58 @@ class Int4x2Linear(PackedLinear):
         return y
 
 
+class ConcatLinear(PackedLinear):
+    """Packed linears over the same input whose outputs are concatenated: a fused projection
+    (q, k and v) whose parts are stored at different widths because the checkpoint stores them
+    so. Llama-family Q4_K_M files keep q and k in Q4_K but v in Q6_K in half the layers: one
+    fused matrix would take the widest storage for every row (q and k as 8-bit groups, twice
+    their bytes, and no longer the file's exact levels); here q and k stay exact 4-bit levels
+    and only v is 8-bit. On the native kernel each part writes its columns of one output (no
+    copy); otherwise the parts' outputs are concatenated. The parts' biases are this module's."""
+
+    def __init__(self, parts: list[PackedLinear]) -> None:
+        biases = [p.bias for p in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)]
+            )
+        k = parts[0].in_features
+        assert all(p.in_features == k for p in parts)
+        super().__init__((sum(p.out_features for p in parts), k), bias, None)
+        for p in parts:
+            p.bias = None
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def native_bits(self) -> int:  # type: ignore[override]
+        """Non-zero where every part is stored in the native kernel's layout."""
+        return min(p.native_bits for p in self.parts)
+
+    def columns(self) -> list[tuple[PackedLinear, int, int]]:
+        """Each part with the output columns [start, stop) it computes."""
+        out, start = [], 0
+        for p in self.parts:
+            out.append((p, start, start + p.out_features))
+            start += p.out_features
+        return out
+
+    def native_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        if x2.shape[0] == 0:
+            return y
+        for p, start, stop in self.columns():
+            fn, args = wq_gemm.bind(
+                x2, p.native_packed, p.native_params, p.native_bits, y[:, start:stop]
+            )
+            fn(*args)
+        return y
+
+    def _decode_or_dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p._decode_or_dense(x2) for p in self.parts], dim=1)
+
+
 def quantized_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -49,8 +49,8 @@ AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 
 i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    # x, M, K, q, bits, params, N, y, nthreads
-    "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
+    # x, M, K, q, bits, params, N, y, ldy, nthreads
+    "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, i64, c_int],
     # x, M, K, w, wsum, xs, ws, N, y, nthreads
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads
@@ -78,8 +78,8 @@ SIGNATURES = {
 }
 AMX_SIGNATURES = {
     "amx_init": [],
-    # x, M, K, q, bits, params, N, y, nthreads
-    "wq_gemm_amx": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
+    # x, M, K, q, bits, params, N, y, ldy, nthreads
+    "wq_gemm_amx": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, i64, c_int],
     # x, M, K, w, xs, ws, N, y, nthreads
     "int8_gemm_amx": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, c_int],
     # x, M, K, w, xs, N, y, nthreads

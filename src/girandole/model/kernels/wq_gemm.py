@@ -117,15 +117,17 @@ def bind(
     amx: bool | None = None,
     threads: int | None = None,
 ) -> tuple[Callable, tuple]:
-    """The native call computing y [M, N] (float32, contiguous) from bf16 x [M, K]
-    (contiguous): the function and its arguments, to call now or replay (engine/cpu_graphs.py)."""
+    """The native call computing y [M, N] (float32; rows contiguous, at any row stride: a
+    column slice of a wider output) from bf16 x [M, K] (contiguous): the function and its
+    arguments, to call now or replay (engine/cpu_graphs.py)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
-    assert x.dtype == torch.bfloat16 and x.is_contiguous() and y.is_contiguous()
+    assert x.dtype == torch.bfloat16 and x.is_contiguous()
+    assert y.dtype == torch.float32 and y.stride(1) == 1 and y.stride(0) >= y.shape[1]
     m, k = x.shape
     fn = lib.wq_gemm_amx if loader.use_amx(amx, m) else lib.wq_gemm
     threads = torch.get_num_threads() if threads is None else threads
     return fn, (
         x.data_ptr(), m, k, packed.data_ptr(), bits, params.data_ptr(), y.shape[1],
-        y.data_ptr(), threads,
+        y.data_ptr(), y.stride(0), threads,
     )  # fmt: skip

@@ -131,7 +131,7 @@ static uint8_t *panels_for(int64_t bytes) {
 }
 
 void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
-                 const uint8_t *params, int64_t N, float *y, int nthreads) {
+                 const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits);
@@ -161,7 +161,7 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                     _tile_loadd(4, x + m0 * K + 32 * g, x_stride);
                     wq_group(slot(g), bt);
                 }
-                store_c(y + m0 * N + 16 * nb0, N, bt);
+                store_c(y + m0 * ldy + 16 * nb0, ldy, bt);
             }
         }
 #undef slot

@@ -2,6 +2,9 @@
 //
 //   y[M][N] (fp32) = x[M][K] (bf16) . W[N][K]^T,   W = bf16(q * scale + offset)
 //
+// y's rows are ldy floats apart (ldy >= N): a linear whose parts are stored at different widths
+// (quant.py's ConcatLinear) writes each part's columns into one output.
+//
 // with q an integer level (4, 5 or 8 bits; `bits` and its flags: wq_panel.h) and (scale, offset)
 // per output row and group of 32 inputs: GGUF's Q4_K/Q4_0/Q4_1 (4 bits), Q5_0/Q5_1/Q5_K (5) and
 // Q6_K/Q8_0 (8) exactly.
@@ -66,7 +69,7 @@ static inline __attribute__((always_inline)) void group_rows(const uint16_t *xg,
 #define PREFETCH_GROUPS 1
 
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
-             const uint8_t *params, int64_t N, float *y, int nthreads) {
+             const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
@@ -90,10 +93,10 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
             const uint16_t *xg = x + 32 * g;
             float *yb = y + 16 * nb0;
             switch (bt) {
-            case 4: group_rows(xg, M, K, yb, N, panels, 4, g == 0); break;
-            case 3: group_rows(xg, M, K, yb, N, panels, 3, g == 0); break;
-            case 2: group_rows(xg, M, K, yb, N, panels, 2, g == 0); break;
-            default: group_rows(xg, M, K, yb, N, panels, 1, g == 0); break;
+            case 4: group_rows(xg, M, K, yb, ldy, panels, 4, g == 0); break;
+            case 3: group_rows(xg, M, K, yb, ldy, panels, 3, g == 0); break;
+            case 2: group_rows(xg, M, K, yb, ldy, panels, 2, g == 0); break;
+            default: group_rows(xg, M, K, yb, ldy, panels, 1, g == 0); break;
             }
         }
     }
