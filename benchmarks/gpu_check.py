@@ -313,63 +313,9 @@ def shape_config(name: str):
                 sliding_window=32,
             )
         return tf.LlamaConfig(**small, num_attention_heads=4, num_key_value_heads=2)
-    if name == "gemma-3-270m":
-        return tf.Gemma3TextConfig(
-            vocab_size=262144,
-            hidden_size=640,
-            intermediate_size=2048,
-            num_hidden_layers=18,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=256,
-            sliding_window=512,
-            query_pre_attn_scalar=256,
-            rope_theta=1_000_000.0,
-            rope_local_base_freq=10_000.0,
-            max_position_embeddings=32768,
-            bos_token_id=2,
-            eos_token_id=1,
-            pad_token_id=0,
-        )
-    if name == "qwen2.5-0.5b":
-        return tf.Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            bos_token_id=151643,
-            eos_token_id=151643,
-        )
-    if name == "llama-3.2-1b":
-        return tf.LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            max_position_embeddings=131072,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 32.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=128000,
-            eos_token_id=128001,
-        )
-    raise ValueError(name)
+    from model_shapes import shape_config as real_shapes
+
+    return real_shapes(name)
 
 
 def write_shaped(name: str, folder: Path, tokenizer_dir: Path | None) -> int:
