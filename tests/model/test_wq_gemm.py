@@ -173,3 +173,47 @@ def test_concat_linear_packs_each_part_at_its_width():
     assert layer.native_bits and qk.bias is None and torch.equal(layer.bias, biases)
     assert torch.equal(layer(x), separate)
     assert torch.equal(layer._decode_or_dense(x.bfloat16()), fallback)  # biases: in forward
+
+
+def _exact_by_computing(q, scale, offset) -> bool:
+    """exact_in_float32's definition, computed weight by weight."""
+    n, k = q.shape
+    levels = q.reshape(n, k // 32, 32)
+    rounded = levels.float() * scale.float()[..., None] + offset.float()[..., None]
+    exact = levels.double() * scale.double()[..., None] + offset.double()[..., None]
+    return bool(torch.equal(rounded.double(), exact))
+
+
+def test_exactness_is_decided_per_group_as_computing_every_weight_would():
+    """The per-group test never calls a tensor exact that is not (weight by weight), and agrees
+    on GGUF's kinds of groups (float16 scales, offsets of whole levels, Q4_K's scale and min
+    products, zero scales), random float32 groups and coarse power-of-two grids."""
+    g = torch.Generator().manual_seed(0)
+    verdicts = []
+    for trial in range(300):
+        top = [16, 32, 64, 256][trial % 4]
+        q = torch.randint(0, top, (16, 64), generator=g)
+        kind = trial % 5
+        if kind == 0:  # Q4_0 / Q5_0 / Q8_0
+            s = (torch.rand(16, 2, generator=g) * 0.05).half().float()
+            o = -s * (top // 2)
+        elif kind == 1:  # Q4_K: d * sc and -dmin * m, 6-bit sc and m
+            d, dmin = (torch.rand(16, 1, generator=g).half().float() for _ in range(2))
+            sc, m = (torch.randint(0, 64, (16, 2), generator=g).float() for _ in range(2))
+            s, o = d * sc / 64, -(dmin * m / 64)
+        elif kind == 2:  # float32 scales and offsets (requantized weights)
+            s = torch.rand(16, 2, generator=g) * 0.02 + 1e-3
+            o = -s * 8 + torch.randn(16, 2, generator=g) * 1e-3
+        elif kind == 3:  # zeros
+            s = (torch.rand(16, 2, generator=g) * 0.05).half().float()
+            s[0, 0] = 0.0
+            o = -s * 3
+            o[1, 1] = 0.0
+        else:  # a grid of 2**-12 steps: exact until the sums outgrow 24 bits
+            s = torch.randint(1, 2000, (16, 2), generator=g).float() * 2.0**-12
+            o = -torch.randint(0, 3000, (16, 2), generator=g).float() * 2.0**-13
+        fast, slow = wq_gemm.exact_in_float32(q, s, o), _exact_by_computing(q, s, o)
+        assert slow or not fast, trial
+        verdicts.append((fast, slow))
+    assert all(fast == slow for fast, slow in verdicts)
+    assert {slow for _, slow in verdicts} == {True, False}  # both kinds of tensor were met
