@@ -25,6 +25,8 @@ from girandole.model.quant import (
     GroupLevels,
     PackedLinear,
     dense_linear,
+    int4_supported,
+    linear_from_groups,
     quantize_int8_groups,
     quantize_int8_rows,
     quantized_linear,
@@ -273,9 +275,12 @@ class Builder:
         return name in self.weights
 
     def tensor(self, name: str) -> torch.Tensor:
+        self._require(name)
+        return self.weights.get(name)
+
+    def _require(self, name: str) -> None:
         if name not in self.weights:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
-        return self.weights.get(name)
 
     def norm(self, name: str, eps: float) -> RMSNorm:
         return RMSNorm(self.tensor(name), eps, fused=self.mode == "fast")
@@ -284,6 +289,8 @@ class Builder:
         """One linear over the concatenated output rows of `names` (e.g. q, k, v). Quantized,
         names stored in different GGUF types are packed run by run (consecutive names of one
         type together), each at its own width (quant.ConcatLinear)."""
+        for n in names:
+            self._require(f"{n}.weight")
         if self.quantize and len(names) > 1:
             runs: list[list[str]] = []
             for n in names:
@@ -296,33 +303,44 @@ class Builder:
                 parts = [self.linear(run, bias) for run in runs]
                 if all(isinstance(p, PackedLinear) for p in parts):
                     return ConcatLinear(parts)
+        qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
+        quantize = self.quantize and not qtypes & BF16_QTYPES
+        per_name = self._exact_groups(names) if quantize else None
+        groups = None
+        if per_name is not None:
+            groups = tuple(torch.cat(parts, dim=0) for parts in zip(*per_name))
+            if int4_supported(groups[0]):  # the file's levels as they are: no float copy
+                rows = [g[0].shape[0] for g in per_name]
+                return linear_from_groups(groups, self._bias(names, rows, bias))
         ws = [self.tensor(f"{n}.weight") for n in names]
         weight = torch.cat(ws, dim=0) if len(ws) > 1 else ws[0]
-        b = None
-        if bias or any(f"{n}.bias" in self.weights for n in names):
-            bs = [
-                self.tensor(f"{n}.bias") if f"{n}.bias" in self.weights else torch.zeros(w.shape[0])
-                for n, w in zip(names, ws)
-            ]
-            b = torch.cat(bs)
+        b = self._bias(names, [w.shape[0] for w in ws], bias)
         if not self.quantize:
             return DenseLinear(weight, b, self.dtype)
-        qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
-        if qtypes & BF16_QTYPES:
+        if not quantize:
             return DenseLinear(weight, b, torch.bfloat16)
-        return quantized_linear(weight, b, qtypes, lambda: self._exact_groups(names))
+        return quantized_linear(weight, b, qtypes, lambda: groups)
 
-    def _exact_groups(self, names: list[str]) -> GroupLevels | None:
-        """The checkpoint's own group-32 integer levels of `names`, stacked; None where any of
+    def _bias(self, names: list[str], rows: list[int], wanted: bool) -> torch.Tensor | None:
+        """The names' biases concatenated (zeros for a name without one); None where none has
+        one and none is `wanted`."""
+        if not wanted and not any(f"{n}.bias" in self.weights for n in names):
+            return None
+        return torch.cat(
+            [
+                self.tensor(f"{n}.bias") if f"{n}.bias" in self.weights else torch.zeros(r)
+                for n, r in zip(names, rows)
+            ]
+        )
+
+    def _exact_groups(self, names: list[str]) -> list[GroupLevels] | None:
+        """Each name's group-32 integer levels as the checkpoint stores them; None where any of
         them has none (a float or K-quant type that is not stored in groups of 32)."""
         exact = getattr(self.weights, "int_groups", None)
         if exact is None:
             return None
         groups = [exact(f"{n}.weight") for n in names]
-        if any(g is None for g in groups):
-            return None
-        q, scale, offset = (torch.cat(parts, dim=0) for parts in zip(*groups))
-        return q, scale, offset
+        return None if any(g is None for g in groups) else groups
 
     def _int8_table(self, name: str) -> Int8Embedding:
         direct = getattr(self.weights, "int8_groups", None)

@@ -327,6 +327,15 @@ class ConcatLinear(PackedLinear):
         return torch.cat([p._decode_or_dense(x2) for p in self.parts], dim=1)
 
 
+def linear_from_groups(groups: GroupLevels, bias: torch.Tensor | None) -> PackedLinear:
+    """The packed linear keeping a checkpoint's own group-32 levels exactly (int4_supported
+    shapes): 4-bit where they fit, else two int4 halves."""
+    q, scale, offset = groups
+    if int(q.max()) <= 15:
+        return Int4Linear(None, bias, groups=(q, scale, offset + 8.0 * scale))
+    return Int4x2Linear(groups, bias)
+
+
 def quantized_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -340,10 +349,7 @@ def quantized_linear(
         return Int8Linear(weight, bias)
     groups = exact_groups()
     if groups is not None:
-        q, scale, offset = groups
-        if int(q.max()) <= 15:
-            return Int4Linear(None, bias, groups=(q, scale, offset + 8.0 * scale))
-        return Int4x2Linear(groups, bias)
+        return linear_from_groups(groups, bias)
     if qtypes <= INT4_QTYPES:
         return Int4Linear(weight, bias)
     # Float (or other) weights: int8 per group of 32 (as Q8_0), as two int4 matmuls: about
