@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from girandole.model import kernels
 from girandole.model.attention import Attention
+from girandole.model.kernels import paged_attention
 
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16}
 
@@ -50,10 +50,8 @@ def kv_cache_dtype(
         if gpu_path and setting == "float16":
             raise ValueError("kv_cache_dtype float16 is for the CPU path (not gpu_path)")
         return KV_CACHE_DTYPES[setting]
-    native = (
-        all(layer.head_dim % 16 == 0 and not layer.logit_softcap for layer in layers)
-        and kernels.available()
-    )
+    half = torch.empty(0, dtype=torch.float16)  # can the native kernel read such a cache?
+    native = all(paged_attention.supported(a.head_dim, half, a.logit_softcap) for a in layers)
     return torch.float16 if mode == "fast" and not gpu_path and native else torch.float32
 
 

@@ -9,6 +9,7 @@ bf16 packed kernels in `fast` mode on CPU, bf16 on CUDA).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -292,13 +293,8 @@ class Builder:
         for n in names:
             self._require(f"{n}.weight")
         if self.quantize and len(names) > 1:
-            runs: list[list[str]] = []
-            for n in names:
-                qtype = self.weights.qtype(f"{n}.weight")
-                if runs and self.weights.qtype(f"{runs[-1][0]}.weight") == qtype:
-                    runs[-1].append(n)
-                else:
-                    runs.append([n])
+            by_type = itertools.groupby(names, key=lambda n: self.weights.qtype(f"{n}.weight"))
+            runs = [list(run) for _, run in by_type]
             if len(runs) > 1:
                 parts = [self.linear(run, bias) for run in runs]
                 if all(isinstance(p, PackedLinear) for p in parts):
@@ -306,7 +302,6 @@ class Builder:
         qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
         quantize = self.quantize and not qtypes & BF16_QTYPES
         per_name = self._exact_groups(names) if quantize else None
-        groups = None
         if per_name is not None:
             groups = tuple(torch.cat(parts, dim=0) for parts in zip(*per_name))
             if int4_supported(groups[0]):  # the file's levels as they are: no float copy
@@ -319,7 +314,7 @@ class Builder:
             return DenseLinear(weight, b, self.dtype)
         if not quantize:
             return DenseLinear(weight, b, torch.bfloat16)
-        return quantized_linear(weight, b, qtypes, lambda: groups)
+        return quantized_linear(weight, b, qtypes)
 
     def _bias(self, names: list[str], rows: list[int], wanted: bool) -> torch.Tensor | None:
         """The names' biases concatenated (zeros for a name without one); None where none has

@@ -14,8 +14,6 @@ dtype, run the matmul in bf16 and return float32. For many rows (prefill) a plai
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -337,19 +335,12 @@ def linear_from_groups(groups: GroupLevels, bias: torch.Tensor | None) -> Packed
 
 
 def quantized_linear(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    qtypes: set[str],
-    exact_groups: Callable[[], GroupLevels | None],
+    weight: torch.Tensor, bias: torch.Tensor | None, qtypes: set[str]
 ) -> PackedLinear:
     """The packed linear for a float `weight` [N, K] stored in the checkpoint as `qtypes` (fast
-    mode on CPU). `exact_groups()`: the file's own group-32 integer levels, where it has them
-    (kept exactly, so the numbers are the file's), else None."""
+    mode on CPU) without group-32 levels of its own (those: linear_from_groups)."""
     if not int4_supported(weight):
         return Int8Linear(weight, bias)
-    groups = exact_groups()
-    if groups is not None:
-        return linear_from_groups(groups, bias)
     if qtypes <= INT4_QTYPES:
         return Int4Linear(weight, bias)
     # Float (or other) weights: int8 per group of 32 (as Q8_0), as two int4 matmuls: about
