@@ -92,19 +92,16 @@ def pack(
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = level_bits(q)
-    # [block, c, g, pair, e] -> [block, g, pair, c, e]: a pair's 32 values are (channel, input).
-    v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
-    v = v.reshape(nb, g, GROUP // 2, 32)
+    v = q.to(torch.int32).reshape(nb, BLOCK_N, g, GROUP).transpose(1, 2)  # [block, g, c, input]
     if bits in (4, 5):
-        low = v & 15
-        parts = [(low[..., :16] | (low[..., 16:] << 4)).reshape(nb, g, -1)]
-        if bits == 5:  # bit 4 of value i as bit i of its pair's little-endian 32-bit word
-            top = (v >> 4).to(torch.int64) << torch.arange(32)
-            word = top.sum(-1)
-            word = (word - (word >= 2**31).long() * 2**32).to(torch.int32)  # bit 31: the sign
-            parts.append(word.contiguous().view(torch.uint8).reshape(nb, g, -1))
+        # Word i of line t holds input i's levels of channels 4t .. 4t + 3, a nibble each.
+        low = (v & 15).reshape(nb, g, 4, 4, GROUP) << (4 * torch.arange(4)).reshape(4, 1)
+        parts = [_words(low.sum(3)).reshape(nb, g, -1)]
+        if bits == 5:  # word i: bit c is bit 4 of channel c's level at input i
+            top = ((v >> 4) & 1) << torch.arange(BLOCK_N).reshape(BLOCK_N, 1)
+            parts.append(_words(top.sum(2)).reshape(nb, g, -1))
         v = torch.cat(parts, dim=-1)
-    v = v.reshape(nb, g, -1)
+    v = v.to(torch.uint8).reshape(nb, g, -1)
     # [block, c, g] scale and offset -> [block, g, 2, c].
     half = exact_in_float16(scale, offset)
     params = torch.stack([scale.float(), offset.float()], dim=1)  # [N, 2, g]
@@ -121,6 +118,11 @@ def pack(
     if half:
         bits |= HALF
     return torch.cat(packed_parts), torch.cat(param_parts).contiguous(), bits
+
+
+def _words(v: torch.Tensor) -> torch.Tensor:
+    """Values in 0..65535 (int32) as little-endian 16-bit words, viewed as bytes."""
+    return (v - (v >= 1 << 15).int() * (1 << 16)).to(torch.int16).contiguous().view(torch.uint8)
 
 
 def gemm(

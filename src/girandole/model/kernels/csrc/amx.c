@@ -2,15 +2,16 @@
 // prefill step, on the same weight layouts as their AVX512 kernels:
 //
 // - wq_gemm_amx: the group-quantized linears (wq_gemm.c's layout). A 16-channel x 32-input
-//   panel dequantized to bf16 (dequant_panel, the same bf16 weights) is exactly an AMX "B" tile
-//   in VNNI layout; 16 rows of x are an "A" tile; TDPBF16PS accumulates in float32. The panels
-//   of a chunk are dequantized once and kept (L2) for every 16-row tile of x.
+//   group dequantized to bf16 channel by channel (dequant_rows, the same bf16 weights) is
+//   exactly an AMX "A" tile; up to 16 rows of x, pair-interleaved, are a "B" tile; TDPBF16PS
+//   accumulates in float32. A chunk's tiles are dequantized once and kept (L2) for every
+//   16-row tile of x.
 // - int8_gemm_amx: the LM head's coarse logits (int8_gemm.c's layout [N/16][K/4][16][4], which
 //   is the VNNI layout of a B tile: 16 rows of 4 inputs x 16 channels). TDPBSSD sums exactly in
 //   int32, so the logits are bitwise int8_gemm's.
 // - int4_head_gemm_amx: the 4-bit LM head (int4_head.c's layout), bitwise int4_head_gemm's (below).
 //
-// Batch invariance: a row of C is computed from its own row of A alone, by the same tile
+// Batch invariance: a row of x's result is computed from that row alone, by the same tile
 // operations in the same order whatever M is and wherever the row sits in its tile, so a row's
 // result never depends on the other rows (tests/model/test_wq_gemm.py, test_int4_head.py). The bf16 linears therefore
 // take this path for every M on a CPU with AMX (a switch to the AVX512 kernel at small M would
@@ -58,19 +59,40 @@ static void configure_tiles(int rows, int a_bytes, int b_rows) {
     _tile_loadconfig(&cfg);
 }
 
-// The linears and the int8 head: A holds 64 bytes of a row (32 bf16 or 64 int8), B 16 rows.
+// The int8 head: A holds 64 bytes of a row (64 int8), B 16 rows.
 static void configure(int rows) { configure_tiles(rows, 64, 16); }
 
 // ---- group-quantized linears (bf16) -------------------------------------------------------
+//
+// Weights are the A operand and x's rows the B one: C[channel][row] += W[channel][k] x[row][k].
+// A block's group dequantized channel by channel (dequant_rows) is exactly an A tile (16 rows of
+// 32 inputs); x's rows, pair-interleaved (x^T in VNNI layout), are B tiles of up to 16 columns.
+// A 1-row decode step then runs on tiles of one column: its cost is dequantizing the panels,
+// which the channel rows make cheap (wq_panel.h). The products and their order are those of
+// x . W^T with the roles swapped: the same bits.
 
 #define CHUNK 4  // 16-channel blocks per task, as in wq_gemm.c
 #define PANEL_BYTES 1024
+#define XT_BYTES 1024  // one group of a 16-row tile of x^T: 16 pairs x 16 rows x 2 bf16
 
-// C[b] += A . B(panel b) for the bt blocks of one group; B tiles rotate over 5-7 so that a
+// Tiles 0-3: C (16 channels x r rows of float32), 4: B (16 input pairs x r rows), 5-7: A (16
+// channels x 32 inputs).
+static void configure_wq(int r) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = t < 5 ? (uint16_t)(4 * r) : 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// C[b] += A(panel b) . B for the bt blocks of one group; A tiles rotate over 5-7 so that a
 // load need not wait for the previous product to release its register.
 #define WQ_STEP(b, t) \
     _tile_loadd(t, panels + (b) * PANEL_BYTES, 64); \
-    _tile_dpbf16ps(b, 4, t)
+    _tile_dpbf16ps(b, t, 4)
 
 static inline __attribute__((always_inline)) void wq_group(const uint8_t *panels, int bt) {
     WQ_STEP(0, 5);
@@ -79,12 +101,21 @@ static inline __attribute__((always_inline)) void wq_group(const uint8_t *panels
     if (bt > 3) { WQ_STEP(3, 5); }
 }
 
-static inline void store_c(float *y, int64_t N, int bt) {
-    const int64_t stride = N * (int64_t)sizeof(float);
-    _tile_stored(0, y, stride);
-    if (bt > 1) _tile_stored(1, y + 16, stride);
-    if (bt > 2) _tile_stored(2, y + 32, stride);
-    if (bt > 3) _tile_stored(3, y + 48, stride);
+// C[b] (16 channels x r rows) into rows of y (ldy floats apart), 16 channels each.
+static inline void store_c(float *y, int64_t ldy, int bt, int r) {
+    float c[16][16] __attribute__((aligned(64)));
+    const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
+                                            64, 48, 32, 16, 0);
+    for (int b = 0; b < bt; b++) {
+        switch (b) {  // a tile's number must be a constant
+        case 0: _tile_stored(0, c, 64); break;
+        case 1: _tile_stored(1, c, 64); break;
+        case 2: _tile_stored(2, c, 64); break;
+        default: _tile_stored(3, c, 64); break;
+        }
+        for (int i = 0; i < r; i++)
+            _mm512_storeu_ps(y + i * ldy + 16 * b, _mm512_i32gather_ps(column, &c[0][i], 4));
+    }
 }
 
 // The rows of the tile at m0 (16, or the last tile's rest), reconfiguring the tiles when that
@@ -105,8 +136,8 @@ static inline void zero_c(void) {
     _tile_zero(3);
 }
 
-// One group's bt panels, from the block `blk` of the layout on, into `panels`; the next
-// group's levels prefetched meanwhile.
+// One group's bt blocks' channel rows, from the block `blk` of the layout on, into `panels`;
+// the next group's levels prefetched meanwhile.
 static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *params, int64_t blk,
                                  int bt, int64_t group_bytes, uint8_t *panels) {
     const int64_t param_bytes = wq_param_bytes(bits);
@@ -114,8 +145,8 @@ static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *para
     for (int64_t b = 0; b < bt * group_bytes; b += 64)
         _mm_prefetch((const char *)next + b, _MM_HINT_T0);
     for (int b = 0; b < bt; b++)
-        dequant_panel(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
-                      (__m512i *)(panels + b * PANEL_BYTES));
+        dequant_rows(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
+                     (__m512i *)(panels + b * PANEL_BYTES));
 }
 
 static __thread uint8_t *panel_buffer;
@@ -130,25 +161,43 @@ static uint8_t *panels_for(int64_t bytes) {
     return panel_buffer;
 }
 
+// x's rows as B tiles: xt[tile][group][pair p][row i] = x[16 tile + i][32 group + 2p .. + 1].
+static void transpose_x(const uint16_t *x, int64_t M, int64_t K, uint32_t *xt) {
+    const int64_t groups = K / 32, tiles = (M + 15) / 16;
+#pragma omp for schedule(static)
+    for (int64_t tg = 0; tg < tiles * groups; tg++) {
+        const int64_t m0 = tg / groups * 16, g = tg % groups;
+        const int r = M - m0 < 16 ? (int)(M - m0) : 16;
+        uint32_t *dst = xt + tg * (XT_BYTES / 4);
+        for (int i = 0; i < r; i++) {
+            const uint32_t *src = (const uint32_t *)(x + (m0 + i) * K + 32 * g);
+            for (int p = 0; p < 16; p++) dst[16 * p + i] = src[p];
+        }
+    }
+}
+
 void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
                  const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits);
-    const int64_t x_stride = K * (int64_t)sizeof(uint16_t);
+    uint32_t *xt = aligned_alloc(64, (size_t)((M + 15) / 16 * groups * XT_BYTES));
+    if (xt == NULL) return;
 #pragma omp parallel num_threads(nthreads)
     {
+        transpose_x(x, M, K, xt);  // ends in the loop's barrier
         // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
         uint8_t *buf = panels_for((groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
 #define slot(g) (buf + (M <= 16 ? ((g) & 1) : (g)) * CHUNK * PANEL_BYTES)
         int rows = M < 16 ? (int)M : 16;
-        configure(rows);
+        configure_wq(rows);
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t nb0 = c * CHUNK;
             const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
-                const int r = tile_rows(M, m0, &rows, configure);
+                const int r = tile_rows(M, m0, &rows, configure_wq);
+                const uint8_t *xg = (const uint8_t *)xt + m0 / 16 * groups * XT_BYTES;
                 zero_c();
                 // On the first row tile each group's panels are dequantized one group ahead of
                 // their products (the tile loads then find them stored); one row tile cycles
@@ -158,15 +207,16 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                     if (m0 == 0 && g + 1 < groups)
                         dequant_group(q, bits, params, nb0 * groups + (g + 1) * bt, bt,
                                       group_bytes, slot(g + 1));
-                    _tile_loadd(4, x + m0 * K + 32 * g, x_stride);
+                    _tile_loadd(4, xg + g * XT_BYTES, 64);
                     wq_group(slot(g), bt);
                 }
-                store_c(y + m0 * ldy + 16 * nb0, ldy, bt);
+                store_c(y + m0 * ldy + 16 * nb0, ldy, bt, r);
             }
         }
 #undef slot
         _tile_release();
     }
+    free(xt);
 }
 
 // ---- int8 LM head -------------------------------------------------------------------------

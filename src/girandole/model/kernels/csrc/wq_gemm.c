@@ -21,9 +21,8 @@
 // Layouts (made by kernels/wq_gemm.py). Channels go in chunks of CHUNK blocks of 16
 // (the last chunk may have fewer blocks); within a chunk, group by group, so each thread
 // reads two sequential streams:
-//   q:      [chunk][K/32][block][16 pairs][32 values]; value i of pair p is channel
-//           c = i / 2 (i < 16) or 8 + (i - 16) / 2 of the block, input k = 32 g + 2 p + i % 2.
-//           Bytes per value: wq_panel.h (4 and 5 bits are packed).
+//   q:      [chunk][K/32][block][group of 16 channels x 32 inputs]; a group's bytes, channel
+//           by channel: wq_panel.h (4 and 5 bits are packed).
 //   params: [chunk][K/32][block][2][16] float32 (float16 with WQ_HALF): the block's 16 scales,
 //           then 16 offsets.
 #include <immintrin.h>

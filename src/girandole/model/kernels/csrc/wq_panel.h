@@ -1,16 +1,23 @@
-// One panel of wq_gemm.c's layout dequantized: 16 output channels x 32 inputs of one group as
-// 16 vectors of 16 (channel, input pair) bf16 pairs, w = bf16(q * scale + offset). Shared by the
-// AVX512 kernel (wq_gemm.c) and the AMX one (amx.c), for which the panel is a B tile.
+// One block's group of wq_gemm.c's layout dequantized: 16 output channels x 32 inputs,
+// w = bf16(q * scale + offset). Shared by the AVX512 kernel (wq_gemm.c), which wants it as a
+// "panel" (16 vectors of 16 (channel, input pair) bf16 pairs), and the AMX one (amx.c), which
+// wants its 16 channel rows (an A tile).
 //
 // `bits`: the levels' width (4, 5 or 8) in its low 4 bits, or'ed with
-//   WQ_FUSED: every weight's q * scale + offset is exact in float32 (see dequant_panel);
+//   WQ_FUSED: every weight's q * scale + offset is exact in float32 (see wq_table);
 //   WQ_HALF:  the scales and offsets are stored as float16 (they are exactly, as GGUF's Q4_0,
 //             Q4_1, Q5_0, Q5_1 and Q8_0 store them): half the bytes of float32 ones.
-// A block's group (16 channels x 32 inputs, 16 pairs of 32 values) is stored as
-//   4 bits: 16 x 16 bytes, byte i of pair p = value i | value (i + 16) << 4;
-//   5 bits: those 256 bytes of the low 4 bits, then 16 x 4 bytes: bit i of pair p's word is
-//           bit 4 of value i (62.5 % of the bytes of one byte a level);
-//   8 bits: 16 x 32 bytes, one a value.
+// A block's group (16 channels x 32 inputs) is stored channel by channel:
+//   4 bits: 4 lines of 32 little-endian 16-bit words; bits 4j..4j+3 of word i of line t are
+//           the level of channel 4t + j at input i;
+//   5 bits: those 256 bytes of the low 4 bits, then 32 words: bit c of word i is bit 4 of
+//           channel c's level at input i (62.5 % of the bytes of one byte a level);
+//   8 bits: 16 x 32 bytes, channel c's levels at bytes 32c.. in input order.
+//
+// Why by channel: a channel's group has at most 32 distinct weights, so the 4- and 5-bit
+// levels become bf16 weights by one table lookup each (vpermw, 32 lanes at once) from a table
+// of its group's q * scale + offset for every q, computed once: about half the instructions of
+// converting and scaling every level (the AMX kernel's decode steps were bound by them).
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
@@ -31,51 +38,102 @@ static inline int64_t wq_group_bytes(int bits) {
 // Bytes of one block's group of (16 scales, 16 offsets).
 static inline int64_t wq_param_bytes(int bits) { return bits & WQ_HALF ? 64 : 128; }
 
-static inline __m512 wq_load_params(const uint8_t *p, int half) {
-    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p))
-                : _mm512_loadu_ps((const float *)p);
+// q * scale + offset for 16 levels q in float32, in two roundings (no FMA, -ffp-contract=off):
+// the same float the bf16 dense copy of the weight was made from. Where neither rounding rounds
+// (WQ_FUSED, checked when packing: GGUF's Q5_0 and Q8_0 and most Q4_K), one FMA gives it.
+static inline __m512 wq_scale(__m512 q, __m512 s, __m512 o, int fused) {
+    return fused ? _mm512_fmadd_ps(q, s, o) : _mm512_add_ps(_mm512_mul_ps(q, s), o);
 }
 
-static inline void dequant_panel(const uint8_t *q, int bits, const uint8_t *params,
-                                 __m512i *panel) {
-    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi_idx =
-        _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
-    const int half = bits & WQ_HALF;
-    const __m512 s = wq_load_params(params, half);
-    const __m512 o = wq_load_params(params + (half ? 32 : 64), half);
-    const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s), s_hi = _mm512_permutexvar_ps(hi_idx, s);
-    const __m512 o_lo = _mm512_permutexvar_ps(lo_idx, o), o_hi = _mm512_permutexvar_ps(hi_idx, o);
-    const __m512i nibble = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+// The 16 channels' rows of one block's group: rows[c] holds channel c's 32 bf16 weights in
+// input order.
+static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q, int bits,
+                                                                 const uint8_t *params,
+                                                                 __m512i *rows) {
     const int fused = bits & WQ_FUSED;
     const int level_bits = bits & WQ_LEVEL_BITS;
-    for (int p = 0; p < 16; p++) {
-        __m512i lo, hi;
-        if (level_bits == 8) {
-            lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * p)));
-            hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * p + 16)));
-        } else {
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * p)));
-            lo = _mm512_and_si512(v, nibble);
-            hi = _mm512_srli_epi32(v, 4);
-            if (level_bits == 5) {  // the fifth bit, as a mask of the lanes that have it
-                const uint32_t top = *(const uint32_t *)(q + 256 + 4 * p);
-                lo = _mm512_mask_or_epi32(lo, (__mmask16)top, lo, sixteen);
-                hi = _mm512_mask_or_epi32(hi, (__mmask16)(top >> 16), hi, sixteen);
-            }
-        }
-        // q * scale + offset in two roundings (no FMA, -ffp-contract=off): the same float the
-        // bf16 dense copy of the weight was made from. Where neither rounding rounds (WQ_FUSED,
-        // checked when packing: GGUF's Q5_0 and Q8_0 and most Q4_K), one FMA gives that float
-        // for fewer instructions.
-        __m512 wl, wh;
-        if (fused) {
-            wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s_lo, o_lo);
-            wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s_hi, o_hi);
-        } else {
-            wl = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s_lo), o_lo);
-            wh = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), s_hi), o_hi);
-        }
-        panel[p] = (__m512i)_mm512_cvtne2ps_pbh(wh, wl);  // low half from wl
+    float sf[16], of[16];
+    const float *s = (const float *)params, *o = s + 16;
+    if (bits & WQ_HALF) {
+        _mm512_storeu_ps(sf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params)));
+        _mm512_storeu_ps(of, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32))));
+        s = sf;
+        o = of;
     }
+    if (level_bits == 8) {
+        for (int c = 0; c < 16; c++) {
+            const __m512 sc = _mm512_set1_ps(s[c]), oc = _mm512_set1_ps(o[c]);
+            const __m512 lo = _mm512_cvtepi32_ps(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * c))));
+            const __m512 hi = _mm512_cvtepi32_ps(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * c + 16))));
+            rows[c] = (__m512i)_mm512_cvtne2ps_pbh(wq_scale(hi, sc, oc, fused),
+                                                   wq_scale(lo, sc, oc, fused));
+        }
+        return;
+    }
+    const __m512 levels = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 levels16 = _mm512_add_ps(levels, _mm512_set1_ps(16.0f));
+    const __m512i nibble = _mm512_set1_epi16(15);
+    __m512i top = _mm512_setzero_si512();
+    if (level_bits == 5) top = _mm512_loadu_si512((const void *)(q + 256));
+    for (int t = 0; t < 4; t++) {
+        const __m512i line = _mm512_loadu_si512((const void *)(q + 64 * t));
+        for (int j = 0; j < 4; j++) {
+            const int c = 4 * t + j;
+            const __m512 sc = _mm512_set1_ps(s[c]), oc = _mm512_set1_ps(o[c]);
+            const __m512 low = wq_scale(levels, sc, oc, fused);
+            // vpermw reads an index's low 5 bits: for 4 bits the table repeats its 16 weights
+            // (bit 4 is the next level's), for 5 bits bit 4 is the level's top bit.
+            __m512i idx = _mm512_srli_epi16(line, 4 * j);
+            __m512i table;
+            if (level_bits == 5) {
+                table = (__m512i)_mm512_cvtne2ps_pbh(wq_scale(levels16, sc, oc, fused), low);
+                const __m512i hi = c >= 4 ? _mm512_srli_epi16(top, c - 4)
+                                          : _mm512_slli_epi16(top, 4 - c);
+                idx = _mm512_ternarylogic_epi32(nibble, idx, hi, 0xCA);  // nibble ? idx : hi
+            } else {
+                table = (__m512i)_mm512_cvtne2ps_pbh(low, low);
+            }
+            rows[c] = _mm512_permutexvar_epi16(idx, table);
+        }
+    }
+}
+
+// 16 x 16 32-bit elements transposed: out[p] lane c = in[c] lane p.
+static inline __attribute__((always_inline)) void transpose16(const __m512i *in, __m512i *out) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    // b[4q + r] lane 4l + e = in[4q + e] lane 4l + r: 128-bit lanes still to transpose (4 x 4).
+    for (int i = 0; i < 4; i++) {
+        a[i] = _mm512_shuffle_i32x4(b[i], b[4 + i], 0x88);
+        a[4 + i] = _mm512_shuffle_i32x4(b[i], b[4 + i], 0xDD);
+        a[8 + i] = _mm512_shuffle_i32x4(b[8 + i], b[12 + i], 0x88);
+        a[12 + i] = _mm512_shuffle_i32x4(b[8 + i], b[12 + i], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        out[i] = _mm512_shuffle_i32x4(a[i], a[8 + i], 0x88);
+        out[8 + i] = _mm512_shuffle_i32x4(a[i], a[8 + i], 0xDD);
+        out[4 + i] = _mm512_shuffle_i32x4(a[4 + i], a[12 + i], 0x88);
+        out[12 + i] = _mm512_shuffle_i32x4(a[4 + i], a[12 + i], 0xDD);
+    }
+}
+
+// The group as a panel: 16 vectors, one per input pair p, whose 32-bit lane c holds channel
+// c's weights at inputs 2p and 2p + 1 (a B tile's VNNI layout).
+static inline __attribute__((always_inline)) void dequant_panel(const uint8_t *q, int bits,
+                                                                  const uint8_t *params,
+                                                                  __m512i *panel) {
+    __m512i rows[16];
+    dequant_rows(q, bits, params, rows);
+    transpose16(rows, panel);
 }
