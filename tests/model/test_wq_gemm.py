@@ -74,6 +74,54 @@ def test_matches_float64_product(n, k, top, rows, amx, as_gguf):
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
+def _k_quant_levels(n: int, k: int, seed: int):
+    """Q4_K's form: per 256 inputs a float16 d and dmin per row, per group 6-bit sc and m;
+    scale = d * sc, offset = -dmin * m (zero sc and m included)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    d = (torch.rand(n, k // 256, 1, generator=g) * 1e-3).half().float()
+    dmin = (torch.rand(n, k // 256, 1, generator=g) * 1e-3).half().float()
+    sc = torch.randint(0, 64, (n, k // 256, 8), generator=g).float()
+    m = torch.randint(0, 64, (n, k // 256, 8), generator=g).float()
+    return q, (d * sc).reshape(n, -1), (-(dmin * m)).reshape(n, -1)
+
+
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("rows", [1, 13, 37])
+def test_k_quant_params_are_stored_factored_with_the_same_results(rows, amx, monkeypatch):
+    """Q4_K's scales and offsets are kept as a float32 factor per row and superblock times
+    integers (48 bytes for a block's group, not 128) and give bitwise the results of the
+    float32 ones; the factors found reproduce every value exactly."""
+    q, scale, offset = _k_quant_levels(80, 512, seed=rows)
+    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    assert bits & wq_gemm.FACTORED and not bits & wq_gemm.HALF
+    assert params.numel() == 80 * 16 * 2 + 80 * 2 * 4 * 2  # integers, then float32 factors
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(7))
+    y = wq_gemm.gemm(x, packed, params, bits, 80, amx=amx)
+    monkeypatch.setattr(wq_gemm, "factor_params", lambda scale, offset: None)
+    plain = wq_gemm.pack(q, scale, offset)
+    assert not plain[2] & wq_gemm.FACTORED and plain[1].dtype == torch.float32
+    assert torch.equal(y, wq_gemm.gemm(x, *plain, 80, amx=amx))
+    expected = _expected(x, q, scale, offset)
+    assert (y.double() - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+def test_params_factor_only_where_every_superblock_does():
+    _, scale, offset = _k_quant_levels(16, 512, seed=1)
+    integers, factors = wq_gemm.factor_params(scale, offset)
+    assert integers.dtype == torch.uint8 and factors.shape == (16, 2, 2)
+    back = factors[..., None] * integers.reshape(16, 2, 2, 8).float()
+    assert torch.equal(back.reshape(16, 2, 16), torch.stack([scale, offset], dim=1))
+    # Free float16 scales (Q4_0, Q8_0) have no common factor with integers below 256.
+    q, free, off = _levels(16, 512, 16, seed=2, as_gguf=True)
+    assert wq_gemm.factor_params(free, off) is None
+    assert wq_gemm.factor_params(scale[:, :8], offset[:, :8]) is not None
+    assert wq_gemm.factor_params(scale[:, :4], offset[:, :4]) is None  # no whole superblock
+    mixed = offset.clone()
+    mixed[3, 2] = 1e-4  # offsets of both signs in one superblock
+    assert wq_gemm.factor_params(scale, mixed) is None
+
+
 @pytest.mark.parametrize("amx", PATHS)
 def test_rows_do_not_depend_on_their_neighbours(amx):
     """A row's result is the same bits whatever shares the call: alone, in a partial tile, at

@@ -21,6 +21,8 @@ CHUNK = 4  # blocks per chunk, as in the C source
 LEVEL_BITS = 15  # the levels' width, 4, 5 or 8, in these bits of `bits` (WQ_LEVEL_BITS in C)
 FUSED = 16  # or'ed into bits where q * scale + offset is exact in float32 (WQ_FUSED in C)
 HALF = 32  # or'ed into bits where the scales and offsets are stored as float16 (WQ_HALF in C)
+FACTORED = 64  # or'ed into bits where they are stored as factor x integer (WQ_FACTORED in C)
+SUPER = 8  # groups of a superblock sharing factors (WQ_SUPER in C)
 
 
 def supports(n: int, k: int) -> bool:
@@ -87,8 +89,10 @@ def pack(
     """Levels q [N, K] (0..15, 0..31 or 0..255), scale and offset [N, K/32] (w = q * scale +
     offset) -> (packed uint8 weights, params, bits) in the kernel's layout (csrc/wq_panel.h).
     `bits`: 4, 5 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in
-    float32 (then the kernel's one FMA gives the same floats as a multiply and an add), and HALF
-    where the params are float16 numbers (then stored so: half the bytes)."""
+    float32 (then the kernel's one FMA gives the same floats as a multiply and an add), FACTORED
+    where each superblock's params are a factor times small integers (factor_params: stored so,
+    0.19 bits a weight), else HALF where they are float16 numbers (then stored so: half the
+    bytes of float32)."""
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = level_bits(q)
@@ -103,21 +107,74 @@ def pack(
         v = torch.cat(parts, dim=-1)
     v = v.to(torch.uint8).reshape(nb, g, -1)
     # [block, c, g] scale and offset -> [block, g, 2, c].
-    half = exact_in_float16(scale, offset)
-    params = torch.stack([scale.float(), offset.float()], dim=1)  # [N, 2, g]
-    params = params.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
-    if half:
-        params = params.half()
-    # Chunks of CHUNK blocks, each stored group-major: [chunk][g][block]...
-    packed_parts, param_parts = [], []
-    for c0 in range(0, nb, CHUNK):
-        packed_parts.append(v[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1))
-        param_parts.append(params[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1))
+    factored = factor_params(scale, offset)
+    half = factored is None and exact_in_float16(scale, offset)
+    if factored is not None:
+        integers, factors = factored
+        params = integers.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
+        factors = factors.reshape(nb, BLOCK_N, 2, g // SUPER).permute(0, 3, 2, 1)
+    else:
+        params = torch.stack([scale.float(), offset.float()], dim=1)  # [N, 2, g]
+        params = params.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
+        if half:
+            params = params.half()
+    packed = _chunked(v)
+    params = _chunked(params)
+    if factored is not None:  # the integers' bytes, then the factors'
+        params = torch.cat([params, _chunked(factors).view(torch.uint8)])
     if exact_in_float32(q, scale, offset):
         bits |= FUSED
     if half:
         bits |= HALF
-    return torch.cat(packed_parts), torch.cat(param_parts).contiguous(), bits
+    if factored is not None:
+        bits |= FACTORED
+    return packed, params, bits
+
+
+def _chunked(t: torch.Tensor) -> torch.Tensor:
+    """[block, g, ...] in chunks of CHUNK blocks, each stored group-major ([chunk][g][block]...),
+    flat."""
+    return torch.cat(
+        [t[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1) for c0 in range(0, t.shape[0], CHUNK)]
+    ).contiguous()
+
+
+def factor_params(
+    scale: torch.Tensor, offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Scales and offsets [N, G] as exact products factor x integer, one float32 factor per
+    row and superblock of SUPER groups and an integer 0..255 per group: (uint8 [N, 2, G],
+    float32 [N, 2, G / SUPER]) with index 1 scale then offset, or None where some superblock
+    has no such form (GGUF's K-quants have it: a float16 d times 6-bit scales; Q4_0/Q8_0's free
+    float16 scales rarely do). The factor is the values' greatest common divisor as dyadic
+    numbers: any common factor with integers below 256 divides it."""
+    n, groups = scale.shape
+    if groups % SUPER:
+        return None
+    v = torch.stack([scale.float(), offset.float()], dim=1).reshape(n, 2, groups // SUPER, SUPER)
+    top, bottom = v.amax(dim=-1), v.amin(dim=-1)
+    if bool(((top > 0) & (bottom < 0)).any()):  # a superblock's values must share a sign
+        return None
+    sign = torch.where(bottom < 0, -1.0, 1.0)
+    m, e = _odd_mantissa(v.abs())
+    low = torch.where(m != 0, e, _NO_BITS).amin(dim=-1, keepdim=True)  # the smallest unit
+    shift = torch.where(m != 0, e - low, 0)
+    if bool((shift > 38).any()):  # values too far apart for 64-bit integers (and for 0..255)
+        return None
+    a = m << shift  # value = a * 2**low, exactly
+    d = a[..., 0]
+    for i in range(1, SUPER):
+        d = torch.gcd(d, a[..., i])
+    d = torch.where(d == 0, 1, d)
+    integers = a // d[..., None]
+    low = torch.where(low == _NO_BITS, 0, low).squeeze(-1)
+    factors = (sign * d.double() * torch.pow(2.0, low.double())).float()
+    if bool((integers > 255).any()):
+        return None
+    # The kernel's float32 product must give each value back exactly.
+    if not torch.equal(factors[..., None] * integers.float(), v):
+        return None
+    return integers.to(torch.uint8).reshape(n, 2, groups), factors
 
 
 def _words(v: torch.Tensor) -> torch.Tensor:

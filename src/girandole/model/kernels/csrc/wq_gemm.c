@@ -24,7 +24,8 @@
 //   q:      [chunk][K/32][block][group of 16 channels x 32 inputs]; a group's bytes, channel
 //           by channel: wq_panel.h (4 and 5 bits are packed).
 //   params: [chunk][K/32][block][2][16] float32 (float16 with WQ_HALF): the block's 16 scales,
-//           then 16 offsets.
+//           then 16 offsets. WQ_FACTORED: [chunk][K/32][block][2][16] uint8 integers, then
+//           [chunk][K/256][block][2][16] float32 factors (scale = factor * integer, exactly).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -72,6 +73,7 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
+    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; c++) {
         __m512i panels[16 * CHUNK];
@@ -88,7 +90,7 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
             }
             for (int b = 0; b < bt; b++)
                 dequant_panel(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
-                              panels + 16 * b);
+                              wq_block_factors(factors, nb0, groups, g, bt, b), panels + 16 * b);
             const uint16_t *xg = x + 32 * g;
             float *yb = y + 16 * nb0;
             switch (bt) {

@@ -7,6 +7,10 @@
 //   WQ_FUSED: every weight's q * scale + offset is exact in float32 (see wq_table);
 //   WQ_HALF:  the scales and offsets are stored as float16 (they are exactly, as GGUF's Q4_0,
 //             Q4_1, Q5_0, Q5_1 and Q8_0 store them): half the bytes of float32 ones.
+//   WQ_FACTORED: each channel's scales (and offsets) over a superblock of 8 groups are exactly
+//             a float32 factor times integers 0..255 (GGUF's K-quants: a float16 d times 6-bit
+//             scales): a group's params are then 16 + 16 bytes, its superblock's factors
+//             2 x 16 float32 (wq_gemm.c's layout): 0.19 bits a weight instead of 2.
 // A block's group (16 channels x 32 inputs) is stored channel by channel:
 //   4 bits: 4 lines of 32 little-endian 16-bit words; bits 4j..4j+3 of word i of line t are
 //           the level of channel 4t + j at input i;
@@ -25,6 +29,9 @@
 #define WQ_LEVEL_BITS 15
 #define WQ_FUSED 16
 #define WQ_HALF 32
+#define WQ_FACTORED 64
+#define WQ_SUPER 8  // groups of a superblock sharing factors
+#define WQ_FACTOR_BYTES 128
 
 // Bytes of one block's group of levels (16 channels x 32 inputs).
 static inline int64_t wq_group_bytes(int bits) {
@@ -36,7 +43,23 @@ static inline int64_t wq_group_bytes(int bits) {
 }
 
 // Bytes of one block's group of (16 scales, 16 offsets).
-static inline int64_t wq_param_bytes(int bits) { return bits & WQ_HALF ? 64 : 128; }
+static inline int64_t wq_param_bytes(int bits) {
+    return bits & WQ_FACTORED ? 32 : bits & WQ_HALF ? 64 : 128;
+}
+
+// Where a factored layout's superblock factors start: after every group's params.
+static inline const uint8_t *wq_factors(const uint8_t *params, int bits, int64_t nblocks,
+                                        int64_t groups) {
+    return bits & WQ_FACTORED ? params + nblocks * groups * wq_param_bytes(bits) : NULL;
+}
+
+// The factors of block `b` of a chunk whose first block is nb0 (bt blocks) at group g.
+static inline const uint8_t *wq_block_factors(const uint8_t *factors, int64_t nb0, int64_t groups,
+                                              int64_t g, int bt, int b) {
+    if (factors == NULL) return NULL;
+    const int64_t supers = groups / WQ_SUPER;
+    return factors + (nb0 * supers + g / WQ_SUPER * bt + b) * WQ_FACTOR_BYTES;
+}
 
 // q * scale + offset for 16 levels q in float32, in two roundings (no FMA, -ffp-contract=off):
 // the same float the bf16 dense copy of the weight was made from. Where neither rounding rounds
@@ -49,12 +72,21 @@ static inline __m512 wq_scale(__m512 q, __m512 s, __m512 o, int fused) {
 // input order.
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q, int bits,
                                                                  const uint8_t *params,
+                                                                 const uint8_t *factors,
                                                                  __m512i *rows) {
     const int fused = bits & WQ_FUSED;
     const int level_bits = bits & WQ_LEVEL_BITS;
     float sf[16], of[16];
     const float *s = (const float *)params, *o = s + 16;
-    if (bits & WQ_HALF) {
+    if (bits & WQ_FACTORED) {  // exact products: checked when packing
+        const __m512 ns = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)params)));
+        const __m512 no =
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(params + 16))));
+        _mm512_storeu_ps(sf, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors), ns));
+        _mm512_storeu_ps(of, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16), no));
+        s = sf;
+        o = of;
+    } else if (bits & WQ_HALF) {
         _mm512_storeu_ps(sf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params)));
         _mm512_storeu_ps(of, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32))));
         s = sf;
@@ -132,8 +164,9 @@ static inline __attribute__((always_inline)) void transpose16(const __m512i *in,
 // c's weights at inputs 2p and 2p + 1 (a B tile's VNNI layout).
 static inline __attribute__((always_inline)) void dequant_panel(const uint8_t *q, int bits,
                                                                   const uint8_t *params,
+                                                                  const uint8_t *factors,
                                                                   __m512i *panel) {
     __m512i rows[16];
-    dequant_rows(q, bits, params, rows);
+    dequant_rows(q, bits, params, factors, rows);
     transpose16(rows, panel);
 }
