@@ -103,7 +103,8 @@ static inline __attribute__((always_inline)) void wq_group(const uint8_t *panels
 
 // C[b] (16 channels x r rows) into rows of y (ldy floats apart), 16 channels each.
 static inline void store_c(float *y, int64_t ldy, int bt, int r) {
-    float c[16][16] __attribute__((aligned(64)));
+    __m512i c[16] __attribute__((aligned(64)));
+    __m512i t[16];
     const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
                                             64, 48, 32, 16, 0);
     for (int b = 0; b < bt; b++) {
@@ -113,8 +114,14 @@ static inline void store_c(float *y, int64_t ldy, int bt, int r) {
         case 2: _tile_stored(2, c, 64); break;
         default: _tile_stored(3, c, 64); break;
         }
-        for (int i = 0; i < r; i++)
-            _mm512_storeu_ps(y + i * ldy + 16 * b, _mm512_i32gather_ps(column, &c[0][i], 4));
+        if (r == 16) {
+            transpose16(c, t);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512((void *)(y + i * ldy + 16 * b), t[i]);
+        } else {
+            for (int i = 0; i < r; i++)
+                _mm512_storeu_ps(y + i * ldy + 16 * b,
+                                 _mm512_i32gather_ps(column, (const float *)c + i, 4));
+        }
     }
 }
 
@@ -172,6 +179,14 @@ static void transpose_x(const uint16_t *x, int64_t M, int64_t K, uint32_t *xt) {
         const int64_t m0 = tg / groups * 16, g = tg % groups;
         const int r = M - m0 < 16 ? (int)(M - m0) : 16;
         uint32_t *dst = xt + tg * (XT_BYTES / 4);
+        if (r == 16) {
+            __m512i rows[16], pairs[16];
+            for (int i = 0; i < 16; i++)
+                rows[i] = _mm512_loadu_si512((const void *)(x + (m0 + i) * K + 32 * g));
+            transpose16(rows, pairs);
+            for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(dst + 16 * p), pairs[p]);
+            continue;
+        }
         for (int i = 0; i < r; i++) {
             const uint32_t *src = (const uint32_t *)(x + (m0 + i) * K + 32 * g);
             for (int p = 0; p < 16; p++) dst[16 * p + i] = src[p];
