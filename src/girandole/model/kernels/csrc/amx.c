@@ -159,17 +159,23 @@ static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *para
                      (__m512i *)(panels + b * PANEL_BYTES));
 }
 
-static __thread uint8_t *panel_buffer;
-static __thread int64_t panel_buffer_bytes;
+// A buffer of at least `bytes`, kept per thread from call to call (a decode step makes ~100
+// calls; allocating each time would map and fault fresh pages).
+typedef struct {
+    uint8_t *data;
+    int64_t bytes;
+} buffer;
 
-static uint8_t *panels_for(int64_t bytes) {
-    if (bytes > panel_buffer_bytes) {
-        free(panel_buffer);
-        panel_buffer = aligned_alloc(64, (size_t)bytes);
-        panel_buffer_bytes = panel_buffer ? bytes : 0;
+static uint8_t *buffer_for(buffer *b, int64_t bytes) {
+    if (bytes > b->bytes) {
+        free(b->data);
+        b->data = aligned_alloc(64, (size_t)bytes);
+        b->bytes = b->data ? bytes : 0;
     }
-    return panel_buffer;
+    return b->data;
 }
+
+static __thread buffer panel_buffer, xt_buffer;
 
 // x's rows as B tiles: xt[tile][group][pair p][row i] = x[16 tile + i][32 group + 2p .. + 1].
 static void transpose_x(const uint16_t *x, int64_t M, int64_t K, uint32_t *xt) {
@@ -200,13 +206,17 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits);
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
-    uint32_t *xt = aligned_alloc(64, (size_t)((M + 15) / 16 * groups * XT_BYTES));
+    // x^T (x's size): kept for the next call up to 8 MiB (decode steps), else for this one.
+    const int64_t xt_bytes = (M + 15) / 16 * groups * XT_BYTES;
+    const int keep = xt_bytes <= (8 << 20);
+    uint32_t *xt = (uint32_t *)(keep ? buffer_for(&xt_buffer, xt_bytes)
+                                     : aligned_alloc(64, (size_t)xt_bytes));
     if (xt == NULL) return;
 #pragma omp parallel num_threads(nthreads)
     {
         transpose_x(x, M, K, xt);  // ends in the loop's barrier
         // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
-        uint8_t *buf = panels_for((groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
+        uint8_t *buf = buffer_for(&panel_buffer, (groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
 #define slot(g) (buf + (M <= 16 ? ((g) & 1) : (g)) * CHUNK * PANEL_BYTES)
         int rows = M < 16 ? (int)M : 16;
         configure_wq(rows);
@@ -237,7 +247,7 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
 #undef slot
         _tile_release();
     }
-    free(xt);
+    if (!keep) free(xt);
 }
 
 // ---- int8 LM head -------------------------------------------------------------------------
