@@ -159,23 +159,7 @@ static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *para
                      (__m512i *)(panels + b * PANEL_BYTES));
 }
 
-// A buffer of at least `bytes`, kept per thread from call to call (a decode step makes ~100
-// calls; allocating each time would map and fault fresh pages).
-typedef struct {
-    uint8_t *data;
-    int64_t bytes;
-} buffer;
-
-static uint8_t *buffer_for(buffer *b, int64_t bytes) {
-    if (bytes > b->bytes) {
-        free(b->data);
-        b->data = aligned_alloc(64, (size_t)bytes);
-        b->bytes = b->data ? bytes : 0;
-    }
-    return b->data;
-}
-
-static __thread buffer panel_buffer, xt_buffer;
+static __thread wq_buffer panel_buffer, xt_buffer;
 
 // x's rows as B tiles: xt[tile][group][pair p][row i] = x[16 tile + i][32 group + 2p .. + 1].
 static void transpose_x(const uint16_t *x, int64_t M, int64_t K, uint32_t *xt) {
@@ -209,14 +193,14 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
     // x^T (x's size): kept for the next call up to 8 MiB (decode steps), else for this one.
     const int64_t xt_bytes = (M + 15) / 16 * groups * XT_BYTES;
     const int keep = xt_bytes <= (8 << 20);
-    uint32_t *xt = (uint32_t *)(keep ? buffer_for(&xt_buffer, xt_bytes)
+    uint32_t *xt = (uint32_t *)(keep ? wq_buffer_for(&xt_buffer, xt_bytes)
                                      : aligned_alloc(64, (size_t)xt_bytes));
     if (xt == NULL) return;
 #pragma omp parallel num_threads(nthreads)
     {
         transpose_x(x, M, K, xt);  // ends in the loop's barrier
         // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
-        uint8_t *buf = buffer_for(&panel_buffer, (groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
+        uint8_t *buf = wq_buffer_for(&panel_buffer, (groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
 #define slot(g) (buf + (M <= 16 ? ((g) & 1) : (g)) * CHUNK * PANEL_BYTES)
         int rows = M < 16 ? (int)M : 16;
         configure_wq(rows);

@@ -11,12 +11,11 @@
 //
 // Why not torch's int4 kernel: it dequantizes the weights again for every 4 rows of x, so a
 // 16-row decode step costs 4x a 1-row one, and a 5-bit group needs two int4 matmuls. Here a
-// panel of 16 output channels x 32 inputs is dequantized once into bf16 (1 KiB, in L1) and
-// reused for every row.
+// chunk's weights are dequantized once into bf16 channel rows (in L2) and reused for every row.
 //
 // Batch invariance: every row is computed by the same sequence of instructions whatever M is
-// (rows are independent; a row's sum always runs over the groups and pairs in the same order),
-// so a row's result does not depend on the other rows of the call.
+// (rows are independent; a row's sum always runs over the groups, lanes and pairs in the same
+// order), so a row's result does not depend on the other rows of the call.
 //
 // Layouts (made by kernels/wq_gemm.py). Channels go in chunks of CHUNK blocks of 16
 // (the last chunk may have fewer blocks); within a chunk, group by group, so each thread
@@ -31,42 +30,44 @@
 
 #include "wq_panel.h"
 
-#define PAIR(xrow, p) ((__m512bh)_mm512_set1_epi32(*(const int32_t *)((xrow) + 2 * (p))))
+// The 16 channel sums of a[c] (16 partial sums each): a fixed tree, lanes combined 128 bits
+// at a time, then within them.
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)  // b[i]: 128-bit lanes a[2i](0+2, 1+3), a[2i+1](0+2, 1+3)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int j = 0; j < 4; j++)  // c[j]: 128-bit lane k holds a[4j + k]'s 4 partial sums
+        c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xDD));
+    const __m512 d0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+    const __m512 d1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+    // Element e of 128-bit lane k now sums channel 4e + k.
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, r);
+}
 
-// Adds one group's contribution to MT rows x BT channel blocks of y, accumulating in registers
-// (MT * BT independent chains keep the dot-product unit busy). Inlined with constant MT, BT.
-static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t K, float *y,
-                                                       int64_t N, const __m512i *panels, int MT,
-                                                       int BT, int first) {
-    __m512 acc[4][4];
-    for (int r = 0; r < MT; r++)
-        for (int b = 0; b < BT; b++)
-            acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * N + 16 * b);
-    for (int p = 0; p < 16; p++) {
-        for (int r = 0; r < MT; r++) {
-            __m512bh xr = PAIR(x + r * K, p);
-            for (int b = 0; b < BT; b++)
-                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, (__m512bh)panels[16 * b + p]);
-        }
+// One row's 16 channels of a block over every group: 16 dot products of the row with the
+// channels' bf16 rows (lane j sums input pair j of each group), then summed across lanes.
+static inline __attribute__((always_inline)) __m512 block_row(const uint16_t *xr, int64_t groups,
+                                                              const __m512i *w) {
+    __m512 acc[16];
+    for (int c = 0; c < 16; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xr + 32 * g));
+        const __m512i *wg = w + 16 * g;
+        for (int c = 0; c < 16; c++) acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)wg[c]);
     }
-    for (int r = 0; r < MT; r++)
-        for (int b = 0; b < BT; b++) _mm512_storeu_ps(y + r * N + 16 * b, acc[r][b]);
+    return sum16(acc);
 }
 
-// One group of BT channel blocks for all M rows: 4 rows at a time, then one by one.
-static inline __attribute__((always_inline)) void group_rows(const uint16_t *xg, int64_t M,
-                                                             int64_t K, float *yb, int64_t N,
-                                                             const __m512i *panels, int BT,
-                                                             int first) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile(xg + m * K, K, yb + m * N, N, panels, 4, BT, first);
-    for (; m < M; m++) tile(xg + m * K, K, yb + m * N, N, panels, 1, BT, first);
-}
-
-// Channels are taken CHUNK blocks (64) at a time: CHUNK panels dequantized per group, then
-// every row.
+// Channels are taken CHUNK blocks (64) at a time: the chunk's groups dequantized into channel
+// rows once (up to 1 MiB at K = 8192, in L2), then every row of x against them.
 #define CHUNK 4
-#define PREFETCH_GROUPS 1
+
+static __thread wq_buffer weight_buffer;
 
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
              const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
@@ -74,31 +75,29 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < nchunks; c++) {
-        __m512i panels[16 * CHUNK];
-        const int64_t nb0 = c * CHUNK;
-        const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t blk = nb0 * groups + g * bt;  // first block of this chunk-group
-            // The next group's levels, fetched into L1 while this group computes (16 rows: 8.0
-            // -> 5.9 ms per step; further ahead, or across chunks, measured slower).
-            if (g + PREFETCH_GROUPS < groups) {
-                const uint8_t *next = q + (blk + PREFETCH_GROUPS * bt) * group_bytes;
+#pragma omp parallel num_threads(nthreads)
+    {
+        // [block][group][16 channel rows]
+        __m512i *w = (__m512i *)wq_buffer_for(&weight_buffer, CHUNK * groups * 1024);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t nb0 = c * CHUNK;
+            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t blk = nb0 * groups + g * bt;  // first block of this chunk-group
+                const uint8_t *next = q + (blk + bt) * group_bytes;
                 for (int64_t b = 0; b < bt * group_bytes; b += 64)
                     _mm_prefetch((const char *)next + b, _MM_HINT_T0);
+                for (int b = 0; b < bt; b++)
+                    dequant_rows(q + (blk + b) * group_bytes, bits,
+                                 params + param_bytes * (blk + b),
+                                 wq_block_factors(factors, nb0, groups, g, bt, b),
+                                 w + 16 * (b * groups + g));
             }
-            for (int b = 0; b < bt; b++)
-                dequant_panel(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
-                              wq_block_factors(factors, nb0, groups, g, bt, b), panels + 16 * b);
-            const uint16_t *xg = x + 32 * g;
-            float *yb = y + 16 * nb0;
-            switch (bt) {
-            case 4: group_rows(xg, M, K, yb, ldy, panels, 4, g == 0); break;
-            case 3: group_rows(xg, M, K, yb, ldy, panels, 3, g == 0); break;
-            case 2: group_rows(xg, M, K, yb, ldy, panels, 2, g == 0); break;
-            default: group_rows(xg, M, K, yb, ldy, panels, 1, g == 0); break;
-            }
+            for (int64_t m = 0; m < M; m++)
+                for (int b = 0; b < bt; b++)
+                    _mm512_storeu_ps(y + m * ldy + 16 * (nb0 + b),
+                                     block_row(x + m * K, groups, w + 16 * b * groups));
         }
     }
 }

@@ -25,6 +25,7 @@
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define WQ_LEVEL_BITS 15
 #define WQ_FUSED 16
@@ -169,4 +170,20 @@ static inline __attribute__((always_inline)) void dequant_panel(const uint8_t *q
     __m512i rows[16];
     dequant_rows(q, bits, params, factors, rows);
     transpose16(rows, panel);
+}
+
+// A buffer of at least `bytes`, kept per thread from call to call (a decode step makes ~100
+// calls; allocating each time would map and fault fresh pages).
+typedef struct {
+    uint8_t *data;
+    int64_t bytes;
+} wq_buffer;
+
+static inline uint8_t *wq_buffer_for(wq_buffer *b, int64_t bytes) {
+    if (bytes > b->bytes) {
+        free(b->data);
+        b->data = aligned_alloc(64, (size_t)bytes);
+        b->bytes = b->data ? bytes : 0;
+    }
+    return b->data;
 }
