@@ -96,16 +96,21 @@ def pack(
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = level_bits(q)
-    v = q.to(torch.int32).reshape(nb, BLOCK_N, g, GROUP).transpose(1, 2)  # [block, g, c, input]
+    v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP).transpose(1, 2)  # [block, g, c, input]
     if bits in (4, 5):
-        # Word i of line t holds input i's levels of channels 4t .. 4t + 3, a nibble each.
-        low = (v & 15).reshape(nb, g, 4, 4, GROUP) << (4 * torch.arange(4)).reshape(4, 1)
-        parts = [_words(low.sum(3)).reshape(nb, g, -1)]
+        # Word i of line t holds input i's levels of channels 4t .. 4t + 3, a nibble each: its
+        # low byte channels 4t and 4t + 1, its high byte the next two (little-endian).
+        low = (v & 15).reshape(nb, g, 4, 2, 2, GROUP)
+        pairs = low[..., 0, :] | (low[..., 1, :] << 4)  # [block, g, t, byte, input]
+        parts = [pairs.transpose(-1, -2).reshape(nb, g, -1)]
         if bits == 5:  # word i: bit c is bit 4 of channel c's level at input i
-            top = ((v >> 4) & 1) << torch.arange(BLOCK_N).reshape(BLOCK_N, 1)
-            parts.append(_words(top.sum(2)).reshape(nb, g, -1))
+            top = ((v >> 4) & 1).reshape(nb, g, 2, 8, GROUP)
+            top = (top << torch.arange(8, dtype=torch.uint8).reshape(8, 1)).sum(
+                3, dtype=torch.uint8
+            )
+            parts.append(top.transpose(-1, -2).reshape(nb, g, -1))
         v = torch.cat(parts, dim=-1)
-    v = v.to(torch.uint8).reshape(nb, g, -1)
+    v = v.reshape(nb, g, -1)
     # [block, c, g] scale and offset -> [block, g, 2, c].
     factored = factor_params(scale, offset)
     half = factored is None and exact_in_float16(scale, offset)
@@ -133,10 +138,11 @@ def pack(
 
 def _chunked(t: torch.Tensor) -> torch.Tensor:
     """[block, g, ...] in chunks of CHUNK blocks, each stored group-major ([chunk][g][block]...),
-    flat."""
-    return torch.cat(
-        [t[c0 : c0 + CHUNK].transpose(0, 1).reshape(-1) for c0 in range(0, t.shape[0], CHUNK)]
-    ).contiguous()
+    flat (the last chunk may have fewer blocks)."""
+    whole = t.shape[0] // CHUNK * CHUNK
+    head = t[:whole].reshape(whole // CHUNK, CHUNK, *t.shape[1:]).transpose(1, 2).reshape(-1)
+    tail = t[whole:].transpose(0, 1).reshape(-1)
+    return torch.cat([head, tail]).contiguous()
 
 
 def factor_params(
@@ -175,11 +181,6 @@ def factor_params(
     if not torch.equal(factors[..., None] * integers.float(), v):
         return None
     return integers.to(torch.uint8).reshape(n, 2, groups), factors
-
-
-def _words(v: torch.Tensor) -> torch.Tensor:
-    """Values in 0..65535 (int32) as little-endian 16-bit words, viewed as bytes."""
-    return (v - (v >= 1 << 15).int() * (1 << 16)).to(torch.int16).contiguous().view(torch.uint8)
 
 
 def gemm(
