@@ -81,7 +81,9 @@ def build_model(spec: ArchSpec, weights, mode: str, device: torch.device) -> nn.
 def _code_hash() -> str:
     folder = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*.py")):
+    # The Python that builds the packed tensors, and the native kernels' headers that define
+    # how they are read (kernels/csrc/wq_panel.h: a layout change there alone must repack).
+    for p in sorted([*folder.rglob("*.py"), *folder.rglob("*.h")]):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(torch.__version__.encode())
