@@ -64,13 +64,18 @@ _NO_BITS = 1 << 20  # the exponent given to a zero: it never sets the group's un
 
 
 def _odd_mantissa(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 x = m * 2**e with m an odd integer (int64 each; a zero: m 0, e _NO_BITS)."""
-    mant, exp = torch.frexp(x.double())  # x = mant * 2**exp, 0.5 <= |mant| < 1
-    m = (mant * (1 << 24)).to(torch.int64)  # exact: float32 holds 24 significant bits
-    e = exp.to(torch.int64) - 24
-    low = m & -m  # the lowest set bit's value
-    zeros = torch.where(m != 0, torch.log2(low.double().clamp(min=1)).round().to(torch.int64), 0)
-    return m >> zeros, torch.where(m != 0, e + zeros, _NO_BITS)
+    """float32 x = m * 2**e with m an odd integer (int64 each; a zero: m 0, e _NO_BITS), from
+    x's bits (finite x)."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+    biased = (bits >> 23) & 0xFF
+    frac = bits & 0x7FFFFF
+    normal = biased != 0  # else subnormal: no implicit bit, the smallest exponent
+    m = torch.where(normal, frac | (1 << 23), frac)
+    e = torch.where(normal, biased - 150, -149)
+    low = (m & -m).float()  # the lowest set bit's value, a power of two below 2**24: exact
+    zeros = torch.where(m != 0, (low.view(torch.int32) >> 23).to(torch.int64) - 127, 0)
+    m = torch.where(bits < 0, -m, m) >> zeros
+    return m, torch.where(m != 0, e + zeros, _NO_BITS)
 
 
 def exact_in_float16(*values: torch.Tensor) -> bool:
