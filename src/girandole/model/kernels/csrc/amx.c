@@ -200,7 +200,8 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
     {
         transpose_x(x, M, K, xt);  // ends in the loop's barrier
         // A chunk's panels for every group: up to 256 KiB at K = 2048, held in L2.
-        uint8_t *buf = wq_buffer_for(&panel_buffer, (groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES);
+        const int64_t panel_bytes = (groups < 2 ? 2 : groups) * CHUNK * PANEL_BYTES;
+        uint8_t *buf = wq_buffer_for(&panel_buffer, panel_bytes);
 #define slot(g) (buf + (M <= 16 ? ((g) & 1) : (g)) * CHUNK * PANEL_BYTES)
         int rows = M < 16 ? (int)M : 16;
         configure_wq(rows);

@@ -79,7 +79,8 @@ static inline __attribute__((always_inline)) void quad_rows(const uint16_t *x, i
             xv[r] = (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + 32 * g));
         for (int c = 0; c < 4; c++) {
             const __m512bh wc = (__m512bh)_mm512_loadu_si512((const void *)(wg + c));
-            for (int r = 0; r < 4; r++) acc[4 * r + c] = _mm512_dpbf16_ps(acc[4 * r + c], xv[r], wc);
+            for (int r = 0; r < 4; r++)
+                acc[4 * r + c] = _mm512_dpbf16_ps(acc[4 * r + c], xv[r], wc);
         }
     }
     const __m512 sums = sum16(acc);  // 128-bit lane r: row r's four channels

@@ -1,10 +1,10 @@
 // One block's group of wq_gemm.c's layout dequantized: 16 output channels x 32 inputs,
-// w = bf16(q * scale + offset). Shared by the AVX512 kernel (wq_gemm.c), which wants it as a
-// "panel" (16 vectors of 16 (channel, input pair) bf16 pairs), and the AMX one (amx.c), which
-// wants its 16 channel rows (an A tile).
+// w = bf16(q * scale + offset), as 16 channel rows of 32 bf16 weights. Shared by the AVX512
+// kernel (wq_gemm.c), which dots rows of x with them, and the AMX one (amx.c), for which they
+// are an A tile.
 //
 // `bits`: the levels' width (4, 5 or 8) in its low 4 bits, or'ed with
-//   WQ_FUSED: every weight's q * scale + offset is exact in float32 (see wq_table);
+//   WQ_FUSED: every weight's q * scale + offset is exact in float32 (see wq_scale);
 //   WQ_HALF:  the scales and offsets are stored as float16 (they are exactly, as GGUF's Q4_0,
 //             Q4_1, Q5_0, Q5_1 and Q8_0 store them): half the bytes of float32 ones.
 //   WQ_FACTORED: each channel's scales (and offsets) over a superblock of 8 groups are exactly
@@ -80,9 +80,9 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
     float sf[16], of[16];
     const float *s = (const float *)params, *o = s + 16;
     if (bits & WQ_FACTORED) {  // exact products: checked when packing
-        const __m512 ns = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)params)));
-        const __m512 no =
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(params + 16))));
+        const __m128i *integers = (const __m128i *)params;  // 16 for scales, 16 for offsets
+        const __m512 ns = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers)));
+        const __m512 no = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1)));
         _mm512_storeu_ps(sf, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors), ns));
         _mm512_storeu_ps(of, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16), no));
         s = sf;
@@ -159,17 +159,6 @@ static inline __attribute__((always_inline)) void transpose16(const __m512i *in,
         out[4 + i] = _mm512_shuffle_i32x4(a[4 + i], a[12 + i], 0x88);
         out[12 + i] = _mm512_shuffle_i32x4(a[4 + i], a[12 + i], 0xDD);
     }
-}
-
-// The group as a panel: 16 vectors, one per input pair p, whose 32-bit lane c holds channel
-// c's weights at inputs 2p and 2p + 1 (a B tile's VNNI layout).
-static inline __attribute__((always_inline)) void dequant_panel(const uint8_t *q, int bits,
-                                                                  const uint8_t *params,
-                                                                  const uint8_t *factors,
-                                                                  __m512i *panel) {
-    __m512i rows[16];
-    dequant_rows(q, bits, params, factors, rows);
-    transpose16(rows, panel);
 }
 
 // A buffer of at least `bytes`, kept per thread from call to call (a decode step makes ~100
