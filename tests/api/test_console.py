@@ -156,9 +156,14 @@ def test_json_banner_and_its_curl_line(hub_server):
     assert banner["keys_required"] is True
     assert banner["source"] == f"{REPO} at revision v1, from the Hugging Face cache"
     assert banner["status"] in ("loading", "ready")
-    assert any(
+    # The progress thread logs "ready" within a quarter second of the model being served (a
+    # request may be answered first): wait for the line rather than race it.
+    deadline = time.monotonic() + 30
+    while not any(
         line["message"].startswith(f"model {MODEL} ready in") for line in log_lines(hub_server)
-    )
+    ):
+        assert time.monotonic() < deadline, "no 'ready' line in the log"
+        time.sleep(0.1)
     out = run_curl(banner["curl"], API_KEY=KEY)
     # sampled (the curl line sets no temperature): a random tiny model may meet EOS before 32
     assert out["model"] == MODEL and 0 < out["usage"]["completion_tokens"] <= 32
