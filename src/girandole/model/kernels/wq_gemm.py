@@ -116,22 +116,18 @@ def pack(
             parts.append(top.transpose(-1, -2).reshape(nb, g, -1))
         v = torch.cat(parts, dim=-1)
     v = v.reshape(nb, g, -1)
-    # [block, c, g] scale and offset -> [block, g, 2, c].
     factored = factor_params(scale, offset)
     half = factored is None and exact_in_float16(scale, offset)
     if factored is not None:
-        integers, factors = factored
-        params = integers.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
-        factors = factors.reshape(nb, BLOCK_N, 2, g // SUPER).permute(0, 3, 2, 1)
+        params, factors = factored  # [N, 2, g] integers, [N, 2, g / SUPER] factors
     else:
         params = torch.stack([scale.float(), offset.float()], dim=1)  # [N, 2, g]
-        params = params.reshape(nb, BLOCK_N, 2, g).permute(0, 3, 2, 1)
         if half:
             params = params.half()
     packed = _chunked(v)
-    params = _chunked(params)
+    params = _chunked(_by_block(params))
     if factored is not None:  # the integers' bytes, then the factors'
-        params = torch.cat([params, _chunked(factors).view(torch.uint8)])
+        params = torch.cat([params, _chunked(_by_block(factors)).view(torch.uint8)])
     if exact_in_float32(q, scale, offset):
         bits |= FUSED
     if half:
@@ -139,6 +135,12 @@ def pack(
     if factored is not None:
         bits |= FACTORED
     return packed, params, bits
+
+
+def _by_block(t: torch.Tensor) -> torch.Tensor:
+    """Per-row params [N, 2, G] -> [block, G, 2, channel]: a block's 16 scales, then offsets."""
+    n, two, groups = t.shape
+    return t.reshape(n // BLOCK_N, BLOCK_N, two, groups).permute(0, 3, 2, 1)
 
 
 def _chunked(t: torch.Tensor) -> torch.Tensor:

@@ -143,22 +143,6 @@ static inline void zero_c(void) {
     _tile_zero(3);
 }
 
-// One group's bt blocks' channel rows, from the block `blk` of the layout on, into `panels`;
-// the next group's levels prefetched meanwhile.
-static inline void dequant_group(const uint8_t *q, int bits, const uint8_t *params,
-                                 const uint8_t *factors, int64_t nb0, int64_t groups, int64_t g,
-                                 int bt, int64_t group_bytes, uint8_t *panels) {
-    const int64_t param_bytes = wq_param_bytes(bits);
-    const int64_t blk = nb0 * groups + g * bt;  // the first block of this chunk-group
-    const uint8_t *next = q + (blk + bt) * group_bytes;
-    for (int64_t b = 0; b < bt * group_bytes; b += 64)
-        _mm_prefetch((const char *)next + b, _MM_HINT_T0);
-    for (int b = 0; b < bt; b++)
-        dequant_rows(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
-                     wq_block_factors(factors, nb0, groups, g, bt, b),
-                     (__m512i *)(panels + b * PANEL_BYTES));
-}
-
 static __thread wq_buffer panel_buffer, xt_buffer;
 
 // x's rows as B tiles: xt[tile][group][pair p][row i] = x[16 tile + i][32 group + 2p .. + 1].
@@ -188,7 +172,6 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                  const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t group_bytes = wq_group_bytes(bits);
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
     // x^T (x's size): kept for the next call up to 8 MiB (decode steps), else for this one.
     const int64_t xt_bytes = (M + 15) / 16 * groups * XT_BYTES;
@@ -217,12 +200,12 @@ void wq_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int 
                 // their products (the tile loads then find them stored); one row tile cycles
                 // two 4 KiB slots (L1), more keep every group's panels for the next tiles.
                 if (m0 == 0)
-                    dequant_group(q, bits, params, factors, nb0, groups, 0, bt, group_bytes,
-                                  slot(0));
+                    wq_dequant_group(q, bits, params, factors, nb0, groups, 0, bt,
+                                     (__m512i *)slot(0), PANEL_BYTES / 64);
                 for (int64_t g = 0; g < groups; g++) {
                     if (m0 == 0 && g + 1 < groups)
-                        dequant_group(q, bits, params, factors, nb0, groups, g + 1, bt,
-                                      group_bytes, slot(g + 1));
+                        wq_dequant_group(q, bits, params, factors, nb0, groups, g + 1, bt,
+                                         (__m512i *)slot(g + 1), PANEL_BYTES / 64);
                     _tile_loadd(4, xg + g * XT_BYTES, 64);
                     wq_group(slot(g), bt);
                 }

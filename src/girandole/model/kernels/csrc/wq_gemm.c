@@ -100,7 +100,6 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
              const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
 #pragma omp parallel num_threads(nthreads)
     {
@@ -110,17 +109,9 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t nb0 = c * CHUNK;
             const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-            for (int64_t g = 0; g < groups; g++) {
-                const int64_t blk = nb0 * groups + g * bt;  // first block of this chunk-group
-                const uint8_t *next = q + (blk + bt) * group_bytes;
-                for (int64_t b = 0; b < bt * group_bytes; b += 64)
-                    _mm_prefetch((const char *)next + b, _MM_HINT_T0);
-                for (int b = 0; b < bt; b++)
-                    dequant_rows(q + (blk + b) * group_bytes, bits,
-                                 params + param_bytes * (blk + b),
-                                 wq_block_factors(factors, nb0, groups, g, bt, b),
-                                 w + 16 * (b * groups + g));
-            }
+            for (int64_t g = 0; g < groups; g++)
+                wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, w + 16 * g,
+                                 16 * groups);
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
                 for (int b = 0; b < bt; b++)

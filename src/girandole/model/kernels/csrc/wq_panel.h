@@ -133,6 +133,21 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
     }
 }
 
+// One group of a chunk (bt blocks from nb0 on) dequantized: block b's channel rows to
+// out + b * stride; the next group's levels prefetched into L1 meanwhile.
+static inline __attribute__((always_inline)) void wq_dequant_group(
+    const uint8_t *q, int bits, const uint8_t *params, const uint8_t *factors, int64_t nb0,
+    int64_t groups, int64_t g, int bt, __m512i *out, int64_t stride) {
+    const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
+    const int64_t blk = nb0 * groups + g * bt;  // the layout's first block of this group
+    const uint8_t *next = q + (blk + bt) * group_bytes;
+    for (int64_t b = 0; b < bt * group_bytes; b += 64)
+        _mm_prefetch((const char *)next + b, _MM_HINT_T0);
+    for (int b = 0; b < bt; b++)
+        dequant_rows(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
+                     wq_block_factors(factors, nb0, groups, g, bt, b), out + b * stride);
+}
+
 // 16 x 16 32-bit elements transposed: out[p] lane c = in[c] lane p.
 static inline __attribute__((always_inline)) void transpose16(const __m512i *in, __m512i *out) {
     __m512i a[16], b[16];
