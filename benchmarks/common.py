@@ -35,12 +35,12 @@ def use_model_vocabulary(gguf_path: str) -> None:
     """Draw make_prompt's ids from another GGUF's vocabulary (its BOS, and ids below its size)
     instead of Gemma's: for benchmarks of other models (`--model`)."""
     global BOS_ID, TOKEN_RANGE
-    from gguf import GGUFReader
+    from girandole.model.loader.gguf_file import open_gguf
 
-    fields = GGUFReader(gguf_path).fields
-    size = len(fields["tokenizer.ggml.tokens"].data)
+    fields = open_gguf(gguf_path).fields
+    size = len(fields["tokenizer.ggml.tokens"].contents())
     bos = fields.get("tokenizer.ggml.bos_token_id")
-    BOS_ID = int(bos.parts[bos.data[0]][0]) if bos is not None else BOS_ID
+    BOS_ID = int(bos.contents()) if bos is not None else BOS_ID
     TOKEN_RANGE = (min(TOKEN_RANGE[0], size // 4), min(TOKEN_RANGE[1], size))
 
 
