@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +140,57 @@ def test_sdk_lifecycle(plane):
     fw.deployments.delete("life", hard=True)
     with pytest.raises(fireworks.NotFoundError):
         fw.deployments.get("life")
+
+
+@pytest.mark.parametrize("how", ["delete", "scale-to-zero", "restart"])
+def test_requests_in_flight_end_when_their_deployment_goes(plane, how):
+    """A stream and a whole request running on a deployment's engine when it is deleted,
+    scaled to zero or restarted (a spec change) end at once with a 503 naming why, instead of
+    waiting for tokens that never come (and holding their admission slots)."""
+    name = f"going-{how}"
+    plane.http("POST", f"/v1/accounts/{ACCOUNT}/deployments", params={"deploymentId": name},
+               json={"baseModel": BASE_MODEL})  # fmt: skip
+    plane.wait(name, 1)
+    body = {
+        "model": f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/{name}",
+        "prompt": [1, 5, 9],
+        "max_tokens": 8000,
+        "ignore_eos": True,
+    }
+    url = plane.server.url + "/inference/v1/completions"
+    headers = {"Authorization": f"Bearer {plane.key}"}
+    whole: list[httpx.Response] = []
+
+    def send_whole() -> None:
+        whole.append(httpx.post(url, json=body, headers=headers, timeout=60))
+
+    waiter = threading.Thread(target=send_whole)
+    events: list[str] = []
+    with httpx.stream("POST", url, json=body | {"stream": True}, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data: ")))
+        waiter.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        base = f"/v1/accounts/{ACCOUNT}/deployments/{name}"
+        if how == "delete":
+            assert plane.http("DELETE", base).status_code == 200
+        elif how == "scale-to-zero":
+            assert plane.http("PATCH", base + ":scale", json={"replicaCount": 0}).is_success
+        else:
+            assert plane.http("PATCH", base, json={"maxContextLength": 4096}).is_success
+        events += [line for line in lines if line.startswith("data: ")]
+    waiter.join(30)
+    assert time.monotonic() - started < 15
+    assert events[-1] != "data: [DONE]" or "error" in events[-2], events[-3:]
+    error = json.loads(next(e for e in reversed(events) if '"error"' in e)[6:])["error"]
+    assert "deployment was deleted, scaled down or restarted" in error["message"], error
+    assert len(events) < 4000  # cut short, not run to its end
+    assert whole and whole[0].status_code == 503, whole and whole[0].text
+    assert whole[0].json()["error"]["code"] == "UNAVAILABLE"
+    assert "send the request again" in whole[0].json()["error"]["message"]
+    plane.http("DELETE", f"/v1/accounts/{ACCOUNT}/deployments/{name}", params={"hard": "true"})
 
 
 def test_list_pages_filters_and_orders(plane):

@@ -35,7 +35,7 @@ STATS_PERIOD_S = 1.0
 def remote_error(exc: BaseException) -> RemoteError:
     if isinstance(exc, ValueError):
         return RemoteError("value", str(exc))
-    if type(exc).__name__ == "EngineDeadError":
+    if type(exc).__name__ in ("EngineDeadError", "EngineStoppedError"):
         return RemoteError("dead", str(exc))
     return RemoteError("internal", f"{type(exc).__name__}: {exc}")
 

@@ -28,10 +28,19 @@ __all__ = ["AsyncEngine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count()
+STOPPED_MESSAGE = (
+    "the model's engine was stopped before the request finished (its deployment was deleted, "
+    "scaled down or restarted); send the request again"
+)
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class EngineStoppedError(EngineDeadError):
+    """The engine was shut down (its deployment deleted, scaled down or restarted) while the
+    request waited or ran."""
 
 
 class AsyncEngine:
@@ -99,6 +108,8 @@ class AsyncEngine:
         """
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
+        if self._stopped:
+            raise EngineStoppedError(STOPPED_MESSAGE)
         self.engine.check_request(prompt_token_ids, params)
         if kwargs.get("adapter") is not None:
             self.engine.loras.get(kwargs["adapter"])  # ValueError: not loaded here
@@ -112,6 +123,10 @@ class AsyncEngine:
         self._send("add", (request_id, list(prompt_token_ids), params, kwargs))
         finished = False
         try:
+            # shutdown() sets _stopped, then fails the streams it finds: a stream registered
+            # after that sees _stopped here.
+            if self._stopped:
+                raise EngineStoppedError(STOPPED_MESSAGE)
             while True:
                 out = await stream.get()
                 if isinstance(out, BaseException):
@@ -154,10 +169,14 @@ class AsyncEngine:
         return self.engine.loras.names()
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the loop; every request still waiting or running ends with EngineStoppedError
+        (a 503 to its client) instead of waiting for outputs that will never come."""
         self.grammar_pool.close()
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineStoppedError(STOPPED_MESSAGE))
 
     # -- the loop --------------------------------------------------------------------------
 

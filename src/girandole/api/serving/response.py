@@ -73,6 +73,8 @@ def engine_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
+    if type(exc).__name__ == "EngineStoppedError":  # its deployment went away: say so
+        return APIError(503, str(exc), type="service_unavailable", code="UNAVAILABLE")
     if type(exc).__name__ == "EngineDeadError":
         logger.error("the engine is not running: %s", exc)
         return APIError(
