@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,6 +268,8 @@ def _error(response: httpx.Response, status: int, *words: str) -> dict:
         (jsonl([{"custom_id": "a", "body": {"input": "x"}}]), ["line 1", "messages", "prompt"]),
         (jsonl([{"custom_id": "a", "url": "/v1/embeddings", "body": {}}]), ["url"]),
         (b"\n\n", ["no lines"]),
+        (b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ["deeply"]),
+        (b'{"custom_id": "a", "body": {"max_tokens": 1' + b"0" * 5000 + b"}}\n", ["line 1"]),
     ],
 )
 def test_bad_input_files_are_400(batch, content, words):
@@ -299,6 +302,10 @@ def test_bad_requests(batch):
     _error(create({**good, "inferenceParameters": {"maxTokens": "many"}}), 400, "maxTokens")
     _error(create({**good, "inferenceParameters": {"extraBody": "{"}}), 400, "extraBody")
     _error(create({**good, "inferenceParameters": {"extraBody": "[1]"}}), 400, "extraBody")
+    deep = "[" * 100_000 + "]" * 100_000
+    _error(create({**good, "inferenceParameters": {"extraBody": deep}}), 400, "deeply")
+    huge = '{"max_tokens": 1' + "0" * 5000 + "}"
+    _error(create({**good, "inferenceParameters": {"extraBody": huge}}), 400, "extraBody")
     _error(create({**good, "bogus": 1}), 400, "bogus")
     _error(create(good, batchInferenceJobId="Not_Valid"), 400, "batchInferenceJobId")
     assert create(good, batchInferenceJobId="twice").status_code == 200
@@ -335,6 +342,78 @@ def test_bad_requests(batch):
     _error(batch.http("POST", datasets + "/empty:upload", files={"other": b"x"}), 400, "'file'")
     _error(batch.http("GET", datasets + "/nope"), 404)
     _error(batch.http("GET", datasets, params={"filter": "state = = 1"}), 400, "filter")
+
+
+def test_line_separators_inside_json_strings_are_text(batch):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps with
+    ensure_ascii=False writes them so): a line ends at a newline only."""
+    prompt = "a\u2028b\u2029c\x85d"
+    lines = [{"custom_id": "sep", "body": {"prompt": prompt, "max_tokens": 2}}]
+    batch.upload(
+        "separators", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()
+    )
+    fw = batch.client()
+    assert fw.datasets.get("separators").example_count == "1"
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="separators", model=MODEL, input_dataset_id="separators"
+    )
+    job = batch.wait("separators", lambda j: j.state == "JOB_STATE_COMPLETED")
+    (result,) = batch.download(job.output_dataset_id)["results.jsonl"]
+    assert result["custom_id"] == "sep"
+
+
+def test_a_running_jobs_output_dataset_cannot_be_deleted(batch):
+    batch.upload("keep-input", [chat_line(i) for i in range(300)])
+    fw = batch.client()
+    fw.batch_inference_jobs.create(
+        batch_inference_job_id="keep-output",
+        model=MODEL,
+        input_dataset_id="keep-input",
+        inference_parameters={"max_tokens": 8},
+    )
+    datasets = f"/v1/accounts/{ACCOUNT}/datasets"
+    r = batch.http("DELETE", datasets + "/keep-output-output")
+    error = _error(r, 400, "keep-output", "cancel the job")
+    assert error["code"] == "FAILED_PRECONDITION"
+    batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/keep-output:cancel")
+    batch.wait("keep-output", lambda j: j.state == "JOB_STATE_CANCELLED")
+    assert batch.http("DELETE", datasets + "/keep-output-output").status_code == 200
+    # a dataset made again under that id starts empty
+    leftover = batch.data / "datasets" / ACCOUNT / "keep-output-output"
+    leftover.mkdir(parents=True, exist_ok=True)
+    (leftover / "results.jsonl").write_text("{}\n")
+    fw.datasets.create(dataset_id="keep-output-output", dataset={})
+    urls = fw.datasets.get_download_endpoint("keep-output-output").filename_to_signed_urls
+    assert not urls
+    batch.server.wait_idle()
+
+
+def test_an_upload_cut_off_midway_is_no_server_error(batch):
+    """A client that leaves while sending a dataset file (either way of uploading) is its own
+    doing: no 500, no traceback in the log, the dataset still waits for its file."""
+    fw = batch.client()
+    fw.datasets.create(dataset_id="cut-off", dataset={})
+    base = f"/v1/accounts/{ACCOUNT}/datasets/cut-off"
+    signed = fw.datasets.get_upload_endpoint("cut-off", filename_to_size={"in.jsonl": 10**6})
+    put_path = signed.filename_to_signed_urls["in.jsonl"].split(str(batch.server.port), 1)[1]
+    heads = [
+        f"POST {base}:upload HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+        f"Authorization: Bearer {batch.key}\r\n",
+        f"PUT {put_path} HTTP/1.1\r\n",
+    ]
+    for head in heads:
+        with socket.create_connection(("127.0.0.1", batch.server.port), timeout=10) as s:
+            s.sendall(
+                (head + "Host: x\r\nContent-Length: 1000000\r\n\r\n").encode()
+                + b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+                + b"\r\n"
+                + b"x" * 10_000
+            )
+            time.sleep(0.3)
+    time.sleep(0.5)
+    assert fw.datasets.get("cut-off").state == "UPLOADING"
+    assert "Traceback" not in batch.server.log()
+    assert "unhandled error" not in batch.server.log()
 
 
 def test_cli(batch, tmp_path):

@@ -55,7 +55,9 @@ def read_input(data: bytes, max_lines: int) -> list[InputLine]:
         raise InputError(f"the input is not UTF-8 text: {exc}") from None
     lines: list[InputLine] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 and others,
+    # which JSON strings may hold unescaped.
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         if len(lines) >= max_lines:
@@ -75,10 +77,7 @@ def read_input(data: bytes, max_lines: int) -> list[InputLine]:
 
 
 def _parse_line(number: int, raw: str) -> dict[str, Any]:
-    try:
-        item = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"line {number} is not valid JSON: {exc.msg}") from None
+    item = _loads(raw, f"line {number}")
     if not isinstance(item, dict):
         raise InputError(f"line {number}: expected a JSON object with custom_id and body")
     custom_id = item.get("custom_id")
@@ -93,6 +92,19 @@ def _parse_line(number: int, raw: str) -> dict[str, Any]:
     if method != "POST":
         raise InputError(f"line {number}: method must be POST, got {method!r}")
     return item
+
+
+def _loads(text: str, what: str) -> Any:
+    """JSON text, or an InputError saying what is wrong with it (nesting too deep for the
+    parser and integers of thousands of digits included)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{what} is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:
+        raise InputError(f"{what} is not valid JSON: {exc}") from None
 
 
 def _url_of(number: int, item: dict[str, Any]) -> str:
@@ -121,12 +133,9 @@ def parse_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
         if key == "extraBody":
             if value in (None, ""):
                 continue
-            try:
-                extra = json.loads(value) if isinstance(value, str) else None
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    f"inferenceParameters.extraBody is not valid JSON: {exc.msg}"
-                ) from None
+            extra = (
+                _loads(value, "inferenceParameters.extraBody") if isinstance(value, str) else None
+            )
             if not isinstance(extra, dict):
                 raise InputError(
                     "inferenceParameters.extraBody must be a JSON object written as a string,"

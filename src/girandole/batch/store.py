@@ -110,12 +110,15 @@ class BatchStore:
         return self.folder / account / dataset_id
 
     def insert_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> bool:
-        """False when a dataset of that id exists."""
+        """False when a dataset of that id exists. A new dataset starts with no files (any
+        left in its folder by an earlier dataset of that id are removed)."""
         rows = self.db.execute(
             "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING dataset_id",
             (account, dataset_id, json.dumps(body)),
         )
+        if rows:
+            self._remove_files(account, dataset_id)
         return bool(rows)
 
     def save_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> None:
@@ -141,6 +144,9 @@ class BatchStore:
         self.db.execute(
             "DELETE FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
         )
+        self._remove_files(account, dataset_id)
+
+    def _remove_files(self, account: str, dataset_id: str) -> None:
         folder = self.dataset_dir(account, dataset_id)
         if folder.is_dir():
             for path in folder.iterdir():

@@ -18,6 +18,7 @@ also under /inference/v1. The signed URLs carry an HMAC of the method, the file 
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import hashlib
@@ -31,12 +32,14 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.requests import ClientDisconnect
 
 from girandole.api.deployments.route import Account, read_json
+from girandole.api.http.disconnect import ClientDisconnected
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
-from girandole.batch.store import BatchStore, dataset_name, is_valid_filename, now_text
+from girandole.batch.store import FINAL, BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
     page,
@@ -217,6 +220,14 @@ def check_filename(name: str, param: str = "filename") -> None:
         )
 
 
+def file_too_large() -> APIError:
+    return APIError(
+        413,
+        f"The file is larger than this server's limit of {MAX_FILE_BYTES} bytes",
+        code="PAYLOAD_TOO_LARGE",
+    )
+
+
 async def receive_file(request: Request, store: BatchStore, account: str, dataset_id: str,
                        name: str) -> int:  # fmt: skip
     """Stream the request body into the dataset's file `name` (413 above the limit)."""
@@ -229,14 +240,13 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_FILE_BYTES:
-                    raise APIError(
-                        413, f"The file is larger than this server's limit of {MAX_FILE_BYTES}"
-                        " bytes", code="PAYLOAD_TOO_LARGE",
-                    )  # fmt: skip
+                    raise file_too_large()
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, folder / name)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
     finally:
         partial.unlink(missing_ok=True)
     return size
@@ -267,20 +277,32 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
     body = get_or_404(request, account, dataset_id)
     declared = request.headers.get("content-length", "")
     if declared.isdecimal() and int(declared) > MAX_FILE_BYTES:
-        raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes")
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_FILE_BYTES:
-            raise APIError(413, f"The file is larger than {MAX_FILE_BYTES} bytes")
-    filename, content = multipart_file(request.headers.get("content-type", ""), data)
-    filename = os.path.basename(filename)
-    check_filename(filename, "file")
-    store.write_file(account, dataset_id, filename, content)
-    mark_ready(store, account, dataset_id, body)
+        raise file_too_large()
+    chunks: list[bytes] = []  # joined once: appending to one bytes object is quadratic
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise file_too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    content_type = request.headers.get("content-type", "")
+
+    def save() -> tuple[str, int]:  # seconds for hundreds of MB: off the event loop
+        filename, content = multipart_file(content_type, b"".join(chunks))
+        chunks.clear()
+        filename = os.path.basename(filename)
+        check_filename(filename, "file")
+        store.write_file(account, dataset_id, filename, content)
+        mark_ready(store, account, dataset_id, body)
+        return filename, len(content)
+
+    filename, size = await asyncio.to_thread(save)
     return {
         "id": body["name"],
-        "bytes": len(content),
+        "bytes": size,
         "created_at": int(time.time()),
         "filename": filename,
         "object": "file",
@@ -443,6 +465,16 @@ async def update_dataset(dataset_id: str, request: Request, account: str = Accou
 
 @router.delete("/accounts/{account}/datasets/{dataset_id}", summary="Delete a dataset")
 async def delete_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
-    get_or_404(request, account, dataset_id)
-    store_of(request).delete_dataset(account, dataset_id)
+    body = get_or_404(request, account, dataset_id)
+    store = store_of(request)
+    source = str(body.get("sourceJobName") or "")
+    job = store.get_job(account, source.rsplit("/", 1)[-1]) if source else None
+    if job is not None and job.get("outputDatasetId") == body["name"] and job["state"] not in FINAL:
+        raise APIError(
+            400,
+            f"Dataset {body['name']} is where batch job {source} writes its results, and the"
+            f" job has not ended ({job['state']}): cancel the job or wait for it first",
+            code="FAILED_PRECONDITION",
+        )
+    store.delete_dataset(account, dataset_id)
     return {}
