@@ -251,6 +251,19 @@ def test_list_pages_filters_and_orders(plane):
             "at most 3600s",
         ),
         (
+            {"baseModel": BASE_MODEL, "autoscalingPolicy": {"scaleToZeroWindow": "\u0661\u0660s"}},
+            {},
+            "autoscalingPolicy.scaleToZeroWindow",
+            "not a duration",
+        ),
+        (
+            {"baseModel": BASE_MODEL, "autoscalingPolicy": {"scaleToZeroWindow": "9" * 400 + "h"}},
+            {},
+            "autoscalingPolicy.scaleToZeroWindow",
+            "longer than",
+        ),
+        ({"baseModel": BASE_MODEL, "maxContextLength": 2**63}, {}, "maxContextLength", "0 to"),
+        (
             {"baseModel": BASE_MODEL, "autoscalingPolicy": {"loadTargets": {"gpu": 1}}},
             {},
             "autoscalingPolicy.loadTargets",

@@ -114,7 +114,9 @@ def not_found(name: str) -> DeploymentError:
 
 # -- durations (protobuf Duration in JSON, "30s"; firectl's "10m", "1h30m" too) ---------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)", re.ASCII)  # digits 0-9 only
+MAX_DURATION_S = 315_576_000_000  # protobuf's Duration: 10,000 years
+MAX_COUNT = 2**31 - 1  # the proto's int32 fields
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -132,6 +134,8 @@ def parse_duration(text: Any, param: str) -> float:
             )
         seconds += float(m.group(1)) * _UNIT_S[m.group(2)]
         pos = m.end()
+    if seconds > MAX_DURATION_S:
+        raise invalid(f"{param} {text!r} is longer than {MAX_DURATION_S} seconds", param)
     return seconds
 
 
@@ -393,8 +397,8 @@ def apply_fields(
 
 
 def _count(value: Any, param: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid(f"{param} must be a non-negative integer, got {value!r}", param)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise invalid(f"{param} must be an integer from 0 to {MAX_COUNT}, got {value!r}", param)
     return value
 
 
