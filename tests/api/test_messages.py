@@ -158,6 +158,30 @@ def test_tool_use_streamed(client):
     jsonschema.validate(call.input, WEATHER["input_schema"])
 
 
+@pytest.mark.parametrize("max_tokens", [6, 24])
+def test_a_call_cut_short_reads_the_same_streamed_and_whole(client, max_tokens):
+    """max_tokens ends a forced call before its name is whole (no block yet) or inside its
+    arguments: the whole message and the SDK's accumulation of the stream give the same blocks,
+    a tool_use with the input as far as it parses (it was a text block of the arguments)."""
+    body = dict(
+        model=MODEL, max_tokens=max_tokens, messages=ASK, tools=[WEATHER], extra_body=GREEDY,
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )  # fmt: skip
+    whole = client.messages.create(**body)
+    with client.messages.stream(**body) as stream:
+        streamed = stream.get_final_message()
+    assert whole.stop_reason == streamed.stop_reason == "max_tokens"
+
+    def blocks(message) -> list[dict]:
+        return [b.model_dump(exclude={"id"}) for b in message.content]
+
+    assert blocks(whole) == blocks(streamed)
+    if max_tokens == 24:  # the name and the first argument written, the second cut short
+        (call,) = blocks(whole)
+        assert call["type"] == "tool_use" and call["name"] == "get_weather"
+        assert list(call["input"]) == ["city"]
+
+
 def test_stop_sequence(server):
     """Greedy output first, then the same request stopped at a piece of it."""
     body = {"model": MODEL, "max_tokens": 16, "messages": ASK, **GREEDY}

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pydantic_core
+
 from girandole.api.chat.tool_calls import ToolStream
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
@@ -33,6 +35,16 @@ class Block:
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
+
+    def partial_arguments(self) -> dict[str, Any]:
+        """A call's arguments cut short, as far as they parse: what the Anthropic SDK makes of
+        the same text streamed as `input_json_delta` events (jiter's partial mode: complete
+        values only, an unfinished string dropped)."""
+        try:
+            value = pydantic_core.from_json(self.text or "{}", allow_partial=True)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 Event = tuple[Literal["start", "delta", "stop"], Block, str]  # (what, block, new text)

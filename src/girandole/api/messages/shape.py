@@ -55,8 +55,8 @@ def content_block(block: Block, whole: bool) -> dict[str, Any]:
     if block.type == "text":
         return {"type": "text", "text": block.text if whole else ""}
     arguments = block.arguments() if whole else {}
-    if arguments is None:  # arguments cut short: what was written, as text
-        return {"type": "text", "text": block.text}
+    if arguments is None:  # cut short by max_tokens: a tool_use as a stream of it reads
+        arguments = block.partial_arguments()
     return {"type": "tool_use", "id": tool_use_id(block.call_id), "name": block.name,
             "input": arguments}  # fmt: skip
 
