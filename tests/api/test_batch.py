@@ -487,10 +487,19 @@ def test_interactive_requests_take_the_capacity(batch):
     for t in threads:
         t.start()
     streaming.wait()
-    time.sleep(1.0)  # the lines in flight when they came finish
-    before = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
-    time.sleep(1.5)
-    after = fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+
+    def processed() -> int:
+        return fw.batch_inference_jobs.get("yield").job_progress.total_processed_requests
+
+    # The lines in flight when the streams came finish (a second on a quiet machine, more on a
+    # busy one); then the count stays. A job that kept submitting would never hold still.
+    before, deadline = processed(), time.monotonic() + 20
+    while True:
+        time.sleep(1.5)
+        after = processed()
+        if after == before or time.monotonic() > deadline:
+            break
+        before = after
     checked = time.monotonic()
     for t in threads:
         t.join()
