@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count()
 STOPPED_MESSAGE = (
     "the model's engine was stopped before the request finished (its deployment was deleted, "
-    "scaled down or restarted); send the request again"
+    "scaled down or restarted, or the server is shutting down); send the request again"
 )
 
 
