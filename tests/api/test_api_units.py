@@ -362,3 +362,18 @@ def test_openapi_document_refs_resolve():
         body = doc["paths"][prefix + "/completions"]["post"]["requestBody"]
         schema = body["content"]["application/json"]["schema"]
         assert schema["additionalProperties"] is False and "prompt" in schema["properties"]
+
+
+def test_json_bodies_write_non_finite_floats_as_null():
+    """A NaN logprob or score (broken weights) must still make JSON a client can parse: a 500
+    before (JSONResponse refuses NaN), `NaN` in a stream chunk (no JSON parser reads it)."""
+    from girandole.api.http.finite_json import FiniteJSONResponse, dumps
+
+    body = {"logprobs": {"token_logprobs": [-0.5, float("nan")], "top": [{"a": float("-inf")}]},
+            "score": float("inf"), "text": "ok", "n": 3}  # fmt: skip
+    want = {"logprobs": {"token_logprobs": [-0.5, None], "top": [{"a": None}]}, "score": None,
+            "text": "ok", "n": 3}  # fmt: skip
+    assert json.loads(dumps(body)) == want
+    assert json.loads(FiniteJSONResponse(body).body) == want
+    assert json.loads(sse_event(body)[len(b"data: ") :]) == want
+    assert dumps({"x": 1.5}) == json.dumps({"x": 1.5})

@@ -156,6 +156,37 @@ def test_unsupported_adapters_are_refused(llama_and_qwen3, tmp_path):
         read_adapter(tmp_path, spec)
 
 
+def test_damaged_adapters_are_refused_naming_the_problem(llama_and_qwen3, tmp_path):
+    """Non-finite weights or alpha (every token they touch would be NaN), a .bin that is not a
+    torch file of tensors, a config that is not an object: AdapterErrors, never a crash."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _llama, spec = llama_and_qwen3
+    src = folder / "llama-adapter"
+    with pytest.raises(AdapterError, match="lora_alpha=nan"):
+        read_adapter(_edit_config(src, tmp_path / "alpha", lora_alpha=float("nan")), spec)
+    nan = _edit_config(src, tmp_path / "nan")
+    tensors = load_file(str(nan / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("inf"))
+    save_file(tensors, str(nan / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        read_adapter(nan, spec)
+    for name, content in (("garbage", b"garbage" * 10), ("list", None)):
+        bad = _edit_config(src, tmp_path / name)
+        (bad / "adapter_model.safetensors").unlink()
+        if content is None:
+            torch.save([torch.zeros(2)], bad / "adapter_model.bin")
+        else:
+            (bad / "adapter_model.bin").write_bytes(content)
+        with pytest.raises(AdapterError, match="adapter_model.bin"):
+            read_adapter(bad, spec)
+    listed = _edit_config(src, tmp_path / "listed")
+    (listed / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(AdapterError, match="not a JSON object"):
+        read_adapter(listed, spec)
+
+
 def test_native_kernel_equals_torch_path(tiny):
     """The native CPU kernel (csrc/lora.c) and torch's gathered matmuls give the same rows."""
     from girandole.model import kernels

@@ -138,8 +138,10 @@ def read_adapter(path: str | Path, spec: ArchSpec, name: str | None = None) -> L
         raise AdapterError(f"{folder} is not a PEFT adapter folder: adapter_config.json is missing")
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise AdapterError(f"adapter_config.json of {folder} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter_config.json of {folder} is not a JSON object")
     rank, alpha, rslora = _check_config(config)
     tensors = _read_tensors(folder)
     raw = _collect(tensors, spec, rank)
@@ -164,8 +166,8 @@ def _check_config(config: dict) -> tuple[int, float, bool]:
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise AdapterError(f"adapter rank r={rank!r} is not supported: it must be 1..{MAX_RANK}")
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"adapter lora_alpha={alpha!r} is not a number")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter lora_alpha={alpha!r} is not a finite number")
     unsupported = {
         "use_dora": "DoRA adapters",
         "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
@@ -193,7 +195,15 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"cannot read {st}: {exc}") from None
     pt = folder / "adapter_model.bin"
     if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is the caller's error
+            raise AdapterError(f"cannot read {pt}: {exc}") from None
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise AdapterError(f"{pt} does not hold a dict of named tensors")
+        return tensors
     raise AdapterError(f"{folder} has no adapter_model.safetensors")
 
 
@@ -219,6 +229,8 @@ def _collect(
             raise AdapterError(
                 f"adapter has layer {layer} but the base model has {spec.num_layers} layers"
             )
+        if not bool(torch.isfinite(t).all()):  # NaN/inf would poison every token it touches
+            raise AdapterError(f"adapter tensor {key!r} holds NaN or infinite values")
         halves.setdefault((layer, target), {})[half] = t.float()
     if not halves:
         raise AdapterError("adapter has no LoRA weights")

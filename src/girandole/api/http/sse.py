@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from girandole.api.http.finite_json import dumps
+
 DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
+from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import RequestFields
 from girandole.api.http.sse import SSEResponse
@@ -210,4 +211,4 @@ async def run(
         return SSEResponse(body, headers=headers)
     result = await shape.collect_body(job, fanout)
     headers.update(perf_headers(job.perf_metrics or {}))
-    return JSONResponse(result, headers=headers)
+    return FiniteJSONResponse(result, headers=headers)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.errors import APIError
+from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.unsupported import strip_unsupported
 from girandole.api.http.validation import validate_model
 from girandole.api.ops.tracking import record_of
@@ -152,4 +153,4 @@ async def _run(
         "fireworks-prompt-tokens": str(usage.prompt_tokens),
         "fireworks-server-processing-time": str(round(time.monotonic() - started, 6)),
     }
-    return JSONResponse(body, headers=headers)
+    return FiniteJSONResponse(body, headers=headers)

@@ -1,0 +1,36 @@
+"""JSON bodies that are always JSON: a non-finite float (NaN or infinity: a logprob or score of a
+model or adapter with broken weights) is written as null. Python's json writes `NaN`, which no
+JSON parser reads (a JavaScript client fails on the chunk), and Starlette's JSONResponse refuses
+it (a 500)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kw: Any) -> str:
+    """json.dumps, with non-finite floats as null (the common case pays one strict attempt)."""
+    try:
+        return json.dumps(value, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(finite(value), allow_nan=False, **kw)
+
+
+class FiniteJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
