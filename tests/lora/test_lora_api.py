@@ -144,8 +144,13 @@ def test_sdk_load_list_get_update_unload(srv):
     assert srv.complete(f"{model('lora-a')}#{OWN}") == with_adapter
     assert srv.complete(model("tiny")) == base  # the base model is unchanged beside it
 
-    ids = [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
-    assert model("lora-a") in ids and f"{model('lora-a')}#{OWN}" in ids
+    listed = {m["id"]: m for m in srv.http("GET", "/v1/models").json()["data"]}
+    assert model("lora-a") in listed and f"{model('lora-a')}#{OWN}" in listed
+    # each listed id is also one the openai client can retrieve, the same entry
+    for name in (model("lora-a"), f"{model('lora-a')}#{OWN}"):
+        assert srv.openai().models.retrieve(name).id == name
+        got = srv.http("GET", "/v1/models/" + name.replace("#", "%23"))
+        assert got.json() == listed[name]
 
     assert fw.lora.unload(dm_id) == {}
     assert list(fw.lora.list()) == []

@@ -57,7 +57,8 @@ def _deployed_model(manager: DeploymentManager, record: DeploymentRecord) -> Ser
 async def get_model(name: str, request: Request) -> dict:
     """One id of `GET /v1/models`: the server's own model (or `<model>#<its deployment>`), a
     model with a deployment the key can reach, `<model>#<deployment>` or a deployment's name
-    (`#` sent as %23); 404 for anything else, as for a model of another account."""
+    (`#` sent as %23), a LoRA adapter loaded on such a deployment; 404 for anything else, as
+    for a model of another account."""
     state = request.app.state.girandole
     principal = getattr(request.state, "principal", None)
     ref = parse_model_ref(name, state.settings.account)
@@ -70,9 +71,13 @@ async def get_model(name: str, request: Request) -> dict:
         return replace(own.model, name=_id_of(ref)).to_list_entry()
     manager = request.app.state.deployments
     record = reachable_deployment(state, manager, principal, ref)
-    if record is None:
-        raise model_not_found()
-    return replace(_deployed_model(manager, record), name=_id_of(ref)).to_list_entry()
+    if record is not None:
+        return replace(_deployed_model(manager, record), name=_id_of(ref)).to_list_entry()
+    account = principal.account if principal is not None else None
+    for entry in adapter_entries(request, account, set()):  # a LoRA adapter, as listed
+        if entry["id"] == _id_of(ref):
+            return entry
+    raise model_not_found()
 
 
 def _id_of(ref: ModelRef) -> str:
