@@ -206,6 +206,24 @@ def test_adapters_that_do_not_fit_are_400(srv):
     assert r.status_code == 404  # in the registry, loaded nowhere
 
 
+def test_concurrent_loads_of_one_adapter_store_one_record(srv):
+    """Six loads of the same adapter on the same deployment at once: one 200, five 409s."""
+    import asyncio
+
+    async def loads() -> list[httpx.Response]:
+        url = srv.server.url + f"/v1/accounts/{ACCOUNT}/deployedModels"
+        body = {"model": model("lora-b"), "deployment": OWN}
+        headers = {"Authorization": f"Bearer {srv.key}"}
+        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+            return await asyncio.gather(*(client.post(url, json=body) for _ in range(6)))
+
+    codes = sorted(r.status_code for r in asyncio.run(loads()))
+    assert codes == [200, 409, 409, 409, 409, 409], codes
+    records = srv.http("GET", f"/v1/accounts/{ACCOUNT}/deployedModels").json()["deployedModels"]
+    assert [r["model"] for r in records] == [model("lora-b")]
+    srv.sdk().lora.unload(records[0]["name"].rsplit("/", 1)[1])
+
+
 def test_cli_load_list_unload(srv):
     loaded = srv.cli("lora", "load", "lora-b", "--deployment", "tiny")
     assert loaded.returncode == 0, loaded.stderr

@@ -66,6 +66,7 @@ class DeployedModelManager:
         self.own_model = own_model
         self._own_engine = own_engine
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
+        self._pending: set[tuple[str, str, str]] = set()  # (account, adapter, deployment) loading
 
     # -- the control plane -----------------------------------------------------------------
 
@@ -75,13 +76,29 @@ class DeployedModelManager:
         deployment = self._deployment(account, body.get("deployment"))
         self._check_base(adapter, deployment)
         existing = [r for r in self.store.list(account) if r.model == adapter.name]
-        if any(r.deployment == deployment for r in existing):
+        key = (account, adapter.name, deployment)
+        # A load in progress counts: two concurrent loads must not both store a record.
+        if key in self._pending or any(r.deployment == deployment for r in existing):
             raise DeploymentError(
                 409,
                 f"{adapter.name} is already loaded on {deployment}",
                 code="ALREADY_EXISTS",
                 type="error",
             )
+        self._pending.add(key)
+        try:
+            return await self._load(account, body, adapter, deployment, existing)
+        finally:
+            self._pending.discard(key)
+
+    async def _load(
+        self,
+        account: str,
+        body: dict[str, Any],
+        adapter: CatalogModel,
+        deployment: str,
+        existing: list[DeployedModelRecord],
+    ) -> dict[str, Any]:
         record = DeployedModelRecord(
             account,
             _new_id(adapter.name.rsplit("/", 1)[1]),
