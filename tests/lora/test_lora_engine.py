@@ -63,8 +63,15 @@ def test_mixed_batch_equals_each_request_alone(engine):
 
 
 def test_unknown_adapter_is_refused(engine):
-    with pytest.raises(ValueError, match="'nope' is not loaded"):
+    from girandole.api.serving.response import engine_error
+    from girandole.engine.protocol import AdapterNotLoadedError
+
+    with pytest.raises(AdapterNotLoadedError, match="'nope' is not loaded") as info:
         engine.add_request("x", [1, 2, 3], GREEDY, adapter="nope")
+    # the API's 404 for a model it does not serve (an adapter unloaded while a request that
+    # named it was on its way), not a 400 blaming the request
+    error = engine_error(info.value)
+    assert error.status_code == 404 and error.body()["error"]["code"] == "NOT_FOUND"
 
 
 def test_prefix_cache_is_not_shared_across_adapters(engine):

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from girandole.deploy.replica_wire import RemoteError, encode, hello, read_frame
 from girandole.engine.outputs import RequestOutput
+from girandole.engine.protocol import AdapterNotLoadedError
 from girandole.sampling.compile_pool import CompilePool
 from girandole.sampling.grammar import GrammarCache, GrammarSpec
 from girandole.sampling.grammar_limits import check_grammar_size
@@ -244,7 +245,9 @@ class RemoteEngine:
         if adapter is not None:
             path = self.adapters.get(adapter)
             if path is None:
-                raise ValueError(f"LoRA adapter {adapter!r} is not loaded on this deployment")
+                raise AdapterNotLoadedError(
+                    f"LoRA adapter {adapter!r} is not loaded on this deployment"
+                )
             kwargs["adapter_path"] = path  # the replica reads it if it does not hold it yet
         request_id = request_id or f"remote-{next(_ids)}"
         prompt = list(prompt_token_ids)

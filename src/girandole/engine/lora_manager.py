@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from girandole.engine.protocol import AdapterNotLoadedError
 from girandole.engine.sequence import Sequence
 from girandole.model import lora
 from girandole.model.context import to_device
@@ -62,7 +63,7 @@ class LoRAManager:
         with self._lock:
             adapter = self.registered.get(name)
         if adapter is None:
-            raise ValueError(f"LoRA adapter {name!r} is not loaded on this deployment")
+            raise AdapterNotLoadedError(f"LoRA adapter {name!r} is not loaded on this deployment")
         return adapter
 
     def names(self) -> list[str]:

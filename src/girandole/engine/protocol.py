@@ -13,6 +13,11 @@ from girandole.sampling.params import SamplingParams
 from girandole.tokenizer.tokenizer import Tokenizer
 
 
+class AdapterNotLoadedError(ValueError):
+    """A request names a LoRA adapter this engine does not hold (never loaded, or unloaded
+    while the request was on its way): the API's 404 for an unknown model."""
+
+
 class EngineClient(Protocol):
     @property
     def model_config(self) -> ModelConfig: ...

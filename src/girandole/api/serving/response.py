@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from girandole.api.http.errors import APIError, bad_request, internal_error
+from girandole.api.http.errors import APIError, bad_request, internal_error, model_not_found
 from girandole.api.http.sse import DONE, sse_event
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -71,6 +71,8 @@ def engine_error(exc: Exception) -> APIError:
     """What the client is told of an error from the engine: bad input is a 400."""
     if isinstance(exc, APIError):
         return exc
+    if type(exc).__name__ == "AdapterNotLoadedError":  # unloaded while it was on its way
+        return model_not_found()
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     if type(exc).__name__ == "EngineStoppedError":  # its deployment went away: say so
