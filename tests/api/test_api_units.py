@@ -377,3 +377,60 @@ def test_json_bodies_write_non_finite_floats_as_null():
     assert json.loads(FiniteJSONResponse(body).body) == want
     assert json.loads(sse_event(body)[len(b"data: ") :]) == want
     assert dumps({"x": 1.5}) == json.dumps({"x": 1.5})
+
+
+def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
+    """A bug's exception is the JSON 500 in Fireworks' shape, and the client's kept-alive
+    connection still serves its next request (Starlette's last-resort handler re-raised after
+    its 500, and uvicorn then dropped the connection: the next request failed with a reset)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from girandole.api.http.errors import UnhandledErrors, install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(UnhandledErrors)
+
+    @app.get("/bug")
+    async def bug() -> dict:
+        raise RuntimeError("a bug")
+
+    @app.get("/ok")
+    async def ok() -> dict:
+        return {"ok": True}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        r = httpx.get(f"http://127.0.0.1:{port}/bug", timeout=10)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "INTERNAL"
+        assert "a bug" not in r.text  # no internals to the client
+        # one connection, two requests (httpx would quietly open a new connection instead)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            replies = []
+            for path in ("/bug", "/ok"):
+                c.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                reply = b""
+                while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+                replies.append(reply)
+        assert replies[0].startswith(b"HTTP/1.1 500"), replies[0]
+        assert replies[1].startswith(b"HTTP/1.1 200") and replies[1].endswith(b'{"ok":true}')
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -14,7 +14,7 @@ from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
-from girandole.api.http.errors import install_error_handlers
+from girandole.api.http.errors import UnhandledErrors, install_error_handlers
 from girandole.api.http.openapi import install_openapi
 from girandole.api.lora import install_lora
 from girandole.api.messages import route as messages
@@ -69,6 +69,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_lora(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.include_router(playground.router)  # the page at / and /playground
+    app.add_middleware(UnhandledErrors)  # inside the tracker: its 500s are tracked too
     app.add_middleware(RequestTracker, ops=state.ops)
     install_openapi(app)
     return app

@@ -204,6 +204,37 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, internal_error())
 
 
+class UnhandledErrors:
+    """ASGI middleware: an exception no handler took becomes the JSON 500 here, inside the
+    request tracking (so it carries `x-request-id` and is counted), and goes no further.
+    Starlette's last-resort handler sends the same body but then re-raises, and uvicorn closes
+    the connection: a client's next request on that kept-alive connection failed too. A
+    response already under way cannot be replaced: that error still ends the connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            if started:
+                raise
+            request = Request(scope, receive)
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+            await error_response(request, internal_error())(scope, receive, send)
+
+
 def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
