@@ -212,3 +212,17 @@ def test_native_kernel_equals_torch_path(tiny):
         finally:
             runner.close()
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
+
+
+def test_an_adapter_folder_without_weights_is_not_added(llama_and_qwen3, tmp_path):
+    """`girandole models add ... --base` checks for the weights file too, as its message says."""
+    from girandole.registry.models import check_adapter_source
+
+    folder, _llama, _spec = llama_and_qwen3
+    src = folder / "llama-adapter"
+    assert check_adapter_source(str(src)) == str(src.resolve())
+    bare = _edit_config(src, tmp_path / "bare")
+    for weights in bare.glob("adapter_model.*"):
+        weights.unlink()
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        check_adapter_source(str(bare))

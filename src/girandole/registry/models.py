@@ -164,7 +164,10 @@ def check_model_source(source: str) -> str:
 def check_adapter_source(source: str) -> str:
     """An existing PEFT LoRA folder (made absolute); else ValueError."""
     path = Path(source).expanduser()
-    if not (path / "adapter_config.json").is_file():
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if not (path / "adapter_config.json").is_file() or not any(
+        (path / name).is_file() for name in weights
+    ):
         raise ValueError(
             f"{source!r} is not a PEFT LoRA adapter folder (adapter_config.json and"
             " adapter_model.safetensors)"
