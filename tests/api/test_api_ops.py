@@ -8,7 +8,9 @@ The SIGTERM test stops the server, so it is the last one in this file.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,6 +37,25 @@ def cli(data_dir: Path, *args: str) -> str:
         capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
     )  # fmt: skip
     return out.stdout
+
+
+def cli_error(data_dir: Path | None, *args: str, env: dict[str, str] | None = None) -> str:
+    """A CLI call that must be refused: exit 2 with a message, never a traceback; its stderr."""
+    extra = ["--data-dir", str(data_dir)] if data_dir is not None else []
+    out = subprocess.run(
+        [sys.executable, "-m", "girandole.cli", *args, *extra], capture_output=True, text=True,
+        cwd=ROOT, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert out.returncode == 2, (args, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.stderr
+
+
+def set_key_row(srv, key_id: str, **columns) -> None:
+    """Write a key's row as a database from before the CLI's checks may hold it."""
+    names = ", ".join(f"{c} = ?" for c in columns)
+    with sqlite3.connect(srv.data_dir / "girandole.db") as db:
+        db.execute(f"UPDATE api_keys SET {names} WHERE id = ?", (*columns.values(), key_id))
 
 
 def new_key(data_dir: Path, account: str, *extra: str) -> dict:
@@ -74,8 +95,6 @@ def complete(srv, key: str | None, model: str = MODEL, **body):
 
 
 def usage_rows(srv) -> list[tuple]:
-    import sqlite3
-
     with sqlite3.connect(srv.data_dir / "girandole.db") as db:
         return db.execute(
             "SELECT request_id, account, key_id, model, status, aborted, prompt_tokens,"
@@ -154,6 +173,17 @@ def test_usage_rows_and_summary(guarded):
     assert "REQUESTS" in cli(guarded.data_dir, "usage")
 
 
+def test_usage_hours_must_be_a_finite_positive_number(guarded):
+    before = len(wait_rows(guarded, 0))
+    assert complete(guarded, guarded.keys["alice"]["key"]).status_code == 200
+    wait_rows(guarded, before + 1)
+    for hours in ("nan", "inf", "-1", "0", "soon"):
+        err = cli_error(guarded.data_dir, "usage", f"--hours={hours}")
+        assert "argument --hours:" in err, err
+    summary = json.loads(cli(guarded.data_dir, "usage", "--hours", "1", "--json"))
+    assert any(row["account"] == ACCOUNT and row["requests"] >= 1 for row in summary)
+
+
 def test_rate_limit_429_with_headers(guarded):
     key = guarded.keys["limited"]["key"]
     first = complete(guarded, key)
@@ -171,6 +201,51 @@ def test_rate_limit_429_with_headers(guarded):
     assert "2 requests per minute" in third.json()["error"]["message"]
     # other keys are not affected
     assert complete(guarded, guarded.keys["alice"]["key"]).status_code == 200
+
+
+def test_key_limits_must_be_from_0_to_sqlites_largest_integer(guarded):
+    before = cli(guarded.data_dir, "keys", "list", "--json")
+    for flag, value in (("--rpm", "-1"), ("--tpm", "-5"), ("--rpm", "99999999999999999999999"),
+                        ("--tpm", "many")):  # fmt: skip
+        err = cli_error(guarded.data_dir, "keys", "create", "--account", ACCOUNT, flag, value)
+        assert f"argument {flag}:" in err, err
+    assert cli(guarded.data_dir, "keys", "list", "--json") == before  # no key made
+    info = new_key(guarded.data_dir, ACCOUNT, "--rpm", str(2**63 - 1), "--tpm", "0")
+    r = complete(guarded, info["key"])
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit-requests"] == str(2**63 - 1)
+    # a negative limit stored before limits were checked is no limit, not a 429 forever
+    set_key_row(guarded, info["id"], rpm=-1, tpm=-5)
+    for _ in range(3):
+        r = complete(guarded, info["key"])
+        assert r.status_code == 200, r.text
+    cli(guarded.data_dir, "keys", "revoke", info["id"])
+
+
+def test_serve_refuses_bad_default_limits():
+    model = ["--model", "/nonexistent/model.gguf"]  # were the flag taken, this would be refused
+    err = cli_error(None, "serve", *model, "--rate-limit-rpm", "-1")
+    assert "argument --rate-limit-rpm:" in err, err
+    err = cli_error(None, "serve", *model, env={"GIRANDOLE_RATE_LIMIT_TPM": "9" * 23})
+    assert "argument --rate-limit-tpm:" in err, err
+
+
+def test_key_names_with_control_characters_are_refused_and_listed_escaped(guarded):
+    before = cli(guarded.data_dir, "keys", "list", "--json")
+    for name in ("a\nb\x1b[31mred", "tab\there", "bell\x07"):
+        err = cli_error(guarded.data_dir, "keys", "create", "--account", ACCOUNT, "--name", name)
+        assert "argument --name:" in err and "control" in err, err
+    assert cli(guarded.data_dir, "keys", "list", "--json") == before  # no key made
+    err = cli_error(guarded.data_dir, "keys", "list", "--account", "\udcff")  # argv byte 0xff
+    assert "--account is not valid UTF-8" in err, err
+    info = new_key(guarded.data_dir, ACCOUNT, "--name", "café ☕")  # printable, if not ASCII
+    assert "café ☕" in cli(guarded.data_dir, "keys", "list")
+    # a name stored before they were refused is listed escaped: no line break, no escape code
+    set_key_row(guarded, info["id"], name="x\n\x1b[31mred")
+    listing = cli(guarded.data_dir, "keys", "list")
+    assert "\x1b" not in listing and "x\\n\\x1b[31mred" in listing, listing
+    assert len(listing.splitlines()) == len(json.loads(before)) + 2  # the header, one a key
+    cli(guarded.data_dir, "keys", "revoke", info["id"])
 
 
 def _open_stream(srv, key: str, max_tokens: int):

@@ -450,6 +450,38 @@ def test_metadata_is_kept_with_the_usage_row_and_queryable(qwen):
     assert "REQUESTS" in cli(qwen.data_dir, "usage", "--by", "metadata.team")
 
 
+def test_metadata_with_non_ascii_keys_is_queryable(qwen):
+    from girandole.registry.keystore import Database
+
+    metadata = {"équipe": "récolte", "チーム": "検索"}
+    r = raw(qwen, {"messages": HI, "max_tokens": 1, "metadata": metadata})
+    assert r.status_code == 200, r.text
+    assert _usage_row(qwen, r.json()["id"])["metadata"] == metadata
+    by = json.loads(cli(qwen.data_dir, "usage", "--by", "metadata.équipe", "--json"))
+    assert {row["metadata.équipe"]: row["requests"] for row in by}.get("récolte") == 1, by
+    only = json.loads(cli(qwen.data_dir, "usage", "--metadata", "チーム=検索", "--json"))
+    assert [row["requests"] for row in only] == [1]
+    # rows written before metadata was stored unescaped spell the key \u00e9quipe: found too
+    db = Database.in_folder(qwen.data_dir)
+    try:
+        db.insert_usage([{
+            "time": time.time(), "request_id": "before-the-fix", "account": ACCOUNT,
+            "endpoint": "chat", "status": 200, "stream": 0, "aborted": 0, "num_choices": 1,
+            "prompt_tokens": 1, "cached_tokens": 0, "completion_tokens": 1, "duration_s": 0.1,
+            "metadata": json.dumps({"équipe": "récolte"}),
+        }])  # fmt: skip
+    finally:
+        db.close()
+    only = json.loads(cli(qwen.data_dir, "usage", "--metadata", "équipe=récolte", "--json"))
+    assert [row["requests"] for row in only] == [2]
+    # a value with a terminal escape sequence is shown escaped in the table
+    r = raw(qwen, {"messages": HI, "max_tokens": 1, "metadata": {"équipe": "\x1b[31mred"}})
+    assert r.status_code == 200, r.text
+    _usage_row(qwen, r.json()["id"])
+    table = cli(qwen.data_dir, "usage", "--by", "metadata.équipe")
+    assert "\x1b" not in table and "\\x1b[31mred" in table, table
+
+
 def test_bad_metadata_is_a_400(qwen):
     for metadata, param in (({"a": 1}, "metadata.a"),
                             ({f"k{i}": "v" for i in range(17)}, "metadata"),

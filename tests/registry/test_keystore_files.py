@@ -1,4 +1,5 @@
-"""The keys database holds key digests and usage: only its owner may read it."""
+"""The keys database holds key digests and usage: only its owner may read it, and it refuses
+limits and names that would break the server or `keys list`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,3 +39,19 @@ def test_an_existing_shared_folder_keeps_its_mode_but_the_database_is_private(tm
     db.close()
     assert mode(tmp_path) == 0o755
     assert mode(tmp_path / "girandole.db") == 0o600
+
+
+def test_create_key_refuses_bad_limits_and_names(tmp_path):
+    from girandole.registry.keystore import Database
+
+    db = Database.in_folder(tmp_path)
+    for limits, field in (({"rpm": -1}, "rpm"), ({"tpm": 2**63}, "tpm"), ({"rpm": 1.5}, "rpm"),
+                          ({"tpm": True}, "tpm")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{field} must be an integer from 0"):
+            db.create_key("a", **limits)
+    with pytest.raises(ValueError, match="key name must not contain control"):
+        db.create_key("a", name="a\nb\x1b[31m")
+    assert db.list_keys() == []
+    _, info = db.create_key("a", name="équipe ☕", rpm=0, tpm=2**63 - 1)
+    assert (info.rpm, info.tpm) == (0, 2**63 - 1)
+    db.close()

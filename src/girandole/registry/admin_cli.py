@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from girandole.cli_tables import table
-from girandole.registry.keystore import Database
+from girandole.registry.keystore import Database, check_key_name, parse_limit
 from girandole.registry.naming import is_valid_id
 from girandole.registry.roles import DEFAULT_ROLE, ROLES
 
@@ -38,12 +40,75 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _printable(text: str) -> str:
+    """`text` with unprintable characters escaped: a name stored before they were refused, or
+    a request's metadata, must not send terminal escape sequences or line breaks to a table."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in text
+    )
+
+
+def _not_utf8(args: argparse.Namespace) -> str | None:
+    """The first argument that is not valid UTF-8 (bytes the shell passed on as surrogates),
+    named; SQLite cannot take one, and would fail with a traceback."""
+    for name, value in vars(args).items():
+        if name == "data_dir":  # a path: the file system takes any bytes
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    flag = "KEY_ID" if name.startswith("key_id") else "--" + name.replace("_", "-")
+                    return f"{flag} is not valid UTF-8: {item!r}"
+    return None
+
+
+def _utf8_args(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`func`, refusing first an argument that is not valid UTF-8."""
+
+    def checked(args: argparse.Namespace) -> int:
+        problem = _not_utf8(args)
+        if problem:
+            print(f"girandole: {problem}", file=sys.stderr)
+            return 2
+        return func(args)
+
+    return checked
+
+
+def _key_name(text: str) -> str:
+    """argparse type of --name: a label printed by `keys list`, so printable characters only."""
+    try:
+        return check_key_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hours(text: str) -> float:
+    """argparse type of --hours: a finite number above 0 (nan would match no row, inf all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text.strip()}")
+    return value
+
+
 def _cmd_keys_create(args: argparse.Namespace) -> int:
     if not is_valid_id(args.account):
         print(f"girandole keys: {args.account!r} is not a valid account id", file=sys.stderr)
         return 2
     db = _open(args)
-    key, info = db.create_key(args.account, args.name or "", args.rpm, args.tpm, args.role)
+    try:
+        key, info = db.create_key(args.account, args.name or "", args.rpm, args.tpm, args.role)
+    except ValueError as exc:  # the flags' types check the same; this covers what they miss
+        print(f"girandole keys: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"key": key, "id": info.id, "account": info.account, "role": info.role}))
     else:
@@ -64,9 +129,9 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
         rows.append(
             [
                 k.id,
-                k.account,
+                _printable(k.account),
                 k.role,
-                k.name or "-",
+                _printable(k.name) or "-",
                 _when(k.created),
                 _when(k.revoked),
                 str(k.rpm or "-"),
@@ -98,7 +163,7 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    since = time.time() - args.hours * 3600 if args.hours else None
+    since = time.time() - args.hours * 3600 if args.hours is not None else None
     metadata = {}
     for pair in args.metadata:
         key, sep, value = pair.partition("=")
@@ -114,12 +179,13 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    summary = [[args.by.upper(), "REQUESTS", "ABORTED", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
+    by = _printable(args.by.upper())  # --by may name a metadata key with any characters
+    summary = [[by, "REQUESTS", "ABORTED", "ERRORS", "PROMPT", "CACHED", "COMPLETION",
               "AVG TTFT s", "AVG TIME s"]]  # fmt: skip
     for r in rows:
         summary.append(
             [
-                str(r[args.by]) if r[args.by] is not None else "-",
+                _printable(str(r[args.by])) if r[args.by] is not None else "-",
                 r["requests"],
                 r["aborted"],
                 r["errors"],
@@ -145,27 +211,39 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     create = ksub.add_parser("create", help="create a key for an account and print it once")
     create.add_argument("--account", required=True, help="the account the key belongs to")
-    create.add_argument("--name", default="", help="a label to tell keys apart")
-    create.add_argument("--rpm", type=int, default=None, help="requests per minute for it")
-    create.add_argument("--tpm", type=int, default=None, help="tokens per minute for it")
+    create.add_argument(
+        "--name", type=_key_name, default="", help="a label to tell keys apart (printable)"
+    )
+    create.add_argument(
+        "--rpm",
+        type=parse_limit,
+        default=None,
+        help="requests per minute for it; 0: no limit; default: the server's",
+    )
+    create.add_argument(
+        "--tpm",
+        type=parse_limit,
+        default=None,
+        help="tokens per minute for it; 0: no limit; default: the server's",
+    )
     create.add_argument("--role", choices=ROLES, default=DEFAULT_ROLE, help=_ROLE_HELP)
     create.add_argument("--json", action="store_true")
     _data_dir_arg(create)
-    create.set_defaults(func=_cmd_keys_create)
+    create.set_defaults(func=_utf8_args(_cmd_keys_create))
     lst = ksub.add_parser("list", help="list keys (never the keys themselves)")
     lst.add_argument("--account", default=None)
     lst.add_argument("--json", action="store_true")
     _data_dir_arg(lst)
-    lst.set_defaults(func=_cmd_keys_list)
+    lst.set_defaults(func=_utf8_args(_cmd_keys_list))
     update = ksub.add_parser("update", help="change a key's role (from its next request)")
     update.add_argument("key_id", metavar="KEY_ID")
     update.add_argument("--role", choices=ROLES, required=True, help=_ROLE_HELP)
     _data_dir_arg(update)
-    update.set_defaults(func=_cmd_keys_update)
+    update.set_defaults(func=_utf8_args(_cmd_keys_update))
     revoke = ksub.add_parser("revoke", help="revoke keys by id (takes effect at once)")
     revoke.add_argument("key_ids", nargs="+", metavar="KEY_ID")
     _data_dir_arg(revoke)
-    revoke.set_defaults(func=_cmd_keys_revoke)
+    revoke.set_defaults(func=_utf8_args(_cmd_keys_revoke))
 
     usage = sub.add_parser("usage", help="summarize usage: requests and tokens")
     usage.add_argument(
@@ -182,7 +260,9 @@ def add_admin_parsers(sub: argparse._SubParsersAction) -> None:
         help="only requests whose metadata has KEY=VALUE (repeatable: all of them)",
     )
     usage.add_argument("--account", default=None, help="only this account")
-    usage.add_argument("--hours", type=float, default=None, help="only the last N hours")
+    usage.add_argument(
+        "--hours", type=_hours, default=None, help="only the last N hours (a number above 0)"
+    )
     usage.add_argument("--json", action="store_true")
     _data_dir_arg(usage)
-    usage.set_defaults(func=_cmd_usage)
+    usage.set_defaults(func=_utf8_args(_cmd_usage))

@@ -10,6 +10,7 @@ Revocation takes effect at once on a running server: every authentication reads 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -25,6 +26,7 @@ from girandole.registry.roles import DEFAULT_ROLE, check_role
 
 DB_NAME = "girandole.db"
 KEY_PREFIX = "gk_"
+MAX_LIMIT = 2**63 - 1  # SQLite's INTEGER: a larger limit cannot be stored
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -87,6 +89,55 @@ def _json_path(key: str) -> str:
     if '"' in key or "\\" in key:
         raise ValueError(f"metadata keys with quotes or backslashes cannot be queried: {key!r}")
     return f'$."{key}"'
+
+
+def _metadata_value(key: str) -> tuple[str, list[str]]:
+    """SQL for the value of one metadata key, and its parameters. Rows written before metadata
+    was stored unescaped spell a non-ASCII key as \\uXXXX, which SQLite matches only verbatim:
+    such a key is looked up in both spellings."""
+    path = _json_path(key)
+    escaped = "$." + json.dumps(key)  # ensure_ascii, as those rows were written
+    if escaped == path:
+        return "json_extract(metadata, ?)", [path]
+    return "COALESCE(json_extract(metadata, ?), json_extract(metadata, ?))", [path, escaped]
+
+
+def check_limit(value: int | None, field: str) -> int | None:
+    """A key's per-minute limit: None (the server's default), 0 (no limit) or a positive
+    integer SQLite can store; anything else is a ValueError naming `field`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+        raise ValueError(
+            f"{field} must be an integer from 0 (no limit) to {MAX_LIMIT}, got {value!r}"
+        )
+    return value
+
+
+def parse_limit(text: str) -> int:
+    """argparse type of a per-minute limit flag (--rpm, --rate-limit-tpm, ...): 0 is no limit;
+    a negative one would refuse every request, and SQLite cannot store one above MAX_LIMIT."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 (no limit) to {MAX_LIMIT}, got {text.strip()}"
+        )
+    return value
+
+
+def check_key_name(name: str) -> str:
+    """A key's label is printed by `keys list`: control characters (newlines, terminal escape
+    sequences) would garble or forge its output, so they are refused."""
+    if not isinstance(name, str):
+        raise ValueError(f"a key name must be a string, got {type(name).__name__}")
+    if not name.isprintable():
+        raise ValueError(
+            f"a key name must not contain control or other unprintable characters: {name!r}"
+        )
+    return name
 
 
 def digest(key: str) -> bytes:
@@ -190,6 +241,9 @@ class Database:
     ) -> tuple[str, KeyInfo]:
         """A new key for `account`: (the key, shown only now; its row)."""
         check_role(role)
+        check_key_name(name)
+        check_limit(rpm, "rpm")
+        check_limit(tpm, "tpm")
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         created = time.time()
@@ -283,8 +337,8 @@ class Database:
         where: list[str] = []
         params: list = []
         if by.startswith("metadata."):
-            column = "json_extract(metadata, ?)"
-            params.append(_json_path(by[len("metadata.") :]))
+            column, column_params = _metadata_value(by[len("metadata.") :])
+            params += column_params
         elif by in ("account", "key_id", "model", "endpoint", "status"):
             column = by
         else:
@@ -296,8 +350,9 @@ class Database:
             where.append("time >= ?")
             params.append(since)
         for key, value in (metadata or {}).items():
-            where.append("json_extract(metadata, ?) = ?")
-            params += [_json_path(key), value]
+            expr, expr_params = _metadata_value(key)
+            where.append(f"{expr} = ?")
+            params += [*expr_params, value]
         sql = (
             f"SELECT {column} AS grp, COUNT(*), SUM(aborted), SUM(status >= 400),"
             " SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), AVG(ttft_s),"

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from girandole.api.settings import ServerSettings
+from girandole.registry.keystore import parse_limit
 
 DEFAULTS = ServerSettings()  # the one set of defaults
 
@@ -40,15 +41,15 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rate-limit-rpm",
-        type=int,
-        default=_int("RATE_LIMIT_RPM"),
+        type=parse_limit,
+        default=_env("RATE_LIMIT_RPM"),  # argparse checks a string default with parse_limit
         help="requests per minute per key, unless the key has its own; default: no limit"
         " [GIRANDOLE_RATE_LIMIT_RPM]",
     )
     p.add_argument(
         "--rate-limit-tpm",
-        type=int,
-        default=_int("RATE_LIMIT_TPM"),
+        type=parse_limit,
+        default=_env("RATE_LIMIT_TPM"),
         help="tokens (prompt + completion) per minute per key, unless the key has its own;"
         " default: no limit [GIRANDOLE_RATE_LIMIT_TPM]",
     )

@@ -46,7 +46,9 @@ class RateLimiter:
         self.num_limited = 0
 
     def _bucket(self, key: str, kind: str, limit: int | None) -> Bucket | None:
-        if not limit:
+        # 0: no limit; a negative one (a key stored before limits were checked) would refuse
+        # every request with Retry-After 1 forever, so it is no limit too
+        if not limit or limit < 0:
             return None
         bucket = self._buckets.get((key, kind))
         if bucket is None or bucket.limit != limit:

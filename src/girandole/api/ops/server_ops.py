@@ -68,6 +68,18 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
+def _metadata_json(metadata: dict[str, str]) -> str:
+    """A usage row's metadata: unescaped, since SQLite's json_extract('$."équipe"') matches a
+    key only as spelled, not its \\u00e9 escape; an unpaired surrogate, which UTF-8 cannot
+    hold, keeps its escape rather than failing the whole insert."""
+    text = json.dumps(metadata, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(metadata)
+    return text
+
+
 def is_inference(record: RequestRecord) -> bool:
     return record.method == "POST" and endpoint_of(record.path) in (
         "completions",
@@ -298,7 +310,7 @@ class ServerOps:
                     "queue_s": record.queue_s,
                     "ttft_s": ttft,
                     "duration_s": duration,
-                    "metadata": json.dumps(record.metadata) if record.metadata else None,
+                    "metadata": _metadata_json(record.metadata) if record.metadata else None,
                 }
             )
             fields.update(
