@@ -32,7 +32,7 @@ from girandole.model.quant import (
     quantize_int8_rows,
     quantized_linear,
 )
-from girandole.model.spec import Weights
+from girandole.model.spec import ArchSpec, Weights, expected_shapes
 
 MODES = ("fast", "reference")
 
@@ -263,7 +263,16 @@ class DenseLMHead(nn.Module):
 class Builder:
     """Turns checkpoint tensors into modules for one mode and device."""
 
-    def __init__(self, weights: Weights, mode: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        weights: Weights,
+        mode: str,
+        device: torch.device,
+        spec: ArchSpec | None = None,
+        source: str | None = None,
+    ) -> None:
+        """`spec`: the shapes every tensor must have (unchecked without one); `source`: the
+        checkpoint's path, for error messages."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.weights = weights
@@ -271,17 +280,47 @@ class Builder:
         self.device = device
         self.quantize = mode == "fast" and device.type == "cpu"
         self.dtype = torch.float32 if mode == "reference" else torch.bfloat16
+        self.expected_shape = expected_shapes(spec) if spec is not None else None
+        self.where = f"checkpoint {source}" if source else "checkpoint"
 
     def has(self, name: str) -> bool:
         return name in self.weights
 
     def tensor(self, name: str) -> torch.Tensor:
         self._require(name)
-        return self.weights.get(name)
+        t = self.weights.get(name)
+        self._check_shape(name, tuple(t.shape))
+        self._check_finite(name, t)
+        return t
 
     def _require(self, name: str) -> None:
+        """The tensor exists and, where the weights tell its shape without reading it, has the
+        shape the spec implies (before reading: a wrong head count would fail in a reshape)."""
         if name not in self.weights:
-            raise ValueError(f"checkpoint is missing tensor {name!r}")
+            raise ValueError(f"{self.where} is missing tensor {name!r}")
+        shape_of = getattr(self.weights, "shape", None)
+        if shape_of is not None:
+            self._check_shape(name, shape_of(name))
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        expected = self.expected_shape(name) if self.expected_shape is not None else None
+        if expected is not None and tuple(shape) != expected:
+            raise ValueError(
+                f"{self.where}: tensor {name!r} has shape {list(shape)}, but the model's "
+                f"config implies {list(expected)}"
+            )
+
+    def _check_finite(self, name: str, *tensors: torch.Tensor) -> None:
+        """NaN or inf in a weight would make every logit NaN: refuse it at load. One sum per
+        tensor (no temporary of its size; numpy's, single-threaded: torch's wakes its threads
+        for each of the many small scale tensors); no real model's weights sum past float32's
+        range. About 0.1 s on the default model's build."""
+        for t in tensors:
+            if not t.is_floating_point():
+                continue
+            values = t.numpy() if t.dtype == torch.float32 else t.float().numpy()
+            if not math.isfinite(float(values.sum())):
+                raise ValueError(f"{self.where}: tensor {name!r} holds NaN or infinite values")
 
     def norm(self, name: str, eps: float) -> RMSNorm:
         return RMSNorm(self.tensor(name), eps, fused=self.mode == "fast")
@@ -335,12 +374,19 @@ class Builder:
         if exact is None:
             return None
         groups = [exact(f"{n}.weight") for n in names]
-        return None if any(g is None for g in groups) else groups
+        if any(g is None for g in groups):
+            return None
+        for n, (q, scale, offset) in zip(names, groups):
+            self._check_shape(f"{n}.weight", tuple(q.shape))
+            self._check_finite(f"{n}.weight", scale, offset)  # levels are integers
+        return groups
 
     def _int8_table(self, name: str) -> Int8Embedding:
         direct = getattr(self.weights, "int8_groups", None)
         groups = direct(name) if direct is not None and name in self.weights else None
         if groups is not None:
+            self._check_shape(name, tuple(groups[0].shape))
+            self._check_finite(name, groups[1])
             return Int8Embedding(None, groups=groups)
         return Int8Embedding(self.tensor(name))
 

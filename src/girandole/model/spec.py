@@ -10,8 +10,11 @@ values (also for both formats):
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 
@@ -57,3 +60,157 @@ class Weights(Protocol):
     def get(self, name: str) -> torch.Tensor:
         """The tensor as float32 (dequantized), Linear layout for 2-D weights."""
         ...
+
+
+ROPE_TYPES = ("default", "linear", "llama3")  # what layers.rope_inv_freq computes
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "gelu_pytorch_tanh")  # what layers.GatedMLP runs
+
+
+def validate_spec(
+    spec: ArchSpec, source: str, keys: dict[str, str], *, derived_head_dim: bool = False
+) -> None:
+    """Raise ValueError for values no network can be built from (caught at load, not as a 500
+    on every request). `source` names the file; `keys` maps ArchSpec fields to the file's own
+    key names; `derived_head_dim`: head_dim came from hidden_size / num_heads."""
+
+    def key(name: str) -> str:
+        return keys.get(name, name)
+
+    def fail(message: str) -> NoReturn:
+        raise ValueError(f"{source}: {message}")
+
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "max_position",
+    ):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(f"{key(name)} must be a positive integer, got {value!r}")
+    if spec.num_heads % spec.num_kv_heads:
+        fail(
+            f"{key('num_heads')} ({spec.num_heads}) must be a multiple of "
+            f"{key('num_kv_heads')} ({spec.num_kv_heads})"
+        )
+    if derived_head_dim and spec.hidden_size % spec.num_heads:
+        fail(
+            f"{key('hidden_size')} ({spec.hidden_size}) must be a multiple of "
+            f"{key('num_heads')} ({spec.num_heads})"
+        )
+    if spec.head_dim % 2:  # rotary embeddings rotate pairs of dimensions
+        fail(f"{key('head_dim')} must be even, got {spec.head_dim}")
+    for name in ("rope_theta", "rope_local_theta"):
+        value = getattr(spec, name)
+        if not (_real(value) and value > 0):
+            fail(f"{key(name)} must be a positive number, got {value!r}")
+    if not (_real(spec.rms_norm_eps) and spec.rms_norm_eps >= 0):
+        fail(f"{key('rms_norm_eps')} must be a number >= 0, got {spec.rms_norm_eps!r}")
+    for name in ("query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap"):
+        value = getattr(spec, name)  # None or 0: off (the softcaps)
+        if value is not None and not (_real(value) and value >= 0):
+            fail(f"{key(name)} must be a number >= 0, got {value!r}")
+    if spec.query_pre_attn_scalar == 0:
+        fail(f"{key('query_pre_attn_scalar')} must be > 0, got 0")
+    if spec.hidden_act not in ACTIVATIONS:
+        fail(
+            f"unsupported {key('hidden_act')} {spec.hidden_act!r} "
+            f"(supported: {', '.join(ACTIVATIONS)})"
+        )
+    if len(spec.sliding_windows) != spec.num_layers:
+        fail(
+            f"{key('sliding_windows')} lists {len(spec.sliding_windows)} layers, "
+            f"the model has {spec.num_layers}"
+        )
+    for window in spec.sliding_windows:
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+            fail(f"{key('sliding_window')} must be an integer, got {window!r}")
+        if window is not None and window <= 0:
+            fail(f"{key('sliding_window')} must be a positive integer, got {window!r}")
+    _validate_rope_scaling(spec.rope_scaling, fail, key("rope_scaling"))
+
+
+def _validate_rope_scaling(scaling: Any, fail: Callable[[str], NoReturn], key: str) -> None:
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        fail(f"{key} must be an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        fail(f"unsupported {key} type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    needed = {"default": (), "linear": ("factor",)}.get(
+        rope_type,
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    )
+    for name in needed:
+        value = scaling.get(name)
+        if not (_real(value) and value > 0):
+            fail(f"{key}.{name} must be a positive number, got {value!r}")
+    if rope_type == "llama3" and scaling["high_freq_factor"] == scaling["low_freq_factor"]:
+        fail(f"{key}.high_freq_factor must differ from low_freq_factor")
+
+
+def _real(value: Any) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_token_id(value: Any, vocab_size: int, source: str, key: str) -> int:
+    """`value` as a token id in [0, vocab_size), else ValueError naming `source` and `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(
+            f"{source}: {key} must be a token id in [0, {vocab_size}) (the vocabulary), "
+            f"got {value!r}"
+        )
+    return value
+
+
+# GGUF suffix of each projection -> its module_shapes key (model/lora.py).
+_PROJECTIONS = {
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
+}
+_NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
+_LAYER_TENSOR = re.compile(r"blk\.\d+\.(\w+)\.(weight|bias)")
+
+
+def expected_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...] | None]:
+    """A function from a GGUF-style tensor name to the shape `spec` implies for it (None for a
+    name it does not know: such a tensor is not checked)."""
+    from girandole.model.lora import module_shapes  # lora imports this module
+
+    projections = module_shapes(spec)
+    h, v, d = spec.hidden_size, spec.vocab_size, spec.head_dim
+    fixed = {
+        "token_embd.weight": (v, h),
+        "output.weight": (v, h),
+        "output_norm.weight": (h,),
+        "rope_freqs.weight": (d // 2,),
+    }
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        if name in fixed:
+            return fixed[name]
+        m = _LAYER_TENSOR.fullmatch(name)
+        if m is None:
+            return None
+        part, kind = m.groups()
+        if part in _PROJECTIONS:
+            out_in = projections[_PROJECTIONS[part]]
+            return out_in if kind == "weight" else out_in[:1]
+        if kind == "weight" and part in _NORMS:
+            return (h,)
+        if kind == "weight" and part in ("attn_q_norm", "attn_k_norm"):
+            return (d,)
+        return None
+
+    return shape

@@ -68,11 +68,14 @@ def read_checkpoint(path: Path):
     return read_gguf(path)
 
 
-def build_model(spec: ArchSpec, weights, mode: str, device: torch.device) -> nn.Module:
+def build_model(
+    spec: ArchSpec, weights, mode: str, device: torch.device, source: str | None = None
+) -> nn.Module:
     """Build the network in CPU memory, in the form `mode` takes on `device` (packed
     quantized linears for fast mode on CPU, bf16 dense weights for fast mode elsewhere);
-    the caller moves it to `device`."""
-    builder = Builder(weights, mode, device)
+    the caller moves it to `device`. Each tensor must have the shape `spec` implies and
+    finite values; `source` (the checkpoint's path) names it in the errors."""
+    builder = Builder(weights, mode, device, spec, source)
     with torch.no_grad():
         model = _model_class(spec.architecture)(spec, builder)
     return model.eval().requires_grad_(False)
@@ -163,7 +166,7 @@ def load_model(
         from girandole.model.lora import MergedWeights, read_adapter
 
         weights = MergedWeights(weights, read_adapter(merge_adapter, spec))
-    model = build_model(spec, weights, mode, device)
+    model = build_model(spec, weights, mode, device, str(path))
     if device.type != "cpu":
         model = model.to(device)
 
@@ -187,7 +190,7 @@ def _save_cache(model: nn.Module, config: ModelConfig, cache_file: Path) -> None
 def build_cache_entry(path: str, cache_file: str) -> None:
     """Entry point of the child process that builds a packed-model cache entry."""
     spec, config, weights = read_checkpoint(Path(path))
-    model = build_model(spec, weights, "fast", torch.device("cpu"))
+    model = build_model(spec, weights, "fast", torch.device("cpu"), path)
     _save_cache(model, config, Path(cache_file))
 
 

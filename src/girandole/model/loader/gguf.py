@@ -13,7 +13,12 @@ import torch
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, default_sliding_windows
 from girandole.model.loader.gguf_file import open_gguf
-from girandole.model.spec import SUPPORTED_ARCHITECTURES, ArchSpec
+from girandole.model.spec import (
+    SUPPORTED_ARCHITECTURES,
+    ArchSpec,
+    check_token_id,
+    validate_spec,
+)
 
 # Tokens that end a turn in chat-tuned vocabularies; each one present is an extra stop id.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
@@ -30,6 +35,8 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf's Q/K row permutation (interleaved -> rotate-half rope)."""
     rows = w.shape[0]
+    if rows % (2 * n_head):  # Builder checks shapes first; this guards other readers
+        raise ValueError(f"{rows} rows cannot be {n_head} rotary heads")
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -47,11 +54,15 @@ class GGUFWeights:
     def qtype(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in Linear layout ([out, in]), from the header alone."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))  # GGUF: [in, out]
+
     def get(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
         t = self.tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists [in, out]
+        shape = self.shape(name)
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as exc:
@@ -61,11 +72,14 @@ class GGUFWeights:
             arr = np.array(arr, copy=True, order="C")
         out = torch.from_numpy(arr)
         spec = self.spec
-        if spec.architecture == "llama" and out.dim() >= 1:
-            if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
-                out = _unpermute(out, spec.num_heads)
-            elif re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", name):
-                out = _unpermute(out, spec.num_kv_heads)
+        try:
+            if spec.architecture == "llama" and out.dim() >= 1:
+                if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
+                    out = _unpermute(out, spec.num_heads)
+                elif re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", name):
+                    out = _unpermute(out, spec.num_kv_heads)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name} of shape {list(shape)}: {exc}") from exc
         return out
 
     def int8_groups(self, name: str):
@@ -147,7 +161,7 @@ def decode_int_groups(data: np.ndarray, qtype: str, rows: int, cols: int):
     return q_t, scale_t, off_t
 
 
-def _eos_ids(reader, tokens: list[str] | None) -> list[int]:
+def _eos_ids(reader, tokens: list[str] | None, vocab: int, source: str) -> list[int]:
     ids: list[int] = []
     for key in (
         "tokenizer.ggml.eos_token_id",
@@ -155,17 +169,20 @@ def _eos_ids(reader, tokens: list[str] | None) -> list[int]:
         "tokenizer.ggml.eom_token_id",
     ):
         v = _field(reader, key)
-        if v is not None and int(v) not in ids:
-            ids.append(int(v))
+        if v is not None and check_token_id(v, vocab, source, key) not in ids:
+            ids.append(v)
     if tokens is not None:
         for tok in END_OF_TURN_TOKENS:
             try:
                 i = tokens.index(tok)
             except ValueError:
                 continue
-            if i not in ids:
+            if i not in ids and i < vocab:
                 ids.append(i)
     return ids
+
+
+_MISSING = object()
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeights]:
@@ -179,67 +196,117 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
             f"unsupported model architecture {arch!r} in {path.name} "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    source = f"GGUF file {path.name}"
 
     def a(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
+
+    def number(key: str, kind: type, default: Any = _MISSING) -> Any:
+        """The metadata value `{arch}.{key}` as an int or float, named in any error."""
+        value = a(key)
+        if value is None:
+            if default is _MISSING:
+                raise ValueError(f"{source}: missing metadata {arch}.{key}")
+            return default
+        if isinstance(value, np.generic):
+            value = value.item()
+        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"{source}: {arch}.{key} must be a {kind.__name__}, got {value!r}")
+        return kind(value)
 
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"GGUF file has no token_embd.weight tensor: {path}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = a("vocab_size") or (len(tokens) if tokens is not None else None)
+    vocab = number("vocab_size", int, None) or (len(tokens) if tokens is not None else None)
     if vocab is None:
         vocab = int(tensors["token_embd.weight"].shape[1])
-    hidden = int(a("embedding_length"))
-    num_heads = int(a("attention.head_count"))
-    kv = a("attention.head_count_kv", num_heads)
-    num_kv = int(kv if np.isscalar(kv) else kv[0])
-    head_dim = int(a("attention.key_length", hidden // num_heads))
-    num_layers = int(a("block_count"))
-    ctx = int(a("context_length", 4096))
+    hidden = number("embedding_length", int)
+    num_heads = number("attention.head_count", int)
+    kv = a("attention.head_count_kv")
+    if kv is not None and not np.isscalar(kv):  # per-layer counts: one for all is supported
+        if len(set(kv)) != 1:
+            raise ValueError(f"{source}: per-layer {arch}.attention.head_count_kv {kv} differ")
+        num_kv = int(kv[0])
+    else:
+        num_kv = number("attention.head_count_kv", int, num_heads)
+    derived_head_dim = a("attention.key_length") is None
+    head_dim = number("attention.key_length", int, hidden // num_heads if num_heads > 0 else 0)
+    num_layers = number("block_count", int)
+    ctx = number("context_length", int, 4096)
 
     rope_scaling = None
     scaling_type = a("rope.scaling.type")
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
             raise ValueError(f"unsupported rope scaling {scaling_type!r} in {path.name}")
-        rope_scaling = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor", float)}
 
     spec = ArchSpec(
         architecture=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(a("feed_forward_length")),
+        intermediate_size=number("feed_forward_length", int),
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv,
         head_dim=head_dim,
-        rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(a("rope.freq_base", 10000.0)),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", float, 1e-6),
+        rope_theta=number("rope.freq_base", float, 10000.0),
         max_position=ctx,
         rope_scaling=rope_scaling,
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
     )
-    window = a("attention.sliding_window")
+    window = number("attention.sliding_window", int, None)
     if arch == "gemma3":
-        spec.sliding_windows = default_sliding_windows(num_layers, int(window or 512))
+        spec.sliding_windows = default_sliding_windows(num_layers, window or 512)
         spec.rope_local_theta = LOCAL_ROPE_THETA
         spec.query_pre_attn_scalar = float(head_dim)
         spec.hidden_act = "gelu_pytorch_tanh"
-        spec.final_logit_softcap = a("final_logit_softcapping")
-        spec.attn_logit_softcap = a("attn_logit_softcapping")
+        spec.final_logit_softcap = number("final_logit_softcapping", float, None)
+        spec.attn_logit_softcap = number("attn_logit_softcapping", float, None)
     else:
-        spec.sliding_windows = [int(window) if window else None] * num_layers
+        spec.sliding_windows = [window or None] * num_layers
+    keys = {name: f"{arch}.{key}" for name, key in _GGUF_KEYS.items()}
+    validate_spec(spec, source, keys, derived_head_dim=derived_head_dim)
+    value_dim = number("attention.value_length", int, head_dim)
+    if value_dim != head_dim:  # one head size for the K and V caches
+        raise ValueError(
+            f"{source}: {arch}.attention.value_length ({value_dim}) must equal "
+            f"{arch}.attention.key_length ({head_dim})"
+        )
 
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        check_token_id(bos, spec.vocab_size, source, "tokenizer.ggml.bos_token_id")
     config = ModelConfig.from_spec(
         spec,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=_eos_ids(reader, tokens),
+        bos_token_id=bos,
+        eos_token_ids=_eos_ids(reader, tokens, spec.vocab_size, source),
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", bos is not None)),
         name=str(_field(reader, "general.name", path.stem)),
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
     return spec, config, GGUFWeights(reader, spec)
+
+
+# ArchSpec field -> its GGUF metadata key (after "{arch}."), for error messages.
+_GGUF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_layers": "block_count",
+    "num_heads": "attention.head_count",
+    "num_kv_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "max_position": "context_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "rope_scaling": "rope.scaling",
+    "sliding_window": "attention.sliding_window",
+    "final_logit_softcap": "final_logit_softcapping",
+    "attn_logit_softcap": "attn_logit_softcapping",
+}

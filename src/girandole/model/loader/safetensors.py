@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,10 @@ import torch
 
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, SLIDING_WINDOW_PATTERN
-from girandole.model.spec import ArchSpec
+from girandole.model.spec import ArchSpec, check_token_id, validate_spec
+from girandole.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = {
     "llama": "llama",
@@ -75,7 +79,10 @@ class SafetensorsWeights:
 
         index = folder / "model.safetensors.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: weight_map must be an object, got {weight_map!r}")
+            files = sorted(set(map(str, weight_map.values())))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
         if not files:
@@ -105,6 +112,11 @@ class SafetensorsWeights:
         dtype = h.get_slice(hf_name).get_dtype()
         return {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dtype, dtype)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file's header, without reading it."""
+        h, hf_name = self.names[name]
+        return tuple(h.get_slice(hf_name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
         h, hf_name = self.names[name]
         t = h.get_tensor(hf_name).float()
@@ -113,110 +125,226 @@ class SafetensorsWeights:
         return t
 
 
-def _rope(cfg: dict[str, Any], key: str | None = None) -> tuple[float, dict | None]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+_REQUIRED = object()
+
+
+def _int(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
+    """cfg[key] as an int (`default` where absent or null), else ValueError naming it."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
+    """cfg[key] as a float (`default` where absent or null), else ValueError naming it."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _rope(cfg: dict[str, Any], source: Path, key: str | None = None) -> tuple[float, dict | None]:
     """(theta, scaling) from transformers 5 `rope_parameters` or 4.x rope_theta/rope_scaling."""
     params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"{source}: rope_parameters must be an object, got {params!r}")
     if params and key is not None and key in params:
         params = params[key]
+        if not isinstance(params, dict):
+            raise ValueError(f"{source}: rope_parameters.{key} must be an object, got {params!r}")
     if params and "rope_theta" in params:
-        theta = float(params["rope_theta"])
+        theta = _float(params, "rope_theta", source)
         scaling = params if params.get("rope_type", "default") != "default" else None
         return theta, scaling
-    theta = float(cfg.get("rope_theta", 10000.0))
+    theta = _float(cfg, "rope_theta", source, 10000.0)
     scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     if scaling and (scaling.get("rope_type") or scaling.get("type")) == "default":
         scaling = None
     return theta, scaling
 
 
+# Sampling defaults a generation_config.json may set (the request fields they stand in for).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+
+
+def _sampling_default_error(key: str, value: Any) -> str | None:
+    """Why `value` cannot be the default of SamplingParams field `key`, or None if it can."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "not a number"
+    if key == "top_k" and not float(value).is_integer():
+        return "not an integer"
+    if key == "top_p" and value == 0:
+        return None  # a nucleus of 0: greedy (as the server reads a request's top_p 0)
+    try:
+        SamplingParams(**{key: int(value) if key == "top_k" else value})
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def checked_generation_config(path: Path, vocab_size: int) -> dict[str, Any]:
+    """generation_config.json with each sampling default or token id no request could use
+    dropped, with a warning (the model still serves, on the built-in defaults); {} for a
+    missing or unreadable file."""
+    if not path.exists():
+        return {}
+    try:
+        config = read_json_object(path)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    for key in SAMPLING_KEYS:
+        value = config.get(key)
+        problem = None if value is None else _sampling_default_error(key, value)
+        if problem is not None:
+            log.warning("ignoring %s in %s: %r (%s)", key, path, value, problem)
+            del config[key]
+    for key in ("bos_token_id", "eos_token_id"):
+        value = config.get(key)
+        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        if value is not None and not all(_token_id_ok(i, vocab_size) for i in ids):
+            log.warning(
+                "ignoring %s in %s: %r (not token ids in [0, %d))", key, path, value, vocab_size
+            )
+            del config[key]
+    return config
+
+
+def _token_id_ok(value: Any, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
 def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, SafetensorsWeights]:
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"model folder has no config.json: {folder}")
+    cfg = read_json_object(cfg_path)
     model_type = cfg.get("model_type")
     if model_type == "gemma3" and "text_config" in cfg:
-        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+        text = cfg["text_config"]
+        if not isinstance(text, dict):
+            raise ValueError(f"{cfg_path}: text_config must be an object, got {text!r}")
+        cfg = {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
         model_type = "gemma3_text"
-    arch = MODEL_TYPES.get(model_type or "")
+    arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if arch is None:
         raise ValueError(
-            f"unsupported model_type {model_type!r} in {folder / 'config.json'} "
+            f"unsupported model_type {model_type!r} in {cfg_path} "
             f"(supported: {', '.join(sorted(MODEL_TYPES))})"
         )
-    hidden = int(cfg["hidden_size"])
-    num_heads = int(cfg["num_attention_heads"])
-    num_layers = int(cfg["num_hidden_layers"])
-    head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    hidden = _int(cfg, "hidden_size", cfg_path)
+    num_heads = _int(cfg, "num_attention_heads", cfg_path)
+    num_layers = _int(cfg, "num_hidden_layers", cfg_path)
+    derived_head_dim = cfg.get("head_dim") is None
+    head_dim = _int(cfg, "head_dim", cfg_path, hidden // num_heads if num_heads > 0 else 0)
     default_tie = arch == "gemma3"
     spec = ArchSpec(
         architecture=arch,
-        vocab_size=int(cfg["vocab_size"]),
+        vocab_size=_int(cfg, "vocab_size", cfg_path),
         hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
+        intermediate_size=_int(cfg, "intermediate_size", cfg_path),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        num_kv_heads=_int(cfg, "num_key_value_heads", cfg_path, num_heads),
         head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", cfg_path, 1e-6),
         rope_theta=10000.0,
-        max_position=max_pos,
+        max_position=_int(cfg, "max_position_embeddings", cfg_path, 4096),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", default_tie)),
         hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
     )
+    types = cfg.get("layer_types")
+    if types is not None and not isinstance(types, list):
+        raise ValueError(f"{cfg_path}: layer_types must be a list, got {types!r}")
     if arch == "gemma3":
-        spec.rope_theta, spec.rope_scaling = _rope(cfg, "full_attention")
-        local = cfg.get("rope_local_base_freq")
+        spec.rope_theta, spec.rope_scaling = _rope(cfg, cfg_path, "full_attention")
+        local = _float(cfg, "rope_local_base_freq", cfg_path, None)
         if local:
-            spec.rope_local_theta = float(local)
+            spec.rope_local_theta = local
         elif "sliding_attention" in (cfg.get("rope_parameters") or {}):
-            spec.rope_local_theta = _rope(cfg, "sliding_attention")[0]
+            spec.rope_local_theta = _rope(cfg, cfg_path, "sliding_attention")[0]
         else:
             spec.rope_local_theta = LOCAL_ROPE_THETA
-        window = int(cfg.get("sliding_window") or 512)
-        types = cfg.get("layer_types")
+        window = _int(cfg, "sliding_window", cfg_path, None) or 512
         if types is None:
-            pattern = int(cfg.get("sliding_window_pattern") or SLIDING_WINDOW_PATTERN)
+            pattern = _int(cfg, "sliding_window_pattern", cfg_path, None) or SLIDING_WINDOW_PATTERN
             types = [
                 "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                 for i in range(num_layers)
             ]
         spec.sliding_windows = [window if t == "sliding_attention" else None for t in types]
-        spec.query_pre_attn_scalar = float(cfg.get("query_pre_attn_scalar") or head_dim)
-        spec.final_logit_softcap = cfg.get("final_logit_softcapping")
-        spec.attn_logit_softcap = cfg.get("attn_logit_softcapping")
+        spec.query_pre_attn_scalar = _float(cfg, "query_pre_attn_scalar", cfg_path, None) or float(
+            head_dim
+        )
+        spec.final_logit_softcap = _float(cfg, "final_logit_softcapping", cfg_path, None)
+        spec.attn_logit_softcap = _float(cfg, "attn_logit_softcapping", cfg_path, None)
         spec.hidden_act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
     else:
-        spec.rope_theta, spec.rope_scaling = _rope(cfg)
-        window = cfg.get("sliding_window")
+        spec.rope_theta, spec.rope_scaling = _rope(cfg, cfg_path)
+        window = _int(cfg, "sliding_window", cfg_path, None)
         use = cfg.get("use_sliding_window", model_type == "mistral")
-        types = cfg.get("layer_types")
         if window and use:
             if types is not None:
-                spec.sliding_windows = [
-                    int(window) if t == "sliding_attention" else None for t in types
-                ]
+                spec.sliding_windows = [window if t == "sliding_attention" else None for t in types]
             else:
-                spec.sliding_windows = [int(window)] * num_layers
+                spec.sliding_windows = [window] * num_layers
         else:
             spec.sliding_windows = [None] * num_layers
+    validate_spec(spec, str(cfg_path), _HF_KEYS, derived_head_dim=derived_head_dim)
 
-    gen_path = folder / "generation_config.json"
-    generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    generation_config = checked_generation_config(
+        folder / "generation_config.json", spec.vocab_size
+    )
     tok_cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    tok_cfg = read_json_object(tok_cfg_path) if tok_cfg_path.exists() else {}
     chat_template = tok_cfg.get("chat_template")
     jinja = folder / "chat_template.jinja"
     if chat_template is None and jinja.exists():
         chat_template = jinja.read_text()
     if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in chat_template}
+        named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
         chat_template = named.get("default") or next(iter(named.values()), None)
+    if chat_template is not None and not isinstance(chat_template, str):
+        log.warning("ignoring the chat_template of %s: not a string", tok_cfg_path)
+        chat_template = None
 
+    # config.json's token ids must be in the vocabulary, used or not (a broken file);
+    # generation_config.json's are already checked.
+    for key in ("bos_token_id", "eos_token_id"):
+        value = cfg.get(key)
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None:
+                check_token_id(i, spec.vocab_size, str(cfg_path), key)
     eos: list[int] = []
-    for source in (generation_config.get("eos_token_id"), cfg.get("eos_token_id")):
-        for i in source if isinstance(source, list) else [source]:
-            if i is not None and int(i) not in eos:
-                eos.append(int(i))
+    for value in (generation_config.get("eos_token_id"), cfg.get("eos_token_id")):
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None and i not in eos:
+                eos.append(i)
     bos = generation_config.get("bos_token_id", cfg.get("bos_token_id"))
     add_bos = tok_cfg.get("add_bos_token")
     if add_bos is None:
@@ -224,7 +352,7 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
 
     config = ModelConfig.from_spec(
         spec,
-        bos_token_id=None if bos is None else int(bos),
+        bos_token_id=bos,
         eos_token_ids=eos,
         add_bos_token=bool(add_bos),
         name=folder.name,
@@ -232,3 +360,26 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
         chat_template=chat_template,
     )
     return spec, config, SafetensorsWeights(folder, arch)
+
+
+# ArchSpec field -> its config.json key, for error messages.
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "rope_local_theta": "rope_local_base_freq",
+    "rope_scaling": "rope_scaling",
+    "sliding_windows": "layer_types",
+    "sliding_window": "sliding_window",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "final_logit_softcap": "final_logit_softcapping",
+    "attn_logit_softcap": "attn_logit_softcapping",
+    "hidden_act": "hidden_act",
+}
