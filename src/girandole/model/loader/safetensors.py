@@ -139,30 +139,29 @@ def read_json_object(path: Path) -> dict[str, Any]:
 _REQUIRED = object()
 
 
-def _int(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
-    """cfg[key] as an int (`default` where absent or null), else ValueError naming it."""
+def _number(cfg: dict[str, Any], key: str, source: Path, kind: type, default: Any) -> Any:
+    """cfg[key] as `kind` (int or float; `default` where absent or null), else ValueError
+    naming it. An integral float is an int (some configs write 2048.0)."""
     value = cfg.get(key)
+    what = "an integer" if kind is int else "a number"
     if value is None:
         if default is _REQUIRED:
-            raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+            raise ValueError(f"{source}: {key} must be {what}, got {value!r}")
         return default
-    if isinstance(value, float) and value.is_integer():
+    if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
-    return value
+    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{source}: {key} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def _int(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
+    return _number(cfg, key, source, int, default)
 
 
 def _float(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
-    """cfg[key] as a float (`default` where absent or null), else ValueError naming it."""
-    value = cfg.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise ValueError(f"{source}: {key} must be a number, got {value!r}")
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{source}: {key} must be a number, got {value!r}")
-    return float(value)
+    return _number(cfg, key, source, float, default)
 
 
 def _rope(cfg: dict[str, Any], source: Path, key: str | None = None) -> tuple[float, dict | None]:
