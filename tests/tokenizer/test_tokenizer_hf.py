@@ -206,3 +206,23 @@ def test_cache_write_is_atomic_under_races(tmp_path, qwen_dir):
     hf, meta = _read_cached(entry)
     assert meta == tok.meta and hf.get_vocab_size() == tok.vocab_size
     assert sorted(p.name for p in entry.parent.iterdir()) == ["v1-x"]
+
+
+def test_config_files_that_are_not_objects(tmp_path, qwen_dir):
+    """A tokenizer_config.json that is not a JSON object is an error naming it; a bad
+    generation_config.json is ignored (the model loader warns of it), the tokenizer loads."""
+    import shutil
+
+    bad_gen = tmp_path / "gen"
+    shutil.copytree(qwen_dir, bad_gen)
+    (bad_gen / "generation_config.json").write_text("[1, 2]")
+    tok = load_tokenizer(str(bad_gen))
+    assert tok.encode("Once upon a time") == load_tokenizer(str(qwen_dir)).encode(
+        "Once upon a time"
+    )
+    for content in ("[1, 2]", "{not json"):
+        bad = tmp_path / f"config-{len(content)}"
+        shutil.copytree(qwen_dir, bad)
+        (bad / "tokenizer_config.json").write_text(content)
+        with pytest.raises(ValueError, match="tokenizer_config.json"):
+            load_tokenizer(str(bad))

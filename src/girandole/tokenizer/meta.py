@@ -68,11 +68,22 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, strict: bool = True) -> dict[str, Any]:
+    """A JSON object file ({} where absent). Not JSON or not an object: a ValueError naming the
+    file, or with `strict` off {} (generation_config.json: the model loader warns of it)."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if not strict:
+            return {}
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        if not strict:
+            return {}
+        raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _chat_template_of_folder(folder: Path, config: dict[str, Any]) -> str | None:
@@ -95,7 +106,7 @@ def hf_folder_meta(folder: Path, hf: Any) -> TokenizerMeta:
     """Metadata of a Hugging Face folder: tokenizer_config.json, generation_config.json and the
     tokenizer itself (`hf`, a `tokenizers.Tokenizer`)."""
     config = _read_json(folder / "tokenizer_config.json")
-    gen = _read_json(folder / "generation_config.json")
+    gen = _read_json(folder / "generation_config.json", strict=False)
     model_config = _read_json(folder / "config.json")
 
     def tid(text: str | None) -> int | None:
