@@ -71,6 +71,14 @@ class Batch:
         data = lines if isinstance(lines, bytes) else jsonl(lines)
         fw.datasets.upload(dataset_id, file=("input.jsonl", data))
 
+    def start_job(self, job_id: str, input_id: str, max_tokens: int) -> None:
+        self.client().batch_inference_jobs.create(
+            batch_inference_job_id=job_id,
+            model=MODEL,
+            input_dataset_id=input_id,
+            inference_parameters={"max_tokens": max_tokens},
+        )
+
     def wait(self, job_id: str, until, timeout: float = 240):
         fw = self.client()
         deadline = time.monotonic() + timeout
@@ -179,12 +187,7 @@ def test_sdk_upload_endpoint_under_inference(batch):
     assert httpx.put(urls["input.jsonl"], content=data).status_code == 200
     fw.datasets.validate_upload("signed-input", body={})
     assert fw.datasets.get("signed-input").example_count == "3"
-    fw.batch_inference_jobs.create(
-        batch_inference_job_id="signed",
-        model=MODEL,
-        input_dataset_id="signed-input",
-        inference_parameters={"max_tokens": 2},
-    )
+    batch.start_job("signed", "signed-input", 2)
     job = batch.wait("signed", lambda j: j.state == "JOB_STATE_COMPLETED")
     assert job.output_dataset_id == f"accounts/{ACCOUNT}/datasets/signed-output"
     assert len(batch.download(job.output_dataset_id)["results.jsonl"]) == 3
@@ -197,13 +200,7 @@ def test_kill_halfway_and_resume(batch):
     """SIGKILL the server while a 500-line job runs; after a restart the job resumes and every
     custom_id is in the results exactly once."""
     batch.upload("big-input", [chat_line(i) for i in range(500)])
-    fw = batch.client()
-    fw.batch_inference_jobs.create(
-        batch_inference_job_id="big",
-        model=MODEL,
-        input_dataset_id="big-input",
-        inference_parameters={"max_tokens": 6},
-    )
+    batch.start_job("big", "big-input", 6)
     halfway = batch.wait("big", lambda j: (j.job_progress.total_processed_requests or 0) >= 120)
     assert halfway.state == "JOB_STATE_RUNNING"
     batch.server.process.send_signal(signal.SIGKILL)
@@ -229,12 +226,7 @@ def test_kill_halfway_and_resume(batch):
 def test_cancel(batch):
     batch.upload("cancel-input", [chat_line(i) for i in range(400)])
     fw = batch.client()
-    fw.batch_inference_jobs.create(
-        batch_inference_job_id="cancel-me",
-        model=MODEL,
-        input_dataset_id="cancel-input",
-        inference_parameters={"max_tokens": 8},
-    )
+    batch.start_job("cancel-me", "cancel-input", 8)
     batch.wait("cancel-me", lambda j: (j.job_progress.total_processed_requests or 0) >= 20)
     r = batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/cancel-me:cancel")
     assert r.status_code == 200, r.text
@@ -365,12 +357,7 @@ def test_line_separators_inside_json_strings_are_text(batch):
 def test_a_running_jobs_output_dataset_cannot_be_deleted(batch):
     batch.upload("keep-input", [chat_line(i) for i in range(300)])
     fw = batch.client()
-    fw.batch_inference_jobs.create(
-        batch_inference_job_id="keep-output",
-        model=MODEL,
-        input_dataset_id="keep-input",
-        inference_parameters={"max_tokens": 8},
-    )
+    batch.start_job("keep-output", "keep-input", 8)
     datasets = f"/v1/accounts/{ACCOUNT}/datasets"
     r = batch.http("DELETE", datasets + "/keep-output-output")
     error = _error(r, 400, "keep-output", "cancel the job")
