@@ -59,6 +59,21 @@ def test_response_format_grammars():
         ({"type": "array", "uniqueItems": False}, True),
         ({"properties": []}, False),
         (True, True),
+        # what the grammar engine accepts but would not enforce (or could not meet)
+        ({"$defs": {"a": {"type": "boolean"}}, "$ref": "#/$defs/a", "const": True}, False),
+        ({"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/a", "description": "d"}, True),
+        ({"type": "array", "contains": {"const": 7}}, False),
+        ({"type": "array", "contains": {}}, True),
+        ({"type": "object", "required": ["zz"]}, False),
+        ({"type": "object", "properties": {"zz": {}}, "required": ["zz"]}, True),
+        ({"type": "object", "required": ["zz"], "anyOf": [{"properties": {"zz": {}}}]}, True),
+        ({"enum": [123456789012345678901234567890]}, False),
+        ({"const": 2**53}, True),
+        ({"anyOf": []}, False),
+        ({"oneOf": []}, False),
+        ({"type": "string", "maxLength": -1}, False),
+        ({"type": "array", "minItems": 1.5}, False),
+        ({"type": []}, False),
     ],
 )
 def test_check_schema(schema, ok):
@@ -93,6 +108,18 @@ def test_plan_tools():
     assert plan.mode == "required" and plan.allowed == ["add"]
     with pytest.raises(APIError):
         plan_tools(_req(tools=[ADD], functions=[ADD["function"]]), None)
+
+
+def test_a_function_without_a_parameters_type_takes_an_object():
+    """parameters {} is read as an object schema: a forced call's arguments must be one (the
+    grammar allowed any JSON value, which the call parser then refused: no call, "stop")."""
+    jsonschema = pytest.importorskip("jsonschema")
+    tool = Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": {}}})
+    schema = call_schema([tool], parallel=False)
+    jsonschema.validate({"name": "f", "arguments": {"x": 1}}, schema)
+    for arguments in ("something", None, [1]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "f", "arguments": arguments}, schema)
 
 
 def test_call_schema_moves_defs_and_validates():

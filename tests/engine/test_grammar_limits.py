@@ -58,6 +58,16 @@ def test_remote_refs_are_refused(ref):
         check_grammar_size(spec)
 
 
+def test_anchor_refs_are_refused_and_pointers_kept():
+    """ "#foo" (an $anchor) is not resolved by the grammar engine, which then leaves the value
+    unconstrained: a 400 instead. "#" and "#/..." pointers are fine."""
+    defs = {"a": {"$anchor": "foo", "type": "integer"}}
+    with pytest.raises(GrammarError, match="anchor"):
+        check_grammar_size(schema_spec({"$defs": defs, "$ref": "#foo"}))
+    check_grammar_size(schema_spec({"$defs": defs, "$ref": "#/$defs/a"}))
+    check_grammar_size(schema_spec({"properties": {"self": {"$ref": "#"}}}))
+
+
 def test_a_deep_schema_does_not_recurse():
     schema: dict = {"type": "string"}
     for _ in range(400):

@@ -104,6 +104,11 @@ class _Counts:
                     f"the JSON schema's $ref {ref[:200]!r} is not local: only references into"
                     " the schema itself ('#/...') are resolved; this server fetches nothing"
                 )
+            if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+                raise GrammarError(  # the grammar engine would quietly leave it unconstrained
+                    f"the JSON schema's $ref {ref[:200]!r} names an anchor: only JSON pointers"
+                    " ('#/$defs/name') are resolved"
+                )
             for key, value in node.items():
                 if key in SCHEMA_MAPS and isinstance(value, dict):
                     if key == "properties":

@@ -252,6 +252,7 @@ def call_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
         name = tool.function.name
         params = tool.function.parameters
         params = dict(params) if params is not None else dict(NO_PARAMETERS)
+        params.setdefault("type", "object")  # as read; else a call's arguments could be any JSON
         for key in ("$defs", "definitions"):
             for def_name, sub in (params.pop(key, None) or {}).items():
                 defs[f"{name}__{def_name}"] = _rewrite_refs(sub, name)

@@ -61,6 +61,16 @@ SUPPORTED_FORMATS = {
     "relative-json-pointer",
 }
 MAX_SCHEMA_DEPTH = 64  # nested subschemas; deeper is a 400 (the grammar compiler recurses)
+# Keywords that may stand beside "$ref": annotations and definitions. The grammar engine drops
+# any other sibling of a $ref (draft 2019-09 applies them), so those are a 400.
+REF_SIBLINGS = {
+    "$ref", "$defs", "definitions", "$id", "$schema", "$anchor", "$comment", "title",
+    "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+}  # fmt: skip
+COUNT_KEYWORDS = (
+    "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+)  # fmt: skip
+MAX_EXACT_INT = 2**53  # the grammar engine reads JSON numbers as doubles
 
 
 def check_schema(schema: Any, param: str, where: str = "") -> None:
@@ -79,9 +89,12 @@ def check_schema(schema: Any, param: str, where: str = "") -> None:
             f" field: '{param}'",
             param,
         )
+    _check_node(schema, param, where)
     for key, value in schema.items():
         here = f"{where}/{key}"
         if key in UNSUPPORTED_KEYWORDS:
+            raise _unsupported(key, here, param)
+        if key == "contains" and value not in (True, {}):
             raise _unsupported(key, here, param)
         if key == "uniqueItems" and value is True:
             raise _unsupported(key, here, param)
@@ -101,6 +114,12 @@ def check_schema(schema: Any, param: str, where: str = "") -> None:
                     f" field: '{param}'",
                     param,
                 )
+            if not value and key in ("anyOf", "oneOf"):  # matches nothing
+                raise bad_request(
+                    f"Invalid JSON schema at '{here}': '{key}' must list at least one schema,"
+                    f" field: '{param}'",
+                    param,
+                )
             for i, sub in enumerate(value):
                 check_schema(sub, param, f"{here}/{i}")
         elif key in SCHEMA_MAPS:
@@ -112,6 +131,53 @@ def check_schema(schema: Any, param: str, where: str = "") -> None:
                 )
             for name, sub in value.items():
                 check_schema(sub, param, f"{here}/{name}")
+
+
+def _check_node(schema: dict[str, Any], param: str, where: str) -> None:
+    """What the grammar engine would accept yet not enforce, in one schema object: keywords
+    beside a $ref, `required` names no property defines, integers beyond 2**53 in enum/const
+    (read as doubles), and counts or types that no value can meet."""
+    at = where or "#"
+    if "$ref" in schema:
+        extra = sorted(set(schema) - REF_SIBLINGS)
+        if extra:
+            raise _unsupported(f"{extra[0]} beside $ref", f"{where}/{extra[0]}", param)
+    required, properties = schema.get("required"), schema.get("properties")
+    elsewhere = ("patternProperties", "allOf", "anyOf", "oneOf", "$ref")  # may define them
+    if isinstance(required, list) and not any(k in schema for k in elsewhere):
+        defined = properties if isinstance(properties, dict) else {}
+        missing = [name for name in required if name not in defined]
+        if missing:
+            raise _unsupported(
+                f"required {missing[0]!r} (a name 'properties' does not define)",
+                f"{where}/required",
+                param,
+            )
+    for key in ("enum", "const"):
+        values = schema.get(key) if key == "enum" else [schema.get(key)]
+        for value in values if isinstance(values, list) else []:
+            if isinstance(value, int) and not isinstance(value, bool):
+                if abs(value) > MAX_EXACT_INT:
+                    raise bad_request(
+                        f"Invalid JSON schema at '{at}/{key}': the integer {value} is beyond"
+                        f" 2**53, which constrained decoding cannot write exactly,"
+                        f" field: '{param}'",
+                        param,
+                    )
+    for key in COUNT_KEYWORDS:
+        value = schema.get(key)
+        if key in schema and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise bad_request(
+                f"Invalid JSON schema at '{where}/{key}': it must be a non-negative integer,"
+                f" got {value!r}, field: '{param}'",
+                param,
+            )
+    if schema.get("type") == []:
+        raise bad_request(
+            f"Invalid JSON schema at '{where}/type': a list of types must not be empty,"
+            f" field: '{param}'",
+            param,
+        )
 
 
 def _unsupported(what: str, where: str, param: str) -> Exception:
