@@ -108,6 +108,8 @@ def test_plan_tools():
     assert plan.mode == "required" and plan.allowed == ["add"]
     with pytest.raises(APIError):
         plan_tools(_req(tools=[ADD], functions=[ADD["function"]]), None)
+    with pytest.raises(APIError, match="needs the function"):
+        plan_tools(_req(tools=[ADD], tool_choice={"type": "function"}), None)
 
 
 def test_a_function_without_a_parameters_type_takes_an_object():

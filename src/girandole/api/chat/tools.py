@@ -104,6 +104,12 @@ def plan_tools(req: Any, template: str | None) -> ToolPlan | None:
         mode = "none"
     elif isinstance(choice, NamedToolChoice):
         name = choice.function_name()
+        if name is None:
+            raise bad_request(
+                'tool_choice of type "function" needs the function: {"type": "function",'
+                ' "function": {"name": "..."}}',
+                "tool_choice",
+            )
         if name not in names:
             raise bad_request(f"tool_choice names a function not in tools: '{name}'", "tool_choice")
         mode, allowed, single = "required", [name], True
