@@ -159,6 +159,26 @@ def _real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+REQUIRED = object()  # config_number's default for a value that must be there
+
+
+def config_number(value: Any, kind: type, where: str, default: Any = REQUIRED) -> Any:
+    """A config or metadata value as `kind` (int or float): `default` where it is absent (None),
+    else ValueError naming `where` ("<file>: <key>"). An integral float is an int (some configs
+    write 2048.0); a bool or a string is neither."""
+    what = "an integer" if kind is int else "a number"
+    if value is None:
+        if default is REQUIRED:
+            raise ValueError(f"{where} must be {what}, got None")
+        return default
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{where} must be {what}, got {value!r}")
+    return kind(value)
+
+
 def check_token_id(value: Any, vocab_size: int, source: str, key: str) -> int:
     """`value` as a token id in [0, vocab_size), else ValueError naming `source` and `key`."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:

@@ -93,8 +93,8 @@ def _json_path(key: str) -> str:
 
 def _metadata_value(key: str) -> tuple[str, list[str]]:
     """SQL for the value of one metadata key, and its parameters. Rows written before metadata
-    was stored unescaped spell a non-ASCII key as \\uXXXX, which SQLite matches only verbatim:
-    such a key is looked up in both spellings."""
+    was stored unescaped spell a non-ASCII key with \\u escapes (\\u00e9 for é), which SQLite
+    matches only verbatim: such a key is looked up in both spellings."""
     path = _json_path(key)
     escaped = "$." + json.dumps(key)  # ensure_ascii, as those rows were written
     if escaped == path:

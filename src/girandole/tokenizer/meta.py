@@ -71,19 +71,16 @@ def _token_content(value: Any) -> str | None:
 def _read_json(path: Path, strict: bool = True) -> dict[str, Any]:
     """A JSON object file ({} where absent). Not JSON or not an object: a ValueError naming the
     file, or with `strict` off {} (generation_config.json: the model loader warns of it)."""
+    from girandole.model.loader.safetensors import read_json_object  # torch: only when needed
+
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if not strict:
-            return {}
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        if not strict:
-            return {}
-        raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
-    return value
+        return read_json_object(path)
+    except ValueError:
+        if strict:
+            raise
+        return {}
 
 
 def _chat_template_of_folder(folder: Path, config: dict[str, Any]) -> str | None:

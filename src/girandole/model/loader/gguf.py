@@ -14,9 +14,11 @@ from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, default_sliding_windows
 from girandole.model.loader.gguf_file import open_gguf
 from girandole.model.spec import (
+    REQUIRED,
     SUPPORTED_ARCHITECTURES,
     ArchSpec,
     check_token_id,
+    config_number,
     validate_spec,
 )
 
@@ -182,9 +184,6 @@ def _eos_ids(reader, tokens: list[str] | None, vocab: int, source: str) -> list[
     return ids
 
 
-_MISSING = object()
-
-
 def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeights]:
     path = Path(path)
     reader = open_gguf(path)
@@ -201,19 +200,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
     def a(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
-    def number(key: str, kind: type, default: Any = _MISSING) -> Any:
+    def number(key: str, kind: type, default: Any = REQUIRED) -> Any:
         """The metadata value `{arch}.{key}` as an int or float, named in any error."""
-        value = a(key)
-        if value is None:
-            if default is _MISSING:
-                raise ValueError(f"{source}: missing metadata {arch}.{key}")
-            return default
-        if isinstance(value, np.generic):
-            value = value.item()
-        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok:
-            raise ValueError(f"{source}: {arch}.{key} must be a {kind.__name__}, got {value!r}")
-        return kind(value)
+        return config_number(a(key), kind, f"{source}: {arch}.{key}", default)
 
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:

@@ -13,7 +13,13 @@ import torch
 
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, SLIDING_WINDOW_PATTERN
-from girandole.model.spec import ArchSpec, check_token_id, validate_spec
+from girandole.model.spec import (
+    REQUIRED,
+    ArchSpec,
+    check_token_id,
+    config_number,
+    validate_spec,
+)
 from girandole.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -129,39 +135,19 @@ def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object; ValueError naming the file otherwise."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
     return value
 
 
-_REQUIRED = object()
+def _int(cfg: dict[str, Any], key: str, source: Path, default: Any = REQUIRED) -> Any:
+    return config_number(cfg.get(key), int, f"{source}: {key}", default)
 
 
-def _number(cfg: dict[str, Any], key: str, source: Path, kind: type, default: Any) -> Any:
-    """cfg[key] as `kind` (int or float; `default` where absent or null), else ValueError
-    naming it. An integral float is an int (some configs write 2048.0)."""
-    value = cfg.get(key)
-    what = "an integer" if kind is int else "a number"
-    if value is None:
-        if default is _REQUIRED:
-            raise ValueError(f"{source}: {key} must be {what}, got {value!r}")
-        return default
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        raise ValueError(f"{source}: {key} must be {what}, got {value!r}")
-    return kind(value)
-
-
-def _int(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
-    return _number(cfg, key, source, int, default)
-
-
-def _float(cfg: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
-    return _number(cfg, key, source, float, default)
+def _float(cfg: dict[str, Any], key: str, source: Path, default: Any = REQUIRED) -> Any:
+    return config_number(cfg.get(key), float, f"{source}: {key}", default)
 
 
 def _rope(cfg: dict[str, Any], source: Path, key: str | None = None) -> tuple[float, dict | None]:
