@@ -70,6 +70,7 @@ def test_head_refines_the_top_candidates_exactly():
     table = Int8Embedding(torch.randn(vocab, hidden, generator=g) * 0.05)
     head = QuantLMHead(table)
     assert head.native4_packed is not None and head.native_packed is None
+    assert head.qweight is None  # the per-row int8 copy only serves torch's fallback
     x = torch.randn(9, hidden, generator=g) * 4
     exact = x @ table.rows(torch.arange(vocab)).t()
     got = head(x)

@@ -174,9 +174,9 @@ def test_quantized_linears_agree_with_torch_int4_kernels(top):
     (`_packed`, the fallback): both compute with the same weights, within bf16 rounding."""
     q, scale, offset = _levels(128, 256, top, seed=top)
     if top == 16:
-        layer = quant.Int4Linear(None, groups=(q, scale, offset + 8.0 * scale))
+        layer = quant.Int4Linear(None, torch_forms=True, groups=(q, scale, offset + 8.0 * scale))
     else:
-        layer = quant.Int4x2Linear((q, scale, offset))
+        layer = quant.Int4x2Linear((q, scale, offset), torch_forms=True)
     assert layer.native_bits & wq_gemm.LEVEL_BITS == (4 if top == 16 else 5)
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
     native = layer(x)
@@ -209,8 +209,8 @@ def test_concat_linear_packs_each_part_at_its_width():
     on the native kernel (each part into its columns) and on torch's kernels alike."""
     q1, s1, o1 = _levels(64, 128, 16, seed=1, as_gguf=True)
     q2, s2, o2 = _levels(32, 128, 256, seed=2, as_gguf=True)
-    qk = quant.Int4Linear(None, bias=torch.randn(64), groups=(q1, s1, o1 + 8.0 * s1))
-    v = quant.Int4x2Linear((q2, s2, o2), bias=torch.randn(32))
+    qk = quant.Int4Linear(None, torch.randn(64), torch_forms=True, groups=(q1, s1, o1 + 8.0 * s1))
+    v = quant.Int4x2Linear((q2, s2, o2), torch.randn(32), torch_forms=True)
     biases = torch.cat([qk.bias, v.bias])
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(3))
     separate = torch.cat([qk(x), v(x)], dim=1)
@@ -221,6 +221,32 @@ def test_concat_linear_packs_each_part_at_its_width():
     assert layer.native_bits and qk.bias is None and torch.equal(layer.bias, biases)
     assert torch.equal(layer(x), separate)
     assert torch.equal(layer._decode_or_dense(x.bfloat16()), fallback)  # biases: in forward
+
+
+@pytest.mark.parametrize("top", [16, 256])
+def test_layers_the_native_kernel_serves_skip_torch_forms(top):
+    """Where the native kernel serves a layer, its torch forms (int4pack halves, the bf16 dense
+    copy) are not built: the same outputs, fewer bytes. A shape the native layout does not take
+    keeps them."""
+    q, scale, offset = _levels(64, 128, top, seed=7)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(8))
+
+    def build(torch_forms):
+        if top == 16:
+            return quant.Int4Linear(None, None, torch_forms, groups=(q, scale, offset + 8 * scale))
+        return quant.Int4x2Linear((q, scale, offset), None, torch_forms)
+
+    lean, full = build(None), build(True)
+    assert not lean.torch_forms and lean.dense is None
+    assert not any(n in dict(lean.named_buffers()) for n in ("packed", "lo_packed", "hi_packed"))
+    lean_bytes = sum(b.numel() * b.element_size() for b in lean.buffers())
+    full_bytes = sum(b.numel() * b.element_size() for b in full.buffers())
+    assert lean_bytes * 2 < full_bytes
+    assert torch.equal(lean(x), full(x))
+    with pytest.raises(RuntimeError, match="native kernels only"):
+        lean._decode_or_dense(x.bfloat16())
+    assert quant.torch_forms_needed(64, 128) is False
+    assert quant.torch_forms_needed(72, 128) is True  # channels not in blocks of 16
 
 
 def _exact_by_computing(q, scale, offset) -> bool:

@@ -195,24 +195,28 @@ class QuantLMHead(nn.Module):
     def __init__(self, table: Int8Embedding) -> None:
         super().__init__()
         self.table = table
-        vocab, hidden = table.qweight.shape
+        self.vocab, hidden = table.qweight.shape
         # The 4-bit copy where it holds the weights (float16 parameters), else int8 alone.
-        use4 = int4_head.supports(vocab, hidden, float(table.scale.abs().max()) * 127.0)
+        use4 = int4_head.supports(self.vocab, hidden, float(table.scale.abs().max()) * 127.0)
+        # The per-row int8 copy serves torch's fallback and the native int8 kernel: not built
+        # where the native kernels run the 4-bit copy (its memory and a fifth of a build).
+        use8 = not (use4 and kernels.available())
         q, scale, q4 = [], [], []
-        for start in range(0, vocab, self.CHUNK):  # chunks bound the temporary memory
-            rows = table.rows(torch.arange(start, min(start + self.CHUNK, vocab)))
-            qc, sc = quantize_int8_rows(rows)
-            q.append(qc)
-            scale.append(sc)
+        for start in range(0, self.vocab, self.CHUNK):  # chunks bound the temporary memory
+            rows = table.rows(torch.arange(start, min(start + self.CHUNK, self.vocab)))
+            if use8:
+                qc, sc = quantize_int8_rows(rows)
+                q.append(qc)
+                scale.append(sc)
             if use4:
                 q4.append(int4_head.quantize(rows))
-        self.register_buffer("qweight", torch.cat(q))  # [V, H]
-        self.register_buffer("qscale", torch.cat(scale))  # [V]
+        self.register_buffer("qweight", torch.cat(q) if use8 else None)  # [V, H]
+        self.register_buffer("qscale", torch.cat(scale) if use8 else None)  # [V]
         # The native kernels' layout (from the memory-mapped model cache only the one in use is
         # read into memory).
         packed4 = int4_head.pack(*(torch.cat(parts) for parts in zip(*q4))) if use4 else None
         self.register_buffer("native4_packed", packed4)
-        native8 = packed4 is None and int8_gemm.supports(vocab, hidden)
+        native8 = packed4 is None and int8_gemm.supports(self.vocab, hidden)
         packed, wsum = int8_gemm.pack(self.qweight) if native8 else (None, None)
         self.register_buffer("native_packed", packed)
         self.register_buffer("native_wsum", wsum)
@@ -224,10 +228,15 @@ class QuantLMHead(nn.Module):
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
         if kernels.available():
             if self.native4_packed is not None:
-                return int4_head.gemm(xq, sx, self.native4_packed, self.qweight.shape[0]), True
+                return int4_head.gemm(xq, sx, self.native4_packed, self.vocab), True
             if self.native_packed is not None:  # the same numbers as torch._int_mm
                 out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
                 return out, True
+        if self.qweight is None:
+            raise RuntimeError(
+                "this LM head was built for girandole's native kernels only, which are not "
+                "available now (its model cache entry is keyed by that: rebuild the model)"
+            )
         return torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale), False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,15 @@ def quantize_int4_groups(
 MIN_DENSE_ROWS = 4
 
 
+def torch_forms_needed(n: int, k: int) -> bool:
+    """Whether a packed linear [N, K] must keep torch's forms (its packed-kernel layout and the
+    bf16 dense copy for prefill rows) beside the native layout: only where the native kernel
+    cannot serve it (kernels not built here, or a shape its layout does not take). Skipping them
+    elsewhere halves a packed model's cache file and a third of its first build; the cache is
+    keyed by this choice (loader._code_hash)."""
+    return not (kernels.available() and wq_gemm.supports(n, k))
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """F.linear whose per-row result does not depend on the number of rows (on CPU)."""
     m = x.shape[0]
@@ -109,13 +118,15 @@ class PackedLinear(nn.Module):
     the native kernel's layout (`native_packed`, `native_params`, `native_bits` > 0 when stored).
 
     forward: where the native layout is stored and the kernels are built, every row runs on it
-    (one row-invariant kernel). Otherwise `_packed` serves decode rows and `dense` prefill rows.
+    (one row-invariant kernel), and torch's forms are not built (`torch_forms_needed`).
+    Otherwise `_packed` serves decode rows and `dense` prefill rows.
     Inside an engine step the ModelRunner puts decode tokens first and says how many there are
     (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
     tokens share the step: results are batch-invariant. On its own, the row count decides.
     """
 
     native_bits = 0  # 0: no native layout stored
+    torch_forms = True  # False: only the native layout is stored (torch_forms_needed)
 
     def __init__(
         self, shape: tuple[int, int], bias: torch.Tensor | None, dense: torch.Tensor | None
@@ -160,6 +171,11 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape, self.out_features)
 
     def _decode_or_dense(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.torch_forms:
+            raise RuntimeError(
+                "this layer was packed for girandole's native kernels only, which are not "
+                "available now (its model cache entry is keyed by that: rebuild the model)"
+            )
         m = x2.shape[0]
         if self.dense is None:
             k = m
@@ -205,15 +221,18 @@ class Int4Linear(PackedLinear):
         self,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None = None,
-        keep_dense: bool = True,
+        torch_forms: bool | None = None,
         groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """From a float weight [N, K] (requantized on a min/max grid), or from `groups`:
-        the exact (q [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) of a 4-bit file type."""
+        the exact (q [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) of a 4-bit file type.
+        `torch_forms`: also build torch's forms (None: where needed, torch_forms_needed)."""
         q, scale, zero = groups if groups is not None else quantize_int4_groups(weight)
-        dense = group_dense(q - 8, scale, zero) if keep_dense else None
-        super().__init__(q.shape, bias, dense)
-        packed, sz = pack_int4(q, scale, zero)
+        if torch_forms is None:
+            torch_forms = torch_forms_needed(*q.shape)
+        super().__init__(q.shape, bias, group_dense(q - 8, scale, zero) if torch_forms else None)
+        self.torch_forms = torch_forms
+        packed, sz = pack_int4(q, scale, zero) if torch_forms else (None, None)
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zeros", sz)
         self._store_native(q, scale, zero - 8.0 * scale)
@@ -245,10 +264,22 @@ class Int4x2Linear(PackedLinear):
     per-row requantization error."""
 
     def __init__(
-        self, groups: GroupLevels, bias: torch.Tensor | None = None, keep_dense: bool = True
+        self,
+        groups: GroupLevels,
+        bias: torch.Tensor | None = None,
+        torch_forms: bool | None = None,
     ) -> None:
+        """`torch_forms`: also build torch's forms (None: where needed, torch_forms_needed)."""
         q, scale, offset = groups
-        super().__init__(q.shape, bias, group_dense(q, scale, offset) if keep_dense else None)
+        if torch_forms is None:
+            torch_forms = torch_forms_needed(*q.shape)
+        super().__init__(q.shape, bias, group_dense(q, scale, offset) if torch_forms else None)
+        self.torch_forms = torch_forms
+        self._store_native(q, scale, offset)
+        if torch_forms:
+            self._store_int4_halves(q, scale, offset)
+
+    def _store_int4_halves(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
         lo, hi = q & 15, q >> 4
         # bf16 rounds each group's zero point by up to 2^-9 of its size, an error shared by the
         # whole group: keep both zero points small. Each group's `hi` is shifted by `c` to sit
@@ -264,7 +295,6 @@ class Int4x2Linear(PackedLinear):
         hi_packed, hi_sz = pack_int4(hi, 16.0 * scale, zero_hi)
         self.register_buffer("hi_packed", hi_packed)
         self.register_buffer("hi_sz", hi_sz)
-        self._store_native(q, scale, offset)
 
     def _packed(self, x2: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -5,7 +5,8 @@
   int8 embedding table (see model/quant.py); on CUDA, bf16 weights and plain F.linear.
 
 Fast-mode CPU models are cached (pickled module, memory-mapped on load) in
-`cache_dir()/packed`, keyed by the source file and the model code, so a second load of the
+`cache_dir()/packed`, keyed by the source file, the model code and whether the native kernels run
+(where they do, packed linears store only their layout), so a second load of the
 default model takes about a second instead of a GGUF parse and requantization. A missing entry
 is built in a child process, so the serving process never holds the build's transient memory.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from girandole.model import kernels
 from girandole.model.config import ModelConfig
 from girandole.model.default import cache_dir, resolve_model_path
 from girandole.model.layers import MODES, Builder
@@ -91,6 +93,9 @@ def _code_hash() -> str:
         h.update(p.read_bytes())
     h.update(torch.__version__.encode())
     h.update(str(CACHE_FORMAT).encode())
+    # Where the native kernels run, packed linears store only their layout (quant.py's
+    # torch_forms_needed): an entry built with them cannot serve a process without them.
+    h.update(b"native" if kernels.available() else b"torch")
     return h.hexdigest()[:16]
 
 
