@@ -387,6 +387,32 @@ def test_tool_call_stream(client):
     jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
 
 
+@pytest.mark.parametrize("max_tokens", [5, 16])
+def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_tokens):
+    """max_tokens ends a forced call before its name is whole, or inside its arguments: the
+    whole message is what the stream's deltas add up to (the calls as far as written, as
+    OpenAI answers), never the call's JSON as content."""
+    body = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
+        tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=max_tokens, temperature=0,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**body).choices[0]
+    assert whole.finish_reason == "length" and whole.message.content is None
+    calls: dict[int, list[str]] = {}
+    content = ""
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, [tc.function.name, ""])
+                entry[1] += tc.function.arguments or ""
+    assert content == ""
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert got == [tuple(v) for _, v in sorted(calls.items())]
+    assert bool(got) == (max_tokens == 16)
+
+
 def test_tool_auto_detects_a_call_and_results_go_back(client):
     # auto: free decoding, a call recognised in the output. Here response_format forces the
     # output into the call format, so the detection has something to recognise.

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from girandole.api.chat.schema import ChatCompletionRequest, Tool
-from girandole.api.chat.tool_calls import ToolStream, parse_calls, scan_calls
+from girandole.api.chat.tool_calls import ToolStream, finish_message, parse_calls, scan_calls
 from girandole.api.chat.tools import ToolPlan, call_schema, plan_tools, prompt_messages
 from girandole.api.http.errors import APIError
 from girandole.api.http.schema import ResponseFormat
@@ -215,6 +215,38 @@ def test_tool_stream():
     assert "".join(d["content"] for d in deltas) == "Hello there" and len(deltas) > 1
     deltas, _ = _replay(ToolStream(None), call)
     assert "".join(d["content"] for d in deltas) == call
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('{"name": "ad', []),  # cut before the name is whole: no call, no content
+        ('{"name": "add", "argu', [("add", "")]),
+        ('{"name": "add", "arguments": {"a": 1', [("add", '{"a": 1')]),
+        ('[{"name": "add", "arguments": {}}, {"name": "add", "arguments": {"b', [
+            ("add", "{}"), ("add", '{"b')]),
+    ],
+)  # fmt: skip
+def test_a_forced_call_cut_short_is_what_its_stream_shows(text, calls):
+    """A forced call cut by max_tokens: the whole message holds the calls as far as written
+    (as OpenAI answers, and as the stream's tool_calls deltas add up), never its JSON as
+    content; finish_reason stays length."""
+    message, finish = finish_message(_plan("required"), text, "length")
+    assert finish == "length" and message["content"] is None
+    got = [(c["function"]["name"], c["function"]["arguments"])
+           for c in message.get("tool_calls", [])]  # fmt: skip
+    assert got == calls
+    deltas, _ = _replay(ToolStream(_plan("required")), text)
+    streamed: dict[int, list[str]] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            entry = streamed.setdefault(tc["index"], [tc["function"].get("name"), ""])
+            entry[1] += tc["function"]["arguments"]
+    assert [tuple(v) for _, v in sorted(streamed.items())] == calls
+    assert not any("content" in d for d in deltas)
+    # under auto the same text is no call: it is content, as written
+    assert finish_message(_plan("auto"), text, "length") == (
+        {"role": "assistant", "content": text}, "length")  # fmt: skip
 
 
 def test_deep_schema_is_a_400():

@@ -12,6 +12,9 @@ The output.
 - A call gives `message.tool_calls` (`id` `call_<24 hex>`, `type: "function"`, `function.name`,
   `function.arguments`: the arguments exactly as the model wrote them, a JSON string) with
   `content: null` and `finish_reason: "tool_calls"`.
+- A forced call cut short (max_tokens, a stop string) keeps `finish_reason` and gives the calls
+  whose names were written, arguments as far as they go, `content: null` (what the stream's
+  deltas add up to, and what OpenAI answers); cut before its name, neither calls nor content.
 - Streaming: per call, one chunk with `index`, `id`, `type` and `function.name` (and arguments
   `""`), then the arguments as string fragments as they are generated. Constrained output is
   known to be a call from its first token; under `auto`, output that starts with `{`, `[` or a
@@ -223,7 +226,27 @@ def finish_message(
         if calls:
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}
             return message, "tool_calls"
+        if plan.mode == "required" and text.lstrip()[:1] in ("{", "["):
+            return cut_call_message(text), finish_reason  # cut short: max_tokens, a stop
     return {"role": "assistant", "content": text}, finish_reason
+
+
+def cut_call_message(text: str) -> dict[str, Any]:
+    """A forced call that did not finish, as its stream shows it (and as OpenAI answers a call
+    cut by max_tokens): each call whose name is written, its arguments as far as they go, and
+    no content. The output is the call's JSON, never text meant for the user: a call cut before
+    its name is no call and no content."""
+    calls = []
+    for span in scan_calls(text):
+        if span.name is None:
+            break
+        end = span.args_end if span.args_end is not None else len(text)
+        arguments = text[span.args_start : end] if span.args_start is not None else ""
+        calls.append(ParsedCall(span.name, arguments))
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    if calls:
+        message["tool_calls"] = tool_calls_json(calls)
+    return message
 
 
 @dataclass
