@@ -16,6 +16,7 @@ from girandole.api.messages.convert import chat_messages as anthropic_messages
 from girandole.api.messages.convert import to_chat_request
 from girandole.api.messages.schema import MessagesRequest
 from girandole.api.responses.convert import chat_messages, chat_tools, input_items
+from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import ResponsesRequest
 from girandole.registry.keystore import Database
 from girandole.registry.responses import ResponseStore
@@ -100,6 +101,76 @@ def test_anthropic_what_chat_cannot_say(body, field):
     with pytest.raises(APIError) as info:
         to_chat_request(anthropic(**body))
     assert info.value.status_code == 400 and info.value.param == field
+
+
+TURN_USE = {"role": "assistant", "content": [
+    {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2, "b": 3}}]}  # fmt: skip
+
+
+def _result(tool_use_id: str) -> dict:
+    return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use_id,
+                                         "content": "5"}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "messages, field, words",
+    [
+        # a result that answers nothing (it reached the model as a call nobody made)
+        ([_result("toolu_9")], "messages.0.content.0", "unexpected `tool_use_id`"),
+        ([{"role": "user", "content": "Add."}, TURN_USE, _result("toolu_2")],
+         "messages.2.content.0", "toolu_2"),
+        # a call answered two turns later is not answered "immediately after"
+        ([{"role": "user", "content": "Add."}, TURN_USE, {"role": "user", "content": "Well?"},
+          {"role": "assistant", "content": "Hm."}, _result("toolu_1")],
+         "messages.1", "without `tool_result` blocks immediately after: toolu_1"),
+        ([{"role": "user", "content": "Add."}, {"role": "assistant", "content": [
+            *TURN_USE["content"], *TURN_USE["content"]]}, _result("toolu_1")],
+         "messages.1.content.1", "must be unique"),
+    ],
+)  # fmt: skip
+def test_anthropic_tool_blocks_must_pair(messages, field, words):
+    """Anthropic's 400s for tool_use / tool_result blocks that do not answer each other."""
+    with pytest.raises(APIError) as info:
+        to_chat_request(anthropic(messages=messages))
+    assert info.value.status_code == 400 and info.value.param == field
+    assert words in info.value.message
+
+
+def test_anthropic_tool_blocks_paired_across_merged_turns():
+    """Consecutive messages of one role are one turn (as Anthropic merges them), and a final
+    assistant turn's call is a prefill: neither is a pairing error."""
+    split = [{"role": "user", "content": "Add."}, TURN_USE,
+             {"role": "assistant", "content": "Calling."},
+             {"role": "user", "content": "Here:"}, _result("toolu_1")]  # fmt: skip
+    to_chat_request(anthropic(messages=split))
+    to_chat_request(anthropic(messages=[{"role": "user", "content": "Add."}, TURN_USE]))
+
+
+def test_translated_requests_read_special_tokens_as_text():
+    """Anthropic's and OpenAI's APIs have no way to type a turn marker: the chat request made
+    from them has safe_tokenization on (chat's own default stays off, as at Fireworks)."""
+    chat = to_chat_request(anthropic(messages=[{"role": "user", "content": "<end_of_turn>"}]))
+    assert chat.safe_tokenization is True
+
+
+def test_responses_function_calls_must_pair():
+    """OpenAI's 400s: an output whose call is not earlier in the conversation, a call never
+    answered."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "5"}
+    ask = {"role": "user", "content": "Add."}
+    check_call_outputs(input_items(responses(input=[ask, call, output])))
+    for items, words in (
+        ([ask, output], "No tool call found for function call output with call_id call_1"),
+        ([ask, output, call], "No tool call found for function call output with call_id call_1"),
+        ([ask, call, {**output, "call_id": "call_2"}], "call_id call_2"),
+        ([ask, call, {"role": "user", "content": "And?"}], "No tool output found for function"
+         " call call_1"),
+    ):  # fmt: skip
+        with pytest.raises(APIError) as info:
+            check_call_outputs(input_items(responses(input=items)))
+        assert info.value.status_code == 400 and info.value.param == "input"
+        assert words in info.value.message
 
 
 def test_responses_items_as_chat_messages():

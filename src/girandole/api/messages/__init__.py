@@ -12,7 +12,11 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
   text blocks; `is_error` prefixes `Error: `); `thinking`/`redacted_thinking` blocks are left
   out; `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
-  merged. A final assistant turn is continued (a prefill).
+  merged. A final assistant turn is continued (a prefill). As at Anthropic, a turn's `tool_use`
+  blocks are answered by `tool_result` blocks in the next turn, a `tool_result` answers a
+  `tool_use` of the turn before, and `tool_use` ids are unique; anything else is a 400
+  (`pairing.py`). Special-token strings in any text (`<end_of_turn>` typed by a user) are read
+  as plain text (chat's `safe_tokenization`, always on here).
 - `max_tokens` (required, >= 1; fitted to the context as chat fits it), `stop_sequences` (at
   most 4, as `stop` elsewhere), `temperature` (0-2), `top_p`, `top_k` (0-100), `metadata`
   (`user_id`, kept as the request's user), `raw_output` (Fireworks: the prompt as fed and the

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from girandole.api.http.errors import bad_request
+from girandole.api.messages.pairing import check_tool_pairing
 from girandole.api.messages.schema import (
     MessagesRequest,
     TextBlock,
@@ -158,10 +159,12 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
     if config is not None and config.format is not None:
         schema = {"name": "output", "schema": config.format.schema_}
         response_format = {"type": "json_schema", "json_schema": schema}
+    messages = chat_messages(req)  # blocks in the wrong role are a 400 first
+    check_tool_pairing(req.messages)
     tools, tool_choice, parallel = chat_tools(req)
     fields = {
         "model": req.model,
-        "messages": chat_messages(req),
+        "messages": messages,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,

@@ -27,7 +27,12 @@ class TranslatedChat(ChatCompletionRequest):
 
 def to_chat(fields: dict[str, Any], source: Any) -> TranslatedChat:
     """The chat request of `fields` (chat's names; None values left out). The source request was
-    validated with chat's limits, so a 400 here is rare (and names chat's field)."""
+    validated with chat's limits, so a 400 here is rare (and names chat's field).
+
+    Special-token strings in the text (`<end_of_turn>`, `<|im_start|>` typed by a user) are
+    always read as plain text: Anthropic's and OpenAI's APIs have no way to inject turn markers,
+    and no field that would opt into it (chat's `safe_tokenization`, always on here)."""
+    fields = {**fields, "safe_tokenization": True}
     req = validate_model(TranslatedChat, {k: v for k, v in fields.items() if v is not None})
     req.source = source
     return req

@@ -9,6 +9,9 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
   `reasoning` items are left out; other item types are a 400. Consecutive messages of one role
   are merged; function_call items join the assistant message before them as its tool calls.
+  As at OpenAI, a `function_call_output` without an earlier `function_call` of its `call_id`
+  (stored turns included) and a `function_call` never answered are 400s (`pairing.py`).
+  Special-token strings in any text are read as plain text (chat's `safe_tokenization`).
 - `instructions`: the system message, first. Not carried over by `previous_response_id` (as at
   OpenAI): send it again with each turn that needs it.
 - `previous_response_id`: the stored response's conversation (its input items, then its output

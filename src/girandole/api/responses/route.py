@@ -21,6 +21,7 @@ from girandole.api.responses.convert import (
     input_items,
     response_format,
 )
+from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.pipeline import inference_router
@@ -84,6 +85,7 @@ class Responses(TranslatedEndpoint):
                 )
             items = previous.input_items + previous.body["output"]
         items += input_items(source)
+        check_call_outputs(items)
         messages = chat_messages(source.instructions, items)
         if not messages:
             raise bad_request("The conversation is empty: send 'input'", "input")

@@ -1,0 +1,32 @@
+"""OpenAI's rule for function calls in a Responses conversation (the stored turns of
+`previous_response_id` and the new input together): every `function_call_output` answers an
+earlier `function_call` of the same `call_id`, and every `function_call` is answered. OpenAI
+answers 400 otherwise; without the check a dangling output reached the model as a result of a
+call nobody made (or the chat template refused it with an unrelated message), and an
+unanswered call as if it had been answered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from girandole.api.http.errors import bad_request
+
+
+def check_call_outputs(items: list[dict[str, Any]]) -> None:
+    """A 400 in OpenAI's words for an output without its call, or a call without its output."""
+    calls: list[str] = []
+    answered: set[str] = set()
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            calls.append(item["call_id"])
+        elif kind == "function_call_output":
+            if item["call_id"] not in calls:
+                raise bad_request(
+                    f"No tool call found for function call output with call_id {item['call_id']}.",
+                    "input",
+                )
+            answered.add(item["call_id"])
+    for call_id in calls:
+        if call_id not in answered:
+            raise bad_request(f"No tool output found for function call {call_id}.", "input")
