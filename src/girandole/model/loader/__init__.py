@@ -193,7 +193,11 @@ def _save_cache(model: nn.Module, config: ModelConfig, cache_file: Path) -> None
 
 
 def build_cache_entry(path: str, cache_file: str) -> None:
-    """Entry point of the child process that builds a packed-model cache entry."""
+    """Entry point of the child process that builds a packed-model cache entry. On one thread:
+    a build is thousands of short tensor ops, which a second thread barely speeds up on an idle
+    machine and stalls on a busy one (the default model: 15 s on one thread, 35-74 s on two
+    while other work held the cores)."""
+    torch.set_num_threads(1)
     spec, config, weights = read_checkpoint(Path(path))
     model = build_model(spec, weights, "fast", torch.device("cpu"), path)
     _save_cache(model, config, Path(cache_file))
