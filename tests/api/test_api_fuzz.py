@@ -101,6 +101,10 @@ def _hostile_bodies(model: str) -> list[tuple[str, bytes]]:
         ("deep object", ('{"a":' * 50_000 + "1" + "}" * 50_000).encode()),
         ("invalid utf-8", b'{"model": "' + model.encode() + b'", "prompt": "\xff\xfe\xc3"}'),
         ("lone surrogate", b'{"model": "%s", "prompt": "\\ud800x"}' % model.encode()),
+        (
+            "lone surrogate in a key",
+            b'{"model": "%s", "prompt": "a", "metadata": {"\\ud800": "x"}}' % model.encode(),
+        ),
         ("nul bytes", j({"model": model, "prompt": "a\x00b"})),
         ("prompt wrong type", j({"model": model, "prompt": {"a": 1}})),
         ("prompt list of mixed", j({"model": model, "prompt": ["a", 1, None]})),

@@ -21,6 +21,7 @@ KEY = "hardening-key"
 MODEL = "accounts/testing/models/tiny-eos"
 MAX_CONNECTIONS = 40
 READ_TIMEOUT = 1.0
+WRITE_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,74 @@ def test_a_client_that_drops_while_sending_its_body_is_a_499_not_a_500(guarded):
     assert "Traceback" not in guarded.log()
 
 
+def _raw_response(port: int, data: bytes) -> tuple[bytes, bytes]:
+    """(status line, body) of the answer to `data` sent raw; the server may close at once."""
+    with _connect(port) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while still sending: the answer is already on its way
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    head, _, body = out.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+def test_a_huge_request_head_is_a_431_and_memory_stays_flat(guarded):
+    # before: httptools and uvicorn kept every header, however many: tiny headers sent fast
+    # grew the process by hundreds of MB a second until the read timeout closed the socket
+    rss_before = _rss_mb(guarded)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + b"X:a\r\n" * 400_000
+    status, body = _raw_response(guarded.port, head + b"\r\n")
+    assert status.startswith(b"HTTP/1.1 431"), status
+    error = json.loads(body)["error"]
+    assert error["code"] == "REQUEST_HEADER_FIELDS_TOO_LARGE" and "65536 bytes" in error["message"]
+    assert _rss_mb(guarded) < rss_before + 100
+    # a large but legal head still passes
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
+    payload = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    status, _ = _raw_response(
+        guarded.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+        + many + b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
+    )  # fmt: skip
+    assert status.startswith(b"HTTP/1.1 200"), status
+
+
+def test_a_malformed_request_is_a_400_in_fireworks_shape(guarded):
+    status, body = _raw_response(
+        guarded.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
+    )
+    assert status.startswith(b"HTTP/1.1 400"), status
+    error = json.loads(body)["error"]  # before: uvicorn's text/plain "Invalid HTTP request"
+    assert error["message"].startswith("Malformed HTTP request"), error
+
+
+@pytest.mark.parametrize(
+    "authorization", ["Bearer\t" + KEY, "bearer " + KEY, "  BEARER   " + KEY + "  "]
+)
+def test_bearer_keys_are_read_whatever_the_case_and_whitespace(guarded, authorization):
+    payload = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    status, body = _raw_response(
+        guarded.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: " + authorization.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
+    )  # fmt: skip
+    assert status.startswith(b"HTTP/1.1 200"), body  # before, a tab: 401 "Missing API key"
+
+
+def _rss_mb(server) -> float:
+    status = open(f"/proc/{server.process.pid}/status").read()
+    line = next(x for x in status.splitlines() if x.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
 def test_response_headers_stay_small_with_a_huge_logit_bias(server):
     # the default model: its vocabulary holds 8,000 token ids
     bias = {str(i): 0.5 for i in range(8000)}
@@ -167,8 +236,40 @@ def test_a_body_that_is_not_json_by_content_type_is_a_415(guarded, content_type)
     assert "Content-Type" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"Content-Encoding": "gzip"}, "Content-Encoding 'gzip'"),
+        ({"Content-Type": "application/json; charset=latin-1"}, "charset 'latin-1'"),
+        ({"Content-Type": "application/json; charset=utf-16"}, "charset 'utf-16'"),
+    ],
+)
+def test_a_compressed_or_non_utf8_body_is_a_415_naming_it(guarded, headers, named):
+    import gzip
+
+    raw = json.dumps({"model": MODEL, "prompt": "h\u00e9", "max_tokens": 1}, ensure_ascii=False)
+    if "Content-Encoding" in headers:
+        content = gzip.compress(raw.encode())
+    else:
+        content = raw.encode(headers["Content-Type"].rsplit("=", 1)[1])
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        content=content,
+        headers={**guarded.headers, **headers},
+        timeout=30,
+    )
+    # before: a 400 "Request body is not valid UTF-8: invalid start byte at byte 1"
+    assert r.status_code == 415, r.text
+    assert named in r.json()["error"]["message"]
+
+
 def test_json_content_types_are_accepted(guarded):
-    for content_type in ("application/json", "application/json; charset=utf-8", None):
+    for content_type in (
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json; charset=UTF8",
+        None,
+    ):
         headers = dict(guarded.headers)
         if content_type:
             headers["Content-Type"] = content_type
@@ -284,7 +385,7 @@ def busy(tmp_path_factory):
         tmp, "--model", str(model), "--model-id", "tiny", "--account", "testing",
         "--kv-cache-gb", "0.05", "--max-model-len", "8192",
         "--max-concurrent-requests", "4", "--max-queued-requests", "0",
-        "--drain-seconds", "2", api_key=None,
+        "--drain-seconds", "2", "--response-write-timeout", str(WRITE_TIMEOUT), api_key=None,
     )  # fmt: skip
     yield srv
     if srv.process.poll() is None:
@@ -327,6 +428,61 @@ def test_admission_counts_choices_not_requests(busy):
         timeout=30,
     )
     assert ok.status_code == 200
+
+
+def _gauge(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + " "))
+
+
+def test_a_client_that_stops_reading_its_stream_is_cut_off_and_frees_its_slots(busy):
+    # before: a stream the client never read held its slots (and its output, buffered) for as
+    # long as the client kept the socket open, long after the engine had finished
+    body = json.dumps(
+        {
+            "model": "accounts/testing/models/tiny",
+            "prompt": "x " * 3900,  # echoed with logprobs: megabytes at once, more than
+            "echo": True,  # the sockets' buffers hold
+            "logprobs": 5,
+            "n": 2,
+            "stream": True,
+            "max_tokens": 3000,
+            "ignore_eos": True,
+        }
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", busy.port))
+    try:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        deadline = time.monotonic() + 5
+        while _gauge(busy, "girandole_requests_active") == 0:  # admitted
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        deadline = time.monotonic() + 90
+        while _gauge(busy, "girandole_requests_active") > 0:  # never read from
+            assert time.monotonic() < deadline, "the unread stream still holds its slots"
+            time.sleep(0.5)
+        assert busy.wait_idle(30)["engine"]["kv_blocks_used"] == 0  # the engine stopped too
+        # the server aborted the connection: what it had sent, then the end
+        s.settimeout(10)
+        try:
+            while s.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        s.close()
+    assert "read nothing for" in busy.log()
+    ok = httpx.post(
+        busy.url + "/v1/completions",
+        json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+        timeout=30,
+    )
+    assert ok.status_code == 200, ok.text
 
 
 def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event(busy):

@@ -370,6 +370,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     guard = ConnectionGuard(
         settings.max_connections or default_max_connections(file_limit),
         settings.request_read_timeout,
+        settings.response_write_timeout,
     )
     config = uvicorn.Config(
         app,

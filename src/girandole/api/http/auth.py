@@ -6,12 +6,13 @@ from fastapi import Request
 
 
 def bearer_token(header: str | None) -> str | None:
+    """The key of `Bearer <key>`: any case, any whitespace between (a tab was read as no key)."""
     if not header:
         return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
+    parts = header.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    return token.strip() or None
+    return parts[1].strip() or None
 
 
 async def require_api_key(request: Request) -> None:

@@ -7,6 +7,14 @@ The guard, a subclass of uvicorn's httptools protocol:
 - closes a connection that has not sent a complete request (head and body) within
   `request_read_timeout` seconds of connecting (or of its previous response: uvicorn's own
   keep-alive timeout covers the idle time between requests);
+- answers 431 to a request head (request line and headers) above `MAX_HEAD_BYTES`: uvicorn and
+  httptools keep a head in memory however long it grows (a client sending tiny headers fast
+  made the process grow about 500 MB a second until the read timeout);
+- aborts a connection whose client stops reading its response for `response_write_timeout`
+  seconds (the socket's buffers full): a stream never read otherwise holds its admission slots
+  and its buffered output for as long as the client keeps the socket open; the handler then
+  sees a disconnect, which frees them;
+- answers a request httptools cannot parse with a Fireworks error body (uvicorn's is text);
 - caps the connections held at once at `max_connections`: above it, the connection idle the
   longest (connected, no request in progress) is closed to make room, so a new client, which
   sends its request at once, is always served; only when every held connection is busy with a
@@ -18,12 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import resource
+from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from girandole.api.http.errors import APIError
+
 logger = logging.getLogger("girandole.api")
+
+# A request line and headers above this are refused (nginx's default allows 32 KiB in all)
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def raise_open_file_limit() -> int:
@@ -46,14 +61,24 @@ def default_max_connections(open_file_limit: int) -> int:
 class ConnectionGuard:
     """The connections of one server: idle ones in the order they became idle."""
 
-    def __init__(self, max_connections: int, request_read_timeout: float) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        request_read_timeout: float,
+        response_write_timeout: float = 60.0,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+    ) -> None:
         self.max_connections = max_connections
         self.request_read_timeout = request_read_timeout
+        self.response_write_timeout = response_write_timeout
+        self.max_head_bytes = max_head_bytes
         self.idle: collections.OrderedDict[GuardedProtocol, None] = collections.OrderedDict()
         self.num_held = 0
         self.num_evicted = 0
         self.num_refused = 0
         self.num_timed_out = 0
+        self.num_write_timed_out = 0
+        self.num_heads_too_large = 0
 
     def admit(self, conn: GuardedProtocol) -> bool:
         """A new connection: make room for it if the cap is reached. False: close it."""
@@ -79,6 +104,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._read_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._in_head = True  # the bytes arriving belong to a request head
+        self._head_bytes = 0
         self._counted = True
         if not self.guard.admit(self):
             self.close_quietly()
@@ -87,11 +115,40 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_read_timer()
+        self._disarm_write_timer()
         self.guard.idle.pop(self, None)
         if getattr(self, "_counted", False):
             self._counted = False
             self.guard.num_held -= 1
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)  # a chunk that also holds a body ends the head within
+        super().data_received(data)
+        too_large = self._in_head and self._head_bytes > self.guard.max_head_bytes
+        if too_large and not self.transport.is_closing():
+            self.guard.num_heads_too_large += 1
+            self._refuse(
+                431,
+                f"The request line and headers are larger than the server's limit of"
+                f" {self.guard.max_head_bytes} bytes",
+                "REQUEST_HEADER_FIELDS_TOO_LARGE",
+            )
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request httptools cannot parse: text there, ours in shape."""
+        self._refuse(
+            400,
+            f"Malformed HTTP request: {msg} The request line or a header (Content-Length,"
+            " Transfer-Encoding) could not be parsed",
+            "invalid_request_error",
+        )
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        super().on_headers_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -101,12 +158,59 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm_read_timer()
+        self._in_head = True  # what follows is the next (pipelined or kept-alive) request
+        self._head_bytes = 0
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
             self.guard.idle[self] = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None and self.guard.response_write_timeout > 0:
+            self._write_timer = self.loop.call_later(
+                self.guard.response_write_timeout, self._write_timed_out
+            )
+
+    def resume_writing(self) -> None:
+        self._disarm_write_timer()  # the client reads again
+        super().resume_writing()
+
+    def _disarm_write_timer(self) -> None:
+        timer = getattr(self, "_write_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        self.guard.num_write_timed_out += 1
+        logger.warning(
+            "closing a connection whose client read nothing for %g s",
+            self.guard.response_write_timeout,
+        )
+        # abort, not close: close() would wait for the unread buffer to drain, for ever
+        self.transport.abort()
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer a request the app never sees (a Fireworks error body), and close."""
+        body = json.dumps(
+            APIError(status, message, code=code).body(), separators=(",", ":")
+        ).encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        logger.warning("refused a request: %s", message)
+        self._disarm_read_timer()
+        if not self.transport.is_closing():
+            self.transport.write(head.encode("ascii") + body)
+            self.transport.close()
 
     def close_quietly(self) -> None:
         if not self.transport.is_closing():

@@ -23,9 +23,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body of a JSON request: 415 for another Content-Type, 413 above `limit`;
-    ClientDisconnected (a 499, the client's fault) when the client leaves while sending it."""
+    """The body of a JSON request: 415 for another Content-Type, charset or a Content-Encoding,
+    413 above `limit`; ClientDisconnected (a 499, the client's fault) when the client leaves
+    while sending it."""
     check_content_type(request.headers.get("content-type"))
+    check_content_encoding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise payload_too_large(limit)
@@ -47,14 +49,39 @@ def check_content_type(content_type: str | None) -> None:
     too, so the mistake shows)."""
     if content_type is None:
         return
-    media = content_type.split(";", 1)[0].strip().lower()
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
     if media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     ):
+        _check_charset(params)
         return
     raise unsupported_media_type(
         f"Content-Type {content_type.split(';', 1)[0].strip()!r} is not supported: send the body"
         " as JSON with 'Content-Type: application/json'"
+    )
+
+
+def _check_charset(params: str) -> None:
+    """JSON is UTF-8 (RFC 8259): another charset would fail as "not valid UTF-8" at some byte."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "charset":
+            continue
+        charset = value.strip().strip('"').lower()
+        if charset not in ("utf-8", "utf8"):
+            raise unsupported_media_type(
+                f"charset {value.strip()!r} is not supported: send the JSON body as UTF-8"
+                " ('Content-Type: application/json; charset=utf-8')"
+            )
+
+
+def check_content_encoding(encoding: str | None) -> None:
+    """Bodies are read as sent: a compressed one would fail as "not valid UTF-8" at byte 1."""
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return
+    raise unsupported_media_type(
+        f"Content-Encoding {encoding.strip()!r} is not supported: send the body uncompressed"
     )
 
 
@@ -95,7 +122,9 @@ def _check_strings(value: Any, path: str) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                field = where or "body"
+                # the path may hold the surrogate itself (an object key): escaped, or the
+                # error body could not be written (a 500)
+                field = (where or "body").encode("utf-8", "backslashreplace").decode("utf-8")
                 raise bad_request(
                     f"Request body field '{field}' contains an unpaired UTF-16 surrogate",
                     field.split("[")[0] or None,

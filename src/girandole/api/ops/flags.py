@@ -126,6 +126,14 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
     p.add_argument(
+        "--response-write-timeout",
+        type=float,
+        default=float(_env("RESPONSE_WRITE_TIMEOUT") or DEFAULTS.response_write_timeout),
+        help="seconds a client may leave its response unread (the socket's buffers full), then"
+        " its connection is closed and its request cancelled; 0: never"
+        " [GIRANDOLE_RESPONSE_WRITE_TIMEOUT]",
+    )
+    p.add_argument(
         "--grammar-compile-timeout",
         type=float,
         default=float(_env("GRAMMAR_COMPILE_TIMEOUT") or DEFAULTS.grammar_compile_timeout),
@@ -161,6 +169,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_choices_per_request": args.max_choices_per_request,
         "max_connections": args.max_connections,
         "request_read_timeout": args.request_read_timeout,
+        "response_write_timeout": args.response_write_timeout,
         "engine_stall_seconds": args.engine_stall_seconds,
         "grammar_compile_timeout": args.grammar_compile_timeout,
     }
