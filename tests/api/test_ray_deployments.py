@@ -396,6 +396,29 @@ def test_manual_scale(plane):
     fw.deployments.delete("manual")
 
 
+def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tmp_path):
+    # before: `--ray` without an address joined the cluster last started on this machine (the
+    # plane's), put its applications there, and on stopping shut Ray Serve down there: every
+    # deployment of the plane's server lost its replicas
+    eos = write_eos_model(tmp_path / "eos")
+    other = start_server(
+        tmp_path, "--ray", "--model", str(eos), "--model-id", "lone", "--account", "solo",
+        "--kv-cache-gb", "0.01", api_key=None, timeout=600,
+    )  # fmt: skip
+    try:
+        r = httpx.post(
+            other.url + "/v1/completions",
+            json={"model": "accounts/solo/models/lone", "prompt": "hi", "max_tokens": 1},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+    finally:
+        stop_server(other)
+    # the plane's own model (a replica on its cluster) still answers
+    r = plane.complete(f"accounts/{ACCOUNT}/models/tiny-eos", "still here", max_tokens=2)
+    assert r.status_code == 200, r.text
+
+
 def test_delete_takes_the_replicas_away(plane):
     plane.fw().deployments.delete("pair")
     deadline = time.monotonic() + 60

@@ -1,11 +1,13 @@
 """The token path without Ray: a ReplicaServer around a real engine, a RemoteEngine leasing it.
 Outputs equal the local engine's; bad input is a ValueError; aborts free the replica's slots; a
-connection without the token is closed; a replica that stops ends requests with a 503."""
+connection without the token is closed; a replica that stops, or hangs, ends requests with a
+503."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -126,6 +128,34 @@ def test_a_connection_without_the_token_is_closed(replica):
         sock.sendall(encode(("hello", "not-the-token")))
         sock.settimeout(5)
         assert sock.recv(100) == b""  # closed without a frame
+
+
+def test_a_hung_replica_ends_its_requests_with_a_503(replica):
+    # before: a replica that went silent (a stopped process, a wedged accelerator) held its
+    # streams until Ray's health checks replaced it, about 100 s later
+    remote = remote_of(replica, [])
+    remote.replica_silence_s = 1.0
+    prompt = replica.engine.tokenizer.encode("Hello")
+
+    async def hang():
+        gen = remote.generate(prompt, SamplingParams(max_tokens=10_000, ignore_eos=True), "hung")
+        await gen.__anext__()
+        replica.loop.call_soon_threadsafe(time.sleep, 4)  # the replica's port: silent for 4 s
+        start = time.monotonic()
+        with pytest.raises(APIError) as info:
+            async for _ in gen:
+                pass
+        return info.value, time.monotonic() - start
+
+    error, waited = asyncio.run(asyncio.wait_for(hang(), 10))
+    assert error.status_code == 503, error.message
+    assert "replica r0 stopped (it sent nothing for 1 s: hung)" in error.message
+    assert waited < 3.5
+    remote.shutdown()
+    deadline = time.monotonic() + 15  # awake again, the replica drops the request
+    while replica.engine.stats()["num_running"] or replica.engine.stats()["num_waiting"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_a_stopped_replica_ends_requests_with_a_503(tiny_llama_dir):

@@ -199,7 +199,10 @@ class RayBackend(Backend):
                 if self.options.address:
                     ray.init(address=self.options.address, namespace="girandole")
                 else:
-                    ray.init(namespace="girandole", include_dashboard=False)
+                    # "local": a new cluster of this server's own. Without an address Ray joins
+                    # the cluster of RAY_ADDRESS or the one last started on this machine (another
+                    # server's, a test's), and stopping then shut down Serve there: its apps too.
+                    ray.init(address="local", namespace="girandole", include_dashboard=False)
                     self._started_ray = True
             serve.start(proxy_location="Disabled")
         except Exception as exc:  # noqa: BLE001 - every deployment reports it

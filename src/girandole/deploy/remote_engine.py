@@ -32,6 +32,12 @@ from girandole.sampling.params import SamplingParams
 logger = logging.getLogger("girandole.deploy")
 _ids = itertools.count()
 
+# A replica sends its stats every second (replica_server.STATS_PERIOD_S) on each connection: one
+# silent this long is hung (a stopped process, a wedged accelerator). Ray's health checks take
+# about 100 s (3 failed checks of 30 s, then the graceful stop) to replace it, and its streams
+# stalled all that time; the ingress ends them with a 503 instead.
+REPLICA_SILENCE_S = 15.0
+
 
 class ReplicaLost(RuntimeError):
     """The replica serving a request stopped (or could not be reached) mid-request."""
@@ -76,8 +82,16 @@ class _Call:
 class ReplicaConnection:
     """One TCP connection to a replica's port, shared by every request sent to it."""
 
-    def __init__(self, host: str, port: int, token: str, replica_id: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        replica_id: str,
+        silence_s: float = REPLICA_SILENCE_S,
+    ) -> None:
         self.host, self.port, self.token, self.replica_id = host, port, token, replica_id
+        self.silence_s = silence_s
         self.streams: dict[str, _Stream] = {}
         self.stats: dict[str, float] = {}
         self.closed = False
@@ -94,7 +108,14 @@ class ReplicaConnection:
         error = "the connection closed"
         try:
             while True:
-                message = await read_frame(reader)
+                try:
+                    message = await asyncio.wait_for(read_frame(reader), self.silence_s)
+                except TimeoutError:
+                    error = f"it sent nothing for {self.silence_s:g} s: hung"
+                    logger.warning("replica %s %s; closing its connection", self.replica_id, error)
+                    if self._writer is not None:
+                        self._writer.close()
+                    break
                 if message[0] == "out":
                     for request_id, item in message[1]:
                         stream = self.streams.get(request_id)
@@ -145,6 +166,7 @@ class RemoteEngine:
         self._connecting: dict[tuple[str, int], asyncio.Future] = {}
         self._where: dict[str, ReplicaConnection] = {}  # request id -> its replica
         self.adapters: dict[str, str] = {}  # the deployment's LoRA adapters: name -> folder
+        self.replica_silence_s = REPLICA_SILENCE_S  # then a replica's connection is hung
         self.grammars = GrammarCache(tokenizer, model_config.vocab_size)
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
 
@@ -171,7 +193,9 @@ class RemoteEngine:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._connecting[key] = future
         try:
-            conn = ReplicaConnection(lease.host, lease.port, lease.token, lease.replica_id)
+            conn = ReplicaConnection(
+                lease.host, lease.port, lease.token, lease.replica_id, self.replica_silence_s
+            )
             await conn.open()
             self.connections[key] = conn
             future.set_result(conn)
