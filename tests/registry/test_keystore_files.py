@@ -55,3 +55,27 @@ def test_create_key_refuses_bad_limits_and_names(tmp_path):
     _, info = db.create_key("a", name="équipe ☕", rpm=0, tpm=2**63 - 1)
     assert (info.rpm, info.tpm) == (0, 2**63 - 1)
     db.close()
+
+
+def test_a_usage_write_on_a_full_disk_raises_its_own_error(tmp_path):
+    """SQLite rolls a transaction back itself when the disk fills: the writer's ROLLBACK then
+    failed ("no transaction is active") and hid the real error; the next write still works."""
+    import sqlite3
+    import time
+
+    from girandole.registry.keystore import Database
+
+    db = Database.in_folder(tmp_path)
+    try:
+        db._conn.execute("PRAGMA max_page_count = 32")  # a full disk, portably
+        row = {
+            "time": time.time(), "request_id": "r", "account": "a", "endpoint": "chat",
+            "status": 200, "stream": 0, "aborted": 0, "num_choices": 1, "prompt_tokens": 1,
+            "cached_tokens": 0, "completion_tokens": 1, "duration_s": 0.1,
+            "metadata": "x" * 2000,
+        }  # fmt: skip
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            db.insert_usage([row] * 200)
+        db.insert_usage([row])  # a small write fits: the connection is usable
+    finally:
+        db.close()

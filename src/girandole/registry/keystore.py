@@ -321,7 +321,10 @@ class Database:
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # a COMMIT that failed (a full disk) has rolled back already: a second ROLLBACK
+                # would raise "no transaction is active" in place of the real error
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
 
     def usage_summary(
