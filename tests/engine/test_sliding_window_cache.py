@@ -254,5 +254,9 @@ def test_gpu_path_reads_each_groups_block_tables(tiny_dir, baseline, monkeypatch
         return run_graphs(*args)
 
     monkeypatch.setattr(runner.graphs, "run", counted)
-    assert run(llm, PROMPT_IDS, [greedy()] * len(PROMPT_IDS)) == baseline
+    # Three of the prompts (two past the window, one within it) and 16 tokens: the interpreter
+    # runs each kernel in Python (the whole set took 40-115 s of the suite)
+    chosen = [0, 1, 3]
+    prompts = [PROMPT_IDS[i] for i in chosen]
+    assert run(llm, prompts, [greedy(16)] * len(prompts)) == [baseline[i][:16] for i in chosen]
     assert graph_steps > 10
