@@ -179,10 +179,14 @@ class GuardedProtocol(HttpToolsProtocol):
         super().resume_writing()
 
     def _disarm_write_timer(self) -> None:
-        timer = getattr(self, "_write_timer", None)
+        self._disarm("_write_timer")
+
+    def _disarm(self, name: str) -> None:
+        """Cancel the timer in attribute `name`, if armed (connection_made may not have run)."""
+        timer = getattr(self, name, None)
         if timer is not None:
             timer.cancel()
-            self._write_timer = None
+            setattr(self, name, None)
 
     def _write_timed_out(self) -> None:
         self._write_timer = None
@@ -222,10 +226,7 @@ class GuardedProtocol(HttpToolsProtocol):
         )
 
     def _disarm_read_timer(self) -> None:
-        timer = getattr(self, "_read_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._read_timer = None
+        self._disarm("_read_timer")
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
