@@ -109,10 +109,15 @@ class RayPlane:
         )
 
     def close(self) -> None:
-        stop_server(self.server)
-        self.cluster.shutdown()
-        for name in FAST_METRICS:
-            os.environ.pop(name, None)
+        try:
+            stop_server(self.server)  # SIGTERM
+        finally:
+            self.cluster.shutdown()
+            for name in FAST_METRICS:
+                os.environ.pop(name, None)
+        # a server on a cluster of others drains and exits 0 too (not 134: see
+        # test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another)
+        assert self.server.process.returncode == 0, self.server.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -401,9 +406,10 @@ def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tm
     # plane's), put its applications there, and on stopping shut Ray Serve down there: every
     # deployment of the plane's server lost its replicas
     eos = write_eos_model(tmp_path / "eos")
+    data = tmp_path / "lone-data"
     other = start_server(
         tmp_path, "--ray", "--model", str(eos), "--model-id", "lone", "--account", "solo",
-        "--kv-cache-gb", "0.01", api_key=None, timeout=600,
+        "--kv-cache-gb", "0.01", "--data-dir", str(data), api_key=None, timeout=600,
     )  # fmt: skip
     try:
         r = httpx.post(
@@ -413,7 +419,19 @@ def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tm
         )
         assert r.status_code == 200, r.text
     finally:
+        # SIGTERM: before, Ray's failure signal handler in the server (its driver) armed a 3 s
+        # alarm that aborted it (exit 134) in the middle of its shutdown, before it wrote the
+        # last usage rows; now it drains, stops its cluster, writes them and exits 0
+        start = time.monotonic()
         stop_server(other)
+    assert other.process.returncode == 0, other.log()[-3000:]
+    assert time.monotonic() - start < 30
+    assert "SIGTERM received" not in other.log()
+    db = Database.in_folder(data)
+    try:
+        assert db.count_usage() == 1  # the request just before the SIGTERM
+    finally:
+        db.close()
     # the plane's own model (a replica on its cluster) still answers
     r = plane.complete(f"accounts/{ACCOUNT}/models/tiny-eos", "still here", max_tokens=2)
     assert r.status_code == 200, r.text

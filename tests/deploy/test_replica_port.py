@@ -181,3 +181,102 @@ def test_a_stopped_replica_ends_requests_with_a_503(tiny_llama_dir):
     remote.shutdown()
     server.stop()
     engine.shutdown()
+
+
+class _Session:
+    """A Serve `session` call (DeploymentResponseGenerator): yields where to send the request,
+    or, like a call routed to a stopped replica, never answers."""
+
+    def __init__(self, where: dict | None) -> None:
+        self.where = where
+        self.hung = where is None
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        if self.hung:
+            await asyncio.Event().wait()  # a stopped process never answers
+        where, self.where = self.where, None
+        if where is None:
+            raise StopAsyncIteration  # the session ends with the request
+        return where
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Handle:
+    """The deployment's Serve handle: `handle.options(stream=True).session.remote(key)`."""
+
+    def __init__(self, where: dict | None) -> None:
+        self.where = where
+        self.sessions: list[_Session] = []
+        self.session = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, key) -> _Session:
+        self.sessions.append(_Session(dict(self.where) if self.where else None))
+        return self.sessions[-1]
+
+
+def test_a_replica_that_accepts_nothing_answers_new_requests_with_a_503(replica):
+    # before: a hung replica (SIGSTOP) held every new request in acquire, awaiting the first
+    # item of its `session` call, until Ray gave up on it (~100 s), forever if no replacement
+    # started; now the wait is bounded (the server's --queue-timeout) and the call cancelled
+    from girandole.deploy.backend import ReplicaStats
+    from girandole.deploy.ray_backend import ScalingPolicy, _App, acquirer
+
+    name = "accounts/acme/deployments/hung"
+    engine = replica.engine
+    prompt = engine.tokenizer.encode("Hello")
+    params = SamplingParams(temperature=0, max_tokens=3)
+
+    def remote_over(handle: _Handle) -> RemoteEngine:
+        app = _App(None, ScalingPolicy(), 1, handle=handle, stats=ReplicaStats(ready=1))
+        acquire = acquirer(name, app, timeout=0.5)
+        return RemoteEngine(
+            engine.model_config, engine.tokenizer, engine.max_model_len, acquire, name=name
+        )
+
+    hung = _Handle(None)
+    remote = remote_over(hung)
+
+    async def new_requests():
+        start = time.monotonic()
+        with pytest.raises(APIError) as info:
+            await run(remote, prompt, params, "new-1")
+        waited = time.monotonic() - start
+        left = asyncio.create_task(run(remote, prompt, params, "new-2"))  # its client leaves
+        await asyncio.sleep(0.1)
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        return info.value, waited
+
+    error, waited = asyncio.run(asyncio.wait_for(new_requests(), 10))
+    assert error.status_code == 503 and error.code == "UNAVAILABLE", error.message
+    assert f"no replica of deployment {name} accepted the request within 0.5 s" in error.message
+    assert "(1 ready, 0 starting)" in error.message
+    assert 0.5 <= waited < 3
+    assert [s.cancelled for s in hung.sessions] == [True, True]  # neither waits in Ray's queue
+    remote.shutdown()
+
+    # a replica that answers: the same acquire serves the request, the session drains
+    serving = _Handle(
+        {"host": replica.host, "port": replica.port, "token": replica.token, "replica_id": "r0"}
+    )
+    remote = remote_over(serving)
+
+    async def served():
+        outs = await run(remote, prompt, params, "ok-1")
+        await asyncio.sleep(0.1)  # the lease's release drains the session
+        return outs
+
+    outs = asyncio.run(asyncio.wait_for(served(), 30))
+    assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 3
+    assert [s.cancelled for s in serving.sessions] == [False]
+    remote.shutdown()

@@ -42,9 +42,14 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.batch.shutdown()  # before the engines stop: its lines run again
-            app.state.deployments.shutdown()
-            state.shutdown()
+            try:
+                await app.state.batch.shutdown()  # before the engines stop: its lines run again
+                # the usage rows of every request served, in the database before the backends
+                # stop (Ray's teardown takes seconds, and a backend may fail to stop)
+                state.ops.usage.flush()
+                app.state.deployments.shutdown()
+            finally:
+                state.shutdown()
 
     app = FastAPI(
         title="girandole",

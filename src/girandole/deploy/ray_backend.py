@@ -38,6 +38,10 @@ REPLICA_BATCH_SLOTS = 64  # EngineConfig.max_num_seqs: what loadTargets.default 
 STATUS_PERIOD_S = 1.0
 LOOK_BACK_MIN_S = 11.0
 SESSION_DRAIN_TIMEOUT_S = 30.0
+# The least a request waits for a replica to accept it (RayOptions.acquire_timeout, the server's
+# --queue-timeout, may be set lower): Ray's router probes replicas and backs off for up to a second
+# or two under load before it places a request.
+MIN_ACQUIRE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -49,6 +53,9 @@ class RayOptions:
     replica_threads: int | None = None  # torch threads of a replica; None: its node's cores
     grammar_compile_timeout: float = 10.0
     max_ongoing_requests: int = 1024  # per replica; the engine queues what it cannot batch
+    # seconds a request may wait for a replica to accept it (the server's --queue-timeout), then
+    # 503: a replica that hangs (a stopped process) holds new requests no longer (acquirer)
+    acquire_timeout: float = 30.0
 
 
 @dataclass
@@ -140,6 +147,55 @@ class _App:
     generation: int = 0  # bumped by each (re)deploy, so a stale describe is dropped
 
 
+def acquirer(name: str, app: _App, timeout: float):
+    """The `acquire` of deployment `name`'s RemoteEngine: a `session` call through its Serve
+    handle, whose first item is where to send the request (ray_replica.py).
+
+    Ray's router holds the call until a replica accepts it, with no limit of its own: a replica
+    that hangs (a stopped process, a wedged accelerator) stays RUNNING for Ray until its health
+    checks give up (about 100 s), and when its stopping never ends no replacement is started.
+    New requests waited all that time, forever in the last case. A request waits at most
+    `timeout` seconds (the server's --queue-timeout, as in its admission queue; at least
+    MIN_ACQUIRE_TIMEOUT_S), then the call is cancelled and the request answered 503 UNAVAILABLE
+    (the call of a request whose client left while it waited is cancelled too). The limit holds with no replica ready too: the deployment manager sends requests here only
+    while a replica is ready (at zero it answers 503 DEPLOYMENT_SCALING_UP at once and wakes the
+    deployment), so the only waits for a replica to start are a request that raced a scale to
+    zero, or one sent while Ray replaces a lost replica: a clear 503 after `timeout`, while the
+    replica keeps starting, rather than an unbounded wait.
+    """
+    from girandole.deploy.ray_router import RouteKey, prefix_hashes
+
+    async def acquire(prompt: list[int], request_id: str, kwargs: dict) -> RayLease:
+        adapter = kwargs.get("adapter")
+        # salted as the engine's prefix cache is: an adapter's blocks are its own
+        salt = kwargs.get("cache_salt") if adapter is None else (kwargs.get("cache_salt"), adapter)
+        key = RouteKey(request_id, prefix_hashes(prompt, salt), adapter)
+        session = app.handle.options(stream=True).session.remote(key)
+        try:
+            async with asyncio.timeout(timeout):
+                where = await session.__anext__()
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                session.cancel()
+            stats = app.stats
+            raise ReplicaLost(
+                f"no replica of deployment {name} accepted the request within {timeout:g} s"
+                f" ({stats.ready} ready, {stats.initializing} starting): a replica is hung or"
+                " being replaced; retry the request"
+            ) from None
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the client left: no replica waits for it
+                session.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            # a replica gone between routing and call
+            raise ReplicaLost(f"no replica of {name} took the request: {exc}") from None
+        app.last_used = time.time()
+        return RayLease(session=session, **where)
+
+    return acquire
+
+
 @dataclass
 class RayLease:
     host: str
@@ -166,6 +222,24 @@ class RayLease:
 
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(drain())
+
+
+def keep_sigterm_for_python() -> None:
+    """Keep Ray's failure signal handler out of this process (the driver), before `ray.init`.
+
+    Ray's core worker installs absl's failure signal handler in its driver, SIGTERM included: on
+    a SIGTERM it prints "*** SIGTERM received ***", arms a 3 s alarm whose handler aborts, and
+    passes the signal on to the handler before it (uvicorn's graceful shutdown, Python's). Nothing
+    cancels the alarm: 3 s after a SIGTERM the server died of SIGABRT (exit 134) wherever its
+    shutdown was (draining, Ray's teardown, before the last usage rows were written). Python's
+    handler alone drains and exits 0. The switch is Ray's (RAY_DISABLE_FAILURE_SIGNAL_HANDLER,
+    read when the core worker starts), set here for this process only: the replicas and Ray's
+    own processes keep the handler; this one loses Ray's C++ stack trace on a crash (SIGSEGV).
+    """
+    with contextlib.suppress(Exception):  # a Ray without the switch: nothing to turn off
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 class RayBackend(Backend):
@@ -196,6 +270,7 @@ class RayBackend(Backend):
 
         try:
             if not ray.is_initialized():
+                keep_sigterm_for_python()
                 if self.options.address:
                     ray.init(address=self.options.address, namespace="girandole")
                 else:
@@ -330,24 +405,7 @@ class RayBackend(Backend):
         return self._tokenizers[model]
 
     def _acquirer(self, name: str, app: _App):
-        from girandole.deploy.ray_router import RouteKey, prefix_hashes
-
-        async def acquire(prompt: list[int], request_id: str, kwargs: dict) -> RayLease:
-            adapter = kwargs.get("adapter")
-            # salted as the engine's prefix cache is: an adapter's blocks are its own
-            salt = (
-                kwargs.get("cache_salt") if adapter is None else (kwargs.get("cache_salt"), adapter)
-            )
-            key = RouteKey(request_id, prefix_hashes(prompt, salt), adapter)
-            session = app.handle.options(stream=True).session.remote(key)
-            try:
-                where = await session.__anext__()
-            except Exception as exc:  # noqa: BLE001 - a replica gone between routing and call
-                raise ReplicaLost(f"no replica of {name} took the request: {exc}") from None
-            app.last_used = time.time()
-            return RayLease(session=session, **where)
-
-        return acquire
+        return acquirer(name, app, max(self.options.acquire_timeout, MIN_ACQUIRE_TIMEOUT_S))
 
     def _failed(self, name: str, app: _App, message: str) -> None:
         app.state, app.error = "failed", message

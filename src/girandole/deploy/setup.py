@@ -60,6 +60,7 @@ def deployment_manager(settings: Any, db: Database) -> DeploymentManager:
                 replica_cpus=settings.ray_replica_cpus,
                 replicas_per_node=settings.ray_replicas_per_node or None,
                 grammar_compile_timeout=settings.grammar_compile_timeout,
+                acquire_timeout=settings.queue_timeout,
             ),
         )
     else:

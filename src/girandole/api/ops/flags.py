@@ -85,7 +85,8 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         "--queue-timeout",
         type=float,
         default=float(_env("QUEUE_TIMEOUT") or DEFAULTS.queue_timeout),
-        help="seconds a request may wait in the queue (then 503) [GIRANDOLE_QUEUE_TIMEOUT]",
+        help="seconds a request may wait in the queue, and with --ray for a replica to accept it"
+        " (then 503) [GIRANDOLE_QUEUE_TIMEOUT]",
     )
     p.add_argument(
         "--max-prompt-tokens",
