@@ -1,6 +1,7 @@
 """girandole.sampling.rejection.verify on fixed logits: the tokens it emits for k proposals follow
-the distribution plain decoding gives, position by position (accept test, residual draw after a
-rejection, bonus draw after k acceptances), with penalties and filters applied per position.
+the distribution plain decoding gives, position by position (a proposal kept while it equals its
+position's sample, the first differing sample emitted in its place, the last position's sample
+after k kept), with penalties and filters applied per position.
 
 No model: the logits of the k + 1 positions are fixed, so the probability of every possible
 output (the accepted proposals, then one token) is computed exactly and compared with the
@@ -96,7 +97,7 @@ def test_verify_emits_what_plain_decoding_would(kw):
     counts = Counter(
         tuple(r.token_id for r in verify(sampler, LOGITS.clone(), rows, PROPOSAL)) for _ in range(N)
     )
-    # every position (each accept test, its residual draw, the bonus draw) has outcomes of
+    # every position (each proposal kept or replaced, the last position's sample) has outcomes of
     # its own in the check
     for j in range(len(PROPOSAL) + 1):
         assert any(len(o) == j + 1 and N * p >= MIN_EXPECTED for o, p in exact.items()), j

@@ -243,6 +243,27 @@ def test_seeded_sampling_reproducible_and_batch_invariant(llm, baseline):
     assert mixed[1]["spec"] == alone["spec"]
 
 
+def test_seeded_sampling_ignores_how_many_proposals_fit(tiny_llama_dir, baseline):
+    """A step's token budget, shared with the rows before it, may cut a row's proposals short
+    (so may its free KV blocks, or a full draft cache). A seeded request's tokens must not
+    depend on that: each emitted token is its position's own sample, drawn with one uniform as
+    without speculation, so they are plain decoding's tokens whatever was proposed."""
+    # no step-time target: the same batches every run
+    llm = make_llm(tiny_llama_dir, max_num_batched_tokens=40, max_num_seqs=4, target_itl_ms=None)
+    kw = dict(temperature=0.15, max_tokens=40, seed=0, ignore_eos=True, logprobs=2)
+    plain = run(llm, [PROMPTS[8]], [SamplingParams(**kw)])[0]
+    seeded = SamplingParams(speculation=plain["tokens"], **kw)
+    alone = run(llm, [PROMPTS[8]], [seeded])[0]
+    # two greedy rows admitted first, whose proposals grow as the seeded row's do: when all
+    # three propose 16 tokens, the seeded row gets what is left of the step's 40 tokens
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                            speculation=baseline[8]["tokens"])  # fmt: skip
+    mixed = run(llm, [PROMPTS[8]] * 3, [greedy, greedy, seeded])
+    assert mixed[2]["tokens"] == alone["tokens"] == plain["tokens"]
+    assert mixed[2]["spec"]["proposed"] < alone["spec"]["proposed"]  # proposals were cut
+    assert mixed[0]["tokens"] == mixed[1]["tokens"] == baseline[8]["tokens"]
+
+
 # -- the distribution of sampled tokens ------------------------------------------------------
 
 
