@@ -106,6 +106,29 @@ def test_seeded_sampling_is_batch_independent(llm):
     assert again[1].token_ids == alone
 
 
+def test_logprobs_are_batch_independent(llm):
+    """A request's first token's logprobs (the chosen token's and the top alternatives') are
+    the same alone and with 1, 2, 15 and 19 other rows sampling in its step: the float LM
+    head's rows must not round differently with how many rows share its call. (Reference
+    mode's decode steps are not batch-invariant yet: its float linears and attention round a
+    row by how many share the call; the first token comes from one prefill chunk either way.)"""
+    greedy = SamplingParams(temperature=0, max_tokens=1, logprobs=5, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=1, logprobs=5, ignore_eos=True)
+    other = SamplingParams(temperature=0.8, max_tokens=1, ignore_eos=True)
+
+    def generate(prompts, params):
+        # every prompt computed whole, in one chunk, as the first time (no prefix-cache hits)
+        llm.engine.kv_cache.reset_prefix_cache()
+        outs = llm.generate(prompts, params)
+        return [[(lp.token_id, lp.logprob, lp.sampling_logprob, lp.top_logprobs)
+                 for lp in o.logprobs] for o in outs[:2]]  # fmt: skip
+
+    alone = generate([PROMPTS[2]], [greedy]) + generate([PROMPTS[4]], [seeded])
+    for n in (1, 2, 15, 19):
+        others = [PROMPTS[(0, 1, 3)[i % 3]] for i in range(n)]
+        assert generate([PROMPTS[2], PROMPTS[4], *others], [greedy, seeded] + [other] * n) == alone
+
+
 def test_top_k_one_is_greedy(llm):
     greedy = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     topk1 = llm.generate(

@@ -534,9 +534,11 @@ class ModelRunner:
             ids[index] = inputs.ids.index_select(0, source)
 
     # Float LM heads' matmuls may round a row differently with the row count; sampling rows go
-    # through them in slices this small so every row takes the same path. Heads whose rows are
-    # exact at any count (`row_invariant`: the CPU int8 head) take every row at once.
-    SAMPLING_ROWS_PER_CALL = 16
+    # through them in slices this small so every row takes the same path (with dense_linear's
+    # padding of fewer than 4 rows: oneDNN's fp32 matmul already takes another path at 16 rows
+    # on an AVX512 host). Heads whose rows are exact at any count (`row_invariant`: the CPU
+    # int8 head) take every row at once.
+    SAMPLING_ROWS_PER_CALL = 8
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:

@@ -266,7 +266,9 @@ class DenseLMHead(nn.Module):
             self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).float()
+        # dense_linear, not F.linear: a lone row (a request decoding alone) would take another
+        # kernel than a row among others, and its logprobs would change with its neighbours.
+        return dense_linear(x.to(self.weight.dtype), self.weight).float()
 
 
 class Builder:
