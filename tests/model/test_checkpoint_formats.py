@@ -68,3 +68,24 @@ def test_fast_model_cache_round_trip(tmp_path, monkeypatch):
     cached[0].rename(stale)
     load_model(path, mode="fast", device="cpu")
     assert [p.name for p in (tmp_path / "cache" / "packed").glob("*.pt")] == [cached[0].name]
+
+
+def test_a_cache_build_takes_the_cores_other_work_leaves(tmp_path):
+    """The build child's threads: the cores not held by threads runnable now (two took 2-5x
+    longer than one while other work held the cores), at least one; all of them when idle."""
+    import subprocess
+    import sys
+    import time
+
+    from girandole.model.loader import _build_threads
+
+    spin = [sys.executable, "-c", "while True: pass"]
+    spinners = [subprocess.Popen(spin) for _ in range(3)]
+    try:
+        time.sleep(0.5)
+        assert _build_threads(64) <= 61  # three spinning processes hold three cores
+        assert _build_threads(1) == 1
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()

@@ -193,14 +193,30 @@ def _save_cache(model: nn.Module, config: ModelConfig, cache_file: Path) -> None
 
 
 def build_cache_entry(path: str, cache_file: str) -> None:
-    """Entry point of the child process that builds a packed-model cache entry. On one thread:
-    a build is thousands of short tensor ops, which a second thread barely speeds up on an idle
-    machine and stalls on a busy one (the default model: 15 s on one thread, 35-74 s on two
-    while other work held the cores)."""
-    torch.set_num_threads(1)
+    """Entry point of the child process that builds a packed-model cache entry."""
+    torch.set_num_threads(_build_threads(torch.get_num_threads()))
     spec, config, weights = read_checkpoint(Path(path))
     model = build_model(spec, weights, "fast", torch.device("cpu"), path)
     _save_cache(model, config, Path(cache_file))
+
+
+def _build_threads(cores: int) -> int:
+    """Threads for a build: the cores other work leaves free now, at least one. A build is
+    thousands of short tensor ops whose threads wait for each other: on an idle host two threads
+    build the default model in 3.9-5.7 s (one: 7.4-8.1 s), but while other work held the cores
+    two took 35-74 s and one 15 s. "Now": the threads runnable at this moment (/proc/loadavg's
+    fourth field, the median of a few looks, less this one); the load average lags by a minute
+    and counts the server's own start-up (importing, compiling kernels) just before."""
+    looks = []
+    for _ in range(5):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):  # not Linux: every core
+            return cores
+        looks.append(int(running) - 1)
+        time.sleep(0.02)
+    others = sorted(looks)[len(looks) // 2]
+    return max(1, min(cores, cores - others))
 
 
 def _build_cache_in_child(path: Path, cache_file: Path) -> None:
