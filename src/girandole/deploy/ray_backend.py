@@ -157,8 +157,9 @@ def acquirer(name: str, app: _App, timeout: float):
     New requests waited all that time, forever in the last case. A request waits at most
     `timeout` seconds (the server's --queue-timeout, as in its admission queue; at least
     MIN_ACQUIRE_TIMEOUT_S), then the call is cancelled and the request answered 503 UNAVAILABLE
-    (the call of a request whose client left while it waited is cancelled too). The limit holds with no replica ready too: the deployment manager sends requests here only
-    while a replica is ready (at zero it answers 503 DEPLOYMENT_SCALING_UP at once and wakes the
+    (the call of a request whose client left while it waited is cancelled too). The limit holds
+    with no replica ready too: the deployment manager sends requests here only while a replica
+    is ready (at zero it answers 503 DEPLOYMENT_SCALING_UP at once and wakes the
     deployment), so the only waits for a replica to start are a request that raced a scale to
     zero, or one sent while Ray replaces a lost replica: a clear 503 after `timeout`, while the
     replica keeps starting, rather than an unbounded wait.
@@ -174,19 +175,17 @@ def acquirer(name: str, app: _App, timeout: float):
         try:
             async with asyncio.timeout(timeout):
                 where = await session.__anext__()
-        except TimeoutError:
-            with contextlib.suppress(Exception):
-                session.cancel()
-            stats = app.stats
-            raise ReplicaLost(
-                f"no replica of deployment {name} accepted the request within {timeout:g} s"
-                f" ({stats.ready} ready, {stats.initializing} starting): a replica is hung or"
-                " being replaced; retry the request"
-            ) from None
         except BaseException as exc:
-            with contextlib.suppress(Exception):  # the client left: no replica waits for it
+            with contextlib.suppress(Exception):  # nobody waits for this call any more
                 session.cancel()
-            if not isinstance(exc, Exception):
+            if isinstance(exc, TimeoutError):
+                stats = app.stats
+                raise ReplicaLost(
+                    f"no replica of deployment {name} accepted the request within {timeout:g} s"
+                    f" ({stats.ready} ready, {stats.initializing} starting): a replica is hung"
+                    " or being replaced; retry the request"
+                ) from None
+            if not isinstance(exc, Exception):  # the client left (cancelled)
                 raise
             # a replica gone between routing and call
             raise ReplicaLost(f"no replica of {name} took the request: {exc}") from None

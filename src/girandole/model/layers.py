@@ -28,6 +28,7 @@ from girandole.model.quant import (
     dense_linear,
     int4_supported,
     linear_from_groups,
+    native_only_error,
     quantize_int8_groups,
     quantize_int8_rows,
     quantized_linear,
@@ -233,10 +234,7 @@ class QuantLMHead(nn.Module):
                 out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
                 return out, True
         if self.qweight is None:
-            raise RuntimeError(
-                "this LM head was built for girandole's native kernels only, which are not "
-                "available now (its model cache entry is keyed by that: rebuild the model)"
-            )
+            raise native_only_error("LM head")
         return torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale), False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

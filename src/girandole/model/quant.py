@@ -102,6 +102,15 @@ def torch_forms_needed(n: int, k: int) -> bool:
     return not (kernels.available() and wq_gemm.supports(n, k))
 
 
+def native_only_error(what: str) -> RuntimeError:
+    """A module built without torch's forms asked for them (cannot happen through the cache,
+    whose key says which forms an entry holds)."""
+    return RuntimeError(
+        f"this {what} was built for girandole's native kernels only, which are not available "
+        "now (its model cache entry is keyed by that: rebuild the model)"
+    )
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """F.linear whose per-row result does not depend on the number of rows (on CPU)."""
     m = x.shape[0]
@@ -172,10 +181,7 @@ class PackedLinear(nn.Module):
 
     def _decode_or_dense(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.torch_forms:
-            raise RuntimeError(
-                "this layer was packed for girandole's native kernels only, which are not "
-                "available now (its model cache entry is keyed by that: rebuild the model)"
-            )
+            raise native_only_error("layer")
         m = x2.shape[0]
         if self.dense is None:
             k = m

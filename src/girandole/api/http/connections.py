@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import resource
 from http import HTTPStatus
@@ -202,9 +201,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer a request the app never sees (a Fireworks error body), and close."""
-        body = json.dumps(
-            APIError(status, message, code=code).body(), separators=(",", ":")
-        ).encode()
+        body = APIError(status, message, code=code).response().body
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             "content-type: application/json\r\n"
