@@ -153,3 +153,30 @@ def test_equal_content_in_two_blocks_keeps_one_in_the_cache():
     c = seq("c", list(range(5)))
     kv.match_prefix(c)
     assert c.block_table == [cached]
+
+
+def test_block_keys_are_sha256_chains_over_salt_and_every_prefix_token():
+    """The prefix cache's keys are SHA-256 chains, not Python's hash(): when every KV group
+    slides, a matched prefix's early blocks may be gone and only the chain vouches for them, and
+    hash() of ints is deterministic and cheap to collide on purpose (vLLM's CVE-2025-25183)."""
+    import hashlib
+    import json
+    from array import array
+
+    kv = KVCacheManager(num_blocks=12, block_size=BS)
+    a = seq("a", list(range(9)), salt="tenant-1")
+    compute_prompt(kv, a)
+    expected = hashlib.sha256(b"\x00" + json.dumps(["tenant-1", None]).encode())
+    expected.update(array("q", range(4)).tobytes())
+    first = expected.digest()
+    second = hashlib.sha256(b"\x01" + first)
+    second.update(array("q", range(4, 8)).tobytes())
+    assert kv.blocks[a.block_table[0]].hash == (0, first)
+    assert kv.blocks[a.block_table[1]].hash == (0, second.digest())
+    assert a.last_block_hash == second.digest()
+    # Neither the salt nor an earlier block can be swapped without changing every later key.
+    b = seq("b", [0, 1, 2, 5] + list(range(4, 9)), salt="tenant-1")
+    c = seq("c", list(range(9)), salt="tenant-2")
+    for other in (b, c):
+        compute_prompt(kv, other)
+        assert kv.blocks[other.block_table[1]].hash != kv.blocks[a.block_table[1]].hash

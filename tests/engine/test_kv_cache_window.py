@@ -132,3 +132,20 @@ def test_one_full_group_reserves_nothing():
     assert kv.num_usable_blocks == 4 and kv.max_tokens(512) == 16
     s = seq("a", list(range(16)))
     assert kv.allocate(s, 16) and s.block_table == s.block_tables[0] and len(s.block_table) == 4
+
+
+def test_every_group_sliding_matches_only_the_same_whole_prefix():
+    """With no full-attention group, the blocks before the window are gone and only the hash
+    chain says the prefix before them was the same: a prompt that differs there gets no hit."""
+    kv = KVCacheManager(num_blocks=40, block_size=BS, windows=[WINDOW])
+    a = seq("a", list(range(30)))
+    step(kv, a, 30)
+    step(kv, a, 0)
+    kv.free(a)
+    same = seq("same", list(range(30)) + [99])
+    kv.match_prefix(same)
+    assert same.num_computed_tokens == 28
+    kv.free(same)
+    other = seq("other", [7] + list(range(1, 30)) + [99])  # differs in the evicted first block
+    kv.match_prefix(other)
+    assert other.num_computed_tokens == 0

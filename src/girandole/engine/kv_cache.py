@@ -16,6 +16,8 @@ NULL_BLOCK, a reserved block that is never written: its slots may be gathered, n
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,8 +31,19 @@ UNBOUNDED = 1 << 40  # max_tokens of a cache whose every group slides
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: tuple[int, int] | None = None  # (group, chained hash) while it holds a cached prefix
+    hash: tuple[int, bytes] | None = None  # (group, chained hash) while it holds a cached prefix
     token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+def chain_hash(salt: bytes | None, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """A block's prefix-cache key: SHA-256 of the previous block's key (the salt for the first
+    block) and the block's token ids. A collision-resistant hash because a matched prefix is not
+    always checked token by token (when every group slides, blocks before the window may be gone)
+    and Python's hash() of ints is deterministic and cheap to collide on purpose (vLLM's
+    CVE-2025-25183): a crafted prompt could otherwise be served another prompt's K/V."""
+    h = hashlib.sha256(b"\x01" + prev if prev is not None else b"\x00" + (salt or b""))
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class KVCacheManager:
@@ -45,7 +58,7 @@ class KVCacheManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.num_reserved = 1 if any(w is not None for w in self.windows) else 0
         self.free_queue: deque[int] = deque(range(self.num_reserved, num_blocks))
-        self.hash_to_block: dict[tuple[int, int], int] = {}
+        self.hash_to_block: dict[tuple[int, bytes], int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, tokens found
 
@@ -104,8 +117,8 @@ class KVCacheManager:
 
     # -- prefix cache ---------------------------------------------------------------------
 
-    def _chain_hash(self, seq: Sequence, prev: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((prev if prev is not None else seq.prefix_salt, tokens))
+    def _chain_hash(self, seq: Sequence, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+        return chain_hash(seq.prefix_salt if prev is None else None, prev, tokens)
 
     def _cached(self, group: int, h: int, tokens: tuple[int, ...]) -> int | None:
         block_id = self.hash_to_block.get((group, h))
@@ -127,10 +140,10 @@ class KVCacheManager:
         if max_cached_tokens is not None:
             limit = min(limit, max_cached_tokens)
         bs = self.block_size
-        hashes: list[int] = []
+        hashes: list[bytes] = []
         # found[g][i]: group g's cached block for block i, or None
         found: list[list[int | None]] = [[] for _ in self.windows]
-        prev: int | None = None
+        prev: bytes | None = None
         for i in range(limit // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self._chain_hash(seq, prev, tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (reported in usage)
         self.block_tables: list[list[int]] = [[]]  # one per KV cache group (engine/kv_cache.py)
         self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
-        self.last_block_hash: int | None = None  # chain hash of the last of those blocks
+        self.last_block_hash: bytes | None = None  # chain hash of the last of those blocks
         self.cache_salt = cache_salt  # prefix-cache isolation key: different salts never share
         self.prefix_cache_max_len = prefix_cache_max_len  # cap on reused prompt tokens (0 = off)
         # scheduling tier: 1 for service_tier "priority", -1 for batch-job lines, else 0
@@ -116,10 +117,10 @@ class Sequence:
         return None if self.lora_source is None else self.lora_source.name
 
     @property
-    def prefix_salt(self) -> tuple:
+    def prefix_salt(self) -> bytes:
         """What the first block's prefix-cache hash is salted with: adapters never share."""
         uid = None if self.lora_source is None else self.lora_source.uid
-        return ("salt", self.cache_salt) if uid is None else ("salt", self.cache_salt, uid)
+        return json.dumps([self.cache_salt, uid]).encode()
 
     @property
     def is_finished(self) -> bool:
