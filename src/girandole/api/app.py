@@ -14,8 +14,10 @@ from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
 from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
+from girandole.api.http.cors import FireworksCORS
 from girandole.api.http.errors import UnhandledErrors, install_error_handlers
 from girandole.api.http.openapi import install_openapi
+from girandole.api.http.paths import MethodFallbacks, TrailingSlashes
 from girandole.api.lora import install_lora
 from girandole.api.messages import route as messages
 from girandole.api.models import route as models
@@ -56,6 +58,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         version=__version__,
         description="Fireworks AI-compatible inference API",
         lifespan=lifespan,
+        redirect_slashes=False,  # no 307: TrailingSlashes serves `/x/` as `/x` (http/paths.py)
     )
     app.state.girandole = state
     install_error_handlers(app)
@@ -74,7 +77,20 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_lora(app, state, INFERENCE_PREFIXES)
     app.include_router(ops.router)
     app.include_router(playground.router)  # the page at / and /playground
+    # Middleware, innermost first (each added one wraps the ones before it):
     app.add_middleware(UnhandledErrors)  # inside the tracker: its 500s are tracked too
+    app.add_middleware(MethodFallbacks, router=app.router)  # HEAD, OPTIONS, 405's Allow
     app.add_middleware(RequestTracker, ops=state.ops)
+    # outside the tracker, which labels metrics and usage rows by the path without the slash
+    app.add_middleware(TrailingSlashes, router=app.router)
+    settings = state.settings
+    if settings.allowed_origins:  # outermost: every response, the 500s and errors too
+        app.add_middleware(
+            FireworksCORS,
+            origins=settings.allowed_origins,
+            credentials=settings.allowed_credentials,
+            methods=settings.allowed_methods,
+            headers=settings.allowed_headers,
+        )
     install_openapi(app)
     return app

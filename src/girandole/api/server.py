@@ -184,6 +184,36 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=int(_env("MAX_REQUEST_BYTES", str(16 * 1024 * 1024))),
         help="larger request bodies get 413 [GIRANDOLE_MAX_REQUEST_BYTES]",
     )
+    cors = p.add_argument_group(
+        "CORS (browsers)",
+        "as vLLM's flags; a list is comma-separated or a JSON list (vLLM's form)",
+    )
+    cors.add_argument(
+        "--allowed-origins",
+        default=_env("ALLOWED_ORIGINS", "*"),
+        metavar="ORIGINS",
+        help="origins whose pages may call the server (scheme://host[:port], or *); an empty"
+        " list turns CORS off [GIRANDOLE_ALLOWED_ORIGINS, default *]",
+    )
+    cors.add_argument(
+        "--allowed-credentials",
+        action="store_true",
+        default=_env("ALLOWED_CREDENTIALS", "") not in ("", "0"),
+        help="let pages send cookies and HTTP auth: the page's own origin is answered instead of"
+        " * [GIRANDOLE_ALLOWED_CREDENTIALS]",
+    )
+    cors.add_argument(
+        "--allowed-methods",
+        default=_env("ALLOWED_METHODS", "*"),
+        metavar="METHODS",
+        help="methods a page may use [GIRANDOLE_ALLOWED_METHODS, default *]",
+    )
+    cors.add_argument(
+        "--allowed-headers",
+        default=_env("ALLOWED_HEADERS", "*"),
+        metavar="HEADERS",
+        help="request headers a page may send [GIRANDOLE_ALLOWED_HEADERS, default *]",
+    )
     p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
@@ -243,6 +273,7 @@ def _default_model_id(model: str | None) -> str:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from girandole.api.http.cors import check_origins, check_tokens, parse_list
     from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
@@ -257,6 +288,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)},"
             f" not {args.kv_cache_dtype!r}"
         )
+    try:
+        origins = check_origins(parse_list(args.allowed_origins) or [])
+        methods = check_tokens(
+            "--allowed-methods", parse_list(args.allowed_methods) or [], upper=True
+        )
+        headers = check_tokens("--allowed-headers", parse_list(args.allowed_headers) or [])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -281,6 +320,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         overlap_scheduling=args.overlap_scheduling,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
+        allowed_origins=origins,
+        allowed_credentials=args.allowed_credentials,
+        allowed_methods=methods,
+        allowed_headers=headers,
         log_level=args.log_level,
         ray=args.ray,
         ray_router=args.ray_router,

@@ -40,6 +40,11 @@ class ServerSettings:
     # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).
     stream_usage: UsagePlacement = "separate"
+    # CORS, as vLLM's flags (girandole.api.http.cors): an empty origin list turns it off
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_credentials: bool = False
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     log_level: str = "info"
     log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal
     # Keys database and usage rows (girandole.db); None: in memory (tests building apps directly)

@@ -187,6 +187,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"Not found: {request.method} {request.url.path}"
+        elif exc.status_code == 405:  # the methods it takes: the Allow header (http/paths.py)
+            message = f"Method Not Allowed: {request.method} {request.url.path}"
         error = APIError(exc.status_code, message, type=type_, code=code, headers=exc.headers)
         return error_response(request, error)
 
