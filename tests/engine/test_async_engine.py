@@ -101,3 +101,44 @@ def test_explicit_abort(engine):
 
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
+
+
+def test_a_stuck_loop_fails_the_health_checks_and_recovers(engine):
+    """A step that does not end (a stuck kernel, a deadlock) is what /health reports as stalled
+    and what fails a Ray replica's health check, so Ray Serve replaces the replica; before, the
+    replica's check failed only when its loop had died."""
+    import threading
+
+    from girandole.deploy.ray_replica import GirandoleReplica
+    from girandole.engine.protocol import stall_error
+
+    release = threading.Event()
+    real_step = engine.engine.step
+
+    def stuck_step():  # fault injection: the loop's next step blocks until released
+        release.wait(30)
+        return real_step()
+
+    replica = object.__new__(GirandoleReplica)  # its check alone, on this engine
+    replica.engine, replica.stall_s = engine, 0.3
+    engine.engine.step = stuck_step
+    try:
+
+        async def run():
+            params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+            task = asyncio.ensure_future(collect(engine, [1, 2, 3], params, "stuck"))
+            await asyncio.sleep(0.8)
+            error = stall_error(engine, 0.3)
+            assert error is not None and "has not finished a step for" in error
+            assert stall_error(engine, 30.0) is None
+            with pytest.raises(RuntimeError, match="has not finished a step"):
+                replica.check_health()
+            release.set()
+            outs = await task
+            assert outs[-1].finished
+            replica.check_health()  # moving again: healthy
+
+        asyncio.run(run())
+    finally:
+        release.set()
+        del engine.engine.step

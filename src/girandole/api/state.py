@@ -11,7 +11,7 @@ from typing import Any, Literal
 from girandole.api.http.errors import APIError, unavailable
 from girandole.api.ops.server_ops import ServerOps
 from girandole.api.settings import ServerSettings
-from girandole.engine.protocol import EngineClient
+from girandole.engine.protocol import EngineClient, stall_error
 from girandole.registry.keys import ApiKeyStore, read_keys_file
 from girandole.registry.models import ModelRegistry, ServedModel
 from girandole.registry.naming import deployment_name, is_valid_id, model_name
@@ -124,11 +124,11 @@ class AppState:
         if engine is not None:
             body["engine"] = dict(engine.stats())
             body["num_aborted_requests"] = self.num_aborted_requests
-            stalled = engine.seconds_stalled()
-            if self.status == "ready" and stalled > self.settings.engine_stall_seconds:
+            error = stall_error(engine, self.settings.engine_stall_seconds)
+            if self.status == "ready" and error is not None:
                 # work waits but no step has finished for long: not serving, whatever loaded
                 body["status"] = "stalled"
-                body["error"] = f"the engine has not finished a step for {stalled:.0f} s"
+                body["error"] = error
         return body
 
     def shutdown(self) -> None:

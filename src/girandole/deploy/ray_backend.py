@@ -52,6 +52,7 @@ class RayOptions:
     replicas_per_node: int | None = 1  # None: no limit
     replica_threads: int | None = None  # torch threads of a replica; None: its node's cores
     grammar_compile_timeout: float = 10.0
+    engine_stall_seconds: float = 60.0  # a replica's engine stuck this long: Ray replaces it
     max_ongoing_requests: int = 1024  # per replica; the engine queues what it cannot batch
     # seconds a request may wait for a replica to accept it (the server's --queue-timeout), then
     # 503: a replica that hangs (a stopped process) holds new requests no longer (acquirer)
@@ -317,7 +318,11 @@ class RayBackend(Backend):
                 "request_router_class": f"{router.__module__}:{router.__name__}",
                 "request_routing_stats_period_s": 1,
             }
-        config = {"spec": app.spec, "threads": self.options.replica_threads}
+        config = {
+            "spec": app.spec,
+            "threads": self.options.replica_threads,
+            "stall_s": self.options.engine_stall_seconds,
+        }
         try:
             target = serve.deployment(GirandoleReplica).options(**options).bind(config)
             serve._run(target, _blocking=False, name=app_name_of(name), route_prefix=None)

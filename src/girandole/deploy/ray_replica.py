@@ -20,11 +20,13 @@ from typing import Any
 from ray import serve
 
 from girandole.deploy.ray_router import RouteKey
+from girandole.engine.protocol import stall_error
 
 logger = logging.getLogger("girandole.deploy")
 
 # A session whose request never reached the port (the ingress went away) ends after this.
 SESSION_START_TIMEOUT_S = 60.0
+DEFAULT_STALL_S = 60.0  # the server's --engine-stall-seconds, unless the config says
 
 
 def _renice_threads(nice: int) -> None:
@@ -50,6 +52,7 @@ class GirandoleReplica:
         threads = config.get("threads") or len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, int(threads)))
         spec = config["spec"]  # deploy.backend.ReplicaSpec
+        self.stall_s = float(config.get("stall_s", DEFAULT_STALL_S))
         self.engine = spec.start_engine()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.server = ReplicaServer(self.engine, host=ray.util.get_node_ip_address()).start()
@@ -123,8 +126,11 @@ class GirandoleReplica:
         return {**self.engine.stats(), "adapters": self.engine.lora_names()}
 
     def check_health(self) -> None:
-        if self.engine.seconds_stalled() == float("inf"):
-            raise RuntimeError("the engine loop is not running")
+        """Ray Serve replaces a replica whose check fails: its engine loop died, or is stuck
+        (work waiting and no step finished for the server's --engine-stall-seconds)."""
+        error = stall_error(self.engine, self.stall_s)
+        if error is not None:
+            raise RuntimeError(error)
 
     def __del__(self) -> None:
         server, engine = getattr(self, "server", None), getattr(self, "engine", None)

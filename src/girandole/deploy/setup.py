@@ -61,6 +61,7 @@ def deployment_manager(settings: Any, db: Database) -> DeploymentManager:
                 replicas_per_node=settings.ray_replicas_per_node or None,
                 grammar_compile_timeout=settings.grammar_compile_timeout,
                 acquire_timeout=settings.queue_timeout,
+                engine_stall_seconds=settings.engine_stall_seconds,
             ),
         )
     else:

@@ -55,3 +55,15 @@ class EngineClient(Protocol):
         ...
 
     def shutdown(self) -> None: ...
+
+
+def stall_error(engine: EngineClient, limit_s: float) -> str | None:
+    """Why an engine is not serving (its loop died, or work has waited `limit_s` with no step
+    finishing), or None: what /health reports and what a Ray replica's health check raises (so
+    Ray Serve replaces a replica whose loop is stuck, not only one whose loop died)."""
+    stalled = engine.seconds_stalled()
+    if stalled == float("inf"):
+        return "the engine loop is not running"
+    if stalled > limit_s:
+        return f"the engine has not finished a step for {stalled:.0f} s"
+    return None

@@ -145,7 +145,8 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         "--engine-stall-seconds",
         type=float,
         default=float(_env("ENGINE_STALL_SECONDS") or DEFAULTS.engine_stall_seconds),
-        help="/health answers 503 when work waits and no engine step has ended for this long"
+        help="/health answers 503 (and a Ray replica fails its health check, so Ray replaces"
+        " it) when work waits and no engine step has ended for this long"
         " [GIRANDOLE_ENGINE_STALL_SECONDS]",
     )
 
