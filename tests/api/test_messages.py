@@ -182,9 +182,10 @@ def test_tool_use_streamed(client):
 
 @pytest.mark.parametrize("max_tokens", [6, 24])
 def test_a_call_cut_short_reads_the_same_streamed_and_whole(client, max_tokens):
-    """max_tokens ends a forced call before its name is whole (no block yet) or inside its
-    arguments: the whole message and the SDK's accumulation of the stream give the same blocks,
-    a tool_use with the input as far as it parses (it was a text block of the arguments)."""
+    """max_tokens ends a forced call before its name is whole or inside its arguments: the
+    whole message and the SDK's accumulation of the stream give the same blocks, the forced
+    tool's tool_use with the input as far as it parses (it was a text block of the arguments;
+    cut before the name it was no block at all)."""
     body = dict(
         model=MODEL, max_tokens=max_tokens, messages=ASK, tools=[WEATHER], extra_body=GREEDY,
         tool_choice={"type": "tool", "name": "get_weather"},
@@ -198,10 +199,28 @@ def test_a_call_cut_short_reads_the_same_streamed_and_whole(client, max_tokens):
         return [b.model_dump(exclude={"id"}) for b in message.content]
 
     assert blocks(whole) == blocks(streamed)
+    if max_tokens == 6:  # the name not written yet: the call the request forced, no input yet
+        (call,) = whole.content
+        assert (call.type, call.name, call.input) == ("tool_use", "get_weather", {})
     if max_tokens == 24:  # the name and the first argument written, the second cut short
         (call,) = blocks(whole)
         assert call["type"] == "tool_use" and call["name"] == "get_weather"
         assert list(call["input"]) == ["city"]
+
+
+def test_count_tokens(client, server):
+    """The SDK's count_tokens: the input_tokens the same request is charged (template, system,
+    tool descriptions and all), no engine run; its errors in Anthropic's shape."""
+    for extra in ({}, {"system": "Be terse.", "tools": [WEATHER]}):
+        counted = client.messages.count_tokens(model=MODEL, messages=ASK, **extra)
+        made = client.messages.create(model=MODEL, max_tokens=1, messages=ASK, **extra)
+        assert counted.input_tokens == made.usage.input_tokens > 0
+    r = httpx.post(server.url + "/v1/messages/count_tokens", headers={"x-api-key": API_KEY},
+                   json={"model": MODEL, "messages": ASK, "max_tokens": 5}, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert "max_tokens" in r.json()["error"]["message"]  # not a count_tokens field
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json={"model": MODEL}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
 def test_stop_sequence(server):
@@ -267,6 +286,8 @@ def test_x_api_key_and_anthropic_errors(server):
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"container": "c1"}, "container"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0"),  # it was answered
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0"),  # 'messages' (chat's)
     ],
 )  # fmt: skip
 def test_bad_requests_name_the_field(server, change, field):

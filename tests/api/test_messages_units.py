@@ -95,6 +95,13 @@ def test_anthropic_fields_as_chat_fields():
             {"type": "tool_result", "tool_use_id": "x"}]}]}, "messages.0.content.0"),
         ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"}},
          "thinking"),
+        # empty content (Anthropic's 400s): it vanished, or left chat an empty conversation
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": []},
+                       {"role": "user", "content": "y"}]}, "messages.1.content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
+                                                    {"type": "text", "text": ""}]}]},
+         "messages.0.content.1"),
     ],
 )  # fmt: skip
 def test_anthropic_what_chat_cannot_say(body, field):
@@ -144,6 +151,14 @@ def test_anthropic_tool_blocks_paired_across_merged_turns():
              {"role": "user", "content": "Here:"}, _result("toolu_1")]  # fmt: skip
     to_chat_request(anthropic(messages=split))
     to_chat_request(anthropic(messages=[{"role": "user", "content": "Add."}, TURN_USE]))
+
+
+def test_anthropic_final_assistant_turn_may_be_empty():
+    """The one turn Anthropic lets be empty: a final assistant one (no prefill)."""
+    for empty in ("", []):
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": empty}]
+        chat = to_chat_request(anthropic(messages=turns))
+        assert [m.role for m in chat.messages] == ["user"]
 
 
 def test_translated_requests_read_special_tokens_as_text():
@@ -256,6 +271,27 @@ def test_blocks_under_auto_a_call_or_text():
     blocks = OutputBlocks(_plan("auto"))
     blocks.feed("No call", True, "stop")
     assert [b.type for b in blocks.blocks] == ["text"] and blocks.finish_reason == "stop"
+
+
+def test_a_forced_call_is_that_function_from_its_first_token():
+    """A call forced to one function starts (named by the request) before the model has
+    written the name: cut there by max_tokens, it is that call with no arguments yet, streamed
+    or whole, not an empty output. Among two functions the name is the model's: no call."""
+    blocks = OutputBlocks(_plan("required"))
+    events = blocks.feed('{"na', False)
+    assert [(what, b.type, b.name) for what, b, _ in events] == [("start", "call", "add")]
+    events = blocks.feed('me": "add", "arguments": {"a', True, "length")
+    (call,) = blocks.blocks
+    assert [what for what, _, _ in events] == ["delta", "stop"]  # chat's header adds no block
+    assert call.text == '{"a' and blocks.finish_reason == "length"
+    whole = OutputBlocks(_plan("required"))
+    whole.feed('{"na', True, "length")
+    assert [(b.type, b.name, b.text) for b in whole.blocks] == [("call", "add", "")]
+    assert whole.finish_reason == "length"
+    two = _plan("required")
+    two.allowed = ["add", "sub"]
+    either = OutputBlocks(two)
+    assert either.feed('{"na', True, "length") == [] and either.blocks == []
 
 
 def test_cut_call_arguments_are_not_an_object():

@@ -44,9 +44,10 @@ def post(server, body: dict, headers: dict | None = None) -> httpx.Response:
 def test_create_retrieve_delete(client, server):
     r = client.responses.create(
         model=MODEL, input=QUESTION, instructions="Be terse.", max_output_tokens=8,
-        temperature=0, metadata={"case": "basic"},
+        temperature=0, metadata={"case": "basic"}, safety_identifier="u-1", prompt_cache_key="k",
     )  # fmt: skip
     assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert (r.safety_identifier, r.prompt_cache_key) == ("u-1", "k")  # echoed as OpenAI does
     assert r.status in ("completed", "incomplete") and r.store is True
     assert r.instructions == "Be terse." and r.metadata == {"case": "basic"}
     (item,) = r.output
@@ -206,6 +207,35 @@ def test_function_call_streamed(client):
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
 
 
+def test_forced_call_cut_before_its_name(client):
+    """max_output_tokens ends a forced call before the model wrote the function's name: the
+    output is still that (incomplete) function_call, whole and streamed alike (it was [])."""
+    kwargs = dict(model=MODEL, input="Weather in Oslo?", tools=[WEATHER], max_output_tokens=3,
+                  tool_choice={"type": "function", "name": "get_weather"}, store=False)  # fmt: skip
+    whole = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        streamed = stream.get_final_response()
+    for r in (whole, streamed):
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+        (call,) = r.output
+        assert (call.type, call.name, call.arguments, call.status) == (
+            "function_call", "get_weather", "", "incomplete")  # fmt: skip
+    names = [e.type for e in events]
+    assert names[2] == "response.output_item.added" and names[-1] == "response.completed"
+
+
+def test_streamed_items_cut_short_are_incomplete(client):
+    """The item max_output_tokens cut is `incomplete` in its `output_item.done` event as in the
+    final response (the event said `completed`)."""
+    with client.responses.stream(model=MODEL, input=QUESTION, max_output_tokens=3,
+                                 temperature=0, store=False) as stream:  # fmt: skip
+        done = [e.item for e in stream if e.type == "response.output_item.done"]
+        final = stream.get_final_response()
+    assert final.status == "incomplete"
+    assert [i.status for i in done] == [i.status for i in final.output] == ["incomplete"]
+
+
 def test_text_format_json_schema(client):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "age": {"type": "integer", "minimum": 0,
@@ -261,6 +291,8 @@ def test_list_and_accounts(client, server):
         ({"input": "x", "background": True}, "background"),
         ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata"),  # OpenAI's key limit
+        ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),  # and value limit
     ],
 )  # fmt: skip
 def test_bad_requests_name_the_field(server, body, field):

@@ -12,11 +12,12 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
   text blocks; `is_error` prefixes `Error: `); `thinking`/`redacted_thinking` blocks are left
   out; `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
-  merged. A final assistant turn is continued (a prefill). As at Anthropic, a turn's `tool_use`
-  blocks are answered by `tool_result` blocks in the next turn, a `tool_result` answers a
-  `tool_use` of the turn before, and `tool_use` ids are unique; anything else is a 400
-  (`pairing.py`). Special-token strings in any text (`<end_of_turn>` typed by a user) are read
-  as plain text (chat's `safe_tokenization`, always on here).
+  merged. A final assistant turn is continued (a prefill; an empty one is none). As at
+  Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
+  (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next
+  turn, a `tool_result` answers a `tool_use` of the turn before, and `tool_use` ids are unique;
+  anything else is a 400 (`pairing.py`). Special-token strings in any text (`<end_of_turn>`
+  typed by a user) are read as plain text (chat's `safe_tokenization`, always on here).
 - `max_tokens` (required, >= 1; fitted to the context as chat fits it), `stop_sequences` (at
   most 4, as `stop` elsewhere), `temperature` (0-2), `top_p`, `top_k` (0-100), `metadata`
   (`user_id`, kept as the request's user), `raw_output` (Fireworks: the prompt as fed and the
@@ -34,7 +35,13 @@ Response: `{"id": "msg_...", "type": "message", "role": "assistant", "model" (as
 {"input_tokens", "output_tokens"}}`. `stop_reason`: `tool_use` (calls recognised, as chat's
 finish_reason "tool_calls"; each call a `tool_use` block, `id` `toolu_<hex>`, `input` the
 arguments), `max_tokens`, `stop_sequence` (with the sequence), else `end_turn`.
-`input_tokens` counts every prompt token, template tokens and cached ones included.
+`input_tokens` counts every prompt token, template tokens and cached ones included. A call cut
+short is its `tool_use` block, `input` as far as it parses; a call forced to one tool is that
+tool's block from the first token, so one cut before the model wrote the name is still there
+(`input: {}`; `girandole.api.messages.blocks`).
+
+`POST /v1/messages/count_tokens`: the same body without the sampling fields, answered with
+`{"input_tokens"}` as the request would be charged (`count_tokens.py`).
 
 Streaming (`stream: true`): named SSE events as Anthropic sends them: `message_start` (the
 message, empty content, input_tokens), `ping`, then per block `content_block_start`,

@@ -49,6 +49,28 @@ def _result_text(block: ToolResultBlock, where: str) -> str:
     return f"Error: {text}" if block.is_error else text
 
 
+def check_not_empty(req: MessagesRequest) -> None:
+    """Anthropic's 400s for empty content: a turn of no blocks (or of one empty text, as `""`
+    arrives) other than a final assistant turn (an empty prefill), and an empty text block.
+    Without them the turn vanished (its neighbours then merged into one) or, alone, left a
+    conversation chat called empty under another field's name."""
+    last = len(req.messages) - 1
+    for i, message in enumerate(req.messages):
+        blocks = message.content
+        if i == last and message.role == "assistant":
+            continue
+        if not blocks or (len(blocks) == 1 and blocks[0].type == "text" and not blocks[0].text):
+            raise bad_request(
+                f"messages.{i}: all messages must have non-empty content except for the"
+                " optional final assistant message",
+                f"messages.{i}.content",
+            )
+        for j, block in enumerate(blocks):
+            if block.type == "text" and not block.text:
+                where = f"messages.{i}.content.{j}"
+                raise bad_request(f"{where}: text content blocks must be non-empty", where)
+
+
 def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: tool_result blocks become tool messages (before the
     user's text of the same turn), tool_use blocks the assistant's tool_calls; consecutive
@@ -83,7 +105,7 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
             else:
                 raise _unsupported_block(block.type, where)
         text = ("" if message.role == "assistant" else "\n\n").join(texts)
-        if not texts and not calls:
+        if not any(texts) and not calls:  # an empty final assistant turn: no prefill
             continue
         last = out[-1] if out else None
         if last is not None and last["role"] == message.role and not last.get("tool_calls"):
@@ -159,6 +181,7 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
     if config is not None and config.format is not None:
         schema = {"name": "output", "schema": config.format.schema_}
         response_format = {"type": "json_schema", "json_schema": schema}
+    check_not_empty(req)
     messages = chat_messages(req)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
     tools, tool_choice, parallel = chat_tools(req)

@@ -1,4 +1,5 @@
-"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API, run as chat."""
+"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API, run as chat; and
+POST /v1/messages/count_tokens, its prompt's token count (`count_tokens.py`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, Request
+from fastapi.responses import Response
 
 from girandole.api.chat.shape import ChatShape
+from girandole.api.http.openapi import body_doc
 from girandole.api.messages.convert import to_chat_request
-from girandole.api.messages.schema import MessagesRequest
+from girandole.api.messages.count_tokens import count_tokens
+from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
 from girandole.api.messages.shape import MessagesShape, anthropic_error
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint
 from girandole.api.serving.pipeline import inference_router
@@ -46,4 +50,16 @@ ENDPOINT = Messages(MessagesRequest, MESSAGES_UNSUPPORTED, "msg_", 0)
 router = inference_router(
     ENDPOINT, "/messages", "create_message", "Create a message (Anthropic's Messages API)",
     before_auth=[Depends(anthropic_errors)],
+)  # fmt: skip
+
+
+async def count_message_tokens(request: Request) -> Response:
+    return await count_tokens(request, ENDPOINT)
+
+
+# on the same router: Anthropic's error shape and the key check come with it
+router.add_api_route(
+    "/messages/count_tokens", count_message_tokens, methods=["POST"], name="count_message_tokens",
+    summary="Count a message's input tokens (Anthropic's Messages API)",
+    openapi_extra=body_doc(CountTokensRequest),
 )  # fmt: skip

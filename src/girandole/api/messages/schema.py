@@ -142,20 +142,25 @@ class OutputConfig(StrictModel):
     format: OutputFormat | None = None
 
 
-class MessagesRequest(StrictModel):
+class CountTokensRequest(StrictModel):
+    """`POST /v1/messages/count_tokens`: the fields that make a Messages prompt."""
+
     model: str
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)]  # required, as at Anthropic
     system: str | list[TextBlock] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None  # only "disabled" (girandole.api.messages.route)
+    output_config: OutputConfig | None = None
+    cache_control: CacheControl | None = None  # a hint, as on blocks
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: Annotated[int, Field(ge=1)]  # required, as at Anthropic
     stop_sequences: Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool | None = None
     temperature: Temperature = None
     top_p: TopP = None
     top_k: TopK = None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
-    thinking: ThinkingConfig | None = None  # only "disabled" (girandole.api.messages.route)
-    output_config: OutputConfig | None = None
     raw_output: bool | None = None  # Fireworks' extension
-    cache_control: CacheControl | None = None  # a hint, as on blocks

@@ -24,8 +24,9 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   tool types are a 400), `tool_choice` (`none`, `auto`, `required`, `{"type": "function",
   "name"}`, `{"type": "allowed_tools", "mode", "tools"}`), `parallel_tool_calls`,
   `text.format` (`text`, `json_object`, `json_schema` with `schema`: chat's response_format),
-  `metadata` (at most 16 string pairs, echoed and stored), `user` / `safety_identifier` (the
-  request's user), `prompt_cache_key` (as on chat), `truncation: "disabled"`,
+  `metadata` (at most 16 string pairs, keys up to 64 characters, values up to 512: OpenAI's
+  limits; echoed and stored), `user` / `safety_identifier` (the request's user; echoed),
+  `prompt_cache_key` (as on chat; echoed), `truncation: "disabled"`,
   `stream_options.include_obfuscation` (accepted; no padding is sent).
 - Not run here, a 400 unless the value asks for nothing: `background` (false), `service_tier`
   (auto, default), `include` ([]), `reasoning` ({}), `max_tool_calls`, `top_logprobs` (0),
@@ -37,7 +38,10 @@ Response: `{"id": "resp_...", "object": "response", "created_at", "status", "out
 `completed`, or `incomplete` (`incomplete_details.reason: "max_output_tokens"`) when the output
 reached max_output_tokens. `output`: a `message` item (`msg_<hex>`, one `output_text` part) or,
 when chat recognises calls in the output, one `function_call` item per call (`fc_<hex>`,
-`call_id` `call_<hex>`, `arguments` as the model wrote them). `usage`: `input_tokens`
+`call_id` `call_<hex>`, `arguments` as the model wrote them). In an incomplete response the
+item cut short is `incomplete`, those before it `completed`; a call forced to one function is
+that function's item from the first token, so one cut before the model wrote the name is still
+there (`arguments: ""`; `girandole.api.messages.blocks`). `usage`: `input_tokens`
 (`input_tokens_details.cached_tokens`), `output_tokens`, `total_tokens`, and the same counts as
 Fireworks names them (`prompt_tokens`, `completion_tokens`).
 
@@ -46,8 +50,9 @@ Streaming (`stream: true`): named SSE events, each with `sequence_number` from 0
 `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
 `response.content_part.done`, `response.output_item.done`; per call `response.output_item.added`,
 `response.function_call_arguments.delta`..., `response.function_call_arguments.done`,
-`response.output_item.done`; then `response.completed` with the whole response, whatever its
-status (an incomplete one too: the openai SDK's stream helper waits for that event). An error
+`response.output_item.done` (the item's status as in the final response); then
+`response.completed` with the whole response, whatever its status (an incomplete one too: the
+openai SDK's stream helper waits for that event; OpenAI sends `response.incomplete` there). An error
 after the stream began is an `error` event (`code`, `message`, `param`). A stored streamed
 response is saved when it completes.
 

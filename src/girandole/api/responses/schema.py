@@ -155,6 +155,11 @@ class StreamOptions(StrictModel):
     include_obfuscation: bool | None = None  # no obfuscation padding is sent either way
 
 
+# OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
 class ResponsesRequest(StrictModel):
     model: str
     input: Input | None = None
@@ -170,7 +175,7 @@ class ResponsesRequest(StrictModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
-    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None

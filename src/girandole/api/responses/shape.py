@@ -72,6 +72,13 @@ class ResponsesShape(TranslatedShape):
                 "arguments": block.text if done else ""}  # fmt: skip
 
     @staticmethod
+    def item_status(block: Block, blocks: OutputBlocks) -> str:
+        """A closed item's status: `incomplete` for the one max_output_tokens cut (the last of an
+        output that reached it), `completed` for those before it, streamed or whole."""
+        cut = blocks.finish_reason == "length" and block is blocks.blocks[-1]
+        return "incomplete" if cut else "completed"
+
+    @staticmethod
     def part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -110,13 +117,15 @@ class ResponsesShape(TranslatedShape):
             "truncation": "disabled",
             "usage": usage_json(usage) if usage is not None else None,
             "user": req.user,
+            "safety_identifier": req.safety_identifier,
+            "prompt_cache_key": req.prompt_cache_key,
             "metadata": req.metadata or {},
         }
 
     def finish(self, job: Job, choice: Choice, blocks: OutputBlocks) -> dict[str, Any]:
         """The finished response object, saved if stored."""
         status = "incomplete" if choice.finish_reason == "length" else "completed"
-        output = [self.item(b, status) for b in blocks.blocks]
+        output = [self.item(b, self.item_status(b, blocks)) for b in blocks.blocks]
         body = self.response(job, status, output, finish_metrics(job))
         if self.conversation.save is not None:
             self.conversation.save(body, self.conversation.items)
@@ -151,7 +160,7 @@ class ResponsesShape(TranslatedShape):
             async for c, out in fanout.events():
                 update = c.add(out)
                 for what, block, text in feed_choice(blocks, c, update.text, out.finished):
-                    for name, fields in self.block_events(what, block, text):
+                    for name, fields in self.block_events(what, block, text, blocks):
                         yield event(name, **fields)
             # `response.completed` whatever the status (the SDK's stream helper waits for it)
             yield event("response.completed", response=self.finish(job, choice, blocks))
@@ -161,9 +170,12 @@ class ResponsesShape(TranslatedShape):
         finally:
             fanout.close()
 
-    def block_events(self, what: str, block: Block, text: str) -> list[tuple[str, dict[str, Any]]]:
-        """The `response.*` events of one block event."""
+    def block_events(
+        self, what: str, block: Block, text: str, blocks: OutputBlocks
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The `response.*` events of one block event (`blocks`: the output so far)."""
         where = {"item_id": self.item_id(block), "output_index": block.index}
+        done = self.item(block, self.item_status(block, blocks)) if what == "stop" else None
         if block.type == "text":
             at = where | {"content_index": 0}
             if what == "start":
@@ -177,8 +189,7 @@ class ResponsesShape(TranslatedShape):
             return [
                 ("response.output_text.done", at | {"text": block.text, "logprobs": []}),
                 ("response.content_part.done", at | {"part": self.part(block.text)}),
-                ("response.output_item.done",
-                 {"output_index": block.index, "item": self.item(block, "completed")}),
+                ("response.output_item.done", {"output_index": block.index, "item": done}),
             ]  # fmt: skip
         if what == "start":
             item = self.item(block, "in_progress")
@@ -188,6 +199,5 @@ class ResponsesShape(TranslatedShape):
         return [
             ("response.function_call_arguments.done",
              where | {"name": block.name, "arguments": block.text}),
-            ("response.output_item.done",
-             {"output_index": block.index, "item": self.item(block, "completed")}),
+            ("response.output_item.done", {"output_index": block.index, "item": done}),
         ]  # fmt: skip
