@@ -390,8 +390,8 @@ def test_tool_call_stream(client):
 @pytest.mark.parametrize("max_tokens", [5, 16])
 def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_tokens):
     """max_tokens ends a forced call before its name is whole, or inside its arguments: the
-    whole message is what the stream's deltas add up to (the calls as far as written, as
-    OpenAI answers), never the call's JSON as content."""
+    whole message is what the stream's deltas add up to (the forced function's call, its
+    arguments as far as written, as OpenAI answers), never the call's JSON as content."""
     body = dict(
         model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
         tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
@@ -410,7 +410,9 @@ def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_t
     assert content == ""
     got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
     assert got == [tuple(v) for _, v in sorted(calls.items())]
-    assert bool(got) == (max_tokens == 16)
+    # the forced function's call even when cut before its name (before: no call at all at 5)
+    assert [name for name, _ in got] == ["get_weather"]
+    assert (got[0][1] == "") == (max_tokens == 5)
 
 
 def test_tool_auto_detects_a_call_and_results_go_back(client):

@@ -186,8 +186,8 @@ def test_scan_and_parse_calls():
     assert partial[0].name == "add" and partial[0].args_end is None
 
 
-def _plan(mode: str) -> ToolPlan:
-    return ToolPlan([], mode, ["add"], True, False)
+def _plan(mode: str, allowed: tuple[str, ...] = ("add",)) -> ToolPlan:
+    return ToolPlan([], mode, list(allowed), True, False)
 
 
 def _replay(stream: ToolStream, text: str, step: int = 3):
@@ -218,25 +218,32 @@ def test_tool_stream():
 
 
 @pytest.mark.parametrize(
-    "text, calls",
+    "text, calls, allowed",
     [
-        ('{"name": "ad', []),  # cut before the name is whole: no call, no content
-        ('{"name": "add", "argu', [("add", "")]),
-        ('{"name": "add", "arguments": {"a": 1', [("add", '{"a": 1')]),
+        # cut before the name is whole: the one function the call is forced to (its name is
+        # known), else no call and no content
+        ('{"name": "ad', [("add", "")], ("add",)),
+        ('{"name": "ad', [], ("add", "sub")),
+        ("", [("add", "")], ("add",)),
+        ('{"name": "add", "argu', [("add", "")], ("add",)),
+        ('{"name": "add", "arguments": {"a": 1', [("add", '{"a": 1')], ("add",)),
         ('[{"name": "add", "arguments": {}}, {"name": "add", "arguments": {"b', [
-            ("add", "{}"), ("add", '{"b')]),
+            ("add", "{}"), ("add", '{"b')], ("add",)),
+        ('[{"name": "add", "arguments": {}}, {"name": "sub", "arguments": {"b', [
+            ("add", "{}"), ("sub", '{"b')], ("add", "sub")),
     ],
 )  # fmt: skip
-def test_a_forced_call_cut_short_is_what_its_stream_shows(text, calls):
+def test_a_forced_call_cut_short_is_what_its_stream_shows(text, calls, allowed):
     """A forced call cut by max_tokens: the whole message holds the calls as far as written
     (as OpenAI answers, and as the stream's tool_calls deltas add up), never its JSON as
     content; finish_reason stays length."""
-    message, finish = finish_message(_plan("required"), text, "length")
+    plan = _plan("required", allowed)
+    message, finish = finish_message(plan, text, "length")
     assert finish == "length" and message["content"] is None
     got = [(c["function"]["name"], c["function"]["arguments"])
            for c in message.get("tool_calls", [])]  # fmt: skip
     assert got == calls
-    deltas, _ = _replay(ToolStream(_plan("required")), text)
+    deltas, _ = _replay(ToolStream(plan), text)
     streamed: dict[int, list[str]] = {}
     for d in deltas:
         for tc in d.get("tool_calls", []):

@@ -226,16 +226,19 @@ def finish_message(
         if calls:
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}
             return message, "tool_calls"
-        if plan.mode == "required" and text.lstrip()[:1] in ("{", "["):
-            return cut_call_message(text), finish_reason  # cut short: max_tokens, a stop
+        started = text.lstrip()[:1] in ("{", "[") or (plan.forced_name and not text.strip())
+        if plan.mode == "required" and started:
+            # cut short: max_tokens, a stop
+            return cut_call_message(text, plan.forced_name), finish_reason
     return {"role": "assistant", "content": text}, finish_reason
 
 
-def cut_call_message(text: str) -> dict[str, Any]:
+def cut_call_message(text: str, forced_name: str | None = None) -> dict[str, Any]:
     """A forced call that did not finish, as its stream shows it (and as OpenAI answers a call
     cut by max_tokens): each call whose name is written, its arguments as far as they go, and
-    no content. The output is the call's JSON, never text meant for the user: a call cut before
-    its name is no call and no content."""
+    no content. The output is the call's JSON, never text meant for the user. A call cut before
+    its name is the call of `forced_name` (a call forced to one function is that call from the
+    first token, as OpenAI's and Anthropic's are), else no call and no content."""
     calls = []
     for span in scan_calls(text):
         if span.name is None:
@@ -243,6 +246,8 @@ def cut_call_message(text: str) -> dict[str, Any]:
         end = span.args_end if span.args_end is not None else len(text)
         arguments = text[span.args_start : end] if span.args_start is not None else ""
         calls.append(ParsedCall(span.name, arguments))
+    if not calls and forced_name is not None:
+        calls.append(ParsedCall(forced_name, ""))
     message: dict[str, Any] = {"role": "assistant", "content": None}
     if calls:
         message["tool_calls"] = tool_calls_json(calls)
@@ -283,8 +288,14 @@ class ToolStream:
             return self._stream_calls()
         return []
 
-    def _stream_calls(self) -> list[dict[str, Any]]:
+    def _stream_calls(self, finishing: bool = False) -> list[dict[str, Any]]:
         deltas = []
+        forced = self.plan.forced_name if self.plan is not None else None
+        if forced is not None and not self.headers and (self.text or finishing):
+            # its header from the first token: a call cut before its name is still this call
+            self.headers.append(new_call_id())
+            self.sent.append(0)
+            deltas.append(_call_delta(0, self.headers[0], forced, ""))
         for k, span in enumerate(scan_calls(self.text)):
             if span.name is None:
                 break
@@ -311,7 +322,7 @@ class ToolStream:
         assert self.plan is not None
         calls = parse_calls(self.text, self.plan.allowed)
         if self.mode == "calls":
-            deltas = self._stream_calls()
+            deltas = self._stream_calls(finishing=True)
             return deltas, "tool_calls" if calls else finish_reason
         if not calls:
             return [{"content": self.text}], finish_reason

@@ -51,6 +51,12 @@ class ToolPlan:
     def detects_calls(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def forced_name(self) -> str | None:
+        """The function every call must be (a named tool_choice, or `required` with one tool
+        allowed): its name is known before the model writes it."""
+        return self.allowed[0] if self.mode == "required" and len(self.allowed) == 1 else None
+
 
 def template_handles_tools(template: str | None) -> bool:
     return bool(template) and re.search(r"\btools\b", template) is not None

@@ -8,9 +8,8 @@ feeds the whole text at once and reads `blocks`.
 
 A call forced to one function (a named tool_choice, or `required`/`any` with one allowed) is that
 function's call from the output's first token, as OpenAI's and Anthropic's forced calls are (their
-name comes first): its block starts then, named by the request, so that a call cut short before
-the model wrote the name is still the (incomplete) call the client forced, not an empty output.
-Chat's own answer to that cut is neither calls nor content (`girandole.api.chat.tool_calls`).
+name comes first): chat's `ToolStream` sends its header then, so a call cut short before the
+model wrote the name is still the (incomplete) call the client forced, not an empty output.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 import pydantic_core
 
-from girandole.api.chat.tool_calls import ToolStream, new_call_id
+from girandole.api.chat.tool_calls import ToolStream
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
 
@@ -65,8 +64,6 @@ class OutputBlocks:
         self._open: Block | None = None
         self._call_blocks: dict[int, Block] = {}  # chat's call index -> its block
         self.finish_reason: str | None = None  # once finished
-        forced = plan is not None and plan.mode == "required" and len(plan.allowed) == 1
-        self._forced_name = plan.allowed[0] if plan is not None and forced else None
 
     def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
         """The events of new `text`; when `finished` (with the engine's finish_reason), the last
@@ -76,10 +73,6 @@ class OutputBlocks:
             tail, self.finish_reason = self.calls.finish(finish_reason)
             deltas += tail
         events: list[Event] = []
-        if self._forced_name is not None and not self.blocks and (text or finished):
-            block = Block("call", 0, call_id=new_call_id(), name=self._forced_name)
-            events += self._start(block)
-            self._call_blocks[0] = block  # chat's header for it, once written, adds nothing
         for delta in deltas:
             events += self._apply(delta)
         if finished:
@@ -97,7 +90,7 @@ class OutputBlocks:
             events.append(("delta", self._open, text))
         for call in delta.get("tool_calls") or []:
             function = call["function"]
-            if "id" in call and call["index"] not in self._call_blocks:  # a call's header
+            if "id" in call:  # a call's header: a block of its own
                 block = Block("call", len(self.blocks), call_id=call["id"], name=function["name"])
                 events += self._start(block)
                 self._call_blocks[call["index"]] = block
