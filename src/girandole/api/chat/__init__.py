@@ -26,7 +26,9 @@ Prompt:
 Responses: `max_tokens` defaults to 2048 (Fireworks' chat guide); usage as /completions (template
 tokens and BOS in `prompt_tokens`). Logprobs, echo (the templated prompt's text before the
 answer), raw_output, return_token_ids, perf metrics and prompt-cache keys work as on
-/completions (`girandole.api.serving.choice`, one formatter for both endpoints).
+/completions (`girandole.api.serving.choice`, one formatter for both endpoints); with
+return_token_ids the body (streams: the first chunk) also carries `prompt_token_ids`, where
+Fireworks' chat schema puts them.
 
 Streaming: per choice a role chunk (`delta: {"role": "assistant"}`), sent first for every choice,
 then content chunks (each with its tokens' logprobs and `token_ids` when asked), then a

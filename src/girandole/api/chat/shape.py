@@ -16,6 +16,7 @@ from girandole.api.serving.response import ResponseShape
 class ChatShape(ResponseShape):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+    prompt_ids_on_body = True
 
     def __init__(
         self,

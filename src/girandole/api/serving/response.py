@@ -29,6 +29,9 @@ class ResponseShape:
     object = "text_completion"  # of a whole response
     chunk_object = "text_completion"  # of a stream chunk
     forced_grammar: GrammarSpec | None = None  # what the output must follow (chat: a forced call)
+    # return_token_ids: chat also puts `prompt_token_ids` on the body (whole) and on the first
+    # chunk, where Fireworks' chat schema and litellm's fireworks_ai provider read them
+    prompt_ids_on_body = False
 
     def whole(self, choice: Choice) -> dict[str, Any]:
         """A whole choice's output fields (may set `choice.finish_reason`)."""
@@ -136,7 +139,10 @@ async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[
         bodies.append(body | c.extras())
     usage = finish_metrics(job)
     perf = job.perf_metrics if job.options.perf_metrics else None
-    return envelope(job, shape.object, bodies, usage, perf)
+    body = envelope(job, shape.object, bodies, usage, perf)
+    if shape.prompt_ids_on_body and job.options.return_token_ids and job.choices:
+        body["prompt_token_ids"] = list(job.choices[0].prompt_token_ids)  # one prompt: chat's
+    return body
 
 
 async def stream(
@@ -145,9 +151,15 @@ async def stream(
     """The SSE body. Closing it (client gone) aborts the engine requests."""
     opts = job.options
     prompt_ids_sent: set[int] = set()
+    body_ids = shape.prompt_ids_on_body and opts.return_token_ids and bool(job.choices)
 
     def chunk(choices: list[dict[str, Any]], usage: Usage | None = None, perf: Any = None) -> bytes:
-        return sse_event(envelope(job, shape.chunk_object, choices, usage, perf))
+        nonlocal body_ids
+        body = envelope(job, shape.chunk_object, choices, usage, perf)
+        if body_ids:  # the first chunk only
+            body["prompt_token_ids"] = list(job.choices[0].prompt_token_ids)
+            body_ids = False
+        return sse_event(body)
 
     def with_prompt_ids(c: Choice, body: dict[str, Any]) -> dict[str, Any]:
         if opts.return_token_ids and c.index not in prompt_ids_sent:  # the choice's first chunk
