@@ -142,6 +142,150 @@ def test_greedy_same_tokens_with_ngram_and_draft(tiny_llama_dir, tmp_path, basel
     assert draft.engine.speculator.draft.kv_cache.num_used_blocks == 0
 
 
+def _probe_draft(engine) -> tuple[list[dict], list[dict]]:
+    """Instrumentation of a real engine: every forward of the draft runner (the engine step it
+    ran in, its tokens, the requests in it, and whether it only catches up: no logits wanted),
+    and per engine step the target's tokens and, for each running request, whether it decodes,
+    its draft copy's lag before the step's proposals (tokens not computed) and where its
+    proposal came from."""
+    calls: list[dict] = []
+    steps: list[dict] = []
+    speculator, scheduler = engine.speculator, engine.scheduler
+    runner = speculator.draft.runner
+    execute, propose, schedule = runner.execute, speculator.propose, scheduler.schedule
+
+    def counted(seqs, num_new_tokens, logit_rows, inputs=None):
+        calls.append(
+            {
+                "step": len(steps) - 1,
+                "tokens": sum(num_new_tokens),
+                "ids": [s.request_id for s in seqs],
+                "catch_up": not any(logit_rows),
+            }
+        )
+        return execute(seqs, num_new_tokens, logit_rows, inputs)
+
+    def lag(seq) -> int:
+        d = seq.speculation.draft
+        return len(seq) - (0 if d is None else min(d.num_computed_tokens, len(seq)))
+
+    def proposed(running):
+        rows: dict = {}
+        steps.append({"rows": rows, "target": 0})
+        before = {s.request_id: lag(s) for s in running}
+        propose(running)
+        for s in running:
+            decodes = s.num_computed_tokens >= s.num_prompt_tokens
+            source = s.speculation.source
+            rows[s.request_id] = {"decodes": decodes, "lag": before[s.request_id], "source": source}
+
+    def scheduled(*args):
+        batch = schedule(*args)
+        steps[-1]["target"] = sum(batch.num_new_tokens)
+        return batch
+
+    runner.execute, speculator.propose, scheduler.schedule = counted, proposed, scheduled
+    return calls, steps
+
+
+def _staggered(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+    """The first request alone until it decodes, then the others arrive (a stream running
+    when a long prompt comes); per request its tokens and last speculation counts."""
+    engine = llm.engine
+    results = [{"tokens": [], "spec": {}} for _ in prompts]
+    engine.add_request("r0", prompts[0], params[0])
+    arrived = 1
+    while engine.has_unfinished_requests() or arrived < len(prompts):
+        if arrived < len(prompts) and results[0]["tokens"]:
+            for i in range(arrived, len(prompts)):
+                engine.add_request(f"r{i}", prompts[i], params[i])
+            arrived = len(prompts)
+        for out in engine.step():
+            r = results[int(out.request_id[1:])]
+            r["tokens"] += out.new_token_ids
+            r["spec"] = out.speculation
+    assert engine.kv_cache.num_used_blocks == 0
+    return results
+
+
+@pytest.mark.parametrize("behind", ["prompt", "prediction"])
+def test_draft_catches_up_in_chunks_within_the_step_budget(tiny_llama_dir, behind):
+    """A long prompt arriving beside a decoding stream. The draft model computes its copy in
+    chunks, within what each step's 64-token budget leaves after the target's own tokens (so
+    mostly after the target's prefill), never the whole prompt in one forward; the row decodes
+    plainly until the copy is caught up, then proposes. "prediction": a request whose
+    prediction never matches asks the draft only once it decodes, to the same effect. Greedy
+    tokens are plain decoding's."""
+    budget, k = 64, 3
+    kw = dict(max_num_batched_tokens=budget, max_num_seqs=4, target_itl_ms=None)
+    plain_llm = make_llm(tiny_llama_dir, **kw)
+    tok = plain_llm.tokenizer
+    prompts = [tok.encode(PROMPTS[0]), tok.encode(TRAIN_TEXT)]
+    n_long = len(prompts[1])
+    assert n_long > 8 * budget
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = _staggered(plain_llm, prompts, [greedy, greedy])
+    second = greedy
+    if behind == "prediction":
+        unused = next(t for t in range(5, 300) if t not in plain[1]["tokens"])
+        second = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                speculation=[unused] * 4)  # fmt: skip
+    llm = make_llm(tiny_llama_dir, draft_model=str(tiny_llama_dir), draft_token_count=k, **kw)
+    calls, steps = _probe_draft(llm.engine)
+    outs = _staggered(llm, prompts, [greedy, second])
+    assert [o["tokens"] for o in outs] == [p["tokens"] for p in plain]
+    assert llm.engine.speculator.draft.kv_cache.num_used_blocks == 0
+
+    # within the step's budget: no forward of the whole prompt (n_long tokens at once)
+    assert max(c["tokens"] for c in calls) <= budget
+    caught_up = [0] * len(steps)  # per step, the draft's catch-up tokens
+    for c in calls:
+        caught_up[c["step"]] += c["tokens"] if c["catch_up"] else 0
+    assert all(s["target"] + n <= budget for s, n in zip(steps, caught_up))
+    # the copy is computed in chunks over several steps, before the row's first proposal
+    decoding = [i for i, s in enumerate(steps) if s["rows"].get("r1", {}).get("decodes")]
+    first = next(i for i in decoding if steps[i]["rows"]["r1"]["source"] == "draft")
+    chunks = [c for c in calls if "r1" in c["ids"] and c["catch_up"]]
+    assert all(c["step"] < first for c in chunks)
+    assert len(chunks) >= n_long // budget
+    assert sum(c["tokens"] for c in chunks) >= n_long - 1 - k  # (proposals compute the rest)
+    # no proposal while the copy lags by more than a verify row's 1 + k tokens
+    assert all(steps[i]["rows"]["r1"]["source"] is None for i in decoding if i < first)
+    assert all(steps[i]["rows"]["r1"]["lag"] > 1 + k for i in decoding if i < first)
+    assert steps[first]["rows"]["r1"]["lag"] <= 1 + k
+    assert outs[1]["spec"]["accepted"] == outs[1]["spec"]["proposed"] > 0  # drafting for itself
+    assert outs[0]["spec"]["proposed"] > 0  # the stream kept speculating meanwhile
+    # a short prompt is drafted in its own prefill step: proposals from its first decode step
+    r0 = [s["rows"]["r0"] for s in steps if "r0" in s["rows"]]
+    assert next(r for r in r0 if r["decodes"])["source"] == "draft"
+
+
+def test_draft_copy_that_cannot_fit_is_released(tiny_llama_dir, tmp_path):
+    """A draft whose cache (the same bytes, 8x the K/V per token) cannot hold the long prompt:
+    its copy is released without computing a chunk, the row decodes plainly, the short row
+    still speculates, and every draft block comes back."""
+    budget = 64
+    kw = dict(max_num_batched_tokens=budget, max_num_seqs=4, target_itl_ms=None)
+    plain_llm = make_llm(tiny_llama_dir, **kw)
+    tok = plain_llm.tokenizer
+    prompts = [tok.encode(PROMPTS[0]), tok.encode(TRAIN_TEXT)]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = _staggered(plain_llm, prompts, [greedy, greedy])
+    wide = _root_conftest().write_tiny_llama(
+        tmp_path / "wide", num_hidden_layers=8, num_key_value_heads=4
+    )
+    per_token = 8 * 4 * 16 * 2 * 4  # layers x kv heads x head dim x (K, V) x float32
+    gb = 300 * per_token / (1 << 30)  # the draft holds ~300 tokens, the model ~2400
+    llm = make_llm(tiny_llama_dir, draft_model=str(wide), kv_cache_gb=gb, **kw)
+    calls, _ = _probe_draft(llm.engine)
+    outs = _staggered(llm, prompts, [greedy, greedy])
+    assert [o["tokens"] for o in outs] == [p["tokens"] for p in plain]
+    assert outs[1]["spec"]["proposed"] == 0 and outs[0]["spec"]["proposed"] > 0
+    assert max(c["tokens"] for c in calls) <= budget
+    assert not any("r1" in c["ids"] for c in calls)  # released before computing anything
+    assert llm.engine.speculator.draft.kv_cache.num_used_blocks == 0
+
+
 def test_penalties_bias_and_min_tokens_see_accepted_tokens(llm):
     """Each verified position is processed with the proposals before it as output: penalties,
     logit_bias and min_tokens give what plain decoding gives."""

@@ -258,12 +258,27 @@ class LLMEngine:
         outputs, self._finished_early = self._finished_early, []
         self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule(self.step_budget.prefill_cap)
+        self.speculator.catch_up_drafts(batch, self._draft_budget(batch))
         for seq in batch.out_of_blocks:
             outputs.append(self.postprocess.finish(seq, "length", []))
         if not batch.seqs:
             return outputs
         outputs.extend(self._run_whole(batch))
         return outputs
+
+    def _draft_budget(self, batch: ScheduledBatch) -> int:
+        """The tokens a draft model may compute in this step to catch up its copies: what the
+        step's budget leaves after the target's tokens, the draft's counted as the target's
+        (a draft is rarely larger): the scheduler's token budget and, while decodes run, the
+        step-time cap on prompt tokens (engine/step_budget.py). A long prompt's draft prefill
+        is then chunked as the target's own is, and never makes a step longer than a step of
+        the target alone may be."""
+        if self.speculator.draft is None:
+            return 0
+        decode_rows, prefill = _step_shape(batch)
+        budget = self.scheduler.config.max_num_batched_tokens - sum(batch.num_new_tokens)
+        cap = self.step_budget.prefill_cap(decode_rows)
+        return budget if cap is None else min(budget, cap - prefill)
 
     def _run_whole(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """Run `batch` and postprocess it before returning: the synchronous step's body."""
@@ -308,6 +323,7 @@ class LLMEngine:
             prev = None
         self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule(self.step_budget.prefill_cap)
+        self.speculator.catch_up_drafts(batch, self._draft_budget(batch))
         late: list[Sequence] = []  # out of blocks with a token in flight: ends after it
         for seq in batch.out_of_blocks:
             if seq.num_pending_tokens:

@@ -17,6 +17,13 @@ Sources, in order of preference:
 
 Rows with a grammar or Mirostat do not speculate: their token choice depends on state (the
 matcher, Mirostat's mu) that would have to be rolled back per position.
+
+A draft model's copy of a sequence is computed the way the target prefills, in chunks: after
+scheduling, within what the step's budget leaves (`LLMEngine._draft_budget`: the scheduler's
+token budget and prompt-token cap less the target's own tokens of the step), first the copies
+that lag (a long prompt, a copy released when the draft's cache was full, one left behind while
+a prediction proposed), then those of the step's prefilling rows. A row proposes nothing until
+its copy is within a verify row (1 + k tokens) of the end; it decodes plainly meanwhile.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.draft = draft
         self._drafting: dict[str, Sequence] = {}  # request id -> target, while it has a draft
+        self._lagging: list[Sequence] = []  # rows whose draft copy is too far behind to propose
 
     @property
     def enabled_for_all(self) -> bool:
@@ -111,11 +119,32 @@ class Speculator:
                 proposal = ngram_proposal(seq.token_ids, min(limit, self.config.ngram_length))
                 if proposal:
                     seq.spec_token_ids, state.source = proposal, "ngram"
+        self._lagging = []
         if wanting_draft:
             for (seq, _), proposal in zip(wanting_draft, self.draft.propose(wanting_draft)):
                 self._drafting[seq.request_id] = seq
                 if proposal:
                     seq.spec_token_ids, seq.speculation.source = proposal, "draft"
+                elif self.draft.lags(seq):
+                    self._lagging.append(seq)
+
+    def catch_up_drafts(self, batch: ScheduledBatch, budget: int) -> None:
+        """After scheduling, at most `budget` tokens in all (one forward): the draft model
+        computes the next chunk of the copies too far behind to propose this step, then, with
+        what is left, the copies of the step's prefilling rows that will ask it for proposals,
+        up to where the target's chunk ends (a prompt that fits beside its own prefill is
+        drafted in the same step, and the row proposes from its first decode step)."""
+        rows = [(s, len(s)) for s in self._lagging if not s.is_finished]
+        self._lagging = []
+        if self.draft is None or budget <= 0:
+            return
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if not seq.is_decode(n) and self._drafts_later(seq):
+                rows.append((seq, seq.num_computed_tokens + n))
+        if rows:
+            for seq, _ in rows:
+                self._drafting[seq.request_id] = seq
+            self.draft.catch_up(rows, budget)
 
     def _limit(self, seq: Sequence) -> int:
         """How many tokens `seq` may propose now: it must be decoding, and accepting them all
@@ -126,6 +155,17 @@ class Speculator:
         if seq.grammar is not None or p.mirostat_target is not None:
             return 0
         return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
+
+    def _drafts_later(self, seq: Sequence) -> bool:
+        """Whether `seq`, prefilling, will ask the draft model for proposals once it decodes
+        (not with a prediction, which goes first: its draft starts when needed)."""
+        state, p = seq.speculation, seq.params
+        if state is None or state.prediction is not None:
+            return False
+        if seq.grammar is not None or p.mirostat_target is not None:
+            return False
+        # `_limit` once the prefill's token is out
+        return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) > 2
 
     def _from_prediction(self, seq: Sequence, state: SpeculationState, limit: int) -> list[int]:
         pred = state.prediction
@@ -282,20 +322,21 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
-        """Up to k greedy tokens for each (sequence, k); [] where the draft's cache is full."""
-        drafts: list[Sequence | None] = []
-        for seq, _ in wanted:
-            drafts.append(self._sync(seq))
+        """Up to k greedy tokens for each (sequence, k); [] where the draft's copy lags more
+        than a verify row's 1 + k tokens (`catch_up` computes it in chunks) or its cache is
+        full."""
+        drafts = [self._sync(seq) for seq, _ in wanted]
+        ready = [len(d) - d.num_computed_tokens <= 1 + k for d, (_, k) in zip(drafts, wanted)]
         proposals: list[list[int]] = [[] for _ in wanted]
         for step in range(max(k for _, k in wanted)):
-            active = [i for i, (_, k) in enumerate(wanted) if drafts[i] is not None and step < k]
+            active = [i for i, (_, k) in enumerate(wanted) if ready[i] and step < k]
             seqs, counts = [], []
             for i in active:
                 d = drafts[i]
                 n = len(d) - d.num_computed_tokens
                 if not self.kv_cache.allocate(d, n):
                     self.release(wanted[i][0])
-                    drafts[i] = None
+                    ready[i] = False
                     continue
                 seqs.append(d)
                 counts.append(n)
@@ -307,19 +348,53 @@ class DraftModel:
                 d.num_computed_tokens += n
                 d.token_ids.append(t)
             for i in active:
-                if drafts[i] is not None:
+                if ready[i]:
                     proposals[i].append(drafts[i].token_ids[-1])
         return proposals
 
-    def _sync(self, seq: Sequence) -> Sequence:
+    def lags(self, seq: Sequence) -> bool:
+        """Whether the draft's copy of `seq` has tokens it has not computed (besides the last,
+        which a proposal computes)."""
+        d = seq.speculation.draft
+        return d is None or d.num_computed_tokens < len(seq) - 1
+
+    @torch.inference_mode()
+    def catch_up(self, goals: list[tuple[Sequence, int]], budget: int) -> None:
+        """One forward, without logits, of at most `budget` tokens: for each (sequence, goal)
+        in order, the copy computes its next tokens up to position `goal`. A copy whose whole
+        lag does not fit in the draft's free blocks is released instead (its row decodes
+        plainly; it starts again when blocks are free)."""
+        rows, counts = [], []
+        for seq, goal in goals:
+            if budget <= 0:
+                break
+            d = self._sync(seq, keep_last=True)
+            if goal <= d.num_computed_tokens:
+                continue
+            if not self.kv_cache.can_allocate(d, len(d) - d.num_computed_tokens):
+                self.release(seq)
+                continue
+            n = min(goal - d.num_computed_tokens, budget)
+            self.kv_cache.allocate(d, n)
+            rows.append(d)
+            counts.append(n)
+            budget -= n
+        if rows:
+            self.runner.execute(rows, counts, [[] for _ in counts])
+            for d, n in zip(rows, counts):
+                d.num_computed_tokens += n
+
+    def _sync(self, seq: Sequence, keep_last: bool = False) -> Sequence:
         """The draft's copy of `seq`, holding `seq`'s tokens, with K/V kept up to the first
-        position where its previous tokens (its own proposals) and the target's differ."""
+        position where its previous tokens (its own proposals) and the target's differ, and
+        short of `seq`'s last token (the first proposal needs its logits) unless `keep_last`
+        (a copy catching up: every token it has is the sequence's)."""
         state = seq.speculation
         d = state.draft
         if d is None:
             d = state.draft = Sequence(seq.request_id, seq.token_ids, seq.params)
             return d
-        same = min(d.num_computed_tokens, len(seq) - 1)
+        same = min(d.num_computed_tokens, len(seq) if keep_last else len(seq) - 1)
         for i in range(seq.num_prompt_tokens, same):
             if d.token_ids[i] != seq.token_ids[i]:
                 same = i
