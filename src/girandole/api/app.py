@@ -27,6 +27,7 @@ from girandole.api.playground import route as playground
 from girandole.api.rerank import route as rerank
 from girandole.api.responses import route as responses
 from girandole.api.state import AppState
+from girandole.api.tokenize import install_tokenize
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
 
@@ -75,6 +76,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_lora(app, state, INFERENCE_PREFIXES)
+    install_tokenize(app, INFERENCE_PREFIXES)  # also at vLLM's /tokenize, /detokenize
     app.include_router(ops.router)
     app.include_router(playground.router)  # the page at / and /playground
     # Middleware, innermost first (each added one wraps the ones before it):

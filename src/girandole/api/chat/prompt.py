@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.chat.reasoning import ReasoningPlan, apply_history
@@ -23,6 +23,28 @@ class ChatPrompt:
     text: str
     token_ids: list[int]
     num_dropped_messages: int = 0  # by prompt_truncate_len
+
+
+@dataclass(frozen=True)
+class PromptEnd:
+    """How the prompt ends when the caller says so (/tokenize's `add_generation_prompt` and
+    `continue_final_message`), and template variables of its own (`chat_template_kwargs`).
+    Unset (chat's own rule): a final assistant message is continued, else a generation prompt
+    is added; one set: the other as vLLM defaults it (generation prompt unless continuing)."""
+
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def flags(self, final_role: str) -> tuple[bool, bool]:
+        """(add_generation_prompt, continue_final_message) for a prompt whose final message
+        has `final_role`."""
+        generation, cont = self.add_generation_prompt, self.continue_final_message
+        if cont is None:
+            cont = generation is None and final_role == "assistant"
+        if generation is None:
+            generation = not cont
+        return generation and not cont, cont
 
 
 def check_parts(messages: list[ChatMessage]) -> None:
@@ -74,19 +96,24 @@ def _encode(
     safe: bool,
     tools: list[dict[str, Any]] | None = None,
     reasoning: ReasoningPlan | None = None,
+    end: PromptEnd | None = None,
 ) -> tuple[str, list[int]]:
-    cont = messages[-1]["role"] == "assistant"
+    end = end or PromptEnd()
+    generation, cont = end.flags(messages[-1]["role"])
+    # the request's reasoning fields win over its chat_template_kwargs
+    variables = end.template_kwargs | (reasoning.template_kwargs() if reasoning is not None else {})
     text, ids = encode_chat(
         tokenizer,
         messages,
         template,
         safe_tokenization=safe,
-        add_generation_prompt=not cont,
+        add_generation_prompt=generation,
         continue_final_message=cont,
         tools=tools,
-        **(reasoning.template_kwargs() if reasoning is not None else {}),
+        **variables,
     )
-    suffix = reasoning.prompt_suffix(template, text, cont) if reasoning is not None else ""
+    # the empty thinking block goes only after a generation prompt
+    suffix = reasoning.prompt_suffix(template, text, not generation) if reasoning else ""
     if suffix:  # thinking off in a template without a switch for it: an empty thinking block
         text, ids = text + suffix, ids + tokenizer.encode(suffix, add_bos=False)
     return text, ids
@@ -101,6 +128,7 @@ def _truncate(
     full: tuple[str, list[int]],
     tools: list[dict[str, Any]] | None = None,
     reasoning: ReasoningPlan | None = None,
+    end: PromptEnd | None = None,
 ) -> ChatPrompt:
     """Drop the oldest turns (then the system prompt) until the prompt has <= limit tokens."""
     system = messages[:1] if messages[0]["role"] == "system" else []
@@ -112,7 +140,7 @@ def _truncate(
 
     def attempt(keep_system: bool, start: int) -> ChatPrompt | None:
         msgs = (system if keep_system else []) + body[start:]
-        text, ids = _encode(tokenizer, msgs, template, safe, tools, reasoning)
+        text, ids = _encode(tokenizer, msgs, template, safe, tools, reasoning, end)
         if len(ids) > limit:
             return None
         return ChatPrompt(text, ids, len(messages) - len(msgs))
@@ -133,7 +161,7 @@ def _truncate(
         found = attempt(False, starts[-1] if starts else 0)
         if found is not None:
             return found
-    kept = len(_encode(tokenizer, tail or system, template, safe, tools, reasoning)[1])
+    kept = len(_encode(tokenizer, tail or system, template, safe, tools, reasoning, end)[1])
     raise bad_request(
         f"prompt_truncate_len is {limit} tokens, but the last turn alone takes {kept}"
         f" (the whole prompt: {len(full[1])})",
@@ -147,6 +175,7 @@ def build_prompt(
     template: str,
     plan: ToolPlan | None = None,
     reasoning: ReasoningPlan | None = None,
+    end: PromptEnd | None = None,
 ) -> ChatPrompt:
     messages = template_messages(req.messages)
     if reasoning is not None:  # earlier turns' reasoning as reasoning_history asks
@@ -155,11 +184,11 @@ def build_prompt(
     messages, tools = prompt_messages(messages, plan, template)
     safe = bool(req.safe_tokenization)
     try:
-        text, ids = _encode(tokenizer, messages, template, safe, tools, reasoning)
+        text, ids = _encode(tokenizer, messages, template, safe, tools, reasoning, end)
         if req.prompt_truncate_len is not None and len(ids) > req.prompt_truncate_len:
             limit = req.prompt_truncate_len
             return _truncate(
-                tokenizer, messages, template, safe, limit, (text, ids), tools, reasoning
+                tokenizer, messages, template, safe, limit, (text, ids), tools, reasoning, end
             )
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -180,10 +209,14 @@ async def chat_prompt(
     plan: ToolPlan | None,
     vocab_size: int,
     reasoning: ReasoningPlan | None = None,
+    end: PromptEnd | None = None,
 ) -> ChatPrompt:
-    """The request's prompt (long conversations rendered and tokenized in a thread)."""
+    """The request's prompt (long conversations rendered and tokenized in a thread); `end`:
+    how it ends, when the caller says (None: as chat ends it)."""
     size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
-    prompt = await off_loop_if_long(size, build_prompt, tokenizer, req, template, plan, reasoning)
+    prompt = await off_loop_if_long(
+        size, build_prompt, tokenizer, req, template, plan, reasoning, end
+    )
     for token in prompt.token_ids:
         if token >= vocab_size:  # a template writing a token the model lacks
             raise bad_request(f"Token id {token} of the chat prompt is out of range", "messages")
