@@ -106,12 +106,28 @@ def test_context_length_errors(server):
     models = httpx.get(server.url + "/v1/models", headers=server.headers).json()
     context = context or models["data"][0]["context_length"]
     too_long = [2] * context
-    assert_error(post(server, {"prompt": too_long}), 400, "The prompt is too long")
+    error = assert_error(post(server, {"prompt": too_long}), 400, "The prompt is too long")
+    # OpenAI's code, which LangChain and litellm key their context-overflow errors on
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
     r = post(
         server,
         {"prompt": [2, 651], "max_tokens": context, "context_length_exceeded_behavior": "error"},
     )
-    assert_error(r, 400, "maximum context length")
+    error = assert_error(r, 400, "maximum context length")
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi " * context}]},
+        headers=server.headers,
+    )
+    error = assert_error(r, 400, "The prompt is too long")
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    # refused by its characters, before tokenizing
+    from girandole.api.ops.server_ops import MAX_CHARS_PER_TOKEN
+
+    error = assert_error(post(server, {"prompt": "a" * (context * MAX_CHARS_PER_TOKEN + 1)}), 400)
+    assert "characters, far above the limit" in error["message"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
 
 
 # -- 401 ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from girandole.api.ops.ratelimit import RateLimiter
 from girandole.api.ops.tracking import Principal, RequestRecord, record_of
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
+from girandole.api.serving.prompt import context_exceeded
 from girandole.api.settings import ServerSettings
 from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore
@@ -192,7 +193,7 @@ class ServerOps:
             return
         chars = sum(_text_chars(data.get(name)) for name in PROMPT_FIELDS)
         if chars > limit * MAX_CHARS_PER_TOKEN:
-            raise bad_request(
+            raise context_exceeded(
                 f"The prompt is too long: {chars} characters, far above the limit of {limit}"
                 " tokens",
                 next((name for name in PROMPT_FIELDS if name in data), "prompt"),
@@ -221,7 +222,7 @@ class ServerOps:
             for choice in choices:
                 n = len(choice.prompt_token_ids)
                 if n > self.max_prompt_tokens:
-                    raise bad_request(
+                    raise context_exceeded(
                         f"The prompt is too long: {n} tokens, this server's limit is"
                         f" {self.max_prompt_tokens}",
                         "prompt",

@@ -129,9 +129,10 @@ def build_job(
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
     speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size)
+    prompt_param = "messages" if getattr(req, "messages", None) is not None else "prompt"
     choices: list[Choice] = []
     for i, ids in enumerate(prompts):
-        max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior)
+        max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior, prompt_param)
         for k in range(n):
             params = choice_params(
                 req, defaults, max_tokens, k, logit_bias=logit_bias, options=options

@@ -12,7 +12,9 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from girandole.api.http.errors import bad_request
+from girandole.api.http.errors import APIError
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code
 
 T = TypeVar("T")
 
@@ -28,21 +30,32 @@ async def off_loop_if_long(num_chars: int, fn: Callable[..., T], *args: object) 
     return await asyncio.to_thread(fn, *args)
 
 
+def context_exceeded(message: str, param: str) -> APIError:
+    """A 400 with OpenAI's code for it, which clients key on (LangChain's context-overflow
+    error, litellm's ContextWindowExceededError)."""
+    return APIError(400, message, param=param, code=CONTEXT_LENGTH_EXCEEDED)
+
+
 def fit_max_tokens(
-    num_prompt_tokens: int, max_tokens: int, context_length: int, behavior: str
+    num_prompt_tokens: int,
+    max_tokens: int,
+    context_length: int,
+    behavior: str,
+    prompt_param: str = "prompt",
 ) -> int:
-    """The max_tokens to run with, or a 400 per `context_length_exceeded_behavior`."""
+    """The max_tokens to run with, or a 400 per `context_length_exceeded_behavior`.
+    `prompt_param`: the field the prompt came in (chat: messages)."""
     if num_prompt_tokens >= context_length:
-        raise bad_request(
+        raise context_exceeded(
             f"The prompt is too long: {num_prompt_tokens}, model maximum context length:"
             f" {context_length}",
-            "prompt",
+            prompt_param,
         )
     room = context_length - num_prompt_tokens
     if max_tokens <= room:
         return max_tokens
     if behavior == "error":
-        raise bad_request(
+        raise context_exceeded(
             f"This model's maximum context length is {context_length} tokens, but the prompt"
             f" ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs"
             f" {num_prompt_tokens + max_tokens}. Lower max_tokens, or set"
