@@ -434,3 +434,17 @@ def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "path, label",
+    [("/v1/completions", "completions"), ("/inference/v1/chat/completions", "chat_completions"),
+     ("/tokenize", "tokenize"), ("/v1/detokenize", "detokenize"),
+     ("/v1/messages/count_tokens", "count_tokens"), ("/v1/nothing", "other")],
+)  # fmt: skip
+def test_metrics_label_every_route_family(path, label):
+    """Metrics and usage rows label routes by family; the tokenizer routes and count_tokens
+    were "other" (mixed with unknown paths) before they had labels."""
+    from girandole.api.ops.server_ops import endpoint_of
+
+    assert endpoint_of(path) == label

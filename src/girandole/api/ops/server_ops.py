@@ -62,9 +62,11 @@ def endpoint_of(path: str) -> str:
                 return "stored_responses"
             if rest == "/models" or rest.startswith("/models/"):
                 return "models"
-            if rest in ("/embeddings", "/rerank"):
+            if rest in ("/embeddings", "/rerank", "/tokenize", "/detokenize"):
                 return rest[1:]
-    if path in ("/health", "/ready", "/metrics"):
+            if rest == "/messages/count_tokens":
+                return "count_tokens"
+    if path in ("/health", "/ready", "/metrics", "/tokenize", "/detokenize"):
         return path[1:]
     return "other"
 
