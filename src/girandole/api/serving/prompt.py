@@ -31,8 +31,8 @@ async def off_loop_if_long(num_chars: int, fn: Callable[..., T], *args: object) 
 
 
 def context_exceeded(message: str, param: str) -> APIError:
-    """A 400 with OpenAI's code for it, which clients key on (LangChain's context-overflow
-    error, litellm's ContextWindowExceededError)."""
+    """A 400 with OpenAI's code for it (`context_length_exceeded`), which clients may key their
+    context-overflow errors on."""
     return APIError(400, message, param=param, code=CONTEXT_LENGTH_EXCEEDED)
 
 
