@@ -149,23 +149,25 @@ class Speculator:
     def _limit(self, seq: Sequence) -> int:
         """How many tokens `seq` may propose now: it must be decoding, and accepting them all
         plus one must stay within max_tokens and the context."""
-        p = seq.params
         if seq.num_uncomputed_tokens != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
             return 0
+        return self._room(seq) - 1
+
+    def _room(self, seq: Sequence) -> int:
+        """The tokens `seq` may still produce within max_tokens and the context; 0 where it
+        never speculates (a grammar, Mirostat)."""
+        p = seq.params
         if seq.grammar is not None or p.mirostat_target is not None:
             return 0
-        return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
+        return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
 
     def _drafts_later(self, seq: Sequence) -> bool:
         """Whether `seq`, prefilling, will ask the draft model for proposals once it decodes
         (not with a prediction, which goes first: its draft starts when needed)."""
-        state, p = seq.speculation, seq.params
+        state = seq.speculation
         if state is None or state.prediction is not None:
             return False
-        if seq.grammar is not None or p.mirostat_target is not None:
-            return False
-        # `_limit` once the prefill's token is out
-        return min(p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) > 2
+        return self._room(seq) > 2  # `_limit` once the prefill's token is out
 
     def _from_prediction(self, seq: Sequence, state: SpeculationState, limit: int) -> list[int]:
         pred = state.prediction
