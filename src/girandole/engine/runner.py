@@ -533,11 +533,11 @@ class ModelRunner:
             source = to_device(torch.tensor(src, dtype=torch.long), self.device)
             ids[index] = inputs.ids.index_select(0, source)
 
-    # Float LM heads' matmuls may round a row differently with the row count; sampling rows go
-    # through them in slices this small so every row takes the same path (with dense_linear's
-    # padding of fewer than 4 rows: oneDNN's fp32 matmul already takes another path at 16 rows
-    # on an AVX512 host). Heads whose rows are exact at any count (`row_invariant`: the CPU
-    # int8 head) take every row at once.
+    # Float LM heads' matmuls may round a row differently with the row count (oneDNN's fp32
+    # matmul takes another path at 16 rows on an Intel AVX512 host, at 4 vs 8 on an AMD one):
+    # sampling rows go through them in slices of exactly this many, the last one padded, so
+    # every row takes the same path. Heads whose rows are exact at any count (`row_invariant`:
+    # the CPU int8 head) take every row at once.
     SAMPLING_ROWS_PER_CALL = 8
 
     @torch.inference_mode()
@@ -545,11 +545,14 @@ class ModelRunner:
         """float32 logits [N, vocab] for hidden states [N, hidden], on the model's device."""
         step = self.SAMPLING_ROWS_PER_CALL
         whole = getattr(getattr(self.model, "lm_head", None), "row_invariant", False)
-        if whole or not batch_invariant or hidden.shape[0] <= step or self.device.type != "cpu":
+        if whole or not batch_invariant or self.device.type != "cpu":
             return self.model.compute_logits(hidden).float()
+        n = hidden.shape[0]
+        if n % step:
+            hidden = torch.cat([hidden, hidden.new_zeros(step - n % step, hidden.shape[1])])
         return torch.cat(
             [
                 self.model.compute_logits(hidden[i : i + step]).float()
                 for i in range(0, hidden.shape[0], step)
             ]
-        )
+        )[:n]

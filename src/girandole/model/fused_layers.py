@@ -26,6 +26,7 @@ from girandole.model.context import ForwardContext, get_context
 from girandole.model.kernels import triton_fused
 from girandole.model.layers import DenseLinear, GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
+from girandole.model.quant import dense_linear
 
 ENABLED = os.environ.get("GIRANDOLE_FUSED_LAYERS", "1") not in ("0", "")
 
@@ -69,9 +70,11 @@ def applies(model: nn.Module, ctx: ForwardContext | None) -> bool:
 
 
 def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [T, in] in the weights' dtype -> [T, out] in it (the matmul alone)."""
+    """x [T, in] in the weights' dtype -> [T, out] in it (the matmul alone). dense_linear: on
+    CPU (Triton's interpreter, the tests) a row's result must not depend on the row count, as
+    in DenseLinear's forward; on CUDA it is F.linear."""
     lin = _dense(linear)
-    return torch.nn.functional.linear(x, lin.weight, lin.bias)
+    return dense_linear(x, lin.weight, lin.bias)
 
 
 def decoder_forward(

@@ -19,6 +19,7 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.attention import Attention
+from girandole.model.context import get_context
 from girandole.model.kernels import gated_act, int4_head, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
     BF16_QTYPES,
@@ -125,8 +126,39 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         shape = x.shape[:-1]
-        y = dense_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        spans = _prompt_spans(x2)
+        if spans is None:
+            y = dense_linear(x2, self.weight, self.bias)
+        else:
+            y = torch.cat([dense_linear(x2[a:b], self.weight, self.bias) for a, b in spans])
         return y.float().reshape(*shape, self.out_features)
+
+
+def _prompt_spans(x2: torch.Tensor) -> list[tuple[int, int]] | None:
+    """On CPU inside an engine step with prompt rows of several sequences: the decode rows,
+    then each sequence's prompt rows, as row spans to run one call each. A BLAS matmul rounds a
+    row by its place in the call's row blocks (AMD hosts: any row count), so a prompt's rows
+    would change with what shares its step; in a call of their own they are the same alone or
+    in a batch. Decode rows stay one call (reference mode's decode is not batch-invariant)."""
+    ctx = get_context()
+    if ctx is None or x2.device.type != "cpu" or ctx.num_decode_rows is None:
+        return None
+    lens = ctx.query_lens
+    if sum(lens) != x2.shape[0]:
+        return None
+    spans, start = [], 0
+    if ctx.num_decode_rows:
+        spans.append((0, ctx.num_decode_rows))
+        start = ctx.num_decode_rows
+    taken = 0
+    for n in lens:
+        if taken >= start:
+            spans.append((taken, taken + n))
+        elif taken + n > start:  # a sequence across the decode rows' end: not this layout
+            return None
+        taken += n
+    return spans if len(spans) > 1 else None
 
 
 class DenseEmbedding(nn.Module):
