@@ -63,7 +63,7 @@ def median_ms(fn, repeats: int = 7) -> float:
 
 def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
     g = torch.Generator().manual_seed(0)
-    layers = []
+    layers = []  # (layer with torch's forms, its levels in the panel layout, in the VNNI one)
     for _ in range(LAYERS):
         for n, k, levels in SHAPES.values():
             q = torch.randint(0, levels, (n, k), generator=g, dtype=torch.int32)
@@ -71,33 +71,41 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
             scale = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()
             offset = -scale * levels / 2
             if levels == 16:
-                layer = quant.Int4Linear(None, groups=(q, scale, offset + 8 * scale))
+                layer = quant.Int4Linear(
+                    None, groups=(q, scale, offset + 8 * scale), torch_forms=True
+                )
             else:
-                layer = quant.Int4x2Linear((q, scale, offset))
-            layers.append(layer)
-    paths = {"native AMX": True} if loader.amx() else {}
-    paths["native AVX512"] = False
+                layer = quant.Int4x2Linear((q, scale, offset), torch_forms=True)
+            panel = wq_gemm.pack(q, scale, offset)
+            vnni = wq_gemm.pack(q, scale, offset, vnni=True)
+            layers.append((layer, panel, vnni))
+    used = "amx" if loader.amx() else "vnni"
+    paths = {"native AMX, bf16": ("panel", True)} if loader.amx() else {}
+    paths["native AVX512-BF16 (prompt rows without AMX)"] = ("panel", False)
+    paths["native VNNI, int8 rows (decode rows without AMX)"] = ("vnni", None)
     out: dict[str, list[float]] = {name: [] for name in paths}
     out.update({"torch int4pack": [], "bf16 F.linear": []})
     for m in rows:
         xs = {k: torch.randn(m, k).to(torch.bfloat16) for k in (640, 1024, 2048)}
-        for name, amx in paths.items():
+        for name, (layout, amx) in paths.items():
 
-            def run(xs=xs, amx=amx):
-                for t in layers:
-                    wq_gemm.gemm(
-                        xs[t.in_features], t.native_packed, t.native_params, t.native_bits,
-                        t.out_features, amx=amx,
-                    )  # fmt: skip
+            def run(xs=xs, layout=layout, amx=amx):
+                for t, panel, vnni in layers:
+                    packed = vnni if layout == "vnni" else panel
+                    wq_gemm.gemm(xs[t.in_features], *packed, t.out_features, amx=amx)
 
             out[name].append(median_ms(run))
         out["torch int4pack"].append(
-            median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t in layers])
+            median_ms(lambda xs=xs: [t._packed(xs[t.in_features]) for t, _, _ in layers])
         )
         out["bf16 F.linear"].append(
-            median_ms(lambda xs=xs: [F.linear(xs[t.in_features], t.dense) for t in layers])
+            median_ms(lambda xs=xs: [F.linear(xs[t.in_features], t.dense) for t, _, _ in layers])
         )
-    return [(f"linears, {name}", v) for name, v in out.items()]
+    mark = {"amx": "native AMX", "vnni": "native VNNI"}[used]
+    return [
+        (f"linears, {name}" + (" (used)" if name.startswith(mark) else ""), v)
+        for name, v in out.items()
+    ]
 
 
 def lm_head(rows: list[int]) -> list[tuple[str, list[float]]]:

@@ -1,6 +1,7 @@
-"""The native weight-quantized GEMM (girandole/model/kernels/csrc/wq_gemm.c, and its AMX twin in
-amx.c where the CPU has AMX): its results against a float64 product with the same bf16 weights,
-row invariance, and the quantized linears that use it against torch's int4 kernels."""
+"""The native weight-quantized GEMMs (girandole/model/kernels/csrc/wq_gemm.c, its AMX twin in
+amx.c where the CPU has AMX, and the int8-activation one of wq_vnni.c): their results against a
+float64 product with the same bf16 weights (VNNI: with x's int8 rows), row invariance, and the
+quantized linears that use them against torch's int4 kernels."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# Both kernels on a CPU with AMX; the AVX512 one alone elsewhere.
+# (vnni, amx): the bf16 kernels on the panel layout (AVX512; AMX where the CPU has it) and the
+# VNNI kernel on its own layout.
 PATHS = [
-    pytest.param(False, id="avx512"),
-    pytest.param(True, id="amx", marks=pytest.mark.skipif(not loader.amx(), reason="no AMX here")),
+    pytest.param((False, False), id="avx512"),
+    pytest.param(
+        (False, True),
+        id="amx",
+        marks=pytest.mark.skipif(not loader.amx(), reason="no AMX here"),
+    ),
+    pytest.param((True, None), id="vnni"),
 ]
 
 
@@ -41,9 +48,25 @@ def _levels(n: int, k: int, top: int, seed: int, as_gguf: bool = False):
     return q, scale, offset
 
 
-def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's bf16 rows as wq_vnni.c quantizes them (per group of 32: d = max|x| / 127, round(x /
+    d) to even, in float32 steps), back in float64: d * xq."""
+    m, k = x.shape
+    xg = x.to(torch.bfloat16).float().reshape(m, k // 32, 32)
+    d = xg.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    xq = torch.round(xg * inv[..., None])
+    assert int(xq.abs().max()) <= 127
+    return (xq.double() * d.double()[..., None]).reshape(m, k)
+
+
+def _expected(x: torch.Tensor, q, scale, offset, vnni: bool = False) -> torch.Tensor:
+    """The float64 product of the bf16 kernels' operands (bf16 x and weights), or with `vnni`
+    of the VNNI kernel's (int8 rows of x, the exact weights)."""
     n, k = q.shape
     w = q.float().reshape(n, k // 32, 32) * scale[..., None] + offset[..., None]
+    if vnni:
+        return _int8_rows(x) @ w.reshape(n, k).double().t()
     w = w.reshape(n, k).to(torch.bfloat16).double()
     return x.to(torch.bfloat16).double() @ w.t()
 
@@ -51,15 +74,17 @@ def _expected(x: torch.Tensor, q, scale, offset) -> torch.Tensor:
 # N = 80 and 48: the last chunk of 64 channels is partial. Levels below 16 are stored in 4 bits,
 # below 32 (Q5_0) in 5, others (Q6_K, Q8_0) in 8. 13 rows: one partial AMX tile; 37: two whole
 # ones and a partial one.
-@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("as_gguf", [False, True], ids=["float", "gguf"])
 @pytest.mark.parametrize("rows", [1, 13, 37])
 @pytest.mark.parametrize(
     "n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16), (64, 128, 64)]
 )
-def test_matches_float64_product(n, k, top, rows, amx, as_gguf):
+def test_matches_float64_product(n, k, top, rows, path, as_gguf):
+    vnni, amx = path
     q, scale, offset = _levels(n, k, top, seed=n + k, as_gguf=as_gguf)
-    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
+    assert bool(bits & wq_gemm.VNNI) == vnni
     level_bits = {16: 4, 32: 5}.get(top, 8)
     assert bits & wq_gemm.LEVEL_BITS == level_bits
     assert packed.numel() == n * k * level_bits // 8
@@ -69,9 +94,12 @@ def test_matches_float64_product(n, k, top, rows, amx, as_gguf):
     assert params.dtype == (torch.float16 if as_gguf else torch.float32)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     y = wq_gemm.gemm(x, packed, params, bits, n, amx=amx)
-    expected = _expected(x, q, scale, offset)
+    expected = _expected(x, q, scale, offset, vnni)
     err = (y.double() - expected).abs().max() / expected.abs().max()
     assert err < 1e-5, f"relative error {err:.2e}"
+    if vnni:  # int8 rows: within their rounding of the bf16 product
+        exact = _expected(x, q, scale, offset)
+        assert (y.double() - exact).abs().max() / exact.abs().max() < 2e-2
 
 
 def _k_quant_levels(n: int, k: int, seed: int):
@@ -86,23 +114,24 @@ def _k_quant_levels(n: int, k: int, seed: int):
     return q, (d * sc).reshape(n, -1), (-(dmin * m)).reshape(n, -1)
 
 
-@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 13, 37])
-def test_k_quant_params_are_stored_factored_with_the_same_results(rows, amx, monkeypatch):
+def test_k_quant_params_are_stored_factored_with_the_same_results(rows, path, monkeypatch):
     """Q4_K's scales and offsets are kept as a float32 factor per row and superblock times
     integers (48 bytes for a block's group, not 128) and give bitwise the results of the
     float32 ones; the factors found reproduce every value exactly."""
+    vnni, amx = path
     q, scale, offset = _k_quant_levels(80, 512, seed=rows)
-    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
     assert bits & wq_gemm.FACTORED and not bits & wq_gemm.HALF
     assert params.numel() == 80 * 16 * 2 + 80 * 2 * 4 * 2  # integers, then float32 factors
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(7))
     y = wq_gemm.gemm(x, packed, params, bits, 80, amx=amx)
     monkeypatch.setattr(wq_gemm, "factor_params", lambda scale, offset: None)
-    plain = wq_gemm.pack(q, scale, offset)
+    plain = wq_gemm.pack(q, scale, offset, vnni=vnni)
     assert not plain[2] & wq_gemm.FACTORED and plain[1].dtype == torch.float32
     assert torch.equal(y, wq_gemm.gemm(x, *plain, 80, amx=amx))
-    expected = _expected(x, q, scale, offset)
+    expected = _expected(x, q, scale, offset, vnni)
     assert (y.double() - expected).abs().max() / expected.abs().max() < 1e-5
 
 
@@ -122,12 +151,14 @@ def test_params_factor_only_where_every_superblock_does():
     assert wq_gemm.factor_params(scale, mixed) is None
 
 
-@pytest.mark.parametrize("amx", PATHS)
-def test_rows_do_not_depend_on_their_neighbours(amx):
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_do_not_depend_on_their_neighbours(path):
     """A row's result is the same bits whatever shares the call: alone, in a partial tile, at
-    another position of a tile, or across tiles (the AMX kernel's tiles hold 16 rows)."""
+    another position of a tile, or across tiles (the AMX kernel's tiles hold 16 rows; the VNNI
+    kernel takes rows four at a time, then one by one)."""
+    vnni, amx = path
     q, scale, offset = _levels(192, 256, 32, seed=3)
-    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
     x = torch.randn(37, 256, generator=torch.Generator().manual_seed(2))
     whole = wq_gemm.gemm(x, packed, params, bits, 192, amx=amx)
     for rows in (slice(0, 1), slice(5, 9), slice(3, 20), slice(36, 37), slice(16, 33)):
@@ -168,6 +199,50 @@ def test_amx_is_the_default_where_it_runs_and_can_be_switched_off():
         assert torch.equal(default, wq_gemm.gemm(x, packed, params, bits, 64, amx=True))
 
 
+def test_vnni_serves_the_linears_without_amx_and_can_be_switched_off():
+    """Without AMX the linears are packed for the VNNI kernel; GIRANDOLE_VNNI=0 keeps the bf16
+    one. The packed-model cache is keyed by the layout, so a switch repacks instead of reading
+    the other layout."""
+    code = (
+        "from girandole.model.kernels import wq_gemm; from girandole.model import loader; "
+        "print(wq_gemm.vnni_default(), loader._code_hash())"
+    )
+    runs = {}
+    for value in ("1", "0"):
+        env = {**os.environ, "GIRANDOLE_VNNI": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        runs[value] = out.stdout.split()
+    assert runs["1"][0] == str(not loader.amx()) and runs["0"][0] == "False"
+    assert (runs["1"][1] == runs["0"][1]) == loader.amx()
+    q, scale, offset = _levels(32, 64, 16, seed=9)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=True)
+    with pytest.raises(AssertionError, match="no AMX twin"):
+        wq_gemm.gemm(torch.randn(2, 64), packed, params, bits, 32, amx=True)
+
+
+@pytest.mark.parametrize("top", [16, 32, 256])
+@pytest.mark.parametrize("kquant", [False, True], ids=["gguf", "k-quant"])
+def test_vnni_layout_runs_prompt_rows_on_the_bf16_kernel(top, kquant):
+    """In the VNNI layout decode rows (the first `decode_rows`) take the int8 kernel and the
+    rest the bf16 one, which reads the same weights as from the panel layout: bitwise the panel
+    layout's results, whatever the split."""
+    if kquant:
+        q, scale, offset = _k_quant_levels(48, 512, seed=top)
+        q = q % top
+    else:
+        q, scale, offset = _levels(48, 512, top, seed=top, as_gguf=True)
+    vnni = wq_gemm.pack(q, scale, offset, vnni=True)
+    panel = wq_gemm.pack(q, scale, offset)
+    assert bool(vnni[2] & wq_gemm.FACTORED) == kquant
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(top))
+    bf16 = wq_gemm.gemm(x, *panel, 48, amx=False)
+    int8 = wq_gemm.gemm(x, *vnni, 48)  # every row a decode row
+    assert not torch.equal(bf16, int8)
+    for k in (0, 1, 4, 11):
+        split = wq_gemm.gemm(x, *vnni, 48, decode_rows=k)
+        assert torch.equal(split[:k], int8[:k]) and torch.equal(split[k:], bf16[k:])
+
+
 @pytest.mark.parametrize("top", [16, 32])
 def test_quantized_linears_agree_with_torch_int4_kernels(top):
     """The same layer through the native kernel (forward) and torch's int4pack kernels
@@ -181,19 +256,24 @@ def test_quantized_linears_agree_with_torch_int4_kernels(top):
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
     native = layer(x)
     fallback = layer._packed(x.to(torch.bfloat16))
+    vnni = bool(layer.native_bits & wq_gemm.VNNI)
+    assert vnni == wq_gemm.vnni_default()
     expected = _expected(x, q, scale, offset).float()
     scale_ = expected.abs().max()
-    assert (native - expected).abs().max() / scale_ < 1e-5
+    own = _expected(x, q, scale, offset, vnni).float()  # the native kernel's operands
+    assert (native - own).abs().max() / scale_ < 1e-5
+    assert (native - expected).abs().max() / scale_ < 2e-2
     assert (fallback - expected).abs().max() / scale_ < 2e-2
 
 
-@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 13, 37])
-def test_output_rows_at_a_stride_write_only_their_columns(rows, amx):
+def test_output_rows_at_a_stride_write_only_their_columns(rows, path):
     """A column slice of a wider output (rows `ldy` floats apart) gets bitwise the contiguous
     result, and the columns around it are untouched: the parts of a ConcatLinear."""
+    vnni, amx = path
     q, scale, offset = _levels(80, 96, 32, seed=rows)
-    packed, params, bits = wq_gemm.pack(q, scale, offset)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     alone = wq_gemm.gemm(x, packed, params, bits, 80, amx=amx)
     wide = torch.full((rows, 200), 7.0)

@@ -1,9 +1,10 @@
 """Weight-only quantized linear layers for CPU inference, and which one a GGUF type gets.
 
 Where the CPU and a C compiler allow (AVX512-BF16), the group-quantized linears (Int4Linear,
-Int4x2Linear) run every row on girandole's native kernel (kernels.wq_gemm: weights dequantized to
-bf16 once per 16x32 panel and reused for all rows, each row computed independently), faster than
-torch's kernels and than a bf16 F.linear at every row count (docs/benchmarks.md).
+Int4x2Linear) run every row on girandole's native kernels (kernels.wq_gemm: weights dequantized to
+bf16 once per 16x32 panel and reused for all rows, each row computed independently; without AMX
+decode rows take int8 activations against the levels, wq_vnni.c), faster than torch's kernels
+and than a bf16 F.linear at every row count (docs/benchmarks.md).
 
 Otherwise torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve
 decode rows; they are fast only with bf16 activations, so these layers take any activation
@@ -126,9 +127,12 @@ class PackedLinear(nn.Module):
     kernel on bf16 rows; this base owns `forward`, the bf16 `dense` copy for prefill rows and
     the native kernel's layout (`native_packed`, `native_params`, `native_bits` > 0 when stored).
 
-    forward: where the native layout is stored and the kernels are built, every row runs on it
-    (one row-invariant kernel), and torch's forms are not built (`torch_forms_needed`).
-    Otherwise `_packed` serves decode rows and `dense` prefill rows.
+    forward: where the native layout is stored and the kernels are built, every row runs on it,
+    and torch's forms are not built (`torch_forms_needed`). With AMX that is one row-invariant
+    kernel (bf16 tiles); without, the layout is the VNNI one and decode rows run on the int8
+    kernel (wq_vnni.c: twice as fast for a few rows), prompt rows on the bf16 kernel (faster
+    for many rows, and bf16's precision for prompt logprobs). Otherwise `_packed` serves decode
+    rows and `dense` prefill rows.
     Inside an engine step the ModelRunner puts decode tokens first and says how many there are
     (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
     tokens share the step: results are batch-invariant. On its own, the row count decides.
@@ -155,7 +159,8 @@ class PackedLinear(nn.Module):
         memory-mapped model cache only the one in use is ever read into memory."""
         n, k = q.shape
         if wq_gemm.supports(n, k):
-            packed, params, bits = wq_gemm.pack(q, scale, offset)
+            vnni = wq_gemm.vnni_default()
+            packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
         else:
             packed = params = None
             bits = 0
@@ -165,7 +170,12 @@ class PackedLinear(nn.Module):
 
     def native_forward(self, x2: torch.Tensor) -> torch.Tensor:
         return wq_gemm.gemm(
-            x2, self.native_packed, self.native_params, self.native_bits, self.out_features
+            x2,
+            self.native_packed,
+            self.native_params,
+            self.native_bits,
+            self.out_features,
+            decode_rows=decode_rows(x2.shape[0]),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,17 +193,21 @@ class PackedLinear(nn.Module):
         if not self.torch_forms:
             raise native_only_error("layer")
         m = x2.shape[0]
-        if self.dense is None:
-            k = m
-        else:
-            k = current_decode_rows()
-            if k is None:
-                k = m if m < DENSE_MIN_ROWS else 0
+        k = m if self.dense is None else decode_rows(m)
         if k >= m:
             return self._packed(x2)
         if k == 0:
             return dense_linear(x2, self.dense).float()
         return torch.cat([self._packed(x2[:k]), dense_linear(x2[k:], self.dense).float()])
+
+
+def decode_rows(m: int) -> int:
+    """How many leading rows of an m-row input are decode rows: the engine step's count, or
+    outside a step all of them below DENSE_MIN_ROWS rows, else none."""
+    k = current_decode_rows()
+    if k is None:
+        k = m if m < DENSE_MIN_ROWS else 0
+    return min(k, m)
 
 
 def group_dense(levels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -350,11 +364,13 @@ class ConcatLinear(PackedLinear):
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         if x2.shape[0] == 0:
             return y
+        k = decode_rows(x2.shape[0])
         for p, start, stop in self.columns():
-            fn, args = wq_gemm.bind(
-                x2, p.native_packed, p.native_params, p.native_bits, y[:, start:stop]
+            calls = wq_gemm.bind_rows(
+                x2, p.native_packed, p.native_params, p.native_bits, y[:, start:stop], decode_rows=k
             )
-            fn(*args)
+            for fn, args in calls:
+                fn(*args)
         return y
 
     def _decode_or_dense(self, x2: torch.Tensor) -> torch.Tensor:

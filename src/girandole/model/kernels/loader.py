@@ -8,7 +8,8 @@ GIRANDOLE_NATIVE_KERNELS=0) `library()` is None and callers use torch's kernels 
 On a CPU with AMX (Intel Xeon, Sapphire Rapids and later) whose kernel grants the tile state,
 `amx()` is true and the linears and the LM head run on the matrix units (csrc/amx.c);
 GIRANDOLE_AMX=0 keeps them on the AVX512 kernels. A compiler without AMX support builds the
-rest alone.
+rest alone. Without AMX the linears' decode rows take int8 activations (csrc/wq_vnni.c;
+GIRANDOLE_VNNI=0: bf16 as prompt rows do, kernels/wq_gemm.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c
 SIGNATURES = {
     # x, M, K, q, bits, params, N, y, ldy, nthreads
     "wq_gemm": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, i64, c_int],
+    "wq_gemm_vnni": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, i64, c_int],
     # x, M, K, w, wsum, xs, ws, N, y, nthreads
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads

@@ -1,14 +1,21 @@
-"""Native weight-quantized GEMM (csrc/wq_gemm.c) for the group-quantized linears.
+"""Native weight-quantized GEMM (csrc/wq_gemm.c, csrc/wq_vnni.c) for the group-quantized linears.
 
 `pack` turns integer levels q [N, K] with (scale, offset) per row and group of 32 inputs into
-the kernel's layout; `gemm` runs it: on the AMX tiles where the CPU has them (csrc/amx.c, for
-every row count: one kernel keeps rows batch-invariant), else on AVX512-BF16. Rows are computed
-independently (batch invariant). Available where the kernels build (x86 with AVX512-BF16 and a
-C compiler).
+a kernel's layout; `gemm` and `bind_rows` run it. Two layouts:
+- the panel layout (csrc/wq_panel.h), where the CPU has AMX: every row on the AMX tiles in bf16
+  (csrc/amx.c; one kernel for every row count keeps rows batch-invariant), or on AVX512-BF16;
+- the VNNI layout (`vnni`), elsewhere (AMD Zen 4, Intel before Sapphire Rapids): decode rows on
+  the int8 kernel (x quantized per group of 32, as llama.cpp's Q8_0; about twice as fast as
+  bf16 for a few rows, where the bf16 kernel is bound by its instructions), prompt rows on the
+  bf16 kernel reading the same bytes (faster for many rows, and bitwise the panel layout's
+  results). A row's kernel follows its role, never the row count: batch-invariant too.
+GIRANDOLE_VNNI=0 packs the panel layout everywhere (bf16 for every row). Available where the
+kernels build (x86 with AVX512-BF16 and VNNI, and a C compiler).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -22,6 +29,7 @@ LEVEL_BITS = 15  # the levels' width, 4, 5 or 8, in these bits of `bits` (WQ_LEV
 FUSED = 16  # or'ed into bits where q * scale + offset is exact in float32 (WQ_FUSED in C)
 HALF = 32  # or'ed into bits where the scales and offsets are stored as float16 (WQ_HALF in C)
 FACTORED = 64  # or'ed into bits where they are stored as factor x integer (WQ_FACTORED in C)
+VNNI = 128  # or'ed into bits where the levels are in csrc/wq_vnni.c's layout (its kernel's)
 SUPER = 8  # groups of a superblock sharing factors (WQ_SUPER in C)
 
 
@@ -88,11 +96,19 @@ def level_bits(q: torch.Tensor) -> int:
     return 4 if top <= 15 else 5 if top <= 31 else 8
 
 
+def vnni_default() -> bool:
+    """Whether linears are packed for the VNNI kernel (int8 activations): where the native
+    kernels run without AMX. With AMX the bf16 tiles are the faster (and batch-invariant) path
+    for every row count, and they read the panel layout."""
+    return loader.available() and not loader.amx() and os.environ.get("GIRANDOLE_VNNI") != "0"
+
+
 def pack(
-    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, vnni: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Levels q [N, K] (0..15, 0..31 or 0..255), scale and offset [N, K/32] (w = q * scale +
-    offset) -> (packed uint8 weights, params, bits) in the kernel's layout (csrc/wq_panel.h).
+    offset) -> (packed uint8 weights, params, bits) in the bf16 kernels' layout
+    (csrc/wq_panel.h), or with `vnni` the VNNI kernel's (csrc/wq_vnni.c; VNNI or'ed in bits).
     `bits`: 4, 5 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in
     float32 (then the kernel's one FMA gives the same floats as a multiply and an add), FACTORED
     where each superblock's params are a factor times small integers (factor_params: stored so,
@@ -102,7 +118,9 @@ def pack(
     nb, g = n // BLOCK_N, k // GROUP
     bits = level_bits(q)
     v = q.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP).transpose(1, 2)  # [block, g, c, input]
-    if bits in (4, 5):
+    if vnni:
+        v = _vnni_levels(v, bits)
+    elif bits in (4, 5):
         # Word i of line t holds input i's levels of channels 4t .. 4t + 3, a nibble each: its
         # low byte channels 4t and 4t + 1, its high byte the next two (little-endian).
         low = (v & 15).reshape(nb, g, 4, 2, 2, GROUP)
@@ -134,7 +152,25 @@ def pack(
         bits |= HALF
     if factored is not None:
         bits |= FACTORED
+    if vnni:
+        bits |= VNNI
     return packed, params, bits
+
+
+def _vnni_levels(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Levels [block, g, channel, input] uint8 -> [block, g, bytes] in wq_vnni.c's layout: quad
+    k's byte 4c + b is channel c's level at input 4k + b."""
+    nb, g = v.shape[:2]
+    quads = v.reshape(nb, g, BLOCK_N, 8, 4).permute(0, 1, 3, 2, 4).reshape(nb, g, 8, 64)
+    if bits == 8:
+        return quads.reshape(nb, g, 512)
+    low = quads & 15
+    parts = [(low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(nb, g, 256)]
+    if bits == 5:  # per quad a little-endian 64-bit word: bit i is bit 4 of the quad's byte i
+        top = ((quads >> 4) & 1).reshape(nb, g, 8, 8, 8)
+        weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+        parts.append((top * weights).sum(-1, dtype=torch.uint8).reshape(nb, g, 64))
+    return torch.cat(parts, dim=-1)
 
 
 def _by_block(t: torch.Tensor) -> torch.Tensor:
@@ -197,16 +233,42 @@ def gemm(
     bits: int,
     out_features: int,
     amx: bool | None = None,
+    decode_rows: int | None = None,
 ) -> torch.Tensor:
     """float32 [M, N] = x [M, K] (cast to bf16) times the packed weight's transpose. `amx`:
-    force the AMX (True) or AVX512 (False) kernel; None: AMX where it runs."""
+    force the AMX (True) or AVX512 (False) kernel; None: AMX where it runs. `decode_rows`: see
+    bind_rows."""
     x = x.to(torch.bfloat16).contiguous()
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    if x.shape[0] == 0:
-        return y
-    fn, args = bind(x, packed, params, bits, y, amx)
-    fn(*args)
+    for fn, args in bind_rows(x, packed, params, bits, y, amx, decode_rows=decode_rows):
+        fn(*args)
     return y
+
+
+def bind_rows(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    params: torch.Tensor,
+    bits: int,
+    y: torch.Tensor,
+    amx: bool | None = None,
+    threads: int | None = None,
+    decode_rows: int | None = None,
+) -> list[tuple[Callable, tuple]]:
+    """The native calls computing y from x (see bind). In the VNNI layout the first
+    `decode_rows` rows (every row where None) are decode rows, on the int8 kernel, and the rest
+    prompt rows, on the bf16 one: a row's kernel follows its role, not the row count."""
+    m = x.shape[0]
+    if m == 0:
+        return []
+    if not bits & VNNI or decode_rows is None or decode_rows >= m:
+        return [bind(x, packed, params, bits, y, amx, threads)]
+    calls = []
+    if decode_rows > 0:
+        calls.append(bind(x[:decode_rows], packed, params, bits, y[:decode_rows], amx, threads))
+    rest = slice(decode_rows, None)
+    calls.append(bind(x[rest], packed, params, bits, y[rest], amx, threads, decode=False))
+    return calls
 
 
 def bind(
@@ -217,16 +279,22 @@ def bind(
     y: torch.Tensor,
     amx: bool | None = None,
     threads: int | None = None,
+    decode: bool = True,
 ) -> tuple[Callable, tuple]:
     """The native call computing y [M, N] (float32; rows contiguous, at any row stride: a
     column slice of a wider output) from bf16 x [M, K] (contiguous): the function and its
-    arguments, to call now or replay (engine/cpu_graphs.py)."""
+    arguments, to call now or replay (engine/cpu_graphs.py). A weight in the VNNI layout runs
+    on the int8 kernel for decode rows (`decode`), else on the bf16 one (the same weights)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert x.dtype == torch.bfloat16 and x.is_contiguous()
     assert y.dtype == torch.float32 and y.stride(1) == 1 and y.stride(0) >= y.shape[1]
     m, k = x.shape
-    fn = lib.wq_gemm_amx if loader.use_amx(amx, m) else lib.wq_gemm
+    if bits & VNNI and decode:
+        assert not amx, "the VNNI kernel has no AMX twin"
+        fn = lib.wq_gemm_vnni
+    else:
+        fn = lib.wq_gemm_amx if loader.use_amx(amx, m) else lib.wq_gemm
     threads = torch.get_num_threads() if threads is None else threads
     return fn, (
         x.data_ptr(), m, k, packed.data_ptr(), bits, params.data_ptr(), y.shape[1],

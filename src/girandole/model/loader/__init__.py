@@ -27,6 +27,7 @@ from torch import nn
 from girandole.model import kernels
 from girandole.model.config import ModelConfig
 from girandole.model.default import cache_dir, resolve_model_path
+from girandole.model.kernels import wq_gemm
 from girandole.model.layers import MODES, Builder
 from girandole.model.spec import ArchSpec
 
@@ -96,6 +97,8 @@ def _code_hash() -> str:
     # Where the native kernels run, packed linears store only their layout (quant.py's
     # torch_forms_needed): an entry built with them cannot serve a process without them.
     h.update(b"native" if kernels.available() else b"torch")
+    # ... and the linears' layout is the AMX/bf16 one or the VNNI one (wq_gemm.vnni_default).
+    h.update(b"vnni" if wq_gemm.vnni_default() else b"panel")
     return h.hexdigest()[:16]
 
 

@@ -18,6 +18,13 @@
 //           channel c's level at input i (62.5 % of the bytes of one byte a level);
 //   8 bits: 16 x 32 bytes, channel c's levels at bytes 32c.. in input order.
 //
+// WQ_VNNI: a block's group is stored in quads instead (wq_vnni.c's layout, for its int8
+// kernel): quad k (64 bytes) holds byte 4c + b = the level of channel c at input 4k + b; 8-bit
+// levels as quads 0..7; 4-bit: 4 x 64 bytes, quad j in the low nibbles and quad j + 4 in the
+// high ones; 5-bit: those, then per quad a 64-bit word whose bit i is bit 4 of its byte i.
+// dequant_rows gives the same bf16 channel rows from either layout (so the bf16 kernels serve
+// the rows the int8 one does not: prefill).
+//
 // Why by channel: a channel's group has at most 32 distinct weights, so the 4- and 5-bit
 // levels become bf16 weights by one table lookup each (vpermw, 32 lanes at once) from a table
 // of its group's q * scale + offset for every q, computed once: about half the instructions of
@@ -31,6 +38,7 @@
 #define WQ_FUSED 16
 #define WQ_HALF 32
 #define WQ_FACTORED 64
+#define WQ_VNNI 128  // the levels are in wq_vnni.c's layout (quads), not by channel
 #define WQ_SUPER 8  // groups of a superblock sharing factors
 #define WQ_FACTOR_BYTES 128
 
@@ -60,6 +68,56 @@ static inline const uint8_t *wq_block_factors(const uint8_t *factors, int64_t nb
     if (factors == NULL) return NULL;
     const int64_t supers = groups / WQ_SUPER;
     return factors + (nb0 * supers + g / WQ_SUPER * bt + b) * WQ_FACTOR_BYTES;
+}
+
+// A block's group in the WQ_VNNI layout: its 8 quads of levels as bytes.
+static inline __attribute__((always_inline)) void wq_vnni_quads(const uint8_t *q, int level_bits,
+                                                                __m512i *quads) {
+    if (level_bits == 8) {
+        for (int k = 0; k < 8; k++) quads[k] = _mm512_loadu_si512((const void *)(q + 64 * k));
+        return;
+    }
+    const __m512i nibble = _mm512_set1_epi8(15);
+    for (int j = 0; j < 4; j++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * j));
+        quads[j] = _mm512_and_si512(v, nibble);
+        quads[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+    if (level_bits == 5) {
+        const uint64_t *top = (const uint64_t *)(q + 256);
+        const __m512i sixteen = _mm512_set1_epi8(16);
+        for (int k = 0; k < 8; k++)
+            quads[k] = _mm512_mask_add_epi8(quads[k], _cvtu64_mask64(top[k]), quads[k], sixteen);
+    }
+}
+
+// The 16 channels' 32 levels each, in input order, from a WQ_VNNI group: a transpose of the
+// quads' 32-bit words (channel c's bytes are word c of quads 0..7).
+static inline __attribute__((always_inline)) void wq_vnni_channels(const uint8_t *q,
+                                                                   int level_bits,
+                                                                   __m256i *channels) {
+    __m512i quads[8], a[8], lo[4], hi[4];
+    wq_vnni_quads(q, level_bits, quads);
+    for (int k = 0; k < 8; k += 2) {  // 128-bit lane L: words 4L.. of quads k, k + 1 interleaved
+        a[k] = _mm512_unpacklo_epi32(quads[k], quads[k + 1]);
+        a[k + 1] = _mm512_unpackhi_epi32(quads[k], quads[k + 1]);
+    }
+    // lo[i] lane L: channel 4L + i's words from quads 0..3; hi[i]: from quads 4..7.
+    lo[0] = _mm512_unpacklo_epi64(a[0], a[2]);
+    lo[1] = _mm512_unpackhi_epi64(a[0], a[2]);
+    lo[2] = _mm512_unpacklo_epi64(a[1], a[3]);
+    lo[3] = _mm512_unpackhi_epi64(a[1], a[3]);
+    hi[0] = _mm512_unpacklo_epi64(a[4], a[6]);
+    hi[1] = _mm512_unpackhi_epi64(a[4], a[6]);
+    hi[2] = _mm512_unpacklo_epi64(a[5], a[7]);
+    hi[3] = _mm512_unpackhi_epi64(a[5], a[7]);
+    for (int i = 0; i < 4; i++) {
+        const __m128i l[4] = {_mm512_extracti32x4_epi32(lo[i], 0), _mm512_extracti32x4_epi32(lo[i], 1),
+                              _mm512_extracti32x4_epi32(lo[i], 2), _mm512_extracti32x4_epi32(lo[i], 3)};
+        const __m128i h[4] = {_mm512_extracti32x4_epi32(hi[i], 0), _mm512_extracti32x4_epi32(hi[i], 1),
+                              _mm512_extracti32x4_epi32(hi[i], 2), _mm512_extracti32x4_epi32(hi[i], 3)};
+        for (int L = 0; L < 4; L++) channels[4 * L + i] = _mm256_set_m128i(h[L], l[L]);
+    }
 }
 
 // q * scale + offset for 16 levels q in float32, in two roundings (no FMA, -ffp-contract=off):
@@ -93,20 +151,29 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
         s = sf;
         o = of;
     }
-    if (level_bits == 8) {
+    const __m512 levels = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 levels16 = _mm512_add_ps(levels, _mm512_set1_ps(16.0f));
+    __m256i channels[16];  // WQ_VNNI: each channel's 32 levels, as the 8-bit layout stores them
+    if (bits & WQ_VNNI) wq_vnni_channels(q, level_bits, channels);
+    if (level_bits == 8 || bits & WQ_VNNI) {
         for (int c = 0; c < 16; c++) {
             const __m512 sc = _mm512_set1_ps(s[c]), oc = _mm512_set1_ps(o[c]);
-            const __m512 lo = _mm512_cvtepi32_ps(
-                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * c))));
-            const __m512 hi = _mm512_cvtepi32_ps(
-                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * c + 16))));
+            if (bits & WQ_VNNI && level_bits != 8) {  // by the same table lookup as below
+                const __m512 low = wq_scale(levels, sc, oc, fused);
+                const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
+                    level_bits == 5 ? wq_scale(levels16, sc, oc, fused) : low, low);
+                rows[c] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(channels[c]), table);
+                continue;
+            }
+            const __m128i *bytes = bits & WQ_VNNI ? (const __m128i *)&channels[c]
+                                                  : (const __m128i *)(q + 32 * c);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + 1)));
             rows[c] = (__m512i)_mm512_cvtne2ps_pbh(wq_scale(hi, sc, oc, fused),
                                                    wq_scale(lo, sc, oc, fused));
         }
         return;
     }
-    const __m512 levels = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 levels16 = _mm512_add_ps(levels, _mm512_set1_ps(16.0f));
     const __m512i nibble = _mm512_set1_epi16(15);
     __m512i top = _mm512_setzero_si512();
     if (level_bits == 5) top = _mm512_loadu_si512((const void *)(q + 256));

@@ -1,0 +1,156 @@
+// Weight-quantized GEMM on AVX512-VNNI: int8 activations against the weights' integer levels.
+// The linears' kernel on x86 CPUs without AMX (AMD Zen 4 and later, Intel before Sapphire
+// Rapids); where AMX runs, amx.c takes the bf16 path instead.
+//
+//   y[m][n] = sum_g xs[m][g] * (s[n][g] * (q[n][g] . xq[m][g]) + o[n][g] * sum(xq[m][g]))
+//
+// with (s, o) the weights' scale and offset per output channel and group of 32 inputs (w = q * s
+// + o, wq_panel.h's formats), and x quantized per row and group of 32 inputs as llama.cpp's Q8_0:
+// xs = max|x| / 127, xq = round(x / xs) in -127..127. That is the exact dot product of the
+// weights with the quantized row (up to float32 rounding of the group sums).
+//
+// Why: at one row the bf16 kernel (wq_gemm.c) spends ~7 instructions a channel and group turning
+// levels into bf16 weights and is bound by them, not by memory (12 of ~30 GB/s). Here a vpdpbusd
+// multiplies 64 levels by int8 inputs and adds them in fours, straight from the stored bits: a
+// 4-bit group of 16 channels x 32 inputs takes 4 loads, 8 masks/shifts, 8 vpdpbusd and 4 float
+// operations a row.
+//
+// Batch invariance: each row is quantized alone and its sums run in the same order whatever M
+// is (integer sums are exact; the float steps per group are the same instructions for a row in
+// a group of four as alone).
+//
+// Layout (kernels/wq_gemm.py's pack with VNNI): chunks, groups, blocks and params exactly as
+// wq_gemm.c's; only the bytes within a block's group differ. Quad k (inputs 4k .. 4k + 3 of the
+// group) is 64 bytes, byte 4c + b the level of channel c at input 4k + b:
+//   8 bits: quads 0..7 (512 bytes);
+//   4 bits: 4 x 64 bytes: byte i of part j holds quad j's byte i in its low nibble, quad
+//           j + 4's in its high one (256 bytes);
+//   5 bits: those 256 bytes of low nibbles, then per quad a 64-bit word whose bit i is bit 4 of
+//           the quad's byte i (320 bytes).
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "wq_panel.h"
+
+#define CHUNK 4  // blocks of 16 channels per chunk, as wq_gemm.c
+#define ROWS 4   // rows of x against each unpacked group
+
+// One row of bf16 x quantized per group of 32: xq (int8), xs (the group's scale) and xb (xs
+// times the sum of its xq, the offsets' coefficient).
+static void quantize_row(const uint16_t *x, int64_t groups, int8_t *xq, float *xs, float *xb) {
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512i raw = _mm512_loadu_si512((const void *)(x + 32 * g));
+        const __m512 lo = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        const __m512 hi = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id);
+        // round to nearest even (the default rounding mode), then to bytes (in range already)
+        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, vid));
+        const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, vid));
+        _mm_storeu_si128((__m128i *)(xq + 32 * g), _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(xq + 32 * g + 16), _mm512_cvtepi32_epi8(qhi));
+        xs[g] = d;
+        xb[g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+}
+
+// A block's group's 16 scales and 16 offsets (wq_panel.h's three storage forms).
+static inline __attribute__((always_inline)) void load_params(const uint8_t *params, int bits,
+                                                              const uint8_t *factors, __m512 *s,
+                                                              __m512 *o) {
+    if (bits & WQ_FACTORED) {
+        const __m128i *integers = (const __m128i *)params;
+        *s = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers))));
+        *o = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1))));
+    } else if (bits & WQ_HALF) {
+        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params));
+        *o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32)));
+    } else {
+        *s = _mm512_loadu_ps((const float *)params);
+        *o = _mm512_loadu_ps((const float *)params + 16);
+    }
+}
+
+// R rows (1..ROWS) of quantized x against a chunk's bt blocks, group by group over the blocks
+// (the layout's order: one sequential stream, R x bt independent sums in flight); each block's
+// group unpacked once for the R rows. Row r's sums go to y + r * ldy.
+static inline __attribute__((always_inline)) void chunk_rows(
+    int R, const int8_t *xq, const float *xs, const float *xb, int64_t K, int64_t groups,
+    const uint8_t *q, int bits, const uint8_t *params, const uint8_t *factors, int64_t nb0,
+    int bt, float *y, int64_t ldy) {
+    const int level_bits = bits & WQ_LEVEL_BITS;
+    const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
+    __m512 acc[CHUNK * ROWS];  // acc[b * R + r]
+    for (int i = 0; i < CHUNK * R; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        for (int b = 0; b < bt; b++) {
+            const int64_t blk = nb0 * groups + g * bt + b;  // the layout's block of this group
+            __m512i quads[8];
+            wq_vnni_quads(q + blk * group_bytes, level_bits, quads);
+            __m512 s, o;
+            load_params(params + blk * param_bytes, bits,
+                        wq_block_factors(factors, nb0, groups, g, bt, b), &s, &o);
+            for (int r = 0; r < R; r++) {
+                const int32_t *xr = (const int32_t *)(xq + r * K + 32 * g);
+                __m512i sum = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k++)
+                    sum = _mm512_dpbusd_epi32(sum, quads[k], _mm512_set1_epi32(xr[k]));
+                const int64_t rg = r * groups + g;
+                __m512 *a = acc + b * R + r;
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                                     _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), *a);
+                *a = _mm512_fmadd_ps(o, _mm512_set1_ps(xb[rg]), *a);
+            }
+        }
+    }
+    for (int b = 0; b < bt; b++)
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy + 16 * b, acc[b * R + r]);
+}
+
+static __thread wq_buffer row_buffer;
+
+void wq_gemm_vnni(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
+                  const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
+    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+    // The quantized rows, in the calling thread's buffer: int8 [M][K], then xs and xb [M][groups].
+    const int64_t xq_bytes = (M * K + 63) / 64 * 64;
+    uint8_t *buffer = wq_buffer_for(&row_buffer, xq_bytes + 2 * M * groups * (int64_t)sizeof(float));
+    int8_t *xq = (int8_t *)buffer;
+    float *xs = (float *)(buffer + xq_bytes), *xb = xs + M * groups;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row(x + m * K, groups, xq + m * K, xs + m * groups, xb + m * groups);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t nb0 = c * CHUNK;
+            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+            // bt as a constant for whole chunks: the accumulators' indices are then known at
+            // compile time and they stay in registers (a variable bt keeps them on the stack).
+            int64_t m = 0;
+            for (; m + ROWS <= M; m += ROWS)
+                if (bt == CHUNK)
+                    chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q,
+                               bits, params, factors, nb0, CHUNK, y + m * ldy + 16 * nb0, ldy);
+                else
+                    chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q,
+                               bits, params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+            for (; m < M; m++)
+                if (bt == CHUNK)
+                    chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
+                               params, factors, nb0, CHUNK, y + m * ldy + 16 * nb0, ldy);
+                else
+                    chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
+                               params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+        }
+    }
+}
