@@ -134,23 +134,13 @@ void wq_gemm_vnni(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t nb0 = c * CHUNK;
             const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-            // bt as a constant for whole chunks: the accumulators' indices are then known at
-            // compile time and they stay in registers (a variable bt keeps them on the stack).
             int64_t m = 0;
             for (; m + ROWS <= M; m += ROWS)
-                if (bt == CHUNK)
-                    chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q,
-                               bits, params, factors, nb0, CHUNK, y + m * ldy + 16 * nb0, ldy);
-                else
-                    chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q,
-                               bits, params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+                chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
+                           params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
             for (; m < M; m++)
-                if (bt == CHUNK)
-                    chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
-                               params, factors, nb0, CHUNK, y + m * ldy + 16 * nb0, ldy);
-                else
-                    chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
-                               params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+                chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
+                           params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
         }
     }
 }
