@@ -79,10 +79,10 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
             panel = wq_gemm.pack(q, scale, offset)
             vnni = wq_gemm.pack(q, scale, offset, vnni=True)
             layers.append((layer, panel, vnni))
-    used = "amx" if loader.amx() else "vnni"
     paths = {"native AMX, bf16": ("panel", True)} if loader.amx() else {}
     paths["native AVX512-BF16 (prompt rows without AMX)"] = ("panel", False)
     paths["native VNNI, int8 rows (decode rows without AMX)"] = ("vnni", None)
+    used = next(iter(paths)) if loader.amx() else list(paths)[-1]  # by decode rows
     out: dict[str, list[float]] = {name: [] for name in paths}
     out.update({"torch int4pack": [], "bf16 F.linear": []})
     for m in rows:
@@ -101,10 +101,8 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
         out["bf16 F.linear"].append(
             median_ms(lambda xs=xs: [F.linear(xs[t.in_features], t.dense) for t, _, _ in layers])
         )
-    mark = {"amx": "native AMX", "vnni": "native VNNI"}[used]
     return [
-        (f"linears, {name}" + (" (used)" if name.startswith(mark) else ""), v)
-        for name, v in out.items()
+        (f"linears, {name}" + (" (used)" if name == used else ""), v) for name, v in out.items()
     ]
 
 

@@ -127,6 +127,25 @@ static inline __m512 wq_scale(__m512 q, __m512 s, __m512 o, int fused) {
     return fused ? _mm512_fmadd_ps(q, s, o) : _mm512_add_ps(_mm512_mul_ps(q, s), o);
 }
 
+// A block's group's 16 scales and 16 offsets in float32, from any of the three storage forms.
+static inline __attribute__((always_inline)) void wq_params(const uint8_t *params, int bits,
+                                                            const uint8_t *factors, __m512 *s,
+                                                            __m512 *o) {
+    if (bits & WQ_FACTORED) {  // exact products: checked when packing
+        const __m128i *integers = (const __m128i *)params;  // 16 for scales, 16 for offsets
+        *s = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers))));
+        *o = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1))));
+    } else if (bits & WQ_HALF) {
+        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params));
+        *o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32)));
+    } else {
+        *s = _mm512_loadu_ps((const float *)params);
+        *o = _mm512_loadu_ps((const float *)params + 16);
+    }
+}
+
 // The 16 channels' rows of one block's group: rows[c] holds channel c's 32 bf16 weights in
 // input order.
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q, int bits,
@@ -136,18 +155,12 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
     const int fused = bits & WQ_FUSED;
     const int level_bits = bits & WQ_LEVEL_BITS;
     float sf[16], of[16];
-    const float *s = (const float *)params, *o = s + 16;
-    if (bits & WQ_FACTORED) {  // exact products: checked when packing
-        const __m128i *integers = (const __m128i *)params;  // 16 for scales, 16 for offsets
-        const __m512 ns = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers)));
-        const __m512 no = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1)));
-        _mm512_storeu_ps(sf, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors), ns));
-        _mm512_storeu_ps(of, _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16), no));
-        s = sf;
-        o = of;
-    } else if (bits & WQ_HALF) {
-        _mm512_storeu_ps(sf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params)));
-        _mm512_storeu_ps(of, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32))));
+    const float *s = (const float *)params, *o = s + 16;  // float32 params: read in place
+    if (bits & (WQ_FACTORED | WQ_HALF)) {
+        __m512 sv, ov;
+        wq_params(params, bits, factors, &sv, &ov);
+        _mm512_storeu_ps(sf, sv);
+        _mm512_storeu_ps(of, ov);
         s = sf;
         o = of;
     }

@@ -58,25 +58,6 @@ static void quantize_row(const uint16_t *x, int64_t groups, int8_t *xq, float *x
     }
 }
 
-// A block's group's 16 scales and 16 offsets (wq_panel.h's three storage forms).
-static inline __attribute__((always_inline)) void load_params(const uint8_t *params, int bits,
-                                                              const uint8_t *factors, __m512 *s,
-                                                              __m512 *o) {
-    if (bits & WQ_FACTORED) {
-        const __m128i *integers = (const __m128i *)params;
-        *s = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers))));
-        *o = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1))));
-    } else if (bits & WQ_HALF) {
-        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params));
-        *o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(params + 32)));
-    } else {
-        *s = _mm512_loadu_ps((const float *)params);
-        *o = _mm512_loadu_ps((const float *)params + 16);
-    }
-}
-
 // R rows (1..ROWS) of quantized x against a chunk's bt blocks, group by group over the blocks
 // (the layout's order: one sequential stream, R x bt independent sums in flight); each block's
 // group unpacked once for the R rows. Row r's sums go to y + r * ldy.
@@ -94,8 +75,8 @@ static inline __attribute__((always_inline)) void chunk_rows(
             __m512i quads[8];
             wq_vnni_quads(q + blk * group_bytes, level_bits, quads);
             __m512 s, o;
-            load_params(params + blk * param_bytes, bits,
-                        wq_block_factors(factors, nb0, groups, g, bt, b), &s, &o);
+            wq_params(params + blk * param_bytes, bits,
+                      wq_block_factors(factors, nb0, groups, g, bt, b), &s, &o);
             for (int r = 0; r < R; r++) {
                 const int32_t *xr = (const int32_t *)(xq + r * K + 32 * g);
                 __m512i sum = _mm512_setzero_si512();
