@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from girandole.api.chat.reasoning import ReasoningPlan
 from girandole.api.chat.schema import FunctionDef, Tool
 from girandole.api.chat.tools import ToolPlan, call_grammar
 from girandole.api.http.errors import APIError
@@ -59,7 +60,8 @@ def test_anthropic_conversation_as_chat_messages():
         {"role": "user", "content": "Add 2 and 3.\n\nQuickly."},  # consecutive turns merged
         {"role": "assistant", "content": "Calling add.", "tool_calls": [
             {"id": "toolu_1", "type": "function",
-             "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+             "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}],
+         "reasoning_content": "easy"},  # its thinking block, for the template to show or not
         {"role": "tool", "tool_call_id": "toolu_1", "content": "5"},
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"},
         {"role": "user", "content": "Thanks."},
@@ -86,6 +88,23 @@ def test_anthropic_fields_as_chat_fields():
         assert chat.tool_choice == expected
 
 
+def test_anthropic_reasoning_fields_as_chat_fields():
+    hi = [{"role": "user", "content": "hi"}]
+    chat = to_chat_request(anthropic(messages=hi, thinking={"type": "enabled",
+                                                           "budget_tokens": 2048}))  # fmt: skip
+    assert (chat.thinking.type, chat.thinking.budget_tokens) == ("enabled", 2048)
+    assert (
+        to_chat_request(anthropic(messages=hi, thinking={"type": "disabled"})).thinking.type
+        == "disabled"
+    )
+    for effort, read in (("low", "low"), ("high", "high"), ("max", "high")):  # Fireworks' reading
+        chat = to_chat_request(anthropic(messages=hi, output_config={"effort": effort}))
+        assert chat.reasoning_effort == read
+    with pytest.raises(APIError) as info:  # chat's floor, Anthropic's too
+        to_chat_request(anthropic(messages=hi, thinking={"type": "enabled", "budget_tokens": 10}))
+    assert info.value.status_code == 400 and "budget_tokens" in info.value.message
+
+
 @pytest.mark.parametrize(
     "body, field",
     [
@@ -93,8 +112,6 @@ def test_anthropic_fields_as_chat_fields():
          "messages.0.content.0"),
         ({"messages": [{"role": "assistant", "content": [
             {"type": "tool_result", "tool_use_id": "x"}]}]}, "messages.0.content.0"),
-        ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"}},
-         "thinking"),
         # empty content (Anthropic's 400s): it vanished, or left chat an empty conversation
         ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": []},
@@ -192,7 +209,10 @@ def test_responses_items_as_chat_messages():
     req = responses(input=[
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "input_text", "text": "Add 2 and 3."}]},
-        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "Easy."}]},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Sum."}],
+         "encrypted_content": "opaque"},
         {"type": "message", "role": "assistant", "content": "Calling add."},
         {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": '{"a":2}'},
         {"type": "function_call", "call_id": "call_2", "name": "add", "arguments": '{"a":3}'},
@@ -201,9 +221,9 @@ def test_responses_items_as_chat_messages():
          "output": [{"type": "input_text", "text": "6"}]},
     ])  # fmt: skip
     items = input_items(req)
-    assert len({item["id"] for item in items}) == len(items) == 7  # the reasoning left out
+    assert len({item["id"] for item in items}) == len(items) == 9
     assert items[0]["content"] == [{"type": "input_text", "text": "Be brief."}]
-    assert items[2]["content"] == [{"type": "output_text", "text": "Calling add.",
+    assert items[4]["content"] == [{"type": "output_text", "text": "Calling add.",
                                     "annotations": []}]  # fmt: skip
     assert chat_messages("Instructions.", items) == [
         {"role": "system", "content": "Instructions.\n\nBe brief."},
@@ -212,7 +232,8 @@ def test_responses_items_as_chat_messages():
             {"id": "call_1", "type": "function", "function": {"name": "add",
                                                               "arguments": '{"a":2}'}},
             {"id": "call_2", "type": "function", "function": {"name": "add",
-                                                              "arguments": '{"a":3}'}}]},
+                                                              "arguments": '{"a":3}'}}],
+         "reasoning_content": "Easy.\n\nSum."},  # the reasoning items' text (else summary)
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
         {"role": "tool", "tool_call_id": "call_2", "content": "6"},
     ]  # fmt: skip
@@ -292,6 +313,60 @@ def test_a_forced_call_is_that_function_from_its_first_token():
     two.allowed = ["add", "sub"]
     either = OutputBlocks(two)
     assert either.feed('{"na', True, "length") == [] and either.blocks == []
+
+
+def _kinds(events) -> list[tuple[str, str, int, str]]:
+    return [(what, b.type, b.index, text) for what, b, text in events]
+
+
+def test_blocks_of_reasoning_then_text():
+    # chat's split: the text up to </think> is reasoning, newlines around the tags are neither
+    text = "<think>\nI think so\n</think>\n\nYes."
+    blocks, events = OutputBlocks(None, ReasoningPlan()), []
+    for k in range(0, len(text), 3):
+        events += blocks.feed(text[k : k + 3], k + 3 >= len(text), "stop")
+    assert [(b.type, b.index, b.text) for b in blocks.blocks] == [
+        ("thinking", 0, "I think so"), ("text", 1, "Yes.")
+    ]  # fmt: skip
+    kinds = [(what, kind, index) for what, kind, index, _ in _kinds(events)]
+    assert [k for k in kinds if k[0] != "delta"] == [
+        ("start", "thinking", 0), ("stop", "thinking", 0), ("start", "text", 1), ("stop", "text", 1)
+    ]  # fmt: skip
+    whole = OutputBlocks(None, ReasoningPlan())
+    whole.feed(text, True, "stop")
+    assert [(b.type, b.text) for b in whole.blocks] == [(b.type, b.text) for b in blocks.blocks]
+
+
+def test_blocks_with_thinking_off_or_open_in_the_prompt():
+    off = OutputBlocks(None, ReasoningPlan(enabled=False))  # all of it is the answer
+    off.feed("<think>x</think>y", True, "stop")
+    assert [(b.type, b.text) for b in off.blocks] == [("text", "<think>x</think>y")]
+    opened = ReasoningPlan(opens_in_prompt=True)  # the prompt ended inside <think>
+    blocks = OutputBlocks(None, opened)
+    blocks.feed("still thinking", True, "length")  # cut by max_tokens while thinking
+    assert [(b.type, b.text) for b in blocks.blocks] == [("thinking", "still thinking")]
+    assert blocks.finish_reason == "length"
+    plain = OutputBlocks(None)  # a template that cannot reason: nothing is split
+    plain.feed("<think>x</think>y", True, "stop")
+    assert [b.type for b in plain.blocks] == ["text"]
+
+
+def test_blocks_of_reasoning_then_calls_and_max_calls():
+    plan = _plan("auto")
+    plan.parallel = True
+    calls = '[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]'
+    text = "<think>\nTwo sums.\n</think>\n\n" + calls
+    everything = OutputBlocks(plan, ReasoningPlan())
+    everything.feed(text, True, "stop")
+    assert [(b.type, b.text) for b in everything.blocks] == [
+        ("thinking", "Two sums."), ("call", '{"a": 1}'), ("call", '{"a": 2}')
+    ]  # fmt: skip
+    capped, events = OutputBlocks(plan, ReasoningPlan(), max_calls=1), []
+    for k in range(0, len(text), 5):
+        events += capped.feed(text[k : k + 5], k + 5 >= len(text), "stop")
+    assert [(b.type, b.text) for b in capped.blocks] == [("thinking", "Two sums."),
+                                                         ("call", '{"a": 1}')]  # fmt: skip
+    assert {b.index for _, b, _ in events} == {0, 1} and capped.finish_reason == "tool_calls"
 
 
 def test_cut_call_arguments_are_not_an_object():

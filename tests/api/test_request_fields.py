@@ -1,6 +1,6 @@
 """Fireworks' request fields beyond sampling, through the real openai and fireworks clients:
 reasoning (`reasoning_effort`, `thinking`, `reasoning_history`, `reasoning_content`, reasoning
-tokens in usage), `service_tier: "priority"`, stream coalescing (`stream_options.buffer_*`),
+tokens in usage; through Anthropic's Messages and OpenAI's Responses too), `service_tier: "priority"`, stream coalescing (`stream_options.buffer_*`),
 `stream_options.include_internal_content`, and `metadata` on the usage rows.
 
 The server serves a tiny random Qwen3 with Qwen3's chat template and a keys database; one slot
@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import anthropic
 import fireworks
 import httpx
 import openai
@@ -252,6 +253,134 @@ def test_a_model_that_cannot_reason_says_so(server):
     )
     assert "reasoning_content" not in r.choices[0].message.model_extra
     assert r.usage.completion_tokens_details is None
+
+
+# -- reasoning through Anthropic's Messages and OpenAI's Responses -----------------------------
+
+# a conversation whose answer starts inside a thinking block (the final assistant turn is
+# continued): what the random model writes is reasoning, cut by max_tokens
+OPENED = [*HI, {"role": "assistant", "content": "<think>\nI"}]
+
+
+def chat_split(srv, **fields) -> tuple[str | None, str, dict]:
+    """(reasoning_content, content, usage) of OPENED on chat, greedy, tokenized as the
+    translated APIs always tokenize (typed tags are text)."""
+    body = {"messages": OPENED, "max_tokens": 8, "temperature": 0, "safe_tokenization": True}
+    r = raw(srv, body | fields)
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    return message["reasoning_content"], message["content"], r.json()["usage"]
+
+
+def claude(srv) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=srv.api_key, base_url=srv.url + "/inference", max_retries=0)
+
+
+def test_messages_give_reasoning_as_thinking_blocks(qwen):
+    thought, answer, _ = chat_split(qwen)
+    assert thought  # the model's first tokens, inside the open block
+    # greedy: the SDK no longer takes `temperature`, the API does
+    body = {"model": MODEL, "max_tokens": 8, "messages": OPENED, "extra_body": {"temperature": 0}}
+    r = claude(qwen).messages.create(**body)
+    expected = [("thinking", thought)] + ([("text", answer)] if answer else [])
+    got = [(b.type, b.thinking if b.type == "thinking" else b.text) for b in r.content]
+    assert got == expected and r.content[0].signature == ""
+    with claude(qwen).messages.stream(**body) as stream:
+        deltas = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert final.content == r.content and deltas[0] == "thinking_delta"
+    # thinking off: Qwen3's empty thinking block ends the prompt, nothing is reasoning
+    raw_output = {"raw_output": True}
+    off = claude(qwen).messages.create(
+        model=MODEL, max_tokens=3, messages=HI, thinking={"type": "disabled"}, extra_body=raw_output
+    )
+    assert [b.type for b in off.content] == ["text"]
+    assert off.model_extra["raw_output"]["prompt_fragments"][-1].endswith("</think>\n\n")
+    on = claude(qwen).messages.create(model=MODEL, max_tokens=3, messages=HI, extra_body=raw_output,
+                                      output_config={"effort": "max"})  # fmt: skip
+    assert on.model_extra["raw_output"]["prompt_fragments"][-1].endswith("assistant\n")
+
+
+def test_messages_thinking_blocks_reach_the_template_in_a_tool_loop(qwen):
+    messages = [
+        {"role": "user", "content": "look it up"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "SECRET-PLAN", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "42"}]},
+    ]  # fmt: skip
+    r = claude(qwen).messages.create(model=MODEL, max_tokens=1, messages=messages,
+                                     extra_body={"raw_output": True})  # fmt: skip
+    assert "SECRET-PLAN" in str(r.model_extra["raw_output"]["prompt_fragments"])
+
+
+def test_responses_give_reasoning_items(qwen):
+    thought, answer, usage = chat_split(qwen, reasoning_effort="high")
+    client = oa(qwen)
+    body = {"model": MODEL, "input": OPENED, "max_output_tokens": 8, "temperature": 0,
+            "reasoning": {"effort": "high", "summary": "auto"}}  # fmt: skip
+    r = client.responses.create(**body)
+    assert r.output[0].type == "reasoning" and r.output[0].id.startswith("rs_")
+    assert [c.text for c in r.output[0].content] == [thought] and r.output[0].summary == []
+    assert r.output_text == (answer or "")
+    assert (r.reasoning.effort, r.reasoning.summary) == ("high", "auto")
+    details = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert r.usage.output_tokens_details.reasoning_tokens == details > 0
+    with client.responses.stream(**body) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds
+    assert [o.model_dump(exclude={"id"}) for o in final.output] == \
+        [o.model_dump(exclude={"id"}) for o in r.output]  # fmt: skip
+    # the stored reasoning is the next turn's reasoning_content: Qwen3 shows it while the turn
+    # is still in progress (no user message after it), so the prompt grows by it
+    call = {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"}
+    turn = [{"role": "user", "content": "look it up"}, call,
+            {"type": "function_call_output", "call_id": "c1", "output": "42"}]  # fmt: skip
+    plain = client.responses.create(model=MODEL, input=turn, max_output_tokens=1)
+    thinking = {"type": "reasoning", "summary": [],
+                "content": [{"type": "reasoning_text", "text": "A long plan " * 20}]}  # fmt: skip
+    reasoned = client.responses.create(model=MODEL, input=[turn[0], thinking, *turn[1:]],
+                                       max_output_tokens=1)  # fmt: skip
+    assert reasoned.usage.input_tokens > plain.usage.input_tokens + 20
+
+
+def test_responses_truncation_auto_drops_the_oldest_turns(qwen):
+    client = oa(qwen)
+
+    def exchange(i: int) -> list[dict]:
+        return [{"role": "user", "content": f"turn {i} " + "hello " * 100},
+                {"role": "assistant", "content": "ok"}]  # fmt: skip
+
+    one = client.responses.create(model=MODEL, input=exchange(0), max_output_tokens=1, store=False)
+    size = one.usage.input_tokens  # an exchange's tokens, and a little of the template's
+    context = client.models.retrieve(MODEL).model_extra["context_length"]  # the KV cache's room
+    turns = [m for i in range(context // size + 4) for m in exchange(i)]
+    turns.append({"role": "user", "content": "and now?"})
+    with pytest.raises(openai.BadRequestError):  # past the context
+        client.responses.create(model=MODEL, input=turns, max_output_tokens=16)
+    r = client.responses.create(
+        model=MODEL, input=turns, max_output_tokens=16, truncation="auto", store=False
+    )
+    assert r.truncation == "auto" and r.output_text is not None
+    # the oldest exchanges went, as few as fit: room left for the 16 tokens asked for
+    assert context - 16 - 2 * size < r.usage.input_tokens <= context - 16
+    alone = [
+        {"role": "user", "content": "hello " * (2 * context)}
+    ]  # the last turn alone does not fit
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input=alone, max_output_tokens=16, truncation="auto")
+    assert err.value.body["param"] == "input"
+
+
+def test_responses_max_tool_calls_keeps_the_first_calls(qwen):
+    tool = {"type": "function", "name": "lookup",
+            "parameters": {"type": "object", "properties": {}}}  # fmt: skip
+    r = oa(qwen).responses.create(model=MODEL, input="look", tools=[tool], tool_choice="required",
+                                  max_tool_calls=1, max_output_tokens=64)  # fmt: skip
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and r.max_tool_calls == 1
 
 
 # -- service_tier -------------------------------------------------------------------------------

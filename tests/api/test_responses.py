@@ -287,7 +287,11 @@ def test_list_and_accounts(client, server):
          "tool_choice"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
          "text.format.schema"),
-        ({"input": "x", "truncation": "auto"}, "truncation"),
+        ({"input": "x", "truncation": "none"}, "truncation"),
+        ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning.effort"),  # cannot reason
+        ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ({"input": "x", "reasoning": {"summary": "long"}}, "reasoning.summary"),
+        ({"input": "x", "max_tool_calls": 0}, "max_tool_calls"),
         ({"input": "x", "background": True}, "background"),
         ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),

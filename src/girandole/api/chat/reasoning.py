@@ -116,10 +116,11 @@ def plan_reasoning(req: Any, template: str) -> ReasoningPlan | None:
     if not can_reason(template):
         if enabled:
             param = "thinking" if thinking is not None and thinking.type == "enabled" else None
+            param = param or "reasoning_effort"
             raise bad_request(
                 "This model cannot reason: its chat template has no thinking mode"
-                " (no <think> block, no enable_thinking switch)",
-                param or "reasoning_effort",
+                f" (no <think> block, no enable_thinking switch), field: '{param}'",
+                param,
             )
         return None
     budget = thinking.budget_tokens if thinking is not None else None
@@ -219,6 +220,14 @@ class ReasoningSplitter:
     @property
     def reasoned(self) -> bool:
         return self.state in ("open", "reasoning", "after") or self.ended
+
+
+def splitter_for(plan: ReasoningPlan | None) -> ReasoningSplitter:
+    """A choice's splitter under `plan` (built with the prompt): all of the output is content
+    when thinking is off, else it starts as the prompt ends (inside a <think> block or not)."""
+    if plan is not None and plan.enabled is False:
+        return ReasoningSplitter(state="content")
+    return ReasoningSplitter.for_prompt(plan is not None and plan.opens_in_prompt)
 
 
 def split_reasoning(text: str, opens_in_prompt: bool) -> tuple[str | None, str]:

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from girandole.api.chat.reasoning import ReasoningPlan, ReasoningSplitter, reasoning_tokens
+from girandole.api.chat.reasoning import (
+    ReasoningPlan,
+    ReasoningSplitter,
+    reasoning_tokens,
+    splitter_for,
+)
 from girandole.api.chat.tool_calls import ToolStream, finish_message
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
@@ -37,12 +42,7 @@ class ChatShape(ResponseShape):
     def _splitter(self, choice: Choice) -> ReasoningSplitter:
         splitter = self._splitters.get(choice.index)
         if splitter is None:
-            plan = self.reasoning
-            if plan is not None and plan.enabled is False:  # thinking off: all of it is content
-                splitter = ReasoningSplitter(state="content")
-            else:
-                splitter = ReasoningSplitter.for_prompt(plan is not None and plan.opens_in_prompt)
-            self._splitters[choice.index] = splitter
+            splitter = self._splitters[choice.index] = splitter_for(self.reasoning)
         return splitter
 
     def _echo_split(self, choice: Choice, text: str) -> tuple[str, str]:

@@ -10,8 +10,8 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   turn's text blocks joined: by a blank line in user turns, directly in assistant turns);
   `tool_use` blocks (assistant) become the turn's tool calls (`input` as JSON arguments);
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
-  text blocks; `is_error` prefixes `Error: `); `thinking`/`redacted_thinking` blocks are left
-  out; `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
+  text blocks; `is_error` prefixes `Error: `); an assistant turn's `thinking` blocks are its
+  reasoning_content (`redacted_thinking` ones are left out); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
   merged. A final assistant turn is continued (a prefill; an empty one is none). As at
   Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
   (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next
@@ -26,13 +26,16 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   than `custom`) are a 400. `tool_choice`: `auto`, `any` (a call is forced by grammar), `tool`
   (that one, forced), `none` (tools not described); `disable_parallel_tool_use` allows one call.
 - `output_config.format` (`{"type": "json_schema", "schema"}`): the output follows the schema
-  (chat's response_format). `output_config.effort` and `thinking` other than `disabled`: 400.
+  (chat's response_format). `thinking` is chat's `thinking`, `output_config.effort` chat's
+  `reasoning_effort` (`max` read as `high`, as Fireworks does): a template that thinks
+  (`girandole.api.chat.reasoning`); asking a model that cannot reason is a 400.
 - `cache_control` is accepted anywhere Anthropic takes it and changes nothing (the prefix cache
   is automatic).
 
 Response: `{"id": "msg_...", "type": "message", "role": "assistant", "model" (as sent),
-"content": [text and tool_use blocks], "stop_reason", "stop_sequence", "usage":
-{"input_tokens", "output_tokens"}}`. `stop_reason`: `tool_use` (calls recognised, as chat's
+"content": [a thinking block, then text or tool_use blocks], "stop_reason", "stop_sequence", "usage":
+{"input_tokens", "output_tokens"}}`. A model that thinks: its output up to `</think>` (chat's
+reasoning_content) is a `thinking` block first, `signature` empty (nothing is signed here). `stop_reason`: `tool_use` (calls recognised, as chat's
 finish_reason "tool_calls"; each call a `tool_use` block, `id` `toolu_<hex>`, `input` the
 arguments), `max_tokens`, `stop_sequence` (with the sequence), else `end_turn`.
 `input_tokens` counts every prompt token, template tokens and cached ones included. A call cut
@@ -46,7 +49,7 @@ tool's block from the first token, so one cut before the model wrote the name is
 Streaming (`stream: true`): named SSE events as Anthropic sends them: `message_start` (the
 message, empty content, input_tokens), `ping`, then per block `content_block_start`,
 `content_block_delta` (`text_delta`, or `input_json_delta` with the call's arguments in
-fragments) and `content_block_stop`, then `message_delta` (stop_reason, stop_sequence, usage)
+fragments) and `content_block_stop` (a thinking block: `thinking_delta`s; no `signature_delta`), then `message_delta` (stop_reason, stop_sequence, usage)
 and `message_stop`. An error after the stream began is an `error` event.
 
 Errors on this route have Anthropic's shape: `{"type": "error", "error": {"type":

@@ -1,10 +1,12 @@
-"""A choice's output as a list of blocks (text, tool calls) for the APIs that write blocks:
-Anthropic's content blocks, OpenAI Responses' output items.
+"""A choice's output as a list of blocks (reasoning, text, tool calls) for the APIs that write
+blocks: Anthropic's content blocks, OpenAI Responses' output items.
 
-Chat's `ToolStream` decides what the output is (content, or calls recognised in it, streamed
-as written) and says it as chat deltas; `OutputBlocks` turns those deltas into block events:
-a block starts, grows (text, or a call's arguments as JSON text), and stops. A whole response
-feeds the whole text at once and reads `blocks`.
+Chat's `ReasoningSplitter` takes the reasoning out first (a template that can think: the text up
+to `</think>`, a `thinking` block), then chat's `ToolStream` decides what the rest is (content,
+or calls recognised in it, streamed as written) and says it as chat deltas; `OutputBlocks` turns
+those into block events: a block starts, grows (reasoning, text, or a call's arguments as JSON
+text), and stops. A whole response feeds the whole text at once and reads `blocks`.
+`max_calls` keeps the first calls only (Responses' `max_tool_calls`).
 
 A call forced to one function (a named tool_choice, or `required`/`any` with one allowed) is that
 function's call from the output's first token, as OpenAI's and Anthropic's forced calls are (their
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 import pydantic_core
 
+from girandole.api.chat.reasoning import ReasoningPlan, reasoning_tokens, splitter_for
 from girandole.api.chat.tool_calls import ToolStream
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
@@ -27,9 +30,9 @@ from girandole.api.serving.choice import Choice
 
 @dataclass
 class Block:
-    type: Literal["text", "call"]
+    type: Literal["thinking", "text", "call"]
     index: int  # in the output
-    text: str = ""  # the text, or the call's arguments (JSON text)
+    text: str = ""  # the reasoning, the text, or the call's arguments (JSON text)
     call_id: str | None = None
     name: str | None = None
 
@@ -58,43 +61,67 @@ Event = tuple[Literal["start", "delta", "stop"], Block, str]  # (what, block, ne
 class OutputBlocks:
     """One choice's blocks, built from its text as it arrives."""
 
-    def __init__(self, plan: ToolPlan | None) -> None:
+    def __init__(
+        self,
+        plan: ToolPlan | None,
+        reasoning: ReasoningPlan | None = None,
+        max_calls: int | None = None,
+    ) -> None:
         self.calls = ToolStream(plan)
+        # a template that can think: its reasoning split out (chat's rules)
+        self.splitter = splitter_for(reasoning) if reasoning is not None else None
+        self.max_calls = max_calls
         self.blocks: list[Block] = []
         self._open: Block | None = None
-        self._call_blocks: dict[int, Block] = {}  # chat's call index -> its block
+        self._call_blocks: dict[int, Block | None] = {}  # chat's call index -> block (None: cut)
         self.finish_reason: str | None = None  # once finished
 
     def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
         """The events of new `text`; when `finished` (with the engine's finish_reason), the last
         ones, and `finish_reason` becomes the choice's ("tool_calls" if its output is calls)."""
+        events: list[Event] = []
+        if self.splitter is not None:
+            thought, text = self.splitter.feed(text, final=finished)
+            if thought:
+                events += self._grow("thinking", thought)
         deltas = self.calls.feed(text)
         if finished:
             tail, self.finish_reason = self.calls.finish(finish_reason)
             deltas += tail
-        events: list[Event] = []
         for delta in deltas:
             events += self._apply(delta)
         if finished:
             events += self._close()
         return events
 
+    def _grow(self, kind: Literal["thinking", "text"], text: str) -> list[Event]:
+        """`text` onto the open block of `kind` (a new one if the open block is another)."""
+        events: list[Event] = []
+        if self._open is None or self._open.type != kind:
+            events += self._start(Block(kind, len(self.blocks)))
+        assert self._open is not None
+        self._open.text += text
+        events.append(("delta", self._open, text))
+        return events
+
     def _apply(self, delta: dict[str, Any]) -> list[Event]:
         events: list[Event] = []
         text = delta.get("content")
         if text:
-            if self._open is None or self._open.type != "text":
-                events += self._start(Block("text", len(self.blocks)))
-            assert self._open is not None
-            self._open.text += text
-            events.append(("delta", self._open, text))
+            events += self._grow("text", text)
         for call in delta.get("tool_calls") or []:
             function = call["function"]
-            if "id" in call:  # a call's header: a block of its own
+            if "id" in call:  # a call's header: a block of its own, unless past max_calls
+                made = sum(b is not None for b in self._call_blocks.values())
+                if self.max_calls is not None and made >= self.max_calls:
+                    self._call_blocks[call["index"]] = None
+                    continue
                 block = Block("call", len(self.blocks), call_id=call["id"], name=function["name"])
                 events += self._start(block)
                 self._call_blocks[call["index"]] = block
             block = self._call_blocks[call["index"]]
+            if block is None:
+                continue
             fragment = function.get("arguments") or ""
             if fragment:
                 block.text += fragment
@@ -112,9 +139,20 @@ class OutputBlocks:
         return [("stop", block, "")] if block is not None else []
 
 
-def feed_choice(blocks: OutputBlocks, choice: Choice, text: str, finished: bool) -> list[Event]:
-    """`blocks.feed` for a choice: its finish_reason becomes the blocks' once finished."""
+def feed_choice(
+    blocks: OutputBlocks,
+    choice: Choice,
+    text: str,
+    finished: bool,
+    think_end_id: int | None = None,
+) -> list[Event]:
+    """`blocks.feed` for a choice: its finish_reason becomes the blocks' once finished, and its
+    reasoning tokens are counted (`think_end_id`: the </think> token, if the vocabulary has one)."""
     events = blocks.feed(text, finished, choice.finish_reason)
     if finished:
         choice.finish_reason = blocks.finish_reason
+        if blocks.splitter is not None:
+            choice.reasoning_tokens = reasoning_tokens(
+                blocks.splitter, choice.token_ids, choice.tokenizer, think_end_id
+            )
     return events

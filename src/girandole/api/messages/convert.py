@@ -18,7 +18,11 @@ from girandole.api.messages.schema import (
 )
 from girandole.api.messages.translated import TranslatedChat, to_chat
 
-SKIPPED_BLOCKS = ("thinking", "redacted_thinking")  # earlier reasoning: not shown to the model
+# an assistant turn's `thinking` blocks are its reasoning_content (the template decides what it
+# shows: Qwen3's, those of the turns after the last user message); redacted ones are left out
+SKIPPED_BLOCKS = ("redacted_thinking",)
+# output_config.effort as Fireworks reads it: `max` is `high`
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
 
 
 def system_text(system: str | list[TextBlock] | None) -> str:
@@ -82,12 +86,15 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     for i, message in enumerate(req.messages):
         blocks = message.content
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(blocks):
             where = f"messages.{i}.content.{j}"
             if block.type == "text":
                 texts.append(block.text)
-            elif block.type in SKIPPED_BLOCKS:
+            elif block.type == "thinking" and message.role == "assistant":
+                thoughts.append(block.thinking)
+            elif block.type in SKIPPED_BLOCKS or block.type == "thinking":
                 continue
             elif block.type == "tool_use" and message.role == "assistant":
                 arguments = json.dumps(block.input, ensure_ascii=False)
@@ -108,14 +115,19 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
         if not any(texts) and not calls:  # an empty final assistant turn: no prefill
             continue
         last = out[-1] if out else None
+        thought = "\n\n".join(t for t in thoughts if t)
         if last is not None and last["role"] == message.role and not last.get("tool_calls"):
             last["content"] = _join(last["content"], text, message.role)
             if calls:
                 last["tool_calls"] = calls
+            if thought:
+                last["reasoning_content"] = _join(last.get("reasoning_content"), thought, "user")
             continue
         turn: dict[str, Any] = {"role": message.role, "content": text if texts else None}
         if calls:
             turn["tool_calls"] = calls
+        if thought:
+            turn["reasoning_content"] = thought
         out.append(turn)
     return out
 
@@ -166,17 +178,8 @@ def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, 
 
 
 def to_chat_request(req: MessagesRequest) -> TranslatedChat:
-    if req.thinking is not None and req.thinking.type != "disabled":
-        raise bad_request(
-            'Field \'thinking\' is not supported by this server yet (only {"type": "disabled"})',
-            "thinking",
-        )
     config = req.output_config
-    if config is not None and config.effort is not None:
-        raise bad_request(
-            "Field 'output_config.effort' is not supported by this server yet",
-            "output_config.effort",
-        )
+    effort = config.effort if config is not None else None
     response_format = None
     if config is not None and config.format is not None:
         schema = {"name": "output", "schema": config.format.schema_}
@@ -199,6 +202,9 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
         "parallel_tool_calls": parallel,
         "response_format": response_format,
         "raw_output": req.raw_output,
+        # chat's reasoning fields (girandole.api.chat.reasoning): `thinking` in Anthropic's form
+        "thinking": req.thinking.model_dump(exclude_none=True) if req.thinking else None,
+        "reasoning_effort": EFFORTS[effort] if effort is not None else None,
         "user": req.metadata.user_id if req.metadata is not None else None,
     }
     return to_chat(fields, req)

@@ -32,6 +32,8 @@ MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 
 class Messages(TranslatedEndpoint):
+    chat_fields = {"reasoning_effort": "output_config.effort"}
+
     async def translate(
         self, request: Request, state: AppState, source: MessagesRequest
     ) -> TranslatedChat:

@@ -150,7 +150,7 @@ class CountTokensRequest(StrictModel):
     system: str | list[TextBlock] | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
-    thinking: ThinkingConfig | None = None  # only "disabled" (girandole.api.messages.route)
+    thinking: ThinkingConfig | None = None  # chat's `thinking` (girandole.api.chat.reasoning)
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = None  # a hint, as on blocks
 

@@ -9,7 +9,7 @@ from typing import Any
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice
+from girandole.api.messages.blocks import Block
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -52,6 +52,8 @@ def tool_use_id(call_id: str | None) -> str:
 
 def content_block(block: Block, whole: bool) -> dict[str, Any]:
     """A block as Anthropic writes it: whole, or as its `content_block_start` shows it."""
+    if block.type == "thinking":  # no signature: this server signs nothing
+        return {"type": "thinking", "thinking": block.text if whole else "", "signature": ""}
     if block.type == "text":
         return {"type": "text", "text": block.text if whole else ""}
     arguments = block.arguments() if whole else {}
@@ -92,8 +94,8 @@ class MessagesShape(TranslatedShape):
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
         await read_all(fanout)
         (choice,) = job.choices
-        blocks = OutputBlocks(self.plan)
-        feed_choice(blocks, choice, choice.full_text, True)
+        blocks = self.output_blocks()
+        self.feed(blocks, choice, choice.full_text, True)
         body = self.message(job, [content_block(b, whole=True) for b in blocks.blocks])
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
         body["usage"] = usage_json(finish_metrics(job))
@@ -108,17 +110,20 @@ class MessagesShape(TranslatedShape):
             return sse_named_event(name, {"type": name, **fields})
 
         (choice,) = job.choices
-        blocks = OutputBlocks(self.plan)
+        blocks = self.output_blocks()
         try:
             yield event("message_start", message=self.message(job, []))
             yield event("ping")
             async for c, out in fanout.events():
                 update = c.add(out)
-                for what, block, text in feed_choice(blocks, c, update.text, out.finished):
+                for what, block, text in self.feed(blocks, c, update.text, out.finished):
                     if what == "start":
                         block_json = content_block(block, whole=False)
                         yield event("content_block_start", index=block.index,
                                     content_block=block_json)  # fmt: skip
+                    elif what == "delta" and block.type == "thinking":
+                        delta = {"type": "thinking_delta", "thinking": text}
+                        yield event("content_block_delta", index=block.index, delta=delta)
                     elif what == "delta" and block.type == "text":
                         delta = {"type": "text_delta", "text": text}
                         yield event("content_block_delta", index=block.index, delta=delta)

@@ -12,8 +12,11 @@ from fastapi import Request
 from girandole.api.chat.route import Chat
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
+from girandole.api.http.errors import APIError
 from girandole.api.http.unsupported import strip_unsupported
 from girandole.api.http.validation import validate_model
+from girandole.api.messages.blocks import Event, OutputBlocks, feed_choice
+from girandole.api.serving.choice import Choice
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
@@ -48,9 +51,20 @@ class TranslatedShape(ResponseShape):
         self.reasoning = chat.reasoning  # the prompt is built as chat's (thinking on or off)
         self.think_end_id = chat.think_end_id
 
+    def output_blocks(self, max_calls: int | None = None) -> OutputBlocks:
+        """A choice's output as blocks: its reasoning (a template that can think), text and
+        tool calls, as chat would split and recognise them."""
+        return OutputBlocks(self.plan, self.reasoning, max_calls)
+
+    def feed(self, blocks: OutputBlocks, choice: Choice, text: str, finished: bool) -> list[Event]:
+        return feed_choice(blocks, choice, text, finished, self.think_end_id)
+
 
 class TranslatedEndpoint(Chat):
     """Chat's prompt and tools under another API's request and response shapes."""
+
+    # chat's field -> this API's, for the 400s chat's checks raise (their `param`)
+    chat_fields: dict[str, str] = {}
 
     async def parse(self, request: Request, state: AppState, data: dict[str, Any]) -> Any:
         strip_unsupported(data, self.unsupported)
@@ -61,7 +75,15 @@ class TranslatedEndpoint(Chat):
         raise NotImplementedError
 
     def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> ResponseShape:
-        return self.wire_shape(super().shape(state, engine, req), req)
+        try:
+            chat = super().shape(state, engine, req)
+        except APIError as exc:
+            if exc.param in self.chat_fields:  # named as this API names it
+                own = self.chat_fields[exc.param]
+                exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
+                exc.param = own
+            raise
+        return self.wire_shape(chat, req)
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> TranslatedShape:
         """How the response is written, given chat's shape (its template and tool plan)."""

@@ -7,7 +7,8 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   `developer` (= system); `content` a string or `input_text`/`output_text`/`refusal` parts;
   image, file and audio parts are a 400), `function_call` (the assistant's call: `call_id`,
   `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
-  `reasoning` items are left out; other item types are a 400. Consecutive messages of one role
+  `reasoning` items (their content's text, else their summary's) are the reasoning_content of
+  the assistant turn after them; other item types are a 400. Consecutive messages of one role
   are merged; function_call items join the assistant message before them as its tool calls.
   As at OpenAI, a `function_call_output` without an earlier `function_call` of its `call_id`
   (stored turns included) and a `function_call` never answered are 400s (`pairing.py`).
@@ -26,27 +27,37 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   `text.format` (`text`, `json_object`, `json_schema` with `schema`: chat's response_format),
   `metadata` (at most 16 string pairs, keys up to 64 characters, values up to 512: OpenAI's
   limits; echoed and stored), `user` / `safety_identifier` (the request's user; echoed),
-  `prompt_cache_key` (as on chat; echoed), `truncation: "disabled"`,
-  `stream_options.include_obfuscation` (accepted; no padding is sent).
+  `prompt_cache_key` (as on chat; echoed), `stream_options.include_obfuscation` (accepted; no
+  padding is sent).
+- `reasoning.effort`: chat's `reasoning_effort` (`minimal` read as `low`); `reasoning.summary`
+  is accepted and echoed, and the reasoning comes whole as its text (never summarized).
+- `truncation`: `disabled` (default), or `auto`: chat's `prompt_truncate_len` at the context
+  less room for the output (max_output_tokens, else 2048; at most half the context), so the
+  oldest turns go first; a last turn alone too long is a 400 naming `input`.
+- `max_tool_calls`: the first N calls are the output's (1: decoded as one call).
 - Not run here, a 400 unless the value asks for nothing: `background` (false), `service_tier`
-  (auto, default), `include` ([]), `reasoning` ({}), `max_tool_calls`, `top_logprobs` (0),
-  `conversation`, `prompt`, `prompt_cache_retention`, `text.verbosity` other than `medium`,
-  `truncation: "auto"`.
+  (auto, default), `include` ([]), `top_logprobs` (0), `conversation`, `prompt`,
+  `prompt_cache_retention`, `text.verbosity` other than `medium`.
 
 Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",
 ...}` with the request's parameters echoed (`temperature`/`top_p` as applied). `status` is
 `completed`, or `incomplete` (`incomplete_details.reason: "max_output_tokens"`) when the output
-reached max_output_tokens. `output`: a `message` item (`msg_<hex>`, one `output_text` part) or,
-when chat recognises calls in the output, one `function_call` item per call (`fc_<hex>`,
+reached max_output_tokens. `output`: a `reasoning` item first when the model thought (`rs_<hex>`, `summary: []`, one
+`reasoning_text` part: chat's reasoning_content), then a `message` item (`msg_<hex>`, one
+`output_text` part) or, when chat recognises calls in the output, one `function_call` item per
+call (`fc_<hex>`,
 `call_id` `call_<hex>`, `arguments` as the model wrote them). In an incomplete response the
 item cut short is `incomplete`, those before it `completed`; a call forced to one function is
 that function's item from the first token, so one cut before the model wrote the name is still
 there (`arguments: ""`; `girandole.api.messages.blocks`). `usage`: `input_tokens`
 (`input_tokens_details.cached_tokens`), `output_tokens`, `total_tokens`, and the same counts as
-Fireworks names them (`prompt_tokens`, `completion_tokens`).
+Fireworks names them (`prompt_tokens`, `completion_tokens`); `output_tokens_details.
+reasoning_tokens` as chat counts them.
 
 Streaming (`stream: true`): named SSE events, each with `sequence_number` from 0:
-`response.created`, `response.in_progress`; per text item `response.output_item.added`,
+`response.created`, `response.in_progress`; per reasoning item `response.output_item.added`,
+`response.content_part.added`, `response.reasoning_text.delta`..., `response.reasoning_text.done`,
+`response.content_part.done`, `response.output_item.done`; per text item `response.output_item.added`,
 `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
 `response.content_part.done`, `response.output_item.done`; per call `response.output_item.added`,
 `response.function_call_arguments.delta`..., `response.function_call_arguments.done`,

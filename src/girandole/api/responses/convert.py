@@ -14,10 +14,9 @@ from girandole.api.responses.schema import (
     FunctionChoice,
     FunctionTool,
     MessageItem,
+    ReasoningItem,
     ResponsesRequest,
 )
-
-SKIPPED_ITEMS = ("reasoning",)  # earlier reasoning: not shown to the model
 
 
 def new_id(prefix: str) -> str:
@@ -62,7 +61,9 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
             items.append({"id": item.id or new_id("fco"), "type": "function_call_output",
                           "call_id": item.call_id, "output": output,
                           "status": "completed"})  # fmt: skip
-        elif item.type not in SKIPPED_ITEMS:
+        elif isinstance(item, ReasoningItem):
+            items.append(item.model_dump(exclude_none=True) | {"id": item.id or new_id("rs")})
+        else:
             raise bad_request(
                 f"Input items of type '{item.type}' are not supported by this server,"
                 f" field: '{where}.type'",
@@ -75,16 +76,27 @@ def _text(parts: list[dict[str, Any]]) -> str:
     return "".join(p.get("text") or p.get("refusal") or "" for p in parts)
 
 
+def _reasoning_text(item: dict[str, Any]) -> str:
+    parts = item.get("content") or item.get("summary") or []
+    return "\n\n".join(p["text"] for p in parts if p.get("text"))
+
+
 def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation as chat messages: `developer` is `system`, function_call items become
     the assistant's tool_calls, function_call_output items tool messages; consecutive messages
-    of one role are merged."""
+    of one role are merged. A reasoning item is the reasoning_content of the assistant turn
+    that follows it (the template decides what it shows), dropped if no such turn follows."""
     out: list[dict[str, Any]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
+    thought = ""  # reasoning waiting for its assistant turn
     for item in items:
         last = out[-1] if out else None
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            text = _reasoning_text(item)
+            thought = thought + "\n\n" + text if thought and text else thought or text
+            continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             text = _text(item["content"])
@@ -102,6 +114,10 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        if thought and out[-1]["role"] == "assistant":
+            before = out[-1].get("reasoning_content")
+            out[-1]["reasoning_content"] = before + "\n\n" + thought if before else thought
+        thought = ""
     return out
 
 

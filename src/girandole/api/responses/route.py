@@ -26,6 +26,7 @@ from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.pipeline import inference_router
 from girandole.api.state import AppState
+from girandole.engine.protocol import EngineClient
 from girandole.registry.responses import ResponseStore
 
 MAX_LIST = 100  # items in one page of a list
@@ -40,8 +41,6 @@ RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "background": lambda v: v is False,
     "service_tier": lambda v: v in ("auto", "default"),
     "include": lambda v: v == [],
-    "reasoning": lambda v: v == {} or v == {"effort": None},
-    "max_tool_calls": _never,
     "top_logprobs": lambda v: v == 0,
     "conversation": _never,
     "prompt": _never,
@@ -70,6 +69,8 @@ def not_found(response_id: str) -> APIError:
 
 
 class Responses(TranslatedEndpoint):
+    chat_fields = {"reasoning_effort": "reasoning.effort"}
+
     async def translate(
         self, request: Request, state: AppState, source: ResponsesRequest
     ) -> TranslatedChat:
@@ -90,6 +91,10 @@ class Responses(TranslatedEndpoint):
         if not messages:
             raise bad_request("The conversation is empty: send 'input'", "input")
         tools, tool_choice = chat_tools(source)
+        parallel = source.parallel_tool_calls
+        if source.max_tool_calls == 1:  # one call: decoded as one (a forced call's grammar too)
+            parallel = False
+        effort = source.reasoning.effort if source.reasoning is not None else None
         fields = {
             "model": source.model,
             "messages": messages,
@@ -99,7 +104,8 @@ class Responses(TranslatedEndpoint):
             "stream": source.stream,
             "tools": tools,
             "tool_choice": tool_choice,
-            "parallel_tool_calls": source.parallel_tool_calls,
+            "parallel_tool_calls": parallel,
+            "reasoning_effort": "low" if effort == "minimal" else effort,
             "response_format": response_format(source),
             "user": source.user or source.safety_identifier,
             "prompt_cache_key": source.prompt_cache_key,
@@ -111,8 +117,34 @@ class Responses(TranslatedEndpoint):
         keep = source.store is not False
         return to_chat(fields, Conversation(source, items, save if keep else None))
 
+    async def prompts(
+        self, engine: EngineClient, req: TranslatedChat, shape: ChatShape
+    ) -> list[list[int]]:
+        if req.source.request.truncation == "auto":
+            req.prompt_truncate_len = truncation_limit(
+                AppState.context_length_of(engine), req.source.request.max_output_tokens
+            )
+        try:
+            return await super().prompts(engine, req, shape)
+        except APIError as exc:
+            if exc.param != "prompt_truncate_len":
+                raise
+            raise bad_request(
+                "The input does not fit in the context window even with truncation 'auto': room"
+                f" for {req.prompt_truncate_len} input tokens, and its last turn alone takes more",
+                "input",
+            ) from None
+
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)
+
+
+def truncation_limit(context_length: int, max_output_tokens: int | None) -> int:
+    """`truncation: "auto"`: the input's room in the context window. It leaves room for the
+    output asked for (max_output_tokens, else the default), but never more than half the
+    window: a conversation is cut by its oldest turns rather than refused."""
+    wanted = max_output_tokens or DEFAULT_MAX_TOKENS
+    return context_length - min(wanted, context_length // 2)
 
 
 ENDPOINT = Responses(ResponsesRequest, RESPONSES_UNSUPPORTED, "resp_", DEFAULT_MAX_TOKENS)

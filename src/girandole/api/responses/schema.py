@@ -60,8 +60,25 @@ class FunctionCallOutputItem(StrictModel):
     status: str | None = None
 
 
+class ReasoningText(StrictModel):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(StrictModel):
+    """Earlier reasoning: the text of the assistant turn after it (its `content`, else its
+    `summary`) becomes that turn's reasoning_content; encrypted content is not read."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = []
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    id: str | None = None
+    status: str | None = None
+
+
 class OtherItem(StrictModel):
-    """Reasoning items (left out of the prompt) and kinds this server does not run (a 400)."""
+    """Kinds this server does not run (a 400)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
@@ -69,13 +86,15 @@ class OtherItem(StrictModel):
 
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else "message"
-    return kind if kind in ("message", "function_call", "function_call_output") else "other"
+    known = ("message", "function_call", "function_call_output", "reasoning")
+    return kind if kind in known else "other"
 
 
 Item = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[OtherItem, Tag("other")],
     Discriminator(_item_kind),
 ]
@@ -151,6 +170,14 @@ class TextConfig(StrictModel):
     verbosity: Literal["medium"] | None = None  # the only one a model without the knob has
 
 
+class Reasoning(StrictModel):
+    """`effort` turns a reasoning model's thinking on or off (chat's reasoning_effort;
+    `minimal` is read as `low`); `summary` is accepted, and the reasoning comes as its text."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class StreamOptions(StrictModel):
     include_obfuscation: bool | None = None  # no obfuscation padding is sent either way
 
@@ -179,4 +206,6 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    reasoning: Reasoning | None = None
+    max_tool_calls: Annotated[int | None, Field(ge=1)] = None

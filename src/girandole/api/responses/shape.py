@@ -11,7 +11,7 @@ from typing import Any
 
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
-from girandole.api.messages.blocks import Block, OutputBlocks, feed_choice
+from girandole.api.messages.blocks import Block, OutputBlocks
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.responses.convert import new_id
 from girandole.api.responses.schema import ResponsesRequest
@@ -33,6 +33,9 @@ class Conversation:
     item_ids: dict[int, str] = field(default_factory=dict)  # block index -> output item id
 
 
+ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block
+
+
 def usage_json(usage: Usage) -> dict[str, Any]:
     """OpenAI's Responses usage, with Fireworks' names for the same counts."""
     total = usage.prompt_tokens + usage.completion_tokens
@@ -40,7 +43,7 @@ def usage_json(usage: Usage) -> dict[str, Any]:
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cached_tokens},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
         "total_tokens": total,
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -57,12 +60,16 @@ class ResponsesShape(TranslatedShape):
     def item_id(self, block: Block) -> str:
         ids = self.conversation.item_ids
         if block.index not in ids:
-            ids[block.index] = new_id("msg" if block.type == "text" else "fc")
+            ids[block.index] = new_id(ITEM_PREFIXES[block.type])
         return ids[block.index]
 
     def item(self, block: Block, status: str) -> dict[str, Any]:
         """A block as an output item (`in_progress` ones as `output_item.added` shows them)."""
         done = status != "in_progress"
+        if block.type == "thinking":  # the reasoning itself, as open-weight models give it
+            content = [self.reasoning_part(block.text)] if done else []
+            return {"id": self.item_id(block), "type": "reasoning", "status": status,
+                    "summary": [], "content": content}  # fmt: skip
         if block.type == "text":
             content = [self.part(block.text)] if done else []
             return {"id": self.item_id(block), "type": "message", "status": status,
@@ -82,6 +89,10 @@ class ResponsesShape(TranslatedShape):
     def part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
+    @staticmethod
+    def reasoning_part(text: str) -> dict[str, Any]:
+        return {"type": "reasoning_text", "text": text}
+
     def response(
         self, job: Job, status: str, output: list[dict[str, Any]], usage: Usage | None
     ) -> dict[str, Any]:
@@ -93,6 +104,8 @@ class ResponsesShape(TranslatedShape):
         if not isinstance(tool_choice, str):
             tool_choice = tool_choice.model_dump(exclude_none=True)
         incomplete = status == "incomplete"
+        effort = req.reasoning.effort if req.reasoning is not None else None
+        summary = req.reasoning.summary if req.reasoning is not None else None
         return {
             "id": job.id,
             "object": "response",
@@ -107,14 +120,15 @@ class ResponsesShape(TranslatedShape):
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": effort, "summary": summary},
             "store": self.conversation.save is not None,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "text": {"format": text_format},
             "tool_choice": tool_choice,
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-            "truncation": "disabled",
+            "truncation": req.truncation or "disabled",
+            "max_tool_calls": req.max_tool_calls,
             "usage": usage_json(usage) if usage is not None else None,
             "user": req.user,
             "safety_identifier": req.safety_identifier,
@@ -136,8 +150,8 @@ class ResponsesShape(TranslatedShape):
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
         await read_all(fanout)
         (choice,) = job.choices
-        blocks = OutputBlocks(self.plan)
-        feed_choice(blocks, choice, choice.full_text, True)
+        blocks = self.output_blocks(self.conversation.request.max_tool_calls)
+        self.feed(blocks, choice, choice.full_text, True)
         return self.finish(job, choice, blocks)
 
     async def stream_body(
@@ -152,14 +166,14 @@ class ResponsesShape(TranslatedShape):
             return sse_named_event(name, payload)
 
         (choice,) = job.choices
-        blocks = OutputBlocks(self.plan)
+        blocks = self.output_blocks(self.conversation.request.max_tool_calls)
         try:
             started = self.response(job, "in_progress", [], None)
             yield event("response.created", response=started)
             yield event("response.in_progress", response=started)
             async for c, out in fanout.events():
                 update = c.add(out)
-                for what, block, text in feed_choice(blocks, c, update.text, out.finished):
+                for what, block, text in self.feed(blocks, c, update.text, out.finished):
                     for name, fields in self.block_events(what, block, text, blocks):
                         yield event(name, **fields)
             # `response.completed` whatever the status (the SDK's stream helper waits for it)
@@ -176,6 +190,21 @@ class ResponsesShape(TranslatedShape):
         """The `response.*` events of one block event (`blocks`: the output so far)."""
         where = {"item_id": self.item_id(block), "output_index": block.index}
         done = self.item(block, self.item_status(block, blocks)) if what == "stop" else None
+        if block.type == "thinking":
+            at = where | {"content_index": 0}
+            if what == "start":
+                return [
+                    ("response.output_item.added",
+                     {"output_index": block.index, "item": self.item(block, "in_progress")}),
+                    ("response.content_part.added", at | {"part": self.reasoning_part("")}),
+                ]  # fmt: skip
+            if what == "delta":
+                return [("response.reasoning_text.delta", at | {"delta": text})]
+            return [
+                ("response.reasoning_text.done", at | {"text": block.text}),
+                ("response.content_part.done", at | {"part": self.reasoning_part(block.text)}),
+                ("response.output_item.done", {"output_index": block.index, "item": done}),
+            ]  # fmt: skip
         if block.type == "text":
             at = where | {"content_index": 0}
             if what == "start":
