@@ -190,34 +190,23 @@ class ResponsesShape(TranslatedShape):
         """The `response.*` events of one block event (`blocks`: the output so far)."""
         where = {"item_id": self.item_id(block), "output_index": block.index}
         done = self.item(block, self.item_status(block, blocks)) if what == "stop" else None
-        if block.type == "thinking":
+        if block.type in ("thinking", "text"):  # an item of one content part
             at = where | {"content_index": 0}
+            # reasoning: `reasoning_text` parts and events; text: `output_text` ones (logprobs)
+            thinking = block.type == "thinking"
+            part = self.reasoning_part if thinking else self.part
+            kind, extra = ("reasoning_text", {}) if thinking else ("output_text", {"logprobs": []})
             if what == "start":
                 return [
                     ("response.output_item.added",
                      {"output_index": block.index, "item": self.item(block, "in_progress")}),
-                    ("response.content_part.added", at | {"part": self.reasoning_part("")}),
+                    ("response.content_part.added", at | {"part": part("")}),
                 ]  # fmt: skip
             if what == "delta":
-                return [("response.reasoning_text.delta", at | {"delta": text})]
+                return [(f"response.{kind}.delta", at | {"delta": text} | extra)]
             return [
-                ("response.reasoning_text.done", at | {"text": block.text}),
-                ("response.content_part.done", at | {"part": self.reasoning_part(block.text)}),
-                ("response.output_item.done", {"output_index": block.index, "item": done}),
-            ]  # fmt: skip
-        if block.type == "text":
-            at = where | {"content_index": 0}
-            if what == "start":
-                return [
-                    ("response.output_item.added",
-                     {"output_index": block.index, "item": self.item(block, "in_progress")}),
-                    ("response.content_part.added", at | {"part": self.part("")}),
-                ]  # fmt: skip
-            if what == "delta":
-                return [("response.output_text.delta", at | {"delta": text, "logprobs": []})]
-            return [
-                ("response.output_text.done", at | {"text": block.text, "logprobs": []}),
-                ("response.content_part.done", at | {"part": self.part(block.text)}),
+                (f"response.{kind}.done", at | {"text": block.text} | extra),
+                ("response.content_part.done", at | {"part": part(block.text)}),
                 ("response.output_item.done", {"output_index": block.index, "item": done}),
             ]  # fmt: skip
         if what == "start":
