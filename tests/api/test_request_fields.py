@@ -333,6 +333,10 @@ def test_responses_give_reasoning_items(qwen):
     assert "response.reasoning_text.delta" in kinds
     assert [o.model_dump(exclude={"id"}) for o in final.output] == \
         [o.model_dump(exclude={"id"}) for o in r.output]  # fmt: skip
+    # logprobs go with the text: not the reasoning's tokens
+    lp = client.responses.create(**body, include=["message.output_text.logprobs"])
+    text = sum(len(c.logprobs) for o in lp.output if o.type == "message" for c in o.content)
+    assert text == lp.usage.output_tokens - lp.usage.output_tokens_details.reasoning_tokens
     # the stored reasoning is the next turn's reasoning_content: Qwen3 shows it while the turn
     # is still in progress (no user message after it), so the prompt grows by it
     call = {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"}

@@ -166,6 +166,42 @@ def test_stream_matches_whole(client):
     assert client.responses.retrieve(final.id).output_text == final.output_text  # stored too
 
 
+def test_output_text_logprobs_equal_chats(client):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: the text part's logprobs
+    are chat's for the same conversation; a stream's deltas carry them in pieces."""
+    kwargs = dict(model=MODEL, input=QUESTION, max_output_tokens=6, temperature=0)
+    plain = client.responses.create(**kwargs)
+    assert plain.output[0].content[0].logprobs == [] and plain.top_logprobs is None
+    asked = dict(kwargs, include=["message.output_text.logprobs"], top_logprobs=2)
+    r = client.responses.create(**asked)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+
+    def rows(entries):
+        return [(e.token, round(e.logprob, 4), [(t.token, round(t.logprob, 4))
+                                                 for t in e.top_logprobs]) for e in entries]  # fmt: skip
+
+    part = r.output[0].content[0]
+    assert rows(part.logprobs) == rows(chat.choices[0].logprobs.content)
+    assert len(part.logprobs) == r.usage.output_tokens and r.top_logprobs == 2
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    with client.responses.stream(**asked) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    pieces = [e for e in events if e.type == "response.output_text.delta"]
+    streamed = [lp for e in pieces for lp in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert rows(streamed) == rows(done.logprobs) == rows(final.output[0].content[0].logprobs)
+    assert rows(streamed) == rows(part.logprobs)
+    # top_logprobs alone asks for them too
+    alone = client.responses.create(**kwargs, top_logprobs=1)
+    assert [e.token for e in alone.output[0].content[0].logprobs] == [
+        e[0] for e in rows(part.logprobs)
+    ]
+
+
 def test_function_tool_round_trip(client):
     ask = "What is the weather in Paris?"
     r = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
@@ -292,6 +328,8 @@ def test_list_and_accounts(client, server):
         ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
         ({"input": "x", "reasoning": {"summary": "long"}}, "reasoning.summary"),
         ({"input": "x", "max_tool_calls": 0}, "max_tool_calls"),
+        ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include.0"),
+        ({"input": "x", "top_logprobs": 6}, "top_logprobs"),  # chat's cap (--max-logprobs)
         ({"input": "x", "background": True}, "background"),
         ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),

@@ -35,9 +35,12 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   less room for the output (max_output_tokens, else 2048; at most half the context), so the
   oldest turns go first; a last turn alone too long is a 400 naming `input`.
 - `max_tool_calls`: the first N calls are the output's (1: decoded as one call).
+- `include: ["message.output_text.logprobs"]` (the only value made here; others are a 400)
+  and/or `top_logprobs` (chat's cap): the text part's `logprobs`, chat's for the tokens after
+  the reasoning; each stream delta carries those of its tokens, `output_text.done` all of them.
 - Not run here, a 400 unless the value asks for nothing: `background` (false), `service_tier`
-  (auto, default), `include` ([]), `top_logprobs` (0), `conversation`, `prompt`,
-  `prompt_cache_retention`, `text.verbosity` other than `medium`.
+  (auto, default), `conversation`, `prompt`, `prompt_cache_retention`, `text.verbosity` other
+  than `medium`.
 
 Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",
 ...}` with the request's parameters echoed (`temperature`/`top_p` as applied). `status` is

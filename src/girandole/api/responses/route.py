@@ -40,8 +40,6 @@ def _never(value: Any) -> bool:
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "background": lambda v: v is False,
     "service_tier": lambda v: v in ("auto", "default"),
-    "include": lambda v: v == [],
-    "top_logprobs": lambda v: v == 0,
     "conversation": _never,
     "prompt": _never,
     "prompt_cache_retention": _never,
@@ -95,6 +93,7 @@ class Responses(TranslatedEndpoint):
         if source.max_tool_calls == 1:  # one call: decoded as one (a forced call's grammar too)
             parallel = False
         effort = source.reasoning.effort if source.reasoning is not None else None
+        logprobs = wants_logprobs(source)
         fields = {
             "model": source.model,
             "messages": messages,
@@ -106,6 +105,8 @@ class Responses(TranslatedEndpoint):
             "tool_choice": tool_choice,
             "parallel_tool_calls": parallel,
             "reasoning_effort": "low" if effort == "minimal" else effort,
+            "logprobs": logprobs or None,
+            "top_logprobs": source.top_logprobs if logprobs else None,
             "response_format": response_format(source),
             "user": source.user or source.safety_identifier,
             "prompt_cache_key": source.prompt_cache_key,
@@ -137,6 +138,22 @@ class Responses(TranslatedEndpoint):
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)
+
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """Logprobs on the output text: `include` names them, or `top_logprobs` asks for
+    alternatives. Other `include` values name what this server does not make (a 400)."""
+    for i, value in enumerate(req.include or []):
+        if value != LOGPROBS:
+            raise bad_request(
+                f"include value '{value}' is not supported: this server can include only"
+                f" '{LOGPROBS}', field: 'include.{i}'",
+                f"include.{i}",
+            )
+    return LOGPROBS in (req.include or []) or bool(req.top_logprobs)
 
 
 def truncation_limit(context_length: int, max_output_tokens: int | None) -> int:

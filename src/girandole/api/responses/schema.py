@@ -209,3 +209,5 @@ class ResponsesRequest(StrictModel):
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: Reasoning | None = None
     max_tool_calls: Annotated[int | None, Field(ge=1)] = None
+    include: list[str] | None = None  # "message.output_text.logprobs" (route.py)
+    top_logprobs: Annotated[int | None, Field(ge=0)] = None  # chat's cap applies

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from girandole.api.chat.reasoning import reasoning_tokens
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
 from girandole.api.messages.blocks import Block, OutputBlocks
@@ -18,6 +19,7 @@ from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
+from girandole.api.serving.logprobs import content_format
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
 from girandole.api.serving.usage import Usage
 
@@ -54,6 +56,38 @@ class ResponsesShape(TranslatedShape):
     def __init__(self, chat: ChatShape, conversation: Conversation) -> None:
         super().__init__(chat)
         self.conversation = conversation
+        self._output: tuple[Choice, OutputBlocks] | None = None  # the one choice, once running
+        self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
+
+    # -- logprobs (`include: ["message.output_text.logprobs"]`, `top_logprobs`) ----------------
+
+    def _text_entries(self, start: int = 0) -> list[dict[str, Any]]:
+        """OpenAI's logprobs of the text part: the tokens after the reasoning (all of them for
+        a model that does not think), from the `start`th token on; [] unless asked for."""
+        if self._output is None:
+            return []
+        choice, blocks = self._output
+        if choice.options.logprobs_mode is None:
+            return []
+        first = 0
+        if blocks.splitter is not None:
+            first = reasoning_tokens(
+                blocks.splitter, choice.token_ids, choice.tokenizer, self.think_end_id
+            )
+        entries = choice.tracker.entries[max(first, start) :]
+        keep = ("token", "logprob", "bytes")
+        return [
+            {k: e[k] for k in keep}
+            | {"top_logprobs": [{k: t[k] for k in keep} for t in e["top_logprobs"]]}
+            for e in content_format(choice.tokenizer, entries)["content"]
+        ]
+
+    def _delta_logprobs(self) -> list[dict[str, Any]]:
+        """A text delta's logprobs: those of the text's tokens not sent with an earlier one."""
+        start = self._logprobs_sent
+        if self._output is not None:
+            self._logprobs_sent = len(self._output[0].tracker.entries)
+        return self._text_entries(start)
 
     # -- the objects -------------------------------------------------------------------------
 
@@ -71,7 +105,7 @@ class ResponsesShape(TranslatedShape):
             return {"id": self.item_id(block), "type": "reasoning", "status": status,
                     "summary": [], "content": content}  # fmt: skip
         if block.type == "text":
-            content = [self.part(block.text)] if done else []
+            content = [self.part(block.text, self._text_entries())] if done else []
             return {"id": self.item_id(block), "type": "message", "status": status,
                     "role": "assistant", "content": content}  # fmt: skip
         return {"id": self.item_id(block), "type": "function_call", "status": status,
@@ -86,8 +120,8 @@ class ResponsesShape(TranslatedShape):
         return "incomplete" if cut else "completed"
 
     @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     @staticmethod
     def reasoning_part(text: str) -> dict[str, Any]:
@@ -124,6 +158,7 @@ class ResponsesShape(TranslatedShape):
             "store": self.conversation.save is not None,
             "temperature": params.temperature,
             "top_p": params.top_p,
+            "top_logprobs": req.top_logprobs,
             "text": {"format": text_format},
             "tool_choice": tool_choice,
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
@@ -151,6 +186,7 @@ class ResponsesShape(TranslatedShape):
         await read_all(fanout)
         (choice,) = job.choices
         blocks = self.output_blocks(self.conversation.request.max_tool_calls)
+        self._output = (choice, blocks)
         self.feed(blocks, choice, choice.full_text, True)
         return self.finish(job, choice, blocks)
 
@@ -167,6 +203,7 @@ class ResponsesShape(TranslatedShape):
 
         (choice,) = job.choices
         blocks = self.output_blocks(self.conversation.request.max_tool_calls)
+        self._output = (choice, blocks)
         try:
             started = self.response(job, "in_progress", [], None)
             yield event("response.created", response=started)
@@ -194,19 +231,23 @@ class ResponsesShape(TranslatedShape):
             at = where | {"content_index": 0}
             # reasoning: `reasoning_text` parts and events; text: `output_text` ones (logprobs)
             thinking = block.type == "thinking"
-            part = self.reasoning_part if thinking else self.part
-            kind, extra = ("reasoning_text", {}) if thinking else ("output_text", {"logprobs": []})
+            kind = "reasoning_text" if thinking else "output_text"
             if what == "start":
+                part = self.reasoning_part("") if thinking else self.part("")
                 return [
                     ("response.output_item.added",
                      {"output_index": block.index, "item": self.item(block, "in_progress")}),
-                    ("response.content_part.added", at | {"part": part("")}),
+                    ("response.content_part.added", at | {"part": part}),
                 ]  # fmt: skip
             if what == "delta":
-                return [(f"response.{kind}.delta", at | {"delta": text} | extra)]
+                lp = {} if thinking else {"logprobs": self._delta_logprobs()}
+                return [(f"response.{kind}.delta", at | {"delta": text} | lp)]
+            assert done is not None
+            part = done["content"][0]
+            lp = {} if thinking else {"logprobs": part["logprobs"]}
             return [
-                (f"response.{kind}.done", at | {"text": block.text} | extra),
-                ("response.content_part.done", at | {"part": part(block.text)}),
+                (f"response.{kind}.done", at | {"text": block.text} | lp),
+                ("response.content_part.done", at | {"part": part}),
                 ("response.output_item.done", {"output_index": block.index, "item": done}),
             ]  # fmt: skip
         if what == "start":
