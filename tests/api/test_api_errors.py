@@ -16,7 +16,8 @@ def assert_error(r: httpx.Response, status: int, *fragments: str) -> dict:
     assert isinstance(error["message"], str) and error["message"]
     for fragment in fragments:
         assert fragment in error["message"], error["message"]
-    assert body["request_id"]
+    # one id for the request: the body's is the header's and the access log's
+    assert body["request_id"] and body["request_id"] == r.headers["x-request-id"]
     return error
 
 

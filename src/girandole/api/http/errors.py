@@ -238,7 +238,15 @@ class UnhandledErrors:
 
 
 def request_id_of(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
+    """The request's id: its response's, else the one its tracking record shows (the client's
+    `x-request-id`, else `req-<hex>`): an error body names the id of the header and the logs."""
+    request_id = getattr(request.state, "request_id", None)
+    if request_id is None:
+        from girandole.api.ops.tracking import record_of  # tracking imports the serving code
+
+        record = record_of(request)
+        request_id = record.request_id if record is not None else None
+    return request_id
 
 
 # A route of another API's shape sets `request.state.error_body` (a dependency that runs before
