@@ -121,7 +121,8 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
             if calls:
                 last["tool_calls"] = calls
             if thought:
-                last["reasoning_content"] = _join(last.get("reasoning_content"), thought, "user")
+                before = last.get("reasoning_content")
+                last["reasoning_content"] = before + "\n\n" + thought if before else thought
             continue
         turn: dict[str, Any] = {"role": message.role, "content": text if texts else None}
         if calls:

@@ -58,6 +58,7 @@ class ResponsesShape(TranslatedShape):
         self.conversation = conversation
         self._output: tuple[Choice, OutputBlocks] | None = None  # the one choice, once running
         self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
+        self._text_from: int | None = None  # the text's first token, once </think> is written
 
     # -- logprobs (`include: ["message.output_text.logprobs"]`, `top_logprobs`) ----------------
 
@@ -69,18 +70,25 @@ class ResponsesShape(TranslatedShape):
         choice, blocks = self._output
         if choice.options.logprobs_mode is None:
             return []
-        first = 0
-        if blocks.splitter is not None:
-            first = reasoning_tokens(
-                blocks.splitter, choice.token_ids, choice.tokenizer, self.think_end_id
-            )
-        entries = choice.tracker.entries[max(first, start) :]
+        entries = choice.tracker.entries[max(self._text_start(choice, blocks), start) :]
         keep = ("token", "logprob", "bytes")
         return [
             {k: e[k] for k in keep}
             | {"top_logprobs": [{k: t[k] for k in keep} for t in e["top_logprobs"]]}
             for e in content_format(choice.tokenizer, entries)["content"]
         ]
+
+    def _text_start(self, choice: Choice, blocks: OutputBlocks) -> int:
+        """The text's first token: the one after the reasoning's. Fixed once `</think>` is
+        written, so counted once then, not again with every delta."""
+        if self._text_from is not None or blocks.splitter is None:
+            return self._text_from or 0
+        first = reasoning_tokens(
+            blocks.splitter, choice.token_ids, choice.tokenizer, self.think_end_id
+        )
+        if blocks.splitter.ended:
+            self._text_from = first
+        return first
 
     def _delta_logprobs(self) -> list[dict[str, Any]]:
         """A text delta's logprobs: those of the text's tokens not sent with an earlier one."""
