@@ -184,6 +184,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=int(_env("MAX_REQUEST_BYTES", str(16 * 1024 * 1024))),
         help="larger request bodies get 413 [GIRANDOLE_MAX_REQUEST_BYTES]",
     )
+    p.add_argument(
+        "--mcp-allowed-hosts",
+        default=_env("MCP_ALLOWED_HOSTS", "*"),
+        metavar="HOSTS",
+        help="the MCP servers a Responses request's mcp tools may name: host or host:port"
+        " patterns (*.example.com), comma-separated; * any; an empty list turns MCP tools off"
+        " [GIRANDOLE_MCP_ALLOWED_HOSTS, default *]",
+    )
+    p.add_argument(
+        "--mcp-timeout",
+        type=float,
+        default=float(_env("MCP_TIMEOUT", "60")),
+        help="seconds one MCP operation (connect, list tools, one call) may take"
+        " [GIRANDOLE_MCP_TIMEOUT, default 60]",
+    )
     cors = p.add_argument_group(
         "CORS (browsers)",
         "as vLLM's flags; a list is comma-separated or a JSON list (vLLM's form)",
@@ -324,6 +339,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_credentials=args.allowed_credentials,
         allowed_methods=methods,
         allowed_headers=headers,
+        mcp_allowed_hosts=parse_list(args.mcp_allowed_hosts) or [],
+        mcp_timeout=args.mcp_timeout,
         log_level=args.log_level,
         ray=args.ray,
         ray_router=args.ray_router,

@@ -332,3 +332,23 @@ class McpClient:
             return await waiting
         finally:
             self._pending.pop(message["id"], None)
+
+
+def result_text(content: Any) -> str:
+    """A tool result's content as one string: text parts as they are, other parts as JSON."""
+    if not isinstance(content, list):
+        return json.dumps(content)
+    texts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            texts.append(str(part.get("text", "")))
+        else:
+            texts.append(json.dumps(part))
+    return "\n".join(texts)
+
+
+def error_text(error: dict[str, Any]) -> str:
+    """What the model reads of a failed call."""
+    if error.get("type") == "mcp_tool_execution_error":
+        return "Error: " + result_text(error.get("content"))
+    return f"Error: {error.get('message', 'the tool call failed')}"

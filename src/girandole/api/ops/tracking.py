@@ -21,7 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from girandole.api.serving.choice import Choice
-from girandole.api.serving.usage import Usage, count_usage
+from girandole.api.serving.usage import Usage, count_usage, sum_usage
 from girandole.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ class RequestRecord:
     metadata: dict[str, str] | None = None  # the request's `metadata`, kept with its usage row
     first_token_time: float | None = None
     choices: list[Choice] = field(default_factory=list)  # set when admitted
+    # the choices of its later engine rounds (a Responses MCP tool loop), under one admission
+    rounds: list[list[Choice]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)  # added to the response
     fallback_id: str = field(default_factory=lambda: "req-" + uuid.uuid4().hex)
     response_id: str | None = None
@@ -94,12 +96,14 @@ class RequestRecord:
             choice.last_token_time = now
 
     def usage(self) -> Usage:
-        """What the engine did for this request, counted as responses count usage."""
-        return count_usage(self.choices, "generated")
+        """What the engine did for this request (all its rounds), counted as responses count
+        usage."""
+        return sum_usage(count_usage(r, "generated") for r in [self.choices, *self.rounds])
 
     @property
     def aborted(self) -> bool:
-        return self.status == 499 or any(not c.generated.finished for c in self.choices)
+        every = [c for r in [self.choices, *self.rounds] for c in r]
+        return self.status == 499 or any(not c.generated.finished for c in every)
 
 
 def record_of(scope_or_request: Any) -> RequestRecord | None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from girandole.api.http.errors import bad_request
 from girandole.api.responses.schema import (
@@ -13,10 +13,20 @@ from girandole.api.responses.schema import (
     FunctionCallOutputItem,
     FunctionChoice,
     FunctionTool,
+    McpApprovalRequestItem,
+    McpApprovalResponseItem,
+    McpCallItem,
+    McpChoice,
+    McpListToolsItem,
+    McpTool,
     MessageItem,
     ReasoningItem,
     ResponsesRequest,
 )
+from girandole.mcp.client import error_text
+
+if TYPE_CHECKING:
+    from girandole.api.responses.mcp import McpToolbox
 
 
 def new_id(prefix: str) -> str:
@@ -63,6 +73,9 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
                           "status": "completed"})  # fmt: skip
         elif isinstance(item, ReasoningItem):
             items.append(item.model_dump(exclude_none=True) | {"id": item.id or new_id("rs")})
+        elif isinstance(item, tuple(MCP_ITEMS)):
+            dumped = item.model_dump(exclude_none=True)
+            items.append(dumped | {"id": item.id or new_id(MCP_ITEMS[type(item)])})
         else:
             raise bad_request(
                 f"Input items of type '{item.type}' are not supported by this server,"
@@ -70,6 +83,11 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
                 f"{where}.type",
             )
     return items
+
+
+# MCP items a client sends back (or a stored turn holds), by their id prefix
+MCP_ITEMS = {McpListToolsItem: "mcpl", McpCallItem: "mcp", McpApprovalRequestItem: "mcpr",
+             McpApprovalResponseItem: "mcpa"}  # fmt: skip
 
 
 def _text(parts: list[dict[str, Any]]) -> str:
@@ -85,14 +103,21 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
     """The conversation as chat messages: `developer` is `system`, function_call items become
     the assistant's tool_calls, function_call_output items tool messages; consecutive messages
     of one role are merged. A reasoning item is the reasoning_content of the assistant turn
-    that follows it (the template decides what it shows), dropped if no such turn follows."""
+    that follows it (the template decides what it shows), dropped if no such turn follows.
+    An `mcp_call` item is an assistant's call too, and its result (its output, else its
+    error's text) a tool message after that turn's calls; the other MCP items (lists,
+    approvals) are not turns."""
     out: list[dict[str, Any]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
     thought = ""  # reasoning waiting for its assistant turn
+    results: list[dict[str, Any]] = []  # MCP results waiting for the end of their turn's calls
     for item in items:
-        last = out[-1] if out else None
         kind = item.get("type", "message")
+        if kind not in ("function_call", "mcp_call"):
+            out += results
+            results = []
+        last = out[-1] if out else None
         if kind == "reasoning":
             text = _reasoning_text(item)
             thought = thought + "\n\n" + text if thought and text else thought or text
@@ -105,36 +130,49 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
                 last["content"] = (last["content"] or "") + (sep if last["content"] else "") + text
             else:
                 out.append({"role": role, "content": text})
-        elif kind == "function_call":
-            call = {"id": item["call_id"], "type": "function",
+        elif kind in ("function_call", "mcp_call"):
+            call_id = item["call_id"] if kind == "function_call" else item["id"]
+            call = {"id": call_id, "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if kind == "mcp_call":
+                output = item.get("output")
+                if output is None:
+                    output = error_text(item.get("error") or {})
+                results.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        else:  # mcp_list_tools, mcp_approval_request, mcp_approval_response: not turns
+            continue
         if thought and out[-1]["role"] == "assistant":
             before = out[-1].get("reasoning_content")
             out[-1]["reasoning_content"] = before + "\n\n" + thought if before else thought
         thought = ""
-    return out
+    return out + results
 
 
-def chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
-    """Chat's tools and tool_choice."""
+def chat_tools(
+    req: ResponsesRequest, toolbox: McpToolbox | None = None
+) -> tuple[list[dict[str, Any]] | None, Any]:
+    """Chat's tools (the function tools, then the MCP servers' tools) and tool_choice."""
     tools = None
     if req.tools is not None:
         tools = []
         for i, tool in enumerate(req.tools):
+            if isinstance(tool, McpTool):
+                continue
             if not isinstance(tool, FunctionTool):
                 raise bad_request(
                     f"Tools of type '{tool.type}' are not supported: this server runs function"
-                    f" tools only, field: 'tools.{i}.type'",
+                    f" and MCP tools only, field: 'tools.{i}.type'",
                     f"tools.{i}.type",
                 )
             function = tool.model_dump(exclude_none=True, exclude={"type"})
             tools.append({"type": "function", "function": function})
+        tools += toolbox.functions() if toolbox is not None else []
     choice = req.tool_choice
     if isinstance(choice, FunctionChoice):
         return tools, {"type": "function", "function": {"name": choice.name}}
@@ -142,7 +180,38 @@ def chat_tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]
         allowed = [{"type": "function", "name": t.name} for t in choice.tools]
         return tools, {"type": "allowed_tools",
                        "allowed_tools": {"mode": choice.mode, "tools": allowed}}  # fmt: skip
+    if isinstance(choice, McpChoice):
+        return tools, _mcp_choice(choice, toolbox)
     return tools, choice
+
+
+def _mcp_choice(choice: McpChoice, toolbox: McpToolbox | None) -> dict[str, Any]:
+    """`{"type": "mcp", "server_label", "name"}`: a call of that tool, or of any of the
+    server's tools when no name is given."""
+    server = toolbox.server_labelled(choice.server_label) if toolbox is not None else None
+    if server is None:
+        raise bad_request(
+            f"tool_choice names the MCP server '{choice.server_label}', which is not among the"
+            " request's tools, field: 'tool_choice.server_label'",
+            "tool_choice.server_label",
+        )
+    names = [t["name"] for t in server.tools]
+    if choice.name is not None:
+        if choice.name not in names:
+            raise bad_request(
+                f"The MCP server '{server.label}' offers no tool '{choice.name}',"
+                " field: 'tool_choice.name'",
+                "tool_choice.name",
+            )
+        return {"type": "function", "function": {"name": choice.name}}
+    if not names:
+        raise bad_request(
+            f"The MCP server '{server.label}' offers no tools to call,"
+            " field: 'tool_choice.server_label'",
+            "tool_choice.server_label",
+        )
+    allowed = [{"type": "function", "name": name} for name in names]
+    return {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": allowed}}
 
 
 def response_format(req: ResponsesRequest) -> dict[str, Any] | None:

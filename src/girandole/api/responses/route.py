@@ -21,8 +21,9 @@ from girandole.api.responses.convert import (
     input_items,
     response_format,
 )
+from girandole.api.responses.mcp import McpToolbox, call_item
 from girandole.api.responses.pairing import check_call_outputs
-from girandole.api.responses.schema import ResponsesRequest
+from girandole.api.responses.schema import FunctionTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.pipeline import inference_router
 from girandole.api.state import AppState
@@ -83,12 +84,22 @@ class Responses(TranslatedEndpoint):
                     "previous_response_id",
                 )
             items = previous.input_items + previous.body["output"]
-        items += input_items(source)
+        new_items = input_items(source)
+        items += new_items
         check_call_outputs(items)
-        messages = chat_messages(source.instructions, items)
+        toolbox = McpToolbox.of(source, state.settings)
+        prelude: list[dict[str, Any]] = []
+        if toolbox is not None:
+            functions = [t for t in source.tools or [] if isinstance(t, FunctionTool)]
+            prelude = await toolbox.list_tools(items, functions)
+            try:
+                prelude += await approved_calls(toolbox, items, new_items)
+            finally:
+                await toolbox.close()
+        messages = chat_messages(source.instructions, items + prelude)
         if not messages:
             raise bad_request("The conversation is empty: send 'input'", "input")
-        tools, tool_choice = chat_tools(source)
+        tools, tool_choice = chat_tools(source, toolbox)
         parallel = source.parallel_tool_calls
         if source.max_tool_calls == 1:  # one call: decoded as one (a forced call's grammar too)
             parallel = False
@@ -116,7 +127,9 @@ class Responses(TranslatedEndpoint):
             store.put(account, body, conversation)
 
         keep = source.store is not False
-        return to_chat(fields, Conversation(source, items, save if keep else None))
+        conversation = Conversation(source, items, save if keep else None, toolbox=toolbox,
+                                    prelude=prelude, chat_fields=fields)  # fmt: skip
+        return to_chat(fields, conversation)
 
     async def prompts(
         self, engine: EngineClient, req: TranslatedChat, shape: ChatShape
@@ -138,6 +151,43 @@ class Responses(TranslatedEndpoint):
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)
+
+
+async def approved_calls(
+    toolbox: McpToolbox, items: list[dict[str, Any]], new_items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The calls the client approved in this request (`mcp_approval_response` items answering
+    the conversation's `mcp_approval_request` items), run: their `mcp_call` items. A denied
+    call is not run, and the model does not see it."""
+    requests = {i["id"]: i for i in items if i.get("type") == "mcp_approval_request"}
+    ran = {i.get("approval_request_id") for i in items if i.get("type") == "mcp_call"}
+    calls = []
+    for k, answer in enumerate(new_items):
+        if answer.get("type") != "mcp_approval_response":
+            continue
+        where = f"input.{k}.approval_request_id"
+        asked = requests.get(answer["approval_request_id"])
+        if asked is None:
+            raise bad_request(
+                f"No MCP approval request with id '{answer['approval_request_id']}' in the"
+                f" conversation, field: '{where}'",
+                where,
+            )
+        if not answer["approve"] or asked["id"] in ran:
+            continue
+        server = toolbox.server_labelled(asked["server_label"])
+        if server is None:
+            raise bad_request(
+                f"The approved call is to the MCP server '{asked['server_label']}', which is not"
+                f" among the request's tools, field: '{where}'",
+                where,
+            )
+        item = call_item(server, asked["name"], asked["arguments"])
+        item["approval_request_id"] = asked["id"]
+        await toolbox.run(item)
+        calls.append(item)
+        ran.add(asked["id"])
+    return calls
 
 
 LOGPROBS = "message.output_text.logprobs"

@@ -77,6 +77,56 @@ class ReasoningItem(StrictModel):
     status: str | None = None
 
 
+class McpListedTool(StrictModel):
+    name: str
+    input_schema: Any = None
+    description: str | None = None
+    annotations: Any = None
+
+
+class McpListToolsItem(StrictModel):
+    """An MCP server's tools as listed earlier: not listed again (OpenAI's rule)."""
+
+    type: Literal["mcp_list_tools"]
+    server_label: str
+    tools: list[McpListedTool]
+    id: str | None = None
+    error: str | None = None
+
+
+class McpCallItem(StrictModel):
+    """An MCP tool call the server ran earlier, with its output (or error)."""
+
+    type: Literal["mcp_call"]
+    server_label: str
+    name: str
+    arguments: str
+    output: str | None = None
+    error: Any = None
+    id: str | None = None
+    status: str | None = None
+    approval_request_id: str | None = None
+    mcp: Any = None  # Fireworks' copy of name and arguments
+
+
+class McpApprovalRequestItem(StrictModel):
+    type: Literal["mcp_approval_request"]
+    server_label: str
+    name: str
+    arguments: str
+    id: str | None = None
+
+
+class McpApprovalResponseItem(StrictModel):
+    """The client's answer to an `mcp_approval_request`: the call runs if approved."""
+
+    type: Literal["mcp_approval_response"]
+    approval_request_id: str
+    approve: bool
+    reason: str | None = None
+    id: str | None = None
+
+
 class OtherItem(StrictModel):
     """Kinds this server does not run (a 400)."""
 
@@ -84,10 +134,13 @@ class OtherItem(StrictModel):
     type: str
 
 
+ITEM_KINDS = ("message", "function_call", "function_call_output", "reasoning", "mcp_list_tools",
+              "mcp_call", "mcp_approval_request", "mcp_approval_response")  # fmt: skip
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else "message"
-    known = ("message", "function_call", "function_call_output", "reasoning")
-    return kind if kind in known else "other"
+    return kind if kind in ITEM_KINDS else "other"
 
 
 Item = Annotated[
@@ -95,6 +148,10 @@ Item = Annotated[
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[McpListToolsItem, Tag("mcp_list_tools")]
+    | Annotated[McpCallItem, Tag("mcp_call")]
+    | Annotated[McpApprovalRequestItem, Tag("mcp_approval_request")]
+    | Annotated[McpApprovalResponseItem, Tag("mcp_approval_response")]
     | Annotated[OtherItem, Tag("other")],
     Discriminator(_item_kind),
 ]
@@ -118,19 +175,48 @@ class FunctionTool(StrictModel):
     strict: bool | None = None
 
 
+class McpToolFilter(StrictModel):
+    tool_names: list[str] | None = None
+    read_only: bool | None = None
+
+
+class McpApprovalFilter(StrictModel):
+    always: McpToolFilter | None = None
+    never: McpToolFilter | None = None
+
+
+class McpTool(StrictModel):
+    """A remote MCP server whose tools the server lists and calls itself
+    (`girandole.api.responses.mcp`). `type: "sse"` is Fireworks' form (HTTP+SSE transport)."""
+
+    type: Literal["mcp", "sse"]
+    server_url: str | None = None
+    server_label: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    server_description: str | None = None
+    allowed_tools: list[str] | McpToolFilter | None = None
+    headers: dict[str, str] | None = None
+    authorization: str | None = None
+    require_approval: Literal["always", "never"] | McpApprovalFilter | None = None
+    connector_id: str | None = None  # a 400: no connectors here
+    tunnel_id: str | None = None  # a 400: no tunnels here
+
+
 class OtherTool(StrictModel):
-    """A built-in tool (web search, file search, MCP...): this server runs none (a 400)."""
+    """A built-in tool (web search, file search, code...): this server runs none (a 400)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
 
 def _tool_kind(value: Any) -> str:
-    return "function" if isinstance(value, dict) and value.get("type") == "function" else "other"
+    kind = value.get("type") if isinstance(value, dict) else None
+    return {"function": "function", "mcp": "mcp", "sse": "mcp"}.get(kind, "other")  # type: ignore[arg-type]
 
 
 ResponsesTool = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[McpTool, Tag("mcp")]
+    | Annotated[OtherTool, Tag("other")],
     Discriminator(_tool_kind),
 ]
 
@@ -151,8 +237,16 @@ class AllowedToolsChoice(StrictModel):
     tools: Annotated[list[AllowedTool], Field(min_length=1)]
 
 
+class McpChoice(StrictModel):
+    """A call on one MCP server (of its tool `name`, else of any of its tools)."""
+
+    type: Literal["mcp"]
+    server_label: str
+    name: str | None = None
+
+
 ToolChoice = Annotated[
-    Literal["none", "auto", "required"] | FunctionChoice | AllowedToolsChoice,
+    Literal["none", "auto", "required"] | FunctionChoice | AllowedToolsChoice | McpChoice,
     Field(union_mode="left_to_right"),
 ]
 

@@ -1,27 +1,40 @@
 """How a Responses response is written: the `response` object whole, or OpenAI's `response.*`
 event stream (the contract: `girandole.api.responses`). A stored response is saved when it
-ends."""
+ends.
+
+With MCP tools (`mcp.py`) a response is a loop of engine rounds: a round whose output calls MCP
+tools (and no client function, and asks no approval) has those calls run by this server, their
+`mcp_call` items (with output) join the output, and the model is run again on the conversation
+so far, until it answers without such calls. Later rounds take `tool_choice: "auto"`, or
+`"none"` once `max_tool_calls` calls were made or at the last of `MAX_ROUNDS`;
+`max_output_tokens` bounds the output tokens of all rounds together, and usage sums them."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from girandole.api.chat.reasoning import reasoning_tokens
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
 from girandole.api.messages.blocks import Block, OutputBlocks
-from girandole.api.messages.translated import TranslatedShape
-from girandole.api.responses.convert import new_id
+from girandole.api.messages.translated import TranslatedShape, to_chat
+from girandole.api.responses.convert import chat_messages, new_id
+from girandole.api.responses.mcp import approval_item, call_item
 from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.logprobs import content_format
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
-from girandole.api.serving.usage import Usage
+from girandole.api.serving.usage import Usage, sum_usage
+
+if TYPE_CHECKING:
+    from girandole.api.responses.mcp import McpToolbox
+
+MAX_ROUNDS = 16  # engine rounds of one response's MCP tool loop (the last one calls no tool)
 
 
 @dataclass
@@ -32,7 +45,10 @@ class Conversation:
     request: ResponsesRequest
     items: list[dict[str, Any]]
     save: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
-    item_ids: dict[int, str] = field(default_factory=dict)  # block index -> output item id
+    item_ids: dict[int, str] = field(default_factory=dict)  # output index -> output item id
+    toolbox: McpToolbox | None = None  # its MCP servers
+    prelude: list[dict[str, Any]] = field(default_factory=list)  # output before the 1st round
+    chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
 
 
 ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block
@@ -56,7 +72,14 @@ class ResponsesShape(TranslatedShape):
     def __init__(self, chat: ChatShape, conversation: Conversation) -> None:
         super().__init__(chat)
         self.conversation = conversation
-        self._output: tuple[Choice, OutputBlocks] | None = None  # the one choice, once running
+        self.toolbox = conversation.toolbox
+        self.output: list[dict[str, Any]] = list(conversation.prelude)  # items of past rounds
+        self._base = len(self.output)  # output index of this round's first block
+        self._mcp: dict[int, dict[str, Any]] = {}  # output index -> an MCP call's item
+        self._usages: list[Usage] = []  # of the rounds so far
+        self._calls_made = 0  # tool calls in the output so far (max_tool_calls)
+        self._cut = False  # max_output_tokens reached: the response is incomplete
+        self._output: tuple[Choice, OutputBlocks] | None = None  # this round's choice
         self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
         self._text_from: int | None = None  # the text's first token, once </think> is written
 
@@ -99,11 +122,31 @@ class ResponsesShape(TranslatedShape):
 
     # -- the objects -------------------------------------------------------------------------
 
+    def index(self, block: Block) -> int:
+        """A block's output index (after the items of earlier rounds)."""
+        return self._base + block.index
+
+    def mcp_item(self, block: Block) -> dict[str, Any] | None:
+        """A call block's MCP item (`mcp_call`, or `mcp_approval_request` for a tool that needs
+        approval), made when the call starts; None for a client function's call."""
+        server = self.toolbox.server_of(block.name) if self.toolbox is not None else None
+        if block.type != "call" or server is None:
+            return None
+        index = self.index(block)
+        if index not in self._mcp:
+            make = approval_item if server.needs_approval(block.name or "") else call_item
+            self._mcp[index] = make(server, block.name or "", "")
+        return self._mcp[index]
+
     def item_id(self, block: Block) -> str:
+        mcp = self.mcp_item(block)
+        if mcp is not None:
+            return mcp["id"]
         ids = self.conversation.item_ids
-        if block.index not in ids:
-            ids[block.index] = new_id(ITEM_PREFIXES[block.type])
-        return ids[block.index]
+        index = self.index(block)
+        if index not in ids:
+            ids[index] = new_id(ITEM_PREFIXES[block.type])
+        return ids[index]
 
     def item(self, block: Block, status: str) -> dict[str, Any]:
         """A block as an output item (`in_progress` ones as `output_item.added` shows them)."""
@@ -116,6 +159,15 @@ class ResponsesShape(TranslatedShape):
             content = [self.part(block.text, self._text_entries())] if done else []
             return {"id": self.item_id(block), "type": "message", "status": status,
                     "role": "assistant", "content": content}  # fmt: skip
+        mcp = self.mcp_item(block)
+        if mcp is not None:
+            arguments = block.text if done else ""
+            mcp["arguments"] = arguments
+            if mcp["type"] == "mcp_call":
+                mcp["mcp"]["arguments"] = arguments
+                if mcp["status"] not in ("completed", "failed"):  # not run (yet)
+                    mcp["status"] = status
+            return dict(mcp)
         return {"id": self.item_id(block), "type": "function_call", "status": status,
                 "call_id": block.call_id, "name": block.name,
                 "arguments": block.text if done else ""}  # fmt: skip
@@ -179,24 +231,103 @@ class ResponsesShape(TranslatedShape):
             "metadata": req.metadata or {},
         }
 
-    def finish(self, job: Job, choice: Choice, blocks: OutputBlocks) -> dict[str, Any]:
-        """The finished response object, saved if stored."""
-        status = "incomplete" if choice.finish_reason == "length" else "completed"
-        output = [self.item(b, self.item_status(b, blocks)) for b in blocks.blocks]
-        body = self.response(job, status, output, finish_metrics(job))
+    def finish(self, job: Job) -> dict[str, Any]:
+        """The finished response object (`job`: its first round's), saved if stored."""
+        status = "incomplete" if self._cut else "completed"
+        body = self.response(job, status, self.output, sum_usage(self._usages))
         if self.conversation.save is not None:
             self.conversation.save(body, self.conversation.items)
         return body
 
+    # -- the rounds --------------------------------------------------------------------------
+
+    def start_round(self, job: Job) -> tuple[Choice, OutputBlocks]:
+        (choice,) = job.choices
+        left = self.conversation.request.max_tool_calls
+        if left is not None:
+            left = max(left - self._calls_made, 0) or None  # 0: the round offers no tools
+        blocks = self.output_blocks(left)
+        self._output = (choice, blocks)
+        self._logprobs_sent, self._text_from = 0, None
+        return choice, blocks
+
+    def end_round(self, job: Job, blocks: OutputBlocks) -> list[dict[str, Any]]:
+        """Close a finished round: its items join the output; the MCP calls to run now (none
+        when it was cut short, or ends the turn: a client function's call or an approval
+        request, which the client answers)."""
+        self._usages.append(finish_metrics(job))
+        self._cut = blocks.finish_reason == "length"
+        runs, calls = [], 0
+        for block in blocks.blocks:
+            item = self.item(block, self.item_status(block, blocks))
+            mcp = self.mcp_item(block)
+            if mcp is not None and mcp["type"] == "mcp_call":
+                item = mcp  # the live item: its output is written when it runs
+                runs.append(mcp)
+            calls += block.type == "call"
+            self.output.append(item)
+        self._calls_made += calls
+        self._base, self._mcp = len(self.output), {}
+        ends_turn = len(runs) < calls  # a function call, or an approval request
+        for item in runs:
+            item["status"] = "incomplete" if self._cut or ends_turn else "in_progress"
+        return [] if self._cut or ends_turn else runs
+
+    async def next_round(self, ran: list[dict[str, Any]]) -> tuple[Job, ChoiceFanout] | None:
+        """The model run again on the conversation with the tool results; None when the
+        response ends here."""
+        req = self.conversation.request
+        if not ran or self.rounds is None:
+            return None
+        used = sum(u.completion_tokens for u in self._usages)
+        budget = None
+        if req.max_output_tokens is not None:
+            budget = req.max_output_tokens - used
+            if budget <= 0:
+                self._cut = True
+                return None
+        last = len(self._usages) >= MAX_ROUNDS - 1
+        spent = req.max_tool_calls is not None and self._calls_made >= req.max_tool_calls
+        fields = self.conversation.chat_fields | {
+            "messages": chat_messages(req.instructions, self.conversation.items + self.output),
+            "tool_choice": "none" if last or spent else "auto",
+            "max_tokens": budget,
+        }
+        if fields.get("tools") is None:
+            fields.pop("tool_choice")
+        shape, job, fanout = await self.rounds.next(to_chat(fields, self.conversation))
+        assert isinstance(shape, TranslatedShape)
+        self.template, self.plan, self.forced_grammar = shape.template, shape.plan, None
+        self.reasoning, self.think_end_id = shape.reasoning, shape.think_end_id
+        return job, fanout
+
+    async def run_call(self, item: dict[str, Any]) -> None:
+        assert self.toolbox is not None  # only MCP tools' calls run here
+        await self.toolbox.run(item)
+
+    async def close_tools(self) -> None:
+        if self.toolbox is not None:
+            await self.toolbox.close()
+
     # -- the loops ---------------------------------------------------------------------------
 
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
-        await read_all(fanout)
-        (choice,) = job.choices
-        blocks = self.output_blocks(self.conversation.request.max_tool_calls)
-        self._output = (choice, blocks)
-        self.feed(blocks, choice, choice.full_text, True)
-        return self.finish(job, choice, blocks)
+        first = job
+        try:
+            while True:
+                await read_all(fanout)
+                choice, blocks = self.start_round(job)
+                self.feed(blocks, choice, choice.full_text, True)
+                runs = self.end_round(job, blocks)
+                for item in runs:  # one after another: one session per server, calls in order
+                    await self.run_call(item)
+                following = await self.next_round(runs)
+                if following is None:
+                    return self.finish(first)
+                job, fanout = following
+        finally:
+            fanout.close()
+            await self.close_tools()
 
     async def stream_body(
         self, job: Job, fanout: ChoiceFanout, usage_placement: str
@@ -209,31 +340,52 @@ class ResponsesShape(TranslatedShape):
             sequence += 1
             return sse_named_event(name, payload)
 
-        (choice,) = job.choices
-        blocks = self.output_blocks(self.conversation.request.max_tool_calls)
-        self._output = (choice, blocks)
+        first = job
         try:
             started = self.response(job, "in_progress", [], None)
             yield event("response.created", response=started)
             yield event("response.in_progress", response=started)
-            async for c, out in fanout.events():
-                update = c.add(out)
-                for what, block, text in self.feed(blocks, c, update.text, out.finished):
-                    for name, fields in self.block_events(what, block, text, blocks):
-                        yield event(name, **fields)
+            for index, item in enumerate(self.conversation.prelude):
+                for name, fields in prelude_events(index, item):
+                    yield event(name, **fields)
+            while True:
+                choice, blocks = self.start_round(job)
+                async for c, out in fanout.events():
+                    update = c.add(out)
+                    for what, block, text in self.feed(blocks, c, update.text, out.finished):
+                        for name, fields in self.block_events(what, block, text, blocks):
+                            yield event(name, **fields)
+                base = self._base
+                runs = self.end_round(job, blocks)
+                for index, item in enumerate(self.output[base:], base):
+                    if item["type"] != "mcp_call":
+                        continue
+                    where = {"item_id": item["id"], "output_index": index}
+                    if any(item is run for run in runs):
+                        yield event("response.mcp_call.in_progress", **where)
+                        await self.run_call(item)
+                        ended = "completed" if item["status"] == "completed" else "failed"
+                        yield event(f"response.mcp_call.{ended}", **where)
+                    yield event("response.output_item.done", output_index=index, item=dict(item))
+                following = await self.next_round(runs)
+                if following is None:
+                    break
+                job, fanout = following
             # `response.completed` whatever the status (the SDK's stream helper waits for it)
-            yield event("response.completed", response=self.finish(job, choice, blocks))
+            yield event("response.completed", response=self.finish(first))
         except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
             error = engine_error(exc)
             yield event("error", code=error.code, message=error.message, param=error.param)
         finally:
             fanout.close()
+            await self.close_tools()
 
     def block_events(
         self, what: str, block: Block, text: str, blocks: OutputBlocks
     ) -> list[tuple[str, dict[str, Any]]]:
         """The `response.*` events of one block event (`blocks`: the output so far)."""
-        where = {"item_id": self.item_id(block), "output_index": block.index}
+        index = self.index(block)
+        where = {"item_id": self.item_id(block), "output_index": index}
         done = self.item(block, self.item_status(block, blocks)) if what == "stop" else None
         if block.type in ("thinking", "text"):  # an item of one content part
             at = where | {"content_index": 0}
@@ -244,7 +396,7 @@ class ResponsesShape(TranslatedShape):
                 part = self.reasoning_part("") if thinking else self.part("")
                 return [
                     ("response.output_item.added",
-                     {"output_index": block.index, "item": self.item(block, "in_progress")}),
+                     {"output_index": index, "item": self.item(block, "in_progress")}),
                     ("response.content_part.added", at | {"part": part}),
                 ]  # fmt: skip
             if what == "delta":
@@ -256,15 +408,54 @@ class ResponsesShape(TranslatedShape):
             return [
                 (f"response.{kind}.done", at | {"text": block.text} | lp),
                 ("response.content_part.done", at | {"part": part}),
-                ("response.output_item.done", {"output_index": block.index, "item": done}),
+                ("response.output_item.done", {"output_index": index, "item": done}),
             ]  # fmt: skip
         if what == "start":
             item = self.item(block, "in_progress")
-            return [("response.output_item.added", {"output_index": block.index, "item": item})]
+            return [("response.output_item.added", {"output_index": index, "item": item})]
+        kind = done["type"] if done is not None else self.item(block, "in_progress")["type"]
+        if kind == "mcp_approval_request":  # no argument events; done when written
+            return (
+                [("response.output_item.done", {"output_index": index, "item": done})]
+                if done
+                else []
+            )
+        # a function call's arguments, or an MCP call's (whose item is done once it has run)
+        prefix = (
+            "response.mcp_call_arguments"
+            if kind == "mcp_call"
+            else "response.function_call_arguments"
+        )
         if what == "delta":
-            return [("response.function_call_arguments.delta", where | {"delta": text})]
+            return [(f"{prefix}.delta", where | {"delta": text})]
+        assert done is not None
+        if kind == "mcp_call":
+            return [(f"{prefix}.done", where | {"arguments": block.text})]
         return [
-            ("response.function_call_arguments.done",
-             where | {"name": block.name, "arguments": block.text}),
-            ("response.output_item.done", {"output_index": block.index, "item": done}),
+            (f"{prefix}.done", where | {"name": block.name, "arguments": block.text}),
+            ("response.output_item.done", {"output_index": index, "item": done}),
         ]  # fmt: skip
+
+
+def prelude_events(index: int, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events of an item made before the first round: a server's tool list, or a call the
+    client approved (run already)."""
+    where = {"item_id": item["id"], "output_index": index}
+    added = {"output_index": index}
+    done = ("response.output_item.done", {"output_index": index, "item": item})
+    if item["type"] == "mcp_list_tools":
+        return [
+            ("response.output_item.added", added | {"item": item | {"tools": []}}),
+            ("response.mcp_list_tools.in_progress", where),
+            ("response.mcp_list_tools.completed", where),
+            done,
+        ]
+    ended = "completed" if item["status"] == "completed" else "failed"
+    pending = item | {"status": "in_progress", "output": None, "error": None}
+    return [
+        ("response.output_item.added", added | {"item": pending}),
+        ("response.mcp_call_arguments.done", where | {"arguments": item["arguments"]}),
+        ("response.mcp_call.in_progress", where),
+        (f"response.mcp_call.{ended}", where),
+        done,
+    ]

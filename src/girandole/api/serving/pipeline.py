@@ -161,23 +161,63 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
         return req
 
     got = await receive(request, endpoint.id_prefix, parse)
-    state, engine, req = got.state, got.engine, got.req
-    shape = endpoint.shape(state, engine, req)
-    grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
-    prompts = await endpoint.prompts(engine, req, shape)
-    job = build_job(
-        engine,
-        req,
-        got.request_id,
-        prompts,
-        default_max_tokens=endpoint.default_max_tokens,
-        context_length=state.context_length_of(engine),
-        grammar=grammar,
-        received=got.received,
-        headers=request.headers,
-        tier=tier,
-    )
-    return await run(request, state, engine, job, shape, got.target)
+    rounds = Rounds(request, endpoint, got, tier)
+    shape, job = await rounds.prepare(got.req)
+    shape.rounds = rounds
+    return await run(request, got.state, got.engine, job, shape, got.target)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """The engine rounds of one HTTP request. A request runs one; a response that feeds tool
+    results back to the model (OpenAI Responses' MCP tool loop) runs another per step, each a
+    new job of the same response id, under the request's admission slot, its usage counted
+    with the request's (`RequestRecord.rounds`)."""
+
+    request: Request
+    endpoint: Endpoint
+    got: Received
+    tier: int | None
+
+    async def prepare(self, req: Any) -> tuple[ResponseShape, Job]:
+        """A request's shape and job: grammar (response_format, or a forced tool call), then
+        prompt token ids, then one engine request per choice."""
+        state, engine = self.got.state, self.got.engine
+        shape = self.endpoint.shape(state, engine, req)
+        grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
+        prompts = await self.endpoint.prompts(engine, req, shape)
+        job = build_job(
+            engine,
+            req,
+            self.got.request_id,
+            prompts,
+            default_max_tokens=self.endpoint.default_max_tokens,
+            context_length=state.context_length_of(engine),
+            grammar=grammar,
+            received=self.got.received,
+            headers=self.request.headers,
+            tier=self.tier,
+        )
+        return shape, job
+
+    async def next(self, req: Any) -> tuple[ResponseShape, Job, ChoiceFanout]:
+        """Another round: `req` prepared and started (its shape read for the chat side only)."""
+        state = self.got.state
+        shape, job = await self.prepare(req)
+        record = record_of(self.request)
+        if record is not None:
+            record.rounds.append(job.choices)
+        await state.ops.admit(record, job.choices, job.tier)  # the prompt limit; slot held
+        fanout = ChoiceFanout(
+            self.got.engine, job.choices, observer=record, on_abort=state.count_aborted
+        )
+        try:
+            await fanout.start()
+        except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+            raise engine_error(exc) from None
+        if job.stream:
+            state.ops.track_stream(fanout)
+        return shape, job, fanout
 
 
 @with_cancellation

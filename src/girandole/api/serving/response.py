@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from girandole.api.http.errors import APIError, bad_request, internal_error, model_not_found
 from girandole.api.http.sse import DONE, sse_event
@@ -16,6 +16,9 @@ from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.usage import Usage, count_usage, perf_metrics
 from girandole.sampling.grammar import GrammarSpec
+
+if TYPE_CHECKING:
+    from girandole.api.serving.pipeline import Rounds
 
 logger = logging.getLogger("girandole.api")
 
@@ -32,6 +35,8 @@ class ResponseShape:
     # return_token_ids: chat also puts `prompt_token_ids` on the body (whole) and on the first
     # chunk, where Fireworks' chat schema and litellm's fireworks_ai provider read them
     prompt_ids_on_body = False
+    # the request's engine rounds (pipeline.py): a shape that runs more than one reads them
+    rounds: Rounds | None = None
 
     def whole(self, choice: Choice) -> dict[str, Any]:
         """A whole choice's output fields (may set `choice.finish_reason`)."""

@@ -52,6 +52,18 @@ def count_usage(
     return Usage(sum(prompts.values()), sum(cached.values()), completion, reasoning)
 
 
+def sum_usage(usages: Iterable[Usage]) -> Usage:
+    """The usage of several engine rounds of one request (a Responses MCP tool loop)."""
+    total = Usage()
+    for usage in usages:
+        total.prompt_tokens += usage.prompt_tokens
+        total.cached_tokens += usage.cached_tokens
+        total.completion_tokens += usage.completion_tokens
+        if usage.reasoning_tokens is not None:
+            total.reasoning_tokens = (total.reasoning_tokens or 0) + usage.reasoning_tokens
+    return total
+
+
 def perf_metrics(
     usage: Usage, outputs: list[Any], received: float, prepared: float
 ) -> dict[str, Any]:
