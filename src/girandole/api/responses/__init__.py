@@ -8,8 +8,10 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   image, file and audio parts are a 400), `function_call` (the assistant's call: `call_id`,
   `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
   `reasoning` items (their content's text, else their summary's) are the reasoning_content of
-  the assistant turn after them; other item types are a 400. Consecutive messages of one role
-  are merged; function_call items join the assistant message before them as its tool calls.
+  the assistant turn after them; MCP items (`mcp_list_tools`, `mcp_call`,
+  `mcp_approval_request`, `mcp_approval_response`: `mcp.py`) as the server wrote them; other
+  item types are a 400. Consecutive messages of one role are merged; function_call (and
+  mcp_call) items join the assistant message before them as its tool calls.
   As at OpenAI, a `function_call_output` without an earlier `function_call` of its `call_id`
   (stored turns included) and a `function_call` never answered are 400s (`pairing.py`).
   Special-token strings in any text are read as plain text (chat's `safe_tokenization`).
@@ -21,9 +23,12 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `store` (default true): keep the response (`registry/responses.py`); false: it is answered,
   with an id, but cannot be retrieved or chained from.
 - `max_output_tokens` (default 2048, fitted to the context as chat fits it), `temperature`
-  (0-2), `top_p`, `tools` (function tools: `name`, `description`, `parameters`, `strict`; other
-  tool types are a 400), `tool_choice` (`none`, `auto`, `required`, `{"type": "function",
-  "name"}`, `{"type": "allowed_tools", "mode", "tools"}`), `parallel_tool_calls`,
+  (0-2), `top_p`, `tools` (function tools: `name`, `description`, `parameters`, `strict`;
+  MCP servers, `{"type": "mcp" | "sse", "server_url", ...}`, whose tools this server lists and
+  calls itself in a loop of engine rounds: `mcp.py`, `shape.py`; other tool types are a 400),
+  `tool_choice` (`none`, `auto`, `required`, `{"type": "function", "name"}`,
+  `{"type": "allowed_tools", "mode", "tools"}`, `{"type": "mcp", "server_label", "name"}`),
+  `parallel_tool_calls`,
   `text.format` (`text`, `json_object`, `json_schema` with `schema`: chat's response_format),
   `metadata` (at most 16 string pairs, keys up to 64 characters, values up to 512: OpenAI's
   limits; echoed and stored), `user` / `safety_identifier` (the request's user; echoed),
@@ -34,7 +39,8 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `truncation`: `disabled` (default), or `auto`: chat's `prompt_truncate_len` at the context
   less room for the output (max_output_tokens, else 2048; at most half the context), so the
   oldest turns go first; a last turn alone too long is a 400 naming `input`.
-- `max_tool_calls`: the first N calls are the output's (1: decoded as one call).
+- `max_tool_calls`: the first N calls are the output's, MCP calls of every round included (1:
+  decoded as one call).
 - `include: ["message.output_text.logprobs"]` (the only value made here; others are a 400)
   and/or `top_logprobs` (chat's cap): the text part's `logprobs`, chat's for the tokens after
   the reasoning; each stream delta carries those of its tokens, `output_text.done` all of them.
@@ -64,7 +70,9 @@ Streaming (`stream: true`): named SSE events, each with `sequence_number` from 0
 `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
 `response.content_part.done`, `response.output_item.done`; per call `response.output_item.added`,
 `response.function_call_arguments.delta`..., `response.function_call_arguments.done`,
-`response.output_item.done` (the item's status as in the final response); then
+`response.output_item.done` (the item's status as in the final response); MCP items with
+OpenAI's `response.mcp_list_tools.*`, `response.mcp_call_arguments.*` and `response.mcp_call.*`
+events (`mcp.py`); then
 `response.completed` with the whole response, whatever its status (an incomplete one too: the
 openai SDK's stream helper waits for that event; OpenAI sends `response.incomplete` there). An error
 after the stream began is an `error` event (`code`, `message`, `param`). A stored streamed

@@ -1,0 +1,125 @@
+"""A real MCP server for the tests (the `mcp` SDK's MCPServer, served by uvicorn in a thread on
+127.0.0.1): the same tools over Streamable HTTP (`/mcp`) and over HTTP+SSE (`/sse`), each
+transport on a port of its own, every HTTP request it gets recorded (method, headers, the
+JSON-RPC method) so that tests can see what girandole sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
+
+
+def make_server() -> MCPServer:
+    srv = MCPServer("girandole-tests")
+
+    @srv.tool(annotations=ToolAnnotations(readOnlyHint=True))
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @srv.tool()
+    def boom(x: str) -> str:
+        """Always fails."""
+        raise ValueError(f"boom: {x}")
+
+    @srv.tool()
+    async def slow(seconds: float) -> str:
+        """Sleeps, then answers."""
+        await asyncio.sleep(min(seconds, 30))
+        return "awake"
+
+    @srv.tool(name="dotted.name")
+    def dotted() -> str:
+        """A tool whose name is not a function name."""
+        return "x"
+
+    return srv
+
+
+class Recorder:
+    """ASGI middleware: every HTTP request's method, headers and JSON-RPC method."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        entry: dict[str, Any] = {"method": scope["method"], "headers": headers, "rpc": None}
+        self.seen.append(entry)
+
+        async def recorded() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and message.get("body"):
+                try:
+                    entry["rpc"] = json.loads(message["body"]).get("method")
+                except ValueError:
+                    pass
+            return message
+
+        await self.app(scope, recorded, send)
+
+    def rpcs(self) -> list[str]:
+        return [e["rpc"] for e in self.seen if e["rpc"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class McpServers:
+    http_url: str
+    sse_url: str
+    http: Recorder
+    sse: Recorder
+    _servers: list[uvicorn.Server] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.http.seen.clear()
+        self.sse.seen.clear()
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+        for thread in self._threads:
+            thread.join(10)
+
+
+def start_mcp_servers() -> McpServers:
+    """Both transports of the test tools, up and answering."""
+    srv = make_server()
+    http, sse = Recorder(srv.streamable_http_app()), Recorder(srv.sse_app())
+    ports = free_port(), free_port()
+    servers = McpServers(
+        f"http://127.0.0.1:{ports[0]}/mcp", f"http://127.0.0.1:{ports[1]}/sse", http, sse
+    )
+    for app, port in ((http, ports[0]), (sse, ports[1])):
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers._servers.append(server)
+        servers._threads.append(thread)
+    deadline = time.monotonic() + 20
+    while not all(s.started for s in servers._servers):
+        if time.monotonic() > deadline:
+            servers.stop()
+            raise RuntimeError("the MCP test servers did not start")
+        time.sleep(0.05)
+    return servers
