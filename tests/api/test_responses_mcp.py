@@ -63,13 +63,12 @@ def test_call_runs_and_its_result_reaches_the_model(client, server, mcp):
     assert "tools/call" in mcp.http.rpcs()
     # two rounds: the second's prompt is the conversation with the call and its output
     first = client.responses.create(model=MODEL, input=QUESTION, tools=[calc(mcp)],
-                                    tool_choice=ADD, max_output_tokens=1, store=False)  # fmt: skip
+                                    tool_choice=ADD, max_output_tokens=1, store=False, temperature=0)  # fmt: skip
     assert [o.type for o in first.output] == ["mcp_list_tools", "mcp_call"]
     assert first.output[1].status == "incomplete" and first.output[1].output is None  # not run
     replay = client.responses.create(
         model=MODEL, input=[{"role": "user", "content": QUESTION}, call.model_dump()],
-        tools=[calc(mcp)], tool_choice="none", max_output_tokens=1, store=False,
-    )  # fmt: skip
+        tools=[calc(mcp)], tool_choice="none", max_output_tokens=1, store=False, temperature=0)  # fmt: skip
     assert r.usage.input_tokens == first.usage.input_tokens + replay.usage.input_tokens
     assert r.usage.output_tokens <= 48
     # the usage row counts both rounds
@@ -133,8 +132,7 @@ def test_mcp_type_falls_back_to_the_sse_transport(client, mcp):
 def test_failed_call_is_reported_and_the_model_goes_on(client, mcp):
     r = client.responses.create(
         model=MODEL, input="Break it", tools=[calc(mcp)], max_tool_calls=1, max_output_tokens=40,
-        tool_choice={"type": "mcp", "server_label": "calc", "name": "boom"}, store=False,
-    )  # fmt: skip
+        tool_choice={"type": "mcp", "server_label": "calc", "name": "boom"}, store=False, temperature=0)  # fmt: skip
     assert [o.type for o in r.output] == ["mcp_list_tools", "mcp_call", "message"]
     call = r.output[1]
     assert call.status == "failed" and call.output is None
@@ -145,12 +143,11 @@ def test_failed_call_is_reported_and_the_model_goes_on(client, mcp):
 
 def test_follow_up_turn_does_not_list_again(client, mcp):
     first = client.responses.create(model=MODEL, input=QUESTION, tools=[calc(mcp)],
-                                    tool_choice=ADD, max_tool_calls=1, max_output_tokens=30)  # fmt: skip
+                                    tool_choice=ADD, max_tool_calls=1, max_output_tokens=30, temperature=0)  # fmt: skip
     mcp.clear()
     second = client.responses.create(
         model=MODEL, previous_response_id=first.id, input="And 3 + 4?", tools=[calc(mcp)],
-        tool_choice=ADD, max_tool_calls=1, max_output_tokens=30,
-    )  # fmt: skip
+        tool_choice=ADD, max_tool_calls=1, max_output_tokens=30, temperature=0)  # fmt: skip
     assert [o.type for o in second.output] == ["mcp_call", "message"]
     assert "tools/list" not in mcp.http.rpcs() and "tools/call" in mcp.http.rpcs()
     kinds = [i.type for i in client.responses.input_items.list(second.id, order="asc").data]
@@ -161,7 +158,7 @@ def test_approval(client, server, mcp):
     tools = [calc(mcp, require_approval="always")]
     mcp.clear()
     asked = client.responses.create(model=MODEL, input=QUESTION, tools=tools, tool_choice=ADD,
-                                    max_output_tokens=40)  # fmt: skip
+                                    max_output_tokens=40, temperature=0)  # fmt: skip
     assert [o.type for o in asked.output] == ["mcp_list_tools", "mcp_approval_request"]
     assert asked.status == "completed" and "tools/call" not in mcp.http.rpcs()
     request = asked.output[1]
@@ -174,7 +171,7 @@ def test_approval(client, server, mcp):
         item = {"type": "mcp_approval_response", "approval_request_id": request.id,
                 "approve": approve}  # fmt: skip
         return client.responses.create(model=MODEL, previous_response_id=asked.id, input=[item],
-                                       tools=tools, tool_choice="none", max_output_tokens=8)  # fmt: skip
+                                       tools=tools, tool_choice="none", max_output_tokens=8, temperature=0)  # fmt: skip
 
     approved = answer(True)
     assert [o.type for o in approved.output] == ["mcp_call", "message"]
@@ -186,7 +183,7 @@ def test_approval(client, server, mcp):
     # a filter: `never` for add runs it without asking
     never = {"never": {"tool_names": ["add"]}, "always": {"read_only": False}}
     r = client.responses.create(model=MODEL, input=QUESTION, tools=[calc(mcp, require_approval=never)],
-                                tool_choice=ADD, max_tool_calls=1, max_output_tokens=30, store=False)  # fmt: skip
+                                tool_choice=ADD, max_tool_calls=1, max_output_tokens=30, store=False, temperature=0)  # fmt: skip
     assert [o.type for o in r.output][:2] == ["mcp_list_tools", "mcp_call"]
     unknown = {"type": "mcp_approval_response", "approval_request_id": "mcpr_nope", "approve": True}
     bad = post(server, {"previous_response_id": asked.id, "input": [unknown], "tools": tools})
@@ -200,7 +197,7 @@ def test_approval(client, server, mcp):
 )  # fmt: skip
 def test_allowed_tools(client, mcp, allowed, names):
     r = client.responses.create(model=MODEL, input="hi", tools=[calc(mcp, allowed_tools=allowed)],
-                                tool_choice="none", max_output_tokens=1, store=False)  # fmt: skip
+                                tool_choice="none", max_output_tokens=1, store=False, temperature=0)  # fmt: skip
     assert sorted(t.name for t in r.output[0].tools) == names
 
 
@@ -208,7 +205,7 @@ def test_headers_and_authorization_reach_the_server(client, mcp):
     mcp.clear()
     tools = [calc(mcp, headers={"x-team": "search"}, authorization="tok-1")]
     client.responses.create(model=MODEL, input="hi", tools=tools, tool_choice="none",
-                            max_output_tokens=1, store=False)  # fmt: skip
+                            max_output_tokens=1, store=False, temperature=0)  # fmt: skip
     assert mcp.http.seen and all(
         e["headers"].get("x-team") == "search" and e["headers"]["authorization"] == "Bearer tok-1"
         for e in mcp.http.seen
@@ -229,12 +226,13 @@ def test_client_gone_during_a_call(client, server, mcp):
     """A stream closed while a call runs: the server drops the response and serves the next."""
     with client.responses.stream(
         model=MODEL, input="Sleep", tools=[calc(mcp)], max_output_tokens=30, store=False,
-        tool_choice={"type": "mcp", "server_label": "calc", "name": "slow"},
-    ) as stream:  # fmt: skip
+        tool_choice={"type": "mcp", "server_label": "calc", "name": "slow"}, temperature=0) as stream:  # fmt: skip
         for event in stream:
             if event.type == "response.mcp_call.in_progress":
                 break
-    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False)
+    r = client.responses.create(
+        model=MODEL, input="hi", max_output_tokens=2, store=False, temperature=0
+    )
     assert r.status in ("completed", "incomplete")
     assert httpx.get(server.url + "/health").status_code == 200
 

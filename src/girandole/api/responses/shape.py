@@ -355,6 +355,7 @@ class ResponsesShape(TranslatedShape):
                     for what, block, text in self.feed(blocks, c, update.text, out.finished):
                         for name, fields in self.block_events(what, block, text, blocks):
                             yield event(name, **fields)
+                fanout.close()
                 base = self._base
                 runs = self.end_round(job, blocks)
                 for index, item in enumerate(self.output[base:], base):

@@ -205,8 +205,6 @@ class Rounds:
         state = self.got.state
         shape, job = await self.prepare(req)
         record = record_of(self.request)
-        if record is not None:
-            record.rounds.append(job.choices)
         await state.ops.admit(record, job.choices, job.tier)  # the prompt limit; slot held
         fanout = ChoiceFanout(
             self.got.engine, job.choices, observer=record, on_abort=state.count_aborted
@@ -215,6 +213,8 @@ class Rounds:
             await fanout.start()
         except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
             raise engine_error(exc) from None
+        if record is not None:
+            record.rounds.append(job.choices)
         if job.stream:
             state.ops.track_stream(fanout)
         return shape, job, fanout
