@@ -204,12 +204,15 @@ def test_allowed_tools(client, mcp, allowed, names):
 def test_headers_and_authorization_reach_the_server(client, mcp):
     mcp.clear()
     tools = [calc(mcp, headers={"x-team": "search"}, authorization="tok-1")]
-    client.responses.create(model=MODEL, input="hi", tools=tools, tool_choice="none",
-                            max_output_tokens=1, store=False, temperature=0)  # fmt: skip
+    r = client.responses.create(model=MODEL, input="hi", tools=tools, tool_choice="none",
+                            max_output_tokens=1, temperature=0)  # fmt: skip
+    assert "tok-1" not in json.dumps(client.responses.retrieve(r.id).model_dump())
     assert mcp.http.seen and all(
         e["headers"].get("x-team") == "search" and e["headers"]["authorization"] == "Bearer tok-1"
         for e in mcp.http.seen
     )
+    # credentials are neither echoed nor stored
+    assert "tok-1" not in r.model_dump_json() and r.tools[0].headers is None
 
 
 def test_unreachable_server_is_a_424(server):

@@ -351,4 +351,4 @@ def error_text(error: dict[str, Any]) -> str:
     """What the model reads of a failed call."""
     if error.get("type") == "mcp_tool_execution_error":
         return "Error: " + result_text(error.get("content"))
-    return f"Error: {error.get('message', 'the tool call failed')}"
+    return f"Error: {error.get('message', 'the call did not run')}"

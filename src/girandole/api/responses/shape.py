@@ -3,9 +3,9 @@ event stream (the contract: `girandole.api.responses`). A stored response is sav
 ends.
 
 With MCP tools (`mcp.py`) a response is a loop of engine rounds: a round whose output calls MCP
-tools (and no client function, and asks no approval) has those calls run by this server, their
-`mcp_call` items (with output) join the output, and the model is run again on the conversation
-so far, until it answers without such calls. Later rounds take `tool_choice: "auto"`, or
+tools has those calls run by this server, their `mcp_call` items (with output) join the output,
+and the model is run again on the conversation so far, until it answers without such calls or
+its round also calls a client function or asks for an approval (the client's turn). Later rounds take `tool_choice: "auto"`, or
 `"none"` once `max_tool_calls` calls were made or at the last of `MAX_ROUNDS`;
 `max_output_tokens` bounds the output tokens of all rounds together, and usage sums them."""
 
@@ -23,7 +23,7 @@ from girandole.api.messages.blocks import Block, OutputBlocks
 from girandole.api.messages.translated import TranslatedShape, to_chat
 from girandole.api.responses.convert import chat_messages, new_id
 from girandole.api.responses.mcp import approval_item, call_item
-from girandole.api.responses.schema import ResponsesRequest
+from girandole.api.responses.schema import McpTool, ResponsesRequest
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
@@ -68,6 +68,13 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
+def echo_tool(tool: Any) -> dict[str, Any]:
+    """A request's tool as the response echoes (and stores) it: an MCP server's `headers` and
+    `authorization` left out, as they may hold credentials."""
+    secret = {"headers", "authorization"} if isinstance(tool, McpTool) else set()
+    return tool.model_dump(exclude_none=True, exclude=secret)
+
+
 class ResponsesShape(TranslatedShape):
     def __init__(self, chat: ChatShape, conversation: Conversation) -> None:
         super().__init__(chat)
@@ -79,6 +86,7 @@ class ResponsesShape(TranslatedShape):
         self._usages: list[Usage] = []  # of the rounds so far
         self._calls_made = 0  # tool calls in the output so far (max_tool_calls)
         self._cut = False  # max_output_tokens reached: the response is incomplete
+        self._client_turn = False  # the last round called a function or asked for approval
         self._output: tuple[Choice, OutputBlocks] | None = None  # this round's choice
         self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
         self._text_from: int | None = None  # the text's first token, once </think> is written
@@ -221,7 +229,7 @@ class ResponsesShape(TranslatedShape):
             "top_logprobs": req.top_logprobs,
             "text": {"format": text_format},
             "tool_choice": tool_choice,
-            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "tools": [echo_tool(t) for t in req.tools or []],
             "truncation": req.truncation or "disabled",
             "max_tool_calls": req.max_tool_calls,
             "usage": usage_json(usage) if usage is not None else None,
@@ -253,8 +261,7 @@ class ResponsesShape(TranslatedShape):
 
     def end_round(self, job: Job, blocks: OutputBlocks) -> list[dict[str, Any]]:
         """Close a finished round: its items join the output; the MCP calls to run now (none
-        when it was cut short, or ends the turn: a client function's call or an approval
-        request, which the client answers)."""
+        when it was cut short: they stay `incomplete`)."""
         self._usages.append(finish_metrics(job))
         self._cut = blocks.finish_reason == "length"
         runs, calls = [], 0
@@ -268,16 +275,17 @@ class ResponsesShape(TranslatedShape):
             self.output.append(item)
         self._calls_made += calls
         self._base, self._mcp = len(self.output), {}
-        ends_turn = len(runs) < calls  # a function call, or an approval request
+        self._client_turn = len(runs) < calls  # a function call, or an approval request
         for item in runs:
-            item["status"] = "incomplete" if self._cut or ends_turn else "in_progress"
-        return [] if self._cut or ends_turn else runs
+            item["status"] = "incomplete" if self._cut else "in_progress"
+        return [] if self._cut else runs
 
     async def next_round(self, ran: list[dict[str, Any]]) -> tuple[Job, ChoiceFanout] | None:
         """The model run again on the conversation with the tool results; None when the
-        response ends here."""
+        response ends here: no MCP call ran, or the round also called a client function or
+        asked for an approval (the client's turn: the MCP calls beside them ran)."""
         req = self.conversation.request
-        if not ran or self.rounds is None:
+        if not ran or self._client_turn or self.rounds is None:
             return None
         used = sum(u.completion_tokens for u in self._usages)
         budget = None
