@@ -59,6 +59,20 @@ def test_deadline_and_errors(mcp):
         assert failed.value.body()["type"] == "http_error" and failed.value.code == code
 
 
+def test_hosts_checked_on_every_request(mcp):
+    """Redirects (and an SSE endpoint) are followed only to hosts the client may reach."""
+    slash = mcp.http_url + "/"  # Starlette redirects it to /mcp
+
+    async def listed(allowed):
+        async with McpClient(slash, timeout=5, allowed=allowed) as client:
+            return len(await client.list_tools())
+
+    assert asyncio.run(listed(lambda host, port: True)) == 4
+    with pytest.raises(McpError) as refused:
+        asyncio.run(listed(lambda host, port: False))
+    assert refused.value.code == 403 and "may not reach" in refused.value.message
+
+
 def test_result_text():
     parts = [{"type": "text", "text": "a"}, {"type": "image", "data": "..", "mimeType": "x/y"}]
     assert result_text(parts) == 'a\n{"type": "image", "data": "..", "mimeType": "x/y"}'

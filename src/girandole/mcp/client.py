@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 from urllib.parse import urljoin
 
@@ -92,12 +92,17 @@ class McpClient:
         headers: dict[str, str] | None = None,
         timeout: float = 60.0,
         transport: Literal["auto", "sse"] = "auto",
+        allowed: Callable[[str, int | None], bool] | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.transport = transport
+        self.allowed = allowed  # which hosts (and ports) it may reach: redirects, SSE endpoints
         self._http = httpx.AsyncClient(
-            headers=headers or {}, timeout=timeout, follow_redirects=True
+            headers=headers or {},
+            timeout=timeout,
+            follow_redirects=True,
+            event_hooks={"request": [self._check_host]},
         )
         self._ids = 0
         self._session_id: str | None = None
@@ -108,6 +113,14 @@ class McpClient:
         self._reader: asyncio.Task[None] | None = None
         self._endpoint: asyncio.Future[str] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+
+    async def _check_host(self, request: httpx.Request) -> None:
+        """Every request (a redirect's, the SSE endpoint's too) goes to a host it may reach."""
+        if self.allowed is not None and not self.allowed(request.url.host, request.url.port):
+            raise McpError(
+                f"the server sent this client to {request.url.host}, a host it may not reach",
+                code=403,
+            )
 
     async def __aenter__(self) -> McpClient:
         await self.open()

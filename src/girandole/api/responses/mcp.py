@@ -111,7 +111,7 @@ def approval_item(server: McpServer, name: str, arguments: str) -> dict[str, Any
             "name": name, "arguments": arguments}  # fmt: skip
 
 
-def _host_allowed(patterns: list[str], host: str, port: int | None) -> bool:
+def host_allowed(patterns: list[str], host: str, port: int | None) -> bool:
     names = [host] if port is None else [host, f"{host}:{port}"]
     return any(fnmatch.fnmatch(n, p.lower()) for p in patterns for n in names)
 
@@ -119,9 +119,10 @@ def _host_allowed(patterns: list[str], host: str, port: int | None) -> bool:
 class McpToolbox:
     """The request's MCP servers, their tools, and the calls run on them."""
 
-    def __init__(self, servers: list[McpServer], timeout: float) -> None:
+    def __init__(self, servers: list[McpServer], timeout: float, allowed_hosts: list[str]) -> None:
         self.servers = servers
         self.timeout = timeout
+        self.allowed_hosts = allowed_hosts  # --mcp-allowed-hosts
 
     @classmethod
     def of(cls, req: ResponsesRequest, settings: ServerSettings) -> McpToolbox | None:
@@ -159,7 +160,7 @@ class McpToolbox:
                     f" field: '{where}.type'",
                     f"{where}.type",
                 )
-            if not _host_allowed(settings.mcp_allowed_hosts, parts.hostname.lower(), port):
+            if not host_allowed(settings.mcp_allowed_hosts, parts.hostname.lower(), port):
                 raise bad_request(
                     f"This server may not connect to the MCP server at '{parts.hostname}'"
                     f" (--mcp-allowed-hosts), field: '{where}.server_url'",
@@ -179,7 +180,7 @@ class McpToolbox:
                 i, label, url, "sse" if tool.type == "sse" else "auto", headers,
                 tool.allowed_tools, tool.require_approval or "never",
             ))  # fmt: skip
-        return cls(servers, settings.mcp_timeout) if servers else None
+        return cls(servers, settings.mcp_timeout, settings.mcp_allowed_hosts) if servers else None
 
     # -- tools -------------------------------------------------------------------------------
 
@@ -302,4 +303,7 @@ class McpToolbox:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     def _client(self, server: McpServer) -> McpClient:
-        return McpClient(server.url, server.headers, self.timeout, server.transport)
+        def allowed(host: str, port: int | None) -> bool:
+            return host_allowed(self.allowed_hosts, host.lower(), port)
+
+        return McpClient(server.url, server.headers, self.timeout, server.transport, allowed)
