@@ -188,6 +188,11 @@ def test_approval(client, server, mcp):
     unknown = {"type": "mcp_approval_response", "approval_request_id": "mcpr_nope", "approve": True}
     bad = post(server, {"previous_response_id": asked.id, "input": [unknown], "tools": tools})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input.0.approval_request_id"
+    # an approval without the server among the tools cannot run: a 400, not a silent skip
+    item = {"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}
+    for without in ([], [calc(mcp, server_label="other")]):
+        bad = post(server, {"previous_response_id": asked.id, "input": [item], "tools": without})
+        assert bad.status_code == 400 and "not among the request's tools" in bad.text
 
 
 @pytest.mark.parametrize(

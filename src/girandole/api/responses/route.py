@@ -92,9 +92,10 @@ class Responses(TranslatedEndpoint):
         if toolbox is not None:
             functions = [t for t in source.tools or [] if isinstance(t, FunctionTool)]
             prelude = await toolbox.list_tools(items, functions)
-            try:
-                prelude += await approved_calls(toolbox, items, new_items)
-            finally:
+        try:
+            prelude += await approved_calls(toolbox, items, new_items)
+        finally:
+            if toolbox is not None:
                 await toolbox.close()
         messages = chat_messages(source.instructions, items + prelude)
         if not messages:
@@ -154,7 +155,7 @@ class Responses(TranslatedEndpoint):
 
 
 async def approved_calls(
-    toolbox: McpToolbox, items: list[dict[str, Any]], new_items: list[dict[str, Any]]
+    toolbox: McpToolbox | None, items: list[dict[str, Any]], new_items: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The calls the client approved in this request (`mcp_approval_response` items answering
     the conversation's `mcp_approval_request` items), run: their `mcp_call` items. A denied
@@ -175,8 +176,8 @@ async def approved_calls(
             )
         if not answer["approve"] or asked["id"] in ran:
             continue
-        server = toolbox.server_labelled(asked["server_label"])
-        if server is None:
+        server = toolbox.server_labelled(asked["server_label"]) if toolbox is not None else None
+        if toolbox is None or server is None:
             raise bad_request(
                 f"The approved call is to the MCP server '{asked['server_label']}', which is not"
                 f" among the request's tools, field: '{where}'",
