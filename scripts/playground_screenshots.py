@@ -110,6 +110,27 @@ def screenshots(url: str, out: Path) -> None:
         page.click("#raw-send")
         done(page, "#raw-output")
         shoot(page, out, "raw")
+        page.close()
+
+        # MCP tools: the tests' MCP server (tests/api/mcp_server.py), a call run through Responses
+        sys.path.insert(0, str(ROOT / "tests" / "api"))
+        from mcp_server import start_mcp_servers
+
+        mcp = start_mcp_servers()
+        try:
+            page = context.new_page()
+            ready(page, url)
+            page.fill("#p-max_tokens", "40")
+            page.fill("#p-temperature", "0")
+            page.fill("#p-mcp", f"calc {mcp.http_url}")
+            page.select_option("#p-mcp-choice", "required")
+            page.fill("#input", "Add 2 and 40.")
+            page.click("#send")
+            done(page)
+            page.click(".msg.assistant .tool >> nth=1")
+            shoot(page, out, "mcp")
+        finally:
+            mcp.stop()
         context.close()
         browser.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from mcp_types import ToolAnnotations
 
 
 def make_server() -> MCPServer:
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # a line per session otherwise
     srv = MCPServer("girandole-tests")
 
     @srv.tool(annotations=ToolAnnotations(readOnlyHint=True))

@@ -371,3 +371,50 @@ def test_n_choices_stream_side_by_side(open_server, page):
     assert page.text_content("#raw-output .choices span") == "choice 2/2"
     assert page.text_content("#raw-output .text") == expected[1]
     assert "completion 12 tokens" in page.text_content("#raw-output .stats")
+
+
+def test_mcp_tools_through_responses(open_server, page):
+    """MCP servers named in the panel: chat goes to /v1/responses with them as tools; the
+    answer shows the server's tool list and the call the server ran, with its result; the
+    code view shows the Responses request, and its openai snippet runs."""
+    from mcp_server import start_mcp_servers
+
+    mcp = start_mcp_servers()
+    try:
+        open_page(page, open_server)
+        page.fill("#p-mcp", "not-a-url")
+        page.fill("#input", "Add 2 and 40.")
+        page.press("#input", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "MCP servers" in page.text_content("#error")
+        sent = posts(page)
+        fill(page, max_tokens=40, temperature=0)
+        page.fill("#p-mcp", f"calc {mcp.http_url}")
+        page.select_option("#p-mcp-choice", "required")
+        page.click("#send")
+        finished(page)
+        ((path, body),) = sent
+        assert path == "/v1/responses" and body["stream"] is True and "messages" not in body
+        assert body["input"] == [{"role": "user", "content": "Add 2 and 40."}]
+        assert body["tools"] == [
+            {"type": "mcp", "server_url": mcp.http_url, "server_label": "calc"}
+        ]
+        assert (body["tool_choice"], body["max_output_tokens"], body["temperature"]) == (
+            "required", 40, 0)  # fmt: skip
+        listed, call = page.locator(".msg.assistant .tool summary").all_text_contents()
+        assert listed == "calc: 3 tools"
+        assert call.startswith("calc.add(") and call.endswith(" · completed"), call
+        arguments = json.loads(call.removeprefix("calc.add(").rsplit(") · ", 1)[0])
+        page.click(".msg.assistant .tool >> nth=1")
+        result = page.text_content(".msg.assistant .tool >> nth=1 >> pre")
+        assert result == str(arguments["a"] + arguments["b"])
+        assert "completion" in page.text_content(".msg.assistant .stats")
+        page.click("#view-code")
+        for lang in ("openai", "fireworks"):
+            code = snippet(page, lang)
+            assert "client.responses.create(" in code and '"type": "mcp"' in code
+        out = subprocess.run([sys.executable, "-c", snippet(page, "openai")], capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    finally:
+        mcp.stop()

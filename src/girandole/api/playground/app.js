@@ -1,6 +1,8 @@
 // The girandole playground: plain JavaScript against the server's own API (same origin).
 // Chat goes to /v1/chat/completions, raw text ("Use chat template" unchecked) to
 // /v1/completions; both stream (SSE) and ask for perf metrics and logprobs for the token view.
+// With MCP servers named, chat goes to /v1/responses instead: the server lists their tools and
+// runs the model's calls itself; the page shows the calls and their results.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -281,6 +283,12 @@ function chatMessages(upTo = state.messages.length) {
 // prompt. `extra` holds what only the page needs (streaming, token ids, perf metrics).
 function currentRequest({ extra = false } = {}) {
   const body = { model: $("model").value };
+  if (mcpMode()) {
+    const messages = chatMessages();
+    const pending = $("input").value;
+    if (pending.trim()) messages.push({ role: "user", content: pending });
+    return responsesBody(messages);
+  }
   if (chatMode()) {
     body.messages = chatMessages();
     const pending = $("input").value;
@@ -297,6 +305,69 @@ function pageFields() {
   return { stream: true, return_token_ids: true, perf_metrics_in_response: true };
 }
 
+// ---------------------------------------------------------------- MCP tools (Responses)
+
+// The MCP servers of the panel as Responses tools: a line is a URL, or a label and a URL.
+function mcpTools() {
+  const tools = [];
+  for (const line of $("p-mcp").value.split("\n")) {
+    const words = line.trim().split(/\s+/).filter(Boolean);
+    if (!words.length) continue;
+    const url = words[words.length - 1];
+    if (words.length > 2 || !/^https?:\/\/./.test(url)) {
+      throw new Error(`MCP servers: "${line.trim()}" is not a URL, or a label and a URL`);
+    }
+    const tool = { type: "mcp", server_url: url };
+    if (words.length === 2) tool.server_label = words[0];
+    tools.push(tool);
+  }
+  return tools;
+}
+
+function mcpMode() {
+  return chatMode() && $("p-mcp").value.trim() !== "";
+}
+
+// The conversation as a Responses request: the system prompt is its instructions; of the
+// panel's fields, those Responses has (max_tokens is its max_output_tokens).
+function responsesBody(messages) {
+  const fields = samplingFields();
+  const body = { model: $("model").value };
+  const system = messages.filter((m) => m.role === "system").map((m) => m.content).join("\n\n");
+  if (system) body.instructions = system;
+  body.input = messages.filter((m) => m.role !== "system");
+  body.tools = mcpTools();
+  if ($("p-mcp-choice").value !== "auto") body.tool_choice = $("p-mcp-choice").value;
+  if (fields.max_tokens !== undefined) body.max_output_tokens = fields.max_tokens;
+  for (const name of ["temperature", "top_p"]) {
+    if (fields[name] !== undefined) body[name] = fields[name];
+  }
+  return body;
+}
+
+// One event of a Responses stream into assistant message `m`: its text, its MCP tool lists and
+// calls (`m.tools`), and at the end its usage and status.
+function readEvent(event, m, seen) {
+  const choice = m.choices[0];
+  const item = event.item;
+  if (event.type === "error") throw new ApiError(0, event.message);
+  if (event.type === "response.output_text.delta") {
+    seen.token();
+    choice.content += event.delta;
+  } else if (event.type === "response.output_item.added" && item.type === "mcp_call") {
+    m.tools.push({ ...item });
+  } else if (event.type === "response.output_item.done" && item.type.startsWith("mcp_")) {
+    const at = m.tools.findIndex((t) => t.id === item.id);
+    if (at >= 0) m.tools[at] = { ...item };
+    else m.tools.push({ ...item });
+  } else if (event.type === "response.completed") {
+    const usage = event.response.usage;
+    seen.usage = { prompt_tokens: usage.input_tokens, completion_tokens: usage.output_tokens,
+                   prompt_tokens_details: usage.input_tokens_details };
+    choice.finish_reason = event.response.status === "incomplete" ? "length" : "stop";
+  }
+}
+
 function text(m) {
   return m.choices[m.sel].content;
 }
@@ -305,38 +376,43 @@ function newMessage(role, content = "") {
   return { role, choices: [{ content, tokens: null, finish_reason: null }], sel: 0, stats: null };
 }
 
-// Stream one request into assistant message `m` (its choices grow as chunks arrive).
-async function run(path, body, m, { onDone } = {}) {
+// One chunk of a completions or chat stream into assistant message `m`.
+function readChunk(chunk, m, seen) {
+  if (chunk.usage) seen.usage = chunk.usage;
+  if (chunk.perf_metrics) seen.perf = chunk.perf_metrics;
+  for (const c of chunk.choices || []) {
+    while (m.choices.length <= c.index) m.choices.push({ content: "", tokens: null, finish_reason: null });
+    const choice = m.choices[c.index];
+    const piece = c.delta ? c.delta.content : c.text;
+    if (piece) {
+      seen.token();
+      choice.content += piece;
+    }
+    // the first request's prompt only: a continuation's prompt also holds generated tokens
+    if (c.prompt_token_ids && !choice.prompt_ids) choice.prompt_ids = c.prompt_token_ids;
+    const entries = c.logprobs && c.logprobs.content;
+    if (entries) choice.tokens = (choice.tokens || []).concat(entries);
+    if (c.finish_reason) choice.finish_reason = c.finish_reason;
+  }
+}
+
+// Stream one request into assistant message `m` (its choices grow as events arrive; `read`
+// takes one event: readChunk, or readEvent for /v1/responses).
+async function run(path, body, m, { onDone, read = readChunk } = {}) {
   hideError();
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
   const started = performance.now();
-  let firstToken = null;
-  let usage = null;
-  let perf = null;
+  const seen = { usage: null, perf: null, firstToken: null };
+  seen.token = () => { if (seen.firstToken === null) seen.firstToken = performance.now(); };
   let redraw = 0;
   const schedule = () => {
     if (!redraw) redraw = requestAnimationFrame(() => { redraw = 0; render(); });
   };
   try {
-    await streamRequest(path, body, controller.signal, (chunk) => {
-      if (chunk.usage) usage = chunk.usage;
-      if (chunk.perf_metrics) perf = chunk.perf_metrics;
-      for (const c of chunk.choices || []) {
-        while (m.choices.length <= c.index) m.choices.push({ content: "", tokens: null, finish_reason: null });
-        const choice = m.choices[c.index];
-        const piece = c.delta ? c.delta.content : c.text;
-        if (piece) {
-          if (firstToken === null) firstToken = performance.now();
-          choice.content += piece;
-        }
-        // the first request's prompt only: a continuation's prompt also holds generated tokens
-        if (c.prompt_token_ids && !choice.prompt_ids) choice.prompt_ids = c.prompt_token_ids;
-        const entries = c.logprobs && c.logprobs.content;
-        if (entries) choice.tokens = (choice.tokens || []).concat(entries);
-        if (c.finish_reason) choice.finish_reason = c.finish_reason;
-      }
+    await streamRequest(path, body, controller.signal, (event) => {
+      read(event, m, seen);
       schedule();
     });
   } catch (err) {
@@ -351,7 +427,7 @@ async function run(path, body, m, { onDone } = {}) {
     state.controller = null;
     setBusy(false);
   }
-  m.stats = stats(usage, perf, started, firstToken, m);
+  m.stats = stats(seen.usage, seen.perf, started, seen.firstToken, m);
   if (onDone) onDone();
   render();
 }
@@ -414,6 +490,10 @@ async function sendChat() {
 
 // Generate the assistant turn at index `at` (everything from there on is dropped).
 async function replyAt(at) {
+  if (mcpMode()) {
+    await replyWithTools(at);
+    return;
+  }
   const body = withFields({ model: $("model").value, messages: chatMessages(at) });
   if (!body) return;
   state.messages.splice(at);
@@ -421,6 +501,23 @@ async function replyAt(at) {
   state.messages.push(m);
   render();
   await run("/v1/chat/completions", body, m);
+}
+
+// MCP mode: the answer from /v1/responses, with the tool calls the server ran on the way.
+async function replyWithTools(at) {
+  let body;
+  try {
+    body = { ...responsesBody(chatMessages(at)), stream: true };
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  state.messages.splice(at);
+  const m = newMessage("assistant");
+  m.tools = [];
+  state.messages.push(m);
+  render();
+  await run("/v1/responses", body, m, { read: readEvent });
 }
 
 async function sendRaw() {
@@ -525,6 +622,7 @@ function renderMessage(m, i) {
   }
   head.append(actions);
   li.append(head);
+  if (m.tools && m.tools.length) li.append(toolsView(m));
   li.append(m.editing ? editor(m) : m.showTokens ? tokenView(m) : textView(m));
   if (m.stats) {
     const s = document.createElement("div");
@@ -533,6 +631,30 @@ function renderMessage(m, i) {
     li.append(s);
   }
   return li;
+}
+
+// The MCP tool lists and calls of an answer, each folded: its result (or error) inside.
+function toolsView(m) {
+  const box = document.createElement("div");
+  box.className = "tools";
+  for (const t of m.tools) {
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    const body = document.createElement("pre");
+    if (t.type === "mcp_list_tools") {
+      summary.textContent = `${t.server_label}: ${t.tools.length} tools`;
+      body.textContent = t.tools.map((x) => `${x.name}: ${x.description || ""}`).join("\n");
+    } else {
+      const status = t.status === "in_progress" ? "running…" : t.status;
+      summary.textContent = `${t.server_label}.${t.name}(${t.arguments}) · ${status}`;
+      body.textContent = t.error ? JSON.stringify(t.error, null, 2) : t.output ?? "";
+      if (t.status === "failed") details.classList.add("failed");
+    }
+    details.className = `tool ${details.className}`.trim();
+    details.append(summary, body);
+    box.append(details);
+  }
+  return box;
 }
 
 function textView(m) {
@@ -685,10 +807,13 @@ const SNIPPETS = {
   openai(body, path, key) {
     const args = {};
     const extra = {};
-    for (const [k, v] of Object.entries(body)) (OPENAI_ARGS.has(k) ? args : extra)[k] = v;
+    const responses = path.endsWith("/responses"); // every field a responses.create argument
+    for (const [k, v] of Object.entries(body)) (responses || OPENAI_ARGS.has(k) ? args : extra)[k] = v;
     if (Object.keys(extra).length) args.extra_body = extra;
-    const method = path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
-    const show = path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
+    const method = responses ? "client.responses.create"
+      : path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
+    const show = responses ? "response.output_text"
+      : path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
     return [
       "from openai import OpenAI",
       "",
@@ -698,6 +823,10 @@ const SNIPPETS = {
     ].join("\n");
   },
   fireworks(body, path, key) {
+    if (path.endsWith("/responses")) {
+      return ["# fireworks-ai has no Responses client; Fireworks' own examples use the openai SDK:",
+              SNIPPETS.openai(body, path, key)].join("\n");
+    }
     const method = path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
     const show = path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
     return [
@@ -711,7 +840,9 @@ const SNIPPETS = {
   js(body, path, key) {
     const headers = { "Content-Type": "application/json" };
     if (key) headers.Authorization = `Bearer ${key}`;
-    const show = path.includes("chat") ? "body.choices[0].message.content" : "body.choices[0].text";
+    const show = path.endsWith("/responses")
+      ? 'body.output.filter((i) => i.type === "message").map((i) => i.content[0].text).join("")'
+      : path.includes("chat") ? "body.choices[0].message.content" : "body.choices[0].text";
     return [
       "// Node 18+ (save as request.mjs, run: node request.mjs) or a browser console",
       `const response = await fetch(${JSON.stringify(`${location.origin}/inference${path}`)}, {`,
@@ -735,7 +866,7 @@ function showCode() {
     showError(err.message);
     return;
   }
-  const path = chatMode() ? "/v1/chat/completions" : "/v1/completions";
+  const path = mcpMode() ? "/v1/responses" : chatMode() ? "/v1/chat/completions" : "/v1/completions";
   $("code").textContent = SNIPPETS[codeLang](body, path, apiKey());
   for (const b of document.querySelectorAll(".tabs button")) {
     b.classList.toggle("active", b.dataset.lang === codeLang);
@@ -776,7 +907,7 @@ function exportConversation() {
     model: $("model").value,
     use_chat_template: chatMode(),
     system: $("system").value,
-    messages: state.messages.map(({ role, choices, sel, stats }) => ({ role, choices, sel, stats })),
+    messages: state.messages.map(({ role, choices, sel, stats, tools }) => ({ role, choices, sel, stats, tools })),
     raw: { prompt: $("raw-prompt").value, completion: state.raw },
     parameters: panelValues(),
   };
