@@ -34,7 +34,8 @@ def free_port() -> int:
 def serve(data_dir: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", KEY,
-           "--data-dir", data_dir, "--kv-cache-gb", "0.5"]  # fmt: skip
+           "--data-dir", data_dir, "--kv-cache-gb", "0.5",
+           "--mcp-allowed-hosts", "127.0.0.1"]  # the tests' MCP server  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

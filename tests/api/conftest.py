@@ -112,6 +112,7 @@ def server(tmp_path_factory) -> Server:
         "--api-key", API_KEY,
         "--api-key", OTHER_KEY,
         "--kv-cache-gb", "0.5",
+        "--mcp-allowed-hosts", "*,127.0.0.1",  # the MCP test servers (tests/api/mcp_server.py)
         api_key=API_KEY,
     )  # fmt: skip
     yield srv

@@ -15,6 +15,7 @@ from girandole.api.responses.mcp import McpToolbox
 from girandole.api.responses.schema import ResponsesRequest
 from girandole.api.settings import ServerSettings
 from girandole.mcp.client import McpClient, McpError, result_text
+from girandole.mcp.hosts import HostPolicy
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +60,25 @@ def test_deadline_and_errors(mcp):
         assert failed.value.body()["type"] == "http_error" and failed.value.code == code
 
 
+def test_names_resolving_to_private_addresses():
+    """Under `*`, a name is checked on connecting by the addresses it resolves to."""
+    policy = HostPolicy(("*",))
+    assert policy.allows_name("localhost.example", None)  # nothing known without DNS
+    assert not asyncio.run(policy.allows("localhost", 80))
+    assert asyncio.run(HostPolicy(("*", "localhost")).allows("localhost", 80))
+
+
 def test_hosts_checked_on_every_request(mcp):
     """Redirects (and an SSE endpoint) are followed only to hosts the client may reach."""
     slash = mcp.http_url + "/"  # Starlette redirects it to /mcp
 
-    async def listed(allowed):
+    async def listed(allowed):  # allowed: (host, port) -> awaitable bool
         async with McpClient(slash, timeout=5, allowed=allowed) as client:
             return len(await client.list_tools())
 
-    assert asyncio.run(listed(lambda host, port: True)) == 4
+    assert asyncio.run(listed(HostPolicy(("127.0.0.1",)).allows)) == 4
     with pytest.raises(McpError) as refused:
-        asyncio.run(listed(lambda host, port: False))
+        asyncio.run(listed(HostPolicy(("*",)).allows))  # a loopback address: not public
     assert refused.value.code == 403 and "may not reach" in refused.value.message
 
 
@@ -81,7 +90,12 @@ def test_result_text():
 @pytest.mark.parametrize(
     "patterns, url, ok",
     [
-        (["*"], "http://10.0.0.1:9/x", True),
+        (["*"], "https://mcp.example.com/x", True),
+        (["*"], "http://10.0.0.1:9/x", False),  # `*` is public hosts only
+        (["*"], "http://169.254.169.254/x", False),
+        (["*"], "http://[::1]:8000/x", False),
+        (["*"], "http://localhost:8000/x", False),
+        (["*", "10.0.0.1"], "http://10.0.0.1:9/x", True),  # named: allowed
         (["*.example.com"], "https://api.example.com/mcp", True),
         (["*.example.com"], "https://example.org/mcp", False),
         (["127.0.0.1:8000"], "http://127.0.0.1:8000/mcp", True),

@@ -264,6 +264,9 @@ WEATHER = {"type": "function", "name": "add", "parameters": WEATHER_PARAMETERS}
         ({"tools": [{"type": "mcp", "server_url": "http://h/x", "require_approval": "maybe"}]},
          "tools.0"),
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        # `*` reaches public hosts only; this server names 127.0.0.1 besides
+        ({"tools": [{"type": "mcp", "server_url": "http://10.1.2.3/mcp"}]}, "tools.0.server_url"),
+        ({"tools": [{"type": "mcp", "server_url": "http://localhost:1/x"}]}, "tools.0.server_url"),
     ],
 )  # fmt: skip
 def test_bad_requests_name_the_field(server, mcp, body, field):

@@ -34,7 +34,7 @@ def _serve(tmp_path_factory, name: str, *args: str, api_key: str | None):
 
 @pytest.fixture(scope="session")
 def open_server(tmp_path_factory):
-    yield from _serve(tmp_path_factory, "open", api_key=None)
+    yield from _serve(tmp_path_factory, "open", "--mcp-allowed-hosts", "127.0.0.1", api_key=None)
 
 
 @pytest.fixture(scope="session")

@@ -189,7 +189,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=_env("MCP_ALLOWED_HOSTS", "*"),
         metavar="HOSTS",
         help="the MCP servers a Responses request's mcp tools may name: host or host:port"
-        " patterns (*.example.com), comma-separated; * any; an empty list turns MCP tools off"
+        " patterns (*.example.com), comma-separated; * any public host (loopback and private"
+        " addresses must be named); an empty list turns MCP tools off"
         " [GIRANDOLE_MCP_ALLOWED_HOSTS, default *]",
     )
     p.add_argument(

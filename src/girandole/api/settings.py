@@ -45,8 +45,8 @@ class ServerSettings:
     allowed_credentials: bool = False
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    # Remote MCP servers a Responses request may name (girandole.api.responses.mcp): host or
-    # host:port patterns (fnmatch: "*.example.com"); "*" any; an empty list: MCP tools off
+    # Remote MCP servers a Responses request may name (girandole.mcp.hosts): host or host:port
+    # patterns (fnmatch: "*.example.com"); "*" any public host; an empty list: MCP tools off
     mcp_allowed_hosts: list[str] = field(default_factory=lambda: ["*"])
     mcp_timeout: float = 60.0  # seconds for one MCP operation (connect, list, one call)
     log_level: str = "info"

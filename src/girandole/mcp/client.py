@@ -13,7 +13,9 @@ Two transports:
 Our own small client, not the `mcp` SDK's: each operation is a plain await under a deadline on
 the server's event loop (the SDK runs anyio task groups whose cancel scopes must close in the
 task that opened them, which a streamed response's generator is not), and what a server sends
-is capped in size (`MAX_MESSAGE_BYTES`), so no server can hang or bloat a request.
+is capped in size (`MAX_MESSAGE_BYTES`), so no server can hang or bloat a request. An error
+names the HTTP status, never the body: a URL that is no MCP server tells the client nothing of
+what answers there.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import urljoin
 
@@ -92,7 +94,7 @@ class McpClient:
         headers: dict[str, str] | None = None,
         timeout: float = 60.0,
         transport: Literal["auto", "sse"] = "auto",
-        allowed: Callable[[str, int | None], bool] | None = None,
+        allowed: Callable[[str, int | None], Awaitable[bool]] | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -116,7 +118,7 @@ class McpClient:
 
     async def _check_host(self, request: httpx.Request) -> None:
         """Every request (a redirect's, the SSE endpoint's too) goes to a host it may reach."""
-        if self.allowed is not None and not self.allowed(request.url.host, request.url.port):
+        if self.allowed is not None and not await self.allowed(request.url.host, request.url.port):
             raise McpError(
                 f"the server sent this client to {request.url.host}, a host it may not reach",
                 code=403,
@@ -251,10 +253,8 @@ class McpClient:
                 await self._open_sse()
                 return None
             if response.status_code >= 400:
-                body = (await response.aread())[:300].decode(errors="replace")
                 raise McpError(
-                    f"HTTP {response.status_code} from the server: {body}".strip(),
-                    code=response.status_code,
+                    f"HTTP {response.status_code} from the server", code=response.status_code
                 )
             if first:
                 self._session_id = response.headers.get("mcp-session-id")
@@ -333,8 +333,7 @@ class McpClient:
         response = await self._http.post(endpoint, json=message)
         if response.status_code >= 400:
             raise McpError(
-                f"HTTP {response.status_code} from the server: {response.text[:300]}".strip(),
-                code=response.status_code,
+                f"HTTP {response.status_code} from the server", code=response.status_code
             )
 
     async def _sse_request(self, message: dict[str, Any]) -> Any:

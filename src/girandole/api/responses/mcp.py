@@ -18,14 +18,14 @@ the model makes to them in the response's tool loop (`shape.py`), as Fireworks a
   `mcp_protocol_error`, `http_error`); the model reads the output or the error's text. The item
   also carries Fireworks' `mcp: {name, arguments}`.
 - `headers` and `authorization` (a bearer token) go to the server with every message.
-- The server's operator decides which hosts may be named (`--mcp-allowed-hosts`, default any;
-  empty: MCP tools are a 400) and how long one operation may take (`--mcp-timeout`).
+- The server's operator decides which hosts may be named (`--mcp-allowed-hosts`, default any
+  public host: `girandole.mcp.hosts`; empty: MCP tools are a 400) and how long one operation
+  may take (`--mcp-timeout`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from girandole.api.responses.schema import (
 )
 from girandole.api.settings import ServerSettings
 from girandole.mcp.client import McpClient, McpError, result_text
+from girandole.mcp.hosts import HostPolicy
 
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # chat's tool names
 
@@ -111,23 +112,19 @@ def approval_item(server: McpServer, name: str, arguments: str) -> dict[str, Any
             "name": name, "arguments": arguments}  # fmt: skip
 
 
-def host_allowed(patterns: list[str], host: str, port: int | None) -> bool:
-    names = [host] if port is None else [host, f"{host}:{port}"]
-    return any(fnmatch.fnmatch(n, p.lower()) for p in patterns for n in names)
-
-
 class McpToolbox:
     """The request's MCP servers, their tools, and the calls run on them."""
 
-    def __init__(self, servers: list[McpServer], timeout: float, allowed_hosts: list[str]) -> None:
+    def __init__(self, servers: list[McpServer], timeout: float, hosts: HostPolicy) -> None:
         self.servers = servers
         self.timeout = timeout
-        self.allowed_hosts = allowed_hosts  # --mcp-allowed-hosts
+        self.hosts = hosts  # --mcp-allowed-hosts
 
     @classmethod
     def of(cls, req: ResponsesRequest, settings: ServerSettings) -> McpToolbox | None:
         """The request's MCP servers (None: it names none); a 400 for one it may not name."""
         servers: list[McpServer] = []
+        hosts = HostPolicy(tuple(settings.mcp_allowed_hosts))
         for i, tool in enumerate(req.tools or []):
             if not isinstance(tool, McpTool):
                 continue
@@ -160,10 +157,11 @@ class McpToolbox:
                     f" field: '{where}.type'",
                     f"{where}.type",
                 )
-            if not host_allowed(settings.mcp_allowed_hosts, parts.hostname.lower(), port):
+            if not hosts.allows_name(parts.hostname, port):
                 raise bad_request(
                     f"This server may not connect to the MCP server at '{parts.hostname}'"
-                    f" (--mcp-allowed-hosts), field: '{where}.server_url'",
+                    " (--mcp-allowed-hosts: `*` allows public hosts, others must be named),"
+                    f" field: '{where}.server_url'",
                     f"{where}.server_url",
                 )
             label = tool.server_label or parts.hostname
@@ -180,7 +178,7 @@ class McpToolbox:
                 i, label, url, "sse" if tool.type == "sse" else "auto", headers,
                 tool.allowed_tools, tool.require_approval or "never",
             ))  # fmt: skip
-        return cls(servers, settings.mcp_timeout, settings.mcp_allowed_hosts) if servers else None
+        return cls(servers, settings.mcp_timeout, hosts) if servers else None
 
     # -- tools -------------------------------------------------------------------------------
 
@@ -303,7 +301,6 @@ class McpToolbox:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     def _client(self, server: McpServer) -> McpClient:
-        def allowed(host: str, port: int | None) -> bool:
-            return host_allowed(self.allowed_hosts, host.lower(), port)
-
-        return McpClient(server.url, server.headers, self.timeout, server.transport, allowed)
+        return McpClient(
+            server.url, server.headers, self.timeout, server.transport, self.hosts.allows
+        )
