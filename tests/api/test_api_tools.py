@@ -1,7 +1,8 @@
 """The tools built on the OpenAI/Fireworks clients, driven for real against the real server:
 litellm (its `openai/` and `fireworks_ai/` providers), LangChain (`langchain-openai`: ChatOpenAI,
-the completions LLM, embeddings) and, where installed, lm-evaluation-harness's
-`local-completions` / `local-chat-completions` models.
+the completions LLM, embeddings), the OpenAI Agents SDK (an agent with a function tool over the
+Responses API) and, where installed, lm-evaluation-harness's `local-completions` /
+`local-chat-completions` models.
 
 A team points these at girandole with a base URL and a model name; each test checks that what
 they return agrees with a direct openai SDK call for the same request at temperature 0 (text,
@@ -567,3 +568,45 @@ def test_lm_eval_local_chat_completions(lm_eval_models, server, oai):
     want = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
                                        temperature=0, stop=["\n"])  # fmt: skip
     assert text == want.choices[0].message.content and text
+
+
+def test_openai_agents_sdk_runs_a_function_tool(base_url):
+    """The OpenAI Agents SDK's agent loop over /v1/responses: the model calls the function
+    (forced), the SDK runs it; whole and streamed. The base model would ramble after the
+    result, so the run stops at the first tool's output (`stop_on_first_tool`)."""
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)  # no traces sent to OpenAI
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather of a city."""
+        cities.append(city)
+        return f"Sunny in {city}"
+
+    async def main():  # one event loop: the client's connections belong to it
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+        agent = Agent(
+            name="weather", instructions="Answer briefly.", tools=[get_weather],
+            model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+            tool_use_behavior="stop_on_first_tool",
+            model_settings=ModelSettings(tool_choice="required", max_tokens=60, temperature=0),
+        )  # fmt: skip
+        whole = await Runner.run(agent, "What is the weather in Paris?")
+        run = Runner.run_streamed(agent, "What is the weather in Paris?")
+        kinds = {event.type async for event in run.stream_events()}
+        return whole, run.final_output, kinds
+
+    whole, streamed, kinds = asyncio.run(main())
+    assert len(cities) == 2 and cities[0] == cities[1]
+    assert whole.final_output == streamed == f"Sunny in {cities[0]}"
+    assert [type(i).__name__ for i in whole.new_items] == ["ToolCallItem", "ToolCallOutputItem"]
+    assert {"raw_response_event", "run_item_stream_event"} <= kinds
