@@ -112,6 +112,35 @@ def approval_item(server: McpServer, name: str, arguments: str) -> dict[str, Any
             "name": name, "arguments": arguments}  # fmt: skip
 
 
+def _checked_host(url: str | None, where: str, hosts: HostPolicy) -> str:
+    """A tool's server_url's host, once the URL is one this server may connect to (a 400)."""
+    if not url:
+        raise bad_request(f"Field required, field: '{where}.server_url'", f"{where}.server_url")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise bad_request(
+            f"server_url must be an http or https URL, field: '{where}.server_url'",
+            f"{where}.server_url",
+        )
+    if not hosts.patterns:
+        raise bad_request(
+            f"MCP tools are turned off on this server (--mcp-allowed-hosts), field: '{where}.type'",
+            f"{where}.type",
+        )
+    if not hosts.allows_name(parts.hostname, port):
+        raise bad_request(
+            f"This server may not connect to the MCP server at '{parts.hostname}'"
+            " (--mcp-allowed-hosts: `*` allows public hosts, others must be named),"
+            f" field: '{where}.server_url'",
+            f"{where}.server_url",
+        )
+    return parts.hostname
+
+
 class McpToolbox:
     """The request's MCP servers, their tools, and the calls run on them."""
 
@@ -136,35 +165,8 @@ class McpToolbox:
                         f" give server_url, field: '{where}.{unsupported}'",
                         f"{where}.{unsupported}",
                     )
-            url = tool.server_url
-            if not url:
-                raise bad_request(
-                    f"Field required, field: '{where}.server_url'", f"{where}.server_url"
-                )
-            parts = urlsplit(url)
-            try:
-                port = parts.port
-            except ValueError:
-                port = -1
-            if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-                raise bad_request(
-                    f"server_url must be an http or https URL, field: '{where}.server_url'",
-                    f"{where}.server_url",
-                )
-            if not settings.mcp_allowed_hosts:
-                raise bad_request(
-                    "MCP tools are turned off on this server (--mcp-allowed-hosts),"
-                    f" field: '{where}.type'",
-                    f"{where}.type",
-                )
-            if not hosts.allows_name(parts.hostname, port):
-                raise bad_request(
-                    f"This server may not connect to the MCP server at '{parts.hostname}'"
-                    " (--mcp-allowed-hosts: `*` allows public hosts, others must be named),"
-                    f" field: '{where}.server_url'",
-                    f"{where}.server_url",
-                )
-            label = tool.server_label or parts.hostname
+            host = _checked_host(tool.server_url, where, hosts)
+            label = tool.server_label or host
             if any(s.label == label for s in servers):
                 raise bad_request(
                     f"Two MCP tools have the server_label '{label}': labels must differ,"
@@ -175,7 +177,7 @@ class McpToolbox:
             if tool.authorization:
                 headers["authorization"] = f"Bearer {tool.authorization}"
             servers.append(McpServer(
-                i, label, url, "sse" if tool.type == "sse" else "auto", headers,
+                i, label, tool.server_url or "", "sse" if tool.type == "sse" else "auto", headers,
                 tool.allowed_tools, tool.require_approval or "never",
             ))  # fmt: skip
         return cls(servers, settings.mcp_timeout, hosts) if servers else None
