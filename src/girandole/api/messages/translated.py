@@ -45,6 +45,11 @@ class TranslatedShape(ResponseShape):
     """A response shape over chat's: its template and tool plan (the prompt reads them)."""
 
     def __init__(self, chat: ChatShape) -> None:
+        self.take_chat(chat)
+
+    def take_chat(self, chat: ChatShape | TranslatedShape) -> None:
+        """Chat's side of the shape: its template and tool plan (a later round's, in a tool
+        loop, whose tool_choice differs)."""
         self.template = chat.template
         self.plan = chat.plan
         self.forced_grammar = chat.forced_grammar

@@ -82,7 +82,8 @@ class ResponsesShape(TranslatedShape):
         self.toolbox = conversation.toolbox
         self.output: list[dict[str, Any]] = list(conversation.prelude)  # items of past rounds
         self._base = len(self.output)  # output index of this round's first block
-        self._mcp: dict[int, dict[str, Any]] = {}  # output index -> an MCP call's item
+        # output index -> a call's MCP item (None: a client function's call)
+        self._mcp: dict[int, dict[str, Any] | None] = {}
         self._usages: list[Usage] = []  # of the rounds so far
         self._calls_made = 0  # tool calls in the output so far (max_tool_calls)
         self._cut = False  # max_output_tokens reached: the response is incomplete
@@ -137,13 +138,15 @@ class ResponsesShape(TranslatedShape):
     def mcp_item(self, block: Block) -> dict[str, Any] | None:
         """A call block's MCP item (`mcp_call`, or `mcp_approval_request` for a tool that needs
         approval), made when the call starts; None for a client function's call."""
-        server = self.toolbox.server_of(block.name) if self.toolbox is not None else None
-        if block.type != "call" or server is None:
+        if block.type != "call" or self.toolbox is None:
             return None
         index = self.index(block)
-        if index not in self._mcp:
-            make = approval_item if server.needs_approval(block.name or "") else call_item
-            self._mcp[index] = make(server, block.name or "", "")
+        if index not in self._mcp:  # once per call, not per streamed delta
+            server = self.toolbox.server_of(block.name)
+            make = (
+                approval_item if server and server.needs_approval(block.name or "") else call_item
+            )
+            self._mcp[index] = make(server, block.name or "", "") if server else None
         return self._mcp[index]
 
     def item_id(self, block: Block) -> str:
@@ -305,8 +308,7 @@ class ResponsesShape(TranslatedShape):
             fields.pop("tool_choice")
         shape, job, fanout = await self.rounds.next(to_chat(fields, self.conversation))
         assert isinstance(shape, TranslatedShape)
-        self.template, self.plan, self.forced_grammar = shape.template, shape.plan, None
-        self.reasoning, self.think_end_id = shape.reasoning, shape.think_end_id
+        self.take_chat(shape)
         return job, fanout
 
     async def run_call(self, item: dict[str, Any]) -> None:
