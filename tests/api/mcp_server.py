@@ -19,7 +19,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types import ToolAnnotations
 
 
-def make_server() -> MCPServer:
+def make_server(flood: bool = False) -> MCPServer:
+    """The test tools; `flood`: also one whose answer overflows any context window."""
     logging.getLogger("mcp").setLevel(logging.WARNING)  # a line per session otherwise
     srv = MCPServer("girandole-tests")
 
@@ -38,6 +39,13 @@ def make_server() -> MCPServer:
         """Sleeps, then answers."""
         await asyncio.sleep(min(seconds, 30))
         return "awake"
+
+    if flood:
+
+        @srv.tool(name="flood")
+        def flood_tool(text: str) -> str:
+            """Answers more text than any context window holds."""
+            return "lighthouse " * 50_000
 
     @srv.tool(name="dotted.name")
     def dotted() -> str:
@@ -103,9 +111,9 @@ class McpServers:
             thread.join(10)
 
 
-def start_mcp_servers() -> McpServers:
+def start_mcp_servers(flood: bool = False) -> McpServers:
     """Both transports of the test tools, up and answering."""
-    srv = make_server()
+    srv = make_server(flood)
     http, sse = Recorder(srv.streamable_http_app()), Recorder(srv.sse_app())
     ports = free_port(), free_port()
     servers = McpServers(

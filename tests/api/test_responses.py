@@ -330,7 +330,7 @@ def test_list_and_accounts(client, server):
         ({"input": "x", "max_tool_calls": 0}, "max_tool_calls"),
         ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include.0"),
         ({"input": "x", "top_logprobs": 6}, "top_logprobs"),  # chat's cap (--max-logprobs)
-        ({"input": "x", "background": True}, "background"),
+        ({"input": "x", "background": True, "store": False}, "background"),
         ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata"),  # OpenAI's key limit

@@ -43,7 +43,10 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.state.deployments.start()
         app.state.batch.start()
         try:
-            yield
+            # background responses: failed at start-up if a stopped server left them, and when
+            # it stops
+            async with responses.background_responses(app):
+                yield
         finally:
             try:
                 await app.state.batch.shutdown()  # before the engines stop: its lines run again

@@ -46,11 +46,29 @@ class ResponseStore:
             db.execute(statement)
 
     def put(self, account: str, body: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        """Save a response; saved again (a background response as it runs and ends), it keeps
+        its place in the list."""
         self.db.execute(
-            "INSERT OR REPLACE INTO responses (id, account, created, body, input_items)"
-            " VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO responses (id, account, created, body, input_items)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
+            " input_items = excluded.input_items",
             (body["id"], account, time.time(), json.dumps(body), json.dumps(input_items)),
         )
+
+    def update(self, account: str, body: dict[str, Any]) -> None:
+        """Replace a saved response's object (its input items stay)."""
+        self.db.execute(
+            "UPDATE responses SET body = ? WHERE id = ? AND account = ?",
+            (json.dumps(body), body["id"], account),
+        )
+
+    def unfinished(self) -> list[tuple[str, dict[str, Any]]]:
+        """(account, response) of every background response saved as queued or in progress."""
+        rows = self.db.execute(
+            "SELECT account, body FROM responses"
+            " WHERE json_extract(body, '$.status') IN ('queued', 'in_progress')"
+        )
+        return [(account, json.loads(body)) for account, body in rows]
 
     def get(self, account: str, response_id: str) -> StoredResponse | None:
         rows = self.db.execute(

@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.requests import Request
 
 from girandole.api.chat.route import ENDPOINT as CHAT_ENDPOINT
 from girandole.api.completions.route import ENDPOINT as COMPLETIONS_ENDPOINT
 from girandole.api.http.errors import APIError, internal_error
+from girandole.api.http.inprocess import inprocess_request
 from girandole.api.ops.tracking import Principal, RequestRecord, attach_record
 from girandole.api.serving.pipeline import serve
 from girandole.batch.lines import CHAT
@@ -26,41 +26,13 @@ from girandole.engine.scheduler import BATCH_TIER
 logger = logging.getLogger("girandole.batch")
 
 
-def _request(app: FastAPI, path: str, body: bytes) -> Request:
-    """A POST of `body` to `path` whose client never goes away."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "app": app,
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "client": None,
-        "server": None,
-    }
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # no disconnect: the runner cancels the task instead
-        raise AssertionError("unreachable")
-
-    request = Request(scope, receive)
-    request.scope["state"] = {}
-    return request
-
-
 async def execute(
     app: FastAPI, principal: Principal, url: str, body: dict[str, Any], label: str
 ) -> tuple[int, dict[str, Any]]:
     """(HTTP status, response body) of one request; `label` names it in the access log."""
     endpoint = CHAT_ENDPOINT if url == CHAT else COMPLETIONS_ENDPOINT
     path = "/inference" + url
-    request = _request(app, path, json.dumps(body).encode())
+    request = inprocess_request(app, path, json.dumps(body).encode())
     state = app.state.girandole
     record = RequestRecord("POST", path, label, principal=principal)  # no ops: not in the
     attach_record(request.scope, record)  # interactive latency histograms

@@ -214,12 +214,8 @@ class ServerOps:
 
     # -- the serving pipeline's hook ---------------------------------------------------------
 
-    async def admit(
-        self, record: RequestRecord | None, choices: list[Choice], tier: int = 0
-    ) -> None:
-        """Before a request's engine requests start: the prompt-length limit, then a slot in the
-        admission queue of its `tier` (waits; 429 when the queue is full, 503 after the
-        timeout). The record then accounts for the choices."""
+    def check_prompt_limit(self, choices: list[Choice]) -> None:
+        """`--max-prompt-tokens`: a 400 for a prompt longer than the server takes."""
         if self.max_prompt_tokens:
             for choice in choices:
                 n = len(choice.prompt_token_ids)
@@ -229,6 +225,14 @@ class ServerOps:
                         f" {self.max_prompt_tokens}",
                         "prompt",
                     )
+
+    async def admit(
+        self, record: RequestRecord | None, choices: list[Choice], tier: int = 0
+    ) -> None:
+        """Before a request's engine requests start: the prompt-length limit, then a slot in the
+        admission queue of its `tier` (waits; 429 when the queue is full, 503 after the
+        timeout). The record then accounts for the choices."""
+        self.check_prompt_limit(choices)
         if record is None or record.admitted:
             return
         try:
@@ -276,7 +280,8 @@ class ServerOps:
         if principal is not None and principal.key_id is not None:
             fields["account"] = principal.account
             fields["key_id"] = principal.key_id
-        if is_inference(record) and principal is not None:  # 401s are not anyone's usage
+        # 401s are not anyone's usage; a background response's is its run's
+        if is_inference(record) and principal is not None and not record.handed_off:
             usage = record.usage()
             prompt, cached = usage.prompt_tokens, usage.cached_tokens
             completion = usage.completion_tokens

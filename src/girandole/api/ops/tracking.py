@@ -72,6 +72,8 @@ class RequestRecord:
     fallback_id: str = field(default_factory=lambda: "req-" + uuid.uuid4().hex)
     response_id: str | None = None
     ops: ServerOps | None = None  # the ServerOps that will account for it
+    # its work runs on under a record of its own (a background response): no usage row here
+    handed_off: bool = False
 
     @property
     def request_id(self) -> str:

@@ -44,7 +44,9 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `include: ["message.output_text.logprobs"]` (the only value made here; others are a 400)
   and/or `top_logprobs` (chat's cap): the text part's `logprobs`, chat's for the tokens after
   the reasoning; each stream delta carries those of its tokens, `output_text.done` all of them.
-- Not run here, a 400 unless the value asks for nothing: `background` (false), `service_tier`
+- `background: true` (with `store`): answered at once, `queued`; the work runs on, to be
+  polled, cancelled or streamed again (`background.py`).
+- Not run here, a 400 unless the value asks for nothing: `service_tier`
   (auto, default), `conversation`, `prompt`, `prompt_cache_retention`, `text.verbosity` other
   than `medium`.
 
@@ -83,5 +85,7 @@ Stored responses (`route.py`; the key's account only, an open server's shared): 
 "deleted": true}`), `GET /v1/responses?limit&after&before` (newest first: `{"object": "list",
 "data", "first_id", "last_id", "has_more"}`, limit 1-100, default 20) and `GET
 /v1/responses/{id}/input_items?limit&after&before&order` (the conversation's input items, earlier
-turns included, `desc` by default). Kept until deleted. An unknown id is a 404.
+turns included, `desc` by default), and for background responses `POST
+/v1/responses/{id}/cancel` and `GET /v1/responses/{id}?stream=true&starting_after=N`. Kept until
+deleted. An unknown id is a 404.
 """

@@ -4,17 +4,21 @@ stored responses of the key's account."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import Response
 
 from girandole.api.chat.route import DEFAULT_MAX_TOKENS
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.sse import SSEResponse
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint, to_chat
 from girandole.api.ops.tracking import record_of
+from girandole.api.responses.background import KEEP_SECONDS, BackgroundResponses
 from girandole.api.responses.convert import (
     chat_messages,
     chat_tools,
@@ -25,12 +29,15 @@ from girandole.api.responses.mcp import McpToolbox, call_item
 from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import FunctionTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
-from girandole.api.serving.pipeline import inference_router
+from girandole.api.serving.job import Job
+from girandole.api.serving.pipeline import Rounds, inference_router
+from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
 from girandole.registry.responses import ResponseStore
 
 MAX_LIST = 100  # items in one page of a list
+UNFINISHED = ("queued", "in_progress")  # a background response's statuses while it runs
 
 
 def _never(value: Any) -> bool:
@@ -39,7 +46,6 @@ def _never(value: Any) -> bool:
 
 # Fields of OpenAI's request this server does not run, accepted only when they ask for nothing.
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "background": lambda v: v is False,
     "service_tier": lambda v: v in ("auto", "default"),
     "conversation": _never,
     "prompt": _never,
@@ -55,12 +61,31 @@ def account_of(request: Request) -> str:
     return (principal.account if principal is not None else None) or ""
 
 
-def store_of(request: Request) -> ResponseStore:
-    app_state = request.app.state
+def store_of(request: Request | FastAPI) -> ResponseStore:
+    app_state = request.app.state if isinstance(request, Request) else request.state
     store = getattr(app_state, "response_store", None)
     if store is None:
         store = app_state.response_store = ResponseStore(app_state.girandole.ops.db)
     return store
+
+
+def background_of(request: Request | FastAPI) -> BackgroundResponses:
+    app_state = request.app.state if isinstance(request, Request) else request.state
+    runs = getattr(app_state, "background_responses", None)
+    if runs is None:
+        runs = app_state.background_responses = BackgroundResponses()
+    return runs
+
+
+@asynccontextmanager
+async def background_responses(app: FastAPI) -> AsyncIterator[None]:
+    """The app's lifetime as background responses see it: those a stopped server left
+    unfinished are failed at start-up, and those running when it stops are failed then."""
+    background_of(app).recover(store_of(app))
+    try:
+        yield
+    finally:
+        await background_of(app).shutdown()
 
 
 def not_found(response_id: str) -> APIError:
@@ -74,12 +99,25 @@ class Responses(TranslatedEndpoint):
         self, request: Request, state: AppState, source: ResponsesRequest
     ) -> TranslatedChat:
         account, store = account_of(request), store_of(request)
+        if source.background and source.store is False:
+            raise bad_request(
+                "background can only be used when 'store' is true: a background response is"
+                " read back by its id, field: 'background'",
+                "background",
+            )
         items: list[dict[str, Any]] = []
         if source.previous_response_id is not None:
             previous = store.get(account, source.previous_response_id)
             if previous is None:
                 raise bad_request(
                     f"Previous response with id '{source.previous_response_id}' not found,"
+                    " field: 'previous_response_id'",
+                    "previous_response_id",
+                )
+            if previous.body["status"] in UNFINISHED:
+                raise bad_request(
+                    f"Previous response with id '{source.previous_response_id}' is still"
+                    f" {previous.body['status']}: continue from it once it has ended,"
                     " field: 'previous_response_id'",
                     "previous_response_id",
                 )
@@ -153,6 +191,16 @@ class Responses(TranslatedEndpoint):
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)
 
+    def in_background(self, req: TranslatedChat) -> bool:
+        return bool(req.source.request.background)
+
+    async def start_background(
+        self, request: Request, rounds: Rounds, shape: ResponseShape, job: Job
+    ) -> Response:
+        assert isinstance(shape, ResponsesShape)
+        runs, store = background_of(request), store_of(request)
+        return runs.start(request, rounds, shape, job, store, account_of(request))
+
 
 async def approved_calls(
     toolbox: McpToolbox | None, items: list[dict[str, Any]], new_items: list[dict[str, Any]]
@@ -225,20 +273,71 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIST)]
 
 
 @stored.get("/responses/{response_id}", name="get_response", summary="Get a stored response")
-async def get_response(request: Request, response_id: str, stream: bool = False) -> Any:
-    if stream:
-        raise bad_request("Streaming a stored response is not supported, field: 'stream'", "stream")
-    found = store_of(request).get(account_of(request), response_id)
+async def get_response(
+    request: Request,
+    response_id: str,
+    stream: bool = False,
+    starting_after: Annotated[int | None, Query(ge=0)] = None,
+) -> Any:
+    account = account_of(request)
+    found = store_of(request).get(account, response_id)
     if found is None:
         raise not_found(response_id)
-    return found.body
+    if not stream:
+        return found.body
+    # a background response's events again, after `starting_after` (background.py)
+    if not found.body.get("background"):
+        raise bad_request(
+            "Only a background response can be streamed from its id: this one was answered"
+            " in its own request, field: 'stream'",
+            "stream",
+        )
+    run = background_of(request).get(response_id, account)
+    if run is None:
+        raise bad_request(
+            f"The events of response '{response_id}' are no longer kept (they are for"
+            f" {KEEP_SECONDS / 60:.0f} minutes after it ends, while this server runs): GET"
+            " it without stream, field: 'stream'",
+            "stream",
+        )
+    after = -1 if starting_after is None else starting_after
+    return SSEResponse(run.log.follow(after))
+
+
+@stored.post(
+    "/responses/{response_id}/cancel",
+    name="cancel_response",
+    summary="Cancel a background response",
+)
+async def cancel_response(request: Request, response_id: str) -> Any:
+    account, store = account_of(request), store_of(request)
+    found = store.get(account, response_id)
+    if found is None:
+        raise not_found(response_id)
+    if not found.body.get("background"):
+        raise bad_request(
+            "Cannot cancel a synchronous response: only a response created with"
+            " background=true can be cancelled, field: 'response_id'",
+            "response_id",
+        )
+    run = background_of(request).get(response_id, account)
+    if run is not None:
+        await background_of(request).cancel(run)
+    ended = store.get(account, response_id)  # an ended one as it is: cancelling is idempotent
+    if ended is None:
+        raise not_found(response_id)
+    return ended.body
 
 
 @stored.delete(
     "/responses/{response_id}", name="delete_response", summary="Delete a stored response"
 )
 async def delete_response(request: Request, response_id: str) -> Any:
-    if not store_of(request).delete(account_of(request), response_id):
+    account = account_of(request)
+    run = background_of(request).get(response_id, account)
+    if run is not None:  # a background response still running stops first
+        await background_of(request).cancel(run)
+    if not store_of(request).delete(account, response_id):
         raise not_found(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True,
             "message": f"Response {response_id} deleted"}  # fmt: skip

@@ -287,6 +287,7 @@ class ResponsesRequest(StrictModel):
     instructions: str | None = None
     previous_response_id: str | None = None
     store: bool | None = None  # default true
+    background: bool | None = None  # background.py
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature = None

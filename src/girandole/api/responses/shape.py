@@ -34,6 +34,7 @@ from girandole.api.serving.usage import Usage, sum_usage
 if TYPE_CHECKING:
     from girandole.api.responses.mcp import McpToolbox
 
+Event = tuple[str, dict[str, Any]]  # a stream event: its type, and its fields
 MAX_ROUNDS = 16  # engine rounds of one response's MCP tool loop (the last one calls no tool)
 
 
@@ -225,6 +226,7 @@ class ResponsesShape(TranslatedShape):
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
+            "background": bool(req.background),
             "reasoning": {"effort": effort, "summary": summary},
             "store": self.conversation.save is not None,
             "temperature": params.temperature,
@@ -339,32 +341,43 @@ class ResponsesShape(TranslatedShape):
             fanout.close()
             await self.close_tools()
 
-    async def stream_body(
+    def stream_body(
         self, job: Job, fanout: ChoiceFanout, usage_placement: str
     ) -> AsyncIterator[bytes]:
-        sequence = 0
+        return encode(self.stream_events(job, fanout))
 
-        def event(name: str, /, **fields: Any) -> bytes:
-            nonlocal sequence
-            payload = {"type": name, "sequence_number": sequence, **fields}
-            sequence += 1
-            return sse_named_event(name, payload)
-
-        first = job
+    async def stream_events(self, job: Job, fanout: ChoiceFanout) -> AsyncIterator[Event]:
+        """A streamed response's events: it opens (`response.created`, `in_progress`), runs
+        (`events`), and ends with `response.completed`, or an `error` event when it fails
+        after the stream began (its status line is gone)."""
         try:
             started = self.response(job, "in_progress", [], None)
-            yield event("response.created", response=started)
-            yield event("response.in_progress", response=started)
+            yield "response.created", {"response": started}
+            yield "response.in_progress", {"response": started}
+            async for event in self.events(job, fanout):
+                yield event
+        except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
+            error = engine_error(exc)
+            yield "error", {"code": error.code, "message": error.message, "param": error.param}
+        finally:  # a client gone before `events` began: its first round still runs
+            fanout.close()
+            await self.close_tools()
+
+    async def events(self, job: Job, fanout: ChoiceFanout) -> AsyncIterator[Event]:
+        """The events of a response's output, from its first item to `response.completed`
+        (whatever its status: the SDK's stream helper waits for that event)."""
+        first = job
+        try:
             for index, item in enumerate(self.conversation.prelude):
-                for name, fields in prelude_events(index, item):
-                    yield event(name, **fields)
+                for event in prelude_events(index, item):
+                    yield event
             while True:
                 choice, blocks = self.start_round(job)
                 async for c, out in fanout.events():
                     update = c.add(out)
                     for what, block, text in self.feed(blocks, c, update.text, out.finished):
-                        for name, fields in self.block_events(what, block, text, blocks):
-                            yield event(name, **fields)
+                        for event in self.block_events(what, block, text, blocks):
+                            yield event
                 fanout.close()
                 base = self._base
                 runs = self.end_round(job, blocks)
@@ -373,20 +386,16 @@ class ResponsesShape(TranslatedShape):
                         continue
                     where = {"item_id": item["id"], "output_index": index}
                     if any(item is run for run in runs):
-                        yield event("response.mcp_call.in_progress", **where)
+                        yield "response.mcp_call.in_progress", where
                         await self.run_call(item)
                         ended = "completed" if item["status"] == "completed" else "failed"
-                        yield event(f"response.mcp_call.{ended}", **where)
-                    yield event("response.output_item.done", output_index=index, item=dict(item))
+                        yield f"response.mcp_call.{ended}", where
+                    yield "response.output_item.done", {"output_index": index, "item": dict(item)}
                 following = await self.next_round(runs)
                 if following is None:
                     break
                 job, fanout = following
-            # `response.completed` whatever the status (the SDK's stream helper waits for it)
-            yield event("response.completed", response=self.finish(first))
-        except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
-            error = engine_error(exc)
-            yield event("error", code=error.code, message=error.message, param=error.param)
+            yield "response.completed", {"response": self.finish(first)}
         finally:
             fanout.close()
             await self.close_tools()
@@ -470,3 +479,15 @@ def prelude_events(index: int, item: dict[str, Any]) -> list[tuple[str, dict[str
         (f"response.mcp_call.{ended}", where),
         done,
     ]
+
+
+async def encode(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    """Events as SSE, each with `type` and its `sequence_number` (from 0)."""
+    sequence = 0
+    async for name, fields in events:
+        yield sse_event_of(name, sequence, fields)
+        sequence += 1
+
+
+def sse_event_of(name: str, sequence: int, fields: dict[str, Any]) -> bytes:
+    return sse_named_event(name, {"type": name, "sequence_number": sequence, **fields})

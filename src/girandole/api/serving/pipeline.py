@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.finite_json import FiniteJSONResponse
+from girandole.api.http.inprocess import inprocess_request
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import RequestFields
 from girandole.api.http.sse import SSEResponse
@@ -36,7 +37,7 @@ from girandole.api.http.validation import (
     read_body,
     validate_model,
 )
-from girandole.api.ops.tracking import record_of
+from girandole.api.ops.tracking import RequestRecord, attach_record, record_of
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
 from girandole.api.serving.response import ResponseShape, engine_error
@@ -76,6 +77,18 @@ class Endpoint:
         strip_unsupported(data, self.unsupported)
         check_not_both(data, "max_tokens", "max_completion_tokens")
         return validate_model(self.schema, data)
+
+    def in_background(self, req: Any) -> bool:
+        """Whether the request runs on after its HTTP request is answered (Responses'
+        `background`): then `start_background` answers it."""
+        return False
+
+    async def start_background(
+        self, request: Request, rounds: Rounds, shape: ResponseShape, job: Job
+    ) -> Response:
+        """Start a prepared request in the background (`rounds.request`, a detached copy of
+        `request`) and answer `request`."""
+        raise NotImplementedError
 
 
 def inference_router(
@@ -161,10 +174,36 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
         return req
 
     got = await receive(request, endpoint.id_prefix, parse)
-    rounds = Rounds(request, endpoint, got, tier)
+    background = endpoint.in_background(got.req)
+    rounds = Rounds(detached(request) if background else request, endpoint, got, tier)
     shape, job = await rounds.prepare(got.req)
     shape.rounds = rounds
+    if background:
+        return await endpoint.start_background(request, rounds, shape, job)
     return await run(request, got.state, got.engine, job, shape, got.target)
+
+
+def detached(request: Request) -> Request:
+    """A copy of `request` that runs on after it is answered: the same app, path and headers,
+    a record of its own (the same key's: its usage row is written when the work ends), and a
+    client that never hangs up."""
+    copy = inprocess_request(request.app, request.url.path, headers=request.scope["headers"])
+    http = record_of(request)
+    principal = http.principal if http is not None else None
+    principal = principal or getattr(request.state, "principal", None)
+    record = RequestRecord(
+        "POST",
+        request.url.path,
+        http.client_request_id if http is not None else None,
+        principal=principal,
+        ops=http.ops if http is not None else None,
+    )
+    if http is not None:
+        record.model = http.model
+        http.handed_off = True
+    attach_record(copy.scope, record)
+    copy.state.principal = principal
+    return copy
 
 
 @dataclass(frozen=True)
@@ -204,15 +243,9 @@ class Rounds:
         """Another round: `req` prepared and started (its shape read for the chat side only)."""
         state = self.got.state
         shape, job = await self.prepare(req)
+        # the prompt limit; the admission slot is the first round's
+        fanout = await start_job(self.request, state, self.got.engine, job, self.got.target)
         record = record_of(self.request)
-        await state.ops.admit(record, job.choices, job.tier)  # the prompt limit; slot held
-        fanout = ChoiceFanout(
-            self.got.engine, job.choices, observer=record, on_abort=state.count_aborted
-        )
-        try:
-            await fanout.start()
-        except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
-            raise engine_error(exc) from None
         if record is not None:
             record.rounds.append(job.choices)
         if job.stream:
@@ -234,17 +267,7 @@ async def run(
         "x-request-id": request.headers.get("x-request-id") or job.id,
         "fireworks-sampling-options": json.dumps(job.sampling_options, separators=(",", ":")),
     }
-    record = record_of(request)
-    if record is not None:
-        record.metadata = job.metadata
-    # prompt limit; admission queue (429/503), by tier: priority, default, batch lines
-    await state.ops.admit(record, job.choices, job.tier)
-    touch(request, target)  # the wait for admission is no idle time of the deployment
-    fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
-    try:
-        await fanout.start()
-    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
-        raise engine_error(exc) from None
+    fanout = await start_job(request, state, engine, job, target)
     if job.stream:
         state.ops.track_stream(fanout)
         body = shape.stream_body(job, fanout, state.settings.stream_usage)
@@ -252,3 +275,21 @@ async def run(
     result = await shape.collect_body(job, fanout)
     headers.update(perf_headers(job.perf_metrics or {}))
     return FiniteJSONResponse(result, headers=headers)
+
+
+async def start_job(
+    request: Request, state: AppState, engine: EngineClient, job: Job, target: Target | None
+) -> ChoiceFanout:
+    """Admit the job (the prompt limit; the admission queue (429/503) by tier: priority,
+    default, batch lines) and start its engine requests."""
+    record = record_of(request)
+    if record is not None:
+        record.metadata = job.metadata
+    await state.ops.admit(record, job.choices, job.tier)
+    touch(request, target)  # the wait for admission is no idle time of the deployment
+    fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
+    try:
+        await fanout.start()
+    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+        raise engine_error(exc) from None
+    return fanout

@@ -1,0 +1,218 @@
+"""Background responses (`background: true`, OpenAI's background mode): the request is checked
+and prepared while the client waits (its 400s are the usual ones), saved as `queued`, and
+answered at once; its work then runs in a task of its own, under a record of its own
+(`pipeline.detached`: admission, usage row, access log), whatever the client does. The stored
+response goes `queued` -> `in_progress` (admitted) -> `completed` | `incomplete` | `failed`
+(`error` set) | `cancelled` (`POST /v1/responses/{id}/cancel`).
+
+Every background response's events are kept (an `EventLog`, `sequence_number` = place in the
+log) while it runs and for `KEEP_SECONDS` after: `stream: true` follows the log from the
+start, and `GET /v1/responses/{id}?stream=true&starting_after=N` replays it after event N and
+follows it to the end, so a client whose connection dropped picks the stream up again. The log
+opens with `response.created` and `response.queued` (status `queued`), then
+`response.in_progress`, the output's events, and `response.completed` (or `response.failed`
+with the failed response). A cancelled response's log just ends.
+
+A server that stops ends its running background responses as `failed` (they are not resumed),
+and one that starts marks those a crash left `queued` or `in_progress` the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from girandole.api.http.errors import APIError
+from girandole.api.http.finite_json import FiniteJSONResponse
+from girandole.api.http.sse import SSEResponse
+from girandole.api.ops.tracking import RequestRecord, record_of
+from girandole.api.responses.shape import ResponsesShape, sse_event_of
+from girandole.api.serving.job import Job
+from girandole.api.serving.pipeline import start_job
+from girandole.api.serving.response import engine_error
+from girandole.api.serving.usage import Usage
+from girandole.registry.responses import ResponseStore
+
+if TYPE_CHECKING:
+    from girandole.api.serving.pipeline import Rounds
+
+logger = logging.getLogger("girandole.api")
+
+KEEP_SECONDS = 600.0  # an ended response's events stay this long (OpenAI keeps ~10 minutes)
+KEEP_ENDED = 256  # and at most this many ended responses' events
+STOPPED = "The server stopped before this background response finished"
+
+
+class EventLog:
+    """A background response's stream events as SSE frames, in order, for any number of
+    readers, each from a place of its own."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def add(self, name: str, fields: dict[str, Any]) -> None:
+        self.frames.append(sse_event_of(name, len(self.frames), fields))
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
+        """The events after sequence number `after`, then each new one, until the log ends."""
+        at = max(after + 1, 0)
+        while True:
+            changed = self._changed  # taken before the check: no event is missed
+            while at < len(self.frames):
+                yield self.frames[at]
+                at += 1
+            if self.closed:
+                return
+            await changed.wait()
+
+
+@dataclass
+class BackgroundRun:
+    id: str
+    account: str
+    log: EventLog = field(default_factory=EventLog)
+    task: asyncio.Task[None] | None = None
+    ended: float | None = None  # time.monotonic() when it ended
+    end_as: str = "cancelled"  # the status a cancelled task leaves: `failed` when stopping
+
+
+def error_json(error: APIError) -> dict[str, str]:
+    """A failed response's `error`, in OpenAI's codes."""
+    codes = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
+    return {"code": codes.get(error.status_code, "server_error"), "message": error.message}
+
+
+class BackgroundResponses:
+    """The server's background responses: a task each while it runs, and its events."""
+
+    def __init__(self) -> None:
+        self.runs: OrderedDict[str, BackgroundRun] = OrderedDict()
+
+    def recover(self, store: ResponseStore) -> None:
+        """At start-up: responses a stopped server left unfinished can never finish."""
+        for account, body in store.unfinished():
+            if body["id"] not in self.runs:
+                store.update(account, failed(body, STOPPED))
+
+    async def shutdown(self) -> None:
+        """End every running background response as `failed` (the server is stopping)."""
+        running = [r for r in self.runs.values() if r.task is not None and not r.task.done()]
+        for run in running:
+            run.end_as = "failed"
+            assert run.task is not None
+            run.task.cancel()
+        for run in running:
+            with contextlib.suppress(BaseException):
+                await run.task  # type: ignore[misc]
+
+    def get(self, response_id: str, account: str) -> BackgroundRun | None:
+        run = self.runs.get(response_id)
+        return run if run is not None and run.account == account else None
+
+    async def cancel(self, run: BackgroundRun) -> None:
+        """Stop a run (its task saves it as `cancelled`); nothing if it has ended."""
+        if run.task is not None and not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(BaseException):
+                await run.task
+
+    def start(
+        self,
+        request: Request,
+        rounds: Rounds,
+        shape: ResponsesShape,
+        job: Job,
+        store: ResponseStore,
+        account: str,
+    ) -> Response:
+        """Save the prepared request as `queued`, start its task, and answer `request`: the
+        queued response, or (`stream: true`) its events as they come."""
+        rounds.got.state.ops.check_prompt_limit(job.choices)  # a 400 now, not a failed run
+        self._forget_old()
+        run = BackgroundRun(job.id, account)
+        queued = shape.response(job, "queued", [], None)
+        store.put(account, queued, shape.conversation.items)
+        run.log.add("response.created", {"response": queued})
+        run.log.add("response.queued", {"response": queued})
+        self.runs[run.id] = run
+        run.task = asyncio.create_task(self._run(run, rounds, shape, job, store))
+        headers = {"x-request-id": request.headers.get("x-request-id") or job.id}
+        if job.stream:
+            return SSEResponse(run.log.follow(), headers=headers)
+        return FiniteJSONResponse(queued, headers=headers)
+
+    async def _run(
+        self, run: BackgroundRun, rounds: Rounds, shape: ResponsesShape, job: Job,
+        store: ResponseStore,
+    ) -> None:  # fmt: skip
+        request, state = rounds.request, rounds.got.state
+        record = record_of(request)
+        assert record is not None  # pipeline.detached made it
+        record.response_id, record.stream = job.id, job.stream
+        try:
+            fanout = await start_job(request, state, rounds.got.engine, job, rounds.got.target)
+            body = shape.response(job, "in_progress", [], None)
+            store.update(run.account, body)
+            run.log.add("response.in_progress", {"response": body})
+            async for name, fields in shape.events(job, fanout):
+                run.log.add(name, fields)  # the last, response.completed: saved by the shape
+            record.status = 200
+        except asyncio.CancelledError:
+            record.status = 499
+            body = shape.response(job, run.end_as, list(shape.output), _usage(record))
+            if run.end_as == "failed":
+                body = failed(body, STOPPED)
+            store.update(run.account, body)
+        except Exception as exc:  # noqa: BLE001 - the client is gone: the response says it
+            error = engine_error(exc)
+            record.status = error.status_code
+            body = failed(shape.response(job, "failed", list(shape.output), _usage(record)))
+            body["error"] = error_json(error)
+            store.update(run.account, body)
+            run.log.add("response.failed", {"response": body})
+        finally:
+            run.ended = time.monotonic()
+            run.log.close()
+            state.ops.finish(record)  # usage row, admission slot, access log
+
+    def _forget_old(self) -> None:
+        """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED."""
+        now = time.monotonic()
+        ended = [r for r in self.runs.values() if r.ended is not None]
+        for k, run in enumerate(ended):
+            assert run.ended is not None
+            if now - run.ended > KEEP_SECONDS or len(ended) - k > KEEP_ENDED:
+                del self.runs[run.id]
+
+
+def failed(body: dict[str, Any], message: str | None = None) -> dict[str, Any]:
+    """`body` as a failed response (`message`: a server error's)."""
+    body = dict(body, status="failed", completed_at=None)
+    if message is not None:
+        body["error"] = {"code": "server_error", "message": message}
+    return body
+
+
+def _usage(record: RequestRecord) -> Usage | None:
+    """What the engine did for a response cut short; None before it was admitted."""
+    return record.usage() if record.choices else None
