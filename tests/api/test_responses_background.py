@@ -81,6 +81,8 @@ def test_cancel_stops_the_work_and_is_idempotent(client, server):
     cancelled = client.responses.cancel(r.id)
     assert cancelled.status == "cancelled" and cancelled.id == r.id
     assert 0 < cancelled.usage.output_tokens < 2000
+    (item,) = cancelled.output  # the text as far as it went
+    assert item.type == "message" and item.status == "incomplete" and cancelled.output_text
     again = client.responses.cancel(r.id)  # idempotent: the ended response as it is
     assert again.model_dump() == cancelled.model_dump()
     assert client.responses.retrieve(r.id).status == "cancelled"

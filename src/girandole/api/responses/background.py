@@ -179,14 +179,14 @@ class BackgroundResponses:
             record.status = 200
         except asyncio.CancelledError:
             record.status = 499
-            body = shape.response(job, run.end_as, list(shape.output), _usage(record))
+            body = shape.response(job, run.end_as, shape.output_so_far(), _usage(record))
             if run.end_as == "failed":
                 body = failed(body, STOPPED)
             store.update(run.account, body)
         except Exception as exc:  # noqa: BLE001 - the client is gone: the response says it
             error = engine_error(exc)
             record.status = error.status_code
-            body = failed(shape.response(job, "failed", list(shape.output), _usage(record)))
+            body = failed(shape.response(job, "failed", shape.output_so_far(), _usage(record)))
             body["error"] = error_json(error)
             store.update(run.account, body)
             run.log.add("response.failed", {"response": body})

@@ -90,6 +90,7 @@ class ResponsesShape(TranslatedShape):
         self._cut = False  # max_output_tokens reached: the response is incomplete
         self._client_turn = False  # the last round called a function or asked for approval
         self._output: tuple[Choice, OutputBlocks] | None = None  # this round's choice
+        self._in_round = False  # a round started and not ended (its blocks not in `output`)
         self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
         self._text_from: int | None = None  # the text's first token, once </think> is written
 
@@ -252,6 +253,14 @@ class ResponsesShape(TranslatedShape):
             self.conversation.save(body, self.conversation.items)
         return body
 
+    def output_so_far(self) -> list[dict[str, Any]]:
+        """The output of a response stopped on its way (a background one cancelled or failed):
+        the items of the rounds that ended, then what the round under way wrote, `incomplete`."""
+        items = [dict(item) for item in self.output]
+        if self._in_round and self._output is not None:
+            items += [self.item(block, "incomplete") for block in self._output[1].blocks]
+        return items
+
     # -- the rounds --------------------------------------------------------------------------
 
     def start_round(self, job: Job) -> tuple[Choice, OutputBlocks]:
@@ -260,7 +269,7 @@ class ResponsesShape(TranslatedShape):
         if left is not None:
             left = max(left - self._calls_made, 0) or None  # 0: the round offers no tools
         blocks = self.output_blocks(left)
-        self._output = (choice, blocks)
+        self._output, self._in_round = (choice, blocks), True
         self._logprobs_sent, self._text_from = 0, None
         return choice, blocks
 
@@ -268,7 +277,7 @@ class ResponsesShape(TranslatedShape):
         """Close a finished round: its items join the output; the MCP calls to run now (none
         when it was cut short: they stay `incomplete`)."""
         self._usages.append(finish_metrics(job))
-        self._cut = blocks.finish_reason == "length"
+        self._cut, self._in_round = blocks.finish_reason == "length", False
         runs, calls = [], 0
         for block in blocks.blocks:
             item = self.item(block, self.item_status(block, blocks))
