@@ -21,6 +21,7 @@ from girandole.api.http.paths import MethodFallbacks, TrailingSlashes
 from girandole.api.lora import install_lora
 from girandole.api.messages import route as messages
 from girandole.api.models import route as models
+from girandole.api.openai_batch import install_openai_batch
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
 from girandole.api.playground import route as playground
@@ -78,6 +79,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
+    install_openai_batch(app, INFERENCE_PREFIXES)
     install_lora(app, state, INFERENCE_PREFIXES)
     install_tokenize(app, INFERENCE_PREFIXES)  # also at vLLM's /tokenize, /detokenize
     app.include_router(ops.router)

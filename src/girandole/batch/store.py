@@ -184,6 +184,8 @@ class BatchStore:
 
     def save_job(self, account: str, job_id: str, body: dict[str, Any]) -> None:
         body["updateTime"] = now_text()
+        if "openai" in body:  # a job made by OpenAI's batch API: when it entered each state
+            body["openai"].setdefault("times", {}).setdefault(body["state"], int(time.time()))
         self.db.execute(
             "UPDATE batch_jobs SET body = ? WHERE account = ? AND job_id = ?",
             (json.dumps(body), account, job_id),

@@ -139,7 +139,13 @@ def input_lines(request: Request, account: str, input_id: str) -> int:
 
 @router.post("/accounts/{account}/batchInferenceJobs/{job_id}:cancel", summary="Cancel a batch job")
 async def cancel_job(job_id: str, request: Request, account: str = Account) -> dict:
-    body = get_or_404(request, account, job_id)
+    return stop_job(request, account, get_or_404(request, account, job_id))
+
+
+def stop_job(request: Request, account: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Cancel a job that has not ended (the runner stops its lines and writes what is done);
+    the job as it is now."""
+    job_id = body["name"].rsplit("/", 1)[-1]
     if body["state"] not in FINAL:
         store = store_of(request)
         body["state"] = CANCELLED

@@ -252,8 +252,8 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
     return size
 
 
-def multipart_file(content_type: str, data: bytes) -> tuple[str, bytes]:
-    """The `file` part of a multipart/form-data body: (its file name, its bytes)."""
+def multipart_parts(content_type: str, data: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The parts of a multipart/form-data body by name: (a file part's file name, its bytes)."""
     if not content_type.lower().startswith("multipart/form-data"):
         raise APIError(
             415,
@@ -262,19 +262,24 @@ def multipart_file(content_type: str, data: bytes) -> tuple[str, bytes]:
         )
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
+    parts: dict[str, tuple[str | None, bytes]] = {}
     for part in message.iter_parts() if message.is_multipart() else ():
-        if part.get_param("name", header="content-disposition") == "file":
-            return part.get_filename() or "input.jsonl", part.get_payload(decode=True) or b""
-    raise bad_request("The form has no part named 'file' (the dataset file)", "file")
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and name not in parts:
+            parts[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return parts
 
 
-# -- routes: ':verb' ones first (the plain `{dataset_id}` pattern would take them) ------------
+def multipart_file(content_type: str, data: bytes) -> tuple[str, bytes]:
+    """The `file` part of a multipart/form-data body: (its file name, its bytes)."""
+    found = multipart_parts(content_type, data).get("file")
+    if found is None:
+        raise bad_request("The form has no part named 'file' (the dataset file)", "file")
+    return found[0] or "input.jsonl", found[1]
 
 
-@router.post("/accounts/{account}/datasets/{dataset_id}:upload", summary="Upload a dataset file")
-async def upload(dataset_id: str, request: Request, account: str = Account) -> dict:
-    store = store_of(request)
-    body = get_or_404(request, account, dataset_id)
+async def read_upload(request: Request) -> bytes:
+    """An upload's whole body, refused past MAX_FILE_BYTES (413) as it arrives."""
     declared = request.headers.get("content-length", "")
     if declared.isdecimal() and int(declared) > MAX_FILE_BYTES:
         raise file_too_large()
@@ -288,11 +293,21 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientDisconnected() from None
+    return b"".join(chunks)
+
+
+# -- routes: ':verb' ones first (the plain `{dataset_id}` pattern would take them) ------------
+
+
+@router.post("/accounts/{account}/datasets/{dataset_id}:upload", summary="Upload a dataset file")
+async def upload(dataset_id: str, request: Request, account: str = Account) -> dict:
+    store = store_of(request)
+    body = get_or_404(request, account, dataset_id)
+    data = await read_upload(request)
     content_type = request.headers.get("content-type", "")
 
     def save() -> tuple[str, int]:  # seconds for hundreds of MB: off the event loop
-        filename, content = multipart_file(content_type, b"".join(chunks))
-        chunks.clear()
+        filename, content = multipart_file(content_type, data)
         filename = os.path.basename(filename)
         check_filename(filename, "file")
         store.write_file(account, dataset_id, filename, content)

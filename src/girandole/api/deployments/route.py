@@ -40,7 +40,7 @@ from girandole.registry.roles import USER, may_change_resources
 READ_METHODS = ("GET", "HEAD")  # every role may read; the others change the control plane
 
 
-def _authenticate(request: Request) -> Any:
+def authenticate(request: Request) -> Any:
     """Who is asking (401 without a live key), noted for the access log."""
     principal = request.app.state.girandole.ops.authenticate(request.headers.get("authorization"))
     request.state.principal = principal
@@ -53,7 +53,7 @@ def _authenticate(request: Request) -> Any:
 async def authorize_account(request: Request, account: str) -> str:
     """401 without a live key; 403 when the key belongs to another account, or when it asks to
     change something and its role may only read (registry/roles.py)."""
-    principal = _authenticate(request)
+    principal = authenticate(request)
     if not is_valid_id(account):
         raise APIError(
             400,
@@ -233,7 +233,7 @@ async def _readable_account(request: Request, account: str) -> str:
     """Every key may read the public catalog (account `fireworks`); other accounts' models
     only their own keys."""
     if account == PUBLIC_ACCOUNT:
-        _authenticate(request)
+        authenticate(request)
         return account
     return await authorize_account(request, account)
 

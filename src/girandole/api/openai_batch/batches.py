@@ -1,0 +1,283 @@
+"""OpenAI's Batch API, as the openai SDK's `client.batches` calls it (also under /inference/v1):
+
+    POST /v1/batches               create: input_file_id, endpoint, completion_window, metadata
+    GET  /v1/batches               list, newest first (limit, after)
+    GET  /v1/batches/{id}          the batch object
+    POST /v1/batches/{id}/cancel   stop it; what is done stays in its output file
+
+A batch is a Fireworks batch inference job (girandole.batch.runner) whose lines come from an
+uploaded file (`files.py`), run in the capacity interactive requests leave, with usage rows of
+the key that made it. The job's state reads as OpenAI's status: in_progress (waiting or
+running), finalizing (writing its files), completed, failed, cancelling (stopped, files not
+written yet), cancelled. Its results and errors (OpenAI's output lines: custom_id, response,
+error) are files (`output_file_id`, `error_file_id`) once written.
+
+The input is checked whole when the batch is created, so a bad file is a 400 naming the line
+(OpenAI checks it after answering, in a `validating` status); every line must POST to the
+batch's `endpoint` and name the same model (OpenAI's rules), which the key must reach (404).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from girandole.api.batch.route import runner_of, stop_job, store_of
+from girandole.api.datasets.route import created_by, new_dataset
+from girandole.api.deployments.route import read_json
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
+from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
+from girandole.api.serving.target import resolve_target
+from girandole.batch.files import BATCH_OUTPUT
+from girandole.batch.lines import CHAT, COMPLETIONS, InputError, read_input
+from girandole.batch.runner import MAX_INPUT_LINES
+from girandole.batch.store import (
+    CANCELLED,
+    COMPLETED,
+    ERRORS_FILE,
+    FAILED,
+    FINAL,
+    PENDING,
+    RESULTS_FILE,
+    RUNNING,
+    WRITING_RESULTS,
+    dataset_name,
+    job_name,
+    now_text,
+)
+
+ENDPOINTS = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, "/chat/completions": CHAT,
+             "/completions": COMPLETIONS}  # fmt: skip
+WINDOW = "24h"  # the only completion window OpenAI offers
+STATUS = {PENDING: "in_progress", RUNNING: "in_progress", WRITING_RESULTS: "finalizing",
+          COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}  # fmt: skip
+MAX_LIST = 100
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+
+
+router = APIRouter(tags=["batches"])
+
+
+def job_id_of(batch_id: str) -> str | None:
+    """The job of an OpenAI batch id (`batch_<hex>` -> `batch-<hex>`)."""
+    return f"batch-{batch_id[6:]}" if BATCH_ID.fullmatch(batch_id) else None
+
+
+def no_such_batch(batch_id: str) -> APIError:
+    return APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="NOT_FOUND")
+
+
+def get_job(request: Request, account: str, batch_id: str) -> dict[str, Any]:
+    job_id = job_id_of(batch_id)
+    job = store_of(request).get_job(account, job_id) if job_id else None
+    if job is None or "openai" not in job:
+        raise no_such_batch(batch_id)
+    return job
+
+
+def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's batch object of a job."""
+    made = job["openai"]
+    times: dict[str, int] = made.get("times", {})
+    store, files = store_of(request), files_of(request)
+    output_id = job["outputDatasetId"].rsplit("/", 1)[-1]
+    output = store.get_dataset(account, output_id)
+    written = output is not None and output.get("state") == "READY"
+    status = STATUS[job["state"]]
+    if job["state"] == CANCELLED and not written:
+        status = "cancelling"  # the runner still stops its lines and writes the files
+    progress = job["jobProgress"]
+    file_ids: dict[str, str | None] = {RESULTS_FILE: None, ERRORS_FILE: None}
+    counts = {RESULTS_FILE: progress["successfullyProcessedRequests"],
+              ERRORS_FILE: progress["failedRequests"]}  # fmt: skip
+    for filename, suffix in ((RESULTS_FILE, "output"), (ERRORS_FILE, "errors")):
+        if written and counts[filename]:
+            file_id = f"file-{made['id'].removeprefix('batch_')}-{suffix}"
+            name = f"{made['id']}_{suffix}.jsonl"
+            if files.add(account, file_id, output_id, filename, name, BATCH_OUTPUT):
+                file_ids[filename] = file_id
+    errors = None
+    if job["state"] == FAILED:
+        errors = {"object": "list", "data": [{"code": job["status"]["code"],
+                  "message": job["status"]["message"], "param": None, "line": None}]}  # fmt: skip
+    created = made["created_at"]
+    return {
+        "id": made["id"],
+        "object": "batch",
+        "endpoint": made["endpoint"],
+        "model": job["model"],
+        "errors": errors,
+        "input_file_id": made["input_file_id"],
+        "completion_window": WINDOW,
+        "status": status,
+        "output_file_id": file_ids[RESULTS_FILE],
+        "error_file_id": file_ids[ERRORS_FILE],
+        "created_at": created,
+        "in_progress_at": created,  # checked when created: in progress from then on
+        "expires_at": created + 24 * 3600,
+        "finalizing_at": times.get(WRITING_RESULTS),
+        "completed_at": times.get(COMPLETED),
+        "failed_at": times.get(FAILED),
+        "expired_at": None,
+        "cancelling_at": times.get(CANCELLED),
+        "cancelled_at": times.get(CANCELLED) if status == "cancelled" else None,
+        "request_counts": {
+            "total": progress["totalInputRequests"],
+            "completed": progress["successfullyProcessedRequests"],
+            "failed": progress["failedRequests"],
+        },
+        "usage": {
+            "input_tokens": progress["inputTokens"],
+            "input_tokens_details": {"cached_tokens": progress["cachedInputTokenCount"]},
+            "output_tokens": progress["outputTokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": progress["inputTokens"] + progress["outputTokens"],
+        },
+        "metadata": made.get("metadata"),
+    }
+
+
+def batch_model(request: Request, account: str, file_id: str, endpoint: str) -> tuple[str, int]:
+    """The model every line of the file names, and the number of lines, after checking them
+    all (a 400 naming `input_file_id` and the line)."""
+    record = get_file(request, account, file_id)
+    if record.purpose != "batch":
+        raise bad_request(
+            f"input_file_id {file_id} was uploaded with purpose '{record.purpose}'; a batch"
+            " reads a file uploaded with purpose 'batch'",
+            "input_file_id",
+        )
+    path = files_of(request).path_of(account, record)
+
+    def bad(message: str) -> APIError:
+        return bad_request(f"input_file_id {file_id}: {message}", "input_file_id")
+
+    try:
+        lines = read_input(path.read_bytes(), MAX_INPUT_LINES)
+    except InputError as exc:
+        raise bad(str(exc)) from None
+    models = set()
+    for line in lines:
+        if line.url != endpoint:
+            raise bad(
+                f"line {line.line + 1}: its url is {line.url}, not the batch's endpoint {endpoint}"
+            )
+        model = line.body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad(f"line {line.line + 1}: body.model is required")
+        models.add(model)
+    if len(models) > 1:
+        raise bad(
+            f"the lines name {len(models)} models ({', '.join(sorted(models)[:3])}, ...): a"
+            " batch runs one model"
+        )
+    return models.pop(), len(lines)
+
+
+@router.post("/batches", summary="Create a batch", openapi_extra=body_doc(BatchRequest))
+async def create_batch(request: Request, account: str = KeyAccount) -> dict[str, Any]:
+    body = await read_json(request, BatchRequest)
+    endpoint = ENDPOINTS.get(body.endpoint)
+    if endpoint is None:
+        raise bad_request(
+            f"endpoint {body.endpoint[:100]!r} is not one a batch runs here: {CHAT} or"
+            f" {COMPLETIONS}",
+            "endpoint",
+        )
+    if body.completion_window != WINDOW:
+        raise bad_request(
+            f"completion_window must be '{WINDOW}', got {body.completion_window[:32]!r}",
+            "completion_window",
+        )
+    model, total = batch_model(request, account, body.input_file_id, endpoint)
+    resolve_target(request, request.app.state.girandole, model, None)  # 404 when out of reach
+    hexid = uuid.uuid4().hex
+    batch_id, job_id = f"batch_{hexid}", f"batch-{hexid}"
+    store, by = store_of(request), created_by(request)
+    output_id = f"{job_id}-output"
+    output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
+    store.insert_dataset(account, output_id, output)
+    now = now_text()
+    job = {
+        "name": job_name(account, job_id),
+        "displayName": batch_id,
+        "model": model,
+        "inputDatasetId": dataset_name(account, body.input_file_id),
+        "outputDatasetId": dataset_name(account, output_id),
+        "inferenceParameters": {},
+        "state": PENDING,
+        "status": {"code": "OK", "message": ""},
+        "jobProgress": {"totalInputRequests": total},
+        "createTime": now,
+        "updateTime": now,
+        "createdBy": by,
+        "precision": "PRECISION_UNSPECIFIED",
+        "openai": {
+            "id": batch_id,
+            "endpoint": endpoint,
+            "input_file_id": body.input_file_id,
+            "created_at": int(time.time()),
+            "metadata": body.metadata,
+        },
+    }
+    principal = getattr(request.state, "principal", None)
+    store.insert_job(account, job_id, principal.key_id if principal else None, job)
+    runner_of(request).notify()
+    return batch_json(request, account, store.get_job(account, job_id) or job)
+
+
+@router.get("/batches", summary="List batches, newest first")
+async def list_batches(
+    request: Request,
+    account: str = KeyAccount,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
+    after: str | None = None,
+) -> dict[str, Any]:
+    jobs = [j for j in store_of(request).list_jobs(account) if "openai" in j][::-1]
+    ids = [j["openai"]["id"] for j in jobs]
+    if after is not None:
+        if after not in ids:
+            raise bad_request(f"No batch with id '{after}', field: 'after'", "after")
+        jobs = jobs[ids.index(after) + 1 :]
+    page = [batch_json(request, account, j) for j in jobs[:limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(jobs) > limit,
+    }
+
+
+@router.get("/batches/{batch_id}", summary="A batch's object")
+async def retrieve_batch(batch_id: str, request: Request, account: str = KeyAccount) -> Any:
+    return batch_json(request, account, get_job(request, account, batch_id))
+
+
+@router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
+async def cancel_batch(batch_id: str, request: Request, account: str = KeyAccount) -> Any:
+    job = get_job(request, account, batch_id)
+    if job["state"] in FINAL and job["state"] != CANCELLED:
+        raise bad_request(
+            f"Batch {batch_id} cannot be cancelled: it is already {STATUS[job['state']]}",
+            "batch_id",
+        )
+    return batch_json(request, account, stop_job(request, account, job))

@@ -1,0 +1,157 @@
+"""OpenAI's Files API, as the openai SDK's `client.files` calls it (also under /inference/v1):
+
+    POST   /v1/files                  upload (multipart/form-data: `file`, `purpose`)
+    GET    /v1/files                  list (purpose, limit, after, order)
+    GET    /v1/files/{id}             the file object
+    GET    /v1/files/{id}/content     its bytes
+    DELETE /v1/files/{id}
+
+Files live in the batch store (girandole.batch.files): an upload is a dataset of its own, which
+`POST /v1/batches` reads. A key sees its own account's files (an open server's: `--account`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse
+
+from girandole.api.datasets.route import (
+    created_by,
+    mark_ready,
+    multipart_parts,
+    new_dataset,
+    read_upload,
+)
+from girandole.api.deployments.route import authenticate
+from girandole.api.http.errors import APIError, bad_request
+from girandole.batch.files import PURPOSES, FileRecord, FileStore, disk_name
+from girandole.batch.store import BatchStore
+from girandole.registry.roles import USER, may_change_resources
+
+MAX_LIST = 10_000  # OpenAI's limit on a page of files
+
+
+async def key_account(request: Request) -> str:
+    """The account of the request's key (an open server's own): 401 without a live key; 403
+    when a read-only key asks to change something."""
+    principal = authenticate(request)
+    if request.method not in ("GET", "HEAD") and not may_change_resources(principal.role):
+        raise APIError(
+            403,
+            f"This API key has role {principal.role}, which may run inference but not upload"
+            f" files or create batches; {request.method} {request.url.path} needs a key with"
+            f" role {USER}",
+            type="error",
+            code="PERMISSION_DENIED",
+        )
+    return principal.account or request.app.state.girandole.settings.account
+
+
+KeyAccount = Depends(key_account)
+router = APIRouter(tags=["files"])
+
+
+def files_of(request: Request) -> FileStore:
+    app_state = request.app.state
+    files = getattr(app_state, "file_store", None)
+    if files is None:
+        files = app_state.file_store = FileStore(app_state.batch_store)
+    return files
+
+
+def no_such_file(file_id: str) -> APIError:
+    return APIError(404, f"No such File object: {file_id}", param="id", code="NOT_FOUND")
+
+
+def get_file(request: Request, account: str, file_id: str) -> FileRecord:
+    found = files_of(request).get(account, file_id)
+    if found is None:
+        raise no_such_file(file_id)
+    return found
+
+
+@router.post("/files", summary="Upload a file (multipart/form-data: file, purpose)")
+async def upload_file(request: Request, account: str = KeyAccount) -> dict[str, Any]:
+    data = await read_upload(request)
+    content_type = request.headers.get("content-type", "")
+    files = files_of(request)
+    store: BatchStore = request.app.state.batch_store
+    by = created_by(request)
+
+    def save() -> FileRecord:  # seconds for hundreds of MB: off the event loop
+        parts = multipart_parts(content_type, data)
+        if "purpose" not in parts:
+            raise bad_request(f"purpose is required: one of {', '.join(PURPOSES)}", "purpose")
+        purpose = parts["purpose"][1].decode("utf-8", "replace").strip()
+        if purpose not in PURPOSES:
+            raise bad_request(
+                f"purpose {purpose[:64]!r} is not one of {', '.join(PURPOSES)}", "purpose"
+            )
+        if "file" not in parts:
+            raise bad_request("The form has no part named 'file' (the file's bytes)", "file")
+        name, content = parts["file"]
+        filename = os.path.basename(name or "file")[:255] or "file"
+        file_id = "file-" + uuid.uuid4().hex
+        dataset = new_dataset(account, file_id, {"displayName": filename}, by)
+        store.insert_dataset(account, file_id, dataset)
+        path = disk_name(filename)
+        store.write_file(account, file_id, path, content)
+        mark_ready(store, account, file_id, dataset)
+        record = files.add(account, file_id, file_id, path, filename, purpose)
+        assert record is not None  # written just now
+        return record
+
+    return (await asyncio.to_thread(save)).json()
+
+
+@router.get("/files", summary="List files, newest first")
+async def list_files(
+    request: Request,
+    account: str = KeyAccount,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = MAX_LIST,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    records = files_of(request).list(account, purpose)
+    if order == "asc":
+        records.reverse()
+    if after is not None:
+        ids = [r.file_id for r in records]
+        if after not in ids:
+            raise bad_request(f"No file with id '{after}', field: 'after'", "after")
+        records = records[ids.index(after) + 1 :]
+    page = [r.json() for r in records[:limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(records) > limit,
+    }
+
+
+@router.get("/files/{file_id}", summary="A file's object")
+async def retrieve_file(file_id: str, request: Request, account: str = KeyAccount) -> Any:
+    return get_file(request, account, file_id).json()
+
+
+@router.get("/files/{file_id}/content", summary="A file's bytes")
+async def file_content(file_id: str, request: Request, account: str = KeyAccount) -> Any:
+    record = get_file(request, account, file_id)
+    path = files_of(request).path_of(account, record)
+    if not path.is_file():
+        raise no_such_file(file_id)
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+@router.delete("/files/{file_id}", summary="Delete a file")
+async def delete_file(file_id: str, request: Request, account: str = KeyAccount) -> Any:
+    if not files_of(request).delete(account, file_id):
+        raise no_such_file(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,199 @@
+"""OpenAI's Files and Batch APIs (`girandole.api.openai_batch`) on the real server and default
+model, driven by the openai SDK's `client.files` and `client.batches`: a batch's results equal
+the synchronous answers, with an error file for the bad line and usage summed; cancel; the same
+job seen through Fireworks' batch API; other accounts and read-only keys kept out; the 4xx."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from api_helpers import ACCOUNT, API_KEY, MODEL
+
+from girandole.registry.keystore import Database
+from girandole.registry.roles import INFERENCE_USER
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+ENDED = ("completed", "failed", "cancelled", "expired")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def line(custom_id: str, content: str, url: str = CHAT, **body) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(item) + "\n" for item in lines).encode()
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ENDED:
+            return batch
+        assert time.monotonic() < deadline, f"{batch_id} still {batch.status}"
+        time.sleep(0.2)
+
+
+def key_of(server, account: str, **kw) -> str:
+    key, _ = Database.in_folder(server.log_path.parent / f"data-{server.port}").create_key(
+        account, **kw
+    )
+    return key
+
+
+def test_a_batch_answers_as_the_synchronous_requests_do(client, server):
+    questions = ["What is the capital of France?", "Name a color.", "Count to three."]
+    lines = [line(f"q{i}", q, max_tokens=8, temperature=0) for i, q in enumerate(questions)]
+    lines.append(line("bad", "x", temperature=9))  # the endpoint's 400: in the error file
+    uploaded = client.files.create(file=("questions.jsonl", jsonl(lines)), purpose="batch")
+    assert (uploaded.filename, uploaded.purpose, uploaded.bytes) == (
+        "questions.jsonl", "batch", len(jsonl(lines)))  # fmt: skip
+    assert client.files.content(uploaded.id).content == jsonl(lines)
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                  completion_window="24h", metadata={"run": "1"})  # fmt: skip
+    assert batch.status == "in_progress" and batch.id.startswith("batch_")
+    assert (batch.model, batch.metadata, batch.request_counts.total) == (MODEL, {"run": "1"}, 4)
+    done = wait_for(client, batch.id)
+    assert done.status == "completed" and done.errors is None
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
+    assert done.completed_at >= done.finalizing_at >= done.created_at
+    results = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in results) == ["q0", "q1", "q2"]
+    for result in results:
+        i = int(result["custom_id"][1:])
+        sync = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": questions[i]}], max_tokens=8,
+            temperature=0,
+        )  # fmt: skip
+        body = result["response"]["body"]
+        assert result["response"]["status_code"] == 200 and result["error"] is None
+        assert body["choices"][0]["message"]["content"] == sync.choices[0].message.content
+    (error,) = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert error["custom_id"] == "bad" and error["response"]["status_code"] == 400
+    assert "temperature" in error["error"]["message"]
+    assert done.usage.input_tokens == sum(r["response"]["body"]["usage"]["prompt_tokens"]
+                                          for r in results)  # fmt: skip
+    assert done.usage.output_tokens == sum(r["response"]["body"]["usage"]["completion_tokens"]
+                                           for r in results)  # fmt: skip
+    outputs = client.files.retrieve(done.output_file_id)
+    assert outputs.purpose == "batch_output" and outputs.bytes > 0
+    # listed, newest first; the same job through Fireworks' batch API
+    assert client.batches.list().data[0].id == batch.id
+    ids = [f.id for f in client.files.list()]
+    assert {uploaded.id, done.output_file_id, done.error_file_id} <= set(ids)
+    assert [f.id for f in client.files.list(purpose="batch")][0] == uploaded.id
+    job_id = batch.id.replace("_", "-")
+    job = httpx.get(f"{server.url}/v1/accounts/{ACCOUNT}/batchInferenceJobs/{job_id}",
+                    headers=server.headers).json()  # fmt: skip
+    assert job["state"] == "JOB_STATE_COMPLETED" and job["model"] == MODEL
+    assert job["jobProgress"]["successfullyProcessedRequests"] == 3
+    # a deleted file is gone, its bytes too
+    assert client.files.delete(uploaded.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(uploaded.id)
+    client.files.delete(done.output_file_id)  # the batch no longer names it
+    again = client.batches.retrieve(batch.id)
+    assert again.output_file_id is None and again.error_file_id == done.error_file_id
+
+
+def test_cancel(client):
+    story = [line(f"s{i}", f"Write a long story about the number {i}.", max_tokens=400)
+             for i in range(12)]  # fmt: skip
+    uploaded = client.files.create(file=("stories.jsonl", jsonl(story)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                  completion_window="24h")  # fmt: skip
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    cancelled = wait_for(client, batch.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    assert cancelled.request_counts.completed < 12
+    if cancelled.output_file_id is not None:  # the lines that finished before the cancel
+        done = client.files.content(cancelled.output_file_id).text.splitlines()
+        assert len(done) == cancelled.request_counts.completed
+    assert client.batches.cancel(batch.id).status == "cancelled"  # idempotent
+
+
+def test_bad_requests_name_the_field(client, server):
+    def create(**body) -> httpx.Response:
+        return httpx.post(server.url + "/v1/batches", headers=server.headers, timeout=30,
+                          json={"endpoint": CHAT, "completion_window": "24h", **body})  # fmt: skip
+
+    def upload(lines: list[dict] | bytes, purpose: str = "batch") -> str:
+        data = lines if isinstance(lines, bytes) else jsonl(lines)
+        return client.files.create(file=("in.jsonl", data), purpose=purpose).id
+
+    good = upload([line("a", "hi")])
+    other_model = line("b", "hi")
+    other_model["body"]["model"] = "accounts/fireworks/models/other"
+    no_model = line("c", "hi")
+    del no_model["body"]["model"]
+    cases = [
+        (create(input_file_id=good, endpoint="/v1/embeddings"), 400, "endpoint", "embeddings"),
+        (create(input_file_id=good, completion_window="1h"), 400, "completion_window", "24h"),
+        (create(input_file_id=good, extra=1), 400, "extra", "Extra inputs"),
+        (create(input_file_id="file-nope"), 404, "id", "file-nope"),
+        (create(input_file_id=upload([line("a", "hi")], "user_data")), 400, "input_file_id",
+         "purpose"),
+        (create(input_file_id=upload([line("a", "hi", url="/v1/completions")])), 400,
+         "input_file_id", "line 1"),
+        (create(input_file_id=upload([line("a", "hi"), other_model])), 400, "input_file_id",
+         "2 models"),
+        (create(input_file_id=upload([no_model])), 400, "input_file_id", "body.model"),
+        (create(input_file_id=upload(b'{"custom_id": "a"\n')), 400, "input_file_id", "line 1"),
+        (create(input_file_id=upload([line("a", "hi"), line("a", "hi")])), 400,
+         "input_file_id", "custom_id"),
+        (create(input_file_id=upload([other_model])), 404, "model", "not found"),
+    ]  # fmt: skip
+    for response, status, param, words in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["param"] == param, error
+        assert words is None or words in error["message"], error
+    files = server.url + "/v1/files"
+    no_purpose = httpx.post(files, headers=server.headers, files={"file": ("a.jsonl", b"{}")})
+    assert no_purpose.status_code == 400 and no_purpose.json()["error"]["param"] == "purpose"
+    bad_purpose = httpx.post(files, headers=server.headers, files={"file": ("a", b"{}")},
+                             data={"purpose": "nonsense"})  # fmt: skip
+    assert bad_purpose.status_code == 400 and "nonsense" in bad_purpose.text
+    no_file = httpx.post(files, headers=server.headers, data={"purpose": "batch"},
+                         files={"other": ("a", b"{}")})  # fmt: skip
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    not_a_form = httpx.post(files, headers=server.headers, json={"purpose": "batch"})
+    assert not_a_form.status_code == 415
+    for path in ("/v1/batches/batch_nope", "/v1/batches/batch_" + "0" * 32,
+                 "/v1/files/file-nope"):  # fmt: skip
+        assert httpx.get(server.url + path, headers=server.headers).status_code == 404
+
+
+def test_keys_see_their_own_account_and_roles_hold(client, server):
+    uploaded = client.files.create(file=("a.jsonl", jsonl([line("a", "hi")])), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                  completion_window="24h")  # fmt: skip
+    other = {"Authorization": f"Bearer {key_of(server, 'other-account')}"}
+    for path in (f"/v1/files/{uploaded.id}", f"/v1/files/{uploaded.id}/content",
+                 f"/v1/batches/{batch.id}"):  # fmt: skip
+        assert httpx.get(server.url + path, headers=other).status_code == 404
+    assert httpx.get(server.url + "/v1/files", headers=other).json()["data"] == []
+    cancel = httpx.post(f"{server.url}/v1/batches/{batch.id}/cancel", headers=other)
+    assert cancel.status_code == 404
+    reader = {"Authorization": f"Bearer {key_of(server, ACCOUNT, role=INFERENCE_USER)}"}
+    refused = httpx.post(server.url + "/v1/files", headers=reader, data={"purpose": "batch"},
+                         files={"file": ("a", b"{}")})  # fmt: skip
+    assert refused.status_code == 403 and "role" in refused.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/batches/{batch.id}", headers=reader).status_code == 200
+    assert httpx.get(server.url + "/v1/files", headers={}).status_code == 401
+    wait_for(client, batch.id)
