@@ -10,6 +10,8 @@ import pytest
 from girandole.batch.lines import (
     CHAT,
     COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
     InputError,
     parse_parameters,
     read_input,
@@ -30,13 +32,21 @@ def test_read_input_lines_and_endpoints():
         "",
         {"custom_id": "b", "body": {"prompt": "Once"}},
         {"custom_id": "c", "url": "/v1/completions", "method": "POST", "body": {"prompt": "x"}},
+        {"custom_id": "d", "url": "/embeddings", "body": {"input": "x"}},
+        {"custom_id": "e", "url": "/inference/v1/responses", "body": {"input": "x"}},
     )
     lines = read_input(data, 10)
     assert [(line.line, line.custom_id, line.url) for line in lines] == [
         (0, "a", CHAT),
         (1, "b", COMPLETIONS),
         (2, "c", COMPLETIONS),
+        (3, "d", EMBEDDINGS),
+        (4, "e", RESPONSES),
     ]
+    # only generating lines take the job's parameters; an embeddings request has no stream
+    params = {"max_tokens": 5}
+    assert request_body(lines[3], "m", params) == {"input": "x", "model": "m"}
+    assert request_body(lines[4], "m", params) == {"input": "x", "model": "m", "stream": False}
 
 
 @pytest.mark.parametrize(
@@ -53,6 +63,12 @@ def test_read_input_lines_and_endpoints():
             "line 2: custom_id 'a' is used again (first on line 1)",
         ),
         (jsonl(*({"custom_id": str(i), "body": {"prompt": "x"}} for i in range(4))), "more than 3"),
+        (
+            jsonl({"custom_id": "a", "body": {"input": "x"}}),
+            "line 1: a body with input needs a url",
+        ),
+        (jsonl({"custom_id": "a", "url": ["/v1/completions"], "body": {}}), "line 1: url"),
+        (jsonl({"custom_id": "a", "url": "/v1/moderations", "body": {}}), "/v1/embeddings"),
     ],
 )
 def test_read_input_errors_name_the_line(data, message):

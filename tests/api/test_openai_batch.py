@@ -110,6 +110,48 @@ def test_a_batch_answers_as_the_synchronous_requests_do(client, server):
     assert again.output_file_id is None and again.error_file_id == done.error_file_id
 
 
+def test_embeddings_and_responses_batches(client, server):
+    texts = ["a lighthouse", "the sea at night"]
+    embed = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": MODEL, "input": t}} for i, t in enumerate(texts)]  # fmt: skip
+    respond = [
+        {"custom_id": "r0", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": "Name a color.", "max_output_tokens": 6,
+                  "temperature": 0}},
+        {"custom_id": "r1", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": "x", "background": True}},
+    ]  # fmt: skip
+    batches = {}
+    for name, lines, endpoint in (("embed", embed, "/v1/embeddings"),
+                                  ("respond", respond, "/v1/responses")):  # fmt: skip
+        uploaded = client.files.create(file=(f"{name}.jsonl", jsonl(lines)), purpose="batch")
+        batches[name] = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,
+                                              completion_window="24h")  # fmt: skip
+    embedded = wait_for(client, batches["embed"].id)
+    assert (embedded.request_counts.completed, embedded.request_counts.failed) == (2, 0)
+    for text in client.files.content(embedded.output_file_id).text.splitlines():
+        result = json.loads(text)
+        i = int(result["custom_id"][1:])
+        vector = result["response"]["body"]["data"][0]["embedding"]
+        sync = client.embeddings.create(model=MODEL, input=texts[i], encoding_format="float")
+        assert len(vector) == len(sync.data[0].embedding)
+        assert max(abs(a - b) for a, b in zip(vector, sync.data[0].embedding)) < 1e-3
+    assert embedded.usage.input_tokens > 0 and embedded.usage.output_tokens == 0
+    responded = wait_for(client, batches["respond"].id)
+    assert (responded.request_counts.completed, responded.request_counts.failed) == (1, 1)
+    (result,) = [json.loads(x) for x in
+                 client.files.content(responded.output_file_id).text.splitlines()]  # fmt: skip
+    body = result["response"]["body"]
+    sync = client.responses.create(model=MODEL, input="Name a color.", max_output_tokens=6,
+                                   temperature=0)  # fmt: skip
+    assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == (
+        sync.output_text
+    )
+    (error,) = [json.loads(x) for x in
+                client.files.content(responded.error_file_id).text.splitlines()]  # fmt: skip
+    assert error["custom_id"] == "r1" and "background" in error["error"]["message"]
+
+
 def test_cancel(client):
     story = [line(f"s{i}", f"Write a long story about the number {i}.", max_tokens=400)
              for i in range(12)]  # fmt: skip
@@ -142,7 +184,7 @@ def test_bad_requests_name_the_field(client, server):
     no_model = line("c", "hi")
     del no_model["body"]["model"]
     cases = [
-        (create(input_file_id=good, endpoint="/v1/embeddings"), 400, "endpoint", "embeddings"),
+        (create(input_file_id=good, endpoint="/v1/moderations"), 400, "endpoint", "embeddings"),
         (create(input_file_id=good, completion_window="1h"), 400, "completion_window", "24h"),
         (create(input_file_id=good, extra=1), 400, "extra", "Extra inputs"),
         (create(input_file_id="file-nope"), 404, "id", "file-nope"),

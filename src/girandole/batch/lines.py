@@ -1,7 +1,7 @@
 """A batch job's input: JSONL lines `{"custom_id": "...", "body": {...}}` (OpenAI's batch line
 shape; `url` and `method` may be given too). The body is a chat completions request (with
-`messages`) or a completions request (with `prompt`); `url` picks the endpoint when both could
-apply. The file is checked whole when the job is created (a 400 names the first bad line); what
+`messages`), a completions request (with `prompt`), or, named by `url`, an embeddings or a
+Responses request (with `input`); `url` picks the endpoint when several could apply. The file is checked whole when the job is created (a 400 names the first bad line); what
 only the endpoint can judge (a bad temperature, an unknown field) becomes that line's error in
 the error file.
 """
@@ -14,13 +14,13 @@ from typing import Any
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-_URLS = {
-    CHAT: CHAT,
-    "/chat/completions": CHAT,
-    "/inference/v1/chat/completions": CHAT,
-    COMPLETIONS: COMPLETIONS,
-    "/completions": COMPLETIONS,
-    "/inference/v1/completions": COMPLETIONS,
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)  # the endpoints a line may run
+GENERATING = (CHAT, COMPLETIONS)  # whose lines the job's inferenceParameters fill in
+# every way of writing each: /v1/x, /x, /inference/v1/x
+URL_FORMS = {
+    form: url for url in URLS for form in (url, url.removeprefix("/v1"), "/inference" + url)
 }
 MAX_CUSTOM_ID = 512
 
@@ -110,16 +110,21 @@ def _loads(text: str, what: str) -> Any:
 def _url_of(number: int, item: dict[str, Any]) -> str:
     url = item.get("url")
     if url is not None:
-        if url not in _URLS:
+        if not isinstance(url, str) or url not in URL_FORMS:
             raise InputError(
-                f"line {number}: url {url!r} is not one a batch job runs: {CHAT} or {COMPLETIONS}"
+                f"line {number}: url {str(url)[:100]!r} is not one a batch job runs:"
+                f" {', '.join(URLS)}"
             )
-        return _URLS[url]
+        return URL_FORMS[url]
     body = item["body"]
     if "messages" in body:
         return CHAT
     if "prompt" in body:
         return COMPLETIONS
+    if "input" in body:
+        raise InputError(
+            f"line {number}: a body with input needs a url: {EMBEDDINGS} or {RESPONSES}"
+        )
     raise InputError(
         f"line {number}: body has neither messages (a chat completion) nor prompt (a completion)"
     )
@@ -152,9 +157,11 @@ def parse_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def request_body(line: InputLine, model: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The request a line runs: its body, the job's parameters where the body sets none, the
-    job's model, not streamed."""
-    body = {**parameters, **line.body}
+    """The request a line runs: its body, the job's model; a generating line (chat,
+    completions) with the job's parameters where the body sets none; never streamed."""
+    generating = line.url in GENERATING
+    body = {**parameters, **line.body} if generating else dict(line.body)
     body["model"] = model
-    body["stream"] = False
+    if line.url != EMBEDDINGS:
+        body["stream"] = False
     return body

@@ -1,5 +1,6 @@
 """One batch line run through the same serving pipeline as an HTTP request: the line's body
-becomes an in-process request to the chat or completions endpoint (`serving.pipeline.serve`),
+becomes an in-process request to its endpoint (chat, completions, Responses:
+`serving.pipeline.serve`; embeddings: `serving.prefill.serve_prefill`),
 carrying a request record of the job's account and key, so it is validated, admitted, run and
 accounted for (a usage row, the access log) exactly as if a client had sent it. It runs in the
 batch tier (`BATCH_TIER`): after every interactive request in the admission queue and in the
@@ -16,28 +17,44 @@ from fastapi import FastAPI
 
 from girandole.api.chat.route import ENDPOINT as CHAT_ENDPOINT
 from girandole.api.completions.route import ENDPOINT as COMPLETIONS_ENDPOINT
-from girandole.api.http.errors import APIError, internal_error
+from girandole.api.embeddings.route import ENDPOINT as EMBEDDINGS_ENDPOINT
+from girandole.api.http.errors import APIError, bad_request, internal_error
 from girandole.api.http.inprocess import inprocess_request
 from girandole.api.ops.tracking import Principal, RequestRecord, attach_record
-from girandole.api.serving.pipeline import serve
-from girandole.batch.lines import CHAT
+from girandole.api.responses.route import ENDPOINT as RESPONSES_ENDPOINT
+from girandole.api.serving.pipeline import Endpoint, serve
+from girandole.api.serving.prefill import serve_prefill
+from girandole.batch.lines import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from girandole.engine.scheduler import BATCH_TIER
 
 logger = logging.getLogger("girandole.batch")
+ENDPOINTS: dict[str, Endpoint] = {
+    CHAT: CHAT_ENDPOINT,
+    COMPLETIONS: COMPLETIONS_ENDPOINT,
+    RESPONSES: RESPONSES_ENDPOINT,
+}
 
 
 async def execute(
     app: FastAPI, principal: Principal, url: str, body: dict[str, Any], label: str
 ) -> tuple[int, dict[str, Any]]:
     """(HTTP status, response body) of one request; `label` names it in the access log."""
-    endpoint = CHAT_ENDPOINT if url == CHAT else COMPLETIONS_ENDPOINT
     path = "/inference" + url
     request = inprocess_request(app, path, json.dumps(body).encode())
     state = app.state.girandole
     record = RequestRecord("POST", path, label, principal=principal)  # no ops: not in the
     attach_record(request.scope, record)  # interactive latency histograms
     try:
-        response = await serve(request, endpoint, tier=BATCH_TIER)
+        if url == EMBEDDINGS:
+            response = await serve_prefill(request, EMBEDDINGS_ENDPOINT, tier=BATCH_TIER)
+        else:
+            if url == RESPONSES and body.get("background") is True:
+                raise bad_request(
+                    "background is not run in a batch: the line's response is its result",
+                    "background",
+                )
+            endpoint = ENDPOINTS[url]
+            response = await serve(request, endpoint, tier=BATCH_TIER)
         record.status = response.status_code
         return response.status_code, json.loads(bytes(response.body))
     except APIError as exc:

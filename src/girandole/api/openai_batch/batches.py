@@ -1,6 +1,7 @@
 """OpenAI's Batch API, as the openai SDK's `client.batches` calls it (also under /inference/v1):
 
-    POST /v1/batches               create: input_file_id, endpoint, completion_window, metadata
+    POST /v1/batches               create: input_file_id, endpoint (chat, completions,
+                                   embeddings, responses), completion_window, metadata
     GET  /v1/batches               list, newest first (limit, after)
     GET  /v1/batches/{id}          the batch object
     POST /v1/batches/{id}/cancel   stop it; what is done stays in its output file
@@ -35,7 +36,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
 from girandole.api.serving.target import resolve_target
 from girandole.batch.files import BATCH_OUTPUT
-from girandole.batch.lines import CHAT, COMPLETIONS, InputError, read_input
+from girandole.batch.lines import URL_FORMS, URLS, InputError, read_input
 from girandole.batch.runner import MAX_INPUT_LINES
 from girandole.batch.store import (
     CANCELLED,
@@ -52,8 +53,6 @@ from girandole.batch.store import (
     now_text,
 )
 
-ENDPOINTS = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, "/chat/completions": CHAT,
-             "/completions": COMPLETIONS}  # fmt: skip
 WINDOW = "24h"  # the only completion window OpenAI offers
 STATUS = {PENDING: "in_progress", RUNNING: "in_progress", WRITING_RESULTS: "finalizing",
           COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}  # fmt: skip
@@ -195,11 +194,10 @@ def batch_model(request: Request, account: str, file_id: str, endpoint: str) -> 
 @router.post("/batches", summary="Create a batch", openapi_extra=body_doc(BatchRequest))
 async def create_batch(request: Request, account: str = KeyAccount) -> dict[str, Any]:
     body = await read_json(request, BatchRequest)
-    endpoint = ENDPOINTS.get(body.endpoint)
+    endpoint = URL_FORMS.get(body.endpoint)
     if endpoint is None:
         raise bad_request(
-            f"endpoint {body.endpoint[:100]!r} is not one a batch runs here: {CHAT} or"
-            f" {COMPLETIONS}",
+            f"endpoint {body.endpoint[:100]!r} is not one a batch runs here: {', '.join(URLS)}",
             "endpoint",
         )
     if body.completion_window != WINDOW:

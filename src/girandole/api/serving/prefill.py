@@ -83,7 +83,12 @@ def prefill_router(endpoint: PrefillEndpoint, path: str, name: str, summary: str
     return post_route(handler, endpoint.schema, path, name, summary)
 
 
-async def serve_prefill(request: Request, endpoint: PrefillEndpoint) -> Response:
+async def serve_prefill(
+    request: Request, endpoint: PrefillEndpoint, tier: int | None = None
+) -> Response:
+    """The whole of a prefill-only route. `tier`: the scheduling tier the server gives the
+    request (batch-job lines: girandole.engine.scheduler.BATCH_TIER); None: the default."""
+
     async def parse(state: AppState, data: dict[str, Any]) -> Any:
         strip_unsupported(data, endpoint.unsupported)
         return validate_model(endpoint.schema, data)
@@ -102,11 +107,11 @@ async def serve_prefill(request: Request, endpoint: PrefillEndpoint) -> Response
             f"{got.request_id}-{i}",
             engine.tokenizer,
             OutputOptions(),
-            p.engine_kwargs,
+            {**p.engine_kwargs, "priority": tier} if tier else p.engine_kwargs,
         )
         for i, p in enumerate(prefills)
     ]
-    return await _run(request, got.state, engine, endpoint, got.req, choices, got.target)
+    return await _run(request, got.state, engine, endpoint, got.req, choices, got.target, tier or 0)
 
 
 @with_cancellation
@@ -118,11 +123,12 @@ async def _run(
     req: Any,
     choices: list[Choice],
     target: Any,
+    tier: int = 0,
 ) -> Response:
     record = record_of(request)
     if record is not None and record.model is None:
         record.model = state.served.name
-    await state.ops.admit(record, choices)  # prompt limit; admission queue (429/503)
+    await state.ops.admit(record, choices, tier)  # prompt limit; admission queue (429/503)
     touch(request, target)
     started = time.monotonic()
     fanout = ChoiceFanout(engine, choices, observer=record, on_abort=state.count_aborted)
