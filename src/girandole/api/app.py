@@ -12,6 +12,7 @@ from girandole import __version__
 from girandole.api.batch import install_batch
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
+from girandole.api.conversations import route as conversations
 from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
 from girandole.api.http.cors import FireworksCORS
@@ -24,6 +25,7 @@ from girandole.api.models import route as models
 from girandole.api.openai_batch import install_openai_batch
 from girandole.api.ops import routes as ops
 from girandole.api.ops.tracking import RequestTracker
+from girandole.api.ops.webhooks import Webhooks
 from girandole.api.playground import route as playground
 from girandole.api.rerank import route as rerank
 from girandole.api.responses import route as responses
@@ -48,6 +50,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
             # it stops
             async with responses.background_responses(app):
                 yield
+            await app.state.webhooks.close()  # after the background work's last events
         finally:
             try:
                 await app.state.batch.shutdown()  # before the engines stop: its lines run again
@@ -66,6 +69,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         redirect_slashes=False,  # no 307: TrailingSlashes serves `/x/` as `/x` (http/paths.py)
     )
     app.state.girandole = state
+    app.state.webhooks = Webhooks(state.settings.webhook_urls, state.settings.webhook_secret)
     install_error_handlers(app)
     for prefix in INFERENCE_PREFIXES:
         app.include_router(completions.router, prefix=prefix, tags=["inference"])
@@ -73,6 +77,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(messages.router, prefix=prefix, tags=["inference"])
         app.include_router(responses.router, prefix=prefix, tags=["inference"])
         app.include_router(responses.stored, prefix=prefix, tags=["responses"])
+        app.include_router(conversations.router, prefix=prefix)
         app.include_router(models.router, prefix=prefix, tags=["models"])
         app.include_router(embeddings.router, prefix=prefix, tags=["inference"])
         app.include_router(rerank.router, prefix=prefix, tags=["inference"])

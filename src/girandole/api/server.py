@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from girandole.api.ops.webhooks import secret_key
 from girandole.api.settings import ServerSettings
 from girandole.model.default import DEFAULT_MODEL_ID
 
@@ -194,6 +195,22 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         " [GIRANDOLE_MCP_ALLOWED_HOSTS, default *]",
     )
     p.add_argument(
+        "--webhook-url",
+        default=_env("WEBHOOK_URLS", ""),
+        metavar="URLS",
+        help="where to POST an event when a background response or an OpenAI batch ends"
+        " (OpenAI's webhook events, signed as Standard Webhooks), comma-separated"
+        " [GIRANDOLE_WEBHOOK_URLS]",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default=_env("WEBHOOK_SECRET"),
+        metavar="SECRET",
+        help="the key webhook events are signed with: whsec_ and base64, as OpenAI's"
+        " (python -c \"import base64,os;print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")"
+        " [GIRANDOLE_WEBHOOK_SECRET]",
+    )
+    p.add_argument(
         "--mcp-timeout",
         type=float,
         default=float(_env("MCP_TIMEOUT", "60")),
@@ -288,6 +305,19 @@ def _default_model_id(model: str | None) -> str:
     return model_id_of(ref) if ref is not None else DEFAULT_MODEL_ID
 
 
+def check_webhooks(urls: list[str], secret: str | None) -> list[str]:
+    """--webhook-url: http(s) URLs, and a secret to sign with (ValueError saying what is
+    wrong)."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--webhook-url {url!r}: an http:// or https:// URL")
+    if urls:
+        if secret is None:
+            raise ValueError("--webhook-url needs --webhook-secret (whsec_...) to sign events")
+        secret_key(secret)
+    return urls
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.http.cors import check_origins, check_tokens, parse_list
     from girandole.api.ops.flags import ops_settings
@@ -310,6 +340,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             "--allowed-methods", parse_list(args.allowed_methods) or [], upper=True
         )
         headers = check_tokens("--allowed-headers", parse_list(args.allowed_headers) or [])
+        webhook_urls = check_webhooks(parse_list(args.webhook_url) or [], args.webhook_secret)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     return ServerSettings(
@@ -342,6 +373,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_headers=headers,
         mcp_allowed_hosts=parse_list(args.mcp_allowed_hosts) or [],
         mcp_timeout=args.mcp_timeout,
+        webhook_urls=webhook_urls,
+        webhook_secret=args.webhook_secret,
         log_level=args.log_level,
         ray=args.ray,
         ray_router=args.ray_router,

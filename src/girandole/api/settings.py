@@ -49,6 +49,10 @@ class ServerSettings:
     # patterns (fnmatch: "*.example.com"); "*" any public host; an empty list: MCP tools off
     mcp_allowed_hosts: list[str] = field(default_factory=lambda: ["*"])
     mcp_timeout: float = 60.0  # seconds for one MCP operation (connect, list, one call)
+    # Where events of ended background responses and batches go (girandole.api.ops.webhooks),
+    # signed with the secret (whsec_<base64>)
+    webhook_urls: list[str] = field(default_factory=list)
+    webhook_secret: str | None = None
     log_level: str = "info"
     log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal
     # Keys database and usage rows (girandole.db); None: in memory (tests building apps directly)

@@ -34,6 +34,7 @@ from girandole.batch.store import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    FINAL,
     RUNNING,
     WRITING_RESULTS,
     BatchStore,
@@ -83,6 +84,8 @@ class BatchRunner:
         self._task: asyncio.Task | None = None
         self._stopping: dict[tuple[str, str], str] = {}  # job -> why it must stop
         self._current: tuple[str, str] | None = None  # the job running now
+        # told when a job ends (account, job id, the job): OpenAI's batch webhooks
+        self.on_end: Callable[[str, str, dict[str, Any]], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -148,6 +151,11 @@ class BatchRunner:
         body["state"] = state
         body["status"] = {"code": code, "message": message}
         self.store.save_job(account, job_id, body)
+        if state in FINAL and self.on_end is not None:
+            try:
+                self.on_end(account, job_id, body)
+            except Exception:  # noqa: BLE001 - a listener must not fail the job
+                logger.exception("batch job %s/%s: on_end failed", account, job_id)
         return body
 
     def _prepare(self, account: str, job_id: str) -> tuple[_Job, list[InputLine]] | None:

@@ -33,6 +33,7 @@ from girandole.api.datasets.route import created_by, new_dataset
 from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
+from girandole.api.http.pages import list_page
 from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
 from girandole.api.serving.target import resolve_target
 from girandole.batch.files import BATCH_OUTPUT
@@ -250,19 +251,10 @@ async def list_batches(
     after: str | None = None,
 ) -> dict[str, Any]:
     jobs = [j for j in store_of(request).list_jobs(account) if "openai" in j][::-1]
-    ids = [j["openai"]["id"] for j in jobs]
-    if after is not None:
-        if after not in ids:
-            raise bad_request(f"No batch with id '{after}', field: 'after'", "after")
-        jobs = jobs[ids.index(after) + 1 :]
-    page = [batch_json(request, account, j) for j in jobs[:limit]]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(jobs) > limit,
-    }
+    return list_page(
+        jobs, limit, after, id_of=lambda j: j["openai"]["id"],
+        render=lambda j: batch_json(request, account, j),
+    )  # fmt: skip
 
 
 @router.get("/batches/{batch_id}", summary="A batch's object")

@@ -29,6 +29,7 @@ from girandole.api.datasets.route import (
 )
 from girandole.api.deployments.route import authenticate
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.pages import list_page
 from girandole.batch.files import PURPOSES, FileRecord, FileStore, disk_name
 from girandole.batch.store import BatchStore
 from girandole.registry.roles import USER, may_change_resources
@@ -121,19 +122,7 @@ async def list_files(
     records = files_of(request).list(account, purpose)
     if order == "asc":
         records.reverse()
-    if after is not None:
-        ids = [r.file_id for r in records]
-        if after not in ids:
-            raise bad_request(f"No file with id '{after}', field: 'after'", "after")
-        records = records[ids.index(after) + 1 :]
-    page = [r.json() for r in records[:limit]]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(records) > limit,
-    }
+    return list_page(records, limit, after, id_of=lambda r: r.file_id, render=FileRecord.json)
 
 
 @router.get("/files/{file_id}", summary="A file's object")

@@ -44,10 +44,13 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `include: ["message.output_text.logprobs"]` (the only value made here; others are a 400)
   and/or `top_logprobs` (chat's cap): the text part's `logprobs`, chat's for the tokens after
   the reasoning; each stream delta carries those of its tokens, `output_text.done` all of them.
+- `conversation` (an id or `{"id"}`; not with `previous_response_id`): the Conversations API's
+  conversation (`girandole.api.conversations`): its items, then the input; the input and
+  output items are appended to it when the response ends.
 - `background: true` (with `store`): answered at once, `queued`; the work runs on, to be
   polled, cancelled or streamed again (`background.py`).
 - Not run here, a 400 unless the value asks for nothing: `service_tier`
-  (auto, default), `conversation`, `prompt`, `prompt_cache_retention`, `text.verbosity` other
+  (auto, default), `prompt`, `prompt_cache_retention`, `text.verbosity` other
   than `medium`.
 
 Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",

@@ -35,6 +35,7 @@ from girandole.api.http.errors import APIError
 from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.sse import SSEResponse
 from girandole.api.ops.tracking import RequestRecord, record_of
+from girandole.api.ops.webhooks import Webhooks
 from girandole.api.responses.shape import ResponsesShape, sse_event_of
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import start_job
@@ -105,8 +106,9 @@ def error_json(error: APIError) -> dict[str, str]:
 class BackgroundResponses:
     """The server's background responses: a task each while it runs, and its events."""
 
-    def __init__(self) -> None:
+    def __init__(self, webhooks: Webhooks | None = None) -> None:
         self.runs: OrderedDict[str, BackgroundRun] = OrderedDict()
+        self.webhooks = webhooks  # told when a response ends: response.<its status>
 
     def recover(self, store: ResponseStore) -> None:
         """At start-up: responses a stopped server left unfinished can never finish."""
@@ -169,6 +171,7 @@ class BackgroundResponses:
         record = record_of(request)
         assert record is not None  # pipeline.detached made it
         record.response_id, record.stream = job.id, job.stream
+        status = "failed"
         try:
             fanout = await start_job(request, state, rounds.got.engine, job, rounds.got.target)
             body = shape.response(job, "in_progress", [], None)
@@ -176,9 +179,11 @@ class BackgroundResponses:
             run.log.add("response.in_progress", {"response": body})
             async for name, fields in shape.events(job, fanout):
                 run.log.add(name, fields)  # the last, response.completed: saved by the shape
+                if name == "response.completed":
+                    status = fields["response"]["status"]  # completed, or incomplete
             record.status = 200
         except asyncio.CancelledError:
-            record.status = 499
+            record.status, status = 499, run.end_as
             body = shape.response(job, run.end_as, shape.output_so_far(), _usage(record))
             if run.end_as == "failed":
                 body = failed(body, STOPPED)
@@ -194,6 +199,8 @@ class BackgroundResponses:
             run.ended = time.monotonic()
             run.log.close()
             state.ops.finish(record)  # usage row, admission slot, access log
+            if self.webhooks is not None:
+                self.webhooks.send(f"response.{status}", job.id)
 
     def _forget_old(self) -> None:
         """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED."""

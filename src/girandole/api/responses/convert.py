@@ -54,9 +54,15 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input as stored items, each with an id."""
+    return stored_items(req.input or [], "input")
+
+
+def stored_items(given: list[Any], field: str) -> list[dict[str, Any]]:
+    """Validated items (a request's `input`, a conversation's `items`) as stored items, each
+    with an id; `field` names them in errors."""
     items = []
-    for i, item in enumerate(req.input or []):
-        where = f"input.{i}"
+    for i, item in enumerate(given):
+        where = f"{field}.{i}"
         if isinstance(item, MessageItem):
             parts = _parts(item.content, item.role, where + ".content")
             items.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role,

@@ -15,6 +15,7 @@ from girandole.api.chat.route import DEFAULT_MAX_TOKENS
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.pages import list_page
 from girandole.api.http.sse import SSEResponse
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint, to_chat
 from girandole.api.ops.tracking import record_of
@@ -34,6 +35,7 @@ from girandole.api.serving.pipeline import Rounds, inference_router
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
+from girandole.registry.conversations import ConversationStore
 from girandole.registry.responses import ResponseStore
 
 MAX_LIST = 100  # items in one page of a list
@@ -47,7 +49,6 @@ def _never(value: Any) -> bool:
 # Fields of OpenAI's request this server does not run, accepted only when they ask for nothing.
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "service_tier": lambda v: v in ("auto", "default"),
-    "conversation": _never,
     "prompt": _never,
     "prompt_cache_retention": _never,
 }
@@ -69,11 +70,20 @@ def store_of(request: Request | FastAPI) -> ResponseStore:
     return store
 
 
+def conversations_of(request: Request) -> ConversationStore:
+    app_state = request.app.state
+    store = getattr(app_state, "conversation_store", None)
+    if store is None:
+        store = app_state.conversation_store = ConversationStore(app_state.girandole.ops.db)
+    return store
+
+
 def background_of(request: Request | FastAPI) -> BackgroundResponses:
     app_state = request.app.state if isinstance(request, Request) else request.state
     runs = getattr(app_state, "background_responses", None)
     if runs is None:
-        runs = app_state.background_responses = BackgroundResponses()
+        runs = BackgroundResponses(getattr(app_state, "webhooks", None))
+        app_state.background_responses = runs
     return runs
 
 
@@ -106,6 +116,9 @@ class Responses(TranslatedEndpoint):
                 "background",
             )
         items: list[dict[str, Any]] = []
+        conversation_id = conversation_ref(request, source)
+        if conversation_id is not None:  # its items, then the input
+            items = conversations_of(request).items(conversation_id)
         if source.previous_response_id is not None:
             previous = store.get(account, source.previous_response_id)
             if previous is None:
@@ -162,12 +175,18 @@ class Responses(TranslatedEndpoint):
             "prompt_cache_key": source.prompt_cache_key,
         }
 
-        def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-            store.put(account, body, conversation)
-
         keep = source.store is not False
-        conversation = Conversation(source, items, save if keep else None, toolbox=toolbox,
-                                    prelude=prelude, chat_fields=fields)  # fmt: skip
+
+        def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+            if keep:
+                store.put(account, body, conversation)
+            if conversation_id is not None:  # the turn joins the conversation once it ends
+                conversations_of(request).add_items(conversation_id, new_items + body["output"])
+
+        saves = keep or conversation_id is not None
+        conversation = Conversation(source, items, save if saves else None, toolbox=toolbox,
+                                    prelude=prelude, chat_fields=fields,
+                                    conversation_id=conversation_id)  # fmt: skip
         return to_chat(fields, conversation)
 
     async def prompts(
@@ -240,6 +259,27 @@ async def approved_calls(
 
 
 LOGPROBS = "message.output_text.logprobs"
+
+
+def conversation_ref(request: Request, source: ResponsesRequest) -> str | None:
+    """The conversation a request runs on (`conversation`: its id, or `{"id"}`): the key's
+    account's (400 otherwise), never beside `previous_response_id` (OpenAI's rule)."""
+    ref = source.conversation
+    if ref is None:
+        return None
+    conversation_id = ref if isinstance(ref, str) else ref.id
+    if source.previous_response_id is not None:
+        raise bad_request(
+            "Mutually exclusive parameters: 'previous_response_id' and 'conversation'; send"
+            " one of them, field: 'conversation'",
+            "conversation",
+        )
+    if conversations_of(request).get(account_of(request), conversation_id) is None:
+        raise bad_request(
+            f"Conversation with id '{conversation_id}' not found, field: 'conversation'",
+            "conversation",
+        )
+    return conversation_id
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
@@ -348,7 +388,7 @@ async def list_responses(
     request: Request, limit: Limit = 20, after: str | None = None, before: str | None = None
 ) -> Any:
     page = store_of(request).list(account_of(request), limit, after, before)
-    return _list_body(page.items, page.has_more)
+    return list_page(page.items, limit) | {"has_more": page.has_more}
 
 
 @stored.get(
@@ -368,24 +408,4 @@ async def list_input_items(
     if found is None:
         raise not_found(response_id)
     items = found.input_items if order == "asc" else found.input_items[::-1]
-    ids = [item.get("id") for item in items]
-    start, end = 0, len(items)
-    for cursor, param in ((after, "after"), (before, "before")):
-        if cursor is not None and cursor not in ids:
-            raise bad_request(f"No input item with id '{cursor}', field: '{param}'", param)
-    if after is not None:
-        start = ids.index(after) + 1
-    if before is not None:
-        end = ids.index(before)
-    window = items[start:end]
-    return _list_body(window[:limit], len(window) > limit)
-
-
-def _list_body(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else None,
-        "last_id": items[-1]["id"] if items else None,
-        "has_more": has_more,
-    }
+    return list_page(items, limit, after, before)

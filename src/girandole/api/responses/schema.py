@@ -281,11 +281,16 @@ MetadataKey = Annotated[str, Field(max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=512)]
 
 
+class ConversationRef(StrictModel):
+    id: str
+
+
 class ResponsesRequest(StrictModel):
     model: str
     input: Input | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None  # OpenAI's Conversations API
     store: bool | None = None  # default true
     background: bool | None = None  # background.py
     stream: bool | None = None

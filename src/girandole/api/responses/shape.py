@@ -50,6 +50,7 @@ class Conversation:
     toolbox: McpToolbox | None = None  # its MCP servers
     prelude: list[dict[str, Any]] = field(default_factory=list)  # output before the 1st round
     chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
+    conversation_id: str | None = None  # the Conversations API's conversation it runs on
 
 
 ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block
@@ -227,9 +228,10 @@ class ResponsesShape(TranslatedShape):
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
+            "conversation": {"id": cid} if (cid := self.conversation.conversation_id) else None,
             "background": bool(req.background),
             "reasoning": {"effort": effort, "summary": summary},
-            "store": self.conversation.save is not None,
+            "store": req.store is not False,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "top_logprobs": req.top_logprobs,

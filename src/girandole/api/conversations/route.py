@@ -1,0 +1,151 @@
+"""OpenAI's Conversations API, as the openai SDK's `client.conversations` calls it (also under
+/inference/v1), over `registry/conversations.py`:
+
+    POST   /v1/conversations                         create: items (at most 20), metadata
+    GET    /v1/conversations/{id}
+    POST   /v1/conversations/{id}                    update its metadata
+    DELETE /v1/conversations/{id}                    and its items
+    POST   /v1/conversations/{id}/items              append items (at most 20 at once)
+    GET    /v1/conversations/{id}/items              limit (1-100, 20), after, order (desc)
+    GET    /v1/conversations/{id}/items/{item_id}
+    DELETE /v1/conversations/{id}/items/{item_id}    answers the conversation
+
+Items are Responses input items (messages, function calls and outputs, reasoning, MCP items),
+stored as a Responses request's input is (an id each, text parts). A Responses request with
+`conversation` runs on the conversation's items, and its input and output items are appended
+when it ends (`api/responses/route.py`). A key sees its own account's conversations.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import Field
+
+from girandole.api.deployments.route import read_json
+from girandole.api.http.auth import require_api_key
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.pages import list_page
+from girandole.api.http.schema import StrictModel
+from girandole.api.responses.convert import stored_items
+from girandole.api.responses.route import LOGPROBS, account_of, conversations_of
+from girandole.api.responses.schema import Item, MetadataKey, MetadataValue
+
+MAX_ITEMS = 20  # items in one create or append (OpenAI's limit)
+MAX_LIST = 100
+
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
+class CreateConversation(StrictModel):
+    items: Annotated[list[Item], Field(max_length=MAX_ITEMS)] | None = None
+    metadata: Metadata | None = None
+
+
+class UpdateConversation(StrictModel):
+    metadata: Metadata | None
+
+
+class AddItems(StrictModel):
+    items: Annotated[list[Item], Field(min_length=1, max_length=MAX_ITEMS)]
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["conversations"])
+Include = Annotated[list[str] | None, Query()]
+
+
+def not_found(conversation_id: str) -> APIError:
+    return APIError(404, f"Conversation with id '{conversation_id}' not found.", code="NOT_FOUND")
+
+
+def conversation_of(request: Request, conversation_id: str) -> dict[str, Any]:
+    """The account's conversation, or a 404."""
+    found = conversations_of(request).get(account_of(request), conversation_id)
+    if found is None:
+        raise not_found(conversation_id)
+    return found
+
+
+def check_include(include: list[str] | None) -> None:
+    """`include`: the stored items already hold what this server makes (output text logprobs,
+    when the response asked for them); other values name what it never makes."""
+    for i, value in enumerate(include or []):
+        if value != LOGPROBS:
+            raise bad_request(
+                f"include value '{value}' is not supported: this server can include only"
+                f" '{LOGPROBS}', field: 'include.{i}'",
+                f"include.{i}",
+            )
+
+
+@router.post("/conversations", summary="Create a conversation")
+async def create_conversation(request: Request) -> Any:
+    body = await read_json(request, CreateConversation)
+    items = stored_items(body.items or [], "items")
+    return conversations_of(request).create(account_of(request), body.metadata or {}, items)
+
+
+@router.get("/conversations/{conversation_id}", summary="A conversation")
+async def get_conversation(request: Request, conversation_id: str) -> Any:
+    return conversation_of(request, conversation_id)
+
+
+@router.post("/conversations/{conversation_id}", summary="Update a conversation's metadata")
+async def update_conversation(request: Request, conversation_id: str) -> Any:
+    conversation_of(request, conversation_id)
+    body = await read_json(request, UpdateConversation)
+    store = conversations_of(request)
+    return store.update(account_of(request), conversation_id, body.metadata or {})
+
+
+@router.delete("/conversations/{conversation_id}", summary="Delete a conversation")
+async def delete_conversation(request: Request, conversation_id: str) -> Any:
+    if not conversations_of(request).delete(account_of(request), conversation_id):
+        raise not_found(conversation_id)
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+@router.post("/conversations/{conversation_id}/items", summary="Append items")
+async def add_items(request: Request, conversation_id: str, include: Include = None) -> Any:
+    check_include(include)
+    conversation_of(request, conversation_id)
+    body = await read_json(request, AddItems)
+    items = stored_items(body.items, "items")
+    conversations_of(request).add_items(conversation_id, items)
+    return list_page(items, len(items))
+
+
+@router.get("/conversations/{conversation_id}/items", summary="A conversation's items")
+async def list_items(
+    request: Request,
+    conversation_id: str,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+    include: Include = None,
+) -> Any:
+    check_include(include)
+    conversation_of(request, conversation_id)
+    items = conversations_of(request).items(conversation_id)
+    return list_page(items[::-1] if order == "desc" else items, limit, after)
+
+
+@router.get("/conversations/{conversation_id}/items/{item_id}", summary="One item")
+async def get_item(
+    request: Request, conversation_id: str, item_id: str, include: Include = None
+) -> Any:
+    check_include(include)
+    conversation_of(request, conversation_id)
+    item = conversations_of(request).item(conversation_id, item_id)
+    if item is None:
+        raise APIError(404, f"Item with id '{item_id}' not found.", code="NOT_FOUND")
+    return item
+
+
+@router.delete("/conversations/{conversation_id}/items/{item_id}", summary="Delete an item")
+async def delete_item(request: Request, conversation_id: str, item_id: str) -> Any:
+    conversation = conversation_of(request, conversation_id)
+    if not conversations_of(request).delete_item(conversation_id, item_id):
+        raise APIError(404, f"Item with id '{item_id}' not found.", code="NOT_FOUND")
+    return conversation

@@ -1,0 +1,139 @@
+"""OpenAI's Conversations API (`girandole.api.conversations`) and Responses' `conversation`, on
+the real server and default model, driven by the openai SDK's `client.conversations`: items
+created, appended, listed, read and deleted; a response on a conversation sees its items and
+joins it when it ends (whole, streamed, in the background); other accounts kept out; the 4xx."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from api_helpers import API_KEY, MODEL
+
+from girandole.registry.keystore import Database
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def user(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": text}
+
+
+def test_items_crud(client):
+    conv = client.conversations.create(items=[user("Hello"), user("Are you there?")],
+                                       metadata={"topic": "demo"})  # fmt: skip
+    assert conv.id.startswith("conv_") and conv.object == "conversation"
+    assert conv.metadata == {"topic": "demo"}
+    assert client.conversations.retrieve(conv.id).model_dump() == conv.model_dump()
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.content[0].text for i in items] == ["Hello", "Are you there?"]
+    assert all(i.id.startswith("msg_") and i.status == "completed" for i in items)
+    added = client.conversations.items.create(
+        conv.id, items=[{"role": "assistant", "content": "Yes."}, user("Good.")]
+    )
+    assert [i.role for i in added.data] == ["assistant", "user"]
+    assert added.data[0].content[0].type == "output_text"
+    newest = client.conversations.items.list(conv.id, limit=2)  # desc by default
+    assert [i.id for i in newest.data] == [added.data[1].id, added.data[0].id]
+    assert newest.has_more is True and newest.last_id == added.data[0].id
+    after = client.conversations.items.list(conv.id, after=newest.last_id).data
+    assert [i.id for i in after] == [items[1].id, items[0].id]
+    one = client.conversations.items.retrieve(items[0].id, conversation_id=conv.id)
+    assert one.model_dump() == items[0].model_dump()
+    left = client.conversations.items.delete(items[0].id, conversation_id=conv.id)
+    assert left.id == conv.id
+    assert len(client.conversations.items.list(conv.id).data) == 3
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(items[0].id, conversation_id=conv.id)
+    updated = client.conversations.update(conv.id, metadata={"topic": "other"})
+    assert updated.metadata == {"topic": "other"}
+    assert client.conversations.delete(conv.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conv.id)
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.list(conv.id)
+
+
+def test_a_response_runs_on_the_conversation_and_joins_it(client):
+    conv = client.conversations.create(items=[{"role": "system", "content": "Be terse."}])
+    first = client.responses.create(model=MODEL, input="What is the capital of France?",
+                                    conversation=conv.id, max_output_tokens=8,
+                                    temperature=0)  # fmt: skip
+    assert first.conversation.id == conv.id
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.type for i in items] == ["message"] * 3
+    assert items[-1].id == first.output[0].id and items[-1].role == "assistant"
+    # the same as the conversation's turns sent as input
+    plain = client.responses.create(
+        model=MODEL, instructions="Be terse.", input="What is the capital of France?",
+        max_output_tokens=8, temperature=0,
+    )  # fmt: skip
+    assert first.output_text == plain.output_text
+    assert first.usage.input_tokens == plain.usage.input_tokens
+    # the next turn sees the first: more input tokens, and it joins the conversation too
+    second = client.responses.create(model=MODEL, input="And of Italy?",
+                                     conversation={"id": conv.id}, max_output_tokens=8,
+                                     temperature=0, stream=True)  # fmt: skip
+    done = [e for e in second if e.type == "response.completed"][0].response
+    assert done.usage.input_tokens > first.usage.input_tokens + 3
+    assert len(client.conversations.items.list(conv.id).data) == 5
+    # a background response joins it when it ends
+    queued = client.responses.create(model=MODEL, input="And of Spain?", conversation=conv.id,
+                                     max_output_tokens=4, background=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while client.responses.retrieve(queued.id).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert len(client.conversations.items.list(conv.id).data) == 7
+    # store: false still adds the turn to the conversation
+    client.responses.create(model=MODEL, input="Thanks.", conversation=conv.id,
+                            max_output_tokens=2, store=False)  # fmt: skip
+    assert len(client.conversations.items.list(conv.id).data) == 9
+
+
+def test_errors(client, server):
+    conv = client.conversations.create()
+    first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+
+    def post(path: str, body: dict, key: str = API_KEY) -> httpx.Response:
+        return httpx.post(server.url + path, json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+
+    too_many = {"items": [user(str(i)) for i in range(21)]}
+    cases = [
+        (post("/v1/responses", {"model": MODEL, "input": "x", "conversation": conv.id,
+                                "previous_response_id": first.id}), 400, "conversation"),
+        (post("/v1/responses", {"model": MODEL, "input": "x", "conversation": "conv_nope"}),
+         400, "conversation"),
+        (post("/v1/conversations", too_many), 400, "items"),
+        (post("/v1/conversations", {"items": [{"type": "web_search_call"}]}), 400,
+         "items.0.type"),
+        (post("/v1/conversations", {"metadata": {"k" * 65: "v"}}), 400, None),
+        (post(f"/v1/conversations/{conv.id}/items", {"items": []}), 400, "items"),
+        (post(f"/v1/conversations/{conv.id}/items", {"items": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://x"}]}]}), 400, "items.0.content.0"),
+        (post("/v1/conversations/conv_nope/items", {"items": [user("x")]}), 404, None),
+    ]  # fmt: skip
+    for response, status, param in cases:
+        assert response.status_code == status, response.text
+        if param is not None:
+            assert response.json()["error"]["param"] == param, response.text
+    bad_include = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items?include=x",
+                            headers=server.headers)  # fmt: skip
+    assert bad_include.status_code == 400 and bad_include.json()["error"]["param"] == "include.0"
+    # another account's key sees nothing of it
+    data = server.log_path.parent / f"data-{server.port}"
+    other, _ = Database.in_folder(data).create_key("other-account")
+    headers = {"Authorization": f"Bearer {other}"}
+    for method, path in (("GET", f"/v1/conversations/{conv.id}"),
+                         ("GET", f"/v1/conversations/{conv.id}/items"),
+                         ("DELETE", f"/v1/conversations/{conv.id}")):  # fmt: skip
+        assert httpx.request(method, server.url + path, headers=headers).status_code == 404
+    assert client.conversations.retrieve(conv.id).id == conv.id
