@@ -206,11 +206,21 @@ async def create_job(
             f"outputDatasetId: {dataset_name(account, output_id)} already exists; name a new one",
             "outputDatasetId",
         )
+    job = new_job(account, job_id, body.displayName or job_id, body.model, input_id, output_id,
+                  parameters, total, by, body.precision or "PRECISION_UNSPECIFIED")  # fmt: skip
+    return start_new_job(request, account, job_id, job)
+
+
+def new_job(
+    account: str, job_id: str, display_name: str, model: str, input_id: str, output_id: str,
+    parameters: dict[str, Any], total: int, by: str, precision: str = "PRECISION_UNSPECIFIED",
+) -> dict[str, Any]:  # fmt: skip
+    """A job's record as it is created: waiting for the runner."""
     now = now_text()
-    job = {
+    return {
         "name": job_name(account, job_id),
-        "displayName": body.displayName or job_id,
-        "model": body.model,
+        "displayName": display_name,
+        "model": model,
         "inputDatasetId": dataset_name(account, input_id),
         "outputDatasetId": dataset_name(account, output_id),
         "inferenceParameters": parameters,
@@ -220,8 +230,13 @@ async def create_job(
         "createTime": now,
         "updateTime": now,
         "createdBy": by,
-        "precision": body.precision or "PRECISION_UNSPECIFIED",
+        "precision": precision,
     }
+
+
+def start_new_job(request: Request, account: str, job_id: str, job: dict[str, Any]) -> dict:
+    """Save a new job (under the request's key: its lines' usage rows) and wake the runner."""
+    store = store_of(request)
     principal = getattr(request.state, "principal", None)
     store.insert_job(account, job_id, principal.key_id if principal else None, job)
     runner_of(request).notify()

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from girandole.api.batch.route import runner_of, stop_job, store_of
+from girandole.api.batch.route import new_job, start_new_job, stop_job, store_of
 from girandole.api.datasets.route import created_by, new_dataset
 from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
@@ -49,9 +49,7 @@ from girandole.batch.store import (
     RESULTS_FILE,
     RUNNING,
     WRITING_RESULTS,
-    dataset_name,
     job_name,
-    now_text,
 )
 
 WINDOW = "24h"  # the only completion window OpenAI offers
@@ -214,33 +212,15 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
     output_id = f"{job_id}-output"
     output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
     store.insert_dataset(account, output_id, output)
-    now = now_text()
-    job = {
-        "name": job_name(account, job_id),
-        "displayName": batch_id,
-        "model": model,
-        "inputDatasetId": dataset_name(account, body.input_file_id),
-        "outputDatasetId": dataset_name(account, output_id),
-        "inferenceParameters": {},
-        "state": PENDING,
-        "status": {"code": "OK", "message": ""},
-        "jobProgress": {"totalInputRequests": total},
-        "createTime": now,
-        "updateTime": now,
-        "createdBy": by,
-        "precision": "PRECISION_UNSPECIFIED",
-        "openai": {
-            "id": batch_id,
-            "endpoint": endpoint,
-            "input_file_id": body.input_file_id,
-            "created_at": int(time.time()),
-            "metadata": body.metadata,
-        },
+    job = new_job(account, job_id, batch_id, model, body.input_file_id, output_id, {}, total, by)
+    job["openai"] = {
+        "id": batch_id,
+        "endpoint": endpoint,
+        "input_file_id": body.input_file_id,
+        "created_at": int(time.time()),
+        "metadata": body.metadata,
     }
-    principal = getattr(request.state, "principal", None)
-    store.insert_job(account, job_id, principal.key_id if principal else None, job)
-    runner_of(request).notify()
-    return batch_json(request, account, store.get_job(account, job_id) or job)
+    return batch_json(request, account, start_new_job(request, account, job_id, job))
 
 
 @router.get("/batches", summary="List batches, newest first")
