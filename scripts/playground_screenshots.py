@@ -1,9 +1,12 @@
-"""Screenshots of the playground's modes for the docs: docs/playground/{chat,raw,tokens,code,key}.png.
+"""Screenshots of the playground's modes for the docs: docs/playground/{chat,raw,tokens,code,key,
+mcp,embeddings,rerank}.png.
 
 Starts `girandole serve` (the default model, with a key) on a free loopback port, drives the page
 in headless Chromium (Debian's /usr/bin/chromium, else Playwright's own) and stops the server.
+`--tabs` takes only some of the header's tabs (generate: every screenshot but the other two).
 
     .venv/bin/python scripts/playground_screenshots.py [--out docs/playground]
+        [--tabs generate embeddings rerank]
 """
 
 from __future__ import annotations
@@ -66,85 +69,133 @@ def shoot(page: Page, out: Path, name: str) -> None:
     print(out / f"{name}.png")
 
 
-def screenshots(url: str, out: Path) -> None:
+TABS = ("generate", "embeddings", "rerank")
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+def screenshots(url: str, out: Path, tabs: set[str]) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        viewport = {"width": 1280, "height": 800}
-
-        # keys on, no key yet: the page asks for one
-        page = browser.new_page(viewport=viewport)
-        page.goto(url + "/")
-        page.locator("#key-dialog").wait_for(state="visible")
-        shoot(page, out, "key")
-        page.close()
-
-        context = browser.new_context(viewport=viewport)
+        context = browser.new_context(viewport=VIEWPORT)
         context.add_init_script(f"localStorage.setItem('girandole.apiKey', {json.dumps(KEY)})")
-        page = context.new_page()
-        ready(page, url)
-        page.fill("#p-max_tokens", "24")
-        page.fill("#p-temperature", "0")
-        page.fill("#system", "You are a helpful assistant.")
-        page.fill("#input", "What is the capital of France?")
-        page.click("#send")
-        done(page)
-        page.fill("#input", "And of Italy?")
-        page.click("#send")
-        done(page)
-        shoot(page, out, "chat")
-
-        page.click(".msg.assistant >> nth=-1 >> .act-tokens")
-        page.locator(".msg.assistant >> nth=-1 >> .tok").nth(2).click()
-        shoot(page, out, "tokens")
-        page.mouse.click(5, 5)
-
-        page.fill("#input", "Write a haiku about the sea.")
-        page.click("#view-code")
-        page.click(".tabs button[data-lang=openai]")
-        shoot(page, out, "code")
-        page.click("#code-dialog button[value=close]")
-
-        page.uncheck("#use-chat")
-        page.fill("#p-max_tokens", "40")
-        page.fill("#raw-prompt", "The three primary colours are")
-        page.click("#raw-send")
-        done(page, "#raw-output")
-        shoot(page, out, "raw")
-        page.close()
-
-        # MCP tools: the tests' MCP server (tests/api/mcp_server.py), a call run through Responses
-        sys.path.insert(0, str(ROOT / "tests" / "api"))
-        from mcp_server import start_mcp_servers
-
-        mcp = start_mcp_servers()
-        try:
-            page = context.new_page()
-            ready(page, url)
-            page.fill("#p-max_tokens", "40")
-            page.fill("#p-temperature", "0")
-            page.fill("#p-mcp", f"calc {mcp.http_url}")
-            page.select_option("#p-mcp-choice", "required")
-            page.fill("#input", "Add 2 and 40.")
-            page.click("#send")
-            done(page)
-            page.click(".msg.assistant .tool >> nth=1")
-            shoot(page, out, "mcp")
-        finally:
-            mcp.stop()
+        if "generate" in tabs:
+            generate(browser, context, url, out)
+        if "embeddings" in tabs:
+            embeddings(context, url, out)
+        if "rerank" in tabs:
+            rerank(context, url, out)
         context.close()
         browser.close()
+
+
+def embeddings(context, url: str, out: Path) -> None:
+    page = context.new_page()
+    ready(page, url)
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", "\n".join([
+        "The cat sat on the mat.",
+        "A kitten slept on the rug.",
+        "Paris is the capital of France.",
+        "The Eiffel Tower is in Paris.",
+    ]))  # fmt: skip
+    page.check("#embed-normalize")
+    page.click("#embed-send")
+    page.wait_for_selector("#embed-output:not([hidden])", timeout=300_000)
+    shoot(page, out, "embeddings")
+    page.close()
+
+
+def rerank(context, url: str, out: Path) -> None:
+    page = context.new_page()
+    ready(page, url)
+    page.click("#tab-rerank")
+    page.fill("#rerank-query", "What is the capital of France?")
+    page.fill("#rerank-documents", "\n".join([
+        "Bananas are rich in potassium.",
+        "Paris is the capital and largest city of France.",
+        "The Eiffel Tower is in Paris.",
+        "Berlin is the capital of Germany.",
+        "def add(a, b): return a + b",
+    ]))  # fmt: skip
+    page.click("#rerank-send")
+    page.wait_for_selector("#rerank-output:not([hidden])", timeout=300_000)
+    shoot(page, out, "rerank")
+    page.close()
+
+
+def generate(browser, context, url: str, out: Path) -> None:
+    """The Generate tab: key, chat, tokens, code, raw, mcp."""
+    # keys on, no key yet: the page asks for one
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url + "/")
+    page.locator("#key-dialog").wait_for(state="visible")
+    shoot(page, out, "key")
+    page.close()
+
+    page = context.new_page()
+    ready(page, url)
+    page.fill("#p-max_tokens", "24")
+    page.fill("#p-temperature", "0")
+    page.fill("#system", "You are a helpful assistant.")
+    page.fill("#input", "What is the capital of France?")
+    page.click("#send")
+    done(page)
+    page.fill("#input", "And of Italy?")
+    page.click("#send")
+    done(page)
+    shoot(page, out, "chat")
+
+    page.click(".msg.assistant >> nth=-1 >> .act-tokens")
+    page.locator(".msg.assistant >> nth=-1 >> .tok").nth(2).click()
+    shoot(page, out, "tokens")
+    page.mouse.click(5, 5)
+
+    page.fill("#input", "Write a haiku about the sea.")
+    page.click("#view-code")
+    page.click(".tabs button[data-lang=openai]")
+    shoot(page, out, "code")
+    page.click("#code-dialog button[value=close]")
+
+    page.uncheck("#use-chat")
+    page.fill("#p-max_tokens", "40")
+    page.fill("#raw-prompt", "The three primary colours are")
+    page.click("#raw-send")
+    done(page, "#raw-output")
+    shoot(page, out, "raw")
+    page.close()
+
+    # MCP tools: the tests' MCP server (tests/api/mcp_server.py), a call run through Responses
+    sys.path.insert(0, str(ROOT / "tests" / "api"))
+    from mcp_server import start_mcp_servers
+
+    mcp = start_mcp_servers()
+    try:
+        page = context.new_page()
+        ready(page, url)
+        page.fill("#p-max_tokens", "40")
+        page.fill("#p-temperature", "0")
+        page.fill("#p-mcp", f"calc {mcp.http_url}")
+        page.select_option("#p-mcp-choice", "required")
+        page.fill("#input", "Add 2 and 40.")
+        page.click("#send")
+        done(page)
+        page.click(".msg.assistant .tool >> nth=1")
+        shoot(page, out, "mcp")
+    finally:
+        mcp.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "playground")
+    parser.add_argument("--tabs", nargs="+", choices=TABS, default=list(TABS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as data_dir:
         proc, url = serve(data_dir)
         try:
-            screenshots(url, args.out)
+            screenshots(url, args.out, set(args.tabs))
         finally:
             proc.terminate()
             proc.wait(30)

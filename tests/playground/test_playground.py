@@ -1,10 +1,13 @@
 """The playground page driven in headless Chromium against the real server and default model:
 streamed chat, stop, raw completions, the token view's continuation, the parameters panel, the
-code snippets run as shown, export/import, and a server with keys asking for one on 401."""
+code snippets run as shown, export/import, a server with keys asking for one on 401, and the
+Embeddings and Rerank tabs (what they show is what the API answers)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -418,3 +421,235 @@ def test_mcp_tools_through_responses(open_server, page):
         assert out.returncode == 0, out.stderr
     finally:
         mcp.stop()
+
+
+EMBEDDINGS = "/v1/embeddings"
+RERANK = "/v1/rerank"
+TEXTS = ["The cat sat on the mat.", "A kitten slept on the rug.", "Paris is the capital of France."]
+QUERY = "What is the capital of France?"
+DOCUMENTS = [
+    "Bananas are rich in potassium.",
+    "Paris is the capital and largest city of France.",
+    "The Eiffel Tower is in Paris.",
+    "def add(a, b): return a + b",
+]
+
+
+def shown(text: str) -> float:
+    return float(text.replace("…", "").strip())
+
+
+def near(text: str, value: float, decimals: int) -> bool:
+    """A number the page shows with `decimals` decimals is `value` rounded (a hair's slack for
+    the engine's float noise between two requests)."""
+    return abs(shown(text) - value) <= 0.5 * 10**-decimals + 1e-5
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def cells(page, selector: str) -> list[list[str]]:
+    return page.eval_on_selector_all(
+        selector, "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
+
+
+def embed(page) -> None:
+    page.click("#embed-send")
+    page.wait_for_function("!document.getElementById('embed-send').disabled")
+
+
+def check_embeddings(page, body: dict, expected: dict) -> None:
+    """The page's tables show the server's answer for `body`."""
+    vectors = [d["embedding"] for d in sorted(expected["data"], key=lambda d: d["index"])]
+    rows = cells(page, "#embed-vectors tbody tr")
+    assert len(rows) == len(body["input"]) == len(vectors)
+    for i, (row, text, vector) in enumerate(zip(rows, body["input"], vectors)):
+        index, shown_text, dims, norm, values = row
+        assert (index, shown_text, dims) == (str(i), text, str(len(vector)))
+        assert near(norm, math.sqrt(sum(x * x for x in vector)), 4), (norm, i)
+        first = values.replace("…", "").split()
+        assert len(first) == 8 and values.endswith("…")
+        assert all(near(v, x, 4) for v, x in zip(first, vector[:8])), (first, vector[:8])
+    matrix = cells(page, "#embed-matrix tbody tr")
+    assert [row[0] for row in matrix] == [f"#{i}" for i in range(len(vectors))]
+    for i, row in enumerate(matrix):
+        assert len(row) == len(vectors) + 1
+        assert row[1 + i] == "1.000"  # a vector's cosine with itself
+        for j, value in enumerate(row[1:]):
+            assert near(value, cosine(vectors[i], vectors[j]), 3), (i, j, value)
+    usage = page.text_content("#embed-usage")
+    assert f"prompt_tokens {expected['usage']['prompt_tokens']}" in usage, usage
+
+
+def test_embeddings_tab_matches_the_api(open_server, page):
+    open_page(page, open_server)
+    sent = posts(page)
+    page.click("#tab-embeddings")
+    assert page.is_visible("#embed-pane") and page.is_hidden("#chat-pane")
+    assert page.is_hidden("#params") and page.is_hidden("#use-chat") and page.is_hidden("#export")
+    page.fill("#embed-input", f"{TEXTS[0]}\n\n{TEXTS[1]}\n   \n{TEXTS[2]}\n")  # blanks left out
+    embed(page)
+    (path, body), = sent  # fmt: skip
+    assert path == EMBEDDINGS
+    assert body == {"model": page.input_value("#model"), "input": TEXTS}
+    assert page.is_hidden("#error") and page.is_visible("#embed-output")
+    check_embeddings(page, body, api(open_server, EMBEDDINGS, body))
+    # normalize and dimensions: the first 32 values, at unit norm
+    page.check("#embed-normalize")
+    page.fill("#embed-dimensions", "32")
+    embed(page)
+    path, body = sent[-1]
+    assert body == {"model": page.input_value("#model"), "input": TEXTS, "normalize": True,
+                    "dimensions": 32}  # fmt: skip
+    check_embeddings(page, body, api(open_server, EMBEDDINGS, body))
+    assert [row[2:4] for row in cells(page, "#embed-vectors tbody tr")] == [["32", "1.0000"]] * 3
+
+
+def test_rerank_tab_matches_the_api(open_server, page):
+    open_page(page, open_server)
+    sent = posts(page)
+    page.click("#tab-rerank")
+    assert page.is_visible("#rerank-pane") and page.is_hidden("#embed-pane")
+    page.fill("#rerank-query", QUERY)
+    page.fill("#rerank-documents", "\n".join(DOCUMENTS[:2] + [""] + DOCUMENTS[2:]))
+    for top_n in (None, 2):
+        if top_n:
+            page.fill("#rerank-top_n", str(top_n))
+        page.click("#rerank-send")
+        page.wait_for_function("!document.getElementById('rerank-send').disabled")
+        path, body = sent[-1]
+        assert path == RERANK
+        assert body == {"model": page.input_value("#model"), "query": QUERY,
+                        "documents": DOCUMENTS, **({"top_n": top_n} if top_n else {}),
+                        "return_documents": True}  # fmt: skip
+        expected = api(open_server, RERANK, body)
+        data = expected["data"]
+        assert len(data) == (top_n or len(DOCUMENTS))
+        rows = page.locator("#rerank-list .ranked")
+        assert rows.count() == len(data)
+        for rank, d in enumerate(data):
+            row = rows.nth(rank)
+            assert row.locator(".rank").text_content() == str(rank + 1)
+            assert row.locator(".doc-index").text_content() == f"#{d['index']}"
+            assert row.locator(".doc").text_content() == d["document"] == DOCUMENTS[d["index"]]
+            assert near(row.locator(".score").text_content(), d["relevance_score"], 4)
+            # the bar as drawn: its fill's share of the bar's width is the score
+            width, height = row.locator(".score-bar span").evaluate(
+                "e => [e.offsetWidth / e.parentElement.clientWidth, e.offsetHeight]"
+            )
+            assert abs(width - d["relevance_score"]) < 0.01 and height > 0, (width, height)
+        usage = page.text_content("#rerank-usage")
+        assert f"prompt_tokens {expected['usage']['prompt_tokens']}" in usage, usage
+
+
+def test_embeddings_and_rerank_errors_show_on_the_page(open_server, page):
+    open_page(page, open_server)
+    sent = posts(page)
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", TEXTS[0])
+    page.fill("#embed-dimensions", "1.5")
+    page.click("#embed-send")
+    assert page.text_content("#error") == "dimensions must be an integer"
+    assert sent == []  # nothing was sent
+
+    def server_error(button: str, *words: str) -> None:
+        page.evaluate("document.getElementById('error').textContent = ''")  # not the last one
+        page.click(button)
+        page.wait_for_function("document.getElementById('error').textContent.startsWith('400')")
+        text = page.text_content("#error")
+        assert page.is_visible("#error") and all(w in text for w in words), text
+
+    page.fill("#embed-dimensions", "100000")  # above the model's hidden size
+    server_error("#embed-send", "dimensions")
+    assert sent[-1][1]["dimensions"] == 100000 and page.is_hidden("#embed-output")
+    page.fill("#embed-dimensions", "")
+    embed(page)
+    assert page.is_hidden("#error") and page.is_visible("#embed-output")
+    page.fill("#embed-input", "\n \n")  # no inputs: the server refuses the empty list
+    server_error("#embed-send", "'input'")
+    assert sent[-1][1]["input"] == [] and page.is_hidden("#embed-output")
+    page.click("#tab-rerank")
+    assert page.is_hidden("#error")  # a tab's error goes with it
+    page.fill("#rerank-query", QUERY)
+    page.fill("#rerank-documents", "\n".join(DOCUMENTS))
+    page.fill("#rerank-top_n", "0")
+    server_error("#rerank-send", "top_n")
+    assert page.is_hidden("#rerank-output")
+
+
+def test_back_to_generate_still_chats(open_server, page):
+    open_page(page, open_server)
+    sent = posts(page)
+    page.uncheck("#use-chat")  # raw mode is kept across tabs
+    for tab in ("embeddings", "rerank"):
+        page.click(f"#tab-{tab}")
+        assert page.is_hidden("#chat-pane") and page.is_hidden("#raw-pane")
+        assert page.get_attribute(f"#tab-{tab}", "aria-selected") == "true"
+    page.click("#tab-generate")
+    assert page.is_visible("#raw-pane") and page.is_visible("#params")
+    assert page.is_hidden("#embed-pane") and page.is_hidden("#rerank-pane")
+    page.check("#use-chat")
+    assert page.is_visible("#chat-pane") and page.is_visible("#export")
+    fill(page, max_tokens=4)
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    finished(page)
+    (path, body), = sent  # fmt: skip
+    assert path == CHAT and body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert "completion" in page.text_content(".msg.assistant .stats")
+
+
+def test_view_code_for_embeddings_and_rerank(open_server, page, tmp_path):
+    """The snippets run as shown and print what the API answers: the openai SDK's
+    embeddings.create, and httpx for rerank (no SDK has it)."""
+    open_page(page, open_server)
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", "\n".join(TEXTS))
+    page.check("#embed-normalize")
+    page.click("#view-code")
+    code = snippet(page, "openai")
+    assert "client.embeddings.create(" in code and "extra_body" in code  # normalize: not an arg
+    assert "client.embeddings.create(" in snippet(page, "fireworks")
+    curl = snippet(page, "curl")
+    assert "/inference/v1/embeddings" in curl and '"normalize": true' in curl
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, (code, out.stderr)
+    expected = api(open_server, EMBEDDINGS, {"input": TEXTS, "normalize": True})["data"]
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(expected)
+    for line, d in zip(lines, expected):
+        index, dims, values = line.split(" ", 2)
+        assert (int(index), int(dims)) == (d["index"], len(d["embedding"]))
+        assert all(abs(a - b) < 1e-4 for a, b in zip(ast.literal_eval(values), d["embedding"]))
+    page.click("#code-dialog button[value=close]")
+
+    page.click("#tab-rerank")
+    page.fill("#rerank-query", QUERY)
+    page.fill("#rerank-documents", "\n".join(DOCUMENTS))
+    page.click("#view-code")
+    assert page.text_content(".tabs button[data-lang=openai]") == "Python (httpx)"
+    code = snippet(page, "openai")
+    assert "httpx.post(" in code and "/inference/v1/rerank" in code
+    assert "httpx.post(" in snippet(page, "fireworks")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, (code, out.stderr)
+    body = {"query": QUERY, "documents": DOCUMENTS, "return_documents": True}
+    expected = api(open_server, RERANK, body)["data"]
+    printed = [line.split(" ", 2) for line in out.stdout.splitlines()]
+    assert [(int(i), t) for i, _, t in printed] == [(d["index"], d["document"]) for d in expected]
+    assert all(
+        abs(float(s) - d["relevance_score"]) < 1e-5 for (_, s, _), d in zip(printed, expected)
+    )
+    script = tmp_path / "rerank.mjs"
+    script.write_text(snippet(page, "js"))
+    out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and DOCUMENTS[1] in out.stdout, out
+    page.click("#code-dialog button[value=close]")
+    page.click("#tab-generate")  # the chat tabs come back
+    page.click("#view-code")
+    assert page.text_content(".tabs button[data-lang=openai]") == "Python (openai)"

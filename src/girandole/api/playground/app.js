@@ -3,6 +3,7 @@
 // /v1/completions; both stream (SSE) and ask for perf metrics and logprobs for the token view.
 // With MCP servers named, chat goes to /v1/responses instead: the server lists their tools and
 // runs the model's calls itself; the page shows the calls and their results.
+// The Embeddings and Rerank tabs post to /v1/embeddings and /v1/rerank (one JSON answer each).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -27,8 +28,12 @@ const OPENAI_ARGS = new Set([
   "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
   "response_format", "echo", "user",
 ]);
+// Arguments the openai SDK's embeddings.create() names (normalize travels in extra_body).
+const EMBEDDINGS_ARGS = new Set(["model", "input", "dimensions", "encoding_format", "user"]);
+const SHOWN_VALUES = 8; // the first values of each vector the Embeddings tab shows
 
 const state = {
+  tab: "generate", // the header's mode: generate (chat and raw), embeddings or rerank
   models: [], // /v1/models entries
   messages: [], // chat turns: {role, choices: [{content, tokens, finish_reason}], sel, stats}
   raw: null, // raw mode's last completion, same shape as an assistant message
@@ -177,10 +182,31 @@ function chatMode() {
 }
 
 function modeChanged() {
-  $("chat-pane").hidden = !chatMode();
-  $("raw-pane").hidden = chatMode();
+  const generate = state.tab === "generate";
+  $("chat-pane").hidden = !generate || !chatMode();
+  $("raw-pane").hidden = !generate || chatMode();
   const max = $("p-max_tokens");
   max.placeholder = chatMode() ? max.dataset.defaultChat : max.dataset.defaultRaw;
+}
+
+// The header's tabs: Generate (chat and raw completions, the parameters panel), Embeddings,
+// Rerank. Export, Import and Clear belong to the conversation: shown with Generate only.
+function setTab(tab) {
+  state.tab = tab;
+  const generate = tab === "generate";
+  for (const b of document.querySelectorAll(".modes button")) {
+    b.classList.toggle("active", b.dataset.tab === tab);
+    b.setAttribute("aria-selected", String(b.dataset.tab === tab));
+  }
+  document.body.dataset.tab = tab;
+  $("embed-pane").hidden = tab !== "embeddings";
+  $("rerank-pane").hidden = tab !== "rerank";
+  for (const el of [$("params"), $("use-chat-box"), $("export"), $("import").parentElement, $("clear")]) {
+    el.hidden = !generate;
+  }
+  hidePopup();
+  hideError();
+  modeChanged();
 }
 
 // ---------------------------------------------------------------- parameters
@@ -574,6 +600,170 @@ function setBusy(busy) {
   document.body.classList.toggle("busy", busy);
 }
 
+// ---------------------------------------------------------------- embeddings and rerank
+
+// The lines of a textarea, blank ones left out.
+function textLines(id) {
+  return $(id).value.split("\n").filter((line) => line.trim() !== "");
+}
+
+function readInt(id, name) {
+  const text = $(id).value.trim();
+  if (text === "") return undefined;
+  const value = Number(text);
+  if (!Number.isInteger(value)) throw new Error(`${name} must be an integer`);
+  return value;
+}
+
+function embeddingsBody() {
+  const body = { model: $("model").value, input: textLines("embed-input") };
+  if ($("embed-normalize").checked) body.normalize = true;
+  const dimensions = readInt("embed-dimensions", "dimensions");
+  if (dimensions !== undefined) body.dimensions = dimensions;
+  return body;
+}
+
+function rerankBody() {
+  const body = { model: $("model").value, query: $("rerank-query").value,
+                 documents: textLines("rerank-documents") };
+  const topN = readInt("rerank-top_n", "top_n");
+  if (topN !== undefined) body.top_n = topN;
+  body.return_documents = true;
+  return body;
+}
+
+// POST one non-streaming request of the Embeddings or Rerank tab; `show` draws the answer.
+async function sendOnce(path, makeBody, buttonId, outputId, show) {
+  let body;
+  try {
+    body = makeBody();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  hideError();
+  $(buttonId).disabled = true;
+  const started = performance.now();
+  try {
+    const res = await apiFetch(path, { body });
+    const answer = await res.json();
+    show(answer, body, performance.now() - started);
+    $(outputId).hidden = false;
+  } catch (err) {
+    $(outputId).hidden = true; // no stale answer under the error
+    showError(err.message);
+  } finally {
+    $(buttonId).disabled = false;
+  }
+}
+
+function usageText(usage, ms) {
+  const parts = [];
+  if (usage) parts.push(`prompt_tokens ${usage.prompt_tokens}`, `total_tokens ${usage.total_tokens}`);
+  parts.push(`${ms.toFixed(0)} ms`);
+  return parts.join(" · ");
+}
+
+function cell(tag, text, className) {
+  const el = document.createElement(tag);
+  el.textContent = text;
+  if (className) el.className = className;
+  return el;
+}
+
+function l2norm(v) {
+  return Math.sqrt(v.reduce((sum, x) => sum + x * x, 0));
+}
+
+function cosine(a, b) {
+  const dot = a.reduce((sum, x, i) => sum + x * b[i], 0);
+  const norms = l2norm(a) * l2norm(b);
+  return norms > 0 ? dot / norms : 0;
+}
+
+// Cosine 1 is the accent colour, 0 white, -1 blue.
+function similarityShade(value) {
+  const alpha = Math.min(1, Math.abs(value)) * 0.6;
+  return value >= 0 ? `rgba(194, 65, 12, ${alpha})` : `rgba(37, 99, 235, ${alpha})`;
+}
+
+function showEmbeddings(answer, body) {
+  const data = [...answer.data].sort((a, b) => a.index - b.index);
+  const vectors = data.map((d) => d.embedding);
+  const rows = data.map((d) => {
+    const v = d.embedding;
+    const first = v.slice(0, SHOWN_VALUES).map((x) => x.toFixed(4)).join(" ");
+    const tr = document.createElement("tr");
+    tr.append(
+      cell("td", String(d.index), "index"),
+      cell("td", body.input[d.index] ?? "", "input-text"),
+      cell("td", String(v.length), "dims"),
+      cell("td", l2norm(v).toFixed(4), "norm"),
+      cell("td", v.length > SHOWN_VALUES ? `${first} …` : first, "values"),
+    );
+    return tr;
+  });
+  $("embed-vectors").tBodies[0].replaceChildren(...rows);
+  const head = document.createElement("tr");
+  head.append(cell("th", ""), ...data.map((d) => {
+    const th = cell("th", `#${d.index}`);
+    th.title = body.input[d.index] ?? "";
+    return th;
+  }));
+  const thead = document.createElement("thead");
+  thead.append(head);
+  const tbody = document.createElement("tbody");
+  data.forEach((d, i) => {
+    const tr = document.createElement("tr");
+    const th = cell("th", `#${d.index}`);
+    th.title = body.input[d.index] ?? "";
+    tr.append(th, ...vectors.map((w, j) => {
+      const value = cosine(vectors[i], w);
+      const td = cell("td", value.toFixed(3), "sim");
+      td.style.background = similarityShade(value);
+      td.title = `cos(#${d.index}, #${data[j].index}) = ${value}`;
+      return td;
+    }));
+    tbody.append(tr);
+  });
+  $("embed-matrix").replaceChildren(thead, tbody);
+}
+
+function showRanking(answer) {
+  $("rerank-list").replaceChildren(...answer.data.map((d, rank) => {
+    const li = document.createElement("li");
+    li.className = "ranked";
+    const bar = document.createElement("span");
+    bar.className = "score-bar";
+    const fill = document.createElement("span");
+    fill.style.width = `${(Math.max(0, Math.min(1, d.relevance_score)) * 100).toFixed(1)}%`;
+    bar.append(fill);
+    bar.title = String(d.relevance_score);
+    li.append(
+      cell("span", String(rank + 1), "rank"),
+      cell("span", `#${d.index}`, "doc-index"),
+      cell("span", d.relevance_score.toFixed(4), "score"),
+      bar,
+      cell("span", d.document ?? "", "doc"),
+    );
+    return li;
+  }));
+}
+
+function sendEmbeddings() {
+  return sendOnce("/v1/embeddings", embeddingsBody, "embed-send", "embed-output", (answer, body, ms) => {
+    showEmbeddings(answer, body);
+    $("embed-usage").textContent = usageText(answer.usage, ms);
+  });
+}
+
+function sendRerank() {
+  return sendOnce("/v1/rerank", rerankBody, "rerank-send", "rerank-output", (answer, body, ms) => {
+    showRanking(answer);
+    $("rerank-usage").textContent = usageText(answer.usage, ms);
+  });
+}
+
 // ---------------------------------------------------------------- rendering
 
 function render() {
@@ -796,6 +986,23 @@ function pythonCall(call, args) {
   return `${call}(\n${Object.entries(args).map(([k, v]) => `    ${k}=${pyLiteral(v, "    ")},`).join("\n")}\n)`;
 }
 
+// A plain HTTP request from Python (httpx, which the openai SDK installs): for /v1/rerank,
+// which no SDK here has a method for.
+function pythonHTTP(body, path, key) {
+  const args = { url: `${location.origin}/inference${path}` };
+  if (key) args.headers = { Authorization: `Bearer ${key}` };
+  args.json = body;
+  args.timeout = 60;
+  return [
+    "import httpx",
+    "",
+    `response = ${pythonCall("httpx.post", args)}`,
+    "response.raise_for_status()",
+    'for d in response.json()["data"]:',
+    '    print(d["index"], d["relevance_score"], d.get("document"))',
+  ].join("\n");
+}
+
 const SNIPPETS = {
   curl(body, path, key) {
     const lines = [`curl ${location.origin}/inference${path}`];
@@ -805,27 +1012,37 @@ const SNIPPETS = {
     return lines.join(" \\\n  ");
   },
   openai(body, path, key) {
+    if (path.endsWith("/rerank")) return pythonHTTP(body, path, key); // the SDK has no rerank
     const args = {};
     const extra = {};
     const responses = path.endsWith("/responses"); // every field a responses.create argument
-    for (const [k, v] of Object.entries(body)) (responses || OPENAI_ARGS.has(k) ? args : extra)[k] = v;
+    const embeddings = path.endsWith("/embeddings");
+    const known = embeddings ? EMBEDDINGS_ARGS : OPENAI_ARGS;
+    for (const [k, v] of Object.entries(body)) (responses || known.has(k) ? args : extra)[k] = v;
     if (Object.keys(extra).length) args.extra_body = extra;
-    const method = responses ? "client.responses.create"
+    const method = responses ? "client.responses.create" : embeddings ? "client.embeddings.create"
       : path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
-    const show = responses ? "response.output_text"
-      : path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
+    const show = embeddings
+      ? `for d in response.data:\n    print(d.index, len(d.embedding), d.embedding[:${SHOWN_VALUES}])`
+      : `print(${responses ? "response.output_text"
+        : path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text"})`;
     return [
       "from openai import OpenAI",
       "",
       `client = OpenAI(base_url=${JSON.stringify(`${location.origin}/inference/v1`)}, api_key=${JSON.stringify(key || "unused")})`,
       `response = ${pythonCall(method, args)}`,
-      `print(${show})`,
+      show,
     ].join("\n");
   },
   fireworks(body, path, key) {
-    if (path.endsWith("/responses")) {
-      return ["# fireworks-ai has no Responses client; Fireworks' own examples use the openai SDK:",
+    if (path.endsWith("/responses") || path.endsWith("/embeddings")) {
+      const what = path.endsWith("/responses") ? "Responses" : "embeddings";
+      return [`# fireworks-ai has no ${what} client; Fireworks' own examples use the openai SDK:`,
               SNIPPETS.openai(body, path, key)].join("\n");
+    }
+    if (path.endsWith("/rerank")) {
+      return ["# fireworks-ai has no rerank client: a plain HTTP request (httpx)",
+              pythonHTTP(body, path, key)].join("\n");
     }
     const method = path.includes("chat") ? "client.chat.completions.create" : "client.completions.create";
     const show = path.includes("chat") ? "response.choices[0].message.content" : "response.choices[0].text";
@@ -842,7 +1059,10 @@ const SNIPPETS = {
     if (key) headers.Authorization = `Bearer ${key}`;
     const show = path.endsWith("/responses")
       ? 'body.output.filter((i) => i.type === "message").map((i) => i.content[0].text).join("")'
-      : path.includes("chat") ? "body.choices[0].message.content" : "body.choices[0].text";
+      : path.endsWith("/embeddings")
+        ? `body.data.map((d) => [d.index, d.embedding.length, d.embedding.slice(0, ${SHOWN_VALUES})])`
+        : path.endsWith("/rerank") ? "body.data.map((d) => [d.index, d.relevance_score, d.document])"
+          : path.includes("chat") ? "body.choices[0].message.content" : "body.choices[0].text";
     return [
       "// Node 18+ (save as request.mjs, run: node request.mjs) or a browser console",
       `const response = await fetch(${JSON.stringify(`${location.origin}/inference${path}`)}, {`,
@@ -858,15 +1078,26 @@ const SNIPPETS = {
 
 let codeLang = "curl";
 
+// The request the page would send now in the current tab: its body and its path.
+function currentCall() {
+  if (state.tab === "embeddings") return { body: embeddingsBody(), path: "/v1/embeddings" };
+  if (state.tab === "rerank") return { body: rerankBody(), path: "/v1/rerank" };
+  const path = mcpMode() ? "/v1/responses" : chatMode() ? "/v1/chat/completions" : "/v1/completions";
+  return { body: currentRequest(), path };
+}
+
 function showCode() {
-  let body;
+  let call;
   try {
-    body = currentRequest();
+    call = currentCall();
   } catch (err) {
     showError(err.message);
     return;
   }
-  const path = mcpMode() ? "/v1/responses" : chatMode() ? "/v1/chat/completions" : "/v1/completions";
+  const { body, path } = call;
+  // /v1/rerank has no openai SDK method: that tab shows httpx
+  document.querySelector(".tabs button[data-lang=openai]").textContent =
+    path.endsWith("/rerank") ? "Python (httpx)" : "Python (openai)";
   $("code").textContent = SNIPPETS[codeLang](body, path, apiKey());
   for (const b of document.querySelectorAll(".tabs button")) {
     b.classList.toggle("active", b.dataset.lang === codeLang);
@@ -970,6 +1201,17 @@ function init() {
     render();
   });
   $("p-format").addEventListener("change", formatChanged);
+  for (const b of document.querySelectorAll(".modes button")) {
+    b.addEventListener("click", () => setTab(b.dataset.tab));
+  }
+  $("embed-send").addEventListener("click", sendEmbeddings);
+  $("rerank-send").addEventListener("click", sendRerank);
+  $("rerank-query").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();
+      sendRerank();
+    }
+  });
   $("view-code").addEventListener("click", showCode);
   $("copy-code").addEventListener("click", copyCode);
   for (const b of document.querySelectorAll(".tabs button")) {
@@ -992,7 +1234,7 @@ function init() {
   });
   showDefaults();
   formatChanged();
-  modeChanged();
+  setTab("generate");
   render();
   loadModels();
 }
