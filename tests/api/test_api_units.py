@@ -440,7 +440,10 @@ def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     "path, label",
     [("/v1/completions", "completions"), ("/inference/v1/chat/completions", "chat_completions"),
      ("/tokenize", "tokenize"), ("/v1/detokenize", "detokenize"),
-     ("/v1/messages/count_tokens", "count_tokens"), ("/v1/nothing", "other")],
+     ("/v1/messages/count_tokens", "count_tokens"), ("/v1/nothing", "other"),
+     ("/v1/responses/input_tokens", "count_tokens"), ("/v1/responses/resp_1", "stored_responses"),
+     ("/v1/conversations/conv_1/items", "conversations"), ("/inference/v1/files", "files"),
+     ("/v1/batches/batch_1/cancel", "batches"), ("/v1/batchesx", "other")],
 )  # fmt: skip
 def test_metrics_label_every_route_family(path, label):
     """Metrics and usage rows label routes by family; the tokenizer routes and count_tokens

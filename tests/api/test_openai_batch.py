@@ -211,9 +211,14 @@ def test_bad_requests_name_the_field(client, server):
     bad_purpose = httpx.post(files, headers=server.headers, files={"file": ("a", b"{}")},
                              data={"purpose": "nonsense"})  # fmt: skip
     assert bad_purpose.status_code == 400 and "nonsense" in bad_purpose.text
-    no_file = httpx.post(files, headers=server.headers, data={"purpose": "batch"},
-                         files={"other": ("a", b"{}")})  # fmt: skip
+    no_file = httpx.post(files, headers=server.headers, files={"purpose": (None, b"batch")})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    other_part = httpx.post(files, headers=server.headers, data={"purpose": "batch"},
+                            files={"other": ("a", b"{}")})  # fmt: skip
+    assert other_part.status_code == 400 and other_part.json()["error"]["param"] == "other"
+    expiring = httpx.post(files, headers=server.headers, files={"file": ("a", b"{}")},
+                          data={"purpose": "batch", "expires_after[seconds]": "3600"})  # fmt: skip
+    assert expiring.status_code == 400 and "expires_after" in expiring.text
     not_a_form = httpx.post(files, headers=server.headers, json={"purpose": "batch"})
     assert not_a_form.status_code == 415
     for path in ("/v1/batches/batch_nope", "/v1/batches/batch_" + "0" * 32,

@@ -347,3 +347,36 @@ def test_usage_row(server, client):
     r = client.responses.create(model=MODEL, input="Hello", max_output_tokens=3)
     rows = usage_row(server, r.id)
     assert rows == [("responses", 200, r.usage.input_tokens, r.usage.output_tokens)]
+
+
+def test_input_tokens_count_what_the_request_is_fed(client):
+    ask = dict(input="What is the weather in Paris?", instructions="Be terse.", tools=[WEATHER])
+    ran = client.responses.create(model=MODEL, max_output_tokens=4, temperature=0, **ask)
+    counted = client.responses.input_tokens.count(model=MODEL, **ask)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == ran.usage.input_tokens
+    assert client.responses.input_tokens.count(**ask).input_tokens == counted.input_tokens
+    follow = dict(input="And in Rome?", previous_response_id=ran.id)
+    then = client.responses.create(model=MODEL, max_output_tokens=4, **follow)
+    assert client.responses.input_tokens.count(model=MODEL, **follow).input_tokens == (
+        then.usage.input_tokens
+    )
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.responses.input_tokens.count(model=MODEL, input="x",
+                                            extra_body={"temperature": 0.5})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.input_tokens.count(model=MODEL, input="x", previous_response_id="nope")
+
+
+def test_service_tier_and_prompt_cache_retention(client, server):
+    priority = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2,
+                                       service_tier="priority", prompt_cache_retention="in_memory")  # fmt: skip
+    assert priority.service_tier == "priority"
+    plain = client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=2, service_tier="flex"
+    )
+    assert plain.service_tier == "default"
+    r = post(server, {"input": "x", "prompt_cache_retention": "24h"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_cache_retention"
+    r = post(server, {"input": "x", "service_tier": "scale"})
+    assert r.status_code == 400 and "service_tier" in r.text

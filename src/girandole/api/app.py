@@ -76,6 +76,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(chat.router, prefix=prefix, tags=["inference"])
         app.include_router(messages.router, prefix=prefix, tags=["inference"])
         app.include_router(responses.router, prefix=prefix, tags=["inference"])
+        app.include_router(responses.input_tokens, prefix=prefix, tags=["inference"])
         app.include_router(responses.stored, prefix=prefix, tags=["responses"])
         app.include_router(conversations.router, prefix=prefix)
         app.include_router(models.router, prefix=prefix, tags=["models"])

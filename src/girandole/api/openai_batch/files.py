@@ -86,6 +86,13 @@ async def upload_file(request: Request, account: str = KeyAccount) -> dict[str, 
 
     def save() -> FileRecord:  # seconds for hundreds of MB: off the event loop
         parts = multipart_parts(content_type, data)
+        for name in parts:
+            if name not in ("file", "purpose"):
+                raise bad_request(
+                    f"The form part '{name[:64]}' is not supported: files are kept until deleted,"
+                    " and a form has only 'file' and 'purpose'",
+                    name[:64],
+                )
         if "purpose" not in parts:
             raise bad_request(f"purpose is required: one of {', '.join(PURPOSES)}", "purpose")
         purpose = parts["purpose"][1].decode("utf-8", "replace").strip()

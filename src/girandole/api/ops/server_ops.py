@@ -58,8 +58,13 @@ def endpoint_of(path: str) -> str:
                 return "messages"
             if rest == "/responses":
                 return "responses"
+            if rest == "/responses/input_tokens":
+                return "count_tokens"
             if rest.startswith("/responses/"):
                 return "stored_responses"
+            for kind in ("conversations", "files", "batches"):
+                if rest == f"/{kind}" or rest.startswith(f"/{kind}/"):
+                    return kind
             if rest == "/models" or rest.startswith("/models/"):
                 return "models"
             if rest in ("/embeddings", "/rerank", "/tokenize", "/detokenize"):

@@ -49,9 +49,10 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   output items are appended to it when the response ends.
 - `background: true` (with `store`): answered at once, `queued`; the work runs on, to be
   polled, cancelled or streamed again (`background.py`).
-- Not run here, a 400 unless the value asks for nothing: `service_tier`
-  (auto, default), `prompt`, `prompt_cache_retention`, `text.verbosity` other
-  than `medium`.
+- `service_tier`: chat's (`priority` ahead of the default tier; `auto`, `default`, `flex`: the
+  default tier), echoed as the tier that ran it (`priority` or `default`).
+- Not run here, a 400 unless the value asks for nothing: `prompt`, `prompt_cache_retention`
+  other than `in_memory`, `text.verbosity` other than `medium`.
 
 Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",
 ...}` with the request's parameters echoed (`temperature`/`top_p` as applied). `status` is

@@ -26,12 +26,13 @@ from girandole.api.responses.convert import (
     input_items,
     response_format,
 )
+from girandole.api.responses.input_tokens import InputTokensRequest, count_input_tokens
 from girandole.api.responses.mcp import McpToolbox, call_item
 from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import FunctionTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.job import Job
-from girandole.api.serving.pipeline import Rounds, inference_router
+from girandole.api.serving.pipeline import Rounds, inference_router, post_route
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
@@ -48,9 +49,9 @@ def _never(value: Any) -> bool:
 
 # Fields of OpenAI's request this server does not run, accepted only when they ask for nothing.
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "service_tier": lambda v: v in ("auto", "default"),
     "prompt": _never,
-    "prompt_cache_retention": _never,
+    # the prefix cache is in memory: "in_memory" asks for what it does, "24h" for more
+    "prompt_cache_retention": lambda v: v == "in_memory",
 }
 
 
@@ -106,8 +107,14 @@ class Responses(TranslatedEndpoint):
     chat_fields = {"reasoning_effort": "reasoning.effort"}
 
     async def translate(
-        self, request: Request, state: AppState, source: ResponsesRequest
+        self,
+        request: Request,
+        state: AppState,
+        source: ResponsesRequest,
+        run_approved: bool = True,
     ) -> TranslatedChat:
+        """The chat request of `source`; `run_approved`: run the MCP calls the client approved
+        (False when only counting its tokens)."""
         account, store = account_of(request), store_of(request)
         if source.background and source.store is False:
             raise bad_request(
@@ -144,7 +151,8 @@ class Responses(TranslatedEndpoint):
             functions = [t for t in source.tools or [] if isinstance(t, FunctionTool)]
             prelude = await toolbox.list_tools(items, functions)
         try:
-            prelude += await approved_calls(toolbox, items, new_items)
+            if run_approved:
+                prelude += await approved_calls(toolbox, items, new_items)
         finally:
             if toolbox is not None:
                 await toolbox.close()
@@ -173,6 +181,7 @@ class Responses(TranslatedEndpoint):
             "response_format": response_format(source),
             "user": source.user or source.safety_identifier,
             "prompt_cache_key": source.prompt_cache_key,
+            "service_tier": source.service_tier,
         }
 
         keep = source.store is not False
@@ -306,6 +315,19 @@ def truncation_limit(context_length: int, max_output_tokens: int | None) -> int:
 ENDPOINT = Responses(ResponsesRequest, RESPONSES_UNSUPPORTED, "resp_", DEFAULT_MAX_TOKENS)
 router = inference_router(
     ENDPOINT, "/responses", "create_response", "Create a response (OpenAI's Responses API)"
+)
+
+
+async def count_handler(request: Request) -> Response:
+    return await count_input_tokens(request, ENDPOINT)
+
+
+input_tokens = post_route(
+    count_handler,
+    InputTokensRequest,
+    "/responses/input_tokens",
+    "count_response_input_tokens",
+    "Count a Responses request's input tokens",
 )
 stored = APIRouter(dependencies=[Depends(require_api_key)])
 

@@ -293,6 +293,7 @@ class ResponsesRequest(StrictModel):
     conversation: str | ConversationRef | None = None  # OpenAI's Conversations API
     store: bool | None = None  # default true
     background: bool | None = None  # background.py
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None  # chat's
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature = None

@@ -230,6 +230,7 @@ class ResponsesShape(TranslatedShape):
             "previous_response_id": req.previous_response_id,
             "conversation": {"id": cid} if (cid := self.conversation.conversation_id) else None,
             "background": bool(req.background),
+            "service_tier": "priority" if req.service_tier == "priority" else "default",
             "reasoning": {"effort": effort, "summary": summary},
             "store": req.store is not False,
             "temperature": params.temperature,
