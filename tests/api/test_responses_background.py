@@ -74,7 +74,7 @@ def test_runs_in_the_background_to_the_synchronous_answer(client, server):
 
 
 def test_cancel_stops_the_work_and_is_idempotent(client, server):
-    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=2000,
+    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=2000, temperature=0,
                                 background=True)  # fmt: skip
     wait_for(client, r.id, ("in_progress", *TERMINAL))
     time.sleep(0.5)  # some output tokens
@@ -122,7 +122,7 @@ def test_a_dropped_stream_is_picked_up_again(client):
 
 
 def test_chaining_waits_for_the_end_and_delete_cancels(client, server):
-    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=2000,
+    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=2000, temperature=0,
                                 background=True)  # fmt: skip
     wait_for(client, r.id, ("in_progress", *TERMINAL))
     follow = post(server, "/v1/responses", {"model": MODEL, "input": "Go on.",
@@ -204,7 +204,8 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
     first = start_server(tmp_path, *args, api_key=None)
     try:
         c = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0)
-        crashed = c.responses.create(model=MODEL, input=STORY, max_output_tokens=2000,
+        crashed = c.responses.create(model=MODEL, input=STORY, temperature=0,
+                                     max_output_tokens=2000,
                                      background=True)  # fmt: skip
         wait_for(c, crashed.id, ("in_progress",))
     finally:
@@ -217,7 +218,8 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
         assert after_crash.status == "failed" and after_crash.error.code == "server_error"
         with pytest.raises(openai.BadRequestError, match="no longer kept"):
             list(c.responses.retrieve(crashed.id, stream=True))
-        stopped = c.responses.create(model=MODEL, input=STORY, max_output_tokens=2000,
+        stopped = c.responses.create(model=MODEL, input=STORY, temperature=0,
+                                     max_output_tokens=2000,
                                      background=True)  # fmt: skip
         wait_for(c, stopped.id, ("in_progress",))
     finally:

@@ -103,7 +103,7 @@ def test_events_are_signed_sent_and_retried(hooked):
         tampered = delivered[1].replace(r.id.encode(), b"resp_" + b"0" * 32)
         unwrap(delivered[0], tampered)
     # a cancelled one
-    long = client.responses.create(model=MODEL, input="Write a long story.",
+    long = client.responses.create(model=MODEL, input="Write a long story.", temperature=0,
                                    max_output_tokens=2000, background=True)  # fmt: skip
     while client.responses.retrieve(long.id).status == "queued":
         time.sleep(0.05)
