@@ -199,8 +199,11 @@ def stored_status(data_dir, response_id: str) -> dict:
 
 
 def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
+    """Also: with no room in the admission queue (one slot, no queue), a background response
+    stays queued until there is (where a request would get a 429)."""
     data = tmp_path / "data"
-    args = ("--data-dir", str(data), "--kv-cache-gb", "0.2", "--drain-seconds", "2")
+    args = ("--data-dir", str(data), "--kv-cache-gb", "0.2", "--drain-seconds", "2",
+            "--max-concurrent-requests", "1", "--max-queued-requests", "0")  # fmt: skip
     first = start_server(tmp_path, *args, api_key=None)
     try:
         c = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0)
@@ -218,9 +221,17 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
         assert after_crash.status == "failed" and after_crash.error.code == "server_error"
         with pytest.raises(openai.BadRequestError, match="no longer kept"):
             list(c.responses.retrieve(crashed.id, stream=True))
+        ahead = c.responses.create(model=MODEL, input=STORY, temperature=0,
+                                   max_output_tokens=2000, background=True)  # fmt: skip
+        wait_for(c, ahead.id, ("in_progress",))
         stopped = c.responses.create(model=MODEL, input=STORY, temperature=0,
                                      max_output_tokens=2000,
                                      background=True)  # fmt: skip
+        with pytest.raises(openai.RateLimitError):  # a request now: no room, no queue
+            c.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+        time.sleep(2)
+        assert c.responses.retrieve(stopped.id).status == "queued"
+        assert c.responses.cancel(ahead.id).status == "cancelled"  # room: it runs
         wait_for(c, stopped.id, ("in_progress",))
     finally:
         stop_server(second)  # SIGTERM: a clean stop

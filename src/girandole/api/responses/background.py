@@ -3,7 +3,8 @@ and prepared while the client waits (its 400s are the usual ones), saved as `que
 answered at once; its work then runs in a task of its own, under a record of its own
 (`pipeline.detached`: admission, usage row, access log), whatever the client does. The stored
 response goes `queued` -> `in_progress` (admitted) -> `completed` | `incomplete` | `failed`
-(`error` set) | `cancelled` (`POST /v1/responses/{id}/cancel`).
+(`error` set) | `cancelled` (`POST /v1/responses/{id}/cancel`). While the admission queue has no
+room it stays `queued` (it asks again, every 0.5 s to 8 s), where a request would get a 429.
 
 Every background response's events are kept (an `EventLog`, `sequence_number` = place in the
 log) while it runs and for `KEEP_SECONDS` after: `stream: true` follows the log from the
@@ -37,6 +38,7 @@ from girandole.api.http.sse import SSEResponse
 from girandole.api.ops.tracking import RequestRecord, record_of
 from girandole.api.ops.webhooks import Webhooks
 from girandole.api.responses.shape import ResponsesShape, sse_event_of
+from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import start_job
 from girandole.api.serving.response import engine_error
@@ -51,6 +53,7 @@ logger = logging.getLogger("girandole.api")
 KEEP_SECONDS = 600.0  # an ended response's events stay this long (OpenAI keeps ~10 minutes)
 KEEP_ENDED = 256  # and at most this many ended responses' events
 STOPPED = "The server stopped before this background response finished"
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0  # between admissions refused for capacity
 
 
 class EventLog:
@@ -173,7 +176,7 @@ class BackgroundResponses:
         record.response_id, record.stream = job.id, job.stream
         status = "failed"
         try:
-            fanout = await start_job(request, state, rounds.got.engine, job, rounds.got.target)
+            fanout = await self._admitted(request, rounds, job)
             body = shape.response(job, "in_progress", [], None)
             store.update(run.account, body)
             run.log.add("response.in_progress", {"response": body})
@@ -201,6 +204,21 @@ class BackgroundResponses:
             state.ops.finish(record)  # usage row, admission slot, access log
             if self.webhooks is not None:
                 self.webhooks.send(f"response.{status}", job.id)
+
+    @staticmethod
+    async def _admitted(request: Request, rounds: Rounds, job: Job) -> ChoiceFanout:
+        """The job started once admitted. Refused for capacity (the admission queue full: 429;
+        its wait over: 503), it stays `queued` and asks again, as OpenAI's queue keeps it,
+        unless the server is stopping."""
+        state, delay = rounds.got.state, RETRY_MIN_S
+        while True:
+            try:
+                return await start_job(request, state, rounds.got.engine, job, rounds.got.target)
+            except APIError as exc:
+                if exc.status_code not in (429, 503) or state.ops.draining:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     def _forget_old(self) -> None:
         """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED."""
