@@ -32,7 +32,7 @@ from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import FunctionTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.job import Job
-from girandole.api.serving.pipeline import Rounds, inference_router, post_route
+from girandole.api.serving.pipeline import BackgroundStart, Rounds, inference_router, post_route
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
@@ -219,8 +219,8 @@ class Responses(TranslatedEndpoint):
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)
 
-    def in_background(self, req: TranslatedChat) -> bool:
-        return bool(req.source.request.background)
+    def background(self, req: TranslatedChat) -> BackgroundStart | None:
+        return self.start_background if req.source.request.background else None
 
     async def start_background(
         self, request: Request, rounds: Rounds, shape: ResponseShape, job: Job

@@ -78,17 +78,15 @@ class Endpoint:
         check_not_both(data, "max_tokens", "max_completion_tokens")
         return validate_model(self.schema, data)
 
-    def in_background(self, req: Any) -> bool:
-        """Whether the request runs on after its HTTP request is answered (Responses'
-        `background`): then `start_background` answers it."""
-        return False
+    def background(self, req: Any) -> BackgroundStart | None:
+        """How to start the request when it runs on after its HTTP request is answered
+        (Responses' `background`); None: it is answered by `run`."""
+        return None
 
-    async def start_background(
-        self, request: Request, rounds: Rounds, shape: ResponseShape, job: Job
-    ) -> Response:
-        """Start a prepared request in the background (`rounds.request`, a detached copy of
-        `request`) and answer `request`."""
-        raise NotImplementedError
+
+# starts a prepared request in the background (`rounds.request`: a detached copy of the
+# request) and answers the request
+BackgroundStart = Callable[[Request, "Rounds", ResponseShape, Job], Awaitable[Response]]
 
 
 def inference_router(
@@ -174,12 +172,12 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
         return req
 
     got = await receive(request, endpoint.id_prefix, parse)
-    background = endpoint.in_background(got.req)
+    background = endpoint.background(got.req)
     rounds = Rounds(detached(request) if background else request, endpoint, got, tier)
     shape, job = await rounds.prepare(got.req)
     shape.rounds = rounds
-    if background:
-        return await endpoint.start_background(request, rounds, shape, job)
+    if background is not None:
+        return await background(request, rounds, shape, job)
     return await run(request, got.state, got.engine, job, shape, got.target)
 
 
