@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,13 @@ import httpx
 import jsonschema
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "api"))
+
+from loopback import free_port  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the CPU wheel, as the Makefile installs it
 MODEL = "accounts/fireworks/models/gemma-3-270m"
 COPY_IGNORE = (
@@ -76,12 +79,6 @@ def _run(cmd: list[str], **kw) -> None:
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The venv's bin folder, the wheel (no extras) installed in it."""
@@ -102,7 +99,7 @@ def installed(tmp_path_factory) -> Path:
 def server(installed, tmp_path_factory):
     """`girandole serve` from the venv on a free loopback port, with its own empty cache."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     env = _clean_env()
     env.update(GIRANDOLE_CACHE_DIR=str(tmp / "cache"), PYTHONUNBUFFERED="1")
     log_path = tmp / "server.log"

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from loopback import serve_in_thread
 from mcp.server.mcpserver import MCPServer
 from mcp_types import ToolAnnotations
 
@@ -85,12 +84,6 @@ class Recorder:
         return [e["rpc"] for e in self.seen if e["rpc"]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class McpServers:
     http_url: str
@@ -115,21 +108,9 @@ def start_mcp_servers(flood: bool = False) -> McpServers:
     """Both transports of the test tools, up and answering."""
     srv = make_server(flood)
     http, sse = Recorder(srv.streamable_http_app()), Recorder(srv.sse_app())
-    ports = free_port(), free_port()
-    servers = McpServers(
-        f"http://127.0.0.1:{ports[0]}/mcp", f"http://127.0.0.1:{ports[1]}/sse", http, sse
-    )
-    for app, port in ((http, ports[0]), (sse, ports[1])):
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
+    started = [serve_in_thread(app) for app in (http, sse)]
+    servers = McpServers(started[0][2] + "/mcp", started[1][2] + "/sse", http, sse)
+    for server, thread, _ in started:
         servers._servers.append(server)
         servers._threads.append(thread)
-    deadline = time.monotonic() + 20
-    while not all(s.started for s in servers._servers):
-        if time.monotonic() > deadline:
-            servers.stop()
-            raise RuntimeError("the MCP test servers did not start")
-        time.sleep(0.05)
     return servers

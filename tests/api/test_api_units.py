@@ -384,12 +384,10 @@ def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     connection still serves its next request (Starlette's last-resort handler re-raised after
     its 500, and uvicorn then dropped the connection: the next request failed with a reset)."""
     import socket
-    import threading
-    import time
 
     import httpx
-    import uvicorn
     from fastapi import FastAPI
+    from loopback import serve_in_thread
 
     from girandole.api.http.errors import UnhandledErrors, install_error_handlers
 
@@ -405,16 +403,10 @@ def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     async def ok() -> dict:
         return {"ok": True}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server, thread, url = serve_in_thread(app, log_level="critical")
+    port = int(url.rsplit(":", 1)[1])
     try:
-        while not server.started:
-            time.sleep(0.02)
-        r = httpx.get(f"http://127.0.0.1:{port}/bug", timeout=10)
+        r = httpx.get(f"{url}/bug", timeout=10)
         assert r.status_code == 500 and r.json()["error"]["code"] == "INTERNAL"
         assert "a bug" not in r.text  # no internals to the client
         # one connection, two requests (httpx would quietly open a new connection instead)

@@ -16,11 +16,11 @@ import time
 import httpx
 import pytest
 from api_helpers import ROOT, api_conftest
+from loopback import free_port
 
 from girandole.api.banner import Banner, client_url
 from girandole.api.textlog import TextFormatter, choose_log_format
 
-free_port = api_conftest().free_port
 start_server = api_conftest().start_server
 stop_server = api_conftest().stop_server
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from api_helpers import API_KEY, MODEL, api_conftest, usage_row
+from loopback import serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -235,19 +234,10 @@ def test_a_disallowed_method_or_header_fails_the_preflight(strict_server):
 
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
-    """`app` on uvicorn on a free loopback port, in a thread."""
-    import uvicorn
-
-    port = api_conftest().free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    """`app` on uvicorn on a loopback port, in a thread."""
+    server, thread, url = serve_in_thread(app, log_level="critical")
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(10)

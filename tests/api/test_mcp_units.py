@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mcp_server import free_port, start_mcp_servers
+from loopback import free_port
+from mcp_server import start_mcp_servers
 
 from girandole.api.http.errors import APIError
 from girandole.api.responses.convert import chat_messages

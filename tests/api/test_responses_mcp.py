@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, usage_row
-from mcp_server import free_port, start_mcp_servers
+from loopback import free_port
+from mcp_server import start_mcp_servers
 
 pytestmark = pytest.mark.slow
 

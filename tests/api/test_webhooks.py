@@ -18,7 +18,7 @@ import openai
 import pytest
 from api_helpers import MODEL
 from conftest import start_server, stop_server
-from mcp_server import free_port
+from loopback import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,8 @@ class Receiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # bound here: no race
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
