@@ -435,6 +435,7 @@ def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
      ("/v1/messages/count_tokens", "count_tokens"), ("/v1/nothing", "other"),
      ("/v1/responses/input_tokens", "count_tokens"), ("/v1/responses/resp_1", "stored_responses"),
      ("/v1/conversations/conv_1/items", "conversations"), ("/inference/v1/files", "files"),
+     ("/v1/messages/batches/msgbatch_1/results", "message_batches"),
      ("/v1/batches/batch_1/cancel", "batches"), ("/v1/batchesx", "other")],
 )  # fmt: skip
 def test_metrics_label_every_route_family(path, label):

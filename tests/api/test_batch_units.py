@@ -11,6 +11,7 @@ from girandole.batch.lines import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    MESSAGES,
     RESPONSES,
     InputError,
     parse_parameters,
@@ -34,6 +35,7 @@ def test_read_input_lines_and_endpoints():
         {"custom_id": "c", "url": "/v1/completions", "method": "POST", "body": {"prompt": "x"}},
         {"custom_id": "d", "url": "/embeddings", "body": {"input": "x"}},
         {"custom_id": "e", "url": "/inference/v1/responses", "body": {"input": "x"}},
+        {"custom_id": "f", "url": "/v1/messages", "body": {"model": "own", "messages": []}},
     )
     lines = read_input(data, 10)
     assert [(line.line, line.custom_id, line.url) for line in lines] == [
@@ -42,11 +44,21 @@ def test_read_input_lines_and_endpoints():
         (2, "c", COMPLETIONS),
         (3, "d", EMBEDDINGS),
         (4, "e", RESPONSES),
+        (5, "f", MESSAGES),
     ]
     # only generating lines take the job's parameters; an embeddings request has no stream
     params = {"max_tokens": 5}
     assert request_body(lines[3], "m", params) == {"input": "x", "model": "m"}
     assert request_body(lines[4], "m", params) == {"input": "x", "model": "m", "stream": False}
+    # a job without a model of its own (a message batch): each line runs the one it names
+    assert request_body(lines[5], "", params) == {"model": "own", "messages": [], "stream": False}
+    # token counts from every usage shape: chat's, and Responses'/Messages' input and output
+    for usage in ({"prompt_tokens": 7, "completion_tokens": 3,
+                   "prompt_tokens_details": {"cached_tokens": 2}},
+                  {"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 2}},
+                  {"input_tokens": 7, "output_tokens": 3, "cache_read_input_tokens": 2}):  # fmt: skip
+        result = line_result(lines[5], 200, {"usage": usage})
+        assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (7, 3, 2)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from girandole.api.http.errors import UnhandledErrors, install_error_handlers
 from girandole.api.http.openapi import install_openapi
 from girandole.api.http.paths import MethodFallbacks, TrailingSlashes
 from girandole.api.lora import install_lora
+from girandole.api.messages import batches as message_batches
 from girandole.api.messages import route as messages
 from girandole.api.models import route as models
 from girandole.api.openai_batch import install_openai_batch
@@ -86,6 +87,8 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
+    for prefix in INFERENCE_PREFIXES:  # Anthropic's Message Batches: on the same store, runner
+        app.include_router(message_batches.router, prefix=prefix)
     install_lora(app, state, INFERENCE_PREFIXES)
     install_tokenize(app, INFERENCE_PREFIXES)  # also at vLLM's /tokenize, /detokenize
     app.include_router(ops.router)

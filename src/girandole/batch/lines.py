@@ -1,7 +1,8 @@
 """A batch job's input: JSONL lines `{"custom_id": "...", "body": {...}}` (OpenAI's batch line
 shape; `url` and `method` may be given too). The body is a chat completions request (with
 `messages`), a completions request (with `prompt`), or, named by `url`, an embeddings or a
-Responses request (with `input`); `url` picks the endpoint when several could apply. The file is checked whole when the job is created (a 400 names the first bad line); what
+Responses request (with `input`) or an Anthropic Messages request; `url` picks the endpoint
+when several could apply. The file is checked whole when the job is created (a 400 names the first bad line); what
 only the endpoint can judge (a bad temperature, an unknown field) becomes that line's error in
 the error file.
 """
@@ -16,7 +17,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
-URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)  # the endpoints a line may run
+MESSAGES = "/v1/messages"  # Anthropic's (girandole.api.message_batches)
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)  # the endpoints a line may run
 GENERATING = (CHAT, COMPLETIONS)  # whose lines the job's inferenceParameters fill in
 # every way of writing each: /v1/x, /x, /inference/v1/x
 URL_FORMS = {
@@ -42,7 +44,7 @@ class InputError(ValueError):
 class InputLine:
     line: int  # its index among the file's non-empty lines
     custom_id: str
-    url: str  # CHAT or COMPLETIONS
+    url: str  # one of URLS
     body: dict[str, Any]
 
 
@@ -157,11 +159,13 @@ def parse_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def request_body(line: InputLine, model: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The request a line runs: its body, the job's model; a generating line (chat,
-    completions) with the job's parameters where the body sets none; never streamed."""
+    """The request a line runs: its body, the job's model (none: the line's own, as in a
+    message batch); a generating line (chat, completions) with the job's parameters where the
+    body sets none; never streamed."""
     generating = line.url in GENERATING
     body = {**parameters, **line.body} if generating else dict(line.body)
-    body["model"] = model
+    if model:
+        body["model"] = model
     if line.url != EMBEDDINGS:
         body["stream"] = False
     return body

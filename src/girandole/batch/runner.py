@@ -292,13 +292,14 @@ def line_result(line: InputLine, status: int, response: dict[str, Any]) -> LineR
         "error": error,
     }
     usage = response.get("usage") or {} if ok else {}
-    details = usage.get("prompt_tokens_details") or {}
+    # chat and completions count prompt/completion tokens; Responses and Messages input/output
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     return LineResult(
         line.line,
         line.custom_id,
         ok,
         out,
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
-        int(details.get("cached_tokens") or 0),
+        int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+        int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
+        int(details.get("cached_tokens") or usage.get("cache_read_input_tokens") or 0),
     )

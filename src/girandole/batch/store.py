@@ -33,6 +33,8 @@ FAILED = "JOB_STATE_FAILED"
 CANCELLED = "JOB_STATE_CANCELLED"
 RUNNABLE = (PENDING, RUNNING, WRITING_RESULTS)  # picked up again after a restart
 FINAL = (COMPLETED, FAILED, CANCELLED)
+# a job made through another API's batches keeps that API's fields under its name
+OTHER_APIS = ("openai", "anthropic")
 
 _FILENAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
@@ -184,8 +186,9 @@ class BatchStore:
 
     def save_job(self, account: str, job_id: str, body: dict[str, Any]) -> None:
         body["updateTime"] = now_text()
-        if "openai" in body:  # a job made by OpenAI's batch API: when it entered each state
-            body["openai"].setdefault("times", {}).setdefault(body["state"], int(time.time()))
+        for api in OTHER_APIS:  # a job made by OpenAI's or Anthropic's batch API: when it
+            if api in body:  # entered each state
+                body[api].setdefault("times", {}).setdefault(body["state"], time.time())
         self.db.execute(
             "UPDATE batch_jobs SET body = ? WHERE account = ? AND job_id = ?",
             (json.dumps(body), account, job_id),
@@ -263,6 +266,14 @@ class BatchStore:
             (account, job_id, int(ok)),
         )
         return [body for (body,) in rows]
+
+    def results_by_line(self, account: str, job_id: str) -> dict[int, tuple[bool, str]]:
+        """Each line's result so far: (ok, its output line as JSON text)."""
+        rows = self.db.execute(
+            "SELECT line, ok, body FROM batch_results WHERE account = ? AND job_id = ?",
+            (account, job_id),
+        )
+        return {line: (bool(ok), body) for line, ok, body in rows}
 
     def with_progress(self, account: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """The job with its `jobProgress` counted from its result rows."""

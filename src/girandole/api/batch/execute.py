@@ -1,5 +1,5 @@
 """One batch line run through the same serving pipeline as an HTTP request: the line's body
-becomes an in-process request to its endpoint (chat, completions, Responses:
+becomes an in-process request to its endpoint (chat, completions, Responses, Messages:
 `serving.pipeline.serve`; embeddings: `serving.prefill.serve_prefill`),
 carrying a request record of the job's account and key, so it is validated, admitted, run and
 accounted for (a usage row, the access log) exactly as if a client had sent it. It runs in the
@@ -20,11 +20,13 @@ from girandole.api.completions.route import ENDPOINT as COMPLETIONS_ENDPOINT
 from girandole.api.embeddings.route import ENDPOINT as EMBEDDINGS_ENDPOINT
 from girandole.api.http.errors import APIError, bad_request, internal_error
 from girandole.api.http.inprocess import inprocess_request
+from girandole.api.messages.route import ENDPOINT as MESSAGES_ENDPOINT
+from girandole.api.messages.shape import anthropic_error
 from girandole.api.ops.tracking import Principal, RequestRecord, attach_record
 from girandole.api.responses.route import ENDPOINT as RESPONSES_ENDPOINT
 from girandole.api.serving.pipeline import Endpoint, serve
 from girandole.api.serving.prefill import serve_prefill
-from girandole.batch.lines import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from girandole.batch.lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
 from girandole.engine.scheduler import BATCH_TIER
 
 logger = logging.getLogger("girandole.batch")
@@ -32,6 +34,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     CHAT: CHAT_ENDPOINT,
     COMPLETIONS: COMPLETIONS_ENDPOINT,
     RESPONSES: RESPONSES_ENDPOINT,
+    MESSAGES: MESSAGES_ENDPOINT,
 }
 
 
@@ -59,14 +62,20 @@ async def execute(
         return response.status_code, json.loads(bytes(response.body))
     except APIError as exc:
         record.status = exc.status_code
-        return exc.status_code, exc.body(record.request_id)
+        return exc.status_code, error_body(url, exc, record.request_id)
     except asyncio.CancelledError:
         record.status = 499
         raise
     except Exception:  # noqa: BLE001 - one bad line must not stop the job
         logger.exception("batch line %s failed", label)
         record.status = 500
-        return 500, internal_error().body(record.request_id)
+        return 500, error_body(url, internal_error(), record.request_id)
     finally:
         record.response_id = request.scope["state"].get("request_id")
         state.ops.finish(record)  # usage row, admission slot, access log
+
+
+def error_body(url: str, error: APIError, request_id: str) -> dict[str, Any]:
+    """The error as the line's endpoint writes it to its clients (Anthropic's shape for
+    Messages, Fireworks' otherwise)."""
+    return anthropic_error(error, request_id) if url == MESSAGES else error.body(request_id)

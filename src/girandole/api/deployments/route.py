@@ -41,8 +41,11 @@ READ_METHODS = ("GET", "HEAD")  # every role may read; the others change the con
 
 
 def authenticate(request: Request) -> Any:
-    """Who is asking (401 without a live key), noted for the access log."""
-    principal = request.app.state.girandole.ops.authenticate(request.headers.get("authorization"))
+    """Who is asking (401 without a live key; `x-api-key` as Anthropic's clients send it is one
+    too), noted for the access log."""
+    headers = request.headers
+    ops = request.app.state.girandole.ops
+    principal = ops.authenticate(headers.get("authorization"), headers.get("x-api-key"))
     request.state.principal = principal
     record = record_of(request)
     if record is not None:

@@ -19,12 +19,16 @@ def list_page(
     before: str | None = None,
     id_of: Callable[[T], str] = lambda item: item["id"],  # type: ignore[index]
     render: Callable[[T], dict[str, Any]] = lambda item: item,  # type: ignore[assignment,return-value]
+    tail: bool = False,
+    cursor_names: tuple[str, str] = ("after", "before"),
 ) -> dict[str, Any]:
     """The page of `items` (in the order given) the cursors ask for; a cursor that names no
-    item is a 400 naming it."""
+    item is a 400 naming it. `tail`: the last `limit` of them, the page just before `before`
+    (Anthropic's `before_id`), rather than the first. `cursor_names`: the query parameters
+    `after` and `before` came in, for the 400."""
     ids = [id_of(item) for item in items]
     start, end = 0, len(items)
-    for cursor, param in ((after, "after"), (before, "before")):
+    for cursor, param in zip((after, before), cursor_names, strict=True):
         if cursor is not None and cursor not in ids:
             raise bad_request(f"No item with id '{cursor}', field: '{param}'", param)
     if after is not None:
@@ -32,7 +36,7 @@ def list_page(
     if before is not None:
         end = ids.index(before)
     window = items[start:end]
-    data = [render(item) for item in window[:limit]]
+    data = [render(item) for item in (window[-limit:] if tail else window[:limit])]
     return {
         "object": "list",
         "data": data,

@@ -1,4 +1,5 @@
-"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API on the chat pipeline.
+"""POST /v1/messages (also under /inference/v1): Anthropic's Messages API on the chat pipeline;
+its Message Batches (`/v1/messages/batches`) are batch jobs of such requests (`batches.py`).
 
 Point the `anthropic` SDK at `base_url="http://<host>/inference"`. The key comes as
 `x-api-key` or `Authorization: Bearer`; `anthropic-version` and `anthropic-beta` are ignored.

@@ -94,7 +94,7 @@ def get_job(request: Request, account: str, batch_id: str) -> dict[str, Any]:
 def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's batch object of a job."""
     made = job["openai"]
-    times: dict[str, int] = made.get("times", {})
+    times = {state: int(t) for state, t in made.get("times", {}).items()}  # OpenAI's: seconds
     store, files = store_of(request), files_of(request)
     output_id = job["outputDatasetId"].rsplit("/", 1)[-1]
     output = store.get_dataset(account, output_id)

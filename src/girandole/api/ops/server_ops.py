@@ -71,6 +71,8 @@ def endpoint_of(path: str) -> str:
                 return rest[1:]
             if rest == "/messages/count_tokens":
                 return "count_tokens"
+            if rest == "/messages/batches" or rest.startswith("/messages/batches/"):
+                return "message_batches"
     if path in ("/health", "/ready", "/metrics", "/tokenize", "/detokenize"):
         return path[1:]
     return "other"
