@@ -185,6 +185,7 @@ def test_bad_requests_name_the_field(client, server):
     del no_model["body"]["model"]
     cases = [
         (create(input_file_id=good, endpoint="/v1/moderations"), 400, "endpoint", "embeddings"),
+        (create(input_file_id=good, endpoint="/v1/messages"), 400, "endpoint", "responses"),
         (create(input_file_id=good, completion_window="1h"), 400, "completion_window", "24h"),
         (create(input_file_id=good, extra=1), 400, "extra", "Extra inputs"),
         (create(input_file_id="file-nope"), 404, "id", "file-nope"),

@@ -37,7 +37,7 @@ from girandole.api.http.pages import list_page
 from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
 from girandole.api.serving.target import resolve_target
 from girandole.batch.files import BATCH_OUTPUT
-from girandole.batch.lines import URL_FORMS, URLS, InputError, read_input
+from girandole.batch.lines import MESSAGES, URL_FORMS, URLS, InputError, read_input
 from girandole.batch.runner import MAX_INPUT_LINES
 from girandole.batch.store import (
     CANCELLED,
@@ -53,6 +53,7 @@ from girandole.batch.store import (
 )
 
 WINDOW = "24h"  # the only completion window OpenAI offers
+ENDPOINTS = tuple(url for url in URLS if url != MESSAGES)  # OpenAI's: Anthropic's have their own
 STATUS = {PENDING: "in_progress", RUNNING: "in_progress", WRITING_RESULTS: "finalizing",
           COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}  # fmt: skip
 MAX_LIST = 100
@@ -194,9 +195,10 @@ def batch_model(request: Request, account: str, file_id: str, endpoint: str) -> 
 async def create_batch(request: Request, account: str = KeyAccount) -> dict[str, Any]:
     body = await read_json(request, BatchRequest)
     endpoint = URL_FORMS.get(body.endpoint)
-    if endpoint is None:
+    if endpoint not in ENDPOINTS:
         raise bad_request(
-            f"endpoint {body.endpoint[:100]!r} is not one a batch runs here: {', '.join(URLS)}",
+            f"endpoint {body.endpoint[:100]!r} is not one a batch runs here:"
+            f" {', '.join(ENDPOINTS)}",
             "endpoint",
         )
     if body.completion_window != WINDOW:
