@@ -1,5 +1,6 @@
 """The playground page in a real headless Chromium (Playwright's sync API) against real servers
-with the default model (Gemma 3 270M): `open_server` without keys, `keyed_server` with one.
+with the default model (Gemma 3 270M): `open_server` without keys, `keyed_server` with one; and
+`qwen_server`, a tiny Qwen3 whose chat template thinks.
 
 Chromium: Debian's package (/usr/bin/chromium, installed by .ci/run when missing), else the
 browser Playwright downloads (`playwright install chromium`).
@@ -40,6 +41,15 @@ def open_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def keyed_server(tmp_path_factory):
     yield from _serve(tmp_path_factory, "keyed", "--api-key", API_KEY, api_key=API_KEY)
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tmp_path_factory, tiny_qwen3_dir):
+    """A model that thinks: the tests' tiny random Qwen3 with Qwen3's chat template
+    (tests/conftest.py); a GBNF grammar gives its output a thinking block and an answer."""
+    yield from _serve(tmp_path_factory, "qwen3", "--model", str(tiny_qwen3_dir),
+                      "--model-id", "tiny-qwen3", "--kv-cache-gb", "0.02",
+                      "--max-model-len", "2048", api_key=None)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "girandole.apiKey";
-const EXPORT_FORMAT = "girandole-playground/1";
+const EXPORT_FORMAT = "girandole-playground/2"; // /2: the conversation as a tree of versions
+const EXPORT_V1 = "girandole-playground/1"; // a list of messages: still imported
 
 // Number fields of the parameters panel, in the order the request lists them.
 const NUMBER_FIELDS = [
@@ -26,7 +27,7 @@ const FALLBACKS = {
 const OPENAI_ARGS = new Set([
   "model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop",
   "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-  "response_format", "echo", "user",
+  "response_format", "echo", "user", "reasoning_effort",
 ]);
 // Arguments the openai SDK's embeddings.create() names (normalize travels in extra_body).
 const EMBEDDINGS_ARGS = new Set(["model", "input", "dimensions", "encoding_format", "user"]);
@@ -35,7 +36,12 @@ const SHOWN_VALUES = 8; // the first values of each vector the Embeddings tab sh
 const state = {
   tab: "generate", // the header's mode: generate (chat and raw), embeddings or rerank
   models: [], // /v1/models entries
-  messages: [], // chat turns: {role, choices: [{content, tokens, finish_reason}], sel, stats}
+  // The conversation as a tree: a node's `children` are the versions of the next turn and
+  // `active` the one shown; the root is no message (its children: the first turn's versions).
+  // The page shows one branch: from the root, each node's active child (branch()).
+  // A message: {role, choices: [{content, reasoning, tokens, finish_reason}], sel, stats,
+  // children, active}.
+  tree: { children: [], active: 0 },
   raw: null, // raw mode's last completion, same shape as an assistant message
   controller: null, // AbortController of the running request
   applied: {}, // fireworks-sampling-options of the last response
@@ -297,12 +303,25 @@ function formatChanged() {
 
 // ---------------------------------------------------------------- requests
 
-function chatMessages(upTo = state.messages.length) {
+// The messages of the branch shown, up to index `upTo`. An assistant turn's reasoning goes back
+// as its reasoning_content (chat takes it on input; the template decides what it shows).
+function chatMessages(upTo = Infinity) {
   const out = [];
   const system = $("system").value;
   if (system.trim()) out.push({ role: "system", content: system });
-  for (const m of state.messages.slice(0, upTo)) out.push({ role: m.role, content: text(m) });
+  for (const m of branch().slice(0, upTo)) {
+    const message = { role: m.role, content: text(m) };
+    const reasoning = m.choices[m.sel].reasoning;
+    if (m.role === "assistant" && reasoning) message.reasoning_content = reasoning;
+    out.push(message);
+  }
   return out;
+}
+
+// The reasoning_effort of the panel, for chat requests (completions have no reasoning).
+function reasoningFields() {
+  const effort = $("p-reasoning_effort").value;
+  return effort ? { reasoning_effort: effort } : {};
 }
 
 // The request the page would send now: the conversation (plus the composer's text), or the raw
@@ -322,13 +341,17 @@ function currentRequest({ extra = false } = {}) {
   } else {
     body.prompt = $("raw-prompt").value;
   }
-  Object.assign(body, samplingFields());
-  if (extra) Object.assign(body, pageFields());
+  Object.assign(body, samplingFields(), chatMode() ? reasoningFields() : {});
+  if (extra) Object.assign(body, pageFields(chatMode()));
   return body;
 }
 
-function pageFields() {
-  return { stream: true, return_token_ids: true, perf_metrics_in_response: true };
+// Raw mode asks for the prompt's token ids (the token view continues from exact ids); chat has
+// no use for them.
+function pageFields(chat) {
+  const fields = { stream: true, perf_metrics_in_response: true };
+  if (!chat) fields.return_token_ids = true;
+  return fields;
 }
 
 // ---------------------------------------------------------------- MCP tools (Responses)
@@ -361,13 +384,17 @@ function responsesBody(messages) {
   const body = { model: $("model").value };
   const system = messages.filter((m) => m.role === "system").map((m) => m.content).join("\n\n");
   if (system) body.instructions = system;
-  body.input = messages.filter((m) => m.role !== "system");
+  // reasoning_content is chat's: a Responses input message has none
+  body.input = messages.filter((m) => m.role !== "system")
+    .map(({ role, content }) => ({ role, content }));
   body.tools = mcpTools();
   if ($("p-mcp-choice").value !== "auto") body.tool_choice = $("p-mcp-choice").value;
   if (fields.max_tokens !== undefined) body.max_output_tokens = fields.max_tokens;
   for (const name of ["temperature", "top_p"]) {
     if (fields[name] !== undefined) body[name] = fields[name];
   }
+  const effort = reasoningFields().reasoning_effort;
+  if (effort) body.reasoning = { effort };
   return body;
 }
 
@@ -380,6 +407,9 @@ function readEvent(event, m, seen) {
   if (event.type === "response.output_text.delta") {
     seen.token();
     choice.content += event.delta;
+  } else if (event.type === "response.reasoning_text.delta") {
+    seen.token();
+    choice.reasoning = (choice.reasoning || "") + event.delta;
   } else if (event.type === "response.output_item.added" && item.type === "mcp_call") {
     m.tools.push({ ...item });
   } else if (event.type === "response.output_item.done" && item.type.startsWith("mcp_")) {
@@ -398,8 +428,45 @@ function text(m) {
   return m.choices[m.sel].content;
 }
 
+function newChoice(content = "") {
+  return { content, reasoning: "", tokens: null, finish_reason: null };
+}
+
 function newMessage(role, content = "") {
-  return { role, choices: [{ content, tokens: null, finish_reason: null }], sel: 0, stats: null };
+  return { role, choices: [newChoice(content)], sel: 0, stats: null, children: [], active: 0 };
+}
+
+// ---------------------------------------------------------------- the conversation tree
+
+// The branch shown: from the root, each node's active child.
+function branch() {
+  const out = [];
+  for (let node = state.tree; node.children.length;) {
+    node = node.children[Math.min(node.active, node.children.length - 1)];
+    out.push(node);
+  }
+  return out;
+}
+
+// The node whose children are the versions of the branch's message `i` (the root for the first).
+function parentAt(i) {
+  return i === 0 ? state.tree : branch()[i - 1];
+}
+
+// `m` as a new version after `parent`, and the one shown.
+function addVersion(parent, m) {
+  parent.children.push(m);
+  parent.active = parent.children.length - 1;
+  return m;
+}
+
+// Delete the branch's message `i` (that version and everything after it); the previous version,
+// if any, is shown instead.
+function deleteAt(i) {
+  const parent = parentAt(i);
+  const at = parent.children.indexOf(branch()[i]);
+  parent.children.splice(at, 1);
+  parent.active = Math.max(0, at - 1);
 }
 
 // One chunk of a completions or chat stream into assistant message `m`.
@@ -407,12 +474,17 @@ function readChunk(chunk, m, seen) {
   if (chunk.usage) seen.usage = chunk.usage;
   if (chunk.perf_metrics) seen.perf = chunk.perf_metrics;
   for (const c of chunk.choices || []) {
-    while (m.choices.length <= c.index) m.choices.push({ content: "", tokens: null, finish_reason: null });
+    while (m.choices.length <= c.index) m.choices.push(newChoice());
     const choice = m.choices[c.index];
     const piece = c.delta ? c.delta.content : c.text;
     if (piece) {
       seen.token();
       choice.content += piece;
+    }
+    const thought = c.delta && c.delta.reasoning_content;
+    if (thought) {
+      seen.token();
+      choice.reasoning = (choice.reasoning || "") + thought;
     }
     // the first request's prompt only: a continuation's prompt also holds generated tokens
     if (c.prompt_token_ids && !choice.prompt_ids) choice.prompt_ids = c.prompt_token_ids;
@@ -428,6 +500,7 @@ async function run(path, body, m, { onDone, read = readChunk } = {}) {
   hideError();
   const controller = new AbortController();
   state.controller = controller;
+  m.streaming = true; // its thinking block stays open until the answer starts
   setBusy(true);
   const started = performance.now();
   const seen = { usage: null, perf: null, firstToken: null };
@@ -451,6 +524,7 @@ async function run(path, body, m, { onDone, read = readChunk } = {}) {
   } finally {
     if (redraw) cancelAnimationFrame(redraw);
     state.controller = null;
+    delete m.streaming;
     setBusy(false);
   }
   m.stats = stats(seen.usage, seen.perf, started, seen.firstToken, m);
@@ -473,6 +547,8 @@ function stats(usage, perf, started, firstToken, m) {
     out.prompt = usage.prompt_tokens;
     out.cached = (usage.prompt_tokens_details || {}).cached_tokens ?? out.cached;
     out.completion = usage.completion_tokens;
+    const reasoning = (usage.completion_tokens_details || {}).reasoning_tokens;
+    if (reasoning) out.reasoning = reasoning;
   } else if (m.choices.every((c) => c.tokens)) {
     // stopped: no usage came; the logprob entries count the tokens received
     out.completion = m.choices.reduce((sum, c) => sum + c.tokens.length, 0);
@@ -489,14 +565,16 @@ function statsText(s) {
   if (s.ttft !== undefined) parts.push(`TTFT ${(s.ttft * 1000).toFixed(0)} ms`);
   if (s.tps !== undefined) parts.push(`${s.tps.toFixed(1)} tok/s`);
   if (s.prompt !== undefined) parts.push(`prompt ${s.prompt} tokens (${s.cached ?? 0} cached)`);
-  if (s.completion !== undefined) parts.push(`completion ${s.completion} tokens`);
+  if (s.completion !== undefined) {
+    parts.push(`completion ${s.completion} tokens${s.reasoning ? ` (${s.reasoning} reasoning)` : ""}`);
+  }
   parts.push(`finish: ${s.finish}`);
   return parts.join(" · ");
 }
 
-function withFields(body) {
+function withFields(body, chat) {
   try {
-    return Object.assign(body, samplingFields(), pageFields());
+    return Object.assign(body, samplingFields(), chat ? reasoningFields() : {}, pageFields(chat));
   } catch (err) {
     showError(err.message);
     return null;
@@ -507,26 +585,34 @@ async function sendChat() {
   if (state.controller) return;
   const pending = $("input").value;
   if (pending.trim()) {
-    state.messages.push(newMessage("user", pending));
+    const shown = branch();
+    addVersion(shown.length ? shown[shown.length - 1] : state.tree, newMessage("user", pending));
     $("input").value = "";
   }
-  if (!state.messages.length) return;
-  await replyAt(state.messages.length);
+  const length = branch().length;
+  if (!length) return;
+  await replyAt(length);
 }
 
-// Generate the assistant turn at index `at` (everything from there on is dropped).
+// Generate the assistant turn at index `at` of the branch shown: a new version there (the
+// versions already there, and what follows them, are kept).
 async function replyAt(at) {
   if (mcpMode()) {
     await replyWithTools(at);
     return;
   }
-  const body = withFields({ model: $("model").value, messages: chatMessages(at) });
+  const body = withFields({ model: $("model").value, messages: chatMessages(at) }, true);
   if (!body) return;
-  state.messages.splice(at);
-  const m = newMessage("assistant");
-  state.messages.push(m);
+  const m = addVersion(parentAt(at), newMessage("assistant"));
   render();
   await run("/v1/chat/completions", body, m);
+}
+
+// A user message edited and sent again: the edit as a new version of it, then its answer.
+async function resendAt(i, content) {
+  if (state.controller) return;
+  addVersion(parentAt(i), newMessage("user", content));
+  await replyAt(i + 1);
 }
 
 // MCP mode: the answer from /v1/responses, with the tool calls the server ran on the way.
@@ -538,17 +624,16 @@ async function replyWithTools(at) {
     showError(err.message);
     return;
   }
-  state.messages.splice(at);
   const m = newMessage("assistant");
   m.tools = [];
-  state.messages.push(m);
+  addVersion(parentAt(at), m);
   render();
   await run("/v1/responses", body, m, { read: readEvent });
 }
 
 async function sendRaw() {
   if (state.controller) return;
-  const body = withFields({ model: $("model").value, prompt: $("raw-prompt").value });
+  const body = withFields({ model: $("model").value, prompt: $("raw-prompt").value }, false);
   if (!body) return;
   state.raw = newMessage("assistant");
   render();
@@ -563,26 +648,42 @@ async function continueFrom(m, alt, t) {
   const choice = m.choices[m.sel];
   const chosen = { ...alt, top_logprobs: choice.tokens[t].top_logprobs };
   const kept = choice.tokens.slice(0, t).concat([chosen]);
-  const fields = withFields({ model: $("model").value });
+  const raw = m === state.raw;
+  const fields = withFields({ model: $("model").value }, !raw);
   if (!fields) return;
   fields.n = 1;
+  const keptText = tokensText(kept);
   let path;
-  if (m === state.raw) {
+  let target = m; // raw mode's completion is replaced; a chat answer gets a new version
+  if (raw) {
     path = "/v1/completions";
     fields.prompt = (choice.prompt_ids || []).concat(kept.map((e) => e.token_id));
   } else {
     path = "/v1/chat/completions";
-    const at = state.messages.indexOf(m);
+    const at = branch().indexOf(m);
     fields.messages = chatMessages(at);
-    fields.messages.push({ role: "assistant", content: tokensText(kept) });
-    state.messages.splice(at + 1);
+    // the tokens as generated, thinking block included: the server goes on from them
+    fields.messages.push({ role: "assistant", content: keptText });
+    target = addVersion(parentAt(at), newMessage("assistant"));
   }
-  m.choices = [{ content: tokensText(kept), tokens: kept, finish_reason: null,
-                 prompt_ids: choice.prompt_ids }];
-  m.sel = 0;
+  const { reasoning, content } = raw ? { reasoning: "", content: keptText } : splitThinking(keptText);
+  target.choices = [{ ...newChoice(content), reasoning, tokens: kept, prompt_ids: choice.prompt_ids }];
+  target.sel = 0;
   hidePopup();
   render();
-  await run(path, fields, m);
+  await run(path, fields, target);
+}
+
+// Generated text split as the server splits it: a leading <think> block is the reasoning (it
+// may still be open), the rest, leading newlines dropped, the content.
+function splitThinking(generated) {
+  const open = generated.match(/^<think>\n?/);
+  if (!open) return { reasoning: "", content: generated };
+  const rest = generated.slice(open[0].length);
+  const end = rest.indexOf("</think>");
+  if (end < 0) return { reasoning: rest, content: "" };
+  return { reasoning: rest.slice(0, end).replace(/\n+$/, ""),
+           content: rest.slice(end + "</think>".length).replace(/^\n+/, "") };
 }
 
 function tokensText(entries) {
@@ -767,7 +868,7 @@ function sendRerank() {
 // ---------------------------------------------------------------- rendering
 
 function render() {
-  $("messages").replaceChildren(...state.messages.map((m, i) => renderMessage(m, i)));
+  $("messages").replaceChildren(...branch().map((m, i) => renderMessage(m, i)));
   $("raw-output").replaceChildren(...(state.raw ? [renderMessage(state.raw, -1)] : []));
   $("raw-append").disabled = !state.raw || Boolean(state.controller);
   const list = chatMode() ? $("messages") : $("raw-output");
@@ -794,6 +895,7 @@ function renderMessage(m, i) {
   role.className = "role";
   role.textContent = i < 0 ? "completion" : m.role;
   head.append(role);
+  if (i >= 0 && parentAt(i).children.length > 1) head.append(versionSwitcher(parentAt(i)));
   if (m.choices.length > 1) head.append(choiceSwitcher(m));
   const actions = document.createElement("span");
   actions.className = "msg-actions";
@@ -807,13 +909,16 @@ function renderMessage(m, i) {
       button("Edit", "Edit this message", () => { m.editing = true; render(); }),
       button("Regenerate", m.role === "assistant" ? "Generate this answer again" : "Answer this message again",
         () => replyAt(m.role === "assistant" ? i : i + 1)),
-      button("Delete", "Delete this message", () => { state.messages.splice(i, 1); render(); }),
+      button("Delete", "Delete this version of the message and what follows it",
+        () => { deleteAt(i); render(); }),
     );
   }
   head.append(actions);
   li.append(head);
   if (m.tools && m.tools.length) li.append(toolsView(m));
-  li.append(m.editing ? editor(m) : m.showTokens ? tokenView(m) : textView(m));
+  // the token view shows every generated token, the thinking block's included
+  if (choice.reasoning && !m.showTokens) li.append(thinkingView(m, choice));
+  li.append(m.editing ? editor(m, i) : m.showTokens ? tokenView(m) : textView(m));
   if (m.stats) {
     const s = document.createElement("div");
     s.className = "stats";
@@ -847,6 +952,24 @@ function toolsView(m) {
   return box;
 }
 
+// An answer's reasoning, folded under "Thinking": open while the model thinks, folded once the
+// answer starts, unless the reader opened or closed it (render() redraws it from scratch).
+function thinkingView(m, choice) {
+  const details = document.createElement("details");
+  details.className = "thinking";
+  const thinking = Boolean(m.streaming) && !choice.content;
+  details.open = choice.showThinking ?? thinking;
+  const summary = document.createElement("summary");
+  summary.textContent = thinking ? "Thinking…" : "Thinking";
+  // read before the click toggles it: the state the reader asks for
+  summary.addEventListener("click", () => { choice.showThinking = !details.open; });
+  const body = document.createElement("div");
+  body.className = "reasoning";
+  body.textContent = choice.reasoning;
+  details.append(summary, body);
+  return details;
+}
+
 function textView(m) {
   const div = document.createElement("div");
   div.className = "text";
@@ -855,13 +978,15 @@ function textView(m) {
   return div;
 }
 
-function editor(m) {
+// Save changes this version in place (what follows it stays); a user message's Send keeps it
+// and adds the edit as a new version, answered anew.
+function editor(m, i) {
   const box = document.createElement("div");
   box.className = "editor";
   const area = document.createElement("textarea");
   area.value = text(m);
   area.rows = Math.min(12, Math.max(2, area.value.split("\n").length));
-  const save = button("Save", "Keep the edit", () => {
+  const save = button("Save", "Change this version in place", () => {
     const choice = m.choices[m.sel];
     choice.content = area.value;
     choice.tokens = null; // the edited text no longer matches the model's tokens
@@ -870,8 +995,37 @@ function editor(m) {
     render();
   });
   const cancel = button("Cancel", "Drop the edit", () => { m.editing = false; render(); });
-  box.append(area, save, cancel);
+  if (m.role === "user" && i >= 0) {
+    const send = button("Send", "Send the edit as a new version of this message", () => {
+      m.editing = false;
+      resendAt(i, area.value);
+    });
+    send.classList.add("primary");
+    box.append(area, send, save, cancel);
+  } else {
+    box.append(area, save, cancel);
+  }
   return box;
+}
+
+// `‹ k/n ›` over the versions of a turn (the children of `parent`): each shows its own branch.
+function versionSwitcher(parent) {
+  const span = document.createElement("span");
+  span.className = "versions";
+  const n = parent.children.length;
+  const k = Math.min(parent.active, n - 1);
+  const label = document.createElement("span");
+  label.className = "version-label";
+  label.textContent = `${k + 1}/${n}`;
+  label.title = "Version of this message";
+  const prev = button("‹", "Previous version", () => { parent.active = k - 1; render(); });
+  const next = button("›", "Next version", () => { parent.active = k + 1; render(); });
+  prev.className = "act-prev-version";
+  next.className = "act-next-version";
+  prev.disabled ||= k === 0;
+  next.disabled ||= k === n - 1;
+  span.append(prev, label, next);
+  return span;
 }
 
 function choiceSwitcher(m) {
@@ -1138,7 +1292,7 @@ function exportConversation() {
     model: $("model").value,
     use_chat_template: chatMode(),
     system: $("system").value,
-    messages: state.messages.map(({ role, choices, sel, stats, tools }) => ({ role, choices, sel, stats, tools })),
+    tree: exportNode(state.tree),
     raw: { prompt: $("raw-prompt").value, completion: state.raw },
     parameters: panelValues(),
   };
@@ -1150,13 +1304,41 @@ function exportConversation() {
   URL.revokeObjectURL(a.href);
 }
 
+// A node of the conversation tree as exported: the message's fields and its versions after it.
+function exportNode({ role, choices, sel, stats, tools, children, active }) {
+  const out = role ? { role, choices, sel, stats, tools } : {};
+  return { ...out, active, children: children.map(exportNode) };
+}
+
+function importNode(node) {
+  const m = { ...newMessage(node.role), ...node, editing: false, streaming: undefined };
+  m.choices = m.choices.map((c) => ({ ...newChoice(), ...c }));
+  m.children = (node.children || []).map(importNode);
+  m.active = Math.min(node.active || 0, Math.max(0, m.children.length - 1));
+  return m;
+}
+
+// The root of an export's tree: /2's as written; /1's list of messages as a single branch.
+function importedTree(data) {
+  if (data.format === EXPORT_FORMAT && data.tree && Array.isArray(data.tree.children)) {
+    const root = importNode(data.tree);
+    return { children: root.children, active: root.active };
+  }
+  if (data.format === EXPORT_V1 && Array.isArray(data.messages)) {
+    const root = { children: [], active: 0 };
+    let parent = root;
+    for (const m of data.messages) parent = addVersion(parent, importNode(m));
+    return root;
+  }
+  throw new Error(`not a ${EXPORT_FORMAT} (or /1) export`);
+}
+
 async function importConversation(file) {
   let data;
+  let tree;
   try {
     data = JSON.parse(await file.text());
-    if (data.format !== EXPORT_FORMAT || !Array.isArray(data.messages)) {
-      throw new Error(`not a ${EXPORT_FORMAT} export`);
-    }
+    tree = importedTree(data);
   } catch (err) {
     showError(`Could not import ${file.name}: ${err.message}`);
     return;
@@ -1164,7 +1346,7 @@ async function importConversation(file) {
   if (state.models.some((m) => m.id === data.model)) $("model").value = data.model;
   $("use-chat").checked = data.use_chat_template !== false;
   $("system").value = data.system || "";
-  state.messages = data.messages.map((m) => ({ ...newMessage(m.role), ...m }));
+  state.tree = tree;
   $("raw-prompt").value = (data.raw && data.raw.prompt) || "";
   state.raw = (data.raw && data.raw.completion) || null;
   for (const [id, value] of Object.entries(data.parameters || {})) {
@@ -1223,7 +1405,7 @@ function init() {
     event.target.value = "";
   });
   $("clear").addEventListener("click", () => {
-    state.messages = [];
+    state.tree = { children: [], active: 0 };
     state.raw = null;
     render();
   });
