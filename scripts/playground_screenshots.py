@@ -1,12 +1,14 @@
 """Screenshots of the playground's modes for the docs: docs/playground/{chat,raw,tokens,code,key,
-mcp,embeddings,rerank}.png.
+mcp,embeddings,rerank,branches,thinking}.png.
 
 Starts `girandole serve` (the default model, with a key) on a free loopback port, drives the page
 in headless Chromium (Debian's /usr/bin/chromium, else Playwright's own) and stops the server.
-`--tabs` takes only some of the header's tabs (generate: every screenshot but the other two).
+`--tabs` takes only some of them: the header's tabs (generate: every Generate screenshot but
+branches and thinking; embeddings; rerank), branches (versions of a turn) and thinking (a second
+server: the tests' tiny Qwen3, whose chat template thinks, its output shaped by a grammar).
 
     .venv/bin/python scripts/playground_screenshots.py [--out docs/playground]
-        [--tabs generate embeddings rerank]
+        [--tabs generate embeddings rerank branches thinking]
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(data_dir: str) -> tuple[subprocess.Popen, str]:
+def serve(data_dir: str, *args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", KEY,
            "--data-dir", data_dir, "--kv-cache-gb", "0.5",
-           "--mcp-allowed-hosts", "127.0.0.1"]  # the tests' MCP server  # fmt: skip
+           "--mcp-allowed-hosts", "127.0.0.1", *args]  # the tests' MCP server  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -69,7 +71,7 @@ def shoot(page: Page, out: Path, name: str) -> None:
     print(out / f"{name}.png")
 
 
-TABS = ("generate", "embeddings", "rerank")
+TABS = ("generate", "embeddings", "rerank", "branches", "thinking")
 VIEWPORT = {"width": 1280, "height": 800}
 
 
@@ -85,6 +87,10 @@ def screenshots(url: str, out: Path, tabs: set[str]) -> None:
             embeddings(context, url, out)
         if "rerank" in tabs:
             rerank(context, url, out)
+        if "branches" in tabs:
+            branches(context, url, out)
+        if "thinking" in tabs:
+            thinking(context, out)
         context.close()
         browser.close()
 
@@ -122,6 +128,71 @@ def rerank(context, url: str, out: Path) -> None:
     page.wait_for_selector("#rerank-output:not([hidden])", timeout=300_000)
     shoot(page, out, "rerank")
     page.close()
+
+
+def branches(context, url: str, out: Path) -> None:
+    """Versions: the answer regenerated twice, the question edited and sent again."""
+    page = context.new_page()
+    ready(page, url)
+    page.fill("#p-max_tokens", "16")
+    page.fill("#p-temperature", "0.7")
+    page.fill("#system", "You are a helpful assistant.")
+    page.fill("#input", "What is the capital of France?")
+    page.fill("#p-seed", "1")
+    page.click("#send")
+    done(page)
+    page.fill("#input", "And of Italy?")
+    page.click("#send")
+    done(page)
+    for seed in ("2", "3"):
+        page.fill("#p-seed", seed)
+        page.locator(".msg.assistant").nth(0).locator(".act-regenerate").click()
+        done(page)
+    page.locator(".msg.user").nth(0).locator(".act-edit").click()
+    page.fill(".msg.user .editor textarea", "What is the capital of Spain?")
+    page.click(".msg.user .act-send")
+    done(page)
+    page.click(".msg.user .act-prev-version")  # back to France: its three answers
+    for _ in range(2):
+        page.click(".msg.assistant .act-prev-version")  # the first, with its follow-up
+    shoot(page, out, "branches")
+    page.close()
+
+
+THOUGHT = ("The user wants the capital of France. That is Paris, which has been the capital "
+           "since the Middle Ages. A one-sentence answer will do.")  # fmt: skip
+ANSWER = "The capital of France is Paris."
+
+
+def thinking(context, out: Path) -> None:
+    """A Thinking block: the tests' tiny random Qwen3 (Qwen3's chat template), its output fixed
+    by a grammar, on a server of its own."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # tests/conftest.py: write_tiny_qwen3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = conftest.write_tiny_qwen3(Path(tmp) / "qwen3")
+        proc, url = serve(str(Path(tmp) / "data"), "--model", str(model), "--model-id",
+                          "tiny-qwen3", "--kv-cache-gb", "0.02", "--max-model-len", "2048")  # fmt: skip
+        try:
+            page = context.new_page()
+            ready(page, url)
+            page.fill("#p-max_tokens", "400")
+            page.fill("#p-temperature", "0")
+            page.uncheck("#p-logprobs")
+            page.select_option("#p-format", "grammar")
+            page.fill("#p-schema", f'root ::= "<think>\\n{THOUGHT}\\n</think>\\n\\n{ANSWER}"')
+            page.fill("#input", "What is the capital of France?")
+            page.click("#send")
+            done(page)
+            page.fill("#input", "And of Italy?")
+            page.select_option("#p-format", "text")
+            page.click(".msg.assistant .thinking summary")  # unfolded
+            shoot(page, out, "thinking")
+            page.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def generate(browser, context, url: str, out: Path) -> None:

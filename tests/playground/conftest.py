@@ -49,7 +49,8 @@ def qwen_server(tmp_path_factory, tiny_qwen3_dir):
     (tests/conftest.py); a GBNF grammar gives its output a thinking block and an answer."""
     yield from _serve(tmp_path_factory, "qwen3", "--model", str(tiny_qwen3_dir),
                       "--model-id", "tiny-qwen3", "--kv-cache-gb", "0.02",
-                      "--max-model-len", "2048", api_key=None)  # fmt: skip
+                      "--max-model-len", "2048", "--mcp-allowed-hosts", "127.0.0.1",
+                      api_key=None)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

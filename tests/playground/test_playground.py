@@ -1,7 +1,8 @@
 """The playground page driven in headless Chromium against the real server and default model:
 streamed chat, stop, raw completions, the token view's continuation, the parameters panel, the
-code snippets run as shown, export/import, a server with keys asking for one on 401, and the
-Embeddings and Rerank tabs (what they show is what the API answers)."""
+code snippets run as shown, export/import, a server with keys asking for one on 401, the
+Embeddings and Rerank tabs (what they show is what the API answers), and, at the end, a thinking
+model's reasoning blocks and the conversation's versions (branches)."""
 
 from __future__ import annotations
 
@@ -787,6 +788,41 @@ def test_reasoning_goes_back_as_reasoning_content_and_effort_none_stops_it(qwen_
     assert last.locator(".thinking").count() == 0  # no reasoning, no block
     assert last.locator("> .text").text_content() == expected["content"] == "Fine."
     assert page.locator(".msg.assistant").nth(0).locator(".thinking").count() == 1
+
+
+def test_reasoning_effort_in_mcp_mode_is_responses_reasoning_effort(qwen_server, page):
+    """With MCP servers named, the turn goes to /v1/responses: reasoning_effort as
+    reasoning.effort, earlier turns without their reasoning_content (Responses' input messages
+    have none); the server takes the request and the page shows its answer."""
+    from mcp_server import start_mcp_servers
+
+    mcp = start_mcp_servers()
+    try:
+        open_page(page, qwen_server)
+        sent = posts(page)
+        fill(page, max_tokens=200, temperature=0)
+        page.uncheck("#p-logprobs")
+        grammar(page, THINK_THEN_ANSWER)
+        page.fill("#input", "Is it?")
+        page.click("#send")
+        finished(page)
+        fill(page, max_tokens=8)
+        page.fill("#p-mcp", f"calc {mcp.http_url}")
+        page.select_option("#p-reasoning_effort", "high")
+        page.fill("#input", "Add 2 and 40.")
+        page.click("#send")
+        page.wait_for_selector(".msg:nth-child(4) .stats", timeout=120_000)
+        path, body = sent[-1]
+        assert path == "/v1/responses" and body["reasoning"] == {"effort": "high"}
+        assert body["input"] == [
+            {"role": "user", "content": "Is it?"},
+            {"role": "assistant", "content": ANSWER},
+            {"role": "user", "content": "Add 2 and 40."},
+        ]
+        assert page.is_hidden("#error")
+        assert "completion" in page.text_content(".msg:nth-child(4) .stats")
+    finally:
+        mcp.stop()
 
 
 @pytest.mark.xfail(
