@@ -825,6 +825,41 @@ def test_reasoning_effort_in_mcp_mode_is_responses_reasoning_effort(qwen_server,
         mcp.stop()
 
 
+def test_continuing_inside_the_thinking_block_is_a_version_that_thinks_on(qwen_server, page):
+    """The token view holds the thinking block's tokens too: continuing from one of them sends
+    the text up to it as the assistant turn (an open <think> block); the new version's Thinking
+    block is that text's reasoning and what the server reasons on from there."""
+    open_page(page, qwen_server)
+    sent = posts(page)
+    fill(page, max_tokens=200, temperature=0)
+    grammar(page, THINK_THEN_ANSWER)  # logprobs on: the token view
+    page.fill("#input", "Is it?")
+    page.click("#send")
+    finished(page)
+    page.click(".msg.assistant .act-tokens")
+    tokens = page.locator(".msg.assistant .tok")
+    assert tokens.nth(0).text_content() == "<think>"
+    generated = tokens.count()
+    fill(page, max_tokens=6)
+    page.select_option("#p-format", "text")  # the grammar would start the answer over
+    tokens.nth(4).click()
+    page.locator("#token-popup button.alt").nth(1).click()
+    finished(page)
+    path, body = sent[-1]
+    kept = body["messages"][-1]
+    assert kept["role"] == "assistant" and kept["content"].startswith("<think>\n")
+    assert "</think>" not in kept["content"]
+    expected = qwen_chat(qwen_server, without_page_fields(body))["choices"][0]["message"]
+    assert version(page, 1) == "2/2"
+    reasoning = kept["content"].removeprefix("<think>\n") + expected["reasoning_content"]
+    assert page.text_content(".msg.assistant .thinking .reasoning") == reasoning
+    assert page.text_content(".msg.assistant > .text") == (expected["content"] or "")
+    page.click(".msg.assistant .act-prev-version")  # the first version is kept, as it was left
+    assert page.locator(".msg.assistant .tok").count() == generated
+    page.click(".msg.assistant .act-text")
+    assert page.text_content(".msg.assistant .thinking .reasoning") == THOUGHT
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="server: with logprobs (or return_token_ids) a streamed chat chunk whose text the "
