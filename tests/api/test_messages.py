@@ -245,6 +245,50 @@ def test_output_config_json_schema(client):
     jsonschema.validate(json.loads(r.content[0].text), schema)
 
 
+def test_claude_codes_request_shape(server):
+    """The fields Claude Code sends (tests/api/test_claude_code.py runs the client itself):
+    system messages inside the conversation (read as user text), a clear_thinking edit
+    (applied, and said so), adaptive thinking and an effort on a model that cannot think,
+    cache_control, a JSON user_id, `?beta=true`; whole and streamed alike."""
+    think = {"type": "thinking", "thinking": "The user wants a city.", "signature": ""}
+    body = {
+        "model": MODEL, "max_tokens": 4, **GREEDY, "raw_output": True,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2;"},
+                   {"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Name a city.",
+                                          "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "REMINDER-ONE"},
+            {"role": "assistant", "content": [think, {"type": "text", "text": "Paris."}]},
+            {"role": "user", "content": "Another."},
+            {"role": "assistant", "content": [think, {"type": "text", "text": "Rome."}]},
+            {"role": "system", "content": "REMINDER-TWO"},
+        ],
+        "tools": [WEATHER], "metadata": {"user_id": json.dumps({"device_id": "d1"})},
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+    }  # fmt: skip
+    url = server.url + "/inference/v1/messages?beta=true"
+    headers = {**server.headers, "anthropic-beta": "context-management-2025-06-27"}
+    whole = httpx.post(url, json=body, headers=headers, timeout=120)
+    assert whole.status_code == 200, whole.text
+    message = whole.json()
+    (edit,) = message["context_management"]["applied_edits"]  # the first turn's thinking
+    assert edit["type"] == "clear_thinking_20251015" and edit["cleared_thinking_turns"] == 1
+    assert 0 < edit["cleared_input_tokens"] < 20
+    turns = "".join(p for p in message["raw_output"]["prompt_fragments"] if isinstance(p, str))
+    assert "Name a city.\n\nREMINDER-ONE\nmodel" in turns  # joined to the user turn before
+    assert "user\nREMINDER-TWO" in turns  # after an assistant turn: a user turn of its own
+    with httpx.stream("POST", url, json={**body, "stream": True, "raw_output": None},
+                      headers=headers, timeout=120) as r:  # fmt: skip
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    (delta,) = [e for e in events if e["type"] == "message_delta"]
+    assert delta["context_management"] == message["context_management"]
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert text == message["content"][0]["text"]
+
+
 def test_fireworks_sdk_messages(server):
     fw = fireworks.Fireworks(base_url=server.url, api_key=API_KEY, max_retries=0)
     r = fw.messages.create(model=MODEL, max_tokens=4, messages=ASK, temperature=0)
@@ -273,7 +317,8 @@ def test_x_api_key_and_anthropic_errors(server):
         ({"top_k": -1}, "top_k"),
         ({"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "not only system"),
+        ({"messages": [{"role": "developer", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
             "type": "url", "url": "http://x/y.png"}}]}]}, "messages.0.content.0"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages.0.content.0"),
@@ -284,7 +329,6 @@ def test_x_api_key_and_anthropic_errors(server):
         ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-        ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"container": "c1"}, "container"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages.0"),  # it was answered
         ({"messages": [{"role": "user", "content": []}]}, "messages.0"),  # 'messages' (chat's)

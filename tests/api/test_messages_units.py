@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from girandole.api.chat.reasoning import ReasoningPlan
+from girandole.api.chat.reasoning import ReasoningPlan, plan_reasoning
 from girandole.api.chat.schema import FunctionDef, Tool
 from girandole.api.chat.tools import ToolPlan, call_grammar
 from girandole.api.http.errors import APIError
@@ -69,6 +69,66 @@ def test_anthropic_conversation_as_chat_messages():
     ]  # fmt: skip
 
 
+def test_anthropic_system_messages_inside_the_conversation():
+    """Claude Code's shape: system messages among the turns (Anthropic's beta), read as user
+    text, since most templates take a system message only first."""
+    use = {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1, "b": 2}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "3"}
+    req = anthropic(system="Rules.", messages=[
+        {"role": "system", "content": "Before any turn."},
+        {"role": "user", "content": "Add."},
+        {"role": "system", "content": [{"type": "text", "text": "After a user turn."}]},
+        {"role": "assistant", "content": [use]},
+        {"role": "system", "content": "After a call."},
+        {"role": "user", "content": [result, {"type": "text", "text": "Go on."}]},
+        {"role": "assistant", "content": "Done."},
+        {"role": "system", "content": "At the end."},
+    ])  # fmt: skip
+    assert anthropic_messages(req) == [
+        {"role": "system", "content": "Rules.\n\nBefore any turn."},
+        {"role": "user", "content": "Add.\n\nAfter a user turn."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "toolu_1", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "3"},  # the call still paired
+        {"role": "user", "content": "After a call.\n\nGo on."},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "At the end."},
+    ]  # fmt: skip
+    with pytest.raises(APIError) as info:
+        to_chat_request(anthropic(messages=[{"role": "user", "content": "hi"},
+                                            {"role": "system", "content": [use]}]))  # fmt: skip
+    assert info.value.param == "messages.1.content.0" and "role 'system'" in info.value.message
+
+
+def test_anthropic_clear_thinking_edit():
+    def turn(n: int) -> list[dict]:
+        return [{"role": "user", "content": f"q{n}"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": f"t{n}"},
+                                                  {"type": "text", "text": f"a{n}"}]}]  # fmt: skip
+
+    messages = [*turn(1), *turn(2), *turn(3), {"role": "user", "content": "q4"}]
+
+    def kept(edit: dict | None) -> list[str]:
+        body = {"context_management": {"edits": [edit]}} if edit else {}
+        chat = anthropic_messages(anthropic(messages=messages, **body))
+        return [m["reasoning_content"] for m in chat if "reasoning_content" in m]
+
+    assert kept(None) == ["t1", "t2", "t3"]  # no edit: every turn's, the template decides
+    assert kept({"type": "clear_thinking_20251015"}) == ["t3"]  # Anthropic's default: the last
+    assert kept({"type": "clear_thinking_20251015", "keep": "all"}) == ["t1", "t2", "t3"]
+    keep_two = {"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 2}}
+    assert kept(keep_two) == ["t2", "t3"]
+    with pytest.raises(APIError) as info:  # not run here: a 400 naming it
+        to_chat_request(anthropic(messages=messages, context_management={
+            "edits": [{"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens",
+                                                                       "value": 1000}}]}))  # fmt: skip
+    assert info.value.param == "context_management.edits.0.type"
+    with pytest.raises(APIError):  # an unknown edit: the schema's 400
+        to_chat_request(anthropic(messages=messages,
+                                  context_management={"edits": [{"type": "compact"}]}))  # fmt: skip
+
+
 def test_anthropic_fields_as_chat_fields():
     tools = [{"name": "add", "description": "Adds", "input_schema": ADD}]
     chat = to_chat_request(anthropic(
@@ -99,7 +159,21 @@ def test_anthropic_reasoning_fields_as_chat_fields():
     )
     for effort, read in (("low", "low"), ("high", "high"), ("max", "high")):  # Fireworks' reading
         chat = to_chat_request(anthropic(messages=hi, output_config={"effort": effort}))
-        assert chat.reasoning_effort == read
+        assert chat.reasoning_effort == read and chat.effort_is_hint is True
+    # a template that cannot think: Anthropic's effort is a hint (nothing to change), thinking
+    # asked for is still a 400
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    chat = to_chat_request(anthropic(messages=hi, output_config={"effort": "high"},
+                                     thinking={"type": "adaptive"}))  # fmt: skip
+    assert plan_reasoning(chat, plain) is None
+    chat.effort_is_hint = False  # chat's own reasoning_effort: a 400 there
+    with pytest.raises(APIError, match="cannot reason"):
+        plan_reasoning(chat, plain)
+    chat = to_chat_request(anthropic(messages=hi, output_config={"effort": "high"},
+                                     thinking={"type": "enabled", "budget_tokens": 2048}))  # fmt: skip
+    with pytest.raises(APIError, match="cannot reason") as info:
+        plan_reasoning(chat, plain)
+    assert info.value.param == "thinking"
     with pytest.raises(APIError) as info:  # chat's floor, Anthropic's too
         to_chat_request(anthropic(messages=hi, thinking={"type": "enabled", "budget_tokens": 10}))
     assert info.value.status_code == 400 and "budget_tokens" in info.value.message

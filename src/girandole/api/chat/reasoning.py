@@ -29,7 +29,8 @@ and their fine-tunes). For such a template:
 
 A template that cannot reason: any request that asks for reasoning is a 400 saying so
 (`reasoning_effort: "none"`/`false`, `thinking: {"type": "disabled"}` and `reasoning_history`
-ask for nothing and are accepted).
+ask for nothing and are accepted; so is an effort that is only a hint, Anthropic's
+`output_config.effort`, which governs all of a response's output and not only thinking).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def plan_reasoning(req: Any, template: str) -> ReasoningPlan | None:
     if thinking is not None and thinking.type != "adaptive":
         enabled = thinking.type == "enabled" if thinking.effort is None else enabled
     if not can_reason(template):
-        if enabled:
-            param = "thinking" if thinking is not None and thinking.type == "enabled" else None
-            param = param or "reasoning_effort"
+        asked = thinking is not None and thinking.type == "enabled"
+        if enabled and (asked or not getattr(req, "effort_is_hint", False)):
+            param = "thinking" if asked else "reasoning_effort"
             raise bad_request(
                 "This model cannot reason: its chat template has no thinking mode"
                 f" (no <think> block, no enable_thinking switch), field: '{param}'",

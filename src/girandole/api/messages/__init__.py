@@ -29,7 +29,13 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
 - `output_config.format` (`{"type": "json_schema", "schema"}`): the output follows the schema
   (chat's response_format). `thinking` is chat's `thinking`, `output_config.effort` chat's
   `reasoning_effort` (`max` read as `high`, as Fireworks does): a template that thinks
-  (`girandole.api.chat.reasoning`); asking a model that cannot reason is a 400.
+  (`girandole.api.chat.reasoning`); `thinking` enabled on a model that cannot reason is a 400,
+  `effort` there a hint with nothing to change (Anthropic's effort governs all output).
+- `system` messages inside `messages` (Anthropic's beta; Claude Code sends them): text, read as
+  user text where most templates cannot take a system message (`convert.chat_messages`).
+- `context_management.edits`: `clear_thinking_20251015` leaves out the thinking of all but the
+  last `keep` assistant turns (the response says so in `context_management.applied_edits`);
+  `clear_tool_uses_20250919` is a 400.
 - `cache_control` is accepted anywhere Anthropic takes it and changes nothing (the prefix cache
   is automatic).
 

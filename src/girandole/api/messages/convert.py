@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from girandole.api.http.errors import bad_request
 from girandole.api.messages.pairing import check_tool_pairing
 from girandole.api.messages.schema import (
+    ClearThinkingEdit,
+    CountTokensRequest,
     MessagesRequest,
     TextBlock,
     ToolChoiceAny,
@@ -58,6 +61,12 @@ def check_not_empty(req: MessagesRequest) -> None:
     arrives) other than a final assistant turn (an empty prefill), and an empty text block.
     Without them the turn vanished (its neighbours then merged into one) or, alone, left a
     conversation chat called empty under another field's name."""
+    if all(message.role == "system" for message in req.messages):
+        raise bad_request(
+            "messages: the conversation needs a user or assistant message, not only system"
+            " messages",
+            "messages",
+        )
     last = len(req.messages) - 1
     for i, message in enumerate(req.messages):
         blocks = message.content
@@ -75,25 +84,91 @@ def check_not_empty(req: MessagesRequest) -> None:
                 raise bad_request(f"{where}: text content blocks must be non-empty", where)
 
 
-def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
+def check_context_edits(req: CountTokensRequest) -> None:
+    """A 400 for a context edit this server does not run."""
+    edits = req.context_management.edits if req.context_management else None
+    for i, edit in enumerate(edits or []):
+        if edit.type == "clear_tool_uses_20250919":
+            where = f"context_management.edits.{i}.type"
+            raise bad_request(
+                f"Context edit 'clear_tool_uses_20250919' is not supported by this server: only"
+                f" 'clear_thinking_20251015' is, field: '{where}'",
+                where,
+            )
+
+
+def cleared_thinking(req: CountTokensRequest) -> list[int]:
+    """The messages whose thinking blocks a `clear_thinking_20251015` edit leaves out: every
+    assistant message with some, but the last `keep` of them (1 unless given; "all": none)."""
+    edits = req.context_management.edits if req.context_management else None
+    edit = next((e for e in edits or [] if isinstance(e, ClearThinkingEdit)), None)
+    if edit is None or edit.keep == "all":
+        return []
+    keep = 1 if edit.keep is None else edit.keep.value
+    thinking = [
+        i
+        for i, message in enumerate(req.messages)
+        if message.role == "assistant" and any(b.type == "thinking" for b in message.content)
+    ]
+    return thinking[: max(0, len(thinking) - keep)]
+
+
+def applied_edits(req: CountTokensRequest, count: Callable[[str], int]) -> dict[str, Any] | None:
+    """The response's `context_management` (None when the request had none): the edits that
+    cleared something, with how many input tokens (`count` of the text left out)."""
+    if req.context_management is None:
+        return None
+    edits = []
+    cleared = cleared_thinking(req)
+    if cleared:
+        text = "".join(
+            block.thinking
+            for i in cleared
+            for block in req.messages[i].content
+            if block.type == "thinking"
+        )
+        edits.append({"type": "clear_thinking_20251015", "cleared_thinking_turns": len(cleared),
+                      "cleared_input_tokens": count(text)})  # fmt: skip
+    return {"applied_edits": edits}
+
+
+def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: tool_result blocks become tool messages (before the
     user's text of the same turn), tool_use blocks the assistant's tool_calls; consecutive
-    turns of one role are merged, as Anthropic does."""
+    turns of one role are merged, as Anthropic does.
+
+    A system message inside the conversation (Claude Code sends them) is read as user text:
+    most chat templates take a system message only first (Gemma's refuses one later: "roles
+    must alternate"). Before any turn it joins the system prompt; after a user turn, that
+    turn's text; otherwise the next user turn's text (after its tool results), or a user turn
+    of its own at the end."""
     out: list[dict[str, Any]] = []
     system = system_text(req.system)
     if system:
         out.append({"role": "system", "content": system})
+    cleared = set(cleared_thinking(req))
+    pending: list[str] = []  # system text waiting for the next user turn
     for i, message in enumerate(req.messages):
-        blocks = message.content
+        if message.role == "system":
+            text = "\n\n".join(_system_texts(message.content, i))
+            if all(m["role"] == "system" for m in out):  # none but the system prompt yet
+                prompt = out[0]["content"] if out else ""
+                out[:] = [{"role": "system", "content": _join(prompt, text, "system")}]
+            elif out[-1]["role"] == "user":
+                out[-1]["content"] = _join(out[-1]["content"], text, "user")
+            else:
+                pending.append(text)
+            continue
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
-        for j, block in enumerate(blocks):
+        for j, block in enumerate(message.content):
             where = f"messages.{i}.content.{j}"
             if block.type == "text":
                 texts.append(block.text)
             elif block.type == "thinking" and message.role == "assistant":
-                thoughts.append(block.thinking)
+                if i not in cleared:
+                    thoughts.append(block.thinking)
             elif block.type in SKIPPED_BLOCKS or block.type == "thinking":
                 continue
             elif block.type == "tool_use" and message.role == "assistant":
@@ -111,26 +186,53 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
                 )
             else:
                 raise _unsupported_block(block.type, where)
-        text = ("" if message.role == "assistant" else "\n\n").join(texts)
-        if not any(texts) and not calls:  # an empty final assistant turn: no prefill
-            continue
-        last = out[-1] if out else None
-        thought = "\n\n".join(t for t in thoughts if t)
-        if last is not None and last["role"] == message.role and not last.get("tool_calls"):
-            last["content"] = _join(last["content"], text, message.role)
-            if calls:
-                last["tool_calls"] = calls
-            if thought:
-                before = last.get("reasoning_content")
-                last["reasoning_content"] = before + "\n\n" + thought if before else thought
-            continue
-        turn: dict[str, Any] = {"role": message.role, "content": text if texts else None}
-        if calls:
-            turn["tool_calls"] = calls
-        if thought:
-            turn["reasoning_content"] = thought
-        out.append(turn)
+        if message.role == "user" and pending:
+            texts, pending = [*pending, *texts], []
+        _add_turn(out, message.role, texts, thoughts, calls)
+    if pending:
+        _add_turn(out, "user", pending, [], [])
     return out
+
+
+def _system_texts(blocks: list[Any], i: int) -> list[str]:
+    for j, block in enumerate(blocks):
+        if block.type != "text":
+            where = f"messages.{i}.content.{j}"
+            raise bad_request(
+                f"A '{block.type}' block cannot be in a message of role 'system': it holds"
+                f" text blocks only, field: '{where}'",
+                where,
+            )
+    return [block.text for block in blocks]
+
+
+def _add_turn(
+    out: list[dict[str, Any]],
+    role: str,
+    texts: list[str],
+    thoughts: list[str],
+    calls: list[dict[str, Any]],
+) -> None:
+    """A turn's chat message, or its text added to the message before (one of the same role)."""
+    text = ("" if role == "assistant" else "\n\n").join(texts)
+    if not any(texts) and not calls:  # an empty final assistant turn: no prefill
+        return
+    last = out[-1] if out else None
+    thought = "\n\n".join(t for t in thoughts if t)
+    if last is not None and last["role"] == role and not last.get("tool_calls"):
+        last["content"] = _join(last["content"], text, role)
+        if calls:
+            last["tool_calls"] = calls
+        if thought:
+            before = last.get("reasoning_content")
+            last["reasoning_content"] = before + "\n\n" + thought if before else thought
+        return
+    turn: dict[str, Any] = {"role": role, "content": text if texts else None}
+    if calls:
+        turn["tool_calls"] = calls
+    if thought:
+        turn["reasoning_content"] = thought
+    out.append(turn)
 
 
 def _join(before: str | None, text: str, role: str) -> str:
@@ -186,6 +288,7 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
         schema = {"name": "output", "schema": config.format.schema_}
         response_format = {"type": "json_schema", "json_schema": schema}
     check_not_empty(req)
+    check_context_edits(req)
     messages = chat_messages(req)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
     tools, tool_choice, parallel = chat_tools(req)
@@ -206,6 +309,9 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
         # chat's reasoning fields (girandole.api.chat.reasoning): `thinking` in Anthropic's form
         "thinking": req.thinking.model_dump(exclude_none=True) if req.thinking else None,
         "reasoning_effort": EFFORTS[effort] if effort is not None else None,
+        # Anthropic's effort governs all output, not only thinking: a model that cannot think
+        # takes it as a hint with nothing to change (Claude Code always sends it)
+        "effort_is_hint": effort is not None,
         "user": req.metadata.user_id if req.metadata is not None else None,
     }
     return to_chat(fields, req)

@@ -11,9 +11,12 @@ from girandole.api.messages.schema import Message
 
 
 def _turns(messages: list[Message]) -> list[list[tuple[int, Message]]]:
-    """Consecutive messages of one role, as Anthropic merges them (original indices kept)."""
+    """Consecutive messages of one role, as Anthropic merges them (original indices kept);
+    system messages inside the conversation hold no tool blocks and do not part turns."""
     turns: list[list[tuple[int, Message]]] = []
     for i, message in enumerate(messages):
+        if message.role == "system":
+            continue
         if turns and turns[-1][0][1].role == message.role:
             turns[-1].append((i, message))
         else:

@@ -11,20 +11,20 @@ from fastapi.responses import Response
 
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.openapi import body_doc
-from girandole.api.messages.convert import to_chat_request
+from girandole.api.messages.convert import applied_edits, to_chat_request
 from girandole.api.messages.count_tokens import count_tokens
 from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
 from girandole.api.messages.shape import MessagesShape, anthropic_error
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint
 from girandole.api.serving.pipeline import inference_router
 from girandole.api.state import AppState
+from girandole.engine.protocol import EngineClient
 
 # Fields no client needs for plain use, accepted only when they ask for nothing.
 MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "service_tier": lambda v: v in ("auto", "standard_only"),
     "container": lambda v: False,
     "mcp_servers": lambda v: v == [],
-    "context_management": lambda v: False,
     "inference_geo": lambda v: False,
     "speed": lambda v: v == "standard",
     "diagnostics": lambda v: False,
@@ -38,6 +38,15 @@ class Messages(TranslatedEndpoint):
         self, request: Request, state: AppState, source: MessagesRequest
     ) -> TranslatedChat:
         return to_chat_request(source)
+
+    def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> MessagesShape:
+        shape = super().shape(state, engine, req)
+        assert isinstance(shape, MessagesShape)
+        shape.context_management = applied_edits(
+            req.source,
+            lambda text: len(engine.tokenizer.encode(text, add_bos=False, parse_special=False)),
+        )
+        return shape
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
         return MessagesShape(chat, req.stop_list())

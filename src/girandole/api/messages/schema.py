@@ -84,7 +84,9 @@ Content = Annotated[list[Block], BeforeValidator(_text_as_block)]
 
 
 class Message(StrictModel):
-    role: Literal["user", "assistant"]
+    # "system": a system message inside the conversation (Anthropic's beta
+    # mid-conversation-system-2026-04-07, which Claude Code sends), text blocks only
+    role: Literal["user", "assistant", "system"]
     content: Content
 
 
@@ -142,6 +144,35 @@ class OutputConfig(StrictModel):
     format: OutputFormat | None = None
 
 
+class ThinkingTurns(StrictModel):
+    type: Literal["thinking_turns"]
+    value: Annotated[int, Field(ge=0)]
+
+
+class ClearThinkingEdit(StrictModel):
+    """Thinking blocks of all but the last `keep` assistant turns that have some are left out
+    (default: the last one's kept; "all": none left out)."""
+
+    type: Literal["clear_thinking_20251015"]
+    keep: Literal["all"] | ThinkingTurns | None = None
+
+
+class ClearToolUsesEdit(StrictModel):
+    """Read so that the 400 can name it: not run here (convert.py)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["clear_tool_uses_20250919"]
+
+
+ContextEdit = Annotated[ClearThinkingEdit | ClearToolUsesEdit, Field(discriminator="type")]
+
+
+class ContextManagement(StrictModel):
+    """Anthropic's context editing (beta context-management-2025-06-27)."""
+
+    edits: Annotated[list[ContextEdit], Field(max_length=8)] | None = None
+
+
 class CountTokensRequest(StrictModel):
     """`POST /v1/messages/count_tokens`: the fields that make a Messages prompt."""
 
@@ -153,6 +184,7 @@ class CountTokensRequest(StrictModel):
     thinking: ThinkingConfig | None = None  # chat's `thinking` (girandole.api.chat.reasoning)
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = None  # a hint, as on blocks
+    context_management: ContextManagement | None = None
 
 
 class MessagesRequest(CountTokensRequest):

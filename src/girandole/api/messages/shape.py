@@ -67,6 +67,8 @@ class MessagesShape(TranslatedShape):
     def __init__(self, chat: ChatShape, stop_sequences: list[str]) -> None:
         super().__init__(chat)
         self.stop_sequences = stop_sequences
+        # the request's context edits as applied (None: it asked for none)
+        self.context_management: dict[str, Any] | None = None
 
     def stop_reason(self, choice: Choice) -> tuple[str, str | None]:
         """(stop_reason, stop_sequence) of a finished choice."""
@@ -99,6 +101,8 @@ class MessagesShape(TranslatedShape):
         body = self.message(job, [content_block(b, whole=True) for b in blocks.blocks])
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
         body["usage"] = usage_json(finish_metrics(job))
+        if self.context_management is not None:
+            body["context_management"] = self.context_management
         if job.options.raw_output:
             body["raw_output"] = choice.raw_output()
         return body
@@ -135,7 +139,9 @@ class MessagesShape(TranslatedShape):
             usage = usage_json(finish_metrics(job))
             stop_reason, stop_sequence = self.stop_reason(choice)
             delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
-            yield event("message_delta", delta=delta, usage=usage)
+            extra = {} if self.context_management is None else {
+                "context_management": self.context_management}  # fmt: skip
+            yield event("message_delta", delta=delta, usage=usage, **extra)
             yield event("message_stop")
         except Exception as exc:  # noqa: BLE001 - the status line is gone: report in the stream
             yield sse_named_event("error", anthropic_error(engine_error(exc)))

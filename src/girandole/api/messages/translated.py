@@ -26,6 +26,9 @@ class TranslatedChat(ChatCompletionRequest):
     """A chat request made from another API's request, which it carries (`source`)."""
 
     source: Any = None
+    # reasoning_effort came from an API whose effort is a hint about spending (Anthropic's
+    # output_config.effort): a template that cannot reason ignores it rather than refusing
+    effort_is_hint: bool = False
 
 
 def to_chat(fields: dict[str, Any], source: Any) -> TranslatedChat:
