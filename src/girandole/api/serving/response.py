@@ -188,7 +188,9 @@ async def stream(
             extras = (opts.return_token_ids or job.internal_content) and bool(update.token_ids)
             pieces = shape.pieces(c, update.text, out.finished)
             if pieces or update.entries or extras:
-                for j, piece in enumerate(pieces or [shape.text_piece(update.text)]):
+                # no pieces: the shape holds the text (a reasoning marker, a call being
+                # recognised) or there is none yet; the logprobs or ids go with no text
+                for j, piece in enumerate(pieces or [shape.text_piece("")]):
                     if j > 0:
                         yield chunk([_choice(c, piece)])
                         continue
