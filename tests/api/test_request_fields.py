@@ -338,6 +338,11 @@ def test_responses_give_reasoning_items(qwen):
     assert "response.reasoning_text.delta" in kinds
     assert [o.model_dump(exclude={"id"}) for o in final.output] == \
         [o.model_dump(exclude={"id"}) for o in r.output]  # fmt: skip
+    # encrypted content (the Codex CLI asks for it with store false): the field, null, since
+    # the reasoning's text is in the item itself
+    enc = client.responses.create(**body, store=False, include=["reasoning.encrypted_content"])
+    assert enc.output[0].encrypted_content is None
+    assert enc.output[0].content == r.output[0].content
     # logprobs go with the text: not the reasoning's tokens
     lp = client.responses.create(**body, include=["message.output_text.logprobs"])
     text = sum(len(c.logprobs) for o in lp.output if o.type == "message" for c in o.content)

@@ -229,6 +229,47 @@ def test_function_tool_round_trip(client):
     assert explicit.output_text == answer.output_text
 
 
+def test_codex_clis_request_shape(client):
+    """What the Codex CLI sends (docs/messages-responses.md has the config that points it here):
+    developer and user message items with ids, a `namespace` of functions, `store: false` with
+    `include: ["reasoning.encrypted_content"]`, `reasoning.summary`, `prompt_cache_key` and its
+    own `client_metadata`; streamed. A namespaced function's call says its namespace, and goes
+    back in the next request as the CLI sends it."""
+    spawn = {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent",
+             "strict": False, "parameters": {"type": "object", "properties": {
+                 "task": {"type": "string", "maxLength": 20}}, "required": ["task"],
+                 "additionalProperties": False}}  # fmt: skip
+    tools = [WEATHER, {"type": "namespace", "name": "multi_agent_v1",
+                       "description": "Tools for sub-agents.", "tools": [spawn]}]  # fmt: skip
+    history = [
+        {"type": "message", "id": "msg_d8370", "role": "developer",
+         "content": [{"type": "input_text", "text": "You are a coding agent."}]},
+        {"type": "message", "id": "msg_d8371", "role": "user",
+         "content": [{"type": "input_text", "text": "Start an agent."}]},
+    ]  # fmt: skip
+    fields = {"store": False, "include": ["reasoning.encrypted_content"],
+              "reasoning": {"summary": "auto"}, "prompt_cache_key": "thread-1",
+              "parallel_tool_calls": True, "max_output_tokens": 60}  # fmt: skip
+    extra = {"client_metadata": {"thread_id": "thread-1", "turn_id": "turn-1"}}
+    events = list(client.responses.create(
+        model=MODEL, input=history, tools=tools, stream=True, extra_body=extra,
+        tool_choice={"type": "function", "name": "spawn_agent"}, **fields,
+    ))  # fmt: skip
+    (done,) = [e for e in events if e.type == "response.completed"]
+    (call,) = done.response.output
+    assert (call.type, call.name, call.namespace) == ("function_call", "spawn_agent",
+                                                      "multi_agent_v1")  # fmt: skip
+    jsonschema.validate(json.loads(call.arguments), spawn["parameters"])
+    (added,) = [e.item for e in events if e.type == "response.output_item.added"]
+    assert added.namespace == "multi_agent_v1"
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "agent 7 started"}
+    answer = client.responses.create(
+        model=MODEL, input=[*history, call.model_dump(exclude_none=True), result], tools=tools,
+        tool_choice="none", extra_body=extra, **{**fields, "max_output_tokens": 6},
+    )  # fmt: skip
+    assert [o.type for o in answer.output] == ["message"] and answer.output_text
+
+
 def test_function_call_streamed(client):
     with client.responses.stream(
         model=MODEL, input="Weather in Oslo?", tools=[WEATHER],
@@ -328,7 +369,11 @@ def test_list_and_accounts(client, server):
         ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
         ({"input": "x", "reasoning": {"summary": "long"}}, "reasoning.summary"),
         ({"input": "x", "max_tool_calls": 0}, "max_tool_calls"),
-        ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include.0"),
+        ({"input": "x", "include": ["file_search_call.results"]}, "include.0"),
+        ({"input": "x", "tools": [{"type": "namespace", "name": "n", "tools": []}]},
+         "tools.0.namespace.tools"),
+        ({"input": "x", "tools": [WEATHER, {"type": "namespace", "name": "n", "tools": [WEATHER]}]},
+         "Tool names must be unique"),
         ({"input": "x", "top_logprobs": 6}, "top_logprobs"),  # chat's cap (--max-logprobs)
         ({"input": "x", "background": True, "store": False}, "background"),
         ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),

@@ -25,7 +25,9 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `max_output_tokens` (default 2048, fitted to the context as chat fits it), `temperature`
   (0-2), `top_p`, `tools` (function tools: `name`, `description`, `parameters`, `strict`;
   MCP servers, `{"type": "mcp" | "sse", "server_url", ...}`, whose tools this server lists and
-  calls itself in a loop of engine rounds: `mcp.py`, `shape.py`; other tool types are a 400),
+  calls itself in a loop of engine rounds: `mcp.py`, `shape.py`; `namespace` tools, function
+  tools under a name, offered as plain functions, their calls' items naming the namespace;
+  other tool types are a 400),
   `tool_choice` (`none`, `auto`, `required`, `{"type": "function", "name"}`,
   `{"type": "allowed_tools", "mode", "tools"}`, `{"type": "mcp", "server_label", "name"}`),
   `parallel_tool_calls`,
@@ -33,7 +35,7 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   `metadata` (at most 16 string pairs, keys up to 64 characters, values up to 512: OpenAI's
   limits; echoed and stored), `user` / `safety_identifier` (the request's user; echoed),
   `prompt_cache_key` (as on chat; echoed), `stream_options.include_obfuscation` (accepted; no
-  padding is sent).
+  padding is sent), `client_metadata` (the Codex CLI's labels: accepted, unused).
 - `reasoning.effort`: chat's `reasoning_effort` (`minimal` read as `low`); `reasoning.summary`
   is accepted and echoed, and the reasoning comes whole as its text (never summarized).
 - `truncation`: `disabled` (default), or `auto`: chat's `prompt_truncate_len` at the context
@@ -41,9 +43,11 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
   oldest turns go first; a last turn alone too long is a 400 naming `input`.
 - `max_tool_calls`: the first N calls are the output's, MCP calls of every round included (1:
   decoded as one call).
-- `include: ["message.output_text.logprobs"]` (the only value made here; others are a 400)
-  and/or `top_logprobs` (chat's cap): the text part's `logprobs`, chat's for the tokens after
-  the reasoning; each stream delta carries those of its tokens, `output_text.done` all of them.
+- `include: ["message.output_text.logprobs"]` and/or `top_logprobs` (chat's cap): the text
+  part's `logprobs`, chat's for the tokens after the reasoning; each stream delta carries those
+  of its tokens, `output_text.done` all of them. `include: ["reasoning.encrypted_content"]`:
+  reasoning items carry `encrypted_content: null` (their text is in the clear in `content`).
+  Other values are a 400.
 - `conversation` (an id or `{"id"}`; not with `previous_response_id`): the Conversations API's
   conversation (`girandole.api.conversations`): its items, then the input; the input and
   output items are appended to it when the response ends.

@@ -20,6 +20,7 @@ from girandole.api.responses.schema import (
     McpListToolsItem,
     McpTool,
     MessageItem,
+    NamespaceTool,
     ReasoningItem,
     ResponsesRequest,
 )
@@ -160,6 +161,16 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
     return out + results
 
 
+def namespaces(req: ResponsesRequest) -> dict[str, str]:
+    """The namespace of each namespaced function, by the function's name."""
+    return {
+        function.name: tool.name
+        for tool in req.tools or []
+        if isinstance(tool, NamespaceTool)
+        for function in tool.tools
+    }
+
+
 def chat_tools(
     req: ResponsesRequest, toolbox: McpToolbox | None = None
 ) -> tuple[list[dict[str, Any]] | None, Any]:
@@ -170,10 +181,15 @@ def chat_tools(
         for i, tool in enumerate(req.tools):
             if isinstance(tool, McpTool):
                 continue
+            if isinstance(tool, NamespaceTool):  # its functions, each as a function tool
+                for function in tool.tools:
+                    fields = function.model_dump(exclude_none=True, exclude={"type"})
+                    tools.append({"type": "function", "function": fields})
+                continue
             if not isinstance(tool, FunctionTool):
                 raise bad_request(
-                    f"Tools of type '{tool.type}' are not supported: this server runs function"
-                    f" and MCP tools only, field: 'tools.{i}.type'",
+                    f"Tools of type '{tool.type}' are not supported: this server runs function,"
+                    f" namespace and MCP tools only, field: 'tools.{i}.type'",
                     f"tools.{i}.type",
                 )
             function = tool.model_dump(exclude_none=True, exclude={"type"})

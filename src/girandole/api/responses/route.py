@@ -268,6 +268,9 @@ async def approved_calls(
 
 
 LOGPROBS = "message.output_text.logprobs"
+# what `include` may name: logprobs, and reasoning's encrypted content (null: nothing is
+# encrypted here, the reasoning text is in the item)
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content")
 
 
 def conversation_ref(request: Request, source: ResponsesRequest) -> str | None:
@@ -295,10 +298,10 @@ def wants_logprobs(req: ResponsesRequest) -> bool:
     """Logprobs on the output text: `include` names them, or `top_logprobs` asks for
     alternatives. Other `include` values name what this server does not make (a 400)."""
     for i, value in enumerate(req.include or []):
-        if value != LOGPROBS:
+        if value not in INCLUDABLE:
             raise bad_request(
                 f"include value '{value}' is not supported: this server can include only"
-                f" '{LOGPROBS}', field: 'include.{i}'",
+                f" {', '.join(repr(v) for v in INCLUDABLE)}, field: 'include.{i}'",
                 f"include.{i}",
             )
     return LOGPROBS in (req.include or []) or bool(req.top_logprobs)

@@ -48,6 +48,7 @@ class FunctionCallItem(StrictModel):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None  # a namespace tool's function (its name is unique anyway)
     id: str | None = None
     status: str | None = None
 
@@ -175,6 +176,16 @@ class FunctionTool(StrictModel):
     strict: bool | None = None
 
 
+class NamespaceTool(StrictModel):
+    """Function tools grouped under a name (the Codex CLI sends its sub-agent tools so): offered
+    to the model as plain functions; a call of one is a `function_call` with `namespace`."""
+
+    type: Literal["namespace"]
+    name: ToolName
+    description: str | None = None
+    tools: Annotated[list[FunctionTool], Field(min_length=1, max_length=MAX_TOOLS)]
+
+
 class McpToolFilter(StrictModel):
     tool_names: list[str] | None = None
     read_only: bool | None = None
@@ -210,11 +221,13 @@ class OtherTool(StrictModel):
 
 def _tool_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else None
-    return {"function": "function", "mcp": "mcp", "sse": "mcp"}.get(kind, "other")  # type: ignore[arg-type]
+    kinds = {"function": "function", "mcp": "mcp", "sse": "mcp", "namespace": "namespace"}
+    return kinds.get(kind, "other")  # type: ignore[arg-type]
 
 
 ResponsesTool = Annotated[
     Annotated[FunctionTool, Tag("function")]
+    | Annotated[NamespaceTool, Tag("namespace")]
     | Annotated[McpTool, Tag("mcp")]
     | Annotated[OtherTool, Tag("other")],
     Discriminator(_tool_kind),
@@ -307,6 +320,8 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # the Codex CLI's labels for its own bookkeeping: accepted, read by nothing here
+    client_metadata: dict[str, str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: Reasoning | None = None
     max_tool_calls: Annotated[int | None, Field(ge=1)] = None

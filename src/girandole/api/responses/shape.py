@@ -21,7 +21,7 @@ from girandole.api.chat.shape import ChatShape
 from girandole.api.http.sse import sse_named_event
 from girandole.api.messages.blocks import Block, OutputBlocks
 from girandole.api.messages.translated import TranslatedShape, to_chat
-from girandole.api.responses.convert import chat_messages, new_id
+from girandole.api.responses.convert import chat_messages, namespaces, new_id
 from girandole.api.responses.mcp import approval_item, call_item
 from girandole.api.responses.schema import McpTool, ResponsesRequest
 from girandole.api.serving.choice import Choice
@@ -91,6 +91,10 @@ class ResponsesShape(TranslatedShape):
         self._cut = False  # max_output_tokens reached: the response is incomplete
         self._client_turn = False  # the last round called a function or asked for approval
         self._output: tuple[Choice, OutputBlocks] | None = None  # this round's choice
+        self._namespaces = namespaces(conversation.request)  # function name -> its namespace
+        # `include: ["reasoning.encrypted_content"]` (the Codex CLI asks, with store false):
+        # reasoning items carry the field, null: their text is in the clear here, in `content`
+        self._encrypted = "reasoning.encrypted_content" in (conversation.request.include or [])
         self._in_round = False  # a round started and not ended (its blocks not in `output`)
         self._logprobs_sent = 0  # a stream's text deltas: tokens whose logprobs went out
         self._text_from: int | None = None  # the text's first token, once </think> is written
@@ -167,8 +171,11 @@ class ResponsesShape(TranslatedShape):
         done = status != "in_progress"
         if block.type == "thinking":  # the reasoning itself, as open-weight models give it
             content = [self.reasoning_part(block.text)] if done else []
-            return {"id": self.item_id(block), "type": "reasoning", "status": status,
+            item = {"id": self.item_id(block), "type": "reasoning", "status": status,
                     "summary": [], "content": content}  # fmt: skip
+            if self._encrypted:
+                item["encrypted_content"] = None
+            return item
         if block.type == "text":
             content = [self.part(block.text, self._text_entries())] if done else []
             return {"id": self.item_id(block), "type": "message", "status": status,
@@ -182,9 +189,12 @@ class ResponsesShape(TranslatedShape):
                 if mcp["status"] not in ("completed", "failed"):  # not run (yet)
                     mcp["status"] = status
             return dict(mcp)
-        return {"id": self.item_id(block), "type": "function_call", "status": status,
+        item = {"id": self.item_id(block), "type": "function_call", "status": status,
                 "call_id": block.call_id, "name": block.name,
                 "arguments": block.text if done else ""}  # fmt: skip
+        if block.name in self._namespaces:
+            item["namespace"] = self._namespaces[block.name]
+        return item
 
     @staticmethod
     def item_status(block: Block, blocks: OutputBlocks) -> str:
