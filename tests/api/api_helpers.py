@@ -85,3 +85,20 @@ def usage_row(server, request_id: str, timeout: float = 10) -> list[tuple]:
         if rows or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
+
+
+def npm_install(folder: Path, what: str) -> None:
+    """`npm install` in `folder` (its package.json); a skip when npm is missing."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed: cannot install {what}")
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr

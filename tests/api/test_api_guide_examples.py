@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from api_helpers import API_KEY, DEPLOYMENT, MODEL, ROOT
+from api_helpers import API_KEY, DEPLOYMENT, MODEL, ROOT, npm_install
 
 pytestmark = pytest.mark.slow
 
@@ -108,24 +108,16 @@ def test_curl_streaming(server):
     assert all(e.startswith("data: {") for e in events[:-1])
 
 
-def npm_install() -> None:
-    if (JS / "node_modules" / "openai" / "package.json").exists():
-        return
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: cannot install the openai npm package")
-    done = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund"], cwd=JS, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+def install_openai_js() -> None:
+    if not (JS / "node_modules" / "openai" / "package.json").exists():
+        npm_install(JS, "the openai npm package")
 
 
 def test_javascript_example(server):
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the guide's JavaScript example needs Node.js")
-    npm_install()
+    install_openai_js()
     generated = JS / ".generated"
     generated.mkdir(exist_ok=True)
     script = generated / "basic.mjs"

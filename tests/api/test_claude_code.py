@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
-from api_helpers import ACCOUNT, MODEL, ROOT
+from api_helpers import ACCOUNT, MODEL, ROOT, npm_install
 
 from girandole.registry.keystore import Database
 
@@ -28,16 +27,8 @@ PACKAGE = ROOT / "tests" / "claude_code"
 def claude_binary() -> Path:
     """`claude`, installed from npm into tests/claude_code once (about 240 MB, 30-60 s)."""
     binary = PACKAGE / "node_modules" / ".bin" / "claude"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: cannot install Claude Code")
-    done = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund"], cwd=PACKAGE, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    if not binary.exists():
+        npm_install(PACKAGE, "Claude Code")
     return binary
 
 

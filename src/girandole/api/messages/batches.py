@@ -84,6 +84,18 @@ def get_batch_job(request: Request, account: str, batch_id: str) -> dict[str, An
     return job
 
 
+def ended_job(request: Request, account: str, batch_id: str, then: str) -> dict[str, Any]:
+    """The batch's job once it has ended; a 400 saying what to do (`then`) before."""
+    job = get_batch_job(request, account, batch_id)
+    if not has_ended(store_of(request), account, job):
+        raise bad_request(
+            f"Message batch {batch_id} is still being processed: {then} once its"
+            " processing_status is 'ended'",
+            "message_batch_id",
+        )
+    return job
+
+
 def id_in(job: dict[str, Any], key: str) -> str:
     """The id at the end of one of the job's resource names (its own, its datasets')."""
     return job[key].rsplit("/", 1)[-1]
@@ -221,15 +233,8 @@ async def cancel_batch(
 async def batch_results(
     message_batch_id: str, request: Request, account: str = KeyAccount
 ) -> Response:
-    job = get_batch_job(request, account, message_batch_id)
-    store = store_of(request)
-    if not has_ended(store, account, job):
-        raise bad_request(
-            f"Message batch {message_batch_id} is still being processed: its results are"
-            " ready once its processing_status is 'ended'",
-            "message_batch_id",
-        )
-    data = await asyncio.to_thread(result_lines, store, account, job)
+    job = ended_job(request, account, message_batch_id, "its results are ready")
+    data = await asyncio.to_thread(result_lines, store_of(request), account, job)
     return Response(data, media_type="application/x-jsonl")
 
 
@@ -261,14 +266,8 @@ def result_lines(store: BatchStore, account: str, job: dict[str, Any]) -> bytes:
 async def delete_batch(
     message_batch_id: str, request: Request, account: str = KeyAccount
 ) -> dict[str, Any]:
-    job = get_batch_job(request, account, message_batch_id)
+    job = ended_job(request, account, message_batch_id, "cancel it, and delete it")
     store = store_of(request)
-    if not has_ended(store, account, job):
-        raise bad_request(
-            f"Message batch {message_batch_id} is still being processed: cancel it, and delete"
-            " it once its processing_status is 'ended'",
-            "message_batch_id",
-        )
     store.delete_job(account, id_in(job, "name"))
     for key in ("inputDatasetId", "outputDatasetId"):
         store.delete_dataset(account, id_in(job, key))
