@@ -1,8 +1,8 @@
 """The tools built on the OpenAI/Fireworks clients, driven for real against the real server:
 litellm (its `openai/` and `fireworks_ai/` providers), LangChain (`langchain-openai`: ChatOpenAI,
 the completions LLM, embeddings), the OpenAI Agents SDK (an agent with a function tool over the
-Responses API) and, where installed, lm-evaluation-harness's `local-completions` /
-`local-chat-completions` models.
+Responses API) and lm-evaluation-harness (its `lm_eval run` command line on tasks of local files,
+and its `local-completions` / `local-chat-completions` models in process).
 
 A team points these at girandole with a base URL and a model name; each test checks that what
 they return agrees with a direct openai SDK call for the same request at temperature 0 (text,
@@ -11,8 +11,8 @@ response field they need that it leaves out, shows up here.
 
 Nothing here touches the internet: litellm reads its bundled model-cost map
 (LITELLM_LOCAL_MODEL_COST_MAP) and nothing calls tiktoken (LangChain's embeddings are built with
-`check_embedding_ctx_length=False`, which skips it). lm-eval is not in the test extra (about
-600 MB of pandas/pyarrow/scipy); its tests skip unless it is installed.
+`check_embedding_ctx_length=False`, which skips it); lm-eval's tasks read JSON Lines files written
+here (HF_DATASETS_OFFLINE).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import asyncio
 import enum
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -487,7 +489,7 @@ def test_langchain_errors(base_url):
         ChatOpenAI(model=MODEL, base_url=base_url, api_key="wrong", max_retries=0).invoke("Hi")
 
 
-# -- lm-evaluation-harness (only where installed) -------------------------------------------------
+# -- lm-evaluation-harness -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -502,15 +504,86 @@ def hf_tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def lm_eval_models():
-    """lm-eval's API models; the test skips (before any server starts) where it is absent."""
-    return pytest.importorskip("lm_eval.models.openai_completions")
+CAPITALS = [  # a multiple-choice task: lm-eval scores each choice by loglikelihood
+    {"question": "The capital of France is", "choices": ["Paris", "Berlin", "banana"], "answer": 0},
+    {"question": "The capital of Germany is", "choices": ["Madrid", "Berlin", "soup"], "answer": 1},
+    {"question": "One, two, three,", "choices": ["four", "seven", "cat"], "answer": 0},
+]
+COUNTING = [{"prompt": "1, 2, 3, 4,"}, {"prompt": TEXT_PROMPT}]  # generate_until, greedy
 
 
-def test_lm_eval_local_completions(lm_eval_models, server, oai, tokenizer, hf_tokenizer_dir):
-    models = lm_eval_models
+def _write_tasks(folder: Path) -> None:
+    """Two lm-eval tasks over JSON Lines files, the way a team adds its own evaluation."""
+    for name, rows, spec in [
+        ("girandole_mc", CAPITALS, "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n"
+         "  - metric: acc\n"),
+        ("girandole_gen", COUNTING, "output_type: generate_until\ndoc_to_text: '{{prompt}}'\n"
+         "doc_to_target: ''\ngeneration_kwargs:\n  until: ['\\n', '.']\n"
+         "  max_gen_toks: 8\n  do_sample: false\n  temperature: 0\nmetric_list:\n"
+         "  - metric: bypass\n"),
+    ]:  # fmt: skip
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\n{spec}"
+        )
+
+
+def test_lm_eval_command_line_runs_local_tasks(server, oai, tokenizer, hf_tokenizer_dir,
+                                               tmp_path):  # fmt: skip
+    """`lm_eval run --model local-completions` as a team runs it: every loglikelihood it scored
+    equals the direct echo+logprobs call for the same tokens, its accuracy follows from them, and
+    its generations equal direct greedy completions."""
+    tasks, out = tmp_path / "tasks", tmp_path / "out"
+    tasks.mkdir()
+    _write_tasks(tasks)
+    model_args = ",".join([
+        f"model={MODEL}", f"base_url={server.url}/inference/v1/completions",
+        f"tokenizer={hf_tokenizer_dir}", "tokenizer_backend=huggingface", "add_bos_token=True",
+        "num_concurrent=2", "max_retries=1",
+    ])  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args",
+         model_args, "--tasks", "girandole_mc,girandole_gen", "--include_path", str(tasks),
+         "--output_path", str(out), "--log_samples"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def samples(task: str) -> list[dict]:
+        (path,) = out.rglob(f"samples_{task}_*.jsonl")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return sorted(rows, key=lambda r: r["doc_id"])
+
+    accs = []
+    for row, doc in zip(samples("girandole_mc"), CAPITALS, strict=True):
+        ctxlen = len(tokenizer.encode(doc["question"]))
+        want = []
+        for choice in doc["choices"]:  # lm-eval joins them with its target delimiter, " "
+            r = oai.completions.create(model=MODEL, prompt=tokenizer.encode(
+                f"{doc['question']} {choice}"), echo=True, logprobs=1, max_tokens=0)  # fmt: skip
+            want.append(sum(r.choices[0].logprobs.token_logprobs[ctxlen:]))
+        got = [float(score) for score, _greedy in row["filtered_resps"]]
+        assert got == pytest.approx(want, abs=1e-3)
+        accs.append(float(max(range(len(want)), key=want.__getitem__) == doc["answer"]))
+        assert row["acc"] == accs[-1]
+    (results,) = out.rglob("results_*.json")
+    acc = json.loads(results.read_text())["results"]["girandole_mc"]["acc,none"]
+    assert acc == pytest.approx(sum(accs) / len(accs)) and acc > 0
+
+    for row, doc in zip(samples("girandole_gen"), COUNTING, strict=True):
+        want = oai.completions.create(model=MODEL, prompt=tokenizer.encode(doc["prompt"]),
+                                      max_tokens=8, temperature=0, stop=["\n", "."])  # fmt: skip
+        assert row["filtered_resps"] == [want.choices[0].text] and want.choices[0].text.strip()
+
+
+def test_lm_eval_local_completions(server, oai, tokenizer, hf_tokenizer_dir):
     from lm_eval.api.instance import Instance
+    from lm_eval.models import openai_completions as models
 
     kw = dict(base_url=server.url + "/inference/v1/completions", model=MODEL,
               tokenizer=str(hf_tokenizer_dir), tokenizer_backend="huggingface", max_retries=1,
@@ -554,9 +627,9 @@ def test_lm_eval_local_completions(lm_eval_models, server, oai, tokenizer, hf_to
     assert rolling == pytest.approx(sum(r.choices[0].logprobs.token_logprobs[1:]), abs=1e-3)
 
 
-def test_lm_eval_local_chat_completions(lm_eval_models, server, oai):
-    models = lm_eval_models
+def test_lm_eval_local_chat_completions(server, oai):
     from lm_eval.api.instance import Instance
+    from lm_eval.models import openai_completions as models
 
     lm = models.LocalChatCompletion(
         base_url=server.url + "/inference/v1/chat/completions", model=MODEL, max_retries=1,
