@@ -89,7 +89,9 @@ def installed(tmp_path_factory) -> Path:
     (wheel,) = (tmp / "dist").glob("girandole-*.whl")
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])  # no system site packages
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    # --no-compile: byte-compiling torch's ~10k files took half a minute; imports compile what
+    # they use
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     _run([*pip, TORCH])
     _run([*pip, str(wheel)])
     return venv / "bin"
