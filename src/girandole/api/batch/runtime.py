@@ -20,8 +20,11 @@ def build_runner(app: FastAPI, state: Any) -> BatchRunner:
     settings = state.settings
     if settings.data_dir:
         folder = Path(settings.data_dir) / "datasets"
-    else:  # an app built without a data folder (in-memory database): files die with it
-        folder = Path(tempfile.mkdtemp(prefix="girandole-datasets-"))
+    else:  # an app built without a data folder (in-memory database): files die with it (the
+        # folder is removed when the app is collected, or at exit)
+        scratch = tempfile.TemporaryDirectory(prefix="girandole-datasets-")
+        app.state.datasets_scratch = scratch
+        folder = Path(scratch.name)
     store = BatchStore(state.ops.db, folder)
 
     async def run(url: str, account: str, key_id: str | None, body: dict, label: str):
