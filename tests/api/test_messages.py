@@ -223,6 +223,50 @@ def test_count_tokens(client, server):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
+def test_clear_tool_uses_edit(client):
+    """Anthropic's beta client with a clear_tool_uses edit: the old tool results leave the
+    prompt (the answer says how many and how many tokens: exactly what usage shrank by), the
+    last `keep` stay; under its trigger or its clear_at_least nothing is cleared; count_tokens
+    gives the count before and after."""
+    messages: list[dict] = []
+    for k, city in enumerate(["Paris", "Rome", "Oslo", "Lima"]):
+        messages += [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{k}",
+                                               "name": "get_weather", "input": {"city": city}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{k}",
+                                          "content": f"{city}: sunny, 2{k} degrees. " * 8}]},
+        ]  # fmt: skip
+    edit = {"type": "clear_tool_uses_20250919", "trigger": {"type": "tool_uses", "value": 2},
+            "keep": {"type": "tool_uses", "value": 1}, "clear_tool_inputs": True}  # fmt: skip
+
+    def create(context_management: dict | None = None):
+        extra = {} if context_management is None else {"context_management": context_management}
+        return client.beta.messages.create(
+            model=MODEL, max_tokens=1, messages=messages, tools=[WEATHER], extra_body=GREEDY,
+            betas=["context-management-2025-06-27"], **extra)  # fmt: skip
+
+    whole = create()
+    assert whole.context_management is None
+    edited = create({"edits": [edit]})
+    (applied,) = edited.context_management.applied_edits
+    assert applied.type == "clear_tool_uses_20250919" and applied.cleared_tool_uses == 3
+    cut = whole.usage.input_tokens - edited.usage.input_tokens
+    assert applied.cleared_input_tokens == cut > 100
+    counted = client.beta.messages.count_tokens(
+        model=MODEL, messages=messages, tools=[WEATHER], context_management={"edits": [edit]},
+        betas=["context-management-2025-06-27"])  # fmt: skip
+    assert counted.input_tokens == edited.usage.input_tokens
+    assert counted.context_management.original_input_tokens == whole.usage.input_tokens
+    for untouched in ({**edit, "trigger": {"type": "tool_uses", "value": 4}},  # not passed
+                      {**edit, "clear_at_least": {"type": "input_tokens", "value": cut + 1}}):
+        r = create({"edits": [untouched]})
+        assert r.context_management.applied_edits == []
+        assert r.usage.input_tokens == whole.usage.input_tokens
+    kept_inputs = create({"edits": [{**edit, "clear_tool_inputs": False}]})
+    assert kept_inputs.context_management.applied_edits[0].cleared_input_tokens < cut  # inputs kept
+
+
 def test_stop_sequence(server):
     """Greedy output first, then the same request stopped at a piece of it."""
     body = {"model": MODEL, "max_tokens": 16, "messages": ASK, **GREEDY}

@@ -119,14 +119,74 @@ def test_anthropic_clear_thinking_edit():
     assert kept({"type": "clear_thinking_20251015", "keep": "all"}) == ["t1", "t2", "t3"]
     keep_two = {"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 2}}
     assert kept(keep_two) == ["t2", "t3"]
-    with pytest.raises(APIError) as info:  # not run here: a 400 naming it
-        to_chat_request(anthropic(messages=messages, context_management={
-            "edits": [{"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens",
-                                                                       "value": 1000}}]}))  # fmt: skip
-    assert info.value.param == "context_management.edits.0.type"
+    both = [{"type": "clear_tool_uses_20250919"}, {"type": "clear_thinking_20251015"}]
+    with pytest.raises(APIError) as info:  # thinking is cleared first: listed first
+        to_chat_request(anthropic(messages=messages, context_management={"edits": both}))
+    assert info.value.param == "context_management.edits.1.type"
+    with pytest.raises(APIError) as info:
+        to_chat_request(anthropic(messages=messages, context_management={"edits": both[:1] * 2}))
+    assert info.value.param == "context_management.edits.1.type" and "more than once" in str(
+        info.value.message
+    )
     with pytest.raises(APIError):  # an unknown edit: the schema's 400
         to_chat_request(anthropic(messages=messages,
                                   context_management={"edits": [{"type": "compact"}]}))  # fmt: skip
+
+
+def tool_conversation(n: int, name: str = "get") -> list[dict]:
+    """n rounds of a call to `name` (ids t0, t1, ...) and its result, then a question."""
+    out: list[dict] = []
+    for k in range(n):
+        out += [{"role": "user", "content": f"q{k}"},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": f"t{k}", "name": name, "input": {"k": k}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": f"t{k}", "content": f"r{k}"}]}]  # fmt: skip
+    return [*out, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "end"}]
+
+
+def test_anthropic_clear_tool_uses_plan():
+    from girandole.api.messages.context_edits import PLACEHOLDER, tool_uses_to_clear
+
+    def plan(edit: dict, prompt_tokens: int = 10, messages=None):
+        req = anthropic(messages=messages or tool_conversation(5),
+                        context_management={"edits": [edit]})  # fmt: skip
+        return req, tool_uses_to_clear(req, prompt_tokens)
+
+    edit = {"type": "clear_tool_uses_20250919"}
+    assert plan(edit, 100_000)[1] is None  # the default trigger: more than 100,000 tokens
+    req, cleared = plan(edit, 100_001)
+    assert cleared.results == {"t0", "t1"} and not cleared.inputs  # keep: the last 3
+    chat = anthropic_messages(req, cleared)
+    assert [m["content"] for m in chat if m["role"] == "tool"] == [PLACEHOLDER] * 2 + [
+        "r2", "r3", "r4"]  # fmt: skip
+    calls = [m["tool_calls"][0]["function"]["arguments"] for m in chat if m.get("tool_calls")]
+    assert calls == [json.dumps({"k": k}) for k in range(5)]  # inputs kept
+
+    by_uses = {**edit, "trigger": {"type": "tool_uses", "value": 4},
+               "keep": {"type": "tool_uses", "value": 1}, "clear_tool_inputs": True}  # fmt: skip
+    assert plan({**by_uses, "trigger": {"type": "tool_uses", "value": 5}})[1] is None
+    req, cleared = plan(by_uses)
+    assert cleared.results == cleared.inputs == {"t0", "t1", "t2", "t3"}
+    calls = [m["tool_calls"][0]["function"]["arguments"]
+             for m in anthropic_messages(req, cleared) if m.get("tool_calls")]  # fmt: skip
+    assert calls == ["{}"] * 4 + [json.dumps({"k": 4})]
+
+    # excluded tools are neither cleared nor counted in `keep`; inputs of the named tools only
+    mixed = tool_conversation(2, "keepme") + tool_conversation(3)
+    for k, m in enumerate(m for m in mixed if m["role"] == "assistant" and
+                          isinstance(m["content"], list)):  # fmt: skip
+        m["content"][0]["id"] = f"u{k}"
+    for k, m in enumerate(m for m in mixed if m["role"] == "user" and isinstance(m["content"], list)
+                          and m["content"][0]["type"] == "tool_result"):  # fmt: skip
+        m["content"][0]["tool_use_id"] = f"u{k}"
+    _, cleared = plan({**by_uses, "exclude_tools": ["keepme"], "clear_tool_inputs": ["get"],
+                       "keep": {"type": "tool_uses", "value": 2}}, messages=mixed)  # fmt: skip
+    assert cleared.results == cleared.inputs == {"u2"}
+    assert plan({**by_uses, "keep": {"type": "tool_uses", "value": 5}})[1] is None  # none to clear
+    with pytest.raises(APIError):  # the shapes are Anthropic's
+        anthropic(messages=tool_conversation(1), context_management={"edits": [
+            {**edit, "trigger": {"type": "turns", "value": 1}}]})  # fmt: skip
 
 
 def test_anthropic_fields_as_chat_fields():

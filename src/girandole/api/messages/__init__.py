@@ -33,9 +33,10 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `effort` there a hint with nothing to change (Anthropic's effort governs all output).
 - `system` messages inside `messages` (Anthropic's beta; Claude Code sends them): text, read as
   user text where most templates cannot take a system message (`convert.chat_messages`).
-- `context_management.edits`: `clear_thinking_20251015` leaves out the thinking of all but the
-  last `keep` assistant turns (the response says so in `context_management.applied_edits`);
-  `clear_tool_uses_20250919` is a 400.
+- `context_management.edits` (`context_edits.py`): `clear_thinking_20251015` leaves out the
+  thinking of all but the last `keep` assistant turns; `clear_tool_uses_20250919`, once the
+  prompt passes its trigger, the results (and inputs, as asked) of all but the last `keep` tool
+  uses. The response says what was cleared in `context_management.applied_edits`.
 - `cache_control` is accepted anywhere Anthropic takes it and changes nothing (the prefix cache
   is automatic).
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from typing import Any
 
 from girandole.api.http.errors import bad_request
+from girandole.api.messages.context_edits import (
+    PLACEHOLDER,
+    Cleared,
+    check_context_edits,
+    cleared_input,
+    cleared_thinking,
+)
 from girandole.api.messages.pairing import check_tool_pairing
 from girandole.api.messages.schema import (
-    ClearThinkingEdit,
     CountTokensRequest,
     MessagesRequest,
     TextBlock,
@@ -84,55 +88,7 @@ def check_not_empty(req: MessagesRequest) -> None:
                 raise bad_request(f"{where}: text content blocks must be non-empty", where)
 
 
-def check_context_edits(req: CountTokensRequest) -> None:
-    """A 400 for a context edit this server does not run."""
-    edits = req.context_management.edits if req.context_management else None
-    for i, edit in enumerate(edits or []):
-        if edit.type == "clear_tool_uses_20250919":
-            where = f"context_management.edits.{i}.type"
-            raise bad_request(
-                f"Context edit 'clear_tool_uses_20250919' is not supported by this server: only"
-                f" 'clear_thinking_20251015' is, field: '{where}'",
-                where,
-            )
-
-
-def cleared_thinking(req: CountTokensRequest) -> list[int]:
-    """The messages whose thinking blocks a `clear_thinking_20251015` edit leaves out: every
-    assistant message with some, but the last `keep` of them (1 unless given; "all": none)."""
-    edits = req.context_management.edits if req.context_management else None
-    edit = next((e for e in edits or [] if isinstance(e, ClearThinkingEdit)), None)
-    if edit is None or edit.keep == "all":
-        return []
-    keep = 1 if edit.keep is None else edit.keep.value
-    thinking = [
-        i
-        for i, message in enumerate(req.messages)
-        if message.role == "assistant" and any(b.type == "thinking" for b in message.content)
-    ]
-    return thinking[: max(0, len(thinking) - keep)]
-
-
-def applied_edits(req: CountTokensRequest, count: Callable[[str], int]) -> dict[str, Any] | None:
-    """The response's `context_management` (None when the request had none): the edits that
-    cleared something, with how many input tokens (`count` of the text left out)."""
-    if req.context_management is None:
-        return None
-    edits = []
-    cleared = cleared_thinking(req)
-    if cleared:
-        text = "".join(
-            block.thinking
-            for i in cleared
-            for block in req.messages[i].content
-            if block.type == "thinking"
-        )
-        edits.append({"type": "clear_thinking_20251015", "cleared_thinking_turns": len(cleared),
-                      "cleared_input_tokens": count(text)})  # fmt: skip
-    return {"applied_edits": edits}
-
-
-def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
+def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> list[dict[str, Any]]:
     """The conversation as chat messages: tool_result blocks become tool messages (before the
     user's text of the same turn), tool_use blocks the assistant's tool_calls; consecutive
     turns of one role are merged, as Anthropic does.
@@ -141,12 +97,16 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     most chat templates take a system message only first (Gemma's refuses one later: "roles
     must alternate"). Before any turn it joins the system prompt; after a user turn, that
     turn's text; otherwise the next user turn's text (after its tool results), or a user turn
-    of its own at the end."""
+    of its own at the end.
+
+    `cleared`: what context edits leave out (girandole.api.messages.context_edits); None: the
+    thinking a clear_thinking edit clears."""
+    if cleared is None:
+        cleared = Cleared(thinking=frozenset(cleared_thinking(req)))
     out: list[dict[str, Any]] = []
     system = system_text(req.system)
     if system:
         out.append({"role": "system", "content": system})
-    cleared = set(cleared_thinking(req))
     pending: list[str] = []  # system text waiting for the next user turn
     for i, message in enumerate(req.messages):
         if message.role == "system":
@@ -167,16 +127,16 @@ def chat_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
             if block.type == "text":
                 texts.append(block.text)
             elif block.type == "thinking" and message.role == "assistant":
-                if i not in cleared:
+                if i not in cleared.thinking:
                     thoughts.append(block.thinking)
             elif block.type in SKIPPED_BLOCKS or block.type == "thinking":
                 continue
             elif block.type == "tool_use" and message.role == "assistant":
-                arguments = json.dumps(block.input, ensure_ascii=False)
-                function = {"name": block.name, "arguments": arguments}
+                function = {"name": block.name, "arguments": cleared_input(block, cleared)}
                 calls.append({"id": block.id, "type": "function", "function": function})
             elif block.type == "tool_result" and message.role == "user":
-                result = _result_text(block, where)
+                cut = block.tool_use_id in cleared.results
+                result = PLACEHOLDER if cut else _result_text(block, where)
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
             elif block.type in ("tool_use", "tool_result"):
                 raise bad_request(
@@ -280,7 +240,10 @@ def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, 
     return tools, None, parallel
 
 
-def to_chat_request(req: MessagesRequest) -> TranslatedChat:
+def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> TranslatedChat:
+    """The chat request of a Messages request; `cleared`: what context edits leave out (None:
+    the thinking a clear_thinking edit clears; tool uses are cleared once the prompt is known,
+    girandole.api.messages.route)."""
     config = req.output_config
     effort = config.effort if config is not None else None
     response_format = None
@@ -289,7 +252,7 @@ def to_chat_request(req: MessagesRequest) -> TranslatedChat:
         response_format = {"type": "json_schema", "json_schema": schema}
     check_not_empty(req)
     check_context_edits(req)
-    messages = chat_messages(req)  # blocks in the wrong role are a 400 first
+    messages = chat_messages(req, cleared)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
     tools, tool_choice, parallel = chat_tools(req)
     fields = {

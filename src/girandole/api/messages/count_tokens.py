@@ -39,4 +39,8 @@ async def count_tokens(request: Request, endpoint: TranslatedEndpoint) -> Respon
     got = await receive(request, endpoint.id_prefix, parse)
     shape = endpoint.shape(got.state, got.engine, got.req)
     (prompt,) = await endpoint.prompts(got.engine, got.req, shape)
-    return FiniteJSONResponse({"input_tokens": len(prompt)})
+    body: dict[str, Any] = {"input_tokens": len(prompt)}
+    edits = getattr(shape, "edits", None)
+    if edits is not None and edits.requested:  # context edits: the count before them too
+        body["context_management"] = {"original_input_tokens": len(prompt) + edits.cleared_tokens()}
+    return FiniteJSONResponse(body)

@@ -11,7 +11,12 @@ from fastapi.responses import Response
 
 from girandole.api.chat.shape import ChatShape
 from girandole.api.http.openapi import body_doc
-from girandole.api.messages.convert import applied_edits, to_chat_request
+from girandole.api.messages.context_edits import (
+    record_tool_edit,
+    thinking_edit,
+    tool_uses_to_clear,
+)
+from girandole.api.messages.convert import to_chat_request
 from girandole.api.messages.count_tokens import count_tokens
 from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
 from girandole.api.messages.shape import MessagesShape, anthropic_error
@@ -42,11 +47,29 @@ class Messages(TranslatedEndpoint):
     def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> MessagesShape:
         shape = super().shape(state, engine, req)
         assert isinstance(shape, MessagesShape)
-        shape.context_management = applied_edits(
+        shape.edits = thinking_edit(
             req.source,
             lambda text: len(engine.tokenizer.encode(text, add_bos=False, parse_special=False)),
         )
         return shape
+
+    async def prompts(
+        self, engine: EngineClient, req: TranslatedChat, shape: ChatShape
+    ) -> list[list[int]]:
+        """Chat's prompt; where a clear_tool_uses edit is triggered by it, the prompt with the
+        old tool uses cleared instead (unless that clears fewer tokens than it asks)."""
+        (prompt,) = await super().prompts(engine, req, shape)
+        cleared = tool_uses_to_clear(req.source, len(prompt))
+        if cleared is None:
+            return [prompt]
+        assert isinstance(shape, MessagesShape) and shape.edits is not None
+        whole = req.messages
+        req.messages = to_chat_request(req.source, cleared).messages
+        (edited,) = await super().prompts(engine, req, shape)
+        if record_tool_edit(req.source, shape.edits, cleared, len(prompt) - len(edited)):
+            return [edited]
+        req.messages = whole
+        return [prompt]
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
         return MessagesShape(chat, req.stop_list())

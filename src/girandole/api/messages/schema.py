@@ -157,11 +157,28 @@ class ClearThinkingEdit(StrictModel):
     keep: Literal["all"] | ThinkingTurns | None = None
 
 
-class ClearToolUsesEdit(StrictModel):
-    """Read so that the 400 can name it: not run here (convert.py)."""
+class InputTokens(StrictModel):
+    type: Literal["input_tokens"]
+    value: Annotated[int, Field(ge=0)]
 
-    model_config = ConfigDict(extra="allow", strict=True)
+
+class ToolUses(StrictModel):
+    type: Literal["tool_uses"]
+    value: Annotated[int, Field(ge=0)]
+
+
+class ClearToolUsesEdit(StrictModel):
+    """Once the prompt passes `trigger` (default 100,000 input tokens), the results of all but
+    the last `keep` tool uses (default 3) not in `exclude_tools` become a placeholder, and their
+    inputs too where `clear_tool_inputs` says (all, or the named tools'); not done when it would
+    clear fewer than `clear_at_least` tokens (girandole.api.messages.context_edits)."""
+
     type: Literal["clear_tool_uses_20250919"]
+    trigger: Annotated[InputTokens | ToolUses, Field(discriminator="type")] | None = None
+    keep: ToolUses | None = None
+    clear_at_least: InputTokens | None = None
+    exclude_tools: Annotated[list[str], Field(max_length=MAX_TOOLS)] | None = None
+    clear_tool_inputs: bool | Annotated[list[str], Field(max_length=MAX_TOOLS)] | None = None
 
 
 ContextEdit = Annotated[ClearThinkingEdit | ClearToolUsesEdit, Field(discriminator="type")]

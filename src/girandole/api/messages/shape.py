@@ -10,6 +10,7 @@ from girandole.api.chat.shape import ChatShape
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import sse_named_event
 from girandole.api.messages.blocks import Block
+from girandole.api.messages.context_edits import AppliedEdits
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -68,7 +69,11 @@ class MessagesShape(TranslatedShape):
         super().__init__(chat)
         self.stop_sequences = stop_sequences
         # the request's context edits as applied (None: it asked for none)
-        self.context_management: dict[str, Any] | None = None
+        self.edits: AppliedEdits | None = None
+
+    @property
+    def context_management(self) -> dict[str, Any] | None:
+        return self.edits.body() if self.edits is not None else None
 
     def stop_reason(self, choice: Choice) -> tuple[str, str | None]:
         """(stop_reason, stop_sequence) of a finished choice."""
