@@ -253,6 +253,12 @@ def test_clear_tool_uses_edit(client):
     assert applied.type == "clear_tool_uses_20250919" and applied.cleared_tool_uses == 3
     cut = whole.usage.input_tokens - edited.usage.input_tokens
     assert applied.cleared_input_tokens == cut > 100
+    with client.beta.messages.stream(
+        model=MODEL, max_tokens=1, messages=messages, tools=[WEATHER], extra_body=GREEDY,
+        context_management={"edits": [edit]}, betas=["context-management-2025-06-27"],
+    ) as stream:  # fmt: skip
+        deltas = [e for e in stream if e.type == "message_delta"]
+    assert [d.context_management for d in deltas] == [edited.context_management]
     counted = client.beta.messages.count_tokens(
         model=MODEL, messages=messages, tools=[WEATHER], context_management={"edits": [edit]},
         betas=["context-management-2025-06-27"])  # fmt: skip
