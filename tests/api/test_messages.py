@@ -376,6 +376,8 @@ def test_x_api_key_and_anthropic_errors(server):
                                                      "input": {}}]}]}, "messages.0.content.0"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
         ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
+        ({"tools": [WEATHER, {**WEATHER, "name": "g", "input_schema": {"type": "string"}}]},
+         "tools.1.input_schema"),  # chat's check: was named 'tools.1.function.parameters'
         ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),

@@ -37,7 +37,10 @@ MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 
 class Messages(TranslatedEndpoint):
-    chat_fields = {"reasoning_effort": "output_config.effort"}
+    chat_fields = {
+        "reasoning_effort": "output_config.effort",
+        r"tools\.(\d+)\.function\.parameters": r"tools.\1.input_schema",  # tools keep their order
+    }
 
     async def translate(
         self, request: Request, state: AppState, source: MessagesRequest

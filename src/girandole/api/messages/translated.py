@@ -5,6 +5,7 @@ Anthropic's Messages and OpenAI's Responses are such endpoints."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import Request
@@ -71,7 +72,8 @@ class TranslatedShape(ResponseShape):
 class TranslatedEndpoint(Chat):
     """Chat's prompt and tools under another API's request and response shapes."""
 
-    # chat's field -> this API's, for the 400s chat's checks raise (their `param`)
+    # chat's field (a regular expression, matched whole) -> this API's (`re` replacement), for
+    # the 400s chat's checks raise (their `param`)
     chat_fields: dict[str, str] = {}
 
     async def parse(self, request: Request, state: AppState, data: dict[str, Any]) -> Any:
@@ -86,10 +88,12 @@ class TranslatedEndpoint(Chat):
         try:
             chat = super().shape(state, engine, req)
         except APIError as exc:
-            if exc.param in self.chat_fields:  # named as this API names it
-                own = self.chat_fields[exc.param]
-                exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
-                exc.param = own
+            for pattern, replacement in self.chat_fields.items():
+                if exc.param and re.fullmatch(pattern, exc.param):  # named as this API names it
+                    own = re.sub(pattern, replacement, exc.param)
+                    exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
+                    exc.param = own
+                    break
             raise
         return self.wire_shape(chat, req)
 
