@@ -40,6 +40,7 @@ class Messages(TranslatedEndpoint):
     chat_fields = {
         "reasoning_effort": "output_config.effort",
         r"tools\.(\d+)\.function\.parameters": r"tools.\1.input_schema",  # tools keep their order
+        "response_format": "output_config.format",
     }
 
     async def translate(

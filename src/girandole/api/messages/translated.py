@@ -88,14 +88,17 @@ class TranslatedEndpoint(Chat):
         try:
             chat = super().shape(state, engine, req)
         except APIError as exc:
-            for pattern, replacement in self.chat_fields.items():
-                if exc.param and re.fullmatch(pattern, exc.param):  # named as this API names it
-                    own = re.sub(pattern, replacement, exc.param)
-                    exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
-                    exc.param = own
-                    break
+            self.rename_field(exc)
             raise
         return self.wire_shape(chat, req)
+
+    def rename_field(self, exc: APIError) -> None:
+        for pattern, replacement in self.chat_fields.items():
+            if exc.param and re.fullmatch(pattern, exc.param):
+                own = re.sub(pattern, replacement, exc.param)
+                exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
+                exc.param = own
+                return
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> TranslatedShape:
         """How the response is written, given chat's shape (its template and tool plan)."""

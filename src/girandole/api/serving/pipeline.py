@@ -25,6 +25,7 @@ from fastapi.responses import Response
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
+from girandole.api.http.errors import APIError
 from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.inprocess import inprocess_request
 from girandole.api.http.openapi import body_doc
@@ -82,6 +83,10 @@ class Endpoint:
         """How to start the request when it runs on after its HTTP request is answered
         (Responses' `background`); None: it is answered by `run`."""
         return None
+
+    def rename_field(self, exc: APIError) -> None:
+        """Name the field of a 400 from a check this endpoint shares with others as its own API
+        names it (an endpoint of another API run as chat: girandole.api.messages.translated)."""
 
 
 # starts a prepared request in the background (`rounds.request`: a detached copy of the
@@ -221,7 +226,11 @@ class Rounds:
         prompt token ids, then one engine request per choice."""
         state, engine = self.got.state, self.got.engine
         shape = self.endpoint.shape(state, engine, req)
-        grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
+        try:
+            grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
+        except APIError as exc:
+            self.endpoint.rename_field(exc)
+            raise
         prompts = await self.endpoint.prompts(engine, req, shape)
         job = build_job(
             engine,
