@@ -372,8 +372,10 @@ def test_responses_truncation_auto_drops_the_oldest_turns(qwen):
     context = client.models.retrieve(MODEL).model_extra["context_length"]  # the KV cache's room
     turns = [m for i in range(context // size + 4) for m in exchange(i)]
     turns.append({"role": "user", "content": "and now?"})
-    with pytest.raises(openai.BadRequestError):  # past the context
+    with pytest.raises(openai.BadRequestError) as err:  # past the context
         client.responses.create(model=MODEL, input=turns, max_output_tokens=16)
+    # Responses' own field and OpenAI's code (chat's `messages` is no field here)
+    assert (err.value.body["param"], err.value.body["code"]) == ("input", "context_length_exceeded")
     r = client.responses.create(
         model=MODEL, input=turns, max_output_tokens=16, truncation="auto", store=False
     )
