@@ -415,6 +415,35 @@ def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_t
     assert (got[0][1] == "") == (max_tokens == 5)
 
 
+def test_echo_with_a_forced_call_keeps_the_prompt_as_content(client):
+    """echo with tools: the echoed prompt (which lists the tools' schemas) is content, and calls
+    are read only from the generated text. Before, the whole answer had the call's JSON in
+    `content` with no tool_calls, and the stream sent the listed schemas as two bogus calls."""
+    body = dict(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+        temperature=0, extra_body={"echo": True},
+    )  # fmt: skip
+    whole = client.chat.completions.create(**body).choices[0]
+    content = ""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, [tc.function.name, ""])
+                entry[1] += tc.function.arguments or ""
+            finish = choice.finish_reason or finish
+    echo = whole.message.content
+    assert echo.startswith("user\n") and echo.endswith("What is the weather in Paris?\nmodel\n")
+    assert whole.finish_reason == finish == "tool_calls"
+    assert len(whole.message.tool_calls) == 1
+    _check_call(whole.message.tool_calls[0])
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert content == echo and got == [tuple(v) for _, v in sorted(calls.items())]
+
+
 def test_tool_auto_detects_a_call_and_results_go_back(client):
     # auto: free decoding, a call recognised in the output. Here response_format forces the
     # output into the call format, so the detection has something to recognise.

@@ -47,7 +47,7 @@ class ChatShape(ResponseShape):
 
     def _echo_split(self, choice: Choice, text: str) -> tuple[str, str]:
         """(the echoed prompt, the generated text) of a choice's text: an echo is content, and
-        only what the model generated is split into reasoning and answer."""
+        only what the model generated is split into reasoning and answer and read for calls."""
         if not choice.echo_text or choice.index in self._echoed:
             return "", text
         self._echoed.add(choice.index)
@@ -60,15 +60,18 @@ class ChatShape(ResponseShape):
         )
 
     def whole(self, choice: Choice) -> dict[str, Any]:
-        text, reasoning = choice.full_text, None
+        # the echoed prompt (the tool listing too) is never read as reasoning or tool calls
+        echo, text = self._echo_split(choice, choice.full_text)
+        reasoning = None
         if self.reasoning is not None:
-            echo, generated = self._echo_split(choice, text)
             splitter = self._splitter(choice)
-            splitter.feed(generated, final=True)
+            splitter.feed(text, final=True)
             reasoning = splitter.reasoning_text if splitter.reasoned else None
-            text = echo + splitter.content_text
+            text = splitter.content_text
             self._count(choice, splitter)
         message, choice.finish_reason = finish_message(self.plan, text, choice.finish_reason)
+        if echo:  # content before the answer, beside any tool calls (as the stream sends it)
+            message["content"] = echo + (message["content"] or "")
         if self.reasoning is not None:
             message["reasoning_content"] = reasoning or None
         return {"message": message}
@@ -78,10 +81,9 @@ class ChatShape(ResponseShape):
 
     def pieces(self, choice: Choice, text: str, finished: bool) -> list[dict[str, Any]]:
         calls = self._calls.setdefault(choice.index, ToolStream(self.plan))
-        deltas: list[dict[str, Any]] = []
+        echo, text = self._echo_split(choice, text)
+        deltas: list[dict[str, Any]] = [{"content": echo}] if echo else []
         if self.reasoning is not None:
-            echo, text = self._echo_split(choice, text)
-            deltas += calls.feed(echo) if echo else []
             splitter = self._splitter(choice)
             reasoning, text = splitter.feed(text, final=finished)
             if reasoning:
