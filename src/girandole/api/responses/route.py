@@ -105,7 +105,12 @@ def not_found(response_id: str) -> APIError:
 
 
 class Responses(TranslatedEndpoint):
-    chat_fields = {"reasoning_effort": "reasoning.effort"}
+    chat_fields = {
+        "reasoning_effort": "reasoning.effort",
+        "response_format": "text.format",
+        # chat's messages are the instructions and the turns merged: no index maps back
+        r"messages(\..*)?": "input",
+    }
 
     async def translate(
         self,
@@ -210,6 +215,7 @@ class Responses(TranslatedEndpoint):
             prompts = await super().prompts(engine, req, shape)
         except APIError as exc:
             if exc.param != "prompt_truncate_len":
+                self.rename_field(exc)  # the chat template's 400s name chat's `messages`
                 raise
             raise bad_request(
                 "The input does not fit in the context window even with truncation 'auto': room"
