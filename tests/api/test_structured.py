@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL, post
+from api_helpers import API_KEY, MODEL, post, sse_events
 
 pytestmark = pytest.mark.slow
 
@@ -281,6 +281,37 @@ def test_raw_output_shows_the_grammar(server):
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] in ("yes", "no")
     assert choice["raw_output"]["grammar"] == grammar
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_stop_token_that_ends_a_grammar_is_counted_and_scored(server, stream):
+    """The EOS a finished grammar takes is a generated token like any other EOS: it is in
+    usage.completion_tokens and has its logprobs entry. Before, it showed in token_ids but was
+    neither counted nor scored (usage 1 for ids [yes, <eos>])."""
+    body = {"prompt": "Answer:", "max_tokens": 10, "temperature": 0, "n": 2, "logprobs": 1,
+            "return_token_ids": True,
+            "response_format": {"type": "grammar", "grammar": 'root ::= "yes" | "no"'}}  # fmt: skip
+    if stream:
+        events = [e for e in sse_events(server, body) if e != "[DONE]"]
+        usage = events[-1]["usage"]
+        ids: dict[int, list[int]] = {}
+        scored: dict[int, list[str]] = {}
+        for event in events:
+            for c in event["choices"]:
+                ids.setdefault(c["index"], []).extend(c.get("token_ids") or [])
+                scored.setdefault(c["index"], []).extend((c["logprobs"] or {}).get("tokens", []))
+    else:
+        r = post(server, body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        choices = r.json()["choices"]
+        ids = {c["index"]: c["token_ids"] for c in choices}
+        scored = {c["index"]: c["logprobs"]["tokens"] for c in choices}
+    assert sorted(ids) == [0, 1]
+    for k in ids:
+        assert ids[k][-1] == 1 and len(scored[k]) == len(ids[k]), (ids, scored)  # <eos> last
+        assert scored[k][-1] == "<eos>"
+    assert usage["completion_tokens"] == sum(len(v) for v in ids.values())
 
 
 # -- tools -------------------------------------------------------------------------------------

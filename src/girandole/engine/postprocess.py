@@ -93,14 +93,15 @@ class Postprocessor:
         token = result.token_id
         if seq.grammar is not None and not seq.grammar.accept(token):
             return self.finish(seq, "stop", [], stop_reason="grammar_rejected", flush=True)
-        if seq.grammar is not None and seq.grammar.is_terminated:
-            # the grammar took its stop token: nothing may follow, even with ignore_eos
-            return self.finish(seq, "stop", [token], stop_reason=token)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)
         if seq.first_token_time is None:
             seq.first_token_time = now
+        if seq.grammar is not None and seq.grammar.is_terminated:
+            # the grammar took its stop token: nothing may follow, even with ignore_eos; the
+            # token was generated like any EOS, so it is counted and has its logprobs entry
+            return self.finish(seq, "stop", [token], stop_reason=token)
         params = seq.params
         if not params.ignore_eos and token in self.eos_token_ids:
             return self.finish(seq, "stop", [token], stop_reason=token)
