@@ -92,6 +92,13 @@ class TranslatedEndpoint(Chat):
             raise
         return self.wire_shape(chat, req)
 
+    async def prompts(self, engine: EngineClient, req: Any, shape: Any) -> list[list[int]]:
+        try:
+            return await super().prompts(engine, req, shape)
+        except APIError as exc:  # the chat template's 400s name chat's `messages`
+            self.rename_field(exc)
+            raise
+
     def rename_field(self, exc: APIError) -> None:
         for pattern, replacement in self.chat_fields.items():
             if exc.param and re.fullmatch(pattern, exc.param):

@@ -33,7 +33,6 @@ from girandole.api.responses.schema import FunctionTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import BackgroundStart, Rounds, inference_router, post_route
-from girandole.api.serving.prompt import context_exceeded
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
@@ -212,26 +211,15 @@ class Responses(TranslatedEndpoint):
                 AppState.context_length_of(engine), req.source.request.max_output_tokens
             )
         try:
-            prompts = await super().prompts(engine, req, shape)
+            return await super().prompts(engine, req, shape)
         except APIError as exc:
             if exc.param != "prompt_truncate_len":
-                self.rename_field(exc)  # the chat template's 400s name chat's `messages`
-                raise
+                raise  # named as Responses names it by the pipeline (rename_field)
             raise bad_request(
                 "The input does not fit in the context window even with truncation 'auto': room"
                 f" for {req.prompt_truncate_len} input tokens, and its last turn alone takes more",
                 "input",
             ) from None
-        # checked here, before the job is built: the job's own check names chat's `messages`
-        context_length = AppState.context_length_of(engine)
-        for ids in prompts:
-            if len(ids) >= context_length:
-                raise context_exceeded(
-                    f"The input is too long: {len(ids)} tokens, model maximum context length:"
-                    f" {context_length} (truncation 'auto' drops the oldest turns to fit)",
-                    "input",
-                )
-        return prompts
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> ResponsesShape:
         return ResponsesShape(chat, req.source)

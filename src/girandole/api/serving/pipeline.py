@@ -228,22 +228,22 @@ class Rounds:
         shape = self.endpoint.shape(state, engine, req)
         try:
             grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
-        except APIError as exc:
+            prompts = await self.endpoint.prompts(engine, req, shape)
+            job = build_job(
+                engine,
+                req,
+                self.got.request_id,
+                prompts,
+                default_max_tokens=self.endpoint.default_max_tokens,
+                context_length=state.context_length_of(engine),
+                grammar=grammar,
+                received=self.got.received,
+                headers=self.request.headers,
+                tier=self.tier,
+            )
+        except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
             self.endpoint.rename_field(exc)
             raise
-        prompts = await self.endpoint.prompts(engine, req, shape)
-        job = build_job(
-            engine,
-            req,
-            self.got.request_id,
-            prompts,
-            default_max_tokens=self.endpoint.default_max_tokens,
-            context_length=state.context_length_of(engine),
-            grammar=grammar,
-            received=self.got.received,
-            headers=self.request.headers,
-            tier=self.tier,
-        )
         return shape, job
 
     async def next(self, req: Any) -> tuple[ResponseShape, Job, ChoiceFanout]:
