@@ -61,6 +61,23 @@ def test_items_crud(client):
         client.conversations.items.list(conv.id)
 
 
+def test_item_ids_are_unique(client):
+    """Items with an id another item of the conversation has are a 400 naming it (retrieve and
+    delete by id would find one of them, or remove both); nothing of the request is added."""
+    mine = {**user("Hi"), "id": "msg_mine"}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.conversations.create(items=[mine, mine])
+    assert info.value.body["param"] == "items.1.id" and "msg_mine" in info.value.body["message"]
+    conv = client.conversations.create(items=[mine])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.conversations.items.create(conv.id, items=[user("Again"), mine])
+    assert info.value.body["param"] == "items.1.id"
+    assert [i.id for i in client.conversations.items.list(conv.id).data] == ["msg_mine"]
+    client.conversations.items.delete("msg_mine", conversation_id=conv.id)
+    client.conversations.items.create(conv.id, items=[mine])  # free again once deleted
+    assert [i.id for i in client.conversations.items.list(conv.id).data] == ["msg_mine"]
+
+
 def test_a_response_runs_on_the_conversation_and_joins_it(client):
     conv = client.conversations.create(items=[{"role": "system", "content": "Be terse."}])
     first = client.responses.create(model=MODEL, input="What is the capital of France?",
