@@ -73,6 +73,10 @@ def test_item_ids_are_unique(client):
         client.conversations.items.create(conv.id, items=[user("Again"), mine])
     assert info.value.body["param"] == "items.1.id"
     assert [i.id for i in client.conversations.items.list(conv.id).data] == ["msg_mine"]
+    with pytest.raises(openai.BadRequestError) as info:  # a response's input joins it too
+        client.responses.create(model=MODEL, conversation=conv.id, max_output_tokens=1,
+                                input=[{**user("Hi"), "id": "msg_mine"}])  # fmt: skip
+    assert info.value.body["param"] == "input.0.id"
     client.conversations.items.delete("msg_mine", conversation_id=conv.id)
     client.conversations.items.create(conv.id, items=[mine])  # free again once deleted
     assert [i.id for i in client.conversations.items.list(conv.id).data] == ["msg_mine"]

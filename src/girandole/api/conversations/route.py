@@ -28,7 +28,7 @@ from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.pages import list_page
 from girandole.api.http.schema import StrictModel
-from girandole.api.responses.convert import stored_items
+from girandole.api.responses.convert import check_unique_ids, stored_items
 from girandole.api.responses.route import LOGPROBS, account_of, conversations_of
 from girandole.api.responses.schema import Item, MetadataKey, MetadataValue
 
@@ -83,23 +83,13 @@ def check_include(include: list[str] | None) -> None:
 async def create_conversation(request: Request) -> Any:
     body = await read_json(request, CreateConversation)
     items = stored_items(body.items or [], "items")
-    check_unique_ids(items, [])
+    check_unique_ids(items, [], "items")
     return conversations_of(request).create(account_of(request), body.metadata or {}, items)
 
 
 @router.get("/conversations/{conversation_id}", summary="A conversation")
 async def get_conversation(request: Request, conversation_id: str) -> Any:
     return conversation_of(request, conversation_id)
-
-
-def check_unique_ids(items: list[dict[str, Any]], existing: list[str]) -> None:
-    """A 400 for an item whose id another item has (as OpenAI answers): retrieving or deleting
-    by id would find only one of them, or remove both."""
-    seen = set(existing)
-    for i, item in enumerate(items):
-        if item["id"] in seen:
-            raise bad_request(f"Duplicate item found with id '{item['id']}'", f"items.{i}.id")
-        seen.add(item["id"])
 
 
 @router.post("/conversations/{conversation_id}", summary="Update a conversation's metadata")
@@ -124,7 +114,7 @@ async def add_items(request: Request, conversation_id: str, include: Include = N
     body = await read_json(request, AddItems)
     items = stored_items(body.items, "items")
     store = conversations_of(request)
-    check_unique_ids(items, [item["id"] for item in store.items(conversation_id)])
+    check_unique_ids(items, [item["id"] for item in store.items(conversation_id)], "items")
     store.add_items(conversation_id, items)
     return list_page(items, len(items))
 

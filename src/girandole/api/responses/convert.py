@@ -58,6 +58,16 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     return stored_items(req.input or [], "input")
 
 
+def check_unique_ids(items: list[dict[str, Any]], existing: list[str], field: str) -> None:
+    """A 400 for an item whose id another item of its conversation has (as OpenAI answers):
+    retrieving or deleting by id would find only one of them, or remove both."""
+    seen = set(existing)
+    for i, item in enumerate(items):
+        if item["id"] in seen:
+            raise bad_request(f"Duplicate item found with id '{item['id']}'", f"{field}.{i}.id")
+        seen.add(item["id"])
+
+
 def stored_items(given: list[Any], field: str) -> list[dict[str, Any]]:
     """Validated items (a request's `input`, a conversation's `items`) as stored items, each
     with an id; `field` names them in errors."""

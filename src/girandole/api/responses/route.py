@@ -23,6 +23,7 @@ from girandole.api.responses.background import KEEP_SECONDS, BackgroundResponses
 from girandole.api.responses.convert import (
     chat_messages,
     chat_tools,
+    check_unique_ids,
     input_items,
     response_format,
 )
@@ -148,6 +149,8 @@ class Responses(TranslatedEndpoint):
                 )
             items = previous.input_items + previous.body["output"]
         new_items = input_items(source)
+        if conversation_id is not None:  # they join it: their ids must be new there
+            check_unique_ids(new_items, [item["id"] for item in items], "input")
         items += new_items
         check_call_outputs(items)
         toolbox = McpToolbox.of(source, state.settings)
