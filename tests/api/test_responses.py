@@ -344,6 +344,9 @@ def test_list_and_accounts(client, server):
                          ("GET", f"/v1/responses/{rid}/input_items")):  # fmt: skip
         assert httpx.request(method, server.url + path, headers=other).status_code == 404
     assert httpx.get(server.url + "/v1/responses", headers=other).json()["data"] == []
+    for cursor in ("after", "before"):  # a cursor it cannot see: a 400, as the other lists
+        r = httpx.get(server.url + "/v1/responses", params={cursor: rid}, headers=other)
+        assert r.status_code == 400 and r.json()["error"]["param"] == cursor, r.text
     assert client.responses.retrieve(rid).id == rid  # still there for its own account
     assert httpx.get(server.url + "/v1/responses").status_code == 401
 

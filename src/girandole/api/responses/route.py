@@ -420,7 +420,11 @@ async def delete_response(request: Request, response_id: str) -> Any:
 async def list_responses(
     request: Request, limit: Limit = 20, after: str | None = None, before: str | None = None
 ) -> Any:
-    page = store_of(request).list(account_of(request), limit, after, before)
+    store, account = store_of(request), account_of(request)
+    for cursor, param in ((after, "after"), (before, "before")):
+        if cursor is not None and store.get(account, cursor) is None:  # as the other lists
+            raise bad_request(f"No item with id '{cursor}', field: '{param}'", param)
+    page = store.list(account, limit, after, before)
     return list_page(page.items, limit) | {"has_more": page.has_more}
 
 
