@@ -264,8 +264,10 @@ def test_clear_tool_uses_edit(client):
         betas=["context-management-2025-06-27"])  # fmt: skip
     assert counted.input_tokens == edited.usage.input_tokens
     assert counted.context_management.original_input_tokens == whole.usage.input_tokens
-    for untouched in ({**edit, "trigger": {"type": "tool_uses", "value": 4}},  # not passed
-                      {**edit, "clear_at_least": {"type": "input_tokens", "value": cut + 1}}):
+    for untouched in (
+        {**edit, "trigger": {"type": "tool_uses", "value": 4}},  # not passed
+        {**edit, "clear_at_least": {"type": "input_tokens", "value": cut + 1}},
+    ):
         r = create({"edits": [untouched]})
         assert r.context_management.applied_edits == []
         assert r.usage.input_tokens == whole.usage.input_tokens

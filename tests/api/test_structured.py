@@ -418,6 +418,20 @@ def test_tool_call_stream(client):
     jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
 
 
+def streamed_calls(client, body: dict) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(content, [(name, arguments)] by call index, finish_reason) of the streamed request."""
+    content, finish = "", None
+    calls: dict[int, list[str]] = {}
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, [tc.function.name, ""])
+                entry[1] += tc.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return content, [(name, args) for _, (name, args) in sorted(calls.items())], finish
+
+
 @pytest.mark.parametrize("max_tokens", [5, 16])
 def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_tokens):
     """max_tokens ends a forced call before its name is whole, or inside its arguments: the
@@ -430,17 +444,10 @@ def test_a_forced_call_cut_short_reads_the_same_whole_and_streamed(client, max_t
     )  # fmt: skip
     whole = client.chat.completions.create(**body).choices[0]
     assert whole.finish_reason == "length" and whole.message.content is None
-    calls: dict[int, list[str]] = {}
-    content = ""
-    for chunk in client.chat.completions.create(**body, stream=True):
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            for tc in choice.delta.tool_calls or []:
-                entry = calls.setdefault(tc.index, [tc.function.name, ""])
-                entry[1] += tc.function.arguments or ""
+    content, calls, _ = streamed_calls(client, body)
     assert content == ""
     got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
-    assert got == [tuple(v) for _, v in sorted(calls.items())]
+    assert got == calls
     # the forced function's call even when cut before its name (before: no call at all at 5)
     assert [name for name, _ in got] == ["get_weather"]
     assert (got[0][1] == "") == (max_tokens == 5)
@@ -456,23 +463,14 @@ def test_echo_with_a_forced_call_keeps_the_prompt_as_content(client):
         temperature=0, extra_body={"echo": True},
     )  # fmt: skip
     whole = client.chat.completions.create(**body).choices[0]
-    content = ""
-    calls: dict[int, list[str]] = {}
-    finish = None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            for tc in choice.delta.tool_calls or []:
-                entry = calls.setdefault(tc.index, [tc.function.name, ""])
-                entry[1] += tc.function.arguments or ""
-            finish = choice.finish_reason or finish
+    content, calls, finish = streamed_calls(client, body)
     echo = whole.message.content
     assert echo.startswith("user\n") and echo.endswith("What is the weather in Paris?\nmodel\n")
     assert whole.finish_reason == finish == "tool_calls"
     assert len(whole.message.tool_calls) == 1
     _check_call(whole.message.tool_calls[0])
     got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
-    assert content == echo and got == [tuple(v) for _, v in sorted(calls.items())]
+    assert content == echo and got == calls
 
 
 def test_tool_auto_detects_a_call_and_results_go_back(client):
