@@ -115,6 +115,13 @@ class ConversationStore:
         )
         return [json.loads(body) for (body,) in rows]
 
+    def item_ids(self, conversation_id: str) -> list[str]:
+        """The ids of the conversation's items (their bodies left unread)."""
+        rows = self.db.execute(
+            "SELECT item_id FROM conversation_items WHERE conversation_id = ?", (conversation_id,)
+        )
+        return [item_id for (item_id,) in rows]
+
     def item(self, conversation_id: str, item_id: str) -> dict[str, Any] | None:
         rows = self.db.execute(
             "SELECT body FROM conversation_items WHERE conversation_id = ? AND item_id = ?"

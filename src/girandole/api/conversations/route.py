@@ -114,7 +114,7 @@ async def add_items(request: Request, conversation_id: str, include: Include = N
     body = await read_json(request, AddItems)
     items = stored_items(body.items, "items")
     store = conversations_of(request)
-    check_unique_ids(items, [item["id"] for item in store.items(conversation_id)], "items")
+    check_unique_ids(items, store.item_ids(conversation_id), "items")
     store.add_items(conversation_id, items)
     return list_page(items, len(items))
 

@@ -21,6 +21,7 @@ from girandole.api.http.unsupported import strip_unsupported
 from girandole.api.http.validation import validate_model
 from girandole.api.messages.convert import to_chat_request
 from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
+from girandole.api.messages.shape import MessagesShape
 from girandole.api.messages.translated import TranslatedEndpoint
 from girandole.api.serving.pipeline import receive
 from girandole.api.state import AppState
@@ -40,7 +41,8 @@ async def count_tokens(request: Request, endpoint: TranslatedEndpoint) -> Respon
     shape = endpoint.shape(got.state, got.engine, got.req)
     (prompt,) = await endpoint.prompts(got.engine, got.req, shape)
     body: dict[str, Any] = {"input_tokens": len(prompt)}
-    edits = getattr(shape, "edits", None)
-    if edits is not None and edits.requested:  # context edits: the count before them too
-        body["context_management"] = {"original_input_tokens": len(prompt) + edits.cleared_tokens()}
+    if isinstance(shape, MessagesShape) and shape.context_management is not None:
+        assert shape.edits is not None  # context edits: the count before them too
+        original = len(prompt) + shape.edits.cleared_tokens()
+        body["context_management"] = {"original_input_tokens": original}
     return FiniteJSONResponse(body)

@@ -217,7 +217,7 @@ class Responses(TranslatedEndpoint):
             return await super().prompts(engine, req, shape)
         except APIError as exc:
             if exc.param != "prompt_truncate_len":
-                raise  # named as Responses names it by the pipeline (rename_field)
+                raise  # already named as Responses names it (TranslatedEndpoint.prompts)
             raise bad_request(
                 "The input does not fit in the context window even with truncation 'auto': room"
                 f" for {req.prompt_truncate_len} input tokens, and its last turn alone takes more",
