@@ -38,6 +38,12 @@ REPLICA_BATCH_SLOTS = 64  # EngineConfig.max_num_seqs: what loadTargets.default 
 STATUS_PERIOD_S = 1.0
 LOOK_BACK_MIN_S = 11.0
 SESSION_DRAIN_TIMEOUT_S = 30.0
+# Ray starts its workers niced (15) and a replica renices itself to 0 once it runs
+# (ray_replica.py): a new replica, started beside busy ones on the same node (a scale-up under
+# load), was starved while it imported torch and the engine: 48 s instead of 9 s to start
+# initializing on 2 busy cores. A cluster of our own starts workers at 0; a cluster of yours
+# does with `RAY_worker_niceness=0 ray start ...` (docs/deployments.md).
+LOCAL_CLUSTER_CONFIG = {"worker_niceness": 0}
 # The least a request waits for a replica to accept it (RayOptions.acquire_timeout, the server's
 # --queue-timeout, may be set lower): Ray's router probes replicas and backs off for up to a second
 # or two under load before it places a request.
@@ -277,7 +283,12 @@ class RayBackend(Backend):
                     # "local": a new cluster of this server's own. Without an address Ray joins
                     # the cluster of RAY_ADDRESS or the one last started on this machine (another
                     # server's, a test's), and stopping then shut down Serve there: its apps too.
-                    ray.init(address="local", namespace="girandole", include_dashboard=False)
+                    ray.init(
+                        address="local",
+                        namespace="girandole",
+                        include_dashboard=False,
+                        _system_config=LOCAL_CLUSTER_CONFIG,
+                    )
                     self._started_ray = True
             serve.start(proxy_location="Disabled")
         except Exception as exc:  # noqa: BLE001 - every deployment reports it
