@@ -396,6 +396,14 @@ def test_bad_requests_name_the_field(server, body, field):
     [
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
                                             "schema": {"type": "bogus"}}}}, "text.format"),
+        # chat's tools are the function tools and the namespaces' functions, flattened
+        ({"input": "x", "tools": [{"type": "namespace", "name": "n", "tools": [WEATHER]},
+                                  {**WEATHER, "name": "g", "parameters": {"type": "string"}}]},
+         "tools.1.parameters"),
+        ({"input": "x", "tools": [{**WEATHER, "name": "g"}, {"type": "namespace", "name": "n",
+                                  "tools": [WEATHER, {**WEATHER, "name": "h",
+                                                      "parameters": {"type": "bogus"}}]}]},
+         "tools.1.tools.1.parameters"),
         # Gemma's template wants the user first: its 400 comes from chat's prompt building
         ({"input": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
          "input"),

@@ -88,7 +88,7 @@ class TranslatedEndpoint(Chat):
         try:
             chat = super().shape(state, engine, req)
         except APIError as exc:
-            self.rename_field(exc)
+            self.rename_field(exc, req)
             raise
         return self.wire_shape(chat, req)
 
@@ -96,16 +96,20 @@ class TranslatedEndpoint(Chat):
         try:
             return await super().prompts(engine, req, shape)
         except APIError as exc:  # the chat template's 400s name chat's `messages`
-            self.rename_field(exc)
+            self.rename_field(exc, req)
             raise
 
-    def rename_field(self, exc: APIError) -> None:
+    def rename_field(self, exc: APIError, req: TranslatedChat) -> None:
         for pattern, replacement in self.chat_fields.items():
             if exc.param and re.fullmatch(pattern, exc.param):
-                own = re.sub(pattern, replacement, exc.param)
-                exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
-                exc.param = own
+                self.renamed(exc, re.sub(pattern, replacement, exc.param))
                 return
+
+    @staticmethod
+    def renamed(exc: APIError, own: str) -> None:
+        """`exc` names `own` instead of its param (in its message too)."""
+        exc.message = exc.message.replace(f"'{exc.param}'", f"'{own}'")
+        exc.param = own
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> TranslatedShape:
         """How the response is written, given chat's shape (its template and tool plan)."""

@@ -183,18 +183,21 @@ def namespaces(req: ResponsesRequest) -> dict[str, str]:
 
 def chat_tools(
     req: ResponsesRequest, toolbox: McpToolbox | None = None
-) -> tuple[list[dict[str, Any]] | None, Any]:
-    """Chat's tools (the function tools, then the MCP servers' tools) and tool_choice."""
-    tools = None
+) -> tuple[list[dict[str, Any]] | None, Any, list[str]]:
+    """Chat's tools (the function tools, then the MCP servers' tools), tool_choice, and where
+    each chat tool's function is in the request (`tools.N`, a namespace's `tools.N.tools.K`;
+    an MCP server's tool: `tools.N` of the server), for naming chat's 400s."""
+    tools, paths = None, []
     if req.tools is not None:
         tools = []
         for i, tool in enumerate(req.tools):
             if isinstance(tool, McpTool):
                 continue
             if isinstance(tool, NamespaceTool):  # its functions, each as a function tool
-                for function in tool.tools:
+                for k, function in enumerate(tool.tools):
                     fields = function.model_dump(exclude_none=True, exclude={"type"})
                     tools.append({"type": "function", "function": fields})
+                    paths.append(f"tools.{i}.tools.{k}")
                 continue
             if not isinstance(tool, FunctionTool):
                 raise bad_request(
@@ -204,17 +207,20 @@ def chat_tools(
                 )
             function = tool.model_dump(exclude_none=True, exclude={"type"})
             tools.append({"type": "function", "function": function})
-        tools += toolbox.functions() if toolbox is not None else []
+            paths.append(f"tools.{i}")
+        if toolbox is not None:
+            tools += toolbox.functions()
+            paths += [f"tools.{s.index}" for s in toolbox.servers for _ in s.tools]
     choice = req.tool_choice
     if isinstance(choice, FunctionChoice):
-        return tools, {"type": "function", "function": {"name": choice.name}}
+        return tools, {"type": "function", "function": {"name": choice.name}}, paths
     if isinstance(choice, AllowedToolsChoice):
         allowed = [{"type": "function", "name": t.name} for t in choice.tools]
         return tools, {"type": "allowed_tools",
-                       "allowed_tools": {"mode": choice.mode, "tools": allowed}}  # fmt: skip
+                       "allowed_tools": {"mode": choice.mode, "tools": allowed}}, paths  # fmt: skip
     if isinstance(choice, McpChoice):
-        return tools, _mcp_choice(choice, toolbox)
-    return tools, choice
+        return tools, _mcp_choice(choice, toolbox), paths
+    return tools, choice, paths
 
 
 def _mcp_choice(choice: McpChoice, toolbox: McpToolbox | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ stored responses of the key's account."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -30,7 +31,7 @@ from girandole.api.responses.convert import (
 from girandole.api.responses.input_tokens import InputTokensRequest, count_input_tokens
 from girandole.api.responses.mcp import McpToolbox, call_item
 from girandole.api.responses.pairing import check_call_outputs
-from girandole.api.responses.schema import FunctionTool, ResponsesRequest
+from girandole.api.responses.schema import FunctionTool, McpTool, ResponsesRequest
 from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import BackgroundStart, Rounds, inference_router, post_route
@@ -111,6 +112,20 @@ class Responses(TranslatedEndpoint):
         # chat's messages are the instructions and the turns merged: no index maps back
         r"messages(\..*)?": "input",
     }
+    # chat's tools are the request's function tools, namespaces' functions and MCP servers' tools
+    # flattened: Conversation.tool_paths says where each came from
+    CHAT_TOOL = re.compile(r"tools\.(\d+)\.function(\..*)?")
+
+    def rename_field(self, exc: APIError, req: TranslatedChat) -> None:
+        match = self.CHAT_TOOL.fullmatch(exc.param or "")
+        paths = req.source.tool_paths if isinstance(req.source, Conversation) else []
+        if match is None or int(match[1]) >= len(paths):
+            super().rename_field(exc, req)
+            return
+        path = paths[int(match[1])]
+        mcp = isinstance(req.source.request.tools[int(path.split(".")[1])], McpTool)
+        # an MCP tool's fields are its server's, not the request's: the server is named
+        self.renamed(exc, path if mcp else path + (match[2] or ""))
 
     async def translate(
         self,
@@ -167,7 +182,7 @@ class Responses(TranslatedEndpoint):
         messages = chat_messages(source.instructions, items + prelude)
         if not messages:
             raise bad_request("The conversation is empty: send 'input'", "input")
-        tools, tool_choice = chat_tools(source, toolbox)
+        tools, tool_choice, tool_paths = chat_tools(source, toolbox)
         parallel = source.parallel_tool_calls
         if source.max_tool_calls == 1:  # one call: decoded as one (a forced call's grammar too)
             parallel = False
@@ -203,7 +218,8 @@ class Responses(TranslatedEndpoint):
         saves = keep or conversation_id is not None
         conversation = Conversation(source, items, save if saves else None, toolbox=toolbox,
                                     prelude=prelude, chat_fields=fields,
-                                    conversation_id=conversation_id)  # fmt: skip
+                                    conversation_id=conversation_id,
+                                    tool_paths=tool_paths)  # fmt: skip
         return to_chat(fields, conversation)
 
     async def prompts(

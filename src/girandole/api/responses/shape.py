@@ -51,6 +51,7 @@ class Conversation:
     prelude: list[dict[str, Any]] = field(default_factory=list)  # output before the 1st round
     chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
     conversation_id: str | None = None  # the Conversations API's conversation it runs on
+    tool_paths: list[str] = field(default_factory=list)  # chat tool i -> its request field
 
 
 ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block

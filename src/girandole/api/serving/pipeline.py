@@ -84,9 +84,9 @@ class Endpoint:
         (Responses' `background`); None: it is answered by `run`."""
         return None
 
-    def rename_field(self, exc: APIError) -> None:
-        """Name the field of a 400 from a check this endpoint shares with others as its own API
-        names it (an endpoint of another API run as chat: girandole.api.messages.translated)."""
+    def rename_field(self, exc: APIError, req: Any) -> None:
+        """Name the field of a 400 from a check this endpoint shares with others (on `req`) as
+        its own API names it (an endpoint of another API run as chat: girandole.api.messages.translated)."""
 
 
 # starts a prepared request in the background (`rounds.request`: a detached copy of the
@@ -242,7 +242,7 @@ class Rounds:
                 tier=self.tier,
             )
         except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
-            self.endpoint.rename_field(exc)
+            self.endpoint.rename_field(exc, req)
             raise
         return shape, job
 
