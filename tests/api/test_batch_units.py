@@ -57,7 +57,7 @@ def test_read_input_lines_and_endpoints():
                    "prompt_tokens_details": {"cached_tokens": 2}},
                   {"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 2}},
                   {"input_tokens": 7, "output_tokens": 3, "cache_read_input_tokens": 2}):  # fmt: skip
-        result = line_result(lines[5], 200, {"usage": usage})
+        result = line_result(lines[5], 200, {"usage": usage}, "r5")
         assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (7, 3, 2)
 
 
@@ -114,7 +114,7 @@ def test_a_line_result_is_written_once_and_only_while_its_job_runs(tmp_path):
     (line,) = read_input(jsonl({"custom_id": "a", "body": {"prompt": "x"}}), 1)
     ok = {"id": "cmpl-1", "usage": {"prompt_tokens": 3, "completion_tokens": 2,
                                    "prompt_tokens_details": {"cached_tokens": 1}}}  # fmt: skip
-    result = line_result(line, 200, ok)
+    result = line_result(line, 200, ok, "cmpl-1")
     assert (result.prompt_tokens, result.completion_tokens, result.cached_tokens) == (3, 2, 1)
     assert store.record_result("acme", "j", result)
     assert not store.record_result("acme", "j", result)  # the line has its result already
@@ -126,7 +126,9 @@ def test_a_line_result_is_written_once_and_only_while_its_job_runs(tmp_path):
     late = LineResult(1, "b", False, {"custom_id": "b"})
     assert not store.record_result("acme", "j", late)  # finished after the cancel: not written
     assert store.done_lines("acme", "j") == {0}
-    error = line_result(line, 400, {"error": {"code": "invalid_request_error", "message": "no"}})
+    error = line_result(
+        line, 400, {"error": {"code": "invalid_request_error", "message": "no"}}, "req-2"
+    )
     assert not error.ok and error.body["error"] == {
         "code": "invalid_request_error",
         "message": "no",

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from api_helpers import ACCOUNT, API_KEY, MODEL
+from api_helpers import ACCOUNT, API_KEY, MODEL, usage_row
 
 from girandole.registry.keystore import Database
 from girandole.registry.roles import INFERENCE_USER
@@ -136,6 +136,9 @@ def test_embeddings_and_responses_batches(client, server):
         sync = client.embeddings.create(model=MODEL, input=texts[i], encoding_format="float")
         assert len(vector) == len(sync.data[0].embedding)
         assert max(abs(a - b) for a, b in zip(vector, sync.data[0].embedding)) < 1e-3
+        # the line's request id is its usage row's (an embeddings body has no id of its own)
+        ((endpoint, status, prompt, _),) = usage_row(server, result["response"]["request_id"])
+        assert (endpoint, status) == ("embeddings", 200) and prompt > 0
     assert embedded.usage.input_tokens > 0 and embedded.usage.output_tokens == 0
     responded = wait_for(client, batches["respond"].id)
     assert (responded.request_counts.completed, responded.request_counts.failed) == (1, 1)
@@ -150,6 +153,7 @@ def test_embeddings_and_responses_batches(client, server):
     (error,) = [json.loads(x) for x in
                 client.files.content(responded.error_file_id).text.splitlines()]  # fmt: skip
     assert error["custom_id"] == "r1" and "background" in error["error"]["message"]
+    assert usage_row(server, error["response"]["request_id"])[0][:2] == ("responses", 400)
 
 
 def test_cancel(client):

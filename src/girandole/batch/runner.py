@@ -43,9 +43,10 @@ from girandole.batch.store import (
 
 logger = logging.getLogger("girandole.batch")
 
-# (url, account, key id, request body, label) -> (HTTP status, response body): the pipeline
+# (url, account, key id, request body, label) -> (HTTP status, response body, request id: the
+# usage row's): the pipeline
 Execute = Callable[
-    [str, str, str | None, dict[str, Any], str], Awaitable[tuple[int, dict[str, Any]]]
+    [str, str, str | None, dict[str, Any], str], Awaitable[tuple[int, dict[str, Any], str]]
 ]
 
 POLL_S = 0.005  # how often a runner with no room looks again
@@ -266,16 +267,22 @@ class BatchRunner:
         """Run one line and commit its result; False when it was refused for capacity."""
         label = f"batch-{job.job_id}-{line.line}"
         body = request_body(line, job.model, job.parameters)
-        status, response = await self.execute(line.url, job.account, job.key_id, body, label)
+        status, response, request_id = await self.execute(
+            line.url, job.account, job.key_id, body, label
+        )
         if status in (429, 503):
             await asyncio.sleep(RETRY_S)
             return False
-        self.store.record_result(job.account, job.job_id, line_result(line, status, response))
+        result = line_result(line, status, response, request_id)
+        self.store.record_result(job.account, job.job_id, result)
         return True
 
 
-def line_result(line: InputLine, status: int, response: dict[str, Any]) -> LineResult:
-    """A line's output (OpenAI's batch output line: custom_id, response, error)."""
+def line_result(
+    line: InputLine, status: int, response: dict[str, Any], request_id: str
+) -> LineResult:
+    """A line's output (OpenAI's batch output line: custom_id, response, error); `request_id`
+    is the request's (its usage row's; an embeddings body has no id of its own)."""
     ok = status == 200
     error = None
     if not ok:
@@ -286,7 +293,7 @@ def line_result(line: InputLine, status: int, response: dict[str, Any]) -> LineR
         "custom_id": line.custom_id,
         "response": {
             "status_code": status,
-            "request_id": response.get("id") or response.get("request_id"),
+            "request_id": request_id,
             "body": response,
         },
         "error": error,

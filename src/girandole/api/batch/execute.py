@@ -40,13 +40,15 @@ ENDPOINTS: dict[str, Endpoint] = {
 
 async def execute(
     app: FastAPI, principal: Principal, url: str, body: dict[str, Any], label: str
-) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, response body) of one request; `label` names it in the access log."""
+) -> tuple[int, dict[str, Any], str]:
+    """(HTTP status, response body, request id) of one request; `label` names it in the access
+    log. The request id is its usage row's (the response's id where it has one)."""
     path = "/inference" + url
     request = inprocess_request(app, path, json.dumps(body).encode())
     state = app.state.girandole
     record = RequestRecord("POST", path, label, principal=principal)  # no ops: not in the
     attach_record(request.scope, record)  # interactive latency histograms
+    status, error = 500, None
     try:
         if url == EMBEDDINGS:
             response = await serve_prefill(request, EMBEDDINGS_ENDPOINT, tier=BATCH_TIER)
@@ -58,21 +60,22 @@ async def execute(
                 )
             endpoint = ENDPOINTS[url]
             response = await serve(request, endpoint, tier=BATCH_TIER)
-        record.status = response.status_code
-        return response.status_code, json.loads(bytes(response.body))
+        status = response.status_code
     except APIError as exc:
-        record.status = exc.status_code
-        return exc.status_code, error_body(url, exc, record.request_id)
+        status, error = exc.status_code, exc
     except asyncio.CancelledError:
-        record.status = 499
+        status = 499
         raise
     except Exception:  # noqa: BLE001 - one bad line must not stop the job
         logger.exception("batch line %s failed", label)
-        record.status = 500
-        return 500, error_body(url, internal_error(), record.request_id)
+        error = internal_error()
     finally:
+        record.status = status
         record.response_id = request.scope["state"].get("request_id")
         state.ops.finish(record)  # usage row, admission slot, access log
+    if error is not None:
+        return status, error_body(url, error, record.request_id), record.request_id
+    return status, json.loads(bytes(response.body)), record.request_id
 
 
 def error_body(url: str, error: APIError, request_id: str) -> dict[str, Any]:
