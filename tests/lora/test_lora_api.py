@@ -253,3 +253,44 @@ def test_deployment_of_an_adapter_merges_it(srv):
     assert merged == srv.complete(model("lora-a"))  # by name: its one deployment
     assert merged != srv.complete(model("tiny"))
     fw.deployments.delete("merged", hard=True)
+
+
+def test_a_deleted_deployment_takes_its_adapters_along(srv):
+    """A DeployedModel on a deleted deployment served nothing but still won: a soft-deleted
+    default sent the adapter's bare name to a 404 though another deployment held it, and
+    /v1/models listed it; after a hard delete its record stayed, so a new deployment of the
+    same id ran the adapter without anyone loading it there (on any base model)."""
+    fw = srv.sdk()
+    side = f"accounts/{ACCOUNT}/deployments/side"
+
+    def wait_ready() -> None:
+        deadline = time.monotonic() + 120
+        while fw.deployments.get("side").state != "READY":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    def status(name: str) -> int:
+        body = {"model": name, "prompt": "hi", "max_tokens": 2}
+        return srv.http("POST", "/v1/completions", json=body).status_code
+
+    fw.deployments.create(base_model=model("tiny"), deployment_id="side")
+    wait_ready()
+    on_side = fw.lora.load(model=model("lora-a"), deployment=side)
+    on_own = fw.lora.load(model=model("lora-a"), deployment=OWN)
+    assert on_side.default and not on_own.default
+    try:
+        fw.deployments.delete("side")
+        assert srv.complete(model("lora-a")) == srv.complete(f"{model('lora-a')}#{OWN}")
+        assert status(f"{model('lora-a')}#{side}") == 404
+        listed = [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
+        assert f"{model('lora-a')}#{side}" not in listed and model("lora-a") in listed
+
+        fw.deployments.delete("side", hard=True)
+        assert [d.name for d in fw.lora.list()] == [on_own.name]
+        assert fw.lora.get(on_own.name.rsplit("/", 1)[1]).default is True
+        fw.deployments.create(base_model=model("tiny"), deployment_id="side")
+        wait_ready()
+        assert status(f"{model('lora-a')}#{side}") == 404  # not loaded on the new one
+    finally:
+        fw.lora.unload(on_own.name.rsplit("/", 1)[1])
+        fw.deployments.delete("side", hard=True)

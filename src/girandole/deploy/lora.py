@@ -67,6 +67,7 @@ class DeployedModelManager:
         self._own_engine = own_engine
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
         self._pending: set[tuple[str, str, str]] = set()  # (account, adapter, deployment) loading
+        deployments.removal_listeners.append(self._deployment_removed)
 
     # -- the control plane -----------------------------------------------------------------
 
@@ -197,14 +198,16 @@ class DeployedModelManager:
             r
             for r in self.store.list(account)
             if r.model == model and r.state != "UNDEPLOYING"
-            and (deployment is None or r.deployment == deployment)
+            and (deployment is None or r.deployment == deployment) and self._live(r)
         ]  # fmt: skip
         if deployment is None:
             records.sort(key=lambda r: (not r.default, r.create_time))
         return records[0] if records else None
 
     def reachable(self, account: str | None) -> list[DeployedModelRecord]:
-        records = [r for r in self.store.list(account) if r.state != "UNDEPLOYING"]
+        records = [
+            r for r in self.store.list(account) if r.state != "UNDEPLOYING" and self._live(r)
+        ]
         return sorted(records, key=lambda r: (r.create_time, r.name))
 
     async def ensure_loaded(self, engine: Any, model: str) -> None:
@@ -232,6 +235,25 @@ class DeployedModelManager:
         return list(backend.engines(deployment) if ready else backend.all_engines(deployment))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _live(self, record: DeployedModelRecord) -> bool:
+        """Whether the record's deployment serves requests: not a soft-deleted one (its
+        DeployedModels come back with an undelete)."""
+        return (
+            record.deployment == self.own_deployment
+            or self.deployments.find(record.deployment) is not None
+        )
+
+    def _deployment_removed(self, deployment: str) -> None:
+        """A deployment was deleted for good: its DeployedModels go with it (a new deployment
+        of the same id, perhaps of another base model, must not run them)."""
+        account = deployment.split("/")[1]
+        for record in self.store.list(account):
+            if record.deployment == deployment:
+                self.store.remove(account, record.id)
+                if record.default:
+                    self._ensure_a_default(account, record.model)
+                logger.info("LoRA %s unloaded from %s (deleted)", record.model, deployment)
 
     async def _load_on(self, engine: Any, adapter: CatalogModel) -> None:
         """Register `adapter` on one replica (once, however many requests ask at the same time);

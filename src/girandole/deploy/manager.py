@@ -17,6 +17,7 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from girandole.deploy.backend import (
@@ -108,6 +109,9 @@ class DeploymentManager:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._autoscaler: threading.Thread | None = None
+        # called with a deployment's name once it is deleted for good (hard=true): what refers
+        # to it (its LoRA DeployedModels) goes too, so a new deployment of that id starts clean
+        self.removal_listeners: list[Callable[[str], None]] = []
 
     # -- life ------------------------------------------------------------------------------
 
@@ -270,6 +274,8 @@ class DeploymentManager:
             self._scale(record, 0)
             if hard:
                 self.store.remove(account, deployment_id)
+                for listener in self.removal_listeners:
+                    listener(record.name)
             else:
                 record.state = "DELETED"
                 record.delete_time = record.update_time = time.time()
