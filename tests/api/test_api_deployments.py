@@ -439,3 +439,29 @@ def test_restart_brings_deployments_back(tmp_path):
         assert names == {"kept", "zero", "gone"}
     finally:
         stop_server(plane.server)
+
+
+def test_models_list_filters_orders_and_masks(plane):
+    """ListModels' filter, orderBy and readMask were ignored: every model came back, in the
+    catalog's order, with every field (a filter on kind listed the other kinds too)."""
+    fw = plane.client()
+    eos = f"accounts/{ACCOUNT}/models/tiny-eos"
+    assert [m.name for m in fw.models.list(order_by="name desc")] == [BASE_MODEL, eos]
+    assert [m.name for m in fw.models.list()] == [eos, BASE_MODEL]  # by name, as Fireworks
+    assert [m.name for m in fw.models.list(filter='displayName = "tiny-eos"')] == [eos]
+    assert list(fw.models.list(filter="kind = HF_PEFT_ADDON")) == []
+    path = f"/v1/accounts/{ACCOUNT}/models"
+    masked = plane.http("GET", path, params={"readMask": "name,kind"}).json()["models"]
+    assert masked == [
+        {"name": eos, "kind": "HF_BASE_MODEL"},
+        {"name": BASE_MODEL, "kind": "HF_BASE_MODEL"},
+    ]
+    one = plane.http("GET", path + "/tiny-eos", params={"readMask": "display_name"}).json()
+    assert one == {"displayName": "tiny-eos"}
+    for params, param in (
+        ({"filter": "bogus = 1"}, "filter"),
+        ({"orderBy": "bogus"}, "orderBy"),
+        ({"readMask": "bogus"}, "readMask"),
+    ):
+        r = plane.http("GET", path, params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

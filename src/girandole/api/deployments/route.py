@@ -31,6 +31,7 @@ from girandole.api.http.validation import parse_json_object, read_body, validate
 from girandole.api.ops.replica_gauges import install_replica_gauges
 from girandole.api.ops.tracking import record_of
 from girandole.deploy.manager import DeploymentManager
+from girandole.registry import list_query
 from girandole.registry.deployments import DeploymentError
 from girandole.registry.list_query import QueryError, page
 from girandole.registry.models import PUBLIC_ACCOUNT
@@ -205,31 +206,41 @@ async def delete_deployment(
     return {}
 
 
+# The fields of a Model (registry/models.py CatalogModel.to_json) a filter, orderBy or readMask
+# may name.
+MODEL_FIELDS = {"name", "displayName", "kind", "state", "public", "createTime", "peftDetails"}
+
+
 @router.get("/accounts/{account}/models", summary="List the base models of an account")
-async def list_models(
-    account: str,
-    request: Request,
-    page_size: int | None = Query(default=None, alias="pageSize"),
-    page_token: str | None = Query(default=None, alias="pageToken"),
-) -> dict:
+async def list_models(account: str, request: Request, query: ListParams = ListQuery) -> dict:
     account = await _readable_account(request, account)
     models = [m.to_json() for m in manager_of(request).catalog.list(account)]
     try:
-        items, next_token = page(models, page_size, page_token)
+        condition = list_query.parse_filter(query.filter, MODEL_FIELDS)
+        order = list_query.parse_order_by(query.order_by, MODEL_FIELDS)
+        models = [m for m in models if condition.matches(m)]
+        list_query.sort_resources(models, [*order, ("name", False)])  # default: by name
+        items, next_token = page(models, query.page_size, query.page_token)
     except QueryError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
+    items = [masked_fields(m, query.read_mask, MODEL_FIELDS) for m in items]
     return {"models": items, "nextPageToken": next_token, "totalSize": len(models)}
 
 
 @router.get("/accounts/{account}/models/{model_id}", summary="Get a base model")
-async def get_model(account: str, model_id: str, request: Request) -> dict:
+async def get_model(
+    account: str,
+    model_id: str,
+    request: Request,
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
     account = await _readable_account(request, account)
     model = manager_of(request).catalog.get(model_name(account, model_id))
     if model is None:
         raise APIError(
             404, f"Model {model_name(account, model_id)} not found", type="error", code="NOT_FOUND"
         )
-    return model.to_json()
+    return masked_fields(model.to_json(), read_mask, MODEL_FIELDS)
 
 
 async def _readable_account(request: Request, account: str) -> str:
