@@ -465,3 +465,33 @@ def test_models_list_filters_orders_and_masks(plane):
     ):
         r = plane.http("GET", path, params=params)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_dataset_list_queries_do_not_depend_on_what_the_list_holds(plane):
+    """A datasets list checked its filter, orderBy and readMask against the fields of the
+    datasets it held: with none, an orderBy on a Dataset field was a 400 and a bad filter a
+    200; with some, a readMask naming no field answered empty objects instead of a 400."""
+    key, path = plane.other_key, "/v1/accounts/other/datasets"
+
+    def code(params: dict) -> tuple[int, str | None]:
+        r = plane.http("GET", path, key=key, params=params)
+        return r.status_code, r.json()["error"]["param"] if r.status_code != 200 else None
+
+    def check() -> None:
+        assert code({"orderBy": "exampleCount desc"}) == (200, None)
+        assert code({"filter": 'format = "CHAT"'}) == (200, None)
+        assert code({"filter": "bogus = 1"}) == (400, "filter")
+        assert code({"orderBy": "bogus"}) == (400, "orderBy")
+        assert code({"readMask": "bogus"}) == (400, "readMask")
+
+    check()  # no datasets
+    body = {"datasetId": "queries", "dataset": {"format": "CHAT"}}
+    assert plane.http("POST", path, key=key, json=body).status_code == 200
+    try:
+        check()
+        got = plane.http("GET", path + "/queries", key=key, params={"readMask": "bogus"})
+        assert got.status_code == 400 and got.json()["error"]["param"] == "readMask"
+        listed = plane.http("GET", path, key=key, params={"readMask": "name,format"}).json()
+        assert listed["datasets"] == [{"name": "accounts/other/datasets/queries", "format": "CHAT"}]
+    finally:
+        plane.http("DELETE", path + "/queries", key=key)

@@ -105,22 +105,47 @@ def get_or_404(request: Request, account: str, dataset_id: str) -> dict[str, Any
     return found
 
 
-def masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
-    """`readMask` on a dataset or job (a field it does not have is left out)."""
-    return read_masked(body, read_mask, known=None)
+def masked(
+    body: dict[str, Any], read_mask: str | None, known: set[str] | None = None
+) -> dict[str, Any]:
+    """`readMask` on a dataset or job: with `known` (a resource's fields), a field neither in
+    the body nor known is a 400; without, a field it does not have is left out."""
+    return read_masked(body, read_mask, known=known)
 
 
-def listing(items: list[dict[str, Any]], key: str, query: ListParams) -> dict[str, Any]:
-    """One page of `items` filtered and ordered as AIP-160/132 list queries ask."""
-    fields = {f for item in items for f in item} | {"name", "createTime", "state", "displayName"}
+# A Dataset's fields (Fireworks' gatewayDataset): what a filter, orderBy or readMask may name,
+# whether or not some dataset has them now.
+DATASET_FIELDS = set(DatasetFields.model_fields) | {
+    "name",
+    "createTime",
+    "updateTime",
+    "createdBy",
+    "state",
+    "status",
+}
+
+
+def listing(
+    items: list[dict[str, Any]], key: str, query: ListParams, known: set[str] | None = None
+) -> dict[str, Any]:
+    """One page of `items` filtered and ordered as AIP-160/132 list queries ask. With `known`
+    (the resource's fields) the query is checked against them, whether or not there are items:
+    the same query is valid or not whatever the list holds."""
+    base = {"name", "createTime", "state", "displayName"}
+    fields = (known or base) | {f for item in items for f in item}
     try:
-        chosen = [r for r in items if parse_filter(query.filter, fields).matches(r)]
+        if known is None:
+            chosen = [r for r in items if parse_filter(query.filter, fields).matches(r)]
+        else:
+            masked({}, query.read_mask, fields)  # a readMask naming no field: 400, items or not
+            condition = parse_filter(query.filter, fields)
+            chosen = [r for r in items if condition.matches(r)]
         sort_resources(chosen, parse_order_by(query.order_by, fields))
         items, next_token = page(chosen, query.page_size, query.page_token)
     except QueryError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     return {
-        key: [masked(r, query.read_mask) for r in items],
+        key: [masked(r, query.read_mask, known) for r in items],
         "nextPageToken": next_token,
         "totalSize": len(chosen),
     }
@@ -450,7 +475,7 @@ async def list_datasets(
     account: str = Account,
     query: ListParams = ListQuery,
 ) -> dict:
-    return listing(store_of(request).list_datasets(account), "datasets", query)
+    return listing(store_of(request).list_datasets(account), "datasets", query, DATASET_FIELDS)
 
 
 @router.get("/accounts/{account}/datasets/{dataset_id}", summary="Get a dataset")
@@ -460,7 +485,7 @@ async def get_dataset(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return masked(get_or_404(request, account, dataset_id), read_mask)
+    return masked(get_or_404(request, account, dataset_id), read_mask, DATASET_FIELDS)
 
 
 @router.patch(
