@@ -493,5 +493,9 @@ def test_dataset_list_queries_do_not_depend_on_what_the_list_holds(plane):
         assert got.status_code == 400 and got.json()["error"]["param"] == "readMask"
         listed = plane.http("GET", path, key=key, params={"readMask": "name,format"}).json()
         assert listed["datasets"] == [{"name": "accounts/other/datasets/queries", "format": "CHAT"}]
+        # an update's body is the Dataset: its 400s name the field as sent, not `dataset.<f>`
+        for field, value in (("format", "NOPE"), ("externalUrl", "gs://b/f.jsonl")):
+            r = plane.http("PATCH", path + "/queries", key=key, json={field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     finally:
         plane.http("DELETE", path + "/queries", key=key)

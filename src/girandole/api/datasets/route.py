@@ -170,17 +170,19 @@ def new_dataset(account: str, dataset_id: str, fields: dict[str, Any], by: str) 
     return body
 
 
-def check_fields(fields: DatasetFields) -> dict[str, Any]:
+def check_fields(fields: DatasetFields, prefix: str = "dataset.") -> dict[str, Any]:
+    """The fields set, checked (400 naming the field: `dataset.<f>` in a create's body, `<f>`
+    in an update's, which is the Dataset itself)."""
     if fields.externalUrl:
         raise bad_request(
             "externalUrl (a dataset in a cloud bucket) is not supported by this server: upload"
             " the file with :upload or :getUploadEndpoint",
-            "dataset.externalUrl",
+            f"{prefix}externalUrl",
         )
     if fields.format is not None and fields.format not in _FORMATS:
         raise bad_request(
-            f"dataset.format must be one of {', '.join(_FORMATS)}, got {fields.format!r}",
-            "dataset.format",
+            f"{prefix}format must be one of {', '.join(_FORMATS)}, got {fields.format!r}",
+            f"{prefix}format",
         )
     return fields.model_dump(exclude_none=True)
 
@@ -495,7 +497,7 @@ async def get_dataset(
 )
 async def update_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
     body = get_or_404(request, account, dataset_id)
-    fields = check_fields(await read_json(request, DatasetFields))
+    fields = check_fields(await read_json(request, DatasetFields), prefix="")
     for key in ("displayName", "format", "userUploaded"):
         if key in fields:
             body[key] = fields[key]
