@@ -294,3 +294,14 @@ def test_a_deleted_deployment_takes_its_adapters_along(srv):
     finally:
         fw.lora.unload(on_own.name.rsplit("/", 1)[1])
         fw.deployments.delete("side", hard=True)
+
+
+def test_an_adapter_folder_is_not_added_as_a_model(llama_adapters, tmp_path):
+    """`girandole models add NAME ADAPTER-FOLDER` without --base stored the adapter as a base
+    model: a deployment of it then failed to load (no config.json). It is refused, naming
+    --base."""
+    data = str(tmp_path / "data")
+    added = girandole("models", "add", "--data-dir", data, "lonely", str(llama_adapters["a1"]))
+    assert added.returncode == 1 and "--base" in added.stderr, (added.stdout, added.stderr)
+    listed = girandole("models", "list", "--data-dir", data, "--json")
+    assert "lonely" not in listed.stdout

@@ -201,6 +201,13 @@ class ModelCatalog:
             source = check_adapter_source(source)
         else:
             source = check_model_source(source)
+            folder = Path(source)
+            if (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
+                # it would be deployed as a model and fail to load: say what it is instead
+                raise ValueError(
+                    f"{source!r} is a PEFT LoRA adapter folder, not a model: add it with --base"
+                    " BASE_MODEL (the model it was trained on)"
+                )
         model = CatalogModel(name, source, time.time(), base)
         self.db.execute(
             "INSERT INTO models (name, source, created, base) VALUES (?, ?, ?, ?)",
