@@ -119,3 +119,23 @@ def test_bad_input_is_400_naming_the_field(server, body, field):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == field or field in error["message"], error
+
+
+def test_max_tokens_per_doc_cuts_the_passage_not_the_instruction(server, tokenizer):
+    """Cohere's `max_tokens_per_doc` cuts the document: the instruction and "Question:" after it
+    stay (it used to cut the whole scoring prompt, so a capped document was scored without them,
+    and at 1 token every document scored the same, on BOS alone)."""
+    query, relevant, others = SET[1]
+    filler = " Some unrelated words follow here." * 30
+    cap = len(tokenizer.encode(relevant, add_bos=False))
+    r = rerank(server, path="/v2/rerank", query=query, documents=[relevant + filler, others[0]],
+               max_tokens_per_doc=cap)  # fmt: skip
+    assert r.status_code == 200, r.text
+    capped = {d["index"]: d["relevance_score"] for d in r.json()["results"]}
+    uncut = rerank_scores(server, query, [relevant, others[0]])
+    assert math.isclose(capped[0], uncut[0], rel_tol=1e-3), (capped, uncut)
+    assert math.isclose(capped[1], uncut[1], rel_tol=1e-3), (capped, uncut)
+    r = rerank(server, path="/v2/rerank", query=query, documents=[relevant, *others],
+               max_tokens_per_doc=1)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert len({d["relevance_score"] for d in r.json()["results"]}) > 1, r.json()

@@ -35,9 +35,7 @@ class Rerank(PrefillEndpoint):
         cap = getattr(req, "max_tokens_per_doc", None)
         out = []
         for i, document in enumerate(req.documents):
-            head = document_prompt(tok, document, getattr(req, "task", None))
-            if cap is not None:
-                head = head[:cap]
+            head = document_prompt(tok, document, getattr(req, "task", None), cap)
             if len(head) + len(query) >= limit:
                 raise bad_request(
                     f"documents[{i}] and the query are too long together:"

@@ -25,8 +25,16 @@ from girandole.tokenizer.tokenizer import Tokenizer
 DEFAULT_TASK = "Please write a question based on this passage."
 
 
-def document_prompt(tokenizer: Tokenizer, document: str, task: str | None) -> list[int]:
-    """The tokens before the query: BOS (as the model says), the passage and the instruction."""
+def document_prompt(
+    tokenizer: Tokenizer, document: str, task: str | None, max_doc_tokens: int | None = None
+) -> list[int]:
+    """The tokens before the query: BOS (as the model says), the passage and the instruction.
+    `max_doc_tokens` (Cohere's `max_tokens_per_doc`) cuts the passage to its first tokens; the
+    instruction after it stays whole."""
+    if max_doc_tokens is not None:
+        ids = tokenizer.encode(document, add_bos=False)
+        if len(ids) > max_doc_tokens:
+            document = tokenizer.decode(ids[:max_doc_tokens], False).rstrip("\ufffd")
     return list(tokenizer.encode(f"Passage: {document}\n{task or DEFAULT_TASK}\nQuestion:"))
 
 
