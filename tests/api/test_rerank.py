@@ -139,3 +139,12 @@ def test_max_tokens_per_doc_cuts_the_passage_not_the_instruction(server, tokeniz
                max_tokens_per_doc=1)  # fmt: skip
     assert r.status_code == 200, r.text
     assert len({d["relevance_score"] for d in r.json()["results"]}) > 1, r.json()
+
+
+def test_query_too_long_names_the_query(server):
+    """A query longer than the context alone is the query's fault, not the documents' (the 400
+    said `documents[0] and the query are too long together`, param `documents`)."""
+    r = rerank(server, query="q " * 40000, documents=["d"])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "query" and "documents" not in error["message"], error

@@ -32,6 +32,12 @@ class Rerank(PrefillEndpoint):
         if not query:
             raise bad_request("The query is empty after tokenization", "query")
         limit = engine.max_model_len
+        if len(query) >= limit:
+            raise bad_request(
+                f"The query is too long: {len(query)} tokens, model maximum context length:"
+                f" {limit}",
+                "query",
+            )
         cap = getattr(req, "max_tokens_per_doc", None)
         out = []
         for i, document in enumerate(req.documents):
