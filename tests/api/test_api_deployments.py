@@ -499,3 +499,27 @@ def test_dataset_list_queries_do_not_depend_on_what_the_list_holds(plane):
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     finally:
         plane.http("DELETE", path + "/queries", key=key)
+
+
+def test_validate_only_refuses_a_taken_id_as_the_create_would(plane):
+    """validateOnly answered 200 for a deploymentId that was taken (showing the live
+    deployment's replicas), or soft-deleted, where the create itself is a 409."""
+    base = f"/v1/accounts/{ACCOUNT}/deployments"
+    fw = plane.client()
+    fw.deployments.create(base_model=BASE_MODEL, deployment_id="vo-live", disable_auto_deploy=True)
+    fw.deployments.create(base_model=BASE_MODEL, deployment_id="vo-gone", disable_auto_deploy=True)
+    fw.deployments.delete("vo-gone")
+    try:
+        for taken, words in (("vo-live", "another deploymentId"), ("vo-gone", "undelete")):
+            params = {"deploymentId": taken, "validateOnly": "true"}
+            r = plane.http("POST", base, json={"baseModel": BASE_MODEL}, params=params)
+            assert r.status_code == 409 and words in r.json()["error"]["message"], r.text
+        params = {"deploymentId": "vo-free", "validateOnly": "true"}
+        r = plane.http("POST", base, json={"baseModel": BASE_MODEL}, params=params)
+        assert (
+            r.status_code == 200 and r.json()["name"] == f"accounts/{ACCOUNT}/deployments/vo-free"
+        )
+        assert plane.http("GET", base + "/vo-free").status_code == 404
+    finally:
+        fw.deployments.delete("vo-live", hard=True)
+        fw.deployments.delete("vo-gone", hard=True)

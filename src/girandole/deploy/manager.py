@@ -166,17 +166,11 @@ class DeploymentManager:
         record.state = "CREATING" if record.desired_replica_count else "READY"
         if record.name in self.reserved:
             raise _exists(record.name, "it is the server's own deployment")
-        if validate_only:
-            return self.view(record)
         with self._lock:
-            existing = self.store.get(account, deployment_id)
-            if existing is not None:
-                raise _exists(
-                    record.name,
-                    "it is deleted: undelete it, or delete it with hard=true first"
-                    if existing.deleted
-                    else "choose another deploymentId",
-                )
+            # validateOnly answers what the create would: a taken id is a 409 there too
+            self._check_free(account, deployment_id, record.name)
+            if validate_only:
+                return self.view(record)
             if record.desired_replica_count:
                 self._scale(record, record.desired_replica_count)
             if not self.store.insert(record):
@@ -420,6 +414,16 @@ class DeploymentManager:
         if record is None or (record.deleted and not deleted_ok):
             raise not_found(name)
         return record
+
+    def _check_free(self, account: str, deployment_id: str, name: str) -> None:
+        existing = self.store.get(account, deployment_id)
+        if existing is not None:
+            raise _exists(
+                name,
+                "it is deleted: undelete it, or delete it with hard=true first"
+                if existing.deleted
+                else "choose another deploymentId",
+            )
 
     def _check_counts(self, record: DeploymentRecord) -> None:
         self.backend.check_replica_count(record.min_replica_count, "minReplicaCount")
