@@ -305,3 +305,39 @@ def test_an_adapter_folder_is_not_added_as_a_model(llama_adapters, tmp_path):
     assert added.returncode == 1 and "--base" in added.stderr, (added.stdout, added.stderr)
     listed = girandole("models", "list", "--data-dir", data, "--json")
     assert "lonely" not in listed.stdout
+
+
+def test_an_adapter_never_runs_on_another_base(srv, llama_adapters):
+    """A DeployedModel was trusted as loaded: once the registry named another base for its
+    adapter (removed and added again with another --base), requests still ran the adapter on
+    the deployment's model, which was never checked against it. Such a record serves nothing
+    (404, and not in /v1/models) until the adapter is loaded where it fits."""
+    fw, data = srv.sdk(), str(srv.data)
+
+    def add(base: str) -> None:
+        added = girandole(
+            "models", "add", "--data-dir", data, "--account", ACCOUNT,
+            "lora-moved", str(llama_adapters["a2"]), "--base", model(base),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+
+    def listed() -> list[str]:
+        return [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
+
+    add("tiny")
+    loaded = fw.lora.load(model=model("lora-moved"), deployment=OWN)
+    try:
+        srv.complete(model("lora-moved"))
+        assert model("lora-moved") in listed()
+        assert (
+            girandole("models", "remove", "--data-dir", data, model("lora-moved")).returncode == 0
+        )
+        add("other-base")
+        body = {"model": model("lora-moved"), "prompt": "hi", "max_tokens": 2}
+        for name in (model("lora-moved"), f"{model('lora-moved')}#{OWN}"):
+            r = srv.http("POST", "/v1/completions", json={**body, "model": name})
+            assert r.status_code == 404, r.text
+        assert model("lora-moved") not in listed()
+    finally:
+        fw.lora.unload(loaded.name.rsplit("/", 1)[1])
+        girandole("models", "remove", "--data-dir", data, model("lora-moved"))

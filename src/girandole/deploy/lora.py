@@ -237,12 +237,30 @@ class DeployedModelManager:
     # -- helpers ---------------------------------------------------------------------------
 
     def _live(self, record: DeployedModelRecord) -> bool:
-        """Whether the record's deployment serves requests: not a soft-deleted one (its
-        DeployedModels come back with an undelete)."""
-        return (
-            record.deployment == self.own_deployment
-            or self.deployments.find(record.deployment) is not None
-        )
+        """Whether the record's deployment serves requests (not a soft-deleted one: its
+        DeployedModels come back with an undelete) on the adapter's base model (the registry
+        may have changed the adapter's base since it was loaded, or a record may predate
+        hard deletes removing their DeployedModels: never run an adapter on another base)."""
+        adapter = self.catalog.get(record.model)
+        if adapter is None or not adapter.is_adapter:
+            return True  # a request for it is refused with a 400 saying so (ensure_loaded)
+        return self._served_base(adapter, record.deployment) is not None
+
+    def _served_base(self, adapter: CatalogModel, deployment: str) -> str | None:
+        """The model the live `deployment` serves, when the adapter fits it; else None."""
+        if deployment == self.own_deployment:
+            served = self.own_model
+        else:
+            found = self.deployments.find(deployment)
+            if found is None:
+                return None
+            served = found.base_model
+        if served == adapter.base_model:
+            return served
+        a, b = self.catalog.get(adapter.base_model), self.catalog.get(served)
+        if a is not None and b is not None and a.source == b.source and not b.is_adapter:
+            return served  # two names of the same weights
+        return None
 
     def _deployment_removed(self, deployment: str) -> None:
         """A deployment was deleted for good: its DeployedModels go with it (a new deployment
@@ -308,15 +326,13 @@ class DeployedModelManager:
         return name
 
     def _check_base(self, adapter: CatalogModel, deployment: str) -> None:
-        if deployment == self.own_deployment:
-            served = self.own_model
-        else:
-            served = self.deployments.find(deployment).base_model
-        if served == adapter.base_model:
+        if self._served_base(adapter, deployment) is not None:
             return
-        a, b = self.catalog.get(adapter.base_model), self.catalog.get(served)
-        if a is not None and b is not None and a.source == b.source and not b.is_adapter:
-            return  # two names of the same weights
+        served = (
+            self.own_model
+            if deployment == self.own_deployment
+            else self.deployments.find(deployment).base_model
+        )
         raise invalid(
             f"LoRA adapter {adapter.name} is for base model {adapter.base_model}, but"
             f" deployment {deployment} serves {served}",
