@@ -523,3 +523,36 @@ def test_validate_only_refuses_a_taken_id_as_the_create_would(plane):
     finally:
         fw.deployments.delete("vo-live", hard=True)
         fw.deployments.delete("vo-gone", hard=True)
+
+
+def test_int64_fields_written_as_strings_filter_and_sort_as_numbers(plane):
+    """A Dataset's exampleCount is an int64, which proto JSON writes as a string ("10"):
+    filters compared it to numbers as text ("10" > 5 was false) and orderBy sorted it as text
+    ("10" before "2")."""
+    key, path = plane.other_key, "/v1/accounts/other/datasets"
+    sizes = {"two-lines": 2, "ten-lines": 10}
+    for name, lines in sizes.items():
+        body = {"datasetId": name, "dataset": {"format": "CHAT"}}
+        assert plane.http("POST", path, key=key, json=body).status_code == 200
+        rows = "".join(
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+            for _ in range(lines)
+        )
+        files = {"file": ("in.jsonl", rows.encode())}
+        r = plane.http("POST", f"{path}/{name}:upload", key=key, files=files)
+        assert r.status_code == 200, r.text
+    try:
+
+        def names(params: dict) -> list[str]:
+            params = {**params, "readMask": "name,exampleCount"}
+            listed = plane.http("GET", path, key=key, params=params).json()["datasets"]
+            return [d["name"].rsplit("/", 1)[1] for d in listed]
+
+        assert names({"filter": "exampleCount > 5"}) == ["ten-lines"]
+        assert names({"filter": 'exampleCount >= "3"'}) == ["ten-lines"]
+        assert names({"filter": "exampleCount = 2"}) == ["two-lines"]
+        assert names({"orderBy": "exampleCount desc"}) == ["ten-lines", "two-lines"]
+        assert names({"orderBy": "exampleCount"}) == ["two-lines", "ten-lines"]
+    finally:
+        for name in sizes:
+            plane.http("DELETE", f"{path}/{name}", key=key)

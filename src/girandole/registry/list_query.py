@@ -61,10 +61,19 @@ class Comparison:
                 return actual not in (None, "", [], {})
             return actual is not None and str(self.value) in str(actual)
         expected = self.value
+        a, e = _number(actual), _number(expected)
         if isinstance(actual, bool) or isinstance(expected, bool):
             actual, expected = str(actual).lower(), str(expected).lower()
-        elif isinstance(actual, int | float) and isinstance(expected, int | float):
-            pass
+        elif (
+            a is not None
+            and e is not None
+            and (
+                isinstance(actual, int | float)
+                or isinstance(expected, int | float)
+                or self.op not in ("=", "!=")
+            )
+        ):
+            actual, expected = a, e  # proto JSON writes int64 as a string: "10" > 5, "10" > "9"
         else:
             actual, expected = ("" if actual is None else str(actual)), str(expected)
         if self.op == "=":
@@ -186,11 +195,27 @@ def sort_resources(resources: list[dict[str, Any]], order: list[tuple[str, bool]
         resources.sort(key=lambda r: _sort_key(field_value(r, path)), reverse=descending)
 
 
+def _number(value: Any) -> int | float | None:
+    """A number, or an integer written as a string (proto JSON's int64, as a Dataset's
+    exampleCount); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        return int(value)
+    return None
+
+
+_INT_TEXT = re.compile(r"-?[0-9]{1,19}")
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     if value is None:
         return (0, "")
-    if isinstance(value, bool | int | float):
-        return (1, float(value))
+    number = _number(value)
+    if isinstance(value, bool) or number is not None:
+        return (1, float(value if number is None else number))
     return (2, str(value))
 
 
