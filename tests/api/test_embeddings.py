@@ -172,3 +172,13 @@ def test_unknown_model_is_404(server):
 def test_missing_key_is_401(server):
     r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "hi"})
     assert r.status_code == 401
+
+
+def test_many_inputs_are_not_too_long_together(server):
+    """The context bounds each input, not their sum: 2048 inputs of 1,100 characters (2.25 M
+    in all, above the early refusal's 32,768 tokens x 64 characters, though each is about 70
+    tokens) were refused as 'The prompt is too long'. The request now goes on to its own
+    checks (here, a bad `dimensions`)."""
+    r = embed(server, input=["\n" * 1100] * 2048, dimensions=0)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "dimensions", r.text

@@ -148,3 +148,13 @@ def test_query_too_long_names_the_query(server):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "query" and "documents" not in error["message"], error
+
+
+def test_many_documents_are_not_too_long_together(server):
+    """Each document is scored alone with the query: 1024 documents of 2,100 characters (2.15 M
+    in all, above the early refusal's 32,768 tokens x 64 characters, though each is about 70
+    tokens) were refused as 'The prompt is too long'. The request now goes on to its own checks
+    (here, a bad `top_n`)."""
+    r = rerank(server, query="q", documents=["\n" * 2100] * 1024, top_n=0)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "top_n", r.text
