@@ -129,6 +129,23 @@ def test_context_length_errors(server):
     error = assert_error(post(server, {"prompt": "a" * (context * MAX_CHARS_PER_TOKEN + 1)}), 400)
     assert "characters, far above the limit" in error["message"]
     assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    # several prompts are each bounded by the context, not together: 80 prompts of a fortieth
+    # of the limit each were refused by their sum; the request goes on to its own checks
+    many = ["\n" * (context * MAX_CHARS_PER_TOKEN // 40)] * 80
+    error = assert_error(post(server, {"prompt": many, "temperature": -1}), 400)
+    assert error["param"] == "temperature", error
+    # the early refusal names the field with the text: embeddings' input, rerank's documents
+    # or query (they were named 'prompt', a field of neither)
+    hopeless = "a" * (context * MAX_CHARS_PER_TOKEN + 1)
+    for path, body, param in [
+        ("/v1/embeddings", {"input": ["x", hopeless]}, "input"),
+        ("/v1/rerank", {"query": "q", "documents": ["x", hopeless]}, "documents"),
+        ("/v1/rerank", {"query": hopeless, "documents": ["x"]}, "query"),
+    ]:
+        r = httpx.post(server.url + path, json={"model": MODEL, **body}, headers=server.headers,
+                       timeout=60)  # fmt: skip
+        error = assert_error(r, 400, "far above the limit")
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param), path
 
 
 # -- 401 ------------------------------------------------------------------------------------

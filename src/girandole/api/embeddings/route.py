@@ -18,7 +18,7 @@ from typing import Any
 from girandole.api.embeddings.inputs import input_token_ids
 from girandole.api.embeddings.schema import EMBEDDINGS_UNSUPPORTED, EmbeddingRequest
 from girandole.api.http.errors import bad_request
-from girandole.api.ops.server_ops import _text_chars
+from girandole.api.ops.server_ops import text_chars
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.pooling import PoolingParams
@@ -39,13 +39,13 @@ def encode(vector: list[float], encoding_format: str | None) -> list[float] | st
 
 
 class Embeddings(PrefillEndpoint):
-    def input_chars(self, data: dict[str, Any]) -> Any:
+    def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The longest input (and the template it fills): the context bounds each input, not
         their sum, so 2048 inputs of a few hundred tokens are not 'too long'."""
         x = data.get("input")
         if isinstance(x, list) and x and not isinstance(x[0], int):
-            x = max(x, key=_text_chars)
-        return [data.get("prompt_template"), x]
+            x = max(x, key=text_chars)
+        return {"input": [data.get("prompt_template"), x]}
 
     async def requests(self, engine: EngineClient, req: EmbeddingRequest) -> list[Prefill]:
         hidden_size = engine.model_config.hidden_size

@@ -42,7 +42,7 @@ OPEN = Principal(account=None, key_id=None)
 # cannot fit the context before spending seconds tokenizing it (10 MB: about 10 s of a core).
 MAX_CHARS_PER_TOKEN = 64
 # the body fields that make a prompt (/completions, chat and Messages, Responses)
-PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions")
+PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions", "documents", "query")
 
 
 def endpoint_of(path: str) -> str:
@@ -200,12 +200,14 @@ class ServerOps:
         limit = self.max_prompt_tokens or context_length or self.served.context_length
         if not limit:
             return
-        chars = sum(_text_chars(data.get(name)) for name in PROMPT_FIELDS)
+        counts = {name: _prompt_chars(name, data[name]) for name in PROMPT_FIELDS if name in data}
+        chars = sum(counts.values())
         if chars > limit * MAX_CHARS_PER_TOKEN:
+            field = max(counts, key=counts.__getitem__)  # the field with the most text
             raise context_exceeded(
                 f"The prompt is too long: {chars} characters, far above the limit of {limit}"
                 " tokens",
-                next((name for name in PROMPT_FIELDS if name in data), "prompt"),
+                field,
             )
 
     def check_choices(self, num_prompts: int, n: int) -> None:
@@ -408,16 +410,24 @@ class ServerOps:
         self.usage.close()
 
 
-def _text_chars(value: Any, depth: int = 0) -> int:
+def _prompt_chars(name: str, value: Any) -> int:
+    """Characters of text in field `name`: a completions `prompt` list is several prompts, each
+    bounded by the context alone (its longest counts); any other field makes one prompt."""
+    if name == "prompt" and isinstance(value, list):
+        return max((text_chars(v) for v in value), default=0)
+    return text_chars(value)
+
+
+def text_chars(value: Any, depth: int = 0) -> int:
     """Characters of text in a prompt or messages value (strings anywhere inside it)."""
     if isinstance(value, str):
         return len(value)
     if depth > 8:
         return 0
     if isinstance(value, list):
-        return sum(_text_chars(v, depth + 1) for v in value)
+        return sum(text_chars(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return sum(_text_chars(v, depth + 1) for v in value.values())
+        return sum(text_chars(v, depth + 1) for v in value.values())
     return 0
 
 

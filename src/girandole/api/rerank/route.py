@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from girandole.api.http.errors import bad_request
-from girandole.api.ops.server_ops import _text_chars
+from girandole.api.ops.server_ops import text_chars
 from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
 from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
@@ -24,13 +24,15 @@ from girandole.engine.protocol import EngineClient
 
 
 class Rerank(PrefillEndpoint):
-    def input_chars(self, data: dict[str, Any]) -> Any:
+    def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The query and the longest document: each document is scored alone, so the context
-        bounds each one with the query, not the documents' sum."""
-        docs = data.get("documents")
+        bounds each one with the query, not the documents' sum. The longer names the refusal."""
+        query, docs = data.get("query"), data.get("documents")
         if isinstance(docs, list) and docs:
-            docs = max(docs, key=_text_chars)
-        return [data.get("query"), docs]
+            docs = max(docs, key=text_chars)
+        if text_chars(query) > text_chars(docs):
+            return {"query": query, "documents": docs}
+        return {"documents": docs, "query": query}
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
         tok = engine.tokenizer

@@ -58,9 +58,10 @@ class PrefillEndpoint:
     unsupported: dict[str, Any]  # girandole.api.http.unsupported tables
     id_prefix: str
 
-    def input_chars(self, data: dict[str, Any]) -> Any:
-        """The body's text, to refuse a hopelessly long one before tokenizing it."""
-        return None
+    def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The text of the body's longest prompt, by field, to refuse a hopelessly long one
+        before tokenizing it (ServerOps.check_prompt_size)."""
+        return {}
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
         raise NotImplementedError
@@ -93,9 +94,7 @@ async def serve_prefill(
         strip_unsupported(data, endpoint.unsupported)
         return validate_model(endpoint.schema, data)
 
-    got = await receive(
-        request, endpoint.id_prefix, parse, lambda data: {"prompt": endpoint.input_chars(data)}
-    )
+    got = await receive(request, endpoint.id_prefix, parse, endpoint.prompt_fields)
     engine = got.engine
     prefills = await endpoint.requests(engine, got.req)
     choices = [
