@@ -108,3 +108,43 @@ def test_a_model_that_fails_to_load_raises_from_the_constructor(tmp_path):
     assert "missing" in str(err.value)
     time.sleep(0.1)
     assert engine_threads() <= before  # its thread ended
+
+
+def test_two_engines_in_one_process_step_at_once(tiny_llama_dir):
+    """The server's own model and its deployments are engines of one process, each stepping on
+    its own thread. The forward context (model/context.py) was one global: one engine's step
+    read the other's, wrote its keys and values into the other's cache slots (an assertion in
+    the native paged attention, the requests aborted, then a segfault). Each thread has its own
+    now: both engines' greedy outputs under concurrent load equal what each gives alone."""
+    from girandole import SamplingParams
+
+    def engine() -> AsyncEngine:
+        return AsyncEngine(EngineConfig(model=str(tiny_llama_dir), mode="fast", device="cpu",
+                                        block_size=4, kv_cache_gb=0.02))  # fmt: skip
+
+    engines = [engine(), engine()]
+    try:
+        tok = engines[0].tokenizer
+        prompts = [tok.encode(f"Story number {i} begins") for i in range(6)]
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+        async def generate(eng: AsyncEngine, prompt: list[int], rid: str) -> list[int]:
+            ids: list[int] = []
+            async for out in eng.generate(prompt, params, rid):
+                ids += out.new_token_ids
+            return ids
+
+        async def alone() -> list[list[int]]:
+            return [await generate(engines[0], p, f"solo-{i}") for i, p in enumerate(prompts)]
+
+        async def together() -> list[list[list[int]]]:
+            runs = [[generate(eng, p, f"e{e}-{r}-{i}") for i, p in enumerate(prompts)]
+                    for e, eng in enumerate(engines) for r in range(3)]  # fmt: skip
+            return await asyncio.gather(*(asyncio.gather(*run) for run in runs))
+
+        expected = asyncio.run(alone())
+        for outputs in asyncio.run(together()):
+            assert outputs == expected
+    finally:
+        for eng in engines:
+            eng.shutdown()

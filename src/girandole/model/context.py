@@ -10,6 +10,7 @@ as in the reference tests) layers treat their input as one sequence starting at 
 from __future__ import annotations
 
 import contextlib
+import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,24 +153,33 @@ class ForwardContext:
     groups: list[ForwardContext] | None = None
 
 
-_current: ForwardContext | None = None
+class _Current(threading.local):
+    """The context of this thread's forward: each engine steps on a thread of its own, and
+    several engines run in one process (the server's model and its deployments). One global
+    context was overwritten by another engine's step: its attention wrote keys and values into
+    the other's cache slots (an assertion, the requests aborted, then a segfault)."""
+
+    ctx: ForwardContext | None = None
+
+
+_current = _Current()
 
 
 def get_context() -> ForwardContext | None:
     """The context of the forward being computed, or None outside an engine step."""
-    return _current
+    return _current.ctx
 
 
 def current_decode_rows() -> int | None:
     """Leading decode rows of the batch being computed, or None outside an engine step."""
-    return None if _current is None else _current.num_decode_rows
+    ctx = _current.ctx
+    return None if ctx is None else ctx.num_decode_rows
 
 
 @contextlib.contextmanager
 def forward_context(ctx: ForwardContext | None) -> Iterator[None]:
-    global _current
-    previous, _current = _current, ctx
+    previous, _current.ctx = _current.ctx, ctx
     try:
         yield
     finally:
-        _current = previous
+        _current.ctx = previous
