@@ -315,6 +315,13 @@ def test_other_refusals(plane):
         assert r.status_code == 400, (params, r.text)
     r = plane.http("GET", base, params={"pageToken": "garbage"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "pageToken"
+    # a query parameter of the wrong type is named by its name (param was null)
+    for params, name in [({"pageSize": "abc"}, "pageSize"), ({"validateOnly": "maybe"},
+                                                               "validateOnly")]:  # fmt: skip
+        method = "GET" if name == "pageSize" else "POST"
+        r = plane.http(method, base, params=params, json={"baseModel": BASE_MODEL})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+        assert f"query.{name}" in r.json()["error"]["message"]
     r = plane.http("POST", base, content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     fw.deployments.delete("taken", hard=True)

@@ -164,6 +164,8 @@ def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
+_LOCATIONS = ("query.", "path.", "header.", "cookie.")  # FastAPI's parameter locations
+
 _STATUS_CODES = {
     400: ("invalid_request_error", "invalid_request_error"),
     404: ("error", "NOT_FOUND"),
@@ -194,7 +196,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request, bad_request(format_errors(exc.errors())))
+        errors = exc.errors()
+        field = first_field(errors)  # "query.pageSize": the parameter is pageSize
+        param = field.split(".", 1)[-1] if field and field.startswith(_LOCATIONS) else field
+        return error_response(request, bad_request(format_errors(errors), param))
 
     @app.exception_handler(ClientDisconnected)
     async def _client_left(request: Request, exc: ClientDisconnected) -> Response:
