@@ -291,6 +291,7 @@ BAD = [
     ({"messages": "Hi"}, "messages"),
     ({}, "messages"),
     ({"messages": [{"role": "system", "content": ""}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": ""}]}, "messages"),
     ({"messages": [U1, U1]}, "messages"),  # Gemma: roles must alternate
     ({"messages": [U1], "prompt": "x"}, "prompt"),
     ({"messages": [U1], "tools": [{"type": "function", "function": {"name": "f g"}}]},
@@ -318,6 +319,8 @@ def test_bad_requests_are_400(server, body, param):
     if param == "messages.0.name":
         assert error["message"] == "Extra inputs are not permitted, field: 'messages.0.name'," \
                                    " value: 'bob'"  # fmt: skip
+    if body.get("messages") == [{"role": "assistant", "content": ""}]:  # no system message
+        assert error["message"].endswith("only assistant messages with empty content")
 
 
 def test_unknown_model_and_no_op_fields(server):

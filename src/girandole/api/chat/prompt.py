@@ -82,8 +82,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     ):
         out.pop()  # nothing to continue: an empty answer is a plain generation prompt
     if not out:
+        roles = sorted({m.role for m in messages})
         raise bad_request(
-            "messages has nothing to send to the model: only system messages with empty content",
+            "messages has nothing to send to the model: only "
+            + " and ".join(f"{role} messages" for role in roles)
+            + " with empty content",
             "messages",
         )
     return out
