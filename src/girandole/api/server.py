@@ -476,6 +476,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # configure_logging's handler (JSON lines) for uvicorn's logs too
         access_log=False,  # girandole.access logs each request, with its request id
         timeout_graceful_shutdown=settings.drain_seconds,
+        # uvicorn's 5 s equalled httpx's pool expiry: a request sent on a connection idle for
+        # about 5 s met the server's close ("Server disconnected without sending a response")
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     server = DrainingServer(config, state)
     stop = threading.Event()

@@ -70,6 +70,9 @@ class ServerSettings:
     # Connections held at once (the longest-idle is closed above it); None: from the file limit
     max_connections: int | None = None
     request_read_timeout: float = 30.0  # a connection must send a whole request within this
+    # an idle kept-alive connection is closed after this; above the clients' own pool expiry
+    # (httpx, so the openai and fireworks SDKs: 5 s; undici: 4 s), so they close first
+    keep_alive_timeout: int = 75
     response_write_timeout: float = 60.0  # a client reading nothing this long is cut off
     grammar_compile_timeout: float = 10.0  # a schema or grammar compiling longer: 400
     engine_stall_seconds: float = 60.0  # /health 503 when work waits and no step ends this long

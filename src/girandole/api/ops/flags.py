@@ -127,6 +127,14 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
     p.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=int(_env("KEEP_ALIVE_TIMEOUT") or DEFAULTS.keep_alive_timeout),
+        help="seconds an idle kept-alive connection stays open; longer than the clients' own"
+        " pool expiry (5 s in httpx) so that a client never sends on a connection the server is"
+        " closing [GIRANDOLE_KEEP_ALIVE_TIMEOUT]",
+    )
+    p.add_argument(
         "--response-write-timeout",
         type=float,
         default=float(_env("RESPONSE_WRITE_TIMEOUT") or DEFAULTS.response_write_timeout),
@@ -171,6 +179,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_choices_per_request": args.max_choices_per_request,
         "max_connections": args.max_connections,
         "request_read_timeout": args.request_read_timeout,
+        "keep_alive_timeout": args.keep_alive_timeout,
         "response_write_timeout": args.response_write_timeout,
         "engine_stall_seconds": args.engine_stall_seconds,
         "grammar_compile_timeout": args.grammar_compile_timeout,
