@@ -375,16 +375,24 @@ def test_responses_items_as_chat_messages():
 
 def test_responses_tools_and_choice():
     tool = {"type": "function", "name": "add", "parameters": ADD, "strict": True}
-    tools, choice = chat_tools(responses(input="x", tools=[tool], tool_choice="required"))
+    tools, choice, paths = chat_tools(responses(input="x", tools=[tool], tool_choice="required"))
     assert tools == [{"type": "function", "function": {"name": "add", "parameters": ADD,
                                                        "strict": True}}]  # fmt: skip
-    assert choice == "required"
-    _, choice = chat_tools(responses(input="x", tools=[tool],
+    assert choice == "required" and paths == ["tools.0"]
+    # where each chat tool came from: a namespace's functions are flattened in order
+    space = {
+        "type": "namespace",
+        "name": "n",
+        "tools": [{**tool, "name": "a"}, {**tool, "name": "b"}],
+    }
+    *_, paths = chat_tools(responses(input="x", tools=[space, tool]))
+    assert paths == ["tools.0.tools.0", "tools.0.tools.1", "tools.1"]
+    _, choice, _ = chat_tools(responses(input="x", tools=[tool],
                                      tool_choice={"type": "function", "name": "add"}))  # fmt: skip
     assert choice == {"type": "function", "function": {"name": "add"}}
     allowed = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function",
                                                                    "name": "add"}]}  # fmt: skip
-    _, choice = chat_tools(responses(input="x", tools=[tool], tool_choice=allowed))
+    _, choice, _ = chat_tools(responses(input="x", tools=[tool], tool_choice=allowed))
     assert choice["allowed_tools"] == {"mode": "auto", "tools": [{"type": "function",
                                                                   "name": "add"}]}  # fmt: skip
 
