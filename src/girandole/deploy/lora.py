@@ -132,16 +132,14 @@ class DeployedModelManager:
         filter: str | None = None,
         order_by: str | None = None,
     ) -> dict[str, Any]:
+        views = [r.to_json() for r in self.store.list(account)]
         try:
-            condition = list_query.parse_filter(filter, LIST_FIELDS)
-            order = list_query.parse_order_by(order_by, LIST_FIELDS) or [("name", False)]
-            views = [r.to_json() for r in self.store.list(account)]
-            views = [v for v in views if condition.matches(v)]
-            list_query.sort_resources(views, [*order, ("name", False)])
-            items, next_token = list_query.page(views, page_size, page_token)
+            items, next_token, total = list_query.select(
+                views, LIST_FIELDS, filter, order_by, [], page_size, page_token
+            )
         except list_query.QueryError as exc:
             raise invalid(str(exc), exc.param) from None
-        return {"deployedModels": items, "nextPageToken": next_token, "totalSize": len(views)}
+        return {"deployedModels": items, "nextPageToken": next_token, "totalSize": total}
 
     def update(self, account: str, deployed_model_id: str, body: dict[str, Any]) -> dict[str, Any]:
         _check_fields(body, creating=False)

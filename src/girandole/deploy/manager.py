@@ -191,18 +191,14 @@ class DeploymentManager:
         order_by: str | None = None,
         show_deleted: bool = False,
     ) -> dict[str, Any]:
+        views = [self.view(r) for r in self.store.list(account) if show_deleted or not r.deleted]
         try:
-            condition = list_query.parse_filter(filter, LIST_FIELDS)
-            order = list_query.parse_order_by(order_by, LIST_FIELDS) or [("createTime", False)]
-            views = [
-                self.view(r) for r in self.store.list(account) if show_deleted or not r.deleted
-            ]
-            views = [v for v in views if condition.matches(v)]
-            list_query.sort_resources(views, [*order, ("name", False)])
-            items, next_token = list_query.page(views, page_size, page_token)
+            items, next_token, total = list_query.select(
+                views, LIST_FIELDS, filter, order_by, [("createTime", False)], page_size, page_token
+            )
         except list_query.QueryError as exc:
             raise invalid(str(exc), exc.param) from None
-        return {"deployments": items, "nextPageToken": next_token, "totalSize": len(views)}
+        return {"deployments": items, "nextPageToken": next_token, "totalSize": total}
 
     def update(self, account: str, deployment_id: str, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:

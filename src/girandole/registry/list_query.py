@@ -248,6 +248,25 @@ def decode_page_token(token: str | None) -> int:
     return offset
 
 
+def select(
+    resources: list[dict[str, Any]],
+    fields: set[str],
+    filter: str | None,
+    order_by: str | None,
+    default_order: list[tuple[str, bool]],
+    page_size: int | None,
+    page_token: str | None,
+) -> tuple[list[dict[str, Any]], str, int]:
+    """A list method's answer: the page of `resources` that `filter` keeps, ordered by
+    `order_by` (else `default_order`), ties by name; the next page's token; how many matched."""
+    condition = parse_filter(filter, fields)
+    order = parse_order_by(order_by, fields) or default_order
+    chosen = [r for r in resources if condition.matches(r)]
+    sort_resources(chosen, [*order, ("name", False)])
+    items, next_token = page(chosen, page_size, page_token)
+    return items, next_token, len(chosen)
+
+
 def page(
     resources: list[dict[str, Any]], page_size: int | None, page_token: str | None
 ) -> tuple[list[dict[str, Any]], str]:

@@ -33,7 +33,7 @@ from girandole.api.ops.tracking import record_of
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry import list_query
 from girandole.registry.deployments import DeploymentError
-from girandole.registry.list_query import QueryError, page
+from girandole.registry.list_query import QueryError
 from girandole.registry.models import PUBLIC_ACCOUNT
 from girandole.registry.naming import is_valid_id, model_name
 from girandole.registry.roles import USER, may_change_resources
@@ -215,16 +215,15 @@ MODEL_FIELDS = {"name", "displayName", "kind", "state", "public", "createTime", 
 async def list_models(account: str, request: Request, query: ListParams = ListQuery) -> dict:
     account = await _readable_account(request, account)
     models = [m.to_json() for m in manager_of(request).catalog.list(account)]
-    try:
-        condition = list_query.parse_filter(query.filter, MODEL_FIELDS)
-        order = list_query.parse_order_by(query.order_by, MODEL_FIELDS)
-        models = [m for m in models if condition.matches(m)]
-        list_query.sort_resources(models, [*order, ("name", False)])  # default: by name
-        items, next_token = page(models, query.page_size, query.page_token)
+    try:  # by name unless orderBy says otherwise, as at Fireworks
+        items, next_token, total = list_query.select(
+            models, MODEL_FIELDS, query.filter, query.order_by, [], query.page_size,
+            query.page_token,
+        )  # fmt: skip
     except QueryError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     items = [masked_fields(m, query.read_mask, MODEL_FIELDS) for m in items]
-    return {"models": items, "nextPageToken": next_token, "totalSize": len(models)}
+    return {"models": items, "nextPageToken": next_token, "totalSize": total}
 
 
 @router.get("/accounts/{account}/models/{model_id}", summary="Get a base model")

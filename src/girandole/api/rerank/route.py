@@ -26,13 +26,11 @@ from girandole.engine.protocol import EngineClient
 class Rerank(PrefillEndpoint):
     def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The query and the longest document: each document is scored alone, so the context
-        bounds each one with the query, not the documents' sum. The longer names the refusal."""
-        query, docs = data.get("query"), data.get("documents")
+        bounds each one with the query, not the documents' sum."""
+        docs = data.get("documents")
         if isinstance(docs, list) and docs:
             docs = max(docs, key=text_chars)
-        if text_chars(query) > text_chars(docs):
-            return {"query": query, "documents": docs}
-        return {"documents": docs, "query": query}
+        return {"query": data.get("query"), "documents": docs}
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
         tok = engine.tokenizer
