@@ -148,6 +148,28 @@ def test_context_length_errors(server):
         assert (error["code"], error["param"]) == ("context_length_exceeded", param), path
 
 
+def test_context_length_error_names_the_length_field_sent(server, open_server):
+    """`context_length_exceeded_behavior: error` refuses the length the client asked for, by the
+    field it came in: max_completion_tokens was named max_tokens. A request that sets no length
+    asked for none: the endpoint's default is lowered to fit, never a 400 (it named max_tokens,
+    a field the request did not have)."""
+    r = post(
+        server,
+        {"prompt": [2, 651], "max_completion_tokens": 10**6,
+         "context_length_exceeded_behavior": "error"},
+    )  # fmt: skip
+    error = assert_error(r, 400, "plus max_completion_tokens (1000000)")
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_completion_tokens")
+    # open_server: a 64-token context; 56 prompt tokens leave 8, below /completions' default 16
+    body = {"model": "accounts/testing/models/tiny-eos", "prompt": [5] * 56,
+            "context_length_exceeded_behavior": "error"}  # fmt: skip
+    r = post(open_server, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    error = assert_error(post(open_server, {**body, "max_tokens": 16}), 400, "plus max_tokens")
+    assert error["param"] == "max_tokens"
+
+
 # -- 401 ------------------------------------------------------------------------------------
 
 

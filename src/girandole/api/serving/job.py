@@ -75,6 +75,13 @@ def cache_kwargs(req: RequestFields, headers: Mapping[str, str] | None) -> dict[
     return out
 
 
+def max_tokens_field(req: RequestFields) -> str | None:
+    """The field the request's length limit came in; None: it set none (the endpoint's default)."""
+    if req.max_tokens is not None:
+        return "max_tokens"
+    return "max_completion_tokens" if req.max_completion_tokens is not None else None
+
+
 def choice_params(
     req: RequestFields,
     defaults: dict[str, Any],
@@ -126,13 +133,16 @@ def build_job(
         engine_kwargs["priority"] = tier
     n = req.n or 1
     requested = req.requested_max_tokens(default_max_tokens)
+    tokens_param = max_tokens_field(req)
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
     speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size)
     prompt_param = "messages" if getattr(req, "messages", None) is not None else "prompt"
     choices: list[Choice] = []
     for i, ids in enumerate(prompts):
-        max_tokens = fit_max_tokens(len(ids), requested, context_length, behavior, prompt_param)
+        max_tokens = fit_max_tokens(
+            len(ids), requested, context_length, behavior, prompt_param, tokens_param
+        )
         for k in range(n):
             params = choice_params(
                 req, defaults, max_tokens, k, logit_bias=logit_bias, options=options

@@ -2,8 +2,11 @@
 long prompts kept off the event loop.
 
 `context_length_exceeded_behavior`: `truncate` (default) lowers max_tokens to
-`context - prompt`; `error` answers 400 when prompt + max_tokens exceeds the context. A prompt
-that alone fills the context (or more) is a 400 either way.
+`context - prompt`; `error` answers 400 when prompt + max_tokens exceeds the context, naming the
+field the request set (`max_tokens` or `max_completion_tokens`). A request that sets neither
+asked for no particular length: the endpoint's default is lowered as with `truncate` (OpenAI
+only refuses a length the client asked for). A prompt that alone fills the context (or more) is a
+400 either way.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def fit_max_tokens(
     context_length: int,
     behavior: str,
     prompt_param: str = "prompt",
+    tokens_param: str | None = "max_tokens",
 ) -> int:
     """The max_tokens to run with, or a 400 per `context_length_exceeded_behavior`.
-    `prompt_param`: the field the prompt came in (chat: messages)."""
+    `prompt_param`: the field the prompt came in (chat: messages); `tokens_param`: the field
+    max_tokens came in (None: the endpoint's default, lowered to fit whatever the behavior)."""
     if num_prompt_tokens >= context_length:
         raise context_exceeded(
             f"The prompt is too long: {num_prompt_tokens}, model maximum context length:"
@@ -54,12 +59,12 @@ def fit_max_tokens(
     room = context_length - num_prompt_tokens
     if max_tokens <= room:
         return max_tokens
-    if behavior == "error":
+    if behavior == "error" and tokens_param is not None:
         raise context_exceeded(
             f"This model's maximum context length is {context_length} tokens, but the prompt"
-            f" ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs"
-            f" {num_prompt_tokens + max_tokens}. Lower max_tokens, or set"
+            f" ({num_prompt_tokens} tokens) plus {tokens_param} ({max_tokens}) needs"
+            f" {num_prompt_tokens + max_tokens}. Lower {tokens_param}, or set"
             " context_length_exceeded_behavior to 'truncate'",
-            "max_tokens",
+            tokens_param,
         )
     return room
