@@ -248,7 +248,8 @@ def test_logit_bias_forces_the_token(server, tokenizer):
 @pytest.mark.parametrize(
     "bias",
     [{"abc": 1}, {"-1": 1}, {"1.5": 1}, {"262144": 1}, {"5": 101}, {"5": -100.5}, {"5": "x"},
-     {" 5": 1}],
+     {" 5": 1},
+     {"9" * 5000: 1}],  # more digits than int() converts: was a 500
 )  # fmt: skip
 def test_bad_logit_bias_is_400(server, bias):
     r = post(server, {"prompt": "x", "max_tokens": 1, "logit_bias": bias})
@@ -483,3 +484,4 @@ def test_seeded_request_alone_and_beside_30_others(server):
     assert [t for t, _ in got] == [t for t, _ in want]
     assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-5)
     assert math.isfinite(got[0][1])
+

@@ -55,7 +55,10 @@ def parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int,
     """`logit_bias` keys are token ids written as strings ("42"); anything else is a 400."""
     out: dict[int, float] = {}
     for key, bias in (raw or {}).items():
-        token = int(key) if key.isascii() and key.isdigit() else None
+        digits = key.lstrip("0") or "0"
+        # int() refuses strings of over 4300 digits (a ValueError: a 500); a token id has few
+        ok = key.isascii() and key.isdigit() and len(digits) <= len(str(vocab_size))
+        token = int(digits) if ok else None
         if token is None or token >= vocab_size:
             raise bad_request(
                 f"logit_bias keys must be token ids (decimal strings from 0 to {vocab_size - 1}),"
