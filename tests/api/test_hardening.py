@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -450,6 +451,32 @@ def test_admission_counts_choices_not_requests(busy):
         timeout=30,
     )
     assert ok.status_code == 200
+
+
+def test_a_large_embeddings_request_leaves_slots_for_others(busy):
+    """Hundreds of inputs took every slot until the last was embedded: every other request
+    waited (here, with no queue: 429). Now it runs its inputs on half the slots."""
+    body = {
+        "model": "accounts/testing/models/tiny",
+        "input": [f"text {i} " * 60 for i in range(300)],
+    }
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(httpx.post, busy.url + "/v1/embeddings", json=body, timeout=300)
+        deadline = time.monotonic() + 30
+        while _gauge(busy, "girandole_requests_active") == 0 and not big.done():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        small = httpx.post(
+            busy.url + "/v1/completions",
+            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+            timeout=30,
+        )
+        assert not big.done()  # served beside it
+        assert small.status_code == 200, small.text
+        assert big.result().status_code == 200
+        assert len(big.result().json()["data"]) == 300
+    busy.wait_idle()
+    assert _gauge(busy, "girandole_requests_active") == 0
 
 
 def _gauge(server, name: str) -> float:

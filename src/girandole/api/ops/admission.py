@@ -45,6 +45,12 @@ class Admission:
     def weight(self, num_choices: int) -> int:
         return min(max(1, num_choices), self.max_active)
 
+    def prefill_window(self, num_inputs: int) -> int:
+        """Slots for a prefill-only request (embeddings, rerank) of `num_inputs`: at most half of
+        them, its inputs run that many at a time. Taking every slot for as long as hundreds of
+        inputs took made every other request wait, and fail with 503 at the queue timeout."""
+        return min(max(1, num_inputs), max(1, self.max_active // 2))
+
     async def acquire(self, num_choices: int = 1, tier: int = 0) -> float:
         """Take slots for `num_choices` (seconds waited); `tier`: 1 for service_tier
         "priority", 0 the default, below 0 a batch-job line (`Sequence.priority`'s tiers).

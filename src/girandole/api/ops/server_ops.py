@@ -236,20 +236,28 @@ class ServerOps:
                     )
 
     async def admit(
-        self, record: RequestRecord | None, choices: list[Choice], tier: int = 0
+        self,
+        record: RequestRecord | None,
+        choices: list[Choice],
+        tier: int = 0,
+        slots: int | None = None,
     ) -> None:
         """Before a request's engine requests start: the prompt-length limit, then a slot in the
         admission queue of its `tier` (waits; 429 when the queue is full, 503 after the
-        timeout). The record then accounts for the choices."""
+        timeout). The record then accounts for the choices. `slots`: the slots to take when
+        fewer of its choices run at once than it has (Admission.prefill_window); default one a
+        choice (at most every slot)."""
         self.check_prompt_limit(choices)
         if record is None or record.admitted:
             return
+        slots = self.admission.weight(slots if slots is not None else len(choices))
         try:
-            record.queue_s = await self.admission.acquire(len(choices), tier)
+            record.queue_s = await self.admission.acquire(slots, tier)
         except APIError:
             self.metrics.rate_limited.inc()
             raise
-        record.choices = choices  # before `admitted`: release() frees len(record.choices)
+        record.choices = choices
+        record.slots = slots  # before `admitted`: release() frees record.slots
         record.admitted = True
         self.metrics.queue_time.observe(record.queue_s)
         # tokens count as they are admitted, not only when the request ends: a huge request
@@ -271,7 +279,7 @@ class ServerOps:
     def _finish(self, record: RequestRecord) -> None:
         if record.admitted:
             record.admitted = False
-            self.admission.release(len(record.choices))
+            self.admission.release(record.slots)
         status = record.status or 500
         endpoint = endpoint_of(record.path)
         self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -66,6 +66,7 @@ class RequestRecord:
     metadata: dict[str, str] | None = None  # the request's `metadata`, kept with its usage row
     first_token_time: float | None = None
     choices: list[Choice] = field(default_factory=list)  # set when admitted
+    slots: int = 0  # admission slots held while admitted
     # the choices of its later engine rounds (a Responses MCP tool loop), under one admission
     rounds: list[list[Choice]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)  # added to the response

@@ -7,6 +7,11 @@ observer (its ops record) as they arrive, before the response reads them.
 the engine rejects (`ValueError` before its first output) becomes a 400 before any response
 bytes are sent. `close()` is synchronous so that it also works from a cancelled task: it
 cancels the consumers (which closes the engine's generators) and aborts unfinished requests.
+
+`max_in_flight` caps the choices at the engine at once: the others start as earlier ones end
+(a prefill request of hundreds of inputs holds only its admission slots' worth of sequences, so
+the engine interleaves other requests with it). `start()` then waits for every choice's first
+output, so it suits only requests whose first output is their last (prefill-only ones).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class ChoiceFanout:
         choices: list[Choice],
         observer: Observer | None = None,
         on_abort: Callable[[int], None] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.engine = engine
         self.observer = observer
@@ -49,6 +55,7 @@ class ChoiceFanout:
         self._first: list[asyncio.Future] = []
         self._unfinished: set[str] = set()
         self._closed = False
+        self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     async def start(self) -> None:
         """Start every choice; raise the first choice's error if any fails before its first output."""
@@ -68,6 +75,15 @@ class ChoiceFanout:
                 raise result
 
     async def _pump(self, choice: Choice, first: asyncio.Future) -> None:
+        try:
+            async with self._limit or contextlib.nullcontext():
+                await self._generate(choice, first)
+        finally:
+            if not first.done():
+                first.set_result(None)
+            self._queue.put_nowait((choice, _DONE))
+
+    async def _generate(self, choice: Choice, first: asyncio.Future) -> None:
         self._unfinished.add(choice.request_id)
         gen = None
         try:
@@ -94,9 +110,6 @@ class ChoiceFanout:
             if gen is not None:
                 with contextlib.suppress(BaseException):
                     await gen.aclose()
-            if not first.done():
-                first.set_result(None)
-            self._queue.put_nowait((choice, _DONE))
 
     async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """(choice, output) in the order the engine produced them; raises a choice's error."""

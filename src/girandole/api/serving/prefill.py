@@ -127,10 +127,14 @@ async def _run(
     record = record_of(request)
     if record is not None and record.model is None:
         record.model = state.served.name
-    await state.ops.admit(record, choices, tier)  # prompt limit; admission queue (429/503)
+    # its inputs run a window at a time, on part of the slots: others are served beside it
+    window = state.ops.admission.prefill_window(len(choices))
+    await state.ops.admit(record, choices, tier, window)  # prompt limit; queue (429/503)
     touch(request, target)
     started = time.monotonic()
-    fanout = ChoiceFanout(engine, choices, observer=record, on_abort=state.count_aborted)
+    fanout = ChoiceFanout(
+        engine, choices, observer=record, on_abort=state.count_aborted, max_in_flight=window
+    )
     try:
         await fanout.start()
         final: dict[int, RequestOutput] = {}
