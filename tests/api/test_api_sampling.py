@@ -485,3 +485,12 @@ def test_seeded_request_alone_and_beside_30_others(server):
     assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-5)
     assert math.isfinite(got[0][1])
 
+
+def test_seeds_that_differ_only_above_32_bits_sample_differently(server):
+    """torch's CPU generator reads only a seed's low 32 bits: 7, 2**32 + 7 and 2**40 + 7 gave
+    one text. Each seed still gives its own text again."""
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.5}
+    seeds = (7, 2**32 + 7, 2**40 + 7)
+    texts = [completion(server, {**body, "seed": s})["choices"][0]["text"] for s in seeds]
+    assert len(set(texts)) == 3, texts
+    assert completion(server, {**body, "seed": seeds[2]})["choices"][0]["text"] == texts[2]

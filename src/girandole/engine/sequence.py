@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from girandole.sampling.params import SamplingParams
+from girandole.sampling.params import SamplingParams, generator_seed
 
 if TYPE_CHECKING:
     from girandole.engine.outputs import FinishReason
@@ -57,7 +57,7 @@ class Sequence:
         # Seeded requests draw from their own generator, so batch neighbours cannot change them.
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator().manual_seed(generator_seed(params.seed))
         self.detokenizer: IncrementalDetokenizer | None = None
         self.stop_matcher: StopStringMatcher | None = None
         self.sampler_state: dict = {}  # per-request sampler state (Mirostat's mu)

@@ -11,6 +11,23 @@ from girandole.sampling.grammar import GrammarSpec
 # already outweighs one 0.01 logit behind it by e^1000; at ~1e-38 x / t overflows.
 GREEDY_BELOW = 1e-5
 
+_MASK32 = 2**32 - 1
+
+
+def generator_seed(seed: int) -> int:
+    """The seed a request's torch.Generator gets for `seed`. The CPU generator's Mersenne
+    Twister reads only the low 32 bits of its seed, so 5 and 2**32 + 5 drew the same numbers.
+    The seed's high 32 bits (as 64 bits: -1 is 2**64 - 1) are mixed (murmur3's fmix32, a
+    bijection that keeps 0) into its low ones: seeds below 2**32 are kept as they are, and seeds
+    that differ only above bit 31 differ here."""
+    h = (seed >> 32) & _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return (seed & _MASK32) ^ h
+
 
 @dataclass
 class SamplingParams:
