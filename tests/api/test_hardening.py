@@ -377,6 +377,20 @@ def test_grammar_bombs_are_refused_at_once_naming_the_limit(guarded, body, words
     assert time.monotonic() - start < 20  # refused before compiling: compiles took minutes
 
 
+def test_a_body_of_many_unknown_fields_gets_a_short_400_at_once(guarded):
+    """A body of 100,000 unknown fields was answered with 100,000 errors (a message larger than
+    the body, pydantic's seconds on the event loop): now the count and the first ten."""
+    body = {"model": MODEL, "prompt": "hi"} | {f"field{i}": i for i in range(100_000)}
+    r = post(guarded, body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "field0"
+    assert error["message"].startswith("100000 request validation errors:")
+    assert "'field9'" in error["message"] and "'field10'" not in error["message"]
+    assert error["message"].endswith("; and 99990 more")
+    assert len(r.content) < 2000
+
+
 def test_thousands_of_tools_are_refused(guarded):
     tools = [
         {

@@ -149,11 +149,19 @@ def format_error(err: dict[str, Any]) -> str:
     return text
 
 
-def format_errors(errors: Sequence[dict[str, Any]]) -> str:
-    if len(errors) == 1:
+MAX_ERRORS_LISTED = 10  # a message names this many of a request's validation errors
+
+
+def format_errors(errors: Sequence[dict[str, Any]], total: int | None = None) -> str:
+    """The message of `total` errors (default len(errors)), naming the first MAX_ERRORS_LISTED:
+    a body of a million bad fields gets a short answer, not one larger than itself."""
+    total = len(errors) if total is None else total
+    if total == 1:
         return format_error(errors[0])
-    body = "; ".join(format_error(e) for e in errors)
-    return f"{len(errors)} request validation errors:\n  {body}"
+    body = "; ".join(format_error(e) for e in errors[:MAX_ERRORS_LISTED])
+    if total > MAX_ERRORS_LISTED:
+        body += f"; and {total - MAX_ERRORS_LISTED} more"
+    return f"{total} request validation errors:\n  {body}"
 
 
 def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
