@@ -205,6 +205,31 @@ def test_a_malformed_request_is_a_400_in_fireworks_shape(guarded):
     assert error["message"].startswith("Malformed HTTP request"), error
 
 
+def test_a_request_asking_to_upgrade_is_served_or_refused_clearly(guarded):
+    # before: httptools skips the body of a request with 'Connection: Upgrade' (curl --http2
+    # sends 'Upgrade: h2c'): the app saw it empty ("Request body is empty"; a create with
+    # defaults); a WebSocket upgrade got uvicorn's text 400 or an empty 403
+    payload = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    status, body = _raw_response(
+        guarded.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
+    )  # fmt: skip
+    assert status.startswith(b"HTTP/1.1 400"), status
+    assert "Connection: Upgrade" in json.loads(body)["error"]["message"]
+    status, body = _raw_response(
+        guarded.port,
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        + b"\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )  # fmt: skip
+    assert status.startswith(b"HTTP/1.1 200"), status
+    assert json.loads(body)["object"] == "list"
+    assert _complete(guarded).status_code == 200
+
+
 @pytest.mark.parametrize(
     "authorization", ["Bearer\t" + KEY, "bearer " + KEY, "  BEARER   " + KEY + "  "]
 )

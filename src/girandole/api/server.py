@@ -472,6 +472,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         loop="uvloop",
         http=guard.protocol_class(),  # uvicorn's httptools protocol, with the guard
+        ws="none",  # no WebSocket routes: a request asking to upgrade is served as HTTP/1.1
         log_level=settings.log_level,
         log_config=None,  # configure_logging's handler (JSON lines) for uvicorn's logs too
         access_log=False,  # girandole.access logs each request, with its request id

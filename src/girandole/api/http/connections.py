@@ -15,6 +15,10 @@ The guard, a subclass of uvicorn's httptools protocol:
   and its buffered output for as long as the client keeps the socket open; the handler then
   sees a disconnect, which frees them;
 - answers a request httptools cannot parse with a Fireworks error body (uvicorn's is text);
+- refuses (400) a request with a body that asks to switch protocols (`Connection: Upgrade`,
+  as `curl --http2` sends): httptools stops parsing at its head, so the app saw it with an
+  empty body (a create with defaults, or a misleading "body is empty"); the server upgrades to
+  nothing (`ws="none"`), so one without a body is served as plain HTTP/1.1;
 - caps the connections held at once at `max_connections`: above it, the connection idle the
   longest (connected, no request in progress) is closed to make room, so a new client, which
   sends its request at once, is always served; only when every held connection is busy with a
@@ -147,7 +151,30 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        if self.parser.should_upgrade() and self._has_body():
+            self._upgrade_refused = True  # httptools skips the body: the app never sees it
+            self._refuse(
+                400,
+                "A request with a body cannot ask to upgrade the connection: this server speaks"
+                " HTTP/1.1 only; send it without 'Connection: Upgrade'",
+                "invalid_request_error",
+            )
+            return
         super().on_headers_complete()
+
+    def _has_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return True
+        return False
+
+    def on_body(self, body: bytes) -> None:
+        if not getattr(self, "_upgrade_refused", False):
+            super().on_body(body)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's warning names a missing WebSocket library: here no upgrade is supported."""
+        logger.debug("ignored a request's Upgrade header")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -156,6 +183,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self._arm_read_timer()  # the next pipelined or keep-alive request
 
     def on_message_complete(self) -> None:
+        if getattr(self, "_upgrade_refused", False):
+            return
         self._disarm_read_timer()
         self._in_head = True  # what follows is the next (pipelined or kept-alive) request
         self._head_bytes = 0
