@@ -87,3 +87,12 @@ def test_batch_lines_leave_the_priority_share_alone():
     assert order.index("d1") == PRIORITY_SHARE
     assert order.index("d2") == 2 * PRIORITY_SHARE + 1
     assert order[-1] == "b"
+
+
+@pytest.mark.parametrize(
+    ("max_active", "num_inputs", "window"), [(64, 500, 32), (64, 10, 10), (4, 300, 2), (1, 5, 1)]
+)
+def test_a_prefill_request_takes_at_most_half_the_slots(max_active, num_inputs, window):
+    # before: min(inputs, max_active), so hundreds of embeddings inputs held every slot
+    admission = Admission(max_active=max_active, max_queued=0, timeout=1)
+    assert admission.prefill_window(num_inputs) == window
