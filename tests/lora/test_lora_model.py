@@ -165,6 +165,10 @@ def test_damaged_adapters_are_refused_naming_the_problem(llama_and_qwen3, tmp_pa
     src = folder / "llama-adapter"
     with pytest.raises(AdapterError, match="lora_alpha=nan"):
         read_adapter(_edit_config(src, tmp_path / "alpha", lora_alpha=float("nan")), spec)
+    # finite, but alpha / r times the weights overflows float32: it loaded, and every token
+    # it touched was NaN (greedy answers of token 0)
+    with pytest.raises(AdapterError, match="lora_alpha=1e\\+300"):
+        read_adapter(_edit_config(src, tmp_path / "huge", lora_alpha=1e300), spec)
     nan = _edit_config(src, tmp_path / "nan")
     tensors = load_file(str(nan / "adapter_model.safetensors"))
     first = sorted(tensors)[0]

@@ -265,6 +265,11 @@ def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWei
             for j, m in enumerate(present):
                 row = sum(outs[: members.index(m)])
                 b[row : row + shapes[m][0], j * r : (j + 1) * r] = adapter.raw[(layer, m)][1] * s
+            if not bool(torch.isfinite(b).all()):  # a huge lora_alpha: NaN for every token
+                raise AdapterError(
+                    f"adapter lora_alpha={adapter.alpha:g} (scaling {s:g}) takes its weights past"
+                    " float32's range: every token it touches would be NaN"
+                )
             fused[(layer, linear)] = LoRAWeights(a.contiguous(), b.t().contiguous())
     return fused
 
