@@ -240,6 +240,27 @@ def test_cli_load_list_unload(srv):
     assert missing.returncode == 1 and "not loaded" in missing.stderr
 
 
+def test_cli_reads_names_as_the_server_does(srv):
+    """`girandole lora` turned `<a>/<m>` into accounts/<a>/models/<a>/<m> (not found), dropped
+    the account of `--deployment <a>/<d>` (loading on --account's deployment <d> instead), and
+    put a `get` id into the URL as it came (`get ''` was a KeyError traceback, `a?b` a query)."""
+    loaded = srv.cli("lora", "load", f"{ACCOUNT}/lora-b", "--deployment", f"{ACCOUNT}/tiny")
+    assert loaded.returncode == 0, loaded.stderr
+    assert model("lora-b") in loaded.stdout and OWN in loaded.stdout
+    try:
+        other = srv.cli("lora", "load", "lora-a", "--deployment", "other/tiny")
+        assert other.returncode == 1 and "accounts/other/deployments/tiny" in other.stderr
+        for bad in ("", "a?b"):
+            got = srv.cli("lora", "get", bad)
+            assert got.returncode == 1 and "not a DeployedModel id" in got.stderr, got.stderr
+        bad = srv.cli("lora", "load", "lora b", "--deployment", "tiny")
+        assert bad.returncode == 1 and "not a model name" in bad.stderr
+    finally:
+        unloaded = srv.cli("lora", "unload", f"{ACCOUNT}/lora-b")
+        assert unloaded.returncode == 0, unloaded.stderr
+    assert srv.cli("lora", "list").stdout.strip() == ""
+
+
 def test_deployment_of_an_adapter_merges_it(srv):
     fw = srv.sdk()
     created = fw.deployments.create(base_model=model("lora-a"), deployment_id="merged")

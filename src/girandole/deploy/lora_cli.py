@@ -10,6 +10,12 @@ from typing import Any
 
 from girandole.cli_tables import fields, table
 from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
+from girandole.registry.naming import (
+    deployment_name,
+    is_valid_id,
+    parse_deployment_header,
+    parse_model_ref,
+)
 
 
 def _plane(args: argparse.Namespace) -> ControlPlane:
@@ -19,14 +25,36 @@ def _plane(args: argparse.Namespace) -> ControlPlane:
 
 
 def _model(args: argparse.Namespace) -> str:
-    text = args.model
-    return text if text.startswith("accounts/") else f"accounts/{args.account}/models/{text}"
+    """accounts/<a>/models/<m>, <a>/<m> or <m> (of --account) as its full name."""
+    ref = parse_model_ref(args.model, args.account)
+    if ref is None or ref.model is None or ref.deployment is not None:
+        raise CLIError(
+            f"{args.model!r} is not a model name: accounts/<a>/models/<m>, <a>/<m> or <m>"
+        )
+    return ref.model
 
 
 def _deployment(args: argparse.Namespace, text: str) -> str:
-    if text.startswith("accounts/"):
-        return text
-    return f"accounts/{args.account}/deployments/{text.rsplit('/', 1)[-1]}"
+    """accounts/<a>/deployments/<d>, <a>/<d> or <d> (of --account) as its full name."""
+    name = parse_deployment_header(text)
+    if name is None and is_valid_id(text):
+        name = deployment_name(args.account, text)
+    if name is None:
+        raise CLIError(
+            f"{text!r} is not a deployment name: accounts/<a>/deployments/<d>, <a>/<d> or <d>"
+        )
+    return name
+
+
+def _deployed_model_id(args: argparse.Namespace, text: str) -> str:
+    """A DeployedModel id of --account, from itself or its name accounts/<a>/deployedModels/<id>."""
+    found = text.removeprefix(f"accounts/{args.account}/deployedModels/")
+    if not is_valid_id(found):
+        raise CLIError(
+            f"{text!r} is not a DeployedModel id of account {args.account}: <id> or"
+            f" accounts/{args.account}/deployedModels/<id>"
+        )
+    return found
 
 
 def _show(args: argparse.Namespace, record: dict[str, Any]) -> None:
@@ -94,7 +122,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    _show(args, _plane(args).call("GET", "/" + args.id.rsplit("/", 1)[-1]))
+    _show(args, _plane(args).call("GET", "/" + _deployed_model_id(args, args.id)))
     return 0
 
 
