@@ -362,3 +362,37 @@ def test_an_adapter_never_runs_on_another_base(srv, llama_adapters):
     finally:
         fw.lora.unload(loaded.name.rsplit("/", 1)[1])
         girandole("models", "remove", "--data-dir", data, model("lora-moved"))
+
+
+def test_an_adapter_removed_from_the_registry_is_not_listed(srv, llama_adapters):
+    """`girandole models remove` of a loaded adapter: requests for it were 404s, but /v1/models
+    still listed it (and `#deployment`) as a model to use. It is listed again once it is back."""
+    fw, data = srv.sdk(), str(srv.data)
+
+    def add() -> None:
+        added = girandole(
+            "models", "add", "--data-dir", data, "--account", ACCOUNT,
+            "lora-gone", str(llama_adapters["a2"]), "--base", model("tiny"),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+
+    def listed() -> list[str]:
+        return [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
+
+    add()
+    loaded = fw.lora.load(model=model("lora-gone"), deployment=OWN)
+    try:
+        names = (model("lora-gone"), f"{model('lora-gone')}#{OWN}")
+        assert set(names) <= set(listed())
+        assert girandole("models", "remove", "--data-dir", data, names[0]).returncode == 0
+        for name in names:
+            body = {"model": name, "prompt": "hi", "max_tokens": 2}
+            assert srv.http("POST", "/v1/completions", json=body).status_code == 404
+            assert srv.http("GET", "/v1/models/" + name.replace("#", "%23")).status_code == 404
+            assert name not in listed()
+        add()
+        assert set(names) <= set(listed())
+        srv.complete(names[1])
+    finally:
+        fw.lora.unload(loaded.name.rsplit("/", 1)[1])
+        girandole("models", "remove", "--data-dir", data, model("lora-gone"))

@@ -238,10 +238,12 @@ class DeployedModelManager:
         """Whether the record's deployment serves requests (not a soft-deleted one: its
         DeployedModels come back with an undelete) on the adapter's base model (the registry
         may have changed the adapter's base since it was loaded, or a record may predate
-        hard deletes removing their DeployedModels: never run an adapter on another base)."""
+        hard deletes removing their DeployedModels: never run an adapter on another base), and
+        the adapter is still one of the registry (a request for a removed one is a 404: /v1/models
+        must not list it)."""
         adapter = self.catalog.get(record.model)
         if adapter is None or not adapter.is_adapter:
-            return True  # a request for it is refused with a 400 saying so (ensure_loaded)
+            return False
         return self._served_base(adapter, record.deployment) is not None
 
     def _served_base(self, adapter: CatalogModel, deployment: str) -> str | None:
