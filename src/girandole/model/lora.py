@@ -229,9 +229,15 @@ def _collect(
             raise AdapterError(
                 f"adapter has layer {layer} but the base model has {spec.num_layers} layers"
             )
+        if not t.is_floating_point():
+            raise AdapterError(
+                f"adapter tensor {key!r} is {str(t.dtype).removeprefix('torch.')}: LoRA weights"
+                " must be real floating point numbers"
+            )
+        t = t.float()  # first: isfinite has no kernel for every dtype (float8_e4m3fn)
         if not bool(torch.isfinite(t).all()):  # NaN/inf would poison every token it touches
             raise AdapterError(f"adapter tensor {key!r} holds NaN or infinite values")
-        halves.setdefault((layer, target), {})[half] = t.float()
+        halves.setdefault((layer, target), {})[half] = t
     if not halves:
         raise AdapterError("adapter has no LoRA weights")
     raw = {}
