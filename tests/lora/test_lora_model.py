@@ -169,6 +169,12 @@ def test_damaged_adapters_are_refused_naming_the_problem(llama_and_qwen3, tmp_pa
     # it touched was NaN (greedy answers of token 0)
     with pytest.raises(AdapterError, match="lora_alpha=1e\\+300"):
         read_adapter(_edit_config(src, tmp_path / "huge", lora_alpha=1e300), spec)
+    # an int alpha past float's range was an OverflowError (a 500); a use_rslora of "no" was
+    # taken as true (another scaling)
+    with pytest.raises(AdapterError, match="lora_alpha=1000"):
+        read_adapter(_edit_config(src, tmp_path / "bigint", lora_alpha=10**400), spec)
+    with pytest.raises(AdapterError, match="use_rslora='no'"):
+        read_adapter(_edit_config(src, tmp_path / "rs", use_rslora="no"), spec)
     nan = _edit_config(src, tmp_path / "nan")
     tensors = load_file(str(nan / "adapter_model.safetensors"))
     first = sorted(tensors)[0]

@@ -166,8 +166,11 @@ def _check_config(config: dict) -> tuple[int, float, bool]:
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise AdapterError(f"adapter rank r={rank!r} is not supported: it must be 1..{MAX_RANK}")
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"adapter lora_alpha={alpha!r} is not a finite number")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not _finite(alpha):
+        raise AdapterError(f"adapter lora_alpha={alpha!r:.80} is not a finite number")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"adapter use_rslora={rslora!r:.80} is not true or false")
     unsupported = {
         "use_dora": "DoRA adapters",
         "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
@@ -181,7 +184,15 @@ def _check_config(config: dict) -> tuple[int, float, bool]:
             raise AdapterError(f"adapter sets {key}: {what} are not supported")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"adapter bias={config['bias']!r} is not supported: only 'none'")
-    return rank, float(alpha), bool(config.get("use_rslora", False))
+    return rank, float(alpha), rslora
+
+
+def _finite(value: int | float) -> bool:
+    """Whether `value` is a finite float (an int past float's range is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of more than 308 digits
+        return False
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
