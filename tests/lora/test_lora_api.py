@@ -396,3 +396,30 @@ def test_an_adapter_removed_from_the_registry_is_not_listed(srv, llama_adapters)
     finally:
         fw.lora.unload(loaded.name.rsplit("/", 1)[1])
         girandole("models", "remove", "--data-dir", data, model("lora-gone"))
+
+
+def test_an_adapter_added_again_from_another_folder_runs_the_new_weights(srv, llama_adapters):
+    """A loaded adapter removed from the registry and added again under its name from another
+    folder kept running the old folder's weights (the replica held the name): it now reads
+    the folder the registry names."""
+    fw, data = srv.sdk(), str(srv.data)
+
+    def add(folder: str) -> None:
+        added = girandole(
+            "models", "add", "--data-dir", data, "--account", ACCOUNT,
+            "lora-swap", str(llama_adapters[folder]), "--base", model("tiny"),
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+
+    add("a1")
+    swap = fw.lora.load(model=model("lora-swap"), deployment=OWN)
+    b = fw.lora.load(model=model("lora-b"), deployment=OWN)  # the a2 folder
+    try:
+        assert srv.complete(model("lora-swap")) != srv.complete(model("lora-b"))
+        assert girandole("models", "remove", "--data-dir", data, model("lora-swap")).returncode == 0
+        add("a2")
+        assert srv.complete(model("lora-swap")) == srv.complete(model("lora-b"))
+    finally:
+        fw.lora.unload(swap.name.rsplit("/", 1)[1])
+        fw.lora.unload(b.name.rsplit("/", 1)[1])
+        girandole("models", "remove", "--data-dir", data, model("lora-swap"))

@@ -66,6 +66,7 @@ class DeployedModelManager:
         self.own_model = own_model
         self._own_engine = own_engine
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
+        self._sources: dict[tuple[int, str], str] = {}  # (engine, adapter) -> folder it holds
         self._pending: set[tuple[str, str, str]] = set()  # (account, adapter, deployment) loading
         deployments.removal_listeners.append(self._deployment_removed)
 
@@ -211,11 +212,14 @@ class DeployedModelManager:
     async def ensure_loaded(self, engine: Any, model: str) -> None:
         """Load adapter `model` on `engine` if that replica does not hold it yet."""
         names = getattr(engine, "lora_names", None)
-        if names is None or model in names():
+        if names is None:
             return
         adapter = self.catalog.get(model)
         if adapter is None or not adapter.is_adapter:
             raise invalid(f"{model} is no longer a LoRA adapter of the model registry", "model")
+        held = self._sources.get((id(engine), model), adapter.source)
+        if model in names() and held == adapter.source:
+            return  # else: added to the registry again from another folder, read that one
         await self._load_on(engine, adapter)
         for record in self.store.list():
             if record.model == model and record.state == "DEPLOYING":
@@ -289,6 +293,7 @@ class DeployedModelManager:
             await asyncio.shield(pending)
         except ValueError as exc:  # AdapterError: it does not fit this base model
             raise invalid(f"LoRA adapter {adapter.name} cannot be loaded: {exc}", "model") from None
+        self._sources[key] = adapter.source
 
     def _adapter(self, account: str, text: Any) -> CatalogModel:
         if not text or not isinstance(text, str):
