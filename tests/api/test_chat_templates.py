@@ -208,14 +208,24 @@ def test_end_of_turn_ends_generation_and_supports_chat(family_server):
     assert entry0["token"] == FAMILIES[family][0][0]
 
 
-def test_default_max_tokens_is_2048(family_server):
+def test_an_omitted_length_runs_to_the_context(family_server):
+    """Chat's default length is 2048 (Fireworks' chat guide), above these models' 1,024-token
+    context: a request that sets none runs to the context, even under
+    context_length_exceeded_behavior "error", which refuses only a length the client asked for."""
     family, server, ref = family_server
     body = {
         "model": model_of(server),
         "messages": [U1],
         "context_length_exceeded_behavior": "error",
+        "ignore_eos": True,
+        "temperature": 0,
     }
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 1024
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 2048}, timeout=60)
     assert r.status_code == 400 and "max_tokens (2048)" in r.json()["error"]["message"]
 
 
