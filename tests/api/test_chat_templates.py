@@ -225,7 +225,9 @@ def test_an_omitted_length_runs_to_the_context(family_server):
     usage = r.json()["usage"]
     assert r.json()["choices"][0]["finish_reason"] == "length"
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 1024
-    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 2048}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={**body, "max_tokens": 2048}, timeout=60
+    )
     assert r.status_code == 400 and "max_tokens (2048)" in r.json()["error"]["message"]
 
 

@@ -701,7 +701,8 @@ def curl_body(page) -> dict:
     page.click(".tabs button[data-lang=curl]")
     code = page.text_content("#code")
     page.click("#code-dialog button[value=close]")
-    return json.loads(code.split("-d '", 1)[1].rsplit("'", 1)[0])
+    quoted = code.split("-d '", 1)[1].rsplit("'", 1)[0]
+    return json.loads(quoted.replace("'\\''", "'"))  # the shell's quoting of an apostrophe
 
 
 def version(page, nth: int) -> str | None:
