@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_helpers import MODEL  # noqa: E402
 
-EXAMPLES_PER_OPERATION = 25  # x 2 modes x all operations: several hundred cases, about a minute
+EXAMPLES_PER_OPERATION = 20  # x 2 modes x all operations: some two thousand cases
 
 
 def test_schemathesis_cases_get_no_5xx(open_server):
@@ -33,7 +33,9 @@ def test_schemathesis_cases_get_no_5xx(open_server):
     counts: dict[str, int] = {}
     failures: list[str] = []
     client = httpx.Client(timeout=60)
+    # /inference/v1/... serves the same handlers as /v1/...: fuzzing one prefix covers both
     operations = [r.ok() for r in schema.get_all_operations()]
+    operations = [op for op in operations if not op.path.startswith("/inference/")]
     assert len(operations) >= 6
 
     def fuzz(operation, mode) -> None:

@@ -411,7 +411,7 @@ def test_seeded_sampling_ignores_how_many_proposals_fit(tiny_llama_dir, baseline
 # -- the distribution of sampled tokens ------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [1, 1234, 2026])
+@pytest.mark.parametrize("seed", [1, 2026])
 @pytest.mark.parametrize(
     "kw",
     [dict(temperature=0.4), dict(temperature=0.5, top_k=20, repetition_penalty=1.3, top_p=0.95)],
