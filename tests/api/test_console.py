@@ -191,6 +191,32 @@ def test_serve_errors_name_the_repo(hub_cache):
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        ([], {"GIRANDOLE_PORT": "abc"}, "argument --port: 'abc' is not an integer from 0 to 65535"),
+        (["--port", "-1"], {}, "argument --port: '-1'"),
+        (["--max-num-seqs", "0"], {}, "argument --max-num-seqs: '0' is not an integer >= 1"),
+        ([], {"GIRANDOLE_KV_CACHE_GB": "-1"}, "[GIRANDOLE_KV_CACHE_GB]"),
+        (["--mcp-timeout", "nan"], {}, "argument --mcp-timeout: 'nan' is not a number > 0"),
+        ([], {"GIRANDOLE_QUEUE_TIMEOUT": "x"}, "[GIRANDOLE_QUEUE_TIMEOUT]"),
+        ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
+        (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
+    ],
+)
+def test_serve_bad_values_are_usage_errors(argv, env, named):
+    """A bad flag or GIRANDOLE_* value ends `girandole serve` at once with one line naming it
+    and exit 2 (a variable's value was a traceback as the parser was built; a range or a
+    choice of a variable went unchecked to a failure later; conflicts exited 1)."""
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--model", "/nonexistent", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, **env})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("girandole serve: error: ")
+    assert named in done.stderr.splitlines()[-1]
+
+
 def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
     """`girandole serve` with its stderr a terminal (a pty): readable lines, the banner block,
     then the ready line; the banner's curl line (an open server: no key) answers."""

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from girandole.api.flag_values import env_default, float_value, int_value
 from girandole.api.ops.webhooks import secret_key
 from girandole.api.settings import ServerSettings
 from girandole.model.default import DEFAULT_MODEL_ID
@@ -24,6 +25,14 @@ ENV_PREFIX = "GIRANDOLE_"
 
 # engine/kv_groups.KV_CACHE_DTYPES' names (not imported: the engine pulls in torch)
 KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "float16")
+# The flags with choices whose GIRANDOLE_* variable (the flag's name) is checked after parsing
+ENV_CHOICES: dict[str, tuple[str, ...]] = {
+    "kv_cache_dtype": KV_CACHE_DTYPE_CHOICES,
+    "stream_usage": ("separate", "finish"),
+    "log_level": ("critical", "error", "warning", "info", "debug"),
+    "log_format": ("auto", "json", "text"),
+    "ray_router": ("prefix", "round_robin", "least_loaded"),
+}
 
 
 def _env(name: str, default=None):
@@ -45,7 +54,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--host", default=_env("HOST", "127.0.0.1"), help="bind address [GIRANDOLE_HOST]"
     )
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="[GIRANDOLE_PORT]")
+    p.add_argument(
+        "--port",
+        type=int_value("PORT", 0, 65535),
+        default=env_default("PORT", "8000"),
+        help="0: any free port [GIRANDOLE_PORT]",
+    )
     p.add_argument(
         "--model",
         default=_env("MODEL"),
@@ -90,50 +104,50 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--kv-cache-gb",
-        type=float,
-        default=float(_env("KV_CACHE_GB")) if _env("KV_CACHE_GB") else None,
+        type=float_value("KV_CACHE_GB", 0, above=True),
+        default=env_default("KV_CACHE_GB"),
         help="memory for the KV cache [GIRANDOLE_KV_CACHE_GB]",
     )
     p.add_argument(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPE_CHOICES,
-        default=_env("KV_CACHE_DTYPE") or "auto",
+        default=env_default("KV_CACHE_DTYPE", "auto"),
         help="the KV cache's element type: auto = bf16 on a GPU, float16 on a CPU with the"
         " native kernels (float32 in reference mode or without them); float32 or float16 on a"
         " CPU [GIRANDOLE_KV_CACHE_DTYPE, default auto]",
     )
     p.add_argument(
         "--max-loras",
-        type=int,
-        default=int(_env("MAX_LORAS") or 8),
+        type=int_value("MAX_LORAS", 1),
+        default=env_default("MAX_LORAS", "8"),
         help="LoRA adapters resident per engine at once; others wait, least recently used"
         " evicted [GIRANDOLE_MAX_LORAS, default 8]",
     )
     p.add_argument(
         "--max-model-len",
-        type=int,
-        default=int(_env("MAX_MODEL_LEN")) if _env("MAX_MODEL_LEN") else None,
+        type=int_value("MAX_MODEL_LEN", 1),
+        default=env_default("MAX_MODEL_LEN"),
         help="cap the context length (tokens) [GIRANDOLE_MAX_MODEL_LEN]",
     )
     p.add_argument(
         "--max-num-seqs",
-        type=int,
-        default=int(_env("MAX_NUM_SEQS")) if _env("MAX_NUM_SEQS") else None,
+        type=int_value("MAX_NUM_SEQS", 1),
+        default=env_default("MAX_NUM_SEQS"),
         help="sequences (choices) the engine runs at once; more wait in its queue, batch-job"
         " lines after interactive ones [GIRANDOLE_MAX_NUM_SEQS, default 64]",
     )
     p.add_argument(
         "--target-itl-ms",
-        type=float,
-        default=float(v) if (v := _env("TARGET_ITL_MS")) else None,
+        type=float_value("TARGET_ITL_MS", 0),
+        default=env_default("TARGET_ITL_MS"),
         help="while streams decode, cap each step's prompt tokens so a step takes about this"
         " long, or twice its decodes' own time if that is longer (default 100; 0: no cap)"
         " [GIRANDOLE_TARGET_ITL_MS]",
     )
     p.add_argument(
         "--ngram-speculation-length",
-        type=int,
-        default=int(_env("NGRAM_SPECULATION_LENGTH", "0")),
+        type=int_value("NGRAM_SPECULATION_LENGTH", 0),
+        default=env_default("NGRAM_SPECULATION_LENGTH", "0"),
         help="speculative decoding by n-gram lookup over each request's prompt and output:"
         " tokens proposed per step, 0 = off [GIRANDOLE_NGRAM_SPECULATION_LENGTH]",
     )
@@ -145,8 +159,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--draft-token-count",
-        type=int,
-        default=int(_env("DRAFT_TOKEN_COUNT", "4")),
+        type=int_value("DRAFT_TOKEN_COUNT", 1),
+        default=env_default("DRAFT_TOKEN_COUNT", "4"),
         help="tokens the draft model proposes per step [GIRANDOLE_DRAFT_TOKEN_COUNT]",
     )
     p.add_argument(
@@ -174,15 +188,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--stream-usage",
-        choices=["separate", "finish"],
-        default=_env("STREAM_USAGE", "separate"),
+        choices=ENV_CHOICES["stream_usage"],
+        default=env_default("STREAM_USAGE", "separate"),
         help="where streamed usage goes: a final chunk with choices [] (Fireworks 2026, default)"
         " or on each finish chunk (2025) [GIRANDOLE_STREAM_USAGE]",
     )
     p.add_argument(
         "--max-request-bytes",
-        type=int,
-        default=int(_env("MAX_REQUEST_BYTES", str(16 * 1024 * 1024))),
+        type=int_value("MAX_REQUEST_BYTES", 1),
+        default=env_default("MAX_REQUEST_BYTES", str(16 * 1024 * 1024)),
         help="larger request bodies get 413 [GIRANDOLE_MAX_REQUEST_BYTES]",
     )
     p.add_argument(
@@ -212,8 +226,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--mcp-timeout",
-        type=float,
-        default=float(_env("MCP_TIMEOUT", "60")),
+        type=float_value("MCP_TIMEOUT", 0, above=True),
+        default=env_default("MCP_TIMEOUT", "60"),
         help="seconds one MCP operation (connect, list tools, one call) may take"
         " [GIRANDOLE_MCP_TIMEOUT, default 60]",
     )
@@ -249,8 +263,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--log-level",
-        default=_env("LOG_LEVEL", "info"),
-        choices=["critical", "error", "warning", "info", "debug"],
+        default=env_default("LOG_LEVEL", "info"),
+        choices=ENV_CHOICES["log_level"],
         help="[GIRANDOLE_LOG_LEVEL]",
     )
     ray = p.add_argument_group("Ray Serve (ray[serve], a dependency)")
@@ -265,21 +279,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     ray.add_argument(
         "--ray-router",
-        default=_env("RAY_ROUTER", "prefix"),
-        choices=["prefix", "round_robin", "least_loaded"],
+        default=env_default("RAY_ROUTER", "prefix"),
+        choices=ENV_CHOICES["ray_router"],
         help="how requests pick a replica: the one holding the prompt's prefix (else the least"
         " loaded), each in turn, or Ray's power of two choices [GIRANDOLE_RAY_ROUTER]",
     )
     ray.add_argument(
         "--ray-replica-cpus",
-        type=float,
-        default=float(_env("RAY_REPLICA_CPUS", "1")),
+        type=float_value("RAY_REPLICA_CPUS", 0),
+        default=env_default("RAY_REPLICA_CPUS", "1"),
         help="Ray CPUs each replica reserves [GIRANDOLE_RAY_REPLICA_CPUS]",
     )
     ray.add_argument(
         "--ray-replicas-per-node",
-        type=int,
-        default=int(_env("RAY_REPLICAS_PER_NODE", "1")),
+        type=int_value("RAY_REPLICAS_PER_NODE", 0),
+        default=env_default("RAY_REPLICAS_PER_NODE", "1"),
         help="replicas of one deployment on one node; 0: no limit (a CPU replica uses every"
         " core of its node) [GIRANDOLE_RAY_REPLICAS_PER_NODE]",
     )
@@ -323,17 +337,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
-    if args.max_num_seqs is not None and args.max_num_seqs < 1:
-        raise SystemExit("--max-num-seqs must be >= 1")
-    if args.ngram_speculation_length < 0 or args.draft_token_count < 1:
-        raise SystemExit("--ngram-speculation-length must be >= 0, --draft-token-count >= 1")
     if args.ngram_speculation_length and args.draft_model:
         raise SystemExit("--ngram-speculation-length and --draft-model are mutually exclusive")
-    if args.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:  # argparse skips an env default
-        raise SystemExit(
-            f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)},"
-            f" not {args.kv_cache_dtype!r}"
-        )
+    for dest, choices in ENV_CHOICES.items():  # argparse checks no default's choices
+        value = getattr(args, dest)
+        if value not in choices:
+            flag = "--" + dest.replace("_", "-")
+            raise SystemExit(
+                f"{flag} must be one of {', '.join(choices)}, not {value!r}"
+                f" [{ENV_PREFIX}{dest.upper()}]"
+            )
     try:
         origins = check_origins(parse_list(args.allowed_origins) or [])
         methods = check_tokens(
@@ -424,7 +437,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from girandole.api.textlog import choose_log_format
     from girandole.model.default import resolve_model_path
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except SystemExit as exc:  # a bad value or combination: a usage error, as argparse's
+        if not isinstance(exc.code, str):
+            raise
+        print(f"girandole serve: error: {exc.code}", file=sys.stderr)
+        return 2
     if settings.ray:
         try:
             import ray.serve  # noqa: F401 - a dependency, but a platform may lack its wheel

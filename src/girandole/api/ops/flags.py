@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from girandole.api.flag_values import env_default, float_value, int_value
 from girandole.api.settings import ServerSettings
 from girandole.registry.keystore import parse_limit
 
@@ -25,11 +26,6 @@ DEFAULTS = ServerSettings()  # the one set of defaults
 
 def _env(name: str) -> str | None:
     return os.environ.get("GIRANDOLE_" + name)
-
-
-def _int(name: str) -> int | None:
-    value = _env(name)
-    return int(value) if value else None
 
 
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,49 +51,47 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-concurrent-requests",
-        type=int,
-        default=_int("MAX_CONCURRENT_REQUESTS") or DEFAULTS.max_concurrent_requests,
+        type=int_value("MAX_CONCURRENT_REQUESTS", 1),
+        default=env_default("MAX_CONCURRENT_REQUESTS", str(DEFAULTS.max_concurrent_requests)),
         help="choices at the engine at once: a request of P prompts with n choices counts"
         " P x n (capped at this); more wait in the queue [GIRANDOLE_MAX_CONCURRENT_REQUESTS]",
     )
     p.add_argument(
         "--batch-max-in-flight",
-        type=int,
-        default=_int("BATCH_MAX_IN_FLIGHT") or DEFAULTS.batch_max_in_flight,
+        type=int_value("BATCH_MAX_IN_FLIGHT", 1),
+        default=env_default("BATCH_MAX_IN_FLIGHT", str(DEFAULTS.batch_max_in_flight)),
         help="batch job lines at the engine at once, fewer while interactive requests run"
         " (together they stay within it) [GIRANDOLE_BATCH_MAX_IN_FLIGHT]",
     )
     p.add_argument(
         "--max-choices-per-request",
-        type=int,
-        default=_int("MAX_CHOICES_PER_REQUEST") or DEFAULTS.max_choices_per_request,
+        type=int_value("MAX_CHOICES_PER_REQUEST", 1),
+        default=env_default("MAX_CHOICES_PER_REQUEST", str(DEFAULTS.max_choices_per_request)),
         help="prompts x n of one request; more is a 400 [GIRANDOLE_MAX_CHOICES_PER_REQUEST]",
     )
     p.add_argument(
         "--max-queued-requests",
-        type=int,
-        default=_int("MAX_QUEUED_REQUESTS")
-        if _env("MAX_QUEUED_REQUESTS")
-        else DEFAULTS.max_queued_requests,
+        type=int_value("MAX_QUEUED_REQUESTS", 0),
+        default=env_default("MAX_QUEUED_REQUESTS", str(DEFAULTS.max_queued_requests)),
         help="more wait in a queue, up to this many (then 429) [GIRANDOLE_MAX_QUEUED_REQUESTS]",
     )
     p.add_argument(
         "--queue-timeout",
-        type=float,
-        default=float(_env("QUEUE_TIMEOUT") or DEFAULTS.queue_timeout),
+        type=float_value("QUEUE_TIMEOUT", 0, above=True),
+        default=env_default("QUEUE_TIMEOUT", str(DEFAULTS.queue_timeout)),
         help="seconds a request may wait in the queue, and with --ray for a replica to accept it"
         " (then 503) [GIRANDOLE_QUEUE_TIMEOUT]",
     )
     p.add_argument(
         "--max-prompt-tokens",
-        type=int,
-        default=_int("MAX_PROMPT_TOKENS"),
+        type=int_value("MAX_PROMPT_TOKENS", 1),
+        default=env_default("MAX_PROMPT_TOKENS"),
         help="longer prompts get 400; default: the context length [GIRANDOLE_MAX_PROMPT_TOKENS]",
     )
     p.add_argument(
         "--drain-seconds",
-        type=float,
-        default=float(_env("DRAIN_SECONDS") or DEFAULTS.drain_seconds),
+        type=float_value("DRAIN_SECONDS", 0),
+        default=env_default("DRAIN_SECONDS", str(DEFAULTS.drain_seconds)),
         help="on SIGTERM, let requests in flight finish for up to this long, then exit 0"
         " [GIRANDOLE_DRAIN_SECONDS]",
     )
@@ -114,45 +108,45 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-connections",
-        type=int,
-        default=_int("MAX_CONNECTIONS"),
+        type=int_value("MAX_CONNECTIONS", 1),
+        default=env_default("MAX_CONNECTIONS"),
         help="connections held at once; above it the longest-idle one is closed; default: from"
         " the open-file limit (raised to its hard limit at start-up) [GIRANDOLE_MAX_CONNECTIONS]",
     )
     p.add_argument(
         "--request-read-timeout",
-        type=float,
-        default=float(_env("REQUEST_READ_TIMEOUT") or DEFAULTS.request_read_timeout),
+        type=float_value("REQUEST_READ_TIMEOUT", 0, above=True),
+        default=env_default("REQUEST_READ_TIMEOUT", str(DEFAULTS.request_read_timeout)),
         help="seconds a connection has to send a whole request (head and body), then it is"
         " closed [GIRANDOLE_REQUEST_READ_TIMEOUT]",
     )
     p.add_argument(
         "--keep-alive-timeout",
-        type=int,
-        default=int(_env("KEEP_ALIVE_TIMEOUT") or DEFAULTS.keep_alive_timeout),
+        type=int_value("KEEP_ALIVE_TIMEOUT", 0),
+        default=env_default("KEEP_ALIVE_TIMEOUT", str(DEFAULTS.keep_alive_timeout)),
         help="seconds an idle kept-alive connection stays open; longer than the clients' own"
         " pool expiry (5 s in httpx) so that a client never sends on a connection the server is"
         " closing [GIRANDOLE_KEEP_ALIVE_TIMEOUT]",
     )
     p.add_argument(
         "--response-write-timeout",
-        type=float,
-        default=float(_env("RESPONSE_WRITE_TIMEOUT") or DEFAULTS.response_write_timeout),
+        type=float_value("RESPONSE_WRITE_TIMEOUT", 0),
+        default=env_default("RESPONSE_WRITE_TIMEOUT", str(DEFAULTS.response_write_timeout)),
         help="seconds a client may leave its response unread (the socket's buffers full), then"
         " its connection is closed and its request cancelled; 0: never"
         " [GIRANDOLE_RESPONSE_WRITE_TIMEOUT]",
     )
     p.add_argument(
         "--grammar-compile-timeout",
-        type=float,
-        default=float(_env("GRAMMAR_COMPILE_TIMEOUT") or DEFAULTS.grammar_compile_timeout),
+        type=float_value("GRAMMAR_COMPILE_TIMEOUT", 0, above=True),
+        default=env_default("GRAMMAR_COMPILE_TIMEOUT", str(DEFAULTS.grammar_compile_timeout)),
         help="a response_format schema, tools or grammar still compiling after this many"
         " seconds gets 400 [GIRANDOLE_GRAMMAR_COMPILE_TIMEOUT]",
     )
     p.add_argument(
         "--engine-stall-seconds",
-        type=float,
-        default=float(_env("ENGINE_STALL_SECONDS") or DEFAULTS.engine_stall_seconds),
+        type=float_value("ENGINE_STALL_SECONDS", 0, above=True),
+        default=env_default("ENGINE_STALL_SECONDS", str(DEFAULTS.engine_stall_seconds)),
         help="/health answers 503 (and a Ray replica fails its health check, so Ray replaces"
         " it) when work waits and no engine step has ended for this long"
         " [GIRANDOLE_ENGINE_STALL_SECONDS]",

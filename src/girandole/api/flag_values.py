@@ -1,0 +1,58 @@
+"""Checked values of the `girandole serve` flags and their GIRANDOLE_* variables.
+
+A variable's value is the flag's default as a string, so argparse converts it with the flag's
+`type` as it does a command-line value: a bad one ends start-up with a usage error (exit 2)
+naming the flag and the variable, instead of a traceback when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+
+ENV_PREFIX = "GIRANDOLE_"
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    """GIRANDOLE_<name>, or `default` where it is unset or blank."""
+    value = os.environ.get(ENV_PREFIX + name, "")
+    return value if value.strip() else default
+
+
+def int_value(env: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` (to `high`), else an error naming `env`."""
+    bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer {bounds} [{ENV_PREFIX}{env}]"
+            )
+        return value
+
+    return convert
+
+
+def float_value(env: str, low: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= `low` (> `low` with `above`), else an error naming
+    `env`."""
+    bounds = f"> {low:g}" if above else f">= {low:g}"
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number {bounds} [{ENV_PREFIX}{env}]"
+            )
+        return value
+
+    return convert
