@@ -217,6 +217,25 @@ def test_serve_bad_values_are_usage_errors(argv, env, named):
     assert named in done.stderr.splitlines()[-1]
 
 
+def test_serve_on_a_port_in_use_is_a_usage_error():
+    """A port another process listens on ends start-up before the model loads, naming the
+    address (it was uvicorn's JSON log line and exit 3 once the model had been resolved)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port),
+               "--model", "/nonexistent"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"girandole serve: cannot listen on 127.0.0.1:{port} (--host, --port):"
+        " Address already in use"
+    )
+
+
 def test_serve_at_a_terminal_prints_text_and_the_banner(hub_cache, tmp_path):
     """`girandole serve` with its stderr a terminal (a pty): readable lines, the banner block,
     then the ready line; the banner's curl line (an open server: no key) answers."""

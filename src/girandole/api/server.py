@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -319,6 +320,24 @@ def _default_model_id(model: str | None) -> str:
     return model_id_of(ref) if ref is not None else DEFAULT_MODEL_ID
 
 
+def check_listen(host: str, port: int) -> None:
+    """OSError naming --host/--port where the server could not listen (the address is in use,
+    not this machine's, or not a host name), so that start-up ends before the model loads."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"--host {host!r}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot listen on {host}:{port} (--host, --port): {exc.strerror}"
+                ) from None
+
+
 def check_webhooks(urls: list[str], secret: str | None) -> list[str]:
     """--webhook-url: http(s) URLs, and a secret to sign with (ValueError saying what is
     wrong)."""
@@ -461,6 +480,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
+        check_listen(settings.host, settings.port)
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
             settings.model = str(resolve_model_path(settings.model, settings.revision))
         state = AppState(settings)
