@@ -9,18 +9,22 @@ import sys
 def _cmd_generate(args: argparse.Namespace) -> int:
     from girandole import LLM, SamplingParams
 
+    try:  # checked before the model loads: a bad value names its field (max_tokens ...)
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"girandole generate: error: {exc}", file=sys.stderr)
+        return 2
     try:
         llm = LLM(model=args.model, revision=args.revision)
     except (ValueError, OSError) as exc:  # a bad or missing model, named in the message
         print(f"girandole generate: {exc}", file=sys.stderr)
         return 2
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
     out = llm.generate([args.prompt], params)[0]
     sys.stdout.write(args.prompt + out.text + "\n")
     return 0

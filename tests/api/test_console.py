@@ -217,6 +217,21 @@ def test_serve_bad_values_are_usage_errors(argv, env, named):
     assert named in done.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--max-tokens", "-1", "max_tokens"), ("--top-p", "2", "top_p"), ("--top-k", "-5", "top_k")],
+)
+def test_generate_bad_sampling_values_are_usage_errors(flag, value, named):
+    """`girandole generate` checks its sampling flags before loading the model: one line, exit 2
+    (they were a ValueError traceback, exit 1, once the model had loaded)."""
+    cmd = [sys.executable, "-m", "girandole.cli", "generate", "hi", "--model", "/nonexistent",
+           flag, value]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"girandole generate: error: {named} must be")
+    assert len(done.stderr.splitlines()) == 1
+
+
 def test_serve_on_a_port_in_use_is_a_usage_error():
     """A port another process listens on ends start-up before the model loads, naming the
     address (it was uvicorn's JSON log line and exit 3 once the model had been resolved)."""
