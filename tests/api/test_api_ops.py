@@ -173,6 +173,24 @@ def test_usage_rows_and_summary(guarded):
     assert "REQUESTS" in cli(guarded.data_dir, "usage")
 
 
+def test_a_cancelled_embeddings_request_bills_only_the_inputs_that_ran(guarded):
+    """Its inputs run one window at a time (here one: one slot); a client that hangs up was
+    billed the prompt tokens of every input, also those that never reached the engine."""
+    key = guarded.keys["alice"]["key"]
+    text = "word " * 500
+    before = len(wait_rows(guarded, 0))
+    one = complete(guarded, key, prompt=text, max_tokens=1).json()["usage"]["prompt_tokens"]
+    body = {"model": MODEL, "input": [text] * 300}
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 1 s
+        httpx.post(
+            guarded.url + "/v1/embeddings", json=body, timeout=httpx.Timeout(60, read=1),
+            headers={"Authorization": f"Bearer {key}"},
+        )  # fmt: skip
+    *_, status, aborted, prompt, completion, _ = wait_rows(guarded, before + 2)[-1]
+    assert (status, aborted, completion) == (499, 1, 0)
+    assert prompt % one == 0 and prompt < 300 * one, (prompt, one)
+
+
 def test_usage_hours_must_be_a_finite_positive_number(guarded):
     before = len(wait_rows(guarded, 0))
     assert complete(guarded, guarded.keys["alice"]["key"]).status_code == 200

@@ -118,9 +118,11 @@ def prompt_fragments(tokenizer: Tokenizer, ids: list[int]) -> list[str | int]:
 
 @dataclass
 class Progress:
-    """How far a choice has got: tokens sampled (EOS included), prompt tokens served from the
-    prefix cache, and whether it finished."""
+    """How far a choice has got: whether its engine request was sent (a prefill-only request's
+    later inputs wait for a window), tokens sampled (EOS included), prompt tokens served from
+    the prefix cache, and whether it finished."""
 
+    started: bool = False
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     finished: bool = False

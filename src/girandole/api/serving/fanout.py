@@ -85,6 +85,7 @@ class ChoiceFanout:
 
     async def _generate(self, choice: Choice, first: asyncio.Future) -> None:
         self._unfinished.add(choice.request_id)
+        choice.generated.started = True  # its prompt is billed from here on
         gen = None
         try:
             gen = self.engine.generate(

@@ -36,7 +36,9 @@ class Usage:
 def count_usage(
     choices: Iterable[Choice], progress: Literal["sent", "generated"] = "sent"
 ) -> Usage:
-    """The usage of a request's choices, as its response showed them or as the engine made them."""
+    """The usage of a request's choices, as its response showed them or as the engine made them.
+    As the engine made them, a choice whose engine request was never sent (a cancelled
+    prefill-only request's inputs still waiting for their window) costs nothing."""
     prompts: dict[int, int] = {}
     cached: dict[int, int] = {}
     completion = 0
@@ -45,6 +47,8 @@ def count_usage(
         if choice.reasoning_tokens is not None:
             reasoning = (reasoning or 0) + choice.reasoning_tokens
         done = getattr(choice, progress)
+        if progress == "generated" and not done.started:
+            continue
         p = choice.prompt_index
         prompts[p] = choice.num_prompt_tokens
         cached[p] = min(cached.get(p, done.num_cached_tokens), done.num_cached_tokens)
