@@ -483,6 +483,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         check_listen(settings.host, settings.port)
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
             settings.model = str(resolve_model_path(settings.model, settings.revision))
+        if settings.draft_model is not None:  # else a missing one fails once the server is up
+            try:
+                settings.draft_model = str(resolve_model_path(settings.draft_model))
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"--draft-model: {exc}") from None
         state = AppState(settings)
     except (ValueError, OSError) as exc:
         print(f"girandole serve: {exc}", file=sys.stderr)

@@ -24,8 +24,12 @@ Status = Literal["loading", "ready", "failed"]
 
 class AppState:
     def __init__(self, settings: ServerSettings, engine: EngineClient | None = None) -> None:
-        for what, value in (("account", settings.account), ("model id", settings.model_id)):
-            if not is_valid_id(value):
+        for what, value in (
+            ("account", settings.account),
+            ("model id", settings.model_id),
+            ("deployment id", settings.deployment_id),
+        ):
+            if value is not None and not is_valid_id(value):
                 raise ValueError(
                     f"{what} {value!r} is not a valid Fireworks id: 1-63 characters of a-z, 0-9"
                     " and '-', starting with a letter, not ending with '-'"
