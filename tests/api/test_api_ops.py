@@ -78,7 +78,7 @@ def guarded(tmp_path_factory):
         tmp, "--model", str(model), "--model-id", "tiny", "--account", ACCOUNT,
         "--data-dir", str(data), "--kv-cache-gb", "0.02", "--max-model-len", "8192",
         "--max-concurrent-requests", "1", "--max-queued-requests", "1",
-        "--queue-timeout", "1", "--drain-seconds", "60",
+        "--queue-timeout", "1", "--drain-seconds", "60", "--max-prompt-tokens", "6000",
         api_key=keys["alice"]["key"],
     )  # fmt: skip
     srv.data_dir = data
@@ -189,6 +189,23 @@ def test_a_cancelled_embeddings_request_bills_only_the_inputs_that_ran(guarded):
     *_, status, aborted, prompt, completion, _ = wait_rows(guarded, before + 2)[-1]
     assert (status, aborted, completion) == (499, 1, 0)
     assert prompt % one == 0 and prompt < 300 * one, (prompt, one)
+
+
+def test_an_embeddings_input_over_max_prompt_tokens_is_a_400_naming_input(guarded):
+    """--max-prompt-tokens refused an embeddings input (or a rerank document) naming 'prompt',
+    a field those bodies do not have."""
+    auth = {"Authorization": f"Bearer {guarded.keys['alice']['key']}"}
+    for path, body, field in [
+        ("/v1/embeddings", {"input": ["short", "x" * 7000]}, "input"),
+        ("/v1/rerank", {"query": "q", "documents": ["x" * 7000]}, "documents"),
+    ]:
+        r = httpx.post(guarded.url + path, json={"model": MODEL, **body}, headers=auth, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field, error
+        assert "6000" in error["message"], error
+    r = complete(guarded, guarded.keys["alice"]["key"], prompt="x" * 7000)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
 def test_usage_hours_must_be_a_finite_positive_number(guarded):

@@ -223,16 +223,19 @@ class ServerOps:
 
     # -- the serving pipeline's hook ---------------------------------------------------------
 
-    def check_prompt_limit(self, choices: list[Choice]) -> None:
-        """`--max-prompt-tokens`: a 400 for a prompt longer than the server takes."""
+    def check_prompt_limit(self, choices: list[Choice], field: str = "prompt") -> None:
+        """`--max-prompt-tokens`: a 400 for a prompt longer than the server takes; `field`: the
+        body field its prompts come from (embeddings: `input`)."""
         if self.max_prompt_tokens:
+            several = len({c.prompt_index for c in choices}) > 1
             for choice in choices:
                 n = len(choice.prompt_token_ids)
                 if n > self.max_prompt_tokens:
+                    where = f" ({field}[{choice.prompt_index}])" if several else ""
                     raise context_exceeded(
-                        f"The prompt is too long: {n} tokens, this server's limit is"
+                        f"The prompt is too long{where}: {n} tokens, this server's limit is"
                         f" {self.max_prompt_tokens}",
-                        "prompt",
+                        field,
                     )
 
     async def admit(
@@ -241,13 +244,14 @@ class ServerOps:
         choices: list[Choice],
         tier: int = 0,
         slots: int | None = None,
+        field: str = "prompt",
     ) -> None:
         """Before a request's engine requests start: the prompt-length limit, then a slot in the
         admission queue of its `tier` (waits; 429 when the queue is full, 503 after the
         timeout). The record then accounts for the choices. `slots`: the slots to take when
         fewer of its choices run at once than it has (Admission.prefill_window); default one a
-        choice (at most every slot)."""
-        self.check_prompt_limit(choices)
+        choice (at most every slot). `field`: the body field the prompts come from (its 400)."""
+        self.check_prompt_limit(choices, field)
         if record is None or record.admitted:
             return
         slots = self.admission.weight(slots if slots is not None else len(choices))

@@ -24,6 +24,8 @@ from girandole.engine.protocol import EngineClient
 
 
 class Rerank(PrefillEndpoint):
+    prompt_field = "documents"  # each document (with the query) is a prompt
+
     def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The query and the longest document: each document is scored alone, so the context
         bounds each one with the query, not the documents' sum."""

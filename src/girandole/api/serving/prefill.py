@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -57,6 +57,7 @@ class PrefillEndpoint:
     schema: type
     unsupported: dict[str, Any]  # girandole.api.http.unsupported tables
     id_prefix: str
+    prompt_field: ClassVar[str] = "input"  # the body field a too-long prompt's 400 names
 
     def prompt_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The text of the body's longest prompt, by field, to refuse a hopelessly long one
@@ -129,7 +130,8 @@ async def _run(
         record.model = state.served.name
     # its inputs run a window at a time, on part of the slots: others are served beside it
     window = state.ops.admission.prefill_window(len(choices))
-    await state.ops.admit(record, choices, tier, window)  # prompt limit; queue (429/503)
+    # the prompt limit (400); the admission queue (429/503)
+    await state.ops.admit(record, choices, tier, window, endpoint.prompt_field)
     touch(request, target)
     started = time.monotonic()
     fanout = ChoiceFanout(
