@@ -232,6 +232,34 @@ def test_generate_bad_sampling_values_are_usage_errors(flag, value, named):
     assert len(done.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["keys", "list", "--data-dir", "{file}"], "argument --data-dir: '{file}' is not a folder"),
+        (
+            ["usage", "--data-dir", "{file}/sub"],
+            "argument --data-dir: '{file}/sub' is not a folder",
+        ),
+        (["models", "list", "--data-dir", "{file}"], "argument --data-dir"),
+        (["serve", "--data-dir", "{file}"], "argument --data-dir"),
+        (["deployment", "list", "--base-url", "notaurl"], "argument --base-url: 'notaurl' is not"),
+        (["lora", "list", "--base-url", "http://[::1"], "argument --base-url"),
+        (["batch", "list", "--base-url", "http://127.0.0.1:x"], "argument --base-url"),
+    ],
+)
+def test_a_file_as_data_dir_or_a_bad_base_url_is_a_usage_error(tmp_path, argv, named):
+    """A file given as --data-dir was a NotADirectoryError traceback (keys, usage, models); a
+    --base-url that is no URL was 'cannot reach the server' (exit 1) or an httpx traceback."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = [a.replace("{file}", str(file)) for a in argv]
+    cmd = [sys.executable, "-m", "girandole.cli", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert named.replace("{file}", str(file)) in done.stderr.splitlines()[-1]
+
+
 def test_serve_on_a_port_in_use_is_a_usage_error():
     """A port another process listens on ends start-up before the model loads, naming the
     address (it was uvicorn's JSON log line and exit 3 once the model had been resolved)."""

@@ -11,6 +11,8 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "GIRANDOLE_"
 
@@ -54,5 +56,40 @@ def float_value(env: str, low: float, *, above: bool = False) -> Callable[[str],
                 f"{text!r} is not a number {bounds} [{ENV_PREFIX}{env}]"
             )
         return value
+
+    return convert
+
+
+def folder_value(env: str) -> Callable[[str], str]:
+    """An argparse type: a folder that is there or can be made (no file in its place or above
+    it), else an error naming `env`."""
+
+    def convert(text: str) -> str:
+        path = Path(text).expanduser()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a folder ({str(path)!r} is a file) [{ENV_PREFIX}{env}]"
+            )
+        return text
+
+    return convert
+
+
+def url_value(env: str) -> Callable[[str], str]:
+    """An argparse type: an http:// or https:// URL with a host, else an error naming `env`."""
+
+    def convert(text: str) -> str:
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an http:// or https:// URL [{ENV_PREFIX}{env}]"
+            )
+        return text
 
     return convert

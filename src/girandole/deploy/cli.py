@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from girandole.api.flag_values import env_default, url_value
 from girandole.cli_tables import fields, table
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -261,7 +262,8 @@ def _run(func: Any) -> Any:
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-url",
-        default=os.environ.get("GIRANDOLE_BASE_URL", DEFAULT_BASE_URL),
+        type=url_value("BASE_URL"),
+        default=env_default("BASE_URL", DEFAULT_BASE_URL),
         help=f"the server [GIRANDOLE_BASE_URL, default {DEFAULT_BASE_URL}]",
     )
     p.add_argument(

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 
+from girandole.api.flag_values import env_default, folder_value
 from girandole.cli_tables import table
 from girandole.registry.keystore import Database, check_key_name, parse_limit
 from girandole.registry.naming import is_valid_id
@@ -22,7 +22,8 @@ from girandole.registry.roles import DEFAULT_ROLE, ROLES
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
-        default=os.environ.get("GIRANDOLE_DATA_DIR"),
+        type=folder_value("DATA_DIR"),
+        default=env_default("DATA_DIR"),
         help="folder of girandole.db; default: the cache folder [GIRANDOLE_DATA_DIR]",
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from girandole.api.flag_values import env_default, float_value, int_value
+from girandole.api.flag_values import env_default, float_value, folder_value, int_value
 from girandole.api.settings import ServerSettings
 from girandole.registry.keystore import parse_limit
 
@@ -31,7 +31,8 @@ def _env(name: str) -> str | None:
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
-        default=_env("DATA_DIR"),
+        type=folder_value("DATA_DIR"),
+        default=env_default("DATA_DIR"),
         help="folder of girandole.db (API keys, usage); default: the cache folder"
         " [GIRANDOLE_DATA_DIR]",
     )
