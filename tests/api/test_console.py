@@ -191,6 +191,34 @@ def test_serve_errors_name_the_repo(hub_cache):
     )
 
 
+def test_serve_switch_variables_read_false_as_false(monkeypatch):
+    """GIRANDOLE_ALLOWED_CREDENTIALS=false (any text but 0) turned credentials on, and so for
+    GIRANDOLE_ENFORCE_EAGER and GIRANDOLE_NO_OVERLAP_SCHEDULING; yes/no words are read as such
+    and another word is an error naming the variable."""
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+
+    def parse(*argv: str):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv]))
+
+    names = ("ALLOWED_CREDENTIALS", "ENFORCE_EAGER", "NO_OVERLAP_SCHEDULING")
+    for word, on in [("false", False), ("No", False), ("off", False), ("true", True), ("1", True)]:
+        for name in names:
+            monkeypatch.setenv(f"GIRANDOLE_{name}", word)
+        s = parse()
+        assert (s.allowed_credentials, s.enforce_eager, s.overlap_scheduling) == (
+            on, on, False if on else None,
+        )  # fmt: skip
+    on = parse("--allowed-credentials", "--enforce-eager", "--no-overlap-scheduling")
+    assert (on.allowed_credentials, on.enforce_eager, on.overlap_scheduling) == (True, True, False)
+    monkeypatch.setenv("GIRANDOLE_ALLOWED_CREDENTIALS", "maybe")
+    with pytest.raises(SystemExit, match="GIRANDOLE_ALLOWED_CREDENTIALS must be one of 1, true"):
+        parse()
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
@@ -202,6 +230,7 @@ def test_serve_errors_name_the_repo(hub_cache):
         ([], {"GIRANDOLE_QUEUE_TIMEOUT": "x"}, "[GIRANDOLE_QUEUE_TIMEOUT]"),
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
+        ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(argv, env, named):

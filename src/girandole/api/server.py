@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from girandole.api.flag_values import env_default, float_value, int_value
+from girandole.api.flag_values import env_default, float_value, int_value, switch_value
 from girandole.api.ops.webhooks import secret_key
 from girandole.api.settings import ServerSettings
 from girandole.model.default import DEFAULT_MODEL_ID
@@ -167,7 +167,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--enforce-eager",
         action="store_true",
-        default=_env("ENFORCE_EAGER", "") not in ("", "0"),
+        default=env_default("ENFORCE_EAGER"),  # its text: switch_value reads it
         help="run decode steps eagerly instead of as graphs (CUDA graphs captured at start-up on"
         " a GPU; recorded native kernel calls on a CPU) [GIRANDOLE_ENFORCE_EAGER]",
     )
@@ -175,8 +175,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--no-overlap-scheduling",
         dest="overlap_scheduling",
         action="store_const",
-        const=False,
-        default=False if _env("NO_OVERLAP_SCHEDULING", "") not in ("", "0") else None,
+        const=True,
+        default=env_default("NO_OVERLAP_SCHEDULING"),
         help="on a GPU, postprocess each step before scheduling the next, instead of scheduling"
         " it while the step runs [GIRANDOLE_NO_OVERLAP_SCHEDULING]",
     )
@@ -246,7 +246,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     cors.add_argument(
         "--allowed-credentials",
         action="store_true",
-        default=_env("ALLOWED_CREDENTIALS", "") not in ("", "0"),
+        default=env_default("ALLOWED_CREDENTIALS"),
         help="let pages send cookies and HTTP auth: the page's own origin is answered instead of"
         " * [GIRANDOLE_ALLOWED_CREDENTIALS]",
     )
@@ -373,6 +373,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         )
         headers = check_tokens("--allowed-headers", parse_list(args.allowed_headers) or [])
         webhook_urls = check_webhooks(parse_list(args.webhook_url) or [], args.webhook_secret)
+        enforce_eager = switch_value(args.enforce_eager, "ENFORCE_EAGER")
+        no_overlap = switch_value(args.overlap_scheduling, "NO_OVERLAP_SCHEDULING")
+        credentials = switch_value(args.allowed_credentials, "ALLOWED_CREDENTIALS")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     return ServerSettings(
@@ -395,12 +398,12 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ngram_speculation_length=args.ngram_speculation_length,
         draft_model=args.draft_model,
         draft_token_count=args.draft_token_count,
-        enforce_eager=args.enforce_eager,
-        overlap_scheduling=args.overlap_scheduling,
+        enforce_eager=enforce_eager,
+        overlap_scheduling=False if no_overlap else None,
         max_request_bytes=args.max_request_bytes,
         stream_usage=args.stream_usage,
         allowed_origins=origins,
-        allowed_credentials=args.allowed_credentials,
+        allowed_credentials=credentials,
         allowed_methods=methods,
         allowed_headers=headers,
         mcp_allowed_hosts=parse_list(args.mcp_allowed_hosts) or [],
