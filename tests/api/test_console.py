@@ -231,6 +231,7 @@ def test_serve_switch_variables_read_false_as_false(monkeypatch):
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),
+        (["--api-key", ""], {}, "--api-key is empty"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(argv, env, named):

@@ -356,6 +356,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from girandole.api.ops.flags import ops_settings
 
     keys = args.api_keys if args.api_keys is not None else _env_list("API_KEY")
+    if any(not key.strip() for key in keys):  # `--api-key "$KEY"` with KEY unset: not open
+        raise SystemExit("--api-key is empty (a server without keys is open to anyone)")
     if args.ngram_speculation_length and args.draft_model:
         raise SystemExit("--ngram-speculation-length and --draft-model are mutually exclusive")
     for dest, choices in ENV_CHOICES.items():  # argparse checks no default's choices
