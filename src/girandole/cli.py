@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from girandole.api.flag_values import env_default, folder_value
+
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from girandole import LLM, SamplingParams
@@ -69,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cache = env_default("CACHE_DIR")  # every subcommand may write there (model/default.py)
+    if cache is not None:
+        try:
+            folder_value("CACHE_DIR")(cache)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     return args.func(args)
 
 

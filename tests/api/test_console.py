@@ -275,16 +275,21 @@ def test_generate_bad_sampling_values_are_usage_errors(flag, value, named):
         (["deployment", "list", "--base-url", "notaurl"], "argument --base-url: 'notaurl' is not"),
         (["lora", "list", "--base-url", "http://[::1"], "argument --base-url"),
         (["batch", "list", "--base-url", "http://127.0.0.1:x"], "argument --base-url"),
+        (["GIRANDOLE_CACHE_DIR", "keys", "list"], "'{file}' is a file) [GIRANDOLE_CACHE_DIR]"),
     ],
 )
 def test_a_file_as_data_dir_or_a_bad_base_url_is_a_usage_error(tmp_path, argv, named):
     """A file given as --data-dir was a NotADirectoryError traceback (keys, usage, models); a
-    --base-url that is no URL was 'cannot reach the server' (exit 1) or an httpx traceback."""
+    --base-url that is no URL was 'cannot reach the server' (exit 1) or an httpx traceback; a
+    file as GIRANDOLE_CACHE_DIR was a FileExistsError traceback in every subcommand."""
     file = tmp_path / "a-file"
     file.write_text("")
+    env = {**os.environ}
+    if argv[0] == "GIRANDOLE_CACHE_DIR":
+        env["GIRANDOLE_CACHE_DIR"], argv = str(file), argv[1:]
     argv = [a.replace("{file}", str(file)) for a in argv]
     cmd = [sys.executable, "-m", "girandole.cli", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert named.replace("{file}", str(file)) in done.stderr.splitlines()[-1]
