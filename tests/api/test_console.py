@@ -317,7 +317,7 @@ def test_serve_on_a_port_in_use_is_a_usage_error():
 @pytest.mark.parametrize(
     ("flags", "line"),
     [
-        (["--draft-model", "/nonexistent"], "--draft-model: model path does not exist"),
+        (["--draft-model", "{tmp}/missing"], "--draft-model: model path does not exist"),
         (["--deployment-id", "Bad_Dep"], "deployment id 'Bad_Dep' is not a valid Fireworks id"),
     ],
 )
@@ -327,7 +327,8 @@ def test_serve_checks_draft_model_and_deployment_id_before_starting(
     """A missing --draft-model (the server started, then its load failed: exit 1) and a bad
     --deployment-id (served under a name no request could use) end start-up: one line, exit 2."""
     cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", "0", "--model",
-           str(tiny_llama_dir), "--data-dir", str(tmp_path), *flags]  # fmt: skip
+           str(tiny_llama_dir), "--data-dir", str(tmp_path),
+           *(f.replace("{tmp}", str(tmp_path)) for f in flags)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"girandole serve: {line}")
