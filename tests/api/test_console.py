@@ -275,13 +275,16 @@ def test_generate_bad_sampling_values_are_usage_errors(flag, value, named):
         (["deployment", "list", "--base-url", "notaurl"], "argument --base-url: 'notaurl' is not"),
         (["lora", "list", "--base-url", "http://[::1"], "argument --base-url"),
         (["batch", "list", "--base-url", "http://127.0.0.1:x"], "argument --base-url"),
+        (["batch", "create", "f", "--model", "m", "--wait-timeout", "nan"], "--wait-timeout"),
+        (["deployment", "create", "m", "--wait-timeout", "-1"], "argument --wait-timeout: '-1'"),
         (["GIRANDOLE_CACHE_DIR", "keys", "list"], "'{file}' is a file) [GIRANDOLE_CACHE_DIR]"),
     ],
 )
 def test_a_file_as_data_dir_or_a_bad_base_url_is_a_usage_error(tmp_path, argv, named):
     """A file given as --data-dir was a NotADirectoryError traceback (keys, usage, models); a
     --base-url that is no URL was 'cannot reach the server' (exit 1) or an httpx traceback; a
-    file as GIRANDOLE_CACHE_DIR was a FileExistsError traceback in every subcommand."""
+    file as GIRANDOLE_CACHE_DIR was a FileExistsError traceback in every subcommand; a
+    --wait-timeout of nan waited for ever."""
     file = tmp_path / "a-file"
     file.write_text("")
     env = {**os.environ}

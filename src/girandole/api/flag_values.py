@@ -41,10 +41,11 @@ def int_value(env: str, low: int, high: int | None = None) -> Callable[[str], in
     return convert
 
 
-def float_value(env: str, low: float, *, above: bool = False) -> Callable[[str], float]:
+def float_value(env: str | None, low: float, *, above: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number >= `low` (> `low` with `above`), else an error naming
-    `env`."""
+    `env` (None: a flag without a variable)."""
     bounds = f"> {low:g}" if above else f">= {low:g}"
+    named = f" [{ENV_PREFIX}{env}]" if env else ""
 
     def convert(text: str) -> float:
         try:
@@ -52,9 +53,7 @@ def float_value(env: str, low: float, *, above: bool = False) -> Callable[[str],
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a number {bounds} [{ENV_PREFIX}{env}]"
-            )
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number {bounds}{named}")
         return value
 
     return convert

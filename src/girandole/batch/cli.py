@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from girandole.api.flag_values import float_value
 from girandole.cli_tables import fields, table
 from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
 
@@ -196,7 +197,12 @@ def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int)
     p.add_argument("--extra-body", help='more request fields as JSON, e.g. \'{"stop": ["\\n"]}\'')
     p.add_argument("--wait", action="store_true", help="show its progress until it ends")
-    p.add_argument("--wait-timeout", type=float, default=86400.0, help="seconds (default 1 day)")
+    p.add_argument(
+        "--wait-timeout",
+        type=float_value(None, 0, above=True),
+        default=86400.0,
+        help="seconds (default 1 day)",
+    )
     p.add_argument("--output", help="with --wait: save the results here (errors beside it)")
     p.set_defaults(func=_run(_cmd_create))
 

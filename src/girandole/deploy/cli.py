@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from girandole.api.flag_values import env_default, url_value
+from girandole.api.flag_values import env_default, float_value, url_value
 from girandole.cli_tables import fields, table
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -296,7 +296,12 @@ def _field_args(p: argparse.ArgumentParser) -> None:
 
 def _wait_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait until its replicas are ready")
-    p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds (default 600)")
+    p.add_argument(
+        "--wait-timeout",
+        type=float_value(None, 0, above=True),
+        default=600.0,
+        help="seconds (default 600)",
+    )
 
 
 def add_deployment_parser(subparsers: argparse._SubParsersAction) -> None:
