@@ -219,6 +219,23 @@ def test_serve_switch_variables_read_false_as_false(monkeypatch):
         parse()
 
 
+def test_log_level_is_read_in_any_case(monkeypatch):
+    """GIRANDOLE_LOG_LEVEL=INFO (or --log-level DEBUG) means info, as logging reads it; a word
+    that is no level is still an error (test_serve_bad_values_are_usage_errors)."""
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+
+    def parse(*argv: str):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv]))
+
+    monkeypatch.setenv("GIRANDOLE_LOG_LEVEL", "INFO")
+    assert parse().log_level == "info"
+    assert parse("--log-level", "DEBUG").log_level == "debug"
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [

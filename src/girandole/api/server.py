@@ -264,6 +264,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--log-level",
+        type=str.lower,  # INFO as info, as logging itself reads it
         default=env_default("LOG_LEVEL", "info"),
         choices=ENV_CHOICES["log_level"],
         help="[GIRANDOLE_LOG_LEVEL]",
