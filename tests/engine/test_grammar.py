@@ -81,3 +81,21 @@ def test_bad_grammars_raise_before_generation(llm, spec, message):
     with pytest.raises(GrammarError, match=message):
         llm.generate("x", SamplingParams(max_tokens=5, grammar=spec))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_length_bounded_strings_hold_no_control_characters():
+    """xgrammar wrote a string with maxLength as characters that let a raw tab in: a forced tool
+    call's arguments came out as {"task": "<tab>"}, which no JSON parser reads. The schema's
+    grammar now refuses control characters in bounded strings as in unbounded ones."""
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from girandole.sampling.grammar import schema_grammar
+
+    schema = {"type": "object", "properties": {"task": {"type": "string", "maxLength": 20},
+              "d": {"type": "string", "minLength": 2}}, "required": ["task", "d"],
+              "additionalProperties": False}  # fmt: skip
+    grammar = schema_grammar(json.dumps(schema))
+    assert accepts(grammar, '{"task": "a b", "d": "xy"}')
+    for bad in ('{"task": "a\tb", "d": "xy"}', '{"task": "ab", "d": "x\x01y"}',
+                '{"task": "' + "a" * 21 + '", "d": "xy"}'):  # fmt: skip
+        assert not accepts(grammar, bad), bad

@@ -83,10 +83,7 @@ class GrammarCache:
                     json.loads(spec.text)
                 except json.JSONDecodeError as exc:
                     raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
-                # Compact JSON: with free whitespace, small models can loop on blank space forever.
-                compiled = compiler.compile_json_schema(
-                    spec.text, strict_mode=True, any_whitespace=False
-                )
+                compiled = compiler.compile_grammar(schema_grammar(spec.text))
             elif spec.kind == "gbnf":
                 compiled = compiler.compile_grammar(spec.text)
             elif spec.kind == "regex":
@@ -102,6 +99,25 @@ class GrammarCache:
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return compiled
+
+
+# xgrammar (0.2.9) writes a string with minLength/maxLength as characters of this class, which
+# lets control characters (a raw tab) in: invalid JSON, refused by every JSON parser. Its
+# unbounded strings already exclude them, as this replacement does.
+_BOUNDED_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def schema_grammar(schema: str):
+    """The xgrammar Grammar of a JSON schema's compact JSON (with free whitespace, small models
+    can loop on blank space forever), its length-bounded strings without control characters."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, strict_mode=True, any_whitespace=False)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 class SequenceGrammar:
