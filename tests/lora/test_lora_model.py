@@ -182,7 +182,8 @@ def test_damaged_adapters_are_refused_naming_the_problem(llama_and_qwen3, tmp_pa
     save_file(tensors, str(nan / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="NaN or infinite"):
         read_adapter(nan, spec)
-    # a float8_e4m3fn file was a NotImplementedError (a 500 for the load); an integer one loaded
+    # a float8_e4m3fn file failed to load with a 500 (torch has no isfinite for it); an integer
+    # one loaded
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     for dtype, message in ((torch.float8_e4m3fn, "NaN or infinite"), (torch.int32, "int32")):
         odd = _edit_config(src, tmp_path / str(dtype))

@@ -14,14 +14,18 @@ import sys
 import threading
 import time
 
-from girandole.api.flag_values import env_default, float_value, int_value, switch_value
+from girandole.api.flag_values import (
+    ENV_PREFIX,
+    env_default,
+    float_value,
+    int_value,
+    switch_value,
+)
 from girandole.api.ops.webhooks import secret_key
 from girandole.api.settings import ServerSettings
 from girandole.model.default import DEFAULT_MODEL_ID
 
 logger = logging.getLogger("girandole.api")
-
-ENV_PREFIX = "GIRANDOLE_"
 
 
 # engine/kv_groups.KV_CACHE_DTYPES' names (not imported: the engine pulls in torch)

@@ -17,7 +17,13 @@ from typing import Any
 
 import uvicorn
 
-from girandole.api.flag_values import env_default, float_value, folder_value, int_value
+from girandole.api.flag_values import (
+    ENV_PREFIX,
+    env_default,
+    float_value,
+    folder_value,
+    int_value,
+)
 from girandole.api.settings import ServerSettings
 from girandole.registry.keystore import parse_limit
 
@@ -25,7 +31,7 @@ DEFAULTS = ServerSettings()  # the one set of defaults
 
 
 def _env(name: str) -> str | None:
-    return os.environ.get("GIRANDOLE_" + name)
+    return os.environ.get(ENV_PREFIX + name)
 
 
 def add_ops_arguments(p: argparse.ArgumentParser) -> None:
