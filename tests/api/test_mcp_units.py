@@ -103,6 +103,8 @@ def test_result_text():
         (["127.0.0.1:8000"], "http://127.0.0.1:8001/mcp", False),
         (["localhost"], "http://LOCALHOST:5/mcp", True),
         ([], "http://localhost/mcp", False),
+        (["*"], "http://[::1/mcp", False),  # urlsplit raises on it: was a 500
+        (["*"], "http://example.com:99999/mcp", False),
     ],
 )  # fmt: skip
 def test_allowed_hosts(patterns, url, ok):

@@ -116,11 +116,11 @@ def _checked_host(url: str | None, where: str, hosts: HostPolicy) -> str:
     """A tool's server_url's host, once the URL is one this server may connect to (a 400)."""
     if not url:
         raise bad_request(f"Field required, field: '{where}.server_url'", f"{where}.server_url")
-    parts = urlsplit(url)
-    try:
+    try:  # a malformed URL ("http://[::1") or port ("http://h:99999"): -1, a 400 below
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        port = -1
+        parts, port = urlsplit(""), -1
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise bad_request(
             f"server_url must be an http or https URL, field: '{where}.server_url'",
