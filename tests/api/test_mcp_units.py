@@ -9,6 +9,7 @@ import asyncio
 import pytest
 from loopback import free_port
 from mcp_server import start_mcp_servers
+from pydantic import ValidationError
 
 from girandole.api.http.errors import APIError
 from girandole.api.responses.convert import chat_messages
@@ -121,7 +122,9 @@ def test_allowed_hosts(patterns, url, ok):
     assert refused.value.param == ("tools.0.server_url" if patterns else "tools.0.type")
 
 
-def _call(item_id: str, name: str, output: str | None = None, error: dict | None = None) -> dict:
+def _call(
+    item_id: str, name: str, output: str | None = None, error: dict | str | None = None
+) -> dict:
     return {"type": "mcp_call", "id": item_id, "server_label": "s", "name": name,
             "arguments": "{}", "output": output, "error": error}  # fmt: skip
 
@@ -157,3 +160,17 @@ def test_chat_messages_of_mcp_items():
     ]  # fmt: skip
     assert [m["content"] for m in out if m["role"] == "tool"] == ["1", "Error: bad", "3"]
     assert out[4]["reasoning_content"] == "hm"
+
+
+def test_mcp_call_item_sent_back_with_a_string_error():
+    """An `mcp_call` item whose `error` is a plain message (older openai SDKs type it a string)
+    is read as that message; it was a 500 (error_text took it for OpenAI's error object). An
+    error neither a string nor an object is a 400 naming it."""
+    user = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "q"}]}
+    out = chat_messages(None, [user, _call("c1", "a", error="boom")])
+    assert out[-1] == {"role": "tool", "tool_call_id": "c1", "content": "Error: boom"}
+    item = {"type": "mcp_call", "server_label": "s", "name": "a", "arguments": "{}"}
+    ResponsesRequest.model_validate({"model": "m", "input": [item | {"error": "boom"}]})
+    with pytest.raises(ValidationError) as refused:
+        ResponsesRequest.model_validate({"model": "m", "input": [item | {"error": 5}]})
+    assert "error" in str(refused.value)

@@ -158,7 +158,8 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
             if kind == "mcp_call":
                 output = item.get("output")
                 if output is None:
-                    output = error_text(item.get("error") or {})
+                    error = item.get("error") or {}
+                    output = f"Error: {error}" if isinstance(error, str) else error_text(error)
                 results.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})

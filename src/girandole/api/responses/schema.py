@@ -103,7 +103,9 @@ class McpCallItem(StrictModel):
     name: str
     arguments: str
     output: str | None = None
-    error: Any = None
+    # OpenAI's error object (`{"type": "mcp_tool_execution_error", ...}`), or a plain message
+    # (as older openai SDKs typed it)
+    error: str | dict[str, Any] | None = None
     id: str | None = None
     status: str | None = None
     approval_request_id: str | None = None
