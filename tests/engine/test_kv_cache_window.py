@@ -149,3 +149,22 @@ def test_every_group_sliding_matches_only_the_same_whole_prefix():
     other = seq("other", [7] + list(range(1, 30)) + [99])  # differs in the evicted first block
     kv.match_prefix(other)
     assert other.num_computed_tokens == 0
+
+
+def test_a_freed_sequence_loses_its_last_positions_first_in_every_group():
+    """Eviction after a free (a preemption) takes the last positions of every group first: a
+    prefix matches only where the full-attention group holds all of it, so evicting that
+    group's whole table first (freeing group by group) lost the prefix in every group, and a
+    preempted sequence recomputed it all."""
+    kv = KVCacheManager(num_blocks=11, block_size=BS, windows=[None, WINDOW])
+    tokens = list(range(17))
+    a = seq("a", tokens)
+    step(kv, a, 16)  # 4 full blocks in each group: 8 of 10 free blocks
+    kv.free(a)  # preempted
+    other = seq("other", [99] * 8)
+    step(kv, other, 4)  # takes a block in each group: the 2 never used, then a's last ones
+    step(kv, other, 4)
+    back = seq("a", tokens)
+    back.num_preemptions = 1
+    kv.match_prefix(back)
+    assert back.num_computed_tokens == 12  # a's last block is gone in both groups, not more

@@ -280,11 +280,17 @@ class KVCacheManager:
             del table[keep:]
 
     def free(self, seq: Sequence) -> None:
-        # Free in reverse so a sequence's last blocks are evicted before its first ones,
-        # which are the ones most likely shared as a prefix.
-        for table in seq.block_tables:
-            for block_id in reversed(table):
-                self._release(block_id)
+        # Free the last positions first, every group's block of a position together, so a
+        # sequence's last blocks are evicted before its first ones, which are the ones most
+        # likely shared as a prefix (and what a preempted sequence matches when it returns).
+        # Group by group instead, eviction would take the first group's (full attention) whole
+        # table before any other group's blocks: the prefix is gone with it, since a prefix
+        # matches only where every full-attention group holds all of it.
+        tables = seq.block_tables
+        for i in reversed(range(max(map(len, tables), default=0))):
+            for table in tables:
+                if i < len(table):
+                    self._release(table[i])
         seq.block_tables = [[] for _ in self.windows]
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
