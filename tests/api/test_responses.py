@@ -363,6 +363,8 @@ def test_list_and_accounts(client, server):
          "input.0.content.0"),
         ({"input": [{"role": "critic", "content": "x"}]}, "input.0.message.role"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": "x", "tools": [{"type": []}]}, "tools.0.other.type"),  # was a 500
+        ({"input": "x", "tools": [{"type": {"type": "function"}}]}, "tools.0.other.type"),
         ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "no"}},
          "tool_choice"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},

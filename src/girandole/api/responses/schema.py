@@ -223,8 +223,10 @@ class OtherTool(StrictModel):
 
 def _tool_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str):  # a list or object `type` (unhashable): OtherTool's 400
+        return "other"
     kinds = {"function": "function", "mcp": "mcp", "sse": "mcp", "namespace": "namespace"}
-    return kinds.get(kind, "other")  # type: ignore[arg-type]
+    return kinds.get(kind, "other")
 
 
 ResponsesTool = Annotated[
