@@ -260,3 +260,34 @@ def test_gpu_path_reads_each_groups_block_tables(tiny_dir, baseline, monkeypatch
     prompts = [PROMPT_IDS[i] for i in chosen]
     assert run(llm, prompts, [greedy(16)] * len(prompts)) == [baseline[i][:16] for i in chosen]
     assert graph_steps > 10
+
+
+def test_pressure_with_prefix_hits_duplicates_and_a_draft(tiny_dir, kept):
+    """A cache that holds about one long sequence, under everything at once: requests that share
+    a prefix and repeat (as n > 1 sends one request per choice), more than fit, and a draft
+    model proposing tokens: preempted sequences come back through prefix-cache hits of their
+    own and their neighbours' blocks, and every output is the ample cache's."""
+    prompts = PROMPT_IDS + [PROMPT_IDS[0], PROMPT_IDS[3]] + [PROMPT_IDS[0][:33] + [5, 6, 7]]
+    params = [greedy()] * len(prompts)
+    want = run(kept, prompts, params)
+    probe = make_llm(tiny_dir, windowed=True, kv_cache_gb=0.0001)
+    runner = probe.engine.runner
+    num_blocks = 120 if len(runner.kv_windows) > 1 else 12
+    gb = num_blocks * bytes_per_block(runner.kv_groups, BS, runner.kv_dtype) / (1 << 30)
+    for extra in ({}, {"draft_model": str(tiny_dir), "draft_token_count": 3}):
+        llm = make_llm(
+            tiny_dir, windowed=True, kv_cache_gb=gb, max_num_batched_tokens=16, max_num_seqs=4,
+            **extra,
+        )  # fmt: skip
+        assert llm.engine.max_model_len > max(len(p) for p in prompts) + 24
+        kv, matched = llm.engine.kv_cache, []
+        match_prefix = kv.match_prefix
+
+        def counted(seq, limit=None, match_prefix=match_prefix, matched=matched):
+            match_prefix(seq, limit)
+            if seq.num_preemptions:  # a preempted sequence back: its tokens found again
+                matched.append(seq.num_computed_tokens)
+
+        kv.match_prefix = counted
+        assert run(llm, prompts, params) == want
+        assert llm.engine.scheduler.num_preemptions > 0 and sum(matched) > 0
