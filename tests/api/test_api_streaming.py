@@ -115,3 +115,28 @@ def test_errors_before_streaming_are_plain_json(server):
     r = post(server, {"prompt": "x", "stream": True, "temperature": 9})
     assert r.status_code == 400
     assert r.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_string_that_is_a_special_token(server, path):
+    """A stop string spelt as a special token ("<start_of_turn>", "<|im_start|>") stops at that
+    token: the text never shows special tokens, so matching text alone ran on to max_tokens."""
+    start_of_turn = 105  # Gemma's <start_of_turn>, pushed up so greedy decoding writes it
+    body = {"max_tokens": 8, "temperature": 0, "logit_bias": {str(start_of_turn): 100}}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    else:
+        body["prompt"] = "Hi"
+    free = post(server, {**body, "return_token_ids": True}, path=path).json()["choices"][0]
+    assert free["token_ids"][0] == start_of_turn and free["finish_reason"] == "length"
+
+    stopped = {**body, "stop": ["<start_of_turn>"]}
+    r = post(server, stopped, path=path).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert (choice["message"]["content"] if "message" in choice else choice["text"]) == ""
+    assert r["usage"]["completion_tokens"] == 1  # the stop token is counted, as EOS is
+    events = sse_events(server, stopped, path=path)
+    finishes = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]]
+    assert finishes[-1] == "stop"
+    assert events[-2]["usage"]["completion_tokens"] == 1

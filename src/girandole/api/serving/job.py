@@ -24,6 +24,7 @@ from girandole.api.serving.params import (
     choice_seed,
     parse_logit_bias,
     sampling_defaults,
+    special_stop_ids,
 )
 from girandole.api.serving.prompt import fit_max_tokens
 from girandole.api.serving.speculation import speculation_tokens
@@ -90,13 +91,16 @@ def choice_params(
     *,
     logit_bias: dict[int, float] | None = None,
     options: OutputOptions | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> SamplingParams:
-    """Sample k's SamplingParams. `options` sets logprobs and prompt_logprobs."""
+    """Sample k's SamplingParams. `options` sets logprobs and prompt_logprobs;
+    `stop_token_ids`: the special tokens among the stop strings (`special_stop_ids`)."""
     params = build_params(
         req.model_dump(include=SAMPLING_FIELDS),
         defaults,
         max_tokens=max_tokens,
         stop=req.stop_list(),
+        stop_token_ids=stop_token_ids,
         seed=choice_seed(req.seed, k),
         logit_bias=logit_bias,
     )
@@ -137,6 +141,7 @@ def build_job(
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
     speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size)
+    stop_token_ids = special_stop_ids(req.stop_list(), engine.tokenizer)
     prompt_param = "messages" if getattr(req, "messages", None) is not None else "prompt"
     choices: list[Choice] = []
     for i, ids in enumerate(prompts):
@@ -145,7 +150,13 @@ def build_job(
         )
         for k in range(n):
             params = choice_params(
-                req, defaults, max_tokens, k, logit_bias=logit_bias, options=options
+                req,
+                defaults,
+                max_tokens,
+                k,
+                logit_bias=logit_bias,
+                options=options,
+                stop_token_ids=stop_token_ids,
             )
             params.grammar = grammar
             params.speculation = speculation

@@ -37,6 +37,18 @@ def choice_seed(seed: int | None, k: int) -> int | None:
     return (seed + k * _GOLDEN) % _SEED_MOD
 
 
+def special_stop_ids(stop: list[str], tokenizer: Any) -> list[int]:
+    """The ids of the stop strings that are a special token's string ("<start_of_turn>",
+    "<|im_end|>"): the text never shows special tokens, so such a stop string could never match
+    it; generating the token itself stops the output (as EOS does: counted, no text)."""
+    ids = []
+    for s in stop:
+        token = tokenizer.token_to_id(s)
+        if token is not None and tokenizer.is_special(token) and token not in ids:
+            ids.append(token)
+    return ids
+
+
 def sampling_defaults(generation_config: dict[str, Any] | None) -> dict[str, Any]:
     config = generation_config or {}
     out = dict(FALLBACKS)
