@@ -253,6 +253,14 @@ def test_anthropic_reasoning_fields_as_chat_fields():
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
                                                     {"type": "text", "text": ""}]}]},
          "messages.0.content.1"),
+        # thinking in a user turn: it was dropped, and a turn of it alone vanished (the
+        # assistant turn before it then continued as a prefill)
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                       {"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]},
+         "messages.2.content.0"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "redacted_thinking", "data": "d"}, {"type": "text", "text": "x"}]}]},
+         "messages.0.content.0"),
     ],
 )  # fmt: skip
 def test_anthropic_what_chat_cannot_say(body, field):

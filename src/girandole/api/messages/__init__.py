@@ -12,7 +12,7 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `tool_use` blocks (assistant) become the turn's tool calls (`input` as JSON arguments);
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
   text blocks; `is_error` prefixes `Error: `); an assistant turn's `thinking` blocks are its
-  reasoning_content (`redacted_thinking` ones are left out); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
+  reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
   merged. A final assistant turn is continued (a prefill; an empty one is none). As at
   Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
   (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next

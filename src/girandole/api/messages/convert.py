@@ -129,7 +129,7 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
             elif block.type == "thinking" and message.role == "assistant":
                 if i not in cleared.thinking:
                     thoughts.append(block.thinking)
-            elif block.type in SKIPPED_BLOCKS or block.type == "thinking":
+            elif block.type in SKIPPED_BLOCKS and message.role == "assistant":
                 continue
             elif block.type == "tool_use" and message.role == "assistant":
                 function = {"name": block.name, "arguments": cleared_input(block, cleared)}
@@ -138,7 +138,9 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
                 cut = block.tool_use_id in cleared.results
                 result = PLACEHOLDER if cut else _result_text(block, where)
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
-            elif block.type in ("tool_use", "tool_result"):
+            elif block.type in ("tool_use", "tool_result", "thinking", *SKIPPED_BLOCKS):
+                # a user turn of thinking blocks only vanished (the assistant turn before it
+                # then read as a prefill to continue)
                 raise bad_request(
                     f"A '{block.type}' block cannot be in a message of role '{message.role}',"
                     f" field: '{where}'",
