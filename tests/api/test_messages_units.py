@@ -541,3 +541,25 @@ def test_response_store_per_account_and_pages():
     assert not store.delete("b", "resp_1") and store.delete("a", "resp_1")
     assert store.get("a", "resp_1") is None
     assert json.dumps([r["id"] for r in store.list("b", 10).items]) == '["resp_2"]'
+
+
+def test_a_background_response_refused_while_the_server_stops_says_it_stopped(monkeypatch):
+    """A queued background response refused for capacity while the server drains (its queue
+    wait over: 503) failed with the refusal's words ("saturated ... retry later"); it fails as
+    the stop fails the running ones."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from girandole.api.responses import background
+
+    async def refused(*args):
+        raise APIError(503, "The server is saturated: no slot freed within 3 s; retry later")
+
+    monkeypatch.setattr(background, "start_job", refused)
+    ops = SimpleNamespace(draining=True)
+    rounds = SimpleNamespace(got=SimpleNamespace(state=SimpleNamespace(ops=ops), engine=None,
+                                                 target=None))  # fmt: skip
+    with pytest.raises(APIError) as info:
+        asyncio.run(background.BackgroundResponses._admitted(None, rounds, None))  # type: ignore[arg-type]
+    assert background.error_json(info.value) == {"code": "server_error",
+                                                 "message": background.STOPPED}  # fmt: skip

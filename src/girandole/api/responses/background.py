@@ -209,14 +209,17 @@ class BackgroundResponses:
     async def _admitted(request: Request, rounds: Rounds, job: Job) -> ChoiceFanout:
         """The job started once admitted. Refused for capacity (the admission queue full: 429;
         its wait over: 503), it stays `queued` and asks again, as OpenAI's queue keeps it,
-        unless the server is stopping."""
+        unless the server is stopping: then it fails as the server's stop fails the others
+        (not with the refusal's "at capacity, retry later")."""
         state, delay = rounds.got.state, RETRY_MIN_S
         while True:
             try:
                 return await start_job(request, state, rounds.got.engine, job, rounds.got.target)
             except APIError as exc:
-                if exc.status_code not in (429, 503) or state.ops.draining:
+                if exc.status_code not in (429, 503):
                     raise
+                if state.ops.draining:
+                    raise APIError(503, STOPPED, type="server_error") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
