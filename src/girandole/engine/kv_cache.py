@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from girandole.engine.sequence import Sequence
 
@@ -46,6 +48,46 @@ def chain_hash(salt: bytes | None, prev: bytes | None, tokens: tuple[int, ...]) 
     return h.digest()
 
 
+class FreeBlockQueue:
+    """The free blocks in eviction order (the front is taken first), with O(1) removal of any
+    block: a prefix-cache hit revives freed blocks from anywhere in the queue (vLLM keeps a
+    doubly linked list for the same reason). A deque's remove() scans it: a 4096-token hit
+    revived ~450 blocks of Gemma 3 270M's default 21,845 in 212 ms."""
+
+    def __init__(self, block_ids: Iterable[int]) -> None:
+        self._blocks: OrderedDict[int, None] = OrderedDict.fromkeys(block_ids)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._blocks)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._blocks
+
+    def __getitem__(self, index: int) -> int:
+        """The block at `index` from the front (negative: from the back); O(index)."""
+        order = reversed(self._blocks) if index < 0 else iter(self._blocks)
+        found = next(islice(order, -index - 1 if index < 0 else index, None), None)
+        if found is None:
+            raise IndexError(index)
+        return found
+
+    def append(self, block_id: int) -> None:
+        self._blocks[block_id] = None
+
+    def appendleft(self, block_id: int) -> None:
+        self._blocks[block_id] = None
+        self._blocks.move_to_end(block_id, last=False)
+
+    def popleft(self) -> int:
+        return self._blocks.popitem(last=False)[0]
+
+    def remove(self, block_id: int) -> None:
+        del self._blocks[block_id]
+
+
 class KVCacheManager:
     def __init__(
         self, num_blocks: int, block_size: int, windows: list[int | None] | None = None
@@ -57,7 +99,7 @@ class KVCacheManager:
         self.windows = list(windows) if windows else [None]
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.num_reserved = 1 if any(w is not None for w in self.windows) else 0
-        self.free_queue: deque[int] = deque(range(self.num_reserved, num_blocks))
+        self.free_queue = FreeBlockQueue(range(self.num_reserved, num_blocks))
         self.hash_to_block: dict[tuple[int, bytes], int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, tokens found
