@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.completions.schema import CompletionRequest
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import DONE, sse_event
@@ -138,6 +139,34 @@ def test_bad_json_bodies_are_400(raw):
     with pytest.raises(APIError) as info:
         parse_json_object(raw)
     assert info.value.status_code == 400
+
+
+def test_only_surrogate_escapes_send_a_body_to_the_surrogate_scan():
+    """The scan for unpaired surrogates (seconds on a large body) runs only when the text has a
+    surrogate escape; a paired one (an emoji, as ensure_ascii writes it) and an escaped
+    backslash before "ud800" are text like any other."""
+    assert parse_json_object(b'{"p": "\\ud83d\\ude00"}') == {"p": "\U0001f600"}
+    assert parse_json_object(b'{"p": "\\\\ud800"}') == {"p": "\\ud800"}
+    with pytest.raises(APIError, match="'p.q\\[1\\]' contains an unpaired"):
+        parse_json_object(b'{"p": {"q": ["x", "\\uDBFF"]}}')
+
+
+def test_a_list_over_its_max_length_is_refused_before_its_items_are_validated():
+    """pydantic checks a list's max_length after validating each item: 150,000 tools held the
+    event loop for seconds. The length is checked first, with pydantic's message."""
+    with pytest.raises(APIError) as info:
+        validate_model(CompletionRequest, {"model": "m", "prompt": "x", "stop": [1] * 5})
+    assert (
+        info.value.message
+        == "List should have at most 4 items after validation, not 5, field: 'stop'"
+    )
+    assert info.value.param == "stop"
+    tools = [{"type": "nonsense"}] * 129  # invalid items: the length is what is reported
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
+    with pytest.raises(APIError, match="at most 128 items after validation, not 129"):
+        validate_model(ChatCompletionRequest, body)
+    body["tools"] = [{"type": "function", "function": {"name": "f"}}] * 128
+    assert len(validate_model(ChatCompletionRequest, body).tools) == 128
 
 
 def test_context_length_rules():
