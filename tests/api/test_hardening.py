@@ -416,6 +416,44 @@ def test_a_body_of_many_unknown_fields_gets_a_short_400_at_once(guarded):
     assert len(r.content) < 2000
 
 
+def test_more_prompt_items_than_the_context_has_tokens_are_refused_before_validating(guarded):
+    """400,000 empty messages (12 MB) held the event loop, and so every stream, for 20 s of
+    validation and template rendering before a 400 about alternating roles. Each message,
+    content part or token id is a token at least: more of them than the context holds is
+    refused at once, naming the field, on every API."""
+    many = [{"role": "user", "content": ""}] * 65  # the server's context: 64
+    for path, body, param in [
+        ("/v1/chat/completions", {"messages": many}, "messages"),
+        ("/v1/messages", {"messages": many, "max_tokens": 1}, "messages"),
+        ("/v1/responses", {"input": many}, "input"),
+        ("/v1/completions", {"prompt": [2] * 65}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 64}]},
+            "messages",
+        ),
+    ]:
+        r = httpx.post(
+            guarded.url + path, json={"model": MODEL, **body}, headers=guarded.headers, timeout=60
+        )
+        assert r.status_code == 400, (path, r.text[:300])
+        error = r.json()["error"]
+        assert (
+            "items (messages, content parts or token ids), above the limit of 64"
+            in (error["message"])
+        ), path
+        if path != "/v1/messages":  # Anthropic's error shape has no param
+            assert (error["code"], error["param"]) == ("context_length_exceeded", param), path
+    # a batch of prompts is bounded prompt by prompt, not by their number
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        json={"model": MODEL, "prompt": ["hi"] * 3, "max_tokens": 1},
+        headers=guarded.headers,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_thousands_of_tools_are_refused(guarded):
     tools = [
         {

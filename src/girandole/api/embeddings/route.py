@@ -18,7 +18,7 @@ from typing import Any
 from girandole.api.embeddings.inputs import input_token_ids
 from girandole.api.embeddings.schema import EMBEDDINGS_UNSUPPORTED, EmbeddingRequest
 from girandole.api.http.errors import bad_request
-from girandole.api.ops.server_ops import text_chars
+from girandole.api.ops.server_ops import min_tokens
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.pooling import PoolingParams
@@ -44,7 +44,7 @@ class Embeddings(PrefillEndpoint):
         their sum, so 2048 inputs of a few hundred tokens are not 'too long'."""
         x = data.get("input")
         if isinstance(x, list) and x and not isinstance(x[0], int):
-            x = max(x, key=text_chars)
+            x = max(x, key=min_tokens)
         return {"input": [data.get("prompt_template"), x]}
 
     async def requests(self, engine: EngineClient, req: EmbeddingRequest) -> list[Prefill]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -195,18 +196,34 @@ class ServerOps:
         return resolved
 
     def check_prompt_size(self, data: dict, context_length: int | None = None) -> None:
-        """Refuse, before tokenizing, a prompt too long in characters to fit any context (the
-        server's model's, or `context_length`: a deployment's)."""
+        """Refuse, before tokenizing or validating, a prompt too long to fit any context (the
+        server's model's, or `context_length`: a deployment's): too many characters, or more
+        list items (messages, content parts, token ids) than the context has tokens."""
         limit = self.max_prompt_tokens or context_length or self.served.context_length
         if not limit:
             return
-        counts = {name: _prompt_chars(name, data[name]) for name in PROMPT_FIELDS if name in data}
-        chars = sum(counts.values())
-        if chars > limit * MAX_CHARS_PER_TOKEN:
-            field = max(counts, key=counts.__getitem__)  # the field with the most text
+        max_chars = limit * MAX_CHARS_PER_TOKEN
+        sizes = {
+            name: _prompt_size(name, data[name], max_chars, limit)
+            for name in PROMPT_FIELDS
+            if name in data
+        }
+        chars = sum(c for c, _ in sizes.values())
+        if chars > max_chars:
+            field = max(sizes, key=lambda name: sizes[name][0])  # the field with the most text
             raise context_exceeded(
                 f"The prompt is too long: {chars} characters, far above the limit of {limit}"
                 " tokens",
+                field,
+            )
+        items = sum(i for _, i in sizes.values())
+        if items > limit:
+            # each renders to a token at least (a message its turn markers); hundreds of
+            # thousands of them also took seconds of the event loop to validate
+            field = max(sizes, key=lambda name: sizes[name][1])
+            raise context_exceeded(
+                f"The prompt is too long: {items} or more items (messages, content parts or"
+                f" token ids), above the limit of {limit} tokens",
                 field,
             )
 
@@ -422,25 +439,51 @@ class ServerOps:
         self.usage.close()
 
 
-def _prompt_chars(name: str, value: Any) -> int:
-    """Characters of text in field `name`: a completions `prompt` list is several prompts, each
-    bounded by the context alone (its longest counts); any other field makes one prompt."""
-    if name == "prompt" and isinstance(value, list):
-        return max((text_chars(v) for v in value), default=0)
-    return text_chars(value)
+def _prompt_size(name: str, value: Any, max_chars: int, max_items: int) -> tuple[int, int]:
+    """`prompt_size` of field `name`: a completions `prompt` list of texts or token-id lists is
+    several prompts, each bounded by the context alone (its largest counts); any other field
+    (a token-id list included) makes one prompt."""
+    if name == "prompt" and isinstance(value, list) and value and isinstance(value[0], str | list):
+        return max((prompt_size(v, max_chars, max_items) for v in value), key=min_tokens_of)
+    return prompt_size(value, max_chars, max_items)
 
 
-def text_chars(value: Any, depth: int = 0) -> int:
-    """Characters of text in a prompt or messages value (strings anywhere inside it)."""
-    if isinstance(value, str):
-        return len(value)
-    if depth > 8:
-        return 0
-    if isinstance(value, list):
-        return sum(text_chars(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return sum(text_chars(v, depth + 1) for v in value.values())
-    return 0
+def prompt_size(
+    value: Any, max_chars: int = sys.maxsize, max_items: int = sys.maxsize
+) -> tuple[int, int]:
+    """(characters of text, list items) in a prompt or messages value, strings and lists
+    anywhere inside it; the count stops once either passes its max (a body of a million
+    messages is not walked whole)."""
+    chars = items = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+            if chars > max_chars:
+                break
+        elif depth > 8:
+            continue
+        elif isinstance(item, list):
+            items += len(item)
+            if items > max_items:
+                break
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+    return chars, items
+
+
+def min_tokens_of(size: tuple[int, int]) -> int:
+    """The fewest tokens a prompt of `prompt_size` can take: a token stands for
+    MAX_CHARS_PER_TOKEN characters at most, and each list item for one token at least."""
+    chars, items = size
+    return max(-(-chars // MAX_CHARS_PER_TOKEN), items)
+
+
+def min_tokens(value: Any) -> int:
+    """`min_tokens_of` a prompt value: the key to pick the largest of several prompts."""
+    return min_tokens_of(prompt_size(value))
 
 
 __all__ = ["ServerOps", "endpoint_of"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from girandole.api.http.errors import bad_request
-from girandole.api.ops.server_ops import text_chars
+from girandole.api.ops.server_ops import min_tokens
 from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
 from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
@@ -31,7 +31,7 @@ class Rerank(PrefillEndpoint):
         bounds each one with the query, not the documents' sum."""
         docs = data.get("documents")
         if isinstance(docs, list) and docs:
-            docs = max(docs, key=text_chars)
+            docs = max(docs, key=min_tokens)
         return {"query": data.get("query"), "documents": docs}
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
