@@ -418,6 +418,27 @@ def test_tool_call_stream(client):
     jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS["get_weather"])
 
 
+def test_a_streamed_call_with_logprobs_has_no_content(client):
+    """logprobs on a streamed tool call: the tokens that write the call's JSON before its name
+    is whole send their logprobs in chunks of their own, with an empty delta. Before, those
+    chunks said `content: ""`, so the openai SDK's streamed message had content "" beside its
+    tool_calls where the whole answer (and OpenAI) has null."""
+    body = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
+        tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0, logprobs=True,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**body).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    with client.chat.completions.stream(**body) as stream:
+        deltas = [e.chunk.choices[0].delta for e in stream if e.type == "chunk" and e.chunk.choices]
+        streamed = stream.get_final_completion().choices[0]
+    assert all(d.content is None for d in deltas)
+    assert streamed.finish_reason == "tool_calls" and streamed.message.content is None
+    assert len(streamed.logprobs.content) == len(whole.logprobs.content)
+    got = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
+    assert got == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+
 def streamed_calls(client, body: dict) -> tuple[str, list[tuple[str, str]], str | None]:
     """(content, [(name, arguments)] by call index, finish_reason) of the streamed request."""
     content, finish = "", None

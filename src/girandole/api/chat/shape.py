@@ -97,7 +97,10 @@ class ChatShape(ResponseShape):
         return [{"delta": delta} for delta in deltas]
 
     def text_piece(self, text: str) -> dict[str, Any]:
-        return {"delta": {"content": text}}
+        # no text (a chunk for logprobs or ids alone: a tool call's name still being written,
+        # text held back for a stop string): an empty delta, never `content: ""`, which turned
+        # a streamed tool call's message content from null into "" in clients that add it up
+        return {"delta": {"content": text} if text else {}}
 
     def finish_piece(self) -> dict[str, Any]:
         return {"delta": {}}
