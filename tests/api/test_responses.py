@@ -195,6 +195,16 @@ def test_output_text_logprobs_equal_chats(client):
     (done,) = [e for e in events if e.type == "response.output_text.done"]
     assert rows(streamed) == rows(done.logprobs) == rows(final.output[0].content[0].logprobs)
     assert rows(streamed) == rows(part.logprobs)
+    # an output that ends with the end-of-turn token (a JSON object, closed by the grammar):
+    # that token has logprobs (as chat's) and no text; a delta carries them all the same
+    ended = dict(asked, text={"format": {"type": "json_object"}}, max_output_tokens=40)
+    with client.responses.stream(**ended) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.status == "completed"
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert rows(streamed) == rows(final.output[0].content[0].logprobs)
+    assert len(streamed) == final.usage.output_tokens
     # top_logprobs alone asks for them too
     alone = client.responses.create(**kwargs, top_logprobs=1)
     assert [e.token for e in alone.output[0].content[0].logprobs] == [

@@ -448,7 +448,14 @@ class ResponsesShape(TranslatedShape):
             assert done is not None
             part = done["content"][0]
             lp = {} if thinking else {"logprobs": part["logprobs"]}
+            # the logprobs of tokens no delta carried (the end-of-turn token's: no text), in
+            # an empty delta, so that the deltas' pieces make the whole as chat's chunks do
+            rest = [] if thinking else self._delta_logprobs()
+            tail = (
+                [(f"response.{kind}.delta", at | {"delta": "", "logprobs": rest})] if rest else []
+            )
             return [
+                *tail,
                 (f"response.{kind}.done", at | {"text": block.text} | lp),
                 ("response.content_part.done", at | {"part": part}),
                 ("response.output_item.done", {"output_index": index, "item": done}),
