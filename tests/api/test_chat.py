@@ -168,6 +168,28 @@ def test_stream_usage_opt_out(server):
     assert all(e["usage"] is None and e["choices"] for e in events[:-1])
 
 
+def test_stream_echo_chunks_carry_their_own_logprobs_and_ids(server, tokenizer):
+    """echo in a chat stream: each chunk's logprobs and token ids are those of its own text.
+    Before, the echoed prompt went in a chunk of its own that also carried the first generated
+    token's logprob entry and id, and that token's text came in the next chunk with neither."""
+    body = {"messages": [U1], "max_tokens": 4, "temperature": 0, "echo": True,
+            "logprobs": True, "return_token_ids": True}  # fmt: skip
+    whole = post(server, body, path=CHAT).json()["choices"][0]
+    events = sse_events(server, body, path=CHAT)
+    content = [c["choices"][0] for c in events[:-1] if c["choices"]]
+    content = [c for c in content if c["delta"].get("content")]
+    assert "".join(c["delta"]["content"] for c in content) == whole["message"]["content"]
+    generated = []
+    for c in content:
+        entries = c["logprobs"]["content"]
+        text = bytes(b for e in entries if not tokenizer.is_special(e["token_id"])
+                     for b in e["bytes"]).decode()  # fmt: skip
+        assert text == c["delta"]["content"]
+        assert c["token_ids"] == [e["token_id"] for e in entries][-len(c["token_ids"]) :]
+        generated += c["token_ids"]
+    assert generated == whole["token_ids"]
+
+
 def test_fireworks_sdk(fw, oai):
     kw = dict(model=MODEL, messages=[U1], max_tokens=6, temperature=0)
     r = fw.chat.completions.create(**kw)

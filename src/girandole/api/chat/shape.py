@@ -94,6 +94,10 @@ class ChatShape(ResponseShape):
         if finished:
             tail, choice.finish_reason = calls.finish(choice.finish_reason)
             deltas += tail
+        if echo and len(deltas) > 1 and set(deltas[1]) == {"content"}:
+            # the echo and the first generated text in one chunk (as /completions sends them),
+            # the chunk that carries the logprobs and ids of both
+            deltas[:2] = [{"content": echo + deltas[1]["content"]}]
         return [{"delta": delta} for delta in deltas]
 
     def text_piece(self, text: str) -> dict[str, Any]:
