@@ -3,6 +3,9 @@ multi-byte characters."""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 from api_helpers import MODEL, post, sse_events
 
@@ -140,3 +143,25 @@ def test_stop_string_that_is_a_special_token(server, path):
     finishes = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]]
     assert finishes[-1] == "stop"
     assert events[-2]["usage"]["completion_tokens"] == 1
+
+
+def test_line_separator_characters_do_not_cut_data_lines(server):
+    """U+2028, U+2029 and U+0085 are left raw in JSON strings, but httpx's `iter_lines()` (as
+    str.splitlines) breaks lines at them: a streamed text holding one (here echoed) cut its
+    `data:` line in two, and the client read broken JSON. They are sent escaped."""
+    body = {"model": MODEL, "prompt": "one\u2028two\u2029three\u0085four", "max_tokens": 2,
+            "temperature": 0, "echo": True}  # fmt: skip
+    whole = post(server, body).json()["choices"][0]["text"]
+    assert whole.startswith("one\u2028two\u2029three\u0085four")
+    text = ""
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={**body, "stream": True},
+        headers=server.headers, timeout=120,
+    ) as r:  # fmt: skip
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert line.startswith("data: "), line
+        chunk = json.loads(line[len("data: ") :])
+        text += "".join(c["text"] for c in chunk["choices"])
+    assert text == whole

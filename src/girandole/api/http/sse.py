@@ -12,8 +12,14 @@ from girandole.api.http.finite_json import dumps
 DONE = b"data: [DONE]\n\n"
 
 
+# characters that JSON leaves raw in strings but that str.splitlines() breaks lines at, as
+# httpx's `Response.iter_lines()` (the usual way to read SSE with httpx) does: escaped, so a
+# text holding them never cuts an event's `data:` line in two
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
-    data = dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
