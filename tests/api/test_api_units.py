@@ -169,6 +169,37 @@ def test_a_list_over_its_max_length_is_refused_before_its_items_are_validated():
     assert len(validate_model(ChatCompletionRequest, body).tools) == 128
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # a tagged union's tag ("text") and type ("function") were parts of the name
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+         "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}],
+          "tools": [{"type": "function", "function": {"name": 5}}]}, "tools.0.function.name"),
+        ({"messages": [{"content": "x"}]}, "messages.0.role"),  # a missing field is named
+        ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "bogus": 1}, "bogus"),
+    ],
+)  # fmt: skip
+def test_validation_errors_name_fields_as_the_body_spells_them(body, param):
+    with pytest.raises(APIError) as info:
+        validate_model(ChatCompletionRequest, {"model": "m", **body})
+    assert info.value.param == param
+    assert f"field: '{param}'" in info.value.message
+
+
+def test_union_labels_are_dropped_from_error_locations():
+    from girandole.api.http.validation import body_location
+
+    data = {"input": [{"role": "critic"}], "stop": [1], "tools": [{"type": []}]}
+    assert body_location(data, ("input", 0, "message", "role")) == ("input", 0, "role")
+    assert body_location(data, ("stop", "list[str]", 0)) == ("stop", 0)
+    assert body_location(data, ("stop", "str")) == ("stop",)
+    assert body_location(data, ("tools", 0, "other", "type")) == ("tools", 0, "type")
+    assert body_location(data, ("input", 0, "content")) == ("input", 0, "content")  # missing
+
+
 def test_context_length_rules():
     assert fit_max_tokens(10, 5, 100, "truncate") == 5
     assert fit_max_tokens(10, 500, 100, "truncate") == 90

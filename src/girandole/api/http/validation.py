@@ -152,10 +152,31 @@ def validate_model(schema: type[M], data: dict[str, Any]) -> M:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        errors = [
+            {**e, "loc": body_location(data, e["loc"])} for e in exc.errors(include_url=False)
+        ]
         raise bad_request(format_errors(errors), param=first_field(errors)) from None
     except RecursionError:
         raise bad_request("Request body is nested too deeply") from None
+
+
+def body_location(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location as the body spells it. pydantic's puts the member of a union it
+    tried among the fields: a tagged union's tag (`input.0.message.role`), a type
+    (`stop.list[str].0`), a validator (`function-after[...]`). Walking the body along the
+    location tells them apart: a label names no key of the object (or index of the list) it
+    stands in; the last part is kept whatever it is (a missing or unknown field)."""
+    out: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif i < len(loc) - 1 or isinstance(node, list | str | int | float | bool | None):
+            continue  # a union member's label, not a part of the body
+        out.append(part)
+    return tuple(out)
 
 
 def _check_extra_fields(schema: type[BaseModel], data: dict[str, Any]) -> None:
