@@ -563,3 +563,24 @@ def test_a_background_response_refused_while_the_server_stops_says_it_stopped(mo
         asyncio.run(background.BackgroundResponses._admitted(None, rounds, None))  # type: ignore[arg-type]
     assert background.error_json(info.value) == {"code": "server_error",
                                                  "message": background.STOPPED}  # fmt: skip
+
+
+def test_a_stop_sequence_that_is_a_special_token_is_the_stop_reason(tokenizer):
+    """A stop sequence spelt as a special token stops on the token (its id is the engine's stop
+    reason, not the text): Messages said end_turn with stop_sequence null."""
+    from types import SimpleNamespace
+
+    from girandole.api.messages.shape import MessagesShape
+
+    turn = tokenizer.token_to_id("<start_of_turn>")
+    shape = SimpleNamespace(stop_sequences=["<start_of_turn>"])
+
+    def reason(stop_reason: int | str | None) -> tuple[str, str | None]:
+        last = SimpleNamespace(stop_reason=stop_reason)
+        choice = SimpleNamespace(finish_reason="stop", last=last, tokenizer=tokenizer)
+        return MessagesShape.stop_reason(shape, choice)  # type: ignore[arg-type]
+
+    assert reason(turn) == ("stop_sequence", "<start_of_turn>")
+    assert reason("<start_of_turn>") == ("stop_sequence", "<start_of_turn>")
+    assert reason(tokenizer.token_to_id("<end_of_turn>")) == ("end_turn", None)  # EOS
+    assert reason(None) == ("end_turn", None)

@@ -82,6 +82,8 @@ class MessagesShape(TranslatedShape):
         if choice.finish_reason == "length":
             return "max_tokens", None
         matched = choice.last.stop_reason if choice.last is not None else None
+        if isinstance(matched, int):  # a stop token: a special token's string is a sequence
+            matched = choice.tokenizer.id_to_token(matched)
         if isinstance(matched, str) and matched in self.stop_sequences:
             return "stop_sequence", matched
         return "end_turn", None
