@@ -23,12 +23,15 @@ default f16 cache does.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from girandole.model.attention import Attention
 from girandole.model.kernels import paged_attention
+
+logger = logging.getLogger(__name__)
 
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16}
 
@@ -91,6 +94,16 @@ def bind_kv_cache(
     and its group. `extra_blocks` lie past the pool's ids (the CUDA graphs' scratch slot)."""
     num_slots = (num_blocks + extra_blocks) * block_size
     width = max(len(g.layers) for g in groups)
+    element = torch.tensor([], dtype=dtype).element_size()
+    check_host_memory(
+        sum(
+            2 * num_slots * layer.num_kv_heads * layer.head_dim * element
+            for layer in (
+                next(g.layers[j] for g in groups if j < len(g.layers)) for j in range(width)
+            )
+        ),
+        device,
+    )
     tensors = []
     for j in range(width):
         first = next(g.layers[j] for g in groups if j < len(g.layers))
@@ -106,6 +119,42 @@ def bind_kv_cache(
         for j, layer in enumerate(group.layers):
             layer.k_cache, layer.v_cache = tensors[j]
             layer.kv_group = g
+
+
+def check_host_memory(nbytes: int, device: torch.device | str) -> None:
+    """A CPU cache's pages are mapped lazily (torch.zeros): one larger than the machine's memory
+    failed in the allocator with a message about alloc_cpu.cpp, or started and was killed for
+    memory once it filled. Refuse one larger than the machine, naming the setting; warn of one
+    larger than the memory free now."""
+    if torch.device(device).type != "cpu":
+        return  # a GPU allocates at once and says so
+    total, available = _meminfo("MemTotal"), _meminfo("MemAvailable")
+    gib = 1 << 30
+    if total is not None and nbytes > total:
+        raise ValueError(
+            f"the KV cache needs {nbytes / gib:.1f} GiB (--kv-cache-gb), more than this"
+            f" machine's {total / gib:.1f} GiB of memory: lower --kv-cache-gb"
+        )
+    if available is not None and nbytes > available:
+        logger.warning(
+            "the KV cache (%.1f GiB, --kv-cache-gb) is larger than the memory free now"
+            " (%.1f GiB): the server may be killed for memory as the cache fills",
+            nbytes / gib,
+            available / gib,
+        )
+
+
+def _meminfo(name: str) -> int | None:
+    """A /proc/meminfo value in bytes (None: not Linux, or not listed)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == name:
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def bytes_per_block(groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:
