@@ -94,15 +94,8 @@ def bind_kv_cache(
     and its group. `extra_blocks` lie past the pool's ids (the CUDA graphs' scratch slot)."""
     num_slots = (num_blocks + extra_blocks) * block_size
     width = max(len(g.layers) for g in groups)
-    element = torch.tensor([], dtype=dtype).element_size()
     check_host_memory(
-        sum(
-            2 * num_slots * layer.num_kv_heads * layer.head_dim * element
-            for layer in (
-                next(g.layers[j] for g in groups if j < len(g.layers)) for j in range(width)
-            )
-        ),
-        device,
+        bytes_per_block(groups, block_size, dtype) * (num_blocks + extra_blocks), device
     )
     tensors = []
     for j in range(width):
