@@ -267,6 +267,36 @@ def test_bad_input_is_reported_on_the_page(open_server, page):
     assert "top_k" in page.text_content("#error")
 
 
+def test_a_failed_request_leaves_no_empty_answer_behind(open_server, page):
+    """A 400 shows its error and no answer; sent again, the conversation is the user's turn alone
+    (before: an empty assistant message stayed, and went back as an empty assistant turn)."""
+    open_page(page, open_server)
+    sent = posts(page)
+    fill(page, max_tokens=3, top_k=500)
+    page.fill("#input", "Hi")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('400')")
+    page.wait_for_function("!document.body.classList.contains('busy')")
+    assert page.locator(".msg").count() == 1 and page.locator(".msg.assistant").count() == 0
+    fill(page, top_k="")
+    page.click("#send")
+    finished(page)
+    assert sent[-1][1]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert page.locator(".msg").count() == 2 and page.locator(".versions").count() == 0
+    fill(page, top_k=500)  # a failed regeneration keeps the answer there, and no new version
+    page.click(".msg.assistant .act-regenerate")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('400')")
+    page.wait_for_function("!document.body.classList.contains('busy')")
+    assert page.locator(".msg").count() == 2 and page.locator(".versions").count() == 0
+    assert page.text_content(".msg.assistant .stats")  # the first answer, shown again
+    page.uncheck("#use-chat")  # raw mode: no empty completion under the error
+    page.fill("#raw-prompt", "Once upon a time")
+    page.click("#raw-send")
+    page.wait_for_function("!document.body.classList.contains('busy')")
+    assert "top_k" in page.text_content("#error")
+    assert page.locator("#raw-output .msg").count() == 0
+
+
 def test_edit_regenerate_delete_export_import(open_server, page, tmp_path):
     open_page(page, open_server)
     sent = posts(page)

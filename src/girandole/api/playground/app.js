@@ -460,6 +460,13 @@ function addVersion(parent, m) {
   return m;
 }
 
+// Take version `m` (one without children) away from `parent`, showing version `active` again.
+function removeVersion(parent, m, active) {
+  const at = parent.children.indexOf(m);
+  if (at >= 0) parent.children.splice(at, 1);
+  parent.active = Math.max(0, Math.min(active, parent.children.length - 1));
+}
+
 // Delete the branch's message `i` (that version and everything after it); the previous version,
 // if any, is shown instead.
 function deleteAt(i) {
@@ -494,9 +501,17 @@ function readChunk(chunk, m, seen) {
   }
 }
 
+// Whether nothing of answer `m` came: no text, reasoning, tokens or tool calls.
+function isEmpty(m) {
+  return !(m.tools && m.tools.length) && m.choices.every(
+    (c) => !c.content && !c.reasoning && !(c.tokens && c.tokens.length));
+}
+
 // Stream one request into assistant message `m` (its choices grow as events arrive; `read`
-// takes one event: readChunk, or readEvent for /v1/responses).
-async function run(path, body, m, { onDone, read = readChunk } = {}) {
+// takes one event: readChunk, or readEvent for /v1/responses). A request that fails before any
+// of the answer came calls `drop` (the caller takes the empty message away: sent again, the
+// conversation would carry it as an empty assistant turn); the error stays shown.
+async function run(path, body, m, { drop, read = readChunk } = {}) {
   hideError();
   const controller = new AbortController();
   state.controller = controller;
@@ -528,7 +543,7 @@ async function run(path, body, m, { onDone, read = readChunk } = {}) {
     setBusy(false);
   }
   m.stats = stats(seen.usage, seen.perf, started, seen.firstToken, m);
-  if (onDone) onDone();
+  if (m.error && isEmpty(m) && drop) drop();
   render();
 }
 
@@ -603,9 +618,11 @@ async function replyAt(at) {
   }
   const body = withFields({ model: $("model").value, messages: chatMessages(at) }, true);
   if (!body) return;
-  const m = addVersion(parentAt(at), newMessage("assistant"));
+  const parent = parentAt(at);
+  const shown = parent.active;
+  const m = addVersion(parent, newMessage("assistant"));
   render();
-  await run("/v1/chat/completions", body, m);
+  await run("/v1/chat/completions", body, m, { drop: () => removeVersion(parent, m, shown) });
 }
 
 // A user message edited and sent again: the edit as a new version of it, then its answer.
@@ -626,18 +643,22 @@ async function replyWithTools(at) {
   }
   const m = newMessage("assistant");
   m.tools = [];
-  addVersion(parentAt(at), m);
+  const parent = parentAt(at);
+  const shown = parent.active;
+  addVersion(parent, m);
   render();
-  await run("/v1/responses", body, m, { read: readEvent });
+  await run("/v1/responses", body, m,
+    { read: readEvent, drop: () => removeVersion(parent, m, shown) });
 }
 
 async function sendRaw() {
   if (state.controller) return;
   const body = withFields({ model: $("model").value, prompt: $("raw-prompt").value }, false);
   if (!body) return;
-  state.raw = newMessage("assistant");
+  const m = newMessage("assistant");
+  state.raw = m;
   render();
-  await run("/v1/completions", body, state.raw);
+  await run("/v1/completions", body, m, { drop: () => { if (state.raw === m) state.raw = null; } });
 }
 
 // Token view: take token `t` of choice `choice` of message `m`, replace it with `alt` and let
