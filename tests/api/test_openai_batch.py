@@ -251,3 +251,20 @@ def test_keys_see_their_own_account_and_roles_hold(client, server):
     assert httpx.get(f"{server.url}/v1/batches/{batch.id}", headers=reader).status_code == 200
     assert httpx.get(server.url + "/v1/files", headers={}).status_code == 401
     wait_for(client, batch.id)
+
+
+def test_a_custom_id_that_is_not_text_is_a_400_naming_the_line(client, server):
+    """JSON's "\\ud800" is an unpaired surrogate, which no UTF-8 file or database row holds:
+    it was accepted, its line ran, and then the whole batch failed (INTERNAL,
+    UnicodeEncodeError) when the result was stored."""
+    lone = jsonl([line("ok", "hi", max_tokens=1), line("q\ud800", "hi", max_tokens=1)])
+    assert b'"q\\ud800"' in lone  # json.dumps escapes it
+    uploaded = client.files.create(file=("lone.jsonl", lone), purpose="batch")
+    response = httpx.post(
+        server.url + "/v1/batches", headers=server.headers,
+        json={"input_file_id": uploaded.id, "endpoint": CHAT, "completion_window": "24h"},
+    )  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "input_file_id"
+    assert "line 2" in error["message"] and "surrogate" in error["message"], error

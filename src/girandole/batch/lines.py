@@ -88,12 +88,27 @@ def _parse_line(number: int, raw: str) -> dict[str, Any]:
             f"line {number}: custom_id must be a non-empty string of at most {MAX_CUSTOM_ID}"
             " characters"
         )
+    if not _is_text(custom_id):
+        raise InputError(
+            f"line {number}: custom_id {custom_id!r} holds an unpaired UTF-16 surrogate (a lone"
+            " \\ud800-\\udfff escape), which is not text: use characters that UTF-8 can hold"
+        )
     if not isinstance(item.get("body"), dict):
         raise InputError(f"line {number}: body must be a JSON object (the request)")
     method = item.get("method", "POST")
     if method != "POST":
         raise InputError(f"line {number}: method must be POST, got {method!r}")
     return item
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` holds no unpaired surrogate (JSON's "\\ud800" escapes one), which
+    could not be stored or written out as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _loads(text: str, what: str) -> Any:
