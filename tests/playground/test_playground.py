@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from api_helpers import API_KEY, MODEL
+from api_helpers import API_KEY, MODEL, api_conftest
 
 pytestmark = pytest.mark.slow
 
@@ -854,6 +854,35 @@ def test_reasoning_effort_in_mcp_mode_is_responses_reasoning_effort(qwen_server,
         assert "completion" in page.text_content(".msg:nth-child(4) .stats")
     finally:
         mcp.stop()
+
+
+def test_a_server_gone_mid_stream_and_down_is_said_on_the_page(tmp_path, tiny_qwen3_dir, page):
+    """Killed mid-answer: the page says the connection was lost (before: the browser's bare
+    "network error"), keeps what came with "finish: error"; then down: it says it cannot reach
+    the server (before: "Failed to fetch")."""
+    helpers = api_conftest()
+    server = helpers.start_server(tmp_path, "--model", str(tiny_qwen3_dir), "--kv-cache-gb",
+                                  "0.02", "--max-model-len", "2048", api_key=None)  # fmt: skip
+    try:
+        open_page(page, server)
+        fill(page, max_tokens=1800)
+        page.check("#p-ignore_eos")
+        page.uncheck("#p-logprobs")
+        page.fill("#input", "Go on.")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('.msg.assistant .text')?.textContent")
+        server.process.kill()
+        finished(page)
+    finally:
+        helpers.stop_server(server)
+    error = page.text_content("#error")
+    assert "connection to the server was lost" in error, error
+    assert page.text_content(".msg.assistant .text")  # what came is kept
+    assert "finish: error" in page.text_content(".msg.assistant .stats")
+    page.fill("#input", "Still there?")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.includes('reach')")
+    assert f"Could not reach the server at {server.url}" in page.text_content("#error")
 
 
 def test_continuing_inside_the_thinking_block_is_a_version_that_thinks_on(qwen_server, page):

@@ -75,12 +75,19 @@ async function apiFetch(path, { body, signal } = {}) {
     const headers = {};
     if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const res = await fetch(path, {
-      method: body === undefined ? "GET" : "POST",
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-      signal,
-    });
+    let res;
+    try {
+      res = await fetch(path, {
+        method: body === undefined ? "GET" : "POST",
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal,
+      });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      // the browser's own words ("Failed to fetch") say neither what failed nor what to do
+      throw new ApiError(0, `Could not reach the server at ${location.origin} (${err.message}): is it running?`);
+    }
     if (res.status === 401) {
       const message = await errorMessage(res);
       if (await askKey(message)) continue;
@@ -99,7 +106,14 @@ async function streamRequest(path, body, signal, onEvent) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(0, `The connection to the server was lost before the answer ended (${err.message})`);
+    }
+    const { value, done } = chunk;
     if (done) break;
     buffer += decoder.decode(value, { stream: true });
     let end;
@@ -529,11 +543,16 @@ async function run(path, body, m, { drop, read = readChunk } = {}) {
       read(event, m, seen);
       schedule();
     });
+    // every choice ends with a finish reason: a stream cut short (a server stopped) has none
+    if (!m.choices.every((c) => c.finish_reason)) {
+      throw new ApiError(0, "The server closed the stream before the answer ended");
+    }
   } catch (err) {
     if (err.name === "AbortError") {
       for (const choice of m.choices) choice.finish_reason = choice.finish_reason || "stopped";
     } else {
       m.error = err.message;
+      for (const choice of m.choices) choice.finish_reason = choice.finish_reason || "error";
       showError(err.message);
     }
   } finally {
