@@ -297,6 +297,28 @@ def test_a_failed_request_leaves_no_empty_answer_behind(open_server, page):
     assert page.locator("#raw-output .msg").count() == 0
 
 
+def test_a_number_box_holding_no_number_is_an_error_not_left_out(open_server, page):
+    """Typed "1e", seed reads as "" in the DOM: before, the request went unseeded and nothing
+    said so; now the page names the field and sends nothing."""
+    open_page(page, open_server)
+    sent = posts(page)
+    fill(page, max_tokens=3)
+    page.click("#p-seed")
+    page.keyboard.type("1e")
+    page.fill("#input", "Hi")
+    page.click("#send")
+    assert page.text_content("#error") == "seed is not a number"
+    page.click("#view-code")  # View code says the same
+    assert not page.is_visible("#code-dialog")
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", "a")
+    page.click("#embed-dimensions")
+    page.keyboard.type("-")
+    page.click("#embed-send")
+    assert page.text_content("#error") == "dimensions is not a number"
+    assert sent == []
+
+
 def test_edit_regenerate_delete_export_import(open_server, page, tmp_path):
     open_page(page, open_server)
     sent = posts(page)

@@ -254,8 +254,15 @@ function showApplied(header) {
   $("applied").textContent = `Last request ran with: ${JSON.stringify(applied)}`;
 }
 
+// A number box whose text is no number ("1e", "-") reads as "" in the DOM: it is an error, not
+// an empty field left out of the request.
+function checkNumberBox(input, name) {
+  if (input.validity && input.validity.badInput) throw new Error(`${name} is not a number`);
+}
+
 function readNumber(name) {
   const input = $(`p-${name}`);
+  checkNumberBox(input, name);
   if (input.value.trim() === "") return undefined;
   const value = Number(input.value);
   if (!Number.isFinite(value) || (INT_FIELDS.has(name) && !Number.isInteger(value))) {
@@ -749,6 +756,7 @@ function textLines(id) {
 }
 
 function readInt(id, name) {
+  checkNumberBox($(id), name);
   const text = $(id).value.trim();
   if (text === "") return undefined;
   const value = Number(text);
