@@ -355,7 +355,7 @@ def test_line_separators_inside_json_strings_are_text(batch):
     assert result["custom_id"] == "sep"
 
 
-def test_a_running_jobs_output_dataset_cannot_be_deleted(batch):
+def test_a_running_jobs_datasets_cannot_be_deleted(batch):
     batch.upload("keep-input", [chat_line(i) for i in range(300)])
     fw = batch.client()
     batch.start_job("keep-output", "keep-input", 8)
@@ -363,8 +363,12 @@ def test_a_running_jobs_output_dataset_cannot_be_deleted(batch):
     r = batch.http("DELETE", datasets + "/keep-output-output")
     error = _error(r, 400, "keep-output", "cancel the job")
     assert error["code"] == "FAILED_PRECONDITION"
+    # nor its input, which it reads again after a restart (deleted, the job failed then)
+    error = _error(batch.http("DELETE", datasets + "/keep-input"), 400, "keep-input", "cancel")
+    assert error["code"] == "FAILED_PRECONDITION"
     batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/keep-output:cancel")
     batch.wait("keep-output", lambda j: j.state == "JOB_STATE_CANCELLED")
+    assert batch.http("DELETE", datasets + "/keep-input").status_code == 200
     assert batch.http("DELETE", datasets + "/keep-output-output").status_code == 200
     # a dataset made again under that id starts empty
     leftover = batch.data / "datasets" / ACCOUNT / "keep-output-output"

@@ -120,7 +120,15 @@ def test_cancel_keeps_what_is_done(client, server):
         if result.result.type == "succeeded":  # stopped lines are not results
             assert result.result.message.stop_reason in ("end_turn", "max_tokens")
     assert client.messages.batches.cancel(batch.id).processing_status == "ended"  # again: as is
+    # its requests, a dataset: deleting them made the results a 500
+    requests_dataset = (
+        f"{server.url}/v1/accounts/{ACCOUNT}/datasets/{batch.id.replace('_', '-')}-input"
+    )
+    refused = httpx.delete(requests_dataset, headers=server.headers)
+    assert refused.status_code == 400 and "delete the message batch" in refused.text, refused.text
+    assert len(list(client.messages.batches.results(batch.id))) == 12
     client.messages.batches.delete(batch.id)
+    assert httpx.get(requests_dataset, headers=server.headers).status_code == 404
     server.wait_idle()
 
 

@@ -212,6 +212,18 @@ class BatchStore:
         )
         return [self.with_progress(account, j, json.loads(body)) for j, body in rows]
 
+    def job_reading(self, account: str, dataset_id: str) -> dict[str, Any] | None:
+        """A job that still needs the dataset as its input: one that has not ended (it reads
+        the file again when it resumes after a restart), or a message batch (its results are
+        read against its requests until the batch is deleted)."""
+        name = dataset_name(account, dataset_id)
+        for job in self.list_jobs(account):
+            if job.get("inputDatasetId") == name and (
+                job.get("state") not in FINAL or "anthropic" in job
+            ):
+                return job
+        return None
+
     def runnable_jobs(self) -> list[tuple[str, str]]:
         """(account, job id) of the jobs to run, oldest first."""
         rows = self.db.execute("SELECT account, job_id, body FROM batch_jobs ORDER BY created")

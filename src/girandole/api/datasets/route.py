@@ -518,5 +518,22 @@ async def delete_dataset(dataset_id: str, request: Request, account: str = Accou
             f" job has not ended ({job['state']}): cancel the job or wait for it first",
             code="FAILED_PRECONDITION",
         )
+    reader = store.job_reading(account, dataset_id)
+    if reader is not None:
+        raise APIError(400, input_in_use(body["name"], reader), code="FAILED_PRECONDITION")
     store.delete_dataset(account, dataset_id)
     return {}
+
+
+def input_in_use(what: str, job: dict[str, Any]) -> str:
+    """Why the input of `job` (a dataset or an uploaded file, `what`) cannot be deleted now."""
+    for api, kind, then in (
+        ("anthropic", "message batch", "delete the message batch, which deletes its requests"),
+        ("openai", "batch", "cancel the batch or wait for it to end first"),
+    ):
+        if api in job:
+            return f"{what} is the input of {kind} {job[api]['id']}: {then}"
+    return (
+        f"{what} is the input of batch job {job['name']}, which has not ended ({job['state']}):"
+        " cancel the job or wait for it first"
+    )

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 
 from girandole.api.datasets.route import (
     created_by,
+    input_in_use,
     mark_ready,
     multipart_parts,
     new_dataset,
@@ -148,6 +149,13 @@ async def file_content(file_id: str, request: Request, account: str = KeyAccount
 
 @router.delete("/files/{file_id}", summary="Delete a file")
 async def delete_file(file_id: str, request: Request, account: str = KeyAccount) -> Any:
+    record = get_file(request, account, file_id)
+    reader = files_of(request).batch.job_reading(account, record.dataset_id)
+    if record.dataset_id == file_id and reader is not None:  # an upload a batch still reads
+        raise APIError(
+            400, input_in_use(f"File {file_id}", reader), param="file_id",
+            code="FAILED_PRECONDITION",
+        )  # fmt: skip
     if not files_of(request).delete(account, file_id):
         raise no_such_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
