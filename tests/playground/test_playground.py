@@ -416,6 +416,26 @@ def test_code_snippets_run_as_shown(keyed_server, context, page, tmp_path):
     assert out.returncode == 0 and out.stdout == text + "\n", out
 
 
+def test_raw_mode_openai_snippet_runs_as_shown(open_server, page):
+    """Raw mode with the token view's top_logprobs and JSON mode: the openai snippet called
+    completions.create(top_logprobs=..., response_format=...), which that method does not take
+    (a TypeError); they now go in extra_body, and it prints the API's greedy answer."""
+    open_page(page, open_server)
+    page.uncheck("#use-chat")
+    page.fill("#raw-prompt", "A JSON object:")
+    fill(page, max_tokens=6, temperature=0)  # logprobs on: top_logprobs 5 is sent
+    page.select_option("#p-format", "json_object")
+    page.click("#view-code")
+    code = snippet(page, "openai")
+    assert "client.completions.create(" in code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, (code, out.stderr)
+    body = {"prompt": "A JSON object:", "max_tokens": 6, "temperature": 0,
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    assert out.stdout == api(open_server, COMPLETIONS, body)["choices"][0]["text"] + "\n"
+
+
 def test_n_choices_stream_side_by_side(open_server, page):
     body = {"prompt": "Once upon a time", "max_tokens": 6, "n": 2, "seed": 3, "ignore_eos": True}
     expected = [c["text"] for c in api(open_server, COMPLETIONS, body)["choices"]]

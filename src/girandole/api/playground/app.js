@@ -23,11 +23,17 @@ const FALLBACKS = {
   temperature: 1, top_p: 1, top_k: 0, min_p: 0, typical_p: 1, presence_penalty: 0,
   frequency_penalty: 0, repetition_penalty: 1,
 };
-// Arguments the openai SDK's create() names; anything else travels in extra_body.
-const OPENAI_ARGS = new Set([
-  "model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop",
+// Arguments the openai SDK's chat.completions.create() names; anything else travels in
+// extra_body.
+const CHAT_ARGS = new Set([
+  "model", "messages", "max_tokens", "temperature", "top_p", "n", "seed", "stop",
   "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-  "response_format", "echo", "user", "reasoning_effort",
+  "response_format", "user", "reasoning_effort",
+]);
+// Those its completions.create() names: no top_logprobs or response_format (a TypeError there).
+const COMPLETIONS_ARGS = new Set([
+  "model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop",
+  "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "echo", "user", "suffix",
 ]);
 // Arguments the openai SDK's embeddings.create() names (normalize travels in extra_body).
 const EMBEDDINGS_ARGS = new Set(["model", "input", "dimensions", "encoding_format", "user"]);
@@ -1219,7 +1225,7 @@ const SNIPPETS = {
     const extra = {};
     const responses = path.endsWith("/responses"); // every field a responses.create argument
     const embeddings = path.endsWith("/embeddings");
-    const known = embeddings ? EMBEDDINGS_ARGS : OPENAI_ARGS;
+    const known = embeddings ? EMBEDDINGS_ARGS : path.includes("chat") ? CHAT_ARGS : COMPLETIONS_ARGS;
     for (const [k, v] of Object.entries(body)) (responses || known.has(k) ? args : extra)[k] = v;
     if (Object.keys(extra).length) args.extra_body = extra;
     const method = responses ? "client.responses.create" : embeddings ? "client.embeddings.create"
