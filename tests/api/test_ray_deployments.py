@@ -416,6 +416,22 @@ def test_manual_scale(plane):
     fw.deployments.delete("manual")
 
 
+def test_an_update_of_the_range_or_policy_reaches_ray(plane):
+    # before: an update reached Ray only when it changed desiredReplicaCount; a lowered
+    # minReplicaCount with a short scaleToZeroWindow was stored and shown, and the replica ran on
+    # (Ray kept the old min_replicas) for as long as the deployment lived
+    fw = plane.fw()
+    fw.deployments.create(base_model=MODEL, deployment_id="relax", min_replica_count=1)
+    plane.wait("relax", 1)
+    updated = fw.deployments.update(
+        "relax", base_model=MODEL, min_replica_count=0,
+        autoscaling_policy={"scale_down_window": "1s", "scale_to_zero_window": "2s"},
+    )  # fmt: skip
+    assert updated.min_replica_count == 0
+    plane.wait("relax", 0, timeout=90)  # idle: Ray takes it to zero, as the new policy says
+    fw.deployments.delete("relax")
+
+
 def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tmp_path):
     # before: `--ray` without an address joined the cluster last started on this machine (the
     # plane's), put its applications there, and on stopping shut Ray Serve down there: every

@@ -118,10 +118,12 @@ class Backend(ABC):
         """Raise DeploymentError (400, saying why) when this backend cannot run n replicas."""
 
     @abstractmethod
-    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None, *, manual: bool = True) -> None:
         """Move the deployment toward n replicas and return at once; replicas start and stop in
         the background. `record` (the DeploymentRecord) carries the replica range and
-        autoscaling policy. Raises DeploymentError when they cannot start (memory)."""
+        autoscaling policy. `manual`: a `:scale` (an autoscaling backend holds n for a while);
+        False: an update of the record, whose range and policy apply at once. Raises
+        DeploymentError when they cannot start (memory)."""
 
     def wake(self, deployment: str) -> None:
         """A request found the deployment without a ready replica (an autoscaling backend

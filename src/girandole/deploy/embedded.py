@@ -98,7 +98,7 @@ class EmbeddedBackend(Backend):
                 param,
             )
 
-    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None, *, manual: bool = True) -> None:
         self.check_replica_count(n, "replicaCount")
         with self._lock:
             replica = self._replicas.get(spec.deployment)

@@ -216,8 +216,16 @@ class DeploymentManager:
                 and desired > 0
                 and updated.max_context_length != record.max_context_length
             )
-            if desired != record.desired_replica_count or restart:
-                self._scale(updated, desired)
+            # the range and the policy are Ray's autoscaling config: a change of them alone
+            # must reach the backend too (before, only a changed replica count did: a lowered
+            # minReplicaCount or a new scaleToZeroWindow never took effect on Ray)
+            policy_changed = (
+                updated.min_replica_count,
+                updated.max_replica_count,
+                updated.autoscaling_policy,
+            ) != (record.min_replica_count, record.max_replica_count, record.autoscaling_policy)
+            if desired != record.desired_replica_count or restart or policy_changed:
+                self._scale(updated, desired, manual=False)
                 if restart:
                     updated.state = "UPDATING"
             updated.desired_replica_count = desired
@@ -374,12 +382,14 @@ class DeploymentManager:
         body["replicaStats"] = stats.to_json()
         return body
 
-    def _scale(self, record: DeploymentRecord, n: int) -> None:
-        """Ask the backend for n replicas (stopping needs no base model: it may be gone)."""
+    def _scale(self, record: DeploymentRecord, n: int, *, manual: bool = True) -> None:
+        """Ask the backend for n replicas (stopping needs no base model: it may be gone);
+        `manual` False: an update of the record's range or policy, not a `:scale`."""
         if n == 0:
-            self.backend.scale(ReplicaSpec(record.name, None, self.kv_cache_gb, None), 0, record)
+            spec = ReplicaSpec(record.name, None, self.kv_cache_gb, None)
+            self.backend.scale(spec, 0, record, manual=manual)
         else:
-            self.backend.scale(self._spec(record), n, record)
+            self.backend.scale(self._spec(record), n, record, manual=manual)
 
     def registry_model(self, account: str, text: str) -> Any:
         """The model of the registry that `text` (accounts/<a>/models/<m>, or <m> of `account`)

@@ -445,7 +445,9 @@ class RayBackend(Backend):
     def check_replica_count(self, n: int, param: str) -> None:
         return None  # Ray places as many as the cluster holds; the rest wait for resources
 
-    def scale(self, spec: ReplicaSpec, n: int, record: Any = None) -> None:
+    def scale(self, spec: ReplicaSpec, n: int, record: Any = None, *, manual: bool = True) -> None:
+        """A `:scale` (manual) holds a floor or cap of n for a window; an update of the record
+        (manual False) hands Ray the new range and policy at once, ending any hold."""
         name = spec.deployment
         policy = ScalingPolicy.of(record) if record is not None else ScalingPolicy(n, max(n, 1))
         with self._lock:
@@ -466,9 +468,9 @@ class RayBackend(Backend):
                 running = app.stats.ready + app.stats.initializing
                 now = time.time()
                 app.floor = app.cap = None
-                if n > running:
+                if manual and n > running:
                     app.floor, app.hold_until = n, now + policy.scale_down_window
-                elif n < running:
+                elif manual and n < running:
                     app.cap, app.hold_until = n, now + policy.scale_up_window
             app.generation += 1
         self._control.submit(self._deploy, name, app)
