@@ -6,6 +6,7 @@ job seen through Fireworks' batch API; other accounts and read-only keys kept ou
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -272,3 +273,31 @@ def test_a_custom_id_that_is_not_text_is_a_400_naming_the_line(client, server):
     error = response.json()["error"]
     assert error["param"] == "input_file_id"
     assert "line 2" in error["message"] and "surrogate" in error["message"], error
+
+
+def test_the_server_answers_while_a_large_batch_is_checked(client, server):
+    """Creating a batch reads and checks its whole file (here 50,000 lines, 100 MB: seconds).
+    That ran on the event loop, so every other request (a stream's next token, /health) waited
+    for it; it runs beside it now: a request sent meanwhile is answered first."""
+    pad = "word " * 400
+    big = jsonl([line(f"c{i}", pad, max_tokens=1) for i in range(50_000)])
+    uploaded = client.files.create(file=("big.jsonl", big), purpose="batch")
+    del big
+    created: dict = {}
+
+    def create() -> None:
+        created["batch"] = client.batches.create(
+            input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h"
+        )
+        created["at"] = time.monotonic()
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    time.sleep(0.3)  # the check under way
+    assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+    answered = time.monotonic()
+    thread.join()
+    assert answered < created["at"], "/health waited for the batch's file to be checked"
+    client.batches.cancel(created["batch"].id)
+    wait_for(client, created["batch"].id)
+    server.wait_idle()

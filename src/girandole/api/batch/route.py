@@ -16,6 +16,7 @@ waits (JOB_STATE_PENDING) for the runner (girandole.batch.runner).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -187,7 +188,8 @@ async def create_job(
     except InputError as exc:
         raise bad_request(str(exc), "inferenceParameters") from None
     input_id = own_dataset_id(account, body.inputDatasetId, "inputDatasetId")
-    total = input_lines(request, account, input_id)
+    # reading and checking up to 500 MB of lines takes seconds: off the event loop
+    total = await asyncio.to_thread(input_lines, request, account, input_id)
     output_id = own_dataset_id(
         account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
     )

@@ -20,6 +20,7 @@ batch's `endpoint` and name the same model (OpenAI's rules), which the key must 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -206,7 +207,10 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
             f"completion_window must be '{WINDOW}', got {body.completion_window[:32]!r}",
             "completion_window",
         )
-    model, total = batch_model(request, account, body.input_file_id, endpoint)
+    # reading and checking up to 500 MB of lines takes seconds: off the event loop
+    model, total = await asyncio.to_thread(
+        batch_model, request, account, body.input_file_id, endpoint
+    )
     resolve_target(request, request.app.state.girandole, model, None)  # 404 when out of reach
     hexid = uuid.uuid4().hex
     batch_id, job_id = f"batch_{hexid}", f"batch-{hexid}"
