@@ -681,6 +681,22 @@ def test_back_to_generate_still_chats(open_server, page):
     assert "completion" in page.text_content(".msg.assistant .stats")
 
 
+def test_a_phone_wide_window_scrolls_no_page_sideways(open_server, page):
+    """At 360 pixels the model picker (320 at least) and the embeddings tables made the whole
+    page scroll sideways, header and all; now the picker shrinks and the tables scroll alone."""
+    page.set_viewport_size({"width": 360, "height": 800})
+    open_page(page, open_server)
+    width = "[document.documentElement.scrollWidth, window.innerWidth]"
+    assert page.evaluate(width) == [360, 360]
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", "\n".join("abcdefgh"))
+    page.click("#embed-send")
+    page.wait_for_selector("#embed-output:not([hidden])")
+    assert page.evaluate(width) == [360, 360]
+    matrix = page.locator("#embed-matrix")
+    assert matrix.evaluate("t => t.scrollWidth > t.clientWidth")  # it scrolls, on its own
+
+
 def test_view_code_for_embeddings_and_rerank(open_server, page, tmp_path):
     """The snippets run as shown and print what the API answers: the openai SDK's
     embeddings.create, and httpx for rerank (no SDK has it)."""
