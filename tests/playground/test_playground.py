@@ -185,6 +185,23 @@ def test_token_view_continues_from_an_alternative(open_server, page):
     assert page.locator("#raw-output .tok").nth(1).text_content() == alt["token"]
 
 
+def test_a_newline_token_can_be_seen_and_clicked(open_server, page):
+    """A newline token was drawn as a 2-pixel sliver: no one could see or click it to read its
+    logprob and alternatives. It now shows a mark; its text stays the token's."""
+    open_page(page, open_server)
+    page.uncheck("#use-chat")
+    page.fill("#raw-prompt", "One line")
+    fill(page, max_tokens=2, logit_bias='{"107": 100}')  # 107: "\n"
+    page.click("#raw-send")
+    finished(page, "#raw-output")
+    page.click("#raw-output .act-tokens")
+    newline = page.locator("#raw-output .tok").first
+    assert newline.text_content() == "\n"
+    assert newline.bounding_box()["width"] >= 6, newline.bounding_box()
+    newline.click()
+    assert '"\\n" id 107' in page.text_content("#token-popup")
+
+
 def test_chat_continues_the_answer_from_an_alternative(open_server, page):
     open_page(page, open_server)
     sent = posts(page)

@@ -1107,7 +1107,16 @@ function tokenView(m) {
   m.choices[m.sel].tokens.forEach((entry, t) => {
     const span = document.createElement("span");
     span.className = "tok";
-    span.textContent = entry.token;
+    // a newline is drawn as a mark (an empty element: the text stays the token's), else a
+    // newline token is a sliver one can neither see nor click
+    entry.token.split("\n").forEach((part, k) => {
+      if (k) {
+        const mark = document.createElement("i");
+        mark.className = "nl";
+        span.append(mark, "\n");
+      }
+      if (part) span.append(part);
+    });
     span.style.background = colour(entry.logprob);
     span.title = `${entry.token_id}: p=${Math.exp(entry.logprob).toFixed(3)}`;
     span.addEventListener("click", (event) => {
