@@ -336,6 +336,26 @@ def test_a_number_box_holding_no_number_is_an_error_not_left_out(open_server, pa
     assert sent == []
 
 
+def test_a_right_to_left_line_reads_right_to_left(open_server, page):
+    """An Arabic message was laid out left to right: its final "!" stood at the right end, after
+    the words as an Arabic reader sees them; each line now takes its direction from its text."""
+    open_page(page, open_server)
+    fill(page, max_tokens=1)
+    page.fill("#input", "Hello!\nمرحبا بالعالم!")
+    page.click("#send")
+    finished(page)
+    # the x of the "!" and of the first letter of each line, as drawn
+    xs = page.evaluate("""() => {
+        const node = document.querySelector('.msg.user .text').firstChild;
+        const x = (i) => { const r = document.createRange(); r.setStart(node, i);
+                           r.setEnd(node, i + 1); return r.getBoundingClientRect().left; };
+        const text = node.textContent, second = text.indexOf('\\n') + 1;
+        return [x(0), x(second - 2), x(second), x(text.length - 1)];
+    }""")
+    assert xs[1] > xs[0]  # English: the "!" right of the "H"
+    assert xs[3] < xs[2], xs  # Arabic: the "!" left of the first letter
+
+
 def test_edit_regenerate_delete_export_import(open_server, page, tmp_path):
     open_page(page, open_server)
     sent = posts(page)
