@@ -396,6 +396,22 @@ def test_edit_regenerate_delete_export_import(open_server, page, tmp_path):
     assert page.input_value("#p-max_tokens") == "3"
 
 
+def test_import_sets_the_panel_fields_only(open_server, page, tmp_path):
+    """A file whose parameters named another element of the page ("import", "system") had the
+    page set it: the file input threw, the import stopped half done (the conversation not
+    drawn); now only the panel's fields are read."""
+    open_page(page, open_server)
+    tree = {"children": [{"role": "user", "choices": [{"content": "<b>hi</b>"}], "children": []}]}
+    path = tmp_path / "conversation.json"
+    path.write_text(json.dumps({"format": "girandole-playground/2", "system": "Be brief.",
+                                "tree": tree, "parameters": {"import": "x", "system": "no",
+                                                             "p-max_tokens": "5"}}))  # fmt: skip
+    page.set_input_files("#import", str(path))
+    page.wait_for_selector(".msg.user")
+    assert page.text_content(".msg.user .text") == "<b>hi</b>"  # drawn as text
+    assert page.input_value("#system") == "Be brief." and page.input_value("#p-max_tokens") == "5"
+
+
 def test_keys_on_server_asks_for_a_key_on_401(keyed_server, page):
     page.goto(keyed_server.url + "/")
     dialog = page.locator("#key-dialog")

@@ -1414,7 +1414,8 @@ async function importConversation(file) {
   state.raw = (data.raw && data.raw.completion) || null;
   for (const [id, value] of Object.entries(data.parameters || {})) {
     const input = $(id);
-    if (!input) continue;
+    // the panel's fields only, as exported: another id names another part of the page
+    if (!input || !$("params").contains(input) || input.type === "file") continue;
     if (input.type === "checkbox") input.checked = Boolean(value);
     else input.value = value;
   }
