@@ -23,6 +23,7 @@ import openai
 import pytest
 from conftest import start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
 
+from girandole.deploy.ray_backend import app_name_of
 from girandole.registry.keystore import Database
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray[serve]")
@@ -430,6 +431,48 @@ def test_an_update_of_the_range_or_policy_reaches_ray(plane):
     assert updated.min_replica_count == 0
     plane.wait("relax", 0, timeout=90)  # idle: Ray takes it to zero, as the new policy says
     fw.deployments.delete("relax")
+
+
+def test_ids_with_double_hyphens_are_applications_of_their_own(plane):
+    # before: acme--x/y and acme/x--y were both Ray Serve's application girandole--acme--x--y: the
+    # second create took over the first's replica, and deleting either left the other READY
+    # with no replica, answering 503 DEPLOYMENT_SCALING_UP to every request
+    db = Database.in_folder(plane.data)
+    try:
+        key, _ = db.create_key("acme--x")
+    finally:
+        db.close()
+    added = girandole(
+        "models", "add", "--data-dir", str(plane.data), "--account", "acme--x",
+        "tiny-llama", str(plane.tiny),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    other = fireworks.Fireworks(
+        api_key=key, account_id="acme--x", base_url=plane.server.url, max_retries=0
+    )
+    other.deployments.create(base_model="accounts/acme--x/models/tiny-llama", deployment_id="y")
+    fw = plane.fw()
+    fw.deployments.create(base_model=MODEL, deployment_id="x--y")
+    plane.wait("x--y", 1)
+    deadline = time.monotonic() + 300
+    while other.deployments.get("y").replica_count != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    fw.deployments.delete("x--y")
+    deadline = time.monotonic() + 60
+    while replica_pids(app_name_of(f"accounts/{ACCOUNT}/deployments/x--y")):
+        assert time.monotonic() < deadline  # the deleted one's replica stops
+        time.sleep(0.5)
+    time.sleep(2)  # Serve's status read again: the other's replica runs on
+    assert other.deployments.get("y").replica_count == 1
+    r = httpx.post(
+        plane.server.url + "/v1/completions",
+        json={"model": "accounts/acme--x/models/tiny-llama", "prompt": "hi", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    other.deployments.delete("y")
 
 
 def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tmp_path):

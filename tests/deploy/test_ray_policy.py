@@ -55,6 +55,10 @@ def test_prefix_hashes_are_chained_whole_blocks():
 
 def test_app_names():
     assert app_name_of("accounts/acme/deployments/pair") == "girandole--acme--pair"
+    # ids may hold "--" themselves: two deployments never share one application
+    assert app_name_of("accounts/acme--x/deployments/y") != app_name_of(
+        "accounts/acme/deployments/x--y"
+    )
 
 
 class Context:

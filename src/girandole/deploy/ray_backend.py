@@ -132,8 +132,13 @@ def autoscaling_config(
 
 
 def app_name_of(deployment: str) -> str:
-    """Serve's application name of accounts/<a>/deployments/<d>."""
+    """Serve's application name of accounts/<a>/deployments/<d>: `girandole--<a>--<d>`, or
+    `girandole_<a>_<d>` when an id holds "--" itself (ids may: acme--x/y and acme/x--y were both
+    girandole--acme--x--y, one application, so deleting either took the other's replicas away;
+    "_" is in no id, and the usual names stay those of the applications already running)."""
     _, account, _, deployment_id = deployment.split("/")
+    if "--" in account or "--" in deployment_id:
+        return f"girandole_{account}_{deployment_id}"
     return f"girandole--{account}--{deployment_id}"
 
 
