@@ -355,6 +355,22 @@ def test_line_separators_inside_json_strings_are_text(batch):
     assert result["custom_id"] == "sep"
 
 
+def test_a_dataset_of_several_files_is_read_as_one(batch):
+    """Two uploads to a dataset, each without a newline at its end: the first file's last
+    line ran into the second's first ("line 1 is not valid JSON: Extra data"), though the
+    dataset counted both."""
+    fw = batch.client()
+    fw.datasets.create(dataset_id="two-files", dataset={})
+    for i in (1, 2):
+        fw.datasets.upload("two-files", file=(f"part{i}.jsonl", json.dumps(chat_line(i)).encode()))
+    assert fw.datasets.get("two-files").example_count == "2"
+    batch.start_job("two-files-job", "two-files", 2)
+    done = batch.wait("two-files-job", lambda j: j.state == "JOB_STATE_COMPLETED")
+    assert done.job_progress.total_input_requests == 2
+    results = batch.download(done.output_dataset_id)["results.jsonl"]
+    assert sorted(r["custom_id"] for r in results) == ["req-1", "req-2"]
+
+
 def test_a_running_jobs_datasets_cannot_be_deleted(batch):
     batch.upload("keep-input", [chat_line(i) for i in range(300)])
     fw = batch.client()

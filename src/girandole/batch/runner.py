@@ -168,7 +168,7 @@ class BatchRunner:
         files = self.store.dataset_files(account, input_id)
 
         def read() -> list[InputLine]:  # seconds for hundreds of MB: off the event loop
-            return read_input(b"".join(p.read_bytes() for p in files), MAX_INPUT_LINES)
+            return read_input(self.store.dataset_bytes(account, input_id), MAX_INPUT_LINES)
 
         try:
             if not files:

@@ -161,6 +161,15 @@ class BatchStore:
             return []
         return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
+    def dataset_bytes(self, account: str, dataset_id: str) -> bytes:
+        """The dataset's files one after another, as a batch job reads them: each ends at a
+        newline (the last line of a file without one would run into the next file's first)."""
+        parts = []
+        for path in self.dataset_files(account, dataset_id):
+            data = path.read_bytes()
+            parts.append(data if data.endswith(b"\n") or not data else data + b"\n")
+        return b"".join(parts)
+
     def write_file(self, account: str, dataset_id: str, filename: str, data: bytes) -> Path:
         """Write a dataset file whole (through a temporary file: a reader never sees half)."""
         folder = self.dataset_dir(account, dataset_id)

@@ -132,7 +132,7 @@ def input_lines(request: Request, account: str, input_id: str) -> int:
             "inputDatasetId",
         )
     try:
-        data = b"".join(p.read_bytes() for p in files)
+        data = store.dataset_bytes(account, input_id)
         return len(read_input(data, MAX_INPUT_LINES))
     except InputError as exc:
         raise bad_request(f"inputDatasetId: {name}: {exc}", "inputDatasetId") from None

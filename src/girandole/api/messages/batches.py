@@ -242,8 +242,8 @@ def result_lines(store: BatchStore, account: str, job: dict[str, Any]) -> bytes:
     """Every request's result, in request order: succeeded (the message), errored (Anthropic's
     error body), canceled (never ran: the batch was cancelled)."""
     job_id = id_in(job, "name")
-    files = store.dataset_files(account, id_in(job, "inputDatasetId"))
-    requests = read_input(b"".join(p.read_bytes() for p in files), MAX_INPUT_LINES)
+    data = store.dataset_bytes(account, id_in(job, "inputDatasetId"))
+    requests = read_input(data, MAX_INPUT_LINES)
     done = store.results_by_line(account, job_id)
     out = []
     for line in requests:
