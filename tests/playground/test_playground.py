@@ -202,6 +202,31 @@ def test_a_newline_token_can_be_seen_and_clicked(open_server, page):
     assert '"\\n" id 107' in page.text_content("#token-popup")
 
 
+def test_the_token_view_works_from_the_keyboard(open_server, page):
+    """Tokens were spans only a mouse could open; now Tab reaches the first, the arrows move
+    along, Enter opens its popup (focus on the first alternative), Escape closes it."""
+    open_page(page, open_server)
+    page.uncheck("#use-chat")
+    page.fill("#raw-prompt", "Once upon a time")
+    fill(page, max_tokens=3, temperature=0)
+    page.check("#p-ignore_eos")
+    page.click("#raw-send")
+    finished(page, "#raw-output")
+    page.click("#raw-output .act-tokens")
+    page.focus("#raw-output .act-text")
+    page.keyboard.press("Tab")
+    tokens = page.locator("#raw-output .tok")
+    assert tokens.first.evaluate("t => t === document.activeElement")
+    page.keyboard.press("ArrowRight")
+    assert tokens.nth(1).evaluate("t => t === document.activeElement")
+    page.keyboard.press("Enter")
+    assert page.is_visible("#token-popup")
+    assert page.evaluate("document.activeElement.classList.contains('alt')")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#token-popup")
+    assert tokens.nth(1).evaluate("t => t === document.activeElement")
+
+
 def test_chat_continues_the_answer_from_an_alternative(open_server, page):
     open_page(page, open_server)
     sent = posts(page)

@@ -1119,9 +1119,29 @@ function tokenView(m) {
     });
     span.style.background = colour(entry.logprob);
     span.title = `${entry.token_id}: p=${Math.exp(entry.logprob).toFixed(3)}`;
+    // the keyboard: Tab reaches the first token, the arrows move along, Enter opens it
+    span.tabIndex = t === 0 ? 0 : -1;
+    span.setAttribute("role", "button");
     span.addEventListener("click", (event) => {
       event.stopPropagation();
       showPopup(span, m, entry, t);
+    });
+    span.addEventListener("keydown", (event) => {
+      const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+      if (step) {
+        const next = div.children[t + step];
+        if (next) {
+          span.tabIndex = -1;
+          next.tabIndex = 0;
+          next.focus();
+        }
+      } else if (event.key === "Enter" || event.key === " ") {
+        showPopup(span, m, entry, t);
+        $("token-popup").querySelector("button")?.focus();
+      } else {
+        return;
+      }
+      event.preventDefault();
     });
     div.append(span);
   });
@@ -1158,7 +1178,10 @@ function showPopup(anchor, m, entry, t) {
   popup.style.left = `${Math.min(box.left + window.scrollX, window.innerWidth - 320)}px`;
   popup.style.top = `${box.bottom + window.scrollY + 4}px`;
   popup.hidden = false;
+  popupAnchor = anchor;
 }
+
+let popupAnchor = null; // the token whose popup is open: Escape gives it the focus back
 
 function hidePopup() {
   $("token-popup").hidden = true;
@@ -1477,6 +1500,11 @@ function init() {
   $("key-dialog").addEventListener("close", keyDialogClosed);
   document.addEventListener("click", (event) => {
     if (!$("token-popup").contains(event.target)) hidePopup();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || $("token-popup").hidden) return;
+    hidePopup();
+    if (popupAnchor && popupAnchor.isConnected) popupAnchor.focus();
   });
   showDefaults();
   formatChanged();
