@@ -126,6 +126,26 @@ def test_stop_ends_the_stream_and_the_engine_request(open_server, page):
     assert page.text_content(".msg.assistant .text") == text
 
 
+def test_scrolling_up_while_an_answer_streams_stays_put(open_server, page):
+    """Every new token scrolled the page back to the answer's end, so no one could scroll up to
+    read while it streamed; now the page follows only a reader who is at the end."""
+    page.set_viewport_size({"width": 1280, "height": 500})
+    open_page(page, open_server)
+    fill(page, max_tokens=4000)
+    page.check("#p-ignore_eos")
+    page.fill("#input", "line\n" * 30)
+    page.press("#input", "Enter")
+    grown = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
+    page.wait_for_function(grown.format(0), timeout=120_000)
+    assert page.evaluate("window.scrollY") > 0  # followed the answer down
+    page.evaluate("window.scrollTo(0, 0)")
+    now = len(page.text_content(".msg.assistant .text"))
+    page.wait_for_function(grown.format(now + 10), timeout=60_000)  # more came, drawn
+    assert page.evaluate("window.scrollY") == 0 and page.is_visible("#stop")
+    page.click("#stop")
+    finished(page)
+
+
 def test_raw_completion_matches_the_api(open_server, page):
     prompt = "The capital of France is"
     expected = api(open_server, COMPLETIONS, {"prompt": prompt, "max_tokens": 8,

@@ -922,11 +922,15 @@ function sendRerank() {
 // ---------------------------------------------------------------- rendering
 
 function render() {
+  const list = chatMode() ? $("messages") : $("raw-output");
+  // a stream keeps the answer's end in view while the reader is there; one who scrolled up to
+  // read stays where they are (until they scroll back down)
+  const last = list.lastElementChild;
+  const follow = !last || last.getBoundingClientRect().bottom <= window.innerHeight + 40;
   $("messages").replaceChildren(...branch().map((m, i) => renderMessage(m, i)));
   $("raw-output").replaceChildren(...(state.raw ? [renderMessage(state.raw, -1)] : []));
   $("raw-append").disabled = !state.raw || Boolean(state.controller);
-  const list = chatMode() ? $("messages") : $("raw-output");
-  if (state.controller) list.lastElementChild?.scrollIntoView({ block: "end" });
+  if (state.controller && follow) list.lastElementChild?.scrollIntoView({ block: "end" });
 }
 
 function button(label, title, action) {
