@@ -146,6 +146,22 @@ def test_scrolling_up_while_an_answer_streams_stays_put(open_server, page):
     finished(page)
 
 
+def test_clear_while_an_answer_streams_stops_it(open_server, page):
+    """Clear emptied the page but left the answer streaming unseen: Stop still shown, Send
+    disabled, the engine generating on; now it stops the request too."""
+    open_page(page, open_server)
+    fill(page, max_tokens=4000)
+    page.check("#p-ignore_eos")
+    page.fill("#input", "Count to a thousand.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.msg.assistant .text')?.textContent",
+                           timeout=120_000)  # fmt: skip
+    page.click("#clear")
+    page.wait_for_selector("#stop", state="hidden", timeout=10_000)
+    assert page.locator(".msg").count() == 0 and page.is_enabled("#send")
+    open_server.wait_idle(timeout=30)
+
+
 def test_raw_completion_matches_the_api(open_server, page):
     prompt = "The capital of France is"
     expected = api(open_server, COMPLETIONS, {"prompt": prompt, "max_tokens": 8,

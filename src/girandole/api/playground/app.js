@@ -1433,6 +1433,7 @@ async function importConversation(file) {
     showError(`Could not import ${file.name}: ${err.message}`);
     return;
   }
+  stop(); // a conversation read in replaces the one being answered
   if (state.models.some((m) => m.id === data.model)) $("model").value = data.model;
   $("use-chat").checked = data.use_chat_template !== false;
   $("system").value = data.system || "";
@@ -1496,6 +1497,7 @@ function init() {
     event.target.value = "";
   });
   $("clear").addEventListener("click", () => {
+    stop(); // the answer being streamed goes too: no generation left running unseen
     state.tree = { children: [], active: 0 };
     state.raw = null;
     render();
