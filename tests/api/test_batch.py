@@ -223,6 +223,38 @@ def test_kill_halfway_and_resume(batch):
     assert f"{500 - before} of 500 lines to run" in batch.server.log()
 
 
+def test_a_cancel_the_server_stopped_before_writing_ends_after_a_restart(batch):
+    """A cancel commits the job's state at once, and the runner then stops its lines and
+    writes what was done. A server killed in between left the job cancelled with no output:
+    its dataset never READY, an OpenAI batch `cancelling` and a message batch `canceling`
+    for ever. The job's row is written here as the cancel writes it, with the server down."""
+    batch.upload("cut-input", [chat_line(i) for i in range(300)])
+    batch.start_job("cut", "cut-input", 8)
+    batch.wait("cut", lambda j: (j.job_progress.total_processed_requests or 0) >= 10)
+    batch.server.process.send_signal(signal.SIGKILL)
+    batch.server.process.wait(30)
+    db = Database.in_folder(batch.data)
+    try:
+        (text,) = db.execute("SELECT body FROM batch_jobs WHERE job_id = 'cut'")[0]
+        job = json.loads(text)
+        job["state"] = "JOB_STATE_CANCELLED"
+        job["status"] = {"code": "CANCELLED", "message": "cancelled by the user"}
+        db.execute("UPDATE batch_jobs SET body = ? WHERE job_id = 'cut'", (json.dumps(job),))
+        (done,) = db.execute("SELECT COUNT(*) FROM batch_results WHERE job_id = 'cut'")[0]
+    finally:
+        db.close()
+    batch.server = batch.start()
+    fw = batch.client()
+    deadline = time.monotonic() + 60
+    while fw.datasets.get("cut-output").state != "READY":
+        assert time.monotonic() < deadline, "the cancelled job's output was never written"
+        time.sleep(0.1)
+    files = batch.download(f"accounts/{ACCOUNT}/datasets/cut-output")
+    assert len(files["results.jsonl"]) == done  # what was done before the kill, nothing more
+    assert fw.batch_inference_jobs.get("cut").state == "JOB_STATE_CANCELLED"
+    batch.server.wait_idle()
+
+
 def test_cancel(batch):
     batch.upload("cancel-input", [chat_line(i) for i in range(400)])
     fw = batch.client()

@@ -121,6 +121,10 @@ class BatchRunner:
     # -- the loop ------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        # cancelled before the server last stopped, their files not written yet: write them
+        # (else an OpenAI batch stays `cancelling` and a message batch `canceling` for ever)
+        for account, job_id in self.store.unwritten_cancellations():
+            self._finish(account, job_id, CANCELLED, "CANCELLED", "cancelled by the user")
         while True:
             jobs = self.store.runnable_jobs()
             if not jobs:

@@ -233,6 +233,20 @@ class BatchStore:
                 return job
         return None
 
+    def unwritten_cancellations(self) -> list[tuple[str, str]]:
+        """(account, job id) of the cancelled jobs whose output dataset was never written: the
+        server stopped between the cancel and the runner writing what was done."""
+        rows = self.db.execute("SELECT account, job_id, body FROM batch_jobs ORDER BY created")
+        found = []
+        for account, job_id, text in rows:
+            body = json.loads(text)
+            if body.get("state") != CANCELLED:
+                continue
+            output = self.get_dataset(account, body["outputDatasetId"].rsplit("/", 1)[-1])
+            if output is not None and output.get("state") != "READY":
+                found.append((account, job_id))
+        return found
+
     def runnable_jobs(self) -> list[tuple[str, str]]:
         """(account, job id) of the jobs to run, oldest first."""
         rows = self.db.execute("SELECT account, job_id, body FROM batch_jobs ORDER BY created")
