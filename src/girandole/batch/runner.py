@@ -180,7 +180,8 @@ class BatchRunner:
             lines = await asyncio.to_thread(read)
             parameters = parse_parameters(body.get("inferenceParameters"))
         except InputError as exc:
-            self._set_state(account, job_id, FAILED, "INVALID_ARGUMENT", str(exc))
+            if (account, job_id) not in self._stopping:  # not cancelled while it was read
+                self._set_state(account, job_id, FAILED, "INVALID_ARGUMENT", str(exc))
             return None
         job = _Job(account, job_id, self.store.job_key(account, job_id), body["model"], parameters)
         return job, lines
@@ -191,6 +192,11 @@ class BatchRunner:
             return
         if body["state"] != WRITING_RESULTS:
             prepared = await self._prepare(account, job_id)
+            stopped = self._stopping.get((account, job_id))
+            if stopped is not None:  # cancelled or deleted while its input was read
+                if stopped == CANCELLED:
+                    self._finish(account, job_id, CANCELLED, "CANCELLED", "cancelled by the user")
+                return
             if prepared is None:
                 return
             job, lines = prepared
