@@ -408,10 +408,18 @@ def test_manual_scale(plane):
         autoscaling_policy={"load_targets": {"tokens_generated_per_second": 100000}},
     )  # fmt: skip
     plane.wait("manual", 1)
+    first = replica_pids(app_name_of(f"accounts/{ACCOUNT}/deployments/manual"))
     name = f"{MODEL}#accounts/{ACCOUNT}/deployments/manual"
     assert plane.complete(name, "rates", max_tokens=4).status_code == 200
     assert fw.deployments.scale("manual", replica_count=2) == {}
     assert plane.wait("manual", 2).desired_replica_count == 2
+    # the replica that ran goes on running: before, each deploy was a new version to Serve,
+    # which replaced every replica (their streams cut after its 10 s grace period)
+    assert len(first) == 1
+    for _ in range(10):  # Serve stopped the outdated one once the new ones were ready
+        after = replica_pids(app_name_of(f"accounts/{ACCOUNT}/deployments/manual"))
+        assert first[0] in after, (first, after)
+        time.sleep(0.5)
     fw.deployments.scale("manual", replica_count=1)
     plane.wait("manual", 1)
     fw.deployments.delete("manual")

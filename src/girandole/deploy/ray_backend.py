@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -339,8 +340,13 @@ class RayBackend(Backend):
             "threads": self.options.replica_threads,
             "stall_s": self.options.engine_stall_seconds,
         }
+        # a version of what the replicas run: without one Serve takes each deploy (a :scale, an
+        # update of the policy, a hold's end) for new code and replaces every replica, cutting
+        # their requests after the grace period; with it, only a new spec restarts them
+        version = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16]
         try:
-            target = serve.deployment(GirandoleReplica).options(**options).bind(config)
+            deployment = serve.deployment(GirandoleReplica).options(**options)
+            target = deployment.options(version=version, _internal=True).bind(config)
             serve._run(target, _blocking=False, name=app_name_of(name), route_prefix=None)
             app.handle = serve.get_deployment_handle("replica", app_name_of(name))
         except Exception as exc:  # noqa: BLE001 - the deployment's status reports it
