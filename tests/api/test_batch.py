@@ -403,9 +403,11 @@ def test_a_dataset_of_several_files_is_read_as_one(batch):
     assert sorted(r["custom_id"] for r in results) == ["req-1", "req-2"]
 
 
-def test_a_running_jobs_datasets_cannot_be_deleted(batch):
+def test_a_running_jobs_datasets_cannot_be_deleted_or_changed(batch):
     batch.upload("keep-input", [chat_line(i) for i in range(300)])
     fw = batch.client()
+    urls = fw.datasets.get_upload_endpoint("keep-input", filename_to_size={"more.jsonl": "10"})
+    signed = urls.filename_to_signed_urls["more.jsonl"]  # asked for before the job
     batch.start_job("keep-output", "keep-input", 8)
     datasets = f"/v1/accounts/{ACCOUNT}/datasets"
     r = batch.http("DELETE", datasets + "/keep-output-output")
@@ -414,6 +416,13 @@ def test_a_running_jobs_datasets_cannot_be_deleted(batch):
     # nor its input, which it reads again after a restart (deleted, the job failed then)
     error = _error(batch.http("DELETE", datasets + "/keep-input"), 400, "keep-input", "cancel")
     assert error["code"] == "FAILED_PRECONDITION"
+    # nor changed: a file added to it was read too when the job resumed (or, pending, started),
+    # another count of lines than the job's, or a custom_id used again that failed it
+    with pytest.raises(fireworks.BadRequestError, match="keep-input is the input of"):
+        fw.datasets.upload("keep-input", file=("more.jsonl", jsonl([chat_line(1000)])))
+    with pytest.raises(fireworks.BadRequestError, match="keep-input is the input of"):
+        fw.datasets.get_upload_endpoint("keep-input", filename_to_size={"more.jsonl": "10"})
+    _error(httpx.put(signed, content=jsonl([chat_line(1000)])), 400, "keep-input is the input")
     batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/keep-output:cancel")
     batch.wait("keep-output", lambda j: j.state == "JOB_STATE_CANCELLED")
     assert batch.http("DELETE", datasets + "/keep-input").status_code == 200

@@ -105,6 +105,15 @@ def get_or_404(request: Request, account: str, dataset_id: str) -> dict[str, Any
     return found
 
 
+def not_read_by_a_job(store: BatchStore, account: str, dataset_id: str) -> None:
+    """A 400 when a batch job still reads the dataset as its input: a file added now would
+    change, or break, the lines it was created with."""
+    reader = store.job_reading(account, dataset_id)
+    if reader is not None:
+        what = f"Dataset {dataset_name(account, dataset_id)}"
+        raise APIError(400, input_in_use(what, reader), code="FAILED_PRECONDITION")
+
+
 def masked(
     body: dict[str, Any], read_mask: str | None, known: set[str] | None = None
 ) -> dict[str, Any]:
@@ -330,6 +339,7 @@ async def read_upload(request: Request) -> bytes:
 async def upload(dataset_id: str, request: Request, account: str = Account) -> dict:
     store = store_of(request)
     body = get_or_404(request, account, dataset_id)
+    not_read_by_a_job(store, account, dataset_id)
     data = await read_upload(request)
     content_type = request.headers.get("content-type", "")
 
@@ -359,6 +369,7 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
 )
 async def get_upload_endpoint(dataset_id: str, request: Request, account: str = Account) -> dict:
     get_or_404(request, account, dataset_id)
+    not_read_by_a_job(store_of(request), account, dataset_id)
     body = await read_json(request, UploadEndpointBody)
     if not body.filenameToSize:
         raise bad_request("filenameToSize must name at least one file", "filenameToSize")
@@ -421,6 +432,7 @@ async def put_file(
     store = store_of(request)
     if store.get_dataset(account, dataset_id) is None:
         raise not_found(account, dataset_id)
+    not_read_by_a_job(store, account, dataset_id)
     await receive_file(request, store, account, dataset_id, filename)
     return Response(status_code=200)
 
