@@ -146,6 +146,27 @@ def test_scrolling_up_while_an_answer_streams_stays_put(open_server, page):
     finished(page)
 
 
+def test_a_selection_survives_while_an_answer_streams(open_server, page):
+    """Each new token redrew the whole conversation, so text selected to copy (the question, an
+    earlier answer) vanished at once; now only the answer being streamed is redrawn."""
+    open_page(page, open_server)
+    fill(page, max_tokens=4000)
+    page.check("#p-ignore_eos")
+    page.fill("#input", "Count to a thousand.")
+    page.click("#send")
+    grown = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
+    page.wait_for_function(grown.format(0), timeout=120_000)
+    assert page.is_disabled(".msg.user .act-delete")  # the others' buttons: off while it runs
+    page.evaluate("getSelection().selectAllChildren(document.querySelector('.msg.user .text'))")
+    now = len(page.text_content(".msg.assistant .text"))
+    page.wait_for_function(grown.format(now + 10), timeout=60_000)  # more came, drawn
+    assert page.evaluate("getSelection().toString()") == "Count to a thousand."
+    assert page.is_visible("#stop")
+    page.click("#stop")
+    finished(page)
+    assert page.is_enabled(".msg.user .act-delete")
+
+
 def test_clear_while_an_answer_streams_stops_it(open_server, page):
     """Clear emptied the page but left the answer streaming unseen: Stop still shown, Send
     disabled, the engine generating on; now it stops the request too."""

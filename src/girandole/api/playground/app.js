@@ -544,12 +544,15 @@ async function run(path, body, m, { drop, read = readChunk } = {}) {
   state.controller = controller;
   m.streaming = true; // its thinking block stays open until the answer starts
   setBusy(true);
+  render(); // every message's buttons disabled while the stream runs
   const started = performance.now();
   const seen = { usage: null, perf: null, firstToken: null };
   seen.token = () => { if (seen.firstToken === null) seen.firstToken = performance.now(); };
   let redraw = 0;
+  // each frame redraws the answer being streamed only: the rest of the page stays as it is
+  // (a reader's selection in it, to copy, survives)
   const schedule = () => {
-    if (!redraw) redraw = requestAnimationFrame(() => { redraw = 0; render(); });
+    if (!redraw) redraw = requestAnimationFrame(() => { redraw = 0; renderStreaming(m); });
   };
   try {
     await streamRequest(path, body, controller.signal, (event) => {
@@ -933,6 +936,20 @@ function render() {
   if (state.controller && follow) list.lastElementChild?.scrollIntoView({ block: "end" });
 }
 
+// Redraw message `m` alone (the one being streamed), following its end as render() does.
+function renderStreaming(m) {
+  const list = m === state.raw ? $("raw-output") : $("messages");
+  const li = Array.from(list.children).find((el) => el.message === m);
+  if (!li) {
+    render();
+    return;
+  }
+  const follow = li.getBoundingClientRect().bottom <= window.innerHeight + 40;
+  const fresh = renderMessage(m, m === state.raw ? -1 : branch().indexOf(m));
+  li.replaceWith(fresh);
+  if (follow && fresh === list.lastElementChild) fresh.scrollIntoView({ block: "end" });
+}
+
 function button(label, title, action) {
   const b = document.createElement("button");
   b.type = "button";
@@ -947,6 +964,7 @@ function button(label, title, action) {
 function renderMessage(m, i) {
   const li = document.createElement("li");
   li.className = `msg ${m.role}`;
+  li.message = m; // renderStreaming finds it
   const head = document.createElement("div");
   head.className = "head";
   const role = document.createElement("span");
