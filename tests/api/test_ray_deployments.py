@@ -483,6 +483,33 @@ def test_ids_with_double_hyphens_are_applications_of_their_own(plane):
     other.deployments.delete("y")
 
 
+def test_a_replica_that_cannot_start_names_its_error(plane, tmp_path):
+    # before: status.message (and every request's 503) was Ray Serve's whole DEPLOY_FAILED text,
+    # the replica's traceback nested twice with terminal colour codes (about 3,000 characters);
+    # now the error itself, as the embedded backend reports it
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    added = girandole(
+        "models", "add", "--data-dir", str(plane.data), "--account", ACCOUNT,
+        "no-tokenizer", str(broken),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    fw = plane.fw()
+    fw.deployments.create(base_model=f"accounts/{ACCOUNT}/models/no-tokenizer",
+                          deployment_id="broken")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (d := plane.get("broken")).state != "FAILED":
+        assert time.monotonic() < deadline, d
+        time.sleep(0.5)
+    message = d.status.message
+    assert message.startswith("A replica failed to start: FileNotFoundError: no tokenizer.json")
+    assert "Traceback" not in message and "\x1b" not in message and len(message) < 300, message
+    r = plane.complete(f"accounts/{ACCOUNT}/models/no-tokenizer", "hi", max_tokens=2)
+    assert r.status_code == 503 and "FileNotFoundError" in r.json()["error"]["message"], r.text
+    fw.deployments.delete("broken")
+
+
 def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tmp_path):
     # before: `--ray` without an address joined the cluster last started on this machine (the
     # plane's), put its applications there, and on stopping shut Ray Serve down there: every

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,22 @@ def autoscaling_config(
             },
         }
     return config
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_of(message: str) -> str:
+    """The error a replica failed to start with, out of Ray Serve's DEPLOY_FAILED message: that
+    message holds the replica's whole traceback, twice nested, with terminal colour codes (some
+    3,000 characters in `status.message` and in every request's 503); the embedded backend says
+    `FileNotFoundError: ...`. The error, then how often Ray tried (the traceback is logged)."""
+    text = _ANSI_RE.sub("", message).strip()
+    if "Traceback" not in text:
+        return text
+    error = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    tries = re.match(r"The deployment failed to start (\d+) times in a row", text)
+    return f"{error} ({tries.group(1)} tries)" if tries else error
 
 
 def app_name_of(deployment: str) -> str:
@@ -391,7 +408,8 @@ class RayBackend(Backend):
         )
         if dep is not None and str(getattr(dep.status, "value", dep.status)) == "DEPLOY_FAILED":
             if app.state != "failed":
-                self._failed(name, app, dep.message or "the replicas failed to start")
+                logger.warning("the replicas of %s failed to start: %s", name, dep.message)
+                self._failed(name, app, failure_of(dep.message or "the replicas failed to start"))
             return
         if running and app.engine is None and app.handle is not None:
             self._attach_engine(name, app)
