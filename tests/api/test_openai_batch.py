@@ -301,3 +301,26 @@ def test_the_server_answers_while_a_large_batch_is_checked(client, server):
     client.batches.cancel(created["batch"].id)
     wait_for(client, created["batch"].id)
     server.wait_idle()
+
+
+def test_a_batchs_files_are_listed_once_it_has_ended(client, server):
+    """The output and error files were named as files only when the batch was next retrieved:
+    till then /v1/files did not list them and /v1/files/{id} was a 404, and their created_at
+    was the time of that retrieve."""
+    lines = [line("ok", "hi", max_tokens=2), line("bad", "x", temperature=9)]
+    uploaded = client.files.create(file=("two.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                  completion_window="24h")  # fmt: skip
+    job = f"{server.url}/v1/accounts/{ACCOUNT}/batchInferenceJobs/batch-{batch.id[6:]}"
+    deadline = time.monotonic() + 120
+    while httpx.get(job, headers=server.headers).json()["state"] != "JOB_STATE_COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)  # watched through Fireworks' API: the batch is not retrieved
+    output, errors = (f"file-{batch.id[6:]}-{kind}" for kind in ("output", "errors"))
+    listed = [f.id for f in client.files.list(purpose="batch_output")]
+    assert output in listed and errors in listed
+    assert client.files.retrieve(output).filename == f"{batch.id}_output.jsonl"
+    time.sleep(1.5)
+    done = client.batches.retrieve(batch.id)
+    assert (done.output_file_id, done.error_file_id) == (output, errors)
+    assert client.files.retrieve(output).created_at <= done.completed_at + 1

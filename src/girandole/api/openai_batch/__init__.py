@@ -18,7 +18,8 @@ def install_openai_batch(app: FastAPI, prefixes: tuple[str, ...]) -> None:
         app.include_router(batches.router, prefix=prefix)
 
     def ended(account: str, job_id: str, job: dict[str, Any]) -> None:
-        if "openai" in job:  # a batch of OpenAI's API
+        if "openai" in job:  # a batch of OpenAI's API: its files, listed from now on
+            batches.output_files(app.state.batch_store, files.file_store(app.state), account, job)
             app.state.webhooks.send(f"batch.{batches.STATUS[job['state']]}", job["openai"]["id"])
 
     app.state.batch.on_end = ended

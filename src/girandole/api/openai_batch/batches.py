@@ -37,7 +37,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.api.http.pages import list_page
 from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
 from girandole.api.serving.target import resolve_target
-from girandole.batch.files import BATCH_OUTPUT
+from girandole.batch.files import BATCH_OUTPUT, FileStore
 from girandole.batch.lines import MESSAGES, URL_FORMS, URLS, InputError, read_input
 from girandole.batch.runner import MAX_INPUT_LINES
 from girandole.batch.store import (
@@ -50,6 +50,7 @@ from girandole.batch.store import (
     RESULTS_FILE,
     RUNNING,
     WRITING_RESULTS,
+    BatchStore,
     job_name,
 )
 
@@ -93,17 +94,15 @@ def get_job(request: Request, account: str, batch_id: str) -> dict[str, Any]:
     return job
 
 
-def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's batch object of a job."""
+def output_files(
+    store: BatchStore, files: FileStore, account: str, job: dict[str, Any]
+) -> tuple[bool, dict[str, str | None]]:
+    """Whether the batch's output dataset is written, and the ids of its output and error files
+    (None while there is none of that kind), named as files once written."""
     made = job["openai"]
-    times = {state: int(t) for state, t in made.get("times", {}).items()}  # OpenAI's: seconds
-    store, files = store_of(request), files_of(request)
     output_id = job["outputDatasetId"].rsplit("/", 1)[-1]
     output = store.get_dataset(account, output_id)
     written = output is not None and output.get("state") == "READY"
-    status = STATUS[job["state"]]
-    if job["state"] == CANCELLED and not written:
-        status = "cancelling"  # the runner still stops its lines and writes the files
     progress = job["jobProgress"]
     file_ids: dict[str, str | None] = {RESULTS_FILE: None, ERRORS_FILE: None}
     counts = {RESULTS_FILE: progress["successfullyProcessedRequests"],
@@ -114,6 +113,18 @@ def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str,
             name = f"{made['id']}_{suffix}.jsonl"
             if files.add(account, file_id, output_id, filename, name, BATCH_OUTPUT):
                 file_ids[filename] = file_id
+    return written, file_ids
+
+
+def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's batch object of a job."""
+    made = job["openai"]
+    times = {state: int(t) for state, t in made.get("times", {}).items()}  # OpenAI's: seconds
+    written, file_ids = output_files(store_of(request), files_of(request), account, job)
+    status = STATUS[job["state"]]
+    if job["state"] == CANCELLED and not written:
+        status = "cancelling"  # the runner still stops its lines and writes the files
+    progress = job["jobProgress"]
     errors = None
     if job["state"] == FAILED:
         errors = {"object": "list", "data": [{"code": job["status"]["code"],

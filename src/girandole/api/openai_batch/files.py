@@ -59,7 +59,10 @@ router = APIRouter(tags=["files"])
 
 
 def files_of(request: Request) -> FileStore:
-    app_state = request.app.state
+    return file_store(request.app.state)
+
+
+def file_store(app_state: Any) -> FileStore:
     files = getattr(app_state, "file_store", None)
     if files is None:
         files = app_state.file_store = FileStore(app_state.batch_store)
