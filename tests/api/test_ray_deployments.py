@@ -553,7 +553,20 @@ def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tm
 
 
 def test_delete_takes_the_replicas_away(plane):
+    # streams running when the deployment is deleted end with the embedded backend's 503, which
+    # says why; before: "replica ... stopped (the ingress closed the connection): ... retry it
+    # (another replica serves it)", while a retry got 404
+    client = openai.OpenAI(api_key=plane.key, base_url=plane.server.url + "/v1", max_retries=0)
+    stream = client.completions.create(
+        model=f"{MODEL}#accounts/{ACCOUNT}/deployments/pair", prompt="a long story", stream=True,
+        max_tokens=4000, temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(stream))
     plane.fw().deployments.delete("pair")
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            pass
+    assert "its deployment was deleted" in str(info.value), info.value
     deadline = time.monotonic() + 60
     while replica_pids(f"girandole--{ACCOUNT}--pair"):
         assert time.monotonic() < deadline

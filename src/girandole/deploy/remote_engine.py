@@ -49,6 +49,15 @@ def replica_lost_error(message: str) -> Exception:
     return APIError(503, message, type="service_unavailable", code="UNAVAILABLE")
 
 
+def stopped_error() -> Exception:
+    """A request cut off because this server stopped the deployment's engine (a delete, a scale
+    to zero, a restart): said as the embedded backend says it, not as a lost replica."""
+    from girandole.api.http.errors import APIError
+    from girandole.engine.async_engine import STOPPED_MESSAGE
+
+    return APIError(503, STOPPED_MESSAGE, type="service_unavailable", code="UNAVAILABLE")
+
+
 class ReplicaLease(Protocol):
     """A replica chosen for one request, held until `release` (Ray counts it as ongoing)."""
 
@@ -169,6 +178,7 @@ class RemoteEngine:
         self.replica_silence_s = REPLICA_SILENCE_S  # then a replica's connection is hung
         self.grammars = GrammarCache(tokenizer, model_config.vocab_size)
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
+        self.stopped = False  # shut down: the deployment was deleted, scaled to zero or restarted
 
     @property
     def model_config(self) -> Any:
@@ -215,10 +225,12 @@ class RemoteEngine:
         closes (an abort when it did not finish) and the lease is released."""
         if request_id in self._where:
             raise ValueError(f"request id already in use: {request_id}")
+        if self.stopped:
+            raise stopped_error()
         try:
             lease = await self.acquire(prompt, request_id, kwargs)
         except ReplicaLost as exc:
-            raise replica_lost_error(str(exc)) from None
+            raise (stopped_error() if self.stopped else replica_lost_error(str(exc))) from None
         call = _Call(request_id, lease)
         try:
             try:
@@ -232,7 +244,7 @@ class RemoteEngine:
             self._where[request_id] = call.conn
             yield call
         except ReplicaLost as exc:
-            raise replica_lost_error(str(exc)) from None
+            raise (stopped_error() if self.stopped else replica_lost_error(str(exc))) from None
         finally:
             self._where.pop(request_id, None)
             if call.conn is not None:
@@ -242,11 +254,14 @@ class RemoteEngine:
                         call.conn.send(("abort", request_id))
             lease.release()
 
-    @staticmethod
-    async def _next(call: _Call) -> Any:
+    async def _next(self, call: _Call) -> Any:
         """The request's next item from its replica; errors raised as the API reports them."""
         item = await call.stream.queue.get()
         replica = call.lease.replica_id
+        if isinstance(item, ReplicaLost) and self.stopped:
+            # before: "replica ... stopped (the ingress closed the connection): ... retry it
+            # (another replica serves it)", for a deployment just deleted
+            raise stopped_error()
         if isinstance(item, RemoteError):
             if item.kind == "value":
                 raise ValueError(item.message)
@@ -337,6 +352,7 @@ class RemoteEngine:
         return 0.0  # each replica's health is Ray Serve's to check (check_health)
 
     def shutdown(self) -> None:
+        self.stopped = True
         self.grammar_pool.close()
         for conn in list(self.connections.values()):
             with contextlib.suppress(Exception):
