@@ -197,3 +197,32 @@ def test_keys_and_accounts(server):
     r = httpx.post(f"{url}/{batch_id}/cancel", headers=server.headers)
     assert r.status_code == 400 and "already ended" in r.json()["error"]["message"]
     assert httpx.delete(f"{url}/{batch_id}", headers=server.headers).status_code == 200
+
+
+def test_a_request_for_a_deployment_that_cannot_serve_is_its_error(client, server):
+    """A deployment's own refusal (here one scaled to at most 0 replicas: a 503 with no
+    Retry-After) was an errored result 'Internal server error'; it is the deployment's message,
+    as /v1/messages answers it, and the batch ends."""
+    deployments = f"{server.url}/v1/accounts/{ACCOUNT}/deployments"
+    made = httpx.post(deployments, params={"deploymentId": "batch-zero"}, headers=server.headers,
+                      json={"baseModel": MODEL, "minReplicaCount": 0, "maxReplicaCount": 0})  # fmt: skip
+    assert made.status_code == 200, made.text
+    try:
+        name = f"accounts/{ACCOUNT}/deployments/batch-zero"
+        sync = httpx.post(f"{server.url}/v1/messages", headers=server.headers,
+                          json={**params("hi"), "model": name})  # fmt: skip
+        assert sync.status_code == 503, sync.text
+        batch = client.messages.batches.create(requests=[
+            {"custom_id": "zero", "params": {**params("hi"), "model": name}},
+            {"custom_id": "ok", "params": params("hi", max_tokens=2)},
+        ])  # fmt: skip
+        done = wait_ended(client, batch.id, timeout=120)
+        assert (done.request_counts.errored, done.request_counts.succeeded) == (1, 1)
+        zero, ok = client.messages.batches.results(batch.id)
+        assert zero.result.type == "errored" and ok.result.type == "succeeded"
+        error = zero.result.error.error
+        assert error.message == sync.json()["error"]["message"], error
+        assert "maxReplicaCount" in error.message
+        client.messages.batches.delete(batch.id)
+    finally:
+        httpx.delete(f"{deployments}/batch-zero", headers=server.headers)

@@ -9,8 +9,8 @@ batch's own waiting lines too, so batch work never piles up in front of a newcom
 
 A line's result is committed (`BatchStore.record_result`) before it counts; lines with a result
 are skipped when a job resumes after a restart, and lines in flight when the server stopped run
-again. A line refused for capacity (429, 503: the model still loading, the server draining) is
-retried later, not written as failed.
+again. A line refused for capacity (429, or a 503 with Retry-After: the model still loading,
+the server draining, a deployment scaling up) is retried later, not written as failed.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from girandole.batch.store import (
 logger = logging.getLogger("girandole.batch")
 
 # (url, account, key id, request body, label) -> (HTTP status, response body, request id: the
-# usage row's): the pipeline
+# usage row's, whether it was refused for capacity and is to be retried later): the pipeline
 Execute = Callable[
-    [str, str, str | None, dict[str, Any], str], Awaitable[tuple[int, dict[str, Any], str]]
+    [str, str, str | None, dict[str, Any], str],
+    Awaitable[tuple[int, dict[str, Any], str, bool]],
 ]
 
 POLL_S = 0.005  # how often a runner with no room looks again
@@ -281,10 +282,10 @@ class BatchRunner:
         """Run one line and commit its result; False when it was refused for capacity."""
         label = f"batch-{job.job_id}-{line.line}"
         body = request_body(line, job.model, job.parameters)
-        status, response, request_id = await self.execute(
+        status, response, request_id, retry = await self.execute(
             line.url, job.account, job.key_id, body, label
         )
-        if status in (429, 503):
+        if retry:
             await asyncio.sleep(RETRY_S)
             return False
         result = line_result(line, status, response, request_id)

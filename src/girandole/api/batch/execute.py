@@ -28,6 +28,7 @@ from girandole.api.serving.pipeline import Endpoint, serve
 from girandole.api.serving.prefill import serve_prefill
 from girandole.batch.lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES
 from girandole.engine.scheduler import BATCH_TIER
+from girandole.registry.deployments import DeploymentError
 
 logger = logging.getLogger("girandole.batch")
 ENDPOINTS: dict[str, Endpoint] = {
@@ -40,15 +41,19 @@ ENDPOINTS: dict[str, Endpoint] = {
 
 async def execute(
     app: FastAPI, principal: Principal, url: str, body: dict[str, Any], label: str
-) -> tuple[int, dict[str, Any], str]:
-    """(HTTP status, response body, request id) of one request; `label` names it in the access
-    log. The request id is its usage row's (the response's id where it has one)."""
+) -> tuple[int, dict[str, Any], str, bool]:
+    """(HTTP status, response body, request id, whether to retry it later) of one request;
+    `label` names it in the access log. The request id is its usage row's (the response's id
+    where it has one). A refusal for capacity is retried later: a 429, or a 503 that says when
+    to retry (Retry-After: the model loading, the queue full, a deployment scaling up from
+    zero); a 503 without (a deployment failed or scaled to at most 0 replicas) is the line's
+    error."""
     path = "/inference" + url
     request = inprocess_request(app, path, json.dumps(body).encode())
     state = app.state.girandole
     record = RequestRecord("POST", path, label, principal=principal)  # no ops: not in the
     attach_record(request.scope, record)  # interactive latency histograms
-    status, error = 500, None
+    status, error, headers = 500, None, {}
     try:
         if url == EMBEDDINGS:
             response = await serve_prefill(request, EMBEDDINGS_ENDPOINT, tier=BATCH_TIER)
@@ -60,9 +65,13 @@ async def execute(
                 )
             endpoint = ENDPOINTS[url]
             response = await serve(request, endpoint, tier=BATCH_TIER)
-        status = response.status_code
+        status, headers = response.status_code, response.headers
     except APIError as exc:
-        status, error = exc.status_code, exc
+        status, error, headers = exc.status_code, exc, exc.headers
+    except DeploymentError as exc:  # the deployment's engine refused it (404, 503)
+        status, headers = exc.status, exc.headers or {}
+        error = APIError(status, exc.message, type=exc.type or "invalid_request_error",
+                         code=exc.code, param=exc.param, headers=headers)  # fmt: skip
     except asyncio.CancelledError:
         status = 499
         raise
@@ -73,9 +82,10 @@ async def execute(
         record.status = status
         record.response_id = request.scope["state"].get("request_id")
         state.ops.finish(record)  # usage row, admission slot, access log
+    retry = status == 429 or (status == 503 and any(k.lower() == "retry-after" for k in headers))
     if error is not None:
-        return status, error_body(url, error, record.request_id), record.request_id
-    return status, json.loads(bytes(response.body)), record.request_id
+        return status, error_body(url, error, record.request_id), record.request_id, retry
+    return status, json.loads(bytes(response.body)), record.request_id, retry
 
 
 def error_body(url: str, error: APIError, request_id: str) -> dict[str, Any]:
