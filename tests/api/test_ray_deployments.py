@@ -387,7 +387,9 @@ def test_autoscale_up_under_load_and_down_to_zero(plane):
 
     peak, seen = asyncio.run(load())
     assert peak == 2, (seen, errors[-5:], plane.server.log()[-3000:])  # scaled up under load
-    plane.wait("elastic", 0, timeout=120)  # idle: down to zero
+    # desiredReplicaCount is the autoscaler's (before: the stored 1, whatever Ray ran)
+    assert seen.desired_replica_count == 2, seen
+    assert plane.wait("elastic", 0, timeout=120).desired_replica_count == 0  # idle: to zero
     r = plane.complete(name, "wake up", max_tokens=2)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "DEPLOYMENT_SCALING_UP"

@@ -133,6 +133,11 @@ class Backend(ABC):
     @abstractmethod
     def stats(self, deployment: str) -> ReplicaStats: ...
 
+    def desired(self, deployment: str) -> int | None:
+        """The replicas an autoscaling backend is moving toward now (None: the record's
+        desiredReplicaCount is the answer)."""
+        return None
+
     @abstractmethod
     def engines(self, deployment: str) -> list[Any]:
         """The engines of the deployment's ready replicas (AsyncEngine's interface)."""

@@ -380,6 +380,9 @@ class DeploymentManager:
         stats = self.backend.stats(record.name)
         body["replicaCount"] = stats.ready
         body["replicaStats"] = stats.to_json()
+        desired = self.backend.desired(record.name)
+        if desired is not None and not record.deleted:  # Ray's autoscaler's, not the stored one
+            body["desiredReplicaCount"] = desired
         return body
 
     def _scale(self, record: DeploymentRecord, n: int, *, manual: bool = True) -> None:

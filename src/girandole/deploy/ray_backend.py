@@ -175,6 +175,7 @@ class _App:
     error: str | None = None
     last_used: float = field(default_factory=time.time)
     generation: int = 0  # bumped by each (re)deploy, so a stale describe is dropped
+    target: int | None = None  # replicas Serve keeps or starts (not stopping), once observed
 
 
 def acquirer(name: str, app: _App, timeout: float):
@@ -402,6 +403,7 @@ class RayBackend(Backend):
             str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()
         }
         running = states.get("RUNNING", 0)
+        app.target = sum(n for state, n in states.items() if state not in ("STOPPING", "STOPPED"))
         app.stats = ReplicaStats(
             initializing=states.get("STARTING", 0) + states.get("RECOVERING", 0),
             ready=running,
@@ -520,6 +522,11 @@ class RayBackend(Backend):
         if app.stats.ready == 0 and app.stats.initializing == 0 and app.engine is None:
             return ReplicaStats(pending_scheduling=1)
         return app.stats
+
+    def desired(self, deployment: str) -> int | None:
+        """Serve's autoscaler decides the count between min and max: what it keeps or starts."""
+        app = self._apps.get(deployment)
+        return None if app is None or app.state == "failed" else app.target
 
     def engines(self, deployment: str) -> list[Any]:
         app = self._apps.get(deployment)
