@@ -367,8 +367,9 @@ def test_bad_input_is_reported_on_the_page(open_server, page):
 
 
 def test_a_failed_request_leaves_no_empty_answer_behind(open_server, page):
-    """A 400 shows its error and no answer; sent again, the conversation is the user's turn alone
-    (before: an empty assistant message stayed, and went back as an empty assistant turn)."""
+    """A 400 shows its error and no answer, and the message goes back to the composer; sent
+    again, the conversation is that user's turn alone (before: an empty assistant message stayed,
+    and went back as an empty assistant turn)."""
     open_page(page, open_server)
     sent = posts(page)
     fill(page, max_tokens=3, top_k=500)
@@ -376,7 +377,7 @@ def test_a_failed_request_leaves_no_empty_answer_behind(open_server, page):
     page.click("#send")
     page.wait_for_function("document.getElementById('error').textContent.startsWith('400')")
     page.wait_for_function("!document.body.classList.contains('busy')")
-    assert page.locator(".msg").count() == 1 and page.locator(".msg.assistant").count() == 0
+    assert page.locator(".msg").count() == 0 and page.input_value("#input") == "Hi"
     fill(page, top_k="")
     page.click("#send")
     finished(page)

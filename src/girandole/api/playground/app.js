@@ -537,7 +537,8 @@ function isEmpty(m) {
 // Stream one request into assistant message `m` (its choices grow as events arrive; `read`
 // takes one event: readChunk, or readEvent for /v1/responses). A request that fails before any
 // of the answer came calls `drop` (the caller takes the empty message away: sent again, the
-// conversation would carry it as an empty assistant turn); the error stays shown.
+// conversation would carry it as an empty assistant turn); the error stays shown. Returns false
+// then, else true.
 async function run(path, body, m, { drop, read = readChunk } = {}) {
   hideError();
   const controller = new AbortController();
@@ -578,8 +579,10 @@ async function run(path, body, m, { drop, read = readChunk } = {}) {
     setBusy(false);
   }
   m.stats = stats(seen.usage, seen.perf, started, seen.firstToken, m);
-  if (m.error && isEmpty(m) && drop) drop();
+  const dropped = Boolean(m.error && isEmpty(m) && drop);
+  if (dropped) drop();
   render();
+  return !dropped;
 }
 
 // Per-message figures: the server's perf metrics when the stream finished, else the page's own.
@@ -634,30 +637,36 @@ function withFields(body, chat) {
 async function sendChat() {
   if (state.controller) return;
   const pending = $("input").value;
+  let sent = null;
   if (pending.trim()) {
     const shown = branch();
-    addVersion(shown.length ? shown[shown.length - 1] : state.tree, newMessage("user", pending));
+    const parent = shown.length ? shown[shown.length - 1] : state.tree;
+    sent = { parent, active: parent.active, m: addVersion(parent, newMessage("user", pending)) };
     $("input").value = "";
   }
   const length = branch().length;
   if (!length) return;
-  await replyAt(length);
+  if (await replyAt(length) || !sent) return;
+  // refused before any answer came: the message goes back to the composer, as it was before
+  // Send (kept in the conversation, a message typed next would follow it as a second user turn,
+  // which chat templates such as Gemma's refuse)
+  removeVersion(sent.parent, sent.m, sent.active);
+  if (!$("input").value) $("input").value = pending;
+  render();
 }
 
 // Generate the assistant turn at index `at` of the branch shown: a new version there (the
 // versions already there, and what follows them, are kept).
+// Whether an answer stays: false when the request was refused before any of it came.
 async function replyAt(at) {
-  if (mcpMode()) {
-    await replyWithTools(at);
-    return;
-  }
+  if (mcpMode()) return replyWithTools(at);
   const body = withFields({ model: $("model").value, messages: chatMessages(at) }, true);
-  if (!body) return;
+  if (!body) return false;
   const parent = parentAt(at);
   const shown = parent.active;
   const m = addVersion(parent, newMessage("assistant"));
   render();
-  await run("/v1/chat/completions", body, m, { drop: () => removeVersion(parent, m, shown) });
+  return run("/v1/chat/completions", body, m, { drop: () => removeVersion(parent, m, shown) });
 }
 
 // A user message edited and sent again: the edit as a new version of it, then its answer.
@@ -674,7 +683,7 @@ async function replyWithTools(at) {
     body = { ...responsesBody(chatMessages(at)), stream: true };
   } catch (err) {
     showError(err.message);
-    return;
+    return false;
   }
   const m = newMessage("assistant");
   m.tools = [];
@@ -682,7 +691,7 @@ async function replyWithTools(at) {
   const shown = parent.active;
   addVersion(parent, m);
   render();
-  await run("/v1/responses", body, m,
+  return run("/v1/responses", body, m,
     { read: readEvent, drop: () => removeVersion(parent, m, shown) });
 }
 
