@@ -494,6 +494,33 @@ def test_echo_with_a_forced_call_keeps_the_prompt_as_content(client):
     assert content == echo and got == calls
 
 
+def test_a_forced_call_follows_refs_into_its_parameters(client):
+    """A tool whose parameters point into themselves (`#/properties/celsius`, as
+    zod-to-json-schema writes a reused schema, and `#` for a recursive one): before, a forced
+    call was a 400 ("Cannot find field 'properties' in #/properties/celsius, field: 'tools'"),
+    the reference resolved against the call's schema rather than the parameters."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "celsius": {"type": "integer", "minimum": -50, "maximum": 50},
+            "feels_like": {"$ref": "#/properties/celsius"},
+            "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+        },
+        "required": ["celsius", "feels_like", "next"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "report", "parameters": parameters}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Report the temperature."}],
+        tools=[tool], tool_choice="required", max_tokens=120, temperature=0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "report"
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+
+
 def test_tool_auto_detects_a_call_and_results_go_back(client):
     # auto: free decoding, a call recognised in the output. Here response_format forces the
     # output into the call format, so the detection has something to recognise.

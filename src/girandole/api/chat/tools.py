@@ -245,8 +245,9 @@ def _rewrite_refs(node: Any, prefix: str) -> Any:
                     if ref.startswith(base):
                         value = f"#/$defs/{prefix}__{ref[len(base) :]}"
                         break
-                else:
-                    value = f"#/$defs/{prefix}__root{ref}" if ref in ("", "/") else value
+                else:  # a pointer into the parameters schema: "#", "#/properties/b"...
+                    if ref == "" or ref.startswith("/"):
+                        value = f"#/$defs/{prefix}__root{ref}"
             out[key] = _rewrite_refs(value, prefix)
         return out
     if isinstance(node, list):
@@ -256,8 +257,10 @@ def _rewrite_refs(node: Any, prefix: str) -> Any:
 
 def call_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     """The JSON schema of a call to one of `tools` (or an array of calls when `parallel`). Each
-    function's `$defs`/`definitions` move to the top level (prefixed with its name), so its
-    `$ref`s still resolve."""
+    function's `$defs`/`definitions` move to the top level (prefixed with its name) and its
+    parameters schema becomes `$defs/<name>__root`, so its `$ref`s still resolve: to its
+    definitions, to itself (`#`), or to any place inside it (`#/properties/b`, as
+    zod-to-json-schema writes a reused schema)."""
     defs: dict[str, Any] = {}
     options = []
     for tool in tools:
