@@ -592,6 +592,19 @@ BAD = [
     ({"messages": [U1], "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "string"}}}]}, "tools.0.function.parameters", None),
     ({"messages": [U1], "tools": [ADD, ADD]}, "tools", "unique"),
+    # a schema the grammar engine rejects names its tool, under auto (before: a 200, the
+    # schema never compiled until a call was forced) and forced (before: param 'tools')
+    ({"messages": [U1], "tools": [ADD, {"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}}]},
+     "tools.1.function.parameters", "Unsupported type"),
+    ({"messages": [U1], "tool_choice": "none", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"$ref": "#/$defs/nope"}}}}}]},
+     "tools.0.function.parameters", "Cannot find field '$defs' in #/$defs/nope"),
+    ({"messages": [U1], "tool_choice": "required", "tools": [ADD, {"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "(open"}}}}}]},
+     "tools.1.function.parameters", "Regex"),
     ({"messages": [U1], "tools": [{"type": "web_search", "function": {"name": "f"}}]},
      "tools.0.type", None),
     ({"messages": [U1], "tools": [ADD], "tool_choice": "sometimes"}, "tool_choice", None),

@@ -33,6 +33,7 @@ class ChatShape(ResponseShape):
         self.template = template
         self.plan = plan  # declared tools: calls are looked for in the output
         self.forced_grammar = plan.grammar if plan is not None else None
+        self.tools_check = plan.check if plan is not None else None
         self.reasoning = reasoning  # a template that can think: its output is split
         self.think_end_id = think_end_id  # the </think> token, to count reasoning tokens
         self._calls: dict[int, ToolStream] = {}  # per choice: content or tool-call deltas

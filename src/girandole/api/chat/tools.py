@@ -30,7 +30,7 @@ from girandole.api.chat.schema import (
     Tool,
 )
 from girandole.api.http.errors import bad_request
-from girandole.api.serving.structured import check_schema
+from girandole.api.serving.structured import ToolsCheck, check_schema
 from girandole.sampling.grammar import GrammarSpec
 from girandole.tokenizer.chat_template import flatten_content
 
@@ -46,6 +46,7 @@ class ToolPlan:
     parallel: bool
     native: bool  # the chat template renders tools itself
     grammar: GrammarSpec | None = None  # the forced-call grammar
+    check: ToolsCheck | None = None  # every tool's schema, compiled to check it (any mode)
 
     @property
     def detects_calls(self) -> bool:
@@ -133,6 +134,14 @@ def plan_tools(req: Any, template: str | None) -> ToolPlan | None:
     plan = ToolPlan(tools, mode, allowed, parallel, template_handles_tools(template))
     if mode == "required":
         plan.grammar = call_grammar([t for t in tools if t.function.name in allowed], parallel)
+    parts = [
+        (GrammarSpec.json_schema(json.dumps(t.function.parameters, ensure_ascii=False)),
+         f"tools.{i}.function.parameters")
+        for i, t in enumerate(tools)
+        if t.function.parameters is not None
+    ]  # fmt: skip
+    if parts:
+        plan.check = ToolsCheck(call_grammar(tools, parallel=False), parts)
     return plan
 
 

@@ -227,7 +227,9 @@ class Rounds:
         state, engine = self.got.state, self.got.engine
         shape = self.endpoint.shape(state, engine, req)
         try:
-            grammar = await request_grammar(engine, req.response_format, shape.forced_grammar)
+            grammar = await request_grammar(
+                engine, req.response_format, shape.forced_grammar, shape.tools_check
+            )
             prompts = await self.endpoint.prompts(engine, req, shape)
             job = build_job(
                 engine,

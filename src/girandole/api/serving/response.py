@@ -19,6 +19,7 @@ from girandole.sampling.grammar import GrammarSpec
 
 if TYPE_CHECKING:
     from girandole.api.serving.pipeline import Rounds
+    from girandole.api.serving.structured import ToolsCheck
 
 logger = logging.getLogger("girandole.api")
 
@@ -32,6 +33,7 @@ class ResponseShape:
     object = "text_completion"  # of a whole response
     chunk_object = "text_completion"  # of a stream chunk
     forced_grammar: GrammarSpec | None = None  # what the output must follow (chat: a forced call)
+    tools_check: ToolsCheck | None = None  # chat: the tools' schemas, compiled to check them
     # return_token_ids: chat also puts `prompt_token_ids` on the body (whole) and on the first
     # chunk, where Fireworks' chat schema and litellm's fireworks_ai provider read them
     prompt_ids_on_body = False

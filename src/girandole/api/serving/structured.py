@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.errors import bad_request
@@ -215,14 +216,39 @@ def response_format_grammar(rf: ResponseFormat | None) -> GrammarSpec | None:
     return GrammarSpec.json_schema(json.dumps(schema, ensure_ascii=False))
 
 
+@dataclass
+class ToolsCheck:
+    """A request's tool schemas, compiled to check them whatever `tool_choice` says (a schema
+    the grammar engine rejects is a 400 under `auto` too, not only once a call is forced)."""
+
+    grammar: GrammarSpec  # a call to any of the tools: one compile (cached) checks them all
+    parts: list[tuple[GrammarSpec, str]] = field(default_factory=list)  # each tool's, its field
+
+
 async def request_grammar(
-    engine: EngineClient, rf: ResponseFormat | None, forced: GrammarSpec | None = None
+    engine: EngineClient,
+    rf: ResponseFormat | None,
+    forced: GrammarSpec | None = None,
+    tools: ToolsCheck | None = None,
 ) -> GrammarSpec | None:
     """The one place a request's output constraint is decided: its `response_format`, or
     `forced` (chat's grammar for a forced tool call), never both. The grammar is compiled now
     (off the event loop; the engine caches it, so its own compile is then a cache hit), so an
     invalid schema or grammar is a 400 naming its field before any engine request starts. The
-    message is the grammar engine's."""
+    message is the grammar engine's. `tools`: the request's tool schemas, checked the same way
+    (the error names the tool's `parameters`)."""
+    if tools is not None:
+        try:
+            await engine.compile_grammar(tools.grammar)
+        except GrammarError as exc:
+            error, param = exc, "tools"
+            for spec, where in tools.parts:  # which tool: compiled alone
+                try:
+                    await engine.compile_grammar(spec)
+                except GrammarError as part_error:
+                    error, param = part_error, where
+                    break
+            raise bad_request(f"{_clean(str(error))}, field: '{param}'", param) from None
     grammar, param = response_format_grammar(rf), "response_format"
     if forced is not None:
         if grammar is not None:
