@@ -13,6 +13,7 @@ from girandole.deploy.ray_backend import (  # noqa: E402
     ScalingPolicy,
     app_name_of,
     autoscaling_config,
+    code_version,
 )
 from girandole.deploy.ray_router import PREFIX_BLOCK_TOKENS, prefix_hashes  # noqa: E402
 
@@ -59,6 +60,23 @@ def test_app_names():
     assert app_name_of("accounts/acme--x/deployments/y") != app_name_of(
         "accounts/acme/deployments/x--y"
     )
+
+
+def test_replicas_of_other_code_carry_another_version(tmp_path):
+    """A deployment's replica version holds the source's digest, so a server restarted after an
+    upgrade replaces replicas that older code started on a cluster that outlived it."""
+    import shutil
+    from pathlib import Path
+
+    import girandole
+
+    package = Path(girandole.__file__).parent
+    copy = tmp_path / "girandole"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_version(copy) == code_version(package)
+    engine = copy / "engine" / "scheduler.py"
+    engine.write_text(engine.read_text() + "\n# changed\n")
+    assert code_version.__wrapped__(copy) != code_version(package)
 
 
 class Context:

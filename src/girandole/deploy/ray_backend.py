@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -28,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from girandole.deploy.backend import Backend, ReplicaListener, ReplicaSpec, ReplicaStats
@@ -158,6 +160,17 @@ def app_name_of(deployment: str) -> str:
     if "--" in account or "--" in deployment_id:
         return f"girandole_{account}_{deployment_id}"
     return f"girandole--{account}--{deployment_id}"
+
+
+@functools.cache
+def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """A digest of girandole's own source (the package at `root`), as this process runs it: part
+    of the version a deployment's replicas carry, so replicas started by other code are
+    replaced, never kept."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -360,8 +373,10 @@ class RayBackend(Backend):
         }
         # a version of what the replicas run: without one Serve takes each deploy (a :scale, an
         # update of the policy, a hold's end) for new code and replaces every replica, cutting
-        # their requests after the grace period; with it, only a new spec restarts them
-        version = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16]
+        # their requests after the grace period; with it, only a new spec or new code (a server
+        # restarted after an upgrade, on a cluster that outlives it) restarts them
+        described = repr(sorted(config.items())) + code_version()
+        version = hashlib.sha256(described.encode()).hexdigest()[:16]
         try:
             deployment = serve.deployment(GirandoleReplica).options(**options)
             target = deployment.options(version=version, _internal=True).bind(config)
