@@ -521,6 +521,30 @@ def test_a_forced_call_follows_refs_into_its_parameters(client):
     jsonschema.validate(json.loads(call.function.arguments), parameters)
 
 
+@pytest.mark.parametrize("parallel", [False, None])
+def test_parallel_tool_calls_false_gives_at_most_one_call_under_auto(client, parallel):
+    """Under auto, output that is an array of two calls (a GBNF response_format writes it here)
+    with parallel_tool_calls false: before, both calls came back, whole and streamed, which the
+    client had asked never to get; now only the first. By default both."""
+    two = ('[{"name": "add", "arguments": {"a": 2, "b": 3}},'
+           ' {"name": "add", "arguments": {"a": 4, "b": 5}}]')  # fmt: skip
+    body = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Add 2 and 3, and 4 and 5."}],
+        tools=TOOLS, max_tokens=60, temperature=0,
+        response_format={"type": "grammar", "grammar": "root ::= " + json.dumps(two)},
+    )  # fmt: skip
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    whole = client.chat.completions.create(**body).choices[0]
+    content, calls, finish = streamed_calls(client, body)
+    want = [("add", '{"a": 2, "b": 3}'), ("add", '{"a": 4, "b": 5}')]
+    if parallel is False:
+        want = want[:1]
+    assert whole.finish_reason == finish == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == want
+    assert content == "" and calls == want
+
+
 def test_tool_auto_detects_a_call_and_results_go_back(client):
     # auto: free decoding, a call recognised in the output. Here response_format forces the
     # output into the call format, so the detection has something to recognise.

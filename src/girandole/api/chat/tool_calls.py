@@ -8,7 +8,8 @@ The output.
 - `"auto"` (the default with tools): decoding is free; the output is a call when the whole of
   it (trimmed, a Markdown code fence around it removed) parses as a call or an array of calls in
   the format above, to allowed functions, with object arguments (`"parameters"` is read as a
-  synonym of `"arguments"`). Otherwise it is plain content.
+  synonym of `"arguments"`). Otherwise it is plain content. With `parallel_tool_calls: false`
+  an array of several calls gives only its first.
 - A call gives `message.tool_calls` (`id` `call_<24 hex>`, `type: "function"`, `function.name`,
   `function.arguments`: the arguments exactly as the model wrote them, a JSON string) with
   `content: null` and `finish_reason: "tool_calls"`.
@@ -162,8 +163,9 @@ class ParsedCall:
     arguments: str  # JSON text, as written
 
 
-def parse_calls(text: str, allowed: list[str]) -> list[ParsedCall] | None:
-    """The calls in a finished output, or None when it is not (only) calls to allowed tools."""
+def parse_calls(text: str, allowed: list[str], parallel: bool = True) -> list[ParsedCall] | None:
+    """The calls in a finished output, or None when it is not (only) calls to allowed tools.
+    Not `parallel` (`parallel_tool_calls: false`): at most one call, the first written."""
     body = text.strip()
     fenced = _FENCE.match(body)
     if fenced:
@@ -199,7 +201,7 @@ def parse_calls(text: str, allowed: list[str]) -> list[ParsedCall] | None:
         if not isinstance(arguments, dict):
             return None
         out.append(ParsedCall(item["name"], raw or json.dumps(arguments, ensure_ascii=False)))
-    return out
+    return out if parallel else out[:1]
 
 
 def new_call_id() -> str:
@@ -222,7 +224,7 @@ def finish_message(
 ) -> tuple[dict[str, Any], str | None]:
     """The non-streamed `message` and `finish_reason` of a choice whose output is `text`."""
     if plan is not None and plan.detects_calls:
-        calls = parse_calls(text, plan.allowed)
+        calls = parse_calls(text, plan.allowed, plan.parallel)
         if calls:
             message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(calls)}
             return message, "tool_calls"
@@ -320,7 +322,7 @@ class ToolStream:
         if self.mode == "undecided":  # only blanks so far
             return ([{"content": self.text}] if self.text else []), finish_reason
         assert self.plan is not None
-        calls = parse_calls(self.text, self.plan.allowed)
+        calls = parse_calls(self.text, self.plan.allowed, self.plan.parallel)
         if self.mode == "calls":
             deltas = self._stream_calls(finishing=True)
             return deltas, "tool_calls" if calls else finish_reason
