@@ -54,6 +54,26 @@ def finished(page, pane: str = "#messages") -> None:
     page.wait_for_selector(f"{pane} .msg:last-child .stats", timeout=180_000)
 
 
+ANSWER_LONGER_THAN = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
+
+
+def start_long_answer(page, server, prompt: str = "Count to a thousand.") -> None:
+    """Send a chat turn that streams for long (4,000 tokens, EOS ignored) and wait for its
+    first text."""
+    open_page(page, server)
+    fill(page, max_tokens=4000)
+    page.check("#p-ignore_eos")
+    page.fill("#input", prompt)
+    page.click("#send")
+    page.wait_for_function(ANSWER_LONGER_THAN.format(0), timeout=120_000)
+
+
+def answer_grows(page) -> None:
+    """Wait until the streaming answer has grown by more than ten characters."""
+    now = len(page.text_content(".msg.assistant .text"))
+    page.wait_for_function(ANSWER_LONGER_THAN.format(now + 10), timeout=60_000)
+
+
 def api(server, path: str, body: dict) -> dict:
     r = httpx.post(server.url + path, json={"model": MODEL, **body}, headers=server.headers,
                    timeout=180)  # fmt: skip
@@ -108,13 +128,7 @@ def test_chat_streams_the_answer(open_server, page):
 
 
 def test_stop_ends_the_stream_and_the_engine_request(open_server, page):
-    open_page(page, open_server)
-    fill(page, max_tokens=4000)
-    page.check("#p-ignore_eos")
-    page.fill("#input", "Count to a thousand.")
-    page.click("#send")
-    page.wait_for_function("document.querySelector('.msg.assistant .text')?.textContent.length > 0",
-                           timeout=120_000)  # fmt: skip
+    start_long_answer(page, open_server)
     assert page.is_visible("#stop") and page.is_disabled("#send")
     page.click("#stop")
     finished(page)
@@ -130,17 +144,10 @@ def test_scrolling_up_while_an_answer_streams_stays_put(open_server, page):
     """Every new token scrolled the page back to the answer's end, so no one could scroll up to
     read while it streamed; now the page follows only a reader who is at the end."""
     page.set_viewport_size({"width": 1280, "height": 500})
-    open_page(page, open_server)
-    fill(page, max_tokens=4000)
-    page.check("#p-ignore_eos")
-    page.fill("#input", "line\n" * 30)
-    page.press("#input", "Enter")
-    grown = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
-    page.wait_for_function(grown.format(0), timeout=120_000)
+    start_long_answer(page, open_server, "line\n" * 30)
     assert page.evaluate("window.scrollY") > 0  # followed the answer down
     page.evaluate("window.scrollTo(0, 0)")
-    now = len(page.text_content(".msg.assistant .text"))
-    page.wait_for_function(grown.format(now + 10), timeout=60_000)  # more came, drawn
+    answer_grows(page)  # more came, drawn
     assert page.evaluate("window.scrollY") == 0 and page.is_visible("#stop")
     page.click("#stop")
     finished(page)
@@ -149,17 +156,10 @@ def test_scrolling_up_while_an_answer_streams_stays_put(open_server, page):
 def test_a_selection_survives_while_an_answer_streams(open_server, page):
     """Each new token redrew the whole conversation, so text selected to copy (the question, an
     earlier answer) vanished at once; now only the answer being streamed is redrawn."""
-    open_page(page, open_server)
-    fill(page, max_tokens=4000)
-    page.check("#p-ignore_eos")
-    page.fill("#input", "Count to a thousand.")
-    page.click("#send")
-    grown = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
-    page.wait_for_function(grown.format(0), timeout=120_000)
+    start_long_answer(page, open_server)
     assert page.is_disabled(".msg.user .act-delete")  # the others' buttons: off while it runs
     page.evaluate("getSelection().selectAllChildren(document.querySelector('.msg.user .text'))")
-    now = len(page.text_content(".msg.assistant .text"))
-    page.wait_for_function(grown.format(now + 10), timeout=60_000)  # more came, drawn
+    answer_grows(page)  # more came, drawn
     assert page.evaluate("getSelection().toString()") == "Count to a thousand."
     assert page.is_visible("#stop")
     page.click("#stop")
@@ -170,13 +170,7 @@ def test_a_selection_survives_while_an_answer_streams(open_server, page):
 def test_clear_while_an_answer_streams_stops_it(open_server, page):
     """Clear emptied the page but left the answer streaming unseen: Stop still shown, Send
     disabled, the engine generating on; now it stops the request too."""
-    open_page(page, open_server)
-    fill(page, max_tokens=4000)
-    page.check("#p-ignore_eos")
-    page.fill("#input", "Count to a thousand.")
-    page.click("#send")
-    page.wait_for_function("document.querySelector('.msg.assistant .text')?.textContent",
-                           timeout=120_000)  # fmt: skip
+    start_long_answer(page, open_server)
     page.click("#clear")
     page.wait_for_selector("#stop", state="hidden", timeout=10_000)
     assert page.locator(".msg").count() == 0 and page.is_enabled("#send")
