@@ -521,6 +521,37 @@ def test_a_forced_call_follows_refs_into_its_parameters(client):
     jsonschema.validate(json.loads(call.function.arguments), parameters)
 
 
+def test_draft7_tuples_constrain_output_and_calls(client):
+    """A tuple in draft-7's form (`items` a list, `additionalItems: false`), as pydantic v1 and
+    zod-to-json-schema write one: before, a 400 ("invalid json schema: items must be a boolean
+    or an object"), in response_format and in a tool's parameters alike."""
+    schema = {
+        "type": "object",
+        "properties": {"pair": {"type": "array", "items": [
+            {"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["x", "y"]}],
+            "minItems": 2, "additionalItems": False}},
+        "required": ["pair"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    messages = [{"role": "user", "content": "A pair."}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    out = json.loads(r.choices[0].message.content)
+    jsonschema.Draft7Validator(schema).validate(out)
+    assert len(out["pair"]) == 2
+    tool = {"type": "function", "function": {"name": "pair", "parameters": schema}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=0, tools=[tool],
+        tool_choice="required",
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.Draft7Validator(schema).validate(json.loads(call.function.arguments))
+
+
 @pytest.mark.parametrize("parallel", [False, None])
 def test_parallel_tool_calls_false_gives_at_most_one_call_under_auto(client, parallel):
     """Under auto, output that is an array of two calls (a GBNF response_format writes it here)

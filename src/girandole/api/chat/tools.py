@@ -30,7 +30,7 @@ from girandole.api.chat.schema import (
     Tool,
 )
 from girandole.api.http.errors import bad_request
-from girandole.api.serving.structured import ToolsCheck, check_schema
+from girandole.api.serving.structured import ToolsCheck, check_schema, tuple_items
 from girandole.sampling.grammar import GrammarSpec
 from girandole.tokenizer.chat_template import flatten_content
 
@@ -135,11 +135,10 @@ def plan_tools(req: Any, template: str | None) -> ToolPlan | None:
     if mode == "required":
         plan.grammar = call_grammar([t for t in tools if t.function.name in allowed], parallel)
     parts = [
-        (GrammarSpec.json_schema(json.dumps(t.function.parameters, ensure_ascii=False)),
-         f"tools.{i}.function.parameters")
+        (_schema_grammar(t.function.parameters), f"tools.{i}.function.parameters")
         for i, t in enumerate(tools)
         if t.function.parameters is not None
-    ]  # fmt: skip
+    ]
     if parts:
         plan.check = ToolsCheck(call_grammar(tools, parallel=False), parts)
     return plan
@@ -275,7 +274,7 @@ def call_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     for tool in tools:
         name = tool.function.name
         params = tool.function.parameters
-        params = dict(params) if params is not None else dict(NO_PARAMETERS)
+        params = tuple_items(params) if params is not None else dict(NO_PARAMETERS)
         params.setdefault("type", "object")  # as read; else a call's arguments could be any JSON
         for key in ("$defs", "definitions"):
             for def_name, sub in (params.pop(key, None) or {}).items():
@@ -298,6 +297,10 @@ def call_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     one = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one
     return {**schema, "$defs": defs}
+
+
+def _schema_grammar(parameters: dict[str, Any]) -> GrammarSpec:
+    return GrammarSpec.json_schema(json.dumps(tuple_items(parameters), ensure_ascii=False))
 
 
 def call_grammar(tools: list[Tool], parallel: bool) -> GrammarSpec:

@@ -181,6 +181,29 @@ def _check_node(schema: dict[str, Any], param: str, where: str) -> None:
         )
 
 
+def tuple_items(schema: Any) -> Any:
+    """`schema` with draft-7's tuple form (`items` a list of schemas, `additionalItems` for the
+    rest, as pydantic v1 and zod-to-json-schema write a tuple) in the 2020-12 form the grammar
+    engine reads (`prefixItems`, `items`); it refused the list ("items must be a boolean or an
+    object")."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: tuple_items(sub) for name, sub in value.items()}
+        elif (key in SCHEMA_LISTS or key == "items") and isinstance(value, list):
+            out[key] = [tuple_items(sub) for sub in value]
+        elif key in SCHEMA_VALUED:
+            out[key] = tuple_items(value)
+        else:
+            out[key] = value
+    if isinstance(out.get("items"), list) and "prefixItems" not in out:
+        out["prefixItems"] = out.pop("items")
+        out["items"] = out.pop("additionalItems", True)
+    return out
+
+
 def _unsupported(what: str, where: str, param: str) -> Exception:
     return bad_request(
         f"Unsupported JSON schema keyword {what} at '{where}': constrained decoding cannot"
@@ -213,7 +236,7 @@ def response_format_grammar(rf: ResponseFormat | None) -> GrammarSpec | None:
         return GrammarSpec("json_object")
     check_schema(schema, param)
     # keep the schema's property order: it is the order the properties are written in
-    return GrammarSpec.json_schema(json.dumps(schema, ensure_ascii=False))
+    return GrammarSpec.json_schema(json.dumps(tuple_items(schema), ensure_ascii=False))
 
 
 @dataclass
