@@ -380,6 +380,8 @@ def test_x_api_key_and_anthropic_errors(server):
         ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
         ({"tools": [WEATHER, {**WEATHER, "name": "g", "input_schema": {"type": "string"}}]},
          "tools.1.input_schema"),  # chat's check: was named 'tools.1.function.parameters'
+        ({"tools": [WEATHER, {**WEATHER, "name": "g", "input_schema": {"type": "object",
+          "properties": {"a": {"type": "strin"}}}}]}, "tools.1.input_schema"),  # under auto too
         ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object",
           "properties": {"a": {"type": "nonsense"}}}}}}, "output_config.format"),  # not chat's
         ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),

@@ -412,6 +412,8 @@ def test_bad_requests_name_the_field(server, body, field):
         ({"input": "x", "tools": [{"type": "namespace", "name": "n", "tools": [WEATHER]},
                                   {**WEATHER, "name": "g", "parameters": {"type": "string"}}]},
          "tools.1.parameters"),
+        ({"input": "x", "tools": [WEATHER, {**WEATHER, "name": "g", "parameters": {
+          "type": "object", "properties": {"a": {"type": "strin"}}}}]}, "tools.1.parameters"),
         ({"input": "x", "tools": [{**WEATHER, "name": "g"}, {"type": "namespace", "name": "n",
                                   "tools": [WEATHER, {**WEATHER, "name": "h",
                                                       "parameters": {"type": "bogus"}}]}]},

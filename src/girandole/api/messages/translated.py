@@ -57,6 +57,7 @@ class TranslatedShape(ResponseShape):
         self.template = chat.template
         self.plan = chat.plan
         self.forced_grammar = chat.forced_grammar
+        self.tools_check = chat.tools_check  # a bad tool schema is a 400 whatever tool_choice
         self.reasoning = chat.reasoning  # the prompt is built as chat's (thinking on or off)
         self.think_end_id = chat.think_end_id
 
