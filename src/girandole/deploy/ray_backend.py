@@ -162,8 +162,11 @@ def app_name_of(deployment: str) -> str:
     return f"girandole--{account}--{deployment_id}"
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
 @functools.cache
-def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
+def code_version(root: Path = PACKAGE_ROOT) -> str:
     """A digest of girandole's own source (the package at `root`), as this process runs it: part
     of the version a deployment's replicas carry, so replicas started by other code are
     replaced, never kept."""
