@@ -27,6 +27,18 @@ WEATHER_PARAMETERS = {
 }  # fmt: skip
 
 
+DEFAULT_MAX_TOKENS = 16  # Fireworks' default for /v1/completions
+
+
+def assert_default_length(finish_reason: str | None, completion_tokens: int) -> None:
+    """A completion without max_tokens runs to the default 16 tokens, unless the model samples
+    its end of text first (the default temperature is 1, so now and then it does)."""
+    if finish_reason == "length":
+        assert completion_tokens == DEFAULT_MAX_TOKENS
+    else:
+        assert finish_reason == "stop" and 0 < completion_tokens < DEFAULT_MAX_TOKENS
+
+
 def post(server, body: dict[str, Any] | bytes | str, path: str = "/v1/completions", **kw):
     headers = dict(server.headers)
     headers.update(kw.pop("headers", {}))
