@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from girandole.api.chat.route import ENDPOINT as CHAT_ENDPOINT
 from girandole.api.completions.route import ENDPOINT as COMPLETIONS_ENDPOINT
 from girandole.api.embeddings.route import ENDPOINT as EMBEDDINGS_ENDPOINT
-from girandole.api.http.errors import APIError, bad_request, internal_error
+from girandole.api.http.errors import APIError, bad_request, deployment_error, internal_error
 from girandole.api.http.inprocess import inprocess_request
 from girandole.api.messages.route import ENDPOINT as MESSAGES_ENDPOINT
 from girandole.api.messages.shape import anthropic_error
@@ -69,9 +69,8 @@ async def execute(
     except APIError as exc:
         status, error, headers = exc.status_code, exc, exc.headers
     except DeploymentError as exc:  # the deployment's engine refused it (404, 503)
-        status, headers = exc.status, exc.headers or {}
-        error = APIError(status, exc.message, type=exc.type or "invalid_request_error",
-                         code=exc.code, param=exc.param, headers=headers)  # fmt: skip
+        error = deployment_error(exc)
+        status, headers = error.status_code, error.headers
     except asyncio.CancelledError:
         status = 499
         raise

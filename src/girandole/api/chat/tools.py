@@ -135,7 +135,7 @@ def plan_tools(req: Any, template: str | None) -> ToolPlan | None:
     if mode == "required":
         plan.grammar = call_grammar([t for t in tools if t.function.name in allowed], parallel)
     parts = [
-        (_schema_grammar(t.function.parameters), f"tools.{i}.function.parameters")
+        (t.function.parameters, f"tools.{i}.function.parameters")
         for i, t in enumerate(tools)
         if t.function.parameters is not None
     ]
@@ -297,10 +297,6 @@ def call_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     one = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one
     return {**schema, "$defs": defs}
-
-
-def _schema_grammar(parameters: dict[str, Any]) -> GrammarSpec:
-    return GrammarSpec.json_schema(json.dumps(tuple_items(parameters), ensure_ascii=False))
 
 
 def call_grammar(tools: list[Tool], parallel: bool) -> GrammarSpec:

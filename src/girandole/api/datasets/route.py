@@ -530,9 +530,7 @@ async def delete_dataset(dataset_id: str, request: Request, account: str = Accou
             f" job has not ended ({job['state']}): cancel the job or wait for it first",
             code="FAILED_PRECONDITION",
         )
-    reader = store.job_reading(account, dataset_id)
-    if reader is not None:
-        raise APIError(400, input_in_use(body["name"], reader), code="FAILED_PRECONDITION")
+    not_read_by_a_job(store, account, dataset_id)
     store.delete_dataset(account, dataset_id)
     return {}
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from girandole.api.deployments.schema import DeploymentBody, ScaleBody
-from girandole.api.http.errors import APIError, request_id_of
+from girandole.api.http.errors import APIError, deployment_error, request_id_of
 from girandole.api.http.list_params import ListParams, ListQuery
 from girandole.api.http.list_params import read_masked as masked_fields
 from girandole.api.http.validation import parse_json_object, read_body, validate_model
@@ -266,14 +266,6 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
 
     @app.exception_handler(DeploymentError)
     async def _deployment_error(request: Request, exc: DeploymentError) -> JSONResponse:
-        error = APIError(
-            exc.status,
-            exc.message,
-            type=exc.type or "invalid_request_error",
-            code=exc.code,
-            param=exc.param,
-            headers=exc.headers,
-        )
-        return error.response(request_id_of(request))
+        return deployment_error(exc).response(request_id_of(request))
 
     return manager

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from girandole.api.http.disconnect import CLIENT_CLOSED, ClientDisconnected
+
+if TYPE_CHECKING:
+    from girandole.registry.deployments import DeploymentError
 
 logger = logging.getLogger("girandole.api")
 
@@ -73,6 +76,19 @@ class APIError(Exception):
 
 def new_request_id() -> str:
     return "cmpl-" + uuid.uuid4().hex
+
+
+def deployment_error(exc: DeploymentError) -> APIError:
+    """The API's error for a control plane's DeploymentError (a deployment that cannot serve, an
+    adapter that does not fit): its status, words, code, param and headers."""
+    return APIError(
+        exc.status,
+        exc.message,
+        type=exc.type or "invalid_request_error",
+        code=exc.code,
+        param=exc.param,
+        headers=exc.headers,
+    )
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -933,12 +933,15 @@ function sendRerank() {
 
 // ---------------------------------------------------------------- rendering
 
+// A stream keeps the answer's end in view while the reader is there; one who scrolled up to
+// read stays where they are (until they scroll back down).
+function atEnd(el) {
+  return !el || el.getBoundingClientRect().bottom <= window.innerHeight + 40;
+}
+
 function render() {
   const list = chatMode() ? $("messages") : $("raw-output");
-  // a stream keeps the answer's end in view while the reader is there; one who scrolled up to
-  // read stays where they are (until they scroll back down)
-  const last = list.lastElementChild;
-  const follow = !last || last.getBoundingClientRect().bottom <= window.innerHeight + 40;
+  const follow = atEnd(list.lastElementChild);
   $("messages").replaceChildren(...branch().map((m, i) => renderMessage(m, i)));
   $("raw-output").replaceChildren(...(state.raw ? [renderMessage(state.raw, -1)] : []));
   $("raw-append").disabled = !state.raw || Boolean(state.controller);
@@ -953,7 +956,7 @@ function renderStreaming(m) {
     render();
     return;
   }
-  const follow = li.getBoundingClientRect().bottom <= window.innerHeight + 40;
+  const follow = atEnd(li);
   const fresh = renderMessage(m, m === state.raw ? -1 : branch().indexOf(m));
   li.replaceWith(fresh);
   if (follow && fresh === list.lastElementChild) fresh.scrollIntoView({ block: "end" });

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from girandole.api.http.errors import APIError
+from girandole.api.http.errors import deployment_error
 from girandole.engine.outputs import RequestOutput
 from girandole.registry.deployments import DeploymentError
 from girandole.sampling.params import SamplingParams
@@ -35,7 +35,7 @@ class AdapterEngine:
         try:
             await self.lora.ensure_loaded(self.engine, self.adapter)
         except DeploymentError as exc:
-            raise APIError(exc.status, exc.message, code=exc.code, param=exc.param) from None
+            raise deployment_error(exc) from None
         async for out in self.engine.generate(
             prompt_token_ids, params, request_id, adapter=self.adapter, **kwargs
         ):

@@ -235,7 +235,12 @@ def response_format_grammar(rf: ResponseFormat | None) -> GrammarSpec | None:
     if schema is None:
         return GrammarSpec("json_object")
     check_schema(schema, param)
-    # keep the schema's property order: it is the order the properties are written in
+    return schema_spec(schema)
+
+
+def schema_spec(schema: dict[str, Any]) -> GrammarSpec:
+    """The grammar of a JSON schema as a request wrote it (its property order kept: it is the
+    order the properties are written in), draft-7 tuples read as the grammar engine reads them."""
     return GrammarSpec.json_schema(json.dumps(tuple_items(schema), ensure_ascii=False))
 
 
@@ -245,7 +250,8 @@ class ToolsCheck:
     the grammar engine rejects is a 400 under `auto` too, not only once a call is forced)."""
 
     grammar: GrammarSpec  # a call to any of the tools: one compile (cached) checks them all
-    parts: list[tuple[GrammarSpec, str]] = field(default_factory=list)  # each tool's, its field
+    # each tool's parameters schema and its field: compiled alone only when `grammar` fails
+    parts: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
 
 async def request_grammar(
@@ -265,9 +271,9 @@ async def request_grammar(
             await engine.compile_grammar(tools.grammar)
         except GrammarError as exc:
             error, param = exc, "tools"
-            for spec, where in tools.parts:  # which tool: compiled alone
+            for schema, where in tools.parts:  # which tool: compiled alone
                 try:
-                    await engine.compile_grammar(spec)
+                    await engine.compile_grammar(schema_spec(schema))
                 except GrammarError as part_error:
                     error, param = part_error, where
                     break
