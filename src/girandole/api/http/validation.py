@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import re
 from functools import cache
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -218,13 +219,30 @@ def _list_limits(schema: type[BaseModel]) -> dict[str, int]:
     limits = {}
     for name, field in schema.model_fields.items():
         limit = _max_length(field.metadata)
-        for arg in get_args(field.annotation) or (field.annotation,):
-            if get_origin(arg) is Annotated:
-                inner = _max_length([m for a in arg.__metadata__ for m in _metadata(a)])
-                limit = limit if inner is None else inner
+        if limit is None:
+            limit = _union_list_limit(field.annotation)
         if limit is not None:
             limits[field.alias or name] = limit
     return limits
+
+
+def _union_list_limit(annotation: Any) -> int | None:
+    """The longest list a union accepts: None if none of its members is a list, or if one
+    takes a list of any length (embeddings' `input`: one token-id list of any length, or at
+    most 2048 texts; its 2048 refused a single input of more tokens)."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return None
+    limits: list[int | None] = []
+    for arg in get_args(annotation):
+        metadata: list[Any] = []
+        if get_origin(arg) is Annotated:
+            metadata = [m for a in arg.__metadata__ for m in _metadata(a)]
+            arg = get_args(arg)[0]
+        if arg is list or get_origin(arg) is list:
+            limits.append(_max_length(metadata))
+    if not limits or None in limits:
+        return None
+    return max(limit for limit in limits if limit is not None)
 
 
 def _metadata(annotation_arg: Any) -> list[Any]:
