@@ -5,8 +5,10 @@ ordering on a small labelled set (against the cosine of the server's own embeddi
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
+import threading
 import time
 
 import httpx
@@ -182,3 +184,34 @@ def test_cohere_shape_has_its_usage_row(server):
         time.sleep(0.05)
     assert rows == [("rerank", MODEL, 200, billed, 0, 2)]
     assert 'endpoint="rerank",status="200"' in httpx.get(server.url + "/metrics").text
+
+
+def test_the_server_answers_while_a_large_rerank_is_tokenized(server):
+    """A rerank's documents (up to the 16 MB body limit) were tokenized on the event loop: every
+    other request, streams included, waited seconds for them. They are tokenized beside it
+    now: a request sent once the body is uploaded is answered first. (The last document is too
+    long, so the request ends with a 400 once every document is tokenized.)"""
+    documents = ["word " * 2800] * 500 + ["x " * 40000]
+    body = json.dumps({"model": MODEL, "query": "q", "documents": documents}).encode()
+    uploaded = threading.Event()
+    done: dict = {}
+
+    def chunks():
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+        uploaded.set()
+
+    def send() -> None:
+        headers = {**server.headers, "Content-Type": "application/json"}
+        r = httpx.post(server.url + "/v1/rerank", content=chunks(), headers=headers, timeout=120)
+        done["at"], done["response"] = time.monotonic(), r
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    assert uploaded.wait(60)
+    assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+    answered = time.monotonic()
+    thread.join()
+    assert done["response"].status_code == 400, done["response"].text
+    assert done["response"].json()["error"]["param"] == "documents"
+    assert answered < done["at"], "/health waited for the rerank's documents to be tokenized"
