@@ -15,7 +15,8 @@ opens with `response.created` and `response.queued` (status `queued`), then
 with the failed response). A cancelled response's log just ends.
 
 A server that stops ends its running background responses as `failed` (they are not resumed),
-and one that starts marks those a crash left `queued` or `in_progress` the same way.
+and one that starts marks those a crash left `queued` or `in_progress` the same way (their
+webhooks go then).
 """
 
 from __future__ import annotations
@@ -114,10 +115,13 @@ class BackgroundResponses:
         self.webhooks = webhooks  # told when a response ends: response.<its status>
 
     def recover(self, store: ResponseStore) -> None:
-        """At start-up: responses a stopped server left unfinished can never finish."""
+        """At start-up: responses a stopped server left unfinished (it crashed) can never
+        finish. They end now, so their webhooks go now: the crashed server sent none."""
         for account, body in store.unfinished():
             if body["id"] not in self.runs:
                 store.update(account, failed(body, STOPPED))
+                if self.webhooks is not None:
+                    self.webhooks.send("response.failed", body["id"])
 
     async def shutdown(self) -> None:
         """End every running background response as `failed` (the server is stopping)."""
