@@ -160,6 +160,9 @@ def test_a_crashed_server_s_responses_send_theirs_at_the_next_start(tmp_path):
         (["--webhook-url", "http://127.0.0.1:9/x"], "needs --webhook-secret"),
         (["--webhook-url", "http://127.0.0.1:9/x", "--webhook-secret", "nope"], "whsec_"),
         (["--webhook-url", "ftp://x", "--webhook-secret", SECRET], "http:// or https://"),
+        # httpx cannot parse it: every delivery would fail (its task died unseen)
+        (["--webhook-url", "http://127.0.0.1:80a/x", "--webhook-secret", SECRET], "valid URL"),
+        (["--webhook-url", "http://", "--webhook-secret", SECRET], "with a host"),
     ],
 )
 def test_bad_settings_stop_the_server(args, words):
