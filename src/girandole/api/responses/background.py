@@ -157,6 +157,9 @@ class BackgroundResponses:
         """Save the prepared request as `queued`, start its task, and answer `request`: the
         queued response, or (`stream: true`) its events as they come."""
         rounds.got.state.ops.check_prompt_limit(job.choices)  # a 400 now, not a failed run
+        http = record_of(request)
+        if http is not None:  # the run's record writes the usage row; this request's, none
+            http.handed_off = True
         self._forget_old()
         run = BackgroundRun(job.id, account)
         queued = shape.response(job, "queued", [], None)
