@@ -171,6 +171,11 @@ def test_errors(client, server):
     bad_include = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items?include=x",
                             headers=server.headers)  # fmt: skip
     assert bad_include.status_code == 400 and bad_include.json()["error"]["param"] == "include.0"
+    # what a Responses request may include, items may too (reasoning: never encrypted here)
+    for include in ("message.output_text.logprobs", "reasoning.encrypted_content"):
+        listed = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items",
+                           params={"include": include}, headers=server.headers)  # fmt: skip
+        assert listed.status_code == 200, listed.text
     # another account's key sees nothing of it
     data = server.log_path.parent / f"data-{server.port}"
     other, _ = Database.in_folder(data).create_key("other-account")
