@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import time
 
 import httpx
@@ -53,6 +54,18 @@ def wait_for_text(client: openai.OpenAI, response_id: str) -> None:
             if event.type == "response.output_text.delta":
                 return
     raise AssertionError(f"{response_id} ended before any text")
+
+
+def follow(client: openai.OpenAI, response_id: str, seen: list[str], started: threading.Event):
+    """A background response's events, from the start, into `seen` (`started` set at the
+    first); what ends them otherwise, named."""
+    try:
+        for event in client.responses.retrieve(response_id, stream=True):
+            seen.append(event.type)
+            started.set()
+    except Exception as exc:  # noqa: BLE001 - what the client saw
+        seen.append(repr(exc))
+    started.set()
 
 
 def post(server, path: str, body: dict | None = None, key: str = API_KEY) -> httpx.Response:
@@ -249,8 +262,17 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
         assert c.responses.retrieve(stopped.id).status == "queued"
         assert c.responses.cancel(ahead.id).status == "cancelled"  # room: it runs
         wait_for_text(c, stopped.id)  # running, with output tokens when the server stops
+        # a client following it: its stream ends with the failure when the drain period does,
+        # as a synchronous stream's ends with an error event (not cut with the connection)
+        followed: list[str] = []
+        following = threading.Event()
+        follower = threading.Thread(target=follow, args=(c, stopped.id, followed, following))
+        follower.start()
+        assert following.wait(60)
     finally:
         stop_server(second)  # SIGTERM: a clean stop
+    follower.join(30)
+    assert followed[-1] == "response.failed", followed[-3:]
     body = stored_status(data, stopped.id)
     assert body["status"] == "failed" and body["error"]["code"] == "server_error"
     assert "stopped" in body["error"]["message"] and body["usage"]["output_tokens"] > 0

@@ -14,8 +14,9 @@ opens with `response.created` and `response.queued` (status `queued`), then
 `response.in_progress`, the output's events, and `response.completed` (or `response.failed`
 with the failed response). A cancelled response's log just ends.
 
-A server that stops ends its running background responses as `failed` (they are not resumed),
-and one that starts marks those a crash left `queued` or `in_progress` the same way (their
+A server that stops ends its running background responses as `failed` (they are not resumed:
+at its drain deadline, as it cuts streams, so their followers get `response.failed`), and one
+that starts marks those a crash left `queued` or `in_progress` the same way (their
 webhooks go then).
 """
 
@@ -184,6 +185,9 @@ class BackgroundResponses:
         status = "failed"
         try:
             fanout = await self._admitted(request, rounds, job)
+            # a stream's drain deadline is its too: cut then, it fails with `response.failed`
+            # in its log, before the server cuts the connections of clients following it
+            state.ops.track_stream(fanout)
             body = shape.response(job, "in_progress", [], None)
             store.update(run.account, body)
             run.log.add("response.in_progress", {"response": body})
@@ -200,6 +204,8 @@ class BackgroundResponses:
             store.update(run.account, body)
         except Exception as exc:  # noqa: BLE001 - the client is gone: the response says it
             error = engine_error(exc)
+            if state.ops.draining:  # cut by the drain deadline: the server's stop ended it
+                error = APIError(503, STOPPED, type="server_error")
             record.status = error.status_code
             body = failed(shape.response(job, "failed", shape.output_so_far(), _usage(record)))
             body["error"] = error_json(error)
