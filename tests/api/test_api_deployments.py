@@ -142,6 +142,18 @@ def test_sdk_lifecycle(plane):
         fw.deployments.get("life")
 
 
+def wait_active(plane: Plane, n: int, timeout: float = 30) -> None:
+    """Until `n` inference requests are admitted (past their deployment's lookup)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = httpx.get(plane.server.url + "/metrics", timeout=10).text
+        line = next(x for x in metrics.splitlines() if x.startswith("girandole_requests_active "))
+        if float(line.split()[1]) >= n:
+            return
+        assert time.monotonic() < deadline, line
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("how", ["delete", "scale-to-zero", "restart"])
 def test_requests_in_flight_end_when_their_deployment_goes(plane, how):
     """A stream and a whole request running on a deployment's engine when it is deleted,
@@ -171,7 +183,7 @@ def test_requests_in_flight_end_when_their_deployment_goes(plane, how):
         lines = r.iter_lines()
         events.append(next(line for line in lines if line.startswith("data: ")))
         waiter.start()
-        time.sleep(0.3)
+        wait_active(plane, 2)  # the whole request runs too (a fixed sleep may end before it came)
         started = time.monotonic()
         base = f"/v1/accounts/{ACCOUNT}/deployments/{name}"
         if how == "delete":

@@ -299,6 +299,19 @@ def _open_stream(srv, key: str, max_tokens: int):
     return cm, response, lines
 
 
+def wait_queued(srv, timeout: float = 30) -> None:
+    """Until a request waits in the admission queue (a fixed sleep may end before a busy machine
+    has sent it, or after its queue timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+        line = next(x for x in metrics.splitlines() if x.startswith("girandole_requests_queued "))
+        if float(line.split()[1]) >= 1:
+            return
+        assert time.monotonic() < deadline, line
+        time.sleep(0.02)
+
+
 def test_queue_overflow_429_then_timeout_503(guarded):
     key = guarded.keys["alice"]["key"]
     # The slot is held by an open stream (closed at the end, which aborts it): no race with
@@ -309,7 +322,7 @@ def test_queue_overflow_429_then_timeout_503(guarded):
         waiter: list = []
         queued = threading.Thread(target=lambda: waiter.append(complete(guarded, key)))
         queued.start()
-        time.sleep(0.3)  # now in the queue (1 place)
+        wait_queued(guarded)  # now in the queue (1 place), for 1 s: the next one overflows
         overflow = complete(guarded, key)
         assert overflow.status_code == 429, overflow.text
         assert "at capacity" in overflow.json()["error"]["message"]

@@ -8,10 +8,11 @@ import pytest
 
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.completions.schema import CompletionRequest
+from girandole.api.embeddings.schema import EmbeddingRequest
 from girandole.api.http.errors import APIError
 from girandole.api.http.sse import DONE, sse_event
 from girandole.api.http.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
-from girandole.api.http.validation import parse_json_object, validate_model
+from girandole.api.http.validation import _check_list_lengths, parse_json_object, validate_model
 from girandole.api.serving.params import build_params, choice_seed, sampling_defaults
 from girandole.api.serving.prompt import fit_max_tokens
 from girandole.registry.keys import ApiKeyStore
@@ -504,3 +505,15 @@ def test_metrics_label_every_route_family(path, label):
     from girandole.api.ops.server_ops import endpoint_of
 
     assert endpoint_of(path) == label
+
+
+def test_embeddings_input_lists_are_capped_before_validating_but_one_token_id_list_is_not():
+    """`input` takes at most 2048 texts, token-id lists or objects, or one token-id list as long
+    as the context. More inputs than 2048 are refused before pydantic validates them (without
+    that check, a million texts held the event loop for 8 s); one long token-id list is left
+    to pydantic and the context check."""
+    for items in (["x"] * 2049, [[1]] * 2049, [{"a": "b"}] * 2049):
+        with pytest.raises(APIError, match="at most 2048 items after validation, not 2049"):
+            _check_list_lengths(EmbeddingRequest, {"model": "m", "input": items})
+    _check_list_lengths(EmbeddingRequest, {"model": "m", "input": [1] * 4000})
+    assert len(validate_model(EmbeddingRequest, {"model": "m", "input": [1] * 4000}).input) == 4000

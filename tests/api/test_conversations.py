@@ -5,6 +5,7 @@ joins it when it ends (whole, streamed, in the background); other accounts kept 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import httpx
@@ -119,6 +120,27 @@ def test_a_response_runs_on_the_conversation_and_joins_it(client):
     assert len(client.conversations.items.list(conv.id).data) == 9
 
 
+def test_a_conversation_deleted_under_a_running_response_is_left_deleted(client, server):
+    """A response that ends after its conversation was deleted adds its turn to nothing: the
+    items are not left in the database, where no request could read or delete them."""
+    conv = client.conversations.create(items=[user("Hi")])
+    r = client.responses.create(model=MODEL, input="Write a long story about a lighthouse.",
+                                conversation=conv.id, max_output_tokens=100, temperature=0,
+                                background=True)  # fmt: skip
+    client.conversations.delete(conv.id)
+    assert client.responses.retrieve(r.id).status in ("queued", "in_progress")
+    deadline = time.monotonic() + 60
+    while (status := client.responses.retrieve(r.id).status) in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status in ("completed", "incomplete")  # the turn it would have added
+    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
+    with sqlite3.connect(db) as conn:
+        (left,) = conn.execute("SELECT COUNT(*) FROM conversation_items"
+                               " WHERE conversation_id = ?", (conv.id,)).fetchone()  # fmt: skip
+    assert left == 0
+
+
 def test_errors(client, server):
     conv = client.conversations.create()
     first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
@@ -149,6 +171,11 @@ def test_errors(client, server):
     bad_include = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items?include=x",
                             headers=server.headers)  # fmt: skip
     assert bad_include.status_code == 400 and bad_include.json()["error"]["param"] == "include.0"
+    # what a Responses request may include, items may too (reasoning: never encrypted here)
+    for include in ("message.output_text.logprobs", "reasoning.encrypted_content"):
+        listed = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items",
+                           params={"include": include}, headers=server.headers)  # fmt: skip
+        assert listed.status_code == 200, listed.text
     # another account's key sees nothing of it
     data = server.log_path.parent / f"data-{server.port}"
     other, _ = Database.in_folder(data).create_key("other-account")

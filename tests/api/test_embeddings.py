@@ -12,7 +12,7 @@ import struct
 import httpx
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL, post
+from api_helpers import API_KEY, MODEL, post, usage_row
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -114,13 +114,15 @@ def test_usage_row_and_metrics(server, tokenizer):
     assert r.status_code == 200
     prompt = sum(len(tokenizer.encode(t)) for t in TEXTS[:2])
     assert r.headers["fireworks-prompt-tokens"] == str(prompt)
+    request_id = r.headers["x-request-id"]
+    assert usage_row(server, request_id)  # the server writes it from a thread, a moment later
     db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
             "SELECT endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
-            " FROM usage WHERE endpoint = 'embeddings' ORDER BY id"
-        ).fetchall()
-    assert ("embeddings", MODEL, 200, prompt, 0, 2) in rows
+            " FROM usage WHERE request_id = ?", (request_id,),
+        ).fetchall()  # fmt: skip
+    assert rows == [("embeddings", MODEL, 200, prompt, 0, 2)]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'endpoint="embeddings",status="200"' in metrics
 
@@ -182,3 +184,26 @@ def test_many_inputs_are_not_too_long_together(server):
     r = embed(server, input=["\n" * 1100] * 2048, dimensions=0)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "dimensions", r.text
+
+
+def test_one_token_id_input_may_hold_more_ids_than_inputs_a_request_may(server, tokenizer):
+    """A token-id list is one input, bounded by the context: 2048, the most inputs a request
+    may hold, refused one input of 2049 ids ("List should have at most 2048 items"). The
+    request now goes on to its own checks (here, a bad `dimensions`)."""
+    ids = (tokenizer.encode(TEXTS[3], add_bos=False) * 200)[:2049]
+    r = embed(server, input=ids, dimensions=0)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "dimensions", r.text
+
+
+def test_token_ids_one_short_of_the_context_are_not_too_long(server, tokenizer):
+    """The early refusal counted a token-id input as two items more than it has: 32,767 ids
+    (one short of the 32,768 positions: it fits) were 'too long: 32769 or more items'. The
+    request now goes on to its own checks (here, a bad `dimensions`); 32,768 ids are too long."""
+    word = tokenizer.encode("cat", add_bos=False)[0]
+    r = embed(server, input=[word] * 32767, dimensions=0)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "dimensions", r.text
+    r = embed(server, input=[word] * 32768)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "input" and "32768" in r.json()["error"]["message"]

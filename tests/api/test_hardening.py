@@ -556,6 +556,35 @@ def test_a_large_embeddings_request_leaves_slots_for_others(busy):
     assert _gauge(busy, "girandole_requests_active") == 0
 
 
+def test_two_large_embeddings_requests_leave_slots_for_others(busy):
+    """Each large prefill request took half the slots, so two of them took all of them and
+    every other request waited (here, with no queue: 429 'at capacity'). Prefill requests now
+    share half the slots (each has one at least)."""
+    body = {
+        "model": "accounts/testing/models/tiny",
+        "input": [f"text {i} " * 40 for i in range(200)],
+    }
+    with ThreadPoolExecutor(2) as pool:
+        bigs = [
+            pool.submit(httpx.post, busy.url + "/v1/embeddings", json=body, timeout=300)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 30
+        while _gauge(busy, "girandole_requests_active") < 3 and not any(b.done() for b in bigs):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        small = httpx.post(
+            busy.url + "/v1/completions",
+            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+            timeout=30,
+        )
+        assert not all(b.done() for b in bigs)  # served beside them
+        assert small.status_code == 200, small.text
+        assert [b.result().status_code for b in bigs] == [200, 200]
+    busy.wait_idle()
+    assert _gauge(busy, "girandole_requests_active") == 0
+
+
 def _gauge(server, name: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + " "))

@@ -297,8 +297,9 @@ def test_messages_give_reasoning_as_thinking_blocks(qwen):
     # thinking off: Qwen3's empty thinking block ends the prompt, nothing is reasoning
     raw_output = {"raw_output": True}
     off = claude(qwen).messages.create(
-        model=MODEL, max_tokens=3, messages=HI, thinking={"type": "disabled"}, extra_body=raw_output
-    )
+        model=MODEL, max_tokens=3, messages=HI, thinking={"type": "disabled"},
+        extra_body={**raw_output, "temperature": 0},  # sampled, its first token may be EOS: []
+    )  # fmt: skip
     assert [b.type for b in off.content] == ["text"]
     assert off.model_extra["raw_output"]["prompt_fragments"][-1].endswith("</think>\n\n")
     on = claude(qwen).messages.create(model=MODEL, max_tokens=3, messages=HI, extra_body=raw_output,

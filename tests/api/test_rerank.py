@@ -5,8 +5,13 @@ ordering on a small labelled set (against the cosine of the server's own embeddi
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
+import threading
+import time
 
+import httpx
 import pytest
 from api_helpers import MODEL, post
 from rerank_set import SET
@@ -158,3 +163,55 @@ def test_many_documents_are_not_too_long_together(server):
     r = rerank(server, query="q", documents=["\n" * 2100] * 1024, top_n=0)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "top_n", r.text
+
+
+def test_cohere_shape_has_its_usage_row(server):
+    """/v2/rerank was labelled 'other', not an inference endpoint: it wrote no usage row (its
+    key's tokens went unrecorded) and /metrics counted it under endpoint="other"."""
+    r = rerank(server, path="/v2/rerank", query="q", documents=["a", "b"])
+    assert r.status_code == 200, r.text
+    request_id, billed = r.json()["id"], r.json()["meta"]["billed_units"]["input_tokens"]
+    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
+    deadline = time.monotonic() + 10
+    while True:  # the server writes it from a thread, a moment later
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
+                " FROM usage WHERE request_id = ?", (request_id,),
+            ).fetchall()  # fmt: skip
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert rows == [("rerank", MODEL, 200, billed, 0, 2)]
+    assert 'endpoint="rerank",status="200"' in httpx.get(server.url + "/metrics").text
+
+
+def test_the_server_answers_while_a_large_rerank_is_tokenized(server):
+    """A rerank's documents (up to the 16 MB body limit) were tokenized on the event loop: every
+    other request, streams included, waited seconds for them. They are tokenized beside it
+    now: a request sent once the body is uploaded is answered first. (The last document is too
+    long, so the request ends with a 400 once every document is tokenized.)"""
+    documents = ["word " * 2800] * 500 + ["x " * 40000]
+    body = json.dumps({"model": MODEL, "query": "q", "documents": documents}).encode()
+    uploaded = threading.Event()
+    done: dict = {}
+
+    def chunks():
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+        uploaded.set()
+
+    def send() -> None:
+        headers = {**server.headers, "Content-Type": "application/json"}
+        r = httpx.post(server.url + "/v1/rerank", content=chunks(), headers=headers, timeout=120)
+        done["at"], done["response"] = time.monotonic(), r
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    assert uploaded.wait(60)
+    assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+    answered = time.monotonic()
+    thread.join()
+    assert done["response"].status_code == 400, done["response"].text
+    assert done["response"].json()["error"]["param"] == "documents"
+    assert answered < done["at"], "/health waited for the rerank's documents to be tokenized"

@@ -276,6 +276,7 @@ def test_codex_clis_request_shape(client):
     answer = client.responses.create(
         model=MODEL, input=[*history, call.model_dump(exclude_none=True), result], tools=tools,
         tool_choice="none", extra_body=extra, **{**fields, "max_output_tokens": 6},
+        temperature=0,  # greedy: sampled, the model's end of turn may come first (no text)
     )  # fmt: skip
     assert [o.type for o in answer.output] == ["message"] and answer.output_text
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import time
 
 import httpx
@@ -45,6 +46,28 @@ def wait_for(client: openai.OpenAI, response_id: str, statuses, timeout: float =
         time.sleep(0.05)
 
 
+def wait_for_text(client: openai.OpenAI, response_id: str) -> None:
+    """Until a running background response has written some text: its events, replayed from
+    the start, then as they come, up to the first text delta."""
+    with client.responses.retrieve(response_id, stream=True) as events:
+        for event in events:
+            if event.type == "response.output_text.delta":
+                return
+    raise AssertionError(f"{response_id} ended before any text")
+
+
+def follow(client: openai.OpenAI, response_id: str, seen: list[str], started: threading.Event):
+    """A background response's events, from the start, into `seen` (`started` set at the
+    first); what ends them otherwise, named."""
+    try:
+        for event in client.responses.retrieve(response_id, stream=True):
+            seen.append(event.type)
+            started.set()
+    except Exception as exc:  # noqa: BLE001 - what the client saw
+        seen.append(repr(exc))
+    started.set()
+
+
 def post(server, path: str, body: dict | None = None, key: str = API_KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
@@ -76,8 +99,7 @@ def test_runs_in_the_background_to_the_synchronous_answer(client, server):
 def test_cancel_stops_the_work_and_is_idempotent(client, server):
     r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=2000, temperature=0,
                                 background=True)  # fmt: skip
-    wait_for(client, r.id, ("in_progress", *TERMINAL))
-    time.sleep(0.5)  # some output tokens
+    wait_for_text(client, r.id)  # some output tokens (a fixed wait may see none on a busy CPU)
     cancelled = client.responses.cancel(r.id)
     assert cancelled.status == "cancelled" and cancelled.id == r.id
     assert 0 < cancelled.usage.output_tokens < 2000
@@ -156,6 +178,13 @@ def test_errors(client, server):
         assert response.status_code == status, response.text
         assert response.json()["error"]["param"] == param
     assert "synchronous" in cases[1][0].json()["error"]["message"]
+    # a 400 found while preparing it (after the body was read): the request's usage row, as a
+    # synchronous request's
+    bad_schema = {"model": MODEL, "input": "x", "background": True, "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "strin"}}}}  # fmt: skip
+    refused = post(server, "/v1/responses", bad_schema)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "text.format"
+    assert usage_row(server, refused.json()["request_id"]) == [("responses", 400, 0, 0)]
     bad = httpx.get(server.url + f"/v1/responses/{sync.id}?stream=true&starting_after=-2",
                     headers=server.headers)  # fmt: skip
     assert bad.status_code == 400 and "starting_after" in bad.text
@@ -232,9 +261,18 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
         time.sleep(2)
         assert c.responses.retrieve(stopped.id).status == "queued"
         assert c.responses.cancel(ahead.id).status == "cancelled"  # room: it runs
-        wait_for(c, stopped.id, ("in_progress",))
+        wait_for_text(c, stopped.id)  # running, with output tokens when the server stops
+        # a client following it: its stream ends with the failure when the drain period does,
+        # as a synchronous stream's ends with an error event (not cut with the connection)
+        followed: list[str] = []
+        following = threading.Event()
+        follower = threading.Thread(target=follow, args=(c, stopped.id, followed, following))
+        follower.start()
+        assert following.wait(60)
     finally:
         stop_server(second)  # SIGTERM: a clean stop
+    follower.join(30)
+    assert followed[-1] == "response.failed", followed[-3:]
     body = stored_status(data, stopped.id)
     assert body["status"] == "failed" and body["error"]["code"] == "server_error"
     assert "stopped" in body["error"]["message"] and body["usage"]["output_tokens"] > 0

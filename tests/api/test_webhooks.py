@@ -2,12 +2,15 @@
 receiver of the test's own, the default model: a background response that completes, one that
 is cancelled and an OpenAI batch each send one signed event, which the openai SDK's
 `client.webhooks.unwrap` verifies; a refused delivery is tried again with the same id; a
-synchronous response sends none; bad settings stop the server at start-up."""
+synchronous response sends none; a response a crash left running sends `response.failed` when
+the next server starts; bad settings stop the server at start-up."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -125,12 +128,41 @@ def test_events_are_signed_sent_and_retried(hooked):
     assert not [p for p in receiver.posts if json.loads(p[1])["data"]["id"] == sync.id]
 
 
+def test_a_crashed_server_s_responses_send_theirs_at_the_next_start(tmp_path):
+    """A server killed with a background response running sent no event for it: the next start
+    on its --data-dir fails it, and sends `response.failed` then."""
+    receiver = Receiver()
+    args = ("--data-dir", str(tmp_path / "data"), "--kv-cache-gb", "0.2",
+            "--webhook-url", receiver.url, "--webhook-secret", SECRET)  # fmt: skip
+    first = start_server(tmp_path, *args, api_key=None)
+    try:
+        client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0)
+        r = client.responses.create(model=MODEL, input="Write a long story.", temperature=0,
+                                    max_output_tokens=2000, background=True)  # fmt: skip
+    finally:
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(10)
+    second = start_server(tmp_path, *args, api_key=None)
+    try:
+        ((headers, body, _),) = receiver.delivered(r.id)
+        event = unwrap(headers, body)
+        assert event.type == "response.failed" and event.data.id == r.id
+        client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0)
+        assert client.responses.retrieve(r.id).status == "failed"
+    finally:
+        stop_server(second)
+        receiver.server.shutdown()
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
         (["--webhook-url", "http://127.0.0.1:9/x"], "needs --webhook-secret"),
         (["--webhook-url", "http://127.0.0.1:9/x", "--webhook-secret", "nope"], "whsec_"),
         (["--webhook-url", "ftp://x", "--webhook-secret", SECRET], "http:// or https://"),
+        # httpx cannot parse it: every delivery would fail (its task died unseen)
+        (["--webhook-url", "http://127.0.0.1:80a/x", "--webhook-secret", SECRET], "valid URL"),
+        (["--webhook-url", "http://", "--webhook-secret", SECRET], "with a host"),
     ],
 )
 def test_bad_settings_stop_the_server(args, words):

@@ -5,6 +5,7 @@ blocks across adapters; loading and unloading while requests run loses none."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -126,7 +127,10 @@ def test_load_and_unload_under_load_loses_no_request(tiny_llama_dir, llama_adapt
                 return n
 
             tasks = [asyncio.create_task(one(i, (None, "a1", "a2")[i % 3])) for i in range(12)]
-            for _ in range(400):  # every request accepted by the engine (a loaded machine is slow)
+            # every request accepted by the engine (a loaded machine is slow: up to 30 s; past
+            # this loop, a1's unload below would refuse an a1 request not yet accepted)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 stats = engine.stats()
                 if stats["num_running"] + stats["num_waiting"] + sum(t.done() for t in tasks) >= 12:
                     break

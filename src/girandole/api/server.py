@@ -21,7 +21,7 @@ from girandole.api.flag_values import (
     int_value,
     switch_value,
 )
-from girandole.api.ops.webhooks import secret_key
+from girandole.api.ops.webhooks import check_url, secret_key
 from girandole.api.settings import ServerSettings
 from girandole.model.default import DEFAULT_MODEL_ID
 
@@ -347,8 +347,7 @@ def check_webhooks(urls: list[str], secret: str | None) -> list[str]:
     """--webhook-url: http(s) URLs, and a secret to sign with (ValueError saying what is
     wrong)."""
     for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--webhook-url {url!r}: an http:// or https:// URL")
+        check_url(url)
     if urls:
         if secret is None:
             raise ValueError("--webhook-url needs --webhook-secret (whsec_...) to sign events")

@@ -93,8 +93,11 @@ class ConversationStore:
     # -- items (the caller has checked the conversation is the account's) ----------------------
 
     def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> None:
-        """Append items, in order."""
-        if not items:
+        """Append items, in order; none to a conversation deleted meanwhile (a response that ran
+        on it and ended after), where no one could read or delete them."""
+        if not items or not self.db.execute(
+            "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)
+        ):
             return
         (last,) = self.db.execute(
             "SELECT COALESCE(MAX(seq), -1) FROM conversation_items WHERE conversation_id = ?",

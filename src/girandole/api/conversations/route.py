@@ -29,7 +29,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.pages import list_page
 from girandole.api.http.schema import StrictModel
 from girandole.api.responses.convert import check_unique_ids, stored_items
-from girandole.api.responses.route import LOGPROBS, account_of, conversations_of
+from girandole.api.responses.route import INCLUDABLE, account_of, conversations_of
 from girandole.api.responses.schema import Item, MetadataKey, MetadataValue
 
 MAX_ITEMS = 20  # items in one create or append (OpenAI's limit)
@@ -68,13 +68,14 @@ def conversation_of(request: Request, conversation_id: str) -> dict[str, Any]:
 
 
 def check_include(include: list[str] | None) -> None:
-    """`include`: the stored items already hold what this server makes (output text logprobs,
-    when the response asked for them); other values name what it never makes."""
+    """`include`: what a Responses request may name. The stored items already hold what this
+    server makes (output text logprobs, when the response asked for them; reasoning is never
+    encrypted); other values name what it never makes."""
     for i, value in enumerate(include or []):
-        if value != LOGPROBS:
+        if value not in INCLUDABLE:
             raise bad_request(
                 f"include value '{value}' is not supported: this server can include only"
-                f" '{LOGPROBS}', field: 'include.{i}'",
+                f" {', '.join(repr(v) for v in INCLUDABLE)}, field: 'include.{i}'",
                 f"include.{i}",
             )
 

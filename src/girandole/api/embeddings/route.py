@@ -45,7 +45,10 @@ class Embeddings(PrefillEndpoint):
         x = data.get("input")
         if isinstance(x, list) and x and not isinstance(x[0], int):
             x = max(x, key=min_tokens)
-        return {"input": [data.get("prompt_template"), x]}
+        template = data.get("prompt_template")
+        # a token-id list alone: a list around it counted two more items, so one of the
+        # context's length less one, which fits, was refused as too long
+        return {"input": x if template is None else [template, x]}
 
     async def requests(self, engine: EngineClient, req: EmbeddingRequest) -> list[Prefill]:
         hidden_size = engine.model_config.hidden_size

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import re
 from functools import cache
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -200,9 +201,11 @@ def _check_extra_fields(schema: type[BaseModel], data: dict[str, Any]) -> None:
 def _check_list_lengths(schema: type[BaseModel], data: dict[str, Any]) -> None:
     """Refuse a list over its field's max_length before pydantic validates every item of it
     (it checks the length after): 150,000 tools held the event loop for seconds."""
-    for name, limit in _list_limits(schema).items():
+    for name, (limit, any_length) in _list_limits(schema).items():
         value = data.get(name)
         if isinstance(value, list) and len(value) > limit:
+            if isinstance(value[0], any_length):
+                continue  # maybe a list the union takes at any length: pydantic decides
             message = f"List should have at most {limit} items after validation, not {len(value)}"
             raise bad_request(
                 format_errors(
@@ -212,19 +215,47 @@ def _check_list_lengths(schema: type[BaseModel], data: dict[str, Any]) -> None:
             )
 
 
+# A list field's max_length, and the item types of lists of any length its union also takes
+ListLimit = tuple[int, tuple[type, ...]]
+
+
 @cache
-def _list_limits(schema: type[BaseModel]) -> dict[str, int]:
+def _list_limits(schema: type[BaseModel]) -> dict[str, ListLimit]:
     """The max_length of each top-level list field (by its name in the body) of `schema`."""
     limits = {}
     for name, field in schema.model_fields.items():
         limit = _max_length(field.metadata)
-        for arg in get_args(field.annotation) or (field.annotation,):
-            if get_origin(arg) is Annotated:
-                inner = _max_length([m for a in arg.__metadata__ for m in _metadata(a)])
-                limit = limit if inner is None else inner
-        if limit is not None:
-            limits[field.alias or name] = limit
+        found = (limit, ()) if limit is not None else _union_list_limit(field.annotation)
+        if found is not None:
+            limits[field.alias or name] = found
     return limits
+
+
+def _union_list_limit(annotation: Any) -> ListLimit | None:
+    """The longest list a union's limited list members accept (None: it has none), and the item
+    types of its members that take a list of any length. Embeddings' `input` is at most 2048
+    texts or token-id lists, or one token-id list as long as the context: its 2048 refused
+    one input of more tokens, though a list of more texts is refused before validating."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return None
+    limits: list[int] = []
+    any_length: list[type] = []
+    for arg in get_args(annotation):
+        metadata: list[Any] = []
+        if get_origin(arg) is Annotated:
+            metadata = [m for a in arg.__metadata__ for m in _metadata(a)]
+            arg = get_args(arg)[0]
+        if arg is not list and get_origin(arg) is not list:
+            continue
+        limit = _max_length(metadata)
+        if limit is not None:
+            limits.append(limit)
+            continue
+        item = (get_args(arg) or (object,))[0]
+        if get_origin(item) is Annotated:
+            item = get_args(item)[0]
+        any_length.append(item if isinstance(item, type) else object)
+    return (max(limits), tuple(any_length)) if limits else None
 
 
 def _metadata(annotation_arg: Any) -> list[Any]:

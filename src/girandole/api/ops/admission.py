@@ -30,6 +30,7 @@ class Admission:
         self.max_queued = max(0, max_queued)
         self.timeout = timeout
         self.num_active = 0  # choices holding slots
+        self.num_prefill = 0  # slots of prefill-only requests running or queued (their windows)
         self.num_rejected = 0
         self.num_timed_out = 0
         self._waiters: Waiters = collections.deque()  # the default tier
@@ -47,9 +48,11 @@ class Admission:
 
     def prefill_window(self, num_inputs: int) -> int:
         """Slots for a prefill-only request (embeddings, rerank) of `num_inputs`: at most half of
-        them, its inputs run that many at a time. Taking every slot for as long as hundreds of
-        inputs took made every other request wait, and fail with 503 at the queue timeout."""
-        return min(max(1, num_inputs), max(1, self.max_active // 2))
+        them, shared by the prefill requests running (`num_prefill`), at least one; its inputs
+        run that many at a time. Taking every slot for as long as hundreds of inputs took made
+        every other request wait, and fail with 503 at the queue timeout (two such requests
+        of half the slots each did the same)."""
+        return min(max(1, num_inputs), max(1, self.max_active // 2 - self.num_prefill))
 
     async def acquire(self, num_choices: int = 1, tier: int = 0) -> float:
         """Take slots for `num_choices` (seconds waited); `tier`: 1 for service_tier

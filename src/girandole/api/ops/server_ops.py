@@ -76,6 +76,8 @@ def endpoint_of(path: str) -> str:
                 return "message_batches"
     if path in ("/health", "/ready", "/metrics", "/tokenize", "/detokenize"):
         return path[1:]
+    if path == "/v2/rerank":  # Cohere's shape of rerank: its usage rows and metrics are rerank's
+        return "rerank"
     return "other"
 
 

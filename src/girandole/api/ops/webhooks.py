@@ -49,6 +49,17 @@ def secret_key(secret: str) -> bytes:
     return key
 
 
+def check_url(url: str) -> None:
+    """ValueError unless `url` is an http(s) URL with a host: one httpx cannot even parse (a
+    bad port, an open bracket) would fail every delivery, found only when work ends."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"--webhook-url {url!r}: not a valid URL ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"--webhook-url {url!r}: an http:// or https:// URL with a host")
+
+
 def sign(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
     """Standard Webhooks' `webhook-signature` value."""
     signed = f"{event_id}.{timestamp}.".encode() + body

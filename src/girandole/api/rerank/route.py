@@ -19,6 +19,7 @@ from girandole.api.ops.server_ops import min_tokens
 from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
 from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
+from girandole.api.serving.prompt import off_loop_if_long
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.protocol import EngineClient
 
@@ -36,7 +37,16 @@ class Rerank(PrefillEndpoint):
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
         tok = engine.tokenizer
-        query = query_tokens(tok, req.query)
+        task, cap = getattr(req, "task", None), getattr(req, "max_tokens_per_doc", None)
+
+        def tokenize() -> tuple[list[int], list[list[int]]]:
+            heads = [document_prompt(tok, document, task, cap) for document in req.documents]
+            return query_tokens(tok, req.query), heads
+
+        # up to the body limit of text (16 MB: seconds of tokenizing), in a thread when long:
+        # on the event loop it stalled every other request, streams included
+        num_chars = len(req.query) + sum(len(document) for document in req.documents)
+        query, heads = await off_loop_if_long(num_chars, tokenize)
         if not query:
             raise bad_request("The query is empty after tokenization", "query")
         limit = engine.max_model_len
@@ -46,10 +56,8 @@ class Rerank(PrefillEndpoint):
                 f" {limit}",
                 "query",
             )
-        cap = getattr(req, "max_tokens_per_doc", None)
         out = []
-        for i, document in enumerate(req.documents):
-            head = document_prompt(tok, document, getattr(req, "task", None), cap)
+        for i, head in enumerate(heads):
             if len(head) + len(query) >= limit:
                 raise bad_request(
                     f"documents[{i}] and the query are too long together:"

@@ -14,8 +14,10 @@ opens with `response.created` and `response.queued` (status `queued`), then
 `response.in_progress`, the output's events, and `response.completed` (or `response.failed`
 with the failed response). A cancelled response's log just ends.
 
-A server that stops ends its running background responses as `failed` (they are not resumed),
-and one that starts marks those a crash left `queued` or `in_progress` the same way.
+A server that stops ends its running background responses as `failed` (they are not resumed:
+at its drain deadline, as it cuts streams, so their followers get `response.failed`), and one
+that starts marks those a crash left `queued` or `in_progress` the same way (their
+webhooks go then).
 """
 
 from __future__ import annotations
@@ -114,10 +116,13 @@ class BackgroundResponses:
         self.webhooks = webhooks  # told when a response ends: response.<its status>
 
     def recover(self, store: ResponseStore) -> None:
-        """At start-up: responses a stopped server left unfinished can never finish."""
+        """At start-up: responses a stopped server left unfinished (it crashed) can never
+        finish. They end now, so their webhooks go now: the crashed server sent none."""
         for account, body in store.unfinished():
             if body["id"] not in self.runs:
                 store.update(account, failed(body, STOPPED))
+                if self.webhooks is not None:
+                    self.webhooks.send("response.failed", body["id"])
 
     async def shutdown(self) -> None:
         """End every running background response as `failed` (the server is stopping)."""
@@ -153,6 +158,9 @@ class BackgroundResponses:
         """Save the prepared request as `queued`, start its task, and answer `request`: the
         queued response, or (`stream: true`) its events as they come."""
         rounds.got.state.ops.check_prompt_limit(job.choices)  # a 400 now, not a failed run
+        http = record_of(request)
+        if http is not None:  # the run's record writes the usage row; this request's, none
+            http.handed_off = True
         self._forget_old()
         run = BackgroundRun(job.id, account)
         queued = shape.response(job, "queued", [], None)
@@ -177,6 +185,9 @@ class BackgroundResponses:
         status = "failed"
         try:
             fanout = await self._admitted(request, rounds, job)
+            # a stream's drain deadline is its too: cut then, it fails with `response.failed`
+            # in its log, before the server cuts the connections of clients following it
+            state.ops.track_stream(fanout)
             body = shape.response(job, "in_progress", [], None)
             store.update(run.account, body)
             run.log.add("response.in_progress", {"response": body})
@@ -193,6 +204,8 @@ class BackgroundResponses:
             store.update(run.account, body)
         except Exception as exc:  # noqa: BLE001 - the client is gone: the response says it
             error = engine_error(exc)
+            if state.ops.draining:  # cut by the drain deadline: the server's stop ended it
+                error = APIError(503, STOPPED, type="server_error")
             record.status = error.status_code
             body = failed(shape.response(job, "failed", shape.output_so_far(), _usage(record)))
             body["error"] = error_json(error)

@@ -189,7 +189,8 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
 def detached(request: Request) -> Request:
     """A copy of `request` that runs on after it is answered: the same app, path and headers,
     a record of its own (the same key's: its usage row is written when the work ends), and a
-    client that never hangs up."""
+    client that never hangs up. `request` keeps its own usage row until the work is handed
+    off (`RequestRecord.handed_off`): a 400 before that is its row."""
     copy = inprocess_request(request.app, request.url.path, headers=request.scope["headers"])
     http = record_of(request)
     principal = http.principal if http is not None else None
@@ -203,7 +204,6 @@ def detached(request: Request) -> Request:
     )
     if http is not None:
         record.model = http.model
-        http.handed_off = True
     attach_record(copy.scope, record)
     copy.state.principal = principal
     return copy

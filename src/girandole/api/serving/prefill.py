@@ -129,27 +129,32 @@ async def _run(
     if record is not None and record.model is None:
         record.model = state.served.name
     # its inputs run a window at a time, on part of the slots: others are served beside it
-    window = state.ops.admission.prefill_window(len(choices))
-    # the prompt limit (400); the admission queue (429/503)
-    await state.ops.admit(record, choices, tier, window, endpoint.prompt_field)
-    touch(request, target)
-    started = time.monotonic()
-    fanout = ChoiceFanout(
-        engine, choices, observer=record, on_abort=state.count_aborted, max_in_flight=window
-    )
+    admission = state.ops.admission
+    window = admission.prefill_window(len(choices))
+    admission.num_prefill += window  # until it ends: a prefill request beside it gets less
     try:
-        await fanout.start()
-        final: dict[int, RequestOutput] = {}
-        async for choice, out in fanout.events():
-            choice.sent.advance(out)
-            if out.finished:
-                final[choice.index] = out
-    except APIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
-        raise engine_error(exc) from None
+        # the prompt limit (400); the admission queue (429/503)
+        await state.ops.admit(record, choices, tier, window, endpoint.prompt_field)
+        touch(request, target)
+        started = time.monotonic()
+        fanout = ChoiceFanout(
+            engine, choices, observer=record, on_abort=state.count_aborted, max_in_flight=window
+        )
+        try:
+            await fanout.start()
+            final: dict[int, RequestOutput] = {}
+            async for choice, out in fanout.events():
+                choice.sent.advance(out)
+                if out.finished:
+                    final[choice.index] = out
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+            raise engine_error(exc) from None
+        finally:
+            fanout.close()
     finally:
-        fanout.close()
+        admission.num_prefill -= window
     missing = [c.index for c in choices if c.index not in final or final[c.index].extra]
     if missing:  # an engine request that ended without its result (aborted, failed)
         raise engine_error(RuntimeError(f"input {missing[0]} ended without a result"))
