@@ -332,7 +332,9 @@ def test_replica_killed_under_load(plane):
     assert plane.complete(name, "after", max_tokens=3).status_code == 200
     d = plane.wait("pair", 2)  # replaced
     assert d.replica_stats.ready_replica_count == 2
-    time.sleep(1)
+    deadline = time.monotonic() + 30  # rows are written after each stream ends
+    while _usage_rows(plane) - before < len(results) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _usage_rows(plane) - before >= len(results)  # every request has its usage row
 
 
