@@ -176,6 +176,19 @@ def test_errors(client, server):
         listed = httpx.get(f"{server.url}/v1/conversations/{conv.id}/items",
                            params={"include": include}, headers=server.headers)  # fmt: skip
         assert listed.status_code == 200, listed.text
+    # as OpenAI's SDK sends a list: include[]=...
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.conversations.items.list(conv.id, include=["x"])
+    assert bad.value.body["param"] == "include.0", bad.value.body
+    item = client.conversations.items.create(conv.id, items=[user("hi")]).data[0]
+    got = client.conversations.items.retrieve(
+        item.id, conversation_id=conv.id, include=["message.output_text.logprobs"]
+    )
+    assert got.id == item.id
+    with pytest.raises(openai.BadRequestError):
+        client.conversations.items.retrieve(item.id, conversation_id=conv.id, include=["y"])
+    with pytest.raises(openai.BadRequestError):
+        client.conversations.items.create(conv.id, items=[user("x")], include=["z"])
     # another account's key sees nothing of it
     data = server.log_path.parent / f"data-{server.port}"
     other, _ = Database.in_folder(data).create_key("other-account")

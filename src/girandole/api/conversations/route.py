@@ -52,7 +52,6 @@ class AddItems(StrictModel):
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["conversations"])
-Include = Annotated[list[str] | None, Query()]
 
 
 def not_found(conversation_id: str) -> APIError:
@@ -67,17 +66,29 @@ def conversation_of(request: Request, conversation_id: str) -> dict[str, Any]:
     return found
 
 
-def check_include(include: list[str] | None) -> None:
-    """`include`: what a Responses request may name. The stored items already hold what this
-    server makes (output text logprobs, when the response asked for them; reasoning is never
-    encrypted); other values name what it never makes."""
-    for i, value in enumerate(include or []):
+def checked_include(
+    include: Annotated[list[str] | None, Query()] = None,
+    include_brackets: Annotated[
+        list[str] | None, Query(alias="include[]", include_in_schema=False)
+    ] = None,
+) -> list[str]:
+    """`include`, as `include=a&include=b` or as OpenAI's SDK writes a list, `include[]=a`:
+    what a Responses request may name. The stored items already hold what this server makes
+    (output text logprobs, when the response asked for them; reasoning is never encrypted);
+    other values name what it never makes."""
+    values = (include or []) + (include_brackets or [])
+    for i, value in enumerate(values):
         if value not in INCLUDABLE:
             raise bad_request(
                 f"include value '{value}' is not supported: this server can include only"
                 f" {', '.join(repr(v) for v in INCLUDABLE)}, field: 'include.{i}'",
                 f"include.{i}",
             )
+    return values
+
+
+# checked before the conversation is looked up, as a query parameter is
+INCLUDE = [Depends(checked_include)]
 
 
 @router.post("/conversations", summary="Create a conversation")
@@ -108,9 +119,8 @@ async def delete_conversation(request: Request, conversation_id: str) -> Any:
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
-@router.post("/conversations/{conversation_id}/items", summary="Append items")
-async def add_items(request: Request, conversation_id: str, include: Include = None) -> Any:
-    check_include(include)
+@router.post("/conversations/{conversation_id}/items", summary="Append items", dependencies=INCLUDE)
+async def add_items(request: Request, conversation_id: str) -> Any:
     conversation_of(request, conversation_id)
     body = await read_json(request, AddItems)
     items = stored_items(body.items, "items")
@@ -120,26 +130,25 @@ async def add_items(request: Request, conversation_id: str, include: Include = N
     return list_page(items, len(items))
 
 
-@router.get("/conversations/{conversation_id}/items", summary="A conversation's items")
+@router.get(
+    "/conversations/{conversation_id}/items", summary="A conversation's items", dependencies=INCLUDE
+)
 async def list_items(
     request: Request,
     conversation_id: str,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
-    include: Include = None,
 ) -> Any:
-    check_include(include)
     conversation_of(request, conversation_id)
     items = conversations_of(request).items(conversation_id)
     return list_page(items[::-1] if order == "desc" else items, limit, after)
 
 
-@router.get("/conversations/{conversation_id}/items/{item_id}", summary="One item")
-async def get_item(
-    request: Request, conversation_id: str, item_id: str, include: Include = None
-) -> Any:
-    check_include(include)
+@router.get(
+    "/conversations/{conversation_id}/items/{item_id}", summary="One item", dependencies=INCLUDE
+)
+async def get_item(request: Request, conversation_id: str, item_id: str) -> Any:
     conversation_of(request, conversation_id)
     item = conversations_of(request).item(conversation_id, item_id)
     if item is None:
