@@ -440,6 +440,22 @@ def test_json_bodies_write_non_finite_floats_as_null():
     assert dumps({"x": 1.5}) == json.dumps({"x": 1.5})
 
 
+def test_a_body_written_in_pieces_is_the_same_json():
+    """Prefill responses (thousands of embedding vectors) are written a list item at a time in
+    a thread: the bytes are those of one json.dumps, non-finite floats null, text unescaped."""
+    from girandole.api.http.finite_json import FiniteJSONResponse, render_in_pieces
+
+    bodies = [
+        {"object": "list", "data": [{"index": i, "embedding": [0.5 * i, float("nan")]}
+         for i in range(3)], "model": "m", "usage": {"prompt_tokens": 4}},
+        {"results": [], "id": "x", "meta": {"billed_units": {"input_tokens": 0}}},
+        {"data": [{"document": "naïve \"quoted\" \u2028"}], "score": float("inf")},
+        {},
+    ]  # fmt: skip
+    for body in bodies:
+        assert render_in_pieces(body) == FiniteJSONResponse(body).body
+
+
 def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     """A bug's exception is the JSON 500 in Fireworks' shape, and the client's kept-alive
     connection still serves its next request (Starlette's last-resort handler re-raised after
@@ -517,3 +533,14 @@ def test_embeddings_input_lists_are_capped_before_validating_but_one_token_id_li
             _check_list_lengths(EmbeddingRequest, {"model": "m", "input": items})
     _check_list_lengths(EmbeddingRequest, {"model": "m", "input": [1] * 4000})
     assert len(validate_model(EmbeddingRequest, {"model": "m", "input": [1] * 4000}).input) == 4000
+
+
+def test_prompt_template_fills_non_string_fields_as_json():
+    """An embeddings input object's non-string fields go into prompt_template as the JSON the
+    client sent (`true`, `null`, lists), not as Python's `True` / `None`; braces doubled stay
+    literal."""
+    from girandole.api.embeddings.inputs import fill_template
+
+    fields = {"s": "naïve", "n": 3, "x": 1.5, "b": True, "z": None, "l": [1, "a"], "o": {"k": 2}}
+    text = fill_template("{s} {n} {x} {b} {z} {l} {o} {{s}}", fields, 0)
+    assert text == 'naïve 3 1.5 true null [1, "a"] {"k": 2} {s}'
