@@ -4,11 +4,14 @@
   /completions prompt is.
 - A token-id list is used verbatim.
 - An object fills `prompt_template`'s `{field}` slots with its fields (`{{` and `}}` stand for
-  braces); the text is then tokenized as a string. Anything else in braces is a 400.
+  braces); the text is then tokenized as a string. Anything else in braces is a 400. A
+  string field goes in as it is; any other value as its JSON (`true`, `null`, `[1, 2]`, not
+  Python's `True`, `None`): the body is JSON, so its values read back as the client wrote them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -36,7 +39,7 @@ def fill_template(template: str, fields: dict[str, Any], index: int) -> str:
                 f"input[{index}] has no field '{name}', which prompt_template uses", "input"
             )
         value = fields[name]
-        return value if isinstance(value, str) else str(value)
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
     return _SLOT.sub(slot, template)
 

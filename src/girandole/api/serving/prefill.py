@@ -13,6 +13,7 @@ engine requests and its response (`PrefillEndpoint`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,7 +23,7 @@ from fastapi.responses import Response
 
 from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.errors import APIError
-from girandole.api.http.finite_json import FiniteJSONResponse
+from girandole.api.http.finite_json import render_in_pieces
 from girandole.api.http.unsupported import strip_unsupported
 from girandole.api.http.validation import validate_model
 from girandole.api.ops.tracking import record_of
@@ -159,7 +160,8 @@ async def _run(
     if missing:  # an engine request that ended without its result (aborted, failed)
         raise engine_error(RuntimeError(f"input {missing[0]} ended without a result"))
     outputs = [final[c.index] for c in choices]
-    body = endpoint.respond(engine, req, outputs)
+    # off the event loop: thousands of vectors take ~1 s to shape and write (streams beside)
+    body = await asyncio.to_thread(endpoint.respond, engine, req, outputs)
     if "model" in body and body["model"] is None:  # no model named: the server's own
         body["model"] = state.served.name
     usage = count_usage(choices)
@@ -169,4 +171,5 @@ async def _run(
         "fireworks-prompt-tokens": str(usage.prompt_tokens),
         "fireworks-server-processing-time": str(round(time.monotonic() - started, 6)),
     }
-    return FiniteJSONResponse(body, headers=headers)
+    content = await asyncio.to_thread(render_in_pieces, body)
+    return Response(content, headers=headers, media_type="application/json")
