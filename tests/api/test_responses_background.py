@@ -269,6 +269,19 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
         follower = threading.Thread(target=follow, args=(c, stopped.id, followed, following))
         follower.start()
         assert following.wait(60)
+        # one still queued (no room), asking again every few seconds, followed too: its
+        # stream ends with the failure as soon as the stop begins, not cut by the drain's end
+        waiting = c.responses.create(model=MODEL, input="Hi", max_output_tokens=8,
+                                     background=True)  # fmt: skip
+        time.sleep(4)  # its retries 0.5, 1, 2 s apart: asleep for up to 4 s
+        assert c.responses.retrieve(waiting.id).status == "queued"
+        waited: list[str] = []
+        waiting_followed = threading.Event()
+        queued_follower = threading.Thread(
+            target=follow, args=(c, waiting.id, waited, waiting_followed)
+        )
+        queued_follower.start()
+        assert waiting_followed.wait(60)
     finally:
         stop_server(second)  # SIGTERM: a clean stop
     follower.join(30)
@@ -276,3 +289,8 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
     body = stored_status(data, stopped.id)
     assert body["status"] == "failed" and body["error"]["code"] == "server_error"
     assert "stopped" in body["error"]["message"] and body["usage"]["output_tokens"] > 0
+    queued_follower.join(30)
+    assert waited[-1] == "response.failed", waited[-3:]
+    body = stored_status(data, waiting.id)
+    assert body["status"] == "failed" and "stopped" in body["error"]["message"]
+    assert body["output"] == []

@@ -128,6 +128,7 @@ class ServerOps:
         self.max_prompt_tokens = settings.max_prompt_tokens
         self.metrics = Metrics(self._gauges)
         self.draining = False
+        self.drain_started = asyncio.Event()  # for waits that end when the server stops
         self._streams: weakref.WeakSet[ChoiceFanout] = weakref.WeakSet()
         self._closed = False
 
@@ -417,7 +418,10 @@ class ServerOps:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
+                self.drain_started.set()
                 return
+            # called from a signal handler: the event's waiters are woken from the loop
+            loop.call_soon_threadsafe(self.drain_started.set)
             # a second before uvicorn cuts the connections: time for the error event to go out
             loop.call_later(max(0.0, self.settings.drain_seconds - 1.0), self._cut_streams)
 

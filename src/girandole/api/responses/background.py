@@ -202,6 +202,8 @@ class BackgroundResponses:
             if run.end_as == "failed":
                 body = failed(body, STOPPED)
             store.update(run.account, body)
+            if run.end_as == "failed":  # a cancelled one's log just ends
+                run.log.add("response.failed", {"response": body})
         except Exception as exc:  # noqa: BLE001 - the client is gone: the response says it
             error = engine_error(exc)
             if state.ops.draining:  # cut by the drain deadline: the server's stop ended it
@@ -223,7 +225,9 @@ class BackgroundResponses:
         """The job started once admitted. Refused for capacity (the admission queue full: 429;
         its wait over: 503), it stays `queued` and asks again, as OpenAI's queue keeps it,
         unless the server is stopping: then it fails as the server's stop fails the others
-        (not with the refusal's "at capacity, retry later")."""
+        (not with the refusal's "at capacity, retry later"), as soon as the stop begins, so a
+        client following it gets `response.failed` before its connection is closed (it slept
+        up to RETRY_MAX_S, past a short drain period)."""
         state, delay = rounds.got.state, RETRY_MIN_S
         while True:
             try:
@@ -231,9 +235,10 @@ class BackgroundResponses:
             except APIError as exc:
                 if exc.status_code not in (429, 503):
                     raise
-                if state.ops.draining:
-                    raise APIError(503, STOPPED, type="server_error") from None
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.ops.drain_started.wait(), delay)
+            if state.ops.draining:
+                raise APIError(503, STOPPED, type="server_error")
             delay = min(delay * 2, RETRY_MAX_S)
 
     def _forget_old(self) -> None:
