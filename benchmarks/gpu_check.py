@@ -11,7 +11,7 @@ C. throughput, bf16, random weights with the shapes of Gemma-3-270M, Qwen2.5-0.5
    The first model also runs with --enforce-eager, --no-overlap-scheduling and unfused layers
    (GIRANDOLE_FUSED_LAYERS=0, model/fused_layers.py) at 1 and 16 requests; its default engine
    is profiled (torch.profiler) over 8 decode steps of 1 and 256 streams: wall vs device-busy
-   ms a step, the top ops in decode_profile.txt.
+   ms a step, the top ops in decode_profile.txt (--no-variants: none of these extra rows).
 D. split-K decode kernel (run before C: seconds): paged_decode split vs one pass vs torch at
    Gemma-3-270M's attention shapes, batch 1 / 16 / 64 at contexts 512 / 4K / 16K: max abs
    error, microseconds per call (CUDA events, median of 20, replaying a CUDA graph of the call
@@ -22,6 +22,7 @@ past --budget-s is skipped and marked so in the tables.
 
     python benchmarks/gpu_check.py [--tokenizer DIR_WITH_GEMMA_tokenizer.json] --out OUT_DIR
     python benchmarks/gpu_check.py --smoke --out /tmp/x   # CPU: tiny shapes, TRITON_INTERPRET
+    bash benchmarks/gpu_run.sh OUT TOKENIZER_DIR          # the device call: two processes
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ OUT: Path | None = None  # where save() writes the report (--out)
 DEV = "cuda"
 SMOKE = False
 DEADLINE = float("inf")  # time.monotonic() after which remaining work is skipped
+VARIANTS = True  # the first model's extra rows (eager, no overlap, unfused, compiled, profile)
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # for the roofline
 
@@ -572,7 +574,7 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
         vocab = shape_config(name).vocab_size
         row: dict = {"params": n_params, "vocab": vocab}
         out[name] = row
-        first = name == models[0]
+        first = name == models[0] and VARIANTS
         row["girandole"] = isolated(
             engine_throughput,
             folder,
@@ -609,7 +611,7 @@ def throughput(tmp: Path, tokenizer_dir: Path | None, models: list[str]):
             hf_throughput, tmp / name, row["vocab"], hf_concs, n_out, p_len, False
         )
         save()
-    for name in written[:1]:  # compile time: the first model only
+    for name in written[: 1 if VARIANTS else 0]:  # compile time: the first model only
         row = out[name]
         row["transformers static+compile"] = isolated(
             hf_throughput,
@@ -778,9 +780,15 @@ def main() -> None:
     )
     ap.add_argument("--models", default="gemma-3-270m,qwen2.5-0.5b,llama-3.2-1b")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="no extra rows for the first model (eager, no overlap, unfused, compiled, profile)",
+    )
     args = ap.parse_args()
-    global DEV, SMOKE, DEADLINE, OUT
+    global DEV, SMOKE, DEADLINE, OUT, VARIANTS
     SMOKE = args.smoke
+    VARIANTS = not args.no_variants
     OUT = args.out
     (OUT / PROFILE_FILE).unlink(missing_ok=True)
     if SMOKE:
