@@ -556,13 +556,31 @@ def test_a_background_response_refused_while_the_server_stops_says_it_stopped(mo
         raise APIError(503, "The server is saturated: no slot freed within 3 s; retry later")
 
     monkeypatch.setattr(background, "start_job", refused)
-    ops = SimpleNamespace(draining=True)
+    ops = SimpleNamespace(draining=True, drain_started=asyncio.Event())
+    ops.drain_started.set()
     rounds = SimpleNamespace(got=SimpleNamespace(state=SimpleNamespace(ops=ops), engine=None,
                                                  target=None))  # fmt: skip
     with pytest.raises(APIError) as info:
         asyncio.run(background.BackgroundResponses._admitted(None, rounds, None))  # type: ignore[arg-type]
     assert background.error_json(info.value) == {"code": "server_error",
                                                  "message": background.STOPPED}  # fmt: skip
+
+    # asleep between tries (here 60 s) when the stop begins: woken, it fails at once
+    monkeypatch.setattr(background, "RETRY_MIN_S", 60.0)
+    ops.draining, ops.drain_started = False, asyncio.Event()
+
+    async def stop_soon() -> None:
+        def stop() -> None:
+            ops.draining = True
+            ops.drain_started.set()
+
+        asyncio.get_running_loop().call_later(0.1, stop)
+        admitted = background.BackgroundResponses._admitted(None, rounds, None)  # type: ignore[arg-type]
+        await asyncio.wait_for(admitted, 10)
+
+    with pytest.raises(APIError) as info:
+        asyncio.run(stop_soon())
+    assert info.value.message == background.STOPPED
 
 
 def test_a_stop_sequence_that_is_a_special_token_is_the_stop_reason(tokenizer):
