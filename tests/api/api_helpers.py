@@ -81,9 +81,15 @@ def api_conftest():
     return sys.modules[name]
 
 
-def usage_row(server, request_id: str, timeout: float = 10) -> list[tuple]:
-    """The usage rows (endpoint, status, prompt and completion tokens) of one request in the
-    server's keys database (`--data-dir` as `start_server` sets it), once written."""
+USAGE_COLUMNS = "endpoint, status, prompt_tokens, completion_tokens"
+
+
+def usage_row(
+    server, request_id: str, timeout: float = 10, columns: str = USAGE_COLUMNS
+) -> list[tuple]:
+    """The usage rows (`columns`: endpoint, status, prompt and completion tokens) of one
+    request in the server's keys database (`--data-dir` as `start_server` sets it), once
+    written."""
     import sqlite3
     import time
 
@@ -92,8 +98,7 @@ def usage_row(server, request_id: str, timeout: float = 10) -> list[tuple]:
     while True:
         with sqlite3.connect(db) as conn:
             rows = conn.execute(
-                "SELECT endpoint, status, prompt_tokens, completion_tokens FROM usage"
-                " WHERE request_id = ?", (request_id,),
+                f"SELECT {columns} FROM usage WHERE request_id = ?", (request_id,),
             ).fetchall()  # fmt: skip
         if rows or time.monotonic() > deadline:
             return rows

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import math
-import sqlite3
 import struct
 
 import httpx
@@ -115,13 +114,8 @@ def test_usage_row_and_metrics(server, tokenizer):
     prompt = sum(len(tokenizer.encode(t)) for t in TEXTS[:2])
     assert r.headers["fireworks-prompt-tokens"] == str(prompt)
     request_id = r.headers["x-request-id"]
-    assert usage_row(server, request_id)  # the server writes it from a thread, a moment later
-    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
-            " FROM usage WHERE request_id = ?", (request_id,),
-        ).fetchall()  # fmt: skip
+    columns = "endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
+    rows = usage_row(server, request_id, columns=columns)  # written from a thread, a moment later
     assert rows == [("embeddings", MODEL, 200, prompt, 0, 2)]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'endpoint="embeddings",status="200"' in metrics

@@ -509,45 +509,45 @@ def _long_stream(server, n: int):
     )
 
 
+LARGE_EMBEDDINGS = {
+    "model": "accounts/testing/models/tiny",
+    "input": [f"text {i} " * 40 for i in range(200)],
+}
+
+
+def _one_token(busy) -> httpx.Response:
+    """A small completion (one slot), beside what a test holds."""
+    return httpx.post(
+        busy.url + "/v1/completions",
+        json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
+        timeout=30,
+    )
+
+
 def test_admission_counts_choices_not_requests(busy):
     with _long_stream(busy, 4) as r:  # takes all four slots
         assert r.status_code == 200
         lines = r.iter_lines()  # held: a dropped iterator closes the stream
         next(lines)
-        other = httpx.post(
-            busy.url + "/v1/completions",
-            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
-            timeout=30,
-        )
+        other = _one_token(busy)
         assert other.status_code == 429, other.text  # before: a request was one slot
         assert "4 choices running" in other.json()["error"]["message"]
     busy.wait_idle()
-    ok = httpx.post(
-        busy.url + "/v1/completions",
-        json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
-        timeout=30,
-    )
-    assert ok.status_code == 200
+    assert _one_token(busy).status_code == 200
 
 
 def test_a_large_embeddings_request_leaves_slots_for_others(busy):
     """Hundreds of inputs took every slot until the last was embedded: every other request
     waited (here, with no queue: 429). Now it runs its inputs on half the slots."""
-    body = {
-        "model": "accounts/testing/models/tiny",
-        "input": [f"text {i} " * 40 for i in range(200)],
-    }
     with ThreadPoolExecutor(1) as pool:
-        big = pool.submit(httpx.post, busy.url + "/v1/embeddings", json=body, timeout=300)
+        big = pool.submit(
+            httpx.post, busy.url + "/v1/embeddings", json=LARGE_EMBEDDINGS, timeout=300
+        )
         deadline = time.monotonic() + 30
         while _gauge(busy, "girandole_requests_active") == 0 and not big.done():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        small = httpx.post(
-            busy.url + "/v1/completions",
-            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
-            timeout=30,
-        )
+        small = _one_token(busy)
         assert not big.done()  # served beside it
         assert small.status_code == 200, small.text
         assert big.result().status_code == 200
@@ -560,24 +560,16 @@ def test_two_large_embeddings_requests_leave_slots_for_others(busy):
     """Each large prefill request took half the slots, so two of them took all of them and
     every other request waited (here, with no queue: 429 'at capacity'). Prefill requests now
     share half the slots (each has one at least)."""
-    body = {
-        "model": "accounts/testing/models/tiny",
-        "input": [f"text {i} " * 40 for i in range(200)],
-    }
     with ThreadPoolExecutor(2) as pool:
         bigs = [
-            pool.submit(httpx.post, busy.url + "/v1/embeddings", json=body, timeout=300)
+            pool.submit(httpx.post, busy.url + "/v1/embeddings", json=LARGE_EMBEDDINGS, timeout=300)
             for _ in range(2)
         ]
         deadline = time.monotonic() + 30
         while _gauge(busy, "girandole_requests_active") < 3 and not any(b.done() for b in bigs):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        small = httpx.post(
-            busy.url + "/v1/completions",
-            json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
-            timeout=30,
-        )
+        small = _one_token(busy)
         assert not all(b.done() for b in bigs)  # served beside them
         assert small.status_code == 200, small.text
         assert [b.result().status_code for b in bigs] == [200, 200]
@@ -632,11 +624,7 @@ def test_a_client_that_stops_reading_its_stream_is_cut_off_and_frees_its_slots(b
     finally:
         s.close()
     assert "read nothing for" in busy.log()
-    ok = httpx.post(
-        busy.url + "/v1/completions",
-        json={"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 1},
-        timeout=30,
-    )
+    ok = _one_token(busy)
     assert ok.status_code == 200, ok.text
 
 

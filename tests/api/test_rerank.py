@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import threading
 import time
 
 import httpx
 import pytest
-from api_helpers import MODEL, post
+from api_helpers import MODEL, post, usage_row
 from rerank_set import SET
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -171,17 +170,8 @@ def test_cohere_shape_has_its_usage_row(server):
     r = rerank(server, path="/v2/rerank", query="q", documents=["a", "b"])
     assert r.status_code == 200, r.text
     request_id, billed = r.json()["id"], r.json()["meta"]["billed_units"]["input_tokens"]
-    db = server.log_path.parent / f"data-{server.port}" / "girandole.db"
-    deadline = time.monotonic() + 10
-    while True:  # the server writes it from a thread, a moment later
-        with sqlite3.connect(db) as conn:
-            rows = conn.execute(
-                "SELECT endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
-                " FROM usage WHERE request_id = ?", (request_id,),
-            ).fetchall()  # fmt: skip
-        if rows or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    columns = "endpoint, model, status, prompt_tokens, completion_tokens, num_choices"
+    rows = usage_row(server, request_id, columns=columns)
     assert rows == [("rerank", MODEL, 200, billed, 0, 2)]
     assert 'endpoint="rerank",status="200"' in httpx.get(server.url + "/metrics").text
 
