@@ -583,6 +583,33 @@ def test_a_background_response_refused_while_the_server_stops_says_it_stopped(mo
     assert info.value.message == background.STOPPED
 
 
+def test_an_ended_background_responses_events_go_after_keep_seconds_on_an_idle_server(
+    monkeypatch,
+):
+    """A background response's events were dropped only when another background response
+    started: an idle server kept up to KEEP_ENDED logs, and served one past KEEP_SECONDS.
+    Now a timer drops it, and `get` never returns one older."""
+    import asyncio
+
+    from girandole.api.responses import background
+
+    monkeypatch.setattr(background, "KEEP_SECONDS", 0.05)
+    runs = background.BackgroundResponses()
+
+    async def main() -> None:
+        for name in ("a", "b"):
+            runs.runs[name] = background.BackgroundRun(name, "acct")
+        runs._end(runs.runs["a"])
+        assert runs.get("a", "acct") is not None and runs.runs["a"].log.closed
+        await asyncio.sleep(0.3)  # nothing asked: the timer dropped it
+        assert list(runs.runs) == ["b"]  # the running one stays
+        runs._end(runs.runs["b"])
+        runs.runs["b"].ended -= 1  # as if it ended a second ago, its timer not yet due
+        assert runs.get("b", "acct") is None
+
+    asyncio.run(main())
+
+
 def test_a_stop_sequence_that_is_a_special_token_is_the_stop_reason(tokenizer):
     """A stop sequence spelt as a special token stops on the token (its id is the engine's stop
     reason, not the text): Messages said end_turn with stop_sequence null."""

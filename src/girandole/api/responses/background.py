@@ -136,6 +136,7 @@ class BackgroundResponses:
                 await run.task  # type: ignore[misc]
 
     def get(self, response_id: str, account: str) -> BackgroundRun | None:
+        self._forget_old()  # gone KEEP_SECONDS after its end, as the 400 for it says
         run = self.runs.get(response_id)
         return run if run is not None and run.account == account else None
 
@@ -214,8 +215,7 @@ class BackgroundResponses:
             store.update(run.account, body)
             run.log.add("response.failed", {"response": body})
         finally:
-            run.ended = time.monotonic()
-            run.log.close()
+            self._end(run)
             state.ops.finish(record)  # usage row, admission slot, access log
             if self.webhooks is not None:
                 self.webhooks.send(f"response.{status}", job.id)
@@ -240,6 +240,13 @@ class BackgroundResponses:
             if state.ops.draining:
                 raise APIError(503, STOPPED, type="server_error")
             delay = min(delay * 2, RETRY_MAX_S)
+
+    def _end(self, run: BackgroundRun) -> None:
+        """Close the run's log, and drop it (with any others as old) once it is KEEP_SECONDS
+        old, even if no request comes: an idle server held up to KEEP_ENDED logs for good."""
+        run.ended = time.monotonic()
+        run.log.close()
+        asyncio.get_running_loop().call_later(KEEP_SECONDS + 0.1, self._forget_old)
 
     def _forget_old(self) -> None:
         """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED."""
