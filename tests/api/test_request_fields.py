@@ -120,6 +120,30 @@ def test_reasoning_content_is_split_from_the_answer(qwen):
     assert 0 < upto < r.usage.completion_tokens
 
 
+def test_calls_in_qwens_tool_call_tags_are_tool_calls(qwen):
+    """Qwen3's template renders the tools itself and asks for each call in <tool_call> tags:
+    under tool_choice auto such an answer came back as content, whole and streamed, never as
+    tool_calls."""
+    call = '<tool_call>\\n{\\"name\\": \\"f\\", \\"arguments\\": {\\"a\\": 1}}\\n</tool_call>'
+    grammar = {"type": "grammar", "grammar": f'root ::= "<think>\\nhm\\n</think>\\n\\n{call}"'}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]  # fmt: skip
+    body = {"model": MODEL, "messages": HI, "tools": tools, "temperature": 0, "max_tokens": 200,
+            "extra_body": {"response_format": grammar}}  # fmt: skip
+    r = oa(qwen).chat.completions.create(**body)
+    message = r.choices[0].message
+    assert (r.choices[0].finish_reason, message.content) == ("tool_calls", None)
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("f", '{"a": 1}')]  # fmt: skip
+    with oa(qwen).chat.completions.stream(**body) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert (final.finish_reason, final.message.content) == ("tool_calls", None)
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        ("f", '{"a": 1}')]  # fmt: skip
+
+
 # with logprobs or token ids every token gets a chunk: those of the <think> markers, which the
 # split holds, carry no content (they once went out as delta.content)
 @pytest.mark.parametrize(

@@ -263,3 +263,35 @@ def test_deep_schema_is_a_400():
     with pytest.raises(APIError) as exc:
         check_schema(schema, "response_format.schema")
     assert "deeper than" in exc.value.message
+
+
+def test_calls_in_tool_call_tags_are_calls_under_auto():
+    """Hermes' and Qwen's chat templates (which render tools themselves) ask the model for each
+    call in `<tool_call>` tags: under auto such output was returned as content (whole and
+    streamed), never as tool_calls; it is the calls, and text around the tags is still content."""
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    two = one + '\n<tool_call>\n{"name": "note", "arguments": {}}\n</tool_call>\n'
+    plan = _plan("auto", ("add", "note"))
+    for text, calls in [(one, [("add", '{"a": 1}')]), (two, [("add", '{"a": 1}'), ("note", "{}")])]:
+        message, finish = finish_message(plan, text, "stop")
+        got = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+        assert (got, message["content"], finish) == (calls, None, "tool_calls")
+        for step in (1, 3, 50):
+            deltas, finish = _replay(ToolStream(_plan("auto", ("add", "note"))), text, step)
+            assert finish == "tool_calls" and not any("content" in d for d in deltas)
+            names = [tc["function"].get("name") for d in deltas for tc in d["tool_calls"]]
+            assert [n for n in names if n] == [name for name, _ in calls]
+    for text in ["Sure: " + one, one + " done", "<tool_call>\n{not json}\n</tool_call>",
+                 '<tool_call>{"name": "sub", "arguments": {}}</tool_call>', "<tool", "<b>hi</b>"]:  # fmt: skip
+        assert finish_message(plan, text, "stop") == (
+            {"role": "assistant", "content": text},
+            "stop",
+        )
+        deltas, finish = _replay(ToolStream(_plan("auto", ("add", "note"))), text)
+        assert finish == "stop" and "".join(d["content"] for d in deltas) == text
+    # many blocks and an unclosed one: read in one pass (a backtracking regex took minutes)
+    many = '<tool_call>{"name": "note", "arguments": {}}</tool_call>' * 200
+    assert len(parse_calls(many, ["note"])) == 200
+    assert (
+        finish_message(plan, many + "<tool_call>x", "length")[0]["content"] == many + "<tool_call>x"
+    )

@@ -7,9 +7,10 @@ The output.
   true) the model may instead write an array of calls. A named function is always one call.
 - `"auto"` (the default with tools): decoding is free; the output is a call when the whole of
   it (trimmed, a Markdown code fence around it removed) parses as a call or an array of calls in
-  the format above, to allowed functions, with object arguments (`"parameters"` is read as a
-  synonym of `"arguments"`). Otherwise it is plain content. With `parallel_tool_calls: false`
-  an array of several calls gives only its first.
+  the format above, or is only calls each in `<tool_call>...</tool_call>` tags (the format
+  Hermes' and Qwen's chat templates ask for), to allowed functions, with object arguments
+  (`"parameters"` is read as a synonym of `"arguments"`). Otherwise it is plain content. With
+  `parallel_tool_calls: false` an array of several calls gives only its first.
 - A call gives `message.tool_calls` (`id` `call_<24 hex>`, `type: "function"`, `function.name`,
   `function.arguments`: the arguments exactly as the model wrote them, a JSON string) with
   `content: null` and `finish_reason: "tool_calls"`.
@@ -18,9 +19,9 @@ The output.
   deltas add up to, and what OpenAI answers); cut before its name, neither calls nor content.
 - Streaming: per call, one chunk with `index`, `id`, `type` and `function.name` (and arguments
   `""`), then the arguments as string fragments as they are generated. Constrained output is
-  known to be a call from its first token; under `auto`, output that starts with `{`, `[` or a
-  code fence is held back until it ends and then sent as calls (header chunk and one arguments
-  chunk each) or as content.
+  known to be a call from its first token; under `auto`, output that starts with `{`, `[`, a
+  code fence or `<tool_call>` is held back until it ends and then sent as calls (header chunk
+  and one arguments chunk each) or as content.
 - `response_format` together with a forced call is a 400; with `auto` the response_format
   grammar applies and a call is still recognised in the output.
 - The deprecated `functions`/`function_call` are read as `tools`/`tool_choice`.
@@ -155,6 +156,23 @@ def scan_calls(text: str) -> list[CallSpan]:
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+# Hermes' and Qwen's form, which their chat templates ask for: each call in its own tag
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def untag_calls(body: str) -> str:
+    """Output that is only `<tool_call>{...}</tool_call>` blocks (Hermes', Qwen's format) as
+    a JSON array of their bodies; any other output as it is. One pass over the text (a regex
+    of repeated lazy blocks backtracks exponentially on many blocks and an unclosed one)."""
+    parts: list[str] = []
+    rest = body.strip()
+    while rest:
+        end = rest.find(TAG_CLOSE) if rest.startswith(TAG_OPEN) else -1
+        if end < 0:
+            return body
+        parts.append(rest[len(TAG_OPEN) : end].strip())
+        rest = rest[end + len(TAG_CLOSE) :].lstrip()
+    return "[" + ", ".join(parts) + "]" if parts else body
 
 
 @dataclass
@@ -170,6 +188,7 @@ def parse_calls(text: str, allowed: list[str], parallel: bool = True) -> list[Pa
     fenced = _FENCE.match(body)
     if fenced:
         body = fenced.group(1).strip()
+    body = untag_calls(body)
     if not body or body[0] not in "{[":
         return None
     try:
@@ -281,8 +300,10 @@ class ToolStream:
             head = self.text.lstrip()
             if not head:
                 return []
-            if head[0] in "{[`":
+            if head[0] in "{[`" or head.startswith(TAG_OPEN):
                 self.mode = "held"
+                return []
+            if TAG_OPEN.startswith(head):  # maybe a tagged call: wait until it is told
                 return []
             self.mode = "content"
             return [{"content": self.text}]
