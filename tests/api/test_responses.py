@@ -372,6 +372,12 @@ def test_list_and_accounts(client, server):
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0.type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0"),
+        # a text part without its text was read (and stored) as an empty part
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+         "input.0.content.0.text"),
+        ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+          {"type": "output_text", "text": "y"}, {"type": "refusal", "text": "no"}]},
+          {"role": "user", "content": "x"}]}, "input.1.content.1.refusal"),
         ({"input": [{"role": "critic", "content": "x"}]}, "input.0.role"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"input": "x", "tools": [{"type": []}]}, "tools.0.type"),  # was a 500
