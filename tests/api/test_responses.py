@@ -411,6 +411,25 @@ def test_bad_requests_name_the_field(server, body, field):
 
 
 @pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        ({"type": "function"}, "tool_choice.name"),
+        ({"type": "allowed_tools", "mode": "always", "tools": [{"type": "function", "name": "f"}]},
+         "tool_choice.mode"),
+        ({"type": "custom", "name": "get_weather"}, "tool_choice"),
+        ("any", "tool_choice"),
+    ],
+)  # fmt: skip
+def test_a_bad_tool_choice_is_one_error_naming_its_field(server, choice, param):
+    # tool_choice's members were tried in turn: a function choice without its name was 7
+    # errors, one per member, and `param` pydantic's label "tool_choice.literal['none',...]"
+    r = post(server, {"input": "x", "tools": [WEATHER], "tool_choice": choice})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "validation errors" not in error["message"], error
+
+
+@pytest.mark.parametrize(
     ("body", "param"),
     [
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
