@@ -334,12 +334,19 @@ def test_responses_function_calls_must_pair():
     output = {"type": "function_call_output", "call_id": "call_1", "output": "5"}
     ask = {"role": "user", "content": "Add."}
     check_call_outputs(input_items(responses(input=[ask, call, output])))
+    # an id reused once its call was answered (calls numbered per turn) pairs in order
+    check_call_outputs(input_items(responses(input=[ask, call, output, ask, call, output])))
     for items, words in (
         ([ask, output], "No tool call found for function call output with call_id call_1"),
         ([ask, output, call], "No tool call found for function call output with call_id call_1"),
         ([ask, call, {**output, "call_id": "call_2"}], "call_id call_2"),
         ([ask, call, {"role": "user", "content": "And?"}], "No tool output found for function"
          " call call_1"),
+        # one output was read as the result of both calls of one id; a second output of an
+        # answered call reached the model as the result of a call nobody made
+        ([ask, call, call, output], "Duplicate function call with call_id call_1"),
+        ([ask, call, output, output], "No tool call found for function call output with"
+         " call_id call_1"),
     ):  # fmt: skip
         with pytest.raises(APIError) as info:
             check_call_outputs(input_items(responses(input=items)))

@@ -372,6 +372,12 @@ def test_list_and_accounts(client, server):
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0.type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input.0.content.0"),
+        # a text part without its text was read (and stored) as an empty part
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+         "input.0.content.0.text"),
+        ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+          {"type": "output_text", "text": "y"}, {"type": "refusal", "text": "no"}]},
+          {"role": "user", "content": "x"}]}, "input.1.content.1.refusal"),
         ({"input": [{"role": "critic", "content": "x"}]}, "input.0.role"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"input": "x", "tools": [{"type": []}]}, "tools.0.type"),  # was a 500
@@ -402,6 +408,25 @@ def test_bad_requests_name_the_field(server, body, field):
     r = post(server, body)
     assert r.status_code == 400, r.text
     assert field in r.json()["error"]["message"], r.json()
+
+
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        ({"type": "function"}, "tool_choice.name"),
+        ({"type": "allowed_tools", "mode": "always", "tools": [{"type": "function", "name": "f"}]},
+         "tool_choice.mode"),
+        ({"type": "custom", "name": "get_weather"}, "tool_choice"),
+        ("any", "tool_choice"),
+    ],
+)  # fmt: skip
+def test_a_bad_tool_choice_is_one_error_naming_its_field(server, choice, param):
+    # tool_choice's members were tried in turn: a function choice without its name was 7
+    # errors, one per member, and `param` pydantic's label "tool_choice.literal['none',...]"
+    r = post(server, {"input": "x", "tools": [WEATHER], "tool_choice": choice})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "validation errors" not in error["message"], error
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,8 @@ def new_id(prefix: str) -> str:
 
 def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
     """Content as OpenAI lists it: a string becomes one input_text (output_text for the
-    assistant) part; parts other than text are a 400."""
+    assistant) part; parts other than text, and a text part without its `text` (a refusal
+    part without its `refusal`), are a 400."""
     kind = "output_text" if role == "assistant" else "input_text"
     if isinstance(content, str):
         part: dict[str, Any] = {"type": kind, "text": content}
@@ -48,6 +49,11 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
                 f"Content parts of type '{p.type}' are not supported: this model takes text"
                 f" only, field: '{where}.{k}'",
                 f"{where}.{k}",
+            )
+        field = "refusal" if p.type == "refusal" else "text"
+        if getattr(p, field) is None:  # OpenAI requires it: no empty part stored in its place
+            raise bad_request(
+                f"Field required, field: '{where}.{k}.{field}'", f"{where}.{k}.{field}"
             )
         parts.append(p.model_dump(exclude_none=True))
     return parts

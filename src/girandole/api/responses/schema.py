@@ -262,9 +262,32 @@ class McpChoice(StrictModel):
     name: str | None = None
 
 
+CHOICE_KINDS = ("function", "allowed_tools", "mcp")
+
+
+def _choice_kind(value: Any) -> str | None:
+    """An object's `type` picks its member, so that its errors name its fields
+    (`tool_choice.name`), not every member's (pydantic's labels among them); an object of
+    another type is one error naming `tool_choice`."""
+    if isinstance(value, dict):
+        kind = value.get("type")
+        return kind if isinstance(kind, str) and kind in CHOICE_KINDS else None
+    if isinstance(value, FunctionChoice | AllowedToolsChoice | McpChoice):
+        return value.type
+    return "mode"
+
+
 ToolChoice = Annotated[
-    Literal["none", "auto", "required"] | FunctionChoice | AllowedToolsChoice | McpChoice,
-    Field(union_mode="left_to_right"),
+    Annotated[Literal["none", "auto", "required"], Tag("mode")]
+    | Annotated[FunctionChoice, Tag("function")]
+    | Annotated[AllowedToolsChoice, Tag("allowed_tools")]
+    | Annotated[McpChoice, Tag("mcp")],
+    Discriminator(
+        _choice_kind,
+        custom_error_type="invalid_tool_choice",
+        custom_error_message="tool_choice should be 'none', 'auto', 'required' or an object of"
+        " type 'function', 'allowed_tools' or 'mcp'",
+    ),
 ]
 
 
