@@ -261,6 +261,12 @@ def test_anthropic_reasoning_fields_as_chat_fields():
         ({"messages": [{"role": "user", "content": [
             {"type": "redacted_thinking", "data": "d"}, {"type": "text", "text": "x"}]}]},
          "messages.0.content.0"),
+        # a prefill ending in whitespace (Anthropic's 400): it was continued after the space
+        ({"messages": [{"role": "user", "content": "x"},
+                       {"role": "assistant", "content": "It is "}]}, "messages.1.content.0"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b\n"}]}]},
+         "messages.1.content.1"),
     ],
 )  # fmt: skip
 def test_anthropic_what_chat_cannot_say(body, field):
@@ -318,6 +324,10 @@ def test_anthropic_final_assistant_turn_may_be_empty():
         turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": empty}]
         chat = to_chat_request(anthropic(messages=turns))
         assert [m.role for m in chat.messages] == ["user"]
+    # whitespace inside a prefill, or after an earlier (not final) assistant turn, is fine
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "It is\n so "},
+             {"role": "user", "content": "go on"}, {"role": "assistant", "content": "It is\n so"}]  # fmt: skip
+    assert [m.role for m in to_chat_request(anthropic(messages=turns)).messages][-1] == "assistant"
 
 
 def test_translated_requests_read_special_tokens_as_text():

@@ -13,7 +13,8 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
   text blocks; `is_error` prefixes `Error: `); an assistant turn's `thinking` blocks are its
   reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
-  merged. A final assistant turn is continued (a prefill; an empty one is none). As at
+  merged. A final assistant turn is continued (a prefill; an empty one is none; one ending in
+  whitespace is a 400, as at Anthropic). As at
   Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
   (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next
   turn, a `tool_result` answers a `tool_use` of the turn before, and `tool_use` ids are unique;

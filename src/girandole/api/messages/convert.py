@@ -75,6 +75,7 @@ def check_not_empty(req: MessagesRequest) -> None:
     for i, message in enumerate(req.messages):
         blocks = message.content
         if i == last and message.role == "assistant":
+            _check_prefill(blocks, f"messages.{i}")
             continue
         if not blocks or (len(blocks) == 1 and blocks[0].type == "text" and not blocks[0].text):
             raise bad_request(
@@ -86,6 +87,15 @@ def check_not_empty(req: MessagesRequest) -> None:
             if block.type == "text" and not block.text:
                 where = f"messages.{i}.content.{j}"
                 raise bad_request(f"{where}: text content blocks must be non-empty", where)
+
+
+def _check_prefill(blocks: list[Any], where: str) -> None:
+    """Anthropic's 400 for a final assistant turn (a prefill) whose text ends in whitespace:
+    the model would continue after it, where its tokenizer would rather have put the space
+    inside the next token (Anthropic refuses it rather than continue badly)."""
+    if blocks and blocks[-1].type == "text" and blocks[-1].text != blocks[-1].text.rstrip():
+        at = f"{where}.content.{len(blocks) - 1}"
+        raise bad_request(f"{at}: final assistant content cannot end with trailing whitespace", at)
 
 
 def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> list[dict[str, Any]]:
