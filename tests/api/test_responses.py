@@ -66,6 +66,15 @@ def test_create_retrieve_delete(client, server):
     assert (r.status == "incomplete") == (chat["choices"][0]["finish_reason"] == "length")
     got = client.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump()
+    # include, as the SDK sends it (include[]=...): what a create may name, else a 400
+    logprobs = ["message.output_text.logprobs"]
+    assert client.responses.retrieve(r.id, include=logprobs).id == r.id
+    assert client.responses.input_items.list(r.id, include=logprobs).data
+    for bad in (lambda: client.responses.retrieve(r.id, include=["x"]),
+                lambda: client.responses.input_items.list(r.id, include=["x"])):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            bad()
+        assert info.value.body["param"] == "include.0", info.value.body
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)

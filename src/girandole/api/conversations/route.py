@@ -25,11 +25,11 @@ from pydantic import Field
 
 from girandole.api.deployments.route import read_json
 from girandole.api.http.auth import require_api_key
-from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.errors import APIError
 from girandole.api.http.pages import list_page
 from girandole.api.http.schema import StrictModel
 from girandole.api.responses.convert import check_unique_ids, stored_items
-from girandole.api.responses.route import INCLUDABLE, account_of, conversations_of
+from girandole.api.responses.route import INCLUDE, account_of, conversations_of
 from girandole.api.responses.schema import Item, MetadataKey, MetadataValue
 
 MAX_ITEMS = 20  # items in one create or append (OpenAI's limit)
@@ -64,31 +64,6 @@ def conversation_of(request: Request, conversation_id: str) -> dict[str, Any]:
     if found is None:
         raise not_found(conversation_id)
     return found
-
-
-def checked_include(
-    include: Annotated[list[str] | None, Query()] = None,
-    include_brackets: Annotated[
-        list[str] | None, Query(alias="include[]", include_in_schema=False)
-    ] = None,
-) -> list[str]:
-    """`include`, as `include=a&include=b` or as OpenAI's SDK writes a list, `include[]=a`:
-    what a Responses request may name. The stored items already hold what this server makes
-    (output text logprobs, when the response asked for them; reasoning is never encrypted);
-    other values name what it never makes."""
-    values = (include or []) + (include_brackets or [])
-    for i, value in enumerate(values):
-        if value not in INCLUDABLE:
-            raise bad_request(
-                f"include value '{value}' is not supported: this server can include only"
-                f" {', '.join(repr(v) for v in INCLUDABLE)}, field: 'include.{i}'",
-                f"include.{i}",
-            )
-    return values
-
-
-# checked before the conversation is looked up, as a query parameter is
-INCLUDE = [Depends(checked_include)]
 
 
 @router.post("/conversations", summary="Create a conversation")

@@ -318,16 +318,39 @@ def conversation_ref(request: Request, source: ResponsesRequest) -> str | None:
     return conversation_id
 
 
-def wants_logprobs(req: ResponsesRequest) -> bool:
-    """Logprobs on the output text: `include` names them, or `top_logprobs` asks for
-    alternatives. Other `include` values name what this server does not make (a 400)."""
-    for i, value in enumerate(req.include or []):
+def check_includable(include: list[str]) -> None:
+    """A 400 for an `include` value naming what this server never makes."""
+    for i, value in enumerate(include):
         if value not in INCLUDABLE:
             raise bad_request(
                 f"include value '{value}' is not supported: this server can include only"
                 f" {', '.join(repr(v) for v in INCLUDABLE)}, field: 'include.{i}'",
                 f"include.{i}",
             )
+
+
+def checked_include(
+    include: Annotated[list[str] | None, Query()] = None,
+    include_brackets: Annotated[
+        list[str] | None, Query(alias="include[]", include_in_schema=False)
+    ] = None,
+) -> list[str]:
+    """The query's `include`, as `include=a&include=b` or as OpenAI's SDK writes a list,
+    `include[]=a`, checked. The stored items and responses already hold what this server makes
+    (output text logprobs, when the response asked for them; reasoning is never encrypted)."""
+    values = (include or []) + (include_brackets or [])
+    check_includable(values)
+    return values
+
+
+# a GET's `include`, checked before what it names is looked up, as a query parameter is
+INCLUDE = [Depends(checked_include)]
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """Logprobs on the output text: `include` names them, or `top_logprobs` asks for
+    alternatives. Other `include` values name what this server does not make (a 400)."""
+    check_includable(req.include or [])
     return LOGPROBS in (req.include or []) or bool(req.top_logprobs)
 
 
@@ -361,7 +384,12 @@ stored = APIRouter(dependencies=[Depends(require_api_key)])
 Limit = Annotated[int, Query(ge=1, le=MAX_LIST)]
 
 
-@stored.get("/responses/{response_id}", name="get_response", summary="Get a stored response")
+@stored.get(
+    "/responses/{response_id}",
+    name="get_response",
+    summary="Get a stored response",
+    dependencies=INCLUDE,
+)
 async def get_response(
     request: Request,
     response_id: str,
@@ -448,6 +476,7 @@ async def list_responses(
     "/responses/{response_id}/input_items",
     name="list_input_items",
     summary="The input items of a stored response (its whole conversation)",
+    dependencies=INCLUDE,
 )
 async def list_input_items(
     request: Request,
