@@ -31,15 +31,16 @@ def dumps(value: Any, **kw: Any) -> str:
         return json.dumps(finite(value), allow_nan=False, **kw)
 
 
+def compact(value: Any) -> str:
+    """`value` as the API writes JSON: no spaces, text unescaped, non-finite floats null."""
+    return dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def render_in_pieces(body: dict[str, Any]) -> bytes:
     """FiniteJSONResponse's bytes for `body`, written one item of each top-level list at a time.
     Run in a thread, this lets the event loop in between items: one json.dumps of 2,048
     embedding vectors holds the GIL for its whole half second (C code never yields it), which
     stalled every other request's stream for as long."""
-
-    def compact(value: Any) -> str:
-        return dumps(value, ensure_ascii=False, separators=(",", ":"))
-
     fields = []
     for key, value in body.items():
         if isinstance(value, list):
@@ -52,4 +53,4 @@ def render_in_pieces(body: dict[str, Any]) -> bytes:
 
 class FiniteJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return compact(content).encode("utf-8")

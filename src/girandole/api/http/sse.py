@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from girandole.api.http.finite_json import dumps
+from girandole.api.http.finite_json import compact
 
 DONE = b"data: [DONE]\n\n"
 
@@ -19,7 +19,7 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    data = dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    data = compact(payload).translate(_LINE_BREAKS)
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 

@@ -160,16 +160,20 @@ async def _run(
     if missing:  # an engine request that ended without its result (aborted, failed)
         raise engine_error(RuntimeError(f"input {missing[0]} ended without a result"))
     outputs = [final[c.index] for c in choices]
-    # off the event loop: thousands of vectors take ~1 s to shape and write (streams beside)
-    body = await asyncio.to_thread(endpoint.respond, engine, req, outputs)
-    if "model" in body and body["model"] is None:  # no model named: the server's own
-        body["model"] = state.served.name
     usage = count_usage(choices)
-    body.update(endpoint.usage_fields(request.state.request_id, usage.prompt_tokens))
+
+    def body_bytes() -> bytes:
+        body = endpoint.respond(engine, req, outputs)
+        if "model" in body and body["model"] is None:  # no model named: the server's own
+            body["model"] = state.served.name
+        body.update(endpoint.usage_fields(request.state.request_id, usage.prompt_tokens))
+        return render_in_pieces(body)
+
     headers = {
         "x-request-id": request.headers.get("x-request-id") or request.state.request_id,
         "fireworks-prompt-tokens": str(usage.prompt_tokens),
         "fireworks-server-processing-time": str(round(time.monotonic() - started, 6)),
     }
-    content = await asyncio.to_thread(render_in_pieces, body)
+    # off the event loop: thousands of vectors take ~1 s to shape and write (streams beside)
+    content = await asyncio.to_thread(body_bytes)
     return Response(content, headers=headers, media_type="application/json")
