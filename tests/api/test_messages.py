@@ -360,6 +360,34 @@ def test_x_api_key_and_anthropic_errors(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
+def test_models_list_in_anthropics_shape(client, server):
+    """The anthropic SDK's models.list/retrieve read the same ids as the Fireworks list, with
+    Anthropic's fields and paging; its errors are in Anthropic's shape."""
+    fireworks_ids = [m["id"] for m in httpx.get(
+        server.url + "/inference/v1/models", headers=server.headers).json()["data"]]  # fmt: skip
+    listed = list(client.models.list())
+    assert [m.id for m in listed] == fireworks_ids
+    first = listed[0]
+    assert first.type == "model" and first.display_name == first.id
+    assert first.created_at.year >= 2024  # an RFC 3339 time the SDK parses
+    assert client.models.retrieve(MODEL).id == MODEL
+    page = client.models.list(limit=1)
+    assert [m.id for m in page.data] == fireworks_ids[:1]
+    assert page.has_more == (len(fireworks_ids) > 1)
+    assert [m.id for m in page] == fireworks_ids  # the SDK follows after_id to the end
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("accounts/fireworks/models/nope")
+    for query in ({"limit": 0}, {"limit": "x"}, {"after_id": "nope"}):
+        r = httpx.get(server.url + "/v1/models", params=query,
+                      headers={**server.headers, "anthropic-version": "2023-06-01"})  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert next(iter(query)) in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -16,6 +16,7 @@ from girandole.api.messages.blocks import OutputBlocks
 from girandole.api.messages.convert import chat_messages as anthropic_messages
 from girandole.api.messages.convert import to_chat_request
 from girandole.api.messages.schema import MessagesRequest
+from girandole.api.models.anthropic import model_page
 from girandole.api.responses.convert import chat_messages, chat_tools, input_items
 from girandole.api.responses.pairing import check_call_outputs
 from girandole.api.responses.schema import ResponsesRequest
@@ -646,3 +647,43 @@ def test_a_stop_sequence_that_is_a_special_token_is_the_stop_reason(tokenizer):
     assert reason("<start_of_turn>") == ("stop_sequence", "<start_of_turn>")
     assert reason(tokenizer.token_to_id("<end_of_turn>")) == ("end_turn", None)  # EOS
     assert reason(None) == ("end_turn", None)
+
+
+MODEL_ENTRIES = [{"id": f"m{i}", "created": 1_700_000_000 + i} for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "query, ids, has_more",
+    [
+        ({}, ["m0", "m1", "m2", "m3", "m4"], False),
+        ({"limit": "2"}, ["m0", "m1"], True),
+        ({"limit": "2", "after_id": "m1"}, ["m2", "m3"], True),
+        ({"limit": "2", "after_id": "m2"}, ["m3", "m4"], False),
+        ({"after_id": "m4"}, [], False),
+        ({"limit": "2", "before_id": "m3"}, ["m1", "m2"], True),
+        ({"limit": "2", "before_id": "m2"}, ["m0", "m1"], False),
+        ({"before_id": "m0"}, [], False),
+    ],
+)
+def test_anthropic_model_pages(query, ids, has_more):
+    """Anthropic's paging of GET /v1/models: after_id/before_id/limit, first_id and last_id."""
+    page = model_page(MODEL_ENTRIES, query)
+    assert [m["id"] for m in page["data"]] == ids
+    assert page["has_more"] is has_more
+    assert page["first_id"] == (ids[0] if ids else None)
+    assert page["last_id"] == (ids[-1] if ids else None)
+    for model in page["data"]:
+        assert model["type"] == "model" and model["display_name"] == model["id"]
+        assert model["created_at"].startswith("2023-11-14T22:1")  # 1.7e9 s, RFC 3339 in UTC
+
+
+@pytest.mark.parametrize(
+    "query, param",
+    [({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "two"}, "limit"),
+     ({"after_id": "x"}, "after_id"), ({"before_id": "x"}, "before_id"),
+     ({"after_id": "m1", "before_id": "m3"}, "after_id")],
+)  # fmt: skip
+def test_anthropic_model_page_bad_query(query, param):
+    with pytest.raises(APIError) as err:
+        model_page(MODEL_ENTRIES, query)
+    assert err.value.status_code == 400 and err.value.param == param

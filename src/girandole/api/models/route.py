@@ -1,6 +1,7 @@
 """GET /v1/models and /v1/models/{name} in Fireworks' list shape: the server's own model, and the
 deployments the key can reach (each as `<model>#<deployment>`, and its model once for the
-model's default deployment), the ids a request's `model` may use."""
+model's default deployment), the ids a request's `model` may use. With `anthropic-version`
+(the `anthropic` SDK), the same ids in Anthropic's shape (`anthropic.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from fastapi import APIRouter, Depends, Request
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.errors import model_not_found
 from girandole.api.lora.listing import adapter_entries
+from girandole.api.models.anthropic import (
+    anthropic_errors_if_asked,
+    model_object,
+    model_page,
+    wants_anthropic,
+)
 from girandole.api.serving.target import reachable_deployment
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentRecord
@@ -18,7 +25,7 @@ from girandole.registry.models import ServedModel
 from girandole.registry.naming import ModelRef, parse_model_ref
 from girandole.tokenizer.chat_template import chat_template_for
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(anthropic_errors_if_asked), Depends(require_api_key)])
 
 
 @router.get("/models", summary="List the models this server serves")
@@ -37,6 +44,8 @@ async def list_models(request: Request) -> dict:
                 listed.add(name)
                 entries.append(replace(served, name=name).to_list_entry())
     entries += adapter_entries(request, account, listed)  # LoRA adapters on deployments
+    if wants_anthropic(request):
+        return model_page(entries, request.query_params)
     return {"object": "list", "data": entries}
 
 
@@ -55,6 +64,11 @@ def _deployed_model(manager: DeploymentManager, record: DeploymentRecord) -> Ser
 
 @router.get("/models/{name:path}", summary="Describe one model")
 async def get_model(name: str, request: Request) -> dict:
+    entry = _model_entry(name, request)
+    return model_object(entry) if wants_anthropic(request) else entry
+
+
+def _model_entry(name: str, request: Request) -> dict:
     """One id of `GET /v1/models`: the server's own model (or `<model>#<its deployment>`), a
     model with a deployment the key can reach, `<model>#<deployment>` or a deployment's name
     (`#` sent as %23), a LoRA adapter loaded on such a deployment; 404 for anything else, as
