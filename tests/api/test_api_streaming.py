@@ -114,6 +114,23 @@ def test_multibyte_characters_are_never_split(server):
     assert any(ord(ch) > 0x2E80 for ch in whole)
 
 
+def test_emoji_written_in_byte_tokens_after_a_byte_token_prompt(server):
+    """A prompt ending in emoji spelt in byte-fallback tokens, continued with more of them: the
+    text is the UTF-8 of the generated tokens' bytes (logprobs' `bytes`), streamed or not.
+    `tokenizers`' ByteFallback decoder turned a whole run of byte tokens with one invalid byte in
+    it (here the detokenizer's window, which started in the middle of the prompt's last emoji)
+    into U+FFFDs: '🎴🎴' came out as eight of them."""
+    body = {"prompt": "🌁🎴🏑" * 3, "max_tokens": 10, "temperature": 0, "logprobs": True}
+    choice = post(server, body).json()["choices"][0]
+    raw = bytes(b for entry in choice["logprobs"]["content"] for b in entry["bytes"])
+    assert len(raw) >= 8 and raw[0] >= 0x80  # byte-fallback tokens were generated
+    assert choice["text"] == raw.decode("utf-8", errors="replace")
+    assert "\ufffd" not in choice["text"][:-1]  # only a character cut by max_tokens is broken
+    streamed = texts_of(sse_events(server, body))
+    assert "".join(streamed) == choice["text"]
+    assert all("\ufffd" not in p for p in streamed[:-1])
+
+
 def test_errors_before_streaming_are_plain_json(server):
     r = post(server, {"prompt": "x", "stream": True, "temperature": 9})
     assert r.status_code == 400

@@ -87,3 +87,21 @@ def test_window_stays_small(tok):
         longest = max(longest, len(det._ids))
     assert "".join(out) + det.flush() == tok.decode(ids)
     assert longest <= 80
+
+
+def test_a_broken_character_spoils_nothing_around_it(tok):
+    """Invalid UTF-8 among byte tokens is one U+FFFD per broken sequence (as Python decodes it),
+    and the valid characters of the same run of byte tokens stay: `tokenizers`' ByteFallback
+    decoder made the whole run U+FFFDs, and a window that starts in the middle of a character
+    (a prompt ending in byte-fallback emoji) then never showed a character at all."""
+    b = {x: tok.token_to_id(f"<0x{x:02X}>") for x in range(256)}
+    card = [b[x] for x in "🎴".encode()]  # a byte-fallback emoji
+    assert tok.decode([*card, b[0xF0]]) == "🎴\ufffd"
+    assert tok.decode([b[0x61], b[0xF0], *card, b[0xC3], b[0xA9]]) == "a\ufffd🎴é"
+    assert tok.decode([b[0xB4], *card], skip_special_tokens=False) == "\ufffd🎴"
+    prompt = tok.encode("🌁🎴🏑" * 3)
+    assert tok.id_to_token(prompt[-5]).startswith("<0x")  # the window starts mid-character
+    ids = card * 2 + [b[0xF0]]
+    pieces = stream(tok, ids, prompt)
+    assert pieces[3] == "🎴" and pieces[7] == "🎴"
+    assert "".join(pieces) == "🎴🎴\ufffd" == tok.decode(ids)

@@ -49,7 +49,7 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
     ) -> None:
-        self._decode = tok.hf.decode
+        self._decode = tok.decode
         self.skip_special_tokens = skip_special_tokens
         # keep only the prompt tail that seeds the window
         self._ids: list[int] = list(prompt_ids[-INITIAL_WINDOW:]) if prompt_ids else []

@@ -55,6 +55,30 @@ def _decoder_kind(hf: HFTokenizer) -> str:
     return "other"
 
 
+def _byte_fallback_strip(hf: HFTokenizer) -> int | None:
+    """For a sentencepiece decoder of the usual form, `Replace('▁', ' ')`, `ByteFallback`,
+    `Fuse` and maybe a final `Strip(' ', n, 0)` (Llama 2, Mistral): n (0 without a Strip); its
+    text is then the UTF-8 of the tokens' bytes less n leading spaces. None for any other."""
+    if hf.decoder is None:
+        return None
+    spec = json.loads(hf.decoder.__getstate__())
+    parts = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+    types = [p.get("type") for p in parts]
+    strip = 0
+    if types and types[-1] == "Strip":
+        last = parts.pop()
+        if last.get("content") != " " or last.get("stop"):
+            return None
+        strip = int(last.get("start") or 0)
+        types.pop()
+    if types != ["Replace", "ByteFallback", "Fuse"]:
+        return None
+    replace = parts[0]
+    if replace.get("pattern") != {"String": "\u2581"} or replace.get("content") != " ":
+        return None
+    return strip
+
+
 class Tokenizer:
     """Encode/decode plus model metadata; built by `load_tokenizer` from a GGUF or HF folder.
 
@@ -84,6 +108,12 @@ class Tokenizer:
         self._added: dict[int, str] = {i: a.content for i, a in added.items()}
         self._special: frozenset[int] = frozenset(i for i, a in added.items() if a.special)
         self._kind = _decoder_kind(hf)
+        # byte-fallback tokenizers: the <0xNN> ids, whose runs `decode` reads itself
+        self._strip = _byte_fallback_strip(hf)
+        byte_ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        self._byte_ids = frozenset(i for i in byte_ids if i is not None)
+        if not self._byte_ids:
+            self._strip = None
         self._bytes_cache: dict[int, bytes] = {}
         self._plain_hf: HFTokenizer | None = None  # copy that reads special strings as text
         self._plain_lock = threading.Lock()
@@ -156,8 +186,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special (control) tokens are dropped when `skip_special_tokens`.
-        Invalid UTF-8 from byte tokens becomes U+FFFD."""
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        Invalid UTF-8 from byte tokens becomes U+FFFD, one per maximal invalid subpart as
+        Python's (and Unicode's) decoders do: valid characters around it stay as they are.
+
+        (The `ByteFallback` decoder of `tokenizers` turns a whole run of byte tokens into
+        U+FFFDs when any byte of it is invalid: 🎴 followed by the first byte of another emoji
+        became five U+FFFDs, and a text whose first token is the middle of a character never
+        came out at all. Runs of byte tokens are read from the tokens' bytes here instead.)"""
+        ids = list(ids)
+        if self._strip is not None and not self._byte_ids.isdisjoint(ids):
+            special = self._special if skip_special_tokens else frozenset()
+            raw = b"".join(self.token_bytes(i) for i in ids if i not in special)
+            text = raw.decode("utf-8", errors="replace")
+            stripped = len(text) - len(text.lstrip(" "))
+            return text[min(stripped, self._strip) :]
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- per-token views -----------------------------------------------------------------------
 
