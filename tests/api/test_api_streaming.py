@@ -131,6 +131,23 @@ def test_emoji_written_in_byte_tokens_after_a_byte_token_prompt(server):
     assert all("\ufffd" not in p for p in streamed[:-1])
 
 
+def test_prompt_ids_that_end_inside_a_character(server):
+    """Prompt ids cut inside an emoji, continued by the model with that emoji's last bytes:
+    the echoed text is the prompt and completion decoded together (raw_output's completion),
+    not the prompt's U+FFFD followed by a completion that dropped the finished character; the
+    completion alone starts with it."""
+    ids = post(server, {"prompt": "🌁🎴🏑" * 3}, path="/tokenize").json()["tokens"]
+    cut = ids[:-2]
+    body = {"prompt": cut, "max_tokens": 6, "temperature": 0}
+    echoed = post(server, {**body, "echo": True, "raw_output": True}).json()["choices"][0]
+    assert echoed["text"] == echoed["raw_output"]["completion"].removeprefix("<bos>")
+    plain = post(server, body).json()["choices"][0]["text"]
+    head = post(server, {"tokens": cut[1:-2]}, path="/detokenize").json()["prompt"]
+    assert echoed["text"] == head + plain
+    assert "".join(texts_of(sse_events(server, {**body, "echo": True}))) == echoed["text"]
+    assert "".join(texts_of(sse_events(server, body))) == plain
+
+
 def test_errors_before_streaming_are_plain_json(server):
     r = post(server, {"prompt": "x", "stream": True, "temperature": 9})
     assert r.status_code == 400
