@@ -123,3 +123,16 @@ def test_a_prompt_that_ends_inside_a_character(tok):
     assert "".join(stream(tok, hello, cut)) == "\ufffdhello"
     assert stream(tok, [], cut) == ["\ufffd"]
     assert "".join(stream(tok, [*rest, *hello], cut, chunks=[1, 2, len(hello) - 1])) == "🏑hello"
+
+
+def test_only_unfinished_characters_are_held_back(tok):
+    """Bytes that no later byte can make valid are a U+FFFD at once, and a real U+FFFD character
+    is text like any other: only the first bytes of a character that may still be finished wait
+    (a text ending in U+FFFD was held whatever made it, so the stream stalled on it)."""
+    f0 = tok.token_to_id("<0xF0>")
+    det = IncrementalDetokenizer(tok)
+    assert [det.add([f0]) for _ in range(3)] == ["", "\ufffd", "\ufffd"]
+    assert det.flush() == "\ufffd"
+    det = IncrementalDetokenizer(tok, tok.encode("Hi"))
+    assert "".join(det.add([i]) for i in tok.encode("x\ufffd", add_bos=False)) == "x\ufffd"
+    assert det.flush() == ""

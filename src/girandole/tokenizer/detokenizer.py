@@ -4,7 +4,8 @@ Decoding each token alone is wrong (sentencepiece spaces, byte-fallback tokens t
 of one UTF-8 character, decoders that strip a leading space); decoding the whole sequence on
 every step is O(n) per token. Like vLLM, we decode a small window: `prefix_offset..read_offset`
 is text already emitted, `read_offset..` is new; the new text is the window's decode minus the
-prefix's decode, and it is held back while it ends in an incomplete character (U+FFFD).
+prefix's decode, and the tokens that hold the first bytes of an unfinished character are held
+back until its next bytes come (`Tokenizer.incomplete_tail`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
 
 # how many prompt tokens seed the window (context for the first generated token)
 INITIAL_WINDOW = 5
-_REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
@@ -38,6 +38,7 @@ class IncrementalDetokenizer:
 
     __slots__ = (
         "_decode",
+        "_incomplete_tail",
         "_ids",
         "_prefix_offset",
         "_read_offset",
@@ -52,6 +53,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._decode = tok.decode
+        self._incomplete_tail = tok.incomplete_tail
         self.skip_special_tokens = skip_special_tokens
         # keep only the prompt tail that seeds the window
         self._ids: list[int] = list(prompt_ids[-INITIAL_WINDOW:]) if prompt_ids else []
@@ -71,17 +73,21 @@ class IncrementalDetokenizer:
             return ""
         ids = self._ids
         ids.extend(new_ids)
+        # the text is final up to the last whole character: the tokens holding the first bytes
+        # of an unfinished one wait for its next bytes (bytes that no later byte can make
+        # valid are a U+FFFD at once, and so is a real U+FFFD character)
+        end = len(ids) - self._incomplete_tail(ids[self._prefix_offset :])
+        if end <= self._read_offset:
+            return ""
         text = self._decode(
-            ids[self._prefix_offset :], skip_special_tokens=self.skip_special_tokens
+            ids[self._prefix_offset : end], skip_special_tokens=self.skip_special_tokens
         )
-        if text.endswith(_REPLACEMENT):
-            return ""  # an incomplete character: wait for its next byte
         out = text[len(self._prefix_text) :] if len(text) > len(self._prefix_text) else ""
         # the window now starts at the first token not yet in the emitted prefix
         self._prefix_offset = self._read_offset
-        self._read_offset = len(ids)
+        self._read_offset = end
         self._prefix_text = self._decode(
-            ids[self._prefix_offset :], skip_special_tokens=self.skip_special_tokens
+            ids[self._prefix_offset : end], skip_special_tokens=self.skip_special_tokens
         )
         if self._prefix_offset > 64:  # drop ids no window will look at again
             del ids[: self._prefix_offset]
