@@ -115,6 +115,23 @@ def test_echo_logprobs_equal_one_reference_forward(server, tokenizer, model):
     assert body["usage"]["completion_tokens"] == 0
 
 
+def test_text_offset_after_broken_bytes(server, tokenizer):
+    """Byte tokens that never make a character (each first byte of a 4-byte one, forced by
+    logit_bias): each is a U+FFFD of the text, and each token's offset is its own U+FFFD. The
+    offset of a token that broke the previous one's character pointed at that one's U+FFFD."""
+    f0 = tokenizer.token_to_id("<0xF0>")
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "logprobs": 1,
+            "logit_bias": {str(f0): 100}}  # fmt: skip
+    choice = post(server, body).json()["choices"][0]
+    assert choice["logprobs"]["token_ids"] == [f0] * 3
+    assert choice["text"] == "\ufffd" * 3
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2]
+    events = sse_events(server, body)
+    offsets = [o for e in events[:-1] if e["choices"] and e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]  # fmt: skip
+    assert offsets == [0, 1, 2]
+
+
 def test_lm_eval_loglikelihood_through_openai(oai, tokenizer, model):
     """lm-evaluation-harness (local-completions): token prompt = context + continuation,
     echo, logprobs=1, max_tokens=0, temperature 0; reads the continuation's logprobs and whether

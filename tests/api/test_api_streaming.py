@@ -114,6 +114,40 @@ def test_multibyte_characters_are_never_split(server):
     assert any(ord(ch) > 0x2E80 for ch in whole)
 
 
+def test_emoji_written_in_byte_tokens_after_a_byte_token_prompt(server):
+    """A prompt ending in emoji spelt in byte-fallback tokens, continued with more of them: the
+    text is the UTF-8 of the generated tokens' bytes (logprobs' `bytes`), streamed or not.
+    `tokenizers`' ByteFallback decoder turned a whole run of byte tokens with one invalid byte in
+    it (here the detokenizer's window, which started in the middle of the prompt's last emoji)
+    into U+FFFDs: '🎴🎴' came out as eight of them."""
+    body = {"prompt": "🌁🎴🏑" * 3, "max_tokens": 10, "temperature": 0, "logprobs": True}
+    choice = post(server, body).json()["choices"][0]
+    raw = bytes(b for entry in choice["logprobs"]["content"] for b in entry["bytes"])
+    assert len(raw) >= 8 and raw[0] >= 0x80  # byte-fallback tokens were generated
+    assert choice["text"] == raw.decode("utf-8", errors="replace")
+    assert "\ufffd" not in choice["text"][:-1]  # only a character cut by max_tokens is broken
+    streamed = texts_of(sse_events(server, body))
+    assert "".join(streamed) == choice["text"]
+    assert all("\ufffd" not in p for p in streamed[:-1])
+
+
+def test_prompt_ids_that_end_inside_a_character(server):
+    """Prompt ids cut inside an emoji, continued by the model with that emoji's last bytes:
+    the echoed text is the prompt and completion decoded together (raw_output's completion),
+    not the prompt's U+FFFD followed by a completion that dropped the finished character; the
+    completion alone starts with it."""
+    ids = post(server, {"prompt": "🌁🎴🏑" * 3}, path="/tokenize").json()["tokens"]
+    cut = ids[:-2]
+    body = {"prompt": cut, "max_tokens": 6, "temperature": 0}
+    echoed = post(server, {**body, "echo": True, "raw_output": True}).json()["choices"][0]
+    assert echoed["text"] == echoed["raw_output"]["completion"].removeprefix("<bos>")
+    plain = post(server, body).json()["choices"][0]["text"]
+    head = post(server, {"tokens": cut[1:-2]}, path="/detokenize").json()["prompt"]
+    assert echoed["text"] == head + plain
+    assert "".join(texts_of(sse_events(server, {**body, "echo": True}))) == echoed["text"]
+    assert "".join(texts_of(sse_events(server, body))) == plain
+
+
 def test_errors_before_streaming_are_plain_json(server):
     r = post(server, {"prompt": "x", "stream": True, "temperature": 9})
     assert r.status_code == 400

@@ -156,6 +156,18 @@ def test_detokenize_round_trip(server, tokenizer):
     assert tokenize(server, {"tokens": []}, "/detokenize").json()["prompt"] == ""
 
 
+def test_detokenize_pieces_of_characters(server, tokenizer):
+    """Ids that are not whole UTF-8 characters (byte-fallback pieces) give U+FFFD, one per broken
+    sequence, and the whole characters around them as they are: the ByteFallback decoder of
+    `tokenizers` made the whole run of byte tokens U+FFFDs (🎴 and a stray byte: five of them)."""
+    ids = tokenize(server, {"prompt": "🎴🏑", "add_special_tokens": False}).json()["tokens"]
+    assert len(ids) == 8  # two emoji, four byte tokens each
+    cases = [(ids[:5], "🎴\ufffd"), (ids[3:], "\ufffd🏑"), (ids[:2], "\ufffd"), (ids, "🎴🏑")]
+    for tokens, text in cases:
+        r = tokenize(server, {"tokens": tokens}, "/detokenize")
+        assert r.json() == {"prompt": text, "content": text}, tokens
+
+
 def test_llama_cpp_forms(server, tokenizer):
     text = "<start_of_turn>hi é"
     plain = tokenizer.encode(text, add_bos=False)

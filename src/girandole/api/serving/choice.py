@@ -172,7 +172,10 @@ class Choice:
         self.finish_reason: str | None = None
         count = options.echo_count(len(prompt_token_ids))
         self.echo_ids = prompt_token_ids[len(prompt_token_ids) - count :] if count else []
-        self.echo_text = plain_text(tokenizer, self.echo_ids) if count else ""
+        # the first bytes of a character the prompt does not finish are the generated text's
+        # (the detokenizer's): the echo leaves them out, so the text shows that character once
+        cut = min(tokenizer.incomplete_tail(prompt_token_ids), count) if count else 0
+        self.echo_text = plain_text(tokenizer, self.echo_ids[: count - cut]) if count else ""
         self.tracker = LogprobTracker(tokenizer, options.num_top, options.sampling_mask)
         self.text: list[str] = []
         self.text_length = 0

@@ -67,6 +67,9 @@ class LogprobTracker:
             offset = min(self._chars, text_length)
             if not tok.is_special(r.token_id):
                 raw = tok.token_bytes(r.token_id)
+                # bytes of an unfinished character that this token does not continue are a
+                # U+FFFD before its text: the token's text starts after it
+                offset = min(self._chars + self._breaks_pending(raw), text_length)
                 self._chars += len(self._decoder.decode(raw))
             top = list(r.top_logprobs or [])[: self.num_top]
             new.append(
@@ -83,6 +86,18 @@ class LogprobTracker:
             )
         self.entries.extend(new)
         return new
+
+    def _breaks_pending(self, raw: bytes) -> int:
+        """1 when the decoder holds the first bytes of a character and `raw` does not go on
+        with it (they become one U+FFFD), else 0."""
+        pending = self._decoder.getstate()[0]
+        if not pending or not raw:
+            return 0
+        try:
+            (pending + raw[:1]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return 0 if exc.reason == "unexpected end of data" else 1
+        return 0
 
     def format(self, entries: list[TokenLogprob], mode: LogprobsMode) -> dict[str, Any]:
         return (
