@@ -152,6 +152,18 @@ def test_bad_requests_are_rejected(llm, prompt, params, message):
     assert llm.generate("Once", SamplingParams(temperature=0, max_tokens=2))[0].token_ids
 
 
+@pytest.mark.parametrize("method", ["generate", "embed"])
+def test_rejected_prompt_leaves_no_request_behind(llm, method):
+    """A later prompt rejected by add_request raises, and the prompts queued before it do not
+    stay in the engine (running on the next call's steps, holding blocks)."""
+    with pytest.raises(ValueError, match="out of range"):
+        getattr(llm, method)(["Once upon a time", [10**9]])
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv_cache.num_used_blocks == 0
+    out = llm.generate("Once", SamplingParams(temperature=0, max_tokens=2))
+    assert len(out) == 1 and len(out[0].token_ids) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
