@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import CompletionOutput
@@ -46,41 +47,42 @@ class LLM:
         ids: list[str] = []
         prompt_ids: dict[str, list[int]] = {}
         params_of: dict[str, SamplingParams] = {}
-        for prompt, p in zip(prompts, params):
-            tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, tokens, p)
-            ids.append(rid)
-            prompt_ids[rid] = tokens
-            params_of[rid] = p
-
-        tokens_out: dict[str, list[int]] = {rid: [] for rid in ids}
-        text_out: dict[str, list[str]] = {rid: [] for rid in ids}
-        logprobs_out: dict[str, list] = {rid: [] for rid in ids}
-        prompt_logprobs_out: dict[str, list | None] = {}
         results: dict[str, CompletionOutput] = {}
-        while len(results) < len(ids):
-            for out in self.engine.step():
-                if out.request_id not in tokens_out:
-                    continue
-                tokens_out[out.request_id].extend(out.new_token_ids)
-                text_out[out.request_id].append(out.new_text)
-                if out.logprobs:
-                    logprobs_out[out.request_id].extend(out.logprobs)
-                if out.prompt_logprobs is not None:
-                    prompt_logprobs_out[out.request_id] = out.prompt_logprobs
-                if out.finished:
-                    results[out.request_id] = CompletionOutput(
-                        prompt_token_ids=prompt_ids[out.request_id],
-                        token_ids=tokens_out[out.request_id],
-                        text="".join(text_out[out.request_id]),
-                        finish_reason=out.finish_reason,
-                        num_cached_tokens=out.num_cached_tokens,
-                        logprobs=logprobs_out[out.request_id]
-                        if params_of[out.request_id].logprobs is not None
-                        else None,
-                        prompt_logprobs=prompt_logprobs_out.get(out.request_id),
-                    )
+        with self._abort_unfinished_on_error(ids):
+            for prompt, p in zip(prompts, params):
+                tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, tokens, p)
+                ids.append(rid)
+                prompt_ids[rid] = tokens
+                params_of[rid] = p
+
+            tokens_out: dict[str, list[int]] = {rid: [] for rid in ids}
+            text_out: dict[str, list[str]] = {rid: [] for rid in ids}
+            logprobs_out: dict[str, list] = {rid: [] for rid in ids}
+            prompt_logprobs_out: dict[str, list | None] = {}
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.request_id not in tokens_out:
+                        continue
+                    tokens_out[out.request_id].extend(out.new_token_ids)
+                    text_out[out.request_id].append(out.new_text)
+                    if out.logprobs:
+                        logprobs_out[out.request_id].extend(out.logprobs)
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs_out[out.request_id] = out.prompt_logprobs
+                    if out.finished:
+                        results[out.request_id] = CompletionOutput(
+                            prompt_token_ids=prompt_ids[out.request_id],
+                            token_ids=tokens_out[out.request_id],
+                            text="".join(text_out[out.request_id]),
+                            finish_reason=out.finish_reason,
+                            num_cached_tokens=out.num_cached_tokens,
+                            logprobs=logprobs_out[out.request_id]
+                            if params_of[out.request_id].logprobs is not None
+                            else None,
+                            prompt_logprobs=prompt_logprobs_out.get(out.request_id),
+                        )
         return [results[rid] for rid in ids]
 
     def embed(
@@ -93,16 +95,29 @@ class LLM:
         ):
             prompts = [prompts]
         ids: list[str] = []
-        for prompt in prompts:
-            tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(
-                rid, tokens, SamplingParams(max_tokens=0), pooling=pooling or PoolingParams()
-            )
-            ids.append(rid)
         results: dict[str, list[float]] = {}
-        while len(results) < len(ids):
-            for out in self.engine.step():
-                if out.finished and out.embedding is not None:
-                    results[out.request_id] = out.embedding
+        with self._abort_unfinished_on_error(ids):
+            for prompt in prompts:
+                tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(
+                    rid, tokens, SamplingParams(max_tokens=0), pooling=pooling or PoolingParams()
+                )
+                ids.append(rid)
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.embedding is not None:
+                        results[out.request_id] = out.embedding
         return [results[rid] for rid in ids]
+
+    @contextlib.contextmanager
+    def _abort_unfinished_on_error(self, ids: list[str]) -> Iterator[None]:
+        """If the body raises (a later prompt rejected by add_request, an interrupt while
+        stepping), the requests it already queued (`ids`) are aborted: none keeps running in
+        the engine, holding KV blocks and computed by the next call's steps."""
+        try:
+            yield
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)  # None for one already finished
+            raise

@@ -56,6 +56,26 @@ def test_prediction_keeps_greedy_output_completions(oai, tokenizer):
             assert perf["speculation-prompt-matched-tokens"] >= 16
 
 
+def test_stop_inside_accepted_prediction_counts_only_kept_tokens(oai):
+    """A stop string met on an accepted proposal ends the output there: the tokens accepted
+    after it are dropped and are not counted as matched (matched never exceeds the output)."""
+    prompt = rewrite_prompt(PASSAGE)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    plain = oai.completions.create(**kw, stop=["every"])
+    assert plain.choices[0].finish_reason == "stop"
+    spec = oai.completions.create(
+        **kw,
+        stop=["every"],
+        extra_body={"prediction": " " + PASSAGE, "perf_metrics_in_response": True},
+    )
+    assert spec.choices[0].text == plain.choices[0].text
+    assert spec.usage.completion_tokens == plain.usage.completion_tokens
+    perf = spec.model_extra["perf_metrics"]
+    # the first token comes from the prefill, every later one from the prediction
+    assert 0 < perf["speculation-prompt-matched-tokens"] < spec.usage.completion_tokens
+    assert perf["speculation-acceptance"] == 1.0
+
+
 def test_prediction_on_chat_streaming_and_token_ids(server, oai, tokenizer):
     messages = [{"role": "user", "content": rewrite_prompt(PASSAGE)}]
     plain = oai.chat.completions.create(

@@ -143,6 +143,9 @@ def test_top_k_one_is_greedy(llm):
         ([], SamplingParams(), "empty"),
         ([10**9], SamplingParams(), "out of range"),
         ([1] * 5000, SamplingParams(), "too long"),
+        # a bias on no token was dropped silently
+        ([1], SamplingParams(logit_bias={-3: 5.0}), "logit_bias token id -3 is out of range"),
+        ([1], SamplingParams(logit_bias={10**6: 5.0}), "logit_bias token id 1000000 is out"),
     ],
 )
 def test_bad_requests_are_rejected(llm, prompt, params, message):
@@ -152,6 +155,18 @@ def test_bad_requests_are_rejected(llm, prompt, params, message):
     assert llm.generate("Once", SamplingParams(temperature=0, max_tokens=2))[0].token_ids
 
 
+@pytest.mark.parametrize("method", ["generate", "embed"])
+def test_rejected_prompt_leaves_no_request_behind(llm, method):
+    """A later prompt rejected by add_request raises, and the prompts queued before it do not
+    stay in the engine (running on the next call's steps, holding blocks)."""
+    with pytest.raises(ValueError, match="out of range"):
+        getattr(llm, method)(["Once upon a time", [10**9]])
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv_cache.num_used_blocks == 0
+    out = llm.generate("Once", SamplingParams(temperature=0, max_tokens=2))
+    assert len(out) == 1 and len(out[0].token_ids) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -159,6 +174,20 @@ def test_bad_requests_are_rejected(llm, prompt, params, message):
         (dict(temperature=-0.5), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        # wrong types: a float count was rounded up or failed the request inside its step
+        (dict(max_tokens=2.5), "max_tokens"),
+        (dict(max_tokens=None), "max_tokens"),
+        (dict(top_k=1.5), "top_k"),
+        (dict(min_tokens="3"), "min_tokens"),
+        (dict(seed="7"), "seed"),
+        (dict(logprobs=1.5), "logprobs"),
+        (dict(stop=5), "stop"),
+        (dict(stop_token_ids=["a"]), "stop_token_ids"),
+        (dict(speculation="some text"), "speculation"),
+        (dict(speculation=[1, 2.0]), "speculation"),
+        (dict(speculation=7), "speculation"),
+        (dict(sampling_mask="all"), "sampling_mask"),
+        (dict(grammar="json"), "grammar"),
     ],
 )
 def test_bad_sampling_params(kwargs, field):

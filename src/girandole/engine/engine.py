@@ -167,6 +167,9 @@ class LLMEngine:
         for t in prompt_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab})")
+        for t in params.logit_bias:  # the sampler would skip a bias on no token: say so
+            if not 0 <= t < vocab:
+                raise ValueError(f"logit_bias token id {t} is out of range [0, {vocab})")
         for t in params.speculation or []:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"speculation token id {t!r} is out of range [0, {vocab})")

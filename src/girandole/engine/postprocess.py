@@ -12,7 +12,7 @@ from girandole.engine.outputs import FinishReason, RequestOutput
 from girandole.engine.pooling import pooled
 from girandole.engine.scheduler import ScheduledBatch, Scheduler
 from girandole.engine.sequence import Sequence, SequenceStatus
-from girandole.engine.speculation import speculation_counts
+from girandole.engine.speculation import speculation_counts, uncount_dropped
 from girandole.sampling.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ class Postprocessor:
             outs.append(self.append_token(seq, result, now))
             if seq.is_finished:
                 break
+        if len(outs) < len(results) and seq.speculation is not None:
+            # ended on an accepted proposal: the proposals after it were never used, and the
+            # step's counts (Speculator.record) must not report them as proposed or accepted
+            uncount_dropped(seq.speculation, len(seq.spec_token_ids), len(results), len(outs))
+            outs[-1] = dataclasses.replace(outs[-1], speculation=speculation_counts(seq))
         if len(outs) == 1:
             return outs[0]
         logprobs = None

@@ -407,6 +407,18 @@ class DraftModel:
         return d
 
 
+def uncount_dropped(state: SpeculationState, proposed: int, emitted: int, kept: int) -> None:
+    """A stop condition (EOS, a stop token or string) ended a row on its accepted proposal
+    number `kept` of the `emitted` tokens its step verified from `proposed` proposals: only the
+    `kept` proposals were used, so the step counts that many proposed and accepted (the
+    prediction's matched tokens never exceed the output)."""
+    state.num_proposed -= proposed - kept
+    dropped = emitted - 1 - kept
+    state.num_accepted -= dropped
+    if state.source == "prediction":
+        state.num_prediction_matched -= dropped
+
+
 def speculation_counts(seq: Sequence) -> dict[str, int]:
     """What a RequestOutput reports about a sequence's speculation (empty without any)."""
     state = seq.speculation

@@ -13,6 +13,8 @@ GREEDY_BELOW = 1e-5
 
 _MASK32 = 2**32 - 1
 
+SAMPLING_MASK_MODES = ("count", "non_zero_list", "non_zero_buffer")
+
 
 def generator_seed(seed: int) -> int:
     """The seed a request's torch.Generator gets for `seed`. The CPU generator's Mersenne
@@ -67,6 +69,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, list | tuple):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
@@ -81,6 +85,45 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             return value
 
+        def integer(name: str, optional: bool = False) -> int | None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return None
+            # a bool is an int to Python, never a count or a seed here; a float or a numeric
+            # string would reach the engine (2.5 tokens generated 3, a top_k of 1.5 failed the
+            # request inside its step)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            return value
+
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            integer(name)
+        integer("seed", optional=True)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, int):  # True: 1, as an int
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+        spec = self.speculation
+        if spec is not None:
+            bad = (
+                spec
+                if not isinstance(spec, list | tuple)
+                else next((t for t in spec if isinstance(t, bool) or not isinstance(t, int)), None)
+            )
+            if bad is not None:
+                raise ValueError(
+                    "speculation must be a list of token ids (for text: "
+                    f"tokenizer.encode(text, add_bos=False)), got {type(bad).__name__} {bad!r:.40}"
+                )
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar must be a GrammarSpec, got {type(self.grammar).__name__}")
+        if self.sampling_mask not in (None, *SAMPLING_MASK_MODES):
+            raise ValueError(
+                f"sampling_mask must be one of {', '.join(SAMPLING_MASK_MODES)} or None, "
+                f"got {self.sampling_mask!r}"
+            )
         if not finite("temperature") >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < finite("top_p") <= 1:
