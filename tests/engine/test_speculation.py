@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from girandole import LLM, SamplingParams
-from girandole.engine.speculation import ngram_proposal, resync
+from girandole.engine.speculation import (
+    RESYNC_MAX,
+    RESYNC_MIN,
+    bigram_index,
+    ngram_proposal,
+    resync,
+)
 from girandole.sampling.grammar import GrammarSpec
 from girandole.sampling.sampler import Sampler, SamplerRow
 
@@ -486,3 +492,30 @@ def test_resync_finds_where_the_output_continues():
     assert resync([10, 11, 99], pred, 3) is None
     # the occurrence nearest the cursor
     assert resync([5, 14, 1], [14, 1, 7, 14, 1, 8, 14, 1], 4) == 5
+
+
+def brute_force_resync(output: list[int], prediction: list[int], cursor: int) -> int | None:
+    """`resync` by scanning the whole prediction for each suffix length (what it did before
+    it looked suffixes up by their first pair)."""
+    if not output:
+        return 0
+    if len(output) == 1:
+        return 1 if prediction[:1] == output else None
+    for n in range(min(RESYNC_MAX, len(output)), RESYNC_MIN - 1, -1):
+        afters = [s + n for s in range(len(prediction) - n + 1)
+                  if prediction[s : s + n] == output[-n:]]  # fmt: skip
+        if afters:
+            return min(afters, key=lambda a: abs(a - cursor))  # the earliest of ties
+    return None
+
+
+def test_resync_by_index_equals_a_scan_of_the_whole_prediction():
+    rng = random.Random(0)
+    for _ in range(3000):
+        vocab = rng.choice([2, 3, 5, 20])  # small vocabularies: many repeats and ties
+        prediction = [rng.randrange(vocab) for _ in range(rng.randrange(0, 40))]
+        output = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
+        cursor = rng.randrange(0, len(prediction) + 1)
+        index = bigram_index(prediction)
+        expected = brute_force_resync(output, prediction, cursor)
+        assert resync(output, prediction, cursor, index) == expected, (output, prediction, cursor)

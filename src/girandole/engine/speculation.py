@@ -28,6 +28,7 @@ its copy is within a verify row (1 + k tokens) of the end; it decodes plainly me
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,7 @@ class SpeculationState:
 
     prediction: list[int] | None = None  # the request's predicted output, tokenized
     cursor: int = 0  # index in `prediction` of the token expected next
+    index: dict[tuple[int, int], list[int]] | None = field(default=None, repr=False)  # resync's
     synced_len: int = 0  # len(seq) when `cursor` was last known to be in step with the output
     window: int = PREDICTION_WINDOW_START  # tokens proposed from the prediction per step
     source: str | None = None  # where this step's proposal came from
@@ -175,7 +177,10 @@ class Speculator:
         if state.synced_len and pred[state.cursor : state.cursor + len(new)] == new:
             state.cursor += len(new)
         else:
-            found = resync(seq.output_token_ids, pred, state.cursor)
+            output = seq.output_token_ids
+            if state.index is None and len(output) > 1:
+                state.index = bigram_index(pred)  # once: each later re-sync looks pairs up
+            found = resync(output, pred, state.cursor, state.index)
             if found is None:
                 state.synced_len = 0  # out of step: look again after the next token
                 return []
@@ -247,25 +252,58 @@ def ngram_proposal(tokens: list[int], k: int) -> list[int]:
     return []
 
 
-def resync(output: list[int], prediction: list[int], cursor: int) -> int | None:
+def bigram_index(prediction: list[int]) -> dict[tuple[int, int], list[int]]:
+    """Where each pair of adjacent tokens starts in `prediction`, in ascending order: `resync`
+    looks a suffix up by its first two tokens instead of scanning the whole prediction each
+    step (a long prediction the output has left would otherwise slow every step)."""
+    index: dict[tuple[int, int], list[int]] = {}
+    for i, pair in enumerate(zip(prediction, prediction[1:])):
+        index.setdefault(pair, []).append(i)
+    return index
+
+
+def resync(
+    output: list[int],
+    prediction: list[int],
+    cursor: int,
+    index: dict[tuple[int, int], list[int]] | None = None,
+) -> int | None:
     """Where in `prediction` the output continues: just after the longest suffix of `output`
-    (RESYNC_MAX tokens at most) found in it, the occurrence nearest `cursor` preferred. None if
-    not RESYNC_MIN tokens occur (but a 1-token output may match the prediction's start). An
-    empty output continues at the start."""
+    (RESYNC_MAX tokens at most) found in it, the occurrence nearest `cursor` preferred (the
+    earlier one of two as near). None if not RESYNC_MIN tokens occur (but a 1-token output may
+    match the prediction's start). An empty output continues at the start. `index`: the
+    prediction's `bigram_index` (made here when not given)."""
     if not output:
         return 0
     if len(output) == 1:
         return 1 if prediction[:1] == output else None
+    if index is None:
+        index = bigram_index(prediction)
     for n in range(min(RESYNC_MAX, len(output)), RESYNC_MIN - 1, -1):
         suffix = output[-n:]
-        best: int | None = None
-        for start in range(len(prediction) - n + 1):
-            if prediction[start] == suffix[0] and prediction[start : start + n] == suffix:
-                after = start + n
-                if best is None or abs(after - cursor) < abs(best - cursor):
-                    best = after
-        if best is not None:
-            return best
+        starts = index.get((suffix[0], suffix[1]))
+        if starts:
+            start = _nearest_occurrence(prediction, suffix, starts, cursor - n)
+            if start is not None:
+                return start + n
+    return None
+
+
+def _nearest_occurrence(
+    prediction: list[int], suffix: list[int], starts: list[int], target: int
+) -> int | None:
+    """The start nearest `target` among `starts` (ascending) where `suffix` occurs: candidates
+    are tried outward from `target`, so the first that matches is the nearest."""
+    hi = bisect_left(starts, target)
+    lo = hi - 1
+    n = len(suffix)
+    while lo >= 0 or hi < len(starts):
+        if hi == len(starts) or (lo >= 0 and target - starts[lo] <= starts[hi] - target):
+            start, lo = starts[lo], lo - 1
+        else:
+            start, hi = starts[hi], hi + 1
+        if prediction[start : start + n] == suffix:
+            return start
     return None
 
 

@@ -140,7 +140,7 @@ def build_job(
     tokens_param = max_tokens_field(req)
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
-    speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size)
+    speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size, context_length)
     stop_token_ids = special_stop_ids(req.stop_list(), engine.tokenizer)
     prompt_param = "messages" if getattr(req, "messages", None) is not None else "prompt"
     choices: list[Choice] = []

@@ -21,9 +21,17 @@ def prediction_text(prediction: Prediction | str) -> str:
 
 
 def speculation_tokens(
+    req: RequestFields, tokenizer: Tokenizer, vocab_size: int, context_length: int
+) -> list[int] | None:
+    """The request's expected output as token ids, its first `context_length` (no output is
+    longer; the engine indexes what it keeps); None without one. 400 for a bad one."""
+    ids = _speculation_tokens(req, tokenizer, vocab_size)
+    return ids[:context_length] if ids else None
+
+
+def _speculation_tokens(
     req: RequestFields, tokenizer: Tokenizer, vocab_size: int
 ) -> list[int] | None:
-    """The request's expected output as token ids; None without one. 400 for a bad one."""
     if req.prediction is not None and req.speculation is not None:
         raise bad_request(
             "give either 'prediction' or 'speculation' (its native form), not both", "prediction"
