@@ -27,7 +27,6 @@ from girandole.api.serving.params import (
     special_stop_ids,
 )
 from girandole.api.serving.prompt import fit_max_tokens
-from girandole.api.serving.speculation import speculation_tokens
 from girandole.engine.protocol import EngineClient
 from girandole.sampling.grammar import GrammarSpec
 from girandole.sampling.params import SamplingParams
@@ -123,10 +122,11 @@ def build_job(
     received: float,
     headers: Mapping[str, str] | None = None,
     tier: int | None = None,
+    speculation: list[int] | None = None,
 ) -> Job:
     """The request's choices: n samples of each prompt, each with its SamplingParams. `tier`:
     the scheduling tier when the server sets it (batch lines), else the request's
-    service_tier."""
+    service_tier. `speculation`: the prediction's tokens (`speculation_tokens`)."""
     config = engine.model_config
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
@@ -140,7 +140,6 @@ def build_job(
     tokens_param = max_tokens_field(req)
     behavior = req.context_length_exceeded_behavior or "truncate"
     defaults = sampling_defaults(config.generation_config)
-    speculation = speculation_tokens(req, engine.tokenizer, config.vocab_size, context_length)
     stop_token_ids = special_stop_ids(req.stop_list(), engine.tokenizer)
     prompt_param = "messages" if getattr(req, "messages", None) is not None else "prompt"
     choices: list[Choice] = []

@@ -41,7 +41,9 @@ from girandole.api.http.validation import (
 from girandole.api.ops.tracking import RequestRecord, attach_record, record_of
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
+from girandole.api.serving.prompt import off_loop_if_long
 from girandole.api.serving.response import ResponseShape, engine_error
+from girandole.api.serving.speculation import speculation_chars, speculation_tokens
 from girandole.api.serving.structured import request_grammar
 from girandole.api.serving.target import Target, engine_of, resolve_target, touch
 from girandole.api.serving.usage import perf_headers
@@ -231,17 +233,23 @@ class Rounds:
                 engine, req.response_format, shape.forced_grammar, shape.tools_check
             )
             prompts = await self.endpoint.prompts(engine, req, shape)
+            context_length = state.context_length_of(engine)
+            speculation = await off_loop_if_long(  # a long prediction: tokenized in a thread
+                speculation_chars(req), speculation_tokens,
+                req, engine.tokenizer, engine.model_config.vocab_size, context_length,
+            )  # fmt: skip
             job = build_job(
                 engine,
                 req,
                 self.got.request_id,
                 prompts,
                 default_max_tokens=self.endpoint.default_max_tokens,
-                context_length=state.context_length_of(engine),
+                context_length=context_length,
                 grammar=grammar,
                 received=self.got.received,
                 headers=self.request.headers,
                 tier=self.tier,
+                speculation=speculation,
             )
         except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
             self.endpoint.rename_field(exc, req)
