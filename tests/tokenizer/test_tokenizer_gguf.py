@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from girandole.tokenizer.tokenizer import GIL_FREE_CHARS
+
 pytestmark = pytest.mark.slow
 
 
@@ -56,6 +58,19 @@ def test_encode_decode_match_transformers(tok, ref, text):
 
 def test_encode_batch(tok, texts):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_long_texts_encode_as_transformers_does(tok, ref, texts):
+    """Texts past GIL_FREE_CHARS go through `encode_batch` (which lets go of the GIL): the same
+    ids as transformers', special-token strings read as special or, plain, as text."""
+    long = "\n".join(texts) * (GIL_FREE_CHARS // len("\n".join(texts)) + 2)
+    assert len(long) > GIL_FREE_CHARS
+    assert tok.encode(long, add_bos=False) == ref(long, add_special_tokens=False).input_ids
+    plain = tok.encode(long, add_bos=False, parse_special=False)
+    assert plain == tok._plain().encode(long, add_special_tokens=False).ids
+    assert plain != tok.encode(long, add_bos=False)  # "<start_of_turn>" is text there
+    marked = tok.encode_marked(long)
+    assert marked == tok.encode(long)
 
 
 def test_token_bytes_concatenate_to_text(tok, text):

@@ -109,6 +109,7 @@ class AppState:
                 from girandole.deploy.setup import own_spec
 
                 engine = own_spec(self.settings).start_engine()
+            engine.tokenizer.prepare_plain()
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             self.status = "failed"
