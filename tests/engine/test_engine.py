@@ -183,6 +183,8 @@ def test_rejected_prompt_leaves_no_request_behind(llm, method):
         (dict(logprobs=1.5), "logprobs"),
         (dict(stop=5), "stop"),
         (dict(stop_token_ids=["a"]), "stop_token_ids"),
+        (dict(stop_token_ids=[5, -1]), "stop_token_ids"),
+        (dict(min_tokens=9, max_tokens=8), "min_tokens"),  # as vLLM: more than it may make
         (dict(speculation="some text"), "speculation"),
         (dict(speculation=[1, 2.0]), "speculation"),
         (dict(speculation=7), "speculation"),

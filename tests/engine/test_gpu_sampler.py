@@ -34,7 +34,7 @@ MIXED = [
     SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=0),
     SamplingParams(temperature=0.8, top_k=40, logprobs=2, seed=1),
     SamplingParams(temperature=1.2, top_p=0.7, presence_penalty=0.5, seed=2),
-    SamplingParams(temperature=0.6, min_p=0.1, min_tokens=50, seed=3),
+    SamplingParams(temperature=0.6, min_p=0.1, min_tokens=50, max_tokens=64, seed=3),
     SamplingParams(top_k=1, logprobs=1),
     SamplingParams(temperature=1.0, top_k=100, top_p=0.9, min_p=0.02, logprobs=5, seed=4),
     SamplingParams(temperature=0.9, logit_bias={3: 2.5}, repetition_penalty=0.8, seed=5),

@@ -103,7 +103,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not isinstance(value, int):  # True: 1, as an int
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
         spec = self.speculation
         if spec is not None:
@@ -136,8 +136,10 @@ class SamplingParams:
             raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be from 0 to max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         for name in ("presence_penalty", "frequency_penalty"):
