@@ -62,6 +62,7 @@ class LLM:
             logprobs_out: dict[str, list] = {rid: [] for rid in ids}
             prompt_logprobs_out: dict[str, list | None] = {}
             while len(results) < len(ids):
+                self._check_unfinished(ids, results)
                 for out in self.engine.step():
                     if out.request_id not in tokens_out:
                         continue
@@ -82,6 +83,7 @@ class LLM:
                             if params_of[out.request_id].logprobs is not None
                             else None,
                             prompt_logprobs=prompt_logprobs_out.get(out.request_id),
+                            error=out.extra.get("error"),
                         )
         return [results[rid] for rid in ids]
 
@@ -105,10 +107,23 @@ class LLM:
                 )
                 ids.append(rid)
             while len(results) < len(ids):
+                self._check_unfinished(ids, results)
                 for out in self.engine.step():
-                    if out.finished and out.embedding is not None:
-                        results[out.request_id] = out.embedding
+                    if not out.finished or out.request_id not in ids:
+                        continue
+                    if out.embedding is None or out.finish_reason == "abort":
+                        # failed inside the engine: no vector (or only its first chunks')
+                        why = out.extra.get("error") or "it was aborted"
+                        raise RuntimeError(f"prompt {ids.index(out.request_id)}: {why}")
+                    results[out.request_id] = out.embedding
         return [results[rid] for rid in ids]
+
+    def _check_unfinished(self, ids: list[str], results: dict) -> None:
+        """A request of `ids` without a result while the engine has nothing left to run ended
+        outside these steps (`engine.abort` from another thread): raise rather than wait."""
+        if not self.engine.has_unfinished_requests():
+            missing = next(i for i, rid in enumerate(ids) if rid not in results)
+            raise RuntimeError(f"prompt {missing} ended without a result (it was aborted)")
 
     @contextlib.contextmanager
     def _abort_unfinished_on_error(self, ids: list[str]) -> Iterator[None]:

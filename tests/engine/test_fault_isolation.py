@@ -95,3 +95,43 @@ def test_one_request_fails_alone(tiny_llama_dir, alone, sabotage, message):
     assert engine.stats()["kv_blocks_used"] == 0
     # the engine keeps serving
     assert run(engine, ["b"])["b"]["tokens"] == alone["b"]
+
+
+def sabotage_first_request(llm, sabotage) -> None:
+    """`sabotage(engine, request_id)` right after the first request of the next call is added."""
+    add = llm.engine.add_request
+    done = []
+
+    def add_then_sabotage(request_id, *args, **kwargs):
+        add(request_id, *args, **kwargs)
+        if not done:
+            done.append(request_id)
+            sabotage(llm.engine, request_id)
+
+    llm.engine.add_request = add_then_sabotage
+
+
+def test_llm_generate_says_why_a_request_failed(tiny_llama_dir):
+    from girandole import LLM
+
+    llm = LLM(model=str(tiny_llama_dir), mode="reference")
+    prompts = [PROMPTS["a"], PROMPTS["b"]]
+    params = [PARAMS["a"], PARAMS["b"]]
+    alone = llm.generate([PROMPTS["b"]], PARAMS["b"])[0]
+    sabotage_first_request(llm, lambda e, rid: exploding_detokenizer(e.seqs[rid]))
+    failed, fine = llm.generate(prompts, params)
+    assert failed.finish_reason == "abort" and "detokenizer exploded" in failed.error
+    assert fine.error is None and fine.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("method", ["generate", "embed"])
+def test_llm_call_with_a_request_aborted_outside_it_raises(tiny_llama_dir, method):
+    """engine.abort from elsewhere returns the request's last output itself, so no step ever
+    shows it finished: the call raised nothing and waited forever."""
+    from girandole import LLM
+
+    llm = LLM(model=str(tiny_llama_dir), mode="reference")
+    sabotage_first_request(llm, lambda e, rid: e.abort(rid))
+    with pytest.raises(RuntimeError, match="prompt 0 ended without a result"):
+        getattr(llm, method)([PROMPTS["a"], PROMPTS["b"]])
+    assert llm.engine.stats()["kv_blocks_used"] == 0

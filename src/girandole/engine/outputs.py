@@ -49,3 +49,5 @@ class CompletionOutput:
     num_cached_tokens: int = 0
     logprobs: list | None = None
     prompt_logprobs: list | None = None
+    # why the engine ended it early (finish_reason "abort"): "ExceptionType: message"
+    error: str | None = None
