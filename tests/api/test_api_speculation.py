@@ -91,27 +91,21 @@ def test_prediction_on_chat_streaming_and_token_ids(server, oai, tokenizer):
         extra_body={"prediction": parts},
     )
     assert spec.choices[0].message.content == plain.choices[0].message.content
-    # streamed, with `speculation` as token ids (Fireworks' native field)
+    # streamed, with `speculation` as token ids (Fireworks' native field); one longer than the
+    # context is cut to it (no output is longer)
     ids = tokenizer.encode(PASSAGE, add_bos=False, parse_special=False)
-    events = sse_events(server, {"messages": messages, "max_tokens": 24, "temperature": 0,
-                                 "speculation": ids, "perf_metrics_in_response": True},
-                        path="/v1/chat/completions")  # fmt: skip
-    chunks = [e for e in events if e != "[DONE]"]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == plain.choices[0].message.content
-    perf = next(c["perf_metrics"] for c in chunks if c.get("perf_metrics"))
-    assert perf["speculation-prompt-tokens"] == len(ids)
-    # a prediction longer than the context is cut to it: no output is longer
     context = oai.models.retrieve(MODEL).model_extra["context_length"]
     long_ids = (ids * (context // len(ids) + 2))[: context + 500]
-    events = sse_events(server, {"messages": messages, "max_tokens": 24, "temperature": 0,
-                                 "speculation": long_ids, "perf_metrics_in_response": True},
-                        path="/v1/chat/completions")  # fmt: skip
-    chunks = [e for e in events if e != "[DONE]"]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == plain.choices[0].message.content
-    perf = next(c["perf_metrics"] for c in chunks if c.get("perf_metrics"))
-    assert perf["speculation-prompt-tokens"] == context
+    for speculation, kept in ((ids, len(ids)), (long_ids, context)):
+        events = sse_events(server, {"messages": messages, "max_tokens": 24, "temperature": 0,
+                                     "speculation": speculation, "perf_metrics_in_response": True},
+                            path="/v1/chat/completions")  # fmt: skip
+        chunks = [e for e in events if e != "[DONE]"]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                       if c["choices"])  # fmt: skip
+        assert text == plain.choices[0].message.content
+        perf = next(c["perf_metrics"] for c in chunks if c.get("perf_metrics"))
+        assert perf["speculation-prompt-tokens"] == kept
     # n > 1 with a seed: each choice as without the prediction
     kw = dict(model=MODEL, prompt=rewrite_prompt(PASSAGE), max_tokens=12, n=2, seed=5)
     sampled = oai.completions.create(**kw, temperature=0.7, extra_body={"prediction": PASSAGE})
