@@ -705,3 +705,23 @@ def test_responses_consecutive_messages_of_a_role_merge_whatever_their_number():
         {"role": "user", "content": "a\n\n\n\nb"},
         {"role": "assistant", "content": "xy"},
     ]
+
+
+def test_anthropic_consecutive_turns_of_a_role_merge_whatever_their_number():
+    # joined once at the end (each text was added to the whole text so far: quadratic), with
+    # the separators and empty texts as before; a system message joins the user turn before it
+    many = [{"role": "user", "content": f"m{i}"} for i in range(30_000)]
+    out = anthropic_messages(anthropic(messages=many))
+    assert out == [{"role": "user", "content": "\n\n".join(f"m{i}" for i in range(30_000))}]
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": ""}]},
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
+    assert anthropic_messages(anthropic(messages=messages)) == [
+        {"role": "user", "content": "a\n\ns\n\nb"},
+        {"role": "assistant", "content": "xy"},
+    ]
