@@ -198,3 +198,17 @@ def test_errors(client, server):
                          ("DELETE", f"/v1/conversations/{conv.id}")):  # fmt: skip
         assert httpx.request(method, server.url + path, headers=headers).status_code == 404
     assert client.conversations.retrieve(conv.id).id == conv.id
+
+
+def test_a_conversation_too_long_for_the_context_is_refused_before_it_is_tokenized(client):
+    # its stored items were never in the request's body: they are counted as a body's prompt
+    # is (characters, items), not tokenized whole first (a 56 MB conversation: 95 s of CPU)
+    conv = client.conversations.create()
+    for _ in range(4):
+        client.conversations.items.create(conv.id, items=[user("x" * 40_000)] * 20)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="hi", conversation=conv.id,
+                                max_output_tokens=1)  # fmt: skip
+    error = info.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert "characters, far above the limit" in error["message"]

@@ -687,3 +687,41 @@ def test_anthropic_model_page_bad_query(query, param):
     with pytest.raises(APIError) as err:
         model_page(MODEL_ENTRIES, query)
     assert err.value.status_code == 400 and err.value.param == param
+
+
+def test_responses_consecutive_messages_of_a_role_merge_whatever_their_number():
+    # the merged text is joined once (it was copied whole at each message: quadratic); empty
+    # texts add no separator, as before
+    def message(role, text):
+        return {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
+
+    many = [message("user", f"m{i}") for i in range(30_000)]
+    out = chat_messages(None, many)
+    assert out == [{"role": "user", "content": "\n\n".join(f"m{i}" for i in range(30_000))}]
+    items = [message("user", ""), message("user", "a"), message("user", ""), message("user", "b"),
+             message("assistant", "x"), message("assistant", "y")]  # fmt: skip
+    assert chat_messages("Sys.", items) == [
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": "a\n\n\n\nb"},
+        {"role": "assistant", "content": "xy"},
+    ]
+
+
+def test_anthropic_consecutive_turns_of_a_role_merge_whatever_their_number():
+    # joined once at the end (each text was added to the whole text so far: quadratic), with
+    # the separators and empty texts as before; a system message joins the user turn before it
+    many = [{"role": "user", "content": f"m{i}"} for i in range(30_000)]
+    out = anthropic_messages(anthropic(messages=many))
+    assert out == [{"role": "user", "content": "\n\n".join(f"m{i}" for i in range(30_000))}]
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": ""}]},
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
+    assert anthropic_messages(anthropic(messages=messages)) == [
+        {"role": "user", "content": "a\n\ns\n\nb"},
+        {"role": "assistant", "content": "xy"},
+    ]

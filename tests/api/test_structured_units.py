@@ -295,3 +295,39 @@ def test_calls_in_tool_call_tags_are_calls_under_auto():
     assert (
         finish_message(plan, many + "<tool_call>x", "length")[0]["content"] == many + "<tool_call>x"
     )
+
+
+def test_a_schema_past_the_grammar_size_limit_is_refused_before_it_is_walked_or_written():
+    # 200,000 properties (6 MB): refused by its size while its JSON text is still being counted,
+    # not after check_schema's walk, tuple_items and json.dumps of all of it (1 s of the loop)
+    props = {f"p{i}": {"type": "string"} for i in range(200_000)}
+    schema = {"type": "object", "properties": props}
+    with pytest.raises(APIError) as info:
+        response_format_grammar(rf(type="json_schema", json_schema={"name": "x", "schema": schema}))
+    assert info.value.param == "response_format.json_schema.schema"
+    assert "the JSON schema is more than 262,144 bytes" in info.value.message
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+         "tools": [ADD, {"type": "function", "function": {"name": "big", "parameters": schema}}]}
+    )  # fmt: skip
+    with pytest.raises(APIError) as info:
+        plan_tools(req, GEMMA_TEMPLATE)
+    assert info.value.param == "tools.1.function.parameters"
+
+
+def test_the_schema_size_bound_never_exceeds_the_text_the_engine_is_given():
+    from girandole.api.serving.structured import check_schema_size, schema_spec
+
+    schemas = [
+        {},
+        {"type": "object", "properties": {"a": {"type": "string", "enum": ["x", "é", 1, None]}}},
+        {"type": "array", "items": [{"type": "integer"}, {}], "additionalItems": False},
+        {"type": "array", "items": [], "additionalItems": {"type": "string"}},
+        {"anyOf": [{"const": 1.5}, {"const": True}, {"type": "null"}], "description": "d" * 40},
+        {"type": "object", "properties": {"k": {"type": "array", "items": {"minItems": 0}}}},
+    ]
+    for schema in schemas:
+        size = len(schema_spec(schema).text.encode())
+        check_schema_size(schema, "p", max_bytes=size)  # the bound is at most the real size
+        with pytest.raises(APIError):
+            check_schema_size(schema, "p", max_bytes=0)

@@ -29,7 +29,12 @@ from girandole.api.http.errors import bad_request
 from girandole.api.http.schema import ResponseFormat
 from girandole.engine.protocol import EngineClient
 from girandole.sampling.grammar import GrammarError, GrammarSpec
-from girandole.sampling.grammar_limits import SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_VALUED
+from girandole.sampling.grammar_limits import (
+    DEFAULT_LIMITS,
+    SCHEMA_LISTS,
+    SCHEMA_MAPS,
+    SCHEMA_VALUED,
+)
 
 # Validation keywords the grammar engine would not enforce.
 UNSUPPORTED_KEYWORDS = {
@@ -74,11 +79,44 @@ COUNT_KEYWORDS = (
 MAX_EXACT_INT = 2**53  # the grammar engine reads JSON numbers as doubles
 
 
+def check_schema_size(schema: Any, param: str, max_bytes: int | None = None) -> None:
+    """Raise a 400 naming the field for a schema whose JSON text is surely longer than the
+    grammar engine compiles (`GrammarLimits.max_bytes`): the engine would refuse it, but only
+    after the walks and the json.dumps of all of it, which hold the GIL (a 6 MB schema stopped
+    the event loop for 1 s). The walk adds up a lower bound of the text's length and stops as
+    soon as it passes the limit, so its cost is bounded by the limit, not by the schema."""
+    limit = DEFAULT_LIMITS.max_bytes if max_bytes is None else max_bytes
+    size, stack = 0, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            size += 2 * len(node) + 2  # braces, and ": " or ", " per member at the least
+            for key, value in node.items():
+                # tuple_items writes "additionalItems" as "items" (its "items" as "prefixItems")
+                size += len(key) + 2 - (4 if key == "additionalItems" else 0)
+                stack.append(value)
+        elif isinstance(node, list):
+            size += 2 * len(node)  # brackets and ", " between items
+            stack.extend(node)
+        elif isinstance(node, str):
+            size += len(node) + 2
+        else:
+            size += 1
+        if size > limit:
+            raise bad_request(
+                f"the JSON schema is more than {limit:,} bytes; the most this server compiles"
+                f" is {limit:,} bytes, field: '{param}'",
+                param,
+            )
+
+
 def check_schema(schema: Any, param: str, where: str = "") -> None:
     """Raise a 400 naming the field for a schema that is not an object or boolean, that nests
     too deeply, or that uses a keyword the grammar engine cannot enforce."""
     if isinstance(schema, bool):
         return
+    if not where:
+        check_schema_size(schema, param)
     if where.count("/") > 2 * MAX_SCHEMA_DEPTH:
         raise bad_request(
             f"The JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels, field: '{param}'",

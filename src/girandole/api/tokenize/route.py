@@ -191,7 +191,9 @@ async def detokenize(request: Request) -> Response:
     got = await receive(request, ID_PREFIX, parse, lambda data: {})
     tokenizer = got.engine.tokenizer
     ids = got.req.tokens
-    for i, token in enumerate(ids):
+    # max() in C first: a Python loop over two million ids held the loop for 0.1 s
+    bad = ids and max(ids) >= tokenizer.vocab_size
+    for i, token in enumerate(ids if bad else ()):
         if token >= tokenizer.vocab_size:
             raise bad_request(
                 f"Token id {token} (tokens[{i}]) is out of range: the vocabulary has"
