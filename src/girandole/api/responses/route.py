@@ -36,7 +36,6 @@ from girandole.api.responses.shape import Conversation, ResponsesShape
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import BackgroundStart, Rounds, inference_router, post_route
 from girandole.api.serving.response import ResponseShape
-from girandole.api.serving.target import resolve_target
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
 from girandole.registry.conversations import ConversationStore
@@ -188,10 +187,9 @@ class Responses(TranslatedEndpoint):
             # the stored turns were never in the body check_prompt_size read: a conversation
             # built up to 56 MB was tokenized whole (7 million tokens: 95 s of CPU and 2 s of
             # the event loop) before the prompt was found too long for the context
-            target = resolve_target(
-                request, state, source.model, request.headers.get("fireworks-deployment")
-            )
-            state.ops.check_prompt_size({"input": messages}, target.context_length)
+            target = getattr(request.state, "target", None)  # as `receive` resolved it
+            context_length = target.context_length if target is not None else None
+            state.ops.check_prompt_size({"input": messages}, context_length)
         tools, tool_choice, tool_paths = chat_tools(source, toolbox)
         parallel = source.parallel_tool_calls
         if source.max_tool_calls == 1:  # one call: decoded as one (a forced call's grammar too)

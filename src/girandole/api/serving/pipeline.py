@@ -161,6 +161,7 @@ async def receive(
     target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
         target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
+    request.state.target = target  # for a prompt `parse` reads from storage (Responses)
     state.ops.check_prompt_size(
         prompt_fields(data), target.context_length if target is not None else None
     )
