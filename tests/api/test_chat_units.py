@@ -12,6 +12,7 @@ from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.http.errors import APIError
 from girandole.api.serving.choice import prompt_fragments
 from girandole.api.serving.logprobs import LogprobTracker, content_format, legacy_format
+from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN
 from girandole.sampling.sampler import SampleResult
 from girandole.tokenizer import load_tokenizer
 from girandole.tokenizer.chat_template import GEMMA_TEMPLATE, chat_template_for, model_family
@@ -77,6 +78,43 @@ def test_truncation_keeps_system_and_whole_recent_turns(tokenizer):
         build_prompt(tokenizer, request(messages, prompt_truncate_len=len(alone) - 1),
                      GEMMA_TEMPLATE)  # fmt: skip
     assert err.value.status_code == 400 and err.value.param == "prompt_truncate_len"
+
+
+def test_truncating_a_long_conversation_tokenizes_only_tails_that_may_fit(tokenizer, monkeypatch):
+    """A conversation far over prompt_truncate_len (Responses' truncation 'auto' passes 56 MB
+    ones) keeps the fewest dropped turns, as ever, but tokenizes only tails short enough to
+    fit: a binary search from the oldest turn tokenized the whole conversation once per step
+    (72 s of CPU for 28 MB)."""
+    text = "lorem ipsum dolor sit amet " * 400
+    messages = [SYSTEM]
+    for i in range(300):  # 6.5 MB
+        messages += [{"role": "user", "content": f"{i} {text}"},
+                     {"role": "assistant", "content": text}]  # fmt: skip
+    messages.append({"role": "user", "content": "Last question?"})
+    limit = 8000
+    kept = 0  # the most whole turns that fit with the system prompt and the last question
+    while True:
+        tail = [SYSTEM, *messages[len(messages) - 1 - 2 * (kept + 1) :]]
+        if len(build_prompt(tokenizer, request(tail), GEMMA_TEMPLATE).token_ids) > limit:
+            break
+        kept += 1
+    expected = build_prompt(
+        tokenizer, request([SYSTEM, *messages[len(messages) - 1 - 2 * kept :]]), GEMMA_TEMPLATE
+    )
+    chars = []
+    for name in ("encode", "encode_marked"):
+        real = getattr(tokenizer, name)
+
+        def counted(text, *args, _real=real, **kwargs):
+            chars.append(len(text))
+            return _real(text, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, name, counted)
+    p = build_prompt(tokenizer, request(messages, prompt_truncate_len=limit), GEMMA_TEMPLATE)
+    assert 1 <= kept < 300 and p.token_ids == expected.token_ids
+    assert p.num_dropped_messages == len(messages) - 2 - 2 * kept
+    # each tail tried: at most limit * MAX_CHARS_PER_TOKEN characters (the whole: 6.5 MB)
+    assert sum(chars) <= 3 * limit * MAX_CHARS_PER_TOKEN, chars
 
 
 def test_truncation_of_a_lone_system_message_is_a_400(tokenizer):

@@ -27,6 +27,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -425,6 +426,40 @@ def _mark(obj: Any, pattern: re.Pattern[str]) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class RenderedChat:
+    """A chat through its template, before tokenizing: `text`, and with safe tokenization the
+    same text with user strings' special-token spellings marked to be read as plain text."""
+
+    text: str
+    marked: str | None = None
+
+    def encode(self, tok: Tokenizer) -> list[int]:
+        return tok.encode(self.text) if self.marked is None else tok.encode_marked(self.marked)
+
+
+def render_chat_prompt(
+    tok: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    template: str | None = None,
+    *,
+    safe_tokenization: bool = False,
+    **kwargs: Any,
+) -> RenderedChat:
+    """The first half of `encode_chat`: the rendered prompt, so that a caller can look at its
+    length before paying for tokenizing it."""
+    if not safe_tokenization:
+        return RenderedChat(render_chat_for(tok, messages, template, **kwargs))
+    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
+
+    pattern = _special_re(tok)
+    marked_messages = _mark(list(messages), pattern)
+    if kwargs.get("tools") is not None:
+        kwargs["tools"] = _mark(kwargs["tools"], pattern)
+    marked = render_chat_for(tok, marked_messages, template, **kwargs)
+    return RenderedChat(marked.replace(MARK_START, "").replace(MARK_END, ""), marked)
+
+
 def encode_chat(
     tok: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
@@ -441,18 +476,10 @@ def encode_chat(
     a user cannot inject `<end_of_turn>` or `<|im_start|>`; the template's own markers stay
     special.
     """
-    if not safe_tokenization:
-        text = render_chat_for(tok, messages, template, **kwargs)
-        return text, tok.encode(text)
-    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
-
-    pattern = _special_re(tok)
-    marked_messages = _mark(list(messages), pattern)
-    if kwargs.get("tools") is not None:
-        kwargs["tools"] = _mark(kwargs["tools"], pattern)
-    marked = render_chat_for(tok, marked_messages, template, **kwargs)
-    text = marked.replace(MARK_START, "").replace(MARK_END, "")
-    return text, tok.encode_marked(marked)
+    rendered = render_chat_prompt(
+        tok, messages, template, safe_tokenization=safe_tokenization, **kwargs
+    )
+    return rendered.text, rendered.encode(tok)
 
 
 def load_chat_template(value: str | os.PathLike) -> str:

@@ -22,7 +22,7 @@ from girandole.api.ops.ratelimit import RateLimiter
 from girandole.api.ops.tracking import Principal, RequestRecord, record_of
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
-from girandole.api.serving.prompt import context_exceeded
+from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, context_exceeded
 from girandole.api.settings import ServerSettings
 from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore
@@ -39,9 +39,6 @@ logger = logging.getLogger("girandole.api")
 
 OPEN = Principal(account=None, key_id=None)
 
-# How many characters one token of a prompt may stand for at most, to refuse a prompt that
-# cannot fit the context before spending seconds tokenizing it (10 MB: about 10 s of a core).
-MAX_CHARS_PER_TOKEN = 64
 # the body fields that make a prompt (/completions, chat and Messages, Responses)
 PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions", "documents", "query")
 

@@ -21,6 +21,10 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code
 
 T = TypeVar("T")
 
+# How many characters one token of a prompt may stand for at most, to refuse a prompt that
+# cannot fit the context before spending seconds tokenizing it (10 MB: about 10 s of a core).
+MAX_CHARS_PER_TOKEN = 64
+
 # Prompts (or conversations) of fewer characters than this are tokenized on the event loop;
 # longer ones in a thread.
 INLINE_CHARS = 2048

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from girandole.api.http.errors import bad_request
 from girandole.api.http.schema import Prediction, RequestFields
-from girandole.api.ops.server_ops import MAX_CHARS_PER_TOKEN
+from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN
 from girandole.tokenizer.tokenizer import Tokenizer
 
 
