@@ -725,3 +725,28 @@ def test_anthropic_consecutive_turns_of_a_role_merge_whatever_their_number():
         {"role": "user", "content": "a\n\ns\n\nb"},
         {"role": "assistant", "content": "xy"},
     ]
+
+
+def test_reasoning_of_merged_turns_joins_once_whatever_their_number():
+    # each thought was added to the reasoning so far (quadratic): 30,000 reasoning items of 100
+    # characters took ~30 s of the event loop; now joined once, with the same separators
+    thought = "x" * 100
+    summary = [{"type": "summary_text", "text": thought}]
+    items = [{"type": "reasoning", "summary": summary} for _ in range(30_000)]
+    answer = {"type": "message", "role": "assistant",
+              "content": [{"type": "output_text", "text": "a"}]}  # fmt: skip
+    out = chat_messages(None, [*items, {"type": "reasoning", "summary": []}, answer])
+    assert out == [{"role": "assistant", "content": "a",
+                    "reasoning_content": "\n\n".join([thought] * 30_000)}]  # fmt: skip
+    pairs = [item for _ in range(30_000) for item in ({"type": "reasoning", "summary": summary},
+                                                      answer)]  # fmt: skip
+    out = chat_messages(None, pairs)
+    assert out == [{"role": "assistant", "content": "a" * 30_000,
+                    "reasoning_content": "\n\n".join([thought] * 30_000)}]  # fmt: skip
+    turn = {"role": "assistant", "content": [{"type": "thinking", "thinking": thought},
+                                             {"type": "text", "text": "a"}]}  # fmt: skip
+    many = [{"role": "user", "content": "q"}, *[turn] * 30_000]
+    out = anthropic_messages(anthropic(messages=many))
+    assert out == [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a" * 30_000,
+                    "reasoning_content": "\n\n".join([thought] * 30_000)}]  # fmt: skip

@@ -168,6 +168,9 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
         if texts is not None:
             sep = "" if message["role"] == "assistant" else "\n\n"
             message["content"] = sep.join(t for t in texts if t)
+        thoughts = message.pop(_THOUGHTS, None)
+        if thoughts is not None:
+            message["reasoning_content"] = "\n\n".join(thoughts)
     return out
 
 
@@ -202,7 +205,7 @@ def _add_turn(
             last["tool_calls"] = calls
         if thought:
             before = last.get("reasoning_content")
-            last["reasoning_content"] = before + "\n\n" + thought if before else thought
+            last.setdefault(_THOUGHTS, [before] if before else []).append(thought)
         return
     turn: dict[str, Any] = {"role": role, "content": text if texts else None}
     if calls:
@@ -215,6 +218,7 @@ def _add_turn(
 # texts a message's content is joined from at the end (as _join would, one by one): adding each
 # to the whole text so far copied it every time (30,000 user messages: 2 s of the event loop)
 _TEXTS = "_texts"
+_THOUGHTS = "_thoughts"  # the same for the reasoning of merged assistant turns
 
 
 def _append(message: dict[str, Any], text: str) -> None:

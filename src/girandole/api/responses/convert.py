@@ -133,7 +133,9 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
     out: list[dict[str, Any]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
-    thought = ""  # reasoning waiting for its assistant turn
+    thoughts: list[str] = []  # reasoning waiting for its assistant turn
+    # each assistant message's reasoning, joined once at the end (as for merged texts below)
+    reasoning: dict[int, tuple[dict[str, Any], list[str]]] = {}
     results: list[dict[str, Any]] = []  # MCP results waiting for the end of their turn's calls
     merged: dict[int, tuple[dict[str, Any], list[str], list[bool]]] = {}  # message, texts, any
     for item in items:
@@ -144,7 +146,8 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
         last = out[-1] if out else None
         if kind == "reasoning":
             text = _reasoning_text(item)
-            thought = thought + "\n\n" + text if thought and text else thought or text
+            if text:
+                thoughts.append(text)
             continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
@@ -177,12 +180,13 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
         else:  # mcp_list_tools, mcp_approval_request, mcp_approval_response: not turns
             continue
-        if thought and out[-1]["role"] == "assistant":
-            before = out[-1].get("reasoning_content")
-            out[-1]["reasoning_content"] = before + "\n\n" + thought if before else thought
-        thought = ""
+        if thoughts and out[-1]["role"] == "assistant":
+            reasoning.setdefault(id(out[-1]), (out[-1], []))[1].extend(thoughts)
+        thoughts = []
     for message, texts, _ in merged.values():
         message["content"] = "".join(texts)
+    for message, pieces in reasoning.values():
+        message["reasoning_content"] = "\n\n".join(pieces)
     return out + results
 
 
