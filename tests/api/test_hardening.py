@@ -439,7 +439,7 @@ def test_more_prompt_items_than_the_context_has_tokens_are_refused_before_valida
         assert r.status_code == 400, (path, r.text[:300])
         error = r.json()["error"]
         assert (
-            "items (messages, content parts or token ids), above the limit of 64"
+            "items (messages, content parts, token ids or tools), above the limit of 64"
             in (error["message"])
         ), path
         if path != "/v1/messages":  # Anthropic's error shape has no param
@@ -473,6 +473,44 @@ def test_thousands_of_tools_are_refused(guarded):
     )
     assert r.status_code == 400, r.text[:500]
     assert "tools" in r.json()["error"]["message"]
+
+
+def test_tools_too_long_for_the_context_are_refused_before_tokenizing(guarded):
+    """Tools are rendered into the prompt, but their text was not counted by the early size
+    check: 30 tools of 54 KB were tokenized (300,000 tokens, seconds of CPU) before a 400
+    naming messages. Now a 400 at once naming tools, on each API that takes tools."""
+    tool = {"name": "f", "description": "word " * 1000, "parameters": {"type": "object"}}
+    anthropic_tool = {
+        "name": "f",
+        "description": "word " * 1000,
+        "input_schema": {"type": "object"},
+    }
+    user = [{"role": "user", "content": "hi"}]
+    for path, body in [
+        ("/v1/chat/completions", {"messages": user, "tools": [{"type": "function", "function": tool}]}),
+        ("/v1/chat/completions", {"messages": user, "functions": [tool]}),
+        ("/v1/messages", {"messages": user, "max_tokens": 1, "tools": [anthropic_tool]}),
+        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", **tool}]}),
+    ]:  # fmt: skip
+        r = httpx.post(
+            guarded.url + path, json={"model": MODEL, **body}, headers=guarded.headers, timeout=60
+        )
+        assert r.status_code == 400, (path, r.text[:300])
+        error = r.json()["error"]
+        assert "characters, far above the limit of 64 tokens" in error["message"], path
+        if path != "/v1/messages":  # Anthropic's error shape has no param
+            assert error["param"] in ("tools", "functions"), (path, error)
+    # under tool_choice none the template is not given the tools: they do not count
+    for path, body in [
+        ("/v1/chat/completions", {"messages": user, "max_tokens": 1, "tool_choice": "none",
+                                  "tools": [{"type": "function", "function": tool}]}),
+        ("/v1/messages", {"messages": user, "max_tokens": 1, "tools": [anthropic_tool],
+                          "tool_choice": {"type": "none"}}),
+    ]:  # fmt: skip
+        r = httpx.post(
+            guarded.url + path, json={"model": MODEL, **body}, headers=guarded.headers, timeout=60
+        )
+        assert r.status_code == 200, (path, r.text[:300])
 
 
 @pytest.fixture(scope="module")

@@ -278,6 +278,8 @@ async def chat_prompt(
     size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
     # rendering costs per message too: a conversation of many short turns is long work
     size += RENDER_CHARS_PER_MESSAGE * len(req.messages)
+    if plan is not None:  # the tools are rendered into the prompt too (128 may be megabytes)
+        size += sum(len(tool.model_dump_json(exclude_none=True)) for tool in plan.tools)
     prompt = await off_loop_if_long(
         size, build_prompt, tokenizer, req, template, plan, reasoning, end
     )

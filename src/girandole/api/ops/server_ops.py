@@ -39,8 +39,11 @@ logger = logging.getLogger("girandole.api")
 
 OPEN = Principal(account=None, key_id=None)
 
-# the body fields that make a prompt (/completions, chat and Messages, Responses)
-PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions", "documents", "query")
+# the body fields that make a prompt (/completions, chat and Messages, Responses; tools are
+# rendered into the prompt)
+PROMPT_FIELDS = ("prompt", "messages", "system", "input", "instructions", "documents", "query",
+                 "tools", "functions")  # fmt: skip
+TOOL_FIELDS = ("tools", "functions")
 
 
 def endpoint_of(path: str) -> str:
@@ -198,7 +201,8 @@ class ServerOps:
     def check_prompt_size(self, data: dict, context_length: int | None = None) -> None:
         """Refuse, before tokenizing or validating, a prompt too long to fit any context (the
         server's model's, or `context_length`: a deployment's): too many characters, or more
-        list items (messages, content parts, token ids) than the context has tokens."""
+        list items (messages, content parts, token ids, tools) than the context has tokens.
+        Tools count unless tool_choice is none (then the template is not given them)."""
         limit = self.max_prompt_tokens or context_length or self.served.context_length
         if not limit:
             return
@@ -206,7 +210,7 @@ class ServerOps:
         sizes = {
             name: _prompt_size(name, data[name], max_chars, limit)
             for name in PROMPT_FIELDS
-            if name in data
+            if name in data and (name not in TOOL_FIELDS or _renders_tools(data))
         }
         chars = sum(c for c, _ in sizes.values())
         if chars > max_chars:
@@ -222,8 +226,8 @@ class ServerOps:
             # thousands of them also took seconds of the event loop to validate
             field = max(sizes, key=lambda name: sizes[name][1])
             raise context_exceeded(
-                f"The prompt is too long: {items} or more items (messages, content parts or"
-                f" token ids), above the limit of {limit} tokens",
+                f"The prompt is too long: {items} or more items (messages, content"
+                f" parts, token ids or tools), above the limit of {limit} tokens",
                 field,
             )
 
@@ -440,6 +444,13 @@ class ServerOps:
             return
         self._closed = True
         self.usage.close()
+
+
+def _renders_tools(data: dict) -> bool:
+    """Whether the body's tools go into its prompt: not under tool_choice none (OpenAI's
+    "none", Anthropic's {"type": "none"}, the legacy function_call "none")."""
+    choice = data.get("tool_choice", data.get("function_call"))
+    return not (choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"))
 
 
 def _prompt_size(name: str, value: Any, max_chars: int, max_items: int) -> tuple[int, int]:
