@@ -249,6 +249,9 @@ def test_bad_inputs(server, tokenizer):
     for field in ("prompt", "content"):
         r = tokenize(server, {field: "a" * (limit * 64 + 1)})
         check_error(r, 400, "The prompt is too long", "prompt")
+    tool = {"type": "function", "function": {"name": "f", "description": "a" * (limit * 64)}}
+    r = tokenize(server, {"messages": ASK, "tools": [tool]})  # rendered into the prompt
+    check_error(r, 400, "The prompt is too long", "tools")
 
 
 def test_template_kwargs_reach_the_template(tokenizer):

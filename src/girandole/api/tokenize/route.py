@@ -83,8 +83,12 @@ def _schema_of(data: dict[str, Any]) -> type:
 
 
 def _prompt_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """The body's prompt text, to refuse a hopelessly long one before tokenizing it."""
-    return {"prompt": data.get("prompt", data.get("content")), "messages": data.get("messages")}
+    """The body's prompt text, to refuse a hopelessly long one before tokenizing it (the tools
+    are rendered into a chat prompt, unless tool_choice is none)."""
+    fields = ("messages", "tools", "tool_choice")
+    return {"prompt": data.get("prompt", data.get("content"))} | {
+        name: data[name] for name in fields if name in data
+    }
 
 
 async def _encode(tokenizer: Tokenizer, text: str, add_bos: bool | None, parse: bool) -> list[int]:
