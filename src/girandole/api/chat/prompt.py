@@ -275,7 +275,7 @@ async def chat_prompt(
 ) -> ChatPrompt:
     """The request's prompt (long conversations rendered and tokenized in a thread); `end`:
     how it ends, when the caller says (None: as chat ends it)."""
-    size = sum(len(flatten_content(m.content_value())) for m in req.messages if m.content)
+    size = sum(m.num_chars() for m in req.messages)
     # rendering costs per message too: a conversation of many short turns is long work
     size += RENDER_CHARS_PER_MESSAGE * len(req.messages)
     if plan is not None:  # the tools are rendered into the prompt too (128 may be megabytes)

@@ -142,6 +142,17 @@ class ChatMessage(StrictModel):
         out (templates test `message.tool_calls is defined`)."""
         return self.model_dump(exclude_none=True) | {"content": self.content_value()}
 
+    def num_chars(self) -> int:
+        """Characters of text the template may render: content, reasoning, tool calls."""
+        content = self.content
+        n = len(content) if isinstance(content, str) else 0
+        if isinstance(content, list):
+            n += sum(len(part.text or "") for part in content)
+        n += len(self.reasoning_content or "") + len(self.tool_call_id or "")
+        for call in self.tool_calls or []:
+            n += len(call.id) + len(call.function.name) + len(call.function.arguments)
+        return n
+
     def content_value(self) -> Any:
         if isinstance(self.content, list):
             return [part.model_dump(exclude_none=True) for part in self.content]
