@@ -9,7 +9,13 @@ import json
 import pytest
 
 from girandole.api.chat.schema import ChatCompletionRequest, Tool
-from girandole.api.chat.tool_calls import ToolStream, finish_message, parse_calls, scan_calls
+from girandole.api.chat.tool_calls import (
+    CallScanner,
+    ToolStream,
+    finish_message,
+    parse_calls,
+    scan_calls,
+)
 from girandole.api.chat.tools import ToolPlan, call_schema, plan_tools, prompt_messages
 from girandole.api.http.errors import APIError
 from girandole.api.http.schema import ResponseFormat
@@ -184,6 +190,33 @@ def test_scan_and_parse_calls():
         assert parse_calls(bad, ["add"]) is None, bad
     partial = scan_calls('{"name": "add", "arguments": {"a": 1')
     assert partial[0].name == "add" and partial[0].args_end is None
+
+
+def test_a_scanner_over_a_growing_text_reads_what_a_whole_scan_does():
+    """CallScanner reads on from where it stopped (a whole scan at each token was quadratic);
+    at every cut of these texts (escapes and strings cut anywhere, numbers, nesting, arrays
+    of calls, broken JSON) it gives the spans a scan of the text so far gives."""
+    import random
+
+    texts = [
+        '[{"name": "add", "arguments": {"a": [1, "}"], "b": 2.5e3}}, {"name": "note", '
+        '"arguments": {"t": "say \\"hi\\" \\\\ \\u00e9 ok", "n": null, "u": true}}]',
+        '{"name": "f", "arguments": {"x": {"y": [[], {}, "a,b]"]}, "z": -12}}',
+        '{"name": "f", "parameters": "{\\"a\\": 1}"}',
+        '{"name": "f", "arguments": {"a": 1} x',
+        '  {"name" : "g" , "arguments" : { "k" : "\\\\" } }',
+    ]
+    rng = random.Random(7)
+    fields = ("name", "args_start", "args_end")
+    for text in texts:
+        for _ in range(30):
+            scanner, end = CallScanner(), 0
+            while end < len(text):
+                end = min(len(text), end + rng.randint(1, 4))
+                got = [[getattr(s, f) for f in fields] for s in scanner.scan(text[:end])]
+                want = [[getattr(s, f) for f in fields] for s in scan_calls(text[:end])]
+                assert got == want, (text[:end], got, want)
+    assert [s.name for s in scan_calls(texts[0])] == ["add", "note"]
 
 
 def _plan(mode: str, allowed: tuple[str, ...] = ("add",)) -> ToolPlan:

@@ -56,103 +56,136 @@ class _Frame:
     expect_key: bool = False
 
 
-def _string_end(text: str, i: int) -> int | None:
-    j = i + 1
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-        elif c == '"':
-            return j + 1
-        else:
-            j += 1
-    return None
+# where a JSON string may end: its closing quote, or an escape to step over
+_QUOTE_OR_ESCAPE = re.compile(r'["\\]')
+
+
+def _string_end(text: str, i: int, j: int | None = None) -> tuple[int | None, int]:
+    """(the end of the JSON string opening at i, or None while unfinished; where a later call
+    may go on scanning it from). `j`: where an earlier call stopped."""
+    j = i + 1 if j is None else j
+    while True:
+        found = _QUOTE_OR_ESCAPE.search(text, j)
+        if found is None:
+            return None, len(text)
+        k = found.start()
+        if text[k] == '"':
+            return k + 1, k + 1
+        if k + 1 >= len(text):
+            return None, k  # an escape cut in two: read it again with what follows
+        j = k + 2
+
+
+class CallScanner:
+    """The calls in a (possibly unfinished) JSON call or array of calls: their names once
+    written, and the span of their arguments. Stops at the first thing it cannot read.
+
+    The text may grow between `scan`s (a stream's output so far); each scan reads on from
+    where the last one stopped, so a stream's scans cost its length once in all (scanning the
+    whole text at every token was quadratic: 36 ms a token once a call's arguments reached
+    45 KB, on the event loop)."""
+
+    def __init__(self) -> None:
+        self.calls: list[CallSpan] = []
+        self._stack: list[_Frame] = []
+        self._i = 0  # the first character not yet read
+        self._string: tuple[int, int] | None = None  # an unfinished string: (start, read to)
+
+    def _string_end(self, text: str, i: int) -> int | None:
+        resume = self._string[1] if self._string is not None and self._string[0] == i else None
+        end, reached = _string_end(text, i, resume)
+        self._string = (i, reached) if end is None else None
+        return end
+
+    def scan(self, text: str) -> list[CallSpan]:
+        calls, stack = self.calls, self._stack
+        i, n = self._i, len(text)
+
+        def value_start(pos: int) -> CallSpan | None:
+            top = stack[-1] if stack else None
+            if top is not None and top.call is not None and top.key in ARGUMENT_KEYS:
+                top.call.args_start = pos
+                return top.call
+            return None
+
+        # each branch either reads a whole element (and moves i past it) or stops before it,
+        # with nothing changed, to read it again once more text has come
+        while i < n:
+            c = text[i]
+            if c in " \t\r\n":
+                i += 1
+                continue
+            top = stack[-1] if stack else None
+            if top is not None and top.kind == "obj" and top.expect_key:
+                if c == '"':
+                    end = self._string_end(text, i)
+                    if end is None:
+                        break
+                    try:
+                        top.key = json.loads(text[i:end])
+                    except ValueError:
+                        break
+                    i = end
+                elif c == ":":
+                    top.expect_key = False
+                    i += 1
+                elif c == "}":
+                    stack.pop()
+                    i += 1
+                    if top.args_of is not None:
+                        top.args_of.args_end = i
+                else:
+                    break
+                continue
+            if c == ",":
+                if top is not None and top.kind == "obj":
+                    top.expect_key, top.key = True, None
+                i += 1
+                continue
+            if c in "}]":
+                if not stack:
+                    break
+                frame = stack.pop()
+                i += 1
+                if frame.args_of is not None:
+                    frame.args_of.args_end = i
+                continue
+            owner = value_start(i)
+            if c in "{[":
+                frame = _Frame("obj" if c == "{" else "arr", args_of=owner)
+                if c == "{" and (not stack or (len(stack) == 1 and stack[0].kind == "arr")):
+                    if not stack or stack[0].call is None:
+                        frame.call = CallSpan()
+                        calls.append(frame.call)
+                frame.expect_key = c == "{"
+                stack.append(frame)
+                i += 1
+                continue
+            if c == '"':
+                end = self._string_end(text, i)
+                if end is None:
+                    break
+                if top is not None and top.call is not None and top.key == "name":
+                    try:
+                        top.call.name = json.loads(text[i:end])
+                    except ValueError:
+                        break
+            else:
+                end = i
+                while end < n and text[end] not in ",}] \t\r\n":
+                    end += 1
+                if end == n:
+                    break  # a number or literal that may go on
+            if owner is not None:
+                owner.args_end = end
+            i = end
+        self._i = i
+        return calls
 
 
 def scan_calls(text: str) -> list[CallSpan]:
-    """The calls in a (possibly unfinished) JSON call or array of calls: their names once
-    written, and the span of their arguments. Stops at the first thing it cannot read."""
-    calls: list[CallSpan] = []
-    stack: list[_Frame] = []
-    i, n = 0, len(text)
-
-    def value_start(pos: int) -> CallSpan | None:
-        top = stack[-1] if stack else None
-        if top is not None and top.call is not None and top.key in ARGUMENT_KEYS:
-            top.call.args_start = pos
-            return top.call
-        return None
-
-    while i < n:
-        c = text[i]
-        if c in " \t\r\n":
-            i += 1
-            continue
-        top = stack[-1] if stack else None
-        if top is not None and top.kind == "obj" and top.expect_key:
-            if c == '"':
-                end = _string_end(text, i)
-                if end is None:
-                    break
-                try:
-                    top.key = json.loads(text[i:end])
-                except ValueError:
-                    break
-                i = end
-            elif c == ":":
-                top.expect_key = False
-                i += 1
-            elif c == "}":
-                stack.pop()
-                i += 1
-                if top.args_of is not None:
-                    top.args_of.args_end = i
-            else:
-                break
-            continue
-        if c == ",":
-            if top is not None and top.kind == "obj":
-                top.expect_key, top.key = True, None
-            i += 1
-            continue
-        if c in "}]":
-            if not stack:
-                break
-            frame = stack.pop()
-            i += 1
-            if frame.args_of is not None:
-                frame.args_of.args_end = i
-            continue
-        owner = value_start(i)
-        if c in "{[":
-            frame = _Frame("obj" if c == "{" else "arr", args_of=owner)
-            if c == "{" and (not stack or (len(stack) == 1 and stack[0].kind == "arr")):
-                if not stack or stack[0].call is None:
-                    frame.call = CallSpan()
-                    calls.append(frame.call)
-            frame.expect_key = c == "{"
-            stack.append(frame)
-            i += 1
-            continue
-        if c == '"':
-            end = _string_end(text, i)
-            if end is None:
-                break
-            if top is not None and top.call is not None and top.key == "name":
-                try:
-                    top.call.name = json.loads(text[i:end])
-                except ValueError:
-                    break
-        else:
-            end = i
-            while end < n and text[end] not in ",}] \t\r\n":
-                end += 1
-            if end == n:
-                break  # a number or literal that may go on
-        if owner is not None:
-            owner.args_end = end
-        i = end
-    return calls
+    """`CallScanner().scan(text)`: the calls in a whole text."""
+    return CallScanner().scan(text)
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
@@ -285,6 +318,7 @@ class ToolStream:
     headers: list[str] = field(default_factory=list)  # call ids sent, per call
     sent: list[int] = field(default_factory=list)  # argument characters sent, per call
     is_call: bool = False
+    scanner: CallScanner = field(default_factory=CallScanner)  # over `text` as it grows
 
     def __post_init__(self) -> None:
         if self.plan is None or not self.plan.detects_calls:
@@ -319,7 +353,7 @@ class ToolStream:
             self.headers.append(new_call_id())
             self.sent.append(0)
             deltas.append(_call_delta(0, self.headers[0], forced, ""))
-        for k, span in enumerate(scan_calls(self.text)):
+        for k, span in enumerate(self.scanner.scan(self.text)):
             if span.name is None:
                 break
             if k >= len(self.headers):
