@@ -12,6 +12,7 @@ from girandole.api.chat.reasoning import (
     ReasoningSplitter,
     apply_history,
     plan_reasoning,
+    reasoning_tokens,
     split_reasoning,
 )
 from girandole.api.chat.schema import ChatCompletionRequest
@@ -103,3 +104,26 @@ def test_split_whole_and_streamed_in_any_cut(text, opens, expected):
         r, c = splitter.finish()
         reasoning, content = reasoning + r, content + c
         assert (reasoning if splitter.reasoned else None, content) == expected
+
+
+def test_reasoning_tokens_when_the_tag_is_spelt_in_pieces(tokenizer):
+    """The default tokenizer has no </think> token: the reasoning ends at the token that
+    completes the tag's bytes, wherever the tokens cut it (each token's bytes are searched
+    with the tag's length before them; searching the whole output again at each token took
+    14 s of the event loop for 80,000 tokens)."""
+    tag = b"</think>"
+    rng = random.Random(3)
+    for _ in range(200):
+        words = [rng.choice(["a", "</", "think", ">", "</think>", "x y", "\n", "é"])
+                 for _ in range(rng.randint(1, 40))]  # fmt: skip
+        ids = tokenizer.encode("".join(words), add_bos=False)
+        want, written = len(ids), b""
+        for i, token in enumerate(ids):  # the plain reading: the first prefix holding the tag
+            written += tokenizer.token_bytes(token)
+            if tag in written:
+                want = i + 1
+                break
+        ended = ReasoningSplitter(state="reasoning", ended=True)
+        assert reasoning_tokens(ended, ids, tokenizer, None) == want
+    assert reasoning_tokens(ReasoningSplitter(state="reasoning"), ids, tokenizer, None) == len(ids)
+    assert reasoning_tokens(ReasoningSplitter(state="content"), ids, tokenizer, None) == 0

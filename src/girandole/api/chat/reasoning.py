@@ -249,9 +249,12 @@ def reasoning_tokens(
         return len(token_ids)
     if think_end_id is not None and think_end_id in token_ids:
         return token_ids.index(think_end_id) + 1
-    written = b""  # </think> spelt in pieces: the token that completes it
+    # </think> spelt in pieces: the token that completes it (each token's bytes searched with
+    # the tag's length before them, not the whole output again: that was quadratic)
+    tag, written = THINK_END.encode(), bytearray()
     for i, token in enumerate(token_ids):
+        start = max(0, len(written) - len(tag) + 1)
         written += tokenizer.token_bytes(token)
-        if THINK_END.encode() in written:
+        if written.find(tag, start) >= 0:
             return i + 1
     return len(token_ids)
