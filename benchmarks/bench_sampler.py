@@ -34,7 +34,15 @@ CONFIGS = {
     "t 0.8, top-p 0.95": dict(temperature=0.8, top_p=0.95),
     "t 1.0, top-k 40": dict(temperature=1.0, top_k=40),
     "greedy": dict(temperature=0.0),
+    # over a 2,000-token prompt and 200 output tokens (transformers: RepetitionPenalty)
+    "t 0.8, repetition 1.1": dict(temperature=0.8, repetition_penalty=1.1),
 }
+HISTORY = (2000, 200)  # prompt and output tokens of the rows a penalty reads
+
+
+def history(rows: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (rows, sum(HISTORY)), generator=g)
 
 
 def logits_for(rows: int, kind: str, seed: int) -> torch.Tensor:
@@ -46,13 +54,16 @@ def logits_for(rows: int, kind: str, seed: int) -> torch.Tensor:
     return x
 
 
-def transformers_step(logits: torch.Tensor, params: dict) -> torch.Tensor:
+def transformers_step(logits: torch.Tensor, params: dict, ids: torch.Tensor) -> torch.Tensor:
     from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
+    if params.get("repetition_penalty"):
+        logits = RepetitionPenaltyLogitsProcessor(params["repetition_penalty"])(ids, logits)
     if params["temperature"] == 0:
         return logits.argmax(dim=-1)
     scores = TemperatureLogitsWarper(params["temperature"])(None, logits)
@@ -88,11 +99,17 @@ def main() -> None:
     for b in [int(r) for r in args.rows.split(",")]:
         for kind in ("peaked", "flat"):
             logits = logits_for(b, kind, seed=b)
+            ids = history(b, seed=b)
             for name, params in CONFIGS.items():
-                rows = [SamplerRow(SamplingParams(**params)) for _ in range(b)]
+                rows = [
+                    SamplerRow(SamplingParams(**params), None, ids[i].tolist(), HISTORY[0])
+                    for i in range(b)
+                ]
                 ours = time_ms(lambda x, rows=rows: sampler(x, rows), logits, args.repeats)
                 hf = time_ms(
-                    lambda x, params=params: transformers_step(x, params), logits, args.repeats
+                    lambda x, params=params, ids=ids: transformers_step(x, params, ids),
+                    logits,
+                    args.repeats,
                 )
                 table.append([str(b), kind, name, f"{ours:.2f}", f"{hf:.2f}", f"{hf / ours:.1f}x"])
                 log(" | ".join(table[-1]))

@@ -241,40 +241,27 @@ class Sampler:
                 if banned:
                     logits[i, banned] = float("-inf")
 
-        pen = [i for i, r in enumerate(rows) if r.params.uses_penalties]
-        if not pen:
-            return
-        # Token counts of each penalised row's output, and which tokens its prompt holds.
-        dev = logits.device
-        counts = torch.zeros(len(pen), V, dtype=logits.dtype, device=dev)
-        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool, device=dev)
-        for j, i in enumerate(pen):
-            r = rows[i]
-            out = r.token_ids[r.num_prompt_tokens :]
-            if out:
-                counts[j].index_add_(
-                    0,
-                    torch.tensor(out, device=dev),
-                    torch.ones(len(out), dtype=logits.dtype, device=dev),
-                )
-            if r.num_prompt_tokens:
-                in_prompt[j, torch.tensor(r.token_ids[: r.num_prompt_tokens], device=dev)] = True
-        idx = torch.tensor(pen, device=dev)
-        sub = logits.index_select(0, idx)
-        rep = torch.tensor(
-            [rows[i].params.repetition_penalty for i in pen], dtype=logits.dtype, device=dev
-        )
-        seen = in_prompt | (counts > 0)
-        penalised = torch.where(sub > 0, sub / rep[:, None], sub * rep[:, None])
-        sub = torch.where(seen, penalised, sub)
-        freq = torch.tensor(
-            [rows[i].params.frequency_penalty for i in pen], dtype=logits.dtype, device=dev
-        )
-        pres = torch.tensor(
-            [rows[i].params.presence_penalty for i in pen], dtype=logits.dtype, device=dev
-        )
-        sub -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
-        logits[idx] = sub
+        # Penalties change only the tokens a row has seen (its prompt and output): gathered,
+        # changed and written back, never a [rows, vocab] pass (with a 262k vocab those took
+        # most of a decode step; the same float32 operations, so the same logits)
+        dev, dtype = logits.device, logits.dtype
+        for i, r in enumerate(rows):
+            p = r.params
+            if not p.uses_penalties or not r.token_ids:
+                continue
+            ids = torch.tensor(r.token_ids, dtype=torch.long, device=dev)
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = torch.unique(ids)
+                rep = torch.tensor(p.repetition_penalty, dtype=dtype, device=dev)
+                x = row[seen]
+                row[seen] = torch.where(x > 0, x / rep, x * rep)
+            out = ids[r.num_prompt_tokens :]
+            if (p.frequency_penalty or p.presence_penalty) and out.numel():
+                tokens, counts = torch.unique(out, return_counts=True)
+                freq = torch.tensor(p.frequency_penalty, dtype=dtype, device=dev)
+                pres = torch.tensor(p.presence_penalty, dtype=dtype, device=dev)
+                row[tokens] -= freq * counts.to(dtype) + pres
 
     @staticmethod
     def _apply_grammars(logits: torch.Tensor, rows: list[SamplerRow]) -> list[int]:
