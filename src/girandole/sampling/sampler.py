@@ -19,6 +19,8 @@ from girandole.sampling.params import SamplingParams
 # Top-p is exact: the nucleus is looked for among the top candidates first and the full vocabulary
 # is sorted only for rows whose nucleus is wider than that.
 _TOP_P_CANDIDATES = 256
+# Typical-p likewise: its first candidates (the closest to the entropy), 4x more while short.
+_TYPICAL_CANDIDATES = 256
 # Inverse-CDF draws find the point's chunk of this many tokens first, then the token inside it.
 DRAW_CHUNK = 1024
 # Sampling weights are exp(x / t - max): 0 at or below this exponent (csrc/logits.c's floor).
@@ -348,17 +350,27 @@ class Sampler:
 
     @staticmethod
     def _typical(p: torch.Tensor, mass: float) -> torch.Tensor:
-        """Locally typical sampling: keep the tokens whose surprise is closest to the entropy."""
+        """Locally typical sampling: keep the tokens whose surprise is closest to the entropy,
+        in that order, until their mass reaches `mass`."""
         q = p / p.sum()
         logq = torch.log(q.clamp_min(1e-30))
         entropy = -(q * logq).sum()
-        order = (-logq - entropy).abs().argsort()
-        cum = q[order].cumsum(0)
-        last = int(
-            torch.searchsorted(cum, torch.tensor(mass, dtype=cum.dtype, device=cum.device)).clamp(
-                max=len(q) - 1
-            )
-        )
+        distance = (-logq - entropy).abs()
+        target = torch.tensor(mass, dtype=q.dtype, device=q.device)
+        # The closest candidates first, more while their mass falls short: the start of the
+        # full order, without sorting the vocabulary (an argsort of 262k per row per step
+        # cost 25 ms a row; the mass is nearly always within the first few hundred)
+        k = min(_TYPICAL_CANDIDATES, len(q))
+        while True:
+            if k < len(q):
+                order = distance.topk(k, largest=False).indices
+            else:
+                order = distance.argsort()
+            cum = q[order].cumsum(0)
+            if k >= len(q) or bool(cum[-1] >= target):
+                break
+            k = min(4 * k, len(q))
+        last = int(torch.searchsorted(cum, target).clamp(max=len(order) - 1))
         keep = torch.zeros_like(p, dtype=torch.bool)
         keep[order[: last + 1]] = True
         return p.masked_fill(~keep, 0.0)
