@@ -32,6 +32,7 @@ from girandole.sampling.sampler import (
     draw_uniforms,
     inverse_cdf,
     keeps_raw_logits,
+    logit_bias_of,
     tempered_probs,
 )
 
@@ -187,18 +188,18 @@ class GpuSampler(Sampler):
         bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
         for i, r in enumerate(rows):
             p = r.params
-            for t, b in p.logit_bias.items():
-                if 0 <= t < V:
-                    bias_rows.append(i)
-                    bias_ids.append(t)
-                    bias_vals.append(b)
+            bias = logit_bias_of(r, V)
+            if bias is not None:
+                bias_rows.append(torch.full_like(bias[0], i))
+                bias_ids.append(bias[0])
+                bias_vals.append(bias[1])
             if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if 0 <= t < V]
                 ban_rows += [i] * len(banned)
                 ban_ids += banned
         if bias_rows:
-            index = to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.long), dev)
-            vals = to_device(torch.tensor(bias_vals, dtype=logits.dtype), dev)
+            index = to_device(torch.stack([torch.cat(bias_rows), torch.cat(bias_ids)]), dev)
+            vals = to_device(torch.cat(bias_vals).to(logits.dtype), dev)
             logits.index_put_((index[0], index[1]), vals, accumulate=True)
         if ban_rows:
             index = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.long), dev)
