@@ -64,6 +64,16 @@ def logit_bias_of(row: SamplerRow, vocab: int) -> tuple[torch.Tensor, torch.Tens
     return cached[1], cached[2]
 
 
+def prompt_tokens_of(row: SamplerRow) -> torch.Tensor:
+    """The distinct tokens of the row's prompt, made once per request and kept in its sampler
+    state (a 32k-token prompt cost a tensor and a sort at every step of a penalised row)."""
+    cached = row.state.get("prompt_tokens")
+    if cached is None or cached[0] != row.num_prompt_tokens:
+        ids = torch.tensor(row.token_ids[: row.num_prompt_tokens], dtype=torch.long)
+        cached = row.state["prompt_tokens"] = (row.num_prompt_tokens, torch.unique(ids))
+    return cached[1]
+
+
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
     """The n most likely (token id, logprob) pairs of each row of a [R, V] logprob tensor."""
     if n <= 0:
@@ -259,14 +269,13 @@ class Sampler:
             p = r.params
             if not p.uses_penalties or not r.token_ids:
                 continue
-            ids = torch.tensor(r.token_ids, dtype=torch.long, device=dev)
+            out = torch.tensor(r.token_ids[r.num_prompt_tokens :], dtype=torch.long, device=dev)
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.unique(ids)
+                seen = torch.unique(torch.cat([prompt_tokens_of(r).to(dev), out]))
                 rep = torch.tensor(p.repetition_penalty, dtype=dtype, device=dev)
                 x = row[seen]
                 row[seen] = torch.where(x > 0, x / rep, x * rep)
-            out = ids[r.num_prompt_tokens :]
             if (p.frequency_penalty or p.presence_penalty) and out.numel():
                 tokens, counts = torch.unique(out, return_counts=True)
                 freq = torch.tensor(p.frequency_penalty, dtype=dtype, device=dev)
