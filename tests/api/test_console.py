@@ -272,6 +272,23 @@ def test_readme_names_every_serve_flag_with_its_variable_and_default():
     assert wrong == []
 
 
+def test_documented_curl_commands_send_their_json_as_json():
+    """A body is read only as application/json (else 415), and curl -d without a Content-Type
+    sends a form: README's LoRA example did so and got the 415. Every curl command in README
+    and docs/*.md that sends a body names the JSON type."""
+    import re
+
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = [
+        (path.name, cmd)
+        for path in texts
+        for cmd in re.findall(r"curl (?:[^\n]*\\\n)*[^\n]*", path.read_text())
+        if re.search(r" (-d|--data[a-z-]*) ", cmd)
+    ]
+    assert len(commands) >= 2
+    assert [c for c in commands if "Content-Type: application/json" not in c[1]] == []
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
