@@ -1,4 +1,4 @@
-"""Command line: `girandole serve | generate | keys | usage | deployment | models | batch`."""
+"""Command line: `girandole serve | generate | keys | usage | deployment | models | lora | batch`."""
 
 from __future__ import annotations
 

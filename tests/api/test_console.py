@@ -236,6 +236,59 @@ def test_log_level_is_read_in_any_case(monkeypatch):
     assert parse("--log-level", "DEBUG").log_level == "debug"
 
 
+def test_readme_names_every_serve_flag_with_its_variable_and_default():
+    """The README (or a docs/ page) names every `girandole serve` flag (--log-level was in
+    none), a flag that README pairs with a variable (`--host` (`GIRANDOLE_HOST`...) takes that
+    variable, and a default README gives in parentheses (`--queue-timeout` (30 s)) is the
+    settings' default."""
+    import argparse
+    import re
+
+    from girandole.api.server import add_serve_parser
+    from girandole.api.settings import ServerSettings
+
+    parser = argparse.ArgumentParser()
+    serve = add_serve_parser(parser.add_subparsers())
+    helps = {
+        opt: a.help or ""
+        for a in serve._actions
+        for opt in a.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    docs = readme + " ".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    assert [f for f in helps if not re.search(re.escape(f) + "(?![a-z-])", docs)] == []
+    pairs = re.findall(r"`(--[a-z-]+)`,? \(?(?:repeatable; )?`(GIRANDOLE_[A-Z_]+)`", readme)
+    assert len(pairs) >= 8
+    assert [(f, v) for f, v in pairs if f"[{v}" not in helps[f]] == []
+    settings = ServerSettings()
+    defaults = re.findall(r"`(--[a-z-]+)` \(([0-9.]+)(?: s)?[),;:]", readme)
+    assert len(defaults) >= 10
+    wrong = [
+        (f, d)
+        for f, d in defaults
+        if f in helps and float(d) != getattr(settings, f[2:].replace("-", "_"))
+    ]
+    assert wrong == []
+
+
+def test_documented_curl_commands_send_their_json_as_json():
+    """A body is read only as application/json (else 415), and curl -d without a Content-Type
+    sends a form: README's LoRA example did so and got the 415. Every curl command in README
+    and docs/*.md that sends a body names the JSON type."""
+    import re
+
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = [
+        (path.name, cmd)
+        for path in texts
+        for cmd in re.findall(r"curl (?:[^\n]*\\\n)*[^\n]*", path.read_text())
+        if re.search(r" (-d|--data[a-z-]*) ", cmd)
+    ]
+    assert len(commands) >= 2
+    assert [c for c in commands if "Content-Type: application/json" not in c[1]] == []
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [

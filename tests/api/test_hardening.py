@@ -196,6 +196,28 @@ def test_a_huge_request_head_is_a_431_and_memory_stays_flat(guarded):
     assert status.startswith(b"HTTP/1.1 200"), status
 
 
+def test_a_head_over_the_limit_is_a_431_even_when_it_arrives_whole(guarded):
+    """README: a head of at most 64 KiB, else 431. A 100 KB header sent at once was served
+    (the head's bytes were counted per read, and one that ended within a read passed), while
+    the same head sent in small pieces got its 431. A large body after a small head is not
+    counted as head."""
+    big = b"X-Big: " + b"a" * 100_000 + b"\r\n"
+    status, body = _raw_response(
+        guarded.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + big + b"\r\n"
+    )
+    assert status.startswith(b"HTTP/1.1 431"), status
+    assert json.loads(body)["error"]["code"] == "REQUEST_HEADER_FIELDS_TOO_LARGE"
+    payload = json.dumps({"model": MODEL, "prompt": "a" * 100_000, "max_tokens": 1}).encode()
+    status, body = _raw_response(
+        guarded.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
+    )  # fmt: skip
+    assert status.startswith(b"HTTP/1.1 400"), status  # the prompt is too long, not the head
+    assert json.loads(body)["error"]["code"] == "context_length_exceeded"
+
+
 def test_a_malformed_request_is_a_400_in_fireworks_shape(guarded):
     status, body = _raw_response(
         guarded.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"

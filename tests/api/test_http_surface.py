@@ -68,6 +68,21 @@ def test_the_real_request_still_needs_its_key_and_its_401_is_readable(server):
     assert r.headers["access-control-allow-origin"] == "*"
 
 
+def test_a_page_may_read_every_fireworks_header(server):
+    """README: a page may read x-request-id, Retry-After, the rate-limit and fireworks-*
+    headers. Six of the perf headers every non-stream answer carries (fireworks-cached-prompt-
+    tokens, -tokenizer-duration, -server-time-to-first-token, -prefill-queue-duration,
+    -prefill-duration, -generation-duration) were not exposed, so a browser hid them."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    headers = {"Origin": PAGE, **server.headers}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+    readable = [h for h in r.headers if h.startswith(("fireworks-", "x-ratelimit", "retry-after"))]
+    assert "fireworks-server-time-to-first-token" in readable and "x-request-id" in exposed
+    assert [h for h in readable if h not in exposed] == []
+
+
 def test_a_400_and_a_404_carry_cors_headers(server):
     headers = {"Origin": PAGE, **server.headers}
     r = httpx.post(server.url + "/v1/completions", content=b"{", headers=headers)

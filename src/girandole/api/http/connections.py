@@ -110,6 +110,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._in_head = True  # the bytes arriving belong to a request head
         self._head_bytes = 0
+        self._head_tail = b""  # the last bytes of the head so far: a blank line may span reads
         self._counted = True
         if not self.guard.admit(self):
             self.close_quietly()
@@ -127,10 +128,17 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            self._head_bytes += len(data)  # a chunk that also holds a body ends the head within
-        super().data_received(data)
+            # Count the head's own bytes, before httptools parses them: a head that ends within
+            # this read (a whole 100 KB head arrives in one) is held to the limit too, and a
+            # body in the same read is not counted. A head ends at its first blank line.
+            seen = self._head_tail + data
+            ends = [i + len(m) for m in (b"\r\n\r\n", b"\n\n") if (i := seen.find(m)) >= 0]
+            self._head_bytes += max(0, min(ends) - len(self._head_tail)) if ends else len(data)
+            self._head_tail = seen[-3:]
         too_large = self._in_head and self._head_bytes > self.guard.max_head_bytes
-        if too_large and not self.transport.is_closing():
+        if not too_large:
+            super().data_received(data)
+        elif not self.transport.is_closing():
             self.guard.num_heads_too_large += 1
             self._refuse(
                 431,
@@ -151,6 +159,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        self._head_tail = b""
         if self.parser.should_upgrade() and self._has_body():
             self._upgrade_refused = True  # httptools skips the body: the app never sees it
             self._refuse(
@@ -188,6 +197,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._disarm_read_timer()
         self._in_head = True  # what follows is the next (pipelined or kept-alive) request
         self._head_bytes = 0
+        self._head_tail = b""
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
