@@ -141,6 +141,26 @@ def test_a_conversation_deleted_under_a_running_response_is_left_deleted(client,
     assert left == 0
 
 
+def test_an_input_id_added_while_the_response_ran_fails_it(client):
+    """Input item ids are checked at the start and again as the turn is written: an item of the
+    same id added while the response ran (by the items route, or another response on the
+    conversation) makes it fail, instead of leaving two items of one id."""
+    conv = client.conversations.create(items=[user("Hi")])
+    mine = {**user("Tell me a long story about a lighthouse."), "id": "msg_race"}
+    r = client.responses.create(model=MODEL, input=[mine], conversation=conv.id,
+                                max_output_tokens=32, temperature=0,
+                                background=True)  # fmt: skip
+    client.conversations.items.create(conv.id, items=[mine])  # passes: not written yet
+    assert client.responses.retrieve(r.id).status in ("queued", "in_progress")
+    deadline = time.monotonic() + 60
+    while (done := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert done.status == "failed" and "msg_race" in done.error.message
+    ids = [i.id for i in client.conversations.items.list(conv.id, limit=100).data]
+    assert ids.count("msg_race") == 1 and len(ids) == 2
+
+
 def test_errors(client, server):
     conv = client.conversations.create()
     first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
