@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
@@ -39,6 +39,7 @@ from girandole.api.http.disconnect import ClientDisconnected
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
+from girandole.api.http.opened_file import opened_file_response
 from girandole.batch.store import FINAL, BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
@@ -443,9 +444,11 @@ async def get_file(
 ) -> Response:
     check_signature("GET", account, dataset_id, filename, expires, signature)
     path = store_of(request).dataset_dir(account, dataset_id) / filename
-    if not is_valid_filename(filename) or not path.is_file():
+    # opened now: the file deleted or PUT again while it is sent cuts nothing
+    found = opened_file_response(path, "application/jsonl") if is_valid_filename(filename) else None
+    if found is None:
         raise APIError(404, f"No file {filename!r} in that dataset", type="error", code="NOT_FOUND")
-    return FileResponse(path, media_type="application/jsonl")
+    return found
 
 
 @router.post(
