@@ -354,3 +354,43 @@ def test_a_file_deleted_while_its_content_is_read(server):
 
     seen = asyncio.run(rounds())
     assert set(seen) <= {200, 404}, seen
+
+
+def test_a_cancelled_jobs_output_deleted_at_once_stays_deleted(server):
+    """A cancelled job's output dataset may be deleted at once (the job has ended), but the
+    runner wrote what was done into it after its lines in flight stopped: the dataset's folder
+    came back on disk (8 of 8), files no request could read or delete. Nothing is written to a
+    deleted dataset now."""
+    base = f"{server.url}/v1/accounts/{ACCOUNT}"
+    http = httpx.Client(headers=server.headers, timeout=60)  # one connection: no delay between
+
+    def call(method: str, path: str, **kw) -> httpx.Response:
+        return http.request(method, base + path, **kw)
+
+    def run(job_id: str, lines: list[dict]) -> None:
+        call("POST", "/datasets", json={"datasetId": f"{job_id}-in", "dataset": {}})
+        call("POST", f"/datasets/{job_id}-in:upload", files={"file": ("a.jsonl", jsonl(lines))})
+        created = call("POST", "/batchInferenceJobs", params={"batchInferenceJobId": job_id},
+                       json={"model": MODEL, "inputDatasetId": f"{job_id}-in"})  # fmt: skip
+        assert created.status_code == 200, created.text
+
+    def state(job_id: str) -> dict:
+        return call("GET", f"/batchInferenceJobs/{job_id}").json()
+
+    run("gone-job", [line(f"c{i}", "Tell me a story.", max_tokens=64) for i in range(20)])
+    deadline = time.monotonic() + 60
+    while state("gone-job")["state"] != "JOB_STATE_RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert call("POST", "/batchInferenceJobs/gone-job:cancel").json()["state"] == (
+        "JOB_STATE_CANCELLED"
+    )
+    assert call("DELETE", "/datasets/gone-job-output").status_code == 200
+    run("after-job", [line("one", "hi", max_tokens=1)])  # one job at a time: after the first
+    while state("after-job")["state"] != "JOB_STATE_COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert call("GET", "/datasets/gone-job-output").status_code == 404
+    http.close()
+    folder = server.log_path.parent / f"data-{server.port}" / "datasets" / ACCOUNT
+    assert not (folder / "gone-job-output").exists()

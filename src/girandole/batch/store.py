@@ -395,12 +395,25 @@ class BatchStore:
 
     def write_outputs(self, account: str, job_id: str, output_dataset_id: str) -> int:
         """The output dataset's results.jsonl and errors.jsonl from the result rows; the number
-        of result lines."""
+        of result lines. None is written to a dataset deleted meanwhile (a cancelled job's, which
+        may be deleted at once): its folder came back, files no request could read or delete."""
+
+        def exists() -> None:
+            if self.get_dataset(account, output_dataset_id) is None:
+                raise _Gone
+
         count = 0
         for ok, filename in ((True, RESULTS_FILE), (False, ERRORS_FILE)):
             lines = self.result_lines(account, job_id, ok)
             data = "".join(line + "\n" for line in lines).encode()
-            self.write_file(account, output_dataset_id, filename, data)
+            try:
+                self.write_file(account, output_dataset_id, filename, data, exists)
+            except _Gone:
+                pass
             if ok:
                 count = len(lines)
         return count
+
+
+class _Gone(Exception):
+    """A dataset deleted while a file was on its way into it."""
