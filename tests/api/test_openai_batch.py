@@ -394,3 +394,45 @@ def test_a_cancelled_jobs_output_deleted_at_once_stays_deleted(server):
     http.close()
     folder = server.log_path.parent / f"data-{server.port}" / "datasets" / ACCOUNT
     assert not (folder / "gone-job-output").exists()
+
+
+def test_an_input_deleted_while_a_batch_is_created_from_it(server):
+    """A batch's input is read in a thread; deleted meanwhile (no job read it yet, so the
+    delete was allowed), the batch was still created, and failed at once for want of its
+    input (6 of 6), or the read was a 500. Now either the batch is made and the delete refused,
+    or the delete wins and the create is the 4xx of a missing input."""
+    many = jsonl([line(f"c{i}", "hi", max_tokens=1) for i in range(20_000)])
+    fw = f"/v1/accounts/{ACCOUNT}"
+
+    async def rounds() -> list[tuple[int, int]]:
+        seen = []
+        async with httpx.AsyncClient(headers=server.headers, timeout=60) as c:
+            for k in range(2):
+                ups = await c.post(server.url + "/v1/files", data={"purpose": "batch"},
+                                   files={"file": ("many.jsonl", many)})  # fmt: skip
+                file_id = ups.json()["id"]
+                if k % 2:  # Fireworks' job over the file's dataset
+                    create = c.post(server.url + f"{fw}/batchInferenceJobs",
+                                    json={"model": MODEL, "inputDatasetId": file_id})  # fmt: skip
+                else:
+                    create = c.post(server.url + "/v1/batches", json={
+                        "input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"})  # fmt: skip
+
+                async def delete() -> httpx.Response:
+                    await asyncio.sleep(0.05)  # the create is reading the file
+                    return await c.delete(server.url + f"/v1/files/{file_id}")  # noqa: B023
+
+                made, deleted = await asyncio.gather(create, delete())
+                seen.append((made.status_code, deleted.status_code))
+                if made.status_code == 200:
+                    job = made.json()
+                    cancel = (
+                        f"/v1/batches/{job['id']}/cancel" if "id" in job
+                        else f"{fw}/batchInferenceJobs/{job['name'].rsplit('/', 1)[-1]}:cancel"
+                    )  # fmt: skip
+                    await c.post(server.url + cancel)
+        return seen
+
+    seen = asyncio.run(rounds())
+    assert all(s in ((200, 400), (404, 200), (400, 200)) for s in seen), seen
+    server.wait_idle()
