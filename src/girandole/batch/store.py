@@ -111,6 +111,9 @@ class BatchStore:
         self.lock = threading.Lock()
         for statement in _SCHEMA:
             db.execute(statement)
+        # bytes a stopped server was writing (partial_path): nothing will place them now
+        for leftover in (self.folder / ".partial").glob("*"):
+            leftover.unlink(missing_ok=True)
 
     # -- datasets ----------------------------------------------------------------------------
 
