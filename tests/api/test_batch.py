@@ -471,6 +471,51 @@ def test_an_upload_cut_off_midway_is_no_server_error(batch):
     assert "unhandled error" not in batch.server.log()
 
 
+def _send_in_two(batch, head: str, body: bytes, meanwhile) -> int:
+    """Send a request whose body comes in two halves, `meanwhile()` run between: its status."""
+    with socket.create_connection(("127.0.0.1", batch.server.port), timeout=30) as s:
+        s.sendall(f"{head}Host: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        s.sendall(body[: len(body) // 2])
+        time.sleep(0.3)  # the server waits for the rest
+        meanwhile()
+        s.sendall(body[len(body) // 2 :])
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_a_dataset_changed_or_deleted_while_its_file_arrives(batch):
+    """An upload read its dataset before the file's bytes arrived and wrote it whole after:
+    a PATCH in between was undone (displayName back, 6 of 6), and a dataset deleted in between
+    had the file written into a folder of its own again (orphaned on disk, the upload a 200)
+    or the upload a 500. Now the PATCH stays, and the upload of a deleted dataset is a 404."""
+    fw, datasets = batch.client(), f"/v1/accounts/{ACCOUNT}/datasets"
+    auth = f"Authorization: Bearer {batch.key}\r\n"
+    form = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        + jsonl([chat_line(i) for i in range(2000)])
+        + b"\r\n--XyZ--\r\n"
+    )
+    multipart = f"Content-Type: multipart/form-data; boundary=XyZ\r\n{auth}"
+    fw.datasets.create(dataset_id="slow-patch", dataset={})
+    head = f"POST {datasets}/slow-patch:upload HTTP/1.1\r\n{multipart}"
+    rename = lambda: fw.datasets.update("slow-patch", display_name="renamed")  # noqa: E731
+    assert _send_in_two(batch, head, form, rename) == 200
+    found = fw.datasets.get("slow-patch")
+    assert (found.display_name, found.state, found.example_count) == ("renamed", "READY", "2000")
+    for way in ("upload", "put"):
+        fw.datasets.create(dataset_id=f"slow-{way}", dataset={})
+        if way == "upload":
+            head, body = f"POST {datasets}/slow-{way}:upload HTTP/1.1\r\n{multipart}", form
+        else:
+            urls = fw.datasets.get_upload_endpoint(f"slow-{way}", filename_to_size={"a.jsonl": 10})
+            url = urls.filename_to_signed_urls["a.jsonl"]
+            head, body = f"PUT {url.split(str(batch.server.port), 1)[1]} HTTP/1.1\r\n", form
+        delete = lambda: fw.datasets.delete(f"slow-{way}")  # noqa: E731, B023
+        assert _send_in_two(batch, head, body, delete) == 404, way
+        assert not (batch.data / "datasets" / ACCOUNT / f"slow-{way}").exists(), way
+    assert not list((batch.data / "datasets" / ".partial").iterdir())
+    assert "Traceback" not in batch.server.log()
+
+
 def test_cli(batch, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(jsonl([chat_line(i) for i in range(5)]))

@@ -134,3 +134,24 @@ def test_a_line_result_is_written_once_and_only_while_its_job_runs(tmp_path):
         "message": "no",
     }
     assert error.body["response"]["status_code"] == 400
+
+
+def test_a_file_joins_its_dataset_only_while_the_dataset_exists(tmp_path):
+    """Bytes on their way into a dataset wait outside the datasets' folders, and join under
+    the store's lock only if `check` passes: a dataset deleted meanwhile does not come back
+    on disk. What a stopped server left half-written is removed when the next one starts."""
+    store = BatchStore(Database(None), tmp_path)
+    store.insert_dataset("acme", "d", {})
+    assert store.write_file("acme", "d", "a.jsonl", b"{}\n").read_bytes() == b"{}\n"
+    store.delete_dataset("acme", "d")
+
+    def gone() -> None:
+        raise LookupError("deleted")
+
+    with pytest.raises(LookupError):
+        store.write_file("acme", "d", "b.jsonl", b"{}\n", gone)
+    assert not (tmp_path / "acme" / "d").exists()
+    assert not list((tmp_path / ".partial").iterdir())
+    (tmp_path / ".partial" / "left").write_bytes(b"half")
+    BatchStore(Database(None), tmp_path)
+    assert not list((tmp_path / ".partial").iterdir())

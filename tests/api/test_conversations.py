@@ -5,6 +5,8 @@ joins it when it ends (whole, streamed, in the background); other accounts kept 
 
 from __future__ import annotations
 
+import json
+import socket
 import sqlite3
 import time
 
@@ -139,6 +141,53 @@ def test_a_conversation_deleted_under_a_running_response_is_left_deleted(client,
         (left,) = conn.execute("SELECT COUNT(*) FROM conversation_items"
                                " WHERE conversation_id = ?", (conv.id,)).fetchone()  # fmt: skip
     assert left == 0
+
+
+def test_an_input_id_added_while_the_response_ran_fails_it(client):
+    """Input item ids are checked at the start and again as the turn is written: an item of the
+    same id added while the response ran (by the items route, or another response on the
+    conversation) makes it fail, instead of leaving two items of one id."""
+    conv = client.conversations.create(items=[user("Hi")])
+    mine = {**user("Tell me a long story about a lighthouse."), "id": "msg_race"}
+    r = client.responses.create(model=MODEL, input=[mine], conversation=conv.id,
+                                max_output_tokens=32, temperature=0,
+                                background=True)  # fmt: skip
+    client.conversations.items.create(conv.id, items=[mine])  # passes: not written yet
+    assert client.responses.retrieve(r.id).status in ("queued", "in_progress")
+    deadline = time.monotonic() + 60
+    while (done := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert done.status == "failed" and "msg_race" in done.error.message
+    ids = [i.id for i in client.conversations.items.list(conv.id, limit=100).data]
+    assert ids.count("msg_race") == 1 and len(ids) == 2
+
+
+def test_a_conversation_deleted_while_a_change_to_it_arrives_is_a_404(client, server):
+    """An update or an item post checked the conversation before its body arrived: deleted in
+    between, the update was a 200 with the body `null`, the post a 200 listing items that went
+    nowhere. Both are a 404 now, as they would be a moment later."""
+    for path, body in (("", {"metadata": {"a": "b"}}), ("/items", {"items": [user("Hi")]})):
+        conv = client.conversations.create()
+        data = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(
+                f"POST /v1/conversations/{conv.id}{path} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data[:5]
+            )
+            time.sleep(0.3)  # the server waits for the rest of the body
+            client.conversations.delete(conv.id)
+            s.sendall(data[5:])
+            answer = s.recv(65536)
+            head, _, got = answer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(got) < length:
+                got += s.recv(65536)
+            answer = head + b"\r\n\r\n" + got
+        assert answer.startswith(b"HTTP/1.1 404"), answer
+        assert b'"NOT_FOUND"' in answer and conv.id.encode() in answer
 
 
 def test_errors(client, server):

@@ -6,6 +6,7 @@ accounts and read-only keys kept out; the 4xx in Anthropic's error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anthropic
@@ -130,6 +131,29 @@ def test_cancel_keeps_what_is_done(client, server):
     client.messages.batches.delete(batch.id)
     assert httpx.get(requests_dataset, headers=server.headers).status_code == 404
     server.wait_idle()
+
+
+def test_results_read_while_the_batch_is_deleted(client, server):
+    """Results are read in a thread: a DELETE meanwhile took the batch's requests, and the read
+    found none, a 500 (6 of 80 reads beside 10 deletes). It is the 404 the batch is now."""
+    many = [{"custom_id": f"r{i}", "params": params("hi", max_tokens=1)} for i in range(300)]
+
+    async def rounds() -> list[int]:
+        seen = []
+        async with httpx.AsyncClient(headers=server.headers, timeout=60) as c:
+            for _ in range(6):
+                batch = client.messages.batches.create(requests=many)
+                client.messages.batches.cancel(batch.id)
+                wait_ended(client, batch.id)
+                url = f"{server.url}/v1/messages/batches/{batch.id}"
+                calls = [c.get(url + "/results") for _ in range(8)]
+                calls.insert(4, c.delete(url))
+                seen += [r.status_code for r in await asyncio.gather(*calls)]
+        return seen
+
+    seen = asyncio.run(rounds())
+    assert set(seen) <= {200, 404} and 200 in seen, seen
+    assert "InputError" not in server.log()
 
 
 def test_list_pages_newest_first(client):

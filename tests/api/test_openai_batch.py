@@ -5,6 +5,7 @@ job seen through Fireworks' batch API; other accounts and read-only keys kept ou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -324,3 +325,114 @@ def test_a_batchs_files_are_listed_once_it_has_ended(client, server):
     done = client.batches.retrieve(batch.id)
     assert (done.output_file_id, done.error_file_id) == (output, errors)
     assert client.files.retrieve(output).created_at <= done.completed_at + 1
+
+
+def test_a_file_deleted_while_its_content_is_read(server):
+    """Reads of a file's content beside its DELETE get the whole file or a 404: the bytes were
+    opened only after the status line went, so a delete in between was a 500 or a body cut
+    short (about a quarter of such reads)."""
+    data = b'{"x": 1}\n' * 2000
+
+    async def rounds() -> list[int | str]:
+        seen: list[int | str] = []
+        async with httpx.AsyncClient(headers=server.headers, timeout=60) as c:
+            for _ in range(8):
+                up = await c.post(server.url + "/v1/files", data={"purpose": "batch"},
+                                  files={"file": ("a.jsonl", data)})  # fmt: skip
+                url = server.url + f"/v1/files/{up.json()['id']}"
+                calls = [c.get(url + "/content") for _ in range(10)]
+                calls.insert(5, c.delete(url))
+                answers = await asyncio.gather(*calls, return_exceptions=True)
+                for r in answers:
+                    if isinstance(r, BaseException):
+                        seen.append(type(r).__name__)
+                    elif r.status_code == 200 and r.request.method == "GET":
+                        seen.append(200 if r.content == data else "short")
+                    else:
+                        seen.append(r.status_code)
+        return seen
+
+    seen = asyncio.run(rounds())
+    assert set(seen) <= {200, 404}, seen
+
+
+def test_a_cancelled_jobs_output_deleted_at_once_stays_deleted(server):
+    """A cancelled job's output dataset may be deleted at once (the job has ended), but the
+    runner wrote what was done into it after its lines in flight stopped: the dataset's folder
+    came back on disk (8 of 8), files no request could read or delete. Nothing is written to a
+    deleted dataset now."""
+    base = f"{server.url}/v1/accounts/{ACCOUNT}"
+    http = httpx.Client(headers=server.headers, timeout=60)  # one connection: no delay between
+
+    def call(method: str, path: str, **kw) -> httpx.Response:
+        return http.request(method, base + path, **kw)
+
+    def run(job_id: str, lines: list[dict]) -> None:
+        call("POST", "/datasets", json={"datasetId": f"{job_id}-in", "dataset": {}})
+        call("POST", f"/datasets/{job_id}-in:upload", files={"file": ("a.jsonl", jsonl(lines))})
+        created = call("POST", "/batchInferenceJobs", params={"batchInferenceJobId": job_id},
+                       json={"model": MODEL, "inputDatasetId": f"{job_id}-in"})  # fmt: skip
+        assert created.status_code == 200, created.text
+
+    def state(job_id: str) -> dict:
+        return call("GET", f"/batchInferenceJobs/{job_id}").json()
+
+    run("gone-job", [line(f"c{i}", "Tell me a story.", max_tokens=64) for i in range(20)])
+    deadline = time.monotonic() + 60
+    while state("gone-job")["state"] != "JOB_STATE_RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert call("POST", "/batchInferenceJobs/gone-job:cancel").json()["state"] == (
+        "JOB_STATE_CANCELLED"
+    )
+    assert call("DELETE", "/datasets/gone-job-output").status_code == 200
+    run("after-job", [line("one", "hi", max_tokens=1)])  # one job at a time: after the first
+    while state("after-job")["state"] != "JOB_STATE_COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert call("GET", "/datasets/gone-job-output").status_code == 404
+    http.close()
+    folder = server.log_path.parent / f"data-{server.port}" / "datasets" / ACCOUNT
+    assert not (folder / "gone-job-output").exists()
+
+
+def test_an_input_deleted_while_a_batch_is_created_from_it(server):
+    """A batch's input is read in a thread; deleted meanwhile (no job read it yet, so the
+    delete was allowed), the batch was still created, and failed at once for want of its
+    input (6 of 6), or the read was a 500. Now either the batch is made and the delete refused,
+    or the delete wins and the create is the 4xx of a missing input."""
+    many = jsonl([line(f"c{i}", "hi", max_tokens=1) for i in range(20_000)])
+    fw = f"/v1/accounts/{ACCOUNT}"
+
+    async def rounds() -> list[tuple[int, int]]:
+        seen = []
+        async with httpx.AsyncClient(headers=server.headers, timeout=60) as c:
+            for k in range(2):
+                ups = await c.post(server.url + "/v1/files", data={"purpose": "batch"},
+                                   files={"file": ("many.jsonl", many)})  # fmt: skip
+                file_id = ups.json()["id"]
+                if k % 2:  # Fireworks' job over the file's dataset
+                    create = c.post(server.url + f"{fw}/batchInferenceJobs",
+                                    json={"model": MODEL, "inputDatasetId": file_id})  # fmt: skip
+                else:
+                    create = c.post(server.url + "/v1/batches", json={
+                        "input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"})  # fmt: skip
+
+                async def delete() -> httpx.Response:
+                    await asyncio.sleep(0.05)  # the create is reading the file
+                    return await c.delete(server.url + f"/v1/files/{file_id}")  # noqa: B023
+
+                made, deleted = await asyncio.gather(create, delete())
+                seen.append((made.status_code, deleted.status_code))
+                if made.status_code == 200:
+                    job = made.json()
+                    cancel = (
+                        f"/v1/batches/{job['id']}/cancel" if "id" in job
+                        else f"{fw}/batchInferenceJobs/{job['name'].rsplit('/', 1)[-1]}:cancel"
+                    )  # fmt: skip
+                    await c.post(server.url + cancel)
+        return seen
+
+    seen = asyncio.run(rounds())
+    assert all(s in ((200, 400), (404, 200), (400, 200)) for s in seen), seen
+    server.wait_idle()

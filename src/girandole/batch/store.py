@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +106,14 @@ class BatchStore:
     def __init__(self, db: Database, folder: str | Path) -> None:
         self.db = db
         self.folder = Path(folder)
+        # a dataset's row and files change together under it (a file placed, the dataset
+        # deleted, its body updated): held briefly, never while bytes are written
+        self.lock = threading.Lock()
         for statement in _SCHEMA:
             db.execute(statement)
+        # bytes a stopped server was writing (partial_path): nothing will place them now
+        for leftover in (self.folder / ".partial").glob("*"):
+            leftover.unlink(missing_ok=True)
 
     # -- datasets ----------------------------------------------------------------------------
 
@@ -114,13 +123,14 @@ class BatchStore:
     def insert_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> bool:
         """False when a dataset of that id exists. A new dataset starts with no files (any
         left in its folder by an earlier dataset of that id are removed)."""
-        rows = self.db.execute(
-            "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)"
-            " ON CONFLICT DO NOTHING RETURNING dataset_id",
-            (account, dataset_id, json.dumps(body)),
-        )
-        if rows:
-            self._remove_files(account, dataset_id)
+        with self.lock:
+            rows = self.db.execute(
+                "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING RETURNING dataset_id",
+                (account, dataset_id, json.dumps(body)),
+            )
+            if rows:
+                self._remove_files(account, dataset_id)
         return bool(rows)
 
     def save_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> None:
@@ -129,6 +139,19 @@ class BatchStore:
             "UPDATE datasets SET body = ? WHERE account = ? AND dataset_id = ?",
             (json.dumps(body), account, dataset_id),
         )
+
+    def update_dataset(
+        self, account: str, dataset_id: str, fields: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Set some fields of the dataset's body, the others as stored now (a writer that read
+        the body before a wait must not undo what another wrote meanwhile); None: it is gone."""
+        with self.lock:
+            body = self.get_dataset(account, dataset_id)
+            if body is None:
+                return None
+            body.update(fields)
+            self.save_dataset(account, dataset_id, body)
+            return body
 
     def get_dataset(self, account: str, dataset_id: str) -> dict[str, Any] | None:
         rows = self.db.execute(
@@ -143,10 +166,11 @@ class BatchStore:
         return [json.loads(body) for (body,) in rows]
 
     def delete_dataset(self, account: str, dataset_id: str) -> None:
-        self.db.execute(
-            "DELETE FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
-        )
-        self._remove_files(account, dataset_id)
+        with self.lock:
+            self.db.execute(
+                "DELETE FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
+            )
+            self._remove_files(account, dataset_id)
 
     def _remove_files(self, account: str, dataset_id: str) -> None:
         folder = self.dataset_dir(account, dataset_id)
@@ -170,18 +194,57 @@ class BatchStore:
             parts.append(data if data.endswith(b"\n") or not data else data + b"\n")
         return b"".join(parts)
 
-    def write_file(self, account: str, dataset_id: str, filename: str, data: bytes) -> Path:
-        """Write a dataset file whole (through a temporary file: a reader never sees half)."""
-        folder = self.dataset_dir(account, dataset_id)
+    def partial_path(self) -> Path:
+        """A new temporary file for bytes on their way into a dataset: outside the datasets'
+        folders, which a delete removes whole (a half-written file in one made its rmdir fail,
+        and the writer's rename then)."""
+        folder = self.folder / ".partial"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / filename
-        partial = folder / f".{filename}.partial"
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-        return path
+        return folder / uuid.uuid4().hex
+
+    def place_file(
+        self,
+        account: str,
+        dataset_id: str,
+        filename: str,
+        partial: Path,
+        check: Callable[[], None] | None = None,
+    ) -> Path:
+        """Move a written temporary file into the dataset as `filename`, under the lock a
+        delete takes; `check` runs first, under it, and may refuse by raising (the dataset
+        deleted while the bytes arrived). The temporary file is gone afterwards either way."""
+        try:
+            with self.lock:
+                if check is not None:
+                    check()
+                folder = self.dataset_dir(account, dataset_id)
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / filename
+                os.replace(partial, path)
+                return path
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def write_file(
+        self,
+        account: str,
+        dataset_id: str,
+        filename: str,
+        data: bytes,
+        check: Callable[[], None] | None = None,
+    ) -> Path:
+        """Write a dataset file whole (through a temporary file: a reader never sees half);
+        `check`: as place_file's."""
+        partial = self.partial_path()
+        try:
+            with open(partial, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return self.place_file(account, dataset_id, filename, partial, check)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -335,12 +398,25 @@ class BatchStore:
 
     def write_outputs(self, account: str, job_id: str, output_dataset_id: str) -> int:
         """The output dataset's results.jsonl and errors.jsonl from the result rows; the number
-        of result lines."""
+        of result lines. None is written to a dataset deleted meanwhile (a cancelled job's, which
+        may be deleted at once): its folder came back, files no request could read or delete."""
+
+        def exists() -> None:
+            if self.get_dataset(account, output_dataset_id) is None:
+                raise _Gone
+
         count = 0
         for ok, filename in ((True, RESULTS_FILE), (False, ERRORS_FILE)):
             lines = self.result_lines(account, job_id, ok)
             data = "".join(line + "\n" for line in lines).encode()
-            self.write_file(account, output_dataset_id, filename, data)
+            try:
+                self.write_file(account, output_dataset_id, filename, data, exists)
+            except _Gone:
+                pass
             if ok:
                 count = len(lines)
         return count
+
+
+class _Gone(Exception):
+    """A dataset deleted while a file was on its way into it."""

@@ -92,13 +92,13 @@ class ConversationStore:
 
     # -- items (the caller has checked the conversation is the account's) ----------------------
 
-    def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> None:
+    def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
         """Append items, in order; none to a conversation deleted meanwhile (a response that ran
-        on it and ended after), where no one could read or delete them."""
-        if not items or not self.db.execute(
-            "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)
-        ):
-            return
+        on it and ended after), where no one could read or delete them: False then."""
+        if not self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)):
+            return False
+        if not items:
+            return True
         (last,) = self.db.execute(
             "SELECT COALESCE(MAX(seq), -1) FROM conversation_items WHERE conversation_id = ?",
             (conversation_id,),
@@ -109,6 +109,7 @@ class ConversationStore:
                 " VALUES (?, ?, ?, ?)",
                 (conversation_id, k, item["id"], json.dumps(item)),
             )
+        return True
 
     def items(self, conversation_id: str) -> list[dict[str, Any]]:
         """The conversation's items, oldest first."""

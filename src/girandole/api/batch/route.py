@@ -136,6 +136,8 @@ def input_lines(request: Request, account: str, input_id: str) -> int:
         return len(read_input(data, MAX_INPUT_LINES))
     except InputError as exc:
         raise bad_request(f"inputDatasetId: {name}: {exc}", "inputDatasetId") from None
+    except FileNotFoundError:  # the dataset deleted while it was read
+        raise bad_request(f"inputDatasetId: {name} does not exist", "inputDatasetId") from None
 
 
 @router.post("/accounts/{account}/batchInferenceJobs/{job_id}:cancel", summary="Cancel a batch job")
@@ -190,6 +192,10 @@ async def create_job(
     input_id = own_dataset_id(account, body.inputDatasetId, "inputDatasetId")
     # reading and checking up to 500 MB of lines takes seconds: off the event loop
     total = await asyncio.to_thread(input_lines, request, account, input_id)
+    if store_of(request).get_dataset(account, input_id) is None:  # deleted while it was read
+        raise bad_request(
+            f"inputDatasetId: {dataset_name(account, input_id)} does not exist", "inputDatasetId"
+        )
     output_id = own_dataset_id(
         account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
     )

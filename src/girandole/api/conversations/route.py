@@ -83,8 +83,12 @@ async def get_conversation(request: Request, conversation_id: str) -> Any:
 async def update_conversation(request: Request, conversation_id: str) -> Any:
     conversation_of(request, conversation_id)
     body = await read_json(request, UpdateConversation)
-    store = conversations_of(request)
-    return store.update(account_of(request), conversation_id, body.metadata or {})
+    updated = conversations_of(request).update(
+        account_of(request), conversation_id, body.metadata or {}
+    )
+    if updated is None:  # deleted while the body arrived
+        raise not_found(conversation_id)
+    return updated
 
 
 @router.delete("/conversations/{conversation_id}", summary="Delete a conversation")
@@ -101,7 +105,8 @@ async def add_items(request: Request, conversation_id: str) -> Any:
     items = stored_items(body.items, "items")
     store = conversations_of(request)
     check_unique_ids(items, store.item_ids(conversation_id), "items")
-    store.add_items(conversation_id, items)
+    if not store.add_items(conversation_id, items):  # deleted while the body arrived
+        raise not_found(conversation_id)
     return list_page(items, len(items))
 
 

@@ -26,11 +26,12 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
@@ -39,6 +40,7 @@ from girandole.api.http.disconnect import ClientDisconnected
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
+from girandole.api.http.opened_file import opened_file_response
 from girandole.batch.store import FINAL, BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
@@ -210,9 +212,25 @@ def count_lines(paths: list[Any]) -> int:
 
 
 def mark_ready(store: BatchStore, account: str, dataset_id: str, body: dict[str, Any]) -> None:
-    body["state"] = "READY"
-    body["exampleCount"] = str(count_lines(store.dataset_files(account, dataset_id)))
-    store.save_dataset(account, dataset_id, body)
+    """The dataset READY, its lines counted; `body` (what the caller answers) as stored then."""
+    ready = {
+        "state": "READY",
+        "exampleCount": str(count_lines(store.dataset_files(account, dataset_id))),
+    }
+    # only these fields: `body` was read before the upload's wait, a PATCH since is kept
+    body.update(store.update_dataset(account, dataset_id, ready) or ready)
+
+
+def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[], None]:
+    """The check a file's bytes pass as they join the dataset, under the store's lock (they
+    arrived over seconds): the dataset still exists (404) and no batch job reads it (400)."""
+
+    def check() -> None:
+        if store.get_dataset(account, dataset_id) is None:
+            raise not_found(account, dataset_id)
+        not_read_by_a_job(store, account, dataset_id)
+
+    return check
 
 
 # -- signed file URLs --------------------------------------------------------------------------
@@ -267,9 +285,7 @@ def file_too_large() -> APIError:
 async def receive_file(request: Request, store: BatchStore, account: str, dataset_id: str,
                        name: str) -> int:  # fmt: skip
     """Stream the request body into the dataset's file `name` (413 above the limit)."""
-    folder = store.dataset_dir(account, dataset_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{name}.partial"
+    partial = store.partial_path()
     size = 0
     try:
         with open(partial, "wb") as f:
@@ -280,7 +296,7 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, folder / name)
+        store.place_file(account, dataset_id, name, partial, still_open(store, account, dataset_id))
     except ClientDisconnect:
         raise ClientDisconnected() from None
     finally:
@@ -347,7 +363,10 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
         filename, content = multipart_file(content_type, data)
         filename = os.path.basename(filename)
         check_filename(filename, "file")
-        store.write_file(account, dataset_id, filename, content)
+        # checked again as the file joins: the dataset may be gone, or read by a job, by now
+        store.write_file(
+            account, dataset_id, filename, content, still_open(store, account, dataset_id)
+        )
         mark_ready(store, account, dataset_id, body)
         return filename, len(content)
 
@@ -443,9 +462,11 @@ async def get_file(
 ) -> Response:
     check_signature("GET", account, dataset_id, filename, expires, signature)
     path = store_of(request).dataset_dir(account, dataset_id) / filename
-    if not is_valid_filename(filename) or not path.is_file():
+    # opened now: the file deleted or PUT again while it is sent cuts nothing
+    found = opened_file_response(path, "application/jsonl") if is_valid_filename(filename) else None
+    if found is None:
         raise APIError(404, f"No file {filename!r} in that dataset", type="error", code="NOT_FOUND")
-    return FileResponse(path, media_type="application/jsonl")
+    return found
 
 
 @router.post(
@@ -508,12 +529,13 @@ async def get_dataset(
     openapi_extra=body_doc(DatasetFields),
 )
 async def update_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
-    body = get_or_404(request, account, dataset_id)
+    get_or_404(request, account, dataset_id)
     fields = check_fields(await read_json(request, DatasetFields), prefix="")
-    for key in ("displayName", "format", "userUploaded"):
-        if key in fields:
-            body[key] = fields[key]
-    store_of(request).save_dataset(account, dataset_id, body)
+    changes = {k: fields[k] for k in ("displayName", "format", "userUploaded") if k in fields}
+    # the body as it is now (an upload may have made it READY while this one's body arrived)
+    body = store_of(request).update_dataset(account, dataset_id, changes)
+    if body is None:  # deleted meanwhile
+        raise not_found(account, dataset_id)
     return body
 
 

@@ -39,7 +39,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.api.http.pages import list_page
 from girandole.api.messages.route import anthropic_errors
 from girandole.api.openai_batch.files import KeyAccount
-from girandole.batch.lines import MESSAGES, read_input
+from girandole.batch.lines import MESSAGES, InputError, read_input
 from girandole.batch.runner import MAX_INPUT_LINES
 from girandole.batch.store import CANCELLED, FAILED, FINAL, BatchStore, job_name
 from girandole.registry.deployments import format_time, parse_time
@@ -234,7 +234,12 @@ async def batch_results(
     message_batch_id: str, request: Request, account: str = KeyAccount
 ) -> Response:
     job = ended_job(request, account, message_batch_id, "its results are ready")
-    data = await asyncio.to_thread(result_lines, store_of(request), account, job)
+    try:
+        data = await asyncio.to_thread(result_lines, store_of(request), account, job)
+    except (InputError, OSError):
+        # deleted while they were read (its requests went with it): the 404 it is now
+        get_batch_job(request, account, message_batch_id)
+        raise
     return Response(data, media_type="application/x-jsonl")
 
 

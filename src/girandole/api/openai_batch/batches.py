@@ -35,7 +35,7 @@ from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.pages import list_page
-from girandole.api.openai_batch.files import KeyAccount, files_of, get_file
+from girandole.api.openai_batch.files import KeyAccount, files_of, get_file, no_such_file
 from girandole.api.serving.target import resolve_target
 from girandole.batch.files import BATCH_OUTPUT, FileStore
 from girandole.batch.lines import MESSAGES, URL_FORMS, URLS, InputError, read_input
@@ -185,6 +185,8 @@ def batch_model(request: Request, account: str, file_id: str, endpoint: str) -> 
         lines = read_input(path.read_bytes(), MAX_INPUT_LINES)
     except InputError as exc:
         raise bad(str(exc)) from None
+    except FileNotFoundError:  # deleted since it was looked up
+        raise no_such_file(file_id) from None
     models = set()
     for line in lines:
         if line.url != endpoint:
@@ -223,6 +225,8 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
         batch_model, request, account, body.input_file_id, endpoint
     )
     resolve_target(request, request.app.state.girandole, model, None)  # 404 when out of reach
+    # deleted while it was read (no job read it yet): the batch would fail at once
+    get_file(request, account, body.input_file_id)
     hexid = uuid.uuid4().hex
     batch_id, job_id = f"batch_{hexid}", f"batch-{hexid}"
     store, by = store_of(request), created_by(request)

@@ -18,7 +18,6 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
 
 from girandole.api.datasets.route import (
     created_by,
@@ -30,12 +29,14 @@ from girandole.api.datasets.route import (
 )
 from girandole.api.deployments.route import authenticate
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.opened_file import opened_file_response
 from girandole.api.http.pages import list_page
 from girandole.batch.files import PURPOSES, FileRecord, FileStore, disk_name
 from girandole.batch.store import BatchStore
 from girandole.registry.roles import USER, may_change_resources
 
 MAX_LIST = 10_000  # OpenAI's limit on a page of files
+OCTETS = "application/octet-stream"
 
 
 async def key_account(request: Request) -> str:
@@ -144,10 +145,11 @@ async def retrieve_file(file_id: str, request: Request, account: str = KeyAccoun
 @router.get("/files/{file_id}/content", summary="A file's bytes")
 async def file_content(file_id: str, request: Request, account: str = KeyAccount) -> Any:
     record = get_file(request, account, file_id)
-    path = files_of(request).path_of(account, record)
-    if not path.is_file():
+    # opened now: a DELETE of the file while its bytes are sent cuts nothing
+    found = opened_file_response(files_of(request).path_of(account, record), OCTETS)
+    if found is None:
         raise no_such_file(file_id)
-    return FileResponse(path, media_type="application/octet-stream")
+    return found
 
 
 @router.delete("/files/{file_id}", summary="Delete a file")

@@ -218,10 +218,15 @@ class Responses(TranslatedEndpoint):
         keep = source.store is not False
 
         def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+            if conversation_id is not None:  # the turn joins the conversation once it ends
+                conversations = conversations_of(request)
+                # checked again as they are written (no await between): a request on the
+                # conversation that ran meanwhile with the same input id added it first (two
+                # items of one id); the loser is a 400, stored nowhere
+                check_unique_ids(new_items, conversations.item_ids(conversation_id), "input")
+                conversations.add_items(conversation_id, new_items + body["output"])
             if keep:
                 store.put(account, body, conversation)
-            if conversation_id is not None:  # the turn joins the conversation once it ends
-                conversations_of(request).add_items(conversation_id, new_items + body["output"])
 
         saves = keep or conversation_id is not None
         conversation = Conversation(source, items, save if saves else None, toolbox=toolbox,
