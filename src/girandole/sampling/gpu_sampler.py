@@ -33,6 +33,7 @@ from girandole.sampling.sampler import (
     inverse_cdf,
     keeps_raw_logits,
     logit_bias_of,
+    prompt_tokens_of,
     tempered_probs,
 )
 
@@ -48,13 +49,13 @@ def needs_host(params: SamplingParams, grammar: object | None) -> bool:
     )
 
 
-def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
+def _padded(lists: list[list[int]] | list[torch.Tensor], pad: int) -> torch.Tensor:
     """[len(lists), longest] long tensor of `lists`, padded with `pad` (built on the host)."""
     width = max(1, max(len(x) for x in lists))
     out = torch.full((len(lists), width), pad, dtype=torch.long)
     for i, x in enumerate(lists):
-        if x:
-            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        if len(x):
+            out[i, : len(x)] = x if isinstance(x, torch.Tensor) else torch.tensor(x)
     return out
 
 
@@ -223,9 +224,8 @@ class GpuSampler(Sampler):
                 index = to_device(torch.tensor([[j for j, _ in at], cols], dtype=torch.long), dev)
                 source = to_device(torch.tensor([k for _, k in at], dtype=torch.long), dev)
                 outputs[index[0], index[1]] = last.ids.index_select(0, source)
-        prompts = to_device(
-            _padded([rows[i].token_ids[: rows[i].num_prompt_tokens] for i in pen], V), dev
-        )
+        # each prompt's distinct tokens, made once per request (Sampler's prompt_tokens_of)
+        prompts = to_device(_padded([prompt_tokens_of(rows[i]) for i in pen], V), dev)
         counts = torch.zeros(len(pen), V + 1, dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
         counts = counts[:, :V]
