@@ -113,11 +113,6 @@ class ChatRender:
     reasoning: ReasoningPlan | None = None
     end: PromptEnd = field(default_factory=PromptEnd)
 
-    def encode(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
-        found = self.encode_within(messages, None)
-        assert found is not None
-        return found
-
     def encode_within(
         self, messages: list[dict[str, Any]], limit: int | None
     ) -> tuple[str, list[int]] | None:
