@@ -155,3 +155,25 @@ def test_a_file_joins_its_dataset_only_while_the_dataset_exists(tmp_path):
     (tmp_path / ".partial" / "left").write_bytes(b"half")
     BatchStore(Database(None), tmp_path)
     assert not list((tmp_path / ".partial").iterdir())
+
+
+def test_the_runners_look_for_work_reads_only_the_jobs_not_ended(tmp_path):
+    """runnable_jobs (the runner's look for work, every 5 s on the event loop) parsed every job
+    ever made in Python: 20,000 ended jobs, 119 ms a look. It now finds the few jobs not ended
+    by an index on their state, whatever the number ended."""
+    from girandole.batch.store import COMPLETED, PENDING, WRITING_RESULTS
+
+    db = Database(None)
+    store = BatchStore(db, tmp_path)
+    store.insert_job("acme", "first", None, {"state": PENDING})
+    for i in range(2000):
+        store.insert_job("acme", f"ended-{i}", None, {"state": COMPLETED if i % 2 else CANCELLED})
+    store.insert_job("other", "second", None, {"state": RUNNING})
+    store.insert_job("acme", "third", None, {"state": WRITING_RESULTS})
+    assert store.runnable_jobs() == [("acme", "first"), ("other", "second"), ("acme", "third")]
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT account, job_id FROM batch_jobs"
+        " WHERE json_extract(body, '$.state') IN (?, ?, ?) ORDER BY created",
+        (PENDING, RUNNING, WRITING_RESULTS),
+    )
+    assert any("USING INDEX batch_jobs_state" in row[-1] for row in plan), plan

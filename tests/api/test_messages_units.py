@@ -750,3 +750,30 @@ def test_reasoning_of_merged_turns_joins_once_whatever_their_number():
     assert out == [{"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a" * 30_000,
                     "reasoning_content": "\n\n".join([thought] * 30_000)}]  # fmt: skip
+
+
+def test_ended_background_responses_events_are_bounded_in_bytes(monkeypatch):
+    """An ended background response's events were kept by count (KEEP_ENDED, 256) and time
+    only, whatever their size: 2.3 KB a token with top_logprobs 5, so 256 long answers held
+    many GB for 10 minutes. The ended logs now stay within KEEP_BYTES, oldest dropped first;
+    a running one is never dropped."""
+    import asyncio
+
+    from girandole.api.responses import background
+
+    monkeypatch.setattr(background, "KEEP_BYTES", 1_000_000)
+    runs = background.BackgroundResponses()
+
+    async def main() -> None:
+        runs.runs["running"] = background.BackgroundRun("running", "acct")
+        for i in range(20):
+            run = runs.runs[f"r{i}"] = background.BackgroundRun(f"r{i}", "acct")
+            for _ in range(3):  # ~300 KB of events: ~3 such logs fit in the bound
+                run.log.add("response.output_text.delta", {"delta": "x" * 100_000})
+            runs._end(run)
+        ended = [r for r in runs.runs.values() if r.ended is not None]
+        assert sum(r.log.num_bytes for r in ended) <= 1_000_000
+        assert [r.id for r in ended] == ["r17", "r18", "r19"]  # the newest
+        assert "running" in runs.runs and runs.get("r19", "acct") is not None
+
+    asyncio.run(main())

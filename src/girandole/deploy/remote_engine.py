@@ -98,9 +98,11 @@ class ReplicaConnection:
         token: str,
         replica_id: str,
         silence_s: float = REPLICA_SILENCE_S,
+        on_closed: Callable[[ReplicaConnection], None] | None = None,
     ) -> None:
         self.host, self.port, self.token, self.replica_id = host, port, token, replica_id
         self.silence_s = silence_s
+        self.on_closed = on_closed  # told once the connection is gone
         self.streams: dict[str, _Stream] = {}
         self.stats: dict[str, float] = {}
         self.closed = False
@@ -138,9 +140,15 @@ class ReplicaConnection:
             error = "the ingress closed the connection"
         finally:
             self.closed = True
+            # the replica's end closed (its process stopped): the socket stayed open on this
+            # side, one file descriptor for good per replica that ever went away
+            if self._writer is not None:
+                self._writer.close()
             lost = ReplicaLost(f"replica {self.replica_id} stopped ({error})")
             for stream in self.streams.values():
                 stream.queue.put_nowait(lost)
+            if self.on_closed is not None:
+                self.on_closed(self)
 
     def send(self, message: Any) -> None:
         if self.closed or self._writer is None or self._writer.is_closing():
@@ -192,6 +200,13 @@ class RemoteEngine:
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    def _forget(self, conn: ReplicaConnection) -> None:
+        """A replica's connection closed: out of the table (replicas come and go for weeks;
+        each one gone stayed in it)."""
+        key = (conn.host, conn.port)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+
     async def _connection(self, lease: ReplicaLease) -> ReplicaConnection:
         key = (lease.host, lease.port)
         conn = self.connections.get(key)
@@ -204,8 +219,9 @@ class RemoteEngine:
         self._connecting[key] = future
         try:
             conn = ReplicaConnection(
-                lease.host, lease.port, lease.token, lease.replica_id, self.replica_silence_s
-            )
+                lease.host, lease.port, lease.token, lease.replica_id, self.replica_silence_s,
+                on_closed=self._forget,
+            )  # fmt: skip
             await conn.open()
             self.connections[key] = conn
             future.set_result(conn)

@@ -38,16 +38,25 @@ class GrammarError(ValueError):
     """The grammar or schema is invalid or uses something the grammar engine does not support."""
 
 
-class GrammarCache:
-    """Compiled grammars of one tokenizer, keyed by spec (LRU)."""
+COMPILER_CACHE_BYTES = 64 << 20  # xgrammar's compiler cache (it may exceed it slightly)
 
-    def __init__(self, tokenizer, vocab_size: int, max_entries: int = 256) -> None:
+
+class GrammarCache:
+    """Compiled grammars of one tokenizer, keyed by spec (LRU, bounded in entries and bytes)."""
+
+    def __init__(
+        self, tokenizer, vocab_size: int, max_entries: int = 256, max_bytes: int = 256 << 20
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size  # the model's (logits) vocabulary, may exceed the tokenizer's
         self.max_entries = max_entries
+        # a schema near the size limits compiles to ~5 MB of token masks: 256 of them are GBs
+        self.max_bytes = max_bytes
         self._compiler = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
+        self._sizes: dict[GrammarSpec, int] = {}
+        self.num_bytes = 0  # the compiled grammars' memory_size_bytes, summed
 
     def _get_compiler(self):
         if self._compiler is None:
@@ -64,7 +73,12 @@ class GrammarCache:
                 vocab_size=self.vocab_size,
                 stop_token_ids=list(tok.stop_token_ids),
             )
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            # xgrammar's own cache keeps every grammar compiled (no limit by default): each
+            # request's distinct schema stayed in memory for good. Without it each compile
+            # takes 35x as long (it also caches the shared rules), so it is bounded instead
+            self._compiler = xgr.GrammarCompiler(
+                info, max_threads=1, cache_limit_bytes=COMPILER_CACHE_BYTES
+            )
         return self._compiler
 
     def compile(self, spec: GrammarSpec):
@@ -95,10 +109,19 @@ class GrammarCache:
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with a clear text
             raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {exc}") from exc
         with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
+            if spec not in self._cache:  # another thread may have compiled it meanwhile
+                self._cache[spec] = compiled
+                self._sizes[spec] = size = compiled.memory_size_bytes
+                self.num_bytes += size
+            while len(self._cache) > 1 and (
+                len(self._cache) > self.max_entries or self.num_bytes > self.max_bytes
+            ):
+                old, _ = self._cache.popitem(last=False)
+                self.num_bytes -= self._sizes.pop(old)
         return compiled
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 # xgrammar (0.2.9) writes a string with minLength/maxLength as characters of this class, which

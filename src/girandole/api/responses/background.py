@@ -7,9 +7,10 @@ response goes `queued` -> `in_progress` (admitted) -> `completed` | `incomplete`
 room it stays `queued` (it asks again, every 0.5 s to 8 s), where a request would get a 429.
 
 Every background response's events are kept (an `EventLog`, `sequence_number` = place in the
-log) while it runs and for `KEEP_SECONDS` after: `stream: true` follows the log from the
-start, and `GET /v1/responses/{id}?stream=true&starting_after=N` replays it after event N and
-follows it to the end, so a client whose connection dropped picks the stream up again. The log
+log) while it runs and for `KEEP_SECONDS` after (the newest `KEEP_ENDED`, at most `KEEP_BYTES`
+in all): `stream: true` follows the log from the start, and
+`GET /v1/responses/{id}?stream=true&starting_after=N` replays it after event N and follows it
+to the end, so a client whose connection dropped picks the stream up again. The log
 opens with `response.created` and `response.queued` (status `queued`), then
 `response.in_progress`, the output's events, and `response.completed` (or `response.failed`
 with the failed response). A cancelled response's log just ends.
@@ -54,6 +55,9 @@ logger = logging.getLogger("girandole.api")
 
 KEEP_SECONDS = 600.0  # an ended response's events stay this long (OpenAI keeps ~10 minutes)
 KEEP_ENDED = 256  # and at most this many ended responses' events
+# and at most this many bytes of them: a long answer's log is large (2.3 KB a token with
+# top_logprobs 5: 75 MB for 32k tokens), so 256 logs alone could hold many GB
+KEEP_BYTES = 256 << 20
 STOPPED = "The server stopped before this background response finished"
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0  # between admissions refused for capacity
 
@@ -64,11 +68,14 @@ class EventLog:
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
+        self.num_bytes = 0  # of the frames
         self.closed = False
         self._changed = asyncio.Event()
 
     def add(self, name: str, fields: dict[str, Any]) -> None:
-        self.frames.append(sse_event_of(name, len(self.frames), fields))
+        frame = sse_event_of(name, len(self.frames), fields)
+        self.frames.append(frame)
+        self.num_bytes += len(frame)
         self._wake()
 
     def close(self) -> None:
@@ -246,16 +253,20 @@ class BackgroundResponses:
         old, even if no request comes: an idle server held up to KEEP_ENDED logs for good."""
         run.ended = time.monotonic()
         run.log.close()
+        self._forget_old()  # its bytes count now, not when the next response starts
         asyncio.get_running_loop().call_later(KEEP_SECONDS + 0.1, self._forget_old)
 
     def _forget_old(self) -> None:
-        """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED."""
+        """Drop the events of responses that ended long ago, or beyond the newest KEEP_ENDED,
+        or beyond KEEP_BYTES of them (oldest first). Readers following a log keep theirs."""
         now = time.monotonic()
         ended = [r for r in self.runs.values() if r.ended is not None]
+        kept = sum(r.log.num_bytes for r in ended)
         for k, run in enumerate(ended):
             assert run.ended is not None
-            if now - run.ended > KEEP_SECONDS or len(ended) - k > KEEP_ENDED:
+            if now - run.ended > KEEP_SECONDS or len(ended) - k > KEEP_ENDED or kept > KEEP_BYTES:
                 del self.runs[run.id]
+                kept -= run.log.num_bytes
 
 
 def failed(body: dict[str, Any], message: str | None = None) -> dict[str, Any]:
