@@ -177,3 +177,26 @@ def test_the_runners_look_for_work_reads_only_the_jobs_not_ended(tmp_path):
         (PENDING, RUNNING, WRITING_RESULTS),
     )
     assert any("USING INDEX batch_jobs_state" in row[-1] for row in plan), plan
+
+
+def test_a_listing_counts_each_jobs_progress_as_its_own_read_does(tmp_path):
+    """list_jobs sums every job's result rows in one query (a query per job made a list of
+    5,000 jobs take 0.42 s, on the event loop); each job's progress is what reading it alone
+    gives."""
+    store = BatchStore(Database(None), tmp_path)
+    for k in range(4):
+        store.insert_job("acme", f"j{k}", None,
+                         {"state": RUNNING, "jobProgress": {"totalInputRequests": 4}})  # fmt: skip
+        for line in range(k):  # job k has k results, the odd lines failed
+            store.record_result("acme", f"j{k}", LineResult(
+                line, f"c{line}", line % 2 == 0, {}, prompt_tokens=3 + line,
+                completion_tokens=2 * line, cached_tokens=line))  # fmt: skip
+    store.insert_job("other", "x", None, {"state": RUNNING})
+    store.record_result("other", "x", LineResult(0, "c", True, {}, prompt_tokens=99))
+    listed = store.list_jobs("acme")
+    assert len(listed) == 4
+    for k, job in enumerate(listed):
+        alone = store.with_progress("acme", f"j{k}", {"jobProgress": {"totalInputRequests": 4}})
+        assert job["jobProgress"] == alone["jobProgress"]
+        assert job["jobProgress"]["totalProcessedRequests"] == k
+    assert listed[3]["jobProgress"]["inputTokens"] == 3 + 4 + 5

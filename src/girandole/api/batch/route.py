@@ -257,7 +257,8 @@ async def list_jobs(
     account: str = Account,
     query: ListParams = ListQuery,
 ) -> dict:
-    return listing(store_of(request).list_jobs(account), "batchInferenceJobs", query)
+    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)  # the whole history
+    return listing(jobs, "batchInferenceJobs", query)
 
 
 @router.get("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Get a batch job")

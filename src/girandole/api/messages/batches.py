@@ -196,7 +196,8 @@ async def list_batches(
     after_id: str | None = None,
     before_id: str | None = None,
 ) -> dict[str, Any]:
-    jobs = [j for j in store_of(request).list_jobs(account) if "anthropic" in j][::-1]
+    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)  # the whole history
+    jobs = [j for j in jobs if "anthropic" in j][::-1]
     page = list_page(
         jobs, limit, after_id, before_id, id_of=lambda j: j["anthropic"]["id"],
         render=lambda j: batch_json(request, account, j),

@@ -251,7 +251,10 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    jobs = [j for j in store_of(request).list_jobs(account) if "openai" in j][::-1]
+    # in a thread: the account's whole history is read (thousands of jobs: a tenth of a
+    # second and more, which held every stream)
+    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)
+    jobs = [j for j in jobs if "openai" in j][::-1]
     return list_page(
         jobs, limit, after, id_of=lambda j: j["openai"]["id"],
         render=lambda j: batch_json(request, account, j),
