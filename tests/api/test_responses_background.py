@@ -294,3 +294,23 @@ def test_a_server_that_stops_or_crashes_fails_its_running_responses(tmp_path):
     body = stored_status(data, waiting.id)
     assert body["status"] == "failed" and "stopped" in body["error"]["message"]
     assert body["output"] == []
+
+
+def test_background_responses_waiting_for_admission_are_bounded(monkeypatch):
+    """A background request answers at once and waits, `queued`, for the server's capacity;
+    past MAX_WAITING such responses a new one is a 429 (a flood piled up queued runs, each
+    with its prepared prompt, without a bound). Admitted and ended ones do not count."""
+    from girandole.api.http.errors import APIError
+    from girandole.api.responses import background
+
+    monkeypatch.setattr(background, "MAX_WAITING", 3)
+    runs = background.BackgroundResponses()
+    for i in range(2):
+        runs.runs[f"queued{i}"] = background.BackgroundRun(f"queued{i}", "acct")
+    runs.runs["admitted"] = background.BackgroundRun("admitted", "acct", admitted=True)
+    runs.runs["ended"] = background.BackgroundRun("ended", "acct", ended=1.0)
+    runs.check_room()  # two wait
+    runs.runs["queued2"] = background.BackgroundRun("queued2", "acct")
+    with pytest.raises(APIError) as err:
+        runs.check_room()
+    assert err.value.status_code == 429 and "3 background responses" in err.value.message

@@ -4,7 +4,8 @@ answered at once; its work then runs in a task of its own, under a record of its
 (`pipeline.detached`: admission, usage row, access log), whatever the client does. The stored
 response goes `queued` -> `in_progress` (admitted) -> `completed` | `incomplete` | `failed`
 (`error` set) | `cancelled` (`POST /v1/responses/{id}/cancel`). While the admission queue has no
-room it stays `queued` (it asks again, every 0.5 s to 8 s), where a request would get a 429.
+room it stays `queued` (it asks again, every 0.5 s to 8 s), where a request would get a 429;
+past `MAX_WAITING` responses queued so, a new background request gets the 429 itself.
 
 Every background response's events are kept (an `EventLog`, `sequence_number` = place in the
 log) while it runs and for `KEEP_SECONDS` after (the newest `KEEP_ENDED`, at most `KEEP_BYTES`
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from girandole.api.http.errors import APIError
+from girandole.api.http.errors import APIError, too_many_requests
 from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.sse import SSEResponse
 from girandole.api.ops.tracking import RequestRecord, record_of
@@ -60,6 +61,9 @@ KEEP_ENDED = 256  # and at most this many ended responses' events
 KEEP_BYTES = 256 << 20
 STOPPED = "The server stopped before this background response finished"
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0  # between admissions refused for capacity
+# Responses still waiting for admission (each holds its prepared prompt); one more is a 429:
+# a flood of background requests piled up queued runs without a bound
+MAX_WAITING = 1024
 
 
 class EventLog:
@@ -106,6 +110,7 @@ class BackgroundRun:
     log: EventLog = field(default_factory=EventLog)
     task: asyncio.Task[None] | None = None
     ended: float | None = None  # time.monotonic() when it ended
+    admitted: bool = False  # past the admission queue (`queued` until then)
     end_as: str = "cancelled"  # the status a cancelled task leaves: `failed` when stopping
 
 
@@ -166,6 +171,7 @@ class BackgroundResponses:
         """Save the prepared request as `queued`, start its task, and answer `request`: the
         queued response, or (`stream: true`) its events as they come."""
         rounds.got.state.ops.check_prompt_limit(job.choices)  # a 400 now, not a failed run
+        self.check_room()
         http = record_of(request)
         if http is not None:  # the run's record writes the usage row; this request's, none
             http.handed_off = True
@@ -182,6 +188,15 @@ class BackgroundResponses:
             return SSEResponse(run.log.follow(), headers=headers)
         return FiniteJSONResponse(queued, headers=headers)
 
+    def check_room(self) -> None:
+        """A 429 when MAX_WAITING responses already wait for admission."""
+        waiting = sum(1 for r in self.runs.values() if r.ended is None and not r.admitted)
+        if waiting >= MAX_WAITING:
+            raise too_many_requests(
+                f"{waiting} background responses already wait for this server's capacity;"
+                " retry later"
+            )
+
     async def _run(
         self, run: BackgroundRun, rounds: Rounds, shape: ResponsesShape, job: Job,
         store: ResponseStore,
@@ -193,6 +208,7 @@ class BackgroundResponses:
         status = "failed"
         try:
             fanout = await self._admitted(request, rounds, job)
+            run.admitted = True
             # a stream's drain deadline is its too: cut then, it fails with `response.failed`
             # in its log, before the server cuts the connections of clients following it
             state.ops.track_stream(fanout)
