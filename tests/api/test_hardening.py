@@ -208,12 +208,7 @@ def test_a_head_over_the_limit_is_a_431_even_when_it_arrives_whole(guarded):
     assert status.startswith(b"HTTP/1.1 431"), status
     assert json.loads(body)["error"]["code"] == "REQUEST_HEADER_FIELDS_TOO_LARGE"
     payload = json.dumps({"model": MODEL, "prompt": "a" * 100_000, "max_tokens": 1}).encode()
-    status, body = _raw_response(
-        guarded.port,
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
-    )  # fmt: skip
+    status, body = _raw_response(guarded.port, _completion_request(payload, "Bearer " + KEY))
     assert status.startswith(b"HTTP/1.1 400"), status  # the prompt is too long, not the head
     assert json.loads(body)["error"]["code"] == "context_length_exceeded"
 
@@ -257,13 +252,17 @@ def test_a_request_asking_to_upgrade_is_served_or_refused_clearly(guarded):
 )
 def test_bearer_keys_are_read_whatever_the_case_and_whitespace(guarded, authorization):
     payload = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
-    status, body = _raw_response(
-        guarded.port,
+    status, body = _raw_response(guarded.port, _completion_request(payload, authorization))
+    assert status.startswith(b"HTTP/1.1 200"), body  # before, a tab: 401 "Missing API key"
+
+
+def _completion_request(payload: bytes, authorization: str) -> bytes:
+    """A raw POST /v1/completions of a JSON `payload`, closing the connection after it."""
+    return (
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Authorization: " + authorization.encode() + b"\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(payload) + payload,
-    )  # fmt: skip
-    assert status.startswith(b"HTTP/1.1 200"), body  # before, a tab: 401 "Missing API key"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+    )
 
 
 def _rss_mb(server) -> float:
