@@ -304,3 +304,45 @@ def test_greedy_sampling_logprob_with_and_without_processors():
                 assert res.sampling_logprob != pytest.approx(res.logprob, abs=1e-3)
             else:
                 assert res.sampling_logprob == pytest.approx(res.logprob, abs=1e-6)
+
+
+def test_one_rows_logprobs_and_filters_do_not_pass_over_the_others():
+    """logprobs, top_k, top_p and min_p run over the rows that ask for them: one such row among
+    16 made a [16, V] log-softmax and filter passes that every row waited for (16 rows of 262k:
+    3.3 -> 11 ms a step). The ops are recorded as dispatched; the asking row's numbers are the
+    plain formulas'."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            x = args[0]
+            if name in ("_log_softmax", "lt", "topk") and x.ndim == 2 and x.shape[1] == V:
+                self.rows[name] = max(self.rows.get(name, 0), x.shape[0])
+            return func(*args, **(kwargs or {}))
+
+    B, V = 16, 4096
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, V, generator=g) * 3
+    plain = [SamplerRow(SamplingParams(temperature=t)) for t in [0.0] * 8 + [1.0] * 7]
+    asking = SamplingParams(temperature=1.0, logprobs=5, top_k=40, top_p=0.9, min_p=0.05)
+    rows = [*plain, SamplerRow(asking, torch.Generator().manual_seed(3))]
+    with Shapes() as seen:
+        results = Sampler(seed=0)(x.clone(), rows)
+    assert seen.rows and max(seen.rows.values()) == 1, seen.rows
+
+    lp = torch.log_softmax(x[-1], dim=-1)
+    got = results[-1]
+    assert got.logprob == lp[got.token_id].item()
+    values, ids = lp.topk(5)
+    assert got.top_logprobs == list(zip(ids.tolist(), values.tolist()))
+    p = torch.softmax(x[-1], dim=-1)  # top-k 40, then the 0.9 nucleus, then min-p 0.05
+    kept = p.topk(40).values
+    kept = kept[: int(torch.searchsorted(kept.cumsum(0), 0.9 * p.sum())) + 1]
+    assert p[got.token_id] >= max(kept[-1], 0.05 * kept[0])
+    for r in results[:-1]:
+        assert r.logprob is None and r.top_logprobs is None

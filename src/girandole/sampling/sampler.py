@@ -74,6 +74,19 @@ def prompt_tokens_of(row: SamplerRow) -> torch.Tensor:
     return cached[1]
 
 
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x's rows `rows` (x itself when they are all of them, in order)."""
+    if rows == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
+
+
+def _put_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """Write `values` (what _rows(x, rows) gave, changed) back into x's rows `rows`."""
+    if values is not x:
+        x.index_copy_(0, torch.tensor(rows, device=x.device), values)
+
+
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
     """The n most likely (token id, logprob) pairs of each row of a [R, V] logprob tensor."""
     if n <= 0:
@@ -167,13 +180,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampleResult]:
         """logits: float32 [B, V], modified in place. Returns one result per row."""
         B = logits.shape[0]
+        dev = logits.device
         want_lp = [r.params.logprobs is not None for r in rows]
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        asking = [i for i in range(B) if want_lp[i]]
+        # The raw log-softmax of the asking rows only (row j of raw_lp: rows[asking[j]]): one
+        # row's logprobs made a [B, V] pass that every row of the batch waited for
+        raw_lp = None
+        if asking:
+            raw_lp = torch.log_softmax(_rows(logits, asking), dim=-1)
 
         self._apply_bias_and_penalties(logits, rows)
         dead = self._apply_grammars(logits, rows)
 
-        dev = logits.device
         chosen = torch.empty(B, dtype=torch.long, device=dev)
         sampling_lp = torch.zeros(B, dtype=torch.float64, device=dev)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -182,14 +200,16 @@ class Sampler:
             g = logits if len(greedy) == B else logits.index_select(0, idx)
             ids = argmax_rows(g)
             chosen[idx] = ids
-            if any(want_lp[i] for i in greedy):
-                # Logits as the model gave them: the raw logprob is the sampling one.
-                source = raw_lp if all(keeps_raw_logits(rows[i]) for i in greedy) else None
-                if source is None:
-                    source = torch.log_softmax(g, dim=-1)
-                elif len(greedy) < B:
-                    source = source.index_select(0, idx)
-                sampling_lp[idx] = source.gather(1, ids[:, None])[:, 0].double()
+            told = [j for j, i in enumerate(greedy) if want_lp[i]]  # greedy rows that ask
+            if told:
+                at = [greedy[j] for j in told]
+                told_ids = ids if len(told) == len(greedy) else ids[told]
+                if all(keeps_raw_logits(rows[i]) for i in at):
+                    # Logits as the model gave them: the raw logprob is the sampling one.
+                    source = _rows(raw_lp, [asking.index(i) for i in at])
+                else:
+                    source = torch.log_softmax(_rows(g, told), dim=-1)
+                sampling_lp[at] = source.gather(1, told_ids[:, None])[:, 0].double()
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=dev)
@@ -207,20 +227,14 @@ class Sampler:
         if any(r.params.sampling_mask is not None for r in rows):
             self._masks(results, rows, sampled, probs if sampled else None, set(dead))
         if raw_lp is not None:
-            chosen_lp = raw_lp.gather(1, chosen[:, None])[:, 0].tolist()
+            chosen_lp = raw_lp.gather(1, _rows(chosen, asking)[:, None])[:, 0].tolist()
             sampling = sampling_lp.tolist()
-            asking = [i for i in range(B) if want_lp[i]]
             n_top = max(rows[i].params.logprobs for i in asking)
             # one top-n over every asking row (per row, torch's topk over 262k costs ~0.8 ms)
-            lp_rows = (
-                raw_lp
-                if len(asking) == B
-                else raw_lp.index_select(0, torch.tensor(asking, device=dev))
-            )
-            tops = top_logprobs(lp_rows, n_top)
-            for i, top in zip(asking, tops):
+            tops = top_logprobs(raw_lp, n_top)
+            for j, (i, top) in enumerate(zip(asking, tops)):
                 res = results[i]
-                res.logprob = chosen_lp[i]
+                res.logprob = chosen_lp[j]
                 res.sampling_logprob = sampling[i]
                 res.top_logprobs = top[: rows[i].params.logprobs]
         return results
@@ -308,22 +322,30 @@ class Sampler:
         temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=dev)
         probs = tempered_probs(logits, temps)
 
-        top_ks = [r.params.top_k for r in rows]
-        if any(k > 0 for k in top_ks):
-            values = top_values(probs, min(max(top_ks), probs.shape[-1]))
-            k_idx = torch.tensor([min(max(k, 1), values.shape[-1]) - 1 for k in top_ks], device=dev)
+        # Each filter runs over the rows that use it only: one row's top_k, top_p or min_p made
+        # a pass over every sampled row's vocabulary, which the whole batch waited for
+        using = [i for i, r in enumerate(rows) if r.params.top_k > 0]
+        if using:
+            sub = _rows(probs, using)
+            top_ks = [rows[i].params.top_k for i in using]
+            values = top_values(sub, min(max(top_ks), sub.shape[-1]))
+            k_idx = torch.tensor([min(k, values.shape[-1]) - 1 for k in top_ks], device=dev)
             kth = values.gather(1, k_idx[:, None])
-            kth[torch.tensor(top_ks, device=dev) == 0] = 0.0
-            probs.masked_fill_(probs < kth, 0.0)
+            _put_rows(probs, using, sub.masked_fill_(sub < kth, 0.0))
 
-        top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=dev)
-        if bool((top_ps < 1.0).any()):
-            probs = self._top_p(probs, top_ps)
+        using = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
+        if using:
+            top_ps = [rows[i].params.top_p for i in using]
+            top_ps_t = torch.tensor(top_ps, dtype=probs.dtype, device=dev)
+            _put_rows(probs, using, self._top_p(_rows(probs, using), top_ps_t))
 
-        min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype, device=dev)
-        if bool((min_ps > 0).any()):
-            threshold = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
-            probs.masked_fill_(probs < threshold, 0.0)
+        using = [i for i, r in enumerate(rows) if r.params.min_p > 0]
+        if using:
+            sub = _rows(probs, using)
+            min_ps = [rows[i].params.min_p for i in using]
+            min_ps_t = torch.tensor(min_ps, dtype=probs.dtype, device=dev)
+            threshold = sub.max(dim=-1, keepdim=True).values * min_ps_t[:, None]
+            _put_rows(probs, using, sub.masked_fill_(sub < threshold, 0.0))
 
         typical = [i for i, r in enumerate(rows) if r.params.typical_p < 1.0]
         for i in typical:
