@@ -750,3 +750,25 @@ def test_reasoning_of_merged_turns_joins_once_whatever_their_number():
     assert out == [{"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a" * 30_000,
                     "reasoning_content": "\n\n".join([thought] * 30_000)}]  # fmt: skip
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_blocks_cost_each_token_the_same(forced):
+    """A block's text (the text, or a call's arguments) grows in place: `+=` on the attribute
+    copied the whole block at every token (100,000 tokens of 8 characters: 1.5 s, the last
+    ones 20-40 us each, the first ones 1-2 us). Medians of the first and last 5,000 feeds."""
+    import statistics
+    import time
+
+    plan = ToolPlan([], "required", ["f"], True, False) if forced else None
+    blocks = OutputBlocks(plan)
+    head = '{"name": "f", "arguments": {"x": "' if forced else ""
+    times = []
+    for piece in [head, *["abcdefgh"] * 100_000]:
+        start = time.perf_counter()
+        blocks.feed(piece, False)
+        times.append(time.perf_counter() - start)
+    (block,) = blocks.blocks
+    assert block.text == ('{"x": "' if forced else "") + "abcdefgh" * 100_000
+    first, last = statistics.median(times[1:5001]), statistics.median(times[-5000:])
+    assert last < 4 * first, (first, last)

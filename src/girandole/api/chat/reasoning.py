@@ -220,8 +220,14 @@ class ReasoningSplitter:
                 content.append(self.pending)
                 self.pending = ""
         r, c = "".join(reasoning), "".join(content)
-        self.reasoning_text += r
-        self.content_text += c
+        # grown in place (each str held by nothing else): `self.reasoning_text += r` copied the
+        # whole output at every token, as an attribute's str is never resized in place
+        whole, self.reasoning_text = self.reasoning_text, ""
+        whole += r
+        self.reasoning_text = whole
+        whole, self.content_text = self.content_text, ""
+        whole += c
+        self.content_text = whole
         return r, c
 
     def finish(self) -> tuple[str, str]:

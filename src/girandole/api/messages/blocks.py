@@ -100,7 +100,7 @@ class OutputBlocks:
         if self._open is None or self._open.type != kind:
             events += self._start(Block(kind, len(self.blocks)))
         assert self._open is not None
-        self._open.text += text
+        _grow_text(self._open, text)
         events.append(("delta", self._open, text))
         return events
 
@@ -124,7 +124,7 @@ class OutputBlocks:
                 continue
             fragment = function.get("arguments") or ""
             if fragment:
-                block.text += fragment
+                _grow_text(block, fragment)
                 events.append(("delta", block, fragment))
         return events
 
@@ -137,6 +137,14 @@ class OutputBlocks:
     def _close(self) -> list[Event]:
         block, self._open = self._open, None
         return [("stop", block, "")] if block is not None else []
+
+
+def _grow_text(block: Block, text: str) -> None:
+    """`block.text += text`, in place (the str held by nothing else): on the attribute, the
+    whole block was copied at every token, as an attribute's str is never resized in place."""
+    whole, block.text = block.text, ""
+    whole += text
+    block.text = whole
 
 
 def feed_choice(
