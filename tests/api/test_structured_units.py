@@ -16,6 +16,7 @@ from girandole.api.chat.tool_calls import (
     parse_calls,
     scan_calls,
     unfence,
+    untag_calls,
 )
 from girandole.api.chat.tools import ToolPlan, call_schema, plan_tools, prompt_messages
 from girandole.api.http.errors import APIError
@@ -410,4 +411,35 @@ def test_a_fence_after_many_blanks_is_read_at_once():
     elapsed = time.perf_counter() - start
     assert parsed.arguments == '{"a": 1, "b": 2}'
     assert finish == "stop" and deltas == [{"content": "```" + "\n" * 3_000 + "x"}]
+    assert elapsed < 1.0, elapsed
+
+
+def test_many_tagged_calls_are_read_in_one_pass():
+    """Tagged calls are read by index: cutting the rest of the text off after each block
+    copied it, quadratic (50,000 blocks: 4.7 s of the event loop; now 0.05 s). The result is
+    the plain reading's (the reference below) on random texts."""
+    import random
+    import time
+
+    def plain(body: str) -> str:
+        parts, rest = [], body.strip()
+        while rest:
+            end = rest.find("</tool_call>") if rest.startswith("<tool_call>") else -1
+            if end < 0:
+                return body
+            parts.append(rest[len("<tool_call>") : end].strip())
+            rest = rest[end + len("</tool_call>") :].lstrip()
+        return "[" + ", ".join(parts) + "]" if parts else body
+
+    atoms = ["<tool_call>", "</tool_call>", " ", "\n", "\u2003", "{}", '{"name": "a"}', "x",
+             "<tool", "_call>", "</tool_call", ">"]  # fmt: skip
+    rng = random.Random(9)
+    for _ in range(20_000):
+        body = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 14)))
+        assert untag_calls(body) == plain(body), body
+    body = '<tool_call>{"name": "add", "arguments": {}}</tool_call>\n' * 50_000
+    start = time.perf_counter()
+    untagged = untag_calls(body)
+    elapsed = time.perf_counter() - start
+    assert untagged == "[" + ", ".join(['{"name": "add", "arguments": {}}'] * 50_000) + "]"
     assert elapsed < 1.0, elapsed

@@ -217,15 +217,19 @@ TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 def untag_calls(body: str) -> str:
     """Output that is only `<tool_call>{...}</tool_call>` blocks (Hermes', Qwen's format) as
     a JSON array of their bodies; any other output as it is. One pass over the text (a regex
-    of repeated lazy blocks backtracks exponentially on many blocks and an unclosed one)."""
+    of repeated lazy blocks backtracks exponentially on many blocks and an unclosed one), by
+    index (cutting the rest off after each block copied it: quadratic, 4.7 s for 50,000)."""
     parts: list[str] = []
-    rest = body.strip()
-    while rest:
-        end = rest.find(TAG_CLOSE) if rest.startswith(TAG_OPEN) else -1
+    text = body.strip()
+    i, n = 0, len(text)
+    while i < n:
+        end = text.find(TAG_CLOSE, i) if text.startswith(TAG_OPEN, i) else -1
         if end < 0:
             return body
-        parts.append(rest[len(TAG_OPEN) : end].strip())
-        rest = rest[end + len(TAG_CLOSE) :].lstrip()
+        parts.append(text[i + len(TAG_OPEN) : end].strip())
+        i = end + len(TAG_CLOSE)
+        while i < n and text[i].isspace():
+            i += 1
     return "[" + ", ".join(parts) + "]" if parts else body
 
 
