@@ -35,7 +35,6 @@ ask for nothing and are accepted; so is an effort that is only a hint, Anthropic
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +129,22 @@ def plan_reasoning(req: Any, template: str) -> ReasoningPlan | None:
     return ReasoningPlan(enabled, effort, budget, req.reasoning_history)
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
+def cut_think_blocks(text: str) -> str:
+    """`text` without its `<think>...</think>` blocks (and the blanks after each). By hand: the
+    regex it replaces searched to the end of the text again from every `<think>` with no
+    `</think>` after it, quadratic (88 KB of them: 3.6 s, holding the GIL while the prompt
+    was built)."""
+    parts, pos = [], 0
+    while (start := text.find(THINK_START, pos)) >= 0:
+        end = text.find(THINK_END, start + len(THINK_START))
+        if end < 0:
+            break  # no block closes after this one: none after it either
+        parts.append(text[pos:start])
+        pos = end + len(THINK_END)
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def apply_history(messages: list[dict[str, Any]], history: str | None) -> list[dict[str, Any]]:
@@ -144,7 +158,7 @@ def apply_history(messages: list[dict[str, Any]], history: str | None) -> list[d
         if message["role"] == "assistant" and (history == "disabled" or i < last_user):
             message = {k: v for k, v in message.items() if k != "reasoning_content"}
             if isinstance(message.get("content"), str):
-                message["content"] = _THINK_BLOCK.sub("", message["content"])
+                message["content"] = cut_think_blocks(message["content"])
         out.append(message)
     return out
 
