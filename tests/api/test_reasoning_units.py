@@ -195,3 +195,23 @@ def test_think_blocks_are_cut_in_one_pass():
     assert cut(unclosed) == unclosed
     assert cut(unclosed + "</think>\n b") == "b"  # the first <think> to the first </think>
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("after", ["</think>answer", "more</think>answer", "more", ""])
+def test_newlines_in_the_reasoning_cost_each_token_the_same(after):
+    """Newlines in the reasoning may precede </think>: they are set aside, not searched and
+    stripped again at every token (30,000 newline tokens took 3.4 s of the event loop,
+    100,000 37 s; now 0.06 s and 0.18 s), and the split is the plain one of the whole text."""
+    import time
+
+    pieces = ["<think>", "plan", *["\n"] * 30_000, after]
+    splitter = ReasoningSplitter.for_prompt(False)
+    start = time.perf_counter()
+    reasoning = content = ""
+    for piece in pieces:
+        r, c = splitter.feed(piece)
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.finish()
+    elapsed = time.perf_counter() - start
+    assert (reasoning + r, content + c) == split_reasoning("".join(pieces), False)
+    assert elapsed < 1.0, elapsed
