@@ -772,3 +772,25 @@ def test_blocks_cost_each_token_the_same(forced):
     assert block.text == ('{"x": "' if forced else "") + "abcdefgh" * 100_000
     first, last = statistics.median(times[1:5001]), statistics.median(times[-5000:])
     assert last < 4 * first, (first, last)
+
+
+@pytest.mark.parametrize(("mode", "n"), [("required", 3_000), ("auto", 8_000)])
+def test_many_calls_cost_each_token_the_same(mode, n):
+    """Streamed calls: the calls already whole and sent are not walked again at every token,
+    nor the call blocks counted again at every call (2,000 forced calls took 6.6 s of the
+    event loop, 8,000 119 s, now 0.07 s and 0.3 s; 8,000 auto calls 4.6 s at the finish, now
+    0.24 s). Each call is one block with its arguments, as the
+    whole text reads."""
+    import time
+
+    calls = [f'{{"name": "add", "arguments": {{"a": {k}}}}}' for k in range(n)]
+    text = "[" + ", ".join(calls) + "]"
+    blocks = OutputBlocks(ToolPlan([], mode, ["add"], True, False), None, n - 500)
+    start = time.perf_counter()
+    for k in range(0, len(text), 4):
+        blocks.feed(text[k : k + 4], False)
+    blocks.feed("", True, "stop")
+    elapsed = time.perf_counter() - start
+    assert [b.text for b in blocks.blocks] == [f'{{"a": {k}}}' for k in range(n - 500)]
+    assert blocks.finish_reason == "tool_calls"
+    assert elapsed < 1.5, elapsed

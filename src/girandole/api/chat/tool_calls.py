@@ -348,6 +348,9 @@ class ToolStream:
     # from it and the new text, not by stripping `text` again at every token (quadratic: 4.9 s
     # for 100,000 newline tokens)
     _head: str = ""
+    # calls before this one are whole and sent: not walked again at every token (walking all
+    # of them was quadratic in their number: 2,000 calls streamed in 6.6 s)
+    _done: int = 0
 
     def __post_init__(self) -> None:
         if self.plan is None or not self.plan.detects_calls:
@@ -387,7 +390,9 @@ class ToolStream:
             self.headers.append(new_call_id())
             self.sent.append(0)
             deltas.append(_call_delta(0, self.headers[0], forced, ""))
-        for k, span in enumerate(self.scanner.scan(self.text)):
+        calls = self.scanner.scan(self.text)
+        for k in range(self._done, len(calls)):
+            span = calls[k]
             if span.name is None:
                 break
             if k >= len(self.headers):
@@ -395,13 +400,14 @@ class ToolStream:
                 self.headers.append(call_id)
                 self.sent.append(0)
                 deltas.append(_call_delta(k, call_id, span.name, ""))
-            if span.args_start is None:
-                continue
-            end = span.args_end if span.args_end is not None else len(self.text)
-            start = span.args_start + self.sent[k]
-            if end > start:
-                deltas.append(_args_delta(k, self.text[start:end]))
-                self.sent[k] = end - span.args_start
+            if span.args_start is not None:
+                end = span.args_end if span.args_end is not None else len(self.text)
+                start = span.args_start + self.sent[k]
+                if end > start:
+                    deltas.append(_args_delta(k, self.text[start:end]))
+                    self.sent[k] = end - span.args_start
+            if k == self._done and k + 1 < len(calls):  # a later call began: this one is whole
+                self._done = k + 1
         return deltas
 
     def finish(self, finish_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:

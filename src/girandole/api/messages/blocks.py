@@ -74,6 +74,7 @@ class OutputBlocks:
         self.blocks: list[Block] = []
         self._open: Block | None = None
         self._call_blocks: dict[int, Block | None] = {}  # chat's call index -> block (None: cut)
+        self._made = 0  # call blocks made (counted, not summed again at each call: quadratic)
         self.finish_reason: str | None = None  # once finished
 
     def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
@@ -112,13 +113,13 @@ class OutputBlocks:
         for call in delta.get("tool_calls") or []:
             function = call["function"]
             if "id" in call:  # a call's header: a block of its own, unless past max_calls
-                made = sum(b is not None for b in self._call_blocks.values())
-                if self.max_calls is not None and made >= self.max_calls:
+                if self.max_calls is not None and self._made >= self.max_calls:
                     self._call_blocks[call["index"]] = None
                     continue
                 block = Block("call", len(self.blocks), call_id=call["id"], name=function["name"])
                 events += self._start(block)
                 self._call_blocks[call["index"]] = block
+                self._made += 1
             block = self._call_blocks[call["index"]]
             if block is None:
                 continue
