@@ -74,6 +74,7 @@ class OutputBlocks:
         self.blocks: list[Block] = []
         self._open: Block | None = None
         self._call_blocks: dict[int, Block | None] = {}  # chat's call index -> block (None: cut)
+        self._made = 0  # call blocks made (counted, not summed again at each call: quadratic)
         self.finish_reason: str | None = None  # once finished
 
     def feed(self, text: str, finished: bool, finish_reason: str | None = None) -> list[Event]:
@@ -100,7 +101,7 @@ class OutputBlocks:
         if self._open is None or self._open.type != kind:
             events += self._start(Block(kind, len(self.blocks)))
         assert self._open is not None
-        self._open.text += text
+        _grow_text(self._open, text)
         events.append(("delta", self._open, text))
         return events
 
@@ -112,19 +113,19 @@ class OutputBlocks:
         for call in delta.get("tool_calls") or []:
             function = call["function"]
             if "id" in call:  # a call's header: a block of its own, unless past max_calls
-                made = sum(b is not None for b in self._call_blocks.values())
-                if self.max_calls is not None and made >= self.max_calls:
+                if self.max_calls is not None and self._made >= self.max_calls:
                     self._call_blocks[call["index"]] = None
                     continue
                 block = Block("call", len(self.blocks), call_id=call["id"], name=function["name"])
                 events += self._start(block)
                 self._call_blocks[call["index"]] = block
+                self._made += 1
             block = self._call_blocks[call["index"]]
             if block is None:
                 continue
             fragment = function.get("arguments") or ""
             if fragment:
-                block.text += fragment
+                _grow_text(block, fragment)
                 events.append(("delta", block, fragment))
         return events
 
@@ -137,6 +138,14 @@ class OutputBlocks:
     def _close(self) -> list[Event]:
         block, self._open = self._open, None
         return [("stop", block, "")] if block is not None else []
+
+
+def _grow_text(block: Block, text: str) -> None:
+    """`block.text += text`, in place (the str held by nothing else): on the attribute, the
+    whole block was copied at every token, as an attribute's str is never resized in place."""
+    whole, block.text = block.text, ""
+    whole += text
+    block.text = whole
 
 
 def feed_choice(

@@ -44,7 +44,11 @@ class StreamBuffer:
         if held.since is None:
             held.since = now
         merged = held.update
-        merged.text += update.text
+        # grown in place (the str held by nothing else): `merged.text += update.text` copied
+        # all the held text at every token, as an attribute's str is never resized in place
+        text, merged.text = merged.text, ""
+        text += update.text
+        merged.text = text
         merged.entries += update.entries
         merged.token_ids += update.token_ids
         held.num_tokens += len(update.token_ids)
