@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from girandole.model.kernels.logits import argmax_rows, sampling_weights, top, top_values
@@ -45,8 +46,9 @@ class SampleResult:
     sampling_logprob: float | None = None  # after bias, penalties, temperature and filters
     top_logprobs: list[tuple[int, float]] | None = None  # raw top-N, most likely first
     dead_end: bool = False  # the grammar allowed no token at all: nothing was chosen
-    # params.sampling_mask: the tokens the sampling distribution allowed (non-zero probability)
-    sampling_mask: list[int] | None = None
+    # params.sampling_mask: the tokens the sampling distribution allowed (non-zero probability),
+    # ascending (an array: a list of up to 262k Python ints took ~9 ms a row on the engine thread)
+    sampling_mask: np.ndarray | None = None
 
 
 def logit_bias_of(row: SamplerRow, vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -254,11 +256,12 @@ class Sampler:
             if r.params.sampling_mask is None:
                 continue
             if i in dead:
-                results[i].sampling_mask = []
+                allowed = np.zeros(0, dtype=np.int32)
             elif i in position and probs is not None:
-                results[i].sampling_mask = probs[position[i]].nonzero()[:, 0].tolist()
+                allowed = probs[position[i]].nonzero()[:, 0].to(torch.int32).cpu().numpy()
             else:
-                results[i].sampling_mask = [results[i].token_id]
+                allowed = np.array([results[i].token_id], dtype=np.int32)
+            results[i].sampling_mask = allowed
 
     # -- logit processors ------------------------------------------------------------------
 

@@ -107,18 +107,19 @@ class LogprobTracker:
         )
 
 
-def mask_fields(mode: str | None, allowed: list[int] | None) -> dict[str, Any] | None:
+def mask_fields(mode: str | None, allowed: np.ndarray | None) -> dict[str, Any] | None:
     """A content entry's `sampling_mask` fields: `sampling_mask_count` (how many tokens the
     sampling distribution allowed) always; `sampling_mask` the allowed ids ("non_zero_list") or
     a bitmask of them, base64, bit i of byte i // 8 (least significant first) for token i
     ("non_zero_buffer"). None for prompt tokens (echo): nothing was sampled there."""
     if mode is None or allowed is None:
         return None
+    allowed = np.asarray(allowed, dtype=np.int64)
     out: dict[str, Any] = {"sampling_mask_count": len(allowed)}
     if mode == "non_zero_list":
-        out["sampling_mask"] = list(allowed)
+        out["sampling_mask"] = allowed.tolist()
     elif mode == "non_zero_buffer":
-        flags = np.zeros(max(allowed) + 1 if allowed else 0, dtype=np.uint8)
+        flags = np.zeros(int(allowed.max()) + 1 if len(allowed) else 0, dtype=np.uint8)
         flags[allowed] = 1
         bits = np.packbits(flags, bitorder="little").tobytes()
         out["sampling_mask"] = base64.b64encode(bits).decode("ascii")
