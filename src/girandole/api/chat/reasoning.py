@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.errors import bad_request
+from girandole.api.serving.growing_text import append_text
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -242,14 +243,8 @@ class ReasoningSplitter:
                 content.append(self.pending)
                 self.pending = ""
         r, c = "".join(reasoning), "".join(content)
-        # grown in place (each str held by nothing else): `self.reasoning_text += r` copied the
-        # whole output at every token, as an attribute's str is never resized in place
-        whole, self.reasoning_text = self.reasoning_text, ""
-        whole += r
-        self.reasoning_text = whole
-        whole, self.content_text = self.content_text, ""
-        whole += c
-        self.content_text = whole
+        append_text(self, "reasoning_text", r)
+        append_text(self, "content_text", c)
         return r, c
 
     def finish(self) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.chat.tools import ARGUMENT_KEYS, ToolPlan
+from girandole.api.serving.growing_text import append_text
 
 
 @dataclass
@@ -361,11 +362,7 @@ class ToolStream:
     def feed(self, new_text: str) -> list[dict[str, Any]]:
         if self.mode == "content":
             return [{"content": new_text}] if new_text else []
-        # grown in place (the str held by nothing else): `self.text += new_text` copied the
-        # whole text at every token, as an attribute's str is never resized in place
-        text, self.text = self.text, ""
-        text += new_text
-        self.text = text
+        append_text(self, "text", new_text)
         if self.mode == "undecided":
             head = self._head + new_text if self._head else new_text.lstrip()
             if not head:

@@ -26,6 +26,7 @@ from girandole.api.chat.reasoning import ReasoningPlan, reasoning_tokens, splitt
 from girandole.api.chat.tool_calls import ToolStream
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
+from girandole.api.serving.growing_text import append_text
 
 
 @dataclass
@@ -101,7 +102,7 @@ class OutputBlocks:
         if self._open is None or self._open.type != kind:
             events += self._start(Block(kind, len(self.blocks)))
         assert self._open is not None
-        _grow_text(self._open, text)
+        append_text(self._open, "text", text)
         events.append(("delta", self._open, text))
         return events
 
@@ -125,7 +126,7 @@ class OutputBlocks:
                 continue
             fragment = function.get("arguments") or ""
             if fragment:
-                _grow_text(block, fragment)
+                append_text(block, "text", fragment)
                 events.append(("delta", block, fragment))
         return events
 
@@ -138,14 +139,6 @@ class OutputBlocks:
     def _close(self) -> list[Event]:
         block, self._open = self._open, None
         return [("stop", block, "")] if block is not None else []
-
-
-def _grow_text(block: Block, text: str) -> None:
-    """`block.text += text`, in place (the str held by nothing else): on the attribute, the
-    whole block was copied at every token, as an attribute's str is never resized in place."""
-    whole, block.text = block.text, ""
-    whole += text
-    block.text = whole
 
 
 def feed_choice(

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from girandole.api.serving.choice import Update
+from girandole.api.serving.growing_text import append_text
 
 
 @dataclass
@@ -44,11 +45,7 @@ class StreamBuffer:
         if held.since is None:
             held.since = now
         merged = held.update
-        # grown in place (the str held by nothing else): `merged.text += update.text` copied
-        # all the held text at every token, as an attribute's str is never resized in place
-        text, merged.text = merged.text, ""
-        text += update.text
-        merged.text = text
+        append_text(merged, "text", update.text)
         merged.entries += update.entries
         merged.token_ids += update.token_ids
         held.num_tokens += len(update.token_ids)
