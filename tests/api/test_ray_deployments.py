@@ -213,8 +213,18 @@ def _wait_gauges(plane, deployment: str, check) -> dict[str, float]:
         gauges = _adapter_gauges(plane, deployment)
         if check(gauges):
             return gauges
-        assert time.monotonic() < deadline, gauges
+        assert time.monotonic() < deadline, f"{gauges}\n{_server_warnings(plane)}"
         time.sleep(0.3)
+
+
+def _server_warnings(plane) -> str:
+    """The server log's last warnings and errors (Ray's routing and replica deaths among them),
+    for a failing assertion's message."""
+    lines = [
+        line[:400] for line in plane.server.log().splitlines()
+        if "WARNING" in line or "ERROR" in line or '"warning"' in line or "died" in line
+    ]  # fmt: skip
+    return "\n".join(lines[-25:])
 
 
 def test_lora_adapter_on_two_replicas(plane):
@@ -261,8 +271,10 @@ def test_lora_adapter_on_two_replicas(plane):
         stop_server(embedded)
 
     base_model = f"{MODEL}#{pair}"
+    plane.wait("pair", 2)
     for i in range(4):  # short prompts, no shared prefix: by load, so both replicas are connected
         assert plane.complete(base_model, f"base {i}", max_tokens=2).status_code == 200
+    _wait_gauges(plane, pair, lambda g: len(g) == 2)
     fw = plane.fw()
     dm = fw.lora.load(model=adapter, deployment=pair)
     assert dm.state == "DEPLOYED" and dm.default is True
@@ -287,6 +299,7 @@ def test_lora_adapter_on_two_replicas(plane):
 
 def test_replica_killed_under_load(plane):
     name = f"{MODEL}#accounts/{ACCOUNT}/deployments/pair"
+    plane.wait("pair", 2)
     before = _usage_rows(plane)
 
     async def stream(i: int):
@@ -322,7 +335,8 @@ def test_replica_killed_under_load(plane):
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
-    assert len(gauges) == 2, gauges  # one series per replica, the load spread over both
+    # one series per replica, the load spread over both
+    assert len(gauges) == 2, f"{gauges}\n{_server_warnings(plane)}"
     assert sum(float(line.rsplit(" ", 1)[1]) for line in gauges) >= 1, gauges
     errors = [r for r in results if r[0] == "error"]
     done = [r for r in results if r[0] == "done"]

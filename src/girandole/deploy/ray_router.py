@@ -18,6 +18,7 @@ reads it on the request (replica_adapters.py): routing never fails for want of o
 from __future__ import annotations
 
 import itertools
+import os
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -27,6 +28,18 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 PREFIX_BLOCK_TOKENS = 16  # the engine's KV block size
 MAX_PREFIX_BLOCKS = 256  # a prompt's first 4,096 tokens decide
 MAX_HASHES_PER_REPLICA = 200_000  # least recently sent evicted past it
+
+# Before sending a request Ray asks the chosen replica its queue length, unless it has a recent
+# one, and passes over a replica that does not answer within 0.1 s (its default; longer only when
+# no replica answered). A replica that answers late is never cached, so on a loaded host (2 CPUs,
+# the other replica busy generating) an idle replica lost every request to the busy one, whose
+# length each answer refreshed: six concurrent streams all went to one of two replicas. Half a
+# second (up to 2 s) tolerates load; a hung replica costs a request ranked to it first that long
+# before the next one is tried. Ray's environment variables still set them.
+QUEUE_LEN_DEADLINE_S = float(os.environ.get("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", 0.5))
+MAX_QUEUE_LEN_DEADLINE_S = float(
+    os.environ.get("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", 2.0)
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,14 @@ def route_key_of(pending: PendingRequest | None) -> RouteKey | None:
     return key if isinstance(key, RouteKey) else None
 
 
-class PrefixAwareRouter(RequestRouter):
+class GirandoleRouter(RequestRouter):
+    """Ray's RequestRouter with the queue-length deadlines above."""
+
+    queue_len_response_deadline_s = QUEUE_LEN_DEADLINE_S
+    max_queue_len_response_deadline_s = MAX_QUEUE_LEN_DEADLINE_S
+
+
+class PrefixAwareRouter(GirandoleRouter):
     def initialize_state(self, imbalance: int = 8, **kwargs) -> None:
         self.imbalance = imbalance
         self.sent: dict[str, OrderedDict[int, None]] = {}  # replica id -> hashes sent there
@@ -176,7 +196,7 @@ class PrefixAwareRouter(RequestRouter):
         self.adapters_sent.pop(replica_id.unique_id, None)
 
 
-class RoundRobinRouter(RequestRouter):
+class RoundRobinRouter(GirandoleRouter):
     """Each replica in turn, whatever the prompt: the baseline prefix routing is measured on."""
 
     def initialize_state(self, **kwargs) -> None:
