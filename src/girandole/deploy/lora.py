@@ -16,6 +16,7 @@ import logging
 import secrets
 import string
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,10 @@ class DeployedModelManager:
         self.own_model = own_model
         self._own_engine = own_engine
         self._loading: dict[tuple[int, str], asyncio.Future] = {}
-        self._sources: dict[tuple[int, str], str] = {}  # (engine, adapter) -> folder it holds
+        # engine -> {adapter: the folder it holds}; weak: an entry goes with its replica (keyed
+        # by id(engine), the entries of every replica ever stopped stayed, and a new engine at
+        # a reused address inherited a stopped one's)
+        self._sources: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
         self._pending: set[tuple[str, str, str]] = set()  # (account, adapter, deployment) loading
         deployments.removal_listeners.append(self._deployment_removed)
 
@@ -177,6 +181,7 @@ class DeployedModelManager:
             unload = getattr(engine, "unload_lora", None)
             if unload is not None:
                 unload(record.model)
+            self._sources.get(engine, {}).pop(record.model, None)
         self.store.remove(account, deployed_model_id)
         if record.default:
             self._ensure_a_default(account, record.model)
@@ -217,7 +222,7 @@ class DeployedModelManager:
         adapter = self.catalog.get(model)
         if adapter is None or not adapter.is_adapter:
             raise invalid(f"{model} is no longer a LoRA adapter of the model registry", "model")
-        held = self._sources.get((id(engine), model), adapter.source)
+        held = self._sources.get(engine, {}).get(model, adapter.source)
         if model in names() and held == adapter.source:
             return  # else: added to the registry again from another folder, read that one
         await self._load_on(engine, adapter)
@@ -293,7 +298,7 @@ class DeployedModelManager:
             await asyncio.shield(pending)
         except ValueError as exc:  # AdapterError: it does not fit this base model
             raise invalid(f"LoRA adapter {adapter.name} cannot be loaded: {exc}", "model") from None
-        self._sources[key] = adapter.source
+        self._sources.setdefault(engine, {})[adapter.name] = adapter.source
 
     def _adapter(self, account: str, text: Any) -> CatalogModel:
         if not text or not isinstance(text, str):
