@@ -147,6 +147,23 @@ def test_a_405_is_fireworks_shaped_and_its_allow_lists_every_method(server):
     assert r.headers["allow"] == "GET, HEAD, POST, OPTIONS"
 
 
+def test_router_errors_on_anthropics_paths_are_anthropic_shaped(server):
+    # no route ran to set the shape (a 405, an unknown path): Anthropic's paths, and a request
+    # of the anthropic SDK anywhere, still get Anthropic's body, which its SDK reads
+    r = httpx.get(server.url + "/v1/messages", headers=server.headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST, OPTIONS"
+    body = r.json()
+    assert body["type"] == "error" and body["request_id"], body
+    assert body["error"] == {
+        "type": "invalid_request_error", "message": "Method Not Allowed: GET /v1/messages"
+    }  # fmt: skip
+    r = httpx.post(server.url + "/inference/v1/messages/nothing", headers=server.headers)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+    r = httpx.get(server.url + "/v1/nothing-here", headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 404 and r.json()["type"] == "error", r.text
+    assert_fireworks_error(httpx.get(server.url + "/v1/nothing-here"), 404)
+
+
 def test_a_plain_options_lists_the_methods(server):
     r = httpx.options(server.url + "/v1/models")  # no Origin: not a preflight
     assert r.status_code == 204 and r.headers["allow"] == "GET, HEAD, OPTIONS"

@@ -216,6 +216,10 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:  # the methods it takes: the Allow header (http/paths.py)
             message = f"Method Not Allowed: {request.method} {request.url.path}"
         error = APIError(exc.status_code, message, type=type_, code=code, headers=exc.headers)
+        if _anthropic_caller(request):  # no route ran to say so: a 404 or 405 of the router
+            from girandole.api.messages.shape import anthropic_error
+
+            request.state.error_body = anthropic_error
         return error_response(request, error)
 
     @app.exception_handler(RequestValidationError)
@@ -276,6 +280,18 @@ def request_id_of(request: Request) -> str | None:
         record = record_of(request)
         request_id = record.request_id if record is not None else None
     return request_id
+
+
+def _anthropic_caller(request: Request) -> bool:
+    """A request on Anthropic's paths (/v1/messages and under it), or from the `anthropic` SDK
+    (its anthropic-version header): its errors are in Anthropic's shape."""
+    if "anthropic-version" in request.headers:
+        return True
+    path = request.url.path
+    return any(
+        path == prefix + "/messages" or path.startswith(prefix + "/messages/")
+        for prefix in ("/v1", "/inference/v1")
+    )
 
 
 # A route of another API's shape sets `request.state.error_body` (a dependency that runs before
