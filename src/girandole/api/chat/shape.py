@@ -81,7 +81,9 @@ class ChatShape(ResponseShape):
         return {"delta": {"role": "assistant"}}
 
     def pieces(self, choice: Choice, text: str, finished: bool) -> list[dict[str, Any]]:
-        calls = self._calls.setdefault(choice.index, ToolStream(self.plan))
+        calls = self._calls.get(choice.index)
+        if calls is None:  # not setdefault: that built a ToolStream for every chunk
+            calls = self._calls[choice.index] = ToolStream(self.plan)
         echo, text = self._echo_split(choice, text)
         deltas: list[dict[str, Any]] = [{"content": echo}] if echo else []
         if self.reasoning is not None:
