@@ -9,13 +9,15 @@ halfway and resumed gives every custom_id exactly once. The output dataset's fil
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,13 @@ RUNNABLE = (PENDING, RUNNING, WRITING_RESULTS)  # picked up again after a restar
 FINAL = (COMPLETED, FAILED, CANCELLED)
 # a job made through another API's batches keeps that API's fields under its name
 OTHER_APIS = ("openai", "anthropic")
+
+# the jobs made through another API's batches; a query names the same text as its partial
+# index's WHERE, which SQLite needs to use the index
+_MADE_BY = {api: f"json_type(body, '$.{api}') IS NOT NULL" for api in OTHER_APIS}
+
+# a job's place in the lists: (created, job_id), the id breaking ties of the same instant
+JobKey = tuple[float, str]
 
 _FILENAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
@@ -71,6 +80,17 @@ _SCHEMA = (
     # the runner's look for work every 5 s (runnable_jobs): the few jobs not ended, among
     # every job ever made, without reading them all
     "CREATE INDEX IF NOT EXISTS batch_jobs_state ON batch_jobs (json_extract(body, '$.state'))",
+    # a list page reads its own rows: the account's jobs in (created, job_id) order, all of
+    # them (Fireworks' list) or those made through one API (OpenAI's, Anthropic's batches)
+    "CREATE INDEX IF NOT EXISTS batch_jobs_created ON batch_jobs (account, created, job_id)",
+    *(
+        f"CREATE INDEX IF NOT EXISTS batch_jobs_{api} ON batch_jobs (account, created, job_id)"
+        f" WHERE {_MADE_BY[api]}"
+        for api in OTHER_APIS
+    ),
+    # job_reading, under the lock every dataset upload takes: the jobs of one input dataset
+    "CREATE INDEX IF NOT EXISTS batch_jobs_input"
+    " ON batch_jobs (account, json_extract(body, '$.inputDatasetId'))",
 )
 
 
@@ -112,6 +132,8 @@ class BatchStore:
         # a dataset's row and files change together under it (a file placed, the dataset
         # deleted, its body updated): held briefly, never while bytes are written
         self.lock = threading.Lock()
+        # (account, dataset id) of the inputs a job being created counts now (under the lock)
+        self._counting: collections.Counter[tuple[str, str]] = collections.Counter()
         for statement in _SCHEMA:
             db.execute(statement)
         # bytes a stopped server was writing (partial_path): nothing will place them now
@@ -196,6 +218,26 @@ class BatchStore:
             data = path.read_bytes()
             parts.append(data if data.endswith(b"\n") or not data else data + b"\n")
         return b"".join(parts)
+
+    @contextlib.contextmanager
+    def counting_input(self, account: str, dataset_id: str) -> Iterator[None]:
+        """While a job being created counts its input's lines, until it is saved: a file that
+        would join the dataset meanwhile (`input_counted`) is refused, as it is once the job
+        exists; a file that joined after the count made the job's totalInputRequests stale."""
+        key = (account, dataset_id)
+        with self.lock:
+            self._counting[key] += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._counting[key] -= 1
+                if not self._counting[key]:
+                    del self._counting[key]
+
+    def input_counted(self, account: str, dataset_id: str) -> bool:
+        """Whether a job being created counts the dataset's lines now (asked under the lock)."""
+        return (account, dataset_id) in self._counting
 
     def partial_path(self) -> Path:
         """A new temporary file for bytes on their way into a dataset: outside the datasets'
@@ -283,9 +325,11 @@ class BatchStore:
 
     def list_jobs(self, account: str) -> list[dict[str, Any]]:
         """The account's jobs, oldest first, each with its progress (one query for all of
-        them: a query per job made a list of 5,000 jobs take 0.42 s)."""
+        them: a query per job made a list of 5,000 jobs take 0.42 s). A list route with a
+        filter or orderBy reads this; a plain page reads only its own jobs (page_jobs)."""
         rows = self.db.execute(
-            "SELECT job_id, body FROM batch_jobs WHERE account = ? ORDER BY created", (account,)
+            "SELECT job_id, body FROM batch_jobs WHERE account = ? ORDER BY created, job_id",
+            (account,),
         )
         sums = {
             job_id: tuple(values)
@@ -300,17 +344,93 @@ class BatchStore:
             for job_id, body in rows
         ]
 
+    def page_jobs(
+        self,
+        account: str,
+        limit: int,
+        *,
+        api: str | None = None,
+        above: JobKey | None = None,
+        below: JobKey | None = None,
+        descending: bool = False,
+        offset: int = 0,
+    ) -> list[tuple[JobKey, dict[str, Any]]]:
+        """Up to `limit` of the account's jobs, each with its key and progress, in key order
+        (`descending`: newest first): those whose key is past `above` and before `below`,
+        skipping `offset` (an old offset page token); `api`: only the jobs made through that
+        API's batches. Reads those rows and their results only, by the (account, created,
+        job_id) indexes, however long the account's history (list_jobs read all of it)."""
+        where = "account = ?"
+        params: list[Any] = [account]
+        if api is not None:
+            where += f" AND {_MADE_BY[api]}"
+        if above is not None:
+            where += " AND (created, job_id) > (?, ?)"
+            params += above
+        if below is not None:
+            where += " AND (created, job_id) < (?, ?)"
+            params += below
+        way = "DESC" if descending else "ASC"
+        rows = self.db.execute(
+            f"SELECT created, job_id, body FROM batch_jobs WHERE {where}"
+            f" ORDER BY created {way}, job_id {way} LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        sums = self._progress_sums(account, [job_id for _, job_id, _ in rows])
+        return [
+            ((created, job_id), _with_progress(json.loads(body), sums.get(job_id, _NO_RESULTS)))
+            for created, job_id, body in rows
+        ]
+
+    def _progress_sums(self, account: str, job_ids: list[str]) -> dict[str, tuple[int, ...]]:
+        """The `_PROGRESS_SUMS` of these jobs' result rows, by the results' primary key."""
+        sums: dict[str, tuple[int, ...]] = {}
+        for start in range(0, len(job_ids), 500):  # under any SQLite's limit of variables
+            chunk = job_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for job_id, *values in self.db.execute(
+                f"SELECT job_id, {_PROGRESS_SUMS} FROM batch_results"
+                f" WHERE account = ? AND job_id IN ({marks}) GROUP BY job_id",
+                (account, *chunk),
+            ):
+                sums[job_id] = tuple(values)
+        return sums
+
+    def count_jobs(self, account: str) -> int:
+        """How many jobs the account has (Fireworks' totalSize), from the index alone."""
+        return self.db.execute("SELECT COUNT(*) FROM batch_jobs WHERE account = ?", (account,))[0][
+            0
+        ]
+
+    def key_of(self, account: str, job_id: str, api: str, api_id: str) -> JobKey | None:
+        """The key of the job made through `api` whose id there is `api_id` (a list's cursor);
+        None when there is none."""
+        rows = self.db.execute(
+            "SELECT created FROM batch_jobs WHERE account = ? AND job_id = ?"
+            f" AND json_extract(body, '$.{api}.id') = ?",
+            (account, job_id, api_id),
+        )
+        return (rows[0][0], job_id) if rows else None
+
     def job_reading(self, account: str, dataset_id: str) -> dict[str, Any] | None:
         """A job that still needs the dataset as its input: one that has not ended (it reads
         the file again when it resumes after a restart), or a message batch (its results are
         read against its requests until the batch is deleted)."""
-        name = dataset_name(account, dataset_id)
-        for job in self.list_jobs(account):
-            if job.get("inputDatasetId") == name and (
-                job.get("state") not in FINAL or "anthropic" in job
-            ):
-                return job
-        return None
+        # by the input index: every upload asks this under the store's lock
+        marks = ", ".join("?" * len(FINAL))
+        rows = self.db.execute(
+            "SELECT job_id, body FROM batch_jobs"
+            " WHERE account = ? AND json_extract(body, '$.inputDatasetId') = ?"
+            f" AND (json_extract(body, '$.state') IS NULL"
+            f" OR json_extract(body, '$.state') NOT IN ({marks}) OR {_MADE_BY['anthropic']})"
+            # `+`: sort the few found (by the index of created, SQLite scanned every job)
+            " ORDER BY +created, +job_id LIMIT 1",
+            (account, dataset_name(account, dataset_id), *FINAL),
+        )
+        if not rows:
+            return None
+        job_id, body = rows[0]
+        return self.with_progress(account, job_id, json.loads(body))
 
     def unwritten_cancellations(self) -> list[tuple[str, str]]:
         """(account, job id) of the cancelled jobs whose output dataset was never written: the
@@ -435,6 +555,7 @@ _PROGRESS_SUMS = (
     "COUNT(*), COALESCE(SUM(ok), 0), COALESCE(SUM(prompt_tokens), 0),"
     " COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cached_tokens), 0)"
 )
+_NO_RESULTS = (0, 0, 0, 0, 0)
 
 
 def _with_progress(body: dict[str, Any], sums: tuple[int, ...]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ into objects (`status.code`); values are quoted strings, numbers, true/false or 
 from __future__ import annotations
 
 import base64
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -231,21 +232,46 @@ def encode_page_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode().rstrip("=")
 
 
+def encode_key_token(offset: int, key: tuple[float, str]) -> str:
+    """A token of a list paged by key (batch jobs: created, id): the next page starts past
+    `key`; `offset` (its place in the list) serves a read that pages by offset (a filter or
+    orderBy) as an `offset:` token would."""
+    created, name = key
+    text = f"key:{offset}:{created!r}:{name}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 def decode_page_token(token: str | None) -> int:
+    """The offset of a page token (a key token's too: a list paged by offset takes it)."""
+    return decode_key_token(token)[0]
+
+
+def decode_key_token(token: str | None) -> tuple[int, tuple[float, str] | None]:
+    """(offset, key) of a page token: `offset:N` (every token before keys, still taken: no
+    key), or `key:N:created:id`."""
     if not token:
-        return 0
+        return 0, None
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        kind, _, number = text.partition(":")
-        offset = int(number)
-        if kind != "offset" or offset < 0:
+        kind, _, rest = text.partition(":")
+        key: tuple[float, str] | None = None
+        if kind == "key":
+            rest, _, place = rest.partition(":")
+            created, _, name = place.partition(":")
+            key = (float(created), name)
+            if not name or not math.isfinite(key[0]):
+                raise ValueError
+        elif kind != "offset":
+            raise ValueError
+        offset = int(rest)
+        if offset < 0:
             raise ValueError
     except ValueError:
         raise QueryError(
             "pageToken is not a token this server gave: pass nextPageToken of the previous page",
             "pageToken",
         ) from None
-    return offset
+    return offset, key
 
 
 def select(

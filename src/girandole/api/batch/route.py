@@ -40,6 +40,12 @@ from girandole.batch.store import (
     job_name,
     now_text,
 )
+from girandole.registry.list_query import (
+    QueryError,
+    decode_key_token,
+    encode_key_token,
+    page_size_of,
+)
 from girandole.registry.naming import is_valid_id
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -190,33 +196,38 @@ async def create_job(
     except InputError as exc:
         raise bad_request(str(exc), "inferenceParameters") from None
     input_id = own_dataset_id(account, body.inputDatasetId, "inputDatasetId")
-    # reading and checking up to 500 MB of lines takes seconds: off the event loop
-    total = await asyncio.to_thread(input_lines, request, account, input_id)
-    if store_of(request).get_dataset(account, input_id) is None:  # deleted while it was read
-        raise bad_request(
-            f"inputDatasetId: {dataset_name(account, input_id)} does not exist", "inputDatasetId"
-        )
-    output_id = own_dataset_id(
-        account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
-    )
     store = store_of(request)
-    if store.get_job(account, job_id) is not None:
-        raise APIError(
-            409,
-            f"Batch inference job {job_name(account, job_id)} already exists",
-            type="error",
-            code="ALREADY_EXISTS",
+    # no file joins the input from its count until the job is saved (then the job refuses it):
+    # one that joined in between ran without being counted in totalInputRequests
+    with store.counting_input(account, input_id):
+        # reading and checking up to 500 MB of lines takes seconds: off the event loop
+        total = await asyncio.to_thread(input_lines, request, account, input_id)
+        if store.get_dataset(account, input_id) is None:  # deleted while it was read
+            raise bad_request(
+                f"inputDatasetId: {dataset_name(account, input_id)} does not exist",
+                "inputDatasetId",
+            )
+        output_id = own_dataset_id(
+            account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
         )
-    by = created_by(request)
-    output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
-    if not store.insert_dataset(account, output_id, output):
-        raise bad_request(
-            f"outputDatasetId: {dataset_name(account, output_id)} already exists; name a new one",
-            "outputDatasetId",
-        )
-    job = new_job(account, job_id, body.displayName or job_id, body.model, input_id, output_id,
-                  parameters, total, by, body.precision or "PRECISION_UNSPECIFIED")  # fmt: skip
-    return start_new_job(request, account, job_id, job)
+        if store.get_job(account, job_id) is not None:
+            raise APIError(
+                409,
+                f"Batch inference job {job_name(account, job_id)} already exists",
+                type="error",
+                code="ALREADY_EXISTS",
+            )
+        by = created_by(request)
+        output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
+        if not store.insert_dataset(account, output_id, output):
+            raise bad_request(
+                f"outputDatasetId: {dataset_name(account, output_id)} already exists;"
+                " name a new one",
+                "outputDatasetId",
+            )
+        job = new_job(account, job_id, body.displayName or job_id, body.model, input_id, output_id,
+                      parameters, total, by, body.precision or "PRECISION_UNSPECIFIED")  # fmt: skip
+        return start_new_job(request, account, job_id, job)
 
 
 def new_job(
@@ -257,8 +268,32 @@ async def list_jobs(
     account: str = Account,
     query: ListParams = ListQuery,
 ) -> dict:
-    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)  # the whole history
-    return listing(jobs, "batchInferenceJobs", query)
+    store = store_of(request)
+    if (query.filter or "").strip() or (query.order_by or "").replace(",", " ").split():
+        # a filter or order on any field (of any job: the fields a query may name): the whole
+        # history, paged by offset (a key token's offset too)
+        jobs = await asyncio.to_thread(store.list_jobs, account)
+        return listing(jobs, "batchInferenceJobs", query)
+    return await asyncio.to_thread(job_page, store, account, query)
+
+
+def job_page(store: BatchStore, account: str, query: ListParams) -> dict[str, Any]:
+    """A page of the account's jobs, oldest first, as `listing` cuts it from them all, read
+    alone: past the token's key (an old token's offset), one more job telling whether a next
+    page exists, and the count of all from the index."""
+    try:
+        size = page_size_of(query.page_size)
+        offset, key = decode_key_token(query.page_token)
+    except QueryError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    rows = store.page_jobs(account, size + 1, above=key, offset=0 if key else offset)
+    items = rows[:size]
+    next_token = encode_key_token(offset + size, items[-1][0]) if len(rows) > size else ""
+    return {
+        "batchInferenceJobs": [masked(job, query.read_mask) for _, job in items],
+        "nextPageToken": next_token,
+        "totalSize": store.count_jobs(account),
+    }
 
 
 @router.get("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Get a batch job")

@@ -223,12 +223,20 @@ def mark_ready(store: BatchStore, account: str, dataset_id: str, body: dict[str,
 
 def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[], None]:
     """The check a file's bytes pass as they join the dataset, under the store's lock (they
-    arrived over seconds): the dataset still exists (404) and no batch job reads it (400)."""
+    arrived over seconds): the dataset still exists (404) and no batch job reads it, nor one
+    being created counts its lines (400)."""
 
     def check() -> None:
         if store.get_dataset(account, dataset_id) is None:
             raise not_found(account, dataset_id)
         not_read_by_a_job(store, account, dataset_id)
+        if store.input_counted(account, dataset_id):
+            raise APIError(
+                400,
+                f"Dataset {dataset_name(account, dataset_id)} is the input of a batch job being"
+                " created, which counts its lines now",
+                code="FAILED_PRECONDITION",
+            )
 
     return check
 

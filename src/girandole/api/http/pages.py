@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from girandole.api.http.errors import bad_request
+from girandole.api.http.errors import APIError, bad_request
 
 T = TypeVar("T")
 
@@ -30,17 +30,27 @@ def list_page(
     start, end = 0, len(items)
     for cursor, param in zip((after, before), cursor_names, strict=True):
         if cursor is not None and cursor not in ids:
-            raise bad_request(f"No item with id '{cursor}', field: '{param}'", param)
+            raise no_item(cursor, param)
     if after is not None:
         start = ids.index(after) + 1
     if before is not None:
         end = ids.index(before)
     window = items[start:end]
     data = [render(item) for item in (window[-limit:] if tail else window[:limit])]
+    return page_json(data, len(window) > limit)
+
+
+def page_json(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """The page of `data` (a store's page read by key uses this alone, cutting nothing)."""
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": len(window) > limit,
+        "has_more": has_more,
     }
+
+
+def no_item(cursor: str, param: str) -> APIError:
+    """list_page's 400 for a cursor that names no item."""
+    return bad_request(f"No item with id '{cursor}', field: '{param}'", param)

@@ -36,12 +36,12 @@ from girandole.api.datasets.route import created_by, mark_ready, new_dataset
 from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
-from girandole.api.http.pages import list_page
+from girandole.api.http.pages import no_item, page_json
 from girandole.api.messages.route import anthropic_errors
 from girandole.api.openai_batch.files import KeyAccount
 from girandole.batch.lines import MESSAGES, InputError, read_input
 from girandole.batch.runner import MAX_INPUT_LINES
-from girandole.batch.store import CANCELLED, FAILED, FINAL, BatchStore, job_name
+from girandole.batch.store import CANCELLED, FAILED, FINAL, BatchStore, JobKey, job_name
 from girandole.registry.deployments import format_time, parse_time
 
 BATCH_ID = re.compile(r"msgbatch_[0-9a-f]{32}")
@@ -196,13 +196,32 @@ async def list_batches(
     after_id: str | None = None,
     before_id: str | None = None,
 ) -> dict[str, Any]:
-    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)  # the whole history
-    jobs = [j for j in jobs if "anthropic" in j][::-1]
-    page = list_page(
-        jobs, limit, after_id, before_id, id_of=lambda j: j["anthropic"]["id"],
-        render=lambda j: batch_json(request, account, j),
-        tail=before_id is not None and after_id is None, cursor_names=("after_id", "before_id"),
-    )  # fmt: skip
+    store = store_of(request)
+
+    def key(batch_id: str | None, param: str) -> JobKey | None:
+        if batch_id is None:
+            return None
+        job_id = job_id_of(batch_id)
+        found = store.key_of(account, job_id, "anthropic", batch_id) if job_id else None
+        if found is None:
+            raise no_item(batch_id, param)
+        return found
+
+    def read() -> tuple[list[dict[str, Any]], bool]:
+        # newest first: after_id's older ones, before_id's newer ones; only the page's batches
+        # and one more telling whether there are more
+        below, above = key(after_id, "after_id"), key(before_id, "before_id")
+        if before_id is not None and after_id is None:
+            # the page just before before_id: the newer ones nearest it, read upward, turned
+            rows = store.page_jobs(account, limit + 1, api="anthropic", above=above)
+            return [job for _, job in rows[:limit][::-1]], len(rows) > limit
+        rows = store.page_jobs(
+            account, limit + 1, api="anthropic", above=above, below=below, descending=True
+        )
+        return [job for _, job in rows[:limit]], len(rows) > limit
+
+    jobs, more = await asyncio.to_thread(read)
+    page = page_json([batch_json(request, account, j) for j in jobs], more)
     del page["object"]  # Anthropic's page: data, has_more, first_id, last_id
     return page
 

@@ -34,7 +34,7 @@ from girandole.api.datasets.route import created_by, new_dataset
 from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
-from girandole.api.http.pages import list_page
+from girandole.api.http.pages import no_item, page_json
 from girandole.api.openai_batch.files import KeyAccount, files_of, get_file, no_such_file
 from girandole.api.serving.target import resolve_target
 from girandole.batch.files import BATCH_OUTPUT, FileStore
@@ -251,14 +251,21 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    # in a thread: the account's whole history is read (thousands of jobs: a tenth of a
-    # second and more, which held every stream)
-    jobs = await asyncio.to_thread(store_of(request).list_jobs, account)
-    jobs = [j for j in jobs if "openai" in j][::-1]
-    return list_page(
-        jobs, limit, after, id_of=lambda j: j["openai"]["id"],
-        render=lambda j: batch_json(request, account, j),
-    )  # fmt: skip
+    store = store_of(request)
+
+    def read() -> list[dict[str, Any]]:
+        # only the page's batches, newest first, and one more telling whether there are more
+        below = None
+        if after is not None:
+            job_id = job_id_of(after)
+            below = store.key_of(account, job_id, "openai", after) if job_id else None
+            if below is None:
+                raise no_item(after, "after")
+        rows = store.page_jobs(account, limit + 1, api="openai", below=below, descending=True)
+        return [job for _, job in rows]
+
+    jobs = await asyncio.to_thread(read)
+    return page_json([batch_json(request, account, j) for j in jobs[:limit]], len(jobs) > limit)
 
 
 @router.get("/batches/{batch_id}", summary="A batch's object")
