@@ -60,6 +60,8 @@ class Recorder:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.seen: list[dict[str, Any]] = []
+        self.hold_deletes: threading.Event | None = None  # a session's end waits until it is set
+        self.held = 0  # session ends waiting for it now
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -68,6 +70,13 @@ class Recorder:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         entry: dict[str, Any] = {"method": scope["method"], "headers": headers, "rpc": None}
         self.seen.append(entry)
+        held = self.hold_deletes
+        if scope["method"] == "DELETE" and held is not None:
+            self.held += 1
+            try:
+                await asyncio.to_thread(held.wait, 30)
+            finally:
+                self.held -= 1
 
         async def recorded() -> Any:
             message = await receive()

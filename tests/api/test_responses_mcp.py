@@ -7,6 +7,8 @@ turns that do not list again, approvals, allowed_tools, headers, and the 4xx."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -244,6 +246,35 @@ def test_client_gone_during_a_call(client, server, mcp):
     )
     assert r.status in ("completed", "incomplete")
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_cancel_while_its_sessions_close_leaves_it_as_it_ended(server, mcp):
+    """A background response ends (saved completed), then closes its MCP sessions (a DELETE per
+    session, up to 5 s); a cancel in that window used to save it `cancelled`."""
+    mcp.http.hold_deletes = threading.Event()
+    try:
+        r = post(server, {"input": QUESTION, "tools": [calc(mcp)], "tool_choice": ADD,
+                          "max_tool_calls": 1, "max_output_tokens": 48, "temperature": 0,
+                          "background": True})  # fmt: skip
+        assert r.status_code == 200, r.text
+        rid = r.json()["id"]
+        url = f"{server.url}/v1/responses/{rid}"
+        deadline = time.monotonic() + 120
+        while (ended := httpx.get(url, headers=server.headers).json()["status"]) not in (
+            "completed", "incomplete"
+        ):  # fmt: skip
+            assert ended in ("queued", "in_progress") and time.monotonic() < deadline, ended
+            time.sleep(0.05)
+        assert "tools/call" in mcp.http.rpcs()
+        while mcp.http.seen[-1]["method"] != "DELETE":  # the call's session closing, held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cancel = httpx.post(url + "/cancel", headers=server.headers, timeout=30)
+        assert cancel.status_code == 200 and cancel.json()["status"] == ended, cancel.text
+        assert httpx.get(url, headers=server.headers).json()["status"] == ended
+    finally:
+        mcp.http.hold_deletes.set()
+        mcp.http.hold_deletes = None
 
 
 WEATHER = {"type": "function", "name": "add", "parameters": WEATHER_PARAMETERS}

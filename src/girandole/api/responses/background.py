@@ -221,6 +221,11 @@ class BackgroundResponses:
                     status = fields["response"]["status"]  # completed, or incomplete
             record.status = 200
         except asyncio.CancelledError:
+            if status in ("completed", "incomplete"):
+                # ended and saved already; the cancel came while its MCP sessions closed (up to
+                # 5 s): it stays as it ended (it was saved `cancelled`, its webhook too)
+                record.status = 200
+                return
             record.status, status = 499, run.end_as
             body = shape.response(job, run.end_as, shape.output_so_far(), _usage(record))
             if run.end_as == "failed":
