@@ -436,3 +436,15 @@ def test_an_input_deleted_while_a_batch_is_created_from_it(server):
     seen = asyncio.run(rounds())
     assert all(s in ((200, 400), (404, 200), (400, 200)) for s in seen), seen
     server.wait_idle()
+
+
+def test_an_uploaded_files_dataset_takes_no_other_file(client, server):
+    """A file uploaded through /v1/files is a dataset of its own (the file's id) to Fireworks'
+    API, whose :upload could add a file to it: a batch of it counted the lines of its one file
+    and then ran every file's. Its content is fixed now: the upload is a 400."""
+    uploaded = client.files.create(file=("fixed.jsonl", jsonl([line("a", "hi")])), purpose="batch")
+    url = f"{server.url}/v1/accounts/{ACCOUNT}/datasets/{uploaded.id}:upload"
+    r = httpx.post(url, headers=server.headers, files={"file": ("more.jsonl", b"{}\n")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+    assert uploaded.id in r.json()["error"]["message"]
+    assert client.files.content(uploaded.id).read() == jsonl([line("a", "hi")])

@@ -62,6 +62,18 @@ def disk_name(filename: str) -> str:
     return name or "file.jsonl"
 
 
+def is_uploaded_file(batch: BatchStore, account: str, dataset_id: str) -> bool:
+    """Whether the dataset holds a file uploaded through OpenAI's Files API (its dataset has the
+    file's id): a file's content is fixed, and a batch of it counts the lines of that one file."""
+    if not batch.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'"):
+        return False  # made by the first FileStore: no file was ever uploaded
+    rows = batch.db.execute(
+        "SELECT 1 FROM files WHERE account = ? AND file_id = ? AND dataset_id = ?",
+        (account, dataset_id, dataset_id),
+    )
+    return bool(rows)
+
+
 class FileStore:
     def __init__(self, batch: BatchStore) -> None:
         self.batch = batch

@@ -41,6 +41,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
+from girandole.batch.files import is_uploaded_file
 from girandole.batch.store import FINAL, BatchStore, dataset_name, is_valid_filename, now_text
 from girandole.registry.list_query import (
     QueryError,
@@ -230,6 +231,13 @@ def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[],
         if store.get_dataset(account, dataset_id) is None:
             raise not_found(account, dataset_id)
         not_read_by_a_job(store, account, dataset_id)
+        if is_uploaded_file(store, account, dataset_id):
+            raise APIError(
+                400,
+                f"Dataset {dataset_name(account, dataset_id)} holds the file {dataset_id} uploaded"
+                " through /v1/files, whose content is fixed: upload a new file instead",
+                code="FAILED_PRECONDITION",
+            )
         if store.input_counted(account, dataset_id):
             raise APIError(
                 400,
