@@ -223,7 +223,7 @@ class BackgroundResponses:
         except asyncio.CancelledError:
             if status in ("completed", "incomplete"):
                 # ended and saved already; the cancel came while its MCP sessions closed (up to
-                # 5 s): it stays as it ended (it was saved `cancelled`, its webhook too)
+                # 5 s): it stays as it ended (before, `cancelled` was saved over it and sent)
                 record.status = 200
                 return
             record.status, status = 499, run.end_as
