@@ -285,7 +285,9 @@ def request_id_of(request: Request) -> str | None:
 def _anthropic_caller(request: Request) -> bool:
     """A request on Anthropic's paths (/v1/messages and under it), or from the `anthropic` SDK
     (its anthropic-version header): its errors are in Anthropic's shape."""
-    if "anthropic-version" in request.headers:
+    from girandole.api.models.anthropic import wants_anthropic  # it imports this module
+
+    if wants_anthropic(request):
         return True
     path = request.url.path
     return any(
