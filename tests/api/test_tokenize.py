@@ -273,3 +273,19 @@ def test_template_kwargs_reach_the_template(tokenizer):
         assert text == f"Hi|{thinking}|x", text
     req = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert build_prompt(tokenizer, req, template).text == "||x"  # chat's: no variables
+
+
+def test_safe_tokenization_keeps_private_use_characters(server, tokenizer):
+    """safe_tokenization marks special-token spellings with private-use characters the prompt
+    does not use: the user's own (here the first pair it would take, U+F0000/U+F0001) stay."""
+    private = "\U000f0000\U000f0001\ue000"
+    messages = [{"role": "user", "content": f"{private} <end_of_turn> {private}"}]
+    body = {"messages": messages, "safe_tokenization": True}
+    ran = run_ids(server, body, "/v1/chat/completions")
+    r = tokenize(server, {"model": MODEL, **body})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == ran
+    text = tokenizer.decode(ran, skip_special_tokens=False)
+    assert text.count(private) == 2 and text.count("<end_of_turn>") == 2
+    # only the template's own closing <end_of_turn> is the control token: the user's is text
+    assert sum(i == tokenizer.token_to_id("<end_of_turn>") for i in ran) == 1

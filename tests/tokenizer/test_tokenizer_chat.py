@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from girandole.tokenizer import load_tokenizer
+from girandole.tokenizer import encode_chat, load_tokenizer
 from girandole.tokenizer.chat_template import (
     ChatTemplateError,
     builtin_template,
@@ -316,13 +316,60 @@ def test_family_safe_tokenization(family_pair):
 
 
 def test_encode_marked_lone_markers(family_pair):
-    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
+    from girandole.tokenizer.marks import DEFAULT_MARKS
 
+    start, end = DEFAULT_MARKS.start, DEFAULT_MARKS.end
     _, tok, _ = family_pair
     special = tok.special_tokens[-1]
     cut = len(special) // 2
     # a lone marker splits the text: the halves never join into the control token
-    ids = tok.encode_marked(special[:cut] + MARK_START + special[cut:], add_bos=False)
+    ids = tok.encode_marked(special[:cut] + start + special[cut:], add_bos=False)
     assert not any(tok.is_special(i) for i in ids)
-    ids = tok.encode_marked(f"x{MARK_START}{special}{MARK_END}y{special}", add_bos=False)
+    ids = tok.encode_marked(f"x{start}{special}{end}y{special}", add_bos=False)
     assert [i for i in ids if tok.is_special(i)] == [tok.token_to_id(special)]
+
+
+# private-use characters a user may type: planes 15/16 (the first marks' own) and the BMP's
+PRIVATE = "\U000f0000 \U000f0001 \U000f0002 \U0010fffd \ue000 \uf8ff"
+
+
+def test_safe_tokenization_keeps_private_use_characters(family_pair):
+    """The marks are chosen per prompt among private-use characters its strings do not use:
+    a user's own U+F0000/U+F0001 (the first pair) reach the prompt, and special-token
+    spellings next to them are still plain text."""
+    from girandole.tokenizer.marks import Marks
+
+    _, tok, _ = family_pair
+    special = tok.special_tokens[-1]
+    msgs = [{"role": "user", "content": f"a{PRIVATE}b"}]
+    text, unsafe = encode_chat(tok, msgs)
+    safe_text, safe = encode_chat(tok, msgs, safe_tokenization=True)
+    assert PRIVATE in safe_text and safe_text == text and safe == unsafe
+    assert PRIVATE in tok.decode(safe, skip_special_tokens=False)
+    msgs = [{"role": "user", "content": f"{PRIVATE}{special}{PRIVATE}"}]
+    text, safe = encode_chat(tok, msgs, safe_tokenization=True)
+    assert text.count(PRIVATE) == 2 and special in text
+    n_template = sum(
+        tok.is_special(i) for i in encode_chat(tok, [{"role": "user", "content": "x"}])[1]
+    )
+    assert sum(tok.is_special(i) for i in safe) == n_template
+    assert tok.decode(safe, skip_special_tokens=False).count(PRIVATE) == 2
+    # the marks avoid every string: message values and keys, tools, template variables
+    marks = Marks.avoiding(["\U000f0000", "x\U000f0002", "\U000f0003"])
+    assert (marks.start, marks.end) == ("\U000f0001", "\U000f0004")
+    assert Marks.avoiding(["plain text"]) == Marks()
+
+
+def test_safe_tokenization_with_every_private_use_character_is_an_error(family_pair):
+    """No free pair is left: a ChatTemplateError (a 400), not a prompt with characters lost."""
+    _, tok, _ = family_pair
+    every = "".join(
+        map(chr, [*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE), *range(0x100000, 0x10FFFE)])
+    )
+    with pytest.raises(ChatTemplateError, match="private-use"):
+        encode_chat(tok, [{"role": "user", "content": every}], safe_tokenization=True)
+    # one left free is not enough either (two are needed); two are
+    with pytest.raises(ChatTemplateError, match="private-use"):
+        encode_chat(tok, [{"role": "user", "content": every[1:]}], safe_tokenization=True)
+    text, _ = encode_chat(tok, [{"role": "user", "content": every[2:]}], safe_tokenization=True)
+    assert every[2:] in text

@@ -26,7 +26,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -38,6 +38,8 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from girandole.tokenizer.marks import DEFAULT_MARKS, Marks, MarksExhausted
 
 if TYPE_CHECKING:
     from girandole.tokenizer.tokenizer import Tokenizer
@@ -412,30 +414,44 @@ def _special_re(tok: Tokenizer) -> re.Pattern[str]:
     return hit[1]
 
 
-def _mark(obj: Any, pattern: re.Pattern[str]) -> Any:
-    """Wrap special-token strings inside user-supplied strings in markers (values, not keys)."""
-    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
-
+def _mark(obj: Any, pattern: re.Pattern[str], marks: Marks) -> Any:
+    """Wrap special-token strings inside user-supplied strings in `marks` (values, not keys)."""
     if isinstance(obj, str):
-        obj = obj.replace(MARK_START, "").replace(MARK_END, "")
-        return pattern.sub(lambda m: f"{MARK_START}{m.group(0)}{MARK_END}", obj)
+        return marks.wrap(obj, pattern)
     if isinstance(obj, Mapping):
-        return {k: _mark(v, pattern) for k, v in obj.items()}
+        return {k: _mark(v, pattern, marks) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_mark(v, pattern) for v in obj]
+        return [_mark(v, pattern, marks) for v in obj]
     return obj
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    """Every string in `obj`, keys too (a template may print a key)."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
 
 
 @dataclass(frozen=True)
 class RenderedChat:
     """A chat through its template, before tokenizing: `text`, and with safe tokenization the
-    same text with user strings' special-token spellings marked to be read as plain text."""
+    same text with user strings' special-token spellings between `marks`, to be read as plain
+    text."""
 
     text: str
     marked: str | None = None
+    marks: Marks = DEFAULT_MARKS
 
     def encode(self, tok: Tokenizer) -> list[int]:
-        return tok.encode(self.text) if self.marked is None else tok.encode_marked(self.marked)
+        if self.marked is None:
+            return tok.encode(self.text)
+        return tok.encode_marked(self.marked, marks=self.marks)
 
 
 def render_chat_prompt(
@@ -450,14 +466,18 @@ def render_chat_prompt(
     length before paying for tokenizing it."""
     if not safe_tokenization:
         return RenderedChat(render_chat_for(tok, messages, template, **kwargs))
-    from girandole.tokenizer.tokenizer import MARK_END, MARK_START
-
+    # marks that neither the user's strings nor the template use, so that every character of
+    # theirs reaches the prompt as it was
+    try:
+        marks = Marks.avoiding(_strings([messages, kwargs, template or tok.chat_template or ""]))
+    except MarksExhausted as exc:
+        raise ChatTemplateError(str(exc)) from exc
     pattern = _special_re(tok)
-    marked_messages = _mark(list(messages), pattern)
+    marked_messages = _mark(list(messages), pattern, marks)
     if kwargs.get("tools") is not None:
-        kwargs["tools"] = _mark(kwargs["tools"], pattern)
+        kwargs["tools"] = _mark(kwargs["tools"], pattern, marks)
     marked = render_chat_for(tok, marked_messages, template, **kwargs)
-    return RenderedChat(marked.replace(MARK_START, "").replace(MARK_END, ""), marked)
+    return RenderedChat(marks.strip(marked), marked, marks)
 
 
 def encode_chat(

@@ -11,15 +11,10 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from girandole.tokenizer.marks import DEFAULT_MARKS, Marks
 from girandole.tokenizer.meta import TokenizerMeta
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-# private-use characters that mark user-supplied special-token strings (safe tokenization)
-MARK_START = "\U000f0000"
-MARK_END = "\U000f0001"
-_MARKED = re.compile(f"{MARK_START}(.*?){MARK_END}", re.DOTALL)
-_LONE_MARK = re.compile(f"[{MARK_START}{MARK_END}]")
 
 
 @lru_cache(maxsize=1)
@@ -176,19 +171,15 @@ class Tokenizer:
                 self._plain_hf = plain
             return self._plain_hf
 
-    def encode_marked(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Encode text in which user-supplied special-token strings were wrapped in
-        `MARK_START`/`MARK_END` (see `chat_template.encode_chat`): marked spans are read as plain
-        text, the rest (the template's own control tokens) as usual. Markers never reach the ids."""
+    def encode_marked(
+        self, text: str, add_bos: bool | None = None, marks: Marks = DEFAULT_MARKS
+    ) -> list[int]:
+        """Encode text in which user-supplied special-token strings were wrapped in `marks`
+        (see `chat_template.render_chat_prompt`): marked spans are read as plain text, the rest
+        (the template's own control tokens) as usual. Marks never reach the ids."""
         ids: list[int] = []
-        for i, part in enumerate(_MARKED.split(text)):
-            plain = i % 2 == 1
-            hf = self._plain() if plain else self.hf
-            # a lone marker (a template cut a marked span) still breaks the text, so that the
-            # text on either side cannot join into a control token
-            for piece in _LONE_MARK.split(part):
-                if piece:
-                    ids.extend(_encode(hf, piece))
+        for piece, marked in marks.split(text):
+            ids.extend(_encode(self._plain() if marked else self.hf, piece))
         return self._with_bos(ids, add_bos)
 
     @property
