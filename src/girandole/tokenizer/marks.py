@@ -46,8 +46,9 @@ class Marks:
         start, end = next(free, None), next(free, None)
         if start is None or end is None:
             raise MarksExhausted(
-                "safe_tokenization: the messages use every private-use character, and one is "
-                "needed to mark their special-token strings"
+                "the messages use all but at most one private-use character (U+E000-U+F8FF, "
+                "U+F0000-U+10FFFD); safe tokenization needs two free ones to mark the "
+                "special-token spellings in them as text"
             )
         return cls(start, end)
 
