@@ -10,11 +10,17 @@ purpose (at once, after a random delay, or mid-stream after a few events). After
 - the server's memory (RSS) after the run is flat against a sample taken after warm-up;
 - the usage table holds exactly one row per request sent (aborted ones included).
 
+With `--wide`, half the requests use the rest of the surface as well: logprobs and
+top_logprobs, echo (max_tokens 0 included), JSON mode and JSON schemas, tools (auto and
+required), and the Messages, Responses and embeddings routes, each answer checked in its own
+shape.
+
 It prints a summary ending in `loss = N` (requests lost or wrong); exit status 0 when every
 check passes.
 
     .venv/bin/python benchmarks/soak.py                       # default model, 512 requests
     .venv/bin/python benchmarks/soak.py --requests 2000 --clients 64 --model PATH
+    .venv/bin/python benchmarks/soak.py --wide --seed 3           # the wider surface too
 """
 
 from __future__ import annotations
@@ -125,12 +131,115 @@ def random_body(rng: random.Random, model: str) -> tuple[str, dict]:
     return "/v1/completions", body
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]},
+        },
+    }
+]  # fmt: skip
+
+
+def wide_body(rng: random.Random, model: str) -> tuple[str, dict]:
+    """A request using one more feature of the surface (`--wide`)."""
+    prompt = rng.choice(PROMPTS)
+    stream = rng.random() < 0.5
+    kind = rng.choice(["logprobs", "echo", "json", "schema", "tools", "messages", "responses",
+                       "embeddings"])  # fmt: skip
+    if kind == "logprobs":
+        if rng.random() < 0.5:
+            body = {"prompt": prompt, "logprobs": rng.randint(0, 5)}
+            path = "/v1/completions"
+        else:
+            body = {"messages": [{"role": "user", "content": prompt}], "logprobs": True,
+                    "top_logprobs": rng.randint(0, 5)}  # fmt: skip
+            path = "/v1/chat/completions"
+        body |= {"max_tokens": rng.randint(1, 16), "stream": stream, "n": rng.choice([1, 1, 2])}
+        return path, {"model": model, **body}
+    if kind == "echo":  # scoring, as lm-evaluation-harness does it
+        return "/v1/completions", {"model": model, "prompt": prompt, "echo": True, "logprobs": 1,
+                                   "max_tokens": rng.choice([0, 1, 4]), "stream": False}  # fmt: skip
+    if kind in ("json", "schema", "tools"):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": rng.randint(8, 40), "stream": stream,
+                "temperature": rng.choice([0, 0.7])}  # fmt: skip
+        if kind == "json":
+            body["response_format"] = {"type": "json_object"}
+        elif kind == "schema":
+            body["response_format"] = {
+                "type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}
+            }  # fmt: skip
+        else:
+            body |= {"tools": TOOLS, "tool_choice": rng.choice(["auto", "required"])}
+        return "/v1/chat/completions", body
+    if kind == "messages":
+        return "/v1/messages", {"model": model, "max_tokens": rng.randint(1, 24), "stream": stream,
+                                "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    if kind == "responses":
+        return "/v1/responses", {"model": model, "input": prompt, "store": False,
+                                 "max_output_tokens": rng.randint(16, 32), "stream": stream}  # fmt: skip
+    return "/v1/embeddings", {"model": model, "input": [prompt] * rng.randint(1, 3)}
+
+
+def check_wide(path: str, body: dict, payload) -> str | None:
+    """What is wrong with a 200 answer of the Messages, Responses or embeddings route, or with
+    the extra fields of a completions/chat one (logprobs, echo, JSON, tools); None when right."""
+    stream = body.get("stream", False)
+    if path == "/v1/embeddings":
+        data = payload.get("data", [])
+        return None if len(data) == len(body["input"]) else f"{len(data)} embeddings"
+    if path == "/v1/messages":
+        if stream:
+            kinds = [e.get("type") for e in payload if isinstance(e, dict)]
+            return None if kinds[-1:] == ["message_stop"] else f"events {kinds[-3:]}"
+        ok = payload.get("type") == "message" and payload.get("stop_reason")
+        return None if ok else f"message {payload!r:.200}"
+    if path == "/v1/responses":
+        final = payload[-1] if stream and payload else payload
+        if stream:
+            if final.get("type") not in ("response.completed", "response.incomplete"):
+                return f"last event {final.get('type')}"
+            final = final["response"]
+        ok = final.get("status") in ("completed", "incomplete") and final.get("usage")
+        return None if ok else f"response {final!r:.200}"
+    if stream:
+        return None
+    for choice in payload.get("choices", []):
+        if body.get("echo") and not choice["text"].startswith(body["prompt"]):
+            return "echo without the prompt"
+        if "logprobs" in body and body["logprobs"] not in (None, False):
+            if not choice.get("logprobs"):
+                return "no logprobs"
+        rf = body.get("response_format")
+        if rf and choice["finish_reason"] == "stop":
+            try:
+                value = json.loads(choice["message"]["content"])
+            except ValueError:
+                return f"not JSON: {choice['message']['content']!r:.100}"
+            if rf["type"] == "json_schema" and set(value) != {"name", "age"}:
+                return f"schema broken: {value}"
+        if body.get("tool_choice") == "required" and not choice["message"].get("tool_calls"):
+            return "tool_choice required without a call"
+    return None
+
+
 def check_response(path: str, body: dict, status: int, payload) -> str | None:
     """None when the response is right; else what is wrong."""
     if status != 200:
         return f"status {status}: {str(payload)[:200]}"
+    if path not in ("/v1/completions", "/v1/chat/completions"):
+        return check_wide(path, body, payload)
     n = body.get("n", 1)
-    if body["stream"]:
+    if body.get("stream", False):
         events = payload
         if not events or events[-1] != "[DONE]":
             return "stream did not end with [DONE]"
@@ -152,21 +261,22 @@ def check_response(path: str, body: dict, status: int, payload) -> str | None:
         or usage["prompt_tokens"] < 1
     ):
         return f"usage {usage}"
-    return None
+    return check_wide(path, body, payload)
 
 
 async def normal_request(client: httpx.AsyncClient, url: str, headers, path, body, tally: Tally):
     try:
-        if body["stream"]:
+        if body.get("stream", False):
             events = []
             async with client.stream("POST", url + path, json=body, headers=headers) as r:
                 status = r.status_code
                 raw = (await r.aread()).decode()
             if status == 200:
                 for block in raw.split("\n\n"):
-                    if block.startswith("data: "):
-                        data = block[6:]
-                        events.append(data if data == "[DONE]" else json.loads(data))
+                    for line in block.split("\n"):
+                        if line.startswith("data: "):
+                            data = line[6:]
+                            events.append(data if data == "[DONE]" else json.loads(data))
             payload = events if status == 200 else raw
         else:
             r = await client.post(url + path, json=body, headers=headers)
@@ -196,7 +306,7 @@ async def aborted_request(port: int, key: str, path: str, body: dict, rng: rando
         how = rng.random()
         if how < 0.3:
             return "at once"
-        if body["stream"] and how < 0.8:
+        if body.get("stream", False) and how < 0.8:
             want = rng.randint(1, 6)
             seen = 0
             try:
@@ -266,6 +376,7 @@ def main() -> int:
     p.add_argument("--model-id", default=None)
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--wide", action="store_true", help="half the requests use the wider surface")
     p.add_argument("--rss-slack", type=float, default=0.10, help="allowed RSS growth after warm-up")
     args = p.parse_args()
 
@@ -288,9 +399,13 @@ def main() -> int:
         rss: dict[str, float] = {"start": server.memory_info().rss}
 
         rng = random.Random(args.seed)
-        plan = [
-            (rng.random() < args.abort_rate, *random_body(rng, model)) for _ in range(args.requests)
-        ]
+        make = random_body
+        if args.wide:
+
+            def make(rng: random.Random, model: str) -> tuple[str, dict]:
+                return (wide_body if rng.random() < 0.5 else random_body)(rng, model)
+
+        plan = [(rng.random() < args.abort_rate, *make(rng, model)) for _ in range(args.requests)]
         warm = max(args.clients, args.requests // 4)  # warm-up: then RSS is sampled
         tally = Tally()
         start = time.monotonic()
