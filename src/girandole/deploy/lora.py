@@ -66,7 +66,8 @@ class DeployedModelManager:
         self.own_deployment = own_deployment  # the server's own deployment (its own engine)
         self.own_model = own_model
         self._own_engine = own_engine
-        self._loading: dict[tuple[int, str], asyncio.Future] = {}
+        # (id(engine), adapter) -> (the folder being read, the load)
+        self._loading: dict[tuple[int, str], tuple[str, asyncio.Future]] = {}
         # engine -> {adapter: the folder it holds}; weak: an entry goes with its replica (keyed
         # by id(engine), the entries of every replica ever stopped stayed, and a new engine at
         # a reused address inherited a stopped one's)
@@ -289,13 +290,26 @@ class DeployedModelManager:
         if load is None:
             raise invalid("this deployment's replicas cannot load LoRA adapters", "deployment")
         key = (id(engine), adapter.name)
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(load(adapter.name, adapter.source))
-            self._loading[key] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        # A load of the same name from another folder (the registry changed the adapter while
+        # it was read) is let finish first: joining it registered the old folder's weights
+        # under the name while _sources recorded the new folder, so every later request ran
+        # the old weights; and started side by side, the older read could land last.
+        while (entry := self._loading.get(key)) is not None and entry[0] != adapter.source:
+            await asyncio.wait([entry[1]])
+            if self._loading.get(key) is entry:  # its done callback has not run yet
+                del self._loading[key]
+        if entry is None:
+            entry = (adapter.source, asyncio.ensure_future(load(adapter.name, adapter.source)))
+            self._loading[key] = entry
+            mine = entry
+
+            def done(_: asyncio.Future) -> None:
+                if self._loading.get(key) is mine:
+                    del self._loading[key]
+
+            entry[1].add_done_callback(done)
         try:
-            await asyncio.shield(pending)
+            await asyncio.shield(entry[1])
         except ValueError as exc:  # AdapterError: it does not fit this base model
             raise invalid(f"LoRA adapter {adapter.name} cannot be loaded: {exc}", "model") from None
         self._sources.setdefault(engine, {})[adapter.name] = adapter.source

@@ -1,0 +1,93 @@
+"""Adapters changing while requests use them, on a real engine of the tiny Llama with real PEFT
+adapters: the registry naming another folder for an adapter while a replica still reads the
+old one."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from girandole.deploy.embedded import EmbeddedBackend
+from girandole.deploy.lora import DeployedModelManager
+from girandole.deploy.manager import DeploymentManager
+from girandole.engine.async_engine import AsyncEngine, EngineConfig
+from girandole.registry.deployed_models import DeployedModelStore
+from girandole.registry.deployments import DeploymentStore, Hardware
+from girandole.registry.keystore import Database
+from girandole.registry.models import ModelCatalog
+from girandole.sampling.params import SamplingParams
+
+BASE = "accounts/t/models/base"
+OWN = "accounts/t/deployments/own"
+ADAPTER = "accounts/t/models/x"
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    engine = AsyncEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_gb=0.01))
+    yield engine
+    engine.shutdown()
+
+
+def lora_manager(
+    engine: AsyncEngine | None, catalog: ModelCatalog, db: Database
+) -> DeployedModelManager:
+    """The server's DeployedModelManager over `engine` as its own deployment's replica."""
+    deployments = DeploymentManager(
+        DeploymentStore(db),
+        catalog,
+        EmbeddedBackend(Hardware(None, 0, "CPU"), 1 << 40),
+        kv_cache_gb=0.01,
+    )
+    return DeployedModelManager(DeployedModelStore(db), deployments, OWN, BASE, lambda: engine)
+
+
+async def tokens(engine: AsyncEngine, adapter: str) -> list[int]:
+    prompt = engine.tokenizer.encode("Once upon a time")
+    out: list[int] = []
+    async for piece in engine.generate(prompt, GREEDY, adapter=adapter):
+        out += piece.new_token_ids
+    return out
+
+
+def test_a_name_added_again_while_its_old_folder_is_read_runs_the_new_weights(
+    engine, tiny_llama_dir, llama_adapters
+):
+    """A request for adapter x starts reading x's folder (a1) on the replica; meanwhile x is
+    removed from the registry and added again from a2, and a request for x comes. The second
+    load joined the first (keyed by name only): the replica registered a1 under x while the
+    manager recorded a2, so every later request for x ran a1's weights, silently. Now the
+    second waits for the first and reads a2."""
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(engine, catalog, db)
+
+    async def run() -> tuple[list[int], list[int], list[int]]:
+        first = asyncio.create_task(lora.ensure_loaded(engine, ADAPTER))
+        await asyncio.sleep(0)  # its read of a1 is under way on a thread
+        catalog.remove(ADAPTER)
+        catalog.add(ADAPTER, str(llama_adapters["a2"]), base=BASE)
+        await asyncio.gather(first, lora.ensure_loaded(engine, ADAPTER))
+        await lora.ensure_loaded(engine, ADAPTER)  # the next request's check
+        await engine.load_lora("ref-a1", str(llama_adapters["a1"]))
+        await engine.load_lora("ref-a2", str(llama_adapters["a2"]))
+        return (
+            await tokens(engine, ADAPTER),
+            await tokens(engine, "ref-a1"),
+            await tokens(engine, "ref-a2"),
+        )
+
+    try:
+        got, a1, a2 = asyncio.run(asyncio.wait_for(run(), 120))
+        assert a1 != a2  # the two adapters answer differently
+        assert got == a2
+        held = Path(engine.engine.loras.get(ADAPTER).path)
+        assert held.resolve() == llama_adapters["a2"].resolve()
+    finally:
+        for name in (ADAPTER, "ref-a1", "ref-a2"):
+            engine.unload_lora(name)
