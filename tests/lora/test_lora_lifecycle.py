@@ -14,7 +14,7 @@ from girandole.deploy.lora import DeployedModelManager
 from girandole.deploy.manager import DeploymentManager
 from girandole.engine.async_engine import AsyncEngine, EngineConfig
 from girandole.registry.deployed_models import DeployedModelStore
-from girandole.registry.deployments import DeploymentStore, Hardware
+from girandole.registry.deployments import DeploymentError, DeploymentStore, Hardware
 from girandole.registry.keystore import Database
 from girandole.registry.models import ModelCatalog
 from girandole.sampling.params import SamplingParams
@@ -91,3 +91,39 @@ def test_a_name_added_again_while_its_old_folder_is_read_runs_the_new_weights(
     finally:
         for name in (ADAPTER, "ref-a1", "ref-a2"):
             engine.unload_lora(name)
+
+
+def test_a_deployment_deleted_while_an_adapter_loads_onto_it_keeps_no_record(
+    tiny_llama_dir, llama_adapters
+):
+    """POST deployedModels reads the adapter on the deployment's replica; a hard delete of the
+    deployment meanwhile removed its DeployedModels, and then the load stored its record: an
+    orphan that a new deployment of the same id ran without anyone loading it there (the
+    mistake hard deletes remove DeployedModels to avoid). The load now ends in a 404."""
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(None, catalog, db)
+    deployments = lora.deployments
+    deployments.create("t", {"baseModel": BASE}, "side")
+    side = "accounts/t/deployments/side"
+
+    async def run() -> None:
+        while not deployments.backend.engines(side):  # its replica loads on a thread
+            await asyncio.sleep(0.05)
+        load = asyncio.create_task(lora.load("t", {"model": ADAPTER, "deployment": side}))
+        await asyncio.sleep(0)  # its read of the adapter is under way on the replica
+        deployments.delete("t", "side", hard=True)
+        with pytest.raises(DeploymentError) as info:
+            await load
+        assert info.value.status == 404, info.value.message
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+        assert lora.store.list("t") == []
+        # a new deployment of that id (no replica: one loading at exit aborts the process)
+        deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
+        assert lora.find(ADAPTER, side, "t") is None
+    finally:
+        deployments.shutdown()

@@ -119,6 +119,11 @@ class DeployedModelManager:
         engines = self.engines_of(deployment)
         for engine in engines:  # a bad adapter is a 400 before anything is stored
             await self._load_on(engine, adapter)
+        if engines:
+            # The deployment may have gone while the replica read the adapter: a hard delete
+            # removes its DeployedModels, and a record stored after it ran the adapter on a
+            # new deployment of the same id (404 now, as for a load that came after it).
+            self._check_base(adapter, self._deployment(account, deployment))
         record.state = "DEPLOYED" if engines else "DEPLOYING"
         if record.default:
             self._clear_default(account, adapter.name, keep=record.id)
