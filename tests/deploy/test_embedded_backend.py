@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import linecache
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,5 +251,53 @@ def test_a_removed_base_model(models):
         assert info.value.status == 400 and "no longer in the model registry" in info.value.message
         manager.delete("t", "orphan")  # stopping and deleting need no model
         assert manager.get("t", "orphan")["state"] == "DELETED"
+    finally:
+        manager.shutdown()
+
+
+def _wait_for_the_lock(thread: threading.Thread, function: str, timeout: float = 30) -> None:
+    """Until `thread` waits on the manager's lock in `function` (its frame's line takes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None and frame.f_code.co_name == function:
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            if "with self._lock" in line:
+                return
+        assert thread.is_alive() and time.monotonic() < deadline, "it never reached the lock"
+        time.sleep(0.01)
+
+
+def test_a_request_racing_a_delete_does_not_bring_the_deployment_back(models):
+    """A request for a deployment at zero read its record, then waited for the manager's lock
+    while another thread deleted the deployment; it then saved its stale record with a replica
+    started: the deleted deployment was READY again, its replica running. Now it is a 404 and
+    the deployment stays deleted."""
+    manager = make_manager(models)
+    name = "accounts/t/deployments/racing"
+    outcome: list[object] = []
+
+    def request() -> None:
+        try:
+            outcome.append(manager.engine_for(name))
+        except DeploymentError as exc:
+            outcome.append(exc)
+
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "racing")
+        wait_ready(manager, "racing")
+        manager.scale("t", "racing", 0)
+        with manager._lock:  # the request reads the record, then waits here
+            thread = threading.Thread(target=request)
+            thread.start()
+            _wait_for_the_lock(thread, "engine_for")
+            manager.delete("t", "racing")
+        thread.join(30)
+        (error,) = outcome
+        assert isinstance(error, DeploymentError) and error.status == 404, error
+        gone = manager.get("t", "racing")
+        assert gone["state"] == "DELETED" and gone["desiredReplicaCount"] == 0
+        assert gone["replicaStats"]["initializingReplicaCount"] == 0
+        assert gone["replicaCount"] == 0
     finally:
         manager.shutdown()

@@ -308,27 +308,35 @@ class DeploymentManager:
         parts = name.split("/")
         if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments":
             raise not_found(name)
-        record = self._record(parts[1], parts[3])
+        self._record(parts[1], parts[3])
         engines = self.backend.engines(name)
         if engines:
             self.backend.touch(name)
             return engines[0]
-        if record.state == "FAILED":
-            raise DeploymentError(
-                503,
-                f"Deployment {name} failed: {record.status_message}",
-                code="UNAVAILABLE",
-                type="service_unavailable",
-            )
-        if record.max_replica_count == 0:
-            raise DeploymentError(
-                503,
-                f"Deployment {name} is scaled down (maxReplicaCount is 0); raise its"
-                " maxReplicaCount to serve it",
-                code="UNAVAILABLE",
-                type="service_unavailable",
-            )
         with self._lock:
+            # The record is read again under the lock: one read before it may be stale (a
+            # delete or the autoscaler's scale to zero ran on another thread in between), and
+            # saving it back with a replica undid the delete (the deployment READY again).
+            record = self._record(parts[1], parts[3])
+            engines = self.backend.engines(name)
+            if engines:  # a replica became ready meanwhile
+                self.backend.touch(name)
+                return engines[0]
+            if record.state == "FAILED":
+                raise DeploymentError(
+                    503,
+                    f"Deployment {name} failed: {record.status_message}",
+                    code="UNAVAILABLE",
+                    type="service_unavailable",
+                )
+            if record.max_replica_count == 0:
+                raise DeploymentError(
+                    503,
+                    f"Deployment {name} is scaled down (maxReplicaCount is 0); raise its"
+                    " maxReplicaCount to serve it",
+                    code="UNAVAILABLE",
+                    type="service_unavailable",
+                )
             if record.desired_replica_count == 0:
                 try:
                     self._scale(record, 1)
