@@ -13,6 +13,7 @@ from girandole.deploy.embedded import EmbeddedBackend
 from girandole.deploy.lora import DeployedModelManager
 from girandole.deploy.manager import DeploymentManager
 from girandole.engine.async_engine import AsyncEngine, EngineConfig
+from girandole.engine.protocol import AdapterNotLoadedError
 from girandole.registry.deployed_models import DeployedModelStore
 from girandole.registry.deployments import DeploymentError, DeploymentStore, Hardware
 from girandole.registry.keystore import Database
@@ -125,5 +126,44 @@ def test_a_deployment_deleted_while_an_adapter_loads_onto_it_keeps_no_record(
         # a new deployment of that id (no replica: one loading at exit aborts the process)
         deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
         assert lora.find(ADAPTER, side, "t") is None
+    finally:
+        deployments.shutdown()
+
+
+def test_an_adapter_unloaded_while_a_replica_reads_it_is_not_left_there(
+    tiny_llama_dir, llama_adapters
+):
+    """A replica started after the adapter's load reads it on the first request for it; an
+    unload meanwhile found nothing to drop there, and the read then registered the adapter on
+    the replica for good (its weights held, counted in /metrics, for a DeployedModel that no
+    longer exists). Now the replica drops it once read, and the request that was on its way
+    gets the 404 of any request after the unload."""
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(None, catalog, db)
+    deployments = lora.deployments
+    side = "accounts/t/deployments/side"
+    deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
+
+    async def run() -> None:
+        loaded = await lora.load("t", {"model": ADAPTER, "deployment": side})
+        assert loaded["state"] == "DEPLOYING"  # no replica yet
+        deployments.scale("t", "side", 1)
+        while not deployments.backend.engines(side):  # its replica loads on a thread
+            await asyncio.sleep(0.05)
+        engine = deployments.backend.engines(side)[0]
+        request = asyncio.create_task(lora.ensure_loaded(engine, ADAPTER))
+        await asyncio.sleep(0)  # the replica reads the adapter for the request
+        lora.unload("t", loaded["name"].rsplit("/", 1)[1])
+        await request
+        assert ADAPTER not in engine.lora_names()
+        with pytest.raises(AdapterNotLoadedError):
+            await tokens(engine, ADAPTER)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+        assert lora.store.list("t") == []
     finally:
         deployments.shutdown()

@@ -12,6 +12,7 @@ running on the adapter finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import string
@@ -187,6 +188,14 @@ class DeployedModelManager:
             unload = getattr(engine, "unload_lora", None)
             if unload is not None:
                 unload(record.model)
+                # A replica still reading the adapter for a request registers it after this:
+                # drop it once read (before, it stayed there for good, for a DeployedModel
+                # that no longer exists; the request gets the 404 of any after the unload).
+                entry = self._loading.get((id(engine), record.model))
+                if entry is not None:
+                    entry[1].add_done_callback(
+                        functools.partial(_unload_after, unload, record.model)
+                    )
             self._sources.get(engine, {}).pop(record.model, None)
         self.store.remove(account, deployed_model_id)
         if record.default:
@@ -388,6 +397,10 @@ class DeployedModelManager:
         if records and not any(r.default for r in records):
             records[0].default, records[0].update_time = True, time.time()
             self.store.save(records[0])
+
+
+def _unload_after(unload: Callable[[str], Any], name: str, _: asyncio.Future) -> None:
+    unload(name)
 
 
 def _check_fields(body: dict[str, Any], creating: bool) -> None:
