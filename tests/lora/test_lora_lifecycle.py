@@ -167,3 +167,35 @@ def test_an_adapter_unloaded_while_a_replica_reads_it_is_not_left_there(
         assert lora.store.list("t") == []
     finally:
         deployments.shutdown()
+
+
+def test_a_request_that_found_its_adapter_before_an_unload_does_not_load_it_again(
+    engine, tiny_llama_dir, llama_adapters
+):
+    """A request resolves its adapter's DeployedModel, then waits (for admission, say) while
+    the adapter is unloaded. It then loaded the adapter onto the replica again, ran it (200 on
+    a server with --max-concurrent-requests 1, the request queued behind a stream) and left it
+    registered there for good. Now it is the 404 of any request after the unload."""
+    from girandole.api.serving.adapter import AdapterEngine
+
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(engine, catalog, db)
+
+    async def run() -> None:
+        loaded = await lora.load("t", {"model": ADAPTER, "deployment": OWN})
+        assert loaded["state"] == "DEPLOYED" and ADAPTER in engine.lora_names()
+        waiting = AdapterEngine(engine, ADAPTER, lora, OWN)  # the request found it
+        lora.unload("t", loaded["name"].rsplit("/", 1)[1])
+        prompt = engine.tokenizer.encode("Once upon a time")
+        with pytest.raises(AdapterNotLoadedError):
+            async for _ in waiting.generate(prompt, GREEDY):
+                pass
+        assert ADAPTER not in engine.lora_names()
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        engine.unload_lora(ADAPTER)

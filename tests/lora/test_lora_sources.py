@@ -39,7 +39,7 @@ def _generate(engine, lora: DeployedModelManager) -> list[int]:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         tokens: list[int] = []
         prompt = engine.tokenizer.encode("Once upon a time")
-        async for out in AdapterEngine(engine, ADAPTER, lora).generate(prompt, params):
+        async for out in AdapterEngine(engine, ADAPTER, lora, DEPLOYMENT).generate(prompt, params):
             tokens += out.new_token_ids
         return tokens
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from girandole.api.http.errors import deployment_error
 from girandole.engine.outputs import RequestOutput
+from girandole.engine.protocol import AdapterNotLoadedError
 from girandole.registry.deployments import DeploymentError
 from girandole.sampling.params import SamplingParams
 
@@ -17,10 +18,13 @@ if TYPE_CHECKING:
 
 
 class AdapterEngine:
-    def __init__(self, engine: Any, adapter: str, lora: DeployedModelManager) -> None:
+    def __init__(
+        self, engine: Any, adapter: str, lora: DeployedModelManager, deployment: str
+    ) -> None:
         self.engine = engine
         self.adapter = adapter  # accounts/<a>/models/<adapter>
         self.lora = lora
+        self.deployment = deployment  # the deployment whose replica `engine` is
 
     def __getattr__(self, name: str) -> Any:  # everything else is the engine's
         return getattr(self.engine, name)
@@ -32,6 +36,13 @@ class AdapterEngine:
         request_id: str | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
+        account = self.deployment.split("/")[1]  # a DeployedModel is its deployment's account's
+        if self.lora.find(self.adapter, self.deployment, account) is None:
+            # Unloaded since the request found it: loading it here again ran it, and left it
+            # registered on the replica for good, for a DeployedModel that no longer existed.
+            raise AdapterNotLoadedError(
+                f"LoRA adapter {self.adapter!r} is not loaded on {self.deployment}"
+            )
         try:
             await self.lora.ensure_loaded(self.engine, self.adapter)
         except DeploymentError as exc:

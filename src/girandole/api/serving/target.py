@@ -136,7 +136,8 @@ def engine_of(request: Any, state: AppState, target: Target | None) -> EngineCli
     else:
         engine = request.app.state.deployments.engine_for(target.deployment)
     if target is not None and target.adapter is not None:
-        return AdapterEngine(engine, target.adapter, request.app.state.lora)
+        lora = request.app.state.lora
+        return AdapterEngine(engine, target.adapter, lora, target.deployment or lora.own_deployment)
     return engine
 
 
