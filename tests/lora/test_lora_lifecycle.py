@@ -199,3 +199,39 @@ def test_a_request_that_found_its_adapter_before_an_unload_does_not_load_it_agai
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         engine.unload_lora(ADAPTER)
+
+
+def test_a_request_whose_deployment_is_deleted_while_it_waits_is_told_so(
+    tiny_llama_dir, llama_adapters
+):
+    """The same wait, but the adapter's deployment is deleted: the stopped engine's 503 (send
+    the request again), as for a request of the deployment's base model, not a 404."""
+    from girandole.api.serving.adapter import AdapterEngine
+    from girandole.engine.async_engine import EngineStoppedError
+
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(None, catalog, db)
+    deployments = lora.deployments
+    side = "accounts/t/deployments/side"
+    deployments.create("t", {"baseModel": BASE}, "side")
+
+    async def run() -> None:
+        while not deployments.backend.engines(side):  # its replica loads on a thread
+            await asyncio.sleep(0.05)
+        engine = deployments.backend.engines(side)[0]
+        await lora.load("t", {"model": ADAPTER, "deployment": side})
+        waiting = AdapterEngine(engine, ADAPTER, lora, side)  # the request found it
+        deployments.delete("t", "side")
+        prompt = engine.tokenizer.encode("Once upon a time")
+        params = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+        with pytest.raises(EngineStoppedError):
+            async for _ in waiting.generate(prompt, params):
+                pass
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        deployments.shutdown()

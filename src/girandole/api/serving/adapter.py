@@ -37,16 +37,21 @@ class AdapterEngine:
         **kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
         account = self.deployment.split("/")[1]  # a DeployedModel is its deployment's account's
-        if self.lora.find(self.adapter, self.deployment, account) is None:
+        if self.lora.find(self.adapter, self.deployment, account) is not None:
+            try:
+                await self.lora.ensure_loaded(self.engine, self.adapter)
+            except DeploymentError as exc:
+                raise deployment_error(exc) from None
+        elif self.deployment == self.lora.own_deployment or self.lora.deployments.find(
+            self.deployment
+        ):
             # Unloaded since the request found it: loading it here again ran it, and left it
             # registered on the replica for good, for a DeployedModel that no longer existed.
             raise AdapterNotLoadedError(
                 f"LoRA adapter {self.adapter!r} is not loaded on {self.deployment}"
             )
-        try:
-            await self.lora.ensure_loaded(self.engine, self.adapter)
-        except DeploymentError as exc:
-            raise deployment_error(exc) from None
+        # else the deployment went (deleted): its stopped engine says so (a 503), as for a
+        # request of its base model
         async for out in self.engine.generate(
             prompt_token_ids, params, request_id, adapter=self.adapter, **kwargs
         ):
