@@ -301,3 +301,27 @@ def test_a_request_racing_a_delete_does_not_bring_the_deployment_back(models):
         assert gone["replicaCount"] == 0
     finally:
         manager.shutdown()
+
+
+def test_a_deployment_scaled_to_zero_before_its_replica_is_ready_is_ready(models):
+    """Scaled to zero while its replica still loaded (after a create, or a restart for a new
+    context length), or given maxReplicaCount 0, a deployment stayed CREATING or UPDATING at
+    zero replicas until a replica next started: a client waiting for READY waited for ever.
+    At zero it is READY, as a deployment created at zero is."""
+    manager = make_manager(models)
+    try:
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "created")
+        manager.scale("t", "created", 0)
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "capped")
+        manager.update("t", "capped", {"maxReplicaCount": 0})
+        manager.create("t", {"baseModel": "accounts/t/models/a", "maxContextLength": 128}, "ctx")
+        wait_ready(manager, "ctx")
+        assert manager.update("t", "ctx", {"maxContextLength": 64})["state"] == "UPDATING"
+        manager.scale("t", "ctx", 0)
+        for deployment_id in ("created", "capped", "ctx"):
+            d = manager.get("t", deployment_id)
+            assert (d["state"], d["desiredReplicaCount"]) == ("READY", 0), (deployment_id, d)
+        manager.scale("t", "ctx", 1)  # and back: READY once its replica is
+        assert wait_ready(manager, "ctx")["maxContextLength"] == 64
+    finally:
+        manager.shutdown()

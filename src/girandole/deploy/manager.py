@@ -399,6 +399,10 @@ class DeploymentManager:
         if n == 0:
             spec = ReplicaSpec(record.name, None, self.kv_cache_gb, None)
             self.backend.scale(spec, 0, record, manual=manual)
+            if record.state in ("CREATING", "UPDATING"):
+                # No replica is coming to make it READY: at zero it is READY, as a deployment
+                # created at zero is (it stayed CREATING or UPDATING until a replica started).
+                record.state = "READY"
         else:
             self.backend.scale(self._spec(record), n, record, manual=manual)
 
