@@ -235,3 +235,37 @@ def test_a_request_whose_deployment_is_deleted_while_it_waits_is_told_so(
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         deployments.shutdown()
+
+
+def test_an_adapter_whose_default_is_unloaded_while_it_loads_elsewhere_keeps_a_default(
+    engine, tiny_llama_dir, llama_adapters
+):
+    """x is loaded on a deployment (its default DeployedModel) and being loaded on the server's
+    own one, which read whether x was loaded anywhere before its replica read the adapter. The
+    default was unloaded meanwhile (no other record to make the default then), and the new
+    record was stored as not the default: x's only DeployedModel had default false. The first
+    DeployedModel of a model is its default (docs/lora.md)."""
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    lora = lora_manager(engine, catalog, db)
+    deployments = lora.deployments
+    deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
+
+    async def run() -> dict:
+        first = await lora.load("t", {"model": ADAPTER, "deployment": "side"})
+        assert first["default"]
+        engine.unload_lora(ADAPTER)  # the own replica reads it for the second load
+        second = asyncio.create_task(lora.load("t", {"model": ADAPTER, "deployment": OWN}))
+        await asyncio.sleep(0)  # its replica reads the adapter
+        lora.unload("t", first["name"].rsplit("/", 1)[1])
+        return await second
+
+    try:
+        second = asyncio.run(asyncio.wait_for(run(), 120))
+        assert second["default"], second
+        assert [r.default for r in lora.store.list("t")] == [True]
+    finally:
+        engine.unload_lora(ADAPTER)
+        deployments.shutdown()

@@ -126,6 +126,10 @@ class DeployedModelManager:
             # new deployment of the same id (404 now, as for a load that came after it).
             self._check_base(adapter, self._deployment(account, deployment))
         record.state = "DEPLOYED" if engines else "DEPLOYING"
+        if not record.default:
+            # Read again: the model's other DeployedModels may have been unloaded while the
+            # replicas read the adapter, and the first one left is the default.
+            record.default = not any(r.model == adapter.name for r in self.store.list(account))
         if record.default:
             self._clear_default(account, adapter.name, keep=record.id)
         self.store.save(record)
