@@ -283,6 +283,42 @@ def test_raw_output_shows_the_grammar(server):
     assert choice["raw_output"]["grammar"] == grammar
 
 
+# ambiguous: the Earley parser's work per token grows with the output (cubic here)
+AMBIGUOUS = 'root ::= s\ns ::= s s s | s s | "a"'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_too_slow_per_token_ends_its_request_alone(server, stream):
+    """A grammar whose per-token work grows with the output used to stall every request in the
+    batch (0.7 s of the engine thread a token by token 300, rising): it ends with finish_reason
+    "error" once one token's grammar work passes the limit, its text so far kept (only "a"s),
+    and a request running beside it finishes as usual."""
+    body = {"prompt": "Say a:", "max_tokens": 2000, "temperature": 0, "logit_bias": {"1": -100, "106": -100},
+            "response_format": {"type": "grammar", "grammar": AMBIGUOUS}}  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(post, server, {"prompt": "Once upon a time", "max_tokens": 40,
+                                           "temperature": 0, "ignore_eos": True})  # fmt: skip
+        if stream:
+            events = [e for e in sse_events(server, body) if e != "[DONE]"]
+            text = "".join(c["text"] for e in events for c in e["choices"])
+            finish = [
+                c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]
+            ]
+            usage = events[-1]["usage"]
+        else:
+            r = post(server, body)
+            assert r.status_code == 200, r.text
+            (choice,) = r.json()["choices"]
+            text, finish, usage = choice["text"], [choice["finish_reason"]], r.json()["usage"]
+        r = other.result()
+    assert finish == ["error"]
+    assert text and set(text) == {"a"} and len(text) < 2000
+    assert 0 < usage["completion_tokens"] < 2000
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 40
+    assert "its grammar took" in server.log()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_stop_token_that_ends_a_grammar_is_counted_and_scored(server, stream):
     """The EOS a finished grammar takes is a generated token like any other EOS: it is in

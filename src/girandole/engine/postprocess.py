@@ -98,6 +98,14 @@ class Postprocessor:
         token = result.token_id
         if seq.grammar is not None and not seq.grammar.accept(token):
             return self.finish(seq, "stop", [], stop_reason="grammar_rejected", flush=True)
+        if seq.grammar is not None and seq.grammar.too_slow:
+            # a grammar whose work per token grows (an ambiguous one) would stall the batch: the
+            # request ends before this token, its text so far kept, as an error
+            logger.warning(
+                "request %s: its grammar took %.0f ms of CPU for one token; ended",
+                seq.request_id, seq.grammar.last_token_cpu * 1000,
+            )  # fmt: skip
+            return self.finish(seq, "abort", [], stop_reason="grammar_too_slow", flush=True)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)
