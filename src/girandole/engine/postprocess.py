@@ -13,6 +13,7 @@ from girandole.engine.pooling import pooled
 from girandole.engine.scheduler import ScheduledBatch, Scheduler
 from girandole.engine.sequence import Sequence, SequenceStatus
 from girandole.engine.speculation import speculation_counts, uncount_dropped
+from girandole.sampling.grammar import TOKEN_CPU_LIMIT
 from girandole.sampling.sampler import SampleResult
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,13 @@ class Postprocessor:
                 "request %s: its grammar took %.0f ms of CPU for one token; ended",
                 seq.request_id, seq.grammar.last_token_cpu * 1000,
             )  # fmt: skip
-            return self.finish(seq, "abort", [], stop_reason="grammar_too_slow", flush=True)
+            out = self.finish(seq, "abort", [], stop_reason="grammar_too_slow", flush=True)
+            out.extra["error"] = (
+                f"GrammarTooSlow: one token's grammar work took "
+                f"{seq.grammar.last_token_cpu * 1000:.0f} ms of CPU (the limit is "
+                f"{TOKEN_CPU_LIMIT * 1000:.0f} ms)"
+            )
+            return out
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)
