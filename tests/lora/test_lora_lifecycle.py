@@ -46,6 +46,17 @@ def lora_manager(
     return DeployedModelManager(DeployedModelStore(db), deployments, OWN, BASE, lambda: engine)
 
 
+def adapter_manager(
+    engine: AsyncEngine | None, tiny_llama_dir: Path, llama_adapters: dict[str, Path]
+) -> DeployedModelManager:
+    """`lora_manager` over a catalog of the tiny base model and ADAPTER (folder a1)."""
+    db = Database(None)
+    catalog = ModelCatalog(db, [])
+    catalog.add(BASE, str(tiny_llama_dir))
+    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
+    return lora_manager(engine, catalog, db)
+
+
 async def tokens(engine: AsyncEngine, adapter: str) -> list[int]:
     prompt = engine.tokenizer.encode("Once upon a time")
     out: list[int] = []
@@ -62,17 +73,13 @@ def test_a_name_added_again_while_its_old_folder_is_read_runs_the_new_weights(
     load joined the first (keyed by name only): the replica registered a1 under x while the
     manager recorded a2, so every later request for x ran a1's weights, silently. Now the
     second waits for the first and reads a2."""
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(engine, catalog, db)
+    lora = adapter_manager(engine, tiny_llama_dir, llama_adapters)
 
     async def run() -> tuple[list[int], list[int], list[int]]:
         first = asyncio.create_task(lora.ensure_loaded(engine, ADAPTER))
         await asyncio.sleep(0)  # its read of a1 is under way on a thread
-        catalog.remove(ADAPTER)
-        catalog.add(ADAPTER, str(llama_adapters["a2"]), base=BASE)
+        lora.catalog.remove(ADAPTER)
+        lora.catalog.add(ADAPTER, str(llama_adapters["a2"]), base=BASE)
         await asyncio.gather(first, lora.ensure_loaded(engine, ADAPTER))
         await lora.ensure_loaded(engine, ADAPTER)  # the next request's check
         await engine.load_lora("ref-a1", str(llama_adapters["a1"]))
@@ -101,11 +108,7 @@ def test_a_deployment_deleted_while_an_adapter_loads_onto_it_keeps_no_record(
     deployment meanwhile removed its DeployedModels, and then the load stored its record: an
     orphan that a new deployment of the same id ran without anyone loading it there (the
     mistake hard deletes remove DeployedModels to avoid). The load now ends in a 404."""
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(None, catalog, db)
+    lora = adapter_manager(None, tiny_llama_dir, llama_adapters)
     deployments = lora.deployments
     deployments.create("t", {"baseModel": BASE}, "side")
     side = "accounts/t/deployments/side"
@@ -138,11 +141,7 @@ def test_an_adapter_unloaded_while_a_replica_reads_it_is_not_left_there(
     the replica for good (its weights held, counted in /metrics, for a DeployedModel that no
     longer exists). Now the replica drops it once read, and the request that was on its way
     gets the 404 of any request after the unload."""
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(None, catalog, db)
+    lora = adapter_manager(None, tiny_llama_dir, llama_adapters)
     deployments = lora.deployments
     side = "accounts/t/deployments/side"
     deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
@@ -178,11 +177,7 @@ def test_a_request_that_found_its_adapter_before_an_unload_does_not_load_it_agai
     registered there for good. Now it is the 404 of any request after the unload."""
     from girandole.api.serving.adapter import AdapterEngine
 
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(engine, catalog, db)
+    lora = adapter_manager(engine, tiny_llama_dir, llama_adapters)
 
     async def run() -> None:
         loaded = await lora.load("t", {"model": ADAPTER, "deployment": OWN})
@@ -209,11 +204,7 @@ def test_a_request_whose_deployment_is_deleted_while_it_waits_is_told_so(
     from girandole.api.serving.adapter import AdapterEngine
     from girandole.engine.async_engine import EngineStoppedError
 
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(None, catalog, db)
+    lora = adapter_manager(None, tiny_llama_dir, llama_adapters)
     deployments = lora.deployments
     side = "accounts/t/deployments/side"
     deployments.create("t", {"baseModel": BASE}, "side")
@@ -245,11 +236,7 @@ def test_an_adapter_whose_default_is_unloaded_while_it_loads_elsewhere_keeps_a_d
     default was unloaded meanwhile (no other record to make the default then), and the new
     record was stored as not the default: x's only DeployedModel had default false. The first
     DeployedModel of a model is its default (docs/lora.md)."""
-    db = Database(None)
-    catalog = ModelCatalog(db, [])
-    catalog.add(BASE, str(tiny_llama_dir))
-    catalog.add(ADAPTER, str(llama_adapters["a1"]), base=BASE)
-    lora = lora_manager(engine, catalog, db)
+    lora = adapter_manager(engine, tiny_llama_dir, llama_adapters)
     deployments = lora.deployments
     deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
 
