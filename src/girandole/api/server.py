@@ -459,6 +459,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_connections,
         raise_open_file_limit,
     )
+    from girandole.api.ops.data_lock import lock_data_dir
     from girandole.api.ops.flags import DrainingServer
     from girandole.api.ops.jsonlog import configure_logging
     from girandole.api.state import AppState
@@ -490,6 +491,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
         check_listen(settings.host, settings.port)
+        if settings.data_dir:  # before AppState, whose start-up takes over a dead server's work
+            lock_data_dir(settings.data_dir)  # its descriptor stays open (held) until we exit
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
             settings.model = str(resolve_model_path(settings.model, settings.revision))
         if settings.draft_model is not None:  # else a missing one fails once the server is up
