@@ -1,16 +1,20 @@
 """Servers stopped (SIGTERM, SIGINT, SIGKILL) with work in flight, and started again on the same
---data-dir; a tiny model (no real one needed): a second server on a folder in use is refused,
-while a restart after a kill is not."""
+--data-dir, on tiny models (no real one needed): a second server on a folder in use is refused,
+while a restart after a kill is not; a request the drain period cuts is answered 503, and so is
+what runs at a second Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
-from conftest import ROOT, start_server, stop_server, write_eos_model
+from conftest import ROOT, start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
 from loopback import free_port
 
 
@@ -49,3 +53,98 @@ def test_a_second_server_on_a_data_dir_in_use_is_refused(tmp_path):
     finally:
         if first.process.poll() is None:
             stop_server(first)
+
+
+def _busy_server(tmp_path, drain: str):
+    """A random tiny Llama generating until max_tokens (ignore_eos): work that outlasts a drain."""
+    model = write_tiny_llama_for_ops(tmp_path / "tiny")
+    return start_server(
+        tmp_path, "--model", str(model), "--model-id", "tiny", "--account", "testing",
+        "--kv-cache-gb", "0.05", "--max-model-len", "8192", "--drain-seconds", drain,
+        api_key=None,
+    )  # fmt: skip
+
+
+LONG = {"model": "accounts/testing/models/tiny", "prompt": "x", "max_tokens": 8000,
+        "ignore_eos": True, "temperature": 1.0}  # fmt: skip
+
+
+def _in_flight(fn) -> tuple[threading.Thread, list]:
+    """Run `fn` on a thread (its result or exception lands in the list)."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _wait_running(server, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while server.health()["engine"]["num_running"] < n:
+        assert time.monotonic() < deadline, server.health()
+        time.sleep(0.05)
+
+
+def _last_event(url: str) -> dict:
+    with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=120) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    return json.loads(data[-1])
+
+
+def test_a_request_the_drain_period_cuts_is_answered_503(tmp_path):
+    """SIGTERM with a non-streamed request that outlasts --drain-seconds: uvicorn cancelled it
+    at the deadline and the client got its bare text `500 Internal Server Error` (a traceback
+    in the log); it now gets a 503 UNAVAILABLE body saying why, as a stream's error event."""
+    server = _busy_server(tmp_path, "2")
+    try:
+        url = server.url + "/v1/completions"
+        thread, out = _in_flight(lambda: httpx.post(url, json=LONG, timeout=120))
+        _wait_running(server, 1)
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(120)
+        assert server.process.wait(60) == 0
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+    (r,) = out
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "UNAVAILABLE" and "drain period ended" in error["message"], error
+    assert r.headers["retry-after"] == "1"
+    assert "Traceback" not in server.log()
+
+
+def test_a_second_ctrl_c_ends_what_runs_with_an_error_not_a_cut(tmp_path):
+    """Ctrl-C twice (uvicorn's forced stop: no drain): a stream was cut with its connection
+    (no end, the client's 'incomplete chunked read') and a request not yet answered got a bare
+    500. Both now end with a 503 error saying the server stopped, and the process exits 0
+    long before the drain period (60 s) would have ended."""
+    server = _busy_server(tmp_path, "60")
+    try:
+        url = server.url + "/v1/completions"
+        streamed, stream_out = _in_flight(lambda: _last_event(url))
+        plain, plain_out = _in_flight(lambda: httpx.post(url, json=LONG, timeout=120))
+        _wait_running(server, 2)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the first one handled: draining (its answer is not observable)
+        server.process.send_signal(signal.SIGINT)
+        streamed.join(60)
+        plain.join(60)
+        assert server.process.wait(30) == 0  # not the 60 s of the drain
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+    (event,) = stream_out
+    assert isinstance(event, dict), event
+    assert event["error"]["code"] == "UNAVAILABLE", event
+    assert "stopped before this response was done" in event["error"]["message"]
+    (r,) = plain_out
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE", r.text

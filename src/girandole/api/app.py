@@ -25,6 +25,7 @@ from girandole.api.messages import route as messages
 from girandole.api.models import route as models
 from girandole.api.openai_batch import install_openai_batch
 from girandole.api.ops import routes as ops
+from girandole.api.ops.drain_cut import DrainCut
 from girandole.api.ops.tracking import RequestTracker
 from girandole.api.ops.webhooks import Webhooks
 from girandole.api.playground import route as playground
@@ -94,6 +95,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(playground.router)  # the page at / and /playground
     # Middleware, innermost first (each added one wraps the ones before it):
+    app.add_middleware(DrainCut, ops=state.ops)  # a request cut by the drain: 503, tracked
     app.add_middleware(UnhandledErrors)  # inside the tracker: its 500s are tracked too
     app.add_middleware(MethodFallbacks, router=app.router)  # HEAD, OPTIONS, 405's Allow
     app.add_middleware(RequestTracker, ops=state.ops)

@@ -196,7 +196,11 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.girandole_state.ops.start_draining()
+        forced = self.force_exit
         super().handle_exit(sig, frame)
+        if self.force_exit and not forced:  # a second Ctrl-C: uvicorn stops without waiting,
+            # and what still ran was cut with the connections (a bare 500, a stream without end)
+            self.girandole_state.ops.cut_now()
         # uvicorn re-raises captured signals once it has shut down (exit 143 for SIGTERM):
         # a drained server has stopped cleanly, so it exits 0 instead.
         if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:

@@ -17,6 +17,7 @@ from typing import Any
 from girandole.api.http.auth import bearer_token
 from girandole.api.http.errors import APIError, bad_request, unauthorized, unavailable
 from girandole.api.ops.admission import Admission
+from girandole.api.ops.drain_cut import Unanswered
 from girandole.api.ops.metrics import Metrics
 from girandole.api.ops.ratelimit import RateLimiter
 from girandole.api.ops.tracking import Principal, RequestRecord, record_of
@@ -130,6 +131,7 @@ class ServerOps:
         self.draining = False
         self.drain_started = asyncio.Event()  # for waits that end when the server stops
         self._streams: weakref.WeakSet[ChoiceFanout] = weakref.WeakSet()
+        self.unanswered: set[Unanswered] = set()  # requests whose response has not started
         self._closed = False
 
     # -- authentication and access -----------------------------------------------------------
@@ -426,17 +428,38 @@ class ServerOps:
             # a second before uvicorn cuts the connections: time for the error event to go out
             loop.call_later(max(0.0, self.settings.drain_seconds - 1.0), self._cut_streams)
 
+    def cut_now(self) -> None:
+        """The server stops without waiting (a second Ctrl-C): end what runs now, as the drain
+        period's end would (called from the signal handler, on the loop's thread)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_soon_threadsafe(
+            self.cut_in_flight,
+            "The server was stopped before this response was done; retry the request",
+        )
+
     def _cut_streams(self) -> None:
+        self.cut_in_flight(
+            "The server is shutting down and its drain period ended before this response did;"
+            " retry the request"
+        )
+
+    def cut_in_flight(self, message: str) -> None:
+        """End every request still running with a 503 saying `message`: a stream with an error
+        event, a request not answered yet with the error as its response (DrainCut)."""
         streams = list(self._streams)
         if streams:
             logger.warning("drain period over: ending %d stream(s) with an error", len(streams))
         for fanout in streams:
-            fanout.cut(
-                unavailable(
-                    "The server is shutting down and its drain period ended before this"
-                    " response did; retry the request"
-                )
-            )
+            fanout.cut(unavailable(message))
+        cut = [entry for entry in self.unanswered if entry.message is None]
+        if cut:
+            logger.warning("drain period over: answering %d request(s) 503", len(cut))
+        for entry in cut:
+            entry.message = message
+            entry.task.cancel(msg="the drain period ended")
 
     def close(self) -> None:
         """Write every usage row still queued (the end of a clean shutdown)."""
