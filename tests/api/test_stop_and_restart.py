@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from conftest import ROOT, start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
 from loopback import free_port
 
@@ -148,3 +149,35 @@ def test_a_second_ctrl_c_ends_what_runs_with_an_error_not_a_cut(tmp_path):
     (r,) = plain_out
     assert isinstance(r, httpx.Response), r
     assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE", r.text
+
+
+@pytest.mark.slow
+def test_a_server_stopped_while_its_model_loads_exits_0(tmp_path):
+    """SIGTERM while the default model loads (an empty cache folder: the GGUF is assembled,
+    parsed and its tokenizer converted, tens of seconds): the process aborted at the
+    interpreter's exit under the loading thread (SIGABRT, exit -6, "terminate called without
+    an active exception"). A stop is a clean stop whatever the load is doing: exit 0."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port),
+           "--kv-cache-gb", "0.2", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    env = dict(os.environ, GIRANDOLE_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the socket opens at once; the model loads behind it
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health.json()["status"] == "loading", health.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "terminate called" not in log_path.read_text()

@@ -44,7 +44,8 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_in_background and state.engine is None:
-            threading.Thread(target=state.load, name="girandole-load", daemon=True).start()
+            state.loader = threading.Thread(target=state.load, name="girandole-load", daemon=True)
+            state.loader.start()
         app.state.deployments.start()
         app.state.batch.start()
         try:

@@ -557,5 +557,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     state.ops.close()  # usage rows of requests cut off at the end of the grace period
     if state.status == "failed":
         return 1
+    if state.loader is not None and state.loader.is_alive():
+        # stopped while the model loads: the interpreter's exit under the loading thread, deep
+        # in native code (GGUF, torch), aborted the process (SIGABRT, "terminate called without
+        # an active exception") instead of the clean stop's 0. Nothing else is left to do.
+        logger.info("server stopped while the model was loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     logger.info("server stopped after %.0f s", time.monotonic() - start)
     return 0

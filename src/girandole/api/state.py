@@ -59,6 +59,8 @@ class AppState:
         self.load_seconds: float | None = None
         self.num_aborted_requests = 0  # engine requests aborted because their client went away
         self._lock = threading.Lock()
+        self.loader: threading.Thread | None = None  # the thread of `load`, when one runs it
+        self._stopped = False  # shut down: an engine that loads now is stopped, not served
         # keys database, limits, queue, usage, metrics, draining
         self.ops = ServerOps(
             settings, self.keys, self.registry, self.served, lambda: (self.status, self.engine)
@@ -74,8 +76,12 @@ class AppState:
         )
         self.served.created = int(time.time())
         with self._lock:
-            self.engine = engine
-            self.status = "ready"
+            stopped = self._stopped
+            if not stopped:
+                self.engine = engine
+                self.status = "ready"
+        if stopped:  # loaded after the server stopped: nothing would ever stop its loop
+            engine.shutdown()
 
     @staticmethod
     def context_length_of(engine: EngineClient) -> int:
@@ -137,7 +143,9 @@ class AppState:
         return body
 
     def shutdown(self) -> None:
-        engine, self.engine = self.engine, None
+        with self._lock:
+            self._stopped = True
+            engine, self.engine = self.engine, None
         if engine is not None:
             try:
                 engine.shutdown()
