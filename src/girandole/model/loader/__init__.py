@@ -26,7 +26,7 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.config import ModelConfig
-from girandole.model.default import cache_dir, resolve_model_path
+from girandole.model.default import cache_dir, remove_dead_partials, resolve_model_path
 from girandole.model.kernels import wq_gemm
 from girandole.model.layers import MODES, Builder
 from girandole.model.spec import ArchSpec
@@ -160,6 +160,8 @@ def load_model(
         and _source_bytes(path) >= CACHE_MIN_BYTES
     )
     cache_file = _cache_path(path) if cached else None
+    if cache_file is not None and cache_file.parent.is_dir():
+        remove_dead_partials(cache_file.parent, "*.tmp*")  # _save_cache's, its writer killed
     if cache_file is not None and not cache_file.exists():
         _build_cache_in_child(path, cache_file)
     if cache_file is not None and cache_file.exists():
