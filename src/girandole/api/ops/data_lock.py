@@ -11,8 +11,12 @@ beside a server, as SQLite's WAL allows).
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger("girandole.api")
 
 LOCK_NAME = "girandole.lock"
 
@@ -35,17 +39,34 @@ def lock_data_dir(folder: str | Path) -> int | None:
     fd = os.open(path / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited (O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError as exc:
+        if isinstance(exc, BlockingIOError):
+            raise _in_use(fd, path) from None
         os.close(fd)
-        raise OSError(
-            f"--data-dir {str(path)!r} is in use by another girandole server"
-            + (f" (pid {holder})" if holder.isdigit() else "")
-            + ": stop it, or give this server a --data-dir of its own"
-        ) from None
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without
+            logger.warning(  # locks (some NFS mounts): serve, as before there was a lock
+                "--data-dir %s cannot be locked (%s): make sure no other server uses it",
+                path,
+                exc.strerror,
+            )
+            return None
+        raise
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _in_use(fd: int, path: Path) -> OSError:
+    """The error for a folder another server holds (its pid, from the lock file)."""
+    try:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    return OSError(
+        f"--data-dir {str(path)!r} is in use by another girandole server"
+        + (f" (pid {holder})" if holder.isdigit() else "")
+        + ": stop it, or give this server a --data-dir of its own"
+    )
