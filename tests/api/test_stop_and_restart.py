@@ -207,3 +207,38 @@ def test_the_default_model_a_killed_server_was_writing_is_not_left_in_the_cache(
     server = start_server(tmp_path, "--kv-cache-gb", "0.2", api_key=None)
     stop_server(server)
     assert [p.name for p in (cache / "models").iterdir()] == ["gemma-3-270m-Q4_K_M.gguf"]
+
+
+def test_a_request_queued_when_the_stop_begins_is_refused_at_once(tmp_path):
+    """One slot, held by a long stream; a request queued behind it when SIGTERM comes waited
+    the whole drain period for its slot (never freed) and got the drain's 503 at its end. It is
+    refused at once now, while the stream still runs, so its client can retry elsewhere."""
+    model = write_tiny_llama_for_ops(tmp_path / "tiny")
+    server = start_server(
+        tmp_path, "--model", str(model), "--model-id", "tiny", "--account", "testing",
+        "--kv-cache-gb", "0.05", "--max-model-len", "8192", "--drain-seconds", "6",
+        "--max-concurrent-requests", "1", api_key=None,
+    )  # fmt: skip
+    try:
+        url = server.url + "/v1/completions"
+        streamed, stream_out = _in_flight(lambda: _last_event(url))
+        _wait_running(server, 1)
+        short = {**LONG, "max_tokens": 2}
+        queued, queued_out = _in_flight(lambda: httpx.post(url, json=short, timeout=120))
+        deadline = time.monotonic() + 60
+        while "girandole_requests_queued 1" not in httpx.get(server.url + "/metrics").text:
+            assert time.monotonic() < deadline and queued.is_alive()
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        queued.join(120)
+        assert streamed.is_alive()  # answered while the stream still runs
+        streamed.join(120)
+        assert server.process.wait(60) == 0
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+    (r,) = queued_out
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+    (event,) = stream_out
+    assert event["error"]["code"] == "UNAVAILABLE", event  # the stream: cut at the drain's end

@@ -14,11 +14,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 
 from girandole.api.http.errors import APIError, too_many_requests
 from girandole.engine.scheduler import PRIORITY_SHARE
 
 Waiters = collections.deque[tuple[asyncio.Future, int]]
+
+
+class _Refused(Exception):
+    """Set on a waiter's future when the queue is closed (the server stops): its error."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class Admission:
@@ -37,6 +46,7 @@ class Admission:
         self._priority_waiters: Waiters = collections.deque()
         self._batch_waiters: Waiters = collections.deque()  # batch-job lines
         self._priority_streak = 0  # priority grants since the default tier's last one
+        self._closed: Callable[[], APIError] | None = None  # every wait's error once closed
 
     @property
     def num_queued(self) -> int:
@@ -62,6 +72,8 @@ class Admission:
         if self.num_active + weight <= self.max_active and not self.num_queued:
             self.num_active += weight
             return 0.0
+        if self._closed is not None:  # stopping: nothing that must wait will run
+            raise self._closed()
         if self.num_queued >= self.max_queued:
             self.num_rejected += 1
             error = too_many_requests(
@@ -77,6 +89,8 @@ class Admission:
         self._grant()  # a request of a higher tier may pass waiters that do not fit
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except _Refused as refused:
+            raise refused.error from None
         except TimeoutError:
             if future.done() and not future.cancelled():
                 return time.monotonic() - start  # granted as the timeout struck
@@ -99,6 +113,18 @@ class Admission:
                 self._grant()
             raise
         return time.monotonic() - start
+
+    def close(self, error: Callable[[], APIError]) -> None:
+        """The server stops: every request waiting now, and every one that would have to wait
+        from now on, fails with `error()` at once (those that fit still run). A queued request
+        waited for the whole drain period (a running one held its slots) only to get the
+        drain's 503 at its end: it can be retried elsewhere now."""
+        self._closed = error
+        for queue in (self._priority_waiters, self._waiters, self._batch_waiters):
+            while queue:
+                future, _ = queue.popleft()
+                if not future.done():
+                    future.set_exception(_Refused(error()))
 
     def release(self, num_choices: int = 1) -> None:
         """Free a request's slots, handing them to the waiters in order while they fit."""

@@ -169,13 +169,7 @@ class ServerOps:
             record.principal = principal
         if request.method == "POST":
             if self.draining:
-                raise APIError(
-                    503,
-                    "The server is shutting down; retry on another replica",
-                    type="service_unavailable",
-                    code="UNAVAILABLE",
-                    headers={"Retry-After": "1"},
-                )
+                raise shutting_down()
             try:
                 headers = self.limiter.admit(principal.limit_key, principal.rpm, principal.tpm)
             except APIError:
@@ -425,6 +419,7 @@ class ServerOps:
                 return
             # called from a signal handler: the event's waiters are woken from the loop
             loop.call_soon_threadsafe(self.drain_started.set)
+            loop.call_soon_threadsafe(self.admission.close, shutting_down)
             # a second before uvicorn cuts the connections: time for the error event to go out
             loop.call_later(max(0.0, self.settings.drain_seconds - 1.0), self._cut_streams)
 
@@ -467,6 +462,17 @@ class ServerOps:
             return
         self._closed = True
         self.usage.close()
+
+
+def shutting_down() -> APIError:
+    """The 503 of a request that a stopping server will not run."""
+    return APIError(
+        503,
+        "The server is shutting down; retry on another replica",
+        type="service_unavailable",
+        code="UNAVAILABLE",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _renders_tools(data: dict) -> bool:
