@@ -1,7 +1,9 @@
 """Servers stopped (SIGTERM, SIGINT, SIGKILL) with work in flight, and started again on the same
---data-dir, on tiny models (no real one needed): a second server on a folder in use is refused,
-while a restart after a kill is not; a request the drain period cuts is answered 503, and so is
-what runs at a second Ctrl-C."""
+--data-dir, mostly on tiny models: a second server on a folder in use is refused, while a
+restart after a kill is not; a request the drain period cuts is answered 503, and so is what
+runs at a second Ctrl-C; a request still queued when the stop begins is refused at once. On the
+default model (slow): a stop while it loads exits 0, and a kill while its GGUF is written leaves
+no partial file in the cache."""
 
 from __future__ import annotations
 
