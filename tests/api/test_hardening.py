@@ -213,6 +213,84 @@ def test_a_head_over_the_limit_is_a_431_even_when_it_arrives_whole(guarded):
     assert json.loads(body)["error"]["code"] == "context_length_exceeded"
 
 
+def _peak_rss_mb(server) -> float:
+    status = open(f"/proc/{server.process.pid}/status").read()
+    line = next(x for x in status.splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def test_an_upload_is_not_held_in_memory(guarded):
+    """An upload (POST /v1/files, a dataset's :upload) was read whole into memory and parsed by
+    the email package, which copies it several times: a 100 MB file took the server from 478
+    to 1,331 MB RSS, so a few uploads at the 500 MB limit at once could exhaust the machine.
+    Its file part now goes to disk as it arrives."""
+    line = json.dumps({"custom_id": "x", "body": {"prompt": "a" * 200}}).encode() + b"\n"
+    data = line * (64 * 1024 * 1024 // len(line))
+    rss_before = _rss_mb(guarded)
+    with open(f"/proc/{guarded.process.pid}/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS (VmHWM) starts again from the RSS now
+    r = httpx.post(
+        guarded.url + "/v1/files",
+        files={"file": ("big.jsonl", data)},
+        data={"purpose": "batch"},
+        headers=guarded.headers,
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == len(data)
+    assert _peak_rss_mb(guarded) < rss_before + 32  # before: about +550 MB for these 64 MB
+    got = httpx.get(
+        guarded.url + f"/v1/files/{r.json()['id']}/content", headers=guarded.headers, timeout=60
+    )
+    assert got.content == data
+
+
+def _form(boundary: bytes, *parts: tuple[bytes, bytes]) -> bytes:
+    body = b"".join(b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + value + b"\r\n"
+                    for head, value in parts)  # fmt: skip
+    return body + b"--" + boundary + b"--\r\n"
+
+
+def test_an_upload_is_read_exactly_and_a_bad_form_is_a_4xx(guarded):
+    headers = {**guarded.headers, "Content-Type": "multipart/form-data; boundary=b0und"}
+    purpose = (b'Content-Disposition: form-data; name="purpose"', b"batch")
+    # bytes that look like a boundary, and an RFC 2231 file name, come through as sent
+    content = b'{"a": 1}\r\n--b0un\r\n--b0und-ish\r\n\r\n\x00\xff'
+    disposition = (
+        b"Content-Disposition: form-data; name=\"file\"; filename*=utf-8''d%C3%A9j%C3%A0.jsonl"
+    )
+    body = _form(b"b0und", purpose, (disposition, content))
+    r = httpx.post(guarded.url + "/v1/files", content=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["filename"] == "d\u00e9j\u00e0.jsonl" and r.json()["bytes"] == len(content)
+    got = httpx.get(
+        guarded.url + f"/v1/files/{r.json()['id']}/content", headers=guarded.headers, timeout=30
+    )
+    assert got.content == content
+    file_part = (b'Content-Disposition: form-data; name="file"; filename="a.jsonl"', b"{}")
+    for sent, status, words in [
+        (body[:-40], 400, "ends before its closing boundary"),  # cut short
+        (_form(b"b0und", (purpose[0], b"x" * 70_000), file_part), 400, "larger than 65536"),
+        (_form(b"b0und", purpose), 400, "no part named 'file'"),
+        (
+            _form(b"b0und", purpose, (file_part[0] + b"\r\nContent-Transfer-Encoding: base64", b"e30=")),
+            400,
+            "Content-Transfer-Encoding",
+        ),
+    ]:  # fmt: skip
+        r = httpx.post(guarded.url + "/v1/files", content=sent, headers=headers, timeout=30)
+        assert r.status_code == status, r.text
+        assert words in r.json()["error"]["message"], r.text
+    no_boundary = {**guarded.headers, "Content-Type": "multipart/form-data"}
+    r = httpx.post(guarded.url + "/v1/files", content=body, headers=no_boundary, timeout=30)
+    assert r.status_code == 400 and "boundary" in r.json()["error"]["message"], r.text
+    as_json = {**guarded.headers, "Content-Type": "application/json"}
+    r = httpx.post(guarded.url + "/v1/files", content=b"{}", headers=as_json, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    data_dir = guarded.log_path.parent / f"data-{guarded.port}"
+    assert not [p for p in data_dir.rglob("*") if p.parent.name == ".partial"]  # none left
+
+
 def test_a_malformed_request_is_a_400_in_fireworks_shape(guarded):
     status, body = _raw_response(
         guarded.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
