@@ -12,12 +12,15 @@ from pydantic import Field
 
 from girandole.api.http.schema import RequestFields, one_error
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# fail_fast: a list stops at its first bad item. Else pydantic lists an error per item per
+# member of the union, and one_error reads them all: 300,000 items (a 1.2 MB body) held the
+# event loop 6 s and 1.2 GB, and a 16 MB body got the server killed for memory.
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, fail_fast=True)]
 Prompt = Annotated[
     str
-    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[str], Field(min_length=1, fail_fast=True)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1)],
+    | Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)],
     one_error(
         "prompt_type",
         "Input should be a string, an array of strings, a non-empty array of token ids (integers"

@@ -16,15 +16,16 @@ from girandole.api.http.schema import StrictModel, one_error
 MAX_INPUTS = 2048
 
 Text = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# fail_fast (lists stop at their first bad item): as completions' prompt (its schema says why)
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, fail_fast=True)]
 TemplateFields = Annotated[dict[str, str | int | float | bool], Field(min_length=1)]
 Input = Annotated[
     Text
-    | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)]
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)]
     | TemplateFields
-    | Annotated[list[TemplateFields], Field(min_length=1, max_length=MAX_INPUTS)],
+    | Annotated[list[TemplateFields], Field(min_length=1, max_length=MAX_INPUTS, fail_fast=True)],
     one_error(
         "input_type",
         "Input should be a non-empty string, an array of such strings, a non-empty array of"
