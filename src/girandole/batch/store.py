@@ -340,8 +340,7 @@ class BatchStore:
             )
         }
         return [
-            _with_progress(json.loads(body), sums.get(job_id, _NO_RESULTS))
-            for job_id, body in rows
+            _with_progress(json.loads(body), sums.get(job_id, _NO_RESULTS)) for job_id, body in rows
         ]
 
     def page_jobs(
