@@ -19,6 +19,8 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +230,24 @@ class Database:
     def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Callable[[str, tuple], list[tuple]]]:
+        """Statements run as one: the lock held throughout (no other thread's statement comes
+        between) and one SQLite transaction (rolled back if the block raises)."""
+        with self._lock:
+
+            def run(sql: str, params: tuple = ()) -> list[tuple]:
+                return self._conn.execute(sql, params).fetchall()
+
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield run
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # a failed COMMIT has rolled back already
+                    self._conn.execute("ROLLBACK")
+                raise
 
     # -- keys ------------------------------------------------------------------------------
 

@@ -2,11 +2,20 @@
 (girandole.db): the response object and the conversation's input items, per account. A key
 reads, lists, chains from and deletes only its own account's responses; an open server keeps
 them under the account "". They are kept until deleted.
+
+Each turn of a `previous_response_id` chain is stored once: a response that continues another
+keeps only its own new input items and the previous one's id (`previous_id`), and its whole
+conversation is rebuilt from the chain when read (one recursive query). Storing the whole
+conversation in every row, as before, made a chain of k turns hold 1 + 2 + ... + k turns: an
+agent loop of 1,000 turns of 5 KB wrote 2.5 GB. A response that others continue from gives
+them its history when it is deleted (they become the roots of their chains). Rows written
+before the column (the whole conversation, no previous id) read as they did.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +32,31 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS responses_account_created ON responses (account, created)",
 )
+# A response's chain in one statement: each link's own input items, and its output (the asked
+# one's whole body instead: its output is not its input), the oldest link first
+_CHAIN = """WITH RECURSIVE chain (previous_id, input_items, extra, depth) AS (
+        SELECT previous_id, input_items, body, 0 FROM responses WHERE id = ? AND account = ?
+        UNION ALL
+        SELECT r.previous_id, r.input_items, json_extract(r.body, '$.output'), c.depth + 1
+        FROM responses r JOIN chain c ON r.id = c.previous_id AND r.account = ?
+    ) SELECT input_items, extra FROM chain ORDER BY depth DESC"""
 
 
 @dataclass
 class StoredResponse:
     body: dict[str, Any]  # the response object, as returned
     input_items: list[dict[str, Any]]  # the conversation up to it (earlier turns included)
+
+
+def _joined(links: list[tuple[str, str | None]]) -> StoredResponse:
+    """The response of a chain's links (_CHAIN's rows), its whole conversation rebuilt."""
+    items: list[dict[str, Any]] = []
+    for own, output in links[:-1]:
+        items += json.loads(own)
+        items += json.loads(output or "[]")
+    own, body = links[-1]
+    assert body is not None
+    return StoredResponse(json.loads(body), items + json.loads(own))
 
 
 @dataclass
@@ -44,16 +72,41 @@ class ResponseStore:
         self.db = db
         for statement in _SCHEMA:
             db.execute(statement)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+        if "previous_id" not in columns:  # a database from before chains were stored as links
+            try:
+                db.execute("ALTER TABLE responses ADD COLUMN previous_id TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+        # a deleted response's children are found by it
+        db.execute("CREATE INDEX IF NOT EXISTS responses_previous ON responses (previous_id)")
 
-    def put(self, account: str, body: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+    def put(
+        self,
+        account: str,
+        body: dict[str, Any],
+        input_items: list[dict[str, Any]],
+        previous_id: str | None = None,
+        inherited: int = 0,
+    ) -> None:
         """Save a response; saved again (a background response as it runs and ends), it keeps
-        its place in the list."""
-        self.db.execute(
-            "INSERT INTO responses (id, account, created, body, input_items)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
-            " input_items = excluded.input_items",
-            (body["id"], account, time.time(), json.dumps(body), json.dumps(input_items)),
-        )
+        its place in the list. `input_items`: its whole conversation; `previous_id`: the
+        response it continues, whose conversation and output are the first `inherited` of
+        them. Only the rest is stored, while that response is stored: one deleted since this
+        one read it (it ran meanwhile) left nothing to rebuild from, so all are stored."""
+        with self.db.transaction() as run:
+            linked = previous_id is not None and bool(
+                run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
+            )
+            own = input_items[inherited:] if linked else input_items
+            run(
+                "INSERT INTO responses (id, account, created, body, input_items, previous_id)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
+                " input_items = excluded.input_items, previous_id = excluded.previous_id",
+                (body["id"], account, time.time(), json.dumps(body), json.dumps(own),
+                 previous_id if linked else None),
+            )  # fmt: skip
 
     def update(self, account: str, body: dict[str, Any]) -> None:
         """Replace a saved response's object (its input items stay)."""
@@ -70,21 +123,39 @@ class ResponseStore:
         )
         return [(account, json.loads(body)) for account, body in rows]
 
-    def get(self, account: str, response_id: str) -> StoredResponse | None:
+    def body(self, account: str, response_id: str) -> dict[str, Any] | None:
+        """The response object alone (its conversation left unread)."""
         rows = self.db.execute(
-            "SELECT body, input_items FROM responses WHERE id = ? AND account = ?",
-            (response_id, account),
+            "SELECT body FROM responses WHERE id = ? AND account = ?", (response_id, account)
         )
-        if not rows:
-            return None
-        return StoredResponse(json.loads(rows[0][0]), json.loads(rows[0][1]))
+        return json.loads(rows[0][0]) if rows else None
+
+    def get(self, account: str, response_id: str) -> StoredResponse | None:
+        """The response and its whole conversation (earlier turns included)."""
+        links = self.db.execute(_CHAIN, (response_id, account, account))
+        return _joined(links) if links else None
 
     def delete(self, account: str, response_id: str) -> bool:
-        found = self.db.execute(
-            "DELETE FROM responses WHERE id = ? AND account = ? RETURNING id",
-            (response_id, account),
-        )
-        return bool(found)
+        """Delete a response. Those that continue it get its conversation and output first
+        (stored whole), so they and their own continuations read as before."""
+        with self.db.transaction() as run:
+            children = run(
+                "SELECT id, input_items FROM responses WHERE previous_id = ? AND account = ?",
+                (response_id, account),
+            )
+            if children:
+                found = _joined(run(_CHAIN, (response_id, account, account)))
+                inherited = found.input_items + found.body.get("output", [])
+                for child_id, own in children:
+                    run(
+                        "UPDATE responses SET input_items = ?, previous_id = NULL WHERE id = ?",
+                        (json.dumps(inherited + json.loads(own)), child_id),
+                    )
+            deleted = run(
+                "DELETE FROM responses WHERE id = ? AND account = ? RETURNING id",
+                (response_id, account),
+            )
+        return bool(deleted)
 
     def list(
         self, account: str, limit: int, after: str | None = None, before: str | None = None

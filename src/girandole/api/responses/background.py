@@ -178,7 +178,8 @@ class BackgroundResponses:
         self._forget_old()
         run = BackgroundRun(job.id, account)
         queued = shape.response(job, "queued", [], None)
-        store.put(account, queued, shape.conversation.items)
+        turn = shape.conversation
+        store.put(account, queued, turn.items, turn.previous_id, turn.inherited)
         run.log.add("response.created", {"response": queued})
         run.log.add("response.queued", {"response": queued})
         self.runs[run.id] = run

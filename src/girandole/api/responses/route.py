@@ -144,6 +144,7 @@ class Responses(TranslatedEndpoint):
                 "background",
             )
         items: list[dict[str, Any]] = []
+        inherited = 0  # of the items: the previous response's (stored once, with it)
         conversation_id = conversation_ref(request, source)
         if conversation_id is not None:  # its items, then the input
             items = conversations_of(request).items(conversation_id)
@@ -163,6 +164,7 @@ class Responses(TranslatedEndpoint):
                     "previous_response_id",
                 )
             items = previous.input_items + previous.body["output"]
+            inherited = len(items)
         new_items = input_items(source)
         if conversation_id is not None:  # they join it: their ids must be new there
             check_unique_ids(new_items, [item["id"] for item in items], "input")
@@ -226,13 +228,15 @@ class Responses(TranslatedEndpoint):
                 check_unique_ids(new_items, conversations.item_ids(conversation_id), "input")
                 conversations.add_items(conversation_id, new_items + body["output"])
             if keep:
-                store.put(account, body, conversation)
+                store.put(account, body, conversation, source.previous_response_id, inherited)
 
         saves = keep or conversation_id is not None
         conversation = Conversation(source, items, save if saves else None, toolbox=toolbox,
                                     prelude=prelude, chat_fields=fields,
                                     conversation_id=conversation_id,
-                                    tool_paths=tool_paths)  # fmt: skip
+                                    tool_paths=tool_paths,
+                                    previous_id=source.previous_response_id,
+                                    inherited=inherited)  # fmt: skip
         return to_chat(fields, conversation)
 
     async def prompts(
@@ -410,13 +414,13 @@ async def get_response(
     starting_after: Annotated[int | None, Query(ge=0)] = None,
 ) -> Any:
     account = account_of(request)
-    found = store_of(request).get(account, response_id)
+    found = store_of(request).body(account, response_id)  # its conversation is not needed
     if found is None:
         raise not_found(response_id)
     if not stream:
-        return found.body
+        return found
     # a background response's events again, after `starting_after` (background.py)
-    if not found.body.get("background"):
+    if not found.get("background"):
         raise bad_request(
             "Only a background response can be streamed from its id: this one was answered"
             " in its own request, field: 'stream'",
@@ -441,10 +445,10 @@ async def get_response(
 )
 async def cancel_response(request: Request, response_id: str) -> Any:
     account, store = account_of(request), store_of(request)
-    found = store.get(account, response_id)
+    found = store.body(account, response_id)
     if found is None:
         raise not_found(response_id)
-    if not found.body.get("background"):
+    if not found.get("background"):
         raise bad_request(
             "Cannot cancel a synchronous response: only a response created with"
             " background=true can be cancelled, field: 'response_id'",
@@ -453,10 +457,10 @@ async def cancel_response(request: Request, response_id: str) -> Any:
     run = background_of(request).get(response_id, account)
     if run is not None:
         await background_of(request).cancel(run)
-    ended = store.get(account, response_id)  # an ended one as it is: cancelling is idempotent
+    ended = store.body(account, response_id)  # an ended one as it is: cancelling is idempotent
     if ended is None:
         raise not_found(response_id)
-    return ended.body
+    return ended
 
 
 @stored.delete(
@@ -479,7 +483,7 @@ async def list_responses(
 ) -> Any:
     store, account = store_of(request), account_of(request)
     for cursor, param in ((after, "after"), (before, "before")):
-        if cursor is not None and store.get(account, cursor) is None:  # as the other lists
+        if cursor is not None and store.body(account, cursor) is None:  # as the other lists
             raise bad_request(f"No item with id '{cursor}', field: '{param}'", param)
     page = store.list(account, limit, after, before)
     return list_page(page.items, limit) | {"has_more": page.has_more}

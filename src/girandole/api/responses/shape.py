@@ -52,6 +52,10 @@ class Conversation:
     chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
     conversation_id: str | None = None  # the Conversations API's conversation it runs on
     tool_paths: list[str] = field(default_factory=list)  # chat tool i -> its request field
+    # `previous_response_id`, and how many of `items` are its conversation and output: the
+    # store keeps only the others (registry/responses.py)
+    previous_id: str | None = None
+    inherited: int = 0
 
 
 ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block
