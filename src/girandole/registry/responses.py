@@ -32,14 +32,15 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS responses_account_created ON responses (account, created)",
 )
-# A response's chain in one statement: each link's own input items, and its output (the asked
-# one's whole body instead: its output is not its input), the oldest link first
-_CHAIN = """WITH RECURSIVE chain (previous_id, input_items, extra, depth) AS (
-        SELECT previous_id, input_items, body, 0 FROM responses WHERE id = ? AND account = ?
+# A response's chain in one statement: each link's depth (0: the asked one), own input items
+# and output (the asked one's whole body instead: its output is not its input). The rows come
+# unsorted: an ORDER BY copied every row into a sorter (an old 5 MB row read 6 times slower)
+_CHAIN = """WITH RECURSIVE chain (depth, previous_id, input_items, extra) AS (
+        SELECT 0, previous_id, input_items, body FROM responses WHERE id = ? AND account = ?
         UNION ALL
-        SELECT r.previous_id, r.input_items, json_extract(r.body, '$.output'), c.depth + 1
+        SELECT c.depth + 1, r.previous_id, r.input_items, json_extract(r.body, '$.output')
         FROM responses r JOIN chain c ON r.id = c.previous_id AND r.account = ?
-    ) SELECT input_items, extra FROM chain ORDER BY depth DESC"""
+    ) SELECT depth, input_items, extra FROM chain"""
 
 
 @dataclass
@@ -48,13 +49,14 @@ class StoredResponse:
     input_items: list[dict[str, Any]]  # the conversation up to it (earlier turns included)
 
 
-def _joined(links: list[tuple[str, str | None]]) -> StoredResponse:
+def _joined(links: list[tuple[int, str, str | None]]) -> StoredResponse:
     """The response of a chain's links (_CHAIN's rows), its whole conversation rebuilt."""
+    links = sorted(links, key=lambda link: -link[0])  # the oldest first
     items: list[dict[str, Any]] = []
-    for own, output in links[:-1]:
+    for _, own, output in links[:-1]:
         items += json.loads(own)
         items += json.loads(output or "[]")
-    own, body = links[-1]
+    _, own, body = links[-1]
     assert body is not None
     return StoredResponse(json.loads(body), items + json.loads(own))
 
