@@ -148,7 +148,8 @@ def test_background_turns_store_only_their_own_items(server):
     assert done["status"] in ("completed", "incomplete"), done
     check_continues(server, first, done, f"second {TEXT}")
     size, previous = rows(server, [done["id"]])[done["id"]]
-    assert previous == first["id"] and size < len(TEXT) + 300  # its one input item
+    # the first one's output (two tokens) and its one input item
+    assert previous == first["id"] and size < len(TEXT) + 1000, size
     third = turn(server, f"third {TEXT}", done["id"])
     check_continues(server, done, third, f"third {TEXT}")
 
@@ -207,12 +208,13 @@ def test_store_links_rebuild_and_a_previous_deleted_meanwhile():
     from girandole.registry.responses import ResponseStore
 
     store = ResponseStore(Database(None))
-    history: list[dict] = []
-    previous = None
+    history: list[dict] = []  # the conversation after the last response (its output too)
+    previous, inherited = None, 0  # the last response, and its own conversation's length
     for k in range(300):
         asked = [{"id": f"in_{k}", "text": "x" * 100}]
         body = {"id": f"resp_{k}", "status": "completed", "output": [{"id": f"out_{k}"}]}
-        store.put("a", body, history + asked, previous, len(history))
+        store.put("a", body, history + asked, previous, inherited)
+        inherited = len(history) + 1
         history += asked + body["output"]
         previous = body["id"]
     found = store.get("a", "resp_299")
@@ -224,6 +226,6 @@ def test_store_links_rebuild_and_a_previous_deleted_meanwhile():
     # resp_300 read resp_299, which is deleted before resp_300 is saved: it is stored whole
     assert store.delete("a", "resp_299")
     body = {"id": "resp_300", "status": "completed", "output": []}
-    store.put("a", body, history + [{"id": "in_300"}], "resp_299", len(history))
+    store.put("a", body, history + [{"id": "in_300"}], "resp_299", inherited)
     assert store.db.execute("SELECT previous_id FROM responses WHERE id = 'resp_300'") == [(None,)]
     assert store.get("a", "resp_300").input_items == history + [{"id": "in_300"}]

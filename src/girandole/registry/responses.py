@@ -4,7 +4,8 @@ reads, lists, chains from and deletes only its own account's responses; an open 
 them under the account "". They are kept until deleted.
 
 Each turn of a `previous_response_id` chain is stored once: a response that continues another
-keeps only its own new input items and the previous one's id (`previous_id`), and its whole
+keeps only the previous one's output, its own new input items and the previous one's id
+(`previous_id`), and its whole
 conversation is rebuilt from the chain when read (one recursive query). Storing the whole
 conversation in every row, as before, made a chain of k turns hold 1 + 2 + ... + k turns: an
 agent loop of 1,000 turns of 5 KB wrote 2.5 GB. A response that others continue from gives
@@ -32,15 +33,17 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS responses_account_created ON responses (account, created)",
 )
-# A response's chain in one statement: each link's depth (0: the asked one), own input items
-# and output (the asked one's whole body instead: its output is not its input). The rows come
-# unsorted: an ORDER BY copied every row into a sorter (an old 5 MB row read 6 times slower)
-_CHAIN = """WITH RECURSIVE chain (depth, previous_id, input_items, extra) AS (
-        SELECT 0, previous_id, input_items, body FROM responses WHERE id = ? AND account = ?
+# A response's chain in one statement: each link's depth (0: the asked one) and stored input
+# items, and the asked one's body. The walk reads ids from an index (responses_links): the rows
+# themselves hold previous_id after their large columns. The rows come unsorted: an ORDER BY
+# copied every row into a sorter (an old 5 MB row read 6 times slower)
+_CHAIN = """WITH RECURSIVE chain (depth, id, previous_id) AS (
+        SELECT 0, id, previous_id FROM responses WHERE id = ? AND account = ?
         UNION ALL
-        SELECT c.depth + 1, r.previous_id, r.input_items, json_extract(r.body, '$.output')
+        SELECT c.depth + 1, r.id, r.previous_id
         FROM responses r JOIN chain c ON r.id = c.previous_id AND r.account = ?
-    ) SELECT depth, input_items, extra FROM chain"""
+    ) SELECT c.depth, r.input_items, CASE WHEN c.depth = 0 THEN r.body END
+    FROM chain c JOIN responses r ON r.id = c.id"""
 
 
 @dataclass
@@ -53,12 +56,11 @@ def _joined(links: list[tuple[int, str, str | None]]) -> StoredResponse:
     """The response of a chain's links (_CHAIN's rows), its whole conversation rebuilt."""
     links = sorted(links, key=lambda link: -link[0])  # the oldest first
     items: list[dict[str, Any]] = []
-    for _, own, output in links[:-1]:
+    for _, own, _ in links:
         items += json.loads(own)
-        items += json.loads(output or "[]")
-    _, own, body = links[-1]
+    body = links[-1][2]
     assert body is not None
-    return StoredResponse(json.loads(body), items + json.loads(own))
+    return StoredResponse(json.loads(body), items)
 
 
 @dataclass
@@ -81,8 +83,11 @@ class ResponseStore:
             except sqlite3.OperationalError as exc:  # another process added it first
                 if "duplicate column" not in str(exc):
                     raise
-        # a deleted response's children are found by it
+        # a deleted response's children are found by the first, a chain walked by the second
         db.execute("CREATE INDEX IF NOT EXISTS responses_previous ON responses (previous_id)")
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS responses_links ON responses (id, account, previous_id)"
+        )
 
     def put(
         self,
@@ -94,9 +99,10 @@ class ResponseStore:
     ) -> None:
         """Save a response; saved again (a background response as it runs and ends), it keeps
         its place in the list. `input_items`: its whole conversation; `previous_id`: the
-        response it continues, whose conversation and output are the first `inherited` of
-        them. Only the rest is stored, while that response is stored: one deleted since this
-        one read it (it ran meanwhile) left nothing to rebuild from, so all are stored."""
+        response it continues, whose own conversation is the first `inherited` of them. Only
+        the rest (that response's output, then the new input) is stored, while that response is
+        stored: one deleted since this one read it (it ran meanwhile) left nothing to rebuild
+        from, so all are stored."""
         with self.db.transaction() as run:
             linked = previous_id is not None and bool(
                 run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
@@ -138,16 +144,15 @@ class ResponseStore:
         return _joined(links) if links else None
 
     def delete(self, account: str, response_id: str) -> bool:
-        """Delete a response. Those that continue it get its conversation and output first
-        (stored whole), so they and their own continuations read as before."""
+        """Delete a response. Those that continue it get its conversation first (stored whole:
+        their rows start with its output), so they and their continuations read as before."""
         with self.db.transaction() as run:
             children = run(
                 "SELECT id, input_items FROM responses WHERE previous_id = ? AND account = ?",
                 (response_id, account),
             )
             if children:
-                found = _joined(run(_CHAIN, (response_id, account, account)))
-                inherited = found.input_items + found.body.get("output", [])
+                inherited = _joined(run(_CHAIN, (response_id, account, account))).input_items
                 for child_id, own in children:
                     run(
                         "UPDATE responses SET input_items = ?, previous_id = NULL WHERE id = ?",

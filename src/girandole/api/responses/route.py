@@ -144,7 +144,7 @@ class Responses(TranslatedEndpoint):
                 "background",
             )
         items: list[dict[str, Any]] = []
-        inherited = 0  # of the items: the previous response's (stored once, with it)
+        inherited = 0  # of the items: the previous response's input (stored once, with it)
         conversation_id = conversation_ref(request, source)
         if conversation_id is not None:  # its items, then the input
             items = conversations_of(request).items(conversation_id)
@@ -163,8 +163,8 @@ class Responses(TranslatedEndpoint):
                     " field: 'previous_response_id'",
                     "previous_response_id",
                 )
+            inherited = len(previous.input_items)
             items = previous.input_items + previous.body["output"]
-            inherited = len(items)
         new_items = input_items(source)
         if conversation_id is not None:  # they join it: their ids must be new there
             check_unique_ids(new_items, [item["id"] for item in items], "input")

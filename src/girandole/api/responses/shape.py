@@ -52,8 +52,8 @@ class Conversation:
     chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
     conversation_id: str | None = None  # the Conversations API's conversation it runs on
     tool_paths: list[str] = field(default_factory=list)  # chat tool i -> its request field
-    # `previous_response_id`, and how many of `items` are its conversation and output: the
-    # store keeps only the others (registry/responses.py)
+    # `previous_response_id`, and how many of `items` are its input (its whole conversation):
+    # the store keeps only the others, its output first (registry/responses.py)
     previous_id: str | None = None
     inherited: int = 0
 
