@@ -415,6 +415,65 @@ def test_a_number_box_holding_no_number_is_an_error_not_left_out(open_server, pa
     assert sent == []
 
 
+def focused(page) -> str:
+    """The element with the keyboard focus: its id, else its title, else its tag."""
+    return page.evaluate("(e => e.id || e.title || e.tagName)(document.activeElement)")
+
+
+def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
+    """Each action pressed from the keyboard (Send, Stop, Regenerate, a version's ‹ ›, Edit, Raw
+    mode's Generate) redrew or disabled the button pressed, and the focus fell to the page's body:
+    a keyboard user went back to the page's top after each, and Edit's text could not be typed
+    into without a click. Now the focus goes to the message box (Send, Stop), back to the
+    redrawn button (Regenerate once the answer is in, ‹ ›: the other arrow at the last
+    version), into the editor (Edit) and back to Edit when it closes."""
+    open_page(page, open_server)
+    fill(page, max_tokens=3, seed=1)
+    page.fill("#input", "Hi")
+    page.focus("#send")
+    page.keyboard.press("Enter")
+    finished(page)
+    assert focused(page) == "input"
+    page.focus(".msg.assistant .act-regenerate")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
+    finished(page)
+    assert focused(page) == "Generate this answer again"
+    page.focus(".msg.assistant .act-prev-version")
+    page.keyboard.press("Enter")  # 1/2: ‹ is disabled there, › takes the focus
+    assert page.text_content(".msg.assistant .version-label") == "1/2"
+    assert focused(page) == "Next version"
+    page.keyboard.press("Enter")
+    assert page.text_content(".msg.assistant .version-label") == "2/2"
+    assert focused(page) == "Previous version"
+    page.focus(".msg.user .act-edit")
+    page.keyboard.press("Enter")
+    page.keyboard.type(" there")  # typed at the end of the text
+    assert page.input_value(".msg.user .editor textarea") == "Hi there"
+    page.focus(".msg.user .editor .act-cancel")
+    page.keyboard.press("Enter")
+    assert page.is_hidden(".msg.user .editor") and focused(page) == "Edit this message"
+    # Stop, pressed from the keyboard
+    fill(page, max_tokens=4000)
+    page.check("#p-ignore_eos")
+    page.fill("#input", "Count to a thousand.")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant:last-child .text:not(:empty)", timeout=120_000)
+    page.focus("#stop")
+    page.keyboard.press("Enter")
+    finished(page)
+    assert focused(page) == "input"
+    # raw mode: Generate gives the focus to Stop while it runs, Stop back to Generate
+    page.uncheck("#p-ignore_eos")
+    fill(page, max_tokens=3)
+    page.uncheck("#use-chat")
+    page.fill("#raw-prompt", "Once upon a time")
+    page.focus("#raw-send")
+    page.keyboard.press("Enter")
+    finished(page, "#raw-output")
+    assert focused(page) == "raw-send"
+
+
 def test_a_right_to_left_line_reads_right_to_left(open_server, page):
     """An Arabic message was laid out left to right: its final "!" stood at the right end, after
     the words as an Arabic reader sees them; each line now takes its direction from its text."""

@@ -761,9 +761,16 @@ function stop() {
 }
 
 function setBusy(busy) {
+  const had = document.activeElement;
   for (const id of ["send", "raw-send"]) $(id).disabled = busy;
   for (const id of ["stop", "raw-stop"]) $(id).hidden = !busy;
   document.body.classList.toggle("busy", busy);
+  // the button pressed is disabled or hidden now, and the focus with it would fall to the page's
+  // top: chat gives it to the message box (the next message can be typed), raw mode to the
+  // button that takes the pressed one's place
+  if (had === $("send") || had === $("stop")) $("input").focus();
+  else if (had === $("raw-send") && busy) $("raw-stop").focus();
+  else if (had === $("raw-stop") && !busy) $("raw-send").focus();
 }
 
 // ---------------------------------------------------------------- embeddings and rerank
@@ -942,10 +949,48 @@ function atEnd(el) {
 function render() {
   const list = chatMode() ? $("messages") : $("raw-output");
   const follow = atEnd(list.lastElementChild);
+  rememberFocus();
   $("messages").replaceChildren(...branch().map((m, i) => renderMessage(m, i)));
   $("raw-output").replaceChildren(...(state.raw ? [renderMessage(state.raw, -1)] : []));
   $("raw-append").disabled = !state.raw || Boolean(state.controller);
+  restoreFocus();
   if (state.controller && follow) list.lastElementChild?.scrollIntoView({ block: "end" });
+}
+
+// A redraw replaces every message's buttons: the one that had the focus (a keyboard user's
+// place: ‹ › of versions or choices, Tokens, Regenerate…) is found again in the new ones by its
+// list, its message's place there and its title, and gets the focus back (once enabled: a
+// request running disables them all). Else the focus would fall to the page's top.
+let refocus = null;
+
+function rememberFocus() {
+  const el = document.activeElement;
+  const li = el && el.tagName === "BUTTON" ? el.closest("li.msg") : null;
+  if (!li) return;
+  const list = li.parentElement;
+  refocus = { list: list.id, index: Array.from(list.children).indexOf(li), title: el.title };
+}
+
+function restoreFocus() {
+  if (!refocus) return;
+  const now = document.activeElement;
+  if (now && now !== document.body && now.isConnected) {
+    refocus = null; // the reader went elsewhere meanwhile
+    return;
+  }
+  const li = $(refocus.list).children[refocus.index];
+  const buttons = li ? Array.from(li.querySelectorAll("button")) : [];
+  const other = { "Previous version": "Next version", "Next version": "Previous version",
+                  "Previous choice": "Next choice", "Next choice": "Previous choice" }[refocus.title];
+  // the same button; else (the last version reached, an editor closed) the nearest one left
+  const target = [refocus.title, other, "Edit this message"]
+    .map((title) => buttons.find((b) => b.title === title && !b.disabled)).find(Boolean);
+  if (target) {
+    target.focus();
+    refocus = null;
+  } else if (!state.controller) {
+    refocus = null;
+  }
 }
 
 // Redraw message `m` alone (the one being streamed), following its end as render() does.
@@ -994,7 +1039,16 @@ function renderMessage(m, i) {
   }
   if (i >= 0) {
     actions.append(
-      button("Edit", "Edit this message", () => { m.editing = true; render(); }),
+      button("Edit", "Edit this message", () => {
+        m.editing = true;
+        render();
+        // the caret in the editor, at the end: typing edits at once
+        const area = $("messages").children[i]?.querySelector(".editor textarea");
+        if (area) {
+          area.focus();
+          area.setSelectionRange(area.value.length, area.value.length);
+        }
+      }),
       button("Regenerate", m.role === "assistant" ? "Generate this answer again" : "Answer this message again",
         () => replyAt(m.role === "assistant" ? i : i + 1)),
       button("Delete", "Delete this version of the message and what follows it",
