@@ -572,6 +572,39 @@ def test_keys_on_server_asks_for_a_key_on_401(keyed_server, page):
     assert not dialog.is_visible()
 
 
+def test_a_key_given_after_the_dialog_was_cancelled_lists_the_models(keyed_server, page):
+    """A wrong key given, then the dialog cancelled, the model list stayed empty: the key given
+    when Send asked again was right, yet the message went with model "" and the page said "404:
+    Model not found" until a reload. Send now lists the models first (the 401 asks for the key),
+    then sends."""
+    page.goto(keyed_server.url + "/")
+    page.locator("#key-dialog").wait_for(state="visible")
+    page.fill("#key-input", "wrong-key")
+    page.click("#key-save")
+    page.wait_for_function("document.getElementById('key-reason').textContent.includes('invalid')")
+    # the server's message ends with a full stop: the dialog's sentence had two
+    reason = "The server answered 401: The API key you provided is invalid. Enter an API key."
+    assert page.text_content("#key-reason") == reason
+    page.click("#key-dialog button[value=cancel]")
+    page.wait_for_function("document.getElementById('error').textContent.includes('401')")
+    assert page.evaluate("document.querySelector('#model').options.length") == 0
+    sent = posts(page)
+    fill(page, max_tokens=3)
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    page.locator("#key-dialog").wait_for(state="visible")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-save")
+    # the answer, or (before) the 404 of a request without a model
+    page.wait_for_function("document.querySelector('#messages .stats') || "
+                           "document.getElementById('error').textContent.startsWith('404')",
+                           timeout=180_000)  # fmt: skip
+    assert page.is_hidden("#error"), page.text_content("#error")
+    assert page.input_value("#model") == MODEL
+    assert page.text_content(".msg.user .text") == "Hi"
+    assert [(path, body["model"]) for path, body in sent] == [(CHAT, MODEL)]
+
+
 def snippet(page, lang: str) -> str:
     page.click(f".tabs button[data-lang={lang}]")
     return page.text_content("#code")

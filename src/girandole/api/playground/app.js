@@ -145,7 +145,7 @@ let keyWaiters = []; // requests waiting for the dialog's answer, to retry or gi
 function askKey(reason) {
   const dialog = $("key-dialog");
   $("key-reason").textContent = reason
-    ? `The server answered 401: ${reason}. Enter an API key.`
+    ? `The server answered 401: ${reason.replace(/\.$/, "")}. Enter an API key.`
     : "The key sent as Authorization: Bearer … to this server.";
   $("key-input").value = apiKey();
   if (!dialog.open) dialog.showModal();
@@ -189,6 +189,15 @@ async function loadModels() {
   if (state.models.some((m) => m.id === previous)) select.value = previous;
   modelChanged();
   hideError();
+}
+
+// No model listed (the list was refused: a wrong key given, the dialog cancelled) and a request
+// would go with model "" (404, "Model not found", though the key now given is right): the list
+// is asked for first (a 401 asks for the key again). False: still none (the error says why).
+async function ensureModels() {
+  if ($("model").options.length) return true;
+  await loadModels();
+  return $("model").options.length > 0;
 }
 
 function currentModel() {
@@ -636,6 +645,7 @@ function withFields(body, chat) {
 
 async function sendChat() {
   if (state.controller) return;
+  if (!$("model").options.length && (!await ensureModels() || state.controller)) return;
   const pending = $("input").value;
   let sent = null;
   if (pending.trim()) {
@@ -697,6 +707,7 @@ async function replyWithTools(at) {
 
 async function sendRaw() {
   if (state.controller) return;
+  if (!$("model").options.length && (!await ensureModels() || state.controller)) return;
   const body = withFields({ model: $("model").value, prompt: $("raw-prompt").value }, false);
   if (!body) return;
   const m = newMessage("assistant");
@@ -808,6 +819,7 @@ function rerankBody() {
 
 // POST one non-streaming request of the Embeddings or Rerank tab; `show` draws the answer.
 async function sendOnce(path, makeBody, buttonId, outputId, show) {
+  if (!$("model").options.length && !await ensureModels()) return;
   let body;
   try {
     body = makeBody();
