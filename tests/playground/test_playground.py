@@ -921,6 +921,29 @@ def test_a_phone_wide_window_scrolls_no_page_sideways(open_server, page):
     assert matrix.evaluate("t => t.scrollWidth > t.clientWidth")  # it scrolls, on its own
 
 
+def test_a_phone_wide_message_keeps_its_buttons_inside_it(open_server, page):
+    """At 390 pixels an answer with choices (n = 2) and versions ran its buttons out of its box:
+    Regenerate cut in half, Delete out of sight and out of reach (the page does not scroll
+    sideways). They now wrap onto a second line, each inside the message."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    open_page(page, open_server)
+    fill(page, max_tokens=1, n=2)
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    finished(page)
+    page.click(".msg.assistant .act-regenerate")
+    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
+    finished(page)
+    outside = page.evaluate("""() => Array.from(document.querySelectorAll('.msg button'))
+        .filter((b) => {
+            const box = b.closest('.msg').getBoundingClientRect(), r = b.getBoundingClientRect();
+            return r.left < box.left || r.right > box.right;
+        }).map((b) => b.textContent)""")
+    assert outside == []
+    page.click(".msg.assistant .act-delete")  # within reach: the first version is left
+    assert page.locator(".msg.assistant .versions").count() == 0
+
+
 def test_view_code_for_embeddings_and_rerank(open_server, page, tmp_path):
     """The snippets run as shown and print what the API answers: the openai SDK's
     embeddings.create, and httpx for rerank (no SDK has it)."""
