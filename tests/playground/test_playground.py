@@ -421,12 +421,13 @@ def focused(page) -> str:
 
 
 def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
-    """Each action pressed from the keyboard (Send, Stop, Regenerate, a version's ‹ ›, Edit, Raw
-    mode's Generate) redrew or disabled the button pressed, and the focus fell to the page's body:
-    a keyboard user went back to the page's top after each, and Edit's text could not be typed
-    into without a click. Now the focus goes to the message box (Send, Stop), back to the
+    """Each action pressed from the keyboard (Send, Stop, Regenerate, a version's ‹ ›, Edit, raw
+    mode's Generate and Append, Embed) redrew or disabled the button pressed, and the focus fell
+    to the page's body: a keyboard user went back to the page's top after each, and Edit's text
+    could not be typed into without a click. Now the focus goes to the message box (Send, Stop), back to the
     redrawn button (Regenerate once the answer is in, ‹ ›: the other arrow at the last
-    version), into the editor (Edit) and back to Edit when it closes."""
+    version), into the editor (Edit) and back to Edit when it closes; raw mode's Append gives it
+    to the prompt; Embed and Rerank get it back once their answer is in."""
     open_page(page, open_server)
     fill(page, max_tokens=3, seed=1)
     page.fill("#input", "Hi")
@@ -472,6 +473,19 @@ def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
     page.keyboard.press("Enter")
     finished(page, "#raw-output")
     assert focused(page) == "raw-send"
+    page.focus("#raw-append")
+    page.keyboard.press("Enter")  # disabled then: the prompt takes the focus, at its end
+    assert focused(page) == "raw-prompt"
+    end = page.evaluate("(e => [e.selectionStart, e.value.length])(document.activeElement)")
+    assert end[0] == end[1]
+    # Embed, Rerank: disabled while their request runs, then the focus back on them
+    page.click("#tab-embeddings")
+    page.fill("#embed-input", "a")
+    page.focus("#embed-send")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#embed-output:not([hidden])")
+    page.wait_for_selector("#embed-send:not([disabled])")
+    assert focused(page) == "embed-send"
 
 
 def test_a_right_to_left_line_reads_right_to_left(open_server, page):

@@ -828,6 +828,8 @@ async function sendOnce(path, makeBody, buttonId, outputId, show) {
     return;
   }
   hideError();
+  // the button is disabled while the request runs, and the focus falls off it: it gets it back
+  const pressed = document.activeElement === $(buttonId);
   $(buttonId).disabled = true;
   const started = performance.now();
   try {
@@ -840,6 +842,8 @@ async function sendOnce(path, makeBody, buttonId, outputId, show) {
     showError(err.message);
   } finally {
     $(buttonId).disabled = false;
+    const now = document.activeElement;
+    if (pressed && (!now || now === document.body)) $(buttonId).focus();
   }
 }
 
@@ -1568,7 +1572,10 @@ function init() {
     if (!state.raw) return;
     $("raw-prompt").value += text(state.raw);
     state.raw = null;
-    render();
+    render(); // the button is disabled now: the focus goes to the prompt's end, to go on from
+    const prompt = $("raw-prompt");
+    prompt.focus();
+    prompt.setSelectionRange(prompt.value.length, prompt.value.length);
   });
   $("p-format").addEventListener("change", formatChanged);
   for (const b of document.querySelectorAll(".modes button")) {
