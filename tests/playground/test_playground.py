@@ -488,6 +488,25 @@ def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
     assert focused(page) == "embed-send"
 
 
+def test_import_is_reached_and_opened_from_the_keyboard(open_server, page, tmp_path):
+    """Import is a label for a hidden file input: Tab went from Export straight to Clear, and no
+    key opened the file chooser. It is now in the Tab order, and Enter opens the chooser."""
+    saved = tmp_path / "saved.json"
+    user = {"role": "user", "choices": [{"content": "Hello"}], "sel": 0, "active": 0,
+            "children": []}  # fmt: skip
+    saved.write_text(json.dumps({"format": "girandole-playground/2",
+                                 "tree": {"active": 0, "children": [user]}}))  # fmt: skip
+    open_page(page, open_server)
+    page.focus("#export")
+    page.keyboard.press("Tab")
+    assert focused(page) == "import-button"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(saved)
+    page.wait_for_selector(".msg.user")
+    assert page.text_content(".msg.user .text") == "Hello"
+
+
 def test_a_right_to_left_line_reads_right_to_left(open_server, page):
     """An Arabic message was laid out left to right: its final "!" stood at the right end, after
     the words as an Arabic reader sees them; each line now takes its direction from its text."""

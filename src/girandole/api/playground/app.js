@@ -1595,6 +1595,13 @@ function init() {
     b.addEventListener("click", () => { codeLang = b.dataset.lang; showCode(); });
   }
   $("export").addEventListener("click", exportConversation);
+  // Import is a label for its hidden file input: focusable (tabindex), Enter or Space opens the
+  // file chooser as a click does (else the keyboard could not reach it at all)
+  $("import-button").addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault();
+    $("import").click();
+  });
   $("import").addEventListener("change", (event) => {
     if (event.target.files[0]) importConversation(event.target.files[0]);
     event.target.value = "";
