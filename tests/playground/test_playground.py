@@ -393,6 +393,30 @@ def test_a_failed_request_leaves_no_empty_answer_behind(open_server, page):
     assert page.locator("#raw-output .msg").count() == 0
 
 
+def test_an_error_under_a_long_conversation_is_scrolled_into_view(open_server, page, tmp_path):
+    """The error stands under the panes: with a conversation longer than the window and the
+    message box at its bottom, a refused Send (temperature 9) put the error below the window's
+    edge, and the page seemed to do nothing. The error is now scrolled into view."""
+    turns = [{"role": ("user", "assistant")[k % 2], "choices": [{"content": f"{k} " + "blah " * 80}],
+              "sel": 0} for k in range(12)]  # fmt: skip
+    saved = tmp_path / "long.json"
+    saved.write_text(json.dumps({"format": "girandole-playground/1", "messages": turns}))
+    page.set_viewport_size({"width": 1280, "height": 800})
+    open_page(page, open_server)
+    page.set_input_files("#import", str(saved))
+    page.wait_for_selector(".msg.user")
+    fill(page, temperature=9)
+    page.fill("#input", "Hi")
+    page.evaluate("document.getElementById('input').scrollIntoView({block: 'end'})")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "temperature" in page.text_content("#error")
+    top, bottom, height = page.evaluate("""(() => {
+        const r = document.getElementById('error').getBoundingClientRect();
+        return [r.top, r.bottom, innerHeight]; })()""")
+    assert 0 <= top and bottom <= height, (top, bottom, height)
+
+
 def test_a_number_box_holding_no_number_is_an_error_not_left_out(open_server, page):
     """Typed "1e", seed reads as "" in the DOM: before, the request went unseeded and nothing
     said so; now the page names the field and sends nothing."""

@@ -1298,6 +1298,9 @@ function escapeHTML(s) {
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
+  // it stands under the panes: below the window's bottom when the conversation is long, where
+  // a request refused would seem to do nothing. Scrolled just into view.
+  $("error").scrollIntoView({ block: "nearest" });
 }
 
 function hideError() {
