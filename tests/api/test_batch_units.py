@@ -179,6 +179,35 @@ def test_the_runners_look_for_work_reads_only_the_jobs_not_ended(tmp_path):
     assert any("USING INDEX batch_jobs_state" in row[-1] for row in plan), plan
 
 
+def test_unwritten_cancellations_are_the_cancelled_jobs_whose_output_is_not_ready(tmp_path):
+    """Asked at start-up: it parsed every job ever made in Python. Now one query, by the state
+    index and the output datasets' keys; the same answer: cancelled jobs, in order of creation,
+    whose output dataset exists and is not READY, in any account."""
+    from girandole.batch.store import COMPLETED, dataset_name
+
+    store = BatchStore(Database(None), tmp_path)
+
+    def job(account: str, job_id: str, state: str, output_state: str | None) -> None:
+        output = f"{job_id}-out"
+        if output_state is not None:
+            store.insert_dataset(account, output, {"state": output_state})
+        body = {"state": state, "outputDatasetId": dataset_name(account, output)}
+        store.insert_job(account, job_id, None, body)
+
+    job("acme", "cut", CANCELLED, "UPLOADING")
+    job("acme", "written", CANCELLED, "READY")
+    job("acme", "no-output", CANCELLED, None)  # deleted since: nothing to write
+    job("acme", "done", COMPLETED, "UPLOADING")
+    job("acme", "running", RUNNING, "UPLOADING")
+    job("other", "cut", CANCELLED, "STATE_UNSPECIFIED")
+    job("other", "also-cut", CANCELLED, "UPLOADING")
+    assert store.unwritten_cancellations() == [
+        ("acme", "cut"),
+        ("other", "cut"),
+        ("other", "also-cut"),
+    ]
+
+
 def test_a_listing_counts_each_jobs_progress_as_its_own_read_does(tmp_path):
     """list_jobs sums every job's result rows in one query (a query per job made a list of
     5,000 jobs take 0.42 s, on the event loop); each job's progress is what reading it alone
