@@ -512,6 +512,32 @@ def test_the_keyboard_focus_stays_where_the_reader_works(open_server, page):
     assert focused(page) == "embed-send"
 
 
+def test_deleting_from_the_keyboard_keeps_the_focus_in_the_conversation(open_server, page):
+    """Delete pressed on the last message took its buttons away with it and the focus fell to
+    the page's body. Now the message left at the end takes it (Delete again goes on deleting),
+    and the message box once the conversation is empty; a version deleted leaves it on Delete."""
+    open_page(page, open_server)
+    fill(page, max_tokens=3, seed=1)
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    finished(page)
+    page.click(".msg.assistant .act-regenerate")
+    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
+    finished(page)
+    delete = "Delete this version of the message and what follows it"
+    page.focus(".msg.assistant .act-delete")
+    page.keyboard.press("Enter")  # version 2 gone, version 1 shown: the focus on its Delete
+    assert page.locator(".msg.assistant .version-label").count() == 0
+    assert focused(page) == delete
+    page.keyboard.press("Enter")  # the answer gone: the question's Delete
+    assert page.locator(".msg.assistant").count() == 0
+    assert focused(page) == delete
+    assert page.evaluate("document.activeElement.closest('.msg.user') !== null")
+    page.keyboard.press("Enter")  # nothing left: the message box
+    assert page.locator(".msg").count() == 0
+    assert focused(page) == "input"
+
+
 def test_import_is_reached_and_opened_from_the_keyboard(open_server, page):
     """Import is a label for a hidden file input: Tab went from Export straight to Clear, and no
     key opened the file chooser. It is now in the Tab order, and Enter or Space clicks the file

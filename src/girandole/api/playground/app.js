@@ -994,7 +994,18 @@ function restoreFocus() {
     refocus = null; // the reader went elsewhere meanwhile
     return;
   }
-  const li = $(refocus.list).children[refocus.index];
+  const list = $(refocus.list);
+  let li = list.children[refocus.index];
+  if (!li && list.id === "messages") {
+    // its message deleted: the last one left takes the focus (Delete again goes on deleting
+    // from the end), or the message box when none is left
+    li = list.lastElementChild;
+    if (!li) {
+      $("input").focus();
+      refocus = null;
+      return;
+    }
+  }
   const buttons = li ? Array.from(li.querySelectorAll("button")) : [];
   const other = { "Previous version": "Next version", "Next version": "Previous version",
                   "Previous choice": "Next choice", "Next choice": "Previous choice" }[refocus.title];
