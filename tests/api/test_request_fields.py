@@ -594,8 +594,21 @@ def test_bad_buffer_options_are_400s(qwen):
     for opts, param in (({"buffer_tokens": 0}, "stream_options.buffer_tokens"),
                         ({"buffer_mode": "most"}, "stream_options.buffer_mode"),
                         ({"buffer_ms": -1}, "stream_options.buffer_ms")):  # fmt: skip
-        r = raw(qwen, {"prompt": "x", "stream": True, "stream_options": opts}, "/v1/completions")
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        for stream in (True, False):  # checked without a stream too (docs/request-fields.md)
+            body = {"prompt": "x", "stream": stream, "stream_options": opts}
+            r = raw(qwen, body, "/v1/completions")
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_stream_options_without_a_stream_do_nothing(qwen):
+    """Accepted, as Fireworks' schema allows (OpenAI refuses it): a whole body, with its usage
+    (include_usage false is about the stream's last chunk)."""
+    opts = {"include_usage": False, "buffer_tokens": 2, "include_internal_content": True}
+    r = raw(qwen, {"prompt": "x", "max_tokens": 3, "stream_options": opts}, "/v1/completions")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] >= 1
+    assert "internal_content" not in body["choices"][0]
 
 
 # -- metadata ------------------------------------------------------------------------------------
