@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from girandole.api.flag_values import env_default, folder_value
@@ -70,9 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` names: `girandole deployment create` -> its own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _command_parser(chosen, args)
+    return parser
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, extras: list[str]) -> None:
+    """argparse's own refusal names the top-level usage (`girandole [-h] {generate,...}`) for a
+    flag the subcommand does not know; this names the subcommand's, and the likeliest flag."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+                break
+    parser.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(_command_parser(parser, args), extras)
     cache = env_default("CACHE_DIR")  # every subcommand may write there (model/default.py)
     if cache is not None:
         try:

@@ -318,6 +318,34 @@ def test_serve_bad_values_are_usage_errors(argv, env, named):
 
 
 @pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (["serve", "--prot", "9"], "usage: girandole serve [options]  (--help lists them)",
+         "girandole serve: error: unrecognized arguments: --prot 9 (did you mean --port?)"),
+        (["serve", "--bogus"], "usage: girandole serve [options]  (--help lists them)",
+         "girandole serve: error: unrecognized arguments: --bogus"),
+        (["deployment", "create", "m", "--min-replicas", "2"], "usage: girandole deployment create",
+         "girandole deployment create: error: unrecognized arguments: --min-replicas 2"
+         " (did you mean --min-replica-count?)"),
+        (["generate", "hi", "there"], "usage: girandole generate",
+         "girandole generate: error: unrecognized arguments: there"),
+    ],
+)  # fmt: skip
+def test_an_unknown_flag_is_refused_by_its_subcommand(argv, usage, error):
+    """argparse refused a flag a subcommand does not know under the top-level usage
+    (`girandole [-h] {generate,...} ...`) and as `girandole: error`; `serve`'s own usage, the
+    flags' 40 lines, buried any error of it. Now the subcommand's usage and name, a likely flag,
+    and one usage line for serve (`--help` lists the flags)."""
+    cmd = [sys.executable, "-m", "girandole.cli", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith(usage) and lines[-1] == error, done.stderr
+    if argv[0] == "serve":
+        assert len(lines) == 2
+
+
+@pytest.mark.parametrize(
     ("flag", "value", "named"),
     [("--max-tokens", "-1", "max_tokens"), ("--top-p", "2", "top_p"), ("--top-k", "-5", "top_k")],
 )

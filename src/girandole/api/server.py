@@ -53,6 +53,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "serve",
         help="serve the Fireworks-compatible inference API over HTTP",
+        # the flags' usage line is 40 lines long: an error under it scrolled out of sight
+        usage="%(prog)s [options]  (--help lists them)",
         description="Serve the Fireworks-compatible inference API. Every flag can also be set"
         " with the environment variable shown.",
     )
