@@ -229,3 +229,45 @@ def test_a_listing_counts_each_jobs_progress_as_its_own_read_does(tmp_path):
         assert job["jobProgress"] == alone["jobProgress"]
         assert job["jobProgress"]["totalProcessedRequests"] == k
     assert listed[3]["jobProgress"]["inputTokens"] == 3 + 4 + 5
+
+
+def test_a_dataset_made_with_its_files_is_there_whole_or_not_at_all(tmp_path):
+    """add_dataset moves the files in, then commits the row with what `also` writes: a failure
+    in the transaction leaves no row, folder or temporary file. A folder no row names (a server
+    killed between the two) is removed at the next start; the datasets the rows name stay,
+    an UPLOADING one (Fireworks': created, its :upload to come) included."""
+    db_path, folder = tmp_path / "girandole.db", tmp_path / "datasets"
+    store = BatchStore(Database(db_path), folder)
+    partial = store.partial_path()
+    partial.write_bytes(b"{}\n")
+
+    def refused(run) -> None:
+        run("INSERT INTO datasets (account, dataset_id, body) VALUES ('acme', 'x', '{}')")
+        raise LookupError("refused")
+
+    with pytest.raises(LookupError):
+        store.add_dataset("acme", "made", {"state": "READY"}, {"a.jsonl": partial}, refused)
+    assert store.get_dataset("acme", "made") is None and store.get_dataset("acme", "x") is None
+    assert not (folder / "acme" / "made").exists() and not partial.exists()
+
+    partial = store.partial_path()
+    partial.write_bytes(b"{}\n")
+    assert store.add_dataset("acme", "made", {"state": "READY"}, {"a.jsonl": partial})
+    assert [p.name for p in store.dataset_files("acme", "made")] == ["a.jsonl"]
+    again = store.partial_path()
+    again.write_bytes(b"other\n")
+    assert not store.add_dataset("acme", "made", {}, {"a.jsonl": again})  # exists: untouched
+    assert store.dataset_bytes("acme", "made") == b"{}\n" and not again.exists()
+
+    store.insert_dataset("acme", "waiting", {"state": "UPLOADING"})  # no file yet
+    store.insert_dataset("acme", "half", {"state": "UPLOADING"})
+    store.write_file("acme", "half", "a.jsonl", b"{}\n")  # placed, not yet marked READY
+    (folder / "acme" / "orphan").mkdir()
+    (folder / "acme" / "orphan" / "a.jsonl").write_bytes(b"{}\n")
+    (folder / "other" / "orphan").mkdir(parents=True)
+    store.db.close()
+    store = BatchStore(Database(db_path), folder)
+    assert sorted(p.name for p in (folder / "acme").iterdir()) == ["half", "made"]
+    assert not (folder / "other" / "orphan").exists()
+    assert store.get_dataset("acme", "waiting") == {"state": "UPLOADING"}
+    assert store.dataset_bytes("acme", "half") == b"{}\n"

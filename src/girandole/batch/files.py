@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,29 @@ class FileStore:
             (account, file_id, dataset_id, path, filename, purpose, size, time.time()),
         )
         return self.get(account, file_id)
+
+    def add_upload(
+        self, account: str, file_id: str, dataset: dict[str, Any], path: str, filename: str,
+        purpose: str, partial: Path,
+    ) -> FileRecord:  # fmt: skip
+        """Store an uploaded file (written whole to `partial`) as a new dataset of that one file,
+        `dataset` its body (READY, its lines counted), and name it as a file, at once: a server
+        killed meanwhile leaves the upload whole or nothing (it left a dataset UPLOADING for
+        good, its bytes on disk, no file naming it, when these were three steps)."""
+        size = partial.stat().st_size
+
+        def name_file(run: Callable[[str, tuple], list[tuple]]) -> None:
+            run(
+                "INSERT INTO files (account, file_id, dataset_id, path, filename, purpose, bytes,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (account, file_id, file_id, path, filename, purpose, size, time.time()),
+            )
+
+        if not self.batch.add_dataset(account, file_id, dataset, {path: partial}, name_file):
+            raise ValueError(f"dataset {file_id} exists")  # a new uuid: never
+        found = self.get(account, file_id)
+        assert found is not None  # written just now
+        return found
 
     def get(self, account: str, file_id: str) -> FileRecord | None:
         rows = self.db.execute(

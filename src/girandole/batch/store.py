@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -139,6 +140,21 @@ class BatchStore:
         # bytes a stopped server was writing (partial_path): nothing will place them now
         for leftover in (self.folder / ".partial").glob("*"):
             leftover.unlink(missing_ok=True)
+        self._remove_orphan_folders()
+
+    def _remove_orphan_folders(self) -> None:
+        """Remove the dataset folders no dataset row names: a server killed between placing a
+        new dataset's files and committing its row (add_dataset), or between deleting a row and
+        its files, left them, read and deleted by no request."""
+        if not self.folder.is_dir():
+            return
+        rows = set(self.db.execute("SELECT account, dataset_id FROM datasets"))
+        for account in self.folder.iterdir():
+            if account.name.startswith(".") or not account.is_dir():
+                continue
+            for folder in account.iterdir():
+                if folder.is_dir() and (account.name, folder.name) not in rows:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     # -- datasets ----------------------------------------------------------------------------
 
@@ -157,6 +173,45 @@ class BatchStore:
             if rows:
                 self._remove_files(account, dataset_id)
         return bool(rows)
+
+    def add_dataset(
+        self,
+        account: str,
+        dataset_id: str,
+        body: dict[str, Any],
+        files: dict[str, Path],
+        also: Callable[[Callable[[str, tuple], list[tuple]]], None] | None = None,
+    ) -> bool:
+        """Create a dataset with its files at once: the written temporary `files` (name ->
+        partial_path) are moved into its folder, then its row is committed, with what `also`
+        writes in the same transaction. A kill in between leaves a folder no row names, which
+        the next start removes: the dataset is there whole or not at all. False (nothing
+        written) when a dataset of that id exists. The temporary files are gone either way."""
+        try:
+            with self.lock:
+                if self.get_dataset(account, dataset_id) is not None:
+                    return False
+                self._remove_files(account, dataset_id)  # an earlier dataset's of that id
+                folder = self.dataset_dir(account, dataset_id)
+                if files:
+                    folder.mkdir(parents=True, exist_ok=True)
+                for name, partial in files.items():
+                    os.replace(partial, folder / name)
+                try:
+                    with self.db.transaction() as run:
+                        run(
+                            "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)",
+                            (account, dataset_id, json.dumps(body)),
+                        )
+                        if also is not None:
+                            also(run)
+                except BaseException:
+                    self._remove_files(account, dataset_id)
+                    raise
+                return True
+        finally:
+            for partial in files.values():
+                partial.unlink(missing_ok=True)
 
     def save_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> None:
         body["updateTime"] = now_text()

@@ -22,10 +22,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from girandole.api.datasets.form import receive_form, sync_file
 from girandole.api.datasets.route import (
     MAX_FILE_BYTES,
+    count_lines,
     created_by,
     file_too_large,
     input_in_use,
-    mark_ready,
     new_dataset,
 )
 from girandole.api.deployments.route import authenticate
@@ -113,13 +113,11 @@ async def upload_file(request: Request, account: str = KeyAccount) -> dict[str, 
             sync_file(partial)
             file_id = "file-" + uuid.uuid4().hex
             dataset = new_dataset(account, file_id, {"displayName": filename}, by)
-            store.insert_dataset(account, file_id, dataset)
-            path = disk_name(filename)
-            store.place_file(account, file_id, path, partial)
-            mark_ready(store, account, file_id, dataset)
-            record = files.add(account, file_id, file_id, path, filename, purpose)
-            assert record is not None  # written just now
-            return record
+            # counted before it is stored: the dataset and file appear at once, READY
+            dataset.update(state="READY", exampleCount=str(count_lines([partial])))
+            return files.add_upload(
+                account, file_id, dataset, disk_name(filename), filename, purpose, partial
+            )
 
         return (await asyncio.to_thread(save)).json()
     finally:
