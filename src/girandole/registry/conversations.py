@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from girandole.registry.keystore import Database
@@ -32,6 +33,28 @@ _SCHEMA = (
 )
 
 
+# a statement run inside a transaction (Database.transaction's `run`)
+Run = Callable[[str, tuple], list[tuple]]
+# more statements a caller adds to a store's transaction
+Write = Callable[[Run], None]
+
+
+def _append(run: Run, conversation_id: str, items: list[dict[str, Any]]) -> None:
+    """Insert items after the conversation's last (inside the caller's transaction)."""
+    if not items:
+        return
+    (last,) = run(
+        "SELECT COALESCE(MAX(seq), -1) FROM conversation_items WHERE conversation_id = ?",
+        (conversation_id,),
+    )[0]
+    for k, item in enumerate(items, start=last + 1):
+        run(
+            "INSERT INTO conversation_items (conversation_id, seq, item_id, body)"
+            " VALUES (?, ?, ?, ?)",
+            (conversation_id, k, item["id"], json.dumps(item)),
+        )
+
+
 def conversation_json(conversation_id: str, created: float, metadata: str) -> dict[str, Any]:
     """OpenAI's conversation object."""
     return {
@@ -53,12 +76,15 @@ class ConversationStore:
     def create(
         self, account: str, metadata: dict[str, str], items: list[dict[str, Any]]
     ) -> dict[str, Any]:
+        """A new conversation with its first items, in one transaction: a server killed (or an
+        item failing to store) midway leaves no conversation holding part of them."""
         conversation_id = f"conv_{uuid.uuid4().hex}"
-        self.db.execute(
-            "INSERT INTO conversations (id, account, created, metadata) VALUES (?, ?, ?, ?)",
-            (conversation_id, account, time.time(), json.dumps(metadata)),
-        )
-        self.add_items(conversation_id, items)
+        with self.db.transaction() as run:
+            run(
+                "INSERT INTO conversations (id, account, created, metadata) VALUES (?, ?, ?, ?)",
+                (conversation_id, account, time.time(), json.dumps(metadata)),
+            )
+            _append(run, conversation_id, items)
         found = self.get(account, conversation_id)
         assert found is not None
         return found
@@ -80,36 +106,32 @@ class ConversationStore:
         return self.get(account, conversation_id)
 
     def delete(self, account: str, conversation_id: str) -> bool:
-        found = self.db.execute(
-            "DELETE FROM conversations WHERE id = ? AND account = ? RETURNING id",
-            (conversation_id, account),
-        )
-        if found:
-            self.db.execute(
-                "DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,)
+        with self.db.transaction() as run:  # a kill between the two left items no one reads
+            found = run(
+                "DELETE FROM conversations WHERE id = ? AND account = ? RETURNING id",
+                (conversation_id, account),
             )
+            if found:
+                run("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
         return bool(found)
 
     # -- items (the caller has checked the conversation is the account's) ----------------------
 
-    def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
-        """Append items, in order; none to a conversation deleted meanwhile (a response that ran
-        on it and ended after), where no one could read or delete them: False then."""
-        if not self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)):
-            return False
-        if not items:
-            return True
-        (last,) = self.db.execute(
-            "SELECT COALESCE(MAX(seq), -1) FROM conversation_items WHERE conversation_id = ?",
-            (conversation_id,),
-        )[0]
-        for k, item in enumerate(items, start=last + 1):
-            self.db.execute(
-                "INSERT INTO conversation_items (conversation_id, seq, item_id, body)"
-                " VALUES (?, ?, ?, ?)",
-                (conversation_id, k, item["id"], json.dumps(item)),
-            )
-        return True
+    def add_items(
+        self, conversation_id: str, items: list[dict[str, Any]], also: Write | None = None
+    ) -> bool:
+        """Append items, in order, in one transaction (with what `also` writes: the response
+        whose turn they are, stored whether or not the conversation still exists): a server
+        killed, or an item failing to store, midway leaves none of them, never half a turn.
+        None to a conversation deleted meanwhile (a response that ran on it and ended after),
+        where no one could read or delete them: False then."""
+        with self.db.transaction() as run:
+            exists = bool(run("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
+            if exists:
+                _append(run, conversation_id, items)
+            if also is not None:
+                also(run)
+        return exists
 
     def items(self, conversation_id: str) -> list[dict[str, Any]]:
         """The conversation's items, oldest first."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,17 +105,30 @@ class ResponseStore:
         stored: one deleted since this one read it (it ran meanwhile) left nothing to rebuild
         from, so all are stored."""
         with self.db.transaction() as run:
-            linked = previous_id is not None and bool(
-                run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
-            )
-            own = input_items[inherited:] if linked else input_items
-            run(
-                "INSERT INTO responses (id, account, created, body, input_items, previous_id)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
-                " input_items = excluded.input_items, previous_id = excluded.previous_id",
-                (body["id"], account, time.time(), json.dumps(body), json.dumps(own),
-                 previous_id if linked else None),
-            )  # fmt: skip
+            self.put_in(run, account, body, input_items, previous_id, inherited)
+
+    @staticmethod
+    def put_in(
+        run: Callable[[str, tuple], list[tuple]],
+        account: str,
+        body: dict[str, Any],
+        input_items: list[dict[str, Any]],
+        previous_id: str | None = None,
+        inherited: int = 0,
+    ) -> None:
+        """put's statements inside the caller's transaction (`run`): a response on a
+        conversation is stored with its turn's items, at once."""
+        linked = previous_id is not None and bool(
+            run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
+        )
+        own = input_items[inherited:] if linked else input_items
+        run(
+            "INSERT INTO responses (id, account, created, body, input_items, previous_id)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
+            " input_items = excluded.input_items, previous_id = excluded.previous_id",
+            (body["id"], account, time.time(), json.dumps(body), json.dumps(own),
+             previous_id if linked else None),
+        )  # fmt: skip
 
     def update(self, account: str, body: dict[str, Any]) -> None:
         """Replace a saved response's object (its input items stay)."""

@@ -38,7 +38,7 @@ from girandole.api.serving.pipeline import BackgroundStart, Rounds, inference_ro
 from girandole.api.serving.response import ResponseShape
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
-from girandole.registry.conversations import ConversationStore
+from girandole.registry.conversations import ConversationStore, Run
 from girandole.registry.responses import ResponseStore
 
 MAX_LIST = 100  # items in one page of a list
@@ -220,15 +220,23 @@ class Responses(TranslatedEndpoint):
         keep = source.store is not False
 
         def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-            if conversation_id is not None:  # the turn joins the conversation once it ends
-                conversations = conversations_of(request)
-                # checked again as they are written (no await between): a request on the
-                # conversation that ran meanwhile with the same input id added it first (two
-                # items of one id); the loser is a 400, stored nowhere
-                check_unique_ids(new_items, conversations.item_ids(conversation_id), "input")
-                conversations.add_items(conversation_id, new_items + body["output"])
-            if keep:
+            if conversation_id is None:  # saved only when kept
                 store.put(account, body, conversation, source.previous_response_id, inherited)
+                return
+
+            def put(run: Run) -> None:  # no previous response beside a conversation
+                store.put_in(run, account, body, conversation)
+
+            # the turn joins the conversation once it ends
+            conversations = conversations_of(request)
+            # checked again as they are written (no await between): a request on the
+            # conversation that ran meanwhile with the same input id added it first (two
+            # items of one id); the loser is a 400, stored nowhere
+            check_unique_ids(new_items, conversations.item_ids(conversation_id), "input")
+            # the items and the stored response in one transaction: one never without the other
+            conversations.add_items(
+                conversation_id, new_items + body["output"], put if keep else None
+            )
 
         saves = keep or conversation_id is not None
         conversation = Conversation(source, items, save if saves else None, toolbox=toolbox,
