@@ -4,6 +4,7 @@ not at all. A tiny model (nothing here runs it) behind an open server of account
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,10 +81,10 @@ def _upload_still_works(server) -> None:
 def test_a_file_upload_killed_as_it_is_stored_is_there_whole_or_not_at_all(tmp_path, eos_model):
     """kill -9 the moment a `POST /v1/files` leaves its first trace in the store (its dataset's
     row or folder): the dataset was inserted UPLOADING, then its file placed and its lines
-    counted (a second for this 32 MB file of 16 M lines), and the file named last, so the kill
-    left a dataset UPLOADING for good, no file naming it, its bytes on disk. The next start
-    must show the upload complete (READY, listed, its bytes whole) or not at all."""
-    data = b"x\n" * (16 * 1024 * 1024)
+    counted (most of a second for this 2 MB file of 1 M lines), and the file named last, so
+    the kill left a dataset UPLOADING for good, no file naming it, its bytes on disk. The next
+    start must show the upload complete (READY, listed, its bytes whole) or not at all."""
+    data = b"x\n" * 1024 * 1024
     headers, body = _form("big.jsonl", data)
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, eos_model)
@@ -130,6 +131,59 @@ def test_a_file_upload_killed_while_its_body_arrives_leaves_nothing(tmp_path, eo
         _check_all_or_nothing(server, data_dir, b"")
         assert httpx.get(server.url + "/v1/files").json()["data"] == []
         _upload_still_works(server)
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
+def _dataset_traces(data_dir: Path, dataset_id: str) -> bool:
+    """Whether the dataset has a row or a folder yet."""
+    if (data_dir / "datasets" / ACCOUNT / dataset_id).exists():
+        return True
+    with sqlite3.connect(data_dir / "girandole.db", timeout=10) as db:
+        query = "SELECT 1 FROM datasets WHERE dataset_id = ?"
+        return bool(db.execute(query, (dataset_id,)).fetchall())
+
+
+def test_a_dataset_copy_killed_as_it_is_made_is_there_whole_or_not_at_all(tmp_path, eos_model):
+    """kill -9 the moment a dataset created from `sourceDatasetId` leaves its first trace: it
+    was inserted UPLOADING, then the source's files copied and counted, so the kill left it
+    UPLOADING with part of them, and the client's retry was a 409 ALREADY_EXISTS. The next
+    start must show it READY with all the source's bytes, or not at all (a retry makes it)."""
+    data = b"x\n" * 1024 * 1024
+    data_dir = tmp_path / "data"
+    datasets = f"/v1/accounts/{ACCOUNT}/datasets"
+    server = _serve(tmp_path, eos_model)
+    try:
+        r = httpx.post(server.url + datasets, json={"datasetId": "source", "dataset": {}})
+        assert r.status_code == 200, r.text
+        files = {"file": ("big.jsonl", data)}
+        r = httpx.post(f"{server.url}{datasets}/source:upload", files=files, timeout=120)
+        assert r.status_code == 200, r.text
+        create = json.dumps({"datasetId": "copy", "dataset": {},
+                             "sourceDatasetId": f"accounts/{ACCOUNT}/datasets/source"})  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                f"POST {datasets} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(create)}\r\n\r\n{create}".encode()
+            )
+            deadline = time.monotonic() + 120
+            while not _dataset_traces(data_dir, "copy"):
+                assert time.monotonic() < deadline and server.process.poll() is None
+                time.sleep(0.002)
+            _kill(server)
+        server = _serve(tmp_path, eos_model)
+        r = httpx.get(f"{server.url}{datasets}/copy")
+        copy = data_dir / "datasets" / ACCOUNT / "copy"
+        if r.status_code == 404:  # not made: no bytes of it left; the retry makes it
+            assert not copy.exists()
+            r = httpx.post(server.url + datasets, content=create, timeout=120,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert r.json()["state"] == "READY", r.text
+        assert r.json()["exampleCount"] == str(1024 * 1024)
+        assert (copy / "big.jsonl").read_bytes() == data
+        assert list((data_dir / "datasets" / ".partial").glob("*")) == []
     finally:
         if server.process.poll() is None:
             stop_server(server)

@@ -23,8 +23,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -461,24 +463,55 @@ async def create_dataset(request: Request, account: str = Account) -> dict:
             "datasetId",
         )
     dataset = new_dataset(account, body.datasetId, check_fields(body.dataset), created_by(request))
-    source = None
-    if body.sourceDatasetId:
-        source_id = body.sourceDatasetId.rsplit("/", 1)[-1]
-        source = store.get_dataset(account, source_id)
-        if source is None:
-            raise bad_request(
-                f"sourceDatasetId: {dataset_name(account, source_id)} does not exist",
-                "sourceDatasetId",
-            )
-    if not store.insert_dataset(account, body.datasetId, dataset):
-        raise APIError(
-            409, f"Dataset {dataset['name']} already exists", type="error", code="ALREADY_EXISTS"
-        )
-    if source is not None:
-        for path in store.dataset_files(account, source_id):
-            store.write_file(account, body.datasetId, path.name, path.read_bytes())
-        mark_ready(store, account, body.datasetId, dataset)
+    copies: dict[str, Path] = {}
+    try:
+        if body.sourceDatasetId:
+            source_id = body.sourceDatasetId.rsplit("/", 1)[-1]
+            if store.get_dataset(account, source_id) is None:
+                raise bad_request(
+                    f"sourceDatasetId: {dataset_name(account, source_id)} does not exist",
+                    "sourceDatasetId",
+                )
+            if store.get_dataset(account, body.datasetId) is not None:  # before a long copy
+                raise already_exists(dataset)
+            # copied and counted before the dataset is made, off the event loop (seconds for
+            # hundreds of MB): it appears READY with its files, or not at all (a kill in the
+            # copy left it UPLOADING with part of them, and a retry was a 409)
+            copies = await asyncio.to_thread(copy_files, store, account, source_id)
+            dataset.update(state="READY", exampleCount=str(count_lines(list(copies.values()))))
+        if not store.add_dataset(account, body.datasetId, dataset, copies):
+            raise already_exists(dataset)
+    finally:
+        for partial in copies.values():
+            partial.unlink(missing_ok=True)
     return dataset
+
+
+def already_exists(dataset: dict[str, Any]) -> APIError:
+    return APIError(
+        409, f"Dataset {dataset['name']} already exists", type="error", code="ALREADY_EXISTS"
+    )
+
+
+def copy_files(store: BatchStore, account: str, dataset_id: str) -> dict[str, Path]:
+    """The dataset's files copied to temporary files (name -> partial_path), synced."""
+    copies: dict[str, Path] = {}
+    try:
+        for path in store.dataset_files(account, dataset_id):
+            copies[path.name] = store.partial_path()
+            shutil.copyfile(path, copies[path.name])
+            sync_file(copies[path.name])
+    except BaseException as exc:
+        for partial in copies.values():
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):  # the source deleted while it was copied
+            raise bad_request(
+                f"sourceDatasetId: {dataset_name(account, dataset_id)} was deleted while it"
+                " was copied",
+                "sourceDatasetId",
+            ) from None
+        raise
+    return copies
 
 
 @router.get("/accounts/{account}/datasets", summary="List datasets")
