@@ -4,9 +4,11 @@ of BatchStore (a line's result is written once, and not after its job stopped ru
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
+from girandole.batch.files import FileStore
 from girandole.batch.lines import (
     CHAT,
     COMPLETIONS,
@@ -271,3 +273,90 @@ def test_a_dataset_made_with_its_files_is_there_whole_or_not_at_all(tmp_path):
     assert not (folder / "other" / "orphan").exists()
     assert store.get_dataset("acme", "waiting") == {"state": "UPLOADING"}
     assert store.dataset_bytes("acme", "half") == b"{}\n"
+
+
+def _failing_deletes(db: Database, table: str) -> None:
+    """Make every DELETE from `table` fail, as a full disk, an I/O error or a kill would stop
+    the statement after the first of a multi-statement write."""
+    db.execute(
+        f"CREATE TEMP TRIGGER fail_{table} BEFORE DELETE ON {table}"
+        " BEGIN SELECT RAISE(ABORT, 'stopped here'); END"
+    )
+
+
+def test_a_file_and_its_dataset_are_deleted_together(tmp_path):
+    """DELETE /v1/files/{id} of an upload removed the file's row, then its dataset's: stopped in
+    between, the dataset and its bytes stayed with no file naming them. Both rows go in one
+    transaction now: stopped, the file is still listed and whole."""
+    db = Database(None)
+    store = BatchStore(db, tmp_path)
+    files = FileStore(store)
+    partial = store.partial_path()
+    partial.write_bytes(b"{}\n")
+    files.add_upload("acme", "file-1", {"state": "READY"}, "a.jsonl", "a.jsonl", "batch", partial)
+    _failing_deletes(db, "datasets")
+    with pytest.raises(sqlite3.DatabaseError, match="stopped here"):
+        files.delete("acme", "file-1")
+    assert files.get("acme", "file-1") is not None
+    assert files.path_of("acme", files.get("acme", "file-1")).read_bytes() == b"{}\n"
+    db.execute("DROP TRIGGER fail_datasets")
+    assert files.delete("acme", "file-1")
+    assert files.get("acme", "file-1") is None and store.get_dataset("acme", "file-1") is None
+    assert not (tmp_path / "acme" / "file-1").exists()
+
+
+def test_a_job_is_deleted_with_its_results_and_datasets_or_not_at_all(tmp_path):
+    """delete_job removed the results, then the job (a message batch's datasets after it):
+    stopped in between, a job stayed with its progress gone to 0, or datasets of no job."""
+    db = Database(None)
+    store = BatchStore(db, tmp_path)
+    store.insert_job(
+        "acme", "j", None, {"state": RUNNING, "jobProgress": {"totalInputRequests": 1}}
+    )
+    store.record_result("acme", "j", LineResult(0, "a", True, {}))
+    store.insert_dataset("acme", "j-input", {})
+    store.write_file("acme", "j-input", "requests.jsonl", b"{}\n")
+    for table in ("batch_jobs", "datasets"):
+        _failing_deletes(db, table)
+        with pytest.raises(sqlite3.DatabaseError, match="stopped here"):
+            store.delete_job("acme", "j", ("j-input",))
+        assert store.get_job("acme", "j")["jobProgress"]["totalProcessedRequests"] == 1
+        assert store.dataset_bytes("acme", "j-input") == b"{}\n"
+        db.execute(f"DROP TRIGGER fail_{table}")
+    store.delete_job("acme", "j", ("j-input",))
+    assert store.get_job("acme", "j") is None and store.done_lines("acme", "j") == set()
+    assert store.get_dataset("acme", "j-input") is None
+    assert not (tmp_path / "acme" / "j-input").exists()
+
+
+def test_a_job_is_made_with_its_datasets_or_not_at_all(tmp_path):
+    """A batch's datasets (a message batch's requests with their file, the output) were made one
+    by one before its job: stopped in between, they stayed as datasets of no job, and a retried
+    Fireworks create found its output's id taken (a 400). insert_job now writes them with the
+    job in one transaction."""
+    db = Database(None)
+    store = BatchStore(db, tmp_path)
+
+    def datasets() -> dict:
+        requests = store.written(b'{"custom_id": "a"}\n')
+        return {"j-input": ({"state": "READY"}, {"r.jsonl": requests}), "j-output": ({}, {})}
+
+    db.execute(
+        "CREATE TEMP TRIGGER fail_jobs BEFORE INSERT ON batch_jobs"
+        " BEGIN SELECT RAISE(ABORT, 'stopped here'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError, match="stopped here"):
+        store.insert_job("acme", "j", None, {"state": RUNNING}, datasets())
+    assert store.list_datasets("acme") == [] and not (tmp_path / "acme" / "j-input").exists()
+    assert not list((tmp_path / ".partial").iterdir())
+    db.execute("DROP TRIGGER fail_jobs")
+
+    assert store.insert_job("acme", "j", None, {"state": RUNNING}, datasets())
+    assert store.dataset_bytes("acme", "j-input") == b'{"custom_id": "a"}\n'
+    assert store.get_dataset("acme", "j-output") == {}
+    # the job exists, or one of the datasets does: nothing written
+    assert not store.insert_job("acme", "j", None, {}, {"k-output": ({}, {})})
+    assert store.get_dataset("acme", "k-output") is None
+    assert not store.insert_job("acme", "k", None, {}, {"j-output": ({"x": 1}, {})})
+    assert store.get_job("acme", "k") is None and store.get_dataset("acme", "j-output") == {}
+    assert not list((tmp_path / ".partial").iterdir())

@@ -149,10 +149,17 @@ class FileStore:
         found = self.get(account, file_id)
         if found is None:
             return False
-        self.db.execute("DELETE FROM files WHERE account = ? AND file_id = ?", (account, file_id))
-        if found.dataset_id == file_id:  # an upload: its dataset is the file
-            self.batch.delete_dataset(account, found.dataset_id)
+
+        def forget(run: Callable[[str, tuple], list[tuple]]) -> None:
+            run("DELETE FROM files WHERE account = ? AND file_id = ?", (account, file_id))
+
+        if found.dataset_id == file_id:
+            # an upload: its dataset is the file, both gone at once (a kill between the two
+            # left the dataset and its bytes, with no file naming it)
+            self.batch.delete_dataset(account, file_id, forget)
         else:
+            with self.db.transaction() as run:
+                forget(run)
             self.path_of(account, found).unlink(missing_ok=True)
         return True
 

@@ -46,6 +46,11 @@ OTHER_APIS = ("openai", "anthropic")
 # index's WHERE, which SQLite needs to use the index
 _MADE_BY = {api: f"json_type(body, '$.{api}') IS NOT NULL" for api in OTHER_APIS}
 
+# a statement run inside a transaction (Database.transaction's `run`)
+Run = Callable[[str, tuple], list[tuple]]
+# statements a caller adds to a store's transaction
+Write = Callable[[Run], None]
+
 # a job's place in the lists: (created, job_id), the id breaking ties of the same instant
 JobKey = tuple[float, str]
 
@@ -180,38 +185,54 @@ class BatchStore:
         dataset_id: str,
         body: dict[str, Any],
         files: dict[str, Path],
-        also: Callable[[Callable[[str, tuple], list[tuple]]], None] | None = None,
+        also: Write | None = None,
     ) -> bool:
-        """Create a dataset with its files at once: the written temporary `files` (name ->
-        partial_path) are moved into its folder, then its row is committed, with what `also`
-        writes in the same transaction. A kill in between leaves a folder no row names, which
-        the next start removes: the dataset is there whole or not at all. False (nothing
-        written) when a dataset of that id exists. The temporary files are gone either way."""
+        """Create a dataset with its files at once (add_datasets, of one)."""
+        return self.add_datasets(account, {dataset_id: (body, files)}, also)
+
+    def add_datasets(
+        self,
+        account: str,
+        datasets: dict[str, tuple[dict[str, Any], dict[str, Path]]],
+        also: Callable[[Run], bool | None] | None = None,
+    ) -> bool:
+        """Create datasets with their files at once (id -> (body, files): the written
+        temporary files, name -> partial_path): the files are moved into their folders, then
+        the rows committed, with what `also` writes in the same transaction. A kill in between
+        leaves folders no row names, which the next start removes: the datasets are there
+        whole or not at all. False (nothing written) when one of them exists, or `also`
+        returns False. The temporary files are gone either way."""
         try:
-            with self.lock:
-                if self.get_dataset(account, dataset_id) is not None:
+            with self.lock:  # datasets are made under it: none appears between check and insert
+                if any(self.get_dataset(account, d) is not None for d in datasets):
                     return False
-                self._remove_files(account, dataset_id)  # an earlier dataset's of that id
-                folder = self.dataset_dir(account, dataset_id)
-                if files:
-                    folder.mkdir(parents=True, exist_ok=True)
-                for name, partial in files.items():
-                    os.replace(partial, folder / name)
                 try:
+                    for dataset_id, (_, files) in datasets.items():
+                        self._remove_files(account, dataset_id)  # an earlier dataset's of that id
+                        folder = self.dataset_dir(account, dataset_id)
+                        if files:
+                            folder.mkdir(parents=True, exist_ok=True)
+                        for name, partial in files.items():
+                            os.replace(partial, folder / name)
                     with self.db.transaction() as run:
-                        run(
-                            "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)",
-                            (account, dataset_id, json.dumps(body)),
-                        )
-                        if also is not None:
-                            also(run)
-                except BaseException:
-                    self._remove_files(account, dataset_id)
+                        for dataset_id, (body, _) in datasets.items():
+                            run(
+                                "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)",
+                                (account, dataset_id, json.dumps(body)),
+                            )
+                        if also is not None and also(run) is False:
+                            raise _Refused
+                except BaseException as exc:
+                    for dataset_id in datasets:
+                        self._remove_files(account, dataset_id)
+                    if isinstance(exc, _Refused):
+                        return False
                     raise
                 return True
         finally:
-            for partial in files.values():
-                partial.unlink(missing_ok=True)
+            for _, files in datasets.values():
+                for partial in files.values():
+                    partial.unlink(missing_ok=True)
 
     def save_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> None:
         body["updateTime"] = now_text()
@@ -245,11 +266,18 @@ class BatchStore:
         )
         return [json.loads(body) for (body,) in rows]
 
-    def delete_dataset(self, account: str, dataset_id: str) -> None:
+    def delete_dataset(self, account: str, dataset_id: str, also: Write | None = None) -> None:
+        """Delete the dataset's row, with what `also` writes in the same transaction (the file
+        naming it), then its files: a kill after the commit leaves a folder no row names, which
+        the next start removes."""
         with self.lock:
-            self.db.execute(
-                "DELETE FROM datasets WHERE account = ? AND dataset_id = ?", (account, dataset_id)
-            )
+            with self.db.transaction() as run:
+                run(
+                    "DELETE FROM datasets WHERE account = ? AND dataset_id = ?",
+                    (account, dataset_id),
+                )
+                if also is not None:
+                    also(run)
             self._remove_files(account, dataset_id)
 
     def _remove_files(self, account: str, dataset_id: str) -> None:
@@ -335,6 +363,10 @@ class BatchStore:
     ) -> Path:
         """Write a dataset file whole (through a temporary file: a reader never sees half);
         `check`: as place_file's."""
+        return self.place_file(account, dataset_id, filename, self.written(data), check)
+
+    def written(self, data: bytes) -> Path:
+        """A new temporary file (partial_path) holding `data`, synced."""
         partial = self.partial_path()
         try:
             with open(partial, "wb") as f:
@@ -344,17 +376,27 @@ class BatchStore:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        return self.place_file(account, dataset_id, filename, partial, check)
+        return partial
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def insert_job(self, account: str, job_id: str, key_id: str | None, body: dict) -> bool:
-        rows = self.db.execute(
-            "INSERT INTO batch_jobs (account, job_id, key_id, created, body) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING RETURNING job_id",
-            (account, job_id, key_id, time.time(), json.dumps(body)),
-        )
-        return bool(rows)
+    def insert_job(
+        self,
+        account: str,
+        job_id: str,
+        key_id: str | None,
+        body: dict,
+        datasets: dict[str, tuple[dict[str, Any], dict[str, Path]]] | None = None,
+    ) -> bool:
+        """Save a new job with the new datasets it reads and writes (as add_datasets takes
+        them: a message batch's requests, a job's output) in one transaction: a kill between
+        them left datasets of no job (a retried create found the output's id taken). False
+        (nothing written) when the job or one of the datasets exists."""
+
+        def save_job(run: Run) -> bool:
+            return insert_job_row(run, account, job_id, key_id, body)
+
+        return self.add_datasets(account, datasets or {}, save_job)
 
     def save_job(self, account: str, job_id: str, body: dict[str, Any]) -> None:
         body["updateTime"] = now_text()
@@ -515,13 +557,21 @@ class BatchStore:
         )
         return [(a, j) for a, j in rows]
 
-    def delete_job(self, account: str, job_id: str) -> None:
-        self.db.execute(
-            "DELETE FROM batch_results WHERE account = ? AND job_id = ?", (account, job_id)
-        )
-        self.db.execute(
-            "DELETE FROM batch_jobs WHERE account = ? AND job_id = ?", (account, job_id)
-        )
+    def delete_job(self, account: str, job_id: str, datasets: tuple[str, ...] = ()) -> None:
+        """Delete a job, its results and the `datasets` (its own: a message batch's requests
+        and results) in one transaction, then their files: a kill midway left a job without
+        its results (its progress 0), or datasets of a job that no longer exists."""
+        with self.lock:
+            with self.db.transaction() as run:
+                run("DELETE FROM batch_results WHERE account = ? AND job_id = ?", (account, job_id))
+                run("DELETE FROM batch_jobs WHERE account = ? AND job_id = ?", (account, job_id))
+                for dataset_id in datasets:
+                    run(
+                        "DELETE FROM datasets WHERE account = ? AND dataset_id = ?",
+                        (account, dataset_id),
+                    )
+            for dataset_id in datasets:
+                self._remove_files(account, dataset_id)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -605,6 +655,26 @@ class BatchStore:
 
 class _Gone(Exception):
     """A dataset deleted while a file was on its way into it."""
+
+
+class _Refused(Exception):
+    """What add_datasets' `also` refused (its transaction rolled back)."""
+
+
+def insert_job_row(
+    run: Run,
+    account: str,
+    job_id: str,
+    key_id: str | None,
+    body: dict[str, Any],
+) -> bool:
+    """Insert a new job's row inside the caller's transaction; False when the job exists."""
+    rows = run(
+        "INSERT INTO batch_jobs (account, job_id, key_id, created, body) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING RETURNING job_id",
+        (account, job_id, key_id, time.time(), json.dumps(body)),
+    )
+    return bool(rows)
 
 
 # a job's result rows summed: processed, succeeded, prompt, completion and cached tokens

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -219,15 +220,9 @@ async def create_job(
             )
         by = created_by(request)
         output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
-        if not store.insert_dataset(account, output_id, output):
-            raise bad_request(
-                f"outputDatasetId: {dataset_name(account, output_id)} already exists;"
-                " name a new one",
-                "outputDatasetId",
-            )
         job = new_job(account, job_id, body.displayName or job_id, body.model, input_id, output_id,
                       parameters, total, by, body.precision or "PRECISION_UNSPECIFIED")  # fmt: skip
-        return start_new_job(request, account, job_id, job)
+        return start_new_job(request, account, job_id, job, {output_id: (output, {})})
 
 
 def new_job(
@@ -253,13 +248,38 @@ def new_job(
     }
 
 
-def start_new_job(request: Request, account: str, job_id: str, job: dict[str, Any]) -> dict:
-    """Save a new job (under the request's key: its lines' usage rows) and wake the runner."""
+def start_new_job(
+    request: Request,
+    account: str,
+    job_id: str,
+    job: dict[str, Any],
+    datasets: dict[str, tuple[dict[str, Any], dict[str, Path]]],
+) -> dict:
+    """Save a new job (under the request's key: its lines' usage rows) with the new datasets it
+    reads and writes (as BatchStore.insert_job takes them), at once, and wake the runner. A 409
+    when the job exists, a 400 naming outputDatasetId when a dataset does."""
     store = store_of(request)
     principal = getattr(request.state, "principal", None)
-    store.insert_job(account, job_id, principal.key_id if principal else None, job)
+    key_id = principal.key_id if principal else None
+    if not store.insert_job(account, job_id, key_id, job, datasets):
+        if store.get_job(account, job_id) is not None:
+            raise APIError(
+                409,
+                f"Batch inference job {job_name(account, job_id)} already exists",
+                type="error",
+                code="ALREADY_EXISTS",
+            )
+        taken = ", ".join(dataset_name(account, d) for d in datasets)
+        raise bad_request(
+            f"outputDatasetId: {taken} already exists; name a new one", "outputDatasetId"
+        )
+    return started(request, account, job_id, job)
+
+
+def started(request: Request, account: str, job_id: str, job: dict[str, Any]) -> dict:
+    """A new job saved: the runner woken, the job as stored."""
     runner_of(request).notify()
-    return store.get_job(account, job_id) or job
+    return store_of(request).get_job(account, job_id) or job
 
 
 @router.get("/accounts/{account}/batchInferenceJobs", summary="List batch inference jobs")

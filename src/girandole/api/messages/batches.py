@@ -32,7 +32,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from girandole.api.batch.route import new_job, start_new_job, stop_job, store_of
-from girandole.api.datasets.route import created_by, mark_ready, new_dataset
+from girandole.api.datasets.route import created_by, new_dataset
 from girandole.api.deployments.route import read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
@@ -173,19 +173,19 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
     input_id, output_id = f"{job_id}-input", f"{job_id}-output"
     store, by = store_of(request), created_by(request)
 
-    def save_datasets() -> None:
-        source = {"sourceJobName": job_name(account, job_id)}
-        dataset = new_dataset(account, input_id, source, by)
-        store.insert_dataset(account, input_id, dataset)
-        store.write_file(account, input_id, REQUESTS_FILE, data)
-        mark_ready(store, account, input_id, dataset)
-        store.insert_dataset(account, output_id, new_dataset(account, output_id, source, by))
-
-    await asyncio.to_thread(save_datasets)
+    source = {"sourceJobName": job_name(account, job_id)}
+    requests = new_dataset(account, input_id, source, by)
+    requests.update(state="READY", exampleCount=str(len(lines)))
+    output = new_dataset(account, output_id, source, by)
     # no model of its own: each line runs the model its params name
     job = new_job(account, job_id, batch_id, "", input_id, output_id, {}, len(lines), by)
     job["anthropic"] = {"id": batch_id}
-    return batch_json(request, account, start_new_job(request, account, job_id, job))
+    partial = await asyncio.to_thread(store.written, data)
+    try:  # the requests, the output dataset and the job at once: all, or none (a kill)
+        datasets = {input_id: (requests, {REQUESTS_FILE: partial}), output_id: (output, {})}
+        return batch_json(request, account, start_new_job(request, account, job_id, job, datasets))
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @router.get("/messages/batches", summary="List message batches, newest first")
@@ -293,7 +293,6 @@ async def delete_batch(
 ) -> dict[str, Any]:
     job = ended_job(request, account, message_batch_id, "cancel it, and delete it")
     store = store_of(request)
-    store.delete_job(account, id_in(job, "name"))
-    for key in ("inputDatasetId", "outputDatasetId"):
-        store.delete_dataset(account, id_in(job, key))
+    datasets = (id_in(job, "inputDatasetId"), id_in(job, "outputDatasetId"))
+    store.delete_job(account, id_in(job, "name"), datasets)  # at once: all or none
     return {"id": message_batch_id, "type": "message_batch_deleted"}

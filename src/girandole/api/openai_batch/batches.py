@@ -229,10 +229,9 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
     get_file(request, account, body.input_file_id)
     hexid = uuid.uuid4().hex
     batch_id, job_id = f"batch_{hexid}", f"batch-{hexid}"
-    store, by = store_of(request), created_by(request)
+    by = created_by(request)
     output_id = f"{job_id}-output"
     output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
-    store.insert_dataset(account, output_id, output)
     job = new_job(account, job_id, batch_id, model, body.input_file_id, output_id, {}, total, by)
     job["openai"] = {
         "id": batch_id,
@@ -241,7 +240,9 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
         "created_at": int(time.time()),
         "metadata": body.metadata,
     }
-    return batch_json(request, account, start_new_job(request, account, job_id, job))
+    return batch_json(
+        request, account, start_new_job(request, account, job_id, job, {output_id: (output, {})})
+    )
 
 
 @router.get("/batches", summary="List batches, newest first")
