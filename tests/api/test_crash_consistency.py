@@ -184,6 +184,13 @@ def test_a_dataset_copy_killed_as_it_is_made_is_there_whole_or_not_at_all(tmp_pa
         assert r.json()["exampleCount"] == str(1024 * 1024)
         assert (copy / "big.jsonl").read_bytes() == data
         assert list((data_dir / "datasets" / ".partial").glob("*")) == []
+        r = httpx.post(server.url + datasets, content=create, timeout=120,
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 409 and r.json()["error"]["code"] == "ALREADY_EXISTS", r.text
+        missing = {"datasetId": "other", "dataset": {}, "sourceDatasetId": "nope"}
+        r = httpx.post(server.url + datasets, json=missing)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "sourceDatasetId", r.text
+        assert list((data_dir / "datasets" / ".partial").glob("*")) == []
     finally:
         if server.process.poll() is None:
             stop_server(server)

@@ -478,7 +478,8 @@ async def create_dataset(request: Request, account: str = Account) -> dict:
             # hundreds of MB): it appears READY with its files, or not at all (a kill in the
             # copy left it UPLOADING with part of them, and a retry was a 409)
             copies = await asyncio.to_thread(copy_files, store, account, source_id)
-            dataset.update(state="READY", exampleCount=str(count_lines(list(copies.values()))))
+            count = await asyncio.to_thread(count_lines, list(copies.values()))
+            dataset.update(state="READY", exampleCount=str(count))
         if not store.add_dataset(account, body.datasetId, dataset, copies):
             raise already_exists(dataset)
     finally:
