@@ -394,7 +394,7 @@ class BatchStore:
         (nothing written) when the job or one of the datasets exists."""
 
         def save_job(run: Run) -> bool:
-            return insert_job_row(run, account, job_id, key_id, body)
+            return _insert_job_row(run, account, job_id, key_id, body)
 
         return self.add_datasets(account, datasets or {}, save_job)
 
@@ -661,7 +661,7 @@ class _Refused(Exception):
     """What add_datasets' `also` refused (its transaction rolled back)."""
 
 
-def insert_job_row(
+def _insert_job_row(
     run: Run,
     account: str,
     job_id: str,
