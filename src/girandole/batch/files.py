@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from girandole.batch.store import BatchStore
+from girandole.batch.store import BatchStore, Run
 
 # OpenAI's purposes of an uploaded file; a batch's own files are `batch_output`
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -111,7 +110,7 @@ class FileStore:
         good, its bytes on disk, no file naming it, when these were three steps)."""
         size = partial.stat().st_size
 
-        def name_file(run: Callable[[str, tuple], list[tuple]]) -> None:
+        def name_file(run: Run) -> None:
             run(
                 "INSERT INTO files (account, file_id, dataset_id, path, filename, purpose, bytes,"
                 " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -150,7 +149,7 @@ class FileStore:
         if found is None:
             return False
 
-        def forget(run: Callable[[str, tuple], list[tuple]]) -> None:
+        def forget(run: Run) -> None:
             run("DELETE FROM files WHERE account = ? AND file_id = ?", (account, file_id))
 
         if found.dataset_id == file_id:

@@ -273,13 +273,8 @@ def start_new_job(
         raise bad_request(
             f"outputDatasetId: {taken} already exists; name a new one", "outputDatasetId"
         )
-    return started(request, account, job_id, job)
-
-
-def started(request: Request, account: str, job_id: str, job: dict[str, Any]) -> dict:
-    """A new job saved: the runner woken, the job as stored."""
     runner_of(request).notify()
-    return store_of(request).get_job(account, job_id) or job
+    return store.get_job(account, job_id) or job
 
 
 @router.get("/accounts/{account}/batchInferenceJobs", summary="List batch inference jobs")
