@@ -169,15 +169,7 @@ class BatchStore:
     def insert_dataset(self, account: str, dataset_id: str, body: dict[str, Any]) -> bool:
         """False when a dataset of that id exists. A new dataset starts with no files (any
         left in its folder by an earlier dataset of that id are removed)."""
-        with self.lock:
-            rows = self.db.execute(
-                "INSERT INTO datasets (account, dataset_id, body) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING RETURNING dataset_id",
-                (account, dataset_id, json.dumps(body)),
-            )
-            if rows:
-                self._remove_files(account, dataset_id)
-        return bool(rows)
+        return self.add_dataset(account, dataset_id, body, {})
 
     def add_dataset(
         self,
