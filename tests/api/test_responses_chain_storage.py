@@ -176,6 +176,52 @@ def test_deleting_a_response_others_continue_leaves_them_whole(server):
             *before[kept["id"]], *kept["output"], input_items(server, after["id"])[-1]]  # fmt: skip
 
 
+def wait(server, response: dict) -> dict:
+    """A background response once it has ended."""
+    deadline = time.monotonic() + 120
+    while response["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, response
+        time.sleep(0.1)
+        r = httpx.get(server.url + f"/v1/responses/{response['id']}", headers=server.headers)
+        response = r.json()
+    assert response["status"] in ("completed", "incomplete"), response
+    return response
+
+
+def test_a_cached_chain_deleted_in_the_middle_reads_and_continues(server):
+    """The store keeps recently read conversations (registry/history_cache.py): every turn of
+    this chain is read as a loop reads it (the previous one's conversation cached), one turn
+    ends in the background, then a link in the middle is deleted. The deleted one is gone, the
+    others read as before, and the chain continues from the child stored whole and from the
+    end, in the background too."""
+    chain = [turn(server, f"link 0 {TEXT}")]
+    for k in range(1, 8):
+        background = k == 4
+        response = turn(server, f"link {k} {TEXT}", chain[-1]["id"], background=background)
+        chain.append(wait(server, response))
+        check_continues(server, chain[-2], chain[-1], f"link {k} {TEXT}")
+    before = {r["id"]: input_items(server, r["id"]) for r in chain}
+    gone = chain[4]  # the background one
+    r = httpx.delete(server.url + f"/v1/responses/{gone['id']}", headers=server.headers)
+    assert r.status_code == 200
+    for path in (f"/v1/responses/{gone['id']}", f"/v1/responses/{gone['id']}/input_items"):
+        assert httpx.get(server.url + path, headers=server.headers).status_code == 404
+    r = create(server, input="after the deleted one", previous_response_id=gone["id"])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    for response in chain:
+        if response is not gone:
+            assert input_items(server, response["id"]) == before[response["id"]]
+    child = chain[5]
+    assert rows(server, [child["id"]])[child["id"]][1] is None  # stored whole
+    for previous in (child, chain[-1]):
+        for background in (False, True):
+            text = f"from {previous['id']} {background} {TEXT}"
+            response = wait(server, turn(server, text, previous["id"], background=background))
+            check_continues(server, previous, response, text)
+            more = turn(server, f"more {TEXT}", response["id"])  # read as the next turn reads
+            check_continues(server, response, more, f"more {TEXT}")
+
+
 def test_a_chain_reads_and_deletes_only_its_accounts_rows(server):
     mine = turn(server, f"mine {TEXT}")
     child = turn(server, f"child {TEXT}", mine["id"])

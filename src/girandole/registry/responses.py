@@ -11,6 +11,9 @@ conversation in every row, as before, made a chain of k turns hold 1 + 2 + ... +
 agent loop of 1,000 turns of 5 KB wrote 2.5 GB. A response that others continue from gives
 them its history when it is deleted (they become the roots of their chains). Rows written
 before the column (the whole conversation, no previous id) read as they did.
+
+Conversations rebuilt recently are kept in memory (registry/history_cache.py): the next turn of
+a chain reads one row.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from girandole.registry.history_cache import HistoryCache
 from girandole.registry.keystore import Database
+
+Run = Callable[..., list[tuple]]  # a statement of Database.execute or of a transaction
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS responses (
@@ -45,6 +51,9 @@ _CHAIN = """WITH RECURSIVE chain (depth, id, previous_id) AS (
         FROM responses r JOIN chain c ON r.id = c.previous_id AND r.account = ?
     ) SELECT c.depth, r.input_items, CASE WHEN c.depth = 0 THEN r.body END
     FROM chain c JOIN responses r ON r.id = c.id"""
+# The asked response's row alone: enough when the response it continues is in the cache
+_ROW = """SELECT body, input_items, previous_id
+    FROM responses WHERE id = ? AND account = ?"""
 
 
 @dataclass
@@ -53,15 +62,24 @@ class StoredResponse:
     input_items: list[dict[str, Any]]  # the conversation up to it (earlier turns included)
 
 
-def _joined(links: list[tuple[int, str, str | None]]) -> StoredResponse:
-    """The response of a chain's links (_CHAIN's rows), its whole conversation rebuilt."""
-    links = sorted(links, key=lambda link: -link[0])  # the oldest first
-    items: list[dict[str, Any]] = []
-    for _, own, _ in links:
-        items += json.loads(own)
+def _history(run: Run, account: str, response_id: str) -> tuple[str, list[str]] | None:
+    """A response's body and the stored JSON of its conversation's pieces, oldest first (each
+    a list of items): each link's own items."""
+    links = run(_CHAIN, (response_id, account, account))
+    if not links:
+        return None
+    links.sort(key=lambda link: -link[0])  # the oldest first
+    pieces = [own for _, own, _ in links]
     body = links[-1][2]
     assert body is not None
-    return StoredResponse(json.loads(body), items)
+    return body, pieces
+
+
+def _parsed(pieces: list[str]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for piece in pieces:
+        items += json.loads(piece)
+    return items
 
 
 @dataclass
@@ -75,6 +93,7 @@ class ResponseStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.histories = HistoryCache()
         for statement in _SCHEMA:
             db.execute(statement)
         columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
@@ -98,12 +117,12 @@ class ResponseStore:
         previous_id: str | None = None,
         inherited: int = 0,
     ) -> None:
-        """Save a response; saved again (a background response as it runs and ends), it keeps
-        its place in the list. `input_items`: its whole conversation; `previous_id`: the
-        response it continues, whose own conversation is the first `inherited` of them. Only
-        the rest (that response's output, then the new input) is stored, while that response is
-        stored: one deleted since this one read it (it ran meanwhile) left nothing to rebuild
-        from, so all are stored."""
+        """Save a response; saved again (a background response as it runs and ends), its
+        object is replaced and it keeps its place in the list and its input items.
+        `input_items`: its whole conversation, whose first `inherited` are the conversation of
+        `previous_id` (the response it continues). Only the rest is stored, while that response
+        is stored: one deleted since this one read it (it ran meanwhile) left
+        nothing to rebuild from, so all are stored."""
         with self.db.transaction() as run:
             self.put_in(run, account, body, input_items, previous_id, inherited)
 
@@ -118,14 +137,19 @@ class ResponseStore:
     ) -> None:
         """put's statements inside the caller's transaction (`run`): a response on a
         conversation is stored with its turn's items, at once."""
+        if run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (body["id"], account)):
+            run(
+                "UPDATE responses SET body = ? WHERE id = ? AND account = ?",
+                (json.dumps(body), body["id"], account),
+            )
+            return
         linked = previous_id is not None and bool(
             run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
         )
         own = input_items[inherited:] if linked else input_items
         run(
             "INSERT INTO responses (id, account, created, body, input_items, previous_id)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body,"
-            " input_items = excluded.input_items, previous_id = excluded.previous_id",
+            " VALUES (?, ?, ?, ?, ?, ?)",
             (body["id"], account, time.time(), json.dumps(body), json.dumps(own),
              previous_id if linked else None),
         )  # fmt: skip
@@ -153,20 +177,42 @@ class ResponseStore:
         return json.loads(rows[0][0]) if rows else None
 
     def get(self, account: str, response_id: str) -> StoredResponse | None:
-        """The response and its whole conversation (earlier turns included)."""
-        links = self.db.execute(_CHAIN, (response_id, account, account))
-        return _joined(links) if links else None
+        """The response and its whole conversation (earlier turns included). The items may be
+        the cache's: not to be changed."""
+        rows = self.db.execute(_ROW, (response_id, account))
+        if not rows:
+            return None
+        body, own, previous_id = rows[0]
+        cached = self.histories.get(account, previous_id) if previous_id is not None else None
+        if cached is not None:  # the row names it: stored, and its conversation is as cached
+            history, num_bytes = cached
+            items = history + json.loads(own)
+            num_bytes += len(own)
+        elif previous_id is None:  # a chain's root, stored whole
+            items, num_bytes = json.loads(own), len(own)
+        else:  # every link read in one transaction: a delete cannot come between statements
+            with self.db.transaction() as run:
+                found = _history(run, account, response_id)
+            if found is None:  # deleted since its row was read
+                return None
+            body, pieces = found
+            items, num_bytes = _parsed(pieces), sum(len(piece) for piece in pieces)
+        self.histories.put(account, response_id, items, num_bytes)
+        return StoredResponse(json.loads(body), list(items))
 
     def delete(self, account: str, response_id: str) -> bool:
         """Delete a response. Those that continue it get its conversation first (stored whole:
         their rows start with its output), so they and their continuations read as before."""
+        self.histories.forget(account, response_id)
         with self.db.transaction() as run:
             children = run(
                 "SELECT id, input_items FROM responses WHERE previous_id = ? AND account = ?",
                 (response_id, account),
             )
             if children:
-                inherited = _joined(run(_CHAIN, (response_id, account, account))).input_items
+                found = _history(run, account, response_id)
+                assert found is not None
+                inherited = _parsed(found[1])
                 for child_id, own in children:
                     run(
                         "UPDATE responses SET input_items = ?, previous_id = NULL WHERE id = ?",
