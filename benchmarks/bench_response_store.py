@@ -82,9 +82,11 @@ def conversation(folder: Path, turns: int, turn_bytes: int) -> None:
     conv = conversations.create("acct", {}, [])["id"]
     half = "x" * (turn_bytes // 2)
     snapshot_of = getattr(store, "snapshot", None)
+    spent: list[float] = []  # CPU ms of each turn's reading and saving
     for k in range(turns):
         asked = [message(f"msg_in_{k}", "user", half)]
         body = body_of(f"resp_{k}", [message(f"msg_out_{k}", "assistant", half)])
+        start = time.process_time()
         if snapshot_of is not None:  # a reference to the conversation's items
             snapshot = snapshot_of(conv)
             conversations.add_items(conv, asked + body["output"])
@@ -94,6 +96,7 @@ def conversation(folder: Path, turns: int, turn_bytes: int) -> None:
             items = conversations.items(conv) + asked
             conversations.add_items(conv, asked + body["output"])
             store.put("acct", body, items)
+        spent.append((time.process_time() - start) * 1000)
     last = store.get("acct", f"resp_{turns - 1}")
     assert last is not None and last.input_items == conversations.items(conv)[:-1]
     (responses,) = db.execute("SELECT SUM(length(input_items)) FROM responses")[0]
@@ -102,7 +105,9 @@ def conversation(folder: Path, turns: int, turn_bytes: int) -> None:
     db.close()
     print(f"conversation of {turns} turns of {turn_bytes} B: responses' input_items"
           f" {responses / 1e6:.2f} MB, conversation items {items / 1e6:.2f} MB, database file"
-          f" {path.stat().st_size / 1e6:.2f} MB")  # fmt: skip
+          f" {path.stat().st_size / 1e6:.2f} MB; a turn's read and save: median"
+          f" {statistics.median(spent):.2f} ms of CPU, the last ten"
+          f" {statistics.median(spent[-10:]):.2f} ms")  # fmt: skip
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ here and its own row alone, not every link of the chain (a 1,000-turn chain: 1,0
 at every turn).
 
 A response's conversation never changes once stored (a deleted link's conversation is copied
-into the rows that continue it), so an entry
+into the rows that continue it, a conversation's deleted item into a frozen copy), so an entry
 needs no invalidation beyond the response's own deletion, and a reader uses an entry only for
 the response its own row names as previous, in its own account: a row read names only a
 response stored then. Bounded by entries and by the bytes of the JSON the items were parsed

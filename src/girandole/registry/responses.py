@@ -12,8 +12,10 @@ agent loop of 1,000 turns of 5 KB wrote 2.5 GB. A response that others continue 
 them its history when it is deleted (they become the roots of their chains). Rows written
 before the column (the whole conversation, no previous id) read as they did.
 
-Conversations rebuilt recently are kept in memory (registry/history_cache.py): the next turn of
-a chain reads one row.
+A response that ran on a conversation of the Conversations API keeps a reference to the
+conversation's items it read (`conversation_id`, `conversation_end`: registry/conversation_refs.py)
+and its own new input items, not a copy of the conversation. Conversations rebuilt recently are
+kept in memory (registry/history_cache.py): the next turn of a chain reads one row.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from girandole.registry import conversation_refs as refs
+from girandole.registry.conversation_refs import ConversationSnapshot, Run
+from girandole.registry.conversations import ConversationStore
 from girandole.registry.history_cache import HistoryCache
 from girandole.registry.keystore import Database
-
-Run = Callable[..., list[tuple]]  # a statement of Database.execute or of a transaction
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS responses (
@@ -41,18 +43,21 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS responses_account_created ON responses (account, created)",
 )
 # A response's chain in one statement: each link's depth (0: the asked one) and stored input
-# items, and the asked one's body. The walk reads ids from an index (responses_links): the rows
-# themselves hold previous_id after their large columns. The rows come unsorted: an ORDER BY
-# copied every row into a sorter (an old 5 MB row read 6 times slower)
+# items, the asked one's body, and the root's conversation reference (if any). The walk reads
+# ids from an index (responses_links): the rows themselves hold previous_id after their large
+# columns. The rows come unsorted: an ORDER BY copied every row into a sorter (an old 5 MB row
+# read 6 times slower)
 _CHAIN = """WITH RECURSIVE chain (depth, id, previous_id) AS (
         SELECT 0, id, previous_id FROM responses WHERE id = ? AND account = ?
         UNION ALL
         SELECT c.depth + 1, r.id, r.previous_id
         FROM responses r JOIN chain c ON r.id = c.previous_id AND r.account = ?
-    ) SELECT c.depth, r.input_items, CASE WHEN c.depth = 0 THEN r.body END
+    ) SELECT c.depth, r.input_items, CASE WHEN c.depth = 0 THEN r.body END,
+        CASE WHEN c.previous_id IS NULL THEN r.conversation_id END,
+        CASE WHEN c.previous_id IS NULL THEN r.conversation_end END
     FROM chain c JOIN responses r ON r.id = c.id"""
 # The asked response's row alone: enough when the response it continues is in the cache
-_ROW = """SELECT body, input_items, previous_id
+_ROW = """SELECT body, input_items, previous_id, conversation_id, conversation_end
     FROM responses WHERE id = ? AND account = ?"""
 
 
@@ -64,12 +69,16 @@ class StoredResponse:
 
 def _history(run: Run, account: str, response_id: str) -> tuple[str, list[str]] | None:
     """A response's body and the stored JSON of its conversation's pieces, oldest first (each
-    a list of items): each link's own items."""
+    a list of items): the conversation it refers to, then each link's own items."""
     links = run(_CHAIN, (response_id, account, account))
     if not links:
         return None
     links.sort(key=lambda link: -link[0])  # the oldest first
-    pieces = [own for _, own, _ in links]
+    pieces = [own for _, own, *_ in links]
+    conversation_id, end = links[0][3], links[0][4]
+    if conversation_id is not None:
+        items = refs.prefix(run, conversation_id, end)
+        pieces.insert(0, "[" + ",".join(items) + "]")
     body = links[-1][2]
     assert body is not None
     return body, pieces
@@ -93,21 +102,38 @@ class ResponseStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        ConversationStore(db)  # its items table: the conversation a response refers to
         self.histories = HistoryCache()
         for statement in _SCHEMA:
             db.execute(statement)
         columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
-        if "previous_id" not in columns:  # a database from before chains were stored as links
+        # a database from before chains were stored as links, or conversations by reference
+        for column, kind in (
+            ("previous_id", "TEXT"),
+            ("conversation_id", "TEXT"),
+            ("conversation_end", "INTEGER"),
+        ):
+            if column in columns:
+                continue
             try:
-                db.execute("ALTER TABLE responses ADD COLUMN previous_id TEXT")
+                db.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
             except sqlite3.OperationalError as exc:  # another process added it first
                 if "duplicate column" not in str(exc):
                     raise
-        # a deleted response's children are found by the first, a chain walked by the second
+        # a deleted response's children are found by the first, a chain walked by the second,
+        # the responses that refer to a conversation by the third
         db.execute("CREATE INDEX IF NOT EXISTS responses_previous ON responses (previous_id)")
         db.execute(
             "CREATE INDEX IF NOT EXISTS responses_links ON responses (id, account, previous_id)"
         )
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS responses_conversation"
+            " ON responses (conversation_id, conversation_end)"
+        )
+
+    def snapshot(self, conversation_id: str) -> ConversationSnapshot:
+        """A conversation's items, as a request runs on them (and `put` refers to them)."""
+        return refs.take_snapshot(self.db.execute, conversation_id)
 
     def put(
         self,
@@ -116,24 +142,27 @@ class ResponseStore:
         input_items: list[dict[str, Any]],
         previous_id: str | None = None,
         inherited: int = 0,
+        conversation: ConversationSnapshot | None = None,
     ) -> None:
         """Save a response; saved again (a background response as it runs and ends), its
         object is replaced and it keeps its place in the list and its input items.
         `input_items`: its whole conversation, whose first `inherited` are the conversation of
-        `previous_id` (the response it continues). Only the rest is stored, while that response
-        is stored: one deleted since this one read it (it ran meanwhile) left
+        `previous_id` (the response it continues) or the items of `conversation` (the snapshot of
+        the conversation it ran on). Only the rest is stored, while that response is stored or
+        those items are unchanged: one deleted since this one read it (it ran meanwhile) left
         nothing to rebuild from, so all are stored."""
         with self.db.transaction() as run:
-            self.put_in(run, account, body, input_items, previous_id, inherited)
+            self.put_in(run, account, body, input_items, previous_id, inherited, conversation)
 
     @staticmethod
     def put_in(
-        run: Callable[[str, tuple], list[tuple]],
+        run: Run,
         account: str,
         body: dict[str, Any],
         input_items: list[dict[str, Any]],
         previous_id: str | None = None,
         inherited: int = 0,
+        conversation: ConversationSnapshot | None = None,
     ) -> None:
         """put's statements inside the caller's transaction (`run`): a response on a
         conversation is stored with its turn's items, at once."""
@@ -146,12 +175,17 @@ class ResponseStore:
         linked = previous_id is not None and bool(
             run("SELECT 1 FROM responses WHERE id = ? AND account = ?", (previous_id, account))
         )
-        own = input_items[inherited:] if linked else input_items
+        referenced = (
+            conversation is not None and conversation.end > 0 and refs.unchanged(run, conversation)
+        )
+        own = input_items[inherited:] if linked or referenced else input_items
+        conversation_id = conversation.conversation_id if referenced else None
+        end = conversation.end if referenced else None
         run(
-            "INSERT INTO responses (id, account, created, body, input_items, previous_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO responses (id, account, created, body, input_items, previous_id,"
+            " conversation_id, conversation_end) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (body["id"], account, time.time(), json.dumps(body), json.dumps(own),
-             previous_id if linked else None),
+             previous_id if linked else None, conversation_id, end),
         )  # fmt: skip
 
     def update(self, account: str, body: dict[str, Any]) -> None:
@@ -182,13 +216,13 @@ class ResponseStore:
         rows = self.db.execute(_ROW, (response_id, account))
         if not rows:
             return None
-        body, own, previous_id = rows[0]
+        body, own, previous_id, conversation_id, _ = rows[0]
         cached = self.histories.get(account, previous_id) if previous_id is not None else None
         if cached is not None:  # the row names it: stored, and its conversation is as cached
             history, num_bytes = cached
             items = history + json.loads(own)
             num_bytes += len(own)
-        elif previous_id is None:  # a chain's root, stored whole
+        elif previous_id is None and conversation_id is None:  # a chain's root, stored whole
             items, num_bytes = json.loads(own), len(own)
         else:  # every link read in one transaction: a delete cannot come between statements
             with self.db.transaction() as run:
@@ -219,10 +253,48 @@ class ResponseStore:
                         (json.dumps(inherited + json.loads(own)), child_id),
                     )
             deleted = run(
-                "DELETE FROM responses WHERE id = ? AND account = ? RETURNING id",
+                "DELETE FROM responses WHERE id = ? AND account = ? RETURNING conversation_id",
                 (response_id, account),
             )
+            if deleted and (copy_id := deleted[0][0]) is not None:
+                self._release(run, copy_id)
         return bool(deleted)
+
+    def freeze(self, conversation_id: str, item_id: str | None = None) -> None:
+        """Before a conversation's item (`item_id`), or the whole conversation (None), is
+        deleted: the responses that refer to it get a frozen copy of the conversation's items
+        they read, so they read as before."""
+        with self.db.transaction() as run:
+            start = -1  # every item
+            if item_id is not None:
+                (start,) = run(
+                    "SELECT MIN(seq) FROM conversation_items"
+                    " WHERE conversation_id = ? AND item_id = ?",
+                    (conversation_id, item_id),
+                )[0]
+                if start is None:
+                    return
+            (end,) = run(
+                "SELECT MAX(conversation_end) FROM responses"
+                " WHERE conversation_id = ? AND conversation_end > ?",
+                (conversation_id, start),
+            )[0]
+            if end is None:  # none of them reads that item
+                return
+            copy_id = refs.frozen_copy(run, conversation_id, end)
+            run(
+                "UPDATE responses SET conversation_id = ?"
+                " WHERE conversation_id = ? AND conversation_end > ?",
+                (copy_id, conversation_id, start),
+            )
+
+    @staticmethod
+    def _release(run: Run, conversation_id: str) -> None:
+        """Drop a frozen copy no response refers to any more."""
+        if not conversation_id.startswith(refs.FROZEN):
+            return
+        if not run("SELECT 1 FROM responses WHERE conversation_id = ? LIMIT 1", (conversation_id,)):
+            refs.drop_frozen(run, conversation_id)
 
     def list(
         self, account: str, limit: int, after: str | None = None, before: str | None = None

@@ -13,7 +13,9 @@
 Items are Responses input items (messages, function calls and outputs, reasoning, MCP items),
 stored as a Responses request's input is (an id each, text parts). A Responses request with
 `conversation` runs on the conversation's items, and its input and output items are appended
-when it ends (`api/responses/route.py`). A key sees its own account's conversations.
+when it ends (`api/responses/route.py`); a stored one refers to the items it read, which get a
+frozen copy before any of them is deleted (registry/conversation_refs.py). A key sees its own
+account's conversations.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from girandole.api.http.errors import APIError
 from girandole.api.http.pages import list_page
 from girandole.api.http.schema import StrictModel
 from girandole.api.responses.convert import check_unique_ids, stored_items
-from girandole.api.responses.route import INCLUDE, account_of, conversations_of
+from girandole.api.responses.route import INCLUDE, account_of, conversations_of, store_of
 from girandole.api.responses.schema import Item, MetadataKey, MetadataValue
 
 MAX_ITEMS = 20  # items in one create or append (OpenAI's limit)
@@ -93,6 +95,9 @@ async def update_conversation(request: Request, conversation_id: str) -> Any:
 
 @router.delete("/conversations/{conversation_id}", summary="Delete a conversation")
 async def delete_conversation(request: Request, conversation_id: str) -> Any:
+    conversation_of(request, conversation_id)
+    # the stored responses that refer to its items get a copy of them first
+    store_of(request).freeze(conversation_id)
     if not conversations_of(request).delete(account_of(request), conversation_id):
         raise not_found(conversation_id)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
@@ -139,6 +144,7 @@ async def get_item(request: Request, conversation_id: str, item_id: str) -> Any:
 @router.delete("/conversations/{conversation_id}/items/{item_id}", summary="Delete an item")
 async def delete_item(request: Request, conversation_id: str, item_id: str) -> Any:
     conversation = conversation_of(request, conversation_id)
+    store_of(request).freeze(conversation_id, item_id)  # as for the whole conversation
     if not conversations_of(request).delete_item(conversation_id, item_id):
         raise APIError(404, f"Item with id '{item_id}' not found.", code="NOT_FOUND")
     return conversation

@@ -179,7 +179,7 @@ class BackgroundResponses:
         run = BackgroundRun(job.id, account)
         queued = shape.response(job, "queued", [], None)
         turn = shape.conversation
-        store.put(account, queued, turn.items, turn.previous_id, turn.inherited)
+        store.put(account, queued, turn.items, turn.previous_id, turn.inherited, turn.snapshot)
         run.log.add("response.created", {"response": queued})
         run.log.add("response.queued", {"response": queued})
         self.runs[run.id] = run

@@ -144,10 +144,14 @@ class Responses(TranslatedEndpoint):
                 "background",
             )
         items: list[dict[str, Any]] = []
-        inherited = 0  # of the items: the previous response's input (stored once, with it)
+        # of the items: the previous response's input, or the conversation's items (stored
+        # once, with it or in the conversation)
+        inherited = 0
         conversation_id = conversation_ref(request, source)
+        snapshot = None
         if conversation_id is not None:  # its items, then the input
-            items = conversations_of(request).items(conversation_id)
+            snapshot = store.snapshot(conversation_id)
+            items, inherited = list(snapshot.items), len(snapshot.items)
         if source.previous_response_id is not None:
             previous = store.get(account, source.previous_response_id)
             if previous is None:
@@ -221,11 +225,12 @@ class Responses(TranslatedEndpoint):
 
         def save(body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
             if conversation_id is None:  # saved only when kept
-                store.put(account, body, conversation, source.previous_response_id, inherited)
+                store.put(account, body, conversation, source.previous_response_id, inherited,
+                          snapshot)  # fmt: skip
                 return
 
             def put(run: Run) -> None:  # no previous response beside a conversation
-                store.put_in(run, account, body, conversation)
+                store.put_in(run, account, body, conversation, None, inherited, snapshot)
 
             # the turn joins the conversation once it ends
             conversations = conversations_of(request)
@@ -244,7 +249,7 @@ class Responses(TranslatedEndpoint):
                                     conversation_id=conversation_id,
                                     tool_paths=tool_paths,
                                     previous_id=source.previous_response_id,
-                                    inherited=inherited)  # fmt: skip
+                                    inherited=inherited, snapshot=snapshot)  # fmt: skip
         return to_chat(fields, conversation)
 
     async def prompts(

@@ -30,6 +30,7 @@ from girandole.api.serving.job import Job
 from girandole.api.serving.logprobs import content_format
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
 from girandole.api.serving.usage import Usage, sum_usage
+from girandole.registry.conversation_refs import ConversationSnapshot
 
 if TYPE_CHECKING:
     from girandole.api.responses.mcp import McpToolbox
@@ -52,10 +53,11 @@ class Conversation:
     chat_fields: dict[str, Any] = field(default_factory=dict)  # later rounds' chat request
     conversation_id: str | None = None  # the Conversations API's conversation it runs on
     tool_paths: list[str] = field(default_factory=list)  # chat tool i -> its request field
-    # `previous_response_id`, and how many of `items` are its input (its whole conversation):
-    # the store keeps only the others, its output first (registry/responses.py)
+    # `previous_response_id`, and how many of `items` are its input (its whole conversation)
+    # or the conversation's (`snapshot`): the store keeps only the others (registry/responses.py)
     previous_id: str | None = None
     inherited: int = 0
+    snapshot: ConversationSnapshot | None = None  # of the conversation's items it read
 
 
 ITEM_PREFIXES = {"thinking": "rs", "text": "msg", "call": "fc"}  # output item ids by block
