@@ -272,6 +272,52 @@ def test_readme_names_every_serve_flag_with_its_variable_and_default():
     assert wrong == []
 
 
+def _subcommands(parser) -> dict:
+    import argparse
+
+    return {
+        name: sub
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+    }
+
+
+def test_docs_name_every_cli_flag_and_only_real_ones():
+    """Every flag of every `girandole` subcommand (not only serve's) is named in README or a
+    docs/ page (`generate --seed`, `batch create --job-id`, `deployment create --description`
+    were in none), and a flag written after `girandole <command> [<sub>]` in them is one that
+    command takes (`girandole deployment get|undelete` checks both)."""
+    import re
+
+    from girandole.cli import build_parser
+
+    commands = _subcommands(build_parser())
+    flags = {
+        f"{name} {sub_name}".strip(): {o for a in parser._actions for o in a.option_strings}
+        for name, command in commands.items()
+        for sub_name, parser in [("", command), *_subcommands(command).items()]
+    }
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    docs = " ".join(p.read_text() for p in texts)
+    every = {f for opts in flags.values() for f in opts if f.startswith("--") and f != "--help"}
+    assert sorted(f for f in every if not re.search(re.escape(f) + "(?![a-z-])", docs)) == []
+    checked, wrong = 0, []
+    for path in texts:
+        text = path.read_text().replace("\\\n", " ")
+        for span in re.findall(r"`([^`\n]+)`", text) + text.splitlines():
+            for m in re.finditer(r"girandole ([a-z]+)((?: [a-z|]+)?)([^#`]*)", span):
+                name, subs, rest = m.group(1), m.group(2).strip(), m.group(3)
+                if name not in commands:
+                    continue
+                named = [f"{name} {s}" for s in subs.split("|") if f"{name} {s}" in flags]
+                for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                    checked += 1
+                    wrong += [(path.name, c, flag) for c in named or [name] if flag not in flags[c]]
+    assert checked >= 40
+    assert wrong == []
+
+
 def test_documented_curl_commands_send_their_json_as_json():
     """A body is read only as application/json (else 415), and curl -d without a Content-Type
     sends a form: README's LoRA example did so and got the 415. Every curl command in README
