@@ -347,6 +347,7 @@ def test_documented_curl_commands_send_their_json_as_json():
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),
+        ([], {"GIRANDOLE_AMX": "of"}, "GIRANDOLE_AMX must be one of 1, true, yes, on, 0"),
         (["--api-key", ""], {}, "--api-key is empty"),
     ],
 )

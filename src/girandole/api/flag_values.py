@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from girandole.env_switches import switch_word
+
 ENV_PREFIX = "GIRANDOLE_"
 
 
@@ -94,18 +96,9 @@ def url_value(env: str) -> Callable[[str], str]:
     return convert
 
 
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
 def switch_value(value: bool | str | None, env: str) -> bool:
     """A store_true flag whose default is its variable's text: True from the command line, the
     variable read as a yes/no word, False without either (ValueError naming `env`)."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    word = value.strip().lower()
-    if word not in TRUE_WORDS + FALSE_WORDS:
-        raise ValueError(
-            f"{ENV_PREFIX}{env} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, not {value!r}"
-        )
-    return word in TRUE_WORDS
+    return switch_word(value, env)

@@ -23,6 +23,7 @@ from girandole.api.flag_values import (
 )
 from girandole.api.ops.webhooks import check_url, secret_key
 from girandole.api.settings import ServerSettings
+from girandole.env_switches import check_engine_switches
 from girandole.model.default import DEFAULT_MODEL_ID
 
 logger = logging.getLogger("girandole.api")
@@ -384,6 +385,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enforce_eager = switch_value(args.enforce_eager, "ENFORCE_EAGER")
         no_overlap = switch_value(args.overlap_scheduling, "NO_OVERLAP_SCHEDULING")
         credentials = switch_value(args.allowed_credentials, "ALLOWED_CREDENTIALS")
+        check_engine_switches()  # GIRANDOLE_AMX and the like: read later, by the kernels
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     return ServerSettings(

@@ -17,18 +17,17 @@ GIRANDOLE_FUSED_LAYERS=0 turns it off (a comparison, or a way around a kernel pr
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from girandole.env_switches import env_switch
 from girandole.model.context import ForwardContext, get_context
 from girandole.model.kernels import triton_fused
 from girandole.model.layers import DenseLinear, GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
 from girandole.model.quant import dense_linear
 
-ENABLED = os.environ.get("GIRANDOLE_FUSED_LAYERS", "1") not in ("0", "")
+ENABLED = env_switch("FUSED_LAYERS")
 
 
 def _dense(linear: nn.Module) -> DenseLinear | None:

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from girandole.env_switches import env_switch
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -131,7 +133,7 @@ def _build(target: Path) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    if os.environ.get("GIRANDOLE_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+    if not env_switch("NATIVE_KERNELS") or not _cpu_supported():
         return None
     from girandole.model.default import cache_dir
 
@@ -165,7 +167,7 @@ def amx() -> bool:
     granted the tile state by the OS (requested once per process), and not switched off by
     GIRANDOLE_AMX=0."""
     lib = library()
-    if lib is None or os.environ.get("GIRANDOLE_AMX", "1") == "0":
+    if lib is None or not env_switch("AMX"):
         return False
     if not hasattr(lib, "amx_init") or not all(f in cpu_flags() for f in AMX_CPU_FLAGS):
         return False

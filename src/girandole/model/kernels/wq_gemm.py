@@ -15,11 +15,11 @@ kernels build (x86 with AVX512-BF16 and VNNI, and a C compiler).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from girandole.env_switches import env_switch
 from girandole.model.kernels import loader
 
 GROUP = 32
@@ -100,7 +100,7 @@ def vnni_default() -> bool:
     """Whether linears are packed for the VNNI kernel (int8 activations): where the native
     kernels run without AMX. With AMX the bf16 tiles are the faster (and batch-invariant) path
     for every row count, and they read the panel layout."""
-    return loader.available() and not loader.amx() and os.environ.get("GIRANDOLE_VNNI") != "0"
+    return loader.available() and not loader.amx() and env_switch("VNNI")
 
 
 def pack(

@@ -1,0 +1,40 @@
+"""On/off environment variables, read as the `girandole serve` switches' variables are.
+
+A switch takes 1/true/yes/on or 0/false/no/off (any case; blank or unset: its default), and
+any other word is a ValueError naming the variable. The engine's own switches
+(GIRANDOLE_NATIVE_KERNELS, GIRANDOLE_AMX, GIRANDOLE_VNNI, GIRANDOLE_FUSED_LAYERS; on by
+default) were off only for the exact text `0`: `GIRANDOLE_AMX=false` silently kept AMX on.
+`girandole serve` checks them at start-up (one line, exit 2); the kernels read them at use.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_PREFIX = "GIRANDOLE_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+# The engine's switches, on unless their variable says off (README, "Settings")
+ENGINE_SWITCHES = ("NATIVE_KERNELS", "AMX", "VNNI", "FUSED_LAYERS")
+
+
+def switch_word(text: str, name: str) -> bool:
+    """`text` read as a yes/no word, else a ValueError naming GIRANDOLE_<name>."""
+    word = text.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError(
+            f"{ENV_PREFIX}{name} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, not {text!r}"
+        )
+    return word in TRUE_WORDS
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """GIRANDOLE_<name> as a switch; `default` where it is unset or blank."""
+    value = os.environ.get(ENV_PREFIX + name, "")
+    return switch_word(value, name) if value.strip() else default
+
+
+def check_engine_switches() -> None:
+    """Raise the ValueError of the first engine switch whose variable is no yes/no word."""
+    for name in ENGINE_SWITCHES:
+        env_switch(name)
