@@ -37,8 +37,9 @@ def girandole(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 class Plane:
     """A server with keys of two accounts and a second model in its catalog."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *serve_args: str) -> None:
         self.tmp = tmp
+        self.serve_args = serve_args  # more `girandole serve` flags
         self.data = tmp / "data"
         db = Database.in_folder(self.data)
         self.key, _ = db.create_key(ACCOUNT)
@@ -55,7 +56,8 @@ class Plane:
     def start(self):
         return start_server(
             self.tmp, "--model", str(self.eos), "--model-id", "tiny-eos", "--account", ACCOUNT,
-            "--kv-cache-gb", "0.01", "--data-dir", str(self.data), api_key=self.key,
+            "--kv-cache-gb", "0.01", "--data-dir", str(self.data), *self.serve_args,
+            api_key=self.key,
         )  # fmt: skip
 
     def client(self, key: str | None = None, inference: bool = False) -> fireworks.Fireworks:
@@ -142,12 +144,13 @@ def test_sdk_lifecycle(plane):
         fw.deployments.get("life")
 
 
-def wait_active(plane: Plane, n: int, timeout: float = 30) -> None:
-    """Until `n` inference requests are admitted (past their deployment's lookup)."""
+def wait_active(plane: Plane, n: int, timeout: float = 30, gauge: str = "active") -> None:
+    """Until `n` inference requests are admitted (past their deployment's lookup); `gauge`
+    "queued": until `n` wait in the admission queue."""
     deadline = time.monotonic() + timeout
     while True:
         metrics = httpx.get(plane.server.url + "/metrics", timeout=10).text
-        line = next(x for x in metrics.splitlines() if x.startswith("girandole_requests_active "))
+        line = next(x for x in metrics.splitlines() if x.startswith(f"girandole_requests_{gauge} "))
         if float(line.split()[1]) >= n:
             return
         assert time.monotonic() < deadline, line
@@ -203,6 +206,56 @@ def test_requests_in_flight_end_when_their_deployment_goes(plane, how):
     assert whole[0].json()["error"]["code"] == "UNAVAILABLE"
     assert "send the request again" in whole[0].json()["error"]["message"]
     plane.http("DELETE", f"/v1/accounts/{ACCOUNT}/deployments/{name}", params={"hard": "true"})
+
+
+def test_a_request_waiting_for_admission_keeps_its_deployment_up(tmp_path):
+    """A request queued for an admission slot longer than its deployment's scaleToZeroWindow
+    saw the replica scaled away under it (the autoscaler counted only what ran on the replica's
+    engine) and, once admitted, was answered 503. A deployment with a request waiting is not
+    idle: the replica stays, the request runs, the deployment is READY after."""
+    plane = Plane(tmp_path, "--max-concurrent-requests", "1")
+    try:
+        fw = plane.client()
+        for name in ("ahead", "queued"):  # "queued" at min 1: nothing scales it down yet
+            fw.deployments.create(base_model=BASE_MODEL, deployment_id=name, min_replica_count=1)
+            plane.wait(name, 1)
+        url = plane.server.url + "/inference/v1/completions"
+        headers = {"Authorization": f"Bearer {plane.key}"}
+        body = {"prompt": [1, 5, 9], "max_tokens": 8000, "ignore_eos": True}
+        queued: list[httpx.Response] = []
+
+        def send_queued() -> None:
+            model = f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/queued"
+            short = body | {"model": model, "max_tokens": 4}
+            queued.append(httpx.post(url, json=short, headers=headers, timeout=120))
+
+        waiter = threading.Thread(target=send_queued)
+        ahead = body | {"model": f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/ahead"}
+        with httpx.stream("POST", url, json=ahead | {"stream": True}, headers=headers,
+                          timeout=120) as r:  # fmt: skip
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it holds the slot
+            waiter.start()
+            wait_active(plane, 1, gauge="queued")
+            # the shortest window there is: idle for any time at all, it scales to zero
+            patched = plane.http(
+                "PATCH",
+                f"/v1/accounts/{ACCOUNT}/deployments/queued",
+                json={"minReplicaCount": 0, "autoscalingPolicy": {"scaleToZeroWindow": "0s"}},
+            )
+            assert patched.is_success, patched.text
+            # the autoscaler looks every second: give it a few looks while the request waits
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                next(lines)
+                assert fw.deployments.get("queued").replica_count == 1
+        waiter.join(60)  # the stream closed: its slot goes to the queued request
+        assert queued and queued[0].status_code == 200, queued and queued[0].text
+        assert len(queued[0].json()["choices"][0]["text"]) > 0
+        assert fw.deployments.get("queued").state == "READY"
+    finally:
+        stop_server(plane.server)
 
 
 def test_list_pages_filters_and_orders(plane):

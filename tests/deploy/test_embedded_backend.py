@@ -173,6 +173,11 @@ def test_scale_to_zero_after_the_window(models):
         wait_ready(manager, "kept")
         manager.autoscale_once(time.time() + 10)  # within the window: nothing changes
         assert manager.get("t", "idle")["replicaCount"] == 1
+        with manager.hold("accounts/t/deployments/idle"):  # a request waits for admission
+            manager.autoscale_once(time.time() + 31)
+            assert manager.get("t", "idle")["replicaCount"] == 1
+        manager.autoscale_once(time.time() + 10)  # the hold's end started the clock over
+        assert manager.get("t", "idle")["replicaCount"] == 1
         manager.autoscale_once(time.time() + 31)
         idle = manager.get("t", "idle")
         assert idle["desiredReplicaCount"] == 0 and idle["replicaCount"] == 0

@@ -18,6 +18,7 @@ import string
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from girandole.deploy.backend import (
@@ -26,6 +27,7 @@ from girandole.deploy.backend import (
     EngineOptions,
     ReplicaSpec,
 )
+from girandole.deploy.holds import Holds
 from girandole.registry import list_query
 from girandole.registry.deployments import (
     DEPLOYMENT_ID_RE,
@@ -109,6 +111,7 @@ class DeploymentManager:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._autoscaler: threading.Thread | None = None
+        self._holds = Holds(on_release=backend.touch)
         # called with a deployment's name once it is deleted for good (hard=true): what refers
         # to it (its LoRA DeployedModels) goes too, so a new deployment of that id starts clean
         self.removal_listeners: list[Callable[[str], None]] = []
@@ -376,9 +379,10 @@ class DeploymentManager:
         records = [r for r in self.store.list(account) if not r.deleted]
         return sorted(records, key=lambda r: (r.create_time, r.name))
 
-    def touch(self, name: str) -> None:
-        """A request is under way on deployment `name`: its scale-to-zero clock starts over."""
-        self.backend.touch(name)
+    def hold(self, name: str) -> AbstractContextManager[None]:
+        """While a request of deployment `name` waits for admission and starts on its engine:
+        the deployment is not idle (no scale to zero); its clock starts over when it ends."""
+        return self._holds.hold(name)
 
     # -- views and helpers -----------------------------------------------------------------
 
@@ -519,13 +523,15 @@ class DeploymentManager:
             since = self.backend.idle_since(record.name)
             if since is None:
                 continue
-            if any(_busy(engine) for engine in self.backend.engines(record.name)):
+            if self._active(record.name):
                 self.backend.touch(record.name)
                 continue
             if now - since >= record.autoscaling_policy.scale_to_zero_window:
                 with self._lock:
                     current = self.store.get(record.account, record.deployment_id)
                     if current is None or current.deleted or current.desired_replica_count == 0:
+                        continue
+                    if self._active(record.name):  # a request came meanwhile
                         continue
                     self._scale(current, 0)
                     current.desired_replica_count = 0
@@ -534,6 +540,10 @@ class DeploymentManager:
                 logger.info(
                     "deployment %s scaled to zero after %.0f s idle", record.name, now - since
                 )
+
+    def _active(self, name: str) -> bool:
+        """Requests wait for admission, or run or wait on the deployment's engine."""
+        return self._holds.held(name) or any(_busy(e) for e in self.backend.engines(name))
 
 
 def _busy(engine: Any) -> bool:

@@ -46,7 +46,7 @@ from girandole.api.serving.prompt import off_loop_if_long
 from girandole.api.serving.response import ResponseShape, engine_error
 from girandole.api.serving.speculation import speculation_chars, speculation_tokens
 from girandole.api.serving.structured import request_grammar
-from girandole.api.serving.target import Target, engine_of, resolve_target, touch
+from girandole.api.serving.target import Target, engine_of, hold, resolve_target
 from girandole.api.serving.usage import perf_headers
 from girandole.engine.protocol import EngineClient
 
@@ -307,11 +307,11 @@ async def start_job(
     record = record_of(request)
     if record is not None:
         record.metadata = job.metadata
-    await state.ops.admit(record, job.choices, job.tier)
-    touch(request, target)  # the wait for admission is no idle time of the deployment
-    fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
-    try:
-        await fanout.start()
-    except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
-        raise engine_error(exc) from None
+    with hold(request, target):  # the wait for admission is no idle time of the deployment
+        await state.ops.admit(record, job.choices, job.tier)
+        fanout = ChoiceFanout(engine, job.choices, observer=record, on_abort=state.count_aborted)
+        try:
+            await fanout.start()
+        except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+            raise engine_error(exc) from None
     return fanout

@@ -31,7 +31,7 @@ from girandole.api.serving.choice import Choice, OutputOptions
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.pipeline import post_route, receive
 from girandole.api.serving.response import engine_error
-from girandole.api.serving.target import touch
+from girandole.api.serving.target import hold
 from girandole.api.serving.usage import count_usage
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.protocol import EngineClient
@@ -134,26 +134,28 @@ async def _run(
     window = admission.prefill_window(len(choices))
     admission.num_prefill += window  # until it ends: a prefill request beside it gets less
     try:
-        # the prompt limit (400); the admission queue (429/503)
-        await state.ops.admit(record, choices, tier, window, endpoint.prompt_field)
-        touch(request, target)
-        started = time.monotonic()
-        fanout = ChoiceFanout(
-            engine, choices, observer=record, on_abort=state.count_aborted, max_in_flight=window
-        )
-        try:
-            await fanout.start()
-            final: dict[int, RequestOutput] = {}
-            async for choice, out in fanout.events():
-                choice.sent.advance(out)
-                if out.finished:
-                    final[choice.index] = out
-        except APIError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
-            raise engine_error(exc) from None
-        finally:
-            fanout.close()
+        # its inputs go a window at a time (its engine may run none of them between two):
+        # the deployment is held, not idle, from the admission queue to the last result
+        with hold(request, target):
+            # the prompt limit (400); the admission queue (429/503)
+            await state.ops.admit(record, choices, tier, window, endpoint.prompt_field)
+            started = time.monotonic()
+            fanout = ChoiceFanout(
+                engine, choices, observer=record, on_abort=state.count_aborted, max_in_flight=window
+            )
+            try:
+                await fanout.start()
+                final: dict[int, RequestOutput] = {}
+                async for choice, out in fanout.events():
+                    choice.sent.advance(out)
+                    if out.finished:
+                        final[choice.index] = out
+            except APIError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a request the engine rejects is a 400
+                raise engine_error(exc) from None
+            finally:
+                fanout.close()
     finally:
         admission.num_prefill -= window
     missing = [c.index for c in choices if c.index not in final or final[c.index].extra]

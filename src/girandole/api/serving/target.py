@@ -12,6 +12,7 @@ that deployment's engine (the server's own included).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,9 @@ def engine_of(request: Any, state: AppState, target: Target | None) -> EngineCli
     return engine
 
 
-def touch(request: Any, target: Target | None) -> None:
-    """The request still holds its deployment (after waiting for admission): keep it up."""
-    if target is not None and target.deployment is not None:
-        request.app.state.deployments.touch(target.deployment)
+def hold(request: Any, target: Target | None) -> AbstractContextManager[None]:
+    """While the request waits for admission and starts on its engine, its deployment is not
+    idle: no scale to zero under it (a long wait in the queue found its replica stopped)."""
+    if target is None or target.deployment is None:
+        return nullcontext()
+    return request.app.state.deployments.hold(target.deployment)
