@@ -299,12 +299,28 @@ def test_a_deleted_deployment_takes_its_adapters_along(srv):
     on_side = fw.lora.load(model=model("lora-a"), deployment=side)
     on_own = fw.lora.load(model=model("lora-a"), deployment=OWN)
     assert on_side.default and not on_own.default
+    side_id, own_id = on_side.name.rsplit("/", 1)[1], on_own.name.rsplit("/", 1)[1]
     try:
         fw.deployments.delete("side")
         assert srv.complete(model("lora-a")) == srv.complete(f"{model('lora-a')}#{OWN}")
         assert status(f"{model('lora-a')}#{side}") == 404
         listed = [m["id"] for m in srv.http("GET", "/v1/models").json()["data"]]
         assert f"{model('lora-a')}#{side}" not in listed and model("lora-a") in listed
+        # the deleted deployment's DeployedModel was still listed, DEPLOYED and the default,
+        # while the bare name ran on OWN: it is gone, as a hard delete has it, and the
+        # default is the one that serves the bare name
+        assert [(d.name, d.default) for d in fw.lora.list()] == [(on_own.name, True)]
+        assert fw.lora.get(own_id).default is True
+        path = f"/v1/accounts/{ACCOUNT}/deployedModels/{side_id}"
+        for method in ("GET", "PATCH", "DELETE"):
+            r = srv.http(method, path, **({"json": {}} if method == "PATCH" else {}))
+            assert r.status_code == 404 and on_side.name in r.json()["error"]["message"], r.text
+
+        fw.deployments.undelete("side", body={})  # its DeployedModels come back with it
+        wait_ready()
+        shown = {d.name: (d.default, d.state) for d in fw.lora.list()}
+        assert shown == {on_side.name: (True, "DEPLOYED"), on_own.name: (False, "DEPLOYED")}
+        assert srv.complete(model("lora-a")) == srv.complete(f"{model('lora-a')}#{side}")
 
         fw.deployments.delete("side", hard=True)
         assert [d.name for d in fw.lora.list()] == [on_own.name]
@@ -313,7 +329,7 @@ def test_a_deleted_deployment_takes_its_adapters_along(srv):
         wait_ready()
         assert status(f"{model('lora-a')}#{side}") == 404  # not loaded on the new one
     finally:
-        fw.lora.unload(on_own.name.rsplit("/", 1)[1])
+        fw.lora.unload(own_id)
         fw.deployments.delete("side", hard=True)
 
 

@@ -137,7 +137,7 @@ class DeployedModelManager:
         return record.to_json()
 
     def get(self, account: str, deployed_model_id: str) -> dict[str, Any]:
-        return self._record(account, deployed_model_id).to_json()
+        return self._view(self._record(account, deployed_model_id))
 
     def list(
         self,
@@ -148,7 +148,8 @@ class DeployedModelManager:
         filter: str | None = None,
         order_by: str | None = None,
     ) -> dict[str, Any]:
-        views = [r.to_json() for r in self.store.list(account)]
+        serving: dict[str, DeployedModelRecord | None] = {}  # model -> its bare name's record
+        views = [self._view(r, serving) for r in self.store.list(account) if self._shown(r)]
         try:
             items, next_token, total = list_query.select(
                 views, LIST_FIELDS, filter, order_by, [], page_size, page_token
@@ -182,7 +183,7 @@ class DeployedModelManager:
         if not record.default:
             self._ensure_a_default(account, record.model)
             record = self._record(account, deployed_model_id)
-        return record.to_json()
+        return self._view(record)
 
     def unload(self, account: str, deployed_model_id: str) -> None:
         record = self._record(account, deployed_model_id)
@@ -261,6 +262,29 @@ class DeployedModelManager:
         return list(backend.engines(deployment) if ready else backend.all_engines(deployment))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _shown(self, record: DeployedModelRecord) -> bool:
+        """Whether list and get show the record: not while its deployment is soft-deleted (it
+        serves nothing there; an undelete brings it back, a hard delete removes it), as a
+        deleted deployment leaves its account's list."""
+        return (
+            record.deployment == self.own_deployment
+            or self.deployments.find(record.deployment) is not None
+        )
+
+    def _view(
+        self,
+        record: DeployedModelRecord,
+        serving: dict[str, DeployedModelRecord | None] | None = None,
+    ) -> dict[str, Any]:
+        """The DeployedModel as requests see it: `default` is the one the adapter's bare name
+        runs on (the stored default may be on a deleted deployment: the next one serves).
+        `serving`: what find answered for each model so far (a list asks once a model)."""
+        serving = {} if serving is None else serving
+        if record.model not in serving:
+            serving[record.model] = self.find(record.model, None, record.account)
+        runs = serving[record.model]
+        return record.to_json(default=None if runs is None else runs.id == record.id)
 
     def _live(self, record: DeployedModelRecord) -> bool:
         """Whether the record's deployment serves requests (not a soft-deleted one: its
@@ -383,7 +407,7 @@ class DeployedModelManager:
 
     def _record(self, account: str, deployed_model_id: str) -> DeployedModelRecord:
         record = self.store.get(account, deployed_model_id)
-        if record is None:
+        if record is None or not self._shown(record):
             raise not_found(f"accounts/{account}/deployedModels/{deployed_model_id}")
         return record
 

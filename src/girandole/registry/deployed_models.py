@@ -51,19 +51,22 @@ class DeployedModelRecord:
     def name(self) -> str:
         return f"accounts/{self.account}/deployedModels/{self.id}"
 
-    def to_json(self) -> dict[str, Any]:
-        """Fireworks' `DeployedModel`."""
+    def to_json(
+        self, default: bool | None = None, status: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Fireworks' `DeployedModel`; `default` and `status` as requests see them, when the
+        stored ones are not (the stored default's deployment deleted, the adapter gone)."""
         return {
             "name": self.name,
             "displayName": self.display_name,
             "description": self.description,
             "model": self.model,
             "deployment": self.deployment,
-            "default": self.default,
+            "default": self.default if default is None else default,
             "public": self.public,
             "serverless": False,
             "state": self.state,
-            "status": {"code": "OK", "message": ""},
+            "status": status or {"code": "OK", "message": ""},
             "createTime": _timestamp(self.create_time),
             "updateTime": _timestamp(self.update_time),
         }
