@@ -375,6 +375,12 @@ def test_an_adapter_never_runs_on_another_base(srv, llama_adapters):
             r = srv.http("POST", "/v1/completions", json={**body, "model": name})
             assert r.status_code == 404, r.text
         assert model("lora-moved") not in listed()
+        # its DeployedModel said status OK while it served nothing: the status says why
+        path = f"/v1/accounts/{ACCOUNT}/deployedModels/{loaded.name.rsplit('/', 1)[1]}"
+        shown = srv.http("GET", path)
+        status = shown.json()["status"]
+        assert status["code"] == "FAILED_PRECONDITION", status
+        assert model("other-base") in status["message"] and OWN in status["message"], status
     finally:
         fw.lora.unload(loaded.name.rsplit("/", 1)[1])
         girandole("models", "remove", "--data-dir", data, model("lora-moved"))
@@ -406,9 +412,18 @@ def test_an_adapter_removed_from_the_registry_is_not_listed(srv, llama_adapters)
             assert srv.http("POST", "/v1/completions", json=body).status_code == 404
             assert srv.http("GET", "/v1/models/" + name.replace("#", "%23")).status_code == 404
             assert name not in listed()
+        # its DeployedModel said status OK while it served nothing: the status says why
+        path = f"/v1/accounts/{ACCOUNT}/deployedModels/{loaded.name.rsplit('/', 1)[1]}"
+        status = srv.http("GET", path).json()["status"]
+        assert status["code"] == "NOT_FOUND" and "model registry" in status["message"], status
+        listing = srv.http("GET", f"/v1/accounts/{ACCOUNT}/deployedModels").json()
+        assert [d["status"] for d in listing["deployedModels"] if d["name"] == loaded.name] == [
+            status
+        ]
         add()
         assert set(names) <= set(listed())
         srv.complete(names[1])
+        assert srv.http("GET", path).json()["status"] == {"code": "OK", "message": ""}
     finally:
         fw.lora.unload(loaded.name.rsplit("/", 1)[1])
         girandole("models", "remove", "--data-dir", data, model("lora-gone"))

@@ -284,7 +284,29 @@ class DeployedModelManager:
         if record.model not in serving:
             serving[record.model] = self.find(record.model, None, record.account)
         runs = serving[record.model]
-        return record.to_json(default=None if runs is None else runs.id == record.id)
+        return record.to_json(
+            default=None if runs is None else runs.id == record.id, status=self._status(record)
+        )
+
+    def _status(self, record: DeployedModelRecord) -> dict[str, str]:
+        """Why a shown DeployedModel serves nothing (requests for it are 404s), as `_live`
+        decides; OK when it serves."""
+        adapter = self.catalog.get(record.model)
+        if adapter is None or not adapter.is_adapter:
+            return {
+                "code": "NOT_FOUND",
+                "message": f"LoRA adapter {record.model} is no longer in the model registry:"
+                " requests for it are answered 404 until it is added again",
+            }
+        if self._served_base(adapter, record.deployment) is None:
+            return {
+                "code": "FAILED_PRECONDITION",
+                "message": f"LoRA adapter {record.model} is now for base model"
+                f" {adapter.base_model}, which deployment {record.deployment} does not serve:"
+                " requests for it there are answered 404; unload it, and load it on a"
+                " deployment of its base model",
+            }
+        return {"code": "OK", "message": ""}
 
     def _live(self, record: DeployedModelRecord) -> bool:
         """Whether the record's deployment serves requests (not a soft-deleted one: its
