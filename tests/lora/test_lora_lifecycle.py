@@ -256,3 +256,30 @@ def test_an_adapter_whose_default_is_unloaded_while_it_loads_elsewhere_keeps_a_d
     finally:
         engine.unload_lora(ADAPTER)
         deployments.shutdown()
+
+
+def test_a_deployed_model_whose_deployment_no_longer_exists_says_so(
+    engine, tiny_llama_dir, llama_adapters
+):
+    """An adapter loaded on the server's own deployment, and the server started again under
+    another name (--model-id): its DeployedModel served nothing (404s) but was shown DEPLOYED
+    with status OK. It is shown with status NOT_FOUND naming the deployment, and can be
+    unloaded."""
+    lora = adapter_manager(engine, tiny_llama_dir, llama_adapters)
+    try:
+        loaded = asyncio.run(lora.load("t", {"model": ADAPTER, "deployment": OWN}))
+        assert loaded["status"]["code"] == "OK"
+        renamed = DeployedModelManager(
+            lora.store, lora.deployments, "accounts/t/deployments/renamed", BASE, lambda: engine
+        )
+        deployed_id = loaded["name"].rsplit("/", 1)[1]
+        shown = renamed.get("t", deployed_id)
+        assert shown["status"]["code"] == "NOT_FOUND", shown["status"]
+        assert OWN in shown["status"]["message"]
+        assert renamed.list("t")["deployedModels"] == [shown]
+        assert renamed.find(ADAPTER, None, "t") is None  # it serves nothing
+        renamed.unload("t", deployed_id)
+        assert renamed.list("t")["deployedModels"] == []
+    finally:
+        engine.unload_lora(ADAPTER)
+        lora.deployments.shutdown()

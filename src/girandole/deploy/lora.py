@@ -266,11 +266,13 @@ class DeployedModelManager:
     def _shown(self, record: DeployedModelRecord) -> bool:
         """Whether list and get show the record: not while its deployment is soft-deleted (it
         serves nothing there; an undelete brings it back, a hard delete removes it), as a
-        deleted deployment leaves its account's list."""
-        return (
-            record.deployment == self.own_deployment
-            or self.deployments.find(record.deployment) is not None
-        )
+        deleted deployment leaves its account's list. One whose deployment does not exist
+        (the server's own, renamed since) is shown, its status saying so, to be unloaded."""
+        if record.deployment == self.own_deployment:
+            return True
+        _, account, _, deployment_id = record.deployment.split("/")
+        found = self.deployments.store.get(account, deployment_id)
+        return found is None or not found.deleted
 
     def _view(
         self,
@@ -291,6 +293,15 @@ class DeployedModelManager:
     def _status(self, record: DeployedModelRecord) -> dict[str, str]:
         """Why a shown DeployedModel serves nothing (requests for it are 404s), as `_live`
         decides; OK when it serves."""
+        if record.deployment != self.own_deployment and not self.deployments.find(
+            record.deployment
+        ):
+            return {
+                "code": "NOT_FOUND",
+                "message": f"Deployment {record.deployment} does not exist (the server serves"
+                f" its own model as {self.own_deployment}): requests for this DeployedModel"
+                " are answered 404; unload it, and load the adapter on a deployment",
+            }
         adapter = self.catalog.get(record.model)
         if adapter is None or not adapter.is_adapter:
             return {
