@@ -283,3 +283,26 @@ def test_a_deployed_model_whose_deployment_no_longer_exists_says_so(
     finally:
         engine.unload_lora(ADAPTER)
         lora.deployments.shutdown()
+
+
+def test_a_load_beside_a_deleted_default_answers_the_default_it_is(
+    engine, tiny_llama_dir, llama_adapters
+):
+    """The stored default of an adapter on a soft-deleted deployment: a load of the adapter
+    elsewhere answered `default: false`, though the adapter's bare name runs there (as get
+    and list say)."""
+    lora = adapter_manager(engine, tiny_llama_dir, llama_adapters)
+    deployments = lora.deployments
+    try:
+        deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
+        side = "accounts/t/deployments/side"
+        on_side = asyncio.run(lora.load("t", {"model": ADAPTER, "deployment": side}))
+        assert on_side["default"] and on_side["state"] == "DEPLOYING"
+        deployments.delete("t", "side")
+        on_own = asyncio.run(lora.load("t", {"model": ADAPTER, "deployment": OWN}))
+        assert lora.find(ADAPTER, None, "t").name == on_own["name"]
+        assert on_own["default"] is True
+        assert on_own == lora.get("t", on_own["name"].rsplit("/", 1)[1])
+    finally:
+        engine.unload_lora(ADAPTER)
+        deployments.shutdown()

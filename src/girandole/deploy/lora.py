@@ -134,7 +134,7 @@ class DeployedModelManager:
             self._clear_default(account, adapter.name, keep=record.id)
         self.store.save(record)
         logger.info("LoRA %s loaded on %s (%s)", adapter.name, deployment, record.state)
-        return record.to_json()
+        return self._view(record)
 
     def get(self, account: str, deployed_model_id: str) -> dict[str, Any]:
         return self._view(self._record(account, deployed_model_id))
