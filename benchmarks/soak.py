@@ -21,6 +21,14 @@ check passes.
     .venv/bin/python benchmarks/soak.py                       # default model, 512 requests
     .venv/bin/python benchmarks/soak.py --requests 2000 --clients 64 --model PATH
     .venv/bin/python benchmarks/soak.py --wide --seed 3           # the wider surface too
+
+With `--ray-replicas N` the server runs on a local Ray cluster (`--ray`) and the requests go to
+a deployment of the model with N replicas (`--ray-autoscale`: 1 to 2 by load), in each of
+Fireworks' names for it (soak_ray.py). The checks then hold per replica as well: each one idle
+with no KV block in use (its /metrics series), each replica process's RSS flat, and once the
+server stopped, no process of its Ray cluster left (ps).
+
+    .venv/bin/python benchmarks/soak.py --ray-replicas 2 --requests 300 --clients 16 [--wide]
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import sqlite3
@@ -40,6 +49,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import soak_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +76,8 @@ def start_server(args, data_dir: Path, port: int) -> subprocess.Popen:
            # clients that hung up hold their slot until the server notices: on a slow machine
            # the others may queue a while, which is not a loss
            "--queue-timeout", "1800"]  # fmt: skip
+    if args.ray_replicas:
+        cmd += soak_ray.server_flags(args)
     if args.model:
         cmd += ["--model", args.model]
     if args.model_id:
@@ -75,7 +87,8 @@ def start_server(args, data_dir: Path, port: int) -> subprocess.Popen:
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     log = open(data_dir / "server.log", "wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    env = {**os.environ, **(soak_ray.FAST_METRICS if args.ray_autoscale else {})}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -265,6 +278,7 @@ def check_response(path: str, body: dict, status: int, payload) -> str | None:
 
 
 async def normal_request(client: httpx.AsyncClient, url: str, headers, path, body, tally: Tally):
+    """Send one request and check its answer (headers: the key's and the request's own)."""
     try:
         if body.get("stream", False):
             events = []
@@ -291,12 +305,15 @@ async def normal_request(client: httpx.AsyncClient, url: str, headers, path, bod
         tally.ok += 1
 
 
-async def aborted_request(port: int, key: str, path: str, body: dict, rng: random.Random):
+async def aborted_request(
+    port: int, key: str, path: str, body: dict, rng: random.Random, extra: dict[str, str]
+):
     """Send the whole request on a raw socket, then hang up: at once, after a delay, or (streams)
     after a few events. The server has the request either way, so it must account for it."""
     data = json.dumps(body).encode()
+    more = "".join(f"{name}: {value}\r\n" for name, value in extra.items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n{more}"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -338,15 +355,15 @@ async def run_load(args, url: str, port: int, key: str, plan: list, tally: Tally
             nonlocal next_index
             wrng = random.Random(args.seed * 1000 + wid)
             while next_index < len(plan):
-                abort, path, body = plan[next_index]
+                abort, path, body, extra = plan[next_index]
                 next_index += 1
                 tally.sent += 1
                 if abort:
-                    how = await aborted_request(port, key, path, body, wrng)
+                    how = await aborted_request(port, key, path, body, wrng, extra)
                     tally.aborted += 1
                     tally.by_kind[how] = tally.by_kind.get(how, 0) + 1
                 else:
-                    await normal_request(client, url, headers, path, body, tally)
+                    await normal_request(client, url, headers | extra, path, body, tally)
 
         await asyncio.gather(*(worker(i) for i in range(args.clients)))
 
@@ -356,8 +373,9 @@ def wait_idle(url: str, timeout: float = 60) -> tuple[bool, dict]:
     deadline = time.monotonic() + timeout
     while True:
         engine = httpx.get(url + "/health", timeout=10).json()["engine"]
-        idle = engine["num_running"] == 0 and engine["num_waiting"] == 0
-        if idle and engine["kv_blocks_used"] == 0:
+        # on Ray the own model's replicas sum up their stats: none before its first request
+        idle = engine.get("num_running", 0) == 0 and engine.get("num_waiting", 0) == 0
+        if idle and engine.get("kv_blocks_used", 0) == 0:
             return True, engine
         if time.monotonic() > deadline:
             return False, engine
@@ -378,7 +396,15 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--wide", action="store_true", help="half the requests use the wider surface")
     p.add_argument("--rss-slack", type=float, default=0.10, help="allowed RSS growth after warm-up")
+    p.add_argument("--ray-replicas", type=int, default=0,
+                   help="run on Ray Serve: the requests go to a deployment of N replicas")  # fmt: skip
+    p.add_argument("--ray-autoscale", action="store_true",
+                   help="with --ray-replicas: the deployment scales between 1 and 2 by load")  # fmt: skip
     args = p.parse_args()
+    if args.ray_autoscale and not args.ray_replicas:
+        args.ray_replicas = 1
+    if args.ray_replicas and args.kv_cache_gb is None:
+        args.kv_cache_gb = 0.25  # per replica: several of them share this machine's memory
 
     data_dir = Path(tempfile.mkdtemp(prefix="girandole-soak-"))
     created = subprocess.run(
@@ -387,14 +413,29 @@ def main() -> int:
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     key_info = json.loads(created.stdout)
+    if args.ray_replicas:
+        soak_ray.add_model(ROOT, data_dir, args.model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, data_dir, port)
+    replicas: dict[str, dict[str, float]] = {}
+    replica_rss: dict[str, dict[int, int]] = {}
+    ray_procs: list[soak_ray.RayProcess] = []
+    replicas_idle = True
+    started = time.monotonic()
     try:
         wait_ready(url, proc)
-        model = httpx.get(
-            url + "/v1/models", headers={"Authorization": f"Bearer {key_info['key']}"}
-        ).json()["data"][0]["id"]
+        if args.ray_replicas:
+            soak_ray.create_deployment(url, key_info["key"], args)
+            soak_ray.wait_replicas(
+                url, key_info["key"], 1 if args.ray_autoscale else args.ray_replicas
+            )
+            model = None
+        else:
+            model = httpx.get(
+                url + "/v1/models", headers={"Authorization": f"Bearer {key_info['key']}"}
+            ).json()["data"][0]["id"]
+        ready_s = time.monotonic() - started
         server = psutil.Process(proc.pid)
         rss: dict[str, float] = {"start": server.memory_info().rss}
 
@@ -405,16 +446,27 @@ def main() -> int:
             def make(rng: random.Random, model: str) -> tuple[str, dict]:
                 return (wide_body if rng.random() < 0.5 else random_body)(rng, model)
 
-        plan = [(rng.random() < args.abort_rate, *make(rng, model)) for _ in range(args.requests)]
+        plan = []
+        for _ in range(args.requests):
+            abort = rng.random() < args.abort_rate
+            name, extra = soak_ray.target(rng) if args.ray_replicas else (model, {})
+            plan.append((abort, *make(rng, name), extra))
         warm = max(args.clients, args.requests // 4)  # warm-up: then RSS is sampled
         tally = Tally()
         start = time.monotonic()
         asyncio.run(run_load(args, url, port, key_info["key"], plan[:warm], tally))
         wait_idle(url)
+        if args.ray_replicas:
+            soak_ray.wait_replicas_idle(url, None)
+            replica_rss["warm"] = soak_ray.replica_rss()
         rss["warm"] = server.memory_info().rss
         asyncio.run(run_load(args, url, port, key_info["key"], plan[warm:], tally))
         elapsed = time.monotonic() - start
         idle, engine = wait_idle(url)
+        if args.ray_replicas:
+            expect = None if args.ray_autoscale else args.ray_replicas
+            replicas_idle, replicas = soak_ray.wait_replicas_idle(url, expect)
+            replica_rss["end"] = soak_ray.replica_rss()
         rss["end"] = server.memory_info().rss
         # usage rows: one per request sent
         deadline = time.monotonic() + 30
@@ -427,9 +479,13 @@ def main() -> int:
                 break
             time.sleep(0.2)
         metrics = httpx.get(url + "/metrics", timeout=10).text
+        if args.ray_replicas:
+            ray_procs = soak_ray.ray_processes(server)
     finally:
         proc.terminate()
         code = proc.wait(120)
+    left = soak_ray.survivors(ray_procs) if args.ray_replicas else []
+    left_ps = soak_ray.ps_ray_lines({p.pid for p in left})
 
     growth = (rss["end"] - rss.get("warm", rss["start"])) / rss.get("warm", rss["start"])
     checks = {
@@ -440,14 +496,39 @@ def main() -> int:
         f"usage rows ({rows}) == requests sent ({tally.sent})": rows == tally.sent,
         f"server exited 0 on SIGTERM (got {code})": code == 0,
     }
+    if args.ray_replicas:
+        warm_rss, end_rss = replica_rss.get("warm", {}), replica_rss.get("end", {})
+        kept = set(warm_rss) & set(end_rss)  # replicas that ran through (autoscaling: some go)
+        worst = max(((end_rss[p] - warm_rss[p]) / warm_rss[p] for p in kept), default=0.0)
+        n = "" if args.ray_autoscale else f" ({args.ray_replicas})"
+        checks |= {
+            f"every replica{n} idle, KV blocks in use back to 0 ({len(replicas)} seen)":
+                replicas_idle,
+            f"replica memory flat after warm-up (worst RSS growth {worst:+.1%})":
+                worst <= args.rss_slack,
+            f"no Ray process left after the server stopped ({len(ray_procs)} before,"
+            f" {len(left)} left)": not left,
+        }  # fmt: skip
     loss = len(tally.wrong) + abs(rows - tally.sent)
     print(f"soak: {tally.sent} requests from {args.clients} clients in {elapsed:.1f} s"
-          f" ({tally.sent / elapsed:.1f} req/s)")  # fmt: skip
+          f" ({tally.sent / elapsed:.1f} req/s); server ready in {ready_s:.0f} s")  # fmt: skip
     print(f"  completed ok {tally.ok}, aborted on purpose {tally.aborted} {tally.by_kind},"
           f" usage rows {rows} (aborted {aborted_rows})")  # fmt: skip
     print(f"  engine at the end: {engine}")
     print(f"  server RSS: start {rss['start'] / 2**20:.0f} MiB, after warm-up"
           f" {rss.get('warm', 0) / 2**20:.0f} MiB, end {rss['end'] / 2**20:.0f} MiB")  # fmt: skip
+    if args.ray_replicas:
+        for replica, series in sorted(replicas.items()):
+            print(f"  replica {replica}: {series}")
+        for pid in sorted(set(replica_rss.get("warm", {})) | set(replica_rss.get("end", {}))):
+            before, after = (
+                replica_rss.get("warm", {}).get(pid),
+                replica_rss.get("end", {}).get(pid),
+            )
+            mib = lambda b: "-" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
+            print(f"  replica process {pid}: RSS after warm-up {mib(before)}, end {mib(after)}")
+        for line in left_ps:
+            print(f"  left running: {line}")
     ttft = [
         x
         for x in metrics.splitlines()
