@@ -196,6 +196,45 @@ def test_prefix_goes_to_the_replica_that_cached_it(plane):
     assert cached[0] == 0 and all(c >= 64 for c in cached[1:]), cached
 
 
+def _replica_series(plane, metric: str, deployment: str) -> dict[str, float]:
+    """`metric`'s value for each replica of `deployment` on /metrics (replica id -> value)."""
+    out = {}
+    for line in plane.http("GET", "/metrics").text.splitlines():
+        if line.startswith(metric + "{") and f'deployment="{deployment}"' in line:
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            out[replica] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_each_replica_counts_the_requests_it_took(plane):
+    # how the load spread over the replicas, for an operator (and benchmarks/soak.py's
+    # per-replica report): before, /metrics had each replica's load now, not what it served
+    pair = f"accounts/{ACCOUNT}/deployments/pair"
+    plane.wait("pair", 2)
+    assert plane.complete(f"{MODEL}#{pair}", "warm", max_tokens=1).status_code == 200
+    metric = "girandole:requests_total"
+    deadline = time.monotonic() + 30
+    while len(before := _replica_series(plane, metric, pair)) < 2:
+        assert plane.complete(f"{MODEL}#{pair}", "more", max_tokens=1).status_code == 200
+        assert time.monotonic() < deadline, before
+        time.sleep(0.5)
+    while True:  # the last request counted: the same totals over more than a report period
+        time.sleep(1.5)
+        if (again := _replica_series(plane, metric, pair)) == before:
+            break
+        before = again
+    for i in range(4):  # short prompts, no shared prefix: by load, over both replicas
+        assert plane.complete(f"{MODEL}#{pair}", f"count {i}", max_tokens=2).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:  # replicas report every second
+        after = _replica_series(plane, metric, pair)
+        if sum(after.values()) - sum(before.values()) == 4:
+            break
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.3)
+    assert set(after) == set(before) and all(after[r] >= before[r] for r in after)
+
+
 def _adapter_gauges(plane, deployment: str) -> dict[str, float]:
     """girandole:lora_adapters of each replica of `deployment` (replica id -> adapters held)."""
     text = plane.http("GET", "/metrics").text

@@ -197,9 +197,11 @@ class ReplicaServer:
             writer.close()
 
     async def _report_stats(self, writer: asyncio.StreamWriter) -> None:
-        """The engine's stats every second: the ingress's gauges of this replica."""
+        """The engine's stats every second, and the requests this replica took since it started:
+        the ingress's gauges of this replica (and how the load spread over the replicas)."""
         while not writer.is_closing():
-            writer.write(encode(("stats", dict(self.engine.stats()))))
+            stats = {**self.engine.stats(), "num_requests": self.num_requests}
+            writer.write(encode(("stats", stats)))
             await asyncio.sleep(STATS_PERIOD_S)
 
     def stop(self) -> None:

@@ -6,6 +6,8 @@ pointed at them):
     girandole:num_requests_running{deployment, replica}   requests the engine is running
     girandole:kv_cache_usage_perc{deployment, replica}    KV-cache blocks in use, 0..1
     girandole:lora_adapters{deployment, replica}          LoRA adapters the replica holds
+    girandole:requests_total{deployment, replica}         requests a Ray replica took since it
+                                                          started (how the load spread)
 
 one series per replica: the server's own model (its deployment, replica "0") and every ready
 replica of every managed deployment. They are read when /metrics is scraped, from each engine's
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -83,6 +85,11 @@ class ReplicaGauges(Collector):
             "LoRA adapters the replica holds (registered; --max-loras of them resident)",
             labels=LABELS,
         )
+        requests = CounterMetricFamily(
+            "girandole:requests",
+            "requests the replica took since it started (Ray replicas: their port's count)",
+            labels=LABELS,
+        )
         for load in self.read():
             labels = [load.deployment, load.replica]
             stats = load.stats
@@ -92,10 +99,13 @@ class ReplicaGauges(Collector):
             used = float(stats.get("kv_blocks_used") or 0)
             kv_usage.add_metric(labels, used / total if total else 0.0)
             adapters.add_metric(labels, float(stats.get("lora_adapters") or 0))
+            if "num_requests" in stats:
+                requests.add_metric(labels, float(stats["num_requests"]))
         yield waiting
         yield running
         yield kv_usage
         yield adapters
+        yield requests
 
 
 def install_replica_gauges(state: AppState, manager: DeploymentManager) -> None:
