@@ -345,8 +345,11 @@ async def aborted_request(
             pass
 
 
-async def run_load(args, url: str, port: int, key: str, plan: list, tally: Tally) -> None:
+async def run_load(
+    args, url: str, port: int, key: str, plan: list, tally: Tally, clients: int | None = None
+) -> None:
     next_index = 0
+    clients = clients or args.clients
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
@@ -365,7 +368,7 @@ async def run_load(args, url: str, port: int, key: str, plan: list, tally: Tally
                 else:
                     await normal_request(client, url, headers | extra, path, body, tally)
 
-        await asyncio.gather(*(worker(i) for i in range(args.clients)))
+        await asyncio.gather(*(worker(i) for i in range(clients)))
 
 
 def wait_idle(url: str, timeout: float = 60) -> tuple[bool, dict]:
@@ -380,6 +383,26 @@ def wait_idle(url: str, timeout: float = 60) -> tuple[bool, dict]:
         if time.monotonic() > deadline:
             return False, engine
         time.sleep(0.2)
+
+
+def run_waves(args, url: str, port: int, key_info: dict, plan: list, tally: Tally) -> int:
+    """`--ray-autoscale`: the plan in waves, each a burst of every client (Ray scales the
+    deployment up) then one client at a time until Ray took it back to one replica, so that
+    replicas start and stop under load; the number of scale-downs seen."""
+    downscales, i = 0, 0
+    while i < len(plan):
+        burst = plan[i : i + 3 * args.clients]
+        i += len(burst)
+        asyncio.run(run_load(args, url, port, key_info["key"], burst, tally))
+        deadline = time.monotonic() + 120
+        peak = soak_ray.deployment(url, key_info["key"]).get("replicaCount", 0)
+        while peak > 1 and i < len(plan) and time.monotonic() < deadline:
+            asyncio.run(run_load(args, url, port, key_info["key"], plan[i : i + 1], tally, 1))
+            i += 1
+            if soak_ray.deployment(url, key_info["key"]).get("replicaCount") == 1:
+                downscales += 1
+                break
+    return downscales
 
 
 def main() -> int:
@@ -422,6 +445,7 @@ def main() -> int:
     replica_rss: dict[str, dict[int, int]] = {}
     ray_procs: list[soak_ray.RayProcess] = []
     replicas_idle = True
+    downscales = 0
     started = time.monotonic()
     try:
         wait_ready(url, proc)
@@ -460,7 +484,10 @@ def main() -> int:
             soak_ray.wait_replicas_idle(url, None)
             replica_rss["warm"] = soak_ray.replica_rss()
         rss["warm"] = server.memory_info().rss
-        asyncio.run(run_load(args, url, port, key_info["key"], plan[warm:], tally))
+        if args.ray_autoscale:
+            downscales = run_waves(args, url, port, key_info, plan[warm:], tally)
+        else:
+            asyncio.run(run_load(args, url, port, key_info["key"], plan[warm:], tally))
         elapsed = time.monotonic() - start
         idle, engine = wait_idle(url)
         if args.ray_replicas:
@@ -500,7 +527,9 @@ def main() -> int:
         warm_rss, end_rss = replica_rss.get("warm", {}), replica_rss.get("end", {})
         kept = set(warm_rss) & set(end_rss)  # replicas that ran through (autoscaling: some go)
         worst = max(((end_rss[p] - warm_rss[p]) / warm_rss[p] for p in kept), default=0.0)
-        n = "" if args.ray_autoscale else f" ({args.ray_replicas})"
+        n = f" ({args.ray_replicas})"
+        if args.ray_autoscale:
+            n = f" (scaled down {downscales} times under load)"
         checks |= {
             f"every replica{n} idle, KV blocks in use back to 0 ({len(replicas)} seen)":
                 replicas_idle,
