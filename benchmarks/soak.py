@@ -527,6 +527,7 @@ def main() -> int:
         warm_rss, end_rss = replica_rss.get("warm", {}), replica_rss.get("end", {})
         kept = set(warm_rss) & set(end_rss)  # replicas that ran through (autoscaling: some go)
         worst = max(((end_rss[p] - warm_rss[p]) / warm_rss[p] for p in kept), default=0.0)
+        seen = soak_ray.kinds(ray_procs)
         n = f" ({args.ray_replicas})"
         if args.ray_autoscale:
             n = f" (scaled down {downscales} times under load)"
@@ -535,8 +536,8 @@ def main() -> int:
                 replicas_idle,
             f"replica memory flat after warm-up (worst RSS growth {worst:+.1%})":
                 worst <= args.rss_slack,
-            f"no Ray process left after the server stopped ({len(ray_procs)} before,"
-            f" {len(left)} left)": not left,
+            f"no Ray process left after the server stopped ({len(ray_procs)} before:"
+            f" {seen}; {len(left)} left)": not left and "raylet" in seen and "gcs_server" in seen,
         }  # fmt: skip
     loss = len(tally.wrong) + abs(rows - tally.sent)
     print(f"soak: {tally.sent} requests from {args.clients} clients in {elapsed:.1f} s"

@@ -191,6 +191,16 @@ def ray_processes(server: psutil.Process) -> list[RayProcess]:
     return out
 
 
+def kinds(procs: list[RayProcess]) -> dict[str, int]:
+    """How many of each of Ray's processes `procs` holds (raylet, gcs_server, ray::...): the
+    check that nothing survives means something only if the cluster's daemons were seen."""
+    out: dict[str, int] = {}
+    for p in procs:
+        name = next((n for n in RAY_PROCESS_NAMES if n in p.cmdline), "other")
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
 def survivors(procs: list[RayProcess], wait: float = 30) -> list[RayProcess]:
     """The processes of `procs` still running (the same pid and start time) after up to `wait`
     seconds: Ray's daemons exit on their own once the server shut its cluster down."""
