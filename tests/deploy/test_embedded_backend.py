@@ -330,3 +330,38 @@ def test_a_deployment_scaled_to_zero_before_its_replica_is_ready_is_ready(models
         assert wait_ready(manager, "ctx")["maxContextLength"] == 64
     finally:
         manager.shutdown()
+
+
+def test_a_replica_whose_engine_dies_is_replaced(models):
+    """A replica's engine loop ended (its thread stopped: seconds_stalled() is inf) and the
+    deployment stayed READY with one replica while every request to it failed: nothing checked
+    on the embedded backend. The manager's tick replaces it, as Ray Serve's health check does;
+    meanwhile requests get the 503 of a scale-up and the deployment is UPDATING."""
+    manager = make_manager(models)
+    name = "accounts/t/deployments/dies"
+    try:
+        manager.start()  # the autoscaler's tick, every second
+        manager.create("t", {"baseModel": "accounts/t/models/a"}, "dies")
+        wait_ready(manager, "dies")
+        dead = manager.engine_for(name)
+        dead.shutdown()
+        assert dead.seconds_stalled() == float("inf")
+        states = set()
+        deadline = time.monotonic() + 60
+        while True:
+            states.add(manager.get("t", "dies")["state"])
+            try:
+                engine = manager.engine_for(name)
+            except DeploymentError as exc:
+                assert (exc.status, exc.code) == (503, "DEPLOYMENT_SCALING_UP"), exc.message
+                engine = None
+            if engine is not None and engine is not dead:
+                break
+            assert time.monotonic() < deadline, manager.get("t", "dies")
+            time.sleep(0.05)
+        assert states <= {"READY", "UPDATING"}, states
+        assert len(generate(engine, "Hello", 4)) == 4
+        assert wait_ready(manager, "dies")["replicaCount"] == 1
+        assert manager.backend.engines(name) == [engine]  # the dead one is gone
+    finally:
+        manager.shutdown()

@@ -130,6 +130,13 @@ class Backend(ABC):
         starts one; the others are scaled by the manager)."""
         return None
 
+    def replace_stalled(self, limit_s: float) -> dict[str, str]:
+        """Replace each ready replica whose engine loop died or has had work without finishing
+        a step for `limit_s` (engine/protocol.py's stall_error); return {deployment: why} of
+        those replaced. A backend whose platform health-checks replicas (Ray Serve) does it
+        itself: nothing here."""
+        return {}
+
     @abstractmethod
     def stats(self, deployment: str) -> ReplicaStats: ...
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from girandole.deploy.backend import Backend, ReplicaListener, ReplicaSpec, ReplicaStats
+from girandole.engine.protocol import stall_error
 from girandole.registry.deployments import DeploymentError, Hardware, invalid
 
 logger = logging.getLogger("girandole.deploy")
@@ -130,13 +131,46 @@ class EmbeddedBackend(Backend):
             target=self._load, args=(replica,), name="girandole-replica-load", daemon=True
         ).start()
 
+    def replace_stalled(self, limit_s: float) -> dict[str, str]:
+        """A replica whose engine died (or is stuck) kept the deployment READY while every
+        request to it failed: it is replaced as Ray Serve replaces one failing its health check.
+        The new replica takes the old one's share of the budget (the same spec: the same size)."""
+        replaced: dict[str, str] = {}
+        with self._lock:
+            for deployment, replica in list(self._replicas.items()):
+                if replica.state != "ready":
+                    continue
+                why = stall_error(replica.engine, limit_s)
+                if why is None:
+                    continue
+                fresh = Replica(replica.spec, replica.reserved_bytes)
+                self._replicas[deployment] = fresh
+                stale, replica.engine = replica.engine, None
+                replaced[deployment] = why
+                threading.Thread(
+                    target=self._load,
+                    args=(fresh, stale),
+                    name="girandole-replica-load",
+                    daemon=True,
+                ).start()
+        return replaced
+
     def _holders(self) -> str:
         names = [f"{d} ({_gib(r.reserved_bytes)})" for d, r in self._replicas.items()]
         if self.in_use_bytes():
             names.insert(0, f"the server's own model ({_gib(self.in_use_bytes())})")
         return ", ".join(names) or "nothing"
 
-    def _load(self, replica: Replica) -> None:
+    def _load(self, replica: Replica, stale: Any = None) -> None:
+        """Start the replica's engine; `stale`, the engine it replaces, is stopped first (its
+        requests end with a 503, its memory is freed before the new one loads)."""
+        if stale is not None:
+            try:
+                stale.shutdown()
+            except Exception:  # noqa: BLE001 - the new replica starts all the same
+                logger.exception(
+                    "stopping the replaced replica of %s failed", replica.spec.deployment
+                )
         spec = replica.spec
         error = None
         try:

@@ -1,11 +1,12 @@
 """DeploymentManager: the control plane's operations (create, get, list, update, scale, delete,
 undelete) on the deployments table, carried out by a backend, and the autoscaler that keeps
 each deployment within its policy (at least `minReplicaCount`; to zero after
-`scaleToZeroWindow` without requests when the minimum is 0).
+`scaleToZeroWindow` without requests when the minimum is 0); it also replaces a replica whose
+engine died or stalled (as Ray Serve's health check does).
 
 A new (or undeleted) deployment starts with one replica unless `disableAutoDeploy` or a
 `maxReplicaCount` of 0 says otherwise. Its state: CREATING until a replica is ready, then READY;
-UPDATING while a changed `maxContextLength` restarts it; FAILED (with `status`) when a replica
+UPDATING while a changed `maxContextLength` restarts it or a dead replica is replaced; FAILED (with `status`) when a replica
 cannot start; DELETED after a soft delete. `desiredReplicaCount` is stored, so a restarted
 server brings back the replicas it ran.
 """
@@ -99,6 +100,7 @@ class DeploymentManager:
         max_model_len: int | None = None,
         options: EngineOptions = DEFAULT_ENGINE_OPTIONS,
         reserved: set[str] = frozenset(),
+        engine_stall_seconds: float = 60.0,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -107,6 +109,7 @@ class DeploymentManager:
         self.max_model_len = max_model_len  # the server's cap, when maxContextLength is 0
         self.options = options  # the server's engine flags, for every replica
         self.reserved = set(reserved)  # deployment names the server itself serves
+        self.engine_stall_seconds = engine_stall_seconds  # a replica stuck this long is replaced
         backend.listener = self._on_replica
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -508,9 +511,24 @@ class DeploymentManager:
     def _autoscale_loop(self) -> None:
         while not self._stop.wait(AUTOSCALE_PERIOD_S):
             try:
+                self.replace_stalled()
                 self.autoscale_once(time.time())
             except Exception:  # noqa: BLE001 - the next period tries again
                 logger.exception("autoscaling failed")
+
+    def replace_stalled(self) -> None:
+        """Replace the replicas whose engine died or stalled past `engine_stall_seconds` (as Ray
+        Serve's health check does): the deployment is UPDATING until the new one is ready, and
+        new requests get the 503 DEPLOYMENT_SCALING_UP meanwhile, as during a scale-up."""
+        with self._lock:  # held until the state is saved: the new replica's ready comes after
+            replaced = self.backend.replace_stalled(self.engine_stall_seconds)
+            for name, why in replaced.items():
+                logger.warning("deployment %s: replacing its replica: %s", name, why)
+                record = self.find(name)
+                if record is not None and record.state == "READY":
+                    record.state = "UPDATING"
+                    record.update_time = time.time()
+                    self.store.save(record)
 
     def autoscale_once(self, now: float) -> None:
         """Scale idle deployments with minReplicaCount 0 to zero after their scaleToZeroWindow

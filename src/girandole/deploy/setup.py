@@ -81,4 +81,5 @@ def deployment_manager(settings: Any, db: Database) -> DeploymentManager:
         max_model_len=settings.max_model_len,
         options=own.options,
         reserved={own.deployment},
+        engine_stall_seconds=settings.engine_stall_seconds,
     )
