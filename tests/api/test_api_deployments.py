@@ -5,6 +5,7 @@ engine, scales to zero and back, is deleted and undeleted, and survives a restar
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import fireworks
 import httpx
@@ -631,3 +633,56 @@ def test_int64_fields_written_as_strings_filter_and_sort_as_numbers(plane):
     finally:
         for name in sizes:
             plane.http("DELETE", f"{path}/{name}", key=key)
+
+
+class InProcessPlane(Plane):
+    """The Plane's server as the app `girandole serve` builds, on uvicorn in this process: the
+    test reaches the deployments' real engines through the app's own objects."""
+
+    def start(self):
+        from loopback import serve_in_thread
+
+        from girandole.api.app import create_app
+        from girandole.api.server import add_serve_parser, settings_from_args
+        from girandole.api.state import AppState
+
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        args = parser.parse_args(
+            ["serve", "--model", str(self.eos), "--model-id", "tiny-eos", "--account", ACCOUNT,
+             "--kv-cache-gb", "0.01", "--data-dir", str(self.data), *self.serve_args]
+        )  # fmt: skip
+        self.app = create_app(AppState(settings_from_args(args)))
+        self.uvicorn, self.thread, url = serve_in_thread(self.app, timeout=120)
+        return SimpleNamespace(url=url)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+def test_a_deployment_whose_engine_died_serves_again(tmp_path):
+    """A deployment's replica whose engine loop ended kept the deployment READY with one
+    replica while every request to it failed (only a Ray replica was health-checked). The
+    server replaces it within a few ticks: a request is a 200 again, the deployment READY."""
+    plane = InProcessPlane(tmp_path)
+    name = f"accounts/{ACCOUNT}/deployments/dies"
+    try:
+        plane.http("POST", f"/v1/accounts/{ACCOUNT}/deployments", params={"deploymentId": "dies"},
+                   json={"baseModel": BASE_MODEL})  # fmt: skip
+        plane.wait("dies", 1)
+        backend = plane.app.state.deployments.backend
+        (dead,) = backend.engines(name)
+        dead.shutdown()  # its loop's thread ends, as when the engine dies
+        body = {"model": f"{BASE_MODEL}#{name}", "prompt": [1, 5, 9], "max_tokens": 4}
+        deadline = time.monotonic() + 60
+        while (r := plane.http("POST", "/inference/v1/completions", json=body)).status_code != 200:
+            assert r.status_code == 503, r.text  # the dead engine's, then a scale-up's
+            assert time.monotonic() < deadline, (r.text, plane.http("GET", f"/v1/{name}").text)
+            time.sleep(0.1)
+        assert r.json()["usage"]["completion_tokens"] > 0
+        assert plane.wait("dies", 1).replica_count == 1
+        (engine,) = backend.engines(name)
+        assert engine is not dead  # the dead one is gone
+    finally:
+        plane.stop()
