@@ -6,9 +6,9 @@ engine died or stalled (as Ray Serve's health check does).
 
 A new (or undeleted) deployment starts with one replica unless `disableAutoDeploy` or a
 `maxReplicaCount` of 0 says otherwise. Its state: CREATING until a replica is ready, then READY;
-UPDATING while a changed `maxContextLength` restarts it or a dead replica is replaced; FAILED (with `status`) when a replica
-cannot start; DELETED after a soft delete. `desiredReplicaCount` is stored, so a restarted
-server brings back the replicas it ran.
+UPDATING while a changed `maxContextLength` restarts it or a dead replica is replaced; FAILED
+(with `status`) when a replica cannot start; DELETED after a soft delete. `desiredReplicaCount`
+is stored, so a restarted server brings back the replicas it ran.
 """
 
 from __future__ import annotations
