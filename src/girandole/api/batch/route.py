@@ -212,12 +212,7 @@ async def create_job(
             account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
         )
         if store.get_job(account, job_id) is not None:
-            raise APIError(
-                409,
-                f"Batch inference job {job_name(account, job_id)} already exists",
-                type="error",
-                code="ALREADY_EXISTS",
-            )
+            raise job_exists(account, job_id)
         by = created_by(request)
         output = new_dataset(account, output_id, {"sourceJobName": job_name(account, job_id)}, by)
         job = new_job(account, job_id, body.displayName or job_id, body.model, input_id, output_id,
@@ -263,12 +258,7 @@ def start_new_job(
     key_id = principal.key_id if principal else None
     if not store.insert_job(account, job_id, key_id, job, datasets):
         if store.get_job(account, job_id) is not None:
-            raise APIError(
-                409,
-                f"Batch inference job {job_name(account, job_id)} already exists",
-                type="error",
-                code="ALREADY_EXISTS",
-            )
+            raise job_exists(account, job_id)
         taken = ", ".join(dataset_name(account, d) for d in datasets)
         raise bad_request(
             f"outputDatasetId: {taken} already exists; name a new one", "outputDatasetId"
@@ -341,3 +331,13 @@ def install_batch(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> BatchR
         app.include_router(datasets_router, prefix=prefix, include_in_schema=shown)
         app.include_router(router, prefix=prefix, include_in_schema=shown)
     return runner
+
+
+def job_exists(account: str, job_id: str) -> APIError:
+    """The 409 of a job id taken (checked before the input is read, and again as it is saved)."""
+    return APIError(
+        409,
+        f"Batch inference job {job_name(account, job_id)} already exists",
+        type="error",
+        code="ALREADY_EXISTS",
+    )
