@@ -15,8 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -145,6 +147,30 @@ def write_tiny_llama_for_ops(folder: Path) -> Path:
     sys.modules.setdefault(spec.name, helpers)
     spec.loader.exec_module(helpers)
     return helpers.write_tiny_llama(folder, max_position_embeddings=8192)
+
+
+def start_store_server(tmp: Path, key: str, prepare: Callable[[Any], None] | None = None) -> Server:
+    """A real server on a tiny random Llama (ignore_eos runs to max_tokens) with a data dir, for
+    tests of what it stores: `key` is its account's key, `server.other_key` one of another
+    account, `server.db_path` its SQLite file. `prepare(db)` writes rows before it starts, as an
+    upgraded server finds them."""
+    from girandole.registry.keystore import DB_NAME, Database
+
+    data = tmp / "data"
+    db = Database(data / DB_NAME)
+    other_key, _ = db.create_key("other")
+    if prepare is not None:
+        prepare(db)
+    db.close()
+    model = write_tiny_llama_for_ops(tmp / "tiny")
+    srv = start_server(
+        tmp, "--model", str(model), "--model-id", "tiny", "--account", "testing",
+        "--kv-cache-gb", "0.05", "--max-model-len", "8192", "--api-key", key,
+        "--data-dir", str(data), api_key=key,
+    )  # fmt: skip
+    srv.db_path = data / DB_NAME
+    srv.other_key = other_key
+    return srv
 
 
 @pytest.fixture(scope="session")

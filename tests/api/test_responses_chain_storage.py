@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
-from conftest import start_server, stop_server, write_tiny_llama_for_ops
+from conftest import start_store_server, stop_server
 
-from girandole.registry.keystore import DB_NAME, Database
+from girandole.registry.keystore import Database
 
 MODEL = "accounts/testing/models/tiny"
 KEY = "chain-storage-key"
@@ -46,25 +46,16 @@ OLD_B_IN = [*OLD_A_IN, *OLD_A_OUT, message("msg_old_b_in", "user", "second quest
 OLD_B_OUT = [message("msg_old_b_out", "assistant", "second answer")]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chain-storage")
-    data = tmp / "data"
-    db = Database(data / DB_NAME)  # a key of another account, and the old rows
-    other_key, _ = db.create_key("other")
+def write_old_rows(db: Database) -> None:
     db.execute(OLD_TABLE)
     for row in (old_row("resp_old_a", OLD_A_IN, OLD_A_OUT),
                 old_row("resp_old_b", OLD_B_IN, OLD_B_OUT)):  # fmt: skip
         db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", row)
-    db.close()
-    model = write_tiny_llama_for_ops(tmp / "tiny")
-    srv = start_server(
-        tmp, "--model", str(model), "--model-id", "tiny", "--account", "testing",
-        "--kv-cache-gb", "0.05", "--max-model-len", "8192", "--api-key", KEY,
-        "--data-dir", str(data), api_key=KEY,
-    )  # fmt: skip
-    srv.db_path = data / DB_NAME
-    srv.other_key = other_key
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_store_server(tmp_path_factory.mktemp("chain-storage"), KEY, write_old_rows)
     yield srv
     stop_server(srv)
 

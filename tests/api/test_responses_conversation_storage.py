@@ -13,9 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import start_server, stop_server, write_tiny_llama_for_ops
-
-from girandole.registry.keystore import DB_NAME, Database
+from conftest import start_store_server, stop_server
 
 MODEL = "accounts/testing/models/tiny"
 KEY = "conversation-storage-key"
@@ -24,19 +22,7 @@ TEXT = "lorem ipsum " * 40  # a turn's input, about 500 bytes
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("conversation-storage")
-    data = tmp / "data"
-    db = Database(data / DB_NAME)  # a key of another account
-    other_key, _ = db.create_key("other")
-    db.close()
-    model = write_tiny_llama_for_ops(tmp / "tiny")
-    srv = start_server(
-        tmp, "--model", str(model), "--model-id", "tiny", "--account", "testing",
-        "--kv-cache-gb", "0.05", "--max-model-len", "8192", "--api-key", KEY,
-        "--data-dir", str(data), api_key=KEY,
-    )  # fmt: skip
-    srv.db_path = data / DB_NAME
-    srv.other_key = other_key
+    srv = start_store_server(tmp_path_factory.mktemp("conversation-storage"), KEY)
     yield srv
     stop_server(srv)
 
