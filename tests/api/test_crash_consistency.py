@@ -10,6 +10,7 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -70,6 +71,23 @@ def _check_all_or_nothing(server, data_dir: Path, data: bytes) -> None:
     assert list((data_dir / "datasets" / ".partial").glob("*")) == []
 
 
+def _kill_when(server, headers: dict, sent: bytes, length: int, seen: Callable[[], bool],
+               timeout: float) -> None:  # fmt: skip
+    """POST /v1/files with `sent` (the first bytes of a `length`-byte body) on a raw socket, and
+    kill -9 the server the moment `seen()` says the upload has reached the point under test."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        head = (
+            "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + sent)
+        deadline = time.monotonic() + timeout
+        while not seen():
+            assert time.monotonic() < deadline and server.process.poll() is None
+            time.sleep(0.002)
+        _kill(server)
+
+
 def _upload_still_works(server) -> None:
     headers, body = _form("after.jsonl", b'{"a": 1}\n')
     r = httpx.post(server.url + "/v1/files", headers=headers, content=body, timeout=60)
@@ -89,17 +107,7 @@ def test_a_file_upload_killed_as_it_is_stored_is_there_whole_or_not_at_all(tmp_p
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, eos_model)
     try:
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            head = (
-                "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            sock.sendall(head + body)
-            deadline = time.monotonic() + 120
-            while not _upload_traces(data_dir):
-                assert time.monotonic() < deadline and server.process.poll() is None
-                time.sleep(0.002)
-            _kill(server)
+        _kill_when(server, headers, body, len(body), lambda: _upload_traces(data_dir), 120)
         server = _serve(tmp_path, eos_model)
         _check_all_or_nothing(server, data_dir, data)
         _upload_still_works(server)
@@ -115,18 +123,13 @@ def test_a_file_upload_killed_while_its_body_arrives_leaves_nothing(tmp_path, eo
     data_dir = tmp_path / "data"
     server = _serve(tmp_path, eos_model)
     try:
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            head = (
-                "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            sock.sendall(head + body[: len(body) // 2])
-            partial = data_dir / "datasets" / ".partial"
-            deadline = time.monotonic() + 60
-            while not any(p.stat().st_size > 0 for p in partial.glob("*")):
-                assert time.monotonic() < deadline and server.process.poll() is None
-                time.sleep(0.01)
-            _kill(server)
+        partial = data_dir / "datasets" / ".partial"
+        half = body[: len(body) // 2]
+
+        def started() -> bool:  # the body's first bytes are in its temporary file
+            return any(p.stat().st_size > 0 for p in partial.glob("*"))
+
+        _kill_when(server, headers, half, len(body), started, 60)
         server = _serve(tmp_path, eos_model)
         _check_all_or_nothing(server, data_dir, b"")
         assert httpx.get(server.url + "/v1/files").json()["data"] == []
