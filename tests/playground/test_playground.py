@@ -54,6 +54,18 @@ def finished(page, pane: str = "#messages") -> None:
     page.wait_for_selector(f"{pane} .msg:last-child .stats", timeout=180_000)
 
 
+def hi_then_regenerated(page, server, **params) -> None:
+    """Open the page, send "Hi" with `params`, then regenerate the answer: two versions (2/2)."""
+    open_page(page, server)
+    fill(page, **params)
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    finished(page)
+    page.click(".msg.assistant .act-regenerate")
+    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
+    finished(page)
+
+
 ANSWER_LONGER_THAN = "document.querySelector('.msg.assistant .text')?.textContent.length > {}"
 
 
@@ -516,14 +528,7 @@ def test_deleting_from_the_keyboard_keeps_the_focus_in_the_conversation(open_ser
     """Delete pressed on the last message took its buttons away with it and the focus fell to
     the page's body. Now the message left at the end takes it (Delete again goes on deleting),
     and the message box once the conversation is empty; a version deleted leaves it on Delete."""
-    open_page(page, open_server)
-    fill(page, max_tokens=3, seed=1)
-    page.fill("#input", "Hi")
-    page.press("#input", "Enter")
-    finished(page)
-    page.click(".msg.assistant .act-regenerate")
-    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
-    finished(page)
+    hi_then_regenerated(page, open_server, max_tokens=3, seed=1)
     delete = "Delete this version of the message and what follows it"
     page.focus(".msg.assistant .act-delete")
     page.keyboard.press("Enter")  # version 2 gone, version 1 shown: the focus on its Delete
@@ -1006,14 +1011,7 @@ def test_a_phone_wide_message_keeps_its_buttons_inside_it(open_server, page):
     Regenerate cut in half, Delete out of sight and out of reach (the page does not scroll
     sideways). They now wrap onto a second line, each inside the message."""
     page.set_viewport_size({"width": 390, "height": 844})
-    open_page(page, open_server)
-    fill(page, max_tokens=1, n=2)
-    page.fill("#input", "Hi")
-    page.press("#input", "Enter")
-    finished(page)
-    page.click(".msg.assistant .act-regenerate")
-    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
-    finished(page)
+    hi_then_regenerated(page, open_server, max_tokens=1, n=2)
     outside = page.evaluate("""() => Array.from(document.querySelectorAll('.msg button'))
         .filter((b) => {
             const box = b.closest('.msg').getBoundingClientRect(), r = b.getBoundingClientRect();
