@@ -208,6 +208,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="larger request bodies get 413 [GIRANDOLE_MAX_REQUEST_BYTES]",
     )
     p.add_argument(
+        "--max-response-bytes",
+        type=int_value("MAX_RESPONSE_BYTES", 1),
+        default=env_default("MAX_RESPONSE_BYTES", str(256 * 1024 * 1024)),
+        help="a whole (non-streamed) response growing larger is a 400, its generation stopped"
+        " [GIRANDOLE_MAX_RESPONSE_BYTES]",
+    )
+    p.add_argument(
         "--mcp-allowed-hosts",
         default=_env("MCP_ALLOWED_HOSTS", "*"),
         metavar="HOSTS",
@@ -411,6 +418,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enforce_eager=enforce_eager,
         overlap_scheduling=False if no_overlap else None,
         max_request_bytes=args.max_request_bytes,
+        max_response_bytes=args.max_response_bytes,
         stream_usage=args.stream_usage,
         allowed_origins=origins,
         allowed_credentials=credentials,

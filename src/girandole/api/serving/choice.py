@@ -32,11 +32,18 @@ from typing import Any
 
 from girandole.api.http.errors import bad_request
 from girandole.api.http.schema import RequestFields
-from girandole.api.serving.logprobs import LogprobsMode, LogprobTracker, content_format
+from girandole.api.serving.logprobs import (
+    LogprobsMode,
+    LogprobTracker,
+    TokenLogprob,
+    content_format,
+)
 from girandole.engine.outputs import RequestOutput
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import SampleResult
 from girandole.tokenizer.tokenizer import Tokenizer
+
+TOKEN_ID_JSON_BYTES = 7  # a token id in a JSON list: six digits and a comma
 
 # the engine's finish reasons as the API names them
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "error"}
@@ -182,6 +189,16 @@ class Choice:
         self.token_ids: list[int] = []  # generated
         self.last: RequestOutput | None = None  # the latest engine output the response read
         self.reasoning_tokens: int | None = None  # set by a shape that splits out reasoning
+        self.json_size = 0  # about how many bytes the choice's whole body takes so far
+
+    def _grow(self, text: str, entries: list[TokenLogprob], token_ids: list[int]) -> None:
+        """Count what an output adds to the whole body's size: its text, its logprobs (again
+        in raw_output's completion_logprobs), its token ids (in raw_output's and in
+        return_token_ids' lists)."""
+        copies = 1 + self.options.raw_output
+        id_lists = self.options.raw_output + self.options.return_token_ids
+        self.json_size += len(text) + copies * sum(e.json_size() for e in entries)
+        self.json_size += id_lists * TOKEN_ID_JSON_BYTES * len(token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -207,6 +224,7 @@ class Choice:
         self.token_ids.extend(out.new_token_ids)
         if mode is not None:
             update.entries += self.tracker.add(out.logprobs, self.text_length)
+        self._grow(update.text, update.entries, update.token_ids)
         return update
 
     def _prompt_results(self, out: RequestOutput) -> list:

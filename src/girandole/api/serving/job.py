@@ -60,6 +60,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_options: dict[str, Any] = field(default_factory=dict)  # choice 0's, as applied
     perf_metrics: dict[str, Any] | None = None  # set once every choice finished
+    max_response_bytes: int | None = None  # a whole response larger is a 400 (None: no limit)
 
 
 def cache_kwargs(req: RequestFields, headers: Mapping[str, str] | None) -> dict[str, Any]:

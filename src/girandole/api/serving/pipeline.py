@@ -253,6 +253,7 @@ class Rounds:
                 tier=self.tier,
                 speculation=speculation,
             )
+            job.max_response_bytes = state.settings.max_response_bytes
         except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
             self.endpoint.rename_field(exc, req)
             raise

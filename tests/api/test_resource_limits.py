@@ -1,0 +1,110 @@
+"""What one client can make the server hold: a whole response's size (`--max-response-bytes`).
+
+The server serves a tiny random Llama (320 tokens, no keys) with a small response limit, so a
+request of a few choices with logprobs and listed sampling masks passes it in a few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api_helpers import api_conftest  # noqa: E402
+
+MODEL = "accounts/testing/models/tiny-llama"
+RESPONSE_LIMIT = 200_000
+
+# every position lists the whole vocabulary (temperature 1, no top-k/top-p): about 2.4 KB of
+# JSON a token, so 4 choices x 32 tokens are far past the limit
+HEAVY = {
+    "model": MODEL,
+    "prompt": "a b c",
+    "n": 4,
+    "max_tokens": 32,
+    "ignore_eos": True,
+    "temperature": 1,
+    "top_k": 0,
+    "top_p": 1,
+    "min_p": 0,
+    "logprobs": True,
+    "top_logprobs": 5,
+    "sampling_mask": "non_zero_list",
+}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    conftest = api_conftest()
+    tmp = tmp_path_factory.mktemp("limits")
+    model = conftest.write_tiny_llama_for_ops(tmp / "llama")
+    srv = conftest.start_server(
+        tmp, "--model", str(model), "--model-id", "tiny-llama", "--account", "testing",
+        "--kv-cache-gb", "0.02", "--max-response-bytes", str(RESPONSE_LIMIT), api_key=None,
+    )  # fmt: skip
+    yield srv
+    conftest.stop_server(srv)
+
+
+def post(srv, body: dict) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+
+
+def test_a_whole_response_past_the_limit_is_a_400_and_its_generation_stops(small):
+    r = post(small, HEAVY)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "--max-response-bytes" in error["message"] and "stream" in error["message"]
+    assert str(RESPONSE_LIMIT) in error["message"]
+    # its engine requests were aborted, not left to run to max_tokens
+    small.wait_idle(timeout=30)
+    assert "Traceback" not in small.log()
+
+
+def test_a_response_within_the_limit_is_whole(small):
+    r = post(small, {**HEAVY, "n": 1, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 8
+    for entry in content:  # the listed mask, written as a JSON list of every token id
+        assert (
+            entry["sampling_mask"] == list(range(320)) == list(range(entry["sampling_mask_count"]))
+        )
+
+
+def test_the_same_request_streamed_is_not_bounded(small):
+    """A stream holds no body: each chunk is written as it comes."""
+    positions = 0
+    with httpx.stream(
+        "POST", small.url + "/v1/completions", json={**HEAVY, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                for entry in (choice.get("logprobs") or {}).get("content", []):
+                    assert len(entry["sampling_mask"]) == 320
+                    positions += 1
+    assert positions == 4 * 32
+
+
+def test_a_stream_holding_raw_output_past_the_limit_ends_with_an_error_event(small):
+    """raw_output repeats every position's logprobs on the finish chunks: held until then."""
+    events = []
+    body = {**HEAVY, "stream": True, "raw_output": True}
+    with httpx.stream("POST", small.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: ") :]))
+    assert "--max-response-bytes" in events[-1]["error"]["message"]
+    small.wait_idle(timeout=30)
