@@ -1,7 +1,7 @@
 """JSON bodies that are always JSON: a non-finite float (NaN or infinity: a logprob or score of a
 model or adapter with broken weights) is written as null. Python's json writes `NaN`, which no
 JSON parser reads (a JavaScript client fails on the chunk), and Starlette's JSONResponse refuses
-it (a 500)."""
+it (a 500). A numpy array is written as a list."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 from fastapi.responses import JSONResponse
 
 
@@ -23,12 +24,22 @@ def finite(value: Any) -> Any:
     return value
 
 
+def _array(value: Any) -> Any:
+    """A numpy array as a JSON list, made as the encoder reaches it: a body may hold many
+    large ones (listed sampling masks, a whole vocabulary each) that would take several times
+    their size as Python lists all at once."""
+    if isinstance(value, np.ndarray):
+        return finite(value.tolist())
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def dumps(value: Any, **kw: Any) -> str:
-    """json.dumps, with non-finite floats as null (the common case pays one strict attempt)."""
+    """json.dumps, with non-finite floats as null (the common case pays one strict attempt) and
+    numpy arrays as lists."""
     try:
-        return json.dumps(value, allow_nan=False, **kw)
+        return json.dumps(value, allow_nan=False, default=_array, **kw)
     except ValueError:
-        return json.dumps(finite(value), allow_nan=False, **kw)
+        return json.dumps(finite(value), allow_nan=False, default=_array, **kw)
 
 
 def compact(value: Any) -> str:

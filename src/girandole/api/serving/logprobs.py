@@ -51,8 +51,9 @@ class TokenLogprob:
     text_offset: int
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
     # sampling_mask's fields (content format); a "non_zero_list" is kept as the sampler's int32
-    # array until it is written: as a Python list a whole vocabulary (262,144 ids) is 9.4 MB a
-    # token, against 1 MB (and 1.8 MB of JSON)
+    # array, even in the formatted body, until JSON writes it (girandole.api.http.finite_json):
+    # as a Python list a whole vocabulary (262,144 ids) is 9.4 MB a token, against 1 MB (and
+    # 1.8 MB of JSON)
     mask: dict[str, Any] | None = None
 
     def json_size(self) -> int:
@@ -137,7 +138,7 @@ def mask_fields(mode: str | None, allowed: np.ndarray | None) -> dict[str, Any] 
     allowed = np.asarray(allowed, dtype=np.int32)
     out: dict[str, Any] = {"sampling_mask_count": len(allowed)}
     if mode == "non_zero_list":
-        out["sampling_mask"] = allowed  # a list when written (`written_mask`)
+        out["sampling_mask"] = allowed  # written as a list by finite_json, one at a time
     elif mode == "non_zero_buffer":
         flags = np.zeros(int(allowed.max()) + 1 if len(allowed) else 0, dtype=np.uint8)
         flags[allowed] = 1
@@ -166,21 +167,11 @@ def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
                     }
                     for tid, lp in e.top
                 ],
-                **written_mask(e.mask),
+                **(e.mask or {}),  # a listed mask stays an array: JSON writes it
             }
             for e in entries
         ]
     }
-
-
-def written_mask(mask: dict[str, Any] | None) -> dict[str, Any]:
-    """An entry's sampling_mask fields as JSON writes them (a listed mask's array a list)."""
-    if mask is None:
-        return {}
-    listed = mask.get("sampling_mask")
-    if isinstance(listed, np.ndarray):
-        return {**mask, "sampling_mask": listed.tolist()}
-    return mask
 
 
 def legacy_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any]:
