@@ -108,3 +108,31 @@ def test_a_stream_holding_raw_output_past_the_limit_ends_with_an_error_event(sma
                 events.append(json.loads(line[len("data: ") :]))
     assert "--max-response-bytes" in events[-1]["error"]["message"]
     small.wait_idle(timeout=30)
+
+
+# -- logit_bias ---------------------------------------------------------------------------------
+
+
+def test_a_logit_bias_of_more_keys_than_tokens_is_refused_before_validating(small):
+    """Keys past the vocabulary's size must repeat a token ("1", "01"): a million of them in a
+    16 MB body were validated and parsed one by one, holding every stream for seconds."""
+    bias = {"0" * k + "1": 1.0 for k in range(2000)}
+    r = post(small, {"model": MODEL, "prompt": "a", "max_tokens": 1, "logit_bias": bias})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "logit_bias"
+    assert "2000 keys" in error["message"] and "320 tokens" in error["message"]
+
+
+def test_every_choice_of_n_has_the_whole_logit_bias_and_its_own_seed(small):
+    """The choices of a prompt share one SamplingParams' checks (copies differing in seed)."""
+    bias = {str(t): -100.0 for t in range(320) if t != 7}
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 4, "n": 3, "ignore_eos": True}
+    r = post(small, {**body, "logit_bias": bias, "return_token_ids": True, "temperature": 1})
+    assert r.status_code == 200, r.text
+    assert [c["token_ids"] for c in r.json()["choices"]] == [[7] * 4] * 3
+    plain = {**body, "max_tokens": 16, "temperature": 1, "seed": 5, "return_token_ids": True}
+    ids = [c["token_ids"] for c in post(small, plain).json()["choices"]]
+    assert len({tuple(i) for i in ids}) == 3  # each sample its own seed
+    assert ids == [c["token_ids"] for c in post(small, plain).json()["choices"]]  # reproducible
+

@@ -10,6 +10,7 @@ different keys never share blocks; `prompt_cache_max_len` caps the reused prefix
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,16 +149,21 @@ def build_job(
         max_tokens = fit_max_tokens(
             len(ids), requested, context_length, behavior, prompt_param, tokens_param
         )
+        first = choice_params(
+            req,
+            defaults,
+            max_tokens,
+            0,
+            logit_bias=logit_bias,
+            options=options,
+            stop_token_ids=stop_token_ids,
+        )
         for k in range(n):
-            params = choice_params(
-                req,
-                defaults,
-                max_tokens,
-                k,
-                logit_bias=logit_bias,
-                options=options,
-                stop_token_ids=stop_token_ids,
-            )
+            # the prompt's other samples differ only in their seed: a copy, not a new
+            # SamplingParams whose checks walk every logit_bias key again (n 64 of a
+            # vocabulary-wide bias held the event loop for seconds)
+            params = first if k == 0 else copy.copy(first)
+            params.seed = choice_seed(req.seed, k)
             params.grammar = grammar
             params.speculation = speculation
             index = i * n + k

@@ -63,6 +63,18 @@ def sampling_defaults(generation_config: dict[str, Any] | None) -> dict[str, Any
     return out
 
 
+def check_logit_bias_size(raw: Any, vocab_size: int) -> None:
+    """Refuse, before it is validated, a `logit_bias` of more keys than the vocabulary has
+    tokens: some must name the same token ("7", "07"). A 16 MB body of a million such keys
+    held the event loop (every stream) for 10 s, validated and parsed one key at a time."""
+    if isinstance(raw, dict) and len(raw) > vocab_size:
+        raise bad_request(
+            f"logit_bias has {len(raw)} keys, more than the model's {vocab_size} tokens: give"
+            " each token id once",
+            "logit_bias",
+        )
+
+
 def parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
     """`logit_bias` keys are token ids written as strings ("42"); anything else is a 400."""
     out: dict[int, float] = {}

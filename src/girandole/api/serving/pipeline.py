@@ -42,6 +42,7 @@ from girandole.api.http.validation import (
 from girandole.api.ops.tracking import RequestRecord, attach_record, record_of
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
+from girandole.api.serving.params import check_logit_bias_size
 from girandole.api.serving.prompt import off_loop_if_long
 from girandole.api.serving.response import ResponseShape, engine_error
 from girandole.api.serving.speculation import speculation_chars, speculation_tokens
@@ -176,6 +177,9 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
     request (batch-job lines: girandole.engine.scheduler.BATCH_TIER); None: its service_tier."""
 
     async def parse(state: AppState, data: dict[str, Any]) -> Any:
+        if isinstance(data.get("logit_bias"), dict) and len(data["logit_bias"]) > 1024:
+            vocab_size = engine_of(request, state, request.state.target).model_config.vocab_size
+            check_logit_bias_size(data["logit_bias"], vocab_size)
         req = await endpoint.parse(request, state, data)
         state.ops.check_choices(endpoint.num_prompts(req), req.n or 1)
         return req
