@@ -136,3 +136,30 @@ def test_every_choice_of_n_has_the_whole_logit_bias_and_its_own_seed(small):
     assert len({tuple(i) for i in ids}) == 3  # each sample its own seed
     assert ids == [c["token_ids"] for c in post(small, plain).json()["choices"]]  # reproducible
 
+
+# -- deeply nested JSON -------------------------------------------------------------------------
+
+
+def nested(depth: int) -> dict:
+    value: dict = {"type": "string"}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [300, 900])
+def test_a_tool_schema_nested_past_what_is_written_back_is_a_400(small, depth):
+    """Nesting inside a schema where no subschema is (a property named "a" holding an object
+    named "a"...): within the JSON parser's depth, it failed only when the tools were written
+    for the prompt (pydantic's serializer stops at 255 levels): a 500."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": nested(depth)}}}  # fmt: skip
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    r = httpx.post(small.url + "/v1/chat/completions", json={**body, "tools": [tool]}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tools.0.function.parameters" and "deeper" in error["message"]
+    # a schema as deep as the grammar takes still works
+    tool["function"]["parameters"]["properties"] = nested(100)
+    r = httpx.post(small.url + "/v1/chat/completions", json={**body, "tools": [tool]}, timeout=60)
+    assert r.status_code == 200, r.text

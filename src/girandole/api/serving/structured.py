@@ -67,6 +67,10 @@ SUPPORTED_FORMATS = {
     "relative-json-pointer",
 }
 MAX_SCHEMA_DEPTH = 64  # nested subschemas; deeper is a 400 (the grammar compiler recurses)
+# objects and arrays inside a schema, subschemas or not (two levels a subschema: "properties",
+# then the property); deeper is a 400: pydantic's serializer, which writes a tool's parameters
+# for the prompt, fails past 255 levels (a 500)
+MAX_SCHEMA_JSON_DEPTH = 2 * MAX_SCHEMA_DEPTH + 16
 # Keywords that may stand beside "$ref": annotations and definitions. The grammar engine drops
 # any other sibling of a $ref (draft 2019-09 applies them), so those are a 400.
 REF_SIBLINGS = {
@@ -84,20 +88,27 @@ def check_schema_size(schema: Any, param: str, max_bytes: int | None = None) -> 
     grammar engine compiles (`GrammarLimits.max_bytes`): the engine would refuse it, but only
     after the walks and the json.dumps of all of it, which hold the GIL (a 6 MB schema stopped
     the event loop for 1 s). The walk adds up a lower bound of the text's length and stops as
-    soon as it passes the limit, so its cost is bounded by the limit, not by the schema."""
+    soon as it passes the limit, so its cost is bounded by the limit, not by the schema. It
+    also refuses objects and arrays nested past MAX_SCHEMA_JSON_DEPTH anywhere in it."""
     limit = DEFAULT_LIMITS.max_bytes if max_bytes is None else max_bytes
-    size, stack = 0, [schema]
+    size, stack = 0, [(schema, 1)]
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
+        if isinstance(node, dict | list) and depth > MAX_SCHEMA_JSON_DEPTH:
+            raise bad_request(
+                f"The JSON schema nests deeper than {MAX_SCHEMA_JSON_DEPTH} levels of objects"
+                f" and arrays, field: '{param}'",
+                param,
+            )
         if isinstance(node, dict):
             size += 2 * len(node) + 2  # braces, and ": " or ", " per member at the least
             for key, value in node.items():
                 # tuple_items writes "additionalItems" as "items" (its "items" as "prefixItems")
                 size += len(key) + 2 - (4 if key == "additionalItems" else 0)
-                stack.append(value)
+                stack.append((value, depth + 1))
         elif isinstance(node, list):
             size += 2 * len(node)  # brackets and ", " between items
-            stack.extend(node)
+            stack.extend((item, depth + 1) for item in node)
         elif isinstance(node, str):
             size += len(node) + 2
         else:
