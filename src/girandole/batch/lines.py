@@ -52,7 +52,8 @@ def read_input(data: bytes, max_lines: int) -> list[InputLine]:
     """The file's lines, checked: JSON objects with a unique string `custom_id` and an object
     `body` holding `messages` or `prompt`."""
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: a leading byte order mark (Notepad's, PowerShell's) is not line 1's text
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"the input is not UTF-8 text: {exc}") from None
     lines: list[InputLine] = []
