@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import time
 
+import fireworks
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL
+from api_helpers import ACCOUNT, API_KEY, MODEL
 
 from girandole.batch.lines import read_input
 
@@ -62,3 +63,30 @@ def test_a_batch_of_a_file_starting_with_a_bom_runs_its_lines(server):
     assert (batch.status, batch.request_counts.completed) == ("completed", 2)
     results = client.files.content(batch.output_file_id).text.splitlines()
     assert [json.loads(r)["custom_id"] for r in results] == ["first", "second"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"temperature": 9}, "temperature"),
+        ({"top_p": 1.5}, "topP"),
+        ({"top_k": -1}, "topK"),
+        ({"max_tokens": -1}, "maxTokens"),
+        ({"n": 0}, "n"),
+    ],
+)
+def test_a_jobs_parameter_out_of_range_is_a_400_before_any_line_runs(server, parameters, field):
+    # accepted, it failed every line alike, each with the endpoint's 400, in a job that "completed"
+    fw = fireworks.Fireworks(api_key=API_KEY, account_id=ACCOUNT, base_url=server.url)
+    with pytest.raises(fireworks.BadRequestError) as caught:
+        fw.batch_inference_jobs.create(
+            batch_inference_job_id="out-of-range",
+            model=MODEL,
+            input_dataset_id=f"accounts/{ACCOUNT}/datasets/none-needed",
+            inference_parameters=parameters,
+        )
+    error = caught.value.body["error"]
+    assert error["param"] == f"inferenceParameters.{field}", error
+    with pytest.raises(fireworks.NotFoundError):  # nothing was made
+        fw.batch_inference_jobs.get("out-of-range")

@@ -29,6 +29,7 @@ from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery
 from girandole.api.http.openapi import body_doc
+from girandole.api.http.schema import MaxTokens, N, Temperature, TopK, TopP
 from girandole.api.serving.target import resolve_target
 from girandole.batch.lines import InputError, parse_parameters, read_input
 from girandole.batch.runner import MAX_INPUT_LINES, BatchRunner
@@ -53,13 +54,16 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class InferenceParameters(BaseModel):
+    """The fields each line takes where its body sets none, within the endpoints' own ranges:
+    a value out of them would fail every line alike, so the job is a 400 instead."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    maxTokens: int | None = None
-    temperature: float | None = None
-    topP: float | None = None
-    topK: int | None = None
-    n: int | None = None
+    maxTokens: MaxTokens = None
+    temperature: Temperature = None
+    topP: TopP = None
+    topK: TopK = None
+    n: N = None
     extraBody: str | None = None
 
 
