@@ -90,3 +90,10 @@ def test_a_jobs_parameter_out_of_range_is_a_400_before_any_line_runs(server, par
     assert error["param"] == f"inferenceParameters.{field}", error
     with pytest.raises(fireworks.NotFoundError):  # nothing was made
         fw.batch_inference_jobs.get("out-of-range")
+
+
+def test_a_utf16_file_is_a_400_that_says_so():
+    # PowerShell 5's `>` writes UTF-16 with its byte order mark: say which encoding it is
+    data = jsonl("a").decode().encode("utf-16")
+    with pytest.raises(ValueError, match="UTF-16.*save it as UTF-8"):
+        read_input(data, 10)

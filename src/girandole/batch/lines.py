@@ -55,6 +55,11 @@ def read_input(data: bytes, max_lines: int) -> list[InputLine]:
         # utf-8-sig: a leading byte order mark (Notepad's, PowerShell's) is not line 1's text
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # PowerShell 5's `>` writes this
+            raise InputError(
+                "the input is UTF-16 text (it starts with UTF-16's byte order mark): save it as"
+                " UTF-8"
+            ) from None
         raise InputError(f"the input is not UTF-8 text: {exc}") from None
     lines: list[InputLine] = []
     seen: dict[str, int] = {}
