@@ -1,0 +1,88 @@
+"""The prefix cache changes nothing a client can see but `cached_tokens`: a prompt served from
+cached blocks (whole, in part, or not at all) gives the same tokens and logprobs as one computed
+cold (`prompt_cache_max_len: 0`), and echoed prompt logprobs (scoring, as lm-eval does it) are
+never read from cached blocks, whose positions have no logits."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from api_helpers import post
+
+# Longer than a few 16-token blocks, so that a repeat is mostly a cache hit.
+PREFIX = "The quick brown fox jumps over the lazy dog. " * 8
+
+
+def completion(server, body: dict) -> dict:
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def cached_tokens(body: dict) -> int:
+    return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def generated(body: dict) -> tuple[str, list[int], list[float]]:
+    choice = body["choices"][0]
+    entries = choice["logprobs"]["content"]
+    return choice["text"], [e["token_id"] for e in entries], [e["logprob"] for e in entries]
+
+
+def scores(logprobs: dict) -> tuple[list[int], list[float | None]]:
+    """Token ids and logprobs of either logprobs format."""
+    if "content" in logprobs:
+        return [e["token_id"] for e in logprobs["content"]], [
+            e["logprob"] for e in logprobs["content"]
+        ]
+    return logprobs["token_ids"], logprobs["token_logprobs"]
+
+
+def test_a_cache_hit_whole_or_partial_generates_what_a_cold_run_does(server):
+    prompt = f"[{uuid.uuid4().hex[:8]}] {PREFIX}"
+    greedy = {"max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    cold = completion(server, {"prompt": prompt, **greedy, "prompt_cache_max_len": 0})
+    hit = completion(server, {"prompt": prompt, **greedy})
+    assert cached_tokens(cold) == 0 and cached_tokens(hit) >= 64
+    assert generated(hit)[:2] == generated(cold)[:2]
+    assert generated(hit)[2] == pytest.approx(generated(cold)[2], abs=1e-5)
+    # a longer prompt: its first blocks are cached, the rest computed
+    longer = {"prompt": prompt + " And then the cat", **greedy}
+    partial = completion(server, longer)
+    partial_cold = completion(server, {**longer, "prompt_cache_max_len": 0})
+    assert 64 <= cached_tokens(partial) < partial["usage"]["prompt_tokens"]
+    assert cached_tokens(partial_cold) == 0
+    assert generated(partial)[:2] == generated(partial_cold)[:2]
+    assert generated(partial)[2] == pytest.approx(generated(partial_cold)[2], abs=1e-5)
+    # a seeded sampled request too: the hit draws the same tokens
+    sampled = {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 77}
+    assert (
+        completion(server, sampled)["choices"][0]["text"]
+        == completion(server, {**sampled, "prompt_cache_max_len": 0})["choices"][0]["text"]
+    )
+
+
+@pytest.mark.parametrize("logprobs", [1, True])
+@pytest.mark.parametrize("max_tokens", [0, 2])
+def test_echoed_prompt_logprobs_on_a_cached_prompt_equal_a_cold_run(server, logprobs, max_tokens):
+    prompt = f"[{uuid.uuid4().hex[:8]}] {PREFIX}"
+    warm = completion(server, {"prompt": prompt, "max_tokens": 1})  # caches the prompt's blocks
+    assert cached_tokens(completion(server, {"prompt": prompt, "max_tokens": 1})) >= 64
+    body = {"prompt": prompt, "echo": True, "logprobs": logprobs, "max_tokens": max_tokens,
+            "temperature": 0}  # fmt: skip
+    scored = completion(server, body)
+    cold = completion(server, {**body, "prompt_cache_max_len": 0})
+    # every prompt position was computed (no cached block has logits), and is reported so
+    assert cached_tokens(scored) == 0
+    n_prompt = warm["usage"]["prompt_tokens"]
+    lp, lp_cold = scored["choices"][0]["logprobs"], cold["choices"][0]["logprobs"]
+    ids, values = scores(lp)
+    assert (ids, values[0]) == (scores(lp_cold)[0], scores(lp_cold)[1][0])
+    assert len(values) == n_prompt + max_tokens
+    if logprobs is True:
+        assert values[0] == 0.0  # no context: a number, as Fireworks' schema requires
+    else:
+        assert values[0] is None and lp["top_logprobs"][0] is None  # OpenAI's convention
+    assert values[1:] == pytest.approx(scores(lp_cold)[1][1:], abs=1e-5)
+    assert all(v < 0 for v in values[1:n_prompt])
