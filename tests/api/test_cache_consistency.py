@@ -86,3 +86,36 @@ def test_echoed_prompt_logprobs_on_a_cached_prompt_equal_a_cold_run(server, logp
         assert values[0] is None and lp["top_logprobs"][0] is None  # OpenAI's convention
     assert values[1:] == pytest.approx(scores(lp_cold)[1][1:], abs=1e-5)
     assert all(v < 0 for v in values[1:n_prompt])
+
+
+@pytest.mark.parametrize("logprobs", [1, True])
+def test_echo_last_scores_its_tokens_on_a_cached_prefix(server, logprobs):
+    """`echo_last: N` scores only the prompt's last N tokens: the positions before them come
+    from the prefix cache (they were all computed, and all went through the LM head, before),
+    and the scores equal a cold whole-prompt echo's last N."""
+    prompt = f"[{uuid.uuid4().hex[:8]}] {PREFIX}"
+    completion(server, {"prompt": prompt, "max_tokens": 1})  # caches the prompt's blocks
+    body = {"prompt": prompt, "echo_last": 5, "logprobs": logprobs, "max_tokens": 0}
+    scored = completion(server, body)
+    whole = completion(server, {**body, "echo_last": None, "echo": True,
+                                "prompt_cache_max_len": 0})  # fmt: skip
+    assert cached_tokens(scored) >= 64 and cached_tokens(whole) == 0
+    ids, values = scores(scored["choices"][0]["logprobs"])
+    whole_ids, whole_values = scores(whole["choices"][0]["logprobs"])
+    assert ids == whole_ids[-5:]
+    assert values == pytest.approx(whole_values[-5:], abs=1e-4)
+    assert all(v < 0 for v in values)
+
+
+def test_echo_last_zero_echoes_and_scores_nothing(server):
+    """`echo: true` with `echo_last: 0` echoes no prompt token, so it computes no prompt logprobs
+    and its prompt may come from the cache as any other's."""
+    prompt = f"[{uuid.uuid4().hex[:8]}] {PREFIX}"
+    completion(server, {"prompt": prompt, "max_tokens": 1})
+    body = {"prompt": prompt, "echo": True, "echo_last": 0, "logprobs": True, "max_tokens": 2,
+            "temperature": 0}  # fmt: skip
+    got = completion(server, body)
+    assert cached_tokens(got) >= 64
+    assert len(got["choices"][0]["logprobs"]["content"]) == 2
+    plain = completion(server, {**body, "echo": False, "echo_last": None})
+    assert got["choices"][0]["text"] == plain["choices"][0]["text"]

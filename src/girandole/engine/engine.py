@@ -206,9 +206,17 @@ class LLMEngine:
         self.check_request(prompt_token_ids, params)
         if pooling is not None:
             pooling.validate(params.max_tokens)
-        if params.prompt_logprobs is not None or pooling is not None:
+        if pooling is not None or (
+            params.prompt_logprobs is not None and prompt_logprobs_last is None
+        ):
             # Cached prompt positions have no hidden states to score or pool: compute them all.
             prefix_cache_max_len = 0
+        elif params.prompt_logprobs is not None:
+            # Only the last N tokens are scored, each by the position before it: the positions
+            # before those may come from the cache.
+            limit = max(0, len(prompt_token_ids) - prompt_logprobs_last - 1)
+            if prefix_cache_max_len is None or prefix_cache_max_len > limit:
+                prefix_cache_max_len = limit
         lora = self.loras.get(adapter) if adapter is not None else None
         seq = Sequence(
             request_id,

@@ -67,8 +67,9 @@ class OutputOptions:
 
     @property
     def prompt_logprobs(self) -> int | None:
-        """SamplingParams.prompt_logprobs: prompt tokens are scored only for echo + logprobs."""
-        wants_echo = self.echo or bool(self.echo_last)
+        """SamplingParams.prompt_logprobs: prompt tokens are scored only for echo + logprobs
+        (`echo_last: 0` echoes nothing, so it scores nothing either)."""
+        wants_echo = self.echo_last > 0 if self.echo_last is not None else self.echo
         return self.num_top if wants_echo and self.logprobs_mode is not None else None
 
 

@@ -137,6 +137,10 @@ def build_job(
         tier = 1 if req.service_tier == "priority" else 0
     if tier:
         engine_kwargs["priority"] = tier
+    if options.prompt_logprobs is not None and options.echo_last is not None:
+        # only the echoed tokens are scored: the LM head skips the rest of the prompt, and the
+        # positions before them may come from the prefix cache
+        engine_kwargs["prompt_logprobs_last"] = options.echo_last
     n = req.n or 1
     requested = req.requested_max_tokens(default_max_tokens)
     tokens_param = max_tokens_field(req)
