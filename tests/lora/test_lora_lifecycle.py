@@ -133,6 +133,34 @@ def test_a_deployment_deleted_while_an_adapter_loads_onto_it_keeps_no_record(
         deployments.shutdown()
 
 
+def test_an_adapter_loaded_at_zero_is_deployed(tiny_llama_dir, llama_adapters):
+    """Before: loaded on a deployment with no replica, the DeployedModel stayed DEPLOYING until
+    a request for the adapter itself (the deployment up and READY for its base model meanwhile),
+    while one loaded before a scale to zero stays DEPLOYED through it. It is the adapter
+    registered on the deployment: DEPLOYED whatever the replica count, each replica reading it
+    on its first request for it (as one started after the load always did)."""
+    lora = adapter_manager(None, tiny_llama_dir, llama_adapters)
+    deployments = lora.deployments
+    side = "accounts/t/deployments/side"
+    deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
+
+    async def run() -> None:
+        loaded = await lora.load("t", {"model": ADAPTER, "deployment": side})
+        assert loaded["state"] == "DEPLOYED"
+        deployments.scale("t", "side", 1)
+        while not deployments.backend.engines(side):  # its replica loads on a thread
+            await asyncio.sleep(0.05)
+        assert lora.get("t", loaded["name"].rsplit("/", 1)[1])["state"] == "DEPLOYED"
+        engine = deployments.backend.engines(side)[0]
+        await lora.ensure_loaded(engine, ADAPTER)  # what its first request does
+        assert len(await tokens(engine, ADAPTER)) == GREEDY.max_tokens
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        deployments.shutdown()
+
+
 def test_an_adapter_unloaded_while_a_replica_reads_it_is_not_left_there(
     tiny_llama_dir, llama_adapters
 ):
@@ -148,7 +176,7 @@ def test_an_adapter_unloaded_while_a_replica_reads_it_is_not_left_there(
 
     async def run() -> None:
         loaded = await lora.load("t", {"model": ADAPTER, "deployment": side})
-        assert loaded["state"] == "DEPLOYING"  # no replica yet
+        assert loaded["state"] == "DEPLOYED"  # no replica yet: each reads it on first use
         deployments.scale("t", "side", 1)
         while not deployments.backend.engines(side):  # its replica loads on a thread
             await asyncio.sleep(0.05)
@@ -297,7 +325,7 @@ def test_a_load_beside_a_deleted_default_answers_the_default_it_is(
         deployments.create("t", {"baseModel": BASE}, "side", disable_auto_deploy=True)
         side = "accounts/t/deployments/side"
         on_side = asyncio.run(lora.load("t", {"model": ADAPTER, "deployment": side}))
-        assert on_side["default"] and on_side["state"] == "DEPLOYING"
+        assert on_side["default"] and on_side["state"] == "DEPLOYED"
         deployments.delete("t", "side")
         on_own = asyncio.run(lora.load("t", {"model": ADAPTER, "deployment": OWN}))
         assert lora.find(ADAPTER, None, "t").name == on_own["name"]

@@ -2,11 +2,11 @@
 base model (Fireworks' deployedModels), and which adapter a request's model string runs where.
 
 Loading checks the adapter against the deployment's model on each running replica (a 400 naming
-what does not fit) and registers it there; the record is then DEPLOYED. A deployment with no
-replica running yet (scaled to zero, still loading) keeps the record DEPLOYING: each replica
-loads the adapter on the first request for it, so replicas started later (a scale from zero, a
-restart of the server) serve it too. Unloading stops new requests at once; requests already
-running on the adapter finish.
+what does not fit) and registers it there; the record is then DEPLOYED. On a deployment with no
+replica running (scaled to zero, still loading) it is DEPLOYED too, as an adapter loaded before
+a scale to zero stays: each replica loads the adapter on the first request for it, so replicas
+started later (a scale from zero, a restart of the server) serve it. Unloading stops new
+requests at once; requests already running on the adapter finish.
 """
 
 from __future__ import annotations
@@ -125,7 +125,10 @@ class DeployedModelManager:
             # removes its DeployedModels, and a record stored after it ran the adapter on a
             # new deployment of the same id (404 now, as for a load that came after it).
             self._check_base(adapter, self._deployment(account, deployment))
-        record.state = "DEPLOYED" if engines else "DEPLOYING"
+        # With no replica running it was DEPLOYING until a request for the adapter itself came
+        # (the deployment up and READY meanwhile), beside adapters DEPLOYED before a scale to
+        # zero: the adapter is the deployment's now, read by each replica on first use.
+        record.state = "DEPLOYED"
         if not record.default:
             # Read again: the model's other DeployedModels may have been unloaded while the
             # replicas read the adapter, and the first one left is the default.
@@ -246,7 +249,7 @@ class DeployedModelManager:
         if model in names() and held == adapter.source:
             return  # else: added to the registry again from another folder, read that one
         await self._load_on(engine, adapter)
-        for record in self.store.list():
+        for record in self.store.list():  # stored DEPLOYING by an older server
             if record.model == model and record.state == "DEPLOYING":
                 if engine in self.engines_of(record.deployment):
                     record.state, record.update_time = "DEPLOYED", time.time()
