@@ -138,6 +138,10 @@ def replica_pids(app: str) -> list[int]:
 
 
 def test_own_model_runs_on_a_replica(plane):
+    # before any request: the replica's engine as it is (before: `engine` was {} until the own
+    # model had served a request, its stats summed over connected replicas only)
+    health = plane.http("GET", "/health").json()
+    assert health["status"] == "ready" and health["engine"].get("num_running") == 0, health
     out = plane.oai().completions.create(
         model=f"accounts/{ACCOUNT}/models/tiny-eos", prompt="Hello", max_tokens=4, temperature=0
     )

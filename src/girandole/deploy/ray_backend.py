@@ -449,6 +449,7 @@ class RayBackend(Backend):
             self._acquirer(name, app),
             self.options.grammar_compile_timeout,
             name=name,
+            described=info,
         )
         with self._lock:
             if self._apps.get(name) is not app or app.generation != generation:

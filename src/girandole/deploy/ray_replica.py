@@ -97,10 +97,12 @@ class GirandoleReplica:
             self._sessions.pop(key.request_id, None)
 
     async def describe(self) -> dict[str, Any]:
-        """What the ingress needs besides the tokenizer: the model's config and context."""
+        """What the ingress needs besides the tokenizer: the model's config and context, and
+        the engine's stats now (what the ingress shows until its connection reports)."""
         return {
             "model_config": self.engine.model_config,
             "max_model_len": self.engine.max_model_len,
+            "stats": {**self.engine.stats(), "num_requests": self.server.num_requests},
             **self.address(),
         }
 

@@ -73,6 +73,19 @@ Acquire = Callable[[list[int], str, dict[str, Any]], Awaitable[ReplicaLease]]
 
 
 @dataclass
+class ReplicaAddress:
+    """Where a replica listens, for a connection that no request leased (its stats alone)."""
+
+    host: str
+    port: int
+    token: str
+    replica_id: str
+
+    def release(self) -> None:
+        return None
+
+
+@dataclass
 class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -173,6 +186,7 @@ class RemoteEngine:
         acquire: Acquire,
         grammar_compile_timeout: float = 10.0,
         name: str = "",
+        described: dict[str, Any] | None = None,
     ) -> None:
         self._model_config = model_config
         self._tokenizer = tokenizer
@@ -187,6 +201,12 @@ class RemoteEngine:
         self.grammars = GrammarCache(tokenizer, model_config.vocab_size)
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
         self.stopped = False  # shut down: the deployment was deleted, scaled to zero or restarted
+        # The replica that described the deployment (its address, and its stats then): stats()
+        # said {} until a request opened a connection (a /health of a --ray server showed no
+        # engine until its model had served); now its stats, and a connection to it for more
+        # (its /metrics series too).
+        self._described = described
+        self._watch: asyncio.Task | None = None
 
     @property
     def model_config(self) -> Any:
@@ -354,8 +374,17 @@ class RemoteEngine:
         )
 
     def replica_stats(self) -> dict[str, dict[str, float]]:
-        """The last stats each connected replica reported (replica id -> stats)."""
-        return {c.replica_id: dict(c.stats) for c in self.connections.values() if not c.closed}
+        """The last stats each connected replica reported (replica id -> stats); the replica
+        that described the deployment's, as it did, until its connection reports."""
+        replicas = {c.replica_id: dict(c.stats) for c in self.connections.values() if not c.closed}
+        described = self._described
+        if described is not None:
+            if replicas.get(described["replica_id"]):  # its connection reports
+                self._described = None
+            else:
+                self._watch_described(described)
+                replicas[described["replica_id"]] = dict(described.get("stats") or {})
+        return replicas
 
     def stats(self) -> dict[str, float]:
         total: dict[str, float] = {}
@@ -364,11 +393,33 @@ class RemoteEngine:
                 total[key] = total.get(key, 0) + value
         return total
 
+    def _watch_described(self, described: dict[str, Any]) -> None:
+        """Connect to the replica that described the deployment, whose stats then come every
+        second (on the event loop, where stats() is read for /health and /metrics)."""
+        if self._watch is not None or self.stopped:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # read off the loop: the next read on it connects
+            return
+        address = ReplicaAddress(
+            described["host"], described["port"], described["token"], described["replica_id"]
+        )
+
+        async def watch() -> None:
+            try:
+                await self._connection(address)
+            except Exception:  # noqa: BLE001 - gone already: its description is no news
+                self._described = None
+
+        self._watch = loop.create_task(watch())
+
     def seconds_stalled(self) -> float:
         return 0.0  # each replica's health is Ray Serve's to check (check_health)
 
     def shutdown(self) -> None:
         self.stopped = True
+        self._described = None
         self.grammar_pool.close()
         for conn in list(self.connections.values()):
             with contextlib.suppress(Exception):
