@@ -462,6 +462,54 @@ def test_autoscale_up_under_load_and_down_to_zero(plane):
     fw.deployments.delete("elastic")
 
 
+def test_a_request_waiting_for_admission_keeps_its_deployment_up(plane):
+    # before: Ray's autoscaler saw only the requests at replicas, and took a deployment whose
+    # request waited in the ingress's admission queue (every slot taken) for idle: past its
+    # scaleToZeroWindow the request found it at zero and waited for a cold start
+    fw = plane.fw()
+    fw.deployments.create(
+        base_model=MODEL, deployment_id="queued", min_replica_count=0, max_replica_count=1,
+        autoscaling_policy={"scale_down_window": "1s", "scale_to_zero_window": "8s"},
+    )  # fmt: skip
+    plane.wait("queued", 1)
+    # Serve takes an idle new replica to zero some 30 s + the window after it starts (measured
+    # here: 34 s with a 4 s window, 38 s with 8 s): the request comes in the last part of that
+    time.sleep(24)
+    assert plane.get("queued").replica_count == 1
+    url = plane.server.url + "/v1/completions"
+    # every admission slot, held while its own replica is stopped (SIGSTOP): it waits for one
+    hog = {"model": f"accounts/{ACCOUNT}/models/tiny-eos", "prompt": "hog", "n": 64,
+           "max_tokens": 2}  # fmt: skip
+    queued = {"model": f"{MODEL}#accounts/{ACCOUNT}/deployments/queued", "prompt": "queued",
+              "max_tokens": 2}  # fmt: skip
+    own = replica_pids(f"girandole--{ACCOUNT}--tiny-eos")
+
+    async def run():
+        headers = {"Authorization": f"Bearer {plane.key}"}
+        async with httpx.AsyncClient(timeout=120, headers=headers) as http:
+            for pid in own:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                hogging = asyncio.create_task(http.post(url, json=hog))
+                await asyncio.sleep(1)
+                waiting = asyncio.create_task(http.post(url, json=queued))
+                counts, start = [], time.monotonic()
+                while time.monotonic() - start < 20:  # till past when Serve scaled it to 0
+                    await asyncio.sleep(0.5)
+                    counts.append((await asyncio.to_thread(plane.get, "queued")).replica_count)
+                assert not waiting.done(), ("the request was let in early", counts)
+            finally:
+                for pid in own:
+                    os.kill(pid, signal.SIGCONT)
+            assert (await hogging).status_code == 200
+            return counts, await waiting  # the hog's slots are free
+
+    counts, answer = asyncio.run(run())
+    assert answer.status_code == 200, answer.text
+    assert min(counts) == 1, counts  # never at zero while the request waited
+    fw.deployments.delete("queued")
+
+
 def test_manual_scale(plane):
     fw = plane.fw()
     fw.deployments.create(  # a rate target: our own policy on Ray's controller

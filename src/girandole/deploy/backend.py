@@ -130,6 +130,12 @@ class Backend(ABC):
         starts one; the others are scaled by the manager)."""
         return None
 
+    def keep_up(self, deployments: set[str]) -> None:
+        """`deployments` have requests waiting for them in the server's admission queue now (the
+        manager's holds), each second: an autoscaling backend must not take them for idle. The
+        manager's own autoscaler reads the holds itself: nothing here."""
+        return None
+
     def replace_stalled(self, limit_s: float) -> dict[str, str]:
         """Replace each ready replica whose engine loop died or has had work without finishing
         a step for `limit_s` (engine/protocol.py's stall_error); return {deployment: why} of

@@ -38,5 +38,10 @@ class Holds:
     def held(self, name: str) -> bool:
         return name in self._counts
 
+    def names(self) -> set[str]:
+        """The deployments held now."""
+        with self._lock:
+            return set(self._counts)
+
 
 __all__ = ["Holds"]

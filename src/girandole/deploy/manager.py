@@ -512,6 +512,7 @@ class DeploymentManager:
         while not self._stop.wait(AUTOSCALE_PERIOD_S):
             try:
                 self.replace_stalled()
+                self.backend.keep_up(self._holds.names())
                 self.autoscale_once(time.time())
             except Exception:  # noqa: BLE001 - the next period tries again
                 logger.exception("autoscaling failed")

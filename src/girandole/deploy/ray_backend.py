@@ -52,6 +52,9 @@ LOCAL_CLUSTER_CONFIG = {"worker_niceness": 0}
 # --queue-timeout, may be set lower): Ray's router probes replicas and backs off for up to a second
 # or two under load before it places a request.
 MIN_ACQUIRE_TIMEOUT_S = 5.0
+# A deployment's `keep` call is renewed this often while it has requests waiting for admission
+# (the replica ends one after ray_replica.KEEP_S, twice this)
+KEEP_RENEW_S = 30.0
 
 
 @dataclass
@@ -192,6 +195,14 @@ class _App:
     last_used: float = field(default_factory=time.time)
     generation: int = 0  # bumped by each (re)deploy, so a stale describe is dropped
     target: int | None = None  # replicas Serve keeps or starts (not stopping), once observed
+    keeper: Any = None  # the open `keep` call while requests wait for admission (keep_up)
+    keeper_since: float = 0.0
+
+
+def _cancel(call: Any) -> None:
+    if call is not None:
+        with contextlib.suppress(Exception):  # a replica gone: nothing left to cancel
+            call.cancel()
 
 
 def acquirer(name: str, app: _App, timeout: float):
@@ -505,10 +516,13 @@ class RayBackend(Backend):
             if n == 0:
                 if app is not None:
                     del self._apps[name]
+                    _cancel(app.keeper)
                     self._control.submit(self._delete, name, app.engine)
                 return
             if app is None or app.spec != spec or app.state == "failed":
                 old = app.engine if app is not None else None
+                if app is not None:
+                    _cancel(app.keeper)
                 app = _App(spec, policy, n)
                 if old is not None:
                     old.shutdown()
@@ -533,6 +547,31 @@ class RayBackend(Backend):
             return
         with contextlib.suppress(Exception):
             app.handle.ping.remote()
+
+    def keep_up(self, deployments: set[str]) -> None:
+        """Serve's autoscaler counts the requests at replicas and at the ingress's handle, not
+        those waiting in the server's admission queue: a deployment whose request waited there
+        past its scaleToZeroWindow was scaled to zero under it (the request then waited for a
+        cold start, or got a 503 after the acquire timeout). While requests wait for a
+        deployment, one `keep` call through its handle stays open: an ongoing request to Serve,
+        so no scale to zero (and, at zero, a scale from it). Renewed every KEEP_RENEW_S,
+        cancelled once none waits."""
+        now = time.monotonic()
+        with self._lock:
+            apps = list(self._apps.items())
+        for name, app in apps:
+            if name in deployments and app.handle is not None and app.state != "failed":
+                if app.keeper is None or now - app.keeper_since >= KEEP_RENEW_S:
+                    old = app.keeper
+                    try:
+                        app.keeper, app.keeper_since = app.handle.keep.remote(), now
+                    except Exception:  # noqa: BLE001 - Ray restarting: the next second tries
+                        logger.debug("keeping %s up failed", name, exc_info=True)
+                    if app.keeper is not old:
+                        _cancel(old)
+            elif app.keeper is not None:
+                old, app.keeper = app.keeper, None
+                _cancel(old)
 
     def stats(self, deployment: str) -> ReplicaStats:
         app = self._apps.get(deployment)

@@ -27,6 +27,8 @@ logger = logging.getLogger("girandole.deploy")
 # A session whose request never reached the port (the ingress went away) ends after this.
 SESSION_START_TIMEOUT_S = 60.0
 DEFAULT_STALL_S = 60.0  # the server's --engine-stall-seconds, unless the config says
+# A `keep` call ends by itself after this; the ingress renews it sooner (KEEP_RENEW_S)
+KEEP_S = 60.0
 
 
 def _renice_threads(nice: int) -> None:
@@ -105,6 +107,13 @@ class GirandoleReplica:
             "stats": {**self.engine.stats(), "num_requests": self.server.num_requests},
             **self.address(),
         }
+
+    async def keep(self) -> None:
+        """Open while requests for the deployment wait in the ingress's admission queue
+        (RayBackend.keep_up): an ongoing request to Serve's autoscaler, which then does not
+        scale the deployment to zero under them. It ends by itself, so that an ingress gone
+        without cancelling it keeps nothing up for long."""
+        await asyncio.sleep(KEEP_S)
 
     async def ping(self) -> bool:
         """A request that only wakes the deployment (Ray scales it from zero to serve it)."""
