@@ -34,7 +34,8 @@ MODEL = f"accounts/{ACCOUNT}/models/tiny-llama"
 LONG = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
 
 # Serve's autoscaling metrics every half second (the defaults suit minutes-long windows); the
-# cluster's workers start unniced, as docs/deployments.md says to start a cluster for girandole
+# cluster's workers start unniced and its unhealthy replicas are not drained, as
+# docs/deployments.md says to start a cluster for girandole
 FAST_METRICS = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
@@ -42,6 +43,7 @@ FAST_METRICS = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_RECORD_INTERVAL_S": "0.25",
     "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR": "0.05",  # Ray >= 2.5x: of look-back
     "RAY_worker_niceness": "0",
+    "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
 }
 
 
@@ -680,3 +682,44 @@ def test_delete_takes_the_replicas_away(plane):
     while replica_pids(f"girandole--{ACCOUNT}--pair"):
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+async def _long_stream(plane, model: str, prompt: str) -> tuple[str, object]:
+    """("done", seconds) for a stream that ended in [DONE], else ("error", what it said)."""
+    body = {"model": model, "prompt": prompt, "stream": True, "ignore_eos": True,
+            "max_tokens": 1500, "temperature": 0}  # fmt: skip
+    headers = {"Authorization": f"Bearer {plane.key}"}
+    start = time.monotonic()
+    async with httpx.AsyncClient(timeout=300) as http:
+        url = plane.server.url + "/v1/completions"
+        async with http.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return ("error", (await r.aread()).decode())
+            async for line in r.aiter_lines():
+                if line.startswith('data: {"error"'):
+                    return ("error", line)
+                if line == "data: [DONE]":
+                    return ("done", round(time.monotonic() - start, 1))
+    return ("error", "no [DONE]")
+
+
+def test_a_scale_down_lets_the_streams_of_the_replica_it_stops_finish(plane):
+    # before: Serve killed the replica it stopped 10 s after the scale (its graceful shutdown
+    # timeout), and its longer streams, accepted requests, ended with a 503 "replica ...
+    # stopped" (6 streams of 4000 tokens: 3 cut)
+    fw = plane.fw()
+    fw.deployments.create(base_model=MODEL, deployment_id="drain", max_replica_count=2)
+    plane.wait("drain", 1)
+    fw.deployments.scale("drain", replica_count=2)
+    plane.wait("drain", 2)
+    name = f"{MODEL}#accounts/{ACCOUNT}/deployments/drain"
+
+    async def run():
+        tasks = [asyncio.create_task(_long_stream(plane, name, f"tale {i}")) for i in range(4)]
+        await asyncio.sleep(3)
+        await asyncio.to_thread(fw.deployments.scale, "drain", replica_count=1)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    assert all(r[0] == "done" for r in results), results
+    fw.deployments.delete("drain")

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -52,6 +53,18 @@ LOCAL_CLUSTER_CONFIG = {"worker_niceness": 0}
 # --queue-timeout, may be set lower): Ray's router probes replicas and backs off for up to a second
 # or two under load before it places a request.
 MIN_ACQUIRE_TIMEOUT_S = 5.0
+# How long a replica that Serve stops (a scale down, by `:scale` or by load) waits for its
+# requests to end before it is killed (Serve's graceful_shutdown_timeout_s). It was 10 s: a
+# `:scale 1` of two replicas under streaming load cut every stream of the replica it stopped
+# that ran longer (503 "replica ... stopped"), requests the server had accepted. A replica
+# that fails its health check is not waited for (FORCE_STOP_UNHEALTHY below). A delete, a
+# restart or the server's stop end the requests at the ingress first, so no wait there.
+DRAIN_TIMEOUT_S = 600.0
+# Serve stops an unhealthy replica gracefully too: a hung one (a stopped process) would hold
+# its resources, and its replacement, for the whole DRAIN_TIMEOUT_S. Read by Serve's controller
+# from its environment: set for the local cluster the server starts; a cluster of yours is
+# started with it (docs/deployments.md).
+FORCE_STOP_UNHEALTHY = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
 # A deployment's `keep` call is renewed this often while it has requests waiting for admission
 # (the replica ends one after ray_replica.KEEP_S, twice this)
 KEEP_RENEW_S = 30.0
@@ -334,6 +347,8 @@ class RayBackend(Backend):
                     # "local": a new cluster of this server's own. Without an address Ray joins
                     # the cluster of RAY_ADDRESS or the one last started on this machine (another
                     # server's, a test's), and stopping then shut down Serve there: its apps too.
+                    for key, value in FORCE_STOP_UNHEALTHY.items():  # inherited by the cluster
+                        os.environ.setdefault(key, value)
                     ray.init(
                         address="local",
                         namespace="girandole",
@@ -370,7 +385,7 @@ class RayBackend(Backend):
             "ray_actor_options": {"num_cpus": self.options.replica_cpus},
             "health_check_period_s": 2,
             "health_check_timeout_s": 30,
-            "graceful_shutdown_timeout_s": 10,
+            "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
         }
         if self.options.replicas_per_node:
             options["max_replicas_per_node"] = self.options.replicas_per_node
@@ -626,6 +641,7 @@ class RayBackend(Backend):
         with self._lock:
             apps, self._apps = list(self._apps.items()), {}
         for _, app in apps:
+            _cancel(app.keeper)  # an open `keep` call would hold its replica's stop
             if app.engine is not None:
                 app.engine.shutdown()
         self._control.submit(self._stop_ray, [name for name, _ in apps]).result(timeout=120)
