@@ -572,21 +572,20 @@ class RayBackend(Backend):
         so no scale to zero (and, at zero, a scale from it). Renewed every KEEP_RENEW_S,
         cancelled once none waits."""
         now = time.monotonic()
-        with self._lock:
-            apps = list(self._apps.items())
-        for name, app in apps:
-            if name in deployments and app.handle is not None and app.state != "failed":
-                if app.keeper is None or now - app.keeper_since >= KEEP_RENEW_S:
-                    old = app.keeper
-                    try:
-                        app.keeper, app.keeper_since = app.handle.keep.remote(), now
-                    except Exception:  # noqa: BLE001 - Ray restarting: the next second tries
-                        logger.debug("keeping %s up failed", name, exc_info=True)
-                    if app.keeper is not old:
-                        _cancel(old)
-            elif app.keeper is not None:
-                old, app.keeper = app.keeper, None
-                _cancel(old)
+        with self._lock:  # as scale() and shutdown() cancel: none is opened for an app gone
+            for name, app in self._apps.items():
+                if name in deployments and app.handle is not None and app.state != "failed":
+                    if app.keeper is None or now - app.keeper_since >= KEEP_RENEW_S:
+                        old = app.keeper
+                        try:
+                            app.keeper, app.keeper_since = app.handle.keep.remote(), now
+                        except Exception:  # noqa: BLE001 - Ray restarting: the next second tries
+                            logger.debug("keeping %s up failed", name, exc_info=True)
+                        if app.keeper is not old:
+                            _cancel(old)
+                elif app.keeper is not None:
+                    old, app.keeper = app.keeper, None
+                    _cancel(old)
 
     def stats(self, deployment: str) -> ReplicaStats:
         app = self._apps.get(deployment)
@@ -642,6 +641,7 @@ class RayBackend(Backend):
             apps, self._apps = list(self._apps.items()), {}
         for _, app in apps:
             _cancel(app.keeper)  # an open `keep` call would hold its replica's stop
+            app.keeper = None
             if app.engine is not None:
                 app.engine.shutdown()
         self._control.submit(self._stop_ray, [name for name, _ in apps]).result(timeout=120)
