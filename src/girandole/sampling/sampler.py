@@ -9,6 +9,8 @@ a seeded row draws from its own generator, so its batch neighbours never change 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,18 +53,38 @@ class SampleResult:
     sampling_mask: np.ndarray | None = None
 
 
+# The last few logit_bias dicts made into tensors, by identity: the n choices of a request share
+# one dict (their SamplingParams are copies), and a vocabulary-wide bias took ~0.1 s of the
+# engine thread to convert, once per choice (n 32: seconds of every stream's time).
+_BIAS_TENSORS: OrderedDict[int, tuple[dict, int, torch.Tensor, torch.Tensor]] = OrderedDict()
+_BIAS_TENSORS_KEPT = 8
+_BIAS_LOCK = threading.Lock()  # engines of several deployments sample on their own threads
+
+
 def logit_bias_of(row: SamplerRow, vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The row's logit_bias as (token ids, biases) tensors on the host, ids past `vocab` left
     out; made once per request and kept in its sampler state (rebuilt from the dict at every
-    step, a 200,000-entry bias cost 100 ms of each step the request was in)."""
-    if not row.params.logit_bias:
+    step, a 200,000-entry bias cost 100 ms of each step the request was in), and shared by the
+    requests that hold the same dict."""
+    bias = row.params.logit_bias
+    if not bias:
         return None
     cached = row.state.get("logit_bias")
     if cached is None or cached[0] != vocab:
-        pairs = [(t, b) for t, b in row.params.logit_bias.items() if 0 <= t < vocab]
-        ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
-        biases = torch.tensor([b for _, b in pairs], dtype=torch.float32)
-        cached = row.state["logit_bias"] = (vocab, ids, biases)
+        with _BIAS_LOCK:
+            shared = _BIAS_TENSORS.get(id(bias))
+            if shared is not None and shared[0] is bias and shared[1] == vocab:
+                _BIAS_TENSORS.move_to_end(id(bias))
+            else:
+                ids = torch.tensor(list(bias), dtype=torch.long)
+                biases = torch.tensor(list(bias.values()), dtype=torch.float32)
+                keep = (ids >= 0) & (ids < vocab)
+                if not bool(keep.all()):
+                    ids, biases = ids[keep], biases[keep]
+                shared = _BIAS_TENSORS[id(bias)] = (bias, vocab, ids, biases)
+                while len(_BIAS_TENSORS) > _BIAS_TENSORS_KEPT:
+                    _BIAS_TENSORS.popitem(last=False)
+        cached = row.state["logit_bias"] = (vocab, shared[2], shared[3])
     return cached[1], cached[2]
 
 
