@@ -69,7 +69,8 @@ call (`fc_<hex>`,
 item cut short is `incomplete`, those before it `completed`; a call forced to one function is
 that function's item from the first token, so one cut before the model wrote the name is still
 there (`arguments: ""`; `girandole.api.messages.blocks`). `usage`: `input_tokens`
-(`input_tokens_details.cached_tokens`), `output_tokens`, `total_tokens`, and the same counts as
+(`input_tokens_details.cached_tokens`; `cache_write_tokens` 0: no cache write is billed here),
+`output_tokens`, `total_tokens`, and the same counts as
 Fireworks names them (`prompt_tokens`, `completion_tokens`); `output_tokens_details.
 reasoning_tokens` as chat counts them.
 

@@ -68,7 +68,9 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     total = usage.prompt_tokens + usage.completion_tokens
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        # cache_write_tokens: OpenAI's SDK requires it; nothing here is a billed cache write
+        # (the prefix cache fills itself, at no cost), so none is counted
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
         "total_tokens": total,
