@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import httpx
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from api_helpers import MODEL, WEATHER_PARAMETERS
+from conftest import start_server, stop_server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -59,3 +61,32 @@ def test_responses_validate_against_the_openai_sdks_models(server, body):
         assert name == data["type"]
         RESPONSE_EVENT.validate_python(data)
     assert events[-1][0] == "response.completed"
+
+
+@pytest.fixture(scope="module")
+def small_context_server(tmp_path_factory):
+    """The default model with a 64-token context: an answer runs into the context's end."""
+    srv = start_server(tmp_path_factory.mktemp("small-context"), "--max-model-len", "64",
+                       "--kv-cache-gb", "0.05", api_key=None)  # fmt: skip
+    yield srv
+    stop_server(srv)
+
+
+def test_a_message_cut_by_the_context_window_says_so(small_context_server):
+    """max_tokens past what the context leaves is lowered to fit (as chat does); an answer cut
+    there stopped at the context window, not at the client's max_tokens: Anthropic's
+    `model_context_window_exceeded`, whole and streamed (the SDK's stream helper reads it)."""
+    client = anthropic.Anthropic(base_url=small_context_server.url + "/inference",
+                                 api_key="unused", max_retries=0)  # fmt: skip
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand."}],
+           "extra_body": {"temperature": 0}}  # fmt: skip
+    whole = client.messages.create(max_tokens=1000, **ask)
+    assert whole.usage.input_tokens + whole.usage.output_tokens == 64
+    assert (whole.stop_reason, whole.stop_sequence) == ("model_context_window_exceeded", None)
+    with client.messages.stream(max_tokens=1000, **ask) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "model_context_window_exceeded"
+    assert final.content[0].text == whole.content[0].text
+    # cut by the client's own max_tokens, inside the context: max_tokens as before
+    short = client.messages.create(max_tokens=3, **ask)
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3

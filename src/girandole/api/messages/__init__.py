@@ -46,7 +46,9 @@ Response: `{"id": "msg_...", "type": "message", "role": "assistant", "model" (as
 {"input_tokens", "output_tokens"}}`. A model that thinks: its output up to `</think>` (chat's
 reasoning_content) is a `thinking` block first, `signature` empty (nothing is signed here). `stop_reason`: `tool_use` (calls recognised, as chat's
 finish_reason "tool_calls"; each call a `tool_use` block, `id` `toolu_<hex>`, `input` the
-arguments), `max_tokens`, `stop_sequence` (with the sequence), else `end_turn`.
+arguments), `max_tokens`, `model_context_window_exceeded` (cut where the context ends, short of
+the client's max_tokens, which was lowered to fit), `stop_sequence` (with the sequence), else
+`end_turn`.
 `input_tokens` counts every prompt token, template tokens and cached ones included. A call cut
 short is its `tool_use` block, `input` as far as it parses; a call forced to one tool is that
 tool's block from the first token, so one cut before the model wrote the name is still there

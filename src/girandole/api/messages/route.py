@@ -76,7 +76,7 @@ class Messages(TranslatedEndpoint):
         return [prompt]
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
-        return MessagesShape(chat, req.stop_list())
+        return MessagesShape(chat, req.stop_list(), req.source.max_tokens)
 
 
 async def anthropic_errors(request: Request) -> None:

@@ -65,9 +65,10 @@ def content_block(block: Block, whole: bool) -> dict[str, Any]:
 
 
 class MessagesShape(TranslatedShape):
-    def __init__(self, chat: ChatShape, stop_sequences: list[str]) -> None:
+    def __init__(self, chat: ChatShape, stop_sequences: list[str], max_tokens: int) -> None:
         super().__init__(chat)
         self.stop_sequences = stop_sequences
+        self.max_tokens = max_tokens  # as the client asked (chat lowers it to fit the context)
         # the request's context edits as applied (None: it asked for none)
         self.edits: AppliedEdits | None = None
 
@@ -80,6 +81,9 @@ class MessagesShape(TranslatedShape):
         if choice.finish_reason == "tool_calls":
             return "tool_use", None
         if choice.finish_reason == "length":
+            # cut short of the client's max_tokens: it was lowered to what the context left
+            if len(choice.token_ids) < self.max_tokens:
+                return "model_context_window_exceeded", None
             return "max_tokens", None
         matched = choice.last.stop_reason if choice.last is not None else None
         if isinstance(matched, int):  # a stop token: a special token's string is a sequence
