@@ -1,7 +1,8 @@
 """The Messages and Responses APIs read by the real SDKs' typed models, strictly: every body and
 stream event the server sends validates against the `openai` and `anthropic` packages' pydantic
 models (the SDKs themselves build their objects without validation, so a required field left
-out reads None there instead of failing; strict validation is what their typed users get)."""
+out reads None there instead of failing; strict validation is what their typed users get); and
+a message cut by the context window, as Anthropic's SDK names that stop."""
 
 from __future__ import annotations
 
@@ -61,6 +62,29 @@ def test_responses_validate_against_the_openai_sdks_models(server, body):
         assert name == data["type"]
         RESPONSE_EVENT.validate_python(data)
     assert events[-1][0] == "response.completed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 24,
+         "tools": [{"name": "get_weather", "input_schema": WEATHER_PARAMETERS}],
+         "tool_choice": {"type": "any"}},
+    ],
+    ids=["text", "tool_use"],
+)  # fmt: skip
+def test_messages_validate_against_the_anthropic_sdks_models(server, body):
+    body = {"model": MODEL, **body}
+    r = httpx.post(server.url + "/v1/messages", json=body, headers=server.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    MESSAGE.validate_python(r.json())
+    events = sse(server, "/v1/messages", body | {"stream": True})
+    for name, data in events:
+        assert name == data["type"]
+        if name != "ping":  # the SDK skips pings before reading them
+            MESSAGE_EVENT.validate_python(data)
+    assert [name for name, _ in events][-2:] == ["message_delta", "message_stop"]
 
 
 @pytest.fixture(scope="module")
