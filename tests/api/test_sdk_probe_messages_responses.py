@@ -10,9 +10,10 @@ import json
 
 import anthropic
 import httpx
+import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
-from api_helpers import MODEL, WEATHER_PARAMETERS
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS
 from conftest import start_server, stop_server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -114,3 +115,16 @@ def test_a_message_cut_by_the_context_window_says_so(small_context_server):
     # cut by the client's own max_tokens, inside the context: max_tokens as before
     short = client.messages.create(max_tokens=3, **ask)
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
+
+
+def test_responses_echo_the_cache_retention_and_verbosity_they_ran_with(server):
+    """OpenAI's response object echoes `prompt_cache_retention` and `text.verbosity`: a
+    request's accepted value reads back, not None."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2,
+                                prompt_cache_retention="in_memory", text={"verbosity": "medium"})  # fmt: skip
+    assert (r.prompt_cache_retention, r.text.verbosity) == ("in_memory", "medium")
+    stored = client.responses.retrieve(r.id)
+    assert (stored.prompt_cache_retention, stored.text.verbosity) == ("in_memory", "medium")
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    assert (plain.prompt_cache_retention, plain.text.verbosity) == (None, "medium")

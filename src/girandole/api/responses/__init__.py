@@ -56,7 +56,8 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `service_tier`: chat's (`priority` ahead of the default tier; `auto`, `default`, `flex`: the
   default tier), echoed as the tier that ran it (`priority` or `default`).
 - Not run here, a 400 unless the value asks for nothing: `prompt`, `prompt_cache_retention`
-  other than `in_memory`, `text.verbosity` other than `medium`.
+  other than `in_memory`, `text.verbosity` other than `medium` (both echoed: `verbosity`
+  `medium` always).
 
 Response: `{"id": "resp_...", "object": "response", "created_at", "status", "output", "usage",
 ...}` with the request's parameters echoed (`temperature`/`top_p` as applied). `status` is

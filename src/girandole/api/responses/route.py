@@ -52,8 +52,6 @@ def _never(value: Any) -> bool:
 # Fields of OpenAI's request this server does not run, accepted only when they ask for nothing.
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt": _never,
-    # the prefix cache is in memory: "in_memory" asks for what it does, "24h" for more
-    "prompt_cache_retention": lambda v: v == "in_memory",
 }
 
 

@@ -347,6 +347,8 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # the prefix cache is in memory: "in_memory" asks for what it does, "24h" (for more) a 400
+    prompt_cache_retention: Literal["in_memory"] | None = None
     # the Codex CLI's labels for its own bookkeeping: accepted, read by nothing here
     client_metadata: dict[str, str] | None = None
     truncation: Literal["auto", "disabled"] | None = None

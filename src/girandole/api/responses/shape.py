@@ -255,7 +255,8 @@ class ResponsesShape(TranslatedShape):
             "temperature": params.temperature,
             "top_p": params.top_p,
             "top_logprobs": req.top_logprobs,
-            "text": {"format": text_format},
+            # verbosity: the only one accepted (a model without the knob writes as it does)
+            "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": tool_choice,
             "tools": [echo_tool(t) for t in req.tools or []],
             "truncation": req.truncation or "disabled",
@@ -264,6 +265,7 @@ class ResponsesShape(TranslatedShape):
             "user": req.user,
             "safety_identifier": req.safety_identifier,
             "prompt_cache_key": req.prompt_cache_key,
+            "prompt_cache_retention": req.prompt_cache_retention,
             "metadata": req.metadata or {},
         }
 
