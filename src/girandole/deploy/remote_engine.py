@@ -369,6 +369,8 @@ class RemoteEngine:
         """Compiled here to answer a bad grammar with a 400 before any replica is asked; the
         replica compiles it again (its own cache)."""
         check_grammar_size(spec)
+        if (hit := self.grammars.cached(spec)) is not None:  # not queued behind other compiles
+            return hit
         return await self.grammar_pool.run(
             lambda: self.grammars.compile(spec), spec.kind.replace("_", " ")
         )

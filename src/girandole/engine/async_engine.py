@@ -145,6 +145,10 @@ class AsyncEngine:
         grammar pool. GrammarError for a bad or oversized grammar, CompileTimeout past the
         deadline; a caller that goes away cancels a compile that has not started."""
         check_grammar_size(spec)
+        if (
+            hit := self.engine.grammars.cached(spec)
+        ) is not None:  # not queued behind other compiles
+            return hit
         return await self.grammar_pool.run(
             lambda: self.engine.grammars.compile(spec), spec.kind.replace("_", " ")
         )

@@ -82,6 +82,21 @@ class GrammarCache:
             )
         return self._compiler
 
+    def cached(self, spec: GrammarSpec):
+        """The compiled grammar of `spec` if the cache holds it, else None, without compiling
+        and without waiting (the first compile holds the lock while it builds the tokenizer's
+        tables): a caller on the event loop takes a hit here instead of queueing for a compile
+        thread behind other grammars' compiles."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            compiled = self._cache.get(spec)
+            if compiled is not None:
+                self._cache.move_to_end(spec)
+            return compiled
+        finally:
+            self._lock.release()
+
     def compile(self, spec: GrammarSpec):
         with self._lock:
             if spec in self._cache:

@@ -147,8 +147,8 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         "--grammar-compile-timeout",
         type=float_value("GRAMMAR_COMPILE_TIMEOUT", 0, above=True),
         default=env_default("GRAMMAR_COMPILE_TIMEOUT", str(DEFAULTS.grammar_compile_timeout)),
-        help="a response_format schema, tools or grammar still compiling after this many"
-        " seconds gets 400 [GIRANDOLE_GRAMMAR_COMPILE_TIMEOUT]",
+        help="a response_format schema, tools or grammar whose compile has used this many"
+        " seconds of CPU gets 400 [GIRANDOLE_GRAMMAR_COMPILE_TIMEOUT]",
     )
     p.add_argument(
         "--engine-stall-seconds",

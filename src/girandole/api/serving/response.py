@@ -10,7 +10,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from girandole.api.http.errors import APIError, bad_request, internal_error, model_not_found
+from girandole.api.http.errors import (
+    APIError,
+    bad_request,
+    internal_error,
+    model_not_found,
+    unavailable,
+)
 from girandole.api.http.sse import DONE, sse_event
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -86,6 +92,8 @@ def engine_error(exc: Exception) -> APIError:
         return model_not_found()
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
+    if type(exc).__name__ == "CompileBusy":  # grammar compiles queued: the server's state
+        return unavailable(str(exc))
     if type(exc).__name__ == "EngineStoppedError":  # its deployment went away: say so
         return APIError(503, str(exc), type="service_unavailable", code="UNAVAILABLE")
     if type(exc).__name__ == "EngineDeadError":

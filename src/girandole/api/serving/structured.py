@@ -25,9 +25,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from girandole.api.http.errors import bad_request
+from girandole.api.http.errors import bad_request, unavailable
 from girandole.api.http.schema import ResponseFormat
 from girandole.engine.protocol import EngineClient
+from girandole.sampling.compile_pool import CompileBusy
 from girandole.sampling.grammar import GrammarError, GrammarSpec
 from girandole.sampling.grammar_limits import (
     DEFAULT_LIMITS,
@@ -314,7 +315,20 @@ async def request_grammar(
     (off the event loop; the engine caches it, so its own compile is then a cache hit), so an
     invalid schema or grammar is a 400 naming its field before any engine request starts. The
     message is the grammar engine's. `tools`: the request's tool schemas, checked the same way
-    (the error names the tool's `parameters`)."""
+    (the error names the tool's `parameters`). A compile that waited too long behind others
+    (CompileBusy) is a 503: the grammar was not at fault."""
+    try:
+        return await _request_grammar(engine, rf, forced, tools)
+    except CompileBusy as exc:
+        raise unavailable(str(exc)) from None
+
+
+async def _request_grammar(
+    engine: EngineClient,
+    rf: ResponseFormat | None,
+    forced: GrammarSpec | None,
+    tools: ToolsCheck | None,
+) -> GrammarSpec | None:
     if tools is not None:
         try:
             await engine.compile_grammar(tools.grammar)
