@@ -414,7 +414,8 @@ def test_models_list_in_anthropics_shape(client, server):
           "properties": {"a": {"type": "nonsense"}}}}}}, "output_config.format"),  # not chat's
         ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048},
+         "thinking"),  # a model that cannot reason (a budget within max_tokens)
         ({"container": "c1"}, "container"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages.0"),  # it was answered
         ({"messages": [{"role": "user", "content": []}]}, "messages.0"),  # 'messages' (chat's)
@@ -433,7 +434,7 @@ def test_bad_requests_name_the_field(server, change, field):
 
 def test_sdk_raises_bad_request(client):
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model=MODEL, max_tokens=0, messages=ASK)
+        client.messages.create(model=MODEL, max_tokens=-1, messages=ASK)  # 0 pre-warms
     assert "max_tokens" in info.value.body["error"]["message"]
 
 

@@ -20,7 +20,9 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   turn, a `tool_result` answers a `tool_use` of the turn before, and `tool_use` ids are unique;
   anything else is a 400 (`pairing.py`). Special-token strings in any text (`<end_of_turn>`
   typed by a user) are read as plain text (chat's `safe_tokenization`, always on here).
-- `max_tokens` (required, >= 1; fitted to the context as chat fits it), `stop_sequences` (at
+- `max_tokens` (required, >= 0; fitted to the context as chat fits it; 0 pre-warms the prompt
+  cache: the prompt is prefilled, nothing generated, `content: []`, `stop_reason` max_tokens;
+  an `enabled` thinking `budget_tokens` must be under it, as at Anthropic), `stop_sequences` (at
   most 4, as `stop` elsewhere), `temperature` (0-2), `top_p`, `top_k` (0-100), `metadata`
   (`user_id`, kept as the request's user), `raw_output` (Fireworks: the prompt as fed and the
   raw completion, whole responses only).

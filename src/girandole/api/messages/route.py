@@ -16,11 +16,12 @@ from girandole.api.messages.context_edits import (
     thinking_edit,
     tool_uses_to_clear,
 )
-from girandole.api.messages.convert import to_chat_request
+from girandole.api.messages.convert import check_thinking_budget, to_chat_request
 from girandole.api.messages.count_tokens import count_tokens
 from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
 from girandole.api.messages.shape import MessagesShape, anthropic_error
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint
+from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import inference_router
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
@@ -46,6 +47,7 @@ class Messages(TranslatedEndpoint):
     async def translate(
         self, request: Request, state: AppState, source: MessagesRequest
     ) -> TranslatedChat:
+        check_thinking_budget(source)  # not in to_chat_request: count_tokens has no max_tokens
         return to_chat_request(source)
 
     def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> MessagesShape:
@@ -74,6 +76,16 @@ class Messages(TranslatedEndpoint):
             return [edited]
         req.messages = whole
         return [prompt]
+
+    def adjust_job(self, req: TranslatedChat, job: Job) -> None:
+        """`max_tokens: 0` pre-warms the prompt cache (Anthropic's documented use): the prompt
+        is prefilled and nothing generated. The engine computes nothing for a request of no
+        tokens unless it scores the prompt, so it scores the last prompt token only."""
+        if req.source.max_tokens > 0:
+            return
+        for choice in job.choices:
+            choice.params.prompt_logprobs = 0
+            choice.engine_kwargs["prompt_logprobs_last"] = 1
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
         return MessagesShape(chat, req.stop_list(), req.source.max_tokens)

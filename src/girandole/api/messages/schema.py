@@ -205,7 +205,8 @@ class CountTokensRequest(StrictModel):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[int, Field(ge=1)]  # required, as at Anthropic
+    # required, as at Anthropic; 0 pre-warms the prompt cache (prefilled, nothing generated)
+    max_tokens: Annotated[int, Field(ge=0)]
     stop_sequences: Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool | None = None
     temperature: Temperature = None

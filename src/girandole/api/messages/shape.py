@@ -78,6 +78,8 @@ class MessagesShape(TranslatedShape):
 
     def stop_reason(self, choice: Choice) -> tuple[str, str | None]:
         """(stop_reason, stop_sequence) of a finished choice."""
+        if self.max_tokens == 0:  # a cache pre-warm: nothing was to be generated
+            return "max_tokens", None
         if choice.finish_reason == "tool_calls":
             return "tool_use", None
         if choice.finish_reason == "length":
@@ -109,7 +111,9 @@ class MessagesShape(TranslatedShape):
         (choice,) = job.choices
         blocks = self.output_blocks()
         self.feed(blocks, choice, choice.full_text, True)
-        body = self.message(job, [content_block(b, whole=True) for b in blocks.blocks])
+        # a cache pre-warm (max_tokens 0) has no content, not even a forced call's empty block
+        shown = blocks.blocks if self.max_tokens else []
+        body = self.message(job, [content_block(b, whole=True) for b in shown])
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
         body["usage"] = usage_json(finish_metrics(job))
         if self.context_management is not None:
@@ -131,7 +135,8 @@ class MessagesShape(TranslatedShape):
             yield event("ping")
             async for c, out in fanout.events():
                 update = c.add(out)
-                for what, block, text in self.feed(blocks, c, update.text, out.finished):
+                events = self.feed(blocks, c, update.text, out.finished)
+                for what, block, text in events if self.max_tokens else []:
                     if what == "start":
                         block_json = content_block(block, whole=False)
                         yield event("content_block_start", index=block.index,

@@ -88,6 +88,10 @@ class Endpoint:
         (Responses' `background`); None: it is answered by `run`."""
         return None
 
+    def adjust_job(self, req: Any, job: Job) -> None:
+        """What the endpoint changes in its job's engine requests once built (nothing here;
+        Anthropic's `max_tokens: 0` prefills the prompt: girandole.api.messages.route)."""
+
     def rename_field(self, exc: APIError, req: Any) -> None:
         """Name the field of a 400 from a check this endpoint shares with others (on `req`) as
         its own API names it (an endpoint of another API run as chat: girandole.api.messages.translated)."""
@@ -258,6 +262,7 @@ class Rounds:
                 speculation=speculation,
             )
             job.max_response_bytes = state.settings.max_response_bytes
+            self.endpoint.adjust_job(req, job)
         except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
             self.endpoint.rename_field(exc, req)
             raise
