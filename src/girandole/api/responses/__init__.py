@@ -4,7 +4,8 @@ and the stored responses. Point the openai SDK at `base_url="http://<host>/infer
 Request (`schema.py`), translated into a chat request (`convert.py`), so the chat template,
 tools, tool-call recognition and structured output are chat's (`girandole.api.chat`):
 - `input`: a string (one user message) or items: `message` (`role` user, assistant, system or
-  `developer` (= system); `content` a string or `input_text`/`output_text`/`refusal` parts;
+  `developer` (= system; after another turn, stored ones included, user text, as Messages
+  reads a later system message); `content` a string or `input_text`/`output_text`/`refusal` parts;
   image, file and audio parts are a 400), `function_call` (the assistant's call: `call_id`,
   `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
   `reasoning` items (their content's text, else their summary's) are the reasoning_content of

@@ -123,7 +123,8 @@ def _reasoning_text(item: dict[str, Any]) -> str:
 
 
 def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The conversation as chat messages: `developer` is `system`, function_call items become
+    """The conversation as chat messages: `developer` is `system` (before any other turn; after
+    one it is user text, joining a user turn next to it), function_call items become
     the assistant's tool_calls, function_call_output items tool messages; consecutive messages
     of one role are merged. A reasoning item is the reasoning_content of the assistant turn
     that follows it (the template decides what it shows), dropped if no such turn follows.
@@ -151,6 +152,11 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
             continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
+            if role == "system" and last is not None and last["role"] != "system":
+                # later in the conversation (a previous response's turns before it): user text,
+                # as Messages reads a system message there (most templates take a system
+                # message only first; Gemma's refuses one later: "roles must alternate")
+                role = "user"
             text = _text(item["content"])
             if last is not None and last["role"] == role and not last.get("tool_calls"):
                 # the pieces are joined once at the end: adding each to the text so far copied
