@@ -636,7 +636,7 @@ def test_a_stop_sequence_that_is_a_special_token_is_the_stop_reason(tokenizer):
     from girandole.api.messages.shape import MessagesShape
 
     turn = tokenizer.token_to_id("<start_of_turn>")
-    shape = SimpleNamespace(stop_sequences=["<start_of_turn>"])
+    shape = SimpleNamespace(stop_sequences=["<start_of_turn>"], max_tokens=16)
 
     def reason(stop_reason: int | str | None) -> tuple[str, str | None]:
         last = SimpleNamespace(stop_reason=stop_reason)
