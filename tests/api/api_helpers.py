@@ -69,6 +69,20 @@ def sse_events(server, body: dict[str, Any], path: str = "/v1/completions") -> l
     return events
 
 
+def named_events(server, path: str, body: dict[str, Any]) -> list[tuple[str | None, dict]]:
+    """A stream whose events are named (Anthropic Messages, OpenAI Responses): (event, data)."""
+    events, name = [], None
+    with httpx.stream("POST", server.url + path, json=body, headers=server.headers,
+                      timeout=120) as r:  # fmt: skip
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line.removeprefix("data:"))))
+    return events
+
+
 def api_conftest():
     """tests/api/conftest.py by path: a bare `import conftest` finds whichever conftest module
     another test folder put first on sys.path when the whole suite runs."""

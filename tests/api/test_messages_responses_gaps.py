@@ -5,14 +5,13 @@ not under `max_tokens` is a 400, and a developer/system message after a stored c
 
 from __future__ import annotations
 
-import json
 import re
 
 import anthropic
 import httpx
 import openai
 import pytest
-from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, named_events
 
 pytestmark = pytest.mark.slow
 
@@ -69,30 +68,16 @@ def test_max_tokens_zero_generates_nothing_whatever_is_forced(server, tools):
     message = r.json()
     assert message["content"] == [] and message["stop_reason"] == "max_tokens"
     assert message["usage"]["output_tokens"] == 0
-    events = stream_events(server, {**body, "stream": True})
+    events = named_events(server, "/v1/messages", {**body, "stream": True})
     assert [name for name, _ in events] == ["message_start", "ping", "message_delta",
                                             "message_stop"]  # fmt: skip
     assert events[2][1]["delta"]["stop_reason"] == "max_tokens"
 
 
-def stream_events(server, body: dict) -> list[tuple[str, dict]]:
-    """A Messages stream's events as (event name, data)."""
-    events, name = [], ""
-    with httpx.stream("POST", server.url + "/v1/messages", json=body, headers=server.headers,
-                      timeout=120) as r:  # fmt: skip
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                name = line.removeprefix("event:").strip()
-            elif line.startswith("data:"):
-                events.append((name, json.loads(line.removeprefix("data:"))))
-    return events
-
-
 def test_max_tokens_zero_streams_an_empty_message(server):
     body = {"model": MODEL, "max_tokens": 0, "stream": True,
             "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
-    events = stream_events(server, body)
+    events = named_events(server, "/v1/messages", body)
     assert [name for name, _ in events] == ["message_start", "ping", "message_delta",
                                             "message_stop"]  # fmt: skip
     assert events[2][1]["delta"]["stop_reason"] == "max_tokens"

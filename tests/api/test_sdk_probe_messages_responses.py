@@ -6,14 +6,12 @@ a message cut by the context window, as Anthropic's SDK names that stop."""
 
 from __future__ import annotations
 
-import json
-
 import anthropic
 import httpx
 import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
-from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS
+from api_helpers import API_KEY, MODEL, WEATHER_PARAMETERS, named_events
 from conftest import start_server, stop_server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -25,20 +23,6 @@ RESPONSE_EVENT = TypeAdapter(ResponseStreamEvent)
 MESSAGE = TypeAdapter(Message)
 MESSAGE_EVENT = TypeAdapter(RawMessageStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}
-
-
-def sse(server, path: str, body: dict) -> list[tuple[str, dict]]:
-    """A stream's events as (event name, data)."""
-    events, name = [], None
-    with httpx.stream("POST", server.url + path, json=body, headers=server.headers,
-                      timeout=120) as r:  # fmt: skip
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                name = line.removeprefix("event:").strip()
-            elif line.startswith("data:"):
-                events.append((name, json.loads(line.removeprefix("data:"))))
-    return events
 
 
 @pytest.mark.parametrize(
@@ -58,7 +42,7 @@ def test_responses_validate_against_the_openai_sdks_models(server, body):
     whole = RESPONSE.validate_python(r.json())
     # the usage's required details (cache_write_tokens: nothing here is a billed cache write)
     assert whole.usage is not None and whole.usage.input_tokens_details.cache_write_tokens == 0
-    events = sse(server, "/v1/responses", body | {"stream": True})
+    events = named_events(server, "/v1/responses", body | {"stream": True})
     for name, data in events:
         assert name == data["type"]
         RESPONSE_EVENT.validate_python(data)
@@ -80,7 +64,7 @@ def test_messages_validate_against_the_anthropic_sdks_models(server, body):
     r = httpx.post(server.url + "/v1/messages", json=body, headers=server.headers, timeout=120)
     assert r.status_code == 200, r.text
     MESSAGE.validate_python(r.json())
-    events = sse(server, "/v1/messages", body | {"stream": True})
+    events = named_events(server, "/v1/messages", body | {"stream": True})
     for name, data in events:
         assert name == data["type"]
         if name != "ping":  # the SDK skips pings before reading them
