@@ -33,6 +33,7 @@ from typing import Any
 from girandole.api.http.errors import bad_request
 from girandole.api.http.schema import RequestFields
 from girandole.api.serving.logprobs import (
+    TOKEN_ID_JSON_BYTES,
     LogprobsMode,
     LogprobTracker,
     TokenLogprob,
@@ -42,8 +43,6 @@ from girandole.engine.outputs import RequestOutput
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import SampleResult
 from girandole.tokenizer.tokenizer import Tokenizer
-
-TOKEN_ID_JSON_BYTES = 7  # a token id in a JSON list: six digits and a comma
 
 # the engine's finish reasons as the API names them
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "error"}

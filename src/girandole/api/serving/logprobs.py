@@ -35,10 +35,11 @@ import numpy as np
 LogprobsMode = Literal["content", "legacy"]
 
 # Estimated JSON bytes of a position's entry, of each of its alternatives, and of each token id
-# of a listed sampling mask (six digits and a comma at the Gemma vocabulary's size)
+# in a list (a listed sampling mask, raw_output's and return_token_ids': six digits and a comma
+# at the Gemma vocabulary's size)
 ENTRY_JSON_BYTES = 120
 TOP_JSON_BYTES = 90
-LISTED_ID_JSON_BYTES = 7
+TOKEN_ID_JSON_BYTES = 7
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TokenLogprob:
         if self.mask is not None:
             listed = self.mask.get("sampling_mask")
             if isinstance(listed, np.ndarray):
-                size += LISTED_ID_JSON_BYTES * len(listed)
+                size += TOKEN_ID_JSON_BYTES * len(listed)
             elif isinstance(listed, str):
                 size += len(listed)
         return size
