@@ -4,6 +4,7 @@ multi-byte characters."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -199,3 +200,37 @@ def test_line_separator_characters_do_not_cut_data_lines(server):
         chunk = json.loads(line[len("data: ") :])
         text += "".join(c["text"] for c in chunk["choices"])
     assert text == whole
+
+
+def test_a_stream_the_client_does_not_read_is_paused_and_goes_on_when_read(server):
+    """Backpressure (engine/async_engine.py): before, the engine generated a stream whole into
+    the server's memory while its client read nothing (one never-read n 16 stream with sampling
+    masks grew the server 330 MB in 50 s). Each output here carries a list of the whole
+    vocabulary (~2 MB of JSON), so the sockets' buffers hold only a few of them."""
+    body = {
+        "model": MODEL, "prompt": "Once upon a time", "max_tokens": 30, "ignore_eos": True,
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logprobs": True,
+        "sampling_mask": "non_zero_list", "stream": True,
+    }  # fmt: skip
+    pauses = server.wait_idle()["engine"]["num_backpressure_pauses"]
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        deadline = time.monotonic() + 90
+        while server.health()["engine"]["num_paused"] == 0:  # nothing read yet
+            assert time.monotonic() < deadline, "the unread stream was never paused"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        engine = server.health()["engine"]
+        assert engine["num_paused"] == 1 and engine["num_backpressure_pauses"] == pauses + 1
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    entries = [e for c in chunks for ch in c["choices"] if ch["logprobs"] for e in ch["logprobs"]["content"]]  # fmt: skip
+    assert len(entries) == 30  # every token, none lost or repeated across the pause
+    assert all(e["token_id"] in e["sampling_mask"] for e in entries)
+    assert [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]] == [
+        "length"
+    ]
+    assert server.wait_idle()["engine"]["num_paused"] == 0

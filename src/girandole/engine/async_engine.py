@@ -3,6 +3,12 @@
 The loop thread owns the LLMEngine. Requests and aborts reach it through a command queue; its
 outputs go back to each request's asyncio.Queue on the caller's event loop. Torch releases the
 GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
+
+Backpressure: a caller that does not take its outputs (a stream whose client stopped reading,
+so the server's writes wait) would otherwise have the engine generate its whole answer into
+memory. Once `unread_limit` outputs wait unread, the loop pauses the request (the scheduler no
+longer steps it, and its KV blocks go to whoever needs them: engine/scheduler.py); when the
+caller has read down to half of that, it asks the loop to resume it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.engine.engine import EngineConfig, LLMEngine
@@ -34,6 +41,37 @@ STOPPED_MESSAGE = (
 )
 
 
+# Outputs a request's caller may leave unread before the engine stops stepping the request: a
+# few seconds of tokens (the event loop of a busy server falls behind by a few steps at most).
+MAX_UNREAD_OUTPUTS = 64
+# ... and with a sampling mask, whose every output carries a vocabulary-sized array.
+MAX_UNREAD_MASKED_OUTPUTS = 4
+
+
+def unread_limit(params: SamplingParams) -> int:
+    return MAX_UNREAD_MASKED_OUTPUTS if params.sampling_mask else MAX_UNREAD_OUTPUTS
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request's way back to its caller, and how far the caller has read it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    limit: int  # unread outputs that pause the request
+    delivered: int = 0  # outputs handed to the caller's loop: written by the engine thread
+    read: int = 0  # outputs the caller took: written by the caller's loop
+    paused: bool = False
+    resume_asked: bool = False  # the caller sent "resume" for this pause
+    # Held to read `unread` and change `paused` / `resume_asked` as one step: without it, a
+    # caller could read everything between the loop's count and its pause, and never resume.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def unread(self) -> int:
+        return self.delivered - self.read
+
+
 class EngineDeadError(RuntimeError):
     pass
 
@@ -51,7 +89,8 @@ class AsyncEngine:
         self.grammar_pool = CompilePool(num_threads=1, timeout=grammar_compile_timeout)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self.num_backpressure_pauses = 0  # requests paused for a caller behind on reading
         self._stopped = False
         self._error: BaseException | None = None
         self._last_progress = time.monotonic()  # last finished step, or last idle wait
@@ -85,7 +124,7 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+        return {**self.engine.stats(), "num_backpressure_pauses": self.num_backpressure_pauses}
 
     def seconds_stalled(self) -> float:
         """How long the loop has had work without finishing a step (0 when idle or moving)."""
@@ -118,8 +157,8 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(_ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id already in use: {request_id}")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), unread_limit(params))
+        self._streams[request_id] = stream
         self._send("add", (request_id, list(prompt_token_ids), params, kwargs))
         finished = False
         try:
@@ -128,9 +167,20 @@ class AsyncEngine:
             if self._stopped:
                 raise EngineStoppedError(STOPPED_MESSAGE)
             while True:
-                out = await stream.get()
+                out = await stream.queue.get()
                 if isinstance(out, BaseException):
                     raise out
+                with stream.lock:
+                    stream.read += 1
+                    resume = (
+                        stream.paused
+                        and not stream.resume_asked
+                        and stream.unread <= stream.limit // 2
+                    )
+                    if resume:
+                        stream.resume_asked = True
+                if resume:
+                    self._send("resume", request_id)
                 finished = out.finished
                 yield out
                 if finished:
@@ -189,14 +239,28 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is None:
+        stream = self._streams.get(request_id)
+        if stream is None:
             return
-        loop, stream = target
+        if isinstance(item, RequestOutput):
+            stream.delivered += 1
         try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed
             self._streams.pop(request_id, None)
+
+    def _pause_unread(self, outputs: list[RequestOutput]) -> None:
+        """Pause the requests just stepped whose callers have `limit` outputs unread."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None or out.finished or stream.paused:
+                continue
+            with stream.lock:
+                if stream.unread < stream.limit:
+                    continue
+                stream.paused = True
+            self.num_backpressure_pauses += 1
+            self.engine.pause(out.request_id)
 
     def _drain_commands(self) -> None:
         while True:
@@ -214,6 +278,12 @@ class AsyncEngine:
                 out = self.engine.abort(payload)
                 if out is not None:
                     self._deliver(payload, out)
+            elif kind == "resume":
+                stream = self._streams.get(payload)
+                if stream is not None:
+                    with stream.lock:
+                        stream.paused = stream.resume_asked = False
+                self.engine.resume(payload)
 
     def _run(
         self, config: EngineConfig | None, loaded: threading.Event, failure: list[BaseException]
@@ -247,6 +317,7 @@ class AsyncEngine:
                 self._last_progress = time.monotonic()
                 for out in outputs:
                     self._deliver(out.request_id, out)
+                self._pause_unread(outputs)
 
     def _fail_all(self, exc: BaseException) -> None:
         """A step failed outside any one request: end every request in flight with the error."""

@@ -255,6 +255,18 @@ class LLMEngine:
         self.speculator.release(seq)
         return out
 
+    def pause(self, request_id: str) -> None:
+        """Stop stepping a request whose client has not read its outputs (AsyncEngine's
+        backpressure); its blocks go to whoever needs them first. Unknown ids are ignored."""
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self.scheduler.pause(seq)
+
+    def resume(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self.scheduler.resume(seq)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._finished_early) or self._inflight is not None
 
@@ -427,6 +439,7 @@ class LLMEngine:
             "kv_blocks_total": kv.num_usable_blocks,
             "kv_blocks_used": kv.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_paused": self.scheduler.num_paused,  # clients behind on reading
             "num_batch_yields": self.scheduler.num_batch_yields,
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,

@@ -23,6 +23,12 @@ need blocks. Without interactive work, batch rows run as any others.
 A request whose LoRA adapter cannot be made resident (every `--max-loras` slot is in use) does
 not hold up the requests behind it: base-model requests pass it, and requests for resident
 adapters pass it a bounded number of times, so it is never starved (`_may_pass`).
+
+A paused sequence (`pause`: its client has not read what it already made, see
+engine/async_engine.py) is not scheduled. It keeps its blocks while nobody needs them, and it is
+the first victim when running sequences or a newcomer need blocks or a seat: it is then parked,
+in no queue, and `resume` puts it back at the head of its tier, to be recomputed from its tokens.
+A client that stops reading thus stops its own generation without holding back anyone else's.
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ class _Step:
     order: list[Sequence]
     cursor: int = 0
     preempted: bool = False
+    # Paused running sequences: never scheduled, the first preemption victims (from the end).
+    paused: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
@@ -96,7 +104,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # the default tier
         self.priority_waiting: deque[Sequence] = deque()  # service_tier "priority"
         self.batch_waiting: deque[Sequence] = deque()  # batch-job lines
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # paused ones included (they hold blocks)
+        self.parked: set[Sequence] = set()  # paused and preempted: in no queue
         # finished sequences still in a waiting queue, dropped lazily
         self._num_removed_waiting = 0
         self._priority_streak = 0  # priority admissions since the default tier's last one
@@ -124,7 +133,32 @@ class Scheduler:
         return sum(len(q) for q in self._queues()) - self._num_removed_waiting
 
     def has_work(self) -> bool:
-        return bool(self.num_waiting or self.running)
+        """Whether a step would find anything to do (paused sequences wait for their client)."""
+        return bool(self.num_waiting or any(not s.paused for s in self.running))
+
+    @property
+    def num_paused(self) -> int:
+        return sum(s.paused for s in self.running) + len(self.parked)
+
+    def pause(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` until `resume`: its client lags behind what it made."""
+        if seq.is_finished or seq.paused:
+            return
+        seq.paused = True
+        if seq.status is SequenceStatus.WAITING:  # preempted earlier: no prefill for nobody
+            self._queue_of(seq).remove(seq)
+            seq.status = SequenceStatus.PARKED
+            self.parked.add(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        """Schedule `seq` again; a parked one goes back to the head of its tier."""
+        if not seq.paused:
+            return
+        seq.paused = False
+        if seq.status is SequenceStatus.PARKED:
+            self.parked.discard(seq)
+            seq.status = SequenceStatus.WAITING
+            self._queue_of(seq).appendleft(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues and free its blocks (finish or abort).
@@ -134,6 +168,8 @@ class Scheduler:
         """
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)  # at most max_num_seqs long
+        elif seq.status is SequenceStatus.PARKED:
+            self.parked.discard(seq)
         elif seq.status is SequenceStatus.WAITING:
             self._num_removed_waiting += 1
             queued = sum(len(q) for q in self._queues())
@@ -198,16 +234,27 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step: _Step | None = None) -> None:
         """Free a running sequence's blocks and queue it again at the head of its tier (it is
-        recomputed from its tokens); `step`: the step being scheduled, which it leaves."""
+        recomputed from its tokens), or park it if paused; `step`: the step being scheduled,
+        which it leaves."""
         self.running.remove(seq)
         if step is not None:
-            step.order.remove(seq)  # never one already scheduled: victims come after `cursor`
+            # never one already scheduled: victims come after `cursor`, or are paused
+            (step.paused if seq.paused else step.order).remove(seq)
         seq.spec_token_ids = []
         self.kv_cache.free(seq)
-        seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._queue_of(seq).appendleft(seq)
+        if seq.paused:
+            seq.status = SequenceStatus.PARKED
+            self.parked.add(seq)
+        else:
+            seq.status = SequenceStatus.WAITING
+            self._queue_of(seq).appendleft(seq)
+
+    @staticmethod
+    def _victim(step: _Step) -> Sequence:
+        """The next sequence to preempt for blocks: a paused one, else the last in order."""
+        return step.paused[-1] if step.paused else step.order[-1]
 
     def schedule(self, prefill_cap: Callable[[int], int | None] | None = None) -> ScheduledBatch:
         """The next step's work. `prefill_cap(decode_rows)`: the most prompt tokens a step that
@@ -215,10 +262,12 @@ class Scheduler:
         batch = ScheduledBatch()
         # stable: interactive first, so batch rows are scheduled last and preempted first;
         # a sequence whose in-flight token is its last sits out (overlap scheduling)
-        order = sorted((s for s in self.running if not s.ends_pending), key=is_batch)
+        live = [s for s in self.running if not s.ends_pending]
+        order = sorted((s for s in live if not s.paused), key=is_batch)
         interactive = [s for s in order if not is_batch(s)]
         budget = self.config.max_num_batched_tokens
         step = _Step(budget, self._prefill_left(prefill_cap, interactive, budget), order)
+        step.paused = [s for s in live if s.paused]
 
         self._schedule_running(batch, step, batch_tier=False)
         self._admit_waiting(batch, step, batch_tier=False)
@@ -271,7 +320,7 @@ class Scheduler:
                     seq.spec_token_ids = []
                     n = min(seq.num_uncomputed_tokens, step.budget)
                     continue
-                victim = step.order[-1]
+                victim = self._victim(step)
                 if victim is seq:
                     if len(self.running) == 1 and not batch.seqs:
                         batch.out_of_blocks.append(seq)
@@ -307,15 +356,13 @@ class Scheduler:
                     return
                 index = found
             seq = queue[index]
-            if len(self.running) >= self.config.max_num_seqs and not self._yield_batch_row(
-                seq, step
-            ):
+            if len(self.running) >= self.config.max_num_seqs and not self._make_room(seq, step):
                 return
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, step.budget, step.prefill_left)
             while not self.kv_cache.allocate(seq, n):
-                if not self._yield_batch_row(seq, step):
+                if not self._make_room(seq, step):
                     self.kv_cache.free(seq)  # release prefix hits; try again next step
                     return
             self._admitted(queue, index)
@@ -326,9 +373,12 @@ class Scheduler:
             step.budget -= n
             step.prefill_left -= n
 
-    def _yield_batch_row(self, newcomer: Sequence, step: _Step) -> bool:
-        """Preempt the most recently admitted running batch row not yet in this step, for an
-        interactive newcomer; False when there is none (or the newcomer is batch work)."""
+    def _make_room(self, newcomer: Sequence, step: _Step) -> bool:
+        """Preempt for a newcomer: a paused sequence, else (for an interactive newcomer) the
+        most recently admitted running batch row not yet in this step; False when none."""
+        if step.paused:
+            self._preempt(step.paused[-1], step)
+            return True
         victim = step.order[-1] if step.order else None
         if is_batch(newcomer) or victim is None or not is_batch(victim):
             return False

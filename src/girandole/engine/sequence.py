@@ -21,6 +21,8 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    # Paused (its client does not read) and preempted: in no queue until it is resumed.
+    PARKED = "parked"
 
 
 class Sequence:
@@ -54,6 +56,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
+        # Its client has not read the outputs already made (Scheduler.pause): not scheduled,
+        # and the first to give up its blocks.
+        self.paused = False
         # Seeded requests draw from their own generator, so batch neighbours cannot change them.
         self.generator: torch.Generator | None = None
         if params.seed is not None:

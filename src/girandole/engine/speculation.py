@@ -107,7 +107,7 @@ class Speculator:
         for seq in running:
             seq.spec_token_ids = []
             state = seq.speculation
-            if state is None:
+            if state is None or seq.paused:  # a paused sequence is not scheduled
                 continue
             state.source = None
             limit = self._limit(seq)

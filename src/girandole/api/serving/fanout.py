@@ -12,6 +12,10 @@ cancels the consumers (which closes the engine's generators) and aborts unfinish
 (a prefill request of hundreds of inputs holds only its admission slots' worth of sequences, so
 the engine interleaves other requests with it). `start()` then waits for every choice's first
 output, so it suits only requests whose first output is their last (prefill-only ones).
+
+A choice's pump stops taking its engine outputs while `MAX_QUEUED_OUTPUTS` of them wait for the
+response to take them (a stream whose client does not read): the engine then pauses the request
+(engine/async_engine.py) instead of the server holding everything it would generate.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from girandole.engine.protocol import EngineClient
 logger = logging.getLogger("girandole.api")
 
 _DONE = object()
+MAX_QUEUED_OUTPUTS = 4  # per choice, waiting for the response to take them
 
 
 class Observer(Protocol):
@@ -56,6 +61,8 @@ class ChoiceFanout:
         self._unfinished: set[str] = set()
         self._closed = False
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._queued: dict[str, int] = {}  # a choice's outputs in _queue, by request id
+        self._taken = asyncio.Event()  # set when the response takes an output
 
     async def start(self) -> None:
         """Start every choice; raise the first choice's error if any fails before its first output."""
@@ -100,6 +107,7 @@ class ChoiceFanout:
                 if self.observer is not None:  # TTFT, inter-token latency
                     self.observer.observe(choice, out)
                 self._queue.put_nowait((choice, out))
+                await self._wait_for_reader(choice.request_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
@@ -112,11 +120,21 @@ class ChoiceFanout:
                 with contextlib.suppress(BaseException):
                     await gen.aclose()
 
+    async def _wait_for_reader(self, request_id: str) -> None:
+        queued = self._queued[request_id] = self._queued.get(request_id, 0) + 1
+        while queued > MAX_QUEUED_OUTPUTS:
+            self._taken.clear()
+            await self._taken.wait()
+            queued = self._queued[request_id]
+
     async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """(choice, output) in the order the engine produced them; raises a choice's error."""
         remaining = len(self.choices)
         while remaining:
             choice, item = await self._queue.get()
+            if isinstance(item, RequestOutput):
+                self._queued[choice.request_id] -= 1
+                self._taken.set()
             if item is _DONE:
                 remaining -= 1
             elif isinstance(item, BaseException):
