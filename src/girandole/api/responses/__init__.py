@@ -86,8 +86,10 @@ Streaming (`stream: true`): named SSE events, each with `sequence_number` from 0
 `response.output_item.done` (the item's status as in the final response); MCP items with
 OpenAI's `response.mcp_list_tools.*`, `response.mcp_call_arguments.*` and `response.mcp_call.*`
 events (`mcp.py`); then
-`response.completed` with the whole response, whatever its status (an incomplete one too: the
-openai SDK's stream helper waits for that event; OpenAI sends `response.incomplete` there). An error
+`response.completed` with the whole response, whatever its status (an incomplete one too:
+OpenAI sends `response.incomplete` there, but the openai SDK's stream helper (3.63) keeps its
+final response only from `response.completed`: `get_final_response()` raises on a stream that
+ends otherwise, `until_done()` does not). An error
 after the stream began is an `error` event (`code`, `message`, `param`). A stored streamed
 response is saved when it completes.
 
