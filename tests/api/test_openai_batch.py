@@ -198,6 +198,14 @@ def test_bad_requests_name_the_field(client, server):
         (create(input_file_id=good, endpoint="/v1/messages"), 400, "endpoint", "responses"),
         (create(input_file_id=good, completion_window="1h"), 400, "completion_window", "24h"),
         (create(input_file_id=good, extra=1), 400, "extra", "Extra inputs"),
+        (create(input_file_id=good, output_expires_after={"anchor": "completed_at",
+                "seconds": 3600}), 400, "output_expires_after.anchor", "created_at"),
+        (create(input_file_id=good, output_expires_after={"anchor": "created_at",
+                "seconds": 3599}), 400, "output_expires_after.seconds", "3600"),
+        (create(input_file_id=good, output_expires_after={"anchor": "created_at",
+                "seconds": 2592001}), 400, "output_expires_after.seconds", "2592000"),
+        (create(input_file_id=good, output_expires_after={"anchor": "created_at"}), 400,
+         "output_expires_after.seconds", None),
         (create(input_file_id="file-nope"), 404, "id", "file-nope"),
         (create(input_file_id=upload([line("a", "hi")], "user_data")), 400, "input_file_id",
          "purpose"),
@@ -235,6 +243,21 @@ def test_bad_requests_name_the_field(client, server):
     for path in ("/v1/batches/batch_nope", "/v1/batches/batch_" + "0" * 32,
                  "/v1/files/file-nope"):  # fmt: skip
         assert httpx.get(server.url + path, headers=server.headers).status_code == 404
+
+
+def test_an_output_expiry_policy_is_accepted_as_openai_accepts_it(client):
+    """`output_expires_after` (the SDK's argument) is checked and kept; nothing expires here,
+    so the output file's `expires_at` stays null (a Batch object never shows the policy)."""
+    uploaded = client.files.create(file=("x.jsonl", jsonl([line("x", "hi", max_tokens=2)])),
+                                   purpose="batch")  # fmt: skip
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7 * 24 * 3600},
+    )  # fmt: skip
+    assert batch.status == "in_progress" and batch.request_counts.total == 1
+    done = wait_for(client, batch.id)
+    assert done.status == "completed"
+    assert client.files.retrieve(done.output_file_id).expires_at is None
 
 
 def test_keys_see_their_own_account_and_roles_hold(client, server):

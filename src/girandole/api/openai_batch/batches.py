@@ -1,7 +1,9 @@
 """OpenAI's Batch API, as the openai SDK's `client.batches` calls it (also under /inference/v1):
 
     POST /v1/batches               create: input_file_id, endpoint (chat, completions,
-                                   embeddings, responses), completion_window, metadata
+                                   embeddings, responses), completion_window, metadata,
+                                   output_expires_after (checked as OpenAI checks it, kept,
+                                   never applied: files here are kept until deleted)
     GET  /v1/batches               list, newest first (limit, after)
     GET  /v1/batches/{id}          the batch object
     POST /v1/batches/{id}/cancel   stop it; what is done stays in its output file
@@ -63,6 +65,15 @@ BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 MetadataKey = Annotated[str, Field(max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=512)]
+EXPIRY_ANCHOR = "created_at"  # the only anchor OpenAI offers: the output file's creation
+EXPIRY_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range: an hour to 30 days
+
+
+class OutputExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    anchor: str
+    seconds: int
 
 
 class BatchRequest(BaseModel):
@@ -72,6 +83,7 @@ class BatchRequest(BaseModel):
     endpoint: str
     completion_window: str
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    output_expires_after: OutputExpiresAfter | None = None
 
 
 router = APIRouter(tags=["batches"])
@@ -166,6 +178,25 @@ def batch_json(request: Request, account: str, job: dict[str, Any]) -> dict[str,
     }
 
 
+def check_expiry(expiry: OutputExpiresAfter | None) -> None:
+    """OpenAI's rules for `output_expires_after` (400 naming the field). The policy is then
+    kept with the batch but never applied: files here are kept until deleted."""
+    if expiry is None:
+        return
+    if expiry.anchor != EXPIRY_ANCHOR:
+        raise bad_request(
+            f"output_expires_after.anchor must be '{EXPIRY_ANCHOR}', got {expiry.anchor[:32]!r}",
+            "output_expires_after.anchor",
+        )
+    low, high = EXPIRY_SECONDS
+    if not low <= expiry.seconds <= high:
+        raise bad_request(
+            f"output_expires_after.seconds must be between {low} (1 hour) and {high} (30 days),"
+            f" got {expiry.seconds}",
+            "output_expires_after.seconds",
+        )
+
+
 def batch_model(request: Request, account: str, file_id: str, endpoint: str) -> tuple[str, int]:
     """The model every line of the file names, and the number of lines, after checking them
     all (a 400 naming `input_file_id` and the line)."""
@@ -220,6 +251,7 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
             f"completion_window must be '{WINDOW}', got {body.completion_window[:32]!r}",
             "completion_window",
         )
+    check_expiry(body.output_expires_after)
     # reading and checking up to 500 MB of lines takes seconds: off the event loop
     model, total = await asyncio.to_thread(
         batch_model, request, account, body.input_file_id, endpoint
@@ -240,6 +272,8 @@ async def create_batch(request: Request, account: str = KeyAccount) -> dict[str,
         "created_at": int(time.time()),
         "metadata": body.metadata,
     }
+    if body.output_expires_after is not None:  # kept, as OpenAI's Batch object never shows it
+        job["openai"]["output_expires_after"] = body.output_expires_after.model_dump()
     return batch_json(
         request, account, start_new_job(request, account, job_id, job, {output_id: (output, {})})
     )
