@@ -202,6 +202,36 @@ def test_sdk_upload_endpoint_under_inference(batch):
         fw.batch_inference_jobs.get("signed")
 
 
+def test_a_put_of_another_size_than_declared_is_a_400_naming_both(batch):
+    """The size given in filenameToSize holds the signed PUT to it (it was never checked: any
+    body was kept), whether the body's length is announced or it comes chunked."""
+    fw = batch.client()
+    fw.datasets.create(dataset_id="sized", dataset={})
+    data = jsonl([chat_line(i) for i in range(4)])
+    url = fw.datasets.get_upload_endpoint(
+        "sized", filename_to_size={"in.jsonl": len(data)}
+    ).filename_to_signed_urls["in.jsonl"]
+
+    def chunked(body: bytes):
+        yield body[:10]
+        yield body[10:]
+
+    for body, sent in (
+        (data + b"\n\n", f"{len(data) + 2} bytes"),  # Content-Length: refused before reading
+        (chunked(data[:-7]), f"{len(data) - 7} bytes"),
+        (chunked(data + b"more"), "more"),
+    ):
+        error = _error(httpx.put(url, content=body), 400, f"declared as {len(data)} bytes", sent)
+        assert error["param"] == "filenameToSize"
+    r = batch.http("POST", f"/v1/accounts/{ACCOUNT}/datasets/sized:validateUpload", json={})
+    _error(r, 400, "no file yet")  # none of them was kept
+    forged = url.replace(f"size={len(data)}", f"size={len(data) + 2}")
+    assert httpx.put(forged, content=data + b"\n\n").status_code == 403  # the size is signed
+    assert httpx.put(url, content=chunked(data)).status_code == 200
+    fw.datasets.validate_upload("sized", body={})
+    assert fw.datasets.get("sized").example_count == "4"
+
+
 def test_kill_halfway_and_resume(batch):
     """SIGKILL the server while a 500-line job runs; after a restart the job resumes and every
     custom_id is in the results exactly once."""
@@ -506,7 +536,8 @@ def test_a_dataset_changed_or_deleted_while_its_file_arrives(batch):
         if way == "upload":
             head, body = f"POST {datasets}/slow-{way}:upload HTTP/1.1\r\n{multipart}", form
         else:
-            urls = fw.datasets.get_upload_endpoint(f"slow-{way}", filename_to_size={"a.jsonl": 10})
+            sizes = {"a.jsonl": len(form)}
+            urls = fw.datasets.get_upload_endpoint(f"slow-{way}", filename_to_size=sizes)
             url = urls.filename_to_signed_urls["a.jsonl"]
             head, body = f"PUT {url.split(str(batch.server.port), 1)[1]} HTTP/1.1\r\n", form
         delete = lambda: fw.datasets.delete(f"slow-{way}")  # noqa: E731, B023

@@ -12,8 +12,9 @@
     GET    /v1/accounts/{a}/datasets/{d}:getDownloadEndpoint  signed GET URLs of its files
     PUT|GET /v1/accounts/{a}/datasets/{d}/files/{name}?expires=&signature=  the signed URLs
 
-also under /inference/v1. The signed URLs carry an HMAC of the method, the file and an expiry
-(an hour) made with a secret of this server process: they need no key, as a bucket's would not.
+also under /inference/v1. The signed URLs carry an HMAC of the method, the file, an expiry (an
+hour) and, for a PUT, the size declared in filenameToSize, made with a secret of this server
+process: they need no key, as a bucket's would not. A PUT of another size is a 400.
 """
 
 from __future__ import annotations
@@ -253,25 +254,33 @@ def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[],
 # -- signed file URLs --------------------------------------------------------------------------
 
 
-def _signature(method: str, account: str, dataset_id: str, filename: str, expires: int) -> str:
-    message = f"{method}\n{account}/{dataset_id}/{filename}\n{expires}".encode()
+def _signature(
+    method: str, account: str, dataset_id: str, filename: str, expires: int, size: int | None
+) -> str:
+    message = f"{method}\n{account}/{dataset_id}/{filename}\n{expires}\n{size}".encode()
     return hmac.new(_SECRET, message, hashlib.sha256).hexdigest()
 
 
-def signed_url(request: Request, method: str, account: str, dataset_id: str, name: str) -> str:
-    """The file's URL on this server as the client reached it (/v1 or /inference/v1)."""
+def signed_url(
+    request: Request, method: str, account: str, dataset_id: str, name: str,
+    size: int | None = None,
+) -> str:  # fmt: skip
+    """The file's URL on this server as the client reached it (/v1 or /inference/v1); a PUT's
+    carries the size declared for it (signed: the PUT is held to it)."""
     prefix = "/inference/v1" if request.url.path.startswith("/inference/") else "/v1"
     expires = int(time.time()) + URL_LIFETIME_S
-    signature = _signature(method, account, dataset_id, name, expires)
+    signature = _signature(method, account, dataset_id, name, expires, size)
     base = str(request.base_url).rstrip("/")
     path = f"{prefix}/accounts/{account}/datasets/{dataset_id}/files/{quote(name)}"
-    return f"{base}{path}?expires={expires}&signature={signature}"
+    sized = "" if size is None else f"&size={size}"
+    return f"{base}{path}?expires={expires}{sized}&signature={signature}"
 
 
 def check_signature(
-    method: str, account: str, dataset_id: str, name: str, expires: int, signature: str
-) -> None:
-    expected = _signature(method, account, dataset_id, name, expires)
+    method: str, account: str, dataset_id: str, name: str, expires: int, signature: str,
+    size: int | None = None,
+) -> None:  # fmt: skip
+    expected = _signature(method, account, dataset_id, name, expires, size)
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise APIError(403, "The URL's signature is not valid", code="PERMISSION_DENIED")
     if expires < time.time():
@@ -299,18 +308,32 @@ def file_too_large() -> APIError:
     )
 
 
+def wrong_size(name: str, declared: int, sent: str) -> APIError:
+    return bad_request(
+        f"The file {name!r} was declared as {declared} bytes in :getUploadEndpoint's"
+        f" filenameToSize, and the PUT sent {sent}: ask for a URL with its size",
+        "filenameToSize",
+    )
+
+
 async def receive_file(request: Request, store: BatchStore, account: str, dataset_id: str,
-                       name: str) -> int:  # fmt: skip
-    """Stream the request body into the dataset's file `name` (413 above the limit)."""
+                       name: str, declared: int | None = None) -> int:  # fmt: skip
+    """Stream the request body into the dataset's file `name` (413 above the limit; with
+    `declared`, the size filenameToSize gave it, a 400 for a body of another size)."""
     partial = store.partial_path()
     size = 0
+    limit = MAX_FILE_BYTES if declared is None else declared
     try:
         with open(partial, "wb") as f:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > MAX_FILE_BYTES:
+                if size > limit:
+                    if declared is not None:  # a chunked body: how much more is not known
+                        raise wrong_size(name, declared, f"more ({size} bytes so far)")
                     raise file_too_large()
                 f.write(chunk)
+            if declared is not None and size != declared:
+                raise wrong_size(name, declared, f"{size} bytes")
             f.flush()
             os.fsync(f.fileno())
         store.place_file(account, dataset_id, name, partial, still_open(store, account, dataset_id))
@@ -380,7 +403,7 @@ async def get_upload_endpoint(dataset_id: str, request: Request, account: str = 
                 f" {MAX_FILE_BYTES}, got {size!r}",
                 "filenameToSize",
             )
-        urls[name] = signed_url(request, "PUT", account, dataset_id, name)
+        urls[name] = signed_url(request, "PUT", account, dataset_id, name, int(size))
     return {"filenameToSignedUrls": urls}
 
 
@@ -423,15 +446,19 @@ async def get_download_endpoint(
 
 @router.put("/accounts/{account}/datasets/{dataset_id}/files/{filename}", include_in_schema=False)
 async def put_file(
-    account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str
-) -> Response:
-    check_signature("PUT", account, dataset_id, filename, expires, signature)
+    account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str,
+    size: int | None = None,
+) -> Response:  # fmt: skip
+    check_signature("PUT", account, dataset_id, filename, expires, signature, size)
     check_filename(filename)
     store = store_of(request)
     if store.get_dataset(account, dataset_id) is None:
         raise not_found(account, dataset_id)
     not_read_by_a_job(store, account, dataset_id)
-    await receive_file(request, store, account, dataset_id, filename)
+    length = request.headers.get("content-length")
+    if size is not None and length is not None and length.isdecimal() and int(length) != size:
+        raise wrong_size(filename, size, f"{int(length)} bytes")  # before reading any of it
+    await receive_file(request, store, account, dataset_id, filename, size)
     return Response(status_code=200)
 
 
