@@ -307,6 +307,31 @@ def test_cancel(batch):
     assert later.job_progress.total_processed_requests == processed  # nothing more ran
     files = batch.download(job.output_dataset_id)  # what was done is kept
     assert len(files["results.jsonl"]) == processed
+    assert fw.datasets.get(job.output_dataset_id.rsplit("/", 1)[-1]).state == "READY"
+    batch.server.wait_idle()
+
+
+def test_a_deleted_jobs_output_dataset_ends_ready_with_what_was_done(batch):
+    """Deleting a job (waiting or running) ends its output dataset as a cancel does: READY with
+    the lines done (it stayed UPLOADING for ever)."""
+    batch.upload("del-input", [chat_line(i) for i in range(300)])
+    fw = batch.client()
+    batch.start_job("del-running", "del-input", 8)
+    batch.start_job("del-waiting", "del-input", 8)  # jobs run one at a time: this one waits
+    batch.wait("del-running", lambda j: (j.job_progress.total_processed_requests or 0) >= 10)
+    assert fw.batch_inference_jobs.get("del-waiting").state == "JOB_STATE_PENDING"
+    for job_id in ("del-waiting", "del-running"):
+        fw.batch_inference_jobs.delete(job_id)
+        with pytest.raises(fireworks.NotFoundError):
+            fw.batch_inference_jobs.get(job_id)
+    waiting = fw.datasets.get("del-waiting-output")
+    assert (waiting.state, waiting.example_count) == ("READY", "0")
+    running = fw.datasets.get("del-running-output")
+    assert running.state == "READY" and int(running.example_count) >= 10
+    time.sleep(1.0)  # lines in flight when it was deleted: none is written after
+    results = batch.download(f"accounts/{ACCOUNT}/datasets/del-running-output")
+    assert len(results["results.jsonl"]) == int(running.example_count)
+    assert fw.datasets.get("del-running-output").example_count == running.example_count
     batch.server.wait_idle()
 
 

@@ -219,9 +219,17 @@ class BatchRunner:
         self, account: str, job_id: str, state: str, code: str = "OK", message: str = ""
     ) -> None:
         """Write the output dataset from the result rows, then the job's final state."""
+        if self.write_output(account, job_id) is None:
+            return
+        self._set_state(account, job_id, state, code, message)
+        logger.info("batch job %s/%s: %s", account, job_id, state)
+
+    def write_output(self, account: str, job_id: str) -> dict[str, Any] | None:
+        """Write the job's output dataset from its result rows, READY (left alone when it was
+        deleted); the job, None when it no longer exists."""
         body = self.store.get_job(account, job_id)
         if body is None:
-            return
+            return None
         output_id = body["outputDatasetId"].rsplit("/", 1)[-1]
         rows = self.store.write_outputs(account, job_id, output_id)
         dataset = self.store.get_dataset(account, output_id)
@@ -229,8 +237,7 @@ class BatchRunner:
             dataset["state"] = "READY"
             dataset["exampleCount"] = str(rows)
             self.store.save_dataset(account, output_id, dataset)
-        self._set_state(account, job_id, state, code, message)
-        logger.info("batch job %s/%s: %s", account, job_id, state)
+        return body
 
     async def _run_lines(self, job: _Job, pending: collections.deque[InputLine]) -> str | None:
         """Run the pending lines; the reason it stopped early (CANCELLED, "deleted"), or None."""

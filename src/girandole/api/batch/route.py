@@ -6,7 +6,8 @@
                                                                      filter, orderBy, readMask)
     GET    /v1/accounts/{a}/batchInferenceJobs/{j}                   get
     DELETE /v1/accounts/{a}/batchInferenceJobs/{j}                   stop it and delete it (its
-                                                                     output dataset stays)
+                                                                     output dataset stays, READY
+                                                                     with what was done)
     POST   /v1/accounts/{a}/batchInferenceJobs/{j}:cancel            stop it, keep what is done
 
 also under /inference/v1. Creating checks the whole input file (a 400 names the first bad line)
@@ -317,10 +318,26 @@ async def get_job(
 
 @router.delete("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Delete a batch job")
 async def delete_job(job_id: str, request: Request, account: str = Account) -> dict:
-    get_or_404(request, account, job_id)
-    runner_of(request).stop_job(account, job_id, "deleted")
+    end_before_delete(request, account, get_or_404(request, account, job_id))
     store_of(request).delete_job(account, job_id)
     return {}
+
+
+def end_before_delete(request: Request, account: str, body: dict[str, Any]) -> None:
+    """A job about to be deleted leaves its output dataset READY with what it wrote, as a
+    cancelled job's is (Fireworks keeps it so): deleted with the job, it would take the done
+    lines' results with it, and left as it was it would stay UPLOADING for ever. A job that has
+    not ended stops as a cancel stops it: no line's result is committed after its state is."""
+    job_id = body["name"].rsplit("/", 1)[-1]
+    store, runner = store_of(request), runner_of(request)
+    if body["state"] not in FINAL:
+        body["state"] = CANCELLED
+        body["status"] = {"code": "CANCELLED", "message": "deleted by the user"}
+        store.save_job(account, job_id, body)
+        runner.stop_job(account, job_id, "deleted")  # the runner writes nothing then
+    output = store.get_dataset(account, body["outputDatasetId"].rsplit("/", 1)[-1])
+    if output is not None and output.get("state") != "READY":  # a cancel not yet written too
+        runner.write_output(account, job_id)
 
 
 def install_batch(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> BatchRunner:
