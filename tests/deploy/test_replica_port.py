@@ -123,6 +123,37 @@ def test_abort_frees_the_replica(replica):
     remote.shutdown()
 
 
+def test_a_request_whose_caller_stops_reading_is_paused_on_its_replica(replica):
+    # before: the replica streamed the whole answer to the ingress, which held it in memory
+    # while the client read nothing (engine/backpressure.py)
+    remote = remote_of(replica, [])
+    engine = replica.engine
+    prompt = engine.tokenizer.encode("Once upon a time")
+    # a sampling mask: 4 unread outputs pause a request (64 without), so the test is short
+    params = SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, logprobs=0, sampling_mask="count"
+    )
+
+    async def main():
+        want = [t for o in await run(engine, prompt, params, "bp-local") for t in o.new_token_ids]
+        gen = remote.generate(prompt, params, "bp-remote")
+        got = list((await anext(gen)).new_token_ids)  # then nothing is read for a while
+        for _ in range(1000):
+            if engine.stats()["num_paused"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        made = engine.engine.seqs["bp-remote"].num_output_tokens
+        await asyncio.sleep(0.3)
+        assert engine.stats()["num_paused"] == 1
+        assert engine.engine.seqs["bp-remote"].num_output_tokens == made < params.max_tokens
+        async for out in gen:  # read: it goes on, and ends as the local engine's
+            got += out.new_token_ids
+        assert got == want and engine.stats()["num_paused"] == 0
+
+    asyncio.run(main())
+    remote.shutdown()
+
+
 def test_a_connection_without_the_token_is_closed(replica):
     with socket.create_connection((replica.host, replica.port), timeout=5) as sock:
         sock.sendall(encode(("hello", "not-the-token")))

@@ -10,7 +10,8 @@ import pytest
 from scheduler_helpers import make, scheduled, step
 
 from girandole import SamplingParams
-from girandole.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine, EngineConfig
+from girandole.engine.async_engine import AsyncEngine, EngineConfig
+from girandole.engine.backpressure import MAX_UNREAD_OUTPUTS
 from girandole.engine.sequence import Sequence, SequenceStatus
 
 

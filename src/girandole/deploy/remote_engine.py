@@ -9,6 +9,10 @@ back the same way. A replica that dies ends its requests with a 503 naming it.
 LoRA adapters loaded onto the deployment are kept here (name -> folder); a request for one
 carries the folder, and a replica that does not hold it yet reads it first
 (replica_adapters.py). The router prefers replicas that hold it (ray_router.py).
+
+A request whose caller leaves `unread_limit` outputs unread (engine/backpressure.py) is paused
+on its replica ("pause": the replica stops reading it, so its engine stops stepping it) until
+they are read down to half ("resume").
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from girandole.deploy.replica_wire import RemoteError, encode, hello, read_frame
+from girandole.engine.backpressure import MAX_UNREAD_OUTPUTS, unread_limit
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.protocol import AdapterNotLoadedError
 from girandole.sampling.compile_pool import CompilePool
@@ -88,6 +93,10 @@ class ReplicaAddress:
 @dataclass
 class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    limit: int = MAX_UNREAD_OUTPUTS  # unread items that pause the request on its replica
+    received: int = 0
+    read: int = 0
+    paused: bool = False
 
 
 @dataclass
@@ -145,6 +154,10 @@ class ReplicaConnection:
                         stream = self.streams.get(request_id)
                         if stream is not None:
                             stream.queue.put_nowait(item)
+                            stream.received += 1
+                            if not stream.paused and stream.received - stream.read >= stream.limit:
+                                stream.paused = True
+                                self._tell(("pause", request_id))
                 elif message[0] == "stats":
                     self.stats = message[1]
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
@@ -167,6 +180,19 @@ class ReplicaConnection:
         if self.closed or self._writer is None or self._writer.is_closing():
             raise ReplicaLost(f"replica {self.replica_id} is not reachable")
         self._writer.write(encode(message))
+
+    def _tell(self, message: Any) -> None:
+        """Send, where a lost replica is reported by its streams (from `_read`) anyway."""
+        with contextlib.suppress(ReplicaLost):
+            self.send(message)
+
+    def read_one(self, request_id: str, stream: _Stream) -> None:
+        """The caller took one of the request's items: resume it on its replica once half of
+        what paused it is read."""
+        stream.read += 1
+        if stream.paused and stream.received - stream.read <= stream.limit // 2:
+            stream.paused = False
+            self._tell(("resume", request_id))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -327,9 +353,11 @@ class RemoteEngine:
         request_id = request_id or f"remote-{next(_ids)}"
         prompt = list(prompt_token_ids)
         async with self._on_replica(prompt, request_id, kwargs) as call:
+            call.stream.limit = unread_limit(params)
             call.conn.send(("add", request_id, prompt, params, kwargs))
             while not call.finished:
                 item = await self._next(call)
+                call.conn.read_one(request_id, call.stream)
                 call.finished = item.finished
                 yield item
 

@@ -3,7 +3,10 @@ outputs straight from the engine, with no Ray hop per token (docs/deployments.md
 
 It runs an event loop on a thread of its own beside the engine's, so Ray's replica loop is never
 on the token path. Each connection multiplexes many requests (replica_wire.py); outputs of one
-engine step leave in one frame. A connection that closes aborts its requests.
+engine step leave in one frame. A connection that closes aborts its requests. The ingress
+may ask it to stop reading a request's outputs ("pause": its client does not read them) and to
+go on ("resume"); the engine pauses a request whose outputs are not read
+(engine/backpressure.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class _Connection:
         self.server = server
         self.writer = writer
         self.tasks: dict[str, asyncio.Task] = {}
+        self.flowing: dict[str, asyncio.Event] = {}  # cleared while the ingress paused a request
         self.pending: list[tuple[str, Any]] = []
         self.flush_scheduled = False
 
@@ -68,16 +72,29 @@ class _Connection:
             path = kwargs.pop("adapter_path", None)
             if path is not None:  # an adapter of the deployment, read here on first use
                 await self.server.adapters.ensure(kwargs["adapter"], path)
+            flowing = self.flowing[request_id] = asyncio.Event()
+            flowing.set()
             async for out in self.server.engine.generate(prompt, params, request_id, **kwargs):
                 self.server.num_generated_tokens += len(out.new_token_ids)
                 self.send(request_id, out)
+                await flowing.wait()
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - the ingress reports it to the client
             self.send(request_id, remote_error(exc))
         finally:
             self.tasks.pop(request_id, None)
+            self.flowing.pop(request_id, None)
             self.server.request_ended(request_id)
+
+    def set_flowing(self, request_id: str, flowing: bool) -> None:
+        event = self.flowing.get(request_id)
+        if event is None:
+            return
+        if flowing:
+            event.set()
+        else:
+            event.clear()
 
     async def load_adapter(self, request_id: str, name: str, path: str) -> None:
         """The ingress loads an adapter onto the deployment: this replica reads and checks it."""
@@ -178,6 +195,8 @@ class ReplicaServer:
                     task = conn.tasks.get(message[1])
                     if task is not None:
                         task.cancel()
+                elif message[0] in ("pause", "resume"):
+                    conn.set_flowing(message[1], message[0] == "resume")
                 elif message[0] == "lora":
                     _, request_id, name, path = message
                     self.active.add(request_id)

@@ -4,11 +4,10 @@ The loop thread owns the LLMEngine. Requests and aborts reach it through a comma
 outputs go back to each request's asyncio.Queue on the caller's event loop. Torch releases the
 GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
 
-Backpressure: a caller that does not take its outputs (a stream whose client stopped reading,
-so the server's writes wait) would otherwise have the engine generate its whole answer into
-memory. Once `unread_limit` outputs wait unread, the loop pauses the request (the scheduler no
-longer steps it, and its KV blocks go to whoever needs them: engine/scheduler.py); when the
-caller has read down to half of that, it asks the loop to resume it.
+Backpressure (engine/backpressure.py): once `unread_limit` outputs wait for a caller that does
+not take them (a stream whose client stopped reading), the loop pauses the request (the
+scheduler no longer steps it, and its KV blocks go to whoever needs them: engine/scheduler.py);
+when the caller has read down to half of that, it asks the loop to resume it.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from girandole.engine.backpressure import unread_limit
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.passing_thread import run_in_passing_thread
@@ -39,17 +39,6 @@ STOPPED_MESSAGE = (
     "the model's engine was stopped before the request finished (its deployment was deleted, "
     "scaled down or restarted, or the server is shutting down); send the request again"
 )
-
-
-# Outputs a request's caller may leave unread before the engine stops stepping the request: a
-# few seconds of tokens (the event loop of a busy server falls behind by a few steps at most).
-MAX_UNREAD_OUTPUTS = 64
-# ... and with a sampling mask, whose every output carries a vocabulary-sized array.
-MAX_UNREAD_MASKED_OUTPUTS = 4
-
-
-def unread_limit(params: SamplingParams) -> int:
-    return MAX_UNREAD_MASKED_OUTPUTS if params.sampling_mask else MAX_UNREAD_OUTPUTS
 
 
 @dataclass(eq=False)

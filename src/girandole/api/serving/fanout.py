@@ -15,7 +15,7 @@ output, so it suits only requests whose first output is their last (prefill-only
 
 A choice's pump stops taking its engine outputs while `MAX_QUEUED_OUTPUTS` of them wait for the
 response to take them (a stream whose client does not read): the engine then pauses the request
-(engine/async_engine.py) instead of the server holding everything it would generate.
+(engine/backpressure.py) instead of the server holding everything it would generate.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from girandole.api.serving.choice import Choice
+from girandole.engine.backpressure import MAX_QUEUED_OUTPUTS
 from girandole.engine.outputs import RequestOutput
 from girandole.engine.protocol import EngineClient
 
 logger = logging.getLogger("girandole.api")
 
 _DONE = object()
-MAX_QUEUED_OUTPUTS = 4  # per choice, waiting for the response to take them
 
 
 class Observer(Protocol):
