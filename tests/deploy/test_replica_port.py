@@ -249,6 +249,43 @@ def test_a_replica_that_went_away_leaves_no_connection_or_socket(replica):
     asyncio.run(cycle())
 
 
+def test_the_describing_replicas_stats_go_with_it(replica):
+    """The stats a replica gave when it described the deployment stand in for it until its
+    connection reports. Before: when it went away after that connection opened and before a read
+    saw it report, they stayed in stats() (on /health) for good, beside the live stats of the
+    replicas that took the requests."""
+    engine = replica.engine
+    prompt = engine.tokenizer.encode("Hello")
+    first = ReplicaServer(engine).start()
+    described = {"host": first.host, "port": first.port, "token": first.token,
+                 "replica_id": "first", "stats": {**engine.stats(), "num_requests": 0}}  # fmt: skip
+
+    async def acquire(prompt, request_id, kwargs):
+        return Lease(replica.host, replica.port, replica.token)  # every request: another one
+
+    remote = RemoteEngine(
+        engine.model_config, engine.tokenizer, engine.max_model_len, acquire, described=described
+    )
+
+    async def scenario() -> tuple[dict, dict]:
+        at_start = remote.replica_stats()  # its description; the watch connects to it
+        await remote._watch
+        await asyncio.to_thread(first.stop)
+        for _ in range(100):  # until the ingress has read the end of the stream
+            if (first.host, first.port) not in remote.connections:
+                break
+            await asyncio.sleep(0.02)
+        await run(remote, prompt, SamplingParams(max_tokens=2), "elsewhere")
+        return at_start, remote.replica_stats()
+
+    try:
+        at_start, later = asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        remote.shutdown()
+    assert set(at_start) == {"first"} and at_start["first"]["num_requests"] == 0
+    assert set(later) == {"r0"}, later  # the replica that served; the one gone, gone
+
+
 class _Session:
     """A Serve `session` call (DeploymentResponseGenerator): yields where to send the request,
     or, like a call routed to a stopped replica, never answers."""

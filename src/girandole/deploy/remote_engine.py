@@ -409,8 +409,8 @@ class RemoteEngine:
         replicas = {c.replica_id: dict(c.stats) for c in self.connections.values() if not c.closed}
         described = self._described
         if described is not None:
-            if replicas.get(described["replica_id"]):  # its connection reports
-                self._described = None
+            if replicas.get(described["replica_id"]) or self._watch_ended(described):
+                self._described = None  # live numbers from here, or the replica is gone
             else:
                 self._watch_described(described)
                 replicas[described["replica_id"]] = dict(described.get("stats") or {})
@@ -422,6 +422,17 @@ class RemoteEngine:
             for key, value in stats.items():
                 total[key] = total.get(key, 0) + value
         return total
+
+    def _watch_ended(self, described: dict[str, Any]) -> bool:
+        """The watch of the describing replica is over and no connection to it is open: it
+        failed, timed out, or the replica went away (its connection closed) before a read of
+        the stats saw it report. Before, its start-up stats then stayed in stats() for good
+        (on /health, beside the live ones of the replicas that took the requests)."""
+        watch = self._watch
+        if watch is None or not watch.done():
+            return False
+        conn = self.connections.get((described["host"], described["port"]))
+        return conn is None or conn.closed
 
     def _watch_described(self, described: dict[str, Any]) -> None:
         """Connect to the replica that described the deployment, whose stats then come every
@@ -438,7 +449,9 @@ class RemoteEngine:
 
         async def watch() -> None:
             try:
-                await self._connection(address)
+                # bounded: a connect to a node gone away may hang for minutes (TCP's timeout)
+                async with asyncio.timeout(self.replica_silence_s):
+                    await asyncio.shield(self._connection(address))
             except Exception:  # noqa: BLE001 - gone already: its description is no news
                 self._described = None
 
