@@ -31,6 +31,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 ACCOUNT = "acme"
 MODEL = f"accounts/{ACCOUNT}/models/tiny-llama"
+PAIR = f"accounts/{ACCOUNT}/deployments/pair"
 LONG = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
 
 # Serve's autoscaling metrics every half second (the defaults suit minutes-long windows); the
@@ -133,6 +134,23 @@ def plane(tmp_path_factory):
     p.close()
 
 
+@pytest.fixture
+def pair(plane) -> str:
+    """Deployment `pair` of two replicas (one per node), both ready; its name. Made by the first
+    test that asks for it and kept for the next ones (a module's worth of starts saved), made
+    again after a test deleted it: each test runs alone as well as in the module."""
+    fw = plane.fw()
+    try:
+        if fw.deployments.get("pair").state == "DELETED":
+            fw.deployments.undelete("pair", body={})
+    except fireworks.NotFoundError:
+        fw.deployments.create(
+            base_model=MODEL, deployment_id="pair", min_replica_count=2, max_replica_count=2
+        )
+    plane.wait("pair", 2)
+    return PAIR
+
+
 def replica_pids(app: str) -> list[int]:
     """The processes of an application's replicas (Ray titles them ray::ServeReplica:<app>)."""
     out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:"], capture_output=True, text=True)
@@ -153,12 +171,8 @@ def test_own_model_runs_on_a_replica(plane):
     assert health["status"] == "ready" and "num_running" in health["engine"]
 
 
-def test_two_replicas_one_per_node_and_routing(plane):
-    fw = plane.fw()
-    fw.deployments.create(
-        base_model=MODEL, deployment_id="pair", min_replica_count=2, max_replica_count=2
-    )
-    d = plane.wait("pair", 2)
+def test_two_replicas_one_per_node_and_routing(plane, pair):
+    d = plane.get("pair")
     assert d.replica_stats.ready_replica_count == 2
     pids = replica_pids(f"girandole--{ACCOUNT}--pair")
     assert len(pids) == 2
@@ -167,18 +181,17 @@ def test_two_replicas_one_per_node_and_routing(plane):
     assert len(nodes) == 2, nodes
 
     by_model = plane.complete(MODEL, "Once upon", max_tokens=5, temperature=0)
-    by_name = plane.complete(f"{MODEL}#accounts/{ACCOUNT}/deployments/pair", "Once upon",
-                             max_tokens=5, temperature=0)  # fmt: skip
+    by_name = plane.complete(f"{MODEL}#{pair}", "Once upon", max_tokens=5, temperature=0)
     by_header = plane.http(
         "POST", "/v1/completions",
         json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0},
-        headers={"fireworks-deployment": f"accounts/{ACCOUNT}/deployments/pair"},
+        headers={"fireworks-deployment": pair},
     )  # fmt: skip
     texts = {r.json()["choices"][0]["text"] for r in (by_model, by_name, by_header)}
     assert [r.status_code for r in (by_model, by_name, by_header)] == [200, 200, 200]
     assert len(texts) == 1  # greedy: every replica answers the same
     listed = {m.id for m in plane.oai().models.list()}
-    assert f"{MODEL}#accounts/{ACCOUNT}/deployments/pair" in listed
+    assert f"{MODEL}#{pair}" in listed
 
     cli = girandole("deployment", "list", "--base-url", plane.server.url,
                     "--api-key", plane.key, "--account", ACCOUNT)  # fmt: skip
@@ -191,12 +204,11 @@ def _node_of(pid: int) -> int:
     return ppid
 
 
-def test_prefix_goes_to_the_replica_that_cached_it(plane):
+def test_prefix_goes_to_the_replica_that_cached_it(plane, pair):
     shared = " ".join(f"w{i}" for i in range(120))
     cached = []
     for suffix in ("alpha", "beta", "gamma", "delta"):
-        r = plane.complete(f"{MODEL}#accounts/{ACCOUNT}/deployments/pair",
-                           f"{shared} {suffix}", max_tokens=2)  # fmt: skip
+        r = plane.complete(f"{MODEL}#{pair}", f"{shared} {suffix}", max_tokens=2)
         assert r.status_code == 200, r.text
         cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached[0] == 0 and all(c >= 64 for c in cached[1:]), cached
@@ -212,11 +224,9 @@ def _replica_series(plane, metric: str, deployment: str) -> dict[str, float]:
     return out
 
 
-def test_each_replica_counts_the_requests_it_took(plane):
+def test_each_replica_counts_the_requests_it_took(plane, pair):
     # how the load spread over the replicas, for an operator (and benchmarks/soak.py's
     # per-replica report): before, /metrics had each replica's load now, not what it served
-    pair = f"accounts/{ACCOUNT}/deployments/pair"
-    plane.wait("pair", 2)
     assert plane.complete(f"{MODEL}#{pair}", "warm", max_tokens=1).status_code == 200
     metric = "girandole:requests_total"
     deadline = time.monotonic() + 30
@@ -272,7 +282,7 @@ def _server_warnings(plane) -> str:
     return "\n".join(lines[-25:])
 
 
-def test_lora_adapter_on_two_replicas(plane):
+def test_lora_adapter_on_two_replicas(plane, pair):
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -286,7 +296,6 @@ def test_lora_adapter_on_two_replicas(plane):
     hf = AutoModelForCausalLM.from_pretrained(plane.tiny).float().eval()
     helpers.write_peft_adapter(hf, folder, rank=8, alpha=16, seed=3, std=0.3)
     adapter = f"accounts/{ACCOUNT}/models/lora-ray"
-    pair = f"accounts/{ACCOUNT}/deployments/pair"
     embedded_data = plane.tmp / "embedded-data"
     for data in (plane.data, embedded_data):
         added = girandole("models", "add", "--data-dir", str(data), "--account", ACCOUNT,
@@ -316,7 +325,6 @@ def test_lora_adapter_on_two_replicas(plane):
         stop_server(embedded)
 
     base_model = f"{MODEL}#{pair}"
-    plane.wait("pair", 2)
     for i in range(4):  # short prompts, no shared prefix: by load, so both replicas are connected
         assert plane.complete(base_model, f"base {i}", max_tokens=2).status_code == 200
     _wait_gauges(plane, pair, lambda g: len(g) == 2)
@@ -342,9 +350,8 @@ def test_lora_adapter_on_two_replicas(plane):
     assert gone.status_code == 404, gone.text
 
 
-def test_replica_killed_under_load(plane):
-    name = f"{MODEL}#accounts/{ACCOUNT}/deployments/pair"
-    plane.wait("pair", 2)
+def test_replica_killed_under_load(plane, pair):
+    name = f"{MODEL}#{pair}"
     before = _usage_rows(plane)
 
     async def stream(i: int):
@@ -373,7 +380,7 @@ def test_replica_killed_under_load(plane):
         gauges.extend(
             line for line in text.splitlines()
             if line.startswith("girandole:num_requests_running")
-            and f'deployment="accounts/{ACCOUNT}/deployments/pair"' in line
+            and f'deployment="{pair}"' in line
         )  # fmt: skip
         pids = replica_pids(f"girandole--{ACCOUNT}--pair")
         os.kill(pids[0], signal.SIGKILL)
@@ -663,13 +670,13 @@ def test_a_local_ray_server_starts_a_cluster_of_its_own_beside_another(plane, tm
     assert r.status_code == 200, r.text
 
 
-def test_delete_takes_the_replicas_away(plane):
+def test_delete_takes_the_replicas_away(plane, pair):
     # streams running when the deployment is deleted end with the embedded backend's 503, which
     # says why; before: "replica ... stopped (the ingress closed the connection): ... retry it
     # (another replica serves it)", while a retry got 404
     client = openai.OpenAI(api_key=plane.key, base_url=plane.server.url + "/v1", max_retries=0)
     stream = client.completions.create(
-        model=f"{MODEL}#accounts/{ACCOUNT}/deployments/pair", prompt="a long story", stream=True,
+        model=f"{MODEL}#{pair}", prompt="a long story", stream=True,
         max_tokens=4000, temperature=0, extra_body={"ignore_eos": True},
     )  # fmt: skip
     next(iter(stream))
