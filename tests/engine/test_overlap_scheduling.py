@@ -44,10 +44,17 @@ def engines(tiny_llama_dir):
     return _engine(tiny_llama_dir, False), _engine(tiny_llama_dir, True)
 
 
-def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, list] | None = None):
-    """Run requests that arrive at given steps (and aborts at given steps) to completion.
+def _drive(
+    engine: LLMEngine,
+    arrivals: dict[int, list],
+    aborts: dict[int, list] | None = None,
+    pauses: dict[int, list] | None = None,
+):
+    """Run requests that arrive at given steps (and aborts at given steps) to completion;
+    `pauses`: (request id, "pause" or "resume") at given steps (backpressure).
     Returns per request: tokens, text, finish reason, stop reason, usage; and every output."""
     aborts = aborts or {}
+    pauses = pauses or {}
     got: dict[str, dict] = {}
     log: list = []
 
@@ -64,7 +71,7 @@ def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, list]
             r["usage"] = (out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens)
 
     step = 0
-    last = max([*arrivals, *aborts])
+    last = max([*arrivals, *aborts, *pauses])
     while step <= last or engine.has_unfinished_requests():
         for rid, prompt, params in arrivals.get(step, []):
             engine.add_request(rid, prompt, params)
@@ -72,6 +79,8 @@ def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, list]
             out = engine.abort(rid)
             if out is not None:
                 record(out)
+        for rid, action in pauses.get(step, []):
+            getattr(engine, action)(rid)
         for out in engine.step():
             record(out)
         step += 1
@@ -178,6 +187,29 @@ def test_preemption_under_overlap(tiny_llama_dir):
     _, overlapped = _both(pair, arrivals)
     assert overlapped > 0
     assert pair[0].stats()["num_preemptions"] > 0 and pair[1].stats()["num_preemptions"] > 0
+
+
+def test_a_row_paused_with_its_token_in_flight_goes_on_where_it_stopped(tiny_llama_dir):
+    """Backpressure (engine/backpressure.py) pauses a row between steps, while its token is in
+    flight; paused, it is parked for a newcomer's blocks, and once resumed it ends with exactly
+    the tokens of a row never paused. A paused row that is aborted frees its blocks."""
+    small = dict(kv_cache_gb=0.00003)  # 15 blocks of 4 tokens
+    pair = (_engine(tiny_llama_dir, False, **small), _engine(tiny_llama_dir, True, **small))
+    arrivals = {0: [("p", PROMPTS[0], _greedy(16)), ("q", PROMPTS[3], _greedy(16))]}
+    want, _ = _drive(pair[0], arrivals)
+    arrivals = {**arrivals, 6: [("late", PROMPTS[1][:30], _greedy(4))]}
+    pauses = {3: [("p", "pause")], 12: [("p", "resume")]}
+    for engine in pair:
+        got, log = _drive(engine, arrivals, pauses=pauses)
+        for rid in "pq":  # usage aside: a later run finds its prompt in the prefix cache
+            assert {**got[rid], "usage": None} == {**want[rid], "usage": None}
+        ends = [o.request_id for o in log if o.finished]
+        assert ends.index("q") < ends.index("p")  # p waited
+        assert engine.stats()["num_paused"] == 0
+    parked = pair[1].stats()["num_preemptions"]
+    assert parked > 0  # the newcomer took the paused row's blocks
+    got, _ = _drive(pair[1], arrivals, aborts={8: ["p"]}, pauses={3: [("p", "pause")]})
+    assert got["p"]["finish"][0] == "abort" and got["q"]["tokens"] == want["q"]["tokens"]
 
 
 def _texts(engine: LLMEngine, tokens: list[int]) -> list[str]:
