@@ -21,6 +21,7 @@ from girandole.api.http.sse import DONE, sse_event
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
+from girandole.api.serving.response_size import ResponseSize
 from girandole.api.serving.usage import Usage, count_usage, perf_metrics
 from girandole.sampling.grammar import GrammarSpec
 
@@ -134,18 +135,14 @@ def finish_metrics(job: Job) -> Usage:
     return usage
 
 
-async def read_all(fanout: ChoiceFanout, max_bytes: int | None = None) -> None:
+async def read_all(fanout: ChoiceFanout, size: ResponseSize | None = None) -> None:
     """Read every engine output into its choice (a whole response); engine errors as 4xx/5xx.
-    A response growing past `max_bytes` (estimated) is a 400, its engine requests aborted: a
-    body is held whole in memory, several times its size as Python objects, until written."""
-    size = 0
+    A response growing past `size.max_bytes` is a 400, its engine requests aborted
+    (`girandole.api.serving.response_size`)."""
+    size = size or ResponseSize(None)
     try:
         async for choice, out in fanout.events():
-            before = choice.json_size
-            choice.add(out)
-            size += choice.json_size - before
-            if max_bytes is not None and size > max_bytes:
-                raise response_too_large(max_bytes)
+            size.read(choice, out)
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -154,17 +151,9 @@ async def read_all(fanout: ChoiceFanout, max_bytes: int | None = None) -> None:
         fanout.close()
 
 
-def response_too_large(max_bytes: int) -> APIError:
-    return bad_request(
-        f"The response grew larger than this server's limit of {max_bytes} bytes for a"
-        " whole (non-streamed) response (--max-response-bytes): stream it (stream: true), or"
-        " ask for fewer choices (n), tokens (max_tokens), logprobs or sampling_mask ids"
-    )
-
-
 async def collect(job: Job, shape: ResponseShape, fanout: ChoiceFanout) -> dict[str, Any]:
     """The whole (non-streamed) response body."""
-    await read_all(fanout, job.max_response_bytes)
+    await read_all(fanout, ResponseSize(job.max_response_bytes))
 
     def shaped() -> list[dict[str, Any]]:
         bodies = []
@@ -208,7 +197,8 @@ async def stream(
         return body
 
     unfinished = len(job.choices)
-    held = 0  # bytes raw_output holds until the finish chunks
+    # raw_output holds every position until the finish chunks: bounded as a body is
+    held = ResponseSize(job.max_response_bytes if opts.raw_output else None)
     separate = job.include_usage and usage_placement != "finish"
     try:
         for c in sorted(job.choices, key=lambda c: c.index):
@@ -216,12 +206,7 @@ async def stream(
             if opening is not None:
                 yield chunk([with_prompt_ids(c, _choice(c, opening))])
         async for c, out in fanout.events():
-            before = c.json_size
-            update = c.add(out)
-            if opts.raw_output:  # held for the finish chunks' raw_output: bounded as a body is
-                held += c.json_size - before
-                if job.max_response_bytes is not None and held > job.max_response_bytes:
-                    raise response_too_large(job.max_response_bytes)
+            update = held.read(c, out)
             if job.buffer is not None:  # coalesced: held until due (all of it at the finish)
                 update = job.buffer.push(c.index, update, out.finished)
                 if update is None:
