@@ -1,21 +1,26 @@
 """What one client can make the server hold: a whole response's size (`--max-response-bytes`).
 
 The server serves a tiny random Llama (320 tokens, no keys) with a small response limit, so a
-request of a few choices with logprobs and listed sampling masks passes it in a few tokens.
+request of a few choices with logprobs and listed sampling masks passes it in a few tokens;
+another has a limit of a few words, for Anthropic's Messages and OpenAI's Responses (no `n`, no
+sampling masks: only their text and logprobs grow).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
+import anthropic
 import httpx
+import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from api_helpers import api_conftest  # noqa: E402
+from api_helpers import api_conftest, named_events  # noqa: E402
 
 MODEL = "accounts/testing/models/tiny-llama"
 RESPONSE_LIMIT = 200_000
@@ -108,6 +113,105 @@ def test_a_stream_holding_raw_output_past_the_limit_ends_with_an_error_event(sma
                 events.append(json.loads(line[len("data: ") :]))
     assert "--max-response-bytes" in events[-1]["error"]["message"]
     small.wait_idle(timeout=90)
+
+
+# -- Messages and Responses ---------------------------------------------------------------------
+
+WORDS_LIMIT = 100  # bytes: a few words of text, less than one token's top_logprobs
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    conftest = api_conftest()
+    tmp = tmp_path_factory.mktemp("words")
+    model = conftest.write_tiny_llama_for_ops(tmp / "llama")
+    srv = conftest.start_server(
+        tmp, "--model", str(model), "--model-id", "tiny-llama", "--account", "testing",
+        "--kv-cache-gb", "0.02", "--max-response-bytes", str(WORDS_LIMIT), api_key=None,
+    )  # fmt: skip
+    yield srv
+    conftest.stop_server(srv)
+
+
+def openai_client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+# greedy: the random model does not end its turn (about a character a token)
+CHAT = {"model": MODEL, "temperature": 0}
+# the SDK has no temperature argument any more: sent as extra_body
+MESSAGE = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+           "extra_body": {"temperature": 0}}  # fmt: skip
+LOGPROBS = {**CHAT, "input": "hi", "top_logprobs": 5, "include": ["message.output_text.logprobs"]}
+
+
+def test_a_whole_message_past_the_limit_is_anthropics_400_and_a_stream_is_not_bounded(words):
+    client = anthropic.Anthropic(base_url=words.url, api_key="unused", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(**MESSAGE, max_tokens=400)
+    error = caught.value.body
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    message = error["error"]["message"]
+    assert f"limit of {WORDS_LIMIT} bytes" in message and "--max-response-bytes" in message
+    assert "stream" in message and "(max_tokens)" in message and "choices (n)" not in message
+    words.wait_idle(timeout=90)  # its generation was stopped
+    within = client.messages.create(**MESSAGE, max_tokens=8)
+    assert within.stop_reason == "max_tokens" and within.usage.output_tokens == 8
+    # a stream holds no body: the same request streams whole
+    with client.messages.stream(**MESSAGE, max_tokens=160) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.usage.output_tokens == 160
+    assert len(streamed.content[0].text.encode()) > WORDS_LIMIT
+
+
+def test_a_response_past_the_limit_is_a_400_and_is_not_stored(words):
+    client = openai_client(words)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(**LOGPROBS, max_output_tokens=64, store=True)
+    message = caught.value.message
+    assert f"limit of {WORDS_LIMIT} bytes" in message and "--max-response-bytes" in message
+    assert "max_output_tokens" in message and "top_logprobs" in message
+    response_id = caught.value.response.json()["request_id"]  # the response's id
+    assert response_id.startswith("resp_")
+    with pytest.raises(openai.NotFoundError):  # nothing stored, not even a part of it
+        client.responses.retrieve(response_id)
+    words.wait_idle(timeout=90)
+    within = client.responses.create(**CHAT, input="hi", max_output_tokens=4, store=True)
+    assert within.status == "incomplete" and within.usage.output_tokens == 4
+    assert client.responses.retrieve(within.id).output_text == within.output_text
+
+
+def test_a_streamed_response_past_the_limit_ends_with_an_error_event_and_is_not_stored(words):
+    """Its response.completed event would repeat the whole response: held as a body is."""
+    events = named_events(words, "/v1/responses", {**LOGPROBS, "max_output_tokens": 64,
+                                                   "stream": True})  # fmt: skip
+    name, error = events[-1]
+    assert name == "error" and "--max-response-bytes" in error["message"], events[-1]
+    assert "response.completed" not in [name for name, _ in events]
+    response_id = events[0][1]["response"]["id"]
+    r = httpx.get(f"{words.url}/v1/responses/{response_id}", timeout=30)
+    assert r.status_code == 404, r.text
+    words.wait_idle(timeout=90)
+
+
+def test_a_background_response_past_the_limit_fails_keeping_no_output(words):
+    client = openai_client(words)
+    queued = client.responses.create(**LOGPROBS, max_output_tokens=64, background=True)
+    deadline = time.monotonic() + 90
+    while (r := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, r.status
+        time.sleep(0.05)
+    assert r.status == "failed" and r.error.code == "invalid_prompt"
+    assert "--max-response-bytes" in r.error.message and "top_logprobs" in r.error.message
+    assert r.output == []  # none of it kept: a half would be read back as if whole
+    assert r.usage.output_tokens < 64  # its generation stopped where it passed the limit
+
+
+def test_a_response_with_logprobs_within_the_limit_is_whole(small):
+    r = openai_client(small).responses.create(**LOGPROBS, max_output_tokens=8)
+    assert r.status == "incomplete" and r.usage.output_tokens == 8
+    (part,) = r.output[-1].content
+    assert len(part.logprobs) == 8 and all(len(e.top_logprobs) == 5 for e in part.logprobs)
 
 
 # -- logit_bias ---------------------------------------------------------------------------------

@@ -211,8 +211,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--max-response-bytes",
         type=int_value("MAX_RESPONSE_BYTES", 1),
         default=env_default("MAX_RESPONSE_BYTES", str(256 * 1024 * 1024)),
-        help="a whole (non-streamed) response growing larger is a 400, its generation stopped"
-        " [GIRANDOLE_MAX_RESPONSE_BYTES]",
+        help="a whole (non-streamed) response, or a Responses API one streamed or not, growing"
+        " larger is a 400, its generation stopped [GIRANDOLE_MAX_RESPONSE_BYTES]",
     )
     p.add_argument(
         "--mcp-allowed-hosts",

@@ -37,7 +37,7 @@ class ServerSettings:
     # GPU: schedule step N+1 while step N runs (None: on; False: --no-overlap-scheduling)
     overlap_scheduling: bool | None = None
     max_request_bytes: int = 16 * 1024 * 1024
-    # a whole (non-streamed) response growing larger is a 400 (girandole.api.serving.response)
+    # a response held whole growing larger is a 400 (girandole.api.serving.response_size)
     max_response_bytes: int = 256 * 1024 * 1024
     # Where streamed usage goes: "separate" = a final chunk with `choices: []` before [DONE]
     # (Fireworks' 2026 spec); "finish" = on each choice's finish chunk (the 2025 recordings).

@@ -16,6 +16,7 @@ from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
+from girandole.api.serving.response_size import MESSAGES_ADVICE, ResponseSize
 from girandole.api.serving.usage import Usage
 
 # APIError.type (and status) -> Anthropic's error type
@@ -107,7 +108,7 @@ class MessagesShape(TranslatedShape):
         }
 
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
-        await read_all(fanout)
+        await read_all(fanout, ResponseSize(job.max_response_bytes, advice=MESSAGES_ADVICE))
         (choice,) = job.choices
         blocks = self.output_blocks()
         self.feed(blocks, choice, choice.full_text, True)

@@ -46,6 +46,7 @@ from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import start_job
 from girandole.api.serving.response import engine_error
+from girandole.api.serving.response_size import ResponseTooLarge
 from girandole.api.serving.usage import Usage
 from girandole.registry.responses import ResponseStore
 
@@ -239,7 +240,10 @@ class BackgroundResponses:
             if state.ops.draining:  # cut by the drain deadline: the server's stop ended it
                 error = APIError(503, STOPPED, type="server_error")
             record.status = error.status_code
-            body = failed(shape.response(job, "failed", shape.output_so_far(), _usage(record)))
+            # a response past --max-response-bytes keeps none of its output: a stored half of
+            # it would be up to that size, to be read back and chained from as if whole
+            output = [] if isinstance(exc, ResponseTooLarge) else shape.output_so_far()
+            body = failed(shape.response(job, "failed", output, _usage(record)))
             body["error"] = error_json(error)
             store.update(run.account, body)
             run.log.add("response.failed", {"response": body})

@@ -29,6 +29,7 @@ from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.logprobs import content_format
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
+from girandole.api.serving.response_size import RESPONSES_ADVICE, RESPONSES_WHOLE, ResponseSize
 from girandole.api.serving.usage import Usage, sum_usage
 from girandole.registry.conversation_refs import ConversationSnapshot
 
@@ -356,11 +357,17 @@ class ResponsesShape(TranslatedShape):
 
     # -- the loops ---------------------------------------------------------------------------
 
+    @staticmethod
+    def response_size(job: Job) -> ResponseSize:
+        """The bound of the whole response, all its rounds together: streamed or not, it is
+        held whole for `response.completed` (and saved so when stored or in the background)."""
+        return ResponseSize(job.max_response_bytes, RESPONSES_WHOLE, RESPONSES_ADVICE)
+
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
-        first = job
+        first, size = job, self.response_size(job)
         try:
             while True:
-                await read_all(fanout)
+                await read_all(fanout, size)
                 choice, blocks = self.start_round(job)
                 self.feed(blocks, choice, choice.full_text, True)
                 runs = self.end_round(job, blocks)
@@ -399,7 +406,7 @@ class ResponsesShape(TranslatedShape):
     async def events(self, job: Job, fanout: ChoiceFanout) -> AsyncIterator[Event]:
         """The events of a response's output, from its first item to `response.completed`
         (whatever its status: the SDK's stream helper waits for that event)."""
-        first = job
+        first, size = job, self.response_size(job)
         try:
             for index, item in enumerate(self.conversation.prelude):
                 for event in prelude_events(index, item):
@@ -407,7 +414,7 @@ class ResponsesShape(TranslatedShape):
             while True:
                 choice, blocks = self.start_round(job)
                 async for c, out in fanout.events():
-                    update = c.add(out)
+                    update = size.read(c, out)
                     for what, block, text in self.feed(blocks, c, update.text, out.finished):
                         for event in self.block_events(what, block, text, blocks):
                             yield event
