@@ -65,6 +65,10 @@ message, empty content, input_tokens), `ping`, then per block `content_block_sta
 fragments) and `content_block_stop` (a thinking block: `thinking_delta`s; no `signature_delta`), then `message_delta` (stop_reason, stop_sequence, usage)
 and `message_stop`. An error after the stream began is an `error` event.
 
+A whole (non-streamed) message growing past `--max-response-bytes` is a 400 naming the limit,
+`stream` and `max_tokens`, its generation stopped (`girandole.api.serving.response_size`); a
+stream holds no body and is not bounded.
+
 Errors on this route have Anthropic's shape: `{"type": "error", "error": {"type":
 "invalid_request_error", "message": ...}, "request_id"}` (types by status: 401
 authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error, 503

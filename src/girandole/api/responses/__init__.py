@@ -93,6 +93,12 @@ ends otherwise, `until_done()` does not). An error
 after the stream began is an `error` event (`code`, `message`, `param`). A stored streamed
 response is saved when it completes.
 
+Size: streamed or not, a response is held whole (`response.completed` carries it all), so one
+growing past `--max-response-bytes` (text and logprobs of all its rounds) is a 400 naming the
+limit, `max_output_tokens` and `top_logprobs`, its generation stopped (streamed: that `error`
+event, no `response.completed`); it is not stored. A background one ends `failed`, `output: []`
+(`girandole.api.serving.response_size`).
+
 Stored responses (`route.py`; the key's account only, an open server's shared): `GET
 /v1/responses/{id}`, `DELETE /v1/responses/{id}` (`{"id", "object": "response.deleted",
 "deleted": true}`), `GET /v1/responses?limit&after&before` (newest first: `{"object": "list",
