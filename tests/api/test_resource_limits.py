@@ -111,7 +111,8 @@ def test_a_stream_holding_raw_output_past_the_limit_ends_with_an_error_event(sma
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[len("data: ") :]))
-    assert "--max-response-bytes" in events[-1]["error"]["message"]
+    message = events[-1]["error"]["message"]
+    assert "--max-response-bytes" in message and "raw_output" in message
     small.wait_idle(timeout=90)
 
 

@@ -21,7 +21,7 @@ from girandole.api.http.sse import DONE, sse_event
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
-from girandole.api.serving.response_size import ResponseSize
+from girandole.api.serving.response_size import RAW_OUTPUT, RAW_OUTPUT_ADVICE, ResponseSize
 from girandole.api.serving.usage import Usage, count_usage, perf_metrics
 from girandole.sampling.grammar import GrammarSpec
 
@@ -198,7 +198,8 @@ async def stream(
 
     unfinished = len(job.choices)
     # raw_output holds every position until the finish chunks: bounded as a body is
-    held = ResponseSize(job.max_response_bytes if opts.raw_output else None)
+    limit = job.max_response_bytes if opts.raw_output else None
+    held = ResponseSize(limit, RAW_OUTPUT, RAW_OUTPUT_ADVICE)
     separate = job.include_usage and usage_placement != "finish"
     try:
         for c in sorted(job.choices, key=lambda c: c.index):

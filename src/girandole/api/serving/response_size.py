@@ -20,10 +20,15 @@ COMPLETIONS_ADVICE = (
     "stream it (stream: true), or ask for fewer choices (n), tokens (max_tokens), logprobs or"
     " sampling_mask ids"
 )
+RAW_OUTPUT_ADVICE = (
+    "leave out raw_output, or ask for fewer choices (n), tokens (max_tokens), logprobs or"
+    " sampling_mask ids"
+)
 MESSAGES_ADVICE = "stream it (stream: true), or ask for fewer tokens (max_tokens)"
 RESPONSES_ADVICE = "ask for fewer tokens (max_output_tokens) or logprobs (top_logprobs)"
 
 WHOLE = "a whole (non-streamed) response"
+RAW_OUTPUT = "what a stream's finish chunks repeat (raw_output)"
 # a Responses stream ends with the whole response: streaming it holds as much
 RESPONSES_WHOLE = "a response, streamed or not (its response.completed event holds all of it)"
 
