@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
@@ -10,6 +12,7 @@ from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.completions.schema import CompletionRequest
 from girandole.api.embeddings.schema import EmbeddingRequest
 from girandole.api.http.errors import APIError
+from girandole.api.http.json_body import OFF_LOOP_BYTES, parse_json_body
 from girandole.api.http.sse import DONE, sse_event
 from girandole.api.http.unsupported import COMPLETIONS_UNSUPPORTED, strip_unsupported
 from girandole.api.http.validation import _check_list_lengths, parse_json_object, validate_model
@@ -140,6 +143,57 @@ def test_bad_json_bodies_are_400(raw):
     with pytest.raises(APIError) as info:
         parse_json_object(raw)
     assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b"[1]", b'{"a": NaN}', b'{"a": [1, 2.5e400, -Infinity]}', b'{"p": ["\\ud800"]}'],
+)
+def test_a_large_body_parsed_off_the_loop_fails_as_a_small_one(raw):
+    """A body over OFF_LOOP_BYTES is parsed in a thread with hooks of its own: the same 400,
+    word for word (padded with whitespace, which JSON allows around the value)."""
+    padded = raw + b" " * OFF_LOOP_BYTES
+    with pytest.raises(APIError) as small:
+        parse_json_object(padded)
+    with pytest.raises(APIError) as large:
+        asyncio.run(parse_json_body(padded))
+    assert large.value.status_code == 400
+    assert large.value.message == small.value.message
+
+
+def test_a_large_body_is_parsed_while_the_event_loop_runs():
+    """json.loads holds the GIL for all of its parse, in a thread too: on the loop (or in a
+    plain thread) no other task runs until it ends. Parsed with girandole's hooks, the loop
+    gets turns between values: its longest wait is a small part of the parse."""
+    body = {"model": "m", "prompt": [[12345, 2.5, {"a": 1}]] * 300_000, "n": 1}
+    raw = json.dumps(body).encode()
+    assert len(raw) > OFF_LOOP_BYTES
+
+    async def main() -> tuple[dict, float, float]:
+        done = asyncio.Event()
+        longest = 0.0
+
+        async def tick() -> None:
+            nonlocal longest
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                longest, last = max(longest, now - last), now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        try:
+            return await parse_json_body(raw), longest, time.perf_counter() - start
+        finally:
+            done.set()
+            await ticker
+
+    data, longest, took = asyncio.run(main())
+    assert data == body
+    # the loop waits at most a few switch intervals (5 ms) at a time, not the whole parse
+    assert longest < took / 4, (longest, took)
 
 
 def test_only_surrogate_escapes_send_a_body_to_the_surrogate_scan():

@@ -29,13 +29,13 @@ from girandole.api.http.disconnect import with_cancellation
 from girandole.api.http.errors import APIError
 from girandole.api.http.finite_json import render_in_pieces
 from girandole.api.http.inprocess import inprocess_request
+from girandole.api.http.json_body import parse_json_body
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import RequestFields
 from girandole.api.http.sse import SSEResponse
 from girandole.api.http.unsupported import strip_unsupported
 from girandole.api.http.validation import (
     check_not_both,
-    parse_json_object,
     read_body,
     validate_model,
 )
@@ -162,7 +162,8 @@ async def receive(
     state: AppState = request.app.state.girandole
     request_id = id_prefix + uuid.uuid4().hex
     request.state.request_id = request_id
-    data = parse_json_object(await read_body(request, state.settings.max_request_bytes))
+    # a large body parsed in a thread, between whose values the loop runs (json_body.py)
+    data = await parse_json_body(await read_body(request, state.settings.max_request_bytes))
     model = data.get("model")
     target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
