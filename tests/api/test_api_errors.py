@@ -129,6 +129,18 @@ def test_context_length_errors(server):
     error = assert_error(post(server, {"prompt": "a" * (context * MAX_CHARS_PER_TOKEN + 1)}), 400)
     assert "characters, far above the limit" in error["message"]
     assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    # under the character limit but far over the context in tokens: refused once a part of
+    # it is counted (Tokenizer.more_tokens_than), not after seconds of tokenizing all of it
+    words = "hello world, this is a prompt. " * (context * 16 // 31)  # ~4 x context tokens
+    error = assert_error(post(server, {"prompt": words}), 400, "far more than")
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": words}]},
+        headers=server.headers,
+    )
+    error = assert_error(r, 400, "far more than")
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
     # several prompts are each bounded by the context, not together: 80 prompts of a fortieth
     # of the limit each were refused by their sum; the request goes on to its own checks
     many = ["\n" * (context * MAX_CHARS_PER_TOKEN // 40)] * 80

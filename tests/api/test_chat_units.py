@@ -117,6 +117,23 @@ def test_truncating_a_long_conversation_tokenizes_only_tails_that_may_fit(tokeni
     assert sum(chars) <= 3 * limit * MAX_CHARS_PER_TOKEN, chars
 
 
+def test_a_prompt_far_over_the_context_is_refused_before_tokenizing_all_of_it(tokenizer):
+    """A 1.9M-character message (366k tokens, under the character limit of a 32k context) took
+    seconds of a core to tokenize, slowing every stream on a 2-core machine, to learn that it
+    does not fit: it is counted in pieces until surely too long. One just over the context is
+    tokenized whole (its exact count is the 400's, from fit_max_tokens)."""
+    text = "lorem ipsum dolor sit amet " * 20_000  # 540k characters, about 100k tokens
+    with pytest.raises(APIError) as err:
+        build_prompt(tokenizer, request([{"role": "user", "content": text}]), GEMMA_TEMPLATE,
+                     context=8192)  # fmt: skip
+    assert err.value.status_code == 400 and err.value.param == "messages"
+    assert err.value.code == "context_length_exceeded"
+    assert "far more than 8192 tokens" in err.value.message
+    p = build_prompt(tokenizer, request([{"role": "user", "content": text}]), GEMMA_TEMPLATE,
+                     context=len(text) // 8)  # fmt: skip
+    assert len(p.token_ids) > len(text) // 8
+
+
 def test_long_tool_calls_and_tools_are_rendered_off_the_event_loop(tokenizer, monkeypatch):
     """A long prompt is rendered and tokenized in a thread, whatever part of it is long: tool
     calls' arguments and the tools were not counted (1.6 MB of arguments held the event loop,

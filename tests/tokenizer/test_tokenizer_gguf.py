@@ -214,3 +214,25 @@ def test_bad_paths(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(ValueError):
         load_tokenizer(tmp_path / "x.bin")
+
+
+def test_a_text_far_over_a_limit_is_known_to_be_after_counting_part_of_it(tok, texts, monkeypatch):
+    """`more_tokens_than` counts a long text in pieces and stops once they hold twice the
+    limit: True only then, after tokenizing about that much; never True for a text within the
+    limit (its pieces' cuts cost a few tokens, not half)."""
+    from girandole.tokenizer import tokenizer as module
+
+    long = "\n".join(texts) * (300_000 // len("\n".join(texts)) + 1)
+    total = len(tok.encode(long, add_bos=False))
+    encoded: list[int] = []
+    real = module._encode
+    monkeypatch.setattr(
+        module, "_encode", lambda hf, text: encoded.append(len(text)) or real(hf, text)
+    )
+    assert tok.more_tokens_than(long, total // 4)
+    assert sum(encoded) < len(long) * 3 / 4  # it stopped early
+    assert not tok.more_tokens_than(long, total)
+    assert not tok.more_tokens_than(long, total // 2 + 1)
+    assert not tok.more_tokens_than(long[: total * 4], total)  # too short to count: False
+    spaces = " " * 400_000  # 16 spaces a token: the fewest tokens a text can have
+    assert not tok.more_tokens_than(spaces, len(tok.encode(spaces, add_bos=False)))

@@ -84,6 +84,16 @@ GIL_FREE_CHARS = 4096
 GIL_FREE_IDS = 4096
 
 
+# A text of more characters than this many per token of a limit is counted in pieces before it
+# is tokenized whole (`more_tokens_than`): English runs about 5 per token.
+COUNT_FIRST_CHARS_PER_TOKEN = 8
+# The pieces it is counted in. A piece's tokens differ from the whole text's only next to its
+# ends, by a few (1.9M characters: 366,257 tokens in 29 pieces, 366,233 whole); pieces are also
+# quicker to tokenize than one long text (3.3 s against 6.0 s there).
+COUNT_PIECE_CHARS = 65536
+COUNT_SLACK_PER_PIECE = 16
+
+
 def _encode(hf: HFTokenizer, text: str) -> list[int]:
     if len(text) <= GIL_FREE_CHARS:
         return hf.encode(text, add_special_tokens=False).ids
@@ -148,6 +158,21 @@ class Tokenizer:
         """
         hf = self.hf if parse_special else self._plain()
         return self._with_bos(_encode(hf, text), add_bos)
+
+    def more_tokens_than(self, text: str, limit: int) -> bool:
+        """Whether `text` surely has more than `limit` tokens, learnt by tokenizing it in pieces
+        only until they hold twice `limit` (less the slack of their cuts): a text far too long
+        for a context costs that much tokenizing, not all of it (1.9M characters of English
+        for a 32k context: 1.3 s of the 6 s under load). False when it is short of that."""
+        if len(text) <= limit * COUNT_FIRST_CHARS_PER_TOKEN:
+            return False
+        count = 0
+        for start in range(0, len(text), COUNT_PIECE_CHARS):
+            piece = text[start : start + COUNT_PIECE_CHARS]
+            count += len(_encode(self.hf, piece)) - COUNT_SLACK_PER_PIECE
+            if count > 2 * limit:
+                return True
+        return False
 
     def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if add_bos is None:

@@ -12,7 +12,7 @@ from girandole.api.chat.reasoning import ReasoningPlan, apply_history
 from girandole.api.chat.schema import ChatCompletionRequest, ChatMessage
 from girandole.api.chat.tools import ToolPlan, prompt_messages
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, off_loop_if_long
+from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, context_exceeded, off_loop_if_long
 from girandole.tokenizer.chat_template import (
     ChatTemplateError,
     flatten_content,
@@ -112,6 +112,7 @@ class ChatRender:
     tools: list[dict[str, Any]] | None = None
     reasoning: ReasoningPlan | None = None
     end: PromptEnd = field(default_factory=PromptEnd)
+    context: int | None = None  # the model's context length: a prompt surely longer is refused
 
     def encode_within(
         self, messages: list[dict[str, Any]], limit: int | None
@@ -143,6 +144,9 @@ class ChatRender:
         text = rendered.text + suffix
         if limit is not None and len(text) > limit * MAX_CHARS_PER_TOKEN:
             return None
+        bound = limit if limit is not None else self.context
+        if bound is not None and self.tokenizer.more_tokens_than(text, bound):
+            return None  # counted in pieces: seconds of tokenizing spared
         ids = rendered.encode(self.tokenizer)
         if suffix:  # thinking off in a template without a switch for it: an empty thinking block
             ids = ids + self.tokenizer.encode(suffix, add_bos=False)
@@ -232,20 +236,28 @@ def build_prompt(
     plan: ToolPlan | None = None,
     reasoning: ReasoningPlan | None = None,
     end: PromptEnd | None = None,
+    context: int | None = None,
 ) -> ChatPrompt:
+    """`context`: the model's context length, to refuse a prompt far longer before tokenizing
+    all of it (None: no such check)."""
     messages = template_messages(req.messages)
     if reasoning is not None:  # earlier turns' reasoning as reasoning_history asks
         messages = apply_history(messages, reasoning.history)
     # tools into the prompt: the template's own way, else a system text (girandole.api.chat.tools)
     messages, tools = prompt_messages(messages, plan, template)
     render = ChatRender(tokenizer, template, bool(req.safe_tokenization), tools, reasoning,
-                        end or PromptEnd())  # fmt: skip
+                        end or PromptEnd(), context)  # fmt: skip
     try:
         limit = req.prompt_truncate_len
         full = render.encode_within(messages, limit)  # None: too long even to tokenize
         if limit is not None and (full is None or len(full[1]) > limit):
             return _truncate(render, messages, limit, full)
-        assert full is not None
+        if full is None:
+            raise context_exceeded(
+                f"The prompt is too long: far more than {context} tokens, model maximum"
+                f" context length: {context}",
+                "messages",
+            )
         text, ids = full
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -267,16 +279,17 @@ async def chat_prompt(
     vocab_size: int,
     reasoning: ReasoningPlan | None = None,
     end: PromptEnd | None = None,
+    context: int | None = None,
 ) -> ChatPrompt:
     """The request's prompt (long conversations rendered and tokenized in a thread); `end`:
-    how it ends, when the caller says (None: as chat ends it)."""
+    how it ends, when the caller says (None: as chat ends it); `context`: build_prompt's."""
     size = sum(m.num_chars() for m in req.messages)
     # rendering costs per message too: a conversation of many short turns is long work
     size += RENDER_CHARS_PER_MESSAGE * len(req.messages)
     if plan is not None:  # the tools are rendered into the prompt too (128 may be megabytes)
         size += sum(len(tool.model_dump_json(exclude_none=True)) for tool in plan.tools)
     prompt = await off_loop_if_long(
-        size, build_prompt, tokenizer, req, template, plan, reasoning, end
+        size, build_prompt, tokenizer, req, template, plan, reasoning, end, context
     )
     for token in prompt.token_ids:
         if token >= vocab_size:  # a template writing a token the model lacks

@@ -62,8 +62,9 @@ class Chat(Endpoint):
                 shape.reasoning.prompt_suffix(shape.template, text, continued=True)
             return [ids]
         prompt = await chat_prompt(
-            engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning
-        )
+            engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning,
+            context=AppState.context_length_of(engine),
+        )  # fmt: skip
         return [prompt.token_ids]
 
 

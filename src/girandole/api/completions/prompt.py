@@ -9,24 +9,44 @@ from __future__ import annotations
 
 import logging
 
-from girandole.api.http.errors import bad_request
-from girandole.api.serving.prompt import off_loop_if_long
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.serving.prompt import context_exceeded, off_loop_if_long
 from girandole.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger("girandole.api")
 
 
-def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    return [list(tokenizer.encode(text)) for text in texts]
+def _encode_all(tokenizer: Tokenizer, texts: list[str], context: int | None) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(texts):
+        # a text far longer than the context: refused after counting some of it in pieces,
+        # not after seconds of tokenizing all of it
+        if context is not None and tokenizer.more_tokens_than(text, context):
+            raise context_exceeded(
+                f"The prompt is too long: far more than {context} tokens"
+                + (f" (prompt[{i}])" if len(texts) > 1 else "")
+                + f", model maximum context length: {context}",
+                "prompt",
+            )
+        out.append(list(tokenizer.encode(text)))
+    return out
 
 
 async def tokenize_prompts(
-    tokenizer: Tokenizer, prompts: list[str] | list[list[int]], vocab_size: int
+    tokenizer: Tokenizer,
+    prompts: list[str] | list[list[int]],
+    vocab_size: int,
+    context: int | None = None,
 ) -> list[list[int]]:
+    """Token ids of each prompt; `context`: the model's context length, to refuse a text far
+    longer before tokenizing all of it (None: no such check)."""
     if prompts and isinstance(prompts[0], str):
         texts: list[str] = prompts  # type: ignore[assignment]
+        size = sum(len(t) for t in texts)
         try:
-            ids = await off_loop_if_long(sum(len(t) for t in texts), _encode_all, tokenizer, texts)
+            ids = await off_loop_if_long(size, _encode_all, tokenizer, texts, context)
+        except APIError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a tokenizer bug must not become a 500
             logger.exception("tokenizing a prompt failed")
             raise bad_request(f"The prompt could not be tokenized: {exc}", "prompt") from None

@@ -7,6 +7,7 @@ from girandole.api.completions.schema import CompletionRequest
 from girandole.api.http.unsupported import COMPLETIONS_UNSUPPORTED
 from girandole.api.serving.pipeline import Endpoint, inference_router
 from girandole.api.serving.response import ResponseShape
+from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient
 
 DEFAULT_MAX_TOKENS = 16
@@ -22,7 +23,8 @@ class Completions(Endpoint):
         self, engine: EngineClient, req: CompletionRequest, shape: ResponseShape
     ) -> list[list[int]]:
         vocab_size = engine.model_config.vocab_size
-        return await tokenize_prompts(engine.tokenizer, req.prompts(), vocab_size)
+        context = AppState.context_length_of(engine)
+        return await tokenize_prompts(engine.tokenizer, req.prompts(), vocab_size, context)
 
 
 ENDPOINT = Completions(CompletionRequest, COMPLETIONS_UNSUPPORTED, "cmpl-", DEFAULT_MAX_TOKENS)
