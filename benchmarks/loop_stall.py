@@ -142,7 +142,8 @@ async def run_case(url: str, headers: dict, path: str, body: bytes, seconds: flo
 def start_server(key: str) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="girandole-stall-"))
-    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key]
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key,
+           "--data-dir", str(data)]  # fmt: skip
     log = open(data / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
