@@ -13,9 +13,10 @@ cancels the consumers (which closes the engine's generators) and aborts unfinish
 the engine interleaves other requests with it). `start()` then waits for every choice's first
 output, so it suits only requests whose first output is their last (prefill-only ones).
 
-A choice's pump stops taking its engine outputs while `MAX_QUEUED_OUTPUTS` of them wait for the
-response to take them (a stream whose client does not read): the engine then pauses the request
-(engine/backpressure.py) instead of the server holding everything it would generate.
+A choice's pump stops taking its engine outputs once `MAX_QUEUED_OUTPUTS` of them wait for the
+response to take them (a stream whose client does not read), until the response has taken half:
+the engine then pauses the request (engine/backpressure.py) instead of the server holding
+everything it would generate.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class ChoiceFanout:
         self._closed = False
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._queued: dict[str, int] = {}  # a choice's outputs in _queue, by request id
-        self._taken = asyncio.Event()  # set when the response takes an output
+        self._room: dict[str, asyncio.Event] = {}  # a waiting pump's, set at half
 
     async def start(self) -> None:
         """Start every choice; raise the first choice's error if any fails before its first output."""
@@ -122,10 +123,13 @@ class ChoiceFanout:
 
     async def _wait_for_reader(self, request_id: str) -> None:
         queued = self._queued[request_id] = self._queued.get(request_id, 0) + 1
-        while queued > MAX_QUEUED_OUTPUTS:
-            self._taken.clear()
-            await self._taken.wait()
-            queued = self._queued[request_id]
+        if queued >= MAX_QUEUED_OUTPUTS:
+            # one wake per half of the bound, not one per output taken
+            room = self._room[request_id] = asyncio.Event()
+            try:
+                await room.wait()
+            finally:
+                del self._room[request_id]
 
     async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """(choice, output) in the order the engine produced them; raises a choice's error."""
@@ -133,8 +137,9 @@ class ChoiceFanout:
         while remaining:
             choice, item = await self._queue.get()
             if isinstance(item, RequestOutput):
-                self._queued[choice.request_id] -= 1
-                self._taken.set()
+                queued = self._queued[choice.request_id] = self._queued[choice.request_id] - 1
+                if queued <= MAX_QUEUED_OUTPUTS // 2 and choice.request_id in self._room:
+                    self._room[choice.request_id].set()
             if item is _DONE:
                 remaining -= 1
             elif isinstance(item, BaseException):
