@@ -145,7 +145,7 @@ class Scheduler:
         if seq.is_finished or seq.paused:
             return
         seq.paused = True
-        if seq.status is SequenceStatus.WAITING:  # preempted earlier: no prefill for nobody
+        if seq.status is SequenceStatus.WAITING:  # preempted earlier: not admitted until resumed
             self._queue_of(seq).remove(seq)
             seq.status = SequenceStatus.PARKED
             self.parked.add(seq)
