@@ -19,16 +19,12 @@ import json
 import resource
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
-from common import free_port, markdown_table, median
+from common import markdown_table, median, start_girandole
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "accounts/fireworks/models/gemma-3-270m"
 NORMAL = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
@@ -250,29 +246,6 @@ async def run_pattern(a: Abuser, abuse: Callable[[], Awaitable[None]], budget: f
     return await normal
 
 
-def start_server(key: str) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="girandole-abuse-"))
-    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key,
-           "--data-dir", str(data), "--max-connections", "1024"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=open(data / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {data / 'server.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url, data
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready in 600 s")
-
-
 async def main_async(args: argparse.Namespace, url: str, key: str | None) -> int:
     a = Abuser(url, key)
     await run_pattern(a, lambda: asyncio.sleep(0), 1)  # warm-up
@@ -322,7 +295,7 @@ def main() -> int:
         url = args.url.rstrip("/")
     else:
         key = key or "abuse-key"
-        proc, url, data = start_server(key)
+        proc, url, data = start_girandole(key, "girandole-abuse-", "--max-connections", "1024")
         print(f"server log: {data / 'server.log'}")
     try:
         return asyncio.run(main_async(args, url, key))

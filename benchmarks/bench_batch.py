@@ -20,15 +20,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import httpx
-from common import free_port, make_text_prompt, markdown_table, median
+from common import make_text_prompt, markdown_table, median, start_girandole
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "accounts/fireworks/models/gemma-3-270m"
 
 
@@ -138,31 +135,6 @@ async def ttfts(server: Server, count: int, max_tokens: int) -> list[float]:
     return out
 
 
-def start_server(key: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="girandole-bench-batch-"))
-    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key,
-           "--data-dir", str(data), "--log-level", "warning"]  # fmt: skip
-    if args.batch_max_in_flight:
-        cmd += ["--batch-max-in-flight", str(args.batch_max_in_flight)]
-    proc = subprocess.Popen(
-        cmd, stdout=open(data / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {data / 'server.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready in 600 s")
-
-
 def run(server: Server, args: argparse.Namespace) -> int:
     texts = prompts(args.lines, args.prompt_words)
     asyncio.run(concurrent_clients(server, texts[:32], args.clients, 4))  # warm-up
@@ -229,7 +201,10 @@ def main() -> int:
     if args.url:
         return run(Server(args.url, args.api_key or "", args.account), args)
     key = "bench-" + uuid.uuid4().hex
-    proc, url = start_server(key, args)
+    flags = ["--log-level", "warning"]
+    if args.batch_max_in_flight:
+        flags += ["--batch-max-in-flight", str(args.batch_max_in_flight)]
+    proc, url, _ = start_girandole(key, "girandole-bench-batch-", *flags)
     try:
         return run(Server(url, key, args.account), args)
     finally:

@@ -190,6 +190,37 @@ def proc_rss_mib(pid: int) -> dict[str, float]:
     return out
 
 
+def start_girandole(key: str, prefix: str, *flags: str) -> tuple[subprocess.Popen, str, Path]:
+    """`girandole serve` of this checkout on a free port, with API key `key`, a data folder of
+    its own (a temporary one named `prefix`..., its log in server.log there) and `flags`, once
+    /health answers 200 (at most 10 minutes). Returns the process, its URL and the folder."""
+    import tempfile
+
+    import httpx
+
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix=prefix))
+    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key,
+           "--data-dir", str(data), *flags]  # fmt: skip
+    with open(data / "server.log", "wb") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {data / 'server.log'}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url, data
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server not ready in 600 s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

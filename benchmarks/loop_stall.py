@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
-from common import free_port, make_text_prompt, markdown_table
+from common import make_text_prompt, markdown_table, start_girandole
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "accounts/fireworks/models/gemma-3-270m"
 SIXTEEN_MB = 16 * 1024 * 1024
 
@@ -139,28 +135,6 @@ async def run_case(url: str, headers: dict, path: str, body: bytes, seconds: flo
     return status, took, message, [(g, at - t0) for g, at in gaps], ping
 
 
-def start_server(key: str) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="girandole-stall-"))
-    cmd = [sys.executable, "-m", "girandole.cli", "serve", "--port", str(port), "--api-key", key,
-           "--data-dir", str(data)]  # fmt: skip
-    log = open(data / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {data / 'server.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url, data
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready in 600 s")
-
-
 async def main_async(args: argparse.Namespace, url: str, headers: dict) -> None:
     rows = []
     for name, (path, make) in CASES.items():
@@ -207,7 +181,7 @@ def main() -> None:
         url = args.url.rstrip("/")
     else:
         key = key or "stall-key"
-        proc, url, data = start_server(key)
+        proc, url, data = start_girandole(key, "girandole-stall-")
         print(f"server log: {data / 'server.log'}")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
