@@ -43,17 +43,22 @@ HEAVY = {
 }
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def limited_server(tmp_path_factory, name: str, max_response_bytes: int):
+    """A tiny Llama server whose responses may hold at most `max_response_bytes`."""
     conftest = api_conftest()
-    tmp = tmp_path_factory.mktemp("limits")
+    tmp = tmp_path_factory.mktemp(name)
     model = conftest.write_tiny_llama_for_ops(tmp / "llama")
     srv = conftest.start_server(
         tmp, "--model", str(model), "--model-id", "tiny-llama", "--account", "testing",
-        "--kv-cache-gb", "0.02", "--max-response-bytes", str(RESPONSE_LIMIT), api_key=None,
+        "--kv-cache-gb", "0.02", "--max-response-bytes", str(max_response_bytes), api_key=None,
     )  # fmt: skip
     yield srv
     conftest.stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    yield from limited_server(tmp_path_factory, "limits", RESPONSE_LIMIT)
 
 
 def post(srv, body: dict) -> httpx.Response:
@@ -123,15 +128,7 @@ WORDS_LIMIT = 100  # bytes: a few words of text, less than one token's top_logpr
 
 @pytest.fixture(scope="module")
 def words(tmp_path_factory):
-    conftest = api_conftest()
-    tmp = tmp_path_factory.mktemp("words")
-    model = conftest.write_tiny_llama_for_ops(tmp / "llama")
-    srv = conftest.start_server(
-        tmp, "--model", str(model), "--model-id", "tiny-llama", "--account", "testing",
-        "--kv-cache-gb", "0.02", "--max-response-bytes", str(WORDS_LIMIT), api_key=None,
-    )  # fmt: skip
-    yield srv
-    conftest.stop_server(srv)
+    yield from limited_server(tmp_path_factory, "words", WORDS_LIMIT)
 
 
 def openai_client(srv) -> openai.OpenAI:
