@@ -95,3 +95,21 @@ def test_without_adapters_admission_stays_first_come_first_served():
         sched.add(s)
     assert started(sched) == ["a1", "base1"]  # the sequence cap, not a slot, holds base2
     assert sched.waiting[0].request_id == "base2"
+
+
+def test_a_paused_request_gives_up_its_adapters_slot():
+    # backpressure (engine/backpressure.py): a request whose client stopped reading must not
+    # hold the only slot while another adapter's request waits
+    sched, loras = make(max_loras=1)
+    a, b = adapter(loras, "a"), adapter(loras, "b")
+    a1 = seq("a1", a)
+    sched.add(a1)
+    assert started(sched) == ["a1"]
+    sched.pause(a1)
+    sched.add(seq("b1", b))
+    assert started(sched) == ["b1"]
+    assert a1.status is SequenceStatus.PARKED and [x.name for x in loras.resident.values()] == ["b"]
+    finish(sched, "b1")
+    sched.resume(a1)  # back at the head of its tier: a's slot again, recomputed
+    batch = sched.schedule()
+    assert batch.seqs == [a1] and a1.lora is not None and a1.lora.name == "a"

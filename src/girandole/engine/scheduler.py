@@ -26,8 +26,9 @@ adapters pass it a bounded number of times, so it is never starved (`_may_pass`)
 
 A paused sequence (`pause`: its client has not read what it already made, see
 engine/async_engine.py) is not scheduled. It keeps its blocks while nobody needs them, and it is
-the first victim when running sequences or a newcomer need blocks or a seat: it is then parked,
-in no queue, and `resume` puts it back at the head of its tier, to be recomputed from its tokens.
+the first victim when running sequences or a newcomer need blocks, a seat or a LoRA slot: it is
+then parked, in no queue, and `resume` puts it back at the head of its tier, to be recomputed
+from its tokens.
 A client that stops reading thus stops its own generation without holding back anyone else's.
 """
 
@@ -350,7 +351,11 @@ class Scheduler:
             if queue is None:
                 return
             index = 0
-            if self.admit is not None and not self.admit(queue[0], self.running):
+            if (
+                self.admit is not None
+                and not self.admit(queue[0], self.running)
+                and not (self._park_adapter_users(step) and self.admit(queue[0], self.running))
+            ):
                 found = self._may_pass(queue)
                 if found is None:
                     return
@@ -372,6 +377,14 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             step.budget -= n
             step.prefill_left -= n
+
+    def _park_adapter_users(self, step: _Step) -> bool:
+        """Park the paused sequences that run a LoRA adapter: a newcomer waits for a slot, and
+        slots that only paused sequences use may go to it. False when there were none."""
+        users = [s for s in step.paused if s.lora_source is not None]
+        for seq in users:
+            self._preempt(seq, step)
+        return bool(users)
 
     def _make_room(self, newcomer: Sequence, step: _Step) -> bool:
         """Preempt for a newcomer: a paused sequence, else (for an interactive newcomer) the
