@@ -19,7 +19,7 @@ serve: $(STAMP)
 	$(VENV)/bin/girandole serve $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
