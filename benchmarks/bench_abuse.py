@@ -4,7 +4,9 @@ most 1,024 connections, so the idle-socket pattern shows the cap at work). Loopb
 bounded in count and time; stops by itself.
 
 Per pattern it prints the status codes the abuser saw and the p50 latency of the normal request
-sent meanwhile, beside its p50 on the idle server: the target is at most 3x.
+sent meanwhile, beside its p50 on the idle server: the target is at most 3x. Beside them: the
+server's resident memory before the pattern and its peak during it (a server this script started;
+n/a with --url), and the engine's backpressure pauses (/health) before and after it.
 
     .venv/bin/python benchmarks/bench_abuse.py                 # starts its own server
     .venv/bin/python benchmarks/bench_abuse.py --url http://127.0.0.1:8000 --api-key KEY
@@ -23,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
-from common import markdown_table, median, start_girandole
+from common import markdown_table, median, proc_rss_mib, start_girandole
 
 MODEL = "accounts/fireworks/models/gemma-3-270m"
 NORMAL = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
@@ -135,6 +137,72 @@ async def body_drops(a: Abuser, count: int) -> None:
             a.statuses[type(exc).__name__] += 1
 
 
+UNREAD_STREAM = {
+    "model": MODEL,
+    "prompt": "Once upon a time",
+    "max_tokens": 3500,
+    "n": 8,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 5,
+    "sampling_mask": "non_zero_list",  # a vocabulary-sized list in every chunk
+    "temperature": 1.0,
+    "ignore_eos": True,
+}
+
+
+async def engine_stats(a: Abuser) -> dict:
+    """/health's engine stats ({} when it does not answer with them)."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(a.url + "/health", headers=a.headers)
+        return r.json().get("engine") or {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def engine_busy(stats: dict) -> int:
+    return sum(int(stats.get(k) or 0) for k in ("num_running", "num_waiting", "num_paused"))
+
+
+async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 25.0) -> None:
+    """`count` streams that read nothing for `hold` seconds (a small receive buffer, so the
+    server's writes soon wait), then hang up; then wait, at most `settle` seconds, for the
+    engine to drop their work, so that none is left behind to slow the next pattern."""
+    body = json.dumps(UNREAD_STREAM).encode()
+    auth = a.headers.get("Authorization", "")
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nAuthorization: {auth}\r\n\r\n"
+    )
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+        try:
+            s.settimeout(5)
+            s.connect(("127.0.0.1", _port(a.url)))
+            s.sendall(head.encode() + body)
+            socks.append(s)
+        except OSError as exc:
+            a.statuses[type(exc).__name__] += 1
+            s.close()
+    a.statuses[f"{len(socks)} opened"] += 1
+    try:
+        await asyncio.sleep(hold)
+    finally:
+        for s in socks:
+            # unread data in its buffer: close() resets the connection, the server sees it at once
+            s.close()
+        a.statuses[f"{len(socks)} hung up"] += 1
+    start = time.monotonic()
+    while engine_busy(await engine_stats(a)) and time.monotonic() - start < settle:
+        await asyncio.sleep(0.5)
+    left = engine_busy(await engine_stats(a))
+    a.statuses[f"engine idle {time.monotonic() - start:.0f} s after" if not left else
+               f"{left} requests left after {settle:.0f} s"] += 1  # fmt: skip
+
+
 def header_size(r: httpx.Response) -> str:
     size = sum(len(k) + len(v) for k, v in r.headers.items())
     return f"headers {'<' if size < 8192 else '>='} 8 KiB"
@@ -218,6 +286,7 @@ def patterns(a: Abuser) -> dict[str, Callable[[], Awaitable[None]]]:
         "text/plain body": lambda: a.post(
             json.dumps(NORMAL).encode(), headers={"Content-Type": "text/plain"}
         ),
+        "4 streams never read (n = 8, masks) for 30 s": lambda: unread_streams(a, 4, 30),
     }
 
 
@@ -235,18 +304,47 @@ async def normal_latencies(url: str, headers: dict, stop: asyncio.Event, least: 
     return times
 
 
-async def run_pattern(a: Abuser, abuse: Callable[[], Awaitable[None]], budget: float):
+async def peak_rss(pid: int, stop: asyncio.Event) -> float:
+    """The server's highest resident memory, MiB, sampled every 0.2 s until `stop`."""
+    peak = 0.0
+    while True:
+        peak = max(peak, proc_rss_mib(pid).get("rss_mib", 0.0))
+        if stop.is_set():
+            return peak
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except TimeoutError:
+            pass
+
+
+async def run_pattern(
+    a: Abuser, abuse: Callable[[], Awaitable[None]], budget: float, pid: int | None = None
+) -> tuple[list[float], str, str]:
+    """The normal request's latencies while `abuse` runs, the server's RSS (MiB, before -> peak
+    meanwhile) and the engine's backpressure pauses (before -> after)."""
     stop = asyncio.Event()
+    pauses_before = (await engine_stats(a)).get("num_backpressure_pauses")
+    rss_before = proc_rss_mib(pid).get("rss_mib") if pid else None
+    rss = asyncio.create_task(peak_rss(pid, stop)) if pid else None
     normal = asyncio.create_task(normal_latencies(a.url, a.headers, stop, least=5))
     try:
         await asyncio.wait_for(abuse(), budget)
     except TimeoutError:
         a.statuses["abuser timed out"] += 1
     stop.set()
-    return await normal
+    lat = await normal
+    pauses_after = (await engine_stats(a)).get("num_backpressure_pauses")
+    rss_text = "n/a"
+    if rss is not None and rss_before is not None:
+        peak = await rss
+        rss_text = f"{rss_before:.0f} -> {peak:.0f} (+{peak - rss_before:.0f})"
+    pauses_text = "n/a" if pauses_before is None else f"{pauses_before} -> {pauses_after}"
+    return lat, rss_text, pauses_text
 
 
-async def main_async(args: argparse.Namespace, url: str, key: str | None) -> int:
+async def main_async(
+    args: argparse.Namespace, url: str, key: str | None, pid: int | None = None
+) -> int:
     a = Abuser(url, key)
     await run_pattern(a, lambda: asyncio.sleep(0), 1)  # warm-up
     rows, worst, idles = [], 0.0, []
@@ -254,29 +352,28 @@ async def main_async(args: argparse.Namespace, url: str, key: str | None) -> int
         if args.only and args.only not in name:
             continue
         # the idle baseline right before each pattern: a shared machine drifts
-        idle_p50 = median(await run_pattern(a, lambda: asyncio.sleep(0), 1))
+        idle_p50 = median((await run_pattern(a, lambda: asyncio.sleep(0), 1))[0])
         idles.append(idle_p50)
         a.statuses = collections.Counter()
-        lat = await run_pattern(a, abuse, args.budget)
+        lat, rss, pauses = await run_pattern(a, abuse, args.budget, pid)
         p50 = median(lat)
         ratio = p50 / idle_p50 if p50 and idle_p50 else float("inf")
         worst = max(worst, ratio)
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(a.statuses.items()))
         verdict = "ok" if ratio <= 3 else "SLOW"
         rows.append([name, seen, f"{idle_p50 * 1000:.0f}", f"{p50 * 1000:.0f}", f"{ratio:.2f}x",
-                     verdict])  # fmt: skip
-        print(f"{name}: {seen}; normal p50 {p50 * 1000:.0f} ms ({ratio:.2f}x)", flush=True)
+                     verdict, rss, pauses])  # fmt: skip
+        print(f"{name}: {seen}; normal p50 {p50 * 1000:.0f} ms ({ratio:.2f}x); server RSS MiB "
+              f"{rss}; backpressure pauses {pauses}", flush=True)  # fmt: skip
         await asyncio.sleep(1)
     idle_p50 = median(idles)
     print()
     print(
         f"normal request on the idle server: p50 {idle_p50 * 1000:.0f} ms (median of the baselines)"
     )
-    print(
-        markdown_table(
-            ["pattern", "abuser saw", "idle p50 ms", "meanwhile p50 ms", "ratio", ""], rows
-        )
-    )
+    header = ["pattern", "abuser saw", "idle p50 ms", "meanwhile p50 ms", "ratio", "",
+              "server RSS MiB, before -> peak", "backpressure pauses"]  # fmt: skip
+    print(markdown_table(header, rows))
     return 0 if worst <= 3 else 1
 
 
@@ -298,7 +395,7 @@ def main() -> int:
         proc, url, data = start_girandole(key, "girandole-abuse-", "--max-connections", "1024")
         print(f"server log: {data / 'server.log'}")
     try:
-        return asyncio.run(main_async(args, url, key))
+        return asyncio.run(main_async(args, url, key, proc.pid if proc is not None else None))
     finally:
         if proc is not None:
             proc.terminate()
