@@ -151,17 +151,20 @@ UNREAD_STREAM = {
 }
 
 
-async def engine_stats(a: Abuser) -> dict:
-    """/health's engine stats ({} when it does not answer with them)."""
+async def engine_stats(a: Abuser) -> dict | None:
+    """/health's engine stats (None when it does not answer with them in 10 s)."""
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             r = await client.get(a.url + "/health", headers=a.headers)
-        return r.json().get("engine") or {}
+        return r.json().get("engine")
     except (httpx.HTTPError, ValueError):
-        return {}
+        return None
 
 
-def engine_busy(stats: dict) -> int:
+def engine_busy(stats: dict | None) -> int:
+    """Requests the engine holds; an unanswered /health counts as busy (1)."""
+    if stats is None:
+        return 1
     return sum(int(stats.get(k) or 0) for k in ("num_running", "num_waiting", "num_paused"))
 
 
@@ -198,9 +201,13 @@ async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 25.
     start = time.monotonic()
     while engine_busy(await engine_stats(a)) and time.monotonic() - start < settle:
         await asyncio.sleep(0.5)
-    left = engine_busy(await engine_stats(a))
-    a.statuses[f"engine idle {time.monotonic() - start:.0f} s after" if not left else
-               f"{left} requests left after {settle:.0f} s"] += 1  # fmt: skip
+    stats = await engine_stats(a)
+    if stats is None:
+        a.statuses["/health unanswered"] += 1
+    elif left := engine_busy(stats):
+        a.statuses[f"{left} requests left after {settle:.0f} s"] += 1
+    else:
+        a.statuses[f"engine idle {time.monotonic() - start:.0f} s after"] += 1
 
 
 def header_size(r: httpx.Response) -> str:
@@ -323,7 +330,7 @@ async def run_pattern(
     """The normal request's latencies while `abuse` runs, the server's RSS (MiB, before -> peak
     meanwhile) and the engine's backpressure pauses (before -> after)."""
     stop = asyncio.Event()
-    pauses_before = (await engine_stats(a)).get("num_backpressure_pauses")
+    pauses_before = ((await engine_stats(a)) or {}).get("num_backpressure_pauses")
     rss_before = proc_rss_mib(pid).get("rss_mib") if pid else None
     rss = asyncio.create_task(peak_rss(pid, stop)) if pid else None
     normal = asyncio.create_task(normal_latencies(a.url, a.headers, stop, least=5))
@@ -333,7 +340,7 @@ async def run_pattern(
         a.statuses["abuser timed out"] += 1
     stop.set()
     lat = await normal
-    pauses_after = (await engine_stats(a)).get("num_backpressure_pauses")
+    pauses_after = ((await engine_stats(a)) or {}).get("num_backpressure_pauses")
     rss_text = "n/a"
     if rss is not None and rss_before is not None:
         peak = await rss
