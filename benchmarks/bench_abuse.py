@@ -168,7 +168,7 @@ def engine_busy(stats: dict | None) -> int:
     return sum(int(stats.get(k) or 0) for k in ("num_running", "num_waiting", "num_paused"))
 
 
-async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 25.0) -> None:
+async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 60.0) -> None:
     """`count` streams that read nothing for `hold` seconds (a small receive buffer, so the
     server's writes soon wait), then hang up; then wait, at most `settle` seconds, for the
     engine to drop their work, so that none is left behind to slow the next pattern."""
@@ -388,7 +388,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server (default: start one with the default model)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--budget", type=float, default=60.0, help="seconds per pattern at most")
+    # 100: the unread streams hold 30 s, then the server may take tens of seconds to drop them
+    p.add_argument("--budget", type=float, default=100.0, help="seconds per pattern at most")
     p.add_argument("--only", default=None, help="run the patterns whose name contains this")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
