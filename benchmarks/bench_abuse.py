@@ -162,10 +162,14 @@ async def engine_stats(a: Abuser) -> dict | None:
 
 
 def engine_busy(stats: dict | None) -> int:
-    """Requests the engine holds; an unanswered /health counts as busy (1)."""
+    """Requests the engine holds beyond the normal client's one (running ones include paused
+    ones, parked ones are in no queue: at least the larger count); an unanswered /health counts
+    as busy (1)."""
     if stats is None:
         return 1
-    return sum(int(stats.get(k) or 0) for k in ("num_running", "num_waiting", "num_paused"))
+    queued = int(stats.get("num_running") or 0) + int(stats.get("num_waiting") or 0)
+    paused = int(stats.get("num_paused") or 0)
+    return paused if paused else max(0, queued - 1)
 
 
 async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 60.0) -> None:
