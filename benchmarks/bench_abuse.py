@@ -199,7 +199,7 @@ async def unread_streams(a: Abuser, count: int, hold: float, settle: float = 60.
         await asyncio.sleep(hold)
     finally:
         for s in socks:
-            # unread data in its buffer: close() resets the connection, the server sees it at once
+            # unread data in its buffer: close() sends a reset, not a FIN
             s.close()
         a.statuses[f"{len(socks)} hung up"] += 1
     start = time.monotonic()
