@@ -492,6 +492,12 @@ def test_json_bodies_write_non_finite_floats_as_null():
     assert json.loads(FiniteJSONResponse(body).body) == want
     assert json.loads(sse_event(body)[len(b"data: ") :]) == want
     assert dumps({"x": 1.5}) == json.dumps({"x": 1.5})
+    # numpy arrays (sampling masks): integer ones written as they are, float ones checked
+    import numpy as np
+
+    arrays = {"ids": np.array([3, 7], dtype=np.int32), "bits": np.array([True, False]),
+              "p": np.array([0.5, np.nan], dtype=np.float32)}  # fmt: skip
+    assert json.loads(dumps(arrays)) == {"ids": [3, 7], "bits": [True, False], "p": [0.5, None]}
 
 
 def test_a_body_written_in_pieces_is_the_same_json():

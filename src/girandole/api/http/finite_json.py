@@ -29,6 +29,8 @@ def _array(value: Any) -> Any:
     large ones (listed sampling masks, a whole vocabulary each) that would take several times
     their size as Python lists all at once."""
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biu":  # integers (mask ids): nothing to check, item by item
+            return value.tolist()  # in Python (262,144 of them a token: most of its cost)
         return finite(value.tolist())
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
