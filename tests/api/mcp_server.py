@@ -10,16 +10,18 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
 from loopback import serve_in_thread
 from mcp.server.mcpserver import MCPServer
 from mcp_types import ToolAnnotations
+from pydantic import Field
 
 
 def make_server(flood: bool = False) -> MCPServer:
-    """The test tools; `flood`: also one whose answer overflows any context window."""
+    """The test tools; `flood`: also one whose answer overflows any context window, and one
+    answering about 550 KB to a short argument."""
     logging.getLogger("mcp").setLevel(logging.WARNING)  # a line per session otherwise
     srv = MCPServer("girandole-tests")
 
@@ -45,6 +47,11 @@ def make_server(flood: bool = False) -> MCPServer:
         def flood_tool(text: str) -> str:
             """Answers more text than any context window holds."""
             return "lighthouse " * 50_000
+
+        @srv.tool(name="long_text")
+        def long_text(word: Annotated[str, Field(max_length=8)]) -> str:
+            """Answers about 550 KB of text (its argument bounded: a forced call stays short)."""
+            return f"{word} " * 50_000
 
     @srv.tool(name="dotted.name")
     def dotted() -> str:

@@ -3,7 +3,8 @@
 The server serves a tiny random Llama (320 tokens, no keys) with a small response limit, so a
 request of a few choices with logprobs and listed sampling masks passes it in a few tokens;
 another has a limit of a few words, for Anthropic's Messages and OpenAI's Responses (no `n`, no
-sampling masks: only their text and logprobs grow).
+sampling masks: only their text and logprobs grow). A Responses response also holds what its MCP
+servers answer (the test MCP server's `long_text` tool: about 550 KB).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_helpers import api_conftest, named_events  # noqa: E402
+from mcp_server import start_mcp_servers  # noqa: E402
 
 MODEL = "accounts/testing/models/tiny-llama"
 RESPONSE_LIMIT = 200_000
@@ -50,7 +52,8 @@ def limited_server(tmp_path_factory, name: str, max_response_bytes: int):
     model = conftest.write_tiny_llama_for_ops(tmp / "llama")
     srv = conftest.start_server(
         tmp, "--model", str(model), "--model-id", "tiny-llama", "--account", "testing",
-        "--kv-cache-gb", "0.02", "--max-response-bytes", str(max_response_bytes), api_key=None,
+        "--kv-cache-gb", "0.02", "--max-response-bytes", str(max_response_bytes),
+        "--mcp-allowed-hosts", "127.0.0.1", api_key=None,  # the MCP test servers (mcp_server.py)
     )  # fmt: skip
     yield srv
     conftest.stop_server(srv)
@@ -265,3 +268,55 @@ def test_a_tool_schema_nested_past_what_is_written_back_is_a_400(small, depth):
     tool["function"]["parameters"]["properties"] = nested(120)
     r = httpx.post(small.url + "/v1/chat/completions", json={**body, "tools": [tool]}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def flood_mcp():
+    servers = start_mcp_servers(flood=True)
+    yield servers
+    servers.stop()
+
+
+def long_text_call(mcp, **tool) -> dict:
+    """A response whose MCP call answers about 550 KB of text: past RESPONSE_LIMIT by itself
+    (the model's own output, a forced call of a bounded argument, is far within it)."""
+    server = {"type": "mcp", "server_label": "calc", "server_url": mcp.http_url, **tool}
+    return {**CHAT, "input": "Describe a lighthouse.", "tools": [server], "max_tool_calls": 1,
+            "tool_choice": {"type": "mcp", "server_label": "calc", "name": "long_text"},
+            "max_output_tokens": 200}  # fmt: skip
+
+
+def assert_mcp_result_too_large(message: str) -> None:
+    assert f"limit of {RESPONSE_LIMIT} bytes" in message and "--max-response-bytes" in message
+    assert "MCP" in message and "max_tool_calls" in message  # counted as the result came
+
+
+def test_an_mcp_result_past_the_limit_is_a_400_and_is_not_stored(small, flood_mcp):
+    client = openai_client(small)
+    flood_mcp.clear()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(**long_text_call(flood_mcp), store=True)
+    assert "tools/call" in flood_mcp.http.rpcs()  # the call ran: its result is what is too large
+    assert_mcp_result_too_large(caught.value.message)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(caught.value.response.json()["request_id"])
+    # streamed: its response.completed would hold the result; an error event ends it instead
+    events = named_events(small, "/v1/responses", {**long_text_call(flood_mcp), "stream": True})
+    names = [name for name, _ in events]
+    assert "response.mcp_call.in_progress" in names and "response.completed" not in names
+    name, error = events[-1]
+    assert name == "error", names
+    assert_mcp_result_too_large(error["message"])
+    small.wait_idle(timeout=90)  # no later round was started
+
+
+def test_mcp_tool_lists_count_toward_the_limit(words, flood_mcp):
+    """What the response holds before its first round (an `mcp_list_tools` item per server,
+    calls the client approved) is counted too: a tool list is more than WORDS_LIMIT alone."""
+    tool = {"type": "mcp", "server_label": "calc", "server_url": flood_mcp.http_url}
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(words).responses.create(**CHAT, input="hi", tools=[tool],
+                                              max_output_tokens=1)  # fmt: skip
+    message = caught.value.message
+    assert f"limit of {WORDS_LIMIT} bytes" in message and "MCP" in message
+    words.wait_idle(timeout=90)

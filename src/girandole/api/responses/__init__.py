@@ -94,9 +94,10 @@ after the stream began is an `error` event (`code`, `message`, `param`). A store
 response is saved when it completes.
 
 Size: streamed or not, a response is held whole (`response.completed` carries it all), so one
-growing past `--max-response-bytes` (text and logprobs of all its rounds) is a 400 naming the
-limit, `max_output_tokens` and `top_logprobs`, its generation stopped (streamed: that `error`
-event, no `response.completed`); it is not stored. A background one ends `failed`, `output: []`
+growing past `--max-response-bytes` (text and logprobs of all its rounds, and what its MCP
+servers answered: tool lists, calls' results) is a 400 naming the limit, `max_output_tokens` and
+`top_logprobs` (and `max_tool_calls` when an MCP answer took it past), its generation stopped
+(streamed: that `error` event, no `response.completed`); it is not stored. A background one ends `failed`, `output: []`
 (`girandole.api.serving.response_size`).
 
 Stored responses (`route.py`; the key's account only, an open server's shared): `GET

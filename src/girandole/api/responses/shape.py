@@ -11,6 +11,7 @@ its round also calls a client function or asks for an approval (the client's tur
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,12 @@ from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job
 from girandole.api.serving.logprobs import content_format
 from girandole.api.serving.response import engine_error, finish_metrics, read_all
-from girandole.api.serving.response_size import RESPONSES_ADVICE, RESPONSES_WHOLE, ResponseSize
+from girandole.api.serving.response_size import (
+    RESPONSES_ADVICE,
+    RESPONSES_MCP_ADVICE,
+    RESPONSES_WHOLE,
+    ResponseSize,
+)
 from girandole.api.serving.usage import Usage, sum_usage
 from girandole.registry.conversation_refs import ConversationSnapshot
 
@@ -347,9 +353,17 @@ class ResponsesShape(TranslatedShape):
         self.take_chat(shape)
         return job, fanout
 
-    async def run_call(self, item: dict[str, Any]) -> None:
+    async def run_call(self, item: dict[str, Any], size: ResponseSize) -> None:
+        """Run an MCP call; its result joins the response held whole, counted in `size` (its
+        arguments are the model's text, counted as it was read)."""
         assert self.toolbox is not None  # only MCP tools' calls run here
         await self.toolbox.run(item)
+        size.grow(json_bytes([item["output"], item["error"]]), RESPONSES_MCP_ADVICE)
+
+    def count_prelude(self, size: ResponseSize) -> None:
+        """The output made before the first round (tool lists, calls the client approved) is
+        held with the rest: counted whole, as no engine output counted any of it."""
+        size.grow(json_bytes(self.conversation.prelude), RESPONSES_MCP_ADVICE)
 
     async def close_tools(self) -> None:
         if self.toolbox is not None:
@@ -366,13 +380,14 @@ class ResponsesShape(TranslatedShape):
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
         first, size = job, self.response_size(job)
         try:
+            self.count_prelude(size)
             while True:
                 await read_all(fanout, size)
                 choice, blocks = self.start_round(job)
                 self.feed(blocks, choice, choice.full_text, True)
                 runs = self.end_round(job, blocks)
                 for item in runs:  # one after another: one session per server, calls in order
-                    await self.run_call(item)
+                    await self.run_call(item, size)
                 following = await self.next_round(runs)
                 if following is None:
                     return self.finish(first)
@@ -408,6 +423,7 @@ class ResponsesShape(TranslatedShape):
         (whatever its status: the SDK's stream helper waits for that event)."""
         first, size = job, self.response_size(job)
         try:
+            self.count_prelude(size)
             for index, item in enumerate(self.conversation.prelude):
                 for event in prelude_events(index, item):
                     yield event
@@ -427,7 +443,7 @@ class ResponsesShape(TranslatedShape):
                     where = {"item_id": item["id"], "output_index": index}
                     if any(item is run for run in runs):
                         yield "response.mcp_call.in_progress", where
-                        await self.run_call(item)
+                        await self.run_call(item, size)
                         ended = "completed" if item["status"] == "completed" else "failed"
                         yield f"response.mcp_call.{ended}", where
                     yield "response.output_item.done", {"output_index": index, "item": dict(item)}
@@ -526,6 +542,12 @@ def prelude_events(index: int, item: dict[str, Any]) -> list[tuple[str, dict[str
         (f"response.mcp_call.{ended}", where),
         done,
     ]
+
+
+def json_bytes(value: Any) -> int:
+    """About how many bytes `value` takes in the response's JSON (characters, as a choice's
+    text is counted)."""
+    return len(json.dumps(value, ensure_ascii=False))
 
 
 async def encode(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:

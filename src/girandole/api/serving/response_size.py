@@ -5,7 +5,9 @@ says so, and its engine requests are aborted (the loop that reads them closes it
 
 Held whole: a non-stream response of every endpoint; what a completions/chat stream's finish
 chunks repeat (`raw_output`); a Responses stream's `response.completed` event (the whole
-response, which is also what a stored or background response saves)."""
+response, which is also what a stored or background response saves). A Responses response also
+holds what its MCP servers answered (tool lists, calls' results: up to 4 MiB each), counted as
+each is added (`ResponseSize.grow`)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ RAW_OUTPUT_ADVICE = (
 )
 MESSAGES_ADVICE = "stream it (stream: true), or ask for fewer tokens (max_tokens)"
 RESPONSES_ADVICE = "ask for fewer tokens (max_output_tokens) or logprobs (top_logprobs)"
+# an MCP server's answer made it pass the limit: the calls are what the client can ask less of
+RESPONSES_MCP_ADVICE = (
+    "its MCP tools' answers took it past: ask for fewer tool calls (max_tool_calls), narrow the"
+    " tools (allowed_tools), or ask for fewer tokens (max_output_tokens) or logprobs"
+    " (top_logprobs)"
+)
 
 WHOLE = "a whole (non-streamed) response"
 RAW_OUTPUT = "what a stream's finish chunks repeat (raw_output)"
@@ -59,6 +67,15 @@ class ResponseSize:
         before = choice.json_size
         update = choice.add(out)
         self.num_bytes += choice.json_size - before
-        if self.max_bytes is not None and self.num_bytes > self.max_bytes:
-            raise ResponseTooLarge(self.max_bytes, self.held, self.advice)
+        self._check(self.advice)
         return update
+
+    def grow(self, num_bytes: int, advice: str | None = None) -> None:
+        """Count what the response holds beside its choices' output (an MCP tool's result),
+        `advice` naming what to ask less of (a ResponseTooLarge past the limit)."""
+        self.num_bytes += num_bytes
+        self._check(advice or self.advice)
+
+    def _check(self, advice: str) -> None:
+        if self.max_bytes is not None and self.num_bytes > self.max_bytes:
+            raise ResponseTooLarge(self.max_bytes, self.held, advice)
