@@ -335,6 +335,35 @@ def test_a_deleted_jobs_output_dataset_ends_ready_with_what_was_done(batch):
     batch.server.wait_idle()
 
 
+def test_a_failed_jobs_output_dataset_ends_ready_with_what_was_done(batch):
+    """A job that fails on its own (its input unreadable when it starts: the file damaged on
+    disk while it waited behind another job) ends JOB_STATE_FAILED, saying why, and its output
+    dataset READY with what was done, here nothing (it stayed UPLOADING for ever: a client
+    polling it for a final state never saw one)."""
+    batch.upload("blocker-input", [chat_line(i) for i in range(300)])
+    batch.upload("broken-input", [chat_line(i) for i in range(3)])
+    fw = batch.client()
+    batch.start_job("blocker", "blocker-input", 8)  # jobs run one at a time: the next waits
+    batch.start_job("broken", "broken-input", 8)
+    assert fw.batch_inference_jobs.get("broken").state == "JOB_STATE_PENDING"
+    (path,) = (batch.data / "datasets" / ACCOUNT / "broken-input").iterdir()
+    path.write_bytes(b"not json\n")
+    batch.http("POST", f"/v1/accounts/{ACCOUNT}/batchInferenceJobs/blocker:cancel")
+    deadline = time.monotonic() + 60
+    while (job := fw.batch_inference_jobs.get("broken")).state != "JOB_STATE_FAILED":
+        assert job.state == "JOB_STATE_PENDING", job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job.status.code == "INVALID_ARGUMENT" and "line 1" in job.status.message, job.status
+    output = fw.datasets.get("broken-output")
+    assert (output.state, output.example_count) == ("READY", "0")
+    assert batch.download(job.output_dataset_id) == {"results.jsonl": [], "errors.jsonl": []}
+    # ended: its datasets may go
+    datasets = f"/v1/accounts/{ACCOUNT}/datasets"
+    assert batch.http("DELETE", datasets + "/broken-output").status_code == 200
+    batch.server.wait_idle()
+
+
 def _error(response: httpx.Response, status: int, *words: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]

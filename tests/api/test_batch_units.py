@@ -181,11 +181,12 @@ def test_the_runners_look_for_work_reads_only_the_jobs_not_ended(tmp_path):
     assert any("USING INDEX batch_jobs_state" in row[-1] for row in plan), plan
 
 
-def test_unwritten_cancellations_are_the_cancelled_jobs_whose_output_is_not_ready(tmp_path):
+def test_unwritten_outputs_are_the_cancelled_or_failed_jobs_whose_output_is_not_ready(tmp_path):
     """Asked at start-up: it parsed every job ever made in Python. Now one query, by the state
     index and the output datasets' keys; the same answer: cancelled jobs, in order of creation,
-    whose output dataset exists and is not READY, in any account."""
-    from girandole.batch.store import COMPLETED, dataset_name
+    whose output dataset exists and is not READY, in any account; and failed ones (an older
+    server left their output UPLOADING)."""
+    from girandole.batch.store import COMPLETED, FAILED, dataset_name
 
     store = BatchStore(Database(None), tmp_path)
 
@@ -203,10 +204,13 @@ def test_unwritten_cancellations_are_the_cancelled_jobs_whose_output_is_not_read
     job("acme", "running", RUNNING, "UPLOADING")
     job("other", "cut", CANCELLED, "STATE_UNSPECIFIED")
     job("other", "also-cut", CANCELLED, "UPLOADING")
-    assert store.unwritten_cancellations() == [
-        ("acme", "cut"),
-        ("other", "cut"),
-        ("other", "also-cut"),
+    job("acme", "failed", FAILED, "UPLOADING")
+    job("acme", "failed-written", FAILED, "READY")
+    assert store.unwritten_outputs() == [
+        ("acme", "cut", CANCELLED),
+        ("other", "cut", CANCELLED),
+        ("other", "also-cut", CANCELLED),
+        ("acme", "failed", FAILED),
     ]
 
 

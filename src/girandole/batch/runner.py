@@ -123,9 +123,13 @@ class BatchRunner:
 
     async def _loop(self) -> None:
         # cancelled before the server last stopped, their files not written yet: write them
-        # (else an OpenAI batch stays `cancelling` and a message batch `canceling` for ever)
-        for account, job_id in self.store.unwritten_cancellations():
-            self._finish(account, job_id, CANCELLED, "CANCELLED", "cancelled by the user")
+        # (else an OpenAI batch stays `cancelling` and a message batch `canceling` for ever);
+        # failed by an older server, which left their output datasets UPLOADING: write them
+        for account, job_id, state in self.store.unwritten_outputs():
+            if state == CANCELLED:
+                self._finish(account, job_id, CANCELLED, "CANCELLED", "cancelled by the user")
+            else:  # its state and status (why it failed) stay as they are
+                self.write_output(account, job_id)
         while True:
             jobs = self.store.runnable_jobs()
             if not jobs:
@@ -143,7 +147,7 @@ class BatchRunner:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug fails the job, not the server
                 logger.exception("batch job %s/%s failed", account, job_id)
-                self._set_state(account, job_id, FAILED, "INTERNAL", f"{type(exc).__name__}")
+                self._fail(account, job_id, "INTERNAL", f"{type(exc).__name__}")
             finally:
                 self._current = None
                 self._stopping.pop((account, job_id), None)
@@ -182,7 +186,7 @@ class BatchRunner:
             parameters = parse_parameters(body.get("inferenceParameters"))
         except InputError as exc:
             if (account, job_id) not in self._stopping:  # not cancelled while it was read
-                self._set_state(account, job_id, FAILED, "INVALID_ARGUMENT", str(exc))
+                self._fail(account, job_id, "INVALID_ARGUMENT", str(exc))
             return None
         job = _Job(account, job_id, self.store.job_key(account, job_id), body["model"], parameters)
         return job, lines
@@ -223,6 +227,16 @@ class BatchRunner:
             return
         self._set_state(account, job_id, state, code, message)
         logger.info("batch job %s/%s: %s", account, job_id, state)
+
+    def _fail(self, account: str, job_id: str, code: str, message: str) -> None:
+        """End a job FAILED, its output dataset READY with what was done (a dataset has no
+        failed state: Fireworks' are UPLOADING or READY, and one left UPLOADING was polled for
+        ever); the job's state and status say that it failed, and why."""
+        try:
+            self._finish(account, job_id, FAILED, code, message)
+        except Exception:  # noqa: BLE001 - the output could not be written: the job still ends
+            logger.exception("batch job %s/%s: its output was not written", account, job_id)
+            self._set_state(account, job_id, FAILED, code, message)
 
     def write_output(self, account: str, job_id: str) -> dict[str, Any] | None:
         """Write the job's output dataset from its result rows, READY (left alone when it was

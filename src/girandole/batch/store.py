@@ -520,22 +520,23 @@ class BatchStore:
         job_id, body = rows[0]
         return self.with_progress(account, job_id, json.loads(body))
 
-    def unwritten_cancellations(self) -> list[tuple[str, str]]:
-        """(account, job id) of the cancelled jobs whose output dataset was never written: the
-        server stopped between the cancel and the runner writing what was done."""
-        # asked once at start-up: the cancelled jobs by the state index and their output
-        # datasets by primary key, not every job ever made parsed in Python
+    def unwritten_outputs(self) -> list[tuple[str, str, str]]:
+        """(account, job id, state) of the cancelled and failed jobs whose output dataset was
+        never written: the server stopped between a cancel and the runner writing what was done,
+        or an older server failed the job without writing it (it stayed UPLOADING)."""
+        # asked once at start-up: those jobs by the state index and their output datasets by
+        # primary key, not every job ever made parsed in Python
         rows = self.db.execute(
-            "SELECT j.account, j.job_id FROM batch_jobs j JOIN datasets d"
-            " ON d.account = j.account AND d.dataset_id = substr("
+            "SELECT j.account, j.job_id, json_extract(j.body, '$.state') FROM batch_jobs j"
+            " JOIN datasets d ON d.account = j.account AND d.dataset_id = substr("
             "json_extract(j.body, '$.outputDatasetId'),"
             " length('accounts/' || j.account || '/datasets/') + 1)"
-            " WHERE json_extract(j.body, '$.state') = ?"
+            " WHERE json_extract(j.body, '$.state') IN (?, ?)"
             " AND json_extract(d.body, '$.state') IS NOT 'READY'"
             " ORDER BY j.created",
-            (CANCELLED,),
+            (CANCELLED, FAILED),
         )
-        return [(account, job_id) for account, job_id in rows]
+        return [(account, job_id, state) for account, job_id, state in rows]
 
     def runnable_jobs(self) -> list[tuple[str, str]]:
         """(account, job id) of the jobs to run, oldest first."""
