@@ -7,7 +7,11 @@ conversation deleted) or while the response ran; frozen copies go with their las
 from __future__ import annotations
 
 import json
+import sqlite3
+from functools import partial
 from typing import Any
+
+import pytest
 
 from girandole.registry.conversations import ConversationStore
 from girandole.registry.keystore import Database
@@ -38,6 +42,15 @@ class Turns:
         self.store.put("a", body, items, inherited=len(snapshot.items), conversation=snapshot)
         self.expected[name] = items
         return name
+
+    def delete_item(self, item_id: str) -> bool:
+        """As the route deletes it: its readers' copy made in the delete's transaction."""
+        freeze = partial(self.store.freeze, conversation_id=self.conv, item_id=item_id)
+        return self.conversations.delete_item(self.conv, item_id, freeze)
+
+    def delete(self) -> bool:
+        freeze = partial(self.store.freeze, conversation_id=self.conv)
+        return self.conversations.delete("a", self.conv, freeze)
 
     def reads(self) -> None:
         for name, items in self.expected.items():
@@ -76,21 +89,18 @@ def test_deleted_items_and_conversations_leave_the_responses_as_they_were():
     t.store.get("a", "r5")
     # an item r3 read (r2's output): r3, r4 and r5 get a frozen copy, r0 .. r2 keep the
     # conversation's items
-    t.store.freeze(t.conv, "r2_out")
-    assert t.conversations.delete_item(t.conv, "r2_out")
+    assert t.delete_item("r2_out")
     t.reads()
     frozen = {t.row(f"r{k}")[1] for k in range(3, 6)}
     assert len(frozen) == 1 and frozen != {t.conv}
     assert {t.row(f"r{k}")[1] for k in range(3)} == {t.conv}
     # the last item deleted and another added with its id and seq: later turns read the new one
-    t.store.freeze(t.conv, "r5_out")
-    assert t.conversations.delete_item(t.conv, "r5_out")
+    assert t.delete_item("r5_out")
     t.conversations.add_items(t.conv, [message("r5_out", "another text")])
     t.run("r6")
     t.reads()
     # the whole conversation deleted
-    t.store.freeze(t.conv)
-    assert t.conversations.delete("a", t.conv)
+    assert t.delete()
     t.reads()
     t.store.histories.clear()
     next_items = t.store.get("a", "r6").input_items + [message("after_in", "go on")]
@@ -109,8 +119,7 @@ def test_a_conversation_changed_while_the_response_ran_is_stored_whole():
     t.run("r0")
     # the last item deleted, and one of the same id added (the same seq) while r1 ran
     snapshot = t.store.snapshot(t.conv)
-    t.store.freeze(t.conv, "r0_out")
-    t.conversations.delete_item(t.conv, "r0_out")
+    t.delete_item("r0_out")
     t.conversations.add_items(t.conv, [message("r0_out", "not what r1 read")])
     t.run("r1", snapshot)
     assert t.row("r1")[1] is None  # stored whole: what it read
@@ -121,8 +130,7 @@ def test_a_conversation_changed_while_the_response_ran_is_stored_whole():
     assert t.row("r2")[1] == t.conv
     # a conversation deleted while r3 ran
     snapshot = t.store.snapshot(t.conv)
-    t.store.freeze(t.conv)
-    t.conversations.delete("a", t.conv)
+    t.delete()
     t.run("r3", snapshot)
     assert t.row("r3")[1] is None
     t.reads()
@@ -139,9 +147,34 @@ def test_a_chain_continued_from_a_conversations_response():
     assert t.store.get("a", "c").input_items == items
     t.store.histories.clear()
     assert t.store.get("a", "c").input_items == items
-    t.store.freeze(t.conv, "first")  # the first item, which every response read
-    t.conversations.delete_item(t.conv, "first")
+    t.delete_item("first")  # the first item, which every response read
     t.store.histories.clear()
     assert t.store.get("a", "c").input_items == items
     assert t.store.delete("a", "r2")  # c stored whole
     assert t.store.get("a", "c").input_items == items
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_delete_that_fails_leaves_no_copy_behind(whole):
+    """The copy for the responses that read the items and the delete are one transaction: a
+    delete that fails (here a trigger refuses it, as a full disk would) leaves the responses
+    on the conversation and no frozen copy; as two, the copy was committed on its own (and a
+    response saved between the two referred to items then deleted)."""
+    t = Turns()
+    for k in range(3):
+        t.run(f"r{k}")
+    t.store.db.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE DELETE ON conversation_items"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        t.delete() if whole else t.delete_item("r1_out")
+    assert {t.row(f"r{k}")[1] for k in range(3)} == {t.conv}
+    frozen = t.store.db.execute(
+        "SELECT COUNT(*) FROM conversation_items WHERE conversation_id LIKE 'frozen_%'"
+    )
+    assert frozen == [(0,)]
+    assert t.conversations.get("a", t.conv) is not None and len(t.conversations.items(t.conv)) == 7
+    t.store.db.execute("DROP TRIGGER refuse")
+    assert t.delete() if whole else t.delete_item("r1_out")
+    t.reads()

@@ -105,13 +105,19 @@ class ConversationStore:
         )
         return self.get(account, conversation_id)
 
-    def delete(self, account: str, conversation_id: str) -> bool:
-        with self.db.transaction() as run:  # a kill between the two left items no one reads
+    def delete(self, account: str, conversation_id: str, before: Write | None = None) -> bool:
+        """Delete the conversation and its items, in one transaction with what `before` writes
+        first when it exists (the stored responses that read its items get a copy of them:
+        ResponseStore.freeze): a server killed midway leaves the conversation whole, never
+        items no one reads, nor responses that read deleted items."""
+        with self.db.transaction() as run:
             found = run(
                 "DELETE FROM conversations WHERE id = ? AND account = ? RETURNING id",
                 (conversation_id, account),
             )
             if found:
+                if before is not None:
+                    before(run)
                 run("DELETE FROM conversation_items WHERE conversation_id = ?", (conversation_id,))
         return bool(found)
 
@@ -156,10 +162,14 @@ class ConversationStore:
         )
         return json.loads(rows[0][0]) if rows else None
 
-    def delete_item(self, conversation_id: str, item_id: str) -> bool:
-        found = self.db.execute(
-            "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?"
-            " RETURNING seq",
-            (conversation_id, item_id),
-        )
+    def delete_item(self, conversation_id: str, item_id: str, before: Write | None = None) -> bool:
+        """Delete an item, in one transaction with what `before` writes first (as `delete`)."""
+        with self.db.transaction() as run:
+            if before is not None:
+                before(run)
+            found = run(
+                "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?"
+                " RETURNING seq",
+                (conversation_id, item_id),
+            )
         return bool(found)

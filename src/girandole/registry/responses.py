@@ -260,33 +260,35 @@ class ResponseStore:
                 self._release(run, copy_id)
         return bool(deleted)
 
-    def freeze(self, conversation_id: str, item_id: str | None = None) -> None:
+    @staticmethod
+    def freeze(run: Run, conversation_id: str, item_id: str | None = None) -> None:
         """Before a conversation's item (`item_id`), or the whole conversation (None), is
         deleted: the responses that refer to it get a frozen copy of the conversation's items
-        they read, so they read as before."""
-        with self.db.transaction() as run:
-            start = -1  # every item
-            if item_id is not None:
-                (start,) = run(
-                    "SELECT MIN(seq) FROM conversation_items"
-                    " WHERE conversation_id = ? AND item_id = ?",
-                    (conversation_id, item_id),
-                )[0]
-                if start is None:
-                    return
-            (end,) = run(
-                "SELECT MAX(conversation_end) FROM responses"
-                " WHERE conversation_id = ? AND conversation_end > ?",
-                (conversation_id, start),
+        they read, so they read as before. `run`: the transaction that deletes them
+        (ConversationStore.delete's or delete_item's `before`), so that no response is saved
+        referring to the items between the copy and the delete, and a server killed between
+        the two leaves neither."""
+        start = -1  # every item
+        if item_id is not None:
+            (start,) = run(
+                "SELECT MIN(seq) FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+                (conversation_id, item_id),
             )[0]
-            if end is None:  # none of them reads that item
+            if start is None:
                 return
-            copy_id = refs.frozen_copy(run, conversation_id, end)
-            run(
-                "UPDATE responses SET conversation_id = ?"
-                " WHERE conversation_id = ? AND conversation_end > ?",
-                (copy_id, conversation_id, start),
-            )
+        (end,) = run(
+            "SELECT MAX(conversation_end) FROM responses"
+            " WHERE conversation_id = ? AND conversation_end > ?",
+            (conversation_id, start),
+        )[0]
+        if end is None:  # none of them reads that item
+            return
+        copy_id = refs.frozen_copy(run, conversation_id, end)
+        run(
+            "UPDATE responses SET conversation_id = ?"
+            " WHERE conversation_id = ? AND conversation_end > ?",
+            (copy_id, conversation_id, start),
+        )
 
     @staticmethod
     def _release(run: Run, conversation_id: str) -> None:

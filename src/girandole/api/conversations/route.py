@@ -20,6 +20,7 @@ account's conversations.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -96,9 +97,10 @@ async def update_conversation(request: Request, conversation_id: str) -> Any:
 @router.delete("/conversations/{conversation_id}", summary="Delete a conversation")
 async def delete_conversation(request: Request, conversation_id: str) -> Any:
     conversation_of(request, conversation_id)
-    # the stored responses that refer to its items get a copy of them first
-    store_of(request).freeze(conversation_id)
-    if not conversations_of(request).delete(account_of(request), conversation_id):
+    # the stored responses that refer to its items get a copy of them first, in the same
+    # transaction as the delete
+    freeze = partial(store_of(request).freeze, conversation_id=conversation_id)
+    if not conversations_of(request).delete(account_of(request), conversation_id, freeze):
         raise not_found(conversation_id)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
@@ -144,7 +146,8 @@ async def get_item(request: Request, conversation_id: str, item_id: str) -> Any:
 @router.delete("/conversations/{conversation_id}/items/{item_id}", summary="Delete an item")
 async def delete_item(request: Request, conversation_id: str, item_id: str) -> Any:
     conversation = conversation_of(request, conversation_id)
-    store_of(request).freeze(conversation_id, item_id)  # as for the whole conversation
-    if not conversations_of(request).delete_item(conversation_id, item_id):
+    # as for the whole conversation
+    freeze = partial(store_of(request).freeze, conversation_id=conversation_id, item_id=item_id)
+    if not conversations_of(request).delete_item(conversation_id, item_id, freeze):
         raise APIError(404, f"Item with id '{item_id}' not found.", code="NOT_FOUND")
     return conversation
