@@ -1,10 +1,13 @@
 """Messages and Responses where they parted from Anthropic's and OpenAI's documented behaviour:
 `max_tokens: 0` pre-warms the prompt cache (anthropic's SDK documents it), a thinking budget
-not under `max_tokens` is a 400, and a developer/system message after a stored conversation
-(Responses) reads as user text rather than breaking the chat template."""
+under 1024 or not under `max_tokens` is a 400, a prefill under a forced tool call or output
+format is a 400, the request fields of the anthropic SDK's `MessageCreateParams` are accepted,
+and a developer/system message after a stored conversation (Responses) reads as user text
+rather than breaking the chat template."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import anthropic
@@ -118,6 +121,118 @@ def test_thinking_without_a_budget_leaves_max_tokens_alone(server, thinking):
             "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
     r = httpx.post(server.url + "/v1/messages", json=body, headers=server.headers, timeout=60)
     assert "budget_tokens" not in r.text
+
+
+@pytest.mark.parametrize(
+    "thinking, words",
+    [({"type": "enabled", "budget_tokens": 1023}, "greater than or equal to 1024"),
+     ({"type": "enabled"}, "Field required"),
+     ({"type": "disabled", "budget_tokens": 2048}, "budget_tokens")],
+    ids=["under-1024", "no-budget", "budget-when-disabled"],
+)  # fmt: skip
+def test_thinking_budget_as_anthropic_checks_it(claude, thinking, words):
+    """Anthropic's schema: an `enabled` budget is required and at least 1024 (checked before
+    max_tokens: this one is over the budget), and only `enabled` takes one; count_tokens
+    reads the same schema."""
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "thinking": thinking}
+    for call in (lambda: claude.messages.create(max_tokens=4096, **ask),
+                 lambda: claude.messages.count_tokens(**ask)):  # fmt: skip
+        with pytest.raises(anthropic.BadRequestError) as info:
+            call()
+        message = info.value.body["error"]["message"]
+        assert info.value.body["error"]["type"] == "invalid_request_error"
+        assert "thinking.budget_tokens" in message and words in message, message
+
+
+PREFILL = [{"role": "user", "content": "What is the weather in Paris?"},
+           {"role": "assistant", "content": "Let me check"}]  # fmt: skip
+WEATHER_TOOL = {"name": "get_weather", "input_schema": WEATHER_PARAMETERS}
+
+
+@pytest.mark.parametrize(
+    "forced, words",
+    [({"tools": [WEATHER_TOOL], "tool_choice": {"type": "any"}}, "forces tool use"),
+     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "tool", "name": "get_weather"}},
+      "forces tool use"),
+     ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+      "output format")],
+    ids=["any", "tool", "format"],
+)  # fmt: skip
+def test_a_prefill_under_a_forced_output_is_a_400(claude, forced, words):
+    """Anthropic forces a call (or a format) from the answer's first token, which a prefill's
+    text would have to precede: its 400, naming the final assistant message (the forced call
+    used to start afresh, the prefill dropped from the answer). An empty final assistant turn
+    is no prefill, and a prefill under `auto` is continued."""
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(model=MODEL, max_tokens=8, messages=PREFILL, **forced)
+    message = info.value.body["error"]["message"]
+    assert message.startswith("messages.1: ") and "pre-fill" in message and words in message
+    with pytest.raises(anthropic.BadRequestError):  # the prompt it counts could not run
+        claude.messages.count_tokens(model=MODEL, messages=PREFILL, **forced)
+    empty = [PREFILL[0], {"role": "assistant", "content": ""}]
+    r = claude.messages.create(model=MODEL, max_tokens=2, messages=empty, **forced)
+    assert r.stop_reason in ("max_tokens", "tool_use", "end_turn")
+    if forced.get("tool_choice") == {"type": "any"}:
+        auto = claude.messages.create(model=MODEL, max_tokens=2, messages=PREFILL,
+                                      tools=[WEATHER_TOOL], tool_choice={"type": "auto"})  # fmt: skip
+        assert auto.stop_reason in ("max_tokens", "end_turn", "tool_use")
+
+
+def test_thinking_with_a_forced_call_is_a_400(claude):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(
+            model=MODEL, max_tokens=2048, messages=PREFILL[:1], tools=[WEATHER_TOOL],
+            tool_choice={"type": "any"}, thinking={"type": "enabled", "budget_tokens": 1024},
+        )  # fmt: skip
+    assert "Thinking may not be enabled when tool_choice forces tool use" in str(info.value)
+
+
+def test_every_field_of_the_sdks_message_create_params_is_accepted(claude, server):
+    """The fields of the anthropic SDK's MessageCreateParams (and nested ones) that have no
+    meaning here are accepted and change nothing; `diagnostics` is answered (nothing here keeps
+    earlier prompts: the cache-miss reason is `unavailable`); `input_examples` reach the
+    prompt after the tool's description; `xhigh` effort is `high` (a hint on this model)."""
+    tool = {**WEATHER_TOOL, "description": "The weather", "input_examples": [{"city": "Oslo"}],
+            "allowed_callers": ["direct"], "defer_loading": False, "eager_input_streaming": True,
+            "cache_control": {"type": "ephemeral", "ttl": "1h"}}  # fmt: skip
+    history = [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+         "name": "get_weather", "input": {"city": "Rome"}, "caller": {"type": "direct"},
+         "toolset_name": "weather"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+         "content": "Sunny", "toolset_name": "weather"}]},
+    ]  # fmt: skip
+    fields = {"model": MODEL, "messages": history, "tools": [tool]}
+    extra = {"inference_geo": "us", "speed": "fast", "user_profile_id": "up_1",
+             "workspace_id": "wrkspc_1", "output_config": {"effort": "xhigh"},
+             "thinking": {"type": "adaptive", "display": "omitted"}}  # fmt: skip
+    r = claude.messages.create(max_tokens=2, diagnostics={"previous_message_id": "msg_1"},
+                               extra_body={"raw_output": True}, **fields, **extra)  # fmt: skip
+    assert r.diagnostics is not None and r.diagnostics.cache_miss_reason.type == "unavailable"
+    prompt = "".join(p for p in r.model_extra["raw_output"]["prompt_fragments"]
+                     if isinstance(p, str))  # fmt: skip
+    # (the tool's description inside the tool list's JSON)
+    assert json.dumps("The weather\n\nInput examples:\n" + json.dumps({"city": "Oslo"})) in prompt
+    counted = claude.messages.count_tokens(**fields, speed="fast", user_profile_id="up_1",
+                                           workspace_id="wrkspc_1")  # fmt: skip
+    assert counted.input_tokens == r.usage.input_tokens
+    # streamed: in message_start's message
+    body = {"model": MODEL, "max_tokens": 1, "messages": PREFILL[:1], "stream": True,
+            "diagnostics": {"previous_message_id": "msg_1"}}  # fmt: skip
+    (start,) = [data for name, data in named_events(server, "/v1/messages", body)
+                if name == "message_start"]  # fmt: skip
+    assert start["message"]["diagnostics"] == {"cache_miss_reason": {"type": "unavailable"}}
+    # the first turn's opt-in (no message to compare with): null; not asked for: absent
+    for diagnostics, answer in (({"previous_message_id": None}, {"diagnostics": None}), (None, {})):
+        whole = httpx.post(server.url + "/v1/messages", headers=server.headers, timeout=60,
+                           json={**body, "stream": False, "diagnostics": diagnostics}).json()  # fmt: skip
+        assert {k: v for k, v in whole.items() if k == "diagnostics"} == answer
+    # a caller other than the model needs Anthropic's code execution tool: none here
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(max_tokens=1, model=MODEL, messages=PREFILL[:1], tools=[
+            {**WEATHER_TOOL, "allowed_callers": ["code_execution_20250825"]}])  # fmt: skip
+    assert "tools.0.allowed_callers" in info.value.body["error"]["message"]
 
 
 @pytest.mark.parametrize("role", ["developer", "system"])

@@ -214,11 +214,17 @@ def test_anthropic_reasoning_fields_as_chat_fields():
     chat = to_chat_request(anthropic(messages=hi, thinking={"type": "enabled",
                                                            "budget_tokens": 2048}))  # fmt: skip
     assert (chat.thinking.type, chat.thinking.budget_tokens) == ("enabled", 2048)
+    # `display` is how the answer shows the thinking (MessagesShape), no part of chat's field
+    for thinking in ({"type": "enabled", "budget_tokens": 2048, "display": "omitted"},
+                     {"type": "adaptive", "display": "summarized"}):  # fmt: skip
+        chat = to_chat_request(anthropic(messages=hi, thinking=thinking))
+        assert chat.thinking.type == thinking["type"]
     assert (
         to_chat_request(anthropic(messages=hi, thinking={"type": "disabled"})).thinking.type
         == "disabled"
     )
-    for effort, read in (("low", "low"), ("high", "high"), ("max", "high")):  # Fireworks' reading
+    # Fireworks' reading of effort; Anthropic's `xhigh` is read as `max` is
+    for effort, read in (("low", "low"), ("high", "high"), ("xhigh", "high"), ("max", "high")):
         chat = to_chat_request(anthropic(messages=hi, output_config={"effort": effort}))
         assert chat.reasoning_effort == read and chat.effort_is_hint is True
     # a template that cannot think: Anthropic's effort is a hint (nothing to change), thinking

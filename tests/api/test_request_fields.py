@@ -331,6 +331,28 @@ def test_messages_give_reasoning_as_thinking_blocks(qwen):
     assert on.model_extra["raw_output"]["prompt_fragments"][-1].endswith("assistant\n")
 
 
+def test_messages_thinking_display_omitted_leaves_the_text_out(qwen):
+    """Anthropic's `thinking.display: "omitted"`: the thinking block is there, its text empty
+    (whole), and a stream sends no thinking_delta; "summarized" (the default) shows it whole
+    (nothing here summarizes)."""
+    thought, _, _ = chat_split(qwen)
+    body = {"model": MODEL, "max_tokens": 8, "messages": OPENED, "extra_body": {"temperature": 0}}
+    shown = claude(qwen).messages.create(**body, thinking={"type": "adaptive",
+                                                           "display": "summarized"})  # fmt: skip
+    assert (shown.content[0].type, shown.content[0].thinking) == ("thinking", thought)
+    omitted = {"type": "adaptive", "display": "omitted"}
+    r = claude(qwen).messages.create(**body, thinking=omitted)
+    assert [(b.type, b.thinking, b.signature) for b in r.content[:1]] == [("thinking", "", "")]
+    assert r.content[1:] == shown.content[1:] and r.usage == shown.usage
+    with claude(qwen).messages.stream(**body, thinking=omitted) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e.content_block.type for e in events if e.type == "content_block_start"]
+    deltas = [e.delta.type for e in events if e.type == "content_block_delta"]
+    assert starts[0] == "thinking" and "thinking_delta" not in deltas
+    assert final.content == r.content
+
+
 def test_messages_thinking_blocks_reach_the_template_in_a_tool_loop(qwen):
     messages = [
         {"role": "user", "content": "look it up"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from girandole.api.http.errors import bad_request
@@ -17,6 +18,8 @@ from girandole.api.messages.schema import (
     CountTokensRequest,
     MessagesRequest,
     TextBlock,
+    ThinkingEnabled,
+    Tool,
     ToolChoiceAny,
     ToolChoiceAuto,
     ToolChoiceNone,
@@ -28,8 +31,8 @@ from girandole.api.messages.translated import TranslatedChat, to_chat
 # an assistant turn's `thinking` blocks are its reasoning_content (the template decides what it
 # shows: Qwen3's, those of the turns after the last user message); redacted ones are left out
 SKIPPED_BLOCKS = ("redacted_thinking",)
-# output_config.effort as Fireworks reads it: `max` is `high`
-EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+# output_config.effort as Fireworks reads it: `max` (and Anthropic's `xhigh`) is `high`
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 def system_text(system: str | list[TextBlock] | None) -> str:
@@ -64,7 +67,7 @@ def check_thinking_budget(req: MessagesRequest) -> None:
     """Anthropic's 400 for an `enabled` thinking budget that leaves no room to answer (thinking
     counts toward max_tokens); `adaptive` and `disabled` take no budget, so nothing to check."""
     thinking = req.thinking
-    if thinking is None or thinking.type != "enabled" or thinking.budget_tokens is None:
+    if not isinstance(thinking, ThinkingEnabled):
         return
     if req.max_tokens <= thinking.budget_tokens:
         raise bad_request(
@@ -111,6 +114,34 @@ def _check_prefill(blocks: list[Any], where: str) -> None:
     if blocks and blocks[-1].type == "text" and blocks[-1].text != blocks[-1].text.rstrip():
         at = f"{where}.content.{len(blocks) - 1}"
         raise bad_request(f"{at}: final assistant content cannot end with trailing whitespace", at)
+
+
+def check_forced_output(req: CountTokensRequest, messages: list[dict[str, Any]]) -> None:
+    """Anthropic's 400s for what cannot go with an output forced from its first token (a tool
+    call under tool_choice `any`/`tool`, or output_config.format's JSON): a prefill (the answer
+    would have to continue the prefill's text, which the forced output cannot), and, for a
+    forced call, thinking turned on."""
+    forced_call = isinstance(req.tool_choice, ToolChoiceAny | ToolChoiceTool)
+    if forced_call and isinstance(req.thinking, ThinkingEnabled):
+        raise bad_request(
+            "Thinking may not be enabled when tool_choice forces tool use, field: 'tool_choice'",
+            "tool_choice",
+        )
+    if not messages or messages[-1]["role"] != "assistant":
+        return  # no prefill: chat continues a final assistant message only
+    if forced_call:
+        why = "When `tool_choice` forces tool use"
+    elif req.output_config is not None and req.output_config.format is not None:
+        why = "When using output format"
+    else:
+        return
+    at = f"messages.{len(req.messages) - 1}"
+    raise bad_request(
+        f"{at}: Your API request included an `assistant` message in the final position, which"
+        f" would pre-fill the `assistant` response. {why}, pre-filling the `assistant`"
+        " response is not supported.",
+        at,
+    )
 
 
 def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> list[dict[str, Any]]:
@@ -262,9 +293,16 @@ def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, 
                 raise bad_request(
                     f"Field required, field: 'tools.{i}.input_schema'", f"tools.{i}.input_schema"
                 )
+            if tool.allowed_callers is not None and "direct" not in tool.allowed_callers:
+                raise bad_request(
+                    "Tool callers other than 'direct' are not supported: this server runs no"
+                    " code execution tool, so only the model calls tools, field:"
+                    f" 'tools.{i}.allowed_callers'",
+                    f"tools.{i}.allowed_callers",
+                )
             function = {
                 "name": tool.name,
-                "description": tool.description,
+                "description": _description(tool),
                 "parameters": tool.input_schema,
                 "strict": tool.strict,
             }
@@ -285,6 +323,15 @@ def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, 
     return tools, None, parallel
 
 
+def _description(tool: Tool) -> str | None:
+    """The tool's description, and its input_examples after it (Anthropic shows them to the
+    model: here the description is what the template shows of a tool besides its schema)."""
+    if not tool.input_examples:
+        return tool.description
+    examples = "\n".join(json.dumps(e, ensure_ascii=False) for e in tool.input_examples)
+    return f"{tool.description or ''}\n\nInput examples:\n{examples}".lstrip()
+
+
 def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> TranslatedChat:
     """The chat request of a Messages request; `cleared`: what context edits leave out (None:
     the thinking a clear_thinking edit clears; tool uses are cleared once the prompt is known,
@@ -299,6 +346,7 @@ def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> Tra
     check_context_edits(req)
     messages = chat_messages(req, cleared)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
+    check_forced_output(req, messages)
     tools, tool_choice, parallel = chat_tools(req)
     fields = {
         "model": req.model,
@@ -315,7 +363,11 @@ def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> Tra
         "response_format": response_format,
         "raw_output": req.raw_output,
         # chat's reasoning fields (girandole.api.chat.reasoning): `thinking` in Anthropic's form
-        "thinking": req.thinking.model_dump(exclude_none=True) if req.thinking else None,
+        "thinking": (
+            req.thinking.model_dump(exclude_none=True, exclude={"display"})
+            if req.thinking
+            else None
+        ),
         "reasoning_effort": EFFORTS[effort] if effort is not None else None,
         # Anthropic's effort governs all output, not only thinking: a model that cannot think
         # takes it as a hint with nothing to change (Claude Code always sends it)

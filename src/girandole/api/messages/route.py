@@ -31,9 +31,6 @@ MESSAGES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "service_tier": lambda v: v in ("auto", "standard_only"),
     "container": lambda v: False,
     "mcp_servers": lambda v: v == [],
-    "inference_geo": lambda v: False,
-    "speed": lambda v: v == "standard",
-    "diagnostics": lambda v: False,
 }
 
 
@@ -88,7 +85,7 @@ class Messages(TranslatedEndpoint):
             choice.engine_kwargs["prompt_logprobs_last"] = 1
 
     def wire_shape(self, chat: ChatShape, req: TranslatedChat) -> MessagesShape:
-        return MessagesShape(chat, req.stop_list(), req.source.max_tokens)
+        return MessagesShape(chat, req.source)
 
 
 async def anthropic_errors(request: Request) -> None:

@@ -19,6 +19,8 @@ from girandole.api.http.schema import (
     TopP,
 )
 
+MAX_INPUT_EXAMPLES = 32  # a tool's input_examples (each one is prompt text)
+
 
 class CacheControl(StrictModel):
     type: Literal["ephemeral"]
@@ -39,12 +41,19 @@ class MediaBlock(StrictModel):
     type: Literal["image", "document"]
 
 
+class DirectCaller(StrictModel):
+    type: Literal["direct"]
+
+
 class ToolUseBlock(StrictModel):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict[str, Any]
     cache_control: CacheControl | None = None
+    # who made the call: the model itself ("direct") is the only caller here (no code execution)
+    caller: DirectCaller | None = None
+    toolset_name: str | None = None  # a label of Anthropic's toolsets: read by nothing here
 
 
 ResultPart = Annotated[TextBlock | MediaBlock, Field(discriminator="type")]
@@ -56,6 +65,7 @@ class ToolResultBlock(StrictModel):
     content: str | list[ResultPart] | None = None
     is_error: bool | None = None
     cache_control: CacheControl | None = None
+    toolset_name: str | None = None
 
 
 class ThinkingBlock(StrictModel):
@@ -97,6 +107,16 @@ class Tool(StrictModel):
     type: str | None = None  # "custom"; Anthropic's server tools are a 400
     strict: bool | None = None
     cache_control: CacheControl | None = None
+    # examples of valid input: shown to the model after the description (convert.chat_tools)
+    input_examples: Annotated[list[dict[str, Any]], Field(max_length=MAX_INPUT_EXAMPLES)] | None = (
+        None
+    )
+    # the model calls tools itself ("direct"); a code-execution caller is a 400 (convert.py)
+    allowed_callers: Annotated[list[str], Field(max_length=8)] | None = None
+    # loaded by a tool search tool at Anthropic; none here, so the tool is described up front
+    defer_loading: bool | None = None
+    # calls stream their input as they are generated whatever this says
+    eager_input_streaming: bool | None = None
 
 
 class ToolChoiceAuto(StrictModel):
@@ -129,9 +149,36 @@ class Metadata(StrictModel):
     user_id: str | None = None
 
 
-class ThinkingConfig(StrictModel):
-    type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+# how thinking blocks are shown: "omitted" leaves their text out (girandole.api.messages.shape)
+ThinkingDisplay = Literal["summarized", "omitted"]
+
+
+class ThinkingEnabled(StrictModel):
+    type: Literal["enabled"]
+    # Anthropic's floor; and under max_tokens (convert.check_thinking_budget)
+    budget_tokens: Annotated[int, Field(ge=1024)]
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingDisabled(StrictModel):
+    type: Literal["disabled"]
+
+
+class ThinkingAdaptive(StrictModel):
+    type: Literal["adaptive"]
+    display: ThinkingDisplay | None = None
+
+
+ThinkingConfig = Annotated[
+    ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive, Field(discriminator="type")
+]
+
+
+class Diagnostics(StrictModel):
+    """Anthropic's prompt-cache diagnostics: the answer says why the cache missed the prefix of
+    the message named here (`girandole.api.messages.shape.diagnostics`)."""
+
+    previous_message_id: str | None = None
 
 
 class OutputFormat(StrictModel):
@@ -140,7 +187,7 @@ class OutputFormat(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    effort: Literal["low", "medium", "high", "max"] | None = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: OutputFormat | None = None
 
 
@@ -202,6 +249,10 @@ class CountTokensRequest(StrictModel):
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = None  # a hint, as on blocks
     context_management: ContextManagement | None = None
+    # Anthropic's speed mode and account fields: one speed, no profiles or workspaces here
+    speed: Literal["standard", "fast"] | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -214,3 +265,5 @@ class MessagesRequest(CountTokensRequest):
     top_k: TopK = None
     metadata: Metadata | None = None
     raw_output: bool | None = None  # Fireworks' extension
+    diagnostics: Diagnostics | None = None
+    inference_geo: str | None = None  # where it runs: here, whatever this says

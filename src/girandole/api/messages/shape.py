@@ -11,6 +11,7 @@ from girandole.api.http.errors import APIError
 from girandole.api.http.sse import sse_named_event
 from girandole.api.messages.blocks import Block
 from girandole.api.messages.context_edits import AppliedEdits
+from girandole.api.messages.schema import Diagnostics, MessagesRequest
 from girandole.api.messages.translated import TranslatedShape
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
@@ -52,10 +53,12 @@ def tool_use_id(call_id: str | None) -> str:
     return "toolu_" + (call_id or "").removeprefix("call_")
 
 
-def content_block(block: Block, whole: bool) -> dict[str, Any]:
-    """A block as Anthropic writes it: whole, or as its `content_block_start` shows it."""
+def content_block(block: Block, whole: bool, omit_thinking: bool = False) -> dict[str, Any]:
+    """A block as Anthropic writes it: whole, or as its `content_block_start` shows it; a
+    thinking block without its text where `thinking.display` is "omitted"."""
     if block.type == "thinking":  # no signature: this server signs nothing
-        return {"type": "thinking", "thinking": block.text if whole else "", "signature": ""}
+        text = block.text if whole and not omit_thinking else ""
+        return {"type": "thinking", "thinking": text, "signature": ""}
     if block.type == "text":
         return {"type": "text", "text": block.text if whole else ""}
     arguments = block.arguments() if whole else {}
@@ -65,13 +68,27 @@ def content_block(block: Block, whole: bool) -> dict[str, Any]:
             "input": arguments}  # fmt: skip
 
 
+def diagnostics(asked: Diagnostics | None) -> dict[str, Any]:
+    """The answer's `diagnostics` field ({}: not asked for). Nothing here keeps a record of
+    earlier prompts to compare with, so the reason a cache missed the named message's prefix is
+    Anthropic's `unavailable` (the request itself ran as usual); none named (the first turn's
+    opt-in): nothing to compare, null."""
+    if asked is None:
+        return {}
+    if asked.previous_message_id is None:
+        return {"diagnostics": None}
+    return {"diagnostics": {"cache_miss_reason": {"type": "unavailable"}}}
+
+
 class MessagesShape(TranslatedShape):
-    def __init__(self, chat: ChatShape, stop_sequences: list[str], max_tokens: int) -> None:
+    def __init__(self, chat: ChatShape, req: MessagesRequest) -> None:
         super().__init__(chat)
-        self.stop_sequences = stop_sequences
-        self.max_tokens = max_tokens  # as the client asked (chat lowers it to fit the context)
+        self.stop_sequences = req.stop_sequences or []
+        self.max_tokens = req.max_tokens  # as the client asked (chat lowers it to fit the context)
         # the request's context edits as applied (None: it asked for none)
         self.edits: AppliedEdits | None = None
+        self.omit_thinking = getattr(req.thinking, "display", None) == "omitted"
+        self.diagnostics = diagnostics(req.diagnostics)
 
     @property
     def context_management(self) -> dict[str, Any] | None:
@@ -105,7 +122,7 @@ class MessagesShape(TranslatedShape):
             "stop_reason": None,
             "stop_sequence": None,
             "usage": {"input_tokens": job.choices[0].num_prompt_tokens, "output_tokens": 0},
-        }
+        } | self.diagnostics
 
     async def collect_body(self, job: Job, fanout: ChoiceFanout) -> dict[str, Any]:
         await read_all(fanout, ResponseSize(job.max_response_bytes, advice=MESSAGES_ADVICE))
@@ -114,7 +131,9 @@ class MessagesShape(TranslatedShape):
         self.feed(blocks, choice, choice.full_text, True)
         # a cache pre-warm (max_tokens 0) has no content, not even a forced call's empty block
         shown = blocks.blocks if self.max_tokens else []
-        body = self.message(job, [content_block(b, whole=True) for b in shown])
+        body = self.message(
+            job, [content_block(b, whole=True, omit_thinking=self.omit_thinking) for b in shown]
+        )
         body["stop_reason"], body["stop_sequence"] = self.stop_reason(choice)
         body["usage"] = usage_json(finish_metrics(job))
         if self.context_management is not None:
@@ -143,6 +162,8 @@ class MessagesShape(TranslatedShape):
                         yield event("content_block_start", index=block.index,
                                     content_block=block_json)  # fmt: skip
                     elif what == "delta" and block.type == "thinking":
+                        if self.omit_thinking:
+                            continue
                         delta = {"type": "thinking_delta", "thinking": text}
                         yield event("content_block_delta", index=block.index, delta=delta)
                     elif what == "delta" and block.type == "text":
