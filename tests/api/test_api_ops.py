@@ -257,6 +257,16 @@ def test_key_limits_must_be_from_0_to_sqlites_largest_integer(guarded):
     cli(guarded.data_dir, "keys", "revoke", info["id"])
 
 
+def test_the_cli_starts_without_torch():
+    # `girandole keys ...` and the other admin commands are run one call at a time (scripts,
+    # tests): importing torch for them cost ~2 s a call (now ~0.3 s); the engine imports it
+    probe = (
+        "import sys, girandole.cli as c; c.build_parser()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60, check=True)
+
+
 def test_serve_refuses_bad_default_limits():
     model = ["--model", "/nonexistent/model.gguf"]  # were the flag taken, this would be refused
     err = cli_error(None, "serve", *model, "--rate-limit-rpm", "-1")

@@ -13,9 +13,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # annotations only: `import girandole` (the CLI's start) stays free of torch
+    import torch
 
 GrammarKind = Literal["json_object", "json_schema", "gbnf", "regex"]
 
