@@ -516,6 +516,78 @@ def test_a_body_written_in_pieces_is_the_same_json():
         assert render_in_pieces(body) == FiniteJSONResponse(body).body
 
 
+def test_what_orjson_refuses_is_still_written_as_json_wrote_it():
+    """The API's JSON is orjson's (a listed sampling mask in ~1 ms, not ~30 ms of the event
+    loop); what orjson refuses or would write otherwise goes to Python's json, so every body
+    written before is still written, to the same values."""
+    import numpy as np
+    import orjson
+
+    from girandole.api.http.finite_json import compact, compact_bytes, dumps
+
+    def by_json(value):
+        return json.loads(dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+    refused = [
+        {1: "int key", None: float("nan"), 2.5: [float("inf")]},  # keys that are not str
+        {"big": 2**64, "small": -(2**70), "x": [float("-inf")]},  # beyond 64 bits
+        {"deep": [[[[1.5]]]] * 2, "nested": {"a": 1}},
+    ]
+    deep: list = [float("nan")]
+    for _ in range(300):  # deeper than orjson writes (255 levels)
+        deep = [deep]
+    refused.append({"deep": deep})
+    for value in refused:
+        assert json.loads(compact(value)) == by_json(value)
+        assert json.loads(compact_bytes(value)) == by_json(value)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(refused[0])  # the fallback above was taken, not orjson's answer
+    assert '"big":18446744073709551616' in compact(refused[1])
+    # a lone surrogate: the same text as json wrote (its UTF-8 still fails, as before)
+    assert compact({"s": "a\ud800"}) == '{"s":"a\ud800"}'
+    with pytest.raises(UnicodeEncodeError):
+        compact_bytes({"s": "a\ud800"})
+    with pytest.raises(TypeError, match="object is not JSON serializable"):
+        compact({"x": object()})  # a type neither writes: json's error, as before
+
+    ids = np.arange(12, dtype=np.int32)
+    arrays = {
+        "mask": ids,  # orjson writes it itself
+        "strided": ids[::3],  # not contiguous
+        "big_endian": ids.astype(">i4"),  # not native byte order
+        "scalar": np.array(7, dtype=np.int64),  # 0-d
+        "bools": np.array([True, False]),
+        "grid": ids.reshape(3, 4).astype(np.uint8),
+        "empty": ids[:0],
+        # float32 values as Python floats, as before (orjson's own would write 0.1)
+        "f32": np.array([0.1, np.nan, np.inf, -2.5], dtype=np.float32),
+        "f16": np.array([0.1, -np.inf], dtype=np.float16),
+        "np_float": np.float64("nan"),  # a float subclass: null, as a NaN float
+        "np_float_ok": np.float64(0.3),
+    }
+    got = json.loads(compact_bytes(arrays))
+    assert got == by_json(arrays)
+    assert (
+        got["strided"] == [0, 3, 6, 9] and got["scalar"] == 7 and got["grid"][2] == [8, 9, 10, 11]
+    )
+    assert got["f32"] == [float(np.float32(0.1)), None, None, -2.5] and got["np_float"] is None
+    assert compact(arrays) == compact_bytes(arrays).decode("utf-8")
+    assert compact({"t": "naïve \u2028 \x1f"}) == '{"t":"naïve \u2028 \\u001f"}'  # unescaped
+
+
+def test_sse_events_escape_line_breaks_in_the_json_bytes():
+    """orjson leaves U+0085/2028/2029 raw in strings like json did: each event escapes them in
+    its bytes, where nothing else encodes to theirs (a 2-byte character beside them is kept)."""
+    import numpy as np
+
+    text = "a\x85b\u2028c\u2029d é\u0100\u2027\u202a—"
+    event = sse_event({"text": text, "mask": np.arange(3)})
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert len(event[:-2].decode("utf-8").splitlines()) == 1  # one `data:` line, as httpx reads
+    assert b"\\u0085" in event and b"\\u2028" in event and b"\\u2029" in event
+    assert json.loads(event[len(b"data: ") :]) == {"text": text, "mask": [0, 1, 2]}
+
+
 def test_an_unhandled_error_is_a_500_that_keeps_the_connection(tmp_path):
     """A bug's exception is the JSON 500 in Fireworks' shape, and the client's kept-alive
     connection still serves its next request (Starlette's last-resort handler re-raised after

