@@ -38,3 +38,24 @@ def check_engine_switches() -> None:
     """Raise the ValueError of the first engine switch whose variable is no yes/no word."""
     for name in ENGINE_SWITCHES:
         env_switch(name)
+
+
+def threads_setting(value: str | int | None) -> int | None:
+    """A CPU thread count from `--threads` or GIRANDOLE_THREADS: a whole number >= 1, or None
+    for "auto" (also blank or unset: the engine follows the cores other work leaves it,
+    engine/cpu_threads.py); anything else is a ValueError naming the variable."""
+    if value is None or isinstance(value, int):
+        if value is not None and value < 1:
+            raise ValueError(f"threads must be a whole number >= 1 or auto, not {value}")
+        return value
+    text = value.strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"{ENV_PREFIX}THREADS must be a whole number >= 1 or auto, not {value!r}")
+
+
+def env_threads() -> int | None:
+    """GIRANDOLE_THREADS read by threads_setting."""
+    return threads_setting(os.environ.get(ENV_PREFIX + "THREADS"))

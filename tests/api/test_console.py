@@ -349,6 +349,8 @@ def test_documented_curl_commands_send_their_json_as_json():
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),
         ([], {"GIRANDOLE_AMX": "of"}, "GIRANDOLE_AMX must be one of 1, true, yes, on, 0"),
         (["--api-key", ""], {}, "--api-key is empty"),
+        (["--threads", "0"], {}, "GIRANDOLE_THREADS must be a whole number >= 1 or auto, not '0'"),
+        ([], {"GIRANDOLE_THREADS": "two"}, "GIRANDOLE_THREADS must be a whole number >= 1 or auto"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(argv, env, named):

@@ -131,7 +131,7 @@ def test_caches_bound_anew_are_recorded_anew(default_llm):
     other cache tensors, the graphs are recorded again (and the old tensors left alone)."""
     runner = default_llm.engine.runner
     _step_both_ways(default_llm, PROMPTS[:2])
-    first = runner.cpu_graphs.graphs[2]
+    first = runner.cpu_graphs.graphs[(2, torch.get_num_threads())]
     attns = runner.attn_layers
     old = [(a.k_cache, a.v_cache) for a in attns]
     try:
@@ -139,7 +139,7 @@ def test_caches_bound_anew_are_recorded_anew(default_llm):
             a.k_cache, a.v_cache = a.k_cache.clone(), a.v_cache.clone()
         untouched = [t.clone() for pair in old for t in pair]
         _step_both_ways(default_llm, PROMPTS[:2])
-        assert runner.cpu_graphs.graphs[2] is not first
+        assert runner.cpu_graphs.graphs[(2, torch.get_num_threads())] is not first
         assert all(torch.equal(t, u) for t, u in zip((t for p in old for t in p), untouched))
     finally:  # back to the original tensors, with what the step wrote
         for a, (k, v) in zip(attns, old):
@@ -196,4 +196,30 @@ def test_verify_steps_run_as_graphs(tiny_llama_dir):
         return [[(r.token_id, r.logprob, r.top_logprobs) for r in o.logprobs] for o in outs]
 
     assert reported(spec) == reported(plain)
-    assert max(llm.engine.runner.cpu_graphs.graphs) > len(prompts)  # verify rows
+    assert max(m for m, _ in llm.engine.runner.cpu_graphs.graphs) > len(prompts)  # verify rows
+
+
+def test_graphs_are_kept_per_thread_count_and_the_tokens_do_not_change(default_llm):
+    """The engine's thread count follows the machine's load (engine/cpu_threads.py), and its
+    requests' tokens and logprobs must not follow it: every kernel's numbers are the same at any
+    count. A graph recorded at one count is kept beside the other's."""
+    engine = default_llm.engine
+    threads = engine.cpu_threads
+    adaptive, most = threads.adaptive, threads.threads
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    prompts = PROMPTS[:2]
+
+    def reported(outs):
+        return [[(r.token_id, r.logprob, r.top_logprobs) for r in o.logprobs] for o in outs]
+
+    threads.adaptive = False
+    try:
+        threads._set(1)
+        one = reported(default_llm.generate(prompts, params))
+        threads._set(2)
+        two = reported(default_llm.generate(prompts, params))
+    finally:
+        threads._set(most)
+        threads.adaptive = adaptive
+    assert one == two
+    assert {(2, 1), (2, 2)} <= set(engine.runner.cpu_graphs.graphs)

@@ -23,7 +23,7 @@ from girandole.api.flag_values import (
 )
 from girandole.api.ops.webhooks import check_url, secret_key
 from girandole.api.settings import ServerSettings
-from girandole.env_switches import check_engine_switches
+from girandole.env_switches import check_engine_switches, threads_setting
 from girandole.model.default import DEFAULT_MODEL_ID
 
 logger = logging.getLogger("girandole.api")
@@ -48,6 +48,14 @@ def _env(name: str, default=None):
 def _env_list(name: str) -> list[str]:
     value = _env(name)
     return [k.strip() for k in value.split(",") if k.strip()] if value else []
+
+
+def _threads_value(text: str) -> int | None:
+    """An argparse type for --threads: a whole number >= 1 or auto."""
+    try:
+        return threads_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -170,6 +178,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=int_value("DRAFT_TOKEN_COUNT", 1),
         default=env_default("DRAFT_TOKEN_COUNT", "4"),
         help="tokens the draft model proposes per step [GIRANDOLE_DRAFT_TOKEN_COUNT]",
+    )
+    p.add_argument(
+        "--threads",
+        type=_threads_value,
+        default=env_default("THREADS"),
+        help="CPU threads of the engine: a number, or auto (torch's default count, fewer while"
+        " other processes hold cores: engine/cpu_threads.py) [GIRANDOLE_THREADS, default auto]",
     )
     p.add_argument(
         "--enforce-eager",
@@ -416,6 +431,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         draft_model=args.draft_model,
         draft_token_count=args.draft_token_count,
         enforce_eager=enforce_eager,
+        threads=threads_setting(args.threads),
         overlap_scheduling=False if no_overlap else None,
         max_request_bytes=args.max_request_bytes,
         max_response_bytes=args.max_response_bytes,

@@ -24,6 +24,7 @@ class EngineOptions:
     max_loras: int = 8
     max_num_seqs: int = 64  # sequences running at once in one replica
     enforce_eager: bool = False  # no decode graphs (CUDA on GPU, recorded calls on CPU)
+    threads: int | None = None  # CPU threads; None: auto (engine/cpu_threads.py)
     overlap_scheduling: bool | None = None  # GPU: None = on; False: synchronous steps
     grammar_compile_timeout: float = 10.0  # seconds
     kv_cache_dtype: str = "auto"  # engine/kv_groups.py
@@ -39,6 +40,7 @@ class EngineOptions:
             max_loras=getattr(settings, "max_loras", None) or 8,
             max_num_seqs=getattr(settings, "max_num_seqs", None) or 64,
             enforce_eager=bool(getattr(settings, "enforce_eager", False)),
+            threads=getattr(settings, "threads", None),
             overlap_scheduling=getattr(settings, "overlap_scheduling", None),
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
             kv_cache_dtype=getattr(settings, "kv_cache_dtype", None) or "auto",
@@ -75,6 +77,7 @@ class ReplicaSpec:
             max_loras=self.options.max_loras,
             max_num_seqs=self.options.max_num_seqs,
             enforce_eager=self.options.enforce_eager,
+            threads=self.options.threads,
             overlap_scheduling=self.options.overlap_scheduling,
             kv_cache_dtype=self.options.kv_cache_dtype,
         )

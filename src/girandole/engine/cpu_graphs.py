@@ -257,14 +257,14 @@ class CpuDecodeGraph:
 
 
 class CpuDecodeGraphs:
-    """The graphs of the row counts recently seen, recorded on first use."""
+    """The graphs of the (row count, thread count) pairs recently seen, recorded on first use."""
 
     def __init__(self, model: nn.Module, num_groups: int) -> None:
         self.model = model
         self.num_groups = num_groups
         self.attns = [layer.self_attn.attn for layer in model.layers]
         self.key = cache_key(self.attns)  # the caches the graphs were recorded with
-        self.graphs: OrderedDict[int, CpuDecodeGraph] = OrderedDict()
+        self.graphs: OrderedDict[tuple[int, int], CpuDecodeGraph] = OrderedDict()
 
     @classmethod
     def build(cls, model: nn.Module, num_groups: int) -> CpuDecodeGraphs | None:
@@ -289,12 +289,15 @@ class CpuDecodeGraphs:
         if key != self.key:  # the caches were bound anew: every graph points at the old ones
             self.graphs.clear()
             self.key = key
-        graph = self.graphs.get(m)
-        if graph is None or graph.capacity < need or graph.threads != torch.get_num_threads():
+        # kept per thread count too: the recorded kernel calls carry it, and the engine's count
+        # follows the machine's load (engine/cpu_threads.py), back and forth
+        shape = (m, torch.get_num_threads())
+        graph = self.graphs.get(shape)
+        if graph is None or graph.capacity < need:
             capacity = max(need + SLOT_HEADROOM, MIN_SLOT_CAPACITY)
             graph = CpuDecodeGraph(self.model, m, capacity, self.num_groups)
-            self.graphs[m] = graph
+            self.graphs[shape] = graph
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
-        self.graphs.move_to_end(m)
+        self.graphs.move_to_end(shape)
         return graph.run(ids, positions, ctx)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from girandole.engine.cpu_threads import CpuThreads
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.lora_manager import LoRAManager
 from girandole.engine.outputs import RequestOutput
@@ -17,6 +18,7 @@ from girandole.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfi
 from girandole.engine.sequence import Sequence
 from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
+from girandole.env_switches import env_threads
 from girandole.sampling.gpu_sampler import GpuSampler, needs_host
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
@@ -58,6 +60,9 @@ class EngineConfig:
     # N runs on the device (`LLMEngine.step`). None: on for the GPU path on CUDA; True runs it
     # on CPU too (the tests); never without the GPU path or with engine-wide speculation.
     overlap_scheduling: bool | None = None
+    # Threads on a CPU: a fixed count, or None for GIRANDOLE_THREADS, else "auto": as many as
+    # torch's default that other processes leave cores for (engine/cpu_threads.py)
+    threads: int | None = None
 
 
 class LLMEngine:
@@ -71,6 +76,10 @@ class LLMEngine:
         self.model_path = path
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
+        self.cpu_threads: CpuThreads | None = None
+        if device.type == "cpu":
+            fixed = env_threads() if config.threads is None else config.threads
+            self.cpu_threads = CpuThreads(fixed)
         self.tokenizer = load_tokenizer(path)
         self.model, self.model_config = load_model(
             path, mode=config.mode, device=device, merge_adapter=config.merge_lora
@@ -276,6 +285,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> run -> postprocess. With overlap scheduling, schedule
         and launch step N+1 while step N is on the device, then postprocess step N."""
+        if self.cpu_threads is not None:
+            self.cpu_threads.update()
         if self.overlap:
             return self._overlapped_step()
         outputs, self._finished_early = self._finished_early, []
@@ -445,6 +456,7 @@ class LLMEngine:
             "prefix_cache_hits": kv.num_prefix_hits,
             "lora_adapters": len(self.loras.registered),  # registered, resident or not
             "num_overlapped_steps": self.num_overlapped_steps,
+            **(self.cpu_threads.stats() if self.cpu_threads is not None else {}),
         }
 
 

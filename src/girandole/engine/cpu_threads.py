@@ -1,0 +1,132 @@
+"""CpuThreads: the engine's thread count on a CPU, following the cores other processes leave it.
+
+A decode step is hundreds of OpenMP parallel regions (torch's and the native kernels'), and each
+region ends only when every thread of its team has done its share. While other processes hold a
+core, the scheduler runs the team's threads by turns, so every region waits for a descheduled
+thread's next time slice: measured on 2 cores with other work beside the server (load ~5), 32
+greedy tokens took 1-26 s on 2 threads and 1.3-1.5 s on one. So, unless a count is fixed
+(`--threads N`, GIRANDOLE_THREADS), the engine measures every half second of stepping how much CPU
+the rest of the machine used (/proc/stat, less this process) and runs on the cores that leaves:
+fewer threads as soon as other work takes a core, more again after a second without it.
+
+A request's tokens do not depend on this: every kernel computes each output element on one
+thread, in a fixed order (no split reductions), so any thread count gives the same numbers; and
+recorded decode graphs are kept per thread count (engine/cpu_graphs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_S = 0.5  # how often, while the engine steps, the machine is looked at
+UP_WINDOWS = 2  # windows in a row that must leave a core free before a thread is added
+# A thread is added only for a core others leave nearly whole: a process that takes a core a
+# quarter of the time already stalls a team that counts on it (its bursts land mid-region).
+FREE_MARGIN = 0.25
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def threads_for(free_cores: float, most: int) -> int:
+    """The team size for `free_cores` cores left by other work, from 1 to `most`."""
+    return max(1, min(most, int(free_cores + FREE_MARGIN)))
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (steal included: a hypervisor that takes a
+    core stalls a team as another process does), or None where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    ticks = [int(x) for x in fields[1:9]]
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+    return busy / _CLOCK_TICKS
+
+
+# torch's thread count is the process's: (the count an engine set, the count it stood in for),
+# so that an engine started later (tests start many in one process) still knows the full count
+_ours: tuple[int, int] | None = None
+
+
+def _most_threads() -> int:
+    """torch's count before any engine changed it: its default (the physical cores) or what
+    the process set itself (a Ray replica: its CPUs)."""
+    now = torch.get_num_threads()
+    return _ours[1] if _ours is not None and now == _ours[0] else now
+
+
+def _set_threads(threads: int, most: int) -> None:
+    global _ours
+    torch.set_num_threads(threads)
+    _ours = (threads, most)
+
+
+class CpuThreads:
+    """The torch thread count of an engine on the CPU. `update()` runs on the engine thread
+    before each step; with `fixed` it never changes from that count."""
+
+    def __init__(self, fixed: int | None, cores: int | None = None) -> None:
+        self.most = _most_threads()
+        if fixed is not None:
+            _set_threads(fixed, self.most)
+            self.most = fixed
+        self.threads = self.most
+        if torch.get_num_threads() != self.threads:  # an earlier engine's count
+            _set_threads(self.threads, self.most)
+        self.cores = cores or len(os.sched_getaffinity(0))
+        self.adaptive = fixed is None and self.most > 1 and _machine_busy_seconds() is not None
+        self.num_changes = 0
+        self.others = 0.0  # cores the rest of the machine used in the last window
+        self._last = self._sample()
+        self._more_windows = 0
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        return time.monotonic(), _machine_busy_seconds() or 0.0, time.process_time()
+
+    def update(self) -> None:
+        if not self.adaptive:
+            return
+        now = time.monotonic()
+        elapsed = now - self._last[0]
+        if elapsed < INTERVAL_S:
+            return
+        sample = self._sample()
+        last, self._last = self._last, sample
+        if elapsed > 10 * INTERVAL_S:  # the engine was idle: that window says little of now
+            return
+        machine = sample[1] - last[1]
+        own = sample[2] - last[2]
+        self.others = max(0.0, (machine - own) / elapsed)
+        wanted = threads_for(self.cores - self.others, self.most)
+        if wanted < self.threads:
+            self._set(wanted)
+        elif wanted > self.threads:
+            self._more_windows += 1
+            if self._more_windows >= UP_WINDOWS:
+                self._set(wanted)
+        else:
+            self._more_windows = 0
+
+    def stats(self) -> dict[str, float]:
+        return {"threads": self.threads, "num_thread_changes": self.num_changes}
+
+    def _set(self, threads: int) -> None:
+        logger.debug(
+            "threads %d -> %d (other processes used %.2f of %d cores)",
+            self.threads, threads, self.others, self.cores,
+        )  # fmt: skip
+        _set_threads(threads, self.most)
+        self.threads = threads
+        self.num_changes += 1
+        self._more_windows = 0

@@ -1,0 +1,83 @@
+"""The engine's thread count on a CPU (girandole/engine/cpu_threads.py): fewer threads while
+other processes hold a core, all of them again once they leave it; a fixed count never moves.
+The tokens do not depend on the count (tests/engine/test_cpu_graphs.py checks the default
+model's kernels at 1 and 2 threads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from girandole import LLM, SamplingParams
+from girandole.engine.cpu_threads import threads_for
+from girandole.env_switches import threads_setting
+
+PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def test_threads_setting_reads_a_count_or_auto():
+    assert threads_setting(None) is None and threads_setting(" Auto ") is None
+    assert threads_setting("") is None and threads_setting("3") == 3 and threads_setting(2) == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(
+            ValueError, match="GIRANDOLE_THREADS must be a whole number >= 1 or auto"
+        ):
+            threads_setting(bad)
+
+
+def test_threads_follow_the_cores_others_leave():
+    assert threads_for(2.0, 2) == 2 and threads_for(1.8, 2) == 2  # a light neighbour: kept
+    assert threads_for(1.5, 2) == 1 and threads_for(1.0, 2) == 1  # half a core taken: one
+    assert threads_for(0.0, 2) == 1 and threads_for(-3.0, 8) == 1
+    assert threads_for(14.9, 8) == 8 and threads_for(6.9, 8) == 7
+
+
+def _run_until(llm: LLM, done, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while not done() and time.monotonic() < deadline:
+        llm.generate([[2, 9, 27, 81]], PARAMS)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or torch.get_num_threads() < 2,
+                    reason="needs 2 cores")  # fmt: skip
+def test_a_busy_neighbour_takes_a_thread_away_and_its_end_gives_it_back(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), mode="fast", device="cpu", kv_cache_gb=0.02)
+    threads = llm.engine.cpu_threads
+    most = threads.most
+    assert threads.adaptive and threads.threads == most == torch.get_num_threads()
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(max(1, threads.cores - 1))
+    ]  # every core but one held by a busy loop
+    try:
+        _run_until(llm, lambda: threads.threads < most, 30)
+        assert threads.threads < most and torch.get_num_threads() == threads.threads, threads.others
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    _run_until(llm, lambda: threads.threads == most, 30)
+    if threads.threads < most and threads.others > most - 1:
+        # what gives the thread back is the machine's being quiet: others' work is not ours
+        pytest.skip(f"other processes keep {threads.others:.2f} cores busy here")
+    assert threads.threads == most == torch.get_num_threads(), threads.others
+    assert llm.engine.stats()["num_thread_changes"] >= 2
+
+
+def test_a_fixed_count_is_kept_and_a_later_engine_gets_the_full_count(tiny_llama_dir):
+    def llm(**kwargs) -> LLM:
+        return LLM(model=str(tiny_llama_dir), mode="fast", device="cpu", kv_cache_gb=0.02, **kwargs)
+
+    most = llm().engine.cpu_threads.most  # torch's default, whatever earlier engines left
+    fixed = llm(threads=1)
+    assert not fixed.engine.cpu_threads.adaptive and torch.get_num_threads() == 1
+    fixed.generate([[2, 9, 27, 81]], PARAMS)
+    assert fixed.engine.stats()["threads"] == 1
+    later = llm()
+    assert later.engine.cpu_threads.most == most == later.engine.cpu_threads.threads
+    assert torch.get_num_threads() == most
