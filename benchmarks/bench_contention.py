@@ -1,7 +1,7 @@
 """Decode speed while other processes use the CPU: girandole's thread counts side by side.
 
-    .venv/bin/python benchmarks/bench_contention.py            # full run (about 10-15 minutes, 2 cores)
-    .venv/bin/python benchmarks/bench_contention.py --quick    # about 3 minutes
+    .venv/bin/python benchmarks/bench_contention.py            # full run: about 4 min
+    .venv/bin/python benchmarks/bench_contention.py --quick    # about 2 min
     .venv/bin/python benchmarks/bench_contention.py --engines girandole-1,girandole-auto
 
 Why: a decode step is hundreds of OpenMP parallel regions, and each region needs all of its
@@ -38,6 +38,11 @@ Metric: single-stream decode tok/s: a greedy, ignore_eos request of --decode-tok
 a --prompt-len token prompt, timed from its first output token to its last (prefill excluded),
 median of --repeats. "others" is the share of the CPUs that processes outside this benchmark
 (and its competitors) used during the cells: on a shared machine it makes every row slower.
+
+Times on 2 cores (Intel Xeon, default model, all engines but llama-server): the full run took
+224 s with the machine otherwise quiet; the slow cells are the 2-thread ones under load, so with
+other work on the machine it takes longer (--quick: 432 s while others used two thirds of the
+CPUs; --repeats 3 at --quick's lengths: 326 s with others at 0-50%).
 """
 
 from __future__ import annotations
