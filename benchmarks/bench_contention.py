@@ -343,6 +343,12 @@ class WorkerProc:
             return
         except (OSError, subprocess.TimeoutExpired):
             pass
+        self.stop()
+
+    def stop(self) -> None:
+        """Terminate the worker (its SIGTERM handler stops a llama-server); kill it if need be."""
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -387,9 +393,12 @@ def run_all(spec: dict, engines: list[str], loads: list[str], timeout: float) ->
                     name = live[(i + rep) % len(live)]
                     cell = results[name]["cells"].setdefault(load, {"runs": [], "errors": []})
                     run_cell(spec, workers[name], name, load, rep, cell, meter, timeout)
-    finally:
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: stop the workers now, not after their work
         for w in workers.values():
-            w.close()
+            w.stop()
+        raise
+    for w in workers.values():
+        w.close()
     for r in results.values():
         for c in r["cells"].values():
             c["median_tok_s"] = median([x["tok_s"] for x in c["runs"]])
