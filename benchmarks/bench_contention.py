@@ -27,8 +27,7 @@ measurement; every load pattern runs each engine in turn (order rotating with th
   engine's own choice (with a thread governor, the count it picks from what other processes
   leave free; without one, torch's default, usually one thread per core). The "auto threads"
   column is the thread count its governor reported at the end of each cell (median), if the
-  engine has one (an object with a `threads` attribute on an engine attribute named *governor*),
-  "-" otherwise;
+  engine has one (`LLMEngine.cpu_threads`, engine/cpu_threads.py), "-" otherwise;
 - transformers: torch, --threads threads, the GGUF dequantized to fp32 (as bench_engine.py runs
   it); slow, so it decodes --hf-decode-tokens tokens;
 - llama-server: llama.cpp's server with -t --threads, if a binary is found (see
@@ -147,13 +146,9 @@ class Competitors:
 
 
 def governor_threads(engine: object) -> int | None:
-    """The thread count the engine's governor last chose, if the engine has one."""
-    for attr in dir(engine):
-        if "governor" in attr.lower():
-            threads = getattr(getattr(engine, attr, None), "threads", None)
-            if isinstance(threads, int):
-                return threads
-    return None
+    """The thread count the engine last chose (engine/cpu_threads.py), if it chooses one."""
+    threads = getattr(getattr(engine, "cpu_threads", None), "threads", None)
+    return threads if isinstance(threads, int) else None
 
 
 class GirandoleAdapter:

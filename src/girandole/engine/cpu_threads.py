@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 INTERVAL_S = 0.5  # how often, while the engine steps, the machine is looked at
 UP_WINDOWS = 2  # windows in a row that must leave a core free before a thread is added
-# A thread is added only for a core others leave nearly whole: a process that takes a core a
-# quarter of the time already stalls a team that counts on it (its bursts land mid-region).
-FREE_MARGIN = 0.25
+# A thread per core others leave at least half free (bench_contention.py, 2 cores: beside a
+# process busy half the time 2 threads still gave 42 tok/s to one's 31; beside one busy all the
+# time, which 2 threads see using ~0.7 of a core, 13 to one's 32)
+FREE_MARGIN = 0.5
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
