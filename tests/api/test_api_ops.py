@@ -367,6 +367,7 @@ def test_metrics_ready_and_request_ids(guarded):
         "girandole_num_requests_waiting",
         "girandole_kv_cache_usage_ratio",
         "girandole_prefix_cache_hit_rate",
+        "girandole_engine_threads",
     ):
         assert name in text, name
     assert httpx.get(guarded.url + "/ready").json() == {"status": "ready"}

@@ -63,6 +63,11 @@ class _EngineCollector(Collector):
             "prefix cache hits / queries",
             hits / queries if queries else 0,
         )
+        yield gauge(  # fewer than the cores while other processes hold some (cpu_threads.py)
+            "girandole_engine_threads",
+            "CPU threads the engine runs on (0 on a GPU; summed over replicas)",
+            engine.get("threads"),
+        )
         yield CounterMetricFamily(
             "girandole_num_preemptions",
             "engine preemptions",
