@@ -23,6 +23,8 @@ PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 def test_threads_setting_reads_a_count_or_auto():
     assert threads_setting(None) is None and threads_setting(" Auto ") is None
     assert threads_setting("") is None and threads_setting("3") == 3 and threads_setting(2) == 2
+    with pytest.raises(ValueError, match="threads must be a whole number >= 1 or auto, not 0"):
+        threads_setting(0)  # LLM(threads=0): named, not torch's own error
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(
             ValueError, match="GIRANDOLE_THREADS must be a whole number >= 1 or auto"

@@ -18,7 +18,7 @@ from girandole.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfi
 from girandole.engine.sequence import Sequence
 from girandole.engine.speculation import DraftModel, SpeculationConfig, Speculator
 from girandole.engine.step_budget import StepBudget
-from girandole.env_switches import env_threads
+from girandole.env_switches import env_threads, threads_setting
 from girandole.sampling.gpu_sampler import GpuSampler, needs_host
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
@@ -78,7 +78,7 @@ class LLMEngine:
         self.device = device
         self.cpu_threads: CpuThreads | None = None
         if device.type == "cpu":
-            fixed = env_threads() if config.threads is None else config.threads
+            fixed = env_threads() if config.threads is None else threads_setting(config.threads)
             self.cpu_threads = CpuThreads(fixed)
         self.tokenizer = load_tokenizer(path)
         self.model, self.model_config = load_model(
