@@ -161,6 +161,29 @@ def test_a_connection_without_the_token_is_closed(replica):
         assert sock.recv(100) == b""  # closed without a frame
 
 
+def test_a_replica_stopped_during_a_hello_closes_that_connection(replica, caplog):
+    """Before: the hello's wait was cancelled with the connection still open (the ingress saw
+    no end of a replica gone, and kept its stats on /health), and asyncio logged the cancel."""
+    server = ReplicaServer(replica.engine).start()
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        time.sleep(0.1)  # accepted: its hello awaited
+        server.stop()
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_a_connection_that_sends_no_hello_is_closed(replica, monkeypatch, caplog):
+    import girandole.deploy.replica_server as replica_server
+
+    monkeypatch.setattr(replica_server, "HELLO_TIMEOUT_S", 0.2)
+    with socket.create_connection((replica.host, replica.port), timeout=5) as sock:
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    assert "sent no hello" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_a_hung_replica_ends_its_requests_with_a_503(replica):
     # before: a replica that went silent (a stopped process, a wedged accelerator) held its
     # streams until Ray's health checks replaced it, about 100 s later
@@ -239,7 +262,7 @@ def test_a_replica_that_went_away_leaves_no_connection_or_socket(replica):
             current["server"] = ReplicaServer(engine).start()
             await run(remote, prompt, SamplingParams(max_tokens=2), f"gone-{i}")
             await asyncio.to_thread(current["server"].stop)
-            for _ in range(100):  # until the ingress has read the end of the stream
+            for _ in range(500):  # until the ingress has read the end of the stream (10 s)
                 if not remote.connections:
                     break
                 await asyncio.sleep(0.02)
@@ -271,7 +294,7 @@ def test_the_describing_replicas_stats_go_with_it(replica):
         at_start = remote.replica_stats()  # its description; the watch connects to it
         await remote._watch
         await asyncio.to_thread(first.stop)
-        for _ in range(100):  # until the ingress has read the end of the stream
+        for _ in range(500):  # until the ingress has read the end of the stream (10 s)
             if (first.host, first.port) not in remote.connections:
                 break
             await asyncio.sleep(0.02)
@@ -279,7 +302,7 @@ def test_the_describing_replicas_stats_go_with_it(replica):
         return at_start, remote.replica_stats()
 
     try:
-        at_start, later = asyncio.run(asyncio.wait_for(scenario(), 10))
+        at_start, later = asyncio.run(asyncio.wait_for(scenario(), 30))
     finally:
         remote.shutdown()
     assert set(at_start) == {"first"} and at_start["first"]["num_requests"] == 0

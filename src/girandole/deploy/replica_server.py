@@ -12,7 +12,6 @@ go on ("resume"); the engine pauses a request whose outputs are not read
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import threading
@@ -33,6 +32,7 @@ logger = logging.getLogger("girandole.deploy")
 # Called on the server's loop when a request ends (finished, aborted or its connection lost).
 RequestEnded = Callable[[str], None]
 STATS_PERIOD_S = 1.0
+HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello in this long is closed
 
 
 def remote_error(exc: BaseException) -> RemoteError:
@@ -167,11 +167,28 @@ class ReplicaServer:
             self.on_request_ended(request_id)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            if not await asyncio.wait_for(read_hello(reader, self.token), 10):
-                logger.warning("a connection to the replica's port without its token: closed")
-                writer.close()
+        try:
+            try:
+                greeted = await asyncio.wait_for(read_hello(reader, self.token), HELLO_TIMEOUT_S)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return  # the peer went before its hello
+            except TimeoutError:
+                logger.warning("a connection to the replica's port sent no hello: closed")
                 return
+            if not greeted:
+                logger.warning("a connection to the replica's port without its token: closed")
+                return
+            await self._serve_greeted(reader, writer)
+        except asyncio.CancelledError:
+            pass  # the replica stops
+        finally:
+            # Before: a replica stopped while a connection waited for its hello left that
+            # socket open (the ingress saw no end of it, and kept the replica's stats).
+            writer.close()
+
+    async def _serve_greeted(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if writer.is_closing():
             return
         conn = _Connection(self, writer)
@@ -213,7 +230,6 @@ class ReplicaServer:
             self.num_connections -= 1
             reporter.cancel()
             conn.close()
-            writer.close()
 
     async def _report_stats(self, writer: asyncio.StreamWriter) -> None:
         """The engine's stats every second, and the requests this replica took since it started:
