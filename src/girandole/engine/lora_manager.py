@@ -120,6 +120,7 @@ def lora_batch(
     offset = 0
     for seq, n in zip(seqs, num_new_tokens):
         if seq.lora is not None:
+            # every new token: a prefill chunk, or a decode token and the proposals after it
             uid = seq.lora.uid
             adapters[uid] = seq.lora
             rows.setdefault(uid, []).extend(range(offset, offset + n))

@@ -18,6 +18,13 @@ Sources, in order of preference:
 Rows with a grammar or Mirostat do not speculate: their token choice depends on state (the
 matcher, Mirostat's mu) that would have to be rolled back per position.
 
+A row on a LoRA adapter speculates as a base row does: its verify row runs the adapter at every
+position (`lora_manager.lora_batch` maps all of a row's new tokens), so what it emits is the
+adapter's. The draft model has no adapter and proposes the base model's tokens for it: an
+adapter is a low-rank change of the base, which often still agrees with it on many tokens, and
+where it does not, a rejection costs the draft's forwards and the row's k extra verified
+positions, never a wrong token (`speculation-acceptance` shows how often it agrees).
+
 A draft model's copy of a sequence is computed the way the target prefills, in chunks: after
 scheduling, within what the step's budget leaves (`LLMEngine._draft_budget`: the scheduler's
 token budget and prompt-token cap less the target's own tokens of the step), first the copies
