@@ -1,7 +1,8 @@
 """Messages and Responses where they parted from Anthropic's and OpenAI's documented behaviour:
 `max_tokens: 0` pre-warms the prompt cache (anthropic's SDK documents it), a thinking budget
 under 1024 or not under `max_tokens` is a 400, a prefill under a forced tool call or output
-format is a 400, the request fields of the anthropic SDK's `MessageCreateParams` are accepted,
+format is a 400, and so are what thinking refuses (a temperature other than 1, top_k, a top_p
+under 0.95), the request fields of the anthropic SDK's `MessageCreateParams` are accepted,
 and a developer/system message after a stored conversation (Responses) reads as user text
 rather than breaking the chat template."""
 
@@ -185,6 +186,52 @@ def test_thinking_with_a_forced_call_is_a_400(claude):
             tool_choice={"type": "any"}, thinking={"type": "enabled", "budget_tokens": 1024},
         )  # fmt: skip
     assert "Thinking may not be enabled when tool_choice forces tool use" in str(info.value)
+
+
+ENABLED = {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize("thinking", [ENABLED, {"type": "adaptive"}], ids=["enabled", "adaptive"])
+@pytest.mark.parametrize(
+    "sampling, words",
+    [({"temperature": 0}, "`temperature` may only be set to 1 when thinking is enabled or in"
+      " adaptive mode"),
+     ({"temperature": 0.7}, "`temperature` may only be set to 1"),
+     ({"top_k": 40}, "`top_k` must be unset when thinking is enabled or in adaptive mode"),
+     ({"top_p": 0.9}, "`top_p` must be greater than or equal to 0.95 or unset when thinking is"
+      " enabled or in adaptive mode")],
+    ids=["temperature-0", "temperature-0.7", "top_k", "top_p"],
+)  # fmt: skip
+def test_thinking_refuses_the_sampling_fields_anthropic_refuses(claude, thinking, sampling, words):
+    """Anthropic's 400s (its extended-thinking guide, "Feature compatibility"), in its words,
+    for `enabled` and `adaptive` thinking alike; the field is named."""
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(model=MODEL, max_tokens=2048, messages=PREFILL[:1],
+                               thinking=thinking, extra_body=sampling)  # fmt: skip
+    error = info.value.body["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"], error
+    (field,) = sampling
+    assert f"field: '{field}'" in error["message"]
+
+
+def test_thinking_takes_the_sampling_values_anthropic_takes(claude, server):
+    """temperature 1, top_p from 0.95 to 1, and unset fields go with thinking; without it
+    (`disabled`, or none) any value in range does."""
+    fine = [{"temperature": 1, "top_p": 0.95}, {"top_p": 1}, {"temperature": None, "top_k": None}]
+    for sampling in fine:
+        r = claude.messages.create(model=MODEL, max_tokens=1, messages=PREFILL[:1],
+                                   thinking={"type": "adaptive"}, extra_body=sampling)  # fmt: skip
+        assert r.stop_reason in ("max_tokens", "end_turn")
+    # `enabled` on this model: the 400 is that it cannot reason, not the sampling
+    body = {"model": MODEL, "max_tokens": 2048, "messages": PREFILL[:1], "thinking": ENABLED,
+            "temperature": 1, "top_p": 0.95}  # fmt: skip
+    r = httpx.post(server.url + "/v1/messages", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 400 and "cannot reason" in r.json()["error"]["message"], r.text
+    for thinking in ({"type": "disabled"}, None):
+        r = claude.messages.create(model=MODEL, max_tokens=1, messages=PREFILL[:1],
+                                   extra_body={"temperature": 0, "top_k": 40, "top_p": 0.5,
+                                               "thinking": thinking})  # fmt: skip
+        assert r.stop_reason in ("max_tokens", "end_turn")
 
 
 def test_every_field_of_the_sdks_message_create_params_is_accepted(claude, server):

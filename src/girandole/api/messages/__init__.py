@@ -14,8 +14,8 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   text blocks; `is_error` prefixes `Error: `); an assistant turn's `thinking` blocks are its
   reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
   merged. A final assistant turn is continued (a prefill; an empty one is none; one ending in
-  whitespace is a 400, as at Anthropic, and so is one under a forced call or output format:
-  `convert.check_forced_output`). As at
+  whitespace is a 400, as at Anthropic, and so is one under a forced call or output format
+  (`convert.check_forced_output`). As at
   Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
   (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next
   turn, a `tool_result` answers a `tool_use` of the turn before, and `tool_use` ids are unique;
@@ -24,7 +24,7 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
 - `max_tokens` (required, >= 0; fitted to the context as chat fits it; 0 pre-warms the prompt
   cache: the prompt is prefilled, nothing generated, `content: []`, `stop_reason` max_tokens;
   an `enabled` thinking's `budget_tokens`, required and >= 1024, must be under it, as at
-  Anthropic), `stop_sequences` (at
+  Anthropic: `thinking.py`), `stop_sequences` (at
   most 4, as `stop` elsewhere), `temperature` (0-2), `top_p`, `top_k` (0-100), `metadata`
   (`user_id`, kept as the request's user), `raw_output` (Fireworks: the prompt as fed and the
   raw completion, whole responses only).
@@ -39,8 +39,10 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `reasoning_effort` (`max` read as `high`, as Fireworks does): a template that thinks
   (`girandole.api.chat.reasoning`); `thinking` enabled on a model that cannot reason is a 400,
   `effort` there a hint with nothing to change (Anthropic's effort governs all output);
-  `thinking` enabled with a forced call is a 400, as at Anthropic; `thinking.display:
-  "omitted"` answers the thinking block with empty text (`shape.py`).
+  `thinking.display: "omitted"` answers the thinking block with empty text (`shape.py`).
+  What Anthropic refuses with thinking on is a 400 in its words (`thinking.py`): with
+  `enabled` or `adaptive` thinking, a `temperature` other than 1, any `top_k`, a `top_p`
+  under 0.95; with `enabled` thinking, a forced call.
 - `diagnostics`: answered (`shape.diagnostics`: nothing here keeps earlier prompts, so the
   cache-miss reason is `unavailable`). `inference_geo`, `speed`, `user_profile_id` and
   `workspace_id` are accepted and change nothing (one machine, one speed, no workspaces).

@@ -63,21 +63,6 @@ def _result_text(block: ToolResultBlock, where: str) -> str:
     return f"Error: {text}" if block.is_error else text
 
 
-def check_thinking_budget(req: MessagesRequest) -> None:
-    """Anthropic's 400 for an `enabled` thinking budget that leaves no room to answer (thinking
-    counts toward max_tokens); `adaptive` and `disabled` take no budget, so nothing to check."""
-    thinking = req.thinking
-    if not isinstance(thinking, ThinkingEnabled):
-        return
-    if req.max_tokens <= thinking.budget_tokens:
-        raise bad_request(
-            f"`max_tokens` must be greater than `thinking.budget_tokens`, field:"
-            f" 'thinking.budget_tokens' (max_tokens {req.max_tokens}, budget_tokens"
-            f" {thinking.budget_tokens})",
-            "thinking.budget_tokens",
-        )
-
-
 def check_not_empty(req: MessagesRequest) -> None:
     """Anthropic's 400s for empty content: a turn of no blocks (or of one empty text, as `""`
     arrives) other than a final assistant turn (an empty prefill), and an empty text block.

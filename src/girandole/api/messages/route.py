@@ -16,10 +16,11 @@ from girandole.api.messages.context_edits import (
     thinking_edit,
     tool_uses_to_clear,
 )
-from girandole.api.messages.convert import check_thinking_budget, to_chat_request
+from girandole.api.messages.convert import to_chat_request
 from girandole.api.messages.count_tokens import count_tokens
 from girandole.api.messages.schema import CountTokensRequest, MessagesRequest
 from girandole.api.messages.shape import MessagesShape, anthropic_error
+from girandole.api.messages.thinking import check_thinking_budget, check_thinking_sampling
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint
 from girandole.api.serving.job import Job
 from girandole.api.serving.pipeline import inference_router
@@ -44,7 +45,9 @@ class Messages(TranslatedEndpoint):
     async def translate(
         self, request: Request, state: AppState, source: MessagesRequest
     ) -> TranslatedChat:
-        check_thinking_budget(source)  # not in to_chat_request: count_tokens has no max_tokens
+        # not in to_chat_request: count_tokens has no max_tokens nor sampling fields
+        check_thinking_budget(source)
+        check_thinking_sampling(source)
         return to_chat_request(source)
 
     def shape(self, state: AppState, engine: EngineClient, req: TranslatedChat) -> MessagesShape:

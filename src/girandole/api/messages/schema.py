@@ -155,7 +155,7 @@ ThinkingDisplay = Literal["summarized", "omitted"]
 
 class ThinkingEnabled(StrictModel):
     type: Literal["enabled"]
-    # Anthropic's floor; and under max_tokens (convert.check_thinking_budget)
+    # Anthropic's floor; and under max_tokens (thinking.check_thinking_budget)
     budget_tokens: Annotated[int, Field(ge=1024)]
     display: ThinkingDisplay | None = None
 
