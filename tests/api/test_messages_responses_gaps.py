@@ -2,7 +2,7 @@
 `max_tokens: 0` pre-warms the prompt cache (anthropic's SDK documents it), a thinking budget
 under 1024 or not under `max_tokens` is a 400, a prefill under a forced tool call or output
 format is a 400, and so are what thinking refuses (a temperature other than 1, top_k, a top_p
-under 0.95), the request fields of the anthropic SDK's `MessageCreateParams` are accepted,
+under 0.95, a prefill under `enabled` thinking), the request fields of the anthropic SDK's `MessageCreateParams` are accepted,
 and a developer/system message after a stored conversation (Responses) reads as user text
 rather than breaking the chat template."""
 
@@ -232,6 +232,42 @@ def test_thinking_takes_the_sampling_values_anthropic_takes(claude, server):
                                    extra_body={"temperature": 0, "top_k": 40, "top_p": 0.5,
                                                "thinking": thinking})  # fmt: skip
         assert r.stop_reason in ("max_tokens", "end_turn")
+
+
+def test_a_prefill_under_enabled_thinking_is_a_400(claude):
+    """Anthropic's guide: "You cannot pre-fill responses when thinking is enabled". A final
+    assistant turn of text is Anthropic's 400 naming its first block, in its words; one that
+    starts with a thinking block still has text to continue, with no thinking before it. An
+    empty final turn is no prefill; `adaptive` thinking, which may answer without thinking,
+    continues one; count_tokens reads the same rules."""
+    ask = {"model": MODEL, "thinking": ENABLED}
+    for call in (lambda m: claude.messages.create(max_tokens=2048, messages=m, **ask),
+                 lambda m: claude.messages.count_tokens(messages=m, **ask)):  # fmt: skip
+        with pytest.raises(anthropic.BadRequestError) as info:
+            call(PREFILL)
+        message = info.value.body["error"]["message"]
+        assert message.startswith(
+            "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found"
+            " `text`. When `thinking` is enabled, a final `assistant` message must start with a"
+            " thinking block."
+        ), message
+        think = {"type": "thinking", "thinking": "Paris, then.", "signature": ""}
+        thought = [PREFILL[0], {"role": "assistant", "content": [
+            think, {"type": "text", "text": "Let me check"}]}]  # fmt: skip
+        with pytest.raises(anthropic.BadRequestError) as info:
+            call(thought)
+        message = info.value.body["error"]["message"]
+        assert message.startswith("messages.1: You cannot pre-fill responses when thinking is"
+                                  " enabled"), message  # fmt: skip
+    # no prefill: the 400 is that this model cannot reason
+    for empty in ("", []):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            claude.messages.create(max_tokens=2048, **ask, messages=[
+                PREFILL[0], {"role": "assistant", "content": empty}])  # fmt: skip
+        assert "cannot reason" in info.value.body["error"]["message"]
+    r = claude.messages.create(model=MODEL, max_tokens=2, messages=PREFILL,
+                               thinking={"type": "adaptive"})  # fmt: skip
+    assert r.stop_reason in ("max_tokens", "end_turn")
 
 
 def test_every_field_of_the_sdks_message_create_params_is_accepted(claude, server):

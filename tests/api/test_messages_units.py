@@ -246,6 +246,29 @@ def test_anthropic_reasoning_fields_as_chat_fields():
     assert info.value.status_code == 400 and "budget_tokens" in info.value.message
 
 
+def test_a_prefill_under_enabled_thinking_is_what_chat_would_continue():
+    """The prefill Anthropic refuses under `enabled` thinking is the final assistant turn chat
+    continues: trailing assistant turns merged (named by the first one's first block), not
+    one a later system message follows (a user turn then), nor one of thinking blocks only
+    (left out here: no text to continue); `adaptive` thinking continues a prefill."""
+    enabled = {"type": "enabled", "budget_tokens": 1024}
+    hi = {"role": "user", "content": "hi"}
+    with pytest.raises(APIError) as info:
+        to_chat_request(anthropic(thinking=enabled, messages=[
+            hi, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]))  # fmt: skip
+    assert info.value.param == "messages.1.content.0.type"
+    assert "found `text`" in info.value.message
+    think = {"type": "thinking", "thinking": "t", "signature": ""}
+    fine = [[hi, {"role": "assistant", "content": "a"}, {"role": "system", "content": "r"}],
+            [hi, {"role": "assistant", "content": [think]}],
+            [hi, {"role": "assistant", "content": []}]]  # fmt: skip
+    for messages in fine:
+        assert to_chat_request(anthropic(thinking=enabled, messages=messages)).messages
+    prefill = [hi, {"role": "assistant", "content": "a"}]
+    chat = to_chat_request(anthropic(thinking={"type": "adaptive"}, messages=prefill))
+    assert chat.messages[-1].role == "assistant"
+
+
 @pytest.mark.parametrize(
     "body, field",
     [

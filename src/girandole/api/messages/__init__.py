@@ -15,7 +15,7 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
   merged. A final assistant turn is continued (a prefill; an empty one is none; one ending in
   whitespace is a 400, as at Anthropic, and so is one under a forced call or output format
-  (`convert.check_forced_output`). As at
+  (`convert.check_forced_output`) or `enabled` thinking (`thinking.py`). As at
   Anthropic, any other turn with empty content (`""`, `[]`) and an empty text block are 400s
   (`convert.py`); a turn's `tool_use` blocks are answered by `tool_result` blocks in the next
   turn, a `tool_result` answers a `tool_use` of the turn before, and `tool_use` ids are unique;
@@ -42,7 +42,8 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `thinking.display: "omitted"` answers the thinking block with empty text (`shape.py`).
   What Anthropic refuses with thinking on is a 400 in its words (`thinking.py`): with
   `enabled` or `adaptive` thinking, a `temperature` other than 1, any `top_k`, a `top_p`
-  under 0.95; with `enabled` thinking, a forced call.
+  under 0.95; with `enabled` thinking, a forced call and a prefill (a final assistant turn
+  with text to continue: one not starting with a thinking block names its first block).
 - `diagnostics`: answered (`shape.diagnostics`: nothing here keeps earlier prompts, so the
   cache-miss reason is `unavailable`). `inference_geo`, `speed`, `user_profile_id` and
   `workspace_id` are accepted and change nothing (one machine, one speed, no workspaces).

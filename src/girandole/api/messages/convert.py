@@ -26,6 +26,7 @@ from girandole.api.messages.schema import (
     ToolChoiceTool,
     ToolResultBlock,
 )
+from girandole.api.messages.thinking import check_thinking_prefill
 from girandole.api.messages.translated import TranslatedChat, to_chat
 
 # an assistant turn's `thinking` blocks are its reasoning_content (the template decides what it
@@ -332,6 +333,7 @@ def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> Tra
     messages = chat_messages(req, cleared)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
     check_forced_output(req, messages)
+    check_thinking_prefill(req, messages)
     tools, tool_choice, parallel = chat_tools(req)
     fields = {
         "model": req.model,

@@ -9,13 +9,21 @@ is enabled". The messages are the ones its API answers, as client code and issue
   "`top_k` must be unset when thinking is enabled or in adaptive mode", "`top_p` must be
   greater than or equal to 0.95 or unset when thinking is enabled or in adaptive mode": the
   sampling rules hold for `adaptive` thinking too;
+- a text prefill under `enabled` thinking (Aider-AI/aider#3820): "messages.3.content.0.type:
+  Expected `thinking` or `redacted_thinking`, but found `text`. When `thinking` is enabled, a
+  final `assistant` message must start with a thinking block. ..." (`adaptive` thinking may
+  answer without thinking, so it cannot ask a thinking block of the turn it continues: a
+  prefill is continued there, as without thinking);
 - "Thinking may not be enabled when tool_choice forces tool use" (`convert.check_forced_output`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from girandole.api.http.errors import bad_request
 from girandole.api.messages.schema import (
+    CountTokensRequest,
     MessagesRequest,
     ThinkingAdaptive,
     ThinkingEnabled,
@@ -23,6 +31,7 @@ from girandole.api.messages.schema import (
 
 # the floor Anthropic sets on top_p with thinking on (the ceiling, 1, is the schema's)
 MIN_TOP_P = 0.95
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
 
 
 def check_thinking_budget(req: MessagesRequest) -> None:
@@ -62,3 +71,38 @@ def check_thinking_sampling(req: MessagesRequest) -> None:
             f" (top_p {req.top_p}), field: 'top_p'",
             "top_p",
         )
+
+
+def check_thinking_prefill(req: CountTokensRequest, messages: list[dict[str, Any]]) -> None:
+    """Anthropic's 400 for a prefill under `enabled` thinking: the answer would continue the
+    final assistant turn's text, where the model must think first. `messages`: the chat
+    messages (a prefill is what chat continues: a final assistant message, so not an empty
+    turn, nor one of thinking blocks only, nor one a later system message follows)."""
+    if not isinstance(req.thinking, ThinkingEnabled):
+        return
+    if not messages or messages[-1]["role"] != "assistant":
+        return
+    # the final turn as Anthropic reads it: the trailing assistant messages, merged
+    first = len(req.messages) - 1
+    while first > 0 and req.messages[first - 1].role == "assistant":
+        first -= 1
+    blocks = [(i, block) for i in range(first, len(req.messages))
+              for block in req.messages[i].content]  # fmt: skip
+    i, block = blocks[0]
+    if block.type not in THINKING_BLOCKS:
+        at = f"messages.{i}.content.0.type"
+        raise bad_request(
+            f"{at}: Expected `thinking` or `redacted_thinking`, but found `{block.type}`. When"
+            " `thinking` is enabled, a final `assistant` message must start with a thinking"
+            " block. We recommend you include thinking blocks from previous turns. To avoid"
+            " this requirement, disable `thinking`.",
+            at,
+        )
+    # thinking blocks, then text: still text to continue, which no thinking can precede now
+    at = f"messages.{len(req.messages) - 1}"
+    raise bad_request(
+        f"{at}: You cannot pre-fill responses when thinking is enabled: the final `assistant`"
+        " message's text would be continued, with no thinking before it. To avoid this"
+        " requirement, disable `thinking`.",
+        at,
+    )
