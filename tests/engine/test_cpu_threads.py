@@ -82,3 +82,23 @@ def test_a_fixed_count_is_kept_and_a_later_engine_gets_the_full_count(tiny_llama
     later = llm()
     assert later.engine.cpu_threads.most == most == later.engine.cpu_threads.threads
     assert torch.get_num_threads() == most
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: nothing to give back")
+def test_a_stopped_engine_gives_the_process_its_count_back(tiny_llama_dir):
+    """Before: the process kept the count an AsyncEngine last set (threads started after it,
+    e.g. asyncio.to_thread's, ran on one thread after a busy minute had lowered it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from girandole.engine.async_engine import AsyncEngine, EngineConfig
+
+    most = torch.get_num_threads()
+    config = EngineConfig(model=str(tiny_llama_dir), device="cpu", kv_cache_gb=0.02, threads=1)
+    engine = AsyncEngine(config)
+    try:
+        with ThreadPoolExecutor(1) as pool:  # a thread started while the engine runs on one
+            assert pool.submit(torch.get_num_threads).result() == 1
+    finally:
+        engine.shutdown()
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(torch.get_num_threads).result() == most

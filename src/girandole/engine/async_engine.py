@@ -284,7 +284,11 @@ class AsyncEngine:
             return
         finally:
             loaded.set()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            if self.engine.cpu_threads is not None:
+                self.engine.cpu_threads.close()
 
     def _loop(self) -> None:
         import torch

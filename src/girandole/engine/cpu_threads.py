@@ -77,7 +77,7 @@ class CpuThreads:
     before each step; with `fixed` it never changes from that count."""
 
     def __init__(self, fixed: int | None, cores: int | None = None) -> None:
-        self.most = _most_threads()
+        self.most = self.before = _most_threads()
         if fixed is not None:
             _set_threads(fixed, self.most)
             self.most = fixed
@@ -118,6 +118,15 @@ class CpuThreads:
                 self._set(wanted)
         else:
             self._more_windows = 0
+
+    def close(self) -> None:
+        """The engine stops: torch's count back to what it was before the engine, if the count
+        last set in the process is still this engine's. Before, the process kept the engine's
+        last count (threads started later took it: one thread, after a busy minute)."""
+        global _ours
+        if _ours is not None and _ours[0] == self.threads and self.threads != self.before:
+            torch.set_num_threads(self.before)
+            _ours = None
 
     def stats(self) -> dict[str, float]:
         return {"threads": self.threads, "num_thread_changes": self.num_changes}
