@@ -17,9 +17,11 @@ from girandole import LLM, SamplingParams
 from girandole.engine.speculation import (
     NGRAM_MAX,
     NGRAM_MIN,
+    PROBE_INTERVAL,
     RESYNC_MAX,
     RESYNC_MIN,
     PairIndex,
+    ProposalWindow,
     bigram_index,
     ngram_proposal,
     resync,
@@ -62,16 +64,22 @@ def make_llm(path, **kw) -> LLM:
 
 
 def run(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> list[dict]:
-    """Every request through the engine at once; per request its tokens, text, finish reason
-    and last speculation counts."""
+    """Every request through the engine at once; per request its tokens, text, finish reason,
+    last speculation counts and, per step that gave it tokens, (tokens before it, tokens
+    proposed, accepted)."""
     engine = llm.engine
     results = []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"r{i}", llm.tokenizer.encode(prompt), p)
-        results.append({"tokens": [], "text": "", "finish": None, "spec": {}})
+        results.append({"tokens": [], "text": "", "finish": None, "spec": {}, "steps": []})
     while engine.has_unfinished_requests():
         for out in engine.step():
             r = results[int(out.request_id[1:])]
+            before, now = r["spec"] or {}, out.speculation or {}
+            proposed, accepted = (
+                now.get(c, 0) - before.get(c, 0) for c in ("proposed", "accepted")
+            )
+            r["steps"].append((len(r["tokens"]), proposed, accepted))
             r["tokens"] += out.new_token_ids
             r["text"] += out.new_text
             r["spec"] = out.speculation
@@ -128,15 +136,27 @@ def test_greedy_same_tokens_with_prediction(llm, baseline):
     assert accepted >= 0.5 * sum(len(b["tokens"]) for b in baseline[::2])
 
 
+def after_rejections(outs: list[dict]) -> list[int]:
+    """Per row, the length of each proposal that follows one whose every token was rejected."""
+    following = []
+    for o in outs:
+        proposals = [(p, a) for _, p, a in o["steps"] if p]
+        following += [p for (_, a), (p, _) in zip(proposals, proposals[1:]) if a == 0]
+    return following
+
+
 @pytest.mark.parametrize("draft_seed", [0, 1])
 def test_greedy_same_tokens_with_ngram_and_draft(tiny_llama_dir, tmp_path, baseline, draft_seed):
     """n-gram lookup, and a draft model: the model itself (accepts everything) or a different
-    random model with the same tokenizer (accepts little)."""
+    random model with the same tokenizer (accepts little). A proposal of k = 3 tokens all
+    rejected shrinks the row's next proposal to 1 token at most (ProposalWindow)."""
     greedy = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(PROMPTS)
     if draft_seed == 0:
         ngram = run(make_llm(tiny_llama_dir, ngram_speculation_length=3), PROMPTS, greedy)
         assert [o["tokens"] for o in ngram] == [b["tokens"] for b in baseline]
         assert sum(o["spec"]["accepted"] for o in ngram) > 0
+        shrunk = after_rejections(ngram)
+        assert shrunk and max(shrunk) <= 1
         draft_dir = tiny_llama_dir
     else:
         draft_dir = _root_conftest().write_tiny_llama(tmp_path / "draft", seed=draft_seed)
@@ -148,6 +168,16 @@ def test_greedy_same_tokens_with_ngram_and_draft(tiny_llama_dir, tmp_path, basel
     assert proposed > 0
     if draft_seed == 0:
         assert accepted == proposed  # the model drafting for itself
+        # k tokens every step from the first proposal (a long prompt's draft copy may first
+        # catch up), fewer only where max_tokens leaves less room
+        for o in outs:
+            decode = o["steps"][1:]  # after the prefill's token
+            decode = decode[next(i for i, (_, p, _) in enumerate(decode) if p) :]
+            assert [p for _, p, _ in decode] == [min(3, 40 - done - 1) for done, _, _ in decode]
+    else:
+        shrunk = after_rejections(outs)
+        assert shrunk and max(shrunk) <= 1
+        assert proposed < 3 * sum(len(o["steps"]) - 1 for o in outs) / 2  # backed off
     assert draft.engine.speculator.draft.kv_cache.num_used_blocks == 0
 
 
@@ -471,6 +501,29 @@ def test_sampled_tokens_keep_their_distribution(tiny_llama_dir, kw, seed):
 
 
 # -- proposers ------------------------------------------------------------------------------
+
+
+def test_proposal_window_grows_keeps_shrinks_and_probes():
+    """One rule for the three sources: doubles when all is accepted (up to cap), stays when at
+    least half is, halves otherwise (down to floor); closed (0), a 1-token probe is due after
+    PROBE_INTERVAL steps and stays due until one is verified."""
+    w = ProposalWindow(4, cap=16)
+    for proposed, accepted, size in [(4, 4, 8), (8, 8, 16), (16, 16, 16), (16, 8, 16),
+                                     (16, 7, 8), (3, 3, 16), (16, 0, 8), (8, 0, 4), (4, 1, 2),
+                                     (2, 0, 1), (1, 0, 1)]:  # fmt: skip
+        assert w.size_now() == w.size
+        w.update(proposed, accepted)
+        assert w.size == size, (proposed, accepted)
+    w = ProposalWindow(3, cap=3, floor=0)
+    w.update(3, 0)
+    w.update(1, 0)
+    assert w.size == 0
+    assert [w.size_now() for _ in range(PROBE_INTERVAL + 2)] == [0] * PROBE_INTERVAL + [1, 1]
+    w.update(1, 0)  # the probe rejected: closed for another interval
+    assert [w.size_now() for _ in range(PROBE_INTERVAL + 1)] == [0] * PROBE_INTERVAL + [1]
+    w.update(1, 1)  # accepted: open again
+    assert w.size_now() == 2
+    assert ProposalWindow(0, cap=0).size_now() == 0  # a source turned off never probes
 
 
 def test_ngram_proposal():

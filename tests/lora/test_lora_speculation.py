@@ -11,6 +11,7 @@ import random
 import pytest
 
 from girandole.engine.engine import EngineConfig, LLMEngine
+from girandole.engine.speculation import PROBE_INTERVAL
 from girandole.sampling.params import SamplingParams
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps", "def main():\n    return"]
@@ -31,15 +32,20 @@ def make_engine(path, adapters: dict, **kw) -> LLMEngine:
 
 
 def run(engine: LLMEngine, params: list[SamplingParams]) -> list[dict]:
-    """REQUESTS together, request i with params[i]; per request its tokens, logprobs and last
-    speculation counts."""
+    """REQUESTS together, request i with params[i]; per request its tokens, logprobs, last
+    speculation counts and, per step that gave it tokens, (tokens before the step, tokens
+    proposed, proposals accepted)."""
     results = []
     for i, ((prompt, adapter), p) in enumerate(zip(REQUESTS, params)):
         engine.add_request(f"r{i}", engine.tokenizer.encode(prompt), p, adapter=adapter)
-        results.append({"tokens": [], "logprobs": [], "spec": {}})
+        results.append({"tokens": [], "logprobs": [], "spec": {}, "steps": []})
     while engine.has_unfinished_requests():
         for out in engine.step():
             r = results[int(out.request_id[1:])]
+            before = r["spec"] or {"proposed": 0, "accepted": 0}
+            spec = out.speculation or before
+            r["steps"].append((len(r["tokens"]), spec["proposed"] - before["proposed"],
+                               spec["accepted"] - before["accepted"]))  # fmt: skip
             r["tokens"] += out.new_token_ids
             r["logprobs"] += [x.logprob for x in out.logprobs or []]
             r["spec"] = out.speculation
@@ -136,4 +142,43 @@ def test_draft_model(tiny_llama_dir, llama_adapters, plain):
     assert sum(s["accepted"] for s in adapter_spec) < sum(s["proposed"] for s in adapter_spec)
     sampled = run(engine, [seeded()] * len(REQUESTS))
     assert [o["tokens"] for o in sampled] == [s["tokens"] for s in plain["seeded"]]
+    assert engine.speculator.draft.kv_cache.num_used_blocks == 0
+
+
+def zeros_then_proposal(proposed: list[int]) -> list[tuple[int, int]]:
+    """(steps without a proposal, the proposal's length) for each proposal after such steps."""
+    out, idle = [], 0
+    for p in proposed:
+        if p and idle:
+            out.append((idle, p))
+        idle = 0 if p else idle + 1
+    return out
+
+
+def test_draft_backs_off_where_it_disagrees(tiny_llama_dir, llama_adapters, plain):
+    """The base model drafting: for the base rows it proposes their own tokens, for the adapter
+    rows tokens their adapter almost never keeps. A base row proposes k tokens every step; an
+    adapter row's proposals shrink at each rejection down to none, then a 1-token probe after
+    PROBE_INTERVAL steps without any (ProposalWindow): far fewer draft forwards and verified
+    positions for nothing. The output is plain decoding's either way."""
+    k = 3
+    engine = make_engine(tiny_llama_dir, llama_adapters, draft_model=str(tiny_llama_dir),
+                         draft_token_count=k)  # fmt: skip
+    outs = run(engine, [greedy()] * len(REQUESTS))
+    assert_same(outs, plain["greedy"])
+    probes = []
+    for (_, adapter), o in zip(REQUESTS, outs):
+        decode = o["steps"][1:]  # after the prefill's token
+        proposed = [p for _, p, _ in decode]
+        if adapter is None:
+            # k a step, fewer only where max_tokens leaves less room, and all accepted
+            assert proposed == [min(k, MAX_TOKENS - done - 1) for done, _, _ in decode]
+            assert all(a == p for _, p, a in decode)
+            continue
+        assert proposed[0] == k, proposed  # every row starts at the full length
+        assert 0 in proposed and sum(proposed) <= k * len(decode) / 3, proposed
+        probes += zeros_then_proposal(proposed)
+    # a closed window opens only for a 1-token probe, after PROBE_INTERVAL steps (one more
+    # where the draft's copy first catches up on the tokens it missed)
+    assert probes and all(p == 1 and idle >= PROBE_INTERVAL for idle, p in probes), probes
     assert engine.speculator.draft.kv_cache.num_used_blocks == 0

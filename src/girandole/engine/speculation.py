@@ -15,6 +15,19 @@ Sources, in order of preference:
 - n-gram lookup (`ngram_speculation_length`): the tokens that followed the latest earlier
   occurrence of the sequence's last few tokens in its prompt and output.
 
+Each source's proposal length adapts per request (ProposalWindow, one rule for the three):
+after a verified proposal it doubles if everything was accepted (up to the configured count:
+prediction_token_count, draft_token_count, ngram_length), stays if at least half was, halves
+otherwise. A prediction's starts at PREDICTION_WINDOW_START and never drops below 1 (proposing
+it costs only verified positions, and it re-syncs after an edit). The draft model's and n-gram
+lookup's start at the full count and drop to 0: a row they keep being wrong for (an adapter row
+under a base-model draft, a draft that disagrees with the target, text without repetition)
+stops paying k draft forwards and k verified positions a step, and proposes one token (a probe)
+once PROBE_INTERVAL steps have passed without proposals, to find out whether they agree again.
+A copy of the draft that fell behind meanwhile catches up in the probe's first step (as any
+lagging copy does, below) and the probe comes a step later. Fewer proposals change no output:
+verification emits each position's own sample.
+
 Rows with a grammar or Mirostat do not speculate: their token choice depends on state (the
 matcher, Mirostat's mu) that would have to be rolled back per position.
 
@@ -22,15 +35,17 @@ A row on a LoRA adapter speculates as a base row does: its verify row runs the a
 position (`lora_manager.lora_batch` maps all of a row's new tokens), so what it emits is the
 adapter's. The draft model has no adapter and proposes the base model's tokens for it: an
 adapter is a low-rank change of the base, which often still agrees with it on many tokens, and
-where it does not, a rejection costs the draft's forwards and the row's k extra verified
-positions, never a wrong token (`speculation-acceptance` shows how often it agrees).
+where it does not, a rejection costs the draft's forwards and the row's extra verified
+positions, never a wrong token, and the row's window soon closes (`speculation-acceptance` shows
+how often it agrees).
 
 A draft model's copy of a sequence is computed the way the target prefills, in chunks: after
 scheduling, within what the step's budget leaves (`LLMEngine._draft_budget`: the scheduler's
 token budget and prompt-token cap less the target's own tokens of the step), first the copies
 that lag (a long prompt, a copy released when the draft's cache was full, one left behind while
-a prediction proposed), then those of the step's prefilling rows. A row proposes nothing until
-its copy is within a verify row (1 + k tokens) of the end; it decodes plainly meanwhile.
+a prediction proposed or while the row's window was closed), then those of the step's
+prefilling rows. A row proposes nothing until its copy is within a verify row (1 + k tokens, k
+this step's window) of the end; it decodes plainly meanwhile.
 """
 
 from __future__ import annotations
@@ -55,9 +70,12 @@ NGRAM_MAX = 4
 NGRAM_MIN = 2
 RESYNC_MAX = 8
 RESYNC_MIN = 2  # one common token (a comma, " the") would re-sync anywhere
-# A prediction's proposal length starts here, doubles while everything is accepted (up to
-# prediction_token_count) and halves at each rejection: a wrong prediction costs little.
+# A prediction's proposal length starts here (ProposalWindow: it grows while everything is
+# accepted, up to prediction_token_count, and shrinks at rejections): a wrong one costs little.
 PREDICTION_WINDOW_START = 4
+# A draft model's or n-gram lookup's window that shrank to 0 proposes one token again after
+# this many steps without proposals: a row whose proposer starts agreeing gets it back.
+PROBE_INTERVAL = 8
 
 
 @dataclass
@@ -76,7 +94,8 @@ class SpeculationState:
     cursor: int = 0  # index in `prediction` of the token expected next
     index: dict[tuple[int, int], list[int]] | None = field(default=None, repr=False)  # resync's
     synced_len: int = 0  # len(seq) when `cursor` was last known to be in step with the output
-    window: int = PREDICTION_WINDOW_START  # tokens proposed from the prediction per step
+    window: ProposalWindow | None = None  # the prediction's proposal length
+    proposer_window: ProposalWindow | None = None  # the draft model's or n-gram lookup's
     source: str | None = None  # where this step's proposal came from
     num_proposed: int = 0
     num_accepted: int = 0
@@ -103,7 +122,17 @@ class Speculator:
         """Attach the state of a new request (its prediction, if any)."""
         prediction = seq.params.speculation
         if prediction or self.enabled_for_all:
-            seq.speculation = SpeculationState(prediction=list(prediction or []) or None)
+            c = self.config
+            k = c.draft_token_count if self.draft is not None else c.ngram_length
+            seq.speculation = SpeculationState(
+                prediction=list(prediction or []) or None,
+                window=ProposalWindow(
+                    min(PREDICTION_WINDOW_START, c.prediction_token_count),
+                    c.prediction_token_count,
+                ),
+                # a draft or n-gram proposal is expected to agree: it starts at its full length
+                proposer_window=ProposalWindow(k, k, floor=0) if k > 0 else None,
+            )
 
     # -- before a step -----------------------------------------------------------------------
 
@@ -125,12 +154,16 @@ class Speculator:
                 if proposal:
                     seq.spec_token_ids, state.source = proposal, "prediction"
                     continue
+            if state.proposer_window is None:
+                continue
+            k = min(limit, state.proposer_window.size_now())
+            if k <= 0:  # backed off: this row's proposals were rejected lately
+                continue
             if self.draft is not None:
-                wanting_draft.append((seq, min(limit, self.config.draft_token_count)))
-            elif self.config.ngram_length > 0:
+                wanting_draft.append((seq, k))
+            else:
                 if state.pairs is None:
                     state.pairs = PairIndex()
-                k = min(limit, self.config.ngram_length)
                 proposal = ngram_proposal(seq.token_ids, k, state.pairs)
                 if proposal:
                     seq.spec_token_ids, state.source = proposal, "ngram"
@@ -199,8 +232,7 @@ class Speculator:
                 return []
             state.cursor = found
         state.synced_len = len(seq)
-        window = min(limit, state.window, self.config.prediction_token_count)
-        return pred[state.cursor : state.cursor + window]
+        return pred[state.cursor : state.cursor + min(limit, state.window.size_now())]
 
     # -- after a step ------------------------------------------------------------------------
 
@@ -211,14 +243,14 @@ class Speculator:
                 continue
             state = seq.speculation
             accepted = len(result) - 1
-            state.num_proposed += len(seq.spec_token_ids)
+            proposed = len(seq.spec_token_ids)
+            state.num_proposed += proposed
             state.num_accepted += accepted
             if state.source == "prediction":
                 state.num_prediction_matched += accepted
-                if accepted == len(seq.spec_token_ids):
-                    state.window = min(2 * state.window, self.config.prediction_token_count)
-                else:
-                    state.window = max(1, state.window // 2)
+                state.window.update(proposed, accepted)
+            else:
+                state.proposer_window.update(proposed, accepted)
 
     def settle(self, batch: ScheduledBatch, kv_cache: KVCacheManager) -> None:
         """Accepted proposals are tokens now: their K/V positions count as computed; blocks that
@@ -243,6 +275,41 @@ class Speculator:
     def _release_finished(self) -> None:
         for seq in [s for s in self._drafting.values() if s.is_finished]:
             self.release(seq)
+
+
+@dataclass
+class ProposalWindow:
+    """How many tokens one request's proposer offers per step, from how many of its last
+    proposals were accepted: a row whose proposals are rejected stops paying for them (a draft
+    model's forwards, verified positions that are thrown away), one whose proposals are
+    accepted gets its full length. The rule, shared by the three sources: after a verified
+    proposal, the window doubles if all of it was accepted (up to `cap`), stays if at least half
+    was, halves otherwise (down to `floor`). A window of 0 proposes nothing, except one token
+    (a probe) once PROBE_INTERVAL steps have passed without proposals; the probe accepted, the
+    window is 2 again. A proposal cut short (the step's budget, max_tokens, the end of a
+    prediction or of an n-gram match) is judged by what it offered."""
+
+    size: int
+    cap: int
+    floor: int = 1
+    idle: int = 0  # steps asked for a proposal while closed (size 0)
+
+    def size_now(self) -> int:
+        """The tokens to propose this step (call once per step the row may propose)."""
+        if self.size > 0 or self.cap == 0:
+            return self.size
+        self.idle += 1
+        # a probe stays due until one is verified (an n-gram may find nothing, a draft copy
+        # that fell behind while closed first catches up)
+        return 1 if self.idle > PROBE_INTERVAL else 0
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """After a step that verified `proposed` tokens of this window and kept `accepted`."""
+        if accepted == proposed:
+            self.size = min(self.cap, 2 * max(self.size, 1))
+        elif 2 * accepted < proposed:
+            self.size = max(self.floor, self.size // 2)
+        self.idle = 0
 
 
 class PairIndex:
