@@ -331,20 +331,21 @@ def mcp():
 @pytest.mark.parametrize(
     "until, tool",
     [
-        ("response.mcp_call.in_progress", "slow"),  # while the call runs
-        ("response.output_text.delta", "add"),
-    ],  # in the round after the call
+        ("response.mcp_call.in_progress", "slow"),  # streamed, while the call runs
+        ("response.output_text.delta", "add"),  # streamed, in the round after the call
+        (None, "slow"),  # not streamed: the read times out while the call runs
+    ],
 )
 def test_hang_up_on_a_response_with_mcp_calls(server, mcp, until, tool):
-    """The stream of a response that runs an MCP call, cut while the call runs or in the round
-    after it: the call's session is closed (its DELETE sent), the engine stops, the slot is
-    freed, nothing is logged as an error."""
+    """A response that runs an MCP call, cut while the call runs or in the round after it: the
+    call's session is closed (its DELETE sent), the engine stops, the slot is freed, nothing
+    is logged as an error, nothing is stored."""
     mcp.clear()
     arguments = {"slow": {"seconds": 20}, "add": {}}[tool]
     body = {
         "model": MODEL,
         "input": f"Call {tool} with {json.dumps(arguments)}",
-        "stream": True,
+        "stream": until is not None,
         "tools": [{"type": "mcp", "server_label": "calc", "server_url": mcp.http_url}],
         "tool_choice": {"type": "mcp", "server_label": "calc", "name": tool},
         "max_output_tokens": MAX,
@@ -352,18 +353,29 @@ def test_hang_up_on_a_response_with_mcp_calls(server, mcp, until, tool):
         "max_tool_calls": 1,
     }
     watch = Watch(server)
-    with httpx.stream(
-        "POST", server.url + "/v1/responses", json=body, headers=server.headers, timeout=60
-    ) as r:
-        assert r.status_code == 200, r.read()
-        response_id = r.headers["x-request-id"]
-        lines = r.iter_lines()
-        seen: list[str] = []
-        while until not in seen:
-            line = next(lines)
-            if line.startswith("data:"):
-                seen.append(json.loads(line.removeprefix("data:"))["type"])
-        assert "response.mcp_call.in_progress" in seen
+    if until is None:
+        response_id = f"timeout-mcp-{time.monotonic_ns()}"  # found in the access log
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                server.url + "/v1/responses",
+                json=body,
+                headers=server.headers | {"x-request-id": response_id},
+                timeout=5,
+            )
+        assert "tools/call" in mcp.http.rpcs()
+    else:
+        with httpx.stream(
+            "POST", server.url + "/v1/responses", json=body, headers=server.headers, timeout=60
+        ) as r:
+            assert r.status_code == 200, r.read()
+            response_id = r.headers["x-request-id"]
+            lines = r.iter_lines()
+            seen: list[str] = []
+            while until not in seen:
+                line = next(lines)
+                if line.startswith("data:"):
+                    seen.append(json.loads(line.removeprefix("data:"))["type"])
+            assert "response.mcp_call.in_progress" in seen
     deadline = time.monotonic() + 30
     while True:  # the session the call opened is ended
         record = access_record(watch.new_log(), response_id)
@@ -377,7 +389,9 @@ def test_hang_up_on_a_response_with_mcp_calls(server, mcp, until, tool):
     # the round after the call was aborted; a call cut short leaves no engine request
     assert health["num_aborted_requests"] == watch.aborted + (tool == "add"), health
     assert_no_errors(watch.new_log())
-    got = httpx.get(f"{server.url}/v1/responses/{response_id}", headers=server.headers)
+    stored_id = record["request_id"]  # the response's id
+    assert stored_id.startswith("resp_"), record
+    got = httpx.get(f"{server.url}/v1/responses/{stored_id}", headers=server.headers)
     assert got.status_code == 404, got.text
     assert_serves(server, SURFACES["responses-store"])
 
