@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CpuMeter,
     LoadSampler,
+    add_peer_options,
     dump_json,
     find_llama_server,
     fmt,
@@ -69,6 +70,7 @@ from common import (  # noqa: E402
     make_prompt,
     markdown_table,
     median,
+    print_run_header,
     ratio,
     use_model_vocabulary,
 )
@@ -480,21 +482,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--engines",
-        default=None,
-        help="comma-separated subset of " + ",".join(ENGINES) + " (default: all; llama-server "
-        "is shown as 'not built' without a binary)",
+    add_peer_options(
+        p,
+        ENGINES,
+        "llama-server is shown as 'not built' without a binary",
+        "transformers and llama-server",
     )
     p.add_argument(
         "--loads", default=",".join(LOADS), help="comma-separated subset of " + ",".join(LOADS)
     )
-    p.add_argument("--model", default=None, help="GGUF path (default: girandole's default model)")
-    p.add_argument("--llama-server-bin", default=None, help="path of a llama-server binary")
-    p.add_argument(
-        "--threads", type=int, default=2, help="threads of transformers and llama-server"
-    )
-    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per decode (girandole)")
     p.add_argument(
         "--hf-decode-tokens", type=int, default=32, help="tokens per decode (transformers)"
@@ -572,11 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(spec, engines, loads, args.timeout)
     load_after = loadavg()
 
-    print()
-    for line in header:
-        print(line)
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
-    print(sampler.summary())
+    print_run_header(header, load_before, load_after, sampler)
     print(f"total benchmark time: {time.perf_counter() - t_start:.0f}s")
     print()
     print(build_table(results, engines, loads, spec))

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CpuMeter,
     LoadSampler,
+    add_peer_options,
     add_quiet_options,
     fmt,
     loadavg,
@@ -49,6 +50,7 @@ from common import (  # noqa: E402
     make_prompt,
     markdown_table,
     median,
+    print_run_header,
     ratio,
     rss_mib,
     use_model_vocabulary,
@@ -679,16 +681,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--engines",
-        default=None,
-        help="comma-separated subset of " + ",".join(ENGINES) + " (default: all; llama-server "
-        "only if a binary is found, see benchmarks/build_llama_server.sh)",
+    add_peer_options(
+        p,
+        ENGINES,
+        "llama-server only if a binary is found, see benchmarks/build_llama_server.sh",
+        "every engine",
     )
-    p.add_argument("--model", default=None, help="GGUF path (default: girandole's default model)")
-    p.add_argument("--llama-server-bin", default=None, help="path of a llama-server binary")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
@@ -827,11 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(spec, engines, args.timeout)
     load_after = loadavg()
 
-    print()
-    for line in header:
-        print(line)
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
-    print(sampler.summary())
+    print_run_header(header, load_before, load_after, sampler)
     shares = [
         x.get("others_cpu", 0)
         for r in results.values()

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     markdown_table,
     median,
     percentile,
+    print_run_header,
     proc_rss_mib,
     ratio,
 )
@@ -587,11 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     load_after = loadavg()
 
-    print()
-    for line in header:
-        print(line)
-    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
-    print(sampler.summary())
+    print_run_header(header, load_before, load_after, sampler)
     print(f"total benchmark time: {time.perf_counter() - t0:.0f}s")
     print()
     print(build_table(results, args.concurrency_list))

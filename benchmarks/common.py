@@ -423,3 +423,31 @@ def add_quiet_options(p: argparse.ArgumentParser, what: str, retries: int) -> No
         "the CPUs while it ran",
     )
     p.add_argument("--retries", type=int, default=retries, help=f"reruns per {what} at most")
+
+
+def add_peer_options(
+    p: argparse.ArgumentParser, engines: list[str], llama_note: str, threads_of: str
+) -> None:
+    """The options of the scripts that run girandole beside its peers in one process each:
+    which engines, the model, llama-server's binary, threads (of `threads_of`), repeats."""
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated subset of " + ",".join(engines) + f" (default: all; {llama_note})",
+    )
+    p.add_argument("--model", default=None, help="GGUF path (default: girandole's default model)")
+    p.add_argument("--llama-server-bin", default=None, help="path of a llama-server binary")
+    p.add_argument("--threads", type=int, default=2, help=f"threads of {threads_of}")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
+
+
+def print_run_header(
+    header: list[str], load_before: str, load_after: str, sampler: LoadSampler
+) -> None:
+    """The report's first lines: the machine and run (`header`), the load around the run and
+    what other processes used while it ran."""
+    print()
+    for line in header:
+        print(line)
+    print(f"load average (1/5/15 min) before: {load_before}; after: {load_after}")
+    print(sampler.summary())
