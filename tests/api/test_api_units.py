@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -344,6 +345,53 @@ def test_sse_framing():
     assert event == 'data: {"a":"é","b":null}\n\n'.encode()
     assert json.loads(event[6:]) == {"a": "é", "b": None}
     assert DONE == b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_stream_cut_while_it_is_written_closes_its_body_at_once(spec_version):
+    """The client goes while a write waits (a full socket buffer): the cancel lands in `send`,
+    not in the body. Before, the body's `finally` (the engine requests' abort, the slots'
+    release) waited for a garbage collection: the cancel's traceback holds the response."""
+    import gc
+
+    from girandole.api.http.sse import SSEResponse
+
+    closed: list[str] = []
+
+    async def body():
+        try:
+            for i in range(1000):
+                yield sse_event({"i": i})
+        finally:
+            await asyncio.sleep(0)  # a cleanup that awaits (a fan-out's close) runs whole
+            closed.append("closed")
+
+    async def main() -> None:
+        gone = asyncio.Event()
+        written: list[bytes] = []
+
+        async def send(message) -> None:
+            if written:  # the second event: the socket is full, then the client goes
+                gone.set()
+                if spec_version == "2.4":
+                    raise OSError("the client went away")
+                await asyncio.Event().wait()
+            written.append(message.get("body", b""))
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        with contextlib.suppress(Exception):  # 2.4: Starlette's ClientDisconnect
+            await SSEResponse(body())(scope, receive, send)
+        assert closed == ["closed"]
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
 
 
 # -- the app without a model: loading state, settings, last-resort 500 --------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from girandole.api.http.finite_json import compact_bytes
 
@@ -46,3 +48,16 @@ class SSEResponse(StreamingResponse):
         merged = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         merged.update(headers or {})
         super().__init__(body, status_code=200, headers=merged, media_type=self.media_type)
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, and the body closed however it ends. A cancel (the client went) that
+        lands in `send` rather than in the body left the body's `finally` (its engine requests'
+        abort, its slots' release) to the garbage collector: the exception's traceback holds
+        the response, so not until a collection ran. Shielded: the cancel would cut it short."""
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
