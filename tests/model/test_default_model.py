@@ -119,13 +119,19 @@ def prose_ids():
     return docs
 
 
-def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids):
+@pytest.fixture(scope="module")
+def reference_on_prose(default_reference, prose_ids) -> TeacherForced:
+    """Reference mode teacher-forced over the prose, once: both accuracy tests compare to it."""
+    return teacher_forced(default_reference[0], prose_ids)
+
+
+def test_fast_mode_accuracy_on_prose(reference_on_prose, default_fast, prose_ids):
     """Teacher-forced over ~2,700 tokens: top-1 agreement >= 97 %, perplexity within 3 %,
     for the prefill path (many rows: bf16 matmuls), and for the decode path (packed kernels)
     on the first text (~1,070 tokens; the benchmark reports it on both)."""
     import girandole.model.quant as quant
 
-    ref = teacher_forced(default_reference[0], prose_ids)
+    ref = reference_on_prose
     prefill = compare(ref, teacher_forced(default_fast[0], prose_ids))
     saved = quant.DENSE_MIN_ROWS
     quant.DENSE_MIN_ROWS = 1 << 30  # force the decode-path kernels for every row count
@@ -140,7 +146,7 @@ def test_fast_mode_accuracy_on_prose(default_reference, default_fast, prose_ids)
         assert abs(stats["ppl_rel_diff"]) <= 0.03, stats
 
 
-def test_engine_accuracy_on_prose_with_float16_kv_cache(default_reference, prose_ids):
+def test_engine_accuracy_on_prose_with_float16_kv_cache(reference_on_prose, prose_ids):
     """The fast engine's own path over the same texts (prompt logprobs: 512-token chunks whose
     queries read the earlier chunks' keys from the paged cache, float16 by default on CPU):
     within the same bounds of reference mode."""
@@ -155,7 +161,7 @@ def test_engine_accuracy_on_prose_with_float16_kv_cache(default_reference, prose
         torch.tensor([-r.logprob for r in entries], dtype=torch.float64),
         torch.tensor([r.top_logprobs[0][0] for r in entries]),
     )
-    stats = compare(teacher_forced(default_reference[0], prose_ids), engine)
+    stats = compare(reference_on_prose, engine)
     assert stats["tokens"] == sum(len(d) - 1 for d in prose_ids)
     assert stats["top1_agreement"] >= 0.97, stats
     assert abs(stats["ppl_rel_diff"]) <= 0.03, stats
