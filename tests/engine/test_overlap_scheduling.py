@@ -135,8 +135,8 @@ def test_mixed_batch_equals_synchronous(engines):
     """Greedy and seeded rows (n=2 as two seeds of one prompt), staggered arrivals, a chunked
     prompt, different max_tokens, logprobs, and rows ended by EOS, a stop token and a stop
     string while their neighbours go on."""
-    out0 = _probe(engines, PROMPTS[0])
-    out3 = _probe(engines, PROMPTS[3])
+    out0 = _probe(engines, PROMPTS[0], 4)  # out0[3]: a stop token
+    out3 = _probe(engines, PROMPTS[3], 6)  # its text's 4th and 5th characters: a stop string
     stop_text = "".join(_texts(engines[0], out3))[3:5]
     seeded = dict(temperature=0.9, top_k=40, top_p=0.95)
     arrivals = {
@@ -179,7 +179,8 @@ def test_preemption_under_overlap(tiny_llama_dir):
     recomputed (from the real token, placed by then); outputs still equal."""
     small = dict(kv_cache_gb=0.00003)  # 15 blocks of 4 tokens
     pair = (_engine(tiny_llama_dir, False, **small), _engine(tiny_llama_dir, True, **small))
-    params = [_greedy(14), SamplingParams(max_tokens=14, seed=3, temperature=0.9, top_k=20)]
+    # 8 tokens a row: the six rows still need twice the cache (about 100 tokens for 60 slots)
+    params = [_greedy(8), SamplingParams(max_tokens=8, seed=3, temperature=0.9, top_k=20)]
     arrivals = {
         0: [(f"r{i}", PROMPTS[i % 4][:20], params[i % 2]) for i in range(4)],
         3: [(f"r{i}", PROMPTS[i % 4][:20], params[i % 2]) for i in range(4, 6)],
