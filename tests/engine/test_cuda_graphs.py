@@ -94,12 +94,14 @@ def test_generate_with_graphs_equals_eager_and_cpu_path(tiny_llama_dir):
 
 
 def test_generate_with_split_decode(tiny_llama_dir, monkeypatch):
-    """Split-K decode (forced: a pretend 64-SM device, 4-token partitions) in the graphs'
+    """Split-K decode (forced: a pretend 16-SM device, 4-token partitions) in the graphs'
     padded steps (their full-width block tables, padding rows) and in eager steps: the CPU
     path's tokens."""
     from girandole.model.kernels import triton_paged_attention as kernels
 
-    monkeypatch.setattr(kernels, "sm_count", lambda device: 64)
+    # 16 SMs: 4 partitions for the graphs' bucket of 4 rows (64 SMs gave 16, four times the
+    # programs the interpreter runs one by one); 3 or 4 for the eager steps (their short tables)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 16)
     monkeypatch.setattr(kernels, "MIN_PARTITION_TOKENS", 4)
     counts = []
     split = kernels._split_decode
