@@ -88,26 +88,43 @@ class CpuThreads:
         self.adaptive = fixed is None and self.most > 1 and _machine_busy_seconds() is not None
         self.num_changes = 0
         self.others = 0.0  # cores the rest of the machine used in the last window
-        self._last = self._sample()
+        # A window is INTERVAL_S of stepping: segments of work, the idle time between them left
+        # out (what other processes did while the engine waited says little of now, and a
+        # stream of short requests with pauses between them must still fill windows).
+        self._last: tuple[float, float, float] | None = None  # the segment's start; None: idle
+        self._window = [0.0, 0.0, 0.0]  # seconds, machine busy seconds, own CPU seconds
         self._more_windows = 0
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
         return time.monotonic(), _machine_busy_seconds() or 0.0, time.process_time()
 
+    def idle(self) -> None:
+        """The engine has no work left: the segment of work in progress joins the window and
+        the next starts with the next work. Before, a window reached back over the idle time,
+        and what other processes did then (measured: another engine's decode during a 1-3 s
+        pause) took a thread from a request on a quiet machine."""
+        if self.adaptive and self._last is not None:
+            self._add_segment(self._sample())
+            self._last = None
+
     def update(self) -> None:
         if not self.adaptive:
             return
-        now = time.monotonic()
-        elapsed = now - self._last[0]
-        if elapsed < INTERVAL_S:
+        if self._last is None:  # work again: a segment starts
+            self._last = self._sample()
+            return
+        if self._window[0] + time.monotonic() - self._last[0] < INTERVAL_S:
             return
         sample = self._sample()
-        last, self._last = self._last, sample
-        if elapsed > 10 * INTERVAL_S:  # the engine was idle: that window says little of now
+        if sample[0] - self._last[0] > 10 * INTERVAL_S:  # one step that long says little
+            self._window = [0.0, 0.0, 0.0]
+            self._last = sample
             return
-        machine = sample[1] - last[1]
-        own = sample[2] - last[2]
+        self._add_segment(sample)
+        self._last = sample
+        elapsed, machine, own = self._window
+        self._window = [0.0, 0.0, 0.0]
         self.others = max(0.0, (machine - own) / elapsed)
         wanted = threads_for(self.cores - self.others, self.most)
         if wanted < self.threads:
@@ -118,6 +135,12 @@ class CpuThreads:
                 self._set(wanted)
         else:
             self._more_windows = 0
+
+    def _add_segment(self, sample: tuple[float, float, float]) -> None:
+        last = self._last
+        assert last is not None
+        for i in range(3):
+            self._window[i] += sample[i] - last[i]
 
     def close(self) -> None:
         """The engine stops: torch's count back to what it was before the engine, if the count

@@ -287,8 +287,12 @@ class LLMEngine:
         and launch step N+1 while step N is on the device, then postprocess step N."""
         if self.cpu_threads is not None:
             self.cpu_threads.update()
-        if self.overlap:
-            return self._overlapped_step()
+        outputs = self._overlapped_step() if self.overlap else self._step()
+        if self.cpu_threads is not None and not self.has_unfinished_requests():
+            self.cpu_threads.idle()  # its next window starts with the next work
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._finished_early = self._finished_early, []
         self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule(self.step_budget.prefill_cap)
