@@ -178,9 +178,12 @@ class GirandoleAdapter:
         return self.inner.decode(prompt, n_tokens)
 
     def threads(self) -> dict:
+        governor = getattr(self.inner.engine, "cpu_threads", None)
         return {
             "governor": governor_threads(self.inner.engine),
             "torch": self.torch.get_num_threads(),
+            # the governor's changes since the engine loaded (a count that dipped mid-cell)
+            "changes": getattr(governor, "num_changes", None),
         }
 
 
@@ -363,6 +366,12 @@ class WorkerProc:
 # --------------------------------------------------------------------------------------------
 
 
+# Before each cell: the previous engine's threads wait for work by spinning for a while
+# (llama.cpp's polling, OpenMP's spin-wait) and, meanwhile, took cores from the next engine
+# (the engine after a 2-thread one measured 0.67x of it with nothing else running)
+SETTLE_S = 0.5
+
+
 def run_all(spec: dict, engines: list[str], loads: list[str], timeout: float) -> dict:
     results: dict[str, dict] = {n: {"engine": n, "cells": {}} for n in engines}
     workers: dict[str, WorkerProc] = {}
@@ -389,6 +398,7 @@ def run_all(spec: dict, engines: list[str], loads: list[str], timeout: float) ->
                 for i in range(len(live)):
                     name = live[(i + rep) % len(live)]
                     cell = results[name]["cells"].setdefault(load, {"runs": [], "errors": []})
+                    time.sleep(SETTLE_S)
                     run_cell(spec, workers[name], name, load, rep, cell, meter, timeout)
     except BaseException:  # Ctrl-C, SIGTERM, a bug: stop the workers now, not after their work
         for w in workers.values():
