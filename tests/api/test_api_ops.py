@@ -79,6 +79,7 @@ def guarded(tmp_path_factory):
         "--data-dir", str(data), "--kv-cache-gb", "0.02", "--max-model-len", "8192",
         "--max-concurrent-requests", "1", "--max-queued-requests", "1",
         "--queue-timeout", "1", "--drain-seconds", "60", "--max-prompt-tokens", "6000",
+        "--prompt-cache-scope", "key",  # test_prompt_cache_scope_key
         api_key=keys["alice"]["key"],
     )  # fmt: skip
     srv.data_dir = data
@@ -349,6 +350,26 @@ def test_queue_overflow_429_then_timeout_503(guarded):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert complete(guarded, key).status_code == 200  # serving again
+
+
+def test_prompt_cache_scope_key(guarded):
+    """--prompt-cache-scope key: a key reuses its own cached prompt blocks, never another's,
+    even of its own account (the default, account, shares those: test_api_sampling)."""
+    prompt = f"{time.time_ns()} a prompt of several cache blocks. " * 12
+    alice, carol = guarded.keys["alice"]["key"], new_key(guarded.data_dir, ACCOUNT)["key"]
+
+    def cached(key: str, **body) -> int:
+        r = complete(guarded, key, prompt=prompt, max_tokens=1, **body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(alice) == 0
+    assert cached(alice) > 0
+    assert cached(carol) == 0  # the same account, another key
+    assert cached(carol) > 0
+    # an isolation key divides a key's scope, and never reaches into another key's
+    assert cached(carol, prompt_cache_isolation_key="shared") == 0
+    assert cached(alice, prompt_cache_isolation_key="shared") == 0
 
 
 def test_metrics_ready_and_request_ids(guarded):

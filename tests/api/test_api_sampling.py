@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from api_helpers import API_KEY, MODEL, post, sse_events
+from api_helpers import API_KEY, MODEL, OTHER_KEY, post, sse_events
 
 CHAT = "/v1/chat/completions"
 # At least 16 tokens: a plain forward then takes the same kernels as the server's prefill (with
@@ -455,6 +455,12 @@ def test_prompt_cache_reuse_isolation_and_max_len(server):
     assert 0 < cached({"prompt_cache_max_len": 20}) <= 20
     # prompt_cache_key (session affinity) is accepted; one replica, so nothing changes
     assert cached({"prompt_cache_key": "session-1"}) > 0
+    # --prompt-cache-scope account (the default): the server's other key, of the same account,
+    # shares; an isolation key still divides the account (tenant-a's blocks, not tenant-c's)
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    assert cached(headers=other) > 0
+    assert cached({"prompt_cache_isolation_key": "tenant-a"}, headers=other) > 0
+    assert cached({"prompt_cache_isolation_key": "tenant-c"}, headers=other) == 0
 
 
 def test_chat_cached_tokens(server):

@@ -35,6 +35,7 @@ KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "float16")
 ENV_CHOICES: dict[str, tuple[str, ...]] = {
     "kv_cache_dtype": KV_CACHE_DTYPE_CHOICES,
     "stream_usage": ("separate", "finish"),
+    "prompt_cache_scope": ("account", "key", "server"),
     "log_level": ("critical", "error", "warning", "info", "debug"),
     "log_format": ("auto", "json", "text"),
     "ray_router": ("prefix", "round_robin", "least_loaded"),
@@ -105,6 +106,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--account",
         default=_env("ACCOUNT", "fireworks"),
         help="account of the served model [GIRANDOLE_ACCOUNT]",
+    )
+    p.add_argument(
+        "--prompt-cache-scope",
+        choices=ENV_CHOICES["prompt_cache_scope"],
+        default=env_default("PROMPT_CACHE_SCOPE", "account"),
+        help="who shares the prefix cache: the keys of one account (default), each key alone,"
+        " or every request on the server; prompt_cache_isolation_key divides it further"
+        " [GIRANDOLE_PROMPT_CACHE_SCOPE]",
     )
     p.add_argument(
         "--model-id",
@@ -418,6 +427,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_keys=list(keys),
         api_keys_file=args.api_keys_file,
         account=args.account,
+        prompt_cache_scope=args.prompt_cache_scope,
         model_id=args.model_id or _default_model_id(args.model),
         deployment_id=args.deployment_id,
         kv_cache_gb=args.kv_cache_gb,

@@ -8,6 +8,8 @@ from typing import Literal
 from girandole.model.default import DEFAULT_MODEL_ID
 
 UsagePlacement = Literal["separate", "finish"]
+# Who shares the prefix cache (girandole.api.serving.cache_scope)
+PromptCacheScope = Literal["account", "key", "server"]
 
 
 @dataclass
@@ -19,6 +21,7 @@ class ServerSettings:
     api_keys: list[str] = field(default_factory=list)
     api_keys_file: str | None = None
     account: str = "fireworks"
+    prompt_cache_scope: PromptCacheScope = "account"
     model_id: str = DEFAULT_MODEL_ID
     deployment_id: str | None = None  # None: same as model_id
     kv_cache_gb: float | None = None

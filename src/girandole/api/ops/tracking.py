@@ -114,6 +114,14 @@ def record_of(scope_or_request: Any) -> RequestRecord | None:
     return (scope.get("state") or {}).get(_RECORD_KEY)
 
 
+def principal_of(request: Any) -> Principal | None:
+    """Who sent `request`: its record's key (in-process requests: batch lines, background
+    work), else what authorization set; None before authorization (an open route)."""
+    http = record_of(request)
+    principal = http.principal if http is not None else None
+    return principal or getattr(request.state, "principal", None)
+
+
 def attach_record(scope: dict[str, Any], record: RequestRecord) -> None:
     """Hang `record` on an ASGI scope as the middleware does (a request made in-process)."""
     scope.setdefault("state", {})[_RECORD_KEY] = record

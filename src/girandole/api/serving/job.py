@@ -18,6 +18,7 @@ from typing import Any
 
 from girandole.api.http.schema import RequestFields
 from girandole.api.serving.buffering import StreamBuffer
+from girandole.api.serving.cache_scope import cache_salt
 from girandole.api.serving.choice import Choice, OutputOptions, output_options
 from girandole.api.serving.params import (
     applied_options,
@@ -64,11 +65,15 @@ class Job:
     max_response_bytes: int | None = None  # a whole response larger is a 400 (None: no limit)
 
 
-def cache_kwargs(req: RequestFields, headers: Mapping[str, str] | None) -> dict[str, Any]:
-    """AsyncEngine.generate's prefix-cache arguments from the request and its headers."""
-    salt = req.prompt_cache_isolation_key
-    if salt is None and headers is not None:
-        salt = headers.get("x-prompt-cache-isolation-key") or None
+def cache_kwargs(
+    req: RequestFields, headers: Mapping[str, str] | None, scope: str | None = None
+) -> dict[str, Any]:
+    """AsyncEngine.generate's prefix-cache arguments from the request, its headers and the
+    server's cache scope for its key (girandole.api.serving.cache_scope)."""
+    key = req.prompt_cache_isolation_key
+    if key is None and headers is not None:
+        key = headers.get("x-prompt-cache-isolation-key") or None
+    salt = cache_salt(scope, key)
     out: dict[str, Any] = {}
     if salt is not None:
         out["cache_salt"] = salt
@@ -125,14 +130,16 @@ def build_job(
     headers: Mapping[str, str] | None = None,
     tier: int | None = None,
     speculation: list[int] | None = None,
+    cache_scope: str | None = None,
 ) -> Job:
     """The request's choices: n samples of each prompt, each with its SamplingParams. `tier`:
     the scheduling tier when the server sets it (batch lines), else the request's
-    service_tier. `speculation`: the prediction's tokens (`speculation_tokens`)."""
+    service_tier. `speculation`: the prediction's tokens (`speculation_tokens`).
+    `cache_scope`: who may share its cached prompt blocks (`cache_scope.scope_of`)."""
     config = engine.model_config
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
-    engine_kwargs = cache_kwargs(req, headers)
+    engine_kwargs = cache_kwargs(req, headers, cache_scope)
     if tier is None:
         tier = 1 if req.service_tier == "priority" else 0
     if tier:

@@ -39,7 +39,8 @@ from girandole.api.http.validation import (
     read_body,
     validate_model,
 )
-from girandole.api.ops.tracking import RequestRecord, attach_record, record_of
+from girandole.api.ops.tracking import RequestRecord, attach_record, principal_of, record_of
+from girandole.api.serving.cache_scope import scope_of
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.job import Job, build_job
 from girandole.api.serving.params import check_logit_bias_size
@@ -206,8 +207,7 @@ def detached(request: Request) -> Request:
     off (`RequestRecord.handed_off`): a 400 before that is its row."""
     copy = inprocess_request(request.app, request.url.path, headers=request.scope["headers"])
     http = record_of(request)
-    principal = http.principal if http is not None else None
-    principal = principal or getattr(request.state, "principal", None)
+    principal = principal_of(request)
     record = RequestRecord(
         "POST",
         request.url.path,
@@ -261,6 +261,7 @@ class Rounds:
                 headers=self.request.headers,
                 tier=self.tier,
                 speculation=speculation,
+                cache_scope=scope_of(principal_of(self.request), state.settings.prompt_cache_scope),
             )
             job.max_response_bytes = state.settings.max_response_bytes
             self.endpoint.adjust_job(req, job)
