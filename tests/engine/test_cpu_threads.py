@@ -125,3 +125,34 @@ def test_a_stopped_engine_gives_the_process_its_count_back(tiny_llama_dir):
         engine.shutdown()
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(torch.get_num_threads).result() == most
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: nothing to share")
+def test_engines_of_one_process_share_the_cores_while_both_step():
+    """Before: two engines of one process (a server's deployments) each counted the other's
+    threads as its own work, so both kept every core's thread: 4 threads on 2 cores."""
+    from girandole.engine.cpu_threads import CpuThreads
+
+    most = torch.get_num_threads()
+    a, b = CpuThreads(None, cores=most), CpuThreads(None, cores=most)
+    try:
+        assert a.adaptive and b.adaptive and a.threads == b.threads == most
+        deadline = time.monotonic() + 1.2  # two windows of stepping, side by side
+        while time.monotonic() < deadline:
+            a.update()
+            b.update()
+            time.sleep(0.01)
+        half = threads_for(most / 2, most)
+        assert a.sharing == b.sharing == 2 and a.threads <= half and b.threads <= half
+        b.idle()  # b's work ended: a has the cores again, unless other processes hold them
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline and a.threads < most:
+            a.update()
+            time.sleep(0.01)
+        if a.threads < most and a.others > 0.5:
+            pytest.skip(f"other processes keep {a.others:.2f} cores busy here")
+        assert a.sharing == 1 and a.threads == most, a.others
+    finally:
+        b.close()
+        a.close()
+    assert torch.get_num_threads() == most

@@ -12,6 +12,12 @@ fewer threads as soon as other work takes a core, more again after a second with
 A request's tokens do not depend on this: every kernel computes each output element on one
 thread, in a fixed order (no split reductions), so any thread count gives the same numbers; and
 recorded decode graphs are kept per thread count (engine/cpu_graphs.py).
+
+Several engines in one process (a server's deployments, several models) each run their own
+team, and /proc/stat cannot tell their work apart: to each, the others' threads are its own. So
+the cores that other processes leave are shared equally among the process's engines that are
+stepping (`_stepping`): two busy engines on 2 cores run a thread each, not two each on one
+core's worth of time slices.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import torch
 
@@ -72,6 +79,15 @@ def _set_threads(threads: int, most: int) -> None:
     _ours = (threads, most)
 
 
+# The process's engines, each marked while it has work (its segment of stepping is open)
+_engines: weakref.WeakSet[CpuThreads] = weakref.WeakSet()
+
+
+def _stepping() -> int:
+    """How many of the process's engines are stepping now (at least the one that asks)."""
+    return max(1, sum(1 for e in list(_engines) if e.stepping))
+
+
 class CpuThreads:
     """The torch thread count of an engine on the CPU. `update()` runs on the engine thread
     before each step; with `fixed` it never changes from that count."""
@@ -88,12 +104,15 @@ class CpuThreads:
         self.adaptive = fixed is None and self.most > 1 and _machine_busy_seconds() is not None
         self.num_changes = 0
         self.others = 0.0  # cores the rest of the machine used in the last window
+        self.sharing = 1  # the process's engines stepping at the last window's end
         # A window is INTERVAL_S of stepping: segments of work, the idle time between them left
         # out (what other processes did while the engine waited says little of now, and a
         # stream of short requests with pauses between them must still fill windows).
         self._last: tuple[float, float, float] | None = None  # the segment's start; None: idle
         self._window = [0.0, 0.0, 0.0]  # seconds, machine busy seconds, own CPU seconds
         self._more_windows = 0
+        self.stepping = False  # has work: counted by the process's other engines
+        _engines.add(self)
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
@@ -104,11 +123,13 @@ class CpuThreads:
         the next starts with the next work. Before, a window reached back over the idle time,
         and what other processes did then (measured: another engine's decode during a 1-3 s
         pause) took a thread from a request on a quiet machine."""
+        self.stepping = False
         if self.adaptive and self._last is not None:
             self._add_segment(self._sample())
             self._last = None
 
     def update(self) -> None:
+        self.stepping = True
         if not self.adaptive:
             return
         if self._last is None:  # work again: a segment starts
@@ -126,7 +147,8 @@ class CpuThreads:
         elapsed, machine, own = self._window
         self._window = [0.0, 0.0, 0.0]
         self.others = max(0.0, (machine - own) / elapsed)
-        wanted = threads_for(self.cores - self.others, self.most)
+        self.sharing = _stepping()
+        wanted = threads_for((self.cores - self.others) / self.sharing, self.most)
         if wanted < self.threads:
             self._set(wanted)
         elif wanted > self.threads:
@@ -147,6 +169,8 @@ class CpuThreads:
         last set in the process is still this engine's. Before, the process kept the engine's
         last count (threads started later took it: one thread, after a busy minute)."""
         global _ours
+        self.stepping = False
+        _engines.discard(self)
         if _ours is not None and _ours[0] == self.threads and self.threads != self.before:
             torch.set_num_threads(self.before)
             _ours = None
@@ -156,8 +180,8 @@ class CpuThreads:
 
     def _set(self, threads: int) -> None:
         logger.debug(
-            "threads %d -> %d (other processes used %.2f of %d cores)",
-            self.threads, threads, self.others, self.cores,
+            "threads %d -> %d (other processes used %.2f of %d cores, shared by %d engines)",
+            self.threads, threads, self.others, self.cores, self.sharing,
         )  # fmt: skip
         _set_threads(threads, self.most)
         self.threads = threads
