@@ -7,7 +7,8 @@ the one named, on the engine of a replica of it (`DeploymentManager.engine_for`:
 DEPLOYMENT_SCALING_UP from zero). A key reaches only its own account's deployments; a model or
 deployment it cannot reach is a 404, as if it did not exist. A LoRA adapter's name goes to its
 DeployedModel (the one on the deployment named, else its default one) and runs the adapter on
-that deployment's engine (the server's own included).
+that deployment's engine (the server's own included). A request that names no model (tokenize,
+detokenize, rerank) runs on the server's own, so only a key that could name it.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def _adapter_target(
 def engine_of(request: Any, state: AppState, target: Target | None) -> EngineClient:
     """The engine that runs the request (503 while the model loads or the deployment is at 0);
     for a LoRA adapter, that engine running the adapter."""
+    if target is None:
+        check_own_model(request, state)
     if target is None or target.deployment is None:
         engine = state.require_engine()
     else:
@@ -140,6 +143,17 @@ def engine_of(request: Any, state: AppState, target: Target | None) -> EngineCli
         lora = request.app.state.lora
         return AdapterEngine(engine, target.adapter, lora, target.deployment or lora.own_deployment)
     return engine
+
+
+def check_own_model(request: Any, state: AppState) -> None:
+    """A request that names no model (tokenize, detokenize, rerank may leave it out) runs on the
+    server's own model, which belongs to `--account`: a key of another account gets the same
+    404 as when it names that model, never its engine."""
+    record = record_of(request)
+    principal = record.principal if record is not None else None
+    principal = principal or getattr(request.state, "principal", None)
+    if not state.ops.can_see(principal, state.served.owned_by):
+        raise model_not_found()
 
 
 def hold(request: Any, target: Target | None) -> AbstractContextManager[None]:
