@@ -291,6 +291,8 @@ CASES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/completions", {"model": "accounts/{A}/deployments/{deployment}",
                                  "prompt": "x", "max_tokens": 1}),
     ("POST", "/v1/completions", {"model": "{lora}", "prompt": "x", "max_tokens": 1}),
+    ("POST", "/v1/completions", {"model": "{lora}#accounts/{B}/deployments/" + DEPLOYMENT_B,
+                                 "prompt": "x", "max_tokens": 1}),
     ("POST", "/v1/chat/completions", {"model": "{model}", "max_tokens": 1, "messages": CHAT}),
     ("POST", "/v1/embeddings", {"model": "{model}", "input": "x"}),
     ("POST", "/v1/messages", {"model": "{model}", "max_tokens": 1, "messages": CHAT}),
@@ -449,6 +451,39 @@ def test_unauthenticated_reports_name_no_stored_object(world, path):
                  "dataset", "output_dataset", "job", "deployed_model"):  # fmt: skip
         assert world.ids[name] not in r.text, name
     assert world.b_response not in r.text
+
+
+def test_another_accounts_batches_do_not_run_its_model(world):
+    """A batch runs its lines with its key: B's lines naming A's model are refused as they are
+    when B sends them itself (an OpenAI batch when it is created, a message batch's line as an
+    errored result), as lines naming a model that does not exist."""
+    w = world
+    answers = []
+    for model in (MODEL_A, fake(MODEL_A)):
+        body = {"model": model, "prompt": "x", "max_tokens": 1}
+        line = {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": body}
+        form = {"file": ("in.jsonl", jsonl([line]))}
+        upload = w.ok("POST", "/v1/files", w.key_b, files=form, data={"purpose": "batch"})
+        batch = {"input_file_id": upload["id"], "endpoint": "/v1/completions",
+                 "completion_window": "24h"}  # fmt: skip
+        r = w.http("POST", "/v1/batches", w.key_b, json=batch)
+        answers.append((r.status_code, REQUEST_ID.sub("", r.text)))
+        w.ok("DELETE", f"/v1/files/{upload['id']}", w.key_b)
+    assert answers[0][0] == 404 and answers[0] == answers[1], answers
+
+    results = []
+    for model in (MODEL_A, fake(MODEL_A)):
+        params = {"model": model, "max_tokens": 1, "messages": CHAT}
+        requests = [{"custom_id": "b", "params": params}]
+        made = w.ok("POST", "/v1/messages/batches", w.key_b, json={"requests": requests})
+        path = f"/v1/messages/batches/{made['id']}"
+        w.until(path, lambda b: b["processing_status"] == "ended", key=w.key_b)
+        r = w.http("GET", path + "/results", w.key_b)
+        assert r.status_code == 200, r.text
+        results.append(json.loads(r.text)["result"])
+    assert results[0]["type"] == "errored", results
+    assert results[0]["error"]["error"]["type"] == "not_found_error"
+    assert REQUEST_ID.sub("", json.dumps(results[0])) == REQUEST_ID.sub("", json.dumps(results[1]))
 
 
 def test_its_objects_are_unchanged(world):
