@@ -143,6 +143,9 @@ def make_objects(w: World) -> None:
         lambda j: j["state"] == "JOB_STATE_COMPLETED",
     )
     ids["output_dataset"] = job["outputDatasetId"].rsplit("/", 1)[-1]
+    # the batch inference jobs the OpenAI batch and the message batch are
+    ids["batch_job"] = ids["batch"].replace("_", "-", 1)
+    ids["msgbatch_job"] = ids["msgbatch"].replace("_", "-", 1)
     w.until(f"/v1/messages/batches/{ids['msgbatch']}", lambda b: b["processing_status"] == "ended")
 
     # B's own, for its lists and its requests that name A's objects
@@ -174,6 +177,9 @@ OWN_VIEWS = (
     "/v1/accounts/{A}/datasets/{dataset}",
     "/v1/accounts/{A}/datasets/{output_dataset}",
     "/v1/accounts/{A}/batchInferenceJobs/{job}",
+    "/v1/accounts/{A}/batchInferenceJobs/{batch_job}",
+    "/v1/accounts/{A}/batchInferenceJobs/{msgbatch_job}",
+    "/v1/accounts/{A}/datasets/{file}",
     "/v1/accounts/{A}/deployments/{deployment}",
     "/v1/accounts/{A}/deployedModels/{deployed_model}",
     "/v1/models/" + MODEL_A,
@@ -334,6 +340,8 @@ CASES: list[tuple[str, str, Any]] = [
     ("*POST", "/v1/accounts/{A}/batchInferenceJobs",
      {"model": "{model}", "inputDatasetId": "{dataset}"}),
     ("*GET", "/v1/accounts/{A}/batchInferenceJobs/{job}", None),
+    ("*GET", "/v1/accounts/{A}/batchInferenceJobs/{batch_job}", None),
+    ("*GET", "/v1/accounts/{A}/datasets/{file}", None),
     ("*DELETE", "/v1/accounts/{A}/batchInferenceJobs/{job}", None),
     ("*POST", "/v1/accounts/{A}/batchInferenceJobs/{job}:cancel", None),
     ("*GET", "/v1/accounts/{A}/deployedModels", None),
@@ -350,6 +358,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("DELETE", "/v1/accounts/{B}/deployments/{deployment}", None),
     ("POST", "/v1/accounts/{B}/deployments/{deployment}:undelete", None),
     ("POST", "/v1/accounts/{B}/deployments?validateOnly=true", {"baseModel": "{base_model}"}),
+    ("PATCH", "/v1/accounts/{B}/deployments/" + DEPLOYMENT_B, {"baseModel": "{base_model}"}),
     ("POST", "/v1/accounts/{B}/deployments?validateOnly=true", {"baseModel": "{lora}"}),
     ("GET", "/v1/accounts/{B}/models/tiny-a", None),
     ("GET", "/v1/accounts/{B}/datasets/{dataset}", None),
@@ -363,6 +372,12 @@ CASES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/accounts/{B}/datasets",
      {"datasetId": "copy", "dataset": {}, "sourceDatasetId": "accounts/{A}/datasets/{dataset}"}),
     ("GET", "/v1/accounts/{B}/batchInferenceJobs/{job}", None),
+    ("GET", "/v1/accounts/{B}/batchInferenceJobs/{batch_job}", None),
+    ("DELETE", "/v1/accounts/{B}/batchInferenceJobs/{batch_job}", None),
+    ("POST", "/v1/accounts/{B}/batchInferenceJobs/{msgbatch_job}:cancel", None),
+    ("GET", "/v1/accounts/{B}/datasets/{file}", None),
+    ("DELETE", "/v1/accounts/{B}/datasets/{file}", None),
+    ("GET", "/v1/accounts/{B}/datasets/{msgbatch_job}-input:getDownloadEndpoint", None),
     ("DELETE", "/v1/accounts/{B}/batchInferenceJobs/{job}", None),
     ("POST", "/v1/accounts/{B}/batchInferenceJobs/{job}:cancel", None),
     ("POST", "/v1/accounts/{B}/batchInferenceJobs",
@@ -447,8 +462,9 @@ def test_another_accounts_lists_name_nothing_of_its(world, path):
 def test_unauthenticated_reports_name_no_stored_object(world, path):
     r = httpx.get(world.server.url + path, timeout=30)
     assert r.status_code == 200
-    for name in ("file", "output_file", "batch", "msgbatch", "response", "conversation", "item",
-                 "dataset", "output_dataset", "job", "deployed_model"):  # fmt: skip
+    for name in ("file", "output_file", "batch", "batch_job", "msgbatch", "msgbatch_job",
+                 "response", "conversation", "item", "dataset", "output_dataset", "job",
+                 "deployed_model"):  # fmt: skip
         assert world.ids[name] not in r.text, name
     assert world.b_response not in r.text
 
