@@ -7,11 +7,13 @@ OpenAI batch (and its output file), a Fireworks dataset and batch inference job 
 dataset), an Anthropic message batch, a stored response, a conversation with an item, a
 deployment (at zero replicas) and a LoRA DeployedModel on it. Account B (`other`, a key of the
 keys database) has a deployment of its own model, so that its inference requests can name A's
-objects. Then B asks for each of A's objects by every route that reads, changes, deletes or
-cancels it (`CASES`: one line a route), and gets exactly what it gets for an id that does not
-exist (the same status, code and message), a 404 or, for control-plane paths under A's
-account, a 403 PERMISSION_DENIED; B's lists, /metrics and /health name none of A's objects; and
-A's objects are unchanged afterwards.
+objects. Then B asks for each of A's objects and models by every route that reads, changes,
+deletes, cancels or runs it (`CASES`: one line a route), and gets exactly what it gets for an id
+that does not exist (the same status, code and message), a 404 (a 400 naming the field where
+the id is in the body) or, for control-plane paths under A's account, a 403 PERMISSION_DENIED;
+a request that names no model does not run on A's (the server's own); B's lists, /metrics and
+/health name none of A's objects; B's batches do not run A's model; and A's objects are
+unchanged afterwards.
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ REQUEST_ID = re.compile(r'"request_id":\s*"[^"]*"')  # each answer's own
 
 @dataclass
 class World:
+    """The server, B's key, and A's objects (A's key is KEY_A)."""
+
     server: Any
     key_b: str
     ids: dict[str, str] = field(default_factory=dict)  # placeholder -> A's id or name
     b_response: str = ""  # a stored response of B's own
-    before: dict[str, Any] = field(default_factory=dict)  # A's objects as B found them
-
+    before: dict[str, Any] = field(default_factory=dict)  # OWN_VIEWS as A read them first
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
     def http(self, method: str, path: str, key: str = KEY_A, **kw) -> httpx.Response:
