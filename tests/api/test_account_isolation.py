@@ -505,6 +505,27 @@ def test_another_accounts_batches_do_not_run_its_model(world):
     assert REQUEST_ID.sub("", json.dumps(results[0])) == REQUEST_ID.sub("", json.dumps(results[1]))
 
 
+def test_another_account_may_use_the_same_ids(world):
+    """Ids that the caller chooses are each account's own: B creating a dataset, a job or a
+    deployment of an id that A has is no conflict (a 409 would say that A has one)."""
+    w = world
+    datasets = f"/v1/accounts/{B}/datasets"
+    w.ok("POST", datasets, w.key_b, json={"datasetId": DATASET_A, "dataset": {}})
+    form = {"file": ("in.jsonl", jsonl([{"custom_id": "b", "body": {"prompt": "x"}}]))}
+    w.ok("POST", f"{datasets}/{DATASET_A}:upload", w.key_b, files=form)
+    job = {"model": MODEL_B, "inputDatasetId": DATASET_A, "inferenceParameters": {"maxTokens": 1}}
+    jobs = f"/v1/accounts/{B}/batchInferenceJobs"
+    w.ok("POST", jobs, w.key_b, params={"batchInferenceJobId": JOB_A}, json=job)
+    w.until(f"{jobs}/{JOB_A}", lambda j: j["state"] == "JOB_STATE_COMPLETED", key=w.key_b)
+    w.ok("DELETE", f"{jobs}/{JOB_A}", w.key_b)
+    w.ok("DELETE", f"{datasets}/{DATASET_A}", w.key_b)
+    w.ok("DELETE", f"{datasets}/{JOB_A}-output", w.key_b)
+    w.ok(
+        "POST", f"/v1/accounts/{B}/deployments", w.key_b,
+        params={"deploymentId": DEPLOYMENT_A, "validateOnly": "true"}, json={"baseModel": MODEL_B},
+    )  # fmt: skip
+
+
 def test_its_objects_are_unchanged(world):
     """After every case above: A reads each of its objects as before."""
     for path in OWN_VIEWS:
