@@ -319,6 +319,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("POST", "/inference/v1/detokenize", {"tokens": [1]}),
     ("POST", "/v1/rerank", {"query": "x", "documents": ["y"]}),
     ("POST", "/v2/rerank", {"query": "x", "documents": ["y"]}),
+    ("POST", "/v1/responses/input_tokens", {"input": "x"}),
     # the control plane under A's account: 403
     ("*GET", "/v1/accounts/{A}/deployments", None),
     ("*POST", "/v1/accounts/{A}/deployments?deploymentId=x", {"baseModel": "{base_model}"}),

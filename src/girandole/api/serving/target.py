@@ -8,7 +8,8 @@ DEPLOYMENT_SCALING_UP from zero). A key reaches only its own account's deploymen
 deployment it cannot reach is a 404, as if it did not exist. A LoRA adapter's name goes to its
 DeployedModel (the one on the deployment named, else its default one) and runs the adapter on
 that deployment's engine (the server's own included). A request that names no model (tokenize,
-detokenize, rerank) runs on the server's own, so only a key that could name it.
+detokenize, rerank, Responses' input_tokens) runs on the server's own: only for a key that
+could name it.
 """
 
 from __future__ import annotations
@@ -146,9 +147,9 @@ def engine_of(request: Any, state: AppState, target: Target | None) -> EngineCli
 
 
 def check_own_model(request: Any, state: AppState) -> None:
-    """A request that names no model (tokenize, detokenize, rerank may leave it out) runs on the
-    server's own model, which belongs to `--account`: a key of another account gets the same
-    404 as when it names that model, never its engine."""
+    """A request that names no model (tokenize, detokenize, rerank and Responses' input_tokens
+    may leave it out) runs on the server's own model, which belongs to `--account`: a key of
+    another account gets the same 404 as when it names that model, never its engine."""
     record = record_of(request)
     principal = record.principal if record is not None else None
     principal = principal or getattr(request.state, "principal", None)
