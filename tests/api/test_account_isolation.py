@@ -405,7 +405,10 @@ def filled(value: Any, ids: dict[str, str]) -> Any:
     return json.loads(fill(json.dumps(value), ids)) if value is not None else None
 
 
-def send(w: World, key: str, method: str, path: str, body: Any, ids: dict[str, str]):
+def send(
+    w: World, key: str, method: str, path: str, body: Any, ids: dict[str, str]
+) -> httpx.Response:
+    """One case's request with `key`, its placeholders filled from `ids`."""
     if body == FORM:
         return w.http(method, fill(path, ids), key, files={"file": ("x.jsonl", b"{}\n")})
     return w.http(method, fill(path, ids), key, json=filled(body, ids))
@@ -413,6 +416,7 @@ def send(w: World, key: str, method: str, path: str, body: Any, ids: dict[str, s
 
 @pytest.mark.parametrize("method, path, body", CASES, ids=[f"{m} {p}" for m, p, _ in CASES])
 def test_another_accounts_key_finds_nothing(world, method, path, body):
+    """B's answer for A's ids is, but for the ids it names, its answer for ids of nothing."""
     w = world
     denied = method.startswith("*")
     method = method.lstrip("*")
