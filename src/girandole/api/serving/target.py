@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from girandole.api.http.errors import model_not_found
-from girandole.api.ops.tracking import record_of
+from girandole.api.ops.tracking import principal_of, record_of
 from girandole.api.serving.adapter import AdapterEngine
 from girandole.engine.protocol import EngineClient
 from girandole.registry.models import PUBLIC_ACCOUNT
@@ -150,10 +150,7 @@ def check_own_model(request: Any, state: AppState) -> None:
     """A request that names no model (tokenize, detokenize, rerank and Responses' input_tokens
     may leave it out) runs on the server's own model, which belongs to `--account`: a key of
     another account gets the same 404 as when it names that model, never its engine."""
-    record = record_of(request)
-    principal = record.principal if record is not None else None
-    principal = principal or getattr(request.state, "principal", None)
-    if not state.ops.can_see(principal, state.served.owned_by):
+    if not state.ops.can_see(principal_of(request), state.served.owned_by):
         raise model_not_found()
 
 
