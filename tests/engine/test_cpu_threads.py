@@ -63,7 +63,7 @@ def test_a_busy_neighbour_takes_a_thread_away_and_its_end_gives_it_back(tiny_lla
             hog.kill()
             hog.wait()
     _run_until(llm, lambda: threads.threads == most, 30)
-    if threads.threads < most and threads.others > most - 1:
+    if threads.threads < most and threads_for(threads.cores - threads.others, most) < most:
         # what gives the thread back is the machine's being quiet: others' work is not ours
         pytest.skip(f"other processes keep {threads.others:.2f} cores busy here")
     assert threads.threads == most == torch.get_num_threads(), threads.others
@@ -88,7 +88,8 @@ def test_what_others_did_while_the_engine_idled_takes_no_thread(tiny_llama_dir):
     deadline = time.monotonic() + 1.2  # the windows a request of ~1 s opens
     while time.monotonic() < deadline:
         llm.generate([[2, 9, 27, 81]], PARAMS)
-    if threads.num_changes != before and threads.others > 0.5:
+    moved = threads.num_changes != before or threads.threads != threads.most
+    if moved and threads.others > 0.5:  # a thread taken now, or in the first request's windows
         pytest.skip(f"other processes keep {threads.others:.2f} cores busy here")
     assert threads.num_changes == before and threads.threads == threads.most, threads.others
 
@@ -131,7 +132,7 @@ def test_a_stopped_engine_gives_the_process_its_count_back(tiny_llama_dir):
 def test_engines_of_one_process_share_the_cores_while_both_step():
     """Before: two engines of one process (a server's deployments) each counted the other's
     threads as its own work, so both kept every core's thread: 4 threads on 2 cores."""
-    from girandole.engine.cpu_threads import CpuThreads
+    from girandole.engine.cpu_threads import STEPPING_STALE_S, CpuThreads, _stepping
 
     most = torch.get_num_threads()
     a, b = CpuThreads(None, cores=most), CpuThreads(None, cores=most)
@@ -144,12 +145,17 @@ def test_engines_of_one_process_share_the_cores_while_both_step():
             time.sleep(0.01)
         half = threads_for(most / 2, most)
         assert a.sharing == b.sharing == 2 and a.threads <= half and b.threads <= half
-        b.idle()  # b's work ended: a has the cores again, unless other processes hold them
+        b.idle()  # b's work ended
+        assert _stepping() == 1
+        b.update()  # b steps again, then is dropped mid-request: it never says it is idle
+        assert _stepping() == 2
+        b.stepped_at -= STEPPING_STALE_S
+        # a has the cores again, unless other processes hold them
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline and a.threads < most:
             a.update()
             time.sleep(0.01)
-        if a.threads < most and a.others > 0.5:
+        if a.threads < most and threads_for(a.cores - a.others, most) < most:
             pytest.skip(f"other processes keep {a.others:.2f} cores busy here")
         assert a.sharing == 1 and a.threads == most, a.others
     finally:

@@ -79,13 +79,19 @@ def _set_threads(threads: int, most: int) -> None:
     _ours = (threads, most)
 
 
-# The process's engines, each marked while it has work (its segment of stepping is open)
+# The process's engines; each notes when it last began a step while it has work
 _engines: weakref.WeakSet[CpuThreads] = weakref.WeakSet()
+# An engine whose last step began longer ago than this is not counted: one that died or was
+# dropped mid-request never marks itself idle (steps are ~0.01-3 s: a long prefill chunk)
+STEPPING_STALE_S = 5.0
+_NEVER = float("-inf")
 
 
 def _stepping() -> int:
     """How many of the process's engines are stepping now (at least the one that asks)."""
-    return max(1, sum(1 for e in list(_engines) if e.stepping))
+    now = time.monotonic()
+    busy = sum(1 for e in list(_engines) if now - e.stepped_at < STEPPING_STALE_S)
+    return max(1, busy)
 
 
 class CpuThreads:
@@ -111,7 +117,7 @@ class CpuThreads:
         self._last: tuple[float, float, float] | None = None  # the segment's start; None: idle
         self._window = [0.0, 0.0, 0.0]  # seconds, machine busy seconds, own CPU seconds
         self._more_windows = 0
-        self.stepping = False  # has work: counted by the process's other engines
+        self.stepped_at = _NEVER  # a step began (counted by the other engines)
         _engines.add(self)
 
     @staticmethod
@@ -123,13 +129,13 @@ class CpuThreads:
         the next starts with the next work. Before, a window reached back over the idle time,
         and what other processes did then (measured: another engine's decode during a 1-3 s
         pause) took a thread from a request on a quiet machine."""
-        self.stepping = False
+        self.stepped_at = _NEVER
         if self.adaptive and self._last is not None:
             self._add_segment(self._sample())
             self._last = None
 
     def update(self) -> None:
-        self.stepping = True
+        self.stepped_at = time.monotonic()
         if not self.adaptive:
             return
         if self._last is None:  # work again: a segment starts
@@ -169,7 +175,7 @@ class CpuThreads:
         last set in the process is still this engine's. Before, the process kept the engine's
         last count (threads started later took it: one thread, after a busy minute)."""
         global _ours
-        self.stepping = False
+        self.stepped_at = _NEVER
         _engines.discard(self)
         if _ours is not None and _ours[0] == self.threads and self.threads != self.before:
             torch.set_num_threads(self.before)
