@@ -6,6 +6,10 @@ A request's `model` may be
 - the shorthand `<a>/<m>` (optionally `#<a>/<d>`), as Fireworks' docs show;
 - a deployment name `accounts/<a>/deployments/<d>` (the Completions guide's "Querying deployments");
 - a bare model id `<m>`, taken as `accounts/<default account>/models/<m>` (a convenience of ours).
+
+A field that names one of the caller's own objects of a collection (`inputDatasetId`,
+`sourceDatasetId`, `sourceJobName`, ...) takes `<id>` or `accounts/<its account>/<collection>/<id>`
+(`own_resource_id`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,32 @@ def model_name(account: str, model_id: str) -> str:
 
 def deployment_name(account: str, deployment_id: str) -> str:
     return f"accounts/{account}/deployments/{deployment_id}"
+
+
+# What a message calls one object of a collection.
+_NOUNS = {"datasets": "dataset", "batchInferenceJobs": "batch inference job"}
+
+
+def own_resource_id(value: str, account: str, collection: str) -> str:
+    """The id that `value` names: a bare `<id>`, or `accounts/<account>/<collection>/<id>` of
+    the caller's own `account`. ValueError, its message for a 400 naming the field, for a name
+    of another account (the same answer whether or not that object exists: nothing is looked
+    up), of another collection, or malformed (empty parts, extra segments, a bad id)."""
+    noun = _NOUNS.get(collection, collection)
+    expected = f"accounts/{account}/{collection}/<id>, or the id alone"
+    object_id = value
+    parts = value.split("/")
+    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == collection:
+        if is_valid_id(parts[1]) and parts[1] != account:
+            raise ValueError(
+                f"{value!r} names another account's {noun}: only its own account's can be named"
+                f" here ({expected})"
+            )
+        if parts[1] == account:
+            object_id = parts[3]
+    if not is_valid_id(object_id):
+        raise ValueError(f"{value!r} is not a {noun} id or name ({expected})")
+    return object_id
 
 
 @dataclass(frozen=True)
