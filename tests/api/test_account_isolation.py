@@ -7,13 +7,13 @@ OpenAI batch (and its output file), a Fireworks dataset and batch inference job 
 dataset), an Anthropic message batch, a stored response, a conversation with an item, a
 deployment (at zero replicas) and a LoRA DeployedModel on it. Account B (`other`, a key of the
 keys database) has a deployment of its own model, so that its inference requests can name A's
-objects. Then B asks for each of A's objects and models by every route that reads, changes,
-deletes, cancels or runs it (`CASES`: one line a route), and gets exactly what it gets for an id
-that does not exist (the same status, code and message), a 404 (a 400 naming the field where
-the id is in the body) or, for control-plane paths under A's account, a 403 PERMISSION_DENIED;
-a request that names no model does not run on A's (the server's own); B's lists, /metrics and
-/health name none of A's objects; B's batches do not run A's model; and A's objects are
-unchanged afterwards.
+objects, and a dataset, which its id under A's account name must not reach. Then B asks for
+each of A's objects and models by every route that reads, changes, deletes, cancels or runs it
+(`CASES`: one line a route), and gets exactly what it gets for an id that does not exist (the
+same status, code and message), a 404 (a 400 naming the field where the id is in the body) or,
+for control-plane paths under A's account, a 403 PERMISSION_DENIED; a request that names no
+model does not run on A's (the server's own); B's lists, /metrics and /health name none of A's
+objects; B's batches do not run A's model; and A's objects are unchanged afterwards.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ MODEL_B = f"accounts/{B}/models/tiny-b"
 KEY_A = "isolation-key-a"
 DEPLOYMENT_A, DEPLOYMENT_B = "a-dep", "b-dep"
 DATASET_A, JOB_A = "a-data", "a-job"
+DATASET_B = "b-data"
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 REQUEST_ID = re.compile(r'"request_id":\s*"[^"]*"')  # each answer's own
 
@@ -161,6 +162,8 @@ def make_objects(w: World) -> None:
         lambda d: d["state"] == "READY" and d["replicaCount"] == 1,
         key=w.key_b,
     )
+    dataset_b = {"datasetId": DATASET_B, "dataset": {}}
+    w.ok("POST", f"/v1/accounts/{B}/datasets", w.key_b, json=dataset_b)
     turn = {"model": MODEL_B, "input": "hi", "max_output_tokens": 1}
     w.b_response = w.ok("POST", "/v1/responses", w.key_b, json=turn)["id"]
 
@@ -375,6 +378,12 @@ CASES: list[tuple[str, str, Any]] = [
     ("GET", "/v1/accounts/{B}/datasets/{output_dataset}:getDownloadEndpoint", None),
     ("POST", "/v1/accounts/{B}/datasets",
      {"datasetId": "copy", "dataset": {}, "sourceDatasetId": "accounts/{A}/datasets/{dataset}"}),
+    # ... B's own dataset's id, and A's job as a source, under A's name: a 400, never B's own
+    ("POST", "/v1/accounts/{B}/datasets",
+     {"datasetId": "copy", "dataset": {}, "sourceDatasetId": "accounts/{A}/datasets/" + DATASET_B}),
+    ("POST", "/v1/accounts/{B}/datasets",
+     {"datasetId": "from-job",
+      "dataset": {"sourceJobName": "accounts/{A}/batchInferenceJobs/{job}"}}),
     ("GET", "/v1/accounts/{B}/batchInferenceJobs/{job}", None),
     ("GET", "/v1/accounts/{B}/batchInferenceJobs/{batch_job}", None),
     ("DELETE", "/v1/accounts/{B}/batchInferenceJobs/{batch_job}", None),

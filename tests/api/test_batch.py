@@ -443,6 +443,22 @@ def test_bad_requests(batch):
         400,
         "externalUrl",
     )
+    # a source named in another collection or account is refused, never read as the own
+    # `ok-input` its last part names
+    for source in ("accounts/acme/models/ok-input", "acme/ok-input",
+                   "accounts/acme/datasets/ok-input/x", "accounts/other/datasets/ok-input"):  # fmt: skip
+        copy = {"datasetId": "copy", "dataset": {}, "sourceDatasetId": source}
+        error = _error(batch.http("POST", datasets, json=copy), 400, repr(source))
+        assert error["param"] == "sourceDatasetId"
+    made = {
+        "datasetId": "made",
+        "dataset": {"sourceJobName": "accounts/other/batchInferenceJobs/j"},
+    }
+    error = _error(batch.http("POST", datasets, json=made), 400, "another account's batch")
+    assert error["param"] == "dataset.sourceJobName"
+    made["dataset"]["sourceJobName"] = "j"  # kept as the full name the server gives its jobs
+    named = batch.http("POST", datasets, json=made).json()["sourceJobName"]
+    assert named == f"accounts/{ACCOUNT}/batchInferenceJobs/j"
     batch.http("POST", datasets, json={"datasetId": "empty", "dataset": {}})
     _error(create({**good, "inputDatasetId": "empty"}), 400, "no uploaded file")
     _error(batch.http("POST", datasets + "/empty:validateUpload", json={}), 400, "no file")

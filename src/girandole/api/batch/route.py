@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from girandole.api.datasets.route import created_by, listing, masked, new_dataset
+from girandole.api.datasets.route import created_by, listing, masked, new_dataset, own_id
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery
@@ -101,19 +101,6 @@ def get_or_404(request: Request, account: str, job_id: str) -> dict[str, Any]:
             code="NOT_FOUND",
         )
     return found
-
-
-def own_dataset_id(account: str, value: str, param: str) -> str:
-    """A dataset id of `account` from `d` or `accounts/<account>/datasets/<d>`."""
-    parts = value.split("/")
-    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "datasets":
-        if parts[1] != account:
-            raise bad_request(f"{param}: a batch job reads and writes its own account's datasets"
-                              f" (accounts/{account}/datasets/...), not {value!r}", param)  # fmt: skip
-        value = parts[3]
-    if not is_valid_id(value):
-        raise bad_request(f"{param}: {value!r} is not a dataset id or name", param)
-    return value
 
 
 def check_unsupported(body: BatchJobBody) -> None:
@@ -201,7 +188,7 @@ async def create_job(
         parse_parameters(parameters)
     except InputError as exc:
         raise bad_request(str(exc), "inferenceParameters") from None
-    input_id = own_dataset_id(account, body.inputDatasetId, "inputDatasetId")
+    input_id = own_id(account, body.inputDatasetId, "datasets", "inputDatasetId")
     store = store_of(request)
     # no file joins the input from its count until the job is saved (then the job refuses it):
     # one that joined in between ran without being counted in totalInputRequests
@@ -213,9 +200,8 @@ async def create_job(
                 f"inputDatasetId: {dataset_name(account, input_id)} does not exist",
                 "inputDatasetId",
             )
-        output_id = own_dataset_id(
-            account, body.outputDatasetId or f"{job_id[:56]}-output", "outputDatasetId"
-        )
+        output_text = body.outputDatasetId or f"{job_id[:56]}-output"
+        output_id = own_id(account, output_text, "datasets", "outputDatasetId")
         if store.get_job(account, job_id) is not None:
             raise job_exists(account, job_id)
         by = created_by(request)

@@ -44,7 +44,14 @@ from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
 from girandole.batch.files import is_uploaded_file
-from girandole.batch.store import FINAL, BatchStore, dataset_name, is_valid_filename, now_text
+from girandole.batch.store import (
+    FINAL,
+    BatchStore,
+    dataset_name,
+    is_valid_filename,
+    job_name,
+    now_text,
+)
 from girandole.registry.list_query import (
     QueryError,
     page,
@@ -52,7 +59,7 @@ from girandole.registry.list_query import (
     parse_order_by,
     sort_resources,
 )
-from girandole.registry.naming import is_valid_id
+from girandole.registry.naming import is_valid_id, own_resource_id
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_FILE_BYTES = 500 * 1024 * 1024  # Fireworks' limit on a batch input dataset
@@ -199,6 +206,24 @@ def check_fields(fields: DatasetFields, prefix: str = "dataset.") -> dict[str, A
             f"{prefix}format",
         )
     return fields.model_dump(exclude_none=True)
+
+
+def own_id(account: str, value: str, collection: str, param: str) -> str:
+    """The id of one of `account`'s own `collection` that `value` names; a 400 naming `param`
+    for another account's name (whether or not it exists) or a malformed one."""
+    try:
+        return own_resource_id(value, account, collection)
+    except ValueError as exc:
+        raise bad_request(f"{param}: {exc}", param) from None
+
+
+def own_job_id(account: str, source_job_name: str) -> str | None:
+    """The id of the job a dataset's `sourceJobName` names, if it is one of `account`'s (a
+    dataset stored before names were checked may name another account's: no job of this one)."""
+    try:
+        return own_resource_id(source_job_name, account, "batchInferenceJobs")
+    except ValueError:
+        return None
 
 
 def created_by(request: Request) -> str:
@@ -489,11 +514,17 @@ async def create_dataset(request: Request, account: str = Account) -> dict:
             " '-', starting with a letter",
             "datasetId",
         )
-    dataset = new_dataset(account, body.datasetId, check_fields(body.dataset), created_by(request))
+    fields = check_fields(body.dataset)
+    if "sourceJobName" in fields:  # a job of this account's, named in full as the server names it
+        job_id = own_id(
+            account, fields["sourceJobName"], "batchInferenceJobs", "dataset.sourceJobName"
+        )
+        fields["sourceJobName"] = job_name(account, job_id)
+    dataset = new_dataset(account, body.datasetId, fields, created_by(request))
     copies: dict[str, Path] = {}
     try:
         if body.sourceDatasetId:
-            source_id = body.sourceDatasetId.rsplit("/", 1)[-1]
+            source_id = own_id(account, body.sourceDatasetId, "datasets", "sourceDatasetId")
             if store.get_dataset(account, source_id) is None:
                 raise bad_request(
                     f"sourceDatasetId: {dataset_name(account, source_id)} does not exist",
@@ -582,7 +613,8 @@ async def delete_dataset(dataset_id: str, request: Request, account: str = Accou
     body = get_or_404(request, account, dataset_id)
     store = store_of(request)
     source = str(body.get("sourceJobName") or "")
-    job = store.get_job(account, source.rsplit("/", 1)[-1]) if source else None
+    source_job = own_job_id(account, source)
+    job = store.get_job(account, source_job) if source_job else None
     if job is not None and job.get("outputDatasetId") == body["name"] and job["state"] not in FINAL:
         raise APIError(
             400,
