@@ -1,7 +1,8 @@
 """The admission queue's tiers on their own: a priority request is granted before default ones
 that queued earlier, the default tier gets one grant in every PRIORITY_SHARE + 1 while both
 wait, and a priority request passes a default head that does not fit. Batch-job lines (tier
-BATCH_TIER) are granted only while no interactive request waits."""
+BATCH_TIER) are granted only while no interactive request waits. Within a tier, the waiter
+whose account, then key, holds the fewest slots goes next (FIFO when all are one owner's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 
 import pytest
 
-from girandole.api.ops.admission import Admission
+from girandole.api.ops.admission import Admission, Owner
 from girandole.engine.scheduler import BATCH_TIER, PRIORITY_SHARE
 
 
@@ -96,3 +97,98 @@ def test_a_prefill_request_takes_at_most_half_the_slots(max_active, num_inputs, 
     # before: min(inputs, max_active), so hundreds of embeddings inputs held every slot
     admission = Admission(max_active=max_active, max_queued=0, timeout=1)
     assert admission.prefill_window(num_inputs) == window
+
+
+A1, A2, B1 = ("acme", "key-a1"), ("acme", "key-a2"), ("bobco", "key-b1")
+
+
+class _Queue:
+    """An Admission whose slots are held by `holders`, and requests queued behind them."""
+
+    def __init__(self, holders: list[Owner]) -> None:
+        self.admission = Admission(max_active=len(holders), max_queued=100, timeout=30)
+        self.holders = holders
+        self.order: list[str] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        for owner in self.holders:
+            await self.admission.acquire(1, 0, owner)
+
+    async def queue(self, name: str, owner: Owner) -> None:
+        async def one() -> None:
+            await self.admission.acquire(1, 0, owner)
+            self.order.append(name)
+
+        self.tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0)  # queued in call order
+
+    async def release(self, owner: Owner) -> None:
+        self.admission.release(1, owner)
+        for _ in range(5):  # the granted waiter's shield and wait_for hand the result on
+            await asyncio.sleep(0)
+
+    async def finish(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def test_a_keys_burst_does_not_hold_back_another_keys_request():
+    """Before: first come, first served; b waited for a1, a2 and a3 (an eval harness's burst
+    of 256 made another key's request wait for all of it, then 503)."""
+
+    async def scenario() -> list[str]:
+        q = _Queue([A1, A1])
+        await q.start()
+        for name in ("a1", "a2", "a3"):
+            await q.queue(name, A1)
+        await q.queue("b", B1)
+        await q.release(A1)  # acme holds 1, bobco 0: b
+        await q.release(A1)  # acme 0, bobco 1: a1
+        await q.release(B1)  # b done: only acme waits
+        await q.release(A1)
+        assert q.admission.held(A1) == (2, 2) and q.admission.held(B1) == (0, 0)
+        await q.finish()
+        return q.order
+
+    assert asyncio.run(scenario()) == ["b", "a1", "a2", "a3"]
+
+
+def test_accounts_are_fair_first_then_their_keys():
+    async def scenario() -> list[str]:
+        q = _Queue([A1, A1, B1])
+        await q.start()
+        await q.queue("x", A2)  # its key holds nothing, its account 2 slots
+        await q.queue("y", B1)  # its key and account hold 1
+        await q.release(B1)  # acme 2, bobco 0: y, though x came first
+        assert q.order == ["y"]
+        await q.release(A1)  # acme 1 and bobco 1 (y): only x waits
+        assert q.order == ["y", "x"]
+        await q.queue("z1", A1)  # key-a1 holds 1 slot, key-a2 1 (x)
+        await q.queue("z2", A1)
+        await q.queue("w", A2)
+        await q.release(A2)  # x done: acme 1, key-a1 1, key-a2 0: w, though z1 came first
+        assert q.order == ["y", "x", "w"]
+        await q.release(A1)
+        await q.release(A2)
+        await q.finish()
+        return q.order
+
+    assert asyncio.run(scenario()) == ["y", "x", "w", "z1", "z2"]
+
+
+def test_one_owner_is_served_in_arrival_order_and_its_slots_counted_back_to_none():
+    async def scenario() -> list[str]:
+        q = _Queue([B1])
+        await q.start()
+        for name in ("1", "2", "3"):
+            await q.queue(name, A1)
+        for owner in (B1, A1, A1, A1):
+            await q.release(owner)
+        assert q.admission.num_active == 0 and q.admission.held(A1) == (0, 0)
+        assert not q.admission._held_by_key  # no entry kept for a key holding nothing
+        await q.finish()
+        return q.order
+
+    assert asyncio.run(scenario()) == ["1", "2", "3"]

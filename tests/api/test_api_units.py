@@ -420,6 +420,26 @@ def test_app_while_loading():
         assert client.post("/v1/completions", json=body).status_code == 401
 
 
+def test_a_requests_slots_count_as_its_accounts_and_keys_until_it_ends():
+    """The admission queue's fair order (api/ops/admission.py) reads what each key holds:
+    ServerOps.admit and finish give it the request's key."""
+    from types import SimpleNamespace
+
+    from girandole.api.ops.tracking import Principal, RequestRecord
+    from girandole.api.settings import ServerSettings
+    from girandole.api.state import AppState
+
+    ops = AppState(ServerSettings(api_keys=["k"])).ops
+    owner = ("acme", "key-1")
+    record = RequestRecord("POST", "/v1/completions", None, principal=Principal(*owner))
+    record.status = 200
+    choices = [SimpleNamespace(prompt_token_ids=[2, 3], prompt_index=0)] * 3
+    asyncio.run(ops.admit(record, choices))
+    assert ops.admission.held(owner) == (3, 3) and ops.admission.num_active == 3
+    ops.finish(record)
+    assert ops.admission.held(owner) == (0, 0) and ops.admission.num_active == 0
+
+
 def test_unexpected_errors_become_fireworks_500():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient

@@ -7,7 +7,13 @@ stays bounded however many clients come.
 both tiers wait, one grant in every `PRIORITY_SHARE + 1` goes to the default tier (the engine's
 Scheduler orders its waiting sequences the same way), so the default tier is never starved.
 Batch-job lines (tier `BATCH_TIER`) wait in a third queue, granted only while no interactive
-request waits."""
+request waits.
+
+Within a tier, the next grant goes to the waiter whose owner holds the fewest slots now: its
+account first, then its key; arrival order among equals (`Owner`). One key's burst (an eval
+harness's 256 requests) then delays another key's request by a slot's turn, not by the whole
+burst: first come, first served made it wait for every request queued before it, and fail with
+503 at the queue timeout. A server with one key (or none) orders its queue as before."""
 
 from __future__ import annotations
 
@@ -19,7 +25,10 @@ from collections.abc import Callable
 from girandole.api.http.errors import APIError, too_many_requests
 from girandole.engine.scheduler import PRIORITY_SHARE
 
-Waiters = collections.deque[tuple[asyncio.Future, int]]
+# Who holds slots: (account, key id); (None, None) on an open server
+Owner = tuple[str | None, str | None]
+NOBODY: Owner = (None, None)
+Waiters = collections.deque[tuple[asyncio.Future, int, Owner]]
 
 
 class _Refused(Exception):
@@ -46,12 +55,15 @@ class Admission:
         self._priority_waiters: Waiters = collections.deque()
         self._batch_waiters: Waiters = collections.deque()  # batch-job lines
         self._priority_streak = 0  # priority grants since the default tier's last one
+        # slots held per account and per key: the fair order within a tier
+        self._held_by_account: collections.Counter[str | None] = collections.Counter()
+        self._held_by_key: collections.Counter[str | None] = collections.Counter()
         self._closed: Callable[[], APIError] | None = None  # every wait's error once closed
 
     @property
     def num_queued(self) -> int:
         waiting = (*self._waiters, *self._priority_waiters, *self._batch_waiters)
-        return sum(1 for f, _ in waiting if not f.done())
+        return sum(1 for f, _, _ in waiting if not f.done())
 
     def weight(self, num_choices: int) -> int:
         return min(max(1, num_choices), self.max_active)
@@ -64,13 +76,14 @@ class Admission:
         of half the slots each did the same)."""
         return min(max(1, num_inputs), max(1, self.max_active // 2 - self.num_prefill))
 
-    async def acquire(self, num_choices: int = 1, tier: int = 0) -> float:
+    async def acquire(self, num_choices: int = 1, tier: int = 0, owner: Owner = NOBODY) -> float:
         """Take slots for `num_choices` (seconds waited); `tier`: 1 for service_tier
-        "priority", 0 the default, below 0 a batch-job line (`Sequence.priority`'s tiers).
-        Pair each success with one `release(num_choices)`."""
+        "priority", 0 the default, below 0 a batch-job line (`Sequence.priority`'s tiers);
+        `owner`: the request's (account, key id). Pair each success with one
+        `release(num_choices, owner)`."""
         weight = self.weight(num_choices)
         if self.num_active + weight <= self.max_active and not self.num_queued:
-            self.num_active += weight
+            self._hold(weight, owner)
             return 0.0
         if self._closed is not None:  # stopping: nothing that must wait will run
             raise self._closed()
@@ -85,7 +98,7 @@ class Admission:
             raise error
         start = time.monotonic()
         future = asyncio.get_running_loop().create_future()
-        self._queue_of(tier).append((future, weight))
+        self._queue_of(tier).append((future, weight, owner))
         self._grant()  # a request of a higher tier may pass waiters that do not fit
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout)
@@ -107,7 +120,7 @@ class Admission:
             ) from None
         except BaseException:
             if future.done() and not future.cancelled():
-                self.release(num_choices)  # granted, but the caller went away
+                self.release(num_choices, owner)  # granted, but the caller went away
             else:
                 future.cancel()
                 self._grant()
@@ -122,14 +135,31 @@ class Admission:
         self._closed = error
         for queue in (self._priority_waiters, self._waiters, self._batch_waiters):
             while queue:
-                future, _ = queue.popleft()
+                future, _, _ = queue.popleft()
                 if not future.done():
                     future.set_exception(_Refused(error()))
 
-    def release(self, num_choices: int = 1) -> None:
+    def release(self, num_choices: int = 1, owner: Owner = NOBODY) -> None:
         """Free a request's slots, handing them to the waiters in order while they fit."""
-        self.num_active -= self.weight(num_choices)
+        weight = self.weight(num_choices)
+        self.num_active -= weight
+        account, key = owner
+        for held, name in ((self._held_by_account, account), (self._held_by_key, key)):
+            held[name] -= weight
+            if held[name] <= 0:
+                del held[name]  # not one entry for every key that ever asked
         self._grant()
+
+    def held(self, owner: Owner) -> tuple[int, int]:
+        """Slots held now by `owner`'s account and by its key."""
+        account, key = owner
+        return self._held_by_account[account], self._held_by_key[key]
+
+    def _hold(self, weight: int, owner: Owner) -> None:
+        self.num_active += weight
+        account, key = owner
+        self._held_by_account[account] += weight
+        self._held_by_key[key] += weight
 
     def _queue_of(self, tier: int) -> Waiters:
         if tier > 0:
@@ -148,15 +178,30 @@ class Admission:
             return self._priority_waiters
         return self._waiters or self._batch_waiters or None
 
+    def _fairest(self, queue: Waiters) -> int:
+        """The index of `queue`'s next waiter: the live one whose account, then key, holds the
+        fewest slots; the earliest among equals."""
+        best, best_rank = 0, None
+        for i, (future, _, owner) in enumerate(queue):
+            if future.done():
+                continue
+            rank = self.held(owner)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = i, rank
+                if rank == (0, 0):
+                    break  # nobody holds fewer: the earliest such waiter
+        return best
+
     def _grant(self) -> None:
         while (queue := self._next_queue()) is not None:
-            future, weight = queue[0]
+            index = self._fairest(queue)
+            future, weight, owner = queue[index]
             if self.num_active + weight > self.max_active:
-                return  # first come, first served: the head waits for room
-            queue.popleft()
+                return  # the tier's next waiter waits for room: nobody passes it
+            del queue[index]
             if queue is self._priority_waiters and self._waiters:
                 self._priority_streak += 1
             elif queue is not self._batch_waiters:
                 self._priority_streak = 0
-            self.num_active += weight
+            self._hold(weight, owner)
             future.set_result(None)

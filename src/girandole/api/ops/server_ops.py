@@ -16,7 +16,7 @@ from typing import Any
 
 from girandole.api.http.auth import bearer_token
 from girandole.api.http.errors import APIError, bad_request, unauthorized, unavailable
-from girandole.api.ops.admission import Admission
+from girandole.api.ops.admission import NOBODY, Admission, Owner
 from girandole.api.ops.drain_cut import Unanswered
 from girandole.api.ops.metrics import Metrics
 from girandole.api.ops.ratelimit import RateLimiter
@@ -92,6 +92,13 @@ def _metadata_json(metadata: dict[str, str]) -> str:
     except UnicodeEncodeError:
         return json.dumps(metadata)
     return text
+
+
+def owner_of(record: RequestRecord) -> Owner:
+    """Whose slots a request's are, for the admission queue's fair order: its key's account
+    and id (nobody's on an open server)."""
+    principal = record.principal
+    return NOBODY if principal is None else (principal.account, principal.key_id)
 
 
 def is_inference(record: RequestRecord) -> bool:
@@ -283,7 +290,7 @@ class ServerOps:
             return
         slots = self.admission.weight(slots if slots is not None else len(choices))
         try:
-            record.queue_s = await self.admission.acquire(slots, tier)
+            record.queue_s = await self.admission.acquire(slots, tier, owner_of(record))
         except APIError:
             self.metrics.rate_limited.inc()
             raise
@@ -310,7 +317,7 @@ class ServerOps:
     def _finish(self, record: RequestRecord) -> None:
         if record.admitted:
             record.admitted = False
-            self.admission.release(record.slots)
+            self.admission.release(record.slots, owner_of(record))
         status = record.status or 500
         endpoint = endpoint_of(record.path)
         self.metrics.requests.labels(endpoint, str(status)).inc()
