@@ -96,6 +96,20 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tinier_llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama made smaller for the GPU-path tests, which run Triton's kernels under its
+    interpreter (their time goes with program instances: tokens x heads, per layer): two layers,
+    two query heads on one KV head (still GQA), head_dim 16."""
+    return write_tiny_llama(
+        tmp_path_factory.mktemp("tinier-llama"),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face hub cache laid out as huggingface_hub writes it (no network in the tests):
 #   models--<org>--<name>/blobs/<etag>               the file's bytes (sha256 for LFS files,
