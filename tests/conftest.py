@@ -99,10 +99,12 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tinier_llama_dir(tmp_path_factory) -> Path:
     """The tiny Llama made smaller for the GPU-path tests, which run Triton's kernels under its
-    interpreter (their time goes with program instances: tokens x heads, per layer): two layers,
-    two query heads on one KV head (still GQA), head_dim 16."""
+    interpreter (their time goes with program instances: tokens x heads, per layer): one layer,
+    two query heads on one KV head (still GQA), head_dim 16. Layers of more than one are
+    checked on the GPU path by the Gemma 3 of test_gpu_path and test_sliding_window_cache."""
     return write_tiny_llama(
         tmp_path_factory.mktemp("tinier-llama"),
+        num_hidden_layers=1,
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=2,

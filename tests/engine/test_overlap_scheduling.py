@@ -40,8 +40,8 @@ def _engine(model_dir, overlap: bool | None, **kwargs) -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_llama_dir):
-    return _engine(tiny_llama_dir, False), _engine(tiny_llama_dir, True)
+def engines(tinier_llama_dir):
+    return _engine(tinier_llama_dir, False), _engine(tinier_llama_dir, True)
 
 
 def _drive(
@@ -120,15 +120,15 @@ def _greedy(max_tokens, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
-def test_overlap_is_on_only_where_asked(engines, tiny_llama_dir):
+def test_overlap_is_on_only_where_asked(engines, tinier_llama_dir):
     sync, overlap = engines
     assert overlap.overlap and not sync.overlap
     # the CPU path never overlaps, asked or not; the GPU path on CPU only when asked
-    cpu = LLMEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", kv_cache_gb=0.01))
+    cpu = LLMEngine(EngineConfig(model=str(tinier_llama_dir), device="cpu", kv_cache_gb=0.01))
     assert not cpu.overlap
-    assert not _engine(tiny_llama_dir, True, gpu_path=False).overlap
-    assert not _engine(tiny_llama_dir, None).overlap  # None: on for CUDA only
-    assert not _engine(tiny_llama_dir, True, ngram_speculation_length=3).overlap
+    assert not _engine(tinier_llama_dir, True, gpu_path=False).overlap
+    assert not _engine(tinier_llama_dir, None).overlap  # None: on for CUDA only
+    assert not _engine(tinier_llama_dir, True, ngram_speculation_length=3).overlap
 
 
 def test_mixed_batch_equals_synchronous(engines):
@@ -152,7 +152,7 @@ def test_mixed_batch_equals_synchronous(engines):
             (
                 "eos",
                 PROMPTS[4],
-                SamplingParams(temperature=1.0, seed=5, max_tokens=12, logit_bias={EOS: 4.0}),
+                SamplingParams(temperature=1.0, seed=6, max_tokens=12, logit_bias={EOS: 4.0}),
             ),
             ("stop-string", PROMPTS[3], _greedy(10, stop=[stop_text])),
         ],
@@ -174,11 +174,12 @@ def test_mixed_batch_equals_synchronous(engines):
     assert want["score"]["prompt_logprobs"] == len(PROMPTS[0]) and want["score"]["tokens"] == []
 
 
-def test_preemption_under_overlap(tiny_llama_dir):
+def test_preemption_under_overlap(tinier_llama_dir):
     """A KV cache of a few dozen blocks: rows with a token in flight are preempted and
     recomputed (from the real token, placed by then); outputs still equal."""
-    small = dict(kv_cache_gb=0.00003)  # 15 blocks of 4 tokens
-    pair = (_engine(tiny_llama_dir, False, **small), _engine(tiny_llama_dir, True, **small))
+    small = dict(kv_cache_gb=7.5e-6)  # 15 blocks of 4 tokens (512 bytes: one layer, one KV head)
+    pair = (_engine(tinier_llama_dir, False, **small), _engine(tinier_llama_dir, True, **small))
+    assert pair[1].kv_cache.num_blocks == 15
     # 8 tokens a row: the six rows still need twice the cache (about 100 tokens for 60 slots)
     params = [_greedy(8), SamplingParams(max_tokens=8, seed=3, temperature=0.9, top_k=20)]
     arrivals = {
@@ -190,12 +191,12 @@ def test_preemption_under_overlap(tiny_llama_dir):
     assert pair[0].stats()["num_preemptions"] > 0 and pair[1].stats()["num_preemptions"] > 0
 
 
-def test_a_row_paused_with_its_token_in_flight_goes_on_where_it_stopped(tiny_llama_dir):
+def test_a_row_paused_with_its_token_in_flight_goes_on_where_it_stopped(tinier_llama_dir):
     """Backpressure (engine/backpressure.py) pauses a row between steps, while its token is in
     flight; paused, it is parked for a newcomer's blocks, and once resumed it ends with exactly
     the tokens of a row never paused. A paused row that is aborted frees its blocks."""
-    small = dict(kv_cache_gb=0.00003)  # 15 blocks of 4 tokens
-    pair = (_engine(tiny_llama_dir, False, **small), _engine(tiny_llama_dir, True, **small))
+    small = dict(kv_cache_gb=7.5e-6)  # 15 blocks of 4 tokens (512 bytes: one layer, one KV head)
+    pair = (_engine(tinier_llama_dir, False, **small), _engine(tinier_llama_dir, True, **small))
     arrivals = {0: [("p", PROMPTS[0], _greedy(16)), ("q", PROMPTS[3], _greedy(16))]}
     want, _ = _drive(pair[0], arrivals)
     arrivals = {**arrivals, 6: [("late", PROMPTS[1][:30], _greedy(4))]}
@@ -245,9 +246,9 @@ def test_stop_never_leaks_the_token_in_flight(engines, monkeypatch):
     assert sampled.count("t") == 3  # max_tokens: never one more
 
 
-def test_abort_during_an_overlapped_step(tiny_llama_dir):
+def test_abort_during_an_overlapped_step(tinier_llama_dir):
     # engines of its own: the shared ones keep alike prefix caches (cached-token counts)
-    sync, overlap = _engine(tiny_llama_dir, False), _engine(tiny_llama_dir, True)
+    sync, overlap = _engine(tinier_llama_dir, False), _engine(tinier_llama_dir, True)
     arrivals = {
         0: [
             ("a", PROMPTS[0], _greedy(12)),
