@@ -44,11 +44,11 @@ def _engine(model_dir, **kwargs):
 PROMPTS = [[3, 9, 27, 81, 50], [5 + i for i in range(11)], [7, 7, 8]]
 
 
-def test_padded_step_equals_the_unpadded_step(tiny_llama_dir):
+def test_padded_step_equals_the_unpadded_step(tinier_llama_dir):
     """Three decoding sequences (a bucket of 4: one padding row): the static buffers' run
     gives the eager forward's hidden states; only the step's slots and the scratch block
     change in the cache."""
-    llm = _engine(tiny_llama_dir)
+    llm = _engine(tinier_llama_dir)
     engine, runner = llm.engine, llm.engine.runner
     assert runner.graphs is not None and runner.graphs.buckets == [1, 2, 4, 8]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -77,15 +77,15 @@ def test_padded_step_equals_the_unpadded_step(tiny_llama_dir):
     assert torch.equal(layer.k_cache[:scratch], after_eager[:scratch])
 
 
-def test_generate_with_graphs_equals_eager_and_cpu_path(tiny_llama_dir):
+def test_generate_with_graphs_equals_eager_and_cpu_path(tinier_llama_dir):
     """Batches of 3 and 5 decoding sequences (padded to 4 and 8) and of 1, end to end."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = PROMPTS + [[11, 12, 13, 14], [2, 4, 6, 8, 10, 12]]
     cpu = LLM(
-        model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
+        model=str(tinier_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
     )
-    graphs = _engine(tiny_llama_dir)
-    eager = _engine(tiny_llama_dir, enforce_eager=True)
+    graphs = _engine(tinier_llama_dir)
+    eager = _engine(tinier_llama_dir, enforce_eager=True)
     assert eager.engine.runner.graphs is None
     for batch in (prompts[:3], prompts, prompts[:1]):
         want = [o.token_ids for o in cpu.generate(batch, params)]
@@ -93,15 +93,16 @@ def test_generate_with_graphs_equals_eager_and_cpu_path(tiny_llama_dir):
         assert [o.token_ids for o in eager.generate(batch, params)] == want
 
 
-def test_generate_with_split_decode(tiny_llama_dir, monkeypatch):
+def test_generate_with_split_decode(tinier_llama_dir, monkeypatch):
     """Split-K decode (forced: a pretend 16-SM device, 4-token partitions) in the graphs'
     padded steps (their full-width block tables, padding rows) and in eager steps: the CPU
     path's tokens."""
     from girandole.model.kernels import triton_paged_attention as kernels
 
-    # 16 SMs: 4 partitions for the graphs' bucket of 4 rows (64 SMs gave 16, four times the
-    # programs the interpreter runs one by one); 3 or 4 for the eager steps (their short tables)
-    monkeypatch.setattr(kernels, "sm_count", lambda device: 16)
+    # 8 SMs: 4 partitions for the graphs' bucket of 4 rows of the one KV head (64 SMs gave 32,
+    # eight times the programs the interpreter runs one by one); 3 or 4 for the eager steps
+    # (their short tables)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 8)
     monkeypatch.setattr(kernels, "MIN_PARTITION_TOKENS", 4)
     counts = []
     split = kernels._split_decode
@@ -113,13 +114,13 @@ def test_generate_with_split_decode(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(kernels, "_split_decode", spy)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     cpu = LLM(
-        model=str(tiny_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
+        model=str(tinier_llama_dir), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01
     )
     want = [o.token_ids for o in cpu.generate(PROMPTS, params)]
     for kwargs in ({}, {"enforce_eager": True}):
         counts.clear()
         assert [
-            o.token_ids for o in _engine(tiny_llama_dir, **kwargs).generate(PROMPTS, params)
+            o.token_ids for o in _engine(tinier_llama_dir, **kwargs).generate(PROMPTS, params)
         ] == want
         assert counts and min(counts) > 1, counts
 
