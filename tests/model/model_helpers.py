@@ -13,8 +13,9 @@ from girandole.model.context import ForwardContext, PaddedDecode, forward_contex
 VOCAB = 300
 
 
-def tiny_hf_config(kind: str):
-    """A transformers config with tiny sizes for one architecture variant."""
+def tiny_hf_config(kind: str, **overrides):
+    """A transformers config with tiny sizes for one architecture variant (`overrides`: config
+    fields to set otherwise)."""
     import transformers as tf
 
     common = dict(
@@ -29,6 +30,8 @@ def tiny_hf_config(kind: str):
         eos_token_id=2,
         pad_token_id=0,
     )
+    gemma3 = {**common, "num_hidden_layers": 7, "num_key_value_heads": 1, **overrides}
+    common.update(overrides)
     if kind == "llama":
         return tf.LlamaConfig(**common, rms_norm_eps=1e-5, tie_word_embeddings=False)
     if kind == "llama3":  # rope scaling "llama3", tied embeddings (as Llama 3.2 1B)
@@ -52,7 +55,7 @@ def tiny_hf_config(kind: str):
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
     if kind == "gemma3":
         return tf.Gemma3TextConfig(
-            **{**common, "num_hidden_layers": 7, "num_key_value_heads": 1},
+            **gemma3,
             head_dim=32,
             sliding_window=5,
             query_pre_attn_scalar=24,
@@ -60,12 +63,13 @@ def tiny_hf_config(kind: str):
     raise ValueError(kind)
 
 
-def write_tiny_hf(kind: str, folder: Path, seed: int = 0):
-    """Write a random tiny checkpoint (config.json + model.safetensors); returns the HF model."""
+def write_tiny_hf(kind: str, folder: Path, seed: int = 0, **overrides):
+    """Write a random tiny checkpoint (config.json + model.safetensors); returns the HF model.
+    `overrides`: config fields (tiny_hf_config)."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tiny_hf_config(kind)
+    config = tiny_hf_config(kind, **overrides)
     cls = tf.Gemma3ForCausalLM if kind == "gemma3" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
     model = model.float().eval()
