@@ -130,6 +130,11 @@ class ReplicaServer:
         self.num_generated_tokens = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
+        # every accepted connection's writer until its socket is closed: a stop closes them all,
+        # also those whose _serve task had not started (a task cancelled before its first step
+        # never runs its `finally`)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="girandole-replica", daemon=True)
 
@@ -144,7 +149,7 @@ class ReplicaServer:
         asyncio.set_event_loop(self.loop)
         try:
             self._server = self.loop.run_until_complete(
-                asyncio.start_server(self._serve, self.host, 0)
+                asyncio.start_server(self._accept, self.host, 0)
             )
             self.port = self._server.sockets[0].getsockname()[1]
         finally:
@@ -155,6 +160,9 @@ class ReplicaServer:
         for task in tasks:
             task.cancel()
         self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for writer in list(self._writers):  # accepted just before the stop: never served
+            writer.close()
+        self.loop.run_until_complete(asyncio.sleep(0))  # the transports' close runs on the loop
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
@@ -165,6 +173,17 @@ class ReplicaServer:
         self.active.discard(request_id)
         if self.on_request_ended is not None:
             self.on_request_ended(request_id)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection accepted (called on the loop, at once): its writer is known from here,
+        so a stop closes it even before its task runs. Before: a connection accepted as the
+        replica stopped (its task cancelled before it started) stayed open, and the ingress
+        kept that replica's connection and stats."""
+        if self._stopping:
+            writer.close()
+            return
+        self._writers.add(writer)
+        asyncio.get_running_loop().create_task(self._serve(reader, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -185,6 +204,7 @@ class ReplicaServer:
             # Before: a replica stopped while a connection waited for its hello left that
             # socket open (the ingress saw no end of it, and kept the replica's stats).
             writer.close()
+            self._writers.discard(writer)
 
     async def _serve_greeted(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -245,7 +265,15 @@ class ReplicaServer:
             return
 
         async def close() -> None:
+            self._stopping = True  # a connection accepted from here is closed at once
             if self._server is not None:
+                # No new accepts, then let one accepted already reach _accept before the server
+                # closes: asyncio makes its transport a step later (a task of its own), and one
+                # made after Server.close() fails (the server's assert) with its socket open.
+                for sock in self._server.sockets:
+                    loop.remove_reader(sock.fileno())
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
                 self._server.close()
             loop.stop()
 
