@@ -186,11 +186,13 @@ def test_a_connection_accepted_as_the_replica_stops_is_closed(replica):
             sock.sendall(hello(server.token))
             server.stop()  # at once: the accept may be under way
             sock.settimeout(5)
+            deadline = time.monotonic() + 10  # a served connection left open sends stats forever
             try:
                 while sock.recv(4096):  # stats frames if it was served, then the end
-                    pass
+                    assert time.monotonic() < deadline, "the stopped replica's connection is open"
             except ConnectionResetError:
                 pass  # not accepted before its listening socket closed: reset, also an end
+        assert not server._thread.is_alive()  # the stop ended the replica's loop
 
 
 def test_a_connection_that_sends_no_hello_is_closed(replica, monkeypatch, caplog):

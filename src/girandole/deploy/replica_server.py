@@ -33,6 +33,9 @@ logger = logging.getLogger("girandole.deploy")
 RequestEnded = Callable[[str], None]
 STATS_PERIOD_S = 1.0
 HELLO_TIMEOUT_S = 10.0  # a connection that sends no hello in this long is closed
+# A stop cancels the loop's tasks in rounds of at most this long, this many times
+SHUTDOWN_ROUNDS = 3
+SHUTDOWN_ROUND_S = 2.0
 
 
 def remote_error(exc: BaseException) -> RemoteError:
@@ -134,6 +137,7 @@ class ReplicaServer:
         # also those whose _serve task had not started (a task cancelled before its first step
         # never runs its `finally`)
         self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._stopping = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="girandole-replica", daemon=True)
@@ -152,14 +156,21 @@ class ReplicaServer:
                 asyncio.start_server(self._accept, self.host, 0)
             )
             self.port = self._server.sockets[0].getsockname()[1]
-        finally:
-            self._ready.set()
+        except BaseException:
+            self._ready.set()  # start() reports that the port did not open
+            raise
+        # ready once the loop runs: before, a stop() called between ready and run_forever found
+        # the loop not running and did nothing (the replica went on serving)
+        self.loop.call_soon(self._ready.set)
         self.loop.run_forever()
-        # stopped: end the connections' tasks on this loop before closing it
-        tasks = asyncio.all_tasks(self.loop)
-        for task in tasks:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # stopped: end the connections' tasks on this loop before closing it, and any a task
+        # started while it ended (a few rounds: a task that outlives them is left to the loop)
+        for _ in range(SHUTDOWN_ROUNDS):
+            if not (tasks := asyncio.all_tasks(self.loop)):
+                break
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=SHUTDOWN_ROUND_S))
         for writer in list(self._writers):  # accepted just before the stop: never served
             writer.close()
         self.loop.run_until_complete(asyncio.sleep(0))  # the transports' close runs on the loop
@@ -183,7 +194,9 @@ class ReplicaServer:
             writer.close()
             return
         self._writers.add(writer)
-        asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -196,6 +209,11 @@ class ReplicaServer:
                 return
             if not greeted:
                 logger.warning("a connection to the replica's port without its token: closed")
+                return
+            if self._stopping:
+                # Python 3.11's wait_for returns a result that came with the stop's cancel (the
+                # cancel lost): the connection then went on being served (its stats reporter a
+                # task the stop never saw), and the stop never ended
                 return
             await self._serve_greeted(reader, writer)
         except asyncio.CancelledError:
