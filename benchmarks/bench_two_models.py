@@ -69,6 +69,19 @@ def both_at_once(run_one, prompts: list[list[int]], n_tokens: int) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def measure(run_one, spec: dict) -> list[float]:
+    """A warm-up pair, then --repeats measured pairs of fresh prompts: their rates."""
+    both_at_once(run_one, [make_prompt(8, "warm-a"), make_prompt(8, "warm-b")], 4)
+    return [
+        both_at_once(
+            run_one,
+            [make_prompt(spec["prompt_len"], f"{r}-{i}") for i in range(2)],
+            spec["decode_tokens"],
+        )
+        for r in range(spec["repeats"])
+    ]
+
+
 def girandole_worker(threads: int | None, spec: dict) -> dict:
     from girandole import LLM, SamplingParams
 
@@ -79,15 +92,7 @@ def girandole_worker(threads: int | None, spec: dict) -> dict:
     def run_one(i: int, prompt: list[int], n: int) -> int:
         return len(llms[i].generate([prompt], params)[0].token_ids)
 
-    both_at_once(run_one, [make_prompt(8, "warm-a"), make_prompt(8, "warm-b")], 4)
-    rates = [
-        both_at_once(
-            run_one,
-            [make_prompt(spec["prompt_len"], f"{r}-{i}") for i in range(2)],
-            spec["decode_tokens"],
-        )
-        for r in range(spec["repeats"])
-    ]
+    rates = measure(run_one, spec)
     governors = [llm.engine.cpu_threads for llm in llms]
     return {
         "rates": rates,
@@ -118,15 +123,7 @@ def llama_server_worker(threads: int, spec: dict) -> dict:
         def run_one(i: int, prompt: list[int], n_tokens: int) -> int:
             return servers[i].decode(prompt, n_tokens)["tokens"]
 
-        both_at_once(run_one, [make_prompt(8, "warm-a"), make_prompt(8, "warm-b")], 4)
-        rates = [
-            both_at_once(
-                run_one,
-                [make_prompt(spec["prompt_len"], f"{r}-{i}") for i in range(2)],
-                spec["decode_tokens"],
-            )
-            for r in range(spec["repeats"])
-        ]
+        rates = measure(run_one, spec)
     finally:
         for s in servers:
             s.stop()
