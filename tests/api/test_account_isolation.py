@@ -333,6 +333,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("*POST", "/v1/accounts/{A}/deployments/{deployment}:undelete", None),
     ("*GET", "/v1/accounts/{A}/models", None),
     ("*GET", "/v1/accounts/{A}/models/tiny-a", None),
+    ("*GET", "/v1/accounts/{A}/metrics", None),
     ("*GET", "/v1/accounts/{A}/datasets", None),
     ("*POST", "/v1/accounts/{A}/datasets", {"datasetId": "x", "dataset": {}}),
     ("*GET", "/v1/accounts/{A}/datasets/{dataset}", None),

@@ -69,6 +69,8 @@ class ServerSettings:
     max_concurrent_requests: int = 64
     max_choices_per_request: int = 256  # prompts x n of one request; more is a 400
     max_queued_requests: int = 256  # more wait in the admission queue, then 429
+    # GET /v1/accounts/{a}/metrics per account a minute, as Fireworks allows (then 429); 0: any
+    metrics_scrapes_per_minute: int = 6
     queue_timeout: float = 30.0  # seconds in the queue before a 503
     batch_max_in_flight: int = 16  # batch lines at once, interactive choices included
     max_prompt_tokens: int | None = None  # None: the context length

@@ -460,6 +460,9 @@ class LLMEngine:
             "prefix_cache_hits": kv.num_prefix_hits,
             "lora_adapters": len(self.loras.registered),  # registered, resident or not
             "num_overlapped_steps": self.num_overlapped_steps,
+            "max_num_seqs": self.config.max_num_seqs,
+            "num_steps": self.step_budget.num_steps,  # and their seconds: mean step time
+            "step_seconds": self.step_budget.seconds,
             **(self.cpu_threads.stats() if self.cpu_threads is not None else {}),
         }
 

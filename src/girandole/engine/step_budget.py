@@ -30,6 +30,8 @@ class StepBudget:
         self._xtx = np.zeros((3, 3))
         self._xty = np.zeros(3)
         self._steps = 0
+        self.num_steps = 0  # steps seen, and their seconds (the engine's stats)
+        self.seconds = 0.0
         self._coef: np.ndarray | None = None
 
     def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
@@ -38,6 +40,8 @@ class StepBudget:
         self._xtx = DECAY * self._xtx + np.outer(x, x)
         self._xty = DECAY * self._xty + x * seconds
         self._steps += 1
+        self.num_steps += 1
+        self.seconds += seconds
         if self._steps >= MIN_STEPS:
             # a small ridge keeps the fit defined while one kind of step dominates
             coef = np.linalg.solve(self._xtx + 1e-6 * np.eye(3), self._xty)

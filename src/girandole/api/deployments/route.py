@@ -9,6 +9,8 @@
     PATCH  /v1/accounts/{a}/deployments/{d}:scale  {"replicaCount": N}
     POST   /v1/accounts/{a}/deployments/{d}:undelete
     GET    /v1/accounts/{a}/models[/{m}]           the base models a deployment can use
+    GET    /v1/accounts/{a}/metrics                Prometheus text of its deployments
+                                                   (metrics_route.py)
 
 also under /inference/v1 (the fireworks-ai SDK's base_url ".../inference"). A key manages only
 its own account's deployments, and only when its role allows changes (an `inference-user` key
@@ -261,8 +263,13 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
         state.engine_factory = lambda: manager.serve_own(own_spec(state.settings))
     app.state.deployments = manager
     install_replica_gauges(state, manager)
+    from girandole.api.deployments import metrics_route
+
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
+        app.include_router(
+            metrics_route.router, prefix=prefix, include_in_schema=prefix.startswith("/v1")
+        )
 
     @app.exception_handler(DeploymentError)
     async def _deployment_error(request: Request, exc: DeploymentError) -> JSONResponse:

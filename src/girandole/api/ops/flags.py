@@ -96,6 +96,13 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         help="longer prompts get 400; default: the context length [GIRANDOLE_MAX_PROMPT_TOKENS]",
     )
     p.add_argument(
+        "--metrics-scrapes-per-minute",
+        type=int_value("METRICS_SCRAPES_PER_MINUTE", 0),
+        default=env_default("METRICS_SCRAPES_PER_MINUTE", str(DEFAULTS.metrics_scrapes_per_minute)),
+        help="reads of GET /v1/accounts/{account}/metrics per account a minute, as Fireworks"
+        " allows (more get 429); 0: no limit [GIRANDOLE_METRICS_SCRAPES_PER_MINUTE]",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float_value("DRAIN_SECONDS", 0),
         default=env_default("DRAIN_SECONDS", str(DEFAULTS.drain_seconds)),
@@ -176,6 +183,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "batch_max_in_flight": args.batch_max_in_flight,
         "max_prompt_tokens": args.max_prompt_tokens,
         "drain_seconds": args.drain_seconds,
+        "metrics_scrapes_per_minute": args.metrics_scrapes_per_minute,
         "log_format": args.log_format,
         "max_choices_per_request": args.max_choices_per_request,
         "max_connections": args.max_connections,

@@ -16,6 +16,7 @@ from typing import Any
 
 from girandole.api.http.auth import bearer_token
 from girandole.api.http.errors import APIError, bad_request, unauthorized, unavailable
+from girandole.api.ops.account_metrics import AccountMetrics, ended_of
 from girandole.api.ops.admission import NOBODY, Admission, Owner
 from girandole.api.ops.drain_cut import Unanswered
 from girandole.api.ops.metrics import Metrics
@@ -135,6 +136,7 @@ class ServerOps:
         )
         self.max_prompt_tokens = settings.max_prompt_tokens
         self.metrics = Metrics(self._gauges)
+        self.account_metrics = AccountMetrics(settings.metrics_scrapes_per_minute)
         self.draining = False
         self.drain_started = asyncio.Event()  # for waits that end when the server stops
         self._streams: weakref.WeakSet[ChoiceFanout] = weakref.WeakSet()
@@ -331,6 +333,9 @@ class ServerOps:
         }
         if record.client_request_id and record.client_request_id != record.request_id:
             fields["client_request_id"] = record.client_request_id
+        # a background response's end is its run's
+        if record.deployment is not None and is_inference(record) and not record.handed_off:
+            self.account_metrics.record(record.deployment, ended_of(record, status, duration))
         principal = record.principal
         if principal is not None and principal.key_id is not None:
             fields["account"] = principal.account

@@ -58,6 +58,7 @@ class RequestRecord:
     wall_start: float = field(default_factory=time.time)
     principal: Principal | None = None
     model: str | None = None  # the resolved model name
+    deployment: str | None = None  # the deployment that runs it, once named (account metrics)
     status: int | None = None
     stream: bool = False
     admitted: bool = False
@@ -66,6 +67,7 @@ class RequestRecord:
     metadata: dict[str, str] | None = None  # the request's `metadata`, kept with its usage row
     first_token_time: float | None = None
     choices: list[Choice] = field(default_factory=list)  # set when admitted
+    ends: list[RequestOutput] = field(default_factory=list)  # each engine request's last output
     slots: int = 0  # admission slots held while admitted
     # the choices of its later engine rounds (a Responses MCP tool loop), under one admission
     rounds: list[list[Choice]] = field(default_factory=list)
@@ -97,6 +99,8 @@ class RequestRecord:
                 for _ in range(new):
                     metrics.itl.observe(gap)
             choice.last_token_time = now
+        if out.finished:
+            self.ends.append(out)
 
     def usage(self) -> Usage:
         """What the engine did for this request (all its rounds), counted as responses count

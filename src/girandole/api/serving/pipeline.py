@@ -169,6 +169,9 @@ async def receive(
     target = None
     if isinstance(model, str):  # unknown models and other accounts' models alike: 404
         target = resolve_target(request, state, model, request.headers.get("fireworks-deployment"))
+        record = record_of(request)
+        if record is not None:  # its end counts in the deployment's account metrics
+            record.deployment = target.deployment or state.deployment
     request.state.target = target  # for a prompt `parse` reads from storage (Responses)
     state.ops.check_prompt_size(
         prompt_fields(data), target.context_length if target is not None else None
@@ -216,7 +219,7 @@ def detached(request: Request) -> Request:
         ops=http.ops if http is not None else None,
     )
     if http is not None:
-        record.model = http.model
+        record.model, record.deployment = http.model, http.deployment
     attach_record(copy.scope, record)
     copy.state.principal = principal
     return copy
