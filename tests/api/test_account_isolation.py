@@ -53,6 +53,7 @@ class World:
     key_b: str
     ids: dict[str, str] = field(default_factory=dict)  # placeholder -> A's id or name
     b_response: str = ""  # a stored response of B's own
+    key_b_id: str = ""
     before: dict[str, Any] = field(default_factory=dict)  # OWN_VIEWS as A read them first
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
@@ -199,7 +200,7 @@ def world(tmp_path_factory) -> World:
     data = tmp / "data"
     tiny = conftest.write_tiny_llama_for_ops(tmp / "tiny")
     db = Database(data / DB_NAME)
-    key_b, _ = db.create_key(B)
+    key_b, info_b = db.create_key(B)
     catalog = ModelCatalog(db, [])
     catalog.add(BASE_A, str(tiny))
     catalog.add(LORA_A, str(write_stub_adapter(tmp / "lora")), base=BASE_A)
@@ -211,6 +212,7 @@ def world(tmp_path_factory) -> World:
         api_key=KEY_A,
     )  # fmt: skip
     w = World(server, key_b)
+    w.key_b_id = info_b.id
     try:
         make_objects(w)
         w.before = {path: view(w, path) for path in OWN_VIEWS}
@@ -485,6 +487,12 @@ def test_unauthenticated_reports_name_no_stored_object(world, path):
                  "deployed_model"):  # fmt: skip
         assert world.ids[name] not in r.text, name
     assert world.b_response not in r.text
+
+
+def test_a_dataset_names_the_key_that_made_it(world):
+    mine = world.ok("GET", f"/v1/accounts/{A}/datasets/{DATASET_A}")
+    theirs = world.ok("GET", f"/v1/accounts/{B}/datasets/{DATASET_B}", world.key_b)
+    assert (mine["createdBy"], theirs["createdBy"]) == ("static-0", world.key_b_id)
 
 
 def test_another_accounts_batches_do_not_run_its_model(world):

@@ -43,6 +43,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
+from girandole.api.ops.tracking import principal_of
 from girandole.batch.files import is_uploaded_file
 from girandole.batch.store import (
     FINAL,
@@ -227,7 +228,7 @@ def own_job_id(account: str, source_job_name: str) -> str | None:
 
 
 def created_by(request: Request) -> str:
-    principal = getattr(request.state, "principal", None)
+    principal = principal_of(request)
     return (principal.key_id if principal is not None else None) or "anonymous"
 
 

@@ -21,7 +21,7 @@ from girandole.api.ops.admission import NOBODY, Admission, Owner
 from girandole.api.ops.drain_cut import Unanswered
 from girandole.api.ops.metrics import Metrics
 from girandole.api.ops.ratelimit import RateLimiter
-from girandole.api.ops.tracking import Principal, RequestRecord, record_of
+from girandole.api.ops.tracking import Principal, RequestRecord, principal_of, record_of
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.fanout import ChoiceFanout
 from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, context_exceeded
@@ -196,7 +196,7 @@ class ServerOps:
         too, as if it did not exist."""
         resolved = self.registry.resolve(model, deployment_header)
         record = record_of(request)
-        principal = record.principal if record is not None else None
+        principal = principal_of(request)
         if resolved is None or not self.can_see(principal, resolved.model.owned_by):
             return None
         if record is not None:

@@ -19,7 +19,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.pages import list_page
 from girandole.api.http.sse import SSEResponse
 from girandole.api.messages.translated import TranslatedChat, TranslatedEndpoint, to_chat
-from girandole.api.ops.tracking import record_of
+from girandole.api.ops.tracking import principal_of
 from girandole.api.responses.background import KEEP_SECONDS, BackgroundResponses
 from girandole.api.responses.convert import (
     chat_messages,
@@ -57,9 +57,7 @@ RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 def account_of(request: Request) -> str:
     """Whose responses a request sees: its key's account ("" on an open server)."""
-    record = record_of(request)
-    principal = record.principal if record is not None else None
-    principal = principal or getattr(request.state, "principal", None)
+    principal = principal_of(request)
     return (principal.account if principal is not None else None) or ""
 
 

@@ -51,7 +51,7 @@ def resolve_target(
     manager: DeploymentManager | None = getattr(request.app.state, "deployments", None)
     ref = parse_request_model(model, deployment_header, state.settings.account)
     record = record_of(request)
-    principal = record.principal if record is not None else None
+    principal = principal_of(request)
     account = principal.account if principal is not None else None  # None: an open server
     lora: DeployedModelManager | None = getattr(request.app.state, "lora", None)
     if (
