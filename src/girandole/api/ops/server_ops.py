@@ -335,7 +335,10 @@ class ServerOps:
             fields["client_request_id"] = record.client_request_id
         # a background response's end is its run's
         if record.deployment is not None and is_inference(record) and not record.handed_off:
-            self.account_metrics.record(record.deployment, ended_of(record, status, duration))
+            try:  # never at the cost of the usage row below
+                self.account_metrics.record(record.deployment, ended_of(record, status, duration))
+            except Exception:  # noqa: BLE001
+                logger.exception("account metrics of request %s failed", record.request_id)
         principal = record.principal
         if principal is not None and principal.key_id is not None:
             fields["account"] = principal.account
