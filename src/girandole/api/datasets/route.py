@@ -12,37 +12,41 @@
     GET    /v1/accounts/{a}/datasets/{d}:getDownloadEndpoint  signed GET URLs of its files
     PUT|GET /v1/accounts/{a}/datasets/{d}/files/{name}?expires=&signature=  the signed URLs
 
-also under /inference/v1. The signed URLs carry an HMAC of the method, the file, an expiry (an
-hour) and, for a PUT, the size declared in filenameToSize, made with a secret of this server
-process: they need no key, as a bucket's would not. A PUT of another size is a 400.
+also under /inference/v1. The signed URLs (api/http/signed_upload.py) carry an HMAC of the
+method, the file, an expiry (an hour) and, for a PUT, the size declared in filenameToSize, made
+with a secret of this server process: they need no key, as a bucket's would not. A PUT of
+another size is a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
-from starlette.requests import ClientDisconnect
 
 from girandole.api.datasets.form import receive_form, sync_file
 from girandole.api.deployments.route import Account, read_json
-from girandole.api.http.disconnect import ClientDisconnected
+from girandole.api.http import signed_upload
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
+from girandole.api.http.signed_upload import (
+    check_content_length,
+    check_filename,
+    check_signature,
+    check_sizes,
+    receive_body,
+    signed_url,
+)
 from girandole.api.ops.tracking import principal_of
 from girandole.batch.files import is_uploaded_file
 from girandole.batch.store import (
@@ -64,8 +68,6 @@ from girandole.registry.naming import is_valid_id, own_resource_id
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_FILE_BYTES = 500 * 1024 * 1024  # Fireworks' limit on a batch input dataset
-URL_LIFETIME_S = 3600
-_SECRET = secrets.token_bytes(32)
 _FORMATS = ("FORMAT_UNSPECIFIED", "CHAT", "COMPLETION", "RL")
 
 
@@ -277,69 +279,16 @@ def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[],
     return check
 
 
-# -- signed file URLs --------------------------------------------------------------------------
+# -- signed file URLs (api/http/signed_upload.py) ---------------------------------------------
 
 
-def _signature(
-    method: str, account: str, dataset_id: str, filename: str, expires: int, size: int | None
-) -> str:
-    message = f"{method}\n{account}/{dataset_id}/{filename}\n{expires}\n{size}".encode()
-    return hmac.new(_SECRET, message, hashlib.sha256).hexdigest()
-
-
-def signed_url(
-    request: Request, method: str, account: str, dataset_id: str, name: str,
-    size: int | None = None,
-) -> str:  # fmt: skip
-    """The file's URL on this server as the client reached it (/v1 or /inference/v1); a PUT's
-    carries the size declared for it (signed: the PUT is held to it)."""
-    prefix = "/inference/v1" if request.url.path.startswith("/inference/") else "/v1"
-    expires = int(time.time()) + URL_LIFETIME_S
-    signature = _signature(method, account, dataset_id, name, expires, size)
-    base = str(request.base_url).rstrip("/")
-    path = f"{prefix}/accounts/{account}/datasets/{dataset_id}/files/{quote(name)}"
-    sized = "" if size is None else f"&size={size}"
-    return f"{base}{path}?expires={expires}{sized}&signature={signature}"
-
-
-def check_signature(
-    method: str, account: str, dataset_id: str, name: str, expires: int, signature: str,
-    size: int | None = None,
-) -> None:  # fmt: skip
-    expected = _signature(method, account, dataset_id, name, expires, size)
-    if not hmac.compare_digest(expected.encode(), signature.encode()):
-        raise APIError(403, "The URL's signature is not valid", code="PERMISSION_DENIED")
-    if expires < time.time():
-        raise APIError(
-            403,
-            "The URL has expired: ask for a new one (:getUploadEndpoint, :getDownloadEndpoint)",
-            code="PERMISSION_DENIED",
-        )
-
-
-def check_filename(name: str, param: str = "filename") -> None:
-    if not is_valid_filename(name):
-        raise bad_request(
-            f"{name!r} is not a valid file name: 1-200 characters of A-Z, a-z, 0-9, '.', '_'"
-            " and '-'",
-            param,
-        )
+def resource_of(account: str, dataset_id: str) -> str:
+    """What a dataset's signed URLs are signed for, and where they point."""
+    return dataset_name(account, dataset_id)
 
 
 def file_too_large() -> APIError:
-    return APIError(
-        413,
-        f"The file is larger than this server's limit of {MAX_FILE_BYTES} bytes",
-        code="PAYLOAD_TOO_LARGE",
-    )
-
-
-def wrong_size(name: str, declared: int, sent: str) -> APIError:
-    return bad_request(
-        f"The file {name!r} was declared as {declared} bytes in :getUploadEndpoint's"
-        f" filenameToSize, and the PUT sent {sent}: ask for a URL with its size",
-        "filenameToSize",
-    )
+    return signed_upload.file_too_large(MAX_FILE_BYTES)
 
 
 async def receive_file(request: Request, store: BatchStore, account: str, dataset_id: str,
@@ -347,24 +296,9 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
     """Stream the request body into the dataset's file `name` (413 above the limit; with
     `declared`, the size filenameToSize gave it, a 400 for a body of another size)."""
     partial = store.partial_path()
-    size = 0
-    limit = MAX_FILE_BYTES if declared is None else declared
     try:
-        with open(partial, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    if declared is not None:  # a chunked body: how much more is not known
-                        raise wrong_size(name, declared, f"more ({size} bytes so far)")
-                    raise file_too_large()
-                f.write(chunk)
-            if declared is not None and size != declared:
-                raise wrong_size(name, declared, f"{size} bytes")
-            f.flush()
-            os.fsync(f.fileno())
+        size = await receive_body(request, partial, name, MAX_FILE_BYTES, declared)
         store.place_file(account, dataset_id, name, partial, still_open(store, account, dataset_id))
-    except ClientDisconnect:
-        raise ClientDisconnected() from None
     finally:
         partial.unlink(missing_ok=True)
     return size
@@ -418,18 +352,9 @@ async def get_upload_endpoint(dataset_id: str, request: Request, account: str = 
     get_or_404(request, account, dataset_id)
     not_read_by_a_job(store_of(request), account, dataset_id)
     body = await read_json(request, UploadEndpointBody)
-    if not body.filenameToSize:
-        raise bad_request("filenameToSize must name at least one file", "filenameToSize")
-    urls = {}
-    for name, size in body.filenameToSize.items():
-        check_filename(name, "filenameToSize")
-        if not str(size).isdecimal() or int(size) > MAX_FILE_BYTES:  # "²" is a digit, not int
-            raise bad_request(
-                f"filenameToSize[{name!r}]: the size must be a number of bytes up to"
-                f" {MAX_FILE_BYTES}, got {size!r}",
-                "filenameToSize",
-            )
-        urls[name] = signed_url(request, "PUT", account, dataset_id, name, int(size))
+    resource = resource_of(account, dataset_id)
+    sizes = check_sizes(body.filenameToSize, MAX_FILE_BYTES)
+    urls = {name: signed_url(request, "PUT", resource, name, size) for name, size in sizes.items()}
     return {"filenameToSignedUrls": urls}
 
 
@@ -465,7 +390,8 @@ async def get_download_endpoint(
     files = store_of(request).dataset_files(account, dataset_id)
     return {
         "filenameToSignedUrls": {
-            p.name: signed_url(request, "GET", account, dataset_id, p.name) for p in files
+            p.name: signed_url(request, "GET", resource_of(account, dataset_id), p.name)
+            for p in files
         }
     }
 
@@ -475,15 +401,13 @@ async def put_file(
     account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str,
     size: int | None = None,
 ) -> Response:  # fmt: skip
-    check_signature("PUT", account, dataset_id, filename, expires, signature, size)
+    check_signature("PUT", resource_of(account, dataset_id), filename, expires, signature, size)
     check_filename(filename)
     store = store_of(request)
     if store.get_dataset(account, dataset_id) is None:
         raise not_found(account, dataset_id)
     not_read_by_a_job(store, account, dataset_id)
-    length = request.headers.get("content-length")
-    if size is not None and length is not None and length.isdecimal() and int(length) != size:
-        raise wrong_size(filename, size, f"{int(length)} bytes")  # before reading any of it
+    check_content_length(request, filename, size)
     await receive_file(request, store, account, dataset_id, filename, size)
     return Response(status_code=200)
 
@@ -492,7 +416,7 @@ async def put_file(
 async def get_file(
     account: str, dataset_id: str, filename: str, request: Request, expires: int, signature: str
 ) -> Response:
-    check_signature("GET", account, dataset_id, filename, expires, signature)
+    check_signature("GET", resource_of(account, dataset_id), filename, expires, signature)
     path = store_of(request).dataset_dir(account, dataset_id) / filename
     # opened now: the file deleted or PUT again while it is sent cuts nothing
     found = opened_file_response(path, "application/jsonl") if is_valid_filename(filename) else None
