@@ -388,13 +388,21 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                [{"name": m.name, "source": m.source, "baseModel": m.base_model} for m in models]
+                [
+                    {
+                        "name": m.name,
+                        "source": m.source,
+                        "baseModel": m.base_model,
+                        "state": m.state,
+                    }
+                    for m in models
+                ]
             )
         )
         return 0
     for m in models:
         lora = f"  (LoRA of {m.base_model})" if m.is_adapter else ""
-        print(f"{m.name}  {m.source or '(the default model)'}{lora}")
+        print(f"{m.name}  {m.state}  {m.source or '(the default model)'}{lora}")
     return 0
 
 

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from girandole.deploy.manager import DeploymentManager
+from girandole.deploy.manager import DeploymentManager, check_ready
 from girandole.registry import list_query
 from girandole.registry.deployed_models import DeployedModelRecord, DeployedModelStore
 from girandole.registry.deployments import DeploymentError, invalid
@@ -408,6 +408,7 @@ class DeployedModelManager:
                 " POST /v1/accounts/{a}/deployments",
                 "model",
             )
+        check_ready(model, "model")
         return model
 
     def _deployment(self, account: str, text: Any) -> str:

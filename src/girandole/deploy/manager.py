@@ -39,7 +39,7 @@ from girandole.registry.deployments import (
     invalid,
     not_found,
 )
-from girandole.registry.models import PUBLIC_ACCOUNT, ModelCatalog
+from girandole.registry.models import PUBLIC_ACCOUNT, READY, CatalogModel, ModelCatalog
 from girandole.registry.naming import parse_model_ref
 
 logger = logging.getLogger("girandole.deploy")
@@ -87,6 +87,17 @@ def new_deployment_id() -> str:
     return secrets.choice(string.ascii_lowercase) + "".join(
         secrets.choice(alphabet) for _ in range(7)
     )
+
+
+def check_ready(model: CatalogModel, param: str) -> None:
+    """A 400 for a model created over REST whose files are not validated yet: nothing may
+    deploy or load it before (its folder may hold half of them)."""
+    if model.state != READY:
+        raise invalid(
+            f"Model {model.name} is {model.state}: upload its files (:getUploadEndpoint) and"
+            " validate them (:validateUpload) before deploying or loading it",
+            param,
+        )
 
 
 class DeploymentManager:
@@ -432,6 +443,7 @@ class DeploymentManager:
                 f" /v1/accounts/{account}/models; add one with `girandole models add`)",
                 "baseModel",
             )
+        check_ready(model, "baseModel")
         return model
 
     def _record(
@@ -471,6 +483,7 @@ class DeploymentManager:
                 " registry: add it again with `girandole models add`",
                 "baseModel",
             )
+        check_ready(model, "baseModel")  # deleted and created again under its name since
         merge_lora = None
         if model.is_adapter:  # a deployment of an adapter: merged into its base at load
             merge_lora, model = model.source, self.catalog.get(model.base_model)

@@ -109,9 +109,16 @@ _CATALOG_SCHEMA = """CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
     source TEXT NOT NULL,
     created REAL NOT NULL,
-    base TEXT
+    base TEXT,
+    state TEXT,
+    display_name TEXT,
+    description TEXT
 )"""
-_COLUMNS = "name, source, created, base"
+# Columns added after the first release, by ALTER TABLE on older databases: a row without a
+# state (NULL) was added whole by `girandole models add`, and is READY.
+_ADDED_COLUMNS = ("base", "state", "display_name", "description")
+_COLUMNS = "name, source, created, base, state, display_name, description"
+UPLOADING, READY = "UPLOADING", "READY"
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,14 @@ class CatalogModel:
     created: float
     base_model: str | None = None  # a LoRA adapter's base model (source: its PEFT folder)
     built_in: bool = False  # the default model and the server's own: not removable
+    state: str = READY  # UPLOADING: created over REST, its files not validated yet
+    display_name: str | None = None
+    description: str | None = None
+
+    @classmethod
+    def from_row(cls, row: tuple) -> CatalogModel:
+        name, source, created, base, state, display_name, description = row
+        return cls(name, source, created, base, False, state or READY, display_name, description)
 
     @property
     def is_adapter(self) -> bool:
@@ -137,9 +152,10 @@ class CatalogModel:
         """Fireworks' `Model` shape (the fields this server knows)."""
         body = {
             "name": self.name,
-            "displayName": self.name.rsplit("/", 1)[1],
+            "displayName": self.display_name or self.name.rsplit("/", 1)[1],
+            "description": self.description or "",
             "kind": "HF_PEFT_ADDON" if self.is_adapter else "HF_BASE_MODEL",
-            "state": "READY",
+            "state": self.state,
             "public": self.account == PUBLIC_ACCOUNT,
             "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
         }
@@ -175,6 +191,35 @@ def check_adapter_source(source: str) -> str:
     return str(path.resolve())
 
 
+def check_uploaded_files(folder: Path, adapter: bool) -> str:
+    """The source an uploaded model loads from, once its files are what its kind needs: for an
+    adapter check_adapter_source's (adapter_config.json and its weights: the folder); for a base
+    model one .gguf file (that file) or config.json and *.safetensors weights (the folder).
+    ValueError names what is missing."""
+    names = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    if adapter:
+        missing = [] if "adapter_config.json" in names else ["adapter_config.json"]
+        if not names & {"adapter_model.safetensors", "adapter_model.bin"}:
+            missing.append("adapter_model.safetensors (or adapter_model.bin)")
+        if missing:
+            raise ValueError(f"a PEFT LoRA adapter needs {' and '.join(missing)}")
+        return check_adapter_source(str(folder))
+    ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if len(ggufs) > 1:
+        raise ValueError(f"a model is one .gguf file; these were uploaded: {', '.join(ggufs)}")
+    if ggufs:
+        return str((folder / ggufs[0]).resolve())
+    missing = [] if "config.json" in names else ["config.json"]
+    if not any(n.endswith(".safetensors") for n in names):
+        missing.append("its weights (*.safetensors)")
+    if missing:
+        hint = ""
+        if "adapter_config.json" in names:
+            hint = ": these are a LoRA adapter's files, create the model with kind HF_PEFT_ADDON"
+        raise ValueError(f"a model needs {' and '.join(missing)}, or one .gguf file instead{hint}")
+    return str(folder.resolve())
+
+
 class ModelCatalog:
     """The base models of the server's database, with the built-in ones (the default model and
     the model the server serves) always present. Read from the database at each call, so a
@@ -185,8 +230,9 @@ class ModelCatalog:
         self.built_in = {m.name: m for m in built_in}
         db.execute(_CATALOG_SCHEMA)
         columns = {row[1] for row in db.execute("PRAGMA table_info(models)")}
-        if "base" not in columns:  # a database written before LoRA adapters
-            db.execute("ALTER TABLE models ADD COLUMN base TEXT")
+        for column in _ADDED_COLUMNS:  # a database written before LoRA adapters, or uploads
+            if column not in columns:
+                db.execute(f"ALTER TABLE models ADD COLUMN {column} TEXT")
 
     def add(self, name: str, source: str, base: str | None = None) -> CatalogModel:
         """Add a base model, or with `base` a PEFT LoRA adapter folder of that base model."""
@@ -198,6 +244,8 @@ class ModelCatalog:
             base_model = self.get(base)
             if base_model is not None and base_model.is_adapter:
                 raise ValueError(f"base model {base} is itself a LoRA adapter")
+            if base_model is not None and base_model.state != READY:
+                raise ValueError(f"base model {base} is {base_model.state}: validate it first")
             source = check_adapter_source(source)
         else:
             source = check_model_source(source)
@@ -210,10 +258,52 @@ class ModelCatalog:
                 )
         model = CatalogModel(name, source, time.time(), base)
         self.db.execute(
-            "INSERT INTO models (name, source, created, base) VALUES (?, ?, ?, ?)",
-            (model.name, model.source, model.created, model.base_model),
+            "INSERT INTO models (name, source, created, base, state) VALUES (?, ?, ?, ?, ?)",
+            (model.name, model.source, model.created, model.base_model, READY),
         )
         return model
+
+    def create_upload(
+        self,
+        name: str,
+        folder: str,
+        base: str | None = None,
+        display_name: str | None = None,
+        description: str | None = None,
+    ) -> CatalogModel | None:
+        """A model created over REST, UPLOADING until its files in `folder` are validated
+        (mark_ready); None when the name is taken."""
+        if name in self.built_in:
+            return None
+        model = CatalogModel(
+            name, folder, time.time(), base, state=UPLOADING, display_name=display_name,
+            description=description,
+        )  # fmt: skip
+        rows = self.db.execute(
+            f"INSERT INTO models ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO NOTHING RETURNING name",
+            (name, folder, model.created, base, UPLOADING, display_name, description),
+        )
+        return model if rows else None
+
+    def mark_ready(self, name: str, source: str) -> bool:
+        """An uploaded model validated: READY, loaded from `source` (its folder or .gguf)."""
+        rows = self.db.execute(
+            "UPDATE models SET state = ?, source = ? WHERE name = ? RETURNING name",
+            (READY, source, name),
+        )
+        return bool(rows)
+
+    def describe(
+        self, name: str, display_name: str | None, description: str | None
+    ) -> CatalogModel | None:
+        """Set a stored model's displayName and description (None: unchanged)."""
+        rows = self.db.execute(
+            "UPDATE models SET display_name = COALESCE(?, display_name),"
+            " description = COALESCE(?, description) WHERE name = ? RETURNING name",
+            (display_name, description, name),
+        )
+        return self.get(name) if rows else None
 
     def remove(self, name: str) -> bool:
         if name in self.built_in:
@@ -225,10 +315,11 @@ class ModelCatalog:
         if name in self.built_in:
             return self.built_in[name]
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM models WHERE name = ?", (name,))
-        return CatalogModel(*rows[0]) if rows else None
+        return CatalogModel.from_row(rows[0]) if rows else None
 
     def list(self, account: str | None = None) -> list[CatalogModel]:
-        stored = [CatalogModel(*row) for row in self.db.execute(f"SELECT {_COLUMNS} FROM models")]
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM models")
+        stored = [CatalogModel.from_row(row) for row in rows]
         models = sorted(self.built_in.values(), key=lambda m: m.name) + sorted(
             stored, key=lambda m: m.name
         )

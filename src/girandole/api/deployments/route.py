@@ -8,7 +8,8 @@
     DELETE /v1/accounts/{a}/deployments/{d}        soft delete (?hard=true: for good)
     PATCH  /v1/accounts/{a}/deployments/{d}:scale  {"replicaCount": N}
     POST   /v1/accounts/{a}/deployments/{d}:undelete
-    GET    /v1/accounts/{a}/models[/{m}]           the base models a deployment can use
+    ...    /v1/accounts/{a}/models[/{m}]           the models a deployment can use, and their
+                                                   upload (models_route.py)
     GET    /v1/accounts/{a}/metrics                Prometheus text of its deployments
                                                    (metrics_route.py)
 
@@ -33,11 +34,8 @@ from girandole.api.http.validation import parse_json_object, read_body, validate
 from girandole.api.ops.replica_gauges import install_replica_gauges
 from girandole.api.ops.tracking import record_of
 from girandole.deploy.manager import DeploymentManager
-from girandole.registry import list_query
 from girandole.registry.deployments import DeploymentError
-from girandole.registry.list_query import QueryError
-from girandole.registry.models import PUBLIC_ACCOUNT
-from girandole.registry.naming import is_valid_id, model_name
+from girandole.registry.naming import is_valid_id
 from girandole.registry.roles import USER, may_change_resources
 
 READ_METHODS = ("GET", "HEAD")  # every role may read; the others change the control plane
@@ -74,7 +72,15 @@ async def authorize_account(request: Request, account: str) -> str:
             type="error",
             code="PERMISSION_DENIED",
         )
-    if request.method not in READ_METHODS and not may_change_resources(principal.role):
+    if request.method not in READ_METHODS:
+        check_may_change(request, principal)
+    return account
+
+
+def check_may_change(request: Request, principal: Any) -> None:
+    """403 when the key's role may only read (a GET that changes something calls this too:
+    the SDK's `:validateUpload` is one)."""
+    if not may_change_resources(principal.role):
         raise APIError(
             403,
             f"This API key has role {principal.role}, which may run inference and read"
@@ -83,7 +89,6 @@ async def authorize_account(request: Request, account: str) -> str:
             type="error",
             code="PERMISSION_DENIED",
         )
-    return account
 
 
 def _body_doc(schema: type[BaseModel]) -> dict[str, Any]:
@@ -208,51 +213,6 @@ async def delete_deployment(
     return {}
 
 
-# The fields of a Model (registry/models.py CatalogModel.to_json) a filter, orderBy or readMask
-# may name.
-MODEL_FIELDS = {"name", "displayName", "kind", "state", "public", "createTime", "peftDetails"}
-
-
-@router.get("/accounts/{account}/models", summary="List the base models of an account")
-async def list_models(account: str, request: Request, query: ListParams = ListQuery) -> dict:
-    account = await _readable_account(request, account)
-    models = [m.to_json() for m in manager_of(request).catalog.list(account)]
-    try:  # by name unless orderBy says otherwise, as at Fireworks
-        items, next_token, total = list_query.select(
-            models, MODEL_FIELDS, query.filter, query.order_by, [], query.page_size,
-            query.page_token,
-        )  # fmt: skip
-    except QueryError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    items = [masked_fields(m, query.read_mask, MODEL_FIELDS) for m in items]
-    return {"models": items, "nextPageToken": next_token, "totalSize": total}
-
-
-@router.get("/accounts/{account}/models/{model_id}", summary="Get a base model")
-async def get_model(
-    account: str,
-    model_id: str,
-    request: Request,
-    read_mask: str | None = Query(default=None, alias="readMask"),
-) -> dict:
-    account = await _readable_account(request, account)
-    model = manager_of(request).catalog.get(model_name(account, model_id))
-    if model is None:
-        raise APIError(
-            404, f"Model {model_name(account, model_id)} not found", type="error", code="NOT_FOUND"
-        )
-    return masked_fields(model.to_json(), read_mask, MODEL_FIELDS)
-
-
-async def _readable_account(request: Request, account: str) -> str:
-    """Every key may read the public catalog (account `fireworks`); other accounts' models
-    only their own keys."""
-    if account == PUBLIC_ACCOUNT:
-        authenticate(request)
-        return account
-    return await authorize_account(request, account)
-
-
 def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> DeploymentManager:
     """Serve the control plane under each of `prefixes` (/v1 and /inference/v1), over the
     embedded backend and the server's database; the app's lifespan starts and stops it."""
@@ -263,10 +223,14 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
         state.engine_factory = lambda: manager.serve_own(own_spec(state.settings))
     app.state.deployments = manager
     install_replica_gauges(state, manager)
-    from girandole.api.deployments import metrics_route
+    from girandole.api.deployments import metrics_route, models_route
 
+    models_route.install_model_files(app, state)
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
+        app.include_router(
+            models_route.router, prefix=prefix, include_in_schema=prefix.startswith("/v1")
+        )
         app.include_router(
             metrics_route.router, prefix=prefix, include_in_schema=prefix.startswith("/v1")
         )
