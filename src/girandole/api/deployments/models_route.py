@@ -238,9 +238,12 @@ async def get_upload_endpoint(model_id: str, request: Request, account: str = Ac
     return {"filenameToSignedUrls": urls}
 
 
-@router.api_route(
+@router.get(  # the SDK's method; POST too (two routes: each its own OpenAPI operation)
     "/accounts/{account}/models/{model_id}:validateUpload",
-    methods=["GET", "POST"],
+    summary="Check a model's uploaded files and mark it READY",
+)
+@router.post(
+    "/accounts/{account}/models/{model_id}:validateUpload",
     summary="Check a model's uploaded files and mark it READY",
 )
 async def validate_upload(
