@@ -138,6 +138,11 @@ def test_a_lora_adapter_uploaded_runs_on_the_servers_own_deployment(srv):
     fw.models.validate_upload("my-lora")
     assert fw.models.get("my-lora").state == "READY"
     assert (srv.data / "model-uploads" / ACCOUNT / "my-lora" / "adapter_config.json").is_file()
+    urls = fw.models.get_download_endpoint("my-lora").filename_to_signed_urls
+    assert sorted(urls) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = srv.client.get(urls["adapter_config.json"])  # no key, as from a bucket
+    assert config.content == (srv.adapter / "adapter_config.json").read_bytes()
+    error_of(srv.http("GET", f"{MODELS}/tiny:getDownloadEndpoint"), 400, "not uploaded")
 
     deployed = srv.ok("POST", f"/v1/accounts/{ACCOUNT}/deployedModels", json=load)
     assert deployed["state"] == "DEPLOYED"

@@ -11,7 +11,8 @@ upload of a model's files.
     DELETE /v1/accounts/{a}/models/{m}                    delete, with its uploaded files
     POST   /v1/accounts/{a}/models/{m}:getUploadEndpoint  {filenameToSize} -> signed PUT URLs
     GET    /v1/accounts/{a}/models/{m}:validateUpload     the files checked: READY (POST too)
-    PUT    /v1/accounts/{a}/models/{m}/files/{name}?expires=&size=&signature=  a signed URL
+    GET    /v1/accounts/{a}/models/{m}:getDownloadEndpoint  signed GET URLs of its files
+    PUT|GET /v1/accounts/{a}/models/{m}/files/{name}?expires=&signature=  the signed URLs
 
 also under /inference/v1. A model is HF_BASE_MODEL (config.json and *.safetensors, or one .gguf)
 or HF_PEFT_ADDON (a PEFT LoRA adapter of `peftDetails.baseModel`: a READY base model of the
@@ -44,6 +45,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery
 from girandole.api.http.list_params import read_masked as masked_fields
 from girandole.api.http.openapi import body_doc
+from girandole.api.http.opened_file import opened_file_response
 from girandole.api.http.signed_upload import (
     check_content_length,
     check_filename,
@@ -52,6 +54,7 @@ from girandole.api.http.signed_upload import (
     receive_body,
     signed_url,
 )
+from girandole.batch.store import is_valid_filename
 from girandole.registry import list_query
 from girandole.registry.list_query import QueryError
 from girandole.registry.model_files import ModelFiles
@@ -67,6 +70,7 @@ from girandole.registry.naming import is_valid_id, model_name
 
 MAX_FILE_BYTES = 1 << 40  # a model's file (a shard, a .gguf): the disk is the real limit
 KINDS = ("HF_BASE_MODEL", "HF_PEFT_ADDON")
+OCTETS = "application/octet-stream"
 # The fields of a Model (registry/models.py CatalogModel.to_json) a filter, orderBy or readMask
 # may name.
 MODEL_FIELDS = {
@@ -275,6 +279,41 @@ async def validate_upload(
 
     await asyncio.to_thread(validate)
     return {}
+
+
+@router.get(
+    "/accounts/{account}/models/{model_id}:getDownloadEndpoint",
+    summary="Signed URLs to GET an uploaded model's files from",
+)
+async def get_download_endpoint(
+    model_id: str,
+    request: Request,
+    account: str = Account,
+    read_mask: str | None = Query(default=None, alias="readMask"),
+) -> dict:
+    model = get_or_404(request, account, model_id)
+    files = files_of(request)
+    if not files.holds(model.source, account, model_id):
+        raise failed_precondition(
+            f"Model {model.name} was not uploaded to this server (it is built in, or added with"
+            " `girandole models add` from a folder of the server's): it has no files to download"
+        )
+    folder = files.model_dir(account, model_id)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return {"filenameToSignedUrls": {n: signed_url(request, "GET", model.name, n) for n in names}}
+
+
+@router.get("/accounts/{account}/models/{model_id}/files/{filename}", include_in_schema=False)
+async def get_file(
+    account: str, model_id: str, filename: str, request: Request, expires: int, signature: str
+) -> Response:
+    check_signature("GET", model_name(account, model_id), filename, expires, signature)
+    path = files_of(request).model_dir(account, model_id) / filename
+    # opened now: the model deleted while the file is sent cuts nothing
+    found = opened_file_response(path, OCTETS) if is_valid_filename(filename) else None
+    if found is None:
+        raise APIError(404, f"No file {filename!r} in that model", type="error", code="NOT_FOUND")
+    return found
 
 
 @router.put("/accounts/{account}/models/{model_id}/files/{filename}", include_in_schema=False)
