@@ -33,6 +33,7 @@ from girandole.api.rerank import route as rerank
 from girandole.api.responses import route as responses
 from girandole.api.state import AppState
 from girandole.api.tokenize import install_tokenize
+from girandole.api.users import install_users
 
 INFERENCE_PREFIXES = ("/inference/v1", "/v1")
 
@@ -87,6 +88,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.include_router(rerank.router, prefix=prefix, tags=["inference"])
     app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
+    install_users(app, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
     for prefix in INFERENCE_PREFIXES:  # Anthropic's Message Batches: on the same store, runner

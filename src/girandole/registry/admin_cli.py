@@ -144,7 +144,12 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_update(args: argparse.Namespace) -> int:
-    if not _open(args).set_role(args.key_id, args.role):
+    try:
+        changed = _open(args).set_role(args.key_id, args.role)
+    except ValueError as exc:  # a key of a user has its user's role
+        print(f"girandole keys: {exc}", file=sys.stderr)
+        return 2
+    if not changed:
         print(f"girandole keys: no live key with id {args.key_id!r}", file=sys.stderr)
         return 1
     print(f"key {args.key_id} now has role {args.role}")
@@ -203,7 +208,8 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
 _ROLE_HELP = (
     "user (default): inference and managing the account's deployments; inference-user:"
-    " inference and reading deployments and models only"
+    " inference and reading deployments and models only; admin: what a user may, and managing"
+    " the account's users and their API keys over REST"
 )
 
 

@@ -6,6 +6,10 @@ key is found by its id (not secret), then its digest is compared with `hmac.comp
 the comparison takes the same time whatever the secret's content.
 
 Revocation takes effect at once on a running server: every authentication reads the key's row.
+
+Users (Fireworks' account users, managed over REST by api/users/route.py) are rows of `users`,
+one per (account, id). A key made for a user has its `user_id`; its role at each request is its
+user's (KeyInfo.role), and deleting the user revokes its keys. A key may expire (`expires`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from girandole.registry.roles import DEFAULT_ROLE, check_role
+from girandole.registry.roles import ADMIN, DEFAULT_ROLE, check_role
 
 DB_NAME = "girandole.db"
 KEY_PREFIX = "gk_"
@@ -41,6 +45,17 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rpm INTEGER,
     tpm INTEGER,
     role TEXT NOT NULL DEFAULT 'user'
+);
+CREATE TABLE IF NOT EXISTS users (
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    display_name TEXT NOT NULL DEFAULT '',
+    email TEXT NOT NULL DEFAULT '',
+    service_account INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (account, id)
 );
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -142,6 +157,12 @@ def check_key_name(name: str) -> str:
     return name
 
 
+def _new_key() -> tuple[str, str]:
+    """(id, key) of a new key: `gk_<id>_<secret>`."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
 def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
@@ -165,7 +186,47 @@ class KeyInfo:
     revoked: float | None
     rpm: int | None  # requests per minute; None: the server's default
     tpm: int | None  # tokens (prompt + completion) per minute; None: the server's default
-    role: str = DEFAULT_ROLE  # registry/roles.py
+    role: str = DEFAULT_ROLE  # registry/roles.py: its user's for a key of a user
+    user_id: str | None = None  # the user of its account it belongs to (None: a CLI key)
+    expires: float | None = None  # when it stops working (None: never)
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    account: str
+    id: str
+    role: str
+    display_name: str
+    email: str
+    service_account: bool
+    created: float
+    updated: float
+
+
+class UserError(ValueError):
+    """A users-table change refused: `status` is its HTTP status (404 no such user, 409 it
+    exists already or would leave the account without an admin)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# a key's row, its role that of its user when it has one (a key whose user is gone: no row)
+_KEY_COLUMNS = (
+    "k.id, k.account, k.name, k.created, k.revoked, k.rpm, k.tpm, COALESCE(u.role, k.role),"
+    " k.user_id, k.expires"
+)
+_KEY_FROM = " FROM api_keys k LEFT JOIN users u ON u.account = k.account AND u.id = k.user_id"
+_KEY_SELECT = "SELECT " + _KEY_COLUMNS + _KEY_FROM
+_USER_SELECT = (
+    "SELECT account, id, role, display_name, email, service_account, created, updated FROM users"
+)
+
+
+def _user(row: tuple) -> UserInfo:
+    *head, service, created, updated = row
+    return UserInfo(*head, bool(service), created, updated)
 
 
 def _make_private(path: Path) -> None:
@@ -196,6 +257,8 @@ class Database:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
             self._add_role_column()
+            self._add_column("api_keys", "user_id", "TEXT")
+            self._add_column("api_keys", "expires", "REAL")
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(usage)")}
             if "metadata" not in columns:  # a database from before the column
                 self._conn.execute("ALTER TABLE usage ADD COLUMN metadata TEXT")
@@ -215,6 +278,17 @@ class Database:
             self._conn.execute(
                 f"ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT '{DEFAULT_ROLE}'"
             )
+        except sqlite3.OperationalError as exc:  # another process added it first
+            if "duplicate column" not in str(exc):
+                raise
+
+    def _add_column(self, table: str, column: str, kind: str) -> None:
+        """A column added since the table was first made (NULL in older rows)."""
+        columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+        if column in columns:
+            return
+        try:
+            self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as exc:  # another process added it first
             if "duplicate column" not in str(exc):
                 raise
@@ -264,8 +338,7 @@ class Database:
         check_key_name(name)
         check_limit(rpm, "rpm")
         check_limit(tpm, "tpm")
-        key_id = secrets.token_hex(6)
-        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        key_id, key = _new_key()
         created = time.time()
         self.execute(
             "INSERT INTO api_keys (id, account, name, digest, created, rpm, tpm, role)"
@@ -274,22 +347,71 @@ class Database:
         )
         return key, KeyInfo(key_id, account, name, created, None, rpm, tpm, role)
 
+    def create_user_key(
+        self, account: str, user_id: str, name: str = "", expires: float | None = None
+    ) -> tuple[str, KeyInfo]:
+        """A new key of an existing user (the server's default limits; its user's role):
+        (the key, shown only now; its row). UserError 404 when there is no such user."""
+        check_key_name(name)
+        key_id, key = _new_key()
+        created = time.time()
+        with self.transaction() as run:
+            rows = run("SELECT role FROM users WHERE account = ? AND id = ?", (account, user_id))
+            if not rows:
+                raise UserError(404, f"user {user_id!r} not found in account {account}")
+            role = rows[0][0]
+            run(
+                "INSERT INTO api_keys (id, account, name, digest, created, role, user_id, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, account, name, digest(key), created, role, user_id, expires),
+            )
+        self._has_keys = True
+        return key, KeyInfo(
+            key_id, account, name, created, None, None, None, role, user_id, expires
+        )
+
     def set_role(self, key_id: str, role: str) -> bool:
-        """Give a live key another role (from its next request); False when no such key."""
+        """Give a live key another role (from its next request); False when no such key. A
+        key of a user has its user's role: ValueError."""
         check_role(role)
         with self._lock:
+            owned = self._conn.execute(
+                "SELECT user_id FROM api_keys WHERE id = ? AND user_id IS NOT NULL", (key_id,)
+            ).fetchall()
+            if owned:
+                raise ValueError(
+                    f"key {key_id} belongs to user {owned[0][0]} and has its role: change the"
+                    " user's role (PATCH .../users/USER_ID)"
+                )
             cur = self._conn.execute(
                 "UPDATE api_keys SET role = ? WHERE id = ? AND revoked IS NULL", (role, key_id)
             )
             return cur.rowcount > 0
 
     def list_keys(self, account: str | None = None) -> list[KeyInfo]:
-        sql = "SELECT id, account, name, created, revoked, rpm, tpm, role FROM api_keys"
+        sql = _KEY_SELECT
         params: tuple = ()
         if account is not None:
-            sql += " WHERE account = ?"
+            sql += " WHERE k.account = ?"
             params = (account,)
-        return [KeyInfo(*row) for row in self.execute(sql + " ORDER BY created", params)]
+        return [KeyInfo(*row) for row in self.execute(sql + " ORDER BY k.created", params)]
+
+    def user_keys(self, account: str, user_id: str) -> list[KeyInfo]:
+        """The live (not revoked) keys of one user of `account`, oldest first."""
+        sql = _KEY_SELECT + " WHERE k.account = ? AND k.user_id = ? AND k.revoked IS NULL"
+        return [
+            KeyInfo(*row) for row in self.execute(sql + " ORDER BY k.created", (account, user_id))
+        ]
+
+    def revoke_user_key(self, account: str, user_id: str, key_id: str) -> bool:
+        """Revoke a live key of one user of `account`; False when it has no such key."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND account = ? AND user_id = ?"
+                " AND revoked IS NULL",
+                (time.time(), key_id, account, user_id),
+            )
+            return cur.rowcount > 0
 
     def revoke_key(self, key_id: str) -> bool:
         """Revoke a key by id; False when no such key (or it was already revoked)."""
@@ -313,17 +435,114 @@ class Database:
         if key_id is None:
             return None
         rows = self.execute(
-            "SELECT id, account, name, created, revoked, rpm, tpm, role, digest FROM api_keys"
-            " WHERE id = ?",
+            f"SELECT {_KEY_COLUMNS}, k.digest, u.id {_KEY_FROM} WHERE k.id = ?",
             (key_id,),
         )
         if not rows:
             return None
-        *fields, stored = rows[0]
+        *fields, stored, user_found = rows[0]
         if not hmac.compare_digest(digest(key), stored):
             return None
         info = KeyInfo(*fields)
-        return None if info.revoked is not None else info
+        if info.revoked is not None:
+            return None
+        if info.user_id is not None and user_found is None:  # its user was deleted
+            return None
+        if info.expires is not None and info.expires <= time.time():
+            return None
+        return info
+
+    # -- users -----------------------------------------------------------------------------
+
+    def create_user(
+        self,
+        account: str,
+        user_id: str,
+        role: str,
+        display_name: str = "",
+        email: str = "",
+        service_account: bool = False,
+    ) -> UserInfo:
+        """A new user of `account`; UserError 409 when it has one of that id."""
+        check_role(role)
+        now = time.time()
+        try:
+            self.execute(
+                "INSERT INTO users (account, id, role, display_name, email, service_account,"
+                " created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (account, user_id, role, display_name, email, int(service_account), now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise UserError(409, f"user {user_id!r} already exists in account {account}") from None
+        return UserInfo(account, user_id, role, display_name, email, service_account, now, now)
+
+    def get_user(self, account: str, user_id: str) -> UserInfo | None:
+        rows = self.execute(_USER_SELECT + " WHERE account = ? AND id = ?", (account, user_id))
+        return _user(rows[0]) if rows else None
+
+    def list_users(self, account: str) -> list[UserInfo]:
+        rows = self.execute(_USER_SELECT + " WHERE account = ? ORDER BY id", (account,))
+        return [_user(row) for row in rows]
+
+    def update_user(
+        self, account: str, user_id: str, changes: dict[str, object], keep_admin: bool = True
+    ) -> UserInfo:
+        """Change some of a user's role, display_name, email and service_account; UserError
+        404 when there is no such user, 409 when it would demote the account's last admin
+        (unless not `keep_admin`)."""
+        if "role" in changes:
+            check_role(str(changes["role"]))
+        allowed = ("role", "display_name", "email", "service_account")
+        sets = {k: v for k, v in changes.items() if k in allowed}
+        with self.transaction() as run:
+            user = self._user_in(run, account, user_id)
+            if keep_admin and sets.get("role", ADMIN) != ADMIN:
+                self._keep_an_admin(run, user)
+            if sets:
+                assignments = ", ".join(f"{k} = ?" for k in sets)  # names from `allowed` only
+                run(
+                    f"UPDATE users SET {assignments}, updated = ? WHERE account = ? AND id = ?",
+                    (*sets.values(), time.time(), account, user_id),
+                )
+            rows = run(_USER_SELECT + " WHERE account = ? AND id = ?", (account, user_id))
+        return _user(rows[0])
+
+    def delete_user(self, account: str, user_id: str, keep_admin: bool = True) -> None:
+        """Delete a user and revoke its keys; UserError 404 when there is no such user, 409
+        when it is the account's last admin (unless not `keep_admin`)."""
+        with self.transaction() as run:
+            user = self._user_in(run, account, user_id)
+            if keep_admin:
+                self._keep_an_admin(run, user)
+            run(
+                "UPDATE api_keys SET revoked = ? WHERE account = ? AND user_id = ?"
+                " AND revoked IS NULL",
+                (time.time(), account, user_id),
+            )
+            run("DELETE FROM users WHERE account = ? AND id = ?", (account, user_id))
+
+    @staticmethod
+    def _user_in(run: Callable[[str, tuple], list[tuple]], account: str, user_id: str) -> UserInfo:
+        rows = run(_USER_SELECT + " WHERE account = ? AND id = ?", (account, user_id))
+        if not rows:
+            raise UserError(404, f"user {user_id!r} not found in account {account}")
+        return _user(rows[0])
+
+    @staticmethod
+    def _keep_an_admin(run: Callable[[str, tuple], list[tuple]], user: UserInfo) -> None:
+        """UserError 409 when `user` is the last admin user of its account (it is about to be
+        demoted or deleted): an account that has admins keeps one."""
+        if user.role != ADMIN:
+            return
+        admins = run(
+            "SELECT COUNT(*) FROM users WHERE account = ? AND role = ?", (user.account, ADMIN)
+        )[0][0]
+        if admins <= 1:
+            raise UserError(
+                409,
+                f"user {user.id!r} is the last admin of account {user.account}: make another"
+                " user admin first",
+            )
 
     # -- usage -----------------------------------------------------------------------------
 

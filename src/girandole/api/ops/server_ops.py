@@ -30,7 +30,7 @@ from girandole.engine.protocol import EngineClient
 from girandole.registry.keys import ApiKeyStore
 from girandole.registry.keystore import Database
 from girandole.registry.models import ModelRegistry, ServedModel
-from girandole.registry.roles import USER
+from girandole.registry.roles import ADMIN
 from girandole.registry.usage import UsageRecorder
 
 # how the model is doing: its load status ("loading", "ready", "failed") and the engine once ready
@@ -162,10 +162,11 @@ class ServerOps:
             )
         info = self.db.authenticate(token)
         if info is not None:
-            return Principal(info.account, info.id, info.rpm, info.tpm, info.role)
+            return Principal(info.account, info.id, info.rpm, info.tpm, info.role, info.user_id)
         index = self.keys.find(token)
         if index is not None:
-            return Principal(self.settings.account, f"static-{index}", role=USER)
+            # the operator's keys: admins of --account (registry/roles.py)
+            return Principal(self.settings.account, f"static-{index}", role=ADMIN)
         raise unauthorized()
 
     async def authorize(self, request: Any) -> Principal:

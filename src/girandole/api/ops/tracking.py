@@ -43,6 +43,7 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     role: str | None = None  # registry/roles.py
+    user_id: str | None = None  # the account's user its key belongs to (None: a user-less key)
 
     @property
     def limit_key(self) -> str:
