@@ -1,6 +1,7 @@
-"""A key's role (user, inference-user): stored with the key, added to a database made before
-roles existed (its keys stay `user`s), and applied by the control plane of an app in-process:
-`--api-key` keys are `user`s, an open server is unchanged."""
+"""A key's role (admin, user, inference-user): stored with the key, added to a database made
+before roles existed (its keys stay `user`s), and applied by the control plane of an app
+in-process: `--api-key` keys are `admin`s, an open server is unchanged. A key of a user has its
+user's role at each request, stops with its user and at its expiry."""
 
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ def test_a_database_made_before_roles_keeps_its_keys_as_users(tmp_path):
     assert not db.set_role("nope", "user")
     with pytest.raises(ValueError, match="unknown role 'root'"):
         db.set_role(new.id, "root")
-    with pytest.raises(ValueError, match="inference-user"):
-        db.create_key("acme", role="admin")
+    with pytest.raises(ValueError, match="contributor.*not supported.*inference-user"):
+        db.create_key("acme", role="contributor")
+    assert db.create_key("acme", role="admin")[1].role == "admin"
+    assert db.authenticate(old_key).user_id is None  # the columns added since: NULL
     db.close()
     Database.in_folder(tmp_path).close()  # opening it again: the column is there already
 
@@ -68,7 +71,7 @@ def test_the_app_applies_roles_and_an_open_server_is_unchanged():
     state = AppState(ServerSettings(api_keys=["static"]))
     reader, _ = state.ops.db.create_key("fireworks", role="inference-user")
     with TestClient(create_app(state)) as client:
-        assert _create(client, {"Authorization": "Bearer static"}) == 200  # --api-key: a user
+        assert _create(client, {"Authorization": "Bearer static"}) == 200  # --api-key: an admin
         r = client.post(
             "/v1/accounts/fireworks/deployments",
             json={"baseModel": CATALOG_MODEL},
@@ -82,3 +85,49 @@ def test_the_app_applies_roles_and_an_open_server_is_unchanged():
 
     with TestClient(create_app(AppState(ServerSettings()))) as client:  # no keys at all
         assert _create(client, {}) == 200
+
+
+def test_a_key_of_a_user_has_its_users_role_and_ends_with_it(tmp_path):
+    db = Database.in_folder(tmp_path)
+    db.create_user("acme", "bob", "inference-user", email="bob@example.com")
+    key, info = db.create_user_key("acme", "bob", "laptop")
+    other_key, _ = db.create_user_key("acme", "bob")
+    assert (info.user_id, info.role) == ("bob", "inference-user")
+    db.update_user("acme", "bob", {"role": "user"})
+    assert db.authenticate(key).role == "user"  # at once, no new key
+    with pytest.raises(ValueError, match="belongs to user bob"):
+        db.set_role(info.id, "admin")  # the CLI cannot lift a user's key above its user
+    assert db.revoke_user_key("acme", "bob", info.id) and db.authenticate(key) is None
+    assert not db.revoke_user_key("other", "bob", info.id)  # another account's user: none
+    assert [k.id for k in db.user_keys("acme", "bob")] != [info.id]
+    db.delete_user("acme", "bob")
+    assert db.authenticate(other_key) is None and db.user_keys("acme", "bob") == []
+    with pytest.raises(ValueError, match="not found"):
+        db.create_user_key("acme", "bob")
+    db.create_user("acme", "bob", "user")  # the same id again: the old keys stay dead
+    assert db.authenticate(other_key) is None
+    db.close()
+
+
+def test_an_expired_key_is_refused(tmp_path):
+    db = Database.in_folder(tmp_path)
+    db.create_user("acme", "bob", "user")
+    key, _ = db.create_user_key("acme", "bob", expires=time.time() + 0.3)
+    assert db.authenticate(key) is not None
+    time.sleep(0.4)
+    assert db.authenticate(key) is None
+    db.close()
+
+
+def test_the_last_admin_user_stays_unless_the_operator_removes_it(tmp_path):
+    db = Database.in_folder(tmp_path)
+    db.create_user("acme", "ann", "admin")
+    with pytest.raises(ValueError, match="last admin"):
+        db.update_user("acme", "ann", {"role": "user"})
+    with pytest.raises(ValueError, match="last admin"):
+        db.delete_user("acme", "ann")
+    db.create_user("acme", "cy", "admin")
+    db.update_user("acme", "ann", {"role": "user"})  # another admin remains
+    db.delete_user("acme", "cy", keep_admin=False)  # the operator's keys may
+    assert [u.id for u in db.list_users("acme")] == ["ann"]
+    db.close()
