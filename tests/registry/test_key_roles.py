@@ -85,6 +85,16 @@ def test_the_app_applies_roles_and_an_open_server_is_unchanged():
 
     with TestClient(create_app(AppState(ServerSettings()))) as client:  # no keys at all
         assert _create(client, {}) == 200
+        # ... but its first key is made on its machine, not by whoever reaches the port
+        for method, path, body in (
+            ("POST", "/v1/accounts/fireworks/users?userId=me", {"role": "admin"}),
+            ("GET", "/v1/accounts/fireworks/users", None),
+            ("POST", "/inference/v1/accounts/fireworks/users/me/apiKeys", {"apiKey": {}}),
+        ):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 403, r.text
+            assert "girandole keys create" in r.json()["error"]["message"]
+        assert client.app.state.girandole.ops.open  # still open: no key was made
 
 
 def test_a_key_of_a_user_has_its_users_role_and_ends_with_it(tmp_path):
