@@ -5,8 +5,8 @@ with keys of two accounts.
 Account A (`testing`, the server's `--api-key`) makes one object of each kind: a file, an
 OpenAI batch (and its output file), a Fireworks dataset and batch inference job (and its output
 dataset), an Anthropic message batch, a stored response, a conversation with an item, a
-deployment (at zero replicas) and a LoRA DeployedModel on it. Account B (`other`, a key of the
-keys database) has a deployment of its own model, so that its inference requests can name A's
+deployment (at zero replicas) and a LoRA DeployedModel on it, and a user with an API key.
+Account B (`other`, a key of the keys database) has a deployment of its own model, so that its inference requests can name A's
 objects, and a dataset, which its id under A's account name must not reach. Then B asks for
 each of A's objects and models by every route that reads, changes, deletes, cancels or runs it
 (`CASES`: one line a route), and gets exactly what it gets for an id that does not exist (the
@@ -153,6 +153,12 @@ def make_objects(w: World) -> None:
     ids["msgbatch_job"] = ids["msgbatch"].replace("_", "-", 1)
     w.until(f"/v1/messages/batches/{ids['msgbatch']}", lambda b: b["processing_status"] == "ended")
 
+    # a user of A and its key (A's key, the --api-key, is A's admin)
+    ids["user"] = "isolated-user"
+    w.ok("POST", f"/v1/accounts/{A}/users", params={"userId": ids["user"]}, json={"role": "user"})
+    made = w.ok("POST", f"/v1/accounts/{A}/users/{ids['user']}/apiKeys", json={"apiKey": {}})
+    ids["user_key"] = made["keyId"]
+
     # B's own, for its lists and its requests that name A's objects
     w.ok(
         "POST", f"/v1/accounts/{B}/deployments", w.key_b, params={"deploymentId": DEPLOYMENT_B},
@@ -190,6 +196,8 @@ OWN_VIEWS = (
     "/v1/accounts/{A}/deployments/{deployment}",
     "/v1/accounts/{A}/deployedModels/{deployed_model}",
     "/v1/models/" + MODEL_A,
+    "/v1/accounts/{A}/users/{user}",
+    "/v1/accounts/{A}/users/{user}/apiKeys",
 )
 
 
@@ -425,6 +433,18 @@ CASES: list[tuple[str, str, Any]] = [
      {"model": "{lora}", "deployment": "accounts/{B}/deployments/" + DEPLOYMENT_B}),
     ("POST", "/v1/accounts/{B}/deployedModels",
      {"model": "{lora}", "deployment": "accounts/{A}/deployments/{deployment}"}),
+    # users and their API keys
+    ("*POST", "/v1/accounts/{A}/users?userId=x", {"role": "user"}),
+    ("*GET", "/v1/accounts/{A}/users", None),
+    ("*GET", "/v1/accounts/{A}/users/{user}", None),
+    ("*PATCH", "/v1/accounts/{A}/users/{user}", {"role": "admin"}),
+    ("*DELETE", "/v1/accounts/{A}/users/{user}", None),
+    ("*DELETE", "/inference/v1/accounts/{A}/users/{user}", None),
+    ("*POST", "/v1/accounts/{A}/users/{user}/apiKeys", {"apiKey": {}}),
+    ("*GET", "/v1/accounts/{A}/users/{user}/apiKeys", None),
+    ("*GET", "/inference/v1/accounts/{A}/users/{user}/apiKeys", None),
+    ("*POST", "/v1/accounts/{A}/users/{user}/apiKeys:delete", {"keyId": "{user_key}"}),
+    ("GET", "/v1/accounts/{B}/users/{user}", None),
 ]
 # fmt: on
 
@@ -481,6 +501,7 @@ LISTS = (
     "/v1/accounts/{B}/datasets",
     "/v1/accounts/{B}/batchInferenceJobs",
     "/v1/accounts/{B}/deployedModels",
+    "/v1/accounts/{B}/users",
 )
 
 
