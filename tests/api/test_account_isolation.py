@@ -2,18 +2,19 @@
 in one table, against one real `girandole serve` (a tiny random Llama as account A's own model)
 with keys of two accounts.
 
-Account A (`testing`, the server's `--api-key`) makes one object of each kind: a file, an
-OpenAI batch (and its output file), a Fireworks dataset and batch inference job (and its output
+Account A (`testing`, the server's `--api-key`) makes one object of each kind: a file, an OpenAI
+batch (and its output file), a Fireworks dataset and batch inference job (and its output
 dataset), an Anthropic message batch, a stored response, a conversation with an item, a
 deployment (at zero replicas) and a LoRA DeployedModel on it, and a user with an API key.
-Account B (`other`, a key of the keys database) has a deployment of its own model, so that its inference requests can name A's
-objects, and a dataset, which its id under A's account name must not reach. Then B asks for
-each of A's objects and models by every route that reads, changes, deletes, cancels or runs it
-(`CASES`: one line a route), and gets exactly what it gets for an id that does not exist (the
-same status, code and message), a 404 (a 400 naming the field where the id is in the body) or,
-for control-plane paths under A's account, a 403 PERMISSION_DENIED; a request that names no
-model does not run on A's (the server's own); B's lists, /metrics and /health name none of A's
-objects; B's batches do not run A's model; and A's objects are unchanged afterwards.
+Account B (`other`, a key of the keys database) has a deployment of its own model, so that its
+inference requests can name A's objects, and a dataset, which its id under A's account name must
+not reach. Then B asks for each of A's objects and models by every route that reads, changes,
+deletes, cancels or runs it (`CASES`: one line a route), and gets exactly what it gets for an id
+that does not exist (the same status, code and message), a 404 (a 400 naming the field where the
+id is in the body) or, for control-plane paths under A's account, a 403 PERMISSION_DENIED; a
+request that names no model does not run on A's (the server's own); B's lists, /metrics and
+/health name none of A's objects; B's batches do not run A's model; and A's objects are
+unchanged afterwards.
 """
 
 from __future__ import annotations
