@@ -26,6 +26,7 @@ reaches the port can make the key that closes it to everyone else.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +49,7 @@ USER_FIELDS = {
 KEY_FIELDS = {"name", "keyId", "displayName", "createTime", "expireTime", "prefix", "email"}
 MAX_DISPLAY_NAME = 63  # Fireworks: "fewer than 64 characters"
 MAX_EMAIL = 320
+KEY_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 def _denied(message: str) -> APIError:
@@ -221,7 +223,11 @@ async def delete_api_key(
     require_keys_of(request, principal, user_id)
     body = await read_json(request, DeleteApiKeyBody)
     existing_user(request, account, user_id)
-    if not db_of(request).revoke_user_key(account, user_id, body.keyId):
+    # a key id is hex (keystore._new_key): anything else names no key, and is not sent to
+    # SQLite (a lone surrogate there would be a 500)
+    if not KEY_ID.fullmatch(body.keyId) or not db_of(request).revoke_user_key(
+        account, user_id, body.keyId
+    ):
         raise APIError(
             404,
             f"API key {body.keyId!r} not found for user {user_id} of account {account}",
