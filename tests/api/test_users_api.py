@@ -219,6 +219,7 @@ def test_each_bad_request_gets_its_4xx(srv, method, path, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and (param is None or error["param"] == param), error
+    assert error["code"] == {404: "NOT_FOUND", 409: "ALREADY_EXISTS"}.get(status, error["code"])
     if body and body.get("role") == "contributor":
         assert "does not track" in error["message"]
 

@@ -204,12 +204,14 @@ class UserInfo:
 
 
 class UserError(ValueError):
-    """A users-table change refused: `status` is its HTTP status (404 no such user, 409 it
-    exists already or would leave the account without an admin)."""
+    """A users-table change refused, with its HTTP status and Fireworks' error code: 404
+    NOT_FOUND (no such user), 409 ALREADY_EXISTS, 409 FAILED_PRECONDITION (it would leave the
+    account without an admin)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 # a key's row, its role that of its user when it has one (a key whose user is gone: no row)
@@ -358,7 +360,9 @@ class Database:
         with self.transaction() as run:
             rows = run("SELECT role FROM users WHERE account = ? AND id = ?", (account, user_id))
             if not rows:
-                raise UserError(404, f"user {user_id!r} not found in account {account}")
+                raise UserError(
+                    404, "NOT_FOUND", f"user {user_id!r} not found in account {account}"
+                )
             role = rows[0][0]
             run(
                 "INSERT INTO api_keys (id, account, name, digest, created, role, user_id, expires)"
@@ -473,7 +477,9 @@ class Database:
                 (account, user_id, role, display_name, email, int(service_account), now, now),
             )
         except sqlite3.IntegrityError:
-            raise UserError(409, f"user {user_id!r} already exists in account {account}") from None
+            raise UserError(
+                409, "ALREADY_EXISTS", f"user {user_id!r} already exists in account {account}"
+            ) from None
         return UserInfo(account, user_id, role, display_name, email, service_account, now, now)
 
     def get_user(self, account: str, user_id: str) -> UserInfo | None:
@@ -525,7 +531,7 @@ class Database:
     def _user_in(run: Callable[[str, tuple], list[tuple]], account: str, user_id: str) -> UserInfo:
         rows = run(_USER_SELECT + " WHERE account = ? AND id = ?", (account, user_id))
         if not rows:
-            raise UserError(404, f"user {user_id!r} not found in account {account}")
+            raise UserError(404, "NOT_FOUND", f"user {user_id!r} not found in account {account}")
         return _user(rows[0])
 
     @staticmethod
@@ -540,6 +546,7 @@ class Database:
         if admins <= 1:
             raise UserError(
                 409,
+                "FAILED_PRECONDITION",
                 f"user {user.id!r} is the last admin of account {user.account}: make another"
                 " user admin first",
             )

@@ -113,10 +113,7 @@ def db_of(request: Request) -> Database:
 
 
 def user_error(exc: UserError) -> APIError:
-    code = "NOT_FOUND" if exc.status == 404 else "ALREADY_EXISTS"
-    if exc.status == 409 and "last admin" in str(exc):
-        code = "FAILED_PRECONDITION"
-    return APIError(exc.status, str(exc), code=code)
+    return APIError(exc.status, str(exc), code=exc.code)
 
 
 def _text(value: str | None, field: str, limit: int) -> str | None:
