@@ -81,11 +81,14 @@ def check_may_change(request: Request, principal: Any) -> None:
     """403 when the key's role may only read (a GET that changes something calls this too:
     the SDK's `:validateUpload` is one)."""
     if not may_change_resources(principal.role):
+        how = f"`girandole keys update KEY_ID --role {USER}`"
+        if principal.user_id is not None:  # a key of a user has its user's role
+            how = f"an admin's PATCH /v1/accounts/{principal.account}/users/{principal.user_id}"
         raise APIError(
             403,
             f"This API key has role {principal.role}, which may run inference and read"
             f" deployments and models but not change them; {request.method} {request.url.path}"
-            f" needs a key with role {USER} (`girandole keys update KEY_ID --role {USER}`)",
+            f" needs a key with role {USER} ({how})",
             type="error",
             code="PERMISSION_DENIED",
         )
