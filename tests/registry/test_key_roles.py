@@ -5,7 +5,10 @@ user's role at each request, stops with its user and at its expiry."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -141,3 +144,27 @@ def test_the_last_admin_user_stays_unless_the_operator_removes_it(tmp_path):
     db.delete_user("acme", "cy", keep_admin=False)  # the operator's keys may
     assert [u.id for u in db.list_users("acme")] == ["ann"]
     db.close()
+
+
+def test_the_keys_cli_makes_admins_and_leaves_a_users_key_to_its_user(tmp_path):
+    def girandole(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "girandole.cli", "keys", *args, "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    made = girandole("create", "--account", "acme", "--role", "admin", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    db = Database.in_folder(tmp_path)
+    assert db.authenticate(key).role == "admin"
+    db.create_user("acme", "bob", "inference-user")
+    _, info = db.create_user_key("acme", "bob")
+    db.close()
+    refused = girandole("update", info.id, "--role", "admin")
+    assert refused.returncode == 2 and "belongs to user bob" in refused.stderr
+    listed = json.loads(girandole("list", "--json").stdout)
+    assert {k["id"]: (k["role"], k["user_id"]) for k in listed}[info.id] == (
+        "inference-user",
+        "bob",
+    )
