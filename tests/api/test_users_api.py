@@ -134,6 +134,21 @@ def test_an_inference_user_manages_only_its_own_keys(srv):
         srv.sdk(peer_key).api_keys.create("reader", api_key={})
 
 
+def test_lists_filter_and_page(srv):
+    admin = srv.sdk()
+    for name in ("pager-a", "pager-b", "pager-c"):
+        admin.users.create(user_id=name, role="inference-user" if name != "pager-b" else "user")
+        admin.api_keys.create("pager-a", api_key={"display_name": name})
+    paged = [u.name for u in admin.users.list(page_size=1)]  # the SDK follows nextPageToken
+    assert paged == sorted(paged) and {f"accounts/{ACCOUNT}/users/pager-{x}" for x in "abc"} <= set(
+        paged
+    )
+    found = admin.users.list(filter='role = "user" AND name:"pager"')
+    assert [u.name for u in found] == [f"accounts/{ACCOUNT}/users/pager-b"]
+    keys = list(admin.api_keys.list("pager-a", page_size=2))
+    assert [k.display_name for k in keys] == ["pager-a", "pager-b", "pager-c"]  # oldest first
+
+
 def test_a_role_change_applies_at_once_and_deleting_a_user_ends_its_keys(srv):
     admin = srv.sdk()
     admin.users.create(user_id="mover", role="inference-user")
