@@ -478,12 +478,14 @@ def test_a_request_waiting_for_admission_keeps_its_deployment_up(plane):
     fw = plane.fw()
     fw.deployments.create(
         base_model=MODEL, deployment_id="queued", min_replica_count=0, max_replica_count=1,
-        autoscaling_policy={"scale_down_window": "1s", "scale_to_zero_window": "8s"},
+        autoscaling_policy={"scale_up_window": "1s", "scale_down_window": "1s",
+                            "scale_to_zero_window": "8s"},
     )  # fmt: skip
     plane.wait("queued", 1)
-    # Serve takes an idle new replica to zero some 30 s + the window after it starts (measured
-    # here: 34 s with a 4 s window, 38 s with 8 s): the request comes in the last part of that
-    time.sleep(24)
+    # Serve takes an idle new replica to zero some 20 s + the window after it starts, its load
+    # averaged over the scale-up window, 11 s at least (measured here: 28 s with an 8 s window;
+    # 38 s with the 30 s of the default scaleUpWindow): the request comes in the last part of that
+    time.sleep(14)
     assert plane.get("queued").replica_count == 1
     url = plane.server.url + "/v1/completions"
     # every admission slot, held while its own replica is stopped (SIGSTOP): it waits for one
@@ -552,10 +554,13 @@ def test_an_update_of_the_range_or_policy_reaches_ray(plane):
     plane.wait("relax", 1)
     updated = fw.deployments.update(
         "relax", base_model=MODEL, min_replica_count=0,
-        autoscaling_policy={"scale_down_window": "1s", "scale_to_zero_window": "2s"},
+        autoscaling_policy={"scale_up_window": "1s", "scale_down_window": "1s",
+                            "scale_to_zero_window": "2s"},
     )  # fmt: skip
     assert updated.min_replica_count == 0
-    plane.wait("relax", 0, timeout=90)  # idle: Ray takes it to zero, as the new policy says
+    # idle: Ray takes it to zero, as the new policy says (its load averaged over the scale-up
+    # window, 11 s at least: some 20 s after the replica started, not 30 s with the default)
+    plane.wait("relax", 0, timeout=90)
     fw.deployments.delete("relax")
 
 
