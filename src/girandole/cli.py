@@ -10,7 +10,7 @@ from girandole.api.flag_values import env_default, folder_value
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from girandole import LLM, SamplingParams
+    from girandole import SamplingParams
 
     try:  # checked before the model loads: a bad value names its field (max_tokens ...)
         params = SamplingParams(
@@ -23,6 +23,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"girandole generate: error: {exc}", file=sys.stderr)
         return 2
+    from girandole import LLM  # torch and the engine: seconds, after the values are checked
+
     try:
         llm = LLM(model=args.model, revision=args.revision)
     except (ValueError, OSError) as exc:  # a bad or missing model, named in the message

@@ -488,6 +488,21 @@ def _show_loading(state, stop: threading.Event) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # the values and the port first, before the app's imports (torch and the rest: seconds on
+    # a small machine): a usage error comes at once, as argparse's do
+    try:
+        settings = settings_from_args(args)
+    except SystemExit as exc:  # a bad value or combination: a usage error, as argparse's
+        if not isinstance(exc.code, str):
+            raise
+        print(f"girandole serve: error: {exc.code}", file=sys.stderr)
+        return 2
+    try:
+        check_listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"girandole serve: {exc}", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from girandole.api.app import create_app
@@ -504,13 +519,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from girandole.api.textlog import choose_log_format
     from girandole.model.default import resolve_model_path
 
-    try:
-        settings = settings_from_args(args)
-    except SystemExit as exc:  # a bad value or combination: a usage error, as argparse's
-        if not isinstance(exc.code, str):
-            raise
-        print(f"girandole serve: error: {exc.code}", file=sys.stderr)
-        return 2
     if settings.ray:
         try:
             import ray.serve  # noqa: F401 - a dependency, but a platform may lack its wheel
@@ -528,7 +536,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
-        check_listen(settings.host, settings.port)
         if settings.data_dir:  # before AppState, whose start-up takes over a dead server's work
             lock_data_dir(settings.data_dir)  # its descriptor stays open (held) until we exit
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
