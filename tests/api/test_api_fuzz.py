@@ -10,7 +10,9 @@ against the default-model server (16 MiB bodies) for the 10 MB prompts.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,98 +21,27 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from api_helpers import MODEL  # noqa: E402
-
-EXAMPLES_PER_OPERATION = 20  # x 2 modes x all operations: some two thousand cases
+from schema_fuzz import fuzz_share  # noqa: E402
 
 
 def test_schemathesis_cases_get_no_5xx(open_server):
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.core.control import SkipTest
-    from schemathesis.generation import GenerationMode
-
-    schema = schemathesis.openapi.from_url(open_server.url + "/openapi.json")
-    counts: dict[str, int] = {}
-    failures: list[str] = []
-    client = httpx.Client(timeout=60)
-    # /inference/v1/... serves the same handlers as /v1/...: fuzzing one prefix covers both
-    operations = [r.ok() for r in schema.get_all_operations()]
-    operations = [op for op in operations if not op.path.startswith("/inference/")]
-    assert len(operations) >= 6
-
-    def fuzz(operation, mode) -> None:
-        label = f"{operation.label} [{mode.value}]"
-        # an operation with nothing schemathesis can make invalid: each negative case it draws
-        # is rejected, a second of draws per operation (some thirty of them) to Unsatisfiable;
-        # told to draw negative cases only, it says so at its first draw (SkipTest). Any other
-        # operation keeps both modes: a draw that happened to negate nothing is just rejected
-        only_negative = mode is GenerationMode.NEGATIVE and _nothing_to_negate(operation)
-        schema.config.generation.update(
-            modes=[GenerationMode.NEGATIVE] if only_negative else list(GenerationMode)
-        )
-
-        @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def run(case) -> None:
-            counts[label] = counts.get(label, 0) + 1
-            kwargs = case.as_transport_kwargs(base_url=open_server.url)
-            body = kwargs.get("json")
-            content = kwargs.get("data")
-            if body is not None:
-                content = json.dumps(body, allow_nan=True).encode()
-            r = client.request(
-                kwargs["method"], kwargs["url"], content=content, headers=kwargs.get("headers"),
-                params=kwargs.get("params"),
-            )  # fmt: skip
-            if r.status_code >= 500:
-                failures.append(f"{label}: {r.status_code} {r.text[:300]} for {content!r:.300}")
-
-        try:
-            run()
-        except Unsatisfiable:  # nothing to make invalid (an operation without parameters)
-            pass
-        except SkipTest:  # the same, said at once
-            assert only_negative, label
-
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz(operation, mode)
+    # drawing the cases (hypothesis, schemathesis) takes the time, not the server: every other
+    # operation in a second process, on the other core
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        second = pool.submit(fuzz_share, open_server.url, 1, 2)
+        counts, failures, operations = fuzz_share(open_server.url, 0, 2)
+        more_counts, more_failures, _ = second.result()
+    counts.update(more_counts)
+    failures += more_failures
+    assert operations >= 6
     total = sum(counts.values())
-    print(f"\nschemathesis: {total} cases over {len(operations)} operations")
+    print(f"\nschemathesis: {total} cases over {operations} operations")
     for label, n in sorted(counts.items()):
         print(f"  {n:4d}  {label}")
     assert not failures, "\n".join(failures[:20])
     assert httpx.get(open_server.url + "/health").status_code == 200
     assert total >= 200
-
-
-def _nothing_to_negate(operation) -> bool:
-    """Whether schemathesis finds no location of `operation` it could make invalid (no
-    parameter or body with a constraint to break): its own test, private to it (False, as
-    before, where a version has it no longer)."""
-    try:
-        from schemathesis.core.parameters import ParameterLocation
-        from schemathesis.generation import GenerationMode
-        from schemathesis.specs.openapi._hypothesis import _draw_negated_locations
-    except ImportError:
-        return False
-
-    def draw(strategy):  # only reached where some location can be negated
-        return True
-
-    explicit = dict.fromkeys(ParameterLocation)
-    located = _draw_negated_locations(
-        draw, operation, GenerationMode.NEGATIVE, explicit=explicit, body_is_generated=True
-    )
-    return located is None
 
 
 def _hostile_bodies(model: str) -> list[tuple[str, bytes]]:
