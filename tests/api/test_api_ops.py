@@ -258,12 +258,16 @@ def test_key_limits_must_be_from_0_to_sqlites_largest_integer(guarded):
     cli(guarded.data_dir, "keys", "revoke", info["id"])
 
 
-def test_the_cli_starts_without_torch():
+def test_the_cli_starts_without_torch(tmp_path):
     # `girandole keys ...` and the other admin commands are run one call at a time (scripts,
-    # tests): importing torch for them cost ~2 s a call (now ~0.3 s); the engine imports it
+    # tests): importing torch for them cost ~2 s a call (now ~0.3 s); the engine imports it.
+    # `girandole serve` with a bad value or model path says so before importing it too
     probe = (
         "import sys, girandole.cli as c; c.build_parser()\n"
-        "assert 'torch' not in sys.modules, 'torch imported'"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        f"assert c.main(['serve', '--port', '0', '--data-dir', {str(tmp_path)!r},"
+        " '--model', '/nonexistent']) == 2\n"
+        "assert 'torch' not in sys.modules, 'torch imported by serve'"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60, check=True)
 

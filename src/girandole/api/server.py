@@ -488,8 +488,14 @@ def _show_loading(state, stop: threading.Event) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    # the values and the port first, before the app's imports (torch and the rest: seconds on
-    # a small machine): a usage error comes at once, as argparse's do
+    # the values, the port, the data folder and the model first, before the app's imports
+    # (torch and the rest: seconds on a small machine): a usage error comes at once
+    from girandole.api.banner import describe_source
+    from girandole.api.ops.data_lock import lock_data_dir
+    from girandole.api.ops.jsonlog import configure_logging
+    from girandole.api.textlog import choose_log_format
+    from girandole.model.default import resolve_model_path
+
     try:
         settings = settings_from_args(args)
     except SystemExit as exc:  # a bad value or combination: a usage error, as argparse's
@@ -497,28 +503,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"girandole serve: error: {exc.code}", file=sys.stderr)
         return 2
-    try:
-        check_listen(settings.host, settings.port)
-    except OSError as exc:
-        print(f"girandole serve: {exc}", file=sys.stderr)
-        return 2
-
-    import uvicorn
-
-    from girandole.api.app import create_app
-    from girandole.api.banner import banner_of, bound_port, describe_source
-    from girandole.api.http.connections import (
-        ConnectionGuard,
-        default_max_connections,
-        raise_open_file_limit,
-    )
-    from girandole.api.ops.data_lock import lock_data_dir
-    from girandole.api.ops.flags import DrainingServer
-    from girandole.api.ops.jsonlog import configure_logging
-    from girandole.api.state import AppState
-    from girandole.api.textlog import choose_log_format
-    from girandole.model.default import resolve_model_path
-
     if settings.ray:
         try:
             import ray.serve  # noqa: F401 - a dependency, but a platform may lack its wheel
@@ -536,6 +520,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         disable_progress_bars()  # download bars would break the JSON lines (the log says it)
     try:
+        check_listen(settings.host, settings.port)
         if settings.data_dir:  # before AppState, whose start-up takes over a dead server's work
             lock_data_dir(settings.data_dir)  # its descriptor stays open (held) until we exit
         if settings.model is not None:  # a repo id is downloaded here, before the socket opens
@@ -545,6 +530,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 settings.draft_model = str(resolve_model_path(settings.draft_model))
             except (ValueError, OSError) as exc:
                 raise ValueError(f"--draft-model: {exc}") from None
+    except (ValueError, OSError) as exc:
+        print(f"girandole serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from girandole.api.app import create_app
+    from girandole.api.banner import banner_of, bound_port
+    from girandole.api.http.connections import (
+        ConnectionGuard,
+        default_max_connections,
+        raise_open_file_limit,
+    )
+    from girandole.api.ops.flags import DrainingServer
+    from girandole.api.state import AppState
+
+    try:
         state = AppState(settings)
     except (ValueError, OSError) as exc:
         print(f"girandole serve: {exc}", file=sys.stderr)

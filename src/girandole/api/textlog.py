@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, TextIO
 
-from girandole.api.ops.tracking import CURRENT
+from girandole.api.ops.request_context import CURRENT
 
 LOG_FORMATS = ("auto", "json", "text")
 

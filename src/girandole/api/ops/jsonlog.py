@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from girandole.api.ops.tracking import CURRENT
+from girandole.api.ops.request_context import CURRENT
 
 
 class JsonFormatter(logging.Formatter):

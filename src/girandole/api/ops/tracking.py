@@ -11,7 +11,6 @@ for the request id.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from girandole.api.ops.request_context import CURRENT
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.usage import Usage, count_usage, sum_usage
 from girandole.engine.outputs import RequestOutput
@@ -27,9 +27,6 @@ from girandole.engine.outputs import RequestOutput
 if TYPE_CHECKING:
     from girandole.api.ops.server_ops import ServerOps
 
-CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
-    "girandole_request", default=None
-)
 _RECORD_KEY = "girandole_record"
 _MAX_CLIENT_ID = 128
 
