@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from conftest import start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
+from prometheus_client.parser import text_string_to_metric_families
 
 from girandole.deploy.ray_backend import app_name_of
 from girandole.registry.keystore import Database
@@ -196,6 +197,20 @@ def test_two_replicas_one_per_node_and_routing(plane, pair):
     cli = girandole("deployment", "list", "--base-url", plane.server.url,
                     "--api-key", plane.key, "--account", ACCOUNT)  # fmt: skip
     assert cli.returncode == 0 and "pair" in cli.stdout, cli.stderr
+
+    # Fireworks' account metrics, through the Ray replicas: the three requests of the last
+    # minute at least, the two replicas' gauges averaged
+    page = plane.http("GET", f"/v1/accounts/{ACCOUNT}/metrics")
+    assert page.status_code == 200, page.text
+    series = {
+        s.name: s.value
+        for family in text_string_to_metric_families(page.text)
+        for s in family.samples
+        if s.labels.get("deployment") == pair and s.labels.get("le", "+Inf") == "+Inf"
+    }
+    assert series["request_counter_total:sum_by_deployment"] * 60 >= 3, series
+    assert series["latency_to_first_token_ms_bucket:sum_by_deployment"] * 60 >= 3, series
+    assert series["generator_model_forward_time:avg_by_deployment"] > 0, series
 
 
 def _node_of(pid: int) -> int:
