@@ -30,6 +30,7 @@ from girandole.api.deployments.schema import DeploymentBody, ScaleBody
 from girandole.api.http.errors import APIError, deployment_error, request_id_of
 from girandole.api.http.list_params import ListParams, ListQuery
 from girandole.api.http.list_params import read_masked as masked_fields
+from girandole.api.http.openapi import body_doc
 from girandole.api.http.validation import parse_json_object, read_body, validate_model
 from girandole.api.ops.replica_gauges import install_replica_gauges
 from girandole.api.ops.tracking import record_of
@@ -94,12 +95,6 @@ def check_may_change(request: Request, principal: Any) -> None:
         )
 
 
-def _body_doc(schema: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its body by hand (see api/openapi.py)."""
-    content = {"application/json": {"schema": schema.model_json_schema()}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
 router = APIRouter(tags=["deployments"])
 Account = Depends(authorize_account)
 
@@ -127,7 +122,7 @@ def read_masked(body: dict[str, Any], read_mask: str | None) -> dict[str, Any]:
 
 @router.patch(
     "/accounts/{account}/deployments/{deployment_id}:scale",
-    openapi_extra=_body_doc(ScaleBody),
+    openapi_extra=body_doc(ScaleBody),
     summary="Scale a deployment",
 )
 async def scale_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
@@ -145,7 +140,7 @@ async def undelete_deployment(deployment_id: str, request: Request, account: str
 
 @router.post(
     "/accounts/{account}/deployments",
-    openapi_extra=_body_doc(DeploymentBody),
+    openapi_extra=body_doc(DeploymentBody),
     summary="Create a deployment",
 )
 async def create_deployment(
@@ -196,7 +191,7 @@ async def get_deployment(
 
 @router.patch(
     "/accounts/{account}/deployments/{deployment_id}",
-    openapi_extra=_body_doc(DeploymentBody),
+    openapi_extra=body_doc(DeploymentBody),
     summary="Update a deployment",
 )
 async def update_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:

@@ -32,9 +32,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 
-from girandole.api.deployments.route import _body_doc, authenticate, read_json
+from girandole.api.deployments.route import authenticate, read_json
 from girandole.api.http.errors import APIError
 from girandole.api.http.list_params import ListParams, ListQuery, read_masked
+from girandole.api.http.openapi import body_doc
 from girandole.api.ops.tracking import Principal
 from girandole.api.users.schema import CreateApiKeyBody, DeleteApiKeyBody, UserBody
 from girandole.registry.deployments import format_time
@@ -211,7 +212,7 @@ router = APIRouter(tags=["users"])
 
 @router.post(
     "/accounts/{account}/users/{user_id}/apiKeys:delete",
-    openapi_extra=_body_doc(DeleteApiKeyBody),
+    openapi_extra=body_doc(DeleteApiKeyBody),
     summary="Delete (revoke) an API key of a user",
 )
 async def delete_api_key(
@@ -236,7 +237,7 @@ async def delete_api_key(
 
 @router.post(
     "/accounts/{account}/users/{user_id}/apiKeys",
-    openapi_extra=_body_doc(CreateApiKeyBody),
+    openapi_extra=body_doc(CreateApiKeyBody),
     summary="Create an API key of a user",
 )
 async def create_api_key(
@@ -269,9 +270,7 @@ async def list_api_keys(
     return {"apiKeys": items, "nextPageToken": token, "totalSize": total}
 
 
-@router.post(
-    "/accounts/{account}/users", openapi_extra=_body_doc(UserBody), summary="Create a user"
-)
+@router.post("/accounts/{account}/users", openapi_extra=body_doc(UserBody), summary="Create a user")
 async def create_user(
     account: str,
     request: Request,
@@ -321,7 +320,7 @@ async def get_user(
 
 @router.patch(
     "/accounts/{account}/users/{user_id}",
-    openapi_extra=_body_doc(UserBody),
+    openapi_extra=body_doc(UserBody),
     summary="Update a user",
 )
 async def update_user(
