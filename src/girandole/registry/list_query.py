@@ -279,16 +279,18 @@ def select(
     fields: set[str],
     filter: str | None,
     order_by: str | None,
-    default_order: list[tuple[str, bool]],
+    default_order: list[tuple[str, bool]] | None,
     page_size: int | None,
     page_token: str | None,
 ) -> tuple[list[dict[str, Any]], str, int]:
     """A list method's answer: the page of `resources` that `filter` keeps, ordered by
-    `order_by` (else `default_order`), ties by name; the next page's token; how many matched."""
+    `order_by` (else `default_order`), ties by name; the next page's token; how many matched.
+    `default_order` None: `resources` come in their default order (a store's oldest first),
+    which also breaks an `order_by`'s ties."""
     condition = parse_filter(filter, fields)
-    order = parse_order_by(order_by, fields) or default_order
+    order = parse_order_by(order_by, fields) or default_order or []
     chosen = [r for r in resources if condition.matches(r)]
-    sort_resources(chosen, [*order, ("name", False)])
+    sort_resources(chosen, order if default_order is None else [*order, ("name", False)])
     items, next_token = page(chosen, page_size, page_token)
     return items, next_token, len(chosen)
 

@@ -25,10 +25,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from girandole.api.datasets.route import created_by, listing, masked, new_dataset, own_id
+from girandole.api.datasets.route import created_by, new_dataset, own_id
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.http.list_params import ListParams, ListQuery
+from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.schema import MaxTokens, N, Temperature, TopK, TopP
 from girandole.api.serving.target import resolve_target
@@ -269,7 +269,10 @@ async def list_jobs(
         # a filter or order on any field (of any job: the fields a query may name): the whole
         # history, paged by offset (a key token's offset too)
         jobs = await asyncio.to_thread(store.list_jobs, account)
-        return listing(jobs, "batchInferenceJobs", query)
+        # oldest first; a query may name any field some job has; readMask leaves out a field
+        # a job lacks (a job's fields vary with its state)
+        fields = {"name", "createTime", "state", "displayName"} | {f for job in jobs for f in job}
+        return list_page(jobs, "batchInferenceJobs", query, fields, strict=False)
     return await asyncio.to_thread(job_page, store, account, query)
 
 
@@ -286,7 +289,7 @@ def job_page(store: BatchStore, account: str, query: ListParams) -> dict[str, An
     items = rows[:size]
     next_token = encode_key_token(offset + size, items[-1][0]) if len(rows) > size else ""
     return {
-        "batchInferenceJobs": [masked(job, query.read_mask) for _, job in items],
+        "batchInferenceJobs": [read_masked(job, query.read_mask, None) for _, job in items],
         "nextPageToken": next_token,
         "totalSize": store.count_jobs(account),
     }
@@ -299,7 +302,7 @@ async def get_job(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return masked(get_or_404(request, account, job_id), read_mask)
+    return read_masked(get_or_404(request, account, job_id), read_mask, None)
 
 
 @router.delete("/accounts/{account}/batchInferenceJobs/{job_id}", summary="Delete a batch job")

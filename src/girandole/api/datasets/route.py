@@ -36,7 +36,7 @@ from girandole.api.datasets.form import receive_form, sync_file
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.http import signed_upload
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.http.list_params import ListParams, ListQuery, read_masked
+from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
 from girandole.api.http.signed_upload import (
@@ -56,13 +56,6 @@ from girandole.batch.store import (
     is_valid_filename,
     job_name,
     now_text,
-)
-from girandole.registry.list_query import (
-    QueryError,
-    page,
-    parse_filter,
-    parse_order_by,
-    sort_resources,
 )
 from girandole.registry.naming import is_valid_id, own_resource_id
 
@@ -129,14 +122,6 @@ def not_read_by_a_job(store: BatchStore, account: str, dataset_id: str) -> None:
         raise APIError(400, input_in_use(what, reader), code="FAILED_PRECONDITION")
 
 
-def masked(
-    body: dict[str, Any], read_mask: str | None, known: set[str] | None = None
-) -> dict[str, Any]:
-    """`readMask` on a dataset or job: with `known` (a resource's fields), a field neither in
-    the body nor known is a 400; without, a field it does not have is left out."""
-    return read_masked(body, read_mask, known=known)
-
-
 # A Dataset's fields (Fireworks' gatewayDataset): what a filter, orderBy or readMask may name,
 # whether or not some dataset has them now.
 DATASET_FIELDS = set(DatasetFields.model_fields) | {
@@ -147,32 +132,6 @@ DATASET_FIELDS = set(DatasetFields.model_fields) | {
     "state",
     "status",
 }
-
-
-def listing(
-    items: list[dict[str, Any]], key: str, query: ListParams, known: set[str] | None = None
-) -> dict[str, Any]:
-    """One page of `items` filtered and ordered as AIP-160/132 list queries ask. With `known`
-    (the resource's fields) the query is checked against them, whether or not there are items:
-    the same query is valid or not whatever the list holds."""
-    base = {"name", "createTime", "state", "displayName"}
-    fields = (known or base) | {f for item in items for f in item}
-    try:
-        if known is None:
-            chosen = [r for r in items if parse_filter(query.filter, fields).matches(r)]
-        else:
-            masked({}, query.read_mask, fields)  # a readMask naming no field: 400, items or not
-            condition = parse_filter(query.filter, fields)
-            chosen = [r for r in items if condition.matches(r)]
-        sort_resources(chosen, parse_order_by(query.order_by, fields))
-        items, next_token = page(chosen, query.page_size, query.page_token)
-    except QueryError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    return {
-        key: [masked(r, query.read_mask, known) for r in items],
-        "nextPageToken": next_token,
-        "totalSize": len(chosen),
-    }
 
 
 def new_dataset(account: str, dataset_id: str, fields: dict[str, Any], by: str) -> dict[str, Any]:
@@ -504,7 +463,9 @@ async def list_datasets(
     account: str = Account,
     query: ListParams = ListQuery,
 ) -> dict:
-    return listing(store_of(request).list_datasets(account), "datasets", query, DATASET_FIELDS)
+    datasets = store_of(request).list_datasets(account)  # by name
+    fields = DATASET_FIELDS | {f for dataset in datasets for f in dataset}
+    return list_page(datasets, "datasets", query, fields)
 
 
 @router.get("/accounts/{account}/datasets/{dataset_id}", summary="Get a dataset")
@@ -514,7 +475,7 @@ async def get_dataset(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return masked(get_or_404(request, account, dataset_id), read_mask, DATASET_FIELDS)
+    return read_masked(get_or_404(request, account, dataset_id), read_mask, DATASET_FIELDS)
 
 
 @router.patch(

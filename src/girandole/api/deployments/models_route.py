@@ -42,7 +42,7 @@ from girandole.api.deployments.route import (
     read_json,
 )
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.http.list_params import ListParams, ListQuery
+from girandole.api.http.list_params import ListParams, ListQuery, list_page
 from girandole.api.http.list_params import read_masked as masked_fields
 from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
@@ -55,8 +55,6 @@ from girandole.api.http.signed_upload import (
     signed_url,
 )
 from girandole.batch.store import is_valid_filename
-from girandole.registry import list_query
-from girandole.registry.list_query import QueryError
 from girandole.registry.model_files import ModelFiles
 from girandole.registry.models import (
     PUBLIC_ACCOUNT,
@@ -399,15 +397,7 @@ async def create_model(request: Request, account: str = Account) -> dict:
 async def list_models(account: str, request: Request, query: ListParams = ListQuery) -> dict:
     account = await _readable_account(request, account)
     models = [m.to_json() for m in catalog_of(request).list(account)]
-    try:  # by name unless orderBy says otherwise, as at Fireworks
-        items, next_token, total = list_query.select(
-            models, MODEL_FIELDS, query.filter, query.order_by, [], query.page_size,
-            query.page_token,
-        )  # fmt: skip
-    except QueryError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    items = [masked_fields(m, query.read_mask, MODEL_FIELDS) for m in items]
-    return {"models": items, "nextPageToken": next_token, "totalSize": total}
+    return list_page(models, "models", query, MODEL_FIELDS, [])  # by name, as at Fireworks
 
 
 @router.get("/accounts/{account}/models/{model_id}", summary="Get a model")

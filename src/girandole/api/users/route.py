@@ -34,13 +34,12 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 
 from girandole.api.deployments.route import authenticate, read_json
 from girandole.api.http.errors import APIError
-from girandole.api.http.list_params import ListParams, ListQuery, read_masked
+from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.api.ops.tracking import Principal
 from girandole.api.users.schema import CreateApiKeyBody, DeleteApiKeyBody, UserBody
 from girandole.registry.deployments import format_time
 from girandole.registry.keystore import Database, KeyInfo, UserError, UserInfo
-from girandole.registry.list_query import QueryError, select
 from girandole.registry.naming import is_valid_id
 from girandole.registry.roles import ADMIN, check_role, may_manage_users
 
@@ -184,20 +183,6 @@ def parse_expire_time(text: str | None) -> float | None:
     return expires
 
 
-def listing(
-    items: list[dict[str, Any]], fields: set[str], query: ListParams, order: list[tuple[str, bool]]
-) -> tuple[list[dict[str, Any]], str, int]:
-    """One page of a list route's `items` (filter, orderBy else `order`, readMask)."""
-    try:
-        read_masked({}, query.read_mask, fields)  # a readMask naming no field: 400
-        chosen, token, total = select(
-            items, fields, query.filter, query.order_by, order, query.page_size, query.page_token
-        )
-    except QueryError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    return [read_masked(i, query.read_mask, fields) for i in chosen], token, total
-
-
 def existing_user(request: Request, account: str, user_id: str) -> UserInfo:
     user = db_of(request).get_user(account, check_user_id(user_id, "user"))
     if user is None:
@@ -266,8 +251,7 @@ async def list_api_keys(
     require_keys_of(request, principal, user_id)
     user = existing_user(request, account, user_id)
     keys = [key_json(k, user.email) for k in db_of(request).user_keys(account, user_id)]
-    items, token, total = listing(keys, KEY_FIELDS, query, [("createTime", False)])
-    return {"apiKeys": items, "nextPageToken": token, "totalSize": total}
+    return list_page(keys, "apiKeys", query, KEY_FIELDS, [("createTime", False)])
 
 
 @router.post("/accounts/{account}/users", openapi_extra=body_doc(UserBody), summary="Create a user")
@@ -303,8 +287,7 @@ async def list_users(
     account: str, request: Request, principal: Principal = Caller, query: ListParams = ListQuery
 ) -> dict:
     users = [user_json(u) for u in db_of(request).list_users(account)]
-    items, token, total = listing(users, USER_FIELDS, query, [])
-    return {"users": items, "nextPageToken": token, "totalSize": total}
+    return list_page(users, "users", query, USER_FIELDS, [])
 
 
 @router.get("/accounts/{account}/users/{user_id}", summary="Get a user")
