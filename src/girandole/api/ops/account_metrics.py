@@ -39,6 +39,7 @@ from girandole.api.ops.replica_gauges import ReplicaLoad
 
 if TYPE_CHECKING:
     from girandole.api.ops.tracking import RequestRecord
+    from girandole.api.serving.usage import Usage
 
 WINDOW_S = 60.0
 LABELS = ["base_model", "deployment", "deployment_account", "deployment_id"]
@@ -64,10 +65,10 @@ class Ended:
     ran: bool = False  # it reached the engine (token counts describe it)
 
 
-def ended_of(record: RequestRecord, status: int, duration_s: float) -> Ended:
-    """What `record` tells the window. Engine times are differences on the engine's own clock
-    (a Ray replica's may be another machine's)."""
-    usage = record.usage() if record.choices else None
+def ended_of(record: RequestRecord, status: int, duration_s: float, usage: Usage | None) -> Ended:
+    """What `record` tells the window; `usage` its `record.usage()`, None if it never reached
+    the engine. Engine times are differences on the engine's own clock (a Ray replica's may be
+    another machine's)."""
     ttft = record.first_token_time - record.start if record.first_token_time is not None else None
     scheduled = [o for o in record.ends if o.first_scheduled_time is not None]
     first = min(scheduled, key=lambda o: o.first_scheduled_time - o.arrival_time, default=None)

@@ -334,19 +334,22 @@ class ServerOps:
         }
         if record.client_request_id and record.client_request_id != record.request_id:
             fields["client_request_id"] = record.client_request_id
-        # a background response's end is its run's
-        if record.deployment is not None and is_inference(record) and not record.handed_off:
+        # a background response's end (metrics, usage) is its run's
+        inference = is_inference(record) and not record.handed_off
+        usage = record.usage() if inference else None
+        if record.deployment is not None and usage is not None:
+            ran = usage if record.choices else None  # no choices: it never reached the engine
             try:  # never at the cost of the usage row below
-                self.account_metrics.record(record.deployment, ended_of(record, status, duration))
+                self.account_metrics.record(
+                    record.deployment, ended_of(record, status, duration, ran)
+                )
             except Exception:  # noqa: BLE001
                 logger.exception("account metrics of request %s failed", record.request_id)
         principal = record.principal
         if principal is not None and principal.key_id is not None:
             fields["account"] = principal.account
             fields["key_id"] = principal.key_id
-        # 401s are not anyone's usage; a background response's is its run's
-        if is_inference(record) and principal is not None and not record.handed_off:
-            usage = record.usage()
+        if usage is not None and principal is not None:  # 401s are not anyone's usage
             prompt, cached = usage.prompt_tokens, usage.cached_tokens
             completion = usage.completion_tokens
             aborted = record.aborted
