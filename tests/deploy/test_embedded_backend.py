@@ -132,6 +132,23 @@ def test_the_servers_engine_flags_reach_every_deployment(models):
         assert config.max_num_seqs == 5 and config.enforce_eager
         assert engine.grammar_pool.timeout == 4.0
         assert config.kv_cache_gb == KV_GB
+        # a deployment's own speculation fields (deploy/speculation.py): draftTokenCount alone
+        # keeps the server's n-gram lookup; ngramSpeculationLength 0 turns it off; a draftModel
+        # takes none of the server's speculation (its count defaults to 4, not the server's 5)
+        bodies = {
+            "count": ({"draftTokenCount": 2}, (3, None, 2)),
+            "off": ({"ngramSpeculationLength": 0}, (0, None, 4)),
+            "draft": ({"draftModel": "a"}, (0, str(models["a"]), 4)),
+        }
+        for deployment_id, (body, _) in bodies.items():
+            manager.create("t", {"baseModel": "accounts/t/models/b", **body}, deployment_id)
+        for deployment_id, (_, expected) in bodies.items():
+            wait_ready(manager, deployment_id)
+            engine = manager.engine_for(f"accounts/t/deployments/{deployment_id}")
+            config = engine.engine.config
+            got = (config.ngram_speculation_length, config.draft_model, config.draft_token_count)
+            assert got == expected, deployment_id
+        assert manager.get("t", "draft")["draftModel"] == "accounts/t/models/a"
     finally:
         manager.shutdown()
 

@@ -98,6 +98,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         ("max_replica_count", "maxReplicaCount"),
         ("max_context_length", "maxContextLength"),
         ("accelerator_type", "acceleratorType"),
+        ("draft_model", "draftModel"),
+        ("draft_token_count", "draftTokenCount"),
+        ("ngram_speculation_length", "ngramSpeculationLength"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -292,6 +295,16 @@ def _field_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-context-length", type=int)
     p.add_argument("--accelerator-type")
+    p.add_argument(
+        "--draft-model",
+        help='speculative decoding with this draft model of the registry ("": none)',
+    )
+    p.add_argument("--draft-token-count", type=int, help="tokens the draft proposes per step")
+    p.add_argument(
+        "--ngram-speculation-length",
+        type=int,
+        help="speculative decoding by n-gram lookup: tokens proposed per step (0: off)",
+    )
 
 
 def _wait_args(p: argparse.ArgumentParser) -> None:

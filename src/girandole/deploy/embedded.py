@@ -43,7 +43,9 @@ def weights_bytes(model: str | None) -> int:
 
 
 def replica_bytes(spec: ReplicaSpec) -> int:
-    return weights_bytes(spec.model) + int(spec.kv_cache_gb * (1 << 30))
+    kv = int(spec.kv_cache_gb * (1 << 30))
+    draft = spec.options.draft_model  # a draft model has its weights and a KV cache as large
+    return weights_bytes(spec.model) + kv + (weights_bytes(draft) + kv if draft else 0)
 
 
 def default_budget_bytes() -> int:

@@ -6,9 +6,10 @@ engine died or stalled (as Ray Serve's health check does).
 
 A new (or undeleted) deployment starts with one replica unless `disableAutoDeploy` or a
 `maxReplicaCount` of 0 says otherwise. Its state: CREATING until a replica is ready, then READY;
-UPDATING while a changed `maxContextLength` restarts it or a dead replica is replaced; FAILED
-(with `status`) when a replica cannot start; DELETED after a soft delete. `desiredReplicaCount`
-is stored, so a restarted server brings back the replicas it ran.
+UPDATING while a changed `maxContextLength` or speculation field (`ngramSpeculationLength`,
+`draftModel`, `draftTokenCount`: deploy/speculation.py) restarts it or a dead replica is
+replaced; FAILED (with `status`) when a replica cannot start; DELETED after a soft delete.
+`desiredReplicaCount` is stored, so a restarted server brings back the replicas it ran.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from girandole.deploy.backend import (
     ReplicaSpec,
 )
 from girandole.deploy.holds import Holds
+from girandole.deploy.speculation import check_vocab, replica_options, speculation_off
 from girandole.registry import list_query
 from girandole.registry.deployments import (
     DEPLOYMENT_ID_RE,
@@ -64,6 +66,9 @@ LIST_FIELDS = {
     "desiredReplicaCount",
     "autoscalingPolicy",
     "maxContextLength",
+    "ngramSpeculationLength",
+    "draftModel",
+    "draftTokenCount",
     "createTime",
     "updateTime",
     "deleteTime",
@@ -163,6 +168,7 @@ class DeploymentManager:
         *,
         validate_only: bool = False,
         disable_auto_deploy: bool = False,
+        disable_speculative_decoding: bool = False,
     ) -> dict[str, Any]:
         if deployment_id is None or deployment_id == "":
             deployment_id = new_deployment_id()
@@ -179,6 +185,9 @@ class DeploymentManager:
         record = DeploymentRecord(account, deployment_id, model.name)
         record = apply_fields(record, body, self.backend.hardware, creating=True)
         self._check_counts(record)
+        if disable_speculative_decoding:  # not the server's flags: off
+            record = speculation_off(record)
+        self._check_draft(record)
         record.desired_replica_count = self._initial_replicas(record, disable_auto_deploy)
         record.state = "CREATING" if record.desired_replica_count else "READY"
         if record.name in self.reserved:
@@ -222,16 +231,18 @@ class DeploymentManager:
             record = self._record(account, deployment_id)
             updated = apply_fields(record, body, self.backend.hardware, creating=False)
             self._check_counts(updated)
+            if updated.draft_model != record.draft_model:
+                self._check_draft(updated)
             desired = min(
                 max(updated.desired_replica_count, updated.min_replica_count),
                 updated.max_replica_count,
             )
             stats = self.backend.stats(updated.name)
-            # a replica runs its spec: a new context length means a new engine
+            # a replica runs its spec: a new context length or speculation means a new engine
             restart = (
                 stats.ready + stats.initializing > 0
                 and desired > 0
-                and updated.max_context_length != record.max_context_length
+                and _engine_fields(updated) != _engine_fields(record)
             )
             # the range and the policy are Ray's autoscaling config: a change of them alone
             # must reach the backend too (before, only a changed replica count did: a lowered
@@ -446,6 +457,41 @@ class DeploymentManager:
         check_ready(model, "baseModel")
         return model
 
+    def _draft(self, account: str, text: str) -> tuple[str, str]:
+        """The name to store of a deployment's draftModel, and where its files are; a 400 for
+        anything but a registry model the account may use or the server's own --draft-model
+        (deploy/speculation.py says why)."""
+        if self.options.draft_model is not None and text == self.options.draft_model:
+            return text, text
+        model = self.registry_model(account, text)
+        if model is None:
+            raise invalid(
+                f"draftModel {text!r} is not a model of this server's registry that account"
+                f" {account} may use (see GET /v1/accounts/{account}/models; add one with"
+                " `girandole models add`)",
+                "draftModel",
+            )
+        check_ready(model, "draftModel")
+        if model.is_adapter:
+            raise invalid(
+                f"draftModel {model.name} is a LoRA adapter: a draft model is a base model with"
+                " the base model's tokenizer",
+                "draftModel",
+            )
+        if model.source is None:  # the default model
+            from girandole.model.default import default_model_path
+
+            return model.name, str(default_model_path())
+        return model.name, model.source
+
+    def _check_draft(self, record: DeploymentRecord) -> None:
+        """Resolve a new draftModel (stored by its full name) and check its vocabulary."""
+        if not record.draft_model:
+            return
+        record.draft_model, path = self._draft(record.account, record.draft_model)
+        base_source, _ = self._model_source(record)
+        check_vocab(record.draft_model, path, base_source)
+
     def _record(
         self, account: str, deployment_id: str, *, deleted_ok: bool = False
     ) -> DeploymentRecord:
@@ -476,6 +522,21 @@ class DeploymentManager:
         return max(record.min_replica_count, min(record.max_replica_count, 1))
 
     def _spec(self, record: DeploymentRecord) -> ReplicaSpec:
+        source, merge_lora = self._model_source(record)
+        draft_path = (
+            self._draft(record.account, record.draft_model)[1] if record.draft_model else None
+        )
+        return ReplicaSpec(
+            deployment=record.name,
+            model=source,
+            kv_cache_gb=self.kv_cache_gb,
+            max_model_len=record.max_context_length or self.max_model_len,
+            merge_lora=merge_lora,
+            options=replica_options(self.options, record, draft_path),
+        )
+
+    def _model_source(self, record: DeploymentRecord) -> tuple[str | None, str | None]:
+        """What a replica loads: the base model's source, and an adapter merged into it."""
         model = self.catalog.get(record.base_model)
         if model is None:
             raise invalid(
@@ -492,14 +553,7 @@ class DeploymentManager:
                     f"The base model of {record.base_model} is no longer in the model registry",
                     "baseModel",
                 )
-        return ReplicaSpec(
-            deployment=record.name,
-            model=model.source,
-            kv_cache_gb=self.kv_cache_gb,
-            max_model_len=record.max_context_length or self.max_model_len,
-            merge_lora=merge_lora,
-            options=self.options,
-        )
+        return model.source, merge_lora
 
     def _on_replica(self, name: str, error: str | None) -> None:
         _, account, _, deployment_id = name.split("/")
@@ -576,6 +630,16 @@ class DeploymentManager:
     def _active(self, name: str) -> bool:
         """Requests wait for admission, or run or wait on the deployment's engine."""
         return self._holds.held(name) or any(_busy(e) for e in self.backend.engines(name))
+
+
+def _engine_fields(record: DeploymentRecord) -> tuple:
+    """The fields of a deployment that its replicas' engines are built from."""
+    return (
+        record.max_context_length,
+        record.ngram_speculation_length,
+        record.draft_model,
+        record.draft_token_count,
+    )
 
 
 def _busy(engine: Any) -> bool:

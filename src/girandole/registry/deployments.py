@@ -36,9 +36,6 @@ DEPLOYMENT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 # Features of Fireworks' fleet this server does not have: a true value is a 400 naming the field.
 UNSUPPORTED_FEATURES = {
-    "draftModel": "speculative decoding with a draft model",
-    "draftTokenCount": "speculative decoding with a draft model",
-    "ngramSpeculationLength": "n-gram speculation",
     "enableMtp": "multi-token prediction",
     "enableHotLoad": "hot loading of model versions",
     "enableHotReloadLatestAddon": "hot loading of model versions",
@@ -117,6 +114,9 @@ def not_found(name: str) -> DeploymentError:
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)", re.ASCII)  # digits 0-9 only
 MAX_DURATION_S = 315_576_000_000  # protobuf's Duration: 10,000 years
 MAX_COUNT = 2**31 - 1  # the proto's int32 fields
+# ngramSpeculationLength and draftTokenCount: tokens proposed (and verified) per step and
+# sequence; a tenant's value past this would only make verify rows long for nothing.
+MAX_SPECULATION_TOKENS = 32
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -250,6 +250,11 @@ class DeploymentRecord:
     accelerator_count: int | None = None
     precision: str | None = None
     enable_session_affinity: bool = False
+    # Speculative decoding (deploy/speculation.py): None, the server's flags; a deployment that
+    # sets ngramSpeculationLength or draftModel (0 or "": off) takes none of them.
+    ngram_speculation_length: int | None = None
+    draft_model: str | None = None  # a model of the registry, accounts/<a>/models/<m>
+    draft_token_count: int | None = None
     kept: dict[str, Any] = field(default_factory=dict)  # KEPT_AS_GIVEN fields
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
@@ -287,6 +292,9 @@ class DeploymentRecord:
             ("acceleratorType", self.accelerator_type),
             ("acceleratorCount", self.accelerator_count),
             ("precision", self.precision),
+            ("ngramSpeculationLength", self.ngram_speculation_length),
+            ("draftModel", self.draft_model),
+            ("draftTokenCount", self.draft_token_count),
         ):
             if value is not None:
                 body[key] = value
@@ -315,6 +323,9 @@ class DeploymentRecord:
             accelerator_count=body.get("acceleratorCount"),
             precision=body.get("precision"),
             enable_session_affinity=body.get("enableSessionAffinity", False),
+            ngram_speculation_length=body.get("ngramSpeculationLength"),
+            draft_model=body.get("draftModel"),
+            draft_token_count=body.get("draftTokenCount"),
             kept={k: body[k] for k in KEPT_AS_GIVEN if k in body},
             create_time=parse_time(body.get("createTime")) or time.time(),
             update_time=parse_time(body.get("updateTime")) or time.time(),
@@ -374,6 +385,12 @@ def apply_fields(
                     " own weights' precision; leave precision unset",
                     key,
                 )
+        elif key == "ngramSpeculationLength":
+            out.ngram_speculation_length = _speculation_tokens(value, key, 0)
+        elif key == "draftTokenCount":
+            out.draft_token_count = _speculation_tokens(value, key, 1)
+        elif key == "draftModel":
+            out.draft_model = value.strip()  # the manager checks it names a usable model
         elif key in UNSUPPORTED_FEATURES:
             if value not in (False, 0, "", [], {}) and not str(value).endswith("_UNSPECIFIED"):
                 raise invalid(
@@ -393,7 +410,23 @@ def apply_fields(
             f" ({out.max_replica_count})",
             "minReplicaCount",
         )
+    if out.ngram_speculation_length and out.draft_model:
+        raise invalid(
+            f"ngramSpeculationLength ({out.ngram_speculation_length}) and draftModel"
+            f' ({out.draft_model}) are mutually exclusive: set one (the other to 0 or "")',
+            "ngramSpeculationLength" if "ngramSpeculationLength" in body else "draftModel",
+        )
     return out
+
+
+def _speculation_tokens(value: Any, param: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{param} must be an integer, got {value!r}", param)
+    if not minimum <= value <= MAX_SPECULATION_TOKENS:
+        raise invalid(
+            f"{param} must be from {minimum} to {MAX_SPECULATION_TOKENS}, got {value}", param
+        )
+    return value
 
 
 def _count(value: Any, param: str) -> int:

@@ -1,6 +1,8 @@
 """Routes of the deployments control plane (Fireworks' Gateway REST API shapes):
 
-    POST   /v1/accounts/{a}/deployments            create (?deploymentId, validateOnly, ...)
+    POST   /v1/accounts/{a}/deployments            create (?deploymentId, validateOnly,
+                                                   disableAutoDeploy,
+                                                   disableSpeculativeDecoding)
     GET    /v1/accounts/{a}/deployments            list (pageSize, pageToken, filter, orderBy,
                                                    showDeleted, readMask)
     GET    /v1/accounts/{a}/deployments/{d}        get
@@ -149,6 +151,7 @@ async def create_deployment(
     deployment_id: str | None = Query(default=None, alias="deploymentId"),
     validate_only: bool = Query(default=False, alias="validateOnly"),
     disable_auto_deploy: bool = Query(default=False, alias="disableAutoDeploy"),
+    disable_speculative_decoding: bool = Query(default=False, alias="disableSpeculativeDecoding"),
 ) -> dict:
     body = await read_json(request, DeploymentBody)
     return manager_of(request).create(
@@ -157,6 +160,7 @@ async def create_deployment(
         deployment_id,
         validate_only=validate_only,
         disable_auto_deploy=disable_auto_deploy,
+        disable_speculative_decoding=disable_speculative_decoding,
     )
 
 

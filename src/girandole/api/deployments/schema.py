@@ -39,10 +39,11 @@ class DeploymentBody(BaseModel):
     acceleratorType: str | None = None
     acceleratorCount: int | None = None
     precision: str | None = None
-    # features of Fireworks' fleet: a 400 unless unset or off
+    # speculative decoding (deploy/speculation.py): unset, the server's flags
     draftModel: str | None = None
     draftTokenCount: int | None = None
     ngramSpeculationLength: int | None = None
+    # features of Fireworks' fleet: a 400 unless unset or off
     enableMtp: bool | None = None
     enableAddons: bool | None = None
     numPeftDeviceCached: int | None = None
