@@ -305,7 +305,28 @@ def test_list_pages_filters_and_orders(plane):
             "not available on this server",
         ),
         ({"baseModel": BASE_MODEL, "precision": "FP8"}, {}, "precision", "cannot be honoured"),
-        ({"baseModel": BASE_MODEL, "draftModel": "x"}, {}, "draftModel", "speculative"),
+        ({"baseModel": BASE_MODEL, "draftModel": "x"}, {}, "draftModel", "not a model"),
+        (
+            {"baseModel": BASE_MODEL, "ngramSpeculationLength": 3, "draftModel": "tiny-llama"},
+            {},
+            "ngramSpeculationLength",
+            "mutually exclusive",
+        ),
+        (
+            {"baseModel": BASE_MODEL, "ngramSpeculationLength": -1},
+            {},
+            "ngramSpeculationLength",
+            "from 0 to 32",
+        ),
+        ({"baseModel": BASE_MODEL, "draftTokenCount": 0}, {}, "draftTokenCount", "from 1 to 32"),
+        ({"baseModel": BASE_MODEL, "draftTokenCount": "4"}, {}, "draftTokenCount", "integer"),
+        (
+            {"baseModel": BASE_MODEL, "draftModel": "tiny-llama"},
+            {"disableSpeculativeDecoding": "true"},
+            "disableSpeculativeDecoding",
+            "draftModel",
+        ),
+        ({"baseModel": BASE_MODEL, "enableMtp": True}, {}, "enableMtp", "not supported"),
         ({"baseModel": BASE_MODEL, "colour": "red"}, {}, "colour", "Extra inputs"),
         ({"baseModel": BASE_MODEL, "minReplicaCount": "1"}, {}, "minReplicaCount", "integer"),
         (
@@ -395,6 +416,104 @@ def test_other_refusals(plane):
     r = plane.http("POST", base, content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     fw.deployments.delete("taken", hard=True)
+
+
+SPEC_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def main():\n    return 42\ndef main():\n",
+    "0123456789 0123456789 01234",
+]
+
+
+def complete_all(plane: Plane, deployment_id: str) -> tuple[list[str], list[float | None]]:
+    """Greedy answers of a deployment to SPEC_PROMPTS, and each one's speculation-acceptance
+    from perf_metrics (None: nothing was proposed)."""
+    texts, acceptance = [], []
+    for prompt in SPEC_PROMPTS:
+        body = {"model": f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/{deployment_id}",
+                "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "perf_metrics_in_response": True}  # fmt: skip
+        r = plane.http("POST", "/inference/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+        acceptance.append(r.json()["perf_metrics"].get("speculation-acceptance"))
+    return texts, acceptance
+
+
+def test_speculation_per_deployment(plane):
+    """ngramSpeculationLength and draftModel per deployment (the server runs none): the same
+    greedy answers as a deployment without them, with speculation in perf_metrics; shown on GET,
+    changed by PATCH (the replica restarts with them)."""
+    fw = plane.client()
+    base = f"/v1/accounts/{ACCOUNT}/deployments"
+    fw.deployments.create(base_model=BASE_MODEL, deployment_id="spec")
+    created = fw.deployments.create(
+        base_model=BASE_MODEL, deployment_id="spec-ngram", ngram_speculation_length=4
+    )
+    assert created.ngram_speculation_length == 4 and created.draft_model is None
+    plane.wait("spec", 1)
+    plain, acceptance = complete_all(plane, "spec")
+    assert acceptance == [None] * len(SPEC_PROMPTS)  # the server's flags: no speculation
+    plane.wait("spec-ngram", 1)
+    assert fw.deployments.get("spec-ngram").ngram_speculation_length == 4
+    texts, acceptance = complete_all(plane, "spec-ngram")
+    assert texts == plain and sum(a or 0 for a in acceptance) > 0, acceptance
+
+    # the model as its own draft (its short name resolved to the account's model)
+    r = plane.http("PATCH", base + "/spec", json={"draftModel": "tiny-llama", "draftTokenCount": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "UPDATING"
+    assert (r.json()["draftModel"], r.json()["draftTokenCount"]) == (BASE_MODEL, 3)
+    plane.wait("spec", 1)
+    texts, acceptance = complete_all(plane, "spec")
+    assert texts == plain and all(a is not None and a > 0.9 for a in acceptance), acceptance
+    got = plane.http("GET", base + "/spec").json()
+    assert (got["draftModel"], got["draftTokenCount"]) == (BASE_MODEL, 3)
+    assert "ngramSpeculationLength" not in got
+
+    # exclusive on PATCH too; 0 turns the n-gram lookup off
+    r = plane.http("PATCH", base + "/spec", json={"ngramSpeculationLength": 2})
+    assert r.status_code == 400 and "mutually exclusive" in r.json()["error"]["message"]
+    r = plane.http("PATCH", base + "/spec-ngram", json={"ngramSpeculationLength": 0})
+    assert r.status_code == 200 and r.json()["ngramSpeculationLength"] == 0
+    plane.wait("spec-ngram", 1)
+    texts, acceptance = complete_all(plane, "spec-ngram")
+    assert texts == plain and acceptance == [None] * len(SPEC_PROMPTS)
+    for deployment_id in ("spec", "spec-ngram"):
+        fw.deployments.delete(deployment_id, hard=True)
+
+
+def test_draft_model_refusals(plane):
+    """A draftModel of another account, an adapter-free model with another vocabulary, a path:
+    400s naming draftModel, before anything loads."""
+    from girandole.registry.models import ModelCatalog
+
+    source = plane.tmp / "tiny-llama"
+    wide = plane.tmp / "tiny-wide"  # config.json says another vocabulary (never loaded)
+    wide.mkdir(exist_ok=True)
+    for f in source.iterdir():
+        (wide / f.name).write_bytes(f.read_bytes())
+    config = json.loads((wide / "config.json").read_text())
+    config["vocab_size"] += 64
+    (wide / "config.json").write_text(json.dumps(config))
+    db = Database.in_folder(plane.data)
+    catalog = ModelCatalog(db, [])
+    for name, path in (("other/models/private", source), (f"{ACCOUNT}/models/tiny-wide", wide)):
+        if catalog.get(f"accounts/{name}") is None:
+            catalog.add(f"accounts/{name}", str(path))
+    db.close()
+    base = f"/v1/accounts/{ACCOUNT}/deployments"
+    before = plane.http("GET", base).json()["totalSize"]
+    for draft, words in [
+        ("accounts/other/models/private", "not a model"),
+        ("tiny-wide", "vocabulary"),
+        (str(source), "not a model"),
+    ]:
+        r = plane.http("POST", base, json={"baseModel": BASE_MODEL, "draftModel": draft})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "draftModel" and words in error["message"], error
+    assert plane.http("GET", base).json()["totalSize"] == before  # nothing was created
 
 
 def test_keys_manage_their_own_account(plane):
