@@ -572,11 +572,12 @@ def test_cli(plane):
         "deployment", "create", "tiny-llama", "--deployment-id", "cli", "--min-replica-count", "0",
         "--max-replica-count", "1", "--scale-up-window", "20s", "--scale-down-window", "1m",
         "--scale-to-zero-window", "2h", "--load-targets", "default=0.5,requests_per_second=3",
-        "--wait", "--json", env=env,
+        "--ngram-speculation-length", "3", "--wait", "--json", env=env,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     d = json.loads(created.stdout)
     assert d["state"] == "READY" and d["replicaCount"] == 1
+    assert d["ngramSpeculationLength"] == 3
     assert d["autoscalingPolicy"] == {
         "scaleUpWindow": "20s",
         "scaleDownWindow": "60s",
