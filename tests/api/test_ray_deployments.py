@@ -542,11 +542,16 @@ def test_manual_scale(plane):
     fw.deployments.create(  # a rate target: our own policy on Ray's controller
         base_model=MODEL, deployment_id="manual", max_replica_count=2,
         autoscaling_policy={"load_targets": {"tokens_generated_per_second": 100000}},
+        ngram_speculation_length=4,  # the replica's engine speculates (the server does not)
     )  # fmt: skip
     plane.wait("manual", 1)
     first = replica_pids(app_name_of(f"accounts/{ACCOUNT}/deployments/manual"))
     name = f"{MODEL}#accounts/{ACCOUNT}/deployments/manual"
-    assert plane.complete(name, "rates", max_tokens=4).status_code == 200
+    # the tiny model repeats itself after this prompt: the n-gram lookup proposes
+    r = plane.complete(name, "The quick brown fox jumps over the lazy dog. The quick brown fox",
+                       max_tokens=16, ignore_eos=True, temperature=0,
+                       perf_metrics_in_response=True)  # fmt: skip
+    assert r.status_code == 200 and "speculation-acceptance" in r.json()["perf_metrics"], r.text
     assert fw.deployments.scale("manual", replica_count=2) == {}
     assert plane.wait("manual", 2).desired_replica_count == 2
     # the replica that ran goes on running: before, each deploy was a new version to Serve,
