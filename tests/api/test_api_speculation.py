@@ -5,6 +5,7 @@ with --ngram-speculation-length or --draft-model answer as a plain engine does; 
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from api_helpers import API_KEY, MODEL, api_conftest, post, sse_events
@@ -173,6 +174,14 @@ def test_server_wide_speculation(tmp_path, tiny_llama_dir, tiny_reference, flags
             assert out.choices[0].text == expected
             accepted += out.model_extra["perf_metrics"].get("speculation-acceptance", 0)
         assert accepted > 0
+        if "--draft-model" in flags:
+            # a deployment may name the operator's --draft-model as its draftModel, no other path
+            url = server.url + "/v1/accounts/fireworks/deployments?validateOnly=true"
+            body = {"baseModel": "accounts/fireworks/models/tiny"}
+            ok = httpx.post(url, json=body | {"draftModel": str(tiny_llama_dir.resolve())})
+            assert ok.status_code == 200, ok.text
+            bad = httpx.post(url, json=body | {"draftModel": str(tmp_path)})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "draftModel"
         server.wait_idle()
     finally:
         conftest.stop_server(server)
