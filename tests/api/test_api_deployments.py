@@ -484,8 +484,9 @@ def test_speculation_per_deployment(plane):
 
 
 def test_draft_model_refusals(plane):
-    """A draftModel of another account, an adapter-free model with another vocabulary, a path:
-    400s naming draftModel, before anything loads."""
+    """A draftModel of another account, one with another vocabulary, a path: 400s naming
+    draftModel, before anything loads. The two models are gone after it (other tests list the
+    plane's models)."""
     from girandole.registry.models import ModelCatalog
 
     source = plane.tmp / "tiny-llama"
@@ -498,22 +499,26 @@ def test_draft_model_refusals(plane):
     (wide / "config.json").write_text(json.dumps(config))
     db = Database.in_folder(plane.data)
     catalog = ModelCatalog(db, [])
-    for name, path in (("other/models/private", source), (f"{ACCOUNT}/models/tiny-wide", wide)):
-        if catalog.get(f"accounts/{name}") is None:
-            catalog.add(f"accounts/{name}", str(path))
-    db.close()
-    base = f"/v1/accounts/{ACCOUNT}/deployments"
-    before = plane.http("GET", base).json()["totalSize"]
-    for draft, words in [
-        ("accounts/other/models/private", "not a model"),
-        ("tiny-wide", "vocabulary"),
-        (str(source), "not a model"),
-    ]:
-        r = plane.http("POST", base, json={"baseModel": BASE_MODEL, "draftModel": draft})
-        assert r.status_code == 400, r.text
-        error = r.json()["error"]
-        assert error["param"] == "draftModel" and words in error["message"], error
-    assert plane.http("GET", base).json()["totalSize"] == before  # nothing was created
+    added = {"accounts/other/models/private": source, f"accounts/{ACCOUNT}/models/tiny-wide": wide}
+    for name, path in added.items():
+        catalog.add(name, str(path))
+    try:
+        base = f"/v1/accounts/{ACCOUNT}/deployments"
+        before = plane.http("GET", base).json()["totalSize"]
+        for draft, words in [
+            ("accounts/other/models/private", "not a model"),
+            ("tiny-wide", "vocabulary"),
+            (str(source), "not a model"),
+        ]:
+            r = plane.http("POST", base, json={"baseModel": BASE_MODEL, "draftModel": draft})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "draftModel" and words in error["message"], error
+        assert plane.http("GET", base).json()["totalSize"] == before  # nothing was created
+    finally:
+        for name in added:
+            catalog.remove(name)
+        db.close()
 
 
 def test_keys_manage_their_own_account(plane):
