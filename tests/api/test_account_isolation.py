@@ -446,6 +446,9 @@ CASES: list[tuple[str, str, Any]] = [
     ("*GET", "/inference/v1/accounts/{A}/users/{user}/apiKeys", None),
     ("*POST", "/v1/accounts/{A}/users/{user}/apiKeys:delete", {"keyId": "{user_key}"}),
     ("GET", "/v1/accounts/{B}/users/{user}", None),
+    # the account itself
+    ("*GET", "/v1/accounts/{A}", None),
+    ("*GET", "/inference/v1/accounts/{A}?readMask=name", None),
 ]
 # fmt: on
 
@@ -503,6 +506,7 @@ LISTS = (
     "/v1/accounts/{B}/batchInferenceJobs",
     "/v1/accounts/{B}/deployedModels",
     "/v1/accounts/{B}/users",
+    "/v1/accounts",
 )
 
 

@@ -1,8 +1,10 @@
 """A server without keys (open), on a tiny model that always stops on EOS at once: start-up,
-EOS counting, ignore_eos, context-length truncation, body-size limit, 2025 usage placement."""
+EOS counting, ignore_eos, context-length truncation, body-size limit, 2025 usage placement,
+its accounts."""
 
 from __future__ import annotations
 
+import fireworks
 import httpx
 from api_helpers import sse_events
 
@@ -98,3 +100,11 @@ def test_usage_on_each_finish_chunk_when_configured(open_server):
     running = [c["usage"]["completion_tokens"] for c in finishes]
     assert running == [1, 2, 3, 4]  # running total over the choices
     assert all(c["usage"] is None for c in chunks if not c["choices"][0]["finish_reason"])
+
+
+def test_an_open_server_serves_every_account(open_server):
+    fw = fireworks.Fireworks(
+        api_key="anything", account_id="testing", base_url=open_server.url, max_retries=0
+    )
+    assert [a.name for a in fw.accounts.list()] == ["accounts/testing"]  # its --account
+    assert fw.accounts.get(account_id="elsewhere").name == "accounts/elsewhere"

@@ -2,7 +2,8 @@
 (`client.users`, `client.api_keys`) and httpx against one real `girandole serve` (a tiny random
 Llama as account acme's model): the operator's `--api-key` is acme's admin; a key of account
 `other` with role admin is acme's stranger. Who may do what, a role change applying to a
-user's keys at once, a deleted user's and an expired key's 401, and each refusal's 4xx."""
+user's keys at once, a deleted user's and an expired key's 401, `client.accounts`, and each
+refusal's 4xx."""
 
 from __future__ import annotations
 
@@ -190,6 +191,50 @@ def test_an_admin_user_keeps_its_account_an_admin(srv):
     with pytest.raises(fireworks.PermissionDeniedError):
         boss.users.update("boss", role="admin")  # no longer an admin: no way back by itself
     assert admin.users.update("helper", role="user").role == "user"  # the operator may
+
+
+def test_accounts_are_the_keys_own(srv):
+    admin = srv.sdk()
+    listed = list(admin.accounts.list())
+    assert [a.name for a in listed] == [f"accounts/{ACCOUNT}"]
+    got = admin.accounts.get()
+    assert (got.name, got.display_name, got.email, got.state, got.suspend_state) == (
+        f"accounts/{ACCOUNT}",
+        ACCOUNT,
+        "",
+        "READY",
+        "UNSUSPENDED",
+    )
+    assert got.status.code == "OK" and got.account_type == "ACCOUNT_TYPE_UNSPECIFIED"
+    assert got.create_time == got.update_time and got.create_time <= datetime.now(UTC)
+    assert listed[0] == got
+
+    # a key of a user with an email: its email; the account dates from its earliest key
+    admin.users.create(user_id="viewer", role="inference-user", email="v@example.com")
+    made = admin.api_keys.create("viewer", api_key={})
+    viewer = srv.sdk(made.key).accounts.get(account_id=ACCOUNT)
+    assert viewer.email == "v@example.com" and viewer.create_time <= made.create_time
+
+    # another account's key: its own account only, 403 for acme's
+    stranger = srv.sdk(srv.stranger_key)
+    assert [a.name for a in stranger.accounts.list()] == ["accounts/other"]
+    with pytest.raises(fireworks.PermissionDeniedError) as exc:
+        stranger.accounts.get(account_id=ACCOUNT)
+    denied(exc, "belongs to account other")
+
+    r = srv.http("GET", f"/inference/v1/accounts/{ACCOUNT}", params={"readMask": "name,email"})
+    assert r.json() == {"name": f"accounts/{ACCOUNT}", "email": ""}
+    r = srv.http("GET", "/v1/accounts", params={"filter": 'name = "accounts/nope"'})
+    assert r.json()["accounts"] == []
+    for path, params, status, param in [
+        ("/v1/accounts/Bad_Id", {}, 400, "account"),
+        ("/v1/accounts/acme", {"readMask": "owner"}, 400, "readMask"),
+        ("/v1/accounts", {"pageToken": "nope"}, 400, "pageToken"),
+    ]:
+        r = srv.http("GET", path, params=params)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), r.text
+    for path in ("/v1/accounts", f"/v1/accounts/{ACCOUNT}"):
+        assert srv.http("GET", path, "gk_nobody_x").status_code == 401
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,19 @@ def test_an_expired_key_is_refused(tmp_path):
     db.close()
 
 
+def test_an_account_dates_from_its_first_key_or_user(tmp_path):
+    db = Database.in_folder(tmp_path)
+    assert db.account_since("acme") is None
+    db.create_user("acme", "bob", "user")
+    user_time = db.get_user("acme", "bob").created
+    assert db.account_since("acme") == user_time
+    _, key = db.create_key("other")
+    assert db.account_since("other") == key.created and db.account_since("acme") == user_time
+    db.revoke_key(key.id)
+    assert db.account_since("other") == key.created  # a revoked key's row stays
+    db.close()
+
+
 def test_the_last_admin_user_stays_unless_the_operator_removes_it(tmp_path):
     db = Database.in_folder(tmp_path)
     db.create_user("acme", "ann", "admin")

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from girandole import __version__
+from girandole.api.accounts import install_accounts
 from girandole.api.batch import install_batch
 from girandole.api.chat import route as chat
 from girandole.api.completions import route as completions
@@ -89,6 +90,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     app.include_router(rerank.cohere_router, tags=["inference"])
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_users(app, INFERENCE_PREFIXES)
+    install_accounts(app, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
     for prefix in INFERENCE_PREFIXES:  # Anthropic's Message Batches: on the same store, runner

@@ -35,6 +35,7 @@ class AppState:
                     " and '-', starting with a letter, not ending with '-'"
                 )
         self.settings = settings
+        self.started = time.time()  # an account with no record in the keys database dates from it
         keys = list(settings.api_keys)
         if settings.api_keys_file:
             keys += read_keys_file(settings.api_keys_file)

@@ -482,6 +482,16 @@ class Database:
             ) from None
         return UserInfo(account, user_id, role, display_name, email, service_account, now, now)
 
+    def account_since(self, account: str) -> float | None:
+        """When the database first heard of `account`: the creation of its earliest key (a
+        revoked key's row stays) or of its earliest user still there; None: never."""
+        rows = self.execute(
+            "SELECT MIN(t) FROM (SELECT MIN(created) AS t FROM api_keys WHERE account = ?"
+            " UNION ALL SELECT MIN(created) FROM users WHERE account = ?)",
+            (account, account),
+        )
+        return rows[0][0]
+
     def get_user(self, account: str, user_id: str) -> UserInfo | None:
         rows = self.execute(_USER_SELECT + " WHERE account = ? AND id = ?", (account, user_id))
         return _user(rows[0]) if rows else None
