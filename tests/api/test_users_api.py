@@ -2,12 +2,13 @@
 (`client.users`, `client.api_keys`) and httpx against one real `girandole serve` (a tiny random
 Llama as account acme's model): the operator's `--api-key` is acme's admin; a key of account
 `other` with role admin is acme's stranger. Who may do what, a role change applying to a
-user's keys at once, a deleted user's and an expired key's 401, `client.accounts`, and each
-refusal's 4xx."""
+user's keys at once, a deleted user's and an expired key's 401, user ids made from emails,
+`client.accounts`, and each refusal's 4xx."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,9 @@ import openai
 import pytest
 from api_helpers import api_conftest
 
+from girandole.api.users.user_ids import id_from_email
 from girandole.registry.keystore import Database
+from girandole.registry.naming import is_valid_id
 
 ACCOUNT = "acme"
 ADMIN_KEY = "users-operator-key"
@@ -193,6 +196,29 @@ def test_an_admin_user_keeps_its_account_an_admin(srv):
     assert admin.users.update("helper", role="user").role == "user"  # the operator may
 
 
+def test_a_user_without_user_id_gets_one_from_its_email(srv):
+    admin = srv.sdk()
+    first = admin.users.create(role="user", email="José.Díaz+x@example.com")
+    assert first.name == f"accounts/{ACCOUNT}/users/jose-diaz-x" and first.role == "user"
+    again = admin.users.create(role="user", email="jose.diaz-x@example.org")  # the same id: taken
+    assert re.fullmatch(rf"accounts/{ACCOUNT}/users/jose-diaz-x-[0-9a-f]{{6}}", again.name)
+    for email in (None, "42@example.com"):  # nothing usable: a random id
+        made = admin.users.create(role="inference-user", **({"email": email} if email else {}))
+        assert re.fullmatch(rf"accounts/{ACCOUNT}/users/user-[0-9a-f]{{6}}", made.name)
+    assert admin.users.get("jose-diaz-x").email == "José.Díaz+x@example.com"
+
+
+@pytest.mark.parametrize(
+    "email, expected",
+    [("Ann.Lee@x.io", "ann-lee"), ("__9-bob__@x", "bob"), ("@x", None), ("ß@x", "ss"),
+     ("日本@x", None), ("a" * 80 + "@x", "a" * 56), ("a" * 55 + ".b@x", "a" * 55), ("", None)],
+)  # fmt: skip
+def test_an_emails_id_is_a_valid_id_with_room_for_a_suffix(email, expected):
+    made = id_from_email(email)
+    assert made == expected
+    assert made is None or is_valid_id(made + "-abcdef")
+
+
 def test_accounts_are_the_keys_own(srv):
     admin = srv.sdk()
     listed = list(admin.accounts.list())
@@ -243,7 +269,6 @@ def test_accounts_are_the_keys_own(srv):
         ("POST", f"{USERS}?userId=x1", {"role": "root"}, 400, "role"),
         ("POST", f"{USERS}?userId=x1", {"role": "contributor"}, 400, "role"),
         ("POST", f"{USERS}?userId=Bad_Id", {"role": "user"}, 400, "userId"),
-        ("POST", USERS, {"role": "user"}, 400, "userId"),
         ("POST", f"{USERS}?userId=x1", {"displayName": "no role"}, 400, "role"),
         ("POST", f"{USERS}?userId=x1", {"role": "user", "extra": 1}, 400, None),
         ("PATCH", f"{USERS}/fixed", {"role": "contributor"}, 400, "role"),

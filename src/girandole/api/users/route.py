@@ -1,7 +1,8 @@
 """Routes of Fireworks' account users and API keys (the fireworks-ai SDK's `client.users` and
 `client.api_keys`, firectl's user and api-key commands):
 
-    POST   /v1/accounts/{a}/users?userId=U            create a user   {role, displayName, email}
+    POST   /v1/accounts/{a}/users[?userId=U]          create a user   {role, displayName, email}
+                                                      (no userId: one made from the email)
     GET    /v1/accounts/{a}/users                     list (pageSize, pageToken, filter, orderBy,
                                                       readMask)
     GET    /v1/accounts/{a}/users/{u}                 get
@@ -38,6 +39,7 @@ from girandole.api.http.list_params import ListParams, ListQuery, list_page, rea
 from girandole.api.http.openapi import body_doc
 from girandole.api.ops.tracking import Principal
 from girandole.api.users.schema import CreateApiKeyBody, DeleteApiKeyBody, UserBody
+from girandole.api.users.user_ids import candidate_ids
 from girandole.registry.deployments import format_time
 from girandole.registry.keystore import Database, KeyInfo, UserError, UserInfo
 from girandole.registry.naming import is_valid_id
@@ -263,23 +265,29 @@ async def create_user(
 ) -> dict:
     require_admin(request, principal, "only an admin creates users")
     body = await read_json(request, UserBody)
-    if user_id is None:
-        raise APIError(400, "userId is required: the id of the new user", param="userId")
-    check_user_id(user_id)
+    if user_id is not None:
+        check_user_id(user_id)
     if body.role is None:
         raise APIError(400, "role is required: one of admin, user, inference-user", param="role")
-    try:
-        user = db_of(request).create_user(
-            account,
-            user_id,
-            _role(body.role),
-            _text(body.displayName, "displayName", MAX_DISPLAY_NAME) or "",
-            _text(body.email, "email", MAX_EMAIL) or "",
-            bool(body.serviceAccount),
-        )
-    except UserError as exc:
-        raise user_error(exc) from None
-    return user_json(user)
+    role = _role(body.role)
+    display_name = _text(body.displayName, "displayName", MAX_DISPLAY_NAME) or ""
+    email = _text(body.email, "email", MAX_EMAIL) or ""
+    db = db_of(request)
+    # no userId: as Fireworks, one made from the email (user_ids.py), suffixed while taken
+    ids = [user_id] if user_id is not None else candidate_ids(email)
+    for candidate in ids:
+        try:
+            user = db.create_user(
+                account, candidate, role, display_name, email, bool(body.serviceAccount)
+            )
+        except UserError as exc:
+            if user_id is not None or exc.code != "ALREADY_EXISTS":
+                raise user_error(exc) from None
+            continue
+        return user_json(user)
+    raise APIError(  # every generated id taken: astronomically unlikely
+        409, "could not generate a free user id: give one as userId", code="ALREADY_EXISTS"
+    )
 
 
 @router.get("/accounts/{account}/users", summary="List users")
