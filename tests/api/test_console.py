@@ -344,6 +344,7 @@ def test_documented_curl_commands_send_their_json_as_json():
         ([], {"GIRANDOLE_KV_CACHE_GB": "-1"}, "[GIRANDOLE_KV_CACHE_GB]"),
         (["--mcp-timeout", "nan"], {}, "argument --mcp-timeout: 'nan' is not a number > 0"),
         ([], {"GIRANDOLE_QUEUE_TIMEOUT": "x"}, "[GIRANDOLE_QUEUE_TIMEOUT]"),
+        (["--max-keys-per-user", "-1"], {}, "'-1' is not an integer >= 0"),
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),

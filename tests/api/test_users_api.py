@@ -2,8 +2,8 @@
 (`client.users`, `client.api_keys`) and httpx against one real `girandole serve` (a tiny random
 Llama as account acme's model): the operator's `--api-key` is acme's admin; a key of account
 `other` with role admin is acme's stranger. Who may do what, a role change applying to a
-user's keys at once, a deleted user's and an expired key's 401, user ids made from emails,
-`client.accounts`, and each refusal's 4xx."""
+user's keys at once, a deleted user's and an expired key's 401, user ids made from emails, the
+cap on a user's keys, `client.accounts`, and each refusal's 4xx."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ ADMIN_KEY = "users-operator-key"
 MODEL = f"accounts/{ACCOUNT}/models/tiny"
 CATALOG_MODEL = "accounts/fireworks/models/gemma-3-270m"  # always in the catalog
 USERS = f"/v1/accounts/{ACCOUNT}/users"
+KEY_CAP = 3  # --max-keys-per-user: no test below makes more keys of one user
 
 
 class Server:
@@ -41,7 +42,7 @@ class Server:
         self.server = self.conftest.start_server(
             tmp, "--model", str(tiny), "--model-id", "tiny", "--account", ACCOUNT,
             "--api-key", ADMIN_KEY, "--kv-cache-gb", "0.02", "--data-dir", str(data),
-            api_key=ADMIN_KEY,
+            "--max-keys-per-user", str(KEY_CAP), api_key=ADMIN_KEY,
         )  # fmt: skip
         self.url = self.server.url
 
@@ -217,6 +218,23 @@ def test_an_emails_id_is_a_valid_id_with_room_for_a_suffix(email, expected):
     made = id_from_email(email)
     assert made == expected
     assert made is None or is_valid_id(made + "-abcdef")
+
+
+def test_a_users_keys_are_capped(srv):
+    admin = srv.sdk()
+    admin.users.create(user_id="hoarder", role="user")
+    hoarder = srv.sdk(admin.api_keys.create("hoarder", api_key={}).key)
+    made = [hoarder.api_keys.create("hoarder", api_key={}) for _ in range(KEY_CAP - 1)]
+    for sdk in (hoarder, admin):  # the admin too: the cap is the user's
+        with pytest.raises(fireworks.BadRequestError) as exc:
+            sdk.api_keys.create("hoarder", api_key={"display_name": "one more"})
+        error = exc.value.response.json()["error"]
+        assert error["code"] == "FAILED_PRECONDITION", error
+        assert f"--max-keys-per-user {KEY_CAP}" in error["message"]
+        assert "apiKeys:delete" in error["message"]
+    assert len(list(admin.api_keys.list("hoarder"))) == KEY_CAP
+    hoarder.api_keys.delete("hoarder", key_id=made[0].key_id)  # frees a place
+    assert hoarder.api_keys.create("hoarder", api_key={}).key
 
 
 def test_accounts_are_the_keys_own(srv):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from girandole.registry.keystore import DB_NAME, Database, digest
+from girandole.registry.keystore import DB_NAME, Database, UserError, digest
 
 # api_keys as it was before keys had roles
 OLD_SCHEMA = """CREATE TABLE api_keys (
@@ -129,6 +129,25 @@ def test_an_expired_key_is_refused(tmp_path):
     assert db.authenticate(key) is not None
     time.sleep(0.4)
     assert db.authenticate(key) is None
+    db.close()
+
+
+def test_a_users_live_keys_are_capped(tmp_path):
+    """The cap counts live keys only: a revoked or an expired one frees its place; 0: no cap."""
+    db = Database.in_folder(tmp_path)
+    db.create_user("acme", "bob", "user")
+    _, first = db.create_user_key("acme", "bob", max_keys=2)
+    db.create_user_key("acme", "bob", expires=time.time() + 0.3, max_keys=2)
+    with pytest.raises(UserError, match="--max-keys-per-user 2") as exc:
+        db.create_user_key("acme", "bob", max_keys=2)
+    assert (exc.value.status, exc.value.code) == (400, "FAILED_PRECONDITION")
+    time.sleep(0.4)
+    db.create_user_key("acme", "bob", max_keys=2)  # the expired one no longer counts
+    assert db.revoke_user_key("acme", "bob", first.id)
+    db.create_user_key("acme", "bob", max_keys=2)  # nor the revoked one
+    db.create_user("acme", "cy", "user")  # the cap is per user
+    db.create_user_key("acme", "cy", max_keys=2)
+    assert db.create_user_key("acme", "bob", max_keys=0)  # no cap
     db.close()
 
 

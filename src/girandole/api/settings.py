@@ -65,6 +65,8 @@ class ServerSettings:
     data_dir: str | None = None
     rate_limit_rpm: int | None = None  # default per-key requests/minute (keys may override)
     rate_limit_tpm: int | None = None  # default per-key tokens/minute (keys may override)
+    # live keys a user may hold (made over REST): limits are per key; 0: no cap
+    max_keys_per_user: int = 20
     # Engine sequences (choices: prompts x n of each request) admitted at once; more queue
     max_concurrent_requests: int = 64
     max_choices_per_request: int = 256  # prompts x n of one request; more is a 400

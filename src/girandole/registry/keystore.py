@@ -206,7 +206,7 @@ class UserInfo:
 class UserError(ValueError):
     """A users-table change refused, with its HTTP status and Fireworks' error code: 404
     NOT_FOUND (no such user), 409 ALREADY_EXISTS, 409 FAILED_PRECONDITION (it would leave the
-    account without an admin)."""
+    account without an admin), 400 FAILED_PRECONDITION (a user's keys at their cap)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -350,20 +350,42 @@ class Database:
         return key, KeyInfo(key_id, account, name, created, None, rpm, tpm, role)
 
     def create_user_key(
-        self, account: str, user_id: str, name: str = "", expires: float | None = None
+        self,
+        account: str,
+        user_id: str,
+        name: str = "",
+        expires: float | None = None,
+        max_keys: int = 0,
     ) -> tuple[str, KeyInfo]:
         """A new key of an existing user (the server's default limits; its user's role):
-        (the key, shown only now; its row). UserError 404 when there is no such user."""
+        (the key, shown only now; its row). UserError 404 when there is no such user, 400
+        FAILED_PRECONDITION when it has `max_keys` live keys already (0: no cap): limits are per
+        key, so a user minting keys would multiply its allowance."""
         check_key_name(name)
         key_id, key = _new_key()
         created = time.time()
-        with self.transaction() as run:
+        with self.transaction() as run:  # the count and the insert as one: no race past the cap
             rows = run("SELECT role FROM users WHERE account = ? AND id = ?", (account, user_id))
             if not rows:
                 raise UserError(
                     404, "NOT_FOUND", f"user {user_id!r} not found in account {account}"
                 )
             role = rows[0][0]
+            if max_keys > 0:
+                live = run(
+                    "SELECT COUNT(*) FROM api_keys WHERE account = ? AND user_id = ?"
+                    " AND revoked IS NULL AND (expires IS NULL OR expires > ?)",
+                    (account, user_id, created),
+                )[0][0]
+                if live >= max_keys:
+                    raise UserError(
+                        400,
+                        "FAILED_PRECONDITION",
+                        f"user {user_id!r} of account {account} has {live} live API keys, the"
+                        f" most a user may have on this server (--max-keys-per-user {max_keys}):"
+                        f" delete one first (POST /v1/accounts/{account}/users/{user_id}"
+                        "/apiKeys:delete {keyId}) or wait for one to expire",
+                    )
             run(
                 "INSERT INTO api_keys (id, account, name, digest, created, role, user_id, expires)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

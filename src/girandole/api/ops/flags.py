@@ -57,6 +57,14 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         " default: no limit [GIRANDOLE_RATE_LIMIT_TPM]",
     )
     p.add_argument(
+        "--max-keys-per-user",
+        type=int_value("MAX_KEYS_PER_USER", 0),
+        default=env_default("MAX_KEYS_PER_USER", str(DEFAULTS.max_keys_per_user)),
+        help="live (unrevoked, unexpired) API keys a user of an account may hold; rate limits"
+        " are per key, so more would multiply a user's allowance; 0: no cap"
+        " [GIRANDOLE_MAX_KEYS_PER_USER]",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int_value("MAX_CONCURRENT_REQUESTS", 1),
         default=env_default("MAX_CONCURRENT_REQUESTS", str(DEFAULTS.max_concurrent_requests)),
@@ -177,6 +185,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": data_dir,
         "rate_limit_rpm": args.rate_limit_rpm,
         "rate_limit_tpm": args.rate_limit_tpm,
+        "max_keys_per_user": args.max_keys_per_user,
         "max_concurrent_requests": args.max_concurrent_requests,
         "max_queued_requests": args.max_queued_requests,
         "queue_timeout": args.queue_timeout,

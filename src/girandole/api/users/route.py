@@ -9,7 +9,8 @@
     PATCH  /v1/accounts/{a}/users/{u}                 change role, displayName, email
     DELETE /v1/accounts/{a}/users/{u}                 delete it and revoke its keys
     POST   /v1/accounts/{a}/users/{u}/apiKeys         a new key of the user {apiKey: {displayName,
-                                                      expireTime}}: its secret, shown only here
+                                                      expireTime}}: its secret, shown only here;
+                                                      400 at --max-keys-per-user live keys
     GET    /v1/accounts/{a}/users/{u}/apiKeys         its live keys (never their secrets)
     POST   /v1/accounts/{a}/users/{u}/apiKeys:delete  revoke one {keyId}
 
@@ -236,8 +237,10 @@ async def create_api_key(
     expires = parse_expire_time(body.expireTime)
     user = existing_user(request, account, user_id)
     try:
-        secret, info = db_of(request).create_user_key(account, user_id, name, expires)
-    except UserError as exc:  # deleted meanwhile
+        secret, info = db_of(request).create_user_key(
+            account, user_id, name, expires, request.app.state.girandole.settings.max_keys_per_user
+        )
+    except UserError as exc:  # deleted meanwhile, or at its cap of keys
         raise user_error(exc) from None
     return key_json(info, user.email, secret)
 
