@@ -28,7 +28,7 @@ ADMIN_KEY = "users-operator-key"
 MODEL = f"accounts/{ACCOUNT}/models/tiny"
 CATALOG_MODEL = "accounts/fireworks/models/gemma-3-270m"  # always in the catalog
 USERS = f"/v1/accounts/{ACCOUNT}/users"
-KEY_CAP = 3  # --max-keys-per-user: no test below makes more keys of one user
+KEY_CAP = 3  # --max-keys-per-user: the other tests make at most 3 keys of one user
 
 
 class Server:
