@@ -354,3 +354,19 @@ def test_another_accounts_admin_is_refused_on_every_route(srv, prefix, method, p
     assert error["code"] == "PERMISSION_DENIED" and "belongs to account other" in error["message"]
     assert srv.http(method, url, "gk_nobody_x", json=body).status_code == 401
     assert srv.http("GET", f"{USERS}/fixed").json()["role"] == "user"  # unchanged
+
+
+def test_a_conflict_is_not_retried_by_the_sdks(srv):
+    """A 409 says `x-should-retry: false`: the Stainless SDKs would send it twice more (with
+    back-off) otherwise, to get the same conflict."""
+    sent: list[str] = []
+    client = httpx.Client(event_hooks={"request": [lambda r: sent.append(r.method)]})
+    sdk = fireworks.Fireworks(
+        api_key=ADMIN_KEY, account_id=ACCOUNT, base_url=srv.url, http_client=client
+    )  # max_retries: the SDK's default (2)
+    sdk.users.create(user_id="twice", role="user")
+    sent.clear()
+    with pytest.raises(fireworks.ConflictError) as exc:
+        sdk.users.create(user_id="twice", role="user")
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert sent == ["POST"]

@@ -70,8 +70,16 @@ class APIError(Exception):
 
     def response(self, request_id: str | None = None) -> JSONResponse:
         return JSONResponse(
-            self.body(request_id), status_code=self.status_code, headers=self.headers
+            self.body(request_id), status_code=self.status_code, headers=self.response_headers()
         )
+
+    def response_headers(self) -> dict[str, str]:
+        """Its headers, with `x-should-retry: false` on a 409: the Stainless SDKs (openai,
+        fireworks-ai, anthropic) retry a 409 twice unless told not to, and a conflict (an id
+        taken, the last admin) answers the same again."""
+        if self.status_code == 409 and "x-should-retry" not in self.headers:
+            return {**self.headers, "x-should-retry": "false"}
+        return self.headers
 
 
 def new_request_id() -> str:
@@ -307,5 +315,5 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
     return JSONResponse(
         body_of(error, request_id_of(request)),
         status_code=error.status_code,
-        headers=error.headers,
+        headers=error.response_headers(),
     )
