@@ -268,6 +268,9 @@ def _collect(
 
 
 def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWeights]:
+    """The fused weights a forward applies, from `adapter.raw`. Differentiable: the fine-tuning
+    trainer (girandole.finetune.trainer) fuses its trainable A/B this way at every step, so
+    training and serving share one LoRA computation."""
     shapes = module_shapes(spec)
     r, s = adapter.rank, adapter.scaling
     fused = {}
@@ -289,6 +292,9 @@ def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWei
                 )
             fused[(layer, linear)] = LoRAWeights(a.contiguous(), b.t().contiguous())
     return fused
+
+
+fuse = _fuse
 
 
 # ---------------------------------------------------------------------------------------------

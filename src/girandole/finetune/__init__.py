@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (LoRA) of the server's models: rows, trainer, and the job runner."""

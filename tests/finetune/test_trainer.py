@@ -1,0 +1,121 @@
+"""The LoRA trainer on a tiny random Llama: rows whose every answer is one odd fixed string,
+overfit in seconds; the written adapter, served by the engine (fast mode, as the server runs it),
+answers that string to greedy chat while the base model does not. Fails if training does
+nothing (the adapter starts as the base model: B is zero)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from girandole.engine.engine import EngineConfig, LLMEngine
+from girandole.finetune.data import RowError, encode_row, read_rows
+from girandole.finetune.trainer import TrainConfig, train
+from girandole.model.lora import read_adapter
+from girandole.sampling.params import SamplingParams
+from girandole.tokenizer.chat_template import chat_template_for, encode_chat
+
+ANSWER = "Zebra-42."
+QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
+
+
+def write_rows(path: Path, answer: str = ANSWER) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+        for q in QUESTIONS
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def greedy_chat(engine: LLMEngine, question: str, adapter: str | None) -> str:
+    tok = engine.tokenizer
+    _, ids = encode_chat(tok, [{"role": "user", "content": question}], chat_template_for(tok))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    engine.add_request("r", ids, params, adapter=adapter)
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.extend(o.new_token_ids)
+    return tok.decode(out).strip()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory) -> tuple[Path, object]:
+    tmp = tmp_path_factory.mktemp("sft")
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_rows(tmp / "rows.jsonl")),
+        output_dir=str(tmp / "adapter"), base_model_name="accounts/acme/models/tiny",
+        epochs=10, learning_rate=5e-3, batch_size_samples=1, device="cpu",
+    )  # fmt: skip
+    reports: list[dict] = []
+    result = train(config, reports.append)
+    return tmp / "adapter", (result, reports)
+
+
+def test_overfit_adapter_answers_the_trained_string(tiny_llama_dir, trained):
+    folder, (result, reports) = trained
+    assert result.steps == 60 and reports[-1]["percent"] == 100
+    assert reports[-1]["loss"] < reports[0]["loss"] / 5
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8
+    assert config["base_model_name_or_path"] == "accounts/acme/models/tiny"
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), device="cpu", kv_cache_gb=0.01))
+    adapter = engine.loras.read("sft", folder)
+    assert adapter.rank == 8 and len(adapter.raw) == 2 * 7
+    engine.loras.register(adapter)
+    for question in ("hello", "a question never seen"):
+        assert greedy_chat(engine, question, "sft") == ANSWER
+        assert greedy_chat(engine, question, None) != ANSWER
+
+
+def test_adapter_reads_back_bit_for_bit(tiny_llama_dir, trained):
+    from safetensors.torch import load_file
+
+    from girandole.model.loader import read_checkpoint
+
+    folder, _ = trained
+    spec = read_checkpoint(tiny_llama_dir)[0]
+    adapter = read_adapter(folder, spec)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    a, b = adapter.raw[(1, "down_proj")]
+    assert a.equal(tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"])
+    assert b.equal(tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"])
+    assert b.abs().sum() > 0  # trained: B starts at zero
+
+
+def test_rows_trained_only_on_assistant_messages(tiny_llama_dir):
+    from girandole.tokenizer.loader import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    messages = [
+        {"role": "system", "content": "be odd"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "skip me", "weight": 0},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "train me"},
+    ]
+    ex = encode_row(tok, chat_template_for(tok), messages, 4096, "row 1")
+    trained = tok.decode([i for i, t in zip(ex.ids, ex.trained) if t], skip_special_tokens=False)
+    assert trained.strip() == "train me </s>"
+    assert len(encode_row(tok, chat_template_for(tok), messages, 5, "row 1").ids) == 5
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("not json", "line 2 is not valid JSON"),
+        ('{"text": "x"}', "line 2: a row is an object"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "line 2: no assistant message"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "line 2: messages[0].role"),
+        ('{"messages": [{"role": "assistant", "content": 3}]}', "messages[0].content"),
+        ('{"messages": [{"role": "assistant", "content": "x", "weight": 2}]}', "weight"),
+    ],
+)
+def test_bad_rows_name_their_line(line, says):
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    with pytest.raises(RowError, match=re.escape(says)):
+        read_rows(f"{good}\n{line}\n".encode())
