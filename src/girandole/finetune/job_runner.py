@@ -1,0 +1,211 @@
+"""Runs supervised fine-tuning jobs one at a time, in creation order, each in a child process
+(girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The child's progress lines
+become the job's jobProgress; its adapter folder, when it succeeds, moves into the uploaded
+models' storage (registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the
+job's base model: it deploys and serves as an uploaded adapter does. Cancel terminates the
+child. On start, a job left RUNNING by a stopped server FAILS (store.fail_interrupted)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from girandole.batch.store import now_text
+from girandole.finetune.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SftStore
+
+log = logging.getLogger(__name__)
+
+# torch threads of the training child: the server's engine keeps the cores it has
+THREADS_ENV = "GIRANDOLE_SFT_THREADS"
+
+
+class SftRunner:
+    def __init__(
+        self, store: SftStore, catalog: Any, files: Any, datasets: Any, folder: Path
+    ) -> None:
+        self.store, self.catalog, self.files, self.datasets = store, catalog, files, datasets
+        self.folder = folder  # per job: spec, log and the adapter being written
+        self.wake = threading.Event()
+        self.stopping = False
+        self.current: tuple[str, str] | None = None
+        self.child: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        store.fail_interrupted()
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="girandole-sft", daemon=True)
+            self.thread.start()
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def stop_job(self, account: str, job_id: str) -> None:
+        """Terminate the job's child if it is the one running (its state is already set)."""
+        with self.lock:
+            if self.current == (account, job_id) and self.child is not None:
+                self.child.terminate()
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        with self.lock:
+            if self.child is not None:
+                self.child.terminate()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            found = self.store.next_pending()
+            if found is None:
+                self.wake.wait(5)
+                self.wake.clear()
+                continue
+            account, job_id, body = found
+            try:
+                self._run(account, job_id, body)
+            except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the runner
+                log.exception("fine-tuning job %s failed", job_id)
+                self._finish(account, job_id, FAILED, {"code": "INTERNAL", "message": str(exc)})
+
+    def _spec(self, account: str, job_id: str, body: dict[str, Any], out: Path) -> dict:
+        def dataset_path(name: str) -> str:
+            dataset_id = name.rsplit("/", 1)[-1]
+            path = self.folder / f"{dataset_id}.jsonl"
+            path.write_bytes(self.datasets.dataset_bytes(account, dataset_id))
+            return str(path)
+
+        base_name = body.get("baseModel")
+        warm = None
+        if body.get("warmStartFrom"):
+            adapter = self.catalog.get(body["warmStartFrom"])
+            if adapter is None:
+                raise ValueError(f"warmStartFrom {body['warmStartFrom']} no longer exists")
+            warm, base_name = adapter.source, adapter.base_model
+        base = self.catalog.get(base_name)
+        if base is None:
+            raise ValueError(f"base model {base_name} no longer exists")
+        eval_name = body.get("evaluationDataset")
+        return {
+            "base_path": base.source,
+            "base_model_name": base.name,
+            "dataset_path": dataset_path(body["dataset"]),
+            "eval_path": dataset_path(eval_name) if eval_name else None,
+            "eval_carveout": bool(body.get("evalAutoCarveout")),
+            "warm_start_path": warm,
+            "output_dir": str(out),
+            "rank": body["loraRank"],
+            "epochs": body["epochs"],
+            "learning_rate": body["learningRate"],
+            "batch_size_tokens": body.get("batchSize"),
+            "batch_size_samples": body.get("batchSizeSamples"),
+            "gradient_accumulation_steps": body["gradientAccumulationSteps"],
+            "warmup_steps": body["learningRateWarmupSteps"],
+            "weight_decay": body["optimizerWeightDecay"],
+            "max_context_length": body["maxContextLength"],
+            "early_stop": bool(body.get("earlyStop")),
+            "threads": int(os.environ.get(THREADS_ENV, "1")),
+        }
+
+    def _run(self, account: str, job_id: str, body: dict[str, Any]) -> None:
+        work = self.folder / account / job_id
+        shutil.rmtree(work, ignore_errors=True)  # a resumed job trains again from the start
+        work.mkdir(parents=True)
+        body["state"] = RUNNING
+        body["jobProgress"] = {"percent": 0, "epoch": 0}
+        if not self.store.save(account, job_id, body):
+            return
+        spec = self._spec(account, job_id, body, work / "adapter")
+        (work / "spec.json").write_text(json.dumps(spec))
+        stderr = open(work / "train.log", "wb")
+        with self.lock:
+            if self.stopping or (self.store.get(account, job_id) or {}).get("state") != RUNNING:
+                stderr.close()
+                return  # cancelled or deleted before its child started
+            self.current = (account, job_id)
+            self.child = subprocess.Popen(
+                [sys.executable, "-m", "girandole.finetune.worker", str(work / "spec.json")],
+                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        last: dict[str, Any] = {}
+        try:
+            for raw in self.child.stdout:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                last = line
+                if "progress" in line:
+                    self._progress(account, job_id, line["progress"])
+            code = self.child.wait()
+        finally:
+            stderr.close()
+            with self.lock:
+                self.current, self.child = None, None
+        now = self.store.get(account, job_id)
+        if now is None or now["state"] != RUNNING:  # cancelled or deleted: the child was ended
+            return
+        if self.stopping:
+            self._finish(account, job_id, FAILED, {"code": "ABORTED", "message": "the server stopped while the job ran; resume it to train again"})  # fmt: skip
+            return
+        if code != 0 or "done" not in last:
+            tail = (work / "train.log").read_text(errors="replace")[-500:]
+            message = last.get("error") or f"training exited with status {code}: {tail}"
+            self._finish(account, job_id, FAILED, {"code": "INVALID_ARGUMENT" if "error" in last else "INTERNAL", "message": message})  # fmt: skip
+            return
+        done = last["done"]
+        try:
+            self._register(account, body, work / "adapter")
+        except ValueError as exc:
+            self._finish(account, job_id, FAILED, {"code": "ALREADY_EXISTS", "message": str(exc)})
+            return
+        message = f"trained {done['steps']} steps over {done['epochs']} epochs"
+        if done.get("earlyStopped"):
+            message += " (stopped early: the evaluation loss no longer improved)"
+        self._finish(account, job_id, COMPLETED, {"code": "OK", "message": message})
+
+    def _progress(self, account: str, job_id: str, progress: dict[str, Any]) -> None:
+        body = self.store.get(account, job_id)
+        if body is None or body["state"] != RUNNING:
+            return
+        shown = body.setdefault("jobProgress", {})
+        shown.update({k: v for k, v in progress.items() if k != "elapsedSeconds"})
+        self.store.save(account, job_id, body)
+
+    def _register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
+        """The adapter folder into the uploaded models' storage, and into the catalog."""
+        name = body["outputModel"]
+        model_id = name.rsplit("/", 1)[-1]
+        base = body.get("baseModel")
+        if base is None:
+            base = self.catalog.get(body["warmStartFrom"]).base_model
+        with self.files.lock:
+            if self.catalog.get(name) is not None:
+                raise ValueError(f"outputModel {name} was created while the job ran")
+            target = self.files.model_dir(account, model_id)
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(adapter), target)
+            self.catalog.add(name, str(target), base=base)
+
+    def _finish(self, account: str, job_id: str, state: str, status: dict[str, str]) -> None:
+        body = self.store.get(account, job_id)
+        if body is None:
+            return
+        body["state"], body["status"] = state, status
+        if state == COMPLETED:
+            body.setdefault("jobProgress", {})["percent"] = 100
+        body["completedTime"] = now_text()
+        self.store.save(account, job_id, body)
+
+
+__all__ = ["CANCELLED", "PENDING", "SftRunner"]

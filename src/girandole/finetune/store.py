@@ -1,0 +1,89 @@
+"""Supervised fine-tuning jobs in the server's database (girandole.db): one row a job, its
+Fireworks body as JSON. States: JOB_STATE_PENDING (waiting for the runner, in creation order)
+-> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED | JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from girandole.batch.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, now_text
+
+FINAL = (COMPLETED, FAILED, CANCELLED)
+__all__ = ["CANCELLED", "COMPLETED", "FAILED", "FINAL", "PENDING", "RUNNING", "SftStore"]
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS sft_jobs (
+    account TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (account, job_id)
+)"""
+
+
+def sft_job_name(account: str, job_id: str) -> str:
+    return f"accounts/{account}/supervisedFineTuningJobs/{job_id}"
+
+
+class SftStore:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        db.execute(_SCHEMA)
+
+    def insert(self, account: str, job_id: str, body: dict[str, Any]) -> bool:
+        rows = self.db.execute(
+            "INSERT INTO sft_jobs (account, job_id, created, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (account, job_id) DO NOTHING RETURNING job_id",
+            (account, job_id, time.time(), json.dumps(body)),
+        )
+        return bool(rows)
+
+    def get(self, account: str, job_id: str) -> dict[str, Any] | None:
+        rows = self.db.execute(
+            "SELECT body FROM sft_jobs WHERE account = ? AND job_id = ?", (account, job_id)
+        )
+        return json.loads(rows[0][0]) if rows else None
+
+    def save(self, account: str, job_id: str, body: dict[str, Any]) -> bool:
+        """Write the job's body (its updateTime set now); False when it was deleted."""
+        body["updateTime"] = now_text()
+        rows = self.db.execute(
+            "UPDATE sft_jobs SET body = ? WHERE account = ? AND job_id = ? RETURNING job_id",
+            (json.dumps(body), account, job_id),
+        )
+        return bool(rows)
+
+    def delete(self, account: str, job_id: str) -> None:
+        self.db.execute("DELETE FROM sft_jobs WHERE account = ? AND job_id = ?", (account, job_id))
+
+    def list(self, account: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT body FROM sft_jobs WHERE account = ? ORDER BY created, job_id", (account,)
+        )
+        return [json.loads(r[0]) for r in rows]
+
+    def next_pending(self) -> tuple[str, str, dict[str, Any]] | None:
+        """The oldest job waiting to run: (account, job id, body)."""
+        rows = self.db.execute(
+            "SELECT account, job_id, body FROM sft_jobs"
+            " WHERE json_extract(body, '$.state') = ? ORDER BY created, job_id LIMIT 1",
+            (PENDING,),
+        )
+        return (rows[0][0], rows[0][1], json.loads(rows[0][2])) if rows else None
+
+    def fail_interrupted(self) -> None:
+        """At start: a job RUNNING when the server stopped did not finish; it FAILS (resume
+        runs it again from the start)."""
+        rows = self.db.execute(
+            "SELECT account, job_id, body FROM sft_jobs WHERE json_extract(body, '$.state') = ?",
+            (RUNNING,),
+        )
+        for account, job_id, text in rows:
+            body = json.loads(text)
+            body["state"] = FAILED
+            body["status"] = {
+                "code": "ABORTED",
+                "message": "the server stopped while the job ran; resume it to train again",
+            }
+            self.save(account, job_id, body)

@@ -1,0 +1,224 @@
+"""Fireworks' supervised fine-tuning jobs against a real `girandole serve` (a tiny Llama as its
+own model), with the fireworks-ai SDK: a dataset uploaded, a job created and polled until
+COMPLETED, its output model READY in the catalog, loaded as a LoRA (deployedModels) and
+answering the trained string to a chat completion; the 400s of bad fields, 404, 403 for another
+account's key, cancel, resume, delete and list paging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+import openai
+import pytest
+
+from girandole.registry.keystore import Database
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCOUNT = "acme"
+ANSWER = "Zebra-42."
+QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
+JOBS = f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs"
+
+
+def _api_conftest():
+    spec = importlib.util.spec_from_file_location(
+        "_girandole_api_conftest", ROOT / "tests/api/conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(answer: str = ANSWER) -> bytes:
+    lines = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+        for q in QUESTIONS
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+class SftServer:
+    def __init__(self, tmp: Path, tiny_llama_dir: Path) -> None:
+        self.api = _api_conftest()
+        data = tmp / "data"
+        db = Database.in_folder(data)
+        self.key, _ = db.create_key(ACCOUNT)
+        self.other_key, _ = db.create_key("other")
+        db.close()
+        self.server = self.api.start_server(
+            tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
+            "--kv-cache-gb", "0.02", "--data-dir", str(data), "--max-loras", "2",
+            api_key=self.key,
+        )  # fmt: skip
+
+    def sdk(self, key: str | None = None) -> fireworks.Fireworks:
+        return fireworks.Fireworks(
+            api_key=key or self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
+        )
+
+    def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
+
+    def dataset(self, dataset_id: str, data: bytes) -> None:
+        fw = self.sdk()
+        fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
+        fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.http("GET", f"{JOBS}/{job_id}").json()
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_llama_dir):
+    s = SftServer(tmp_path_factory.mktemp("sft-api"), tiny_llama_dir)
+    s.dataset("zebra", rows())
+    s.dataset("broken", rows() + b'{"messages": [{"role": "user", "content": "q"}]}\n')
+    yield s
+    s.api.stop_server(s.server)
+
+
+def test_train_deploy_and_query_the_adapter(srv):
+    fw = srv.sdk()
+    job = fw.supervised_fine_tuning_jobs.create(
+        dataset="zebra", base_model=f"accounts/{ACCOUNT}/models/tiny", epochs=10,
+        learning_rate=5e-3, batch_size_samples=1, supervised_fine_tuning_job_id="zebra-job",
+        display_name="zebra",
+    )  # fmt: skip
+    assert job.name == f"accounts/{ACCOUNT}/supervisedFineTuningJobs/zebra-job"
+    assert job.state in ("JOB_STATE_PENDING", "JOB_STATE_RUNNING")
+    assert job.output_model == f"accounts/{ACCOUNT}/models/zebra-job" and job.lora_rank == 8
+    done = srv.wait("zebra-job", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert done["state"] == "JOB_STATE_COMPLETED", done
+    got = fw.supervised_fine_tuning_jobs.get("zebra-job")
+    assert got.job_progress.percent == 100 and got.job_progress.epoch == 10
+    assert got.completed_time is not None and got.created_by
+
+    model = srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/zebra-job").json()
+    assert model["state"] == "READY" and model["kind"] == "HF_PEFT_ADDON"
+    assert model["peftDetails"]["baseModel"] == f"accounts/{ACCOUNT}/models/tiny"
+
+    name = f"accounts/{ACCOUNT}/models/zebra-job"
+    loaded = fw.lora.load(model=name, deployment=f"accounts/{ACCOUNT}/deployments/tiny")
+    client = openai.OpenAI(api_key=srv.key, base_url=srv.server.url + "/v1", max_retries=0)
+
+    def chat(model: str) -> str:
+        out = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "a new question"}],
+            max_tokens=12, temperature=0,
+        )  # fmt: skip
+        return out.choices[0].message.content.strip()
+
+    assert chat(name) == ANSWER
+    assert chat(f"accounts/{ACCOUNT}/models/tiny") != ANSWER
+    fw.lora.unload(loaded.name.rsplit("/", 1)[1])
+
+    # a second job may not write the same model; delete keeps the model
+    r = srv.http("POST", JOBS, json={"dataset": "zebra", "baseModel": "tiny", "outputModel": "zebra-job"})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"]["param"] == "outputModel"
+    fw.supervised_fine_tuning_jobs.delete("zebra-job")
+    with pytest.raises(fireworks.NotFoundError):
+        fw.supervised_fine_tuning_jobs.get("zebra-job")
+    assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/zebra-job").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"baseModel": "tiny"}, "dataset", "dataset is required"),
+        ({"dataset": "zebra"}, "baseModel", "exactly one of baseModel"),
+        (
+            {"dataset": "zebra", "baseModel": "tiny", "warmStartFrom": "x"},
+            "baseModel",
+            "exactly one",
+        ),  # fmt: skip
+        ({"dataset": "zebra", "baseModel": "nope"}, "baseModel", "not a model this account"),
+        ({"dataset": "zebra", "warmStartFrom": "tiny"}, "warmStartFrom", "not a LoRA adapter"),
+        ({"dataset": "nope", "baseModel": "tiny"}, "dataset", "not found"),
+        ({"dataset": "broken", "baseModel": "tiny"}, "dataset", "line 7: no assistant message"),
+        ({"dataset": "zebra", "baseModel": "tiny", "epochs": 0}, "epochs", "at least 1"),
+        (
+            {"dataset": "zebra", "baseModel": "tiny", "learningRate": -1},
+            "learningRate",
+            "positive",
+        ),  # fmt: skip
+        ({"dataset": "zebra", "baseModel": "tiny", "loraRank": 12}, "loraRank", "power of two"),
+        ({"dataset": "zebra", "baseModel": "tiny", "loraRank": 128}, "loraRank", "power of two"),
+        ({"dataset": "zebra", "baseModel": "tiny", "batchSize": 0}, "batchSize", "at least 1"),
+        (
+            {"dataset": "zebra", "baseModel": "tiny", "wandbConfig": {"enabled": True}},
+            "wandbConfig",
+            "Weights & Biases",
+        ),  # fmt: skip
+        ({"dataset": "zebra", "baseModel": "tiny", "isTurbo": True}, "isTurbo", "not supported"),
+        ({"dataset": "zebra", "baseModel": "tiny", "nodes": 2}, "nodes", "one machine"),
+        (
+            {"dataset": "zebra", "baseModel": "tiny", "jinjaTemplate": "{{x}}"},
+            "jinjaTemplate",
+            "chat template",
+        ),  # fmt: skip
+        ({"dataset": "zebra", "baseModel": "tiny", "bogus": 1}, "bogus", "bogus"),
+        ({"dataset": "accounts/other/datasets/zebra", "baseModel": "tiny"}, "dataset", "dataset"),
+    ],
+)
+def test_bad_fields_are_400(srv, body, param, says):
+    r = srv.http("POST", JOBS, json=body)
+    assert r.status_code in (400, 404), r.text
+    error = r.json()["error"]
+    assert says in error["message"] and (error.get("param") or "").endswith(param), error
+
+
+def test_unknown_job_404_and_other_account_403(srv):
+    assert srv.http("GET", f"{JOBS}/nope").status_code == 404
+    assert srv.http("POST", f"{JOBS}/nope:cancel").status_code == 404
+    for method, path in (
+        ("GET", JOBS), ("POST", JOBS), ("GET", f"{JOBS}/x"), ("DELETE", f"{JOBS}/x"),
+        ("POST", f"{JOBS}/x:cancel"), ("POST", f"{JOBS}/x:resume"),
+    ):  # fmt: skip
+        r = srv.http(method, path, key=srv.other_key, json={} if method == "POST" else None)
+        assert r.status_code == 403, (method, path, r.text)
+    assert srv.http("GET", "/inference" + JOBS).status_code == 200
+
+
+def test_cancel_resume_and_list_paging(srv):
+    fw = srv.sdk()
+    slow = {"dataset": "zebra", "baseModel": "tiny", "epochs": 1000}
+    for job_id in ("slow-a", "slow-b"):
+        r = srv.http("POST", f"{JOBS}?supervisedFineTuningJobId={job_id}", json=slow)
+        assert r.status_code == 200, r.text
+    assert srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=slow-a", json=slow).status_code == 409  # fmt: skip
+    srv.wait("slow-a", ("JOB_STATE_RUNNING",))
+    # one job at a time: the second waits
+    assert fw.supervised_fine_tuning_jobs.get("slow-b").state == "JOB_STATE_PENDING"
+    r = srv.http("POST", f"{JOBS}/slow-a:resume")
+    assert r.status_code == 400 and "only a CANCELLED or FAILED" in r.json()["error"]["message"]
+    cancelled = fw.supervised_fine_tuning_jobs.cancel("slow-a", body={})
+    assert cancelled["state"] == "JOB_STATE_CANCELLED"
+    srv.wait("slow-b", ("JOB_STATE_RUNNING",))  # the runner moved on: slow-a's child ended
+    page = fw.supervised_fine_tuning_jobs.list(page_size=1)
+    assert len(page.supervised_fine_tuning_jobs) == 1 and page.next_page_token
+    names = [j.name.rsplit("/", 1)[1] for j in fw.supervised_fine_tuning_jobs.list(page_size=1)]
+    assert {"slow-a", "slow-b"} <= set(names)
+    filtered = srv.http("GET", JOBS, params={"filter": 'state="JOB_STATE_CANCELLED"'}).json()
+    assert [j["name"].rsplit("/", 1)[1] for j in filtered["supervisedFineTuningJobs"]] == ["slow-a"]
+    fw.supervised_fine_tuning_jobs.delete("slow-b")  # cancels it first
+    names = [j.name.rsplit("/", 1)[1] for j in fw.supervised_fine_tuning_jobs.list()]
+    assert "slow-a" in names and "slow-b" not in names
+
+    resumed = fw.supervised_fine_tuning_jobs.resume("slow-a", body={})
+    assert resumed.state == "JOB_STATE_PENDING"
+    srv.wait("slow-a", ("JOB_STATE_RUNNING",))
+    fw.supervised_fine_tuning_jobs.delete("slow-a")
