@@ -51,6 +51,7 @@ class SftServer:
         db = Database.in_folder(data)
         self.key, _ = db.create_key(ACCOUNT)
         self.other_key, _ = db.create_key("other")
+        self.reader_key, _ = db.create_key(ACCOUNT, role="inference-user")
         db.close()
         self.server = self.api.start_server(
             tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
@@ -191,6 +192,11 @@ def test_unknown_job_404_and_other_account_403(srv):
         r = srv.http(method, path, key=srv.other_key, json={} if method == "POST" else None)
         assert r.status_code == 403, (method, path, r.text)
     assert srv.http("GET", "/inference" + JOBS).status_code == 200
+    # an inference-user key reads jobs, and may not create or stop one
+    assert srv.http("GET", JOBS, key=srv.reader_key).status_code == 200
+    body = {"dataset": "zebra", "baseModel": "tiny"}
+    assert srv.http("POST", JOBS, key=srv.reader_key, json=body).status_code == 403
+    assert srv.http("POST", f"{JOBS}/x:cancel", key=srv.reader_key).status_code == 403
 
 
 def test_cancel_resume_and_list_paging(srv):

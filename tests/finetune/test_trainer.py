@@ -119,3 +119,50 @@ def test_bad_rows_name_their_line(line, says):
     good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
     with pytest.raises(RowError, match=re.escape(says)):
         read_rows(f"{good}\n{line}\n".encode())
+
+
+def test_warm_start_continues_from_the_adapter(tiny_llama_dir, trained, tmp_path):
+    from girandole.model.loader import read_checkpoint
+
+    folder, _ = trained
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_rows(tmp_path / "rows.jsonl")),
+        output_dir=str(tmp_path / "again"), warm_start_path=str(folder), rank=4, epochs=1,
+        learning_rate=1e-9, weight_decay=0.0, device="cpu",
+    )  # fmt: skip
+    train(config)
+    spec = read_checkpoint(tiny_llama_dir)[0]
+    before, after = read_adapter(folder, spec), read_adapter(tmp_path / "again", spec)
+    assert after.rank == before.rank == 8  # the warm start's rank, not the config's
+    for key, (a, b) in before.raw.items():
+        assert after.raw[key][0] == pytest.approx(a, abs=1e-6)
+        assert after.raw[key][1] == pytest.approx(b, abs=1e-6)
+
+
+def test_early_stop_when_the_evaluation_loss_rises(tiny_llama_dir, tmp_path):
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_rows(tmp_path / "train.jsonl")),
+        eval_path=str(write_rows(tmp_path / "eval.jsonl", answer="Other-99.")),
+        output_dir=str(tmp_path / "out"), epochs=6, learning_rate=5e-3, batch_size_samples=1,
+        early_stop=True, device="cpu",
+    )  # fmt: skip
+    reports: list[dict] = []
+    result = train(config, reports.append)
+    assert result.early_stopped and result.epochs_run < 6
+    assert result.eval_losses[-1] >= min(result.eval_losses[:-1])
+    assert [r["evalLoss"] for r in reports if "evalLoss" in r] == result.eval_losses
+
+
+def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path):
+    from girandole.finetune.store import FAILED, PENDING, RUNNING, SftStore
+    from girandole.registry.keystore import Database
+
+    db = Database.in_folder(tmp_path)
+    store = SftStore(db)
+    store.insert("acme", "a", {"name": "a", "state": RUNNING})
+    store.insert("acme", "b", {"name": "b", "state": PENDING})
+    SftStore(db).fail_interrupted()
+    assert store.get("acme", "a")["state"] == FAILED
+    assert "resume" in store.get("acme", "a")["status"]["message"]
+    assert store.get("acme", "b")["state"] == PENDING
+    assert store.next_pending()[1] == "b"
