@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "GIRANDOLE_SFT_THREADS"
 
 
+def training_threads() -> int:
+    """The training child's torch threads: GIRANDOLE_SFT_THREADS, 1 unless set."""
+    text = os.environ.get(THREADS_ENV, "").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 class SftRunner:
     def __init__(
         self, store: SftStore, catalog: Any, files: Any, datasets: Any, folder: Path
@@ -77,10 +85,10 @@ class SftRunner:
                 log.exception("fine-tuning job %s failed", job_id)
                 self._finish(account, job_id, FAILED, {"code": "INTERNAL", "message": str(exc)})
 
-    def _spec(self, account: str, job_id: str, body: dict[str, Any], out: Path) -> dict:
+    def _spec(self, account: str, body: dict[str, Any], work: Path) -> dict:
         def dataset_path(name: str) -> str:
             dataset_id = name.rsplit("/", 1)[-1]
-            path = self.folder / f"{dataset_id}.jsonl"
+            path = work / f"{dataset_id}.jsonl"  # a copy: the dataset may change meanwhile
             path.write_bytes(self.datasets.dataset_bytes(account, dataset_id))
             return str(path)
 
@@ -102,7 +110,7 @@ class SftRunner:
             "eval_path": dataset_path(eval_name) if eval_name else None,
             "eval_carveout": bool(body.get("evalAutoCarveout")),
             "warm_start_path": warm,
-            "output_dir": str(out),
+            "output_dir": str(work / "adapter"),
             "rank": body["loraRank"],
             "epochs": body["epochs"],
             "learning_rate": body["learningRate"],
@@ -113,7 +121,7 @@ class SftRunner:
             "weight_decay": body["optimizerWeightDecay"],
             "max_context_length": body["maxContextLength"],
             "early_stop": bool(body.get("earlyStop")),
-            "threads": int(os.environ.get(THREADS_ENV, "1")),
+            "threads": training_threads(),
         }
 
     def _run(self, account: str, job_id: str, body: dict[str, Any]) -> None:
@@ -124,7 +132,7 @@ class SftRunner:
         body["jobProgress"] = {"percent": 0, "epoch": 0}
         if not self.store.save(account, job_id, body):
             return
-        spec = self._spec(account, job_id, body, work / "adapter")
+        spec = self._spec(account, body, work)
         (work / "spec.json").write_text(json.dumps(spec))
         stderr = open(work / "train.log", "wb")
         with self.lock:

@@ -294,7 +294,9 @@ def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWei
     return fused
 
 
+# the trainer's and the fine-tuning route's names for them (girandole.finetune)
 fuse = _fuse
+check_adapter_config = _check_config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Fireworks' cloud this server has no counterpart for are a 400 naming them.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import uuid
 from pathlib import Path
@@ -37,7 +38,7 @@ from girandole.batch.store import dataset_name, now_text
 from girandole.finetune.data import RowError, read_rows
 from girandole.finetune.job_runner import SftRunner
 from girandole.finetune.store import CANCELLED, FAILED, FINAL, PENDING, SftStore, sft_job_name
-from girandole.model.lora import MAX_RANK
+from girandole.model.lora import MAX_RANK, check_adapter_config
 from girandole.registry.models import READY
 from girandole.registry.naming import is_valid_id
 
@@ -249,14 +250,10 @@ def resolve_models(request: Request, account: str, body: SftJobBody, rank: int |
             f"warmStartFrom {adapter.name}: its base model {adapter.base_model} is not here",
             "warmStartFrom",
         )
-    from girandole.model.lora import AdapterError, _check_config
-
     try:
-        import json
-
         config = json.loads((Path(adapter.source) / "adapter_config.json").read_text())
-        adapter_rank = _check_config(config)[0]
-    except (OSError, ValueError, AdapterError) as exc:
+        adapter_rank = check_adapter_config(config)[0]
+    except (OSError, ValueError) as exc:  # AdapterError is a ValueError
         raise bad_request(f"warmStartFrom {adapter.name}: {exc}", "warmStartFrom") from None
     if rank is not None and rank != adapter_rank:
         raise bad_request(
