@@ -88,6 +88,8 @@ def srv(tmp_path_factory, tiny_llama_dir):
     s = SftServer(tmp_path_factory.mktemp("sft-api"), tiny_llama_dir)
     s.dataset("zebra", rows())
     s.dataset("broken", rows() + b'{"messages": [{"role": "user", "content": "q"}]}\n')
+    # valid rows, but the tiny Llama's template (Llama 2's) wants user/assistant turns in turn
+    s.dataset("out-of-turn", rows() + b'{"messages": [{"role": "assistant", "content": "a"}]}\n')
     yield s
     s.api.stop_server(s.server)
 
@@ -126,6 +128,18 @@ def test_train_deploy_and_query_the_adapter(srv):
     assert chat(name) == ANSWER
     assert chat(f"accounts/{ACCOUNT}/models/tiny") != ANSWER
     fw.lora.unload(loaded.name.rsplit("/", 1)[1])
+
+    # a warm start continues the adapter, at its rank, on its base model
+    r = srv.http("POST", JOBS, json={"dataset": "zebra", "warmStartFrom": name, "loraRank": 16})
+    assert r.status_code == 400 and "has rank 8" in r.json()["error"]["message"]
+    warm = fw.supervised_fine_tuning_jobs.create(
+        dataset="zebra", warm_start_from=name, learning_rate=1e-4,
+        supervised_fine_tuning_job_id="zebra-warm",
+    )  # fmt: skip
+    assert warm.lora_rank == 8 and warm.base_model is None
+    assert srv.wait("zebra-warm", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))["state"] == "JOB_STATE_COMPLETED"  # fmt: skip
+    model = srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/zebra-warm").json()
+    assert model["peftDetails"]["baseModel"] == f"accounts/{ACCOUNT}/models/tiny"
 
     # a second job may not write the same model; delete keeps the model
     r = srv.http("POST", JOBS, json={"dataset": "zebra", "baseModel": "tiny", "outputModel": "zebra-job"})  # fmt: skip
@@ -180,6 +194,16 @@ def test_bad_fields_are_400(srv, body, param, says):
     assert r.status_code in (400, 404), r.text
     error = r.json()["error"]
     assert says in error["message"] and (error.get("param") or "").endswith(param), error
+
+
+def test_a_row_the_template_refuses_fails_the_job_naming_it(srv):
+    r = srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=out-of-turn", json={"dataset": "out-of-turn", "baseModel": "tiny"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    job = srv.wait("out-of-turn", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert job["state"] == "JOB_STATE_FAILED" and "dataset row 7" in job["status"]["message"]
+    assert "alternate" in job["status"]["message"] and job["completedTime"]
+    # nothing was made, and its output model id is free again
+    assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/out-of-turn").status_code == 404
 
 
 def test_unknown_job_404_and_other_account_403(srv):
