@@ -83,7 +83,9 @@ class SftRunner:
                 self._run(account, job_id, body)
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the runner
                 log.exception("fine-tuning job %s failed", job_id)
-                self._finish(account, job_id, FAILED, {"code": "INTERNAL", "message": str(exc)})
+                failed = {"code": "INTERNAL", "message": str(exc)}
+                # PENDING too: a job left PENDING would be picked (and fail) again and again
+                self._finish(account, job_id, FAILED, failed, when=(RUNNING, PENDING))
 
     def _spec(self, account: str, body: dict[str, Any], work: Path) -> dict:
         def dataset_path(name: str) -> str:
@@ -130,8 +132,8 @@ class SftRunner:
         work.mkdir(parents=True)
         body["state"] = RUNNING
         body["jobProgress"] = {"percent": 0, "epoch": 0}
-        if not self.store.save(account, job_id, body):
-            return
+        if not self.store.save(account, job_id, body, when=PENDING):
+            return  # cancelled or deleted since it was picked
         spec = self._spec(account, body, work)
         (work / "spec.json").write_text(json.dumps(spec))
         stderr = open(work / "train.log", "wb")
@@ -159,6 +161,8 @@ class SftRunner:
             stderr.close()
             with self.lock:
                 self.current, self.child = None, None
+            for copy in work.glob("*.jsonl"):  # the datasets' copies (train.log stays)
+                copy.unlink(missing_ok=True)
         now = self.store.get(account, job_id)
         if now is None or now["state"] != RUNNING:  # cancelled or deleted: the child was ended
             return
@@ -187,7 +191,7 @@ class SftRunner:
             return
         shown = body.setdefault("jobProgress", {})
         shown.update({k: v for k, v in progress.items() if k != "elapsedSeconds"})
-        self.store.save(account, job_id, body)
+        self.store.save(account, job_id, body, when=RUNNING)
 
     def _register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
         """The adapter folder into the uploaded models' storage, and into the catalog."""
@@ -205,7 +209,16 @@ class SftRunner:
             shutil.move(str(adapter), target)
             self.catalog.add(name, str(target), base=base)
 
-    def _finish(self, account: str, job_id: str, state: str, status: dict[str, str]) -> None:
+    def _finish(
+        self,
+        account: str,
+        job_id: str,
+        state: str,
+        status: dict[str, str],
+        when: tuple[str, ...] = (RUNNING,),
+    ) -> None:
+        """The job ended, if its stored state is one of `when` (a cancel that came first
+        stands)."""
         body = self.store.get(account, job_id)
         if body is None:
             return
@@ -213,7 +226,9 @@ class SftRunner:
         if state == COMPLETED:
             body.setdefault("jobProgress", {})["percent"] = 100
         body["completedTime"] = now_text()
-        self.store.save(account, job_id, body)
+        for before in when:
+            if self.store.save(account, job_id, body, when=before):
+                return
 
 
 __all__ = ["CANCELLED", "PENDING", "SftRunner"]

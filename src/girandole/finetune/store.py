@@ -45,14 +45,19 @@ class SftStore:
         )
         return json.loads(rows[0][0]) if rows else None
 
-    def save(self, account: str, job_id: str, body: dict[str, Any]) -> bool:
-        """Write the job's body (its updateTime set now); False when it was deleted."""
+    def save(
+        self, account: str, job_id: str, body: dict[str, Any], when: str | None = None
+    ) -> bool:
+        """Write the job's body (its updateTime set now); False when it was deleted, or with
+        `when`, when its stored state is another (the runner's writes: a cancel that came
+        between its read and its write stands)."""
         body["updateTime"] = now_text()
-        rows = self.db.execute(
-            "UPDATE sft_jobs SET body = ? WHERE account = ? AND job_id = ? RETURNING job_id",
-            (json.dumps(body), account, job_id),
-        )
-        return bool(rows)
+        query = "UPDATE sft_jobs SET body = ? WHERE account = ? AND job_id = ?"
+        args: tuple = (json.dumps(body), account, job_id)
+        if when is not None:
+            query += " AND json_extract(body, '$.state') = ?"
+            args += (when,)
+        return bool(self.db.execute(query + " RETURNING job_id", args))
 
     def delete(self, account: str, job_id: str) -> None:
         self.db.execute("DELETE FROM sft_jobs WHERE account = ? AND job_id = ?", (account, job_id))

@@ -181,7 +181,7 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     """Train the adapter and write it to `config.output_dir`; `report` gets progress dicts
     (epoch, step, totalSteps, percent, loss, evalLoss)."""
     from girandole.model.default import resolve_model_path
-    from girandole.model.loader import load_model, read_checkpoint
+    from girandole.model.loader import load_model
     from girandole.tokenizer.chat_template import chat_template_for
     from girandole.tokenizer.loader import load_tokenizer
 
@@ -203,7 +203,7 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
 
     model, _ = load_model(path, mode="reference", device=device, use_cache=False)
     lora.attach(model)
-    spec = read_checkpoint(path)[0] if not hasattr(model, "spec") else model.spec
+    spec = model.spec
     init = lora.read_adapter(config.warm_start_path, spec) if config.warm_start_path else None
     rank = init.rank if init else config.rank
     alpha = init.alpha if init else float(config.rank)
