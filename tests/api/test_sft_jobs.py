@@ -173,6 +173,7 @@ def test_train_deploy_and_query_the_adapter(srv):
         ({"dataset": "zebra", "baseModel": "tiny", "loraRank": 12}, "loraRank", "power of two"),
         ({"dataset": "zebra", "baseModel": "tiny", "loraRank": 128}, "loraRank", "power of two"),
         ({"dataset": "zebra", "baseModel": "tiny", "batchSize": 0}, "batchSize", "at least 1"),
+        ({"dataset": "zebra", "baseModel": "tiny", "batchSize": 10**400}, "batchSize", "at most"),
         (
             {"dataset": "zebra", "baseModel": "tiny", "wandbConfig": {"enabled": True}},
             "wandbConfig",
@@ -204,6 +205,12 @@ def test_a_row_the_template_refuses_fails_the_job_naming_it(srv):
     assert "alternate" in job["status"]["message"] and job["completedTime"]
     # nothing was made, and its output model id is free again
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/out-of-turn").status_code == 404
+
+
+def test_a_number_past_floats_range_is_400(srv):
+    raw = b'{"dataset": "zebra", "baseModel": "tiny", "optimizerWeightDecay": 1e400}'
+    r = srv.http("POST", JOBS, content=raw)  # read as JSON whatever its content type
+    assert r.status_code == 400 and r.json()["error"]["param"] == "optimizerWeightDecay", r.text
 
 
 def test_unknown_job_404_and_other_account_403(srv):

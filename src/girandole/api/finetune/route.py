@@ -64,6 +64,7 @@ UNSUPPORTED = {
     " trained on the prompts the chat route renders for it)",
 }
 DEFAULT_MAX_CONTEXT = 2048
+MAX_INT = 2**31 - 1  # Fireworks' int32 fields
 
 
 class SftJobBody(BaseModel):
@@ -143,8 +144,11 @@ def check_unsupported(body: SftJobBody) -> None:
 def _positive(value: int | float | None, field: str, default: Any, low: float = 1) -> Any:
     if value is None:
         return default
-    if not math.isfinite(value) or value < low:
-        raise bad_request(f"{field} must be a finite number of at least {low:g}, got {value}", field)  # fmt: skip
+    # an int is never NaN (and math.isfinite of one past float's range raises)
+    if (isinstance(value, float) and not math.isfinite(value)) or value < low:
+        raise bad_request(f"{field} must be a finite number of at least {low:g}, got {str(value)[:20]}", field)  # fmt: skip
+    if value > MAX_INT:
+        raise bad_request(f"{field} must be at most {MAX_INT}", field)
     return value
 
 
