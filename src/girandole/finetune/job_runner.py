@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,18 @@ def training_threads() -> int:
 
 class SftRunner:
     def __init__(
-        self, store: SftStore, catalog: Any, files: Any, datasets: Any, folder: Path
+        self,
+        store: SftStore,
+        catalog: Any,
+        files: Any,
+        datasets: Any,
+        folder: Path,
+        template_of: Callable[[str], str | None] = lambda _: None,
     ) -> None:
+        """`template_of(base model name)`: the chat template the server renders that model's
+        chat requests with when it is not the model's own (`--chat-template`), else None."""
         self.store, self.catalog, self.files, self.datasets = store, catalog, files, datasets
+        self.template_of = template_of
         self.folder = folder  # per job: spec, log and the adapter being written
         self.wake = threading.Event()
         self.stopping = False
@@ -124,6 +134,7 @@ class SftRunner:
             "max_context_length": body["maxContextLength"],
             "early_stop": bool(body.get("earlyStop")),
             "threads": training_threads(),
+            "chat_template": self.template_of(base.name),
         }
 
     def _run(self, account: str, job_id: str, body: dict[str, Any]) -> None:

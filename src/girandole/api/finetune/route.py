@@ -434,9 +434,15 @@ def install_sft(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> SftRunne
         app.state.sft_scratch = scratch
         folder = Path(scratch.name)
     store = SftStore(state.ops.db)
+
+    def template_of(base: str) -> str | None:
+        # --chat-template is the server's own model's (as the chat route applies it)
+        return state.chat_template if base == state.served.name else None
+
     runner = SftRunner(
-        store, app.state.deployments.catalog, app.state.model_files, app.state.batch_store, folder
-    )
+        store, app.state.deployments.catalog, app.state.model_files, app.state.batch_store,
+        folder, template_of,
+    )  # fmt: skip
     app.state.sft_store, app.state.sft = store, runner
     for prefix in prefixes:
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
