@@ -175,6 +175,16 @@ def test_train_deploy_and_query_the_adapter(srv):
         ({"dataset": "zebra", "baseModel": "tiny", "batchSize": 0}, "batchSize", "at least 1"),
         ({"dataset": "zebra", "baseModel": "tiny", "batchSize": 10**400}, "batchSize", "at most"),
         (
+            {"dataset": "zebra", "baseModel": "tiny", "earlyStop": True},
+            "earlyStop",
+            "evaluation set",
+        ),  # fmt: skip
+        (
+            {"dataset": "zebra", "baseModel": "tiny", "evaluationDataset": "nope"},
+            "evaluationDataset",
+            "not found",
+        ),  # fmt: skip
+        (
             {"dataset": "zebra", "baseModel": "tiny", "wandbConfig": {"enabled": True}},
             "wandbConfig",
             "Weights & Biases",

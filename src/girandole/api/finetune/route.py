@@ -358,6 +358,11 @@ async def create_job(
         fields["evaluationDataset"] = await asyncio.to_thread(
             ready_dataset, request, account, body.evaluationDataset, "evaluationDataset"
         )
+    if body.earlyStop and not (body.evaluationDataset or body.evalAutoCarveout):
+        raise bad_request(
+            "earlyStop needs an evaluation set: set evaluationDataset or evalAutoCarveout",
+            "earlyStop",
+        )
     for flag in ("evalAutoCarveout", "earlyStop"):
         if getattr(body, flag):
             fields[flag] = True
