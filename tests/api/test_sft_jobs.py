@@ -247,6 +247,11 @@ def test_cancel_resume_and_list_paging(srv):
         r = srv.http("POST", f"{JOBS}?supervisedFineTuningJobId={job_id}", json=slow)
         assert r.status_code == 200, r.text
     assert srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=slow-a", json=slow).status_code == 409  # fmt: skip
+    # a job whose dataset is deleted while it waits fails when its turn comes, saying so
+    srv.dataset("gone", rows())
+    gone = {"dataset": "gone", "baseModel": "tiny"}
+    assert srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=gone", json=gone).status_code == 200
+    assert srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/gone").status_code == 200
     srv.wait("slow-a", ("JOB_STATE_RUNNING",))
     # one job at a time: the second waits
     assert fw.supervised_fine_tuning_jobs.get("slow-b").state == "JOB_STATE_PENDING"
@@ -262,6 +267,9 @@ def test_cancel_resume_and_list_paging(srv):
     filtered = srv.http("GET", JOBS, params={"filter": 'state="JOB_STATE_CANCELLED"'}).json()
     assert [j["name"].rsplit("/", 1)[1] for j in filtered["supervisedFineTuningJobs"]] == ["slow-a"]
     fw.supervised_fine_tuning_jobs.delete("slow-b")  # cancels it first
+    failed = srv.wait("gone", ("JOB_STATE_FAILED", "JOB_STATE_COMPLETED"))
+    assert failed["state"] == "JOB_STATE_FAILED", failed
+    assert "datasets/gone was deleted before the job ran" in failed["status"]["message"]
     names = [j.name.rsplit("/", 1)[1] for j in fw.supervised_fine_tuning_jobs.list()]
     assert "slow-a" in names and "slow-b" not in names
 

@@ -91,6 +91,9 @@ class SftRunner:
             account, job_id, body = found
             try:
                 self._run(account, job_id, body)
+            except ValueError as exc:  # what it needs is gone (its dataset, its base model)
+                failed = {"code": "FAILED_PRECONDITION", "message": str(exc)}
+                self._finish(account, job_id, FAILED, failed, when=(RUNNING, PENDING))
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the runner
                 log.exception("fine-tuning job %s failed", job_id)
                 failed = {"code": "INTERNAL", "message": str(exc)}
@@ -100,6 +103,8 @@ class SftRunner:
     def _spec(self, account: str, body: dict[str, Any], work: Path) -> dict:
         def dataset_path(name: str) -> str:
             dataset_id = name.rsplit("/", 1)[-1]
+            if self.datasets.get_dataset(account, dataset_id) is None:
+                raise ValueError(f"dataset {name} was deleted before the job ran")
             path = work / f"{dataset_id}.jsonl"  # a copy: the dataset may change meanwhile
             path.write_bytes(self.datasets.dataset_bytes(account, dataset_id))
             return str(path)
