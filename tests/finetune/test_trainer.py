@@ -166,3 +166,13 @@ def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path):
     assert "resume" in store.get("acme", "a")["status"]["message"]
     assert store.get("acme", "b")["state"] == PENDING
     assert store.next_pending()[1] == "b"
+
+
+def test_batches_by_samples_or_by_tokens():
+    from girandole.finetune.data import Example, batches
+
+    rows = [Example([1] * n, [True] * n) for n in (3, 5, 2, 9, 1)]
+    sizes = lambda groups: [[len(ex.ids) for ex in g] for g in groups]  # noqa: E731
+    assert sizes(batches(rows, 2, None)) == [[3, 5], [2, 9], [1]]
+    assert sizes(batches(rows, None, 8)) == [[3, 5], [2], [9], [1]]  # a longer row: alone
+    assert sizes(batches(rows, None, None)) == [[3], [5], [2], [9], [1]]

@@ -215,18 +215,22 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
-    order = random.Random(config.seed)
-    per_epoch = len(batches(train_rows, config.batch_size_samples, config.batch_size_tokens))
+
+    def epoch_batches(epoch: int) -> list[list[Example]]:
+        """The epoch's rows in its own seeded order, in batches (the same at each call)."""
+        rows = list(train_rows)
+        random.Random(config.seed * 100_003 + epoch).shuffle(rows)
+        return batches(rows, config.batch_size_samples, config.batch_size_tokens)
+
     accumulate = config.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(per_epoch / accumulate)
-    total_steps = steps_per_epoch * config.epochs
+    epochs = range(1, config.epochs + 1)
+    # counted over every epoch's own order: token-budget batches group each order differently
+    total_steps = sum(math.ceil(len(epoch_batches(e)) / accumulate) for e in epochs)
     step, result = 0, TrainResult(0, 0, float("nan"))
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started = time.monotonic()
-    for epoch in range(1, config.epochs + 1):
-        rows = list(train_rows)
-        order.shuffle(rows)
-        groups = batches(rows, config.batch_size_samples, config.batch_size_tokens)
+    for epoch in epochs:
+        groups = epoch_batches(epoch)
         for start in range(0, len(groups), accumulate):
             window = groups[start : start + accumulate]
             tokens = sum(ex.num_trained for group in window for ex in group)
