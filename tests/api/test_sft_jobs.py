@@ -264,6 +264,11 @@ def test_cancel_resume_and_list_paging(srv):
     assert len(page.supervised_fine_tuning_jobs) == 1 and page.next_page_token
     names = [j.name.rsplit("/", 1)[1] for j in fw.supervised_fine_tuning_jobs.list(page_size=1)]
     assert {"slow-a", "slow-b"} <= set(names)
+    r = srv.http("GET", JOBS, params={"filter": "((("})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "filter", r.text
+    r = srv.http("GET", f"{JOBS}/slow-a", params={"readMask": "name,completedTime"})
+    assert set(r.json()) == {"name", "completedTime"}, r.text
+    assert srv.http("GET", f"{JOBS}/slow-a", params={"readMask": "nope"}).status_code == 400
     filtered = srv.http("GET", JOBS, params={"filter": 'state="JOB_STATE_CANCELLED"'}).json()
     assert [j["name"].rsplit("/", 1)[1] for j in filtered["supervisedFineTuningJobs"]] == ["slow-a"]
     fw.supervised_fine_tuning_jobs.delete("slow-b")  # cancels it first

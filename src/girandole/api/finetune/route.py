@@ -106,6 +106,12 @@ class SftJobBody(BaseModel):
     jinjaTemplate: str | None = None
 
 
+# A job's fields: what a filter, orderBy or readMask may name, whether or not a job has them
+JOB_FIELDS = set(SftJobBody.model_fields) | {
+    "name", "state", "status", "jobProgress", "createTime", "updateTime", "completedTime",
+    "createdBy",
+}  # fmt: skip
+
 router = APIRouter(tags=["fine-tuning"])
 
 
@@ -398,7 +404,7 @@ def job_exists(account: str, job_id: str) -> APIError:
 )
 async def list_jobs(request: Request, account: str = Account, query: ListParams = ListQuery) -> dict:  # fmt: skip
     jobs = await asyncio.to_thread(store_of(request).list, account)
-    return listing(jobs, "supervisedFineTuningJobs", query)
+    return listing(jobs, "supervisedFineTuningJobs", query, JOB_FIELDS)
 
 
 @router.get(
@@ -411,7 +417,7 @@ async def get_job(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return masked(get_or_404(request, account, job_id), read_mask)
+    return masked(get_or_404(request, account, job_id), read_mask, JOB_FIELDS)
 
 
 @router.delete(
