@@ -29,10 +29,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from girandole.api.datasets.route import created_by, listing, masked, own_id
+from girandole.api.datasets.route import created_by, own_id
 from girandole.api.deployments.route import Account, manager_of, read_json
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.http.list_params import ListParams, ListQuery
+from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
 from girandole.batch.store import dataset_name, now_text
 from girandole.finetune.data import RowError, read_rows
@@ -404,7 +404,8 @@ def job_exists(account: str, job_id: str) -> APIError:
 )
 async def list_jobs(request: Request, account: str = Account, query: ListParams = ListQuery) -> dict:  # fmt: skip
     jobs = await asyncio.to_thread(store_of(request).list, account)
-    return listing(jobs, "supervisedFineTuningJobs", query, JOB_FIELDS)
+    fields = JOB_FIELDS | {f for job in jobs for f in job}  # oldest first
+    return list_page(jobs, "supervisedFineTuningJobs", query, fields)
 
 
 @router.get(
@@ -417,7 +418,7 @@ async def get_job(
     account: str = Account,
     read_mask: str | None = Query(default=None, alias="readMask"),
 ) -> dict:
-    return masked(get_or_404(request, account, job_id), read_mask, JOB_FIELDS)
+    return read_masked(get_or_404(request, account, job_id), read_mask, JOB_FIELDS)
 
 
 @router.delete(
