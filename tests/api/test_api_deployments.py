@@ -483,6 +483,153 @@ def test_speculation_per_deployment(plane):
         fw.deployments.delete(deployment_id, hard=True)
 
 
+SHAPES = f"accounts/{ACCOUNT}/deploymentShapes"
+
+
+def test_deployment_shapes_sdk(plane):
+    """The built-in shapes through the SDK's deployment_shapes and deployment_shape_versions:
+    three per base model, in the model's account (the public catalog's under fireworks)."""
+    fw = plane.client()
+    shapes = {s.name: s for s in fw.deployment_shapes.list()}
+    presets = ("minimal", "fast", "throughput")
+    for model in ("tiny-llama", "tiny-eos"):  # the catalog's model and the server's own
+        assert {f"{SHAPES}/{model}-{p}" for p in presets} <= set(shapes), sorted(shapes)
+    fast = shapes[f"{SHAPES}/tiny-llama-fast"]
+    assert (fast.base_model, fast.preset_type) == (BASE_MODEL, "FAST")
+    assert (fast.ngram_speculation_length, fast.draft_model) == (4, "")
+    assert shapes[f"{SHAPES}/tiny-llama-minimal"].max_context_length == 4096
+    throughput = shapes[f"{SHAPES}/tiny-llama-throughput"]
+    assert (throughput.max_context_length, throughput.ngram_speculation_length) == (0, 0)
+    assert fast.accelerator_type is None  # a CPU: no accelerator to name
+
+    targeted = fw.deployment_shapes.list(target_model="tiny-llama", page_size=2)
+    assert [s.name for s in targeted] == [f"{SHAPES}/tiny-llama-{p}" for p in sorted(presets)]
+    public = [s.name for s in fw.deployment_shapes.list(account_id="fireworks")]
+    assert "accounts/fireworks/deploymentShapes/gemma-3-270m-fast" in public
+    assert all(name.startswith("accounts/fireworks/") for name in public)
+
+    inference = plane.client(inference=True)  # under /inference/v1 too
+    assert inference.deployment_shapes.get("tiny-llama-fast") == fast
+    versions = list(fw.deployment_shape_versions.list("tiny-llama-fast"))
+    assert [v.name for v in versions] == [f"{SHAPES}/tiny-llama-fast/versions/1"]
+    version = fw.deployment_shape_versions.get("1", deployment_shape_id="tiny-llama-fast")
+    assert version.validated and version.latest_validated and not version.public
+    snapshot = version.snapshot
+    assert (snapshot.name, snapshot.ngram_speculation_length) == (fast.name, 4)
+
+    matched = fw.deployment_shape_versions.match_for_model(BASE_MODEL, enable_addons=True)
+    assert matched.total_size == 3 and {
+        v.snapshot.name for v in matched.deployment_shape_versions
+    } == {f"{SHAPES}/tiny-llama-{p}" for p in presets}
+    # the deployment's own fields narrow the match: n-gram speculation on is the FAST one only
+    create = {"parent": f"accounts/{ACCOUNT}",
+              "deployment": {"base_model": BASE_MODEL, "ngramSpeculationLength": 4}}  # fmt: skip
+    matched = fw.deployment_shape_versions.match(create_deployment_request=create)
+    assert [v.snapshot.preset_type for v in matched.deployment_shape_versions] == ["FAST"]
+
+
+def test_deployment_shape_refusals(plane):
+    base = f"/v1/accounts/{ACCOUNT}"
+    for path, status in [
+        (f"{base}/deploymentShapes/nope", 404),
+        (f"{base}/deploymentShapes/tiny-llama-fast/versions/2", 404),
+        (f"{base}/deploymentShapes/nope/versions", 404),
+        (f"{base}/deploymentShapes?targetModel=accounts/other/models/x", 400),
+        (f"{base}/deploymentShapes?filter=colour%3Dred", 400),
+    ]:
+        r = plane.http("GET", path)
+        assert r.status_code == status, (path, r.text)
+    r = plane.http("GET", f"{base}/deploymentShapes", key=plane.other_key)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "PERMISSION_DENIED"
+    r = plane.http("GET", "/v1/accounts/fireworks/deploymentShapes", key=plane.other_key)
+    assert r.status_code == 200 and r.json()["totalSize"] == 3  # the public catalog's
+    match = base + "/deploymentShapeVersions:match"
+    for body, param in [
+        ({"createDeploymentRequest": {"parent": "accounts/other",
+                                      "deployment": {"baseModel": BASE_MODEL}}},
+         "createDeploymentRequest.parent"),
+        ({"createDeploymentRequest": {"parent": f"accounts/{ACCOUNT}",
+                                      "deployment": {"baseModel": "accounts/other/models/x"}}},
+         "createDeploymentRequest.deployment.baseModel"),
+        ({"createDeploymentRequest": {"parent": f"accounts/{ACCOUNT}", "deployment": {}}},
+         "createDeploymentRequest.deployment.baseModel"),
+    ]:  # fmt: skip
+        r = plane.http("POST", match, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # deployments naming a shape they may not use
+    for shape, field, words in [
+        ("nope", "deploymentShape", "not a deployment shape"),
+        ("accounts/other/deploymentShapes/tiny-llama-fast", "deploymentShape", "may use"),
+        (f"{SHAPES}/tiny-eos-fast", "deploymentShape", "not of the deployment's baseModel"),
+        (f"{SHAPES}/tiny-llama-fast/versions/2", "deploymentShape", "only version is 1"),
+    ]:
+        r = plane.http("POST", base + "/deployments", json={"baseModel": BASE_MODEL,
+                                                            "deploymentShape": shape})  # fmt: skip
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and words in error["message"], error
+    # a field that contradicts the shape: a 400 naming it, unless skipShapeValidation
+    body = {"baseModel": BASE_MODEL, "deploymentShape": "tiny-llama-fast",
+            "ngramSpeculationLength": 2}  # fmt: skip
+    r = plane.http("POST", base + "/deployments", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ngramSpeculationLength"
+    assert "contradicts" in r.json()["error"]["message"]
+    r = plane.http("POST", base + "/deployments", json=body,
+                   params={"validateOnly": "true", "skipShapeValidation": "true"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["ngramSpeculationLength"] == 2
+    assert r.json()["deploymentShape"] == f"{SHAPES}/tiny-llama-fast/versions/1"
+    # "default": the base model's THROUGHPUT shape
+    r = plane.http("POST", base + "/deployments", params={"validateOnly": "true"},
+                   json={"baseModel": BASE_MODEL, "deploymentShape": "default"})  # fmt: skip
+    assert r.json()["deploymentShape"] == f"{SHAPES}/tiny-llama-throughput/versions/1", r.text
+
+
+def test_deployments_on_shapes(plane):
+    """A deployment made on the FAST shape speculates (speculation-acceptance in perf_metrics);
+    one on the MINIMAL shape has its 4096-token context; a PATCH onto another shape takes
+    that shape's fields, and one that contradicts the shape is a 400."""
+    fw = plane.client()
+    fast = fw.deployments.create(
+        base_model=BASE_MODEL,
+        deployment_id="shape-fast",
+        deployment_shape=f"{SHAPES}/tiny-llama-fast",
+    )
+    assert fast.deployment_shape == f"{SHAPES}/tiny-llama-fast/versions/1"
+    assert (fast.ngram_speculation_length, fast.draft_model) == (4, "")
+    minimal = fw.deployments.create(
+        base_model=BASE_MODEL, deployment_id="shape-min", deployment_shape="tiny-llama-minimal"
+    )
+    assert minimal.max_context_length == 4096 and minimal.ngram_speculation_length == 0
+    plane.wait("shape-fast", 1)
+    _, acceptance = complete_all(plane, "shape-fast")
+    assert sum(a or 0 for a in acceptance) > 0, acceptance
+    plane.wait("shape-min", 1)
+    body = {"model": f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/shape-min",
+            "prompt": [5] * 4100, "max_tokens": 1}  # fmt: skip
+    r = plane.http("POST", "/inference/v1/completions", json=body)
+    assert r.status_code == 400 and "limit of 4096 tokens" in r.text, r.text  # the model: 8192
+
+    base = f"/v1/accounts/{ACCOUNT}/deployments"
+    r = plane.http("PATCH", base + "/shape-fast", json={"ngramSpeculationLength": 2})
+    assert r.status_code == 400 and "contradicts" in r.json()["error"]["message"], r.text
+    r = plane.http("PATCH", base + "/shape-fast",
+                   json={"deploymentShape": f"{SHAPES}/tiny-llama-throughput"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["deploymentShape"] == f"{SHAPES}/tiny-llama-throughput/versions/1"
+    assert (got["ngramSpeculationLength"], got["maxContextLength"]) == (0, 0)
+    plane.wait("shape-fast", 1)  # restarted with the model's full context: the prompt fits
+    body["model"] = f"{BASE_MODEL}#accounts/{ACCOUNT}/deployments/shape-fast"
+    r = plane.http("POST", "/inference/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    got = fw.deployments.get("shape-fast")  # echoing a GET back changes nothing
+    r = plane.http("PATCH", base + "/shape-fast", json=got.to_dict())
+    assert r.status_code == 200 and r.json()["deploymentShape"] == got.deployment_shape, r.text
+    for deployment_id in ("shape-fast", "shape-min"):
+        fw.deployments.delete(deployment_id, hard=True)
+
+
 def test_draft_model_refusals(plane):
     """A draftModel of another account, one with another vocabulary, a path: 400s naming
     draftModel, before anything loads. The two models are gone after it (other tests list the

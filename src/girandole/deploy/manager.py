@@ -30,6 +30,7 @@ from girandole.deploy.backend import (
     ReplicaSpec,
 )
 from girandole.deploy.holds import Holds
+from girandole.deploy.shapes import ShapeCatalog, shaped_body
 from girandole.deploy.speculation import check_vocab, replica_options, speculation_off
 from girandole.registry import list_query
 from girandole.registry.deployments import (
@@ -69,6 +70,7 @@ LIST_FIELDS = {
     "ngramSpeculationLength",
     "draftModel",
     "draftTokenCount",
+    "deploymentShape",
     "createTime",
     "updateTime",
     "deleteTime",
@@ -126,6 +128,7 @@ class DeploymentManager:
         self.options = options  # the server's engine flags, for every replica
         self.reserved = set(reserved)  # deployment names the server itself serves
         self.engine_stall_seconds = engine_stall_seconds  # a replica stuck this long is replaced
+        self.shapes = ShapeCatalog(catalog, backend.hardware)  # deploy/shapes.py
         backend.listener = self._on_replica
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -169,6 +172,7 @@ class DeploymentManager:
         validate_only: bool = False,
         disable_auto_deploy: bool = False,
         disable_speculative_decoding: bool = False,
+        skip_shape_validation: bool = False,
     ) -> dict[str, Any]:
         if deployment_id is None or deployment_id == "":
             deployment_id = new_deployment_id()
@@ -183,6 +187,7 @@ class DeploymentManager:
             raise invalid("baseModel is required: the model to deploy", "baseModel")
         model = self._base_model(account, base_model)
         record = DeploymentRecord(account, deployment_id, model.name)
+        body = self._shaped(record, body, skip_shape_validation, creating=True)
         record = apply_fields(record, body, self.backend.hardware, creating=True)
         self._check_counts(record)
         if disable_speculative_decoding:  # not the server's flags: off
@@ -226,9 +231,17 @@ class DeploymentManager:
             raise invalid(str(exc), exc.param) from None
         return {"deployments": items, "nextPageToken": next_token, "totalSize": total}
 
-    def update(self, account: str, deployment_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    def update(
+        self,
+        account: str,
+        deployment_id: str,
+        body: dict[str, Any],
+        *,
+        skip_shape_validation: bool = False,
+    ) -> dict[str, Any]:
         with self._lock:
             record = self._record(account, deployment_id)
+            body = self._shaped(record, body, skip_shape_validation, creating=False)
             updated = apply_fields(record, body, self.backend.hardware, creating=False)
             self._check_counts(updated)
             if updated.draft_model != record.draft_model:
@@ -491,6 +504,29 @@ class DeploymentManager:
         record.draft_model, path = self._draft(record.account, record.draft_model)
         base_source, _ = self._model_source(record)
         check_vocab(record.draft_model, path, base_source)
+
+    def _shaped(
+        self, record: DeploymentRecord, body: dict[str, Any], skip: bool, *, creating: bool
+    ) -> dict[str, Any]:
+        """`body` on the deployment's shape (deploy/shapes.py): a new `deploymentShape` fills
+        the fields the body leaves unset (on an update: replaces the record's); the body's own
+        fields are checked against the new shape, or the stored one, unless `skip`
+        (skipShapeValidation). A stored shape no longer in the catalog checks nothing."""
+        text = body.get("deploymentShape")
+        if text:
+            shape = self.shapes.resolve(text, record.account, record.base_model)
+            fill = creating or shape.version_name != record.deployment_shape
+        elif record.deployment_shape:
+            try:
+                shape = self.shapes.resolve(
+                    record.deployment_shape, record.account, record.base_model
+                )
+            except DeploymentError:
+                return body
+            fill = False
+        else:
+            return body
+        return shaped_body(body, shape, skip_validation=skip, fill=fill)
 
     def _record(
         self, account: str, deployment_id: str, *, deleted_ok: bool = False

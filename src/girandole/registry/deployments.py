@@ -43,7 +43,6 @@ UNSUPPORTED_FEATURES = {
     "hotLoadBucketType": "hot loading of model versions",
     "activeModelVersion": "model versions",
     "targetModelVersion": "model versions",
-    "deploymentShape": "deployment shapes",
     "deploymentTemplate": "deployment templates",
     "directRouteType": "direct routes",
     "directRouteApiKeys": "direct routes",
@@ -255,6 +254,8 @@ class DeploymentRecord:
     ngram_speculation_length: int | None = None
     draft_model: str | None = None  # a model of the registry, accounts/<a>/models/<m>
     draft_token_count: int | None = None
+    # the version of the shape it was made on (deploy/shapes.py), its full name; None: none
+    deployment_shape: str | None = None
     kept: dict[str, Any] = field(default_factory=dict)  # KEPT_AS_GIVEN fields
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
@@ -295,6 +296,7 @@ class DeploymentRecord:
             ("ngramSpeculationLength", self.ngram_speculation_length),
             ("draftModel", self.draft_model),
             ("draftTokenCount", self.draft_token_count),
+            ("deploymentShape", self.deployment_shape),
         ):
             if value is not None:
                 body[key] = value
@@ -326,6 +328,7 @@ class DeploymentRecord:
             ngram_speculation_length=body.get("ngramSpeculationLength"),
             draft_model=body.get("draftModel"),
             draft_token_count=body.get("draftTokenCount"),
+            deployment_shape=body.get("deploymentShape"),
             kept={k: body[k] for k in KEPT_AS_GIVEN if k in body},
             create_time=parse_time(body.get("createTime")) or time.time(),
             update_time=parse_time(body.get("updateTime")) or time.time(),
@@ -391,6 +394,9 @@ def apply_fields(
             out.draft_token_count = _speculation_tokens(value, key, 1)
         elif key == "draftModel":
             out.draft_model = value.strip()  # the manager checks it names a usable model
+        elif key == "deploymentShape":
+            # the manager resolved it to a version's name (deploy/shapes.py); "" is no shape
+            out.deployment_shape = value or out.deployment_shape
         elif key in UNSUPPORTED_FEATURES:
             if value not in (False, 0, "", [], {}) and not str(value).endswith("_UNSPECIFIED"):
                 raise invalid(

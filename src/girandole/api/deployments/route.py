@@ -2,11 +2,12 @@
 
     POST   /v1/accounts/{a}/deployments            create (?deploymentId, validateOnly,
                                                    disableAutoDeploy,
-                                                   disableSpeculativeDecoding)
+                                                   disableSpeculativeDecoding,
+                                                   skipShapeValidation)
     GET    /v1/accounts/{a}/deployments            list (pageSize, pageToken, filter, orderBy,
                                                    showDeleted, readMask)
     GET    /v1/accounts/{a}/deployments/{d}        get
-    PATCH  /v1/accounts/{a}/deployments/{d}        update
+    PATCH  /v1/accounts/{a}/deployments/{d}        update (?skipShapeValidation)
     DELETE /v1/accounts/{a}/deployments/{d}        soft delete (?hard=true: for good)
     PATCH  /v1/accounts/{a}/deployments/{d}:scale  {"replicaCount": N}
     POST   /v1/accounts/{a}/deployments/{d}:undelete
@@ -14,6 +15,7 @@
                                                    upload (models_route.py)
     GET    /v1/accounts/{a}/metrics                Prometheus text of its deployments
                                                    (metrics_route.py)
+    GET    /v1/accounts/{a}/deploymentShapes[...]  the built-in shapes (shapes_route.py)
 
 also under /inference/v1 (the fireworks-ai SDK's base_url ".../inference"). A key manages only
 its own account's deployments, and only when its role allows changes (an `inference-user` key
@@ -60,6 +62,11 @@ def authenticate(request: Request) -> Any:
 async def authorize_account(request: Request, account: str) -> str:
     """401 without a live key; 403 when the key belongs to another account, or when it asks to
     change something and its role may only read (registry/roles.py)."""
+    return check_account(request, account, changes=request.method not in READ_METHODS)
+
+
+def check_account(request: Request, account: str, *, changes: bool) -> str:
+    """authorize_account's checks; `changes` False: a POST that only reads (a shape :match)."""
     principal = authenticate(request)
     if not is_valid_id(account):
         raise APIError(
@@ -75,7 +82,7 @@ async def authorize_account(request: Request, account: str) -> str:
             type="error",
             code="PERMISSION_DENIED",
         )
-    if request.method not in READ_METHODS:
+    if changes:
         check_may_change(request, principal)
     return account
 
@@ -152,6 +159,7 @@ async def create_deployment(
     validate_only: bool = Query(default=False, alias="validateOnly"),
     disable_auto_deploy: bool = Query(default=False, alias="disableAutoDeploy"),
     disable_speculative_decoding: bool = Query(default=False, alias="disableSpeculativeDecoding"),
+    skip_shape_validation: bool = Query(default=False, alias="skipShapeValidation"),
 ) -> dict:
     body = await read_json(request, DeploymentBody)
     return manager_of(request).create(
@@ -161,6 +169,7 @@ async def create_deployment(
         validate_only=validate_only,
         disable_auto_deploy=disable_auto_deploy,
         disable_speculative_decoding=disable_speculative_decoding,
+        skip_shape_validation=skip_shape_validation,
     )
 
 
@@ -198,9 +207,16 @@ async def get_deployment(
     openapi_extra=body_doc(DeploymentBody),
     summary="Update a deployment",
 )
-async def update_deployment(deployment_id: str, request: Request, account: str = Account) -> dict:
+async def update_deployment(
+    deployment_id: str,
+    request: Request,
+    account: str = Account,
+    skip_shape_validation: bool = Query(default=False, alias="skipShapeValidation"),
+) -> dict:
     body = await read_json(request, DeploymentBody)
-    return manager_of(request).update(account, deployment_id, body.fields())
+    return manager_of(request).update(
+        account, deployment_id, body.fields(), skip_shape_validation=skip_shape_validation
+    )
 
 
 @router.delete("/accounts/{account}/deployments/{deployment_id}", summary="Delete a deployment")
@@ -225,7 +241,7 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
         state.engine_factory = lambda: manager.serve_own(own_spec(state.settings))
     app.state.deployments = manager
     install_replica_gauges(state, manager)
-    from girandole.api.deployments import metrics_route, models_route
+    from girandole.api.deployments import metrics_route, models_route, shapes_route
 
     models_route.install_model_files(app, state)
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
@@ -235,6 +251,9 @@ def install_deployments(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> 
         )
         app.include_router(
             metrics_route.router, prefix=prefix, include_in_schema=prefix.startswith("/v1")
+        )
+        app.include_router(
+            shapes_route.router, prefix=prefix, include_in_schema=prefix.startswith("/v1")
         )
 
     @app.exception_handler(DeploymentError)

@@ -43,6 +43,8 @@ class DeploymentBody(BaseModel):
     draftModel: str | None = None
     draftTokenCount: int | None = None
     ngramSpeculationLength: int | None = None
+    # a shape (deploy/shapes.py): accounts/<a>/deploymentShapes/<s>[/versions/<v>], <s>, "default"
+    deploymentShape: str | None = None
     # features of Fireworks' fleet: a 400 unless unset or off
     enableMtp: bool | None = None
     enableAddons: bool | None = None
@@ -53,7 +55,6 @@ class DeploymentBody(BaseModel):
     hotLoadBucketType: str | None = None
     activeModelVersion: str | None = None
     targetModelVersion: str | None = None
-    deploymentShape: str | None = None
     deploymentTemplate: str | None = None
     directRouteType: str | None = None
     directRouteApiKeys: list[str] | None = None
