@@ -94,7 +94,7 @@ def make_objects(w: World) -> None:
     ids = w.ids
     ids.update(
         model=MODEL_A, own_deployment=f"accounts/{A}/deployments/tiny", lora=LORA_A,
-        base_model=BASE_A,
+        base_model=BASE_A, shape="tiny-a-fast",  # a built-in shape of BASE_A's
     )  # fmt: skip
     line = {"prompt": "hi", "max_tokens": 1, "model": MODEL_A}
     request = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": line}
@@ -385,6 +385,13 @@ CASES: list[tuple[str, str, Any]] = [
     ("*PATCH", "/v1/accounts/{A}/deployedModels/{deployed_model}", {"displayName": "changed"}),
     ("*DELETE", "/v1/accounts/{A}/deployedModels/{deployed_model}", None),
     ("*GET", "/inference/v1/accounts/{A}/deployments/{deployment}", None),
+    ("*GET", "/v1/accounts/{A}/deploymentShapes", None),
+    ("*GET", "/v1/accounts/{A}/deploymentShapes/{shape}", None),
+    ("*GET", "/v1/accounts/{A}/deploymentShapes/{shape}/versions", None),
+    ("*GET", "/inference/v1/accounts/{A}/deploymentShapes/{shape}/versions/1", None),
+    ("*POST", "/v1/accounts/{A}/deploymentShapeVersions:match",
+     {"createDeploymentRequest": {"parent": "accounts/{A}",
+                                  "deployment": {"baseModel": "{base_model}"}}}),
     # A's ids under B's own account: 404 (or the 400 naming the field)
     ("GET", "/v1/accounts/{B}/deployments/{deployment}", None),
     ("PATCH", "/v1/accounts/{B}/deployments/{deployment}", {"displayName": "changed"}),
@@ -394,6 +401,16 @@ CASES: list[tuple[str, str, Any]] = [
     ("POST", "/v1/accounts/{B}/deployments?validateOnly=true", {"baseModel": "{base_model}"}),
     ("PATCH", "/v1/accounts/{B}/deployments/" + DEPLOYMENT_B, {"baseModel": "{base_model}"}),
     ("POST", "/v1/accounts/{B}/deployments?validateOnly=true", {"baseModel": "{lora}"}),
+    ("POST", "/v1/accounts/{B}/deployments?validateOnly=true",
+     {"baseModel": MODEL_B, "deploymentShape": "accounts/{A}/deploymentShapes/{shape}"}),
+    ("POST", "/v1/accounts/{B}/deployments?validateOnly=true",
+     {"baseModel": MODEL_B, "deploymentShape": "{shape}"}),
+    ("GET", "/v1/accounts/{B}/deploymentShapes/{shape}", None),
+    ("GET", "/v1/accounts/{B}/deploymentShapes/{shape}/versions/1", None),
+    ("GET", "/v1/accounts/{B}/deploymentShapes?targetModel={base_model}", None),
+    ("POST", "/v1/accounts/{B}/deploymentShapeVersions:match",
+     {"createDeploymentRequest": {"parent": "accounts/{B}",
+                                  "deployment": {"baseModel": "{base_model}"}}}),
     ("GET", "/v1/accounts/{B}/models/tiny-a", None),
     ("PATCH", "/v1/accounts/{B}/models/tiny-a", {"displayName": "changed"}),
     ("DELETE", "/v1/accounts/{B}/models/tiny-a", None),
@@ -508,6 +525,8 @@ LISTS = (
     "/inference/v1/models",
     "/v1/accounts/fireworks/models",
     "/v1/accounts/{B}/models",
+    "/v1/accounts/{B}/deploymentShapes",
+    "/v1/accounts/fireworks/deploymentShapes",
     "/v1/accounts/{B}/deployments?showDeleted=true",
     "/v1/accounts/{B}/datasets",
     "/v1/accounts/{B}/batchInferenceJobs",

@@ -167,6 +167,11 @@ def test_an_inference_user_key_reads_and_runs_inference(plane):
         fw.deployments.scale("first", replica_count=0)
     models = plane.http("GET", f"/v1/accounts/{ACCOUNT}/models", key=plane.reader_key).json()
     assert {MODEL_A, MODEL_B} <= {m["name"] for m in models["models"]}
+    # shapes are read, :match included (a POST that changes nothing)
+    assert f"accounts/{ACCOUNT}/deploymentShapes/tiny-a-fast" in {
+        s.name for s in fw.deployment_shapes.list()
+    }
+    assert fw.deployment_shape_versions.match_for_model(MODEL_A).total_size == 3
     done = plane.openai(plane.reader_key).completions.create(
         model=f"{MODEL_A}#{FIRST}", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True}
     )

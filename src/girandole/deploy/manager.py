@@ -511,7 +511,8 @@ class DeploymentManager:
         """`body` on the deployment's shape (deploy/shapes.py): a new `deploymentShape` fills
         the fields the body leaves unset (on an update: replaces the record's); the body's own
         fields are checked against the new shape, or the stored one, unless `skip`
-        (skipShapeValidation). A stored shape no longer in the catalog checks nothing."""
+        (skipShapeValidation); on an update only those it changes. A stored shape no longer in
+        the catalog checks nothing."""
         text = body.get("deploymentShape")
         if text:
             shape = self.shapes.resolve(text, record.account, record.base_model)
@@ -526,6 +527,10 @@ class DeploymentManager:
             fill = False
         else:
             return body
+        if not creating:  # what a PATCH echoes from a GET is no new contradiction (a shape
+            # it moves to takes those fields over)
+            current = record.to_json()
+            body = {k: v for k, v in body.items() if k not in shape.fields or current.get(k) != v}
         return shaped_body(body, shape, skip_validation=skip, fill=fill)
 
     def _record(
