@@ -747,6 +747,18 @@ def test_cli(plane):
         "deployment", "update", "cli", "--display-name", "from cli", "--json", env=env
     )
     assert json.loads(updated.stdout)["displayName"] == "from cli"
+    shaped = girandole(
+        "deployment", "update", "cli", "--deployment-shape", "tiny-llama-fast",
+        "--ngram-speculation-length", "5", "--skip-shape-validation", "--json", env=env,
+    )  # fmt: skip
+    assert shaped.returncode == 0, shaped.stderr
+    d = json.loads(shaped.stdout)
+    assert (d["deploymentShape"], d["ngramSpeculationLength"]) == (
+        f"{SHAPES}/tiny-llama-fast/versions/1",
+        5,
+    )
+    shown = girandole("deployment", "get", "cli", env=env)
+    assert f"{SHAPES}/tiny-llama-fast/versions/1" in shown.stdout, shown.stdout
     scaled = girandole("deployment", "scale", "cli", "--replica-count", "0", "--wait", env=env)
     assert scaled.returncode == 0, scaled.stderr
     assert plane.client().deployments.get("cli").replica_count == 0

@@ -101,6 +101,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         ("draft_model", "draftModel"),
         ("draft_token_count", "draftTokenCount"),
         ("ngram_speculation_length", "ngramSpeculationLength"),
+        ("deployment_shape", "deploymentShape"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -118,6 +119,10 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     if policy:
         body["autoscalingPolicy"] = policy
     return body
+
+
+def _shape_params(args: argparse.Namespace) -> dict[str, str]:
+    return {"skipShapeValidation": "true"} if args.skip_shape_validation else {}
 
 
 def _show(args: argparse.Namespace, deployment: dict[str, Any]) -> None:
@@ -148,6 +153,7 @@ def _show(args: argparse.Namespace, deployment: dict[str, Any]) -> None:
         ("Scale To Zero Window", policy.get("scaleToZeroWindow")),
         ("Load Targets", ",".join(f"{k}={v:g}" for k, v in policy.get("loadTargets", {}).items())),
         ("Max Context Length", deployment.get("maxContextLength") or "model default"),
+        ("Deployment Shape", deployment.get("deploymentShape") or "-"),
         ("Create Time", deployment.get("createTime")),
         ("Update Time", deployment.get("updateTime")),
     ]
@@ -176,6 +182,7 @@ def _wait(plane: ControlPlane, deployment_id: str, timeout: float) -> dict[str, 
 def _cmd_create(args: argparse.Namespace) -> int:
     plane = _plane(args)
     params = {"deploymentId": args.deployment_id} if args.deployment_id else {}
+    params.update(_shape_params(args))
     body = {"baseModel": args.model, **_body(args)}
     deployment = plane.call("POST", "", json=body, params=params)
     if args.wait:
@@ -221,7 +228,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
         raise CLIError("nothing to update: give at least one field flag")
     deployment_id = _deployment_id(args.deployment)
     plane = _plane(args)
-    deployment = plane.call("PATCH", f"/{deployment_id}", json=body)
+    deployment = plane.call("PATCH", f"/{deployment_id}", json=body, params=_shape_params(args))
     if args.wait:
         deployment = _wait(plane, deployment_id, args.wait_timeout)
     _show(args, deployment)
@@ -304,6 +311,16 @@ def _field_args(p: argparse.ArgumentParser) -> None:
         "--ngram-speculation-length",
         type=int,
         help="speculative decoding by n-gram lookup: tokens proposed per step (0: off)",
+    )
+    p.add_argument(
+        "--deployment-shape",
+        help="a shape's fields for those not given: accounts/<a>/deploymentShapes/<s>, <s>,"
+        " or 'default' (see GET /v1/accounts/<a>/deploymentShapes)",
+    )
+    p.add_argument(
+        "--skip-shape-validation",
+        action="store_true",
+        help="flags that contradict the deployment's shape win instead of a 400",
     )
 
 
