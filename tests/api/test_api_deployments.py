@@ -20,6 +20,7 @@ import httpx
 import pytest
 from conftest import start_server, stop_server, write_eos_model, write_tiny_llama_for_ops
 
+from girandole.deploy.hardware import detect_hardware
 from girandole.registry.keystore import Database
 
 ACCOUNT = "acme"
@@ -500,7 +501,9 @@ def test_deployment_shapes_sdk(plane):
     assert shapes[f"{SHAPES}/tiny-llama-minimal"].max_context_length == 4096
     throughput = shapes[f"{SHAPES}/tiny-llama-throughput"]
     assert (throughput.max_context_length, throughput.ngram_speculation_length) == (0, 0)
-    assert fast.accelerator_type is None  # a CPU: no accelerator to name
+    # this machine's accelerator (the server's): none on a CPU, and a deployment on the shape
+    # takes it (a create naming it is judged against the same hardware)
+    assert fast.accelerator_type == detect_hardware().accelerator_type
 
     targeted = fw.deployment_shapes.list(target_model="tiny-llama", page_size=2)
     assert [s.name for s in targeted] == [f"{SHAPES}/tiny-llama-{p}" for p in sorted(presets)]
