@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,22 +127,26 @@ def encode_row(
 
 
 def batches(
-    examples: list[Example], samples: int | None, tokens: int | None
-) -> list[list[Example]]:
+    examples: list[Any],
+    samples: int | None,
+    tokens: int | None,
+    length: Callable[[Any], int] = lambda example: len(example.ids),
+) -> list[list[Any]]:
     """Examples in order, grouped by `samples` per batch, or by up to `tokens` tokens (a longer
-    example is a batch alone); one example a batch when neither is set."""
-    out: list[list[Example]] = []
-    current: list[Example] = []
+    example is a batch alone); one example a batch when neither is set. `length`: an example's
+    tokens (a preference pair's are both of its outputs')."""
+    out: list[list[Any]] = []
+    current: list[Any] = []
     size = 0
     for example in examples:
         full = (samples is not None and len(current) >= samples) or (
-            tokens is not None and current and size + len(example.ids) > tokens
+            tokens is not None and current and size + length(example) > tokens
         )
         if full or (samples is None and tokens is None and current):
             out.append(current)
             current, size = [], 0
         current.append(example)
-        size += len(example.ids)
+        size += length(example)
     if current:
         out.append(current)
     return out

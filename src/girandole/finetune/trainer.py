@@ -77,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     chat_template: str | None = None  # None: the one the chat route uses for the model
+    method: str = "sft"  # or "dpo": preference rows (finetune/preference.py), finetune/dpo.py
+    beta: float = 0.1  # DPO's temperature
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> TrainConfig:
@@ -177,9 +179,26 @@ def load_examples(path: str, tok, template, max_length: int, what: str) -> list[
     ]
 
 
+class SftObjective:
+    """Cross-entropy of the trained tokens, averaged over the trained tokens of each step."""
+
+    @staticmethod
+    def length(example: Example) -> int:
+        return len(example.ids)
+
+    def losses(self, model: nn.Module, adapter: LoRAAdapter, window: list[Example], device):
+        tokens = sum(ex.num_trained for ex in window)
+        for ex in window:
+            yield row_loss(model, adapter, ex, device) / tokens
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
 def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     """Train the adapter and write it to `config.output_dir`; `report` gets progress dicts
-    (epoch, step, totalSteps, percent, loss, evalLoss)."""
+    (epoch, step, totalSteps, percent, loss, evalLoss; a DPO job's reward accuracy and
+    margin)."""
     from girandole.model.default import resolve_model_path
     from girandole.model.loader import load_model
     from girandole.tokenizer.chat_template import chat_template_for
@@ -191,15 +210,20 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     tok = load_tokenizer(path)
     template = config.chat_template or chat_template_for(tok)
     # rows are checked before the model is loaded: a bad line fails in a second
-    train_rows = load_examples(config.dataset_path, tok, template, config.max_context_length, "dataset")  # fmt: skip
     eval_rows: list[Example] = []
-    if config.eval_path:
-        eval_rows = load_examples(config.eval_path, tok, template, config.max_context_length, "evaluationDataset")  # fmt: skip
-    elif config.eval_carveout:
-        train_rows, eval_rows = carve_out(train_rows)
-    train_rows = [ex for ex in train_rows if ex.num_trained > 0]  # cut away by max length
-    if not train_rows:
-        raise ValueError("no row has an assistant token within maxContextLength")
+    if config.method == "dpo":
+        from girandole.finetune.dpo import load_pairs
+
+        train_rows: list[Any] = load_pairs(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
+    else:
+        train_rows = load_examples(config.dataset_path, tok, template, config.max_context_length, "dataset")  # fmt: skip
+        if config.eval_path:
+            eval_rows = load_examples(config.eval_path, tok, template, config.max_context_length, "evaluationDataset")  # fmt: skip
+        elif config.eval_carveout:
+            train_rows, eval_rows = carve_out(train_rows)
+        train_rows = [ex for ex in train_rows if ex.num_trained > 0]  # cut away by max length
+        if not train_rows:
+            raise ValueError("no row has an assistant token within maxContextLength")
 
     model, _ = load_model(path, mode="reference", device=device, use_cache=False)
     lora.attach(model)
@@ -208,6 +232,12 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     rank = init.rank if init else config.rank
     alpha = init.alpha if init else float(config.rank)
     trainable = Trainable(spec, rank, alpha, init, device)
+    objective: Any = SftObjective()
+    if config.method == "dpo":
+        from girandole.finetune.dpo import DpoObjective
+
+        # the reference policy: the adapter before training (the base, or the warm start)
+        objective = DpoObjective(model, trainable.adapter(), train_rows, config.beta, device)
     optimizer = torch.optim.AdamW(
         trainable.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -216,11 +246,11 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
 
-    def epoch_batches(epoch: int) -> list[list[Example]]:
+    def epoch_batches(epoch: int) -> list[list[Any]]:
         """The epoch's rows in its own seeded order, in batches (the same at each call)."""
         rows = list(train_rows)
         random.Random(config.seed * 100_003 + epoch).shuffle(rows)
-        return batches(rows, config.batch_size_samples, config.batch_size_tokens)
+        return batches(rows, config.batch_size_samples, config.batch_size_tokens, objective.length)  # fmt: skip
 
     accumulate = config.gradient_accumulation_steps
     epochs = range(1, config.epochs + 1)
@@ -232,17 +262,14 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     for epoch in epochs:
         groups = epoch_batches(epoch)
         for start in range(0, len(groups), accumulate):
-            window = groups[start : start + accumulate]
-            tokens = sum(ex.num_trained for group in window for ex in group)
+            window = [row for group in groups[start : start + accumulate] for row in group]
             optimizer.zero_grad(set_to_none=True)
             adapter = trainable.adapter()
             total = 0.0
-            for group in window:
-                for ex in group:
-                    loss = row_loss(model, adapter, ex, device) / tokens
-                    # the fused weights are rebuilt each step: keep their graph for every row
-                    loss.backward(retain_graph=True)
-                    total += loss.item()
+            for loss in objective.losses(model, adapter, window, device):
+                # the fused weights are rebuilt each step: keep their graph for every row
+                loss.backward(retain_graph=True)
+                total += loss.item()
             optimizer.step()
             schedule.step()
             step += 1
@@ -250,7 +277,7 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
             report({
                 "epoch": epoch, "step": step, "totalSteps": total_steps,
                 "percent": round(100 * step / total_steps), "loss": total,
-                "elapsedSeconds": round(time.monotonic() - started, 3),
+                **objective.stats(), "elapsedSeconds": round(time.monotonic() - started, 3),
             })  # fmt: skip
         result.epochs_run = epoch
         if eval_rows:
