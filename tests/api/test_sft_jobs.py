@@ -6,34 +6,16 @@ account's key, cancel, resume, delete and list paging."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import time
-from pathlib import Path
 
 import fireworks
-import httpx
 import openai
 import pytest
+from finetune_server import ACCOUNT, FinetuneServer
 
-from girandole.registry.keystore import Database
-
-ROOT = Path(__file__).resolve().parents[2]
-ACCOUNT = "acme"
 ANSWER = "Zebra-42."
 QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
 JOBS = f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs"
-
-
-def _api_conftest():
-    spec = importlib.util.spec_from_file_location(
-        "_girandole_api_conftest", ROOT / "tests/api/conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rows(answer: str = ANSWER) -> bytes:
@@ -44,48 +26,9 @@ def rows(answer: str = ANSWER) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-class SftServer:
-    def __init__(self, tmp: Path, tiny_llama_dir: Path) -> None:
-        self.api = _api_conftest()
-        data = tmp / "data"
-        db = Database.in_folder(data)
-        self.key, _ = db.create_key(ACCOUNT)
-        self.other_key, _ = db.create_key("other")
-        self.reader_key, _ = db.create_key(ACCOUNT, role="inference-user")
-        db.close()
-        self.server = self.api.start_server(
-            tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
-            "--kv-cache-gb", "0.02", "--data-dir", str(data), "--max-loras", "2",
-            api_key=self.key,
-        )  # fmt: skip
-
-    def sdk(self, key: str | None = None) -> fireworks.Fireworks:
-        return fireworks.Fireworks(
-            api_key=key or self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
-        )
-
-    def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key or self.key}"}
-        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
-
-    def dataset(self, dataset_id: str, data: bytes) -> None:
-        fw = self.sdk()
-        fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
-        fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
-
-    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.http("GET", f"{JOBS}/{job_id}").json()
-            if job["state"] in states:
-                return job
-            assert time.monotonic() < deadline, job
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_llama_dir):
-    s = SftServer(tmp_path_factory.mktemp("sft-api"), tiny_llama_dir)
+    s = FinetuneServer(tmp_path_factory.mktemp("sft-api"), tiny_llama_dir, JOBS)
     s.dataset("zebra", rows())
     s.dataset("broken", rows() + b'{"messages": [{"role": "user", "content": "q"}]}\n')
     # valid rows, but the tiny Llama's template (Llama 2's) wants user/assistant turns in turn
@@ -226,12 +169,7 @@ def test_a_number_past_floats_range_is_400(srv):
 def test_unknown_job_404_and_other_account_403(srv):
     assert srv.http("GET", f"{JOBS}/nope").status_code == 404
     assert srv.http("POST", f"{JOBS}/nope:cancel").status_code == 404
-    for method, path in (
-        ("GET", JOBS), ("POST", JOBS), ("GET", f"{JOBS}/x"), ("DELETE", f"{JOBS}/x"),
-        ("POST", f"{JOBS}/x:cancel"), ("POST", f"{JOBS}/x:resume"),
-    ):  # fmt: skip
-        r = srv.http(method, path, key=srv.other_key, json={} if method == "POST" else None)
-        assert r.status_code == 403, (method, path, r.text)
+    srv.assert_other_account_403()
     assert srv.http("GET", "/inference" + JOBS).status_code == 200
     # an inference-user key reads jobs, and may not create or stop one
     assert srv.http("GET", JOBS, key=srv.reader_key).status_code == 200

@@ -154,18 +154,18 @@ def test_early_stop_when_the_evaluation_loss_rises(tiny_llama_dir, tmp_path):
 
 
 def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path):
-    from girandole.finetune.store import FAILED, PENDING, RUNNING, SftStore
+    from girandole.finetune.store import FAILED, PENDING, RUNNING, JobStore
     from girandole.registry.keystore import Database
 
     db = Database.in_folder(tmp_path)
-    store = SftStore(db)
+    store = JobStore(db)
     store.insert("acme", "a", {"name": "a", "state": RUNNING})
     store.insert("acme", "b", {"name": "b", "state": PENDING})
-    SftStore(db).fail_interrupted()
+    JobStore(db).fail_interrupted()
     assert store.get("acme", "a")["state"] == FAILED
     assert "resume" in store.get("acme", "a")["status"]["message"]
     assert store.get("acme", "b")["state"] == PENDING
-    assert store.next_pending()[1] == "b"
+    assert store.next_pending()[2] == "b"
 
 
 def test_batches_by_samples_or_by_tokens():

@@ -17,7 +17,7 @@ from girandole.api.completions import route as completions
 from girandole.api.conversations import route as conversations
 from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
-from girandole.api.finetune import install_sft
+from girandole.api.finetune import install_finetune
 from girandole.api.http.cors import FireworksCORS
 from girandole.api.http.errors import UnhandledErrors, install_error_handlers
 from girandole.api.http.openapi import install_openapi
@@ -98,7 +98,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_accounts(app, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
-    install_sft(app, state, INFERENCE_PREFIXES)
+    install_finetune(app, state, INFERENCE_PREFIXES)
     for prefix in INFERENCE_PREFIXES:  # Anthropic's Message Batches: on the same store, runner
         app.include_router(message_batches.router, prefix=prefix)
     install_lora(app, state, INFERENCE_PREFIXES)

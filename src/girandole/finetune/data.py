@@ -15,12 +15,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from girandole.tokenizer.chat_template import ChatTemplateError, render_chat_for
 from girandole.tokenizer.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+T = TypeVar("T")
 
 
 class RowError(ValueError):
@@ -43,6 +44,14 @@ class Example:
 
 def read_rows(data: bytes, what: str = "dataset") -> list[list[dict[str, Any]]]:
     """The messages of each non-blank line; RowError names the first bad line."""
+    rows = read_jsonl(data, what, check_row)
+    if not rows:
+        raise RowError(f"{what} has no rows")
+    return rows
+
+
+def read_jsonl(data: bytes, what: str, check: Callable[[Any, str], T]) -> list[T]:
+    """`check(row, "{what} line N")` of each non-blank line's JSON value."""
     rows = []
     for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         if not raw.strip():
@@ -51,9 +60,7 @@ def read_rows(data: bytes, what: str = "dataset") -> list[list[dict[str, Any]]]:
             row = json.loads(raw)
         except ValueError as exc:
             raise RowError(f"{what} line {number} is not valid JSON: {exc}") from None
-        rows.append(check_row(row, f"{what} line {number}"))
-    if not rows:
-        raise RowError(f"{what} has no rows")
+        rows.append(check(row, f"{what} line {number}"))
     return rows
 
 

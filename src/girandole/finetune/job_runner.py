@@ -1,9 +1,12 @@
-"""Runs supervised fine-tuning jobs one at a time, in creation order, each in a child process
+"""Runs fine-tuning jobs (supervised and DPO) one at a time, in creation order across both
+kinds, each in a child process
 (girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The child's progress lines
 become the job's jobProgress; its adapter folder, when it succeeds, moves into the uploaded
 models' storage (registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the
 job's base model: it deploys and serves as an uploaded adapter does. Cancel terminates the
-child. On start, a job left RUNNING by a stopped server FAILS (store.fail_interrupted)."""
+child. On start, a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO
+job's training fields are in its trainingConfig (store.training_fields), its loss in
+lossConfig."""
 
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from girandole.batch.store import now_text
-from girandole.finetune.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SftStore
+from girandole.finetune.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    JobStore,
+    training_fields,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +46,10 @@ def training_threads() -> int:
     return int(text)
 
 
-class SftRunner:
+class JobRunner:
     def __init__(
         self,
-        store: SftStore,
+        stores: list[JobStore],
         catalog: Any,
         files: Any,
         datasets: Any,
@@ -47,16 +58,17 @@ class SftRunner:
     ) -> None:
         """`template_of(base model name)`: the chat template the server renders that model's
         chat requests with when it is not the model's own (`--chat-template`), else None."""
-        self.store, self.catalog, self.files, self.datasets = store, catalog, files, datasets
+        self.stores, self.catalog, self.files, self.datasets = stores, catalog, files, datasets
         self.template_of = template_of
         self.folder = folder  # per job: spec, log and the adapter being written
         self.wake = threading.Event()
         self.stopping = False
-        self.current: tuple[str, str] | None = None
+        self.current: tuple[str, str, str] | None = None  # (table, account, job id)
         self.child: subprocess.Popen | None = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        store.fail_interrupted()
+        for store in stores:
+            store.fail_interrupted()
 
     def start(self) -> None:
         if self.thread is None:
@@ -66,10 +78,10 @@ class SftRunner:
     def notify(self) -> None:
         self.wake.set()
 
-    def stop_job(self, account: str, job_id: str) -> None:
+    def stop_job(self, store: JobStore, account: str, job_id: str) -> None:
         """Terminate the job's child if it is the one running (its state is already set)."""
         with self.lock:
-            if self.current == (account, job_id) and self.child is not None:
+            if self.current == (store.kind.table, account, job_id) and self.child is not None:
                 self.child.terminate()
 
     def shutdown(self) -> None:
@@ -83,24 +95,24 @@ class SftRunner:
 
     def _loop(self) -> None:
         while not self.stopping:
-            found = self.store.next_pending()
-            if found is None:
+            waiting = [(found, store) for store in self.stores if (found := store.next_pending())]
+            if not waiting:
                 self.wake.wait(5)
                 self.wake.clear()
                 continue
-            account, job_id, body = found
+            (_, account, job_id, body), store = min(waiting, key=lambda w: w[0][:3])
             try:
-                self._run(account, job_id, body)
+                self._run(store, account, job_id, body)
             except ValueError as exc:  # what it needs is gone (its dataset, its base model)
                 failed = {"code": "FAILED_PRECONDITION", "message": str(exc)}
-                self._finish(account, job_id, FAILED, failed, when=(RUNNING, PENDING))
+                self._finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the runner
                 log.exception("fine-tuning job %s failed", job_id)
                 failed = {"code": "INTERNAL", "message": str(exc)}
                 # PENDING too: a job left PENDING would be picked (and fail) again and again
-                self._finish(account, job_id, FAILED, failed, when=(RUNNING, PENDING))
+                self._finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
 
-    def _spec(self, account: str, body: dict[str, Any], work: Path) -> dict:
+    def _spec(self, account: str, job: dict[str, Any], work: Path) -> dict:
         def dataset_path(name: str) -> str:
             dataset_id = name.rsplit("/", 1)[-1]
             if self.datasets.get_dataset(account, dataset_id) is None:
@@ -109,6 +121,7 @@ class SftRunner:
             path.write_bytes(self.datasets.dataset_bytes(account, dataset_id))
             return str(path)
 
+        body = training_fields(job)
         base_name = body.get("baseModel")
         warm = None
         if body.get("warmStartFrom"):
@@ -140,24 +153,25 @@ class SftRunner:
             "early_stop": bool(body.get("earlyStop")),
             "threads": training_threads(),
             "chat_template": self.template_of(base.name),
+            **loss_fields(job.get("lossConfig")),
         }
 
-    def _run(self, account: str, job_id: str, body: dict[str, Any]) -> None:
+    def _run(self, store: JobStore, account: str, job_id: str, body: dict[str, Any]) -> None:
         work = self.folder / account / job_id
         shutil.rmtree(work, ignore_errors=True)  # a resumed job trains again from the start
         work.mkdir(parents=True)
         body["state"] = RUNNING
         body["jobProgress"] = {"percent": 0, "epoch": 0}
-        if not self.store.save(account, job_id, body, when=PENDING):
+        if not store.save(account, job_id, body, when=PENDING):
             return  # cancelled or deleted since it was picked
         spec = self._spec(account, body, work)
         (work / "spec.json").write_text(json.dumps(spec))
         stderr = open(work / "train.log", "wb")
         with self.lock:
-            if self.stopping or (self.store.get(account, job_id) or {}).get("state") != RUNNING:
+            if self.stopping or (store.get(account, job_id) or {}).get("state") != RUNNING:
                 stderr.close()
                 return  # cancelled or deleted before its child started
-            self.current = (account, job_id)
+            self.current = (store.kind.table, account, job_id)
             self.child = subprocess.Popen(
                 [sys.executable, "-m", "girandole.finetune.worker", str(work / "spec.json")],
                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
@@ -171,7 +185,7 @@ class SftRunner:
                     continue
                 last = line
                 if "progress" in line:
-                    self._progress(account, job_id, line["progress"])
+                    self._progress(store, account, job_id, line["progress"])
             code = self.child.wait()
         finally:
             stderr.close()
@@ -179,35 +193,39 @@ class SftRunner:
                 self.current, self.child = None, None
             for copy in work.glob("*.jsonl"):  # the datasets' copies (train.log stays)
                 copy.unlink(missing_ok=True)
-        now = self.store.get(account, job_id)
+        now = store.get(account, job_id)
         if now is None or now["state"] != RUNNING:  # cancelled or deleted: the child was ended
             return
         if self.stopping:
-            self._finish(account, job_id, FAILED, {"code": "ABORTED", "message": "the server stopped while the job ran; resume it to train again"})  # fmt: skip
+            self._finish(store, account, job_id, FAILED, {"code": "ABORTED", "message": "the server stopped while the job ran; resume it to train again"})  # fmt: skip
             return
         if code != 0 or "done" not in last:
             tail = (work / "train.log").read_text(errors="replace")[-500:]
             message = last.get("error") or f"training exited with status {code}: {tail}"
-            self._finish(account, job_id, FAILED, {"code": "INVALID_ARGUMENT" if "error" in last else "INTERNAL", "message": message})  # fmt: skip
+            self._finish(store, account, job_id, FAILED, {"code": "INVALID_ARGUMENT" if "error" in last else "INTERNAL", "message": message})  # fmt: skip
             return
         done = last["done"]
         try:
-            self._register(account, body, work / "adapter")
+            self._register(account, training_fields(body), work / "adapter")
         except ValueError as exc:
-            self._finish(account, job_id, FAILED, {"code": "ALREADY_EXISTS", "message": str(exc)})
+            self._finish(
+                store, account, job_id, FAILED, {"code": "ALREADY_EXISTS", "message": str(exc)}
+            )
             return
         message = f"trained {done['steps']} steps over {done['epochs']} epochs"
         if done.get("earlyStopped"):
             message += " (stopped early: the evaluation loss no longer improved)"
-        self._finish(account, job_id, COMPLETED, {"code": "OK", "message": message})
+        self._finish(store, account, job_id, COMPLETED, {"code": "OK", "message": message})
 
-    def _progress(self, account: str, job_id: str, progress: dict[str, Any]) -> None:
-        body = self.store.get(account, job_id)
+    def _progress(
+        self, store: JobStore, account: str, job_id: str, progress: dict[str, Any]
+    ) -> None:
+        body = store.get(account, job_id)
         if body is None or body["state"] != RUNNING:
             return
         shown = body.setdefault("jobProgress", {})
         shown.update({k: v for k, v in progress.items() if k != "elapsedSeconds"})
-        self.store.save(account, job_id, body, when=RUNNING)
+        store.save(account, job_id, body, when=RUNNING)
 
     def _register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
         """The adapter folder into the uploaded models' storage, and into the catalog."""
@@ -227,6 +245,7 @@ class SftRunner:
 
     def _finish(
         self,
+        store: JobStore,
         account: str,
         job_id: str,
         state: str,
@@ -235,7 +254,7 @@ class SftRunner:
     ) -> None:
         """The job ended, if its stored state is one of `when` (a cancel that came first
         stands)."""
-        body = self.store.get(account, job_id)
+        body = store.get(account, job_id)
         if body is None:
             return
         body["state"], body["status"] = state, status
@@ -243,8 +262,16 @@ class SftRunner:
             body.setdefault("jobProgress", {})["percent"] = 100
         body["completedTime"] = now_text()
         for before in when:
-            if self.store.save(account, job_id, body, when=before):
+            if store.save(account, job_id, body, when=before):
                 return
 
 
-__all__ = ["CANCELLED", "PENDING", "SftRunner"]
+def loss_fields(loss: dict[str, Any] | None) -> dict[str, Any]:
+    """The trainer's method and beta from a DPO job's lossConfig (the route checked it); an SFT
+    job has none."""
+    if loss is None:
+        return {}
+    return {"method": "dpo", "beta": loss["dpo"]["beta"]}
+
+
+__all__ = ["CANCELLED", "PENDING", "JobRunner"]

@@ -10,11 +10,10 @@ MIN_ROWS rows; so does this server.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from girandole.finetune.data import Example, RowError, check_row, encode_row
+from girandole.finetune.data import Example, RowError, check_row, encode_row, read_jsonl
 from girandole.tokenizer.tokenizer import Tokenizer
 
 MIN_ROWS = 3
@@ -40,15 +39,7 @@ Conversations = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 def read_pairs(data: bytes, what: str = "dataset") -> list[Conversations]:
     """(chosen messages, rejected messages) of each non-blank line, the input's assistant
     messages at weight 0; RowError names the first bad line."""
-    pairs = []
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except ValueError as exc:
-            raise RowError(f"{what} line {number} is not valid JSON: {exc}") from None
-        pairs.append(check_pair(row, f"{what} line {number}"))
+    pairs = read_jsonl(data, what, check_pair)
     if len(pairs) < MIN_ROWS:
         raise RowError(
             f"{what} has {len(pairs)} rows: a DPO dataset needs at least {MIN_ROWS} (as Fireworks'"

@@ -1,19 +1,44 @@
-"""Supervised fine-tuning jobs in the server's database (girandole.db): one row a job, its
-Fireworks body as JSON. States: JOB_STATE_PENDING (waiting for the runner, in creation order)
--> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED | JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
+"""Fine-tuning jobs in the server's database (girandole.db), one table per kind (supervised
+fine-tuning, DPO): one row a job, its Fireworks body as JSON. States: JOB_STATE_PENDING (waiting
+for the runner, in creation order) -> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED |
+JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from girandole.batch.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, now_text
 
 FINAL = (COMPLETED, FAILED, CANCELLED)
-__all__ = ["CANCELLED", "COMPLETED", "FAILED", "FINAL", "PENDING", "RUNNING", "SftStore"]
+__all__ = [
+    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RUNNING", "SFT", "JobKind",
+    "JobStore",
+]  # fmt: skip
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS sft_jobs (
+
+@dataclass(frozen=True)
+class JobKind:
+    table: str
+    collection: str  # the REST collection: accounts/{a}/{collection}/{job id}
+    noun: str  # in messages: "{noun} accounts/.../x not found"
+    id_param: str  # create's query parameter naming the new job's id
+    id_prefix: str  # of the ids made up when it is not given
+
+
+SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-")  # fmt: skip
+DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-")
+
+
+def training_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A job's training fields in one object: an SFT job has them at its top level, a DPO job
+    in its trainingConfig."""
+    return {**body, **body.get("trainingConfig", {})}
+
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS {table} (
     account TEXT NOT NULL,
     job_id TEXT NOT NULL,
     created REAL NOT NULL,
@@ -22,18 +47,17 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS sft_jobs (
 )"""
 
 
-def sft_job_name(account: str, job_id: str) -> str:
-    return f"accounts/{account}/supervisedFineTuningJobs/{job_id}"
+class JobStore:
+    def __init__(self, db: Any, kind: JobKind = SFT) -> None:
+        self.db, self.kind = db, kind
+        db.execute(_SCHEMA.format(table=kind.table))
 
-
-class SftStore:
-    def __init__(self, db: Any) -> None:
-        self.db = db
-        db.execute(_SCHEMA)
+    def name(self, account: str, job_id: str) -> str:
+        return f"accounts/{account}/{self.kind.collection}/{job_id}"
 
     def insert(self, account: str, job_id: str, body: dict[str, Any]) -> bool:
         rows = self.db.execute(
-            "INSERT INTO sft_jobs (account, job_id, created, body) VALUES (?, ?, ?, ?)"
+            f"INSERT INTO {self.kind.table} (account, job_id, created, body) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (account, job_id) DO NOTHING RETURNING job_id",
             (account, job_id, time.time(), json.dumps(body)),
         )
@@ -41,7 +65,8 @@ class SftStore:
 
     def get(self, account: str, job_id: str) -> dict[str, Any] | None:
         rows = self.db.execute(
-            "SELECT body FROM sft_jobs WHERE account = ? AND job_id = ?", (account, job_id)
+            f"SELECT body FROM {self.kind.table} WHERE account = ? AND job_id = ?",
+            (account, job_id),
         )
         return json.loads(rows[0][0]) if rows else None
 
@@ -52,7 +77,7 @@ class SftStore:
         `when`, when its stored state is another (the runner's writes: a cancel that came
         between its read and its write stands)."""
         body["updateTime"] = now_text()
-        query = "UPDATE sft_jobs SET body = ? WHERE account = ? AND job_id = ?"
+        query = f"UPDATE {self.kind.table} SET body = ? WHERE account = ? AND job_id = ?"
         args: tuple = (json.dumps(body), account, job_id)
         if when is not None:
             query += " AND json_extract(body, '$.state') = ?"
@@ -60,28 +85,32 @@ class SftStore:
         return bool(self.db.execute(query + " RETURNING job_id", args))
 
     def delete(self, account: str, job_id: str) -> None:
-        self.db.execute("DELETE FROM sft_jobs WHERE account = ? AND job_id = ?", (account, job_id))
+        self.db.execute(
+            f"DELETE FROM {self.kind.table} WHERE account = ? AND job_id = ?", (account, job_id)
+        )
 
     def list(self, account: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT body FROM sft_jobs WHERE account = ? ORDER BY created, job_id", (account,)
+            f"SELECT body FROM {self.kind.table} WHERE account = ? ORDER BY created, job_id",
+            (account,),
         )
         return [json.loads(r[0]) for r in rows]
 
-    def next_pending(self) -> tuple[str, str, dict[str, Any]] | None:
-        """The oldest job waiting to run: (account, job id, body)."""
+    def next_pending(self) -> tuple[float, str, str, dict[str, Any]] | None:
+        """The oldest job waiting to run: (its creation time, account, job id, body)."""
         rows = self.db.execute(
-            "SELECT account, job_id, body FROM sft_jobs"
+            f"SELECT created, account, job_id, body FROM {self.kind.table}"
             " WHERE json_extract(body, '$.state') = ? ORDER BY created, job_id LIMIT 1",
             (PENDING,),
         )
-        return (rows[0][0], rows[0][1], json.loads(rows[0][2])) if rows else None
+        return (*rows[0][:3], json.loads(rows[0][3])) if rows else None
 
     def fail_interrupted(self) -> None:
         """At start: a job RUNNING when the server stopped did not finish; it FAILS (resume
         runs it again from the start)."""
         rows = self.db.execute(
-            "SELECT account, job_id, body FROM sft_jobs WHERE json_extract(body, '$.state') = ?",
+            f"SELECT account, job_id, body FROM {self.kind.table}"
+            " WHERE json_extract(body, '$.state') = ?",
             (RUNNING,),
         )
         for account, job_id, text in rows:

@@ -1,5 +1,5 @@
-"""Fireworks' supervised fine-tuning jobs (routes)."""
+"""Fireworks' fine-tuning jobs: supervised (SFT) and DPO (routes)."""
 
-from girandole.api.finetune.route import install_sft
+from girandole.api.finetune.route import install_finetune
 
-__all__ = ["install_sft"]
+__all__ = ["install_finetune"]

@@ -1,20 +1,11 @@
-"""Routes of Fireworks' supervised fine-tuning jobs, as the fireworks-ai SDK's
-`client.supervised_fine_tuning_jobs` calls them:
-
-    POST   /v1/accounts/{a}/supervisedFineTuningJobs?supervisedFineTuningJobId=  create
-    GET    /v1/accounts/{a}/supervisedFineTuningJobs            list (pageSize, pageToken, filter,
-                                                                orderBy, readMask)
-    GET    /v1/accounts/{a}/supervisedFineTuningJobs/{j}        get
-    DELETE /v1/accounts/{a}/supervisedFineTuningJobs/{j}        cancel it if it runs, delete it
-                                                                (its output model stays)
-    POST   /v1/accounts/{a}/supervisedFineTuningJobs/{j}:cancel  stop it
-    POST   /v1/accounts/{a}/supervisedFineTuningJobs/{j}:resume  run a CANCELLED or FAILED job
-                                                                 again, from the start
-
-also under /inference/v1. Creating checks the fields, the dataset's rows (a 400 names the first
-bad line) and the models; the job then waits (JOB_STATE_PENDING) for the runner
-(girandole.finetune.job_runner), which trains a LoRA adapter in a child process. Fields of
-Fireworks' cloud this server has no counterpart for are a 400 naming them.
+"""Fireworks' supervised fine-tuning jobs, as the fireworks-ai SDK's
+`client.supervised_fine_tuning_jobs` calls them: POST
+/v1/accounts/{a}/supervisedFineTuningJobs?supervisedFineTuningJobId= creates one; get, list,
+delete, :cancel and :resume are every kind's (jobs.py). Also under /inference/v1. Creating checks
+the fields, the dataset's rows (a 400 names the first bad line) and the models; the job then
+waits (JOB_STATE_PENDING) for the runner (girandole.finetune.job_runner), which trains a LoRA
+adapter in a child process. Fields of Fireworks' cloud this server has no counterpart for are a
+400 naming them. The checks of the training fields here serve DPO jobs too (dpo_route.py).
 """
 
 from __future__ import annotations
@@ -22,25 +13,31 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from girandole.api.datasets.route import created_by, own_id
+from girandole.api.datasets.route import own_id
 from girandole.api.deployments.route import Account, manager_of, read_json
+from girandole.api.finetune.jobs import (
+    insert_job,
+    job_exists,
+    job_routes,
+    new_job_id,
+    output_model,
+    stores_of,
+)  # fmt: skip
 from girandole.api.http.errors import APIError, bad_request
-from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
-from girandole.batch.store import dataset_name, now_text
+from girandole.batch.store import dataset_name
 from girandole.finetune.data import RowError, read_rows
-from girandole.finetune.job_runner import SftRunner
-from girandole.finetune.store import CANCELLED, FAILED, FINAL, PENDING, SftStore, sft_job_name
+from girandole.finetune.job_runner import JobRunner
+from girandole.finetune.store import DPO, SFT, JobStore
 from girandole.model.lora import MAX_RANK, check_adapter_config
 from girandole.registry.models import READY
-from girandole.registry.naming import is_valid_id
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=True)
 
@@ -67,11 +64,11 @@ DEFAULT_MAX_CONTEXT = 2048
 MAX_INT = 2**31 - 1  # Fireworks' int32 fields
 
 
-class SftJobBody(BaseModel):
+class TrainingConfigBody(BaseModel):
+    """Fireworks' TrainingConfig: an SFT job's training fields, a DPO job's trainingConfig."""
+
     model_config = STRICT
 
-    dataset: str | None = None
-    displayName: str | None = None
     baseModel: str | None = None
     warmStartFrom: str | None = None
     outputModel: str | None = None
@@ -84,6 +81,15 @@ class SftJobBody(BaseModel):
     gradientAccumulationSteps: int | None = None
     learningRateWarmupSteps: int | None = None
     optimizerWeightDecay: float | None = None
+    # Fireworks' cloud (UNSUPPORTED)
+    region: str | None = None
+    samplerCheckpointSaveIntervalSteps: int | None = None
+    jinjaTemplate: str | None = None
+
+
+class SftJobBody(TrainingConfigBody):
+    dataset: str | None = None
+    displayName: str | None = None
     evaluationDataset: str | None = None
     evalAutoCarveout: bool | None = None
     earlyStop: bool | None = None
@@ -96,43 +102,14 @@ class SftJobBody(BaseModel):
     mtpFreezeBaseModel: bool | None = None
     mtpNumDraftTokens: int | None = None
     isTurbo: bool | None = None
-    region: str | None = None
     useReservation: bool | None = None
     reservationTarget: str | None = None
     usePurpose: str | None = None
     metricsFileSignedUrl: str | None = None
     rendererHuggingFaceRepoId: str | None = None
-    samplerCheckpointSaveIntervalSteps: int | None = None
-    jinjaTemplate: str | None = None
 
-
-# A job's fields: what a filter, orderBy or readMask may name, whether or not a job has them
-JOB_FIELDS = set(SftJobBody.model_fields) | {
-    "name", "state", "status", "jobProgress", "createTime", "updateTime", "completedTime",
-    "createdBy",
-}  # fmt: skip
 
 router = APIRouter(tags=["fine-tuning"])
-
-
-def store_of(request: Request) -> SftStore:
-    return request.app.state.sft_store
-
-
-def runner_of(request: Request) -> SftRunner:
-    return request.app.state.sft
-
-
-def get_or_404(request: Request, account: str, job_id: str) -> dict[str, Any]:
-    found = store_of(request).get(account, job_id)
-    if found is None:
-        raise APIError(
-            404,
-            f"Supervised fine-tuning job {sft_job_name(account, job_id)} not found",
-            type="error",
-            code="NOT_FOUND",
-        )
-    return found
 
 
 def check_unsupported(body: SftJobBody) -> None:
@@ -198,9 +175,15 @@ def check_rank(rank: int | None) -> int:
     return rank
 
 
-def ready_dataset(request: Request, account: str, text: str, field: str) -> str:
-    """The full name of one of the account's READY datasets, its rows checked (a 400 names the
-    first bad line)."""
+def ready_dataset(
+    request: Request,
+    account: str,
+    text: str,
+    field: str,
+    reader: Callable[[bytes, str], Any] = read_rows,
+) -> str:
+    """The full name of one of the account's READY datasets, its rows checked by `reader` (a 400
+    names the first bad line)."""
     dataset_id = own_id(account, text, "datasets", field)
     store = request.app.state.batch_store
     name = dataset_name(account, dataset_id)
@@ -214,7 +197,7 @@ def ready_dataset(request: Request, account: str, text: str, field: str) -> str:
             field,
         )
     try:
-        read_rows(store.dataset_bytes(account, dataset_id), f"{field} {name}")
+        reader(store.dataset_bytes(account, dataset_id), f"{field} {name}")
     except RowError as exc:
         raise bad_request(str(exc), field) from None
     return name
@@ -274,62 +257,28 @@ def resolve_models(request: Request, account: str, body: SftJobBody, rank: int |
     return {"warmStartFrom": adapter.name, "loraRank": adapter_rank}
 
 
-def output_model(request: Request, account: str, text: str) -> str:
-    model_id = own_id(account, text, "models", "outputModel")
-    name = f"accounts/{account}/models/{model_id}"
-    claimed = any(
-        job.get("outputModel") == name and job["state"] not in FINAL
-        for job in store_of(request).list(account)
-    )
-    if manager_of(request).catalog.get(name) is not None or claimed:
-        raise APIError(
-            409,
-            f"outputModel {name} already exists (or a job not ended will create it): name another",
-            param="outputModel",
-            code="ALREADY_EXISTS",
-        )
-    return name
-
-
-@router.post(
-    "/accounts/{account}/supervisedFineTuningJobs/{job_id}:cancel",
-    summary="Cancel a supervised fine-tuning job",
-)
-async def cancel_job(job_id: str, request: Request, account: str = Account) -> dict:
-    body = get_or_404(request, account, job_id)
-    stop(request, account, job_id, body, "cancelled by the user")
-    return store_of(request).get(account, job_id) or body
-
-
-def stop(request: Request, account: str, job_id: str, body: dict, why: str) -> None:
-    if body["state"] in FINAL:
-        return
-    body["state"] = CANCELLED
-    body["status"] = {"code": "CANCELLED", "message": why}
-    body["completedTime"] = now_text()
-    store_of(request).save(account, job_id, body)
-    runner_of(request).stop_job(account, job_id)
-
-
-@router.post(
-    "/accounts/{account}/supervisedFineTuningJobs/{job_id}:resume",
-    summary="Run a cancelled or failed supervised fine-tuning job again",
-)
-async def resume_job(job_id: str, request: Request, account: str = Account) -> dict:
-    body = get_or_404(request, account, job_id)
-    if body["state"] not in (CANCELLED, FAILED):
-        raise bad_request(
-            f"job {body['name']} is {body['state']}: only a CANCELLED or FAILED job resumes",
-            "name",
-        )
-    output_model(request, account, body["outputModel"])  # 409 once it exists
-    body["state"] = PENDING
-    body["status"] = {"code": "OK", "message": ""}
-    body["jobProgress"] = {"percent": 0, "epoch": 0}
-    body.pop("completedTime", None)
-    store_of(request).save(account, job_id, body)
-    runner_of(request).notify()
-    return store_of(request).get(account, job_id) or body
+async def training_job_fields(
+    request: Request,
+    account: str,
+    store: JobStore,
+    body: SftJobBody,
+    job_id: str | None,
+    reader: Callable[[bytes, str], Any] = read_rows,
+) -> tuple[str, dict[str, Any]]:
+    """(the job's id, its checked training fields with their defaults, and its dataset): what
+    every kind of job's create checks. `body`: the training fields (a DPO job's trainingConfig
+    and dataset, read as an SFT body's)."""
+    check_unsupported(body)
+    job_id = new_job_id(store.kind, job_id)
+    if not body.dataset:
+        raise bad_request("dataset is required: the dataset of training rows", "dataset")
+    fields = hyperparameters(body)
+    fields.update(resolve_models(request, account, body, body.loraRank))
+    if store.get(account, job_id) is not None:
+        raise job_exists(store, account, job_id)
+    fields["outputModel"] = output_model(request, account, body.outputModel or job_id)
+    fields["dataset"] = await asyncio.to_thread(ready_dataset, request, account, body.dataset, "dataset", reader)  # fmt: skip
+    return job_id, fields
 
 
 @router.post(
@@ -343,23 +292,8 @@ async def create_job(
     job_id: str | None = Query(default=None, alias="supervisedFineTuningJobId"),
 ) -> dict:
     body = await read_json(request, SftJobBody)
-    check_unsupported(body)
-    if job_id is None:
-        job_id = "sftj-" + uuid.uuid4().hex[:12]
-    elif not is_valid_id(job_id):
-        raise bad_request(
-            f"supervisedFineTuningJobId {job_id!r} is not a valid id: 1-63 characters of a-z,"
-            " 0-9 and '-', starting with a letter",
-            "supervisedFineTuningJobId",
-        )
-    if not body.dataset:
-        raise bad_request("dataset is required: the dataset of training rows", "dataset")
-    fields = hyperparameters(body)
-    fields.update(resolve_models(request, account, body, body.loraRank))
-    if store_of(request).get(account, job_id) is not None:
-        raise job_exists(account, job_id)
-    fields["outputModel"] = output_model(request, account, body.outputModel or job_id)
-    fields["dataset"] = await asyncio.to_thread(ready_dataset, request, account, body.dataset, "dataset")  # fmt: skip
+    store = stores_of(request)[SFT.collection]
+    job_id, fields = await training_job_fields(request, account, store, body, job_id)
     if body.evaluationDataset:
         fields["evaluationDataset"] = await asyncio.to_thread(
             ready_dataset, request, account, body.evaluationDataset, "evaluationDataset"
@@ -372,71 +306,19 @@ async def create_job(
     for flag in ("evalAutoCarveout", "earlyStop"):
         if getattr(body, flag):
             fields[flag] = True
-    now = now_text()
-    job = {
-        "name": sft_job_name(account, job_id),
-        "displayName": body.displayName or job_id,
-        **fields,
-        "state": PENDING,
-        "status": {"code": "OK", "message": ""},
-        "jobProgress": {"percent": 0, "epoch": 0},
-        "createTime": now,
-        "updateTime": now,
-        "createdBy": created_by(request),
-    }
-    if not store_of(request).insert(account, job_id, job):
-        raise job_exists(account, job_id)
-    runner_of(request).notify()
-    return job
+    return insert_job(request, store, account, job_id, {"displayName": body.displayName or job_id, **fields})  # fmt: skip
 
 
-def job_exists(account: str, job_id: str) -> APIError:
-    return APIError(
-        409,
-        f"Supervised fine-tuning job {sft_job_name(account, job_id)} already exists",
-        type="error",
-        code="ALREADY_EXISTS",
-    )
+job_routes(router, SFT, set(SftJobBody.model_fields))
 
 
-@router.get(
-    "/accounts/{account}/supervisedFineTuningJobs", summary="List supervised fine-tuning jobs"
-)
-async def list_jobs(request: Request, account: str = Account, query: ListParams = ListQuery) -> dict:  # fmt: skip
-    jobs = await asyncio.to_thread(store_of(request).list, account)
-    fields = JOB_FIELDS | {f for job in jobs for f in job}  # oldest first
-    return list_page(jobs, "supervisedFineTuningJobs", query, fields)
-
-
-@router.get(
-    "/accounts/{account}/supervisedFineTuningJobs/{job_id}",
-    summary="Get a supervised fine-tuning job",
-)
-async def get_job(
-    job_id: str,
-    request: Request,
-    account: str = Account,
-    read_mask: str | None = Query(default=None, alias="readMask"),
-) -> dict:
-    return read_masked(get_or_404(request, account, job_id), read_mask, JOB_FIELDS)
-
-
-@router.delete(
-    "/accounts/{account}/supervisedFineTuningJobs/{job_id}",
-    summary="Delete a supervised fine-tuning job",
-)
-async def delete_job(job_id: str, request: Request, account: str = Account) -> dict:
-    body = get_or_404(request, account, job_id)
-    stop(request, account, job_id, body, "deleted by the user")
-    store_of(request).delete(account, job_id)
-    return {}
-
-
-def install_sft(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> SftRunner:
-    """The fine-tuning job routes under each of `prefixes`, and the runner (the app's lifespan
-    starts and stops it). After install_batch (the datasets) and install_deployments (the
-    catalog and the model files)."""
+def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> JobRunner:
+    """The fine-tuning job routes (supervised and DPO) under each of `prefixes`, and their one
+    runner (the app's lifespan starts and stops it). After install_batch (the datasets) and
+    install_deployments (the catalog and the model files)."""
     import tempfile
+
+    from girandole.api.finetune.dpo_route import router as dpo_router
 
     settings = state.settings
     if settings.data_dir:
@@ -445,17 +327,18 @@ def install_sft(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> SftRunne
         scratch = tempfile.TemporaryDirectory(prefix="girandole-sft-")
         app.state.sft_scratch = scratch
         folder = Path(scratch.name)
-    store = SftStore(state.ops.db)
+    stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (SFT, DPO)}
 
     def template_of(base: str) -> str | None:
         # --chat-template is the server's own model's (as the chat route applies it)
         return state.chat_template if base == state.served.name else None
 
-    runner = SftRunner(
-        store, app.state.deployments.catalog, app.state.model_files, app.state.batch_store,
-        folder, template_of,
+    runner = JobRunner(
+        list(stores.values()), app.state.deployments.catalog, app.state.model_files,
+        app.state.batch_store, folder, template_of,
     )  # fmt: skip
-    app.state.sft_store, app.state.sft = store, runner
+    app.state.finetune_stores, app.state.sft = stores, runner
     for prefix in prefixes:
-        app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
+        for routes in (router, dpo_router):
+            app.include_router(routes, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
     return runner

@@ -1,0 +1,141 @@
+"""Fireworks' DPO jobs, as the fireworks-ai SDK's `client.dpo_jobs` calls them: POST
+/v1/accounts/{a}/dpoJobs?dpoJobId= creates one; get, list, delete, :cancel and :resume are every
+kind's (jobs.py). Also under /inference/v1.
+
+The body is {dataset, displayName, trainingConfig: {baseModel | warmStartFrom, epochs, ...},
+lossConfig: {method, dpo: {beta}, klBeta}}: trainingConfig is checked as an SFT job's fields are
+(route.py, whose table of Fireworks' cloud fields answers here too), the dataset's rows as
+preference rows (girandole.finetune.preference). The loss is DPO (finetune/dpo.py); ORPO and the
+rollout methods (GRPO, DAPO, GSPO_TOKEN) are a 400. The job runs on the SFT jobs' runner.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+
+from girandole.api.deployments.route import Account, read_json
+from girandole.api.finetune.jobs import insert_job, job_routes, stores_of
+from girandole.api.finetune.route import (
+    STRICT,
+    SftJobBody,
+    TrainingConfigBody,
+    training_job_fields,
+)  # fmt: skip
+from girandole.api.http.errors import APIError, bad_request
+from girandole.api.http.openapi import body_doc
+from girandole.finetune.preference import read_pairs
+from girandole.finetune.store import DPO
+
+DEFAULT_BETA = 0.1
+METHODS_REFUSED = {
+    "ORPO": "ORPO is not implemented by this server; use DPO",
+    "GRPO": "GRPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
+    "DAPO": "DAPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
+    "GSPO_TOKEN": "GSPO_TOKEN needs rollouts and rewards (reinforcement fine-tuning), not"
+    " preference pairs",
+}
+
+
+class DpoConfigBody(BaseModel):
+    model_config = STRICT
+
+    beta: float | None = None
+    # how Fireworks' trainer batches its reference forwards: this one runs each once
+    refCacheConcurrency: int | None = None
+    refCacheBatchSize: int | None = None
+
+
+class LossConfigBody(BaseModel):
+    model_config = STRICT
+
+    method: str | None = None
+    dpo: DpoConfigBody | None = None
+    klBeta: float | None = None
+
+
+class DpoJobBody(BaseModel):
+    model_config = STRICT
+
+    dataset: str | None = None
+    displayName: str | None = None
+    trainingConfig: TrainingConfigBody | None = None
+    lossConfig: LossConfigBody | None = None
+    # Fireworks' cloud (route.UNSUPPORTED)
+    awsS3Config: dict | None = None
+    azureBlobStorageConfig: dict | None = None
+    wandbConfig: dict | None = None
+    rendererHuggingFaceRepoId: str | None = None
+    reservationTarget: str | None = None
+    useReservation: bool | None = None
+
+
+TRAINING_FIELDS = set(TrainingConfigBody.model_fields)
+router = APIRouter(tags=["fine-tuning"])
+
+
+def loss_config(loss: LossConfigBody | None) -> dict[str, Any]:
+    """The stored lossConfig: method DPO and the beta it trains with."""
+    loss = loss or LossConfigBody()
+    method = loss.method or "METHOD_UNSPECIFIED"
+    if method in METHODS_REFUSED:
+        raise bad_request(f"lossConfig.method {method}: {METHODS_REFUSED[method]}", "lossConfig.method")  # fmt: skip
+    if method not in ("DPO", "METHOD_UNSPECIFIED"):
+        raise bad_request(f"lossConfig.method must be DPO, got {method!r}", "lossConfig.method")
+    dpo = loss.dpo or DpoConfigBody()
+    for field in ("refCacheConcurrency", "refCacheBatchSize"):
+        value = getattr(dpo, field)
+        if value is not None and value < 0:
+            raise bad_request(f"lossConfig.dpo.{field} must not be negative", f"lossConfig.dpo.{field}")  # fmt: skip
+    # DPO's beta is its KL coefficient: klBeta says the same when dpo.beta is unset
+    beta, param = dpo.beta, "lossConfig.dpo.beta"
+    if beta is None and loss.klBeta is not None:
+        beta, param = loss.klBeta, "lossConfig.klBeta"
+    elif beta is not None and loss.klBeta is not None and loss.klBeta != beta:
+        raise bad_request(
+            f"lossConfig.klBeta {loss.klBeta} and lossConfig.dpo.beta {beta} disagree: DPO's beta"
+            " is its KL coefficient; set one",
+            "lossConfig.klBeta",
+        )
+    if beta is None:
+        beta = DEFAULT_BETA
+    elif not (math.isfinite(beta) and 0 < beta < 0.5):
+        raise bad_request(f"{param} must be more than 0 and less than 0.5 (as Fireworks'), got {beta}", param)  # fmt: skip
+    return {"method": "DPO", "dpo": {**dpo.model_dump(exclude_none=True), "beta": beta}}
+
+
+@router.post(
+    "/accounts/{account}/dpoJobs", summary="Create a DPO job", openapi_extra=body_doc(DpoJobBody)
+)
+async def create_dpo_job(
+    request: Request,
+    account: str = Account,
+    job_id: str | None = Query(default=None, alias="dpoJobId"),
+) -> dict:
+    body = await read_json(request, DpoJobBody)
+    training = body.trainingConfig or TrainingConfigBody()
+    # the training fields are checked as an SFT job's: a 400 names them under trainingConfig
+    flat = SftJobBody.model_construct(
+        dataset=body.dataset,
+        **training.model_dump(exclude_none=True),
+        **body.model_dump(
+            exclude_none=True, exclude={"dataset", "displayName", "trainingConfig", "lossConfig"}
+        ),  # fmt: skip
+    )
+    loss = loss_config(body.lossConfig)
+    store = stores_of(request)[DPO.collection]
+    try:
+        job_id, fields = await training_job_fields(request, account, store, flat, job_id, read_pairs)  # fmt: skip
+    except APIError as exc:
+        if exc.param in TRAINING_FIELDS:
+            exc.param = f"trainingConfig.{exc.param}"
+        raise
+    dataset = fields.pop("dataset")
+    job = {"displayName": body.displayName or job_id, "dataset": dataset, "trainingConfig": fields, "lossConfig": loss}  # fmt: skip
+    return insert_job(request, store, account, job_id, job)
+
+
+job_routes(router, DPO, set(DpoJobBody.model_fields))

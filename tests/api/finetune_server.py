@@ -1,0 +1,66 @@
+"""A real `girandole serve` for the fine-tuning job tests (test_sft_jobs.py, test_dpo_jobs.py):
+a tiny Llama as its own model `tiny` of account acme, keys of acme (admin and inference-user) and
+of another account, and the fireworks-ai SDK and httpx against it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import fireworks
+import httpx
+from api_helpers import api_conftest
+
+from girandole.registry.keystore import Database
+
+ACCOUNT = "acme"
+
+
+class FinetuneServer:
+    def __init__(self, tmp: Path, tiny_llama_dir: Path, jobs: str) -> None:
+        """`jobs`: the collection's path that wait() polls, e.g. /v1/accounts/acme/dpoJobs."""
+        self.api, self.jobs = api_conftest(), jobs
+        data = tmp / "data"
+        db = Database.in_folder(data)
+        self.key, _ = db.create_key(ACCOUNT)
+        self.other_key, _ = db.create_key("other")
+        self.reader_key, _ = db.create_key(ACCOUNT, role="inference-user")
+        db.close()
+        self.server = self.api.start_server(
+            tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
+            "--kv-cache-gb", "0.02", "--data-dir", str(data), "--max-loras", "2",
+            api_key=self.key,
+        )  # fmt: skip
+
+    def sdk(self, key: str | None = None) -> fireworks.Fireworks:
+        return fireworks.Fireworks(
+            api_key=key or self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
+        )
+
+    def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
+
+    def dataset(self, dataset_id: str, data: bytes) -> None:
+        fw = self.sdk()
+        fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
+        fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
+
+    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.http("GET", f"{self.jobs}/{job_id}").json()
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+
+    def assert_other_account_403(self) -> None:
+        """Every route of the collection answers another account's key 403."""
+        jobs = self.jobs
+        for method, path in (
+            ("GET", jobs), ("POST", jobs), ("GET", f"{jobs}/x"), ("DELETE", f"{jobs}/x"),
+            ("POST", f"{jobs}/x:cancel"), ("POST", f"{jobs}/x:resume"),
+        ):  # fmt: skip
+            r = self.http(method, path, key=self.other_key, json={} if method == "POST" else None)
+            assert r.status_code == 403, (method, path, r.text)
