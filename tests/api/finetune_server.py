@@ -46,10 +46,12 @@ class FinetuneServer:
         fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
         fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
 
-    def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+    def wait(
+        self, job_id: str, states: tuple[str, ...], timeout: float = 120, jobs: str | None = None
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            job = self.http("GET", f"{self.jobs}/{job_id}").json()
+            job = self.http("GET", f"{jobs or self.jobs}/{job_id}").json()
             if job["state"] in states:
                 return job
             assert time.monotonic() < deadline, job

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import fireworks
+import httpx
 import openai
 import pytest
 from finetune_server import ACCOUNT, FinetuneServer
@@ -97,9 +98,16 @@ def test_train_deploy_and_prefer_the_chosen_answer(srv, tiny_llama_dir):
     r = srv.http("POST", JOBS, json=body)
     assert r.status_code == 409, r.text
     assert r.json()["error"]["param"] == "trainingConfig.outputModel"
+    # every step's numbers, at a signed URL that needs no key
+    url = fw.dpo_jobs.get_metrics_file_endpoint("pref-job").signed_url
+    steps = [json.loads(line) for line in httpx.get(url, timeout=30).text.splitlines()]
+    assert [m["step"] for m in steps] == list(range(1, 13)), steps
+    assert steps[-1]["loss"] < steps[0]["loss"] and "rewardMargin" in steps[0]
+    assert httpx.get(url.replace("signature=", "signature=0"), timeout=30).status_code == 403
     fw.dpo_jobs.delete("pref-job")
     with pytest.raises(fireworks.NotFoundError):
         fw.dpo_jobs.get("pref-job")
+    assert httpx.get(url, timeout=30).status_code == 404
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/pref-job").status_code == 200
 
 
@@ -159,6 +167,7 @@ def test_kl_beta_is_the_dpo_beta(srv):
 
 def test_unknown_job_404_and_other_account_403(srv):
     assert srv.http("GET", f"{JOBS}/nope").status_code == 404
+    assert srv.http("GET", f"{JOBS}/nope:getMetricsFileEndpoint").status_code == 404
     assert "DPO job" in srv.http("POST", f"{JOBS}/nope:cancel").json()["error"]["message"]
     srv.assert_other_account_403()
     assert srv.http("GET", "/inference" + JOBS).status_code == 200
@@ -181,6 +190,16 @@ def test_cancel_resume_list_and_delete(srv):
     # the SFT jobs' list holds no DPO job
     sft = srv.http("GET", f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs").json()
     assert sft.get("supervisedFineTuningJobs", []) == []
+    # an SFT job may have the same id: another collection (and work folder)
+    sft_rows = (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    srv.dataset("sft-ok", sft_rows)
+    r = srv.http("POST", f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs?supervisedFineTuningJobId=slow", json={"dataset": "sft-ok", "baseModel": "tiny", "outputModel": "slow-sft"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    done = srv.wait("slow", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"), jobs=f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs")  # fmt: skip
+    assert done["state"] == "JOB_STATE_COMPLETED", done
+    assert fw.dpo_jobs.get("slow").state == "JOB_STATE_CANCELLED"
     resumed = fw.dpo_jobs.resume("slow", body={})
     assert resumed.state == "JOB_STATE_PENDING"
     srv.wait("slow", ("JOB_STATE_RUNNING",))

@@ -1,12 +1,11 @@
 """Runs fine-tuning jobs (supervised and DPO) one at a time, in creation order across both
-kinds, each in a child process
-(girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The child's progress lines
-become the job's jobProgress; its adapter folder, when it succeeds, moves into the uploaded
-models' storage (registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the
-job's base model: it deploys and serves as an uploaded adapter does. Cancel terminates the
-child. On start, a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO
-job's training fields are in its trainingConfig (store.training_fields), its loss in
-lossConfig."""
+kinds, each in a child process (girandole.finetune.worker); the others wait in
+JOB_STATE_PENDING. The child's progress lines become the job's jobProgress (and lines of its
+metrics.jsonl); its adapter folder, when it succeeds, moves into the uploaded models' storage
+(registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the job's base
+model: it deploys and serves as an uploaded adapter does. Cancel terminates the child. On start,
+a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO job's training
+fields are in its trainingConfig (store.training_fields), its loss in lossConfig."""
 
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ from girandole.finetune.store import (
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
 # torch threads of the training child: the server's engine keeps the cores it has
 THREADS_ENV = "GIRANDOLE_SFT_THREADS"
 
@@ -60,7 +60,8 @@ class JobRunner:
         chat requests with when it is not the model's own (`--chat-template`), else None."""
         self.stores, self.catalog, self.files, self.datasets = stores, catalog, files, datasets
         self.template_of = template_of
-        self.folder = folder  # per job: spec, log and the adapter being written
+        # per job, <folder>/<kind's folder>/<account>/<job id>: spec, log, the adapter written
+        self.folder = folder
         self.wake = threading.Event()
         self.stopping = False
         self.current: tuple[str, str, str] | None = None  # (table, account, job id)
@@ -117,7 +118,9 @@ class JobRunner:
             dataset_id = name.rsplit("/", 1)[-1]
             if self.datasets.get_dataset(account, dataset_id) is None:
                 raise ValueError(f"dataset {name} was deleted before the job ran")
-            path = work / f"{dataset_id}.jsonl"  # a copy: the dataset may change meanwhile
+            # a copy: the dataset may change meanwhile
+            path = work / "datasets" / f"{dataset_id}.jsonl"
+            path.parent.mkdir(exist_ok=True)
             path.write_bytes(self.datasets.dataset_bytes(account, dataset_id))
             return str(path)
 
@@ -156,8 +159,12 @@ class JobRunner:
             **loss_fields(job.get("lossConfig")),
         }
 
+    def work_dir(self, store: JobStore, account: str, job_id: str) -> Path:
+        """The job's folder (an SFT and a DPO job may have the same id)."""
+        return self.folder / store.kind.folder / account / job_id
+
     def _run(self, store: JobStore, account: str, job_id: str, body: dict[str, Any]) -> None:
-        work = self.folder / account / job_id
+        work = self.work_dir(store, account, job_id)
         shutil.rmtree(work, ignore_errors=True)  # a resumed job trains again from the start
         work.mkdir(parents=True)
         body["state"] = RUNNING
@@ -191,8 +198,8 @@ class JobRunner:
             stderr.close()
             with self.lock:
                 self.current, self.child = None, None
-            for copy in work.glob("*.jsonl"):  # the datasets' copies (train.log stays)
-                copy.unlink(missing_ok=True)
+            # the datasets' copies (train.log and metrics.jsonl stay)
+            shutil.rmtree(work / "datasets", ignore_errors=True)
         now = store.get(account, job_id)
         if now is None or now["state"] != RUNNING:  # cancelled or deleted: the child was ended
             return
@@ -226,6 +233,9 @@ class JobRunner:
         shown = body.setdefault("jobProgress", {})
         shown.update({k: v for k, v in progress.items() if k != "elapsedSeconds"})
         store.save(account, job_id, body, when=RUNNING)
+        # every step's numbers, for :getMetricsFileEndpoint (jobProgress has the last only)
+        with open(self.work_dir(store, account, job_id) / METRICS_FILE, "a") as metrics:
+            metrics.write(json.dumps(progress) + "\n")
 
     def _register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
         """The adapter folder into the uploaded models' storage, and into the catalog."""

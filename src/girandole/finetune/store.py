@@ -26,10 +26,11 @@ class JobKind:
     noun: str  # in messages: "{noun} accounts/.../x not found"
     id_param: str  # create's query parameter naming the new job's id
     id_prefix: str  # of the ids made up when it is not given
+    folder: str  # the runner's work folders: <data_dir>/<folder>/<account>/<job id>
 
 
-SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-")  # fmt: skip
-DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-")
+SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-", "sft-jobs")  # fmt: skip
+DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-", "dpo-jobs")
 
 
 def training_fields(body: dict[str, Any]) -> dict[str, Any]:

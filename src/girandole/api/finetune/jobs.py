@@ -11,6 +11,9 @@ create route (route.py: supervised fine-tuning, dpo_route.py: DPO).
     POST   /accounts/{a}/{collection}/{j}:cancel   stop it
     POST   /accounts/{a}/{collection}/{j}:resume   run a CANCELLED or FAILED job again, from the
                                                    start
+    GET    /accounts/{a}/{collection}/{j}:getMetricsFileEndpoint  {signedUrl}: a signed GET URL
+                                                   (api/http/signed_upload.py) of the job's
+                                                   metrics.jsonl, one line per optimizer step
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from girandole.api.datasets.route import created_by, own_id
 from girandole.api.deployments.route import Account, manager_of
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
+from girandole.api.http.opened_file import opened_file_response
+from girandole.api.http.signed_upload import check_signature, signed_url
 from girandole.batch.store import now_text
-from girandole.finetune.job_runner import JobRunner
+from girandole.finetune.job_runner import METRICS_FILE, JobRunner
 from girandole.finetune.store import (
     CANCELLED,
     FAILED,
@@ -173,6 +179,30 @@ def job_routes(router: APIRouter, kind: JobKind, fields: set[str]) -> None:
         runner_of(request).notify()
         return store.get(account, job_id) or body
 
+    async def get_metrics_file_endpoint(job_id: str, request: Request, account: str = Account) -> dict:  # fmt: skip
+        store = store_of(request)
+        get_or_404(store, account, job_id)
+        if not (runner_of(request).work_dir(store, account, job_id) / METRICS_FILE).is_file():
+            raise APIError(
+                404,
+                f"{store.name(account, job_id)} has no metrics yet: it has not run a step",
+                type="error",
+                code="NOT_FOUND",
+            )
+        return {"signedUrl": signed_url(request, "GET", store.name(account, job_id), METRICS_FILE)}
+
+    async def get_metrics_file(
+        account: str, job_id: str, filename: str, request: Request, expires: int, signature: str
+    ) -> Response:
+        store = store_of(request)
+        check_signature("GET", store.name(account, job_id), filename, expires, signature)
+        path = runner_of(request).work_dir(store, account, job_id) / METRICS_FILE
+        # the job deleted since: its metrics go with it
+        found = opened_file_response(path, "application/jsonl") if store.get(account, job_id) else None  # fmt: skip
+        if found is None:
+            raise APIError(404, f"No metrics of {store.name(account, job_id)}", type="error", code="NOT_FOUND")  # fmt: skip
+        return found
+
     async def list_jobs(request: Request, account: str = Account, query: ListParams = ListQuery) -> dict:  # fmt: skip
         jobs = await asyncio.to_thread(store_of(request).list, account)
         return list_page(jobs, collection, query, known | {f for job in jobs for f in job})
@@ -195,6 +225,9 @@ def job_routes(router: APIRouter, kind: JobKind, fields: set[str]) -> None:
     path = f"/accounts/{{account}}/{collection}"
     router.add_api_route(f"{path}/{{job_id}}:cancel", cancel_job, methods=["POST"], summary=f"Cancel a {noun}")  # fmt: skip
     router.add_api_route(f"{path}/{{job_id}}:resume", resume_job, methods=["POST"], summary=f"Run a cancelled or failed {noun} again")  # fmt: skip
+    # before the plain `{job_id}` GET, which would take `x:getMetricsFileEndpoint`
+    router.add_api_route(f"{path}/{{job_id}}:getMetricsFileEndpoint", get_metrics_file_endpoint, methods=["GET"], summary=f"A signed URL of a {noun}'s metrics file")  # fmt: skip
+    router.add_api_route(f"{path}/{{job_id}}/files/{{filename}}", get_metrics_file, methods=["GET"], include_in_schema=False)  # fmt: skip
     router.add_api_route(path, list_jobs, methods=["GET"], summary=f"List {noun}s")
     router.add_api_route(f"{path}/{{job_id}}", get_job, methods=["GET"], summary=f"Get a {noun}")
     router.add_api_route(f"{path}/{{job_id}}", delete_job, methods=["DELETE"], summary=f"Delete a {noun}")  # fmt: skip

@@ -322,7 +322,7 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
 
     settings = state.settings
     if settings.data_dir:
-        folder = Path(settings.data_dir) / "sft-jobs"
+        folder = Path(settings.data_dir)
     else:
         scratch = tempfile.TemporaryDirectory(prefix="girandole-sft-")
         app.state.sft_scratch = scratch
