@@ -132,8 +132,12 @@ def with_training(**fields) -> dict:
         ({**with_training(), "dataset": "broken"}, "dataset", "line 7: preferred_output must"),
         ({**with_training(), "dataset": "two"}, "dataset", "needs at least 3"),
         ({**with_training(), "lossConfig": {"method": "GRPO"}}, "lossConfig.method", "rollouts"),
-        ({**with_training(), "lossConfig": {"method": "ORPO"}}, "lossConfig.method", "ORPO"),
-        ({**with_training(), "lossConfig": {"method": "X"}}, "lossConfig.method", "must be DPO"),
+        ({**with_training(), "lossConfig": {"method": "DAPO"}}, "lossConfig.method", "DAPO"),
+        (
+            {**with_training(), "lossConfig": {"method": "X"}},
+            "lossConfig.method",
+            "must be DPO or ORPO",
+        ),
         (
             {**with_training(), "lossConfig": {"dpo": {"beta": 0.5}}},
             "lossConfig.dpo.beta",
@@ -156,6 +160,19 @@ def test_bad_fields_are_400(srv, body, param, says):
     assert r.status_code in (400, 404), r.text
     error = r.json()["error"]
     assert says in error["message"] and (error.get("param") or "") == param, error
+
+
+def test_an_orpo_job_trains(srv):
+    body = {**with_training(batchSizeSamples=3), "lossConfig": {"method": "ORPO"}}
+    r = srv.http("POST", f"{JOBS}?dpoJobId=orpo", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["lossConfig"] == {"method": "ORPO", "dpo": {"beta": 0.1}}
+    done = srv.wait("orpo", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert done["state"] == "JOB_STATE_COMPLETED", done
+    assert done["jobProgress"]["step"] == 2 and "rewardAccuracy" in done["jobProgress"]
+    # ORPO's loss carries the chosen output's cross-entropy: DPO's starts at log 2
+    assert done["jobProgress"]["loss"] > 1, done
+    srv.http("DELETE", f"{JOBS}/orpo")
 
 
 def test_kl_beta_is_the_dpo_beta(srv):

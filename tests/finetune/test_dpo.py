@@ -54,26 +54,60 @@ def margins(model_dir: Path, adapter_dir: Path | None, rows: Path) -> list[float
         ]
 
 
-def test_dpo_raises_the_chosen_answers_margin(tiny_llama_dir, tmp_path):
-    rows = write_pairs(tmp_path / "rows.jsonl")
-    config = TrainConfig(
-        base_path=str(tiny_llama_dir), dataset_path=str(rows), output_dir=str(tmp_path / "out"),
-        method="dpo", beta=0.1, epochs=4, learning_rate=5e-3, batch_size_samples=2, device="cpu",
+def preference_config(tiny_llama_dir: Path, tmp: Path, method: str, **fields) -> TrainConfig:
+    return TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_pairs(tmp / "rows.jsonl")),
+        output_dir=str(tmp / "out"), method=method, beta=0.1, epochs=4, learning_rate=5e-3,
+        batch_size_samples=2, device="cpu", **fields,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dpo_trained(tiny_llama_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("dpo")
     reports: list[dict] = []
-    result = train(config, reports.append)
-    assert result.steps == 12 and reports[-1]["percent"] == 100
+    result = train(preference_config(tiny_llama_dir, tmp, "dpo"), reports.append)
+    assert result.steps == 12
+    return tmp, reports
+
+
+def assert_prefers_chosen(tiny_llama_dir: Path, tmp: Path) -> None:
+    """The adapter's margin, on the trained questions and unseen ones, well past the base's."""
+    unseen = write_pairs(tmp / "unseen.jsonl", ["a question never seen", "why", "and so?"])
+    for data in (tmp / "rows.jsonl", unseen):
+        base = margins(tiny_llama_dir, None, data)
+        tuned = margins(tiny_llama_dir, tmp / "out", data)
+        for before, after in zip(base, tuned):
+            assert after > before + 20, (base, tuned)  # beta * 20 = 2: well past the base
+
+
+def test_dpo_raises_the_chosen_answers_margin(tiny_llama_dir, dpo_trained):
+    tmp, reports = dpo_trained
+    assert reports[-1]["percent"] == 100
     # the first step starts at the reference: margin 0, loss log 2
     assert reports[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert reports[-1]["loss"] < 0.1 and reports[-1]["rewardAccuracy"] == 1.0
     assert reports[-1]["rewardMargin"] > 2
+    assert_prefers_chosen(tiny_llama_dir, tmp)
 
-    unseen = write_pairs(tmp_path / "unseen.jsonl", ["a question never seen", "why", "and so?"])
-    for data in (rows, unseen):
-        base = margins(tiny_llama_dir, None, data)
-        tuned = margins(tiny_llama_dir, tmp_path / "out", data)
-        for before, after in zip(base, tuned):
-            assert after > before + 20, (base, tuned)  # beta * 20 = 2: well past the base
+
+def test_a_warm_start_is_the_reference(tiny_llama_dir, dpo_trained, tmp_path):
+    """Continuing a DPO adapter: the reference is that adapter, not the base (whose margin it
+    is already far past), so the first step is at margin 0 again."""
+    tmp, _ = dpo_trained
+    config = preference_config(tiny_llama_dir, tmp_path, "dpo", warm_start_path=str(tmp / "out"))
+    config.epochs, config.learning_rate = 1, 1e-9
+    reports: list[dict] = []
+    train(config, reports.append)
+    assert reports[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert reports[0]["rewardMargin"] == pytest.approx(0, abs=1e-3)
+
+
+def test_orpo_raises_the_chosen_answers_margin(tiny_llama_dir, tmp_path):
+    reports: list[dict] = []
+    train(preference_config(tiny_llama_dir, tmp_path, "orpo"), reports.append)
+    assert reports[-1]["loss"] < reports[0]["loss"] / 3 and reports[-1]["rewardAccuracy"] == 1.0
+    assert_prefers_chosen(tiny_llama_dir, tmp_path)
 
 
 @pytest.mark.parametrize(

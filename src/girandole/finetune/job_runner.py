@@ -277,11 +277,11 @@ class JobRunner:
 
 
 def loss_fields(loss: dict[str, Any] | None) -> dict[str, Any]:
-    """The trainer's method and beta from a DPO job's lossConfig (the route checked it); an SFT
-    job has none."""
+    """The trainer's method (dpo, orpo) and beta from a DPO job's lossConfig (the route checked
+    it); an SFT job has none."""
     if loss is None:
         return {}
-    return {"method": "dpo", "beta": loss["dpo"]["beta"]}
+    return {"method": loss["method"].lower(), "beta": loss["dpo"]["beta"]}
 
 
 __all__ = ["CANCELLED", "PENDING", "JobRunner"]

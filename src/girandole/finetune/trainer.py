@@ -77,8 +77,9 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     chat_template: str | None = None  # None: the one the chat route uses for the model
-    method: str = "sft"  # or "dpo": preference rows (finetune/preference.py), finetune/dpo.py
-    beta: float = 0.1  # DPO's temperature
+    # or "dpo", "orpo": preference rows (finetune/preference.py), finetune/dpo.py, orpo.py
+    method: str = "sft"
+    beta: float = 0.1  # DPO's temperature, ORPO's weight of the odds ratio term
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> TrainConfig:
@@ -211,7 +212,7 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     template = config.chat_template or chat_template_for(tok)
     # rows are checked before the model is loaded: a bad line fails in a second
     eval_rows: list[Example] = []
-    if config.method == "dpo":
+    if config.method in ("dpo", "orpo"):
         from girandole.finetune.dpo import load_pairs
 
         train_rows: list[Any] = load_pairs(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
@@ -238,6 +239,10 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
 
         # the reference policy: the adapter before training (the base, or the warm start)
         objective = DpoObjective(model, trainable.adapter(), train_rows, config.beta, device)
+    elif config.method == "orpo":
+        from girandole.finetune.orpo import OrpoObjective
+
+        objective = OrpoObjective(config.beta)
     optimizer = torch.optim.AdamW(
         trainable.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )

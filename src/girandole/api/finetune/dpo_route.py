@@ -5,8 +5,9 @@ kind's (jobs.py). Also under /inference/v1.
 The body is {dataset, displayName, trainingConfig: {baseModel | warmStartFrom, epochs, ...},
 lossConfig: {method, dpo: {beta}, klBeta}}: trainingConfig is checked as an SFT job's fields are
 (route.py, whose table of Fireworks' cloud fields answers here too), the dataset's rows as
-preference rows (girandole.finetune.preference). The loss is DPO (finetune/dpo.py); ORPO and the
-rollout methods (GRPO, DAPO, GSPO_TOKEN) are a 400. The job runs on the SFT jobs' runner.
+preference rows (girandole.finetune.preference). The loss is DPO (finetune/dpo.py) or ORPO
+(finetune/orpo.py); the rollout methods (GRPO, DAPO, GSPO_TOKEN) are a 400. The job runs on the
+SFT jobs' runner.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from girandole.finetune.store import DPO
 
 DEFAULT_BETA = 0.1
 METHODS_REFUSED = {
-    "ORPO": "ORPO is not implemented by this server; use DPO",
     "GRPO": "GRPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
     "DAPO": "DAPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
     "GSPO_TOKEN": "GSPO_TOKEN needs rollouts and rewards (reinforcement fine-tuning), not"
@@ -78,13 +78,14 @@ router = APIRouter(tags=["fine-tuning"])
 
 
 def loss_config(loss: LossConfigBody | None) -> dict[str, Any]:
-    """The stored lossConfig: method DPO and the beta it trains with."""
+    """The stored lossConfig: the method (DPO when unset) and the beta it trains with (ORPO's
+    weight of its odds ratio term)."""
     loss = loss or LossConfigBody()
     method = loss.method or "METHOD_UNSPECIFIED"
     if method in METHODS_REFUSED:
         raise bad_request(f"lossConfig.method {method}: {METHODS_REFUSED[method]}", "lossConfig.method")  # fmt: skip
-    if method not in ("DPO", "METHOD_UNSPECIFIED"):
-        raise bad_request(f"lossConfig.method must be DPO, got {method!r}", "lossConfig.method")
+    if method not in ("DPO", "ORPO", "METHOD_UNSPECIFIED"):
+        raise bad_request(f"lossConfig.method must be DPO or ORPO, got {method!r}", "lossConfig.method")  # fmt: skip
     dpo = loss.dpo or DpoConfigBody()
     for field in ("refCacheConcurrency", "refCacheBatchSize"):
         value = getattr(dpo, field)
@@ -104,7 +105,8 @@ def loss_config(loss: LossConfigBody | None) -> dict[str, Any]:
         beta = DEFAULT_BETA
     elif not (math.isfinite(beta) and 0 < beta < 0.5):
         raise bad_request(f"{param} must be more than 0 and less than 0.5 (as Fireworks'), got {beta}", param)  # fmt: skip
-    return {"method": "DPO", "dpo": {**dpo.model_dump(exclude_none=True), "beta": beta}}
+    method = "DPO" if method == "METHOD_UNSPECIFIED" else method
+    return {"method": method, "dpo": {**dpo.model_dump(exclude_none=True), "beta": beta}}
 
 
 @router.post(
