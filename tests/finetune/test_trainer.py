@@ -153,15 +153,17 @@ def test_early_stop_when_the_evaluation_loss_rises(tiny_llama_dir, tmp_path):
     assert [r["evalLoss"] for r in reports if "evalLoss" in r] == result.eval_losses
 
 
-def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path):
+@pytest.mark.parametrize("kind", ["SFT", "DPO"])
+def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path, kind):
+    from girandole.finetune import store as stores
     from girandole.finetune.store import FAILED, PENDING, RUNNING, JobStore
     from girandole.registry.keystore import Database
 
     db = Database.in_folder(tmp_path)
-    store = JobStore(db)
+    store = JobStore(db, getattr(stores, kind))
     store.insert("acme", "a", {"name": "a", "state": RUNNING})
     store.insert("acme", "b", {"name": "b", "state": PENDING})
-    JobStore(db).fail_interrupted()
+    JobStore(db, getattr(stores, kind)).fail_interrupted()
     assert store.get("acme", "a")["state"] == FAILED
     assert "resume" in store.get("acme", "a")["status"]["message"]
     assert store.get("acme", "b")["state"] == PENDING

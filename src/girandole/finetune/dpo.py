@@ -42,7 +42,41 @@ def logp(model: nn.Module, adapter: LoRAAdapter, ex, device: torch.device) -> to
     return -row_loss(model, adapter, ex, device)
 
 
-class DpoObjective:
+class PairObjective:
+    """A loss over preference pairs, averaged over the pairs of each step; `pair_loss` gives a
+    pair's loss and its reward margin (what stats() reports: the share of pairs above 0, the
+    mean)."""
+
+    def __init__(self) -> None:
+        self._margins: list[float] = []
+
+    @staticmethod
+    def length(pair: Pair) -> int:
+        return pair.length
+
+    def pair_loss(
+        self, model: nn.Module, adapter: LoRAAdapter, pair: Pair, device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def losses(
+        self, model: nn.Module, adapter: LoRAAdapter, window: list[Pair], device: torch.device
+    ) -> Iterator[torch.Tensor]:
+        self._margins = []
+        for pair in window:
+            loss, margin = self.pair_loss(model, adapter, pair, device)
+            self._margins.append(margin)
+            yield loss / len(window)
+
+    def stats(self) -> dict[str, float]:
+        margins = self._margins or [0.0]
+        return {
+            "rewardAccuracy": sum(m > 0 for m in margins) / len(margins),
+            "rewardMargin": sum(margins) / len(margins),
+        }
+
+
+class DpoObjective(PairObjective):
     def __init__(
         self,
         model: nn.Module,
@@ -51,6 +85,7 @@ class DpoObjective:
         beta: float,
         device: torch.device,
     ) -> None:
+        super().__init__()
         self.beta = beta
         with torch.no_grad():
             self.reference = {
@@ -60,27 +95,12 @@ class DpoObjective:
                 )
                 for p in pairs
             }
-        self._margins: list[float] = []
 
-    @staticmethod
-    def length(pair: Pair) -> int:
-        return pair.length
-
-    def losses(
-        self, model: nn.Module, adapter: LoRAAdapter, window: list[Pair], device: torch.device
-    ) -> Iterator[torch.Tensor]:
-        self._margins = []
-        for pair in window:
-            ref_chosen, ref_rejected = self.reference[id(pair)]
-            chosen = logp(model, adapter, pair.chosen, device) - ref_chosen
-            rejected = logp(model, adapter, pair.rejected, device) - ref_rejected
-            margin = self.beta * (chosen - rejected)
-            self._margins.append(margin.item())
-            yield -nn.functional.logsigmoid(margin) / len(window)
-
-    def stats(self) -> dict[str, float]:
-        margins = self._margins or [0.0]
-        return {
-            "rewardAccuracy": sum(m > 0 for m in margins) / len(margins),
-            "rewardMargin": sum(margins) / len(margins),
-        }
+    def pair_loss(
+        self, model: nn.Module, adapter: LoRAAdapter, pair: Pair, device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        ref_chosen, ref_rejected = self.reference[id(pair)]
+        chosen = logp(model, adapter, pair.chosen, device) - ref_chosen
+        rejected = logp(model, adapter, pair.rejected, device) - ref_rejected
+        margin = self.beta * (chosen - rejected)
+        return -nn.functional.logsigmoid(margin), margin.item()

@@ -13,12 +13,10 @@ odds) and the mean of beta * (log odds(chosen) - log odds(rejected)).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-from girandole.finetune.dpo import logp
+from girandole.finetune.dpo import PairObjective, logp
 from girandole.finetune.preference import Pair
 from girandole.model.lora import LoRAAdapter
 
@@ -29,30 +27,16 @@ def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
     return mean_logp - torch.log(-torch.expm1(mean_logp))
 
 
-class OrpoObjective:
+class OrpoObjective(PairObjective):
     def __init__(self, beta: float) -> None:
+        super().__init__()
         self.beta = beta
-        self._margins: list[float] = []
 
-    @staticmethod
-    def length(pair: Pair) -> int:
-        return pair.length
-
-    def losses(
-        self, model: nn.Module, adapter: LoRAAdapter, window: list[Pair], device: torch.device
-    ) -> Iterator[torch.Tensor]:
-        self._margins = []
-        for pair in window:
-            chosen = logp(model, adapter, pair.chosen, device) / pair.chosen.num_trained
-            rejected = logp(model, adapter, pair.rejected, device) / pair.rejected.num_trained
-            ratio = log_odds(chosen) - log_odds(rejected)
-            self._margins.append(self.beta * ratio.item())
-            loss = -chosen - self.beta * nn.functional.logsigmoid(ratio)
-            yield loss / len(window)
-
-    def stats(self) -> dict[str, float]:
-        margins = self._margins or [0.0]
-        return {
-            "rewardAccuracy": sum(m > 0 for m in margins) / len(margins),
-            "rewardMargin": sum(margins) / len(margins),
-        }
+    def pair_loss(
+        self, model: nn.Module, adapter: LoRAAdapter, pair: Pair, device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        chosen = logp(model, adapter, pair.chosen, device) / pair.chosen.num_trained
+        rejected = logp(model, adapter, pair.rejected, device) / pair.rejected.num_trained
+        ratio = log_odds(chosen) - log_odds(rejected)
+        loss = -chosen - self.beta * nn.functional.logsigmoid(ratio)
+        return loss, self.beta * ratio.item()
