@@ -237,8 +237,11 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
     if config.method == "dpo":
         from girandole.finetune.dpo import DpoObjective
 
-        # the reference policy: the adapter before training (the base, or the warm start)
-        objective = DpoObjective(model, trainable.adapter(), train_rows, config.beta, device)
+        # the reference policy: the adapter before training (the base, or the warm start),
+        # read once (its log-probabilities are cached): no graph back to the parameters
+        with torch.no_grad():
+            reference = trainable.adapter()
+        objective = DpoObjective(model, reference, train_rows, config.beta, device)
     elif config.method == "orpo":
         from girandole.finetune.orpo import OrpoObjective
 
