@@ -385,6 +385,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("*DELETE", "/v1/accounts/{A}/dpoJobs/x", None),
     ("*POST", "/v1/accounts/{A}/dpoJobs/x:cancel", None),
     ("*POST", "/inference/v1/accounts/{A}/dpoJobs/x:resume", None),
+    ("*GET", "/v1/accounts/{A}/dpoJobs/x:getMetricsFileEndpoint", None),
     ("*GET", "/v1/accounts/{A}/deployedModels", None),
     ("*POST", "/v1/accounts/{A}/deployedModels",
      {"model": "{lora}", "deployment": "accounts/{A}/deployments/{deployment}"}),
