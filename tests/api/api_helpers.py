@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,24 @@ def npm_install(folder: Path, what: str) -> None:
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def cli_runner(url: str, key: str, account: str) -> Callable[..., subprocess.CompletedProcess]:
+    """`girandole <args>` as a subprocess, its connection variables (GIRANDOLE_BASE_URL, ...)
+    naming a test server: how the CLIs that talk to a server are tested."""
+    import os
+
+    env = {
+        **os.environ,
+        "GIRANDOLE_BASE_URL": url,
+        "GIRANDOLE_API_KEY": key,
+        "GIRANDOLE_ACCOUNT": account,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "girandole.cli", *args],
+            capture_output=True, text=True, env=env, timeout=240,
+        )  # fmt: skip
+
+    return run

@@ -7,17 +7,16 @@ exactly once; cancel; bad inputs are 400s naming the problem."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fireworks
 import httpx
 import pytest
+from api_helpers import cli_runner
 from conftest import start_server, stop_server, write_tiny_llama_for_ops
 
 from girandole.registry.keystore import Database
@@ -620,18 +619,10 @@ def test_a_dataset_changed_or_deleted_while_its_file_arrives(batch):
 def test_cli(batch, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(jsonl([chat_line(i) for i in range(5)]))
-    env = {
-        **os.environ,
-        "GIRANDOLE_BASE_URL": batch.server.url,
-        "GIRANDOLE_API_KEY": batch.key,
-        "GIRANDOLE_ACCOUNT": ACCOUNT,
-    }
+    run = cli_runner(batch.server.url, batch.key, ACCOUNT)
 
     def girandole(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "girandole.cli", "batch", *args],
-            capture_output=True, text=True, env=env, timeout=240,
-        )  # fmt: skip
+        return run("batch", *args)
 
     out = tmp_path / "out.jsonl"
     created = girandole(

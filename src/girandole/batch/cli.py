@@ -15,12 +15,13 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from girandole.api.flag_values import float_value
+from girandole.cli_datasets import upload_dataset
 from girandole.cli_tables import fields, table
-from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run
+from girandole.deploy.cli import CLIError, ControlPlane, _connection_args, _run, _wait_args
 
 FINAL = ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 BAR_WIDTH = 30
@@ -93,15 +94,20 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
     print(fields(rows))
 
 
-def _wait(plane: ControlPlane, job_id: str, timeout: float) -> dict[str, Any]:
-    """Poll until the job ends, drawing its progress bar on a terminal."""
+def wait_for_job(
+    plane: ControlPlane, path: str, timeout: float, line_of: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """Poll the job at `path` until it ends, showing `line_of(job)` on stderr: redrawn in place
+    on a terminal, a line each time it changes otherwise (also girandole.finetune.cli's)."""
     tty = sys.stderr.isatty()
-    deadline = time.monotonic() + timeout
+    deadline, shown = time.monotonic() + timeout, ""
     while True:
-        job = plane.call("GET", f"/batchInferenceJobs/{job_id}")
-        if tty:
-            sys.stderr.write("\r" + progress_line(job))
+        job = plane.call("GET", path)
+        line = line_of(job)
+        if line != shown:
+            sys.stderr.write(("\r" if tty else "") + line + ("" if tty else "\n"))
             sys.stderr.flush()
+            shown = line
         if job["state"] in FINAL:
             if tty:
                 sys.stderr.write("\n")
@@ -126,19 +132,11 @@ def _download(plane: ControlPlane, dataset: str, output: Path) -> None:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     plane = _plane(args)
-    path = Path(args.file)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
     job_id = args.job_id or "batch-" + uuid.uuid4().hex[:12]
-    dataset_id = f"{job_id[:57]}-input"
-    plane.call("POST", "/datasets", json={"datasetId": dataset_id, "dataset": {}})
-    files = {"file": (path.name if path.suffix else "input.jsonl", data, "application/jsonl")}
-    plane.call("POST", f"/datasets/{dataset_id}:upload", files=files)
+    dataset = upload_dataset(plane, args.account, Path(args.file), f"{job_id[:57]}-input")
     body: dict[str, Any] = {
         "model": args.model,
-        "inputDatasetId": f"accounts/{args.account}/datasets/{dataset_id}",
+        "inputDatasetId": dataset,
         "inferenceParameters": _parameters(args),
     }
     if args.display_name:
@@ -149,7 +147,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         "POST", "/batchInferenceJobs", json=body, params={"batchInferenceJobId": job_id}
     )
     if args.wait:
-        job = _wait(plane, job_id, args.wait_timeout)
+        job = wait_for_job(plane, f"/batchInferenceJobs/{job_id}", args.wait_timeout, progress_line)
         if args.output:
             _download(plane, job["outputDatasetId"], Path(args.output))
     _show(args, job)
@@ -178,6 +176,28 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_wait_args(p: argparse.ArgumentParser) -> None:
+    """A job CLI's create's --wait and --wait-timeout (also girandole.finetune.cli's)."""
+    _wait_args(p, "show its progress until it ends", 86400.0, "1 day")
+
+
+def add_job_commands(
+    sub: argparse._SubParsersAction,
+    commands: tuple[tuple[str, Callable[[argparse.Namespace], int], str], ...],
+    list_func: Callable[[argparse.Namespace], int],
+) -> None:
+    """A job CLI's (name, function, help) commands of one job (its id or name), its `list`, and
+    every command's connection flags (after its own create was added)."""
+    for name, func, text in commands:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", help="its id or name")
+        p.set_defaults(func=_run(func))
+    p = sub.add_parser("list", help="list the account's jobs")
+    p.set_defaults(func=_run(list_func))
+    for p in sub.choices.values():
+        _connection_args(p)
+
+
 def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
     batch = subparsers.add_parser(
         "batch", help="batch inference jobs on a running server (like firectl batch-inference-job)"
@@ -196,24 +216,12 @@ def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--n", type=int)
     p.add_argument("--extra-body", help='more request fields as JSON, e.g. \'{"stop": ["\\n"]}\'')
-    p.add_argument("--wait", action="store_true", help="show its progress until it ends")
-    p.add_argument(
-        "--wait-timeout",
-        type=float_value(None, 0, above=True),
-        default=86400.0,
-        help="seconds (default 1 day)",
-    )
+    add_wait_args(p)
     p.add_argument("--output", help="with --wait: save the results here (errors beside it)")
     p.set_defaults(func=_run(_cmd_create))
 
-    for name, func, text in (
+    commands = (
         ("get", _cmd_get, "show a job"),
         ("cancel", _cmd_cancel, "cancel a job (what is done stays in its output dataset)"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("job", help="its id or name")
-        p.set_defaults(func=_run(func))
-    p = sub.add_parser("list", help="list the account's jobs")
-    p.set_defaults(func=_run(_cmd_list))
-    for p in sub.choices.values():
-        _connection_args(p)
+    )
+    add_job_commands(sub, commands, _cmd_list)

@@ -324,13 +324,19 @@ def _field_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _wait_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", action="store_true", help="wait until its replicas are ready")
+def _wait_args(
+    p: argparse.ArgumentParser,
+    what: str = "wait until its replicas are ready",
+    default: float = 600.0,
+    shown: str = "600",
+) -> None:
+    """--wait and --wait-timeout (also the job CLIs')."""
+    p.add_argument("--wait", action="store_true", help=what)
     p.add_argument(
         "--wait-timeout",
         type=float_value(None, 0, above=True),
-        default=600.0,
-        help="seconds (default 600)",
+        default=default,
+        help=f"seconds (default {shown})",
     )
 
 
