@@ -1,4 +1,5 @@
-"""Command line: `girandole serve | generate | keys | usage | deployment | models | lora | batch`."""
+"""Command line: `girandole serve | generate | keys | usage | deployment | models | lora | batch
+| sftj | dpoj`."""
 
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from girandole.batch.cli import add_batch_parser
 
     add_batch_parser(sub)
+    from girandole.finetune.cli import add_finetune_parsers
+
+    add_finetune_parsers(sub)
     try:
         from girandole.api.server import add_serve_parser
     except ImportError:
