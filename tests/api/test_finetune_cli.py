@@ -1,7 +1,7 @@
 """`girandole sftj` and `girandole dpoj` run as subprocesses against a real `girandole serve` (a
 tiny Llama as its own model, finetune_server.py): a job created from a local JSONL with --wait
 until COMPLETED and its output model listed; get, list, cancel, resume and delete; the server's
-4xx message and exit status 1 for an unknown dataset."""
+4xx message and exit status 1 for an unknown dataset, and for a job that FAILED."""
 
 from __future__ import annotations
 
@@ -97,5 +97,11 @@ def test_errors_are_the_servers_4xx(girandole, tmp_path):
     assert f"dataset: dataset accounts/{ACCOUNT}/datasets/no-such not found (HTTP 404)" in unknown.stderr  # fmt: skip
     bad = girandole("dpoj", "create", "--dataset", "no-such", "--base-model", TINY, "--beta", "0.9")
     assert bad.returncode == 1 and "lossConfig.dpo.beta must be" in bad.stderr
+    # valid rows the tiny Llama's template refuses when it trains: FAILED, its message, exit 1
+    out_of_turn = tmp_path / "out-of-turn.jsonl"
+    out_of_turn.write_bytes(rows() + b'{"messages": [{"role": "assistant", "content": "a"}]}\n')
+    failed = girandole("sftj", "create", "--dataset", str(out_of_turn), "--base-model", TINY, "--wait")  # fmt: skip
+    assert failed.returncode == 1 and "JOB_STATE_FAILED" in failed.stdout
+    assert "is JOB_STATE_FAILED: dataset row 7" in failed.stderr
     unreadable = girandole("sftj", "create", "--dataset", str(tmp_path / "none.jsonl"), "--base-model", TINY)  # fmt: skip
     assert unreadable.returncode == 1 and "cannot read" in unreadable.stderr
