@@ -616,6 +616,37 @@ def test_a_dataset_changed_or_deleted_while_its_file_arrives(batch):
     assert "Traceback" not in batch.server.log()
 
 
+def test_a_dataset_patch_changes_only_what_it_may(batch):
+    """A PATCH ignored every field but displayName, format and userUploaded (a 200 that kept
+    exampleCount, sourceJobName, name...): another value of one is a 400 naming it, the GET
+    body sent back unchanged a 200."""
+    fw, path = batch.client(), f"/v1/accounts/{ACCOUNT}/datasets/patched"
+    batch.upload("patched", [chat_line(0), chat_line(1)])
+    renamed = fw.datasets.update("patched", display_name="renamed", format="CHAT")
+    assert (renamed.display_name, renamed.format, renamed.example_count) == ("renamed", "CHAT", "2")
+    got = batch.http("GET", path).json()
+    echoed = batch.http("PATCH", path, json=got)
+    assert echoed.status_code == 200, echoed.text
+    assert {k: v for k, v in echoed.json().items() if k != "updateTime"} == {
+        k: v for k, v in got.items() if k != "updateTime"
+    }
+    for field, value in (
+        ("example_count", "7"),
+        ("source_job_name", f"accounts/{ACCOUNT}/batchInferenceJobs/x"),
+        ("splitted", {"source_dataset_id": "x"}),
+    ):
+        with pytest.raises(fireworks.BadRequestError) as err:
+            fw.datasets.update("patched", display_name="again", **{field: value})
+        error = err.value.body.get("error", err.value.body)  # type: ignore[union-attr]
+        camel = {"example_count": "exampleCount", "source_job_name": "sourceJobName"}
+        name = camel.get(field, field)
+        assert error["param"] == name and "cannot be changed" in error["message"], error
+    for field, value in (("name", f"accounts/{ACCOUNT}/datasets/other"), ("state", "UPLOADING")):
+        r = batch.http("PATCH", path, json={**got, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert fw.datasets.get("patched").display_name == "renamed"  # no refused PATCH wrote it
+
+
 def test_cli(batch, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(jsonl([chat_line(i) for i in range(5)]))

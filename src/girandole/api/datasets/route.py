@@ -4,7 +4,8 @@
     GET    /v1/accounts/{a}/datasets                        list (pageSize, pageToken, filter,
                                                             orderBy, readMask)
     GET    /v1/accounts/{a}/datasets/{d}                    get
-    PATCH  /v1/accounts/{a}/datasets/{d}                    update (displayName, format, ...)
+    PATCH  /v1/accounts/{a}/datasets/{d}                    update (displayName, format,
+                                                            userUploaded; others unchanged)
     DELETE /v1/accounts/{a}/datasets/{d}                    delete, with its files
     POST   /v1/accounts/{a}/datasets/{d}:upload             one file, multipart/form-data `file`
     POST   /v1/accounts/{a}/datasets/{d}:getUploadEndpoint  {filenameToSize} -> signed PUT URLs
@@ -77,6 +78,22 @@ class DatasetFields(BaseModel):
     evaluationResult: Any = None
     splitted: Any = None
     transformed: Any = None
+
+
+class UpdateDatasetBody(DatasetFields):
+    """A PATCH's body: the Dataset, which may be one a GET returned, output fields and all."""
+
+    name: str | None = None
+    createTime: str | None = None
+    updateTime: str | None = None
+    createdBy: str | None = None
+    state: str | None = None
+    status: dict[str, Any] | None = None
+
+
+# What a PATCH may change; any other field sent must be the dataset's own value (or empty where
+# it has none). updateTime is not compared: every write moves it, a GET's echo is behind it.
+CHANGEABLE = ("displayName", "format", "userUploaded")
 
 
 class CreateDatasetBody(BaseModel):
@@ -480,13 +497,23 @@ async def get_dataset(
 
 @router.patch(
     "/accounts/{account}/datasets/{dataset_id}",
-    summary="Update a dataset",
-    openapi_extra=body_doc(DatasetFields),
+    summary="Update a dataset's displayName, format or userUploaded",
+    openapi_extra=body_doc(UpdateDatasetBody),
 )
 async def update_dataset(dataset_id: str, request: Request, account: str = Account) -> dict:
-    get_or_404(request, account, dataset_id)
-    fields = check_fields(await read_json(request, DatasetFields), prefix="")
-    changes = {k: fields[k] for k in ("displayName", "format", "userUploaded") if k in fields}
+    current = get_or_404(request, account, dataset_id)
+    fields = check_fields(await read_json(request, UpdateDatasetBody), prefix="")
+    for key, value in fields.items():
+        if key in CHANGEABLE or key == "updateTime":
+            continue
+        value = str(value) if key == "exampleCount" else value  # an int64, a string in JSON
+        if value != current.get(key) and (key in current or value):
+            raise bad_request(
+                f"{key} of a dataset cannot be changed (only {', '.join(CHANGEABLE)} can): it"
+                f" is {current.get(key)!r}, the body has {value!r}",
+                key,
+            )
+    changes = {k: fields[k] for k in CHANGEABLE if k in fields}
     # the body as it is now (an upload may have made it READY while this one's body arrived)
     body = store_of(request).update_dataset(account, dataset_id, changes)
     if body is None:  # deleted meanwhile
