@@ -198,6 +198,22 @@ def test_cancel_resume_list_and_delete(srv):
     assert srv.http("POST", f"{JOBS}?dpoJobId=slow", json=slow).status_code == 409
     running = srv.wait("slow", ("JOB_STATE_RUNNING",))
     assert running["trainingConfig"]["epochs"] == 1000
+    # its dataset cannot be deleted while it runs, nor that of a job waiting behind it
+    r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/prefs")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+    assert f"the input of DPO job accounts/{ACCOUNT}/dpoJobs/slow" in r.json()["error"]["message"]
+    srv.dataset("waiting", pairs())
+    waits = {**with_training(), "dataset": "waiting"}
+    r = srv.http("POST", f"{JOBS}?dpoJobId=waits", json=waits)
+    assert r.status_code == 200, r.text
+    r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/waiting")
+    assert r.status_code == 400, r.text
+    assert (
+        f"accounts/{ACCOUNT}/dpoJobs/waits, which has not ended (JOB_STATE_PENDING)"
+        in r.json()["error"]["message"]
+    )
+    fw.dpo_jobs.delete("waits")  # cancelled: its dataset may go
+    assert srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/waiting").status_code == 200
     cancelled = fw.dpo_jobs.cancel("slow", body={})
     assert cancelled["state"] == "JOB_STATE_CANCELLED"
     page = fw.dpo_jobs.list(page_size=1)

@@ -185,11 +185,22 @@ def test_cancel_resume_and_list_paging(srv):
         r = srv.http("POST", f"{JOBS}?supervisedFineTuningJobId={job_id}", json=slow)
         assert r.status_code == 200, r.text
     assert srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=slow-a", json=slow).status_code == 409  # fmt: skip
-    # a job whose dataset is deleted while it waits fails when its turn comes, saying so
+    # a waiting job's datasets cannot be deleted (it failed when its turn came): until it ends
     srv.dataset("gone", rows())
-    gone = {"dataset": "gone", "baseModel": "tiny"}
+    # the evaluation set a file of /v1/files (a dataset of its own, named by the file's id)
+    form = {"file": ("eval.jsonl", rows())}
+    upload = srv.http("POST", "/v1/files", data={"purpose": "fine-tune"}, files=form).json()
+    gone = {"dataset": "gone", "evaluationDataset": upload["id"], "baseModel": "tiny"}
     assert srv.http("POST", f"{JOBS}?supervisedFineTuningJobId=gone", json=gone).status_code == 200
-    assert srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/gone").status_code == 200
+    deletes = [f"/v1/accounts/{ACCOUNT}/datasets/gone", f"/v1/files/{upload['id']}"]
+    for path, what in zip(deletes, ("datasets/gone", f"File {upload['id']}"), strict=True):
+        r = srv.http("DELETE", path)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+        assert (
+            f"{what} is the input of supervised fine-tuning job"
+            f" accounts/{ACCOUNT}/supervisedFineTuningJobs/gone, which has not ended"
+            " (JOB_STATE_PENDING): cancel the job or wait for it first"
+        ) in r.json()["error"]["message"], r.text
     srv.wait("slow-a", ("JOB_STATE_RUNNING",))
     # one job at a time: the second waits
     assert fw.supervised_fine_tuning_jobs.get("slow-b").state == "JOB_STATE_PENDING"
@@ -210,9 +221,9 @@ def test_cancel_resume_and_list_paging(srv):
     filtered = srv.http("GET", JOBS, params={"filter": 'state="JOB_STATE_CANCELLED"'}).json()
     assert [j["name"].rsplit("/", 1)[1] for j in filtered["supervisedFineTuningJobs"]] == ["slow-a"]
     fw.supervised_fine_tuning_jobs.delete("slow-b")  # cancels it first
-    failed = srv.wait("gone", ("JOB_STATE_FAILED", "JOB_STATE_COMPLETED"))
-    assert failed["state"] == "JOB_STATE_FAILED", failed
-    assert "datasets/gone was deleted before the job ran" in failed["status"]["message"]
+    fw.supervised_fine_tuning_jobs.cancel("gone", body={})
+    for path in deletes:
+        assert srv.http("DELETE", path).status_code == 200, path
     names = [j.name.rsplit("/", 1)[1] for j in fw.supervised_fine_tuning_jobs.list()]
     assert "slow-a" in names and "slow-b" not in names
 

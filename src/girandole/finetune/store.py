@@ -97,6 +97,19 @@ class JobStore:
         )
         return [json.loads(r[0]) for r in rows]
 
+    def reading(self, account: str, dataset: str) -> dict[str, Any] | None:
+        """The oldest PENDING or RUNNING job of `account` that trains on, or evaluates with, the
+        dataset named `dataset` in full (it reads the file when it starts). Both kinds keep
+        `dataset` at the top level; only an SFT job has an `evaluationDataset`, also there."""
+        rows = self.db.execute(
+            f"SELECT body FROM {self.kind.table} WHERE account = ?"
+            " AND json_extract(body, '$.state') IN (?, ?) AND ? IN (json_extract(body, '$.dataset'),"
+            " json_extract(body, '$.evaluationDataset'))"
+            " ORDER BY created, job_id LIMIT 1",
+            (account, PENDING, RUNNING, dataset),
+        )
+        return json.loads(rows[0][0]) if rows else None
+
     def next_pending(self) -> tuple[float, str, str, dict[str, Any]] | None:
         """The oldest job waiting to run: (its creation time, account, job id, body)."""
         rows = self.db.execute(

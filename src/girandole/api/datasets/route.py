@@ -139,6 +139,22 @@ def not_read_by_a_job(store: BatchStore, account: str, dataset_id: str) -> None:
         raise APIError(400, input_in_use(what, reader), code="FAILED_PRECONDITION")
 
 
+def not_trained_on(
+    request: Request, account: str, dataset_id: str, what: str = "", param: str | None = None
+) -> None:
+    """A 400 when a fine-tuning job that has not ended names the dataset (its `dataset` or
+    `evaluationDataset`): it reads the file when it starts, and would fail then. `what`: the
+    dataset as the message names it (an uploaded file's DELETE names the file)."""
+    name = dataset_name(account, dataset_id)
+    for jobs in getattr(request.app.state, "finetune_stores", {}).values():
+        job = jobs.reading(account, name)
+        if job is not None:
+            noun = jobs.kind.noun  # "DPO job" as it is, "supervised fine-tuning job" mid-sentence
+            noun = noun if noun[:2].isupper() else noun[0].lower() + noun[1:]
+            message = input_in_use(what or f"Dataset {name}", job, noun)
+            raise APIError(400, message, param=param, code="FAILED_PRECONDITION")
+
+
 # A Dataset's fields (Fireworks' gatewayDataset): what a filter, orderBy or readMask may name,
 # whether or not some dataset has them now.
 DATASET_FIELDS = set(DatasetFields.model_fields) | {
@@ -536,12 +552,14 @@ async def delete_dataset(dataset_id: str, request: Request, account: str = Accou
             code="FAILED_PRECONDITION",
         )
     not_read_by_a_job(store, account, dataset_id)
+    not_trained_on(request, account, dataset_id)
     store.delete_dataset(account, dataset_id)
     return {}
 
 
-def input_in_use(what: str, job: dict[str, Any]) -> str:
-    """Why the input of `job` (a dataset or an uploaded file, `what`) cannot be deleted now."""
+def input_in_use(what: str, job: dict[str, Any], noun: str = "batch job") -> str:
+    """Why the input of `job` (a dataset or an uploaded file, `what`), a `noun` (a batch job's
+    or a fine-tuning job's), cannot be deleted now."""
     for api, kind, then in (
         ("anthropic", "message batch", "delete the message batch, which deletes its requests"),
         ("openai", "batch", "cancel the batch or wait for it to end first"),
@@ -549,6 +567,6 @@ def input_in_use(what: str, job: dict[str, Any]) -> str:
         if api in job:
             return f"{what} is the input of {kind} {job[api]['id']}: {then}"
     return (
-        f"{what} is the input of batch job {job['name']}, which has not ended ({job['state']}):"
+        f"{what} is the input of {noun} {job['name']}, which has not ended ({job['state']}):"
         " cancel the job or wait for it first"
     )

@@ -27,6 +27,7 @@ from girandole.api.datasets.route import (
     file_too_large,
     input_in_use,
     new_dataset,
+    not_trained_on,
 )
 from girandole.api.deployments.route import authenticate
 from girandole.api.http.errors import APIError, bad_request
@@ -163,6 +164,8 @@ async def delete_file(file_id: str, request: Request, account: str = KeyAccount)
             400, input_in_use(f"File {file_id}", reader), param="file_id",
             code="FAILED_PRECONDITION",
         )  # fmt: skip
+    if record.dataset_id == file_id:  # a fine-tuning job may name the upload's dataset
+        not_trained_on(request, account, file_id, f"File {file_id}", "file_id")
     if not files_of(request).delete(account, file_id):
         raise no_such_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
