@@ -92,8 +92,11 @@ class UpdateDatasetBody(DatasetFields):
 
 
 # What a PATCH may change; any other field sent must be the dataset's own value (or empty where
-# it has none). updateTime is not compared: every write moves it, a GET's echo is behind it.
+# it has none), but for those the server moves by itself (every write, an upload ending): a GET's
+# echo may be behind them, and a client never sets them (as the models route ignores its
+# output-only fields).
 CHANGEABLE = ("displayName", "format", "userUploaded")
+SERVER_MOVED = ("updateTime", "state", "status")
 
 
 class CreateDatasetBody(BaseModel):
@@ -520,7 +523,7 @@ async def update_dataset(dataset_id: str, request: Request, account: str = Accou
     current = get_or_404(request, account, dataset_id)
     fields = check_fields(await read_json(request, UpdateDatasetBody), prefix="")
     for key, value in fields.items():
-        if key in CHANGEABLE or key == "updateTime":
+        if key in CHANGEABLE or key in SERVER_MOVED:
             continue
         value = str(value) if key == "exampleCount" else value  # an int64, a string in JSON
         if value != current.get(key) and (key in current or value):
