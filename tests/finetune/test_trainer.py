@@ -87,6 +87,17 @@ def test_adapter_reads_back_bit_for_bit(tiny_llama_dir, trained):
     assert b.abs().sum() > 0  # trained: B starts at zero
 
 
+def test_every_target_is_trained(trained):
+    """Every projection's B moved from zero: the gradient reaches q/k/v through attention (the
+    native CPU attention kernel has no backward; training takes torch's SDPA)."""
+    from safetensors.torch import load_file
+
+    folder, _ = trained
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    untrained = [k for k, t in tensors.items() if "lora_B" in k and not t.abs().sum() > 0]
+    assert not untrained
+
+
 def test_rows_trained_only_on_assistant_messages(tiny_llama_dir):
     from girandole.tokenizer.loader import load_tokenizer
 

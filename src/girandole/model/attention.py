@@ -130,8 +130,12 @@ class Attention(nn.Module):
         )
 
     def _attend_alone(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """No cache: q, k, v are one sequence from position 0, through the engine's kernels."""
-        if not paged_attention.supported(self.head_dim, k, self.logit_softcap):
+        """No cache: q, k, v are one sequence from position 0, through the engine's kernels.
+        With a gradient to compute (the fine-tuning trainer) torch's SDPA: the native kernel has
+        no backward, so q/k/v (and their LoRA) would get no gradient."""
+        grads = q.requires_grad or k.requires_grad or v.requires_grad
+        differentiable = torch.is_grad_enabled() and grads
+        if differentiable or not paged_attention.supported(self.head_dim, k, self.logit_softcap):
             return self._attend_sequence(q, k, v)
         t = q.shape[0]  # k, v as a cache of their own, slot i holding position i
         lens = torch.arange(1, t + 1)
