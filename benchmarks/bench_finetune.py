@@ -16,7 +16,9 @@ tokens only, averaged over the trained tokens of each step, `--batch` rows per o
 
 Each side runs in its own subprocess, so peak RSS is its own (VmHWM, reset after the model is
 loaded so the "train peak" is what training adds on the loaded model). Reported: the median
-seconds per optimizer step after `--warmup` steps, trained tokens/s, and the mean loss per trained
+seconds per optimizer step after `--warmup` steps (wall clock, and CPU seconds of the process:
+less sensitive to a machine shared with other jobs; the fastest step: a floor that other jobs on
+the machine can only raise), trained tokens/s, and the mean loss per trained
 token over all rows before and after training (a sanity line: both should fall alike).
 """
 
@@ -120,10 +122,10 @@ def girandole_side(path: str, rows: list[dict], args) -> dict:
 
     before = eval_loss()
     reset = reset_peak_rss()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for step in range(args.steps):
         window = [examples[(step * args.batch + j) % len(examples)] for j in range(args.batch)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         adapter = trainable.adapter()
         total = 0.0
@@ -132,11 +134,12 @@ def girandole_side(path: str, rows: list[dict], args) -> dict:
             total += loss.item()
         optimizer.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(total)
         log(f"girandole step {step + 1}: {times[-1]:.2f} s, loss {total:.3f}")
     return {
         "load_s": load_s, "loaded_rss_mib": loaded_rss, "peak_reset": reset,
-        "step_s": times, "step_loss": losses, "before": before, "after": eval_loss(),
+        "step_s": times, "step_cpu_s": cpu, "step_loss": losses, "before": before, "after": eval_loss(),
         "peak_rss_mib": rss_mib().get("peak_rss_mib"),
     }  # fmt: skip
 
@@ -181,11 +184,11 @@ def transformers_side(path: str, rows: list[dict], args) -> dict:
 
     before = eval_loss()
     reset = reset_peak_rss()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for step in range(args.steps):
         window = [rows[(step * args.batch + j) % len(rows)] for j in range(args.batch)]
         tokens = sum(sum(r["trained"][1:]) for r in window)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for row in window:
@@ -194,11 +197,12 @@ def transformers_side(path: str, rows: list[dict], args) -> dict:
             total += loss.item()
         optimizer.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(total)
         log(f"transformers step {step + 1}: {times[-1]:.2f} s, loss {total:.3f}")
     return {
         "load_s": load_s, "loaded_rss_mib": loaded_rss, "peak_reset": reset,
-        "step_s": times, "step_loss": losses, "before": before, "after": eval_loss(),
+        "step_s": times, "step_cpu_s": cpu, "step_loss": losses, "before": before, "after": eval_loss(),
         "peak_rss_mib": rss_mib().get("peak_rss_mib"),
         "attn": getattr(base.config, "_attn_implementation", "?"),
     }  # fmt: skip
@@ -265,8 +269,15 @@ def main() -> int:
     for side, r in results.items():
         secs = [r["step_s"][i] for i in timed]
         tps = [step_tokens(i) / r["step_s"][i] for i in timed]
-        summary[side] = {"s_step": median(secs), "tok_s": median(tps)}
+        cpu = [r["step_cpu_s"][i] for i in timed]
+        summary[side] = {
+            "s_step": median(secs),
+            "tok_s": median(tps),
+            "cpu_s_step": median(cpu),
+            "fastest_s_step": min(secs),
+        }
     ref = summary.get("transformers", {}).get("s_step")
+    ref_cpu = summary.get("transformers", {}).get("cpu_s_step")
     table = []
     for side, r in results.items():
         s = summary[side]
@@ -274,6 +285,9 @@ def main() -> int:
             side if side == "girandole" else f"transformers + PEFT (attn={r.get('attn', '?')})",
             f"{s['s_step']:.2f}", fmt(s["tok_s"]),
             f"{s['s_step'] / ref:.2f}x" if ref else "–",
+            f"{s['cpu_s_step']:.2f}",
+            f"{s['cpu_s_step'] / ref_cpu:.2f}x" if ref_cpu else "–",
+            f"{s['fastest_s_step']:.2f}",
             f"{fmt(r['loaded_rss_mib'], 0)} / {fmt(r['peak_rss_mib'], 0)}"
             + ("" if r["peak_reset"] else " (peak incl. load)"),
             f"{r['load_s']:.1f}",
@@ -293,7 +307,8 @@ def main() -> int:
         f"({args.warmup} warmup left out of the medians), LoRA rank {args.rank} alpha "
         f"{args.rank} on q/k/v/o/gate/up/down, AdamW lr {args.lr}"
     )
-    header = ["side", "s/step (median)", "trained tok/s", "s/step vs transformers",
+    header = ["side", "s/step (median)", "trained tok/s", "vs transformers", "CPU s/step",
+              "vs transformers", "fastest step, s",
               "RSS loaded / train peak, MiB", "load s", "loss before -> after"]  # fmt: skip
     print(markdown_table(header, table))
     for side, r in results.items():
