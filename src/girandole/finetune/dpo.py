@@ -14,6 +14,7 @@ beta * (logp_pi - logp_ref) is higher for the chosen output) and the mean reward
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def logp(model: nn.Module, adapter: LoRAAdapter, ex, device: torch.device) -> to
     return -row_loss(model, adapter, ex, device)
 
 
-class PairObjective:
+class PairObjective(ABC):
     """A loss over preference pairs, averaged over the pairs of each step; `pair_loss` gives a
     pair's loss and its reward margin (what stats() reports: the share of pairs above 0, the
     mean)."""
@@ -54,10 +55,11 @@ class PairObjective:
     def length(pair: Pair) -> int:
         return pair.length
 
+    @abstractmethod
     def pair_loss(
         self, model: nn.Module, adapter: LoRAAdapter, pair: Pair, device: torch.device
     ) -> tuple[torch.Tensor, float]:
-        raise NotImplementedError
+        """The pair's loss (a graph to backpropagate) and its reward margin: DPO's, ORPO's."""
 
     def losses(
         self, model: nn.Module, adapter: LoRAAdapter, window: list[Pair], device: torch.device
