@@ -300,7 +300,8 @@ def test_list_pages_filters_and_orders(plane):
         ({"baseModel": BASE_MODEL, "maxReplicaCount": 2}, {}, "maxReplicaCount", "Ray"),
         ({"baseModel": BASE_MODEL, "minReplicaCount": 2}, {}, "minReplicaCount", "Ray"),
         (
-            {"baseModel": BASE_MODEL, "acceleratorType": "NVIDIA_H100_80GB"},
+            # an AMD type: never this server's, on the CPU machine or an NVIDIA one
+            {"baseModel": BASE_MODEL, "acceleratorType": "AMD_MI300X_192GB"},
             {},
             "acceleratorType",
             "not available on this server",
