@@ -201,6 +201,14 @@ def test_cancel_resume_and_list_paging(srv):
             f" accounts/{ACCOUNT}/supervisedFineTuningJobs/gone, which has not ended"
             " (JOB_STATE_PENDING): cancel the job or wait for it first"
         ) in r.json()["error"]["message"], r.text
+    # nor changed: a file uploaded now would replace the rows the job was created for
+    uploads = [
+        srv.http("POST", f"{deletes[0]}:upload", files={"file": ("more.jsonl", rows())}),
+        srv.http("POST", f"{deletes[0]}:getUploadEndpoint", json={"filenameToSize": {"a": 9}}),
+    ]
+    for r in uploads:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+        assert "supervisedFineTuningJobs/gone, which has not ended" in r.text
     srv.wait("slow-a", ("JOB_STATE_RUNNING",))
     # one job at a time: the second waits
     assert fw.supervised_fine_tuning_jobs.get("slow-b").state == "JOB_STATE_PENDING"

@@ -142,6 +142,13 @@ def not_read_by_a_job(store: BatchStore, account: str, dataset_id: str) -> None:
         raise APIError(400, input_in_use(what, reader), code="FAILED_PRECONDITION")
 
 
+def not_in_use(request: Request, account: str, dataset_id: str) -> None:
+    """A 400 when a job that has not ended reads the dataset: a batch job's input, or what a
+    fine-tuning job trains on; a file added now would change, or break, what the job reads."""
+    not_read_by_a_job(store_of(request), account, dataset_id)
+    not_trained_on(request, account, dataset_id)
+
+
 def not_trained_on(
     request: Request, account: str, dataset_id: str, what: str = "", param: str | None = None
 ) -> None:
@@ -247,15 +254,16 @@ def mark_ready(store: BatchStore, account: str, dataset_id: str, body: dict[str,
     body.update(store.update_dataset(account, dataset_id, ready) or ready)
 
 
-def still_open(store: BatchStore, account: str, dataset_id: str) -> Callable[[], None]:
+def still_open(request: Request, account: str, dataset_id: str) -> Callable[[], None]:
     """The check a file's bytes pass as they join the dataset, under the store's lock (they
-    arrived over seconds): the dataset still exists (404) and no batch job reads it, nor one
+    arrived over seconds): the dataset still exists (404) and no job reads it, nor a batch job
     being created counts its lines (400)."""
+    store = store_of(request)
 
     def check() -> None:
         if store.get_dataset(account, dataset_id) is None:
             raise not_found(account, dataset_id)
-        not_read_by_a_job(store, account, dataset_id)
+        not_in_use(request, account, dataset_id)
         if is_uploaded_file(store, account, dataset_id):
             raise APIError(
                 400,
@@ -293,7 +301,9 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
     partial = store.partial_path()
     try:
         size = await receive_body(request, partial, name, MAX_FILE_BYTES, declared)
-        store.place_file(account, dataset_id, name, partial, still_open(store, account, dataset_id))
+        store.place_file(
+            account, dataset_id, name, partial, still_open(request, account, dataset_id)
+        )
     finally:
         partial.unlink(missing_ok=True)
     return size
@@ -306,7 +316,7 @@ async def receive_file(request: Request, store: BatchStore, account: str, datase
 async def upload(dataset_id: str, request: Request, account: str = Account) -> dict:
     store = store_of(request)
     body = get_or_404(request, account, dataset_id)
-    not_read_by_a_job(store, account, dataset_id)
+    not_in_use(request, account, dataset_id)
     partial = store.partial_path()
     try:
         # the file's bytes go to disk as they arrive: read whole, a 100 MB upload took 850 MB
@@ -320,7 +330,7 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
             sync_file(partial)
             # checked again as the file joins: the dataset may be gone, or read by a job, by now
             store.place_file(
-                account, dataset_id, filename, partial, still_open(store, account, dataset_id)
+                account, dataset_id, filename, partial, still_open(request, account, dataset_id)
             )
             mark_ready(store, account, dataset_id, body)
             return filename
@@ -345,7 +355,7 @@ async def upload(dataset_id: str, request: Request, account: str = Account) -> d
 )
 async def get_upload_endpoint(dataset_id: str, request: Request, account: str = Account) -> dict:
     get_or_404(request, account, dataset_id)
-    not_read_by_a_job(store_of(request), account, dataset_id)
+    not_in_use(request, account, dataset_id)
     body = await read_json(request, UploadEndpointBody)
     resource = resource_of(account, dataset_id)
     sizes = check_sizes(body.filenameToSize, MAX_FILE_BYTES)
@@ -401,7 +411,7 @@ async def put_file(
     store = store_of(request)
     if store.get_dataset(account, dataset_id) is None:
         raise not_found(account, dataset_id)
-    not_read_by_a_job(store, account, dataset_id)
+    not_in_use(request, account, dataset_id)
     check_content_length(request, filename, size)
     await receive_file(request, store, account, dataset_id, filename, size)
     return Response(status_code=200)
@@ -554,8 +564,7 @@ async def delete_dataset(dataset_id: str, request: Request, account: str = Accou
             f" job has not ended ({job['state']}): cancel the job or wait for it first",
             code="FAILED_PRECONDITION",
         )
-    not_read_by_a_job(store, account, dataset_id)
-    not_trained_on(request, account, dataset_id)
+    not_in_use(request, account, dataset_id)
     store.delete_dataset(account, dataset_id)
     return {}
 
