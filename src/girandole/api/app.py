@@ -34,6 +34,7 @@ from girandole.api.ops.webhooks import Webhooks
 from girandole.api.playground import route as playground
 from girandole.api.rerank import route as rerank
 from girandole.api.responses import route as responses
+from girandole.api.secrets import install_secrets
 from girandole.api.state import AppState
 from girandole.api.tokenize import install_tokenize
 from girandole.api.users import install_users
@@ -96,6 +97,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_deployments(app, state, INFERENCE_PREFIXES)
     install_users(app, INFERENCE_PREFIXES)
     install_accounts(app, INFERENCE_PREFIXES)
+    install_secrets(app, INFERENCE_PREFIXES)
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
     install_finetune(app, state, INFERENCE_PREFIXES)
