@@ -165,6 +165,12 @@ def test_bad_create_is_a_400_naming_the_field(srv: Server, body: dict, field: st
     assert "12345" not in err["message"]
 
 
+def test_lone_surrogate_value_is_a_400(srv: Server) -> None:
+    body = b'{"name": "x", "keyName": "A", "value": "\\ud800"}'  # JSON's escape: no UTF-8 text
+    err = error_of(srv.http("POST", SECRETS, content=body), 400)
+    assert err["param"] == "value", err
+
+
 def test_bad_update_is_a_400(srv: Server) -> None:
     srv.http("POST", SECRETS, json={"name": "patched", "keyName": "PATCHED", "value": VALUE})
     for params, body, field in (

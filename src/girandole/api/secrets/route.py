@@ -119,7 +119,11 @@ def check_key_name(key_name: str) -> str:
 def check_value(value: str) -> str:
     if not value:
         raise bad_request("value must not be empty", "value")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no text to store
+        raise bad_request("value is not valid Unicode text (a lone surrogate)", "value") from None
+    if size > MAX_VALUE_BYTES:
         raise bad_request(f"value is longer than {MAX_VALUE_BYTES} bytes", "value")
     if "\x00" in value:  # an environment variable cannot hold one
         raise bad_request("value must not contain a NUL character", "value")
