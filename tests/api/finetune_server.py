@@ -1,6 +1,7 @@
 """A real `girandole serve` for the fine-tuning job tests (test_sft_jobs.py, test_dpo_jobs.py):
-a tiny Llama as its own model `tiny` of account acme, keys of acme (admin and inference-user) and
-of another account, and the fireworks-ai SDK and httpx against it."""
+a tiny Llama as its own model `tiny` of account acme (and in the catalog as account other's
+`tiny`, so that both accounts can train), keys of acme (admin and inference-user) and of
+account other, and the fireworks-ai SDK and httpx against it."""
 
 from __future__ import annotations
 
@@ -12,46 +13,57 @@ import httpx
 from api_helpers import api_conftest
 
 from girandole.registry.keystore import Database
+from girandole.registry.models import ModelCatalog
 
 ACCOUNT = "acme"
+OTHER = "other"
 
 
 class FinetuneServer:
-    def __init__(self, tmp: Path, tiny_llama_dir: Path, jobs: str) -> None:
-        """`jobs`: the collection's path that wait() polls, e.g. /v1/accounts/acme/dpoJobs."""
+    def __init__(self, tmp: Path, tiny_llama_dir: Path, jobs: str, *args: str) -> None:
+        """`jobs`: the collection's path that wait() polls, e.g. /v1/accounts/acme/dpoJobs;
+        `args`: more flags of `girandole serve`."""
         self.api, self.jobs = api_conftest(), jobs
         data = tmp / "data"
         db = Database.in_folder(data)
         self.key, _ = db.create_key(ACCOUNT)
-        self.other_key, _ = db.create_key("other")
+        self.other_key, _ = db.create_key(OTHER)
         self.reader_key, _ = db.create_key(ACCOUNT, role="inference-user")
+        ModelCatalog(db, []).add(f"accounts/{OTHER}/models/tiny", str(tiny_llama_dir))
         db.close()
         self.server = self.api.start_server(
             tmp, "--model", str(tiny_llama_dir), "--model-id", "tiny", "--account", ACCOUNT,
-            "--kv-cache-gb", "0.02", "--data-dir", str(data), "--max-loras", "2",
+            "--kv-cache-gb", "0.02", "--data-dir", str(data), "--max-loras", "2", *args,
             api_key=self.key,
         )  # fmt: skip
 
-    def sdk(self, key: str | None = None) -> fireworks.Fireworks:
+    def sdk(self, key: str | None = None, account: str = ACCOUNT) -> fireworks.Fireworks:
         return fireworks.Fireworks(
-            api_key=key or self.key, account_id=ACCOUNT, base_url=self.server.url, max_retries=0
+            api_key=key or self.key, account_id=account, base_url=self.server.url, max_retries=0
         )
 
     def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key or self.key}"}
         return httpx.request(method, self.server.url + path, headers=headers, timeout=60, **kw)
 
-    def dataset(self, dataset_id: str, data: bytes) -> None:
-        fw = self.sdk()
+    def dataset(
+        self, dataset_id: str, data: bytes, key: str | None = None, account: str = ACCOUNT
+    ) -> None:
+        fw = self.sdk(key, account)
         fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
         fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
 
     def wait(
-        self, job_id: str, states: tuple[str, ...], timeout: float = 120, jobs: str | None = None
+        self,
+        job_id: str,
+        states: tuple[str, ...],
+        timeout: float = 120,
+        jobs: str | None = None,
+        key: str | None = None,
     ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            job = self.http("GET", f"{jobs or self.jobs}/{job_id}").json()
+            job = self.http("GET", f"{jobs or self.jobs}/{job_id}", key).json()
             if job["state"] in states:
                 return job
             assert time.monotonic() < deadline, job

@@ -345,6 +345,7 @@ def test_documented_curl_commands_send_their_json_as_json():
         (["--mcp-timeout", "nan"], {}, "argument --mcp-timeout: 'nan' is not a number > 0"),
         ([], {"GIRANDOLE_QUEUE_TIMEOUT": "x"}, "[GIRANDOLE_QUEUE_TIMEOUT]"),
         (["--max-keys-per-user", "-1"], {}, "'-1' is not an integer >= 0"),
+        (["--max-pending-finetune-jobs", "-1"], {}, "--max-pending-finetune-jobs: '-1' is not"),
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),

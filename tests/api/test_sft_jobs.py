@@ -2,7 +2,8 @@
 own model), with the fireworks-ai SDK: a dataset uploaded, a job created and polled until
 COMPLETED, its output model READY in the catalog, loaded as a LoRA (deployedModels) and
 answering the trained string to a chat completion; the 400s of bad fields, 404, 403 for another
-account's key, cancel, resume, delete and list paging."""
+account's key, cancel, resume, delete and list paging; jobs taking turns across accounts, and the
+cap on an account's waiting jobs (--max-pending-finetune-jobs)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import json
 import fireworks
 import openai
 import pytest
-from finetune_server import ACCOUNT, FinetuneServer
+from finetune_server import ACCOUNT, OTHER, FinetuneServer
 
 ANSWER = "Zebra-42."
 QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
 JOBS = f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs"
+OTHER_JOBS = f"/v1/accounts/{OTHER}/supervisedFineTuningJobs"
+PENDING_CAP = 3  # --max-pending-finetune-jobs: the other tests have at most 3 jobs waiting
 
 
 def rows(answer: str = ANSWER) -> bytes:
@@ -28,7 +31,10 @@ def rows(answer: str = ANSWER) -> bytes:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_llama_dir):
-    s = FinetuneServer(tmp_path_factory.mktemp("sft-api"), tiny_llama_dir, JOBS)
+    s = FinetuneServer(
+        tmp_path_factory.mktemp("sft-api"), tiny_llama_dir, JOBS,
+        "--max-pending-finetune-jobs", str(PENDING_CAP),
+    )  # fmt: skip
     s.dataset("zebra", rows())
     s.dataset("broken", rows() + b'{"messages": [{"role": "user", "content": "q"}]}\n')
     # valid rows, but the tiny Llama's template (Llama 2's) wants user/assistant turns in turn
@@ -239,3 +245,38 @@ def test_cancel_resume_and_list_paging(srv):
     assert resumed.state == "JOB_STATE_PENDING"
     srv.wait("slow-a", ("JOB_STATE_RUNNING",))
     fw.supervised_fine_tuning_jobs.delete("slow-a")
+
+
+def test_accounts_take_turns_and_waiting_jobs_are_capped(srv):
+    """acme queues three jobs behind its running one, other one job after them: other's starts
+    next (acme started one last), not after acme's whole queue. A fourth waiting job of acme is
+    a 429 naming the cap, and so is a :resume that would make one."""
+    slow = {"dataset": "zebra", "baseModel": "tiny", "epochs": 1000}
+
+    def create(job_id: str, jobs: str = JOBS, key: str | None = None):
+        return srv.http("POST", f"{jobs}?supervisedFineTuningJobId={job_id}", key, json=slow)
+
+    assert create("turn-a1").status_code == 200
+    srv.wait("turn-a1", ("JOB_STATE_RUNNING",))
+    for job_id in ("turn-a2", "turn-a3"):
+        assert create(job_id).status_code == 200
+    srv.dataset("zebra", rows(), key=srv.other_key, account=OTHER)
+    assert create("turn-b1", OTHER_JOBS, srv.other_key).status_code == 200, "other's own cap"
+    assert create("turn-a4").status_code == 200  # acme's third waiting job: at the cap
+    r = create("turn-a5")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "RESOURCE_EXHAUSTED", r.text
+    assert f"--max-pending-finetune-jobs {PENDING_CAP}" in r.json()["error"]["message"], r.text
+    assert srv.http("GET", f"{JOBS}/turn-a5").status_code == 404
+
+    srv.http("POST", f"{JOBS}/turn-a1:cancel", json={})
+    srv.wait("turn-b1", ("JOB_STATE_RUNNING",), jobs=OTHER_JOBS, key=srv.other_key)
+    for job_id in ("turn-a2", "turn-a3", "turn-a4"):
+        assert srv.http("GET", f"{JOBS}/{job_id}").json()["state"] == "JOB_STATE_PENDING"
+
+    r = srv.http("POST", f"{JOBS}/turn-a1:resume", json={})  # a fourth waiting job
+    assert r.status_code == 429 and "--max-pending-finetune-jobs" in r.text, r.text
+    srv.http("POST", f"{JOBS}/turn-a4:cancel", json={})
+    assert srv.http("POST", f"{JOBS}/turn-a1:resume", json={}).status_code == 200
+    for job_id in ("turn-a1", "turn-a2", "turn-a3", "turn-a4"):  # the waiting ones first
+        assert srv.http("DELETE", f"{JOBS}/{job_id}").status_code == 200
+    assert srv.http("DELETE", f"{OTHER_JOBS}/turn-b1", srv.other_key).status_code == 200

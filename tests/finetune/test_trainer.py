@@ -178,7 +178,7 @@ def test_a_job_running_when_the_server_stopped_fails_at_start(tmp_path, kind):
     assert store.get("acme", "a")["state"] == FAILED
     assert "resume" in store.get("acme", "a")["status"]["message"]
     assert store.get("acme", "b")["state"] == PENDING
-    assert store.next_pending()[2] == "b"
+    assert [row[2] for row in store.pending_heads()] == ["b"]
 
 
 def test_batches_by_samples_or_by_tokens():

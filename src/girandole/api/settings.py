@@ -67,6 +67,9 @@ class ServerSettings:
     rate_limit_tpm: int | None = None  # default per-key tokens/minute (keys may override)
     # live keys a user may hold (made over REST): limits are per key; 0: no cap
     max_keys_per_user: int = 20
+    # fine-tuning jobs of all kinds an account may have PENDING at once (the runner runs one job
+    # at a time, fair across accounts: finetune/fair_queue.py); 0: no cap
+    max_pending_finetune_jobs: int = 20
     # Engine sequences (choices: prompts x n of each request) admitted at once; more queue
     max_concurrent_requests: int = 64
     max_choices_per_request: int = 256  # prompts x n of one request; more is a 400

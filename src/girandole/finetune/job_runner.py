@@ -1,11 +1,12 @@
-"""Runs fine-tuning jobs (supervised and DPO) one at a time, in creation order across both
-kinds, each in a child process (girandole.finetune.worker); the others wait in
-JOB_STATE_PENDING. The child's progress lines become the job's jobProgress (and lines of its
-metrics.jsonl); its adapter folder, when it succeeds, moves into the uploaded models' storage
-(registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the job's base
-model: it deploys and serves as an uploaded adapter does. Cancel terminates the child. On start,
-a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO job's training
-fields are in its trainingConfig (store.training_fields), its loss in lossConfig."""
+"""Runs fine-tuning jobs (supervised and DPO) one at a time, fair across accounts (the oldest
+waiting job of the account that started one least recently: finetune/fair_queue.py), each in a
+child process (girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The child's
+progress lines become the job's jobProgress (and lines of its metrics.jsonl); its adapter
+folder, when it succeeds, moves into the uploaded models' storage (registry/model_files.py) and
+joins the catalog as a READY HF_PEFT_ADDON of the job's base model: it deploys and serves as an
+uploaded adapter does. Cancel terminates the child. On start, a job left RUNNING by a stopped
+server FAILS (store.fail_interrupted). A DPO job's training fields are in its trainingConfig
+(store.training_fields), its loss in lossConfig."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from girandole.batch.store import now_text
+from girandole.finetune.fair_queue import FairQueue
 from girandole.finetune.store import (
     CANCELLED,
     COMPLETED,
@@ -63,6 +65,7 @@ class JobRunner:
         # per job, <folder>/<kind's folder>/<account>/<job id>: spec, log, the adapter written
         self.folder = folder
         self.wake = threading.Event()
+        self.queue = FairQueue()  # which waiting job starts next
         self.stopping = False
         self.current: tuple[str, str, str] | None = None  # (table, account, job id)
         self.child: subprocess.Popen | None = None
@@ -96,12 +99,12 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self.stopping:
-            waiting = [(found, store) for store in self.stores if (found := store.next_pending())]
+            waiting = [(row, store) for store in self.stores for row in store.pending_heads()]
             if not waiting:
                 self.wake.wait(5)
                 self.wake.clear()
                 continue
-            (_, account, job_id, body), store = min(waiting, key=lambda w: w[0][:3])
+            (_, account, job_id, body), store = self.queue.pick(waiting)  # fair across accounts
             try:
                 self._run(store, account, job_id, body)
             except ValueError as exc:  # what it needs is gone (its dataset, its base model)

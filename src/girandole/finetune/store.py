@@ -1,6 +1,6 @@
 """Fine-tuning jobs in the server's database (girandole.db), one table per kind (supervised
 fine-tuning, DPO): one row a job, its Fireworks body as JSON. States: JOB_STATE_PENDING (waiting
-for the runner, in creation order) -> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED |
+for the runner: finetune/fair_queue.py) -> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED |
 JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
 
 from __future__ import annotations
@@ -110,14 +110,25 @@ class JobStore:
         )
         return json.loads(rows[0][0]) if rows else None
 
-    def next_pending(self) -> tuple[float, str, str, dict[str, Any]] | None:
-        """The oldest job waiting to run: (its creation time, account, job id, body)."""
+    def pending_heads(self) -> list[tuple[float, str, str, dict[str, Any]]]:
+        """The oldest job waiting to run of each account: (its creation time, account, job id,
+        body) each (the runner picks among them: finetune/fair_queue.py)."""
         rows = self.db.execute(
-            f"SELECT created, account, job_id, body FROM {self.kind.table}"
-            " WHERE json_extract(body, '$.state') = ? ORDER BY created, job_id LIMIT 1",
+            "SELECT created, account, job_id, body FROM (SELECT created, account, job_id, body,"
+            " ROW_NUMBER() OVER (PARTITION BY account ORDER BY created, job_id) AS k"
+            f" FROM {self.kind.table} WHERE json_extract(body, '$.state') = ?) WHERE k = 1",
             (PENDING,),
         )
-        return (*rows[0][:3], json.loads(rows[0][3])) if rows else None
+        return [(*row[:3], json.loads(row[3])) for row in rows]
+
+    def count_pending(self, account: str) -> int:
+        """How many jobs of `account` wait to run."""
+        rows = self.db.execute(
+            f"SELECT COUNT(*) FROM {self.kind.table}"
+            " WHERE account = ? AND json_extract(body, '$.state') = ?",
+            (account, PENDING),
+        )
+        return rows[0][0]
 
     def fail_interrupted(self) -> None:
         """At start: a job RUNNING when the server stopped did not finish; it FAILS (resume

@@ -115,10 +115,32 @@ def output_model(request: Request, account: str, text: str, param: str = "output
     return name
 
 
+def check_pending_cap(request: Request, account: str) -> None:
+    """429 RESOURCE_EXHAUSTED when `account` already has --max-pending-finetune-jobs jobs of
+    any kind waiting: one more may not join the queue (the runner is fair across accounts, and
+    the cap keeps one account's queue from growing without bound). No await comes between this
+    check and the caller's write: two creates cannot both pass at the cap."""
+    cap = request.app.state.girandole.settings.max_pending_finetune_jobs
+    if not cap:
+        return
+    waiting = sum(store.count_pending(account) for store in stores_of(request).values())
+    if waiting >= cap:
+        raise APIError(
+            429,
+            f"Account {account} already has {waiting} fine-tuning jobs waiting (PENDING), the"
+            f" most an account may have on this server (--max-pending-finetune-jobs {cap}):"
+            " wait for one to start, or cancel one",
+            type="error",
+            code="RESOURCE_EXHAUSTED",
+        )
+
+
 def insert_job(
     request: Request, store: JobStore, account: str, job_id: str, fields: dict[str, Any]
 ) -> dict[str, Any]:
-    """Store the new job (PENDING) and wake the runner; the job's body."""
+    """Store the new job (PENDING) and wake the runner; the job's body. 429 at the cap on an
+    account's waiting jobs."""
+    check_pending_cap(request, account)
     now = now_text()
     job = {
         "name": store.name(account, job_id),
@@ -171,6 +193,7 @@ def job_routes(router: APIRouter, kind: JobKind, fields: set[str]) -> None:
                 "name",
             )
         output_model(request, account, training_fields(body)["outputModel"])  # 409 once it exists
+        check_pending_cap(request, account)
         body["state"] = PENDING
         body["status"] = {"code": "OK", "message": ""}
         body["jobProgress"] = {"percent": 0, "epoch": 0}

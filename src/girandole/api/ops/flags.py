@@ -65,6 +65,14 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         " [GIRANDOLE_MAX_KEYS_PER_USER]",
     )
     p.add_argument(
+        "--max-pending-finetune-jobs",
+        type=int_value("MAX_PENDING_FINETUNE_JOBS", 0),
+        default=env_default("MAX_PENDING_FINETUNE_JOBS", str(DEFAULTS.max_pending_finetune_jobs)),
+        help="fine-tuning jobs (SFT, DPO and every other kind together) an account may have"
+        " waiting (PENDING) at once; one more is a 429; 0: no cap"
+        " [GIRANDOLE_MAX_PENDING_FINETUNE_JOBS]",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int_value("MAX_CONCURRENT_REQUESTS", 1),
         default=env_default("MAX_CONCURRENT_REQUESTS", str(DEFAULTS.max_concurrent_requests)),
@@ -186,6 +194,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "rate_limit_rpm": args.rate_limit_rpm,
         "rate_limit_tpm": args.rate_limit_tpm,
         "max_keys_per_user": args.max_keys_per_user,
+        "max_pending_finetune_jobs": args.max_pending_finetune_jobs,
         "max_concurrent_requests": args.max_concurrent_requests,
         "max_queued_requests": args.max_queued_requests,
         "queue_timeout": args.queue_timeout,
