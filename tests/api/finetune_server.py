@@ -1,10 +1,12 @@
 """A real `girandole serve` for the fine-tuning job tests (test_sft_jobs.py, test_dpo_jobs.py):
 a tiny Llama as its own model `tiny` of account acme (and in the catalog as account other's
 `tiny`, so that both accounts can train), keys of acme (admin and inference-user) and of
-account other, and the fireworks-ai SDK and httpx against it."""
+account other, and the fireworks-ai SDK and httpx against it; and the rows of the tests' datasets
+(`rows`: SFT chat rows, `pairs`: DPO preference rows)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +19,31 @@ from girandole.registry.models import ModelCatalog
 
 ACCOUNT = "acme"
 OTHER = "other"
+QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
+ANSWER = "Zebra-42."  # what the SFT rows' assistant answers every question
+CHOSEN, REJECTED = "Zebra-42.", "Walrus-7."  # the DPO rows' preferred and rejected answers
+
+
+def rows(answer: str = ANSWER) -> bytes:
+    """SFT chat rows: each question answered `answer`."""
+    lines = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+        for q in QUESTIONS
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def pair(question: str) -> dict:
+    """A DPO preference row: CHOSEN preferred to REJECTED."""
+    return {
+        "input": {"messages": [{"role": "user", "content": question}]},
+        "preferred_output": [{"role": "assistant", "content": CHOSEN}],
+        "non_preferred_output": [{"role": "assistant", "content": REJECTED}],
+    }
+
+
+def pairs(questions: list[str] = QUESTIONS) -> bytes:
+    return "".join(json.dumps(pair(q)) + "\n" for q in questions).encode()
 
 
 class FinetuneServer:

@@ -13,24 +13,10 @@ import fireworks
 import httpx
 import openai
 import pytest
-from finetune_server import ACCOUNT, FinetuneServer
+from finetune_server import ACCOUNT, QUESTIONS, FinetuneServer, pairs
 
-CHOSEN, REJECTED = "Zebra-42.", "Walrus-7."
-QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
 JOBS = f"/v1/accounts/{ACCOUNT}/dpoJobs"
 TINY = f"accounts/{ACCOUNT}/models/tiny"
-
-
-def pair(question: str) -> dict:
-    return {
-        "input": {"messages": [{"role": "user", "content": question}]},
-        "preferred_output": [{"role": "assistant", "content": CHOSEN}],
-        "non_preferred_output": [{"role": "assistant", "content": REJECTED}],
-    }
-
-
-def pairs(questions: list[str] = QUESTIONS) -> bytes:
-    return "".join(json.dumps(pair(q)) + "\n" for q in questions).encode()
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@ import json
 
 import pytest
 from api_helpers import cli_runner
-from finetune_server import ACCOUNT, FinetuneServer
-from test_dpo_jobs import pairs
-from test_sft_jobs import rows
+from finetune_server import ACCOUNT, FinetuneServer, pairs, rows
 
 TINY = f"accounts/{ACCOUNT}/models/tiny"
 

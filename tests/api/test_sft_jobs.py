@@ -7,26 +7,14 @@ cap on an account's waiting jobs (--max-pending-finetune-jobs)."""
 
 from __future__ import annotations
 
-import json
-
 import fireworks
 import openai
 import pytest
-from finetune_server import ACCOUNT, OTHER, FinetuneServer
+from finetune_server import ACCOUNT, ANSWER, OTHER, FinetuneServer, rows
 
-ANSWER = "Zebra-42."
-QUESTIONS = ["hello", "what is up", "tell me a story", "who are you", "name a color", "count"]
 JOBS = f"/v1/accounts/{ACCOUNT}/supervisedFineTuningJobs"
 OTHER_JOBS = f"/v1/accounts/{OTHER}/supervisedFineTuningJobs"
 PENDING_CAP = 3  # --max-pending-finetune-jobs: the other tests have at most 3 jobs waiting
-
-
-def rows(answer: str = ANSWER) -> bytes:
-    lines = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
-        for q in QUESTIONS
-    ]
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 @pytest.fixture(scope="module")
