@@ -160,6 +160,11 @@ def make_objects(w: World) -> None:
     made = w.ok("POST", f"/v1/accounts/{A}/users/{ids['user']}/apiKeys", json={"apiKey": {}})
     ids["user_key"] = made["keyId"]
 
+    # a secret of A's (its value is never answered, to anyone)
+    ids["secret"] = "a-token"
+    secret = {"name": ids["secret"], "keyName": "A_TOKEN", "value": "a-secret-value"}
+    w.ok("POST", f"/v1/accounts/{A}/secrets", json=secret)
+
     # B's own, for its lists and its requests that name A's objects
     w.ok(
         "POST", f"/v1/accounts/{B}/deployments", w.key_b, params={"deploymentId": DEPLOYMENT_B},
@@ -199,6 +204,7 @@ OWN_VIEWS = (
     "/v1/models/" + MODEL_A,
     "/v1/accounts/{A}/users/{user}",
     "/v1/accounts/{A}/users/{user}/apiKeys",
+    "/v1/accounts/{A}/secrets/{secret}",
 )
 
 
@@ -466,6 +472,17 @@ CASES: list[tuple[str, str, Any]] = [
      {"model": "{lora}", "deployment": "accounts/{B}/deployments/" + DEPLOYMENT_B}),
     ("POST", "/v1/accounts/{B}/deployedModels",
      {"model": "{lora}", "deployment": "accounts/{A}/deployments/{deployment}"}),
+    # secrets: A's under A's account (403), and named under B's (404, or a 400 naming `name`)
+    ("*GET", "/v1/accounts/{A}/secrets", None),
+    ("*POST", "/v1/accounts/{A}/secrets", {"name": "x", "keyName": "X", "value": "v"}),
+    ("*GET", "/v1/accounts/{A}/secrets/{secret}", None),
+    ("*PATCH", "/v1/accounts/{A}/secrets/{secret}", {"keyName": "CHANGED", "value": "v"}),
+    ("*DELETE", "/v1/accounts/{A}/secrets/{secret}", None),
+    ("GET", "/v1/accounts/{B}/secrets/{secret}", None),
+    ("PATCH", "/v1/accounts/{B}/secrets/{secret}", {"keyName": "CHANGED", "value": "v"}),
+    ("DELETE", "/v1/accounts/{B}/secrets/{secret}", None),
+    ("POST", "/v1/accounts/{B}/secrets",
+     {"name": "accounts/{A}/secrets/{secret}", "keyName": "B_TOKEN", "value": "v"}),
     # users and their API keys
     ("*POST", "/v1/accounts/{A}/users?userId=x", {"role": "user"}),
     ("*GET", "/v1/accounts/{A}/users", None),
@@ -540,6 +557,7 @@ LISTS = (
     "/v1/accounts/{B}/batchInferenceJobs",
     "/v1/accounts/{B}/deployedModels",
     "/v1/accounts/{B}/users",
+    "/v1/accounts/{B}/secrets",
     "/v1/accounts",
 )
 

@@ -40,7 +40,7 @@ def deployment_name(account: str, deployment_id: str) -> str:
 
 
 # What a message calls one object of a collection.
-_NOUNS = {"datasets": "dataset", "batchInferenceJobs": "batch inference job"}
+_NOUNS = {"datasets": "dataset", "batchInferenceJobs": "batch inference job", "secrets": "secret"}
 
 
 def own_resource_id(value: str, account: str, collection: str) -> str:

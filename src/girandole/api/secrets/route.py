@@ -94,8 +94,9 @@ async def read_fields(request: Request) -> dict[str, str]:
     fields: dict[str, str] = {}
     for key, value in body.items():
         if key not in ("name", "keyName", "value"):
+            shown = key if len(key) <= 80 else key[:80] + "..."
             raise bad_request(
-                f"Unknown field {key!r} in a Secret: it has name, keyName and value", key
+                f"Unknown field {shown!r} in a Secret: it has name, keyName and value", shown
             )
         if value is None:
             continue
