@@ -1,0 +1,160 @@
+"""EvaluatorRunner against real child processes: one shared runner whose rows pick a behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from girandole.evaluators.runner import EvaluatorCode, EvaluatorLoadError, EvaluatorRunner, Score
+
+MAIN = """
+import json, os, time
+from helpers import exact_match
+
+
+class Result:  # reward-kit's EvaluateResult, duck-typed
+    def __init__(self, score, reason, metrics):
+        self.score, self.reason, self.metrics = score, reason, metrics
+
+
+def evaluate(messages, ground_truth=None, mode="match", **kwargs):
+    answer = messages[-1]["content"]
+    if mode == "match":
+        return exact_match(answer, ground_truth)
+    if mode == "dict":
+        return {"score": 0.5, "reason": "half", "metrics": {"len": len(answer),
+                "exact": {"score": 1, "reason": "same"}}}
+    if mode == "object":
+        return Result(0.25, "quarter", {"m": Result(0.75, "", {})})
+    if mode == "raise":
+        return 1 / 0
+    if mode == "sleep":
+        time.sleep(60)
+    if mode == "hog":
+        return len(bytearray(8 * 1024**3))
+    if mode == "print":
+        print("chatter on stdout", kwargs)
+        return 1
+    if mode == "env":
+        return {"score": 1, "reason": json.dumps({"env": dict(os.environ), "cwd": os.getcwd()})}
+    if mode == "nan":
+        return float("nan")
+    if mode == "string":
+        return "great"
+    if mode == "numpy":
+        import numpy
+        return float(numpy.mean([0.0, 1.0]))
+    if mode == "exit":
+        os._exit(3)
+"""
+
+HELPERS = """
+def exact_match(answer, truth):
+    return answer.strip() == str(truth).strip()
+"""
+
+
+def row(answer: str = "4", truth: object = "4", **fields: object) -> dict:
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "ground_truth": truth, **fields}
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[EvaluatorRunner]:
+    code = EvaluatorCode({"main.py": MAIN, "helpers.py": HELPERS}, "main.py", "evaluate")
+    with EvaluatorRunner(code, {"MY_SECRET": "s3cret"}, timeout_s_per_row=1.5,
+                         memory_mb=1024) as runner:  # fmt: skip
+        yield runner
+
+
+def test_scores_bool_returns_and_imports_a_sibling_file(runner: EvaluatorRunner) -> None:
+    scores = runner.score([row("4", "4"), row("5", "4"), row(" 4\n", 4)])
+    assert [s.score for s in scores] == [1.0, 0.0, 1.0]
+    assert all(s.error == "" for s in scores)
+
+
+def test_dict_and_object_returns(runner: EvaluatorRunner) -> None:
+    as_dict, as_object = runner.score([row(mode="dict"), row(mode="object")])
+    assert as_dict == Score(0.5, "half", {"len": 1.0, "exact": 1.0})
+    assert as_object == Score(0.25, "quarter", {"m": 0.75})
+
+
+def test_exception_fails_only_its_row(runner: EvaluatorRunner) -> None:
+    scores = runner.score([row(), row(mode="raise"), row("x")])
+    assert scores[1].score is None
+    assert scores[1].error == "ZeroDivisionError: division by zero"
+    assert [scores[0].score, scores[2].score] == [1.0, 0.0]
+
+
+def test_bad_return_values_name_what_was_returned(runner: EvaluatorRunner) -> None:
+    nan, text, missing = runner.score([row(mode="nan"), row(mode="string"), {"ground_truth": 1}])
+    assert nan.score is None and "not finite" in nan.error and "nan" in nan.error
+    assert text.score is None and "str 'great'" in text.error
+    assert missing.error == "the row has no 'messages'"
+
+
+def test_timeout_kills_the_row_and_the_rest_continue(runner: EvaluatorRunner) -> None:
+    scores = runner.score([row(), row(mode="sleep"), row()])
+    assert scores[1] == Score(None, error="timed out after 1.5 s")
+    assert [scores[0].score, scores[2].score] == [1.0, 1.0]
+
+
+def test_memory_hog_hits_the_limit(runner: EvaluatorRunner) -> None:
+    hog, after = runner.score([row(mode="hog"), row()])
+    assert hog.score is None and "MemoryError" in hog.error
+    assert after.score == 1.0
+
+
+def test_child_exit_is_that_rows_error(runner: EvaluatorRunner) -> None:
+    dead, after = runner.score([row(mode="exit"), row()])
+    assert dead.score is None and "exited with code 3" in dead.error
+    assert after.score == 1.0
+
+
+def test_print_in_user_code_does_not_break_the_protocol(runner: EvaluatorRunner) -> None:
+    (printed,) = runner.score([row(mode="print", extra="field")])
+    assert printed.score == 1.0
+    assert "chatter on stdout {'extra': 'field'}" in runner.log()
+
+
+def test_env_holds_the_secrets_and_none_of_the_servers(runner: EvaluatorRunner) -> None:
+    os.environ["GIRANDOLE_TEST_PARENT_ONLY"] = "leak"
+    try:
+        (result,) = runner.score([row(mode="env")])
+    finally:
+        del os.environ["GIRANDOLE_TEST_PARENT_ONLY"]
+    seen = json.loads(result.reason)
+    env = seen["env"]
+    assert env["MY_SECRET"] == "s3cret"
+    assert env["HOME"] == seen["cwd"]
+    # LC_CTYPE: Python's own C-locale coercion (PEP 538) may add it.
+    assert set(env) <= {"PATH", "HOME", "LANG", "LC_CTYPE", "MY_SECRET"}
+
+
+def test_site_packages_import(runner: EvaluatorRunner) -> None:
+    (mean,) = runner.score([row(mode="numpy")])
+    assert mean == Score(0.5)
+
+
+def test_load_errors_are_reported() -> None:
+    missing = EvaluatorCode({"main.py": "def other(): pass\n"}, "main.py", "evaluate")
+    with EvaluatorRunner(missing, {}) as runner:
+        with pytest.raises(EvaluatorLoadError, match="main.py has no function 'evaluate'"):
+            runner.start()
+        (failed,) = runner.score([row()])
+        assert failed.score is None and "has no function 'evaluate'" in failed.error
+    broken = EvaluatorCode({"main.py": "import not_a_module_here\n"}, "main.py", "evaluate")
+    with EvaluatorRunner(broken, {}) as runner:
+        with pytest.raises(EvaluatorLoadError, match="No module named 'not_a_module_here'"):
+            runner.start()
+        assert "Traceback" in runner.log()
+
+
+def test_file_names_stay_inside() -> None:
+    with pytest.raises(ValueError, match="relative path"):
+        EvaluatorRunner(EvaluatorCode({"../x.py": ""}, "../x.py", "f"), {})
+    with pytest.raises(ValueError, match="entry file 'main.py'"):
+        EvaluatorRunner(EvaluatorCode({"a.py": ""}, "main.py", "f"), {})
