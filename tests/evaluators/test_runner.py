@@ -158,3 +158,17 @@ def test_file_names_stay_inside() -> None:
         EvaluatorRunner(EvaluatorCode({"../x.py": ""}, "../x.py", "f"), {})
     with pytest.raises(ValueError, match="entry file 'main.py'"):
         EvaluatorRunner(EvaluatorCode({"a.py": ""}, "main.py", "f"), {})
+
+
+def test_close_from_another_thread_ends_a_row_in_flight() -> None:
+    import threading
+    import time
+
+    code = EvaluatorCode({"main.py": MAIN, "helpers.py": HELPERS}, "main.py", "evaluate")
+    runner = EvaluatorRunner(code, {}, timeout_s_per_row=30)
+    runner.start()
+    threading.Timer(0.3, runner.close).start()
+    started = time.monotonic()
+    scores = runner.score([row(mode="sleep"), row()])
+    assert time.monotonic() - started < 10
+    assert [s.error for s in scores] == ["the evaluator runner was closed"] * 2

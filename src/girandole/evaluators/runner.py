@@ -230,6 +230,8 @@ class EvaluatorRunner:
         return child
 
     def _score_row(self, row: dict) -> Score:
+        if self._closed:
+            return Score(score=None, error="the evaluator runner was closed")
         child = self._ensure_child()
         if child is None:
             return Score(score=None, error=f"the evaluator failed to load: {self._load_error}")
@@ -237,7 +239,7 @@ class EvaluatorRunner:
             child.send({"row": row})
             answer = child.receive(self.timeout_s_per_row)
         except (EOFError, BrokenPipeError):
-            error = child.exit_text()
+            error = "the evaluator runner was closed" if self._closed else child.exit_text()
             self._drop_child()
             return Score(score=None, error=error)
         if answer is None:
@@ -258,8 +260,16 @@ class EvaluatorRunner:
             self._child = None
 
     def close(self) -> None:
+        """Kill the child (a score() in flight ends at once: its rows left fail) and remove the
+        files. Safe from another thread, and more than once."""
+        self._closed = True
+        child = self._child
+        if child is not None and child.process.poll() is None:
+            try:  # not behind the lock: a row may hold it for its whole timeout
+                os.killpg(child.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         with self._lock:
-            self._closed = True
             self._drop_child()
             shutil.rmtree(self._root, ignore_errors=True)
         _live.discard(self)
