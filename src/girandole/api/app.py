@@ -17,6 +17,7 @@ from girandole.api.completions import route as completions
 from girandole.api.conversations import route as conversations
 from girandole.api.deployments import install_deployments
 from girandole.api.embeddings import route as embeddings
+from girandole.api.evaluators import install_evaluators
 from girandole.api.finetune import install_finetune
 from girandole.api.http.cors import FireworksCORS
 from girandole.api.http.errors import UnhandledErrors, install_error_handlers
@@ -54,6 +55,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
         app.state.deployments.start()
         app.state.batch.start()
         app.state.sft.start()
+        app.state.evaluators.start()
         try:
             # background responses: failed at start-up if a stopped server left them, and when
             # it stops
@@ -65,6 +67,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
                 await app.state.batch.shutdown()  # before the engines stop: its lines run again
                 # the training child ended (the job FAILS at the next start)
                 await asyncio.to_thread(app.state.sft.shutdown)
+                await app.state.evaluators.shutdown()  # its children killed
                 # the usage rows of every request served, in the database before the backends
                 # stop (Ray's teardown takes seconds, and a backend may fail to stop)
                 state.ops.usage.flush()
@@ -101,6 +104,7 @@ def create_app(state: AppState, *, load_in_background: bool = False) -> FastAPI:
     install_batch(app, state, INFERENCE_PREFIXES)
     install_openai_batch(app, INFERENCE_PREFIXES)
     install_finetune(app, state, INFERENCE_PREFIXES)
+    install_evaluators(app, state, INFERENCE_PREFIXES)
     for prefix in INFERENCE_PREFIXES:  # Anthropic's Message Batches: on the same store, runner
         app.include_router(message_batches.router, prefix=prefix)
     install_lora(app, state, INFERENCE_PREFIXES)

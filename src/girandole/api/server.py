@@ -203,6 +203,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         " a GPU; recorded native kernel calls on a CPU) [GIRANDOLE_ENFORCE_EAGER]",
     )
     p.add_argument(
+        "--no-evaluator-code",
+        dest="no_evaluator_code",
+        action="store_const",
+        const=True,
+        default=env_default("NO_EVALUATOR_CODE"),
+        help="refuse evaluators with Python code (they run in a child process, a crash and"
+        " resource barrier but not a security boundary: docs/evaluators.md)"
+        " [GIRANDOLE_NO_EVALUATOR_CODE]",
+    )
+    p.add_argument(
         "--no-overlap-scheduling",
         dest="overlap_scheduling",
         action="store_const",
@@ -416,6 +426,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enforce_eager = switch_value(args.enforce_eager, "ENFORCE_EAGER")
         no_overlap = switch_value(args.overlap_scheduling, "NO_OVERLAP_SCHEDULING")
         credentials = switch_value(args.allowed_credentials, "ALLOWED_CREDENTIALS")
+        no_evaluator_code = switch_value(args.no_evaluator_code, "NO_EVALUATOR_CODE")
         check_engine_switches()  # GIRANDOLE_AMX and the like: read later, by the kernels
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -448,6 +459,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         stream_usage=args.stream_usage,
         allowed_origins=origins,
         allowed_credentials=credentials,
+        evaluator_code=not no_evaluator_code,
         allowed_methods=methods,
         allowed_headers=headers,
         mcp_allowed_hosts=parse_list(args.mcp_allowed_hosts) or [],

@@ -58,6 +58,8 @@ class ServerSettings:
     # Where events of ended background responses and batches go (girandole.api.ops.webhooks),
     # signed with the secret (whsec_<base64>)
     webhook_urls: list[str] = field(default_factory=list)
+    # Evaluators with Python code (girandole.evaluators): --no-evaluator-code refuses them (403)
+    evaluator_code: bool = True
     webhook_secret: str | None = None
     log_level: str = "info"
     log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal

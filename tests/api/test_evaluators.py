@@ -1,0 +1,186 @@
+"""Fireworks' evaluators against a real server with the fireworks-ai SDK: create (BUILDING, then
+ACTIVE once a child process loaded the entry function), get, list, update (a new criterion builds
+it again), the source and build log through signed URLs, delete; builds that fail (a requirement
+not installed, a syntax error, no such function); the 400s of bad fields, 404, 403 for another
+account's key and for an inference-user's change; --no-evaluator-code."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+
+import fireworks
+import httpx
+import pytest
+from evaluator_server import (
+    ACCOUNT,
+    EVALUATORS,
+    HELPERS,
+    MAIN,
+    EvaluatorServer,
+    criteria,
+    evaluator_server,
+)  # fmt: skip
+
+CREATE = f"/v1/accounts/{ACCOUNT}/evaluatorsV2"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory) -> Iterator[EvaluatorServer]:
+    with evaluator_server(tmp_path_factory.mktemp("evaluators")) as server:
+        yield server
+
+
+def test_create_build_get_list_update_and_delete(srv: EvaluatorServer) -> None:
+    fw = srv.sdk()
+    created = fw.evaluators.create(
+        evaluator_id="exact",
+        evaluator={
+            "display_name": "Exact match",
+            "criteria": criteria(),
+            "requirements": "numpy>=1\n",
+        },  # fmt: skip
+    )
+    assert created.name == f"accounts/{ACCOUNT}/evaluators/exact"
+    assert created.state == "BUILDING"
+    active = srv.wait(f"{EVALUATORS}/exact", ("ACTIVE", "BUILD_FAILED"))
+    assert active["state"] == "ACTIVE", active["status"]
+    got = fw.evaluators.get("exact")
+    assert got.display_name == "Exact match" and got.requirements == "numpy>=1\n"
+    snippets = got.criteria[0].code_snippets
+    assert (snippets.entry_file, snippets.entry_func) == ("main.py", "evaluate")
+    assert snippets.file_contents == {"main.py": MAIN, "helpers.py": HELPERS}
+    assert [e.name for e in fw.evaluators.list()] == [got.name]
+    assert fw.evaluators.get("exact", read_mask="state").model_dump(exclude_none=True) == {"state": "ACTIVE"}  # fmt: skip
+
+    # the source as a tar.gz, and the build log, through signed URLs that need no key
+    urls = fw.evaluators.get_source_code_endpoint("exact").filename_to_signed_urls
+    archive = tarfile.open(fileobj=io.BytesIO(httpx.get(urls["source.tar.gz"]).content))
+    assert archive.extractfile("helpers.py").read().decode() == HELPERS
+    log = httpx.get(fw.evaluators.get_build_log_endpoint("exact").build_log_signed_uri)
+    assert log.status_code == 200 and "numpy" in log.text and "ready" in log.text
+
+    # metadata changes keep it ACTIVE; new code builds it again
+    updated = fw.evaluators.update("exact", display_name="renamed", description="d")
+    assert (updated.display_name, updated.state) == ("renamed", "ACTIVE")
+    broken = criteria({"main.py": "def evaluate(messages, **kw):\n    return 1\n"}, entry_func="score")  # fmt: skip
+    assert fw.evaluators.update("exact", criteria=broken).state == "BUILDING"
+    failed = srv.wait(f"{EVALUATORS}/exact", ("ACTIVE", "BUILD_FAILED"))
+    assert failed["state"] == "BUILD_FAILED"
+    assert "main.py has no function 'score'" in failed["status"]["message"]
+
+    fw.evaluators.delete("exact")
+    with pytest.raises(fireworks.NotFoundError):
+        fw.evaluators.get("exact")
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        (
+            {"requirements": "numpy\nnot-a-package-girandole-xyz==1.0\n"},
+            "not-a-package-girandole-xyz",
+        ),  # fmt: skip
+        ({"criteria": criteria({"main.py": "def evaluate(:\n"})}, "SyntaxError"),
+        (
+            {"criteria": criteria({"main.py": "raise RuntimeError('at import')\n"})},
+            "RuntimeError: at import",
+        ),  # fmt: skip
+    ],
+)
+def test_builds_that_fail_say_why(srv: EvaluatorServer, fields: dict, says: str) -> None:
+    body = srv.evaluator("broken", **fields)
+    try:
+        assert body["state"] == "BUILD_FAILED"
+        assert says in body["status"]["message"]
+    finally:
+        srv.http("DELETE", f"{EVALUATORS}/broken")
+
+
+def _criterion(**snippets) -> list[dict]:
+    return [{"type": "CODE_SNIPPETS", "codeSnippets": {"fileContents": {"main.py": MAIN}, **snippets}}]  # fmt: skip
+
+
+CODE = "evaluator.criteria[0].codeSnippets"
+
+
+@pytest.mark.parametrize(
+    ("evaluator", "param", "says"),
+    [
+        ({}, "evaluator.criteria", "needs one criterion of type CODE_SNIPPETS"),
+        ({"criteria": []}, "evaluator.criteria", "needs one criterion"),
+        (
+            {"criteria": [{"type": "TYPE_UNSPECIFIED"}]},
+            "evaluator.criteria[0].type",
+            "must be CODE_SNIPPETS",
+        ),  # fmt: skip
+        (
+            {"criteria": [{"type": "CODE_SNIPPETS"}]},
+            "evaluator.criteria[0].codeSnippets",
+            "is required",
+        ),  # fmt: skip
+        ({"criteria": _criterion(language="javascript")}, f"{CODE}.language", "must be python"),
+        (
+            {"criteria": _criterion(entryFile="eval.py")},
+            f"{CODE}.entryFile",
+            "'eval.py' is not in fileContents (main.py)",
+        ),  # fmt: skip
+        (
+            {"criteria": _criterion(entryFunc="not a name")},
+            f"{CODE}.entryFunc",
+            "not a Python function name",
+        ),  # fmt: skip
+        (
+            {
+                "criteria": [
+                    {"type": "CODE_SNIPPETS", "codeSnippets": {"fileContents": {"../x.py": ""}}}
+                ]
+            },
+            f"{CODE}.fileContents",
+            "relative path",
+        ),  # fmt: skip
+        (
+            {"criteria": criteria(), "source": {"type": "TYPE_GITHUB"}},
+            "evaluator.source.type",
+            "not supported",
+        ),  # fmt: skip
+        (
+            {"criteria": criteria(), "defaultDataset": "accounts/other/datasets/d"},
+            "evaluator.defaultDataset",
+            "another account",
+        ),  # fmt: skip
+        ({"criteria": criteria(), "colour": "red"}, "evaluator.colour", "Extra inputs"),
+    ],
+)
+def test_bad_fields_are_400_naming_the_field(srv: EvaluatorServer, evaluator: dict, param: str, says: str) -> None:  # fmt: skip
+    r = srv.http("POST", CREATE, json={"evaluatorId": "bad", "evaluator": evaluator})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+
+
+def test_missing_404_other_account_403_reader_403_and_uploads_400(srv: EvaluatorServer) -> None:
+    fw = srv.sdk()
+    with pytest.raises(fireworks.NotFoundError, match="Evaluator accounts/acme/evaluators/nope not found"):  # fmt: skip
+        fw.evaluators.get("nope")
+    r = srv.http("POST", CREATE, json={"evaluatorId": "x", "evaluator": {"criteria": criteria()}}, key=srv.other_key)  # fmt: skip
+    assert r.status_code == 403
+    assert srv.http("GET", EVALUATORS, key=srv.other_key).status_code == 403
+    r = srv.http("POST", CREATE, json={"evaluatorId": "x", "evaluator": {"criteria": criteria()}}, key=srv.reader_key)  # fmt: skip
+    assert r.status_code == 403
+    assert srv.http("GET", EVALUATORS, key=srv.reader_key).status_code == 200
+    srv.evaluator("up")
+    with pytest.raises(fireworks.BadRequestError, match="codeSnippets"):
+        fw.evaluators.get_upload_endpoint("up", filename_to_size={"src.tar.gz": "10"})
+    r = srv.http("POST", CREATE, json={"evaluatorId": "up", "evaluator": {"criteria": criteria()}})
+    assert r.status_code == 409
+    fw.evaluators.delete("up")
+
+
+def test_no_evaluator_code_refuses_them(tmp_path) -> None:
+    with evaluator_server(tmp_path, "--no-evaluator-code") as srv:
+        r = srv.http("POST", CREATE, json={"evaluatorId": "x", "evaluator": {"criteria": criteria()}})  # fmt: skip
+        assert r.status_code == 403
+        assert "--no-evaluator-code" in r.json()["error"]["message"]
+        assert srv.http("GET", EVALUATORS).json()["evaluators"] == []
