@@ -1,0 +1,183 @@
+"""Fireworks' evaluation jobs against a real server with the fireworks-ai SDK: a job scores every
+row of a dataset with an evaluator (one row raising, one not JSON), writes the output dataset
+(READY, each row with its evaluation_result) and its metrics; its log by a signed URL; delete of
+a running job stops it; the 400s of bad fields, 409, 404, 403, list."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fireworks
+import httpx
+import pytest
+from evaluator_server import ACCOUNT, EvaluatorServer, criteria, evaluator_server
+
+JOBS = f"/v1/accounts/{ACCOUNT}/evaluationJobs"
+EVALUATOR = f"accounts/{ACCOUNT}/evaluators/exact"
+
+
+def row(answer: str, truth: str) -> dict:
+    messages = [{"role": "user", "content": "capital of France?"}, {"role": "assistant", "content": answer}]  # fmt: skip
+    return {"messages": messages, "ground_truth": truth}
+
+
+ROWS = [row("Paris", "paris"), row("Lyon", "Paris"), row("boom", "x"), row(" PARIS ", "Paris")]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory) -> Iterator[EvaluatorServer]:
+    with evaluator_server(tmp_path_factory.mktemp("evaluation-jobs")) as server:
+        assert server.evaluator("exact")["state"] == "ACTIVE"
+        lines = "".join(json.dumps(r) + "\n" for r in ROWS) + "not json\n"
+        server.dataset("answers", lines.encode())
+        server.dataset("slow", (json.dumps(row("slow", "x")) + "\n").encode())
+        yield server
+
+
+def job_body(output: str, **fields) -> dict:
+    return {
+        "evaluator": EVALUATOR,
+        "inputDataset": f"accounts/{ACCOUNT}/datasets/answers",
+        "outputDataset": f"accounts/{ACCOUNT}/datasets/{output}",
+        **fields,
+    }
+
+
+def test_a_job_scores_every_row_and_writes_the_output_dataset(srv: EvaluatorServer) -> None:
+    fw = srv.sdk()
+    created = fw.evaluation_jobs.create(
+        evaluation_job_id="first",
+        evaluation_job={
+            "evaluator": EVALUATOR,
+            "input_dataset": f"accounts/{ACCOUNT}/datasets/answers",
+            "output_dataset": f"accounts/{ACCOUNT}/datasets/scored",
+            "display_name": "First",
+        },
+    )
+    assert created.name == f"{JOBS[4:]}/first"
+    assert created.state in ("JOB_STATE_CREATING", "JOB_STATE_RUNNING")
+    done = srv.wait(f"{JOBS}/first", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert done["state"] == "JOB_STATE_COMPLETED", done["status"]
+    job = fw.evaluation_jobs.get("first")
+    assert job.metrics == {"meanScore": 2 / 3, "scoredRows": 3.0, "failedRows": 2.0}
+    assert json.loads(job.output_stats)["rowCount"] == 5
+
+    dataset = fw.datasets.get("scored")
+    assert (dataset.state, dataset.example_count) == ("READY", "5")
+    urls = fw.datasets.get_download_endpoint("scored").filename_to_signed_urls
+    out = [json.loads(line) for line in httpx.get(urls["results.jsonl"]).text.splitlines()]
+    assert [r.get("messages") for r in out[:4]] == [r["messages"] for r in ROWS]
+    results = [r["evaluation_result"] for r in out]
+    assert results[0] == {"score": 1.0, "reason": "exact", "metrics": {"length": 5.0}}
+    assert results[1]["score"] == 0.0 and results[3]["score"] == 1.0
+    assert results[2] == {"error": "ValueError: cannot score boom"}
+    assert "not JSON" in results[4]["error"] and out[4]["line"] == "not json"
+
+    log = fw.evaluation_jobs.get_log_endpoint("first")
+    text = httpx.get(log.execution_log_signed_uri).text
+    assert "line 3: ValueError: cannot score boom" in text
+    assert [j.name for j in fw.evaluation_jobs.list()] == [job.name]
+
+
+def test_deleting_a_running_job_stops_it(srv: EvaluatorServer) -> None:
+    body = job_body("slow-out", inputDataset=f"accounts/{ACCOUNT}/datasets/slow")
+    r = srv.http("POST", JOBS, json={"evaluationJobId": "stuck", "evaluationJob": body})
+    assert r.status_code == 200, r.text
+    srv.wait(f"{JOBS}/stuck", ("JOB_STATE_RUNNING",))
+    wait_for(lambda: len(evaluator_children()) == 1)  # scoring the slow row
+    r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/evaluators/exact")
+    assert r.status_code == 400 and "used by evaluation job" in r.json()["error"]["message"]
+    srv.sdk().evaluation_jobs.delete("stuck")
+    assert srv.http("GET", f"{JOBS}/stuck").status_code == 404
+    wait_for(lambda: evaluator_children() == [])  # the child killed, not left to its timeout
+    # the output dataset stays, never filled
+    assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/datasets/slow-out").json()["state"] == "UPLOADING"  # fmt: skip
+
+
+def evaluator_children() -> list[int]:
+    """The evaluator child processes this (the server's) process started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"evaluators/child.py" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (
+            {"evaluationJob": job_body("o", awsS3Config={"iamRoleArn": "arn"})},
+            "evaluationJob.awsS3Config",
+            "S3",
+        ),  # fmt: skip
+        (
+            {"evaluationJob": job_body("o"), "leaderboardIds": ["l"]},
+            "leaderboardIds",
+            "leaderboards",
+        ),  # fmt: skip
+        (
+            {"evaluationJob": job_body("o", evaluator=f"accounts/{ACCOUNT}/evaluators/nope")},
+            "evaluationJob.evaluator",
+            "does not exist",
+        ),  # fmt: skip
+        (
+            {"evaluationJob": job_body("o", evaluator="accounts/other/evaluators/e")},
+            "evaluationJob.evaluator",
+            "another account",
+        ),  # fmt: skip
+        (
+            {"evaluationJob": job_body("o", inputDataset="nope")},
+            "evaluationJob.inputDataset",
+            "does not exist",
+        ),  # fmt: skip
+        ({"evaluationJob": job_body("answers")}, "evaluationJob.outputDataset", "must differ"),
+        (
+            {"evaluationJob": {"evaluator": EVALUATOR}},
+            "evaluationJob.inputDataset",
+            "Field required",
+        ),  # fmt: skip
+        (
+            {"evaluationJob": job_body("o"), "evaluationJobId": "Bad_Id"},
+            "evaluationJobId",
+            "not a valid id",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_fields_are_400_naming_the_field(srv: EvaluatorServer, body: dict, param: str, says: str) -> None:  # fmt: skip
+    r = srv.http("POST", JOBS, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+
+
+def test_existing_output_409_an_evaluator_not_active_400_404_and_403(srv: EvaluatorServer) -> None:
+    r = srv.http("POST", JOBS, json={"evaluationJob": job_body("answers-copy", outputDataset="slow")})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"]["param"] == "evaluationJob.outputDataset"
+    failed = srv.evaluator("fails", criteria=criteria(entry_func="missing"))
+    assert failed["state"] == "BUILD_FAILED"
+    body = job_body("o", evaluator=failed["name"])
+    r = srv.http("POST", JOBS, json={"evaluationJob": body})
+    assert r.status_code == 400 and "is BUILD_FAILED, not ACTIVE" in r.json()["error"]["message"]
+    with pytest.raises(fireworks.NotFoundError):
+        srv.sdk().evaluation_jobs.get("nope")
+    assert srv.http("GET", JOBS, key=srv.other_key).status_code == 403
+    r = srv.http("POST", JOBS, json={"evaluationJob": job_body("o")}, key=srv.reader_key)
+    assert r.status_code == 403
