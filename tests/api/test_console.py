@@ -217,6 +217,11 @@ def test_serve_switch_variables_read_false_as_false(monkeypatch):
     monkeypatch.setenv("GIRANDOLE_ALLOWED_CREDENTIALS", "maybe")
     with pytest.raises(SystemExit, match="GIRANDOLE_ALLOWED_CREDENTIALS must be one of 1, true"):
         parse()
+    assert parse("--allowed-credentials", "--no-evaluator-code").evaluator_code is False
+    monkeypatch.setenv("GIRANDOLE_NO_EVALUATOR_CODE", "no")
+    assert parse("--allowed-credentials").evaluator_code is True
+    monkeypatch.setenv("GIRANDOLE_NO_EVALUATOR_CODE", "yes")
+    assert parse("--allowed-credentials").evaluator_code is False
 
 
 def test_log_level_is_read_in_any_case(monkeypatch):
