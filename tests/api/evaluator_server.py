@@ -59,7 +59,7 @@ class EvaluatorServer:
         )
 
     def http(self, method: str, path: str, key: str | None = None, **kw) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key or self.key}"}
+        headers = {"Authorization": f"Bearer {key or self.key}", **kw.pop("headers", {})}
         return httpx.request(method, self.url + path, headers=headers, timeout=60, **kw)
 
     def wait(self, path: str, states: tuple[str, ...], timeout: float = 60) -> dict:

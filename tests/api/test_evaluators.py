@@ -7,6 +7,7 @@ account's key and for an inference-user's change; --no-evaluator-code."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 
@@ -81,12 +82,12 @@ def test_create_build_get_list_update_and_delete(srv: EvaluatorServer) -> None:
         (
             {"requirements": "numpy\nnot-a-package-girandole-xyz==1.0\n"},
             "not-a-package-girandole-xyz",
-        ),  # fmt: skip
+        ),
         ({"criteria": criteria({"main.py": "def evaluate(:\n"})}, "SyntaxError"),
         (
             {"criteria": criteria({"main.py": "raise RuntimeError('at import')\n"})},
             "RuntimeError: at import",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_builds_that_fail_say_why(srv: EvaluatorServer, fields: dict, says: str) -> None:
@@ -102,6 +103,10 @@ def _criterion(**snippets) -> list[dict]:
     return [{"type": "CODE_SNIPPETS", "codeSnippets": {"fileContents": {"main.py": MAIN}, **snippets}}]  # fmt: skip
 
 
+def _files(files: dict[str, str]) -> dict:
+    return {"criteria": [{"type": "CODE_SNIPPETS", "codeSnippets": {"fileContents": files}}]}
+
+
 CODE = "evaluator.criteria[0].codeSnippets"
 
 
@@ -114,23 +119,23 @@ CODE = "evaluator.criteria[0].codeSnippets"
             {"criteria": [{"type": "TYPE_UNSPECIFIED"}]},
             "evaluator.criteria[0].type",
             "must be CODE_SNIPPETS",
-        ),  # fmt: skip
+        ),
         (
             {"criteria": [{"type": "CODE_SNIPPETS"}]},
             "evaluator.criteria[0].codeSnippets",
             "is required",
-        ),  # fmt: skip
+        ),
         ({"criteria": _criterion(language="javascript")}, f"{CODE}.language", "must be python"),
         (
             {"criteria": _criterion(entryFile="eval.py")},
             f"{CODE}.entryFile",
             "'eval.py' is not in fileContents (main.py)",
-        ),  # fmt: skip
+        ),
         (
             {"criteria": _criterion(entryFunc="not a name")},
             f"{CODE}.entryFunc",
             "not a Python function name",
-        ),  # fmt: skip
+        ),
         (
             {
                 "criteria": [
@@ -139,22 +144,29 @@ CODE = "evaluator.criteria[0].codeSnippets"
             },
             f"{CODE}.fileContents",
             "relative path",
-        ),  # fmt: skip
+        ),
+        (_files({"./main.py": ""}), f"{CODE}.fileContents", "relative path"),
+        (
+            _files({"main.py": "\ud800"}),
+            "evaluator.criteria",  # the server's check of every string: the message names it whole
+            f"'{CODE}.fileContents.main.py' contains an unpaired UTF-16 surrogate",
+        ),
         (
             {"criteria": criteria(), "source": {"type": "TYPE_GITHUB"}},
             "evaluator.source.type",
             "not supported",
-        ),  # fmt: skip
+        ),
         (
             {"criteria": criteria(), "defaultDataset": "accounts/other/datasets/d"},
             "evaluator.defaultDataset",
             "another account",
-        ),  # fmt: skip
+        ),
         ({"criteria": criteria(), "colour": "red"}, "evaluator.colour", "Extra inputs"),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(srv: EvaluatorServer, evaluator: dict, param: str, says: str) -> None:  # fmt: skip
-    r = srv.http("POST", CREATE, json={"evaluatorId": "bad", "evaluator": evaluator})
+    body = json.dumps({"evaluatorId": "bad", "evaluator": evaluator})  # a lone surrogate escaped
+    r = srv.http("POST", CREATE, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"], error

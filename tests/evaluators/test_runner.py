@@ -44,6 +44,8 @@ def evaluate(messages, ground_truth=None, mode="match", **kwargs):
         return float("nan")
     if mode == "string":
         return "great"
+    if mode == "huge":
+        return 10**400
     if mode == "numpy":
         import numpy
         return float(numpy.mean([0.0, 1.0]))
@@ -90,7 +92,10 @@ def test_exception_fails_only_its_row(runner: EvaluatorRunner) -> None:
 
 
 def test_bad_return_values_name_what_was_returned(runner: EvaluatorRunner) -> None:
-    nan, text, missing = runner.score([row(mode="nan"), row(mode="string"), {"ground_truth": 1}])
+    nan, text, missing, huge = runner.score(
+        [row(mode="nan"), row(mode="string"), {"ground_truth": 1}, row(mode="huge")]
+    )
+    assert huge.score is None and "OverflowError" in huge.error
     assert nan.score is None and "not finite" in nan.error and "nan" in nan.error
     assert text.score is None and "str 'great'" in text.error
     assert missing.error == "the row has no 'messages'"
@@ -154,8 +159,9 @@ def test_load_errors_are_reported() -> None:
 
 
 def test_file_names_stay_inside() -> None:
-    with pytest.raises(ValueError, match="relative path"):
-        EvaluatorRunner(EvaluatorCode({"../x.py": ""}, "../x.py", "f"), {})
+    for name in ("../x.py", "/etc/x.py", "./x.py", "a//x.py", "pkg/"):
+        with pytest.raises(ValueError, match="relative path"):
+            EvaluatorRunner(EvaluatorCode({name: ""}, name, "f"), {})
     with pytest.raises(ValueError, match="entry file 'main.py'"):
         EvaluatorRunner(EvaluatorCode({"a.py": ""}, "main.py", "f"), {})
 

@@ -69,7 +69,7 @@ def build(code: EvaluatorCode, requirements: str, env: dict[str, str]) -> BuildR
                 message = f"loading {code.entry_file} failed: {exc}"
                 return BuildResult(BUILD_FAILED, message, "\n".join([*log, runner.log(), message]))
             log.append(runner.log())
-    except ValueError as exc:  # a file name outside the evaluator's folder
+    except (ValueError, OSError) as exc:  # a file name outside the folder, or one it cannot hold
         return BuildResult(BUILD_FAILED, str(exc), "\n".join([*log, str(exc)]))
     log.append("ready")
     return BuildResult(ACTIVE, "", "\n".join(line for line in log if line) + "\n")

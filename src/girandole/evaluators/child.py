@@ -161,6 +161,8 @@ def _score(func: Any, row: Any) -> dict[str, Any]:
         return _shape(result)
     except ValueError as exc:
         return {"error": str(exc)}
+    except Exception as exc:  # a result whose attributes raise, a score too large for a float
+        return {"error": f"reading the evaluator's result: {_last_line(exc)}"}
 
 
 def _last_line(exc: BaseException) -> str:

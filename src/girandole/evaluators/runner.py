@@ -52,8 +52,16 @@ class EvaluatorLoadError(Exception):
 def check_file_name(name: str) -> str:
     """The error for a file name that would land outside the evaluator's directory, or ''."""
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\x00" in name:
+    parts = name.split("/")
+    if (
+        path.is_absolute()
+        or "\\" in name
+        or "\x00" in name
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         return f"file name {name!r} must be a relative path inside the evaluator"
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+        return f"file name {name[:40]!r}...: a part of it is longer than 255 bytes"
     return ""
 
 

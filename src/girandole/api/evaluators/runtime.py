@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from girandole.batch.store import BatchStore, now_text
-from girandole.evaluators.build import ACTIVE, BUILDING, build
+from girandole.evaluators.build import ACTIVE, BUILD_FAILED, BUILDING, BuildResult, build
 from girandole.evaluators.runner import EvaluatorCode, EvaluatorLoadError, EvaluatorRunner, Score
 from girandole.evaluators.store import (
     COMPLETED,
@@ -112,9 +112,13 @@ class EvaluatorRuntime:
         body = self.evaluators.get(account, evaluator_id)
         if body is None:
             return
-        result = await asyncio.to_thread(
-            build, code_of(body), body.get("requirements") or "", self.env_of(account)
-        )
+        try:
+            result = await asyncio.to_thread(
+                build, code_of(body), body.get("requirements") or "", self.env_of(account)
+            )
+        except Exception as exc:  # the evaluator fails to build, not the server
+            log.exception("building evaluator %s failed", body["name"])
+            result = BuildResult(BUILD_FAILED, f"the build failed: {exc}", f"{exc}\n")
         if self._builds.get((account, evaluator_id)) != generation:
             return  # changed while it built: the newer build decides
         folder = self.evaluator_dir(account, evaluator_id)
