@@ -178,3 +178,33 @@ def test_close_from_another_thread_ends_a_row_in_flight() -> None:
     scores = runner.score([row(mode="sleep"), row()])
     assert time.monotonic() - started < 10
     assert [s.error for s in scores] == ["the evaluator runner was closed"] * 2
+
+
+def test_the_child_ends_when_the_server_dies_without_closing_it() -> None:
+    """A server killed (no close, no atexit) while a row runs (the child is in the user's code,
+    not reading its closed stdin) leaves no evaluator child behind."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, threading, time\n"
+        "from girandole.evaluators.runner import EvaluatorCode, EvaluatorRunner\n"
+        "code = 'import time\\ndef evaluate(**kw):\\n    time.sleep(60)'\n"
+        "r = EvaluatorRunner(EvaluatorCode({'main.py': code}, 'main.py', 'evaluate'), {})\n"
+        "r.start()\n"
+        "threading.Thread(target=r.score, args=([{'messages': []}],), daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "print(r._child.process.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 10
+    try:
+        while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:  # fmt: skip
+            assert time.monotonic() < deadline, "the orphaned child still runs"
+            time.sleep(0.1)
+    except AssertionError:
+        os.kill(pid, 9)
+        raise
