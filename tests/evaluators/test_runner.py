@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -195,11 +196,12 @@ def test_the_child_ends_when_the_server_dies_without_closing_it() -> None:
         "r.start()\n"
         "threading.Thread(target=r.score, args=([{'messages': []}],), daemon=True).start()\n"
         "time.sleep(0.3)\n"
-        "print(r._child.process.pid, flush=True)\n"
+        "print(r._child.process.pid, r._root, flush=True)\n"
         "os._exit(0)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
-    pid = int(done.stdout)
+    pid_text, root = done.stdout.split()
+    pid = int(pid_text)
     deadline = time.monotonic() + 10
     try:
         while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:  # fmt: skip
@@ -208,3 +210,5 @@ def test_the_child_ends_when_the_server_dies_without_closing_it() -> None:
     except AssertionError:
         os.kill(pid, 9)
         raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the dead server's to remove
