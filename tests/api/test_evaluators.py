@@ -183,11 +183,68 @@ def test_missing_404_other_account_403_reader_403_and_uploads_400(srv: Evaluator
     assert r.status_code == 403
     assert srv.http("GET", EVALUATORS, key=srv.reader_key).status_code == 200
     srv.evaluator("up")
-    with pytest.raises(fireworks.BadRequestError, match="codeSnippets"):
-        fw.evaluators.get_upload_endpoint("up", filename_to_size={"src.tar.gz": "10"})
     r = srv.http("POST", CREATE, json={"evaluatorId": "up", "evaluator": {"criteria": criteria()}})
     assert r.status_code == 409
     fw.evaluators.delete("up")
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def upload(srv: EvaluatorServer, evaluator_id: str, data: bytes, name: str = "src.tar.gz") -> httpx.Response:  # fmt: skip
+    urls = srv.sdk().evaluators.get_upload_endpoint(evaluator_id, filename_to_size={name: str(len(data))})  # fmt: skip
+    put = httpx.put(urls.filename_to_signed_urls[name], content=data, headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert put.status_code == 200, put.text
+    return srv.http("POST", f"{EVALUATORS}/{evaluator_id}:validateUpload", json={})
+
+
+SCORER = b"from util import same\n\ndef score(messages, ground_truth=None, **kw):\n    return same(messages[-1]['content'], ground_truth)\n"  # fmt: skip
+
+
+def test_the_source_uploaded_as_an_archive(srv: EvaluatorServer) -> None:
+    fw = srv.sdk()
+    created = fw.evaluators.create(evaluator_id="uploaded", evaluator={"entry_point": "pkg/scorer.py::score"})  # fmt: skip
+    assert created.state == "BUILDING" and ":validateUpload" in created.status.message
+    r = srv.http("POST", f"{EVALUATORS}/uploaded:validateUpload", json={})
+    assert r.status_code == 400 and "has no archive yet" in r.json()["error"]["message"]
+    files = {
+        "./pkg/scorer.py": SCORER,
+        "util.py": b"def same(a, b):\n    return a == b\n",
+        "requirements.txt": b"numpy\n",
+        "pkg/__pycache__/scorer.cpython-311.pyc": b"\x00\xff",
+        "logo.png": b"\x89PNG\xff\xfe",
+    }
+    assert upload(srv, "uploaded", tar_gz(files)).status_code == 200
+    body = srv.wait(f"{EVALUATORS}/uploaded", ("ACTIVE", "BUILD_FAILED"))
+    assert body["state"] == "ACTIVE", body["status"]
+    snippets = body["criteria"][0]["codeSnippets"]
+    assert (snippets["entryFile"], snippets["entryFunc"]) == ("pkg/scorer.py", "score")
+    assert sorted(snippets["fileContents"]) == ["pkg/scorer.py", "requirements.txt", "util.py"]
+    assert (body["requirements"], body["source"]) == ("numpy\n", {"type": "TYPE_UPLOAD"})
+
+    # prepareCodeUpload: BUILDING until the next upload, whose entry file must be in it
+    prepared = srv.http("PATCH", f"{EVALUATORS}/uploaded", params={"prepareCodeUpload": "true"}, json={})  # fmt: skip
+    assert prepared.json()["state"] == "BUILDING"
+    r = upload(srv, "uploaded", tar_gz({"main.py": b"def evaluate(**kw): return 1\n"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "entryPoint"
+    r = upload(srv, "uploaded", tar_gz({"../evil.py": b"x = 1\n"}))
+    assert r.status_code == 400 and "relative path" in r.json()["error"]["message"]
+    r = upload(srv, "uploaded", b"not an archive")
+    assert r.status_code == 400 and "not a readable archive" in r.json()["error"]["message"]
+    with pytest.raises(fireworks.BadRequestError, match="not an archive"):
+        fw.evaluators.get_upload_endpoint("uploaded", filename_to_size={"main.py": "10"})
+    urls = fw.evaluators.get_upload_endpoint("uploaded", filename_to_size={"a.zip": "10"})
+    assert httpx.put(urls.filename_to_signed_urls["a.zip"], content=b"short").status_code == 400
+    r = srv.http("POST", CREATE, json={"evaluatorId": "x", "evaluator": {"entryPoint": "main.js"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "evaluator.entryPoint"
+    fw.evaluators.delete("uploaded")
 
 
 def test_no_evaluator_code_refuses_them(tmp_path) -> None:

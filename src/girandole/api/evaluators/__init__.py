@@ -20,6 +20,7 @@ def install_evaluators(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> E
     app's lifespan starts and stops it). After install_batch (the datasets)."""
     from girandole.api.evaluators.jobs_route import router as jobs_router
     from girandole.api.evaluators.route import router
+    from girandole.api.evaluators.upload_route import router as upload_router
 
     if state.settings.data_dir:
         folder = Path(state.settings.data_dir)
@@ -34,6 +35,6 @@ def install_evaluators(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> E
     )  # fmt: skip
     app.state.evaluator_stores, app.state.evaluators = stores, runtime
     for prefix in prefixes:
-        for routes in (router, jobs_router):
+        for routes in (router, upload_router, jobs_router):
             app.include_router(routes, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
     return runtime

@@ -11,8 +11,8 @@
     GET    /v1/accounts/{a}/evaluators/{e}:getBuildLogEndpoint      {buildLogSignedUri}
     GET    /v1/accounts/{a}/evaluators/{e}:getSourceCodeSignedUrl   {filenameToSignedUrls}: the
                                                          files as source.tar.gz
-    POST   /v1/accounts/{a}/evaluators/{e}:getUploadEndpoint, :validateUpload   a 400: the code
-                                                         is given in criteria[].codeSnippets
+    POST   /v1/accounts/{a}/evaluators/{e}:getUploadEndpoint, :validateUpload   the source as
+                                                         an archive instead (upload_route.py)
 
 also under /inference/v1. The code is a criterion of type CODE_SNIPPETS (its fileContents, entryFile
 and entryFunc); a create answers BUILDING while a child process loads it (girandole.evaluators.build),
@@ -40,6 +40,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.api.http.opened_file import opened_file_response
 from girandole.api.http.signed_upload import check_signature, signed_url
 from girandole.batch.store import now_text
+from girandole.evaluators.archive import parse_entry_point
 from girandole.evaluators.build import BUILDING
 from girandole.evaluators.runner import check_file_name
 from girandole.evaluators.store import EVALUATION_JOBS, EVALUATORS, JOB_FINAL, JobStore
@@ -107,6 +108,7 @@ class UpdateEvaluatorBody(EvaluatorFields):
 OUTPUT_ONLY = {"name", "createTime", "updateTime", "createdBy", "state", "status"}
 EVALUATOR_FIELDS = set(EvaluatorFields.model_fields) | OUTPUT_ONLY
 REBUILDS = ("criteria", "requirements")  # a change of these builds the evaluator again
+AWAITING_UPLOAD = "waiting for the source: :getUploadEndpoint, PUT the archive, :validateUpload"
 
 router = APIRouter(tags=["evaluators"])
 
@@ -197,6 +199,11 @@ def check_fields(request: Request, account: str, fields: EvaluatorFields, prefix
             " code is given in criteria[].codeSnippets)",
             f"{prefix}source.type",
         )
+    if fields.entryPoint:
+        try:
+            parse_entry_point(fields.entryPoint)
+        except ValueError as exc:
+            raise bad_request(f"{prefix}{exc}", f"{prefix}entryPoint") from None
     if fields.defaultDataset:
         dataset_id = own_id(account, fields.defaultDataset, "datasets", f"{prefix}defaultDataset")
         checked["defaultDataset"] = f"accounts/{account}/datasets/{dataset_id}"
@@ -214,14 +221,6 @@ def source_archive(evaluator: dict[str, Any]) -> bytes:
                 info.size, info.mtime = len(data), int(time.time())
                 archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
-
-
-def no_upload() -> APIError:
-    return bad_request(
-        "uploading an evaluator's source archive is not supported by this server: give the code"
-        " in evaluator.criteria[0].codeSnippets (fileContents, entryFile, entryFunc)",
-        "evaluator.criteria",
-    )
 
 
 # -- ':verb' routes first (the plain `{evaluator_id}` pattern would take them) -----------------
@@ -267,18 +266,6 @@ for _verb in ("getSourceCodeSignedUrl", "getSourceCodeEndpoint"):
     )
 
 
-@router.post("/accounts/{account}/evaluators/{evaluator_id}:getUploadEndpoint", summary="Not supported: the code is given in criteria")  # fmt: skip
-async def get_upload_endpoint(evaluator_id: str, request: Request, account: str = Account) -> dict:
-    get_or_404(store_of(request), account, evaluator_id)
-    raise no_upload()
-
-
-@router.post("/accounts/{account}/evaluators/{evaluator_id}:validateUpload", summary="Not supported: the code is given in criteria")  # fmt: skip
-async def validate_upload(evaluator_id: str, request: Request, account: str = Account) -> dict:
-    get_or_404(store_of(request), account, evaluator_id)
-    raise no_upload()
-
-
 @router.get("/accounts/{account}/evaluators/{evaluator_id}/files/{filename}", include_in_schema=False)  # fmt: skip
 async def get_file(
     account: str, evaluator_id: str, filename: str, request: Request, expires: int, signature: str
@@ -305,22 +292,23 @@ async def create_evaluator(
     store = store_of(request)
     evaluator_id = new_job_id(EVALUATORS, body.evaluatorId or evaluator_id_query)
     fields = check_fields(request, account, body.evaluator, "evaluator.")
-    if "criteria" not in fields:
-        check_criteria(None, "evaluator.")
+    if "criteria" not in fields and "entryPoint" not in fields:
+        check_criteria(None, "evaluator.")  # the 400: neither the code nor an upload to come
     now = now_text()
     evaluator = {
         "name": store.name(account, evaluator_id),
         "displayName": fields.pop("displayName", None) or evaluator_id,
         **fields,
         "state": BUILDING,
-        "status": {"code": "OK", "message": ""},
+        "status": {"code": "OK", "message": "" if "criteria" in fields else AWAITING_UPLOAD},
         "createTime": now,
         "updateTime": now,
         "createdBy": created_by(request),
     }
     if not store.insert(account, evaluator_id, evaluator):
         raise job_exists(store, account, evaluator_id)
-    runtime_of(request).build_later(account, evaluator_id)
+    if "criteria" in fields:
+        runtime_of(request).build_later(account, evaluator_id)
     return evaluator
 
 
@@ -363,19 +351,27 @@ async def update_evaluator(
     account: str = Account,
     prepare_code_upload: bool = Query(default=False, alias="prepareCodeUpload"),
 ) -> dict:
-    if prepare_code_upload:
-        raise no_upload()
     store = store_of(request)
     current = get_or_404(store, account, evaluator_id)
     fields = check_fields(request, account, await read_json(request, UpdateEvaluatorBody), "")
+    if "entryPoint" in fields:
+        try:
+            parse_entry_point(fields["entryPoint"])
+        except ValueError as exc:
+            raise bad_request(str(exc), "entryPoint") from None
     rebuild = any(k in fields and fields[k] != current.get(k) for k in REBUILDS)
     current.update(fields)
-    if rebuild:
+    if prepare_code_upload:  # BUILDING until :validateUpload; a build in flight is dropped
+        code_allowed(request)
+        current["state"] = BUILDING
+        current["status"] = {"code": "OK", "message": AWAITING_UPLOAD}
+        runtime_of(request).supersede(account, evaluator_id)
+    elif rebuild:
         current["state"] = BUILDING
         current["status"] = {"code": "OK", "message": ""}
     if not store.save(account, evaluator_id, current):
         get_or_404(store, account, evaluator_id)  # deleted meanwhile: a 404
-    if rebuild:
+    if rebuild and not prepare_code_upload:
         runtime_of(request).build_later(account, evaluator_id)
     return current
 

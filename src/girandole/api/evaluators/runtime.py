@@ -73,7 +73,7 @@ class EvaluatorRuntime:
         """At start-up: builds a stopped server left BUILDING run again; jobs it left running
         FAIL (their rows would be scored again from the start by a new job)."""
         for account, evaluator_id, body in self._all(self.evaluators):
-            if body.get("state") == BUILDING:
+            if body.get("state") == BUILDING and body.get("criteria"):  # not an upload to come
                 self.build_later(account, evaluator_id)
         for account, job_id, body in self._all(self.jobs):
             if body.get("state") in (CREATING, RUNNING):
@@ -131,6 +131,10 @@ class EvaluatorRuntime:
         code = "OK" if result.state == ACTIVE else "FAILED_PRECONDITION"
         body["status"] = {"code": code, "message": result.message}
         self.evaluators.save(account, evaluator_id, body, when=BUILDING)
+
+    def supersede(self, account: str, evaluator_id: str) -> None:
+        """A build in flight is dropped (new code is on its way)."""
+        self._builds[(account, evaluator_id)] = self._builds.get((account, evaluator_id), 0) + 1
 
     def forget(self, account: str, evaluator_id: str) -> None:
         """The evaluator deleted: a build in flight is dropped, its build log removed."""
