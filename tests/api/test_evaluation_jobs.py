@@ -181,3 +181,20 @@ def test_existing_output_409_an_evaluator_not_active_400_404_and_403(srv: Evalua
     assert srv.http("GET", JOBS, key=srv.other_key).status_code == 403
     r = srv.http("POST", JOBS, json={"evaluationJob": job_body("o")}, key=srv.reader_key)
     assert r.status_code == 403
+
+
+def test_a_server_stopped_mid_job_kills_its_child_and_fails_the_job_at_start(tmp_path) -> None:
+    with evaluator_server(tmp_path) as srv:
+        srv.evaluator("exact")
+        srv.dataset("slow", (json.dumps(row("slow", "x")) + "\n").encode())
+        body = job_body("out", inputDataset=f"accounts/{ACCOUNT}/datasets/slow")
+        r = srv.http("POST", JOBS, json={"evaluationJobId": "cut", "evaluationJob": body})
+        assert r.status_code == 200, r.text
+        srv.wait(f"{JOBS}/cut", ("JOB_STATE_RUNNING",))
+        wait_for(lambda: len(evaluator_children()) == 1)
+    assert evaluator_children() == []  # killed as the server stopped, not left to its timeout
+    with evaluator_server(tmp_path) as srv:
+        job = srv.http("GET", f"{JOBS}/cut").json()
+        assert job["state"] == "JOB_STATE_FAILED"
+        assert job["status"]["message"] == "the server stopped while it ran"
+        assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/evaluators/exact").json()["state"] == "ACTIVE"  # fmt: skip
