@@ -181,6 +181,32 @@ class EvaluatorRuntime:
         body.update(fields or {}, state=state, status=status, completedTime=now_text())
         self.jobs.save(account, job_id, body, when=was)
 
+    @staticmethod
+    async def _score_lines(
+        runner: EvaluatorRunner, lines: list[str]
+    ) -> tuple[list[str], list[float], list[str]]:
+        """The output lines (each row with its evaluation_result), the scores, and the errors
+        (`line N: ...`). A row a time, in a thread: a cancel stops between rows."""
+        out: list[str] = []
+        scores: list[float] = []
+        errors: list[str] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                row, score = {"line": line}, Score(None, error=f"not JSON: {exc}")
+            else:
+                if isinstance(row, dict):
+                    (score,) = await asyncio.to_thread(runner.score, [row])
+                else:
+                    row, score = {"line": row}, Score(None, error="not a JSON object")
+            if score.score is None:
+                errors.append(f"line {number}: {score.error}")
+            else:
+                scores.append(score.score)
+            out.append(json.dumps({**row, "evaluation_result": result_of(score)}))
+        return out, scores, errors
+
     async def _evaluate(self, account: str, job_id: str, body: dict[str, Any]) -> None:
         evaluator_id = own_resource_id(body["evaluator"], account, "evaluators")
         evaluator = self.evaluators.get(account, evaluator_id)
@@ -200,9 +226,6 @@ class EvaluatorRuntime:
         task = self._jobs.get((account, job_id), (None, None))[0]
         if task is not None:
             self._jobs[(account, job_id)] = (task, runner)
-        out: list[str] = []
-        scores: list[float] = []
-        errors: list[str] = []
         try:
             try:
                 await asyncio.to_thread(runner.start)
@@ -210,27 +233,7 @@ class EvaluatorRuntime:
                 message = f"loading the evaluator failed: {exc}"
                 self._end(account, job_id, FAILED, {"code": "FAILED_PRECONDITION", "message": message})  # fmt: skip
                 return
-            for number, line in enumerate(lines, 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    row, score = (
-                        {"line": line},
-                        Score(None, error=f"line {number}: not JSON: {exc}"),
-                    )
-                else:
-                    if isinstance(row, dict):
-                        (score,) = await asyncio.to_thread(runner.score, [row])
-                    else:
-                        row, score = (
-                            {"line": row},
-                            Score(None, error=f"line {number}: not an object"),
-                        )
-                if score.score is None:
-                    errors.append(f"line {number}: {score.error}")
-                else:
-                    scores.append(score.score)
-                out.append(json.dumps({**row, "evaluation_result": result_of(score)}))
+            out, scores, errors = await self._score_lines(runner, lines)
             child_log = runner.log()
         finally:
             runner.close()
