@@ -136,7 +136,8 @@ def check_criteria(criteria: list[Criterion] | None, prefix: str) -> list[dict[s
     if not criteria:
         raise bad_request(
             f"{prefix}criteria: an evaluator needs one criterion of type CODE_SNIPPETS (its"
-            " codeSnippets: fileContents, entryFile, entryFunc)",
+            " codeSnippets: fileContents, entryFile, entryFunc), or an entryPoint and its source"
+            " uploaded (:getUploadEndpoint)",
             f"{prefix}criteria",
         )
     if len(criteria) > 1:
@@ -163,7 +164,9 @@ def check_criteria(criteria: list[Criterion] | None, prefix: str) -> list[dict[s
     for name in files:
         if error := check_file_name(name):
             raise bad_request(f"{at}.fileContents: {error}", f"{at}.fileContents")
-    entry_file = snippets.entryFile or ("main.py" if "main.py" in files or len(files) > 1 else next(iter(files)))  # fmt: skip
+    entry_file = snippets.entryFile
+    if not entry_file:  # the one file there is, else main.py
+        entry_file = next(iter(files)) if len(files) == 1 else "main.py"
     if entry_file not in files:
         raise bad_request(
             f"{at}.entryFile {entry_file!r} is not in fileContents ({', '.join(sorted(files))})",
@@ -195,8 +198,8 @@ def check_fields(request: Request, account: str, fields: EvaluatorFields, prefix
         and (fields.source.type or "TYPE_UNSPECIFIED") not in _SOURCE_TYPES
     ):
         raise bad_request(
-            f"{prefix}source.type {fields.source.type!r} is not supported by this server (the"
-            " code is given in criteria[].codeSnippets)",
+            f"{prefix}source.type {fields.source.type!r} is not supported by this server (give"
+            " the code in criteria[].codeSnippets, or upload it)",
             f"{prefix}source.type",
         )
     if fields.entryPoint:
@@ -354,11 +357,6 @@ async def update_evaluator(
     store = store_of(request)
     current = get_or_404(store, account, evaluator_id)
     fields = check_fields(request, account, await read_json(request, UpdateEvaluatorBody), "")
-    if "entryPoint" in fields:
-        try:
-            parse_entry_point(fields["entryPoint"])
-        except ValueError as exc:
-            raise bad_request(str(exc), "entryPoint") from None
     rebuild = any(k in fields and fields[k] != current.get(k) for k in REBUILDS)
     current.update(fields)
     if prepare_code_upload:  # BUILDING until :validateUpload; a build in flight is dropped
