@@ -198,3 +198,25 @@ def test_a_server_stopped_mid_job_kills_its_child_and_fails_the_job_at_start(tmp
         assert job["state"] == "JOB_STATE_FAILED"
         assert job["status"]["message"] == "the server stopped while it ran"
         assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/evaluators/exact").json()["state"] == "ACTIVE"  # fmt: skip
+
+
+ENV_CODE = """
+import os
+
+
+def evaluate(messages, **kwargs):
+    return {"score": 1, "reason": os.environ.get("MY_TOKEN", "")}
+"""
+
+
+def test_the_evaluator_sees_the_accounts_secrets_as_its_environment(srv: EvaluatorServer) -> None:
+    fw = srv.sdk()
+    fw.secrets.create(name="token", key_name="MY_TOKEN", value="s3cret-value")
+    assert srv.evaluator("env", criteria=criteria({"main.py": ENV_CODE}))["state"] == "ACTIVE"
+    body = job_body("env-out", evaluator=f"accounts/{ACCOUNT}/evaluators/env")
+    r = srv.http("POST", JOBS, json={"evaluationJobId": "env", "evaluationJob": body})
+    assert r.status_code == 200, r.text
+    assert srv.wait(f"{JOBS}/env", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))["state"] == "JOB_STATE_COMPLETED"  # fmt: skip
+    urls = fw.datasets.get_download_endpoint("env-out").filename_to_signed_urls
+    first = json.loads(httpx.get(urls["results.jsonl"]).text.splitlines()[0])
+    assert first["evaluation_result"]["reason"] == "s3cret-value"
