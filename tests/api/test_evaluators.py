@@ -253,3 +253,8 @@ def test_no_evaluator_code_refuses_them(tmp_path) -> None:
         assert r.status_code == 403
         assert "--no-evaluator-code" in r.json()["error"]["message"]
         assert srv.http("GET", EVALUATORS).json()["evaluators"] == []
+        job = {"evaluator": "e", "inputDataset": "i", "outputDataset": "o"}
+        r = srv.http("POST", f"/v1/accounts/{ACCOUNT}/evaluationJobs", json={"evaluationJob": job})
+        assert r.status_code == 403 and "--no-evaluator-code" in r.json()["error"]["message"]
+        r = srv.http("POST", f"{EVALUATORS}/x:getUploadEndpoint", json={"filenameToSize": {"a.zip": 1}})  # fmt: skip
+        assert r.status_code == 403
