@@ -28,6 +28,7 @@ from girandole.registry.naming import own_resource_id
 log = logging.getLogger(__name__)
 BUILD_LOG, SOURCE_ARCHIVE, JOB_LOG = "build.log", "source.tar.gz", "execution.log"
 RESULTS_FILE = "results.jsonl"
+MAX_CHILDREN = 4  # evaluator processes the server runs at once (builds and jobs together)
 
 
 def code_of(evaluator: dict[str, Any]) -> EvaluatorCode:
@@ -56,6 +57,8 @@ class EvaluatorRuntime:
         self.evaluators, self.jobs, self.datasets = evaluators, jobs, datasets
         self.folder, self.env_of, self.timeout_s_per_row = folder, env_of, timeout_s_per_row
         self._tasks: set[asyncio.Task] = set()
+        # child processes at once: each build and job has one; more wait (BUILDING, CREATING)
+        self._children = asyncio.Semaphore(MAX_CHILDREN)
         self._builds: dict[tuple[str, str], int] = {}  # the latest build of each evaluator
         self._jobs: dict[tuple[str, str], tuple[asyncio.Task, EvaluatorRunner | None]] = {}
 
@@ -109,6 +112,12 @@ class EvaluatorRuntime:
         self._spawn(self._build(account, evaluator_id, self._builds[key]))
 
     async def _build(self, account: str, evaluator_id: str, generation: int) -> None:
+        async with self._children:
+            await self._build_now(account, evaluator_id, generation)
+
+    async def _build_now(self, account: str, evaluator_id: str, generation: int) -> None:
+        if self._builds.get((account, evaluator_id)) != generation:
+            return  # superseded while it waited
         body = self.evaluators.get(account, evaluator_id)
         if body is None:
             return
@@ -165,7 +174,8 @@ class EvaluatorRuntime:
         if body is None:
             return
         try:
-            await self._evaluate(account, job_id, body)
+            async with self._children:
+                await self._evaluate(account, job_id, body)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a job's failure is its state, not the server's
