@@ -93,11 +93,16 @@ def _load(code_dir: str, entry_file: str, entry_func: str) -> Any:
     return func
 
 
+def _is_number(value: Any) -> bool:
+    """A bool, int or float, or a scalar that converts to one (numpy's float64, int64, bool_)."""
+    if isinstance(value, (bool, int, float)):
+        return True
+    return hasattr(value, "__float__") and not isinstance(value, (str, bytes, dict))
+
+
 def _number(value: Any, what: str) -> float:
     """A finite float from a number or bool; ValueError naming what was returned otherwise."""
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)):
+    if _is_number(value):
         number = float(value)
         if math.isfinite(number):
             return number
@@ -118,7 +123,7 @@ def _field(result: Any, name: str) -> Any:
 
 def _metric(value: Any, name: str) -> float:
     """reward-kit's MetricResult ({score, reason, ...}, dict or object) or a bare number."""
-    if isinstance(value, (int, float)):
+    if _is_number(value):
         return _number(value, f"metric {name!r}")
     score = _field(value, "score")
     if score is None:
@@ -128,7 +133,7 @@ def _metric(value: Any, name: str) -> float:
 
 def _shape(result: Any) -> dict[str, Any]:
     """The entry function's return value as the protocol's answer (score, reason, metrics)."""
-    if isinstance(result, (bool, int, float)):
+    if _is_number(result):
         return {"score": _number(result, "the returned score"), "reason": "", "metrics": {}}
     score = _field(result, "score")
     if score is None:
