@@ -15,13 +15,14 @@ from typing import Any
 
 from girandole.batch.store import BatchStore, now_text
 from girandole.evaluators.build import ACTIVE, BUILD_FAILED, BUILDING, BuildResult, build
-from girandole.evaluators.runner import EvaluatorCode, EvaluatorLoadError, EvaluatorRunner, Score
+from girandole.evaluators.runner import EvaluatorLoadError, EvaluatorRunner, Score
 from girandole.evaluators.store import (
     COMPLETED,
     CREATING,
     FAILED,
     RUNNING,
     JobStore,
+    code_of,
 )  # fmt: skip
 from girandole.registry.naming import own_resource_id
 
@@ -29,12 +30,6 @@ log = logging.getLogger(__name__)
 BUILD_LOG, SOURCE_ARCHIVE, JOB_LOG = "build.log", "source.tar.gz", "execution.log"
 RESULTS_FILE = "results.jsonl"
 MAX_CHILDREN = 4  # evaluator processes the server runs at once (builds and jobs together)
-
-
-def code_of(evaluator: dict[str, Any]) -> EvaluatorCode:
-    """The code an evaluator's (checked) criterion holds."""
-    snippets = evaluator["criteria"][0]["codeSnippets"]
-    return EvaluatorCode(snippets["fileContents"], snippets["entryFile"], snippets["entryFunc"])
 
 
 def result_of(score: Score) -> dict[str, Any]:
