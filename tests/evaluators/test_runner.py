@@ -52,6 +52,13 @@ def evaluate(messages, ground_truth=None, mode="match", **kwargs):
         return {"score": numpy.mean([0.0, 1.0]), "metrics": {"n": numpy.int64(2), "ok": numpy.bool_(True)}}
     if mode == "exit":
         os._exit(3)
+    if mode == "protocol":  # a line on every descriptor but 0-2: one of them is the protocol's
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"garbage\\n")
+            except OSError:
+                pass
+        return 1
 """
 
 HELPERS = """
@@ -117,6 +124,12 @@ def test_memory_hog_hits_the_limit(runner: EvaluatorRunner) -> None:
 def test_child_exit_is_that_rows_error(runner: EvaluatorRunner) -> None:
     dead, after = runner.score([row(mode="exit"), row()])
     assert dead.score is None and "exited with code 3" in dead.error
+    assert after.score == 1.0
+
+
+def test_garbage_on_the_protocol_fails_the_row_and_restarts(runner: EvaluatorRunner) -> None:
+    broken, after = runner.score([row(mode="protocol"), row()])
+    assert broken == Score(None, error="the evaluator process broke its protocol (restarted)")
     assert after.score == 1.0
 
 

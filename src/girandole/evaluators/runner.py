@@ -250,6 +250,9 @@ class EvaluatorRunner:
             error = "the evaluator runner was closed" if self._closed else child.exit_text()
             self._drop_child()
             return Score(score=None, error=error)
+        except ValueError:  # not a JSON line: the code wrote to the protocol's own descriptor
+            self._drop_child()
+            return Score(score=None, error="the evaluator process broke its protocol (restarted)")
         if answer is None:
             self._drop_child()
             return Score(score=None, error=f"timed out after {self.timeout_s_per_row:g} s")
