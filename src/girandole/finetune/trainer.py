@@ -77,9 +77,13 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     chat_template: str | None = None  # None: the one the chat route uses for the model
-    # or "dpo", "orpo": preference rows (finetune/preference.py), finetune/dpo.py, orpo.py
+    # or "dpo", "orpo": preference rows (finetune/preference.py), finetune/dpo.py, orpo.py;
+    # "grpo", "dapo": prompts, rollouts and rewards (finetune/prompts.py, grpo.py)
     method: str = "sft"
     beta: float = 0.1  # DPO's temperature, ORPO's weight of the odds ratio term
+    kl_beta: float = 0.0  # GRPO's and DAPO's weight of the KL to the base model
+    # a reinforcement job's rollouts (Fireworks' inferenceParameters): rollout.SamplingConfig
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> TrainConfig:
@@ -196,10 +200,12 @@ class SftObjective:
         return {}
 
 
-def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
+def train(
+    config: TrainConfig, report: Report = lambda _: None, reward: Callable | None = None
+) -> TrainResult:
     """Train the adapter and write it to `config.output_dir`; `report` gets progress dicts
     (epoch, step, totalSteps, percent, loss, evalLoss; a DPO job's reward accuracy and
-    margin)."""
+    margin; a GRPO job's mean reward). `reward`: a GRPO or DAPO job's (grpo.Reward)."""
     from girandole.model.default import resolve_model_path
     from girandole.model.loader import load_model
     from girandole.tokenizer.chat_template import chat_template_for
@@ -216,6 +222,12 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
         from girandole.finetune.dpo import load_pairs
 
         train_rows: list[Any] = load_pairs(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
+    elif config.method in ("grpo", "dapo"):
+        from girandole.finetune.grpo import load_prompts
+
+        if reward is None:
+            raise ValueError(f"{config.method} trains on rewards: give a reward function")
+        train_rows = load_prompts(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
     else:
         train_rows = load_examples(config.dataset_path, tok, template, config.max_context_length, "dataset")  # fmt: skip
         if config.eval_path:
@@ -226,7 +238,7 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
         if not train_rows:
             raise ValueError("no row has an assistant token within maxContextLength")
 
-    model, _ = load_model(path, mode="reference", device=device, use_cache=False)
+    model, model_config = load_model(path, mode="reference", device=device, use_cache=False)
     lora.attach(model)
     spec = model.spec
     init = lora.read_adapter(config.warm_start_path, spec) if config.warm_start_path else None
@@ -246,6 +258,15 @@ def train(config: TrainConfig, report: Report = lambda _: None) -> TrainResult:
         from girandole.finetune.orpo import OrpoObjective
 
         objective = OrpoObjective(config.beta)
+    elif config.method in ("grpo", "dapo"):
+        from girandole.finetune.grpo import GrpoObjective
+        from girandole.finetune.rollout import SamplingConfig
+
+        eos = set(model_config.eos_token_ids) | set(tok.stop_token_ids)
+        objective = GrpoObjective(
+            tok, reward, SamplingConfig(**config.sampling), config.kl_beta,
+            config.method == "dapo", eos, config.max_context_length, config.seed, device,
+        )  # fmt: skip
     optimizer = torch.optim.AdamW(
         trainable.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
