@@ -1,8 +1,10 @@
-"""A real `girandole serve` for the fine-tuning job tests (test_sft_jobs.py, test_dpo_jobs.py):
+"""A real `girandole serve` for the fine-tuning job tests (test_sft_jobs.py, test_dpo_jobs.py,
+test_rft_jobs.py):
 a tiny Llama as its own model `tiny` of account acme (and in the catalog as account other's
 `tiny`, so that both accounts can train), keys of acme (admin and inference-user) and of
 account other, and the fireworks-ai SDK and httpx against it; and the rows of the tests' datasets
-(`rows`: SFT chat rows, `pairs`: DPO preference rows)."""
+(`rows`: SFT chat rows, `pairs`: DPO preference rows, `prompts`: RFT prompt rows) and an
+evaluator's code for RFT jobs (`SHARE`)."""
 
 from __future__ import annotations
 
@@ -46,12 +48,29 @@ def pairs(questions: list[str] = QUESTIONS) -> bytes:
     return "".join(json.dumps(pair(q)) + "\n" for q in questions).encode()
 
 
+# an evaluator's code (RFT jobs): the share of the answer's characters that are the row's
+# ground_truth; a row with `fail` set raises (its evaluation fails)
+SHARE = """
+def evaluate(messages, ground_truth=None, **kwargs):
+    answer = messages[-1]["content"]
+    if kwargs.get("fail"):
+        raise ValueError("this row fails")
+    return {"score": answer.count(ground_truth) / max(1, len(answer)), "reason": "share"}
+"""
+
+
+def prompts(questions: list[str], **fields) -> bytes:
+    """RFT prompt rows: each question, ground_truth "e", and `fields`."""
+    lines = [{"messages": [{"role": "user", "content": q}], "ground_truth": "e", **fields} for q in questions]  # fmt: skip
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
 class FinetuneServer:
     def __init__(self, tmp: Path, tiny_llama_dir: Path, jobs: str, *args: str) -> None:
         """`jobs`: the collection's path that wait() polls, e.g. /v1/accounts/acme/dpoJobs;
         `args`: more flags of `girandole serve`."""
         self.api, self.jobs = api_conftest(), jobs
-        data = tmp / "data"
+        self.data = data = tmp / "data"  # --data-dir
         db = Database.in_folder(data)
         self.key, _ = db.create_key(ACCOUNT)
         self.other_key, _ = db.create_key(OTHER)
@@ -79,6 +98,19 @@ class FinetuneServer:
         fw = self.sdk(key, account)
         fw.datasets.create(dataset_id=dataset_id, dataset={"display_name": dataset_id})
         fw.datasets.upload(dataset_id, file=("rows.jsonl", data))
+
+    def evaluator(self, evaluator_id: str, code: str) -> dict:
+        """Create an evaluator of `code` (main.py's evaluate) and wait until its build ends."""
+        snippets = {"language": "python", "fileContents": {"main.py": code}, "entryFile": "main.py", "entryFunc": "evaluate"}  # fmt: skip
+        self.sdk().evaluators.create(
+            evaluator_id=evaluator_id,
+            evaluator={
+                "criteria": [
+                    {"type": "CODE_SNIPPETS", "name": evaluator_id, "codeSnippets": snippets}
+                ]
+            },  # fmt: skip
+        )
+        return self.wait(evaluator_id, ("ACTIVE", "BUILD_FAILED"), jobs=f"/v1/accounts/{ACCOUNT}/evaluators")  # fmt: skip
 
     def wait(
         self,

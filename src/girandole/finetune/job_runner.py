@@ -1,12 +1,13 @@
-"""Runs fine-tuning jobs (supervised and DPO) one at a time, fair across accounts (the oldest
-waiting job of the account that started one least recently: finetune/fair_queue.py), each in a
-child process (girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The child's
-progress lines become the job's jobProgress (and lines of its metrics.jsonl); its adapter
-folder, when it succeeds, moves into the uploaded models' storage (registry/model_files.py) and
-joins the catalog as a READY HF_PEFT_ADDON of the job's base model: it deploys and serves as an
-uploaded adapter does. Cancel terminates the child. On start, a job left RUNNING by a stopped
-server FAILS (store.fail_interrupted). A DPO job's training fields are in its trainingConfig
-(store.training_fields), its loss in lossConfig."""
+"""Runs fine-tuning jobs (supervised, DPO and reinforcement) one at a time, fair across accounts
+(the oldest waiting job of the account that started one least recently: finetune/fair_queue.py),
+each in a child process (girandole.finetune.worker); the others wait in JOB_STATE_PENDING. The
+child's progress lines become the job's jobProgress (and lines of its metrics.jsonl); its
+adapter folder, when it succeeds, moves into the uploaded models' storage
+(registry/model_files.py) and joins the catalog as a READY HF_PEFT_ADDON of the job's base
+model: it deploys and serves as an uploaded adapter does. Cancel terminates the child. On start,
+a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO job's training
+fields are in its trainingConfig (store.training_fields), its loss in lossConfig; so are a
+reinforcement fine-tuning job's, whose evaluator and rollouts are read by finetune/rft.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from girandole.batch.store import now_text
 from girandole.finetune.fair_queue import FairQueue
+from girandole.finetune.rft import EvaluatorOf, rft_fields, worker_env
 from girandole.finetune.store import (
     CANCELLED,
     COMPLETED,
@@ -57,11 +59,13 @@ class JobRunner:
         datasets: Any,
         folder: Path,
         template_of: Callable[[str], str | None] = lambda _: None,
+        evaluator_of: EvaluatorOf | None = None,
     ) -> None:
         """`template_of(base model name)`: the chat template the server renders that model's
-        chat requests with when it is not the model's own (`--chat-template`), else None."""
+        chat requests with when it is not the model's own (`--chat-template`), else None.
+        `evaluator_of(account, evaluator name)`: a reinforcement fine-tuning job's (rft.py)."""
         self.stores, self.catalog, self.files, self.datasets = stores, catalog, files, datasets
-        self.template_of = template_of
+        self.template_of, self.evaluator_of = template_of, evaluator_of
         # per job, <folder>/<kind's folder>/<account>/<job id>: spec, log, the adapter written
         self.folder = folder
         self.wake = threading.Event()
@@ -159,7 +163,11 @@ class JobRunner:
             "early_stop": bool(body.get("earlyStop")),
             "threads": training_threads(),
             "chat_template": self.template_of(base.name),
-            **loss_fields(job.get("lossConfig")),
+            **(
+                rft_fields(account, job, self.evaluator_of)
+                if "evaluator" in job
+                else loss_fields(job.get("lossConfig"))
+            ),
         }
 
     def work_dir(self, store: JobStore, account: str, job_id: str) -> Path:
@@ -175,6 +183,7 @@ class JobRunner:
         if not store.save(account, job_id, body, when=PENDING):
             return  # cancelled or deleted since it was picked
         spec = self._spec(account, body, work)
+        secret = worker_env(spec)  # an RFT evaluator's environment: not in the file
         (work / "spec.json").write_text(json.dumps(spec))
         stderr = open(work / "train.log", "wb")
         with self.lock:
@@ -185,6 +194,7 @@ class JobRunner:
             self.child = subprocess.Popen(
                 [sys.executable, "-m", "girandole.finetune.worker", str(work / "spec.json")],
                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                env={**os.environ, **secret},
             )  # fmt: skip
         last: dict[str, Any] = {}
         try:

@@ -1,7 +1,7 @@
 """Fine-tuning jobs in the server's database (girandole.db), one table per kind (supervised
-fine-tuning, DPO): one row a job, its Fireworks body as JSON. States: JOB_STATE_PENDING (waiting
-for the runner: finetune/fair_queue.py) -> JOB_STATE_RUNNING -> JOB_STATE_COMPLETED |
-JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
+fine-tuning, DPO, reinforcement fine-tuning): one row a job, its Fireworks body as JSON. States:
+JOB_STATE_PENDING (waiting for the runner: finetune/fair_queue.py) -> JOB_STATE_RUNNING ->
+JOB_STATE_COMPLETED | JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from girandole.batch.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING
 
 FINAL = (COMPLETED, FAILED, CANCELLED)
 __all__ = [
-    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RUNNING", "SFT", "JobKind",
-    "JobStore",
+    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RFT", "RUNNING", "SFT",
+    "JobKind", "JobStore",
 ]  # fmt: skip
 
 
@@ -31,11 +31,12 @@ class JobKind:
 
 SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-", "sft-jobs")  # fmt: skip
 DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-", "dpo-jobs")
+RFT = JobKind("rft_jobs", "reinforcementFineTuningJobs", "Reinforcement fine-tuning job", "reinforcementFineTuningJobId", "rftj-", "rft-jobs")  # fmt: skip
 
 
 def training_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A job's training fields in one object: an SFT job has them at its top level, a DPO job
-    in its trainingConfig."""
+    """A job's training fields in one object: an SFT job has them at its top level, a DPO or
+    reinforcement fine-tuning job in its trainingConfig."""
     return {**body, **body.get("trainingConfig", {})}
 
 
@@ -99,7 +100,7 @@ class JobStore:
 
     def reading(self, account: str, dataset: str) -> dict[str, Any] | None:
         """The oldest PENDING or RUNNING job of `account` that trains on, or evaluates with, the
-        dataset named `dataset` in full (it reads the file when it starts). Both kinds keep
+        dataset named `dataset` in full (it reads the file when it starts). Every kind keeps
         `dataset` at the top level; only an SFT job has an `evaluationDataset`, also there."""
         rows = self.db.execute(
             f"SELECT body FROM {self.kind.table} WHERE account = ?"

@@ -1,4 +1,4 @@
-"""Fireworks' fine-tuning jobs: supervised (SFT) and DPO (routes)."""
+"""Fireworks' fine-tuning jobs: supervised (SFT), DPO and reinforcement (RFT) (routes)."""
 
 from girandole.api.finetune.route import install_finetune
 

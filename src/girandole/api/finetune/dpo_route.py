@@ -6,8 +6,8 @@ The body is {dataset, displayName, trainingConfig: {baseModel | warmStartFrom, e
 lossConfig: {method, dpo: {beta}, klBeta}}: trainingConfig is checked as an SFT job's fields are
 (route.py, whose table of Fireworks' cloud fields answers here too), the dataset's rows as
 preference rows (girandole.finetune.preference). The loss is DPO (finetune/dpo.py) or ORPO
-(finetune/orpo.py); the rollout methods (GRPO, DAPO, GSPO_TOKEN) are a 400. The job runs on the
-SFT jobs' runner.
+(finetune/orpo.py); the rollout methods (GRPO, DAPO, GSPO_TOKEN) are a 400 pointing to
+reinforcement fine-tuning jobs (rft_route.py). The job runs on the SFT jobs' runner.
 """
 
 from __future__ import annotations
@@ -20,23 +20,17 @@ from pydantic import BaseModel
 
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.finetune.jobs import insert_job, job_routes, stores_of
-from girandole.api.finetune.route import (
-    STRICT,
-    SftJobBody,
-    TrainingConfigBody,
-    training_job_fields,
-)  # fmt: skip
-from girandole.api.http.errors import APIError, bad_request
+from girandole.api.finetune.route import STRICT, TrainingConfigBody, config_job_fields
+from girandole.api.http.errors import bad_request
 from girandole.api.http.openapi import body_doc
 from girandole.finetune.preference import read_pairs
 from girandole.finetune.store import DPO
 
 DEFAULT_BETA = 0.1
 METHODS_REFUSED = {
-    "GRPO": "GRPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
-    "DAPO": "DAPO needs rollouts and rewards (reinforcement fine-tuning), not preference pairs",
-    "GSPO_TOKEN": "GSPO_TOKEN needs rollouts and rewards (reinforcement fine-tuning), not"
-    " preference pairs",
+    method: f"{method} needs rollouts and rewards, not preference pairs: create a reinforcement"
+    " fine-tuning job (reinforcementFineTuningJobs) with an evaluator"
+    for method in ("GRPO", "DAPO", "GSPO_TOKEN")
 }
 
 
@@ -73,7 +67,6 @@ class DpoJobBody(BaseModel):
     useReservation: bool | None = None
 
 
-TRAINING_FIELDS = set(TrainingConfigBody.model_fields)
 router = APIRouter(tags=["fine-tuning"])
 
 
@@ -118,23 +111,11 @@ async def create_dpo_job(
     job_id: str | None = Query(default=None, alias="dpoJobId"),
 ) -> dict:
     body = await read_json(request, DpoJobBody)
-    training = body.trainingConfig or TrainingConfigBody()
-    # the training fields are checked as an SFT job's: a 400 names them under trainingConfig
-    flat = SftJobBody.model_construct(
-        dataset=body.dataset,
-        **training.model_dump(exclude_none=True),
-        **body.model_dump(
-            exclude_none=True, exclude={"dataset", "displayName", "trainingConfig", "lossConfig"}
-        ),  # fmt: skip
-    )
     loss = loss_config(body.lossConfig)
     store = stores_of(request)[DPO.collection]
-    try:
-        job_id, fields = await training_job_fields(request, account, store, flat, job_id, read_pairs)  # fmt: skip
-    except APIError as exc:
-        if exc.param in TRAINING_FIELDS:
-            exc.param = f"trainingConfig.{exc.param}"
-        raise
+    # the training fields are checked as an SFT job's: a 400 names them under trainingConfig
+    cloud = body.model_dump(exclude_none=True, exclude={"dataset", "displayName", "trainingConfig", "lossConfig"})  # fmt: skip
+    job_id, fields = await config_job_fields(request, account, store, body.dataset, body.trainingConfig, cloud, job_id, read_pairs)  # fmt: skip
     dataset = fields.pop("dataset")
     job = {"displayName": body.displayName or job_id, "dataset": dataset, "trainingConfig": fields, "lossConfig": loss}  # fmt: skip
     return insert_job(request, store, account, job_id, job)

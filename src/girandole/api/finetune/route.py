@@ -5,7 +5,8 @@ delete, :cancel and :resume are every kind's (jobs.py). Also under /inference/v1
 the fields, the dataset's rows (a 400 names the first bad line) and the models; the job then
 waits (JOB_STATE_PENDING) for the runner (girandole.finetune.job_runner), which trains a LoRA
 adapter in a child process. Fields of Fireworks' cloud this server has no counterpart for are a
-400 naming them. The checks of the training fields here serve DPO jobs too (dpo_route.py).
+400 naming them. The checks of the training fields here serve DPO and reinforcement fine-tuning
+jobs too (dpo_route.py, rft_route.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.batch.store import dataset_name
 from girandole.finetune.data import RowError, read_rows
 from girandole.finetune.job_runner import JobRunner
-from girandole.finetune.store import DPO, SFT, JobStore
+from girandole.finetune.store import DPO, RFT, SFT, JobStore
 from girandole.model.lora import MAX_RANK, check_adapter_config
 from girandole.registry.models import READY
 
@@ -281,6 +282,31 @@ async def training_job_fields(
     return job_id, fields
 
 
+async def config_job_fields(
+    request: Request,
+    account: str,
+    store: JobStore,
+    dataset: str | None,
+    training: TrainingConfigBody | None,
+    cloud: dict[str, Any],
+    job_id: str | None,
+    reader: Callable[[bytes, str], Any],
+) -> tuple[str, dict[str, Any]]:
+    """training_job_fields of a job whose training fields are in its trainingConfig (DPO,
+    reinforcement fine-tuning): a 400 names them `trainingConfig.X`. `cloud`: its fields of
+    UNSUPPORTED that are at its top level."""
+    training = training or TrainingConfigBody()
+    flat = SftJobBody.model_construct(
+        dataset=dataset, **training.model_dump(exclude_none=True), **cloud
+    )
+    try:
+        return await training_job_fields(request, account, store, flat, job_id, reader)
+    except APIError as exc:
+        if exc.param in TrainingConfigBody.model_fields:
+            exc.param = f"trainingConfig.{exc.param}"
+        raise
+
+
 @router.post(
     "/accounts/{account}/supervisedFineTuningJobs",
     summary="Create a supervised fine-tuning job",
@@ -313,12 +339,13 @@ job_routes(router, SFT, set(SftJobBody.model_fields))
 
 
 def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> JobRunner:
-    """The fine-tuning job routes (supervised and DPO) under each of `prefixes`, and their one
-    runner (the app's lifespan starts and stops it). After install_batch (the datasets) and
-    install_deployments (the catalog and the model files)."""
+    """The fine-tuning job routes (supervised, DPO and reinforcement) under each of `prefixes`,
+    and their one runner (the app's lifespan starts and stops it). After install_batch (the
+    datasets) and install_deployments (the catalog and the model files)."""
     import tempfile
 
     from girandole.api.finetune.dpo_route import router as dpo_router
+    from girandole.api.finetune.rft_route import router as rft_router
 
     settings = state.settings
     if settings.data_dir:
@@ -327,18 +354,35 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
         scratch = tempfile.TemporaryDirectory(prefix="girandole-sft-")
         app.state.sft_scratch = scratch
         folder = Path(scratch.name)
-    stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (SFT, DPO)}
+    stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (SFT, DPO, RFT)}
 
     def template_of(base: str) -> str | None:
         # --chat-template is the server's own model's (as the chat route applies it)
         return state.chat_template if base == state.served.name else None
 
+    def evaluator_of(account: str, name: str) -> dict[str, Any]:
+        """A reinforcement fine-tuning job's evaluator when it starts (install_evaluators sets
+        the store, after this)."""
+        from girandole.evaluators.build import ACTIVE
+        from girandole.evaluators.secrets import secrets_env
+        from girandole.evaluators.store import EVALUATORS, code_of
+
+        if not settings.evaluator_code:  # a job created before a restart with the switch
+            raise ValueError("this server runs no evaluator code (--no-evaluator-code)")
+        store = app.state.evaluator_stores[EVALUATORS.collection]
+        found = store.get(account, name.rsplit("/", 1)[-1])
+        if found is None or found.get("state") != ACTIVE:
+            why = "was deleted" if found is None else f"is {found.get('state')}, not ACTIVE"
+            raise ValueError(f"evaluator {name} {why}: the job cannot score its rollouts")
+        code = code_of(found)
+        return {"files": code.files, "entryFile": code.entry_file, "entryFunc": code.entry_func, "env": secrets_env(state, account)}  # fmt: skip
+
     runner = JobRunner(
         list(stores.values()), app.state.deployments.catalog, app.state.model_files,
-        app.state.batch_store, folder, template_of,
+        app.state.batch_store, folder, template_of, evaluator_of,
     )  # fmt: skip
     app.state.finetune_stores, app.state.sft = stores, runner
     for prefix in prefixes:
-        for routes in (router, dpo_router):
+        for routes in (router, dpo_router, rft_router):
             app.include_router(routes, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
     return runner
