@@ -1,4 +1,4 @@
-"""`girandole sftj` and `girandole dpoj` run as subprocesses against a real `girandole serve` (a
+"""`girandole sftj`, `girandole dpoj` and `girandole rftj` run as subprocesses against a real `girandole serve` (a
 tiny Llama as its own model, finetune_server.py): a job created from a local JSONL with --wait
 until COMPLETED and its output model listed; get, list, cancel, resume and delete; the server's
 4xx message and exit status 1 for an unknown dataset, and for a job that FAILED."""
@@ -9,7 +9,7 @@ import json
 
 import pytest
 from api_helpers import cli_runner
-from finetune_server import ACCOUNT, FinetuneServer, pairs, rows
+from finetune_server import ACCOUNT, SHARE, FinetuneServer, pairs, prompts, rows
 
 TINY = f"accounts/{ACCOUNT}/models/tiny"
 
@@ -87,6 +87,32 @@ def test_dpoj_create_wait_cancel_resume(srv, girandole, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["state"] in ("JOB_STATE_PENDING", "JOB_STATE_RUNNING")
     assert girandole("dpoj", "delete", "cli-dpo-2").returncode == 0
+
+
+def test_rftj_create_wait(srv, girandole, tmp_path):
+    assert srv.evaluator("cli-share", SHARE)["state"] == "ACTIVE"
+    data = tmp_path / "prompts.jsonl"
+    data.write_bytes(prompts(["hello", "what is up"]))
+    created = girandole(
+        "rftj", "create", "--dataset", str(data), "--base-model", TINY, "--evaluator",
+        "cli-share", "--method", "DAPO", "--kl-beta", "0.05", "--max-output-tokens", "6",
+        "--response-candidates-count", "2", "--temperature", "0.9", "--top-k", "40",
+        "--job-id", "cli-rft", "--wait",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert "JOB_STATE_COMPLETED" in created.stdout, created.stdout
+    assert "DAPO (klBeta 0.05)" in created.stdout
+    assert "100%  epoch 1  loss" in created.stderr and "  reward " in created.stderr
+    assert f"accounts/{ACCOUNT}/evaluators/cli-share" in created.stdout
+    job = json.loads(girandole("rftj", "get", "cli-rft", "--json").stdout)
+    assert job["inferenceParameters"] == {
+        "maxOutputTokens": 6, "temperature": 0.9, "topP": 1.0, "topK": 40,
+        "responseCandidatesCount": 2,
+    }  # fmt: skip
+    listed = girandole("rftj", "list")
+    assert "cli-rft" in listed.stdout and "cli-dpo" not in listed.stdout
+    missing = girandole("rftj", "create", "--dataset", "cli-rft-train", "--base-model", TINY, "--evaluator", "nope")  # fmt: skip
+    assert missing.returncode == 1 and "evaluators/nope does not exist" in missing.stderr
 
 
 def test_errors_are_the_servers_4xx(girandole, tmp_path):

@@ -1,5 +1,5 @@
-"""`girandole sftj|dpoj create|get|list|cancel|resume|delete`, like firectl's commands of the
-same names, talking to a running server (GIRANDOLE_BASE_URL, GIRANDOLE_API_KEY,
+"""`girandole sftj|dpoj|rftj create|get|list|cancel|resume|delete`, like firectl's commands of
+the same names, talking to a running server (GIRANDOLE_BASE_URL, GIRANDOLE_API_KEY,
 GIRANDOLE_ACCOUNT) through the deployment CLI's client.
 
     girandole sftj create --dataset rows.jsonl --base-model accounts/fireworks/models/gemma-3-270m \
@@ -22,10 +22,18 @@ from girandole.batch.cli import add_job_commands, add_wait_args, wait_for_job
 from girandole.cli_datasets import upload_dataset
 from girandole.cli_tables import fields, table
 from girandole.deploy.cli import ControlPlane, _run
-from girandole.finetune.store import COMPLETED, DPO, SFT, JobKind
+from girandole.finetune.store import COMPLETED, DPO, RFT, SFT, JobKind
 
 # the command, its kind of job (its REST collection, the id's query parameter and prefix)
-KINDS = {"sftj": SFT, "dpoj": DPO}
+KINDS = {"sftj": SFT, "dpoj": DPO, "rftj": RFT}
+# rftj's rollout flags: its inferenceParameters
+ROLLOUT_FLAGS = (
+    ("max_output_tokens", "maxOutputTokens"),
+    ("response_candidates_count", "responseCandidatesCount"),
+    ("temperature", "temperature"),
+    ("top_p", "topP"),
+    ("top_k", "topK"),
+)
 TRAINING_FLAGS = (
     ("base_model", "baseModel"),
     ("warm_start_from", "warmStartFrom"),
@@ -56,11 +64,13 @@ def _training(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_line(job: dict[str, Any]) -> str:
-    """`37%  epoch 1  loss 0.5312  RUNNING`."""
+    """`37%  epoch 1  loss 0.5312  RUNNING` (and `reward 0.25` of a reinforcement job)."""
     progress = job.get("jobProgress") or {}
     line = f"{progress.get('percent', 0):>3}%  epoch {progress.get('epoch', 0)}"
     if progress.get("loss") is not None:
         line += f"  loss {progress['loss']:.4f}"
+    if progress.get("meanReward") is not None:  # a reinforcement fine-tuning job's
+        line += f"  reward {progress['meanReward']:.4f}"
     return line + "  " + str(job.get("state", "")).removeprefix("JOB_STATE_")
 
 
@@ -83,7 +93,10 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
         ("Progress", progress_line(job)),
     ]
     loss = job.get("lossConfig")
-    if loss:
+    if loss and "klBeta" in loss:  # a reinforcement fine-tuning job's
+        rows.append(("Loss", f"{loss.get('method')} (klBeta {loss['klBeta']})"))
+        rows.append(("Evaluator", job.get("evaluator")))
+    elif loss:
         rows.append(("Loss", f"{loss.get('method')} (beta {loss.get('dpo', {}).get('beta')})"))
     if job.get("evaluationDataset"):
         rows.append(("Evaluation Dataset", job["evaluationDataset"]))
@@ -122,7 +135,14 @@ def _body(args: argparse.Namespace, plane: ControlPlane, job_id: str) -> dict[st
     loss: dict[str, Any] = {}
     if args.method:
         loss["method"] = args.method
-    if args.beta is not None:
+    if _kind(args) is RFT:
+        body["evaluator"] = args.evaluator
+        rollouts = {field: getattr(args, flag) for flag, field in ROLLOUT_FLAGS if getattr(args, flag) is not None}  # fmt: skip
+        if rollouts:
+            body["inferenceParameters"] = rollouts
+        if args.kl_beta is not None:
+            loss["klBeta"] = args.kl_beta
+    elif args.beta is not None:
         loss["dpo"] = {"beta": args.beta}
     if loss:
         body["lossConfig"] = loss
@@ -185,7 +205,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 def _create_parser(sub: argparse._SubParsersAction, kind: JobKind) -> None:
     p = sub.add_parser("create", help="create a job (a local .jsonl --dataset is uploaded first)")
-    rows = "chat rows" if kind is SFT else "preference rows"
+    rows = {SFT: "chat rows", DPO: "preference rows"}.get(kind, "prompt rows")
     p.add_argument("--dataset", required=True, help=f"a dataset id or name, or a local .jsonl of {rows}")  # fmt: skip
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--base-model", help="train a new adapter of this model")
@@ -199,9 +219,18 @@ def _create_parser(sub: argparse._SubParsersAction, kind: JobKind) -> None:
     if kind is SFT:
         p.add_argument("--evaluation-dataset", help="a dataset id or name, or a local .jsonl")
         p.add_argument("--early-stop", action="store_true", help="stop when the eval loss rises")
-    else:
+    elif kind is DPO:
         p.add_argument("--beta", type=float, help="the loss's beta (default 0.1)")
         p.add_argument("--method", choices=("DPO", "ORPO"), help="the loss (default DPO)")
+    else:
+        p.add_argument("--evaluator", required=True, help="the evaluator scoring the rollouts")
+        p.add_argument("--method", choices=("GRPO", "DAPO"), help="the loss (default GRPO)")
+        p.add_argument("--kl-beta", type=float, help="weight of the KL to the base (default 0)")
+        p.add_argument("--max-output-tokens", type=int, help="a rollout's tokens (default 128)")
+        p.add_argument("--response-candidates-count", type=int, help="rollouts a prompt (default 4)")  # fmt: skip
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--top-k", type=int)
     p.add_argument("--display-name")
     p.add_argument("--job-id", help=f"the job's id (default: {kind.id_prefix}<random>)")
     add_wait_args(p)
