@@ -4,7 +4,8 @@ an answer's characters that are the row's ground_truth), a prompt dataset upload
 created and polled until COMPLETED, its rollouts scored by the evaluator (jobProgress and the
 metrics file), its output model a READY addon that loads and serves; the 400s of bad fields,
 rows, loss methods and evaluators, 404, 403 for another account's key, cancel, resume, delete
-and list; a job whose evaluator is deleted before it starts fails, naming it."""
+and list; a job's evaluator cannot be deleted until it ends; one whose evaluator stops building
+before it starts fails, naming it."""
 
 from __future__ import annotations
 
@@ -208,18 +209,33 @@ def test_cancel_resume_list_and_delete(srv):
     srv.wait("slow", ("JOB_STATE_RUNNING",))
     r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/datasets/prompts")
     assert r.status_code == 400 and "reinforcement fine-tuning job" in r.json()["error"]["message"], r.text  # fmt: skip
-    # a job waiting behind it whose evaluator is deleted meanwhile fails when it starts
+    # a waiting job's evaluator cannot be deleted (it reads the code when it starts), nor a
+    # running one's (its scores stay the evaluator's it was created with) ...
     assert srv.evaluator("gone", SHARE)["state"] == "ACTIVE"
     r = srv.http("POST", f"{JOBS}?reinforcementFineTuningJobId=orphan", json={**job_body(), "evaluator": "gone"})  # fmt: skip
     assert r.status_code == 200, r.text
-    assert srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/evaluators/gone").status_code == 200
+    for evaluator, job, state in (("gone", "orphan", "PENDING"), ("share", "slow", "RUNNING")):
+        r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/evaluators/{evaluator}")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+        assert (
+            f"Evaluator accounts/{ACCOUNT}/evaluators/{evaluator} is used by reinforcement"
+            f" fine-tuning job accounts/{ACCOUNT}/reinforcementFineTuningJobs/{job}, which has"
+            f" not ended (JOB_STATE_{state}): cancel the job or wait for it first"
+        ) in r.json()["error"]["message"], r.text
+    # ... but it can be changed: one that no longer builds fails the job when it starts
+    code = {"main.py": "def score(**_):\n    return 1\n"}  # no evaluate: BUILD_FAILED
+    criteria = [{"type": "CODE_SNIPPETS", "codeSnippets": {"fileContents": code, "entryFile": "main.py", "entryFunc": "evaluate"}}]  # fmt: skip
+    r = srv.http("PATCH", f"/v1/accounts/{ACCOUNT}/evaluators/gone", json={"criteria": criteria})
+    assert r.status_code == 200, r.text
+    assert srv.wait("gone", ("BUILD_FAILED",), jobs=f"/v1/accounts/{ACCOUNT}/evaluators")
     cancelled = fw.reinforcement_fine_tuning_jobs.cancel("slow", body={})
     assert cancelled["state"] == "JOB_STATE_CANCELLED"
     orphan = srv.wait("orphan", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
     assert orphan["state"] == "JOB_STATE_FAILED", orphan
     assert orphan["status"]["code"] == "FAILED_PRECONDITION"
     assert (
-        f"evaluator accounts/{ACCOUNT}/evaluators/gone was deleted" in orphan["status"]["message"]
+        f"evaluator accounts/{ACCOUNT}/evaluators/gone is BUILD_FAILED, not ACTIVE"
+        in orphan["status"]["message"]
     )
     fw.reinforcement_fine_tuning_jobs.delete("orphan")
     page = fw.reinforcement_fine_tuning_jobs.list(page_size=1)

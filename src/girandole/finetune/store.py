@@ -28,6 +28,11 @@ class JobKind:
     id_prefix: str  # of the ids made up when it is not given
     folder: str  # the runner's work folders: <data_dir>/<folder>/<account>/<job id>
 
+    @property
+    def noun_inside(self) -> str:
+        """The noun inside a sentence: "DPO job" as it is, "supervised fine-tuning job"."""
+        return self.noun if self.noun[:2].isupper() else self.noun[0].lower() + self.noun[1:]
+
 
 SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-", "sft-jobs")  # fmt: skip
 DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-", "dpo-jobs")
@@ -98,16 +103,24 @@ class JobStore:
         )
         return [json.loads(r[0]) for r in rows]
 
-    def reading(self, account: str, dataset: str) -> dict[str, Any] | None:
-        """The oldest PENDING or RUNNING job of `account` that trains on, or evaluates with, the
-        dataset named `dataset` in full (it reads the file when it starts). Every kind keeps
-        `dataset` at the top level; only an SFT job has an `evaluationDataset`, also there."""
+    def naming(
+        self,
+        account: str,
+        value: str,
+        fields: tuple[str, ...] = ("dataset", "evaluationDataset"),
+        states: tuple[str, ...] = (PENDING, RUNNING),
+    ) -> dict[str, Any] | None:
+        """The oldest job of `account` in one of `states` whose top-level `fields` hold `value`:
+        by default one that trains on, or evaluates with, the dataset named `value` (it reads
+        the file when it starts; every kind keeps `dataset` at the top level, and an SFT job its
+        `evaluationDataset`); ("evaluator",): a reinforcement job that scores with it."""
+        holds = " OR ".join("json_extract(body, ?) = ?" for _ in fields)
+        marks = ", ".join("?" for _ in states)
         rows = self.db.execute(
             f"SELECT body FROM {self.kind.table} WHERE account = ?"
-            " AND json_extract(body, '$.state') IN (?, ?) AND ? IN (json_extract(body, '$.dataset'),"
-            " json_extract(body, '$.evaluationDataset'))"
+            f" AND json_extract(body, '$.state') IN ({marks}) AND ({holds})"
             " ORDER BY created, job_id LIMIT 1",
-            (account, PENDING, RUNNING, dataset),
+            (account, *states, *(x for f in fields for x in (f"$.{f}", value))),
         )
         return json.loads(rows[0][0]) if rows else None
 

@@ -157,11 +157,9 @@ def not_trained_on(
     dataset as the message names it (an uploaded file's DELETE names the file)."""
     name = dataset_name(account, dataset_id)
     for jobs in getattr(request.app.state, "finetune_stores", {}).values():
-        job = jobs.reading(account, name)
+        job = jobs.naming(account, name)
         if job is not None:
-            noun = jobs.kind.noun  # "DPO job" as it is, "supervised fine-tuning job" mid-sentence
-            noun = noun if noun[:2].isupper() else noun[0].lower() + noun[1:]
-            message = input_in_use(what or f"Dataset {name}", job, noun)
+            message = input_in_use(what or f"Dataset {name}", job, jobs.kind.noun_inside)
             raise APIError(400, message, param=param, code="FAILED_PRECONDITION")
 
 

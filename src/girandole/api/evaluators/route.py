@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from girandole.api.datasets.route import STRICT, created_by, own_id
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.evaluators.runtime import BUILD_LOG, SOURCE_ARCHIVE, EvaluatorRuntime
-from girandole.api.finetune.jobs import get_or_404, job_exists, new_job_id
+from girandole.api.finetune.jobs import get_or_404, job_exists, new_job_id, stores_of
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.list_params import ListParams, ListQuery, list_page, read_masked
 from girandole.api.http.openapi import body_doc
@@ -43,7 +43,7 @@ from girandole.batch.store import now_text
 from girandole.evaluators.archive import parse_entry_point
 from girandole.evaluators.build import BUILDING
 from girandole.evaluators.runner import check_file_name
-from girandole.evaluators.store import EVALUATION_JOBS, EVALUATORS, JOB_FINAL, JobStore
+from girandole.evaluators.store import CREATING, EVALUATION_JOBS, EVALUATORS, RUNNING, JobStore
 
 _SOURCE_TYPES = ("TYPE_UNSPECIFIED", "TYPE_UPLOAD", "TYPE_TEMPORARY")
 
@@ -374,19 +374,30 @@ async def update_evaluator(
     return current
 
 
+def not_used_by_a_job(request: Request, account: str, name: str) -> None:
+    """A 400 when a job that has not ended scores with the evaluator `name`: an evaluation job
+    (CREATING or RUNNING), or a reinforcement fine-tuning job (a PENDING one reads the code when
+    it starts; a RUNNING one already has it, and is named too, so that its rollouts' scores stay
+    the evaluator's the job was created with)."""
+    jobs: JobStore = request.app.state.evaluator_stores[EVALUATION_JOBS.collection]
+    waiting = [(jobs.naming(account, name, ("evaluator",), (CREATING, RUNNING)), "evaluation job", "delete")]  # fmt: skip
+    for store in stores_of(request).values():
+        waiting.append((store.naming(account, name, ("evaluator",)), store.kind.noun_inside, "cancel"))  # fmt: skip
+    for job, noun, verb in waiting:
+        if job is not None:
+            raise APIError(
+                400,
+                f"Evaluator {name} is used by {noun} {job['name']}, which has not ended"
+                f" ({job['state']}): {verb} the job or wait for it first",
+                code="FAILED_PRECONDITION",
+            )
+
+
 @router.delete("/accounts/{account}/evaluators/{evaluator_id}", summary="Delete an evaluator")
 async def delete_evaluator(evaluator_id: str, request: Request, account: str = Account) -> dict:
     store = store_of(request)
     evaluator = get_or_404(store, account, evaluator_id)
-    jobs: JobStore = request.app.state.evaluator_stores[EVALUATION_JOBS.collection]
-    for job in jobs.list(account):
-        if job.get("evaluator") == evaluator["name"] and job["state"] not in JOB_FINAL:
-            raise APIError(
-                400,
-                f"Evaluator {evaluator['name']} is used by evaluation job {job['name']}, which has"
-                f" not ended ({job['state']}): delete the job or wait for it first",
-                code="FAILED_PRECONDITION",
-            )
+    not_used_by_a_job(request, account, evaluator["name"])
     store.delete(account, evaluator_id)
     runtime_of(request).forget(account, evaluator_id)
     return {}
