@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from girandole.model.context import ForwardContext, PaddedDecode, PagedTables, get_context
+from girandole.model.context import (
+    ForwardContext,
+    PaddedDecode,
+    PagedTables,
+    get_context,
+    get_images,
+)
 from girandole.model.kernels import paged_attention
 
 # torch's CPU SDPA kernel computes a query block of fewer than 4 rows along another path whose
@@ -28,6 +34,22 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     """Causal (and optionally sliding-window) mask: [len(q_pos), len(k_pos)] bool, True = attend."""
     diff = q_pos[:, None] - k_pos[None, :]
     mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def _block_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, spans: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Gemma 3's mask with images (transformers' create_masks_for_vision_model): causal, or
+    both tokens in the same image's span; then within the sliding window, if any."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = diff >= 0
+    for start, end in spans:
+        q_in = (q_pos >= start) & (q_pos < end)
+        k_in = (k_pos >= start) & (k_pos < end)
+        mask |= q_in[:, None] & k_in[None, :]
     if window is not None:
         mask &= diff < window
     return mask
@@ -64,8 +86,15 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
+        images = get_images()
+        spans = images.spans if images is not None and any(images.spans) else None
         if ctx is None or self.k_cache is None:
-            out = self._attend_alone(q.float(), k.float(), v.float())
+            if spans is not None:  # one sequence from position 0
+                pos = torch.arange(q.shape[0], device=q.device)
+                mask = _block_mask(pos, pos, self.sliding_window, spans[0])
+                out = self._attend(q.float(), k.float(), v.float(), pos, pos, mask)
+            else:
+                out = self._attend_alone(q.float(), k.float(), v.float())
             return out.to(q.dtype).reshape(q.shape[0], -1)
         if ctx.groups is not None:
             ctx = ctx.groups[self.kv_group]
@@ -78,7 +107,11 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         # a float16 cache is CPU storage only: it is read in float32 (the native kernel widens it)
         qc = q.to(torch.float32 if cache_dtype == torch.float16 else cache_dtype)
-        if ctx.paged is not None:
+        if spans is not None:
+            if ctx.paged is not None:  # the Triton kernels take no bidirectional blocks
+                raise ValueError("images are not supported on the GPU path")
+            out = self._attend_each_sequence(qc, ctx, spans)
+        elif ctx.paged is not None:
             out = self._attend_paged(qc, ctx.paged)
         elif ctx.padded_decode is not None:
             out = self._attend_decode(qc, ctx.padded_decode)
@@ -148,18 +181,30 @@ class Attention(nn.Module):
             q, k_cache, v_cache, slots, starts, lens, self.sliding_window, self.scale
         )
 
-    def _attend_each_sequence(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def _attend_each_sequence(
+        self,
+        q: torch.Tensor,
+        ctx: ForwardContext,
+        spans: list[list[tuple[int, int]]] | None = None,
+    ) -> torch.Tensor:
         """One sequence at a time: a row's result then depends only on its own sequence, never
         on what else shares the step (batch invariance: a seeded request samples the same
-        tokens alone or in a busy batch)."""
+        tokens alone or in a busy batch). `spans`: each sequence's image spans (bidirectional
+        blocks), whose tokens are all in this step's chunk."""
         outs = []
         start = 0
-        for qlen, slots in zip(ctx.query_lens, ctx.context_slots):
+        for i, (qlen, slots) in enumerate(zip(ctx.query_lens, ctx.context_slots)):
             qi = q[start : start + qlen]
             start += qlen
             ki = self.k_cache.index_select(0, slots).to(q.dtype)
             vi = self.v_cache.index_select(0, slots).to(q.dtype)
-            outs.append(self._attend_sequence(qi, ki, vi))
+            if spans is not None and spans[i]:
+                k_pos = torch.arange(len(slots), device=q.device)
+                q_pos = k_pos[len(slots) - qlen :]
+                mask = _block_mask(q_pos, k_pos, self.sliding_window, spans[i])
+                outs.append(self._attend(qi, ki, vi, q_pos, k_pos, mask))
+            else:
+                outs.append(self._attend_sequence(qi, ki, vi))
         return torch.cat(outs, dim=0)
 
     def _attend_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -202,8 +247,10 @@ class Attention(nn.Module):
         v: torch.Tensor,
         q_pos: torch.Tensor,  # [Tq]
         k_pos: torch.Tensor,  # [Tk]
+        mask: torch.Tensor | None = None,  # [Tq, Tk] bool; None: causal (and the window)
     ) -> torch.Tensor:  # [Tq, H, D]
-        mask = _window_mask(q_pos, k_pos, self.sliding_window)
+        if mask is None:
+            mask = _window_mask(q_pos, k_pos, self.sliding_window)
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if self._scores_softcap():
             out = self._manual(qh, kh, vh, mask)

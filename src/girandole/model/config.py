@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from girandole.model.gemma3_vision import VisionConfig
     from girandole.model.spec import ArchSpec
 
 
@@ -26,6 +27,8 @@ class ModelConfig:
     # Sampling defaults from the checkpoint (HF generation_config.json); empty for GGUF.
     generation_config: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    # A vision model's image side (Gemma 3 4B and up); None: the model takes text only.
+    vision: VisionConfig | None = None
 
     @classmethod
     def from_spec(

@@ -153,6 +153,18 @@ class ForwardContext:
     groups: list[ForwardContext] | None = None
 
 
+@dataclass
+class ImageBatch:
+    """The images among a forward's new tokens (Gemma 3 vision): their embeddings replace the
+    image tokens' embeddings, and the tokens of one image attend to each other both ways."""
+
+    rows: torch.Tensor  # [N] long: the rows of the flattened batch that are image tokens
+    embeds: torch.Tensor  # [N, hidden] float32: their embeddings, in row order
+    # Per sequence of the batch, in batch order: the [start, end) positions of each image's
+    # tokens that this forward's queries may attend to bidirectionally (all in this chunk).
+    spans: list[list[tuple[int, int]]]
+
+
 class _Current(threading.local):
     """The context of this thread's forward: each engine steps on a thread of its own, and
     several engines run in one process (the server's model and its deployments). One global
@@ -160,6 +172,7 @@ class _Current(threading.local):
     the other's cache slots (an assertion, the requests aborted, then a segfault)."""
 
     ctx: ForwardContext | None = None
+    images: ImageBatch | None = None
 
 
 _current = _Current()
@@ -174,6 +187,20 @@ def current_decode_rows() -> int | None:
     """Leading decode rows of the batch being computed, or None outside an engine step."""
     ctx = _current.ctx
     return None if ctx is None else ctx.num_decode_rows
+
+
+def get_images() -> ImageBatch | None:
+    """The images of the forward being computed (set by the vision model's forward)."""
+    return _current.images
+
+
+@contextlib.contextmanager
+def image_context(images: ImageBatch | None) -> Iterator[None]:
+    previous, _current.images = _current.images, images
+    try:
+        yield
+    finally:
+        _current.images = previous
 
 
 @contextlib.contextmanager

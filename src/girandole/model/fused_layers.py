@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from girandole.env_switches import env_switch
-from girandole.model.context import ForwardContext, get_context
+from girandole.model.context import ForwardContext, ImageBatch, get_context, image_context
 from girandole.model.kernels import triton_fused
 from girandole.model.layers import DenseLinear, GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
@@ -77,18 +77,25 @@ def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_forward(
-    model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    images: ImageBatch | None = None,
 ) -> torch.Tensor:
     """The forward of Gemma 3 and the Llama family: embeddings, then every layer with its
     rotary tables; the hidden states before the final norm. Fused on the GPU path (`applies`),
-    module by module elsewhere."""
+    module by module elsewhere. `images`: image embeddings in place of the image tokens' own,
+    and the image spans the attention layers read (Gemma 3 vision; module by module only)."""
     x = model.embed_tokens(input_ids)
     ropes = model.rope_tables(positions)
     ctx = get_context()
-    if applies(model, ctx):
+    if images is not None:
+        x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
+    elif applies(model, ctx):
         return _fused(model, ctx, x, ropes)
-    for layer, rope in zip(model.layers, ropes):
-        x = layer(x, rope)
+    with image_context(images):
+        for layer, rope in zip(model.layers, ropes):
+            x = layer(x, rope)
     return x
 
 

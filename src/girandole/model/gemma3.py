@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from girandole.model import fused_layers
+from girandole.model.context import ImageBatch
 from girandole.model.layers import (
     Builder,
     GatedMLP,
@@ -76,8 +77,10 @@ class Gemma3ForCausalLM(nn.Module):
         self.rotary_local = Rotary(rope_inv_freq(spec.head_dim, spec.rope_local_theta))
         self.final_logit_softcap = spec.final_logit_softcap
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return fused_layers.decoder_forward(self, input_ids, positions)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, images: ImageBatch | None = None
+    ) -> torch.Tensor:
+        return fused_layers.decoder_forward(self, input_ids, positions, images)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale

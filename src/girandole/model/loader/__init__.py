@@ -177,12 +177,22 @@ def load_model(
 
         weights = MergedWeights(weights, read_adapter(merge_adapter, spec))
     model = build_model(spec, weights, mode, device, str(path))
+    _attach_vision(model, config, path)
     if device.type != "cpu":
         model = model.to(device)
 
     if cache_file is not None:
         _save_cache(model, config, cache_file)
     return model, config
+
+
+def _attach_vision(model: nn.Module, config: ModelConfig, path: Path) -> None:
+    """A vision checkpoint's image encoder (float32, model/gemma3_vision.py) as `model.vision`;
+    models without one have no such attribute."""
+    if config.vision is not None:
+        from girandole.model.gemma3_vision import load_vision_encoder
+
+        model.vision = load_vision_encoder(path, config.vision)
 
 
 def _save_cache(model: nn.Module, config: ModelConfig, cache_file: Path) -> None:
@@ -202,6 +212,7 @@ def build_cache_entry(path: str, cache_file: str) -> None:
     torch.set_num_threads(_build_threads(torch.get_num_threads()))
     spec, config, weights = read_checkpoint(Path(path))
     model = build_model(spec, weights, "fast", torch.device("cpu"), path)
+    _attach_vision(model, config, Path(path))
     _save_cache(model, config, Path(cache_file))
 
 

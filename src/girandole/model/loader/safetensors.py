@@ -229,6 +229,7 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
     if not cfg_path.exists():
         raise ValueError(f"model folder has no config.json: {folder}")
     cfg = read_json_object(cfg_path)
+    top = cfg
     model_type = cfg.get("model_type")
     if model_type == "gemma3" and "text_config" in cfg:
         text = cfg["text_config"]
@@ -344,6 +345,13 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
         generation_config=generation_config,
         chat_template=chat_template,
     )
+    if arch == "gemma3":
+        from girandole.model.gemma3_vision import read_vision_config
+
+        config.vision = read_vision_config(folder, top, spec.hidden_size)
+        if config.vision is not None:
+            for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+                check_token_id(getattr(config.vision, key), spec.vocab_size, str(cfg_path), key)
     return spec, config, SafetensorsWeights(folder, arch)
 
 
