@@ -249,3 +249,124 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2"), family="qwen2")
+
+
+GEMMA3_VISION_SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+TINY_IMAGE_SIZE = 32
+TINY_TOKENS_PER_IMAGE = 4
+
+
+def write_tiny_gemma3_vision(folder: Path, seed: int = 0):
+    """A random Gemma3ForConditionalGeneration (Gemma 3 4B's layout, tiny): 2 text layers (a
+    sliding one, window 5, and a global one) and a 2-layer SigLIP over 32x32 images in 8x8
+    patches, 4 tokens an image; a byte-level BPE tokenizer with Gemma's turn and image tokens
+    and Gemma 3's chat template. Returns the transformers model."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from girandole.tokenizer.chat_template import GEMMA_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=GEMMA3_VISION_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TRAIN_TEXT + "\n\n\n\n\n" * 4], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "<end_of_turn>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": GEMMA_TEMPLATE,
+                "extra_special_tokens": {
+                    "boi_token": "<start_of_image>",
+                    "eoi_token": "<end_of_image>",
+                    "image_token": "<image_soft_token>",
+                },
+            }
+        )
+    )
+    text = tf.Gemma3TextConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("<end_of_turn>"),
+        pad_token_id=0,
+    )
+    vision = tf.SiglipVisionConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=TINY_TOKENS_PER_IMAGE,
+        boi_token_index=tok.token_to_id("<start_of_image>"),
+        eoi_token_index=tok.token_to_id("<end_of_image>"),
+        image_token_index=tok.token_to_id("<image_soft_token>"),
+    )
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # random init leaves norms and the projector at 0/identity
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "mm_input_projection" in name:
+                p.normal_(0, 0.5)
+        # Spread the logits so that greedy choices are not decided by rounding noise.
+        model.model.language_model.embed_tokens.weight.mul_(4.0)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Gemma3ImageProcessor",
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "rescale_factor": 1 / 255,
+                "size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+            }
+        )
+    )
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory):
+    """(folder, transformers model) of the tiny Gemma 3 vision checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-gemma3-vision")
+    return folder, write_tiny_gemma3_vision(folder)

@@ -1,11 +1,10 @@
 """Gemma 3 vision (Gemma3ForConditionalGeneration): the SigLIP tower and projector, and the text
 model's logits over a prompt with an image (its tokens attending to each other both ways),
-against transformers on a tiny random checkpoint written here."""
+against transformers on the tiny random checkpoint of tests/conftest.py."""
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,79 +13,28 @@ from girandole.model.context import ImageBatch
 from girandole.model.image_input import ImageError, decode_image, pixel_values
 from girandole.model.loader import load_model
 
-BOI, EOI, IMAGE = 297, 298, 299
-TOKENS_PER_IMAGE = 4
-
-
-def write_tiny_gemma3_vision(folder: Path, seed: int = 0):
-    """A random Gemma3ForConditionalGeneration: 2 text layers (sliding window 5, shorter than
-    the test prompt) and a 2-layer SigLIP over 32x32 images in 8x8 patches, 4 tokens an image."""
-    import transformers as tf
-
-    text = tf.Gemma3TextConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        sliding_window=5,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=24,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    vision = tf.SiglipVisionConfig(
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=False,
-    )
-    config = tf.Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=TOKENS_PER_IMAGE,
-        boi_token_index=BOI,
-        eoi_token_index=EOI,
-        image_token_index=IMAGE,
-    )
-    torch.manual_seed(seed)
-    model = tf.Gemma3ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():  # random init leaves norms and the projector at 0/identity
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            elif "mm_input_projection" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return model
+TOKENS_PER_IMAGE = 4  # the tiny checkpoint's (tests/conftest.py: write_tiny_gemma3_vision)
 
 
 @pytest.fixture(scope="module")
-def tiny_vision(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gemma3-vision")
-    hf = write_tiny_gemma3_vision(folder)
+def loaded(tiny_vision):
+    folder, hf = tiny_vision
     model, config = load_model(folder, mode="reference", device="cpu", use_cache=False)
     return hf, model, config
 
 
-def test_config_names_the_image_tokens(tiny_vision):
-    _, model, config = tiny_vision
+def test_config_names_the_image_tokens(loaded):
+    hf, model, config = loaded
     vision = config.vision
     assert vision is not None
-    assert (vision.boi_token_id, vision.eoi_token_id, vision.image_token_id) == (BOI, EOI, IMAGE)
+    ids = (vision.boi_token_id, vision.eoi_token_id, vision.image_token_id)
+    assert ids == (hf.config.boi_token_id, hf.config.eoi_token_id, hf.config.image_token_id)
     assert vision.mm_tokens_per_image == TOKENS_PER_IMAGE and vision.image_size == 32
     assert hasattr(model, "vision")
 
 
-def test_image_features_match_transformers(tiny_vision):
-    hf, model, _ = tiny_vision
+def test_image_features_match_transformers(loaded):
+    hf, model, _ = loaded
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf.model.get_image_features(pixels, return_dict=True).pooler_output
@@ -95,17 +43,20 @@ def test_image_features_match_transformers(tiny_vision):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _prompt() -> tuple[list[int], int]:
+def _prompt(config) -> tuple[list[int], int]:
     """Token ids with one image (boi, 4 image tokens, eoi) and the first image token's index."""
-    ids = [1, 5, 6, 7, BOI, *[IMAGE] * TOKENS_PER_IMAGE, EOI, 8, 9, 10, 11, 12]
-    return ids, ids.index(IMAGE)
+    v = config.vision
+    image = [v.boi_token_id, *[v.image_token_id] * TOKENS_PER_IMAGE, v.eoi_token_id]
+    ids = [1, 50, 60, 70, *image, 80, 90, 100, 110, 120]
+    return ids, ids.index(v.image_token_id)
 
 
-def test_logits_with_an_image_match_transformers(tiny_vision):
-    hf, model, _ = tiny_vision
-    ids, start = _prompt()
+def test_logits_with_an_image_match_transformers(loaded):
+    hf, model, config = loaded
+    ids, start = _prompt(config)
+    image_id = config.vision.image_token_id
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    token_types = torch.tensor([[int(i == IMAGE) for i in ids]])
+    token_types = torch.tensor([[int(i == image_id) for i in ids]])
     with torch.no_grad():
         want = hf(
             input_ids=torch.tensor([ids]), pixel_values=pixels, token_type_ids=token_types
@@ -133,11 +84,11 @@ def _png(rgb: torch.Tensor, fmt: str = "PNG") -> bytes:
     return out.getvalue()
 
 
-def test_pixel_values_match_the_gemma3_image_processor(tiny_vision):
+def test_pixel_values_match_the_gemma3_image_processor(loaded):
     from PIL import Image
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    _, _, config = tiny_vision
+    _, _, config = loaded
     rgb = torch.randint(0, 256, (3, 45, 70), dtype=torch.uint8, generator=torch.Generator())
     data = _png(rgb)
     assert torch.equal(decode_image(data), rgb)

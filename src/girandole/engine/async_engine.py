@@ -139,6 +139,7 @@ class AsyncEngine:
         if self._stopped:
             raise EngineStoppedError(STOPPED_MESSAGE)
         self.engine.check_request(prompt_token_ids, params)
+        self.engine.check_images(prompt_token_ids, kwargs.get("images"))
         if kwargs.get("adapter") is not None:
             self.engine.loras.get(kwargs["adapter"])  # ValueError: not loaded here
         if params.grammar is not None and "compiled_grammar" not in kwargs:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from girandole.engine.cpu_threads import CpuThreads
+from girandole.engine.images import PromptImage, SeqImage, place_images
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.lora_manager import LoRAManager
 from girandole.engine.outputs import RequestOutput
@@ -188,12 +189,37 @@ class LLMEngine:
                 f"{self.max_model_len}"
             )
 
+    def check_images(
+        self, prompt_token_ids: list[int], images: list[PromptImage] | None
+    ) -> list[SeqImage]:
+        """A request's images placed at the prompt's image tokens; ValueError naming the
+        problem (a text-only model, the GPU path, placeholders that do not pair up); safe to
+        call from any thread."""
+        if not images:
+            return []
+        if self.model_config.vision is None:
+            raise ValueError("images are not supported: this model takes text only")
+        if self.runner.gpu_path:
+            raise ValueError(
+                "images are not supported on this replica's GPU path yet: its attention kernels "
+                "cannot let an image's tokens attend to each other both ways"
+            )
+        placed = place_images(prompt_token_ids, images, self.model_config.vision)
+        budget = self.scheduler.config.max_num_batched_tokens
+        if placed and placed[0].end - placed[0].start > budget:
+            raise ValueError(
+                f"an image is {placed[0].end - placed[0].start} tokens, more than a step's token "
+                f"budget ({budget}, --max-num-batched-tokens), and cannot be computed in one step"
+            )
+        return placed
+
     def add_request(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         *,
+        images: list[PromptImage] | None = None,
         cache_salt: str | None = None,
         prefix_cache_max_len: int | None = None,
         compiled_grammar=None,
@@ -207,12 +233,14 @@ class LLMEngine:
         prompt's pooled hidden state (girandole.engine.pooling). `prompt_logprobs_last`: score
         only the prompt's last N tokens (the others' prompt logprobs are None). `priority`: its
         scheduling tier (1: service_tier "priority", -1: a batch-job line). `adapter`: the name
-        of a loaded LoRA adapter to run."""
+        of a loaded LoRA adapter to run. `images`: a vision model's images, one for each run of
+        image tokens in the prompt (engine/images.py)."""
         from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
         if request_id in self.seqs:
             raise ValueError(f"request id already in use: {request_id}")
         self.check_request(prompt_token_ids, params)
+        placed = self.check_images(prompt_token_ids, images)
         if pooling is not None:
             pooling.validate(params.max_tokens)
         if pooling is not None or (
@@ -237,6 +265,7 @@ class LLMEngine:
             lora=lora,
         )
         seq.pooling = pooling
+        seq.images = placed
         if seq.prompt_logprobs is not None and prompt_logprobs_last is not None:
             # the runner scores from the first position not yet in the list
             seq.prompt_logprobs = [None] * max(1, len(prompt_token_ids) - prompt_logprobs_last)

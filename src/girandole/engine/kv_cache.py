@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
+from girandole.engine.images import block_key
 from girandole.engine.sequence import Sequence
 
 NULL_BLOCK = 0  # with a sliding-window group: the table entry of a released block
@@ -37,14 +38,19 @@ class Block:
     token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
-def chain_hash(salt: bytes | None, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+def chain_hash(
+    salt: bytes | None, prev: bytes | None, tokens: tuple[int, ...], extra: bytes = b""
+) -> bytes:
     """A block's prefix-cache key: SHA-256 of the previous block's key (the salt for the first
     block) and the block's token ids. A collision-resistant hash because a matched prefix is not
     always checked token by token (when every group slides, blocks before the window may be gone)
     and Python's hash() of ints is deterministic and cheap to collide on purpose (vLLM's
-    CVE-2025-25183): a crafted prompt could otherwise be served another prompt's K/V."""
+    CVE-2025-25183): a crafted prompt could otherwise be served another prompt's K/V.
+    `extra`: what else the block's K/V depend on (the digests of the images it holds)."""
     h = hashlib.sha256(b"\x01" + prev if prev is not None else b"\x00" + (salt or b""))
     h.update(array("q", tokens).tobytes())
+    if extra:
+        h.update(b"\x02" + extra)
     return h.digest()
 
 
@@ -159,8 +165,12 @@ class KVCacheManager:
 
     # -- prefix cache ---------------------------------------------------------------------
 
-    def _chain_hash(self, seq: Sequence, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
-        return chain_hash(seq.prefix_salt if prev is None else None, prev, tokens)
+    def _chain_hash(
+        self, seq: Sequence, prev: bytes | None, tokens: tuple[int, ...], index: int
+    ) -> bytes:
+        """Block `index` of `seq` (holding `tokens`): keyed by its images too, if any."""
+        extra = block_key(seq, index, self.block_size) if seq.images else b""
+        return chain_hash(seq.prefix_salt if prev is None else None, prev, tokens, extra)
 
     def _cached(self, group: int, h: int, tokens: tuple[int, ...]) -> int | None:
         block_id = self.hash_to_block.get((group, h))
@@ -188,7 +198,7 @@ class KVCacheManager:
         prev: bytes | None = None
         for i in range(limit // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = self._chain_hash(seq, prev, tokens)
+            h = self._chain_hash(seq, prev, tokens, i)
             hits = [self._cached(g, h, tokens) for g in range(len(self.windows))]
             if any(b is None for g, b in enumerate(hits) if self.windows[g] is None):
                 break
@@ -238,7 +248,7 @@ class KVCacheManager:
         prev = seq.last_block_hash
         for i in range(seq.num_hashed_blocks, num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = self._chain_hash(seq, prev, tokens)
+            h = self._chain_hash(seq, prev, tokens, i)
             for g, table in enumerate(tables):
                 if table[i] == NULL_BLOCK and self.num_reserved:
                     continue  # released before it was registered

@@ -13,6 +13,7 @@ from torch import nn
 from girandole.engine import pooling
 from girandole.engine.cpu_graphs import CpuDecodeGraphs
 from girandole.engine.cuda_graphs import DecodeGraphs
+from girandole.engine.images import image_batch
 from girandole.engine.kv_groups import (
     bind_kv_cache,
     bytes_per_block,
@@ -494,7 +495,13 @@ class ModelRunner:
         ids, pos, ctx = self.prepare(seqs, num_new_tokens)
         if inputs is not None:
             self._gather_inputs(ids, seqs, num_new_tokens, inputs)
-        if self.graphs is not None and self.graphs.can_run(ctx):
+        images = None
+        if any(seq.images for seq in seqs):  # a vision model's prompt images (engine/images.py)
+            images = image_batch(seqs, num_new_tokens, self.model.vision, self.device)
+        if images is not None:
+            with forward_context(ctx):
+                hidden = self.model(ids, pos, images)
+        elif self.graphs is not None and self.graphs.can_run(ctx):
             hidden = self.graphs.run(ids, pos, ctx)
         elif self.cpu_graphs is not None and self.cpu_graphs.can_run(ids, ctx):
             hidden = self.cpu_graphs.run(ids, pos, ctx)

@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from girandole.engine.images import fit_chunk
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.sequence import Sequence, SequenceStatus
 
@@ -313,6 +314,8 @@ class Scheduler:
             decode = seq.is_decode(n)
             if not decode:
                 n = min(n, step.prefill_left)
+                if seq.images and n > 0:  # an image's tokens go in one chunk
+                    n = fit_chunk(seq, n, step.budget)
                 if n <= 0:  # a prefill chunk waits for the next step; decodes go on
                     step.cursor += 1
                     continue
@@ -366,6 +369,11 @@ class Scheduler:
             if not seq.block_table:
                 self.kv_cache.match_prefix(seq, seq.prefix_cache_max_len)
             n = min(seq.num_uncomputed_tokens, step.budget, step.prefill_left)
+            if seq.images:  # an image's tokens go in one chunk
+                n = fit_chunk(seq, n, step.budget)
+                if n <= 0:  # waits for a step with room for the whole image
+                    self.kv_cache.free(seq)  # release prefix hits; try again next step
+                    return
             while not self.kv_cache.allocate(seq, n):
                 if not self._make_room(seq, step):
                     self.kv_cache.free(seq)  # release prefix hits; try again next step

@@ -12,6 +12,7 @@ import torch
 from girandole.sampling.params import SamplingParams, generator_seed
 
 if TYPE_CHECKING:
+    from girandole.engine.images import SeqImage
     from girandole.engine.outputs import FinishReason
     from girandole.model.lora import LoRAAdapter
     from girandole.tokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -52,6 +53,8 @@ class Sequence:
         self.priority = priority
         self.lora_source = lora  # the LoRA adapter the request runs (None: the base model)
         self.lora: LoRAAdapter | None = None  # its resident copy, set at admission
+        # Its prompt's images (a vision model; engine/images.py), in prompt order.
+        self.images: list[SeqImage] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
