@@ -310,6 +310,14 @@ def flatten_content(content: Any) -> str:
     raise ChatTemplateError(f"invalid message content: {content!r}")
 
 
+def _has_images(content: Any) -> bool:
+    """Whether `content` is a list of parts holding an `{"type": "image"}` one (chat's image_url
+    parts for a vision model, girandole.api.chat.prompt), which stays a list for the template."""
+    return isinstance(content, list) and any(
+        isinstance(part, Mapping) and part.get("type") == "image" for part in content
+    )
+
+
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
@@ -329,7 +337,8 @@ def render_chat(
     """Render `messages` with `template` (or the built-in template of `family` when None).
 
     Messages are dicts with `role` and `content`; content may be a string, None, or a list of
-    `{"type": "text", "text": ...}` parts, which is flattened to one string before rendering.
+    `{"type": "text", "text": ...}` parts, which is flattened to one string before rendering
+    (unless it holds `{"type": "image"}` parts: a vision model's template writes their markers).
     Other keys (`tool_calls`, `tool_call_id`, `reasoning_content`...) are passed through.
     `continue_final_message=True` leaves the last (assistant) message open so the model continues
     it, and implies no generation prompt (same cut as transformers). `tools` and `documents` and
@@ -347,7 +356,8 @@ def render_chat(
         if not isinstance(message, Mapping) or "role" not in message:
             raise ChatTemplateError(f"each message must be an object with a role: {message!r}")
         m = copy.deepcopy(dict(message))
-        m["content"] = flatten_content(m.get("content"))
+        if not _has_images(m.get("content")):  # a vision model's template reads the parts
+            m["content"] = flatten_content(m.get("content"))
         chat.append(m)
     if continue_final_message:
         if not chat:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from girandole.api.chat.images import ImageMarkers
 from girandole.api.chat.reasoning import ReasoningPlan, apply_history
 from girandole.api.chat.schema import ChatCompletionRequest, ChatMessage
 from girandole.api.chat.tools import ToolPlan, prompt_messages
@@ -15,6 +16,7 @@ from girandole.api.http.errors import APIError, bad_request
 from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, context_exceeded, off_loop_if_long
 from girandole.tokenizer.chat_template import (
     ChatTemplateError,
+    RenderedChat,
     flatten_content,
     render_chat_prompt,
 )
@@ -56,12 +58,27 @@ class PromptEnd:
         return generation and not cont, cont
 
 
-def check_parts(messages: list[ChatMessage]) -> None:
+def check_parts(messages: list[ChatMessage], vision: bool = False) -> None:
+    """Every content part is text, or (`vision`: the model takes images) an image_url part of a
+    user message; a 400 naming the first that is not."""
     for i, message in enumerate(messages):
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):
             where = f"messages.{i}.content.{j}"
+            if part.type == "image_url" and vision:
+                if message.role != "user":
+                    raise bad_request(
+                        f"Images go in user messages only, not in a {message.role} message,"
+                        f" field: '{where}'",
+                        where,
+                    )
+                if part.image_url is None:
+                    raise bad_request(
+                        f"An image_url part needs 'image_url', field: '{where}.image_url'",
+                        where + ".image_url",
+                    )
+                continue
             if part.type != "text":
                 raise bad_request(
                     f"Content parts of type '{part.type}' are not supported: this model takes"
@@ -74,14 +91,22 @@ def check_parts(messages: list[ChatMessage]) -> None:
                 )
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the template sees them, without system messages whose content is empty."""
-    check_parts(messages)
+def template_messages(messages: list[ChatMessage], vision: bool = False) -> list[dict[str, Any]]:
+    """Messages as the template sees them, without system messages whose content is empty;
+    `vision`: image_url parts are allowed, as the `{"type": "image"}` parts that chat templates
+    of vision models (Gemma 3's) write an image marker for."""
+    check_parts(messages, vision)
     out = []
     for message in messages:
         if message.role == "system" and flatten_content(message.content_value()) == "":
             continue
-        out.append(message.template_dict())
+        entry = message.template_dict()
+        if vision and isinstance(entry["content"], list):
+            entry["content"] = [
+                {"type": "image"} if part.get("type") == "image_url" else part
+                for part in entry["content"]
+            ]
+        out.append(entry)
     final = out[-1] if out else None
     if (
         final is not None
@@ -113,6 +138,7 @@ class ChatRender:
     reasoning: ReasoningPlan | None = None
     end: PromptEnd = field(default_factory=PromptEnd)
     context: int | None = None  # the model's context length: a prompt surely longer is refused
+    images: ImageMarkers | None = None  # a vision model's: image markers become image tokens
 
     def encode_within(
         self, messages: list[dict[str, Any]], limit: int | None
@@ -141,6 +167,13 @@ class ChatRender:
             if self.reasoning
             else ""
         )
+        if self.images is not None:
+            marked = rendered.marked
+            rendered = RenderedChat(
+                self.images.expand(rendered.text),
+                None if marked is None else self.images.expand(marked, rendered.marks.start),
+                rendered.marks,
+            )
         text = rendered.text + suffix
         if limit is not None and len(text) > limit * MAX_CHARS_PER_TOKEN:
             return None
@@ -237,16 +270,18 @@ def build_prompt(
     reasoning: ReasoningPlan | None = None,
     end: PromptEnd | None = None,
     context: int | None = None,
+    images: ImageMarkers | None = None,
 ) -> ChatPrompt:
     """`context`: the model's context length, to refuse a prompt far longer before tokenizing
-    all of it (None: no such check)."""
-    messages = template_messages(req.messages)
+    all of it (None: no such check); `images`: a vision model's image markers (its image_url
+    parts are allowed then)."""
+    messages = template_messages(req.messages, images is not None)
     if reasoning is not None:  # earlier turns' reasoning as reasoning_history asks
         messages = apply_history(messages, reasoning.history)
     # tools into the prompt: the template's own way, else a system text (girandole.api.chat.tools)
     messages, tools = prompt_messages(messages, plan, template)
     render = ChatRender(tokenizer, template, bool(req.safe_tokenization), tools, reasoning,
-                        end or PromptEnd(), context)  # fmt: skip
+                        end or PromptEnd(), context, images)  # fmt: skip
     try:
         limit = req.prompt_truncate_len
         full = render.encode_within(messages, limit)  # None: too long even to tokenize
@@ -280,16 +315,18 @@ async def chat_prompt(
     reasoning: ReasoningPlan | None = None,
     end: PromptEnd | None = None,
     context: int | None = None,
+    images: ImageMarkers | None = None,
 ) -> ChatPrompt:
     """The request's prompt (long conversations rendered and tokenized in a thread); `end`:
-    how it ends, when the caller says (None: as chat ends it); `context`: build_prompt's."""
+    how it ends, when the caller says (None: as chat ends it); `context`, `images`:
+    build_prompt's."""
     size = sum(m.num_chars() for m in req.messages)
     # rendering costs per message too: a conversation of many short turns is long work
     size += RENDER_CHARS_PER_MESSAGE * len(req.messages)
     if plan is not None:  # the tools are rendered into the prompt too (128 may be megabytes)
         size += sum(len(tool.model_dump_json(exclude_none=True)) for tool in plan.tools)
     prompt = await off_loop_if_long(
-        size, build_prompt, tokenizer, req, template, plan, reasoning, end, context
+        size, build_prompt, tokenizer, req, template, plan, reasoning, end, context, images
     )
     for token in prompt.token_ids:
         if token >= vocab_size:  # a template writing a token the model lacks

@@ -3,6 +3,7 @@ route."""
 
 from __future__ import annotations
 
+from girandole.api.chat.images import ImageMarkers, image_parts, load_images
 from girandole.api.chat.prompt import chat_prompt, check_parts
 from girandole.api.chat.reasoning import THINK_END, plan_reasoning
 from girandole.api.chat.schema import ChatCompletionRequest
@@ -39,7 +40,7 @@ class Chat(Endpoint):
                 "prompt_token_ids" if both else "messages",
             )
         if req.messages is not None:
-            check_parts(req.messages)
+            check_parts(req.messages, vision=engine.model_config.vision is not None)
         reasoning = plan_reasoning(req, template)  # a 400 when asked of a model that cannot
         think_end = engine.tokenizer.token_to_id(THINK_END) if reasoning is not None else None
         return ChatShape(template, plan_tools(req, template), reasoning, think_end)
@@ -61,9 +62,14 @@ class Chat(Endpoint):
                 text = engine.tokenizer.decode(ids, skip_special_tokens=False)
                 shape.reasoning.prompt_suffix(shape.template, text, continued=True)
             return [ids]
+        vision = engine.model_config.vision
+        markers = None
+        if vision is not None and image_parts(req.messages):
+            shape.images = await load_images(req.messages, vision)
+            markers = ImageMarkers.of(engine.tokenizer, vision)
         prompt = await chat_prompt(
             engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning,
-            context=AppState.context_length_of(engine),
+            context=AppState.context_length_of(engine), images=markers,
         )  # fmt: skip
         return [prompt.token_ids]
 

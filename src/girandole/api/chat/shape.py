@@ -16,6 +16,7 @@ from girandole.api.chat.tool_calls import ToolStream, finish_message
 from girandole.api.chat.tools import ToolPlan
 from girandole.api.serving.choice import Choice
 from girandole.api.serving.response import ResponseShape
+from girandole.engine.images import PromptImage
 
 
 class ChatShape(ResponseShape):
@@ -39,6 +40,8 @@ class ChatShape(ResponseShape):
         self._calls: dict[int, ToolStream] = {}  # per choice: content or tool-call deltas
         self._splitters: dict[int, ReasoningSplitter] = {}
         self._echoed: set[int] = set()  # choices whose echoed prompt was passed on
+        # The prompt's images (a vision model; api/chat/images.py), for every choice's request.
+        self.images: list[PromptImage] = []
 
     def _splitter(self, choice: Choice) -> ReasoningSplitter:
         splitter = self._splitters.get(choice.index)

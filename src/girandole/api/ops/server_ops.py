@@ -511,6 +511,10 @@ def _renders_tools(data: dict) -> bool:
     return not (choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"))
 
 
+# Content parts' media (chat's image_url/video_url objects), left out of a prompt's text size.
+MEDIA_PARTS = ("image_url", "video_url")
+
+
 def _prompt_size(name: str, value: Any, max_chars: int, max_items: int) -> tuple[int, int]:
     """`prompt_size` of field `name`: a completions `prompt` list of texts or token-id lists is
     several prompts, each bounded by the context alone (its largest counts); any other field
@@ -525,7 +529,8 @@ def prompt_size(
 ) -> tuple[int, int]:
     """(characters of text, list items) in a prompt or messages value, strings and lists
     anywhere inside it; the count stops once either passes its max (a body of a million
-    messages is not walked whole)."""
+    messages is not walked whole). An image part's URL is no text of the prompt (a data: URL
+    is megabytes; the image is mm_tokens_per_image tokens): it is not counted."""
     chars = items = 0
     stack = [(value, 0)]
     while stack:
@@ -542,7 +547,7 @@ def prompt_size(
                 break
             stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+            stack.extend((v, depth + 1) for k, v in item.items() if k not in MEDIA_PARTS)
     return chars, items
 
 

@@ -267,6 +267,10 @@ class Rounds:
                 cache_scope=scope_of(principal_of(self.request), state.settings.prompt_cache_scope),
             )
             job.max_response_bytes = state.settings.max_response_bytes
+            images = getattr(shape, "images", None)  # a vision model's prompt images
+            if images:
+                for choice in job.choices:
+                    choice.engine_kwargs["images"] = images
             self.endpoint.adjust_job(req, job)
         except APIError as exc:  # a shared check's 400, named as the endpoint's API names it
             self.endpoint.rename_field(exc, req)
