@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from girandole.api.chat.images import ImageMarkers
 from girandole.api.chat.reasoning import ReasoningPlan, apply_history
 from girandole.api.chat.schema import ChatCompletionRequest, ChatMessage
 from girandole.api.chat.tools import ToolPlan, prompt_messages
 from girandole.api.http.errors import APIError, bad_request
+from girandole.api.serving.images import ImageMarkers
 from girandole.api.serving.prompt import MAX_CHARS_PER_TOKEN, context_exceeded, off_loop_if_long
 from girandole.tokenizer.chat_template import (
     ChatTemplateError,
@@ -82,7 +82,7 @@ def check_parts(messages: list[ChatMessage], vision: bool = False) -> None:
             if part.type != "text":
                 raise bad_request(
                     f"Content parts of type '{part.type}' are not supported: this model takes"
-                    f" text only, field: '{where}'",
+                    f" {'text and images' if vision else 'text only'}, field: '{where}'",
                     where,
                 )
             if part.text is None:

@@ -3,7 +3,7 @@ route."""
 
 from __future__ import annotations
 
-from girandole.api.chat.images import ImageMarkers, image_parts, load_images
+from girandole.api.chat.images import image_parts, load_images
 from girandole.api.chat.prompt import chat_prompt, check_parts
 from girandole.api.chat.reasoning import THINK_END, plan_reasoning
 from girandole.api.chat.schema import ChatCompletionRequest
@@ -11,6 +11,7 @@ from girandole.api.chat.shape import ChatShape
 from girandole.api.chat.tools import plan_tools
 from girandole.api.http.errors import bad_request
 from girandole.api.http.unsupported import CHAT_UNSUPPORTED
+from girandole.api.serving.images import ImageMarkers
 from girandole.api.serving.pipeline import Endpoint, inference_router
 from girandole.api.state import AppState
 from girandole.engine.protocol import EngineClient

@@ -31,6 +31,9 @@ Prompt = Annotated[
 
 class CompletionRequest(RequestFields):
     prompt: Prompt
+    # Set only for a vision model (girandole.api.completions.images); a text-only model's
+    # request never gets here with images (girandole.api.http.unsupported).
+    images: list[str] | None = None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts: strings or token-id lists."""

@@ -1,7 +1,7 @@
-"""Images in chat (a vision model: the tiny random Gemma 3 4B-shaped checkpoint of
-tests/conftest.py) through a real server and the openai SDK: data: URLs and fetched URLs, the
-prompt as transformers' Gemma3Processor writes it, determinism, the image changing the answer,
-usage, and a 400 naming the part for every bad image."""
+"""Images for a vision model (the tiny random Gemma 3 4B-shaped checkpoint of tests/conftest.py)
+through a real server and the openai SDK, in chat's image_url parts and /completions' `images`:
+data: URLs and fetched URLs, the prompt as transformers' Gemma3Processor writes it, determinism,
+the image changing the answer, usage, and a 400 naming the field for every bad image."""
 
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def _processor_ids(folder, messages: list[dict], images: list[bytes]) -> list[in
 
 
 def test_the_prompt_is_what_gemma3_processor_writes(tiny_vision):
-    from girandole.api.chat.images import ImageMarkers
     from girandole.api.chat.prompt import build_prompt
     from girandole.api.chat.schema import ChatCompletionRequest
+    from girandole.api.serving.images import ImageMarkers
     from girandole.model.loader.safetensors import read_safetensors
     from girandole.tokenizer import load_tokenizer
 
@@ -164,3 +164,50 @@ def test_too_many_images_or_images_outside_user_messages_are_a_400(client):
     video = {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}
     err = _bad(client, [{"role": "user", "content": [video]}])
     assert "video_url" in err.message
+
+
+def test_completions_images_go_where_the_prompt_marks_them(client, tiny_vision):
+    from PIL import Image
+    from transformers import AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    folder, hf = tiny_vision
+    prompt = "The quick brown fox <start_of_image> jumps over"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    a, b = _data_url(_png(1)), _data_url(_png(2))
+    first = client.completions.create(**kw, extra_body={"images": [a]})
+    other = client.completions.create(**kw, extra_body={"images": [b]})
+    assert first.choices[0].logprobs.token_logprobs[0] != pytest.approx(
+        other.choices[0].logprobs.token_logprobs[0], abs=1e-4
+    )
+    tok = AutoTokenizer.from_pretrained(folder)
+    processor = Gemma3Processor(
+        Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tok, image_seq_length=4
+    )
+    want = list(processor(text=prompt, images=[Image.open(io.BytesIO(_png(1)))])["input_ids"][0])
+    assert first.usage.prompt_tokens == len(want)
+    # the same prompt as token ids, one boi token where the image goes
+    ids = tok(prompt)["input_ids"]
+    assert ids.count(hf.config.boi_token_id) == 1
+    tokens = client.completions.create(**{**kw, "prompt": ids}, extra_body={"images": [a]})
+    assert tokens.choices[0].text == first.choices[0].text
+    assert tokens.choices[0].logprobs.token_logprobs == pytest.approx(
+        first.choices[0].logprobs.token_logprobs, abs=1e-5
+    )
+
+
+def test_completions_images_that_do_not_pair_up_are_a_400(client):
+    url = _data_url(_png(1))
+    for prompt, images, message in (
+        ("no marker here", [url], "the prompt has 0 image markers"),
+        ("<start_of_image> and <start_of_image>", [url], "has 1 images but the prompt has 2"),
+        (["<start_of_image>", "<start_of_image>"], [url], "a single prompt"),
+        ("<start_of_image>", "not-a-list", "must be an array"),
+        ("<start_of_image>", ["data:image/png;base64,AAAA"], "not a PNG, JPEG or WebP"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=1, extra_body={"images": images}
+            )
+        assert message in info.value.message, (prompt, info.value.message)
+        assert info.value.body["param"].split(".")[0] == "images"
