@@ -9,6 +9,7 @@ pytest.importorskip("ray", reason="the Ray backend needs ray[serve]")
 from ray.serve.config import AutoscalingConfig  # noqa: E402
 
 from girandole.deploy.ray_backend import (  # noqa: E402
+    PUSH_INTERVAL_VARS,
     REPLICA_BATCH_SLOTS,
     ScalingPolicy,
     app_name_of,
@@ -27,6 +28,27 @@ def test_policy_maps_one_to_one():
     assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (30.0, 600.0)
     assert config["downscale_to_zero_delay_s"] == 3600.0
     AutoscalingConfig(**config)  # Ray accepts it
+
+
+def test_push_interval_variables_become_the_metrics_interval(monkeypatch):
+    # Ray 2.60 pushes metrics every metrics_interval_s and reads neither variable itself
+    for name in PUSH_INTERVAL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert "metrics_interval_s" not in autoscaling_config(ScalingPolicy(), initial=1)
+    monkeypatch.setenv(PUSH_INTERVAL_VARS[0], "2")
+    monkeypatch.setenv(PUSH_INTERVAL_VARS[1], "0.5")
+    config = autoscaling_config(ScalingPolicy(scale_up_window=1), initial=1)
+    assert config["metrics_interval_s"] == 0.5  # the shorter
+    assert config["look_back_period_s"] == 1.5  # a second more (was 11 s at least)
+    slow = autoscaling_config(ScalingPolicy(scale_up_window=60), initial=1)
+    assert slow["look_back_period_s"] == 30  # the scale-up window, 30 s at most, as before
+    with pytest.warns(DeprecationWarning):  # the field Ray still reads
+        AutoscalingConfig(**config)
+    monkeypatch.setenv(PUSH_INTERVAL_VARS[0], "fast")  # not a number: left out
+    for value in ("60", "0"):  # longer than Serve's own 10 s, or not above 0: Serve's own
+        monkeypatch.setenv(PUSH_INTERVAL_VARS[1], value)
+        config = autoscaling_config(ScalingPolicy(scale_up_window=1), initial=1)
+        assert "metrics_interval_s" not in config and config["look_back_period_s"] == 11
 
 
 def test_default_load_target_is_a_fraction_of_the_batch():

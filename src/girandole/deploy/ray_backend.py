@@ -41,7 +41,16 @@ logger = logging.getLogger("girandole.deploy")
 
 REPLICA_BATCH_SLOTS = 64  # EngineConfig.max_num_seqs: what loadTargets.default is a fraction of
 STATUS_PERIOD_S = 1.0
-LOOK_BACK_MIN_S = 11.0
+# Serve's replicas and handles push their autoscaling metrics every
+# AutoscalingConfig.metrics_interval_s (10 s by default): Ray 2.60 reads neither of the variables
+# that field's deprecation note names instead. Where they are set (a test cluster, a soak run),
+# the shorter is passed as the field, so Serve decides on the load a second old, not up to 10 s,
+# and the look-back, which Serve wants longer than the interval, may be as short.
+SERVE_METRICS_INTERVAL_S = 10.0
+PUSH_INTERVAL_VARS = (
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+)
 SESSION_DRAIN_TIMEOUT_S = 30.0
 # Ray starts its workers niced (15) and a replica renices itself to 0 once it runs
 # (ray_replica.py): a new replica, started beside busy ones on the same node (a scale-up under
@@ -114,6 +123,16 @@ class ScalingPolicy:
         return max(1.0, float(self.load_targets.get("default", 0.8)) * REPLICA_BATCH_SLOTS)
 
 
+def metrics_interval() -> float | None:
+    """The shorter of PUSH_INTERVAL_VARS that is set to a number above 0; None: Serve's own."""
+    values = []
+    for name in PUSH_INTERVAL_VARS:
+        with contextlib.suppress(KeyError, ValueError):
+            values.append(float(os.environ[name]))
+    values = [v for v in values if v > 0]
+    return min(values) if values else None
+
+
 def autoscaling_config(
     policy: ScalingPolicy, initial: int, floor: int | None = None, cap: int | None = None
 ) -> dict[str, Any]:
@@ -135,10 +154,13 @@ def autoscaling_config(
         "upscale_delay_s": policy.scale_up_window,
         "downscale_delay_s": policy.scale_down_window,
         "downscale_to_zero_delay_s": policy.scale_to_zero_window,
-        # the windows are the delays; the load is averaged over the scale-up window, within
-        # what Serve allows (more than its 10 s metrics interval) and its 30 s default
-        "look_back_period_s": max(LOOK_BACK_MIN_S, min(30.0, policy.scale_up_window)),
     }
+    interval = min(metrics_interval() or SERVE_METRICS_INTERVAL_S, SERVE_METRICS_INTERVAL_S)
+    if interval != SERVE_METRICS_INTERVAL_S:
+        config["metrics_interval_s"] = interval
+    # the windows are the delays; the load is averaged over the scale-up window, within what
+    # Serve allows (a second more than its metrics interval: 11 s by default) and its 30 s default
+    config["look_back_period_s"] = max(interval + 1.0, min(30.0, policy.scale_up_window))
     rates = {k: v for k, v in policy.load_targets.items() if k in RATE_TARGETS}
     if rates:  # rates per replica too: a policy of ours over the replicas' reported rates
         config["policy"] = {
