@@ -17,8 +17,16 @@ TRAIN_TEXT = (
 ) * 4
 
 
-def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
-    """A byte-level BPE tokenizer with <s>/</s>, trained on a few sentences, as an HF folder."""
+def write_tiny_tokenizer(
+    folder: Path,
+    vocab_size: int = 320,
+    special_tokens: list[str] | None = None,
+    text: str = TRAIN_TEXT,
+    **config: object,
+):
+    """A byte-level BPE tokenizer with <s>/</s> (or `special_tokens`, <pad> and <s> first),
+    trained on a few sentences, as an HF folder; `config`: tokenizer_config.json entries added
+    or replaced. Returns the tokenizers.Tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -26,26 +34,25 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
+        special_tokens=special_tokens or ["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([TRAIN_TEXT], trainer)
+    tok.train_from_iterator([text], trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "pad_token": "<pad>",
-                "add_bos_token": True,
-                "tokenizer_class": "PreTrainedTokenizerFast",
-            }
-        )
-    )
+    tokenizer_config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **config,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return tok
 
 
 def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overrides) -> Path:
@@ -272,40 +279,20 @@ def write_tiny_gemma3_vision(folder: Path, seed: int = 0):
     and Gemma 3's chat template. Returns the transformers model."""
     import torch
     import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from girandole.tokenizer.chat_template import GEMMA_TEMPLATE
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
+    tok = write_tiny_tokenizer(
+        folder,
         special_tokens=GEMMA3_VISION_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([TRAIN_TEXT + "\n\n\n\n\n" * 4], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<s>",
-                "eos_token": "<end_of_turn>",
-                "pad_token": "<pad>",
-                "add_bos_token": True,
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "chat_template": GEMMA_TEMPLATE,
-                "extra_special_tokens": {
-                    "boi_token": "<start_of_image>",
-                    "eoi_token": "<end_of_image>",
-                    "image_token": "<image_soft_token>",
-                },
-            }
-        )
+        text=TRAIN_TEXT + "\n\n\n\n\n" * 4,
+        eos_token="<end_of_turn>",
+        chat_template=GEMMA_TEMPLATE,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
     )
     text = tf.Gemma3TextConfig(
         vocab_size=tok.get_vocab_size(),
