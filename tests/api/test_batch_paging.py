@@ -11,6 +11,7 @@ import json
 import random
 
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 
 from girandole.api.app import create_app
@@ -291,7 +292,8 @@ def test_no_file_joins_an_input_while_a_job_created_on_it_counts_it(monkeypatch)
         """The count, while an upload's file joins the dataset (as receive_file places it)."""
         more = json.dumps(line | {"custom_id": "b"}).encode() + b"\n"
         try:
-            store.write_file(account, "race", "b.jsonl", more, still_open(store, account, "race"))
+            as_received = still_open(Request({"type": "http", "app": app}), account, "race")
+            store.write_file(account, "race", "b.jsonl", more, as_received)
         except APIError as exc:
             refused.append(exc)
         return read(data, most)
