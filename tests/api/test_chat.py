@@ -296,6 +296,7 @@ def test_models_supports_chat(server):
 
     r = httpx.get(server.url + "/v1/models", headers=server.headers)
     assert r.json()["data"][0]["supports_chat"] is True
+    assert r.json()["data"][0]["supports_image_input"] is False  # a text-only model
 
 
 BAD = [

@@ -123,6 +123,11 @@ def test_an_image_is_seen_deterministically_and_counted(client, tiny_vision):
     assert again.usage.prompt_tokens_details.cached_tokens >= image_end
 
 
+def test_models_says_the_model_takes_images(client):
+    (entry,) = [m for m in client.models.list().data if m.id == MODEL]
+    assert entry.supports_image_input is True and entry.supports_chat is True
+
+
 def test_jpeg_and_webp_images_are_read(client):
     for fmt, mime in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
         url = _data_url(_png(3, fmt=fmt), mime)

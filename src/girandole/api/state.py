@@ -75,6 +75,7 @@ class AppState:
             engine.model_config.chat_template
             or chat_template_for(engine.tokenizer, self.chat_template)
         )
+        self.served.supports_image_input = engine.model_config.vision is not None
         self.served.created = int(time.time())
         with self._lock:
             stopped = self._stopped

@@ -26,6 +26,7 @@ def adapter_entries(request: Any, account: str | None, listed: set[str]) -> list
         for engine in lora.engines_of(record.deployment)[:1]:
             served.context_length = int(engine.max_model_len or engine.model_config.max_position)
             served.supports_chat = bool(chat_template_for(engine.tokenizer))
+            served.supports_image_input = engine.model_config.vision is not None
         for name in (record.model, f"{record.model}#{record.deployment}"):
             if name not in listed:
                 listed.add(name)

@@ -59,6 +59,7 @@ def _deployed_model(manager: DeploymentManager, record: DeploymentRecord) -> Ser
         engine = engines[0]
         served.context_length = int(engine.max_model_len or engine.model_config.max_position)
         served.supports_chat = bool(chat_template_for(engine.tokenizer))
+        served.supports_image_input = engine.model_config.vision is not None
     return served
 
 
