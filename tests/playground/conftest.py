@@ -1,6 +1,7 @@
 """The playground page in a real headless Chromium (Playwright's sync API) against real servers
 with the default model (Gemma 3 270M): `open_server` without keys, `keyed_server` with one; and
-`qwen_server`, a tiny Qwen3 whose chat template thinks.
+`qwen_server`, a tiny Qwen3 whose chat template thinks; `vision_server`, a tiny Gemma 3 that
+takes images.
 
 Chromium: Debian's package (/usr/bin/chromium, installed by .ci/run when missing), else the
 browser Playwright downloads (`playwright install chromium`).
@@ -51,6 +52,15 @@ def qwen_server(tmp_path_factory, tiny_qwen3_dir):
                       "--model-id", "tiny-qwen3", "--kv-cache-gb", "0.02",
                       "--max-model-len", "2048", "--mcp-allowed-hosts", "127.0.0.1",
                       api_key=None)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vision_server(tmp_path_factory, tiny_vision):
+    """A model that takes images: the tests' tiny random Gemma 3 vision checkpoint
+    (tests/conftest.py)."""
+    folder, _ = tiny_vision
+    yield from _serve(tmp_path_factory, "vision", "--model", str(folder),
+                      "--model-id", "tiny-vision", "--kv-cache-gb", "0.01", api_key=None)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

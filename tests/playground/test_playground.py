@@ -7,6 +7,7 @@ model's reasoning blocks and the conversation's versions (branches)."""
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import math
 import subprocess
@@ -139,6 +140,7 @@ def test_chat_streams_the_answer(open_server, page):
     assert path == CHAT and body["stream"] is True and body["perf_metrics_in_response"] is True
     assert body["messages"] == [{"role": "user", "content": "Tell me a story."}]
     assert page.input_value("#input") == ""
+    assert page.is_hidden("#attach-button")  # a text-only model: nothing to attach
 
 
 def test_stop_ends_the_stream_and_the_engine_request(open_server, page):
@@ -1404,3 +1406,128 @@ def test_versions_of_a_turn_each_keep_their_continuation(open_server, page, tmp_
     page.wait_for_selector(".msg.assistant:has-text('Hello!')")
     assert texts(page) == ["Hi", "Hello!"] and version(page, 0) is None
     assert page.is_hidden("#error")
+
+
+# ---------------------------------------------------------------- images (a vision model)
+
+
+def png(path, seed: int) -> bytes:
+    """A small PNG written with Pillow (random pixels), saved at `path`; its bytes."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    Image.frombytes("RGB", (24, 16), rng.randbytes(24 * 16 * 3)).save(path, format="PNG")
+    return path.read_bytes()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_an_image_attached_is_sent_shown_and_kept(vision_server, page, tmp_path):
+    open_page(page, vision_server)
+    sent = posts(page)
+    assert page.is_visible("#attach-button") and page.is_hidden("#attachments")
+    a, _ = png(tmp_path / "a.png", 1), png(tmp_path / "b.png", 2)
+    page.set_input_files("#attach", [str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+    page.wait_for_selector("#attachments .thumb:nth-child(2)")
+    page.click("#attachments .thumb:nth-child(2) .remove-image")  # b.png taken away again
+    assert page.locator("#attachments .thumb").count() == 1
+    assert page.get_attribute("#attachments .thumb img", "src") == data_url(a)
+    fill(page, max_tokens=3, temperature=0)
+    page.fill("#input", "What is this?")
+    # View code: the data: URL cut short on the page, whole in what Copy copies
+    page.click("#view-code")
+    assert data_url(a) not in page.text_content("#code")
+    assert data_url(a)[:48] + "…(" in page.text_content("#code")
+    page.click("#copy-code")
+    assert data_url(a) in page.evaluate("navigator.clipboard.readText()")
+    page.click("#code-dialog button[value=close]")
+    page.press("#input", "Enter")
+    finished(page)
+    user = {"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": data_url(a)}},
+    ]}  # fmt: skip
+    (path, body), = sent  # fmt: skip
+    assert path == CHAT and body["messages"] == [user]
+    assert page.is_hidden("#attachments")  # gone with the message, shown in it
+    assert page.get_attribute(".msg.user .thumb img", "src") == data_url(a)
+
+    # the server saw the image: the prompt the page counts is the image's request's
+    def prompt_tokens(message: dict) -> int:
+        answer = httpx.post(vision_server.url + CHAT, timeout=60, json={
+            "model": page.input_value("#model"), "messages": [message], "max_tokens": 1})  # fmt: skip
+        return answer.json()["usage"]["prompt_tokens"]
+
+    stats = page.text_content(".msg.assistant .stats")
+    assert f"prompt {prompt_tokens(user)} tokens" in stats, stats
+    assert prompt_tokens({"role": "user", "content": "What is this?"}) < prompt_tokens(user)
+    page.click(".msg.assistant .act-regenerate")  # the image goes again
+    page.wait_for_selector(".msg.assistant .version-label:text-is('2/2')")
+    finished(page)
+    assert sent[-1][1]["messages"] == [user]
+
+    with page.expect_download() as download:
+        page.click("#export")
+    saved = tmp_path / "images.json"
+    download.value.save_as(saved)
+    (exported,) = json.loads(saved.read_text())["tree"]["children"]
+    assert exported["images"] == [{"url": data_url(a), "name": "a.png"}]
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0
+    page.set_input_files("#import", str(saved))
+    page.wait_for_selector(".msg.user .thumb img")
+    assert page.get_attribute(".msg.user .thumb img", "src") == data_url(a)
+    # an edit sent again is a new version with the same image
+    page.click(".msg.user .act-edit")
+    page.fill(".msg.user .editor textarea", "And this?")
+    page.click(".msg.user .act-send")
+    finished(page)
+    assert sent[-1][1]["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "And this?"}, user["content"][1]]}]  # fmt: skip
+    assert page.get_attribute(".msg.user .thumb img", "src") == data_url(a)
+    assert page.is_hidden("#error")
+
+
+# Paste or drop files on the message box as a browser does: a DataTransfer of Files (bytes in
+# base64; null: 21 MB of zeros).
+GIVE_FILES = """([kind, files]) => {
+    const transfer = new DataTransfer();
+    for (const [name, type, bytes] of files) {
+        const data = bytes === null ? new Uint8Array(21 * 1024 * 1024)
+            : Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([data], name, {type}));
+    }
+    const event = kind === 'paste' ? new ClipboardEvent('paste', {clipboardData: transfer})
+        : new DragEvent('drop', {dataTransfer: transfer, cancelable: true});
+    document.getElementById('input').dispatchEvent(event);
+}"""
+
+
+def test_images_pasted_dropped_too_big_or_refused_by_the_server(vision_server, page, tmp_path):
+    open_page(page, vision_server)
+    a = base64.b64encode(png(tmp_path / "a.png", 1)).decode()
+    page.evaluate(GIVE_FILES, ["paste", [["image.png", "image/png", a]]])
+    page.wait_for_selector("#attachments .thumb")
+    # over the server's 20 MB: refused on the page, saying why; a text file is no image
+    page.evaluate(GIVE_FILES, ["drop", [["big.png", "image/png", None],
+                                        ["notes.txt", "text/plain", "aGk="]]])  # fmt: skip
+    page.wait_for_selector("#error:not([hidden])")
+    error = page.text_content("#error")
+    assert "big.png is 21.0 MB: an image may be at most 20 MB" in error, error
+    assert "notes.txt is not an image" in error
+    assert page.locator("#attachments .thumb").count() == 1
+    # a file that says it is a PNG but is not: the server's 400 is shown, the message kept
+    page.evaluate(GIVE_FILES, ["drop", [["fake.png", "image/png", "bm90IGFuIGltYWdl"]]])
+    page.wait_for_selector("#attachments .thumb:nth-child(2)")
+    page.fill("#input", "Look")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('400')")
+    error = page.text_content("#error")
+    assert "not a PNG, JPEG or WebP image" in error and "image_url.url" in error, error
+    assert page.locator(".msg").count() == 0
+    assert page.input_value("#input") == "Look"
+    assert page.locator("#attachments .thumb").count() == 2

@@ -3,6 +3,7 @@
 // /v1/completions; both stream (SSE) and ask for perf metrics and logprobs for the token view.
 // With MCP servers named, chat goes to /v1/responses instead: the server lists their tools and
 // runs the model's calls itself; the page shows the calls and their results.
+// A chat message may carry images for a vision model (images.js): image_url parts.
 // The Embeddings and Rerank tabs post to /v1/embeddings and /v1/rerank (one JSON answer each).
 "use strict";
 
@@ -209,6 +210,7 @@ function modelChanged() {
   const chat = !model || model.supports_chat !== false;
   $("use-chat").disabled = !chat;
   if (!chat) $("use-chat").checked = false;
+  imageControlsChanged();
   modeChanged();
 }
 
@@ -346,7 +348,7 @@ function chatMessages(upTo = Infinity) {
   const system = $("system").value;
   if (system.trim()) out.push({ role: "system", content: system });
   for (const m of branch().slice(0, upTo)) {
-    const message = { role: m.role, content: text(m) };
+    const message = { role: m.role, content: messageContent(text(m), m.images) };
     const reasoning = m.choices[m.sel].reasoning;
     if (m.role === "assistant" && reasoning) message.reasoning_content = reasoning;
     out.push(message);
@@ -367,13 +369,17 @@ function currentRequest({ extra = false } = {}) {
   if (mcpMode()) {
     const messages = chatMessages();
     const pending = $("input").value;
-    if (pending.trim()) messages.push({ role: "user", content: pending });
+    if (pending.trim() || pendingImages.length) {
+      messages.push({ role: "user", content: messageContent(pending, pendingImages) });
+    }
     return responsesBody(messages);
   }
   if (chatMode()) {
     body.messages = chatMessages();
     const pending = $("input").value;
-    if (pending.trim()) body.messages.push({ role: "user", content: pending });
+    if (pending.trim() || pendingImages.length) {
+      body.messages.push({ role: "user", content: messageContent(pending, pendingImages) });
+    }
   } else {
     body.prompt = $("raw-prompt").value;
   }
@@ -420,9 +426,10 @@ function responsesBody(messages) {
   const body = { model: $("model").value };
   const system = messages.filter((m) => m.role === "system").map((m) => m.content).join("\n\n");
   if (system) body.instructions = system;
-  // reasoning_content is chat's: a Responses input message has none
+  // reasoning_content is chat's: a Responses input message has none; chat's image parts are
+  // Responses' input_image (which the server refuses with a 400 saying so)
   body.input = messages.filter((m) => m.role !== "system")
-    .map(({ role, content }) => ({ role, content }));
+    .map(({ role, content }) => ({ role, content: responsesContent(content) }));
   body.tools = mcpTools();
   if ($("p-mcp-choice").value !== "auto") body.tool_choice = $("p-mcp-choice").value;
   if (fields.max_tokens !== undefined) body.max_output_tokens = fields.max_tokens;
@@ -432,6 +439,12 @@ function responsesBody(messages) {
   const effort = reasoningFields().reasoning_effort;
   if (effort) body.reasoning = { effort };
   return body;
+}
+
+function responsesContent(content) {
+  if (typeof content === "string") return content;
+  return content.map((p) => (p.type === "text" ? { type: "input_text", text: p.text }
+    : { type: "input_image", image_url: p.image_url.url }));
 }
 
 // One event of a Responses stream into assistant message `m`: its text, its MCP tool lists and
@@ -468,8 +481,11 @@ function newChoice(content = "") {
   return { content, reasoning: "", tokens: null, finish_reason: null };
 }
 
-function newMessage(role, content = "") {
-  return { role, choices: [newChoice(content)], sel: 0, stats: null, children: [], active: 0 };
+// `images`: a user message's ({url, name} each), kept with it (edits, export, regenerate).
+function newMessage(role, content = "", images = undefined) {
+  const m = { role, choices: [newChoice(content)], sel: 0, stats: null, children: [], active: 0 };
+  if (images && images.length) m.images = images;
+  return m;
 }
 
 // ---------------------------------------------------------------- the conversation tree
@@ -648,11 +664,14 @@ async function sendChat() {
   if (!$("model").options.length && (!await ensureModels() || state.controller)) return;
   const pending = $("input").value;
   let sent = null;
-  if (pending.trim()) {
+  if (pending.trim() || pendingImages.length) {
     const shown = branch();
     const parent = shown.length ? shown[shown.length - 1] : state.tree;
-    sent = { parent, active: parent.active, m: addVersion(parent, newMessage("user", pending)) };
+    const images = pendingImages.splice(0);
+    sent = { parent, active: parent.active, images,
+             m: addVersion(parent, newMessage("user", pending, images)) };
     $("input").value = "";
+    renderPendingImages();
   }
   const length = branch().length;
   if (!length) return;
@@ -662,6 +681,8 @@ async function sendChat() {
   // which chat templates such as Gemma's refuse)
   removeVersion(sent.parent, sent.m, sent.active);
   if (!$("input").value) $("input").value = pending;
+  if (!pendingImages.length) pendingImages.push(...sent.images);
+  renderPendingImages();
   render();
 }
 
@@ -682,7 +703,7 @@ async function replyAt(at) {
 // A user message edited and sent again: the edit as a new version of it, then its answer.
 async function resendAt(i, content) {
   if (state.controller) return;
-  addVersion(parentAt(i), newMessage("user", content));
+  addVersion(parentAt(i), newMessage("user", content, branch()[i].images));
   await replyAt(i + 1);
 }
 
@@ -1087,6 +1108,7 @@ function renderMessage(m, i) {
   if (m.tools && m.tools.length) li.append(toolsView(m));
   // the token view shows every generated token, the thinking block's included
   if (choice.reasoning && !m.showTokens) li.append(thinkingView(m, choice));
+  if (m.images && m.images.length) li.append(messageImages(m));
   li.append(m.editing ? editor(m, i) : m.showTokens ? tokenView(m) : textView(m));
   if (m.stats) {
     const s = document.createElement("div");
@@ -1456,15 +1478,19 @@ function showCode() {
   // /v1/rerank has no openai SDK method: that tab shows httpx
   document.querySelector(".tabs button[data-lang=openai]").textContent =
     path.endsWith("/rerank") ? "Python (httpx)" : "Python (openai)";
-  $("code").textContent = SNIPPETS[codeLang](body, path, apiKey());
+  // images' data: URLs cut short on the page; Copy copies the code with them whole
+  $("code").textContent = SNIPPETS[codeLang](shortenDataURLs(body), path, apiKey());
+  fullCode = SNIPPETS[codeLang](body, path, apiKey());
   for (const b of document.querySelectorAll(".tabs button")) {
     b.classList.toggle("active", b.dataset.lang === codeLang);
   }
   if (!$("code-dialog").open) $("code-dialog").showModal();
 }
 
+let fullCode = ""; // the code View code shows, data: URLs whole
+
 async function copyCode() {
-  const code = $("code").textContent;
+  const code = fullCode;
   try {
     await navigator.clipboard.writeText(code);
   } catch {
@@ -1509,8 +1535,8 @@ function exportConversation() {
 }
 
 // A node of the conversation tree as exported: the message's fields and its versions after it.
-function exportNode({ role, choices, sel, stats, tools, children, active }) {
-  const out = role ? { role, choices, sel, stats, tools } : {};
+function exportNode({ role, choices, sel, stats, tools, images, children, active }) {
+  const out = role ? { role, choices, sel, stats, tools, images } : {};
   return { ...out, active, children: children.map(exportNode) };
 }
 
@@ -1636,6 +1662,7 @@ function init() {
     hidePopup();
     if (popupAnchor && popupAnchor.isConnected) popupAnchor.focus();
   });
+  initImages();
   showDefaults();
   formatChanged();
   setTab("generate");

@@ -1,4 +1,4 @@
-"""GET / and /playground serve the page; /playground/<file> its script and style sheet. The page
+"""GET / and /playground serve the page; /playground/<file> its scripts and style sheet. The page
 is public: it holds no data, and the API calls it makes carry the key the user gives it."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ router = APIRouter(include_in_schema=False)
 ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "images.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 
