@@ -1431,7 +1431,12 @@ def test_an_image_attached_is_sent_shown_and_kept(vision_server, page, tmp_path)
     sent = posts(page)
     assert page.is_visible("#attach-button") and page.is_hidden("#attachments")
     a, _ = png(tmp_path / "a.png", 1), png(tmp_path / "b.png", 2)
-    page.set_input_files("#attach", [str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+    page.set_input_files("#attach", str(tmp_path / "a.png"))
+    page.wait_for_selector("#attachments .thumb")
+    with page.expect_file_chooser() as chooser:  # the control from the keyboard
+        page.focus("#attach-button")
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(tmp_path / "b.png"))
     page.wait_for_selector("#attachments .thumb:nth-child(2)")
     page.click("#attachments .thumb:nth-child(2) .remove-image")  # b.png taken away again
     assert page.locator("#attachments .thumb").count() == 1
@@ -1442,6 +1447,13 @@ def test_an_image_attached_is_sent_shown_and_kept(vision_server, page, tmp_path)
     page.click("#view-code")
     assert data_url(a) not in page.text_content("#code")
     assert data_url(a)[:48] + "…(" in page.text_content("#code")
+    page.click("#copy-code")
+    assert data_url(a) in page.evaluate("navigator.clipboard.readText()")
+    # the fallback where the clipboard API is refused (the selection copied) copies them whole
+    page.evaluate("""async () => {
+        await navigator.clipboard.writeText('');
+        navigator.clipboard.writeText = () => Promise.reject(new Error('refused'));
+    }""")
     page.click("#copy-code")
     assert data_url(a) in page.evaluate("navigator.clipboard.readText()")
     page.click("#code-dialog button[value=close]")

@@ -1494,12 +1494,19 @@ async function copyCode() {
   try {
     await navigator.clipboard.writeText(code);
   } catch {
-    // no clipboard permission (plain http on another host): select the text instead
+    // no clipboard permission (plain http on another host): select the text instead; the copy
+    // it makes holds the code with its data: URLs whole, not the text shown
     const range = document.createRange();
     range.selectNodeContents($("code"));
     getSelection().removeAllRanges();
     getSelection().addRange(range);
+    const whole = (event) => {
+      event.clipboardData.setData("text/plain", code);
+      event.preventDefault();
+    };
+    document.addEventListener("copy", whole);
     document.execCommand("copy");
+    document.removeEventListener("copy", whole);
   }
   $("copy-code").textContent = "Copied";
   setTimeout(() => { $("copy-code").textContent = "Copy"; }, 1500);
