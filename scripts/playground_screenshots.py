@@ -1,14 +1,16 @@
 """Screenshots of the playground's modes for the docs: docs/playground/{chat,raw,tokens,code,key,
-mcp,embeddings,rerank,branches,thinking}.png.
+mcp,embeddings,rerank,branches,thinking,images}.png.
 
 Starts `girandole serve` (the default model, with a key) on a free loopback port, drives the page
 in headless Chromium (Debian's /usr/bin/chromium, else Playwright's own) and stops the server.
 `--tabs` takes only some of them: the header's tabs (generate: every Generate screenshot but
 branches and thinking; embeddings; rerank), branches (versions of a turn) and thinking (a second
-server: the tests' tiny Qwen3, whose chat template thinks, its output shaped by a grammar).
+server: the tests' tiny Qwen3, whose chat template thinks, its output shaped by a grammar) and
+images (a server on the tests' tiny random Gemma 3 vision checkpoint, its answer fixed by a
+grammar).
 
     .venv/bin/python scripts/playground_screenshots.py [--out docs/playground]
-        [--tabs generate embeddings rerank branches thinking]
+        [--tabs generate embeddings rerank branches thinking images]
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def shoot(page: Page, out: Path, name: str) -> None:
     print(out / f"{name}.png")
 
 
-TABS = ("generate", "embeddings", "rerank", "branches", "thinking")
+TABS = ("generate", "embeddings", "rerank", "branches", "thinking", "images")
 VIEWPORT = {"width": 1280, "height": 800}
 
 
@@ -91,6 +93,8 @@ def screenshots(url: str, out: Path, tabs: set[str]) -> None:
             branches(context, url, out)
         if "thinking" in tabs:
             thinking(context, out)
+        if "images" in tabs:
+            images(context, out)
         context.close()
         browser.close()
 
@@ -189,6 +193,58 @@ def thinking(context, out: Path) -> None:
             page.select_option("#p-format", "text")
             page.click(".msg.assistant .thinking summary")  # unfolded
             shoot(page, out, "thinking")
+            page.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def picture(path: Path, sky: str, sun: str) -> Path:
+    """A small PNG to attach: a sun over a hill."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (160, 120), sky)
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((100, 14, 140, 54), fill=sun)
+    draw.ellipse((-40, 80, 200, 220), fill="#3f7d3a")
+    img.save(path)
+    return path
+
+
+def images(context, out: Path) -> None:
+    """Images in chat: the tests' tiny random Gemma 3 vision checkpoint on a server of its own,
+    one image sent (its answer fixed by a grammar: the random model's own is noise) and two
+    more waiting in the composer."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # tests/conftest.py: write_tiny_gemma3_vision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "vision"
+        folder.mkdir()
+        conftest.write_tiny_gemma3_vision(folder)
+        proc, url = serve(str(Path(tmp) / "data"), "--model", str(folder), "--model-id",
+                          "tiny-gemma3-vision", "--kv-cache-gb", "0.01")  # fmt: skip
+        try:
+            page = context.new_page()
+            ready(page, url)
+            page.fill("#p-max_tokens", "40")
+            page.uncheck("#p-logprobs")
+            page.select_option("#p-format", "grammar")
+            page.fill("#p-schema", 'root ::= "A yellow sun above a green hill."')
+            page.set_input_files(
+                "#attach", str(picture(Path(tmp) / "day.png", "#8ec5ff", "#ffd43b"))
+            )
+            page.fill("#input", "What is in this picture?")
+            page.click("#send")
+            done(page)
+            page.select_option("#p-format", "text")
+            page.set_input_files("#attach", [
+                str(picture(Path(tmp) / "dusk.png", "#f4a261", "#e76f51")),
+                str(picture(Path(tmp) / "night.png", "#1d3557", "#f1faee")),
+            ])  # fmt: skip
+            page.wait_for_selector("#attachments .thumb:nth-child(2)")
+            page.fill("#input", "And in these two?")
+            shoot(page, out, "images")
             page.close()
         finally:
             proc.terminate()
