@@ -1543,3 +1543,14 @@ def test_images_pasted_dropped_too_big_or_refused_by_the_server(vision_server, p
     assert page.locator(".msg").count() == 0
     assert page.input_value("#input") == "Look"
     assert page.locator("#attachments .thumb").count() == 2
+    # MCP mode: Responses' input_image parts, which the server refuses saying so
+    page.click("#attachments .thumb:nth-child(2) .remove-image")
+    page.fill("#p-mcp", "http://127.0.0.1:9/mcp")
+    sent = posts(page)
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.includes('input_image')")
+    assert sent[-1][1]["input"] == [{"role": "user", "content": [
+        {"type": "input_text", "text": "Look"}, {"type": "input_image", "image_url": data_url(
+            base64.b64decode(a))}]}]  # fmt: skip
+    assert page.text_content("#error").startswith("400"), page.text_content("#error")
+    assert page.locator("#attachments .thumb").count() == 1
