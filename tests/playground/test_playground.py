@@ -1502,6 +1502,15 @@ def test_an_image_attached_is_sent_shown_and_kept(vision_server, page, tmp_path)
         {"type": "text", "text": "And this?"}, user["content"][1]]}]  # fmt: skip
     assert page.get_attribute(".msg.user .thumb img", "src") == data_url(a)
     assert page.is_hidden("#error")
+    # a file written by hand: images that are not a list of {url, name} are left out
+    tree = {"active": 1, "children": [
+        {"role": "user", "choices": [{"content": "Hi"}], "images": "x"},
+        {"role": "user", "choices": [{"content": "Yo"}], "images": [7, {}]},
+    ]}  # fmt: skip
+    saved.write_text(json.dumps({"format": "girandole-playground/2", "tree": tree}))
+    page.set_input_files("#import", str(saved))
+    page.wait_for_selector(".msg.user .text:text-is('Yo')")
+    assert page.locator(".thumb").count() == 0
 
 
 # Paste or drop files on the message box as a browser does: a DataTransfer of Files (bytes in

@@ -1550,6 +1550,8 @@ function exportNode({ role, choices, sel, stats, tools, images, children, active
 function importNode(node) {
   const m = { ...newMessage(node.role), ...node, editing: false, streaming: undefined };
   m.choices = m.choices.map((c) => ({ ...newChoice(), ...c }));
+  m.images = importedImages(node.images);
+  if (!m.images) delete m.images;
   m.children = (node.children || []).map(importNode);
   m.active = Math.min(node.active || 0, Math.max(0, m.children.length - 1));
   return m;

@@ -109,6 +109,15 @@ function imageControlsChanged() {
   renderPendingImages();
 }
 
+// A message's images as an import gives them: those with a URL (a file written by hand may hold
+// anything there); undefined when none.
+function importedImages(images) {
+  if (!Array.isArray(images)) return undefined;
+  const kept = images.filter((image) => image && typeof image.url === "string")
+    .map((image) => ({ url: image.url, name: String(image.name ?? "image") }));
+  return kept.length ? kept : undefined;
+}
+
 // A request as View code shows it: each data: URL cut short (the request sent has them whole).
 function shortenDataURLs(value) {
   if (typeof value === "string") {
