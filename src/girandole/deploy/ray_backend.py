@@ -173,18 +173,72 @@ def autoscaling_config(
     return config
 
 
+def replica_options(
+    options: RayOptions,
+    policy: ScalingPolicy,
+    initial: int,
+    floor: int | None = None,
+    cap: int | None = None,
+) -> dict[str, Any]:
+    """The options of a deployment's Serve deployment (`serve.deployment(...).options(**it)`):
+    its autoscaling config (autoscaling_config above), router, health checks and drain."""
+    from girandole.deploy.ray_router import ROUTERS
+
+    out: dict[str, Any] = {
+        "name": "replica",
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "autoscaling_config": autoscaling_config(policy, initial, floor, cap),
+        "ray_actor_options": {"num_cpus": options.replica_cpus},
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+    }
+    if options.replicas_per_node:
+        out["max_replicas_per_node"] = options.replicas_per_node
+    router = ROUTERS.get(options.router)
+    if router is not None:
+        out["request_router_config"] = {
+            "request_router_class": f"{router.__module__}:{router.__name__}",
+            "request_routing_stats_period_s": 1,
+        }
+    return out
+
+
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+# the line that starts an exception's message in a traceback: `ValueError: ...`,
+# `pydantic_core._pydantic_core.ValidationError: 1 validation error for ...`,
+# `ray.exceptions.RayTaskError(ValueError): ...`
+_EXCEPTION_RE = re.compile(r"[A-Za-z_][\w.]*(\([\w.]*\))?: \S")
+_PYDANTIC_URL = "For further information visit"
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(lines: list[str]) -> str:
+    """An error's lines as one (a status message, a 503's message), pydantic's link left out."""
+    kept = [line.strip() for line in lines if line.strip() and _PYDANTIC_URL not in line]
+    text = " / ".join(kept)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message` on one line, the whole message: a pydantic ValidationError (a config Ray
+    Serve refused) says which field, why and the value (its first line alone named none)."""
+    return _one_line(f"{type(exc).__name__}: {exc}".splitlines())
 
 
 def failure_of(message: str) -> str:
     """The error a replica failed to start with, out of Ray Serve's DEPLOY_FAILED message: that
     message holds the replica's whole traceback, twice nested, with terminal colour codes (some
     3,000 characters in `status.message` and in every request's 503); the embedded backend says
-    `FileNotFoundError: ...`. The error, then how often Ray tried (the traceback is logged)."""
+    `FileNotFoundError: ...`. The error (the innermost exception's whole message: a
+    ValidationError's field and value are on the lines after its first), then how often Ray
+    tried (the traceback is logged)."""
     text = _ANSI_RE.sub("", message).strip()
     if "Traceback" not in text:
         return text
-    error = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_RE.match(line)]
+    error = _one_line(lines[starts[-1] :] if starts else lines[-1:])
     tries = re.match(r"The deployment failed to start (\d+) times in a row", text)
     return f"{error} ({tries.group(1)} tries)" if tries else error
 
@@ -360,6 +414,9 @@ class RayBackend(Backend):
         import ray
         from ray import serve
 
+        from girandole.deploy import ray_pickling
+
+        ray_pickling.install()  # before the first Serve config is built (ray_pickling.py)
         try:
             if not ray.is_initialized():
                 keep_sigterm_for_python()
@@ -395,28 +452,11 @@ class RayBackend(Backend):
         from ray import serve
 
         from girandole.deploy.ray_replica import GirandoleReplica
-        from girandole.deploy.ray_router import ROUTERS
 
         if self._ray_error is not None:
             self._failed(name, app, f"Ray is not available: {self._ray_error}")
             return
-        options: dict[str, Any] = {
-            "name": "replica",
-            "max_ongoing_requests": self.options.max_ongoing_requests,
-            "autoscaling_config": autoscaling_config(app.policy, app.initial, app.floor, app.cap),
-            "ray_actor_options": {"num_cpus": self.options.replica_cpus},
-            "health_check_period_s": 2,
-            "health_check_timeout_s": 30,
-            "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
-        }
-        if self.options.replicas_per_node:
-            options["max_replicas_per_node"] = self.options.replicas_per_node
-        router = ROUTERS.get(self.options.router)
-        if router is not None:
-            options["request_router_config"] = {
-                "request_router_class": f"{router.__module__}:{router.__name__}",
-                "request_routing_stats_period_s": 1,
-            }
+        options = replica_options(self.options, app.policy, app.initial, app.floor, app.cap)
         config = {
             "spec": app.spec,
             "threads": self.options.replica_threads,
@@ -435,7 +475,7 @@ class RayBackend(Backend):
             app.handle = serve.get_deployment_handle("replica", app_name_of(name))
         except Exception as exc:  # noqa: BLE001 - the deployment's status reports it
             logger.exception("deploying %s on Ray Serve failed", name)
-            self._failed(name, app, f"{type(exc).__name__}: {exc}")
+            self._failed(name, app, error_text(exc))
 
     def _delete(self, name: str, engine: RemoteEngine | None) -> None:
         from ray import serve
