@@ -14,7 +14,8 @@ placed anywhere in the cluster, scaled by Ray Serve's autoscaler from the deploy
   again: up to N, a floor of N (min_replicas) for `scaleDownWindow`; down to N, a cap of N
   (max_replicas) for `scaleUpWindow`; to 0, the application is deleted.
 - Every call into Ray's control plane runs on one thread of its own; a poller reads Serve's
-  status each second, so the API's event loop never waits on Ray.
+  status each second, so the API's event loop never waits on Ray. Both threads build Serve's
+  config models, which pickle our router and policy by value: ray_pickling.py makes that safe.
 """
 
 from __future__ import annotations
