@@ -1,6 +1,7 @@
 """Real servers for the API tests: `girandole serve` in a subprocess on a free loopback port.
 
 - `server`: the real default model (Gemma 3 270M), with API keys. Started once per session.
+- `vision_server`: a tiny random Gemma 3 vision model (images allowed from loopback URLs).
 - `open_server`: no keys (open), serving a tiny random Llama whose logits are all zero and whose
   EOS is token 0, so greedy decoding emits EOS at once: a model that always stops on EOS. Its
   context is capped at 64 tokens, its bodies at 64 KiB, and it streams usage the 2025 way (on
@@ -171,6 +172,24 @@ def start_store_server(tmp: Path, key: str, prepare: Callable[[Any], None] | Non
     srv.db_path = data / DB_NAME
     srv.other_key = other_key
     return srv
+
+
+VISION_MODEL = "accounts/testing/models/tiny-vision"
+
+
+@pytest.fixture(scope="session")
+def vision_server(tmp_path_factory, tiny_vision) -> Server:
+    """The tiny random Gemma 3 vision checkpoint (tests/conftest.py), as VISION_MODEL; image
+    URLs on loopback allowed (the tests fetch images from local servers)."""
+    folder, _ = tiny_vision
+    tmp = tmp_path_factory.mktemp("vision-server")
+    srv = start_server(
+        tmp, "--model", str(folder), "--model-id", "tiny-vision", "--account", "testing",
+        "--kv-cache-gb", "0.01", "--api-key", API_KEY, "--allow-private-image-urls",
+        api_key=API_KEY,
+    )  # fmt: skip
+    yield srv
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")

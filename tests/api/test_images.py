@@ -12,10 +12,8 @@ import openai
 import pytest
 import torch
 from api_helpers import API_KEY
-from conftest import start_server, stop_server
+from conftest import VISION_MODEL as MODEL
 
-ACCOUNT = "testing"
-MODEL = f"accounts/{ACCOUNT}/models/tiny-vision"
 QUESTION = "What is in the quick brown fox picture?"
 
 
@@ -36,18 +34,6 @@ def _data_url(data: bytes, mime: str = "image/png") -> str:
 def _user(*urls: str, text: str = QUESTION) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def vision_server(tmp_path_factory, tiny_vision):
-    folder, _ = tiny_vision
-    tmp = tmp_path_factory.mktemp("vision-server")
-    srv = start_server(
-        tmp, "--model", str(folder), "--model-id", "tiny-vision", "--account", ACCOUNT,
-        "--kv-cache-gb", "0.01", "--api-key", API_KEY, api_key=API_KEY,
-    )  # fmt: skip
-    yield srv
-    stop_server(srv)
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +133,10 @@ def test_bad_images_are_a_400_naming_the_part(client, vision_server):
     where = "messages.1.content.0.image_url.url"
     cases = {
         "data:image/png;base64,%%%not-base64": "not valid base64",
-        _data_url(b"plain text, not a picture"): "not a PNG, JPEG or WebP image",
+        _data_url(b"plain text, not a picture"): "not a PNG, JPEG, WebP or GIF image",
         "data:image/png,rawbytes": "must be base64",
         "ftp://example.com/cat.png": "must be a base64 data: URL or an http(s):// URL",
-        vision_server.url + "/health": "not a PNG, JPEG or WebP image",  # fetched: JSON
+        vision_server.url + "/health": "not a PNG, JPEG, WebP or GIF image",  # fetched: JSON
         vision_server.url + "/no-such-image.png": "HTTP 404",
     }
     for url, message in cases.items():
@@ -208,7 +194,7 @@ def test_completions_images_that_do_not_pair_up_are_a_400(client):
         ("<start_of_image> and <start_of_image>", [url], "has 1 images but the prompt has 2"),
         (["<start_of_image>", "<start_of_image>"], [url], "a single prompt"),
         ("<start_of_image>", "not-a-list", "must be an array"),
-        ("<start_of_image>", ["data:image/png;base64,AAAA"], "not a PNG, JPEG or WebP"),
+        ("<start_of_image>", ["data:image/png;base64,AAAA"], "not a PNG, JPEG, WebP or GIF"),
     ):
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(

@@ -258,6 +258,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         " [GIRANDOLE_MCP_ALLOWED_HOSTS, default *]",
     )
     p.add_argument(
+        "--allow-private-image-urls",
+        action="store_true",
+        default=env_default("ALLOW_PRIVATE_IMAGE_URLS"),  # its text: switch_value reads it
+        help="let a vision model's requests name image URLs on loopback, private, link-local or"
+        " other non-public addresses (refused by default: the server would fetch them from"
+        " inside its network) [GIRANDOLE_ALLOW_PRIVATE_IMAGE_URLS]",
+    )
+    p.add_argument(
         "--webhook-url",
         default=_env("WEBHOOK_URLS", ""),
         metavar="URLS",
@@ -427,6 +435,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         no_overlap = switch_value(args.overlap_scheduling, "NO_OVERLAP_SCHEDULING")
         credentials = switch_value(args.allowed_credentials, "ALLOWED_CREDENTIALS")
         no_evaluator_code = switch_value(args.no_evaluator_code, "NO_EVALUATOR_CODE")
+        private_images = switch_value(args.allow_private_image_urls, "ALLOW_PRIVATE_IMAGE_URLS")
         check_engine_switches()  # GIRANDOLE_AMX and the like: read later, by the kernels
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -464,6 +473,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_headers=headers,
         mcp_allowed_hosts=parse_list(args.mcp_allowed_hosts) or [],
         mcp_timeout=args.mcp_timeout,
+        allow_private_image_urls=private_images,
         webhook_urls=webhook_urls,
         webhook_secret=args.webhook_secret,
         log_level=args.log_level,

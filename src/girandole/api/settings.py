@@ -55,6 +55,9 @@ class ServerSettings:
     # patterns (fnmatch: "*.example.com"); "*" any public host; an empty list: MCP tools off
     mcp_allowed_hosts: list[str] = field(default_factory=lambda: ["*"])
     mcp_timeout: float = 60.0  # seconds for one MCP operation (connect, list, one call)
+    # Image URLs a vision model's request names are fetched only from public addresses unless
+    # this is set (girandole.api.serving.image_fetch): loopback, private, link-local... refused
+    allow_private_image_urls: bool = False
     # Where events of ended background responses and batches go (girandole.api.ops.webhooks),
     # signed with the secret (whsec_<base64>)
     webhook_urls: list[str] = field(default_factory=list)

@@ -1,6 +1,7 @@
-"""Images into pixel values: decode PNG/JPEG/WebP bytes (Pillow) to RGB, then what the Gemma 3
-image processor does (transformers' Gemma3ImageProcessor without pan-and-scan): resize to the
-vision tower's square size (bilinear, antialiased), rescale to [0, 1], normalise per channel."""
+"""Images into pixel values: decode PNG/JPEG/WebP/GIF bytes (Pillow; a GIF's first frame) to
+RGB, then what the Gemma 3 image processor does (transformers' Gemma3ImageProcessor without
+pan-and-scan): resize to the vision tower's square size (bilinear, antialiased), rescale to
+[0, 1], normalise per channel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from girandole.model.gemma3_vision import VisionConfig
 
-FORMATS = ("PNG", "JPEG", "WEBP")
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # Decoding a huge image takes memory and time: no side longer than this (Pillow's own
 # decompression-bomb check is a warning below 2x its limit).
 MAX_PIXELS = 8192 * 8192
@@ -22,7 +23,7 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG/WebP bytes -> uint8 RGB [3, H, W] (alpha dropped, palettes expanded)."""
+    """PNG/JPEG/WebP/GIF bytes -> uint8 RGB [3, H, W] (alpha dropped, palettes expanded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -33,7 +34,7 @@ def decode_image(data: bytes) -> torch.Tensor:
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ImageError("not a PNG, JPEG or WebP image") from None
+        raise ImageError("not a PNG, JPEG, WebP or GIF image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"the image cannot be decoded ({exc})") from None
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)

@@ -22,13 +22,16 @@ def image_parts(messages: list[ChatMessage]) -> list[tuple[str, str]]:
     return found
 
 
-async def load_images(messages: list[ChatMessage], vision: VisionConfig) -> list[PromptImage]:
+async def load_images(
+    messages: list[ChatMessage], vision: VisionConfig, allow_private: bool
+) -> list[PromptImage]:
     """The messages' images as the engine takes them; a 400 naming the part for one that
-    cannot be read, or for more than MAX_IMAGES_PER_REQUEST."""
+    cannot be read, or for more than MAX_IMAGES_PER_REQUEST. `allow_private`: URLs on
+    non-public addresses may be fetched."""
     parts = image_parts(messages)
     if len(parts) > MAX_IMAGES_PER_REQUEST:
         raise bad_request(
             f"{len(parts)} images in one request: at most {MAX_IMAGES_PER_REQUEST} are allowed",
             "messages",
         )
-    return await read_images(parts, vision)
+    return await read_images(parts, vision, allow_private=allow_private)

@@ -44,7 +44,9 @@ class Chat(Endpoint):
             check_parts(req.messages, vision=engine.model_config.vision is not None)
         reasoning = plan_reasoning(req, template)  # a 400 when asked of a model that cannot
         think_end = engine.tokenizer.token_to_id(THINK_END) if reasoning is not None else None
-        return ChatShape(template, plan_tools(req, template), reasoning, think_end)
+        shape = ChatShape(template, plan_tools(req, template), reasoning, think_end)
+        shape.allow_private_images = state.settings.allow_private_image_urls
+        return shape
 
     async def prompts(
         self, engine: EngineClient, req: ChatCompletionRequest, shape: ChatShape
@@ -66,7 +68,7 @@ class Chat(Endpoint):
         vision = engine.model_config.vision
         markers = None
         if vision is not None and image_parts(req.messages):
-            shape.images = await load_images(req.messages, vision)
+            shape.images = await load_images(req.messages, vision, shape.allow_private_images)
             markers = ImageMarkers.of(engine.tokenizer, vision)
         prompt = await chat_prompt(
             engine.tokenizer, req, shape.template, shape.plan, vocab_size, shape.reasoning,

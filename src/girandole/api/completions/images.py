@@ -34,6 +34,7 @@ async def prompt_with_images(
     prompts: list[str] | list[list[int]],
     urls: list[str],
     vision: VisionConfig,
+    allow_private: bool,
 ) -> tuple[list[str] | list[list[int]], list[PromptImage]]:
     """The prompt with its image markers expanded (a text prompt stays text, to be tokenized
     as any), and its images; a 400 naming `images` when they and the markers do not pair up."""
@@ -52,7 +53,8 @@ async def prompt_with_images(
             "image goes where the prompt has one",
             "images",
         )
-    images = await read_images([(f"images.{k}", url) for k, url in enumerate(urls)], vision)
+    fields = [(f"images.{k}", url) for k, url in enumerate(urls)]
+    images = await read_images(fields, vision, allow_private=allow_private)
     if isinstance(prompt, str):
         return [markers.expand(prompt)], images
     full = tokenizer.encode(markers.full, add_bos=False)

@@ -38,6 +38,11 @@ class Completions(Endpoint):
                 return req
         return await super().parse(request, state, data)
 
+    def shape(self, state: AppState, engine: EngineClient, req: Any) -> ResponseShape:
+        shape = super().shape(state, engine, req)
+        shape.allow_private_images = state.settings.allow_private_image_urls
+        return shape
+
     async def prompts(
         self, engine: EngineClient, req: CompletionRequest, shape: ResponseShape
     ) -> list[list[int]]:
@@ -47,7 +52,7 @@ class Completions(Endpoint):
         if req.images:
             vision = engine.model_config.vision
             prompts, shape.images = await prompt_with_images(
-                engine.tokenizer, prompts, req.images, vision
+                engine.tokenizer, prompts, req.images, vision, shape.allow_private_images
             )
         return await tokenize_prompts(engine.tokenizer, prompts, vocab_size, context)
 

@@ -45,6 +45,9 @@ class ResponseShape:
     # return_token_ids: chat also puts `prompt_token_ids` on the body (whole) and on the first
     # chunk, where Fireworks' chat schema and litellm's fireworks_ai provider read them
     prompt_ids_on_body = False
+    # image URLs may be on non-public addresses (--allow-private-image-urls): set by the
+    # endpoint's shape() from the server's settings, read where a vision model's images are
+    allow_private_images = False
     # the request's engine rounds (pipeline.py): a shape that runs more than one reads them
     rounds: Rounds | None = None
 
