@@ -272,8 +272,17 @@ def test_a_prefill_under_enabled_thinking_is_what_chat_would_continue():
 @pytest.mark.parametrize(
     "body, field",
     [
-        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
          "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+         "messages.0.content.0.source"),
+        # an image in an assistant turn, or a file source (no Files API here)
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://a/b.png"}}]}]},
+         "messages.1.content.0"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}]},
+         "messages.0.content.0.source"),
         ({"messages": [{"role": "assistant", "content": [
             {"type": "tool_result", "tool_use_id": "x"}]}]}, "messages.0.content.0"),
         # empty content (Anthropic's 400s): it vanished, or left chat an empty conversation

@@ -12,7 +12,11 @@ tools and tool-call recognition are chat's (`girandole.api.chat`):
   `tool_use` blocks (assistant) become the turn's tool calls (`input` as JSON arguments);
   `tool_result` blocks (user) become tool messages before the turn's text (content a string or
   text blocks; `is_error` prefixes `Error: `); an assistant turn's `thinking` blocks are its
-  reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400); `image`/`document` blocks are a 400 (text-only models). Consecutive turns of one role are
+  reasoning_content (`redacted_thinking` ones are left out; either in a user turn is a 400).
+  A user turn's `image` blocks (a base64 source, its media_type checked against the bytes, or a
+  URL source) are chat's image_url parts where they stand, for a vision model (`images.py`; a
+  text-only model's 400 names the block); a `file` source, an image elsewhere (an assistant
+  turn, a tool_result) and `document` blocks are 400s. Consecutive turns of one role are
   merged. A final assistant turn is continued (a prefill; an empty one is none; one ending in
   whitespace is a 400, as at Anthropic, and so is one under a forced call or output format
   (`convert.check_forced_output`) or `enabled` thinking (`thinking.py`). As at

@@ -13,6 +13,7 @@ from girandole.api.messages.context_edits import (
     cleared_input,
     cleared_thinking,
 )
+from girandole.api.messages.images import IMAGE, ImagePart, image_part
 from girandole.api.messages.pairing import check_tool_pairing
 from girandole.api.messages.schema import (
     CountTokensRequest,
@@ -44,8 +45,8 @@ def system_text(system: str | list[TextBlock] | None) -> str:
 
 def _unsupported_block(kind: str, where: str) -> Exception:
     return bad_request(
-        f"Content blocks of type '{kind}' are not supported: this model takes text only,"
-        f" field: '{where}'",
+        f"Content blocks of type '{kind}' are not supported: this server reads text blocks"
+        f" (and, for a vision model, image blocks of user turns), field: '{where}'",
         where,
     )
 
@@ -130,7 +131,9 @@ def check_forced_output(req: CountTokensRequest, messages: list[dict[str, Any]])
     )
 
 
-def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> list[dict[str, Any]]:
+def chat_messages(
+    req: CountTokensRequest, cleared: Cleared | None = None, images: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The conversation as chat messages: tool_result blocks become tool messages (before the
     user's text of the same turn), tool_use blocks the assistant's tool_calls; consecutive
     turns of one role are merged, as Anthropic does.
@@ -142,7 +145,9 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
     of its own at the end.
 
     `cleared`: what context edits leave out (girandole.api.messages.context_edits); None: the
-    thinking a clear_thinking edit clears."""
+    thinking a clear_thinking edit clears. An image block of a user turn becomes chat's
+    image_url part there (the turn's content a list of parts); `images` gets each one's field,
+    in prompt order (chat's errors about an image then name the block)."""
     if cleared is None:
         cleared = Cleared(thinking=frozenset(cleared_thinking(req)))
     out: list[dict[str, Any]] = []
@@ -161,13 +166,17 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
             else:
                 pending.append(text)
             continue
-        texts: list[str] = []
+        texts: list[str | ImagePart] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(message.content):
             where = f"messages.{i}.content.{j}"
             if block.type == "text":
                 texts.append(block.text)
+            elif block.type == "image" and message.role == "user":
+                texts.append(image_part(block, where))
+                if images is not None:
+                    images.append(where)
             elif block.type == "thinking" and message.role == "assistant":
                 if i not in cleared.thinking:
                     thoughts.append(block.thinking)
@@ -180,7 +189,7 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
                 cut = block.tool_use_id in cleared.results
                 result = PLACEHOLDER if cut else _result_text(block, where)
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
-            elif block.type in ("tool_use", "tool_result", "thinking", *SKIPPED_BLOCKS):
+            elif block.type in ("tool_use", "tool_result", "thinking", "image", *SKIPPED_BLOCKS):
                 # a user turn of thinking blocks only vanished (the assistant turn before it
                 # then read as a prefill to continue)
                 raise bad_request(
@@ -199,7 +208,7 @@ def chat_messages(req: CountTokensRequest, cleared: Cleared | None = None) -> li
         texts = message.pop(_TEXTS, None)
         if texts is not None:
             sep = "" if message["role"] == "assistant" else "\n\n"
-            message["content"] = sep.join(t for t in texts if t)
+            message["content"] = _content(texts, sep)
         thoughts = message.pop(_THOUGHTS, None)
         if thoughts is not None:
             message["reasoning_content"] = "\n\n".join(thoughts)
@@ -218,21 +227,45 @@ def _system_texts(blocks: list[Any], i: int) -> list[str]:
     return [block.text for block in blocks]
 
 
+def _content(texts: list[str | ImagePart], sep: str) -> str | list[dict[str, Any]]:
+    """A message's content from its texts (joined by `sep`) and images: a list of parts
+    (consecutive texts joined into one) where there is an image, else the text."""
+    if not any(isinstance(t, dict) for t in texts):
+        return sep.join(t for t in texts if t)  # type: ignore[misc]
+    parts: list[dict[str, Any]] = []
+    run: list[str] = []
+    for item in [*texts, None]:
+        if isinstance(item, str):
+            if item:
+                run.append(item)
+            continue
+        if run:
+            parts.append({"type": "text", "text": sep.join(run)})
+            run = []
+        if item is not None:
+            parts.append(item)
+    return parts
+
+
 def _add_turn(
     out: list[dict[str, Any]],
     role: str,
-    texts: list[str],
+    texts: list[str | ImagePart],
     thoughts: list[str],
     calls: list[dict[str, Any]],
 ) -> None:
     """A turn's chat message, or its text added to the message before (one of the same role)."""
-    text = ("" if role == "assistant" else "\n\n").join(texts)
     if not any(texts) and not calls:  # an empty final assistant turn: no prefill
         return
+    has_image = any(t.get("type") == IMAGE for t in texts if isinstance(t, dict))
+    text = "" if has_image else ("" if role == "assistant" else "\n\n").join(texts)  # type: ignore[arg-type]
     last = out[-1] if out else None
     thought = "\n\n".join(t for t in thoughts if t)
     if last is not None and last["role"] == role and not last.get("tool_calls"):
-        _append(last, text)
+        if has_image:
+            last.setdefault(_TEXTS, [last["content"]]).extend(texts)
+        else:
+            _append(last, text)
         if calls:
             last["tool_calls"] = calls
         if thought:
@@ -240,6 +273,8 @@ def _add_turn(
             last.setdefault(_THOUGHTS, [before] if before else []).append(thought)
         return
     turn: dict[str, Any] = {"role": role, "content": text if texts else None}
+    if has_image:
+        turn[_TEXTS] = list(texts)
     if calls:
         turn["tool_calls"] = calls
     if thought:
@@ -309,6 +344,13 @@ def chat_tools(req: MessagesRequest) -> tuple[list[dict[str, Any]] | None, Any, 
     return tools, None, parallel
 
 
+def _source_field(req: CountTokensRequest, where: str) -> str:
+    """The field of the image block at `where` (messages.i.content.j) that holds its image."""
+    i, j = (int(n) for n in where.split(".")[1::2])
+    block = req.messages[i].content[j]
+    return f"{where}.source." + ("url" if block.source.type == "url" else "data")
+
+
 def _description(tool: Tool) -> str | None:
     """The tool's description, and its input_examples after it (Anthropic shows them to the
     model: here the description is what the template shows of a tool besides its schema)."""
@@ -330,7 +372,8 @@ def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> Tra
         response_format = {"type": "json_schema", "json_schema": schema}
     check_not_empty(req)
     check_context_edits(req)
-    messages = chat_messages(req, cleared)  # blocks in the wrong role are a 400 first
+    images: list[str] = []
+    messages = chat_messages(req, cleared, images)  # blocks in the wrong role are a 400 first
     check_tool_pairing(req.messages)
     check_forced_output(req, messages)
     check_thinking_prefill(req, messages)
@@ -360,5 +403,6 @@ def to_chat_request(req: MessagesRequest, cleared: Cleared | None = None) -> Tra
         # takes it as a hint with nothing to change (Claude Code always sends it)
         "effort_is_hint": effort is not None,
         "user": req.metadata.user_id if req.metadata is not None else None,
+        "image_fields": [(where, _source_field(req, where)) for where in images],
     }
     return to_chat(fields, req)

@@ -1,8 +1,9 @@
 """`POST /v1/messages` request body: Anthropic's Messages API as Fireworks serves it.
 
 Strict like the other endpoints: unknown fields are a 400 naming them. Content blocks are told
-apart by `type`; `image` and `document` blocks parse (so the error can say what is missing) but
-this text-only server answers them with a 400 (`girandole.api.messages.convert`).
+apart by `type`; `image` blocks (a base64 or URL source) go to a vision model as chat's image_url
+parts, `document` blocks parse (so the error can say what is missing) but are a 400
+(`girandole.api.messages.convert`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,36 @@ class TextBlock(StrictModel):
 
 
 class MediaBlock(StrictModel):
-    """An image or a document: read so that the error names it, never sent to the model."""
+    """A document: read so that the error names it, never sent to the model."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["image", "document"]
+    type: Literal["document"]
+
+
+class Base64Source(StrictModel):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class URLSource(StrictModel):
+    type: Literal["url"]
+    url: str
+
+
+class FileSource(StrictModel):
+    """An image uploaded to Anthropic's Files API: parsed so that the 400 can say so."""
+
+    type: Literal["file"]
+    file_id: str
+
+
+class ImageBlock(StrictModel):
+    """An image for a vision model (chat's image_url part); a 400 for a text-only model."""
+
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource | FileSource, Field(discriminator="type")]
+    cache_control: CacheControl | None = None
 
 
 class DirectCaller(StrictModel):
@@ -56,7 +83,7 @@ class ToolUseBlock(StrictModel):
     toolset_name: str | None = None  # a label of Anthropic's toolsets: read by nothing here
 
 
-ResultPart = Annotated[TextBlock | MediaBlock, Field(discriminator="type")]
+ResultPart = Annotated[TextBlock | ImageBlock | MediaBlock, Field(discriminator="type")]
 
 
 class ToolResultBlock(StrictModel):
@@ -80,7 +107,13 @@ class RedactedThinkingBlock(StrictModel):
 
 
 Block = Annotated[
-    TextBlock | MediaBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    TextBlock
+    | ImageBlock
+    | MediaBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock,
     Field(discriminator="type"),
 ]
 

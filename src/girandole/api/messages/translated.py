@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
+from girandole.api.chat.images import image_parts
 from girandole.api.chat.route import Chat
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
@@ -30,6 +31,9 @@ class TranslatedChat(ChatCompletionRequest):
     # reasoning_effort came from an API whose effort is a hint about spending (Anthropic's
     # output_config.effort): a template that cannot reason ignores it rather than refusing
     effort_is_hint: bool = False
+    # each image part's fields in the source request, in prompt order: (the part, its URL or
+    # data), so that chat's 400s about an image name the source's field
+    image_fields: list[tuple[str, str]] = []
 
 
 def to_chat(fields: dict[str, Any], source: Any) -> TranslatedChat:
@@ -60,6 +64,7 @@ class TranslatedShape(ResponseShape):
         self.tools_check = chat.tools_check  # a bad tool schema is a 400 whatever tool_choice
         self.reasoning = chat.reasoning  # the prompt is built as chat's (thinking on or off)
         self.think_end_id = chat.think_end_id
+        self.allow_private_images = chat.allow_private_images
 
     def output_blocks(self, max_calls: int | None = None) -> OutputBlocks:
         """A choice's output as blocks: its reasoning (a template that can think), text and
@@ -101,6 +106,12 @@ class TranslatedEndpoint(Chat):
             raise
 
     def rename_field(self, exc: APIError, req: TranslatedChat) -> None:
+        if exc.param and req.image_fields and req.messages is not None:
+            for (path, _), (part, url) in zip(image_parts(req.messages), req.image_fields):
+                chat_part = path.removesuffix(".image_url.url")
+                if exc.param in (path, chat_part):
+                    self.renamed(exc, url if exc.param == path else part)
+                    return
         for pattern, replacement in self.chat_fields.items():
             if exc.param and re.fullmatch(pattern, exc.param):
                 self.renamed(exc, re.sub(pattern, replacement, exc.param))

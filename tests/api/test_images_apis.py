@@ -1,0 +1,100 @@
+"""Images for a vision model beyond chat: Anthropic's Messages (image blocks, count_tokens),
+OpenAI's Responses (input_image parts, stored turns, input_tokens) and /tokenize, each through
+its real SDK or httpx on the tiny vision server (tests/api/conftest.py); what each writes is
+chat's prompt for the same conversation, token for token."""
+
+from __future__ import annotations
+
+import base64
+
+import anthropic
+import openai
+import pytest
+from api_helpers import API_KEY
+from conftest import VISION_MODEL as MODEL
+from test_images import QUESTION, _data_url, _png
+
+
+@pytest.fixture(scope="module")
+def claude(vision_server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        base_url=vision_server.url + "/inference", api_key=API_KEY, max_retries=0
+    )
+
+
+@pytest.fixture(scope="module")
+def client(vision_server) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=API_KEY, base_url=vision_server.url + "/inference/v1", max_retries=0
+    )
+
+
+def _chat(client, *urls: str, text: str = QUESTION):
+    """The chat completion of one user turn of images then text (greedy, 4 tokens)."""
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content = [*parts, {"type": "text", "text": text}]
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=4,
+        temperature=0,
+    )  # fmt: skip
+
+
+def _b64_block(data: bytes, media_type: str = "image/png") -> dict:
+    source = {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}
+    return {"type": "image", "source": source}
+
+
+# ---- Anthropic Messages
+
+
+def test_messages_image_blocks_are_chat_image_parts(claude, client, vision_server):
+    a, b = _png(1), _png(2)
+    url = vision_server.url + "/no-such-image.png"  # a URL source: fetched as chat fetches
+    chat = _chat(client, _data_url(a), _data_url(b))
+    blocks = [_b64_block(a), _b64_block(b), {"type": "text", "text": QUESTION}]
+    kw = dict(model=MODEL, max_tokens=4, extra_body={"temperature": 0})
+    msg = claude.messages.create(messages=[{"role": "user", "content": blocks}], **kw)
+    assert msg.content[0].text == chat.choices[0].message.content
+    assert msg.usage.input_tokens == chat.usage.prompt_tokens
+    counted = claude.messages.count_tokens(
+        model=MODEL, messages=[{"role": "user", "content": blocks}]
+    )
+    assert counted.input_tokens == msg.usage.input_tokens
+    # a URL source is chat's image_url: its errors name the block's field
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(
+            messages=[{"role": "user", "content": [
+                {"type": "text", "text": "see"},
+                {"type": "image", "source": {"type": "url", "url": url}},
+            ]}], **kw,
+        )  # fmt: skip
+    assert "HTTP 404" in info.value.message
+    assert info.value.body["error"]["message"].endswith("field: 'messages.0.content.1.source.url'")
+
+
+def test_messages_image_errors_name_the_block(claude):
+    kw = dict(model=MODEL, max_tokens=2, system="Be brief.")  # chat's messages.3: renamed
+    cases = [
+        # a PNG said to be a JPEG: Anthropic's 400
+        (_b64_block(_png(1), "image/jpeg"), "does not match the provided media type",
+         "messages.2.content.0.source.media_type"),
+        # bytes of no image at all
+        (_b64_block(b"plain text, not a picture"), "not a PNG, JPEG, WebP or GIF",
+         "messages.2.content.0.source.data"),
+    ]  # fmt: skip
+    for block, message, field in cases:
+        messages = [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [block, {"type": "text", "text": "and this?"}]},
+        ]
+        with pytest.raises(anthropic.BadRequestError) as info:
+            claude.messages.create(messages=messages, **kw)
+        error = info.value.body["error"]
+        assert error["type"] == "invalid_request_error"
+        assert message in error["message"] and f"field: '{field}'" in error["message"], error
+    gif = _png(4, fmt="GIF")  # Anthropic's fourth media type: read as its first frame
+    msg = claude.messages.create(
+        messages=[{"role": "user", "content": [_b64_block(gif, "image/gif")]}], **kw
+    )
+    assert msg.stop_reason == "max_tokens"
