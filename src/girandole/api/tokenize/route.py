@@ -7,6 +7,8 @@ endpoints, with llama.cpp's forms where they cost little.
   `add_generation_prompt`/`continue_final_message` unset: chat's own rule (a final assistant
   message is continued); either set: as vLLM reads them; both true: a 400.
   `chat_template_kwargs`: more template variables (not the ones the server sets).
+  A vision model's image_url parts are their image tokens, as chat expands them (the images
+  themselves are not read: their tokens do not depend on them).
 - `prompt` (vLLM's completion form): the ids /v1/completions runs for that prompt (BOS as the
   model's metadata says); `add_special_tokens: false`: without BOS.
 - `content` (llama.cpp's): `add_special` (default false), `parse_special`, `with_pieces`;
@@ -30,12 +32,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from girandole.api.chat.images import image_parts
 from girandole.api.chat.prompt import PromptEnd, chat_prompt
 from girandole.api.chat.route import ENDPOINT as CHAT
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.http.errors import bad_request
 from girandole.api.http.finite_json import FiniteJSONResponse
 from girandole.api.http.validation import validate_model
+from girandole.api.serving.images import ImageMarkers
 from girandole.api.serving.pipeline import post_route, receive
 from girandole.api.serving.prompt import off_loop_if_long
 from girandole.api.state import AppState
@@ -135,6 +139,12 @@ async def _chat_ids(state: AppState, engine: EngineClient, req: TokenizeChatRequ
     chat_req = ChatCompletionRequest.model_construct(**{n: getattr(req, n) for n in CHAT_FIELDS})
     shape = CHAT.shape(state, engine, chat_req)
     tokenizer = engine.tokenizer
+    vision = engine.model_config.vision
+    markers = None
+    if vision is not None and image_parts(chat_req.messages):
+        # each image's tokens as chat expands them; the images are not read (their tokens do
+        # not depend on them)
+        markers = ImageMarkers.of(tokenizer, vision)
     prompt = await chat_prompt(
         tokenizer,
         chat_req,
@@ -143,6 +153,7 @@ async def _chat_ids(state: AppState, engine: EngineClient, req: TokenizeChatRequ
         engine.model_config.vocab_size,
         shape.reasoning,
         end,
+        images=markers,
     )
     ids = list(prompt.token_ids)
     bos = tokenizer.bos_token_id
