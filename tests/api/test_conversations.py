@@ -210,7 +210,7 @@ def test_errors(client, server):
         (post("/v1/conversations", {"metadata": {"k" * 65: "v"}}), 400, None),
         (post(f"/v1/conversations/{conv.id}/items", {"items": []}), 400, "items"),
         (post(f"/v1/conversations/{conv.id}/items", {"items": [{"role": "user", "content": [
-            {"type": "input_image", "image_url": "http://x"}]}]}), 400, "items.0.content.0"),
+            {"type": "input_file", "file_id": "file-1"}]}]}), 400, "items.0.content.0"),
         (post("/v1/conversations/conv_nope/items", {"items": [user("x")]}), 404, None),
     ]  # fmt: skip
     for response, status, param in cases:

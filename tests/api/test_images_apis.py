@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 
 import anthropic
+import httpx
 import openai
 import pytest
 from api_helpers import API_KEY
@@ -98,3 +99,81 @@ def test_messages_image_errors_name_the_block(claude):
         messages=[{"role": "user", "content": [_b64_block(gif, "image/gif")]}], **kw
     )
     assert msg.stop_reason == "max_tokens"
+
+
+# ---- OpenAI Responses
+
+
+def _input(*urls: str, text: str = QUESTION, detail: str = "auto") -> list[dict]:
+    parts = [{"type": "input_image", "image_url": u, "detail": detail} for u in urls]
+    return [{"role": "user", "content": [*parts, {"type": "input_text", "text": text}]}]
+
+
+def test_responses_input_images_are_chat_image_parts_and_chain(client):
+    a, b = _data_url(_png(1)), _data_url(_png(2))
+    chat = _chat(client, a, b)
+    kw = dict(model=MODEL, max_output_tokens=4, temperature=0)
+    first = client.responses.create(input=_input(a, b, detail="low"), **kw)  # detail: no effect
+    assert first.output_text == chat.choices[0].message.content
+    assert first.usage.input_tokens == chat.usage.prompt_tokens
+    counted = client.responses.input_tokens.count(model=MODEL, input=_input(a, b))
+    assert counted.input_tokens == first.usage.input_tokens
+    stored = client.responses.input_items.list(first.id).data[0].content
+    assert [p.type for p in stored] == ["input_image", "input_image", "input_text"]
+    # a later turn chained to it: the earlier images are sent again, as chat would send them
+    second = client.responses.create(previous_response_id=first.id, input="And now?", **kw)
+    whole = client.chat.completions.create(
+        model=MODEL, max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": a}},
+                {"type": "image_url", "image_url": {"url": b}},
+                {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And now?"},
+        ],
+    )  # fmt: skip
+    assert second.usage.input_tokens == whole.usage.prompt_tokens
+    assert second.output_text == whole.choices[0].message.content
+
+
+def test_responses_image_errors_name_the_part(client):
+    a = _data_url(_png(1))
+    cases = [
+        ([{"role": "user", "content": [{"type": "input_image", "file_id": "file-1",
+                                        "detail": "auto"}]}],
+         "file_id is not supported", "input.0.content.0.file_id"),
+        ([{"role": "user", "content": "hi"},
+          {"role": "assistant", "content": [{"type": "input_image", "image_url": a,
+                                             "detail": "auto"}]}],
+         "user messages only", "input.1.content.0"),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+          *_input(_data_url(b"not a picture"))],
+         "not a PNG, JPEG, WebP or GIF", "input.2.content.0.image_url"),
+    ]  # fmt: skip
+    for items, message, field in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model=MODEL, input=items, max_output_tokens=2)
+        assert message in info.value.message, info.value.message
+        assert info.value.body["param"] == field, info.value.body
+
+
+# ---- /tokenize
+
+
+def test_tokenize_expands_images_as_chat_does(vision_server, client):
+    a = _data_url(_png(1))
+    content = [{"type": "image_url", "image_url": {"url": a}}, {"type": "text", "text": QUESTION}]
+    messages = [{"role": "user", "content": content}]
+    r = httpx.post(
+        vision_server.url + "/v1/tokenize",
+        json={"model": MODEL, "messages": messages, "return_token_strs": True},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, extra_body={"return_token_ids": True}
+    )
+    assert body["tokens"] == chat.choices[0].model_extra["prompt_token_ids"]
+    assert body["token_strs"].count("<image_soft_token>") == 4  # the checkpoint's per image

@@ -6,7 +6,10 @@ tools, tool-call recognition and structured output are chat's (`girandole.api.ch
 - `input`: a string (one user message) or items: `message` (`role` user, assistant, system or
   `developer` (= system; after another turn, stored ones included, user text, as Messages
   reads a later system message); `content` a string or `input_text`/`output_text`/`refusal` parts;
-  image, file and audio parts are a 400), `function_call` (the assistant's call: `call_id`,
+  for a vision model, a user message's `input_image` parts (`image_url`: a data: URL or an
+  http(s) URL; `detail` accepted, no effect; a `file_id` is a 400) are chat's image_url parts
+  where they stand, stored as sent, so a later turn chained to them sends them again; file and
+  audio parts are a 400), `function_call` (the assistant's call: `call_id`,
   `name`, `arguments`), `function_call_output` (`call_id`, `output`: a string or text parts).
   `reasoning` items (their content's text, else their summary's) are the reasoning_content of
   the assistant turn after them; MCP items (`mcp_list_tools`, `mcp_call`,

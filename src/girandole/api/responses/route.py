@@ -25,6 +25,7 @@ from girandole.api.responses.convert import (
     chat_messages,
     chat_tools,
     check_unique_ids,
+    image_fields,
     input_items,
     response_format,
 )
@@ -215,6 +216,10 @@ class Responses(TranslatedEndpoint):
             "user": source.user or source.safety_identifier,
             "prompt_cache_key": source.prompt_cache_key,
             "service_tier": source.service_tier,
+            # the images of earlier turns are sent again with them (stored as sent)
+            "image_fields": image_fields(
+                items, inherited, "conversation" if conversation_id else "previous_response_id"
+            ),
         }
 
         keep = source.store is not False

@@ -23,14 +23,25 @@ class TextPart(StrictModel):
     logprobs: list[Any] | None = None
 
 
+class ImagePart(StrictModel):
+    """An image for a vision model (chat's image_url part): a data: URL or an http(s) URL.
+    `detail` is accepted and changes nothing (the model sees every image at one size); a
+    `file_id` image is a 400."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high", "original"] | None = None
+
+
 class OtherPart(StrictModel):
-    """An image, file or audio part: read so that the error names it."""
+    """A file or audio part: read so that the error names it."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["input_image", "input_file", "input_audio"]
+    type: Literal["input_file", "input_audio"]
 
 
-Part = Annotated[TextPart | OtherPart, Field(discriminator="type")]
+Part = Annotated[TextPart | ImagePart | OtherPart, Field(discriminator="type")]
 Content = str | list[Part]
 
 
