@@ -6,6 +6,7 @@ chat's prompt for the same conversation, token for token."""
 from __future__ import annotations
 
 import base64
+import time
 
 import anthropic
 import httpx
@@ -177,3 +178,31 @@ def test_tokenize_expands_images_as_chat_does(vision_server, client):
     )
     assert body["tokens"] == chat.choices[0].model_extra["prompt_token_ids"]
     assert body["token_strs"].count("<image_soft_token>") == 4  # the checkpoint's per image
+
+
+# ---- a deployment of the vision model
+
+
+def test_a_deployment_of_the_vision_model_reads_images(vision_server, client):
+    """An embedded deployment (its own engine) of the server's model: chat with an image on
+    `model#deployment` answers as the server's own engine does."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    base = vision_server.url + "/v1/accounts/testing/deployments"
+    r = httpx.post(base, params={"deploymentId": "vis"}, json={"baseModel": MODEL}, headers=headers)
+    assert r.status_code == 200, r.text
+    try:
+        deadline = time.monotonic() + 120
+        while (d := httpx.get(base + "/vis", headers=headers).json())["state"] != "READY":
+            assert d["state"] != "FAILED" and time.monotonic() < deadline, d
+            time.sleep(0.2)
+        a = _data_url(_png(1))
+        own = _chat(client, a)
+        parts = [{"type": "image_url", "image_url": {"url": a}}, {"type": "text", "text": QUESTION}]
+        on_deployment = client.chat.completions.create(
+            model=f"{MODEL}#accounts/testing/deployments/vis", max_tokens=4, temperature=0,
+            messages=[{"role": "user", "content": parts}],
+        )  # fmt: skip
+        assert on_deployment.choices[0].message.content == own.choices[0].message.content
+        assert on_deployment.usage.prompt_tokens == own.usage.prompt_tokens
+    finally:
+        httpx.delete(base + "/vis", params={"hard": "true"}, headers=headers)
