@@ -124,3 +124,24 @@ def test_a_redirect_target_is_checked_as_the_first_url_is():
         assert "non-public address" in info.value.message
     public = asyncio.run(checked_address(httpx.URL("http://8.8.8.8/a.png"), WHERE, False, 1))
     assert str(public) == "8.8.8.8"
+
+
+def test_the_setting_comes_from_the_flag_or_its_variable(monkeypatch):
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+
+    def parse(*argv):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv])).allow_private_image_urls
+
+    assert parse() is False
+    assert parse("--allow-private-image-urls") is True
+    monkeypatch.setenv("GIRANDOLE_ALLOW_PRIVATE_IMAGE_URLS", "1")
+    assert parse() is True
+    monkeypatch.setenv("GIRANDOLE_ALLOW_PRIVATE_IMAGE_URLS", "no")
+    assert parse() is False
+    monkeypatch.setenv("GIRANDOLE_ALLOW_PRIVATE_IMAGE_URLS", "maybe")
+    with pytest.raises(SystemExit, match="GIRANDOLE_ALLOW_PRIVATE_IMAGE_URLS"):
+        parse()
