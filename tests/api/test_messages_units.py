@@ -849,3 +849,40 @@ def test_many_calls_cost_each_token_the_same(mode, n):
     blocks.feed("", True, "stop")
     assert [b.text for b in blocks.blocks] == [f'{{"a": {k}}}' for k in range(n - 500)]
     assert blocks.finish_reason == "tool_calls"
+
+
+PNG_B64 = "iVBORw0KGgoAAAANSUhEUg=="  # a PNG's first bytes: all the media_type check reads
+
+
+def test_image_blocks_and_parts_stand_where_they_were_in_merged_turns():
+    """Anthropic image blocks and Responses input_image parts become chat's image_url parts in
+    their order, consecutive user turns merged into one list of parts (texts as chat joins them)."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": PNG_B64}}  # fmt: skip
+    req = anthropic(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "a"}, image]},
+        {"role": "user", "content": "b"},
+        {"role": "system", "content": "s"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [image, {"type": "text", "text": "c"},
+                                     {"type": "text", "text": "d"}]},
+    ])  # fmt: skip
+    url = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}
+    assert anthropic_messages(req) == [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, url,
+                                     {"type": "text", "text": "b\n\ns"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [url, {"type": "text", "text": "c\n\nd"}]},
+    ]  # fmt: skip
+    part = {"type": "input_image", "image_url": "https://x/y.png", "detail": "high"}
+    items = input_items(responses(input=[
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [part, {"type": "input_text", "text": "b"}]},
+        {"role": "user", "content": "c"},
+    ]))  # fmt: skip
+    assert items[1]["content"][0] == part  # stored as sent
+    chat_url = {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+    assert chat_messages(None, items) == [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, chat_url,
+                                     {"type": "text", "text": "b\n\nc"}]},
+    ]  # fmt: skip

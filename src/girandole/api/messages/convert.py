@@ -13,7 +13,7 @@ from girandole.api.messages.context_edits import (
     cleared_input,
     cleared_thinking,
 )
-from girandole.api.messages.images import IMAGE, ImagePart, image_part
+from girandole.api.messages.images import ImagePart, image_part
 from girandole.api.messages.pairing import check_tool_pairing
 from girandole.api.messages.schema import (
     CountTokensRequest,
@@ -231,7 +231,7 @@ def _content(texts: list[str | ImagePart], sep: str) -> str | list[dict[str, Any
     """A message's content from its texts (joined by `sep`) and images: a list of parts
     (consecutive texts joined into one) where there is an image, else the text."""
     if not any(isinstance(t, dict) for t in texts):
-        return sep.join(t for t in texts if t)  # type: ignore[misc]
+        return sep.join(t for t in texts if isinstance(t, str) and t)
     parts: list[dict[str, Any]] = []
     run: list[str] = []
     for item in [*texts, None]:
@@ -257,8 +257,9 @@ def _add_turn(
     """A turn's chat message, or its text added to the message before (one of the same role)."""
     if not any(texts) and not calls:  # an empty final assistant turn: no prefill
         return
-    has_image = any(t.get("type") == IMAGE for t in texts if isinstance(t, dict))
-    text = "" if has_image else ("" if role == "assistant" else "\n\n").join(texts)  # type: ignore[arg-type]
+    has_image = any(isinstance(t, dict) for t in texts)  # an image part (user turns only)
+    sep = "" if role == "assistant" else "\n\n"
+    text = "" if has_image else sep.join(t for t in texts if isinstance(t, str))
     last = out[-1] if out else None
     thought = "\n\n".join(t for t in thoughts if t)
     if last is not None and last["role"] == role and not last.get("tool_calls"):

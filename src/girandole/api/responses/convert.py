@@ -256,8 +256,9 @@ def _merge_parts(
     content: str | list[dict[str, Any]],
     merged: dict[int, tuple[dict[str, Any], list[str], list[bool]]],
 ) -> None:
-    """A message with images joined to the message before (one of its role), or a message's
-    text to one with images: their content as parts, one after the other."""
+    """A message with images joined to the message before (one of its role, a user's), or a
+    message's text to one with images: their content as parts, one after the other, a text
+    next to a text joined by a blank line (as merged texts are)."""
     before = last["content"]
     if id(last) in merged:  # its texts so far, joined now
         before = "".join(merged.pop(id(last))[1])
@@ -265,6 +266,9 @@ def _merge_parts(
         before = [{"type": "text", "text": before}] if before else []
     if isinstance(content, str):
         content = [{"type": "text", "text": content}] if content else []
+    if before and content and before[-1]["type"] == content[0]["type"] == "text":
+        joined = {"type": "text", "text": before[-1]["text"] + "\n\n" + content[0]["text"]}
+        before, content = [*before[:-1], joined], content[1:]
     last["content"] = [*before, *content]
 
 
