@@ -886,3 +886,16 @@ def test_image_blocks_and_parts_stand_where_they_were_in_merged_turns():
         {"role": "user", "content": [{"type": "text", "text": "a"}, chat_url,
                                      {"type": "text", "text": "b\n\nc"}]},
     ]  # fmt: skip
+
+
+def test_image_data_is_no_prompt_text_in_the_early_size_check():
+    """The size check before tokenizing counts text: an Anthropic image block's base64 data
+    and a Responses input_image's URL (megabytes for one image of 256 tokens) are not text."""
+    from girandole.api.ops.server_ops import prompt_size
+
+    data = "A" * 1_000_000
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+    messages = [{"role": "user", "content": [block, {"type": "text", "text": "hello"}]}]
+    assert prompt_size(messages)[0] == len("user") + len("text") + len("hello") + len("image")
+    part = {"type": "input_image", "image_url": "data:image/png;base64," + data, "detail": "auto"}
+    assert prompt_size([{"role": "user", "content": [part]}])[0] < 100

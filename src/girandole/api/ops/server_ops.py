@@ -512,7 +512,7 @@ def _renders_tools(data: dict) -> bool:
 
 
 # Content parts' media (chat's image_url/video_url objects), left out of a prompt's text size.
-MEDIA_PARTS = ("image_url", "video_url")
+MEDIA_PARTS = ("image_url", "video_url")  # chat's parts, Responses' input_image's URL
 
 
 def _prompt_size(name: str, value: Any, max_chars: int, max_items: int) -> tuple[int, int]:
@@ -529,8 +529,9 @@ def prompt_size(
 ) -> tuple[int, int]:
     """(characters of text, list items) in a prompt or messages value, strings and lists
     anywhere inside it; the count stops once either passes its max (a body of a million
-    messages is not walked whole). An image part's URL is no text of the prompt (a data: URL
-    is megabytes; the image is mm_tokens_per_image tokens): it is not counted."""
+    messages is not walked whole). An image part's URL (an Anthropic image block's source) is
+    no text of the prompt (a data: URL is megabytes; the image is mm_tokens_per_image tokens):
+    it is not counted."""
     chars = items = 0
     stack = [(value, 0)]
     while stack:
@@ -547,7 +548,13 @@ def prompt_size(
                 break
             stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, dict):
-            stack.extend((v, depth + 1) for k, v in item.items() if k not in MEDIA_PARTS)
+            # an Anthropic image block's `source` (its base64 data, or URL) is no text either
+            image = item.get("type") == "image"
+            stack.extend(
+                (v, depth + 1)
+                for k, v in item.items()
+                if k not in MEDIA_PARTS and not (image and k == "source")
+            )
     return chars, items
 
 
