@@ -92,8 +92,9 @@ def test_a_loopback_url_is_refused_by_default_and_fetched_when_allowed(site):
     err = _refused(url + "/image")
     assert "non-public address (127.0.0.1" in err.message
     assert "--allow-private-image-urls" in err.message and WHERE in err.message
-    for name in ("localhost", "[::ffff:127.0.0.1]"):
+    for name in ("localhost", "[::ffff:127.0.0.1]", "127.1", "2130706433", "0"):
         _refused(url.replace("127.0.0.1", name) + "/image")
+    assert "Invalid port" in _refused("http://[::1/x.png").message  # was a 500
     assert len(hosts) == before  # refused before any connection
     assert _fetch(url + "/image", allow_private=True) == b"\x89PNG fake"
 

@@ -54,19 +54,19 @@ async def checked_address(url: httpx.URL, where: str, allow_private: bool, hop: 
     """The address to connect to for `url`: its host's first, once every one is allowed; a 400
     naming the field for a host that does not resolve or resolves to a non-public address."""
     host = url.host
-    seen = f"The image URL's host {host!r}" if hop == 0 else f"The image URL redirects to {host!r}"
+    seen = f"The image URL's host {host!r}"
+    if hop > 0:
+        seen = f"The image URL redirects to {host!r}, which"
     try:
         addresses = await resolve(host, url.port or (443 if url.scheme == "https" else 80))
     except OSError as exc:
-        raise bad_request(
-            f"{seen}, which cannot be resolved ({exc}), field: '{where}'", where
-        ) from None
+        raise bad_request(f"{seen} cannot be resolved ({exc}), field: '{where}'", where) from None
     if not addresses:
-        raise bad_request(f"{seen}, which cannot be resolved, field: '{where}'", where)
+        raise bad_request(f"{seen} cannot be resolved, field: '{where}'", where)
     private = [a for a in addresses if not is_public(a)]
     if private and not allow_private:
         raise bad_request(
-            f"{seen}, which is a non-public address ({private[0]}: loopback, private, link-local,"
+            f"{seen} resolves to a non-public address ({private[0]}: loopback, private, link-local,"
             " multicast or reserved); this server fetches images from public addresses only"
             f" unless started with {ALLOW_FLAG}, field: '{where}'",
             where,
@@ -84,7 +84,7 @@ async def fetch_image(url: str, where: str, allow_private: bool) -> bytes:
         raise bad_request(
             f"Fetching the image took longer than {FETCH_TIMEOUT_S:g} s, field: '{where}'", where
         ) from None
-    except (httpx.HTTPError, ValueError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise bad_request(f"Fetching the image failed ({exc}), field: '{where}'", where) from None
 
 
