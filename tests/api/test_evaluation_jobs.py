@@ -91,6 +91,23 @@ def test_deleting_a_running_job_stops_it(srv: EvaluatorServer) -> None:
     wait_for(lambda: len(evaluator_children()) == 1)  # scoring the slow row
     r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/evaluators/exact")
     assert r.status_code == 400 and "used by evaluation job" in r.json()["error"]["message"]
+    # nor its datasets deleted or given a file: the input it read, the output it fills
+    datasets = f"/v1/accounts/{ACCOUNT}/datasets"
+    for r, dataset, role in (
+        (srv.http("DELETE", f"{datasets}/slow"), "slow", "input"),
+        (srv.http("DELETE", f"{datasets}/slow-out"), "slow-out", "output"),
+        (
+            srv.http("POST", f"{datasets}/slow-out:upload", files={"file": ("x.jsonl", b"{}\n")}),
+            "slow-out",
+            "output",
+        ),  # fmt: skip
+    ):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "FAILED_PRECONDITION", r.text
+        assert (
+            f"Dataset accounts/{ACCOUNT}/datasets/{dataset} is the {role} of evaluation job"
+            f" accounts/{ACCOUNT}/evaluationJobs/stuck, which has not ended (JOB_STATE_RUNNING):"
+            " delete the job or wait for it first"
+        ) in r.json()["error"]["message"], r.text
     srv.sdk().evaluation_jobs.delete("stuck")
     assert srv.http("GET", f"{JOBS}/stuck").status_code == 404
     wait_for(lambda: evaluator_children() == [])  # the child killed, not left to its timeout

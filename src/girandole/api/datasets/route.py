@@ -58,6 +58,7 @@ from girandole.batch.store import (
     job_name,
     now_text,
 )
+from girandole.evaluators.store import CREATING, EVALUATION_JOBS, RUNNING
 from girandole.registry.naming import is_valid_id, own_resource_id
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -153,14 +154,30 @@ def not_trained_on(
     request: Request, account: str, dataset_id: str, what: str = "", param: str | None = None
 ) -> None:
     """A 400 when a fine-tuning job that has not ended names the dataset (its `dataset` or
-    `evaluationDataset`): it reads the file when it starts, and would fail then. `what`: the
-    dataset as the message names it (an uploaded file's DELETE names the file)."""
+    `evaluationDataset`: it reads the file when it starts, and would fail then), or an
+    evaluation job that has not ended does (its `inputDataset`, read when it starts, or its
+    `outputDataset`, which it fills). `what`: the dataset as the message names it (an uploaded
+    file's DELETE names the file)."""
     name = dataset_name(account, dataset_id)
+    what = what or f"Dataset {name}"
     for jobs in getattr(request.app.state, "finetune_stores", {}).values():
         job = jobs.naming(account, name)
         if job is not None:
-            message = input_in_use(what or f"Dataset {name}", job, jobs.kind.noun_inside)
+            message = input_in_use(what, job, jobs.kind.noun_inside)
             raise APIError(400, message, param=param, code="FAILED_PRECONDITION")
+    stores = getattr(request.app.state, "evaluator_stores", {})
+    evaluations = stores.get(EVALUATION_JOBS.collection)
+    fields = ("inputDataset", "outputDataset")
+    job = evaluations.naming(account, name, fields, (CREATING, RUNNING)) if evaluations else None
+    if job is not None:
+        role = "input" if job["inputDataset"] == name else "output"
+        raise APIError(
+            400,
+            f"{what} is the {role} of evaluation job {job['name']}, which has not ended"
+            f" ({job['state']}): delete the job or wait for it first",
+            param=param,
+            code="FAILED_PRECONDITION",
+        )
 
 
 # A Dataset's fields (Fireworks' gatewayDataset): what a filter, orderBy or readMask may name,
