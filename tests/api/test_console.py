@@ -224,6 +224,28 @@ def test_serve_switch_variables_read_false_as_false(monkeypatch):
     assert parse("--allowed-credentials").evaluator_code is False
 
 
+def test_evaluator_limits_from_flags_and_variables(monkeypatch):
+    """--evaluator-timeout, --evaluator-memory and --max-evaluator-processes (and their
+    GIRANDOLE_* variables) set the settings; without them, 30 s, 2048 MiB and 4."""
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+
+    def parse(*argv: str):
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        s = settings_from_args(parser.parse_args(["serve", *argv]))
+        return s.evaluator_timeout, s.evaluator_memory, s.max_evaluator_processes
+
+    assert parse() == (30.0, 2048, 4)
+    flags = ("--evaluator-timeout", "2.5", "--evaluator-memory", "512")
+    assert parse(*flags, "--max-evaluator-processes", "1") == (2.5, 512, 1)
+    monkeypatch.setenv("GIRANDOLE_EVALUATOR_TIMEOUT", "90")
+    monkeypatch.setenv("GIRANDOLE_EVALUATOR_MEMORY", "4096")
+    monkeypatch.setenv("GIRANDOLE_MAX_EVALUATOR_PROCESSES", "8")
+    assert parse() == (90.0, 4096, 8)
+
+
 def test_log_level_is_read_in_any_case(monkeypatch):
     """GIRANDOLE_LOG_LEVEL=INFO (or --log-level DEBUG) means info, as logging reads it; a word
     that is no level is still an error (test_serve_bad_values_are_usage_errors)."""
@@ -351,6 +373,9 @@ def test_documented_curl_commands_send_their_json_as_json():
         ([], {"GIRANDOLE_QUEUE_TIMEOUT": "x"}, "[GIRANDOLE_QUEUE_TIMEOUT]"),
         (["--max-keys-per-user", "-1"], {}, "'-1' is not an integer >= 0"),
         (["--max-pending-finetune-jobs", "-1"], {}, "--max-pending-finetune-jobs: '-1' is not"),
+        (["--evaluator-timeout", "0"], {}, "argument --evaluator-timeout: '0' is not a number > 0"),
+        ([], {"GIRANDOLE_EVALUATOR_MEMORY": "64"}, "'64' is not an integer >= 128 [GIRANDOLE_EVA"),
+        (["--max-evaluator-processes", "0"], {}, "--max-evaluator-processes: '0' is not an"),
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),

@@ -237,3 +237,46 @@ def test_the_evaluator_sees_the_accounts_secrets_as_its_environment(srv: Evaluat
     urls = fw.datasets.get_download_endpoint("env-out").filename_to_signed_urls
     first = json.loads(httpx.get(urls["results.jsonl"]).text.splitlines()[0])
     assert first["evaluation_result"]["reason"] == "s3cret-value"
+
+
+BIG_CODE = """
+def evaluate(messages, **kwargs):
+    block = bytearray(400 * 1024 * 1024)  # within the default 2048 MiB, past 256
+    return len(block) > 0
+"""
+
+
+def test_the_evaluator_limits_are_the_servers_settings(tmp_path) -> None:
+    """--evaluator-timeout 0.5 fails a slow row in half a second (not the default 30), the next
+    row scored by a fresh child; --evaluator-memory 256 makes a 400 MiB allocation the row's
+    MemoryError."""
+    flags = ("--evaluator-timeout", "0.5", "--evaluator-memory", "256")
+    with evaluator_server(tmp_path, *flags, "--max-evaluator-processes", "1") as srv:
+        assert srv.evaluator("exact")["state"] == "ACTIVE"
+        assert srv.evaluator("big", criteria=criteria({"main.py": BIG_CODE}))["state"] == "ACTIVE"
+        rows = [row("slow", "x"), row("Paris", "paris")]
+        srv.dataset("slow", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        jobs = {"timed": EVALUATOR, "big": f"accounts/{ACCOUNT}/evaluators/big"}
+        started = time.monotonic()
+        for job_id, evaluator in jobs.items():
+            body = job_body(f"{job_id}-out", evaluator=evaluator,
+                            inputDataset=f"accounts/{ACCOUNT}/datasets/slow")  # fmt: skip
+            r = srv.http("POST", JOBS, json={"evaluationJobId": job_id, "evaluationJob": body})
+            assert r.status_code == 200, r.text
+        for job_id in jobs:
+            done = srv.wait(f"{JOBS}/{job_id}", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"), 20)
+            assert done["state"] == "JOB_STATE_COMPLETED", done["status"]
+        assert time.monotonic() - started < 20
+        fw = srv.sdk()
+
+        def results(output: str) -> list[dict]:
+            urls = fw.datasets.get_download_endpoint(output).filename_to_signed_urls
+            lines = httpx.get(urls["results.jsonl"]).text.splitlines()
+            return [json.loads(line)["evaluation_result"] for line in lines]
+
+        assert results("timed-out") == [
+            {"error": "timed out after 0.5 s"},
+            {"score": 1.0, "reason": "exact", "metrics": {"length": 5.0}},
+        ]
+        big = results("big-out")
+        assert [r.get("error", "")[:11] for r in big] == ["MemoryError"] * 2, big

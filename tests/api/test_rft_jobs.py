@@ -98,7 +98,8 @@ def test_the_evaluator_sees_the_accounts_secrets_not_the_jobs_files(srv):
     assert done["state"] == "JOB_STATE_COMPLETED", done
     assert done["jobProgress"]["meanReward"] == 1  # every answer scored with the secret seen
     folder = srv.data / "rft-jobs" / ACCOUNT / "secretive"
-    assert (folder / "spec.json").is_file()
+    spec = json.loads((folder / "spec.json").read_text())  # the server's evaluator limits
+    assert spec["evaluator"]["limits"] == {"timeoutSeconds": 30.0, "memoryMiB": 2048}
     for path in folder.rglob("*"):
         assert not path.is_file() or b"s3cret-rft" not in path.read_bytes(), path
     srv.http("DELETE", f"{JOBS}/secretive")

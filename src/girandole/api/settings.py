@@ -63,6 +63,13 @@ class ServerSettings:
     webhook_urls: list[str] = field(default_factory=list)
     # Evaluators with Python code (girandole.evaluators): --no-evaluator-code refuses them (403)
     evaluator_code: bool = True
+    # An evaluator's child process (girandole.evaluators.runner), in builds, evaluation jobs and
+    # RFT jobs: seconds it may take per row (then the row fails and the child restarts), its
+    # address-space limit in MiB, and how many such children the server runs at once (builds and
+    # evaluation jobs together; more wait)
+    evaluator_timeout: float = 30.0
+    evaluator_memory: int = 2048
+    max_evaluator_processes: int = 4
     webhook_secret: str | None = None
     log_level: str = "info"
     log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal

@@ -8,7 +8,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 
-from girandole.evaluators.runner import EvaluatorCode, EvaluatorLoadError, EvaluatorRunner
+from girandole.evaluators.runner import ChildLimits, EvaluatorCode, EvaluatorLoadError
 
 ACTIVE, BUILDING, BUILD_FAILED = "ACTIVE", "BUILDING", "BUILD_FAILED"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -49,8 +49,11 @@ def is_installed(name: str) -> bool:
         return False
 
 
-def build(code: EvaluatorCode, requirements: str, env: dict[str, str]) -> BuildResult:
-    """Check the requirements, then load the entry function in a child (started and closed)."""
+def build(
+    code: EvaluatorCode, requirements: str, env: dict[str, str], limits: ChildLimits | None = None
+) -> BuildResult:
+    """Check the requirements, then load the entry function in a child (started and closed)
+    under the server's `limits`."""
     names = requirement_names(requirements)
     log = [f"requirements: {', '.join(names) or 'none'}"]
     missing = [n for n in names if not is_installed(n)]
@@ -62,7 +65,7 @@ def build(code: EvaluatorCode, requirements: str, env: dict[str, str]) -> BuildR
         return BuildResult(BUILD_FAILED, message, "\n".join([*log, message]) + "\n")
     log.append(f"loading {code.entry_func} from {code.entry_file}")
     try:
-        with EvaluatorRunner(code, env) as runner:
+        with (limits or ChildLimits()).runner(code, env) as runner:
             try:
                 runner.start()
             except EvaluatorLoadError as exc:

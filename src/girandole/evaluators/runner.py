@@ -45,6 +45,26 @@ class Score:
     error: str = ""  # the exception / timeout text for a failed row
 
 
+@dataclass(frozen=True)
+class ChildLimits:
+    """What one child may use: seconds per row (then the row fails and the child restarts) and
+    MiB of address space (the server's --evaluator-timeout and --evaluator-memory)."""
+
+    timeout_s_per_row: float = 30.0
+    memory_mb: int = 2048
+
+    def runner(self, code: EvaluatorCode, env: dict[str, str]) -> EvaluatorRunner:
+        """A runner of `code` whose child keeps to these limits."""
+        return EvaluatorRunner(code, env, self.timeout_s_per_row, self.memory_mb)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"timeoutSeconds": self.timeout_s_per_row, "memoryMiB": self.memory_mb}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ChildLimits:
+        return cls(float(data["timeoutSeconds"]), int(data["memoryMiB"]))
+
+
 class EvaluatorLoadError(Exception):
     """The child could not import the entry file or find the entry function."""
 

@@ -9,10 +9,16 @@ from typing import Any
 from fastapi import FastAPI
 
 from girandole.api.evaluators.runtime import EvaluatorRuntime
+from girandole.evaluators.runner import ChildLimits
 from girandole.evaluators.secrets import secrets_env
 from girandole.evaluators.store import EVALUATION_JOBS, EVALUATORS, JobStore
 
 __all__ = ["install_evaluators"]
+
+
+def evaluator_limits(settings: Any) -> ChildLimits:
+    """An evaluator child's limits from the server's settings (--evaluator-timeout, -memory)."""
+    return ChildLimits(settings.evaluator_timeout, settings.evaluator_memory)
 
 
 def install_evaluators(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> EvaluatorRuntime:
@@ -31,7 +37,8 @@ def install_evaluators(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> E
     stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (EVALUATORS, EVALUATION_JOBS)}  # fmt: skip
     runtime = EvaluatorRuntime(
         stores[EVALUATORS.collection], stores[EVALUATION_JOBS.collection], app.state.batch_store,
-        folder, lambda account: secrets_env(state, account),
+        folder, lambda account: secrets_env(state, account), evaluator_limits(state.settings),
+        state.settings.max_evaluator_processes,
     )  # fmt: skip
     app.state.evaluator_stores, app.state.evaluators = stores, runtime
     for prefix in prefixes:

@@ -15,7 +15,7 @@ from typing import Any
 
 from girandole.batch.store import BatchStore, now_text
 from girandole.evaluators.build import ACTIVE, BUILD_FAILED, BUILDING, BuildResult, build
-from girandole.evaluators.runner import EvaluatorLoadError, EvaluatorRunner, Score
+from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, EvaluatorRunner, Score
 from girandole.evaluators.store import (
     COMPLETED,
     CREATING,
@@ -29,7 +29,6 @@ from girandole.registry.naming import own_resource_id
 log = logging.getLogger(__name__)
 BUILD_LOG, SOURCE_ARCHIVE, JOB_LOG = "build.log", "source.tar.gz", "execution.log"
 RESULTS_FILE = "results.jsonl"
-MAX_CHILDREN = 4  # evaluator processes the server runs at once (builds and jobs together)
 
 
 def result_of(score: Score) -> dict[str, Any]:
@@ -47,13 +46,15 @@ class EvaluatorRuntime:
         datasets: BatchStore,
         folder: Path,
         env_of: Callable[[str], dict[str, str]],
-        timeout_s_per_row: float = 30.0,
+        limits: ChildLimits,
+        max_children: int,
     ) -> None:
         self.evaluators, self.jobs, self.datasets = evaluators, jobs, datasets
-        self.folder, self.env_of, self.timeout_s_per_row = folder, env_of, timeout_s_per_row
+        self.folder, self.env_of, self.limits = folder, env_of, limits
         self._tasks: set[asyncio.Task] = set()
-        # child processes at once: each build and job has one; more wait (BUILDING, CREATING)
-        self._children = asyncio.Semaphore(MAX_CHILDREN)
+        # child processes at once (--max-evaluator-processes): each build and job has one; more
+        # wait (BUILDING, CREATING)
+        self._children = asyncio.Semaphore(max_children)
         self._builds: dict[tuple[str, str], int] = {}  # the latest build of each evaluator
         self._jobs: dict[tuple[str, str], tuple[asyncio.Task, EvaluatorRunner | None]] = {}
 
@@ -118,8 +119,9 @@ class EvaluatorRuntime:
             return
         try:
             result = await asyncio.to_thread(
-                build, code_of(body), body.get("requirements") or "", self.env_of(account)
-            )
+                build, code_of(body), body.get("requirements") or "", self.env_of(account),
+                self.limits,
+            )  # fmt: skip
         except Exception as exc:  # the evaluator fails to build, not the server
             log.exception("building evaluator %s failed", body["name"])
             result = BuildResult(BUILD_FAILED, f"the build failed: {exc}", f"{exc}\n")
@@ -227,7 +229,7 @@ class EvaluatorRuntime:
         output_id = own_resource_id(body["outputDataset"], account, "datasets")
         data = await asyncio.to_thread(self.datasets.dataset_bytes, account, input_id)
         lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-        runner = EvaluatorRunner(code_of(evaluator), self.env_of(account), self.timeout_s_per_row)
+        runner = self.limits.runner(code_of(evaluator), self.env_of(account))
         task = self._jobs.get((account, job_id), (None, None))[0]
         if task is not None:
             self._jobs[(account, job_id)] = (task, runner)

@@ -374,8 +374,11 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
         if found is None or found.get("state") != ACTIVE:
             why = "was deleted" if found is None else f"is {found.get('state')}, not ACTIVE"
             raise ValueError(f"evaluator {name} {why}: the job cannot score its rollouts")
+        from girandole.api.evaluators import evaluator_limits
+
         code = code_of(found)
-        return {"files": code.files, "entryFile": code.entry_file, "entryFunc": code.entry_func, "env": secrets_env(state, account)}  # fmt: skip
+        limits = evaluator_limits(settings).to_json()  # the worker's child, as the server's
+        return {"files": code.files, "entryFile": code.entry_file, "entryFunc": code.entry_func, "env": secrets_env(state, account), "limits": limits}  # fmt: skip
 
     runner = JobRunner(
         list(stores.values()), app.state.deployments.catalog, app.state.model_files,

@@ -73,6 +73,27 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         " [GIRANDOLE_MAX_PENDING_FINETUNE_JOBS]",
     )
     p.add_argument(
+        "--evaluator-timeout",
+        type=float_value("EVALUATOR_TIMEOUT", 0, above=True),
+        default=env_default("EVALUATOR_TIMEOUT", str(DEFAULTS.evaluator_timeout)),
+        help="seconds an evaluator may take to score one row (evaluation jobs, builds, RFT"
+        " rollouts); then the row fails and its process restarts [GIRANDOLE_EVALUATOR_TIMEOUT]",
+    )
+    p.add_argument(
+        "--evaluator-memory",
+        type=int_value("EVALUATOR_MEMORY", 128),
+        default=env_default("EVALUATOR_MEMORY", str(DEFAULTS.evaluator_memory)),
+        help="MiB of address space an evaluator's process may map (RLIMIT_AS; at least 128)"
+        " [GIRANDOLE_EVALUATOR_MEMORY]",
+    )
+    p.add_argument(
+        "--max-evaluator-processes",
+        type=int_value("MAX_EVALUATOR_PROCESSES", 1),
+        default=env_default("MAX_EVALUATOR_PROCESSES", str(DEFAULTS.max_evaluator_processes)),
+        help="evaluator processes the server runs at once (each build and evaluation job has"
+        " one; more wait) [GIRANDOLE_MAX_EVALUATOR_PROCESSES]",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int_value("MAX_CONCURRENT_REQUESTS", 1),
         default=env_default("MAX_CONCURRENT_REQUESTS", str(DEFAULTS.max_concurrent_requests)),
@@ -195,6 +216,9 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "rate_limit_tpm": args.rate_limit_tpm,
         "max_keys_per_user": args.max_keys_per_user,
         "max_pending_finetune_jobs": args.max_pending_finetune_jobs,
+        "evaluator_timeout": args.evaluator_timeout,
+        "evaluator_memory": args.evaluator_memory,
+        "max_evaluator_processes": args.max_evaluator_processes,
         "max_concurrent_requests": args.max_concurrent_requests,
         "max_queued_requests": args.max_queued_requests,
         "queue_timeout": args.queue_timeout,
