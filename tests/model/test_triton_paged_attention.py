@@ -2,7 +2,8 @@
 Triton's CPU interpreter, against the engine's own attention (Attention._attend_sequence over the
 keys gathered through the block table): decode (one pass and split-K) and varlen prefill,
 head_dim 64/128/256 (and 80 for split-K), GQA groups 1/3/4/8, sliding window and soft-cap on and
-off, ragged lengths, scattered blocks; the split-K heuristic's partition counts."""
+off, ragged lengths, scattered blocks; image spans attended both ways in prefill; the split-K
+heuristic's partition counts."""
 
 from __future__ import annotations
 
@@ -136,6 +137,53 @@ def test_bf16_cache(kernels):
         q.bfloat16().float(), k_cache[s].bfloat16().float(), v_cache[s].bfloat16().float()
     )
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+# -- image spans (Gemma 3 vision) ------------------------------------------------------------
+
+# (cached tokens, new tokens, image spans): an image in a chunk after a cached prefix, a
+# sequence without images, and two images in a prompt longer than a query block (64 rows), the
+# second across the block's edge, so that block's rows must read keys past its causal bound.
+IMAGE_SEQS = [(5, 20, [(9, 17)]), (0, 12, []), (0, 75, [(10, 20), (58, 70)])]
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (8, None), (None, 30.0)])
+def test_prefill_with_image_spans_matches_block_mask(kernels, window, softcap):
+    """A query row in an image also sees the image's later keys (causal OR same image, then
+    the window), as the CPU path's _block_mask; rows outside images stay causal."""
+    from girandole.model.attention import _block_mask
+    from girandole.model.context import ImageBatch
+
+    g = torch.Generator().manual_seed(127 + (window or 0))
+    kv_heads, group, head_dim = 1, 2, 64
+    context_lens = [c + n for c, n, _ in IMAGE_SEQS]
+    query_lens = [n for _, n, _ in IMAGE_SEQS]
+    spans = [sp for _, _, sp in IMAGE_SEQS]
+    k_cache, v_cache, tables, slots = _paged(g, context_lens, kv_heads, head_dim)
+    heads, scale = kv_heads * group, head_dim**-0.5
+    layer = Attention(heads, kv_heads, head_dim, scale, window, softcap)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    images = ImageBatch(torch.empty(0, dtype=torch.long), torch.empty(0, 8), spans)
+    row_spans = images.row_spans(query_lens, context_lens, torch.device("cpu"))
+    assert row_spans[0][5 + 9 - 5].item() == 9 and row_spans[1][25 + 12 + 60].item() == 70
+    args = (k_cache, v_cache, tables, starts, torch.tensor(context_lens, dtype=torch.int32))
+    args += (max(query_lens), BLOCK_SIZE, scale, window, softcap)
+
+    out = kernels.paged_prefill(q, *args, spans=row_spans)
+    causal = kernels.paged_prefill(q, *args)
+    for i, s in enumerate(slots):
+        rows = slice(int(starts[i]), int(starts[i + 1]))
+        k_pos = torch.arange(len(s))
+        q_pos = k_pos[len(s) - query_lens[i] :]
+        mask = _block_mask(q_pos, k_pos, window, spans[i])
+        expected = layer._attend(q[rows], k_cache[s], v_cache[s], q_pos, k_pos, mask)
+        torch.testing.assert_close(out[rows], expected, rtol=1e-4, atol=1e-5)
+        # an image's rows (all but its last) see later keys: not the causal result
+        in_image = (row_spans[1][rows] - 1 > q_pos) & (row_spans[1][rows] > 0)
+        assert torch.equal(out[rows][~in_image], causal[rows][~in_image])
+        for r in in_image.nonzero().flatten().tolist():
+            assert not torch.allclose(out[rows][r], causal[rows][r], atol=1e-3), (i, r)
 
 
 # -- split-K decode ------------------------------------------------------------------------
@@ -373,5 +421,6 @@ def test_kernels_compile_for_hopper():
             "_decode_split_kernel",
             "_decode_reduce_kernel",
             "_prefill_kernel",
+            "_prefill_kernel_spans",
         }
         assert all(0 < b <= 227 * 1024 for b in shared.values())

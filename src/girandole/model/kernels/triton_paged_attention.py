@@ -10,6 +10,9 @@ Two kernels (online softmax, fp32 accumulators, bf16 or fp32 cache):
   whole GQA group of query heads that share the KV head, so each key is read once.
 - `paged_prefill`: varlen and causal; sequence i's query rows are the last query_len_i
   positions of its context_len_i keys (chunked prefill over a cached prefix, or a decode row).
+  With image spans (Gemma 3 vision), a query row inside an image's [start, end) positions also
+  sees the image's later keys: causal OR both in the same image, then the sliding window
+  (transformers' token-type mask; model/attention.py `_block_mask`).
 Both take Gemma's sliding window and tanh logit soft-cap.
 
 `TRITON_INTERPRET=1` runs them on CPU tensors (the tests do); `available()` says whether triton
@@ -361,6 +364,8 @@ if triton is not None:
         bt_ptr,
         qstart_ptr,
         lens_ptr,
+        span_start_ptr,
+        span_end_ptr,
         out_ptr,
         stride_qt,
         stride_qh,
@@ -380,6 +385,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         USE_SOFTCAP: tl.constexpr,
         USE_WINDOW: tl.constexpr,
+        USE_SPANS: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
         seq = tl.program_id(0)
@@ -405,13 +411,24 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         first_pos = ctx_len - q_len + mb * BLOCK_M
         hi = tl.minimum(ctx_len, first_pos + BLOCK_M)  # one past the block's last query position
+        if USE_SPANS:
+            # Each row's image span [span_lo, span_hi) (empty: 0, 0): its keys are seen both
+            # ways, so the block reads on to the furthest span end of its rows.
+            row = q_start + offs_m
+            span_lo = tl.load(span_start_ptr + row, mask=m_mask, other=0)
+            span_hi = tl.load(span_end_ptr + row, mask=m_mask, other=0)
+            hi = tl.minimum(ctx_len, tl.maximum(hi, tl.max(span_hi, 0)))
         lo = 0
         if USE_WINDOW:
             lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             in_ctx = pos < ctx_len
-            valid = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
+            valid = pos[None, :] <= q_pos[:, None]
+            if USE_SPANS:
+                in_span = (pos[None, :] >= span_lo[:, None]) & (pos[None, :] < span_hi[:, None])
+                valid = valid | in_span
+            valid = in_ctx[None, :] & valid
             if USE_WINDOW:
                 valid = valid & (q_pos[:, None] - pos[None, :] < window)
             blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=in_ctx, other=0)
@@ -477,9 +494,15 @@ def reduce_config(head_dim: int, num_partitions: int) -> dict:
 
 
 def prefill_config(
-    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None,
+    spans: bool = False,
 ) -> dict:
-    """The prefill kernel's constexprs and launch options for a layer's shape."""
+    """The prefill kernel's constexprs and launch options for a layer's shape (`spans`: the
+    variant with images' both-ways spans, compiled only for batches that have images)."""
     return dict(
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
@@ -488,6 +511,7 @@ def prefill_config(
         BLOCK_N=64 if head_dim <= 64 else 32,
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
+        USE_SPANS=spans,
         DOT_F32=_interpreted(),
         num_warps=4 if head_dim <= 128 else 8,
     )
@@ -737,11 +761,15 @@ def paged_prefill(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    # [T] int32 each: every query row's image span [start, end) of positions, (0, 0) for a row
+    # outside any image; None: no images in the batch (plain causal)
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [T, H, D] in the cache dtype
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
-    config = prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    config = prefill_config(num_heads, num_kv_heads, head_dim, window, softcap, spans is not None)
+    span_start, span_end = spans if spans is not None else (context_lens, context_lens)
     grid = (context_lens.shape[0], triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
     _prefill_kernel[grid](
         q,
@@ -750,6 +778,8 @@ def paged_prefill(
         block_tables,
         query_start,
         context_lens,
+        span_start,
+        span_end,
         out,
         q.stride(0),
         q.stride(1),
@@ -776,8 +806,8 @@ def compile_for_cuda(
     softcap: float | None,
     dtype: str = "bf16",
 ) -> dict[str, int]:
-    """Compile every kernel (decode one pass, split-K's two stages at MAX_PARTITIONS, prefill)
-    for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through triton's bundled ptxas,
+    """Compile every kernel (decode one pass, split-K's two stages at MAX_PARTITIONS, prefill
+    without and with image spans) for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through triton's bundled ptxas,
     as the launchers would for this layer shape. Catches what the interpreter does not check
     (globals, tile shapes, shared memory). Returns each kernel's shared memory in bytes. Needs a
     process without TRITON_INTERPRET."""
@@ -787,17 +817,19 @@ def compile_for_cuda(
     types = {"scale": "fp32", "softcap": "fp32"}
     for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
         types[name] = f"*{dtype}"
-    for name in ("bt_ptr", "lens_ptr", "qstart_ptr"):
+    for name in ("bt_ptr", "lens_ptr", "qstart_ptr", "span_start_ptr", "span_end_ptr"):
         types[name] = "*i32"
     for name in ("part_out_ptr", "part_lse_ptr"):
         types[name] = "*fp32"
     decode = decode_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    prefill = functools.partial(prefill_config, num_heads, num_kv_heads, head_dim, window, softcap)
     shared = {}
-    for kernel, config in (
-        (_decode_kernel, decode),
-        (_decode_split_kernel, decode),
-        (_decode_reduce_kernel, reduce_config(head_dim, MAX_PARTITIONS)),
-        (_prefill_kernel, prefill_config(num_heads, num_kv_heads, head_dim, window, softcap)),
+    for name, kernel, config in (
+        ("_decode_kernel", _decode_kernel, decode),
+        ("_decode_split_kernel", _decode_split_kernel, decode),
+        ("_decode_reduce_kernel", _decode_reduce_kernel, reduce_config(head_dim, MAX_PARTITIONS)),
+        ("_prefill_kernel", _prefill_kernel, prefill()),
+        ("_prefill_kernel_spans", _prefill_kernel, prefill(spans=True)),
     ):
         config = dict(config, DOT_F32=False) if "DOT_F32" in config else dict(config)
         num_warps = config.pop("num_warps")
@@ -809,5 +841,5 @@ def compile_for_cuda(
             source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
         )
         assert "cubin" in compiled.asm
-        shared[kernel.fn.__name__] = compiled.metadata.shared
+        shared[name] = compiled.metadata.shared
     return shared
