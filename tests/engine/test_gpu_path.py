@@ -1,7 +1,7 @@
 """The engine's GPU path (EngineConfig.gpu_path: Triton paged attention over block tables and
 GpuSampler), run on CPU under Triton's interpreter, against the CPU path on the same weights:
 greedy and seeded outputs equal through batched and chunked prefills, prefix-cache hits,
-decode steps and sliding windows."""
+decode steps, sliding windows and images (Gemma 3 vision)."""
 
 from __future__ import annotations
 
@@ -100,3 +100,49 @@ def test_sliding_window_model_equals_cpu_path(tmp_path, tinier_llama_dir):
     assert gpu.engine.runner.kv_windows == [None, 5, 5]  # a group per layer, the global first
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert _outputs(gpu, params) == _outputs(cpu, params)
+
+
+def test_vision_model_with_images_equals_cpu_path(tiny_vision):
+    """Gemma 3 vision (a sliding layer of window 5 and a global one; 4 tokens an image): an
+    image's tokens attend to each other both ways in the Triton prefill kernel as in the CPU
+    path's mask. One request with two images beside one without, in one batch, 12 tokens a
+    step: the second image comes in a chunk after the first one's, read from the cache."""
+    import torch
+
+    from girandole.engine.engine import EngineConfig, LLMEngine
+    from girandole.engine.images import PromptImage
+
+    folder, _ = tiny_vision
+
+    def run(budget: int, gpu_path: bool) -> dict[str, tuple[list[int], float]]:
+        config = EngineConfig(
+            model=str(folder),
+            mode="reference",
+            device="cpu",
+            block_size=4,
+            kv_cache_gb=0.01,
+            max_num_batched_tokens=budget,
+            gpu_path=gpu_path,
+        )
+        engine = LLMEngine(config)
+        v = engine.model_config.vision
+        image = [v.boi_token_id, *[v.image_token_id] * v.mm_tokens_per_image, v.eoi_token_id]
+        ids = [engine.model_config.bos_token_id, 40, 41, *image, 60, 61, *image, 62]
+        g = torch.Generator().manual_seed(7)
+        pixels = [torch.rand(3, 32, 32, generator=g) * 2 - 1 for _ in range(2)]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+        engine.add_request("img", ids, params, images=[PromptImage.from_pixels(p) for p in pixels])
+        engine.add_request("txt", [1, 40, 41, 42, 43], params)
+        out: dict[str, tuple[list[int], float]] = {"img": ([], 0.0), "txt": ([], 0.0)}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                tokens, first = out[o.request_id]
+                if not tokens and o.logprobs:
+                    first = o.logprobs[0].logprob
+                out[o.request_id] = (tokens + o.new_token_ids, first)
+        return out
+
+    want, got = run(12, False), run(12, True)
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4), rid

@@ -122,16 +122,3 @@ def test_images_that_do_not_pair_with_the_prompt_are_refused(tiny_vision, tiny_l
     with pytest.raises(ValueError, match="this model takes text only"):
         text_only.add_request("t", [1, 2, 3], params, images=one)
     assert not engine.has_unfinished_requests()
-
-
-def test_images_on_the_gpu_path_are_refused(tiny_vision, monkeypatch):
-    """Its Triton attention kernels take no bidirectional image block (yet): a ValueError (the
-    API's 400) that says so, before the request is queued."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no kernel runs: the request is refused first
-    folder, _ = tiny_vision
-    engine = _engine(folder, gpu_path=True)
-    one = [PromptImage.from_pixels(_pixels(1))]
-    with pytest.raises(ValueError, match="not supported on this replica's GPU path"):
-        engine.add_request("g", _prompt(engine), SamplingParams(max_tokens=1), images=one)
-    assert not engine.has_unfinished_requests()

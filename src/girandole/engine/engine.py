@@ -193,17 +193,13 @@ class LLMEngine:
         self, prompt_token_ids: list[int], images: list[PromptImage] | None
     ) -> list[SeqImage]:
         """A request's images placed at the prompt's image tokens; ValueError naming the
-        problem (a text-only model, the GPU path, placeholders that do not pair up); safe to
-        call from any thread."""
+        problem (a text-only model, placeholders that do not pair up); safe to call from any
+        thread. The GPU path takes them too: its prefill kernel lets an image's tokens attend
+        to each other both ways."""
         if not images:
             return []
         if self.model_config.vision is None:
             raise ValueError("images are not supported: this model takes text only")
-        if self.runner.gpu_path:
-            raise ValueError(
-                "images are not supported on this replica's GPU path yet: its attention kernels "
-                "cannot let an image's tokens attend to each other both ways"
-            )
         placed = place_images(prompt_token_ids, images, self.model_config.vision)
         budget = self.scheduler.config.max_num_batched_tokens
         if placed and placed[0].end - placed[0].start > budget:

@@ -107,12 +107,13 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         # a float16 cache is CPU storage only: it is read in float32 (the native kernel widens it)
         qc = q.to(torch.float32 if cache_dtype == torch.float16 else cache_dtype)
-        if spans is not None:
-            if ctx.paged is not None:  # the Triton kernels take no bidirectional blocks
-                raise ValueError("images are not supported on the GPU path")
+        if ctx.paged is not None:
+            row_spans = None
+            if spans is not None:  # images: the prefill kernel's both-ways spans, per row
+                row_spans = images.row_spans(ctx.query_lens, ctx.context_lens, q.device)
+            out = self._attend_paged(qc, ctx.paged, row_spans)
+        elif spans is not None:
             out = self._attend_each_sequence(qc, ctx, spans)
-        elif ctx.paged is not None:
-            out = self._attend_paged(qc, ctx.paged)
         elif ctx.padded_decode is not None:
             out = self._attend_decode(qc, ctx.padded_decode)
         elif ctx.native is not None and paged_attention.supported(
@@ -125,18 +126,29 @@ class Attention(nn.Module):
             out = self._attend_each_sequence(qc, ctx)
         return out.to(q.dtype).reshape(out.shape[0], -1)
 
-    def attend_written(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
+    def attend_written(
+        self,
+        q: torch.Tensor,
+        t: PagedTables,
+        row_spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The GPU path once this step's k and v are in the cache (model/fused_layers.py):
-        q [T, H, D] in the cache's dtype -> [T, H * D] in it."""
-        out = self._attend_paged(q, t)
+        q [T, H, D] in the cache's dtype -> [T, H * D] in it; `row_spans` as _attend_paged's."""
+        out = self._attend_paged(q, t, row_spans)
         return out.reshape(out.shape[0], -1)
 
-    def _attend_paged(self, q: torch.Tensor, t: PagedTables) -> torch.Tensor:
-        """The GPU path: Triton kernels reading the cache in place through block tables."""
+    def _attend_paged(
+        self,
+        q: torch.Tensor,
+        t: PagedTables,
+        row_spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The GPU path: Triton kernels reading the cache in place through block tables.
+        `row_spans`: each query row's image span (ImageBatch.row_spans), None without images."""
         from girandole.model.kernels import triton_paged_attention as kernels
 
         softcap = self.logit_softcap if self._scores_softcap() else None
-        if t.decode_only:
+        if t.decode_only and row_spans is None:
             return kernels.paged_decode(
                 q,
                 self.k_cache,
@@ -160,6 +172,7 @@ class Attention(nn.Module):
             self.scale,
             self.sliding_window,
             softcap,
+            row_spans,
         )
 
     def _attend_alone(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

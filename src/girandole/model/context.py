@@ -13,7 +13,7 @@ import contextlib
 import threading
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -163,6 +163,26 @@ class ImageBatch:
     # Per sequence of the batch, in batch order: the [start, end) positions of each image's
     # tokens that this forward's queries may attend to bidirectionally (all in this chunk).
     spans: list[list[tuple[int, int]]]
+    # The GPU path's per-row view of `spans`, built once per forward (row_spans)
+    _row_spans: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def row_spans(
+        self, query_lens: list[int], context_lens: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton prefill kernel's view: [T] int32 start and end of the image span each
+        query row is in ((0, 0) outside any image), on `device`, in one copy."""
+        if self._row_spans is None:
+            flat = torch.zeros(2, sum(query_lens), dtype=torch.int32)
+            row = 0
+            for qlen, ctx_len, spans in zip(query_lens, context_lens, self.spans):
+                first = ctx_len - qlen  # the position of the sequence's first query row
+                for start, end in spans:
+                    lo, hi = row + max(start - first, 0), row + min(end - first, qlen)
+                    flat[0, lo:hi], flat[1, lo:hi] = start, end
+                row += qlen
+            dev = to_device(flat, device)
+            self._row_spans = (dev[0], dev[1])
+        return self._row_spans
 
 
 class _Current(threading.local):

@@ -85,14 +85,14 @@ def decoder_forward(
     """The forward of Gemma 3 and the Llama family: embeddings, then every layer with its
     rotary tables; the hidden states before the final norm. Fused on the GPU path (`applies`),
     module by module elsewhere. `images`: image embeddings in place of the image tokens' own,
-    and the image spans the attention layers read (Gemma 3 vision; module by module only)."""
+    and the image spans the attention layers read (Gemma 3 vision)."""
     x = model.embed_tokens(input_ids)
     ropes = model.rope_tables(positions)
     ctx = get_context()
     if images is not None:
         x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
-    elif applies(model, ctx):
-        return _fused(model, ctx, x, ropes)
+    if applies(model, ctx):
+        return _fused(model, ctx, x, ropes, images)
     with image_context(images):
         for layer, rope in zip(model.layers, ropes):
             x = layer(x, rope)
@@ -104,9 +104,14 @@ def _fused(
     ctx: ForwardContext,
     x: torch.Tensor,
     ropes: list[tuple[torch.Tensor, torch.Tensor]],
+    images: ImageBatch | None = None,
 ) -> torch.Tensor:
-    """The layers on embeddings x [T, hidden] float32 (consumed: updated in place)."""
+    """The layers on embeddings x [T, hidden] float32 (consumed: updated in place); `images`:
+    their spans, which the prefill kernel lets attend both ways."""
     layers = model.layers
+    row_spans = None
+    if images is not None and any(images.spans):
+        row_spans = images.row_spans(ctx.query_lens, ctx.context_lens, x.device)
     dtype = _dense(layers[0].self_attn.qkv).weight.dtype
     first = layers[0].attn_norm
     h = triton_fused.add_rms_norm(x, None, None, first.weight, first.eps, dtype)
@@ -128,7 +133,7 @@ def _fused(
             paged.v_cache,
             group.slot_mapping,
         )
-        o = paged.attend_written(q, group.paged)
+        o = paged.attend_written(q, group.paged, row_spans)
         y = _linear(attn.o_proj, o.to(dtype))
         post = getattr(layer, "post_attn_norm", None)
         h = triton_fused.add_rms_norm(
