@@ -7,7 +7,10 @@ adapter folder, when it succeeds, moves into the uploaded models' storage
 model: it deploys and serves as an uploaded adapter does. Cancel terminates the child. On start,
 a job left RUNNING by a stopped server FAILS (store.fail_interrupted). A DPO job's training
 fields are in its trainingConfig (store.training_fields), its loss in lossConfig; so are a
-reinforcement fine-tuning job's, whose evaluator and rollouts are read by finetune/rft.py."""
+reinforcement fine-tuning job's, whose evaluator and rollouts are read by finetune/rft.py, and an
+RLOR trainer job's (rollouts scored by the user: finetune/rlor.py). A keep-alive RLOR job is
+picked as any job, then handed to a long-lived trainer of its own (finetune/keep_alive.py): the
+runner goes on with the queue."""
 
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from girandole.finetune.store import (
     COMPLETED,
     FAILED,
     PENDING,
+    RLOR,
     RUNNING,
+    JobKind,
     JobStore,
     training_fields,
 )  # fmt: skip
@@ -75,6 +80,9 @@ class JobRunner:
         self.child: subprocess.Popen | None = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
+        from girandole.finetune.keep_alive import KeepAliveTrainers
+
+        self.keep_alive = KeepAliveTrainers(self)
         for store in stores:
             store.fail_interrupted()
 
@@ -91,12 +99,14 @@ class JobRunner:
         with self.lock:
             if self.current == (store.kind.table, account, job_id) and self.child is not None:
                 self.child.terminate()
+        self.keep_alive.stop(store, account, job_id)
 
     def shutdown(self) -> None:
         self.stopping = True
         with self.lock:
             if self.child is not None:
                 self.child.terminate()
+        self.keep_alive.shutdown()
         self.wake.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
@@ -110,17 +120,23 @@ class JobRunner:
                 continue
             (_, account, job_id, body), store = self.queue.pick(waiting)  # fair across accounts
             try:
+                if body.get("keepAlive"):
+                    self.keep_alive.start(store, account, job_id, body)
+                    continue
                 self._run(store, account, job_id, body)
             except ValueError as exc:  # what it needs is gone (its dataset, its base model)
                 failed = {"code": "FAILED_PRECONDITION", "message": str(exc)}
-                self._finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
+                self.finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the runner
                 log.exception("fine-tuning job %s failed", job_id)
                 failed = {"code": "INTERNAL", "message": str(exc)}
                 # PENDING too: a job left PENDING would be picked (and fail) again and again
-                self._finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
+                self.finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
 
-    def _spec(self, account: str, job: dict[str, Any], work: Path) -> dict:
+    def spec(self, account: str, job: dict[str, Any], work: Path, kind: JobKind) -> dict:
+        """The training process's spec of the job (TrainConfig's fields); ValueError when what
+        it needs is gone."""
+
         def dataset_path(name: str) -> str:
             dataset_id = name.rsplit("/", 1)[-1]
             if self.datasets.get_dataset(account, dataset_id) is None:
@@ -146,7 +162,8 @@ class JobRunner:
         return {
             "base_path": base.source,
             "base_model_name": base.name,
-            "dataset_path": dataset_path(body["dataset"]),
+            # a keep-alive job's come with its steps
+            "dataset_path": dataset_path(body["dataset"]) if body.get("dataset") else "",
             "eval_path": dataset_path(eval_name) if eval_name else None,
             "eval_carveout": bool(body.get("evalAutoCarveout")),
             "warm_start_path": warm,
@@ -164,7 +181,9 @@ class JobRunner:
             "threads": training_threads(),
             "chat_template": self.template_of(base.name),
             **(
-                rft_fields(account, job, self.evaluator_of)
+                rlor_fields(job)
+                if kind is RLOR
+                else rft_fields(account, job, self.evaluator_of)
                 if "evaluator" in job
                 else loss_fields(job.get("lossConfig"))
             ),
@@ -182,7 +201,7 @@ class JobRunner:
         body["jobProgress"] = {"percent": 0, "epoch": 0}
         if not store.save(account, job_id, body, when=PENDING):
             return  # cancelled or deleted since it was picked
-        spec = self._spec(account, body, work)
+        spec = self.spec(account, body, work, store.kind)
         secret = worker_env(spec)  # an RFT evaluator's environment: not in the file
         (work / "spec.json").write_text(json.dumps(spec))
         stderr = open(work / "train.log", "wb")
@@ -205,7 +224,7 @@ class JobRunner:
                     continue
                 last = line
                 if "progress" in line:
-                    self._progress(store, account, job_id, line["progress"])
+                    self.progress(store, account, job_id, line["progress"])
             code = self.child.wait()
         finally:
             stderr.close()
@@ -217,27 +236,31 @@ class JobRunner:
         if now is None or now["state"] != RUNNING:  # cancelled or deleted: the child was ended
             return
         if self.stopping:
-            self._finish(store, account, job_id, FAILED, {"code": "ABORTED", "message": "the server stopped while the job ran; resume it to train again"})  # fmt: skip
+            self.finish(store, account, job_id, FAILED, {"code": "ABORTED", "message": "the server stopped while the job ran; resume it to train again"})  # fmt: skip
             return
         if code != 0 or "done" not in last:
             tail = (work / "train.log").read_text(errors="replace")[-500:]
             message = last.get("error") or f"training exited with status {code}: {tail}"
-            self._finish(store, account, job_id, FAILED, {"code": "INVALID_ARGUMENT" if "error" in last else "INTERNAL", "message": message})  # fmt: skip
+            self.finish(store, account, job_id, FAILED, {"code": "INVALID_ARGUMENT" if "error" in last else "INTERNAL", "message": message})  # fmt: skip
             return
         done = last["done"]
+        if spec.get("forward_only"):
+            message = f"computed the loss of {done['steps']} steps over {done['epochs']} epochs (forward only: no update, no model written)"  # fmt: skip
+            self.finish(store, account, job_id, COMPLETED, {"code": "OK", "message": message})
+            return
         try:
-            self._register(account, training_fields(body), work / "adapter")
+            self.register(account, training_fields(body), work / "adapter")
         except ValueError as exc:
-            self._finish(
+            self.finish(
                 store, account, job_id, FAILED, {"code": "ALREADY_EXISTS", "message": str(exc)}
             )
             return
         message = f"trained {done['steps']} steps over {done['epochs']} epochs"
         if done.get("earlyStopped"):
             message += " (stopped early: the evaluation loss no longer improved)"
-        self._finish(store, account, job_id, COMPLETED, {"code": "OK", "message": message})
+        self.finish(store, account, job_id, COMPLETED, {"code": "OK", "message": message})
 
-    def _progress(
+    def progress(
         self, store: JobStore, account: str, job_id: str, progress: dict[str, Any]
     ) -> None:
         body = store.get(account, job_id)
@@ -250,7 +273,7 @@ class JobRunner:
         with open(self.work_dir(store, account, job_id) / METRICS_FILE, "a") as metrics:
             metrics.write(json.dumps(progress) + "\n")
 
-    def _register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
+    def register(self, account: str, body: dict[str, Any], adapter: Path) -> None:
         """The adapter folder into the uploaded models' storage, and into the catalog."""
         name = body["outputModel"]
         model_id = name.rsplit("/", 1)[-1]
@@ -266,7 +289,7 @@ class JobRunner:
             shutil.move(str(adapter), target)
             self.catalog.add(name, str(target), base=base)
 
-    def _finish(
+    def finish(
         self,
         store: JobStore,
         account: str,
@@ -287,6 +310,17 @@ class JobRunner:
         for before in when:
             if store.save(account, job_id, body, when=before):
                 return
+
+
+def rlor_fields(job: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's fields of an RLOR trainer job (its body checked by the route)."""
+    loss = job["lossConfig"]
+    return {
+        "method": "rlor",
+        "kl_beta": loss["klBeta"],
+        "token_level": loss["method"] == "DAPO",
+        "forward_only": bool(job.get("forwardOnly")),
+    }
 
 
 def loss_fields(loss: dict[str, Any] | None) -> dict[str, Any]:

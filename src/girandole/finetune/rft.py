@@ -1,5 +1,5 @@
 """What a reinforcement fine-tuning job's stored body gives its training process, besides the
-training fields every kind has (job_runner._spec): the loss (GRPO or DAPO, klBeta), the rollouts'
+training fields every kind has (job_runner.JobRunner.spec): the loss (GRPO or DAPO, klBeta), the rollouts'
 sampling (inferenceParameters, as rollout.SamplingConfig) and the evaluator's code, which the
 worker runs (girandole.evaluators.runner) to score each rollout.
 

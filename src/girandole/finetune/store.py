@@ -1,7 +1,9 @@
 """Fine-tuning jobs in the server's database (girandole.db), one table per kind (supervised
-fine-tuning, DPO, reinforcement fine-tuning): one row a job, its Fireworks body as JSON. States:
-JOB_STATE_PENDING (waiting for the runner: finetune/fair_queue.py) -> JOB_STATE_RUNNING ->
-JOB_STATE_COMPLETED | JOB_STATE_FAILED | JOB_STATE_CANCELLED."""
+fine-tuning, DPO, reinforcement fine-tuning, RLOR trainer): one row a job, its Fireworks body as
+JSON. States: JOB_STATE_PENDING (waiting for the runner: finetune/fair_queue.py) ->
+JOB_STATE_RUNNING -> JOB_STATE_COMPLETED | JOB_STATE_FAILED | JOB_STATE_CANCELLED; a keep-alive
+RLOR trainer job is JOB_STATE_CREATING while its policy loads, then RUNNING until it is
+cancelled (finetune/keep_alive.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from girandole.batch.store import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, now_text
+from girandole.batch.store import CANCELLED, COMPLETED, CREATING, FAILED, PENDING, RUNNING, now_text
 
 FINAL = (COMPLETED, FAILED, CANCELLED)
 __all__ = [
-    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RFT", "RUNNING", "SFT",
+    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RFT", "RLOR", "RUNNING", "SFT",
     "JobKind", "JobStore",
 ]  # fmt: skip
 
@@ -37,6 +39,7 @@ class JobKind:
 SFT = JobKind("sft_jobs", "supervisedFineTuningJobs", "Supervised fine-tuning job", "supervisedFineTuningJobId", "sftj-", "sft-jobs")  # fmt: skip
 DPO = JobKind("dpo_jobs", "dpoJobs", "DPO job", "dpoJobId", "dpoj-", "dpo-jobs")
 RFT = JobKind("rft_jobs", "reinforcementFineTuningJobs", "Reinforcement fine-tuning job", "reinforcementFineTuningJobId", "rftj-", "rft-jobs")  # fmt: skip
+RLOR = JobKind("rlor_jobs", "rlorTrainerJobs", "RLOR trainer job", "rlorTrainerJobId", "rlorj-", "rlor-jobs")  # fmt: skip
 
 
 def training_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -145,12 +148,12 @@ class JobStore:
         return rows[0][0]
 
     def fail_interrupted(self) -> None:
-        """At start: a job RUNNING when the server stopped did not finish; it FAILS (resume
-        runs it again from the start)."""
+        """At start: a job RUNNING (or CREATING: a keep-alive trainer loading) when the server
+        stopped did not finish; it FAILS (resume runs it again from the start)."""
         rows = self.db.execute(
             f"SELECT account, job_id, body FROM {self.kind.table}"
-            " WHERE json_extract(body, '$.state') = ?",
-            (RUNNING,),
+            " WHERE json_extract(body, '$.state') IN (?, ?)",
+            (RUNNING, CREATING),
         )
         for account, job_id, text in rows:
             body = json.loads(text)

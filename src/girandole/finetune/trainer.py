@@ -78,10 +78,13 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     chat_template: str | None = None  # None: the one the chat route uses for the model
     # or "dpo", "orpo": preference rows (finetune/preference.py), finetune/dpo.py, orpo.py;
-    # "grpo", "dapo": prompts, rollouts and rewards (finetune/prompts.py, grpo.py)
+    # "grpo", "dapo": prompts, rollouts and rewards (finetune/prompts.py, grpo.py); "rlor":
+    # rollouts scored by the user (finetune/rlor.py)
     method: str = "sft"
     beta: float = 0.1  # DPO's temperature, ORPO's weight of the odds ratio term
     kl_beta: float = 0.0  # GRPO's and DAPO's weight of the KL to the base model
+    token_level: bool = False  # rlor: DAPO's normalisation (every token of a step) over GRPO's
+    forward_only: bool = False  # the loss only: no backward, no update, no adapter written
     # a reinforcement job's rollouts (Fireworks' inferenceParameters): rollout.SamplingConfig
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -228,6 +231,10 @@ def train(
         if reward is None:
             raise ValueError(f"{config.method} trains on rewards: give a reward function")
         train_rows = load_prompts(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
+    elif config.method == "rlor":
+        from girandole.finetune.rlor import load_groups
+
+        train_rows = load_groups(config.dataset_path, tok, template, config.max_context_length)
     else:
         train_rows = load_examples(config.dataset_path, tok, template, config.max_context_length, "dataset")  # fmt: skip
         if config.eval_path:
@@ -267,6 +274,10 @@ def train(
             tok, reward, SamplingConfig(**config.sampling), config.kl_beta,
             config.method == "dapo", eos, config.max_context_length, config.seed, device,
         )  # fmt: skip
+    elif config.method == "rlor":
+        from girandole.finetune.rlor import RolloutObjective
+
+        objective = RolloutObjective(config.kl_beta, config.token_level)
     optimizer = torch.optim.AdamW(
         trainable.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -275,11 +286,15 @@ def train(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
 
+    samples = config.batch_size_samples
+    if config.method == "rlor" and samples is None and config.batch_size_tokens is None:
+        samples = len(train_rows)  # one step over the whole dataset, as :executeTrainStep's
+
     def epoch_batches(epoch: int) -> list[list[Any]]:
         """The epoch's rows in its own seeded order, in batches (the same at each call)."""
         rows = list(train_rows)
         random.Random(config.seed * 100_003 + epoch).shuffle(rows)
-        return batches(rows, config.batch_size_samples, config.batch_size_tokens, objective.length)  # fmt: skip
+        return batches(rows, samples, config.batch_size_tokens, objective.length)
 
     accumulate = config.gradient_accumulation_steps
     epochs = range(1, config.epochs + 1)
@@ -292,15 +307,7 @@ def train(
         groups = epoch_batches(epoch)
         for start in range(0, len(groups), accumulate):
             window = [row for group in groups[start : start + accumulate] for row in group]
-            optimizer.zero_grad(set_to_none=True)
-            adapter = trainable.adapter()
-            total = 0.0
-            for loss in objective.losses(model, adapter, window, device):
-                # the fused weights are rebuilt each step: keep their graph for every row
-                loss.backward(retain_graph=True)
-                total += loss.item()
-            optimizer.step()
-            schedule.step()
+            total = optimizer_step(model, trainable, objective, optimizer, schedule, window, device, config.forward_only)  # fmt: skip
             step += 1
             result.train_loss = total
             report({
@@ -325,8 +332,37 @@ def train(
     if config.early_stop and best is not None:
         trainable.load_state_dict(best[1])
     result.steps = step
-    trainable.save(Path(config.output_dir), config.base_model_name)
+    if not config.forward_only:
+        trainable.save(Path(config.output_dir), config.base_model_name)
     return result
+
+
+def optimizer_step(
+    model: nn.Module,
+    trainable: Trainable,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    window: list[Any],
+    device: torch.device,
+    forward_only: bool = False,
+) -> float:
+    """One optimizer step over the window's rows; the step's loss. `forward_only`: the loss
+    only (no gradients, no update)."""
+    if forward_only:
+        with torch.no_grad():
+            adapter = trainable.adapter()
+            return sum(loss.item() for loss in objective.losses(model, adapter, window, device))
+    optimizer.zero_grad(set_to_none=True)
+    adapter = trainable.adapter()
+    total = 0.0
+    for loss in objective.losses(model, adapter, window, device):
+        # the fused weights are rebuilt each step: keep their graph for every row
+        loss.backward(retain_graph=True)
+        total += loss.item()
+    optimizer.step()
+    schedule.step()
+    return total
 
 
 def evaluate(model: nn.Module, trainable: Trainable, rows: list[Example], device) -> float:

@@ -192,7 +192,9 @@ def job_routes(router: APIRouter, kind: JobKind, fields: set[str]) -> None:
                 f"job {body['name']} is {body['state']}: only a CANCELLED or FAILED job resumes",
                 "name",
             )
-        output_model(request, account, training_fields(body)["outputModel"])  # 409 once it exists
+        written = training_fields(body).get("outputModel")  # none: a keep-alive or forward-only job
+        if written:
+            output_model(request, account, written)  # 409 once it exists
         check_pending_cap(request, account)
         body["state"] = PENDING
         body["status"] = {"code": "OK", "message": ""}

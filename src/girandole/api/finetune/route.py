@@ -36,7 +36,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.batch.store import dataset_name
 from girandole.finetune.data import RowError, read_rows
 from girandole.finetune.job_runner import JobRunner
-from girandole.finetune.store import DPO, RFT, SFT, JobStore
+from girandole.finetune.store import DPO, RFT, RLOR, SFT, JobStore
 from girandole.model.lora import MAX_RANK, check_adapter_config
 from girandole.registry.models import READY
 
@@ -339,13 +339,14 @@ job_routes(router, SFT, set(SftJobBody.model_fields))
 
 
 def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> JobRunner:
-    """The fine-tuning job routes (supervised, DPO and reinforcement) under each of `prefixes`,
+    """The fine-tuning job routes (supervised, DPO, reinforcement, RLOR trainer) under each of `prefixes`,
     and their one runner (the app's lifespan starts and stops it). After install_batch (the
     datasets) and install_deployments (the catalog and the model files)."""
     import tempfile
 
     from girandole.api.finetune.dpo_route import router as dpo_router
     from girandole.api.finetune.rft_route import router as rft_router
+    from girandole.api.finetune.rlor_route import router as rlor_router
 
     settings = state.settings
     if settings.data_dir:
@@ -354,7 +355,7 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
         scratch = tempfile.TemporaryDirectory(prefix="girandole-sft-")
         app.state.sft_scratch = scratch
         folder = Path(scratch.name)
-    stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (SFT, DPO, RFT)}
+    stores = {kind.collection: JobStore(state.ops.db, kind) for kind in (SFT, DPO, RFT, RLOR)}
 
     def template_of(base: str) -> str | None:
         # --chat-template is the server's own model's (as the chat route applies it)
@@ -386,6 +387,6 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
     )  # fmt: skip
     app.state.finetune_stores, app.state.sft = stores, runner
     for prefix in prefixes:
-        for routes in (router, dpo_router, rft_router):
+        for routes in (router, dpo_router, rft_router, rlor_router):
             app.include_router(routes, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
     return runner
