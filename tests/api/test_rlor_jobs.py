@@ -50,7 +50,7 @@ def srv(tmp_path_factory, tiny_llama_dir):
     s = FinetuneServer(tmp_path_factory.mktemp("rlor-api"), tiny_llama_dir, JOBS)
     s.dataset("rollouts", rollouts())
     s.dataset("chat", chat_rollouts())
-    s.dataset("many", rollouts([f"prompt number {i}" for i in range(150)]))
+    s.dataset("many", rollouts([f"prompt number {i}" for i in range(60)]))
     bad = {
         "no-reward": b'{"prompt": "a", "completion": "b"}\n',
         "text-reward": b'{"prompt": "a", "completion": "b", "reward": 1}\n{"prompt": "a", "completion": "c", "reward": "high"}\n',  # fmt: skip
@@ -168,9 +168,14 @@ def test_a_steps_bad_rows_are_named(srv, steps, dataset, status, param, says):
 
 def test_forward_only_steps_cancel_resume_and_refusals(srv, steps):
     fw = srv.sdk()
-    assert keep_alive(srv, "probe", forwardOnly=True)["state"] == "JOB_STATE_RUNNING"
-    done = srv.http("POST", f"{JOBS}/probe:executeTrainStep", json={"dataset": "rollouts", "outputModel": "probe-1"}).json()  # fmt: skip
-    assert done["jobProgress"]["step"] == 1 and done["jobProgress"]["loss"] == pytest.approx(0, abs=1e-6), done  # fmt: skip
+    assert keep_alive(srv, "probe", forwardOnly=True, lossConfig={"klBeta": 0.1})["state"] == "JOB_STATE_RUNNING"  # fmt: skip
+    losses = []
+    for _ in range(2):
+        r = srv.http("POST", f"{JOBS}/probe:executeTrainStep", json={"dataset": "rollouts", "outputModel": "probe-1"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        losses.append(r.json()["jobProgress"]["loss"])
+        assert r.json()["jobProgress"]["kl"] == pytest.approx(0, abs=1e-6)  # still the base
+    assert losses[0] != 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)  # no update
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/probe-1").status_code == 404  # no model
     # an existing output model, or no outputModel
     r = srv.http("POST", f"{JOBS}/steps:executeTrainStep", json={"dataset": "rollouts", "outputModel": "tiny"})  # fmt: skip
@@ -209,6 +214,7 @@ def test_a_job_over_a_dataset_completes(srv):
     assert done["jobProgress"]["step"] == 2 and done["jobProgress"]["groups"] == 2, done
     out = f"accounts/{ACCOUNT}/models/offline"
     assert done["trainingConfig"]["outputModel"] == out
+    srv.sdk().lora.load(model=out, deployment=DEPLOYMENT)
     assert score(srv, out) > score(srv, "tiny")
 
 

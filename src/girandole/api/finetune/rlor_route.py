@@ -211,14 +211,6 @@ async def create_rlor_job(
                 " dataset unset (or set keepAlive false to train over this one)",
                 "dataset",
             )
-        if runner_of(request).keep_alive.count() >= MAX_TRAINERS:
-            raise APIError(
-                429,
-                f"{MAX_TRAINERS} keep-alive trainers already run on this server, the most it"
-                " holds at once: cancel one first",
-                type="error",
-                code="RESOURCE_EXHAUSTED",
-            )
     elif not body.dataset:
         raise bad_request(
             "dataset is required: the scored rollouts a job that is not keep-alive trains on",
@@ -232,6 +224,14 @@ async def create_rlor_job(
     if body.rolloutDeploymentName:
         job["rolloutDeploymentName"] = body.rolloutDeploymentName
     job.update({"trainingConfig": fields, "lossConfig": loss, "nodeCount": 1})
+    if body.keepAlive and runner_of(request).keep_alive.count() >= MAX_TRAINERS:
+        raise APIError(
+            429,
+            f"{MAX_TRAINERS} keep-alive trainers already run on this server, the most it holds"
+            " at once: cancel one first",
+            type="error",
+            code="RESOURCE_EXHAUSTED",
+        )
     return insert_job(request, store, account, job_id, job)
 
 
