@@ -114,6 +114,9 @@ def test_keep_alive_steps_train_serve_and_hot_load(srv):
     assert score(srv, f"accounts/{ACCOUNT}/models/loop-2#{DEPLOYMENT}") == pytest.approx(scores[1], abs=1e-3)  # fmt: skip
     r = srv.http("POST", "/v1/completions", json={"model": f"accounts/{ACCOUNT}/models/loop-1#{DEPLOYMENT}", "prompt": "hi", "max_tokens": 1})  # fmt: skip
     assert r.status_code == 404, r.text
+    # an output model that exists
+    r = srv.http("POST", f"{JOBS}/loop:executeTrainStep", json={"dataset": "rollouts", "outputModel": "loop-1"})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"]["param"] == "outputModel", r.text
     # chat rows, scored by evaluation_result
     done = fw.reinforcement_fine_tuning_steps.execute("loop", dataset="chat", output_model="loop-3")
     assert done["jobProgress"]["step"] == 3 and done["jobProgress"]["meanReward"] == pytest.approx(0.5)  # fmt: skip
@@ -141,11 +144,12 @@ def test_keep_alive_steps_train_serve_and_hot_load(srv):
 
 
 @pytest.fixture(scope="module")
-def steps(srv) -> str:
-    """A keep-alive job for the refusals of its steps (after the first test: it deletes its own
-    job, and a server holds two trainers at most)."""
-    assert keep_alive(srv, "steps")["state"] == "JOB_STATE_RUNNING"
-    return "steps"
+def probe(srv) -> str:
+    """A forward-only keep-alive job (after the first test: it deletes its own job, and a
+    server holds two trainers at most)."""
+    job = keep_alive(srv, "probe", forwardOnly=True, lossConfig={"klBeta": 0.1})
+    assert job["state"] == "JOB_STATE_RUNNING", job
+    return "probe"
 
 
 @pytest.mark.parametrize(
@@ -159,16 +163,15 @@ def steps(srv) -> str:
         ("nope", 404, "dataset", f"dataset accounts/{ACCOUNT}/datasets/nope not found"),
     ],
 )
-def test_a_steps_bad_rows_are_named(srv, steps, dataset, status, param, says):
-    r = srv.http("POST", f"{JOBS}/steps:executeTrainStep", json={"dataset": dataset, "outputModel": "x"})  # fmt: skip
+def test_a_steps_bad_rows_are_named(srv, probe, dataset, status, param, says):
+    r = srv.http("POST", f"{JOBS}/probe:executeTrainStep", json={"dataset": dataset, "outputModel": "x"})  # fmt: skip
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert says in error["message"] and error["param"] == param, error
 
 
-def test_forward_only_steps_cancel_resume_and_refusals(srv, steps):
+def test_forward_only_steps_cancel_resume_and_refusals(srv, probe):
     fw = srv.sdk()
-    assert keep_alive(srv, "probe", forwardOnly=True, lossConfig={"klBeta": 0.1})["state"] == "JOB_STATE_RUNNING"  # fmt: skip
     losses = []
     for _ in range(2):
         r = srv.http("POST", f"{JOBS}/probe:executeTrainStep", json={"dataset": "rollouts", "outputModel": "probe-1"})  # fmt: skip
@@ -177,10 +180,8 @@ def test_forward_only_steps_cancel_resume_and_refusals(srv, steps):
         assert r.json()["jobProgress"]["kl"] == pytest.approx(0, abs=1e-6)  # still the base
     assert losses[0] != 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)  # no update
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/probe-1").status_code == 404  # no model
-    # an existing output model, or no outputModel
-    r = srv.http("POST", f"{JOBS}/steps:executeTrainStep", json={"dataset": "rollouts", "outputModel": "tiny"})  # fmt: skip
-    assert r.status_code == 409 and r.json()["error"]["param"] == "outputModel", r.text
-    r = srv.http("POST", f"{JOBS}/steps:executeTrainStep", json={"dataset": "rollouts"})
+    # no outputModel (required, as the SDK's, though a forward-only step writes none)
+    r = srv.http("POST", f"{JOBS}/probe:executeTrainStep", json={"dataset": "rollouts"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "outputModel", r.text
     # another account's key: 403 on every route of this account; its own: no such job
     srv.assert_other_account_403()
@@ -197,8 +198,7 @@ def test_forward_only_steps_cancel_resume_and_refusals(srv, steps):
     page = fw.reinforcement_fine_tuning_steps.list(filter='state="JOB_STATE_CANCELLED"')
     assert [j.name.rsplit("/", 1)[1] for j in page.rlor_trainer_jobs] == ["probe"]
     assert fw.reinforcement_fine_tuning_steps.resume("probe", body={}).state == "JOB_STATE_PENDING"
-    assert srv.wait("probe", ("JOB_STATE_RUNNING", "JOB_STATE_FAILED"))["state"] == "JOB_STATE_RUNNING"  # fmt: skip
-    fw.reinforcement_fine_tuning_steps.delete("probe")
+    fw.reinforcement_fine_tuning_steps.delete("probe")  # while its policy loads again
     with pytest.raises(fireworks.NotFoundError):
         fw.reinforcement_fine_tuning_steps.get("probe")
 
