@@ -63,7 +63,7 @@ from girandole.api.http.openapi import body_doc
 from girandole.batch.store import CREATING
 from girandole.finetune.keep_alive import MAX_TRAINERS, StepError, Trainer, TrainerGone
 from girandole.finetune.rlor import read_rollouts
-from girandole.finetune.store import RLOR, RUNNING, JobStore, training_fields
+from girandole.finetune.store import FAILED, RLOR, RUNNING, JobStore, training_fields
 from girandole.registry.deployments import DeploymentError
 from girandole.registry.naming import deployment_name, is_valid_id, parse_deployment_header
 
@@ -287,12 +287,20 @@ async def execute_train_step(job_id: str, request: Request, account: str = Accou
     except StepError as exc:
         raise bad_request(f"dataset {name}: {exc}", "dataset") from None
     except TrainerGone:
-        raise APIError(
-            409,
-            f"{job['name']} ended while the step ran (cancelled or deleted)",
-            type="error",
-            code="ABORTED",
-        ) from None
+        now = store.get(account, job_id)
+        if now is None or now["state"] != RUNNING:
+            raise APIError(
+                409,
+                f"{job['name']} ended while the step ran (cancelled or deleted)",
+                type="error",
+                code="ABORTED",
+            ) from None
+        # its process died (killed for memory, a crash): the job cannot go on
+        tail = (trainer.work / "train.log").read_text(errors="replace")[-500:]
+        runner.keep_alive.stop(store, account, job_id)
+        failed = {"code": "INTERNAL", "message": f"the trainer exited during a step: {tail}"}
+        runner.finish(store, account, job_id, FAILED, failed)
+        raise APIError(500, f"{job['name']} failed: {failed['message']}", type="error", code="INTERNAL") from None  # fmt: skip
     runner.progress(store, account, job_id, done)  # jobProgress, and a line of the metrics file
     message = f"step {done['step']} ran"
     if output is not None:
