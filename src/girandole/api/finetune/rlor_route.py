@@ -278,7 +278,7 @@ async def execute_train_step(job_id: str, request: Request, account: str = Accou
         )
     folder = trainer.work / "step-adapter"
     try:
-        data = request.app.state.batch_store.dataset_bytes(account, name.rsplit("/", 1)[-1])
+        data = await asyncio.to_thread(request.app.state.batch_store.dataset_bytes, account, name.rsplit("/", 1)[-1])  # fmt: skip
     except BaseException:
         trainer.busy.release()
         raise
