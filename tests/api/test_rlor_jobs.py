@@ -50,7 +50,7 @@ def srv(tmp_path_factory, tiny_llama_dir):
     s = FinetuneServer(tmp_path_factory.mktemp("rlor-api"), tiny_llama_dir, JOBS)
     s.dataset("rollouts", rollouts())
     s.dataset("chat", chat_rollouts())
-    s.dataset("many", rollouts([f"prompt number {i}" for i in range(60)]))
+    s.dataset("many", rollouts([f"prompt number {i}" for i in range(30)]))
     bad = {
         "no-reward": b'{"prompt": "a", "completion": "b"}\n',
         "text-reward": b'{"prompt": "a", "completion": "b", "reward": 1}\n{"prompt": "a", "completion": "c", "reward": "high"}\n',  # fmt: skip
