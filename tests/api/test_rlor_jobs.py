@@ -203,9 +203,11 @@ def test_forward_only_steps_cancel_resume_and_refusals(srv, probe):
         fw.reinforcement_fine_tuning_steps.get("probe")
 
 
-def test_a_job_over_a_dataset_completes(srv):
+def test_jobs_over_a_dataset_complete(srv):
     r = srv.http("POST", f"{JOBS}?rlorTrainerJobId=offline", json={"dataset": "rollouts", "trainingConfig": {"baseModel": "tiny", "learningRate": 0.02, "epochs": 2}, "lossConfig": {"method": "DAPO"}})  # fmt: skip
     assert r.status_code == 200, r.text
+    r = srv.http("POST", f"{JOBS}?rlorTrainerJobId=measure", json={"dataset": "rollouts", "forwardOnly": True, "trainingConfig": {"baseModel": "tiny"}})  # fmt: skip
+    assert r.status_code == 200 and "outputModel" not in r.json()["trainingConfig"], r.text
     # a step is for keep-alive jobs only
     r = srv.http("POST", f"{JOBS}/offline:executeTrainStep", json={"dataset": "rollouts", "outputModel": "z"})  # fmt: skip
     assert r.status_code == 400 and "is not keep-alive" in r.json()["error"]["message"], r.text
@@ -216,6 +218,11 @@ def test_a_job_over_a_dataset_completes(srv):
     assert done["trainingConfig"]["outputModel"] == out
     srv.sdk().lora.load(model=out, deployment=DEPLOYMENT)
     assert score(srv, out) > score(srv, "tiny")
+    # forward only: the loss of the base policy, no model written
+    done = srv.wait("measure", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert done["state"] == "JOB_STATE_COMPLETED" and "no model written" in done["status"]["message"], done  # fmt: skip
+    assert done["jobProgress"]["loss"] != 0
+    assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/measure").status_code == 404
 
 
 def body(**fields) -> dict:

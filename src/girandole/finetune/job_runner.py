@@ -27,6 +27,7 @@ from typing import Any
 
 from girandole.batch.store import now_text
 from girandole.finetune.fair_queue import FairQueue
+from girandole.finetune.keep_alive import KeepAliveTrainers
 from girandole.finetune.rft import EvaluatorOf, rft_fields, worker_env
 from girandole.finetune.store import (
     CANCELLED,
@@ -80,8 +81,6 @@ class JobRunner:
         self.child: subprocess.Popen | None = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        from girandole.finetune.keep_alive import KeepAliveTrainers
-
         self.keep_alive = KeepAliveTrainers(self)
         for store in stores:
             store.fail_interrupted()
