@@ -53,6 +53,24 @@ def tiny_hf_config(kind: str, **overrides):
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if kind == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    if kind == "qwen3_moe":  # 8 experts, top 2 renormalised; layer 1 dense (mlp_only_layers)
+        return tf.Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        )
+    if kind == "mixtral":  # 4 experts, top 2; a sliding window shorter than the test prompts
+        return tf.MixtralConfig(
+            **{**common, "intermediate_size": 48},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+        )
     if kind == "gemma3":
         return tf.Gemma3TextConfig(
             **gemma3,

@@ -8,7 +8,7 @@ from model_helpers import PagedRunner, hf_logits, paged_greedy, write_tiny_hf
 
 from girandole.model.loader import load_model
 
-KINDS = ["gemma3", "llama", "llama3", "mistral", "qwen2", "qwen3"]
+KINDS = ["gemma3", "llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
 PROMPTS = [
     [1, 17, 42, 99, 5, 250, 7, 7, 31, 64, 128, 3],
     [1, 200],

@@ -136,7 +136,9 @@ class ModelRunner:
         per_block = bytes_per_block(self.kv_groups, block_size, self.kv_dtype)
         reserved = 1 if any(w is not None for w in self.kv_windows) else 0  # the null block
         self.num_blocks = max(1 + reserved, kv_cache_bytes // per_block)
-        graphs = self.gpu_path and decode_graphs_max_batch > 0
+        # A mixture-of-experts layer brings its expert counts to the host (model/moe.py): no
+        # CUDA graph captures it, so MoE models decode eagerly on the GPU path.
+        graphs = self.gpu_path and decode_graphs_max_batch > 0 and not config.num_moe_layers
         bind_kv_cache(
             self.kv_groups,
             self.num_blocks,

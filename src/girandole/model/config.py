@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "gemma3", "llama", "qwen2", "qwen3"
+    architecture: str  # "gemma3", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -29,6 +29,10 @@ class ModelConfig:
     chat_template: str | None = None
     # A vision model's image side (Gemma 3 4B and up); None: the model takes text only.
     vision: VisionConfig | None = None
+    # Mixture-of-experts models: layers with a router and the experts each token runs there
+    # (the shape of a token's routing matrix); 0 for dense models.
+    num_moe_layers: int = 0
+    moe_top_k: int = 0
 
     @classmethod
     def from_spec(
@@ -58,4 +62,6 @@ class ModelConfig:
             name=name,
             generation_config=generation_config or {},
             chat_template=chat_template,
+            num_moe_layers=spec.num_moe_layers,
+            moe_top_k=spec.num_experts_per_tok if spec.num_moe_layers else 0,
         )

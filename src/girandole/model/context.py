@@ -148,6 +148,9 @@ class ForwardContext:
     native: NativeSlots | None = None  # set where the native attention kernel may run
     paged: PagedTables | None = None  # set on the GPU path: the Triton kernels run
     lora: LoRABatch | None = None  # rows that run an adapter (model/lora.py); None: base only
+    # Router replay: a list that each mixture-of-experts layer appends its chosen expert ids
+    # [T, k] to, in layer order (model/moe.py); None: not recorded.
+    routing: list[torch.Tensor] | None = None
     # Per KV cache group (engine/kv_groups.py), the context its layers read: the same batch
     # with that group's slots. None: one group, whose slots are the fields above.
     groups: list[ForwardContext] | None = None

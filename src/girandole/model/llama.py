@@ -1,6 +1,7 @@
 """Llama family (Llama 2/3 incl. "llama3" rope scaling, Mistral, SmolLM, TinyLlama): pre-norm
 decoder layers with SiLU gated MLP; the same module serves Qwen 2/3 through flags
-(QKV bias, QK norm; see qwen.py)."""
+(QKV bias, QK norm; see qwen.py), and Mixtral and Qwen3-MoE, whose layers' feed-forward is a
+mixture of experts (model/moe.py) where `spec.moe_layers` says so."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ from torch import nn
 
 from girandole.model import fused_layers
 from girandole.model.layers import Builder, GatedMLP, Rotary, SelfAttention, rope_inv_freq
+from girandole.model.moe import SparseMoE
 from girandole.model.spec import ArchSpec
+
+
+def feed_forward(b: Builder, spec: ArchSpec, i: int) -> nn.Module:
+    """Layer i's feed-forward: the MoE block where the spec makes it one, else the dense MLP."""
+    if spec.moe_layers and spec.moe_layers[i]:
+        return SparseMoE(
+            b,
+            i,
+            spec.num_experts,
+            spec.num_experts_per_tok,
+            spec.moe_intermediate_size,
+            spec.hidden_act,
+            spec.norm_topk_prob,
+        )
+    return GatedMLP(b, f"blk.{i}", spec.intermediate_size, spec.hidden_act)
 
 
 class LlamaLayer(nn.Module):
@@ -31,7 +48,7 @@ class LlamaLayer(nn.Module):
             sliding_window=window,
         )
         self.ffn_norm = b.norm(f"{p}.ffn_norm.weight", eps)
-        self.mlp = GatedMLP(b, p, spec.intermediate_size, spec.hidden_act)
+        self.mlp = feed_forward(b, spec, i)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.attn_norm(x), *rope)
@@ -64,3 +81,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Mistral's attention (sliding window where the config sets one) with a top-2 MoE."""
+
+    def __init__(self, spec: ArchSpec, b: Builder) -> None:
+        spec.norm_topk_prob = True  # Mixtral always renormalises its top-k weights
+        super().__init__(spec, b)

@@ -226,6 +226,15 @@ def _collect(
     for key, t in tensors.items():
         short = key.removeprefix("base_model.model.")
         m = _KEY.fullmatch(short)
+        if (
+            m is None
+            and spec.num_experts
+            and re.search(r"\.(experts|gate|block_sparse_moe)\.", short)
+        ):
+            raise AdapterError(
+                f"adapter tensor {key!r} targets the mixture-of-experts block (experts or "
+                "router): adapters on MoE models may target the attention projections only"
+            )
         if m is None:
             raise AdapterError(
                 f"adapter tensor {key!r} is not supported: only LoRA A/B matrices of "
@@ -239,6 +248,15 @@ def _collect(
         if layer >= spec.num_layers:
             raise AdapterError(
                 f"adapter has layer {layer} but the base model has {spec.num_layers} layers"
+            )
+        if (
+            spec.moe_layers
+            and spec.moe_layers[layer]
+            and target in _MEMBERS["gate_up"] + ("down_proj",)
+        ):
+            raise AdapterError(
+                f"adapter targets {target!r} of layer {layer}, a mixture-of-experts layer: "
+                "adapters on MoE models may target the attention projections only"
             )
         if not t.is_floating_point():
             raise AdapterError(
@@ -360,12 +378,10 @@ def attach(model: nn.Module) -> None:
     """Wrap the model's target linears in LoRALinear (once; wrapped ones are left alone)."""
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for owner, attr, linear in (
-            (attn, "qkv", "qkv"),
-            (attn, "o_proj", "o_proj"),
-            (mlp, "gate_up", "gate_up"),
-            (mlp, "down", "down"),
-        ):
+        targets = [(attn, "qkv", "qkv"), (attn, "o_proj", "o_proj")]
+        if hasattr(mlp, "gate_up"):  # a dense MLP (a mixture of experts takes no adapter)
+            targets += [(mlp, "gate_up", "gate_up"), (mlp, "down", "down")]
+        for owner, attr, linear in targets:
             base = getattr(owner, attr)
             if not isinstance(base, LoRALinear):
                 setattr(owner, attr, LoRALinear(base, i, linear))

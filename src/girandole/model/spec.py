@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 @dataclass
@@ -46,6 +46,18 @@ class ArchSpec:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     hidden_act: str = "silu"
+    # Mixture-of-experts models (qwen3_moe, mixtral; model/moe.py): experts per MoE layer, how
+    # many each token runs, each expert's intermediate size, whether the top-k router weights
+    # are renormalised, and per layer whether its feed-forward is the MoE block (else dense).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: list[bool] = field(default_factory=list)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
 
 
 class Weights(Protocol):
@@ -132,6 +144,22 @@ def validate_spec(
         if window is not None and window <= 0:
             fail(f"{key('sliding_window')} must be a positive integer, got {window!r}")
     _validate_rope_scaling(spec.rope_scaling, fail, key("rope_scaling"))
+    if spec.num_experts:
+        _validate_moe(spec, fail, key)
+
+
+def _validate_moe(spec: ArchSpec, fail: Callable[[str], NoReturn], key: Callable) -> None:
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(f"{key(name)} must be a positive integer, got {value!r}")
+    if spec.num_experts_per_tok > spec.num_experts:
+        fail(
+            f"{key('num_experts_per_tok')} ({spec.num_experts_per_tok}) must be at most "
+            f"{key('num_experts')} ({spec.num_experts})"
+        )
+    if len(spec.moe_layers) != spec.num_layers:
+        fail(f"the MoE layers list {len(spec.moe_layers)} layers, the model has {spec.num_layers}")
 
 
 def _validate_rope_scaling(scaling: Any, fail: Callable[[str], NoReturn], key: str) -> None:
@@ -199,6 +227,8 @@ _PROJECTIONS = {
     "ffn_up": "up_proj",
     "ffn_down": "down_proj",
 }
+# An expert's projection (model/moe.py's expert_prefix) and the router.
+_EXPERT_TENSOR = re.compile(r"blk\.\d+\.exp\.\d+\.(ffn_gate|ffn_up|ffn_down)\.weight")
 _NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 _LAYER_TENSOR = re.compile(r"blk\.\d+\.(\w+)\.(weight|bias)")
 
@@ -220,6 +250,10 @@ def expected_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...] | None]:
     def shape(name: str) -> tuple[int, ...] | None:
         if name in fixed:
             return fixed[name]
+        expert = _EXPERT_TENSOR.fullmatch(name)
+        if expert is not None:
+            i = spec.moe_intermediate_size
+            return (h, i) if expert.group(1) == "ffn_down" else (i, h)
         m = _LAYER_TENSOR.fullmatch(name)
         if m is None:
             return None
@@ -231,6 +265,8 @@ def expected_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...] | None]:
             return (h,)
         if kind == "weight" and part in ("attn_q_norm", "attn_k_norm"):
             return (d,)
+        if kind == "weight" and part == "ffn_gate_inp":
+            return (spec.num_experts, h)
         return None
 
     return shape

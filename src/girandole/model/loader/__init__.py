@@ -57,6 +57,14 @@ def _model_class(arch: str) -> type[nn.Module]:
         from girandole.model.qwen import Qwen3ForCausalLM
 
         return Qwen3ForCausalLM
+    if arch == "qwen3_moe":
+        from girandole.model.qwen import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM
+    if arch == "mixtral":
+        from girandole.model.llama import MixtralForCausalLM
+
+        return MixtralForCausalLM
     raise ValueError(f"unsupported model architecture: {arch!r}")
 
 

@@ -26,6 +26,12 @@ from girandole.model.spec import (
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
 
 
+# What this loader reads from GGUF (safetensors folders also take the MoE architectures), and
+# llama.cpp's names of MoE architectures, refused with a pointer to the safetensors folder.
+GGUF_ARCHITECTURES = tuple(a for a in SUPPORTED_ARCHITECTURES if a not in ("qwen3_moe", "mixtral"))
+_GGUF_MOE = ("qwen3moe", "qwen2moe", "mixtral", "deepseek2", "gpt-oss")
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
@@ -229,10 +235,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
     arch = _field(reader, "general.architecture")
     if arch is None:
         raise ValueError(f"GGUF file has no general.architecture: {path}")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch in _GGUF_MOE or _field(reader, f"{arch}.expert_count"):
+        raise ValueError(
+            f"mixture-of-experts GGUF files are not supported yet ({arch!r} in {path.name}): "
+            "load the model's Hugging Face safetensors folder instead"
+        )
+    if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"unsupported model architecture {arch!r} in {path.name} "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     source = f"GGUF file {path.name}"
 

@@ -29,6 +29,8 @@ MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
 }
@@ -50,6 +52,19 @@ _LAYER_NAMES = {
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
+# Mixture-of-experts layers: the router and each expert's projections (model/moe.py's names).
+_MOE_NAME = re.compile(
+    r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight"
+)
+_EXPERT_PROJECTIONS = {
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+    "w1": "ffn_gate",  # Mixtral's names
+    "w3": "ffn_up",
+    "w2": "ffn_down",
+}
+_ROUTER_NAMES = ("mlp.gate.weight", "block_sparse_moe.gate.weight")
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
 
@@ -70,6 +85,12 @@ def _gguf_name(hf_name: str, arch: str) -> str | None:
     if m is None:
         return None
     i, rest = m.groups()
+    if rest in _ROUTER_NAMES:
+        return f"blk.{i}.ffn_gate_inp.weight"
+    expert = _MOE_NAME.fullmatch(rest)
+    if expert is not None:
+        e, proj = expert.groups()
+        return f"blk.{i}.exp.{e}.{_EXPERT_PROJECTIONS[proj]}.weight"
     if rest == "post_attention_layernorm.weight":
         rest_gguf = "post_attention_norm.weight" if arch == "gemma3" else "ffn_norm.weight"
     else:
@@ -293,7 +314,9 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
     else:
         spec.rope_theta, spec.rope_scaling = _rope(cfg, cfg_path)
         window = _int(cfg, "sliding_window", cfg_path, None)
-        use = cfg.get("use_sliding_window", model_type == "mistral")
+        # Mistral and Mixtral use the window whenever the config sets one; Qwen only with
+        # use_sliding_window (as transformers reads them)
+        use = cfg.get("use_sliding_window", model_type in ("mistral", "mixtral"))
         if window and use:
             if types is not None:
                 spec.sliding_windows = [window if t == "sliding_attention" else None for t in types]
@@ -301,6 +324,8 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
                 spec.sliding_windows = [window] * num_layers
         else:
             spec.sliding_windows = [None] * num_layers
+    if arch in ("qwen3_moe", "mixtral"):
+        _read_moe(spec, cfg, cfg_path, arch)
     validate_spec(spec, str(cfg_path), _HF_KEYS, derived_head_dim=derived_head_dim)
 
     generation_config = checked_generation_config(
@@ -334,7 +359,7 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
     bos = generation_config.get("bos_token_id", cfg.get("bos_token_id"))
     add_bos = tok_cfg.get("add_bos_token")
     if add_bos is None:
-        add_bos = arch in ("llama", "gemma3") and bos is not None
+        add_bos = arch in ("llama", "mixtral", "gemma3") and bos is not None
 
     config = ModelConfig.from_spec(
         spec,
@@ -353,6 +378,31 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
             for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
                 check_token_id(getattr(config.vision, key), spec.vocab_size, str(cfg_path), key)
     return spec, config, SafetensorsWeights(folder, arch)
+
+
+def _read_moe(spec: ArchSpec, cfg: dict[str, Any], source: Path, arch: str) -> None:
+    """The mixture-of-experts fields: Qwen3-MoE's num_experts (transformers 5 writes
+    num_local_experts), moe_intermediate_size, norm_topk_prob, decoder_sparse_step and
+    mlp_only_layers (dense layers); Mixtral's num_local_experts, every layer MoE, each expert
+    intermediate_size wide."""
+    experts = _int(cfg, "num_experts", source, None)
+    spec.num_experts = experts if experts is not None else _int(cfg, "num_local_experts", source)
+    spec.num_experts_per_tok = _int(cfg, "num_experts_per_tok", source)
+    if arch == "mixtral":
+        spec.moe_intermediate_size = spec.intermediate_size
+        spec.moe_layers = [True] * spec.num_layers
+        return
+    spec.moe_intermediate_size = _int(cfg, "moe_intermediate_size", source)
+    spec.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+    step = _int(cfg, "decoder_sparse_step", source, 1)
+    if step <= 0:
+        raise ValueError(f"{source}: decoder_sparse_step must be a positive integer, got {step}")
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+        raise ValueError(
+            f"{source}: mlp_only_layers must be a list of layer numbers, got {dense!r}"
+        )
+    spec.moe_layers = [i not in dense and (i + 1) % step == 0 for i in range(spec.num_layers)]
 
 
 # ArchSpec field -> its config.json key, for error messages.
@@ -375,4 +425,7 @@ _HF_KEYS = {
     "final_logit_softcap": "final_logit_softcapping",
     "attn_logit_softcap": "attn_logit_softcapping",
     "hidden_act": "hidden_act",
+    "num_experts": "num_experts",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "moe_intermediate_size": "moe_intermediate_size",
 }
