@@ -57,14 +57,18 @@ def write_tiny_tokenizer(
 
 def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overrides) -> Path:
     """A random 2-layer Llama with the tiny tokenizer, saved as safetensors. `family="qwen2"`:
-    the same as a Qwen2 (biases on Q, K and V, drawn non-zero)."""
+    the same as a Qwen2 (biases on Q, K and V, drawn non-zero); "qwen3_moe": a Qwen3-MoE (8
+    experts, top 2 renormalised); "mixtral": a Mixtral (4 experts, top 2). The MoE routers'
+    weights are scaled up so that a token's top-k experts are rarely a near tie."""
     import torch
+    import transformers as tf
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
     }[family]
     write_tiny_tokenizer(folder)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -83,6 +87,13 @@ def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overr
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
     )
+    if family == "qwen3_moe":
+        cfg.update(
+            head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True,
+        )  # fmt: skip
+    elif family == "mixtral":
+        cfg.update(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg))
@@ -94,6 +105,9 @@ def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overr
                     proj.bias.normal_(0.0, 0.5)
         # Spread the logits so that greedy choices are not decided by rounding noise.
         model.lm_head.weight.mul_(8.0)
+        for name, p in model.named_parameters():
+            if name.endswith(".gate.weight"):  # an MoE router
+                p.mul_(30.0)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -101,6 +115,16 @@ def write_tiny_llama(folder: Path, seed: int = 0, family: str = "llama", **overr
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-qwen3-moe"), family="qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-mixtral"), family="mixtral")
 
 
 @pytest.fixture(scope="session")

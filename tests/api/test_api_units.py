@@ -96,7 +96,7 @@ def test_limits_accepted_at_the_edges():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("include_routing_matrix", True), ("reasoning_effort", "high"),
+    [("reasoning_effort", "high"),
      ("thinking", {"type": "enabled"}), ("images", ["data:image/png;base64,AA=="])],
 )  # fmt: skip
 def test_unsupported_fields_are_400_naming_them(field, value):
@@ -107,7 +107,7 @@ def test_unsupported_fields_are_400_naming_them(field, value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("images", []), ("include_routing_matrix", False),
+    [("images", []),
      ("reasoning_effort", "none"), ("reasoning_effort", False), ("thinking", {"type": "disabled"}),
      ("reasoning_history", "disabled")],
 )  # fmt: skip
@@ -119,8 +119,6 @@ def test_unsupported_fields_accept_noop_values(field, value):
 
 
 def test_noop_check_is_type_exact():
-    with pytest.raises(APIError):  # 0 is not False
-        strip_unsupported(req(include_routing_matrix=0), COMPLETIONS_UNSUPPORTED)
     with pytest.raises(APIError):  # 0 is not False
         strip_unsupported(req(reasoning_effort=0), COMPLETIONS_UNSUPPORTED)
 

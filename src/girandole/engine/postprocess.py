@@ -113,6 +113,8 @@ class Postprocessor:
                 f"{TOKEN_CPU_LIMIT * 1000:.0f} ms)"
             )
             return out
+        if seq.routing is not None:  # the position before the token's predicted it
+            result.routing = seq.routing.get(len(seq.token_ids) - 1)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(result)

@@ -362,8 +362,9 @@ class ModelRunner:
             )
             chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
             tops = top_logprobs(lp, n_top)
-            for t, v, top in zip(targets.tolist(), chosen, tops):
-                seq.prompt_logprobs.append(SampleResult(t, v, v, top))
+            for p, t, v, top in zip((positions[i] for i in keep), targets.tolist(), chosen, tops):
+                routing = seq.routing.get(p) if seq.routing is not None else None
+                seq.prompt_logprobs.append(SampleResult(t, v, v, top, routing=routing))
 
     # -- the forward ---------------------------------------------------------------------------
 
@@ -495,6 +496,9 @@ class ModelRunner:
         still on the device, gathered into their rows here (overlap scheduling).
         """
         ids, pos, ctx = self.prepare(seqs, num_new_tokens)
+        routing = self.config.num_moe_layers and any(s.routing is not None for s in seqs)
+        if routing:
+            ctx.routing = []  # each MoE layer's expert ids (model/moe.py)
         if inputs is not None:
             self._gather_inputs(ids, seqs, num_new_tokens, inputs)
         images = None
@@ -510,6 +514,8 @@ class ModelRunner:
         else:
             with forward_context(ctx):
                 hidden = self.model(ids, pos)
+        if routing:
+            self._keep_routing(seqs, num_new_tokens, ctx.routing)
 
         rows: list[int] = []
         offset = 0
@@ -520,6 +526,21 @@ class ModelRunner:
             return None
         index = to_device(torch.tensor(rows, dtype=torch.long), self.device)
         return hidden.index_select(0, index)
+
+    @staticmethod
+    def _keep_routing(
+        seqs: list[Sequence], num_new_tokens: list[int], layers: list[torch.Tensor]
+    ) -> None:
+        """Each new token's expert ids (`layers`: [T, k] per MoE layer) into the routing of the
+        sequences that asked for it, by position."""
+        table = torch.stack(layers, dim=1).to("cpu", torch.int16).numpy()  # [T, layers, k]
+        offset = 0
+        for seq, n in zip(seqs, num_new_tokens):
+            if seq.routing is not None:
+                start = seq.num_computed_tokens
+                for r in range(n):
+                    seq.routing[start + r] = table[offset + r]
+            offset += n
 
     def _gather_inputs(
         self, ids: torch.Tensor, seqs: list[Sequence], num_new_tokens: list[int], inputs: StepInputs

@@ -7,6 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from girandole.sampling.params import SamplingParams, generator_seed
@@ -73,6 +74,9 @@ class Sequence:
         self.prompt_logprobs: list | None = None if params.prompt_logprobs is None else [None]
         self.prompt_logprobs_sent = False
         self.pending_logprobs: list = []  # logprobs of sampled tokens not yet reported
+        # params.routing_matrix on an MoE model: position -> the experts its forward chose,
+        # int16 [MoE layers, top-k] (engine/runner.py; a recomputed position overwrites its own)
+        self.routing: dict[int, np.ndarray] | None = {} if params.routing_matrix else None
         self.grammar = None  # SequenceGrammar when the output is constrained
         self.pooling = None  # PoolingParams of an embedding request (girandole.engine.pooling)
         self.pooling_state = None  # its running sum over the prompt's hidden states

@@ -60,6 +60,9 @@ class SamplingParams:
     # With logprobs: also report, per generated token, which tokens the sampling distribution
     # allowed (non-zero probability): "count", "non_zero_list" or "non_zero_buffer".
     sampling_mask: str | None = None
+    # With logprobs on a mixture-of-experts model: also report, per token, the experts the
+    # router chose at the position that predicted it (router replay; SampleResult.routing).
+    routing_matrix: bool = False
     # Constrained decoding (response_format, tools): the output must match this grammar.
     grammar: GrammarSpec | None = None
     # Speculative decoding: token ids of the expected output (`prediction`/`speculation`),

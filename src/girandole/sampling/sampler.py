@@ -51,6 +51,9 @@ class SampleResult:
     # params.sampling_mask: the tokens the sampling distribution allowed (non-zero probability),
     # ascending (an array: a list of up to 262k Python ints took ~9 ms a row on the engine thread)
     sampling_mask: np.ndarray | None = None
+    # params.routing_matrix: the expert ids each MoE layer's router chose at the position that
+    # predicted this token, int16 [MoE layers, top-k] (None: no such position, or not asked)
+    routing: np.ndarray | None = None
 
 
 # The last few logit_bias dicts made into tensors, by identity: the n choices of a request share

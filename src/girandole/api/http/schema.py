@@ -194,6 +194,9 @@ class RequestFields(SamplingFields):
     metadata: Metadata = None  # kept with the request's usage row
     # per-token sampling mask in content-format logprobs (girandole.api.serving.logprobs)
     sampling_mask: Literal["count", "non_zero_list", "non_zero_buffer"] | None = None
+    # MoE router replay: each content-format logprobs entry's `routing_matrix`
+    # (girandole.api.serving.logprobs); a 400 on a dense model
+    include_routing_matrix: bool | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

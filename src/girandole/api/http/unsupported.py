@@ -1,5 +1,5 @@
-"""Fields of Fireworks' request schema that this server cannot honour: what a text-only dense
-model cannot do (images, a mixture-of-experts routing matrix), reasoning on /completions (its
+"""Fields of Fireworks' request schema that this server cannot honour: what a text-only model
+cannot do (images), reasoning on /completions (its
 prompt is raw text: no template to turn thinking on or off), and fields not implemented yet.
 
 A request that uses one gets a 400 naming it and saying why (`REASONS`), never a silent no-op. A
@@ -38,9 +38,7 @@ _never: Callable[[Any], bool] = lambda v: False  # noqa: E731
 
 # field -> which non-null values are no-ops (null is always one). Dotted names are nested.
 # Fields neither endpoint implements yet.
-COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "include_routing_matrix": _is(False),
-}
+COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {}
 COMPLETIONS_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "images": _empty,
     # reasoning asks for nothing when it turns thinking off (false is read as "none")
@@ -54,6 +52,7 @@ _CHAT_ONLY = (
 )
 REASONS: dict[str, str] = {
     "images": "this model takes text only",
+    # a dense model's answer (girandole.api.serving.job; MoE models report it)
     "include_routing_matrix": "this model has no mixture-of-experts router",
     "reasoning_effort": "reasoning is controlled " + _CHAT_ONLY,
     "thinking": "reasoning is controlled " + _CHAT_ONLY,

@@ -58,6 +58,7 @@ class OutputOptions:
     return_token_ids: bool = False
     perf_metrics: bool = False
     sampling_mask: str | None = None  # "count", "non_zero_list" or "non_zero_buffer"
+    routing_matrix: bool = False  # include_routing_matrix (an MoE model's router replay)
 
     def echo_count(self, num_prompt_tokens: int) -> int:
         if self.echo_last is not None:
@@ -87,6 +88,12 @@ def output_options(req: RequestFields) -> OutputOptions:
             "sampling_mask is reported in the content logprobs format: set logprobs to true",
             "sampling_mask",
         )
+    if req.include_routing_matrix and mode != "content":
+        raise bad_request(
+            "include_routing_matrix is reported in the content logprobs format: set logprobs "
+            "to true",
+            "include_routing_matrix",
+        )
     return OutputOptions(
         logprobs_mode=mode,
         num_top=num_top,
@@ -96,6 +103,7 @@ def output_options(req: RequestFields) -> OutputOptions:
         return_token_ids=bool(req.return_token_ids),
         perf_metrics=bool(req.perf_metrics_in_response),
         sampling_mask=req.sampling_mask,
+        routing_matrix=bool(req.include_routing_matrix),
     )
 
 
@@ -183,7 +191,9 @@ class Choice:
         # (the detokenizer's): the echo leaves them out, so the text shows that character once
         cut = min(tokenizer.incomplete_tail(prompt_token_ids), count) if count else 0
         self.echo_text = plain_text(tokenizer, self.echo_ids[: count - cut]) if count else ""
-        self.tracker = LogprobTracker(tokenizer, options.num_top, options.sampling_mask)
+        self.tracker = LogprobTracker(
+            tokenizer, options.num_top, options.sampling_mask, options.routing_matrix
+        )
         self.text: list[str] = []
         self.text_length = 0
         self.token_ids: list[int] = []  # generated

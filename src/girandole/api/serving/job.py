@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girandole.api.http.schema import RequestFields
+from girandole.api.http.unsupported import unsupported_field
 from girandole.api.serving.buffering import StreamBuffer
 from girandole.api.serving.cache_scope import cache_salt
 from girandole.api.serving.choice import Choice, OutputOptions, output_options
@@ -114,6 +115,7 @@ def choice_params(
         params.logprobs = options.num_top
         params.prompt_logprobs = options.prompt_logprobs
         params.sampling_mask = options.sampling_mask
+        params.routing_matrix = options.routing_matrix
     return params
 
 
@@ -137,6 +139,8 @@ def build_job(
     service_tier. `speculation`: the prediction's tokens (`speculation_tokens`).
     `cache_scope`: who may share its cached prompt blocks (`cache_scope.scope_of`)."""
     config = engine.model_config
+    if req.include_routing_matrix and not config.num_moe_layers:
+        raise unsupported_field("include_routing_matrix")  # a dense model: no router
     options = output_options(req)
     logit_bias = parse_logit_bias(req.logit_bias, config.vocab_size)
     engine_kwargs = cache_kwargs(req, headers, cache_scope)

@@ -8,6 +8,14 @@
   "text_offset", "token_ids"}`; each `top_logprobs` map holds the top N and always the sampled
   token (so up to N + 1 entries).
 
+`routing_matrix` (include_routing_matrix, mixture-of-experts models; content format): each entry
+carries the experts the router chose at the position that predicted its token (the forward that
+computed its logprob; prompt position p for prompt token p + 1, the last prompt position for the
+first generated token), as base64 of a little-endian int16 array [MoE layers, top-k] in layer
+order, each layer's experts most probable first (vLLM's routed_experts dtype and layout); "" for
+an echoed first prompt token (nothing predicts it). Fireworks' RL SDK treats these strings as
+opaque and aligns them to the trainer's input positions (one per token but the last).
+
 With echo, the echoed prompt tokens come first (see `girandole.api.serving.choice`); the first
 prompt token has no context: null `token_logprobs`/`top_logprobs` in the legacy format, 0.0 in
 the content format.
@@ -56,6 +64,7 @@ class TokenLogprob:
     # as a Python list a whole vocabulary (262,144 ids) is 9.4 MB a token, against 1 MB (and
     # 1.8 MB of JSON)
     mask: dict[str, Any] | None = None
+    routing: str | None = None  # routing_matrix (base64), when asked for
 
     def json_size(self) -> int:
         """About how many bytes this entry takes in a response body (either format)."""
@@ -66,16 +75,25 @@ class TokenLogprob:
                 size += TOKEN_ID_JSON_BYTES * len(listed)
             elif isinstance(listed, str):
                 size += len(listed)
+        if self.routing is not None:
+            size += len(self.routing) + 20
         return size
 
 
 class LogprobTracker:
     """Turns one choice's SampleResults into TokenLogprobs with text offsets."""
 
-    def __init__(self, tokenizer: Any, num_top: int, mask_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        num_top: int,
+        mask_mode: str | None = None,
+        routing: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.num_top = num_top
         self.mask_mode = mask_mode  # sampling_mask
+        self.routing = routing  # include_routing_matrix
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._chars = 0  # characters the tokens so far decode to
         self.entries: list[TokenLogprob] = []
@@ -104,6 +122,7 @@ class LogprobTracker:
                     text_offset=offset,
                     top=top,
                     mask=mask_fields(self.mask_mode, getattr(r, "sampling_mask", None)),
+                    routing=routing_field(getattr(r, "routing", None)) if self.routing else None,
                 )
             )
         self.entries.extend(new)
@@ -127,6 +146,14 @@ class LogprobTracker:
             if mode == "content"
             else legacy_format(self.tokenizer, entries)
         )
+
+
+def routing_field(experts: np.ndarray | None) -> str:
+    """A content entry's `routing_matrix`: base64 of the int16 [layers, top-k] expert ids
+    (little-endian); "" where no position predicted the token."""
+    if experts is None:
+        return ""
+    return base64.b64encode(np.asarray(experts, dtype="<i2").tobytes()).decode("ascii")
 
 
 def mask_fields(mode: str | None, allowed: np.ndarray | None) -> dict[str, Any] | None:
@@ -169,6 +196,7 @@ def content_format(tokenizer: Any, entries: list[TokenLogprob]) -> dict[str, Any
                     for tid, lp in e.top
                 ],
                 **(e.mask or {}),  # a listed mask stays an array: JSON writes it
+                **({"routing_matrix": e.routing} if e.routing is not None else {}),
             }
             for e in entries
         ]
