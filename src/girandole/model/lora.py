@@ -241,6 +241,11 @@ def _collect(
                 f"{', '.join(TARGETS)} in the decoder layers are"
             )
         layer, target, half = int(m.group(1)), m.group(2), m.group(3)
+        if _moe_target(spec, layer, target):
+            raise AdapterError(
+                f"adapter targets {target!r} of layer {layer}, a mixture-of-experts layer: "
+                "adapters on MoE models may target the attention projections only"
+            )
         if target not in TARGETS:
             raise AdapterError(
                 f"adapter targets {target!r}: supported targets are {', '.join(TARGETS)}"
@@ -248,15 +253,6 @@ def _collect(
         if layer >= spec.num_layers:
             raise AdapterError(
                 f"adapter has layer {layer} but the base model has {spec.num_layers} layers"
-            )
-        if (
-            spec.moe_layers
-            and spec.moe_layers[layer]
-            and target in _MEMBERS["gate_up"] + ("down_proj",)
-        ):
-            raise AdapterError(
-                f"adapter targets {target!r} of layer {layer}, a mixture-of-experts layer: "
-                "adapters on MoE models may target the attention projections only"
             )
         if not t.is_floating_point():
             raise AdapterError(
@@ -283,6 +279,13 @@ def _collect(
             )
         raw[(layer, target)] = (a, b)
     return raw
+
+
+def _moe_target(spec: ArchSpec, layer: int, target: str) -> bool:
+    """Whether `target` of `layer` is in a mixture-of-experts block (its router "gate", or an
+    MLP projection of an MoE layer)."""
+    moe_layer = 0 <= layer < len(spec.moe_layers) and spec.moe_layers[layer]
+    return moe_layer and target not in _MEMBERS["qkv"] + _MEMBERS["o_proj"]
 
 
 def _fuse(adapter: LoRAAdapter, spec: ArchSpec) -> dict[tuple[int, str], LoRAWeights]:
