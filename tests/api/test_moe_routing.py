@@ -82,13 +82,16 @@ def test_routing_matrix_needs_content_logprobs(client):
 
 
 def test_routing_matrix_without_echo_covers_generated_tokens(client):
-    out = client.completions.create(
-        model=MODEL,
-        prompt="Once upon a time",
-        max_tokens=4,
-        logprobs=True,
-        extra_body={"include_routing_matrix": True},
-    )
-    content = out.choices[0].logprobs.model_dump()["content"]
-    assert len(content) == 4
-    assert all(decode(e["routing_matrix"]).shape == (2 * 2,) for e in content)
+    """Without echo: one entry a generated token; again with the prompt's blocks from the prefix
+    cache, the same entries (the last prompt position is always computed)."""
+    prompt = "Once upon a time there was a small engine that served many requests. " * 3
+    runs = []
+    for _ in range(2):
+        out = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=True,
+            extra_body={"include_routing_matrix": True},
+        )  # fmt: skip
+        runs.append([e["routing_matrix"] for e in out.choices[0].logprobs.model_dump()["content"]])
+    assert out.usage.prompt_tokens_details.cached_tokens > 0
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 4 and all(decode(r).shape == (2 * 2,) for r in runs[0])
