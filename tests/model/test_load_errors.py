@@ -310,3 +310,50 @@ def test_gguf_nan_in_quantized_weight_is_named(tiny_llama, tmp_path, monkeypatch
         write_tiny_gguf(hf, "llama", path, {"attn_q": "Q8_0"})
     with pytest.raises(ValueError, match=r"blk\.1\.attn_q\.weight.*NaN or infinite"):
         load_model(path, mode=mode, use_cache=False)
+
+
+def test_moe_gguf_is_refused_naming_the_architecture(tmp_path):
+    for arch, expert_count in (("qwen3moe", None), ("llama", 8)):
+        path = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_block_count(1)
+        if expert_count:
+            w.add_expert_count(expert_count)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(ValueError, match=f"mixture-of-experts GGUF.*'{arch}'"):
+            load_model(path, mode="reference")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok \\(9\\) must be at most"),
+        ({"moe_intermediate_size": 0}, "moe_intermediate_size must be a positive integer"),
+        ({"mlp_only_layers": "all"}, "mlp_only_layers must be a list"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer"),
+    ],
+)
+def test_bad_moe_config_names_the_key(tmp_path, change, message):
+    write_tiny_hf("qwen3_moe", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path, mode="reference")
+
+
+def test_moe_expert_of_the_wrong_shape_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_tiny_hf("qwen3_moe", tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    name = "model.layers.0.mlp.experts.5.up_proj.weight"
+    tensors[name] = tensors[name][:-1]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="blk.0.exp.5.ffn_up.weight.*has shape"):
+        load_model(tmp_path, mode="reference")
