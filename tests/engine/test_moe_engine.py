@@ -88,3 +88,17 @@ def test_routing_matrix_equals_transformers_router(moe):
         assert got[0].dtype == np.int16
         # the same experts in the same order (most probable first) at every position
         np.testing.assert_array_equal(np.stack(got), routes[:-1])
+
+
+def test_routing_with_a_prediction_equals_routing_without(moe):
+    """Proposed tokens (a prediction, verified in the forward) leave the reported routing as it
+    is: a rejected proposal's position is recomputed with the right token."""
+    llm, _hf = moe
+    base = dict(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0, routing_matrix=True)
+    plain = llm.generate(PROMPTS[0], SamplingParams(**base))[0]
+    guess = plain.token_ids[:3] + [(t + 1) % 200 + 3 for t in plain.token_ids[3:]]
+    spec = llm.generate(PROMPTS[0], SamplingParams(**base, speculation=guess))[0]
+    assert spec.token_ids == plain.token_ids
+    np.testing.assert_array_equal(
+        np.stack([r.routing for r in spec.logprobs]), np.stack([r.routing for r in plain.logprobs])
+    )
