@@ -95,3 +95,16 @@ def test_routing_matrix_without_echo_covers_generated_tokens(client):
     assert out.usage.prompt_tokens_details.cached_tokens > 0
     assert runs[0] == runs[1]
     assert len(runs[0]) == 4 and all(decode(r).shape == (2 * 2,) for r in runs[0])
+
+
+def test_streamed_routing_matrix_equals_the_whole_body(client):
+    body = dict(
+        model=MODEL, prompt="def main():\n    return", max_tokens=5, temperature=0, echo=True,
+        logprobs=True, extra_body={"include_routing_matrix": True},
+    )  # fmt: skip
+    whole = client.completions.create(**body).choices[0].logprobs.model_dump()["content"]
+    streamed = []
+    for chunk in client.completions.create(**body, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.model_dump()["content"]
+    assert [e["routing_matrix"] for e in streamed] == [e["routing_matrix"] for e in whole]
