@@ -7,12 +7,17 @@ tested with the other unsupported fields (test_api_errors, test_api_clients)."""
 from __future__ import annotations
 
 import base64
+import sys
+from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 import torch
-from conftest import start_server, stop_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from api_helpers import api_conftest  # noqa: E402
 
 MODEL = "accounts/testing/models/tiny-moe"
 # fast mode's quantized linears move the router's logits a little: positions whose k-th and
@@ -23,12 +28,13 @@ MARGIN = 0.5
 @pytest.fixture(scope="module")
 def moe_server(tmp_path_factory, tiny_qwen3_moe_dir):
     tmp = tmp_path_factory.mktemp("moe-server")
-    srv = start_server(
+    conftest = api_conftest()
+    srv = conftest.start_server(
         tmp, "--model", str(tiny_qwen3_moe_dir), "--model-id", "tiny-moe",
         "--account", "testing", "--kv-cache-gb", "0.01", api_key=None,
     )  # fmt: skip
     yield srv
-    stop_server(srv)
+    conftest.stop_server(srv)
 
 
 @pytest.fixture(scope="module")

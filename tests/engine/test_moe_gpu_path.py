@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from girandole import LLM, SamplingParams  # noqa: E402
 
-PROMPTS = [[5 + (i * 7) % 200 for i in range(11)], [3, 9, 27, 81, 243]]
+PROMPTS = [[5 + (i * 7) % 200 for i in range(7)], [3, 9, 27]]
 
 
 def test_greedy_and_routing_equal_cpu_path(tiny_qwen3_moe_dir):
@@ -23,7 +23,7 @@ def test_greedy_and_routing_equal_cpu_path(tiny_qwen3_moe_dir):
     gpu = LLM(model=str(tiny_qwen3_moe_dir), gpu_path=True, **common)
     assert gpu.engine.runner.gpu_path and gpu.engine.runner.graphs is None
     params = SamplingParams(
-        temperature=0, max_tokens=5, ignore_eos=True, logprobs=0, routing_matrix=True
+        temperature=0, max_tokens=3, ignore_eos=True, logprobs=0, routing_matrix=True
     )
     want, got = cpu.generate(PROMPTS, params), gpu.generate(PROMPTS, params)
     for a, b in zip(want, got):
