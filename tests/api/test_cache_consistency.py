@@ -63,8 +63,8 @@ def test_a_cache_hit_whole_or_partial_generates_what_a_cold_run_does(server):
     )
 
 
-@pytest.mark.parametrize("logprobs", [1, True])
-@pytest.mark.parametrize("max_tokens", [0, 2])
+# each logprobs format once, one scoring only (max_tokens 0), one generating after the echo
+@pytest.mark.parametrize(("logprobs", "max_tokens"), [(1, 0), (True, 2)])
 def test_echoed_prompt_logprobs_on_a_cached_prompt_equal_a_cold_run(server, logprobs, max_tokens):
     prompt = f"[{uuid.uuid4().hex[:8]}] {PREFIX}"
     warm = completion(server, {"prompt": prompt, "max_tokens": 1})  # caches the prompt's blocks
