@@ -26,6 +26,7 @@ def srv(tmp_path_factory, tiny_llama_dir):
     s = FinetuneServer(tmp_path_factory.mktemp("rft-api"), tiny_llama_dir, JOBS)
     s.dataset("prompts", prompts(["hello", "what is up"]))
     s.dataset("failing", prompts(["hello", "what is up"], fail=True))
+    s.dataset("held", prompts(["name a color"]))
     s.dataset("answered", b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')  # fmt: skip
     assert s.evaluator("share", SHARE)["state"] == "ACTIVE"
     assert s.evaluator("broken", "def evaluate(:\n")["state"] == "BUILD_FAILED"
@@ -40,24 +41,29 @@ def test_train_with_an_evaluator_and_serve_the_adapter(srv):
         training_config={"base_model": TINY, "learning_rate": 1e-2},
         inference_parameters={"max_output_tokens": 8, "response_candidates_count": 2, "temperature": 1.0, "top_k": 50},
         loss_config={"method": "GRPO", "kl_beta": 0.01}, chunk_size=100,
+        evaluation_dataset="held",  # held-out prompts: evalReward at each epoch's end
     )  # fmt: skip
     assert job.name == f"accounts/{ACCOUNT}/reinforcementFineTuningJobs/rl"
     assert job.evaluator == f"accounts/{ACCOUNT}/evaluators/share"
     assert job.training_config.output_model == f"accounts/{ACCOUNT}/models/rl"
     assert job.inference_parameters.top_p == 1 and job.inference_parameters.top_k == 50
     assert job.loss_config.kl_beta == 0.01 and job.chunk_size == 100
+    assert job.evaluation_dataset == f"accounts/{ACCOUNT}/datasets/held"
     done = srv.wait("rl", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
     assert done["state"] == "JOB_STATE_COMPLETED", done
     progress = done["jobProgress"]
     assert progress["percent"] == 100 and progress["step"] == 2, progress
     assert 0 <= progress["meanReward"] <= 1 and 0 <= progress["skippedGroups"] <= 2
     assert progress["droppedRollouts"] == 0
+    assert 0 <= progress["evalReward"] <= 1 and progress["evalFailedRollouts"] == 0, progress
     got = fw.reinforcement_fine_tuning_jobs.get("rl")
     assert got.completed_time is not None and got.loss_config.method == "GRPO"
     # every step's numbers: each step's candidates were scored by the evaluator
     url = srv.http("GET", f"{JOBS}/rl:getMetricsFileEndpoint").json()["signedUrl"]
     steps = [json.loads(line) for line in httpx.get(url, timeout=30).text.splitlines()]
-    assert [m["step"] for m in steps] == [1, 2] and all("meanReward" in m for m in steps), steps
+    trained = [m for m in steps if "evalReward" not in m]
+    assert [m["step"] for m in trained] == [1, 2] and all("meanReward" in m for m in trained), steps
+    assert [(m["epoch"], m["step"]) for m in steps if "evalReward" in m] == [(1, 2)], steps
 
     name = f"accounts/{ACCOUNT}/models/rl"
     model = srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/rl").json()
@@ -73,15 +79,19 @@ def test_train_with_an_evaluator_and_serve_the_adapter(srv):
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/rl").status_code == 200
 
 
-def test_failed_evaluations_are_dropped(srv):
-    body = {**job_body(), "dataset": "failing", "lossConfig": {"method": "DAPO"}}
+def test_a_job_whose_evaluations_all_fail_fails(srv):
+    """Every candidate's evaluation failed in the epoch: nothing was learnt, so the job FAILS
+    naming the evaluator's first error (it used to end COMPLETED)."""
+    body = {**job_body(epochs=3), "dataset": "failing", "lossConfig": {"method": "DAPO"}}
     r = srv.http("POST", f"{JOBS}?reinforcementFineTuningJobId=failing", json=body)
     assert r.status_code == 200, r.text
     done = srv.wait("failing", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
-    assert done["state"] == "JOB_STATE_COMPLETED", done
-    # every candidate's score failed: no group to learn from
-    assert done["jobProgress"]["droppedRollouts"] == 4, done
-    assert done["jobProgress"]["skippedGroups"] == 2, done
+    assert done["state"] == "JOB_STATE_FAILED", done
+    assert done["status"]["code"] == "INVALID_ARGUMENT", done
+    message = done["status"]["message"]
+    assert "the evaluator failed on all 4 rollouts of epoch 1" in message, message
+    assert "ValueError: this row fails" in message, message
+    assert done["jobProgress"]["droppedRollouts"] == 4 and done["jobProgress"]["epoch"] == 1, done
     srv.http("DELETE", f"{JOBS}/failing")
 
 
@@ -177,7 +187,7 @@ def job_body(**training) -> dict:
             "not supported",
         ),  # fmt: skip
         ({**job_body(), "nodeCount": 2}, "nodeCount", "one machine"),
-        ({**job_body(), "evaluationDataset": "prompts"}, "evaluationDataset", "held-out"),
+        ({**job_body(), "evaluationDataset": "answered"}, "evaluationDataset", "line 1"),
         ({**job_body(), "wandbConfig": {"enabled": True}}, "wandbConfig", "Weights & Biases"),
         ({**job_body(), "awsS3Config": {"iamRoleArn": "x"}}, "awsS3Config", "S3"),
         ({**job_body(), "reservationTarget": "r"}, "reservationTarget", "reserved capacity"),

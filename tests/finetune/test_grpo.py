@@ -126,6 +126,51 @@ def test_failed_scores_are_dropped_and_equal_groups_skipped(tiny_llama_dir, tmp_
     assert all(r["loss"] == 0 and r["meanReward"] == 1 for r in reports)
 
 
+def test_carved_out_prompts_are_scored_each_epoch(tiny_llama_dir, tmp_path):
+    """evalAutoCarveout: the last prompt (10%, at least one) is held out, answered greedily and
+    scored at each epoch's end (evalReward); the other three train."""
+    seen: list[str] = []
+
+    def reward(rows):
+        seen.extend(row["messages"][0]["content"] for row in rows)
+        return share_of_e(rows)
+
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_prompts(tmp_path / "rows.jsonl")),
+        output_dir=str(tmp_path / "out"), method="grpo", device="cpu", epochs=2,
+        eval_carveout=True, sampling={"candidates": 2, "max_tokens": 4},
+    )  # fmt: skip
+    reports: list[dict] = []
+    result = train(config, reports.append, reward=reward)
+    assert result.steps == 6  # 3 prompts a epoch
+    evals = [r for r in reports if "evalReward" in r]
+    assert [r["epoch"] for r in evals] == [1, 2] and evals[0]["evalFailedRollouts"] == 0, evals
+    assert all(0 <= r["evalReward"] <= 1 for r in evals)
+    # the held-out prompt: one greedy answer an epoch, never a training rollout
+    assert seen.count(QUESTIONS[-1]) == 2 and seen.count(QUESTIONS[0]) == 4, seen
+
+
+def test_an_epoch_whose_evaluations_all_fail_stops_the_job(tiny_llama_dir, tmp_path):
+    from girandole.evaluators.runner import Score
+    from girandole.finetune.grpo import EvaluationsFailed
+
+    calls: list[int] = []
+
+    def reward(rows):  # the evaluator's own failure (a Score with its error)
+        calls.append(len(rows))
+        return [Score(None, error="KeyError: 'answer'")] * len(rows)
+
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_prompts(tmp_path / "rows.jsonl")),
+        output_dir=str(tmp_path / "out"), method="dapo", device="cpu", epochs=5,
+        sampling={"candidates": 2, "max_tokens": 2},
+    )  # fmt: skip
+    with pytest.raises(EvaluationsFailed, match=re.escape("all 8 rollouts of epoch 1, so nothing was learnt; its first error: KeyError: 'answer'")):  # fmt: skip
+        train(config, lambda _: None, reward=reward)
+    assert len(calls) == 4  # the first epoch only
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("line", "says"),
     [

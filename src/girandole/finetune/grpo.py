@@ -23,7 +23,10 @@ candidates; DAPO sums every token of the step and divides by their number (a lon
 tokens weigh as much as a short one's).
 
 Each step reports the loss, the mean reward of its scored candidates, and, over the job so far,
-the groups skipped and the candidates whose score was None.
+the groups skipped and the candidates whose score was None. An epoch in which no candidate was
+scored (the evaluator failed on every one) fails the job, naming the evaluator's first error:
+training on would learn nothing. With an evaluation set, each epoch ends with one greedy answer
+per held-out prompt, scored: their mean is `evalReward`.
 """
 
 from __future__ import annotations
@@ -44,8 +47,26 @@ from girandole.model.lora import LoRAAdapter
 from girandole.tokenizer.tokenizer import Tokenizer
 
 EPS = 1e-4
-# rows (each: the prompt's messages + the answer, and the row's other fields) -> their scores
-Reward = Callable[[list[dict[str, Any]]], list[float | None]]
+# rows (each: the prompt's messages + the answer, and the row's other fields) -> their scores:
+# a number, None (that evaluation failed) or an evaluator's Score (its error when it failed)
+Reward = Callable[[list[dict[str, Any]]], list[Any]]
+
+
+class EvaluationsFailed(ValueError):
+    """The evaluator failed on every candidate of an epoch (or of the evaluation set)."""
+
+
+def score_of(result: Any) -> tuple[float | None, str]:
+    """(the score, or None; the error) of one of a Reward's results."""
+    score, error = result, "the evaluator gave no score"
+    if hasattr(result, "score"):  # an evaluator's Score
+        score, error = result.score, getattr(result, "error", "") or error
+    if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score):
+        return float(score), ""
+    return (
+        None,
+        error if score is None else f"the evaluator's score {score!r} is not a finite number",
+    )
 
 
 def advantages(rewards: list[float | None]) -> list[float | None] | None:
@@ -59,10 +80,12 @@ def advantages(rewards: list[float | None]) -> list[float | None] | None:
     return [None if r is None else (r - mean) / (std + EPS) for r in rewards]
 
 
-def load_prompts(path: str, tok: Tokenizer, template: str | None, max_length: int) -> list[Prompt]:
-    rows = read_prompts(Path(path).read_bytes(), "dataset")
+def load_prompts(
+    path: str, tok: Tokenizer, template: str | None, max_length: int, what: str = "dataset"
+) -> list[Prompt]:
+    rows = read_prompts(Path(path).read_bytes(), what)
     return [
-        encode_prompt(tok, template, row, max_length, f"dataset row {i + 1}")
+        encode_prompt(tok, template, row, max_length, f"{what} row {i + 1}")
         for i, row in enumerate(rows)
     ]
 
@@ -106,6 +129,8 @@ class GrpoObjective:
         self.generator.manual_seed(seed)
         self.skipped_groups = 0
         self.dropped = 0  # candidates whose score was None
+        self.first_error = ""  # the evaluator's first failure, for a job that fails of them
+        self._epoch_scored = self._epoch_failed = 0
         self._step: dict[str, float] = {}
 
     def length(self, prompt: Prompt) -> int:
@@ -113,13 +138,15 @@ class GrpoObjective:
 
     def scores(self, prompt: Prompt, candidates: list[list[int]]) -> list[float | None]:
         answers = [self.tok.decode(c) for c in candidates]
-        scores = list(self.reward([prompt.row(a) for a in answers]))
-        if len(scores) != len(candidates):
-            raise ValueError(f"the evaluator gave {len(scores)} scores for {len(candidates)} answers")  # fmt: skip
+        results = list(self.reward([prompt.row(a) for a in answers]))
+        if len(results) != len(candidates):
+            raise ValueError(f"the evaluator gave {len(results)} scores for {len(candidates)} answers")  # fmt: skip
         out: list[float | None] = []
-        for s in scores:
-            ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-            out.append(float(s) if ok else None)
+        for result in results:
+            score, error = score_of(result)
+            if score is None and not self.first_error:
+                self.first_error = error
+            out.append(score)
         return out
 
     def losses(
@@ -133,6 +160,8 @@ class GrpoObjective:
             candidates = sample(model, adapter, prompt.ids, config, self.eos, self.generator, device)  # fmt: skip
             rewards = self.scores(prompt, candidates)
             self.dropped += sum(r is None for r in rewards)
+            self._epoch_failed += sum(r is None for r in rewards)
+            self._epoch_scored += sum(r is not None for r in rewards)
             scored += [r for r in rewards if r is not None]
             adv = advantages(rewards)
             if adv is None:
@@ -159,6 +188,36 @@ class GrpoObjective:
                 yield per_token.mean() / len(kept)
         if kls:
             self._step["kl"] = sum(kls) / len(kls)
+
+    def end_epoch(self, epoch: int) -> None:
+        """EvaluationsFailed when the evaluator failed on every candidate of the epoch."""
+        scored, failed = self._epoch_scored, self._epoch_failed
+        self._epoch_scored = self._epoch_failed = 0
+        if failed and not scored:
+            raise EvaluationsFailed(
+                f"the evaluator failed on all {failed} rollouts of epoch {epoch}, so nothing"
+                f" was learnt; its first error: {self.first_error}"
+            )
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, adapter: LoRAAdapter, rows: list[Prompt], device
+    ) -> dict[str, float]:
+        """The policy on held-out prompts: one greedy answer each (deterministic, so epochs
+        compare), scored; {evalReward: their mean, evalFailedRollouts}."""
+        scores: list[float] = []
+        self.first_error = ""  # the evaluation set's own
+        for prompt in rows:
+            limit = min(self.sampling.max_tokens, self.max_length - len(prompt.ids))
+            greedy = SamplingConfig(candidates=1, max_tokens=limit, temperature=0)
+            (answer,) = sample(model, adapter, prompt.ids, greedy, self.eos, self.generator, device)  # fmt: skip
+            scores += [s for s in self.scores(prompt, [answer]) if s is not None]
+        if not scores:
+            raise EvaluationsFailed(
+                f"the evaluator failed on all {len(rows)} answers to the evaluation set's"
+                f" prompts; its first error: {self.first_error}"
+            )
+        return {"evalReward": sum(scores) / len(scores), "evalFailedRollouts": len(rows) - len(scores)}  # fmt: skip
 
     def stats(self) -> dict[str, float]:
         return {

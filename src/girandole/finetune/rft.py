@@ -71,7 +71,7 @@ def evaluator_reward(spec: dict[str, Any]):
         runner.close()
         raise
 
-    def reward(rows: list[dict[str, Any]]) -> list[float | None]:
-        return [s.score for s in runner.score(rows)]
+    def reward(rows: list[dict[str, Any]]) -> list[Any]:
+        return runner.score(rows)  # Scores: a failed row's error names why
 
     return runner, reward

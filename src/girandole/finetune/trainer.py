@@ -231,6 +231,10 @@ def train(
         if reward is None:
             raise ValueError(f"{config.method} trains on rewards: give a reward function")
         train_rows = load_prompts(config.dataset_path, tok, template, config.max_context_length)  # fmt: skip
+        if config.eval_path:  # held-out prompts, rolled out greedily at each epoch's end
+            eval_rows = load_prompts(config.eval_path, tok, template, config.max_context_length, "evaluationDataset")  # fmt: skip
+        elif config.eval_carveout:
+            train_rows, eval_rows = carve_out(train_rows)
     elif config.method == "rlor":
         from girandole.finetune.rlor import load_groups
 
@@ -316,7 +320,14 @@ def train(
                 **objective.stats(), "elapsedSeconds": round(time.monotonic() - started, 3),
             })  # fmt: skip
         result.epochs_run = epoch
-        if eval_rows:
+        if hasattr(objective, "end_epoch"):  # GRPO: an epoch whose evaluations all failed
+            objective.end_epoch(epoch)
+        if eval_rows and hasattr(objective, "evaluate"):  # GRPO: the held-out prompts' reward
+            with torch.no_grad():
+                rewards = objective.evaluate(model, trainable.adapter(), eval_rows, device)
+            report({"epoch": epoch, "step": step, "totalSteps": total_steps,
+                    "percent": round(100 * step / total_steps), **rewards})  # fmt: skip
+        elif eval_rows:
             eval_loss = evaluate(model, trainable, eval_rows, device)
             result.eval_losses.append(eval_loss)
             report({"epoch": epoch, "step": step, "totalSteps": total_steps,

@@ -19,6 +19,7 @@ batch, then scored one after another by one evaluator process).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -28,7 +29,13 @@ from pydantic import BaseModel
 from girandole.api.datasets.route import own_id
 from girandole.api.deployments.route import Account, read_json
 from girandole.api.finetune.jobs import insert_job, job_routes, stores_of
-from girandole.api.finetune.route import MAX_INT, STRICT, TrainingConfigBody, config_job_fields
+from girandole.api.finetune.route import (
+    MAX_INT,
+    STRICT,
+    TrainingConfigBody,
+    config_job_fields,
+    ready_dataset,
+)
 from girandole.api.http.errors import bad_request
 from girandole.api.http.openapi import body_doc
 from girandole.finetune.prompts import read_prompts
@@ -43,8 +50,6 @@ CLOUD = {
     " are one completion of the prompt",
     "maxInferenceReplicaCount": "inference replicas for rollouts; rollouts here run in the"
     " training process",
-    "evaluationDataset": "evaluating the policy on held-out prompts during training",
-    "evalAutoCarveout": "evaluating the policy on held-out prompts during training",
 }
 
 
@@ -79,9 +84,10 @@ class RftJobBody(BaseModel):
     chunkSize: int | None = None
     maxConcurrentRollouts: int | None = None
     maxConcurrentEvaluations: int | None = None
-    # Fireworks' cloud (CLOUD, and route.UNSUPPORTED)
+    # held-out prompts, rolled out at each epoch's end (grpo.GrpoObjective.evaluate)
     evaluationDataset: str | None = None
     evalAutoCarveout: bool | None = None
+    # Fireworks' cloud (CLOUD, and route.UNSUPPORTED)
     mcpServer: str | None = None
     maxInferenceReplicaCount: int | None = None
     nodeCount: int | None = None
@@ -224,6 +230,12 @@ async def create_rft_job(
         "trainingConfig": fields, "inferenceParameters": params, "lossConfig": loss,
         **kept,
     }  # fmt: skip
+    if body.evaluationDataset:  # at the top level, as an SFT job's (the runner reads it there)
+        job["evaluationDataset"] = await asyncio.to_thread(
+            ready_dataset, request, account, body.evaluationDataset, "evaluationDataset", read_prompts
+        )  # fmt: skip
+    elif body.evalAutoCarveout:
+        job["evalAutoCarveout"] = True
     return insert_job(request, store, account, job_id, job)
 
 
