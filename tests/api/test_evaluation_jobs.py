@@ -32,6 +32,8 @@ ROWS = [row("Paris", "paris"), row("Lyon", "Paris"), row("boom", "x"), row(" PAR
 def srv(tmp_path_factory) -> Iterator[EvaluatorServer]:
     with evaluator_server(tmp_path_factory.mktemp("evaluation-jobs")) as server:
         assert server.evaluator("exact")["state"] == "ACTIVE"
+        two = [*criteria(), {**criteria({"main.py": SHORT})[0], "name": "short"}]
+        assert server.evaluator("two", criteria=two)["state"] == "ACTIVE"
         lines = "".join(json.dumps(r) + "\n" for r in ROWS) + "not json\n"
         server.dataset("answers", lines.encode())
         server.dataset("slow", (json.dumps(row("slow", "x")) + "\n").encode())
@@ -81,6 +83,36 @@ def test_a_job_scores_every_row_and_writes_the_output_dataset(srv: EvaluatorServ
     text = httpx.get(log.execution_log_signed_uri).text
     assert "line 3: ValueError: cannot score boom" in text
     assert [j.name for j in fw.evaluation_jobs.list()] == [job.name]
+
+
+# a second criterion (its own main.py): 1 for an answer of at most 5 characters
+SHORT = """
+def evaluate(messages, **kwargs):
+    answer = messages[-1]["content"]
+    return {"score": float(len(answer) <= 5), "reason": "short", "metrics": {"words": 1}}
+"""
+
+
+def test_several_criteria_score_the_mean_of_theirs(srv: EvaluatorServer) -> None:
+    """An evaluator of two CODE_SNIPPETS criteria (each its own main.py): a row's score is the
+    mean of theirs, each one's score in `criteria`; a row that fails under one fails, naming it."""
+    body = job_body("two-out", evaluator=f"accounts/{ACCOUNT}/evaluators/two")
+    r = srv.http("POST", JOBS, json={"evaluationJobId": "two", "evaluationJob": body})
+    assert r.status_code == 200, r.text
+    done = srv.wait(f"{JOBS}/two", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+    assert done["state"] == "JOB_STATE_COMPLETED", done["status"]
+    assert done["metrics"] == {"meanScore": 2 / 3, "scoredRows": 3.0, "failedRows": 2.0}
+    urls = srv.sdk().datasets.get_download_endpoint("two-out").filename_to_signed_urls
+    results = [json.loads(line)["evaluation_result"] for line in httpx.get(urls["results.jsonl"]).text.splitlines()]  # fmt: skip
+    assert results[0] == {
+        "score": 1.0, "reason": "exact: exact; short: short",
+        "metrics": {"length": 5.0, "words": 1.0}, "criteria": {"exact": 1.0, "short": 1.0},
+    }  # fmt: skip
+    assert [r.get("criteria") for r in results[1:4]] == [
+        {"exact": 0.0, "short": 1.0}, None, {"exact": 1.0, "short": 0.0},
+    ]  # fmt: skip
+    assert [r.get("score") for r in results[1:4]] == [0.5, None, 0.5]
+    assert results[2] == {"error": "criterion exact: ValueError: cannot score boom"}
 
 
 def test_deleting_a_running_job_stops_it(srv: EvaluatorServer) -> None:

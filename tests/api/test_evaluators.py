@@ -88,6 +88,15 @@ def test_create_build_get_list_update_and_delete(srv: EvaluatorServer) -> None:
             {"criteria": criteria({"main.py": "raise RuntimeError('at import')\n"})},
             "RuntimeError: at import",
         ),
+        (  # every criterion is built: the second's error, naming it
+            {
+                "criteria": [
+                    *criteria(),
+                    {**criteria({"main.py": "def evaluate(:\n"})[0], "name": "second"},
+                ]
+            },  # fmt: skip
+            "criterion second: loading main.py failed: ",
+        ),
     ],
 )
 def test_builds_that_fail_say_why(srv: EvaluatorServer, fields: dict, says: str) -> None:
@@ -162,6 +171,16 @@ CODE = "evaluator.criteria[0].codeSnippets"
             "another account",
         ),
         ({"criteria": criteria(), "colour": "red"}, "evaluator.colour", "Extra inputs"),
+        (  # several criteria: each checked, and named apart
+            {"criteria": [*criteria(), {"type": "CODE_SNIPPETS"}]},
+            "evaluator.criteria[1].codeSnippets",
+            "is required",
+        ),
+        (
+            {"criteria": criteria() * 2},
+            "evaluator.criteria[1].name",
+            "'exact' is another criterion's name too",
+        ),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(srv: EvaluatorServer, evaluator: dict, param: str, says: str) -> None:  # fmt: skip

@@ -150,6 +150,23 @@ def test_carved_out_prompts_are_scored_each_epoch(tiny_llama_dir, tmp_path):
     assert seen.count(QUESTIONS[-1]) == 2 and seen.count(QUESTIONS[0]) == 4, seen
 
 
+def test_each_criterions_reward_is_reported(tiny_llama_dir, tmp_path):
+    """An evaluator of several criteria: each step's mean score of each (criteriaRewards)."""
+    from girandole.evaluators.runner import Score
+
+    def reward(rows):
+        return [Score(0.5, criteria={"a": 1.0, "b": 0.0})] * len(rows)
+
+    config = TrainConfig(
+        base_path=str(tiny_llama_dir), dataset_path=str(write_prompts(tmp_path / "rows.jsonl")),
+        output_dir=str(tmp_path / "out"), method="grpo", device="cpu",
+        batch_size_samples=4, sampling={"candidates": 2, "max_tokens": 2},
+    )  # fmt: skip
+    reports: list[dict] = []
+    train(config, reports.append, reward=reward)
+    assert reports[-1]["criteriaRewards"] == {"a": 1.0, "b": 0.0} and reports[-1]["meanReward"] == 0.5  # fmt: skip
+
+
 def test_an_epoch_whose_evaluations_all_fail_stops_the_job(tiny_llama_dir, tmp_path):
     from girandole.evaluators.runner import Score
     from girandole.finetune.grpo import EvaluationsFailed

@@ -1,5 +1,6 @@
 """An evaluator's build: its requirements checked against the server's Python environment
-(girandole installs nothing) and its entry function loaded once in a child process."""
+(girandole installs nothing) and each criterion's entry function loaded once in a child
+process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import importlib.util
 import re
 from dataclasses import dataclass
 
-from girandole.evaluators.runner import ChildLimits, EvaluatorCode, EvaluatorLoadError
+from girandole.evaluators.criteria import Criterion
+from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError
 
 ACTIVE, BUILDING, BUILD_FAILED = "ACTIVE", "BUILDING", "BUILD_FAILED"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -50,10 +52,13 @@ def is_installed(name: str) -> bool:
 
 
 def build(
-    code: EvaluatorCode, requirements: str, env: dict[str, str], limits: ChildLimits | None = None
+    criteria: list[Criterion],
+    requirements: str,
+    env: dict[str, str],
+    limits: ChildLimits | None = None,
 ) -> BuildResult:
-    """Check the requirements, then load the entry function in a child (started and closed)
-    under the server's `limits`."""
+    """Check the requirements, then load each criterion's entry function in a child (started and
+    closed, one after another) under the server's `limits`."""
     names = requirement_names(requirements)
     log = [f"requirements: {', '.join(names) or 'none'}"]
     missing = [n for n in names if not is_installed(n)]
@@ -63,16 +68,24 @@ def build(
             " not install packages: install them in the server's environment)"
         )
         return BuildResult(BUILD_FAILED, message, "\n".join([*log, message]) + "\n")
-    log.append(f"loading {code.entry_func} from {code.entry_file}")
-    try:
-        with (limits or ChildLimits()).runner(code, env) as runner:
-            try:
-                runner.start()
-            except EvaluatorLoadError as exc:
-                message = f"loading {code.entry_file} failed: {exc}"
-                return BuildResult(BUILD_FAILED, message, "\n".join([*log, runner.log(), message]))
-            log.append(runner.log())
-    except (ValueError, OSError) as exc:  # a file name outside the folder, or one it cannot hold
-        return BuildResult(BUILD_FAILED, str(exc), "\n".join([*log, str(exc)]))
+    for criterion in criteria:
+        code = criterion.code
+        # the criterion named only when there are several (one's messages stay as they were)
+        which = f"criterion {criterion.name}: " if len(criteria) > 1 else ""
+        log.append(f"{which}loading {code.entry_func} from {code.entry_file}")
+        try:
+            with (limits or ChildLimits()).runner(code, env) as runner:
+                try:
+                    runner.start()
+                except EvaluatorLoadError as exc:
+                    message = f"{which}loading {code.entry_file} failed: {exc}"
+                    return BuildResult(BUILD_FAILED, message, "\n".join([*log, runner.log(), message]))  # fmt: skip
+                log.append(runner.log())
+        except (
+            ValueError,
+            OSError,
+        ) as exc:  # a file name outside the folder, or one it cannot hold
+            message = f"{which}{exc}"
+            return BuildResult(BUILD_FAILED, message, "\n".join([*log, message]))
     log.append("ready")
     return BuildResult(ACTIVE, "", "\n".join(line for line in log if line) + "\n")

@@ -43,6 +43,7 @@ class Score:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""  # the exception / timeout text for a failed row
+    criteria: dict[str, float] = field(default_factory=dict)  # each criterion's, when several
 
 
 @dataclass(frozen=True)

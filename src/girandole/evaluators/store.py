@@ -3,9 +3,6 @@ store (one row a resource, its Fireworks body as JSON), one table each."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from girandole.evaluators.runner import EvaluatorCode
 from girandole.finetune.store import JobKind, JobStore
 
 EVALUATORS = JobKind("evaluators", "evaluators", "Evaluator", "evaluatorId", "evaluator-", "evaluators")  # fmt: skip
@@ -17,14 +14,7 @@ COMPLETED, FAILED, CANCELLED = "JOB_STATE_COMPLETED", "JOB_STATE_FAILED", "JOB_S
 JOB_FINAL = (COMPLETED, FAILED, CANCELLED)
 
 
-def code_of(evaluator: dict[str, Any]) -> EvaluatorCode:
-    """The code a stored evaluator's criterion holds (an ACTIVE evaluator has one; one waiting
-    for its upload has none: KeyError)."""
-    snippets = evaluator["criteria"][0]["codeSnippets"]
-    return EvaluatorCode(snippets["fileContents"], snippets["entryFile"], snippets["entryFunc"])
-
-
 __all__ = [
     "CANCELLED", "COMPLETED", "CREATING", "EVALUATION_JOBS", "EVALUATORS", "FAILED", "JOB_FINAL",
-    "RUNNING", "JobStore", "code_of",
+    "RUNNING", "JobStore",
 ]  # fmt: skip

@@ -131,7 +131,8 @@ class GrpoObjective:
         self.dropped = 0  # candidates whose score was None
         self.first_error = ""  # the evaluator's first failure, for a job that fails of them
         self._epoch_scored = self._epoch_failed = 0
-        self._step: dict[str, float] = {}
+        self._criteria: dict[str, list[float]] = {}  # the step's scores of each criterion
+        self._step: dict[str, Any] = {}
 
     def length(self, prompt: Prompt) -> int:
         return (len(prompt.ids) + self.sampling.max_tokens) * self.sampling.candidates
@@ -147,6 +148,8 @@ class GrpoObjective:
             if score is None and not self.first_error:
                 self.first_error = error
             out.append(score)
+            for name, value in (getattr(result, "criteria", None) or {}).items():
+                self._criteria.setdefault(name, []).append(value)  # an evaluator's criteria
         return out
 
     def losses(
@@ -154,6 +157,7 @@ class GrpoObjective:
     ) -> Iterator[torch.Tensor]:
         kept: list[tuple[Prompt, list[int], float]] = []  # the candidates that teach something
         scored: list[float] = []
+        self._criteria = {}
         for prompt in window:
             limit = min(self.sampling.max_tokens, self.max_length - len(prompt.ids))
             config = SamplingConfig(**{**vars(self.sampling), "max_tokens": limit})
@@ -169,6 +173,8 @@ class GrpoObjective:
                 continue
             kept += [(prompt, c, a) for c, a in zip(candidates, adv) if a is not None]
         self._step = {"meanReward": sum(scored) / len(scored)} if scored else {}
+        if self._criteria:  # several criteria: the step's mean reward of each
+            self._step["criteriaRewards"] = {k: sum(v) / len(v) for k, v in self._criteria.items()}  # fmt: skip
         tokens = sum(len(c) for _, c, _ in kept)
         kls: list[float] = []
         for prompt, candidate, advantage in kept:
@@ -219,7 +225,7 @@ class GrpoObjective:
             )
         return {"evalReward": sum(scores) / len(scores), "evalFailedRollouts": len(rows) - len(scores)}  # fmt: skip
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         return {
             **self._step,
             "skippedGroups": self.skipped_groups,

@@ -17,8 +17,9 @@ from typing import Any
 
 ENV_VAR = "GIRANDOLE_EVALUATOR_ENV"  # the worker's: the evaluator's environment, as JSON
 
-# the evaluator's code, environment and child limits: {"files", "entryFile", "entryFunc", "env",
-# "limits"} (runner.ChildLimits.to_json); raises
+# the evaluator's code, environment and child limits: {"criteria": [{"name", "files",
+# "entryFile", "entryFunc"}, ...] (evaluators.criteria.to_json), "env", "limits"}
+# (runner.ChildLimits.to_json); raises
 # ValueError when the job's evaluator can no longer run (deleted, not ACTIVE)
 EvaluatorOf = Callable[[str, str], dict[str, Any]]
 
@@ -58,13 +59,18 @@ def evaluator_reward(spec: dict[str, Any]):
     """(the runner, a reward function scoring rows with it) from the spec's evaluator and the
     environment `worker_env` gave this process; the runner is started (EvaluatorLoadError when
     its code does not load) and must be closed."""
+    from girandole.evaluators.criteria import CriteriaRunner, Criterion, from_json
     from girandole.evaluators.runner import ChildLimits, EvaluatorCode
 
-    code = EvaluatorCode(spec["files"], spec["entryFile"], spec["entryFunc"])
+    if "criteria" in spec:
+        criteria = from_json(spec["criteria"])
+    else:  # a spec written before criteria: one criterion's code
+        code = EvaluatorCode(spec["files"], spec["entryFile"], spec["entryFunc"])
+        criteria = [Criterion("criteria[0]", code)]
     env = json.loads(os.environ.pop(ENV_VAR, "{}"))
     # the server's --evaluator-timeout and --evaluator-memory (a spec written before: defaults)
     limits = ChildLimits.from_json(spec["limits"]) if "limits" in spec else ChildLimits()
-    runner = limits.runner(code, env)
+    runner = CriteriaRunner(criteria, env, limits)
     try:
         runner.start()
     except BaseException:

@@ -132,7 +132,9 @@ def code_allowed(request: Request) -> None:
 
 
 def check_criteria(criteria: list[Criterion] | None, prefix: str) -> list[dict[str, Any]]:
-    """The criteria as stored (entryFile and entryFunc filled in); a 400 naming the field."""
+    """The criteria as stored (entryFile and entryFunc filled in); a 400 naming the field. Each
+    is a CODE_SNIPPETS criterion (its own files and function); several score a row with the
+    mean of their scores (girandole.evaluators.criteria), so their names must differ."""
     if not criteria:
         raise bad_request(
             f"{prefix}criteria: an evaluator needs one criterion of type CODE_SNIPPETS (its"
@@ -140,14 +142,16 @@ def check_criteria(criteria: list[Criterion] | None, prefix: str) -> list[dict[s
             " uploaded (:getUploadEndpoint)",
             f"{prefix}criteria",
         )
-    if len(criteria) > 1:
-        raise bad_request(
-            f"{prefix}criteria: {len(criteria)} criteria; this server runs one CODE_SNIPPETS"
-            " criterion per evaluator",
-            f"{prefix}criteria",
-        )
-    at = f"{prefix}criteria[0]"
-    criterion = criteria[0]
+    stored = [check_criterion(c, f"{prefix}criteria[{i}]") for i, c in enumerate(criteria)]
+    names = [c.name or f"criteria[{i}]" for i, c in enumerate(criteria)]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            at = f"{prefix}criteria[{i}].name"
+            raise bad_request(f"{at} {name!r} is another criterion's name too: give each its own", at)  # fmt: skip
+    return stored
+
+
+def check_criterion(criterion: Criterion, at: str) -> dict[str, Any]:
     if criterion.type != "CODE_SNIPPETS":
         raise bad_request(f"{at}.type must be CODE_SNIPPETS, got {criterion.type!r}", f"{at}.type")
     snippets = criterion.codeSnippets
@@ -184,7 +188,7 @@ def check_criteria(criteria: list[Criterion] | None, prefix: str) -> list[dict[s
         "entryFile": entry_file,
         "entryFunc": entry_func,
     }
-    return [stored]
+    return stored
 
 
 def check_fields(request: Request, account: str, fields: EvaluatorFields, prefix: str) -> dict[str, Any]:  # fmt: skip
@@ -214,13 +218,17 @@ def check_fields(request: Request, account: str, fields: EvaluatorFields, prefix
 
 
 def source_archive(evaluator: dict[str, Any]) -> bytes:
-    """The evaluator's files as a tar.gz (what a Fireworks upload holds)."""
+    """The evaluator's files as a tar.gz (what a Fireworks upload holds; several criteria's in a
+    folder each)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for criterion in evaluator.get("criteria") or []:
+        criteria = evaluator.get("criteria") or []
+        for i, criterion in enumerate(criteria):
+            # several criteria: each one's files in a folder of its name (they may share names)
+            folder = f"{criterion.get('name') or f'criteria[{i}]'}/" if len(criteria) > 1 else ""
             for name, text in criterion["codeSnippets"]["fileContents"].items():
                 data = text.encode("utf-8")
-                info = tarfile.TarInfo(name)
+                info = tarfile.TarInfo(folder + name)
                 info.size, info.mtime = len(data), int(time.time())
                 archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()

@@ -15,15 +15,9 @@ from typing import Any
 
 from girandole.batch.store import BatchStore, now_text
 from girandole.evaluators.build import ACTIVE, BUILD_FAILED, BUILDING, BuildResult, build
-from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, EvaluatorRunner, Score
-from girandole.evaluators.store import (
-    COMPLETED,
-    CREATING,
-    FAILED,
-    RUNNING,
-    JobStore,
-    code_of,
-)  # fmt: skip
+from girandole.evaluators.criteria import CriteriaRunner, criteria_of
+from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, Score
+from girandole.evaluators.store import COMPLETED, CREATING, FAILED, RUNNING, JobStore
 from girandole.registry.naming import own_resource_id
 
 log = logging.getLogger(__name__)
@@ -35,7 +29,10 @@ def result_of(score: Score) -> dict[str, Any]:
     """A row's `evaluation_result` in the output dataset."""
     if score.score is None:
         return {"error": score.error}
-    return {"score": score.score, "reason": score.reason, "metrics": score.metrics}
+    result = {"score": score.score, "reason": score.reason, "metrics": score.metrics}
+    if score.criteria:  # several criteria: each one's score (the score is their mean)
+        result["criteria"] = score.criteria
+    return result
 
 
 class EvaluatorRuntime:
@@ -56,7 +53,7 @@ class EvaluatorRuntime:
         # wait (BUILDING, CREATING)
         self._children = asyncio.Semaphore(max_children)
         self._builds: dict[tuple[str, str], int] = {}  # the latest build of each evaluator
-        self._jobs: dict[tuple[str, str], tuple[asyncio.Task, EvaluatorRunner | None]] = {}
+        self._jobs: dict[tuple[str, str], tuple[asyncio.Task, CriteriaRunner | None]] = {}
 
     # -- files -------------------------------------------------------------------------------
 
@@ -119,7 +116,7 @@ class EvaluatorRuntime:
             return
         try:
             result = await asyncio.to_thread(
-                build, code_of(body), body.get("requirements") or "", self.env_of(account),
+                build, criteria_of(body), body.get("requirements") or "", self.env_of(account),
                 self.limits,
             )  # fmt: skip
         except Exception as exc:  # the evaluator fails to build, not the server
@@ -190,7 +187,7 @@ class EvaluatorRuntime:
 
     @staticmethod
     async def _score_lines(
-        runner: EvaluatorRunner, lines: list[str]
+        runner: CriteriaRunner, lines: list[str]
     ) -> tuple[list[str], list[float], list[str]]:
         """The output lines (each row with its evaluation_result), the scores, and the errors
         (`line N: ...`). A row a time, in a thread: a cancel stops between rows."""
@@ -229,7 +226,7 @@ class EvaluatorRuntime:
         output_id = own_resource_id(body["outputDataset"], account, "datasets")
         data = await asyncio.to_thread(self.datasets.dataset_bytes, account, input_id)
         lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-        runner = self.limits.runner(code_of(evaluator), self.env_of(account))
+        runner = CriteriaRunner(criteria_of(evaluator), self.env_of(account), self.limits)
         task = self._jobs.get((account, job_id), (None, None))[0]
         if task is not None:
             self._jobs[(account, job_id)] = (task, runner)

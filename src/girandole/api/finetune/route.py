@@ -365,8 +365,9 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
         """A reinforcement fine-tuning job's evaluator when it starts (install_evaluators sets
         the store, after this)."""
         from girandole.evaluators.build import ACTIVE
+        from girandole.evaluators.criteria import criteria_of, to_json
         from girandole.evaluators.secrets import secrets_env
-        from girandole.evaluators.store import EVALUATORS, code_of
+        from girandole.evaluators.store import EVALUATORS
 
         if not settings.evaluator_code:  # a job created before a restart with the switch
             raise ValueError("this server runs no evaluator code (--no-evaluator-code)")
@@ -377,9 +378,8 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
             raise ValueError(f"evaluator {name} {why}: the job cannot score its rollouts")
         from girandole.api.evaluators import evaluator_limits
 
-        code = code_of(found)
         limits = evaluator_limits(settings).to_json()  # the worker's child, as the server's
-        return {"files": code.files, "entryFile": code.entry_file, "entryFunc": code.entry_func, "env": secrets_env(state, account), "limits": limits}  # fmt: skip
+        return {"criteria": to_json(criteria_of(found)), "env": secrets_env(state, account), "limits": limits}  # fmt: skip
 
     runner = JobRunner(
         list(stores.values()), app.state.deployments.catalog, app.state.model_files,
