@@ -232,7 +232,13 @@ def test_existing_output_409_an_evaluator_not_active_400_404_and_403(srv: Evalua
     assert r.status_code == 403
 
 
+HANGS = "import time\n\ntime.sleep(600)  # at import: its build never ends by itself\n"
+
+
 def test_a_server_stopped_mid_job_kills_its_child_and_fails_the_job_at_start(tmp_path) -> None:
+    """The children of a running job and of a build that hangs (loading its code) are killed as
+    the server stops, not left to their timeouts; the job FAILS at the next start, the build
+    runs again (and is killed again)."""
     with evaluator_server(tmp_path) as srv:
         srv.evaluator("exact")
         srv.dataset("slow", (json.dumps(row("slow", "x")) + "\n").encode())
@@ -241,12 +247,21 @@ def test_a_server_stopped_mid_job_kills_its_child_and_fails_the_job_at_start(tmp
         assert r.status_code == 200, r.text
         srv.wait(f"{JOBS}/cut", ("JOB_STATE_RUNNING",))
         wait_for(lambda: len(evaluator_children()) == 1)
+        hang = {"evaluatorId": "hangs", "evaluator": {"criteria": criteria({"main.py": HANGS})}}
+        assert srv.http("POST", f"/v1/accounts/{ACCOUNT}/evaluatorsV2", json=hang).status_code == 200  # fmt: skip
+        wait_for(lambda: len(evaluator_children()) == 2)  # the job's, and the build's
+        stopping = time.monotonic()
     assert evaluator_children() == []  # killed as the server stopped, not left to its timeout
+    # the build's child at once, not at its load timeout (30 s, which the stop waited for)
+    assert time.monotonic() - stopping < 10
     with evaluator_server(tmp_path) as srv:
         job = srv.http("GET", f"{JOBS}/cut").json()
         assert job["state"] == "JOB_STATE_FAILED"
         assert job["status"]["message"] == "the server stopped while it ran"
         assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/evaluators/exact").json()["state"] == "ACTIVE"  # fmt: skip
+        assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/evaluators/hangs").json()["state"] == "BUILDING"  # fmt: skip
+        wait_for(lambda: len(evaluator_children()) == 1)  # its build, again
+    assert evaluator_children() == []
 
 
 ENV_CODE = """

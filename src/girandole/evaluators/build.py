@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from girandole.evaluators.criteria import Criterion
-from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError
+from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, RunnerSet
 
 ACTIVE, BUILDING, BUILD_FAILED = "ACTIVE", "BUILDING", "BUILD_FAILED"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -56,9 +56,11 @@ def build(
     requirements: str,
     env: dict[str, str],
     limits: ChildLimits | None = None,
+    live: RunnerSet | None = None,
 ) -> BuildResult:
     """Check the requirements, then load each criterion's entry function in a child (started and
-    closed, one after another) under the server's `limits`."""
+    closed, one after another) under the server's `limits`. `live`: the server's, which closes
+    the runner (kills a child still loading) when it stops."""
     names = requirement_names(requirements)
     log = [f"requirements: {', '.join(names) or 'none'}"]
     missing = [n for n in names if not is_installed(n)]
@@ -76,10 +78,15 @@ def build(
         try:
             with (limits or ChildLimits()).runner(code, env) as runner:
                 try:
+                    if live is not None:
+                        live.add(runner)
                     runner.start()
                 except EvaluatorLoadError as exc:
                     message = f"{which}loading {code.entry_file} failed: {exc}"
                     return BuildResult(BUILD_FAILED, message, "\n".join([*log, runner.log(), message]))  # fmt: skip
+                finally:
+                    if live is not None:
+                        live.discard(runner)
                 log.append(runner.log())
         except (
             ValueError,

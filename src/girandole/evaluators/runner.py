@@ -194,6 +194,35 @@ def _close_all() -> None:
         runner.close()
 
 
+class RunnerSet:
+    """The runners at work for one owner (a server's builds), closed together when it stops; a
+    runner added after that is closed at once (EvaluatorLoadError)."""
+
+    def __init__(self) -> None:
+        self._runners: set[EvaluatorRunner] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def add(self, runner: EvaluatorRunner) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._runners.add(runner)
+                return
+        runner.close()
+        raise EvaluatorLoadError("the server is stopping")
+
+    def discard(self, runner: EvaluatorRunner) -> None:
+        with self._lock:
+            self._runners.discard(runner)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._stopped = True
+            runners = list(self._runners)
+        for runner in runners:
+            runner.close()
+
+
 class EvaluatorRunner:
     """Scores rows with an evaluator's code in one child process, restarted after a timeout or a
     crash. Thread-safe: calls to score() run one at a time."""
@@ -216,6 +245,7 @@ class EvaluatorRunner:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(source, encoding="utf-8")
         self._child: _Child | None = None
+        self._starting: _Child | None = None  # a child loading the code: close() kills it too
         self._load_error = ""
         self._lock = threading.Lock()
         self._closed = False
@@ -242,13 +272,20 @@ class EvaluatorRunner:
     def _ensure_child(self) -> _Child | None:
         if self._child is not None or self._load_error:
             return self._child
-        child = _Child(self.code, self.env, self._root, self.memory_mb, self.timeout_s_per_row)
+        if self._closed:
+            self._load_error = "the evaluator runner was closed"
+            return None
+        child = self._starting = _Child(self.code, self.env, self._root, self.memory_mb, self.timeout_s_per_row)  # fmt: skip
         try:
+            if self._closed:  # close() came as it started: it may not have seen the child
+                raise EOFError
             ready = child.receive(max(_MIN_START_TIMEOUT_S, self.timeout_s_per_row))
         except EOFError:
-            self._load_error = child.exit_text()
+            self._load_error = "the evaluator runner was closed" if self._closed else child.exit_text()  # fmt: skip
             child.kill()
             return None
+        finally:
+            self._starting = None
         if ready is None or not ready.get("ready"):
             child.kill()
             self._load_error = (
@@ -295,12 +332,12 @@ class EvaluatorRunner:
         """Kill the child (a score() in flight ends at once: its rows left fail) and remove the
         files. Safe from another thread, and more than once."""
         self._closed = True
-        child = self._child
-        if child is not None and child.process.poll() is None:
-            try:  # not behind the lock: a row may hold it for its whole timeout
-                os.killpg(child.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for child in (self._child, self._starting):
+            if child is not None and child.process.poll() is None:
+                try:  # not behind the lock: a row, or a load, may hold it for its whole timeout
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         with self._lock:
             self._drop_child()
             shutil.rmtree(self._root, ignore_errors=True)

@@ -16,7 +16,7 @@ from typing import Any
 from girandole.batch.store import BatchStore, now_text
 from girandole.evaluators.build import ACTIVE, BUILD_FAILED, BUILDING, BuildResult, build
 from girandole.evaluators.criteria import CriteriaRunner, criteria_of
-from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, Score
+from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, RunnerSet, Score
 from girandole.evaluators.store import COMPLETED, CREATING, FAILED, RUNNING, JobStore
 from girandole.registry.naming import own_resource_id
 
@@ -53,6 +53,8 @@ class EvaluatorRuntime:
         # wait (BUILDING, CREATING)
         self._children = asyncio.Semaphore(max_children)
         self._builds: dict[tuple[str, str], int] = {}  # the latest build of each evaluator
+        # the builds' runners: a build's thread outlives its cancelled task, its child must not
+        self._build_runners = RunnerSet()
         self._jobs: dict[tuple[str, str], tuple[asyncio.Task, CriteriaRunner | None]] = {}
 
     # -- files -------------------------------------------------------------------------------
@@ -92,6 +94,7 @@ class EvaluatorRuntime:
         for _, runner in list(self._jobs.values()):
             if runner is not None:
                 runner.close()  # a row in flight ends now
+        self._build_runners.close_all()  # a build loading its code (a hang at import) ends now
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -117,7 +120,7 @@ class EvaluatorRuntime:
         try:
             result = await asyncio.to_thread(
                 build, criteria_of(body), body.get("requirements") or "", self.env_of(account),
-                self.limits,
+                self.limits, self._build_runners,
             )  # fmt: skip
         except Exception as exc:  # the evaluator fails to build, not the server
             log.exception("building evaluator %s failed", body["name"])
