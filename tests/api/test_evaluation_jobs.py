@@ -327,3 +327,39 @@ def test_the_evaluator_limits_are_the_servers_settings(tmp_path) -> None:
         ]
         big = results("big-out")
         assert [r.get("error", "")[:11] for r in big] == ["MemoryError"] * 2, big
+        assert_one_child_at_a_time(srv, tmp_path / "stamps.txt")
+
+
+# each row's scoring, as the child saw it: its pid, when it began and ended (appended to a file)
+STAMPS = """
+import os, time
+
+
+def evaluate(messages, **kwargs):
+    began = time.time()
+    time.sleep(0.05)
+    with open({path!r}, "a") as out:
+        out.write(f"{{os.getpid()}} {{began}} {{time.time()}}\\n")
+    return 1
+"""
+
+
+def assert_one_child_at_a_time(srv: EvaluatorServer, stamps: Path) -> None:
+    """--max-evaluator-processes 1: two evaluation jobs created together score their rows in
+    two children (one each), never both at once (the rows' times, as the code wrote them)."""
+    code = criteria({"main.py": STAMPS.format(path=str(stamps))})
+    assert srv.evaluator("stamps", criteria=code)["state"] == "ACTIVE"
+    srv.dataset("three", "".join(json.dumps(row("Paris", "Paris")) + "\n" for _ in range(3)).encode())  # fmt: skip
+    for job_id in ("one", "two"):
+        body = job_body(f"{job_id}-out", evaluator=f"accounts/{ACCOUNT}/evaluators/stamps",
+                        inputDataset=f"accounts/{ACCOUNT}/datasets/three")  # fmt: skip
+        r = srv.http("POST", JOBS, json={"evaluationJobId": job_id, "evaluationJob": body})
+        assert r.status_code == 200, r.text
+    for job_id in ("one", "two"):
+        done = srv.wait(f"{JOBS}/{job_id}", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"), 20)
+        assert done["metrics"]["scoredRows"] == 3, done
+    rows = sorted(tuple(map(float, line.split())) for line in stamps.read_text().splitlines())
+    assert len(rows) == 6 and len({pid for pid, _, _ in rows}) == 2, rows
+    by_start = sorted(rows, key=lambda r: r[1])
+    for before, after in zip(by_start, by_start[1:]):
+        assert after[1] >= before[2], (before, after)  # began after the one before it ended
