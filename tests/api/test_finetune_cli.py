@@ -93,11 +93,13 @@ def test_rftj_create_wait(srv, girandole, tmp_path):
     assert srv.evaluator("cli-share", SHARE)["state"] == "ACTIVE"
     data = tmp_path / "prompts.jsonl"
     data.write_bytes(prompts(["hello", "what is up"]))
+    held = tmp_path / "held.jsonl"
+    held.write_bytes(prompts(["count"]))
     created = girandole(
         "rftj", "create", "--dataset", str(data), "--base-model", TINY, "--evaluator",
         "cli-share", "--method", "DAPO", "--kl-beta", "0.05", "--max-output-tokens", "6",
         "--response-candidates-count", "2", "--temperature", "0.9", "--top-k", "40",
-        "--job-id", "cli-rft", "--wait",
+        "--evaluation-dataset", str(held), "--job-id", "cli-rft", "--wait",
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     assert "JOB_STATE_COMPLETED" in created.stdout, created.stdout
@@ -105,6 +107,8 @@ def test_rftj_create_wait(srv, girandole, tmp_path):
     assert "100%  epoch 1  loss" in created.stderr and "  reward " in created.stderr
     assert f"accounts/{ACCOUNT}/evaluators/cli-share" in created.stdout
     job = json.loads(girandole("rftj", "get", "cli-rft", "--json").stdout)
+    assert job["evaluationDataset"] == f"accounts/{ACCOUNT}/datasets/cli-rft-eval"
+    assert 0 <= job["jobProgress"]["evalReward"] <= 1, job["jobProgress"]
     assert job["inferenceParameters"] == {
         "maxOutputTokens": 6, "temperature": 0.9, "topP": 1.0, "topK": 40,
         "responseCandidatesCount": 2,

@@ -137,6 +137,9 @@ def _body(args: argparse.Namespace, plane: ControlPlane, job_id: str) -> dict[st
         loss["method"] = args.method
     if _kind(args) is RFT:
         body["evaluator"] = args.evaluator
+        if args.evaluation_dataset:
+            eval_id = f"{job_id[:57]}-eval"
+            body["evaluationDataset"] = _dataset(args, plane, args.evaluation_dataset, eval_id)
         rollouts = {field: getattr(args, flag) for flag, field in ROLLOUT_FLAGS if getattr(args, flag) is not None}  # fmt: skip
         if rollouts:
             body["inferenceParameters"] = rollouts
@@ -216,8 +219,9 @@ def _create_parser(sub: argparse._SubParsersAction, kind: JobKind) -> None:
     p.add_argument("--lora-rank", type=int)
     p.add_argument("--max-context-length", type=int)
     p.add_argument("--batch-size", type=int, help="tokens a step")
-    if kind is SFT:
+    if kind is not DPO:  # held-out rows: SFT's evalLoss, RFT's evalReward
         p.add_argument("--evaluation-dataset", help="a dataset id or name, or a local .jsonl")
+    if kind is SFT:
         p.add_argument("--early-stop", action="store_true", help="stop when the eval loss rises")
     elif kind is DPO:
         p.add_argument("--beta", type=float, help="the loss's beta (default 0.1)")
