@@ -213,8 +213,9 @@ def test_unknown_job_404_and_other_account_403(srv):
 
 def test_cancel_resume_list_and_delete(srv):
     fw = srv.sdk()
-    slow = job_body(epochs=1000)
-    assert srv.http("POST", f"{JOBS}?reinforcementFineTuningJobId=slow", json=slow).status_code == 200  # fmt: skip
+    slow = {**job_body(epochs=1000), "evalAutoCarveout": True}  # kept: "prompts"' last row held out
+    r = srv.http("POST", f"{JOBS}?reinforcementFineTuningJobId=slow", json=slow)
+    assert r.status_code == 200 and r.json()["evalAutoCarveout"] is True, r.text
     r = srv.http("POST", f"{JOBS}?reinforcementFineTuningJobId=slow", json=slow)
     assert r.status_code == 409, r.text
     srv.wait("slow", ("JOB_STATE_RUNNING",))

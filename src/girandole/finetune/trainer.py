@@ -208,7 +208,7 @@ def train(
 ) -> TrainResult:
     """Train the adapter and write it to `config.output_dir`; `report` gets progress dicts
     (epoch, step, totalSteps, percent, loss, evalLoss; a DPO job's reward accuracy and
-    margin; a GRPO job's mean reward). `reward`: a GRPO or DAPO job's (grpo.Reward)."""
+    margin; a GRPO job's mean reward, and evalReward with held-out prompts). `reward`: a GRPO or DAPO job's (grpo.Reward)."""
     from girandole.model.default import resolve_model_path
     from girandole.model.loader import load_model
     from girandole.tokenizer.chat_template import chat_template_for
