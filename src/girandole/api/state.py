@@ -22,6 +22,15 @@ logger = logging.getLogger("girandole.api")
 Status = Literal["loading", "ready", "failed"]
 
 
+def mark_embedding_model(served: ServedModel, engine: EngineClient) -> None:
+    """/v1/models shows a model trained to embed or score as Fireworks' EMBEDDING_MODEL kind,
+    and an embedding-only one (an encoder) without chat."""
+    embedding = engine.model_config.embedding
+    if embedding is not None:
+        served.kind = "EMBEDDING_MODEL"
+        served.supports_chat = served.supports_chat and embedding.generates
+
+
 class AppState:
     def __init__(self, settings: ServerSettings, engine: EngineClient | None = None) -> None:
         for what, value in (
@@ -76,6 +85,7 @@ class AppState:
             or chat_template_for(engine.tokenizer, self.chat_template)
         )
         self.served.supports_image_input = engine.model_config.vision is not None
+        mark_embedding_model(self.served, engine)
         self.served.created = int(time.time())
         with self._lock:
             stopped = self._stopped

@@ -83,12 +83,19 @@ class ReplicaSpec:
         )
 
     def start_engine(self) -> Any:
-        """A replica's AsyncEngine, loaded (blocking: minutes for a large model)."""
+        """A replica's engine, loaded (blocking: minutes for a large model): an AsyncEngine,
+        or for an encoder (BERT, XLM-RoBERTa: embeddings and cross-encoder rerank) an
+        EncoderEngine (engine/encoder.py)."""
         from girandole.engine.async_engine import AsyncEngine
+        from girandole.engine.encoder import EncoderEngine, is_encoder_model
+        from girandole.model.default import resolve_model_path
 
-        return AsyncEngine(
-            self.engine_config(), grammar_compile_timeout=self.options.grammar_compile_timeout
-        )
+        config = self.engine_config()
+        path = resolve_model_path(self.model)
+        if is_encoder_model(path):
+            return EncoderEngine(path, threads=self.options.threads)
+        config.model = str(path)  # a repo id fetched once, here
+        return AsyncEngine(config, grammar_compile_timeout=self.options.grammar_compile_timeout)
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch
 if TYPE_CHECKING:
     from girandole.engine.sequence import Sequence
 
-PoolingMethod = Literal["mean", "last"]
+# "cls" (the first position) is an encoder's (engine/encoder.py): the decoder engine refuses it
+PoolingMethod = Literal["mean", "last", "cls"]
 
 
 @dataclass(frozen=True)

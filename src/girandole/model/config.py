@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from girandole.model.gemma3_vision import VisionConfig
     from girandole.model.spec import ArchSpec
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """A model trained to embed or to score text (engine/encoder.py, model/pooling_config.py):
+    how its inputs are framed and its vectors pooled. Plain data: it travels to Ray replicas."""
+
+    # "embed": a vector per input (BertModel, Qwen3-Embedding); "cross-encoder": a relevance
+    # logit per (query, document) pair (BertForSequenceClassification)
+    task: Literal["embed", "cross-encoder"]
+    pooling: Literal["cls", "mean", "last"]
+    normalize: bool  # sentence-transformers' Normalize module: unit vectors by default
+    # the tokenizer's special tokens around one text ([CLS] ... [SEP]; Qwen3-Embedding's
+    # trailing <|endoftext|>, whose state is its embedding), as its post-processor adds them
+    prefix_ids: tuple[int, ...] = ()
+    suffix_ids: tuple[int, ...] = ()
+    generates: bool = True  # False: an encoder, embedding-only (completions and chat: 400)
 
 
 @dataclass
@@ -33,6 +50,9 @@ class ModelConfig:
     # (the shape of a token's routing matrix); 0 for dense models.
     num_moe_layers: int = 0
     moe_top_k: int = 0
+    # A model served for embeddings or rerank scores; None: a plain LLM (mean pooling, rerank
+    # by query likelihood)
+    embedding: EmbeddingModel | None = None
 
     @classmethod
     def from_spec(

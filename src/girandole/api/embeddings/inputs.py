@@ -3,6 +3,10 @@
 - A string is tokenized with the model's tokenizer (BOS as the model's metadata says), as a
   /completions prompt is.
 - A token-id list is used verbatim.
+- A model trained to embed (model_config.embedding: an encoder, Qwen3-Embedding) reads each
+  input between its tokenizer's special tokens (`[CLS] ... [SEP]`; `... <|endoftext|>`), text
+  and token ids alike, unless the ids already start (end) with them
+  (girandole.tokenizer.framing).
 - An object fills `prompt_template`'s `{field}` slots with its fields (`{{` and `}}` stand for
   braces); the text is then tokenized as a string. Anything else in braces is a 400. A
   string field goes in as it is; any other value as its JSON (`true`, `null`, `[1, 2]`, not
@@ -62,11 +66,28 @@ async def input_token_ids(
         ids = await tokenize_prompts(engine.tokenizer, inputs, engine.model_config.vocab_size)
     except APIError as exc:  # the completions wording names `prompt`: say `input`
         raise bad_request(exc.message.replace("prompt", "input"), "input") from None
+    embedding = engine.model_config.embedding
+    if embedding is not None:
+        ids = [frame(seq, embedding.prefix_ids, embedding.suffix_ids) for seq in ids]
     limit = engine.max_model_len
+    encoder = embedding is not None and not embedding.generates
     for i, seq in enumerate(ids):
-        if len(seq) >= limit:
+        if encoder and len(seq) > limit:  # an encoder reads up to its positions, no more
+            raise bad_request(
+                f"input[{i}] is too long: {len(seq)} tokens with the model's special tokens,"
+                f" this model reads at most {limit} (max_position_embeddings)",
+                "input",
+            )
+        if not encoder and len(seq) >= limit:
             raise bad_request(
                 f"input[{i}] is too long: {len(seq)} tokens, model maximum context length: {limit}",
                 "input",
             )
     return ids
+
+
+def frame(ids: list[int], prefix: tuple[int, ...], suffix: tuple[int, ...]) -> list[int]:
+    """`ids` between the model's special tokens, each side unless already there."""
+    head = [] if prefix and tuple(ids[: len(prefix)]) == prefix else list(prefix)
+    tail = [] if suffix and tuple(ids[-len(suffix) :]) == suffix else list(suffix)
+    return [*head, *ids, *tail]

@@ -1,9 +1,11 @@
 """POST /v1/embeddings (also under /inference/v1): OpenAI's response shape with `usage`.
 
 Each input is one prefill-only engine request, batched in the engine's steps with generation
-rows; its vector is the mean of the prompt's final hidden states after the model's final norm
-(girandole.engine.pooling says why). `normalize: true` scales it to unit L2 norm (Fireworks'
-default is false: the raw mean). `dimensions: d` keeps the first d values and renormalises them
+rows; on a plain LLM its vector is the mean of the prompt's final hidden states after the model's
+final norm (girandole.engine.pooling says why). A model trained to embed pools as its
+sentence-transformers config says (CLS, mean or last token; an encoder runs on its own engine,
+girandole.engine.encoder). `normalize: true` scales it to unit L2 norm (Fireworks' default is
+false: the raw mean; a model with a Normalize module: true). `dimensions: d` keeps the first d values and renormalises them
 (Matryoshka truncation). `encoding_format: "base64"` sends each vector as the base64 of its
 little-endian float32 bytes, as OpenAI's SDK decodes it.
 """
@@ -24,7 +26,7 @@ from girandole.engine.outputs import RequestOutput
 from girandole.engine.pooling import PoolingParams
 from girandole.engine.protocol import EngineClient
 
-POOLING = PoolingParams("mean")
+POOLING = PoolingParams("mean")  # a plain LLM's (girandole.engine.pooling says why)
 
 
 def l2_normalize(vector: list[float]) -> list[float]:
@@ -51,23 +53,36 @@ class Embeddings(PrefillEndpoint):
         return {"input": x if template is None else [template, x]}
 
     async def requests(self, engine: EngineClient, req: EmbeddingRequest) -> list[Prefill]:
+        embedding = engine.model_config.embedding
+        if embedding is not None and embedding.task == "cross-encoder":
+            raise bad_request(
+                f"{req.model} is a reranker (a cross-encoder): it scores query-document pairs"
+                " at /v1/rerank, it gives no embeddings",
+                "model",
+            )
         hidden_size = engine.model_config.hidden_size
         if req.dimensions is not None and req.dimensions > hidden_size:
             raise bad_request(
                 f"dimensions is {req.dimensions}, above this model's {hidden_size}", "dimensions"
             )
         ids = await input_token_ids(engine, req.inputs(), req.prompt_template)
-        return [Prefill(seq, {"pooling": POOLING}) for seq in ids]
+        # a model trained to embed pools as its sentence-transformers config says
+        pooling = POOLING if embedding is None else PoolingParams(embedding.pooling)
+        return [Prefill(seq, {"pooling": pooling}) for seq in ids]
 
     def respond(
         self, engine: EngineClient, req: EmbeddingRequest, outputs: list[RequestOutput]
     ) -> dict[str, Any]:
         data = []
+        normalize = req.normalize
+        if normalize is None:  # the model's own Normalize module, else Fireworks' false
+            embedding = engine.model_config.embedding
+            normalize = embedding is not None and embedding.normalize
         for i, out in enumerate(outputs):
             vector = out.embedding or []
             if req.dimensions is not None:
                 vector = l2_normalize(vector[: req.dimensions])
-            elif req.normalize:
+            elif normalize:
                 vector = l2_normalize(vector)
             data.append(
                 {

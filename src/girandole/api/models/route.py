@@ -19,6 +19,7 @@ from girandole.api.models.anthropic import (
     wants_anthropic,
 )
 from girandole.api.serving.target import reachable_deployment
+from girandole.api.state import mark_embedding_model
 from girandole.deploy.manager import DeploymentManager
 from girandole.registry.deployments import DeploymentRecord
 from girandole.registry.models import ServedModel
@@ -60,6 +61,7 @@ def _deployed_model(manager: DeploymentManager, record: DeploymentRecord) -> Ser
         served.context_length = int(engine.max_model_len or engine.model_config.max_position)
         served.supports_chat = bool(chat_template_for(engine.tokenizer))
         served.supports_image_input = engine.model_config.vision is not None
+        mark_embedding_model(served, engine)
     return served
 
 

@@ -1,7 +1,9 @@
 """POST /v1/rerank (also under /inference/v1): Fireworks' rerank; POST /v2/rerank: Cohere's.
 
 Each document is one prefill-only engine request scored by query likelihood
-(girandole.api.rerank.scoring), batched in the engine's steps with everything else.
+(girandole.api.rerank.scoring), batched in the engine's steps with everything else; on a
+reranker (a cross-encoder: girandole.api.rerank.cross_encoder), each (query, document) pair is
+one input of the encoder, scored by sigmoid(logit).
 
 Fireworks' response: `{"object": "list", "model", "data": [{"index", "relevance_score",
 "document"}], "usage"}`, `data` sorted by `relevance_score`, highest first, cut to `top_n`;
@@ -16,6 +18,7 @@ from typing import Any
 
 from girandole.api.http.errors import bad_request
 from girandole.api.ops.server_ops import min_tokens
+from girandole.api.rerank.cross_encoder import cross_encoder_requests, pair_relevance
 from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
 from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
@@ -36,6 +39,16 @@ class Rerank(PrefillEndpoint):
         return {"query": data.get("query"), "documents": docs}
 
     async def requests(self, engine: EngineClient, req: Any) -> list[Prefill]:
+        embedding = engine.model_config.embedding
+        if embedding is not None and embedding.task == "cross-encoder":
+            return await cross_encoder_requests(engine, req)
+        if embedding is not None:
+            name = req.model or "The server's model"
+            raise bad_request(
+                f"{name} is an embedding model: rerank needs a reranker (a cross-encoder) or an"
+                " LLM",
+                "model",
+            )
         tok = engine.tokenizer
         task, cap = getattr(req, "task", None), getattr(req, "max_tokens_per_doc", None)
 
@@ -72,10 +85,15 @@ class Rerank(PrefillEndpoint):
         self, engine: EngineClient, req: Any, outputs: list[RequestOutput]
     ) -> list[tuple[int, float]]:
         """(document index, relevance score), best first, cut to top_n."""
-        num_query = len(query_tokens(engine.tokenizer, req.query))
-        scores = [
-            (i, relevance(out.prompt_logprobs or [], num_query)) for i, out in enumerate(outputs)
-        ]
+        embedding = engine.model_config.embedding
+        if embedding is not None and embedding.task == "cross-encoder":
+            scores = [(i, pair_relevance(out.embedding or [0.0])) for i, out in enumerate(outputs)]
+        else:
+            num_query = len(query_tokens(engine.tokenizer, req.query))
+            scores = [
+                (i, relevance(out.prompt_logprobs or [], num_query))
+                for i, out in enumerate(outputs)
+            ]
         scores.sort(key=lambda s: -s[1])
         return scores[: req.top_n] if req.top_n is not None else scores
 

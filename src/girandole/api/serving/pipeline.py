@@ -26,7 +26,7 @@ from fastapi.responses import Response
 
 from girandole.api.http.auth import require_api_key
 from girandole.api.http.disconnect import with_cancellation
-from girandole.api.http.errors import APIError
+from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.finite_json import render_in_pieces
 from girandole.api.http.inprocess import inprocess_request
 from girandole.api.http.json_body import parse_json_body
@@ -181,6 +181,19 @@ async def receive(
     return Received(state, request_id, received, target, req, engine)
 
 
+def check_generates(got: Received) -> None:
+    """An embedding-only model (an encoder: engine/encoder.py) generates nothing: a 400 naming
+    it and what it serves, before any prompt is built."""
+    embedding = got.engine.model_config.embedding
+    if embedding is not None and not embedding.generates:
+        name = getattr(got.req, "model", None) or got.state.served.name
+        serves = "/v1/rerank" if embedding.task == "cross-encoder" else "/v1/embeddings"
+        raise bad_request(
+            f"Model {name} is embedding-only (an encoder): it serves {serves}, not text generation",
+            "model",
+        )
+
+
 async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -> Response:
     """The whole of an inference route. `tier`: the scheduling tier the server gives the
     request (batch-job lines: girandole.engine.scheduler.BATCH_TIER); None: its service_tier."""
@@ -194,6 +207,7 @@ async def serve(request: Request, endpoint: Endpoint, tier: int | None = None) -
         return req
 
     got = await receive(request, endpoint.id_prefix, parse)
+    check_generates(got)
     background = endpoint.background(got.req)
     rounds = Rounds(detached(request) if background else request, endpoint, got, tier)
     shape, job = await rounds.prepare(got.req)
