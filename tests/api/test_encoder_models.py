@@ -35,6 +35,7 @@ ACCOUNT = "fireworks"
 OWN = f"accounts/{ACCOUNT}/models/tiny-bert"
 XLMR = f"accounts/{ACCOUNT}/models/tiny-xlmr"
 RERANKER = f"accounts/{ACCOUNT}/models/tiny-reranker"
+QWEN3_EMBEDDING = f"accounts/{ACCOUNT}/models/tiny-qwen3-embedding"
 MAX_POSITIONS = 48
 TEXTS = ["the quick brown fox", "a small engine served many requests", "def main return 42"]
 QUERY = "which engine served requests"
@@ -107,18 +108,40 @@ def write_bert(folder: Path, kind: str) -> Path:
             model.classifier.weight.mul_(4.0)
     model.save_pretrained(folder, safe_serialization=True)
     if kind == "bert":
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ]  # fmt: skip
-        (folder / "modules.json").write_text(json.dumps(modules))
-        (folder / "1_Pooling").mkdir()
-        (folder / "1_Pooling" / "config.json").write_text(
-            json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True,
-                        "pooling_mode_mean_tokens": False})
-        )  # fmt: skip
+        write_sentence_transformers(folder, "pooling_mode_cls_token")
     return folder
+
+
+def write_qwen3_embedding(folder: Path) -> Path:
+    """The tiny Qwen3 as Qwen3-Embedding ships: its tokenizer appends <|endoftext|>, and its
+    sentence-transformers files say last-token pooling and Normalize."""
+    from tokenizers import Tokenizer, processors
+
+    _root_conftest().write_tiny_qwen3(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    end = ("<|endoftext|>", tok.token_to_id("<|endoftext|>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>",
+        pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[end],
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    write_sentence_transformers(folder, "pooling_mode_lasttoken")
+    return folder
+
+
+def write_sentence_transformers(folder: Path, mode: str) -> None:
+    """modules.json (Transformer, Pooling by `mode`, Normalize) and 1_Pooling/config.json."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]  # fmt: skip
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, mode: True})
+    )
 
 
 def reference(folder: Path, kind: str, texts: list, pooling: str = "mean", normalize=False):
@@ -164,10 +187,13 @@ class Served:
         catalog = ModelCatalog(db, [])
         catalog.add(XLMR, str(self.dirs["xlmr"]))
         catalog.add(RERANKER, str(self.dirs["reranker"]))
+        self.dirs["qwen3"] = write_qwen3_embedding(tmp / "qwen3-embedding")
+        catalog.add(QWEN3_EMBEDDING, str(self.dirs["qwen3"]))
         db.close()
         self.server = api_conftest().start_server(
             tmp, "--model", str(self.dirs["bert"]), "--model-id", "tiny-bert",
-            "--data-dir", str(data), "--api-key", API_KEY, api_key=API_KEY,
+            "--data-dir", str(data), "--api-key", API_KEY, "--kv-cache-gb", "0.02",
+            api_key=API_KEY,
         )  # fmt: skip
         self.client = openai.OpenAI(
             api_key=API_KEY, base_url=self.server.url + "/inference/v1", max_retries=0
@@ -200,6 +226,7 @@ def served(tmp_path_factory):
     try:
         s.deploy("xlmr", XLMR)
         s.deploy("reranker", RERANKER)
+        s.deploy("qwen3-embedding", QWEN3_EMBEDDING)
         yield s
     finally:
         api_conftest().stop_server(s.server)
@@ -319,3 +346,30 @@ def test_longest_input_fits(served):
     assert r.status_code == 200, r.text
     r = served.post("/v1/embeddings", {"model": OWN, "input": [*ids, word]})
     assert r.status_code == 400, r.text
+
+
+def test_qwen3_embedding_last_token_pooled_on_the_decoder_engine(served):
+    """Qwen3-Embedding runs on the decoder engine (int8 linears and bf16 activations on CPU: a
+    cosine tolerance), pooled at its appended <|endoftext|> and normalised, as its
+    sentence-transformers config says; it still generates."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen3Model
+
+    folder = served.dirs["qwen3"]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = Qwen3Model.from_pretrained(folder).eval()
+    got = served.client.embeddings.create(
+        model=QWEN3_EMBEDDING, input=TEXTS, encoding_format="float"
+    )
+    for text, item in zip(TEXTS, got.data):
+        with torch.no_grad():
+            states = model(input_ids=torch.tensor([tok.encode(text).ids])).last_hidden_state[0]
+        want = torch.nn.functional.normalize(states[-1], dim=0)
+        mean = torch.nn.functional.normalize(states.mean(0), dim=0)
+        vector = torch.tensor(item.embedding)
+        assert abs(vector.norm().item() - 1) < 1e-5
+        assert torch.dot(vector, want).item() > 0.999, torch.dot(vector, want)
+        assert torch.dot(vector, mean).item() < 0.99  # not the plain LLM's mean
+    assert got.usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in TEXTS)
+    done = served.client.completions.create(model=QWEN3_EMBEDDING, prompt="the", max_tokens=2)
+    assert done.usage.completion_tokens == 2

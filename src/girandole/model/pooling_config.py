@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from girandole.model.config import EmbeddingModel
 
 EncoderPooling = Literal["cls", "mean", "last"]
 
@@ -97,3 +100,24 @@ def _read_json(path: Path) -> object:
         raise ValueError(f"{path}: missing (modules.json names it)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def decoder_embedding(folder: Path) -> EmbeddingModel | None:
+    """A decoder checkpoint's embedding setup (Qwen3-Embedding: last-token pooling, Normalize,
+    its tokenizer appending <|endoftext|>) from its sentence-transformers files; None for a
+    plain LLM (mean pooling: girandole.engine.pooling)."""
+    from tokenizers import Tokenizer
+
+    from girandole.model.config import EmbeddingModel
+    from girandole.tokenizer.framing import single_frame
+
+    pooling = read_pooling_config(folder)
+    if pooling is None:
+        return None
+    if pooling.method == "cls":  # a decoder's first position has seen only itself
+        raise ValueError(f"{folder / 'modules.json'}: CLS pooling needs an encoder model")
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    if (folder / "tokenizer.json").is_file():
+        prefix, suffix = single_frame(Tokenizer.from_file(str(folder / "tokenizer.json")))
+    return EmbeddingModel("embed", pooling.method, pooling.normalize, prefix, suffix)

@@ -13,6 +13,7 @@ import torch
 
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, SLIDING_WINDOW_PATTERN
+from girandole.model.pooling_config import decoder_embedding
 from girandole.model.spec import (
     REQUIRED,
     ArchSpec,
@@ -370,6 +371,7 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
         generation_config=generation_config,
         chat_template=chat_template,
     )
+    config.embedding = decoder_embedding(folder)  # Qwen3-Embedding's sentence-transformers files
     if arch == "gemma3":
         from girandole.model.gemma3_vision import read_vision_config
 
