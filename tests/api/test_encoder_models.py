@@ -36,6 +36,7 @@ OWN = f"accounts/{ACCOUNT}/models/tiny-bert"
 XLMR = f"accounts/{ACCOUNT}/models/tiny-xlmr"
 RERANKER = f"accounts/{ACCOUNT}/models/tiny-reranker"
 QWEN3_EMBEDDING = f"accounts/{ACCOUNT}/models/tiny-qwen3-embedding"
+QWEN3_RERANKER = f"accounts/{ACCOUNT}/models/tiny-qwen3-reranker"
 MAX_POSITIONS = 48
 TEXTS = ["the quick brown fox", "a small engine served many requests", "def main return 42"]
 QUERY = "which engine served requests"
@@ -130,6 +131,27 @@ def write_qwen3_embedding(folder: Path) -> Path:
     return folder
 
 
+def write_qwen3_reranker(folder: Path) -> Path:
+    """The tiny Qwen3 in a folder named as Qwen3-Reranker's repo, with "yes" and "no" single
+    tokens (as in Qwen's vocabulary) whose LM-head rows are drawn anew."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import Qwen3ForCausalLM
+
+    _root_conftest().write_tiny_qwen3(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken("yes", special=False), AddedToken("no", special=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    model = Qwen3ForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(tok.get_vocab_size())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for word in ("yes", "no"):
+            model.lm_head.weight[tok.token_to_id(word)].normal_(0.0, 1.0)
+            model.model.embed_tokens.weight[tok.token_to_id(word)].normal_(0.0, 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def write_sentence_transformers(folder: Path, mode: str) -> None:
     """modules.json (Transformer, Pooling by `mode`, Normalize) and 1_Pooling/config.json."""
     modules = [
@@ -189,6 +211,8 @@ class Served:
         catalog.add(RERANKER, str(self.dirs["reranker"]))
         self.dirs["qwen3"] = write_qwen3_embedding(tmp / "qwen3-embedding")
         catalog.add(QWEN3_EMBEDDING, str(self.dirs["qwen3"]))
+        self.dirs["qwen3-reranker"] = write_qwen3_reranker(tmp / "Qwen3-Reranker-tiny")
+        catalog.add(QWEN3_RERANKER, str(self.dirs["qwen3-reranker"]))
         db.close()
         self.server = api_conftest().start_server(
             tmp, "--model", str(self.dirs["bert"]), "--model-id", "tiny-bert",
@@ -227,6 +251,7 @@ def served(tmp_path_factory):
         s.deploy("xlmr", XLMR)
         s.deploy("reranker", RERANKER)
         s.deploy("qwen3-embedding", QWEN3_EMBEDDING)
+        s.deploy("qwen3-reranker", QWEN3_RERANKER)
         yield s
     finally:
         api_conftest().stop_server(s.server)
@@ -373,3 +398,36 @@ def test_qwen3_embedding_last_token_pooled_on_the_decoder_engine(served):
     assert got.usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in TEXTS)
     done = served.client.completions.create(model=QWEN3_EMBEDDING, prompt="the", max_tokens=2)
     assert done.usage.completion_tokens == 2
+
+
+def test_qwen3_reranker_scores_yes_against_no(served):
+    """Qwen3-Reranker's score is the model card's: softmax over (no, yes) at the last position
+    of its prompt, against transformers on the same tokens (the CPU's int8 path: 0.02)."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen3ForCausalLM
+
+    folder = served.dirs["qwen3-reranker"]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = Qwen3ForCausalLM.from_pretrained(folder).eval()
+    task = "Given a web search query, retrieve relevant passages that answer the query"
+    prefix = (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the"
+        ' Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+        "<|im_end|>\n<|im_start|>user\n"
+    )
+    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    expected = []
+    for doc in DOCS:
+        body = f"<Instruct>: {task}\n<Query>: {QUERY}\n<Document>: {doc}"
+        ids = [tok.encode(x, add_special_tokens=False).ids for x in (prefix, body, suffix)]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sum(ids, [])])).logits[0, -1]
+        pair = logits[[tok.token_to_id("no"), tok.token_to_id("yes")]]
+        expected.append(torch.softmax(pair, 0)[1].item())
+    r = served.post("/v1/rerank", {"model": QWEN3_RERANKER, "query": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert min(abs(a - b) for a in expected for b in expected if a != b) > 0.03, expected
+    assert [d["index"] for d in data] == sorted(range(len(DOCS)), key=lambda i: -expected[i])
+    for d in data:
+        assert abs(d["relevance_score"] - expected[d["index"]]) < 0.02, (d, expected)

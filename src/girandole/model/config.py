@@ -16,8 +16,9 @@ class EmbeddingModel:
     how its inputs are framed and its vectors pooled. Plain data: it travels to Ray replicas."""
 
     # "embed": a vector per input (BertModel, Qwen3-Embedding); "cross-encoder": a relevance
-    # logit per (query, document) pair (BertForSequenceClassification)
-    task: Literal["embed", "cross-encoder"]
+    # logit per (query, document) pair (BertForSequenceClassification); "yes-no": a decoder
+    # answering whether a document meets the query (Qwen3-Reranker: api/rerank/yes_no.py)
+    task: Literal["embed", "cross-encoder", "yes-no"]
     pooling: Literal["cls", "mean", "last"]
     normalize: bool  # sentence-transformers' Normalize module: unit vectors by default
     # the tokenizer's special tokens around one text ([CLS] ... [SEP]; Qwen3-Embedding's

@@ -15,6 +15,7 @@ a vector other than the one the model was trained to give would be silently wron
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -102,15 +103,27 @@ def _read_json(path: Path) -> object:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
-def decoder_embedding(folder: Path) -> EmbeddingModel | None:
-    """A decoder checkpoint's embedding setup (Qwen3-Embedding: last-token pooling, Normalize,
-    its tokenizer appending <|endoftext|>) from its sentence-transformers files; None for a
-    plain LLM (mean pooling: girandole.engine.pooling)."""
+# Qwen3-Reranker ships as a plain Qwen3ForCausalLM: only its name says what it is (vLLM asks
+# for an architecture override instead). The folder's path holds the hub repo's name
+# (models--Qwen--Qwen3-Reranker-0.6B/snapshots/...), or config.json's _name_or_path may.
+_YES_NO_RERANKER = re.compile(r"qwen3[-_]?reranker", re.IGNORECASE)
+
+
+def decoder_embedding(
+    folder: Path, arch: str, name_or_path: object = None
+) -> EmbeddingModel | None:
+    """A decoder checkpoint's embedding or rerank setup: Qwen3-Embedding (last-token pooling,
+    Normalize, its tokenizer appending <|endoftext|>) from its sentence-transformers files;
+    Qwen3-Reranker from its name; None for a plain LLM (mean pooling: girandole.engine.pooling,
+    rerank by query likelihood)."""
     from tokenizers import Tokenizer
 
     from girandole.model.config import EmbeddingModel
     from girandole.tokenizer.framing import single_frame
 
+    names = f"{folder.resolve()} {name_or_path if isinstance(name_or_path, str) else ''}"
+    if arch == "qwen3" and _YES_NO_RERANKER.search(names):
+        return EmbeddingModel("yes-no", "last", False)
     pooling = read_pooling_config(folder)
     if pooling is None:
         return None

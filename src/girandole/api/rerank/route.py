@@ -3,7 +3,8 @@
 Each document is one prefill-only engine request scored by query likelihood
 (girandole.api.rerank.scoring), batched in the engine's steps with everything else; on a
 reranker (a cross-encoder: girandole.api.rerank.cross_encoder), each (query, document) pair is
-one input of the encoder, scored by sigmoid(logit).
+one input of the encoder, scored by sigmoid(logit); on Qwen3-Reranker, P(yes) against P(no)
+(girandole.api.rerank.yes_no).
 
 Fireworks' response: `{"object": "list", "model", "data": [{"index", "relevance_score",
 "document"}], "usage"}`, `data` sorted by `relevance_score`, highest first, cut to `top_n`;
@@ -21,6 +22,7 @@ from girandole.api.ops.server_ops import min_tokens
 from girandole.api.rerank.cross_encoder import cross_encoder_requests, pair_relevance
 from girandole.api.rerank.schema import CohereRerankRequest, RerankRequest
 from girandole.api.rerank.scoring import document_prompt, query_tokens, relevance
+from girandole.api.rerank.yes_no import yes_no_requests, yes_no_scores
 from girandole.api.serving.prefill import Prefill, PrefillEndpoint, prefill_router
 from girandole.api.serving.prompt import off_loop_if_long
 from girandole.engine.outputs import RequestOutput
@@ -42,6 +44,8 @@ class Rerank(PrefillEndpoint):
         embedding = engine.model_config.embedding
         if embedding is not None and embedding.task == "cross-encoder":
             return await cross_encoder_requests(engine, req)
+        if embedding is not None and embedding.task == "yes-no":
+            return await yes_no_requests(engine, req)
         if embedding is not None:
             name = req.model or "The server's model"
             raise bad_request(
@@ -88,6 +92,8 @@ class Rerank(PrefillEndpoint):
         embedding = engine.model_config.embedding
         if embedding is not None and embedding.task == "cross-encoder":
             scores = [(i, pair_relevance(out.embedding or [0.0])) for i, out in enumerate(outputs)]
+        elif embedding is not None and embedding.task == "yes-no":
+            scores = list(enumerate(yes_no_scores(outputs)))
         else:
             num_query = len(query_tokens(engine.tokenizer, req.query))
             scores = [

@@ -371,7 +371,8 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
         generation_config=generation_config,
         chat_template=chat_template,
     )
-    config.embedding = decoder_embedding(folder)  # Qwen3-Embedding's sentence-transformers files
+    # Qwen3-Embedding (its sentence-transformers files), Qwen3-Reranker (its name)
+    config.embedding = decoder_embedding(folder, arch, top.get("_name_or_path"))
     if arch == "gemma3":
         from girandole.model.gemma3_vision import read_vision_config
 
