@@ -64,6 +64,7 @@ def write_wordpiece(folder: Path, specials: list[str], single: str, pair: str) -
     )
     ids = [(s, tok.token_to_id(s)) for s in specials]
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
+    tok.enable_truncation(24)  # as all-MiniLM's tokenizer.json: the server must not cut inputs
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))

@@ -70,10 +70,7 @@ class EncoderEngine:
         self.spec = spec
         pooling = read_pooling_config(path) or DEFAULT_POOLING
         self._tokenizer = load_tokenizer(path)
-        hf = self._tokenizer.hf
-        hf.no_truncation()  # too long is a 400 (the route's check), never a silent cut
-        hf.no_padding()
-        prefix, suffix = single_frame(hf)
+        prefix, suffix = single_frame(self._tokenizer.hf)  # (no truncation: tokenizer/loader.py)
         self.model = load_encoder(path, self.device)
         self.max_batch_tokens = max_batch_tokens
         head_dim = spec.hidden_size // spec.num_heads

@@ -92,6 +92,10 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     if not tok_file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {folder}")
     hf = HFTokenizer.from_file(str(tok_file))
+    # tokenizer.json may carry a truncation (all-MiniLM: 128 tokens) or padding setting: a
+    # prompt too long for the model is the server's 400, never a silent cut
+    hf.no_truncation()
+    hf.no_padding()
     return Tokenizer(hf, hf_folder_meta(folder, hf), name=folder.name)
 
 
