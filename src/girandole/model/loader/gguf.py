@@ -13,6 +13,7 @@ import torch
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, default_sliding_windows
 from girandole.model.loader.gguf_file import open_gguf
+from girandole.model.loader.gguf_moe import expert_tensors, moe_architecture, read_moe_fields
 from girandole.model.spec import (
     REQUIRED,
     SUPPORTED_ARCHITECTURES,
@@ -26,10 +27,8 @@ from girandole.model.spec import (
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
 
 
-# What this loader reads from GGUF (safetensors folders also take the MoE architectures), and
-# llama.cpp's names of MoE architectures, refused with a pointer to the safetensors folder.
+# llama.cpp's names of the dense architectures this loader reads (its MoE ones: gguf_moe.py).
 GGUF_ARCHITECTURES = tuple(a for a in SUPPORTED_ARCHITECTURES if a not in ("qwen3_moe", "mixtral"))
-_GGUF_MOE = ("qwen3moe", "qwen2moe", "mixtral", "deepseek2", "gpt-oss")
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -49,12 +48,15 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class GGUFWeights:
-    """Tensors of a GGUF file under their own (GGUF) names, dequantized on request."""
+    """Tensors of a GGUF file under their own (GGUF) names, dequantized on request; `extra`:
+    more tensors (views of the file) under names of their own (a MoE file's experts)."""
 
-    def __init__(self, reader, spec: ArchSpec) -> None:
+    def __init__(self, reader, spec: ArchSpec, extra: dict | None = None) -> None:
         self.reader = reader
         self.spec = spec
-        self.tensors = {t.name: t for t in reader.tensors}
+        self.tensors = {t.name: t for t in reader.tensors} | (extra or {})
+        # convert_hf_to_gguf permutes Llama's (and so Mixtral's) Q/K rows
+        self.permuted_qk = spec.architecture in ("llama", "mixtral")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -79,7 +81,7 @@ class GGUFWeights:
         out = torch.from_numpy(arr)
         spec = self.spec
         try:
-            if spec.architecture == "llama" and out.dim() >= 1:
+            if self.permuted_qk and out.dim() >= 1:
                 if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
                     out = _unpermute(out, spec.num_heads)
                 elif re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", name):
@@ -110,7 +112,7 @@ class GGUFWeights:
         cols, rows = (int(d) for d in t.shape.tolist())
         q, scale, offset = decode_int_groups(t.data, qtype, rows, cols)
         spec = self.spec
-        if spec.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.weight", name):
+        if self.permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.weight", name):
             heads = spec.num_heads if ".attn_q." in name else spec.num_kv_heads
             q, scale, offset = (_unpermute(x, heads) for x in (q, scale, offset))
         return q, scale, offset
@@ -235,12 +237,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
     arch = _field(reader, "general.architecture")
     if arch is None:
         raise ValueError(f"GGUF file has no general.architecture: {path}")
-    if arch in _GGUF_MOE or _field(reader, f"{arch}.expert_count"):
-        raise ValueError(
-            f"mixture-of-experts GGUF files are not supported yet ({arch!r} in {path.name}): "
-            "load the model's Hugging Face safetensors folder instead"
-        )
-    if arch not in GGUF_ARCHITECTURES:
+    moe_arch = moe_architecture(arch, lambda key: _field(reader, f"{arch}.{key}"), path.name)
+    if moe_arch is None and arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"unsupported model architecture {arch!r} in {path.name} "
             f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
@@ -262,6 +260,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
     if vocab is None:
         vocab = int(tensors["token_embd.weight"].shape[1])
     hidden = number("embedding_length", int)
+    # A MoE file whose layers are all MoE may leave out the dense width.
+    ffn_default = REQUIRED if moe_arch is None else number("expert_feed_forward_length", int, None)
     num_heads = number("attention.head_count", int)
     kv = a("attention.head_count_kv")
     if kv is not None and not np.isscalar(kv):  # per-layer counts: one for all is supported
@@ -283,10 +283,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
         rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor", float)}
 
     spec = ArchSpec(
-        architecture=arch,
+        architecture=moe_arch or arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=number("feed_forward_length", int),
+        intermediate_size=number("feed_forward_length", int, ffn_default),
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv,
@@ -309,6 +309,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
         spec.attn_logit_softcap = number("attn_logit_softcapping", float, None)
     else:
         spec.sliding_windows = [window or None] * num_layers
+    if moe_arch is not None:
+        read_moe_fields(spec, arch, number, a, set(tensors), source)
     keys = {name: f"{arch}.{key}" for name, key in _GGUF_KEYS.items()}
     validate_spec(spec, source, keys, derived_head_dim=derived_head_dim)
     value_dim = number("attention.value_length", int, head_dim)
@@ -329,7 +331,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, GGUFWeigh
         name=str(_field(reader, "general.name", path.stem)),
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
-    return spec, config, GGUFWeights(reader, spec)
+    experts = expert_tensors(tensors, spec, source) if moe_arch is not None else None
+    return spec, config, GGUFWeights(reader, spec, experts)
 
 
 # ArchSpec field -> its GGUF metadata key (after "{arch}."), for error messages.
@@ -348,4 +351,7 @@ _GGUF_KEYS = {
     "sliding_window": "attention.sliding_window",
     "final_logit_softcap": "final_logit_softcapping",
     "attn_logit_softcap": "attn_logit_softcapping",
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
 }
