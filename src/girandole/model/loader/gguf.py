@@ -125,6 +125,8 @@ def dequantize(data: np.ndarray, qtype) -> np.ndarray:
     table, this 2.7 s."""
     if qtype.name == "Q6_K" and data.dtype == np.uint8 and data.size % Q6_K_BYTES == 0:
         return _dequantize_q6_k(data).numpy()
+    if qtype.name == "Q4_K" and data.dtype == np.uint8 and data.size % Q4_K_BYTES == 0:
+        return _dequantize_q4_k(data)
     from gguf.quants import dequantize as gguf_dequantize
 
     return gguf_dequantize(data, qtype)
@@ -156,6 +158,22 @@ def _dequantize_q6_k(data: np.ndarray) -> torch.Tensor:
         level = (low | (((qh >> shifts) & 3) << 4)).to(torch.int8) - 32
         product = scale.reshape(m, 16, 1) * level.reshape(m, 16, 16).float()
         out[a : a + m] = product.reshape(m, 256)
+    return out.reshape(-1)
+
+
+Q4_K_BYTES = 144  # a block of 256 weights: float16 d and dmin, 6-bit scales and mins, 4-bit levels
+
+
+def _dequantize_q4_k(data: np.ndarray) -> np.ndarray:
+    """float32 values of Q4_K blocks from their integer groups (decode_int_groups): q * (d * sc)
+    - dmin * m, the same float32 operations as gguf's, bit for bit, at a fraction of its time
+    (a MoE file's hundreds of Q4_K experts in reference mode or on the GPU)."""
+    b = np.asarray(data, dtype=np.uint8).reshape(-1, Q4_K_BYTES)
+    out = np.empty((b.shape[0], 256), dtype=np.float32)
+    for a in range(0, b.shape[0], Q6_K_CHUNK):
+        chunk = b[a : a + Q6_K_CHUNK]
+        q, scale, offset = decode_int_groups(chunk, "Q4_K", chunk.shape[0] * 8, 32)
+        out[a : a + chunk.shape[0]] = (q.float() * scale + offset).reshape(-1, 256).numpy()
     return out.reshape(-1)
 
 
