@@ -141,3 +141,24 @@ def test_q6_k_decodes_bit_for_bit_as_gguf_does(blocks):
     theirs = np.asarray(gguf_dequantize(data, qtype), dtype=np.float32).reshape(-1)
     assert ours.dtype == np.float32 and ours.shape == (blocks * 256,)
     assert ours.view(np.uint32).tobytes() == theirs.view(np.uint32).tobytes()
+
+
+@pytest.mark.parametrize("blocks", [1, 8192 + 5])  # within one chunk, and across two
+def test_q4_k_decodes_bit_for_bit_as_gguf_does(blocks):
+    """loader.gguf.dequantize decodes Q4_K from its integer groups (a MoE file's hundreds of Q4_K
+    experts in reference mode or on the GPU): the same bits as gguf.quants.dequantize for random
+    blocks (any levels, 6-bit scales and mins, float16 d and dmin of every sign and size)."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from girandole.model.loader.gguf import Q4_K_BYTES, dequantize
+
+    rng = np.random.default_rng(blocks)
+    data = rng.integers(0, 256, size=(blocks, Q4_K_BYTES), dtype=np.uint8)
+    d = rng.standard_normal((blocks, 2)).astype(np.float16) * np.float16(0.01)
+    data[:, 0:4] = d.view(np.uint8).reshape(blocks, 4)
+    data = data.reshape(1, -1)
+    qtype = gguf.GGMLQuantizationType.Q4_K
+    ours = dequantize(data, qtype).reshape(-1)
+    theirs = np.asarray(gguf_dequantize(data, qtype), dtype=np.float32).reshape(-1)
+    assert ours.dtype == np.float32 and ours.shape == (blocks * 256,)
+    assert ours.view(np.uint32).tobytes() == theirs.view(np.uint32).tobytes()
