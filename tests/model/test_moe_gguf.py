@@ -187,13 +187,18 @@ def _narrower_gate_up(hf) -> None:
             r"llama\.expert_used_count \(5\) must be at most llama\.expert_count \(4\)",
         ),
         (
+            lambda hf: delattr(hf.model.layers[1].mlp.experts, "down_proj"),
+            None,
+            r"is missing tensor 'blk\.1\.ffn_down_exps\.weight'",
+        ),
+        (
             None,
             lambda w: w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID),
             r"llama\.expert_gating_func 2",
         ),
         (None, lambda w: w.add_expert_shared_count(1), r"llama\.expert_shared_count 1"),
     ],
-    ids=["expert-count", "expert-rows", "used-count", "sigmoid-gating", "shared-expert"],
+    ids=["expert-count", "expert-rows", "used-count", "missing", "sigmoid-gating", "shared-expert"],
 )
 def test_bad_moe_gguf_is_named(mixtral_hf, tmp_path, change, extra, message):
     hf = copy.deepcopy(mixtral_hf)
