@@ -3,8 +3,9 @@ tiny Qwen3-MoE in a Q4_K_M-like mix (experts' gate/up Q4_K, down Q6_K, attention
 embeddings Q8_0, output Q6_K) and a tiny Mixtral (`llama` with experts; Q8_0, Q5_0 and F16
 experts; permuted Q/K), stacked or, as older Mixtral files, one tensor per expert. Their logits
 equal transformers' on the same (dequantized) weights, transformers' own GGUF reader gets the
-same from the Qwen3-MoE file, greedy generation through the engine equals transformers', fast
-mode keeps the Q4_K experts' levels, and bad expert tensors are named."""
+same from the Qwen3-MoE file and llama.cpp close to it from both, greedy generation through the
+engine equals transformers', fast mode keeps the Q4_K experts' levels, and bad expert tensors and
+unsupported routing keys are named."""
 
 from __future__ import annotations
 
