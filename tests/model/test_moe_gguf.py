@@ -1,7 +1,7 @@
 """Mixture-of-experts GGUF files as llama.cpp writes them (tests/model/moe_gguf_helpers.py): a
 tiny Qwen3-MoE in a Q4_K_M-like mix (experts' gate/up Q4_K, down Q6_K, attention Q8_0/Q6_K/Q5_0,
 embeddings Q8_0, output Q6_K) and a tiny Mixtral (`llama` with experts; Q8_0, Q5_0 and F16
-experts; permuted Q/K), stacked or, as older Mixtral files, one tensor per expert. Their logits
+experts; permuted Q/K), stacked and, as older Mixtral files, one tensor per expert. Their logits
 equal transformers' on the same (dequantized) weights, transformers' own GGUF reader gets the
 same from the Qwen3-MoE file and llama.cpp close to it from both, greedy generation through the
 engine equals transformers', fast mode keeps the Q4_K experts' levels, and bad expert tensors and
@@ -79,16 +79,14 @@ def mixtral_hf(tiny_mixtral_dir):
     return tf.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir).float().eval()
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "mixtral-per-expert"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
 def moe_gguf(request, tmp_path_factory):
     """(architecture, GGUF path, transformers reference) of one tiny MoE file."""
     if request.param == "qwen3_moe":
         return "qwen3_moe", *request.getfixturevalue("qwen3_moe_gguf")
     hf = copy.deepcopy(request.getfixturevalue("mixtral_hf"))
-    path = tmp_path_factory.mktemp(f"{request.param}-gguf") / "tiny-mixtral.gguf"
-    folder = request.getfixturevalue("tiny_mixtral_dir")
-    per_expert = request.param == "mixtral-per-expert"
-    write_moe_gguf(hf, "llama", path, MIXTRAL_MIX, folder, per_expert=per_expert)
+    path = tmp_path_factory.mktemp("mixtral-gguf") / "tiny-mixtral.gguf"
+    write_moe_gguf(hf, "llama", path, MIXTRAL_MIX, request.getfixturevalue("tiny_mixtral_dir"))
     return "mixtral", path, hf
 
 
@@ -109,6 +107,15 @@ def test_reference_logits_match_transformers(moe_gguf):
     moe = model.layers[0].mlp
     assert len(moe.experts) == hf.config.num_local_experts
     assert moe.top_k == 2 and moe.norm_topk_prob
+    torch.testing.assert_close(logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
+
+
+def test_older_mixtral_file_with_one_tensor_per_expert(mixtral_hf, tiny_mixtral_dir, tmp_path):
+    """Mixtral files converted before llama.cpp stacked the experts (`blk.{i}.ffn_gate.{e}`)."""
+    hf = copy.deepcopy(mixtral_hf)
+    path = tmp_path / "tiny-mixtral-per-expert.gguf"
+    write_moe_gguf(hf, "llama", path, MIXTRAL_MIX, tiny_mixtral_dir, per_expert=True)
+    model, _ = load_model(path, mode="reference", device="cpu", use_cache=False)
     torch.testing.assert_close(logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
 
 
@@ -145,8 +152,6 @@ def test_llama_cpp_computes_the_same_logits(moe_gguf):
     top-k renormalisation moves these logits by 0.6 %) are the transformers tests' to check."""
     llama_cpp = pytest.importorskip("llama_cpp")
     arch, path, _hf = moe_gguf
-    if "per-expert" in str(path.parent):
-        pytest.skip("one layout per architecture is enough here")
     model, _ = load_model(path, mode="reference", device="cpu", use_cache=False)
     ours = logits(model, IDS)
     other = llama_cpp.Llama(
