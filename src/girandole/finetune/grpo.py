@@ -80,6 +80,31 @@ def advantages(rewards: list[float | None]) -> list[float | None] | None:
     return [None if r is None else (r - mean) / (std + EPS) for r in rewards]
 
 
+def token_losses(
+    model: nn.Module,
+    adapter: LoRAAdapter | None,
+    ids: list[int],
+    start: int,
+    advantage: float,
+    kl_beta: float,
+    kls: list[float],
+    device: torch.device,
+) -> torch.Tensor:
+    """The policy-gradient loss of each token of ids[start:] (its advantage times its
+    log-probability, negated), plus kl_beta times the k3 estimate of the KL to the frozen base
+    (the mean of which is appended to `kls`)."""
+    logp = token_logps(model, adapter, ids, start, device)
+    per_token = -advantage * logp
+    if kl_beta:
+        with torch.no_grad():
+            ref = token_logps(model, None, ids, start, device)
+        delta = ref - logp
+        kl = torch.exp(delta) - delta - 1
+        kls.append(kl.mean().item())
+        per_token = per_token + kl_beta * kl
+    return per_token
+
+
 def load_prompts(
     path: str, tok: Tokenizer, template: str | None, max_length: int, what: str = "dataset"
 ) -> list[Prompt]:
@@ -179,15 +204,7 @@ class GrpoObjective:
         kls: list[float] = []
         for prompt, candidate, advantage in kept:
             ids = prompt.ids + candidate
-            logp = token_logps(model, adapter, ids, len(prompt.ids), device)
-            per_token = -advantage * logp
-            if self.kl_beta:
-                with torch.no_grad():
-                    ref = token_logps(model, None, ids, len(prompt.ids), device)
-                delta = ref - logp
-                kl = torch.exp(delta) - delta - 1
-                kls.append(kl.mean().item())
-                per_token = per_token + self.kl_beta * kl
+            per_token = token_losses(model, adapter, ids, len(prompt.ids), advantage, self.kl_beta, kls, device)  # fmt: skip
             if self.token_level:
                 yield per_token.sum() / tokens
             else:

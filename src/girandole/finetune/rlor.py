@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from girandole.finetune.data import ROLES, Example, RowError, encode_row, read_jsonl
-from girandole.finetune.grpo import advantages, token_logps
+from girandole.finetune.grpo import advantages, token_losses
 from girandole.model.lora import LoRAAdapter
 from girandole.tokenizer.tokenizer import Tokenizer
 
@@ -208,15 +208,7 @@ class RolloutObjective:
         for ex, advantage in kept:
             start = max(1, ex.trained.index(True))  # token 0 is never predicted
             end = len(ex.trained) - ex.trained[::-1].index(True)
-            logp = token_logps(model, adapter, ex.ids[:end], start, device)
-            per_token = -advantage * logp
-            if self.kl_beta:
-                with torch.no_grad():
-                    ref = token_logps(model, None, ex.ids[:end], start, device)
-                delta = ref - logp
-                kl = torch.exp(delta) - delta - 1
-                kls.append(kl.mean().item())
-                per_token = per_token + self.kl_beta * kl
+            per_token = token_losses(model, adapter, ex.ids[:end], start, advantage, self.kl_beta, kls, device)  # fmt: skip
             if self.token_level:
                 yield per_token.sum() / tokens
             else:
