@@ -23,6 +23,7 @@ from girandole.model.context import get_context
 from girandole.model.kernels import gated_act, int4_head, int8_gemm, logits, rms_norm
 from girandole.model.quant import (
     BF16_QTYPES,
+    INT4_GROUP,
     ConcatLinear,
     GroupLevels,
     PackedLinear,
@@ -30,6 +31,8 @@ from girandole.model.quant import (
     int4_supported,
     linear_from_groups,
     native_only_error,
+    pack_int4,
+    quantize_int4_groups,
     quantize_int8_groups,
     quantize_int8_rows,
     quantized_linear,
@@ -203,8 +206,12 @@ class QuantLMHead(nn.Module):
 
     The coarse copy: with the native kernels, 4-bit levels with a float16 scale and minimum per
     group of 32 (kernels.int4_head: 5 bits a weight, a decode step streams 105 MB instead of
-    168 MB for a 262k vocabulary); otherwise int8 with one scale per vocabulary row
-    (`torch._int_mm`, or the native int8 kernel where the 4-bit copy cannot hold the weights).
+    168 MB for a 262k vocabulary), or int8 with one scale per vocabulary row where the 4-bit copy
+    cannot hold the weights (the native int8 kernel). Without the native kernels, torch's int4
+    packed kernel (as quant.Int4Linear's, bf16 rows, a group-32 scale and zero point in bf16;
+    the vocabulary padded to 16 rows and the hidden size to 64 with zeros, as it requires):
+    `torch._int_mm` takes a naive path on CPUs without AVX512-VNNI (2 s for a few rows against a
+    262k vocabulary, where the int4 kernel takes about 50 ms a row).
     Rows are computed independently, so a row's logits do not depend on how many rows share the
     call (batch invariance). A row's best `REFINE_TOP` coarse logits within `REFINE_MARGIN` of
     its maximum are then recomputed in float32 from `table` (the group-int8 weight: the
@@ -229,12 +236,16 @@ class QuantLMHead(nn.Module):
         super().__init__()
         self.table = table
         self.vocab, hidden = table.qweight.shape
-        # The 4-bit copy where it holds the weights (float16 parameters), else int8 alone.
-        use4 = int4_head.supports(self.vocab, hidden, float(table.scale.abs().max()) * 127.0)
-        # The per-row int8 copy serves torch's fallback and the native int8 kernel: not built
-        # where the native kernels run the 4-bit copy (its memory and a fifth of a build).
-        use8 = not (use4 and kernels.available())
-        q, scale, q4 = [], [], []
+        native = kernels.available()
+        # The native 4-bit copy where it holds the weights (float16 parameters), else the
+        # native int8 kernel's; without either, torch's int4 packed copy.
+        use4 = native and int4_head.supports(
+            self.vocab, hidden, float(table.scale.abs().max()) * 127.0
+        )
+        use8 = native and not use4 and int8_gemm.supports(self.vocab, hidden)
+        use_torch = not (use4 or use8)
+        self.padded = (-(-self.vocab // 16) * 16, -(-hidden // 64) * 64)  # torch's int4 shape
+        q, scale, q4, t4 = [], [], [], []
         for start in range(0, self.vocab, self.CHUNK):  # chunks bound the temporary memory
             rows = table.rows(torch.arange(start, min(start + self.CHUNK, self.vocab)))
             if use8:
@@ -243,31 +254,48 @@ class QuantLMHead(nn.Module):
                 scale.append(sc)
             if use4:
                 q4.append(int4_head.quantize(rows))
+            if use_torch:
+                stop = min(start + self.CHUNK, self.padded[0])
+                padded = F.pad(rows, (0, self.padded[1] - hidden, 0, stop - start - len(rows)))
+                t4.append(pack_int4(*quantize_int4_groups(padded)))
         self.register_buffer("qweight", torch.cat(q) if use8 else None)  # [V, H]
         self.register_buffer("qscale", torch.cat(scale) if use8 else None)  # [V]
         # The native kernels' layout (from the memory-mapped model cache only the one in use is
         # read into memory).
         packed4 = int4_head.pack(*(torch.cat(parts) for parts in zip(*q4))) if use4 else None
         self.register_buffer("native4_packed", packed4)
-        native8 = packed4 is None and int8_gemm.supports(self.vocab, hidden)
-        packed, wsum = int8_gemm.pack(self.qweight) if native8 else (None, None)
+        packed, wsum = int8_gemm.pack(self.qweight) if use8 else (None, None)
         self.register_buffer("native_packed", packed)
         self.register_buffer("native_wsum", wsum)
+        # torch's int4 packed layout [Vp, Hp/2] and its bf16 scale-and-zero table [Hp/32, Vp, 2].
+        self.register_buffer("torch4_packed", torch.cat([p for p, _ in t4]) if t4 else None)
+        self.register_buffer("torch4_sz", torch.cat([z for _, z in t4], dim=1) if t4 else None)
 
     def coarse(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """float32 [M, V] coarse logits of float32 rows x, and whether they came from a native
         kernel."""
-        sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
-        xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        if kernels.available():
+        if kernels.available() and self.torch4_packed is None:
+            sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+            xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
             if self.native4_packed is not None:
                 return int4_head.gemm(xq, sx, self.native4_packed, self.vocab), True
             if self.native_packed is not None:  # the same numbers as torch._int_mm
                 out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
                 return out, True
-        if self.qweight is None:
+        return self.torch_coarse(x), False
+
+    def torch_coarse(self, x: torch.Tensor) -> torch.Tensor:
+        """The coarse logits on torch's int4 packed kernel: each row on its own (row-invariant
+        for any row count, tests/model/test_lm_head.py)."""
+        if self.torch4_packed is None:
             raise native_only_error("LM head")
-        return torch._int_mm(xq, self.qweight.t()).float().mul_(sx).mul_(self.qscale), False
+        m, hidden = x.shape
+        if m == 0:
+            return x.new_empty(0, self.vocab)
+        xb = F.pad(x.to(torch.bfloat16), (0, self.padded[1] - hidden)).contiguous()
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = mm(xb, self.torch4_packed, INT4_GROUP, self.torch4_sz)
+        return out[:, : self.vocab].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
