@@ -210,8 +210,8 @@ class QuantLMHead(nn.Module):
     cannot hold the weights (the native int8 kernel). Without the native kernels, torch's int4
     packed kernel (as quant.Int4Linear's, bf16 rows, a group-32 scale and zero point in bf16;
     the vocabulary padded to 16 rows and the hidden size to 64 with zeros, as it requires):
-    `torch._int_mm` takes a naive path on CPUs without AVX512-VNNI (2 s for a few rows against a
-    262k vocabulary, where the int4 kernel takes about 50 ms a row).
+    `torch._int_mm` takes a naive path on CPUs without AVX512-VNNI (most of a decode step on the
+    AVX2 host of docs/benchmarks.md; decode 2x faster without it).
     Rows are computed independently, so a row's logits do not depend on how many rows share the
     call (batch invariance). A row's best `REFINE_TOP` coarse logits within `REFINE_MARGIN` of
     its maximum are then recomputed in float32 from `table` (the group-int8 weight: the
