@@ -64,6 +64,17 @@ def read_jsonl(data: bytes, what: str, check: Callable[[Any, str], T]) -> list[T
     return rows
 
 
+def check_message(message: Any, i: int, where: str) -> None:
+    """RowError unless messages[i] is an object with a known role and string content (every
+    fine-tuning row format's messages)."""
+    if not isinstance(message, dict):
+        raise RowError(f"{where}: messages[{i}] is not an object")
+    if message.get("role") not in ROLES:
+        raise RowError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
+    if not isinstance(message.get("content"), str):
+        raise RowError(f"{where}: messages[{i}].content must be a string")
+
+
 def check_row(row: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
         raise RowError(
@@ -75,13 +86,7 @@ def check_row(row: Any, where: str) -> list[dict[str, Any]]:
     messages = row["messages"]
     trained = False
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(f"{where}: messages[{i}] is not an object")
-        if message.get("role") not in ROLES:
-            raise RowError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise RowError(f"{where}: messages[{i}].content must be a string")
+        check_message(message, i, where)
         unknown = sorted(set(message) - {"role", "content", "weight"})
         if unknown:
             raise RowError(f"{where}: messages[{i}] has unknown field {unknown[0]!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from girandole.finetune.data import ROLES, RowError, read_jsonl
+from girandole.finetune.data import RowError, check_message, read_jsonl
 from girandole.tokenizer.chat_template import ChatTemplateError, encode_chat
 from girandole.tokenizer.tokenizer import Tokenizer
 
@@ -49,12 +49,7 @@ def check_prompt(row: Any, where: str) -> dict[str, Any]:
     if not messages:
         raise RowError(f"{where}: messages is empty: a row needs the prompt to answer")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(f"{where}: messages[{i}] is not an object")
-        if message.get("role") not in ROLES:
-            raise RowError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise RowError(f"{where}: messages[{i}].content must be a string")
+        check_message(message, i, where)
     if messages[-1]["role"] == "assistant":
         raise RowError(
             f"{where}: the last message is the assistant's: a row is the prompt, the policy"

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from girandole.finetune.data import ROLES, Example, RowError, encode_row, read_jsonl
+from girandole.finetune.data import Example, RowError, check_message, encode_row, read_jsonl
 from girandole.finetune.grpo import advantages, token_losses
 from girandole.model.lora import LoRAAdapter
 from girandole.tokenizer.tokenizer import Tokenizer
@@ -120,12 +120,7 @@ def check_rollout(row: Any, where: str) -> Rollout:
             " assistant's answer"
         )
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(f"{where}: messages[{i}] is not an object")
-        if message.get("role") not in ROLES:
-            raise RowError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise RowError(f"{where}: messages[{i}].content must be a string")
+        check_message(message, i, where)
     last = len(messages) - 1
     if messages[last]["role"] != "assistant":
         raise RowError(
