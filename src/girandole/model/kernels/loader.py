@@ -2,8 +2,12 @@
 
 The C sources are compiled with the system's C compiler into one shared library in the cache
 folder (about two seconds, once per source version) and called through ctypes, which releases
-the GIL. They need an x86 CPU with AVX512-BF16 and VNNI and a C compiler; without either (or with
-GIRANDOLE_NATIVE_KERNELS=0) `library()` is None and callers use torch's kernels instead.
+the GIL. They are written for AVX512 (x86 with AVX512-BF16 and VNNI: Intel Xeon from Cooper
+Lake, AMD Zen 4); on an x86 CPU with only AVX2, FMA and F16C (laptops, AMD Zen 2/3, Intel
+before Ice Lake) the same sources are built a second way, each 512-bit operation as two
+256-bit ones (csrc/avx2_compat.h): `isa()` says which. Without either, or a C compiler, or
+with GIRANDOLE_NATIVE_KERNELS=0, `library()` is None and callers use torch's kernels instead.
+GIRANDOLE_NATIVE_ISA=avx2 builds the AVX2 library on an AVX512 CPU too (to test it there).
 
 On a CPU with AMX (Intel Xeon, Sapphire Rapids and later) whose kernel grants the tile state,
 `amx()` is true and the linears and the LM head run on the matrix units (csrc/amx.c);
@@ -33,21 +37,23 @@ SOURCES = sorted(CSRC.glob("*.c"))
 HEADERS = sorted(CSRC.glob("*.h"))
 AMX_SOURCES = [CSRC / "amx.c"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]
-FLAGS = [
+COMMON_FLAGS = [
     "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mavx512vnni",
-    "-mfma",
     "-ffp-contract=off",  # rounding exactly as written (see wq_gemm.c)
     "-fopenmp",  # resolves to the libgomp torch has loaded: one thread pool
     "-shared",
     "-fPIC",
 ]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+# Per instruction set: the compiler's flags and the /proc/cpuinfo flags the CPU needs.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+               "-mavx512vnni", "-mfma"],  # fmt: skip
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+ISA_CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 
 i64, ptr, f32, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -102,8 +108,24 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-def _cpu_supported() -> bool:
-    return all(f in cpu_flags() for f in CPU_FLAGS)
+@functools.cache
+def isa() -> str | None:
+    """The instruction set the native kernels are built for here: "avx512" where the CPU has
+    AVX512-BF16 and VNNI, else "avx2" where it has AVX2, FMA and F16C, else None (not x86, or
+    older). GIRANDOLE_NATIVE_ISA=avx2 asks for the AVX2 build on an AVX512 CPU."""
+    forced = os.environ.get("GIRANDOLE_NATIVE_ISA", "").strip().lower()
+    if forced and forced not in ISA_FLAGS:
+        raise ValueError(f"GIRANDOLE_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, not {forced!r}")
+    for name in ISA_FLAGS:
+        if forced and name != forced:
+            continue
+        if all(f in cpu_flags() for f in ISA_CPU_FLAGS[name]):
+            return name
+    return None
+
+
+def flags(name: str) -> list[str]:
+    return COMMON_FLAGS + ISA_FLAGS[name]
 
 
 def _compile(compiler: str, flags: list[str], sources: list[Path], out: Path) -> None:
@@ -116,34 +138,38 @@ def _compile(compiler: str, flags: list[str], sources: list[Path], out: Path) ->
     )
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, name: str) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}.so")
-    try:
-        _compile(compiler, FLAGS + AMX_FLAGS, SOURCES, tmp)
-    except subprocess.CalledProcessError as exc:
-        log.info("building the native kernels without AMX: %s", exc.stderr)
-        rest = [s for s in SOURCES if s not in AMX_SOURCES]
-        _compile(compiler, FLAGS, rest, tmp)
+    rest = [s for s in SOURCES if s not in AMX_SOURCES]
+    if name != "avx512":  # the AMX kernels need AVX512 around them
+        _compile(compiler, flags(name), rest, tmp)
+    else:
+        try:
+            _compile(compiler, flags(name) + AMX_FLAGS, SOURCES, tmp)
+        except subprocess.CalledProcessError as exc:
+            log.info("building the native kernels without AMX: %s", exc.stderr)
+            _compile(compiler, flags(name), rest, tmp)
     os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    if not env_switch("NATIVE_KERNELS") or not _cpu_supported():
+    name = isa()
+    if not env_switch("NATIVE_KERNELS") or name is None:
         return None
     from girandole.model.default import cache_dir
 
-    h = hashlib.sha256(" ".join(FLAGS + AMX_FLAGS).encode())
+    h = hashlib.sha256(" ".join(flags(name) + AMX_FLAGS).encode())
     for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
-    target = cache_dir() / "kernels" / f"girandole-native-{h.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"girandole-native-{name}-{h.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _build(target)
+            _build(target, name)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc

@@ -8,6 +8,8 @@
 //
 // Elementwise (e^x from simd_math.h), so every row is independent.
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 
 #include "simd_math.h"

@@ -17,6 +17,8 @@
 // byte 64 j + 4 c + i holds input 8 j + i (low nibble) and 8 j + 4 + i (high nibble) of channel c,
 // for j < 4, i < 4: each 64-byte line gives two vpdpbusd operands of 16 channels x 4 inputs.
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 #include <stdlib.h>
 

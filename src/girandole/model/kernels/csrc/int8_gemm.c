@@ -11,6 +11,8 @@
 //
 // Layout of w (made by kernels/int8_gemm.py): [N/16][K/4][16 channels][4 inputs].
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 
 #define BLOCKS 4  // 16-channel blocks per task (64 channels)

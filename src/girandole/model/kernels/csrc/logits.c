@@ -12,6 +12,8 @@
 // - sampling_weights_rows: each row's exp(x / t - max(x / t)) in place (the samplers' weights;
 //   0 below e^-87, -inf included).
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include "simd_math.h"
 #include <math.h>
 #include <stdint.h>

@@ -7,6 +7,8 @@
 // Rows of the base model (slot -1) are left alone. Each row is computed on its own, in a fixed
 // order, so its numbers do not depend on the other rows of the batch.
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 
 #define MAX_RANK 192  // 3 fused projections of rank 64

@@ -13,6 +13,8 @@
 // values are widened to float32 as they are loaded (exactly), so the f16 kernel's numbers are the
 // float32 kernel's on the widened cache; all arithmetic is float32.
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

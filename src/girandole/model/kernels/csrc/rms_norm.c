@@ -8,6 +8,8 @@
 // cos, sin ([T, D/2], or NULL): the rotary embedding of group t's position, applied after the norm.
 // w NULL: no norm, the rows copied (then rotated): the rotary alone, for models without QK norm.
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <math.h>
 #include <stdint.h>
 

@@ -2,6 +2,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include "avx2_compat.h"
+
 // e^x by Cephes' polynomial, about 1 ulp; x clamped to [-87, 88] (no overflow to inf, no
 // denormals).
 static inline __m512 exp512(__m512 x) {

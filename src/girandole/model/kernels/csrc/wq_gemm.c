@@ -26,6 +26,8 @@
 //           then 16 offsets. WQ_FACTORED: [chunk][K/32][block][2][16] uint8 integers, then
 //           [chunk][K/256][block][2][16] float32 factors (scale = factor * integer, exactly).
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 
 #include "wq_panel.h"
@@ -56,9 +58,9 @@ static inline __attribute__((always_inline)) __m512 block_row(const uint16_t *xr
     __m512 acc[16];
     for (int c = 0; c < 16; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xr + 32 * g));
+        const __m512bh xv = GIR_AS_BH(_mm512_loadu_si512((const void *)(xr + 32 * g)));
         const __m512i *wg = w + 16 * g;
-        for (int c = 0; c < 16; c++) acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)wg[c]);
+        for (int c = 0; c < 16; c++) acc[c] = _mm512_dpbf16_ps(acc[c], xv, GIR_AS_BH(wg[c]));
     }
     return sum16(acc);
 }
@@ -76,9 +78,9 @@ static inline __attribute__((always_inline)) void quad_rows(const uint16_t *x, i
         const __m512i *wg = w + 16 * g + c0;
         __m512bh xv[4];
         for (int r = 0; r < 4; r++)
-            xv[r] = (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + 32 * g));
+            xv[r] = GIR_AS_BH(_mm512_loadu_si512((const void *)(x + r * K + 32 * g)));
         for (int c = 0; c < 4; c++) {
-            const __m512bh wc = (__m512bh)_mm512_loadu_si512((const void *)(wg + c));
+            const __m512bh wc = GIR_AS_BH(_mm512_loadu_si512((const void *)(wg + c)));
             for (int r = 0; r < 4; r++)
                 acc[4 * r + c] = _mm512_dpbf16_ps(acc[4 * r + c], xv[r], wc);
         }

@@ -31,6 +31,8 @@
 // converting and scaling every level (the AMX kernel's decode steps were bound by them).
 #pragma once
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -173,8 +175,8 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
             const __m512 sc = _mm512_set1_ps(s[c]), oc = _mm512_set1_ps(o[c]);
             if (bits & WQ_VNNI && level_bits != 8) {  // by the same table lookup as below
                 const __m512 low = wq_scale(levels, sc, oc, fused);
-                const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
-                    level_bits == 5 ? wq_scale(levels16, sc, oc, fused) : low, low);
+                const __m512i table = GIR_AS_SI(_mm512_cvtne2ps_pbh(
+                    level_bits == 5 ? wq_scale(levels16, sc, oc, fused) : low, low));
                 rows[c] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(channels[c]), table);
                 continue;
             }
@@ -182,8 +184,8 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
                                                   : (const __m128i *)(q + 32 * c);
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes)));
             const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + 1)));
-            rows[c] = (__m512i)_mm512_cvtne2ps_pbh(wq_scale(hi, sc, oc, fused),
-                                                   wq_scale(lo, sc, oc, fused));
+            rows[c] = GIR_AS_SI(_mm512_cvtne2ps_pbh(wq_scale(hi, sc, oc, fused),
+                                                    wq_scale(lo, sc, oc, fused)));
         }
         return;
     }
@@ -201,12 +203,12 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
             __m512i idx = _mm512_srli_epi16(line, 4 * j);
             __m512i table;
             if (level_bits == 5) {
-                table = (__m512i)_mm512_cvtne2ps_pbh(wq_scale(levels16, sc, oc, fused), low);
+                table = GIR_AS_SI(_mm512_cvtne2ps_pbh(wq_scale(levels16, sc, oc, fused), low));
                 const __m512i hi = c >= 4 ? _mm512_srli_epi16(top, c - 4)
                                           : _mm512_slli_epi16(top, 4 - c);
                 idx = _mm512_ternarylogic_epi32(nibble, idx, hi, 0xCA);  // nibble ? idx : hi
             } else {
-                table = (__m512i)_mm512_cvtne2ps_pbh(low, low);
+                table = GIR_AS_SI(_mm512_cvtne2ps_pbh(low, low));
             }
             rows[c] = _mm512_permutexvar_epi16(idx, table);
         }

@@ -28,6 +28,8 @@
 //   5 bits: those 256 bytes of low nibbles, then per quad a 64-bit word whose bit i is bit 4 of
 //           the quad's byte i (320 bytes).
 #include <immintrin.h>
+
+#include "avx2_compat.h"
 #include <stdint.h>
 
 #include "wq_panel.h"
