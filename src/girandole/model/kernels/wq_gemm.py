@@ -103,6 +103,14 @@ def vnni_default() -> bool:
     return loader.available() and not loader.amx() and env_switch("VNNI")
 
 
+def int8_prompt_rows() -> bool:
+    """Whether prompt rows take the int8 kernel too: on AVX2-only CPUs, where the bf16 kernel
+    has no bf16 instructions (each dot product unpacked into two FMAs) and is twice as slow
+    at 128 rows (benchmarks/bench_kernels.py). Every row then runs one kernel, as llama.cpp's
+    do: batch-invariant as well."""
+    return loader.isa() == "avx2"
+
+
 def pack(
     q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, vnni: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -261,7 +269,7 @@ def bind_rows(
     m = x.shape[0]
     if m == 0:
         return []
-    if not bits & VNNI or decode_rows is None or decode_rows >= m:
+    if not bits & VNNI or decode_rows is None or decode_rows >= m or int8_prompt_rows():
         return [bind(x, packed, params, bits, y, amx, threads)]
     calls = []
     if decode_rows > 0:

@@ -47,6 +47,32 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
         for (int b = 0; b < bt; b++) {
             const uint8_t *blk = w + (g * bt + b) * BLOCK_BYTES;
             __m512i dot[4];
+#ifdef GIR_AVX2
+            // Levels below 16 and |x| <= 127: vpmaddubsw's pair sums of the group's 8 operands
+            // fit 16 bits (8 x 2 x 15 x 127 < 2^15): summed there, widened once (the same
+            // integers as vpdpbusd's).
+            __m512i d16[4];
+            for (int r = 0; r < MT; r++) d16[r] = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * j));
+                const __m512i lo = _mm512_and_si512(v, nibble);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                for (int r = 0; r < MT; r++) {
+                    const int8_t *xr = x + r * K + 32 * g + 8 * j;
+                    const __m512i x0 = BCAST(xr, 0), x4 = BCAST(xr, 4);
+                    d16[r].lo = _mm256_add_epi16(
+                        d16[r].lo, _mm256_add_epi16(_mm256_maddubs_epi16(lo.lo, x0.lo),
+                                                    _mm256_maddubs_epi16(hi.lo, x4.lo)));
+                    d16[r].hi = _mm256_add_epi16(
+                        d16[r].hi, _mm256_add_epi16(_mm256_maddubs_epi16(lo.hi, x0.hi),
+                                                    _mm256_maddubs_epi16(hi.hi, x4.hi)));
+                }
+            }
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int r = 0; r < MT; r++)
+                dot[r] = (__m512i){_mm256_madd_epi16(d16[r].lo, ones),
+                                   _mm256_madd_epi16(d16[r].hi, ones)};
+#else
             for (int r = 0; r < MT; r++) dot[r] = _mm512_setzero_si512();
             for (int j = 0; j < 4; j++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * j));
@@ -58,6 +84,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
                     dot[r] = _mm512_dpbusd_epi32(dot[r], hi, BCAST(xr, 4));
                 }
             }
+#endif
             const __m512 scale =
                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
             const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));

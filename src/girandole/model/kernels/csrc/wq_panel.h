@@ -148,6 +148,24 @@ static inline __attribute__((always_inline)) void wq_params(const uint8_t *param
     }
 }
 
+// A channel's 32 bf16 weights from its 32 16-bit level indices (their low 4 or 5 bits: `mask`),
+// looked up by vpermw in the table of its group's weights. AVX2 has no vpermw: there each
+// weight is computed as its table entry was, bf16(wq_scale(level)), the same bits.
+static inline __attribute__((always_inline)) __m512i wq_lookup(__m512i idx, __m512i table,
+                                                               short mask, __m512 sc, __m512 oc,
+                                                               int fused) {
+#ifdef GIR_AVX2
+    (void)table;
+    const __m512i levels = _mm512_and_si512(idx, _mm512_set1_epi16(mask));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(levels.lo));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(levels.hi));
+    return _mm512_cvtne2ps_pbh(wq_scale(hi, sc, oc, fused), wq_scale(lo, sc, oc, fused));
+#else
+    (void)mask, (void)sc, (void)oc, (void)fused;
+    return _mm512_permutexvar_epi16(idx, table);
+#endif
+}
+
 // The 16 channels' rows of one block's group: rows[c] holds channel c's 32 bf16 weights in
 // input order.
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q, int bits,
@@ -177,7 +195,7 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
                 const __m512 low = wq_scale(levels, sc, oc, fused);
                 const __m512i table = GIR_AS_SI(_mm512_cvtne2ps_pbh(
                     level_bits == 5 ? wq_scale(levels16, sc, oc, fused) : low, low));
-                rows[c] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(channels[c]), table);
+                rows[c] = wq_lookup(_mm512_cvtepu8_epi16(channels[c]), table, 31, sc, oc, fused);
                 continue;
             }
             const __m128i *bytes = bits & WQ_VNNI ? (const __m128i *)&channels[c]
@@ -210,7 +228,7 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
             } else {
                 table = GIR_AS_SI(_mm512_cvtne2ps_pbh(low, low));
             }
-            rows[c] = _mm512_permutexvar_epi16(idx, table);
+            rows[c] = wq_lookup(idx, table, level_bits == 5 ? 31 : 15, sc, oc, fused);
         }
     }
 }

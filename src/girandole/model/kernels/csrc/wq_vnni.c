@@ -60,6 +60,33 @@ static void quantize_row(const uint16_t *x, int64_t groups, int8_t *xq, float *x
     }
 }
 
+// The 16 channels' dot products of a group's 8 quads of levels with a row's 32 int8 inputs.
+static inline __attribute__((always_inline)) __m512i dot_quads(const __m512i *quads,
+                                                               const int32_t *xr, int level_bits) {
+    __m512i sum = _mm512_setzero_si512();
+#ifdef GIR_AVX2
+    // Levels below 32 and |x| <= 127: vpmaddubsw's pair sums of 4 quads fit 16 bits (4 x 2 x 31
+    // x 127 < 2^15), so they add up there and widen once per 4 quads (the same integers).
+    if (level_bits != 8) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int k0 = 0; k0 < 8; k0 += 4) {
+            __m256i lo = _mm256_setzero_si256(), hi = lo;
+            for (int k = k0; k < k0 + 4; k++) {
+                const __m256i xb = _mm256_set1_epi32(xr[k]);
+                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(quads[k].lo, xb));
+                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(quads[k].hi, xb));
+            }
+            sum.lo = _mm256_add_epi32(sum.lo, _mm256_madd_epi16(lo, ones));
+            sum.hi = _mm256_add_epi32(sum.hi, _mm256_madd_epi16(hi, ones));
+        }
+        return sum;
+    }
+#endif
+    (void)level_bits;
+    for (int k = 0; k < 8; k++) sum = _mm512_dpbusd_epi32(sum, quads[k], _mm512_set1_epi32(xr[k]));
+    return sum;
+}
+
 // R rows (1..ROWS) of quantized x against a chunk's bt blocks, group by group over the blocks
 // (the layout's order: one sequential stream, R x bt independent sums in flight); each block's
 // group unpacked once for the R rows. Row r's sums go to y + r * ldy.
@@ -81,9 +108,7 @@ static inline __attribute__((always_inline)) void chunk_rows(
                       wq_block_factors(factors, nb0, groups, g, bt, b), &s, &o);
             for (int r = 0; r < R; r++) {
                 const int32_t *xr = (const int32_t *)(xq + r * K + 32 * g);
-                __m512i sum = _mm512_setzero_si512();
-                for (int k = 0; k < 8; k++)
-                    sum = _mm512_dpbusd_epi32(sum, quads[k], _mm512_set1_epi32(xr[k]));
+                const __m512i sum = dot_quads(quads, xr, level_bits);
                 const int64_t rg = r * groups + g;
                 __m512 *a = acc + b * R + r;
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
