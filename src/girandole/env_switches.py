@@ -34,10 +34,27 @@ def env_switch(name: str, default: bool = True) -> bool:
     return switch_word(value, name) if value.strip() else default
 
 
+NATIVE_ISAS = ("avx512", "avx2")  # the native kernels' builds (model/kernels/loader.py)
+
+
+def native_isa_setting() -> str | None:
+    """GIRANDOLE_NATIVE_ISA: the native kernels' build asked for (`avx2` on an AVX512 CPU, to
+    test that build there), None where unset or blank; any other word is a ValueError naming
+    the variable."""
+    value = os.environ.get(ENV_PREFIX + "NATIVE_ISA", "").strip().lower()
+    if value and value not in NATIVE_ISAS:
+        raise ValueError(
+            f"{ENV_PREFIX}NATIVE_ISA must be one of {', '.join(NATIVE_ISAS)}, not {value!r}"
+        )
+    return value or None
+
+
 def check_engine_switches() -> None:
-    """Raise the ValueError of the first engine switch whose variable is no yes/no word."""
+    """Raise the ValueError of the first engine switch whose variable is no yes/no word (or
+    of GIRANDOLE_NATIVE_ISA where it names no build)."""
     for name in ENGINE_SWITCHES:
         env_switch(name)
+    native_isa_setting()
 
 
 def threads_setting(value: str | int | None) -> int | None:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from girandole.env_switches import env_switch
+from girandole.env_switches import env_switch, native_isa_setting
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,15 @@ COMMON_FLAGS = [
 ]
 # Per instruction set: the compiler's flags and the /proc/cpuinfo flags the CPU needs.
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
-               "-mavx512vnni", "-mfma"],  # fmt: skip
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mavx512vnni",
+        "-mfma",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 ISA_CPU_FLAGS = {
@@ -113,9 +120,7 @@ def isa() -> str | None:
     """The instruction set the native kernels are built for here: "avx512" where the CPU has
     AVX512-BF16 and VNNI, else "avx2" where it has AVX2, FMA and F16C, else None (not x86, or
     older). GIRANDOLE_NATIVE_ISA=avx2 asks for the AVX2 build on an AVX512 CPU."""
-    forced = os.environ.get("GIRANDOLE_NATIVE_ISA", "").strip().lower()
-    if forced and forced not in ISA_FLAGS:
-        raise ValueError(f"GIRANDOLE_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, not {forced!r}")
+    forced = native_isa_setting()
     for name in ISA_FLAGS:
         if forced and name != forced:
             continue
