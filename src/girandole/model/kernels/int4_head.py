@@ -3,7 +3,7 @@ float16 scale and minimum per row and group of 32 inputs, against the int8-quant
 state. 5 bits a weight where the int8 copy takes 8; QuantLMHead recomputes its candidates
 exactly. From AMX_MIN_ROWS rows on, on the AMX tiles where the CPU has them (csrc/amx.c: the
 same int32 group sums and float steps, so bitwise the same logits). Available where the kernels
-build (x86 with AVX512-VNNI and a C compiler)."""
+build (loader.py: x86 with AVX512 or AVX2, and a C compiler)."""
 
 from __future__ import annotations
 

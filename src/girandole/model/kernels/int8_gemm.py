@@ -1,7 +1,7 @@
 """Native int8 GEMM (csrc/int8_gemm.c) for the LM head's coarse logits: bitwise the result of
 `torch._int_mm(x, w.t()).float() * xs * ws`, faster for a few rows. From AMX_MIN_ROWS rows
 on, on the AMX tiles where the CPU has them (csrc/amx.c: the same integers, so the same logits
-bitwise). Available where the kernels build (x86 with AVX512-VNNI and a C compiler)."""
+bitwise). Available where the kernels build (loader.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Native passes over rows of logits (csrc/logits.c): the LM head's exact refinement of its
-coarse logits, each row's argmax and its largest values. Available where the kernels build (x86
-with AVX512); elsewhere torch's ops give the same answers."""
+coarse logits, each row's argmax and its largest values. Available where the kernels build
+(loader.py); elsewhere torch's ops give the same answers."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Native LoRA deltas of a mixed batch (csrc/lora.c): one call per linear adds, to every row
 that runs an adapter, (A x) projected back through B, whatever mix of adapters the rows run.
-Available where the kernels build (x86 with AVX512)."""
+Available where the kernels build (loader.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 see, read in place from the paged KV cache (no gather), parallel over rows, KV heads and chunks
 of keys. A row's result depends only on its own query and keys: not on its batch neighbours,
 on how its prompt was chunked, or on being a decode or a prefill token.
-Available where the kernels build (x86 with AVX512 and a C compiler).
+Available where the kernels build (loader.py: x86 with AVX512 or AVX2, and a C compiler).
 
 The cache is float32 or float16 (CACHE_DTYPES; the engine's default on CPU is float16: half the
 bytes, `kv_cache_dtype`); queries, outputs and all arithmetic are float32 either way."""

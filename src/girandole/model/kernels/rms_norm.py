@@ -1,6 +1,6 @@
 """Native RMSNorm (csrc/rms_norm.c) in one pass, optionally followed by the rotary embedding
 (the QK norm of attention reads q and k heads in place from the QKV output). Available where the
-kernels build (x86 with AVX512)."""
+kernels build (loader.py)."""
 
 from __future__ import annotations
 

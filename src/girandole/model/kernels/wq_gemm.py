@@ -10,7 +10,8 @@ a kernel's layout; `gemm` and `bind_rows` run it. Two layouts:
   bf16 kernel reading the same bytes (faster for many rows, and bitwise the panel layout's
   results). A row's kernel follows its role, never the row count: batch-invariant too.
 GIRANDOLE_VNNI=0 packs the panel layout everywhere (bf16 for every row). Available where the
-kernels build (x86 with AVX512-BF16 and VNNI, and a C compiler).
+kernels build (loader.py). On AVX2-only CPUs the layout is the VNNI one and every row runs
+on the int8 kernel (`int8_prompt_rows`).
 """
 
 from __future__ import annotations
