@@ -47,10 +47,11 @@ typedef struct {
 #define GIR_AS_SI(x) (x)
 
 // ---- float lanes, one half at a time ----
-#define GIR_PS2(name, op)                                                       \
-    GIR_INLINE gir_ps name(gir_ps a, gir_ps b) {                                \
-        return (gir_ps){op(a.lo, b.lo), op(a.hi, b.hi)};                        \
-    }
+// A binary operation on both halves.
+#define GIR_HALVES(name, T, op)                                                 \
+    GIR_INLINE T name(T a, T b) { return (T){op(a.lo, b.lo), op(a.hi, b.hi)}; }
+#define GIR_PS2(name, op) GIR_HALVES(name, gir_ps, op)
+#define GIR_SI2(name, op) GIR_HALVES(name, gir_si, op)
 GIR_PS2(gir_add_ps, _mm256_add_ps)
 GIR_PS2(gir_sub_ps, _mm256_sub_ps)
 GIR_PS2(gir_mul_ps, _mm256_mul_ps)
@@ -60,10 +61,6 @@ GIR_PS2(gir_min_ps, _mm256_min_ps)
 GIR_PS2(gir_unpacklo_ps, _mm256_unpacklo_ps)
 GIR_PS2(gir_unpackhi_ps, _mm256_unpackhi_ps)
 
-#define GIR_SI2(name, op)                                                       \
-    GIR_INLINE gir_si name(gir_si a, gir_si b) {                                \
-        return (gir_si){op(a.lo, b.lo), op(a.hi, b.hi)};                        \
-    }
 GIR_SI2(gir_and_si512, _mm256_and_si256)
 GIR_SI2(gir_xor_si512, _mm256_xor_si256)
 GIR_SI2(gir_add_epi32, _mm256_add_epi32)

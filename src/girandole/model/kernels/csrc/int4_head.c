@@ -29,6 +29,31 @@
 
 #define BCAST(xr, k) _mm512_set1_epi32(*(const int32_t *)((xr) + (k)))
 
+// acc + the products of levels lo and hi with inputs x0 and x4, summed 4 by 4 (vpdpbusd). On
+// AVX2 they stay 16-bit pair sums until dot_widen: levels below 16 and |x| <= 127, so a group's
+// 8 operands fit (8 x 2 x 15 x 127 < 2^15), the same integers as vpdpbusd's.
+static inline __attribute__((always_inline)) __m512i dot_pairs(__m512i acc, __m512i lo, __m512i x0,
+                                                               __m512i hi, __m512i x4) {
+#ifdef GIR_AVX2
+    acc.lo = _mm256_add_epi16(acc.lo, _mm256_add_epi16(_mm256_maddubs_epi16(lo.lo, x0.lo),
+                                                       _mm256_maddubs_epi16(hi.lo, x4.lo)));
+    acc.hi = _mm256_add_epi16(acc.hi, _mm256_add_epi16(_mm256_maddubs_epi16(lo.hi, x0.hi),
+                                                       _mm256_maddubs_epi16(hi.hi, x4.hi)));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, x0), hi, x4);
+#endif
+}
+
+static inline __attribute__((always_inline)) __m512i dot_widen(__m512i acc) {
+#ifdef GIR_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    acc.lo = _mm256_madd_epi16(acc.lo, ones);
+    acc.hi = _mm256_madd_epi16(acc.hi, ones);
+#endif
+    return acc;
+}
+
 // MT rows x bt blocks of one task: each 64-byte line of levels is unpacked once for the MT rows.
 static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t K,
                                                        const float *xsum, int64_t groups,
@@ -47,32 +72,6 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
         for (int b = 0; b < bt; b++) {
             const uint8_t *blk = w + (g * bt + b) * BLOCK_BYTES;
             __m512i dot[4];
-#ifdef GIR_AVX2
-            // Levels below 16 and |x| <= 127: vpmaddubsw's pair sums of the group's 8 operands
-            // fit 16 bits (8 x 2 x 15 x 127 < 2^15): summed there, widened once (the same
-            // integers as vpdpbusd's).
-            __m512i d16[4];
-            for (int r = 0; r < MT; r++) d16[r] = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * j));
-                const __m512i lo = _mm512_and_si512(v, nibble);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-                for (int r = 0; r < MT; r++) {
-                    const int8_t *xr = x + r * K + 32 * g + 8 * j;
-                    const __m512i x0 = BCAST(xr, 0), x4 = BCAST(xr, 4);
-                    d16[r].lo = _mm256_add_epi16(
-                        d16[r].lo, _mm256_add_epi16(_mm256_maddubs_epi16(lo.lo, x0.lo),
-                                                    _mm256_maddubs_epi16(hi.lo, x4.lo)));
-                    d16[r].hi = _mm256_add_epi16(
-                        d16[r].hi, _mm256_add_epi16(_mm256_maddubs_epi16(lo.hi, x0.hi),
-                                                    _mm256_maddubs_epi16(hi.hi, x4.hi)));
-                }
-            }
-            const __m256i ones = _mm256_set1_epi16(1);
-            for (int r = 0; r < MT; r++)
-                dot[r] = (__m512i){_mm256_madd_epi16(d16[r].lo, ones),
-                                   _mm256_madd_epi16(d16[r].hi, ones)};
-#else
             for (int r = 0; r < MT; r++) dot[r] = _mm512_setzero_si512();
             for (int j = 0; j < 4; j++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * j));
@@ -80,11 +79,10 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
                 for (int r = 0; r < MT; r++) {
                     const int8_t *xr = x + r * K + 32 * g + 8 * j;
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], lo, BCAST(xr, 0));
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, BCAST(xr, 4));
+                    dot[r] = dot_pairs(dot[r], lo, BCAST(xr, 0), hi, BCAST(xr, 4));
                 }
             }
-#endif
+            for (int r = 0; r < MT; r++) dot[r] = dot_widen(dot[r]);
             const __m512 scale =
                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
             const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
