@@ -6,7 +6,8 @@ vocabulary), with random weights of the same formats.
 
 Prints median milliseconds per decode step's worth of each operation:
 - linears: the 18 layers' qkv, o, gate_up, down (Q5_0-like 5-bit and Q4_K-like 4-bit groups of
-  32): native wq_gemm on AMX tiles (where the CPU has them) and on AVX512-BF16 vs torch's
+  32): native wq_gemm on AMX tiles (where the CPU has them) and on AVX512-BF16 (or the AVX2
+  build: loader.isa) vs torch's
   int4pack kernel (two int4 matmuls for 5-bit weights) vs a bf16 F.linear on dense weights
   (oneDNN: AMX where the CPU has it);
 - LM head coarse logits: the native 4-bit kernel QuantLMHead uses (int4_head, 5 bits a weight)
@@ -80,8 +81,12 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
             vnni = wq_gemm.pack(q, scale, offset, vnni=True)
             layers.append((layer, panel, vnni))
     paths = {"native AMX, bf16": ("panel", True)} if loader.amx() else {}
-    paths["native AVX512-BF16 (prompt rows without AMX)"] = ("panel", False)
-    paths["native VNNI, int8 rows (decode rows without AMX)"] = ("vnni", None)
+    if loader.isa() == "avx2":  # no bf16 instructions: every row on the int8 kernel
+        paths["native bf16, AVX2 build (GIRANDOLE_VNNI=0)"] = ("panel", False)
+        paths["native int8 rows, AVX2 build (every row)"] = ("vnni", None)
+    else:
+        paths["native AVX512-BF16 (prompt rows without AMX)"] = ("panel", False)
+        paths["native VNNI, int8 rows (decode rows without AMX)"] = ("vnni", None)
     used = next(iter(paths)) if loader.amx() else list(paths)[-1]  # by decode rows
     out: dict[str, list[float]] = {name: [] for name in paths}
     out.update({"torch int4pack": [], "bf16 F.linear": []})
@@ -239,7 +244,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit(
-            "native kernels unavailable here (x86 with AVX512 VNNI and BF16, C compiler)"
+            "native kernels unavailable here (x86 with AVX512 VNNI and BF16 or AVX2, C compiler)"
         )
     rows = [int(r) for r in args.rows.split(",")]
     parts = {
@@ -252,6 +257,7 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else list(parts)
     table = [row for name in chosen for row in parts[name](rows)]
     print("\n".join(machine_lines()))
+    print(f"native kernels: {loader.isa()} build")
     print(f"threads: {args.threads}; median ms per decode step's worth (18 layers)")
     print("| operation | " + " | ".join(f"{m} rows" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))

@@ -100,6 +100,17 @@ ISA_FLAGS = (
 )  # fmt: skip
 
 
+def native_build() -> str:
+    """Which build of girandole's native CPU kernels runs here (model/kernels/loader.py)."""
+    try:
+        from girandole.model.kernels import loader
+    except ImportError:
+        return "?"
+    if loader.library() is None:
+        return "none (torch's kernels)"
+    return f"{loader.isa()}" + (" + AMX" if loader.amx() else "")
+
+
 def cpu_isa() -> str:
     """The CPU's vector and matrix extensions among ISA_FLAGS, and its vendor."""
     try:
@@ -155,7 +166,7 @@ def machine_lines() -> list[str]:
         f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs"
         + (f", {mem:.0f} GiB RAM" if mem else "")
         + f", {platform.system()} {platform.release()}",
-        f"isa: {cpu_isa()}",
+        f"isa: {cpu_isa()}; girandole's native kernels: {native_build()}",
         f"python {platform.python_version()}, girandole commit {git_commit()}",
     ]
 
