@@ -257,7 +257,6 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else list(parts)
     table = [row for name in chosen for row in parts[name](rows)]
     print("\n".join(machine_lines()))
-    print(f"native kernels: {loader.isa()} build")
     print(f"threads: {args.threads}; median ms per decode step's worth (18 layers)")
     print("| operation | " + " | ".join(f"{m} rows" for m in rows) + " |")
     print("|---|" + "---|" * len(rows))
