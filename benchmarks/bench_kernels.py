@@ -81,12 +81,9 @@ def linears(rows: list[int]) -> list[tuple[str, list[float]]]:
             vnni = wq_gemm.pack(q, scale, offset, vnni=True)
             layers.append((layer, panel, vnni))
     paths = {"native AMX, bf16": ("panel", True)} if loader.amx() else {}
-    if loader.isa() == "avx2":  # no bf16 instructions: every row on the int8 kernel
-        paths["native bf16, AVX2 build (GIRANDOLE_VNNI=0)"] = ("panel", False)
-        paths["native int8 rows, AVX2 build (every row)"] = ("vnni", None)
-    else:
-        paths["native AVX512-BF16 (prompt rows without AMX)"] = ("panel", False)
-        paths["native VNNI, int8 rows (decode rows without AMX)"] = ("vnni", None)
+    build = "AVX2 build" if loader.isa() == "avx2" else "AVX512"
+    paths[f"native bf16, {build} (prompt rows without AMX)"] = ("panel", False)
+    paths[f"native int8 rows, {build} (decode rows without AMX)"] = ("vnni", None)
     used = next(iter(paths)) if loader.amx() else list(paths)[-1]  # by decode rows
     out: dict[str, list[float]] = {name: [] for name in paths}
     out.update({"torch int4pack": [], "bf16 F.linear": []})

@@ -225,8 +225,7 @@ def test_vnni_serves_the_linears_without_amx_and_can_be_switched_off():
 def test_vnni_layout_runs_prompt_rows_on_the_bf16_kernel(top, kquant):
     """In the VNNI layout decode rows (the first `decode_rows`) take the int8 kernel and the
     rest the bf16 one (AMX where it runs, as the panel layout's), which reads the same weights as
-    from the panel layout: bitwise the panel layout's results, whatever the split. On AVX2-only
-    CPUs (wq_gemm.int8_prompt_rows) every row takes the int8 kernel."""
+    from the panel layout: bitwise the panel layout's results, whatever the split."""
     if kquant:
         q, scale, offset = _k_quant_levels(48, 512, seed=top)
         q = q % top
@@ -243,10 +242,7 @@ def test_vnni_layout_runs_prompt_rows_on_the_bf16_kernel(top, kquant):
     assert not torch.equal(bf16, int8)
     for k in (0, 1, 4, 11):
         split = wq_gemm.gemm(x, *vnni, 48, decode_rows=k)
-        if wq_gemm.int8_prompt_rows():
-            assert torch.equal(split, int8)
-        else:
-            assert torch.equal(split[:k], int8[:k]) and torch.equal(split[k:], bf16[k:])
+        assert torch.equal(split[:k], int8[:k]) and torch.equal(split[k:], bf16[k:])
 
 
 @pytest.mark.parametrize("top", [16, 32])

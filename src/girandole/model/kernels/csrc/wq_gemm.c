@@ -92,6 +92,56 @@ static inline __attribute__((always_inline)) void quad_rows(const uint16_t *x, i
     _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(sums, 3));
 }
 
+#ifdef GIR_AVX2
+// Without vdpbf16ps (avx2_compat.h unpacks each bf16 pair into two FMAs) the x side is unpacked
+// once per call instead of once per channel: row m's group g as 4 vectors of 8 floats, the odd
+// and the even inputs of its first 16, then of its last 16.
+static void split_row(const uint16_t *x, int64_t groups, __m256 *out) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512i raw = _mm512_loadu_si512((const void *)(x + 32 * g));
+        out[4 * g] = _mm256_castsi256_ps(_mm256_and_si256(raw.lo, high));
+        out[4 * g + 1] = _mm256_castsi256_ps(_mm256_slli_epi32(raw.lo, 16));
+        out[4 * g + 2] = _mm256_castsi256_ps(_mm256_and_si256(raw.hi, high));
+        out[4 * g + 3] = _mm256_castsi256_ps(_mm256_slli_epi32(raw.hi, 16));
+    }
+}
+
+// R rows (1..4) of split x against one block's 16 channel rows: per row and channel the same
+// FMAs in the same order as the emulated vdpbf16ps of block_row / quad_rows (odd input, then
+// even, group by group), and the same tree (sum16): the same floats, with 8 accumulators
+// instead of 32 (AVX2 has 16 registers).
+static inline __attribute__((always_inline)) void block_rows_split(const __m256 *xs,
+                                                                   int64_t groups, int R,
+                                                                   const __m512i *w, float *y,
+                                                                   int64_t ldy) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[4][16];
+    for (int c = 0; c < 16; c++) {
+        __m256 lo[4], hi[4];
+        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const __m512i wc = w[16 * g + c];
+            const __m256 wo_lo = _mm256_castsi256_ps(_mm256_and_si256(wc.lo, high));
+            const __m256 we_lo = _mm256_castsi256_ps(_mm256_slli_epi32(wc.lo, 16));
+            const __m256 wo_hi = _mm256_castsi256_ps(_mm256_and_si256(wc.hi, high));
+            const __m256 we_hi = _mm256_castsi256_ps(_mm256_slli_epi32(wc.hi, 16));
+            for (int r = 0; r < R; r++) {
+                const __m256 *xr = xs + 4 * (r * groups + g);
+                lo[r] = _mm256_fmadd_ps(xr[0], wo_lo, lo[r]);
+                lo[r] = _mm256_fmadd_ps(xr[1], we_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(xr[2], wo_hi, hi[r]);
+                hi[r] = _mm256_fmadd_ps(xr[3], we_hi, hi[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) acc[r][c] = (__m512){lo[r], hi[r]};
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy, sum16(acc[r]));
+}
+
+static __thread wq_buffer split_buffer;
+#endif
+
 // Channels are taken CHUNK blocks (64) at a time: the chunk's groups dequantized into channel
 // rows once (up to 1 MiB at K = 8192, in L2), then every row of x against them.
 #define CHUNK 4
@@ -103,10 +153,17 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
     const int64_t nblocks = N / 16, groups = K / 32;
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+#ifdef GIR_AVX2
+    __m256 *xs = (__m256 *)wq_buffer_for(&split_buffer, M * K * (int64_t)sizeof(float));
+#endif
 #pragma omp parallel num_threads(nthreads)
     {
         // [block][group][16 channel rows]
         __m512i *w = (__m512i *)wq_buffer_for(&weight_buffer, CHUNK * groups * 1024);
+#ifdef GIR_AVX2
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) split_row(x + m * K, groups, xs + 4 * m * groups);
+#endif
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t nb0 = c * CHUNK;
@@ -114,6 +171,21 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
             for (int64_t g = 0; g < groups; g++)
                 wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, w + 16 * g,
                                  16 * groups);
+#ifdef GIR_AVX2
+            for (int64_t m = 0; m < M; m += 4)
+                for (int b = 0; b < bt; b++) {
+                    const __m256 *xm = xs + 4 * m * groups;
+                    const __m512i *wb = w + 16 * b * groups;
+                    float *ym = y + m * ldy + 16 * (nb0 + b);
+                    switch (M - m < 4 ? M - m : 4) {
+                    case 4: block_rows_split(xm, groups, 4, wb, ym, ldy); break;
+                    case 3: block_rows_split(xm, groups, 3, wb, ym, ldy); break;
+                    case 2: block_rows_split(xm, groups, 2, wb, ym, ldy); break;
+                    default: block_rows_split(xm, groups, 1, wb, ym, ldy); break;
+                    }
+                }
+            continue;
+#endif
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
                 for (int b = 0; b < bt; b++)

@@ -1,7 +1,7 @@
 // Weight-quantized GEMM on AVX512-VNNI: int8 activations against the weights' integer levels.
 // The linears' kernel on x86 CPUs without AMX (AMD Zen 4 and later, Intel before Sapphire
 // Rapids); where AMX runs, amx.c takes the bf16 path instead. On AVX2-only CPUs (avx2_compat.h)
-// it takes every row, prompt rows too, as vpmaddubsw + vpmaddwd (llama.cpp's Q4_0 x Q8_0 dot).
+// its dot products are vpmaddubsw + vpmaddwd, as llama.cpp's Q4_0 x Q8_0 dot.
 //
 //   y[m][n] = sum_g xs[m][g] * (s[n][g] * (q[n][g] . xq[m][g]) + o[n][g] * sum(xq[m][g]))
 //
