@@ -143,6 +143,64 @@ def test_keep_alive_steps_train_serve_and_hot_load(srv):
     assert srv.http("GET", f"/v1/accounts/{ACCOUNT}/models/loop-2").status_code == 200
 
 
+def step(srv: FinetuneServer, job_id: str, out: str) -> dict:
+    r = srv.http("POST", f"{JOBS}/{job_id}:executeTrainStep", json={"dataset": "rollouts", "outputModel": out})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def loaded_score(srv: FinetuneServer, model_id: str) -> float:
+    """score() of output model `model_id`, loaded onto the server's own deployment first."""
+    name = f"accounts/{ACCOUNT}/models/{model_id}"
+    srv.sdk().lora.load(model=name, deployment=DEPLOYMENT)
+    return score(srv, name)
+
+
+def test_resume_goes_on_from_the_last_step_and_a_failed_hot_load_is_a_warning(srv):
+    """A job cancelled after step 2 and resumed runs step 3 as a job never stopped does (the
+    same loss, the same adapter: the policy and AdamW's state go on, not the base); a step whose
+    hot load fails (its deployment deleted) stands, the failure in hotLoadStatus."""
+    fw = srv.sdk()
+    fw.deployments.create(base_model=f"accounts/{ACCOUNT}/models/tiny", deployment_id="hl", min_replica_count=0)  # fmt: skip
+    loss = {"lossConfig": {"klBeta": 0.05}}
+    assert keep_alive(srv, "straight", **loss)["state"] == "JOB_STATE_RUNNING"
+    job = keep_alive(srv, "paused", hotLoadDeploymentId="hl", **loss)
+    assert job["state"] == "JOB_STATE_RUNNING", job
+    straight = [step(srv, "straight", f"straight-{n}")["jobProgress"] for n in (1, 2, 3)]
+    done = step(srv, "paused", "paused-1")
+    assert done["hotLoadStatus"]["code"] == "OK" and done["latestOutputModel"] == f"accounts/{ACCOUNT}/models/paused-1"  # fmt: skip
+    # the deployment goes: the step's model is written and served all the same
+    r = srv.http("DELETE", f"/v1/accounts/{ACCOUNT}/deployments/hl", params={"hard": "true"})
+    assert r.status_code == 200, r.text
+    done = step(srv, "paused", "paused-2")
+    out = f"accounts/{ACCOUNT}/models/paused-2"
+    assert done["state"] == "JOB_STATE_RUNNING" and done["latestOutputModel"] == out, done
+    warning = done["hotLoadStatus"]
+    assert warning["code"] == "NOT_FOUND" and "not loaded onto accounts/acme/deployments/hl" in warning["message"], warning  # fmt: skip
+    assert f"outputModel {out} written; not loaded onto" in done["status"]["message"], done
+    assert done["status"]["code"] == "OK" and done["jobProgress"]["step"] == 2
+    assert srv.http("GET", f"/v1/{out}").json()["state"] == "READY"
+    step_2 = loaded_score(srv, "paused-2")
+    assert step_2 == pytest.approx(loaded_score(srv, "straight-2"), abs=1e-3)
+
+    assert fw.reinforcement_fine_tuning_steps.cancel("paused", body={})["state"] == "JOB_STATE_CANCELLED"  # fmt: skip
+    assert fw.reinforcement_fine_tuning_steps.resume("paused", body={}).state == "JOB_STATE_PENDING"
+    assert srv.wait("paused", ("JOB_STATE_RUNNING", "JOB_STATE_FAILED"))["state"] == "JOB_STATE_RUNNING"  # fmt: skip
+    resumed = step(srv, "paused", "paused-3")["jobProgress"]
+    # step 3's loss is that of step 2's policy (not the base's: its KL to the base is not 0)
+    assert resumed["step"] == 3 and resumed["kl"] > 1e-6, resumed
+    assert resumed["loss"] == pytest.approx(straight[2]["loss"], rel=1e-5), (resumed, straight)
+    assert resumed["kl"] == pytest.approx(straight[2]["kl"], rel=1e-4), (resumed, straight)
+    after = loaded_score(srv, "paused-3")
+    assert after == pytest.approx(loaded_score(srv, "straight-3"), abs=1e-3)
+    assert after > step_2  # it builds on step 2
+    url = srv.http("GET", f"{JOBS}/paused:getMetricsFileEndpoint").json()["signedUrl"]
+    lines = [json.loads(line) for line in httpx.get(url, timeout=30).text.splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3], lines
+    for job_id in ("straight", "paused"):
+        fw.reinforcement_fine_tuning_steps.delete(job_id)
+
+
 @pytest.fixture(scope="module")
 def probe(srv) -> str:
     """A forward-only keep-alive job (after the first test: it deletes its own job, and a

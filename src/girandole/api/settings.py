@@ -70,6 +70,9 @@ class ServerSettings:
     evaluator_timeout: float = 30.0
     evaluator_memory: int = 2048
     max_evaluator_processes: int = 4
+    # keep-alive RLOR trainer jobs running at once (girandole.finetune.keep_alive): each holds a
+    # float32 copy of its base model in a process of its own
+    max_rlor_trainers: int = 2
     webhook_secret: str | None = None
     log_level: str = "info"
     log_format: str = "auto"  # "json" (one object a line), "text", or "auto": text at a terminal

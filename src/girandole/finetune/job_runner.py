@@ -33,6 +33,7 @@ from girandole.finetune.store import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    METRICS_FILE,
     PENDING,
     RLOR,
     RUNNING,
@@ -43,7 +44,6 @@ from girandole.finetune.store import (
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 # torch threads of the training child: the server's engine keeps the cores it has
 THREADS_ENV = "GIRANDOLE_SFT_THREADS"
 
@@ -66,10 +66,12 @@ class JobRunner:
         folder: Path,
         template_of: Callable[[str], str | None] = lambda _: None,
         evaluator_of: EvaluatorOf | None = None,
+        max_trainers: int = 2,
     ) -> None:
         """`template_of(base model name)`: the chat template the server renders that model's
         chat requests with when it is not the model's own (`--chat-template`), else None.
-        `evaluator_of(account, evaluator name)`: a reinforcement fine-tuning job's (rft.py)."""
+        `evaluator_of(account, evaluator name)`: a reinforcement fine-tuning job's (rft.py).
+        `max_trainers`: keep-alive RLOR trainers at once (--max-rlor-trainers)."""
         self.stores, self.catalog, self.files, self.datasets = stores, catalog, files, datasets
         self.template_of, self.evaluator_of = template_of, evaluator_of
         # per job, <folder>/<kind's folder>/<account>/<job id>: spec, log, the adapter written
@@ -81,7 +83,7 @@ class JobRunner:
         self.child: subprocess.Popen | None = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        self.keep_alive = KeepAliveTrainers(self)
+        self.keep_alive = KeepAliveTrainers(self, max_trainers)
         for store in stores:
             store.fail_interrupted()
 
@@ -330,4 +332,4 @@ def loss_fields(loss: dict[str, Any] | None) -> dict[str, Any]:
     return {"method": loss["method"].lower(), "beta": loss["dpo"]["beta"]}
 
 
-__all__ = ["CANCELLED", "PENDING", "JobRunner"]
+__all__ = ["CANCELLED", "METRICS_FILE", "PENDING", "JobRunner"]

@@ -4,10 +4,14 @@ the server stops; its steps come from the job's :executeTrainStep calls.
 
 The job runner (job_runner.py) starts a keep-alive job when the fair queue picks it, as any
 job, but does not wait for it: the job is JOB_STATE_CREATING while its process loads the policy,
-then JOB_STATE_RUNNING (or FAILED, saying why). At most MAX_TRAINERS run at once on a server
-(each holds a float32 copy of its base model); a job picked past that FAILS with
-RESOURCE_EXHAUSTED, and resume starts it again. One step at a time a job: `claim` says whether
-the trainer is free and takes it; `step` (on a thread) runs the claimed step and frees it.
+then JOB_STATE_RUNNING (or FAILED, saying why). At most `max_trainers` run at once on a server
+(--max-rlor-trainers; each holds a float32 copy of its base model); a job picked past that FAILS
+with RESOURCE_EXHAUSTED, and resume starts it again. One step at a time a job: `claim` says
+whether the trainer is free and takes it; `step` (on a thread) runs the claimed step and frees it.
+
+Each step that writes a model also leaves the policy, its AdamW state and its step count in the
+job's folder (CHECKPOINT, rlor_worker.py); a resumed job that wrote one (its latestOutputModel
+set) goes on from there, as if it had not stopped: step N+1 builds on step N's adapter.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from girandole.batch.store import CREATING
-from girandole.finetune.store import FAILED, PENDING, RUNNING, JobStore
+from girandole.finetune.rlor_worker import TRAINER_STATE
+from girandole.finetune.store import FAILED, METRICS_FILE, PENDING, RUNNING, JobStore
 
 log = logging.getLogger(__name__)
 
-MAX_TRAINERS = 2
+# in the job's folder: the policy after its last written step (rlor_worker.save_checkpoint)
+CHECKPOINT = "checkpoint"
 
 
 class StepError(ValueError):
@@ -88,9 +94,26 @@ def _read_line(process: subprocess.Popen) -> dict[str, Any] | None:
     return None
 
 
+def fresh_folder(work: Path, resumed: bool) -> None:
+    """The job's folder, emptied for its trainer's start: a resumed job keeps its checkpoint and
+    its metrics file (its steps go on), a new one starts from its base."""
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        return
+    for entry in work.iterdir():
+        if entry.name in (CHECKPOINT, METRICS_FILE):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 class KeepAliveTrainers:
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, max_trainers: int = 2) -> None:
         self.runner = runner  # job_runner.JobRunner: its spec, folders and output models
+        self.max_trainers = max_trainers  # --max-rlor-trainers
         self.live: dict[tuple[str, str, str], Trainer] = {}  # (table, account, job id)
         self.lock = threading.Lock()
 
@@ -102,14 +125,15 @@ class KeepAliveTrainers:
         line (on a thread of its own: the runner goes on with the queue)."""
         key = (store.kind.table, account, job_id)
         work = self.runner.work_dir(store, account, job_id)
-        shutil.rmtree(work, ignore_errors=True)  # a resumed job starts from its base again
-        work.mkdir(parents=True)
+        # the checkpoint of a job that wrote a step (a job deleted and made again has none)
+        resumed = bool(body.get("latestOutputModel")) and (work / CHECKPOINT / TRAINER_STATE).is_file()  # fmt: skip
+        fresh_folder(work, resumed)
         body["state"] = CREATING
         body["status"] = {"code": "OK", "message": "loading the policy"}
         if not store.save(account, job_id, body, when=PENDING):
             return  # cancelled or deleted since it was picked
         with self.lock:
-            if len(self.live) >= MAX_TRAINERS:
+            if len(self.live) >= self.max_trainers:
                 why = f"{len(self.live)} keep-alive trainers already run on this server, the most it holds at once: cancel one, then resume this job"  # fmt: skip
                 self._fail(store, account, job_id, "RESOURCE_EXHAUSTED", why)
                 return
@@ -118,6 +142,7 @@ class KeepAliveTrainers:
             except ValueError as exc:  # its base model or warm start is gone
                 self._fail(store, account, job_id, "FAILED_PRECONDITION", str(exc))
                 return
+            spec.update(checkpoint_dir=str(work / CHECKPOINT), resume=resumed)
             (work / "spec.json").write_text(json.dumps(spec))
             with open(work / "train.log", "wb") as stderr:
                 process = subprocess.Popen(

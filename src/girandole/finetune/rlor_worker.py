@@ -11,12 +11,18 @@ policy as it is after the step to FOLDER as a PEFT adapter (null, or a forward-o
 It answers each command with one JSON line on stdout: {"done": {loss, meanReward, ...}} or
 {"error": "..."} (a bad row or a prompt too long: the policy is unchanged and the process waits
 for the next command). The first line, once the policy is loaded, is {"ready": {...}}. It exits
-when stdin closes (the job cancelled or deleted, the server stopped)."""
+when stdin closes (the job cancelled or deleted, the server stopped).
+
+After each step that writes the policy it also writes a checkpoint to the spec's checkpoint_dir:
+the adapter, and trainer.pt (AdamW's and the schedule's state, the step count); a spec with
+`resume` true loads the policy from there instead of the base (or warm start), so that a resumed
+job's next step is the one it would have run had it not stopped."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +34,8 @@ def main(argv: list[str]) -> int:
 
     spec = json.loads(open(argv[0]).read())
     torch.set_num_threads(max(1, int(spec.pop("threads", 1))))
+    checkpoint = Path(spec.pop("checkpoint_dir")) if spec.get("checkpoint_dir") else None
+    resume = bool(spec.pop("resume", False)) and checkpoint is not None
 
     from girandole.finetune.data import RowError
     from girandole.finetune.rlor import RolloutObjective, load_groups
@@ -55,7 +63,8 @@ def main(argv: list[str]) -> int:
         template = config.chat_template or chat_template_for(tok)
         model, _ = load_model(path, mode="reference", device=device, use_cache=False)
         lora.attach(model)
-        init = lora.read_adapter(config.warm_start_path, model.spec) if config.warm_start_path else None  # fmt: skip
+        start = str(checkpoint) if resume else config.warm_start_path
+        init = lora.read_adapter(start, model.spec) if start else None
     except (AdapterError, ValueError, OSError) as exc:
         emit({"error": f"the policy does not load: {exc}"})
         return 1
@@ -69,8 +78,13 @@ def main(argv: list[str]) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
-    emit({"ready": {"rank": rank}})
     steps = 0
+    if resume:
+        state = torch.load(checkpoint / TRAINER_STATE, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        steps, objective.skipped_groups = state["steps"], state["skippedGroups"]
+    emit({"ready": {"rank": rank, "step": steps}})
     for raw in sys.stdin:
         command: dict[str, Any] = json.loads(raw)["step"]
         started = time.monotonic()
@@ -83,8 +97,30 @@ def main(argv: list[str]) -> int:
         steps += 1
         if command.get("output") and not config.forward_only:
             trainable.save(Path(command["output"]), config.base_model_name)
+            if checkpoint is not None:
+                state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "steps": steps, "skippedGroups": objective.skipped_groups}  # fmt: skip
+                save_checkpoint(checkpoint, Path(command["output"]), state)
         emit({"done": {"step": steps, "loss": loss, **objective.stats(), "elapsedSeconds": round(time.monotonic() - started, 3)}})  # fmt: skip
     return 0
+
+
+TRAINER_STATE = "trainer.pt"
+
+
+def save_checkpoint(folder: Path, adapter: Path, state: dict[str, Any]) -> None:
+    """The step's adapter folder and the trainer's `state` as `folder`, replaced whole (a
+    process killed meanwhile leaves the last checkpoint, or none at worst: never half of one)."""
+    import torch
+
+    staged, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    for path in (staged, old):
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(adapter, staged)
+    torch.save(state, staged / TRAINER_STATE)
+    if folder.exists():
+        folder.rename(old)
+    staged.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

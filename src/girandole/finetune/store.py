@@ -15,8 +15,10 @@ from typing import Any
 from girandole.batch.store import CANCELLED, COMPLETED, CREATING, FAILED, PENDING, RUNNING, now_text
 
 FINAL = (COMPLETED, FAILED, CANCELLED)
+# a job's metrics file in its work folder (job_runner.py): one line per optimizer step
+METRICS_FILE = "metrics.jsonl"
 __all__ = [
-    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "PENDING", "RFT", "RLOR", "RUNNING", "SFT",
+    "CANCELLED", "COMPLETED", "DPO", "FAILED", "FINAL", "METRICS_FILE", "PENDING", "RFT", "RLOR", "RUNNING", "SFT",
     "JobKind", "JobStore",
 ]  # fmt: skip
 

@@ -18,7 +18,12 @@ rolloutDeploymentName}.
   model, served at once by its name); with a hot-load deployment, the new adapter is loaded onto
   it and the job's previous step's adapter unloaded from it. The call answers when all that is
   done, with the job (its jobProgress: the step's loss, meanReward, kl, rollouts, groups,
-  skippedGroups). One step at a time a job: another while one runs is a 409 ABORTED.
+  skippedGroups; latestOutputModel: the step's model; hotLoadStatus: {code, message}, where a
+  hot load that failed, the deployment deleted meanwhile say, is a code other than OK: the step
+  stands, its model written, to load onto a deployment as any model). One step at a time a job: another while one
+  runs is a 409 ABORTED. At most --max-rlor-trainers keep-alive jobs run at once (a 429 past
+  that). :resume of a job that wrote a step goes on from its last step (its adapter, AdamW state
+  and step count), not from the base.
 - keepAlive false: `dataset` (scored rollouts) is required; the job runs on the fine-tuning
   runner as other jobs do, one step over the whole dataset per epoch (or batchSizeSamples groups
   a step), and COMPLETES with trainingConfig.outputModel.
@@ -31,6 +36,7 @@ rolloutDeploymentName}.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,7 @@ from girandole.api.finetune.route import (
 from girandole.api.http.errors import APIError, bad_request
 from girandole.api.http.openapi import body_doc
 from girandole.batch.store import CREATING
-from girandole.finetune.keep_alive import MAX_TRAINERS, StepError, Trainer, TrainerGone
+from girandole.finetune.keep_alive import StepError, Trainer, TrainerGone
 from girandole.finetune.rlor import read_rollouts
 from girandole.finetune.store import FAILED, RLOR, RUNNING, JobStore, training_fields
 from girandole.registry.deployments import DeploymentError
@@ -105,6 +111,7 @@ class ExecuteStepBody(BaseModel):
     outputModel: str | None = None
 
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["fine-tuning"])
 
 
@@ -224,11 +231,12 @@ async def create_rlor_job(
     if body.rolloutDeploymentName:
         job["rolloutDeploymentName"] = body.rolloutDeploymentName
     job.update({"trainingConfig": fields, "lossConfig": loss, "nodeCount": 1})
-    if body.keepAlive and runner_of(request).keep_alive.count() >= MAX_TRAINERS:
+    trainers = runner_of(request).keep_alive
+    if body.keepAlive and trainers.count() >= trainers.max_trainers:
         raise APIError(
             429,
-            f"{MAX_TRAINERS} keep-alive trainers already run on this server, the most it holds"
-            " at once: cancel one first",
+            f"{trainers.count()} keep-alive trainers already run on this server, the most it"
+            " holds at once (--max-rlor-trainers): cancel one first",
             type="error",
             code="RESOURCE_EXHAUSTED",
         )
@@ -302,11 +310,16 @@ async def execute_train_step(job_id: str, request: Request, account: str = Accou
         runner.finish(store, account, job_id, FAILED, failed)
         raise APIError(500, f"{job['name']} failed: {failed['message']}", type="error", code="INTERNAL") from None  # fmt: skip
     runner.progress(store, account, job_id, done)  # jobProgress, and a line of the metrics file
-    message = f"step {done['step']} ran"
+    message, fields = f"step {done['step']} ran", {}
     if output is not None:
-        message += await materialize(request, account, job, trainer, output, folder)
+        fields = await materialize(request, account, job, trainer, output, folder)
+        message += f"; outputModel {output} written"
+        hot_load = fields.get("hotLoadStatus")
+        if hot_load is not None:
+            message += "; " + hot_load["message"]
     now = store.get(account, job_id) or job
     if now["state"] == RUNNING:
+        now.update(fields)
         now["status"] = {"code": "OK", "message": message}
         store.save(account, job_id, now, when=RUNNING)
     return now
@@ -314,27 +327,40 @@ async def execute_train_step(job_id: str, request: Request, account: str = Accou
 
 async def materialize(
     request: Request, account: str, job: dict[str, Any], trainer: Trainer, output: str, folder: Path
-) -> str:
+) -> dict[str, Any]:
     """The step's adapter `folder` as model `output`, loaded onto the job's hot-load
-    deployment in place of its previous step's; the words for the job's status."""
+    deployment in place of its previous step's; the job's fields that say so: latestOutputModel
+    (where a resume goes on from), and hotLoadStatus ({code, message}) with a hot-load
+    deployment. A failed hot load fails not the step: its model is written (READY, loadable
+    as any model), the deployment keeps the adapter it had, and hotLoadStatus says why (a code
+    other than OK)."""
     runner = runner_of(request)
     fields = {**training_fields(job), "outputModel": output}
     try:
         await asyncio.to_thread(runner.register, account, fields, folder)
     except ValueError as exc:  # another job wrote it meanwhile
         raise APIError(409, str(exc), param="outputModel", code="ALREADY_EXISTS") from None
+    written: dict[str, Any] = {"latestOutputModel": output}
     deployment = job.get("hotLoadDeploymentId")
     if deployment is None:
-        return f"; outputModel {output} written"
+        return written
     lora = request.app.state.lora
-    loaded = await lora.load(account, {"model": output, "deployment": deployment, "default": True})
+    try:
+        loaded = await lora.load(account, {"model": output, "deployment": deployment, "default": True})  # fmt: skip
+    except (APIError, DeploymentError) as exc:  # the deployment deleted meanwhile, ...
+        why = {"code": exc.code or "FAILED_PRECONDITION", "message": f"not loaded onto {deployment}: {exc.message}"}  # fmt: skip
+        return {**written, "hotLoadStatus": why}
+    except Exception as exc:  # noqa: BLE001 - the step's model is written: the step stands
+        log.exception("hot-loading %s onto %s failed", output, deployment)
+        why = {"code": "INTERNAL", "message": f"not loaded onto {deployment}: {exc}"}
+        return {**written, "hotLoadStatus": why}
     previous, trainer.hot_loaded = trainer.hot_loaded, loaded["name"].rsplit("/", 1)[-1]
     if previous is not None:
         try:
             lora.unload(account, previous)
         except DeploymentError:  # the user unloaded it already
             pass
-    return f"; outputModel {output} written and loaded onto {deployment}"
+    return {**written, "hotLoadStatus": {"code": "OK", "message": f"loaded onto {deployment}"}}
 
 
 job_routes(router, RLOR, set(RlorJobBody.model_fields))

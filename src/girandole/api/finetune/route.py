@@ -383,7 +383,7 @@ def install_finetune(app: FastAPI, state: Any, prefixes: tuple[str, ...]) -> Job
 
     runner = JobRunner(
         list(stores.values()), app.state.deployments.catalog, app.state.model_files,
-        app.state.batch_store, folder, template_of, evaluator_of,
+        app.state.batch_store, folder, template_of, evaluator_of, settings.max_rlor_trainers,
     )  # fmt: skip
     app.state.finetune_stores, app.state.sft = stores, runner
     for prefix in prefixes:

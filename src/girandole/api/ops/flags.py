@@ -94,6 +94,13 @@ def add_ops_arguments(p: argparse.ArgumentParser) -> None:
         " one; more wait) [GIRANDOLE_MAX_EVALUATOR_PROCESSES]",
     )
     p.add_argument(
+        "--max-rlor-trainers",
+        type=int_value("MAX_RLOR_TRAINERS", 1),
+        default=env_default("MAX_RLOR_TRAINERS", str(DEFAULTS.max_rlor_trainers)),
+        help="keep-alive RLOR trainer jobs running at once (each a process holding a float32"
+        " copy of its base model); creating one more is a 429 [GIRANDOLE_MAX_RLOR_TRAINERS]",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int_value("MAX_CONCURRENT_REQUESTS", 1),
         default=env_default("MAX_CONCURRENT_REQUESTS", str(DEFAULTS.max_concurrent_requests)),
@@ -219,6 +226,7 @@ def ops_settings(args: argparse.Namespace) -> dict[str, Any]:
         "evaluator_timeout": args.evaluator_timeout,
         "evaluator_memory": args.evaluator_memory,
         "max_evaluator_processes": args.max_evaluator_processes,
+        "max_rlor_trainers": args.max_rlor_trainers,
         "max_concurrent_requests": args.max_concurrent_requests,
         "max_queued_requests": args.max_queued_requests,
         "queue_timeout": args.queue_timeout,
