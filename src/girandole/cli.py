@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     from girandole.finetune.cli import add_finetune_parsers
 
     add_finetune_parsers(sub)
+    from girandole.finetune.rlor_cli import add_rlor_parser
+
+    add_rlor_parser(sub)
     try:
         from girandole.api.server import add_serve_parser
     except ImportError:

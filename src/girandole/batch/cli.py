@@ -95,10 +95,15 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
 
 
 def wait_for_job(
-    plane: ControlPlane, path: str, timeout: float, line_of: Callable[[dict[str, Any]], str]
+    plane: ControlPlane,
+    path: str,
+    timeout: float,
+    line_of: Callable[[dict[str, Any]], str],
+    until: tuple[str, ...] = FINAL,
 ) -> dict[str, Any]:
-    """Poll the job at `path` until it ends, showing `line_of(job)` on stderr: redrawn in place
-    on a terminal, a line each time it changes otherwise (also girandole.finetune.cli's)."""
+    """Poll the job at `path` until it ends (or reaches another of the states `until`), showing
+    `line_of(job)` on stderr: redrawn in place on a terminal, a line each time it changes
+    otherwise (also girandole.finetune.cli's)."""
     tty = sys.stderr.isatty()
     deadline, shown = time.monotonic() + timeout, ""
     while True:
@@ -108,7 +113,7 @@ def wait_for_job(
             sys.stderr.write(("\r" if tty else "") + line + ("" if tty else "\n"))
             sys.stderr.flush()
             shown = line
-        if job["state"] in FINAL:
+        if job["state"] in until:
             if tty:
                 sys.stderr.write("\n")
             return job

@@ -1,5 +1,5 @@
 """`girandole sftj|dpoj|rftj create|get|list|cancel|resume|delete`, like firectl's commands of
-the same names, talking to a running server (GIRANDOLE_BASE_URL, GIRANDOLE_API_KEY,
+the same names (and `girandole rlorj`'s shared commands: finetune/rlor_cli.py), talking to a running server (GIRANDOLE_BASE_URL, GIRANDOLE_API_KEY,
 GIRANDOLE_ACCOUNT) through the deployment CLI's client.
 
     girandole sftj create --dataset rows.jsonl --base-model accounts/fireworks/models/gemma-3-270m \
@@ -22,7 +22,7 @@ from girandole.batch.cli import add_job_commands, add_wait_args, wait_for_job
 from girandole.cli_datasets import upload_dataset
 from girandole.cli_tables import fields, table
 from girandole.deploy.cli import ControlPlane, _run
-from girandole.finetune.store import COMPLETED, DPO, RFT, SFT, JobKind
+from girandole.finetune.store import COMPLETED, DPO, RFT, RLOR, SFT, JobKind
 
 # the command, its kind of job (its REST collection, the id's query parameter and prefix)
 KINDS = {"sftj": SFT, "dpoj": DPO, "rftj": RFT}
@@ -47,7 +47,7 @@ TRAINING_FLAGS = (
 
 
 def _kind(args: argparse.Namespace) -> JobKind:
-    return KINDS[args.command]
+    return RLOR if args.command == "rlorj" else KINDS[args.command]
 
 
 def _plane(args: argparse.Namespace) -> ControlPlane:
@@ -64,9 +64,13 @@ def _training(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_line(job: dict[str, Any]) -> str:
-    """`37%  epoch 1  loss 0.5312  RUNNING` (and `reward 0.25` of a reinforcement job)."""
+    """`37%  epoch 1  loss 0.5312  RUNNING` (and `reward 0.25` of a reinforcement job;
+    `step 3  loss ...` of a keep-alive RLOR trainer job, whose steps have no end to count to)."""
     progress = job.get("jobProgress") or {}
-    line = f"{progress.get('percent', 0):>3}%  epoch {progress.get('epoch', 0)}"
+    if job.get("keepAlive"):
+        line = f"step {progress.get('step', 0)}"
+    else:
+        line = f"{progress.get('percent', 0):>3}%  epoch {progress.get('epoch', 0)}"
     if progress.get("loss") is not None:
         line += f"  loss {progress['loss']:.4f}"
     if progress.get("meanReward") is not None:  # a reinforcement fine-tuning job's
@@ -93,9 +97,20 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
         ("Progress", progress_line(job)),
     ]
     loss = job.get("lossConfig")
-    if loss and "klBeta" in loss:  # a reinforcement fine-tuning job's
+    if loss and "klBeta" in loss:  # a reinforcement fine-tuning job's, an RLOR trainer job's
         rows.append(("Loss", f"{loss.get('method')} (klBeta {loss['klBeta']})"))
-        rows.append(("Evaluator", job.get("evaluator")))
+        if "evaluator" in job:
+            rows.append(("Evaluator", job["evaluator"]))
+    if "keepAlive" in job:  # an RLOR trainer job's
+        rows.append(("Keep Alive", job["keepAlive"]))
+        rows.append(("Forward Only", job.get("forwardOnly")))
+        if job.get("hotLoadDeploymentId"):
+            rows.append(("Hot-Load Deployment", job["hotLoadDeploymentId"]))
+        if job.get("latestOutputModel"):
+            rows.append(("Latest Output Model", job["latestOutputModel"]))
+        hot_load = job.get("hotLoadStatus")
+        if hot_load:
+            rows.append(("Hot Load", f"{hot_load.get('code')}: {hot_load.get('message')}"))
     elif loss:
         rows.append(("Loss", f"{loss.get('method')} (beta {loss.get('dpo', {}).get('beta')})"))
     if job.get("evaluationDataset"):
@@ -185,7 +200,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for job in jobs:
             train = _training(job)
             base = train.get("baseModel") or train.get("warmStartFrom")
-            rows.append([job["name"].rsplit("/", 1)[-1], progress_line(job), base, train.get("outputModel")])  # fmt: skip
+            output = train.get("outputModel") or job.get(
+                "latestOutputModel"
+            )  # a keep-alive job's last step's
+            rows.append([job["name"].rsplit("/", 1)[-1], progress_line(job), base, output])
         print(table(rows))
     return 0
 
