@@ -68,7 +68,11 @@ def test_rlorj_keep_alive_steps(srv, girandole, tmp_path):
     # --wait: until the resumed job's policy is loaded, then the step (step 2: it goes on)
     stepped = girandole("rlorj", "step", "cli-loop", "--dataset", str(data), "--output-model", "cli-loop-2", "--wait", "--json")  # fmt: skip
     assert stepped.returncode == 0, stepped.stderr
-    assert json.loads(stepped.stdout)["jobProgress"]["step"] == 2
+    job = json.loads(stepped.stdout)
+    assert job["jobProgress"]["step"] == 2 and job["hotLoadStatus"]["code"] == "OK", job
+    # the step before the resume's adapter was swapped out, as between steps of one run
+    loaded = {m.model for m in srv.sdk().lora.list().deployed_models if m.deployment.endswith("/tiny")}  # fmt: skip
+    assert loaded == {f"accounts/{ACCOUNT}/models/cli-loop-2"}, loaded
     # an unknown job, a step without its model: the server's 4xx / the parser's, exit status
     missing = girandole("rlorj", "step", "nope", "--dataset", str(data), "--output-model", "x")
     assert missing.returncode == 1 and "not found (HTTP 404)" in missing.stderr

@@ -149,7 +149,9 @@ class KeepAliveTrainers:
                     [sys.executable, "-m", "girandole.finetune.rlor_worker", str(work / "spec.json")],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=dict(os.environ),
                 )  # fmt: skip
-            self.live[key] = Trainer(process, work)
+            self.live[key] = trainer = Trainer(process, work)
+            # a resumed job's last hot-loaded adapter: its next step's replaces it
+            trainer.hot_loaded = (body.get("hotLoadedDeployedModel") or "").rsplit("/", 1)[-1] or None  # fmt: skip
         threading.Thread(
             target=self._await_ready, args=(store, account, job_id), daemon=True,
             name=f"girandole-rlor-{job_id}",

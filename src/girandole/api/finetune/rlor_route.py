@@ -330,8 +330,9 @@ async def materialize(
 ) -> dict[str, Any]:
     """The step's adapter `folder` as model `output`, loaded onto the job's hot-load
     deployment in place of its previous step's; the job's fields that say so: latestOutputModel
-    (where a resume goes on from), and hotLoadStatus ({code, message}) with a hot-load
-    deployment. A failed hot load fails not the step: its model is written (READY, loadable
+    (where a resume goes on from), and with a hot-load deployment hotLoadStatus ({code,
+    message}) and hotLoadedDeployedModel (the DeployedModel serving the adapter loaded last,
+    which a resumed job's next step replaces). A failed hot load fails not the step: its model is written (READY, loadable
     as any model), the deployment keeps the adapter it had, and hotLoadStatus says why (a code
     other than OK)."""
     runner = runner_of(request)
@@ -360,7 +361,8 @@ async def materialize(
             lora.unload(account, previous)
         except DeploymentError:  # the user unloaded it already
             pass
-    return {**written, "hotLoadStatus": {"code": "OK", "message": f"loaded onto {deployment}"}}
+    ok = {"code": "OK", "message": f"loaded onto {deployment}"}
+    return {**written, "hotLoadStatus": ok, "hotLoadedDeployedModel": loaded["name"]}
 
 
 job_routes(router, RLOR, set(RlorJobBody.model_fields))
