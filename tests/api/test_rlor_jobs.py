@@ -3,9 +3,11 @@ serve` (a tiny Llama as its own model), with the fireworks-ai SDK: a keep-alive 
 policy and runs the user's steps over datasets of scored rollouts; each step's output model is
 served at once and moves the completion's log-probability toward the rewarded answer (step
 after step: fails if the advantage's sign is wrong or a step does nothing); the hot-load
-deployment swaps to each step's adapter; steps of a job run one at a time (409); a job over a
-dataset COMPLETES with its output model; forward-only steps report the loss and write no model;
-cancel, resume, list, delete; the 400s of bad fields and rows, 404s, and another account's 403."""
+deployment swaps to each step's adapter; steps of a job run one at a time (409); a resumed job
+goes on from its last step (its step 3 as a job never stopped); a step whose hot load fails
+stands (hotLoadStatus says why); a job over a dataset COMPLETES with its output model;
+forward-only steps report the loss and write no model; cancel, resume, list, delete; the 400s of
+bad fields and rows, 404s, and another account's 403."""
 
 from __future__ import annotations
 

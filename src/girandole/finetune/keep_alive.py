@@ -134,7 +134,7 @@ class KeepAliveTrainers:
             return  # cancelled or deleted since it was picked
         with self.lock:
             if len(self.live) >= self.max_trainers:
-                why = f"{len(self.live)} keep-alive trainers already run on this server, the most it holds at once: cancel one, then resume this job"  # fmt: skip
+                why = f"{len(self.live)} keep-alive trainers already run on this server, the most it holds at once (--max-rlor-trainers): cancel one, then resume this job"  # fmt: skip
                 self._fail(store, account, job_id, "RESOURCE_EXHAUSTED", why)
                 return
             try:
