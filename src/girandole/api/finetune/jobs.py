@@ -10,7 +10,8 @@ create route (route.py: supervised fine-tuning, dpo_route.py: DPO).
                                                    model stays)
     POST   /accounts/{a}/{collection}/{j}:cancel   stop it
     POST   /accounts/{a}/{collection}/{j}:resume   run a CANCELLED or FAILED job again, from the
-                                                   start
+                                                   start (a keep-alive RLOR job: from its last
+                                                   written step, finetune/keep_alive.py)
     GET    /accounts/{a}/{collection}/{j}:getMetricsFileEndpoint  {signedUrl}: a signed GET URL
                                                    (api/http/signed_upload.py) of the job's
                                                    metrics.jsonl, one line per optimizer step
