@@ -376,6 +376,7 @@ def test_documented_curl_commands_send_their_json_as_json():
         (["--evaluator-timeout", "0"], {}, "argument --evaluator-timeout: '0' is not a number > 0"),
         ([], {"GIRANDOLE_EVALUATOR_MEMORY": "64"}, "'64' is not an integer >= 128 [GIRANDOLE_EVA"),
         (["--max-evaluator-processes", "0"], {}, "--max-evaluator-processes: '0' is not an"),
+        ([], {"GIRANDOLE_MAX_RLOR_TRAINERS": "0"}, "'0' is not an integer >= 1 [GIRANDOLE_MAX_R"),
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),

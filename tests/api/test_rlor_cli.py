@@ -95,3 +95,19 @@ def test_rlorj_over_a_dataset_waits_until_completed(srv, girandole, tmp_path):
     # a keep-alive job with a dataset: the server's 400 names the field
     refused = girandole("rlorj", "create", "--keep-alive", "--dataset", "cli-offline-train", "--base-model", TINY)  # fmt: skip
     assert refused.returncode == 1 and "leave dataset unset" in refused.stderr
+
+
+def test_max_rlor_trainers_from_flag_and_variable(monkeypatch):
+    """--max-rlor-trainers (and GIRANDOLE_MAX_RLOR_TRAINERS) sets the cap; 2 without them."""
+    import argparse
+
+    from girandole.api.server import add_serve_parser, settings_from_args
+
+    def parse(*argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return settings_from_args(parser.parse_args(["serve", *argv])).max_rlor_trainers
+
+    assert parse() == 2 and parse("--max-rlor-trainers", "5") == 5
+    monkeypatch.setenv("GIRANDOLE_MAX_RLOR_TRAINERS", "3")
+    assert parse() == 3
