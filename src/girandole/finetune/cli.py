@@ -101,6 +101,8 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
         rows.append(("Loss", f"{loss.get('method')} (klBeta {loss['klBeta']})"))
         if "evaluator" in job:
             rows.append(("Evaluator", job["evaluator"]))
+    elif loss:
+        rows.append(("Loss", f"{loss.get('method')} (beta {loss.get('dpo', {}).get('beta')})"))
     if "keepAlive" in job:  # an RLOR trainer job's
         rows.append(("Keep Alive", job["keepAlive"]))
         rows.append(("Forward Only", job.get("forwardOnly")))
@@ -111,8 +113,6 @@ def _show(args: argparse.Namespace, job: dict[str, Any]) -> None:
         hot_load = job.get("hotLoadStatus")
         if hot_load:
             rows.append(("Hot Load", f"{hot_load.get('code')}: {hot_load.get('message')}"))
-    elif loss:
-        rows.append(("Loss", f"{loss.get('method')} (beta {loss.get('dpo', {}).get('beta')})"))
     if job.get("evaluationDataset"):
         rows.append(("Evaluation Dataset", job["evaluationDataset"]))
     rows += [("Create Time", job.get("createTime")), ("Update Time", job.get("updateTime"))]
