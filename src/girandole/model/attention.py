@@ -72,7 +72,10 @@ class Attention(nn.Module):
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
+        """`sinks`: gpt-oss's learned per-head logit [H], a column every query row's softmax
+        also normalises over (attention to nothing); None for every other model."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -80,6 +83,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
+        self.register_buffer("sinks", None if sinks is None else sinks.float().contiguous())
         self.k_cache: torch.Tensor | None = None  # bound by the ModelRunner
         self.v_cache: torch.Tensor | None = None
         self.kv_group = 0  # which of the forward context's groups holds this layer's slots
@@ -107,7 +111,10 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         # a float16 cache is CPU storage only: it is read in float32 (the native kernel widens it)
         qc = q.to(torch.float32 if cache_dtype == torch.float16 else cache_dtype)
-        if ctx.paged is not None:
+        if ctx.paged is not None and self.sinks is not None:
+            # The Triton kernels know no sinks: the torch path, one sequence at a time.
+            out = self._attend_each_sequence(qc, ctx)
+        elif ctx.paged is not None:
             row_spans = None
             if spans is not None:  # images: the prefill kernel's both-ways spans, per row
                 row_spans = images.row_spans(ctx.query_lens, ctx.context_lens, q.device)
@@ -116,8 +123,10 @@ class Attention(nn.Module):
             out = self._attend_each_sequence(qc, ctx, spans)
         elif ctx.padded_decode is not None:
             out = self._attend_decode(qc, ctx.padded_decode)
-        elif ctx.native is not None and paged_attention.supported(
-            self.head_dim, self.k_cache, self.logit_softcap
+        elif (
+            ctx.native is not None
+            and self.sinks is None  # the native kernel knows no sinks
+            and paged_attention.supported(self.head_dim, self.k_cache, self.logit_softcap)
         ):
             # Every row, decode or prefill, through one kernel that reads the cache in place.
             n = ctx.native
@@ -181,7 +190,10 @@ class Attention(nn.Module):
         no backward, so q/k/v (and their LoRA) would get no gradient."""
         grads = q.requires_grad or k.requires_grad or v.requires_grad
         differentiable = torch.is_grad_enabled() and grads
-        if differentiable or not paged_attention.supported(self.head_dim, k, self.logit_softcap):
+        native = self.sinks is None and paged_attention.supported(
+            self.head_dim, k, self.logit_softcap
+        )
+        if differentiable or not native:
             return self._attend_sequence(q, k, v)
         t = q.shape[0]  # k, v as a cache of their own, slot i holding position i
         lens = torch.arange(1, t + 1)
@@ -209,6 +221,7 @@ class Attention(nn.Module):
         for i, (qlen, slots) in enumerate(zip(ctx.query_lens, ctx.context_slots)):
             qi = q[start : start + qlen]
             start += qlen
+            slots = slots.to(q.device)  # the GPU path's are host tensors (sinks only come here)
             ki = self.k_cache.index_select(0, slots).to(q.dtype)
             vi = self.v_cache.index_select(0, slots).to(q.dtype)
             if spans is not None and spans[i]:
@@ -229,7 +242,8 @@ class Attention(nn.Module):
         decode row needs no mask at all.
         """
         qlen, ctx = q.shape[0], k.shape[0]
-        generic = self._scores_softcap() or q.device.type != "cpu"  # GPUs: GQA kernels of their own
+        # GPUs: GQA kernels of their own; softcap and sinks: the manual softmax
+        generic = self._manual_scores() or q.device.type != "cpu"
         masked = qlen > 1 or (self.sliding_window is not None and ctx > self.sliding_window)
         if generic or masked:
             k_pos = torch.arange(ctx, device=q.device)
@@ -253,6 +267,10 @@ class Attention(nn.Module):
     def _scores_softcap(self) -> bool:
         return self.logit_softcap is not None and self.logit_softcap > 0
 
+    def _manual_scores(self) -> bool:
+        """Whether the scores need _manual (SDPA has neither soft-capping nor sinks)."""
+        return self._scores_softcap() or self.sinks is not None
+
     def _attend(
         self,
         q: torch.Tensor,  # [Tq, H, D]
@@ -265,7 +283,7 @@ class Attention(nn.Module):
         if mask is None:
             mask = _window_mask(q_pos, k_pos, self.sliding_window)
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if self._scores_softcap():
+        if self._manual_scores():
             out = self._manual(qh, kh, vh, mask)
         else:
             out = F.scaled_dot_product_attention(
@@ -292,7 +310,7 @@ class Attention(nn.Module):
             mask = mask & (decode.positions[:, None] - k_idx[None, :] < self.sliding_window)
         mask = mask[:, None, None, :]  # [S, 1, 1, L]
         qh = q[:, :, None, :]  # [S, H, 1, D]
-        if self._scores_softcap():
+        if self._manual_scores():
             out = self._manual(qh, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(
@@ -306,13 +324,20 @@ class Attention(nn.Module):
         return out[:, :, 0, :]  # [S, H, D]
 
     def _manual(self, q, k, v, mask):
-        """Softmax attention with tanh soft-capping of the scores (Gemma 2 style)."""
+        """Softmax attention with tanh soft-capping of the scores (Gemma 2 style) and/or
+        attention sinks (gpt-oss: each head's sink logit joins the softmax, its weight
+        dropped after, as transformers' eager_attention_forward). q [..., H, Tq, D]."""
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=-3)
             v = v.repeat_interleave(rep, dim=-3)
         scores = (q @ k.transpose(-1, -2)) * self.scale
-        cap = self.logit_softcap
-        scores = torch.tanh(scores / cap) * cap
+        if self._scores_softcap():
+            cap = self.logit_softcap
+            scores = torch.tanh(scores / cap) * cap
         scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1) @ v
+        sinks = self.sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)
+        return probs[..., :-1] @ v

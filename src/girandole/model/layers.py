@@ -90,18 +90,67 @@ def rope_inv_freq(
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     raise ValueError(f"unsupported rope scaling type: {rope_type!r}")
 
 
-class Rotary(nn.Module):
-    """cos/sin tables for given positions: forward(positions [T]) -> (cos, sin) [T, D/2]."""
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (gpt-oss, Qwen long context): each frequency blended between the original one
+    (fast rotations, extrapolated) and the one divided by `factor` (slow ones, interpolated)
+    along a linear ramp between the correction dims of beta_fast and beta_slow rotations; as
+    transformers' _compute_yarn_parameters."""
+    factor = float(scaling["factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
 
-    def __init__(self, inv_freq: torch.Tensor) -> None:
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor YaRN multiplies cos and sin by (1 for every other rope type)."""
+    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if rope_type != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return mscale(factor, float(m)) / mscale(factor, float(m_all))
+    return mscale(factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions: forward(positions [T]) -> (cos, sin) [T, D/2].
+    `attention_factor`: YaRN's multiplier of both tables."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.float())
+        self.attention_factor = attention_factor
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        if self.attention_factor != 1.0:
+            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         return freqs.cos(), freqs.sin()
 
 
@@ -532,7 +581,10 @@ class SelfAttention(nn.Module):
         qk_norm: bool,
         sliding_window: int | None,
         logit_softcap: float | None = None,
+        sinks: bool = False,
     ) -> None:
+        """`sinks`: the layer has gpt-oss's per-head attention sink logits
+        (`{prefix}.attn_sinks.weight`)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.qkv = b.linear([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"])
@@ -546,8 +598,9 @@ class SelfAttention(nn.Module):
             self.qk_norm_weight = None
         self.fused_norm = b.mode == "fast"
         self.o_proj = b.linear([f"{prefix}.attn_output"])
+        sink_logits = b.tensor(f"{prefix}.attn_sinks.weight") if sinks else None
         self.attn = Attention(
-            num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_softcap
+            num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_softcap, sink_logits
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,24 @@ import torch
 from torch import nn
 
 from girandole.model import fused_layers
-from girandole.model.layers import Builder, GatedMLP, Rotary, SelfAttention, rope_inv_freq
+from girandole.model.layers import (
+    Builder,
+    GatedMLP,
+    Rotary,
+    SelfAttention,
+    rope_attention_factor,
+    rope_inv_freq,
+)
 from girandole.model.moe import SparseMoE
 from girandole.model.spec import ArchSpec
 
 
 def feed_forward(b: Builder, spec: ArchSpec, i: int) -> nn.Module:
     """Layer i's feed-forward: the MoE block where the spec makes it one, else the dense MLP."""
+    if spec.architecture == "gpt_oss":
+        from girandole.model.gpt_oss import GptOssMoE  # gpt_oss imports this module
+
+        return GptOssMoE(b, spec, i)
     if spec.moe_layers and spec.moe_layers[i]:
         return SparseMoE(
             b,
@@ -46,6 +57,7 @@ class LlamaLayer(nn.Module):
             scale=spec.head_dim**-0.5,
             qk_norm=spec.qk_norm,
             sliding_window=window,
+            sinks=spec.attn_sinks,
         )
         self.ffn_norm = b.norm(f"{p}.ffn_norm.weight", eps)
         self.mlp = feed_forward(b, spec, i)
@@ -67,7 +79,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         freq_factors = b.tensor("rope_freqs.weight") if b.has("rope_freqs.weight") else None
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling, freq_factors)
-        self.rotary = Rotary(inv_freq)
+        self.rotary = Rotary(inv_freq, rope_attention_factor(spec.rope_scaling))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return fused_layers.decoder_forward(self, input_ids, positions)

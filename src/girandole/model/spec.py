@@ -18,7 +18,15 @@ from typing import Any, NoReturn, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = (
+    "gemma3",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "gpt_oss",
+)
 
 
 @dataclass
@@ -54,6 +62,11 @@ class ArchSpec:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: list[bool] = field(default_factory=list)
+    # gpt-oss only (model/gpt_oss.py): a learned per-head attention sink logit in every layer,
+    # and the experts' clamped SwiGLU (gate clamped above, up both ways, at this limit).
+    attn_sinks: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def num_moe_layers(self) -> int:
@@ -74,7 +87,7 @@ class Weights(Protocol):
         ...
 
 
-ROPE_TYPES = ("default", "linear", "llama3")  # what layers.rope_inv_freq computes
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # what layers.rope_inv_freq computes
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "gelu_pytorch_tanh")  # what layers.GatedMLP runs
 
 
@@ -170,7 +183,11 @@ def _validate_rope_scaling(scaling: Any, fail: Callable[[str], NoReturn], key: s
     rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type not in ROPE_TYPES:
         fail(f"unsupported {key} type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    needed = {"default": (), "linear": ("factor",)}.get(
+    needed = {
+        "default": (),
+        "linear": ("factor",),
+        "yarn": ("factor", "original_max_position_embeddings"),
+    }.get(
         rope_type,
         ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     )
@@ -178,6 +195,11 @@ def _validate_rope_scaling(scaling: Any, fail: Callable[[str], NoReturn], key: s
         value = scaling.get(name)
         if not (_real(value) and value > 0):
             fail(f"{key}.{name} must be a positive number, got {value!r}")
+    if rope_type == "yarn":
+        for name in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+            value = scaling.get(name)
+            if value is not None and not (_real(value) and value > 0):
+                fail(f"{key}.{name} must be a positive number, got {value!r}")
     if rope_type == "llama3" and scaling["high_freq_factor"] == scaling["low_freq_factor"]:
         fail(f"{key}.high_freq_factor must differ from low_freq_factor")
 
@@ -228,7 +250,7 @@ _PROJECTIONS = {
     "ffn_down": "down_proj",
 }
 # An expert's projection (model/moe.py's expert_prefix) and the router.
-_EXPERT_TENSOR = re.compile(r"blk\.\d+\.exp\.\d+\.(ffn_gate|ffn_up|ffn_down)\.weight")
+_EXPERT_TENSOR = re.compile(r"blk\.\d+\.exp\.\d+\.(ffn_gate|ffn_up|ffn_down)\.(weight|bias)")
 _NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 _LAYER_TENSOR = re.compile(r"blk\.\d+\.(\w+)\.(weight|bias)")
 
@@ -253,7 +275,8 @@ def expected_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...] | None]:
         expert = _EXPERT_TENSOR.fullmatch(name)
         if expert is not None:
             i = spec.moe_intermediate_size
-            return (h, i) if expert.group(1) == "ffn_down" else (i, h)
+            shape = (h, i) if expert.group(1) == "ffn_down" else (i, h)
+            return shape if expert.group(2) == "weight" else shape[:1]
         m = _LAYER_TENSOR.fullmatch(name)
         if m is None:
             return None
@@ -267,6 +290,10 @@ def expected_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...] | None]:
             return (d,)
         if kind == "weight" and part == "ffn_gate_inp":
             return (spec.num_experts, h)
+        if kind == "bias" and part == "ffn_gate_inp":
+            return (spec.num_experts,)
+        if kind == "weight" and part == "attn_sinks":
+            return (spec.num_heads,)
         return None
 
     return shape

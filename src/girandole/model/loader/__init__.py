@@ -65,6 +65,10 @@ def _model_class(arch: str) -> type[nn.Module]:
         from girandole.model.llama import MixtralForCausalLM
 
         return MixtralForCausalLM
+    if arch == "gpt_oss":
+        from girandole.model.gpt_oss import GptOssForCausalLM
+
+        return GptOssForCausalLM
     raise ValueError(f"unsupported model architecture: {arch!r}")
 
 

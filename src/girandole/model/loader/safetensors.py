@@ -13,6 +13,7 @@ import torch
 
 from girandole.model.config import ModelConfig
 from girandole.model.gemma3 import LOCAL_ROPE_THETA, SLIDING_WINDOW_PATTERN
+from girandole.model.loader.fused_experts import FUSED_EXPERTS, ExpertSlice, split_fused_experts
 from girandole.model.pooling_config import decoder_embedding
 from girandole.model.spec import (
     REQUIRED,
@@ -34,6 +35,7 @@ MODEL_TYPES = {
     "mixtral": "mixtral",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "gpt_oss": "gpt_oss",
 }
 
 _LAYER_NAMES = {
@@ -45,6 +47,10 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.sinks": "attn_sinks.weight",  # gpt-oss
+    "mlp.router.weight": "ffn_gate_inp.weight",  # gpt-oss's router, with a bias
+    "mlp.router.bias": "ffn_gate_inp.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
@@ -118,6 +124,7 @@ class SafetensorsWeights:
         self.arch = arch
         self.handles = []
         self.names: dict[str, tuple[Any, str]] = {}
+        fused: dict[str, Any] = {}  # gpt-oss's all-experts tensors: HF name -> handle
         for f in files:
             path = folder / f
             if not path.exists():
@@ -128,24 +135,35 @@ class SafetensorsWeights:
                 raise ValueError(f"not a valid safetensors file: {path} ({exc})") from exc
             self.handles.append(h)
             for hf_name in h.keys():
+                if arch == "gpt_oss" and FUSED_EXPERTS.fullmatch(hf_name):
+                    fused[hf_name] = h
+                    continue
                 name = _gguf_name(hf_name, arch)
                 if name is not None:
                     self.names[name] = (h, hf_name)
+        # one slice per expert and projection, read on its own (loader/fused_experts.py)
+        self.experts: dict[str, ExpertSlice] = split_fused_experts(fused, str(folder))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names
+        return name in self.names or name in self.experts
 
     def qtype(self, name: str) -> str:
+        if name in self.experts:
+            return self.experts[name].qtype
         h, hf_name = self.names[name]
         dtype = h.get_slice(hf_name).get_dtype()
         return {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dtype, dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape from the file's header, without reading it."""
+        if name in self.experts:
+            return self.experts[name].shape()
         h, hf_name = self.names[name]
         return tuple(h.get_slice(hf_name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.experts:
+            return self.experts[name].get()
         h, hf_name = self.names[name]
         t = h.get_tensor(hf_name).float()
         if self.arch == "gemma3" and name.endswith("norm.weight"):
@@ -317,7 +335,11 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
         window = _int(cfg, "sliding_window", cfg_path, None)
         # Mistral and Mixtral use the window whenever the config sets one; Qwen only with
         # use_sliding_window (as transformers reads them)
-        use = cfg.get("use_sliding_window", model_type in ("mistral", "mixtral"))
+        use = cfg.get("use_sliding_window", model_type in ("mistral", "mixtral", "gpt_oss"))
+        if types is None and model_type == "gpt_oss":  # transformers' default: alternating
+            types = [
+                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+            ]
         if window and use:
             if types is not None:
                 spec.sliding_windows = [window if t == "sliding_attention" else None for t in types]
@@ -325,7 +347,7 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
                 spec.sliding_windows = [window] * num_layers
         else:
             spec.sliding_windows = [None] * num_layers
-    if arch in ("qwen3_moe", "mixtral"):
+    if arch in ("qwen3_moe", "mixtral", "gpt_oss"):
         _read_moe(spec, cfg, cfg_path, arch)
     validate_spec(spec, str(cfg_path), _HF_KEYS, derived_head_dim=derived_head_dim)
 
@@ -386,14 +408,20 @@ def read_safetensors(folder: str | os.PathLike) -> tuple[ArchSpec, ModelConfig, 
 def _read_moe(spec: ArchSpec, cfg: dict[str, Any], source: Path, arch: str) -> None:
     """The mixture-of-experts fields: Qwen3-MoE's num_experts (transformers 5 writes
     num_local_experts), moe_intermediate_size, norm_topk_prob, decoder_sparse_step and
-    mlp_only_layers (dense layers); Mixtral's num_local_experts, every layer MoE, each expert
-    intermediate_size wide."""
+    mlp_only_layers (dense layers); Mixtral's and gpt-oss's num_local_experts, every layer MoE,
+    each expert intermediate_size wide (gpt-oss: with its SwiGLU's swiglu_alpha and
+    swiglu_limit)."""
     experts = _int(cfg, "num_experts", source, None)
     spec.num_experts = experts if experts is not None else _int(cfg, "num_local_experts", source)
     spec.num_experts_per_tok = _int(cfg, "num_experts_per_tok", source)
-    if arch == "mixtral":
+    if arch in ("mixtral", "gpt_oss"):
         spec.moe_intermediate_size = spec.intermediate_size
         spec.moe_layers = [True] * spec.num_layers
+        if arch == "gpt_oss":
+            spec.swiglu_alpha = _float(cfg, "swiglu_alpha", source, 1.702)
+            spec.swiglu_limit = _float(cfg, "swiglu_limit", source, 7.0)
+            if not spec.swiglu_limit > 0:
+                raise ValueError(f"{source}: swiglu_limit must be > 0, got {spec.swiglu_limit}")
         return
     spec.moe_intermediate_size = _int(cfg, "moe_intermediate_size", source)
     spec.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
