@@ -179,7 +179,11 @@ def test_gguf_head_count_contradicting_tensors_is_named(tiny_llama, tmp_path, mo
         ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
         ({"rms_norm_eps": "x"}, "rms_norm_eps must be a number, got 'x'"),
         ({"rope_parameters": {"rope_theta": 0.0}}, "rope_theta must be a positive number"),
-        ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}}, "unsupported rope"),
+        ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope"}}, "unsupported rope"),
+        (
+            {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}},
+            "factor must be a positive",
+        ),
         ({"eos_token_id": 10**6}, r"eos_token_id must be a token id in \[0, 300\).*1000000"),
         ({"eos_token_id": [2, 300]}, r"eos_token_id must be a token id .* got 300"),
         ({"bos_token_id": -1}, r"bos_token_id must be a token id .* got -1"),

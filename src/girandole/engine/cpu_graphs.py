@@ -79,6 +79,8 @@ def supported(model: nn.Module) -> bool:
         if attn.qk_norm_weight is not None and not attn.fused_norm:
             return False
         a = attn.attn
+        if a.sinks is not None:  # gpt-oss's sinks: the native kernel has none
+            return False
         if a.k_cache is None or not paged_attention.supported(
             a.head_dim, a.k_cache, a.logit_softcap
         ):

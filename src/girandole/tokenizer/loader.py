@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from girandole.tokenizer.harmony import keep_harmony_markers
 from girandole.tokenizer.meta import TokenizerMeta, hf_folder_meta
 from girandole.tokenizer.tokenizer import Tokenizer
 
@@ -96,6 +97,7 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     # prompt too long for the model is the server's 400, never a silent cut
     hf.no_truncation()
     hf.no_padding()
+    hf = keep_harmony_markers(hf)  # gpt-oss: its message markers decode as text
     return Tokenizer(hf, hf_folder_meta(folder, hf), name=folder.name)
 
 

@@ -27,6 +27,12 @@ and their fine-tunes). For such a template:
   `delta.reasoning_content` and then `delta.content`. `usage.completion_tokens_details.
   reasoning_tokens` counts the generated tokens up to and including `</think>`.
 
+A harmony template (gpt-oss; api/chat/harmony.py) always reasons: `reasoning_effort` low,
+medium or high goes to the template's `reasoning_effort` (its system message), "none" (or
+`false`, or `thinking: {"type": "disabled"}`) is a 400, as Fireworks answers for gpt-oss. The
+output's analysis channel is `reasoning_content`, its final channel `content`;
+reasoning_tokens counts the generated tokens up to and including the analysis's `<|end|>`.
+
 A template that cannot reason: any request that asks for reasoning is a 400 saying so
 (`reasoning_effort: "none"`/`false`, `thinking: {"type": "disabled"}` and `reasoning_history`
 ask for nothing and are accepted; so is an effort that is only a hint, Anthropic's
@@ -38,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from girandole.api.chat.harmony import END as HARMONY_END
+from girandole.api.chat.harmony import HarmonySplitter, is_harmony
 from girandole.api.http.errors import bad_request
 from girandole.api.serving.growing_text import append_text
 
@@ -45,10 +53,16 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 EMPTY_THINKING = "<think>\n\n</think>\n\n"
 OFF_EFFORTS = ("none",)
+HARMONY_EFFORTS = ("low", "medium", "high")  # what gpt-oss's template knows
 
 
 def can_reason(template: str) -> bool:
-    return THINK_START in template or "enable_thinking" in template
+    return THINK_START in template or "enable_thinking" in template or is_harmony(template)
+
+
+def think_end_token(template: str) -> str:
+    """The token that ends the reasoning in this template's output."""
+    return HARMONY_END if is_harmony(template) else THINK_END
 
 
 @dataclass
@@ -60,6 +74,7 @@ class ReasoningPlan:
     budget: int | None = None  # thinking.budget_tokens
     history: str | None = None
     opens_in_prompt: bool = False  # the prompt ends inside a <think> block
+    harmony: bool = False  # gpt-oss's channels (api/chat/harmony.py), not <think> blocks
 
     def template_kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -75,6 +90,8 @@ class ReasoningPlan:
         """Text to add after the rendered prompt: an empty thinking block where thinking is off
         and the template has no switch for it. Notes whether the answer starts inside <think>."""
         suffix = ""
+        if self.harmony:
+            return suffix
         if self.enabled is False and "enable_thinking" not in template and not continued:
             if _ends_open(text):
                 suffix = "\n" + THINK_END + "\n\n"
@@ -125,6 +142,22 @@ def plan_reasoning(req: Any, template: str) -> ReasoningPlan | None:
             )
         return None
     budget = thinking.budget_tokens if thinking is not None else None
+    if is_harmony(template):
+        if enabled is False:
+            param = "reasoning_effort" if effort in OFF_EFFORTS else "thinking"
+            raise bad_request(
+                "This model always reasons (gpt-oss): reasoning cannot be turned off; use"
+                f" reasoning_effort 'low', 'medium' or 'high', field: '{param}'",
+                param,
+            )
+        if effort is not None and effort not in HARMONY_EFFORTS:
+            raise bad_request(
+                f"reasoning_effort {effort!r} is not supported by this model (gpt-oss): use"
+                " 'low', 'medium' or 'high'",
+                "reasoning_effort",
+            )
+        plan = ReasoningPlan(None, effort, budget, req.reasoning_history, harmony=True)
+        return plan
     if effort in OFF_EFFORTS:
         effort = None  # the switch says it
     return ReasoningPlan(enabled, effort, budget, req.reasoning_history)
@@ -255,9 +288,12 @@ class ReasoningSplitter:
         return self.state in ("open", "reasoning", "after") or self.ended
 
 
-def splitter_for(plan: ReasoningPlan | None) -> ReasoningSplitter:
+def splitter_for(plan: ReasoningPlan | None) -> ReasoningSplitter | HarmonySplitter:
     """A choice's splitter under `plan` (built with the prompt): all of the output is content
-    when thinking is off, else it starts as the prompt ends (inside a <think> block or not)."""
+    when thinking is off, else it starts as the prompt ends (inside a <think> block or not);
+    a harmony template's output is split by its channels."""
+    if plan is not None and plan.harmony:
+        return HarmonySplitter()
     if plan is not None and plan.enabled is False:
         return ReasoningSplitter(state="content")
     return ReasoningSplitter.for_prompt(plan is not None and plan.opens_in_prompt)
@@ -272,9 +308,13 @@ def split_reasoning(text: str, opens_in_prompt: bool) -> tuple[str | None, str]:
 
 
 def reasoning_tokens(
-    splitter: ReasoningSplitter, token_ids: list[int], tokenizer: Any, think_end_id: int | None
+    splitter: ReasoningSplitter | HarmonySplitter,
+    token_ids: list[int],
+    tokenizer: Any,
+    think_end_id: int | None,
 ) -> int:
-    """Generated tokens spent reasoning: up to and including </think>, or all while open."""
+    """Generated tokens spent reasoning: up to and including </think> (harmony: the analysis
+    message's <|end|>, `think_end_id`), or all while open."""
     if not splitter.reasoned:
         return 0
     if not splitter.ended:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from girandole.api.chat.images import image_parts, load_images
 from girandole.api.chat.prompt import chat_prompt, check_parts
-from girandole.api.chat.reasoning import THINK_END, plan_reasoning
+from girandole.api.chat.reasoning import plan_reasoning, think_end_token
 from girandole.api.chat.schema import ChatCompletionRequest
 from girandole.api.chat.shape import ChatShape
 from girandole.api.chat.tools import plan_tools
@@ -43,7 +43,9 @@ class Chat(Endpoint):
         if req.messages is not None:
             check_parts(req.messages, vision=engine.model_config.vision is not None)
         reasoning = plan_reasoning(req, template)  # a 400 when asked of a model that cannot
-        think_end = engine.tokenizer.token_to_id(THINK_END) if reasoning is not None else None
+        think_end = None
+        if reasoning is not None:
+            think_end = engine.tokenizer.token_to_id(think_end_token(template))
         shape = ChatShape(template, plan_tools(req, template), reasoning, think_end)
         shape.allow_private_images = state.settings.allow_private_image_urls
         return shape
