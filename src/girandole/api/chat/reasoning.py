@@ -323,7 +323,8 @@ def reasoning_tokens(
         return token_ids.index(think_end_id) + 1
     # </think> spelt in pieces: the token that completes it (each token's bytes searched with
     # the tag's length before them, not the whole output again: that was quadratic)
-    tag, written = THINK_END.encode(), bytearray()
+    end = HARMONY_END if isinstance(splitter, HarmonySplitter) else THINK_END
+    tag, written = end.encode(), bytearray()
     for i, token in enumerate(token_ids):
         start = max(0, len(written) - len(tag) + 1)
         written += tokenizer.token_bytes(token)
