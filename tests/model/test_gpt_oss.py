@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from model_helpers import VOCAB, PagedRunner, hf_logits, paged_greedy
+from model_helpers import PagedRunner, hf_logits, paged_greedy, write_tiny_gpt_oss
 from safetensors.torch import save_file
 
 from girandole.model.attention import Attention
@@ -21,55 +21,6 @@ PROMPTS = [
     [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
 ]
 ATOL = 1e-4
-
-
-def tiny_gpt_oss(folder, seed: int = 0):
-    """A random tiny GptOss model saved to `folder` (fp32 safetensors); returns it. Sinks,
-    biases and norms are perturbed well away from their init, and the experts' weights scaled
-    up so that the SwiGLU's clamp at swiglu_limit cuts some values."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.GptOssConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=32,
-        num_hidden_layers=3,  # sliding, full, sliding
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=4,  # shorter than the test prompts
-        max_position_embeddings=256,
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 4.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "original_max_position_embeddings": 64,
-            "truncate": False,
-        },
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("sinks"):
-                p.normal_(0, 1.0)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif name.endswith("experts.gate_up_proj"):
-                p.normal_(0, 0.5)
-            elif name.endswith("experts.down_proj") or name.endswith("router.weight"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(folder)
-    return model
 
 
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +63,7 @@ def write_mxfp4(hf, folder) -> None:
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gpt-oss")
-    hf = tiny_gpt_oss(folder)
+    hf = write_tiny_gpt_oss(folder)
     model, config = load_model(folder, mode="reference", device="cpu")
     return folder, hf, model, config
 
@@ -120,7 +71,7 @@ def dense(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mxfp4(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gpt-oss-mxfp4")
-    hf = tiny_gpt_oss(folder, seed=1)
+    hf = write_tiny_gpt_oss(folder, seed=1)
     (folder / "model.safetensors").unlink()
     write_mxfp4(hf, folder)
     model, config = load_model(folder, mode="reference", device="cpu")
