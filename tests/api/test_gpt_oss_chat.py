@@ -105,6 +105,10 @@ def test_the_tokenizer_keeps_harmony_markers_as_text(server):
     end, ret = tok.token_to_id("<|end|>"), tok.token_to_id("<|return|>")
     assert ret in tok.stop_token_ids and end not in tok.stop_token_ids
     assert tok.decode([ret]) == ""
+    # safe tokenization reads a user's marker as text, as it reads any special string
+    assert "<|end|>" in tok.special_tokens
+    assert end not in tok.encode("a <|end|> b", add_bos=False, parse_special=False)
+    assert end in tok.encode("a <|end|> b", add_bos=False)
 
 
 def test_analysis_is_reasoning_and_final_is_content(client):

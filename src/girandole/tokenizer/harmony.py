@@ -21,6 +21,24 @@ def is_harmony_vocab(hf: HFTokenizer) -> bool:
     return all(hf.token_to_id(t) is not None for t in _SIGNATURE)
 
 
+def kept_markers(hf: HFTokenizer) -> frozenset[str]:
+    """The harmony markers `hf` decodes as text (keep_harmony_markers'); empty for others."""
+    if not is_harmony_vocab(hf):
+        return frozenset()
+    added = hf.get_added_tokens_decoder().values()
+    return frozenset(a.content for a in added if a.content in HARMONY_MARKERS and not a.special)
+
+
+def with_markers_special(hf_json: str, markers: frozenset[str]) -> str:
+    """A tokenizer's JSON with `markers` special again: the copy that reads user-supplied
+    special strings as text (safe tokenization) reads these as text too."""
+    data = json.loads(hf_json)
+    for token in data.get("added_tokens", []):
+        if token.get("content") in markers:
+            token["special"] = True
+    return json.dumps(data)
+
+
 def keep_harmony_markers(hf: HFTokenizer) -> HFTokenizer:
     """`hf` with harmony's markers as non-special added tokens; `hf` itself for any other
     vocabulary."""

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from girandole.tokenizer.harmony import kept_markers, with_markers_special
 from girandole.tokenizer.marks import DEFAULT_MARKS, Marks
 from girandole.tokenizer.meta import TokenizerMeta
 
@@ -128,6 +129,8 @@ class Tokenizer:
         added = hf.get_added_tokens_decoder()
         self._added: dict[int, str] = {i: a.content for i, a in added.items()}
         self._special: frozenset[int] = frozenset(i for i, a in added.items() if a.special)
+        # gpt-oss's harmony markers: decoded as text, yet control strings to safe tokenization
+        self._text_markers = kept_markers(hf)
         self._kind = _decoder_kind(hf)
         # byte-fallback tokenizers: the <0xNN> ids, whose runs `decode` reads itself
         self._strip = _byte_fallback_strip(hf)
@@ -191,7 +194,10 @@ class Tokenizer:
         """A copy of `hf` that encodes special-token strings as text (built on first use)."""
         with self._plain_lock:
             if self._plain_hf is None:
-                plain = HFTokenizer.from_str(self.hf.to_str())
+                text = self.hf.to_str()
+                if self._text_markers:
+                    text = with_markers_special(text, self._text_markers)
+                plain = HFTokenizer.from_str(text)
                 plain.encode_special_tokens = True
                 self._plain_hf = plain
             return self._plain_hf
@@ -209,8 +215,8 @@ class Tokenizer:
 
     @property
     def special_tokens(self) -> list[str]:
-        """The strings of all special (control) tokens."""
-        return [self._added[i] for i in sorted(self._special)]
+        """The strings of all special (control) tokens (harmony's markers among them)."""
+        return [self._added[i] for i in sorted(self._special)] + sorted(self._text_markers)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
         """`encode` for many texts at once (tokenizers runs them in parallel)."""
