@@ -214,3 +214,32 @@ def test_mxfp4_missing_scales_is_a_clear_error(mxfp4, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(ValueError, match="down_proj_blocks has no .*down_proj_scales"):
         load_model(tmp_path, mode="reference", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"truncate": False}, {}, {"beta_fast": 16.0, "beta_slow": 2.0},
+     {"mscale": 1.0, "mscale_all_dim": 0.5}, {"attention_factor": 1.3}],
+)  # fmt: skip
+def test_yarn_matches_transformers(extra):
+    """YaRN's frequencies and cos/sin factor as transformers computes them, for the variants
+    its parameters allow (gpt-oss's truncate false; Qwen's defaults; DeepSeek's mscale)."""
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from girandole.model.layers import rope_attention_factor, rope_inv_freq
+
+    scaling = {
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        **extra,
+    }
+    config = tf.Qwen3Config(
+        hidden_size=64, num_attention_heads=4, head_dim=64, max_position_embeddings=131072,
+        rope_parameters=scaling,
+    )  # fmt: skip
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    torch.testing.assert_close(rope_inv_freq(64, 150000.0, scaling), inv_freq, atol=0, rtol=1e-6)
+    assert rope_attention_factor(scaling) == pytest.approx(factor, rel=1e-7)

@@ -16,6 +16,7 @@ from girandole.model.layers import (
     GatedMLP,
     Rotary,
     SelfAttention,
+    rope_attention_factor,
     rope_inv_freq,
 )
 from girandole.model.spec import ArchSpec
@@ -72,7 +73,8 @@ class Gemma3ForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Gemma3Layer(b, spec, i) for i in range(spec.num_layers))
         self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         self.rotary_global = Rotary(
-            rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+            rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling),
+            rope_attention_factor(spec.rope_scaling),
         )
         self.rotary_local = Rotary(rope_inv_freq(spec.head_dim, spec.rope_local_theta))
         self.final_logit_softcap = spec.final_logit_softcap
