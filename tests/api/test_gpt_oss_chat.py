@@ -159,3 +159,46 @@ def test_reasoning_effort_none_is_a_400(client):
             model=MODEL, messages=HI, max_tokens=4, reasoning_effort="none"
         )
     assert "reasoning_effort" in str(err.value) and "always reasons" in str(err.value)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+HARMONY_CALL = {
+    "type": "grammar",
+    "grammar": 'root ::= "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant'
+    "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+    '{\\"city\\": \\"Paris\\"}"',
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_harmony_tool_call_is_a_tool_call(client, stream):
+    body = dict(
+        model=MODEL, messages=HI, max_tokens=MAX_TOKENS, temperature=0, tools=[WEATHER],
+        extra_body={"response_format": HARMONY_CALL},
+    )  # fmt: skip
+    if not stream:
+        out = client.chat.completions.create(**body)
+        choice = out.choices[0]
+        message = choice.message
+        assert message.model_extra["reasoning_content"] == "Need weather."
+        calls, content, finish = message.tool_calls, message.content, choice.finish_reason
+        name, args = calls[0].function.name, calls[0].function.arguments
+    else:
+        name, args, content, finish = None, "", "", None
+        for chunk in client.chat.completions.create(**body, stream=True):
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for call in delta.tool_calls or []:
+                name = call.function.name or name
+                args += call.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert name == "get_weather" and json.loads(args) == {"city": "Paris"}
+    assert not content and finish == "tool_calls"

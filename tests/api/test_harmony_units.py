@@ -30,6 +30,15 @@ CASES = [
     (f"{ANALYSIS}cut off by max_tokens", "cut off by max_tokens", ""),
     ("<|channel|>final<|message|>no reasoning at all", None, "no reasoning at all"),
     ("plain text, no harmony", None, "plain text, no harmony"),
+    # tool calls: the recipient in the header, before or after the channel; <|call|> is a stop
+    # token, so the output ends with the arguments
+    (f'{ANALYSIS}Need weather.<|end|><|start|>assistant<|channel|>commentary '
+     'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}', "Need weather.",
+     '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
+    (' to=functions.lookup<|channel|>commentary json<|message|>{"q": "a<|b"}', None,
+     '<tool_call>{"name": "lookup", "arguments": {"q": "a<|b"}}</tool_call>'),
+    ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>not json', None,
+     '<|channel|>commentary to=functions.f <|constrain|>json<|message|>not json'),
 ]  # fmt: skip
 
 

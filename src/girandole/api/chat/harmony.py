@@ -7,8 +7,13 @@ and a body,
 The header names the channel: `analysis` (the chain of thought) comes back as
 `reasoning_content`, `final` and `commentary` (preambles the model writes to the user) as
 `content`. The markers reach this text because the tokenizer keeps them as text
-(tokenizer/harmony.py). A message addressed to a tool (`to=functions.NAME` in its header) is
-passed on as content, header and all: harmony tool calls are not parsed yet.
+(tokenizer/harmony.py).
+
+A message addressed to a function (`to=functions.NAME` in its header, its body the JSON
+arguments, ended by `<|call|>`) is a tool call: it is passed on as content in the form chat's
+tool-call reader takes from any model, `<tool_call>{"name": NAME, "arguments": ARGS}</tool_call>`
+(api/chat/tool_calls.py), once its body is complete; a body that is not a JSON object stays as
+the model wrote it, header and all.
 
 `HarmonySplitter` has ReasoningSplitter's interface (api/chat/reasoning.py), fed a choice's text
 as it comes; text that may be the start of a marker is held until it is known.
@@ -16,6 +21,7 @@ as it comes; text that may be the start of a marker is held until it is known.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -28,6 +34,7 @@ END = "<|end|>"
 BODY_ENDS = (END, START, "<|return|>", "<|call|>")  # what ends a message's body
 REASONING_CHANNEL = "analysis"
 _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*(\w+)")
+_RECIPIENT = re.compile(r"(?:^|\s|>)to=functions\.([\w.\-]+)")
 
 
 def is_harmony(template: str) -> bool:
@@ -53,6 +60,8 @@ class HarmonySplitter:
     state: str = "header"
     pending: str = ""
     channel: str = ""  # the current message's channel
+    recipient: str | None = None  # the function the current message calls, if any
+    header: str = ""  # the current message's header (a call's, to pass on if it is not one)
     reasoning_text: str = ""
     content_text: str = ""
     ended: bool = False  # an analysis message was closed (its reasoning is complete)
@@ -68,7 +77,12 @@ class HarmonySplitter:
                 self.pending = ""
             elif self.state == "header":
                 stripped = self.pending.lstrip()
-                if stripped and not stripped.startswith("<|") and stripped != "<":
+                # a header opens with a marker, or with the recipient right after the prompt's
+                # `<|start|>assistant`
+                opens = ("<|", "to=")
+                if stripped and not any(
+                    stripped.startswith(o) or o.startswith(stripped) for o in opens
+                ):
                     self.state = "plain"  # no header: plain text
                     continue
                 at = self.pending.find(MESSAGE)
@@ -76,13 +90,24 @@ class HarmonySplitter:
                     if final:  # a header never finished: nothing to show of it
                         self.pending = ""
                     break
-                header = self.pending[:at]
-                m = _CHANNEL_NAME.search(header)
+                self.header = self.pending[:at]
+                m = _CHANNEL_NAME.search(self.header)
                 self.channel = m.group(1) if m else ""
+                call = _RECIPIENT.search(self.header)
+                self.recipient = call.group(1) if call else None
                 self.pending = self.pending[at + len(MESSAGE) :]
                 self.state = "body"
-                if " to=" in header or header.startswith("to="):  # a tool call: as written
-                    content.append(header + MESSAGE)
+            elif self.recipient is not None:  # a call's arguments: whole, then passed on
+                ends = [(i, m) for m in BODY_ENDS if (i := self.pending.find(m)) >= 0]
+                if not ends and not final:
+                    break
+                at = min(ends)[0] if ends else len(self.pending)
+                marker = min(ends)[1] if ends else ""
+                args, self.pending = self.pending[:at], self.pending[at + len(marker) :]
+                if marker == START:
+                    self.pending = START + self.pending
+                content.append(_call_text(self.recipient, self.header, args))
+                self.recipient, self.state = None, "header"
             else:  # body
                 ends = [(i, m) for m in BODY_ENDS if (i := self.pending.find(m)) >= 0]
                 if ends:
@@ -120,3 +145,15 @@ class HarmonySplitter:
     @property
     def reasoned(self) -> bool:
         return self._saw_reasoning or self.ended
+
+
+def _call_text(name: str, header: str, args: str) -> str:
+    """A harmony call as a `<tool_call>` block, or as written where its arguments are not a
+    JSON object."""
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return header + MESSAGE + args
+    return f'<tool_call>{{"name": {json.dumps(name)}, "arguments": {args.strip()}}}</tool_call>'
