@@ -153,6 +153,19 @@ def test_reasoning_effort_reaches_the_template(client, effort):
     assert prompt.endswith("<|start|>assistant")
 
 
+def test_earlier_reasoning_reaches_the_template_as_thinking(client):
+    messages = [
+        *HI,
+        {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+        {"role": "user", "content": "again"},
+    ]
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, extra_body={"raw_output": True}
+    )
+    prompt = "".join(out.choices[0].model_extra["raw_output"]["prompt_fragments"])
+    assert "<|channel|>analysis<|message|>Greet back.<|end|>" in prompt
+
+
 def test_reasoning_effort_none_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(

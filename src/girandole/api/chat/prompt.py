@@ -262,6 +262,15 @@ def _fewest_dropped(n: int, attempt: Callable[[int], ChatPrompt | None]) -> Chat
     return best[1]
 
 
+def _with_thinking(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's `reasoning_content` also as `thinking`, the field gpt-oss's
+    harmony template renders as the turn's analysis message (kept in a tool-calling loop)."""
+    if message.get("role") != "assistant" or "thinking" in message:
+        return message
+    reasoning = message.get("reasoning_content")
+    return message if not reasoning else {**message, "thinking": reasoning}
+
+
 def build_prompt(
     tokenizer: Tokenizer,
     req: ChatCompletionRequest,
@@ -278,6 +287,8 @@ def build_prompt(
     messages = template_messages(req.messages, images is not None)
     if reasoning is not None:  # earlier turns' reasoning as reasoning_history asks
         messages = apply_history(messages, reasoning.history)
+        if reasoning.harmony:  # gpt-oss's template reads an earlier turn's reasoning as this
+            messages = [_with_thinking(m) for m in messages]
     # tools into the prompt: the template's own way, else a system text (girandole.api.chat.tools)
     messages, tools = prompt_messages(messages, plan, template)
     render = ChatRender(tokenizer, template, bool(req.safe_tokenization), tools, reasoning,
