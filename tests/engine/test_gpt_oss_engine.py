@@ -63,3 +63,34 @@ def test_engine_greedy_matches_transformers(tiny, gpu_path):
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     got = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert got == want
+
+
+def test_routing_matrix_is_the_routers_choice(tiny):
+    """include_routing_matrix's expert ids: each layer's top-2 of the biased router, as
+    transformers' router picks them for the same positions."""
+    import transformers as tf
+
+    folder, _want = tiny
+    llm = LLM(model=str(folder), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01)
+    params = SamplingParams(
+        temperature=0, max_tokens=3, ignore_eos=True, logprobs=0, routing_matrix=True
+    )
+    out = llm.generate([PROMPTS[0]], params)[0]
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    picks = []
+    hooks = [
+        layer.mlp.router.register_forward_hook(lambda _m, _i, o: picks.append(o[2]))
+        for layer in hf.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([PROMPTS[0] + out.token_ids[:-1]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    theirs = torch.stack(picks, dim=1)  # [positions, layers, k]
+    # the entry of generated token i: the routing of the position that predicted it
+    for i, entry in enumerate(out.logprobs):
+        pos = len(PROMPTS[0]) - 1 + i
+        ours = torch.as_tensor(entry.routing)
+        assert torch.equal(ours.sort(-1).values, theirs[pos].sort(-1).values)

@@ -30,7 +30,7 @@ class EmbeddingModel:
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "gemma3", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"
+    architecture: str  # "gemma3", "llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss"
     vocab_size: int
     hidden_size: int
     num_layers: int
