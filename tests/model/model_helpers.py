@@ -217,6 +217,24 @@ class PagedRunner:
             return self.model.compute_logits(hidden)
 
 
+def check_chunked_paged_logits(model, hf_model, prompts: list[list[int]], atol: float) -> None:
+    """Several sequences in one flattened batch over the paged cache, then the rest of each
+    prompt as a second (chunked) batch: every row's logits equal transformers' within atol."""
+    runner = PagedRunner(model)
+    try:
+        first = {i: p[: max(1, len(p) - 3)] for i, p in enumerate(prompts)}
+        rest = {i: p[len(first[i]) :] for i, p in enumerate(prompts) if len(p) > len(first[i])}
+        for batch, offset in ((first, lambda i: 0), (rest, lambda i: len(first[i]))):
+            logits = runner.step(batch)
+            row = 0
+            for i, ids in batch.items():
+                expect = hf_logits(hf_model, prompts[i])[offset(i) : offset(i) + len(ids)]
+                torch.testing.assert_close(logits[row : row + len(ids)], expect, atol=atol, rtol=0)
+                row += len(ids)
+    finally:
+        runner.close()
+
+
 def paged_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """Greedy continuations of several prompts at once: one batched prefill, batched decodes."""
     runner = PagedRunner(model, num_blocks=sum(len(p) + max_new for p in prompts) // 4 + 8)

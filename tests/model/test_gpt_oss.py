@@ -8,7 +8,12 @@ import json
 
 import pytest
 import torch
-from model_helpers import PagedRunner, hf_logits, paged_greedy, write_tiny_gpt_oss
+from model_helpers import (
+    check_chunked_paged_logits,
+    hf_logits,
+    paged_greedy,
+    write_tiny_gpt_oss,
+)
 from safetensors.torch import save_file
 
 from girandole.model.attention import Attention
@@ -136,24 +141,7 @@ def test_sinks_matter(dense):
 def test_paged_cache_matches_transformers(dense):
     """A flattened batch of prompts, chunked continuations, then the engine's decode paths."""
     _folder, hf, model, _config = dense
-    runner = PagedRunner(model)
-    try:
-        first = {i: p[: max(1, len(p) - 3)] for i, p in enumerate(PROMPTS)}
-        logits = runner.step(first)
-        row = 0
-        for i, ids in first.items():
-            expect = hf_logits(hf, PROMPTS[i])[: len(ids)]
-            torch.testing.assert_close(logits[row : row + len(ids)], expect, atol=ATOL, rtol=0)
-            row += len(ids)
-        rest = {i: p[len(first[i]) :] for i, p in enumerate(PROMPTS) if len(p) > len(first[i])}
-        logits = runner.step(rest)
-        row = 0
-        for i, ids in rest.items():
-            expect = hf_logits(hf, PROMPTS[i])[len(first[i]) :]
-            torch.testing.assert_close(logits[row : row + len(ids)], expect, atol=ATOL, rtol=0)
-            row += len(ids)
-    finally:
-        runner.close()
+    check_chunked_paged_logits(model, hf, PROMPTS, ATOL)
 
 
 def test_paged_greedy_matches_transformers_generate(dense):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import PagedRunner, hf_logits, paged_greedy, write_tiny_hf
+from model_helpers import (
+    check_chunked_paged_logits,
+    hf_logits,
+    paged_greedy,
+    write_tiny_hf,
+)
 
 from girandole.model.loader import load_model
 
@@ -47,25 +52,7 @@ def test_logits_match_transformers_per_sequence(tiny):
 def test_flattened_batch_over_paged_cache(tiny):
     """Several sequences in one flattened batch, then a chunked continuation and decodes."""
     _kind, _folder, hf, model, _config = tiny
-    runner = PagedRunner(model)
-    try:
-        first = {i: p[: max(1, len(p) - 3)] for i, p in enumerate(PROMPTS)}
-        logits = runner.step(first)
-        row = 0
-        for i, ids in first.items():
-            expect = hf_logits(hf, PROMPTS[i])[: len(ids)]
-            torch.testing.assert_close(logits[row : row + len(ids)], expect, atol=ATOL, rtol=0)
-            row += len(ids)
-        # Chunked prefill: the rest of each prompt, as a second mixed batch.
-        rest = {i: p[len(first[i]) :] for i, p in enumerate(PROMPTS) if len(p) > len(first[i])}
-        logits = runner.step(rest)
-        row = 0
-        for i, ids in rest.items():
-            expect = hf_logits(hf, PROMPTS[i])[len(first[i]) :]
-            torch.testing.assert_close(logits[row : row + len(ids)], expect, atol=ATOL, rtol=0)
-            row += len(ids)
-    finally:
-        runner.close()
+    check_chunked_paged_logits(model, hf, PROMPTS, ATOL)
 
 
 def test_paged_greedy_matches_transformers_generate(tiny):
