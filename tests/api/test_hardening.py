@@ -92,6 +92,38 @@ def test_a_slow_request_head_is_closed_after_the_read_timeout(guarded):
         assert _closed_by_server(s, READ_TIMEOUT + 3)
 
 
+def _body_head(length: int) -> bytes:
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+        + str(length).encode() + b"\r\n\r\n"
+    )  # fmt: skip
+
+
+def test_a_body_that_keeps_flowing_outlives_the_read_timeout(guarded):
+    """The deadline moves on a second for every 64 KiB of body received (connections.py's
+    MIN_BODY_RATE): an upload slower than the timeout but flowing (here 2 s at 300 KB/s against
+    a 1 s timeout) gets its answer; before, every request had to arrive whole within the
+    timeout (30 s by default: a 500 MB dataset over 100 Mbit/s was cut off)."""
+    body = b'{"model": "' + MODEL.encode() + b'", "prompt": "' + b"a" * 600_000 + b'"}'
+    with _connect(guarded.port) as s:
+        s.sendall(_body_head(len(body)))
+        for i in range(0, len(body), 100_000):
+            s.sendall(body[i : i + 100_000])
+            time.sleep(0.33)
+        s.settimeout(30)
+        assert s.recv(12).startswith(b"HTTP/1.1 4")  # answered (too long a prompt), not cut
+
+
+def test_a_body_that_dribbles_is_closed_after_the_read_timeout(guarded):
+    with _connect(guarded.port) as s:
+        s.sendall(_body_head(100_000) + b'{"prompt": "')
+        for _ in range(4):  # 300 bytes a second: far below the rate that moves the deadline
+            time.sleep(0.33)
+            s.sendall(b"a" * 100)
+        assert _closed_by_server(s, READ_TIMEOUT + 3)
+
+
 def test_keep_alive_connections_stay_usable(guarded):
     with httpx.Client(base_url=guarded.url, headers=guarded.headers, timeout=30) as client:
         for _ in range(3):
