@@ -310,18 +310,21 @@ def test_cross_encoder_rerank_equals_transformers(served):
     r = served.post("/v1/rerank", {"model": RERANKER, "query": QUERY, "documents": DOCS})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
-    order = sorted(range(len(DOCS)), key=lambda i: -expected[i])
-    assert [d["index"] for d in data] == order
-    assert (
-        len(set(round(s, 3) for s in expected)) == 3
-    )  # distinct scores: the order means something
+    # The scores differ (the order means something). The tiny vocabulary is trained afresh, and
+    # the trainer breaks frequency ties differently from process to process, so the scores are
+    # not the same in every run; two may be close, hence the order is checked up to 2e-5.
+    assert max(expected) - min(expected) > 1e-3, expected
+    assert sorted(d["index"] for d in data) == list(range(len(DOCS)))
+    for a, b in zip(data, data[1:]):
+        assert expected[a["index"]] >= expected[b["index"]] - 2e-5, (data, expected)
     for d in data:
         assert abs(d["relevance_score"] - expected[d["index"]]) < 1e-5
         assert d["document"] == DOCS[d["index"]]
     cohere = served.post(
         "/v2/rerank", {"model": RERANKER, "query": QUERY, "documents": DOCS, "top_n": 1}
     ).json()
-    assert [x["index"] for x in cohere["results"]] == order[:1]
+    assert len(cohere["results"]) == 1
+    assert expected[cohere["results"][0]["index"]] >= max(expected) - 2e-5
 
 
 def test_models_list_embedding_kind(served):
