@@ -14,7 +14,8 @@
 // _mm512_cvtepi32_epi8 saturates here where vpmovdb truncates (the kernels' values fit a byte).
 //
 // Where the sources cast between vector types, they say GIR_AS_BH / GIR_AS_SI (a struct cannot
-// be cast). Hot paths may take an AVX2 branch of their own (#ifdef GIR_AVX2).
+// be cast). Hot paths may take an AVX2 branch of their own (#ifdef GIR_AVX2); vpermw has none
+// here (wq_panel.h's wq_lookup computes instead).
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
@@ -23,8 +24,6 @@
 
 #define GIR_AS_BH(x) ((__m512bh)(x))
 #define GIR_AS_SI(x) ((__m512i)(x))
-// vpdpbusd where the unsigned bytes are below 64 (4- and 5-bit levels): the same instruction.
-#define gir_dpbusd_small _mm512_dpbusd_epi32
 
 #else  // AVX2
 
@@ -285,14 +284,6 @@ GIR_INLINE __m256i gir_dpbusd_half(__m256i acc, __m256i a, __m256i b) {
 GIR_INLINE gir_si gir_dpbusd_epi32(gir_si acc, gir_si a, gir_si b) {
     return (gir_si){gir_dpbusd_half(acc.lo, a.lo, b.lo), gir_dpbusd_half(acc.hi, a.hi, b.hi)};
 }
-// The same where every byte of a is below 64 (4- and 5-bit levels): one vpmaddubsw suffices.
-GIR_INLINE gir_si gir_dpbusd_small(gir_si acc, gir_si a, gir_si b) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    return (gir_si){
-        _mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(a.lo, b.lo), ones)),
-        _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(a.hi, b.hi), ones))};
-}
-
 // ---- float16 and bfloat16 ----
 GIR_INLINE gir_ps gir_cvtph_ps(__m256i h) {
     return (gir_ps){_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
@@ -384,15 +375,6 @@ GIR_INLINE gir_ps gir_permutexvar_ps(gir_si idx, gir_ps v) {
     for (int k = 0; k < 16; k++) out[k] = in[i[k] & 15];
     return gir_loadu_ps(out);
 }
-// vpermw: 32 words looked up in a 32-word table by their index's low 5 bits.
-GIR_INLINE gir_si gir_permutexvar_epi16(gir_si idx, gir_si table) {
-    uint16_t i[32], t[32], out[32];
-    gir_storeu_si512(i, idx);
-    gir_storeu_si512(t, table);
-    for (int k = 0; k < 32; k++) out[k] = t[i[k] & 31];
-    return gir_loadu_si512(out);
-}
-
 // ---- the AVX512 names, mapped ----
 #define _mm512_add_ps gir_add_ps
 #define _mm512_sub_ps gir_sub_ps
@@ -468,7 +450,6 @@ GIR_INLINE gir_si gir_permutexvar_epi16(gir_si idx, gir_si table) {
 #define _mm512_extractf32x4_ps gir_extractf32x4_ps
 #define _mm512_extracti32x4_epi32 gir_extracti32x4_epi32
 #define _mm512_permutexvar_ps gir_permutexvar_ps
-#define _mm512_permutexvar_epi16 gir_permutexvar_epi16
 #define _cvtu64_mask64(m) ((uint64_t)(m))
 
 #endif
