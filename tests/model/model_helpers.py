@@ -256,6 +256,17 @@ def paged_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int
 # Tiny GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes them
 
 
+def check_paged_greedy_matches_generate(model, hf_model, prompts: list[list[int]], max_new: int):
+    """Greedy decoding over the paged cache gives transformers' generate's tokens."""
+    ours = paged_greedy(model, prompts, max_new=max_new)
+    for ids, out in zip(prompts, ours):
+        with torch.no_grad():
+            gen = hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=None
+            )
+        assert out == gen[0, len(ids) :].tolist()
+
+
 def _permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf's LlamaModel.permute (rotate-half -> interleaved rows)."""
     return (

@@ -10,8 +10,8 @@ import pytest
 import torch
 from model_helpers import (
     check_chunked_paged_logits,
+    check_paged_greedy_matches_generate,
     hf_logits,
-    paged_greedy,
     write_tiny_gpt_oss,
 )
 from safetensors.torch import save_file
@@ -146,13 +146,7 @@ def test_paged_cache_matches_transformers(dense):
 
 def test_paged_greedy_matches_transformers_generate(dense):
     _folder, hf, model, _config = dense
-    ours = paged_greedy(model, PROMPTS, max_new=8)
-    for ids, out in zip(PROMPTS, ours):
-        with torch.no_grad():
-            gen = hf.generate(
-                torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None
-            )
-        assert out == gen[0, len(ids) :].tolist()
+    check_paged_greedy_matches_generate(model, hf, PROMPTS, max_new=8)
 
 
 def test_fast_mode_close_to_reference(dense):

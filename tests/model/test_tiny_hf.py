@@ -6,8 +6,8 @@ import pytest
 import torch
 from model_helpers import (
     check_chunked_paged_logits,
+    check_paged_greedy_matches_generate,
     hf_logits,
-    paged_greedy,
     write_tiny_hf,
 )
 
@@ -57,13 +57,7 @@ def test_flattened_batch_over_paged_cache(tiny):
 
 def test_paged_greedy_matches_transformers_generate(tiny):
     _kind, _folder, hf, model, _config = tiny
-    ours = paged_greedy(model, PROMPTS, max_new=8)
-    for ids, out in zip(PROMPTS, ours):
-        with torch.no_grad():
-            gen = hf.generate(
-                torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None
-            )
-        assert out == gen[0, len(ids) :].tolist()
+    check_paged_greedy_matches_generate(model, hf, PROMPTS, max_new=8)
 
 
 def test_fast_mode_close_to_reference(tiny):
