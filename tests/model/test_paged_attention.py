@@ -74,6 +74,76 @@ def test_prefill_rows_are_causal_and_chunking_free(window):
     assert torch.equal(rows(n - 1, n), whole[-1:])  # the last row as a decode token
 
 
+def _sink_reference(q, k, v, q_pos, scale, window, sinks):
+    """float64 attention of query rows q [T, H, D] at positions q_pos [T] of one sequence whose
+    keys are k, v [ctx, Hkv, D] (by position), each head's sink logit one more softmax column
+    without a value (gpt-oss; transformers' eager_attention_forward)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(heads // kv_heads, 1)
+    vv = v.double().repeat_interleave(heads // kv_heads, 1)
+    s = torch.einsum("thd,nhd->thn", q.double(), kk) * scale
+    diff = q_pos[:, None] - torch.arange(len(k))[None, :]
+    seen = diff >= 0
+    if window:
+        seen &= diff < window
+    s = s.masked_fill(~seen[:, None, :], float("-inf"))
+    column = sinks.double()[None, :, None].expand(len(q), heads, 1)
+    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("thn,nhd->thd", p, vv)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 64), (6, 2, 48)])
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sinks_decode_and_prefill_rows_match_float64(heads, kv_heads, head_dim, window, dtype):
+    """gpt-oss's attention sinks: decode rows (contexts around the 128-key chunks) and a prefill
+    chunk against a float64 reference; the sinks are large enough to move every row (up to
+    the whole softmax: a sink of 8 outweighs a 1-key context), and without them the kernel's
+    rows are the plain softmax's."""
+    g = torch.Generator().manual_seed(heads * 31 + head_dim + (window or 0))
+    k_cache, v_cache = (c.to(dtype) for c in _cache(g, kv_heads, head_dim))
+    scale = head_dim**-0.5
+    sinks = torch.randn(heads, generator=g) * 3
+    sinks[0] = 8.0
+    perm = torch.randperm(len(k_cache), generator=g)
+    slots = list(torch.split(perm[: sum(CONTEXTS)], CONTEXTS))
+    lens = torch.tensor(CONTEXTS)
+    starts = lens.cumsum(0) - lens
+    q = torch.randn(len(CONTEXTS), heads, head_dim, generator=g)
+    k32, v32 = k_cache.float(), v_cache.float()
+
+    out = paged_attention.paged_attention(
+        q, k_cache, v_cache, torch.cat(slots), starts, lens, window, scale, sinks
+    )
+    plain = paged_attention.paged_attention(
+        q, k_cache, v_cache, torch.cat(slots), starts, lens, window, scale
+    )
+    for i, n in enumerate(CONTEXTS):
+        at = torch.tensor([n - 1])
+        k, v = k32[slots[i]], v32[slots[i]]
+        expected = _sink_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
+        torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=2e-6)
+        assert (out[i] - plain[i]).abs().max() > 1e-3  # the sinks changed the row
+        no_sink = _sink_reference(q[i : i + 1], k, v, at, scale, window, torch.full((heads,), -1e9))
+        torch.testing.assert_close(plain[i].double(), no_sink[0], rtol=1e-5, atol=2e-6)
+
+    # A prefill chunk: positions 250..299 of the 300-token sequence, each row its own causal
+    # (windowed) keys; the last row equals that position's decode row bitwise.
+    seq = CONTEXTS.index(300)
+    chunk = torch.arange(250, 300)
+    rows = torch.randn(len(chunk), heads, head_dim, generator=g)
+    rows[-1] = q[seq]
+    at = torch.full_like(chunk, int(starts[seq]))
+    prefill = paged_attention.paged_attention(
+        rows, k_cache, v_cache, torch.cat(slots), at, chunk + 1, window, scale, sinks
+    )
+    expected = _sink_reference(
+        rows, k32[slots[seq]], v32[slots[seq]], chunk, scale, window, sinks
+    )
+    torch.testing.assert_close(prefill.double(), expected, rtol=1e-5, atol=2e-6)
+    assert torch.equal(prefill[-1], out[seq])
+
+
 @pytest.mark.parametrize("head_dim", [256, 64])
 def test_four_head_fast_path_is_the_generic_path(head_dim):
     """Four query heads per KV head take a register-blocked path; each head's numbers are

@@ -374,6 +374,97 @@ def test_heuristic_count_ignores_context_lens(kernels, monkeypatch):
     assert seen == [want] * 3
 
 
+# -- attention sinks (gpt-oss) -----------------------------------------------------------------
+
+
+def _sink_reference(q, k, v, q_pos, scale, window, sinks):
+    """float64 attention of query rows q [T, H, D] at positions q_pos [T] of one sequence whose
+    keys are k, v [ctx, Hkv, D] (by position), each head's sink logit one more softmax column
+    without a value (transformers' eager_attention_forward for gpt-oss)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(heads // kv_heads, 1)
+    vv = v.double().repeat_interleave(heads // kv_heads, 1)
+    s = torch.einsum("thd,nhd->thn", q.double(), kk) * scale
+    diff = q_pos[:, None] - torch.arange(len(k))[None, :]
+    seen = diff >= 0
+    if window:
+        seen &= diff < window
+    s = s.masked_fill(~seen[:, None, :], float("-inf"))
+    column = sinks.double()[None, :, None].expand(len(q), heads, 1)
+    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("thn,nhd->thd", p, vv)
+
+
+def _sinks(g, heads):
+    """Sink logits that move every row: one (8) outweighs a short context's keys entirely."""
+    sinks = torch.randn(heads, generator=g) * 3
+    sinks[0] = 8.0
+    return sinks
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim", [(2, 4, 64), (1, 8, 64), (2, 1, 128)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_sinks_decode_one_pass_and_split_match_float64(kernels, kv_heads, group, head_dim, window):
+    """Decode with sinks, one pass and split-K (the sink joins the merge once, however many
+    partitions): every row against the float64 reference, the padding row zeros; without the
+    sinks the rows differ."""
+    g = torch.Generator().manual_seed(kv_heads * 50 + group * 5 + head_dim + (window or 0))
+    k_cache, v_cache, tables, slots = _paged(g, SPLIT_LENS, kv_heads, head_dim)
+    heads, scale = kv_heads * group, head_dim**-0.5
+    sinks = _sinks(g, heads)
+    q = torch.randn(len(SPLIT_LENS), heads, head_dim, generator=g)
+    lens = torch.tensor(SPLIT_LENS, dtype=torch.int32)
+    args = (q, k_cache, v_cache, tables, lens, BLOCK_SIZE, scale, window)
+
+    plain = kernels.paged_decode(*args, num_partitions=1)
+    for parts in (1, 2, 3, 7):
+        out = kernels.paged_decode(*args, num_partitions=parts, sinks=sinks)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))  # the padding row
+        for i, s in enumerate(slots):
+            if not len(s):
+                continue
+            at = torch.tensor([len(s) - 1])
+            k, v = k_cache[s.long()], v_cache[s.long()]
+            expected = _sink_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
+            torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
+            assert (out[i] - plain[i]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim", [(2, 4, 64), (1, 8, 64), (2, 1, 128)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_sinks_prefill_matches_float64(kernels, kv_heads, group, head_dim, window):
+    """Varlen prefill with sinks (whole prompts, a chunk after a cached prefix, a decode row,
+    a prompt over a query block) against the float64 reference; a decode row through prefill
+    equals the decode kernel's to rounding."""
+    g = torch.Generator().manual_seed(kv_heads * 60 + group * 6 + head_dim + (window or 0))
+    shapes = [(0, 19), (37, 12), (50, 1), (0, 1), (5, 75)]
+    context_lens = [c + n for c, n in shapes]
+    k_cache, v_cache, tables, slots = _paged(g, context_lens, kv_heads, head_dim)
+    heads, scale = kv_heads * group, head_dim**-0.5
+    sinks = _sinks(g, heads)
+    query_lens = [n for _, n in shapes]
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+
+    out = kernels.paged_prefill(
+        q, k_cache, v_cache, tables, starts, lens, max(query_lens), BLOCK_SIZE, scale, window,
+        sinks=sinks,
+    )  # fmt: skip
+    for i, s in enumerate(slots):
+        rows = slice(int(starts[i]), int(starts[i + 1]))
+        at = torch.arange(context_lens[i] - query_lens[i], context_lens[i])
+        k, v = k_cache[s.long()], v_cache[s.long()]
+        expected = _sink_reference(q[rows], k, v, at, scale, window, sinks)
+        torch.testing.assert_close(out[rows].double(), expected, rtol=1e-4, atol=1e-5)
+    row = int(starts[2])  # (50, 1): one decode row
+    decode = kernels.paged_decode(
+        q[row : row + 1], k_cache, v_cache, tables[2:3], lens[2:3], BLOCK_SIZE, scale, window,
+        sinks=sinks,
+    )  # fmt: skip
+    torch.testing.assert_close(out[row], decode[0], rtol=1e-5, atol=1e-6)
+
+
 # The model shapes of benchmarks/gpu_check.py: Gemma-3-270M (window), Qwen2.5-0.5B (a group of
 # 7), Llama-3.2-1B, a soft-capped one, and an fp32 cache.
 CUDA_SHAPES = [
@@ -382,6 +473,7 @@ CUDA_SHAPES = [
     (32, 8, 64, None, None, "bf16"),
     (8, 4, 128, 4096, 50.0, "bf16"),
     (4, 2, 128, None, None, "fp32"),
+    (64, 8, 64, 128, None, "bf16", True),  # gpt-oss-20b's sliding layers, with sinks
 ]
 
 

@@ -111,10 +111,7 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(0, ctx.slot_mapping, v.to(cache_dtype))
         # a float16 cache is CPU storage only: it is read in float32 (the native kernel widens it)
         qc = q.to(torch.float32 if cache_dtype == torch.float16 else cache_dtype)
-        if ctx.paged is not None and self.sinks is not None:
-            # The Triton kernels know no sinks: the torch path, one sequence at a time.
-            out = self._attend_each_sequence(qc, ctx)
-        elif ctx.paged is not None:
+        if ctx.paged is not None:
             row_spans = None
             if spans is not None:  # images: the prefill kernel's both-ways spans, per row
                 row_spans = images.row_spans(ctx.query_lens, ctx.context_lens, q.device)
@@ -125,7 +122,6 @@ class Attention(nn.Module):
             out = self._attend_decode(qc, ctx.padded_decode)
         elif (
             ctx.native is not None
-            and self.sinks is None  # the native kernel knows no sinks
             and paged_attention.supported(self.head_dim, self.k_cache, self.logit_softcap)
         ):
             # Every row, decode or prefill, through one kernel that reads the cache in place.
@@ -168,6 +164,7 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
                 softcap,
+                sinks=self.sinks,
             )
         return kernels.paged_prefill(
             q,
@@ -182,6 +179,7 @@ class Attention(nn.Module):
             self.sliding_window,
             softcap,
             row_spans,
+            sinks=self.sinks,
         )
 
     def _attend_alone(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -190,9 +188,7 @@ class Attention(nn.Module):
         no backward, so q/k/v (and their LoRA) would get no gradient."""
         grads = q.requires_grad or k.requires_grad or v.requires_grad
         differentiable = torch.is_grad_enabled() and grads
-        native = self.sinks is None and paged_attention.supported(
-            self.head_dim, k, self.logit_softcap
-        )
+        native = paged_attention.supported(self.head_dim, k, self.logit_softcap)
         if differentiable or not native:
             return self._attend_sequence(q, k, v)
         t = q.shape[0]  # k, v as a cache of their own, slot i holding position i
@@ -203,7 +199,7 @@ class Attention(nn.Module):
 
     def _native(self, q, k_cache, v_cache, slots, starts, lens) -> torch.Tensor:
         return paged_attention.paged_attention(
-            q, k_cache, v_cache, slots, starts, lens, self.sliding_window, self.scale
+            q, k_cache, v_cache, slots, starts, lens, self.sliding_window, self.scale, self.sinks
         )
 
     def _attend_each_sequence(
@@ -221,7 +217,7 @@ class Attention(nn.Module):
         for i, (qlen, slots) in enumerate(zip(ctx.query_lens, ctx.context_slots)):
             qi = q[start : start + qlen]
             start += qlen
-            slots = slots.to(q.device)  # the GPU path's are host tensors (sinks only come here)
+            slots = slots.to(q.device)  # the GPU path's are host tensors
             ki = self.k_cache.index_select(0, slots).to(q.dtype)
             vi = self.v_cache.index_select(0, slots).to(q.dtype)
             if spans is not None and spans[i]:

@@ -5,7 +5,10 @@ on how its prompt was chunked, or on being a decode or a prefill token.
 Available where the kernels build (loader.py: x86 with AVX512 or AVX2, and a C compiler).
 
 The cache is float32 or float16 (CACHE_DTYPES; the engine's default on CPU is float16: half the
-bytes, `kv_cache_dtype`); queries, outputs and all arithmetic are float32 either way."""
+bytes, `kv_cache_dtype`); queries, outputs and all arithmetic are float32 either way.
+
+`sinks` (gpt-oss's attention sinks): a float32 logit per query head [H] that joins every row's
+softmax as a column without a value (model/attention.py `_manual`); None: no sinks."""
 
 from __future__ import annotations
 
@@ -37,10 +40,11 @@ def paged_attention(
     lens: torch.Tensor,  # int64 [S]: keys row i sees (its position + 1)
     window: int | None,
     scale: float,
+    sinks: torch.Tensor | None = None,  # [H] float32, or None
 ) -> torch.Tensor:  # [S, H, D]
     q = q.float().contiguous()
     out = torch.empty_like(q)
-    fn, args = bind(q, k_cache, v_cache, slots, starts, lens, window, scale, out)
+    fn, args = bind(q, k_cache, v_cache, slots, starts, lens, window, scale, out, sinks=sinks)
     fn(*args)
     return out
 
@@ -56,21 +60,24 @@ def bind(
     scale: float,
     out: torch.Tensor,
     threads: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[Callable, tuple]:
     """The native call writing `out` [S, H, D] from q [S, H, D] (both contiguous float32); the
-    kernel reads `slots` as far as `starts` and `lens` say. The function and its arguments, to
-    call now or replay (engine/cpu_graphs.py)."""
+    kernel reads `slots` as far as `starts` and `lens` say, and `sinks` (contiguous float32 [H])
+    if given. The function and its arguments, to call now or replay (engine/cpu_graphs.py)."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert q.is_contiguous() and out.is_contiguous() and q.dtype == torch.float32
     assert k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     s, h, d = q.shape
+    if sinks is not None:
+        assert sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.shape == (h,)
     threads = torch.get_num_threads() if threads is None else threads
     fn = lib.paged_attention_f16 if k_cache.dtype == torch.float16 else lib.paged_attention
     return fn, (
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
         starts.data_ptr(), lens.data_ptr(), s, h, k_cache.shape[1], d, window or 0, scale,
-        out.data_ptr(), threads,
+        None if sinks is None else sinks.data_ptr(), out.data_ptr(), threads,
     )  # fmt: skip
 
 

@@ -13,7 +13,9 @@ Two kernels (online softmax, fp32 accumulators, bf16 or fp32 cache):
   With image spans (Gemma 3 vision), a query row inside an image's [start, end) positions also
   sees the image's later keys: causal OR both in the same image, then the sliding window
   (transformers' token-type mask; model/attention.py `_block_mask`).
-Both take Gemma's sliding window and tanh logit soft-cap.
+Both take Gemma's sliding window and tanh logit soft-cap, and gpt-oss's attention sinks (a
+float32 logit per query head, one more column of every row's softmax without a value: it joins
+the running max and sum once, after the keys; split-K decode adds it in the merge).
 
 `TRITON_INTERPRET=1` runs them on CPU tensors (the tests do); `available()` says whether triton
 can be imported at all.
@@ -59,6 +61,14 @@ if triton is not None:
         # cap * tanh(s / cap), tanh through exp: tl has no tanh that the interpreter also runs.
         x = s / cap
         return cap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+    @triton.jit
+    def _join_sink(m_i, l_i, acc, sink):
+        """The online softmax's state (max, sum, unnormalised output; rows along axis 0) with
+        each row's sink logit added as one more column that has no value."""
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        return l_i * alpha + tl.exp(sink - m_new), acc * alpha[:, None]
 
     @triton.jit
     def _attend_keys(
@@ -151,6 +161,7 @@ if triton is not None:
         v_ptr,
         bt_ptr,
         lens_ptr,
+        sinks_ptr,
         out_ptr,
         stride_qs,
         stride_qh,
@@ -170,6 +181,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         USE_SOFTCAP: tl.constexpr,
         USE_WINDOW: tl.constexpr,
+        USE_SINKS: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
         seq = tl.program_id(0)
@@ -205,12 +217,15 @@ if triton is not None:
             USE_WINDOW,
             DOT_F32,
         )
-        # A padded row (context_len 0) saw no key: zeros, not 0 / 0.
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_i[:, None]
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         heads = kvh * GROUP + g
+        if USE_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g < GROUP, other=0.0)
+            l_i, acc = _join_sink(m_i, l_i, acc, sink)
+        # A padded row (context_len 0) saw no key: zeros, not 0 / 0.
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
         tl.store(
             out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -314,6 +329,7 @@ if triton is not None:
     def _decode_reduce_kernel(
         part_out_ptr,
         part_lse_ptr,
+        sinks_ptr,
         out_ptr,
         stride_pos,
         stride_poh,
@@ -326,10 +342,12 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        USE_SINKS: tl.constexpr,
     ):
         """Stage 2 of split-K decode: one query head of one row, its partitions' outputs
         weighted by exp(lse - max lse). Empty partitions weigh exp(-1e30 - max) = 0; a row whose
-        partitions are all empty (context 0) averages their zeros: zeros."""
+        partitions are all empty (context 0) averages their zeros: zeros. The head's sink (if
+        any) joins here, once: the max and the denominator, weight exp(sink - max), no value."""
         seq = tl.program_id(0)
         head = tl.program_id(1)
         p = tl.arange(0, BLOCK_P)
@@ -339,7 +357,14 @@ if triton is not None:
         lse = tl.load(
             part_lse_ptr + seq * stride_pls + head * stride_plh + p, mask=p_mask, other=_NEG_BIG
         )
-        w = tl.where(p_mask, tl.exp(lse - tl.max(lse, 0)), 0.0)
+        m = tl.max(lse, 0)
+        if USE_SINKS:
+            sink = tl.load(sinks_ptr + head)
+            m = tl.maximum(m, sink)
+            sink_w = tl.exp(sink - m)
+        else:
+            sink_w = 0.0
+        w = tl.where(p_mask, tl.exp(lse - m), 0.0)
         parts = tl.load(
             part_out_ptr
             + seq * stride_pos
@@ -349,7 +374,7 @@ if triton is not None:
             mask=p_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        out = tl.sum(parts * w[:, None], 0) / (tl.sum(w, 0) + sink_w)
         tl.store(
             out_ptr + seq * stride_os + head * stride_oh + d,
             out.to(out_ptr.dtype.element_ty),
@@ -366,6 +391,7 @@ if triton is not None:
         lens_ptr,
         span_start_ptr,
         span_end_ptr,
+        sinks_ptr,
         out_ptr,
         stride_qt,
         stride_qh,
@@ -386,6 +412,7 @@ if triton is not None:
         USE_SOFTCAP: tl.constexpr,
         USE_WINDOW: tl.constexpr,
         USE_SPANS: tl.constexpr,
+        USE_SINKS: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
         seq = tl.program_id(0)
@@ -451,6 +478,8 @@ if triton is not None:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
+        if USE_SINKS:
+            l_i, acc = _join_sink(m_i, l_i, acc, tl.load(sinks_ptr + head))
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         o_off = (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
@@ -462,9 +491,15 @@ if triton is not None:
 
 
 def decode_config(
-    num_heads: int, num_kv_heads: int, head_dim: int, window: int | None, softcap: float | None
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None,
+    sinks: bool = False,
 ) -> dict:
-    """The decode kernel's constexprs and launch options for a layer's shape."""
+    """The decode kernel's constexprs and launch options for a layer's shape (`sinks`: the
+    variant with attention sinks)."""
     group = num_heads // num_kv_heads
     return dict(
         GROUP=group,
@@ -474,12 +509,13 @@ def decode_config(
         BLOCK_N=64 if head_dim <= 128 else 32,
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
+        USE_SINKS=sinks,
         DOT_F32=_interpreted(),
         num_warps=4,
     )
 
 
-def reduce_config(head_dim: int, num_partitions: int) -> dict:
+def reduce_config(head_dim: int, num_partitions: int, sinks: bool = False) -> dict:
     """The split-K merge kernel's constexprs: one query head's partitions as one tile, its
     loads all in flight at once (8 warps past 4096 values: at 64 partitions of head_dim 256,
     ptxas gives 4 warps 234 registers a thread, 8 warps 211, neither spilling)."""
@@ -489,6 +525,7 @@ def reduce_config(head_dim: int, num_partitions: int) -> dict:
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_P=block_p,
+        USE_SINKS=sinks,
         num_warps=8 if block_p * block_d > 4096 else 4,
     )
 
@@ -500,9 +537,11 @@ def prefill_config(
     window: int | None,
     softcap: float | None,
     spans: bool = False,
+    sinks: bool = False,
 ) -> dict:
     """The prefill kernel's constexprs and launch options for a layer's shape (`spans`: the
-    variant with images' both-ways spans, compiled only for batches that have images)."""
+    variant with images' both-ways spans, compiled only for batches that have images; `sinks`:
+    with attention sinks)."""
     return dict(
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
@@ -512,6 +551,7 @@ def prefill_config(
         USE_SOFTCAP=bool(softcap),
         USE_WINDOW=bool(window),
         USE_SPANS=spans,
+        USE_SINKS=sinks,
         DOT_F32=_interpreted(),
         num_warps=4 if head_dim <= 128 else 8,
     )
@@ -524,6 +564,22 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
     assert k_cache.shape[2] == head_dim and num_heads % num_kv_heads == 0
     assert q.stride(2) == 1 and k_cache.is_contiguous()
     return num_heads, num_kv_heads, head_dim
+
+
+def _check_sinks(sinks: torch.Tensor | None, num_heads: int) -> None:
+    if sinks is not None:
+        assert sinks.dtype == torch.float32 and sinks.shape == (num_heads,), sinks
+        assert sinks.is_contiguous()
+
+
+def _sinks_arg(sinks: torch.Tensor | None, unread: torch.Tensor) -> torch.Tensor:
+    """The kernels' sinks pointer: without sinks any tensor (the kernel never reads it)."""
+    return sinks if sinks is not None else unread
+
+
+def _without_sinks(config: dict) -> dict:
+    """decode_config's constexprs for split-K's stage 1, which takes no USE_SINKS."""
+    return {k: v for k, v in config.items() if k != "USE_SINKS"}
 
 
 # The split-K heuristic's knobs (to tune on the H200: docs/gpu.md).
@@ -591,8 +647,10 @@ def paged_decode(
     window: int | None = None,
     softcap: float | None = None,
     num_partitions: int | None = None,  # None: decode_partitions' choice; 1: one pass
+    sinks: torch.Tensor | None = None,  # [H] float32: each query head's sink logit
 ) -> torch.Tensor:  # [S, H, D] in the cache dtype
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
+    _check_sinks(sinks, num_heads)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
     if num_partitions is None:
@@ -606,7 +664,7 @@ def paged_decode(
             sm_count(q.device),
         )
     assert num_partitions >= 1, num_partitions
-    config = decode_config(num_heads, num_kv_heads, head_dim, window, softcap)
+    config = decode_config(num_heads, num_kv_heads, head_dim, window, softcap, sinks is not None)
     if num_partitions > 1:
         _split_decode(
             q,
@@ -621,6 +679,7 @@ def paged_decode(
             softcap,
             num_partitions,
             config,
+            sinks,
         )
         return out
     grid = (q.shape[0], num_kv_heads)
@@ -630,6 +689,7 @@ def paged_decode(
         v_cache,
         block_tables,
         context_lens,
+        _sinks_arg(sinks, context_lens),
         out,
         q.stride(0),
         q.stride(1),
@@ -660,10 +720,12 @@ def _split_decode(
     softcap: float | None,
     num_partitions: int,
     config: dict,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Split-K (flash-decoding): stage 1 over (row, KV head, partition) into fp32 scratch,
-    stage 2 merges each query head's partitions by their log-sum-exp into `out`. The scratch
-    comes from torch.empty per call: under CUDA graph capture, from the graph's pool."""
+    stage 2 merges each query head's partitions by their log-sum-exp (and the sinks) into
+    `out`. The scratch comes from torch.empty per call: under CUDA graph capture, from the
+    graph's pool."""
     part_out, part_lse = _decode_partials(
         q,
         k_cache,
@@ -677,7 +739,7 @@ def _split_decode(
         num_partitions,
         config,
     )
-    _merge_partials(part_out, part_lse, out)
+    _merge_partials(part_out, part_lse, out, sinks)
 
 
 def _decode_partials(
@@ -694,7 +756,7 @@ def _decode_partials(
     config: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: each partition's normalised output [S, H, P, D] and log-sum-exp [S, H, P]
-    (fp32; an empty partition: zeros and -1e30)."""
+    (fp32; an empty partition: zeros and -1e30). Without the sinks: they join in stage 2."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     part_out = torch.empty(
@@ -725,17 +787,24 @@ def _decode_partials(
         block_size,
         num_partitions,
         partition_unit(block_size, head_dim),
-        **config,
+        **_without_sinks(config),  # the partitions have none: they join in the merge
     )
     return part_out, part_lse
 
 
-def _merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
-    """Stage 2: out[s, h] = the partitions' outputs weighted by exp(lse - max lse)."""
+def _merge_partials(
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    sinks: torch.Tensor | None = None,
+) -> None:
+    """Stage 2: out[s, h] = the partitions' outputs weighted by exp(lse - max lse), the head's
+    sink (if any) one more weight without a value."""
     rows, num_heads, num_partitions, head_dim = part_out.shape
     _decode_reduce_kernel[(rows, num_heads)](
         part_out,
         part_lse,
+        _sinks_arg(sinks, part_lse),
         out,
         part_out.stride(0),
         part_out.stride(1),
@@ -745,7 +814,7 @@ def _merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.T
         out.stride(0),
         out.stride(1),
         num_partitions,
-        **reduce_config(head_dim, num_partitions),
+        **reduce_config(head_dim, num_partitions, sinks is not None),
     )
 
 
@@ -764,11 +833,15 @@ def paged_prefill(
     # [T] int32 each: every query row's image span [start, end) of positions, (0, 0) for a row
     # outside any image; None: no images in the batch (plain causal)
     spans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sinks: torch.Tensor | None = None,  # [H] float32: each query head's sink logit
 ) -> torch.Tensor:  # [T, H, D] in the cache dtype
     num_heads, num_kv_heads, head_dim = _check(q, k_cache)
+    _check_sinks(sinks, num_heads)
     q = q.to(k_cache.dtype)
     out = torch.empty_like(q)
-    config = prefill_config(num_heads, num_kv_heads, head_dim, window, softcap, spans is not None)
+    config = prefill_config(
+        num_heads, num_kv_heads, head_dim, window, softcap, spans is not None, sinks is not None
+    )
     span_start, span_end = spans if spans is not None else (context_lens, context_lens)
     grid = (context_lens.shape[0], triton.cdiv(max_query_len, config["BLOCK_M"]), num_heads)
     _prefill_kernel[grid](
@@ -780,6 +853,7 @@ def paged_prefill(
         context_lens,
         span_start,
         span_end,
+        _sinks_arg(sinks, context_lens),
         out,
         q.stride(0),
         q.stride(1),
@@ -805,9 +879,10 @@ def compile_for_cuda(
     window: int | None,
     softcap: float | None,
     dtype: str = "bf16",
+    sinks: bool = False,
 ) -> dict[str, int]:
     """Compile every kernel (decode one pass, split-K's two stages at MAX_PARTITIONS, prefill
-    without and with image spans) for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through triton's bundled ptxas,
+    without and with image spans; `sinks`: their attention-sink variants) for a CUDA target (e.g. arch 90: H100/H200) without a GPU, through triton's bundled ptxas,
     as the launchers would for this layer shape. Catches what the interpreter does not check
     (globals, tile shapes, shared memory). Returns each kernel's shared memory in bytes. Needs a
     process without TRITON_INTERPRET."""
@@ -819,15 +894,18 @@ def compile_for_cuda(
         types[name] = f"*{dtype}"
     for name in ("bt_ptr", "lens_ptr", "qstart_ptr", "span_start_ptr", "span_end_ptr"):
         types[name] = "*i32"
-    for name in ("part_out_ptr", "part_lse_ptr"):
+    for name in ("part_out_ptr", "part_lse_ptr", "sinks_ptr"):
         types[name] = "*fp32"
-    decode = decode_config(num_heads, num_kv_heads, head_dim, window, softcap)
-    prefill = functools.partial(prefill_config, num_heads, num_kv_heads, head_dim, window, softcap)
+    decode = decode_config(num_heads, num_kv_heads, head_dim, window, softcap, sinks)
+    prefill = functools.partial(
+        prefill_config, num_heads, num_kv_heads, head_dim, window, softcap, sinks=sinks
+    )
+    reduce = reduce_config(head_dim, MAX_PARTITIONS, sinks)
     shared = {}
     for name, kernel, config in (
         ("_decode_kernel", _decode_kernel, decode),
-        ("_decode_split_kernel", _decode_split_kernel, decode),
-        ("_decode_reduce_kernel", _decode_reduce_kernel, reduce_config(head_dim, MAX_PARTITIONS)),
+        ("_decode_split_kernel", _decode_split_kernel, _without_sinks(decode)),
+        ("_decode_reduce_kernel", _decode_reduce_kernel, reduce),
         ("_prefill_kernel", _prefill_kernel, prefill()),
         ("_prefill_kernel_spans", _prefill_kernel, prefill(spans=True)),
     ):

@@ -12,6 +12,10 @@
 // model with many KV heads spends most of a batched decode step on this kernel). Half keys and
 // values are widened to float32 as they are loaded (exactly), so the f16 kernel's numbers are the
 // float32 kernel's on the widened cache; all arithmetic is float32.
+//
+// Attention sinks (gpt-oss): an optional learned logit per query head that joins every row's
+// softmax as one more column without a value; it enters once, where a head's chunks are
+// combined (the running max starts at it, the sum at its exp). NULL: no sinks.
 #include <immintrin.h>
 
 #include "avx2_compat.h"
@@ -176,9 +180,11 @@ static void chunk_partials_f16(const float *q, int nh, int64_t D, const void *k,
 // q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
 // cache slots slots[starts[i]] .. slots[starts[i] + lens[i] - 1] (its positions 0 .. lens[i] - 1;
 // the query is at the last). window > 0: only the last `window` keys. D % 16 == 0.
+// sinks: NULL, or [H] logits (in the scaled scores' units) of each head's sink column.
 static void attend(const float *q, const void *k_cache, const void *v_cache, const int64_t *slots,
                    const int64_t *starts, const int64_t *lens, int64_t S, int64_t H, int64_t Hkv,
-                   int64_t D, int64_t window, float scale, float *out, int nthreads, int half) {
+                   int64_t D, int64_t window, float scale, const float *sinks, float *out,
+                   int nthreads, int half) {
     const int64_t rep = H / Hkv, row_stride = Hkv * D, elt = half ? 2 : 4;
     int64_t *first = malloc(sizeof(int64_t) * (S + 1));  // first task of each sequence
     int64_t ntasks = 0;
@@ -234,12 +240,14 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
         const int64_t nchunks = (first[i + 1] - first[i]) / Hkv;
         const float *base = part + (first[i] + g * nchunks) * per_task;
         for (int64_t h = 0; h < rep; h++) {
-            float mx = -INFINITY;
+            const float sink = sinks ? sinks[g * rep + h] : -INFINITY;
+            float mx = sink;
             for (int64_t c = 0; c < nchunks; c++) {
                 const float mc = base[c * per_task + h];
                 if (mc > mx) mx = mc;
             }
-            float total = 0.0f;
+            // The sink's column: weight e^(sink - max), no value.
+            float total = sinks ? _mm512_cvtss_f32(exp512(_mm512_set1_ps(sink - mx))) : 0.0f;
             float *dst = out + (i * H + g * rep + h) * D;
             for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_setzero_ps());
             for (int64_t c = 0; c < nchunks; c++) {
@@ -262,17 +270,19 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
 
 void paged_attention(const float *q, const float *k_cache, const float *v_cache,
                      const int64_t *slots, const int64_t *starts, const int64_t *lens, int64_t S,
-                     int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale, float *out,
-                     int nthreads) {
-    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads, 0);
+                     int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale,
+                     const float *sinks, float *out, int nthreads) {
+    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, sinks, out,
+           nthreads, 0);
 }
 
 // The same over a float16 cache (uint16_t: IEEE half bits).
 void paged_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache,
                          const int64_t *slots, const int64_t *starts, const int64_t *lens,
                          int64_t S, int64_t H, int64_t Hkv, int64_t D, int64_t window, float scale,
-                         float *out, int nthreads) {
-    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, out, nthreads, 1);
+                         const float *sinks, float *out, int nthreads) {
+    attend(q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, sinks, out,
+           nthreads, 1);
 }
 
 // The step's new keys and values into their cache slots: row i of k and v (`width` floats each,
