@@ -77,6 +77,19 @@ def test_tiny_models_step_is_the_eager_step(which, tiny_llama_dir, tiny_qwen2_di
     _step_both_ways(llm, PROMPTS[:1])
 
 
+def test_attention_sinks_step_is_the_eager_step(tiny_llama_dir):
+    """gpt-oss's attention sinks (one logit per query head) given to a tiny Llama's layers:
+    the graph's attention calls take them as the eager native kernel does (gpt-oss itself
+    stays eager: its feed-forwards are mixtures of experts, which graphs do not record)."""
+    llm = _llm(tiny_llama_dir, block_size=4)
+    g = torch.Generator().manual_seed(0)
+    for layer in llm.engine.runner.model.layers:
+        attn = layer.self_attn.attn
+        attn.sinks = torch.randn(attn.num_heads, generator=g) * 2
+    assert cpu_graphs.supported(llm.engine.runner.model)
+    _step_both_ways(llm, PROMPTS)
+
+
 def _generate(llm: LLM, prompts: list[str], max_tokens: int = 24):
     params = [
         SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from girandole.model.attention import Attention
-from girandole.model.context import ForwardContext, PaddedDecode, forward_context
+from girandole.model.context import ForwardContext, NativeSlots, PaddedDecode, forward_context
 
 VOCAB = 300
 
@@ -160,11 +160,21 @@ def attention_layers(model) -> list[Attention]:
 
 
 class PagedRunner:
-    """Runs a model over a paged KV cache as the engine does: one flattened batch per step."""
+    """Runs a model over a paged KV cache as the engine does: one flattened batch per step.
+    `native`: the CPU engine's view for the native paged attention kernel (every row through
+    it, as the runner's NativeSlots); else the torch path, one sequence at a time."""
 
-    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        seed: int = 0,
+        native: bool = False,
+    ) -> None:
         self.model = model
         self.block_size = block_size
+        self.native = native
         layers = attention_layers(model)
         device = next(model.buffers(), torch.empty(0)).device
         for layer in layers:
@@ -209,7 +219,9 @@ class PagedRunner:
             context_slots=ctx_slots,
             lora=lora,
         )
-        if decode:
+        if self.native:
+            ctx.native = NativeSlots.build(qlens, ctx_slots, torch.tensor(positions))
+        elif decode:
             assert all(q == 1 for q in qlens)
             ctx.padded_decode = PaddedDecode.build(ctx_slots, torch.device("cpu"))
         with torch.inference_mode(), forward_context(ctx):
@@ -217,10 +229,13 @@ class PagedRunner:
             return self.model.compute_logits(hidden)
 
 
-def check_chunked_paged_logits(model, hf_model, prompts: list[list[int]], atol: float) -> None:
+def check_chunked_paged_logits(
+    model, hf_model, prompts: list[list[int]], atol: float, native: bool = False
+) -> None:
     """Several sequences in one flattened batch over the paged cache, then the rest of each
-    prompt as a second (chunked) batch: every row's logits equal transformers' within atol."""
-    runner = PagedRunner(model)
+    prompt as a second (chunked) batch: every row's logits equal transformers' within atol.
+    `native`: as PagedRunner's."""
+    runner = PagedRunner(model, native=native)
     try:
         first = {i: p[: max(1, len(p) - 3)] for i, p in enumerate(prompts)}
         rest = {i: p[len(first[i]) :] for i, p in enumerate(prompts) if len(p) > len(first[i])}
@@ -235,9 +250,13 @@ def check_chunked_paged_logits(model, hf_model, prompts: list[list[int]], atol: 
         runner.close()
 
 
-def paged_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations of several prompts at once: one batched prefill, batched decodes."""
-    runner = PagedRunner(model, num_blocks=sum(len(p) + max_new for p in prompts) // 4 + 8)
+def paged_greedy(
+    model, prompts: list[list[int]], max_new: int, native: bool = False
+) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: one batched prefill, batched decodes.
+    `native`: as PagedRunner's."""
+    blocks = sum(len(p) + max_new for p in prompts) // 4 + 8
+    runner = PagedRunner(model, num_blocks=blocks, native=native)
     try:
         logits = runner.step(dict(enumerate(prompts)))
         ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1

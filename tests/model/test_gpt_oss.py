@@ -12,11 +12,13 @@ from model_helpers import (
     check_chunked_paged_logits,
     check_paged_greedy_matches_generate,
     hf_logits,
+    paged_greedy,
     write_tiny_gpt_oss,
 )
 from safetensors.torch import save_file
 
 from girandole.model.attention import Attention
+from girandole.model.kernels import paged_attention
 from girandole.model.loader import load_model
 from girandole.model.loader.fused_experts import FP4_VALUES, dequantize_mxfp4
 
@@ -147,6 +149,30 @@ def test_paged_cache_matches_transformers(dense):
 def test_paged_greedy_matches_transformers_generate(dense):
     _folder, hf, model, _config = dense
     check_paged_greedy_matches_generate(model, hf, PROMPTS, max_new=8)
+
+
+@pytest.mark.skipif(
+    not paged_attention.supported(16, torch.zeros(1), None), reason="no native kernels here"
+)
+def test_native_paged_attention_with_sinks(dense, monkeypatch):
+    """The CPU engine's path: every attention row through the native kernel, sinks included
+    (sliding and full layers, prefill chunks and decode rows). Logits equal transformers',
+    greedy tokens equal the torch path's (one sequence at a time), and every layer call went
+    through the kernel with its sinks."""
+    _folder, hf, model, _config = dense
+    calls = []
+    kernel = paged_attention.paged_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[8] if len(args) > 8 else kwargs.get("sinks"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(paged_attention, "paged_attention", counted)
+    check_chunked_paged_logits(model, hf, PROMPTS, ATOL, native=True)
+    assert len(calls) == 2 * len(model.layers) and all(s is not None for s in calls)
+    native = paged_greedy(model, PROMPTS, max_new=8, native=True)
+    torch_path = paged_greedy(model, PROMPTS, max_new=8)
+    assert native == torch_path
 
 
 def test_fast_mode_close_to_reference(dense):

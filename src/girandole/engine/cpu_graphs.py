@@ -13,8 +13,9 @@ The calls, their order, their kernels and their inputs are the eager forward's, 
 numbers are bitwise the eager step's (tests/engine/test_cpu_graphs.py): the graphs change only
 what a step costs. They serve decode steps (each sequence's new token, and the tokens proposed
 after it when speculating; no LoRA rows) of a model whose layers are the shared blocks
-(layers.py: RMSNorm, SelfAttention with native paged attention, GatedMLP with native
-activation, quantized linears on wq_gemm); anything else runs eagerly. A row is a token at its
+(layers.py: RMSNorm, SelfAttention with native paged attention, attention sinks included,
+GatedMLP with native activation, quantized linears on wq_gemm); anything else runs eagerly
+(gpt-oss too: its feed-forwards are mixtures of experts). A row is a token at its
 position with its own slots, so a verify step's rows (several of one sequence) fit the same
 graph as a decode step of as many rows.
 """
@@ -79,8 +80,6 @@ def supported(model: nn.Module) -> bool:
         if attn.qk_norm_weight is not None and not attn.fused_norm:
             return False
         a = attn.attn
-        if a.sinks is not None:  # gpt-oss's sinks: the native kernel has none
-            return False
         if a.k_cache is None or not paged_attention.supported(
             a.head_dim, a.k_cache, a.logit_softcap
         ):
@@ -209,7 +208,7 @@ class CpuDecodeGraph:
         self._call(
             paged_attention.bind(
                 q, a.k_cache, a.v_cache, g.slots, g.starts, g.lens, a.sliding_window, a.scale,
-                out, threads=self.threads,
+                out, threads=self.threads, sinks=a.sinks,
             )
         )  # fmt: skip
         return self._linear(attn.o_proj, out.view(m, h * d))
