@@ -1,7 +1,6 @@
 """The tiny gpt-oss checkpoint through the real engine: on the CPU path (the native paged
-attention kernel has no sinks: the layers take the torch path, one sequence at a time) and on
-the GPU path (Triton kernels have no sinks either: the same torch path), run on CPU under
-Triton's interpreter; greedy tokens equal transformers' generate."""
+attention kernel, with the sinks) and on the GPU path (the Triton kernels with the sinks), run
+on CPU under Triton's interpreter; greedy tokens equal transformers' generate."""
 
 from __future__ import annotations
 

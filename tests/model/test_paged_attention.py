@@ -137,9 +137,7 @@ def test_sinks_decode_and_prefill_rows_match_float64(heads, kv_heads, head_dim, 
     prefill = paged_attention.paged_attention(
         rows, k_cache, v_cache, torch.cat(slots), at, chunk + 1, window, scale, sinks
     )
-    expected = _sink_reference(
-        rows, k32[slots[seq]], v32[slots[seq]], chunk, scale, window, sinks
-    )
+    expected = _sink_reference(rows, k32[slots[seq]], v32[slots[seq]], chunk, scale, window, sinks)
     torch.testing.assert_close(prefill.double(), expected, rtol=1e-5, atol=2e-6)
     assert torch.equal(prefill[-1], out[seq])
 

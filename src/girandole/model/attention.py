@@ -120,9 +120,8 @@ class Attention(nn.Module):
             out = self._attend_each_sequence(qc, ctx, spans)
         elif ctx.padded_decode is not None:
             out = self._attend_decode(qc, ctx.padded_decode)
-        elif (
-            ctx.native is not None
-            and paged_attention.supported(self.head_dim, self.k_cache, self.logit_softcap)
+        elif ctx.native is not None and paged_attention.supported(
+            self.head_dim, self.k_cache, self.logit_softcap
         ):
             # Every row, decode or prefill, through one kernel that reads the cache in place.
             n = ctx.native

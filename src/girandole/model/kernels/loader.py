@@ -71,10 +71,8 @@ SIGNATURES = {
     # x, M, K, w, wsum, xs, ws, N, y, nthreads
     "int8_gemm": [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, c_int],
     # q, k_cache, v_cache, slots, starts, lens, S, H, Hkv, D, window, scale, sinks, out, nthreads
-    "paged_attention": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, ptr, c_int],
-    "paged_attention_f16": [
-        ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr, ptr, c_int
-    ],
+    "paged_attention": [*[ptr] * 6, i64, i64, i64, i64, i64, f32, ptr, ptr, c_int],
+    "paged_attention_f16": [*[ptr] * 6, i64, i64, i64, i64, i64, f32, ptr, ptr, c_int],
     # x, M, K, w, xs, N, y, nthreads
     "int4_head_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, c_int],
     # logits, M, V, x, H, table_q, table_scale, margin, top, nthreads
