@@ -19,6 +19,9 @@ from girandole.engine.cpu_threads import threads_for
 from girandole.env_switches import threads_setting
 
 PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+# They measure how busy the cores are: make test runs them alone, after the parallel part.
+pytestmark = pytest.mark.serial
+
 DEFAULT_THREADS = torch.get_num_threads()  # at collection, before any test's engine
 
 
