@@ -1,7 +1,8 @@
 """The playground page in a real headless Chromium (Playwright's sync API) against real servers
 with the default model (Gemma 3 270M): `open_server` without keys, `keyed_server` with one; and
 `qwen_server`, a tiny Qwen3 whose chat template thinks; `vision_server`, a tiny Gemma 3 that
-takes images.
+takes images. Each lives for one test file, so no server or browser outlasts the playground's
+tests in a pytest worker that goes on to other files.
 
 Chromium: Debian's package (/usr/bin/chromium, installed by .ci/run when missing), else the
 browser Playwright downloads (`playwright install chromium`).
@@ -34,17 +35,17 @@ def _serve(tmp_path_factory, name: str, *args: str, api_key: str | None):
     stop_server(server)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def open_server(tmp_path_factory):
     yield from _serve(tmp_path_factory, "open", "--mcp-allowed-hosts", "127.0.0.1", api_key=None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
     yield from _serve(tmp_path_factory, "keyed", "--api-key", API_KEY, api_key=API_KEY)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def qwen_server(tmp_path_factory, tiny_qwen3_dir):
     """A model that thinks: the tests' tiny random Qwen3 with Qwen3's chat template
     (tests/conftest.py); a GBNF grammar gives its output a thinking block and an answer."""
@@ -54,7 +55,7 @@ def qwen_server(tmp_path_factory, tiny_qwen3_dir):
                       api_key=None)  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vision_server(tmp_path_factory, tiny_vision):
     """A model that takes images: the tests' tiny random Gemma 3 vision checkpoint
     (tests/conftest.py)."""
@@ -63,8 +64,11 @@ def vision_server(tmp_path_factory, tiny_vision):
                       "--model-id", "tiny-vision", "--kv-cache-gb", "0.01", api_key=None)  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
+    """Module-scoped: while Playwright's sync API is open its event loop counts as running in
+    this thread, so every later asyncio.run() of the same pytest process (a worker of
+    `make test` takes other files after this one) would fail."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
