@@ -62,11 +62,13 @@ def test_amx_kernel_gives_the_same_bits(n, k, rows):
     assert torch.equal(amx, int4_head.gemm(xq, sx, packed, n, amx=False))
 
 
-def test_head_refines_the_top_candidates_exactly():
+# A vocabulary of whole 16-row blocks, and ones the native copy pads with zero rows.
+@pytest.mark.parametrize("vocab", [4096, 4099, 37])
+def test_head_refines_the_top_candidates_exactly(vocab):
     """QuantLMHead on the 4-bit copy: each row's greedy token and best candidates carry the
     float32 table's logits, whatever the coarse copy's error."""
     g = torch.Generator().manual_seed(7)
-    vocab, hidden = 4096, 128
+    hidden = 128
     table = Int8Embedding(torch.randn(vocab, hidden, generator=g) * 0.05)
     head = QuantLMHead(table)
     assert head.native4_packed is not None and head.native_packed is None
@@ -74,6 +76,7 @@ def test_head_refines_the_top_candidates_exactly():
     x = torch.randn(9, hidden, generator=g) * 4
     exact = x @ table.rows(torch.arange(vocab)).t()
     got = head(x)
+    assert got.shape == (9, vocab) and got.is_contiguous()
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
     top = exact.topk(20, dim=-1).indices
     assert torch.allclose(got.gather(1, top), exact.gather(1, top), atol=1e-4, rtol=1e-5)

@@ -286,17 +286,23 @@ class QuantLMHead(nn.Module):
         self.table = table
         self.vocab, hidden = table.qweight.shape
         native = kernels.available()
+        self.padded = (-(-self.vocab // 16) * 16, -(-hidden // 64) * 64)  # torch's int4 shape
+        # The native kernels take the vocabulary in blocks of 16 rows: a vocabulary of another
+        # size is padded with zero rows (their logits computed, then cut off), not sent to
+        # torch's far slower path (a decode step's largest cost at a ~300-token vocabulary).
+        vocab_rows = self.padded[0]
         # The native 4-bit copy where it holds the weights (float16 parameters), else the
         # native int8 kernel's; without either, torch's int4 packed copy.
         use4 = native and int4_head.supports(
-            self.vocab, hidden, float(table.scale.abs().max()) * 127.0
+            vocab_rows, hidden, float(table.scale.abs().max()) * 127.0
         )
-        use8 = native and not use4 and int8_gemm.supports(self.vocab, hidden)
+        use8 = native and not use4 and int8_gemm.supports(vocab_rows, hidden)
         use_torch = not (use4 or use8)
-        self.padded = (-(-self.vocab // 16) * 16, -(-hidden // 64) * 64)  # torch's int4 shape
         q, scale, q4, t4 = [], [], [], []
         for start in range(0, self.vocab, self.CHUNK):  # chunks bound the temporary memory
             rows = table.rows(torch.arange(start, min(start + self.CHUNK, self.vocab)))
+            stop = min(start + self.CHUNK, vocab_rows)
+            rows = F.pad(rows, (0, 0, 0, stop - start - len(rows)))  # the last chunk: to 16
             if use8:
                 qc, sc = quantize_int8_rows(rows)
                 q.append(qc)
@@ -304,8 +310,7 @@ class QuantLMHead(nn.Module):
             if use4:
                 q4.append(int4_head.quantize(rows))
             if use_torch:
-                stop = min(start + self.CHUNK, self.padded[0])
-                padded = F.pad(rows, (0, self.padded[1] - hidden, 0, stop - start - len(rows)))
+                padded = F.pad(rows, (0, self.padded[1] - hidden))
                 t4.append(pack_int4(*quantize_int4_groups(padded)))
         self.register_buffer("qweight", torch.cat(q) if use8 else None)  # [V, H]
         self.register_buffer("qscale", torch.cat(scale) if use8 else None)  # [V]
@@ -327,11 +332,16 @@ class QuantLMHead(nn.Module):
             sx = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
             xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
             if self.native4_packed is not None:
-                return int4_head.gemm(xq, sx, self.native4_packed, self.vocab), True
+                out = int4_head.gemm(xq, sx, self.native4_packed, self.padded[0])
+                return self._cut(out), True
             if self.native_packed is not None:  # the same numbers as torch._int_mm
                 out = int8_gemm.int8_gemm(xq, sx, self.native_packed, self.native_wsum, self.qscale)
-                return out, True
+                return self._cut(out), True
         return self.torch_coarse(x), False
+
+    def _cut(self, out: torch.Tensor) -> torch.Tensor:
+        """The vocabulary's columns of logits [M, padded vocabulary], contiguous."""
+        return out if out.shape[1] == self.vocab else out[:, : self.vocab].contiguous()
 
     def torch_coarse(self, x: torch.Tensor) -> torch.Tensor:
         """The coarse logits on torch's int4 packed kernel: each row on its own (row-invariant
