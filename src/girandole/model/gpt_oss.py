@@ -23,6 +23,7 @@ from torch import nn
 from girandole.model.layers import Builder
 from girandole.model.llama import LlamaForCausalLM
 from girandole.model.moe import SparseMoE, expert_prefix
+from girandole.model.quant import dense_linear
 from girandole.model.spec import ArchSpec
 
 
@@ -73,7 +74,7 @@ class GptOssMoE(SparseMoE):
         self.norm_topk_prob = True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.nn.functional.linear(x.float(), self.router, self.router_bias)
+        logits = dense_linear(x.float(), self.router, self.router_bias)  # as SparseMoE's
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         return ids, torch.softmax(top, dim=-1, dtype=torch.float32)
 

@@ -10,7 +10,11 @@ one [T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert, e
 runs once on its rows (one gate/up and one down matmul, the same linears as a dense layer's,
 quantized in fast mode), and the weighted rows are added back to their tokens with one
 index_add_. No per-token Python loop; the only loop is over the experts a batch activates. The
-same torch ops run on CUDA (the expert counts come to the host once a layer); a fused MoE
+engine's steps put decode tokens first and tell the linears how many (`num_decode_rows`: fast
+mode's decode rows take another kernel); sorting keeps each expert's decode rows first, and each
+expert runs with its own count of them, so a token's kernel follows its role, never which other
+tokens share its expert (batch invariance, as for a dense layer). The same torch ops run on
+CUDA (the expert counts come to the host once a layer); a fused MoE
 kernel (vLLM's fused_moe) is future work there.
 
 Router replay: where the forward context asks for it (`ForwardContext.routing`), each MoE layer
@@ -25,6 +29,7 @@ from torch import nn
 
 from girandole.model.context import get_context
 from girandole.model.layers import Builder, GatedMLP
+from girandole.model.quant import PackedLinear, dense_linear
 
 
 def expert_prefix(layer: int, expert: int) -> str:
@@ -60,7 +65,9 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k expert ids [T, k] long and their weights [T, k] float32."""
-        logits = torch.nn.functional.linear(x.float(), self.router)
+        # dense_linear: a lone token (a sequence decoding alone) takes the matrix-vector kernel
+        # in F.linear, whose sums round otherwise than among other tokens.
+        logits = dense_linear(x.float(), self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -74,14 +81,33 @@ class SparseMoE(nn.Module):
             ctx.routing.append(ids)
         flat = ids.flatten()  # [T * k]: pair j is token j // k's (j % k)-th choice
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        decode = None if ctx is None else ctx.num_decode_rows
+        if decode is None:
+            per_expert = [(n, None) for n in counts.tolist()]
+        else:  # each expert's decode rows: its pairs from the first `decode` tokens
+            first = torch.bincount(flat[: decode * self.top_k], minlength=self.num_experts)
+            per_expert = list(zip(*torch.stack([counts, first]).tolist()))
         tokens = order // self.top_k
+        if isinstance(self.experts[0].gate_up, PackedLinear):
+            x = x.to(torch.bfloat16)  # what the packed linears cast to: half the rows' bytes
         rows = x.index_select(0, tokens)  # [T * k, hidden], grouped by expert
-        outs = []
+        pair_weights = weights.flatten().index_select(0, order)[:, None]
+        # Each expert's weighted rows are added to their tokens as they come, in expert order
+        # (the order of one index_add_ over the sorted pairs): no [T * k, hidden] concatenation
+        # and product, whose fresh pages cost more than the adds in a long prompt.
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](rows[start : start + n]))
-                start += n
-        y = torch.cat(outs) * weights.flatten().index_select(0, order)[:, None]
-        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, tokens, y)
+        try:
+            for e, (n, d) in enumerate(per_expert):
+                if n:
+                    if ctx is not None:
+                        ctx.num_decode_rows = d
+                    part = slice(start, start + n)
+                    out = self.experts[e](rows[part]).float()
+                    y.index_add_(0, tokens[part], out.mul_(pair_weights[part]))
+                    start += n
+        finally:
+            if ctx is not None:
+                ctx.num_decode_rows = decode
+        return y
