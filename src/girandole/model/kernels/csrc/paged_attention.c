@@ -60,6 +60,44 @@ static inline __attribute__((always_inline)) void weighted_values(
         for (int c = 0; c < CN; c++) _mm512_storeu_ps(out + h * out_stride + 16 * c, acc[h][c]);
 }
 
+#ifdef GIR_AVX2
+// A key's score is the sum of its accumulator's 16 lanes, by avx2_compat.h's tree
+// (gir_reduce_add_ps): t = hi + lo (8 lanes), then lanes i + (i + 4), then (0 + 2, 1 + 3),
+// then 0 + 1, a chain of shuffles and adds per key and head. Here the same adds for 8 keys at
+// once (t[k]: key k's hi + lo), vertical across the keys after transposing shuffles: the same
+// floats, times scale, into out[0..8).
+static inline __attribute__((always_inline)) void scores8(const __m256 *t, float scale,
+                                                          float *out) {
+    __m256 s[4];  // s[p]: keys 2p and 2p + 1, each a 128-bit lane of its 4 sums i + (i + 4)
+    for (int p = 0; p < 4; p++)
+        s[p] = _mm256_add_ps(_mm256_permute2f128_ps(t[2 * p], t[2 * p + 1], 0x31),
+                             _mm256_permute2f128_ps(t[2 * p], t[2 * p + 1], 0x20));
+    // w0: lane 0 keys 0, 2 and lane 1 keys 1, 3 (each 0 + 2, 1 + 3); w1: keys 4 to 7 alike.
+    const __m256 w0 = _mm256_add_ps(_mm256_shuffle_ps(s[0], s[1], 0x44),
+                                    _mm256_shuffle_ps(s[0], s[1], 0xEE));
+    const __m256 w1 = _mm256_add_ps(_mm256_shuffle_ps(s[2], s[3], 0x44),
+                                    _mm256_shuffle_ps(s[2], s[3], 0xEE));
+    // Keys 0, 2, 4, 6 | 1, 3, 5, 7: 0 + 1 of each; then in key order.
+    const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(w0, w1, 0x88),
+                                   _mm256_shuffle_ps(w0, w1, 0xDD));
+    const __m256 scaled = _mm256_mul_ps(r, _mm256_set1_ps(scale));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(scaled, order));
+}
+
+// One key's score from its t = hi + lo, as gir_reduce_add_ps finishes it.
+static inline __attribute__((always_inline)) float score1(__m256 t, float scale) {
+    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t, 1), _mm256_castps256_ps128(t));
+    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+    return (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1))) * scale;
+}
+
+// Key j's accumulator for head h: its score now (AVX-512), or 8 keys' together (AVX2).
+#define KEY_SCORE(h, acc) (pending[h][j & 7] = _mm256_add_ps((acc).hi, (acc).lo))
+#else
+#define KEY_SCORE(h, acc) (s[h][j] = _mm512_reduce_add_ps(acc) * scale)
+#endif
+
 // Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence; the
 // caches' element 0 is this KV head's first dim of slot 0 (rows row_stride elements apart).
 // m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
@@ -68,9 +106,11 @@ static inline __attribute__((always_inline)) void chunk_partials_t(
     int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1, float scale, int prefetch,
     float *m, float *l, float *o, int half) {
     float s[MAX_REP][KEY_CHUNK];
+#ifdef GIR_AVX2
+    __m256 pending[MAX_REP][8];
+#endif
     const int64_t n = j1 - j0, row_bytes = D * (half ? 2 : 4), elt = half ? 2 : 4;
     const char *kbytes = (const char *)k_cache, *vbytes = (const char *)v_cache;
-    for (int h = 0; h < nh; h++) m[h] = -INFINITY;
     for (int64_t j = 0; prefetch && j < n && j < PREFETCH_AHEAD; j++) {
         const char *kn = kbytes + slots[j0 + j] * row_stride * elt;
         for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
@@ -101,33 +141,47 @@ static inline __attribute__((always_inline)) void chunk_partials_t(
             for (int h = 0; h < 4; h++) {  // the same sums, in the same order, as below
                 const __m512 acc = _mm512_add_ps(_mm512_add_ps(a[h][0], a[h][1]),
                                                  _mm512_add_ps(a[h][2], a[h][3]));
-                const float sc = _mm512_reduce_add_ps(acc) * scale;
-                s[h][j] = sc;
-                if (sc > m[h]) m[h] = sc;
+                KEY_SCORE(h, acc);
             }
-            continue;
-        }
-        for (int h = 0; h < nh; h++) {
-            const float *qh = q + h * D;
-            // Four independent chains (a single one would wait on each FMA's latency).
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t d = 0;
-            for (; d + 64 <= D; d += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16),
-                                     load16(k_cache, kj + d + 16, half), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32),
-                                     load16(k_cache, kj + d + 32, half), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48),
-                                     load16(k_cache, kj + d + 48, half), a3);
+        } else {
+            for (int h = 0; h < nh; h++) {
+                const float *qh = q + h * D;
+                // Four independent chains (a single one would wait on each FMA's latency).
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                int64_t d = 0;
+                for (; d + 64 <= D; d += 64) {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half),
+                                         a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16),
+                                         load16(k_cache, kj + d + 16, half), a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32),
+                                         load16(k_cache, kj + d + 32, half), a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48),
+                                         load16(k_cache, kj + d + 48, half), a3);
+                }
+                for (; d < D; d += 16)
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half),
+                                         a0);
+                const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+                KEY_SCORE(h, acc);
             }
-            for (; d < D; d += 16)
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half), a0);
-            const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-            const float sc = _mm512_reduce_add_ps(acc) * scale;
-            s[h][j] = sc;
-            if (sc > m[h]) m[h] = sc;
         }
+#ifdef GIR_AVX2
+        if ((j & 7) == 7)
+            for (int h = 0; h < nh; h++) scores8(pending[h], scale, s[h] + j - 7);
+#endif
+    }
+#ifdef GIR_AVX2
+    for (int64_t j = n & ~(int64_t)7; j < n; j++)  // the last n % 8 keys, one at a time
+        for (int h = 0; h < nh; h++) s[h][j] = score1(pending[h][j & 7], scale);
+#endif
+    // The maxima after the scores, not key by key: a running maximum in m[] (a pointer the
+    // compiler must store and reload around every key's loads) chained every key's scores.
+    for (int h = 0; h < nh; h++) {
+        float mh = -INFINITY;
+        for (int64_t j = 0; j < n; j++)
+            if (s[h][j] > mh) mh = s[h][j];
+        m[h] = mh;
     }
     for (int h = 0; h < nh; h++) {
         const __m512 mh = _mm512_set1_ps(m[h]);
