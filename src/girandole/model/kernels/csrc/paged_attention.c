@@ -205,6 +205,10 @@ static inline __attribute__((always_inline)) void chunk_partials_t(
             // Constant tile sizes keep the accumulators in registers (runtime ones spill them).
             if (hn == 4 && dn == 4)
                 weighted_values(s[h0], slots + j0, n, vd, row_stride, od, D, 4, 4, half);
+            else if (hn == 2 && dn == 4)  // each value converted once for both heads
+                for (int c = 0; c < 4; c += 2)  // 2 x 2 accumulators: AVX2's registers hold them
+                    weighted_values(s[h0], slots + j0, n, (const char *)vd + 16 * c * elt,
+                                    row_stride, od + 16 * c, D, 2, 2, half);
             else if (dn == 4)
                 for (int h = 0; h < hn; h++)
                     weighted_values(s[h0 + h], slots + j0, n, vd, row_stride, od + h * D, D, 1, 4,
