@@ -5,17 +5,17 @@ Routing, as transformers computes it: router logits in float32 (x @ W_router.T),
 all experts, top-k, and the k weights renormalised to sum to 1 where `norm_topk_prob` (Qwen3-MoE's
 setting; Mixtral always renormalises its top-2).
 
-Dispatch for the engine's flattened batches (decode rows and prompt chunks of many sequences in
-one [T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert, each active expert
-runs once on its rows (one gate/up and one down matmul, the same linears as a dense layer's,
-quantized in fast mode), and the weighted rows are added back to their tokens with one
-index_add_. No per-token Python loop; the only loop is over the experts a batch activates. The
-engine's steps put decode tokens first and tell the linears how many (`num_decode_rows`: fast
-mode's decode rows take another kernel); sorting keeps each expert's decode rows first, and each
-expert runs with its own count of them, so a token's kernel follows its role, never which other
-tokens share its expert (batch invariance, as for a dense layer). The same torch ops run on
-CUDA (the expert counts come to the host once a layer); a fused MoE
-kernel (vLLM's fused_moe) is future work there.
+Dispatch for the engine's flattened batches (decode rows and prompt chunks of many sequences in one
+[T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert, each active expert runs
+once on its rows (one gate/up and one down matmul, the same linears as a dense layer's, quantized
+in fast mode), and each expert's weighted rows are added back to their tokens (index_add_, expert
+by expert: each token's sum in expert order). No per-token Python loop; the only loop is over the
+experts a batch activates. The engine's steps put decode tokens first and tell the linears how many
+(`num_decode_rows`: fast mode's decode rows take another kernel); sorting keeps each expert's
+decode rows first, and each expert runs with its own count of them, so a token's kernel follows its
+role, never which other tokens share its expert (batch invariance, as for a dense layer). The same
+torch ops run on CUDA (the expert counts come to the host once a layer); a fused MoE kernel (vLLM's
+fused_moe) is future work there.
 
 Router replay: where the forward context asks for it (`ForwardContext.routing`), each MoE layer
 appends its [T, k] chosen expert ids (engine/runner.py hands them to the sequences that asked for
