@@ -1,25 +1,39 @@
 """Mixture-of-experts benchmark: a small random Qwen3-MoE written on the fly (hidden 512, 8
 experts of intermediate 512, top-2 renormalised, 4 layers, 8 heads / 4 KV heads of 64, a
-byte-level vocabulary of about 1,000 tokens so that the LM head is a small share), girandole's
-engine against transformers' `generate` side by side in the same run.
+byte-level BPE vocabulary trained on a short text: 315 tokens, so that the LM head is a small
+share), girandole's engine against transformers' `generate` side by side in the same run.
 
     .venv/bin/python benchmarks/bench_moe.py              # about 3 minutes on 2 cores
     .venv/bin/python benchmarks/bench_moe.py --quick      # one repeat, fewer tokens
+    .venv/bin/python benchmarks/bench_moe.py --threads 1 --clock cpu   # on a shared host
 
 Cells (greedy, ignore_eos, random prompt tokens; medians over --repeats, cells interleaved):
 - decode tok/s at batch 1 and 8: (batch x N) output tokens / (time of N + 1 tokens - time of 1),
   so the prefill and the first token are left out;
 - prefill tok/s: one prompt of --prefill-len tokens and one output token.
+`--clock cpu` times the process's CPU seconds (time.process_time) instead of wall seconds: on a
+host whose cores other jobs share, the wall clock measures the other jobs as much as the
+engines. `--threads N` fixes torch's (and girandole's engine's) thread count.
 
 girandole runs the engine in-process (LLM) in fast mode (int8/int4 packed expert linears, bf16
 activations: the server's default) and in reference mode (float32); transformers runs float32
 (the dtype its CPU path is fastest in) with its KV cache.
+
+Last runs (docs/benchmarks.md, "Mixture-of-experts"; AVX2 host shared with a CI run, `--threads
+1 --clock cpu`, medians of 3; tok/s, decode b1 / b8 / prefill 512, one of three runs each):
+
+    girandole (fast), before (407a4a1)   143.3 / 462.7 / 1,916   transformers  91.6 / 305.0 / 2,523
+    girandole (fast), after              173.0 / 638.0 / 2,242   transformers 109.1 / 344.7 / 2,659
+
+Against transformers over the three runs: decode 1.59x and 1.74x (were 1.42x, 1.27x), prefill
+0.84x (was 0.76x): the bf16 expert GEMMs and the per-row attention kernel (see there).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import fmt, log, machine_lines, markdown_table, median  # noqa: E402
 
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time
 TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time, 0123456789. " * 20
 
 
@@ -94,9 +109,9 @@ class Girandole:
 
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         self.llm.engine.kv_cache.reset_prefix_cache()  # every cell computes its prompts
-        start = time.perf_counter()
+        start = CLOCK[0]()
         self.llm.generate(prompts, params)
-        return time.perf_counter() - start
+        return CLOCK[0]() - start
 
 
 class Transformers:
@@ -110,7 +125,7 @@ class Transformers:
         import torch
 
         ids = torch.tensor(prompts)  # one length: no padding
-        start = time.perf_counter()
+        start = CLOCK[0]()
         with torch.inference_mode():
             self.model.generate(
                 ids,
@@ -120,7 +135,7 @@ class Transformers:
                 do_sample=False,
                 pad_token_id=0,
             )
-        return time.perf_counter() - start
+        return CLOCK[0]() - start
 
 
 def main() -> None:
@@ -131,11 +146,19 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="write the raw figures here")
+    p.add_argument("--threads", type=int, help="torch and engine threads (default: the engine's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.decode_tokens, args.prefill_len = 1, 16, 256
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
 
     import torch
+
+    if args.threads:
+        os.environ["GIRANDOLE_THREADS"] = str(args.threads)  # the engine's governor: fixed
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_model(Path(tmp) / "qwen3-moe")
@@ -164,7 +187,7 @@ def main() -> None:
     print("\n".join(machine_lines()))
     print(f"torch threads: {torch.get_num_threads()}; repeats: {args.repeats}; "
           f"decode: {args.decode_tokens} tokens after {args.prompt_len}-token prompts; "
-          f"prefill: {args.prefill_len} tokens")  # fmt: skip
+          f"prefill: {args.prefill_len} tokens; clock: {args.clock}")  # fmt: skip
     header = ["engine", "decode tok/s, batch 1", "decode tok/s, batch 8", "prefill tok/s"]
     rows = [
         [name, *(fmt(median(cell_figures)) for cell_figures in by_cell.values())]
