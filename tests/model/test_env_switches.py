@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -17,14 +19,33 @@ READ_ALL = (
 )
 
 
+def _in_fresh_interpreter(code: str, env: dict[str, str], out: str, err: str) -> None:
+    """In a process forked from one that imported torch and triton only (seconds each time,
+    ~10 times): the engine's modules are imported here for the first time, reading `env`."""
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)
+    os.environ.update(env)
+    assert not any(name.startswith("girandole") for name in sys.modules)
+    exec(code, {})
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`code` run with `env` added, in a fresh process (the variables are read at import)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "triton.language"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        process = context.Process(target=_in_fresh_interpreter, args=(code, env, out, err))
+        process.start()
+        process.join(300)
+        if process.exitcode is None:
+            process.kill()
+            raise AssertionError("still running after 300 s")
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(code, process.exitcode, stdout.read(),
+                                               stderr.read())  # fmt: skip
 
 
 @pytest.mark.parametrize("word", ["false", "OFF", "no", "0"])
