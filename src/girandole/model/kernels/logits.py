@@ -8,6 +8,16 @@ import torch
 
 from girandole.model.kernels import loader
 
+# Below this many logits a pass runs on the calling thread alone: waking the other threads costs
+# more than the pass (tiny vocabularies; on a busy host a woken thread waits for a core, and a
+# sampler's few calls a step took ~13 ms each instead of microseconds). A row is always computed
+# by one thread, so the answers are the same either way.
+SERIAL_BELOW = 1 << 16
+
+
+def _threads(x: torch.Tensor) -> int:
+    return 1 if x.numel() < SERIAL_BELOW else torch.get_num_threads()
+
 
 def refine(
     logits: torch.Tensor,  # float32 [M, V] coarse, contiguous: candidates overwritten in place
@@ -48,7 +58,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.long)
     lib.argmax_rows(
-        logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads()
+        logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), _threads(logits)
     )
     return out
 
@@ -70,7 +80,7 @@ def top(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         n,
         values.data_ptr(),
         ids.data_ptr(),
-        torch.get_num_threads(),
+        _threads(x),
     )
     if bool((ids[:, -1] < 0).any()):  # a row with fewer than n values above -inf
         return x.topk(n, dim=-1)
@@ -85,9 +95,7 @@ def sampling_weights(x: torch.Tensor, temps: torch.Tensor) -> bool:
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
         return False
     temps = temps.to(torch.float32).contiguous()
-    lib.sampling_weights_rows(
-        x.data_ptr(), temps.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads()
-    )
+    lib.sampling_weights_rows(x.data_ptr(), temps.data_ptr(), x.shape[0], x.shape[1], _threads(x))
     return True
 
 
