@@ -4,6 +4,7 @@ and transformers' own GGUF conversion of it, the reference."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,22 @@ def tok(gguf_path, tok_cache_dir):
 
 
 @pytest.fixture(scope="session")
-def ref(gguf_path):
-    """transformers' conversion of the same GGUF (the reference implementation)."""
+def ref(gguf_path, tmp_path_factory):
+    """transformers' conversion of the same GGUF (the reference implementation). Converted once
+    a run (~25 s: its GGUF reader parses 262k strings in Python) and handed, pickled, to the
+    run's other pytest-xdist workers (two of these files) through the run's temporary folder."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name
-    )
+    from filelock import FileLock
+
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = run.parent  # the workers' folders are in the run's own
+    saved = run / f"transformers-{transformers.__version__}-{gguf_path.name}.pickle"
+    with FileLock(f"{saved}.lock"):
+        if saved.exists():
+            return pickle.loads(saved.read_bytes())
+        ref = transformers.AutoTokenizer.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name
+        )
+        saved.write_bytes(pickle.dumps(ref))
+        return ref
