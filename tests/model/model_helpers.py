@@ -408,3 +408,21 @@ def write_tiny_gguf(hf_model, arch: str, path: Path, qtypes: dict[str, str]) -> 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def sink_attention_reference(q, k, v, q_pos, scale, window, sinks):
+    """float64 attention of query rows q [T, H, D] at positions q_pos [T] of one sequence whose
+    keys are k, v [ctx, Hkv, D] (by position), each head's sink logit one more softmax column
+    without a value (transformers' eager_attention_forward for gpt-oss)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(heads // kv_heads, 1)
+    vv = v.double().repeat_interleave(heads // kv_heads, 1)
+    s = torch.einsum("thd,nhd->thn", q.double(), kk) * scale
+    diff = q_pos[:, None] - torch.arange(len(k))[None, :]
+    seen = diff >= 0
+    if window:
+        seen &= diff < window
+    s = s.masked_fill(~seen[:, None, :], float("-inf"))
+    column = sinks.double()[None, :, None].expand(len(q), heads, 1)
+    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("thn,nhd->thd", p, vv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import sink_attention_reference
 
 from girandole.model.attention import Attention
 from girandole.model.kernels import available as kernels_available
@@ -74,24 +75,6 @@ def test_prefill_rows_are_causal_and_chunking_free(window):
     assert torch.equal(rows(n - 1, n), whole[-1:])  # the last row as a decode token
 
 
-def _sink_reference(q, k, v, q_pos, scale, window, sinks):
-    """float64 attention of query rows q [T, H, D] at positions q_pos [T] of one sequence whose
-    keys are k, v [ctx, Hkv, D] (by position), each head's sink logit one more softmax column
-    without a value (gpt-oss; transformers' eager_attention_forward)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    kk = k.double().repeat_interleave(heads // kv_heads, 1)
-    vv = v.double().repeat_interleave(heads // kv_heads, 1)
-    s = torch.einsum("thd,nhd->thn", q.double(), kk) * scale
-    diff = q_pos[:, None] - torch.arange(len(k))[None, :]
-    seen = diff >= 0
-    if window:
-        seen &= diff < window
-    s = s.masked_fill(~seen[:, None, :], float("-inf"))
-    column = sinks.double()[None, :, None].expand(len(q), heads, 1)
-    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("thn,nhd->thd", p, vv)
-
-
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 64), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -121,10 +104,12 @@ def test_sinks_decode_and_prefill_rows_match_float64(heads, kv_heads, head_dim, 
     for i, n in enumerate(CONTEXTS):
         at = torch.tensor([n - 1])
         k, v = k32[slots[i]], v32[slots[i]]
-        expected = _sink_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
+        expected = sink_attention_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
         torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=2e-6)
         assert (out[i] - plain[i]).abs().max() > 1e-3  # the sinks changed the row
-        no_sink = _sink_reference(q[i : i + 1], k, v, at, scale, window, torch.full((heads,), -1e9))
+        no_sink = sink_attention_reference(
+            q[i : i + 1], k, v, at, scale, window, torch.full((heads,), -1e9)
+        )
         torch.testing.assert_close(plain[i].double(), no_sink[0], rtol=1e-5, atol=2e-6)
 
     # A prefill chunk: positions 250..299 of the 300-token sequence, each row its own causal
@@ -137,7 +122,9 @@ def test_sinks_decode_and_prefill_rows_match_float64(heads, kv_heads, head_dim, 
     prefill = paged_attention.paged_attention(
         rows, k_cache, v_cache, torch.cat(slots), at, chunk + 1, window, scale, sinks
     )
-    expected = _sink_reference(rows, k32[slots[seq]], v32[slots[seq]], chunk, scale, window, sinks)
+    expected = sink_attention_reference(
+        rows, k32[slots[seq]], v32[slots[seq]], chunk, scale, window, sinks
+    )
     torch.testing.assert_close(prefill.double(), expected, rtol=1e-5, atol=2e-6)
     assert torch.equal(prefill[-1], out[seq])
 

@@ -16,6 +16,8 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from model_helpers import sink_attention_reference  # noqa: E402
+
 from girandole.model.attention import Attention  # noqa: E402
 from girandole.model.kernels import triton_paged_attention  # noqa: E402
 
@@ -377,24 +379,6 @@ def test_heuristic_count_ignores_context_lens(kernels, monkeypatch):
 # -- attention sinks (gpt-oss) -----------------------------------------------------------------
 
 
-def _sink_reference(q, k, v, q_pos, scale, window, sinks):
-    """float64 attention of query rows q [T, H, D] at positions q_pos [T] of one sequence whose
-    keys are k, v [ctx, Hkv, D] (by position), each head's sink logit one more softmax column
-    without a value (transformers' eager_attention_forward for gpt-oss)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    kk = k.double().repeat_interleave(heads // kv_heads, 1)
-    vv = v.double().repeat_interleave(heads // kv_heads, 1)
-    s = torch.einsum("thd,nhd->thn", q.double(), kk) * scale
-    diff = q_pos[:, None] - torch.arange(len(k))[None, :]
-    seen = diff >= 0
-    if window:
-        seen &= diff < window
-    s = s.masked_fill(~seen[:, None, :], float("-inf"))
-    column = sinks.double()[None, :, None].expand(len(q), heads, 1)
-    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("thn,nhd->thd", p, vv)
-
-
 def _sinks(g, heads):
     """Sink logits that move every row: one (8) outweighs a short context's keys entirely."""
     sinks = torch.randn(heads, generator=g) * 3
@@ -425,7 +409,7 @@ def test_sinks_decode_one_pass_and_split_match_float64(kernels, kv_heads, group,
                 continue
             at = torch.tensor([len(s) - 1])
             k, v = k_cache[s.long()], v_cache[s.long()]
-            expected = _sink_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
+            expected = sink_attention_reference(q[i : i + 1], k, v, at, scale, window, sinks)[0]
             torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
             assert (out[i] - plain[i]).abs().max() > 1e-3
 
@@ -455,7 +439,7 @@ def test_sinks_prefill_matches_float64(kernels, kv_heads, group, head_dim, windo
         rows = slice(int(starts[i]), int(starts[i + 1]))
         at = torch.arange(context_lens[i] - query_lens[i], context_lens[i])
         k, v = k_cache[s.long()], v_cache[s.long()]
-        expected = _sink_reference(q[rows], k, v, at, scale, window, sinks)
+        expected = sink_attention_reference(q[rows], k, v, at, scale, window, sinks)
         torch.testing.assert_close(out[rows].double(), expected, rtol=1e-4, atol=1e-5)
     row = int(starts[2])  # (50, 1): one decode row
     decode = kernels.paged_decode(
