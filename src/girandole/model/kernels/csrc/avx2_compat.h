@@ -120,12 +120,14 @@ GIR_INLINE gir_ps gir_scalef_ps(gir_ps v, gir_ps n) {
 }
 
 // ---- reductions: GCC's trees for _mm512_reduce_* ----
-GIR_INLINE float gir_reduce_add_ps(gir_ps a) {
-    const __m256 t3 = _mm256_add_ps(a.hi, a.lo);
+// The sum of 8 lanes, as the tail of the 16-lane sum below (paged_attention.c finishes
+// its keys' sums of hi + lo with it).
+GIR_INLINE float gir_reduce_add_ps8(__m256 t3) {
     const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
     const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
 }
+GIR_INLINE float gir_reduce_add_ps(gir_ps a) { return gir_reduce_add_ps8(_mm256_add_ps(a.hi, a.lo)); }
 GIR_INLINE float gir_reduce_max_ps(gir_ps a) {
     const __m256 t3 = _mm256_max_ps(a.hi, a.lo);
     const __m128 t6 = _mm_max_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));

@@ -85,13 +85,6 @@ static inline __attribute__((always_inline)) void scores8(const __m256 *t, float
     _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(scaled, order));
 }
 
-// One key's score from its t = hi + lo, as gir_reduce_add_ps finishes it.
-static inline __attribute__((always_inline)) float score1(__m256 t, float scale) {
-    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t, 1), _mm256_castps256_ps128(t));
-    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
-    return (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1))) * scale;
-}
-
 // Key j's accumulator for head h: its score now (AVX-512), or 8 keys' together (AVX2).
 #define KEY_SCORE(h, acc) (pending[h][j & 7] = _mm256_add_ps((acc).hi, (acc).lo))
 #else
@@ -173,7 +166,7 @@ static inline __attribute__((always_inline)) void chunk_partials_t(
     }
 #ifdef GIR_AVX2
     for (int64_t j = n & ~(int64_t)7; j < n; j++)  // the last n % 8 keys, one at a time
-        for (int h = 0; h < nh; h++) s[h][j] = score1(pending[h][j & 7], scale);
+        for (int h = 0; h < nh; h++) s[h][j] = gir_reduce_add_ps8(pending[h][j & 7]) * scale;
 #endif
     // The maxima after the scores, not key by key: a running maximum in m[] (a pointer the
     // compiler must store and reload around every key's loads) chained every key's scores.
