@@ -56,6 +56,13 @@ def training_threads() -> int:
     return int(text)
 
 
+def adapter_base(folder: Path) -> str:
+    """The base model a trainer's adapter folder was made on (its PEFT config's
+    base_model_name_or_path: the catalog's name): a warm-started job's, where the warm start
+    itself may be gone."""
+    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 class JobRunner:
     def __init__(
         self,
@@ -134,9 +141,17 @@ class JobRunner:
                 # PENDING too: a job left PENDING would be picked (and fail) again and again
                 self.finish(store, account, job_id, FAILED, failed, when=(RUNNING, PENDING))
 
-    def spec(self, account: str, job: dict[str, Any], work: Path, kind: JobKind) -> dict:
+    def spec(
+        self,
+        account: str,
+        job: dict[str, Any],
+        work: Path,
+        kind: JobKind,
+        resumed_from: Path | None = None,
+    ) -> dict:
         """The training process's spec of the job (TrainConfig's fields); ValueError when what
-        it needs is gone."""
+        it needs is gone. `resumed_from`: a checkpoint folder whose adapter, if it holds one, is
+        the policy instead of the warm start (which may have been deleted since)."""
 
         def dataset_path(name: str) -> str:
             dataset_id = name.rsplit("/", 1)[-1]
@@ -151,7 +166,10 @@ class JobRunner:
         body = training_fields(job)
         base_name = body.get("baseModel")
         warm = None
-        if body.get("warmStartFrom"):
+        checkpoint = resumed_from / "adapter_config.json" if resumed_from else None
+        if body.get("warmStartFrom") and checkpoint is not None and checkpoint.is_file():
+            base_name = adapter_base(resumed_from)  # the trainer loads the checkpoint's adapter
+        elif body.get("warmStartFrom"):
             adapter = self.catalog.get(body["warmStartFrom"])
             if adapter is None:
                 raise ValueError(f"warmStartFrom {body['warmStartFrom']} no longer exists")
@@ -278,9 +296,8 @@ class JobRunner:
         """The adapter folder into the uploaded models' storage, and into the catalog."""
         name = body["outputModel"]
         model_id = name.rsplit("/", 1)[-1]
-        base = body.get("baseModel")
-        if base is None:
-            base = self.catalog.get(body["warmStartFrom"]).base_model
+        # a warm-started job's: its warm start may have been deleted while the job ran
+        base = body.get("baseModel") or adapter_base(adapter)
         with self.files.lock:
             if self.catalog.get(name) is not None:
                 raise ValueError(f"outputModel {name} was created while the job ran")

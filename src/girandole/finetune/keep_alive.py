@@ -10,8 +10,10 @@ with RESOURCE_EXHAUSTED, and resume starts it again. One step at a time a job: `
 whether the trainer is free and takes it; `step` (on a thread) runs the claimed step and frees it.
 
 Each step that writes a model also leaves the policy, its AdamW state and its step count in the
-job's folder (CHECKPOINT, rlor_worker.py); a resumed job that wrote one (its latestOutputModel
-set) goes on from there, as if it had not stopped: step N+1 builds on step N's adapter.
+job's folder (CHECKPOINT, rlor_worker.py; a forward-only job's step count alone); a resumed job
+that wrote one goes on from there, as if it had not stopped: step N+1 builds on step N's adapter,
+and its step count goes on. The folder is the job's own: OWNER holds its createTime, so the
+folder of a job deleted and made again under the same id is not taken for its checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # in the job's folder: the policy after its last written step (rlor_worker.save_checkpoint)
 CHECKPOINT = "checkpoint"
+# in the job's folder: the createTime of the job that made it
+OWNER = "job-created"
 
 
 class StepError(ValueError):
@@ -94,15 +98,23 @@ def _read_line(process: subprocess.Popen) -> dict[str, Any] | None:
     return None
 
 
-def fresh_folder(work: Path, resumed: bool) -> None:
+def has_checkpoint(work: Path, created: str) -> bool:
+    """Whether the job made at `created` left a checkpoint in its folder `work`."""
+    owner = work / OWNER
+    mine = owner.is_file() and owner.read_text() == created
+    return mine and (work / CHECKPOINT / TRAINER_STATE).is_file()
+
+
+def fresh_folder(work: Path, resumed: bool, created: str) -> None:
     """The job's folder, emptied for its trainer's start: a resumed job keeps its checkpoint and
     its metrics file (its steps go on), a new one starts from its base."""
     if not resumed:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        (work / OWNER).write_text(created)
         return
     for entry in work.iterdir():
-        if entry.name in (CHECKPOINT, METRICS_FILE):
+        if entry.name in (CHECKPOINT, METRICS_FILE, OWNER):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -125,9 +137,8 @@ class KeepAliveTrainers:
         line (on a thread of its own: the runner goes on with the queue)."""
         key = (store.kind.table, account, job_id)
         work = self.runner.work_dir(store, account, job_id)
-        # the checkpoint of a job that wrote a step (a job deleted and made again has none)
-        resumed = bool(body.get("latestOutputModel")) and (work / CHECKPOINT / TRAINER_STATE).is_file()  # fmt: skip
-        fresh_folder(work, resumed)
+        resumed = has_checkpoint(work, body["createTime"])
+        fresh_folder(work, resumed, body["createTime"])
         body["state"] = CREATING
         body["status"] = {"code": "OK", "message": "loading the policy"}
         if not store.save(account, job_id, body, when=PENDING):
@@ -138,7 +149,8 @@ class KeepAliveTrainers:
                 self._fail(store, account, job_id, "RESOURCE_EXHAUSTED", why)
                 return
             try:
-                spec = self.runner.spec(account, body, work, store.kind)
+                # a resumed job's policy is its checkpoint's: its warm start may be gone
+                spec = self.runner.spec(account, body, work, store.kind, resumed_from=work / CHECKPOINT if resumed else None)  # fmt: skip
             except ValueError as exc:  # its base model or warm start is gone
                 self._fail(store, account, job_id, "FAILED_PRECONDITION", str(exc))
                 return

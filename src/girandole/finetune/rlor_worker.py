@@ -16,7 +16,9 @@ when stdin closes (the job cancelled or deleted, the server stopped).
 After each step that writes the policy it also writes a checkpoint to the spec's checkpoint_dir:
 the adapter, and trainer.pt (AdamW's and the schedule's state, the step count); a spec with
 `resume` true loads the policy from there instead of the base (or warm start), so that a resumed
-job's next step is the one it would have run had it not stopped."""
+job's next step is the one it would have run had it not stopped. A forward-only job's policy
+never changes: its checkpoint is trainer.pt alone (the step count), and a resumed one loads its
+policy from the base (or warm start) again."""
 
 from __future__ import annotations
 
@@ -63,7 +65,9 @@ def main(argv: list[str]) -> int:
         template = config.chat_template or chat_template_for(tok)
         model, _ = load_model(path, mode="reference", device=device, use_cache=False)
         lora.attach(model)
-        start = str(checkpoint) if resume else config.warm_start_path
+        # a forward-only job's checkpoint holds no adapter: its policy is where it started
+        trained = resume and (checkpoint / "adapter_config.json").is_file()
+        start = str(checkpoint) if trained else config.warm_start_path
         init = lora.read_adapter(start, model.spec) if start else None
     except (AdapterError, ValueError, OSError) as exc:
         emit({"error": f"the policy does not load: {exc}"})
@@ -81,8 +85,9 @@ def main(argv: list[str]) -> int:
     steps = 0
     if resume:
         state = torch.load(checkpoint / TRAINER_STATE, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        if "optimizer" in state:  # a forward-only job's has none: nothing was trained
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
         steps, objective.skipped_groups = state["steps"], state["skippedGroups"]
     emit({"ready": {"rank": rank, "step": steps}})
     for raw in sys.stdin:
@@ -95,10 +100,14 @@ def main(argv: list[str]) -> int:
             continue
         loss = optimizer_step(model, trainable, objective, optimizer, schedule, groups, device, config.forward_only)  # fmt: skip
         steps += 1
-        if command.get("output") and not config.forward_only:
+        state = {"steps": steps, "skippedGroups": objective.skipped_groups}
+        if config.forward_only:
+            if checkpoint is not None:  # the step count goes on after a resume
+                save_checkpoint(checkpoint, None, state)
+        elif command.get("output"):
             trainable.save(Path(command["output"]), config.base_model_name)
             if checkpoint is not None:
-                state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "steps": steps, "skippedGroups": objective.skipped_groups}  # fmt: skip
+                state.update(optimizer=optimizer.state_dict(), schedule=schedule.state_dict())
                 save_checkpoint(checkpoint, Path(command["output"]), state)
         emit({"done": {"step": steps, "loss": loss, **objective.stats(), "elapsedSeconds": round(time.monotonic() - started, 3)}})  # fmt: skip
     return 0
@@ -107,15 +116,19 @@ def main(argv: list[str]) -> int:
 TRAINER_STATE = "trainer.pt"
 
 
-def save_checkpoint(folder: Path, adapter: Path, state: dict[str, Any]) -> None:
-    """The step's adapter folder and the trainer's `state` as `folder`, replaced whole (a
-    process killed meanwhile leaves the last checkpoint, or none at worst: never half of one)."""
+def save_checkpoint(folder: Path, adapter: Path | None, state: dict[str, Any]) -> None:
+    """The step's adapter folder (None: a forward-only job's, none) and the trainer's `state` as
+    `folder`, replaced whole (a process killed meanwhile leaves the last checkpoint, or none at
+    worst: never half of one)."""
     import torch
 
     staged, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     for path in (staged, old):
         shutil.rmtree(path, ignore_errors=True)
-    shutil.copytree(adapter, staged)
+    if adapter is not None:
+        shutil.copytree(adapter, staged)
+    else:
+        staged.mkdir(parents=True)
     torch.save(state, staged / TRAINER_STATE)
     if folder.exists():
         folder.rename(old)
