@@ -1,6 +1,7 @@
 """The tiny gpt-oss checkpoint through the real engine: on the CPU path (the native paged
 attention kernel, with the sinks) and on the GPU path (the Triton kernels with the sinks), run
-on CPU under Triton's interpreter; greedy tokens equal transformers' generate."""
+on CPU under Triton's interpreter, with the fused MoE kernel and decode graphs; greedy tokens
+equal transformers' generate."""
 
 from __future__ import annotations
 
@@ -51,9 +52,27 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("gpu_path", [False, True])
-def test_engine_greedy_matches_transformers(tiny, gpu_path):
+def test_engine_greedy_matches_transformers(tiny, gpu_path, monkeypatch):
+    """On the GPU path the experts run in the fused MoE kernel (its clamped SwiGLU, both
+    biases) and decode steps through the graphs' padded buffers: both counted."""
+    fused_calls, graph_runs = [], []
     if gpu_path:
         pytest.importorskip("triton")
+        from girandole.engine.cuda_graphs import DecodeGraphs
+        from girandole.model.kernels import triton_moe
+
+        fused, run = triton_moe.fused_moe, DecodeGraphs.run
+
+        def fused_spy(x, *args, **kwargs):
+            fused_calls.append(kwargs["act"])
+            return fused(x, *args, **kwargs)
+
+        def run_spy(self, ids, positions, ctx):
+            graph_runs.append(ids.shape[0])
+            return run(self, ids, positions, ctx)
+
+        monkeypatch.setattr(triton_moe, "fused_moe", fused_spy)
+        monkeypatch.setattr(DecodeGraphs, "run", run_spy)
     folder, want = tiny
     llm = LLM(
         model=str(folder), mode="reference", device="cpu", block_size=4, kv_cache_gb=0.01,
@@ -62,6 +81,10 @@ def test_engine_greedy_matches_transformers(tiny, gpu_path):
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     got = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert got == want
+    if gpu_path:
+        # 3 MoE layers a forward: the prompts' step, then MAX_NEW - 1 decode steps as graphs
+        assert fused_calls == ["swiglu_clamped"] * 3 * MAX_NEW
+        assert graph_runs == [2] * (MAX_NEW - 1)
 
 
 def test_routing_matrix_is_the_routers_choice(tiny):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
 pytest.importorskip("triton")
 
-from model_helpers import write_tiny_hf  # noqa: E402
+from model_helpers import write_tiny_gpt_oss, write_tiny_hf  # noqa: E402
 
 from girandole.model import fused_layers  # noqa: E402
 from girandole.model.attention import Attention  # noqa: E402
@@ -24,6 +24,7 @@ from girandole.model.context import ForwardContext, PagedTables, forward_context
 from girandole.model.kernels import triton_fused  # noqa: E402
 from girandole.model.layers import apply_rope  # noqa: E402
 from girandole.model.loader import build_model, read_checkpoint  # noqa: E402
+from girandole.model.moe import SparseMoE, stack_experts  # noqa: E402
 
 BF16_STEP = 2.0**-7  # one bf16 step, relative
 
@@ -197,26 +198,40 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "gpt_oss"]
+)
 @pytest.mark.parametrize("form", ["reference", "bf16"])
 def test_fused_forward_equals_module_forward(tmp_path, kind, form):
     """Same hidden states and caches through prefill, mixed and decode steps (Mistral and
     Gemma 3: sliding windows shorter than the sequences; Qwen 2: QKV bias; Qwen 3 and
-    Gemma 3: QK norm; Gemma 3: post norms, GELU, two rotary tables)."""
+    Gemma 3: QK norm; Gemma 3: post norms, GELU, two rotary tables; Qwen3-MoE: an MoE layer
+    then a dense one; gpt-oss: MoE layers with the clamped SwiGLU, sinks, biases, windows).
+    Both forwards run an MoE layer's experts in the fused MoE kernel."""
     # Two layers (Gemma 3: local, global, local): the interpreter's time goes with layers, and
     # more of the same layer check no more
     layers = {"num_hidden_layers": 2}
     if kind == "gemma3":
         local, full = "sliding_attention", "full_attention"
         layers = {"num_hidden_layers": 3, "layer_types": [local, full, local]}
-    write_tiny_hf(kind, tmp_path, **layers)
+    if kind == "gpt_oss":
+        write_tiny_gpt_oss(tmp_path)  # 3 layers: sliding, full, sliding
+    else:
+        write_tiny_hf(kind, tmp_path, **layers)
     spec, _, weights = read_checkpoint(tmp_path)
     # "fast" for a device other than the CPU: the bf16 dense layers CUDA runs
     mode, device = ("reference", "cpu") if form == "reference" else ("fast", "cuda")
     model = build_model(spec, weights, mode, torch.device(device))
+    moe = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    assert len(moe) == {"qwen3_moe": 1, "gpt_oss": 3}.get(kind, 0)
+    assert not moe or not fused_layers.fusable(model)  # the experts are not stacked yet
+    for m in moe:  # routers sharpened: bf16's rounding then never flips a near tie of experts
+        m.router.mul_(8.0)
+    assert stack_experts(model)  # what the ModelRunner does on the GPU path
     assert fused_layers.fusable(model)
     windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
-    assert windows == {"gemma3": [5, None, 5], "mistral": [5, 5]}.get(kind, [None, None])
+    want_windows = {"gemma3": [5, None, 5], "mistral": [5, 5], "gpt_oss": [4, None, 4]}
+    assert windows == want_windows.get(kind, [None, None])
     dtype = torch.float32 if form == "reference" else torch.bfloat16
     _bind(model, dtype)
     want, want_caches = _run(model, STEPS, fused=False)

@@ -6,7 +6,8 @@ start-up for the smallest batch-size bucket that holds it. Each graph reads stat
 a step copies its inputs into the first rows, pads the rest of the bucket, replays, and reads
 its rows back. A padding row has context length 0 (the decode kernel returns zeros for it)
 and writes its K/V to a scratch slot past the cache's last block, so it touches nothing real.
-Prefill and mixed steps run eagerly.
+Prefill and mixed steps run eagerly, and so do decode steps that record the MoE layers' routing
+(router replay, `ForwardContext.routing`): a graph appends nothing to that list.
 
 Only capture and replay need CUDA. Elsewhere (the GPU path on CPU, in the tests) `run` puts
 the same padded static buffers through the eager model, so the bucket choice, padding and
@@ -133,6 +134,8 @@ class DecodeGraphs:
         """A decode step that a graph (or, off CUDA, the padded stand-in) can compute."""
         t = ctx.paged
         if t is None or not t.decode_only or ctx.lora is not None:
+            return False
+        if ctx.routing is not None:  # router replay: the graphs keep no MoE layer's expert ids
             return False
         if t.block_tables.shape[1] > self.max_blocks_per_seq:
             return False

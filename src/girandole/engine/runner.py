@@ -34,6 +34,7 @@ from girandole.model.context import (
     forward_context,
     to_device,
 )
+from girandole.model.moe import stack_experts
 from girandole.sampling.gpu_sampler import LastTokens, PendingSample
 from girandole.sampling.rejection import verify
 from girandole.sampling.sampler import Sampler, SampleResult, SamplerRow, top_logprobs
@@ -136,9 +137,12 @@ class ModelRunner:
         per_block = bytes_per_block(self.kv_groups, block_size, self.kv_dtype)
         reserved = 1 if any(w is not None for w in self.kv_windows) else 0  # the null block
         self.num_blocks = max(1 + reserved, kv_cache_bytes // per_block)
-        # A mixture-of-experts layer brings its expert counts to the host (model/moe.py): no
-        # CUDA graph captures it, so MoE models decode eagerly on the GPU path.
-        graphs = self.gpu_path and decode_graphs_max_batch > 0 and not config.num_moe_layers
+        # The GPU path runs mixture-of-experts layers in the fused Triton kernel, on their
+        # experts' weights stacked here, once (model/moe.py). A layer left on the torch
+        # dispatch (experts the kernel cannot take) brings its expert counts to the host,
+        # which no CUDA graph captures: such a model decodes eagerly.
+        moe_fused = not self.gpu_path or stack_experts(model)
+        graphs = self.gpu_path and decode_graphs_max_batch > 0 and moe_fused
         bind_kv_cache(
             self.kv_groups,
             self.num_blocks,

@@ -9,9 +9,14 @@ float32; the norm, rotary and cache write are several torch ops each). Activatio
 weights' dtype between a matmul and the next kernel; the residual stream stays float32, as in
 the modules' forward, and every op computes in float32 what the torch op it replaces computes.
 
-Used by Gemma 3 and the Llama family (Qwen 2/3 too) when the forward context is the GPU path's
-(paged block tables), no row runs a LoRA adapter, and every linear is dense (bf16 on CUDA in
-fast mode, float32 in reference mode): `applies`. Anything else takes the modules' forward.
+A mixture-of-experts layer (Qwen3-MoE, Mixtral, gpt-oss) takes its feed-forward norm in float32
+(its router's input, as in the modules' forward), then its own forward: the router and the fused
+MoE kernel over its stacked experts (model/moe.py, kernels/triton_moe.py), float32 out.
+
+Used by Gemma 3 and the Llama family (Qwen 2/3, their MoE models and gpt-oss too) when the
+forward context is the GPU path's (paged block tables), no row runs a LoRA adapter, and every
+linear is dense (bf16 on CUDA in fast mode, float32 in reference mode; an MoE layer's experts
+stacked for the fused kernel): `applies`. Anything else takes the modules' forward.
 GIRANDOLE_FUSED_LAYERS=0 turns it off (a comparison, or a way around a kernel problem).
 """
 
@@ -25,6 +30,7 @@ from girandole.model.context import ForwardContext, ImageBatch, get_context, ima
 from girandole.model.kernels import triton_fused
 from girandole.model.layers import DenseLinear, GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
+from girandole.model.moe import SparseMoE
 from girandole.model.quant import dense_linear
 
 ENABLED = env_switch("FUSED_LAYERS")
@@ -47,14 +53,21 @@ def fusable(model: nn.Module) -> bool:
 
 def _layer_fusable(layer: nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if not isinstance(attn, SelfAttention) or not isinstance(mlp, GatedMLP):
+    if not isinstance(attn, SelfAttention):
         return False
-    linears = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down]
+    if isinstance(mlp, SparseMoE):  # the fused MoE kernel on its stacked experts
+        if mlp.stacked is None:
+            return False
+        linears, dtypes = [attn.qkv, attn.o_proj], {mlp.stacked.gate_up.dtype}
+    elif isinstance(mlp, GatedMLP) and mlp.act_name in triton_fused.ACTIVATIONS:
+        linears, dtypes = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down], set()
+    else:
+        return False
     dense = [_dense(lin) for lin in linears]
-    if any(d is None for d in dense) or len({d.weight.dtype for d in dense}) != 1:
+    if any(d is None for d in dense) or len({d.weight.dtype for d in dense} | dtypes) != 1:
         return False
     norms = [getattr(layer, n, None) for n in ("attn_norm", "ffn_norm")]
-    return all(isinstance(n, RMSNorm) for n in norms) and mlp.act_name in triton_fused.ACTIVATIONS
+    return all(isinstance(n, RMSNorm) for n in norms)
 
 
 def applies(model: nn.Module, ctx: ForwardContext | None) -> bool:
@@ -136,12 +149,22 @@ def _fused(
         o = paged.attend_written(q, group.paged, row_spans)
         y = _linear(attn.o_proj, o.to(dtype))
         post = getattr(layer, "post_attn_norm", None)
-        h = triton_fused.add_rms_norm(
-            x, y, _weight(post), layer.ffn_norm.weight, layer.ffn_norm.eps, dtype
-        )
         mlp = layer.mlp
-        a = triton_fused.gated_act(_linear(mlp.gate_up, h), mlp.act_name, dtype)
-        y = _linear(mlp.down, a)
+        moe = isinstance(mlp, SparseMoE)
+        # an MoE layer's router reads the normed rows in float32, as in the modules' forward
+        h = triton_fused.add_rms_norm(
+            x,
+            y,
+            _weight(post),
+            layer.ffn_norm.weight,
+            layer.ffn_norm.eps,
+            torch.float32 if moe else dtype,
+        )
+        if moe:  # router, then the fused MoE kernel: float32 [T, hidden]
+            y = mlp(h)
+        else:
+            a = triton_fused.gated_act(_linear(mlp.gate_up, h), mlp.act_name, dtype)
+            y = _linear(mlp.down, a)
         post = getattr(layer, "post_ffn_norm", None)
         nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else None
         h = triton_fused.add_rms_norm(x, y, _weight(post), _weight(nxt), layer.ffn_norm.eps, dtype)

@@ -12,7 +12,9 @@ The checkpoint stores the experts of a layer as one tensor per projection, gate 
 interleaved (gate rows even, up rows odd), as MXFP4 blocks and scales in the released models;
 the safetensors loader splits them into model/moe.py's per-expert names
 (loader/safetensors_experts.py), so each expert is a pair of ordinary linears here (quantized in
-fast mode as any other).
+fast mode as any other) whose gate_up output is the gate half, then the up half. On the GPU path
+the experts run in the fused Triton kernel (kernels/triton_moe.py, its "swiglu_clamped"
+activation with both biases), as SparseMoE's do.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class GptOssMoE(SparseMoE):
         # float32 in every mode, as SparseMoE's router: rounding there changes which experts run
         router = b.tensor(f"blk.{layer}.ffn_gate_inp.weight").float()
         bias = b.tensor(f"blk.{layer}.ffn_gate_inp.bias").float()
-        self.router = nn.Parameter(router.to(b.device), requires_grad=False)  # [E, hidden]
-        self.router_bias = nn.Parameter(bias.to(b.device), requires_grad=False)  # [E]
+        self.router = nn.Parameter(router, requires_grad=False)  # [E, hidden]
+        self.router_bias = nn.Parameter(bias, requires_grad=False)  # [E]
         self.experts = nn.ModuleList(
             ClampedSwiGLUExpert(
                 b,
@@ -72,6 +74,11 @@ class GptOssMoE(SparseMoE):
         self.num_experts = spec.num_experts
         self.top_k = spec.num_experts_per_tok
         self.norm_topk_prob = True
+        self.stacked = None  # set by stack_experts (the GPU path)
+
+    def fused_activation(self) -> dict:
+        e = self.experts[0]
+        return {"act": "swiglu_clamped", "alpha": e.alpha, "limit": e.limit}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = dense_linear(x.float(), self.router, self.router_bias)  # as SparseMoE's

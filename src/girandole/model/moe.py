@@ -5,17 +5,24 @@ Routing, as transformers computes it: router logits in float32 (x @ W_router.T),
 all experts, top-k, and the k weights renormalised to sum to 1 where `norm_topk_prob` (Qwen3-MoE's
 setting; Mixtral always renormalises its top-2).
 
-Dispatch for the engine's flattened batches (decode rows and prompt chunks of many sequences in one
-[T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert, each active expert runs
-once on its rows (one gate/up and one down matmul, the same linears as a dense layer's, quantized
-in fast mode), and each expert's weighted rows are added back to their tokens (index_add_, expert
-by expert: each token's sum in expert order). No per-token Python loop; the only loop is over the
-experts a batch activates. The engine's steps put decode tokens first and tell the linears how many
-(`num_decode_rows`: fast mode's decode rows take another kernel); sorting keeps each expert's
-decode rows first, and each expert runs with its own count of them, so a token's kernel follows its
-role, never which other tokens share its expert (batch invariance, as for a dense layer). The same
-torch ops run on CUDA (the expert counts come to the host once a layer); a fused MoE kernel (vLLM's
-fused_moe) is future work there.
+Dispatch on the CPU path, for the engine's flattened batches (decode rows and prompt chunks of
+many sequences in one [T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert,
+each active expert runs once on its rows (one gate/up and one down matmul, the same linears as a
+dense layer's, quantized in fast mode), and each expert's weighted rows are added back to their
+tokens (index_add_, expert by expert: each token's sum in expert order). No per-token Python
+loop; the only loop is over the experts a batch activates. The engine's steps put decode tokens
+first and tell the linears how many (`num_decode_rows`: fast mode's decode rows take another
+kernel); sorting keeps each expert's decode rows first, and each expert runs with its own count
+of them, so a token's kernel follows its role, never which other tokens share its expert (batch
+invariance, as for a dense layer).
+
+On the GPU path (a forward context with paged tables, `ForwardContext.paged`) the experts run
+in the fused Triton kernel (kernels/triton_moe.py, vLLM's fused_moe): the ModelRunner stacks a
+layer's expert weights once at load (`stack_experts`: [E, 2I, H] gate/up and [E, H, I] down, each
+expert's linear then a view of its slice, so one copy), and a forward is the router plus two
+grouped-GEMM launches with no host sync, which a CUDA decode graph captures. Experts that are not
+dense linears of one dtype (CPU fast mode's packed ones) or an activation the kernel lacks keep
+the torch dispatch above, which brings the expert counts to the host once a layer.
 
 Router replay: where the forward context asks for it (`ForwardContext.routing`), each MoE layer
 appends its [T, k] chosen expert ids (engine/runner.py hands them to the sequences that asked for
@@ -24,11 +31,13 @@ appends its [T, k] chosen expert ids (engine/runner.py hands them to the sequenc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from girandole.model.context import get_context
-from girandole.model.layers import Builder, GatedMLP
+from girandole.model.layers import Builder, DenseLinear, GatedMLP
 from girandole.model.quant import PackedLinear, dense_linear
 
 
@@ -36,6 +45,58 @@ def expert_prefix(layer: int, expert: int) -> str:
     """GGUF-style name prefix of one expert's projections: `blk.{layer}.exp.{expert}`
     (its `.ffn_gate`, `.ffn_up` and `.ffn_down` weights)."""
     return f"blk.{layer}.exp.{expert}"
+
+
+@dataclass
+class StackedExperts:
+    """A layer's expert weights stacked for the fused kernel: gate_up [E, 2I, H] (each expert's
+    gate rows, then its up rows), down [E, H, I], their biases [E, 2I] / [E, H] or None; the
+    activation's name in triton_moe.ACTIVATIONS and its parameters."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    act: str
+    alpha: float = 1.0
+    limit: float = float("inf")
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from girandole.model.kernels import triton_moe  # only the GPU path imports triton
+
+        return triton_moe.fused_moe(
+            x,
+            self.gate_up,
+            self.down,
+            ids,
+            weights,
+            act=self.act,
+            gate_up_bias=self.gate_up_bias,
+            down_bias=self.down_bias,
+            alpha=self.alpha,
+            limit=self.limit,
+        )
+
+
+def _stack(linears: list[DenseLinear], name: str) -> torch.Tensor | None:
+    """The linears' `name` tensors stacked, each linear's then a view of its slice (one copy)."""
+    parts = [getattr(lin, name) for lin in linears]
+    if parts[0] is None:
+        return None
+    stacked = torch.stack([p.data for p in parts])
+    for lin, view in zip(linears, stacked):
+        setattr(lin, name, nn.Parameter(view, requires_grad=False))
+    return stacked
+
+
+def stack_experts(model: nn.Module) -> bool:
+    """Stack every MoE layer's experts for the fused kernel (the GPU path, once at load).
+    Whether every MoE layer now runs fused (True for a model without one)."""
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    fused = all([m.stack_experts() for m in layers])
+    if hasattr(model, "_fusable"):  # fused_layers' cached verdict reads the stacking
+        del model._fusable
+    return fused
 
 
 class SparseMoE(nn.Module):
@@ -55,13 +116,50 @@ class SparseMoE(nn.Module):
         # The router stays float32 in every mode: a rounding change there changes which experts
         # run, not just the last bits of the output.
         router = b.tensor(f"blk.{layer}.ffn_gate_inp.weight").float()
-        self.router = nn.Parameter(router.to(b.device), requires_grad=False)  # [E, hidden]
+        self.router = nn.Parameter(router, requires_grad=False)  # [E, hidden]
         self.experts = nn.ModuleList(
             GatedMLP(b, expert_prefix(layer, e), intermediate, act) for e in range(num_experts)
         )
         self.num_experts = num_experts
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.stacked: StackedExperts | None = None  # set by stack_experts (the GPU path)
+
+    def fused_activation(self) -> dict | None:
+        """The experts' activation as the fused kernel names it, with its parameters; None
+        where the kernel has none of it."""
+        from girandole.model.kernels.triton_moe import ACTIVATIONS
+
+        act = self.experts[0].act_name
+        return {"act": act} if act in ACTIVATIONS else None
+
+    def stack_experts(self) -> bool:
+        """Stack the experts' weights for the fused kernel (StackedExperts), where every expert
+        is a dense linear pair of one dtype with an activation the kernel has; whether it did.
+        Each expert's linears keep working, on views of the stacked weights."""
+        if self.stacked is not None:
+            return True
+        act = self.fused_activation()
+        gate_up = [e.gate_up for e in self.experts]
+        down = [e.down for e in self.experts]
+        linears = gate_up + down
+        if act is None or not all(type(lin) is DenseLinear for lin in linears):
+            return False
+        if len({lin.weight.dtype for lin in linears}) != 1:
+            return False
+        if (
+            len({lin.bias is None for lin in gate_up}) != 1
+            or len({lin.bias is None for lin in down}) != 1
+        ):
+            return False
+        self.stacked = StackedExperts(
+            gate_up=_stack(gate_up, "weight"),
+            down=_stack(down, "weight"),
+            gate_up_bias=_stack(gate_up, "bias"),
+            down_bias=_stack(down, "bias"),
+            **act,
+        )
+        return True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k expert ids [T, k] long and their weights [T, k] float32."""
@@ -79,6 +177,8 @@ class SparseMoE(nn.Module):
         ctx = get_context()
         if ctx is not None and ctx.routing is not None:
             ctx.routing.append(ids)
+        if self.stacked is not None and ctx is not None and ctx.paged is not None:
+            return self.stacked(x, ids, weights)  # the GPU path: no host sync
         flat = ids.flatten()  # [T * k]: pair j is token j // k's (j % k)-th choice
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
