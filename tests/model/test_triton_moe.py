@@ -94,12 +94,16 @@ def test_fused_moe_equals_float64_reference(t, act, dtype, block_m, monkeypatch)
         assert (gu[:, :INTER] > limit).any() and (gu[:, INTER:].abs() > limit).any()
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("routing", ["random", "spread"])
-def test_align_block_size(routing):
+def test_align_block_size(routing, path, monkeypatch):
     """Every pair once, sorted by expert (in token order within one), each expert's run padded
     to whole blocks with the pair count; the blocks' experts, past the last run the expert
     count; the sizes from shapes alone. "spread": every pair on its own expert, the most
-    blocks a routing can take (each a block of one row), exactly the buffers' size."""
+    blocks a routing can take (each a block of one row), exactly the buffers' size. `path`:
+    the one-program kernel (a decode step's pairs) or torch's ops (more pairs)."""
+    if path == "torch":
+        monkeypatch.setattr(triton_moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
     g = torch.Generator().manual_seed(0)
     block_m = 16
     ids = _ids(37, g) if routing == "random" else torch.randperm(E, generator=g).view(4, K)
@@ -122,6 +126,19 @@ def test_align_block_size(routing):
     else:  # blocks left unused: marked past the last expert, their rows padding
         assert start < nb
         assert (block_expert[start:] == E).all() and (pairs[start * block_m :] == p).all()
+
+
+@pytest.mark.parametrize("t, k, e, block_m", [(40, 8, 128, 16), (100, 4, 32, 64), (3, 2, 5, 16)])
+def test_align_kernel_equals_torch_ops(t, k, e, block_m, monkeypatch):
+    """The one-program kernel and torch's ops give the same buffers: many chunks of pairs, an
+    expert count that is no power of two, skewed routing (a few experts take most pairs)."""
+    g = torch.Generator().manual_seed(t)
+    skew = torch.rand(e, generator=g) ** 4
+    ids = torch.stack([torch.multinomial(skew, k, generator=g) for _ in range(t)])
+    kernel = triton_moe.align_block_size(ids, e, block_m)
+    monkeypatch.setattr(triton_moe, "ALIGN_KERNEL_MAX_PAIRS", 0)
+    ops = triton_moe.align_block_size(ids, e, block_m)
+    assert torch.equal(kernel[0], ops[0]) and torch.equal(kernel[1], ops[1])
 
 
 def test_empty_step():
@@ -198,7 +215,7 @@ def test_quantized_experts_keep_the_torch_dispatch(tmp_path):
 # -- compiled for Hopper ----------------------------------------------------------------------
 
 # (model, hidden, intermediate, experts, top-k, activation); the hidden and intermediate sizes
-# and the expert count are runtime arguments of the kernels, top-k and activation compiled in.
+# are runtime arguments of the kernels, the rest compiled in.
 CUDA_SHAPES = [
     ("Qwen3-30B-A3B", 2048, 768, 128, 8, "silu"),
     ("gpt-oss-20b", 2880, 2880, 32, 4, "swiglu_clamped"),
@@ -207,7 +224,7 @@ CUDA_SHAPES = [
 
 def test_kernels_compile_for_hopper():
     """What the interpreter does not check (tile shapes, shared memory, constexpr branches):
-    both kernels at both block heights compile to sm_90 cubins for each model, within shared
+    the three kernels at both block heights compile to sm_90 cubins for each model, within shared
     memory, in a process without TRITON_INTERPRET."""
     import json
     import subprocess
@@ -219,7 +236,7 @@ def test_kernels_compile_for_hopper():
         pytest.skip("triton's CUDA backend has no bundled ptxas here")
     import girandole
 
-    configs = [(k, act) for _, _, _, _, k, act in CUDA_SHAPES]
+    configs = [(e, k, act) for _, _, _, e, k, act in CUDA_SHAPES]
     script = (
         "import json\n"
         "from girandole.model.kernels import triton_moe as t\n"
@@ -234,5 +251,6 @@ def test_kernels_compile_for_hopper():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for shared in json.loads(done.stdout.strip().splitlines()[-1]):
-        assert set(shared) == {"gate_up_m16", "down_m16", "gate_up_m64", "down_m64"}
+        kernels = {f"{n}_m{m}" for n in ("align", "gate_up", "down") for m in (16, 64)}
+        assert set(shared) == kernels
         assert all(0 < b <= 227 * 1024 for b in shared.values())

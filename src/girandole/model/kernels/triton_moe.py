@@ -3,9 +3,11 @@ layer in two grouped-GEMM launches, with no host sync, so a CUDA graph captures 
 
 1. `align_block_size`: the T x k (token, expert) pairs sorted by expert, each expert's run padded
    to a multiple of BLOCK_M rows (pair id `T * k` marks a padding row), and each block of BLOCK_M
-   rows' expert (`num_experts` past the last block in use). On the device with torch ops whose
-   output sizes follow from host-known shapes only (T, k, the number of experts, BLOCK_M): the
-   buffers are sized for the worst case, never for the step's counts, so nothing is read back.
+   rows' expert (`num_experts` past the last block in use). On the device, into buffers whose
+   sizes follow from host-known shapes only (T, k, the number of experts, BLOCK_M): sized for
+   the worst routing, never for the step's counts, so nothing is read back. A decode step's few
+   pairs take one single-program kernel (`_align_kernel`); more take torch's ops (a stable
+   argsort, scans, a scatter), which parallelize.
 2. `_gate_up_kernel`: one program per (block of rows, block of intermediate columns) reads its
    block's expert, gathers its tokens' rows of x, and computes the gate and up columns of that
    expert's [2I, H] weight (gate rows first, then up) in two float32 accumulators; then the
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from girandole.model.kernels.triton_paged_attention import _interpreted
+from girandole.model.kernels.triton_paged_attention import _interpreted, _next_pow2
 
 try:
     import triton
@@ -40,6 +42,10 @@ except ImportError:  # the CPU-only install: the engine never asks for these ker
 # The activation between the two GEMMs, by name: GatedMLP's act_name, or gpt-oss's.
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_clamped": 2}
 CHUNK_TOKENS = 2048  # tokens a launch pair takes: [chunk * k, H] float32 rows at most
+# align_block_size's one-program kernel up to this many pairs (decode steps; untuned), torch's
+# ops (sort, scans, scatter: some twenty launches, each parallel) above
+ALIGN_KERNEL_MAX_PAIRS = 1024
+ALIGN_KERNEL_MAX_EXPERTS = 512
 BLOCK_N = 64
 BLOCK_K = 64  # fixed: a row's dot products add up in the same order at every batch size
 
@@ -49,6 +55,50 @@ def available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr,
+        pairs_ptr,
+        block_expert_ptr,
+        num_pairs,
+        num_experts,
+        num_blocks,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        """align_block_size in one program (a decode step's few pairs: one launch where the
+        torch ops take some twenty). Pairs go CHUNK at a time against every expert: a pair's
+        place in its expert's run is the count of that expert's pairs before it."""
+        e = tl.arange(0, BLOCK_E)
+        j = tl.arange(0, CHUNK)
+        counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for start in range(0, num_pairs, CHUNK):
+            ids = tl.load(ids_ptr + start + j, mask=start + j < num_pairs, other=-1)
+            counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+        blocks = (counts + BLOCK_M - 1) // BLOCK_M
+        block_end = tl.cumsum(blocks, axis=0)  # each expert's run ends before this block
+        run_start = (block_end - blocks) * BLOCK_M
+        rows = num_blocks * BLOCK_M
+        for start in range(0, rows, CHUNK):  # every row padding, then the pairs over it
+            r = start + j
+            tl.store(pairs_ptr + r, tl.zeros((CHUNK,), dtype=tl.int32) + num_pairs, mask=r < rows)
+        tl.debug_barrier()
+        seen = tl.zeros((BLOCK_E,), dtype=tl.int32)  # each expert's pairs placed so far
+        for start in range(0, num_pairs, CHUNK):
+            pj = start + j
+            ok = pj < num_pairs
+            ids = tl.load(ids_ptr + pj, mask=ok, other=-1)
+            hit = (ids[:, None] == e[None, :]).to(tl.int32)
+            before = tl.cumsum(hit, axis=0) - hit + seen[None, :]
+            dest = tl.sum(hit * (run_start[None, :] + before), axis=1)
+            tl.store(pairs_ptr + dest, pj, mask=ok)
+            seen += tl.sum(hit, axis=0)
+        for start in range(0, num_blocks, CHUNK):  # a block's expert: the runs ended before it
+            b = start + j
+            ended = (block_end[None, :] <= b[:, None]) & (e < num_experts)[None, :]
+            tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), axis=1), mask=b < num_blocks)
 
     @triton.jit
     def _gate_up_kernel(
@@ -190,6 +240,12 @@ def block_m_for(num_pairs: int, num_experts: int) -> int:
     return 16 if num_pairs <= 16 * num_experts else 64
 
 
+def _align_config(num_experts: int, block_m: int) -> dict[str, int]:
+    """_align_kernel's tiles: every expert at once, pairs in chunks of some 4K comparisons."""
+    block_e = _next_pow2(max(num_experts, 16))
+    return dict(BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, min(256, 4096 // block_e)))
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """The most blocks `num_pairs` pairs can take: each active expert's run is padded by at
     most block_m - 1 rows, and at most min(num_experts, num_pairs) experts are active."""
@@ -208,6 +264,20 @@ def align_block_size(
     p = flat.numel()
     dev = flat.device
     nb = max_blocks(p, num_experts, block_m)
+    if p <= ALIGN_KERNEL_MAX_PAIRS and num_experts <= ALIGN_KERNEL_MAX_EXPERTS:
+        pairs = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+        block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+        _align_kernel[(1,)](
+            flat.contiguous(),
+            pairs,
+            block_expert,
+            p,
+            num_experts,
+            nb,
+            **_align_config(num_experts, block_m),
+            num_warps=4,
+        )
+        return pairs, block_expert
     # counts by scatter_add_: torch.bincount reads its input's max back to the host on CUDA
     counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -252,20 +322,15 @@ def fused_moe(
     if w_down.shape != (num_experts, hidden, two_inter // 2) or x.shape[1] != hidden:
         raise ValueError(f"expert weights {tuple(w_gate_up.shape)} / {tuple(w_down.shape)}")
     t = x.shape[0]
+    args = (w_gate_up, w_down)
+    opts = (act, gate_up_bias, down_bias, alpha, limit)
+    if t <= CHUNK_TOKENS:  # a decode step: no copy into a larger output
+        return _fused_chunk(x, *args, ids, weights, *opts)
     y = torch.empty(t, hidden, dtype=torch.float32, device=x.device)
     for start in range(0, t, CHUNK_TOKENS):
         stop = min(start + CHUNK_TOKENS, t)
         y[start:stop] = _fused_chunk(
-            x[start:stop],
-            w_gate_up,
-            w_down,
-            ids[start:stop],
-            weights[start:stop],
-            act,
-            gate_up_bias,
-            down_bias,
-            alpha,
-            limit,
+            x[start:stop], *args, ids[start:stop], weights[start:stop], *opts
         )
     return y
 
@@ -340,26 +405,28 @@ def _fused_chunk(x, w_gate_up, w_down, ids, weights, act, gate_up_bias, down_bia
     return out.view(t, top_k, hidden).sum(dim=1)
 
 
-def compile_for_cuda(arch: int, top_k: int, act: str = "silu") -> dict[str, int]:
-    """Compile both kernels for a CUDA target (e.g. 90: H100/H200) without a GPU, with bf16
+def compile_for_cuda(arch: int, num_experts: int, top_k: int, act: str = "silu") -> dict[str, int]:
+    """Compile the three kernels for a CUDA target (e.g. 90: H100/H200) without a GPU, with bf16
     weights, at both block heights (decode and prompt), with biases where the activation is
     gpt-oss's: what the interpreter does not check (tile shapes, shared memory). A model's
-    hidden and intermediate sizes and expert count are runtime arguments (one binary serves
-    them all); its top-k and activation are compiled in. Returns each variant's shared memory
-    in bytes. Needs a process without TRITON_INTERPRET."""
+    hidden and intermediate sizes are runtime arguments (one binary serves them all); its
+    expert count (the alignment's tile), top-k and activation are compiled in. Returns each
+    variant's shared memory in bytes. Needs a process without TRITON_INTERPRET."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     bias = act == "swiglu_clamped"
-    types = {"x_ptr": "*fp32", "route_w_ptr": "*fp32", "out_ptr": "*bf16"}
+    types = {"x_ptr": "*fp32", "route_w_ptr": "*fp32", "out_ptr": "*bf16", "ids_ptr": "*i64"}
     types |= {"pairs_ptr": "*i32", "block_expert_ptr": "*i32", "alpha": "fp32", "limit": "fp32"}
     shared = {}
     for block_m in (16, 64):
         common = dict(
             HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_F32=False
         )
+        gate_up = dict(common, TOP_K=top_k, ACT=ACTIVATIONS[act])
         for name, kernel, config, out in (
-            ("gate_up", _gate_up_kernel, dict(common, TOP_K=top_k, ACT=ACTIVATIONS[act]), "*bf16"),
+            ("align", _align_kernel, _align_config(num_experts, block_m), None),
+            ("gate_up", _gate_up_kernel, gate_up, "*bf16"),
             ("down", _down_kernel, common, "*fp32"),
         ):
             signature = {}
