@@ -12,6 +12,11 @@ C. throughput, bf16, random weights with the shapes of Gemma-3-270M, Qwen2.5-0.5
    (GIRANDOLE_FUSED_LAYERS=0, model/fused_layers.py) at 1 and 16 requests; its default engine
    is profiled (torch.profiler) over 8 decode steps of 1 and 256 streams: wall vs device-busy
    ms a step, the top ops in decode_profile.txt (--no-variants: none of these extra rows).
+A2. the fused MoE kernel (model/kernels/triton_moe.py) against torch at Qwen3-30B-A3B's and
+   gpt-oss-20b's MoE shapes, random bf16 weights and routing, 1 / 8 / 300 tokens: max abs and
+   relative error, host syncs of a call (expected 0), a CUDA graph of it replayed = eager and
+   its microseconds (at 8 and 300 tokens: the alignment's one-program kernel, then its torch
+   ops; a layer's experts, for the decode step's share, not a throughput row).
 D. split-K decode kernel (run before C: seconds): paged_decode split vs one pass vs torch at
    Gemma-3-270M's attention shapes, batch 1 / 16 / 64 at contexts 512 / 4K / 16K: max abs
    error, microseconds per call (CUDA events, median of 20, replaying a CUDA graph of the call
@@ -190,6 +195,125 @@ def engine_per_arch(tmp: Path):
         diff = max(abs(a - b) for x, y in zip(ref_lp, fast_lp) for a, b in zip(x, y))
         out[kind] = {"greedy_equal_transformers": same, "fast_vs_reference_logprob_max_diff": diff}
     return out
+
+
+# -- part A2: the fused MoE kernel -------------------------------------------------------------
+
+MOE_SECTION = "A2. fused MoE kernel vs torch (bf16 weights, real models' MoE shapes)"
+# (hidden, intermediate, experts, top-k, activation)
+MOE_SHAPES = {
+    "Qwen3-30B-A3B": (2048, 768, 128, 8, "silu"),
+    "gpt-oss-20b": (2880, 2880, 32, 4, "swiglu_clamped"),
+}
+
+
+def _moe_torch(x, w_gu, w_down, ids, weights, act, gate_up_bias, down_bias, alpha, limit):
+    """The MoE block with torch ops, expert by expert, float32 from the bf16 weights, the
+    intermediate rounded to bf16 as the kernel stores it."""
+    inter = w_down.shape[2]
+    y = torch.zeros(x.shape[0], w_down.shape[1], device=x.device)
+    xb = x.bfloat16().float()
+    for e in ids.unique().tolist():
+        tok, j = (ids == e).nonzero(as_tuple=True)
+        gu = xb[tok] @ w_gu[e].float().T + (0 if gate_up_bias is None else gate_up_bias[e].float())
+        gate, up = gu[:, :inter], gu[:, inter:]
+        if act == "silu":
+            a = torch.nn.functional.silu(gate) * up
+        else:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            a = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        out = a.bfloat16().float() @ w_down[e].float().T
+        out = out + (0 if down_bias is None else down_bias[e].float())
+        y.index_add_(0, tok, out * weights[tok, j][:, None])
+    return y
+
+
+@section(MOE_SECTION)
+def fused_moe_check():
+    """model/kernels/triton_moe.py against torch at T = 1, 8, 300 tokens of random routing:
+    max abs and relative (norm) error; on CUDA, at 8 and 300 tokens (the alignment's one-program
+    kernel, then torch's ops), also a CUDA graph of the call replayed against the eager call,
+    and the host syncs of an eager call (expected 0)."""
+    import warnings
+
+    from girandole.model.kernels import triton_moe
+
+    shapes = MOE_SHAPES
+    if SMOKE:
+        shapes = {
+            "smoke-silu": (48, 40, 8, 2, "silu"),
+            "smoke-swiglu": (48, 40, 8, 2, "swiglu_clamped"),
+        }
+    out = {}
+    for name, (h, inter, e, k, act) in shapes.items():
+        g = torch.Generator(device=DEV).manual_seed(0)
+
+        def randn(*shape, scale=1.0, g=g):
+            return torch.randn(*shape, device=DEV, generator=g) * scale
+
+        w_gu = randn(e, 2 * inter, h, scale=h**-0.5).bfloat16()
+        w_down = randn(e, h, inter, scale=inter**-0.5).bfloat16()
+        b_gu = b_down = None
+        if act == "swiglu_clamped":
+            b_gu, b_down = randn(e, 2 * inter, scale=0.1).bfloat16(), randn(e, h).bfloat16() * 0.1
+        kw = dict(act=act, gate_up_bias=b_gu, down_bias=b_down, alpha=1.702, limit=7.0)
+        row = {}
+        for t in (1, 5) if SMOKE else (1, 8, 300):
+            x = randn(t, h)
+            top, ids = randn(t, e).topk(k, dim=-1)
+            weights = top.softmax(dim=-1)
+            got = triton_moe.fused_moe(x, w_gu, w_down, ids, weights, **kw)
+            want = _moe_torch(x, w_gu, w_down, ids, weights, **kw)
+            cell = {
+                "max_abs": float((got - want).abs().max()),
+                "rel": float((got - want).norm() / want.norm()),
+            }
+            if DEV == "cuda" and t > 1:  # the alignment's kernel (8 tokens), torch's ops (300)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        triton_moe.fused_moe(x, w_gu, w_down, ids, weights, **kw)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                cell["host_syncs"] = len(caught)
+                sync()
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static = triton_moe.fused_moe(x, w_gu, w_down, ids, weights, **kw)
+                    graph.replay()
+                    sync()
+                    cell["graph_equal_eager"] = bool(torch.equal(static, got))
+                    cell["graph_us"] = _time_us(graph.replay, 20)
+                except Exception as exc:  # noqa: BLE001 - the capture's failure is the result
+                    cell["graph_equal_eager"] = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+            row[f"T={t}"] = cell
+        out[name] = row
+        del w_gu, w_down
+    return out
+
+
+def _moe_markdown(d) -> list[str]:
+    if not d:
+        return []
+    if "error" in d:
+        return ["", "Fused MoE check failed (gpu_check.json)."]
+    lines = [
+        "",
+        "Fused MoE kernel vs torch (bf16 weights, random routing):",
+        "",
+        "| shape | tokens | max abs | rel | host syncs | graph = eager | graph replay us |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in d.items():
+        for t, c in row.items():
+            lines.append(
+                f"| {name} | {t} | {c['max_abs']:.2g} | {c['rel']:.2g} | "
+                f"{c.get('host_syncs', '-')} | {c.get('graph_equal_eager', '-')} | "
+                f"{_fmt_us(c.get('graph_us'))} |"
+            )
+    return lines
 
 
 # -- part D: the split-K decode kernel --------------------------------------------------------
@@ -763,6 +887,7 @@ def markdown() -> str:
                     "",
                     f"{name}: host syncs in 8 overlapped decode steps: {probe['count']}{where}",
                 ]
+    lines += _moe_markdown(results.get(MOE_SECTION))
     lines += _split_markdown(results.get(SPLIT_SECTION))
     errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     if errors:
@@ -802,6 +927,7 @@ def main() -> None:
         if not args.skip_correctness:
             correctness(tmp)
             engine_per_arch(tmp)
+            fused_moe_check()
         split_decode()
         throughput(tmp, args.tokenizer, args.models.split(","))
     save()
