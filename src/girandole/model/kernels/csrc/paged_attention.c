@@ -27,9 +27,47 @@
 #include "simd_math.h"
 
 #define KEY_CHUNK 128
+#define TILE_ROWS 8  // consecutive query rows of one sequence per task
+// The keys a tile's rows see of one chunk, together (KEY_CHUNK + TILE_ROWS - 1), rounded up to
+// whole blocks of 8 keys (the scores' unit).
+#define SPAN ((KEY_CHUNK + TILE_ROWS + 6) & ~7)
 #define PREFETCH_AHEAD 16  // keys
 #define MAX_REP 8  // query heads per KV head handled together (more: in several passes)
 #define F16_MAX 65504.0f
+// The scores' lane vectors: a key's dot product with a query is summed in lanes of 16 floats
+// (avx2_compat.h: two halves of 8 on AVX2), each 64-dim block's 16-dim quarter c into chain c.
+// Here a lane vector is what the CPU's registers hold (AVX2: one half of a quarter), and the
+// register blocks (query vectors x keys, one lane vector's chain at a time) fit its registers:
+// 16 of 8 floats on AVX2, 32 of 16 on AVX-512; so do the weighted values' (VALUE_ACC vectors of
+// 16 dims: heads x dims).
+#ifdef GIR_AVX2
+typedef __m256 lanes_t;
+#define LANES 8
+#define lanes_zero _mm256_setzero_ps
+#define lanes_load _mm256_loadu_ps
+#define lanes_load_half(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define lanes_fmadd _mm256_fmadd_ps
+#define lanes_add _mm256_add_ps
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
+#define CHAIN_PAIRS 3
+#define CHAIN_KEYS 2
+#define VALUE_ACC 4
+#else
+typedef __m512 lanes_t;
+#define LANES 16
+#define lanes_zero _mm512_setzero_ps
+#define lanes_load _mm512_loadu_ps
+#define lanes_load_half(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define lanes_fmadd _mm512_fmadd_ps
+#define lanes_add _mm512_add_ps
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#define CHAIN_PAIRS 4
+#define CHAIN_KEYS 2
+#define VALUE_ACC 16
+#endif
+#define VALUE_DIMS_MAX 64
+#define SLOTS (64 / LANES)  // lane vectors per 64-dim block
+#define QUARTER (16 / LANES)  // lane vectors per 16-dim quarter (chain c: slots c * QUARTER ..)
 
 // 16 cache elements from element index i of a float32 (half = 0) or float16 (half = 1) cache.
 // Inlined with a constant `half`: each kernel below is compiled once per cache type.
@@ -38,26 +76,68 @@ static inline __attribute__((always_inline)) __m512 load16(const void *base, int
     return _mm512_loadu_ps((const float *)base + i);
 }
 
-// out[h][16 c ..] = sum_j p[h][j] * v_j[16 c ..] for HN heads (rows of p: KEY_CHUNK apart) and
-// CN vectors of 16 dims, summed in key order; v_j at element slots[j] * row_stride of v_cache.
+// out[h][16 c ..] = sum_j p[h][j] * v_j[16 c ..] for HN heads (rows of p: p_stride apart) and
+// CN vectors of 16 dims, summed in key order from zero; v_j at element vofs[j] of v.
 // Inlined with constant HN, CN, half.
 static inline __attribute__((always_inline)) void weighted_values(
-    const float *p, const int64_t *slots, int64_t n, const void *v_cache, int64_t row_stride,
-    float *out, int64_t out_stride, int HN, int CN, int half) {
+    const float *p, int64_t p_stride, const int64_t *vofs, int64_t n, const void *v, float *out,
+    int64_t out_stride, int HN, int CN, int half) {
     __m512 acc[4][4];
     for (int h = 0; h < HN; h++)
         for (int c = 0; c < CN; c++) acc[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
-        const int64_t vj = slots[j] * row_stride;
-        __m512 v[4];
-        for (int c = 0; c < CN; c++) v[c] = load16(v_cache, vj + 16 * c, half);
+        __m512 vj[4];
+        for (int c = 0; c < CN; c++) vj[c] = load16(v, vofs[j] + 16 * c, half);
         for (int h = 0; h < HN; h++) {
-            const __m512 ph = _mm512_set1_ps(p[h * KEY_CHUNK + j]);
-            for (int c = 0; c < CN; c++) acc[h][c] = _mm512_fmadd_ps(ph, v[c], acc[h][c]);
+            const __m512 ph = _mm512_set1_ps(p[h * p_stride + j]);
+            for (int c = 0; c < CN; c++) acc[h][c] = _mm512_fmadd_ps(ph, vj[c], acc[h][c]);
         }
     }
     for (int h = 0; h < HN; h++)
         for (int c = 0; c < CN; c++) _mm512_storeu_ps(out + h * out_stride + 16 * c, acc[h][c]);
+}
+
+// weighted_values for hn heads and dn vectors of 16 dims (a slice of dn * 16 dims), in blocks of
+// constant sizes whose accumulators fit the registers (runtime sizes spill them): up to
+// VALUE_ACC vectors of 16 per block (heads x vectors).
+static inline __attribute__((always_inline)) void values_slice(
+    const float *p, int64_t p_stride, int hn, int dn, const int64_t *vofs, int64_t n, const void *v,
+    float *out, int64_t out_stride, int half) {
+#define VALUES(H, HN, CN)                                                                   \
+    weighted_values(p + (H) * p_stride, p_stride, vofs, n, v, out + (H) * out_stride, out_stride, \
+                    HN, CN, half)
+    const int hmax = VALUE_ACC / dn < 4 ? VALUE_ACC / dn : 4;
+    for (int h = 0; h < hn; h += hmax) {
+        const int hb = hn - h < hmax ? hn - h : hmax;
+        if (dn == 1 && hb == 4) VALUES(h, 4, 1);
+        else if (dn == 1 && hb == 3) VALUES(h, 3, 1);
+        else if (dn == 1 && hb == 2) VALUES(h, 2, 1);
+        else if (dn == 1) VALUES(h, 1, 1);
+        else if (dn == 2 && hb == 2) VALUES(h, 2, 2);
+        else if (dn == 4 && hb == 4 && VALUE_ACC >= 16) VALUES(h, 4, 4);
+        else if (dn == 2)  // the heads one at a time
+            for (int i = h; i < h + hb; i++) VALUES(i, 1, 2);
+        else if (dn == 4)
+            for (int i = h; i < h + hb; i++) VALUES(i, 1, 4);
+        else  // other widths (AVX-512's last slice of D % 64 dims): one vector at a time too
+            for (int i = h; i < h + hb; i++)
+                for (int c = 0; c < dn; c++)
+                    weighted_values(p + i * p_stride, p_stride, vofs, n,
+                                    (const char *)v + 16 * c * (half ? 2 : 4),
+                                    out + i * out_stride + 16 * c, out_stride, 1, 1, half);
+    }
+#undef VALUES
+}
+
+// The values' slice width for nh query heads: AVX2's 4 accumulators (heads x vectors of 16) per
+// block as 4 heads x 16 dims, 2 x 32 or 1 x 64; AVX-512's 16 as 4 x 64.
+static inline int value_dims(int nh) {
+#ifdef GIR_AVX2
+    return nh >= 3 ? 16 : nh == 2 ? 32 : 64;
+#else
+    (void)nh;
+    return 64;
+#endif
 }
 
 #ifdef GIR_AVX2
@@ -84,148 +164,291 @@ static inline __attribute__((always_inline)) void scores8(const __m256 *t, float
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(scaled, order));
 }
+#endif
 
-// Key j's accumulator for head h: its score now (AVX-512), or 8 keys' together (AVX2).
-#define KEY_SCORE(h, acc) (pending[h][j & 7] = _mm256_add_ps((acc).hi, (acc).lo))
+// LANES key elements from element i of a float32 (half = 0) or float16 (half = 1) cache row.
+static inline __attribute__((always_inline)) lanes_t key_lanes(const void *k, int64_t i, int half) {
+    return half ? lanes_load_half((const uint16_t *)k + i) : lanes_load((const float *)k + i);
+}
+
+// One step of the lane chains below: a[p][j] += q[p][d ..] * key j[d ..] (LANES dims). Each
+// query vector and key loaded once into a register for the block (the compiler would rather
+// load the key again for each query as an operand: more loads than FMAs).
+static inline __attribute__((always_inline)) void chain_step(
+    const float *const *q, const void *k, const int64_t *koff, int64_t d, int RP, int RJ,
+    int half, lanes_t a[CHAIN_PAIRS][CHAIN_KEYS]) {
+    lanes_t qv[CHAIN_PAIRS];
+    for (int p = 0; p < RP; p++) {
+        qv[p] = lanes_load(q[p] + d);
+        IN_REGISTER(qv[p]);
+    }
+    for (int j = 0; j < RJ; j++) {
+        lanes_t kv = key_lanes(k, koff[j] + d, half);
+        IN_REGISTER(kv);
+        for (int p = 0; p < RP; p++) a[p][j] = lanes_fmadd(qv[p], kv, a[p][j]);
+    }
+}
+
+// The lane chains of RP query vectors q[p] (a row's head each) against RJ keys (key j's D
+// elements at element koff[j] of k), two quarters' at a time and summed as they finish:
+// out[p][j][e * QUARTER + h] = a_2e + a_2e+1 on lane vector h of the quarters, where a_c = the
+// sum, over the 64-dim blocks in order, of q[p] * key j on that lane vector of quarter c (quarter
+// 0's chains go on over the last D % 64 dims). A block's accumulators stay in registers.
+static inline __attribute__((always_inline)) void lane_chains(
+    const float *const *q, const void *k, const int64_t *koff, int64_t D, int RP, int RJ,
+    int half, lanes_t out[CHAIN_PAIRS][CHAIN_KEYS][2 * QUARTER]) {
+    const int64_t D64 = D & ~(int64_t)63;
+    for (int e = 0; e < 2; e++)
+        for (int h = 0; h < QUARTER; h++) {
+            const int64_t d0 = LANES * (2 * e * QUARTER + h);  // quarter 2e's lane vector h
+            lanes_t a[CHAIN_PAIRS][CHAIN_KEYS], b[CHAIN_PAIRS][CHAIN_KEYS];
+            for (int p = 0; p < RP; p++)
+                for (int j = 0; j < RJ; j++) a[p][j] = b[p][j] = lanes_zero();
+            for (int64_t d = d0; d < D64; d += 64) {
+                chain_step(q, k, koff, d, RP, RJ, half, a);
+                chain_step(q, k, koff, d + 16, RP, RJ, half, b);  // quarter 2e + 1
+            }
+            if (e == 0)
+                for (int64_t d = D64 + d0; d < D; d += 16) chain_step(q, k, koff, d, RP, RJ, half, a);
+            for (int p = 0; p < RP; p++)
+                for (int j = 0; j < RJ; j++) out[p][j][e * QUARTER + h] = lanes_add(a[p][j], b[p][j]);
+        }
+}
+
+// A key's score from its lane chains (one query vector): (a0 + a1) + (a2 + a3) lane by lane,
+// then the 16 lanes summed by avx2_compat.h's tree, times scale. AVX2: only the tree's first add
+// (hi + lo), the rest 8 keys at once (scores8).
+#ifdef GIR_AVX2
+static inline __attribute__((always_inline)) __m256 quarters_sum(const lanes_t *y) {
+    return _mm256_add_ps(_mm256_add_ps(y[1], y[3]), _mm256_add_ps(y[0], y[2]));
+}
 #else
-#define KEY_SCORE(h, acc) (s[h][j] = _mm512_reduce_add_ps(acc) * scale)
+static inline __attribute__((always_inline)) float key_score(const lanes_t *y, float scale) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(y[0], y[1])) * scale;
+}
 #endif
 
-// Partials of `nh` query heads (q: nh rows of D) over keys [j0, j1) of one sequence; the
-// caches' element 0 is this KV head's first dim of slot 0 (rows row_stride elements apart).
-// m[h] = max score, l[h] = sum of e^(score - m), o[h][D] = sum of e^(score - m) * v.
-static inline __attribute__((always_inline)) void chunk_partials_t(
-    const float *q, int nh, int64_t D, const void *k_cache, const void *v_cache,
-    int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1, float scale, int prefetch,
-    float *m, float *l, float *o, int half) {
-    float s[MAX_REP][KEY_CHUNK];
+// s[p][0..8) = scale * (q[p] . key j) for RP query vectors and 8 keys (rows of s SPAN apart).
+static inline __attribute__((always_inline)) void scores_keys8(
+    const float *const *q, int RP, const void *k, const int64_t *koff, int64_t D, float scale,
+    float *s, int half) {
 #ifdef GIR_AVX2
-    __m256 pending[MAX_REP][8];
+    __m256 t[CHAIN_PAIRS][8];  // each key's hi + lo: scores8 finishes 8 keys' sums together
 #endif
-    const int64_t n = j1 - j0, row_bytes = D * (half ? 2 : 4), elt = half ? 2 : 4;
-    const char *kbytes = (const char *)k_cache, *vbytes = (const char *)v_cache;
-    for (int64_t j = 0; prefetch && j < n && j < PREFETCH_AHEAD; j++) {
-        const char *kn = kbytes + slots[j0 + j] * row_stride * elt;
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
+    for (int j = 0; j < 8; j += CHAIN_KEYS) {
+        lanes_t a[CHAIN_PAIRS][CHAIN_KEYS][2 * QUARTER];
+        lane_chains(q, k, koff + j, D, RP, CHAIN_KEYS, half, a);
+        for (int p = 0; p < RP; p++)
+            for (int i = 0; i < CHAIN_KEYS; i++)
+#ifdef GIR_AVX2
+                t[p][j + i] = quarters_sum(a[p][i]);
+#else
+                s[p * SPAN + j + i] = key_score(a[p][i], scale);
+#endif
     }
-    for (int64_t j = 0; j < n; j++) {
-        const int64_t kj = slots[j0 + j] * row_stride;
-        // The rows are scattered (paged): fetch a later key and this key's value ahead of use.
-        if (prefetch && j + PREFETCH_AHEAD < n) {
-            const char *kn = kbytes + slots[j0 + j + PREFETCH_AHEAD] * row_stride * elt;
-            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kn + b, _MM_HINT_T0);
-        }
-        if (prefetch) {
-            const char *vp = vbytes + kj * elt;
-            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(vp + b, _MM_HINT_T1);
-        }
-        if (nh == 4 && D % 64 == 0) {  // the key's 64-dim blocks loaded once for the 4 heads
-            __m512 a[4][4];
-            for (int h = 0; h < 4; h++)
-                for (int c = 0; c < 4; c++) a[h][c] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < D; d += 64) {
-                __m512 kv[4];
-                for (int c = 0; c < 4; c++) kv[c] = load16(k_cache, kj + d + 16 * c, half);
-                for (int h = 0; h < 4; h++)
-                    for (int c = 0; c < 4; c++)
-                        a[h][c] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d + 16 * c), kv[c],
-                                                  a[h][c]);
+#ifdef GIR_AVX2
+    for (int p = 0; p < RP; p++) scores8(t[p], scale, s + p * SPAN);
+#endif
+}
+
+// scores_keys8 for one query vector of D = 64 dims: each chain is one FMA (from zero), so the
+// query's lane vectors stay in registers across the 8 keys and each key's are loaded once.
+static inline __attribute__((always_inline)) void scores_keys8_d64(
+    const float *q, const void *k, const int64_t *koff, float scale, float *s, int half) {
+    lanes_t qv[SLOTS];
+    for (int i = 0; i < SLOTS; i++) {
+        qv[i] = lanes_load(q + LANES * i);
+        IN_REGISTER(qv[i]);
+    }
+#ifdef GIR_AVX2
+    __m256 t[8];
+#endif
+    for (int j = 0; j < 8; j++) {
+        lanes_t y[2 * QUARTER];  // as lane_chains: quarters 2e and 2e + 1 summed, lane vector h
+        for (int e = 0; e < 2; e++)
+            for (int h = 0; h < QUARTER; h++) {
+                const int sa = 2 * e * QUARTER + h, sb = sa + QUARTER;
+                const lanes_t a =
+                    lanes_fmadd(qv[sa], key_lanes(k, koff[j] + LANES * sa, half), lanes_zero());
+                const lanes_t b =
+                    lanes_fmadd(qv[sb], key_lanes(k, koff[j] + LANES * sb, half), lanes_zero());
+                y[e * QUARTER + h] = lanes_add(a, b);
             }
-            for (int h = 0; h < 4; h++) {  // the same sums, in the same order, as below
-                const __m512 acc = _mm512_add_ps(_mm512_add_ps(a[h][0], a[h][1]),
-                                                 _mm512_add_ps(a[h][2], a[h][3]));
-                KEY_SCORE(h, acc);
+#ifdef GIR_AVX2
+        t[j] = quarters_sum(y);
+#else
+        s[j] = key_score(y, scale);
+#endif
+    }
+#ifdef GIR_AVX2
+    scores8(t, scale, s);
+#endif
+}
+
+// s[p][j] = scale * (q[p] . key j) for np query vectors and n keys, n a multiple of 8 (key j at
+// element koff[j] of k_cache; rows of s SPAN apart). kbuf (8 * D floats) or NULL: where given, each 8 keys are
+// widened into it once for all the query vectors instead of once per block of them.
+static inline __attribute__((always_inline)) void scores_t(
+    const float *const *q, int np, const void *k_cache, const int64_t *koff, int64_t n, int64_t D,
+    float scale, int prefetch, float *kbuf, float *s, int half) {
+    const int64_t elt = half ? 2 : 4, row_bytes = D * elt;
+    const char *kbytes = (const char *)k_cache;
+    for (int64_t j = 0; j < n; j += 8) {
+        // The rows are scattered (paged): fetch later keys ahead of use.
+        for (int64_t i = j + PREFETCH_AHEAD; prefetch && i < j + PREFETCH_AHEAD + 8 && i < n; i++)
+            for (int64_t b = 0; b < row_bytes; b += 64)
+                _mm_prefetch(kbytes + koff[i] * elt + b, _MM_HINT_T0);
+        if (kbuf) {
+            int64_t boff[8];
+            for (int i = 0; i < 8; i++) {
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(kbuf + i * D + d, load16(k_cache, koff[j + i] + d, half));
+                boff[i] = i * D;
             }
+            int p = 0;
+            if (D == 64)
+                for (; p < np; p++) scores_keys8_d64(q[p], kbuf, boff, scale, s + p * SPAN + j, 0);
+            for (; p + CHAIN_PAIRS <= np; p += CHAIN_PAIRS)
+                scores_keys8(q + p, CHAIN_PAIRS, kbuf, boff, D, scale, s + p * SPAN + j, 0);
+            for (; p < np; p++) scores_keys8(q + p, 1, kbuf, boff, D, scale, s + p * SPAN + j, 0);
         } else {
-            for (int h = 0; h < nh; h++) {
-                const float *qh = q + h * D;
-                // Four independent chains (a single one would wait on each FMA's latency).
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                int64_t d = 0;
-                for (; d + 64 <= D; d += 64) {
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half),
-                                         a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16),
-                                         load16(k_cache, kj + d + 16, half), a1);
-                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 32),
-                                         load16(k_cache, kj + d + 32, half), a2);
-                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 48),
-                                         load16(k_cache, kj + d + 48, half), a3);
-                }
-                for (; d < D; d += 16)
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(k_cache, kj + d, half),
-                                         a0);
-                const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-                KEY_SCORE(h, acc);
-            }
+            int p = 0;
+            if (D == 64)
+                for (; p < np; p++)
+                    scores_keys8_d64(q[p], k_cache, koff + j, scale, s + p * SPAN + j, half);
+            for (; p + CHAIN_PAIRS <= np; p += CHAIN_PAIRS)
+                scores_keys8(q + p, CHAIN_PAIRS, k_cache, koff + j, D, scale, s + p * SPAN + j,
+                             half);
+            for (; p < np; p++)
+                scores_keys8(q + p, 1, k_cache, koff + j, D, scale, s + p * SPAN + j, half);
         }
-#ifdef GIR_AVX2
-        if ((j & 7) == 7)
-            for (int h = 0; h < nh; h++) scores8(pending[h], scale, s[h] + j - 7);
-#endif
     }
-#ifdef GIR_AVX2
-    for (int64_t j = n & ~(int64_t)7; j < n; j++)  // the last n % 8 keys, one at a time
-        for (int h = 0; h < nh; h++) s[h][j] = gir_reduce_add_ps8(pending[h][j & 7]) * scale;
-#endif
-    // The maxima after the scores, not key by key: a running maximum in m[] (a pointer the
-    // compiler must store and reload around every key's loads) chained every key's scores.
-    for (int h = 0; h < nh; h++) {
-        float mh = -INFINITY;
+}
+
+// A chunk's softmax partials from its n scores s[0..n): *m = their max, s[j] = e^(s[j] - m) in
+// place, *l = the sum of those (16 lanes from s[0], then their sum).
+static inline __attribute__((always_inline)) void softmax_partial(float *s, int64_t n, float *m,
+                                                                  float *l) {
+    // The max as the scalar loop `if (s[j] > mx) mx = s[j]` finds it, 16 lanes at a time (each
+    // lane keeps its first greatest score: max_ps(x, m) is m unless x > m, NaNs skipped), then
+    // the greatest lane: the same float, except a zero's sign (then that loop itself).
+    __m512 lanes = _mm512_set1_ps(-INFINITY);
+    int64_t j16 = 0;
+    for (; j16 + 16 <= n; j16 += 16) lanes = _mm512_max_ps(_mm512_loadu_ps(s + j16), lanes);
+    float mx = _mm512_reduce_max_ps(lanes);
+    for (int64_t j = j16; j < n; j++)
+        if (s[j] > mx) mx = s[j];
+    if (mx == 0.0f) {
+        mx = -INFINITY;
         for (int64_t j = 0; j < n; j++)
-            if (s[h][j] > mh) mh = s[h][j];
-        m[h] = mh;
+            if (s[j] > mx) mx = s[j];
     }
-    for (int h = 0; h < nh; h++) {
-        const __m512 mh = _mm512_set1_ps(m[h]);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-            __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s[h] + j), mh));
-            p = _mm512_maskz_mov_ps(k, p);
-            _mm512_mask_storeu_ps(s[h] + j, k, p);
-            sum = _mm512_add_ps(sum, p);
-        }
-        l[h] = _mm512_reduce_add_ps(sum);
+    *m = mx;
+    const __m512 mv = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < j16; j += 16) {  // masked moves only for the last n % 16 (slow on AVX2)
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+        _mm512_storeu_ps(s + j, p);
+        sum = _mm512_add_ps(sum, p);
     }
-    // o[h] = sum_j p[h][j] * v_j, 64 dims of up to 4 heads at a time (16 accumulators).
-    for (int h0 = 0; h0 < nh; h0 += 4) {
-        const int hn = nh - h0 < 4 ? nh - h0 : 4;
-        for (int64_t d = 0; d < D; d += 64) {
-            const int dn = D - d < 64 ? (int)((D - d) / 16) : 4;
-            const void *vd = vbytes + d * elt;
-            float *od = o + (int64_t)h0 * D + d;
-            // Constant tile sizes keep the accumulators in registers (runtime ones spill them).
-            if (hn == 4 && dn == 4)
-                weighted_values(s[h0], slots + j0, n, vd, row_stride, od, D, 4, 4, half);
-            else if (hn == 2 && dn == 4)  // each value converted once for both heads
-                for (int c = 0; c < 4; c += 2)  // 2 x 2 accumulators: AVX2's registers hold them
-                    weighted_values(s[h0], slots + j0, n, (const char *)vd + 16 * c * elt,
-                                    row_stride, od + 16 * c, D, 2, 2, half);
-            else if (dn == 4)
-                for (int h = 0; h < hn; h++)
-                    weighted_values(s[h0 + h], slots + j0, n, vd, row_stride, od + h * D, D, 1, 4,
-                                    half);
+    if (j16 < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - j16)) - 1);
+        __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j16), mv));
+        p = _mm512_maskz_mov_ps(k, p);
+        _mm512_mask_storeu_ps(s + j16, k, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    *l = _mm512_reduce_add_ps(sum);
+}
+
+// One task's partials: na rows of one sequence (a tile) against one KV head's keys, nh query
+// heads each (row r's at q[r], nh rows of D). Row r sees its chunk's keys [j0[r], j0[r] + n[r])
+// of the sequence's slots, all within [lo, lo + span) (span <= SPAN); the caches' element 0 is
+// this KV head's first dim of slot 0 (rows row_stride elements apart). Each key is read once for
+// the tile: the scores of every row and head against it, then each row's softmax partials of its
+// own keys, then the weighted values, a slice of dims at a time for every row (the slice of the
+// values stays in L1 meanwhile). Into m[r][h] = max score, l[r][h] = sum of e^(score - m),
+// o[r][h * D ..] = sum of e^(score - m) * v.
+static inline __attribute__((always_inline)) void tile_partials_t(
+    const float *const *q, int na, int nh, int64_t D, const void *k_cache, const void *v_cache,
+    int64_t row_stride, const int64_t *slots, int64_t lo, int64_t span, const int64_t *j0,
+    const int64_t *n, float scale, int prefetch, float *const *m, float *const *l,
+    float *const *o, int half) {
+    float s[TILE_ROWS * MAX_REP][SPAN];  // scores, then weights: row r's head h at r * nh + h
+    const float *qp[TILE_ROWS * MAX_REP];
+    int64_t koff[SPAN];  // element offset of each key's (and value's) row
+    const int np = na * nh;
+    const int64_t elt = half ? 2 : 4;
+    for (int r = 0; r < na; r++)
+        for (int h = 0; h < nh; h++) qp[r * nh + h] = q[r] + h * D;
+    for (int64_t j = 0; j < span; j++) koff[j] = slots[lo + j] * row_stride;
+    // Whole blocks of 8 keys: the last key again (its scores there are not used).
+    const int64_t span8 = (span + 7) & ~(int64_t)7;
+    for (int64_t j = span; j < span8; j++) koff[j] = koff[span - 1];
+    if (prefetch)  // the first keys (scores_t fetches later ones ahead) and the values
+        for (int64_t j = 0; j < span; j++)
+            for (int64_t b = 0; b < D * elt; b += 64) {
+                if (j < PREFETCH_AHEAD) _mm_prefetch((const char *)k_cache + koff[j] * elt + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)v_cache + koff[j] * elt + b, _MM_HINT_T1);
+            }
+    // Where more rows than one read them, the keys (8 at a time) and each slice of the values
+    // are copied (half ones widened) into contiguous buffers once for the tile: rows of a paged
+    // cache with several KV heads lie a multiple of 4 KiB apart, on the same few L1 sets.
+    float *kbuf = NULL, *vbuf = NULL;
+    const int vdims = value_dims(nh);
+    int64_t vofs[SPAN];
+    if (na > 1) {
+        kbuf = aligned_alloc(64, sizeof(float) * (8 * (size_t)D + SPAN * VALUE_DIMS_MAX));
+        vbuf = kbuf + 8 * D;
+        for (int64_t j = 0; j < span; j++) vofs[j] = j * vdims;
+    }
+    scores_t(qp, np, k_cache, koff, span8, D, scale, prefetch, kbuf, &s[0][0], half);
+    for (int r = 0; r < na; r++)
+        for (int h = 0; h < nh; h++)
+            softmax_partial(s[r * nh + h] + (j0[r] - lo), n[r], m[r] + h, l[r] + h);
+    for (int64_t d = 0; d < D; d += vdims) {
+        const int dn = (int)((D - d < vdims ? D - d : vdims) / 16);
+        const void *vd = (const char *)v_cache + d * elt;
+        if (vbuf)
+            for (int64_t j = 0; j < span; j++)
+                for (int c = 0; c < dn; c++)
+                    _mm512_storeu_ps(vbuf + j * vdims + 16 * c, load16(vd, koff[j] + 16 * c, half));
+        for (int r = 0; r < na; r++) {
+            const float *p = s[r * nh] + (j0[r] - lo);
+            float *od = o[r] + d;
+            if (vbuf)
+                values_slice(p, SPAN, nh, dn, vofs + (j0[r] - lo), n[r], vbuf, od, D, 0);
             else
-                for (int h = 0; h < hn; h++)
-                    for (int c = 0; c < dn; c++)
-                        weighted_values(s[h0 + h], slots + j0, n, (const char *)vd + 16 * c * elt,
-                                        row_stride, od + h * D + 16 * c, D, 1, 1, half);
+                values_slice(p, SPAN, nh, dn, koff + (j0[r] - lo), n[r], vd, od, D, half);
         }
     }
+    free(kbuf);
 }
 
-// chunk_partials_t compiled for each cache type.
-static void chunk_partials_f32(const float *q, int nh, int64_t D, const void *k, const void *v,
-                               int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1,
-                               float scale, int prefetch, float *m, float *l, float *o) {
-    chunk_partials_t(q, nh, D, k, v, row_stride, slots, j0, j1, scale, prefetch, m, l, o, 0);
+// tile_partials_t compiled for each cache type.
+static void tile_partials_f32(const float *const *q, int na, int nh, int64_t D, const void *k,
+                              const void *v, int64_t row_stride, const int64_t *slots, int64_t lo,
+                              int64_t span, const int64_t *j0, const int64_t *n, float scale,
+                              int prefetch, float *const *m, float *const *l, float *const *o) {
+    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, prefetch, m, l,
+                    o, 0);
 }
 
-static void chunk_partials_f16(const float *q, int nh, int64_t D, const void *k, const void *v,
-                               int64_t row_stride, const int64_t *slots, int64_t j0, int64_t j1,
-                               float scale, int prefetch, float *m, float *l, float *o) {
-    chunk_partials_t(q, nh, D, k, v, row_stride, slots, j0, j1, scale, prefetch, m, l, o, 1);
+static void tile_partials_f16(const float *const *q, int na, int nh, int64_t D, const void *k,
+                              const void *v, int64_t row_stride, const int64_t *slots, int64_t lo,
+                              int64_t span, const int64_t *j0, const int64_t *n, float scale,
+                              int prefetch, float *const *m, float *const *l, float *const *o) {
+    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, prefetch, m, l,
+                    o, 1);
+}
+
+// The first key a row of ctx keys sees, and its number of chunks (KEY_CHUNK keys from there).
+static inline int64_t window_start(int64_t ctx, int64_t window) {
+    return window > 0 && ctx > window ? ctx - window : 0;
+}
+
+static inline int64_t row_chunks(int64_t ctx, int64_t window) {
+    return (ctx - window_start(ctx, window) + KEY_CHUNK - 1) / KEY_CHUNK;
 }
 
 // q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
@@ -237,50 +460,82 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
                    int64_t D, int64_t window, float scale, const float *sinks, float *out,
                    int nthreads, int half) {
     const int64_t rep = H / Hkv, row_stride = Hkv * D, elt = half ? 2 : 4;
-    int64_t *first = malloc(sizeof(int64_t) * (S + 1));  // first task of each sequence
-    int64_t ntasks = 0;
+    // Row i's partials start at first[i] (KV head g's chunk c: first[i] + g * chunks + c).
+    int64_t *first = malloc(sizeof(int64_t) * (S + 1));
+    // Tiles: runs of up to TILE_ROWS consecutive rows of one sequence at consecutive positions
+    // (a prompt's rows), from tile_row[t]; a task is a tile's chunk of one KV head, from
+    // tile_task[t]. A row's chunk c holds the same keys in a tile as alone; the tile's rows' chunks
+    // c lie within SPAN keys (each row's window starts at most one key after the previous row's).
+    int64_t *tile_row = malloc(sizeof(int64_t) * (S + 1));
+    int64_t *tile_task = malloc(sizeof(int64_t) * (S + 1));
+    int64_t nparts = 0, ntiles = 0, ntasks = 0;
     for (int64_t i = 0; i < S; i++) {
-        int64_t ctx = lens[i];
-        int64_t start = window > 0 && ctx > window ? ctx - window : 0;
-        first[i] = ntasks;
-        ntasks += Hkv * ((ctx - start + KEY_CHUNK - 1) / KEY_CHUNK);
+        first[i] = nparts;
+        nparts += Hkv * row_chunks(lens[i], window);
+        const int joins = i > 0 && starts[i] == starts[i - 1] && lens[i] == lens[i - 1] + 1 &&
+                          i - tile_row[ntiles - 1] < TILE_ROWS;
+        if (!joins) tile_row[ntiles++] = i;
     }
-    first[S] = ntasks;
-    // Per task: rep maxima, rep sums, rep * D weighted values.
+    first[S] = nparts;
+    tile_row[ntiles] = S;
+    for (int64_t t = 0; t < ntiles; t++) {  // a tile's last row has the most chunks
+        tile_task[t] = ntasks;
+        ntasks += Hkv * row_chunks(lens[tile_row[t + 1] - 1], window);
+    }
+    tile_task[ntiles] = ntasks;
+    // Per row and chunk: rep maxima, rep sums, rep * D weighted values.
     const int64_t per_task = rep * (D + 2);
-    float *part = malloc(sizeof(float) * (ntasks * per_task + 1));
+    float *part = malloc(sizeof(float) * (nparts * per_task + 1));
 
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; t++) {
-        int64_t i = 0;  // the task's sequence: binary search in first[]
-        for (int64_t lo = 0, hi = S - 1; lo <= hi;) {
+        int64_t k = 0;  // the task's tile: binary search in tile_task[]
+        for (int64_t lo = 0, hi = ntiles - 1; lo <= hi;) {
             int64_t mid = (lo + hi) / 2;
-            if (first[mid] <= t) {
-                i = mid;
+            if (tile_task[mid] <= t) {
+                k = mid;
                 lo = mid + 1;
             } else {
                 hi = mid - 1;
             }
         }
-        const int64_t ctx = lens[i];
-        const int64_t start = window > 0 && ctx > window ? ctx - window : 0;
-        const int64_t nchunks = (ctx - start + KEY_CHUNK - 1) / KEY_CHUNK;
-        const int64_t g = (t - first[i]) / nchunks, c = (t - first[i]) % nchunks;
-        const int64_t j0 = start + c * KEY_CHUNK;
-        const int64_t j1 = j0 + KEY_CHUNK < ctx ? j0 + KEY_CHUNK : ctx;
-        float *pm = part + t * per_task, *pl = pm + rep, *po = pl + rep;
-        // Prefetching pays for keys coming from memory: a sequence's first row here (a decode
-        // row, or a prompt chunk's first); its later rows find the same keys in the caches.
-        const int prefetch = i == 0 || starts[i - 1] != starts[i];
+        const int64_t i0 = tile_row[k], tn = tile_row[k + 1] - i0;
+        const int64_t nchunks = row_chunks(lens[i0 + tn - 1], window);
+        const int64_t g = (t - tile_task[k]) / nchunks, c = (t - tile_task[k]) % nchunks;
+        // The tile's rows that have a chunk c (a row of fewer keys may not), and their keys.
+        int64_t rows[TILE_ROWS], j0[TILE_ROWS], n[TILE_ROWS];
+        float *base[TILE_ROWS];
+        int na = 0;
+        int64_t lo = INT64_MAX, hi = 0;
+        for (int64_t i = i0; i < i0 + tn; i++) {
+            const int64_t chunks = row_chunks(lens[i], window);
+            if (c >= chunks) continue;
+            rows[na] = i;
+            j0[na] = window_start(lens[i], window) + c * KEY_CHUNK;
+            n[na] = lens[i] - j0[na] < KEY_CHUNK ? lens[i] - j0[na] : KEY_CHUNK;
+            base[na] = part + (first[i] + g * chunks + c) * per_task;
+            if (j0[na] < lo) lo = j0[na];
+            if (j0[na] + n[na] > hi) hi = j0[na] + n[na];
+            na++;
+        }
+        // Prefetching pays for keys coming from memory: a sequence's first tile here (a decode
+        // row, or a prompt chunk's first rows); its later tiles find the same keys in the caches.
+        const int prefetch = i0 == 0 || starts[i0 - 1] != starts[i0];
         for (int64_t h0 = 0; h0 < rep; h0 += MAX_REP) {
             const int nh = rep - h0 < MAX_REP ? (int)(rep - h0) : MAX_REP;
-            const float *qh = q + (i * H + g * rep + h0) * D;
+            const float *qr[TILE_ROWS];
+            float *pm[TILE_ROWS], *pl[TILE_ROWS], *po[TILE_ROWS];
+            for (int r = 0; r < na; r++) {
+                qr[r] = q + (rows[r] * H + g * rep + h0) * D;
+                pm[r] = base[r] + h0;
+                pl[r] = base[r] + rep + h0;
+                po[r] = base[r] + 2 * rep + h0 * D;
+            }
             const void *kg = (const char *)k_cache + g * D * elt;
             const void *vg = (const char *)v_cache + g * D * elt;
-            (half ? chunk_partials_f16 : chunk_partials_f32)(qh, nh, D, kg, vg, row_stride,
-                                                             slots + starts[i], j0, j1, scale,
-                                                             prefetch, pm + h0, pl + h0,
-                                                             po + h0 * D);
+            (half ? tile_partials_f16 : tile_partials_f32)(qr, na, nh, D, kg, vg, row_stride,
+                                                           slots + starts[i0], lo, hi - lo, j0, n,
+                                                           scale, prefetch, pm, pl, po);
         }
     }
 
@@ -316,6 +571,8 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
         }
     }
     free(part);
+    free(tile_task);
+    free(tile_row);
     free(first);
 }
 
