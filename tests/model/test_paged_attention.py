@@ -75,6 +75,58 @@ def test_prefill_rows_are_causal_and_chunking_free(window):
     assert torch.equal(rows(n - 1, n), whole[-1:])  # the last row as a decode token
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (6, 2, 48)])
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiled_prompt_rows_are_the_rows_alone(heads, kv_heads, head_dim, window, with_sinks, dtype):
+    """A prompt's consecutive rows share their keys in tiles (each key read once for several
+    rows); every row's numbers are still its own: bitwise the row alone (one row a call, as a
+    decode row), the rows in other chunkings (tiles that start elsewhere), and the rows in a
+    batch beside another sequence's rows. With a window each row of a tile sees other keys
+    (row i's window starts at i - window + 1): a row that took a neighbour's window, or chunk
+    boundaries, would differ from itself alone. Near a float64 reference too."""
+    g = torch.Generator().manual_seed(heads * 7 + head_dim + (window or 0) + with_sinks)
+    k_cache, v_cache = (c.to(dtype) for c in _cache(g, kv_heads, head_dim))
+    scale = head_dim**-0.5
+    sinks = torch.randn(heads, generator=g) * 3 if with_sinks else None
+    n = 300  # windows start moving at 100; chunks of 128 keys inside them
+    slots = torch.randperm(len(k_cache), generator=g)[:n]
+    q = torch.randn(n, heads, head_dim, generator=g)
+
+    def rows(lo: int, hi: int) -> torch.Tensor:  # positions lo..hi-1 as one chunk
+        lens = torch.arange(lo + 1, hi + 1)
+        return paged_attention.paged_attention(
+            q[lo:hi], k_cache, v_cache, slots, torch.zeros_like(lens), lens, window, scale, sinks
+        )
+
+    whole = rows(0, n)
+    alone = torch.cat([rows(i, i + 1) for i in range(n)])
+    assert torch.equal(whole, alone)
+    bounds = [0, 1, 8, 13, 100, 101, 129, 200, 263, n]  # tiles starting off the 8-row grid
+    assert torch.equal(torch.cat([rows(a, b) for a, b in zip(bounds, bounds[1:])]), whole)
+
+    # Rows 150..299 beside another sequence's prompt rows and a decode row, in one batch.
+    other = torch.randperm(len(k_cache), generator=g)[:40]
+    q_other = torch.randn(41, heads, head_dim, generator=g)
+    lens = torch.cat([torch.arange(1, 21), torch.arange(151, n + 1), torch.tensor([40])])
+    starts = torch.cat(
+        [torch.full((20,), n), torch.zeros(n - 150, dtype=torch.long), torch.tensor([n])]
+    )
+    batch = paged_attention.paged_attention(
+        torch.cat([q_other[:20], q[150:], q_other[40:]]), k_cache, v_cache,
+        torch.cat([slots, other]), starts, lens, window, scale, sinks,
+    )  # fmt: skip
+    assert torch.equal(batch[20:-1], whole[150:])
+
+    k32, v32 = k_cache.float()[slots], v_cache.float()[slots]
+    no_sinks = torch.full((heads,), -1e9)
+    expected = sink_attention_reference(
+        q, k32, v32, torch.arange(n), scale, window, no_sinks if sinks is None else sinks
+    )
+    torch.testing.assert_close(whole.double(), expected, rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 64), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

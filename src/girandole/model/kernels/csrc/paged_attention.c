@@ -1,12 +1,21 @@
-// Paged attention on CPU (AVX512, float32), one query row at a time: each query token against
-// the keys it sees (causal, optionally a sliding window) in the paged KV cache, read in place
-// through its sequence's slot list (no gather copy).
+// Paged attention on CPU (AVX512, float32): each query row against the keys it sees (causal,
+// optionally a sliding window) in the paged KV cache, read through its sequence's slot list.
 //
-// Work is split into tasks of (query row, KV head, chunk of KEY_CHUNK keys), spread over the
-// threads; each task computes its chunk's softmax partials (max, sum, weighted values) and the
-// chunks of a head are then combined in order. Every number depends only on the row's own query
-// and keys and on fixed chunk boundaries: never on the batch, on how a prompt was split into
-// chunks, on whether the row is a decode or a prefill token, or on the thread count.
+// Every row has its own chunks of KEY_CHUNK keys, from the first key it sees (with a window, a
+// prompt's neighbouring rows' chunks start one key apart). Work is split into tasks of (tile, KV
+// head, chunk), spread over the threads: a tile is up to TILE_ROWS consecutive rows of one
+// sequence at consecutive positions (a prompt's rows; a decode row is a tile of one), and its
+// task computes chunk c's softmax partials (max, sum, weighted values) for every row of the
+// tile, reading each key and value once for them all: the scores of all the rows and heads
+// against the keys of their chunks together (a few more than one chunk), then each row's
+// partials over its own chunk's keys. The chunks of a row's head are then combined in order.
+//
+// Every number depends only on the row's own query and keys and on its fixed chunk boundaries:
+// never on the batch, on how a prompt was split into chunks (or tiles), on whether the row is a
+// decode or a prefill token, or on the thread count. A row's arithmetic (its scores' lane chains
+// and the adds that finish them, the softmax partial, the weighted values summed in key order,
+// the chunks' combination) is the one it has alone; only the loop order across rows and the
+// register blocks differ.
 //
 // The cache holds float32 or float16 (`_f16` entry points: half the bytes a step reads, where a
 // model with many KV heads spends most of a batched decode step on this kernel). Half keys and
@@ -115,6 +124,8 @@ static inline __attribute__((always_inline)) void values_slice(
         else if (dn == 1) VALUES(h, 1, 1);
         else if (dn == 2 && hb == 2) VALUES(h, 2, 2);
         else if (dn == 4 && hb == 4 && VALUE_ACC >= 16) VALUES(h, 4, 4);
+        else if (dn == 4 && hb == 3 && VALUE_ACC >= 12) VALUES(h, 3, 4);
+        else if (dn == 4 && hb == 2 && VALUE_ACC >= 8) VALUES(h, 2, 4);
         else if (dn == 2)  // the heads one at a time
             for (int i = h; i < h + hb; i++) VALUES(i, 1, 2);
         else if (dn == 4)
@@ -209,9 +220,11 @@ static inline __attribute__((always_inline)) void lane_chains(
                 chain_step(q, k, koff, d + 16, RP, RJ, half, b);  // quarter 2e + 1
             }
             if (e == 0)
-                for (int64_t d = D64 + d0; d < D; d += 16) chain_step(q, k, koff, d, RP, RJ, half, a);
+                for (int64_t d = D64 + d0; d < D; d += 16)
+                    chain_step(q, k, koff, d, RP, RJ, half, a);
             for (int p = 0; p < RP; p++)
-                for (int j = 0; j < RJ; j++) out[p][j][e * QUARTER + h] = lanes_add(a[p][j], b[p][j]);
+                for (int j = 0; j < RJ; j++)
+                    out[p][j][e * QUARTER + h] = lanes_add(a[p][j], b[p][j]);
         }
 }
 
@@ -285,19 +298,46 @@ static inline __attribute__((always_inline)) void scores_keys8_d64(
 #endif
 }
 
+// s[p][0..8) for np query vectors and 8 keys: blocks of CHAIN_PAIRS query vectors, the rest
+// in blocks of 2 rather than leave one alone (a block of one loads a key for each FMA).
+static inline __attribute__((always_inline)) void scores_block8(
+    const float *const *q, int np, const void *k, const int64_t *koff, int64_t D, float scale,
+    float *s, int half) {
+    for (int p = 0; p < np;) {
+        const int left = np - p;
+        if (D == 64) {
+            scores_keys8_d64(q[p], k, koff, scale, s + p * SPAN, half);
+            p++;
+        } else if (left >= CHAIN_PAIRS && left != CHAIN_PAIRS + 1) {
+            scores_keys8(q + p, CHAIN_PAIRS, k, koff, D, scale, s + p * SPAN, half);
+            p += CHAIN_PAIRS;
+        } else if (left >= 2) {
+            scores_keys8(q + p, 2, k, koff, D, scale, s + p * SPAN, half);
+            p += 2;
+        } else {
+            scores_keys8(q + p, 1, k, koff, D, scale, s + p * SPAN, half);
+            p++;
+        }
+    }
+}
+
 // s[p][j] = scale * (q[p] . key j) for np query vectors and n keys, n a multiple of 8 (key j at
-// element koff[j] of k_cache; rows of s SPAN apart). kbuf (8 * D floats) or NULL: where given, each 8 keys are
-// widened into it once for all the query vectors instead of once per block of them.
+// element koff[j] of k_cache; rows of s SPAN apart). kbuf (8 * D floats) or NULL: where given,
+// each 8 keys are copied (widened) into it once for all the query vectors. prefetch: later
+// keys, and the values' rows, fetched ahead.
 static inline __attribute__((always_inline)) void scores_t(
-    const float *const *q, int np, const void *k_cache, const int64_t *koff, int64_t n, int64_t D,
-    float scale, int prefetch, float *kbuf, float *s, int half) {
+    const float *const *q, int np, const void *k_cache, const void *v_cache, const int64_t *koff,
+    int64_t n, int64_t D, float scale, int prefetch, float *kbuf, float *s, int half) {
     const int64_t elt = half ? 2 : 4, row_bytes = D * elt;
-    const char *kbytes = (const char *)k_cache;
+    const char *kbytes = (const char *)k_cache, *vbytes = (const char *)v_cache;
     for (int64_t j = 0; j < n; j += 8) {
-        // The rows are scattered (paged): fetch later keys ahead of use.
-        for (int64_t i = j + PREFETCH_AHEAD; prefetch && i < j + PREFETCH_AHEAD + 8 && i < n; i++)
-            for (int64_t b = 0; b < row_bytes; b += 64)
-                _mm_prefetch(kbytes + koff[i] * elt + b, _MM_HINT_T0);
+        // The rows are scattered (paged): fetch later keys, and these keys' values, ahead of use.
+        for (int64_t i = j; prefetch && i < j + 8; i++)
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                if (i + PREFETCH_AHEAD < n)
+                    _mm_prefetch(kbytes + koff[i + PREFETCH_AHEAD] * elt + b, _MM_HINT_T0);
+                _mm_prefetch(vbytes + koff[i] * elt + b, _MM_HINT_T1);
+            }
         if (kbuf) {
             int64_t boff[8];
             for (int i = 0; i < 8; i++) {
@@ -305,22 +345,9 @@ static inline __attribute__((always_inline)) void scores_t(
                     _mm512_storeu_ps(kbuf + i * D + d, load16(k_cache, koff[j + i] + d, half));
                 boff[i] = i * D;
             }
-            int p = 0;
-            if (D == 64)
-                for (; p < np; p++) scores_keys8_d64(q[p], kbuf, boff, scale, s + p * SPAN + j, 0);
-            for (; p + CHAIN_PAIRS <= np; p += CHAIN_PAIRS)
-                scores_keys8(q + p, CHAIN_PAIRS, kbuf, boff, D, scale, s + p * SPAN + j, 0);
-            for (; p < np; p++) scores_keys8(q + p, 1, kbuf, boff, D, scale, s + p * SPAN + j, 0);
+            scores_block8(q, np, kbuf, boff, D, scale, s + j, 0);
         } else {
-            int p = 0;
-            if (D == 64)
-                for (; p < np; p++)
-                    scores_keys8_d64(q[p], k_cache, koff + j, scale, s + p * SPAN + j, half);
-            for (; p + CHAIN_PAIRS <= np; p += CHAIN_PAIRS)
-                scores_keys8(q + p, CHAIN_PAIRS, k_cache, koff + j, D, scale, s + p * SPAN + j,
-                             half);
-            for (; p < np; p++)
-                scores_keys8(q + p, 1, k_cache, koff + j, D, scale, s + p * SPAN + j, half);
+            scores_block8(q, np, k_cache, koff + j, D, scale, s + j, half);
         }
     }
 }
@@ -385,12 +412,9 @@ static inline __attribute__((always_inline)) void tile_partials_t(
     // Whole blocks of 8 keys: the last key again (its scores there are not used).
     const int64_t span8 = (span + 7) & ~(int64_t)7;
     for (int64_t j = span; j < span8; j++) koff[j] = koff[span - 1];
-    if (prefetch)  // the first keys (scores_t fetches later ones ahead) and the values
-        for (int64_t j = 0; j < span; j++)
-            for (int64_t b = 0; b < D * elt; b += 64) {
-                if (j < PREFETCH_AHEAD) _mm_prefetch((const char *)k_cache + koff[j] * elt + b, _MM_HINT_T0);
-                _mm_prefetch((const char *)v_cache + koff[j] * elt + b, _MM_HINT_T1);
-            }
+    for (int64_t j = 0; prefetch && j < span && j < PREFETCH_AHEAD; j++)  // scores_t: the rest
+        for (int64_t b = 0; b < D * elt; b += 64)
+            _mm_prefetch((const char *)k_cache + koff[j] * elt + b, _MM_HINT_T0);
     // Where more rows than one read them, the keys (8 at a time) and each slice of the values
     // are copied (half ones widened) into contiguous buffers once for the tile: rows of a paged
     // cache with several KV heads lie a multiple of 4 KiB apart, on the same few L1 sets.
@@ -399,10 +423,10 @@ static inline __attribute__((always_inline)) void tile_partials_t(
     int64_t vofs[SPAN];
     if (na > 1) {
         kbuf = aligned_alloc(64, sizeof(float) * (8 * (size_t)D + SPAN * VALUE_DIMS_MAX));
-        vbuf = kbuf + 8 * D;
+        vbuf = kbuf ? kbuf + 8 * D : NULL;  // none: the rows read the caches in place
         for (int64_t j = 0; j < span; j++) vofs[j] = j * vdims;
     }
-    scores_t(qp, np, k_cache, koff, span8, D, scale, prefetch, kbuf, &s[0][0], half);
+    scores_t(qp, np, k_cache, v_cache, koff, span8, D, scale, prefetch, kbuf, &s[0][0], half);
     for (int r = 0; r < na; r++)
         for (int h = 0; h < nh; h++)
             softmax_partial(s[r * nh + h] + (j0[r] - lo), n[r], m[r] + h, l[r] + h);
