@@ -241,14 +241,35 @@ static inline __attribute__((always_inline)) float key_score(const lanes_t *y, f
 }
 #endif
 
+// Software prefetch of the paged rows, spread through the scores' work: a burst of a block's
+// rows at once stalls on the CPU's few outstanding misses. Keys ahead[0..nk) into L1 (8 or fewer,
+// PREFETCH_AHEAD keys ahead), the block's own values now[0..8) into L2 (element offsets). NULL:
+// nothing to fetch.
+typedef struct {
+    const char *k, *v;
+    const int64_t *ahead, *now;
+    int64_t nk, elt, row_bytes;
+} prefetch_plan;
+
+// The plan's rows for keys [i0, i1) of the block.
+static inline __attribute__((always_inline)) void prefetch_rows(const prefetch_plan *pf, int i0,
+                                                                int i1) {
+    for (int i = i0; i < i1; i++)
+        for (int64_t b = 0; b < pf->row_bytes; b += 64) {
+            if (i < pf->nk) _mm_prefetch(pf->k + pf->ahead[i] * pf->elt + b, _MM_HINT_T0);
+            _mm_prefetch(pf->v + pf->now[i] * pf->elt + b, _MM_HINT_T1);
+        }
+}
+
 // s[p][0..8) = scale * (q[p] . key j) for RP query vectors and 8 keys (rows of s SPAN apart).
 static inline __attribute__((always_inline)) void scores_keys8(
     const float *const *q, int RP, const void *k, const int64_t *koff, int64_t D, float scale,
-    float *s, int half) {
+    float *s, const prefetch_plan *pf, int half) {
 #ifdef GIR_AVX2
     __m256 t[CHAIN_PAIRS][8];  // each key's hi + lo: scores8 finishes 8 keys' sums together
 #endif
     for (int j = 0; j < 8; j += CHAIN_KEYS) {
+        if (pf) prefetch_rows(pf, j, j + CHAIN_KEYS);
         lanes_t a[CHAIN_PAIRS][CHAIN_KEYS][2 * QUARTER];
         lane_chains(q, k, koff + j, D, RP, CHAIN_KEYS, half, a);
         for (int p = 0; p < RP; p++)
@@ -267,7 +288,8 @@ static inline __attribute__((always_inline)) void scores_keys8(
 // scores_keys8 for one query vector of D = 64 dims: each chain is one FMA (from zero), so the
 // query's lane vectors stay in registers across the 8 keys and each key's are loaded once.
 static inline __attribute__((always_inline)) void scores_keys8_d64(
-    const float *q, const void *k, const int64_t *koff, float scale, float *s, int half) {
+    const float *q, const void *k, const int64_t *koff, float scale, float *s,
+    const prefetch_plan *pf, int half) {
     lanes_t qv[SLOTS];
     for (int i = 0; i < SLOTS; i++) {
         qv[i] = lanes_load(q + LANES * i);
@@ -277,6 +299,7 @@ static inline __attribute__((always_inline)) void scores_keys8_d64(
     __m256 t[8];
 #endif
     for (int j = 0; j < 8; j++) {
+        if (pf) prefetch_rows(pf, j, j + 1);
         lanes_t y[2 * QUARTER];  // as lane_chains: quarters 2e and 2e + 1 summed, lane vector h
         for (int e = 0; e < 2; e++)
             for (int h = 0; h < QUARTER; h++) {
@@ -298,26 +321,39 @@ static inline __attribute__((always_inline)) void scores_keys8_d64(
 #endif
 }
 
+// s[p][0..8) for rp query vectors (rp: CHAIN_PAIRS, 2 or 1; head_dim 64: 1) and 8 keys, with
+// a constant block size.
+static inline __attribute__((always_inline)) void scores_block(
+    const float *const *q, int rp, const void *k, const int64_t *koff, int64_t D, float scale,
+    float *s, const prefetch_plan *pf, int half) {
+    if (D == 64)
+        scores_keys8_d64(q[0], k, koff, scale, s, pf, half);
+    else if (rp == CHAIN_PAIRS)
+        scores_keys8(q, CHAIN_PAIRS, k, koff, D, scale, s, pf, half);
+    else if (rp == 2)
+        scores_keys8(q, 2, k, koff, D, scale, s, pf, half);
+    else
+        scores_keys8(q, 1, k, koff, D, scale, s, pf, half);
+}
+
 // s[p][0..8) for np query vectors and 8 keys: blocks of CHAIN_PAIRS query vectors, the rest
-// in blocks of 2 rather than leave one alone (a block of one loads a key for each FMA).
+// in blocks of 2 rather than leave one alone (a block of one loads a key for each FMA). The
+// first block fetches the plan's rows; the others get a NULL plan, a constant once inlined (a
+// test of the plan in their loops cost the head_dim 64 scores 10 %).
 static inline __attribute__((always_inline)) void scores_block8(
     const float *const *q, int np, const void *k, const int64_t *koff, int64_t D, float scale,
-    float *s, int half) {
+    float *s, const prefetch_plan *pf, int half) {
     for (int p = 0; p < np;) {
         const int left = np - p;
-        if (D == 64) {
-            scores_keys8_d64(q[p], k, koff, scale, s + p * SPAN, half);
-            p++;
-        } else if (left >= CHAIN_PAIRS && left != CHAIN_PAIRS + 1) {
-            scores_keys8(q + p, CHAIN_PAIRS, k, koff, D, scale, s + p * SPAN, half);
-            p += CHAIN_PAIRS;
-        } else if (left >= 2) {
-            scores_keys8(q + p, 2, k, koff, D, scale, s + p * SPAN, half);
-            p += 2;
-        } else {
-            scores_keys8(q + p, 1, k, koff, D, scale, s + p * SPAN, half);
-            p++;
-        }
+        const int rp = D == 64                                           ? 1
+                       : left >= CHAIN_PAIRS && left != CHAIN_PAIRS + 1 ? CHAIN_PAIRS
+                       : left >= 2                                      ? 2
+                                                                        : 1;
+        if (p == 0 && pf)
+            scores_block(q + p, rp, k, koff, D, scale, s + p * SPAN, pf, half);
+        else
+            scores_block(q + p, rp, k, koff, D, scale, s + p * SPAN, NULL, half);
+        p += rp;
     }
 }
 
@@ -328,16 +364,14 @@ static inline __attribute__((always_inline)) void scores_block8(
 static inline __attribute__((always_inline)) void scores_t(
     const float *const *q, int np, const void *k_cache, const void *v_cache, const int64_t *koff,
     int64_t n, int64_t D, float scale, int prefetch, float *kbuf, float *s, int half) {
-    const int64_t elt = half ? 2 : 4, row_bytes = D * elt;
-    const char *kbytes = (const char *)k_cache, *vbytes = (const char *)v_cache;
+    const int64_t elt = half ? 2 : 4;
     for (int64_t j = 0; j < n; j += 8) {
-        // The rows are scattered (paged): fetch later keys, and these keys' values, ahead of use.
-        for (int64_t i = j; prefetch && i < j + 8; i++)
-            for (int64_t b = 0; b < row_bytes; b += 64) {
-                if (i + PREFETCH_AHEAD < n)
-                    _mm_prefetch(kbytes + koff[i + PREFETCH_AHEAD] * elt + b, _MM_HINT_T0);
-                _mm_prefetch(vbytes + koff[i] * elt + b, _MM_HINT_T1);
-            }
+        // The rows are scattered (paged): later keys, and these keys' values, fetched ahead.
+        const int64_t ahead = n - (j + PREFETCH_AHEAD);
+        const prefetch_plan plan = {(const char *)k_cache, (const char *)v_cache,
+                                    koff + j + PREFETCH_AHEAD, koff + j,
+                                    ahead < 0 ? 0 : ahead < 8 ? ahead : 8, elt, D * elt};
+        const prefetch_plan *pf = prefetch ? &plan : NULL;
         if (kbuf) {
             int64_t boff[8];
             for (int i = 0; i < 8; i++) {
@@ -345,9 +379,9 @@ static inline __attribute__((always_inline)) void scores_t(
                     _mm512_storeu_ps(kbuf + i * D + d, load16(k_cache, koff[j + i] + d, half));
                 boff[i] = i * D;
             }
-            scores_block8(q, np, kbuf, boff, D, scale, s + j, 0);
+            scores_block8(q, np, kbuf, boff, D, scale, s + j, pf, 0);
         } else {
-            scores_block8(q, np, k_cache, koff + j, D, scale, s + j, half);
+            scores_block8(q, np, k_cache, koff + j, D, scale, s + j, pf, half);
         }
     }
 }
