@@ -1,7 +1,8 @@
 """Native paged attention on CPU (csrc/paged_attention.c): query rows against the keys they
-see, read in place from the paged KV cache (no gather), parallel over rows, KV heads and chunks
-of keys. A row's result depends only on its own query and keys: not on its batch neighbours,
-on how its prompt was chunked, or on being a decode or a prefill token.
+see, read through the paged KV cache's slots (no gather), parallel over tiles of rows (up to 8
+consecutive rows of a prompt, which read each key once for all of them), KV heads and chunks of
+keys. A row's result depends only on its own query and keys: not on its batch neighbours or
+tile, on how its prompt was chunked, or on being a decode or a prefill token.
 Available where the kernels build (loader.py: x86 with AVX512 or AVX2, and a C compiler).
 
 The cache is float32 or float16 (CACHE_DTYPES; the engine's default on CPU is float16: half the
