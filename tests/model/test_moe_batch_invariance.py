@@ -53,3 +53,11 @@ def test_router_weights_of_a_lone_token_equal_its_weights_among_others(moe):
         one_ids, one_weights = moe.route(x[t : t + 1])
         assert torch.equal(one_ids, ids[t : t + 1])
         assert torch.equal(one_weights, weights[t : t + 1])
+
+
+def test_a_lone_prompt_token_equals_its_row_among_other_prompt_tokens(moe):
+    x = torch.randn(6, moe.router.shape[1], generator=torch.Generator().manual_seed(1))
+    with forward_context(step(0)):
+        together = moe(x)
+        for t in range(6):
+            assert torch.equal(moe(x[t : t + 1]), together[t : t + 1])

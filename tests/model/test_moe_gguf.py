@@ -19,7 +19,9 @@ import torch
 from moe_gguf_helpers import write_moe_gguf
 
 from girandole import LLM, SamplingParams
+from girandole.model.context import ForwardContext, forward_context
 from girandole.model.loader import load_model
+from girandole.model.moe import SparseMoE
 from girandole.model.quant import Int4Linear, Int4x2Linear
 
 IDS = [1, 17, 42, 99, 5, 250, 7, 7, 31, 64, 128, 3]
@@ -239,3 +241,33 @@ def test_bad_moe_gguf_is_named(mixtral_hf, tmp_path, change, extra, message):
     write_moe_gguf(hf, "llama", path, {}, extra=extra)
     with pytest.raises(ValueError, match=message):
         load_model(path, mode="reference", use_cache=False)
+
+
+def one_decode_row() -> ForwardContext:
+    """An engine step's context as the MoE layer reads it: one decode row."""
+    return ForwardContext(torch.zeros(0, dtype=torch.long), [], [], [], num_decode_rows=1)
+
+
+def test_a_lone_tokens_packed_experts_run_on_their_kernels_without_module_calls(qwen3_moe_gguf):
+    """A decode row alone (batch 1) calls its k experts' native kernels directly, not through
+    the expert modules (their calls, reshapes and casts cost about as much as a one-row
+    kernel), and gets what the modules give: sum_j w_j * expert_j(x) in expert order."""
+    fast, _ = load_model(qwen3_moe_gguf[0], mode="fast", device="cpu", use_cache=False)
+    moe = next(m for m in fast.modules() if isinstance(m, SparseMoE))
+    assert moe.experts[0].down.native_bits  # the 256-wide file's experts run natively
+    x = torch.randn(1, moe.router.shape[1], generator=torch.Generator().manual_seed(2))
+    calls = []
+    hooks = [e.register_forward_hook(lambda *a: calls.append(1)) for e in moe.experts]
+    try:
+        with forward_context(one_decode_row()):
+            y = moe(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    ids, weights = moe.route(x)
+    want = torch.zeros_like(x)
+    with forward_context(one_decode_row()):
+        for w, e in sorted(zip(weights[0], ids[0].tolist()), key=lambda p: p[1]):
+            want += moe.experts[e](x.to(torch.bfloat16)).float() * w
+    assert torch.equal(y, want)

@@ -14,7 +14,11 @@ loop; the only loop is over the experts a batch activates. The engine's steps pu
 first and tell the linears how many (`num_decode_rows`: fast mode's decode rows take another
 kernel); sorting keeps each expert's decode rows first, and each expert runs with its own count
 of them, so a token's kernel follows its role, never which other tokens share its expert (batch
-invariance, as for a dense layer).
+invariance, as for a dense layer). A lone token (a sequence decoding alone) skips the sort and
+the gathers: its k experts run in ascending order on its row, their weighted outputs added to
+zeros, the same calls and sums. Experts of native packed linears (fast mode) are called on
+their kernels directly, without the module calls around them: at one row, that glue cost about
+as much as the kernels (benchmarks: docs/benchmarks.md, "Mixture-of-experts").
 
 On the GPU path (a forward context with paged tables, `ForwardContext.paged`) the experts run
 in the fused Triton kernel (kernels/triton_moe.py, vLLM's fused_moe): the ModelRunner stacks a
@@ -36,7 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from girandole.model import kernels
 from girandole.model.context import get_context
+from girandole.model.kernels import gated_act
 from girandole.model.layers import Builder, DenseLinear, GatedMLP
 from girandole.model.quant import PackedLinear, dense_linear
 
@@ -179,18 +185,20 @@ class SparseMoE(nn.Module):
             ctx.routing.append(ids)
         if self.stacked is not None and ctx is not None and ctx.paged is not None:
             return self.stacked(x, ids, weights)  # the GPU path: no host sync
+        decode = None if ctx is None else ctx.num_decode_rows
+        if isinstance(self.experts[0].gate_up, PackedLinear):
+            x = x.to(torch.bfloat16)  # what the packed linears cast to: half the rows' bytes
+        if x.shape[0] == 1:  # one token (a sequence decoding alone): its k experts in order
+            return self._one_token(x, ids[0], weights[0], ctx, decode)
         flat = ids.flatten()  # [T * k]: pair j is token j // k's (j % k)-th choice
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        decode = None if ctx is None else ctx.num_decode_rows
         if decode is None:
             per_expert = [(n, None) for n in counts.tolist()]
         else:  # each expert's decode rows: its pairs from the first `decode` tokens
             first = torch.bincount(flat[: decode * self.top_k], minlength=self.num_experts)
             per_expert = list(zip(*torch.stack([counts, first]).tolist()))
         tokens = order // self.top_k
-        if isinstance(self.experts[0].gate_up, PackedLinear):
-            x = x.to(torch.bfloat16)  # what the packed linears cast to: half the rows' bytes
         rows = x.index_select(0, tokens)  # [T * k, hidden], grouped by expert
         pair_weights = weights.flatten().index_select(0, order)[:, None]
         # Each expert's weighted rows are added to their tokens as they come, in expert order
@@ -204,10 +212,53 @@ class SparseMoE(nn.Module):
                     if ctx is not None:
                         ctx.num_decode_rows = d
                     part = slice(start, start + n)
-                    out = self.experts[e](rows[part]).float()
+                    out = self._expert(e, rows[part]).float()
                     y.index_add_(0, tokens[part], out.mul_(pair_weights[part]))
                     start += n
         finally:
             if ctx is not None:
                 ctx.num_decode_rows = decode
         return y
+
+    def _one_token(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ctx, decode: int | None
+    ) -> torch.Tensor:
+        """forward for one token x [1, hidden]: the batched dispatch's calls and sums (its
+        experts in ascending order, each on the token's row, weighted and added to zeros)
+        without its sort, counts, gathers and scatters, which cost as much as the experts'
+        one-row kernels. ids, weights: the token's k choices [k]."""
+        picks = ids.tolist()
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        try:
+            if ctx is not None and decode is not None:
+                ctx.num_decode_rows = min(decode, 1)
+            for j in sorted(range(self.top_k), key=picks.__getitem__):
+                y.add_(self._expert(picks[j], x).float().mul_(weights[j]))
+        finally:
+            if ctx is not None:
+                ctx.num_decode_rows = decode
+        return y
+
+    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for its rows [n, hidden]. Native packed linears (CPU fast mode)
+        are called on their kernels directly, as their forward would call them: the module
+        calls, reshapes and casts around them cost a good share of a one-row product."""
+        expert = self.experts[e]
+        gate_up, down = expert.gate_up, expert.down
+        if not (_native(gate_up) and _native(down)):
+            return expert(rows)
+        gu = gate_up.native_forward(rows)
+        if gated_act.supported(gu, expert.native_act):
+            return down.native_forward(gated_act.gated_act(gu, expert.native_act))
+        gate, up = gu[:, : expert.intermediate], gu[:, expert.intermediate :]
+        return down(expert.act(gate) * up)
+
+
+def _native(linear: nn.Module) -> bool:
+    """Whether PackedLinear.forward would call its native kernel alone (no bias to add)."""
+    return (
+        isinstance(linear, PackedLinear)
+        and bool(linear.native_bits)
+        and linear.bias is None
+        and kernels.available()
+    )
