@@ -165,6 +165,22 @@ def test_rows_do_not_depend_on_their_neighbours(path):
         assert torch.equal(wq_gemm.gemm(x[rows], packed, params, bits, 192, amx=amx), whole[rows])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_row_alone_equals_itself_among_1_to_13_rows(path):
+    """Rows 0 .. M - 1 of one call, for every M up to 13, are bitwise the rows computed alone:
+    the AVX2 bf16 kernel takes rows in tiles of 1 to 6 (as even as M allows) and 1 to 4 blocks of
+    16 channels wide, over K-slices of 16 groups (here 16, then 5; 7 blocks: chunks of 4 and 3),
+    each output one FMA chain whatever its tile."""
+    vnni, amx = path
+    q, scale, offset = _levels(112, 672, 32, seed=11)
+    packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
+    x = torch.randn(13, 672, generator=torch.Generator().manual_seed(12))
+    alone = [wq_gemm.gemm(x[i : i + 1], packed, params, bits, 112, amx=amx) for i in range(13)]
+    alone = torch.cat(alone)
+    for m in range(1, 14):
+        assert torch.equal(wq_gemm.gemm(x[:m], packed, params, bits, 112, amx=amx), alone[:m]), m
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_a_compiler_without_amx_builds_the_rest(tmp_path):
     """Where the C compiler rejects the AMX flags, the other kernels are built without amx.c

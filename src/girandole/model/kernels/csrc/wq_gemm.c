@@ -1,4 +1,4 @@
-// Weight-quantized GEMM for decode rows on x86 CPUs with AVX512-BF16.
+// Weight-quantized GEMM for x86 CPUs with AVX512-BF16, or AVX2 + FMA (avx2_compat.h):
 //
 //   y[M][N] (fp32) = x[M][K] (bf16) . W[N][K]^T,   W = bf16(q * scale + offset)
 //
@@ -16,6 +16,12 @@
 // Batch invariance: every row is computed by the same sequence of instructions whatever M is
 // (rows are independent; a row's sum always runs over the groups, lanes and pairs in the same
 // order), so a row's result does not depend on the other rows of the call.
+//
+// Two summation orders, both of exact bf16 products in float32: the AVX512 build sums each
+// output in 16 lanes of partial sums (vdpbf16ps over a group's input pairs), then across them
+// (sum16); the AVX2 build, without vdpbf16ps and with 16 registers, runs one FMA chain per
+// output over the inputs in order (a register-blocked product: see GIR_AVX2 below). So the two
+// builds' results differ by float32 rounding (as the AMX kernel's, amx.c, do from both).
 //
 // Layouts (made by kernels/wq_gemm.py). Channels go in chunks of CHUNK blocks of 16
 // (the last chunk may have fewer blocks); within a chunk, group by group, so each thread
@@ -92,61 +98,157 @@ static inline __attribute__((always_inline)) void quad_rows(const uint16_t *x, i
     _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(sums, 3));
 }
 
-#ifdef GIR_AVX2
-// Without vdpbf16ps (avx2_compat.h unpacks each bf16 pair into two FMAs) the x side is unpacked
-// once per call instead of once per channel: row m's group g as 4 vectors of 8 floats, the odd
-// and the even inputs of its first 16, then of its last 16.
-static void split_row(const uint16_t *x, int64_t groups, __m256 *out) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    for (int64_t g = 0; g < groups; g++) {
-        const __m512i raw = _mm512_loadu_si512((const void *)(x + 32 * g));
-        out[4 * g] = _mm256_castsi256_ps(_mm256_and_si256(raw.lo, high));
-        out[4 * g + 1] = _mm256_castsi256_ps(_mm256_slli_epi32(raw.lo, 16));
-        out[4 * g + 2] = _mm256_castsi256_ps(_mm256_and_si256(raw.hi, high));
-        out[4 * g + 3] = _mm256_castsi256_ps(_mm256_slli_epi32(raw.hi, 16));
-    }
-}
-
-// R rows (1..4) of split x against one block's 16 channel rows: per row and channel the same
-// FMAs in the same order as the emulated vdpbf16ps of block_row / quad_rows (odd input, then
-// even, group by group), and the same tree (sum16): the same floats, with 8 accumulators
-// instead of 32 (AVX2 has 16 registers).
-static inline __attribute__((always_inline)) void block_rows_split(const __m256 *xs,
-                                                                   int64_t groups, int R,
-                                                                   const __m512i *w, float *y,
-                                                                   int64_t ldy) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    __m512 acc[4][16];
-    for (int c = 0; c < 16; c++) {
-        __m256 lo[4], hi[4];
-        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            const __m512i wc = w[16 * g + c];
-            const __m256 wo_lo = _mm256_castsi256_ps(_mm256_and_si256(wc.lo, high));
-            const __m256 we_lo = _mm256_castsi256_ps(_mm256_slli_epi32(wc.lo, 16));
-            const __m256 wo_hi = _mm256_castsi256_ps(_mm256_and_si256(wc.hi, high));
-            const __m256 we_hi = _mm256_castsi256_ps(_mm256_slli_epi32(wc.hi, 16));
-            for (int r = 0; r < R; r++) {
-                const __m256 *xr = xs + 4 * (r * groups + g);
-                lo[r] = _mm256_fmadd_ps(xr[0], wo_lo, lo[r]);
-                lo[r] = _mm256_fmadd_ps(xr[1], we_lo, lo[r]);
-                hi[r] = _mm256_fmadd_ps(xr[2], wo_hi, hi[r]);
-                hi[r] = _mm256_fmadd_ps(xr[3], we_hi, hi[r]);
-            }
-        }
-        for (int r = 0; r < R; r++) acc[r][c] = (__m512){lo[r], hi[r]};
-    }
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy, sum16(acc[r]));
-}
-
-static __thread wq_buffer split_buffer;
-#endif
-
 // Channels are taken CHUNK blocks (64) at a time: the chunk's groups dequantized into channel
-// rows once (up to 1 MiB at K = 8192, in L2), then every row of x against them.
+// rows once (up to 1 MiB at K = 8192, in L2; on AVX2 a K-slice at a time), then every row of x
+// against them.
 #define CHUNK 4
 
+#ifdef GIR_AVX2
+// AVX2 (no vdpbf16ps, 16 registers): a register-blocked product instead of the dot products
+// above. x's rows are widened to float32 once per call; a K-slice of the chunk's weights is
+// dequantized (channel rows, as above) and transposed into a float32 panel, [block][input][16
+// channels]; then a tile of R rows x NB blocks keeps its 2 R NB accumulators in registers and,
+// per input, loads 2 NB vectors of weights, broadcasts each row's input and does 2 R NB FMAs.
+// Each output sums each K-slice (KC groups) in one FMA chain over its inputs in order, from
+// zero, and the slices' sums in order (through y): the same operations whatever tile its row
+// lands in, so a row's result does not depend on M or the other rows. Products of bf16 values
+// are exact in float32, so each FMA rounds once, as an add would. (A chain per slice, not one
+// over all of K: ~half the rounding error at K = 2048, at no cost; a chain per group cost ~8 %.)
+// The order differs from the AVX512 build's (16 lanes of partial sums, then sum16), so prompt
+// rows' floats differ from that build's by float32 rounding.
+#define KC 16  // groups of a K-slice: a block's panel 32 KiB (L1), the chunk's 128 KiB (L2)
+#define MAX_ROWS 6  // a tile's rows: 12 accumulators + 2 weights + 1 broadcast of 16 registers
+
+// An 8 x 8 transpose of 32-bit elements: r[i] element e -> r[e] element i.
+static inline __attribute__((always_inline)) void transpose8(__m256i *r) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // u[i + e] 128-bit lane L: element 4L + e of rows i..i+3
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
+        r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
+    }
+}
+
+// A block's group (16 bf16 channel rows of 32 inputs) into its panel: panel[16 i + c] is
+// channel c's weight at input i, as a float. The rows' 32-bit elements are pairs of inputs
+// (2p, 2p + 1): transposed 8 x 8, then split into their two floats.
+static inline __attribute__((always_inline)) void panel_group(const __m512i *rows, float *panel) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int h = 0; h < 2; h++)  // pairs 8h .. 8h + 7
+        for (int c0 = 0; c0 < 16; c0 += 8) {
+            __m256i r[8];
+            for (int i = 0; i < 8; i++) r[i] = h ? rows[c0 + i].hi : rows[c0 + i].lo;
+            transpose8(r);  // r[p] element i: channel c0 + i's pair 8h + p
+            for (int p = 0; p < 8; p++) {
+                float *even = panel + 16 * (16 * h + 2 * p) + c0;
+                _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(r[p], 16)));
+                _mm256_storeu_ps(even + 16, _mm256_castsi256_ps(_mm256_and_si256(r[p], high)));
+            }
+        }
+}
+
+// R rows of x (floats, ldx apart) times NB blocks' panels (pstride floats apart) over a K-slice
+// of n inputs: per output, the slice's n products summed in one FMA chain in input order (from
+// zero), then stored to y[r][16 b + c] (`first`: the first slice) or added to it.
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx,
+                                                       const float *p, int64_t pstride,
+                                                       int64_t n, int R, int NB, float *y,
+                                                       int64_t ldy, int first) {
+    __m256 acc[MAX_ROWS][8];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 2 * NB; j++) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k++) {
+        __m256 w[8];
+        for (int j = 0; j < 2 * NB; j++)
+            w[j] = _mm256_loadu_ps(p + (j / 2) * pstride + 16 * k + 8 * (j % 2));
+        for (int r = 0; r < R; r++) {
+            const __m256 b = _mm256_broadcast_ss(x + r * ldx + k);
+            for (int j = 0; j < 2 * NB; j++) acc[r][j] = _mm256_fmadd_ps(b, w[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 2 * NB; j++) {
+            float *out = y + r * ldy + 16 * (j / 2) + 8 * (j % 2);
+            const __m256 sum = first ? acc[r][j] : _mm256_add_ps(_mm256_loadu_ps(out), acc[r][j]);
+            _mm256_storeu_ps(out, sum);
+        }
+}
+
+// The blocks a tile of R rows takes at once (of nb left): enough accumulators to hide the FMAs'
+// latency (8 chains) where few rows share the weights, within 16 registers.
+static inline int tile_blocks(int R, int nb) {
+    const int want = R >= 4 ? 1 : R >= 2 ? 2 : 4;
+    return nb < want ? nb : want;
+}
+
+#define TILE(R, NB) tile(x, ldx, p, pstride, n, R, NB, y, ldy, first)
+static void tile_any(const float *x, int64_t ldx, const float *p, int64_t pstride, int64_t n,
+                     int R, int NB, float *y, int64_t ldy, int first) {
+    switch (R * 8 + NB) {
+    case 6 * 8 + 1: TILE(6, 1); break;
+    case 5 * 8 + 1: TILE(5, 1); break;
+    case 4 * 8 + 1: TILE(4, 1); break;
+    case 3 * 8 + 2: TILE(3, 2); break;
+    case 3 * 8 + 1: TILE(3, 1); break;
+    case 2 * 8 + 2: TILE(2, 2); break;
+    case 2 * 8 + 1: TILE(2, 1); break;
+    case 1 * 8 + 4: TILE(1, 4); break;
+    case 1 * 8 + 3: TILE(1, 3); break;
+    case 1 * 8 + 2: TILE(1, 2); break;
+    default: TILE(1, 1); break;
+    }
+}
+#undef TILE
+
+// A row's K bf16 inputs as floats.
+static void widen_row(const uint16_t *x, int64_t K, float *out) {
+    for (int64_t i = 0; i < K; i += 8) {
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+}
+
+// One chunk (bt blocks from nb0) for every row: K-slice by K-slice, the slice's panel made, then
+// the rows in tiles of up to MAX_ROWS (as even as they go: 13 rows as 5 + 4 + 4).
+static void chunk_avx2(const float *xf, int64_t M, int64_t K, const uint8_t *q, int bits,
+                       const uint8_t *params, const uint8_t *factors, int64_t nb0, int bt,
+                       float *panel, float *y, int64_t ldy) {
+    const int64_t groups = K / 32, pstride = KC * 32 * 16;
+    const int64_t tiles = (M + MAX_ROWS - 1) / MAX_ROWS;
+    __m512i rows[CHUNK * 16];
+    for (int64_t g0 = 0; g0 < groups; g0 += KC) {
+        const int64_t ng = groups - g0 < KC ? groups - g0 : KC;
+        for (int64_t g = g0; g < g0 + ng; g++) {
+            wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, rows, 16);
+            for (int b = 0; b < bt; b++)
+                panel_group(rows + 16 * b, panel + b * pstride + (g - g0) * 512);
+        }
+        for (int64_t t = 0, m = 0; t < tiles; t++) {
+            const int R = (int)(M / tiles + (t < M % tiles));
+            for (int b = 0; b < bt;) {
+                const int NB = tile_blocks(R, bt - b);
+                tile_any(xf + m * K + 32 * g0, K, panel + b * pstride, pstride, 32 * ng, R, NB,
+                         y + m * ldy + 16 * (nb0 + b), ldy, g0 == 0);
+                b += NB;
+            }
+            m += R;
+        }
+    }
+}
+
+static __thread wq_buffer x_buffer, panel_buffer;
+#else
 static __thread wq_buffer weight_buffer;
+#endif
 
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
              const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
@@ -154,16 +256,24 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
     const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
 #ifdef GIR_AVX2
-    __m256 *xs = (__m256 *)wq_buffer_for(&split_buffer, M * K * (int64_t)sizeof(float));
-#endif
+    float *xf = (float *)wq_buffer_for(&x_buffer, M * K * (int64_t)sizeof(float));
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *panel = (float *)wq_buffer_for(&panel_buffer, CHUNK * KC * 32 * 16 * 4);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) widen_row(x + m * K, K, xf + m * K);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t nb0 = c * CHUNK;
+            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+            chunk_avx2(xf, M, K, q, bits, params, factors, nb0, bt, panel, y, ldy);
+        }
+    }
+#else
 #pragma omp parallel num_threads(nthreads)
     {
         // [block][group][16 channel rows]
         __m512i *w = (__m512i *)wq_buffer_for(&weight_buffer, CHUNK * groups * 1024);
-#ifdef GIR_AVX2
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) split_row(x + m * K, groups, xs + 4 * m * groups);
-#endif
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t nb0 = c * CHUNK;
@@ -171,21 +281,6 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
             for (int64_t g = 0; g < groups; g++)
                 wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, w + 16 * g,
                                  16 * groups);
-#ifdef GIR_AVX2
-            for (int64_t m = 0; m < M; m += 4)
-                for (int b = 0; b < bt; b++) {
-                    const __m256 *xm = xs + 4 * m * groups;
-                    const __m512i *wb = w + 16 * b * groups;
-                    float *ym = y + m * ldy + 16 * (nb0 + b);
-                    switch (M - m < 4 ? M - m : 4) {
-                    case 4: block_rows_split(xm, groups, 4, wb, ym, ldy); break;
-                    case 3: block_rows_split(xm, groups, 3, wb, ym, ldy); break;
-                    case 2: block_rows_split(xm, groups, 2, wb, ym, ldy); break;
-                    default: block_rows_split(xm, groups, 1, wb, ym, ldy); break;
-                    }
-                }
-            continue;
-#endif
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
                 for (int b = 0; b < bt; b++)
@@ -198,4 +293,5 @@ void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits
                                      block_row(x + m * K, groups, w + 16 * b * groups));
         }
     }
+#endif
 }
