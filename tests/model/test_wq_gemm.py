@@ -170,7 +170,7 @@ def test_a_row_alone_equals_itself_among_1_to_13_rows(path):
     """Rows 0 .. M - 1 of one call, for every M up to 13, are bitwise the rows computed alone:
     the AVX2 bf16 kernel takes rows in tiles of 1 to 6 (as even as M allows) and 1 to 4 blocks of
     16 channels wide, over K-slices of 16 groups (here 16, then 5; 7 blocks: chunks of 4 and 3),
-    each output one FMA chain whatever its tile."""
+    each output summed by the same FMA chains and adds whatever its tile."""
     vnni, amx = path
     q, scale, offset = _levels(112, 672, 32, seed=11)
     packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
