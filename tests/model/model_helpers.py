@@ -426,3 +426,36 @@ def sink_attention_reference(q, k, v, q_pos, scale, window, sinks):
     column = sinks.double()[None, :, None].expand(len(q), heads, 1)
     p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("thn,nhd->thd", p, vv)
+
+
+def compile_for_hopper(module: str, expression: str):
+    """JSON `expression` evaluated, in a process without TRITON_INTERPRET, where `t` is the kernels
+    module `girandole.model.kernels.<module>`: for the tests that compile Triton kernels to sm_90
+    cubins (what the interpreter does not check: constexpr branches, tile shapes, shared memory).
+    Skips where triton's CUDA backend has no bundled ptxas."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    nvidia = pytest.importorskip("triton.backends.nvidia")
+    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").is_file():
+        pytest.skip("triton's CUDA backend has no bundled ptxas here")
+    import girandole
+
+    script = (
+        "import json\n"
+        f"from girandole.model.kernels import {module} as t\n"
+        f"print(json.dumps({expression}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    src = str(Path(girandole.__file__).parents[1])  # this checkout's sources
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

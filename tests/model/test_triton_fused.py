@@ -16,7 +16,7 @@ import torch.nn.functional as F
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
 pytest.importorskip("triton")
 
-from model_helpers import write_tiny_gpt_oss, write_tiny_hf  # noqa: E402
+from model_helpers import compile_for_hopper, write_tiny_gpt_oss, write_tiny_hf  # noqa: E402
 
 from girandole.model import fused_layers  # noqa: E402
 from girandole.model.attention import Attention  # noqa: E402
@@ -269,25 +269,8 @@ def test_kernels_compile_for_hopper():
     """What the interpreter does not check: the three kernels compile to sm_90 cubins for the
     shapes of Gemma-3-270M, Qwen2.5-0.5B and Llama-3.2-1B, in a process without
     TRITON_INTERPRET."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").is_file():
-        pytest.skip("triton's CUDA backend has no bundled ptxas here")
-    import girandole
-
     shapes = [(640, 4, 1, 256), (896, 14, 2, 64), (2048, 32, 8, 64)]
-    script = (
-        "from girandole.model.kernels import triton_fused as t\n"
-        f"print(sum(t.compile_for_cuda(90, *s) for s in {shapes!r}))\n"
+    assert (
+        compile_for_hopper("triton_fused", f"sum(t.compile_for_cuda(90, *s) for s in {shapes!r})")
+        == 9
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(Path(girandole.__file__).parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "9"

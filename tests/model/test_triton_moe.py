@@ -15,7 +15,7 @@ import torch.nn.functional as F
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
 pytest.importorskip("triton")
 
-from model_helpers import write_tiny_gpt_oss, write_tiny_hf  # noqa: E402
+from model_helpers import compile_for_hopper, write_tiny_gpt_oss, write_tiny_hf  # noqa: E402
 
 from girandole.model.context import ForwardContext, PagedTables, forward_context  # noqa: E402
 from girandole.model.kernels import triton_moe  # noqa: E402
@@ -226,31 +226,11 @@ def test_kernels_compile_for_hopper():
     """What the interpreter does not check (tile shapes, shared memory, constexpr branches):
     the three kernels at both block heights compile to sm_90 cubins for each model, within shared
     memory, in a process without TRITON_INTERPRET."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").is_file():
-        pytest.skip("triton's CUDA backend has no bundled ptxas here")
-    import girandole
-
     configs = [(e, k, act) for _, _, _, e, k, act in CUDA_SHAPES]
-    script = (
-        "import json\n"
-        "from girandole.model.kernels import triton_moe as t\n"
-        f"print(json.dumps([t.compile_for_cuda(90, *c) for c in {configs!r}]))\n"
+    compiled = compile_for_hopper(
+        "triton_moe", f"[t.compile_for_cuda(90, *c) for c in {configs!r}]"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    src = str(Path(girandole.__file__).parents[1])  # this checkout's sources
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for shared in json.loads(done.stdout.strip().splitlines()[-1]):
+    for shared in compiled:
         kernels = {f"{n}_m{m}" for n in ("align", "gate_up", "down") for m in (16, 64)}
         assert set(shared) == kernels
         assert all(0 < b <= 227 * 1024 for b in shared.values())

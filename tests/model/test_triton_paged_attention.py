@@ -16,7 +16,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from model_helpers import sink_attention_reference  # noqa: E402
+from model_helpers import compile_for_hopper, sink_attention_reference  # noqa: E402
 
 from girandole.model.attention import Attention  # noqa: E402
 from girandole.model.kernels import triton_paged_attention  # noqa: E402
@@ -465,33 +465,10 @@ def test_kernels_compile_for_hopper():
     """What the interpreter does not check (constexpr globals, tile shapes, shared memory):
     every kernel (decode one pass, split-K's two stages, prefill) compiles to sm_90 cubins for
     each shape, within its shared memory, in a process without TRITON_INTERPRET."""
-    import json
-    import subprocess
-    import sys
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    from pathlib import Path
-
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").is_file():
-        pytest.skip("triton's CUDA backend has no bundled ptxas here")
-
-    script = (
-        "import json, sys\n"
-        "from girandole.model.kernels import triton_paged_attention as t\n"
-        f"shapes = {CUDA_SHAPES!r}\n"
-        "print(json.dumps([t.compile_for_cuda(90, *s) for s in shapes]))\n"
+    compiled = compile_for_hopper(
+        "triton_paged_attention", f"[t.compile_for_cuda(90, *s) for s in {CUDA_SHAPES!r}]"
     )
-    import girandole
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    src = str(Path(girandole.__file__).parents[1])  # this checkout's sources
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for shared in json.loads(done.stdout.strip().splitlines()[-1]):
+    for shared in compiled:
         assert set(shared) == {
             "_decode_kernel",
             "_decode_split_kernel",
