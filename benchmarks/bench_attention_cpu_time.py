@@ -15,16 +15,14 @@ engine's (blocks of 16 consecutive slots, scattered). Then a decode step at the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_lines  # noqa: E402
+from common import cpu_ms, machine_lines  # noqa: E402
 
 from girandole.model.kernels import loader, paged_attention  # noqa: E402
 
@@ -34,16 +32,6 @@ SHAPES = [
     ("Gemma-3-270M", 4, 1, 256, 512, 512),
     ("Llama-like", 8, 2, 64, None, 1024),
 ]
-
-
-def cpu_ms(fn, reps: int) -> float:
-    fn()  # warm: the library built, the cache's pages touched
-    times = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1000)
-    return statistics.median(times)
 
 
 def attention_call(heads, kv_heads, dim, window, tokens, dtype, g, decode_rows=0):

@@ -11,29 +11,18 @@ Random 5-bit levels (as the GGUF's Q5_0) with float16 scales; the four linears o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_lines  # noqa: E402
+from common import cpu_ms, machine_lines  # noqa: E402
 
 from girandole.model.kernels import loader, wq_gemm  # noqa: E402
 
 SHAPES = [(1536, 640), (640, 1024), (4096, 640), (640, 2048)]  # (out, in) per linear
-
-
-def cpu_ms(fn, reps: int = 5) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:

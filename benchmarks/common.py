@@ -64,6 +64,18 @@ _WORDS = (
 ).split()
 
 
+def cpu_ms(fn, reps: int = 5) -> float:
+    """Median process CPU milliseconds of `fn()` over `reps` calls, after one warm-up call (the
+    native library built, the pages touched): other jobs sharing the host do not inflate it."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1000)
+    return statistics.median(times)
+
+
 def median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
