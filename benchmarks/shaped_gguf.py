@@ -12,8 +12,10 @@ experts (qwen3-30b-a3b) is too big for a transformers model in memory: its rando
 tensors are streamed into the file one at a time, in the layout convert_hf_to_gguf.py writes
 (`qwen3moe`, experts stacked). --layers and --vocab shrink a model to fit memory and time:
 
-    .venv/bin/python benchmarks/shaped_gguf.py qwen3-30b-a3b /tmp/moe.gguf --layers 4 --vocab 16384 Speed depends on the shapes and the storage types, not on the weights' values;
-prompts are token ids (bench_engine.py draws them from the file's vocabulary).
+    .venv/bin/python benchmarks/shaped_gguf.py qwen3-30b-a3b /tmp/moe.gguf --layers 4 --vocab 16384
+
+Speed depends on the shapes and the storage types, not on the weights' values; prompts are token
+ids (bench_engine.py draws them from the file's vocabulary).
 """
 
 from __future__ import annotations
