@@ -50,8 +50,9 @@ def criteria(files: dict[str, str] | None = None, entry_file: str = "main.py",
 
 
 class EvaluatorServer:
-    def __init__(self, url: str, key: str, other_key: str, reader_key: str) -> None:
+    def __init__(self, url: str, key: str, other_key: str, reader_key: str, data: Path) -> None:
         self.url, self.key, self.other_key, self.reader_key = url, key, other_key, reader_key
+        self.data = data  # the server's --data-dir
 
     def sdk(self, key: str | None = None) -> fireworks.Fireworks:
         return fireworks.Fireworks(
@@ -104,7 +105,7 @@ def evaluator_server(tmp: Path, *flags: str) -> Iterator[EvaluatorServer]:
     app = create_app(AppState(settings_from_args(parser.parse_args(args))))
     server, thread, url = serve_in_thread(app, log_level="critical")
     try:
-        yield EvaluatorServer(url, key, other_key, reader_key)
+        yield EvaluatorServer(url, key, other_key, reader_key, data)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -16,6 +16,8 @@ import httpx
 import pytest
 from evaluator_server import ACCOUNT, EvaluatorServer, criteria, evaluator_server
 
+from girandole.registry.secret_box import KEY_FILE, new_key
+
 JOBS = f"/v1/accounts/{ACCOUNT}/evaluationJobs"
 EVALUATOR = f"accounts/{ACCOUNT}/evaluators/exact"
 
@@ -284,6 +286,20 @@ def test_the_evaluator_sees_the_accounts_secrets_as_its_environment(srv: Evaluat
     urls = fw.datasets.get_download_endpoint("env-out").filename_to_signed_urls
     first = json.loads(httpx.get(urls["results.jsonl"]).text.splitlines()[0])
     assert first["evaluation_result"]["reason"] == "s3cret-value"
+    # the secrets' key changed (registry/secret_box.py): the job fails, naming the secret
+    key_file = srv.data / KEY_FILE
+    old_key = key_file.read_bytes()
+    key_file.write_text(new_key())
+    try:
+        body = job_body("env-out-2", evaluator=f"accounts/{ACCOUNT}/evaluators/env")
+        r = srv.http("POST", JOBS, json={"evaluationJobId": "env2", "evaluationJob": body})
+        assert r.status_code == 200, r.text
+        done = srv.wait(f"{JOBS}/env2", ("JOB_STATE_COMPLETED", "JOB_STATE_FAILED"))
+        assert done["state"] == "JOB_STATE_FAILED", done
+        assert done["status"]["code"] == "FAILED_PRECONDITION", done["status"]
+        assert f"secret accounts/{ACCOUNT}/secrets/token cannot be decrypted" in done["status"]["message"]  # fmt: skip
+    finally:
+        key_file.write_bytes(old_key)
 
 
 BIG_CODE = """

@@ -2,10 +2,13 @@
 (`client.secrets`) and httpx against one real `girandole serve` (a tiny random Llama, account
 acme with a data dir): the round trip, a value never answered nor logged, keyName unique per
 account, each bad input's 400, another account's 403, an inference-user's read-only access,
-`env_of_account`, and the secrets kept over a restart."""
+`env_of_account`, the values encrypted at rest (registry/secret_box.py: no value in the database
+file, rows from before encryption sealed on open, GIRANDOLE_SECRETS_KEY, a changed key named), and
+the secrets kept over a restart."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ import pytest
 from api_helpers import api_conftest
 
 from girandole.registry.keystore import Database
+from girandole.registry.secret_box import KEY_ENV, KEY_FILE, SecretsUnreadable, new_key
 from girandole.registry.secrets import SecretStore, env_of_account
 
 ACCOUNT = "acme"
@@ -237,6 +241,73 @@ def test_store_keeps_secrets_in_the_database(tmp_path: Path) -> None:
         db.close()
 
 
+def _database_bytes(folder: Path) -> bytes:
+    """girandole.db with its write-ahead log: every byte a copy of the database holds."""
+    return b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith("girandole.db"))
+
+
+def test_values_are_encrypted_at_rest(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    db = Database.in_folder(tmp_path)
+    try:
+        store = SecretStore(db)
+        store.create("acme", "a", "A_KEY", VALUE)
+        store.update("acme", "a", None, VALUE + "-2")
+        assert VALUE.encode() not in _database_bytes(tmp_path)
+        key_file = tmp_path / KEY_FILE
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert SecretStore(db).values("acme") == {"A_KEY": VALUE + "-2"}  # a second store: same key
+        key_file.write_text(new_key())  # the key lost and made again: the value cannot be read
+        with pytest.raises(SecretsUnreadable, match="secret accounts/acme/secrets/a cannot be"):
+            SecretStore(db).values("acme")
+    finally:
+        db.close()
+
+
+def test_plaintext_rows_from_before_encryption_are_sealed(tmp_path: Path, monkeypatch) -> None:
+    """A database of a server before encryption (no `sealed` column, values as given)."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    path = tmp_path / "girandole.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE secrets (account TEXT NOT NULL, id TEXT NOT NULL, key_name TEXT NOT NULL,"
+        " value TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,"
+        " PRIMARY KEY (account, id), UNIQUE (account, key_name))"
+    )
+    old.execute("INSERT INTO secrets VALUES ('acme', 'old', 'OLD_KEY', ?, 1.0, 1.0)", (VALUE,))
+    old.commit()
+    old.close()
+    db = Database.in_folder(tmp_path)
+    try:
+        store = SecretStore(db)
+        store.create("acme", "new", "NEW_KEY", "fresh")
+        ((stored,),) = db.execute("SELECT value FROM secrets WHERE id = 'old'")
+        assert VALUE not in stored
+        expected = {"NEW_KEY": "fresh", "OLD_KEY": VALUE}
+        assert store.values("acme") == expected
+        assert SecretStore(db).values("acme") == expected  # opened again: nothing sealed twice
+    finally:
+        db.close()
+    assert VALUE.encode() not in _database_bytes(tmp_path)  # not in a freed page either
+
+
+def test_key_from_the_environment_stays_off_the_disk(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(KEY_ENV, new_key())
+    db = Database.in_folder(tmp_path)
+    try:
+        SecretStore(db).create("acme", "a", "A_KEY", VALUE)
+        assert not (tmp_path / KEY_FILE).exists()
+        assert SecretStore(db).values("acme") == {"A_KEY": VALUE}
+        monkeypatch.setenv(KEY_ENV, new_key())
+        with pytest.raises(SecretsUnreadable, match=KEY_ENV):
+            SecretStore(db).values("acme")
+        monkeypatch.setenv(KEY_ENV, "not-a-key")
+        with pytest.raises(ValueError, match="not a Fernet key"):
+            SecretStore(db)
+    finally:
+        db.close()
+
+
 def test_restart_keeps_secrets(srv: Server) -> None:
     """Last in the module: the server is started again on its data dir."""
     srv.sdk().secrets.create(name="durable", key_name="DURABLE", value=VALUE)
@@ -244,3 +315,4 @@ def test_restart_keeps_secrets(srv: Server) -> None:
     srv.start()
     assert srv.sdk().secrets.get("durable").key_name == "DURABLE"
     assert VALUE not in srv.server.log()
+    assert VALUE.encode() not in _database_bytes(srv.data)

@@ -4,19 +4,23 @@ value. The value is write-only over the API (api/secrets/route.py never returns 
 that runs an account's work reads the values with `env_of_account` (e.g. an evaluator's
 environment).
 
-Values are stored as given, protected as the rest of the database is (its file mode): anyone who
-can read girandole.db can read them.
+Values are stored encrypted (registry/secret_box.py: Fernet, with a key kept apart from the
+database, GIRANDOLE_SECRETS_KEY or `secrets.key` beside girandole.db), so girandole.db alone
+reveals none. Rows written in plaintext before that (`sealed` 0) are encrypted when a store is
+next opened.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from girandole.registry.keystore import Database
+from girandole.registry.secret_box import SecretBox
 
 if TYPE_CHECKING:
     from girandole.api.state import AppState
@@ -29,6 +33,7 @@ _SCHEMA = (
         value TEXT NOT NULL,
         created REAL NOT NULL,
         updated REAL NOT NULL,
+        sealed INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (account, id),
         UNIQUE (account, key_name)
     )""",
@@ -79,6 +84,36 @@ class SecretStore:
         self.db = db
         for statement in _SCHEMA:
             db.execute(statement)
+        self.box = SecretBox.for_database(db.path)
+        self._seal_plaintext_rows()
+
+    def _seal_plaintext_rows(self) -> None:
+        """Encrypt the values a server before encryption stored as given (a table from then has
+        no `sealed` column: its rows get 0; every write since sets 1)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(secrets)")}
+        if "sealed" not in columns:
+            try:
+                self.db.execute("ALTER TABLE secrets ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+        if not self.db.execute("SELECT 1 FROM secrets WHERE sealed = 0 LIMIT 1"):
+            return
+        # secure_delete: the pages the plaintext leaves are zeroed, not left free; the checkpoint
+        # then writes the sealed pages over the file's old ones
+        self.db.execute("PRAGMA secure_delete = ON")
+        try:
+            with self.db.transaction() as run:
+                for account, secret_id, value in run(
+                    "SELECT account, id, value FROM secrets WHERE sealed = 0", ()
+                ):
+                    run(
+                        "UPDATE secrets SET value = ?, sealed = 1 WHERE account = ? AND id = ?",
+                        (self.box.encrypt(value), account, secret_id),
+                    )
+        finally:
+            self.db.execute("PRAGMA secure_delete = OFF")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @staticmethod
     def _check_key_name(run: Run, account: str, key_name: str, secret_id: str) -> None:
@@ -100,9 +135,9 @@ class SecretStore:
                 return None
             self._check_key_name(run, account, key_name, secret_id)
             run(
-                "INSERT INTO secrets (account, id, key_name, value, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (account, secret_id, key_name, value, now, now),
+                "INSERT INTO secrets (account, id, key_name, value, created, updated, sealed)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1)",
+                (account, secret_id, key_name, self.box.encrypt(value), now, now),
             )
         return Secret(account, secret_id, key_name, now, now)
 
@@ -128,6 +163,7 @@ class SecretStore:
     ) -> Secret | None:
         """The secret with its keyName and/or value replaced (None: kept); None when there is no
         such secret; KeyNameTaken when another secret has the keyName."""
+        token = None if value is None else self.box.encrypt(value)
         with self.db.transaction() as run:
             if not run("SELECT 1 FROM secrets WHERE account = ? AND id = ?", (account, secret_id)):
                 return None
@@ -136,7 +172,7 @@ class SecretStore:
             run(
                 "UPDATE secrets SET key_name = COALESCE(?, key_name),"
                 " value = COALESCE(?, value), updated = ? WHERE account = ? AND id = ?",
-                (key_name, value, time.time(), account, secret_id),
+                (key_name, token, time.time(), account, secret_id),
             )
         return self.get(account, secret_id)
 
@@ -147,11 +183,17 @@ class SecretStore:
         return bool(found)
 
     def values(self, account: str) -> dict[str, str]:
-        """keyName -> value of every secret of the account: for the server's own use only."""
+        """keyName -> value of every secret of the account: for the server's own use only.
+        SecretsUnreadable (a ValueError naming the secret) where the server's key is not the one
+        a value was stored with."""
         rows = self.db.execute(
-            "SELECT key_name, value FROM secrets WHERE account = ? ORDER BY key_name", (account,)
+            "SELECT key_name, value, id FROM secrets WHERE account = ? ORDER BY key_name",
+            (account,),
         )
-        return dict(rows)
+        return {
+            key_name: self.box.decrypt(token, f"secret {secret_name(account, secret_id)}")
+            for key_name, token, secret_id in rows
+        }
 
 
 def env_of_account(state: AppState, account: str) -> dict[str, str]:

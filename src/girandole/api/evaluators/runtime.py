@@ -19,6 +19,7 @@ from girandole.evaluators.criteria import CriteriaRunner, criteria_of
 from girandole.evaluators.runner import ChildLimits, EvaluatorLoadError, RunnerSet, Score
 from girandole.evaluators.store import COMPLETED, CREATING, FAILED, RUNNING, JobStore
 from girandole.registry.naming import own_resource_id
+from girandole.registry.secret_box import SecretsUnreadable
 
 log = logging.getLogger(__name__)
 BUILD_LOG, SOURCE_ARCHIVE, JOB_LOG = "build.log", "source.tar.gz", "execution.log"
@@ -175,6 +176,8 @@ class EvaluatorRuntime:
                 await self._evaluate(account, job_id, body)
         except asyncio.CancelledError:
             raise
+        except SecretsUnreadable as exc:  # the account's secrets, under another key
+            self._end(account, job_id, FAILED, {"code": "FAILED_PRECONDITION", "message": str(exc)})
         except Exception as exc:  # a job's failure is its state, not the server's
             log.exception("evaluation job %s failed", body["name"])
             self._end(account, job_id, FAILED, {"code": "INTERNAL", "message": str(exc)})
