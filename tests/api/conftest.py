@@ -139,15 +139,16 @@ def write_eos_model(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_llama_for_ops(folder: Path) -> Path:
-    """The model engineer's random tiny Llama (generates until max_tokens with ignore_eos)."""
+def write_tiny_llama_for_ops(folder: Path, **overrides: int) -> Path:
+    """The model engineer's random tiny Llama (generates until max_tokens with ignore_eos);
+    `overrides`: its config's sizes changed (hidden_size=...)."""
     spec = importlib.util.spec_from_file_location(
         "_girandole_root_conftest", ROOT / "tests/conftest.py"
     )
     helpers = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, helpers)
     spec.loader.exec_module(helpers)
-    return helpers.write_tiny_llama(folder, max_position_embeddings=8192)
+    return helpers.write_tiny_llama(folder, **{"max_position_embeddings": 8192, **overrides})
 
 
 def start_store_server(tmp: Path, key: str, prepare: Callable[[Any], None] | None = None) -> Server:

@@ -266,3 +266,40 @@ def test_update_and_delete(srv):
     error_of(srv.http("DELETE", f"{MODELS}/tiny"), 400, "built in")
     fw.models.delete("named")
     error_of(srv.http("DELETE", f"{MODELS}/named"), 404, "named")
+
+
+def test_prepare_builds_the_packed_cache_a_first_replica_would(srv, tmp_path):
+    """`client.models.prepare` (deploy/prepare.py): an uploaded base model big enough for a
+    packed-model cache entry gets it in the background, before any deployment loads it; a
+    precision is a 400 (every model runs in its own weights'), an UPLOADING model a
+    FAILED_PRECONDITION, an inference-user a 403, another account's key a 403."""
+    from girandole.model import loader
+
+    big = srv.api.write_tiny_llama_for_ops(  # the tiny one widened past CACHE_MIN_BYTES
+        tmp_path / "big", hidden_size=256, intermediate_size=4096, num_hidden_layers=4
+    )
+    fw = srv.sdk()
+    fw.models.create(model_id="big", model={"kind": "HF_BASE_MODEL"})
+    prepare = f"{MODELS}/big:prepare"
+    error_of(srv.http("POST", prepare, json={}), 400, "UPLOADING")
+    srv.upload("big", big)
+    fw.models.validate_upload("big")
+    folder = srv.data / "model-uploads" / ACCOUNT / "big"
+    assert loader._source_bytes(folder) >= loader.CACHE_MIN_BYTES
+    cache_file = loader._cache_path(folder)  # where the server's load would map it from
+    assert not cache_file.exists()
+
+    error_of(srv.http("POST", prepare, json={"precision": "FP8"}), 400, "precision", "FP8")
+    error_of(srv.http("POST", prepare, srv.reader_key, json={}), 403, "inference-user")
+    error_of(srv.http("POST", prepare, srv.other_key, json={}), 403, OTHER)
+    error_of(srv.http("POST", f"{MODELS}/none:prepare", json={}), 404, "none")
+    assert not cache_file.exists()
+    assert fw.models.prepare("big") == {}
+    assert fw.models.prepare("big", precision="PRECISION_UNSPECIFIED") == {}  # joins the first
+    deadline = time.monotonic() + 120
+    while not cache_file.exists():
+        assert time.monotonic() < deadline, "no packed cache entry after :prepare"
+        time.sleep(0.2)
+    assert fw.models.prepare("tiny") == {}  # the server's own model: too small to need one
+    fw.models.delete("big")
+    cache_file.unlink()  # 50 MB the cache would keep for a week

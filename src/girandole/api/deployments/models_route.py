@@ -12,6 +12,9 @@ upload of a model's files.
     POST   /v1/accounts/{a}/models/{m}:getUploadEndpoint  {filenameToSize} -> signed PUT URLs
     GET    /v1/accounts/{a}/models/{m}:validateUpload     the files checked: READY (POST too)
     GET    /v1/accounts/{a}/models/{m}:getDownloadEndpoint  signed GET URLs of its files
+    POST   /v1/accounts/{a}/models/{m}:prepare            {precision unset}: its first load
+                                                          readied in the background
+                                                          (deploy/prepare.py)
     PUT|GET /v1/accounts/{a}/models/{m}/files/{name}?expires=&signature=  the signed URLs
 
 also under /inference/v1. A model is HF_BASE_MODEL (config.json and *.safetensors, or one .gguf)
@@ -55,6 +58,7 @@ from girandole.api.http.signed_upload import (
     signed_url,
 )
 from girandole.batch.store import is_valid_filename
+from girandole.deploy.prepare import ModelPreparer
 from girandole.registry.model_files import ModelFiles
 from girandole.registry.models import (
     PUBLIC_ACCOUNT,
@@ -142,6 +146,13 @@ class UploadEndpointBody(BaseModel):
 
     filenameToSize: dict[str, str | int]
     enableResumableUpload: bool | None = None
+    readMask: str | None = None
+
+
+class PrepareBody(BaseModel):
+    model_config = FORBID
+
+    precision: str | None = None
     readMask: str | None = None
 
 
@@ -276,6 +287,32 @@ async def validate_upload(
                 raise not_found(account, model_id)  # deleted meanwhile
 
     await asyncio.to_thread(validate)
+    return {}
+
+
+@router.post(
+    "/accounts/{account}/models/{model_id}:prepare",
+    summary="Ready a model's first load on this server (its precision is its weights')",
+    openapi_extra=body_doc(PrepareBody),
+)
+async def prepare_model(model_id: str, request: Request, account: str = Account) -> dict:
+    model = get_or_404(request, account, model_id)
+    body = await read_json(request, PrepareBody)
+    if body.precision not in (None, "", "PRECISION_UNSPECIFIED"):
+        raise bad_request(
+            f"precision {body.precision!r} is not supported by this server: every model runs in"
+            " the precision of its own weights, so precision must be unset",
+            "precision",
+        )
+    if model.state != READY:
+        raise failed_precondition(
+            f"Model {model.name} is {model.state}: upload its files and :validateUpload first"
+        )
+    if not model.is_adapter:  # an adapter is read as it loads: nothing to ready
+        preparer = getattr(request.app.state, "model_preparer", None)
+        if preparer is None:
+            preparer = request.app.state.model_preparer = ModelPreparer()
+        preparer.start(model.name, model.source)
     return {}
 
 

@@ -164,18 +164,8 @@ def load_model(
     device = torch.device(device)
     path = resolve_model_path(path)
 
-    cached = (
-        use_cache
-        and merge_adapter is None
-        and mode == "fast"
-        and device.type == "cpu"
-        and _source_bytes(path) >= CACHE_MIN_BYTES
-    )
-    cache_file = _cache_path(path) if cached else None
-    if cache_file is not None and cache_file.parent.is_dir():
-        remove_dead_partials(cache_file.parent, "*.tmp*")  # _save_cache's, its writer killed
-    if cache_file is not None and not cache_file.exists():
-        _build_cache_in_child(path, cache_file)
+    cached = use_cache and merge_adapter is None and mode == "fast" and device.type == "cpu"
+    cache_file = _ensure_cache(path) if cached else None
     if cache_file is not None and cache_file.exists():
         try:
             blob = torch.load(cache_file, mmap=True, weights_only=False)
@@ -196,6 +186,28 @@ def load_model(
     if cache_file is not None:
         _save_cache(model, config, cache_file)
     return model, config
+
+
+def _ensure_cache(path: Path) -> Path | None:
+    """The packed-model cache entry of checkpoint `path` (CPU fast mode), built first where there
+    is none (it may still be missing after: the build failed); None for a checkpoint too small
+    to get one."""
+    if _source_bytes(path) < CACHE_MIN_BYTES:
+        return None
+    cache_file = _cache_path(path)
+    if cache_file.parent.is_dir():
+        remove_dead_partials(cache_file.parent, "*.tmp*")  # _save_cache's, its writer killed
+    if not cache_file.exists():
+        _build_cache_in_child(path, cache_file)
+    return cache_file
+
+
+def prepare_cache(path: str | os.PathLike | None) -> Path | None:
+    """Build the packed-model cache entry that a CPU fast-mode load of `path` would map, ahead of
+    that load (a model's `:prepare`); the entry, or None where such a load takes none (a small
+    checkpoint) or the build failed."""
+    cache_file = _ensure_cache(resolve_model_path(path))
+    return cache_file if cache_file is not None and cache_file.exists() else None
 
 
 def _attach_vision(model: nn.Module, config: ModelConfig, path: Path) -> None:
