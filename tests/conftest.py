@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def tiny_qwen3_moe_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-mixtral"), family="mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_dir(tmp_path_factory) -> Path:
+    """tests/model/model_helpers.py's tiny gpt-oss (3 layers: sliding, full, sliding; sinks,
+    biases, YaRN) with the tiny tokenizer, for the engine."""
+    sys.path.insert(0, str(Path(__file__).parent / "model"))
+    from model_helpers import write_tiny_gpt_oss
+
+    folder = tmp_path_factory.mktemp("tiny-gpt-oss")
+    hf = write_tiny_gpt_oss(folder)
+    write_tiny_tokenizer(folder, vocab_size=hf.config.vocab_size)
+    return folder
 
 
 @pytest.fixture(scope="session")

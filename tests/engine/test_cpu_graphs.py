@@ -1,8 +1,10 @@
 """Decode steps as recorded native kernel calls (girandole/engine/cpu_graphs.py): a graph's step
 is bitwise the eager forward's, for the default model (Gemma 3: post norms, local and global
 rotary tables, sliding-window KV groups) and tiny Llama (rotary without QK norm), Qwen 2 (QKV
-bias) and Qwen 3 (QK norm) checkpoints; generation with graphs equals generation without, through re-recording when
-the context outgrows a graph's slot buffers; steps a graph cannot run stay eager."""
+bias) and Qwen 3 (QK norm) checkpoints and mixtures of experts (tiny Qwen3-MoE and Mixtral: the
+block one recorded call); generation with graphs equals generation without, through re-recording
+when the context outgrows a graph's slot buffers, router replay's routing included; steps a
+graph cannot run stay eager."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from girandole import LLM, SamplingParams
 from girandole.engine import cpu_graphs
 from girandole.model import kernels
 from girandole.model.context import forward_context
+from girandole.model.moe import SparseMoE
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(),
@@ -79,8 +82,7 @@ def test_tiny_models_step_is_the_eager_step(which, tiny_llama_dir, tiny_qwen2_di
 
 def test_attention_sinks_step_is_the_eager_step(tiny_llama_dir):
     """gpt-oss's attention sinks (one logit per query head) given to a tiny Llama's layers:
-    the graph's attention calls take them as the eager native kernel does (gpt-oss itself
-    stays eager: its feed-forwards are mixtures of experts, which graphs do not record)."""
+    the graph's attention calls take them as the eager native kernel does."""
     llm = _llm(tiny_llama_dir, block_size=4)
     g = torch.Generator().manual_seed(0)
     for layer in llm.engine.runner.model.layers:
@@ -242,3 +244,72 @@ def test_graphs_are_kept_per_thread_count_and_the_tokens_do_not_change(default_l
         threads.adaptive = adaptive
     assert one == two
     assert {(2, 1), (2, 2)} <= set(engine.runner.cpu_graphs.graphs)
+
+
+@pytest.fixture(scope="module")
+def moe_llms(tiny_qwen3_moe_dir):
+    """A tiny Qwen3-MoE with graphs and without (--enforce-eager)."""
+    return _llm(tiny_qwen3_moe_dir, block_size=4), _llm(
+        tiny_qwen3_moe_dir, block_size=4, enforce_eager=True
+    )
+
+
+@pytest.mark.parametrize("which", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_moe_step_is_the_eager_step(which, tiny_qwen3_moe_dir, tiny_mixtral_dir, tiny_gpt_oss_dir):
+    """A mixture-of-experts layer's attention, norms and residual adds are recorded as a dense
+    layer's, its feed-forward is one call of the block's forward: bitwise the eager step, for
+    one row (the block's lone-token path) and three (its sorted dispatch). gpt-oss too: its
+    sinks, QKV and output biases, sliding-window groups and YaRN tables as recorded for dense
+    models, its MoE block (biased router, clamped SwiGLU experts with biases) one call."""
+    path = {"qwen3_moe": tiny_qwen3_moe_dir, "mixtral": tiny_mixtral_dir,
+            "gpt_oss": tiny_gpt_oss_dir}[which]  # fmt: skip
+    llm = _llm(path, block_size=4)
+    assert all(isinstance(layer.mlp, SparseMoE) for layer in llm.engine.runner.model.layers)
+    _step_both_ways(llm, PROMPTS)
+    _step_both_ways(llm, PROMPTS[:1])
+
+
+def _graph_steps(monkeypatch) -> list[bool]:
+    """Records each graph step: whether its context asked for the routing (router replay)."""
+    steps: list[bool] = []
+    real = cpu_graphs.CpuDecodeGraph.run
+
+    def spy(self, ids, positions, ctx):
+        steps.append(ctx.routing is not None)
+        return real(self, ids, positions, ctx)
+
+    monkeypatch.setattr(cpu_graphs.CpuDecodeGraph, "run", spy)
+    return steps
+
+
+def test_moe_generation_equals_eager(moe_llms, monkeypatch):
+    graphs, eager = moe_llms
+    assert graphs.engine.runner.cpu_graphs is not None
+    assert eager.engine.runner.cpu_graphs is None
+    steps = _graph_steps(monkeypatch)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    assert _generate(graphs, prompts) == _generate(eager, prompts)
+    assert len(steps) > 10  # the decode steps ran as graphs
+
+
+def test_moe_routing_matrix_through_graph_steps(moe_llms, monkeypatch):
+    """include_routing_matrix: the MoE calls of a graph step append their expert ids to the
+    step's routing list as the eager forward does; every generated token's routing (and the
+    prompt's, eager) equals that of the eager engine's."""
+    graphs, eager = moe_llms
+    steps = _graph_steps(monkeypatch)
+    params = SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, logprobs=0, prompt_logprobs=0,
+        routing_matrix=True,
+    )  # fmt: skip
+    prompts = PROMPTS[:2]
+    outs = graphs.generate(prompts, params)
+    assert steps and all(steps)  # decode steps as graphs, asked for the routing
+
+    def routing(outs):
+        return [[r.routing.tolist() for r in o.prompt_logprobs[1:] + o.logprobs] for o in outs]
+
+    got, want = routing(outs), routing(eager.generate(prompts, params))
+    assert got == want
+    layers = len(graphs.engine.runner.model.layers)
+    assert all(len(r) == layers for o in got for r in o)

@@ -14,10 +14,17 @@ numbers are bitwise the eager step's (tests/engine/test_cpu_graphs.py): the grap
 what a step costs. They serve decode steps (each sequence's new token, and the tokens proposed
 after it when speculating; no LoRA rows) of a model whose layers are the shared blocks
 (layers.py: RMSNorm, SelfAttention with native paged attention, attention sinks included,
-GatedMLP with native activation, quantized linears on wq_gemm); anything else runs eagerly
-(gpt-oss too: its feed-forwards are mixtures of experts). A row is a token at its
-position with its own slots, so a verify step's rows (several of one sequence) fit the same
-graph as a decode step of as many rows.
+GatedMLP with native activation, quantized linears on wq_gemm); anything else runs eagerly.
+A row is a token at its position with its own slots, so a verify step's rows (several of one
+sequence) fit the same graph as a decode step of as many rows.
+
+A mixture-of-experts feed-forward (model/moe.py's SparseMoE: Qwen3-MoE, Mixtral; gpt-oss's
+GptOssMoE) is one recorded call: the block's forward on the static input, its output copied
+into a static buffer. Which experts run, and on how many rows each, depends on the router's
+numbers, so its kernel calls cannot be fixed; the layer's norms, attention and residual adds
+around it are recorded as a dense layer's. The block reads the forward context (the decode row
+count its experts' kernels choose by, router replay's routing list), so a step's calls run
+inside the step's own context, as the eager forward does.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.attention import Attention
-from girandole.model.context import ForwardContext
+from girandole.model.context import ForwardContext, forward_context
 from girandole.model.kernels import gated_act, paged_attention, rms_norm, wq_gemm
 from girandole.model.layers import GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
+from girandole.model.moe import SparseMoE
 from girandole.model.quant import ConcatLinear, PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -61,13 +69,25 @@ def _native_norm(norm: nn.Module | None) -> bool:
     return norm is None or (isinstance(norm, RMSNorm) and norm.fused)
 
 
+def _recordable_feed_forward(mlp: nn.Module | None) -> bool:
+    """A gated MLP on native kernels (recorded call by call), or a mixture of experts (one
+    call: the block's forward, its experts on whatever kernels they have)."""
+    if isinstance(mlp, SparseMoE):  # gpt-oss's GptOssMoE too
+        return True
+    return (
+        isinstance(mlp, GatedMLP)
+        and mlp.native_act is not None
+        and all(_native_linear(x) for x in (mlp.gate_up, mlp.down))
+    )
+
+
 def supported(model: nn.Module) -> bool:
     """Whether every layer of `model` is made of the blocks a graph records, on native kernels."""
     if not kernels.available() or not hasattr(model, "rope_tables"):
         return False
     for layer in getattr(model, "layers", []):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not isinstance(attn, SelfAttention) or not isinstance(mlp, GatedMLP):
+        if not isinstance(attn, SelfAttention) or not _recordable_feed_forward(mlp):
             return False
         norms = [
             layer.attn_norm,
@@ -84,8 +104,7 @@ def supported(model: nn.Module) -> bool:
             a.head_dim, a.k_cache, a.logit_softcap
         ):
             return False
-        linears = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down]
-        if not all(_native_linear(x) for x in linears) or mlp.native_act is None:
+        if not all(_native_linear(x) for x in (attn.qkv, attn.o_proj)):
             return False
     return True
 
@@ -219,6 +238,15 @@ class CpuDecodeGraph:
         self._call(gated_act.bind(gu, mlp.native_act, act, threads=self.threads))
         return self._linear(mlp.down, act)
 
+    def _moe(self, moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+        """One call: the block's forward on the static input, into a static output. Its routing
+        depends on the data (which experts, how many rows each), so its kernel calls cannot be
+        fixed; the block reads the step's forward context, which `run` sets as the eager step
+        does (decode rows, the routing list of router replay)."""
+        out = self._buffer("moe", self.rows, x.shape[1])
+        self._torch(_run_block, moe.forward, x, out)
+        return out
+
     def _record(self) -> None:
         x, m = self.x, self.rows
         d_rope = [layer.self_attn.head_dim // 2 for layer in self.model.layers]
@@ -237,7 +265,8 @@ class CpuDecodeGraph:
             t = self._attention(layer.self_attn, self._norm(layer.attn_norm, x), self.ropes[key])
             post = getattr(layer, "post_attn_norm", None)
             self._torch(x.add_, self._norm(post, t) if post is not None else t)
-            t = self._mlp(layer.mlp, self._norm(layer.ffn_norm, x))
+            mlp, h = layer.mlp, self._norm(layer.ffn_norm, x)
+            t = self._moe(mlp, h) if isinstance(mlp, SparseMoE) else self._mlp(mlp, h)
             post = getattr(layer, "post_ffn_norm", None)
             self._torch(x.add_, self._norm(post, t) if post is not None else t)
 
@@ -252,9 +281,18 @@ class CpuDecodeGraph:
             sin.copy_(tables[key][1])
         for group, gctx in zip(self.groups, ctx.groups or [ctx]):
             group.fill(gctx)
-        for fn, args in self.calls:
-            fn(*args)
+        # the eager step's context: a mixture-of-experts call reads it (the kernel calls do not)
+        with forward_context(ctx):
+            for fn, args in self.calls:
+                fn(*args)
         return self.x
+
+
+def _run_block(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor
+) -> None:
+    """A recorded block's call: its forward on x, the result into the static `out`."""
+    out.copy_(forward(x))
 
 
 class CpuDecodeGraphs:
