@@ -269,13 +269,14 @@ def test_moe_step_is_the_eager_step(which, tiny_qwen3_moe_dir, tiny_mixtral_dir,
     _step_both_ways(llm, PROMPTS[:1])
 
 
-def _graph_steps(monkeypatch) -> list[bool]:
-    """Records each graph step: whether its context asked for the routing (router replay)."""
-    steps: list[bool] = []
+def _graph_steps(monkeypatch) -> list[tuple[int, bool]]:
+    """Records each graph step: its rows, and whether its context asked for the routing (router
+    replay)."""
+    steps: list[tuple[int, bool]] = []
     real = cpu_graphs.CpuDecodeGraph.run
 
     def spy(self, ids, positions, ctx):
-        steps.append(ctx.routing is not None)
+        steps.append((ids.shape[0], ctx.routing is not None))
         return real(self, ids, positions, ctx)
 
     monkeypatch.setattr(cpu_graphs.CpuDecodeGraph, "run", spy)
@@ -295,16 +296,15 @@ def test_moe_generation_equals_eager(moe_llms, monkeypatch):
 def test_moe_routing_matrix_through_graph_steps(moe_llms, monkeypatch):
     """include_routing_matrix: the MoE calls of a graph step append their expert ids to the
     step's routing list as the eager forward does; every generated token's routing (and the
-    prompt's, eager) equals that of the eager engine's."""
+    prompt's, eager) equals that of the eager engine's, also where the output was predicted
+    (verify steps: several rows of one sequence in a graph)."""
     graphs, eager = moe_llms
     steps = _graph_steps(monkeypatch)
-    params = SamplingParams(
-        temperature=0, max_tokens=8, ignore_eos=True, logprobs=0, prompt_logprobs=0,
-        routing_matrix=True,
-    )  # fmt: skip
+    base = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0, routing_matrix=True)
+    params = SamplingParams(**base, prompt_logprobs=0)
     prompts = PROMPTS[:2]
     outs = graphs.generate(prompts, params)
-    assert steps and all(steps)  # decode steps as graphs, asked for the routing
+    assert steps and all(asked for _, asked in steps)  # decode steps as graphs, with routing
 
     def routing(outs):
         return [[r.routing.tolist() for r in o.prompt_logprobs[1:] + o.logprobs] for o in outs]
@@ -313,3 +313,11 @@ def test_moe_routing_matrix_through_graph_steps(moe_llms, monkeypatch):
     assert got == want
     layers = len(graphs.engine.runner.model.layers)
     assert all(len(r) == layers for o in got for r in o)
+
+    steps.clear()
+    predicted = [SamplingParams(**base, speculation=o.token_ids) for o in outs]
+    spec = graphs.generate(prompts, predicted)
+    assert max(rows for rows, _ in steps) > len(prompts)  # verify rows in a graph
+    assert [[r.routing.tolist() for r in o.logprobs] for o in spec] == [
+        [r.routing.tolist() for r in o.logprobs] for o in outs
+    ]
