@@ -13,8 +13,8 @@ a Ray cluster builds its own cache as before.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,34 @@ def prepare_source(source: str | None) -> str:
 
 
 class ModelPreparer:
-    """The models being prepared, by name; a second `:prepare` while one runs joins it."""
+    """The models being prepared, by name; a second `:prepare` while one runs joins it. Each runs
+    on a daemon thread, not the event loop's executor, whose threads a stopping server waits
+    for: a stop in the middle of a build does not wait for it (the build's child process
+    finishes writing its cache entry on its own)."""
 
     def __init__(self) -> None:
-        self._running: dict[str, asyncio.Task] = {}
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
 
     def running(self, name: str) -> bool:
-        task = self._running.get(name)
-        return task is not None and not task.done()
+        with self._lock:
+            return name in self._running
 
     def start(self, name: str, source: str | None) -> None:
-        if self.running(name):
-            return
-        self._running[name] = asyncio.create_task(self._prepare(name, source))
+        with self._lock:
+            if name in self._running:
+                return
+            self._running.add(name)
+        thread = threading.Thread(
+            target=self._prepare, args=(name, source), name=f"prepare {name}", daemon=True
+        )
+        thread.start()
 
-    async def _prepare(self, name: str, source: str | None) -> None:
+    def _prepare(self, name: str, source: str | None) -> None:
         try:
-            done = await asyncio.to_thread(prepare_source, source)
-            log.info("prepared model %s: %s", name, done)
+            log.info("prepared model %s: %s", name, prepare_source(source))
         except Exception as exc:  # the model stays as it was; its first replica tries again
             log.warning("preparing model %s failed: %s", name, exc)
         finally:
-            self._running.pop(name, None)
+            with self._lock:
+                self._running.discard(name)
