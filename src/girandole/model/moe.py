@@ -42,7 +42,7 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.context import get_context
-from girandole.model.kernels import gated_act
+from girandole.model.kernels import gated_act, moe_experts
 from girandole.model.layers import Builder, DenseLinear, GatedMLP
 from girandole.model.quant import PackedLinear, dense_linear
 
@@ -130,6 +130,9 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.stacked: StackedExperts | None = None  # set by stack_experts (the GPU path)
+        # moe_experts' weight tables (gate_up, down), or False where it cannot run them: decided
+        # at the first CPU forward (native_experts).
+        self._native_tables: tuple[torch.Tensor, torch.Tensor] | bool | None = None
 
     def fused_activation(self) -> dict | None:
         """The experts' activation as the fused kernel names it, with its parameters; None
@@ -188,6 +191,12 @@ class SparseMoE(nn.Module):
         decode = None if ctx is None else ctx.num_decode_rows
         if isinstance(self.experts[0].gate_up, PackedLinear):
             x = x.to(torch.bfloat16)  # what the packed linears cast to: half the rows' bytes
+        tables = self.native_experts() if x.device.type == "cpu" else None
+        if tables:  # every expert's products in one native call
+            expert = self.experts[0]
+            return moe_experts.moe_experts(
+                x, ids, weights, decode, *tables, expert.intermediate, expert.native_act
+            )
         if x.shape[0] == 1:  # one token (a sequence decoding alone): its k experts in order
             return self._one_token(x, ids[0], weights[0], ctx, decode)
         flat = ids.flatten()  # [T * k]: pair j is token j // k's (j % k)-th choice
@@ -219,6 +228,22 @@ class SparseMoE(nn.Module):
             if ctx is not None:
                 ctx.num_decode_rows = decode
         return y
+
+    def native_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """moe_experts' weight tables of the experts (gate_up, down), where it can run them:
+        native packed linears in the VNNI layout (CPU fast mode without AMX), an activation of
+        gated_act's. Decided once: the experts' buffers stay in place."""
+        if self._native_tables is None:
+            expert = self.experts[0]
+            hidden = self.router.shape[1]
+            tables = None
+            if moe_experts.supported(hidden, expert.intermediate, expert.native_act, self.top_k):
+                gate_up = moe_experts.weight_table([e.gate_up for e in self.experts])
+                down = moe_experts.weight_table([e.down for e in self.experts])
+                if gate_up is not None and down is not None:
+                    tables = (gate_up, down)
+            self._native_tables = tables or False
+        return self._native_tables or None
 
     def _one_token(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ctx, decode: int | None

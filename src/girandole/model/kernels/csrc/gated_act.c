@@ -27,6 +27,17 @@ static inline __m512 act512(__m512 x, int act) {
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(z)));
 }
 
+// 16 outputs of a row from its gate g[0..15] and up g[I..I + 15].
+static inline void act16(const float *g, int64_t I, int act, uint16_t *out) {
+    const __m512 y = _mm512_mul_ps(act512(_mm512_loadu_ps(g), act), _mm512_loadu_ps(g + I));
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(y));
+}
+
+// One row on the calling thread (moe.c's): gu float32 [2I] -> out bfloat16 [I].
+void gated_act_row(const float *gu, int64_t I, int act, uint16_t *out) {
+    for (int64_t i = 0; i < I; i += 16) act16(gu + i, I, act, out + i);
+}
+
 // gu: float32 [T, 2I]; out: bfloat16 [T, I]; I % 16 == 0.
 void gated_act(const float *gu, int64_t T, int64_t I, int act, uint16_t *out, int nthreads) {
     const int64_t per_row = I / 16;
@@ -34,8 +45,6 @@ void gated_act(const float *gu, int64_t T, int64_t I, int act, uint16_t *out, in
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < T * per_row; t++) {
         const int64_t row = t / per_row, i = (t % per_row) * 16;
-        const float *g = gu + row * 2 * I + i;
-        const __m512 y = _mm512_mul_ps(act512(_mm512_loadu_ps(g), act), _mm512_loadu_ps(g + I));
-        _mm256_storeu_si256((__m256i *)(out + row * I + i), (__m256i)_mm512_cvtneps_pbh(y));
+        act16(gu + row * 2 * I + i, I, act, out + row * I + i);
     }
 }

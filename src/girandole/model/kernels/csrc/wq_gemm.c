@@ -250,48 +250,63 @@ static __thread wq_buffer x_buffer, panel_buffer;
 static __thread wq_buffer weight_buffer;
 #endif
 
+// Rows of bf16 x widened to float32 for the AVX2 chunk (a no-op elsewhere: the AVX512 one
+// reads bf16).
+void wq_widen_rows(const uint16_t *x, int64_t M, int64_t K, float *xf) {
+#ifdef GIR_AVX2
+    for (int64_t m = 0; m < M; m++) widen_row(x + m * K, K, xf + m * K);
+#else
+    (void)x, (void)M, (void)K, (void)xf;
+#endif
+}
+
+// Chunk c (CHUNK blocks of 16 output channels) of y for M rows: x bf16 [M][K] (the AVX512
+// build) or xf, those rows widened (wq_widen_rows; the AVX2 build). Runs on the calling thread
+// with its buffers: wq_gemm's work item, and moe.c's.
+void wq_gemm_chunk(const uint16_t *x, const float *xf, int64_t M, int64_t K, const uint8_t *q,
+                   int bits, const uint8_t *params, int64_t N, int64_t c, float *y, int64_t ldy) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+    const int64_t nb0 = c * CHUNK;
+    const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+#ifdef GIR_AVX2
+    (void)x;
+    float *panel = (float *)wq_buffer_for(&panel_buffer, CHUNK * KC * 32 * 16 * 4);
+    chunk_avx2(xf, M, K, q, bits, params, factors, nb0, bt, panel, y, ldy);
+#else
+    (void)xf;
+    // [block][group][16 channel rows]
+    __m512i *w = (__m512i *)wq_buffer_for(&weight_buffer, CHUNK * groups * 1024);
+    for (int64_t g = 0; g < groups; g++)
+        wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, w + 16 * g, 16 * groups);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        for (int b = 0; b < bt; b++)
+            for (int c0 = 0; c0 < 16; c0 += 4)
+                quad_rows(x + m * K, K, groups, w + 16 * b * groups, c0,
+                          y + m * ldy + 16 * (nb0 + b) + c0, ldy);
+    for (; m < M; m++)
+        for (int b = 0; b < bt; b++)
+            _mm512_storeu_ps(y + m * ldy + 16 * (nb0 + b),
+                             block_row(x + m * K, groups, w + 16 * b * groups));
+#endif
+}
+
 void wq_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
              const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
-    const int64_t nblocks = N / 16, groups = K / 32;
-    const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+    const int64_t nchunks = (N / 16 + CHUNK - 1) / CHUNK;
+    float *xf = NULL;
 #ifdef GIR_AVX2
-    float *xf = (float *)wq_buffer_for(&x_buffer, M * K * (int64_t)sizeof(float));
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *panel = (float *)wq_buffer_for(&panel_buffer, CHUNK * KC * 32 * 16 * 4);
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) widen_row(x + m * K, K, xf + m * K);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t nb0 = c * CHUNK;
-            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-            chunk_avx2(xf, M, K, q, bits, params, factors, nb0, bt, panel, y, ldy);
-        }
-    }
-#else
-#pragma omp parallel num_threads(nthreads)
-    {
-        // [block][group][16 channel rows]
-        __m512i *w = (__m512i *)wq_buffer_for(&weight_buffer, CHUNK * groups * 1024);
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t nb0 = c * CHUNK;
-            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-            for (int64_t g = 0; g < groups; g++)
-                wq_dequant_group(q, bits, params, factors, nb0, groups, g, bt, w + 16 * g,
-                                 16 * groups);
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)
-                for (int b = 0; b < bt; b++)
-                    for (int c0 = 0; c0 < 16; c0 += 4)
-                        quad_rows(x + m * K, K, groups, w + 16 * b * groups, c0,
-                                  y + m * ldy + 16 * (nb0 + b) + c0, ldy);
-            for (; m < M; m++)
-                for (int b = 0; b < bt; b++)
-                    _mm512_storeu_ps(y + m * ldy + 16 * (nb0 + b),
-                                     block_row(x + m * K, groups, w + 16 * b * groups));
-        }
-    }
+    xf = (float *)wq_buffer_for(&x_buffer, M * K * (int64_t)sizeof(float));
 #endif
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef GIR_AVX2
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) wq_widen_rows(x + m * K, 1, K, xf + m * K);
+#endif
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nchunks; c++)
+            wq_gemm_chunk(x, xf, M, K, q, bits, params, N, c, y, ldy);
+    }
 }

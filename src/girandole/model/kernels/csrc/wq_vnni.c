@@ -122,13 +122,38 @@ static inline __attribute__((always_inline)) void chunk_rows(
         for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy + 16 * b, acc[b * R + r]);
 }
 
+// Rows of bf16 x [M][K] quantized as this kernel takes them: xq int8 [M][K], xs and xb
+// [M][K/32] (quantize_row).
+void wq_vnni_quantize(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xb) {
+    const int64_t groups = K / 32;
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, groups, xq + m * K, xs + m * groups, xb + m * groups);
+}
+
+// Chunk c (CHUNK blocks of 16 output channels) of y for M quantized rows (wq_vnni_quantize),
+// on the calling thread: wq_gemm_vnni's work item, and moe.c's.
+void wq_vnni_chunk(const int8_t *xq, const float *xs, const float *xb, int64_t M, int64_t K,
+                   const uint8_t *q, int bits, const uint8_t *params, int64_t N, int64_t c,
+                   float *y, int64_t ldy) {
+    const int64_t nblocks = N / 16, groups = K / 32;
+    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+    const int64_t nb0 = c * CHUNK;
+    const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+    int64_t m = 0;
+    for (; m + ROWS <= M; m += ROWS)
+        chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,
+                   factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+    for (; m < M; m++)
+        chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,
+                   factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+}
+
 static __thread wq_buffer row_buffer;
 
 void wq_gemm_vnni(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int bits,
                   const uint8_t *params, int64_t N, float *y, int64_t ldy, int nthreads) {
-    const int64_t nblocks = N / 16, groups = K / 32;
-    const int64_t nchunks = (nblocks + CHUNK - 1) / CHUNK;
-    const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
+    const int64_t groups = K / 32;
+    const int64_t nchunks = (N / 16 + CHUNK - 1) / CHUNK;
     // The quantized rows, in the calling thread's buffer: int8 [M][K], then xs and xb [M][groups].
     const int64_t xq_bytes = (M * K + 63) / 64 * 64;
     uint8_t *buffer = wq_buffer_for(&row_buffer, xq_bytes + 2 * M * groups * (int64_t)sizeof(float));
@@ -138,18 +163,9 @@ void wq_gemm_vnni(const uint16_t *x, int64_t M, int64_t K, const uint8_t *q, int
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
-            quantize_row(x + m * K, groups, xq + m * K, xs + m * groups, xb + m * groups);
+            wq_vnni_quantize(x + m * K, 1, K, xq + m * K, xs + m * groups, xb + m * groups);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t nb0 = c * CHUNK;
-            const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
-            int64_t m = 0;
-            for (; m + ROWS <= M; m += ROWS)
-                chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
-                           params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
-            for (; m < M; m++)
-                chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits,
-                           params, factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
-        }
+        for (int64_t c = 0; c < nchunks; c++)
+            wq_vnni_chunk(xq, xs, xb, M, K, q, bits, params, N, c, y, ldy);
     }
 }

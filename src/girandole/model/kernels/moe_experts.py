@@ -1,0 +1,69 @@
+"""A mixture-of-experts block's experts in one native call (csrc/moe.c): every (token, expert)
+pair's gate_up product, activation and down product, and each token's weighted sum, in one
+OpenMP region, for experts stored in the VNNI layout (CPU fast mode without AMX: kernels/wq_gemm.py).
+Bitwise the per-expert dispatch of model/moe.py (the same kernels per row and role, the same
+sums in ascending expert order)."""
+
+from __future__ import annotations
+
+import torch
+
+from girandole.model.kernels import gated_act, loader, wq_gemm
+from girandole.model.quant import DENSE_MIN_ROWS, ConcatLinear, PackedLinear
+
+MAX_TOP_K = 64  # moe.c's per-token buffer
+
+
+def weight_table(linears: list[PackedLinear]) -> torch.Tensor | None:
+    """int64 [E, 3]: each linear's native levels pointer, params pointer and bits, as moe.c reads
+    them; None unless every linear is stored alone (no ConcatLinear parts) in the VNNI layout
+    with no bias. The table points into the linears' buffers: keep them alive and in place."""
+    rows = []
+    for lin in linears:
+        if not isinstance(lin, PackedLinear) or isinstance(lin, ConcatLinear):
+            return None
+        if not lin.native_bits & wq_gemm.VNNI or lin.bias is not None:
+            return None
+        rows.append([lin.native_packed.data_ptr(), lin.native_params.data_ptr(), lin.native_bits])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def supported(hidden: int, intermediate: int, act: str | None, top_k: int) -> bool:
+    return (
+        loader.available()
+        and act in gated_act.ACTS
+        and hidden % 32 == 0
+        and intermediate % 32 == 0
+        and 0 < top_k <= MAX_TOP_K
+    )
+
+
+def moe_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    decode: int | None,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    intermediate: int,
+    act: str,
+) -> torch.Tensor:
+    """float32 [T, H]: each token's k experts' outputs, weighted and summed in ascending expert
+    order. x: bf16 [T, H]; ids: int64 [T, k]; weights: float32 [T, k]; decode: the leading
+    tokens that are decode rows (an engine step's count), or None outside a step (then an
+    expert's rows are decode rows where it has fewer than DENSE_MIN_ROWS, as quant.decode_rows
+    decides for a linear); gate_up, down: weight_table's of the experts' linears."""
+    lib = loader.library()
+    assert lib is not None, "native kernels not available"
+    assert x.dtype == torch.bfloat16 and ids.dtype == torch.int64 and weights.dtype == torch.float32
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    t, h = x.shape
+    y = torch.empty(t, h, dtype=torch.float32)
+    if t == 0:
+        return y
+    lib.moe_experts(
+        x.data_ptr(), t, h, intermediate, gate_up.shape[0], ids.data_ptr(), weights.data_ptr(),
+        ids.shape[1], -1 if decode is None else decode, DENSE_MIN_ROWS, gate_up.data_ptr(),
+        down.data_ptr(), gated_act.ACTS[act], y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y

@@ -1,0 +1,157 @@
+"""The mixture-of-experts block's native call (kernels/moe_experts.py, csrc/moe.c), which runs
+every (token, expert) pair of a step in one OpenMP region, gives the per-expert dispatch's floats
+bitwise (model/moe.py: two wq_gemm calls and an activation per expert, sums in ascending expert
+order): for decode rows (the int8 kernel) and prompt rows (the bf16 one), any mix of them, 1..N
+rows, top-k from 1 to every expert, experts with no rows; and an engine's greedy generation on
+a tiny Qwen3-MoE is the same with either. Two tiny Qwen3-MoEs: conftest's with experts 64
+wide (its 32 are too narrow for the native layout: their down projections stay on torch's int8
+kernel), float weights packed as 8-bit groups; and test_moe_gguf's 256-wide Q4_K_M file (4-bit
+Q4_K gate/up, Q6_K down as 8-bit groups)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from moe_gguf_helpers import root_conftest, write_moe_gguf
+from test_moe_gguf import Q4_K_M, tiny_qwen3_moe_256
+
+from girandole import LLM, SamplingParams
+from girandole.model import kernels
+from girandole.model.context import ForwardContext, forward_context
+from girandole.model.kernels import moe_experts
+from girandole.model.loader import load_model
+from girandole.model.moe import SparseMoE
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+
+
+def step(decode_rows: int | None):
+    """An engine step's context as the MoE layer reads it (None: outside a step)."""
+    if decode_rows is None:
+        return contextlib.nullcontext()
+    empty = torch.zeros(0, dtype=torch.long)
+    return forward_context(ForwardContext(empty, [], [], [], num_decode_rows=decode_rows))
+
+
+@contextlib.contextmanager
+def per_expert(moe: SparseMoE):
+    """The layer on its per-expert dispatch (the native call switched off)."""
+    saved = moe._native_tables
+    moe._native_tables = False
+    try:
+        yield
+    finally:
+        moe._native_tables = saved
+
+
+@contextlib.contextmanager
+def top_k(moe: SparseMoE, k: int):
+    saved = moe.top_k
+    moe.top_k = k
+    try:
+        yield
+    finally:
+        moe.top_k = saved
+
+
+@pytest.fixture(scope="module")
+def wide_moe_dir(tmp_path_factory):
+    """conftest's tiny Qwen3-MoE with experts 64 wide."""
+    folder = tmp_path_factory.mktemp("tiny-qwen3-moe-64")
+    return root_conftest().write_tiny_llama(folder, family="qwen3_moe", moe_intermediate_size=64)
+
+
+@pytest.fixture(scope="module", params=["float", "q4_k_m"])
+def moe(request, tmp_path_factory, tiny_qwen3_moe_dir) -> SparseMoE:
+    if request.param == "float":
+        path = request.getfixturevalue("wide_moe_dir")
+    else:
+        path = tmp_path_factory.mktemp("qwen3-moe-gguf") / "tiny-qwen3moe.gguf"
+        hf = tiny_qwen3_moe_256(tiny_qwen3_moe_dir)
+        write_moe_gguf(hf, "qwen3moe", path, Q4_K_M, tokenizer=tiny_qwen3_moe_dir)
+    model, _ = load_model(path, mode="fast", device="cpu", use_cache=False)
+    layer = model.layers[0].mlp
+    assert isinstance(layer, SparseMoE)
+    return layer
+
+
+def test_the_tiny_moe_runs_on_the_native_call(moe):
+    assert moe.native_experts() is not None  # VNNI-layout experts: the CPU without AMX
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows, decode", [(1, 1), (1, 0), (3, 3), (7, 0), (9, 4), (24, 2)])
+def test_native_call_equals_the_per_expert_dispatch(moe, k, rows, decode):
+    g = torch.Generator().manual_seed(100 * k + rows + decode)
+    x = torch.randn(rows, moe.router.shape[1], generator=g)
+    with top_k(moe, k), step(decode):
+        ids, _ = moe.route(x)
+        if k < 3 and rows == 1:  # most experts have no rows
+            assert ids.unique().numel() < moe.num_experts
+        native = moe(x)
+        with per_expert(moe):
+            reference = moe(x)
+    assert torch.equal(native, reference)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_outside_a_step_an_experts_role_follows_its_row_count(moe, rows):
+    """Without an engine step an expert's rows are decode rows where it has fewer than
+    DENSE_MIN_ROWS (quant.decode_rows), in the native call as in the per-expert dispatch."""
+    x = torch.randn(rows, moe.router.shape[1], generator=torch.Generator().manual_seed(rows))
+    with top_k(moe, 2):
+        native = moe(x)
+        with per_expert(moe):
+            reference = moe(x)
+    assert torch.equal(native, reference)
+
+
+def test_kernel_with_ids_and_weights_given(moe):
+    """moe_experts itself on chosen ids (repeated experts across tokens, unused ones, uneven
+    weights) against the experts' own modules summed in ascending expert order."""
+    h = moe.router.shape[1]
+    x = torch.randn(4, h, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ids = torch.tensor([[3, 1, 6], [6, 3, 0], [1, 3, 6], [7, 2, 5]])
+    weights = torch.rand(4, 3, generator=torch.Generator().manual_seed(8))
+    expert = moe.experts[0]
+    with step(4):
+        y = moe_experts.moe_experts(
+            x, ids, weights, 4, *moe.native_experts(), expert.intermediate, expert.native_act
+        )
+        for t in range(4):
+            want = torch.zeros(1, h)
+            for j in sorted(range(3), key=lambda j: int(ids[t, j])):
+                want.add_(moe.experts[int(ids[t, j])](x[t : t + 1]).float().mul_(weights[t, j]))
+            assert torch.equal(y[t : t + 1], want)
+
+
+@pytest.mark.parametrize("decode", [1, 3])
+def test_a_tokens_output_does_not_depend_on_the_others_in_its_step(moe, decode):
+    x = torch.randn(20, moe.router.shape[1], generator=torch.Generator().manual_seed(decode))
+    with top_k(moe, 8):
+        with step(decode):
+            mixed = moe(x)
+        with step(0):
+            prompt_alone = moe(x[decode:])
+        assert torch.equal(mixed[decode:], prompt_alone)
+        with step(1):
+            for t in range(decode):
+                assert torch.equal(moe(x[t : t + 1]), mixed[t : t + 1])
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["Once upon a time", "The quick brown fox", "a b c d e f g h i j k"]
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def test_engine_generation_is_the_per_expert_dispatchs(wide_moe_dir):
+    llm = LLM(model=str(wide_moe_dir), mode="fast", device="cpu", kv_cache_gb=0.02)
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoE)]
+    assert layers and all(m.native_experts() is not None for m in layers)
+    native = _generate(llm)
+    for m in layers:
+        m._native_tables = False
+    assert _generate(llm) == native
