@@ -155,3 +155,19 @@ def test_engine_generation_is_the_per_expert_dispatchs(wide_moe_dir):
     for m in layers:
         m._native_tables = False
     assert _generate(llm) == native
+
+
+def test_router_logits_are_a_rows_own_and_float32_close(moe):
+    """CPU fast mode's router logits (the native kernel) are the same for a row alone as among
+    others, within float32 rounding of the exact product, and what route() ranks."""
+    x = torch.randn(9, moe.router.shape[1], generator=torch.Generator().manual_seed(3))
+    logits = moe_experts.router_logits(x, moe.router)
+    for t in (0, 4, 8):
+        assert torch.equal(moe_experts.router_logits(x[t : t + 1], moe.router), logits[t : t + 1])
+    exact = x.double() @ moe.router.double().T
+    torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-4)
+    ids, weights = moe.route(x)
+    probs = torch.softmax(logits, dim=-1)
+    want_weights, want_ids = torch.topk(probs, moe.top_k, dim=-1)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(weights, want_weights / want_weights.sum(dim=-1, keepdim=True))

@@ -1,9 +1,10 @@
 """Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router picks each token's top-k
 experts, each a gated MLP; the token's output is their outputs weighted by the router.
 
-Routing, as transformers computes it: router logits in float32 (x @ W_router.T), softmax over
-all experts, top-k, and the k weights renormalised to sum to 1 where `norm_topk_prob` (Qwen3-MoE's
-setting; Mixtral always renormalises its top-2).
+Routing, as transformers computes it: router logits in float32 (x @ W_router.T; in CPU fast mode
+on a native kernel, kernels/moe_experts.router_logits, whose sums round otherwise than torch's
+GEMM), softmax over all experts, top-k, and the k weights renormalised to sum to 1 where
+`norm_topk_prob` (Qwen3-MoE's setting; Mixtral always renormalises its top-2).
 
 Dispatch on the CPU path, for the engine's flattened batches (decode rows and prompt chunks of
 many sequences in one [T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert,
@@ -19,6 +20,12 @@ the gathers: its k experts run in ascending order on its row, their weighted out
 zeros, the same calls and sums. Experts of native packed linears (fast mode) are called on
 their kernels directly, without the module calls around them: at one row, that glue cost about
 as much as the kernels (benchmarks: docs/benchmarks.md, "Mixture-of-experts").
+
+Where every expert is stored in the VNNI layout (CPU fast mode without AMX), the whole dispatch
+above is one native call instead (kernels/moe_experts.py, csrc/moe.c): one OpenMP region for
+the step's (token, expert) pairs, each row on its role's kernel, the same floats bitwise (the
+same kernels per row, the same sums in expert order); no Python per expert, and no region per
+product (a step at 8 concurrent requests made ~390 of them).
 
 On the GPU path (a forward context with paged tables, `ForwardContext.paged`) the experts run
 in the fused Triton kernel (kernels/triton_moe.py, vLLM's fused_moe): the ModelRunner stacks a
@@ -172,9 +179,12 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k expert ids [T, k] long and their weights [T, k] float32."""
-        # dense_linear: a lone token (a sequence decoding alone) takes the matrix-vector kernel
-        # in F.linear, whose sums round otherwise than among other tokens.
-        logits = dense_linear(x.float(), self.router)
+        if self._native_router(x):  # CPU fast mode: the native kernel, row-invariant
+            logits = moe_experts.router_logits(x, self.router)
+        else:
+            # dense_linear: a lone token (a sequence decoding alone) takes the matrix-vector
+            # kernel in F.linear, whose sums round otherwise than among other tokens.
+            logits = dense_linear(x.float(), self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -228,6 +238,12 @@ class SparseMoE(nn.Module):
             if ctx is not None:
                 ctx.num_decode_rows = decode
         return y
+
+    def _native_router(self, x: torch.Tensor) -> bool:
+        """Whether the router's logits take the native kernel: where the experts are native
+        packed linears (CPU fast mode), for whose one-token steps F.linear over the padded rows
+        cost more than reading the router's weights. Other modes keep transformers' F.linear."""
+        return _native(self.experts[0].gate_up) and moe_experts.router_supported(x, self.router)
 
     def native_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """moe_experts' weight tables of the experts (gate_up, down), where it can run them:

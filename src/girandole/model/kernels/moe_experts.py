@@ -2,7 +2,8 @@
 pair's gate_up product, activation and down product, and each token's weighted sum, in one
 OpenMP region, for experts stored in the VNNI layout (CPU fast mode without AMX: kernels/wq_gemm.py).
 Bitwise the per-expert dispatch of model/moe.py (the same kernels per row and role, the same
-sums in ascending expert order)."""
+sums in ascending expert order). And the router's float32 logits (csrc/moe_router.c), a row's
+the same whatever rows share the call."""
 
 from __future__ import annotations
 
@@ -67,3 +68,28 @@ def moe_experts(
         down.data_ptr(), gated_act.ACTS[act], y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y
+
+
+def router_supported(x: torch.Tensor, router: torch.Tensor) -> bool:
+    return (
+        loader.available()
+        and x.device.type == "cpu"
+        and router.dtype == torch.float32
+        and router.shape[1] % 16 == 0
+    )
+
+
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """float32 [T, E] = x [T, H] @ router [E, H].T, each output one float32 chain over the
+    inputs in order (then a fixed tree over 16 lanes): a row's logits never depend on the
+    other rows."""
+    lib = loader.library()
+    assert lib is not None, "native kernels not available"
+    x, router = x.float().contiguous(), router.contiguous()
+    t, h = x.shape
+    logits = torch.empty(t, router.shape[0], dtype=torch.float32)
+    lib.moe_router(
+        x.data_ptr(), t, h, router.data_ptr(), router.shape[0], logits.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return logits
