@@ -151,7 +151,10 @@ void moe_experts(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t E,
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++)
             prepare_row(x + pair_token[p] * H, H, p, pair_decode[p], xq, xs, xb, xp);
-#pragma omp for schedule(static)
+        // Dynamic: segments differ in rows (a prompt's experts), and on a shared host a thread
+        // may lose its core for a while; each item writes its own outputs, so any order of
+        // items gives the same floats.
+#pragma omp for schedule(dynamic, 2)
         for (int64_t i = 0; i < nseg * gu_chunks; i++) {
             const moe_segment *s = seg + i / gu_chunks;
             segment_chunk(s, i % gu_chunks, H, 2 * I, gate_up + 3 * s->expert, xq, xs, xb, xp,
@@ -162,7 +165,7 @@ void moe_experts(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t E,
             gated_act_row(prod + p * 2 * I, I, act, act_row);
             prepare_row(act_row, I, p, pair_decode[p], xq, xs, xb, xp);
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t i = 0; i < nseg * down_chunks; i++) {
             const moe_segment *s = seg + i / down_chunks;
             segment_chunk(s, i % down_chunks, I, H, down + 3 * s->expert, xq, xs, xb, xp, prod);
