@@ -171,3 +171,17 @@ def test_router_logits_are_a_rows_own_and_float32_close(moe):
     want_weights, want_ids = torch.topk(probs, moe.top_k, dim=-1)
     assert torch.equal(ids, want_ids)
     assert torch.equal(weights, want_weights / want_weights.sum(dim=-1, keepdim=True))
+
+
+def test_weight_tables_follow_the_experts_buffers(moe):
+    """The tables hold the experts' addresses: where the weights move (a copy of the layer),
+    they are made again, never read at the old place."""
+    import copy
+
+    x = torch.randn(3, moe.router.shape[1], generator=torch.Generator().manual_seed(5))
+    with step(3):
+        want = moe(x)
+        moved = copy.deepcopy(moe)
+        old = moe.native_experts()[0]
+        assert int(moved.native_experts()[0][0, 0]) != int(old[0, 0])
+        assert torch.equal(moved(x), want)

@@ -140,6 +140,7 @@ class SparseMoE(nn.Module):
         # moe_experts' weight tables (gate_up, down), or False where it cannot run them: decided
         # at the first CPU forward (native_experts).
         self._native_tables: tuple[torch.Tensor, torch.Tensor] | bool | None = None
+        self._native_at = 0  # _first_packed() when the tables were made
 
     def fused_activation(self) -> dict | None:
         """The experts' activation as the fused kernel names it, with its parameters; None
@@ -248,7 +249,11 @@ class SparseMoE(nn.Module):
     def native_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """moe_experts' weight tables of the experts (gate_up, down), where it can run them:
         native packed linears in the VNNI layout (CPU fast mode without AMX), an activation of
-        gated_act's. Decided once: the experts' buffers stay in place."""
+        gated_act's. Decided once, and again should the experts' buffers move (the tables hold
+        their addresses: a module moved, or unpickled after a forward, must not be read there)."""
+        tables = self._native_tables
+        if tables and self._native_at != self._first_packed():
+            self._native_tables = None
         if self._native_tables is None:
             expert = self.experts[0]
             hidden = self.router.shape[1]
@@ -259,7 +264,13 @@ class SparseMoE(nn.Module):
                 if gate_up is not None and down is not None:
                     tables = (gate_up, down)
             self._native_tables = tables or False
+            self._native_at = self._first_packed()
         return self._native_tables or None
+
+    def _first_packed(self) -> int:
+        """Where the first expert's packed gate_up weight is (0 without one)."""
+        packed = getattr(self.experts[0].gate_up, "native_packed", None)
+        return 0 if packed is None else packed.data_ptr()
 
     def _one_token(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ctx, decode: int | None

@@ -57,6 +57,7 @@ def moe_experts(
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert x.dtype == torch.bfloat16 and ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert ids.shape[1] <= MAX_TOP_K and ids.shape == weights.shape
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     t, h = x.shape
     y = torch.empty(t, h, dtype=torch.float32)
