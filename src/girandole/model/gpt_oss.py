@@ -85,6 +85,11 @@ class GptOssMoE(SparseMoE):
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         return ids, torch.softmax(top, dim=-1, dtype=torch.float32)
 
+    def native_experts(self) -> None:
+        """None: moe_experts' native call has neither the experts' biases nor the clamped
+        SwiGLU, so they keep SparseMoE's per-expert dispatch."""
+        return None
+
 
 class GptOssForCausalLM(LlamaForCausalLM):
     """Llama's model with sinks in every attention layer and GptOssMoE feed-forwards
