@@ -316,3 +316,20 @@ def test_restart_keeps_secrets(srv: Server) -> None:
     assert srv.sdk().secrets.get("durable").key_name == "DURABLE"
     assert VALUE not in srv.server.log()
     assert VALUE.encode() not in _database_bytes(srv.data)
+
+
+def test_a_server_with_a_bad_key_does_not_start(tmp_path: Path, monkeypatch) -> None:
+    """The store opens with the app (api/secrets/route.py): a GIRANDOLE_SECRETS_KEY that is no
+    Fernet key stops the start, naming it, instead of failing the first secrets request."""
+    import argparse
+
+    from girandole.api.app import create_app
+    from girandole.api.server import add_serve_parser, settings_from_args
+    from girandole.api.state import AppState
+
+    monkeypatch.setenv(KEY_ENV, "not-a-key")
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--data-dir", str(tmp_path / "data"), "--account", ACCOUNT])
+    with pytest.raises(ValueError, match=f"{KEY_ENV}.*not a Fernet key"):
+        create_app(AppState(settings_from_args(args)))

@@ -29,14 +29,22 @@ def new_key() -> str:
 
 
 def _file_key(path: Path) -> bytes:
-    """The key in `path`, written there first (0600, exclusively: a second process that races
-    the first reads the first's key) where there is none."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(Fernet.generate_key())
+    """The key in `path`, written there first (0600) where there is none. The key is written
+    whole to a file of this process and linked in: a second process racing this one reads the
+    first's key, and a crash never leaves an empty or partial key file behind."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Fernet.generate_key())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails where another process linked its key first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_bytes().strip()
 
 

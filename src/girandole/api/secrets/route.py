@@ -239,6 +239,9 @@ async def delete_secret(secret_id: str, request: Request, account: str = Account
 
 
 def install_secrets(app: FastAPI, prefixes: tuple[str, ...]) -> None:
-    """Serve the secrets routes under each of `prefixes` (/v1 and /inference/v1)."""
+    """Serve the secrets routes under each of `prefixes` (/v1 and /inference/v1). The store
+    opens now: values an older server stored in plaintext are sealed at start, and a secrets key
+    that is no Fernet key (GIRANDOLE_SECRETS_KEY) stops the start, naming it."""
+    app.state.secret_store = SecretStore(app.state.girandole.ops.db)
     for prefix in prefixes:  # the OpenAPI document shows the /v1 copy; /inference/v1 is an alias
         app.include_router(router, prefix=prefix, include_in_schema=prefix.startswith("/v1"))
