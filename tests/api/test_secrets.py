@@ -291,6 +291,23 @@ def test_plaintext_rows_from_before_encryption_are_sealed(tmp_path: Path, monkey
     assert VALUE.encode() not in _database_bytes(tmp_path)  # not in a freed page either
 
 
+def test_stores_on_one_in_memory_database_share_its_key(monkeypatch) -> None:
+    """No --data-dir: the routes' store and env_of_account's are opened apart on one database."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    db, other = Database(None), Database(None)
+    try:
+        SecretStore(db).create("acme", "a", "A_KEY", VALUE)
+        state = SimpleNamespace(ops=SimpleNamespace(db=db))  # what env_of_account reads
+        assert env_of_account(state, "acme") == {"A_KEY": VALUE}
+        ((token,),) = db.execute("SELECT value FROM secrets")
+        other_box = SecretStore(other).box  # another database's key cannot read it
+        with pytest.raises(SecretsUnreadable):
+            other_box.decrypt(token, "secret a")
+    finally:
+        db.close()
+        other.close()
+
+
 def test_key_from_the_environment_stays_off_the_disk(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(KEY_ENV, new_key())
     db = Database.in_folder(tmp_path)

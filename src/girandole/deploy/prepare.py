@@ -45,10 +45,6 @@ class ModelPreparer:
         self._running: set[str] = set()
         self._lock = threading.Lock()
 
-    def running(self, name: str) -> bool:
-        with self._lock:
-            return name in self._running
-
     def start(self, name: str, source: str | None) -> None:
         with self._lock:
             if name in self._running:

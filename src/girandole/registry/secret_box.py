@@ -6,18 +6,26 @@ The key is GIRANDOLE_SECRETS_KEY where it is set (a Fernet key: 32 bytes, url-sa
 off the server's disk altogether (a container's secret, a KMS); else `secrets.key` beside
 girandole.db (mode 0600), made on first use. So a copy of girandole.db alone (a backup, a volume
 shared with another tool) holds no value that can be read. An in-memory database (no --data-dir)
-gets a key of the process, gone with it as the database is.
+gets a key of its own, gone with it: every store opened on that database reads with it.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken
 
+if TYPE_CHECKING:
+    from girandole.registry.keystore import Database
+
 KEY_ENV = "GIRANDOLE_SECRETS_KEY"
 KEY_FILE = "secrets.key"
+# In-memory databases' keys: the store that writes a value and the one that reads it (the routes'
+# and env_of_account's) are opened apart, on the same Database
+_MEMORY_KEYS: weakref.WeakKeyDictionary[Database, bytes] = weakref.WeakKeyDictionary()
 
 
 class SecretsUnreadable(ValueError):
@@ -61,13 +69,14 @@ class SecretBox:
         self.source = source
 
     @classmethod
-    def for_database(cls, db_path: str) -> SecretBox:
-        """The box of the database at `db_path` (":memory:": a key of this process)."""
+    def for_database(cls, db: Database) -> SecretBox:
+        """The box of `db` (in memory: a key of that database, made at its first store)."""
         if os.environ.get(KEY_ENV):
             return cls(os.environ[KEY_ENV].strip(), KEY_ENV)
-        if db_path == ":memory:":
-            return cls(Fernet.generate_key(), "a key of this process")
-        path = Path(db_path).parent / KEY_FILE
+        if db.path == ":memory:":
+            key = _MEMORY_KEYS.setdefault(db, Fernet.generate_key())
+            return cls(key, "the in-memory database's key")
+        path = Path(db.path).parent / KEY_FILE
         return cls(_file_key(path), str(path))
 
     def encrypt(self, value: str) -> str:

@@ -84,7 +84,7 @@ class SecretStore:
         self.db = db
         for statement in _SCHEMA:
             db.execute(statement)
-        self.box = SecretBox.for_database(db.path)
+        self.box = SecretBox.for_database(db)
         self._seal_plaintext_rows()
 
     def _seal_plaintext_rows(self) -> None:
