@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from girandole.engine.cpu_threads import CpuThreads
+from girandole.engine.heap import release_free_heap
 from girandole.engine.images import PromptImage, SeqImage, place_images
 from girandole.engine.kv_cache import KVCacheManager
 from girandole.engine.lora_manager import LoRAManager
@@ -138,6 +139,7 @@ class LLMEngine:
         self.overlap = bool(wanted and self.runner.gpu_path and not self.speculator.enabled_for_all)
         self._inflight: LaunchedStep | None = None  # the step on the device (overlap)
         self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
+        release_free_heap()  # the load's transient allocations (engine/heap.py)
 
     def _speculator(self, config: EngineConfig, device: torch.device) -> Speculator:
         if config.ngram_speculation_length < 0 or config.draft_token_count < 1:

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from girandole.engine.heap import release_free_heap
 from girandole.tokenizer.harmony import kept_markers, with_markers_special
 from girandole.tokenizer.marks import DEFAULT_MARKS, Marks
 from girandole.tokenizer.meta import TokenizerMeta
@@ -200,6 +201,7 @@ class Tokenizer:
                 plain = HFTokenizer.from_str(text)
                 plain.encode_special_tokens = True
                 self._plain_hf = plain
+                release_free_heap()  # the parse's garbage, as much as the copy (engine/heap.py)
             return self._plain_hf
 
     def encode_marked(
