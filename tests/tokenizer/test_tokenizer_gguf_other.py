@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from girandole.tokenizer import IncrementalDetokenizer
+from girandole.tokenizer.gguf_convert import _auto_tokenizer_class, convert_gguf
 from girandole.tokenizer.loader import load_gguf_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -116,6 +117,9 @@ def test_matches_transformers(files, cache, name):
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
         det = IncrementalDetokenizer(tok)
         assert "".join(det.add([i]) for i in ids) + det.flush() == tok.decode(ids)
+    # the whole tokenizer.json is transformers' (its class picked without parsing the file)
+    converted, _ = convert_gguf(files / name)
+    assert json.loads(converted.to_str()) == json.loads(ref.backend_tokenizer.to_str())
     # the cached copy gives the same tokenizer
     again = load_gguf_tokenizer(files / name)
     assert json.loads(again.hf.to_str()) == json.loads(tok.hf.to_str())
@@ -140,3 +144,12 @@ def test_llama_metadata(files, cache):
     assert tok.stop_token_ids == [2]
     assert tok.encode("Once upon")[0] == 1
     assert tok.token_bytes(tok.token_to_id("<0xE4>")) == b"\xe4"
+
+
+def test_the_tokenizer_class_is_known_without_parsing_the_file():
+    """AutoTokenizer parses a whole GGUF with gguf's reader for the model type alone (~10 s of a
+    first start for a 150k-token vocabulary); convert_gguf names the class it would pick."""
+    assert _auto_tokenizer_class("qwen2", None).__name__ == "Qwen2Tokenizer"
+    assert _auto_tokenizer_class("qwen3moe", None).__name__ == "Qwen2Tokenizer"
+    assert _auto_tokenizer_class("llama", "Llama 3.2 1B").__name__ == "TokenizersBackend"
+    assert _auto_tokenizer_class("llama", "Mistral 7B") is None  # AutoTokenizer's own way

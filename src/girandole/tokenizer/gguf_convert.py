@@ -174,15 +174,52 @@ def build_gemma_tokenizer(fields: dict[str, Any]) -> Tokenizer:
     return tok
 
 
-def _convert_with_transformers(path: Path) -> Tokenizer:
+def _convert_with_transformers(path: Path, tokenizer_class: Any = None) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             f"converting this GGUF tokenizer needs transformers (pip install 'girandole[convert]'): {path}"
         ) from exc
+    if tokenizer_class is not None:
+        try:
+            return tokenizer_class.from_pretrained(
+                str(path.parent), gguf_file=path.name
+            ).backend_tokenizer
+        except Exception:  # noqa: BLE001 - AutoTokenizer's own way below says what is wrong
+            pass
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return hf.backend_tokenizer
+
+
+# general.architecture -> the model type transformers' GGUF config gets where the two differ
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
+
+
+def _auto_tokenizer_class(architecture: str | None, name: str | None) -> Any:
+    """The class AutoTokenizer picks for a GGUF of this architecture: the one registered for its
+    model type, else TokenizersBackend. AutoTokenizer learns the model type by parsing the whole
+    file with gguf's reader (~10 s for a 150k-token vocabulary: most of a first start); the class
+    then reads only the tokenizer's keys. None where unsure (AutoTokenizer's full way is taken)."""
+    try:
+        from transformers import TokenizersBackend
+        from transformers.models.auto.tokenization_auto import (
+            TOKENIZER_MAPPING_NAMES,
+            tokenizer_class_from_name,
+        )
+    except ImportError:  # another transformers: its own way
+        return None
+    if not architecture or "t5" in architecture:
+        return None
+    model_type = _MODEL_TYPES.get(architecture, architecture)
+    if "llama" in architecture and "mistral" in (name or "").lower():
+        return None  # transformers reads it as mistral, with Mistral's own checks
+    class_name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    if class_name is None:
+        return TokenizersBackend
+    if "Mistral" in class_name:
+        return None
+    return tokenizer_class_from_name(class_name)
 
 
 def convert_gguf(path: str | os.PathLike) -> tuple[Tokenizer, TokenizerMeta]:
@@ -190,10 +227,12 @@ def convert_gguf(path: str | os.PathLike) -> tuple[Tokenizer, TokenizerMeta]:
     from girandole.model.loader.gguf_file import open_gguf
 
     path = Path(path)
-    fields = read_gguf_tokenizer_fields(open_gguf(path))
+    reader = open_gguf(path)
+    fields = read_gguf_tokenizer_fields(reader)
     meta = gguf_meta(fields)
     if fields["model"] == "llama" and fields["architecture"] in _GEMMA_ARCHS:
         tok = build_gemma_tokenizer(fields)
     else:
-        tok = _convert_with_transformers(path)
+        tok_class = _auto_tokenizer_class(fields["architecture"], _field(reader, "general.name"))
+        tok = _convert_with_transformers(path, tok_class)
     return tok, meta
