@@ -70,7 +70,9 @@ class Gemma3ForCausalLM(nn.Module):
         self.embed, self.lm_head = b.embedding_and_head(tie=spec.tie_embeddings)
         # transformers multiplies by the normalizer cast to the weights' dtype (fp32 here).
         self.embed_scale = float(torch.tensor(math.sqrt(spec.hidden_size), dtype=torch.float32))
-        self.layers = nn.ModuleList(Gemma3Layer(b, spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(
+            b.finished(Gemma3Layer(b, spec, i)) for i in range(spec.num_layers)
+        )
         self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         self.rotary_global = Rotary(
             rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling),

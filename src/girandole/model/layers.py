@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from girandole.model.quant import (
     quantized_linear,
 )
 from girandole.model.spec import ArchSpec, Weights, expected_shapes
+
+if TYPE_CHECKING:
+    from girandole.model.loader.spill import SpillArena
 
 MODES = ("fast", "reference")
 
@@ -410,6 +413,12 @@ class Builder:
         self.dtype = torch.float32 if mode == "reference" else torch.bfloat16
         self.expected_shape = expected_shapes(spec) if spec is not None else None
         self.where = f"checkpoint {source}" if source else "checkpoint"
+        # A packed-model cache build moves each finished layer's tensors to a file (loader/spill.py)
+        self.spill: SpillArena | None = None
+
+    def finished(self, module: nn.Module) -> nn.Module:
+        """`module` (a decoder layer) is built: a cache build moves its tensors out of memory."""
+        return module if self.spill is None else self.spill.take(module)
 
     def has(self, name: str) -> bool:
         return name in self.weights

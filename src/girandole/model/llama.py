@@ -75,7 +75,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed, self.lm_head = b.embedding_and_head(tie=spec.tie_embeddings)
-        self.layers = nn.ModuleList(LlamaLayer(b, spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(
+            b.finished(LlamaLayer(b, spec, i)) for i in range(spec.num_layers)
+        )
         self.norm = b.norm("output_norm.weight", spec.rms_norm_eps)
         freq_factors = b.tensor("rope_freqs.weight") if b.has("rope_freqs.weight") else None
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling, freq_factors)

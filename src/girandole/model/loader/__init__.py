@@ -8,7 +8,9 @@ Fast-mode CPU models are cached (pickled module, memory-mapped on load) in
 `cache_dir()/packed`, keyed by the source file, the model code and whether the native kernels run
 (where they do, packed linears store only their layout), so a second load of the
 default model takes about a second instead of a GGUF parse and requantization. A missing entry
-is built in a child process, so the serving process never holds the build's transient memory.
+is built in a child process, so the serving process never holds the build's transient memory,
+and there each finished layer's tensors go to a scratch file (loader/spill.py), so the build
+holds about one layer in memory rather than the model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from girandole.model.config import ModelConfig
 from girandole.model.default import cache_dir, remove_dead_partials, resolve_model_path
 from girandole.model.kernels import wq_gemm
 from girandole.model.layers import MODES, Builder
+from girandole.model.loader.spill import SpillArena
 from girandole.model.spec import ArchSpec
 
 log = logging.getLogger(__name__)
@@ -84,13 +87,20 @@ def read_checkpoint(path: Path):
 
 
 def build_model(
-    spec: ArchSpec, weights, mode: str, device: torch.device, source: str | None = None
+    spec: ArchSpec,
+    weights,
+    mode: str,
+    device: torch.device,
+    source: str | None = None,
+    spill: SpillArena | None = None,
 ) -> nn.Module:
     """Build the network in CPU memory, in the form `mode` takes on `device` (packed
     quantized linears for fast mode on CPU, bf16 dense weights for fast mode elsewhere);
     the caller moves it to `device`. Each tensor must have the shape `spec` implies and
-    finite values; `source` (the checkpoint's path) names it in the errors."""
+    finite values; `source` (the checkpoint's path) names it in the errors. `spill`: where
+    each finished layer's tensors go (a cache build: loader/spill.py)."""
     builder = Builder(weights, mode, device, spec, source)
+    builder.spill = spill
     with torch.no_grad():
         model = _model_class(spec.architecture)(spec, builder)
     return model.eval().requires_grad_(False)
@@ -235,9 +245,17 @@ def build_cache_entry(path: str, cache_file: str) -> None:
     """Entry point of the child process that builds a packed-model cache entry."""
     torch.set_num_threads(_build_threads(torch.get_num_threads()))
     spec, config, weights = read_checkpoint(Path(path))
-    model = build_model(spec, weights, "fast", torch.device("cpu"), path)
-    _attach_vision(model, config, Path(path))
-    _save_cache(model, config, Path(cache_file))
+    # "<entry>.spill.tmp<pid>": removed as a dead partial should this process be killed
+    scratch = Path(cache_file).with_suffix(f".spill.tmp{os.getpid()}")
+    try:
+        spill = SpillArena(scratch)
+        model = build_model(spec, weights, "fast", torch.device("cpu"), path, spill)
+        _attach_vision(model, config, Path(path))
+        spill.take(model)  # the embeddings, the head and the final norm
+        spill.finish()
+        _save_cache(model, config, Path(cache_file))
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _build_threads(cores: int) -> int:
