@@ -13,7 +13,13 @@ from girandole.model.loader import build_cache_entry, load_model
 from girandole.model.loader.spill import ALIGN, SpillArena
 
 # block-quantized types of a row this narrow (llama.cpp's K-quants need 256 columns)
-QTYPES = {"attn_q": "Q5_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "ffn_down": "Q4_0", "ffn_up": "Q8_0"}
+QTYPES = {
+    "attn_q": "Q5_0",
+    "attn_k": "Q8_0",
+    "attn_v": "Q8_0",
+    "ffn_down": "Q4_0",
+    "ffn_up": "Q8_0",
+}
 
 
 def _module() -> nn.Module:
