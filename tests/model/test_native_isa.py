@@ -90,3 +90,18 @@ def test_the_kernel_tests_pass_on_the_avx2_build():
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+@pytest.mark.skipif(loader.isa() is None, reason="no native build for this CPU")
+def test_a_build_from_nothing_leaves_only_the_library(tmp_path):
+    """The sources compile side by side into objects in a temporary folder, then link: the
+    cache folder is left with the library alone, and the library serves."""
+    code = (
+        "from girandole.model.kernels import loader; lib = loader.library();"
+        " print(lib is not None and hasattr(lib, 'paged_attention'))"
+    )
+    done = _run(["-c", code], GIRANDOLE_CACHE_DIR=str(tmp_path))
+    assert done.stdout.split() == ["True"], done.stderr[-2000:]
+    built = [p.name for p in (tmp_path / "kernels").iterdir()]
+    assert len(built) == 1 and built[0].startswith(f"girandole-native-{loader.isa()}-"), built
+    assert built[0].endswith(".so")

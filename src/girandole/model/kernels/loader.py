@@ -26,6 +26,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from girandole.env_switches import env_switch, native_isa_setting
@@ -138,13 +140,23 @@ def flags(name: str) -> list[str]:
 
 
 def _compile(compiler: str, flags: list[str], sources: list[Path], out: Path) -> None:
-    subprocess.run(
-        [compiler, *flags, *map(str, sources), "-o", str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """Compile every source to an object at once, then link them: a first start waited for one
+    compiler run over the sources in turn (~13 s on two cores, paged_attention.c alone ~5 s)."""
+    object_flags = [f for f in flags if f != "-shared"]
+    with tempfile.TemporaryDirectory(prefix=f"{out.name}.", dir=out.parent) as folder:
+        objects = [Path(folder) / f"{source.stem}.o" for source in sources]
+        with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1)) as pool:
+            runs = [
+                pool.submit(_run, [compiler, *object_flags, "-c", str(src), "-o", str(obj)])
+                for src, obj in zip(sources, objects)
+            ]
+            for run in runs:
+                run.result()  # a compiler error, raised as the sequential build raised it
+        _run([compiler, *flags, *map(str, objects), "-o", str(out)])
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
 
 
 def _build(target: Path, name: str) -> None:
