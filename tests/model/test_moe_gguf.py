@@ -20,9 +20,10 @@ from moe_gguf_helpers import write_moe_gguf
 
 from girandole import LLM, SamplingParams
 from girandole.model.context import ForwardContext, forward_context
+from girandole.model.kernels import wq_gemm
 from girandole.model.loader import load_model
 from girandole.model.moe import SparseMoE
-from girandole.model.quant import Int4Linear, Int4x2Linear
+from girandole.model.quant import Int4Linear, Int4x2Linear, Q6KLinear
 
 IDS = [1, 17, 42, 99, 5, 250, 7, 7, 31, 64, 128, 3]
 PROMPTS = ["Once upon a time there was a small engine", "def main():\n    return"]
@@ -127,7 +128,8 @@ def test_fast_mode_keeps_the_q4_k_experts_packed(qwen3_moe_gguf):
     fast, _ = load_model(path, mode="fast", device="cpu", use_cache=False)
     expert = fast.layers[1].mlp.experts[7]
     assert isinstance(expert.gate_up, Int4Linear)  # the file's 4-bit levels as they are
-    assert isinstance(expert.down, Int4x2Linear)  # Q6_K: int8 groups of 32, as dense Q6_K
+    # Q6_K: its own format where the linears take the VNNI layout, else int8 groups of 32
+    assert isinstance(expert.down, Q6KLinear if wq_gemm.vnni_default() else Int4x2Linear)
     a, b = logits(ref, IDS), logits(fast, IDS)
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
 

@@ -6,7 +6,7 @@ rows, top-k from 1 to every expert, experts with no rows; and an engine's greedy
 a tiny Qwen3-MoE is the same with either. Two tiny Qwen3-MoEs: conftest's with experts 64
 wide (its 32 are too narrow for the native layout: their down projections stay on torch's int8
 kernel), float weights packed as 8-bit groups; and test_moe_gguf's 256-wide Q4_K_M file (4-bit
-Q4_K gate/up, Q6_K down as 8-bit groups)."""
+Q4_K gate/up, Q6_K down in Q6_K's own format)."""
 
 from __future__ import annotations
 

@@ -27,11 +27,14 @@ from girandole.model.quant import (
     ConcatLinear,
     GroupLevels,
     PackedLinear,
+    Q6KLinear,
+    Q6KParts,
     dense_linear,
     int4_supported,
     linear_from_groups,
     native_only_error,
     pack_int4,
+    q6k_native,
     quantize_int4_groups,
     quantize_int8_groups,
     quantize_int8_rows,
@@ -477,6 +480,10 @@ class Builder:
                     return ConcatLinear(parts)
         qtypes = {self.weights.qtype(f"{n}.weight") for n in names}
         quantize = self.quantize and not qtypes & BF16_QTYPES
+        q6k = self._q6_k_parts(names) if quantize and qtypes == {"Q6_K"} else None
+        if q6k is not None:  # the file's own levels and scales, in their native format
+            parts = tuple(torch.cat(p, dim=0) for p in zip(*q6k))
+            return Q6KLinear(parts, self._bias(names, [p[0].shape[0] for p in q6k], bias))
         per_name = self._exact_groups(names) if quantize else None
         if per_name is not None:
             groups = tuple(torch.cat(parts, dim=0) for parts in zip(*per_name))
@@ -517,6 +524,26 @@ class Builder:
             self._check_shape(f"{n}.weight", tuple(q.shape))
             self._check_finite(f"{n}.weight", scale, offset)  # levels are integers
         return groups
+
+    def _q6_k_parts(self, names: list[str]) -> list[Q6KParts] | None:
+        """Each name's Q6_K levels, scales and d as the file stores them, where the linear
+        keeps them (quant.q6k_native); else None (then they are decoded to floats)."""
+        parts_of = getattr(self.weights, "q6_k_parts", None)
+        shape_of = getattr(self.weights, "shape", None)
+        if parts_of is None or shape_of is None:
+            return None
+        shapes = [shape_of(f"{n}.weight") for n in names]
+        if len({s[1:] for s in shapes}) != 1 or len(shapes[0]) != 2:
+            return None
+        if not q6k_native(sum(s[0] for s in shapes), shapes[0][1]):
+            return None
+        parts = [parts_of(f"{n}.weight") for n in names]
+        if any(p is None for p in parts):
+            return None
+        for n, (levels, _, d) in zip(names, parts):
+            self._check_shape(f"{n}.weight", tuple(levels.shape))
+            self._check_finite(f"{n}.weight", d)
+        return parts
 
     def _int8_table(self, name: str) -> Int8Embedding:
         direct = getattr(self.weights, "int8_groups", None)

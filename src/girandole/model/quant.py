@@ -30,7 +30,8 @@ DENSE_MIN_ROWS = 16
 # integer levels to keep; float weights go to int8 groups of 32 (as Q8_0).
 INT4_QTYPES = {"Q4_0", "Q4_1", "Q4_K"}
 # Types fast mode keeps as bf16 weights. Empty: Q6_K (the default model's 9 ffn_down) is more
-# accurate and faster as int8 groups of 32 than as bf16 (figures in docs/benchmarks.md).
+# accurate and faster as int8 groups of 32 than as bf16 (figures in docs/benchmarks.md), and
+# where the VNNI layout is in use it keeps its own format (Q6KLinear, q6k_native).
 BF16_QTYPES: set[str] = set()
 
 # Integer levels of a group-32 weight: q [N, K], scale and offset [N, K/32], w = q * scale + offset.
@@ -321,6 +322,35 @@ class Int4x2Linear(PackedLinear):
         y = mm(x2, self.lo_packed, INT4_GROUP, self.lo_sz).float()
         y += mm(x2, self.hi_packed, INT4_GROUP, self.hi_sz).float()
         return y
+
+
+# A Q6_K tensor as the file stores it: levels uint8 [N, K] in 0..63, scales int8 [N, K/16],
+# d float16 [N, K/256]; w = d * scale * (level - 32) (loader/gguf.py's decode_q6_k).
+Q6KParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def q6k_native(n: int, k: int) -> bool:
+    """Whether a Q6_K weight [N, K] is kept in its own format (Q6KLinear) rather than as int8
+    groups of 32: where the linears take the VNNI layout, whose kernels alone read it."""
+    return kernels.available() and wq_gemm.vnni_default() and wq_gemm.supports_q6k(n, k)
+
+
+class Q6KLinear(PackedLinear):
+    """A GGUF Q6_K weight in its own native format (kernels.wq_gemm.pack_q6k: the file's 6-bit
+    levels and scales, 6.5625 bits a weight, exact) on the VNNI layout's kernels: decode rows
+    int8 (wq_vnni.c), prompt rows bf16 (wq_gemm.c). Int8 groups of 32 (Int4x2Linear), the
+    form elsewhere, took 10 bits a weight and rounded the weights a second time. Only where
+    q6k_native: it keeps no torch forms."""
+
+    torch_forms = False
+
+    def __init__(self, parts: Q6KParts, bias: torch.Tensor | None = None) -> None:
+        levels, sc, d = parts
+        super().__init__(tuple(levels.shape), bias, None)
+        packed, params, bits = wq_gemm.pack_q6k(levels, sc, d)
+        self.register_buffer("native_packed", packed)
+        self.register_buffer("native_params", params)
+        self.native_bits = bits
 
 
 class ConcatLinear(PackedLinear):

@@ -32,10 +32,18 @@ HALF = 32  # or'ed into bits where the scales and offsets are stored as float16 
 FACTORED = 64  # or'ed into bits where they are stored as factor x integer (WQ_FACTORED in C)
 VNNI = 128  # or'ed into bits where the levels are in csrc/wq_vnni.c's layout (its kernel's)
 SUPER = 8  # groups of a superblock sharing factors (WQ_SUPER in C)
+Q6K = 6  # level bits of GGUF Q6_K's own format, with VNNI (WQ_Q6K in C; pack_q6k)
+Q6K_SUPER = 256  # inputs per Q6_K superblock (one float16 d per channel)
 
 
 def supports(n: int, k: int) -> bool:
     return n % BLOCK_N == 0 and k % GROUP == 0
+
+
+def supports_q6k(n: int, k: int) -> bool:
+    """Whether a Q6_K weight [N, K] can be packed in its own format (pack_q6k), which only the
+    VNNI layout's kernels read (decode rows int8, prompt rows bf16)."""
+    return n % BLOCK_N == 0 and k % Q6K_SUPER == 0
 
 
 def exact_in_float32(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> bool:
@@ -172,6 +180,35 @@ def _vnni_levels(v: torch.Tensor, bits: int) -> torch.Tensor:
         weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
         parts.append((top * weights).sum(-1, dtype=torch.uint8).reshape(nb, g, 64))
     return torch.cat(parts, dim=-1)
+
+
+def pack_q6k(
+    levels: torch.Tensor, sc: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """GGUF Q6_K as the file stores it, w = d * sc * (levels - 32): levels [N, K] in 0..63, sc
+    int8 [N, K/16] (one per 16 inputs), d float16 [N, K/256] -> (packed uint8 levels, params
+    uint8, bits) in the VNNI layout's Q6_K format (csrc/wq_panel.h, WQ_Q6K): 6 bits a level,
+    the group's two int8 scales a channel, then each superblock's float16 d: 6.5625 bits a
+    weight, the file's, where the int8-group form took 10. Exact: the kernels compute the file's
+    d * sc * (q - 32), each exact in float32."""
+    n, k = levels.shape
+    assert supports_q6k(n, k) and sc.shape == (n, k // 16) and d.shape == (n, k // Q6K_SUPER)
+    nb, g = n // BLOCK_N, k // GROUP
+    v = levels.to(torch.uint8).reshape(nb, BLOCK_N, g, GROUP).transpose(1, 2)
+    quads = v.reshape(nb, g, BLOCK_N, 8, 4).permute(0, 1, 3, 2, 4).reshape(nb, g, 8, 64)
+    low = quads & 15
+    nibbles = (low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(nb, g, 256)
+    # part h, byte i: bits 2t, 2t + 1 are bits 4, 5 of quad 4h + t's byte i
+    top = ((quads >> 4) & 3).reshape(nb, g, 2, 4, 64)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)
+    tops = (top << shifts).sum(3, dtype=torch.uint8).reshape(nb, g, 128)
+    packed = _chunked(torch.cat([nibbles, tops], dim=-1))
+    scales = sc.to(torch.int8).reshape(n, g, 2).transpose(1, 2)  # [N, 2 (inputs 0..15, 16..31), g]
+    supers = d.to(torch.float16).reshape(nb, BLOCK_N, k // Q6K_SUPER).transpose(1, 2)
+    params = torch.cat(
+        [_chunked(_by_block(scales)).view(torch.uint8), _chunked(supers).view(torch.uint8)]
+    )
+    return packed, params, Q6K | VNNI
 
 
 def _by_block(t: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,19 @@ class GGUFWeights:
         q = torch.from_numpy(np.ascontiguousarray(b[:, 2:34]).view(np.int8)).reshape(rows, cols)
         return q, scale
 
+    def q6_k_parts(self, name: str):
+        """A Q6_K tensor's levels, scales and d as stored (decode_q6_k), else None."""
+        t = self.tensors[name]
+        if t.tensor_type.name != "Q6_K" or len(t.shape) != 2:
+            return None
+        cols, rows = (int(d) for d in t.shape.tolist())
+        parts = decode_q6_k(t.data, rows, cols)
+        spec = self.spec
+        if self.permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.weight", name):
+            heads = spec.num_heads if ".attn_q." in name else spec.num_kv_heads
+            parts = tuple(_unpermute(x, heads) for x in parts)
+        return parts
+
     def int_groups(self, name: str):
         """Exact integer groups of 32 (see decode_int_groups) of a Q4_0/Q4_1/Q4_K/Q5_0/Q8_0
         tensor, or None for other types."""
@@ -146,19 +159,38 @@ def _dequantize_q6_k(data: np.ndarray) -> torch.Tensor:
     b = np.asarray(data, dtype=np.uint8).reshape(-1, Q6_K_BYTES)  # a read-only view of the file
     n = b.shape[0]
     out = torch.empty(n, 256)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
     for a in range(0, n, Q6_K_CHUNK):
-        blk = torch.from_numpy(b[a : a + Q6_K_CHUNK].copy())
-        m = blk.shape[0]
-        ql = blk[:, :128].reshape(m, 2, 64)
-        qh = blk[:, 128:192].reshape(m, 2, 1, 32)
-        d = blk[:, 208:210].contiguous().view(torch.float16).float()  # [m, 1]
-        scale = d * blk[:, 192:208].contiguous().view(torch.int8).float()  # [m, 16]
-        low = torch.stack([ql & 15, ql >> 4], dim=2).reshape(m, 2, 4, 32)
-        level = (low | (((qh >> shifts) & 3) << 4)).to(torch.int8) - 32
-        product = scale.reshape(m, 16, 1) * level.reshape(m, 16, 16).float()
+        level, sc, d = _q6_k_fields(b[a : a + Q6_K_CHUNK])
+        m = level.shape[0]
+        scale = d.float() * sc.float()  # [m, 16]
+        product = scale.reshape(m, 16, 1) * (level.to(torch.int8) - 32).reshape(m, 16, 16).float()
         out[a : a + m] = product.reshape(m, 256)
     return out.reshape(-1)
+
+
+def _q6_k_fields(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [m, 210] -> (levels uint8 [m, 256] in 0..63, scales int8 [m, 16], d float16
+    [m, 1]): weight i is d * scales[i // 16] * (levels[i] - 32)."""
+    blk = torch.from_numpy(np.array(b, dtype=np.uint8, copy=True))
+    m = blk.shape[0]
+    ql = blk[:, :128].reshape(m, 2, 64)
+    qh = blk[:, 128:192].reshape(m, 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    low = torch.stack([ql & 15, ql >> 4], dim=2).reshape(m, 2, 4, 32)
+    level = (low | (((qh >> shifts) & 3) << 4)).reshape(m, 256)
+    sc = blk[:, 192:208].contiguous().view(torch.int8)
+    d = blk[:, 208:210].contiguous().view(torch.float16)
+    return level, sc, d
+
+
+def decode_q6_k(data: np.ndarray, rows: int, cols: int):
+    """A Q6_K tensor [rows, cols] as the file stores it: (levels uint8 [rows, cols] in 0..63,
+    scales int8 [rows, cols/16], d float16 [rows, cols/256]), w = d * scale * (level - 32) per
+    16 inputs (a scale) and 256 (a d); the levels' bytes once, no float copy."""
+    b = np.asarray(data, dtype=np.uint8).reshape(-1, Q6_K_BYTES)
+    parts = [_q6_k_fields(b[a : a + Q6_K_CHUNK]) for a in range(0, b.shape[0], Q6_K_CHUNK)]
+    level, sc, d = (torch.cat(p) for p in zip(*parts))
+    return level.reshape(rows, cols), sc.reshape(rows, cols // 16), d.reshape(rows, cols // 256)
 
 
 Q4_K_BYTES = 144  # a block of 256 weights: float16 d and dmin, 6-bit scales and mins, 4-bit levels

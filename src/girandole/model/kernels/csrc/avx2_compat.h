@@ -62,6 +62,8 @@ GIR_PS2(gir_unpackhi_ps, _mm256_unpackhi_ps)
 
 GIR_SI2(gir_and_si512, _mm256_and_si256)
 GIR_SI2(gir_xor_si512, _mm256_xor_si256)
+GIR_SI2(gir_or_si512, _mm256_or_si256)
+GIR_SI2(gir_mullo_epi32, _mm256_mullo_epi32)
 GIR_SI2(gir_add_epi32, _mm256_add_epi32)
 GIR_SI2(gir_sub_epi32, _mm256_sub_epi32)
 GIR_SI2(gir_unpacklo_epi32, _mm256_unpacklo_epi32)
@@ -388,6 +390,8 @@ GIR_INLINE gir_ps gir_permutexvar_ps(gir_si idx, gir_ps v) {
 #define _mm512_unpackhi_ps gir_unpackhi_ps
 #define _mm512_and_si512 gir_and_si512
 #define _mm512_xor_si512 gir_xor_si512
+#define _mm512_or_si512 gir_or_si512
+#define _mm512_mullo_epi32 gir_mullo_epi32
 #define _mm512_add_epi32 gir_add_epi32
 #define _mm512_sub_epi32 gir_sub_epi32
 #define _mm512_unpacklo_epi32 gir_unpacklo_epi32

@@ -25,6 +25,15 @@
 // dequant_rows gives the same bf16 channel rows from either layout (so the bf16 kernels serve
 // the rows the int8 one does not: prefill).
 //
+// WQ_Q6K (level bits 6, with WQ_VNNI only): GGUF's Q6_K as the file stores it, w = d * sc * (q -
+// 32) with q 0..63, an int8 sc per channel and 16 inputs and a float16 d per channel and 256
+// inputs (6.5625 bits a weight, as the file; every w is exact in float32: d's 11 significant
+// bits times sc's 7 times |q - 32|'s 5). A block's group is 384 bytes: the 4-bit layout's 256
+// bytes of low nibbles, then 2 parts of 64 bytes, byte i of part h holding in bits 2t, 2t + 1
+// bits 4 and 5 of quad 4h + t's byte i (t = 0..3). Its params: [2][16] int8, the 16 channels'
+// sc for inputs 0..15 of the group, then for 16..31 (32 bytes); its superblock's factors: the
+// 16 channels' d, float16 (32 bytes).
+//
 // Why by channel: a channel's group has at most 32 distinct weights, so the 4- and 5-bit
 // levels become bf16 weights by one table lookup each (vpermw, 32 lanes at once) from a table
 // of its group's q * scale + offset for every q, computed once: about half the instructions of
@@ -41,6 +50,7 @@
 #define WQ_HALF 32
 #define WQ_FACTORED 64
 #define WQ_VNNI 128  // the levels are in wq_vnni.c's layout (quads), not by channel
+#define WQ_Q6K 6    // level bits of Q6_K's own format (with WQ_VNNI; see above)
 #define WQ_SUPER 8  // groups of a superblock sharing factors
 #define WQ_FACTOR_BYTES 128
 
@@ -49,27 +59,39 @@ static inline int64_t wq_group_bytes(int bits) {
     switch (bits & WQ_LEVEL_BITS) {
     case 4: return 256;
     case 5: return 320;
+    case WQ_Q6K: return 384;
     default: return 512;
     }
 }
 
 // Bytes of one block's group of (16 scales, 16 offsets).
 static inline int64_t wq_param_bytes(int bits) {
+    if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) return 32;
     return bits & WQ_FACTORED ? 32 : bits & WQ_HALF ? 64 : 128;
+}
+
+// Whether the params are followed by per-superblock factors (WQ_FACTORED's, or Q6_K's d).
+static inline int wq_has_factors(int bits) {
+    return (bits & WQ_FACTORED) || (bits & WQ_LEVEL_BITS) == WQ_Q6K;
+}
+
+// Bytes of one block's superblock factors.
+static inline int64_t wq_factor_bytes(int bits) {
+    return (bits & WQ_LEVEL_BITS) == WQ_Q6K ? 32 : WQ_FACTOR_BYTES;
 }
 
 // Where a factored layout's superblock factors start: after every group's params.
 static inline const uint8_t *wq_factors(const uint8_t *params, int bits, int64_t nblocks,
                                         int64_t groups) {
-    return bits & WQ_FACTORED ? params + nblocks * groups * wq_param_bytes(bits) : NULL;
+    return wq_has_factors(bits) ? params + nblocks * groups * wq_param_bytes(bits) : NULL;
 }
 
 // The factors of block `b` of a chunk whose first block is nb0 (bt blocks) at group g.
-static inline const uint8_t *wq_block_factors(const uint8_t *factors, int64_t nb0, int64_t groups,
-                                              int64_t g, int bt, int b) {
+static inline const uint8_t *wq_block_factors(const uint8_t *factors, int bits, int64_t nb0,
+                                              int64_t groups, int64_t g, int bt, int b) {
     if (factors == NULL) return NULL;
     const int64_t supers = groups / WQ_SUPER;
-    return factors + (nb0 * supers + g / WQ_SUPER * bt + b) * WQ_FACTOR_BYTES;
+    return factors + (nb0 * supers + g / WQ_SUPER * bt + b) * wq_factor_bytes(bits);
 }
 
 // A block's group in the WQ_VNNI layout: its 8 quads of levels as bytes.
@@ -91,6 +113,28 @@ static inline __attribute__((always_inline)) void wq_vnni_quads(const uint8_t *q
         for (int k = 0; k < 8; k++)
             quads[k] = _mm512_mask_add_epi8(quads[k], _cvtu64_mask64(top[k]), quads[k], sixteen);
     }
+    if (level_bits == WQ_Q6K) {  // bits 4-5 of quad 4h + t at bits 2t of part h, moved to 4
+        const __m512i two = _mm512_set1_epi8(0x30);
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(q + 256 + 64 * h));
+            __m512i *qd = quads + 4 * h;
+            qd[0] = _mm512_or_si512(qd[0], _mm512_and_si512(_mm512_slli_epi16(v, 4), two));
+            qd[1] = _mm512_or_si512(qd[1], _mm512_and_si512(_mm512_slli_epi16(v, 2), two));
+            qd[2] = _mm512_or_si512(qd[2], _mm512_and_si512(v, two));
+            qd[3] = _mm512_or_si512(qd[3], _mm512_and_si512(_mm512_srli_epi16(v, 2), two));
+        }
+    }
+}
+
+// A Q6_K block's group's scales: s_lo[c] = d[c] * sc[c] for inputs 0..15, s_hi for 16..31, in
+// float32 (exact: 11 x 8 significant bits).
+static inline __attribute__((always_inline)) void wq_q6k_scales(const uint8_t *params,
+                                                                const uint8_t *factors,
+                                                                __m512 *s_lo, __m512 *s_hi) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)factors));
+    const __m128i *sc = (const __m128i *)params;
+    *s_lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc))));
+    *s_hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1))));
 }
 
 // The 16 channels' 32 levels each, in input order, from a WQ_VNNI group: a transpose of the
@@ -174,6 +218,25 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *q,
                                                                  __m512i *rows) {
     const int fused = bits & WQ_FUSED;
     const int level_bits = bits & WQ_LEVEL_BITS;
+    if (level_bits == WQ_Q6K) {  // (q - 32) * s, exact in float32, then to bf16
+        __m256i channels[16];
+        wq_vnni_channels(q, level_bits, channels);
+        float lo_f[16], hi_f[16];
+        __m512 s_lo, s_hi;
+        wq_q6k_scales(params, factors, &s_lo, &s_hi);
+        _mm512_storeu_ps(lo_f, s_lo);
+        _mm512_storeu_ps(hi_f, s_hi);
+        const __m512 mid = _mm512_set1_ps(32.0f);
+        for (int c = 0; c < 16; c++) {
+            const __m128i *bytes = (const __m128i *)&channels[c];
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + 1)));
+            rows[c] = GIR_AS_SI(_mm512_cvtne2ps_pbh(
+                _mm512_mul_ps(_mm512_sub_ps(hi, mid), _mm512_set1_ps(hi_f[c])),
+                _mm512_mul_ps(_mm512_sub_ps(lo, mid), _mm512_set1_ps(lo_f[c]))));
+        }
+        return;
+    }
     float sf[16], of[16];
     const float *s = (const float *)params, *o = s + 16;  // float32 params: read in place
     if (bits & (WQ_FACTORED | WQ_HALF)) {
@@ -245,7 +308,7 @@ static inline __attribute__((always_inline)) void wq_dequant_group(
         _mm_prefetch((const char *)next + b, _MM_HINT_T0);
     for (int b = 0; b < bt; b++)
         dequant_rows(q + (blk + b) * group_bytes, bits, params + param_bytes * (blk + b),
-                     wq_block_factors(factors, nb0, groups, g, bt, b), out + b * stride);
+                     wq_block_factors(factors, bits, nb0, groups, g, bt, b), out + b * stride);
 }
 
 // 16 x 16 32-bit elements transposed: out[p] lane c = in[c] lane p.

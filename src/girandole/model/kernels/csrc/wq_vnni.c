@@ -106,7 +106,7 @@ static inline __attribute__((always_inline)) void chunk_rows(
             wq_vnni_quads(q + blk * group_bytes, level_bits, quads);
             __m512 s, o;
             wq_params(params + blk * param_bytes, bits,
-                      wq_block_factors(factors, nb0, groups, g, bt, b), &s, &o);
+                      wq_block_factors(factors, bits, nb0, groups, g, bt, b), &s, &o);
             for (int r = 0; r < R; r++) {
                 const int32_t *xr = (const int32_t *)(xq + r * K + 32 * g);
                 const __m512i sum = dot_quads(quads, xr, level_bits);
@@ -115,6 +115,95 @@ static inline __attribute__((always_inline)) void chunk_rows(
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                                      _mm512_mul_ps(s, _mm512_set1_ps(xs[rg])), *a);
                 *a = _mm512_fmadd_ps(o, _mm512_set1_ps(xb[rg]), *a);
+            }
+        }
+    }
+    for (int b = 0; b < bt; b++)
+        for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy + 16 * b, acc[b * R + r]);
+}
+
+// Q6_K's format (wq_panel.h's WQ_Q6K): w = d * (sc_lo or sc_hi) * (q - 32), q 0..63. Per channel
+// and group an exact integer
+//   T = sc_lo * (D_lo - 32 X_lo) + sc_hi * (D_hi - 32 X_hi)
+// with D the levels' dot products with the row's xq over the group's inputs 0..15 (quads 0..3)
+// and 16..31 (quads 4..7), X the row's sums of xq there (|T| < 2^24: exact as a float too);
+// then y += (d * xs) * T. The row's quantization is the other formats' (quantize_row).
+static inline __attribute__((always_inline)) __m512i q6k_dot(const __m512i *quads,
+                                                             const int32_t *xr, __m512i sc_lo,
+                                                             __m512i sc_hi, __m512i x32_lo,
+                                                             __m512i x32_hi) {
+    __m512i d[2];
+#ifdef GIR_AVX2
+    // vpmaddubsw's pair sums of 2 quads fit 16 bits (2 x 2 x 63 x 127 < 2^15), not of 4.
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256i lo = _mm256_setzero_si256(), hi = lo;
+        for (int k = 4 * h; k < 4 * h + 4; k += 2) {
+            const __m256i x0 = _mm256_set1_epi32(xr[k]), x1 = _mm256_set1_epi32(xr[k + 1]);
+            const __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(quads[k].lo, x0),
+                                               _mm256_maddubs_epi16(quads[k + 1].lo, x1));
+            const __m256i u = _mm256_add_epi16(_mm256_maddubs_epi16(quads[k].hi, x0),
+                                               _mm256_maddubs_epi16(quads[k + 1].hi, x1));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, ones));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(u, ones));
+        }
+        d[h] = (__m512i){lo, hi};
+    }
+#else
+    for (int h = 0; h < 2; h++) {
+        d[h] = _mm512_setzero_si512();
+        for (int k = 4 * h; k < 4 * h + 4; k++)
+            d[h] = _mm512_dpbusd_epi32(d[h], quads[k], _mm512_set1_epi32(xr[k]));
+    }
+#endif
+    return _mm512_add_epi32(_mm512_mullo_epi32(sc_lo, _mm512_sub_epi32(d[0], x32_lo)),
+                            _mm512_mullo_epi32(sc_hi, _mm512_sub_epi32(d[1], x32_hi)));
+}
+
+// 32 times a row's sums of xq over a group's inputs 0..15 and 16..31.
+static inline __attribute__((always_inline)) void q6k_row_sums(const int8_t *x, int32_t *lo,
+                                                               int32_t *hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)x);
+    const __m256i fours = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v),
+                                            _mm256_set1_epi16(1));  // 8 sums of 4 inputs
+    __m128i s = _mm_hadd_epi32(_mm256_castsi256_si128(fours), _mm256_extracti128_si256(fours, 1));
+    s = _mm_hadd_epi32(s, s);
+    *lo = 32 * _mm_cvtsi128_si32(s);
+    *hi = 32 * _mm_extract_epi32(s, 1);
+}
+
+// chunk_rows for Q6_K's format: the same order of work (group by group over the blocks, each
+// block's group unpacked once for the R rows).
+static inline __attribute__((always_inline)) void chunk_rows_q6k(
+    int R, const int8_t *xq, const float *xs, int64_t K, int64_t groups, const uint8_t *q,
+    int bits, const uint8_t *params, const uint8_t *factors, int64_t nb0, int bt, float *y,
+    int64_t ldy) {
+    const int64_t group_bytes = wq_group_bytes(bits), param_bytes = wq_param_bytes(bits);
+    __m512 acc[CHUNK * ROWS];  // acc[b * R + r]
+    for (int i = 0; i < CHUNK * R; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i x32_lo[ROWS], x32_hi[ROWS];
+        for (int r = 0; r < R; r++) {
+            int32_t lo, hi;
+            q6k_row_sums(xq + r * K + 32 * g, &lo, &hi);
+            x32_lo[r] = _mm512_set1_epi32(lo);
+            x32_hi[r] = _mm512_set1_epi32(hi);
+        }
+        for (int b = 0; b < bt; b++) {
+            const int64_t blk = nb0 * groups + g * bt + b;  // the layout's block of this group
+            __m512i quads[8];
+            wq_vnni_quads(q + blk * group_bytes, WQ_Q6K, quads);
+            const __m128i *sc = (const __m128i *)(params + blk * param_bytes);
+            const __m512i sc_lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc));
+            const __m512i sc_hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc + 1));
+            const uint8_t *f = wq_block_factors(factors, bits, nb0, groups, g, bt, b);
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)f));
+            for (int r = 0; r < R; r++) {
+                const int32_t *xr = (const int32_t *)(xq + r * K + 32 * g);
+                const __m512i t = q6k_dot(quads, xr, sc_lo, sc_hi, x32_lo[r], x32_hi[r]);
+                __m512 *a = acc + b * R + r;
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(xs[r * groups + g])), *a);
             }
         }
     }
@@ -140,6 +229,15 @@ void wq_vnni_chunk(const int8_t *xq, const float *xs, const float *xb, int64_t M
     const int64_t nb0 = c * CHUNK;
     const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
     int64_t m = 0;
+    if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) {
+        for (; m + ROWS <= M; m += ROWS)
+            chunk_rows_q6k(ROWS, xq + m * K, xs + m * groups, K, groups, q, bits, params,
+                           factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+        for (; m < M; m++)
+            chunk_rows_q6k(1, xq + m * K, xs + m * groups, K, groups, q, bits, params, factors,
+                           nb0, bt, y + m * ldy + 16 * nb0, ldy);
+        return;
+    }
     for (; m + ROWS <= M; m += ROWS)
         chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,
                    factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
