@@ -9,6 +9,8 @@ a kernel's layout; `gemm` and `bind_rows` run it. Two layouts:
   bf16 for a few rows, where the bf16 kernel is bound by its instructions), prompt rows on the
   bf16 kernel reading the same bytes (faster for many rows, and bitwise the panel layout's
   results). A row's kernel follows its role, never the row count: batch-invariant too.
+`pack_q6k` keeps GGUF's Q6_K as the file stores it (6-bit levels, an int8 scale per 16 inputs, a
+float16 d per 256) in a format of the VNNI layout, which both its kernels read.
 GIRANDOLE_VNNI=0 packs the panel layout everywhere (bf16 for every row). Available where the
 kernels build (loader.py; on AVX2-only CPUs as well, where the int8 kernel is 1.4x faster
 than the bf16 one even at 128 rows, but prompt rows keep bf16's precision there too).

@@ -27,7 +27,9 @@
 //   4 bits: 4 x 64 bytes: byte i of part j holds quad j's byte i in its low nibble, quad
 //           j + 4's in its high one (256 bytes);
 //   5 bits: those 256 bytes of low nibbles, then per quad a 64-bit word whose bit i is bit 4 of
-//           the quad's byte i (320 bytes).
+//           the quad's byte i (320 bytes);
+//   Q6_K (WQ_Q6K): those 256 bytes, then bits 4-5 of the levels in 128 bytes (wq_panel.h), with
+//           the file's own scales: its sums are chunk_rows_q6k's.
 #include <immintrin.h>
 
 #include "avx2_compat.h"
