@@ -171,3 +171,13 @@ def test_gguf_q6_k_linears_load_in_their_format_and_serve_the_engine(q4_k_m_file
     out = llm.generate([IDS], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4
     assert out[0].token_ids[0] == int(b[-1].argmax())
+
+
+def test_without_the_vnni_layout_q6_k_stays_int8_groups(q4_k_m_file, monkeypatch):
+    """GIRANDOLE_VNNI=0 (the panel layout, as with AMX): the format's kernels are the VNNI
+    layout's, so Q6_K is decoded and kept as int8 groups of 32, as before."""
+    monkeypatch.setenv("GIRANDOLE_VNNI", "0")
+    fast, _ = load_model(q4_k_m_file, mode="fast", device="cpu", use_cache=False)
+    down = fast.layers[1].mlp.experts[7].down
+    assert isinstance(down, quant.Int4x2Linear) and not down.native_bits & wq_gemm.VNNI
+    assert not any(isinstance(m, quant.Q6KLinear) for m in fast.modules())
