@@ -4,7 +4,8 @@ Where the CPU and a C compiler allow (AVX512-BF16), the group-quantized linears 
 Int4x2Linear) run every row on girandole's native kernels (kernels.wq_gemm: weights dequantized to
 bf16 once per 16x32 panel and reused for all rows, each row computed independently; without AMX
 decode rows take int8 activations against the levels, wq_vnni.c), faster than torch's kernels
-and than a bf16 F.linear at every row count (docs/benchmarks.md).
+and than a bf16 F.linear at every row count (docs/benchmarks.md). Without AMX, GGUF's Q6_K
+keeps its own levels and scales there (Q6KLinear).
 
 Otherwise torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) serve
 decode rows; they are fast only with bf16 activations, so these layers take any activation
