@@ -1,9 +1,11 @@
 """The mixture-of-experts block's native call (kernels/moe_experts.py, csrc/moe.c), which runs
 every (token, expert) pair of a step in one OpenMP region, gives the per-expert dispatch's floats
 bitwise (model/moe.py: two wq_gemm calls and an activation per expert, sums in ascending expert
-order): for decode rows (the int8 kernel) and prompt rows (the bf16 one), any mix of them, 1..N
-rows, top-k from 1 to every expert, experts with no rows; and an engine's greedy generation on
-a tiny Qwen3-MoE is the same with either. Two tiny Qwen3-MoEs: conftest's with experts 64
+order): for decode rows and prompt rows, any mix of them, 1..N rows, top-k from 1 to every
+expert, experts with no rows; and an engine's greedy generation on a tiny Qwen3-MoE is the same
+with either. Every expert row, prompt rows too, takes the int8 kernel (a few rows an expert in a
+short prompt: the bf16 panel kernel dequantized the whole weight for them), so a prompt token's
+output is the one it would have as a decode row, alone or among any others. Two tiny Qwen3-MoEs: conftest's with experts 64
 wide (its 32 are too narrow for the native layout: their down projections stay on torch's int8
 kernel), float weights packed as 8-bit groups; and test_moe_gguf's 256-wide Q4_K_M file (4-bit
 Q4_K gate/up, Q6_K down in Q6_K's own format)."""
@@ -97,15 +99,36 @@ def test_native_call_equals_the_per_expert_dispatch(moe, k, rows, decode):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_outside_a_step_an_experts_role_follows_its_row_count(moe, rows):
-    """Without an engine step an expert's rows are decode rows where it has fewer than
-    DENSE_MIN_ROWS (quant.decode_rows), in the native call as in the per-expert dispatch."""
+def test_outside_a_step_every_expert_row_takes_the_int8_kernel(moe, rows):
+    """Without an engine step too, at any row count (40 rows at top-8 give each of the 8
+    experts 40, above DENSE_MIN_ROWS, where a linear's rows go to the bf16 kernel): a row's
+    output is its own alone, in the native call as in the per-expert dispatch."""
     x = torch.randn(rows, moe.router.shape[1], generator=torch.Generator().manual_seed(rows))
-    with top_k(moe, 2):
+    with top_k(moe, 8):
         native = moe(x)
         with per_expert(moe):
             reference = moe(x)
-    assert torch.equal(native, reference)
+        assert torch.equal(native, reference)
+        for t in {0, rows // 2, rows - 1}:
+            assert torch.equal(moe(x[t : t + 1]), native[t : t + 1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_prompt_rows_output_is_its_output_as_a_decode_row(moe, native):
+    """A prompt token's experts take the int8 kernel as a decode token's do: its output is the
+    same as a prompt row among 40 (each expert with 40 rows), among decode rows, and alone as
+    a decode row, in the native call and in the per-expert dispatch."""
+    x = torch.randn(41, moe.router.shape[1], generator=torch.Generator().manual_seed(11))
+    dispatch = contextlib.nullcontext() if native else per_expert(moe)
+    with top_k(moe, 8), dispatch:
+        with step(0):
+            prompt = moe(x[1:])
+        with step(1):
+            mixed = moe(x)
+            alone = [moe(x[t : t + 1]) for t in (1, 20, 40)]
+    assert torch.equal(mixed[1:], prompt)
+    for t, y in zip((1, 20, 40), alone):
+        assert torch.equal(y, prompt[t - 1 : t])
 
 
 def test_kernel_with_ids_and_weights_given(moe):
@@ -118,7 +141,7 @@ def test_kernel_with_ids_and_weights_given(moe):
     expert = moe.experts[0]
     with step(4):
         y = moe_experts.moe_experts(
-            x, ids, weights, 4, *moe.native_experts(), expert.intermediate, expert.native_act
+            x, ids, weights, *moe.native_experts(), expert.intermediate, expert.native_act
         )
         for t in range(4):
             want = torch.zeros(1, h)

@@ -19,12 +19,18 @@ invariance, as for a dense layer). A lone token (a sequence decoding alone) skip
 the gathers: its k experts run in ascending order on its row, their weighted outputs added to
 zeros, the same calls and sums. Experts of native packed linears (fast mode) are called on
 their kernels directly, without the module calls around them: at one row, that glue cost about
-as much as the kernels (benchmarks: docs/benchmarks.md, "Mixture-of-experts").
+as much as the kernels (benchmarks: docs/benchmarks.md, "Mixture-of-experts"). And every row of
+theirs, decode or prompt, takes the decode rows' kernel (the int8 one in the VNNI layout): a
+short prompt gives an expert a few rows (64 tokens, 128 experts, top-8: ~4), for which the bf16
+prompt kernel dequantizes the expert's whole weight; the int8 kernel was faster at every row
+count an expert got in a prompt chunk (docs/benchmarks.md, "prompt rows on the int8 kernel"),
+and no row's kernel depends on the step's roles or counts at all. Experts on other kernels
+(torch's packed forms, biased ones such as gpt-oss's) keep the per-expert decode counts above.
 
 Where every expert is stored in the VNNI layout (CPU fast mode without AMX), the whole dispatch
 above is one native call instead (kernels/moe_experts.py, csrc/moe.c): one OpenMP region for
-the step's (token, expert) pairs, each row on its role's kernel, the same floats bitwise (the
-same kernels per row, the same sums in expert order); no Python per expert, and no region per
+the step's (token, expert) pairs, every row on the int8 kernel, the same floats bitwise (the
+same kernel per row, the same sums in expert order); no Python per expert, and no region per
 product (a step at 8 concurrent requests made ~390 of them).
 
 On the GPU path (a forward context with paged tables, `ForwardContext.paged`) the experts run
@@ -206,7 +212,7 @@ class SparseMoE(nn.Module):
         if tables:  # every expert's products in one native call
             expert = self.experts[0]
             return moe_experts.moe_experts(
-                x, ids, weights, decode, *tables, expert.intermediate, expert.native_act
+                x, ids, weights, *tables, expert.intermediate, expert.native_act
             )
         if x.shape[0] == 1:  # one token (a sequence decoding alone): its k experts in order
             return self._one_token(x, ids[0], weights[0], ctx, decode)
@@ -292,18 +298,22 @@ class SparseMoE(nn.Module):
         return y
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        """Expert e's output for its rows [n, hidden]. Native packed linears (CPU fast mode)
-        are called on their kernels directly, as their forward would call them: the module
-        calls, reshapes and casts around them cost a good share of a one-row product."""
+        """Expert e's output for its rows [n, hidden] (bf16 where the experts are packed).
+        Native packed linears (CPU fast mode) are called on their kernels directly, every row
+        as a decode row (the module docstring says why): the module calls, reshapes and casts
+        around them cost a good share of a one-row product."""
         expert = self.experts[e]
         gate_up, down = expert.gate_up, expert.down
         if not (_native(gate_up) and _native(down)):
             return expert(rows)
-        gu = gate_up.native_forward(rows)
+        n = rows.shape[0]
+        gu = gate_up.native_forward(rows, decode=n)
         if gated_act.supported(gu, expert.native_act):
-            return down.native_forward(gated_act.gated_act(gu, expert.native_act))
-        gate, up = gu[:, : expert.intermediate], gu[:, expert.intermediate :]
-        return down(expert.act(gate) * up)
+            hidden = gated_act.gated_act(gu, expert.native_act)
+        else:
+            gate, up = gu[:, : expert.intermediate], gu[:, expert.intermediate :]
+            hidden = (expert.act(gate) * up).to(torch.bfloat16)  # as PackedLinear.forward casts
+        return down.native_forward(hidden, decode=n)
 
 
 def _native(linear: nn.Module) -> bool:

@@ -170,14 +170,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("native_params", params)
         self.native_bits = bits
 
-    def native_forward(self, x2: torch.Tensor) -> torch.Tensor:
+    def native_forward(self, x2: torch.Tensor, decode: int | None = None) -> torch.Tensor:
+        """float32 [M, N] for rows x2 [M, K] on the native kernel. decode: the leading rows that
+        are decode rows (the int8 kernel in the VNNI layout); None: the step's (decode_rows).
+        MoE experts pass every row (model/moe.py)."""
         return wq_gemm.gemm(
             x2,
             self.native_packed,
             self.native_params,
             self.native_bits,
             self.out_features,
-            decode_rows=decode_rows(x2.shape[0]),
+            decode_rows=decode_rows(x2.shape[0]) if decode is None else decode,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,12 +393,12 @@ class ConcatLinear(PackedLinear):
             start += p.out_features
         return out
 
-    def native_forward(self, x2: torch.Tensor) -> torch.Tensor:
+    def native_forward(self, x2: torch.Tensor, decode: int | None = None) -> torch.Tensor:
         x2 = x2.contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         if x2.shape[0] == 0:
             return y
-        k = decode_rows(x2.shape[0])
+        k = decode_rows(x2.shape[0]) if decode is None else decode
         for p, start, stop in self.columns():
             calls = wq_gemm.bind_rows(
                 x2, p.native_packed, p.native_params, p.native_bits, y[:, start:stop], decode_rows=k

@@ -88,7 +88,7 @@ SIGNATURES = {
     # gu, T, I, act, out, nthreads
     "gated_act": [ptr, i64, i64, c_int, ptr, c_int],
     # x, T, H, I, E, ids, weights, k, decode, dense_min_rows, gate_up, down, act, y, nthreads
-    "moe_experts": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, c_int, ptr, c_int],
+    "moe_experts": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, c_int, ptr, c_int],
     # x, T, H, w, E, logits, nthreads
     "moe_router": [ptr, i64, i64, ptr, i64, ptr, c_int],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache

@@ -1,8 +1,9 @@
 """A mixture-of-experts block's experts in one native call (csrc/moe.c): every (token, expert)
 pair's gate_up product, activation and down product, and each token's weighted sum, in one
 OpenMP region, for experts stored in the VNNI layout (CPU fast mode without AMX: kernels/wq_gemm.py).
-Bitwise the per-expert dispatch of model/moe.py (the same kernels per row and role, the same
-sums in ascending expert order). And the router's float32 logits (csrc/moe_router.c), a row's
+Every row, decode or prompt, on the int8 kernel (wq_vnni.c), as model/moe.py's per-expert
+dispatch runs an expert's rows: bitwise that dispatch (the same kernel per row, the same sums in
+ascending expert order). And the router's float32 logits (csrc/moe_router.c), a row's
 the same whatever rows share the call."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from girandole.model.kernels import gated_act, loader, wq_gemm
-from girandole.model.quant import DENSE_MIN_ROWS, ConcatLinear, PackedLinear
+from girandole.model.quant import ConcatLinear, PackedLinear
 
 MAX_TOP_K = 64  # moe.c's per-token buffer
 
@@ -43,17 +44,15 @@ def moe_experts(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    decode: int | None,
     gate_up: torch.Tensor,
     down: torch.Tensor,
     intermediate: int,
     act: str,
 ) -> torch.Tensor:
     """float32 [T, H]: each token's k experts' outputs, weighted and summed in ascending expert
-    order. x: bf16 [T, H]; ids: int64 [T, k]; weights: float32 [T, k]; decode: the leading
-    tokens that are decode rows (an engine step's count), or None outside a step (then an
-    expert's rows are decode rows where it has fewer than DENSE_MIN_ROWS, as quant.decode_rows
-    decides for a linear); gate_up, down: weight_table's of the experts' linears."""
+    order, every row on the int8 kernel (prompt rows too: a token's output never depends on
+    how many rows its experts get). x: bf16 [T, H]; ids: int64 [T, k]; weights: float32 [T, k];
+    gate_up, down: weight_table's of the experts' linears."""
     lib = loader.library()
     assert lib is not None, "native kernels not available"
     assert x.dtype == torch.bfloat16 and ids.dtype == torch.int64 and weights.dtype == torch.float32
@@ -65,8 +64,8 @@ def moe_experts(
         return y
     lib.moe_experts(
         x.data_ptr(), t, h, intermediate, gate_up.shape[0], ids.data_ptr(), weights.data_ptr(),
-        ids.shape[1], -1 if decode is None else decode, DENSE_MIN_ROWS, gate_up.data_ptr(),
-        down.data_ptr(), gated_act.ACTS[act], y.data_ptr(), torch.get_num_threads(),
+        ids.shape[1], gate_up.data_ptr(), down.data_ptr(), gated_act.ACTS[act], y.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return y
 
