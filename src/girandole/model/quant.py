@@ -133,8 +133,9 @@ class PackedLinear(nn.Module):
     and torch's forms are not built (`torch_forms_needed`). With AMX that is one row-invariant
     kernel (bf16 tiles); without, the layout is the VNNI one and decode rows run on the int8
     kernel (wq_vnni.c: twice as fast for a few rows), prompt rows on the bf16 kernel (faster
-    for many rows, and bf16's precision for prompt logprobs). Otherwise `_packed` serves decode
-    rows and `dense` prefill rows.
+    for many rows, and bf16's precision for prompt logprobs; a MoE block's experts pass every
+    row as a decode row: model/moe.py). Otherwise `_packed` serves decode rows and `dense`
+    prefill rows.
     Inside an engine step the ModelRunner puts decode tokens first and says how many there are
     (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
     tokens share the step: results are batch-invariant. On its own, the row count decides.

@@ -13,7 +13,8 @@ a kernel's layout; `gemm` and `bind_rows` run it. Two layouts:
 float16 d per 256) in a format of the VNNI layout, which both its kernels read.
 GIRANDOLE_VNNI=0 packs the panel layout everywhere (bf16 for every row). Available where the
 kernels build (loader.py; on AVX2-only CPUs as well, where the int8 kernel is 1.4x faster
-than the bf16 one even at 128 rows, but prompt rows keep bf16's precision there too).
+than the bf16 one even at 128 rows, but prompt rows keep bf16's precision there too, except a
+MoE block's experts', which take the int8 kernel: model/moe.py).
 """
 
 from __future__ import annotations
