@@ -27,13 +27,20 @@ from torch import nn
 
 from girandole.env_switches import env_switch
 from girandole.model.context import ForwardContext, ImageBatch, get_context, image_context
-from girandole.model.kernels import triton_fused
 from girandole.model.layers import DenseLinear, GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
 from girandole.model.moe import SparseMoE
 from girandole.model.quant import dense_linear
 
 ENABLED = env_switch("FUSED_LAYERS")
+
+
+def _triton_fused():
+    """The fused layers' Triton kernels, imported on the GPU path's first use: no CPU forward
+    asks for them, and importing Triton cost a CPU server ~0.5 s of its start."""
+    from girandole.model.kernels import triton_fused
+
+    return triton_fused
 
 
 def _dense(linear: nn.Module) -> DenseLinear | None:
@@ -46,7 +53,9 @@ def fusable(model: nn.Module) -> bool:
     """Whether the model's layers have what the fused forward reads (checked once a model)."""
     cached = getattr(model, "_fusable", None)
     if cached is None:
-        cached = triton_fused.available() and all(_layer_fusable(layer) for layer in model.layers)
+        cached = _triton_fused().available() and all(
+            _layer_fusable(layer) for layer in model.layers
+        )
         model._fusable = cached
     return cached
 
@@ -59,7 +68,7 @@ def _layer_fusable(layer: nn.Module) -> bool:
         if mlp.stacked is None:
             return False
         linears, dtypes = [attn.qkv, attn.o_proj], {mlp.stacked.gate_up.dtype}
-    elif isinstance(mlp, GatedMLP) and mlp.act_name in triton_fused.ACTIVATIONS:
+    elif isinstance(mlp, GatedMLP) and mlp.act_name in _triton_fused().ACTIVATIONS:
         linears, dtypes = [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down], set()
     else:
         return False
@@ -121,6 +130,7 @@ def _fused(
 ) -> torch.Tensor:
     """The layers on embeddings x [T, hidden] float32 (consumed: updated in place); `images`:
     their spans, which the prefill kernel lets attend both ways."""
+    triton_fused = _triton_fused()
     layers = model.layers
     row_spans = None
     if images is not None and any(images.spans):
