@@ -215,8 +215,11 @@ def test_auth_comes_before_body_checks(server):
 
 
 def test_health_was_503_while_loading_then_200(server):
-    # the socket opens before the model has loaded (about a second at best)
-    assert server.health_codes[0] == 503 and server.health_codes[-1] == 200
+    # The socket opens as the model starts loading, which now takes under a second with a warm
+    # cache: the first look may already find it ready. The loading state's own answers are
+    # test_api_units.test_app_while_loading's (an app whose model never loads).
+    codes = server.health_codes
+    assert codes[-1] == 200 and all(code == 503 for code in codes[:-1]), codes
 
 
 def test_health_needs_no_key(server):
