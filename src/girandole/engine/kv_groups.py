@@ -118,7 +118,7 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Ten
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
-    nbytes = count * torch.tensor([], dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -169,4 +169,4 @@ def bytes_per_block(groups: list[KVCacheGroup], block_size: int, dtype: torch.dt
     for j in range(width):
         layer = next(g.layers[j] for g in groups if j < len(g.layers))
         per_token += 2 * layer.num_kv_heads * layer.head_dim
-    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+    return per_token * block_size * dtype.itemsize

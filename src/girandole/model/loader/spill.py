@@ -13,6 +13,7 @@ storages (each tensor a view at a 64-byte-aligned offset; the last chunk cut to 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ class _Chunk:
 
 def _view(data: torch.Tensor, like: torch.Tensor, offset: int, shape) -> torch.Tensor:
     """`data`'s elements at `offset` in `shape`, of `like`'s kind (a Parameter stays one)."""
-    t = data[offset : offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+    t = data[offset : offset + math.prod(shape)].view(shape)
     if isinstance(like, nn.Parameter):
         return nn.Parameter(t, requires_grad=like.requires_grad)
     return t
