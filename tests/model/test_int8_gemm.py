@@ -40,8 +40,10 @@ def test_bitwise_equal_to_torch_int_mm(n, k, rows, amx):
 
 
 def _torch_refine(logits, x, table, margin, top):
-    """QuantLMHead's refinement in torch ops (its fallback path)."""
-    vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
+    """QuantLMHead's refinement in torch ops (its fallback path), equal values ranked by the
+    lower token id (as the native kernel ranks them; topk's order among ties is unspecified)."""
+    vals, idx = logits.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[:, :top], idx[:, :top]
     keep = vals >= vals[:, :1] - margin
     rows = torch.arange(logits.shape[0]).unsqueeze(1).expand_as(idx)[keep]
     cols = idx[keep]
@@ -51,8 +53,10 @@ def _torch_refine(logits, x, table, margin, top):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("spread", [0.5, 20.0])  # most of the vocabulary within the margin, or few
-def test_refine_matches_the_torch_refinement(rows, spread):
+# Most of the vocabulary within the margin (the candidates narrowed by a threshold first), or
+# few; and coarse logits on a grid of 1/8: many ties at whatever threshold the narrowing stops.
+@pytest.mark.parametrize("spread,grid", [(0.5, None), (20.0, None), (0.5, 8)])
+def test_refine_matches_the_torch_refinement(rows, spread, grid):
     from girandole.model.layers import Int8Embedding
 
     g = torch.Generator().manual_seed(rows)
@@ -60,6 +64,8 @@ def test_refine_matches_the_torch_refinement(rows, spread):
     table = Int8Embedding(torch.randn(vocab, hidden, generator=g) * 0.1)
     x = torch.randn(rows, hidden, generator=g)
     coarse = torch.randn(rows, vocab, generator=g) * spread
+    if grid is not None:
+        coarse = torch.round(coarse * grid) / grid
     coarse[0, :40] = coarse[0].max()  # ties at the top: the lower token ids win
     expected = _torch_refine(coarse, x, table, margin, top)
     got = coarse.clone()

@@ -83,6 +83,38 @@ static float exact_logit(const int8_t *q, const float *scale, const float *x, in
     return _mm512_reduce_add_ps(acc);
 }
 
+// How many of row[0..V) are at least t (NaN never is).
+static int64_t count_at_least(const float *row, int64_t V, float t) {
+    const __m512 tv = _mm512_set1_ps(t);
+    int64_t n = 0, v = 0;
+    for (; v + 16 <= V; v += 16)
+        n += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), tv, _CMP_GE_OQ));
+    for (; v < V; v++) n += row[v] >= t;
+    return n;
+}
+
+// A threshold t >= lo with at least `top` of the row's values at or above it, and, where one
+// is found in a few dozen counts, at most 2 * top of them: bisection between lo (`n` values at
+// or above it, n > top) and hi (the row's maximum). Every value below t is below every value
+// kept, so the `top` first by `before` among the kept are those among all that are at least
+// lo: the same set, at a small share of the selection's work when a row's logits are flat and
+// most of a large vocabulary lies within the margin (random weights; a high-entropy step).
+static float narrow_threshold(const float *row, int64_t V, float lo, float hi, int64_t n,
+                              int64_t top) {
+    for (int it = 0; it < 40 && n > 2 * top; it++) {
+        const float mid = lo + 0.5f * (hi - lo);
+        if (!(mid > lo && mid < hi)) break;  // no float between them (or not finite)
+        const int64_t c = count_at_least(row, V, mid);
+        if (c >= top) {
+            lo = mid;
+            n = c;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
 // logits [M, V] (coarse; candidates overwritten with exact values), x [M, H] float32,
 // table_q int8 [V, H], table_scale float32 [V, H / GROUP]; H % 32 == 0.
 void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t H,
@@ -96,18 +128,22 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t m = 0; m < M; m++) {
         const float *row = logits + m * V;
+        const float mx = row_max(row, V);
+        float threshold = mx - margin;
+        int64_t n = count_at_least(row, V, threshold);
+        if (n > top) threshold = narrow_threshold(row, V, threshold, mx, n, top);
         int32_t *rid = malloc(sizeof(int32_t) * (size_t)(V + 16));
-        const float threshold = row_max(row, V) - margin;
         const __m512 thr = _mm512_set1_ps(threshold);
-        int64_t n = 0;
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        n = 0;
         int64_t v = 0;
         for (; v + 16 <= V; v += 16) {
             const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), thr, _CMP_GE_OQ);
             if (k) {
-                const __m512i idx = _mm512_add_epi32(
-                    _mm512_set1_epi32((int32_t)v),
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-                _mm512_mask_compressstoreu_epi32(rid + n, k, idx);
+                // compressed in a register, then stored whole (rid has room): AMD's Zen 4
+                // microcodes a compress straight to memory
+                const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)v), iota);
+                _mm512_storeu_si512(rid + n, _mm512_maskz_compress_epi32(k, idx));
                 n += __builtin_popcount(k);
             }
         }
