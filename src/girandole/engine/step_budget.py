@@ -27,7 +27,7 @@ class StepBudget:
         self.decode_ratio = decode_ratio
         # The fit's normal equations, in Python floats: numpy's small-array calls and its
         # solver took ~0.18 ms of every step inside the engine (1.7 % of a one-row decode step
-        # of the default model), this ~0.02.
+        # of the default model), these ~0.04.
         self._xtx = [[0.0] * 3 for _ in range(3)]
         self._xty = [0.0] * 3
         self._steps = 0
