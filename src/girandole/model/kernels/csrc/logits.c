@@ -93,6 +93,26 @@ static int64_t count_at_least(const float *row, int64_t V, float t) {
     return n;
 }
 
+// The indices of row[0..V) that are at least t, in order, into ids (room for V + 16); their
+// count. Compressed in a register, then stored whole: AMD's Zen 4 microcodes a compress
+// straight to memory.
+static int64_t ids_at_least(const float *row, int64_t V, float t, int32_t *ids) {
+    const __m512 tv = _mm512_set1_ps(t);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t n = 0, v = 0;
+    for (; v + 16 <= V; v += 16) {
+        const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), tv, _CMP_GE_OQ);
+        if (k) {
+            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)v), iota);
+            _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi32(k, idx));
+            n += __builtin_popcount(k);
+        }
+    }
+    for (; v < V; v++)
+        if (row[v] >= t) ids[n++] = (int32_t)v;
+    return n;
+}
+
 // A threshold t >= lo with at least `top` of the row's values at or above it, and, where one
 // is found in a few dozen counts, at most 2 * top of them: bisection between lo (`n` values at
 // or above it, n > top) and hi (the row's maximum). Every value below t is below every value
@@ -129,26 +149,12 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
     for (int64_t m = 0; m < M; m++) {
         const float *row = logits + m * V;
         const float mx = row_max(row, V);
-        float threshold = mx - margin;
-        int64_t n = count_at_least(row, V, threshold);
-        if (n > top) threshold = narrow_threshold(row, V, threshold, mx, n, top);
         int32_t *rid = malloc(sizeof(int32_t) * (size_t)(V + 16));
-        const __m512 thr = _mm512_set1_ps(threshold);
-        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        n = 0;
-        int64_t v = 0;
-        for (; v + 16 <= V; v += 16) {
-            const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), thr, _CMP_GE_OQ);
-            if (k) {
-                // compressed in a register, then stored whole (rid has room): AMD's Zen 4
-                // microcodes a compress straight to memory
-                const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)v), iota);
-                _mm512_storeu_si512(rid + n, _mm512_maskz_compress_epi32(k, idx));
-                n += __builtin_popcount(k);
-            }
+        int64_t n = ids_at_least(row, V, mx - margin, rid);
+        if (n > top) {  // a flat row: a tighter threshold first, then the selection
+            const float t = narrow_threshold(row, V, mx - margin, mx, n, top);
+            if (t > mx - margin) n = ids_at_least(row, V, t, rid);
         }
-        for (; v < V; v++)
-            if (row[v] >= threshold) rid[n++] = (int32_t)v;
         if (n > top) {  // keep the `top` largest
             cand_t *c = malloc(sizeof(cand_t) * n);
             for (int64_t j = 0; j < n; j++) c[j] = (cand_t){row[rid[j]], rid[j]};
