@@ -242,9 +242,11 @@ static inline __attribute__((always_inline)) float key_score(const lanes_t *y, f
 #endif
 
 // Software prefetch of the paged rows, spread through the scores' work: a burst of a block's
-// rows at once stalls on the CPU's few outstanding misses. Keys ahead[0..nk) into L1 (8 or fewer,
-// PREFETCH_AHEAD keys ahead), the block's own values now[0..8) into L2 (element offsets). NULL:
-// nothing to fetch.
+// rows at once stalls on the CPU's few outstanding misses. Keys ahead[0..nk) (8 or fewer,
+// PREFETCH_AHEAD keys ahead) and the block's own values now[0..8) into L2 (element offsets); NULL:
+// nothing to fetch. Into L2, not L1, for the keys too: an L1 prefetch holds one of the L1's few
+// miss buffers until its line comes, and a block's 8 keys are 32 lines (head_dim 128, float16):
+// decode from memory on Zen 4 went from ~12 to ~18 GB/s (docs/benchmarks.md).
 typedef struct {
     const char *k, *v;
     const int64_t *ahead, *now;
@@ -256,7 +258,7 @@ static inline __attribute__((always_inline)) void prefetch_rows(const prefetch_p
                                                                 int i1) {
     for (int i = i0; i < i1; i++)
         for (int64_t b = 0; b < pf->row_bytes; b += 64) {
-            if (i < pf->nk) _mm_prefetch(pf->k + pf->ahead[i] * pf->elt + b, _MM_HINT_T0);
+            if (i < pf->nk) _mm_prefetch(pf->k + pf->ahead[i] * pf->elt + b, _MM_HINT_T1);
             _mm_prefetch(pf->v + pf->now[i] * pf->elt + b, _MM_HINT_T1);
         }
 }
