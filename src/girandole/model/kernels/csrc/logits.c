@@ -176,7 +176,9 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
     }
     counts[M] = total;
     // Flat (row, token) pairs, so a thread can fetch the table rows a few candidates ahead: the
-    // candidates are scattered over the 178 MB table and each costs a memory round trip.
+    // candidates are scattered over the 178 MB table and each costs a memory round trip. Into
+    // L2: a row is ~36 lines, and an L1 prefetch holds one of the L1's few miss buffers until its
+    // line comes (a 16,384 x 2,048 table's 1,024 cold candidates: 0.36 -> 0.25 ms on Zen 4).
     int32_t *flat_m = malloc(sizeof(int32_t) * (size_t)(total + 1));
     int32_t *flat_t = malloc(sizeof(int32_t) * (size_t)(total + 1));
     for (int64_t m = 0; m < M; m++)
@@ -190,9 +192,9 @@ void lm_head_refine(float *logits, int64_t M, int64_t V, const float *x, int64_t
         if (j + REFINE_AHEAD < total) {
             const int64_t ahead = flat_t[j + REFINE_AHEAD];
             for (int64_t b = 0; b < row_bytes; b += 64)
-                _mm_prefetch((const char *)(table_q + ahead * H) + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)(table_q + ahead * H) + b, _MM_HINT_T1);
             for (int64_t b = 0; b < scale_bytes; b += 64)
-                _mm_prefetch((const char *)(table_scale + ahead * (H / GROUP)) + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)(table_scale + ahead * (H / GROUP)) + b, _MM_HINT_T1);
         }
         const int64_t m = flat_m[j], t = flat_t[j];
         logits[m * V + t] =
