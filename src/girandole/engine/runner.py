@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from girandole.model import kernels
 from girandole.model.attention import Attention
 from girandole.model.config import ModelConfig
 from girandole.model.context import (
+    ContextSlots,
     ForwardContext,
     NativeSlots,
     PaddedDecode,
@@ -304,7 +306,7 @@ class ModelRunner:
             return exc
 
     def _index(self, rows: list[int]) -> torch.Tensor:
-        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
+        return to_device(_longs(rows), self.device)
 
     def _sampler_row(self, seq: Sequence) -> SamplerRow:
         return SamplerRow(
@@ -374,27 +376,24 @@ class ModelRunner:
 
     def _group_slots(
         self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Every KV cache group's cache slots of the batch's blocks at once: [groups, B *
         block_size] long, each sequence's blocks 0..ceil(context_len / block_size)-1 in turn;
-        the index there of each new token [T]; where each sequence starts there [S]."""
+        the index there of each new token [T]; where each sequence starts there [S]. The small
+        index lists in Python ints: a dozen torch calls on a few elements cost more."""
         bs = self.block_size
         nums = [-(-end // bs) for end in context_lens]
         flat_tables: list[int] = []
         for g in range(len(self.kv_groups)):
             for seq, n in zip(seqs, nums):
                 flat_tables.extend(seq.block_tables[g][:n])
-        # array -> frombuffer: several times faster than torch.tensor on a list of ints
-        tables = torch.frombuffer(array("q", flat_tables), dtype=torch.long)
-        tables = tables.view(len(self.kv_groups), -1)
+        tables = _longs(flat_tables).view(len(self.kv_groups), -1)
         slots = (tables[:, :, None] * bs + self._block_offsets).flatten(1)
-        sizes = torch.tensor(nums, dtype=torch.long) * bs
-        starts = torch.cumsum(sizes, 0) - sizes
-        qlens = torch.tensor(query_lens, dtype=torch.long)
-        first_new = starts + torch.tensor(context_lens, dtype=torch.long) - qlens
-        qstarts = torch.cumsum(qlens, 0) - qlens
-        new = torch.arange(int(qlens.sum())) + torch.repeat_interleave(first_new - qstarts, qlens)
-        return slots, new, starts
+        starts = list(accumulate((n * bs for n in nums[:-1]), initial=0))
+        new: list[int] = []
+        for start, end, q in zip(starts, context_lens, query_lens):
+            new.extend(range(start + end - q, start + end))
+        return slots, _longs(new), starts
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
@@ -418,8 +417,8 @@ class ModelRunner:
                 num_decode_rows += n  # a decode token and the proposed tokens after it
             else:
                 leading_decodes = False
-        ids = to_device(torch.tensor(input_ids, dtype=torch.long), self.device)
-        pos = to_device(torch.tensor(positions, dtype=torch.long), self.device)
+        ids = to_device(_longs(input_ids), self.device)
+        pos = to_device(_longs(positions), self.device)
         shared = dict(
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
@@ -428,8 +427,11 @@ class ModelRunner:
         )
         flat, new, starts = self._group_slots(seqs, num_new_tokens, context_lens)
         native = not self.gpu_path and self.device.type == "cpu" and kernels.available()
-        row_starts = (
-            torch.repeat_interleave(starts, torch.tensor(num_new_tokens)) if native else None
+        # the native kernel's view: where each row's sequence starts, and its keys
+        native_rows = (
+            (_longs([s for s, n in zip(starts, num_new_tokens) for _ in range(n)]), pos + 1)
+            if native
+            else None
         )
         num_groups = len(self.kv_groups)
         paged: list[PagedTables | None] = [None] * num_groups
@@ -442,7 +444,7 @@ class ModelRunner:
                 self.device,
             )
         groups = [
-            self._group_context(flat[g], new, row_starts, pos, shared, paged[g])
+            self._group_context(flat[g], new, native_rows, shared, paged[g])
             for g in range(num_groups)
         ]
         ctx = groups[0]
@@ -454,30 +456,32 @@ class ModelRunner:
         self,
         slots: torch.Tensor,
         new: torch.Tensor,
-        row_starts: torch.Tensor | None,
-        pos: torch.Tensor,
+        native_rows: tuple[torch.Tensor, torch.Tensor] | None,
         shared: dict,
         paged: PagedTables | None,
     ) -> ForwardContext:
         """The forward's context for one KV cache group's layers: where they write and read.
         `slots`: its slots of every sequence's blocks, concatenated; `new`: the new tokens'
-        indices in it; `row_starts`: where each new token's sequence starts in it (the native
-        kernel's view, None without it); `paged`: its block tables on the GPU path."""
-        sizes = [-(-end // self.block_size) * self.block_size for end in shared["context_lens"]]
-        context_slots = [s[:end] for s, end in zip(slots.split(sizes), shared["context_lens"])]
+        indices in it; `native_rows`: where each new token's sequence starts in it and how
+        many keys it sees (the native kernel's view, None without it); `paged`: its block
+        tables on the GPU path."""
+        context_slots = ContextSlots(
+            slots,
+            shared["context_lens"],
+            self.block_size,
+            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
+            None if self.gpu_path else self.device,
+        )
         ctx = ForwardContext(
             slot_mapping=to_device(slots.index_select(0, new), self.device),
-            # The GPU path's kernels read block tables: the per-sequence slots stay on the host.
-            context_slots=(
-                context_slots if self.gpu_path else [s.to(self.device) for s in context_slots]
-            ),
+            context_slots=context_slots,
             paged=paged,
             **shared,
         )
         if paged is not None:  # the GPU path: the Triton kernels read the block tables
             return ctx
-        if row_starts is not None:
-            ctx.native = NativeSlots(slots, row_starts, pos + 1)
+        if native_rows is not None:
+            ctx.native = NativeSlots(slots, *native_rows)
         elif self.device.type != "cpu" and all(n == 1 for n in ctx.query_lens):
             # The padded batched decode path is for GPUs; on CPU attention runs per sequence so
             # that each sequence's numbers do not depend on its batch neighbours.
@@ -528,8 +532,7 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        index = to_device(torch.tensor(rows, dtype=torch.long), self.device)
-        return hidden.index_select(0, index)
+        return hidden.index_select(0, self._index(rows))
 
     @staticmethod
     def _keep_routing(
@@ -590,3 +593,11 @@ class ModelRunner:
                 for i in range(0, hidden.shape[0], step)
             ]
         )[:n]
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    """A long tensor of `values` (array -> frombuffer: several times faster than torch.tensor
+    on a list of ints)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(array("q", values), dtype=torch.long)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -21,6 +21,44 @@ import torch
 
 if TYPE_CHECKING:
     from girandole.model.lora import LoRABatch
+
+
+class ContextSlots(Sequence[torch.Tensor]):
+    """Per sequence, the cache slots of its positions 0..context_len-1: views of one KV cache
+    group's slots of every sequence's blocks, concatenated (`slots`, each sequence's blocks
+    `block_size` apart), split on first use and copied to `device` (None: kept on the host).
+    Only attention's torch path and the GPU's padded decode read them per sequence; the native
+    kernel reads the concatenation, so a CPU decode step no longer splits them (~0.2 ms a step
+    for the default model's six groups)."""
+
+    def __init__(
+        self,
+        slots: torch.Tensor,
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device | None,
+    ) -> None:
+        self.slots, self.context_lens = slots, context_lens
+        self.block_size, self.device = block_size, device
+        self._parts: list[torch.Tensor] | None = None
+
+    def _split(self) -> list[torch.Tensor]:
+        if self._parts is None:
+            sizes = [-(-end // self.block_size) * self.block_size for end in self.context_lens]
+            parts = [s[:end] for s, end in zip(self.slots.split(sizes), self.context_lens)]
+            if self.device is not None:
+                parts = [s.to(self.device) for s in parts]
+            self._parts = parts
+        return self._parts
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._split()[i]
+
+    def __len__(self) -> int:
+        return len(self.context_lens)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._split())
 
 
 @dataclass
@@ -32,7 +70,7 @@ class PaddedDecode:
     valid: torch.Tensor  # [S, L_max] bool: key index < context_len
 
     @classmethod
-    def build(cls, context_slots: list[torch.Tensor], device: torch.device) -> PaddedDecode:
+    def build(cls, context_slots: Sequence[torch.Tensor], device: torch.device) -> PaddedDecode:
         lens = [len(s) for s in context_slots]
         padded = torch.zeros(len(lens), max(lens), dtype=torch.long)
         valid = torch.zeros(len(lens), max(lens), dtype=torch.bool)
@@ -139,8 +177,9 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [T] long: cache slot that each new token's K/V is written to
     query_lens: list[int]  # new tokens of each sequence (sum = T)
     context_lens: list[int]  # keys each sequence attends to: cached + new tokens
-    # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1.
-    context_slots: list[torch.Tensor]
+    # Per sequence: [context_len] long, the cache slot of every position 0..context_len-1
+    # (a list, or the runner's ContextSlots, split on first use).
+    context_slots: Sequence[torch.Tensor]
     # The first this-many tokens of the batch are decode tokens (one generated token of a
     # sequence); linears with two kernels pick theirs by this role, not by the row count.
     num_decode_rows: int | None = None
