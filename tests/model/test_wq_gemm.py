@@ -117,22 +117,55 @@ def _k_quant_levels(n: int, k: int, seed: int):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 13, 37])
 def test_k_quant_params_are_stored_factored_with_the_same_results(rows, path, monkeypatch):
-    """Q4_K's scales and offsets are kept as a float32 factor per row and superblock times
-    integers (48 bytes for a block's group, not 128) and give bitwise the results of the
-    float32 ones; the factors found reproduce every value exactly."""
+    """Q4_K's scales and offsets are kept as a float16 factor per row and superblock times
+    integers (40 bytes for a block's group, not 128; float32 factors where some factor is no
+    float16 number: 48) and give bitwise the results of the float32 ones; the factors found
+    reproduce every value exactly."""
     vnni, amx = path
     q, scale, offset = _k_quant_levels(80, 512, seed=rows)
     packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=vnni)
-    assert bits & wq_gemm.FACTORED and not bits & wq_gemm.HALF
-    assert params.numel() == 80 * 16 * 2 + 80 * 2 * 4 * 2  # integers, then float32 factors
+    assert bits & wq_gemm.FACTORED and bits & wq_gemm.HALF
+    assert params.numel() == 80 * 16 * 2 + 80 * 2 * 2 * 2  # integers, then float16 factors
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(7))
     y = wq_gemm.gemm(x, packed, params, bits, 80, amx=amx)
+    with monkeypatch.context() as m:  # float32 factors
+        m.setattr(wq_gemm, "half_factors", lambda integers, factors: None)
+        wide = wq_gemm.pack(q, scale, offset, vnni=vnni)
+    assert wide[2] & wq_gemm.FACTORED and not wide[2] & wq_gemm.HALF
+    assert wide[1].numel() == 80 * 16 * 2 + 80 * 2 * 2 * 4
+    assert torch.equal(y, wq_gemm.gemm(x, *wide, 80, amx=amx))
     monkeypatch.setattr(wq_gemm, "factor_params", lambda scale, offset: None)
     plain = wq_gemm.pack(q, scale, offset, vnni=vnni)
     assert not plain[2] & wq_gemm.FACTORED and plain[1].dtype == torch.float32
     assert torch.equal(y, wq_gemm.gemm(x, *plain, 80, amx=amx))
     expected = _expected(x, q, scale, offset, vnni)
     assert (y.double() - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+def test_factors_become_float16_by_a_whole_divisor_where_one_exists():
+    """A factor that is d (a float16) times a gcd adding significant bits is divided by the
+    least k that makes it a float16 number, its integers multiplied by k; the products stay
+    factor_params' exactly. No k (the integers would pass 255): float32 factors."""
+    d = torch.tensor([2047 * 2.0**-20, 1537 * 2.0**-18])  # 11 significant bits: float16
+    sc = torch.tensor([[3, 6, 9, 12, 15, 18, 21, 3], [5, 10, 5, 15, 20, 25, 30, 35]]).float()
+    scale = (d[:, None] * sc).repeat(16, 1)  # [32 rows, 8 groups]: one superblock a row
+    offset = -scale / 2
+    integers, factors = wq_gemm.factor_params(scale, offset)
+    assert not torch.equal(factors.half().float(), factors)  # 3 d and 5 d: 13 and 14 bits
+    halved = wq_gemm.half_factors(integers, factors)
+    assert halved is not None
+    ints, halves = halved
+    assert halves.dtype == torch.float16
+    assert torch.equal(halves.float()[0, 0], d[:1]) and torch.equal(halves.float()[1, 0], d[1:])
+    assert torch.equal(ints.reshape(32, 2, 8)[0, 0], sc[0].to(torch.uint8))
+    back = halves.float()[..., None] * ints.reshape(32, 2, 1, 8).float()
+    assert torch.equal(back.reshape(32, 2, 8), torch.stack([scale, offset], dim=1))
+    # 3 d with an integer 85 (x 3 = 255 fits) and one of 86 (x 3 = 258 does not)
+    top = integers.clone()
+    top[0, 0, 0] = 85
+    assert wq_gemm.half_factors(top, factors) is not None
+    top[0, 0, 0] = 86
+    assert wq_gemm.half_factors(top, factors) is None
 
 
 def test_params_factor_only_where_every_superblock_does():

@@ -124,8 +124,9 @@ def pack(
     `bits`: 4, 5 or 8, with FUSED or'ed in where no weight's q * scale + offset rounds in
     float32 (then the kernel's one FMA gives the same floats as a multiply and an add), FACTORED
     where each superblock's params are a factor times small integers (factor_params: stored so,
-    0.19 bits a weight), else HALF where they are float16 numbers (then stored so: half the
-    bytes of float32)."""
+    0.75 bits a weight; 0.625 where the factors are float16 numbers, HALF or'ed in too:
+    half_factors), else HALF where they are float16 numbers (then stored so: half the bytes of
+    float32)."""
     n, k = q.shape
     nb, g = n // BLOCK_N, k // GROUP
     bits = level_bits(q)
@@ -147,7 +148,9 @@ def pack(
         v = torch.cat(parts, dim=-1)
     v = v.reshape(nb, g, -1)
     factored = factor_params(scale, offset)
-    half = factored is None and exact_in_float16(scale, offset)
+    if factored is not None:  # float16 factors where they can be: half their bytes
+        factored = half_factors(*factored) or factored
+    half = exact_in_float16(scale, offset) if factored is None else factored[1].dtype == torch.half
     if factored is not None:
         params, factors = factored  # [N, 2, g] integers, [N, 2, g / SUPER] factors
     else:
@@ -265,6 +268,43 @@ def factor_params(
     if not torch.equal(factors[..., None] * integers.float(), v):
         return None
     return integers.to(torch.uint8).reshape(n, 2, groups), factors
+
+
+def half_factors(
+    integers: torch.Tensor, factors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """factor_params' products with float16 factors: each factor divided by the least whole k
+    that makes it a float16 number (exactly), its integers multiplied by k (still below 256);
+    None where some factor has no such k. GGUF's K-quants: a factor is d (a float16) times the
+    gcd of its superblock's 6-bit scales, a float16 itself but where that gcd adds significant
+    bits (~0.03 % of a Q4_K file's superblocks: there k is the gcd's odd part or a divisor).
+    Half the factors' bytes: Q4_K's linears stream 4.625 bits a weight instead of 4.75."""
+    n, two, groups = integers.shape
+    ints = integers.reshape(n, two, groups // SUPER, SUPER).long()
+    top = ints.amax(dim=-1)
+    k = torch.ones_like(factors)
+    todo = factors.half().float() != factors
+    if bool(todo.any()):
+        idx = todo.nonzero(as_tuple=True)
+        f, left, kk = factors[idx], torch.ones(int(todo.sum()), dtype=torch.bool), k[idx]
+        for cand in range(2, 256):
+            g = f / cand
+            ok = left & (g.half().float() == g) & (g * cand == f) & (top[idx] * cand <= 255)
+            kk = torch.where(ok, float(cand), kk)
+            left &= ~ok
+            if not bool(left.any()):
+                break
+        if bool(left.any()):
+            return None
+        k[idx] = kk
+    halves = (factors / k).half()
+    scaled = ints * k.long()[..., None]
+    # The kernel's float32 products must be factor_params' exactly.
+    if not torch.equal(
+        halves.float()[..., None] * scaled.float(), factors[..., None] * ints.float()
+    ):
+        return None
+    return scaled.to(torch.uint8).reshape(n, two, groups), halves
 
 
 def gemm(

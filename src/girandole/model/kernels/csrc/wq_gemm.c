@@ -30,7 +30,8 @@
 //           by channel: wq_panel.h (4 and 5 bits are packed).
 //   params: [chunk][K/32][block][2][16] float32 (float16 with WQ_HALF): the block's 16 scales,
 //           then 16 offsets. WQ_FACTORED: [chunk][K/32][block][2][16] uint8 integers, then
-//           [chunk][K/256][block][2][16] float32 factors (scale = factor * integer, exactly).
+//           [chunk][K/256][block][2][16] float32 factors (scale = factor * integer, exactly;
+//           float16 with WQ_HALF too).
 #include <immintrin.h>
 
 #include "avx2_compat.h"

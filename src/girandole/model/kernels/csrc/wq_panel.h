@@ -10,7 +10,8 @@
 //   WQ_FACTORED: each channel's scales (and offsets) over a superblock of 8 groups are exactly
 //             a float32 factor times integers 0..255 (GGUF's K-quants: a float16 d times 6-bit
 //             scales): a group's params are then 16 + 16 bytes, its superblock's factors
-//             2 x 16 float32 (wq_gemm.c's layout): 0.19 bits a weight instead of 2.
+//             2 x 16 float32 (wq_gemm.c's layout): 0.75 bits a weight instead of 2. With
+//             WQ_HALF too, the factors are float16 numbers, stored so (2 x 16 float16): 0.625.
 // A block's group (16 channels x 32 inputs) is stored channel by channel:
 //   4 bits: 4 lines of 32 little-endian 16-bit words; bits 4j..4j+3 of word i of line t are
 //           the level of channel 4t + j at input i;
@@ -77,7 +78,8 @@ static inline int wq_has_factors(int bits) {
 
 // Bytes of one block's superblock factors.
 static inline int64_t wq_factor_bytes(int bits) {
-    return (bits & WQ_LEVEL_BITS) == WQ_Q6K ? 32 : WQ_FACTOR_BYTES;
+    if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) return 32;
+    return bits & WQ_HALF ? WQ_FACTOR_BYTES / 2 : WQ_FACTOR_BYTES;
 }
 
 // Where a factored layout's superblock factors start: after every group's params.
@@ -179,9 +181,16 @@ static inline __attribute__((always_inline)) void wq_params(const uint8_t *param
                                                             __m512 *o) {
     if (bits & WQ_FACTORED) {  // exact products: checked when packing
         const __m128i *integers = (const __m128i *)params;  // 16 for scales, 16 for offsets
-        *s = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers))));
-        *o = _mm512_mul_ps(_mm512_loadu_ps((const float *)factors + 16),
+        __m512 fs, fo;  // the factors, float16 with WQ_HALF (wq_gemm.py's half_factors)
+        if (bits & WQ_HALF) {
+            fs = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)factors));
+            fo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(factors + 32)));
+        } else {
+            fs = _mm512_loadu_ps((const float *)factors);
+            fo = _mm512_loadu_ps((const float *)factors + 16);
+        }
+        *s = _mm512_mul_ps(fs, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers))));
+        *o = _mm512_mul_ps(fo,
                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(integers + 1))));
     } else if (bits & WQ_HALF) {
         *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)params));
