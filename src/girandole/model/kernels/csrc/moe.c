@@ -8,7 +8,8 @@
 // regions' fork/join and the glue cost about as much as the products. Here one region runs the
 // whole block, its phases separated by barriers:
 //   1. each (token, expert) pair's row quantized for the int8 kernel (wq_vnni.c);
-//   2. gate_up, over work items (expert, chunk of 64 output channels);
+//   2. gate_up, over work items (expert, chunk of 64 output channels): with a few rows an
+//      expert (decode) each expert's chunks split between the threads, else dynamic items;
 //   3. the activation per pair (gated_act.c), its bf16 output quantized for down as in 1;
 //   4. down, over work items as in 2;
 //   5. each token's k weighted outputs summed in ascending expert order, from zero.
@@ -30,6 +31,7 @@
 #include "wq_panel.h"
 
 #define MOE_CHUNK 4  // blocks of 16 channels per work item: wq_gemm.c's and wq_vnni.c's CHUNK
+#define SPLIT_ROWS 4  // experts of at most this many rows split their chunks statically
 
 // wq_vnni.c, gated_act.c
 void wq_vnni_quantize(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xb);
@@ -119,6 +121,10 @@ void moe_experts(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t E,
     int8_t *xq = (int8_t *)qb;
     float *xs = (float *)(qb + xq_bytes), *xb = xs + P * (KMAX / 32);
     float *prod = (float *)wq_buffer_for(&product_buffer, round64(P * NMAX * (int64_t)sizeof(float)));
+    // Few rows an expert (decode steps): its chunks split statically (below).
+    int64_t most = 0;
+    for (int64_t i = 0; i < nseg; i++) most = seg[i].rows > most ? seg[i].rows : most;
+    const int split = most <= SPLIT_ROWS;
     const int64_t gu_chunks = (2 * I / 16 + MOE_CHUNK - 1) / MOE_CHUNK;
     const int64_t down_chunks = (H / 16 + MOE_CHUNK - 1) / MOE_CHUNK;
 #pragma omp parallel num_threads(nthreads)
@@ -127,23 +133,48 @@ void moe_experts(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t E,
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++)
             quantize_pair(x + pair_token[p] * H, H, p, xq, xs, xb);
-        // Dynamic: experts differ in rows (a prompt's), and on a shared host a thread
-        // may lose its core for a while; each item writes its own outputs, so any order of
-        // items gives the same floats.
+        // Each item writes its own outputs, so any order of items gives the same floats.
+        if (split) {
+            // Decode rows: each expert's chunks split between the threads as wq_gemm_vnni splits
+            // a matrix's (each thread one contiguous run, the threads side by side), expert
+            // after expert without waiting: ~10 % faster than dynamic items, which left each
+            // thread a stream broken every two items (Qwen3-30B-A3B's experts, one token: 3.34
+            // -> 2.96 ms for 4 layers, Zen 4; 16 separate wq_gemm calls a layer took 3.14).
+            for (int64_t i = 0; i < nseg; i++) {
+#pragma omp for schedule(static) nowait
+                for (int64_t c = 0; c < gu_chunks; c++)
+                    segment_chunk(seg + i, c, H, 2 * I, gate_up + 3 * seg[i].expert, xq, xs, xb,
+                                  prod);
+            }
+#pragma omp barrier
+        } else {
+            // Dynamic: a prompt's experts differ in rows, and on a shared host a thread may
+            // lose its core for a while.
 #pragma omp for schedule(dynamic, 2)
-        for (int64_t i = 0; i < nseg * gu_chunks; i++) {
-            const moe_segment *s = seg + i / gu_chunks;
-            segment_chunk(s, i % gu_chunks, H, 2 * I, gate_up + 3 * s->expert, xq, xs, xb, prod);
+            for (int64_t i = 0; i < nseg * gu_chunks; i++) {
+                const moe_segment *s = seg + i / gu_chunks;
+                segment_chunk(s, i % gu_chunks, H, 2 * I, gate_up + 3 * s->expert, xq, xs, xb,
+                              prod);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++) {
             gated_act_row(prod + p * 2 * I, I, act, act_row);
             quantize_pair(act_row, I, p, xq, xs, xb);
         }
+        if (split) {
+            for (int64_t i = 0; i < nseg; i++) {
+#pragma omp for schedule(static) nowait
+                for (int64_t c = 0; c < down_chunks; c++)
+                    segment_chunk(seg + i, c, I, H, down + 3 * seg[i].expert, xq, xs, xb, prod);
+            }
+#pragma omp barrier
+        } else {
 #pragma omp for schedule(dynamic, 2)
-        for (int64_t i = 0; i < nseg * down_chunks; i++) {
-            const moe_segment *s = seg + i / down_chunks;
-            segment_chunk(s, i % down_chunks, I, H, down + 3 * s->expert, xq, xs, xb, prod);
+            for (int64_t i = 0; i < nseg * down_chunks; i++) {
+                const moe_segment *s = seg + i / down_chunks;
+                segment_chunk(s, i % down_chunks, I, H, down + 3 * s->expert, xq, xs, xb, prod);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
