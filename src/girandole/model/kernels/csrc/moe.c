@@ -76,6 +76,37 @@ static void segment_chunk(const moe_segment *s, int64_t c, int64_t K, int64_t N,
                   out + f * N, N);
 }
 
+// Every segment's product with its expert's weight (weights: per expert (levels, params,
+// bits) of N outputs over K inputs), work shared by the threads of the calling parallel region
+// and finished at a barrier. Each item writes its own outputs, so any order of items gives the
+// same floats.
+static void segment_products(const moe_segment *seg, int64_t nseg, int64_t K, int64_t N,
+                             const int64_t *weights, const int8_t *xq, const float *xs,
+                             const float *xb, float *out, int split) {
+    const int64_t chunks = (N / 16 + MOE_CHUNK - 1) / MOE_CHUNK;
+    if (split) {
+        // Decode rows: each expert's chunks split between the threads as wq_gemm_vnni splits a
+        // matrix's (each thread one contiguous run, the threads side by side), expert after
+        // expert without waiting: ~10 % faster than dynamic items, which left each thread a
+        // stream broken every two items (Qwen3-30B-A3B's experts, one token: 3.34 -> 2.96 ms
+        // for 4 layers, Zen 4; 16 separate wq_gemm calls a layer took 3.14).
+        for (int64_t i = 0; i < nseg; i++) {
+#pragma omp for schedule(static) nowait
+            for (int64_t c = 0; c < chunks; c++)
+                segment_chunk(seg + i, c, K, N, weights + 3 * seg[i].expert, xq, xs, xb, out);
+        }
+#pragma omp barrier
+    } else {
+        // Dynamic: a prompt's experts differ in rows, and on a shared host a thread may lose
+        // its core for a while.
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < nseg * chunks; i++) {
+            const moe_segment *s = seg + i / chunks;
+            segment_chunk(s, i % chunks, K, N, weights + 3 * s->expert, xq, xs, xb, out);
+        }
+    }
+}
+
 // A pair's row of K bf16 inputs quantized for the int8 kernel into xq, xs, xb at row `pos`.
 static inline void quantize_pair(const uint16_t *row, int64_t K, int64_t pos, int8_t *xq,
                                  float *xs, float *xb) {
@@ -121,61 +152,23 @@ void moe_experts(const uint16_t *x, int64_t T, int64_t H, int64_t I, int64_t E,
     int8_t *xq = (int8_t *)qb;
     float *xs = (float *)(qb + xq_bytes), *xb = xs + P * (KMAX / 32);
     float *prod = (float *)wq_buffer_for(&product_buffer, round64(P * NMAX * (int64_t)sizeof(float)));
-    // Few rows an expert (decode steps): its chunks split statically (below).
+    // Few rows an expert (decode steps): its chunks split statically (segment_products).
     int64_t most = 0;
     for (int64_t i = 0; i < nseg; i++) most = seg[i].rows > most ? seg[i].rows : most;
     const int split = most <= SPLIT_ROWS;
-    const int64_t gu_chunks = (2 * I / 16 + MOE_CHUNK - 1) / MOE_CHUNK;
-    const int64_t down_chunks = (H / 16 + MOE_CHUNK - 1) / MOE_CHUNK;
 #pragma omp parallel num_threads(nthreads)
     {
         uint16_t *act_row = (uint16_t *)wq_buffer_for(&row_buffer, round64(I * 2));
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++)
             quantize_pair(x + pair_token[p] * H, H, p, xq, xs, xb);
-        // Each item writes its own outputs, so any order of items gives the same floats.
-        if (split) {
-            // Decode rows: each expert's chunks split between the threads as wq_gemm_vnni splits
-            // a matrix's (each thread one contiguous run, the threads side by side), expert
-            // after expert without waiting: ~10 % faster than dynamic items, which left each
-            // thread a stream broken every two items (Qwen3-30B-A3B's experts, one token: 3.34
-            // -> 2.96 ms for 4 layers, Zen 4; 16 separate wq_gemm calls a layer took 3.14).
-            for (int64_t i = 0; i < nseg; i++) {
-#pragma omp for schedule(static) nowait
-                for (int64_t c = 0; c < gu_chunks; c++)
-                    segment_chunk(seg + i, c, H, 2 * I, gate_up + 3 * seg[i].expert, xq, xs, xb,
-                                  prod);
-            }
-#pragma omp barrier
-        } else {
-            // Dynamic: a prompt's experts differ in rows, and on a shared host a thread may
-            // lose its core for a while.
-#pragma omp for schedule(dynamic, 2)
-            for (int64_t i = 0; i < nseg * gu_chunks; i++) {
-                const moe_segment *s = seg + i / gu_chunks;
-                segment_chunk(s, i % gu_chunks, H, 2 * I, gate_up + 3 * s->expert, xq, xs, xb,
-                              prod);
-            }
-        }
+        segment_products(seg, nseg, H, 2 * I, gate_up, xq, xs, xb, prod, split);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++) {
             gated_act_row(prod + p * 2 * I, I, act, act_row);
             quantize_pair(act_row, I, p, xq, xs, xb);
         }
-        if (split) {
-            for (int64_t i = 0; i < nseg; i++) {
-#pragma omp for schedule(static) nowait
-                for (int64_t c = 0; c < down_chunks; c++)
-                    segment_chunk(seg + i, c, I, H, down + 3 * seg[i].expert, xq, xs, xb, prod);
-            }
-#pragma omp barrier
-        } else {
-#pragma omp for schedule(dynamic, 2)
-            for (int64_t i = 0; i < nseg * down_chunks; i++) {
-                const moe_segment *s = seg + i / down_chunks;
-                segment_chunk(s, i % down_chunks, I, H, down + 3 * s->expert, xq, xs, xb, prod);
-            }
-        }
+        segment_products(seg, nseg, I, H, down, xq, xs, xb, prod, split);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             int64_t pos[64];  // the token's pairs in ascending expert order: ascending position
