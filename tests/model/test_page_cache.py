@@ -1,0 +1,120 @@
+"""The packed-model cache is mapped in 2 MiB pages (model/loader/page_cache.py): its file is
+dropped from the page cache once written and read back through a mapping advised
+MADV_HUGEPAGE, so its folios are 2 MiB and the loader's mapping takes them whole (smaps'
+FilePmdMapped). Where the kernel or the filesystem cannot (another OS, THP off, a filesystem
+without large folios) the tests are skipped: the loader maps 4 KiB pages there, as before."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from girandole.model.default import cache_dir
+from girandole.model.loader import _save_cache, page_cache
+
+MIB = 1 << 20
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    path = path.resolve()
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[1]
+            if (path.as_posix() + "/").startswith(point.rstrip("/") + "/") and len(point) > len(
+                best
+            ):
+                best, kind = point, fields[2]
+    return kind
+
+
+def _large_folios(path: Path) -> bool:
+    """Whether files under `path` can be cached in 2 MiB folios and mapped so: Linux with THP
+    not off, on a filesystem with large folios (xfs from 5.18, ext4 from 6.16)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    if "[never]" in thp:
+        return False
+    needs = {"xfs": (5, 18), "ext4": (6, 16)}.get(_filesystem(path))
+    return needs is not None and _kernel() >= needs
+
+
+def _pmd_mapped(path: Path) -> int:
+    """Bytes of this process's mappings of `path` mapped in 2 MiB pages."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+                current = len(head) >= 6 and head[5] == str(path)
+            elif current and line.startswith("FilePmdMapped:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path):
+    if not _large_folios(tmp_path):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    path = tmp_path / "weights.bin"
+    data = os.urandom(12 * MIB + 12345)
+    with open(path, "wb") as f:  # in small writes, as torch.save writes: small folios
+        for start in range(0, len(data), 1 << 16):
+            f.write(data[start : start + (1 << 16)])
+    page_cache.drop(path)
+    page_cache.read_huge(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as mm:
+        view = torch.frombuffer(mm, dtype=torch.uint8)
+        assert bytes(mm[: 1 << 16]) == data[: 1 << 16]
+        assert int(view[::4096].sum()) == sum(data[::4096])  # every page touched
+        # the mapping starts 2 MiB-aligned: all 6 whole 2 MiB pages of the file
+        assert _pmd_mapped(path) == 12 * MIB
+        del view
+
+
+def test_a_saved_cache_entry_maps_in_2_mib_pages_and_reads_the_same(tmp_path):
+    if not _large_folios(tmp_path):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    module = nn.Module()
+    for i in range(256):  # 16 MiB in 64 KiB tensors, as a model's layers
+        module.register_buffer(f"w{i}", torch.randint(0, 255, (1 << 16,), dtype=torch.uint8))
+    entry = tmp_path / "packed" / "entry.pt"
+    _save_cache(module, None, entry)
+    page_cache.read_huge(entry)
+    back = torch.load(entry, mmap=True, weights_only=False)["model"]
+    for name, tensor in module.named_buffers():  # reads every page
+        assert torch.equal(getattr(back, name), tensor), name
+    assert _pmd_mapped(entry) >= 14 * MIB
+
+
+def test_the_default_models_packed_weights_are_mapped_in_2_mib_pages(default_fast):
+    folder = cache_dir() / "packed"
+    if not _large_folios(folder):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    model, _ = default_fast
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage() for t in model.state_dict().values()
+    }
+    for storage in storages.values():  # every page of the weights touched
+        torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
+    entries = [Path(p) for p in folder.glob("gemma-3-270m-*.pt")]
+    size = {p: p.stat().st_size for p in entries}
+    pmd = {p: _pmd_mapped(p) for p in entries}
+    entry = max(pmd, key=pmd.get)
+    assert pmd[entry] >= 0.9 * size[entry], (pmd, size)
