@@ -137,8 +137,10 @@ class LlamaCppEngine:
     sequential = True  # the Python binding serves one sequence at a time
 
     def __init__(self, spec: dict) -> None:
+        from common import gguf_in_huge_pages
         from llama_cpp import Llama
 
+        gguf_in_huge_pages(spec["model"])
         self.llm = Llama(
             model_path=spec["model"],
             n_threads=spec["threads"],
@@ -149,7 +151,8 @@ class LlamaCppEngine:
         )
         self.notes = [
             f"llama.cpp n_threads={spec['threads']} n_ctx={spec['n_ctx']} n_batch=512; "
-            "N-request cells run sequentially (the Python binding has no batched API)"
+            "N-request cells run sequentially (the Python binding has no batched API); the GGUF"
+            " cached in 2 MiB folios first, as girandole's packed entry (common.gguf_in_huge_pages)"
         ]
 
     @staticmethod
@@ -196,11 +199,12 @@ class LlamaServerEngine:
 
     def __init__(self, spec: dict) -> None:
         import httpx
-        from common import find_llama_server, free_port
+        from common import find_llama_server, free_port, gguf_in_huge_pages
 
         binary = find_llama_server(spec.get("llama_server_bin"))
         if binary is None:
             raise RuntimeError("no llama-server binary (see benchmarks/build_llama_server.sh)")
+        gguf_in_huge_pages(spec["model"])
         self.slots = max(spec["concurrency"] or [1])
         per_slot = max(spec["prefill_len"], spec["input_len"] + spec["output_len"]) + 64
         port = free_port()
@@ -233,7 +237,8 @@ class LlamaServerEngine:
         self.notes = [
             f"llama-server --parallel {self.slots} -c {self.slots * per_slot} -t {t} --cache-ram 0: non-streaming "
             "/completion requests of token ids, all N at once; decode and prefill from its own "
-            "timings (predicted_per_second, prompt_per_second); peak RSS is the server's"
+            "timings (predicted_per_second, prompt_per_second); peak RSS is the server's; the GGUF "
+            "cached in 2 MiB folios first, as girandole's packed entry (common.gguf_in_huge_pages)"
         ]
 
     def stop(self) -> None:

@@ -283,6 +283,17 @@ def dump_json(path: str | None, data: object) -> None:
         Path(path).write_text(json.dumps(data, indent=2))
 
 
+def gguf_in_huge_pages(path: str) -> None:
+    """Cache a peer's GGUF file as girandole's loader caches its packed entry (model/loader/
+    page_cache.py): dropped from the page cache, then read back in 2 MiB folios, so that
+    llama.cpp's mapping of it takes 2 MiB pages too and neither side pays 4 KiB pages for the
+    other's (a file written by pip or shaped_gguf.py stays cached in small folios)."""
+    from girandole.model.loader import page_cache
+
+    page_cache.drop(Path(path))
+    page_cache.read_huge(Path(path))
+
+
 def find_llama_server(explicit: str | None) -> str | None:
     for cand in (
         explicit,
