@@ -124,6 +124,14 @@ def tiny_qwen3_moe_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_qwen3_moe_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3-MoE with experts 64 wide: wide enough for the native layout, so in CPU
+    fast mode its experts and router run on the native kernels (32 are too narrow)."""
+    folder = tmp_path_factory.mktemp("tiny-qwen3-moe-64")
+    return write_tiny_llama(folder, family="qwen3_moe", moe_intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-mixtral"), family="mixtral")
 

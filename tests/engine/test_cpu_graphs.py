@@ -1,8 +1,9 @@
 """Decode steps as recorded native kernel calls (girandole/engine/cpu_graphs.py): a graph's step
 is bitwise the eager forward's, for the default model (Gemma 3: post norms, local and global
 rotary tables, sliding-window KV groups) and tiny Llama (rotary without QK norm), Qwen 2 (QKV
-bias) and Qwen 3 (QK norm) checkpoints and mixtures of experts (tiny Qwen3-MoE and Mixtral: the
-block one recorded call); generation with graphs equals generation without, through re-recording
+bias) and Qwen 3 (QK norm) checkpoints and mixtures of experts (tiny Qwen3-MoE, Mixtral and
+gpt-oss: the block one recorded call; a Qwen3-MoE with native experts: its router, route and
+experts as three native calls); generation with graphs equals generation without, through re-recording
 when the context outgrows a graph's slot buffers, router replay's routing included; steps a
 graph cannot run stay eager."""
 
@@ -254,19 +255,30 @@ def moe_llms(tiny_qwen3_moe_dir):
     )
 
 
-@pytest.mark.parametrize("which", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_moe_step_is_the_eager_step(which, tiny_qwen3_moe_dir, tiny_mixtral_dir, tiny_gpt_oss_dir):
+@pytest.mark.parametrize("which", ["qwen3_moe", "qwen3_moe_64", "mixtral", "gpt_oss"])
+def test_moe_step_is_the_eager_step(which, request):
     """A mixture-of-experts layer's attention, norms and residual adds are recorded as a dense
-    layer's, its feed-forward is one call of the block's forward: bitwise the eager step, for
-    one row (the block's lone-token path) and three (its sorted dispatch). gpt-oss too: its
-    sinks, QKV and output biases, sliding-window groups and YaRN tables as recorded for dense
-    models, its MoE block (biased router, clamped SwiGLU experts with biases) one call."""
-    path = {"qwen3_moe": tiny_qwen3_moe_dir, "mixtral": tiny_mixtral_dir,
-            "gpt_oss": tiny_gpt_oss_dir}[which]  # fmt: skip
-    llm = _llm(path, block_size=4)
-    assert all(isinstance(layer.mlp, SparseMoE) for layer in llm.engine.runner.model.layers)
+    layer's; its feed-forward, where its router and experts run natively (the Qwen3-MoE with
+    experts 64 wide), as the router's, the route's and the experts' native calls, else as one
+    call of the block's forward: bitwise the eager step, for one row (the block's lone-token
+    path) and three (its sorted dispatch). gpt-oss too: its sinks, QKV and output biases,
+    sliding-window groups and YaRN tables as recorded for dense models, its MoE block (biased
+    router, clamped SwiGLU experts with biases) one call."""
+    fixture = {"qwen3_moe": "tiny_qwen3_moe_dir", "qwen3_moe_64": "tiny_wide_qwen3_moe_dir",
+               "mixtral": "tiny_mixtral_dir", "gpt_oss": "tiny_gpt_oss_dir"}[which]  # fmt: skip
+    llm = _llm(request.getfixturevalue(fixture), block_size=4)
+    layers = llm.engine.runner.model.layers
+    assert all(isinstance(layer.mlp, SparseMoE) for layer in layers)
     _step_both_ways(llm, PROMPTS)
     _step_both_ways(llm, PROMPTS[:1])
+    native = which == "qwen3_moe_64"
+    assert native == all(layer.mlp.native_experts() is not None for layer in layers)
+    graphs = llm.engine.runner.cpu_graphs.graphs.values()
+    for graph in graphs:
+        calls = [fn for fn, _ in graph.calls]
+        assert calls.count(kernels.loader.library().moe_route) == (len(layers) if native else 0)
+        assert calls.count(cpu_graphs._run_block) == (0 if native else len(layers))
+    assert len(graphs) >= 2  # 3 rows, then 1
 
 
 def _graph_steps(monkeypatch) -> list[tuple[int, bool]]:

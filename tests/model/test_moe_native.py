@@ -16,7 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from moe_gguf_helpers import root_conftest, write_moe_gguf
+from moe_gguf_helpers import write_moe_gguf
 from test_moe_gguf import Q4_K_M, tiny_qwen3_moe_256
 
 from girandole import LLM, SamplingParams
@@ -59,10 +59,8 @@ def top_k(moe: SparseMoE, k: int):
 
 
 @pytest.fixture(scope="module")
-def wide_moe_dir(tmp_path_factory):
-    """conftest's tiny Qwen3-MoE with experts 64 wide."""
-    folder = tmp_path_factory.mktemp("tiny-qwen3-moe-64")
-    return root_conftest().write_tiny_llama(folder, family="qwen3_moe", moe_intermediate_size=64)
+def wide_moe_dir(tiny_wide_qwen3_moe_dir):
+    return tiny_wide_qwen3_moe_dir
 
 
 @pytest.fixture(scope="module", params=["float", "q4_k_m"])
@@ -177,23 +175,55 @@ def test_engine_generation_is_the_per_expert_dispatchs(wide_moe_dir):
     native = _generate(llm)
     for m in layers:
         m._native_tables = False
+    llm.engine.runner.cpu_graphs.graphs.clear()  # recorded with the native calls
     assert _generate(llm) == native
 
 
 def test_router_logits_are_a_rows_own_and_float32_close(moe):
     """CPU fast mode's router logits (the native kernel) are the same for a row alone as among
-    others, within float32 rounding of the exact product, and what route() ranks."""
+    others, within float32 rounding of the exact product; route() ranks them as torch's softmax
+    and top-k do, its weights theirs within float32 rounding, a row's the same alone."""
     x = torch.randn(9, moe.router.shape[1], generator=torch.Generator().manual_seed(3))
     logits = moe_experts.router_logits(x, moe.router)
+    ids, weights = moe.route(x)
     for t in (0, 4, 8):
         assert torch.equal(moe_experts.router_logits(x[t : t + 1], moe.router), logits[t : t + 1])
+        alone = moe.route(x[t : t + 1])
+        assert torch.equal(alone[0], ids[t : t + 1]) and torch.equal(alone[1], weights[t : t + 1])
     exact = x.double() @ moe.router.double().T
     torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-4)
-    ids, weights = moe.route(x)
     probs = torch.softmax(logits, dim=-1)
     want_weights, want_ids = torch.topk(probs, moe.top_k, dim=-1)
     assert torch.equal(ids, want_ids)
-    assert torch.equal(weights, want_weights / want_weights.sum(dim=-1, keepdim=True))
+    want = want_weights / want_weights.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(weights, want, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("experts, k", [(128, 8), (8, 2), (5, 5), (60, 1)])
+def test_route_is_softmax_top_k_and_renormalisation(experts, k, norm):
+    """The native route (csrc/moe_router.c): each row's k largest logits, largest first, and
+    their softmax probabilities (renormalised over the k where `norm`), as torch computes them
+    within float32 rounding; a row's result its own; ties to the lower expert."""
+    g = torch.Generator().manual_seed(experts + k)
+    logits = torch.randn(33, experts, generator=g) * 4
+    logits[5] = 0.25  # every expert tied
+    logits[6, 2:4] = logits[6].max() + 1  # the two largest tied
+    ids, weights = moe_experts.route(logits, k, norm)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (33, k)
+    probs = torch.softmax(logits.double(), dim=-1)
+    for t in range(33):
+        row = logits[t].tolist()
+        want = sorted(range(experts), key=lambda e: (-row[e], e))[:k]
+        assert ids[t].tolist() == want, t
+        p = probs[t, want]
+        torch.testing.assert_close(
+            weights[t].double(), p / p.sum() if norm else p, rtol=2e-6, atol=1e-8
+        )
+        alone = moe_experts.route(logits[t : t + 1], k, norm)
+        assert torch.equal(alone[0], ids[t : t + 1]) and torch.equal(alone[1], weights[t : t + 1])
+    assert ids[5].tolist() == list(range(k)) and ids[6, :2].tolist() == [2, 3][:k]
 
 
 def test_weight_tables_follow_the_experts_buffers(moe):

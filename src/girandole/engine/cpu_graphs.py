@@ -19,12 +19,17 @@ A row is a token at its position with its own slots, so a verify step's rows (se
 sequence) fit the same graph as a decode step of as many rows.
 
 A mixture-of-experts feed-forward (model/moe.py's SparseMoE: Qwen3-MoE, Mixtral; gpt-oss's
-GptOssMoE) is one recorded call: the block's forward on the static input, its output copied
-into a static buffer. Which experts run, and on how many rows each, depends on the router's
-numbers, so its kernel calls cannot be fixed; the layer's norms, attention and residual adds
-around it are recorded as a dense layer's. The block reads the forward context (the decode row
-count its experts' kernels choose by, router replay's routing list), so a step's calls run
-inside the step's own context, as the eager forward does.
+GptOssMoE) whose router and experts all run natively (CPU fast mode without AMX) is three
+recorded calls: the router's logits, each row's top-k experts and weights, and every row's
+experts in one call (kernels/moe_experts.py), which reads the ids and weights as data: which
+experts run is the router's, not the recording's. That took ~0.05 ms of Python and torch
+dispatch off each MoE layer of a one-token step (docs/benchmarks.md). Any other block is one
+recorded call: its forward on the static input, its output copied into a static buffer (its
+kernel calls depend on the routing). Either way the layer's norms, attention and residual adds
+around it are recorded as a dense layer's. A block's forward reads the forward context (the
+decode row count its experts' kernels choose by, router replay's routing list), so a step's
+calls run inside the step's own context, as the eager forward does; a native block appends its
+expert ids to router replay's list from a recorded call in the same place.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from torch import nn
 
 from girandole.model import kernels
 from girandole.model.attention import Attention
-from girandole.model.context import ForwardContext, forward_context
-from girandole.model.kernels import gated_act, paged_attention, rms_norm, wq_gemm
+from girandole.model.context import ForwardContext, forward_context, get_context
+from girandole.model.kernels import gated_act, moe_experts, paged_attention, rms_norm, wq_gemm
 from girandole.model.layers import GatedMLP, RMSNorm, SelfAttention
 from girandole.model.lora import LoRALinear
 from girandole.model.moe import SparseMoE
@@ -150,6 +155,7 @@ class CpuDecodeGraph:
         # alive while the calls point into them
         self.buffers: dict[tuple, torch.Tensor] = {}
         self._rope_index: list[int] = []  # per layer: which of `ropes`
+        self.routing: list[torch.Tensor] = []  # per native MoE block: its expert ids buffer
         self._record()
         logger.debug("recorded a CPU decode graph: %d rows, %d calls", rows, len(self.calls))
 
@@ -239,12 +245,39 @@ class CpuDecodeGraph:
         return self._linear(mlp.down, act)
 
     def _moe(self, moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
-        """One call: the block's forward on the static input, into a static output. Its routing
-        depends on the data (which experts, how many rows each), so its kernel calls cannot be
-        fixed; the block reads the step's forward context, which `run` sets as the eager step
-        does (decode rows, the routing list of router replay)."""
+        """A block whose router and experts are all native (CPU fast mode without AMX:
+        SparseMoE's own route, moe_experts' tables): three native calls on static buffers, the
+        router's logits, each row's top-k and weights, every row's experts; the experts a row
+        takes are data the last call reads, not part of the recording. Any other block is one
+        call of its forward on the static input, into a static output (its kernel calls
+        depend on the routing); that forward reads the step's forward context, which `run`
+        sets as the eager step does (decode rows, the routing list of router replay)."""
         out = self._buffer("moe", self.rows, x.shape[1])
-        self._torch(_run_block, moe.forward, x, out)
+        tables = moe.native_experts()
+        native = type(moe).route is SparseMoE.route and moe._native_router(x) and tables
+        if not native:
+            self._torch(_run_block, moe.forward, x, out)
+            return out
+        m, k = self.rows, moe.top_k
+        for j, table in enumerate(tables):  # the experts call reads them: keep them alive
+            self.buffers[("experts", id(moe), j)] = table
+        logits = self._buffer("router", m, moe.num_experts)
+        self._call(moe_experts.bind_router(x, moe.router, logits, threads=self.threads))
+        # each layer its own ids: router replay appends them after the layer has run
+        ids = self._buffer(f"expert_ids{len(self.routing)}", m, k, dtype=torch.int64)
+        self.routing.append(ids)
+        weights = self._buffer("expert_weights", m, k)
+        self._call(moe_experts.bind_route(logits, k, moe.norm_topk_prob, ids, weights))
+        self._torch(_append_routing, ids)
+        xb = self._buffer("bf16", m, x.shape[1], dtype=torch.bfloat16)
+        self._torch(xb.copy_, x)
+        expert = moe.experts[0]
+        self._call(
+            moe_experts.bind_experts(
+                xb, ids, weights, *tables, expert.intermediate, expert.native_act, out,
+                threads=self.threads,
+            )
+        )  # fmt: skip
         return out
 
     def _record(self) -> None:
@@ -293,6 +326,14 @@ def _run_block(
 ) -> None:
     """A recorded block's call: its forward on x, the result into the static `out`."""
     out.copy_(forward(x))
+
+
+def _append_routing(ids: torch.Tensor) -> None:
+    """A recorded native block's expert ids [M, k], appended to the step's routing list where
+    router replay asks for it (as SparseMoE.forward appends them)."""
+    ctx = get_context()
+    if ctx is not None and ctx.routing is not None:
+        ctx.routing.append(ids.clone())
 
 
 class CpuDecodeGraphs:

@@ -1,10 +1,12 @@
 """Mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router picks each token's top-k
 experts, each a gated MLP; the token's output is their outputs weighted by the router.
 
-Routing, as transformers computes it: router logits in float32 (x @ W_router.T; in CPU fast mode
-on a native kernel, kernels/moe_experts.router_logits, whose sums round otherwise than torch's
-GEMM), softmax over all experts, top-k, and the k weights renormalised to sum to 1 where
-`norm_topk_prob` (Qwen3-MoE's setting; Mixtral always renormalises its top-2).
+Routing, as transformers computes it: router logits in float32 (x @ W_router.T), softmax over
+all experts, top-k, and the k weights renormalised to sum to 1 where `norm_topk_prob`
+(Qwen3-MoE's setting; Mixtral always renormalises its top-2). In CPU fast mode all of it runs on
+native kernels (kernels/moe_experts.router_logits and route: their sums and exponentials round
+otherwise than torch's GEMM and softmax, by a few units in the last place), which the recorded
+decode steps call as well (engine/cpu_graphs.py).
 
 Dispatch on the CPU path, for the engine's flattened batches (decode rows and prompt chunks of
 many sequences in one [T, hidden] tensor): the T x k (token, expert) pairs are sorted by expert,
@@ -186,12 +188,12 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k expert ids [T, k] long and their weights [T, k] float32."""
-        if self._native_router(x):  # CPU fast mode: the native kernel, row-invariant
+        if self._native_router(x):  # CPU fast mode: native kernels, row-invariant
             logits = moe_experts.router_logits(x, self.router)
-        else:
-            # dense_linear: a lone token (a sequence decoding alone) takes the matrix-vector
-            # kernel in F.linear, whose sums round otherwise than among other tokens.
-            logits = dense_linear(x.float(), self.router)
+            return moe_experts.route(logits, self.top_k, self.norm_topk_prob)
+        # dense_linear: a lone token (a sequence decoding alone) takes the matrix-vector kernel
+        # in F.linear, whose sums round otherwise than among other tokens.
+        logits = dense_linear(x.float(), self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -250,7 +252,11 @@ class SparseMoE(nn.Module):
         """Whether the router's logits take the native kernel: where the experts are native
         packed linears (CPU fast mode), for whose one-token steps F.linear over the padded rows
         cost more than reading the router's weights. Other modes keep transformers' F.linear."""
-        return _native(self.experts[0].gate_up) and moe_experts.router_supported(x, self.router)
+        return (
+            _native(self.experts[0].gate_up)
+            and moe_experts.router_supported(x, self.router)
+            and self.top_k <= min(self.num_experts, moe_experts.MAX_TOP_K)
+        )
 
     def native_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """moe_experts' weight tables of the experts (gate_up, down), where it can run them:

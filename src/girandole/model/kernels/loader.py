@@ -91,6 +91,7 @@ SIGNATURES = {
     "moe_experts": [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, c_int, ptr, c_int],
     # x, T, H, w, E, logits, nthreads
     "moe_router": [ptr, i64, i64, ptr, i64, ptr, c_int],
+    "moe_route": [ptr, i64, i64, i64, c_int, ptr, ptr],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache
     "kv_cache_write": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
     "kv_cache_write_f16": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
@@ -152,7 +153,7 @@ def _compile(compiler: str, flags: list[str], sources: list[Path], out: Path) ->
             ]
             for run in runs:
                 run.result()  # a compiler error, raised as the sequential build raised it
-        _run([compiler, *flags, *map(str, objects), "-o", str(out)])
+        _run([compiler, *flags, *map(str, objects), "-lm", "-o", str(out)])  # moe_router's expf
 
 
 def _run(command: list[str]) -> None:
