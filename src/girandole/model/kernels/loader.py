@@ -92,6 +92,7 @@ SIGNATURES = {
     # x, T, H, w, E, logits, nthreads
     "moe_router": [ptr, i64, i64, ptr, i64, ptr, c_int],
     "moe_route": [ptr, i64, i64, i64, c_int, ptr, ptr],
+    "wq_vnni_set_prefetch": [c_int],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache
     "kv_cache_write": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
     "kv_cache_write_f16": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
