@@ -93,6 +93,7 @@ SIGNATURES = {
     "moe_router": [ptr, i64, i64, ptr, i64, ptr, c_int],
     "moe_route": [ptr, i64, i64, i64, c_int, ptr, ptr],
     "wq_vnni_set_prefetch": [c_int],
+    "int4_head_set_prefetch": [c_int],
     # k, v, k_stride, v_stride, slots, rows, width, k_cache, v_cache
     "kv_cache_write": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
     "kv_cache_write_f16": [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr],
@@ -207,7 +208,21 @@ def library() -> ctypes.CDLL | None:
         if fn is not None:  # absent where the compiler could not build amx.c
             fn.argtypes = argtypes
             fn.restype = c_int if name == "amx_init" else None
+    tune_prefetch(lib)
     return lib
+
+
+WQ_PREFETCH_BYTES = 8192  # the int8 kernel's software prefetch distance on AMD CPUs
+
+
+def tune_prefetch(lib: ctypes.CDLL) -> None:
+    """The kernels' software prefetch as measured per CPU vendor (docs/benchmarks.md, "The int8
+    kernel's software prefetch"): on AMD (Zen 4) the int8 linears read 8 KiB ahead and the 4-bit
+    LM head prefetches nothing; elsewhere the int8 linears prefetch nothing and the head
+    prefetches its next task, as on the Intel host it was tuned on. Numbers never change."""
+    amd = "AuthenticAMD" in cpu_flags()
+    lib.wq_vnni_set_prefetch(WQ_PREFETCH_BYTES if amd else 0)
+    lib.int4_head_set_prefetch(0 if amd else 1)
 
 
 @functools.cache

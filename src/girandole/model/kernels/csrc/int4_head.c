@@ -54,6 +54,15 @@ static inline __attribute__((always_inline)) __m512i dot_widen(__m512i acc) {
     return acc;
 }
 
+// The next task's lines prefetched into L2 while this task runs: on the Intel host it was
+// written on, 3.8 -> 2.2 ms for the default model's head at one row; on AMD Zen 4 it costs
+// 12-30 % instead (one row, cold: 262,144 x 640 2.99 -> 2.06 ms without it, 16,384 x 2,048 0.665
+// -> 0.588, 128,256 x 2,048 4.86 -> 4.28; docs/benchmarks.md), so kernels/loader.py turns it off
+// on AMD CPUs (int4_head_set_prefetch).
+static int prefetch_next_task = 1;
+
+void int4_head_set_prefetch(int on) { prefetch_next_task = on; }
+
 // MT rows x bt blocks of one task: each 64-byte line of levels is unpacked once for the MT rows.
 static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t K,
                                                        const float *xsum, int64_t groups,
@@ -65,7 +74,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
     for (int r = 0; r < MT; r++)
         for (int b = 0; b < bt; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        if (pf) {  // the next task's lines on their way, as many as this group's
+        if (pf && prefetch_next_task) {  // the next task's lines on their way, as many as this group's
             for (int64_t i = 0; i < bt * BLOCK_BYTES; i += 64)
                 _mm_prefetch((const char *)pf + g * bt * BLOCK_BYTES + i, _MM_HINT_T1);
         }

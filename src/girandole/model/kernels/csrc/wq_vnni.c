@@ -47,8 +47,10 @@
 // 8,192 231.3 / 269.2 -> 180.9 / 255.2, an expert's 1,536 x 2,048 53.5 / 53.7 -> 51.9 / 52.5
 // (benchmarks/bench_prefetch.py: the gain is largest when the host's memory is least busy).
 // Into L2 instead (_MM_HINT_T1) gained nothing; 512 bytes ahead lost 10 %, 32 KiB 5-10 %.
-// Settable for that benchmark (wq_vnni_set_prefetch); 0 turns it off.
-static int prefetch_bytes = 8192;
+// Off until set (wq_vnni_set_prefetch): kernels/loader.py sets it on AMD CPUs, where it was
+// measured; an Intel host's linears disliked prefetching further ahead once (on AMX hosts they
+// run amx.c anyway).
+static int prefetch_bytes = 0;
 
 void wq_vnni_set_prefetch(int bytes) { prefetch_bytes = bytes; }
 
