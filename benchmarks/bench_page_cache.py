@@ -34,19 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_lines, markdown_table  # noqa: E402
 
 
-def pmd_mapped(path: Path) -> int:
-    """Bytes of this process's mappings of `path` mapped in 2 MiB pages (smaps)."""
-    total, current = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and ":" not in head[0]:
-                current = len(head) >= 6 and head[5] == str(path)
-            elif current and line.startswith("FilePmdMapped:"):
-                total += int(head[1]) * 1024
-    return total
-
-
 class Timed:
     """One mapped copy's calls: every MoE layer's experts at one token, every other native
     packed linear at one row."""
@@ -126,7 +113,7 @@ def main() -> None:
             rows.append(
                 [
                     name,
-                    f"{pmd_mapped(path) >> 20:,} of {path.stat().st_size >> 20:,}",
+                    f"{page_cache.pmd_mapped(path) >> 20:,} of {path.stat().st_size >> 20:,}",
                     e,
                     f"{statistics.median(linears[name]):.3f} ({n})",
                 ]

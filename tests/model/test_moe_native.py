@@ -58,15 +58,10 @@ def top_k(moe: SparseMoE, k: int):
         moe.top_k = saved
 
 
-@pytest.fixture(scope="module")
-def wide_moe_dir(tiny_wide_qwen3_moe_dir):
-    return tiny_wide_qwen3_moe_dir
-
-
 @pytest.fixture(scope="module", params=["float", "q4_k_m"])
 def moe(request, tmp_path_factory, tiny_qwen3_moe_dir) -> SparseMoE:
     if request.param == "float":
-        path = request.getfixturevalue("wide_moe_dir")
+        path = request.getfixturevalue("tiny_wide_qwen3_moe_dir")
     else:
         path = tmp_path_factory.mktemp("qwen3-moe-gguf") / "tiny-qwen3moe.gguf"
         hf = tiny_qwen3_moe_256(tiny_qwen3_moe_dir)
@@ -168,8 +163,8 @@ def _generate(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(prompts, params)]
 
 
-def test_engine_generation_is_the_per_expert_dispatchs(wide_moe_dir):
-    llm = LLM(model=str(wide_moe_dir), mode="fast", device="cpu", kv_cache_gb=0.02)
+def test_engine_generation_is_the_per_expert_dispatchs(tiny_wide_qwen3_moe_dir):
+    llm = LLM(model=str(tiny_wide_qwen3_moe_dir), mode="fast", device="cpu", kv_cache_gb=0.02)
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoE)]
     assert layers and all(m.native_experts() is not None for m in layers)
     native = _generate(llm)

@@ -56,19 +56,6 @@ def _large_folios(path: Path) -> bool:
     return needs is not None and _kernel() >= needs
 
 
-def _pmd_mapped(path: Path) -> int:
-    """Bytes of this process's mappings of `path` mapped in 2 MiB pages."""
-    total, current = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
-                current = len(head) >= 6 and head[5] == str(path)
-            elif current and line.startswith("FilePmdMapped:"):
-                total += int(head[1]) * 1024
-    return total
-
-
 def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path):
     if not _large_folios(tmp_path):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
@@ -84,7 +71,7 @@ def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path)
         assert bytes(mm[: 1 << 16]) == data[: 1 << 16]
         assert int(view[::4096].sum()) == sum(data[::4096])  # every page touched
         # the mapping starts 2 MiB-aligned: all 6 whole 2 MiB pages of the file
-        assert _pmd_mapped(path) == 12 * MIB
+        assert page_cache.pmd_mapped(path) == 12 * MIB
         del view
 
 
@@ -100,7 +87,7 @@ def test_a_saved_cache_entry_maps_in_2_mib_pages_and_reads_the_same(tmp_path):
     back = torch.load(entry, mmap=True, weights_only=False)["model"]
     for name, tensor in module.named_buffers():  # reads every page
         assert torch.equal(getattr(back, name), tensor), name
-    assert _pmd_mapped(entry) >= 14 * MIB
+    assert page_cache.pmd_mapped(entry) >= 14 * MIB
 
 
 def test_the_default_models_packed_weights_are_mapped_in_2_mib_pages(default_fast):
@@ -115,6 +102,6 @@ def test_the_default_models_packed_weights_are_mapped_in_2_mib_pages(default_fas
         torch.empty(0, dtype=torch.uint8).set_(storage)[::4096].sum()
     entries = [Path(p) for p in folder.glob("gemma-3-270m-*.pt")]
     size = {p: p.stat().st_size for p in entries}
-    pmd = {p: _pmd_mapped(p) for p in entries}
+    pmd = {p: page_cache.pmd_mapped(p) for p in entries}
     entry = max(pmd, key=pmd.get)
     assert pmd[entry] >= 0.9 * size[entry], (pmd, size)

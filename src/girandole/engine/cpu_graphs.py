@@ -155,7 +155,6 @@ class CpuDecodeGraph:
         # alive while the calls point into them
         self.buffers: dict[tuple, torch.Tensor] = {}
         self._rope_index: list[int] = []  # per layer: which of `ropes`
-        self.routing: list[torch.Tensor] = []  # per native MoE block: its expert ids buffer
         self._record()
         logger.debug("recorded a CPU decode graph: %d rows, %d calls", rows, len(self.calls))
 
@@ -264,8 +263,7 @@ class CpuDecodeGraph:
         logits = self._buffer("router", m, moe.num_experts)
         self._call(moe_experts.bind_router(x, moe.router, logits, threads=self.threads))
         # each layer its own ids: router replay appends them after the layer has run
-        ids = self._buffer(f"expert_ids{len(self.routing)}", m, k, dtype=torch.int64)
-        self.routing.append(ids)
+        ids = self._buffer(f"expert_ids{id(moe)}", m, k, dtype=torch.int64)
         weights = self._buffer("expert_weights", m, k)
         self._call(moe_experts.bind_route(logits, k, moe.norm_topk_prob, ids, weights))
         self._torch(_append_routing, ids)

@@ -75,3 +75,20 @@ def read_huge(path: Path) -> None:
                     mm[offset]  # the fault reads the 2 MiB folio around it
     except (OSError, ValueError) as exc:
         log.debug("could not read %s in 2 MiB folios: %s", path, exc)
+
+
+def pmd_mapped(path: Path) -> int:
+    """Bytes of this process's mappings of `path` mapped in 2 MiB pages (smaps' FilePmdMapped;
+    0 off Linux): what `read_huge` is for, read back by its tests and benchmarks/bench_page_cache.py."""
+    total, current = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+                    current = len(head) >= 6 and head[5] == str(path)
+                elif current and line.startswith("FilePmdMapped:"):
+                    total += int(head[1]) * 1024
+    except OSError:
+        return 0
+    return total
