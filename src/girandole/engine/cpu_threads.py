@@ -9,9 +9,14 @@ greedy tokens took 1-26 s on 2 threads and 1.3-1.5 s on one. So, unless a count 
 the rest of the machine used (/proc/stat, less this process) and runs on the cores that leaves:
 fewer threads as soon as other work takes a core, more again after a second without it.
 
-A request's tokens do not depend on this: every kernel computes each output element on one
-thread, in a fixed order (no split reductions), so any thread count gives the same numbers; and
-recorded decode graphs are kept per thread count (engine/cpu_graphs.py).
+A request's tokens do not depend on this: every native kernel computes each output element on
+one thread, in a fixed order (no split reductions), so any thread count gives the same numbers; and
+recorded decode graphs are kept per thread count (engine/cpu_graphs.py). torch's float matmuls
+make no such promise: MKL's float32 GEMM splits a call's rows among the threads and rounds a row
+by its split (rows of calls of 5-7 and 9-11 rows, 1 thread against 2, on this project's hosts).
+An engine whose model runs one (reference mode's float32 linears; GIRANDOLE_NATIVE_KERNELS=0;
+bf16 tensors a checkpoint keeps) therefore keeps its count (`hold`, `thread_invariant`): before,
+a reference-mode request's logprobs changed in the last bits with the machine's load.
 
 Several engines in one process (a server's deployments, several models) each run their own
 team, and /proc/stat cannot tell their work apart: to each, the others' threads are its own. So
@@ -38,6 +43,16 @@ UP_WINDOWS = 2  # windows in a row that must leave a core free before a thread i
 # time, which 2 threads see using ~0.7 of a core, 13 to one's 32)
 FREE_MARGIN = 0.5
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_invariant(model: torch.nn.Module) -> bool:
+    """Whether the model's numbers are the same at any thread count: none of its modules says
+    otherwise (a module whose `thread_invariant` is False runs one of torch's matmuls, as does an
+    nn.Linear: a vision tower's)."""
+    return all(
+        getattr(m, "thread_invariant", True) and not isinstance(m, torch.nn.Linear)
+        for m in model.modules()
+    )
 
 
 def threads_for(free_cores: float, most: int) -> int:
@@ -123,6 +138,13 @@ class CpuThreads:
     @staticmethod
     def _sample() -> tuple[float, float, float]:
         return time.monotonic(), _machine_busy_seconds() or 0.0, time.process_time()
+
+    def hold(self) -> None:
+        """Keep the present count from now on: the model's numbers depend on it
+        (`thread_invariant`)."""
+        if self.adaptive:
+            logger.info("CPU threads held at %d: the model runs torch's matmuls", self.threads)
+        self.adaptive = False
 
     def idle(self) -> None:
         """The engine has no work left: the segment of work in progress joins the window and

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from girandole.engine.cpu_threads import CpuThreads
+from girandole.engine.cpu_threads import CpuThreads, thread_invariant
 from girandole.engine.heap import release_free_heap
 from girandole.engine.images import PromptImage, SeqImage, place_images
 from girandole.engine.kv_cache import KVCacheManager
@@ -86,6 +86,8 @@ class LLMEngine:
         self.model, self.model_config = load_model(
             path, mode=config.mode, device=device, merge_adapter=config.merge_lora
         )
+        if self.cpu_threads is not None and not thread_invariant(self.model):
+            self.cpu_threads.hold()
         self.loras = LoRAManager(self.model, device, config.max_loras)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(
             self.tokenizer.stop_token_ids

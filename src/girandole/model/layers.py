@@ -175,6 +175,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class DenseLinear(nn.Module):
     """Plain linear in a fixed weight dtype (fp32 reference; bf16 on CUDA); returns float32."""
 
+    thread_invariant = False  # torch's matmul: a row rounds by how the threads split the rows
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -331,6 +333,13 @@ class QuantLMHead(nn.Module):
         self.register_buffer("torch4_packed", torch.cat([p for p, _ in t4]) if t4 else None)
         self.register_buffer("torch4_sz", torch.cat([z for _, z in t4], dim=1) if t4 else None)
 
+    @property
+    def thread_invariant(self) -> bool:  # type: ignore[override]
+        """Whether its logits are the same at any thread count (engine/cpu_threads.py): on
+        the native kernels (torch's int4 kernel makes no promise)."""
+        native = self.native4_packed is not None or self.native_packed is not None
+        return kernels.available() and self.torch4_packed is None and native
+
     def coarse(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """float32 [M, V] coarse logits of float32 rows x, and whether they came from a native
         kernel."""
@@ -381,6 +390,8 @@ class QuantLMHead(nn.Module):
 
 
 class DenseLMHead(nn.Module):
+    thread_invariant = False  # torch's matmul, as DenseLinear
+
     def __init__(self, weight: nn.Parameter | torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         if isinstance(weight, nn.Parameter) and weight.dtype == dtype:

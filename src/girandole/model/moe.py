@@ -248,6 +248,13 @@ class SparseMoE(nn.Module):
                 ctx.num_decode_rows = decode
         return y
 
+    @property
+    def thread_invariant(self) -> bool:
+        """Whether the router's logits are the same at any thread count (engine/cpu_threads.py):
+        on the native kernel, not dense_linear's torch matmul (the experts answer for
+        themselves)."""
+        return self._native_router(self.router)
+
     def _native_router(self, x: torch.Tensor) -> bool:
         """Whether the router's logits take the native kernel: where the experts are native
         packed linears (CPU fast mode), for whose one-token steps F.linear over the padded rows

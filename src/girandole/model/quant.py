@@ -184,6 +184,12 @@ class PackedLinear(nn.Module):
             decode_rows=decode_rows(x2.shape[0]) if decode is None else decode,
         )
 
+    @property
+    def thread_invariant(self) -> bool:
+        """Whether its numbers are the same at any thread count (engine/cpu_threads.py): on the
+        native kernels (torch's packed and bf16 kernels make no promise)."""
+        return bool(self.native_bits) and kernels.available()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
