@@ -146,6 +146,10 @@ def test_an_engine_whose_numbers_follow_the_count_keeps_it(tiny_llama_dir):
     fast = llm("fast")
     assert thread_invariant(fast.engine.model) == kernels.available()
     assert fast.engine.cpu_threads.adaptive == kernels.available()
+    # another engine of the thread that dropped a thread does not drop the held engine's
+    fast.engine.cpu_threads._set(1)
+    ref.generate([[2, 9, 27, 81]], SamplingParams(max_tokens=2))
+    assert torch.get_num_threads() == DEFAULT_THREADS
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: nothing to give back")

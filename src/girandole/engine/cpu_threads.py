@@ -158,6 +158,8 @@ class CpuThreads:
 
     def update(self) -> None:
         self.stepped_at = time.monotonic()
+        if torch.get_num_threads() != self.threads:  # set since by another engine (one thread)
+            _set_threads(self.threads, self.most)
         if not self.adaptive:
             return
         if self._last is None:  # work again: a segment starts
