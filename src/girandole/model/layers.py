@@ -334,7 +334,7 @@ class QuantLMHead(nn.Module):
         self.register_buffer("torch4_sz", torch.cat([z for _, z in t4], dim=1) if t4 else None)
 
     @property
-    def thread_invariant(self) -> bool:  # type: ignore[override]
+    def thread_invariant(self) -> bool:
         """Whether its logits are the same at any thread count (engine/cpu_threads.py): on
         the native kernels (torch's int4 kernel makes no promise)."""
         native = self.native4_packed is not None or self.native_packed is not None
