@@ -253,22 +253,44 @@ void wq_vnni_chunk(const int8_t *xq, const float *xs, const float *xb, int64_t M
     const uint8_t *factors = wq_factors(params, bits, nblocks, groups);
     const int64_t nb0 = c * CHUNK;
     const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
+    // bt as a constant in each call (the switches): the accumulators then stay in registers;
+    // with bt a variable they lived on the stack, a load and a store around every update.
+#define BT_CASES(call) \
+    switch (bt) {        \
+    case 4: call(4); break; \
+    case 3: call(3); break; \
+    case 2: call(2); break; \
+    default: call(1); break; \
+    }
     int64_t m = 0;
     if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) {
-        for (; m + ROWS <= M; m += ROWS)
-            chunk_rows_q6k(ROWS, xq + m * K, xs + m * groups, K, groups, q, bits, params,
-                           factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
-        for (; m < M; m++)
-            chunk_rows_q6k(1, xq + m * K, xs + m * groups, K, groups, q, bits, params, factors,
-                           nb0, bt, y + m * ldy + 16 * nb0, ldy);
+#define Q6K_ROWS(BT)                                                                          \
+    chunk_rows_q6k(R, xq + m * K, xs + m * groups, K, groups, q, bits, params, factors, nb0, \
+                   BT, y + m * ldy + 16 * nb0, ldy)
+        for (; m + ROWS <= M; m += ROWS) {
+            enum { R = ROWS };
+            BT_CASES(Q6K_ROWS)
+        }
+        for (; m < M; m++) {
+            enum { R = 1 };
+            BT_CASES(Q6K_ROWS)
+        }
+#undef Q6K_ROWS
         return;
     }
-    for (; m + ROWS <= M; m += ROWS)
-        chunk_rows(ROWS, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,
-                   factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
-    for (; m < M; m++)
-        chunk_rows(1, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,
-                   factors, nb0, bt, y + m * ldy + 16 * nb0, ldy);
+#define LEVEL_ROWS(BT)                                                                        \
+    chunk_rows(R, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,  \
+               factors, nb0, BT, y + m * ldy + 16 * nb0, ldy)
+    for (; m + ROWS <= M; m += ROWS) {
+        enum { R = ROWS };
+        BT_CASES(LEVEL_ROWS)
+    }
+    for (; m < M; m++) {
+        enum { R = 1 };
+        BT_CASES(LEVEL_ROWS)
+    }
+#undef LEVEL_ROWS
+#undef BT_CASES
 }
 
 static __thread wq_buffer row_buffer;
