@@ -78,7 +78,9 @@ def _expected(x: torch.Tensor, q, scale, offset, vnni: bool = False) -> torch.Te
 @pytest.mark.parametrize("as_gguf", [False, True], ids=["float", "gguf"])
 @pytest.mark.parametrize("rows", [1, 13, 37])
 @pytest.mark.parametrize(
-    "n,k,top", [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16), (64, 128, 64)]
+    "n,k,top",
+    # 16-channel blocks: 16, 5 (a chunk of 4, then 1), 3, 1, 4 and 6 (4, then 2)
+    [(256, 640, 16), (80, 64, 32), (48, 96, 256), (16, 32, 16), (64, 128, 64), (96, 64, 16)],
 )
 def test_matches_float64_product(n, k, top, rows, path, as_gguf):
     vnni, amx = path

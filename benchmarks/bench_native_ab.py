@@ -1,0 +1,133 @@
+"""Two builds of the native kernels' library, the same calls alternating in one process: whether
+their results are the same bits, and each build's time. For a kernel change that must not change
+the numbers (register allocation, loop order, prefetch), where this host's drift of 10-20 %
+between processes hides a few per cent.
+
+    GIRANDOLE_CACHE_DIR=/tmp/old PYTHONPATH=/path/to/old/checkout/src \\
+        .venv/bin/python -c "from girandole.model.kernels import loader; print(loader.library())"
+    .venv/bin/python benchmarks/bench_native_ab.py OLD.so NEW.so [--kernel vnni|head]
+        [--rows 1,4,16,64] [--calls 15]
+
+The first command builds the old checkout's library (the loader prints its path; the current
+checkout's is in ~/.cache/girandole/kernels). `vnni`: wq_gemm_vnni (csrc/wq_vnni.c, the linears'
+int8 kernel without AMX) on 4-bit levels in the linears' shapes; `head`: int4_head_gemm (the LM
+head's coarse pass) on the benchmark models' heads. The weights are the same tensors for both
+builds and stay in the caches they fit in: a kernel's compute, not the host's memory, is timed.
+Prints the median microseconds of each build's calls (the first three left out), their ratio and
+whether the outputs are equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from girandole.model.kernels import int4_head, loader, wq_gemm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_lines, markdown_table  # noqa: E402
+
+P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# (outputs, inputs, largest level): the default model's qkv and o, its gate_up and down (5-bit),
+# Llama-3.2-1B's gate_up and down shapes
+LINEARS = [(1536, 640, 15), (640, 1024, 15), (4096, 640, 31), (640, 2048, 31), (8192, 2048, 15),
+           (2048, 8192, 15)]  # fmt: skip
+# (vocabulary, hidden): the default model's head, the MoE file's, Qwen3-0.6B's
+HEADS = [(262144, 640), (16384, 2048), (151936, 1024)]
+
+
+def load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.wq_gemm_vnni.argtypes = [P, I64, I64, P, INT, P, I64, P, I64, INT]
+    lib.int4_head_gemm.argtypes = [P, I64, I64, P, P, I64, P, INT]
+    return lib
+
+
+def vnni_call(lib, x, packed, params, bits: int, out: int) -> torch.Tensor:
+    m, inp = x.shape
+    y = torch.empty(m, out)
+    lib.wq_gemm_vnni(x.data_ptr(), m, inp, packed.data_ptr(), bits, params.data_ptr(), out,
+                     y.data_ptr(), out, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def head_call(lib, x, xs, packed, vocab: int) -> torch.Tensor:
+    m, hidden = x.shape
+    y = torch.empty(m, vocab)
+    lib.int4_head_gemm(x.data_ptr(), m, hidden, packed.data_ptr(), xs.data_ptr(), vocab,
+                       y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def alternate(libs, call, n: int, weight: str, m: int) -> list[str]:
+    """A table row: each build's median microseconds over n calls of call(lib), alternating,
+    their ratio and whether the first outputs are the same bits."""
+    times: list[list[float]] = [[] for _ in libs]
+    outs = []
+    for rep in range(n):
+        for i, lib in enumerate(libs):
+            t = time.perf_counter()
+            y = call(lib)
+            times[i].append(time.perf_counter() - t)
+            if rep == 0:
+                outs.append(y)
+    a, b = (statistics.median(t[3:]) for t in times)
+    same = "yes" if torch.equal(outs[0], outs[1]) else "NO"
+    return [weight, str(m), f"{a * 1e6:.1f}", f"{b * 1e6:.1f}", f"{a / b:.2f}x", same]
+
+
+def vnni_rows(libs, rows: list[int], n: int) -> list[list[str]]:
+    table = []
+    for out, inp, top in LINEARS:
+        q = torch.randint(0, top + 1, (out, inp), dtype=torch.uint8)
+        scale = (torch.rand(out, inp // 32) * 1e-2).half().float()
+        offset = (-torch.rand(out, inp // 32) * 1e-1).half().float()
+        packed, params, bits = wq_gemm.pack(q, scale, offset, vnni=True)
+        for m in rows:
+            x = torch.randn(m, inp).bfloat16()
+            call = partial(vnni_call, x=x, packed=packed, params=params, bits=bits, out=out)
+            table.append(alternate(libs, call, n, f"{out:,} x {inp:,}", m))
+    return table
+
+
+def head_rows(libs, rows: list[int], n: int) -> list[list[str]]:
+    table = []
+    for vocab, hidden in HEADS:
+        packed = int4_head.pack(*int4_head.quantize(torch.randn(vocab, hidden) * 0.05))
+        for m in rows:
+            x = torch.randint(-127, 127, (m, hidden), dtype=torch.int8)
+            call = partial(head_call, x=x, xs=torch.rand(m), packed=packed, vocab=vocab)
+            table.append(alternate(libs, call, n, f"{vocab:,} x {hidden:,}", m))
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--kernel", choices=["vnni", "head"], default="vnni")
+    ap.add_argument("--rows", default="1,4,16,64")
+    ap.add_argument("--calls", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    libs = [load(args.old), load(args.new)]
+    for lib in libs:  # as kernels/loader.py tunes them on this CPU (both builds alike)
+        loader.tune_prefetch(lib)
+    rows = [int(r) for r in args.rows.split(",")]
+    table = (vnni_rows if args.kernel == "vnni" else head_rows)(libs, rows, args.calls)
+    print("\n".join(machine_lines()))
+    print(f"kernel: {args.kernel}; threads {args.threads}; {args.calls} calls each, alternating\n")
+    print(markdown_table(["weight", "rows", "old us", "new us", "old / new", "same bits"], table))
+
+
+if __name__ == "__main__":
+    main()
