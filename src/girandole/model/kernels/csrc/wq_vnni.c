@@ -255,41 +255,38 @@ void wq_vnni_chunk(const int8_t *xq, const float *xs, const float *xb, int64_t M
     const int bt = nblocks - nb0 < CHUNK ? (int)(nblocks - nb0) : CHUNK;
     // bt as a constant in each call (the switches): the accumulators then stay in registers;
     // with bt a variable they lived on the stack, a load and a store around every update.
-#define BT_CASES(call) \
-    switch (bt) {        \
-    case 4: call(4); break; \
-    case 3: call(3); break; \
-    case 2: call(2); break; \
-    default: call(1); break; \
+    // Rows ROWS at a time, then one by one; R and BT constants in each CALL.
+#define BT_CASES(call)          \
+    switch (bt) {               \
+    case 4: call(4); break;     \
+    case 3: call(3); break;     \
+    case 2: call(2); break;     \
+    default: call(1); break;    \
     }
-    int64_t m = 0;
-    if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) {
+#define EACH_ROW_TILE(call)                  \
+    for (; m + ROWS <= M; m += ROWS) {       \
+        enum { R = ROWS };                   \
+        BT_CASES(call)                       \
+    }                                        \
+    for (; m < M; m++) {                     \
+        enum { R = 1 };                      \
+        BT_CASES(call)                       \
+    }
 #define Q6K_ROWS(BT)                                                                          \
     chunk_rows_q6k(R, xq + m * K, xs + m * groups, K, groups, q, bits, params, factors, nb0, \
                    BT, y + m * ldy + 16 * nb0, ldy)
-        for (; m + ROWS <= M; m += ROWS) {
-            enum { R = ROWS };
-            BT_CASES(Q6K_ROWS)
-        }
-        for (; m < M; m++) {
-            enum { R = 1 };
-            BT_CASES(Q6K_ROWS)
-        }
-#undef Q6K_ROWS
-        return;
-    }
 #define LEVEL_ROWS(BT)                                                                        \
     chunk_rows(R, xq + m * K, xs + m * groups, xb + m * groups, K, groups, q, bits, params,  \
                factors, nb0, BT, y + m * ldy + 16 * nb0, ldy)
-    for (; m + ROWS <= M; m += ROWS) {
-        enum { R = ROWS };
-        BT_CASES(LEVEL_ROWS)
-    }
-    for (; m < M; m++) {
-        enum { R = 1 };
-        BT_CASES(LEVEL_ROWS)
+    int64_t m = 0;
+    if ((bits & WQ_LEVEL_BITS) == WQ_Q6K) {
+        EACH_ROW_TILE(Q6K_ROWS)
+    } else {
+        EACH_ROW_TILE(LEVEL_ROWS)
     }
 #undef LEVEL_ROWS
+#undef Q6K_ROWS
+#undef EACH_ROW_TILE
 #undef BT_CASES
 }
 
