@@ -20,7 +20,6 @@ whether the outputs are equal.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time
@@ -34,20 +33,12 @@ from girandole.model.kernels import int4_head, loader, wq_gemm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_lines, markdown_table  # noqa: E402
 
-P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # (outputs, inputs, largest level): the default model's qkv and o, its gate_up and down (5-bit),
 # Llama-3.2-1B's gate_up and down shapes
 LINEARS = [(1536, 640, 15), (640, 1024, 15), (4096, 640, 31), (640, 2048, 31), (8192, 2048, 15),
            (2048, 8192, 15)]  # fmt: skip
 # (vocabulary, hidden): the default model's head, the MoE file's, Qwen3-0.6B's
 HEADS = [(262144, 640), (16384, 2048), (151936, 1024)]
-
-
-def load(path: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(path)
-    lib.wq_gemm_vnni.argtypes = [P, I64, I64, P, INT, P, I64, P, I64, INT]
-    lib.int4_head_gemm.argtypes = [P, I64, I64, P, P, I64, P, INT]
-    return lib
 
 
 def vnni_call(lib, x, packed, params, bits: int, out: int) -> torch.Tensor:
@@ -119,9 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    libs = [load(args.old), load(args.new)]
-    for lib in libs:  # as kernels/loader.py tunes them on this CPU (both builds alike)
-        loader.tune_prefetch(lib)
+    # each as the loader opens it: signatures set, prefetch tuned for this CPU (both alike)
+    libs = [loader.open_library(Path(args.old)), loader.open_library(Path(args.new))]
     rows = [int(r) for r in args.rows.split(",")]
     table = (vnni_rows if args.kernel == "vnni" else head_rows)(libs, rows, args.calls)
     print("\n".join(machine_lines()))

@@ -194,11 +194,17 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             _build(target, name)
-        lib = ctypes.CDLL(str(target))
+        return open_library(target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("native CPU kernels unavailable, using torch's: %s", detail)
         return None
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built library loaded, its functions' signatures set and its prefetch tuned (library();
+    benchmarks/bench_native_ab.py opens two builds side by side)."""
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
