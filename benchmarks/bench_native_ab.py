@@ -5,13 +5,15 @@ between processes hides a few per cent.
 
     GIRANDOLE_CACHE_DIR=/tmp/old PYTHONPATH=/path/to/old/checkout/src \\
         .venv/bin/python -c "from girandole.model.kernels import loader; print(loader.library())"
-    .venv/bin/python benchmarks/bench_native_ab.py OLD.so NEW.so [--kernel vnni|head]
+    .venv/bin/python benchmarks/bench_native_ab.py OLD.so NEW.so [--kernel vnni|head|attention]
         [--rows 1,4,16,64] [--calls 15]
 
 The first command builds the old checkout's library (the loader prints its path; the current
 checkout's is in ~/.cache/girandole/kernels). `vnni`: wq_gemm_vnni (csrc/wq_vnni.c, the linears'
 int8 kernel without AMX) on 4-bit levels in the linears' shapes; `head`: int4_head_gemm (the LM
-head's coarse pass) on the benchmark models' heads. The weights are the same tensors for both
+head's coarse pass) on the benchmark models' heads; `attention`: paged_attention_f16 (a float16
+KV cache) on a prompt's last 512 rows (--rows are prompt lengths, each one sequence: the engine's
+steps take 512 prompt rows at most) and a decode batch of 16 rows with --rows keys each, in Qwen3-0.6B's and the default model's head shapes. The weights are the same tensors for both
 builds and stay in the caches they fit in: a kernel's compute, not the host's memory, is timed.
 Prints the median microseconds of each build's calls (the first three left out), their ratio and
 whether the outputs are equal.
@@ -55,6 +57,53 @@ def head_call(lib, x, xs, packed, vocab: int) -> torch.Tensor:
     lib.int4_head_gemm(x.data_ptr(), m, hidden, packed.data_ptr(), xs.data_ptr(), vocab,
                        y.data_ptr(), torch.get_num_threads())  # fmt: skip
     return y
+
+
+# (query heads, KV heads, head dim, sliding window): Qwen3-0.6B's; the default model's global and
+# sliding-window layers
+ATTENTION = [(16, 8, 128, 0), (4, 1, 256, 0), (4, 1, 256, 512)]
+DECODE_ROWS = 16
+PROMPT_ROWS = 512  # the engine's default step budget (max_num_batched_tokens)
+
+
+def attention_call(lib, q, k, v, slots, starts, lens, window: int) -> torch.Tensor:
+    s, h, d = q.shape
+    out = torch.empty_like(q)
+    lib.paged_attention_f16(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(),
+                            starts.data_ptr(), lens.data_ptr(), s, h, k.shape[1], d, window,
+                            d**-0.5, None, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def attention_rows(libs, rows: list[int], n: int) -> list[list[str]]:
+    """A prompt of each length (one sequence, its last PROMPT_ROWS rows), then DECODE_ROWS
+    sequences of that many keys decoding one row each; the cache's slots shuffled as a paged cache's pages lie."""
+    table = []
+    for h, hkv, d, window in ATTENTION:
+        for ctx in rows:
+            for decode in (False, True):
+                seqs = DECODE_ROWS if decode else 1
+                k = torch.randn(seqs * ctx, hkv, d).half()
+                v = torch.randn(seqs * ctx, hkv, d).half()
+                pages = torch.randperm(seqs * ctx // 16) if ctx % 16 == 0 else None
+                slots = (
+                    (pages[:, None] * 16 + torch.arange(16)).reshape(-1)
+                    if pages is not None
+                    else torch.randperm(seqs * ctx)
+                )
+                if decode:
+                    starts = torch.arange(seqs) * ctx
+                    lens = torch.full((seqs,), ctx)
+                else:
+                    lens = torch.arange(max(ctx - PROMPT_ROWS, 0) + 1, ctx + 1)
+                    starts = torch.zeros(len(lens), dtype=torch.long)
+                q = torch.randn(len(lens), h, d)
+                call = partial(attention_call, q=q, k=k, v=v, slots=slots, starts=starts,
+                               lens=lens, window=window)  # fmt: skip
+                what = f"{h}/{hkv} x {d}" + (f", window {window}" if window else "")
+                kind = f"{seqs} x {ctx} keys" if decode else f"prompt {ctx}, last {len(lens)}"
+                table.append(alternate(libs, call, n, f"{what}: {kind}", len(lens)))
+    return table
 
 
 def alternate(libs, call, n: int, weight: str, m: int) -> list[str]:
@@ -103,7 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old")
     ap.add_argument("new")
-    ap.add_argument("--kernel", choices=["vnni", "head"], default="vnni")
+    ap.add_argument("--kernel", choices=["vnni", "head", "attention"], default="vnni")
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -113,7 +162,8 @@ def main() -> None:
     # each as the loader opens it: signatures set, prefetch tuned for this CPU (both alike)
     libs = [loader.open_library(Path(args.old)), loader.open_library(Path(args.new))]
     rows = [int(r) for r in args.rows.split(",")]
-    table = (vnni_rows if args.kernel == "vnni" else head_rows)(libs, rows, args.calls)
+    kernels = {"vnni": vnni_rows, "head": head_rows, "attention": attention_rows}
+    table = kernels[args.kernel](libs, rows, args.calls)
     print("\n".join(machine_lines()))
     print(f"kernel: {args.kernel}; threads {args.threads}; {args.calls} calls each, alternating\n")
     print(markdown_table(["weight", "rows", "old us", "new us", "old / new", "same bits"], table))

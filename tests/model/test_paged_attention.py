@@ -127,6 +127,34 @@ def test_tiled_prompt_rows_are_the_rows_alone(heads, kv_heads, head_dim, window,
     torch.testing.assert_close(whole.double(), expected, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("kv_heads,window", [(1, None), (2, 100)])
+def test_the_threads_tasks_do_not_change_the_numbers(kv_heads, window):
+    """The kernel gives the threads (tile, KV head) tasks that run a tile's chunks in turn where
+    there are at least 4 a thread, else one chunk a task: a prompt and a batch with decode rows,
+    at 1, 2 and 3 threads (whole-row tasks) and 64 (chunk tasks), are the same bits."""
+    g = torch.Generator().manual_seed(kv_heads)
+    k_cache, v_cache = (c.half() for c in _cache(g, kv_heads, 64))
+    heads, n = 4 * kv_heads, 600
+    slots = torch.randperm(len(k_cache), generator=g)[: n + 300]
+    # A 300-row chunk of a 600-key prompt beside two decode rows of another sequence (300 keys).
+    lens = torch.cat([torch.arange(301, n + 1), torch.tensor([299, 300])])
+    starts = torch.cat([torch.zeros(300, dtype=torch.long), torch.full((2,), n)])
+    q = torch.randn(len(lens), heads, 64, generator=g)
+    outs = []
+    for threads in (1, 2, 3, 64):
+        out = torch.empty_like(q)
+        fn, args = paged_attention.bind(
+            q, k_cache, v_cache, slots, starts, lens, window, 0.125, out, threads=threads
+        )
+        fn(*args)
+        outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    decode = paged_attention.paged_attention(
+        q[-2:], k_cache, v_cache, slots, starts[-2:], lens[-2:], window, 0.125
+    )
+    assert torch.equal(decode, outs[0][-2:])
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 64), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
