@@ -130,8 +130,9 @@ def test_tiled_prompt_rows_are_the_rows_alone(heads, kv_heads, head_dim, window,
 @pytest.mark.parametrize("kv_heads,window", [(1, None), (2, 100)])
 def test_the_threads_tasks_do_not_change_the_numbers(kv_heads, window):
     """The kernel gives the threads (tile, KV head) tasks that run a tile's chunks in turn where
-    there are at least 4 a thread, else one chunk a task: a prompt and a batch with decode rows,
-    at 1, 2 and 3 threads (whole-row tasks) and 64 (chunk tasks), are the same bits."""
+    the largest is at most a quarter of a thread's share, else one chunk a task: a prompt's rows
+    beside decode rows at 1, 2 and 3 threads (whole-tile tasks) and 64 (chunk tasks), and the
+    decode rows alone (chunk tasks), are the same bits."""
     g = torch.Generator().manual_seed(kv_heads)
     k_cache, v_cache = (c.half() for c in _cache(g, kv_heads, 64))
     heads, n = 4 * kv_heads, 600

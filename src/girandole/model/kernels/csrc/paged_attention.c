@@ -8,8 +8,8 @@
 // c for every row of the tile, reading each key and value once for them all: the scores of all
 // the rows and heads against the keys of their chunks together (a few more than one chunk), then
 // each row's partials over its own chunk's keys. The chunks of a row's head are then combined in
-// order. The threads take (tile, KV head) tasks, each of its chunks in turn, where there are
-// enough of them (attend); a few decode rows' chunks are spread over the threads instead.
+// order. For a prompt's rows the threads take (tile, KV head) tasks, each of its chunks in turn
+// (attend); decode rows' chunks are spread over the threads one by one.
 //
 // Every number depends only on the row's own query and keys and on its fixed chunk boundaries:
 // never on the batch, on how a prompt was split into chunks (or tiles), on whether the row is a
@@ -581,8 +581,9 @@ static void combine(const attention_t *a, int64_t i, int64_t g, const float *par
 // Rows are grouped into tiles: runs of up to TILE_ROWS consecutive rows of one sequence at
 // consecutive positions (a prompt's rows), from tile_row[t]. Where there are tiles enough for
 // the threads, a task is a tile's KV head: its chunks in order, into the thread's own buffer,
-// then each row's combination; otherwise (a few decode rows) a task is one chunk of a tile's KV
-// head, into a buffer of every row's chunks, combined after them all. Either way a row's chunk
+// then each row's combination; otherwise (decode rows alone, or a tile far longer than the rest)
+// a task is one chunk of a tile's KV head, into a buffer of every row's chunks, combined after
+// them all. Either way a row's chunk
 // partials are the same numbers and are combined the same way.
 static void attend(const float *q, const void *k_cache, const void *v_cache, const int64_t *slots,
                    const int64_t *starts, const int64_t *lens, int64_t S, int64_t H, int64_t Hkv,
@@ -599,19 +600,30 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
     tile_row[ntiles] = S;
     const attention_t a = {q,     k_cache, v_cache, slots, starts, lens, tile_row, H,
                            Hkv,   D,       window,  rep,   rep * (D + 2), scale, half};
-    // A tile's last row has the most chunks (a row sees one key more than the row before).
-    int64_t most = 0;
+    // A tile's last row has the most chunks (a row sees one key more than the row before). A
+    // tile's work: its rows' chunks. Whole-tile tasks where some tile is a prompt's (several
+    // rows) and the largest is at most a quarter of a thread's share, so that the threads end
+    // together. Decode rows alone keep chunk tasks: whole-row tasks took 1.07-1.28x as long for
+    // Qwen3-0.6B's shapes (8 KV heads; one row of 16,384 keys, 16 rows of 2,048), the same for
+    // the default model's.
+    int64_t most = 0, largest = 0, work = 0;
     for (int64_t t = 0; t < ntiles; t++) {
         const int64_t chunks = row_chunks(lens[tile_row[t + 1] - 1], window);
         if (chunks > most) most = chunks;
+        int64_t tile_work = 0;
+        for (int64_t i = tile_row[t]; i < tile_row[t + 1]; i++)
+            tile_work += row_chunks(lens[i], window);
+        if (tile_work > largest) largest = tile_work;
+        work += Hkv * tile_work;
     }
 
-    if (ntiles * Hkv >= 4 * (int64_t)nthreads) {
+    if (S > ntiles && largest * 4 * nthreads <= work) {
         // Tasks sequence by sequence; a prompt's (a sequence of several tiles) KV head by KV
         // head, each head's tiles from the last (the longest) to the first: neighbouring tasks
         // read the same keys and values, which stay in the cache. A sequence's heads one after
-        // another (for decode rows, a tile each) read its cache rows whole, in order: a pass per
-        // head over all the sequences took 1.3x as long at 16 rows of 2,048 keys (Qwen3-0.6B).
+        // another (a decode row beside a prompt is a tile of its own) read its cache rows whole,
+        // in order: a pass per head over all the sequences took 1.3x as long for 16 decode rows
+        // of 2,048 keys (Qwen3-0.6B's shapes).
         int64_t *unit = malloc(sizeof(int64_t) * 2 * ntiles * Hkv);  // (tile, head) pairs
         int64_t nu = 0;
         for (int64_t t0 = 0, t1; t0 < ntiles; t0 = t1) {
