@@ -152,6 +152,20 @@ def test_an_engine_whose_numbers_follow_the_count_keeps_it(tiny_llama_dir):
     assert torch.get_num_threads() == DEFAULT_THREADS
 
 
+def test_attention_that_runs_torch_says_its_numbers_follow_the_count():
+    """Soft-capped scores (Gemma 2's) or a head size the native kernel does not take run torch's
+    SDPA or matmuls: such a model's engine keeps its count too."""
+    from girandole.engine.cpu_threads import thread_invariant
+    from girandole.model import kernels
+    from girandole.model.attention import Attention
+
+    native = Attention(4, 2, 64, 0.125)
+    assert native.thread_invariant == kernels.available()
+    for torch_path in (Attention(4, 2, 64, 0.125, logit_softcap=50.0), Attention(4, 2, 24, 0.2)):
+        assert not torch_path.thread_invariant
+        assert not thread_invariant(torch.nn.ModuleList([native, torch_path]))
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: nothing to give back")
 def test_a_stopped_engine_gives_the_process_its_count_back(tiny_llama_dir):
     """Before: the process kept the count an AsyncEngine last set (threads started after it,

@@ -15,7 +15,8 @@ recorded decode graphs are kept per thread count (engine/cpu_graphs.py). torch's
 make no such promise: MKL's float32 GEMM splits a call's rows among the threads and rounds a row
 by its split (rows of calls of 5-7 and 9-11 rows, 1 thread against 2, on this project's hosts).
 An engine whose model runs one (reference mode's float32 linears; GIRANDOLE_NATIVE_KERNELS=0;
-bf16 tensors a checkpoint keeps) therefore keeps its count (`hold`, `thread_invariant`): before,
+bf16 tensors a checkpoint keeps; attention with soft-capped scores, on torch's SDPA or matmuls)
+therefore keeps its count (`hold`, `thread_invariant`): before,
 a reference-mode request's logprobs changed in the last bits with the machine's load.
 
 Several engines in one process (a server's deployments, several models) each run their own

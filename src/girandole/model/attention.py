@@ -88,6 +88,14 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.kv_group = 0  # which of the forward context's groups holds this layer's slots
 
+    @property
+    def thread_invariant(self) -> bool:
+        """Whether its numbers are the same at any thread count (engine/cpu_threads.py): on the
+        native paged kernel, which takes a CPU cache of either dtype; soft-capped scores or a
+        head size it does not take run torch's SDPA or matmuls, which make no such promise."""
+        cache = torch.empty(0, dtype=paged_attention.CACHE_DTYPES[-1])
+        return paged_attention.supported(self.head_dim, cache, self.logit_softcap)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         images = get_images()
