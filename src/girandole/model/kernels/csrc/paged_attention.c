@@ -579,12 +579,12 @@ static void combine(const attention_t *a, int64_t i, int64_t g, const float *par
 // sinks: NULL, or [H] logits (in the scaled scores' units) of each head's sink column.
 //
 // Rows are grouped into tiles: runs of up to TILE_ROWS consecutive rows of one sequence at
-// consecutive positions (a prompt's rows), from tile_row[t]. Where there are tiles enough for
-// the threads, a task is a tile's KV head: its chunks in order, into the thread's own buffer,
-// then each row's combination; otherwise (decode rows alone, or a tile far longer than the rest)
-// a task is one chunk of a tile's KV head, into a buffer of every row's chunks, combined after
-// them all. Either way a row's chunk
-// partials are the same numbers and are combined the same way.
+// consecutive positions (a prompt's rows), from tile_row[t]. Where a prompt's tiles give the
+// threads work enough (below), a task is a tile's KV head: its chunks in order, into the
+// thread's own buffer, then each row's combination; otherwise (decode rows alone, or a tile far
+// longer than the rest) a task is one chunk of a tile's KV head, into a buffer of every row's
+// chunks, combined after them all. Either way a row's chunk partials are the same numbers and
+// are combined the same way.
 static void attend(const float *q, const void *k_cache, const void *v_cache, const int64_t *slots,
                    const int64_t *starts, const int64_t *lens, int64_t S, int64_t H, int64_t Hkv,
                    int64_t D, int64_t window, float scale, const float *sinks, float *out,
@@ -656,28 +656,36 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
         return;
     }
 
-    // Row i's partials start at first[i] (KV head g's chunk c: first[i] + g * chunks + c).
+    // Row i's partials start at first[i] (KV head g's chunk c: first[i] + g * chunks + c); tile
+    // k's tasks (its heads' chunks, in order) from tile_task[k].
     int64_t *first = malloc(sizeof(int64_t) * (S + 1));
+    int64_t *tile_task = malloc(sizeof(int64_t) * (ntiles + 1));
     int64_t nparts = 0, ntasks = 0;
     for (int64_t i = 0; i < S; i++) {
         first[i] = nparts;
         nparts += Hkv * row_chunks(lens[i], window);
     }
     first[S] = nparts;
-    for (int64_t t = 0; t < ntiles; t++)
+    for (int64_t t = 0; t < ntiles; t++) {
+        tile_task[t] = ntasks;
         ntasks += Hkv * row_chunks(lens[tile_row[t + 1] - 1], window);
+    }
+    tile_task[ntiles] = ntasks;
     float *part = malloc(sizeof(float) * (nparts * a.per_task + 1));
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; t++) {
-        // Task t: tile k's chunk c of KV head g, tiles in order, each's heads and chunks in order.
-        int64_t k = 0, before = 0;  // the tasks of the tiles before k
-        for (;; k++) {
-            const int64_t n = Hkv * row_chunks(lens[tile_row[k + 1] - 1], window);
-            if (t < before + n) break;
-            before += n;
+        int64_t k = 0;  // the task's tile: binary search in tile_task[] (a batch has many rows)
+        for (int64_t lo = 0, hi = ntiles - 1; lo <= hi;) {
+            const int64_t mid = (lo + hi) / 2;
+            if (tile_task[mid] <= t) {
+                k = mid;
+                lo = mid + 1;
+            } else {
+                hi = mid - 1;
+            }
         }
         const int64_t nchunks = row_chunks(lens[tile_row[k + 1] - 1], window);
-        const int64_t g = (t - before) / nchunks, c = (t - before) % nchunks;
+        const int64_t g = (t - tile_task[k]) / nchunks, c = (t - tile_task[k]) % nchunks;
         float *rows[TILE_ROWS];
         for (int64_t i = tile_row[k]; i < tile_row[k + 1]; i++)
             rows[i - tile_row[k]] =
@@ -692,6 +700,7 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
         combine(&a, i, g, part + (first[i] + g * nchunks) * a.per_task, nchunks, sinks, out);
     }
     free(part);
+    free(tile_task);
     free(first);
     free(tile_row);
 }
