@@ -55,8 +55,7 @@ def kv_cache_dtype(
         if gpu_path and setting == "float16":
             raise ValueError("kv_cache_dtype float16 is for the CPU path (not gpu_path)")
         return KV_CACHE_DTYPES[setting]
-    half = torch.empty(0, dtype=torch.float16)  # can the native kernel read such a cache?
-    native = all(paged_attention.supported(a.head_dim, half, a.logit_softcap) for a in layers)
+    native = all(paged_attention.takes(a.head_dim, a.logit_softcap) for a in layers)
     return torch.float16 if mode == "fast" and not gpu_path and native else torch.float32
 
 

@@ -91,10 +91,9 @@ class Attention(nn.Module):
     @property
     def thread_invariant(self) -> bool:
         """Whether its numbers are the same at any thread count (engine/cpu_threads.py): on the
-        native paged kernel, which takes a CPU cache of either dtype; soft-capped scores or a
-        head size it does not take run torch's SDPA or matmuls, which make no such promise."""
-        cache = torch.empty(0, dtype=paged_attention.CACHE_DTYPES[-1])
-        return paged_attention.supported(self.head_dim, cache, self.logit_softcap)
+        native paged kernel; soft-capped scores or a head size it does not take run torch's
+        SDPA or matmuls, which make no such promise."""
+        return paged_attention.takes(self.head_dim, self.logit_softcap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()

@@ -22,14 +22,14 @@ from girandole.model.kernels import loader
 CACHE_DTYPES = (torch.float32, torch.float16)
 
 
+def takes(head_dim: int, softcap: float | None) -> bool:
+    """Whether the kernel runs attention of this head size and scores here (on a CPU cache of
+    either of CACHE_DTYPES)."""
+    return loader.available() and head_dim % 16 == 0 and not softcap
+
+
 def supported(head_dim: int, cache: torch.Tensor, softcap: float | None) -> bool:
-    return (
-        loader.available()
-        and cache.device.type == "cpu"
-        and cache.dtype in CACHE_DTYPES
-        and head_dim % 16 == 0
-        and not softcap
-    )
+    return takes(head_dim, softcap) and cache.device.type == "cpu" and cache.dtype in CACHE_DTYPES
 
 
 def paged_attention(
