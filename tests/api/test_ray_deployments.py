@@ -371,6 +371,7 @@ def test_lora_adapter_on_two_replicas(plane, pair):
 def test_replica_killed_under_load(plane, pair):
     name = f"{MODEL}#{pair}"
     before = _usage_rows(plane)
+    started: list[int] = []  # streams that have their first token
 
     async def stream(i: int):
         body = {"model": name, "prompt": f"story {i}", "stream": True, "ignore_eos": True,
@@ -386,32 +387,45 @@ def test_replica_killed_under_load(plane, pair):
                     if line.startswith('data: {"error"'):
                         return ("error", line)  # the stream's error event
                     n += line.startswith("data: {")
+                    if n == 1:
+                        started.append(i)
                 return ("done", n)
 
-    gauges: list[str] = []
+    gauges: list[float] = []
 
     async def run():
-        tasks = [asyncio.create_task(stream(i)) for i in range(6)]
-        await asyncio.sleep(2.5)
+        tasks = []
+        for i in range(6):  # one at a time: each is counted in flight before the next is routed
+            tasks.append(asyncio.create_task(stream(i)))
+            while len(started) <= i and not tasks[-1].done():
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)  # a replica reports its stats each second
         async with httpx.AsyncClient(timeout=30) as http:  # each replica's gauges, under load
             text = (await http.get(plane.server.url + "/metrics")).text
         gauges.extend(
-            line for line in text.splitlines()
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("girandole:num_requests_running")
             and f'deployment="{pair}"' in line
         )  # fmt: skip
+        # the replica generating the most: the one with streams to cut off, wherever Ray sent them
+        # (before: the first pid, which on a loaded host was once the replica with none)
         pids = replica_pids(f"girandole--{ACCOUNT}--pair")
-        os.kill(pids[0], signal.SIGKILL)
+        used = await asyncio.to_thread(_cpu_ticks_over, pids, 0.5)  # the streams read meanwhile
+        victim = max(pids, key=used.__getitem__)
+        assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
+        os.kill(victim, signal.SIGKILL)
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
-    # one series per replica, the load spread over both
+    # one series per replica, the load on them
     assert len(gauges) == 2, f"{gauges}\n{_server_warnings(plane)}"
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in gauges) >= 1, gauges
+    assert sum(gauges) >= 1, gauges
     errors = [r for r in results if r[0] == "error"]
     done = [r for r in results if r[0] == "done"]
-    assert errors and done, results  # the killed replica's streams end, the others finish
+    assert errors, results  # the killed replica's streams end...
     assert all("replica" in message for _, message in errors), errors
+    if min(gauges) > 0:  # ...and, where Ray spread them, the other replica's finish
+        assert done, (gauges, results)
     # a new request is served while Ray replaces the replica
     assert plane.complete(name, "after", max_tokens=3).status_code == 200
     d = plane.wait("pair", 2)  # replaced
@@ -420,6 +434,21 @@ def test_replica_killed_under_load(plane, pair):
     while _usage_rows(plane) - before < len(results) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _usage_rows(plane) - before >= len(results)  # every request has its usage row
+
+
+def _cpu_ticks_over(pids: list[int], seconds: float) -> dict[int, int]:
+    """CPU ticks (user + system) each process used over the next `seconds`."""
+
+    def ticks(pid: int) -> int:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+    first = {pid: ticks(pid) for pid in pids}
+    time.sleep(seconds)
+    return {pid: ticks(pid) - first[pid] for pid in pids}
 
 
 def _usage_rows(plane) -> int:
