@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,43 +20,8 @@ from girandole.model.loader import _save_cache, page_cache
 MIB = 1 << 20
 
 
-def _kernel() -> tuple[int, int]:
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def _filesystem(path: Path) -> str:
-    """The type of the filesystem holding `path` (the longest mount point above it)."""
-    path = path.resolve()
-    best, kind = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1]
-            if (path.as_posix() + "/").startswith(point.rstrip("/") + "/") and len(point) > len(
-                best
-            ):
-                best, kind = point, fields[2]
-    return kind
-
-
-def _large_folios(path: Path) -> bool:
-    """Whether files under `path` can be cached in 2 MiB folios and mapped so: Linux with THP
-    not off, on a filesystem with large folios (xfs from 5.18, ext4 from 6.16)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    if "[never]" in thp:
-        return False
-    needs = {"xfs": (5, 18), "ext4": (6, 16)}.get(_filesystem(path))
-    return needs is not None and _kernel() >= needs
-
-
 def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path):
-    if not _large_folios(tmp_path):
+    if not page_cache.large_folios(tmp_path):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
     path = tmp_path / "weights.bin"
     data = os.urandom(12 * MIB + 12345)
@@ -75,8 +39,30 @@ def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path)
         del view
 
 
+def test_a_file_cached_in_small_pages_is_read_again_in_2_mib_pages(tmp_path):
+    if not page_cache.large_folios(tmp_path):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    path = tmp_path / "weights.bin"
+    data = os.urandom(16 * MIB)
+    path.write_bytes(data)
+    page_cache.drop(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # a page of each 4 MiB read alone (as after memory pressure evicted the rest)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in range(0, 16 * MIB, 4 * MIB):
+            os.pread(fd, 4096, offset + 8192)
+    finally:
+        os.close(fd)
+    page_cache.read_huge(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as mm:
+        view = torch.frombuffer(mm, dtype=torch.uint8)
+        assert int(view[::4096].sum()) == sum(data[::4096])
+        assert page_cache.pmd_mapped(path) == 16 * MIB  # before: 0 (every range fragmented)
+        del view
+
+
 def test_a_saved_cache_entry_maps_in_2_mib_pages_and_reads_the_same(tmp_path):
-    if not _large_folios(tmp_path):
+    if not page_cache.large_folios(tmp_path):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
     module = nn.Module()
     for i in range(256):  # 16 MiB in 64 KiB tensors, as a model's layers
@@ -92,7 +78,7 @@ def test_a_saved_cache_entry_maps_in_2_mib_pages_and_reads_the_same(tmp_path):
 
 def test_the_default_models_packed_weights_are_mapped_in_2_mib_pages(default_fast):
     folder = cache_dir() / "packed"
-    if not _large_folios(folder):
+    if not page_cache.large_folios(folder):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
     model, _ = default_fast
     storages = {

@@ -13,9 +13,15 @@ mappings so). Whether the folios are that large depends on how the pages came to
 - read from disk through a mapping advised MADV_HUGEPAGE: readahead reads 2 MiB folios (on a
   filesystem with large folios: ext4 from Linux 6.16, xfs from 5.18).
 
+- cached in small folios, by a write or by reads of a few pages (a 2 MiB range of which some
+  pages are cached, say after memory pressure evicted the rest, is read back around them in
+  small folios): they stay so until they are dropped.
+
 So the build child flushes the written file and drops its pages (`drop`), and a load reads the
 file through such a mapping first (`read_huge`), one byte each 2 MiB (a no-op where the pages are
-cached already). Measured on AMD EPYC (Zen 4), 2 threads, the same entry as two files in one
+cached already). Where that mapping then takes fewer 2 MiB pages than the file has, on a
+filesystem that has large folios, the file's pages that no process maps are dropped and read
+again, once: a page cache fragmented since the last load heals at the next. Measured on AMD EPYC (Zen 4), 2 threads, the same entry as two files in one
 process, calls alternating (docs/benchmarks.md, "The packed entry in 2 MiB pages"): one token's
 experts over the 4 layers of the Qwen3-30B-A3B-shaped file 3.02 / 3.17 -> 2.90 / 2.88 ms (two
 runs), its 12 dense linears at one row 1.41 / 1.50 -> 1.40 / 1.47 ms. The small scattered
@@ -29,9 +35,12 @@ is mapped in 4 KiB pages as before.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import mmap
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,27 +68,95 @@ def drop(path: Path) -> None:
 
 def read_huge(path: Path) -> None:
     """Bring `path` into the page cache through a mapping advised MADV_HUGEPAGE, one byte each
-    2 MiB: the pages read from disk come in 2 MiB folios (pages cached already are left as
-    they are)."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
+    2 MiB: the pages read from disk come in 2 MiB folios. Pages cached already are left as they
+    are, unless that mapping took fewer 2 MiB pages than it could where the filesystem has large
+    folios: then those no process maps are dropped and read again."""
+    if getattr(mmap, "MADV_HUGEPAGE", None) is None:
         return
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < HUGE_PAGE:
                 return
-            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
-                mm.madvise(advice)
-                for offset in range(0, size, HUGE_PAGE):
-                    mm[offset]  # the fault reads the 2 MiB folio around it
+            if _touch_huge(f.fileno(), size, path) or not large_folios(path):
+                return
+            log.info("%s was cached in small pages: dropping and reading it again", path)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            _touch_huge(f.fileno(), size, path)
     except (OSError, ValueError) as exc:
         log.debug("could not read %s in 2 MiB folios: %s", path, exc)
 
 
-def pmd_mapped(path: Path) -> int:
-    """Bytes of this process's mappings of `path` mapped in 2 MiB pages (smaps' FilePmdMapped;
-    0 off Linux): what `read_huge` is for, read back by its tests and benchmarks/bench_page_cache.py."""
+def _touch_huge(fd: int, size: int, path: Path) -> bool:
+    """Fault one byte each 2 MiB through a mapping advised MADV_HUGEPAGE; whether that mapping
+    then took every 2 MiB page it could (True also where it cannot tell: the kernel did not
+    align the mapping, so it takes none). libc's mmap, for the mapping's address."""
+    libc = _libc()
+    start = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    if start in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+    try:
+        libc.madvise(start, size, mmap.MADV_HUGEPAGE)
+        for offset in range(0, size, HUGE_PAGE):
+            ctypes.string_at(start + offset, 1)  # the fault reads the 2 MiB folio around it
+        if start % HUGE_PAGE:
+            return True
+        return pmd_mapped(path, start) >= (size // HUGE_PAGE) * HUGE_PAGE
+    finally:
+        libc.munmap(start, size)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def large_folios(path: Path) -> bool:
+    """Whether files under `path` can be cached in 2 MiB folios and mapped so: Linux with THP
+    not off, on a filesystem with large folios (xfs from 5.18, ext4 from 6.16)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    if "[never]" in thp:
+        return False
+    needs = {"xfs": (5, 18), "ext4": (6, 16)}.get(_filesystem(path))
+    return needs is not None and _kernel() >= needs
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    path = Path(path).resolve()
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[1].rstrip("/") + "/"
+                if (path.as_posix() + "/").startswith(point) and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def pmd_mapped(path: Path, start: int | None = None) -> int:
+    """Bytes of this process's mappings of `path` (only the one at address `start`, if given)
+    mapped in 2 MiB pages (smaps' FilePmdMapped; 0 off Linux): what `read_huge` is for, read
+    back by it, its tests and benchmarks/bench_page_cache.py."""
     total, current = 0, False
     try:
         with open("/proc/self/smaps") as f:
@@ -87,6 +164,8 @@ def pmd_mapped(path: Path) -> int:
                 head = line.split()
                 if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
                     current = len(head) >= 6 and head[5] == str(path)
+                    if current and start is not None:
+                        current = int(head[0].split("-")[0], 16) == start
                 elif current and line.startswith("FilePmdMapped:"):
                     total += int(head[1]) * 1024
     except OSError:
