@@ -206,7 +206,11 @@ class LlamaServerEngine:
             raise RuntimeError("no llama-server binary (see benchmarks/build_llama_server.sh)")
         gguf_in_huge_pages(spec["model"])
         self.slots = max(spec["concurrency"] or [1])
-        per_slot = max(spec["prefill_len"], spec["input_len"] + spec["output_len"]) + 64
+        per_slot = 64 + max(  # every cell's request fits a slot (the decode cell's long prompt too)
+            spec["prefill_len"],
+            spec["input_len"] + spec["output_len"],
+            spec["decode_prompt_len"] + spec["decode_tokens"],
+        )
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         t = str(spec["threads"])

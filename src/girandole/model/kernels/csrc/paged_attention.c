@@ -407,6 +407,15 @@ static inline __attribute__((always_inline)) void softmax_partial(float *s, int6
     *l = _mm512_reduce_add_ps(sum);
 }
 
+// The first keys' rows of the thread's next task (or of the tile's next chunk), fetched into L2
+// while this task weighs its values, which it finds in the caches already: the next task's
+// scores no longer start by waiting on memory. n == 0: none.
+typedef struct {
+    const char *k[PREFETCH_AHEAD];
+    int n;
+    int64_t bytes;
+} next_rows;
+
 // One task's partials: na rows of one sequence (a tile) against one KV head's keys, nh query
 // heads each (row r's at q[r], nh rows of D). Row r sees its chunk's keys [j0[r], j0[r] + n[r])
 // of the sequence's slots, all within [lo, lo + span) (span <= SPAN); the caches' element 0 is
@@ -419,7 +428,7 @@ static inline __attribute__((always_inline)) void tile_partials_t(
     const float *const *q, int na, int nh, int64_t D, const void *k_cache, const void *v_cache,
     int64_t row_stride, const int64_t *slots, int64_t lo, int64_t span, const int64_t *j0,
     const int64_t *n, float scale, float *const *m, float *const *l,
-    float *const *o, int half) {
+    float *const *o, const next_rows *next, int half) {
     float s[TILE_ROWS * MAX_REP][SPAN];  // scores, then weights: row r's head h at r * nh + h
     const float *qp[TILE_ROWS * MAX_REP];
     int64_t koff[SPAN];  // element offset of each key's (and value's) row
@@ -449,6 +458,9 @@ static inline __attribute__((always_inline)) void tile_partials_t(
     for (int r = 0; r < na; r++)
         for (int h = 0; h < nh; h++)
             softmax_partial(s[r * nh + h] + (j0[r] - lo), n[r], m[r] + h, l[r] + h);
+    if (next)
+        for (int i = 0; i < next->n; i++)
+            for (int64_t b = 0; b < next->bytes; b += 64) _mm_prefetch(next->k[i] + b, _MM_HINT_T1);
     for (int64_t d = 0; d < D; d += vdims) {
         const int dn = (int)((D - d < vdims ? D - d : vdims) / 16);
         const void *vd = (const char *)v_cache + d * elt;
@@ -472,15 +484,19 @@ static inline __attribute__((always_inline)) void tile_partials_t(
 static void tile_partials_f32(const float *const *q, int na, int nh, int64_t D, const void *k,
                               const void *v, int64_t row_stride, const int64_t *slots, int64_t lo,
                               int64_t span, const int64_t *j0, const int64_t *n, float scale,
-                              float *const *m, float *const *l, float *const *o) {
-    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, m, l, o, 0);
+                              float *const *m, float *const *l, float *const *o,
+                              const next_rows *next) {
+    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, m, l, o, next,
+                    0);
 }
 
 static void tile_partials_f16(const float *const *q, int na, int nh, int64_t D, const void *k,
                               const void *v, int64_t row_stride, const int64_t *slots, int64_t lo,
                               int64_t span, const int64_t *j0, const int64_t *n, float scale,
-                              float *const *m, float *const *l, float *const *o) {
-    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, m, l, o, 1);
+                              float *const *m, float *const *l, float *const *o,
+                              const next_rows *next) {
+    tile_partials_t(q, na, nh, D, k, v, row_stride, slots, lo, span, j0, n, scale, m, l, o, next,
+                    1);
 }
 
 // The first key a row of ctx keys sees, and its number of chunks (KEY_CHUNK keys from there).
@@ -507,7 +523,8 @@ typedef struct {
 // at part[r] + c * per_task. A row's chunk c holds the same keys in a tile as alone; the tile's
 // rows' chunks c lie within SPAN keys (each row's window starts at most one key after the
 // previous row's).
-static void tile_chunk(const attention_t *a, int64_t k, int64_t g, int64_t c, float *const *part) {
+static void tile_chunk(const attention_t *a, int64_t k, int64_t g, int64_t c, float *const *part,
+                       const next_rows *next) {
     const int64_t i0 = a->tile_row[k], tn = a->tile_row[k + 1] - i0;
     const int64_t rep = a->rep, D = a->D, elt = a->half ? 2 : 4;
     int64_t rows[TILE_ROWS], j0[TILE_ROWS], n[TILE_ROWS];
@@ -538,7 +555,23 @@ static void tile_chunk(const attention_t *a, int64_t k, int64_t g, int64_t c, fl
         const void *vg = (const char *)a->v_cache + g * D * elt;
         (a->half ? tile_partials_f16 : tile_partials_f32)(
             qr, na, nh, D, kg, vg, a->Hkv * D, a->slots + a->starts[i0], lo, hi - lo, j0, n,
-            a->scale, pm, pl, po);
+            a->scale, pm, pl, po, h0 + MAX_REP >= rep ? next : NULL);
+    }
+}
+
+// The first keys' rows of tile k's chunk c of KV head g (of its first row that has one).
+static void task_rows(const attention_t *a, int64_t k, int64_t g, int64_t c, next_rows *next) {
+    const int64_t elt = a->half ? 2 : 4;
+    next->n = 0;
+    next->bytes = a->D * elt;
+    for (int64_t i = a->tile_row[k]; i < a->tile_row[k + 1]; i++) {
+        if (c >= row_chunks(a->lens[i], a->window)) continue;
+        const int64_t j0 = window_start(a->lens[i], a->window) + c * KEY_CHUNK;
+        const int64_t left = a->lens[i] - j0;
+        const int64_t *slots = a->slots + a->starts[i] + j0;
+        for (int64_t j = 0; j < PREFETCH_AHEAD && j < left; j++)
+            next->k[next->n++] = (const char *)a->k_cache + (slots[j] * a->Hkv + g) * a->D * elt;
+        return;
     }
 }
 
@@ -571,6 +604,27 @@ static void combine(const attention_t *a, int64_t i, int64_t g, const float *par
         for (int64_t d = 0; d < D; d += 16)
             _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(dst + d), inv));
     }
+}
+
+// Task t of the chunk tasks: its tile k (binary search in tile_task[]: a batch has many rows),
+// KV head g and chunk c.
+static void locate(const int64_t *tile_task, int64_t ntiles, const int64_t *tile_row,
+                   const int64_t *lens, int64_t window, int64_t t, int64_t *k, int64_t *g,
+                   int64_t *c) {
+    int64_t found = 0;
+    for (int64_t lo = 0, hi = ntiles - 1; lo <= hi;) {
+        const int64_t mid = (lo + hi) / 2;
+        if (tile_task[mid] <= t) {
+            found = mid;
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    const int64_t nchunks = row_chunks(lens[tile_row[found + 1] - 1], window);
+    *k = found;
+    *g = (t - tile_task[found]) / nchunks;
+    *c = (t - tile_task[found]) % nchunks;
 }
 
 // q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
@@ -645,7 +699,11 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
                 const int64_t k = unit[2 * u], g = unit[2 * u + 1];
                 const int64_t i0 = tile_row[k], i1 = tile_row[k + 1];
                 const int64_t chunks = row_chunks(lens[i1 - 1], window);
-                for (int64_t c = 0; c < chunks; c++) tile_chunk(&a, k, g, c, part);
+                for (int64_t c = 0; c < chunks; c++) {
+                    next_rows next = {{0}, 0, 0};  // the next chunk's first keys
+                    if (c + 1 < chunks) task_rows(&a, k, g, c + 1, &next);
+                    tile_chunk(&a, k, g, c, part, &next);
+                }
                 for (int64_t i = i0; i < i1; i++)
                     combine(&a, i, g, part[i - i0], row_chunks(lens[i], window), sinks, out);
             }
@@ -672,25 +730,38 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
     }
     tile_task[ntiles] = ntasks;
     float *part = malloc(sizeof(float) * (nparts * a.per_task + 1));
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntasks; t++) {
-        int64_t k = 0;  // the task's tile: binary search in tile_task[] (a batch has many rows)
-        for (int64_t lo = 0, hi = ntiles - 1; lo <= hi;) {
-            const int64_t mid = (lo + hi) / 2;
-            if (tile_task[mid] <= t) {
-                k = mid;
-                lo = mid + 1;
-            } else {
-                hi = mid - 1;
+    // The tasks dynamically, as schedule(dynamic, 1) would, but a thread takes its next task
+    // before it weighs this one's values, and fetches that task's first keys meanwhile: decode
+    // rows of 2,048 keys (Qwen3-0.6B's shapes, 16 rows) 1.2x faster. Only while more tasks are
+    // left than threads: a thread must not hold one that an idle thread could run (a 16-row
+    // prompt of one KV head is two tasks).
+    int64_t counter = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t t = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED), k, g, c;
+        if (t < ntasks) locate(tile_task, ntiles, tile_row, lens, window, t, &k, &g, &c);
+        while (t < ntasks) {
+            int64_t t2 = -1, k2 = 0, g2 = 0, c2 = 0;
+            next_rows next = {{0}, 0, 0};
+            if (__atomic_load_n(&counter, __ATOMIC_RELAXED) + nthreads < ntasks) {
+                t2 = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+                if (t2 < ntasks) {
+                    locate(tile_task, ntiles, tile_row, lens, window, t2, &k2, &g2, &c2);
+                    task_rows(&a, k2, g2, c2, &next);
+                }
             }
+            float *rows[TILE_ROWS];
+            for (int64_t i = tile_row[k]; i < tile_row[k + 1]; i++)
+                rows[i - tile_row[k]] =
+                    part + (first[i] + g * row_chunks(lens[i], window)) * a.per_task;
+            tile_chunk(&a, k, g, c, rows, &next);
+            if (t2 < 0) {  // none taken ahead: the next one now
+                t2 = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+                if (t2 < ntasks)
+                    locate(tile_task, ntiles, tile_row, lens, window, t2, &k2, &g2, &c2);
+            }
+            t = t2, k = k2, g = g2, c = c2;
         }
-        const int64_t nchunks = row_chunks(lens[tile_row[k + 1] - 1], window);
-        const int64_t g = (t - tile_task[k]) / nchunks, c = (t - tile_task[k]) % nchunks;
-        float *rows[TILE_ROWS];
-        for (int64_t i = tile_row[k]; i < tile_row[k + 1]; i++)
-            rows[i - tile_row[k]] =
-                part + (first[i] + g * row_chunks(lens[i], window)) * a.per_task;
-        tile_chunk(&a, k, g, c, rows);
     }
     // Combine each head's chunks in order.
 #pragma omp parallel for num_threads(nthreads) schedule(static)
