@@ -7,14 +7,20 @@ between processes hides a few per cent.
         .venv/bin/python -c "from girandole.model.kernels import loader; print(loader.library())"
     .venv/bin/python benchmarks/bench_native_ab.py OLD.so NEW.so [--kernel vnni|head|attention]
         [--rows 1,4,16,64] [--calls 15]
+    .venv/bin/python benchmarks/bench_native_ab.py OLD.so NEW.so --kernel decode --rows 2048,8192
 
 The first command builds the old checkout's library (the loader prints its path; the current
 checkout's is in ~/.cache/girandole/kernels). `vnni`: wq_gemm_vnni (csrc/wq_vnni.c, the linears'
 int8 kernel without AMX) on 4-bit levels in the linears' shapes; `head`: int4_head_gemm (the LM
 head's coarse pass) on the benchmark models' heads; `attention`: paged_attention_f16 (a float16
 KV cache) on a prompt's last 512 rows (--rows are prompt lengths, each one sequence: the engine's
-steps take 512 prompt rows at most) and a decode batch of 16 rows with --rows keys each, in Qwen3-0.6B's and the default model's head shapes. The weights are the same tensors for both
+steps take 512 prompt rows at most) and a decode batch of 16 rows with --rows keys each, in
+Qwen3-0.6B's and the default model's head shapes. The weights are the same tensors for both
 builds and stay in the caches they fit in: a kernel's compute, not the host's memory, is timed.
+`decode`: paged_attention_f16 on decode rows (1 and 16 sequences of --rows keys each) as an
+engine's step meets them, out of the CPU's caches: each call sweeps the caches of as many
+layers as make 160 MB (a step's attention reads every layer's), in the shapes of Qwen3-0.6B,
+Llama-3.2-1B and the default model's global layers; the time is the sweep's.
 Prints the median microseconds of each build's calls (the first three left out), their ratio and
 whether the outputs are equal.
 """
@@ -106,6 +112,41 @@ def attention_rows(libs, rows: list[int], n: int) -> list[list[str]]:
     return table
 
 
+# (query heads, KV heads, head dim): Qwen3-0.6B's, Llama-3.2-1B's, the default model's global layers
+DECODE_SHAPES = [(16, 8, 128), (32, 8, 64), (4, 1, 256)]
+SWEEP_BYTES = 160_000_000  # several times an L3: each layer's cache comes from memory
+
+
+def sweep_call(lib, q, layers, starts, lens) -> torch.Tensor:
+    for slots, k, v in layers:
+        out = attention_call(lib, q, k, v, slots, starts, lens, 0)
+    return out
+
+
+def decode_rows(libs, rows: list[int], n: int) -> list[list[str]]:
+    """Decode rows out of the caches: 1 and 16 sequences of each length, over as many layers'
+    caches (each a pool of twice the sequences' pages, theirs shuffled in it) as SWEEP_BYTES."""
+    table = []
+    for h, hkv, d in DECODE_SHAPES:
+        for seqs in (1, 16):
+            for ctx in rows:
+                pages = seqs * ctx // 16
+                nbytes = seqs * ctx * hkv * d * 2 * 2  # keys and values, float16
+                layers = []
+                for _ in range(max(1, -(-SWEEP_BYTES // nbytes))):
+                    slots = torch.randperm(2 * pages)[:pages, None] * 16 + torch.arange(16)
+                    k = torch.randn(2 * pages * 16, hkv, d).half()
+                    v = torch.randn(2 * pages * 16, hkv, d).half()
+                    layers.append((slots.reshape(-1), k, v))
+                q = torch.randn(seqs, h, d)
+                call = partial(sweep_call, q=q, layers=layers, starts=torch.arange(seqs) * ctx,
+                               lens=torch.full((seqs,), ctx))  # fmt: skip
+                what = f"{h}/{hkv} x {d}: {seqs} x {ctx} keys, {len(layers)} layers"
+                table.append(alternate(libs, call, n, what, seqs))
+                del layers
+    return table
+
+
 def alternate(libs, call, n: int, weight: str, m: int) -> list[str]:
     """A table row: each build's median microseconds over n calls of call(lib), alternating,
     their ratio and whether the first outputs are the same bits."""
@@ -152,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old")
     ap.add_argument("new")
-    ap.add_argument("--kernel", choices=["vnni", "head", "attention"], default="vnni")
+    ap.add_argument("--kernel", choices=["vnni", "head", "attention", "decode"], default="vnni")
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -162,7 +203,8 @@ def main() -> None:
     # each as the loader opens it: signatures set, prefetch tuned for this CPU (both alike)
     libs = [loader.open_library(Path(args.old)), loader.open_library(Path(args.new))]
     rows = [int(r) for r in args.rows.split(",")]
-    kernels = {"vnni": vnni_rows, "head": head_rows, "attention": attention_rows}
+    kernels = {"vnni": vnni_rows, "head": head_rows, "attention": attention_rows,
+               "decode": decode_rows}  # fmt: skip
     table = kernels[args.kernel](libs, rows, args.calls)
     print("\n".join(machine_lines()))
     print(f"kernel: {args.kernel}; threads {args.threads}; {args.calls} calls each, alternating\n")
