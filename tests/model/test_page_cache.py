@@ -61,6 +61,27 @@ def test_a_file_cached_in_small_pages_is_read_again_in_2_mib_pages(tmp_path):
         del view
 
 
+def test_a_file_through_a_symlinked_folder_is_read_once(tmp_path, caplog):
+    """smaps names the resolved path: read_huge must find its mapping all the same, and not take
+    the file for fragmented (and read it again) at every load."""
+    if not page_cache.large_folios(tmp_path):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    path = tmp_path / "link" / "a file.bin"
+    path.write_bytes(os.urandom(8 * MIB))
+    page_cache.drop(path)
+    page_cache.read_huge(path)
+    with caplog.at_level("INFO", logger=page_cache.log.name):
+        page_cache.read_huge(path)
+    assert "small pages" not in caplog.text
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as mm:
+        view = torch.frombuffer(mm, dtype=torch.uint8)
+        view[::4096].sum()
+        assert page_cache.pmd_mapped(path) == 8 * MIB
+        del view
+
+
 def test_a_saved_cache_entry_maps_in_2_mib_pages_and_reads_the_same(tmp_path):
     if not page_cache.large_folios(tmp_path):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")

@@ -156,16 +156,20 @@ def _filesystem(path: Path) -> str:
 def pmd_mapped(path: Path, start: int | None = None) -> int:
     """Bytes of this process's mappings of `path` (only the one at address `start`, if given)
     mapped in 2 MiB pages (smaps' FilePmdMapped; 0 off Linux): what `read_huge` is for, read
-    back by it, its tests and benchmarks/bench_page_cache.py."""
+    back by it, its tests and benchmarks/bench_page_cache.py. smaps names a mapping's file by
+    its resolved path: a relative or symlinked `path` is resolved first (read_huge, matching
+    its mapping by address, would otherwise find none and read the file again at every load)."""
+    name = str(Path(path).resolve())
     total, current = 0, False
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
-                head = line.split()
+                head = line.split(maxsplit=5)  # the path whole, spaces and all
                 if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
-                    current = len(head) >= 6 and head[5] == str(path)
-                    if current and start is not None:
+                    if start is not None:
                         current = int(head[0].split("-")[0], 16) == start
+                    else:
+                        current = len(head) == 6 and head[5].rstrip("\n") == name
                 elif current and line.startswith("FilePmdMapped:"):
                     total += int(head[1]) * 1024
     except OSError:
