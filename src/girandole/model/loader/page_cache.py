@@ -17,17 +17,17 @@ mappings so). Whether the folios are that large depends on how the pages came to
   pages are cached, say after memory pressure evicted the rest, is read back around them in
   small folios): they stay so until they are dropped.
 
-So the build child flushes the written file and drops its pages (`drop`), and a load reads the
-file through such a mapping first (`read_huge`), one byte each 2 MiB (a no-op where the pages are
-cached already). Where that mapping then takes fewer 2 MiB pages than the file has, on a
-filesystem that has large folios, the file's pages that no process maps are dropped and read
-again, once: a page cache fragmented since the last load heals at the next. Measured on AMD EPYC (Zen 4), 2 threads, the same entry as two files in one
-process, calls alternating (docs/benchmarks.md, "The packed entry in 2 MiB pages"): one token's
-experts over the 4 layers of the Qwen3-30B-A3B-shaped file 3.02 / 3.17 -> 2.90 / 2.88 ms (two
-runs), its 12 dense linears at one row 1.41 / 1.50 -> 1.40 / 1.47 ms. The small scattered
-matrices gain, the long ones hardly. No memory is added: the pages are the page cache's, shared
-by every process that maps the file (a copy of the weights into anonymous huge pages gave the
-experts as much, but each process its own copy and 1-2 s more to load).
+So the build child flushes the written file and drops its pages (`drop`), and a load reads the file
+through such a mapping first (`read_huge`), one byte each 2 MiB (a no-op where the pages are cached
+already). Where that mapping then takes fewer 2 MiB pages than the file has, on a filesystem that
+has large folios, the file's pages that no process maps are dropped and read again, once: a page
+cache fragmented since the last load heals at the next. Measured on AMD EPYC (Zen 4), 2 threads,
+the same entry as two files in one process, calls alternating (docs/benchmarks.md, "The packed
+entry in 2 MiB pages"): one token's experts over the 4 layers of the Qwen3-30B-A3B-shaped file 3.02
+/ 3.17 -> 2.90 / 2.88 ms (two runs), its 12 dense linears at one row 1.41 / 1.50 -> 1.40 / 1.47 ms.
+The small scattered matrices gain, the long ones hardly. No memory is added: the pages are the page
+cache's, shared by every process that maps the file (a copy of the weights into anonymous huge
+pages gave the experts as much, but each process its own copy and 1-2 s more to load).
 
 Elsewhere (another OS, a filesystem without large folios, THP off) both are harmless: the file
 is mapped in 4 KiB pages as before.
@@ -156,10 +156,9 @@ def _filesystem(path: Path) -> str:
 def pmd_mapped(path: Path, start: int | None = None) -> int:
     """Bytes of this process's mappings of `path` (only the one at address `start`, if given)
     mapped in 2 MiB pages (smaps' FilePmdMapped; 0 off Linux): what `read_huge` is for, read
-    back by it, its tests and benchmarks/bench_page_cache.py. smaps names a mapping's file by
-    its resolved path: a relative or symlinked `path` is resolved first (read_huge, matching
-    its mapping by address, would otherwise find none and read the file again at every load)."""
-    name = str(Path(path).resolve())
+    back by it, its tests and benchmarks/bench_page_cache.py. With `start`, the mapping is found
+    by its address alone; else by `path`, resolved (smaps names a file by its resolved path)."""
+    name = str(Path(path).resolve()) if start is None else ""
     total, current = 0, False
     try:
         with open("/proc/self/smaps") as f:

@@ -407,9 +407,9 @@ static inline __attribute__((always_inline)) void softmax_partial(float *s, int6
     *l = _mm512_reduce_add_ps(sum);
 }
 
-// The first keys' rows of the thread's next task (or of the tile's next chunk), fetched into L2
-// while this task weighs its values, which it finds in the caches already: the next task's
-// scores no longer start by waiting on memory. n == 0: none.
+// The first keys' rows of the thread's next chunk task, fetched into L2 while this task weighs
+// its values, which it finds in the caches already: the next task's scores no longer start by
+// waiting on memory. n == 0: none.
 typedef struct {
     const char *k[PREFETCH_AHEAD];
     int n;
@@ -611,11 +611,14 @@ static void combine(const attention_t *a, int64_t i, int64_t g, const float *par
     }
 }
 
-// Task t of the chunk tasks: its tile k (binary search in tile_task[]: a batch has many rows),
-// KV head g and chunk c.
-static void locate(const int64_t *tile_task, int64_t ntiles, const int64_t *tile_row,
-                   const int64_t *lens, int64_t window, int64_t t, int64_t *k, int64_t *g,
-                   int64_t *c) {
+// Takes the next of the chunk tasks from *counter: its number t (ntasks or more: none left),
+// and where there is one its tile k (binary search in tile_task[]: a batch has many rows), KV
+// head g and chunk c.
+static int64_t take_task(int64_t *counter, int64_t ntasks, const int64_t *tile_task,
+                         int64_t ntiles, const int64_t *tile_row, const int64_t *lens,
+                         int64_t window, int64_t *k, int64_t *g, int64_t *c) {
+    const int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    if (t >= ntasks) return t;
     int64_t found = 0;
     for (int64_t lo = 0, hi = ntiles - 1; lo <= hi;) {
         const int64_t mid = (lo + hi) / 2;
@@ -630,6 +633,7 @@ static void locate(const int64_t *tile_task, int64_t ntiles, const int64_t *tile
     *k = found;
     *g = (t - tile_task[found]) / nchunks;
     *c = (t - tile_task[found]) % nchunks;
+    return t;
 }
 
 // q, out: [S, H, D] (S query rows); k_cache, v_cache: [slots, Hkv, D]; row i sees the keys at
@@ -704,11 +708,7 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
                 const int64_t k = unit[2 * u], g = unit[2 * u + 1];
                 const int64_t i0 = tile_row[k], i1 = tile_row[k + 1];
                 const int64_t chunks = row_chunks(lens[i1 - 1], window);
-                for (int64_t c = 0; c < chunks; c++) {
-                    next_rows next = {{0}, 0, 0};  // the next chunk's first keys
-                    if (c + 1 < chunks) task_rows(&a, k, g, c + 1, &next);
-                    tile_chunk(&a, k, g, c, part, &next);
-                }
+                for (int64_t c = 0; c < chunks; c++) tile_chunk(&a, k, g, c, part, NULL);
                 for (int64_t i = i0; i < i1; i++)
                     combine(&a, i, g, part[i - i0], row_chunks(lens[i], window), sinks, out);
             }
@@ -743,28 +743,25 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, con
     int64_t counter = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        int64_t t = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED), k, g, c;
-        if (t < ntasks) locate(tile_task, ntiles, tile_row, lens, window, t, &k, &g, &c);
+        int64_t k = 0, g = 0, c = 0;
+        int64_t t = take_task(&counter, ntasks, tile_task, ntiles, tile_row, lens, window, &k, &g,
+                              &c);
         while (t < ntasks) {
             int64_t t2 = -1, k2 = 0, g2 = 0, c2 = 0;
             next_rows next = {{0}, 0, 0};
             if (__atomic_load_n(&counter, __ATOMIC_RELAXED) + nthreads < ntasks) {
-                t2 = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-                if (t2 < ntasks) {
-                    locate(tile_task, ntiles, tile_row, lens, window, t2, &k2, &g2, &c2);
-                    task_rows(&a, k2, g2, c2, &next);
-                }
+                t2 = take_task(&counter, ntasks, tile_task, ntiles, tile_row, lens, window, &k2,
+                               &g2, &c2);
+                if (t2 < ntasks) task_rows(&a, k2, g2, c2, &next);
             }
             float *rows[TILE_ROWS];
             for (int64_t i = tile_row[k]; i < tile_row[k + 1]; i++)
                 rows[i - tile_row[k]] =
                     part + (first[i] + g * row_chunks(lens[i], window)) * a.per_task;
             tile_chunk(&a, k, g, c, rows, &next);
-            if (t2 < 0) {  // none taken ahead: the next one now
-                t2 = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-                if (t2 < ntasks)
-                    locate(tile_task, ntiles, tile_row, lens, window, t2, &k2, &g2, &c2);
-            }
+            if (t2 < 0)  // none taken ahead: the next one now
+                t2 = take_task(&counter, ntasks, tile_task, ntiles, tile_row, lens, window, &k2,
+                               &g2, &c2);
             t = t2, k = k2, g = g2, c = c2;
         }
     }
