@@ -20,7 +20,8 @@ builds and stay in the caches they fit in: a kernel's compute, not the host's me
 `decode`: paged_attention_f16 on decode rows (1 and 16 sequences of --rows keys each) as an
 engine's step meets them, out of the CPU's caches: each call sweeps the caches of as many
 layers as make 160 MB (a step's attention reads every layer's), in the shapes of Qwen3-0.6B,
-Llama-3.2-1B and the default model's global layers; the time is the sweep's.
+Llama-3.2-1B and the default model's global layers; the time is the sweep's. The caches are
+allocated as the engine's (kv_groups.cache_zeros: 2 MiB pages where Linux has them).
 Prints the median microseconds of each build's calls (the first three left out), their ratio and
 whether the outputs are equal.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from girandole.engine.kv_groups import cache_zeros
 from girandole.model.kernels import int4_head, loader, wq_gemm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,6 +125,11 @@ def sweep_call(lib, q, layers, starts, lens) -> torch.Tensor:
     return out
 
 
+def decode_cache(shape: tuple[int, int, int]) -> torch.Tensor:
+    """Random float16 keys or values in a cache tensor allocated as the engine's (2 MiB pages)."""
+    return cache_zeros(shape, torch.float16, "cpu").copy_(torch.randn(shape))
+
+
 def decode_rows(libs, rows: list[int], n: int) -> list[list[str]]:
     """Decode rows out of the caches: 1 and 16 sequences of each length, over as many layers'
     caches (each a pool of twice the sequences' pages, theirs shuffled in it) as SWEEP_BYTES."""
@@ -135,8 +142,7 @@ def decode_rows(libs, rows: list[int], n: int) -> list[list[str]]:
                 layers = []
                 for _ in range(max(1, -(-SWEEP_BYTES // nbytes))):
                     slots = torch.randperm(2 * pages)[:pages, None] * 16 + torch.arange(16)
-                    k = torch.randn(2 * pages * 16, hkv, d).half()
-                    v = torch.randn(2 * pages * 16, hkv, d).half()
+                    k, v = (decode_cache((2 * pages * 16, hkv, d)) for _ in "kv")
                     layers.append((slots.reshape(-1), k, v))
                 q = torch.randn(seqs, h, d)
                 call = partial(sweep_call, q=q, layers=layers, starts=torch.arange(seqs) * ctx,

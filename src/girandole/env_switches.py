@@ -2,8 +2,8 @@
 
 A switch takes 1/true/yes/on or 0/false/no/off (any case; blank or unset: its default), and
 any other word is a ValueError naming the variable. The engine's own switches
-(GIRANDOLE_NATIVE_KERNELS, GIRANDOLE_AMX, GIRANDOLE_VNNI, GIRANDOLE_FUSED_LAYERS; on by
-default) were off only for the exact text `0`: `GIRANDOLE_AMX=false` silently kept AMX on.
+(GIRANDOLE_NATIVE_KERNELS, GIRANDOLE_AMX, GIRANDOLE_VNNI, GIRANDOLE_FUSED_LAYERS,
+GIRANDOLE_KV_HUGE_PAGES; on by default) were off only for the exact text `0`: `GIRANDOLE_AMX=false` silently kept AMX on.
 `girandole serve` checks them at start-up (one line, exit 2); the kernels read them at use.
 """
 
@@ -15,7 +15,7 @@ ENV_PREFIX = "GIRANDOLE_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 # The engine's switches, on unless their variable says off (README, "Settings")
-ENGINE_SWITCHES = ("NATIVE_KERNELS", "AMX", "VNNI", "FUSED_LAYERS")
+ENGINE_SWITCHES = ("NATIVE_KERNELS", "AMX", "VNNI", "FUSED_LAYERS", "KV_HUGE_PAGES")
 
 
 def switch_word(text: str, name: str) -> bool:

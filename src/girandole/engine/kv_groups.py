@@ -23,6 +23,7 @@ default f16 cache does.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from girandole.env_switches import env_switch
 from girandole.model.attention import Attention
 from girandole.model.kernels import paged_attention
+from girandole.model.loader.page_cache import HUGE_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +112,40 @@ def bind_kv_cache(
             layer.kv_group = g
 
 
-def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def cache_zeros(
+    shape: tuple[int, ...], dtype: torch.dtype, device, huge_pages: bool | None = None
+) -> torch.Tensor:
     """A zeroed cache tensor. On CPU an anonymous private mapping: the kernel gives zeroed pages
     on first write, so memory grows as blocks are used, not at start (torch.zeros writes every
     page: a 1 GiB cache was resident from the first second, the default model's RSS 1.6 GiB
-    after load where 0.6 GiB is in use)."""
+    after load where 0.6 GiB is in use).
+
+    The mapping starts at a 2 MiB boundary and is advised MADV_HUGEPAGE (`huge_pages`; None:
+    GIRANDOLE_KV_HUGE_PAGES, on unless off): it grows in 2 MiB pages where Linux has transparent
+    huge pages (not off). A decode step reads each
+    sequence's pages of every layer, scattered through the pool: in 4 KiB pages every 16-slot
+    page of a Qwen3-0.6B-shaped layer (32 KiB of keys) took 8 TLB entries and the prefetchers
+    stopped at each boundary. Decode attention from memory, 2 threads, Zen 4
+    (benchmarks/bench_kv_pages.py): see docs/benchmarks.md."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages is None:
+        huge_pages = env_switch("KV_HUGE_PAGES")
+    advise = getattr(mmap, "MADV_HUGEPAGE", None) if huge_pages else None
+    pad = HUGE_PAGE if advise is not None and nbytes >= HUGE_PAGE else 0
+    buf = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    offset = 0
+    if pad:
+        view = ctypes.c_char.from_buffer(buf)
+        offset = -ctypes.addressof(view) % HUGE_PAGE
+        del view  # an exported buffer would keep the mapping from being closed
+        buf.madvise(advise)
     # frombuffer holds a reference to the mapping: it is unmapped with the last tensor viewing it
-    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
 
 
 def check_host_memory(nbytes: int, device: torch.device | str) -> None:
