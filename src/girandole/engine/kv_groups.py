@@ -122,11 +122,11 @@ def cache_zeros(
 
     The mapping starts at a 2 MiB boundary and is advised MADV_HUGEPAGE (`huge_pages`; None:
     GIRANDOLE_KV_HUGE_PAGES, on unless off): it grows in 2 MiB pages where Linux has transparent
-    huge pages (not off). A decode step reads each
-    sequence's pages of every layer, scattered through the pool: in 4 KiB pages every 16-slot
-    page of a Qwen3-0.6B-shaped layer (32 KiB of keys) took 8 TLB entries and the prefetchers
-    stopped at each boundary. Decode attention from memory, 2 threads, Zen 4
-    (benchmarks/bench_kv_pages.py): see docs/benchmarks.md."""
+    huge pages (not off). A decode step reads each sequence's pages of every layer, scattered
+    through the pool: in 4 KiB pages each 16-slot page of a Qwen3-0.6B-shaped layer (32 KiB of
+    keys) took 8 TLB entries, and the prefetchers stopped at every boundary. Zen 4, 2 threads:
+    decode attention from memory 1.02-1.36x faster for 16 rows (bench_decode_attention.py), the
+    engine's decode at a 4,096-token context 1.15x (docs/benchmarks.md, session 55)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
