@@ -122,6 +122,15 @@ def test_a_cpu_cache_is_mapped_for_2_mib_pages():
     assert tiny.untyped_storage().nbytes() == 16 * 64 * 4
 
 
+def test_a_kernel_that_refuses_the_advice_still_gives_a_cache(monkeypatch):
+    """A kernel built without transparent huge pages answers madvise(MADV_HUGEPAGE) with EINVAL
+    (here: an advice no kernel knows): the cache is made all the same, in 4 KiB pages."""
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)
+    cache = cache_zeros((4096, 8, 128), torch.float16, "cpu")
+    cache[-1].fill_(2.0)
+    assert float(cache.float().sum()) == 2.0 * 8 * 128
+
+
 def test_kv_huge_pages_switch(monkeypatch):
     """GIRANDOLE_KV_HUGE_PAGES=off: the cache in 4 KiB pages (a comparison, or a host where
     2 MiB faults stall); a word that is no switch is refused, naming the variable."""

@@ -143,7 +143,10 @@ def cache_zeros(
         view = ctypes.c_char.from_buffer(buf)
         offset = -ctypes.addressof(view) % HUGE_PAGE
         del view  # an exported buffer would keep the mapping from being closed
-        buf.madvise(advise)
+        try:
+            buf.madvise(advise)
+        except OSError as exc:  # a kernel built without THP: EINVAL; 4 KiB pages then
+            logger.debug("the KV cache stays in 4 KiB pages: madvise: %s", exc)
     # frombuffer holds a reference to the mapping: it is unmapped with the last tensor viewing it
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
 
