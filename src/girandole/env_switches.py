@@ -3,8 +3,9 @@
 A switch takes 1/true/yes/on or 0/false/no/off (any case; blank or unset: its default), and
 any other word is a ValueError naming the variable. The engine's own switches
 (GIRANDOLE_NATIVE_KERNELS, GIRANDOLE_AMX, GIRANDOLE_VNNI, GIRANDOLE_FUSED_LAYERS,
-GIRANDOLE_KV_HUGE_PAGES; on by default) were off only for the exact text `0`: `GIRANDOLE_AMX=false` silently kept AMX on.
-`girandole serve` checks them at start-up (one line, exit 2); the kernels read them at use.
+GIRANDOLE_KV_HUGE_PAGES; on by default) were once off only for the exact text `0`:
+`GIRANDOLE_AMX=false` silently kept AMX on. `girandole serve` checks them at start-up (one
+line, exit 2); the kernels and the KV cache read them at use.
 """
 
 from __future__ import annotations
