@@ -1,18 +1,20 @@
 """Decode attention reading the KV cache from memory: one query row per layer against its
-sequence's keys (--rows sequences together, a batched step's) in a paged float16 cache (blocks of 16 slots, scattered), the layers' caches
-too big together for the CPU's caches, as in a decode step of a model whose weights and cache
-stream from memory. bench_kernels.py's attention cell reads one layer's cache again and again
-(it stays in cache); this is the cold case a decode step sees.
+sequence's keys (--rows sequences together, a batched step's) in a paged float16 cache (blocks
+of 16 slots, scattered), the layers' caches too big together for the CPU's caches, as in a
+decode step of a model whose weights and cache stream from memory. bench_kernels.py's attention
+cell reads one layer's cache again and again (it stays in cache); this is the cold case a decode
+step sees.
 
     .venv/bin/python benchmarks/bench_decode_attention.py [--contexts 128,512,2048] [--threads 2]
         [--rows 1]
 
 Prints, per model's attention shape (query heads / KV heads / head dim) and context, the
 median microseconds per layer and the KV bytes read per second: girandole's native paged
-attention (csrc/paged_attention.c) over caches allocated as the engine's are (kv_groups.cache_zeros:
-2 MiB pages where Linux has transparent huge pages) and over the same caches in 4 KiB pages, and
-the torch path it replaces (the sequence's keys and values gathered, then torch's
-scaled_dot_product_attention: model/attention.py). The three alternate within each repeat.
+attention (csrc/paged_attention.c) over caches allocated as the engine's are
+(kv_groups.cache_zeros: 2 MiB pages where Linux has transparent huge pages) and over the same
+caches in 4 KiB pages, and the torch path it replaces (the sequence's keys and values gathered,
+then torch's scaled_dot_product_attention: model/attention.py). The three alternate within each
+repeat.
 """
 
 from __future__ import annotations
@@ -44,9 +46,13 @@ SHAPES = {
 CACHE_BYTES = 256 << 20  # every layer's cache together: well beyond the CPU's last-level cache
 
 
-def cache(slots: int, kv_heads: int, dim: int, g: torch.Generator, huge_pages: bool):
-    t = cache_zeros((slots, kv_heads, dim), torch.float16, "cpu", huge_pages=huge_pages)
-    return t.copy_(torch.randn(slots, kv_heads, dim, generator=g))
+def random_cache(
+    shape: tuple[int, ...], huge_pages: bool | None = None, g: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random float16 keys or values in a cache tensor allocated as the engine's (None: its
+    pages as GIRANDOLE_KV_HUGE_PAGES says; also bench_native_ab.py's)."""
+    t = cache_zeros(shape, torch.float16, "cpu", huge_pages=huge_pages)
+    return t.copy_(torch.randn(shape, generator=g))
 
 
 def bench_shape(
@@ -62,10 +68,7 @@ def bench_shape(
     per_row = -(-context // BLOCK)
     slots = 2 * rows * per_row * BLOCK
     caches = {
-        huge: [
-            (cache(slots, kv_heads, dim, g, huge), cache(slots, kv_heads, dim, g, huge))
-            for _ in range(n)
-        ]
+        huge: [tuple(random_cache((slots, kv_heads, dim), huge, g) for _ in "kv") for _ in range(n)]
         for huge in (True, False)
     }
     blocks = torch.randperm(slots // BLOCK, generator=g)[: rows * per_row].view(rows, per_row)
@@ -120,8 +123,8 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     print("\n".join(machine_lines()))
     print(
-        f"threads: {args.threads}; median us per layer (GB/s of KV read), {args.rows} decode row(s), "
-        f"float16 cache, caches of {CACHE_BYTES >> 20} MiB in all"
+        f"threads: {args.threads}; median us per layer (GB/s of KV read), {args.rows} decode "
+        f"row(s), float16 cache, caches of {CACHE_BYTES >> 20} MiB in all"
     )
     print(
         "| attention (heads / KV heads / dim) | context | native paged, 2 MiB pages"
@@ -133,7 +136,9 @@ def main() -> None:
             nat, small, tor, kv = bench_shape(
                 heads, kv_heads, dim, layers, context, args.rows, args.repeats
             )
-            torch_cells = f"{tor:.1f} ({kv / tor / 1e3:.1f}) | {tor / nat:.2f}x" if tor else "– | –"
+            torch_cells = "– | –"  # not run for several rows
+            if tor:
+                torch_cells = f"{tor:.1f} ({kv / tor / 1e3:.1f}) | {tor / nat:.2f}x"
             print(
                 f"| {name} ({heads} / {kv_heads} / {dim}) | {context} | "
                 f"{nat:.1f} ({kv / nat / 1e3:.1f}) | {small:.1f} ({kv / small / 1e3:.1f}) | "

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from girandole.engine.kv_groups import cache_zeros
 from girandole.model.kernels import int4_head, loader, wq_gemm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_attention import random_cache  # noqa: E402
 from common import machine_lines, markdown_table  # noqa: E402
 
 # (outputs, inputs, largest level): the default model's qkv and o, its gate_up and down (5-bit),
@@ -125,11 +125,6 @@ def sweep_call(lib, q, layers, starts, lens) -> torch.Tensor:
     return out
 
 
-def decode_cache(shape: tuple[int, int, int]) -> torch.Tensor:
-    """Random float16 keys or values in a cache tensor allocated as the engine's (2 MiB pages)."""
-    return cache_zeros(shape, torch.float16, "cpu").copy_(torch.randn(shape))
-
-
 def decode_rows(libs, rows: list[int], n: int) -> list[list[str]]:
     """Decode rows out of the caches: 1 and 16 sequences of each length, over as many layers'
     caches (each a pool of twice the sequences' pages, theirs shuffled in it) as SWEEP_BYTES."""
@@ -142,7 +137,7 @@ def decode_rows(libs, rows: list[int], n: int) -> list[list[str]]:
                 layers = []
                 for _ in range(max(1, -(-SWEEP_BYTES // nbytes))):
                     slots = torch.randperm(2 * pages)[:pages, None] * 16 + torch.arange(16)
-                    k, v = (decode_cache((2 * pages * 16, hkv, d)) for _ in "kv")
+                    k, v = (random_cache((2 * pages * 16, hkv, d)) for _ in "kv")
                     layers.append((slots.reshape(-1), k, v))
                 q = torch.randn(seqs, h, d)
                 call = partial(sweep_call, q=q, layers=layers, starts=torch.arange(seqs) * ctx,

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import mmap
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from girandole.engine.engine import EngineConfig, LLMEngine
 from girandole.engine.kv_groups import cache_zeros, check_host_memory
+from girandole.model.loader import page_cache
 from girandole.model.loader.page_cache import HUGE_PAGE
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads /proc/meminfo")
@@ -69,38 +69,20 @@ def test_a_cpu_cache_costs_memory_as_it_is_used_not_at_start(tiny_llama_dir):
     ]
     assert any(bool(t.abs().sum() > 0) for t in layer_caches)  # written through the mapping
     assert _resident_mib() - before < 256
-    if _thp_mode() in ("always", "madvise"):  # in 2 MiB pages, still grown as used
+    if page_cache.thp_mode() in ("always", "madvise"):  # in 2 MiB pages, still grown as used
         assert all(t.data_ptr() % HUGE_PAGE == 0 for t in layer_caches)
         assert all(_mapping_fields(t.data_ptr())["THPeligible"] == "1" for t in layer_caches)
 
 
-def _thp_mode() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "never"
-    return text.split("[")[1].split("]")[0]
-
-
 def _mapping_fields(address: int) -> dict[str, str]:
-    """/proc/self/smaps' fields of the mapping that holds `address`."""
-    fields: dict[str, str] | None = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
-                if fields is not None:
-                    break
-                lo, hi = (int(x, 16) for x in head[0].split("-"))
-                fields = {} if lo <= address < hi else None
-            elif fields is not None:
-                fields[head[0].rstrip(":")] = head[1] if len(head) > 1 else ""
-    assert fields is not None, f"no mapping holds {address:#x}"
-    return fields
+    """smaps' fields of the mapping that holds `address`."""
+    held = [fields for lo, hi, _, fields in page_cache.smaps() if lo <= address < hi]
+    assert held, f"no mapping holds {address:#x}"
+    return held[0]
 
 
 @pytest.mark.skipif(
-    not hasattr(mmap, "MADV_HUGEPAGE") or _thp_mode() not in ("always", "madvise"),
+    not hasattr(mmap, "MADV_HUGEPAGE") or page_cache.thp_mode() not in ("always", "madvise"),
     reason="Linux transparent huge pages off",
 )
 def test_a_cpu_cache_is_mapped_for_2_mib_pages():
@@ -116,7 +98,7 @@ def test_a_cpu_cache_is_mapped_for_2_mib_pages():
     cache[4095].fill_(1.5)  # the last slot is in the mapping, and writable
     assert float(cache.float().sum()) == 1.5 * 8 * 128
     small_pages = cache_zeros(shape, torch.float16, "cpu", huge_pages=False)
-    if _thp_mode() == "madvise":  # "always" makes every large mapping eligible
+    if page_cache.thp_mode() == "madvise":  # "always" makes every large mapping eligible
         assert _mapping_fields(small_pages.data_ptr())["THPeligible"] == "0"
     tiny = cache_zeros((16, 1, 64), torch.float32, "cpu")  # under 2 MiB: no padding
     assert tiny.untyped_storage().nbytes() == 16 * 64 * 4
@@ -137,7 +119,7 @@ def test_kv_huge_pages_switch(monkeypatch):
     monkeypatch.setenv("GIRANDOLE_KV_HUGE_PAGES", "off")
     cache = cache_zeros((4096, 8, 128), torch.float16, "cpu")
     assert cache.untyped_storage().nbytes() == 4096 * 8 * 128 * 2  # no padding to align
-    if _thp_mode() == "madvise":
+    if page_cache.thp_mode() == "madvise":
         assert _mapping_fields(cache.data_ptr())["THPeligible"] == "0"
     monkeypatch.setenv("GIRANDOLE_KV_HUGE_PAGES", "maybe")
     with pytest.raises(ValueError, match="GIRANDOLE_KV_HUGE_PAGES must be one of"):

@@ -41,6 +41,7 @@ import logging
 import mmap
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,22 @@ def _libc() -> ctypes.CDLL:
 def large_folios(path: Path) -> bool:
     """Whether files under `path` can be cached in 2 MiB folios and mapped so: Linux with THP
     not off, on a filesystem with large folios (xfs from 5.18, ext4 from 6.16)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    if "[never]" in thp:
+    if thp_mode() == "never":
         return False
     needs = {"xfs": (5, 18), "ext4": (6, 16)}.get(_filesystem(path))
     return needs is not None and _kernel() >= needs
+
+
+def thp_mode() -> str:
+    """Linux's transparent huge page mode for anonymous and file memory: `always`, `madvise`
+    (the usual default: only mappings advised MADV_HUGEPAGE) or `never` (also off Linux)."""
+    if sys.platform != "linux":
+        return "never"
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[")[1].split("]")[0] if "[" in text else "never"
 
 
 def _kernel() -> tuple[int, int]:
@@ -153,24 +160,36 @@ def _filesystem(path: Path) -> str:
     return kind
 
 
+def smaps() -> Iterator[tuple[int, int, str, dict[str, str]]]:
+    """This process's mappings from /proc/self/smaps: (start, end, path or "", fields such as
+    {"Rss": "8192", "THPeligible": "1"}: the first word after each name); none off Linux."""
+    try:
+        with open("/proc/self/smaps") as f:
+            mapping: tuple[int, int, str, dict[str, str]] | None = None
+            for line in f:
+                head = line.split(maxsplit=5)  # the path whole, spaces and all
+                if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+                    if mapping is not None:
+                        yield mapping
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    name = head[5].rstrip("\n") if len(head) == 6 else ""
+                    mapping = (lo, hi, name, {})
+                elif mapping is not None and head:
+                    mapping[3][head[0].rstrip(":")] = head[1] if len(head) > 1 else ""
+            if mapping is not None:
+                yield mapping
+    except OSError:
+        return
+
+
 def pmd_mapped(path: Path, start: int | None = None) -> int:
     """Bytes of this process's mappings of `path` (only the one at address `start`, if given)
     mapped in 2 MiB pages (smaps' FilePmdMapped; 0 off Linux): what `read_huge` is for, read
     back by it, its tests and benchmarks/bench_page_cache.py. With `start`, the mapping is found
     by its address alone; else by `path`, resolved (smaps names a file by its resolved path)."""
     name = str(Path(path).resolve()) if start is None else ""
-    total, current = 0, False
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split(maxsplit=5)  # the path whole, spaces and all
-                if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
-                    if start is not None:
-                        current = int(head[0].split("-")[0], 16) == start
-                    else:
-                        current = len(head) == 6 and head[5].rstrip("\n") == name
-                elif current and line.startswith("FilePmdMapped:"):
-                    total += int(head[1]) * 1024
-    except OSError:
-        return 0
-    return total
+    return sum(
+        int(fields.get("FilePmdMapped", 0)) * 1024
+        for lo, _, mapped, fields in smaps()
+        if (lo == start if start is not None else mapped == name)
+    )
