@@ -204,16 +204,21 @@ def test_serve_switch_variables_read_false_as_false(monkeypatch):
         add_serve_parser(parser.add_subparsers())
         return settings_from_args(parser.parse_args(["serve", *argv]))
 
-    names = ("ALLOWED_CREDENTIALS", "ENFORCE_EAGER", "NO_OVERLAP_SCHEDULING")
+    names = ("ALLOWED_CREDENTIALS", "ENFORCE_EAGER", "NO_OVERLAP_SCHEDULING", "INT8_PROMPTS")
     for word, on in [("false", False), ("No", False), ("off", False), ("true", True), ("1", True)]:
         for name in names:
             monkeypatch.setenv(f"GIRANDOLE_{name}", word)
         s = parse()
-        assert (s.allowed_credentials, s.enforce_eager, s.overlap_scheduling) == (
-            on, on, False if on else None,
+        assert (s.allowed_credentials, s.enforce_eager, s.overlap_scheduling, s.int8_prompts) == (
+            on, on, False if on else None, on,
         )  # fmt: skip
-    on = parse("--allowed-credentials", "--enforce-eager", "--no-overlap-scheduling")
+    for name in names:
+        monkeypatch.delenv(f"GIRANDOLE_{name}")
+    on = parse(
+        "--allowed-credentials", "--enforce-eager", "--no-overlap-scheduling", "--int8-prompts"
+    )
     assert (on.allowed_credentials, on.enforce_eager, on.overlap_scheduling) == (True, True, False)
+    assert on.int8_prompts and not parse().int8_prompts
     monkeypatch.setenv("GIRANDOLE_ALLOWED_CREDENTIALS", "maybe")
     with pytest.raises(SystemExit, match="GIRANDOLE_ALLOWED_CREDENTIALS must be one of 1, true"):
         parse()
@@ -380,6 +385,7 @@ def test_documented_curl_commands_send_their_json_as_json():
         ([], {"GIRANDOLE_LOG_LEVEL": "loud"}, "--log-level must be one of critical"),
         (["--draft-model", "d", "--ngram-speculation-length", "2"], {}, "mutually exclusive"),
         ([], {"GIRANDOLE_ENFORCE_EAGER": "fals"}, "GIRANDOLE_ENFORCE_EAGER must be one of"),
+        ([], {"GIRANDOLE_INT8_PROMPTS": "int8"}, "GIRANDOLE_INT8_PROMPTS must be one of"),
         ([], {"GIRANDOLE_AMX": "of"}, "GIRANDOLE_AMX must be one of 1, true, yes, on, 0"),
         (["--api-key", ""], {}, "--api-key is empty"),
         (["--threads", "0"], {}, "GIRANDOLE_THREADS must be a whole number >= 1 or auto, not '0'"),

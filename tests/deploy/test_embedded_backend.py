@@ -114,6 +114,7 @@ def test_the_servers_engine_flags_reach_every_deployment(models):
             max_loras=2,
             max_num_seqs=5,
             enforce_eager=True,
+            int8_prompts=True,
             grammar_compile_timeout=4.0,
         ),
     )()
@@ -130,6 +131,7 @@ def test_the_servers_engine_flags_reach_every_deployment(models):
         assert config.draft_token_count == 5
         assert config.max_loras == 2
         assert config.max_num_seqs == 5 and config.enforce_eager
+        assert config.int8_prompts and engine.engine.runner.int8_prompts
         assert engine.grammar_pool.timeout == 4.0
         assert config.kv_cache_gb == KV_GB
         # a deployment's own speculation fields (deploy/speculation.py): draftTokenCount alone

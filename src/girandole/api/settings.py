@@ -38,6 +38,7 @@ class ServerSettings:
     draft_token_count: int = 4
     enforce_eager: bool = False  # decode steps eager: no CUDA graphs, no CPU graphs
     threads: int | None = None  # CPU threads; None: auto (engine/cpu_threads.py)
+    int8_prompts: bool = False  # prompt rows on the int8 kernel too (EngineConfig.int8_prompts)
     # GPU: schedule step N+1 while step N runs (None: on; False: --no-overlap-scheduling)
     overlap_scheduling: bool | None = None
     max_request_bytes: int = 16 * 1024 * 1024

@@ -25,6 +25,7 @@ class EngineOptions:
     max_num_seqs: int = 64  # sequences running at once in one replica
     enforce_eager: bool = False  # no decode graphs (CUDA on GPU, recorded calls on CPU)
     threads: int | None = None  # CPU threads; None: auto (engine/cpu_threads.py)
+    int8_prompts: bool = False  # prompt rows on the int8 kernel too (CPUs without AMX)
     overlap_scheduling: bool | None = None  # GPU: None = on; False: synchronous steps
     grammar_compile_timeout: float = 10.0  # seconds
     kv_cache_dtype: str = "auto"  # engine/kv_groups.py
@@ -41,6 +42,7 @@ class EngineOptions:
             max_num_seqs=getattr(settings, "max_num_seqs", None) or 64,
             enforce_eager=bool(getattr(settings, "enforce_eager", False)),
             threads=getattr(settings, "threads", None),
+            int8_prompts=bool(getattr(settings, "int8_prompts", False)),
             overlap_scheduling=getattr(settings, "overlap_scheduling", None),
             grammar_compile_timeout=getattr(settings, "grammar_compile_timeout", None) or 10.0,
             kv_cache_dtype=getattr(settings, "kv_cache_dtype", None) or "auto",
@@ -78,6 +80,7 @@ class ReplicaSpec:
             max_num_seqs=self.options.max_num_seqs,
             enforce_eager=self.options.enforce_eager,
             threads=self.options.threads,
+            int8_prompts=self.options.int8_prompts,
             overlap_scheduling=self.options.overlap_scheduling,
             kv_cache_dtype=self.options.kv_cache_dtype,
         )

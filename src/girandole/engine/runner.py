@@ -112,6 +112,7 @@ class ModelRunner:
         sliding_window_cache: bool = True,
         mode: str = "fast",
         kv_dtype_setting: str = "auto",
+        int8_prompts: bool = False,
     ) -> None:
         """`decode_graphs_max_batch`: run decode steps as graphs: on the GPU path CUDA graphs
         for up to this many sequences (engine/cuda_graphs.py); on the CPU (any value > 0)
@@ -120,8 +121,10 @@ class ModelRunner:
         `sliding_window_cache`: sliding-window layers keep only their window's blocks
         (engine/kv_groups.py); off, every layer keeps every position. `mode` (the model's:
         "fast" or "reference") and `kv_dtype_setting` choose the cache's element type
-        (kv_groups.kv_cache_dtype)."""
+        (kv_groups.kv_cache_dtype). `int8_prompts`: prompt rows take the linears' int8
+        kernel too where there are two (CPUs without AMX; EngineConfig.int8_prompts)."""
         self.model = model
+        self.int8_prompts = int8_prompts
         # The GPU path (Triton paged attention over block tables): on by default on CUDA where
         # triton imports; on CPU only when asked (the tests, under TRITON_INTERPRET).
         self.gpu_path = _gpu_path(device, gpu_path)
@@ -423,6 +426,7 @@ class ModelRunner:
             query_lens=list(num_new_tokens),
             context_lens=context_lens,
             num_decode_rows=num_decode_rows,
+            int8_prompts=self.int8_prompts,
             lora=lora_batch(seqs, num_new_tokens, self.device),
         )
         flat, new, starts = self._group_slots(seqs, num_new_tokens, context_lens)

@@ -454,6 +454,7 @@ class DraftModel:
         vocab: int,
         decode_graphs_max_batch: int = 0,
         kv_dtype_setting: str = "auto",
+        int8_prompts: bool = False,
     ) -> DraftModel:
         """`decode_graphs_max_batch`: as ModelRunner's (the draft's proposals after the first
         are decode steps of one token per sequence: on CPU, replayed graphs)."""
@@ -478,6 +479,7 @@ class DraftModel:
             sliding_window_cache=False,
             mode=mode,
             kv_dtype_setting=kv_dtype_setting,
+            int8_prompts=int8_prompts,
         )
         return cls(runner, KVCacheManager(runner.num_blocks, block_size))
 

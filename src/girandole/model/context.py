@@ -183,6 +183,9 @@ class ForwardContext:
     # The first this-many tokens of the batch are decode tokens (one generated token of a
     # sequence); linears with two kernels pick theirs by this role, not by the row count.
     num_decode_rows: int | None = None
+    # Prompt rows too take the decode rows' int8 kernel where linears have two (CPUs without
+    # AMX: EngineConfig.int8_prompts); False: they take the bf16 one.
+    int8_prompts: bool = False
     padded_decode: PaddedDecode | None = None  # set for the GPU's padded decode path
     native: NativeSlots | None = None  # set where the native attention kernel may run
     paged: PagedTables | None = None  # set on the GPU path: the Triton kernels run
@@ -249,6 +252,12 @@ def current_decode_rows() -> int | None:
     """Leading decode rows of the batch being computed, or None outside an engine step."""
     ctx = _current.ctx
     return None if ctx is None else ctx.num_decode_rows
+
+
+def int8_prompt_rows() -> bool:
+    """Whether the forward being computed runs its prompt rows on the int8 kernel too."""
+    ctx = _current.ctx
+    return ctx is not None and ctx.int8_prompts
 
 
 def get_images() -> ImageBatch | None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from girandole.model import kernels
-from girandole.model.context import current_decode_rows
+from girandole.model.context import current_decode_rows, int8_prompt_rows
 from girandole.model.kernels import wq_gemm
 
 INT4_GROUP = 32
@@ -134,8 +134,9 @@ class PackedLinear(nn.Module):
     kernel (bf16 tiles); without, the layout is the VNNI one and decode rows run on the int8
     kernel (wq_vnni.c: twice as fast for a few rows), prompt rows on the bf16 kernel (faster
     for many rows, and bf16's precision for prompt logprobs; a MoE block's experts pass every
-    row as a decode row: model/moe.py). Otherwise `_packed` serves decode rows and `dense`
-    prefill rows.
+    row as a decode row: model/moe.py), unless the engine runs prompt rows on the int8 kernel
+    too (EngineConfig.int8_prompts: faster prefill at int8's accuracy, a prompt token computed
+    as a decoded one is). Otherwise `_packed` serves decode rows and `dense` prefill rows.
     Inside an engine step the ModelRunner puts decode tokens first and says how many there are
     (`current_decode_rows`), so a token's kernel depends on its role, never on how many other
     tokens share the step: results are batch-invariant. On its own, the row count decides.
@@ -181,7 +182,7 @@ class PackedLinear(nn.Module):
             self.native_params,
             self.native_bits,
             self.out_features,
-            decode_rows=decode_rows(x2.shape[0]) if decode is None else decode,
+            decode_rows=native_decode_rows(x2.shape[0]) if decode is None else decode,
         )
 
     @property
@@ -220,6 +221,13 @@ def decode_rows(m: int) -> int:
     if k is None:
         k = m if m < DENSE_MIN_ROWS else 0
     return min(k, m)
+
+
+def native_decode_rows(m: int) -> int:
+    """decode_rows for the native kernels: every row where the step runs its prompt rows on
+    the int8 kernel too (EngineConfig.int8_prompts; torch's fallback forms keep prompt rows on
+    their bf16 copy, the faster there)."""
+    return m if int8_prompt_rows() else decode_rows(m)
 
 
 def group_dense(levels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -405,7 +413,7 @@ class ConcatLinear(PackedLinear):
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         if x2.shape[0] == 0:
             return y
-        k = decode_rows(x2.shape[0]) if decode is None else decode
+        k = native_decode_rows(x2.shape[0]) if decode is None else decode
         for p, start, stop in self.columns():
             calls = wq_gemm.bind_rows(
                 x2, p.native_packed, p.native_params, p.native_bits, y[:, start:stop], decode_rows=k
