@@ -57,7 +57,8 @@ from common import (  # noqa: E402
     use_model_vocabulary,
 )
 
-ENGINES = ("girandole", "llama.cpp", "llama-server", "transformers")
+# girandole-b: girandole with other EngineConfig fields (--girandole-b-opt), an A/B in one run
+ENGINES = ("girandole", "girandole-b", "llama.cpp", "llama-server", "transformers")
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +69,7 @@ ENGINES = ("girandole", "llama.cpp", "llama-server", "transformers")
 class GirandoleEngine:
     name = "girandole"
     sequential = False
+    opts_key = "girandole_opts"
 
     def __init__(self, spec: dict) -> None:
         import torch
@@ -76,7 +78,7 @@ class GirandoleEngine:
         from girandole import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
-        self.llm = LLM(model=spec["model"], **spec.get("girandole_opts", {}))
+        self.llm = LLM(model=spec["model"], **spec.get(self.opts_key, {}))
         self.engine = self.llm.engine
         self._n = 0
         cfg = self.engine.config
@@ -84,6 +86,8 @@ class GirandoleEngine:
             f"girandole mode={cfg.mode} device={self.engine.device} kv_cache_gb={cfg.kv_cache_gb} "
             f"max_num_seqs={cfg.max_num_seqs} max_num_batched_tokens={cfg.max_num_batched_tokens}"
         ]
+        if spec.get(self.opts_key):
+            self.notes.append(f"EngineConfig fields {spec[self.opts_key]}")
 
     @staticmethod
     def version() -> str:
@@ -384,8 +388,16 @@ class TransformersEngine:
         return {"tok_s": n / wall, "wall_s": wall, "tokens": int(n)}
 
 
+class GirandoleBEngine(GirandoleEngine):
+    """girandole again, with --girandole-opt and --girandole-b-opt's fields."""
+
+    name = "girandole-b"
+    opts_key = "girandole_b_opts"
+
+
 ADAPTERS = {
     "girandole": GirandoleEngine,
+    "girandole-b": GirandoleBEngine,
     "llama.cpp": LlamaCppEngine,
     "llama-server": LlamaServerEngine,
     "transformers": TransformersEngine,
@@ -640,7 +652,11 @@ def cell(res: dict, key: str, field: str = "median_tok_s") -> float | None:
 def build_table(results: dict[str, dict], spec: dict) -> str:
     names = [n for n in ENGINES if n in results]
     header = ["metric", *names]
-    peers = [n for n in ("llama.cpp", "llama-server") if "girandole" in results and n in results]
+    peers = [
+        n
+        for n in ("girandole-b", "llama.cpp", "llama-server")
+        if "girandole" in results and n in results
+    ]
     header += [f"girandole / {peer}" for peer in peers]
 
     def row(label: str, key: str, field: str = "median_tok_s", digits: int = 1) -> list[str]:
@@ -734,6 +750,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra EngineConfig field for girandole, e.g. max_num_batched_tokens=1024",
     )
+    p.add_argument(
+        "--girandole-b-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run girandole a second time as engine girandole-b with this EngineConfig field"
+        " too (after --girandole-opt's), measured in turn with the others: an A/B in one run,"
+        " e.g. int8_prompts=true",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds per load or measurement")
     add_quiet_options(p, "measurement", retries=2)
     p.add_argument(
@@ -779,7 +804,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.engines is None:
         have_server = find_llama_server(args.llama_server_bin) is not None
-        engines = [e for e in ENGINES if e != "llama-server" or have_server]
+        engines = [
+            e for e in ENGINES if (e != "llama-server" or have_server) and e != "girandole-b"
+        ]
     else:
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
@@ -797,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     girandole_opts = {k: _value(v) for k, v in girandole_opts.items()}
     if args.kv_cache_gb is not None:
         girandole_opts["kv_cache_gb"] = args.kv_cache_gb
+    b_opts = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.girandole_b_opt)}
+    if b_opts and "girandole-b" not in engines:
+        engines.insert(
+            engines.index("girandole") + 1 if "girandole" in engines else 0, "girandole-b"
+        )
     need_ctx = max(
         args.prefill_len + 8,
         args.input_len + args.output_len + 8,
@@ -821,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "n_ctx": 1 << (need_ctx - 1).bit_length(),
         "girandole_opts": girandole_opts,
+        "girandole_b_opts": {**girandole_opts, **b_opts},
         "llama_server_bin": args.llama_server_bin,
         "llama_server_args": shlex.split(args.llama_server_args),
         "interleave": not args.one_engine_at_a_time,

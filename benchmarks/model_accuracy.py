@@ -6,7 +6,9 @@ bare forward timings of both modes.
 Prints top-1 agreement of fast with reference, both perplexities, and (with --speed) the median
 time of model forward + logits of the last row at T=1 and T=512 tokens. The engine rows run the
 texts through the fast engine (prompt logprobs: 512-token chunks whose queries read the earlier
-chunks' keys from the paged KV cache), with each KV cache element type.
+chunks' keys from the paged KV cache), with each KV cache element type, and with the prompt
+rows on the int8 kernel (--int8-prompts; the same as the default where one kernel takes every
+row: AMX, GIRANDOLE_VNNI=0).
 """
 
 from __future__ import annotations
@@ -34,12 +36,19 @@ def documents(model_path) -> list[list[int]]:
     return [tok.encode((DATA / name).read_text()) for name in TEXTS]
 
 
-def engine_teacher_forced(model_path, docs: list[list[int]], kv_cache_dtype: str):
+def engine_teacher_forced(
+    model_path, docs: list[list[int]], kv_cache_dtype: str, int8_prompts: bool = False
+):
     """teacher_forced through the fast engine: each document's prompt logprobs."""
     from girandole import LLM, SamplingParams
     from girandole.model.evaluate import TeacherForced
 
-    llm = LLM(model=model_path, kv_cache_dtype=kv_cache_dtype, max_model_len=4096)
+    llm = LLM(
+        model=model_path,
+        kv_cache_dtype=kv_cache_dtype,
+        max_model_len=4096,
+        int8_prompts=int8_prompts,
+    )
     outs = llm.generate(docs, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0))
     nll, top1 = [], []
     for out in outs:
@@ -94,11 +103,13 @@ def main() -> None:
             dt: compare(r, engine_teacher_forced(args.model, docs, dt))
             for dt in ("float32", "float16")
         }
+        int8 = compare(r, engine_teacher_forced(args.model, docs, "float16", int8_prompts=True))
         for name, st in (
             ("prefill (bf16 matmuls)", prefill),
             ("decode (packed kernels)", decode),
             ("engine, float32 KV cache", engine["float32"]),
             ("engine, float16 KV cache (default)", engine["float16"]),
+            ("engine, float16 KV cache, --int8-prompts", int8),
         ):
             print(
                 f"| {name} | {st['top1_agreement'] * 100:.2f} % | {st['ppl_candidate']:.3f} "
