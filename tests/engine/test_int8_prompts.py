@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(
 PROMPT = "It kept its keys and values in pages, shared prefixes between prompts"
 
 
-def make_llm(path, int8_prompts: bool, **kw) -> LLM:
-    return LLM(model=str(path), mode="fast", device="cpu", int8_prompts=int8_prompts, **kw)
+def make_llm(path, int8_prompts: bool | None, **kw) -> LLM:
+    kw.setdefault("mode", "fast")
+    return LLM(model=str(path), device="cpu", int8_prompts=int8_prompts, **kw)
 
 
 def echo_gap(llm: LLM) -> list[float]:
@@ -89,3 +90,14 @@ def test_the_setting_reaches_the_runner(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("GIRANDOLE_INT8_PROMPTS", "maybe")
     with pytest.raises(ValueError, match="GIRANDOLE_INT8_PROMPTS"):
         make_llm(tiny_llama_dir, None)
+
+
+def test_where_it_changes_nothing_the_engine_says_so(tiny_llama_dir, caplog):
+    with caplog.at_level("WARNING", logger="girandole.engine.engine"):
+        make_llm(tiny_llama_dir, True, mode="reference")
+    assert "int8_prompts changes nothing here" in caplog.text
+    assert "reference mode" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="girandole.engine.engine"):
+        make_llm(tiny_llama_dir, True)
+    assert "int8_prompts" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from girandole.sampling.gpu_sampler import GpuSampler, needs_host
 from girandole.sampling.grammar import GrammarCache, SequenceGrammar
 from girandole.sampling.params import SamplingParams
 from girandole.sampling.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +74,14 @@ class EngineConfig:
     int8_prompts: bool | None = None
 
 
+def int8_prompts_apply(device: torch.device, mode: str) -> bool:
+    """Whether EngineConfig.int8_prompts changes a forward here: fast mode on a CPU whose
+    linears have an int8 kernel beside the bf16 one (the VNNI layout: no AMX)."""
+    from girandole.model.kernels import wq_gemm
+
+    return device.type == "cpu" and mode == "fast" and wq_gemm.vnni_default()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         from girandole.model.default import resolve_model_path
@@ -95,6 +106,13 @@ class LLMEngine:
         self.model, self.model_config = load_model(
             path, mode=config.mode, device=device, merge_adapter=config.merge_lora
         )
+        if self.int8_prompts and not int8_prompts_apply(device, config.mode):
+            logger.warning(
+                "int8_prompts changes nothing here: one kernel takes every row (%s)",
+                "a GPU" if device.type != "cpu" else
+                "reference mode" if config.mode != "fast" else
+                "AMX, GIRANDOLE_VNNI=0 or no native kernels",
+            )  # fmt: skip
         if self.cpu_threads is not None and not thread_invariant(self.model):
             self.cpu_threads.hold()
         self.loras = LoRAManager(self.model, device, config.max_loras)
