@@ -787,6 +787,11 @@ def _value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def _fields(pairs: list[str]) -> dict:
+    """EngineConfig fields from KEY=VALUE options, their values read by _value."""
+    return {k: _value(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -820,11 +825,10 @@ def main(argv: list[str] | None = None) -> int:
     if other_vocabulary:
         use_model_vocabulary(args.model)
     concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    girandole_opts = dict(kv.split("=", 1) for kv in args.girandole_opt)
-    girandole_opts = {k: _value(v) for k, v in girandole_opts.items()}
+    girandole_opts = _fields(args.girandole_opt)
     if args.kv_cache_gb is not None:
         girandole_opts["kv_cache_gb"] = args.kv_cache_gb
-    b_opts = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.girandole_b_opt)}
+    b_opts = _fields(args.girandole_b_opt)
     if b_opts and "girandole-b" not in engines:
         engines.insert(
             engines.index("girandole") + 1 if "girandole" in engines else 0, "girandole-b"

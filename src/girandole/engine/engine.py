@@ -74,12 +74,19 @@ class EngineConfig:
     int8_prompts: bool | None = None
 
 
-def int8_prompts_apply(device: torch.device, mode: str) -> bool:
-    """Whether EngineConfig.int8_prompts changes a forward here: fast mode on a CPU whose
-    linears have an int8 kernel beside the bf16 one (the VNNI layout: no AMX)."""
+def int8_prompts_moot(device: torch.device, mode: str) -> str | None:
+    """Why EngineConfig.int8_prompts changes nothing here (one kernel takes every row), or
+    None where it applies: fast mode on a CPU whose linears have an int8 kernel beside the
+    bf16 one (the VNNI layout: no AMX)."""
     from girandole.model.kernels import wq_gemm
 
-    return device.type == "cpu" and mode == "fast" and wq_gemm.vnni_default()
+    if device.type != "cpu":
+        return "a GPU"
+    if mode != "fast":
+        return "reference mode"
+    if not wq_gemm.vnni_default():
+        return "AMX, GIRANDOLE_VNNI=0 or no native kernels"
+    return None
 
 
 class LLMEngine:
@@ -106,13 +113,11 @@ class LLMEngine:
         self.model, self.model_config = load_model(
             path, mode=config.mode, device=device, merge_adapter=config.merge_lora
         )
-        if self.int8_prompts and not int8_prompts_apply(device, config.mode):
+        moot = int8_prompts_moot(device, config.mode) if self.int8_prompts else None
+        if moot is not None:
             logger.warning(
-                "int8_prompts changes nothing here: one kernel takes every row (%s)",
-                "a GPU" if device.type != "cpu" else
-                "reference mode" if config.mode != "fast" else
-                "AMX, GIRANDOLE_VNNI=0 or no native kernels",
-            )  # fmt: skip
+                "int8_prompts changes nothing here: one kernel takes every row (%s)", moot
+            )
         if self.cpu_threads is not None and not thread_invariant(self.model):
             self.cpu_threads.hold()
         self.loras = LoRAManager(self.model, device, config.max_loras)
