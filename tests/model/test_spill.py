@@ -88,3 +88,18 @@ def test_a_cache_entry_built_through_the_arena_is_the_model_built_in_memory(tmp_
         x = spilled.compute_logits(spilled(ids, torch.arange(len(ids))))
         y = built.compute_logits(built(ids, torch.arange(len(ids))))
     assert torch.equal(x, y)
+
+
+def test_the_child_builds_the_first_entry_of_a_fresh_cache_folder(tmp_path, caplog):
+    # a first start on a new machine: no packed/ folder yet. The scratch file goes there before
+    # the entry: the child failed (FileNotFoundError) and the server built in its own memory.
+    from girandole.model.loader import _build_cache_in_child
+
+    hf = write_tiny_hf("llama", tmp_path / "hf", seed=3)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(hf, "llama", path, QTYPES)
+    entry = tmp_path / "cache" / "packed" / "tiny.pt"
+    with caplog.at_level("WARNING", logger="girandole.model.loader"):
+        _build_cache_in_child(path, entry)
+    assert not caplog.records, caplog.text
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["tiny.pt"]

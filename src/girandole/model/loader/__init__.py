@@ -252,6 +252,8 @@ def build_cache_entry(path: str, cache_file: str) -> None:
     spec, config, weights = read_checkpoint(Path(path))
     # "<entry>.spill.tmp<pid>": removed as a dead partial should this process be killed
     scratch = Path(cache_file).with_suffix(f".spill.tmp{os.getpid()}")
+    # the first entry of a fresh cache folder: the scratch file goes there before the entry does
+    scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
         spill = SpillArena(scratch)
         model = build_model(spec, weights, "fast", torch.device("cpu"), path, spill)
