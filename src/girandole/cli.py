@@ -1,5 +1,5 @@
 """Command line: `girandole serve | generate | keys | usage | deployment | models | lora | batch
-| sftj | dpoj`."""
+| sftj | dpoj | rftj | rlorj`."""
 
 from __future__ import annotations
 

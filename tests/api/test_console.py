@@ -315,6 +315,15 @@ def _subcommands(parser) -> dict:
     }
 
 
+def test_the_help_line_names_every_command():
+    # `girandole --help` said `... sftj | dpoj` after rftj and rlorj had been added
+    from girandole.cli import build_parser
+
+    parser = build_parser()
+    named = parser.description.split("`")[1].replace("\n", " ").split()
+    assert sorted(set(named) - {"girandole", "|"}) == sorted(_subcommands(parser))
+
+
 def test_docs_name_every_cli_flag_and_only_real_ones():
     """Every flag of every `girandole` subcommand (not only serve's) is named in README or a
     docs/ page (`generate --seed`, `batch create --job-id`, `deployment create --description`
