@@ -206,7 +206,7 @@ def test_a_connection_that_sends_no_hello_is_closed(replica, monkeypatch, caplog
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
-def test_a_hung_replica_ends_its_requests_with_a_503(replica):
+def test_a_hung_replica_ends_its_requests_with_a_503(replica, caplog):
     # before: a replica that went silent (a stopped process, a wedged accelerator) held its
     # streams until Ray's health checks replaced it, about 100 s later
     remote = remote_of(replica, [])
@@ -226,6 +226,8 @@ def test_a_hung_replica_ends_its_requests_with_a_503(replica):
     error, waited = asyncio.run(asyncio.wait_for(hang(), 10))
     assert error.status_code == 503, error.message
     assert "replica r0 stopped (it sent nothing for 1 s: hung)" in error.message
+    # the ingress's log line (it read "replica r0 it sent nothing ...")
+    assert "replica r0 sent nothing for 1 s: hung; closing its connection" in caplog.text
     assert waited < 3.5
     remote.shutdown()
     deadline = time.monotonic() + 15  # awake again, the replica drops the request

@@ -145,7 +145,11 @@ class ReplicaConnection:
                     message = await asyncio.wait_for(read_frame(reader), self.silence_s)
                 except TimeoutError:
                     error = f"it sent nothing for {self.silence_s:g} s: hung"
-                    logger.warning("replica %s %s; closing its connection", self.replica_id, error)
+                    logger.warning(
+                        "replica %s sent nothing for %g s: hung; closing its connection",
+                        self.replica_id,
+                        self.silence_s,
+                    )
                     if self._writer is not None:
                         self._writer.close()
                     break
