@@ -39,6 +39,35 @@ def test_a_written_file_dropped_and_read_huge_is_mapped_in_2_mib_pages(tmp_path)
         del view
 
 
+def test_read_huge_maps_a_window_of_the_file_at_a_time(tmp_path, monkeypatch):
+    # before: the whole file at once, every 2 MiB page of it in the process's RSS until the
+    # read ended (the default model's start: 523 -> 872 MiB for its 350 MB entry)
+    if not page_cache.large_folios(tmp_path):
+        pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")
+    path = tmp_path / "weights.bin"
+    data = os.urandom(13 * MIB + 5)
+    path.write_bytes(data)
+    monkeypatch.setattr(page_cache, "TOUCH_WINDOW", 4 * MIB)
+    mapped_then = []  # bytes of the file mapped in 2 MiB pages as each window is checked
+    check = page_cache.pmd_mapped
+
+    def counting(p, start=None):
+        mapped_then.append(check(p))
+        return check(p, start)
+
+    monkeypatch.setattr(page_cache, "pmd_mapped", counting)
+    page_cache.drop(path)
+    page_cache.read_huge(path)
+    monkeypatch.setattr(page_cache, "pmd_mapped", check)
+    # three whole windows checked (the last, 1 MiB, holds no 2 MiB page)
+    assert mapped_then == [4 * MIB] * 3
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as mm:
+        view = torch.frombuffer(mm, dtype=torch.uint8)
+        assert int(view[::4096].sum()) == sum(data[::4096])
+        assert page_cache.pmd_mapped(path) == 12 * MIB  # every whole 2 MiB page: one folio
+        del view
+
+
 def test_a_file_cached_in_small_pages_is_read_again_in_2_mib_pages(tmp_path):
     if not page_cache.large_folios(tmp_path):
         pytest.skip("no 2 MiB file folios here (not Linux, THP off, or the filesystem)")

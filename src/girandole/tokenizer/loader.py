@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from girandole.engine.heap import release_free_heap
 from girandole.tokenizer.harmony import keep_harmony_markers
 from girandole.tokenizer.meta import TokenizerMeta, hf_folder_meta
 from girandole.tokenizer.tokenizer import Tokenizer
@@ -130,5 +131,8 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, use_cache: bool = T
             tok = load_hf_tokenizer(p.parent)
         else:
             raise ValueError(f"not a .gguf file or a folder with tokenizer.json: {p}")
+        # the parse's garbage (~200 MiB for the default model's) handed back now, not after
+        # the model's load, whose own transient memory would come on top of it
+        release_free_heap()
         _loaded[key] = tok
         return tok
