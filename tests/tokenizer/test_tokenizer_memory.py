@@ -32,32 +32,34 @@ print(anon_mib() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; glibc's heap")
-def test_the_tokenizer_parse_garbage_is_given_back():
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; glibc's heap"
+)
+
+
+def _anon_growth(what: str) -> float:
+    """MiB of anonymous memory a fresh process holds after loading the default model's
+    tokenizer on a thread ("load"), and its plain copy too ("plain")."""
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "plain"],
+        [sys.executable, "-c", SCRIPT, what],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    grown = float(done.stdout.split()[-1])
+    return float(done.stdout.split()[-1])
+
+
+@LINUX_ONLY
+def test_the_tokenizer_parse_garbage_is_given_back():
     # measured: 322 MiB kept (two tokenizers of a 262,144-token vocabulary and their tables);
     # 543 MiB before the heap was trimmed
-    assert grown < 430, done.stdout
+    assert _anon_growth("plain") < 430
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; glibc's heap")
+@LINUX_ONLY
 def test_the_parse_garbage_is_given_back_before_the_model_loads():
     # the engine loads its tokenizer, then its model: the parse's garbage was trimmed only after
-    # both, so a start's peak held it and the model's own transient memory together
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, "load"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    grown = float(done.stdout.split()[-1])
+    # both, so a start's peak held it and the model's own transient memory together.
     # measured: 239 MiB kept by the tokenizer; 421 MiB before load_tokenizer trimmed the heap
-    assert grown < 330, done.stdout
+    assert _anon_growth("load") < 330
