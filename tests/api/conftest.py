@@ -53,12 +53,15 @@ class Server:
         return httpx.get(self.url + "/health", timeout=10).json()
 
     def wait_idle(self, timeout: float = 60) -> dict:
-        """Wait until the engine runs nothing and holds no KV blocks for running requests."""
+        """Wait until the engine runs nothing and holds no KV blocks for running requests. The
+        blocks too: /health reads the engine's counts while its thread works, and a finished
+        sequence leaves `running` before its blocks are freed, one by one."""
         deadline = time.monotonic() + timeout
         while True:
             body = self.health()
             engine = body["engine"]
-            if engine["num_running"] == 0 and engine["num_waiting"] == 0:
+            idle = engine["num_running"] == 0 and engine["num_waiting"] == 0
+            if idle and engine.get("kv_blocks_used", 0) == 0:
                 return body
             if time.monotonic() > deadline:
                 raise AssertionError(f"engine still busy: {body}")
