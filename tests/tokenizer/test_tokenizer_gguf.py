@@ -236,3 +236,53 @@ def test_a_text_far_over_a_limit_is_known_to_be_after_counting_part_of_it(tok, t
     assert not tok.more_tokens_than(long[: total * 4], total)  # too short to count: False
     spaces = " " * 400_000  # 16 spaces a token: the fewest tokens a text can have
     assert not tok.more_tokens_than(spaces, len(tok.encode(spaces, add_bos=False)))
+
+
+class _Parses:
+    """`tokenizers.Tokenizer` as tokenizer.py sees it, counting how each copy was made."""
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.real, self.made = HFTokenizer, []
+
+    def from_file(self, path: str):
+        self.made.append("file")
+        return self.real.from_file(path)
+
+    def from_str(self, text: str):
+        self.made.append("str")
+        return self.real.from_str(text)
+
+
+def test_the_plain_copy_is_read_again_from_the_tokenizers_file(tok, tmp_path, monkeypatch):
+    # before: `hf` written out (to_str, 0.56 s) and parsed back, holding the GIL for 1.8 s of
+    # a server's start, where reading the file it came from takes 1.0 s
+    import girandole.tokenizer.tokenizer as module
+    from girandole.tokenizer.tokenizer import Tokenizer
+
+    parses = _Parses()
+    monkeypatch.setattr(module, "HFTokenizer", parses)
+    assert tok._source is not None and tok._source.is_file()  # read from the cache entry
+    from_file = Tokenizer(tok.hf, tok.meta, source=tok._source)._plain()
+    written = Tokenizer(tok.hf, tok.meta)._plain()
+    assert parses.made == ["file", "str"]
+    assert from_file.to_str() == written.to_str()
+    special = "<start_of_turn>user\nhi<end_of_turn> <bos>"
+    ids = from_file.encode(special, add_special_tokens=False).ids
+    assert ids == written.encode(special, add_special_tokens=False).ids
+    assert ids != tok.encode(special, add_bos=False)  # the spellings read as text
+
+    # a file changed or damaged since `hf` was read from it, or none: `hf` is written out
+    other = tmp_path / "tokenizer.json"
+    changed = json.dumps({**json.loads(tok.hf.to_str()), "added_tokens": []})
+    for since in (changed, "{not json", None):
+        other.write_text(tok.hf.to_str())
+        copy = Tokenizer(tok.hf, tok.meta, source=other)
+        if since is None:
+            other.unlink()
+        else:
+            other.write_text(since)
+        parses.made.clear()
+        assert copy._plain().to_str() == written.to_str()
+        assert parses.made == ["str"]

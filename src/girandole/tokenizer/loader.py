@@ -80,11 +80,13 @@ def load_gguf_tokenizer(path: str | os.PathLike, use_cache: bool = True) -> Toke
         from girandole.tokenizer.gguf_convert import convert_gguf
 
         hf, meta = convert_gguf(path)
-        if use_cache:
-            _write_cache(entry, hf, meta)
+        if not use_cache:
+            return Tokenizer(hf, meta, name=path.name)
+        _write_cache(entry, hf, meta)
     else:
         hf, meta = cached
-    return Tokenizer(hf, meta, name=path.name)
+    source = entry / "tokenizer.json"  # `hf` as written (by this process or another)
+    return Tokenizer(hf, meta, name=path.name, source=source if source.is_file() else None)
 
 
 def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
@@ -99,7 +101,7 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     hf.no_truncation()
     hf.no_padding()
     hf = keep_harmony_markers(hf)  # gpt-oss: its message markers decode as text
-    return Tokenizer(hf, hf_folder_meta(folder, hf), name=folder.name)
+    return Tokenizer(hf, hf_folder_meta(folder, hf), name=folder.name, source=tok_file)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, *, use_cache: bool = True) -> Tokenizer:

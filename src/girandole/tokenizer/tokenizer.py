@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -102,6 +103,15 @@ def _encode(hf: HFTokenizer, text: str) -> list[int]:
     return hf.encode_batch([text], add_special_tokens=False)[0].ids
 
 
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """A file's size and modification time, or None where there is none."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if st is not None else None
+
+
 class Tokenizer:
     """Encode/decode plus model metadata; built by `load_tokenizer` from a GGUF or HF folder.
 
@@ -115,8 +125,14 @@ class Tokenizer:
         chat_template: the model's Jinja chat template, or None.
     """
 
-    def __init__(self, hf: HFTokenizer, meta: TokenizerMeta, name: str = "") -> None:
+    def __init__(
+        self, hf: HFTokenizer, meta: TokenizerMeta, name: str = "", source: Path | None = None
+    ) -> None:
+        """`source`: the tokenizer.json `hf` was read from (but for its truncation and padding,
+        which girandole turns off), for its plain copy to be read from too."""
         self.hf = hf
+        self._source = source
+        self._source_stamp = _stamp(source)
         self.meta = meta
         self.name = name
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
@@ -195,14 +211,31 @@ class Tokenizer:
         """A copy of `hf` that encodes special-token strings as text (built on first use)."""
         with self._plain_lock:
             if self._plain_hf is None:
-                text = self.hf.to_str()
-                if self._text_markers:
-                    text = with_markers_special(text, self._text_markers)
-                plain = HFTokenizer.from_str(text)
+                plain = self._plain_from_source() if not self._text_markers else None
+                if plain is None:
+                    text = self.hf.to_str()
+                    if self._text_markers:
+                        text = with_markers_special(text, self._text_markers)
+                    plain = HFTokenizer.from_str(text)
                 plain.encode_special_tokens = True
                 self._plain_hf = plain
                 release_free_heap()  # the parse's garbage, as much as the copy (engine/heap.py)
             return self._plain_hf
+
+    def _plain_from_source(self) -> HFTokenizer | None:
+        """`hf` read again from its file, or None (none, or it changed since `hf` was read: its
+        size or modification time, as the tokenizer cache's keys are made): the default
+        model's in 1.0 s, where writing `hf` out (`to_str`, 0.56 s) and parsing that took 1.8
+        s of a server's start, holding the GIL."""
+        if self._source_stamp is None or _stamp(self._source) != self._source_stamp:
+            return None
+        try:
+            plain = HFTokenizer.from_file(str(self._source))
+        except Exception:  # noqa: BLE001 - unreadable: `hf` itself will do
+            return None
+        plain.no_truncation()
+        plain.no_padding()
+        return plain
 
     def encode_marked(
         self, text: str, add_bos: bool | None = None, marks: Marks = DEFAULT_MARKS
