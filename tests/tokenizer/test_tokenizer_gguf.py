@@ -256,8 +256,8 @@ class _Parses:
 
 
 def test_the_plain_copy_is_read_again_from_the_tokenizers_file(tok, tmp_path, monkeypatch):
-    # before: `hf` written out (to_str, 0.56 s) and parsed back, holding the GIL for 1.8 s of
-    # a server's start, where reading the file it came from takes 1.0 s
+    # before: `hf` written out (to_str, ~0.5 s) and parsed back, holding the GIL for ~1.7 s of
+    # a server's start, where reading the file it came from takes ~1.2-1.5 s
     import girandole.tokenizer.tokenizer as module
     from girandole.tokenizer.tokenizer import Tokenizer
 
