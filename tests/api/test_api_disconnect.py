@@ -15,22 +15,14 @@ LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignor
 
 
 def wait_for_aborts(server, before: int, expected: int, timeout: float = 60) -> dict:
-    """Wait until `expected` more requests were counted aborted and the engine runs nothing and
-    holds no KV block: a leaked block fails here. Not at the first health that shows the abort
-    and no running sequence: /health reads the engine's counts while its thread is at work, and
-    the scheduler takes an aborted sequence out of `running` before it frees its blocks, one by
-    one (a 10k-token prompt's ~600 in two cache groups): once, under a CI run's load, /health
-    caught it between the two (running 0, 2 blocks still used)."""
+    """Wait until `expected` more requests were counted aborted, then until the engine is idle
+    with no KV block held (`Server.wait_idle`): a leaked block fails there."""
     deadline = time.monotonic() + timeout
-    while True:
-        body = server.health()
-        engine = body["engine"]
-        aborted = body["num_aborted_requests"] >= before + expected
-        if aborted and engine["num_running"] == 0 and engine["kv_blocks_used"] == 0:
-            return body
+    while (body := server.health())["num_aborted_requests"] < before + expected:
         if time.monotonic() > deadline:
-            raise AssertionError(f"requests not aborted, or their blocks not freed: {body}")
+            raise AssertionError(f"requests not aborted: {body}")
         time.sleep(0.1)
+    return server.wait_idle(max(deadline - time.monotonic(), 1.0))
 
 
 def test_streaming_disconnect_aborts(server):

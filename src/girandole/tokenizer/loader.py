@@ -85,8 +85,8 @@ def load_gguf_tokenizer(path: str | os.PathLike, use_cache: bool = True) -> Toke
         _write_cache(entry, hf, meta)
     else:
         hf, meta = cached
-    source = entry / "tokenizer.json"  # `hf` as written (by this process or another)
-    return Tokenizer(hf, meta, name=path.name, source=source if source.is_file() else None)
+    # `hf` as written (by this process or another); Tokenizer ignores a file that is not there
+    return Tokenizer(hf, meta, name=path.name, source=entry / "tokenizer.json")
 
 
 def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:

@@ -105,11 +105,13 @@ def _encode(hf: HFTokenizer, text: str) -> list[int]:
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:
     """A file's size and modification time, or None where there is none."""
+    if path is None:
+        return None
     try:
-        st = path.stat() if path is not None else None
+        st = path.stat()
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if st is not None else None
+    return st.st_size, st.st_mtime_ns
 
 
 class Tokenizer:
